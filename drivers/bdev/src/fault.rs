@@ -1,0 +1,184 @@
+//! A wrapper that injects failures into any device, for tests.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::device::{BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, SubmitError};
+use crate::error::{BdevError, IoError};
+
+/// Which faults are active; shared by every channel of the device and by
+/// the test that drives it. Atomics only, so the IO path takes no lock.
+#[derive(Default)]
+pub struct FaultControl {
+    pulled: AtomicBool,
+    read_fail: (AtomicU64, AtomicU64),
+    write_fail: (AtomicU64, AtomicU64),
+    latency_ns: AtomicU64,
+    injected: AtomicU64,
+}
+
+impl FaultControl {
+    /// Fail reads of blocks in `first..end` with a media error.
+    pub fn fail_reads(&self, first: u64, end: u64) {
+        self.read_fail.0.store(first, Ordering::SeqCst);
+        self.read_fail.1.store(end, Ordering::SeqCst);
+    }
+
+    /// Fail writes (and discards, write-zeroes) of blocks in `first..end`.
+    pub fn fail_writes(&self, first: u64, end: u64) {
+        self.write_fail.0.store(first, Ordering::SeqCst);
+        self.write_fail.1.store(end, Ordering::SeqCst);
+    }
+
+    /// Fail every request, as a pulled disk does.
+    pub fn pull(&self) {
+        self.pulled.store(true, Ordering::SeqCst);
+    }
+
+    /// Delay every completion by `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_ns
+            .store(latency.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Clear every fault.
+    pub fn heal(&self) {
+        self.pulled.store(false, Ordering::SeqCst);
+        self.fail_reads(0, 0);
+        self.fail_writes(0, 0);
+        self.set_latency(Duration::ZERO);
+    }
+
+    /// Requests failed on purpose so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, req: &IoRequest) -> Result<(), IoError> {
+        if self.pulled.load(Ordering::Relaxed) {
+            return Err(IoError::DeviceFailed);
+        }
+        let range = match req.op {
+            IoOp::Read => &self.read_fail,
+            IoOp::Write | IoOp::Discard | IoOp::WriteZeroes => &self.write_fail,
+            IoOp::Flush => return Ok(()),
+        };
+        let (first, end) = (
+            range.0.load(Ordering::Relaxed),
+            range.1.load(Ordering::Relaxed),
+        );
+        let (a, b) = (
+            req.offset_blocks,
+            req.offset_blocks.saturating_add(req.num_blocks),
+        );
+        if a < end && first < b {
+            return Err(IoError::Media(a.max(first)));
+        }
+        Ok(())
+    }
+}
+
+/// Any device, with faults that a test switches on and off.
+pub struct FaultDevice {
+    inner: Arc<dyn BlockDevice>,
+    info: DeviceInfo,
+    control: Arc<FaultControl>,
+}
+
+impl FaultDevice {
+    /// Wrap `inner`; faults are driven through [`control`](Self::control).
+    pub fn new(inner: Arc<dyn BlockDevice>) -> FaultDevice {
+        let mut info = inner.info().clone();
+        info.name = format!("fault({})", info.name);
+        FaultDevice {
+            inner,
+            info,
+            control: Arc::new(FaultControl::default()),
+        }
+    }
+
+    /// The fault switches.
+    pub fn control(&self) -> Arc<FaultControl> {
+        self.control.clone()
+    }
+}
+
+impl BlockDevice for FaultDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(FaultChannel {
+            inner: self.inner.open_channel()?,
+            control: self.control.clone(),
+            failed: VecDeque::new(),
+            delayed: VecDeque::new(),
+            scratch: Vec::new(),
+        }))
+    }
+
+    /// Cut power: unflushed writes of the device underneath are dropped and
+    /// the device fails every request until [`FaultControl::heal`].
+    fn power_cut(&self) -> Result<(), BdevError> {
+        self.control.pull();
+        self.inner.power_cut()
+    }
+}
+
+struct FaultChannel {
+    inner: Box<dyn IoChannel>,
+    control: Arc<FaultControl>,
+    failed: VecDeque<Completion>,
+    delayed: VecDeque<(Instant, Completion)>,
+    scratch: Vec<Completion>,
+}
+
+impl IoChannel for FaultChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if let Err(e) = self.control.check(&req) {
+            self.control.injected.fetch_add(1, Ordering::Relaxed);
+            self.failed.push_back(Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            return Ok(());
+        }
+        self.inner.submit(req)
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let before = out.len();
+        out.extend(self.failed.drain(..));
+        let latency = self.control.latency_ns.load(Ordering::Relaxed);
+        let pulled = self.control.pulled.load(Ordering::Relaxed);
+        self.scratch.clear();
+        self.inner.poll(&mut self.scratch);
+        let now = Instant::now();
+        for mut c in self.scratch.drain(..) {
+            // A device pulled while the request was in flight never answers
+            // with success.
+            if pulled {
+                c.result = Err(IoError::DeviceFailed);
+            }
+            if latency == 0 && self.delayed.is_empty() {
+                out.push(c);
+            } else {
+                self.delayed
+                    .push_back((now + Duration::from_nanos(latency), c));
+            }
+        }
+        while self.delayed.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, c)) = self.delayed.pop_front() {
+                out.push(c);
+            }
+        }
+        out.len() - before
+    }
+
+    fn inflight(&self) -> usize {
+        self.inner.inflight() + self.failed.len() + self.delayed.len()
+    }
+}

@@ -1,0 +1,314 @@
+//! A file or block device driven through io_uring, one ring per channel.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use smallvec::SmallVec;
+
+use crate::device::{
+    validate, BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, SubmitError,
+};
+use crate::error::{BdevError, IoError};
+
+/// Requests in flight per channel.
+const RING_DEPTH: u32 = 128;
+const MAX_TRANSFER: u32 = 1 << 20;
+/// O_DIRECT is used only for buffers, lengths and offsets aligned to this.
+const DIRECT_ALIGN: usize = 4096;
+
+struct Inner {
+    info: DeviceInfo,
+    path: PathBuf,
+    buffered: File,
+    direct: Option<File>,
+    is_block_device: bool,
+}
+
+/// A device on a regular file or a block device node.
+pub struct FileDevice {
+    inner: Arc<Inner>,
+}
+
+impl FileDevice {
+    /// Create (or truncate) a regular file of `size_bytes` and open it.
+    pub fn create(path: &Path, block_size: u32, size_bytes: u64) -> Result<FileDevice, BdevError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| BdevError::Os {
+                what: format!("creating {}", path.display()),
+                source,
+            })?;
+        f.set_len(size_bytes).map_err(|source| BdevError::Os {
+            what: format!("sizing {} to {size_bytes} bytes", path.display()),
+            source,
+        })?;
+        drop(f);
+        Self::open(path, block_size)
+    }
+
+    /// Open an existing file or block device; its size is the device size.
+    pub fn open(path: &Path, block_size: u32) -> Result<FileDevice, BdevError> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: block size must be 512 or 4096, got {block_size}",
+                path.display()
+            )));
+        }
+        let os = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |source| BdevError::Os { what, source }
+        };
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(os("opening"))?;
+        let meta = buffered.metadata().map_err(os("reading metadata of"))?;
+        let is_block_device = meta.file_type().is_block_device();
+        let size = if is_block_device {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the given pointer.
+            let rc = unsafe { libc::ioctl(buffered.as_raw_fd(), BLKGETSIZE64, &mut size) };
+            if rc != 0 {
+                return Err(os("reading the size of")(std::io::Error::last_os_error()));
+            }
+            size
+        } else if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            return Err(BdevError::InvalidArgument(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        };
+        if size == 0 || size % block_size as u64 != 0 {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: size {size} is not a positive multiple of the block size {block_size}",
+                path.display()
+            )));
+        }
+        let direct = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::info!(path = %path.display(), error = %e, "O_DIRECT unavailable; using buffered IO with fdatasync on flush");
+                None
+            }
+        };
+        Ok(FileDevice {
+            inner: Arc::new(Inner {
+                info: DeviceInfo {
+                    name: path.display().to_string(),
+                    block_size,
+                    num_blocks: size / block_size as u64,
+                    max_transfer: MAX_TRANSFER,
+                    optimal_io_boundary: 0,
+                    flush: true,
+                    discard: true,
+                    write_zeroes: true,
+                },
+                path: path.to_path_buf(),
+                buffered,
+                direct,
+                is_block_device,
+            }),
+        })
+    }
+
+    /// Whether aligned IO bypasses the page cache.
+    pub fn uses_direct_io(&self) -> bool {
+        self.inner.direct.is_some()
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+/// `_IOR(0x12, 114, size_t)`
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+impl BlockDevice for FileDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        let ring = IoUring::new(RING_DEPTH).map_err(|source| BdevError::Os {
+            what: format!(
+                "{}: setting up an io_uring of {RING_DEPTH} entries",
+                self.inner.info.name
+            ),
+            source,
+        })?;
+        let slots = (0..RING_DEPTH).map(|_| Slot::default()).collect();
+        Ok(Box::new(FileChannel {
+            inner: self.inner.clone(),
+            ring,
+            slots,
+            free: (0..RING_DEPTH).rev().collect(),
+            unsubmitted: 0,
+            inflight: 0,
+            done: Vec::new(),
+        }))
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    tag: u64,
+    expected: u64,
+    iovecs: SmallVec<[libc::iovec; 4]>,
+}
+
+struct FileChannel {
+    inner: Arc<Inner>,
+    ring: IoUring,
+    /// Fixed: an in-flight slot's iovec array must not move.
+    slots: Box<[Slot]>,
+    free: Vec<u32>,
+    unsubmitted: u32,
+    inflight: usize,
+    /// Requests that failed validation: completed on the next poll.
+    done: Vec<Completion>,
+}
+
+impl FileChannel {
+    fn use_direct(&self, req: &IoRequest) -> bool {
+        self.inner.direct.is_some()
+            && (req.offset_blocks * self.inner.info.block_size as u64) % DIRECT_ALIGN as u64 == 0
+            && req
+                .sg
+                .iter()
+                .all(|v| v.ptr() as usize % DIRECT_ALIGN == 0 && v.len() % DIRECT_ALIGN == 0)
+    }
+}
+
+impl IoChannel for FileChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if let Err(e) = validate(&self.inner.info, &req) {
+            self.done.push(Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            self.inflight += 1;
+            return Ok(());
+        }
+        let Some(&index) = self.free.last() else {
+            return Err(SubmitError::Busy(req));
+        };
+        let bs = self.inner.info.block_size as u64;
+        let offset = req.offset_blocks * bs;
+        let len = req.num_blocks * bs;
+        let fd = if matches!(req.op, IoOp::Read | IoOp::Write) && self.use_direct(&req) {
+            self.inner.direct.as_ref().map_or(-1, |f| f.as_raw_fd())
+        } else {
+            self.inner.buffered.as_raw_fd()
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.tag = req.tag;
+        slot.expected = if matches!(req.op, IoOp::Read | IoOp::Write) {
+            len
+        } else {
+            0
+        };
+        slot.iovecs.clear();
+        slot.iovecs.extend(req.sg.iter().map(|v| libc::iovec {
+            iov_base: v.ptr().cast(),
+            iov_len: v.len(),
+        }));
+        let fd = types::Fd(fd);
+        let iov = slot.iovecs.as_ptr();
+        let n = slot.iovecs.len() as u32;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let entry = match req.op {
+            IoOp::Read => opcode::Readv::new(fd, iov, n).offset(offset).build(),
+            IoOp::Write => opcode::Writev::new(fd, iov, n).offset(offset).build(),
+            IoOp::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            // A punched hole reads back as zeroes in a regular file; a block
+            // device zeroes the range in place.
+            IoOp::Discard => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(punch)
+                .build(),
+            IoOp::WriteZeroes => {
+                let mode = if self.inner.is_block_device {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    punch
+                };
+                opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build()
+            }
+        }
+        .user_data(index as u64);
+        // SAFETY: the iovec array lives in a slot that is not reused or
+        // moved until this entry's completion; the buffers are valid per
+        // the IoVec contract.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            return Err(SubmitError::Busy(req));
+        }
+        self.free.pop();
+        self.unsubmitted += 1;
+        self.inflight += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let before = out.len();
+        self.inflight -= self.done.len();
+        out.append(&mut self.done);
+        if self.unsubmitted > 0 {
+            // One syscall per batch. On error the entries stay queued and
+            // are retried on the next poll.
+            if self.ring.submit().is_ok() {
+                self.unsubmitted = 0;
+            }
+        }
+        for cqe in self.ring.completion() {
+            let index = cqe.user_data() as u32;
+            let Some(slot) = self.slots.get(index as usize) else {
+                continue;
+            };
+            let res = cqe.result();
+            let result = if res < 0 {
+                Err(IoError::Os(-res))
+            } else if (res as u64) < slot.expected {
+                Err(IoError::Short {
+                    done: res as u64,
+                    expected: slot.expected,
+                })
+            } else {
+                Ok(())
+            };
+            out.push(Completion {
+                tag: slot.tag,
+                result,
+            });
+            self.free.push(index);
+            self.inflight -= 1;
+        }
+        out.len() - before
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight
+    }
+}

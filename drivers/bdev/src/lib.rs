@@ -1,0 +1,32 @@
+//! The block-device contract and the leaf devices.
+//!
+//! A [`BlockDevice`] describes itself ([`DeviceInfo`]) and hands out one
+//! [`IoChannel`] per reactor core. A channel takes [`IoRequest`]s with
+//! scatter-gather lists and reports [`Completion`]s when polled; it is used
+//! only by the core that opened it, so the IO path has no locks and no
+//! cross-thread callbacks.
+//!
+//! Devices here: [`RamDevice`], [`FileDevice`] (io_uring, O_DIRECT where the
+//! file system allows it) and [`FaultDevice`], a wrapper that injects
+//! failures, latency and power cuts for tests. [`DmaPool`] hands out DMA
+//! buffers from hugepages, with a fallback to ordinary pages.
+#![deny(missing_docs)]
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
+mod device;
+mod dma;
+mod error;
+mod fault;
+mod file;
+mod ram;
+
+pub use device::{
+    validate, BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList,
+    SubmitError,
+};
+pub use dma::{DmaBuf, DmaPool};
+pub use error::{BdevError, IoError};
+pub use fault::{FaultControl, FaultDevice};
+pub use file::FileDevice;
+pub use ram::RamDevice;

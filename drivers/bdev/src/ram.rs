@@ -1,0 +1,224 @@
+//! A RAM-backed device, optionally with a volatile write cache that a power
+//! cut empties.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use memmap2::MmapMut;
+
+use crate::device::{
+    validate, BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, SubmitError,
+};
+use crate::error::{BdevError, IoError};
+
+/// Largest transfer a RAM channel takes in one request.
+const MAX_TRANSFER: u32 = 4 << 20;
+
+struct Inner {
+    info: DeviceInfo,
+    // Kept alive for `base`; the mapping is only touched through `base`.
+    _map: MmapMut,
+    base: *mut u8,
+    /// With a volatile cache: the content each block had at the last flush,
+    /// for blocks written since. The lock serialises writes in this test
+    /// mode only; the plain device has no lock.
+    undo: Option<Mutex<HashMap<u64, Box<[u8]>>>>,
+}
+
+// SAFETY: `base` points into `_map`, which lives as long as Inner. Channels
+// on different cores write disjoint or racing ranges exactly as concurrent
+// DMA to a real disk would; request submitters own the ordering.
+unsafe impl Send for Inner {}
+unsafe impl Sync for Inner {}
+
+/// A device in anonymous memory (pages are allocated on first write).
+pub struct RamDevice {
+    inner: Arc<Inner>,
+}
+
+impl RamDevice {
+    /// A device of `num_blocks` blocks of `block_size` bytes (512 or 4096).
+    pub fn new(name: &str, block_size: u32, num_blocks: u64) -> Result<RamDevice, BdevError> {
+        Self::build(name, block_size, num_blocks, false)
+    }
+
+    /// Like [`new`](Self::new), with a volatile write cache: writes are lost
+    /// by [`BlockDevice::power_cut`] unless a flush completed after them.
+    pub fn with_volatile_cache(
+        name: &str,
+        block_size: u32,
+        num_blocks: u64,
+    ) -> Result<RamDevice, BdevError> {
+        Self::build(name, block_size, num_blocks, true)
+    }
+
+    fn build(
+        name: &str,
+        block_size: u32,
+        num_blocks: u64,
+        volatile: bool,
+    ) -> Result<RamDevice, BdevError> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: block size must be 512 or 4096, got {block_size}"
+            )));
+        }
+        let len = num_blocks
+            .checked_mul(block_size as u64)
+            .filter(|&l| l > 0 && l <= (1u64 << 46))
+            .ok_or_else(|| {
+                BdevError::InvalidArgument(format!(
+                    "{name}: {num_blocks} blocks is not a usable size"
+                ))
+            })?;
+        let mut map = memmap2::MmapOptions::new()
+            .len(len as usize)
+            .map_anon()
+            .map_err(|source| BdevError::Os {
+                what: format!("{name}: mapping {len} bytes of memory"),
+                source,
+            })?;
+        let base = map.as_mut_ptr();
+        Ok(RamDevice {
+            inner: Arc::new(Inner {
+                info: DeviceInfo {
+                    name: name.to_string(),
+                    block_size,
+                    num_blocks,
+                    max_transfer: MAX_TRANSFER,
+                    optimal_io_boundary: 0,
+                    flush: volatile,
+                    discard: true,
+                    write_zeroes: true,
+                },
+                _map: map,
+                base,
+                undo: volatile.then(|| Mutex::new(HashMap::new())),
+            }),
+        })
+    }
+}
+
+impl BlockDevice for RamDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(RamChannel {
+            inner: self.inner.clone(),
+            done: VecDeque::with_capacity(256),
+        }))
+    }
+
+    fn power_cut(&self) -> Result<(), BdevError> {
+        let Some(undo) = &self.inner.undo else {
+            return Err(BdevError::Unsupported(format!(
+                "{}: no volatile cache to lose; create it with_volatile_cache",
+                self.inner.info.name
+            )));
+        };
+        let mut undo = undo.lock().unwrap_or_else(|e| e.into_inner());
+        let bs = self.inner.info.block_size as usize;
+        for (block, old) in undo.drain() {
+            // SAFETY: `block` was validated when it was logged.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    old.as_ptr(),
+                    self.inner.base.add(block as usize * bs),
+                    bs,
+                )
+            };
+        }
+        Ok(())
+    }
+}
+
+struct RamChannel {
+    inner: Arc<Inner>,
+    done: VecDeque<Completion>,
+}
+
+impl RamChannel {
+    fn execute(&self, req: &IoRequest) -> Result<(), IoError> {
+        let inner = &*self.inner;
+        validate(&inner.info, req)?;
+        let bs = inner.info.block_size as usize;
+        let start = req.offset_blocks as usize * bs;
+        let len = req.num_blocks as usize * bs;
+        // SAFETY (all arms): validate() proved start..start+len is inside the
+        // mapping and that the sg list covers exactly len bytes; the sg
+        // memory is valid per the IoVec contract.
+        match req.op {
+            IoOp::Read => {
+                let mut at = start;
+                for v in &req.sg {
+                    unsafe { std::ptr::copy_nonoverlapping(inner.base.add(at), v.ptr(), v.len()) };
+                    at += v.len();
+                }
+            }
+            IoOp::Write => {
+                let _undo = self.log_undo(req.offset_blocks, req.num_blocks);
+                let mut at = start;
+                for v in &req.sg {
+                    unsafe { std::ptr::copy_nonoverlapping(v.ptr(), inner.base.add(at), v.len()) };
+                    at += v.len();
+                }
+            }
+            IoOp::Discard | IoOp::WriteZeroes => {
+                let _undo = self.log_undo(req.offset_blocks, req.num_blocks);
+                unsafe { std::ptr::write_bytes(inner.base.add(start), 0, len) };
+            }
+            IoOp::Flush => {
+                if let Some(undo) = &inner.undo {
+                    undo.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// In volatile mode, remember the flushed content of blocks about to
+    /// change; the returned guard is held across the change.
+    fn log_undo(
+        &self,
+        first: u64,
+        count: u64,
+    ) -> Option<std::sync::MutexGuard<'_, HashMap<u64, Box<[u8]>>>> {
+        let undo = self.inner.undo.as_ref()?;
+        let mut g = undo.lock().unwrap_or_else(|e| e.into_inner());
+        let bs = self.inner.info.block_size as usize;
+        for b in first..first + count {
+            g.entry(b).or_insert_with(|| {
+                // SAFETY: b is inside the device (validated by the caller).
+                unsafe { std::slice::from_raw_parts(self.inner.base.add(b as usize * bs), bs) }
+                    .into()
+            });
+        }
+        Some(g)
+    }
+}
+
+impl IoChannel for RamChannel {
+    #[inline]
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        let result = self.execute(&req);
+        self.done.push_back(Completion {
+            tag: req.tag,
+            result,
+        });
+        Ok(())
+    }
+
+    #[inline]
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let n = self.done.len();
+        out.extend(self.done.drain(..));
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.done.len()
+    }
+}

@@ -1,0 +1,207 @@
+//! Every device passes the conformance suite; fault injection and DMA
+//! buffers do what they say.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::conformance::{self, run_one, rw};
+use bdev::{BlockDevice, DmaPool, FaultDevice, FileDevice, IoError, IoOp, IoRequest, RamDevice};
+
+#[test]
+fn ram_4k_conforms() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram0", 4096, 2048).unwrap());
+    conformance::run_all(dev, 2, 3000);
+}
+
+#[test]
+fn ram_512_conforms() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram1", 512, 8192).unwrap());
+    conformance::run_all(dev, 2, 3000);
+}
+
+#[test]
+fn volatile_ram_conforms_and_loses_only_unflushed_writes() {
+    let dev = Arc::new(RamDevice::with_volatile_cache("ram2", 4096, 1024).unwrap());
+    conformance::run_all(dev.clone(), 2, 2000);
+    conformance::power_cut_semantics(dev.as_ref(), &|| {});
+}
+
+#[test]
+fn file_on_disk_conforms() {
+    let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    let dev = FileDevice::create(&dir.path().join("member0"), 4096, 8 << 20).unwrap();
+    println!("direct IO: {}", dev.uses_direct_io());
+    conformance::run_all(Arc::new(dev), 2, 2000);
+}
+
+#[test]
+fn file_on_tmpfs_conforms_512() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dev = FileDevice::create(&dir.path().join("member1"), 512, 4 << 20).unwrap();
+    conformance::run_all(Arc::new(dev), 2, 2000);
+}
+
+#[test]
+fn file_data_persists_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    {
+        let dev = FileDevice::create(&path, 4096, 1 << 20).unwrap();
+        let mut ch = dev.open_channel().unwrap();
+        let mut buf = vec![0x42u8; 8192];
+        run_one(ch.as_mut(), rw(IoOp::Write, 3, 2, &mut buf, 1)).unwrap();
+        run_one(ch.as_mut(), IoRequest::flush(2)).unwrap();
+    }
+    let dev = FileDevice::open(&path, 4096).unwrap();
+    assert_eq!(dev.info().num_blocks, 256);
+    let mut ch = dev.open_channel().unwrap();
+    let mut buf = vec![0u8; 8192];
+    run_one(ch.as_mut(), rw(IoOp::Read, 3, 2, &mut buf, 3)).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42));
+}
+
+#[test]
+fn bad_device_parameters_are_refused() {
+    assert!(RamDevice::new("x", 1000, 10).is_err());
+    assert!(RamDevice::new("x", 4096, 0).is_err());
+    assert!(RamDevice::new("x", 4096, u64::MAX).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("odd");
+    std::fs::write(&p, vec![0u8; 1000]).unwrap();
+    let e = FileDevice::open(&p, 512)
+        .err()
+        .expect("odd size refused")
+        .to_string();
+    assert!(e.contains("multiple of the block size"), "{e}");
+    assert!(FileDevice::open(&dir.path().join("missing"), 512).is_err());
+    assert!(
+        FileDevice::open(dir.path(), 512).is_err(),
+        "a directory is not a device"
+    );
+    assert!(RamDevice::new("x", 4096, 16).unwrap().power_cut().is_err());
+}
+
+#[test]
+fn fault_wrapper_conforms_when_healthy() {
+    let inner: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram3", 4096, 1024).unwrap());
+    conformance::run_all(Arc::new(FaultDevice::new(inner)), 2, 2000);
+}
+
+#[test]
+fn fault_wrapper_fails_ranges_pulls_and_delays() {
+    let inner: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram4", 4096, 256).unwrap());
+    let dev = FaultDevice::new(inner);
+    let ctl = dev.control();
+    let mut ch = dev.open_channel().unwrap();
+    let ch = ch.as_mut();
+    let mut buf = vec![1u8; 4096 * 4];
+    ctl.fail_reads(10, 20);
+    assert_eq!(
+        run_one(ch, rw(IoOp::Read, 8, 4, &mut buf, 1)),
+        Err(IoError::Media(10))
+    );
+    assert_eq!(run_one(ch, rw(IoOp::Read, 20, 4, &mut buf, 2)), Ok(()));
+    assert_eq!(
+        run_one(ch, rw(IoOp::Write, 12, 4, &mut buf, 3)),
+        Ok(()),
+        "writes unaffected"
+    );
+    ctl.fail_writes(100, 101);
+    assert_eq!(
+        run_one(ch, rw(IoOp::Write, 97, 4, &mut buf, 4)),
+        Err(IoError::Media(100))
+    );
+    assert_eq!(
+        run_one(ch, IoRequest::range(IoOp::Discard, 100, 1, 5)),
+        Err(IoError::Media(100))
+    );
+    ctl.pull();
+    assert_eq!(
+        run_one(ch, rw(IoOp::Read, 0, 1, &mut buf[..4096], 6)),
+        Err(IoError::DeviceFailed)
+    );
+    assert_eq!(run_one(ch, IoRequest::flush(7)), Err(IoError::DeviceFailed));
+    assert!(ctl.injected() >= 4);
+    ctl.heal();
+    ctl.set_latency(Duration::from_millis(30));
+    let t = Instant::now();
+    assert_eq!(
+        run_one(ch, rw(IoOp::Read, 0, 1, &mut buf[..4096], 8)),
+        Ok(())
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(30),
+        "latency was added"
+    );
+}
+
+#[test]
+fn fault_wrapper_power_cut_drops_unflushed_writes() {
+    let inner: Arc<dyn BlockDevice> =
+        Arc::new(RamDevice::with_volatile_cache("ram5", 4096, 256).unwrap());
+    let dev = FaultDevice::new(inner);
+    let ctl = dev.control();
+    // After the cut the device is dead until powered on.
+    {
+        let mut ch = dev.open_channel().unwrap();
+        dev.power_cut().unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(
+            run_one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut buf, 1)),
+            Err(IoError::DeviceFailed)
+        );
+        ctl.heal();
+    }
+    conformance::power_cut_semantics(&dev, &|| ctl.heal());
+}
+
+#[test]
+fn dma_pool_hands_out_distinct_aligned_buffers_and_pushes_back() {
+    let pool = DmaPool::new(8, 64 << 10).unwrap();
+    println!("hugepages: {}", pool.is_hugepage());
+    let (base, len) = pool.region();
+    assert!(len >= 8 * (64 << 10));
+    let mut bufs: Vec<_> = (0..8).map(|_| pool.alloc().expect("buffer")).collect();
+    assert!(pool.alloc().is_none(), "exhausted pool refuses");
+    let mut addrs: Vec<usize> = bufs.iter().map(|b| b.addr() as usize).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 8);
+    for a in &addrs {
+        assert_eq!(a % 4096, 0);
+        assert!(*a >= base && *a + (64 << 10) <= base + len);
+    }
+    for (i, b) in bufs.iter_mut().enumerate() {
+        b.as_mut_slice().fill(i as u8);
+    }
+    for (i, b) in bufs.iter().enumerate() {
+        assert!(b.as_slice().iter().all(|&x| x == i as u8));
+    }
+    bufs.pop();
+    assert_eq!(pool.available(), 1);
+    assert!(pool.alloc().is_some());
+    assert!(DmaPool::new(1, 1000).is_err());
+    assert!(DmaPool::new(0, 4096).is_err());
+}
+
+#[test]
+fn dma_pool_uses_hugepages_when_reserved() {
+    let free: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HugePages_Free:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let pool = DmaPool::new(4, 1 << 20).unwrap();
+    if free >= 2 {
+        assert!(
+            pool.is_hugepage(),
+            "{free} hugepages free but the pool did not use them"
+        );
+        assert_eq!(pool.region().0 % (2 << 20), 0);
+    } else {
+        assert!(!pool.is_hugepage());
+    }
+}
