@@ -72,6 +72,16 @@ impl Aligned {
     }
 }
 
+/// One request of a batch and the buffer it uses.
+struct Planned {
+    op: IoOp,
+    tag: u64,
+    at: u64,
+    n: u64,
+    aligned: Option<Aligned>,
+    plain: Option<Vec<u8>>,
+}
+
 /// Random reads, writes, discards, write-zeroes and flushes at queue depth
 /// up to 16, every read checked against a model of the device contents.
 /// Works on blocks `first..first + count` only, so several channels can run
@@ -103,7 +113,7 @@ pub fn random_io_against_model(
     while done_ops < ops {
         // A batch of requests on non-overlapping ranges, all in flight at once.
         let depth = rng.gen_range(1..=16usize);
-        let mut batch: Vec<(IoRequest, Option<Aligned>, Option<Vec<u8>>, u64, u64)> = Vec::new();
+        let mut batch: Vec<(IoRequest, Planned)> = Vec::new();
         let mut taken: Vec<(u64, u64)> = Vec::new();
         for _ in 0..depth {
             let n = rng.gen_range(1..=max_blocks.min(count));
@@ -134,24 +144,53 @@ pub fn random_io_against_model(
                         rng.fill(a.buf());
                     }
                     let req = rw(op, first + at, n, a.buf(), tag);
-                    batch.push((req, Some(a), None, at, n));
+                    batch.push((
+                        req,
+                        Planned {
+                            op,
+                            tag,
+                            at,
+                            n,
+                            aligned: Some(a),
+                            plain: None,
+                        },
+                    ));
                 } else {
                     let mut v = vec![0u8; len + 1];
                     if op == IoOp::Write {
                         rng.fill(&mut v[1..]);
                     }
                     let req = rw(op, first + at, n, &mut v[1..], tag);
-                    batch.push((req, None, Some(v), at, n));
+                    batch.push((
+                        req,
+                        Planned {
+                            op,
+                            tag,
+                            at,
+                            n,
+                            aligned: None,
+                            plain: Some(v),
+                        },
+                    ));
                 }
             } else {
-                batch.push((IoRequest::range(op, first + at, n, tag), None, None, at, n));
+                batch.push((
+                    IoRequest::range(op, first + at, n, tag),
+                    Planned {
+                        op,
+                        tag,
+                        at,
+                        n,
+                        aligned: None,
+                        plain: None,
+                    },
+                ));
             }
         }
         let mut expect: Vec<u64> = Vec::new();
-        let mut pending: Vec<(IoOp, u64, u64, u64, Option<Aligned>, Option<Vec<u8>>)> = Vec::new();
+        let mut pending: Vec<Planned> = Vec::new();
         let mut out: Vec<Completion> = Vec::new();
-        for (req, a, v, at, n) in batch {
-            let (op, t) = (req.op, req.tag);
+        for (req, planned) in batch {
             let mut r = req;
             loop {
                 match ch.submit(r) {
@@ -162,15 +201,23 @@ pub fn random_io_against_model(
                     }
                 }
             }
-            expect.push(t);
-            pending.push((op, t, at, n, a, v));
+            expect.push(planned.tag);
+            pending.push(planned);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while out.len() < expect.len() {
             ch.poll(&mut out);
             assert!(Instant::now() < deadline, "batch did not complete");
         }
-        for (op, t, at, n, mut a, v) in pending {
+        for Planned {
+            op,
+            tag: t,
+            at,
+            n,
+            aligned: mut a,
+            plain: v,
+        } in pending
+        {
             let c = out
                 .iter()
                 .find(|c| c.tag == t)

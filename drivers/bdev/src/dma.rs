@@ -13,7 +13,7 @@ const HUGEPAGE: usize = 2 << 20;
 struct PoolInner {
     _map: MmapMut,
     base: *mut u8,
-    len: usize,
+    map_len: usize,
     buf_size: usize,
     hugepages: bool,
     /// Free buffer indices; lock-free so any core can allocate and free.
@@ -75,7 +75,7 @@ impl DmaPool {
                 (m, false)
             }
         };
-        let len = map.len();
+        let map_len = map.len();
         let base = map.as_mut_ptr();
         let free = ArrayQueue::new(count);
         for i in 0..count as u32 {
@@ -85,7 +85,7 @@ impl DmaPool {
             inner: Arc::new(PoolInner {
                 _map: map,
                 base,
-                len,
+                map_len,
                 buf_size,
                 hugepages,
                 free,
@@ -100,7 +100,7 @@ impl DmaPool {
 
     /// The one virtual range to register for DMA (VFIO map): address, length.
     pub fn region(&self) -> (usize, usize) {
-        (self.inner.base as usize, self.inner.len)
+        (self.inner.base as usize, self.inner.map_len)
     }
 
     /// Size of each buffer.

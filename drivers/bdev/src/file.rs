@@ -189,11 +189,11 @@ struct FileChannel {
 impl FileChannel {
     fn use_direct(&self, req: &IoRequest) -> bool {
         self.inner.direct.is_some()
-            && (req.offset_blocks * self.inner.info.block_size as u64) % DIRECT_ALIGN as u64 == 0
-            && req
-                .sg
-                .iter()
-                .all(|v| v.ptr() as usize % DIRECT_ALIGN == 0 && v.len() % DIRECT_ALIGN == 0)
+            && (req.offset_blocks * self.inner.info.block_size as u64)
+                .is_multiple_of(DIRECT_ALIGN as u64)
+            && req.sg.iter().all(|v| {
+                (v.ptr() as usize).is_multiple_of(DIRECT_ALIGN) && v.len() % DIRECT_ALIGN == 0
+            })
     }
 }
 

@@ -1,0 +1,7 @@
+//! The storage appliance: reactors, devices and (as later issues land)
+//! volumes and exports, wired together.
+#![deny(missing_docs)]
+
+pub mod selfcheck;
+pub mod stats;
+pub mod workload;
