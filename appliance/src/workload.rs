@@ -302,7 +302,9 @@ impl<C: Send + Sync + 'static> Worker<C> {
             self.cores[self.core].done.store(true, Ordering::SeqCst);
             return PollState::Done;
         }
-        if work {
+        // Polled mode: with IO in flight the reactor keeps polling for its
+        // completions rather than sleeping (nothing would wake it).
+        if work || self.free.len() < self.slots.len() {
             PollState::Busy
         } else {
             PollState::Idle

@@ -65,15 +65,31 @@ fn demo_refuses_bad_arguments_with_a_clear_message() {
 
 #[test]
 fn keep_mode_idles_near_zero_cpu_and_stops_on_sigint() {
-    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_appliance"))
         .args(["demo", "--seconds", "0.2", "--device-mib", "32", "--keep"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    // Wait for the self-check to finish and the daemon to idle.
-    std::thread::sleep(Duration::from_millis(2500));
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Wait until the self-check is over and the daemon says it idles.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let idle = line.contains("running idle");
+        seen.push(line);
+        if idle {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("self-check PASSED")),
+        "{seen:?}"
+    );
+    // Let the reactors pass their idle spin and settle.
+    std::thread::sleep(Duration::from_millis(300));
     let ticks = |pid: i32| -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
@@ -84,8 +100,11 @@ fn keep_mode_idles_near_zero_cpu_and_stops_on_sigint() {
     let used = (ticks(pid) - before) as f64 / 100.0 / 2.0;
     assert!(used < 0.05, "idle daemon used {:.1} % CPU", used * 100.0);
     unsafe { libc::kill(pid, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("reactors stopped cleanly"), "{stdout}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("reactors stopped cleanly")),
+        "{rest:?}"
+    );
 }

@@ -234,7 +234,15 @@ impl IoChannel for FileChannel {
         let iov = slot.iovecs.as_ptr();
         let n = slot.iovecs.len() as u32;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let single = req.sg.len() == 1;
         let entry = match req.op {
+            // One buffer: the plain opcodes skip importing an iovec array.
+            IoOp::Read if single => opcode::Read::new(fd, req.sg[0].ptr(), len as u32)
+                .offset(offset)
+                .build(),
+            IoOp::Write if single => opcode::Write::new(fd, req.sg[0].ptr(), len as u32)
+                .offset(offset)
+                .build(),
             IoOp::Read => opcode::Readv::new(fd, iov, n).offset(offset).build(),
             IoOp::Write => opcode::Writev::new(fd, iov, n).offset(offset).build(),
             IoOp::Flush => opcode::Fsync::new(fd)

@@ -2,7 +2,6 @@
 //! cut empties.
 
 use std::collections::HashMap;
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use memmap2::MmapMut;
@@ -108,7 +107,7 @@ impl BlockDevice for RamDevice {
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
         Ok(Box::new(RamChannel {
             inner: self.inner.clone(),
-            done: VecDeque::with_capacity(256),
+            done: Vec::with_capacity(256),
         }))
     }
 
@@ -137,7 +136,7 @@ impl BlockDevice for RamDevice {
 
 struct RamChannel {
     inner: Arc<Inner>,
-    done: VecDeque<Completion>,
+    done: Vec<Completion>,
 }
 
 impl RamChannel {
@@ -204,7 +203,7 @@ impl IoChannel for RamChannel {
     #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
         let result = self.execute(&req);
-        self.done.push_back(Completion {
+        self.done.push(Completion {
             tag: req.tag,
             result,
         });
@@ -214,7 +213,7 @@ impl IoChannel for RamChannel {
     #[inline]
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         let n = self.done.len();
-        out.extend(self.done.drain(..));
+        out.append(&mut self.done);
         n
     }
 

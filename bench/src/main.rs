@@ -1,0 +1,337 @@
+//! `microbench`: figures for the foundation (reactors, quiesce, devices).
+//! Prints one JSON object per measurement on stdout; bench/run.sh turns
+//! them into a table in bench/results/.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::stats::{percentile, process_cpu_time};
+use appliance::workload::{Workload, WorkloadParams};
+use bdev::{BlockDevice, FileDevice, IoChannel, IoOp, IoRequest, IoVec, RamDevice, SgList};
+use clap::{Parser, Subcommand, ValueEnum};
+use poller::{PollState, QuiesceObject, ReactorConfig, Reactors};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Micro-benchmarks of reactors, the quiesce epoch and devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum Kind {
+    Ram,
+    File,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum Rw {
+    Randread,
+    Randwrite,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cross-core message round trip between two reactors.
+    Msg {
+        #[arg(long, default_value_t = 200_000)]
+        rounds: usize,
+    },
+    /// Suspend-to-all-acknowledged latency with IO running on every reactor.
+    Quiesce {
+        #[arg(long, default_value_t = 2)]
+        reactors: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// IOPS and CPU per IO of a device at QD 32, 4 KiB, on one reactor.
+    Device {
+        #[arg(long, value_enum)]
+        kind: Kind,
+        #[arg(long, value_enum)]
+        rw: Rw,
+        /// Backing file for --kind file.
+        #[arg(long, default_value = "/dev/shm/microbench.img")]
+        path: std::path::PathBuf,
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// A single-threaded RAM read loop to count instructions per IO under
+    /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
+    RamLoop {
+        #[arg(long, default_value_t = 100_000)]
+        ios: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Msg { rounds } => msg(rounds),
+        Cmd::Quiesce { reactors, seconds } => quiesce(reactors, seconds),
+        Cmd::Device {
+            kind,
+            rw,
+            path,
+            mib,
+            seconds,
+        } => device(kind, rw, &path, mib, seconds),
+        Cmd::RamLoop { ios } => ram_loop(ios),
+    };
+    match result {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn start(count: usize) -> Result<Reactors, String> {
+    Reactors::start(ReactorConfig {
+        count,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1000.0
+}
+
+fn msg(rounds: usize) -> Result<serde_json::Value, String> {
+    let r = start(2)?;
+    let set = r.set().clone();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(rounds)));
+    let finished = Arc::new(AtomicBool::new(false));
+    let (s2, f2) = (samples.clone(), finished.clone());
+    set.call(0, Duration::from_secs(5), move |ctx| {
+        let pong = Arc::new(AtomicBool::new(true));
+        let mut sent_at = Instant::now();
+        let mut local = Vec::with_capacity(rounds);
+        ctx.add_poller(move |ctx| {
+            if !pong.load(Ordering::Acquire) {
+                return PollState::Busy;
+            }
+            if local.len() < rounds + 1 {
+                let now = Instant::now();
+                local.push(now - sent_at);
+                sent_at = now;
+                pong.store(false, Ordering::Release);
+                let p = pong.clone();
+                let sent = ctx.set().send(
+                    1,
+                    Box::new(move |ctx| {
+                        let p2 = p.clone();
+                        let _ = ctx
+                            .set()
+                            .send(0, Box::new(move |_| p2.store(true, Ordering::Release)));
+                    }),
+                );
+                if sent.is_err() {
+                    pong.store(true, Ordering::Release);
+                }
+                return PollState::Busy;
+            }
+            local.remove(0); // the first sample is not a round trip
+            *s2.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut local);
+            f2.store(true, Ordering::Release);
+            PollState::Done
+        });
+    })?;
+    while !finished.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r.shutdown().map_err(|e| e.to_string())?;
+    let mut s = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    let mean = s.iter().sum::<Duration>() / s.len().max(1) as u32;
+    Ok(json!({
+        "bench": "message_round_trip",
+        "rounds": s.len(),
+        "mean_us": us(mean),
+        "p50_us": us(percentile(&mut s, 50.0)),
+        "p99_us": us(percentile(&mut s, 99.0)),
+    }))
+}
+
+fn quiesce(reactors: usize, seconds: f64) -> Result<serde_json::Value, String> {
+    let r = start(reactors)?;
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(RamDevice::new("ram", 4096, 16384).map_err(|e| e.to_string())?);
+    let obj = QuiesceObject::new(r.set(), "bench-vol", 0u64);
+    let w = Workload::start(
+        r.set(),
+        dev,
+        &obj,
+        WorkloadParams {
+            verify: false,
+            read_percent: 50,
+            ..Default::default()
+        },
+    )?;
+    let mut samples = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        let g = obj
+            .suspend(Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        samples.push(t.elapsed());
+        drop(g);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let totals = w.stop(Duration::from_secs(10))?;
+    r.shutdown().map_err(|e| e.to_string())?;
+    if !totals.clean() {
+        return Err(format!(
+            "IO failed during the quiesce benchmark: {totals:?}"
+        ));
+    }
+    Ok(json!({
+        "bench": "quiesce_suspend_to_acked",
+        "reactors": reactors,
+        "suspends": samples.len(),
+        "ios_during": totals.ios,
+        "p50_us": us(percentile(&mut samples, 50.0)),
+        "p99_us": us(percentile(&mut samples, 99.0)),
+        "max_us": us(*samples.iter().max().unwrap_or(&Duration::ZERO)),
+    }))
+}
+
+fn device(
+    kind: Kind,
+    rw: Rw,
+    path: &std::path::Path,
+    mib: u64,
+    seconds: f64,
+) -> Result<serde_json::Value, String> {
+    let bytes = mib << 20;
+    let dev: Arc<dyn BlockDevice> = match kind {
+        Kind::Ram => {
+            let d = RamDevice::new("ram", 4096, bytes / 4096).map_err(|e| e.to_string())?;
+            prefill(&d)?;
+            Arc::new(d)
+        }
+        Kind::File => {
+            // A fully written file, so reads do not hit holes.
+            std::fs::write(path, vec![0xabu8; bytes as usize])
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let d = FileDevice::open(path, 4096).map_err(|e| e.to_string())?;
+            if !d.uses_direct_io() {
+                eprintln!(
+                    "note: {} does not allow O_DIRECT; buffered IO",
+                    path.display()
+                );
+            }
+            Arc::new(d)
+        }
+    };
+    let r = start(1)?;
+    let obj = QuiesceObject::new(r.set(), "bench-dev", 0u64);
+    let busy0 = r.set().stats(0).map_or(0, |s| s.busy_ns);
+    let cpu0 = process_cpu_time();
+    let t0 = Instant::now();
+    let w = Workload::start(
+        r.set(),
+        dev,
+        &obj,
+        WorkloadParams {
+            queue_depth: 32,
+            io_bytes: 4096,
+            read_percent: if matches!(rw, Rw::Randread) { 100 } else { 0 },
+            verify: false,
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let totals = w.stop(Duration::from_secs(10))?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = (process_cpu_time() - cpu0).as_nanos() as f64;
+    let busy = r.set().stats(0).map_or(0, |s| s.busy_ns) - busy0;
+    r.shutdown().map_err(|e| e.to_string())?;
+    if matches!(kind, Kind::File) {
+        let _ = std::fs::remove_file(path);
+    }
+    if !totals.clean() {
+        return Err(format!("IO failed: {totals:?}"));
+    }
+    let ios = totals.ios.max(1) as f64;
+    Ok(json!({
+        "bench": "device",
+        "kind": format!("{kind:?}").to_lowercase(),
+        "rw": format!("{rw:?}").to_lowercase(),
+        "ios": totals.ios,
+        "iops": ios / elapsed,
+        "cpu_ns_per_io": cpu / ios,
+        "busy_ns_per_io": busy as f64 / ios,
+    }))
+}
+
+fn prefill(d: &RamDevice) -> Result<(), String> {
+    let mut ch = d.open_channel().map_err(|e| e.to_string())?;
+    let chunk = 1 << 20;
+    let mut buf = vec![0xabu8; chunk];
+    let blocks = (chunk / 4096) as u64;
+    let mut lba = 0;
+    while lba < d.info().num_blocks {
+        run(ch.as_mut(), IoOp::Write, lba, blocks, &mut buf)?;
+        lba += blocks;
+    }
+    Ok(())
+}
+
+fn run(
+    ch: &mut dyn IoChannel,
+    op: IoOp,
+    lba: u64,
+    blocks: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let mut sg = SgList::new();
+    // SAFETY: we wait for the completion before touching buf again.
+    sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) });
+    let req = IoRequest {
+        op,
+        offset_blocks: lba,
+        num_blocks: blocks,
+        sg,
+        tag: 0,
+    };
+    ch.submit(req).map_err(|_| "channel busy".to_string())?;
+    let mut out = Vec::new();
+    while out.is_empty() {
+        ch.poll(&mut out);
+    }
+    out[0].result.map_err(|e| e.to_string())
+}
+
+fn ram_loop(ios: u64) -> Result<serde_json::Value, String> {
+    let d = RamDevice::new("ram", 4096, 1024).map_err(|e| e.to_string())?;
+    prefill(&d)?;
+    let mut ch = d.open_channel().map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(1);
+    let counter = AtomicU64::new(0);
+    for i in 0..ios {
+        let mut sg = SgList::new();
+        // SAFETY: the completion is polled before the next use of buf.
+        sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), 4096) });
+        let req = IoRequest {
+            op: IoOp::Read,
+            offset_blocks: (i * 7) % 1024,
+            num_blocks: 1,
+            sg,
+            tag: i,
+        };
+        if ch.submit(req).is_err() {
+            return Err("busy".into());
+        }
+        out.clear();
+        ch.poll(&mut out);
+        counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+    }
+    Ok(json!({"bench": "ram_loop", "ios": counter.load(Ordering::Relaxed)}))
+}

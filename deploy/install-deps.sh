@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the Debian packages a task needs, idempotently and unattended.
+#   deploy/install-deps.sh test    what the test suite needs
+#   deploy/install-deps.sh bench   what the benchmarks need (peers, profilers)
+# Packages already present are skipped; apt-get update runs at most once.
+set -euo pipefail
+
+want=()
+case "${1:-test}" in
+  # The test suite: the VM tests of later issues add qemu-system-x86 here.
+  test) want=() ;;
+  bench) want=(fio valgrind) ;;
+  *) echo "usage: $0 test|bench" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing: ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
