@@ -2,6 +2,8 @@
 //! volumes and exports, wired together.
 #![deny(missing_docs)]
 
+pub mod export;
 pub mod selfcheck;
 pub mod stats;
+pub mod volume;
 pub mod workload;

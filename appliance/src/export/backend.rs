@@ -1,0 +1,536 @@
+//! The vhost-user protocol for one connection: features, guest memory,
+//! vring set-up and hand-over of each ready vring to its reactor. Runs on
+//! the export's control thread, never on a reactor.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use poller::ReactorSet;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueT};
+
+use super::memory::{GuestMemory, MAX_REGIONS};
+use super::queue::{self, QueueSetup, QueueShared};
+use super::ExportShared;
+
+/// Largest virtqueue we accept.
+pub const MAX_QUEUE_SIZE: u32 = 1024;
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Virtio features offered for an export.
+pub fn offered_features(shared: &ExportShared) -> u64 {
+    let bit = |b: u32| 1u64 << b;
+    let l = &shared.limits;
+    let mut f = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_RING_F_EVENT_IDX)
+        | bit(VIRTIO_RING_F_INDIRECT_DESC)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | bit(VIRTIO_BLK_F_SIZE_MAX)
+        | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_BLK_SIZE)
+        | bit(VIRTIO_BLK_F_TOPOLOGY)
+        | bit(VIRTIO_BLK_F_MQ)
+        | bit(VIRTIO_BLK_F_FLUSH);
+    if l.discard {
+        f |= bit(VIRTIO_BLK_F_DISCARD);
+    }
+    if l.write_zeroes {
+        f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
+    }
+    if l.read_only {
+        f |= bit(VIRTIO_BLK_F_RO);
+    }
+    f
+}
+
+/// Protocol features offered.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+struct Running {
+    core: usize,
+    shared: Arc<QueueShared>,
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    addrs: Option<(u64, u64, u64)>,
+    base: u16,
+    kick: Option<File>,
+    call: Option<Arc<File>>,
+    enabled: bool,
+    running: Option<Running>,
+}
+
+/// The protocol state of one connection.
+pub struct Handler {
+    set: ReactorSet,
+    export: Arc<ExportShared>,
+    features: u64,
+    protocol: u64,
+    memory: GuestMemory,
+    vrings: Vec<Vring>,
+}
+
+fn invalid(what: &str) -> VuError {
+    tracing::warn!("vhost-user: {what}");
+    VuError::InvalidParam
+}
+
+impl Handler {
+    /// A fresh connection's state.
+    pub fn new(set: ReactorSet, export: Arc<ExportShared>) -> Handler {
+        let n = export.options.num_queues as usize;
+        Handler {
+            set,
+            export,
+            features: 0,
+            protocol: 0,
+            memory: GuestMemory::default(),
+            vrings: (0..n).map(|_| Vring::default()).collect(),
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or_else(|| invalid(&format!("vring {index} does not exist")))
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Publish a new guest memory map: the export's queues drain and pick
+    /// it up on resume (the quiesce epoch of the export's memory object).
+    fn publish_memory(&mut self, memory: GuestMemory) -> VuResult<()> {
+        let snapshot = memory.snapshot().map_err(|e| invalid(&e))?;
+        self.export
+            .memory
+            .reconfigure(STOP_TIMEOUT, |_| Ok::<_, String>((snapshot, ())))
+            .map_err(|e| invalid(&format!("switching guest memory: {e}")))?;
+        self.memory = memory;
+        Ok(())
+    }
+
+    fn try_start(&mut self, index: u32) -> VuResult<()> {
+        let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let cores = self.set.len();
+        let (_, mem) = self.export.memory.config();
+        let export = self.export.clone();
+        let v = self.vring(index)?;
+        if v.running.is_some() || !v.enabled || v.kick.is_none() {
+            return Ok(());
+        }
+        let Some((desc, avail, used)) = v.addrs else {
+            return Ok(());
+        };
+        let mut q = Queue::new(MAX_QUEUE_SIZE as u16).map_err(|e| invalid(&e.to_string()))?;
+        q.set_size(v.size);
+        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        q.set_event_idx(event_idx);
+        q.set_next_avail(v.base);
+        q.set_ready(true);
+        if !q.is_valid(&*mem) {
+            return Err(invalid(&format!(
+                "vring {index} does not fit in guest memory"
+            )));
+        }
+        // The used index the guest last saw is in the ring itself.
+        let next_used = q
+            .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(|e| invalid(&e.to_string()))?;
+        q.set_next_used(next_used.0);
+        let shared = Arc::new(QueueShared::default());
+        shared.set_call(v.call.clone());
+        let kick = v.kick.take().ok_or_else(|| invalid("no kick fd"))?;
+        let core = export.options.queue_core(index as usize, cores);
+        let setup = QueueSetup {
+            index: index as u16,
+            queue: q,
+            kick,
+            shared: shared.clone(),
+            memory: export.memory.clone(),
+            volume: export.volume.clone(),
+            limits: export.limits.clone(),
+        };
+        let started = self
+            .set
+            .call(core, STOP_TIMEOUT, move |ctx| queue::start(ctx, setup))
+            .map_err(|e| invalid(&e))?;
+        started.map_err(|e| invalid(&format!("starting vring {index}: {e}")))?;
+        self.vring(index)?.running = Some(Running { core, shared });
+        tracing::debug!(vring = index, core, "vring started");
+        Ok(())
+    }
+
+    fn stop(&mut self, index: u32) -> VuResult<()> {
+        let set = self.set.clone();
+        let v = self.vring(index)?;
+        let Some(r) = v.running.take() else {
+            return Ok(());
+        };
+        r.shared.request_stop();
+        // Wake the reactor if it sleeps; a full inbox means it is awake.
+        let _ = set.send(r.core, Box::new(|_| {}));
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        let mut stopped = None;
+        while stopped.is_none() && std::time::Instant::now() < deadline && !set.is_stopped() {
+            stopped = r.shared.wait_stopped(Duration::from_millis(50));
+        }
+        match stopped {
+            Some((next_avail, _)) => {
+                v.base = next_avail;
+                Ok(())
+            }
+            None if set.is_stopped() => Ok(()),
+            None => Err(invalid(&format!(
+                "vring {index} did not drain within {STOP_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Stop every vring (disconnect, reset, export deletion).
+    pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() as u32 {
+            if let Err(e) = self.stop(i) {
+                tracing::error!(vring = i, error = %e, "stopping vring");
+            }
+        }
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        let l = &self.export.limits;
+        let info = self.export.volume.info();
+        let mut c = vec![0u8; 60];
+        let bs = l.block_size;
+        c[0..8].copy_from_slice(&l.capacity_sectors.to_le_bytes());
+        c[8..12].copy_from_slice(&l.max_transfer.to_le_bytes()); // size_max
+        c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
+        c[20..24].copy_from_slice(&bs.to_le_bytes());
+        // Topology: minimum IO one block; optimal IO the device's boundary.
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        c[28..32].copy_from_slice(&info.optimal_io_boundary.to_le_bytes());
+        c[34..36].copy_from_slice(&self.export.options.num_queues.to_le_bytes());
+        let sectors_per_block = bs / 512;
+        c[36..40].copy_from_slice(&l.max_discard_sectors.to_le_bytes());
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&sectors_per_block.to_le_bytes());
+        c[48..52].copy_from_slice(&l.max_discard_sectors.to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for Handler {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.stop_all();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.stop_all();
+        for v in &mut self.vrings {
+            *v = Vring::default();
+        }
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(offered_features(&self.export))
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = offered_features(&self.export);
+        if features & !offered != 0 {
+            return Err(invalid(&format!(
+                "features {:#x} were not offered",
+                features & !offered
+            )));
+        }
+        self.features = features;
+        if !self.protocol_features_acked() {
+            // Without protocol features a vring runs as soon as it is kicked.
+            for i in 0..self.vrings.len() as u32 {
+                self.vrings[i as usize].enabled = true;
+                self.try_start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() != files.len() || ctx.len() > MAX_REGIONS {
+            return Err(invalid(
+                "memory table and file count differ or are too many",
+            ));
+        }
+        let mut memory = GuestMemory::default();
+        for (r, f) in ctx.iter().zip(files) {
+            let region = GuestMemory::map_region(
+                r.guest_phys_addr,
+                r.memory_size,
+                r.user_addr,
+                r.mmap_offset,
+                f,
+            )
+            .map_err(|e| invalid(&e))?;
+            memory.add(region).map_err(|e| invalid(&e))?;
+        }
+        self.publish_memory(memory)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+            return Err(invalid(&format!(
+                "vring size {num} must be a power of two up to {MAX_QUEUE_SIZE}"
+            )));
+        }
+        let v = self.vring(index)?;
+        if v.running.is_some() {
+            return Err(invalid("vring size changed while running"));
+        }
+        v.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let t = |va: u64| self.memory.va_to_gpa(va);
+        let (Some(d), Some(u), Some(a)) = (t(descriptor), t(used), t(available)) else {
+            return Err(invalid(&format!(
+                "vring {index} addresses are outside guest memory"
+            )));
+        };
+        let v = self.vring(index)?;
+        if v.running.is_some() {
+            return Err(invalid("vring addresses changed while running"));
+        }
+        v.addrs = Some((d, a, u));
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let v = self.vring(index)?;
+        if v.running.is_some() {
+            return Err(invalid("vring base changed while running"));
+        }
+        v.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.stop(index)?;
+        let v = self.vring(index)?;
+        v.kick = None;
+        if self.protocol_features_acked() {
+            self.vrings[index as usize].enabled = false;
+        }
+        Ok(VhostUserVringState::new(
+            index,
+            self.vrings[index as usize].base as u32,
+        ))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let acked = self.protocol_features_acked();
+        let v = self.vring(index as u32)?;
+        v.kick = fd;
+        if !acked {
+            v.enabled = true;
+        }
+        self.try_start(index as u32)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.vring(index as u32)?;
+        v.call = fd.map(Arc::new);
+        if let Some(r) = &v.running {
+            r.shared.set_call(v.call.clone());
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32).map(|_| ())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let offered = offered_protocol_features().bits();
+        if features & !offered != 0 {
+            return Err(invalid(&format!(
+                "protocol features {:#x} were not offered",
+                features & !offered
+            )));
+        }
+        self.protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if !self.protocol_features_acked() {
+            return Err(invalid("SET_VRING_ENABLE without protocol features"));
+        }
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.try_start(index)
+        } else {
+            self.stop(index)
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let c = self.config_space();
+        let (start, end) = (offset as usize, offset as usize + size as usize);
+        c.get(start..end).map(|s| s.to_vec()).ok_or_else(|| {
+            invalid(&format!(
+                "config read {start}..{end} is outside the {} byte config space",
+                c.len()
+            ))
+        })
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "the virtio-blk config space is read-only here",
+        ))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(VuError::InvalidOperation(
+            "shared objects are not supported",
+        ))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        Err(VuError::InvalidOperation("INFLIGHT_SHMEM is not offered"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation("INFLIGHT_SHMEM is not offered"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_REGIONS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        let r = GuestMemory::map_region(
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+            region.mmap_offset,
+            fd,
+        )
+        .map_err(|e| invalid(&e))?;
+        let mut memory = self.memory.clone();
+        memory.add(r).map_err(|e| invalid(&e))?;
+        self.publish_memory(memory)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let mut memory = self.memory.clone();
+        memory
+            .remove(region.guest_phys_addr, region.memory_size)
+            .map_err(|e| invalid(&e))?;
+        self.publish_memory(memory)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(VuError::InvalidOperation("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "dirty logging (migration) is not supported",
+        ))
+    }
+}

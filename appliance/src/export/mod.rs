@@ -1,0 +1,356 @@
+//! vhost-user-blk exports: a unix socket per export, the protocol on a
+//! control thread, the virtqueues on the reactors.
+
+mod backend;
+mod memory;
+mod queue;
+pub mod request;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use poller::{QuiesceObject, ReactorSet};
+use vhost::vhost_user::BackendReqHandler;
+use vm_memory::GuestMemoryMmap;
+
+use crate::volume::Volume;
+use backend::Handler;
+pub use request::{Limits, ID_BYTES};
+
+/// Largest request we accept, and advertise as size_max.
+pub const MAX_TRANSFER: u32 = 1 << 20;
+/// Largest number of data segments, advertised as seg_max.
+pub const SEG_MAX: u32 = 126;
+
+/// How to export a volume.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Unix socket the VM's QEMU (or any vhost-user frontend) connects to.
+    pub socket: PathBuf,
+    /// Number of virtqueues (1..=64).
+    pub num_queues: u16,
+    /// Refuse writes, discards and write-zeroes.
+    pub read_only: bool,
+    /// GET_ID answer (at most 20 bytes).
+    pub serial: String,
+    /// Reactor for each queue, by queue index modulo its length; empty means
+    /// queue i on reactor i modulo the reactor count.
+    pub queue_cores: Vec<usize>,
+}
+
+impl ExportOptions {
+    fn queue_core(&self, queue: usize, cores: usize) -> usize {
+        if self.queue_cores.is_empty() {
+            queue % cores
+        } else {
+            self.queue_cores[queue % self.queue_cores.len()] % cores
+        }
+    }
+}
+
+/// Why an export could not be created or deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// An option is out of range; names the option.
+    #[error("invalid export option {field}: {reason}")]
+    InvalidArgument {
+        /// The option.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Something already listens on the socket path.
+    #[error("{0}: another process is already serving this socket")]
+    AlreadyExists(PathBuf),
+    /// A frontend is connected and the deletion was not forced.
+    #[error("export {0} has a connected frontend; disconnect it or force the deletion")]
+    Connected(String),
+    /// The OS refused (bind, thread).
+    #[error("{what}: {source}")]
+    Os {
+        /// What was attempted.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The volume could not be quiesced.
+    #[error("quiescing the volume: {0}")]
+    Quiesce(#[from] poller::QuiesceError),
+}
+
+/// What the control thread and the protocol handler share.
+pub struct ExportShared {
+    options: ExportOptions,
+    volume: Volume,
+    limits: Arc<Limits>,
+    /// Guest memory of the current connection, changed only quiesced.
+    memory: QuiesceObject<GuestMemoryMmap>,
+    connected: AtomicBool,
+    connections: AtomicU64,
+}
+
+/// A live export. Delete it with [`Export::delete`].
+pub struct Export {
+    name: String,
+    shared: Arc<ExportShared>,
+    shutdown: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn eventfd() -> Result<OwnedFd, ExportError> {
+    // SAFETY: plain syscall, result checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(ExportError::Os {
+            what: "creating an eventfd".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fd is new and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn limits_for(volume: &Volume, opts: &ExportOptions) -> Limits {
+    let info = volume.info();
+    let mut serial = [0u8; ID_BYTES];
+    serial[..opts.serial.len()].copy_from_slice(opts.serial.as_bytes());
+    Limits {
+        capacity_sectors: info.size_bytes() / request::SECTOR,
+        block_size: info.block_size,
+        max_transfer: MAX_TRANSFER.min(info.max_transfer),
+        seg_max: SEG_MAX,
+        max_discard_sectors: ((1u64 << 30) / request::SECTOR) as u32,
+        read_only: opts.read_only,
+        discard: info.discard,
+        write_zeroes: info.write_zeroes,
+        flush: true,
+        serial,
+    }
+}
+
+fn check_socket_path(path: &Path) -> Result<(), ExportError> {
+    let invalid = |reason: String| ExportError::InvalidArgument {
+        field: "socket",
+        reason,
+    };
+    if path.as_os_str().is_empty() || path.as_os_str().len() > 107 {
+        return Err(invalid("must be 1..=107 bytes long".into()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ExportError::AlreadyExists(path.to_path_buf()));
+            }
+            // A stale socket from a previous run.
+            std::fs::remove_file(path).map_err(|source| ExportError::Os {
+                what: format!("removing the stale socket {}", path.display()),
+                source,
+            })
+        }
+        Ok(_) => Err(invalid(format!(
+            "{} exists and is not a socket",
+            path.display()
+        ))),
+        Err(_) => Ok(()),
+    }
+}
+
+impl Export {
+    /// Export `volume` over vhost-user-blk on `opts.socket`. The volume is
+    /// quiesced while the export attaches.
+    pub fn create(
+        set: &ReactorSet,
+        volume: &Volume,
+        opts: ExportOptions,
+    ) -> Result<Export, ExportError> {
+        if opts.num_queues == 0 || opts.num_queues > 64 {
+            return Err(ExportError::InvalidArgument {
+                field: "num_queues",
+                reason: format!("must be 1..=64, got {}", opts.num_queues),
+            });
+        }
+        if opts.serial.len() > ID_BYTES || !opts.serial.is_ascii() {
+            return Err(ExportError::InvalidArgument {
+                field: "serial",
+                reason: format!("must be at most {ID_BYTES} ASCII bytes"),
+            });
+        }
+        check_socket_path(&opts.socket)?;
+        let guard = volume.suspend(Duration::from_secs(10))?;
+        let listener = UnixListener::bind(&opts.socket).map_err(|source| ExportError::Os {
+            what: format!("binding {}", opts.socket.display()),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ExportError::Os {
+                what: "making the listener non-blocking".into(),
+                source,
+            })?;
+        let name = format!("export:{}", opts.socket.display());
+        let shared = Arc::new(ExportShared {
+            limits: Arc::new(limits_for(volume, &opts)),
+            memory: QuiesceObject::new(set, format!("{name}/memory"), GuestMemoryMmap::new()),
+            options: opts,
+            volume: volume.clone(),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+        });
+        let shutdown = Arc::new(eventfd()?);
+        let (s2, sd2, set2) = (shared.clone(), shutdown.clone(), set.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || serve(listener, set2, s2, sd2))
+            .map_err(|source| ExportError::Os {
+                what: "spawning the export thread".into(),
+                source,
+            })?;
+        drop(guard);
+        tracing::info!(export = %name, volume = volume.name(), "export ready");
+        Ok(Export {
+            name,
+            shared,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// Its name (derived from the socket path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether a frontend is connected.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Delete the export. With a frontend connected this is refused unless
+    /// `force`; forced, in-flight IO drains and the frontend is
+    /// disconnected. After a refusal the export goes on serving.
+    pub fn delete(&mut self, force: bool) -> Result<(), ExportError> {
+        if self.is_connected() && !force {
+            return Err(ExportError::Connected(self.name.clone()));
+        }
+        if self.thread.is_some() {
+            self.shutdown_thread();
+            let _ = std::fs::remove_file(&self.shared.options.socket);
+        }
+        Ok(())
+    }
+
+    fn shutdown_thread(&mut self) {
+        let one = 1u64;
+        // SAFETY: 8-byte write to our eventfd.
+        unsafe { libc::write(self.shutdown.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown_thread();
+            let _ = std::fs::remove_file(&self.shared.options.socket);
+        }
+    }
+}
+
+/// Wait until `fd` is readable or shutdown is signalled; true on shutdown.
+fn wait_readable(fd: RawFd, shutdown: RawFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: shutdown,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return true;
+        }
+        return fds[1].revents != 0;
+    }
+}
+
+/// Accept connections one after another (a reconnect gets a fresh protocol
+/// state) until shutdown.
+fn serve(
+    listener: UnixListener,
+    set: ReactorSet,
+    shared: Arc<ExportShared>,
+    shutdown: Arc<OwnedFd>,
+) {
+    loop {
+        if wait_readable(listener.as_raw_fd(), shutdown.as_raw_fd()) {
+            return;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "accepting a vhost-user connection");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nonblocking(false) {
+            tracing::error!(error = %e, "configuring a vhost-user connection");
+            continue;
+        }
+        shared.connected.store(true, Ordering::SeqCst);
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
+        let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
+        let stop = loop {
+            if wait_readable(conn.as_raw_fd(), shutdown.as_raw_fd()) {
+                break true;
+            }
+            if let Err(e) = conn.handle_request() {
+                match e {
+                    // Our handler refused one request; the frontend got the
+                    // failure (REPLY_ACK) and the connection goes on.
+                    vhost::vhost_user::Error::InvalidParam
+                    | vhost::vhost_user::Error::InvalidOperation(_) => {
+                        continue;
+                    }
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage => {
+                        tracing::info!("vhost-user frontend disconnected");
+                    }
+                    e => tracing::warn!(error = %e, "vhost-user connection closed after an error"),
+                }
+                break false;
+            }
+        };
+        handler.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+        drop(conn);
+        shared.connected.store(false, Ordering::SeqCst);
+        if stop {
+            return;
+        }
+    }
+}
