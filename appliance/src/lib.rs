@@ -2,6 +2,7 @@
 //! volumes and exports, wired together.
 #![deny(missing_docs)]
 
+pub mod devspec;
 pub mod export;
 pub mod selfcheck;
 pub mod stats;

@@ -39,6 +39,40 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Export a device over vhost-user-blk until Ctrl-C (or SIGTERM).
+    ///
+    /// Example: appliance serve --socket /tmp/vol0.sock --device ram:1G --num-queues 2
+    ///
+    /// Attach a QEMU guest with shared memory:
+    ///   -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
+    ///   -chardev socket,id=vol0,path=/tmp/vol0.sock,reconnect=1
+    ///   -device vhost-user-blk-pci,chardev=vol0,num-queues=2
+    Serve {
+        /// Unix socket to listen on.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// ram:SIZE, null:SIZE, file:PATH or file:PATH:SIZE (created).
+        #[arg(long, default_value = "ram:1G")]
+        device: String,
+        /// Logical block size of the device (512 or 4096).
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Virtqueues offered.
+        #[arg(long, default_value_t = 1)]
+        num_queues: u16,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Serial number the guest reads (at most 20 bytes).
+        #[arg(long, default_value = "appliance-vol0")]
+        serial: String,
+        /// Reactor threads.
+        #[arg(long, default_value_t = 1)]
+        reactors: usize,
+        /// Comma-separated cores to pin the reactors to.
+        #[arg(long, value_delimiter = ',')]
+        cores: Option<Vec<usize>>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +104,123 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             demo(&opts, keep)
+        }
+        Command::Serve {
+            socket,
+            device,
+            block_size,
+            num_queues,
+            read_only,
+            serial,
+            reactors,
+            cores,
+        } => serve(ServeArgs {
+            socket,
+            device,
+            block_size,
+            num_queues,
+            read_only,
+            serial,
+            reactors,
+            cores,
+        }),
+    }
+}
+
+struct ServeArgs {
+    socket: std::path::PathBuf,
+    device: String,
+    block_size: u32,
+    num_queues: u16,
+    read_only: bool,
+    serial: String,
+    reactors: usize,
+    cores: Option<Vec<usize>>,
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("installing the signal handler: {e}"))?;
+    }
+    Ok(stop)
+}
+
+fn serve(a: ServeArgs) -> ExitCode {
+    let dev = match appliance::devspec::open(&a.device, a.block_size) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reactors = match poller::Reactors::start(poller::ReactorConfig {
+        count: a.reactors,
+        cores: a.cores,
+        ..Default::default()
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting reactors: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stop = match stop_flag() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let volume = appliance::volume::Volume::new(reactors.set(), "vol0", dev);
+    let mut export = match appliance::export::Export::create(
+        reactors.set(),
+        &volume,
+        appliance::export::ExportOptions {
+            socket: a.socket.clone(),
+            num_queues: a.num_queues,
+            read_only: a.read_only,
+            serial: a.serial,
+            queue_cores: vec![],
+        },
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let info = volume.info();
+    println!(
+        "serving {} ({} bytes, {} byte blocks) on {} with {} queue(s) on {} reactor(s)",
+        a.device,
+        info.size_bytes(),
+        info.block_size,
+        a.socket.display(),
+        a.num_queues,
+        reactors.set().len()
+    );
+    while !stop.load(Ordering::SeqCst) && !reactors.set().is_stopped() {
+        reactors.set().wait_stopped(Duration::from_millis(100));
+    }
+    let _ = export.delete(true);
+    let set = reactors.set().clone();
+    let stats: Vec<String> = (0..set.len())
+        .filter_map(|c| set.stats(c))
+        .map(|s| {
+            format!(
+                "{{\"busy_ns\":{},\"loops\":{},\"sleeps\":{}}}",
+                s.busy_ns, s.loops, s.sleeps
+            )
+        })
+        .collect();
+    println!("{{\"reactors\":[{}]}}", stats.join(","));
+    match reactors.shutdown() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

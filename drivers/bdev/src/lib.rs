@@ -6,7 +6,7 @@
 //! only by the core that opened it, so the IO path has no locks and no
 //! cross-thread callbacks.
 //!
-//! Devices here: [`RamDevice`], [`FileDevice`] (io_uring, O_DIRECT where the
+//! Devices here: [`RamDevice`], [`NullDevice`], [`FileDevice`] (io_uring, O_DIRECT where the
 //! file system allows it) and [`FaultDevice`], a wrapper that injects
 //! failures, latency and power cuts for tests. [`DmaPool`] hands out DMA
 //! buffers from hugepages, with a fallback to ordinary pages.
@@ -19,6 +19,7 @@ mod dma;
 mod error;
 mod fault;
 mod file;
+mod null;
 mod ram;
 
 pub use device::{
@@ -29,4 +30,5 @@ pub use dma::{DmaBuf, DmaPool};
 pub use error::{BdevError, IoError};
 pub use fault::{FaultControl, FaultDevice};
 pub use file::FileDevice;
+pub use null::NullDevice;
 pub use ram::RamDevice;

@@ -134,6 +134,53 @@ impl BlockDevice for RamDevice {
     }
 }
 
+/// Copy into device memory. Written blocks are rarely read back soon, so on
+/// x86_64 whole 64-byte lines go out with non-temporal stores: no
+/// read-for-ownership of the destination and no eviction of hot data. That
+/// roughly doubles write throughput to a large RAM device (bench/results).
+///
+/// # Safety
+/// `dst` and `src` are valid for `len` bytes and do not overlap.
+#[inline]
+unsafe fn copy_to_device(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        if (dst as usize).is_multiple_of(16) && len.is_multiple_of(64) {
+            let (d, s) = (dst as *mut __m128i, src as *const __m128i);
+            let mut i = 0;
+            while i < len / 16 {
+                // SAFETY: in bounds (len / 16 vectors); dst 16-byte aligned;
+                // SSE2 is part of the x86_64 baseline.
+                unsafe {
+                    let a = _mm_loadu_si128(s.add(i));
+                    let b = _mm_loadu_si128(s.add(i + 1));
+                    let c = _mm_loadu_si128(s.add(i + 2));
+                    let e = _mm_loadu_si128(s.add(i + 3));
+                    _mm_stream_si128(d.add(i), a);
+                    _mm_stream_si128(d.add(i + 1), b);
+                    _mm_stream_si128(d.add(i + 2), c);
+                    _mm_stream_si128(d.add(i + 3), e);
+                }
+                i += 4;
+            }
+            return;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+/// Order non-temporal stores before the completion that announces them.
+#[inline]
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence has no preconditions.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 struct RamChannel {
     inner: Arc<Inner>,
     done: Vec<Completion>,
@@ -161,9 +208,10 @@ impl RamChannel {
                 let _undo = self.log_undo(req.offset_blocks, req.num_blocks);
                 let mut at = start;
                 for v in &req.sg {
-                    unsafe { std::ptr::copy_nonoverlapping(v.ptr(), inner.base.add(at), v.len()) };
+                    unsafe { copy_to_device(inner.base.add(at), v.ptr(), v.len()) };
                     at += v.len();
                 }
+                store_fence();
             }
             IoOp::Discard | IoOp::WriteZeroes => {
                 let _undo = self.log_undo(req.offset_blocks, req.num_blocks);

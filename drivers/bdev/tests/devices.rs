@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdev::conformance::{self, run_one, rw};
-use bdev::{BlockDevice, DmaPool, FaultDevice, FileDevice, IoError, IoOp, IoRequest, RamDevice};
+use bdev::{
+    BlockDevice, DmaPool, FaultDevice, FileDevice, IoError, IoOp, IoRequest, NullDevice, RamDevice,
+};
 
 #[test]
 fn ram_4k_conforms() {
@@ -204,4 +206,13 @@ fn dma_pool_uses_hugepages_when_reserved() {
     } else {
         assert!(!pool.is_hugepage());
     }
+}
+
+#[test]
+fn null_device_accepts_good_requests_and_refuses_bad_ones() {
+    let dev = NullDevice::new("null0", 4096, 1024).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    conformance::bad_requests_shape_only(ch.as_mut(), &dev);
+    assert!(NullDevice::new("x", 100, 10).is_err());
+    assert!(NullDevice::new("x", 4096, 0).is_err());
 }

@@ -1,0 +1,94 @@
+//! Device specifications on the command line: `ram:256M`, `null:1G`,
+//! `file:/path` (an existing file or block device) or
+//! `file:/path:64M` (created with that size).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bdev::{BlockDevice, FileDevice, NullDevice, RamDevice};
+
+/// Parse a size such as `4096`, `64K`, `256M`, `2G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Build the device a specification names.
+pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+    let (kind, rest) = spec.split_once(':').ok_or_else(|| {
+        format!("device {spec:?}: expected ram:SIZE, null:SIZE or file:PATH[:SIZE]")
+    })?;
+    let blocks = |size: u64| -> Result<u64, String> {
+        if size == 0 || size % block_size as u64 != 0 {
+            return Err(format!(
+                "device {spec:?}: size must be a positive multiple of {block_size}"
+            ));
+        }
+        Ok(size / block_size as u64)
+    };
+    let dev: Arc<dyn BlockDevice> = match kind {
+        "ram" => Arc::new(
+            RamDevice::new(spec, block_size, blocks(parse_size(rest)?)?)
+                .map_err(|e| e.to_string())?,
+        ),
+        "null" => Arc::new(
+            NullDevice::new(spec, block_size, blocks(parse_size(rest)?)?)
+                .map_err(|e| e.to_string())?,
+        ),
+        "file" => match rest.rsplit_once(':') {
+            Some((path, size)) if parse_size(size).is_ok() => {
+                let size = parse_size(size)?;
+                blocks(size)?;
+                Arc::new(
+                    FileDevice::create(Path::new(path), block_size, size)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            _ => {
+                Arc::new(FileDevice::open(Path::new(rest), block_size).map_err(|e| e.to_string())?)
+            }
+        },
+        other => {
+            return Err(format!(
+                "device {spec:?}: unknown kind {other:?} (ram, null or file)"
+            ))
+        }
+    };
+    Ok(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_specs() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(open("ram:1M", 4096).unwrap().info().num_blocks, 256);
+        assert_eq!(open("null:1G", 512).unwrap().info().num_blocks, 2 << 20);
+        assert!(open("ram:1000", 4096).unwrap_err().contains("multiple"));
+        assert!(open("disk:1M", 4096).unwrap_err().contains("unknown kind"));
+        assert!(open("ram", 4096).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let spec = format!("file:{}:1M", p.display());
+        assert_eq!(open(&spec, 4096).unwrap().info().num_blocks, 256);
+        let spec = format!("file:{}", p.display());
+        assert_eq!(open(&spec, 4096).unwrap().info().num_blocks, 256);
+    }
+}
