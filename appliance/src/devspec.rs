@@ -30,7 +30,7 @@ pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String>
         format!("device {spec:?}: expected ram:SIZE, null:SIZE or file:PATH[:SIZE]")
     })?;
     let blocks = |size: u64| -> Result<u64, String> {
-        if size == 0 || size % block_size as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(block_size as u64) {
             return Err(format!(
                 "device {spec:?}: size must be a positive multiple of {block_size}"
             ));
