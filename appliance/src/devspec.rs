@@ -82,7 +82,10 @@ mod tests {
         assert_eq!(open("ram:1M", 4096).unwrap().info().num_blocks, 256);
         assert_eq!(open("null:1G", 512).unwrap().info().num_blocks, 2 << 20);
         assert!(open("ram:1000", 4096).err().unwrap().contains("multiple"));
-        assert!(open("disk:1M", 4096).err().unwrap().contains("unknown kind"));
+        assert!(open("disk:1M", 4096)
+            .err()
+            .unwrap()
+            .contains("unknown kind"));
         assert!(open("ram", 4096).is_err());
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");

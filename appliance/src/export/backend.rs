@@ -225,7 +225,7 @@ impl Handler {
         let mut c = vec![0u8; 60];
         let bs = l.block_size;
         c[0..8].copy_from_slice(&l.capacity_sectors.to_le_bytes());
-        c[8..12].copy_from_slice(&l.max_transfer.to_le_bytes()); // size_max
+        c[8..12].copy_from_slice(&l.size_max.to_le_bytes());
         c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&bs.to_le_bytes());
         // Topology: minimum IO one block; optimal IO the device's boundary.

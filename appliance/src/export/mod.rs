@@ -23,8 +23,8 @@ use crate::volume::Volume;
 use backend::Handler;
 pub use request::{Limits, ID_BYTES};
 
-/// Largest request we accept, and advertise as size_max.
-pub const MAX_TRANSFER: u32 = 1 << 20;
+/// Largest data segment, advertised as size_max.
+pub const SIZE_MAX: u32 = 1 << 20;
 /// Largest number of data segments, advertised as seg_max.
 pub const SEG_MAX: u32 = 126;
 
@@ -123,8 +123,13 @@ fn limits_for(volume: &Volume, opts: &ExportOptions) -> Limits {
     Limits {
         capacity_sectors: info.size_bytes() / request::SECTOR,
         block_size: info.block_size,
-        max_transfer: MAX_TRANSFER.min(info.max_transfer),
-        seg_max: SEG_MAX,
+        // virtio-blk has no limit on a request's total size other than
+        // seg_max x size_max, so both are chosen to fit the device's limit.
+        max_transfer: info.max_transfer,
+        size_max: SIZE_MAX.min(info.max_transfer),
+        seg_max: SEG_MAX
+            .min(info.max_transfer / SIZE_MAX.min(info.max_transfer))
+            .max(1),
         max_discard_sectors: ((1u64 << 30) / request::SECTOR) as u32,
         read_only: opts.read_only,
         discard: info.discard,

@@ -46,6 +46,8 @@ pub struct Limits {
     pub block_size: u32,
     /// Largest data transfer in bytes.
     pub max_transfer: u32,
+    /// Largest data segment in bytes.
+    pub size_max: u32,
     /// Largest number of data segments.
     pub seg_max: u32,
     /// Largest discard / write-zeroes in sectors.
@@ -240,12 +242,14 @@ fn parse_body(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<
             {
                 return Err(S_IOERR);
             }
+            // Count the guest's segments, not ours: translate splits a
+            // segment that crosses a memory region boundary.
+            if data.len() > limits.seg_max as usize {
+                return Err(S_IOERR);
+            }
             let mut sg = SgList::new();
             for &(addr, len) in &data {
-                translate(mem, addr, len, &mut sg).map_err(|_| S_IOERR)?;
-            }
-            if sg.len() > limits.seg_max as usize {
-                return Err(S_IOERR);
+                translate(mem, addr, len, &mut sg)?;
             }
             Ok(Parsed::Io {
                 op: if write { IoOp::Write } else { IoOp::Read },
@@ -352,6 +356,7 @@ mod tests {
             capacity_sectors: 2048,
             block_size: 512,
             max_transfer: 1 << 20,
+            size_max: 1 << 20,
             seg_max: 8,
             max_discard_sectors: 1024,
             read_only: false,

@@ -16,7 +16,9 @@ use crate::error::{BdevError, IoError};
 
 /// Requests in flight per channel.
 const RING_DEPTH: u32 = 128;
-const MAX_TRANSFER: u32 = 1 << 20;
+/// io_uring takes any size; this keeps one request within reason and above
+/// what an export advertises (seg_max x size_max).
+const MAX_TRANSFER: u32 = 128 << 20;
 /// O_DIRECT is used only for buffers, lengths and offsets aligned to this.
 const DIRECT_ALIGN: usize = 4096;
 

@@ -30,7 +30,7 @@ impl NullDevice {
                 name: name.to_string(),
                 block_size,
                 num_blocks,
-                max_transfer: 4 << 20,
+                max_transfer: 128 << 20,
                 optimal_io_boundary: 0,
                 flush: false,
                 discard: true,

@@ -12,7 +12,7 @@ use crate::device::{
 use crate::error::{BdevError, IoError};
 
 /// Largest transfer a RAM channel takes in one request.
-const MAX_TRANSFER: u32 = 4 << 20;
+const MAX_TRANSFER: u32 = 128 << 20;
 
 struct Inner {
     info: DeviceInfo,

@@ -1,0 +1,150 @@
+//! A real Linux guest (QEMU, TCG) on the appliance's vhost-user-blk
+//! exports: dd and fio with crc32c verification, discard, mkfs.ext4 with
+//! files and fsck. The host then checks the guest's data in the backing file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Build (or reuse) the guest kernel and initramfs.
+pub fn guest() -> PathBuf {
+    assert!(
+        Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok(),
+        "qemu-system-x86_64 is missing: run deploy/install-deps.sh test (deploy/test.sh does)"
+    );
+    let out = Command::new(repo().join("deploy/vmrig/build-guest.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    PathBuf::from(dir)
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(socket: &Path, device: &str, queues: u16, serial: &str) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["serve", "--socket"])
+        .arg(socket)
+        .args([
+            "--device",
+            device,
+            "--num-queues",
+            &queues.to_string(),
+            "--serial",
+            serial,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "appliance did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+#[test]
+fn a_linux_guest_verifies_data_and_runs_ext4_on_the_exports() {
+    let guest = guest();
+    let dir = tempfile::tempdir().unwrap();
+    let img = PathBuf::from(format!("/dev/shm/appliance-vm-{}.img", std::process::id()));
+    let _cleanup = Cleanup(img.clone());
+    let (sock_a, sock_b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let _a = serve(
+        &sock_a,
+        &format!("file:{}:256M", img.display()),
+        2,
+        "vm-test-vda",
+    );
+    let _b = serve(&sock_b, "ram:128M", 1, "vm-test-vdb");
+    let mut pattern = vec![0u8; 16 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut pattern)
+        .unwrap();
+    let pattern_path = dir.path().join("pattern.bin");
+    std::fs::write(&pattern_path, &pattern).unwrap();
+    let log = dir.path().join("serial.log");
+    let status = Command::new(repo().join("deploy/vmrig/boot.sh"))
+        .arg("--guest")
+        .arg(&guest)
+        .arg("--script")
+        .arg(repo().join("appliance/tests/vm/vhost-guest.sh"))
+        .arg("--file")
+        .arg(&pattern_path)
+        .arg("--log")
+        .arg(&log)
+        .args(["--mem", "512", "--smp", "2", "--timeout", "900", "--"])
+        .arg("-chardev")
+        .arg(format!("socket,id=a,path={}", sock_a.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=a,num-queues=2"])
+        .arg("-chardev")
+        .arg(format!("socket,id=b,path={}", sock_b.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=b,num-queues=1"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    for want in [
+        "DD-VERIFY OK",
+        "FIO-VERIFY OK",
+        "FSCK OK",
+        "FILES OK",
+        "GUEST-ALL-OK",
+    ] {
+        assert!(
+            serial.contains(want),
+            "guest did not report {want}:\n{serial}"
+        );
+    }
+    assert!(
+        !serial.contains("I/O error"),
+        "the guest saw IO errors:\n{serial}"
+    );
+    // What the guest wrote is in the backing file, where it put it.
+    let data = std::fs::read(&img).unwrap();
+    assert!(
+        data[1 << 20..17 << 20] == pattern[..],
+        "pattern not found in the backing file"
+    );
+}
+
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
