@@ -47,6 +47,10 @@ impl Drop for Server {
 }
 
 fn serve(socket: &Path, device: &str, queues: u16, serial: &str) -> Server {
+    serve_logged(socket, device, queues, serial, Stdio::null())
+}
+
+fn serve_logged(socket: &Path, device: &str, queues: u16, serial: &str, log: Stdio) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
         .args(["serve", "--socket"])
         .arg(socket)
@@ -58,8 +62,10 @@ fn serve(socket: &Path, device: &str, queues: u16, serial: &str) -> Server {
             "--serial",
             serial,
         ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let t = Instant::now();
@@ -147,4 +153,75 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+#[test]
+fn the_guest_survives_an_appliance_crash_and_restart_without_io_errors() {
+    let guest = guest();
+    let dir = tempfile::tempdir().unwrap();
+    let img = PathBuf::from(format!(
+        "/dev/shm/appliance-vm-restart-{}.img",
+        std::process::id()
+    ));
+    let _cleanup = Cleanup(img.clone());
+    let sock = dir.path().join("r.sock");
+    let device = format!("file:{}:256M", img.display());
+    let mut server = Some(serve(&sock, &device, 1, "vm-restart"));
+    let log = dir.path().join("serial.log");
+    let mut boot = Command::new(repo().join("deploy/vmrig/boot.sh"))
+        .arg("--guest")
+        .arg(&guest)
+        .arg("--script")
+        .arg(repo().join("appliance/tests/vm/restart-guest.sh"))
+        .arg("--log")
+        .arg(&log)
+        .args(["--mem", "512", "--timeout", "900", "--"])
+        .arg("-chardev")
+        .arg(format!("socket,id=r,path={},reconnect=1", sock.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=r,num-queues=1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for fio to start, let it run, then crash the appliance (SIGKILL:
+    // no chance to drain) and start a new one on the same socket and file.
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("FIO-START")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "guest never started fio"
+        );
+        assert!(boot.try_wait().unwrap().is_none(), "guest ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut s = server.take().unwrap();
+    unsafe { libc::kill(s.0.id() as i32, libc::SIGKILL) };
+    let _ = s.0.wait();
+    std::mem::forget(s);
+    std::thread::sleep(Duration::from_millis(500));
+    let second_log = dir.path().join("second.log");
+    let s2 = serve_logged(
+        &sock,
+        &format!("file:{}", img.display()),
+        1,
+        "vm-restart",
+        Stdio::from(std::fs::File::create(&second_log).unwrap()),
+    );
+    let status = boot.wait().unwrap();
+    drop(s2);
+    let restarted = std::fs::read_to_string(&second_log).unwrap_or_default();
+    println!("restarted appliance:\n{restarted}");
+    assert!(
+        restarted.contains("frontend connected"),
+        "QEMU never reconnected:\n{restarted}"
+    );
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    assert!(serial.contains("FIO-VERIFY OK"), "{serial}");
+    assert!(serial.contains("GUEST-ALL-OK"), "{serial}");
+    assert!(!serial.contains("I/O error"), "{serial}");
 }

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 
+use super::inflight::InflightRegion;
 use super::memory::{GuestMemory, MAX_REGIONS};
 use super::queue::{self, QueueSetup, QueueShared};
 use super::ExportShared;
@@ -62,6 +63,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 struct Running {
@@ -88,6 +90,7 @@ pub struct Handler {
     protocol: u64,
     memory: GuestMemory,
     vrings: Vec<Vring>,
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn invalid(what: &str) -> VuError {
@@ -106,6 +109,7 @@ impl Handler {
             protocol: 0,
             memory: GuestMemory::default(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
+            inflight: None,
         }
     }
 
@@ -136,6 +140,11 @@ impl Handler {
         let cores = self.set.len();
         let (_, mem) = self.export.memory.config();
         let export = self.export.clone();
+        let size = self.vring(index)?.size;
+        let inflight = self
+            .inflight
+            .as_ref()
+            .and_then(|r| r.queue(index as u16, size));
         let v = self.vring(index)?;
         if v.running.is_some() || !v.enabled || v.kick.is_none() {
             return Ok(());
@@ -173,6 +182,7 @@ impl Handler {
             memory: export.memory.clone(),
             volume: export.volume.clone(),
             limits: export.limits.clone(),
+            inflight,
         };
         let started = self
             .set
@@ -466,13 +476,42 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("INFLIGHT_SHMEM is not offered"))
+        if inflight.num_queues as usize > self.vrings.len() {
+            return Err(invalid(&format!(
+                "inflight area for {} queues; the export has {}",
+                inflight.num_queues,
+                self.vrings.len()
+            )));
+        }
+        let (region, size, file) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+            .map_err(|e| invalid(&e))?;
+        self.inflight = Some(Arc::new(region));
+        Ok((
+            VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size),
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("INFLIGHT_SHMEM is not offered"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        if inflight.num_queues as usize > self.vrings.len() {
+            return Err(invalid(&format!(
+                "inflight area for {} queues; the export has {}",
+                inflight.num_queues,
+                self.vrings.len()
+            )));
+        }
+        let region = InflightRegion::open(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e| invalid(&e))?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

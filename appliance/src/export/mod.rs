@@ -2,6 +2,7 @@
 //! control thread, the virtqueues on the reactors.
 
 mod backend;
+mod inflight;
 mod memory;
 mod queue;
 pub mod request;
@@ -328,6 +329,7 @@ fn serve(
         }
         shared.connected.store(true, Ordering::SeqCst);
         shared.connections.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
         let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
         let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         let stop = loop {

@@ -3,6 +3,7 @@
 //! and signal the guest (suppressed with EVENT_IDX). No thread hop and no
 //! lock per request.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +14,8 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::request::{parse, Desc, Limits, Parsed, S_IOERR, S_OK};
+use super::inflight::InflightQueue;
+use super::request::{parse, walk_chain, Desc, Limits, Parsed, S_IOERR, S_OK};
 use crate::volume::{Volume, VolumeConfig};
 
 /// Chains longer than this are malformed (the queue size bounds real ones).
@@ -76,6 +78,8 @@ pub struct QueueSetup {
     pub volume: Volume,
     /// What the parser enforces.
     pub limits: Arc<Limits>,
+    /// Inflight tracking shared with the frontend, if negotiated.
+    pub inflight: Option<InflightQueue>,
 }
 
 struct Inflight {
@@ -106,6 +110,17 @@ struct Runner {
     notify_enabled: bool,
     signal_pending: bool,
     broken: bool,
+    inflight: Option<InflightQueue>,
+    /// Requests taken before a restart, to submit again first.
+    resubmit: VecDeque<u16>,
+}
+
+/// What became of one chain.
+enum Dispatch {
+    /// Answered or submitted.
+    Taken,
+    /// The device is full: try the same chain again later.
+    Busy,
 }
 
 /// Start serving a queue on this reactor.
@@ -158,7 +173,26 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         notify_enabled: false,
         signal_pending: false,
         broken: false,
+        inflight: setup.inflight,
+        resubmit: VecDeque::new(),
     };
+    if let Some(inflight) = &mut runner.inflight {
+        // Requests taken before a restart: the avail ring has moved past
+        // them, so continue after them and submit them again, oldest first.
+        let used = runner.queue.next_used();
+        let heads = inflight.recover(used);
+        runner
+            .queue
+            .set_next_avail(used.wrapping_add(heads.len() as u16));
+        if !heads.is_empty() {
+            tracing::info!(
+                queue = runner.index,
+                requests = heads.len(),
+                "resubmitting requests in flight before the restart"
+            );
+        }
+        runner.resubmit = heads.into();
+    }
     // Requests may already be waiting from before a reconnect.
     let _ = runner.queue.disable_notification(&*runner.mem);
     ctx.watch_fd(fd);
@@ -258,8 +292,8 @@ impl Runner {
     }
 
     fn pop_requests(&mut self) -> bool {
-        let mut popped = 0;
-        while popped < POP_BATCH && !self.free.is_empty() {
+        let mut taken = 0;
+        while taken < POP_BATCH && !self.free.is_empty() {
             if !self.mem_gate.try_begin() {
                 break;
             }
@@ -267,84 +301,119 @@ impl Runner {
                 self.mem_gate.end();
                 break;
             }
-            let Some(chain) = self.queue.pop_descriptor_chain(&*self.mem) else {
+            let from_ring;
+            let head = if let Some(head) = self.resubmit.pop_front() {
+                from_ring = false;
+                let table = self.queue.desc_table();
+                let size = self.queue.size();
+                if walk_chain(&self.mem, table, size, head, &mut self.descs).is_err() {
+                    self.descs.clear();
+                }
+                head
+            } else {
+                from_ring = true;
+                let Some(chain) = self.queue.pop_descriptor_chain(&*self.mem) else {
+                    self.vol_gate.end();
+                    self.mem_gate.end();
+                    break;
+                };
+                let head = chain.head_index();
+                self.descs.clear();
+                for d in chain {
+                    if self.descs.len() == MAX_CHAIN {
+                        break;
+                    }
+                    self.descs.push(Desc {
+                        addr: d.addr().0,
+                        len: d.len(),
+                        write: d.is_write_only(),
+                    });
+                }
+                if let Some(i) = &mut self.inflight {
+                    i.begin(head);
+                }
+                head
+            };
+            taken += 1;
+            if let Dispatch::Busy = self.dispatch(head) {
+                // The device is full: give the chain back and retry later.
+                if from_ring {
+                    self.queue.go_to_previous_position();
+                } else {
+                    self.resubmit.push_front(head);
+                }
                 self.vol_gate.end();
                 self.mem_gate.end();
                 break;
-            };
-            popped += 1;
-            let head = chain.head_index();
-            self.descs.clear();
-            for d in chain {
-                if self.descs.len() == MAX_CHAIN {
-                    break;
-                }
-                self.descs.push(Desc {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    write: d.is_write_only(),
-                });
             }
-            let Some(req) = parse(&self.descs, &self.mem, &self.limits) else {
-                // Nowhere to put a status: hand the buffers back unanswered.
+        }
+        taken > 0
+    }
+
+    /// Parse the chain in `self.descs` and answer or submit it.
+    fn dispatch(&mut self, head: u16) -> Dispatch {
+        let Some(req) = parse(&self.descs, &self.mem, &self.limits) else {
+            // Nowhere to put a status: hand the buffers back unanswered.
+            self.shared.failed.fetch_add(1, Ordering::Relaxed);
+            self.finish_request(head, 0);
+            return Dispatch::Taken;
+        };
+        match req.action {
+            Err(status) => {
+                // SAFETY: `status` was translated inside guest memory.
+                unsafe { std::ptr::write_volatile(req.status, status) };
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                self.finish_request(head, 0);
-                continue;
-            };
-            match req.action {
-                Err(status) => {
-                    // SAFETY: `status` was translated inside guest memory.
-                    unsafe { std::ptr::write_volatile(req.status, status) };
-                    self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                    self.finish_request(head, 1);
-                }
-                Ok(Parsed::Done { written }) => {
-                    // SAFETY: as above.
-                    unsafe { std::ptr::write_volatile(req.status, S_OK) };
-                    self.finish_request(head, written);
-                }
-                Ok(Parsed::Io {
+                self.finish_request(head, 1);
+                Dispatch::Taken
+            }
+            Ok(Parsed::Done { written }) => {
+                // SAFETY: as above.
+                unsafe { std::ptr::write_volatile(req.status, S_OK) };
+                self.finish_request(head, written);
+                Dispatch::Taken
+            }
+            Ok(Parsed::Io {
+                op,
+                offset_blocks,
+                num_blocks,
+                sg,
+                written,
+            }) => {
+                let Some(slot) = self.free.pop() else {
+                    return Dispatch::Busy;
+                };
+                self.slots[slot as usize] = Some(Inflight {
+                    head,
+                    status: req.status,
+                    written,
+                });
+                let io = IoRequest {
                     op,
                     offset_blocks,
                     num_blocks,
                     sg,
-                    written,
-                }) => {
-                    let Some(slot) = self.free.pop() else {
-                        unreachable_slot(head);
-                        break;
-                    };
-                    self.slots[slot as usize] = Some(Inflight {
-                        head,
-                        status: req.status,
-                        written,
-                    });
-                    let io = IoRequest {
-                        op,
-                        offset_blocks,
-                        num_blocks,
-                        sg,
-                        tag: slot as u64,
-                    };
-                    if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
-                        // The device is full: put the chain back and retry
-                        // on a later poll.
-                        self.slots[slot as usize] = None;
-                        self.free.push(slot);
-                        self.queue.go_to_previous_position();
-                        self.vol_gate.end();
-                        self.mem_gate.end();
-                        break;
-                    }
+                    tag: slot as u64,
+                };
+                if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
+                    self.slots[slot as usize] = None;
+                    self.free.push(slot);
+                    return Dispatch::Busy;
                 }
+                Dispatch::Taken
             }
         }
-        popped > 0
     }
 
     /// Put a finished chain on the used ring and release its gates.
     fn finish_request(&mut self, head: u16, written: u32) {
-        if let Err(e) = self.queue.add_used(&*self.mem, head, written) {
+        if let Some(i) = &mut self.inflight {
+            i.before_used(head);
+        }
+        let used = self.queue.add_used(&*self.mem, head, written);
+        if let Some(i) = &mut self.inflight {
+            i.after_used(head, self.queue.next_used());
+        }
+        if let Err(e) = used {
             if !self.broken {
                 tracing::error!(queue = self.index, error = %e, "used ring is not writable; the queue stops until reset");
             }
@@ -406,12 +475,4 @@ impl Runner {
             .unwrap_or_else(|e| e.into_inner()) = Some(state);
         self.shared.stopped_cv.notify_all();
     }
-}
-
-fn unreachable_slot(head: u16) {
-    // The loop only pops while a slot is free.
-    tracing::error!(
-        head,
-        "no request slot free after popping; dropping the request"
-    );
 }

@@ -121,6 +121,67 @@ pub fn translate(
     Ok(())
 }
 
+/// Read the descriptor chain starting at `head` from the descriptor table
+/// (used to resubmit requests after a restart, when the avail ring no
+/// longer names them). Follows `next` and one level of indirect table,
+/// never more descriptors than the queue has, and fails on anything
+/// outside guest memory.
+pub fn walk_chain(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    queue_size: u16,
+    head: u16,
+    out: &mut Vec<Desc>,
+) -> Result<(), ()> {
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    let read = |table: u64, i: u16| -> Result<(u64, u32, u16, u16), ()> {
+        let mut d = [0u8; 16];
+        let at = table.checked_add(i as u64 * 16).ok_or(())?;
+        mem.read_slice(&mut d, GuestAddress(at)).map_err(|_| ())?;
+        let addr = u64::from_le_bytes(d[0..8].try_into().map_err(|_| ())?);
+        let len = u32::from_le_bytes(d[8..12].try_into().map_err(|_| ())?);
+        Ok((
+            addr,
+            len,
+            u16::from_le_bytes([d[12], d[13]]),
+            u16::from_le_bytes([d[14], d[15]]),
+        ))
+    };
+    out.clear();
+    let (mut table, mut size, mut i) = (table, queue_size, head);
+    let mut indirect = false;
+    let mut budget = queue_size as usize;
+    loop {
+        if i >= size || budget == 0 {
+            return Err(());
+        }
+        budget -= 1;
+        let (addr, len, flags, next) = read(table, i)?;
+        if flags & INDIRECT != 0 {
+            if indirect || len == 0 || len % 16 != 0 || len / 16 > u16::MAX as u32 {
+                return Err(());
+            }
+            indirect = true;
+            table = addr;
+            size = (len / 16) as u16;
+            budget = size as usize;
+            i = 0;
+            continue;
+        }
+        out.push(Desc {
+            addr,
+            len,
+            write: flags & WRITE != 0,
+        });
+        if flags & NEXT == 0 {
+            return Ok(());
+        }
+        i = next;
+    }
+}
+
 /// Parse one chain. `None` means there is nowhere to put a status (the
 /// chain has no writable last byte inside guest memory): the request can
 /// only be returned unanswered.
