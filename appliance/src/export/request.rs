@@ -121,6 +121,11 @@ pub fn translate(
     Ok(())
 }
 
+/// A descriptor chain that cannot be followed (loop, out of range, outside
+/// guest memory, nested indirect table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadChain;
+
 /// Read the descriptor chain starting at `head` from the descriptor table
 /// (used to resubmit requests after a restart, when the avail ring no
 /// longer names them). Follows `next` and one level of indirect table,
@@ -132,16 +137,16 @@ pub fn walk_chain(
     queue_size: u16,
     head: u16,
     out: &mut Vec<Desc>,
-) -> Result<(), ()> {
+) -> Result<(), BadChain> {
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
     const INDIRECT: u16 = 4;
-    let read = |table: u64, i: u16| -> Result<(u64, u32, u16, u16), ()> {
+    let read = |table: u64, i: u16| -> Result<(u64, u32, u16, u16), BadChain> {
         let mut d = [0u8; 16];
-        let at = table.checked_add(i as u64 * 16).ok_or(())?;
-        mem.read_slice(&mut d, GuestAddress(at)).map_err(|_| ())?;
-        let addr = u64::from_le_bytes(d[0..8].try_into().map_err(|_| ())?);
-        let len = u32::from_le_bytes(d[8..12].try_into().map_err(|_| ())?);
+        let at = table.checked_add(i as u64 * 16).ok_or(BadChain)?;
+        mem.read_slice(&mut d, GuestAddress(at)).map_err(|_| BadChain)?;
+        let addr = u64::from_le_bytes(d[0..8].try_into().map_err(|_| BadChain)?);
+        let len = u32::from_le_bytes(d[8..12].try_into().map_err(|_| BadChain)?);
         Ok((
             addr,
             len,
@@ -155,13 +160,13 @@ pub fn walk_chain(
     let mut budget = queue_size as usize;
     loop {
         if i >= size || budget == 0 {
-            return Err(());
+            return Err(BadChain);
         }
         budget -= 1;
         let (addr, len, flags, next) = read(table, i)?;
         if flags & INDIRECT != 0 {
             if indirect || len == 0 || len % 16 != 0 || len / 16 > u16::MAX as u32 {
-                return Err(());
+                return Err(BadChain);
             }
             indirect = true;
             table = addr;
