@@ -144,7 +144,8 @@ pub fn walk_chain(
     let read = |table: u64, i: u16| -> Result<(u64, u32, u16, u16), BadChain> {
         let mut d = [0u8; 16];
         let at = table.checked_add(i as u64 * 16).ok_or(BadChain)?;
-        mem.read_slice(&mut d, GuestAddress(at)).map_err(|_| BadChain)?;
+        mem.read_slice(&mut d, GuestAddress(at))
+            .map_err(|_| BadChain)?;
         let addr = u64::from_le_bytes(d[0..8].try_into().map_err(|_| BadChain)?);
         let len = u32::from_le_bytes(d[8..12].try_into().map_err(|_| BadChain)?);
         Ok((
