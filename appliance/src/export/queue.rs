@@ -249,15 +249,13 @@ impl Runner {
         } else {
             self.idle_polls += 1;
             if self.idle_polls.is_multiple_of(IDLE_POLLS) {
+                // Consume stale kicks so the reactor can sleep, ask for new
+                // ones, and look at the ring once more: a request offered
+                // just before the drain had its kick consumed by it.
                 self.drain_kick();
-                if !self.notify_enabled {
-                    // Ask for kicks, then look once more: a request that
-                    // arrived in between would otherwise wait for a kick
-                    // the guest will not send.
-                    self.notify_enabled = true;
-                    if matches!(self.queue.enable_notification(&*self.mem), Ok(true)) {
-                        return PollState::Busy;
-                    }
+                self.notify_enabled = true;
+                if matches!(self.queue.enable_notification(&*self.mem), Ok(true)) {
+                    return PollState::Busy;
                 }
             }
         }
