@@ -359,3 +359,59 @@ fn large_vectored_requests_up_to_the_advertised_limits_work() {
         );
     }
 }
+
+#[test]
+fn a_failed_device_fails_its_export_only() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let inner: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("sick", 4096, 4096).unwrap());
+    let sick = Arc::new(bdev::FaultDevice::new(inner));
+    let faults = sick.control();
+    let healthy: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("healthy", 4096, 4096).unwrap());
+    let mut exports = Vec::new();
+    for (name, dev) in [("sick", sick as Arc<dyn BlockDevice>), ("healthy", healthy)] {
+        let volume = Volume::new(reactors.set(), name, dev);
+        exports.push(
+            Export::create(
+                reactors.set(),
+                &volume,
+                ExportOptions {
+                    socket: dir.path().join(format!("{name}.sock")),
+                    num_queues: 1,
+                    read_only: false,
+                    serial: name.into(),
+                    queue_cores: vec![],
+                },
+            )
+            .unwrap(),
+        );
+    }
+    let mut a = connect(&dir.path().join("sick.sock"), 1, false).unwrap();
+    let mut b = connect(&dir.path().join("healthy.sock"), 1, false).unwrap();
+    let (pa, pb) = (a.buf(0, 4096), b.buf(0, 4096));
+    faults.pull();
+    a.queues[0].read(0, pa, 4096, 1, ReqFlags::empty());
+    assert!(
+        wait_one(&mut a.queues[0]) < 0,
+        "pulled device answers with an error"
+    );
+    a.queues[0].write(0, pa, 4096, 2, ReqFlags::empty());
+    assert!(wait_one(&mut a.queues[0]) < 0);
+    b.queues[0].write(0, pb, 4096, 3, ReqFlags::empty());
+    assert_eq!(
+        wait_one(&mut b.queues[0]),
+        0,
+        "the other export is unaffected"
+    );
+    faults.heal();
+    a.queues[0].read(0, pa, 4096, 4, ReqFlags::empty());
+    assert_eq!(wait_one(&mut a.queues[0]), 0, "back once the device heals");
+    assert!(!reactors.set().is_stopped());
+    drop((a, b));
+    drop(exports);
+    reactors.shutdown().unwrap();
+}
