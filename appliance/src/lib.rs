@@ -4,6 +4,7 @@
 
 pub mod devspec;
 pub mod export;
+pub mod raid;
 pub mod selfcheck;
 pub mod stats;
 pub mod volume;

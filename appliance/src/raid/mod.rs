@@ -1,0 +1,5 @@
+//! RAID volumes: md-compatible geometry, parity kernels, and the RAID1 and
+//! RAID5 devices built on them.
+
+pub mod geometry;
+pub mod parity;
