@@ -100,7 +100,7 @@ impl Raid5Geometry {
                 "chunk must be a power of two from 4 KiB to 1 MiB, got {chunk_bytes} bytes"
             )));
         }
-        if block_size == 0 || chunk_bytes % block_size != 0 {
+        if block_size == 0 || !chunk_bytes.is_multiple_of(block_size) {
             return Err(GeometryError(format!(
                 "chunk {chunk_bytes} is not a multiple of the block size {block_size}"
             )));
