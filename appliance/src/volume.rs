@@ -40,6 +40,11 @@ impl Volume {
         self.quiesce.config().1.device.info().clone()
     }
 
+    /// The device of the current generation.
+    pub fn info_device(&self) -> Arc<dyn BlockDevice> {
+        self.quiesce.config().1.device.clone()
+    }
+
     /// The quiesce object the IO path goes through.
     pub fn quiesce(&self) -> &QuiesceObject<VolumeConfig> {
         &self.quiesce

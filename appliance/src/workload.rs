@@ -89,6 +89,32 @@ impl Workload {
         object: &QuiesceObject<C>,
         params: WorkloadParams,
     ) -> Result<Workload, String> {
+        Self::start_with(set, dev, object, params, None)
+    }
+
+    /// Start the workload on a volume: each reactor reopens its channel
+    /// when the volume publishes a new device generation.
+    pub fn start_on_volume(
+        set: &ReactorSet,
+        volume: &crate::volume::Volume,
+        params: WorkloadParams,
+    ) -> Result<Workload, String> {
+        Self::start_with(
+            set,
+            volume.info_device(),
+            volume.quiesce(),
+            params,
+            Some(|c: &crate::volume::VolumeConfig| c.device.clone()),
+        )
+    }
+
+    fn start_with<C: Send + Sync + 'static>(
+        set: &ReactorSet,
+        dev: Arc<dyn BlockDevice>,
+        object: &QuiesceObject<C>,
+        params: WorkloadParams,
+        device_of: Option<fn(&C) -> Arc<dyn BlockDevice>>,
+    ) -> Result<Workload, String> {
         let info = dev.info().clone();
         let bs = info.block_size as usize;
         if params.io_bytes == 0
@@ -148,8 +174,11 @@ impl Workload {
                     })
                     .collect::<Option<Vec<_>>>()
                     .ok_or("DMA pool exhausted")?;
+                let generation = gate.generation();
                 let worker = Rc::new(RefCell::new(Worker {
                     ch,
+                    device_of,
+                    generation,
                     gate,
                     free: (0..slots.len()).collect(),
                     slots,
@@ -240,6 +269,9 @@ struct Slot {
 
 struct Worker<C> {
     ch: Box<dyn IoChannel>,
+    /// How to find the device in a new configuration generation.
+    device_of: Option<fn(&C) -> Arc<dyn BlockDevice>>,
+    generation: u64,
     gate: LocalGate<C>,
     slots: Vec<Slot>,
     free: Vec<usize>,
@@ -284,6 +316,19 @@ impl<C: Send + Sync + 'static> Worker<C> {
             self.done = done;
         }
         let stopping = self.stop.load(Ordering::Relaxed);
+        if let Some(device_of) = self.device_of {
+            // Only with nothing in flight: that is when a new generation
+            // can have been published (the gate drained us).
+            if self.free.len() == self.slots.len() && self.gate.generation() != self.generation {
+                let (g, c) = self.gate.config();
+                match device_of(&c).open_channel() {
+                    Ok(ch) => self.ch = ch,
+                    Err(e) => self
+                        .record_error(format!("reactor {}: reopening the channel: {e}", self.core)),
+                }
+                self.generation = g;
+            }
+        }
         if !stopping {
             while let Some(&slot) = self.free.last() {
                 if !self.gate.try_begin() {

@@ -2,4 +2,7 @@
 //! RAID5 devices built on them.
 
 pub mod geometry;
+pub mod members;
+pub mod monitor;
 pub mod parity;
+pub mod raid1;

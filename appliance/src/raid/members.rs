@@ -1,0 +1,65 @@
+//! Members of a RAID volume and how the IO path reports a failed one.
+//!
+//! A RAID device is immutable for one configuration generation: member
+//! states change only by publishing a new device through the volume's
+//! quiesce epoch. A channel that sees a member fail stops using it at once
+//! (locally), completes the request from the survivors when it can, and
+//! sends a [`MemberFailure`] to the volume's monitor, which makes the
+//! change for everyone.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use bdev::{BlockDevice, IoError};
+
+/// A member's role in the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// Holds current data.
+    InSync,
+    /// Failed: no IO goes to it.
+    Failed,
+}
+
+/// One member.
+#[derive(Clone)]
+pub struct Member {
+    /// The device.
+    pub dev: Arc<dyn BlockDevice>,
+    /// Its state in this generation.
+    pub state: MemberState,
+}
+
+/// A member failed an IO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberFailure {
+    /// Which member (its slot in the volume).
+    pub member: usize,
+    /// What the IO got.
+    pub error: IoError,
+}
+
+/// Where channels send member failures; cloneable into every channel.
+#[derive(Clone)]
+pub struct FailureSink(Arc<Mutex<Option<Sender<MemberFailure>>>>);
+
+impl FailureSink {
+    /// Failures go to `tx`.
+    pub fn new(tx: Sender<MemberFailure>) -> FailureSink {
+        FailureSink(Arc::new(Mutex::new(Some(tx))))
+    }
+
+    /// A sink that drops reports (for devices used without a monitor).
+    pub fn none() -> FailureSink {
+        FailureSink(Arc::new(Mutex::new(None)))
+    }
+
+    /// Report a failure. Called on a reactor, only when an IO has failed:
+    /// the lock is uncontended and off the hot path.
+    pub fn report(&self, member: usize, error: IoError) {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = g.as_ref() {
+            let _ = tx.send(MemberFailure { member, error });
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! RAID1: every in-sync member holds the same data at the same offset (md's
+//! layout, so `mdadm --build --level=1` reads it). Reads go to the in-sync
+//! member with the fewest requests outstanding on this core; writes go to
+//! all of them. A failed member IO is retried on another member (reads) or
+//! tolerated while one member took the write, and reported.
+
+use std::sync::Arc;
+
+use bdev::{
+    validate, BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, IoOp, IoRequest,
+    SgList, SubmitError,
+};
+
+use super::members::{FailureSink, Member, MemberState};
+
+/// A RAID1 device for one configuration generation.
+pub struct Raid1Device {
+    info: DeviceInfo,
+    members: Arc<Vec<Member>>,
+    data_offset: u64,
+    failures: FailureSink,
+}
+
+impl Raid1Device {
+    /// Mirror over `members` (2..=32, same block size), data starting
+    /// `data_offset` blocks into each; the size is the smallest member's.
+    pub fn new(
+        name: &str,
+        members: Vec<Member>,
+        data_offset: u64,
+        failures: FailureSink,
+    ) -> Result<Raid1Device, BdevError> {
+        if !(2..=32).contains(&members.len()) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: RAID1 needs 2..=32 members, got {}",
+                members.len()
+            )));
+        }
+        let bs = members[0].dev.info().block_size;
+        if let Some(m) = members.iter().find(|m| m.dev.info().block_size != bs) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: member {} has block size {}, not {bs}",
+                m.dev.info().name,
+                m.dev.info().block_size
+            )));
+        }
+        let smallest = members
+            .iter()
+            .map(|m| m.dev.info().num_blocks)
+            .min()
+            .unwrap_or(0);
+        if smallest <= data_offset {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: members of {smallest} blocks leave no room after the data offset {data_offset}"
+            )));
+        }
+        let all = |f: fn(&DeviceInfo) -> bool| members.iter().all(|m| f(m.dev.info()));
+        let info = DeviceInfo {
+            name: name.to_string(),
+            block_size: bs,
+            num_blocks: smallest - data_offset,
+            max_transfer: members
+                .iter()
+                .map(|m| m.dev.info().max_transfer)
+                .min()
+                .unwrap_or(0),
+            optimal_io_boundary: 0,
+            flush: true,
+            discard: all(|i| i.discard),
+            write_zeroes: all(|i| i.write_zeroes),
+        };
+        Ok(Raid1Device {
+            info,
+            members: Arc::new(members),
+            data_offset,
+            failures,
+        })
+    }
+
+    /// The same mirror with member `slot` failed (for the next generation).
+    pub fn with_member_failed(&self, slot: usize) -> Result<Raid1Device, BdevError> {
+        if slot >= self.members.len() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: no member in slot {slot}",
+                self.info.name
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot].state = MemberState::Failed;
+        Ok(Raid1Device {
+            info: self.info.clone(),
+            members: Arc::new(members),
+            data_offset: self.data_offset,
+            failures: self.failures.clone(),
+        })
+    }
+}
+
+impl super::monitor::RaidDevice for Raid1Device {
+    fn with_member_failed(
+        &self,
+        slot: usize,
+    ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
+        Ok(Arc::new(Raid1Device::with_member_failed(self, slot)?))
+    }
+
+    fn member_states(&self) -> Vec<MemberState> {
+        self.members.iter().map(|m| m.state).collect()
+    }
+}
+
+impl BlockDevice for Raid1Device {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        let mut chans = Vec::with_capacity(self.members.len());
+        for m in self.members.iter() {
+            chans.push(match m.state {
+                MemberState::InSync => Some(m.dev.open_channel()?),
+                MemberState::Failed => None,
+            });
+        }
+        Ok(Box::new(Raid1Channel {
+            info: self.info.clone(),
+            data_offset: self.data_offset,
+            outstanding: vec![0; chans.len()],
+            failed: chans.iter().map(|c| c.is_none()).collect(),
+            members: chans,
+            parents: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            scratch: Vec::new(),
+            failures: self.failures.clone(),
+            inflight: 0,
+        }))
+    }
+}
+
+struct Parent {
+    tag: u64,
+    op: IoOp,
+    offset: u64,
+    blocks: u64,
+    sg: SgList,
+    pending: u32,
+    succeeded: u32,
+    error: Option<IoError>,
+    /// Members a read already tried (bit per slot).
+    tried: u64,
+}
+
+struct Raid1Channel {
+    info: DeviceInfo,
+    data_offset: u64,
+    members: Vec<Option<Box<dyn IoChannel>>>,
+    /// Members this channel stopped using; still polled until their
+    /// requests in flight come back.
+    failed: Vec<bool>,
+    outstanding: Vec<usize>,
+    parents: Vec<Option<Parent>>,
+    free: Vec<usize>,
+    done: Vec<Completion>,
+    scratch: Vec<Completion>,
+    failures: FailureSink,
+    inflight: usize,
+}
+
+const MEMBER_BITS: u64 = 6;
+
+impl Raid1Channel {
+    fn child_tag(parent: usize, member: usize) -> u64 {
+        ((parent as u64) << MEMBER_BITS) | member as u64
+    }
+
+    /// The in-sync member with the fewest requests outstanding, not yet
+    /// tried by this read.
+    fn pick_reader(&self, tried: u64) -> Option<usize> {
+        (0..self.members.len())
+            .filter(|&m| !self.failed[m] && tried & (1 << m) == 0)
+            .min_by_key(|&m| self.outstanding[m])
+    }
+
+    fn child(&self, p: &Parent) -> IoRequest {
+        IoRequest {
+            op: p.op,
+            offset_blocks: if p.op == IoOp::Flush {
+                0
+            } else {
+                p.offset + self.data_offset
+            },
+            num_blocks: p.blocks,
+            sg: p.sg.clone(),
+            tag: 0,
+        }
+    }
+
+    /// Send parent `pi`'s request to member `m`. False if that member's
+    /// queue is full.
+    fn send(&mut self, pi: usize, m: usize) -> bool {
+        let Some(p) = self.parents[pi].as_ref() else {
+            return false;
+        };
+        let mut req = self.child(p);
+        req.tag = Self::child_tag(pi, m);
+        let Some(ch) = self.members[m].as_mut() else {
+            return false;
+        };
+        match ch.submit(req) {
+            Ok(()) => {
+                self.outstanding[m] += 1;
+                if let Some(p) = self.parents[pi].as_mut() {
+                    p.pending += 1;
+                }
+                true
+            }
+            Err(SubmitError::Busy(_)) => false,
+        }
+    }
+
+    /// A member failed: stop using it here and tell the volume.
+    fn fail_member(&mut self, m: usize, e: IoError) {
+        if !self.failed[m] {
+            self.failed[m] = true;
+            tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
+            self.failures.report(m, e);
+        }
+    }
+
+    fn finish(&mut self, pi: usize) {
+        if let Some(p) = self.parents[pi].take() {
+            let result = if p.succeeded > 0 {
+                Ok(())
+            } else {
+                Err(p.error.unwrap_or(IoError::DeviceFailed))
+            };
+            self.done.push(Completion { tag: p.tag, result });
+            self.free.push(pi);
+        }
+    }
+
+    fn on_child(&mut self, c: Completion) {
+        let pi = (c.tag >> MEMBER_BITS) as usize;
+        let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        if m < self.outstanding.len() {
+            self.outstanding[m] = self.outstanding[m].saturating_sub(1);
+        }
+        let Some(p) = self.parents.get_mut(pi).and_then(|p| p.as_mut()) else {
+            return;
+        };
+        p.pending -= 1;
+        match c.result {
+            Ok(()) => p.succeeded += 1,
+            Err(e) => {
+                p.error = Some(e);
+                let (is_read, tried) = (p.op == IoOp::Read, p.tried);
+                self.fail_member(m, e);
+                if is_read {
+                    // Retry the read on another in-sync member.
+                    if let Some(next) = self.pick_reader(tried) {
+                        if let Some(p) = self.parents[pi].as_mut() {
+                            p.tried |= 1 << next;
+                        }
+                        if self.send(pi, next) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
+            self.finish(pi);
+        }
+    }
+}
+
+impl IoChannel for Raid1Channel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        self.inflight += 1;
+        if let Err(e) = validate(&self.info, &req) {
+            self.done.push(Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            return Ok(());
+        }
+        let pi = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.parents.push(None);
+                self.parents.len() - 1
+            }
+        };
+        self.parents[pi] = Some(Parent {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset_blocks,
+            blocks: req.num_blocks,
+            sg: req.sg,
+            pending: 0,
+            succeeded: 0,
+            error: None,
+            tried: 0,
+        });
+        let sent = if req.op == IoOp::Read {
+            match self.pick_reader(0) {
+                Some(m) => {
+                    if let Some(p) = self.parents[pi].as_mut() {
+                        p.tried |= 1 << m;
+                    }
+                    self.send(pi, m)
+                }
+                None => false,
+            }
+        } else {
+            let targets: Vec<usize> = (0..self.members.len())
+                .filter(|&m| !self.failed[m])
+                .collect();
+            // All members or none: a write must not reach only some of
+            // them because one queue was full.
+            let mut all = true;
+            for m in targets.iter().copied() {
+                all &= self.send(pi, m);
+            }
+            if !all && self.parents[pi].as_ref().is_some_and(|p| p.pending > 0) {
+                // Partly sent: let it complete; the members that took it
+                // keep the data, which a later resync would even out. This
+                // only happens when a member channel refuses (full), which
+                // our devices do not do below their queue depth.
+                return Ok(());
+            }
+            all && !targets.is_empty()
+        };
+        if !sent {
+            let no_member = self.failed.iter().all(|&f| f);
+            if no_member {
+                // Nothing left to serve it: fail clearly, never hang.
+                if let Some(p) = self.parents[pi].as_mut() {
+                    p.error = Some(IoError::DeviceFailed);
+                }
+                self.finish(pi);
+                return Ok(());
+            }
+            // Back-pressure: give the request back.
+            let taken = self.parents[pi].take();
+            self.free.push(pi);
+            self.inflight -= 1;
+            let Some(p) = taken else {
+                return Ok(());
+            };
+            return Err(SubmitError::Busy(IoRequest {
+                op: p.op,
+                offset_blocks: p.offset,
+                num_blocks: p.blocks,
+                sg: p.sg,
+                tag: p.tag,
+            }));
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for m in 0..self.members.len() {
+            if let Some(ch) = self.members[m].as_mut() {
+                if ch.inflight() > 0 {
+                    ch.poll(&mut scratch);
+                }
+            }
+            for c in scratch.drain(..) {
+                self.on_child(c);
+            }
+        }
+        self.scratch = scratch;
+        let n = self.done.len();
+        self.inflight -= n;
+        out.append(&mut self.done);
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight
+    }
+}
