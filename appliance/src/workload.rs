@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use bdev::{BlockDevice, Completion, DmaBuf, DmaPool, IoChannel, IoOp, IoRequest, IoVec, SgList};
 use poller::{Ctx, LocalGate, PollState, QuiesceObject, ReactorSet};
 
+/// Finds the device in a configuration generation.
+type DeviceOf<C> = fn(&C) -> Arc<dyn BlockDevice>;
+
 /// How the workload runs.
 #[derive(Debug, Clone)]
 pub struct WorkloadParams {
@@ -113,7 +116,7 @@ impl Workload {
         dev: Arc<dyn BlockDevice>,
         object: &QuiesceObject<C>,
         params: WorkloadParams,
-        device_of: Option<fn(&C) -> Arc<dyn BlockDevice>>,
+        device_of: Option<DeviceOf<C>>,
     ) -> Result<Workload, String> {
         let info = dev.info().clone();
         let bs = info.block_size as usize;
@@ -270,7 +273,7 @@ struct Slot {
 struct Worker<C> {
     ch: Box<dyn IoChannel>,
     /// How to find the device in a new configuration generation.
-    device_of: Option<fn(&C) -> Arc<dyn BlockDevice>>,
+    device_of: Option<DeviceOf<C>>,
     generation: u64,
     gate: LocalGate<C>,
     slots: Vec<Slot>,
