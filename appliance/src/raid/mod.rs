@@ -6,3 +6,5 @@ pub mod members;
 pub mod monitor;
 pub mod parity;
 pub mod raid1;
+pub mod raid5;
+mod sg;

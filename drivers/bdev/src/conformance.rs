@@ -135,6 +135,8 @@ pub fn random_io_against_model(
                 IoOp::WriteZeroes if !info.write_zeroes => IoOp::Read,
                 o => o,
             };
+            // A device without discard gets reads instead, with a buffer.
+            let buf = buf || op == IoOp::Read;
             if buf {
                 // Half the buffers are deliberately unaligned.
                 let len = n as usize * bs;

@@ -1,0 +1,863 @@
+//! RAID5 in md's layouts. A request is cut into stripe pieces; each piece
+//! is a small state machine on the channel's core:
+//!
+//! - healthy reads go straight to the data members, chunk by chunk;
+//! - writes lock their stripe (a shared table of atomic bits: no global
+//!   lock, and two cores never update one stripe's parity at once), read
+//!   what parity needs, compute it, write data and parity, unlock. A piece
+//!   that covers whole rows reads nothing (full-stripe write); otherwise it
+//!   reads whichever is fewer blocks: the untouched data
+//!   (reconstruct-write) or the old data and parity (read-modify-write);
+//! - degraded, a read of the missing member reconstructs it from the
+//!   others, and a write reads the whole window from the survivors,
+//!   rebuilds the missing data, then writes the survivors' share.
+//!
+//! Parity is XORed with the SIMD kernels of `parity`. A member that fails
+//! an IO is dropped on this core at once and reported; the piece is planned
+//! again without it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bdev::{
+    validate, BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, IoOp, IoRequest,
+    SgList, SubmitError,
+};
+
+use super::geometry::{Layout, Raid5Geometry};
+use super::members::{FailureSink, Member, MemberState};
+use super::monitor::RaidDevice;
+use super::parity::{xor_gen, xor_into};
+use super::sg;
+
+/// Stripe locks: one bit per hash bucket of stripes, shared by all cores.
+pub struct StripeLocks {
+    words: Box<[AtomicU64]>,
+}
+
+impl StripeLocks {
+    /// A table of 64 K buckets.
+    pub fn new() -> StripeLocks {
+        StripeLocks {
+            words: (0..1024).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn slot(&self, stripe: u64) -> (usize, u64) {
+        let h = stripe.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48;
+        ((h as usize / 64) % self.words.len(), 1u64 << (h % 64))
+    }
+
+    /// Take the lock of `stripe` if it is free.
+    pub fn try_lock(&self, stripe: u64) -> bool {
+        let (w, bit) = self.slot(stripe);
+        self.words[w].fetch_or(bit, Ordering::Acquire) & bit == 0
+    }
+
+    /// Release the lock of `stripe`.
+    pub fn unlock(&self, stripe: u64) {
+        let (w, bit) = self.slot(stripe);
+        self.words[w].fetch_and(!bit, Ordering::Release);
+    }
+}
+
+impl Default for StripeLocks {
+    fn default() -> Self {
+        StripeLocks::new()
+    }
+}
+
+/// A RAID5 device for one configuration generation.
+pub struct Raid5Device {
+    info: DeviceInfo,
+    geo: Raid5Geometry,
+    members: Arc<Vec<Member>>,
+    failures: FailureSink,
+    locks: Arc<StripeLocks>,
+}
+
+impl Raid5Device {
+    /// RAID5 over `members` (3..=64, same block size) with `chunk_bytes`
+    /// chunks in `layout`, data starting `data_offset` blocks into each.
+    pub fn new(
+        name: &str,
+        members: Vec<Member>,
+        chunk_bytes: u32,
+        layout: Layout,
+        data_offset: u64,
+        failures: FailureSink,
+    ) -> Result<Raid5Device, BdevError> {
+        let Some(first) = members.first() else {
+            return Err(BdevError::InvalidArgument(format!("{name}: no members")));
+        };
+        let bs = first.dev.info().block_size;
+        if let Some(m) = members.iter().find(|m| m.dev.info().block_size != bs) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: member {} has block size {}, not {bs}",
+                m.dev.info().name,
+                m.dev.info().block_size
+            )));
+        }
+        let smallest = members
+            .iter()
+            .map(|m| m.dev.info().num_blocks)
+            .min()
+            .unwrap_or(0);
+        let geo = Raid5Geometry::new(
+            members.len() as u32,
+            bs,
+            chunk_bytes,
+            layout,
+            data_offset,
+            smallest,
+        )
+        .map_err(|e| BdevError::InvalidArgument(format!("{name}: {e}")))?;
+        let info = DeviceInfo {
+            name: name.to_string(),
+            block_size: bs,
+            num_blocks: geo.volume_blocks(),
+            max_transfer: members
+                .iter()
+                .map(|m| m.dev.info().max_transfer)
+                .min()
+                .unwrap_or(0)
+                .min(128 << 20),
+            optimal_io_boundary: geo.stripe_blocks() as u32,
+            flush: true,
+            discard: false,
+            write_zeroes: false,
+        };
+        Ok(Raid5Device {
+            info,
+            geo,
+            members: Arc::new(members),
+            failures,
+            locks: Arc::new(StripeLocks::new()),
+        })
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> &Raid5Geometry {
+        &self.geo
+    }
+}
+
+impl RaidDevice for Raid5Device {
+    fn with_member_failed(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
+        if slot >= self.members.len() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: no member in slot {slot}",
+                self.info.name
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot].state = MemberState::Failed;
+        Ok(Arc::new(Raid5Device {
+            info: self.info.clone(),
+            geo: self.geo,
+            members: Arc::new(members),
+            failures: self.failures.clone(),
+            // The same table: pieces of the old generation have drained, and
+            // sharing it keeps one lock per stripe across generations.
+            locks: self.locks.clone(),
+        }))
+    }
+
+    fn member_states(&self) -> Vec<MemberState> {
+        self.members.iter().map(|m| m.state).collect()
+    }
+}
+
+impl BlockDevice for Raid5Device {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        let mut chans = Vec::with_capacity(self.members.len());
+        for m in self.members.iter() {
+            chans.push(match m.state {
+                MemberState::InSync => Some(m.dev.open_channel()?),
+                MemberState::Failed => None,
+            });
+        }
+        Ok(Box::new(Raid5Channel {
+            info: self.info.clone(),
+            geo: self.geo,
+            failed: chans.iter().map(|c| c.is_none()).collect(),
+            members: chans,
+            locks: self.locks.clone(),
+            failures: self.failures.clone(),
+            parents: Vec::new(),
+            free_parents: Vec::new(),
+            pieces: Vec::new(),
+            free_pieces: Vec::new(),
+            waiting: VecDeque::new(),
+            done: Vec::new(),
+            scratch: Vec::new(),
+            refused: Vec::new(),
+            deferred: VecDeque::new(),
+            inflight: 0,
+        }))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Plan {
+    /// Reads straight from the data members.
+    Direct,
+    /// Reads the window from every survivor and rebuilds the missing member.
+    Reconstruct,
+    /// Reads untouched data, computes parity from all data.
+    Rcw,
+    /// Reads old data and parity, folds the change into parity.
+    Rmw,
+    /// The parity member is gone: data goes straight to the members.
+    NoParity,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    WaitLock,
+    Reading,
+    Writing,
+}
+
+struct Piece {
+    parent: usize,
+    kind: Kind,
+    stripe: u64,
+    /// Volume blocks of the piece (inside one stripe).
+    b0: u64,
+    b1: u64,
+    locked: bool,
+    stage: Stage,
+    plan: Plan,
+    pending: u32,
+    read_failed: bool,
+    /// Window of chunk rows (chunk offsets) the piece touches.
+    omin: u64,
+    omax: u64,
+    /// Per-member window buffers.
+    bufs: Vec<Vec<u8>>,
+    error: Option<IoError>,
+}
+
+struct Parent {
+    tag: u64,
+    lba0: u64,
+    sg: SgList,
+    left: u32,
+    error: Option<IoError>,
+}
+
+struct Raid5Channel {
+    info: DeviceInfo,
+    geo: Raid5Geometry,
+    members: Vec<Option<Box<dyn IoChannel>>>,
+    failed: Vec<bool>,
+    locks: Arc<StripeLocks>,
+    failures: FailureSink,
+    parents: Vec<Option<Parent>>,
+    free_parents: Vec<usize>,
+    pieces: Vec<Option<Piece>>,
+    free_pieces: Vec<usize>,
+    waiting: VecDeque<usize>,
+    done: Vec<Completion>,
+    scratch: Vec<Completion>,
+    /// Children refused at submission; handled as failed completions.
+    refused: Vec<Completion>,
+    /// Children waiting for room in a member's queue.
+    deferred: VecDeque<(usize, IoRequest)>,
+    inflight: usize,
+}
+
+const MEMBER_BITS: u64 = 8;
+
+/// Written rows `[lo, hi)` of data index `i` in `stripe` for blocks `[b0, b1)`.
+fn rows_of(geo: &Raid5Geometry, stripe: u64, i: u32, b0: u64, b1: u64) -> Option<(u64, u64)> {
+    let start = geo.volume_block(stripe, i, 0);
+    let end = start + geo.chunk_blocks();
+    let (lo, hi) = (b0.max(start), b1.min(end));
+    (lo < hi).then(|| (lo - start, hi - start))
+}
+
+impl Raid5Channel {
+    fn bs(&self) -> usize {
+        self.info.block_size as usize
+    }
+
+    fn failed_count(&self) -> usize {
+        self.failed.iter().filter(|&&f| f).count()
+    }
+
+    fn fail_member(&mut self, m: usize, e: IoError) {
+        if !self.failed[m] {
+            self.failed[m] = true;
+            tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
+            self.failures.report(m, e);
+        }
+    }
+
+    fn alloc_piece(&mut self, p: Piece) -> usize {
+        match self.free_pieces.pop() {
+            Some(i) => {
+                self.pieces[i] = Some(p);
+                i
+            }
+            None => {
+                self.pieces.push(Some(p));
+                self.pieces.len() - 1
+            }
+        }
+    }
+
+    /// Send one child request for piece `pi` to member `m`. A full member
+    /// queue or a failed member counts as a failed child.
+    fn child(&mut self, pi: usize, m: usize, op: IoOp, block: u64, blocks: u64, sgl: SgList) {
+        let tag = ((pi as u64) << MEMBER_BITS) | m as u64;
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.pending += 1;
+        }
+        let req = IoRequest {
+            op,
+            offset_blocks: block,
+            num_blocks: blocks,
+            sg: sgl,
+            tag,
+        };
+        if !self.deferred.is_empty() {
+            // Keep order behind children already waiting for room.
+            self.deferred.push_back((m, req));
+            return;
+        }
+        match self.members[m].as_mut() {
+            Some(ch) if !self.failed[m] => {
+                if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                    // The member's queue is full: not a failure, just later.
+                    self.deferred.push_back((m, req));
+                }
+            }
+            _ => self.refused.push(Completion {
+                tag,
+                result: Err(IoError::DeviceFailed),
+            }),
+        }
+    }
+
+    /// Start (or restart, after a member failed) piece `pi`.
+    fn start(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].as_ref() else {
+            return;
+        };
+        match p.kind {
+            Kind::Flush => {
+                if let Some(p) = self.pieces[pi].as_mut() {
+                    p.stage = Stage::Writing;
+                }
+                for m in 0..self.members.len() {
+                    if !self.failed[m] {
+                        self.child(pi, m, IoOp::Flush, 0, 0, SgList::new());
+                    }
+                }
+                self.maybe_done(pi);
+            }
+            Kind::Read => {
+                let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
+                let touches_failed = (0..self.geo.data_members()).any(|i| {
+                    rows_of(&self.geo, stripe, i, b0, b1).is_some()
+                        && self.failed[self.geo.data_member(stripe, i) as usize]
+                });
+                if touches_failed {
+                    self.lock_then_plan(pi);
+                } else {
+                    self.read_direct(pi);
+                }
+            }
+            Kind::Write => self.lock_then_plan(pi),
+        }
+    }
+
+    fn lock_then_plan(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        if !p.locked {
+            if !self.locks.try_lock(p.stripe) {
+                p.stage = Stage::WaitLock;
+                self.waiting.push_back(pi);
+                return;
+            }
+            p.locked = true;
+        }
+        self.plan(pi);
+    }
+
+    fn parent_sg(&self, pi: usize) -> Option<(SgList, u64)> {
+        let p = self.pieces[pi].as_ref()?;
+        let parent = self.parents[p.parent].as_ref()?;
+        Some((parent.sg.clone(), parent.lba0))
+    }
+
+    fn read_direct(&mut self, pi: usize) {
+        let Some((psg, lba0)) = self.parent_sg(pi) else {
+            return;
+        };
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        p.stage = Stage::Reading;
+        p.plan = Plan::Direct;
+        p.read_failed = false;
+        let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
+        let bs = self.bs();
+        for i in 0..self.geo.data_members() {
+            if let Some((lo, hi)) = rows_of(&self.geo, stripe, i, b0, b1) {
+                let m = self.geo.data_member(stripe, i) as usize;
+                let vb = self.geo.volume_block(stripe, i, lo);
+                let user = sg::slice(&psg, ((vb - lba0) as usize) * bs, ((hi - lo) as usize) * bs);
+                self.child(
+                    pi,
+                    m,
+                    IoOp::Read,
+                    self.geo.member_block(stripe, lo),
+                    hi - lo,
+                    user,
+                );
+            }
+        }
+        self.maybe_done(pi);
+    }
+
+    /// Choose how to serve a locked piece and issue its reads.
+    fn plan(&mut self, pi: usize) {
+        let failed_count = self.failed_count();
+        let geo = self.geo;
+        let bs = self.bs();
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        p.read_failed = false;
+        if failed_count > 1 {
+            p.error = Some(IoError::DeviceFailed);
+            p.pending = 0;
+            p.stage = Stage::Writing;
+            self.maybe_done(pi);
+            return;
+        }
+        let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
+        let parity = geo.parity_member(stripe) as usize;
+        let rows: Vec<Option<(u64, u64)>> = (0..geo.data_members())
+            .map(|i| rows_of(&geo, stripe, i, b0, b1))
+            .collect();
+        let omin = rows.iter().flatten().map(|r| r.0).min().unwrap_or(0);
+        let omax = rows.iter().flatten().map(|r| r.1).max().unwrap_or(0);
+        let window = omax - omin;
+        p.omin = omin;
+        p.omax = omax;
+        let failed: Option<usize> = self.failed.iter().position(|&f| f);
+        let plan = match (p.kind, failed) {
+            (Kind::Read, _) => Plan::Reconstruct,
+            (_, Some(f)) if f == parity => Plan::NoParity,
+            (_, Some(_)) => Plan::Reconstruct,
+            _ => {
+                let written: u64 = rows.iter().flatten().map(|r| r.1 - r.0).sum();
+                let rcw = window * geo.data_members() as u64 - written;
+                let rmw = written + window;
+                if rcw <= rmw {
+                    Plan::Rcw
+                } else {
+                    Plan::Rmw
+                }
+            }
+        };
+        p.plan = plan;
+        p.stage = Stage::Reading;
+        p.bufs = (0..geo.members())
+            .map(|_| vec![0u8; window as usize * bs])
+            .collect();
+        let mut reads: Vec<(usize, u64, u64, u64)> = Vec::new(); // member, from row, to row, buf row
+        match plan {
+            Plan::Reconstruct => {
+                for m in 0..geo.members() as usize {
+                    if !self.failed[m] {
+                        reads.push((m, omin, omax, omin));
+                    }
+                }
+            }
+            Plan::Rcw => {
+                for (i, r) in rows.iter().enumerate() {
+                    let m = geo.data_member(stripe, i as u32) as usize;
+                    let (lo, hi) = r.unwrap_or((omax, omax));
+                    if omin < lo {
+                        reads.push((m, omin, lo.min(omax), omin));
+                    }
+                    if hi < omax {
+                        reads.push((m, hi.max(omin), omax, hi.max(omin)));
+                    }
+                }
+            }
+            Plan::Rmw => {
+                for (i, r) in rows.iter().enumerate() {
+                    if let Some((lo, hi)) = *r {
+                        reads.push((geo.data_member(stripe, i as u32) as usize, lo, hi, lo));
+                    }
+                }
+                reads.push((parity, omin, omax, omin));
+            }
+            Plan::NoParity | Plan::Direct => {}
+        }
+        for (m, lo, hi, at) in reads {
+            let off = ((at - omin) as usize) * bs;
+            let len = ((hi - lo) as usize) * bs;
+            let Some(p) = self.pieces[pi].as_mut() else {
+                return;
+            };
+            let target = sg::of(&mut p.bufs[m], off, len);
+            self.child(
+                pi,
+                m,
+                IoOp::Read,
+                geo.member_block(stripe, lo),
+                hi - lo,
+                target,
+            );
+        }
+        self.maybe_done(pi);
+    }
+
+    /// The piece's reads are in: compute and write (or copy out, for reads).
+    fn after_reads(&mut self, pi: usize) {
+        let Some((psg, lba0)) = self.parent_sg(pi) else {
+            return;
+        };
+        let geo = self.geo;
+        let bs = self.bs();
+        let failed: Option<usize> = self.failed.iter().position(|&f| f);
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let (stripe, b0, b1, omin, omax) = (p.stripe, p.b0, p.b1, p.omin, p.omax);
+        let parity = geo.parity_member(stripe) as usize;
+        let user_off = |i: u32, lo: u64| ((geo.volume_block(stripe, i, lo) - lba0) as usize) * bs;
+        let buf_off = |lo: u64| ((lo - omin) as usize) * bs;
+        if p.plan == Plan::Reconstruct {
+            if let Some(f) = failed {
+                // The missing member's window is the XOR of all the others.
+                let (mut lost, rest): (Vec<u8>, Vec<&Vec<u8>>) = {
+                    let lost = std::mem::take(&mut p.bufs[f]);
+                    (
+                        lost,
+                        p.bufs
+                            .iter()
+                            .enumerate()
+                            .filter(|(m, _)| *m != f)
+                            .map(|(_, b)| b)
+                            .collect(),
+                    )
+                };
+                let srcs: Vec<&[u8]> = rest.iter().map(|b| b.as_slice()).collect();
+                xor_gen(&mut lost, &srcs);
+                p.bufs[f] = lost;
+            }
+        }
+        if p.kind == Kind::Read {
+            for i in 0..geo.data_members() {
+                if let Some((lo, hi)) = rows_of(&geo, stripe, i, b0, b1) {
+                    let m = geo.data_member(stripe, i) as usize;
+                    let src = &p.bufs[m][buf_off(lo)..buf_off(hi)];
+                    // SAFETY: the parent's buffers are valid until it completes.
+                    unsafe { sg::copy_in(&psg, user_off(i, lo), src) };
+                }
+            }
+            p.stage = Stage::Writing;
+            self.maybe_done(pi);
+            return;
+        }
+        // Writes: fold the new data in.
+        let rows: Vec<Option<(u64, u64)>> = (0..geo.data_members())
+            .map(|i| rows_of(&geo, stripe, i, b0, b1))
+            .collect();
+        if p.plan == Plan::Rmw {
+            let mut pbuf = std::mem::take(&mut p.bufs[parity]);
+            for (i, r) in rows.iter().enumerate() {
+                if let Some((lo, hi)) = *r {
+                    let m = geo.data_member(stripe, i as u32) as usize;
+                    let range = buf_off(lo)..buf_off(hi);
+                    xor_into(&mut pbuf[range.clone()], &[&p.bufs[m][range.clone()]]);
+                    // SAFETY: as above.
+                    unsafe {
+                        sg::copy_out(&psg, user_off(i as u32, lo), &mut p.bufs[m][range.clone()])
+                    };
+                    xor_into(&mut pbuf[range.clone()], &[&p.bufs[m][range]]);
+                }
+            }
+            p.bufs[parity] = pbuf;
+        } else {
+            for (i, r) in rows.iter().enumerate() {
+                if let Some((lo, hi)) = *r {
+                    let m = geo.data_member(stripe, i as u32) as usize;
+                    // SAFETY: as above.
+                    unsafe {
+                        sg::copy_out(
+                            &psg,
+                            user_off(i as u32, lo),
+                            &mut p.bufs[m][buf_off(lo)..buf_off(hi)],
+                        )
+                    };
+                }
+            }
+            if p.plan != Plan::NoParity {
+                let mut pbuf = std::mem::take(&mut p.bufs[parity]);
+                let srcs: Vec<&[u8]> = (0..geo.data_members())
+                    .map(|i| p.bufs[geo.data_member(stripe, i) as usize].as_slice())
+                    .collect();
+                xor_gen(&mut pbuf, &srcs);
+                p.bufs[parity] = pbuf;
+            }
+        }
+        p.stage = Stage::Writing;
+        let mut writes: Vec<(usize, u64, u64)> = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            if let Some((lo, hi)) = *r {
+                writes.push((geo.data_member(stripe, i as u32) as usize, lo, hi));
+            }
+        }
+        if p.plan != Plan::NoParity {
+            writes.push((parity, omin, omax));
+        }
+        for (m, lo, hi) in writes {
+            if self.failed[m] {
+                continue;
+            }
+            let Some(p) = self.pieces[pi].as_mut() else {
+                return;
+            };
+            let src = sg::of(&mut p.bufs[m], buf_off(lo), ((hi - lo) as usize) * bs);
+            self.child(
+                pi,
+                m,
+                IoOp::Write,
+                geo.member_block(stripe, lo),
+                hi - lo,
+                src,
+            );
+        }
+        self.maybe_done(pi);
+    }
+
+    /// If the piece has nothing outstanding, move it on.
+    fn maybe_done(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].as_ref() else {
+            return;
+        };
+        if p.pending > 0 {
+            return;
+        }
+        match p.stage {
+            Stage::WaitLock => {}
+            Stage::Reading if p.read_failed => {
+                // Plan again without the member that failed.
+                if p.kind == Kind::Read && !p.locked {
+                    self.lock_then_plan(pi);
+                } else {
+                    self.plan(pi);
+                }
+            }
+            Stage::Reading if p.plan == Plan::Direct => self.finish_piece(pi),
+            Stage::Reading => self.after_reads(pi),
+            Stage::Writing => self.finish_piece(pi),
+        }
+    }
+
+    fn finish_piece(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].take() else {
+            return;
+        };
+        self.free_pieces.push(pi);
+        if p.locked {
+            self.locks.unlock(p.stripe);
+        }
+        // More than one member gone means data is lost: never pretend.
+        let error = p.error.or_else(|| {
+            (self.failed_count() > 1 && p.kind != Kind::Flush).then_some(IoError::DeviceFailed)
+        });
+        let flush_failed = p.kind == Kind::Flush && self.failed.iter().all(|&f| f);
+        let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
+            return;
+        };
+        if let Some(e) = error {
+            parent.error.get_or_insert(e);
+        }
+        if flush_failed {
+            parent.error.get_or_insert(IoError::DeviceFailed);
+        }
+        parent.left -= 1;
+        if parent.left == 0 {
+            if let Some(parent) = self.parents[p.parent].take() {
+                self.free_parents.push(p.parent);
+                self.done.push(Completion {
+                    tag: parent.tag,
+                    result: parent.error.map_or(Ok(()), Err),
+                });
+            }
+        }
+    }
+
+    fn on_child(&mut self, c: Completion) {
+        let pi = (c.tag >> MEMBER_BITS) as usize;
+        let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        if let Err(e) = c.result {
+            if m < self.failed.len() {
+                self.fail_member(m, e);
+            }
+        }
+        let Some(p) = self.pieces.get_mut(pi).and_then(|p| p.as_mut()) else {
+            return;
+        };
+        p.pending = p.pending.saturating_sub(1);
+        if c.result.is_err() && p.stage == Stage::Reading {
+            p.read_failed = true;
+        }
+        if c.result.is_err() && p.kind == Kind::Flush {
+            p.error.get_or_insert(IoError::DeviceFailed);
+        }
+        self.maybe_done(pi);
+    }
+}
+
+impl IoChannel for Raid5Channel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        self.inflight += 1;
+        if let Err(e) = validate(&self.info, &req) {
+            self.done.push(Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            return Ok(());
+        }
+        let parent = Parent {
+            tag: req.tag,
+            lba0: req.offset_blocks,
+            sg: req.sg,
+            left: 0,
+            error: None,
+        };
+        let pa = match self.free_parents.pop() {
+            Some(i) => {
+                self.parents[i] = Some(parent);
+                i
+            }
+            None => {
+                self.parents.push(Some(parent));
+                self.parents.len() - 1
+            }
+        };
+        let kind = match req.op {
+            IoOp::Read => Kind::Read,
+            IoOp::Write => Kind::Write,
+            IoOp::Flush => Kind::Flush,
+            op => {
+                self.parents[pa] = None;
+                self.free_parents.push(pa);
+                self.done.push(Completion {
+                    tag: req.tag,
+                    result: Err(IoError::Unsupported(op)),
+                });
+                return Ok(());
+            }
+        };
+        let new_piece = |parent, stripe, b0, b1| Piece {
+            parent,
+            kind,
+            stripe,
+            b0,
+            b1,
+            locked: false,
+            stage: Stage::Reading,
+            plan: Plan::Direct,
+            pending: 0,
+            read_failed: false,
+            omin: 0,
+            omax: 0,
+            bufs: Vec::new(),
+            error: None,
+        };
+        let mut pieces = Vec::new();
+        if kind == Kind::Flush {
+            pieces.push(self.alloc_piece(new_piece(pa, 0, 0, 0)));
+        } else {
+            let stripe_blocks = self.geo.stripe_blocks();
+            let mut b = req.offset_blocks;
+            let end = req.offset_blocks + req.num_blocks;
+            while b < end {
+                let stripe = b / stripe_blocks;
+                let b1 = end.min((stripe + 1) * stripe_blocks);
+                pieces.push(self.alloc_piece(new_piece(pa, stripe, b, b1)));
+                b = b1;
+            }
+        }
+        if let Some(p) = self.parents[pa].as_mut() {
+            p.left = pieces.len() as u32;
+        }
+        for pi in pieces {
+            self.start(pi);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        // Pieces waiting for a stripe lock, in arrival order.
+        for _ in 0..self.waiting.len() {
+            let Some(pi) = self.waiting.pop_front() else {
+                break;
+            };
+            self.lock_then_plan(pi);
+        }
+        while let Some((m, req)) = self.deferred.pop_front() {
+            let tag = req.tag;
+            match self.members[m].as_mut() {
+                Some(ch) if !self.failed[m] => {
+                    if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                        self.deferred.push_front((m, req));
+                        break;
+                    }
+                }
+                _ => self.refused.push(Completion {
+                    tag,
+                    result: Err(IoError::DeviceFailed),
+                }),
+            }
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.append(&mut self.refused);
+        for m in 0..self.members.len() {
+            if let Some(ch) = self.members[m].as_mut() {
+                if ch.inflight() > 0 {
+                    ch.poll(&mut scratch);
+                }
+            }
+        }
+        for c in scratch.drain(..) {
+            self.on_child(c);
+        }
+        // Children refused while handling completions come back next poll.
+        self.scratch = scratch;
+        let n = self.done.len();
+        self.inflight -= n;
+        out.append(&mut self.done);
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight
+    }
+}

@@ -1,0 +1,196 @@
+//! RAID5: conformance healthy and degraded, parity consistency after random
+//! writes, a member failing under a verified workload on every reactor,
+//! and a clear error beyond one failure.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance::raid::geometry::Layout;
+use appliance::raid::members::{FailureSink, Member, MemberState};
+use appliance::raid::monitor::Monitor;
+use appliance::raid::raid5::Raid5Device;
+use appliance::volume::Volume;
+use appliance::workload::{Workload, WorkloadParams};
+use bdev::conformance::{self, run_one, rw};
+use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+use poller::{ReactorConfig, Reactors};
+
+fn ram(name: &str, blocks: u64) -> Arc<dyn BlockDevice> {
+    Arc::new(RamDevice::new(name, 4096, blocks).unwrap())
+}
+
+fn member(dev: Arc<dyn BlockDevice>) -> Member {
+    Member {
+        dev,
+        state: MemberState::InSync,
+    }
+}
+
+/// XOR of all members over the data area is zero on every row.
+fn parity_consistent(members: &[Arc<dyn BlockDevice>], offset: u64, blocks: u64) -> bool {
+    let mut acc = vec![0u8; 4096 * blocks as usize];
+    for m in members {
+        let mut ch = m.open_channel().unwrap();
+        let mut buf = vec![0u8; acc.len()];
+        run_one(ch.as_mut(), rw(IoOp::Read, offset, blocks, &mut buf, 1)).unwrap();
+        for (a, b) in acc.iter_mut().zip(buf) {
+            *a ^= b;
+        }
+    }
+    acc.iter().all(|&b| b == 0)
+}
+
+#[test]
+fn raid5_conforms_in_every_layout_and_keeps_parity_consistent() {
+    for (n, layout, chunk) in [
+        (3, Layout::LeftSymmetric, 4096),
+        (4, Layout::LeftAsymmetric, 16384),
+        (5, Layout::RightSymmetric, 65536),
+        (4, Layout::RightAsymmetric, 8192),
+    ] {
+        let devs: Vec<Arc<dyn BlockDevice>> =
+            (0..n).map(|i| ram(&format!("m{i}"), 1024 + 8)).collect();
+        let r = Raid5Device::new(
+            "r5",
+            devs.iter().cloned().map(member).collect(),
+            chunk,
+            layout,
+            8,
+            FailureSink::none(),
+        )
+        .unwrap();
+        let blocks = r.info().num_blocks;
+        assert_eq!(blocks % r.geometry().stripe_blocks(), 0);
+        conformance::run_all(Arc::new(r), 2, 1500);
+        assert!(
+            parity_consistent(&devs, 8, 1024),
+            "{layout} x{n}: parity inconsistent"
+        );
+    }
+}
+
+#[test]
+fn a_degraded_raid5_reads_and_writes_everything_correctly() {
+    for failed in 0..4usize {
+        let devs: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| ram(&format!("m{i}"), 512)).collect();
+        // Fill through a healthy volume first.
+        let healthy = Raid5Device::new(
+            "r5",
+            devs.iter().cloned().map(member).collect(),
+            8192,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::none(),
+        )
+        .unwrap();
+        let blocks = healthy.info().num_blocks;
+        let mut data: Vec<u8> = (0..blocks as usize * 4096)
+            .map(|i| (i * 7 / 4096) as u8 ^ (i as u8))
+            .collect();
+        {
+            let mut ch = healthy.open_channel().unwrap();
+            run_one(ch.as_mut(), rw(IoOp::Write, 0, blocks, &mut data, 1)).unwrap();
+        }
+        // Lose one member.
+        let mut members: Vec<Member> = devs.iter().cloned().map(member).collect();
+        members[failed].state = MemberState::Failed;
+        let degraded = Arc::new(
+            Raid5Device::new(
+                "r5",
+                members,
+                8192,
+                Layout::LeftSymmetric,
+                0,
+                FailureSink::none(),
+            )
+            .unwrap(),
+        );
+        let mut ch = degraded.open_channel().unwrap();
+        let mut got = vec![0u8; data.len()];
+        run_one(ch.as_mut(), rw(IoOp::Read, 0, blocks, &mut got, 2)).unwrap();
+        assert!(got == data, "degraded read with member {failed} missing");
+        // And random IO on the degraded volume matches a model.
+        drop(ch);
+        conformance::run_all(degraded.clone(), 2, 1000);
+        // The surviving members plus the missing one's reconstruction are
+        // consistent: a fresh healthy view of the survivors reads the same
+        // as the degraded view (checked by conformance's model already).
+    }
+}
+
+#[test]
+fn bad_raid5_geometry_is_refused_clearly() {
+    let two: Vec<Member> = (0..2).map(|i| member(ram(&format!("m{i}"), 64))).collect();
+    let e = Raid5Device::new(
+        "r5",
+        two,
+        4096,
+        Layout::LeftSymmetric,
+        0,
+        FailureSink::none(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("3..=64 members"), "{e}");
+    let three: Vec<Member> = (0..3).map(|i| member(ram(&format!("m{i}"), 64))).collect();
+    let e = Raid5Device::new(
+        "r5",
+        three,
+        3000,
+        Layout::LeftSymmetric,
+        0,
+        FailureSink::none(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("chunk"), "{e}");
+}
+
+#[test]
+fn a_member_failing_under_load_degrades_the_volume_without_io_errors() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<FaultDevice>> = (0..4)
+        .map(|i| Arc::new(FaultDevice::new(ram(&format!("m{i}"), 8192))))
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid5Device::new(
+            "r5",
+            faults
+                .iter()
+                .map(|f| member(f.clone() as Arc<dyn BlockDevice>))
+                .collect(),
+            16384,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(volume.clone(), dev, rx);
+    let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    faults[2].control().pull();
+    std::thread::sleep(Duration::from_millis(700));
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?} {:?}", w_err(&totals));
+    assert!(totals.reads_verified > 0);
+    assert_eq!(monitor.member_states()[2], MemberState::Failed);
+    // A second failure is beyond RAID5: clear errors, no hang.
+    faults[0].control().pull();
+    let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.errors > 0);
+    reactors.shutdown().unwrap();
+}
+
+fn w_err(t: &appliance::workload::Totals) -> String {
+    format!("{t:?}")
+}
