@@ -24,6 +24,8 @@ fi
 cd "$cache"
 ls "${kpkg}"_*.deb >/dev/null 2>&1 || apt-get download -q "$kpkg" >&2
 ls busybox-static_*.deb >/dev/null 2>&1 || apt-get download -q busybox-static >&2
+ls mdadm_*.deb >/dev/null 2>&1 || apt-get download -q mdadm >&2
+rm -rf "$cache/mdadm-root" && mkdir -p "$cache/mdadm-root" && dpkg-deb -x "$cache"/mdadm_*.deb "$cache/mdadm-root"
 kroot=$cache/kroot-$kpkg
 if [ ! -d "$kroot" ]; then
   rm -rf "$kroot.tmp" && mkdir -p "$kroot.tmp"
@@ -71,6 +73,7 @@ add_bin() {
 add_bin "$(command -v fio)" usr/local/bin
 add_bin "$(command -v mke2fs)" usr/sbin
 add_bin "$(command -v e2fsck)" usr/sbin
+add_bin "$cache/mdadm-root/sbin/mdadm" usr/sbin
 ln -sf mke2fs "$st/usr/sbin/mkfs.ext4"
 cp "$here/init" "$st/init" && chmod +x "$st/init"
 (cd "$st" && find . | "$st/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -1 > "$out/initramfs.cpio.gz"
