@@ -158,3 +158,78 @@ fn md_and_the_appliance_share_raid5_left_symmetric() {
 fn md_and_the_appliance_share_raid5_right_asymmetric() {
     interop(Layout::RightAsymmetric, 16 << 10);
 }
+
+#[test]
+fn md_and_the_appliance_share_raid1() {
+    use appliance::raid::raid1::Raid1Device;
+    let guest = guest();
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let paths: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("r{i}.img")))
+        .collect();
+    for p in &paths {
+        FileDevice::create(p, 4096, 32 << 20).unwrap();
+    }
+    let open = || {
+        let members = paths
+            .iter()
+            .map(|p| Member {
+                dev: Arc::new(FileDevice::open(p, 4096).unwrap()) as Arc<dyn BlockDevice>,
+                state: MemberState::InSync,
+            })
+            .collect();
+        Raid1Device::new("mirror", members, 0, FailureSink::none()).unwrap()
+    };
+    let ours = random(16 << 20);
+    {
+        let vol = open();
+        let mut ch = vol.open_channel().unwrap();
+        let mut buf = ours.clone();
+        run_one(ch.as_mut(), rw(IoOp::Write, 0, 4096, &mut buf, 1)).unwrap();
+        run_one(ch.as_mut(), IoRequest::flush(2)).unwrap();
+    }
+    let theirs = random(16 << 20);
+    std::fs::write(dir.path().join("ours.bin"), &ours).unwrap();
+    std::fs::write(dir.path().join("theirs.bin"), &theirs).unwrap();
+    let log = dir.path().join("serial.log");
+    let mut cmd = Command::new(repo().join("deploy/vmrig/boot.sh"));
+    cmd.arg("--guest")
+        .arg(&guest)
+        .arg("--script")
+        .arg(repo().join("appliance/tests/vm/md-raid1-guest.sh"));
+    for f in ["ours.bin", "theirs.bin"] {
+        cmd.arg("--file").arg(dir.path().join(f));
+    }
+    cmd.arg("--log")
+        .arg(&log)
+        .args(["--mem", "512", "--timeout", "900", "--"]);
+    for p in &paths {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            p.display()
+        ));
+    }
+    let status = cmd.stdout(Stdio::null()).status().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    for want in ["MD-READS-APPLIANCE-DATA OK", "MD-WROTE OK"] {
+        assert!(
+            serial.contains(want),
+            "guest did not report {want}:\n{serial}"
+        );
+    }
+    // md wrote both halves: each member alone holds md's data.
+    for p in &paths {
+        let data = std::fs::read(p).unwrap();
+        assert!(
+            data[16 << 20..32 << 20] == theirs[..],
+            "{} lacks md's write",
+            p.display()
+        );
+    }
+    let vol = open();
+    let mut ch = vol.open_channel().unwrap();
+    let mut got = vec![0u8; 16 << 20];
+    run_one(ch.as_mut(), rw(IoOp::Read, 16 * 256, 4096, &mut got, 3)).unwrap();
+    assert!(got == theirs);
+}
