@@ -32,6 +32,13 @@ enum Rw {
     Randwrite,
 }
 
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum RaidRw {
+    Randread,
+    Randwrite,
+    Seqwrite,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Cross-core message round trip between two reactors.
@@ -60,6 +67,28 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// XOR parity throughput against memcpy on the same buffers.
+    Xor {
+        /// Bytes per source buffer.
+        #[arg(long, default_value_t = 65536)]
+        size: usize,
+        /// Number of sources XORed into one result.
+        #[arg(long, default_value_t = 4)]
+        sources: usize,
+    },
+    /// A RAID volume over RAM members against one member alone, one
+    /// reactor, QD 32: 4 KiB random read/write, or 1 MiB-aligned
+    /// sequential full-stripe writes.
+    Raid {
+        #[arg(long)]
+        level: u32,
+        #[arg(long, value_enum)]
+        rw: RaidRw,
+        #[arg(long, default_value_t = 4)]
+        members: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
     RamLoop {
@@ -81,6 +110,13 @@ fn main() {
             seconds,
         } => device(kind, rw, &path, mib, seconds),
         Cmd::RamLoop { ios } => ram_loop(ios),
+        Cmd::Xor { size, sources } => xor(size, sources),
+        Cmd::Raid {
+            level,
+            rw,
+            members,
+            seconds,
+        } => raid(level, rw, members, seconds),
     };
     match result {
         Ok(v) => println!("{v}"),
@@ -334,4 +370,132 @@ fn ram_loop(ios: u64) -> Result<serde_json::Value, String> {
         counter.fetch_add(out.len() as u64, Ordering::Relaxed);
     }
     Ok(json!({"bench": "ram_loop", "ios": counter.load(Ordering::Relaxed)}))
+}
+
+fn xor(size: usize, sources: usize) -> Result<serde_json::Value, String> {
+    use appliance::raid::parity::{kernel_name, xor_gen};
+    if sources == 0 || size == 0 {
+        return Err("need at least one source of at least one byte".into());
+    }
+    let srcs: Vec<Vec<u8>> = (0..sources).map(|i| vec![i as u8 + 1; size]).collect();
+    let views: Vec<&[u8]> = srcs.iter().map(|s| s.as_slice()).collect();
+    let mut dst = vec![0u8; size];
+    // Enough rounds for about a second of work at 10 GB/s.
+    let rounds = ((10usize << 30) / (size * sources)).clamp(3, 1 << 20);
+    let t = Instant::now();
+    for _ in 0..rounds {
+        xor_gen(&mut dst, &views);
+        std::hint::black_box(&dst);
+    }
+    let xor_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for s in &srcs {
+            dst.copy_from_slice(s);
+            std::hint::black_box(&dst);
+        }
+    }
+    let copy_s = t.elapsed().as_secs_f64();
+    let bytes = (rounds * size * sources) as f64;
+    Ok(json!({
+        "bench": "xor",
+        "kernel": kernel_name(),
+        "size": size,
+        "sources": sources,
+        "xor_gbps": bytes / xor_s / 1e9,
+        "memcpy_gbps": bytes / copy_s / 1e9,
+        "ratio": copy_s / xor_s,
+    }))
+}
+
+fn raid(level: u32, rw: RaidRw, members: usize, seconds: f64) -> Result<serde_json::Value, String> {
+    use appliance::raid::geometry::Layout;
+    use appliance::raid::members::{FailureSink, Member, MemberState};
+    use appliance::raid::raid1::Raid1Device;
+    use appliance::raid::raid5::Raid5Device;
+    let member_blocks = (256u64 << 20) / 4096;
+    let mk = |i: usize| -> Result<Arc<dyn BlockDevice>, String> {
+        let d = RamDevice::new(&format!("m{i}"), 4096, member_blocks).map_err(|e| e.to_string())?;
+        prefill(&d)?;
+        Ok(Arc::new(d))
+    };
+    let ms: Vec<Member> = (0..members)
+        .map(|i| {
+            mk(i).map(|dev| Member {
+                dev,
+                state: MemberState::InSync,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let volume: Arc<dyn BlockDevice> = match level {
+        1 => {
+            Arc::new(Raid1Device::new("r1", ms, 0, FailureSink::none()).map_err(|e| e.to_string())?)
+        }
+        5 => Arc::new(
+            Raid5Device::new(
+                "r5",
+                ms,
+                64 << 10,
+                Layout::LeftSymmetric,
+                0,
+                FailureSink::none(),
+            )
+            .map_err(|e| e.to_string())?,
+        ),
+        l => return Err(format!("level {l} is not 1 or 5")),
+    };
+    let single = mk(99)?;
+    let (read_percent, io_bytes) = match rw {
+        RaidRw::Randread => (100, 4096),
+        RaidRw::Randwrite => (0, 4096),
+        // A full stripe of a 4-member RAID5 with 64 KiB chunks.
+        RaidRw::Seqwrite => (0, 64 << 10),
+    };
+    let io_bytes = if matches!(rw, RaidRw::Seqwrite) && level == 5 {
+        (64 << 10) * (members - 1)
+    } else {
+        io_bytes
+    };
+    let mut out = serde_json::Map::new();
+    for (label, dev) in [("volume", volume), ("one_member", single)] {
+        let r = start(1)?;
+        let obj = QuiesceObject::new(r.set(), "bench-raid", 0u64);
+        let cpu0 = process_cpu_time();
+        let t0 = Instant::now();
+        let w = Workload::start(
+            r.set(),
+            dev,
+            &obj,
+            WorkloadParams {
+                queue_depth: 32,
+                io_bytes,
+                read_percent,
+                verify: false,
+            },
+        )?;
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        let totals = w.stop(Duration::from_secs(10))?;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu = (process_cpu_time() - cpu0).as_nanos() as f64;
+        r.shutdown().map_err(|e| e.to_string())?;
+        if !totals.clean() {
+            return Err(format!("IO failed: {totals:?}"));
+        }
+        out.insert(
+            label.to_string(),
+            json!({
+                "iops": totals.ios as f64 / elapsed,
+                "mb_per_s": totals.ios as f64 * io_bytes as f64 / elapsed / 1e6,
+                "cpu_ns_per_io": cpu / totals.ios.max(1) as f64,
+            }),
+        );
+    }
+    Ok(json!({
+        "bench": "raid",
+        "level": level,
+        "members": members,
+        "rw": format!("{rw:?}").to_lowercase(),
+        "io_bytes": io_bytes,
+        "results": out,
+    }))
 }

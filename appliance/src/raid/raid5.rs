@@ -481,8 +481,25 @@ impl Raid5Channel {
         };
         p.plan = plan;
         p.stage = Stage::Reading;
-        p.bufs = (0..geo.members())
-            .map(|_| vec![0u8; window as usize * bs])
+        // Window buffers only for the members this plan touches.
+        let wlen = window as usize * bs;
+        let needed = |m: usize| -> bool {
+            let data = geo.data_index_of(stripe, m as u32);
+            match plan {
+                Plan::Reconstruct | Plan::Rcw => true,
+                Plan::Rmw => m == parity || data.is_some_and(|i| rows[i as usize].is_some()),
+                Plan::NoParity => data.is_some_and(|i| rows[i as usize].is_some()),
+                Plan::Direct => false,
+            }
+        };
+        p.bufs = (0..geo.members() as usize)
+            .map(|m| {
+                if needed(m) {
+                    vec![0u8; wlen]
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
         let mut reads: Vec<(usize, u64, u64, u64)> = Vec::new(); // member, from row, to row, buf row
         match plan {
