@@ -103,7 +103,7 @@ fn a_member_failing_under_load_is_marked_failed_and_no_io_fails() {
         Raid1Device::new("r1", vec![member(fa), member(fb)], 0, FailureSink::new(tx)).unwrap(),
     );
     let volume = Volume::new(reactors.set(), "r1", dev.clone());
-    let monitor = Monitor::start(volume.clone(), dev, rx);
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
     let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     cb.pull();

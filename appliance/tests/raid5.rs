@@ -173,7 +173,7 @@ fn a_member_failing_under_load_degrades_the_volume_without_io_errors() {
         .unwrap(),
     );
     let volume = Volume::new(reactors.set(), "r5", dev.clone());
-    let monitor = Monitor::start(volume.clone(), dev, rx);
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
     let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     faults[2].control().pull();
@@ -193,4 +193,68 @@ fn a_member_failing_under_load_degrades_the_volume_without_io_errors() {
 
 fn w_err(t: &appliance::workload::Totals) -> String {
     format!("{t:?}")
+}
+
+#[test]
+fn a_spare_takes_over_and_is_rebuilt_while_io_goes_on() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let raw: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| ram(&format!("m{i}"), 4096)).collect();
+    let faults: Vec<Arc<FaultDevice>> = raw
+        .iter()
+        .map(|d| Arc::new(FaultDevice::new(d.clone())))
+        .collect();
+    let spare = ram("spare", 4096);
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid5Device::new(
+            "r5",
+            faults
+                .iter()
+                .map(|f| member(f.clone() as Arc<dyn BlockDevice>))
+                .collect(),
+            16384,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![spare.clone()]);
+    let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    faults[1].control().pull();
+    // The spare takes slot 1 and is rebuilt while the workload runs.
+    let t = std::time::Instant::now();
+    loop {
+        let states = monitor.member_states();
+        if states.iter().all(|s| *s == MemberState::InSync) && monitor.rebuild().is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "rebuild did not finish: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let progress = monitor.rebuild().unwrap();
+    assert_eq!(progress.fraction(), 1.0);
+    assert!(progress.error().is_none());
+    assert_eq!(monitor.spares(), 0);
+    std::thread::sleep(Duration::from_millis(200));
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?}");
+    assert!(totals.reads_verified > 0);
+    // Slot 1 is now the spare, and every stripe's parity adds up.
+    let members = vec![raw[0].clone(), spare, raw[2].clone(), raw[3].clone()];
+    assert!(
+        parity_consistent(&members, 0, 4096),
+        "parity after the rebuild"
+    );
+    reactors.shutdown().unwrap();
 }

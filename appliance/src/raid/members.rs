@@ -19,6 +19,9 @@ pub enum MemberState {
     InSync,
     /// Failed: no IO goes to it.
     Failed,
+    /// Being rebuilt: valid below the rebuild cursor, written everywhere
+    /// the rebuild has passed.
+    Rebuilding,
 }
 
 /// One member.
@@ -30,22 +33,42 @@ pub struct Member {
     pub state: MemberState,
 }
 
+/// Identity of a member device (its allocation), for telling a report
+/// about the device now in a slot from one about the device it replaced.
+pub fn device_id(dev: &Arc<dyn BlockDevice>) -> usize {
+    Arc::as_ptr(dev) as *const () as usize
+}
+
 /// A member failed an IO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberFailure {
     /// Which member (its slot in the volume).
     pub member: usize,
+    /// Which device was in the slot (see [`device_id`]): a report about a
+    /// device the slot no longer holds is stale and ignored.
+    pub device: usize,
     /// What the IO got.
     pub error: IoError,
 }
 
+/// What the IO path and background work tell a volume's monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A member failed an IO.
+    Failed(MemberFailure),
+    /// The rebuild of a slot finished.
+    Rebuilt(usize),
+    /// The rebuild of a slot stopped with an error.
+    RebuildAborted(usize, String),
+}
+
 /// Where channels send member failures; cloneable into every channel.
 #[derive(Clone)]
-pub struct FailureSink(Arc<Mutex<Option<Sender<MemberFailure>>>>);
+pub struct FailureSink(Arc<Mutex<Option<Sender<Event>>>>);
 
 impl FailureSink {
     /// Failures go to `tx`.
-    pub fn new(tx: Sender<MemberFailure>) -> FailureSink {
+    pub fn new(tx: Sender<Event>) -> FailureSink {
         FailureSink(Arc::new(Mutex::new(Some(tx))))
     }
 
@@ -56,10 +79,22 @@ impl FailureSink {
 
     /// Report a failure. Called on a reactor, only when an IO has failed:
     /// the lock is uncontended and off the hot path.
-    pub fn report(&self, member: usize, error: IoError) {
+    pub fn report(&self, member: usize, device: usize, error: IoError) {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = g.as_ref() {
-            let _ = tx.send(MemberFailure { member, error });
+            let _ = tx.send(Event::Failed(MemberFailure {
+                member,
+                device,
+                error,
+            }));
+        }
+    }
+
+    /// Tell the monitor about background work.
+    pub fn event(&self, e: Event) {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = g.as_ref() {
+            let _ = tx.send(e);
         }
     }
 }

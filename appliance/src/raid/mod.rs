@@ -7,4 +7,5 @@ pub mod monitor;
 pub mod parity;
 pub mod raid1;
 pub mod raid5;
+pub mod rebuild;
 mod sg;

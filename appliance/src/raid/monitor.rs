@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use bdev::{BdevError, BlockDevice};
 
-use super::members::{MemberFailure, MemberState};
+use poller::ReactorSet;
+
+use super::members::{Event, MemberState};
+use super::rebuild::RebuildProgress;
 use crate::volume::{Volume, VolumeConfig};
 
 /// A RAID device that can describe the next generation.
@@ -17,62 +20,180 @@ pub trait RaidDevice: BlockDevice {
     fn with_member_failed(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError>;
     /// Member states in slot order.
     fn member_states(&self) -> Vec<MemberState>;
+    /// Identity of the device in each slot (see `members::device_id`).
+    fn member_ids(&self) -> Vec<usize>;
+    /// The same device with failed `slot` taken by `dev`, to be rebuilt.
+    fn with_member_replaced(
+        &self,
+        slot: usize,
+        dev: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<dyn RaidDevice>, BdevError>;
+    /// The same device with rebuilt `slot` in sync.
+    fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError>;
+    /// Start rebuilding the replaced member as a poller on this reactor.
+    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError>;
 }
 
-/// Applies member failures to a volume; stops when every sender is gone.
+/// Applies member failures to a volume, replaces failed members with
+/// spares and runs their rebuild; stops when every sender is gone.
 pub struct Monitor {
-    current: Arc<Mutex<Arc<dyn RaidDevice>>>,
+    state: Arc<Mutex<MonitorState>>,
     thread: Option<JoinHandle<()>>,
 }
 
+struct MonitorState {
+    current: Arc<dyn RaidDevice>,
+    spares: Vec<Arc<dyn BlockDevice>>,
+    rebuild: Option<Arc<RebuildProgress>>,
+}
+
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), String> {
+    let dev: Arc<dyn BlockDevice> = next.clone();
+    volume
+        .quiesce()
+        .reconfigure(CHANGE_TIMEOUT, |_| {
+            Ok::<_, String>((VolumeConfig { device: dev }, ()))
+        })
+        .map_err(|e| e.to_string())
+}
+
 impl Monitor {
-    /// Watch `rx` for failures of `volume`, whose device is `device`.
+    /// Watch `rx` for events of `volume`, whose device is `device`; rebuilds
+    /// run on reactor `rebuild_core` of `set`.
     pub fn start(
+        set: &ReactorSet,
         volume: Volume,
         device: Arc<dyn RaidDevice>,
-        rx: Receiver<MemberFailure>,
+        rx: Receiver<Event>,
+        spares: Vec<Arc<dyn BlockDevice>>,
     ) -> Monitor {
-        let current = Arc::new(Mutex::new(device));
-        let cur = current.clone();
+        let state = Arc::new(Mutex::new(MonitorState {
+            current: device,
+            spares,
+            rebuild: None,
+        }));
+        let (st, set) = (state.clone(), set.clone());
         let thread = std::thread::Builder::new()
             .name(format!("monitor-{}", volume.name()))
             .spawn(move || {
-                while let Ok(f) = rx.recv() {
-                    let mut cur = cur.lock().unwrap_or_else(|e| e.into_inner());
-                    if cur.member_states().get(f.member) != Some(&MemberState::InSync) {
-                        continue; // already failed (several channels saw it)
-                    }
-                    let next = match cur.with_member_failed(f.member) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            tracing::error!(volume = volume.name(), error = %e, "cannot fail member");
-                            continue;
-                        }
-                    };
-                    let dev: Arc<dyn BlockDevice> = next.clone();
-                    let res = volume.quiesce().reconfigure(Duration::from_secs(30), |_| {
-                        Ok::<_, String>((VolumeConfig { device: dev }, ()))
-                    });
-                    match res {
-                        Ok(()) => {
-                            tracing::warn!(volume = volume.name(), member = f.member, error = %f.error, "member marked failed");
-                            *cur = next;
-                        }
-                        Err(e) => tracing::error!(volume = volume.name(), error = %e, "failing a member"),
+                while let Ok(ev) = rx.recv() {
+                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = handle(&set, &volume, &mut s, ev) {
+                        tracing::error!(volume = volume.name(), error = %e, "volume reconfiguration");
                     }
                 }
             })
             .ok();
-        Monitor { current, thread }
+        Monitor { state, thread }
     }
 
     /// Member states of the current generation.
     pub fn member_states(&self) -> Vec<MemberState> {
-        self.current
+        self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .current
             .member_states()
     }
+
+    /// The running or last rebuild.
+    pub fn rebuild(&self) -> Option<Arc<RebuildProgress>> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rebuild
+            .clone()
+    }
+
+    /// Spares left.
+    pub fn spares(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spares
+            .len()
+    }
+}
+
+fn handle(
+    set: &ReactorSet,
+    volume: &Volume,
+    s: &mut MonitorState,
+    ev: Event,
+) -> Result<(), String> {
+    match ev {
+        Event::Failed(f) => {
+            if s.current.member_states().get(f.member) == Some(&MemberState::Failed)
+                || s.current.member_ids().get(f.member) != Some(&f.device)
+            {
+                return Ok(()); // already handled, or about a device since replaced
+            }
+            let next = s
+                .current
+                .with_member_failed(f.member)
+                .map_err(|e| e.to_string())?;
+            publish(volume, &next)?;
+            tracing::warn!(volume = volume.name(), member = f.member, error = %f.error, "member marked failed");
+            s.current = next;
+            start_spare(set, volume, s, f.member)
+        }
+        Event::Rebuilt(slot) => {
+            let next = s
+                .current
+                .with_member_in_sync(slot)
+                .map_err(|e| e.to_string())?;
+            publish(volume, &next)?;
+            tracing::info!(
+                volume = volume.name(),
+                slot,
+                "rebuild finished; member in sync"
+            );
+            s.current = next;
+            Ok(())
+        }
+        Event::RebuildAborted(slot, why) => {
+            tracing::error!(volume = volume.name(), slot, error = %why, "rebuild aborted");
+            Ok(())
+        }
+    }
+}
+
+/// Put a spare into failed `slot` and start rebuilding it.
+fn start_spare(
+    set: &ReactorSet,
+    volume: &Volume,
+    s: &mut MonitorState,
+    slot: usize,
+) -> Result<(), String> {
+    let Some(spare) = s.spares.first().cloned() else {
+        return Ok(());
+    };
+    let next = match s.current.with_member_replaced(slot, spare) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(volume = volume.name(), slot, error = %e, "spare not used");
+            return Ok(());
+        }
+    };
+    publish(volume, &next)?;
+    s.spares.remove(0);
+    s.current = next.clone();
+    // The rebuild runs on the last reactor, away from reactor 0 which
+    // usually carries the first queues.
+    let core = set.len() - 1;
+    let progress = set.call(core, CHANGE_TIMEOUT, move |ctx| {
+        next.start_rebuild(ctx).map_err(|e| e.to_string())
+    })??;
+    tracing::info!(
+        volume = volume.name(),
+        slot,
+        stripes = progress.total,
+        "rebuild started onto a spare"
+    );
+    s.rebuild = Some(progress);
+    Ok(())
 }
 
 impl Drop for Monitor {

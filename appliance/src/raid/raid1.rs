@@ -107,6 +107,44 @@ impl super::monitor::RaidDevice for Raid1Device {
     fn member_states(&self) -> Vec<MemberState> {
         self.members.iter().map(|m| m.state).collect()
     }
+
+    fn member_ids(&self) -> Vec<usize> {
+        self.members
+            .iter()
+            .map(|m| super::members::device_id(&m.dev))
+            .collect()
+    }
+
+    fn with_member_replaced(
+        &self,
+        _slot: usize,
+        _dev: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
+        Err(BdevError::Unsupported(format!(
+            "{}: RAID1 rebuild is not implemented yet",
+            self.info.name
+        )))
+    }
+
+    fn with_member_in_sync(
+        &self,
+        _slot: usize,
+    ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
+        Err(BdevError::Unsupported(format!(
+            "{}: RAID1 rebuild is not implemented yet",
+            self.info.name
+        )))
+    }
+
+    fn start_rebuild(
+        &self,
+        _ctx: &mut poller::Ctx,
+    ) -> Result<Arc<super::rebuild::RebuildProgress>, BdevError> {
+        Err(BdevError::Unsupported(format!(
+            "{}: RAID1 rebuild is not implemented yet",
+            self.info.name
+        )))
+    }
 }
 
 impl BlockDevice for Raid1Device {
@@ -119,10 +157,17 @@ impl BlockDevice for Raid1Device {
         for m in self.members.iter() {
             chans.push(match m.state {
                 MemberState::InSync => Some(m.dev.open_channel()?),
-                MemberState::Failed => None,
+                // RAID1 rebuild is not implemented yet: a rebuilding
+                // member is not used.
+                MemberState::Failed | MemberState::Rebuilding => None,
             });
         }
         Ok(Box::new(Raid1Channel {
+            ids: self
+                .members
+                .iter()
+                .map(|m| super::members::device_id(&m.dev))
+                .collect(),
             info: self.info.clone(),
             data_offset: self.data_offset,
             outstanding: vec![0; chans.len()],
@@ -152,6 +197,8 @@ struct Parent {
 }
 
 struct Raid1Channel {
+    /// Identity of each member device, for failure reports.
+    ids: Vec<usize>,
     info: DeviceInfo,
     data_offset: u64,
     members: Vec<Option<Box<dyn IoChannel>>>,
@@ -224,7 +271,7 @@ impl Raid1Channel {
         if !self.failed[m] {
             self.failed[m] = true;
             tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
-            self.failures.report(m, e);
+            self.failures.report(m, self.ids[m], e);
         }
     }
 

@@ -29,6 +29,7 @@ use super::geometry::{Layout, Raid5Geometry};
 use super::members::{FailureSink, Member, MemberState};
 use super::monitor::RaidDevice;
 use super::parity::{xor_gen, xor_into};
+use super::rebuild::{RebuildProgress, Rebuilder};
 use super::sg;
 
 /// Stripe locks: one bit per hash bucket of stripes, shared by all cores.
@@ -75,6 +76,8 @@ pub struct Raid5Device {
     members: Arc<Vec<Member>>,
     failures: FailureSink,
     locks: Arc<StripeLocks>,
+    /// The slot being rebuilt and its cursor (stripes done).
+    rebuilding: Option<(usize, Arc<AtomicU64>)>,
 }
 
 impl Raid5Device {
@@ -134,7 +137,25 @@ impl Raid5Device {
             members: Arc::new(members),
             failures,
             locks: Arc::new(StripeLocks::new()),
+            rebuilding: None,
         })
+    }
+
+    fn next(
+        &self,
+        members: Vec<Member>,
+        rebuilding: Option<(usize, Arc<AtomicU64>)>,
+    ) -> Raid5Device {
+        Raid5Device {
+            info: self.info.clone(),
+            geo: self.geo,
+            members: Arc::new(members),
+            failures: self.failures.clone(),
+            // The same table: pieces of the old generation have drained,
+            // and sharing it keeps one lock per stripe across generations.
+            locks: self.locks.clone(),
+            rebuilding,
+        }
     }
 
     /// The geometry.
@@ -153,19 +174,116 @@ impl RaidDevice for Raid5Device {
         }
         let mut members = (*self.members).clone();
         members[slot].state = MemberState::Failed;
-        Ok(Arc::new(Raid5Device {
-            info: self.info.clone(),
-            geo: self.geo,
-            members: Arc::new(members),
-            failures: self.failures.clone(),
-            // The same table: pieces of the old generation have drained, and
-            // sharing it keeps one lock per stripe across generations.
-            locks: self.locks.clone(),
-        }))
+        // A failed rebuild target stops the rebuild.
+        let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
+        Ok(Arc::new(self.next(members, rebuilding)))
+    }
+
+    fn with_member_replaced(
+        &self,
+        slot: usize,
+        dev: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<dyn RaidDevice>, BdevError> {
+        let name = &self.info.name;
+        if slot >= self.members.len() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: no member in slot {slot}"
+            )));
+        }
+        if self.members[slot].state != MemberState::Failed {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: slot {slot} is not failed"
+            )));
+        }
+        if self.rebuilding.is_some() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: a rebuild is already running"
+            )));
+        }
+        let need = self.geo.data_offset() + self.geo.stripes() * self.geo.chunk_blocks();
+        if dev.info().block_size != self.info.block_size || dev.info().num_blocks < need {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: {} is too small or has another block size (needs {need} blocks of {})",
+                dev.info().name,
+                self.info.block_size
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot] = Member {
+            dev,
+            state: MemberState::Rebuilding,
+        };
+        Ok(Arc::new(
+            self.next(members, Some((slot, Arc::new(AtomicU64::new(0))))),
+        ))
+    }
+
+    fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
+        match &self.rebuilding {
+            Some((r, cursor))
+                if *r == slot && cursor.load(Ordering::SeqCst) >= self.geo.stripes() =>
+            {
+                let mut members = (*self.members).clone();
+                members[slot].state = MemberState::InSync;
+                Ok(Arc::new(self.next(members, None)))
+            }
+            _ => Err(BdevError::InvalidArgument(format!(
+                "{}: slot {slot} has not been rebuilt",
+                self.info.name
+            ))),
+        }
+    }
+
+    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError> {
+        let Some((slot, cursor)) = self.rebuilding.clone() else {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: nothing to rebuild",
+                self.info.name
+            )));
+        };
+        if self
+            .members
+            .iter()
+            .enumerate()
+            .any(|(m, x)| m != slot && x.state != MemberState::InSync)
+        {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: cannot rebuild with another member missing",
+                self.info.name
+            )));
+        }
+        let channels = self
+            .members
+            .iter()
+            .map(|m| {
+                m.dev
+                    .open_channel()
+                    .map(|c| (c, super::members::device_id(&m.dev)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let progress = Arc::new(RebuildProgress::new(slot, self.geo.stripes(), cursor));
+        let mut r = Rebuilder::new(
+            self.geo,
+            slot,
+            channels,
+            self.locks.clone(),
+            progress.clone(),
+            self.failures.clone(),
+            self.info.block_size as usize,
+        );
+        ctx.add_poller(move |_| r.poll());
+        Ok(progress)
     }
 
     fn member_states(&self) -> Vec<MemberState> {
         self.members.iter().map(|m| m.state).collect()
+    }
+
+    fn member_ids(&self) -> Vec<usize> {
+        self.members
+            .iter()
+            .map(|m| super::members::device_id(&m.dev))
+            .collect()
     }
 }
 
@@ -178,11 +296,17 @@ impl BlockDevice for Raid5Device {
         let mut chans = Vec::with_capacity(self.members.len());
         for m in self.members.iter() {
             chans.push(match m.state {
-                MemberState::InSync => Some(m.dev.open_channel()?),
+                MemberState::InSync | MemberState::Rebuilding => Some(m.dev.open_channel()?),
                 MemberState::Failed => None,
             });
         }
         Ok(Box::new(Raid5Channel {
+            ids: self
+                .members
+                .iter()
+                .map(|m| super::members::device_id(&m.dev))
+                .collect(),
+            rebuilding: self.rebuilding.clone(),
             info: self.info.clone(),
             geo: self.geo,
             failed: chans.iter().map(|c| c.is_none()).collect(),
@@ -243,6 +367,8 @@ struct Piece {
     plan: Plan,
     pending: u32,
     read_failed: bool,
+    /// The member missing for this stripe when the piece was planned.
+    missing: Option<usize>,
     /// Window of chunk rows (chunk offsets) the piece touches.
     omin: u64,
     omax: u64,
@@ -260,6 +386,8 @@ struct Parent {
 }
 
 struct Raid5Channel {
+    /// Identity of each member device, for failure reports.
+    ids: Vec<usize>,
     info: DeviceInfo,
     geo: Raid5Geometry,
     members: Vec<Option<Box<dyn IoChannel>>>,
@@ -277,6 +405,7 @@ struct Raid5Channel {
     refused: Vec<Completion>,
     /// Children waiting for room in a member's queue.
     deferred: VecDeque<(usize, IoRequest)>,
+    rebuilding: Option<(usize, Arc<AtomicU64>)>,
     inflight: usize,
 }
 
@@ -295,15 +424,32 @@ impl Raid5Channel {
         self.info.block_size as usize
     }
 
-    fn failed_count(&self) -> usize {
-        self.failed.iter().filter(|&&f| f).count()
+    /// Whether member `m` cannot serve `stripe`: failed, or being rebuilt
+    /// and not there yet. Stable while the stripe is locked (the rebuild
+    /// moves its cursor only under the stripe's lock).
+    fn down(&self, m: usize, stripe: u64) -> bool {
+        self.failed[m]
+            || self
+                .rebuilding
+                .as_ref()
+                .is_some_and(|(r, c)| *r == m && stripe >= c.load(Ordering::SeqCst))
+    }
+
+    fn down_count(&self, stripe: u64) -> usize {
+        (0..self.failed.len())
+            .filter(|&m| self.down(m, stripe))
+            .count()
+    }
+
+    fn first_down(&self, stripe: u64) -> Option<usize> {
+        (0..self.failed.len()).find(|&m| self.down(m, stripe))
     }
 
     fn fail_member(&mut self, m: usize, e: IoError) {
         if !self.failed[m] {
             self.failed[m] = true;
             tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
-            self.failures.report(m, e);
+            self.failures.report(m, self.ids[m], e);
         }
     }
 
@@ -374,7 +520,7 @@ impl Raid5Channel {
                 let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
                 let touches_failed = (0..self.geo.data_members()).any(|i| {
                     rows_of(&self.geo, stripe, i, b0, b1).is_some()
-                        && self.failed[self.geo.data_member(stripe, i) as usize]
+                        && self.down(self.geo.data_member(stripe, i) as usize, stripe)
                 });
                 if touches_failed {
                     self.lock_then_plan(pi);
@@ -439,7 +585,11 @@ impl Raid5Channel {
 
     /// Choose how to serve a locked piece and issue its reads.
     fn plan(&mut self, pi: usize) {
-        let failed_count = self.failed_count();
+        let Some(stripe) = self.pieces[pi].as_ref().map(|p| p.stripe) else {
+            return;
+        };
+        let failed_count = self.down_count(stripe);
+        let failed: Option<usize> = self.first_down(stripe);
         let geo = self.geo;
         let bs = self.bs();
         let Some(p) = self.pieces[pi].as_mut() else {
@@ -463,7 +613,7 @@ impl Raid5Channel {
         let window = omax - omin;
         p.omin = omin;
         p.omax = omax;
-        let failed: Option<usize> = self.failed.iter().position(|&f| f);
+        p.missing = failed;
         let plan = match (p.kind, failed) {
             (Kind::Read, _) => Plan::Reconstruct,
             (_, Some(f)) if f == parity => Plan::NoParity,
@@ -505,7 +655,7 @@ impl Raid5Channel {
         match plan {
             Plan::Reconstruct => {
                 for m in 0..geo.members() as usize {
-                    if !self.failed[m] {
+                    if Some(m) != failed {
                         reads.push((m, omin, omax, omin));
                     }
                 }
@@ -558,10 +708,10 @@ impl Raid5Channel {
         };
         let geo = self.geo;
         let bs = self.bs();
-        let failed: Option<usize> = self.failed.iter().position(|&f| f);
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
+        let failed = p.missing;
         let (stripe, b0, b1, omin, omax) = (p.stripe, p.b0, p.b1, p.omin, p.omax);
         let parity = geo.parity_member(stripe) as usize;
         let user_off = |i: u32, lo: u64| ((geo.volume_block(stripe, i, lo) - lba0) as usize) * bs;
@@ -652,7 +802,7 @@ impl Raid5Channel {
             writes.push((parity, omin, omax));
         }
         for (m, lo, hi) in writes {
-            if self.failed[m] {
+            if Some(m) == failed || self.failed[m] {
                 continue;
             }
             let Some(p) = self.pieces[pi].as_mut() else {
@@ -705,7 +855,8 @@ impl Raid5Channel {
         }
         // More than one member gone means data is lost: never pretend.
         let error = p.error.or_else(|| {
-            (self.failed_count() > 1 && p.kind != Kind::Flush).then_some(IoError::DeviceFailed)
+            (p.kind != Kind::Flush && self.down_count(p.stripe) > 1)
+                .then_some(IoError::DeviceFailed)
         });
         let flush_failed = p.kind == Kind::Flush && self.failed.iter().all(|&f| f);
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
@@ -803,6 +954,7 @@ impl IoChannel for Raid5Channel {
             plan: Plan::Direct,
             pending: 0,
             read_failed: false,
+            missing: None,
             omin: 0,
             omax: 0,
             bufs: Vec::new(),

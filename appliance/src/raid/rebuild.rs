@@ -1,0 +1,275 @@
+//! Rebuild: reconstruct a replaced member stripe by stripe, in the
+//! background on a reactor, while IO goes on.
+//!
+//! Each stripe is locked (the same lock table writes use), the chunk row of
+//! every other member is read, XORed, and written to the new member; then
+//! the shared cursor moves past the stripe and the lock is released. IO
+//! treats the new member as valid below the cursor and missing above it,
+//! so writes never race the reconstruction of the stripe they touch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bdev::{Completion, IoChannel, IoOp, IoRequest, SubmitError};
+use poller::PollState;
+
+use super::geometry::Raid5Geometry;
+use super::members::{Event, FailureSink};
+use super::parity::xor_gen;
+use super::raid5::StripeLocks;
+use super::sg;
+
+/// What operators see of a rebuild.
+pub struct RebuildProgress {
+    /// The slot being rebuilt.
+    pub slot: usize,
+    /// Stripes to do.
+    pub total: u64,
+    /// Stripes done (the cursor).
+    pub cursor: Arc<AtomicU64>,
+    /// Bytes written to the new member.
+    pub bytes: AtomicU64,
+    /// Upper rate limit in bytes per second (0: none), like md's
+    /// sync_speed_max.
+    pub max_bytes_per_sec: AtomicU64,
+    started: Instant,
+    finished: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl RebuildProgress {
+    /// A rebuild of `slot` over `total` stripes, starting at `cursor`.
+    pub fn new(slot: usize, total: u64, cursor: Arc<AtomicU64>) -> RebuildProgress {
+        RebuildProgress {
+            slot,
+            total,
+            cursor,
+            bytes: AtomicU64::new(0),
+            max_bytes_per_sec: AtomicU64::new(0),
+            started: Instant::now(),
+            finished: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
+    /// Fraction done, 0..=1.
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            return 1.0;
+        }
+        self.cursor.load(Ordering::Relaxed) as f64 / self.total as f64
+    }
+
+    /// Estimated time left at the rate so far.
+    pub fn eta(&self) -> Option<Duration> {
+        let f = self.fraction();
+        if f <= 0.0 {
+            return None;
+        }
+        let spent = self.started.elapsed().as_secs_f64();
+        Some(Duration::from_secs_f64(spent * (1.0 - f) / f))
+    }
+
+    /// Whether it ended (successfully or not).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Why it stopped, if it failed.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+enum Step {
+    Lock,
+    Reading,
+    Writing,
+    Draining,
+}
+
+/// The reactor-side rebuild state machine.
+pub struct Rebuilder {
+    ids: Vec<usize>,
+    geo: Raid5Geometry,
+    slot: usize,
+    channels: Vec<Box<dyn IoChannel>>,
+    locks: Arc<StripeLocks>,
+    progress: Arc<RebuildProgress>,
+    events: FailureSink,
+    stripe: u64,
+    step: Step,
+    pending: usize,
+    bufs: Vec<Vec<u8>>,
+    out: Vec<u8>,
+    comps: Vec<Completion>,
+    block_size: usize,
+}
+
+impl Rebuilder {
+    /// Rebuild `slot` from the other members' channels (with their device
+    /// identities), indexed by slot; the rebuilt member's at `slot`.
+    pub fn new(
+        geo: Raid5Geometry,
+        slot: usize,
+        members: Vec<(Box<dyn IoChannel>, usize)>,
+        locks: Arc<StripeLocks>,
+        progress: Arc<RebuildProgress>,
+        events: FailureSink,
+        block_size: usize,
+    ) -> Rebuilder {
+        let chunk = geo.chunk_blocks() as usize * block_size;
+        let (channels, ids): (Vec<_>, Vec<_>) = members.into_iter().unzip();
+        Rebuilder {
+            ids,
+            stripe: progress.cursor.load(Ordering::SeqCst),
+            bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
+            out: vec![0u8; chunk],
+            geo,
+            slot,
+            channels,
+            locks,
+            progress,
+            events,
+            step: Step::Lock,
+            pending: 0,
+            comps: Vec::new(),
+            block_size,
+        }
+    }
+
+    /// Stop: drain what is in flight (its buffers are ours), then end.
+    fn abort(&mut self, why: String) -> PollState {
+        if matches!(self.step, Step::Reading | Step::Writing) {
+            self.locks.unlock(self.stripe);
+        }
+        self.step = Step::Draining;
+        tracing::error!(slot = self.slot, error = %why, "rebuild stopped");
+        *self
+            .progress
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+        self.progress.finished.store(true, Ordering::SeqCst);
+        self.events.event(Event::RebuildAborted(self.slot, why));
+        self.drain()
+    }
+
+    fn drain(&mut self) -> PollState {
+        let mut comps = std::mem::take(&mut self.comps);
+        for ch in self.channels.iter_mut() {
+            if ch.inflight() > 0 {
+                ch.poll(&mut comps);
+            }
+        }
+        self.pending = self.pending.saturating_sub(comps.len());
+        comps.clear();
+        self.comps = comps;
+        if self.channels.iter().all(|c| c.inflight() == 0) {
+            PollState::Done
+        } else {
+            PollState::Busy
+        }
+    }
+
+    /// One step; run as a reactor poller.
+    pub fn poll(&mut self) -> PollState {
+        loop {
+            match self.step {
+                Step::Draining => return self.drain(),
+                Step::Lock => {
+                    if self.stripe >= self.geo.stripes() {
+                        self.progress.finished.store(true, Ordering::SeqCst);
+                        self.events.event(Event::Rebuilt(self.slot));
+                        return PollState::Done;
+                    }
+                    let max = self.progress.max_bytes_per_sec.load(Ordering::Relaxed);
+                    if max > 0 {
+                        let allowed = max as f64 * self.progress.started.elapsed().as_secs_f64();
+                        if self.progress.bytes.load(Ordering::Relaxed) as f64 > allowed {
+                            return PollState::Busy;
+                        }
+                    }
+                    if !self.locks.try_lock(self.stripe) {
+                        return PollState::Idle;
+                    }
+                    let block = self.geo.member_block(self.stripe, 0);
+                    let n = self.geo.chunk_blocks();
+                    let len = n as usize * self.block_size;
+                    self.step = Step::Reading;
+                    for m in 0..self.channels.len() {
+                        if m == self.slot {
+                            continue;
+                        }
+                        let req = IoRequest {
+                            op: IoOp::Read,
+                            offset_blocks: block,
+                            num_blocks: n,
+                            sg: sg::of(&mut self.bufs[m], 0, len),
+                            tag: m as u64,
+                        };
+                        if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
+                            return self.abort(format!("member {m} refused a rebuild read"));
+                        }
+                        self.pending += 1;
+                    }
+                }
+                Step::Reading | Step::Writing => {
+                    let mut comps = std::mem::take(&mut self.comps);
+                    for m in 0..self.channels.len() {
+                        if self.channels[m].inflight() > 0 {
+                            self.channels[m].poll(&mut comps);
+                        }
+                    }
+                    let mut failure = None;
+                    for c in comps.drain(..) {
+                        self.pending -= 1;
+                        if let Err(e) = c.result {
+                            failure.get_or_insert((c.tag as usize, e));
+                        }
+                    }
+                    self.comps = comps;
+                    if let Some((m, e)) = failure {
+                        self.events.report(m, self.ids[m], e);
+                        return self.abort(format!("member {m} failed during the rebuild: {e}"));
+                    }
+                    if self.pending > 0 {
+                        return PollState::Busy;
+                    }
+                    if matches!(self.step, Step::Reading) {
+                        let srcs: Vec<&[u8]> = (0..self.bufs.len())
+                            .filter(|&m| m != self.slot)
+                            .map(|m| self.bufs[m].as_slice())
+                            .collect();
+                        xor_gen(&mut self.out, &srcs);
+                        let n = self.geo.chunk_blocks();
+                        let len = self.out.len();
+                        let req = IoRequest {
+                            op: IoOp::Write,
+                            offset_blocks: self.geo.member_block(self.stripe, 0),
+                            num_blocks: n,
+                            sg: sg::of(&mut self.out, 0, len),
+                            tag: self.slot as u64,
+                        };
+                        if let Err(SubmitError::Busy(_)) = self.channels[self.slot].submit(req) {
+                            return self.abort("the new member refused a rebuild write".into());
+                        }
+                        self.pending = 1;
+                        self.step = Step::Writing;
+                        continue;
+                    }
+                    // Written: move the cursor past the stripe, then unlock.
+                    self.progress
+                        .bytes
+                        .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+                    self.stripe += 1;
+                    self.progress.cursor.store(self.stripe, Ordering::SeqCst);
+                    self.locks.unlock(self.stripe - 1);
+                    self.step = Step::Lock;
+                    return PollState::Busy;
+                }
+            }
+        }
+    }
+}
