@@ -9,3 +9,4 @@ pub mod raid1;
 pub mod raid5;
 pub mod rebuild;
 mod sg;
+pub mod superblock;
