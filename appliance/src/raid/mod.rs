@@ -1,6 +1,7 @@
 //! RAID volumes: md-compatible geometry, parity kernels, and the RAID1 and
 //! RAID5 devices built on them.
 
+pub mod assembly;
 pub mod geometry;
 pub mod members;
 pub mod monitor;

@@ -22,6 +22,8 @@ pub trait RaidDevice: BlockDevice {
     fn member_states(&self) -> Vec<MemberState>;
     /// Identity of the device in each slot (see `members::device_id`).
     fn member_ids(&self) -> Vec<usize>;
+    /// The device in each slot.
+    fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>>;
     /// The same device with failed `slot` taken by `dev`, to be rebuilt.
     fn with_member_replaced(
         &self,
@@ -43,6 +45,8 @@ pub struct Monitor {
 
 struct MonitorState {
     current: Arc<dyn RaidDevice>,
+    /// Where the volume's state is recorded (superblocks), if it has any.
+    meta: Option<super::assembly::VolumeMeta>,
     spares: Vec<Arc<dyn BlockDevice>>,
     rebuild: Option<Arc<RebuildProgress>>,
 }
@@ -71,6 +75,7 @@ impl Monitor {
     ) -> Monitor {
         let state = Arc::new(Mutex::new(MonitorState {
             current: device,
+            meta: None,
             spares,
             rebuild: None,
         }));
@@ -87,6 +92,11 @@ impl Monitor {
             })
             .ok();
         Monitor { state, thread }
+    }
+
+    /// Record every change in the members' superblocks from now on.
+    pub fn set_meta(&self, meta: super::assembly::VolumeMeta) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).meta = Some(meta);
     }
 
     /// Member states of the current generation.
@@ -123,6 +133,28 @@ fn handle(
     s: &mut MonitorState,
     ev: Event,
 ) -> Result<(), String> {
+    let res = apply(set, volume, s, ev);
+    // Whatever changed is recorded before the next event.
+    if let Some(meta) = s.meta.as_mut() {
+        let cur = s.current.clone();
+        let states: Vec<u8> = cur
+            .member_states()
+            .iter()
+            .map(|s| match s {
+                MemberState::InSync => 0,
+                MemberState::Failed => 1,
+                MemberState::Rebuilding => 2,
+            })
+            .collect();
+        if states != meta.template.slot_states {
+            meta.record(cur.as_ref(), &cur.member_devices(), false)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    res
+}
+
+fn apply(set: &ReactorSet, volume: &Volume, s: &mut MonitorState, ev: Event) -> Result<(), String> {
     match ev {
         Event::Failed(f) => {
             if s.current.member_states().get(f.member) == Some(&MemberState::Failed)

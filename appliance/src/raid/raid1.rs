@@ -108,6 +108,10 @@ impl super::monitor::RaidDevice for Raid1Device {
         self.members.iter().map(|m| m.state).collect()
     }
 
+    fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
+        self.members.iter().map(|m| m.dev.clone()).collect()
+    }
+
     fn member_ids(&self) -> Vec<usize> {
         self.members
             .iter()

@@ -21,7 +21,9 @@ pub enum SuperblockError {
     #[error("no appliance superblock (foreign or blank device)")]
     Foreign,
     /// Our magic, but the checksum does not match.
-    #[error("superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt")]
+    #[error(
+        "superblock checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupt"
+    )]
     Corrupt {
         /// CRC in the block.
         stored: u32,
@@ -109,11 +111,13 @@ impl Superblock {
         let name = self.name.as_bytes();
         let n = name.len().min(32);
         b[48..48 + n].copy_from_slice(&name[..n]);
-        b[80..84].copy_from_slice(&(match self.level {
-            Level::Raid1 => 1u32,
-            Level::Raid5 => 5,
-        })
-        .to_le_bytes());
+        b[80..84].copy_from_slice(
+            &(match self.level {
+                Level::Raid1 => 1u32,
+                Level::Raid5 => 5,
+            })
+            .to_le_bytes(),
+        );
         b[84..88].copy_from_slice(&layout_code(self.layout).to_le_bytes());
         b[88..92].copy_from_slice(&self.chunk_bytes.to_le_bytes());
         b[92..96].copy_from_slice(&self.members.to_le_bytes());
@@ -179,7 +183,9 @@ impl Superblock {
             return Err(invalid("block_size", block_size as u64));
         }
         let chunk_bytes = u32_at(88);
-        if level == Level::Raid5 && (!chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&chunk_bytes)) {
+        if level == Level::Raid5
+            && (!chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&chunk_bytes))
+        {
             return Err(invalid("chunk_bytes", chunk_bytes as u64));
         }
         let name_bytes = &b[48..80];
@@ -245,11 +251,20 @@ mod tests {
 
     #[test]
     fn foreign_corrupt_and_invalid_blocks_are_told_apart() {
-        assert_eq!(Superblock::decode(&[0u8; 4096]), Err(SuperblockError::Foreign));
-        assert_eq!(Superblock::decode(&[0u8; 100]), Err(SuperblockError::Foreign));
+        assert_eq!(
+            Superblock::decode(&[0u8; 4096]),
+            Err(SuperblockError::Foreign)
+        );
+        assert_eq!(
+            Superblock::decode(&[0u8; 100]),
+            Err(SuperblockError::Foreign)
+        );
         let mut b = sample().encode();
         b[200] ^= 1;
-        assert!(matches!(Superblock::decode(&b), Err(SuperblockError::Corrupt { .. })));
+        assert!(matches!(
+            Superblock::decode(&b),
+            Err(SuperblockError::Corrupt { .. })
+        ));
         // Every single-bit flip anywhere is caught.
         let good = sample().encode();
         for byte in (0..4096).step_by(97) {
@@ -260,10 +275,19 @@ mod tests {
         // Well-formed checksum over impossible fields.
         let mut s = sample();
         s.slot = 9;
-        assert!(matches!(Superblock::decode(&s.encode()), Err(SuperblockError::Invalid { field: "slot", .. })));
+        assert!(matches!(
+            Superblock::decode(&s.encode()),
+            Err(SuperblockError::Invalid { field: "slot", .. })
+        ));
         let mut s = sample();
         s.chunk_bytes = 3000;
-        assert!(matches!(Superblock::decode(&s.encode()), Err(SuperblockError::Invalid { field: "chunk_bytes", .. })));
+        assert!(matches!(
+            Superblock::decode(&s.encode()),
+            Err(SuperblockError::Invalid {
+                field: "chunk_bytes",
+                ..
+            })
+        ));
         let mut b = sample().encode();
         b[8..12].copy_from_slice(&7u32.to_le_bytes());
         b[12..16].fill(0);

@@ -1,0 +1,448 @@
+//! Creating RAID volumes on fresh members, recording their state in the
+//! members' superblocks, and assembling them again from what is on the
+//! devices at start-up.
+//!
+//! Superblock IO here is synchronous, on the calling control thread, with a
+//! channel of its own: it happens at creation, at start-up and after a
+//! configuration change, never on the IO path.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::{BlockDevice, IoOp, IoRequest, IoVec, SgList, SubmitError};
+
+use super::geometry::Layout;
+use super::members::{FailureSink, Member, MemberState};
+use super::monitor::RaidDevice;
+use super::raid1::Raid1Device;
+use super::raid5::Raid5Device;
+use super::superblock::{Level, Superblock, SuperblockError, SUPERBLOCK_BYTES};
+
+/// What to create.
+#[derive(Clone)]
+pub struct VolumeSpec {
+    /// Volume name (at most 32 bytes).
+    pub name: String,
+    /// Level.
+    pub level: Level,
+    /// RAID5 layout.
+    pub layout: Layout,
+    /// RAID5 chunk in bytes.
+    pub chunk_bytes: u32,
+    /// First data block on each member (at least the superblock's 4 KiB).
+    pub data_offset: u64,
+    /// Members in slot order.
+    pub members: Vec<Arc<dyn BlockDevice>>,
+}
+
+/// The persistent identity of a volume and its members.
+#[derive(Debug, Clone)]
+pub struct VolumeMeta {
+    /// Template superblock (slot, member uuid and states filled per write).
+    pub template: Superblock,
+    /// Member uuids by slot.
+    pub member_uuids: Vec<[u8; 16]>,
+}
+
+/// Why creating or assembling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AssemblyError {
+    /// A parameter is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// A member already carries a superblock and force was not given.
+    #[error(
+        "{device} already belongs to volume {volume:?}; refusing to overwrite it without force"
+    )]
+    InUse {
+        /// The device.
+        device: String,
+        /// The volume named in its superblock.
+        volume: String,
+    },
+    /// Superblock IO failed.
+    #[error("{device}: superblock IO: {reason}")]
+    Io {
+        /// The device.
+        device: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), String> {
+    let bs = dev.info().block_size as usize;
+    let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
+    let mut sg = SgList::new();
+    // SAFETY: we wait for the completion before touching buf again.
+    sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) });
+    let mut req = Some(IoRequest {
+        op,
+        offset_blocks: 0,
+        num_blocks: (buf.len() / bs) as u64,
+        sg,
+        tag: 1,
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while let Some(r) = req.take() {
+        if let Err(SubmitError::Busy(r)) = ch.submit(r) {
+            req = Some(r);
+            ch.poll(&mut out);
+        }
+    }
+    while out.is_empty() {
+        ch.poll(&mut out);
+        if Instant::now() > deadline {
+            return Err("timed out".into());
+        }
+        std::thread::yield_now();
+    }
+    out[0].result.map_err(|e| e.to_string())?;
+    if op == IoOp::Write {
+        let mut done = Vec::new();
+        ch.submit(IoRequest::flush(2))
+            .map_err(|_| "flush refused".to_string())?;
+        while done.is_empty() {
+            ch.poll(&mut done);
+            if Instant::now() > deadline {
+                return Err("flush timed out".into());
+            }
+            std::thread::yield_now();
+        }
+        done[0].result.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Read a device's superblock.
+pub fn read_superblock(
+    dev: &dyn BlockDevice,
+) -> Result<Result<Superblock, SuperblockError>, String> {
+    let mut buf = vec![0u8; SUPERBLOCK_BYTES];
+    sync_io(dev, IoOp::Read, &mut buf)?;
+    Ok(Superblock::decode(&buf))
+}
+
+fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), AssemblyError> {
+    let mut buf = sb.encode();
+    sync_io(dev, IoOp::Write, &mut buf).map_err(|reason| AssemblyError::Io {
+        device: dev.info().name.clone(),
+        reason,
+    })
+}
+
+fn state_code(s: MemberState) -> u8 {
+    match s {
+        MemberState::InSync => 0,
+        MemberState::Failed => 1,
+        MemberState::Rebuilding => 2,
+    }
+}
+
+impl VolumeMeta {
+    /// Write the superblock of every member that is not failed, with the
+    /// events counter bumped: the record of `device`'s current state.
+    pub fn record(
+        &mut self,
+        device: &dyn RaidDevice,
+        members: &[Arc<dyn BlockDevice>],
+        clean: bool,
+    ) -> Result<(), AssemblyError> {
+        self.template.events += 1;
+        self.template.clean = clean;
+        let states = device.member_states();
+        self.template.slot_states = states.iter().map(|&s| state_code(s)).collect();
+        for (slot, (dev, state)) in members.iter().zip(&states).enumerate() {
+            if *state == MemberState::Failed {
+                continue;
+            }
+            let mut sb = self.template.clone();
+            sb.slot = slot as u32;
+            sb.member_uuid = self.member_uuids[slot];
+            write_superblock(dev.as_ref(), &sb)?;
+        }
+        Ok(())
+    }
+}
+
+/// Create a volume on `spec.members`, writing fresh superblocks. Members
+/// that already carry one of ours are refused unless `force`.
+pub fn create(
+    spec: &VolumeSpec,
+    failures: FailureSink,
+    force: bool,
+) -> Result<(Arc<dyn RaidDevice>, VolumeMeta), AssemblyError> {
+    if spec.name.is_empty() || spec.name.len() > 32 {
+        return Err(AssemblyError::Invalid(
+            "volume name must be 1..=32 bytes".into(),
+        ));
+    }
+    let Some(first) = spec.members.first() else {
+        return Err(AssemblyError::Invalid("no members".into()));
+    };
+    let bs = first.info().block_size;
+    if spec.data_offset * (bs as u64) < SUPERBLOCK_BYTES as u64 {
+        return Err(AssemblyError::Invalid(format!(
+            "data offset {} blocks leaves no room for the 4 KiB superblock",
+            spec.data_offset
+        )));
+    }
+    for dev in &spec.members {
+        match read_superblock(dev.as_ref()) {
+            Ok(Ok(sb)) if !force => {
+                return Err(AssemblyError::InUse {
+                    device: dev.info().name.clone(),
+                    volume: sb.name,
+                })
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                return Err(AssemblyError::Io {
+                    device: dev.info().name.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+    let members: Vec<Member> = spec
+        .members
+        .iter()
+        .map(|d| Member {
+            dev: d.clone(),
+            state: MemberState::InSync,
+        })
+        .collect();
+    let device = build(spec, members, failures)?;
+    let data_blocks = spec
+        .members
+        .iter()
+        .map(|m| m.info().num_blocks)
+        .min()
+        .unwrap_or(0)
+        - spec.data_offset;
+    let mut meta = VolumeMeta {
+        template: Superblock {
+            volume_uuid: *uuid::Uuid::new_v4().as_bytes(),
+            member_uuid: [0; 16],
+            name: spec.name.clone(),
+            level: spec.level,
+            layout: spec.layout,
+            chunk_bytes: spec.chunk_bytes,
+            members: spec.members.len() as u32,
+            slot: 0,
+            block_size: bs,
+            data_offset: spec.data_offset,
+            data_blocks,
+            events: 0,
+            clean: true,
+            slot_states: vec![0; spec.members.len()],
+            rebuild_checkpoint: 0,
+        },
+        member_uuids: spec
+            .members
+            .iter()
+            .map(|_| *uuid::Uuid::new_v4().as_bytes())
+            .collect(),
+    };
+    meta.record(device.as_ref(), &spec.members, true)?;
+    Ok((device, meta))
+}
+
+fn build(
+    spec: &VolumeSpec,
+    members: Vec<Member>,
+    failures: FailureSink,
+) -> Result<Arc<dyn RaidDevice>, AssemblyError> {
+    let e = |e: bdev::BdevError| AssemblyError::Invalid(e.to_string());
+    Ok(match spec.level {
+        Level::Raid1 => {
+            Arc::new(Raid1Device::new(&spec.name, members, spec.data_offset, failures).map_err(e)?)
+        }
+        Level::Raid5 => Arc::new(
+            Raid5Device::new(
+                &spec.name,
+                members,
+                spec.chunk_bytes,
+                spec.layout,
+                spec.data_offset,
+                failures,
+            )
+            .map_err(e)?,
+        ),
+    })
+}
+
+/// A device and the superblock read from it.
+type Found = (Arc<dyn BlockDevice>, Superblock);
+
+/// A volume found on the devices.
+pub struct Assembled {
+    /// Its device, degraded where members are missing or stale.
+    pub device: Arc<dyn RaidDevice>,
+    /// Its identity, to record later changes.
+    pub meta: VolumeMeta,
+    /// Members by slot (a failed slot holds whatever device was there, or
+    /// none).
+    pub members: Vec<Option<Arc<dyn BlockDevice>>>,
+    /// Devices whose superblock was older than their peers'.
+    pub stale: Vec<String>,
+    /// Whether the last shutdown was clean.
+    pub was_clean: bool,
+}
+
+/// What assembly found.
+#[derive(Default)]
+pub struct AssemblyReport {
+    /// Volumes that could start.
+    pub volumes: Vec<Assembled>,
+    /// Devices or volumes that could not be used, with the reason. Nothing
+    /// here has been written to.
+    pub problems: Vec<(String, String)>,
+}
+
+/// Find the volumes on `devices` and assemble them. Blank or foreign
+/// devices are ignored; corrupt superblocks, stale members and volumes
+/// missing too many members are reported, never overwritten.
+pub fn assemble(
+    devices: &[Arc<dyn BlockDevice>],
+    failures: impl Fn(&str) -> FailureSink,
+) -> AssemblyReport {
+    let mut report = AssemblyReport::default();
+    let mut groups: BTreeMap<[u8; 16], Vec<Found>> = BTreeMap::new();
+    for dev in devices {
+        let name = dev.info().name.clone();
+        match read_superblock(dev.as_ref()) {
+            Ok(Ok(sb)) => groups
+                .entry(sb.volume_uuid)
+                .or_default()
+                .push((dev.clone(), sb)),
+            Ok(Err(SuperblockError::Foreign)) => {}
+            Ok(Err(e)) => report.problems.push((name, e.to_string())),
+            Err(e) => report
+                .problems
+                .push((name, format!("reading the superblock: {e}"))),
+        }
+    }
+    for (_, found) in groups {
+        let Some(newest) = found.iter().map(|(_, sb)| sb.events).max() else {
+            continue;
+        };
+        let Some((_, auth)) = found.iter().find(|(_, sb)| sb.events == newest) else {
+            continue;
+        };
+        let auth = auth.clone();
+        let n = auth.members as usize;
+        let mut slots: Vec<Option<Arc<dyn BlockDevice>>> = vec![None; n];
+        let mut stale = Vec::new();
+        let mut ok = true;
+        for (dev, sb) in &found {
+            let same_geometry = sb.level == auth.level
+                && sb.members == auth.members
+                && sb.chunk_bytes == auth.chunk_bytes
+                && sb.layout == auth.layout
+                && sb.data_offset == auth.data_offset
+                && sb.block_size == auth.block_size;
+            if !same_geometry {
+                report.problems.push((
+                    dev.info().name.clone(),
+                    format!(
+                        "superblock of {:?} disagrees with its peers on the geometry",
+                        auth.name
+                    ),
+                ));
+                ok = false;
+                continue;
+            }
+            if sb.events < newest {
+                stale.push(dev.info().name.clone());
+                continue;
+            }
+            let slot = sb.slot as usize;
+            if slots[slot].is_some() {
+                report.problems.push((
+                    dev.info().name.clone(),
+                    format!("two devices claim slot {slot} of {:?}", auth.name),
+                ));
+                ok = false;
+                continue;
+            }
+            slots[slot] = Some(dev.clone());
+        }
+        if !ok {
+            continue;
+        }
+        let members: Vec<Member> = (0..n)
+            .map(|slot| {
+                let in_sync = auth.slot_states.get(slot) == Some(&0);
+                match (&slots[slot], in_sync) {
+                    (Some(dev), true) => Member {
+                        dev: dev.clone(),
+                        state: MemberState::InSync,
+                    },
+                    // Missing, stale, failed or only partly rebuilt: not
+                    // trusted. A placeholder keeps the slot.
+                    (dev, _) => Member {
+                        dev: dev.clone().unwrap_or_else(|| placeholder(&found)),
+                        state: MemberState::Failed,
+                    },
+                }
+            })
+            .collect();
+        let missing = members
+            .iter()
+            .filter(|m| m.state == MemberState::Failed)
+            .count();
+        let tolerated = match auth.level {
+            Level::Raid1 => n - 1,
+            Level::Raid5 => 1,
+        };
+        if missing > tolerated {
+            report.problems.push((
+                auth.name.clone(),
+                format!("cannot start: {missing} of {n} members missing or stale (at most {tolerated} tolerated)"),
+            ));
+            continue;
+        }
+        let spec = VolumeSpec {
+            name: auth.name.clone(),
+            level: auth.level,
+            layout: auth.layout,
+            chunk_bytes: auth.chunk_bytes,
+            data_offset: auth.data_offset,
+            members: members.iter().map(|m| m.dev.clone()).collect(),
+        };
+        let member_uuids = (0..n)
+            .map(|slot| {
+                found
+                    .iter()
+                    .find(|(_, sb)| sb.slot as usize == slot && sb.events == newest)
+                    .map_or_else(
+                        || *uuid::Uuid::new_v4().as_bytes(),
+                        |(_, sb)| sb.member_uuid,
+                    )
+            })
+            .collect();
+        match build(&spec, members, failures(&auth.name)) {
+            Ok(device) => report.volumes.push(Assembled {
+                device,
+                was_clean: auth.clean,
+                meta: VolumeMeta {
+                    template: auth.clone(),
+                    member_uuids,
+                },
+                members: slots,
+                stale,
+            }),
+            Err(e) => report.problems.push((auth.name.clone(), e.to_string())),
+        }
+    }
+    report
+}
+
+/// A stand-in for a missing member: any device of the volume (it is marked
+/// failed, so no IO reaches it).
+fn placeholder(found: &[Found]) -> Arc<dyn BlockDevice> {
+    found[0].0.clone()
+}
