@@ -258,3 +258,131 @@ fn a_spare_takes_over_and_is_rebuilt_while_io_goes_on() {
     );
     reactors.shutdown().unwrap();
 }
+
+#[test]
+fn operator_changes_race_each_other_and_io_without_harm() {
+    use appliance::raid::monitor::OpError;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    // Small members so rebuilds are quick: 64 stripes of 4 KiB chunks.
+    let small =
+        |name: &str| Arc::new(RamDevice::new(name, 4096, 64).unwrap()) as Arc<dyn BlockDevice>;
+    let (tx, rx) = mpsc::channel();
+    let members: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| small(&format!("m{i}"))).collect();
+    let dev = Arc::new(
+        Raid5Device::new(
+            "r5",
+            members.iter().cloned().map(member).collect(),
+            4096,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Arc::new(Monitor::start(
+        reactors.set(),
+        volume.clone(),
+        dev,
+        rx,
+        vec![],
+    ));
+    let w = Workload::start_on_volume(
+        reactors.set(),
+        &volume,
+        WorkloadParams {
+            queue_depth: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unexpected = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut threads = Vec::new();
+    // Spares come and go; names are reused, so operations on a device race
+    // its removal and its promotion into the volume.
+    for t in 0..3 {
+        let (monitor, stop, unexpected) = (monitor.clone(), stop.clone(), unexpected.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            let mut ops = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("s{}", n % 3);
+                n += 1;
+                let res = match t {
+                    0 => monitor.add_spare(small(&name)),
+                    1 => monitor.remove_spare(&name),
+                    _ => monitor.fail_member(&name),
+                };
+                ops += 1;
+                match res {
+                    Ok(())
+                    | Err(OpError::NotFound(_))
+                    | Err(OpError::AlreadyExists(_))
+                    | Err(OpError::FailedPrecondition(_)) => {}
+                    Err(e) => unexpected.lock().unwrap().push(e.to_string()),
+                }
+            }
+            ops
+        }));
+    }
+    // Meanwhile real members fail, one at a time, and spares take over.
+    let mut failed_members = 0;
+    for round in 0..60 {
+        std::thread::sleep(Duration::from_millis(25));
+        let devs = monitor.member_states();
+        if devs.iter().any(|s| *s == MemberState::Failed) {
+            // Keep the volume recovering: a fresh spare for the failed slot.
+            let _ = monitor.add_spare(small(&format!("r{round}")));
+        }
+        if devs.iter().all(|s| *s == MemberState::InSync) {
+            let name = format!("m{}", round % 4);
+            match monitor.fail_member(&name) {
+                Ok(()) => failed_members += 1,
+                Err(OpError::NotFound(_)) | Err(OpError::FailedPrecondition(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ops: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(
+        unexpected.lock().unwrap().is_empty(),
+        "{:?}",
+        unexpected.lock().unwrap()
+    );
+    // Let the last rebuild finish with a spare available.
+    let _ = monitor.add_spare(small("last"));
+    let t = std::time::Instant::now();
+    while !monitor
+        .member_states()
+        .iter()
+        .all(|s| *s == MemberState::InSync)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            monitor.member_states()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?}");
+    assert!(totals.reads_verified > 0);
+    println!(
+        "{ops} racing operator calls, {failed_members} member failures, {} IOs",
+        totals.ios
+    );
+    assert!(ops > 1000, "the race ran {ops} operations");
+    assert!(failed_members > 1, "only {failed_members} member failures");
+    // Whatever devices hold the slots now, every stripe's parity adds up.
+    assert!(
+        parity_consistent(&monitor.member_devices(), 0, 64),
+        "parity after the races"
+    );
+    reactors.shutdown().unwrap();
+}

@@ -24,6 +24,8 @@ pub trait RaidDevice: BlockDevice {
     fn member_ids(&self) -> Vec<usize>;
     /// The device in each slot.
     fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>>;
+    /// How many members can be missing with no data lost.
+    fn max_failures(&self) -> usize;
     /// The same device with failed `slot` taken by `dev`, to be rebuilt.
     fn with_member_replaced(
         &self,
@@ -41,6 +43,25 @@ pub trait RaidDevice: BlockDevice {
 pub struct Monitor {
     state: Arc<Mutex<MonitorState>>,
     thread: Option<JoinHandle<()>>,
+    set: ReactorSet,
+    volume: Volume,
+}
+
+/// Why an operator's change was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// The device is not bound to this volume (as a member or spare).
+    #[error("{0}: not a member or spare of this volume")]
+    NotFound(String),
+    /// The device is already part of this volume.
+    #[error("{0}: already a member or spare of this volume")]
+    AlreadyExists(String),
+    /// The change is not possible in the volume's state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The reconfiguration itself failed.
+    #[error("{0}")]
+    Internal(String),
 }
 
 struct MonitorState {
@@ -79,6 +100,7 @@ impl Monitor {
             spares,
             rebuild: None,
         }));
+        let (set_outer, vol_outer) = (set.clone(), volume.clone());
         let (st, set) = (state.clone(), set.clone());
         let thread = std::thread::Builder::new()
             .name(format!("monitor-{}", volume.name()))
@@ -91,7 +113,84 @@ impl Monitor {
                 }
             })
             .ok();
-        Monitor { state, thread }
+        Monitor {
+            state,
+            thread,
+            set: set_outer,
+            volume: vol_outer,
+        }
+    }
+
+    /// An operator fails the member on device `name` (md's `--fail`).
+    /// Refused if it is not bound to this volume, already failed, or if
+    /// losing it would lose data.
+    pub fn fail_member(&self, name: &str) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let devs = s.current.member_devices();
+        let states = s.current.member_states();
+        let Some(slot) = (0..devs.len())
+            .find(|&i| devs[i].info().name == name && states[i] != MemberState::Failed)
+        else {
+            return Err(if devs.iter().any(|d| d.info().name == name) {
+                OpError::FailedPrecondition(format!("{name} has already failed"))
+            } else {
+                OpError::NotFound(name.to_string())
+            });
+        };
+        let degraded = states
+            .iter()
+            .filter(|&&st| st != MemberState::InSync)
+            .count();
+        if states[slot] == MemberState::InSync && degraded >= s.current.max_failures() {
+            return Err(OpError::FailedPrecondition(format!(
+                "failing {name} would lose data: {degraded} member(s) already missing or rebuilding"
+            )));
+        }
+        let ev = Event::Failed(super::members::MemberFailure {
+            member: slot,
+            device: super::members::device_id(&devs[slot]),
+            error: bdev::IoError::DeviceFailed,
+        });
+        handle(&self.set, &self.volume, &mut s, ev).map_err(OpError::Internal)
+    }
+
+    /// Add a hot spare; it is used at once if a slot is failed.
+    pub fn add_spare(&self, dev: Arc<dyn BlockDevice>) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let name = dev.info().name.clone();
+        let bound = s
+            .current
+            .member_devices()
+            .iter()
+            .any(|d| d.info().name == name)
+            || s.spares.iter().any(|d| d.info().name == name);
+        if bound {
+            return Err(OpError::AlreadyExists(name));
+        }
+        s.spares.push(dev);
+        let failed = s
+            .current
+            .member_states()
+            .iter()
+            .position(|&st| st == MemberState::Failed);
+        match failed {
+            Some(slot) => {
+                start_spare(&self.set, &self.volume, &mut s, slot).map_err(OpError::Internal)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Remove a hot spare that is not in use.
+    pub fn remove_spare(&self, name: &str) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.spares.iter().position(|d| d.info().name == name) {
+            Some(i) => {
+                s.spares.remove(i);
+                Ok(())
+            }
+            None => Err(OpError::NotFound(name.to_string())),
+        }
     }
 
     /// Record every change in the members' superblocks from now on.
@@ -106,6 +205,15 @@ impl Monitor {
             .unwrap_or_else(|e| e.into_inner())
             .current
             .member_states()
+    }
+
+    /// The devices in the slots of the current generation.
+    pub fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .member_devices()
     }
 
     /// The running or last rebuild.
@@ -169,9 +277,25 @@ fn apply(set: &ReactorSet, volume: &Volume, s: &mut MonitorState, ev: Event) -> 
             publish(volume, &next)?;
             tracing::warn!(volume = volume.name(), member = f.member, error = %f.error, "member marked failed");
             s.current = next;
+            // A rebuild onto this slot stops; wait for it so the device is
+            // no longer written when it is handed back.
+            if let Some(p) = s
+                .rebuild
+                .as_ref()
+                .filter(|p| p.slot == f.member && !p.is_finished())
+            {
+                p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                let t = std::time::Instant::now();
+                while !p.is_finished() && t.elapsed() < CHANGE_TIMEOUT {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             start_spare(set, volume, s, f.member)
         }
         Event::Rebuilt(slot) => {
+            if s.current.member_states().get(slot) != Some(&MemberState::Rebuilding) {
+                return Ok(()); // the slot failed meanwhile
+            }
             let next = s
                 .current
                 .with_member_in_sync(slot)

@@ -108,6 +108,10 @@ impl super::monitor::RaidDevice for Raid1Device {
         self.members.iter().map(|m| m.state).collect()
     }
 
+    fn max_failures(&self) -> usize {
+        self.members.len() - 1
+    }
+
     fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
         self.members.iter().map(|m| m.dev.clone()).collect()
     }

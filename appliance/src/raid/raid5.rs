@@ -279,6 +279,10 @@ impl RaidDevice for Raid5Device {
         self.members.iter().map(|m| m.state).collect()
     }
 
+    fn max_failures(&self) -> usize {
+        1
+    }
+
     fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
         self.members.iter().map(|m| m.dev.clone()).collect()
     }

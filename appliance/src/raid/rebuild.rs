@@ -34,6 +34,8 @@ pub struct RebuildProgress {
     /// sync_speed_max.
     pub max_bytes_per_sec: AtomicU64,
     started: Instant,
+    /// Set to stop the rebuild at the next stripe.
+    pub cancel: AtomicBool,
     finished: AtomicBool,
     error: Mutex<Option<String>>,
 }
@@ -48,6 +50,7 @@ impl RebuildProgress {
             bytes: AtomicU64::new(0),
             max_bytes_per_sec: AtomicU64::new(0),
             started: Instant::now(),
+            cancel: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             error: Mutex::new(None),
         }
@@ -151,7 +154,6 @@ impl Rebuilder {
             .error
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-        self.progress.finished.store(true, Ordering::SeqCst);
         self.events.event(Event::RebuildAborted(self.slot, why));
         self.drain()
     }
@@ -167,6 +169,8 @@ impl Rebuilder {
         comps.clear();
         self.comps = comps;
         if self.channels.iter().all(|c| c.inflight() == 0) {
+            // Only now: nothing of ours is in flight to the devices.
+            self.progress.finished.store(true, Ordering::SeqCst);
             PollState::Done
         } else {
             PollState::Busy
@@ -179,6 +183,9 @@ impl Rebuilder {
             match self.step {
                 Step::Draining => return self.drain(),
                 Step::Lock => {
+                    if self.progress.cancel.load(Ordering::SeqCst) {
+                        return self.abort("cancelled".into());
+                    }
                     if self.stripe >= self.geo.stripes() {
                         self.progress.finished.store(true, Ordering::SeqCst);
                         self.events.event(Event::Rebuilt(self.slot));
