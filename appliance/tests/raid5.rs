@@ -335,7 +335,7 @@ fn operator_changes_race_each_other_and_io_without_harm() {
     for round in 0..60 {
         std::thread::sleep(Duration::from_millis(25));
         let devs = monitor.member_states();
-        if devs.iter().any(|s| *s == MemberState::Failed) {
+        if devs.contains(&MemberState::Failed) {
             // Keep the volume recovering: a fresh spare for the failed slot.
             let _ = monitor.add_spare(small(&format!("r{round}")));
         }
