@@ -2,6 +2,7 @@
 //! volumes and exports, wired together.
 #![deny(missing_docs)]
 
+pub mod demo;
 pub mod devspec;
 pub mod export;
 pub mod raid;

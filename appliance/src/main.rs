@@ -18,11 +18,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start on an embedded default (RAM devices), run a verified workload
-    /// on every reactor while reconfiguring under it, and print the result.
+    /// The embedded default: a RAM RAID5 with a hot spare, exported over
+    /// vhost-user-blk and driven by a real vhost-user-blk client; a member
+    /// fails mid-run, the spare is rebuilt under IO, every block is verified.
     ///
-    /// Example: appliance demo --reactors 2 --seconds 3
+    /// Example: appliance demo            (--keep to stay up for a QEMU guest)
     Demo {
+        /// Reactor threads.
+        #[arg(long, default_value_t = 2)]
+        reactors: usize,
+        /// Size of each RAID member in MiB.
+        #[arg(long, default_value_t = 64)]
+        member_mib: u64,
+        /// Seconds of IO before the member fails.
+        #[arg(long, default_value_t = 2.0)]
+        before_failure: f64,
+        /// Socket of the export.
+        #[arg(long, default_value = "/tmp/appliance-demo.sock")]
+        socket: std::path::PathBuf,
+        /// Keep serving after the demo until Ctrl-C, for applctl or a QEMU guest.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run a verified workload on every reactor on a RAM device while
+    /// reconfiguring it through the quiesce epoch, and print the result.
+    ///
+    /// Example: appliance selfcheck --reactors 2 --seconds 3
+    Selfcheck {
         /// Reactor threads.
         #[arg(long, default_value_t = 2)]
         reactors: usize,
@@ -88,6 +110,21 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo {
             reactors,
+            member_mib,
+            before_failure,
+            socket,
+            keep,
+        } => demo(
+            appliance::demo::DemoOptions {
+                reactors,
+                member_mib,
+                before_failure,
+                socket,
+            },
+            keep,
+        ),
+        Command::Selfcheck {
+            reactors,
             cores,
             seconds,
             device_mib,
@@ -104,7 +141,7 @@ fn main() -> ExitCode {
                 device_mib,
                 ..Default::default()
             };
-            demo(&opts, keep)
+            selfcheck(&opts, keep)
         }
         Command::Serve {
             socket,
@@ -226,7 +263,7 @@ fn serve(a: ServeArgs) -> ExitCode {
     }
 }
 
-fn demo(opts: &SelfCheckOptions, keep: bool) -> ExitCode {
+fn selfcheck(opts: &SelfCheckOptions, keep: bool) -> ExitCode {
     let reactors = match start_reactors(opts) {
         Ok(r) => r,
         Err(e) => {
@@ -275,6 +312,55 @@ fn demo(opts: &SelfCheckOptions, keep: bool) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
+    if !(opts.before_failure.is_finite()
+        && opts.before_failure >= 0.0
+        && opts.before_failure <= 3600.0)
+    {
+        eprintln!("error: --before-failure must be in [0, 3600] seconds");
+        return ExitCode::from(2);
+    }
+    if opts.member_mib < 1 || opts.member_mib > 4096 {
+        eprintln!("error: --member-mib must be 1..=4096");
+        return ExitCode::from(2);
+    }
+    let stop = match stop_flag() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let (report, reactors, mut export, monitor) = match appliance::demo::run(&opts, &mut stdout) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if keep {
+        println!("serving until Ctrl-C; attach a QEMU guest with:");
+        println!(
+            "  qemu-system-x86_64 -machine q35 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=demo,path={},reconnect=1 -device vhost-user-blk-pci,chardev=demo,num-queues=2 ...",
+            opts.socket.display()
+        );
+        while !stop.load(Ordering::SeqCst) && !reactors.set().is_stopped() {
+            reactors.set().wait_stopped(Duration::from_millis(200));
+        }
+    }
+    let _ = export.delete(true);
+    drop(monitor);
+    match reactors.shutdown() {
+        Ok(()) if report.passed() => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

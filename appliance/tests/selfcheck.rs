@@ -27,9 +27,9 @@ fn selfcheck_verifies_io_on_every_reactor_across_reconfigurations() {
 }
 
 #[test]
-fn demo_binary_runs_and_exits_cleanly() {
+fn selfcheck_binary_runs_and_exits_cleanly() {
     let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["demo", "--seconds", "0.5", "--device-mib", "32"])
+        .args(["selfcheck", "--seconds", "0.5", "--device-mib", "32"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -43,20 +43,20 @@ fn demo_binary_runs_and_exits_cleanly() {
 }
 
 #[test]
-fn demo_refuses_bad_arguments_with_a_clear_message() {
+fn selfcheck_refuses_bad_arguments_with_a_clear_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["demo", "--seconds", "-1"])
+        .args(["selfcheck", "--seconds", "-1"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["demo", "--seconds", "nan"])
+        .args(["selfcheck", "--seconds", "nan"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--seconds"));
     let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["demo", "--reactors", "0", "--seconds", "0.1"])
+        .args(["selfcheck", "--reactors", "0", "--seconds", "0.1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -67,7 +67,14 @@ fn demo_refuses_bad_arguments_with_a_clear_message() {
 fn keep_mode_idles_near_zero_cpu_and_stops_on_sigint() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["demo", "--seconds", "0.2", "--device-mib", "32", "--keep"])
+        .args([
+            "selfcheck",
+            "--seconds",
+            "0.2",
+            "--device-mib",
+            "32",
+            "--keep",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -107,4 +114,32 @@ fn keep_mode_idles_near_zero_cpu_and_stops_on_sigint() {
         rest.iter().any(|l| l.contains("reactors stopped cleanly")),
         "{rest:?}"
     );
+}
+
+#[test]
+fn the_demo_survives_a_member_failure_and_verifies_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("demo.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args([
+            "demo",
+            "--member-mib",
+            "16",
+            "--before-failure",
+            "0.5",
+            "--socket",
+        ])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rebuild finished"), "{stdout}");
+    assert!(stdout.contains(" 0 mismatches, 0 errors"), "{stdout}");
+    assert!(stdout.contains("demo PASSED"), "{stdout}");
+    assert!(!sock.exists(), "socket removed at exit");
 }

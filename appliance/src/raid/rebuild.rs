@@ -199,7 +199,9 @@ impl Rebuilder {
                         }
                     }
                     if !self.locks.try_lock(self.stripe) {
-                        return PollState::Idle;
+                        // Busy, not idle: nothing wakes a sleeping reactor
+                        // when another core releases the lock.
+                        return PollState::Busy;
                     }
                     let block = self.geo.member_block(self.stripe, 0);
                     let n = self.geo.chunk_blocks();
