@@ -225,3 +225,124 @@ fn the_guest_survives_an_appliance_crash_and_restart_without_io_errors() {
     assert!(serial.contains("GUEST-ALL-OK"), "{serial}");
     assert!(!serial.contains("I/O error"), "{serial}");
 }
+
+#[test]
+fn a_guest_on_a_raid5_export_rides_out_a_member_failure_and_rebuild() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::raid::assembly::{create, VolumeSpec};
+    use appliance::raid::geometry::Layout;
+    use appliance::raid::members::{FailureSink, MemberState};
+    use appliance::raid::monitor::Monitor;
+    use appliance::raid::superblock::Level;
+    use appliance::volume::Volume;
+    use bdev::{BlockDevice, FaultDevice, RamDevice};
+    use std::sync::Arc;
+
+    let guest = guest();
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let ram = |n: &str| {
+        Arc::new(RamDevice::new(n, 4096, (48 << 20) / 4096 + 256).unwrap()) as Arc<dyn BlockDevice>
+    };
+    let faults: Vec<Arc<FaultDevice>> = (0..4)
+        .map(|i| Arc::new(FaultDevice::new(ram(&format!("m{i}")))))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (device, meta) = create(
+        &VolumeSpec {
+            name: "vmraid".into(),
+            level: Level::Raid5,
+            layout: Layout::LeftSymmetric,
+            chunk_bytes: 64 << 10,
+            data_offset: 256,
+            members: faults
+                .iter()
+                .map(|f| f.clone() as Arc<dyn BlockDevice>)
+                .collect(),
+        },
+        FailureSink::new(tx),
+        false,
+    )
+    .unwrap();
+    let volume = Volume::new(reactors.set(), "vmraid", device.clone());
+    let monitor = Monitor::start(
+        reactors.set(),
+        volume.clone(),
+        device,
+        rx,
+        vec![ram("spare")],
+    );
+    monitor.set_meta(meta);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("raid.sock");
+    let mut export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            socket: sock.clone(),
+            num_queues: 1,
+            read_only: false,
+            serial: "vm-raid".into(),
+            queue_cores: vec![],
+        },
+    )
+    .unwrap();
+    let log = dir.path().join("serial.log");
+    let mut boot = Command::new(repo().join("deploy/vmrig/boot.sh"))
+        .arg("--guest")
+        .arg(&guest)
+        .arg("--script")
+        .arg(repo().join("appliance/tests/vm/raid-guest.sh"))
+        .arg("--log")
+        .arg(&log)
+        .args(["--mem", "512", "--timeout", "900", "--"])
+        .arg("-chardev")
+        .arg(format!("socket,id=r,path={}", sock.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=r,num-queues=1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("FIO-START")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "guest never started fio"
+        );
+        assert!(boot.try_wait().unwrap().is_none(), "guest ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    faults[1].control().pull();
+    let status = boot.wait().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    assert!(
+        serial.contains("FIO-VERIFY OK") && serial.contains("GUEST-ALL-OK"),
+        "{serial}"
+    );
+    // The spare took the failed slot and was rebuilt.
+    let t = Instant::now();
+    while !monitor
+        .member_states()
+        .iter()
+        .all(|s| *s == MemberState::InSync)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            monitor.member_states()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(monitor.rebuild().is_some_and(|p| p.fraction() == 1.0));
+    export.delete(true).unwrap();
+    drop(monitor);
+    reactors.shutdown().unwrap();
+}

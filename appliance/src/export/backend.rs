@@ -238,8 +238,9 @@ impl Handler {
         c[8..12].copy_from_slice(&l.size_max.to_le_bytes());
         c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&bs.to_le_bytes());
-        // Topology: minimum IO one block; optimal IO the device's boundary.
-        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        // Topology: minimum IO (a RAID5 chunk) and optimal IO (its stripe).
+        c[26..28]
+            .copy_from_slice(&(info.min_io_blocks.clamp(1, u16::MAX as u32) as u16).to_le_bytes());
         c[28..32].copy_from_slice(&info.optimal_io_boundary.to_le_bytes());
         c[34..36].copy_from_slice(&self.export.options.num_queues.to_le_bytes());
         let sectors_per_block = bs / 512;

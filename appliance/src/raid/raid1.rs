@@ -65,6 +65,7 @@ impl Raid1Device {
                 .min()
                 .unwrap_or(0),
             optimal_io_boundary: 0,
+            min_io_blocks: 1,
             flush: true,
             discard: all(|i| i.discard),
             write_zeroes: all(|i| i.write_zeroes),

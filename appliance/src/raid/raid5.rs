@@ -127,6 +127,7 @@ impl Raid5Device {
                 .unwrap_or(0)
                 .min(128 << 20),
             optimal_io_boundary: geo.stripe_blocks() as u32,
+            min_io_blocks: geo.chunk_blocks() as u32,
             flush: true,
             discard: false,
             write_zeroes: false,

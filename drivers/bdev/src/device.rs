@@ -17,6 +17,8 @@ pub struct DeviceInfo {
     pub max_transfer: u32,
     /// Requests should not cross multiples of this many blocks (0: none).
     pub optimal_io_boundary: u32,
+    /// Smallest IO that avoids extra work, in blocks (RAID5: a chunk).
+    pub min_io_blocks: u32,
     /// Flush does something (the device has a volatile cache or buffers).
     pub flush: bool,
     /// Discard is supported.

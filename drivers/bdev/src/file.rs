@@ -117,6 +117,7 @@ impl FileDevice {
                     num_blocks: size / block_size as u64,
                     max_transfer: MAX_TRANSFER,
                     optimal_io_boundary: 0,
+                    min_io_blocks: 1,
                     flush: true,
                     discard: true,
                     write_zeroes: true,

@@ -32,6 +32,7 @@ impl NullDevice {
                 num_blocks,
                 max_transfer: 128 << 20,
                 optimal_io_boundary: 0,
+                min_io_blocks: 1,
                 flush: false,
                 discard: true,
                 write_zeroes: true,

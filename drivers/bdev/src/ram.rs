@@ -87,6 +87,7 @@ impl RamDevice {
                     num_blocks,
                     max_transfer: MAX_TRANSFER,
                     optimal_io_boundary: 0,
+                    min_io_blocks: 1,
                     flush: volatile,
                     discard: true,
                     write_zeroes: true,
