@@ -386,3 +386,99 @@ fn operator_changes_race_each_other_and_io_without_harm() {
     );
     reactors.shutdown().unwrap();
 }
+
+#[test]
+fn scrub_finds_and_repairs_parity_mismatches() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| ram(&format!("m{i}"), 256)).collect();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid5Device::new(
+            "r5",
+            devs.iter().cloned().map(member).collect(),
+            16384,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
+    let data: Vec<u8> = (0..dev.info().num_blocks as usize * 4096)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    {
+        let mut ch = dev.open_channel().unwrap();
+        let mut buf = data.clone();
+        run_one(
+            ch.as_mut(),
+            rw(IoOp::Write, 0, dev.info().num_blocks, &mut buf, 1),
+        )
+        .unwrap();
+    }
+    let wait = |p: &Arc<appliance::raid::rebuild::RebuildProgress>| {
+        let t = std::time::Instant::now();
+        while !p.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(p.error().is_none(), "{:?}", p.error());
+    };
+    let p = monitor.scrub(false).unwrap();
+    wait(&p);
+    assert_eq!(
+        p.mismatches.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "clean after normal writes"
+    );
+    // Damage the parity of stripe 5 (its parity member, 3 blocks of it).
+    let parity = dev.geometry().parity_member(5) as usize;
+    let mut junk = vec![0xffu8; 3 * 4096];
+    {
+        let mut ch = devs[parity].open_channel().unwrap();
+        run_one(
+            ch.as_mut(),
+            rw(
+                IoOp::Write,
+                dev.geometry().member_block(5, 1),
+                3,
+                &mut junk,
+                2,
+            ),
+        )
+        .unwrap();
+    }
+    let p = monitor.scrub(false).unwrap();
+    wait(&p);
+    assert_eq!(
+        p.mismatches.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "check counts, changes nothing"
+    );
+    assert!(!parity_consistent(&devs, 0, 256));
+    let p = monitor.scrub(true).unwrap();
+    wait(&p);
+    assert_eq!(p.mismatches.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(
+        parity_consistent(&devs, 0, 256),
+        "repair rewrote the parity"
+    );
+    let p = monitor.scrub(false).unwrap();
+    wait(&p);
+    assert_eq!(p.mismatches.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Data never changed.
+    let mut ch = dev.open_channel().unwrap();
+    let mut got = vec![0u8; data.len()];
+    run_one(
+        ch.as_mut(),
+        rw(IoOp::Read, 0, dev.info().num_blocks, &mut got, 3),
+    )
+    .unwrap();
+    assert!(got == data);
+    reactors.shutdown().unwrap();
+}

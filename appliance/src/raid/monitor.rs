@@ -26,6 +26,12 @@ pub trait RaidDevice: BlockDevice {
     fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>>;
     /// How many members can be missing with no data lost.
     fn max_failures(&self) -> usize;
+    /// Start a parity check (or repair) as a poller on this reactor.
+    fn start_scrub(
+        &self,
+        ctx: &mut poller::Ctx,
+        repair: bool,
+    ) -> Result<Arc<RebuildProgress>, BdevError>;
     /// The same device with failed `slot` taken by `dev`, to be rebuilt.
     fn with_member_replaced(
         &self,
@@ -152,6 +158,37 @@ impl Monitor {
             error: bdev::IoError::DeviceFailed,
         });
         handle(&self.set, &self.volume, &mut s, ev).map_err(OpError::Internal)
+    }
+
+    /// Start a scrub: count parity mismatches (md's `check`), and with
+    /// `repair` rewrite them from the data. Only on a healthy volume.
+    pub fn scrub(&self, repair: bool) -> Result<Arc<RebuildProgress>, OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.current
+            .member_states()
+            .iter()
+            .any(|&st| st != MemberState::InSync)
+        {
+            return Err(OpError::FailedPrecondition(
+                "scrub needs every member in sync".into(),
+            ));
+        }
+        if s.rebuild.as_ref().is_some_and(|p| !p.is_finished()) {
+            return Err(OpError::FailedPrecondition(
+                "a rebuild or scrub is already running".into(),
+            ));
+        }
+        let cur = s.current.clone();
+        let core = self.set.len() - 1;
+        let progress = self
+            .set
+            .call(core, CHANGE_TIMEOUT, move |ctx| {
+                cur.start_scrub(ctx, repair).map_err(|e| e.to_string())
+            })
+            .map_err(OpError::Internal)?
+            .map_err(OpError::FailedPrecondition)?;
+        s.rebuild = Some(progress.clone());
+        Ok(progress)
     }
 
     /// Add a hot spare; it is used at once if a slot is failed.

@@ -109,6 +109,17 @@ impl super::monitor::RaidDevice for Raid1Device {
         self.members.iter().map(|m| m.state).collect()
     }
 
+    fn start_scrub(
+        &self,
+        _ctx: &mut poller::Ctx,
+        _repair: bool,
+    ) -> Result<Arc<super::rebuild::RebuildProgress>, BdevError> {
+        Err(BdevError::Unsupported(format!(
+            "{}: RAID1 scrub is not implemented yet",
+            self.info.name
+        )))
+    }
+
     fn max_failures(&self) -> usize {
         self.members.len() - 1
     }

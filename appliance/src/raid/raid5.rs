@@ -280,6 +280,39 @@ impl RaidDevice for Raid5Device {
         self.members.iter().map(|m| m.state).collect()
     }
 
+    fn start_scrub(
+        &self,
+        ctx: &mut poller::Ctx,
+        repair: bool,
+    ) -> Result<Arc<RebuildProgress>, BdevError> {
+        if self.members.iter().any(|m| m.state != MemberState::InSync) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: scrub needs every member in sync",
+                self.info.name
+            )));
+        }
+        let channels = self
+            .members
+            .iter()
+            .map(|m| m.dev.open_channel())
+            .collect::<Result<Vec<_>, _>>()?;
+        let progress = Arc::new(RebuildProgress::new(
+            usize::MAX,
+            self.geo.stripes(),
+            Arc::new(AtomicU64::new(0)),
+        ));
+        let mut s = super::rebuild::Scrubber::new(
+            self.geo,
+            channels,
+            self.locks.clone(),
+            progress.clone(),
+            repair,
+            self.info.block_size as usize,
+        );
+        ctx.add_poller(move |_| s.poll());
+        Ok(progress)
+    }
+
     fn max_failures(&self) -> usize {
         1
     }

@@ -36,6 +36,8 @@ pub struct RebuildProgress {
     started: Instant,
     /// Set to stop the rebuild at the next stripe.
     pub cancel: AtomicBool,
+    /// Blocks whose parity did not match (scrub).
+    pub mismatches: AtomicU64,
     finished: AtomicBool,
     error: Mutex<Option<String>>,
 }
@@ -51,6 +53,7 @@ impl RebuildProgress {
             max_bytes_per_sec: AtomicU64::new(0),
             started: Instant::now(),
             cancel: AtomicBool::new(false),
+            mismatches: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             error: Mutex::new(None),
         }
@@ -269,6 +272,184 @@ impl Rebuilder {
                         continue;
                     }
                     // Written: move the cursor past the stripe, then unlock.
+                    self.progress
+                        .bytes
+                        .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+                    self.stripe += 1;
+                    self.progress.cursor.store(self.stripe, Ordering::SeqCst);
+                    self.locks.unlock(self.stripe - 1);
+                    self.step = Step::Lock;
+                    return PollState::Busy;
+                }
+            }
+        }
+    }
+}
+
+/// A parity check (md's `check`) or repair (`repair`) of a healthy RAID5:
+/// every stripe locked, all its chunk rows read and XORed; a row that does
+/// not XOR to zero is a mismatch, and with `repair` its parity is rewritten
+/// from the data.
+pub struct Scrubber {
+    geo: Raid5Geometry,
+    channels: Vec<Box<dyn IoChannel>>,
+    locks: Arc<StripeLocks>,
+    progress: Arc<RebuildProgress>,
+    repair: bool,
+    stripe: u64,
+    step: Step,
+    pending: usize,
+    bufs: Vec<Vec<u8>>,
+    out: Vec<u8>,
+    comps: Vec<Completion>,
+    block_size: usize,
+}
+
+impl Scrubber {
+    /// Scrub with one channel per member, in slot order.
+    pub fn new(
+        geo: Raid5Geometry,
+        channels: Vec<Box<dyn IoChannel>>,
+        locks: Arc<StripeLocks>,
+        progress: Arc<RebuildProgress>,
+        repair: bool,
+        block_size: usize,
+    ) -> Scrubber {
+        let chunk = geo.chunk_blocks() as usize * block_size;
+        Scrubber {
+            bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
+            out: vec![0u8; chunk],
+            geo,
+            channels,
+            locks,
+            progress,
+            repair,
+            stripe: 0,
+            step: Step::Lock,
+            pending: 0,
+            comps: Vec::new(),
+            block_size,
+        }
+    }
+
+    fn stop(&mut self, why: Option<String>) -> PollState {
+        if matches!(self.step, Step::Reading | Step::Writing) {
+            self.locks.unlock(self.stripe);
+        }
+        if let Some(why) = why {
+            *self
+                .progress
+                .error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+        self.step = Step::Draining;
+        self.poll()
+    }
+
+    /// One step; run as a reactor poller.
+    pub fn poll(&mut self) -> PollState {
+        loop {
+            match self.step {
+                Step::Draining => {
+                    let mut comps = std::mem::take(&mut self.comps);
+                    for ch in self.channels.iter_mut() {
+                        if ch.inflight() > 0 {
+                            ch.poll(&mut comps);
+                        }
+                    }
+                    comps.clear();
+                    self.comps = comps;
+                    if self.channels.iter().all(|c| c.inflight() == 0) {
+                        self.progress.finished.store(true, Ordering::SeqCst);
+                        return PollState::Done;
+                    }
+                    return PollState::Busy;
+                }
+                Step::Lock => {
+                    if self.progress.cancel.load(Ordering::SeqCst) {
+                        return self.stop(Some("cancelled".into()));
+                    }
+                    if self.stripe >= self.geo.stripes() {
+                        return self.stop(None);
+                    }
+                    if !self.locks.try_lock(self.stripe) {
+                        return PollState::Busy;
+                    }
+                    let block = self.geo.member_block(self.stripe, 0);
+                    let n = self.geo.chunk_blocks();
+                    let len = n as usize * self.block_size;
+                    self.step = Step::Reading;
+                    for m in 0..self.channels.len() {
+                        let req = IoRequest {
+                            op: IoOp::Read,
+                            offset_blocks: block,
+                            num_blocks: n,
+                            sg: sg::of(&mut self.bufs[m], 0, len),
+                            tag: m as u64,
+                        };
+                        if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
+                            return self.stop(Some(format!("member {m} refused a scrub read")));
+                        }
+                        self.pending += 1;
+                    }
+                }
+                Step::Reading | Step::Writing => {
+                    let mut comps = std::mem::take(&mut self.comps);
+                    for ch in self.channels.iter_mut() {
+                        if ch.inflight() > 0 {
+                            ch.poll(&mut comps);
+                        }
+                    }
+                    let failed = comps
+                        .iter()
+                        .find_map(|c| c.result.err().map(|e| (c.tag, e)));
+                    self.pending -= comps.len();
+                    comps.clear();
+                    self.comps = comps;
+                    if let Some((m, e)) = failed {
+                        return self.stop(Some(format!("member {m} failed during the scrub: {e}")));
+                    }
+                    if self.pending > 0 {
+                        return PollState::Busy;
+                    }
+                    if matches!(self.step, Step::Reading) {
+                        let all: Vec<&[u8]> = self.bufs.iter().map(|b| b.as_slice()).collect();
+                        xor_gen(&mut self.out, &all);
+                        let bs = self.block_size;
+                        let bad = self
+                            .out
+                            .chunks_exact(bs)
+                            .filter(|b| b.iter().any(|&x| x != 0))
+                            .count() as u64;
+                        if bad > 0 {
+                            self.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
+                            if self.repair {
+                                let parity = self.geo.parity_member(self.stripe) as usize;
+                                let data: Vec<&[u8]> = (0..self.bufs.len())
+                                    .filter(|&m| m != parity)
+                                    .map(|m| self.bufs[m].as_slice())
+                                    .collect();
+                                xor_gen(&mut self.out, &data);
+                                let len = self.out.len();
+                                let req = IoRequest {
+                                    op: IoOp::Write,
+                                    offset_blocks: self.geo.member_block(self.stripe, 0),
+                                    num_blocks: self.geo.chunk_blocks(),
+                                    sg: sg::of(&mut self.out, 0, len),
+                                    tag: parity as u64,
+                                };
+                                if let Err(SubmitError::Busy(_)) = self.channels[parity].submit(req)
+                                {
+                                    return self
+                                        .stop(Some("parity member refused a repair write".into()));
+                                }
+                                self.pending = 1;
+                                self.step = Step::Writing;
+                                continue;
+                            }
+                        }
+                    }
                     self.progress
                         .bytes
                         .fetch_add(self.out.len() as u64, Ordering::Relaxed);
