@@ -235,6 +235,61 @@ impl Monitor {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).meta = Some(meta);
     }
 
+    /// The volume goes into service: its superblocks say "dirty" until
+    /// [`close`](Self::close), so a crash in between is noticed at the
+    /// next assembly. If the last shutdown was not clean, parity is
+    /// resynchronised first (md's resync: a repairing scrub, in the
+    /// background, IO allowed).
+    pub fn open(&self, was_clean: bool) -> Result<Option<Arc<RebuildProgress>>, OpError> {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let cur = s.current.clone();
+            if let Some(meta) = s.meta.as_mut() {
+                meta.record(cur.as_ref(), &cur.member_devices(), false)
+                    .map_err(|e| OpError::Internal(e.to_string()))?;
+            }
+        }
+        if was_clean {
+            return Ok(None);
+        }
+        let degraded = self
+            .member_states()
+            .iter()
+            .any(|&st| st != MemberState::InSync);
+        if degraded {
+            // A degraded volume after a crash may hold stripes whose parity
+            // does not match their data; nothing can tell which. Say so.
+            tracing::warn!(volume = self.volume.name(), "unclean shutdown of a degraded volume: stripes written at the crash may be inconsistent");
+            return Ok(None);
+        }
+        tracing::warn!(
+            volume = self.volume.name(),
+            "unclean shutdown: resynchronising parity"
+        );
+        self.scrub(true).map(Some)
+    }
+
+    /// Clean shutdown: record "clean" in the superblocks. Call with no IO
+    /// running (after the exports are gone).
+    pub fn close(&self) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = s.rebuild.as_ref() {
+            p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            let t = std::time::Instant::now();
+            while !p.is_finished() && t.elapsed() < CHANGE_TIMEOUT {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let cur = s.current.clone();
+        // A cancelled resync leaves the volume dirty, as it is.
+        let resync_done = s.rebuild.as_ref().is_none_or(|p| p.error().is_none());
+        if let Some(meta) = s.meta.as_mut() {
+            meta.record(cur.as_ref(), &cur.member_devices(), resync_done)
+                .map_err(|e| OpError::Internal(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Member states of the current generation.
     pub fn member_states(&self) -> Vec<MemberState> {
         self.state
