@@ -249,6 +249,7 @@ pub fn run(
     let volume = Volume::new(reactors.set(), "demo", device.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), device, rx, vec![spare]);
     monitor.set_meta(meta);
+    monitor.open(true).map_err(|e| e.to_string())?;
     let info = volume.info();
     let export = Export::create(
         reactors.set(),

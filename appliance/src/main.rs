@@ -357,6 +357,9 @@ fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
         }
     }
     let _ = export.delete(true);
+    if let Err(e) = monitor.close() {
+        eprintln!("error: recording a clean shutdown: {e}");
+    }
     drop(monitor);
     match reactors.shutdown() {
         Ok(()) if report.passed() => ExitCode::SUCCESS,
