@@ -8,7 +8,7 @@ set -euo pipefail
 want=()
 case "${1:-test}" in
   # The test suite: the VM tests of later issues add qemu-system-x86 here.
-  test) want=(qemu-system-x86 fio kmod) ;;
+  test) want=(qemu-system-x86 fio kmod e2fsprogs) ;;
   bench) want=(fio valgrind) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
