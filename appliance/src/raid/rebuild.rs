@@ -95,10 +95,47 @@ enum Step {
     Draining,
 }
 
-/// The reactor-side rebuild state machine.
+/// The rows a rebuild walks: `count` rows of `blocks` blocks from `offset`
+/// on every member; the last row may be shorter (`total` blocks in all).
+#[derive(Debug, Clone, Copy)]
+pub struct Rows {
+    /// Number of rows.
+    pub count: u64,
+    /// Blocks per row.
+    pub blocks: u64,
+    /// First block of row 0 on every member.
+    pub offset: u64,
+    /// Blocks covered by all rows.
+    pub total: u64,
+}
+
+impl Rows {
+    /// The rows of a RAID5: one per stripe, a chunk each.
+    pub fn of_raid5(geo: &Raid5Geometry) -> Rows {
+        Rows {
+            count: geo.stripes(),
+            blocks: geo.chunk_blocks(),
+            offset: geo.data_offset(),
+            total: geo.stripes() * geo.chunk_blocks(),
+        }
+    }
+
+    fn block(&self, row: u64) -> u64 {
+        self.offset + row * self.blocks
+    }
+
+    fn len(&self, row: u64) -> u64 {
+        self.blocks.min(self.total - row * self.blocks)
+    }
+}
+
+/// The reactor-side rebuild state machine: each row of the new member is
+/// the XOR of the same row of the `sources` (all other members for RAID5,
+/// one in-sync mirror for RAID1, where the XOR is a copy).
 pub struct Rebuilder {
     ids: Vec<usize>,
-    geo: Raid5Geometry,
+    rows: Rows,
+    sources: Vec<usize>,
     slot: usize,
     channels: Vec<Box<dyn IoChannel>>,
     locks: Arc<StripeLocks>,
@@ -117,22 +154,24 @@ impl Rebuilder {
     /// Rebuild `slot` from the other members' channels (with their device
     /// identities), indexed by slot; the rebuilt member's at `slot`.
     pub fn new(
-        geo: Raid5Geometry,
+        rows: Rows,
         slot: usize,
+        sources: Vec<usize>,
         members: Vec<(Box<dyn IoChannel>, usize)>,
         locks: Arc<StripeLocks>,
         progress: Arc<RebuildProgress>,
         events: FailureSink,
         block_size: usize,
     ) -> Rebuilder {
-        let chunk = geo.chunk_blocks() as usize * block_size;
+        let chunk = rows.blocks as usize * block_size;
         let (channels, ids): (Vec<_>, Vec<_>) = members.into_iter().unzip();
         Rebuilder {
             ids,
             stripe: progress.cursor.load(Ordering::SeqCst),
             bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
             out: vec![0u8; chunk],
-            geo,
+            rows,
+            sources,
             slot,
             channels,
             locks,
@@ -189,7 +228,7 @@ impl Rebuilder {
                     if self.progress.cancel.load(Ordering::SeqCst) {
                         return self.abort("cancelled".into());
                     }
-                    if self.stripe >= self.geo.stripes() {
+                    if self.stripe >= self.rows.count {
                         self.progress.finished.store(true, Ordering::SeqCst);
                         self.events.event(Event::Rebuilt(self.slot));
                         return PollState::Done;
@@ -206,14 +245,12 @@ impl Rebuilder {
                         // when another core releases the lock.
                         return PollState::Busy;
                     }
-                    let block = self.geo.member_block(self.stripe, 0);
-                    let n = self.geo.chunk_blocks();
+                    let block = self.rows.block(self.stripe);
+                    let n = self.rows.len(self.stripe);
                     let len = n as usize * self.block_size;
                     self.step = Step::Reading;
-                    for m in 0..self.channels.len() {
-                        if m == self.slot {
-                            continue;
-                        }
+                    for si in 0..self.sources.len() {
+                        let m = self.sources[si];
                         let req = IoRequest {
                             op: IoOp::Read,
                             offset_blocks: block,
@@ -250,16 +287,13 @@ impl Rebuilder {
                         return PollState::Busy;
                     }
                     if matches!(self.step, Step::Reading) {
-                        let srcs: Vec<&[u8]> = (0..self.bufs.len())
-                            .filter(|&m| m != self.slot)
-                            .map(|m| self.bufs[m].as_slice())
-                            .collect();
-                        xor_gen(&mut self.out, &srcs);
-                        let n = self.geo.chunk_blocks();
-                        let len = self.out.len();
+                        let n = self.rows.len(self.stripe);
+                        let len = n as usize * self.block_size;
+                        let srcs: Vec<&[u8]> = self.sources.iter().map(|&m| &self.bufs[m][..len]).collect();
+                        xor_gen(&mut self.out[..len], &srcs);
                         let req = IoRequest {
                             op: IoOp::Write,
-                            offset_blocks: self.geo.member_block(self.stripe, 0),
+                            offset_blocks: self.rows.block(self.stripe),
                             num_blocks: n,
                             sg: sg::of(&mut self.out, 0, len),
                             tag: self.slot as u64,
@@ -272,9 +306,8 @@ impl Rebuilder {
                         continue;
                     }
                     // Written: move the cursor past the stripe, then unlock.
-                    self.progress
-                        .bytes
-                        .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+                    let done = self.rows.len(self.stripe) as usize * self.block_size;
+                    self.progress.bytes.fetch_add(done as u64, Ordering::Relaxed);
                     self.stripe += 1;
                     self.progress.cursor.store(self.stripe, Ordering::SeqCst);
                     self.locks.unlock(self.stripe - 1);
