@@ -130,3 +130,58 @@ fn a_member_failing_under_load_is_marked_failed_and_no_io_fails() {
     );
     reactors.shutdown().unwrap();
 }
+
+#[test]
+fn a_spare_is_rebuilt_into_a_mirror_while_io_goes_on() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let (a, b) = (ram("a", 4096), ram("b", 4096));
+    let fb = Arc::new(FaultDevice::new(b));
+    let spare = ram("spare", 4096);
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid1Device::new(
+            "r1",
+            vec![member(a.clone()), member(fb.clone())],
+            8,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r1", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![spare.clone()]);
+    let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fb.control().pull();
+    let t = std::time::Instant::now();
+    loop {
+        let states = monitor.member_states();
+        if states.iter().all(|s| *s == MemberState::InSync) && monitor.rebuild().is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "rebuild did not finish: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?}");
+    assert!(totals.reads_verified > 0);
+    // The spare now mirrors member a exactly over the data area.
+    let read_all = |d: &Arc<dyn BlockDevice>| {
+        let mut ch = d.open_channel().unwrap();
+        let mut buf = vec![0u8; (4096 - 8) * 4096];
+        run_one(ch.as_mut(), rw(IoOp::Read, 8, 4096 - 8, &mut buf, 1)).unwrap();
+        buf
+    };
+    assert!(
+        read_all(&a) == read_all(&spare),
+        "the rebuilt mirror differs"
+    );
+    reactors.shutdown().unwrap();
+}

@@ -4,6 +4,8 @@
 //! all of them. A failed member IO is retried on another member (reads) or
 //! tolerated while one member took the write, and reported.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bdev::{
@@ -12,6 +14,11 @@ use bdev::{
 };
 
 use super::members::{FailureSink, Member, MemberState};
+use super::raid5::StripeLocks;
+use super::rebuild::{RebuildProgress, Rebuilder, Rows};
+
+/// Blocks per rebuild region (the unit the rebuild copies and locks).
+const REGION: u64 = 256;
 
 /// A RAID1 device for one configuration generation.
 pub struct Raid1Device {
@@ -19,6 +26,10 @@ pub struct Raid1Device {
     members: Arc<Vec<Member>>,
     data_offset: u64,
     failures: FailureSink,
+    /// Region locks, used by writes only while a rebuild runs.
+    locks: Arc<StripeLocks>,
+    /// The slot being rebuilt and its cursor (regions done).
+    rebuilding: Option<(usize, Arc<AtomicU64>)>,
 }
 
 impl Raid1Device {
@@ -75,6 +86,8 @@ impl Raid1Device {
             members: Arc::new(members),
             data_offset,
             failures,
+            locks: Arc::new(StripeLocks::new()),
+            rebuilding: None,
         })
     }
 
@@ -88,12 +101,32 @@ impl Raid1Device {
         }
         let mut members = (*self.members).clone();
         members[slot].state = MemberState::Failed;
-        Ok(Raid1Device {
+        let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
+        Ok(self.next(members, rebuilding))
+    }
+
+    fn next(
+        &self,
+        members: Vec<Member>,
+        rebuilding: Option<(usize, Arc<AtomicU64>)>,
+    ) -> Raid1Device {
+        Raid1Device {
             info: self.info.clone(),
             members: Arc::new(members),
             data_offset: self.data_offset,
             failures: self.failures.clone(),
-        })
+            locks: self.locks.clone(),
+            rebuilding,
+        }
+    }
+
+    fn rows(&self) -> Rows {
+        Rows {
+            count: self.info.num_blocks.div_ceil(REGION),
+            blocks: REGION,
+            offset: self.data_offset,
+            total: self.info.num_blocks,
+        }
     }
 }
 
@@ -137,33 +170,95 @@ impl super::monitor::RaidDevice for Raid1Device {
 
     fn with_member_replaced(
         &self,
-        _slot: usize,
-        _dev: Arc<dyn BlockDevice>,
+        slot: usize,
+        dev: Arc<dyn BlockDevice>,
     ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
-        Err(BdevError::Unsupported(format!(
-            "{}: RAID1 rebuild is not implemented yet",
-            self.info.name
-        )))
+        let name = &self.info.name;
+        if self.members.get(slot).map(|m| m.state) != Some(MemberState::Failed) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: slot {slot} is not failed"
+            )));
+        }
+        if self.rebuilding.is_some() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: a rebuild is already running"
+            )));
+        }
+        let need = self.data_offset + self.info.num_blocks;
+        if dev.info().block_size != self.info.block_size || dev.info().num_blocks < need {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: {} is too small or has another block size (needs {need} blocks of {})",
+                dev.info().name,
+                self.info.block_size
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot] = Member {
+            dev,
+            state: MemberState::Rebuilding,
+        };
+        Ok(Arc::new(
+            self.next(members, Some((slot, Arc::new(AtomicU64::new(0))))),
+        ))
     }
 
     fn with_member_in_sync(
         &self,
-        _slot: usize,
+        slot: usize,
     ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
-        Err(BdevError::Unsupported(format!(
-            "{}: RAID1 rebuild is not implemented yet",
-            self.info.name
-        )))
+        match &self.rebuilding {
+            Some((r, c)) if *r == slot && c.load(Ordering::SeqCst) >= self.rows().count => {
+                let mut members = (*self.members).clone();
+                members[slot].state = MemberState::InSync;
+                Ok(Arc::new(self.next(members, None)))
+            }
+            _ => Err(BdevError::InvalidArgument(format!(
+                "{}: slot {slot} has not been rebuilt",
+                self.info.name
+            ))),
+        }
     }
 
-    fn start_rebuild(
-        &self,
-        _ctx: &mut poller::Ctx,
-    ) -> Result<Arc<super::rebuild::RebuildProgress>, BdevError> {
-        Err(BdevError::Unsupported(format!(
-            "{}: RAID1 rebuild is not implemented yet",
-            self.info.name
-        )))
+    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError> {
+        let Some((slot, cursor)) = self.rebuilding.clone() else {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: nothing to rebuild",
+                self.info.name
+            )));
+        };
+        let Some(source) = self
+            .members
+            .iter()
+            .position(|m| m.state == MemberState::InSync)
+        else {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: no member in sync to copy from",
+                self.info.name
+            )));
+        };
+        let channels = self
+            .members
+            .iter()
+            .map(|m| {
+                m.dev
+                    .open_channel()
+                    .map(|c| (c, super::members::device_id(&m.dev)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = self.rows();
+        let progress = Arc::new(RebuildProgress::new(slot, rows.count, cursor));
+        let mut r = Rebuilder::new(
+            rows,
+            slot,
+            vec![source],
+            channels,
+            self.locks.clone(),
+            progress.clone(),
+            self.failures.clone(),
+            self.info.block_size as usize,
+        );
+        ctx.add_poller(move |_| r.poll());
+        Ok(progress)
     }
 }
 
@@ -176,10 +271,8 @@ impl BlockDevice for Raid1Device {
         let mut chans = Vec::with_capacity(self.members.len());
         for m in self.members.iter() {
             chans.push(match m.state {
-                MemberState::InSync => Some(m.dev.open_channel()?),
-                // RAID1 rebuild is not implemented yet: a rebuilding
-                // member is not used.
-                MemberState::Failed | MemberState::Rebuilding => None,
+                MemberState::InSync | MemberState::Rebuilding => Some(m.dev.open_channel()?),
+                MemberState::Failed => None,
             });
         }
         Ok(Box::new(Raid1Channel {
@@ -199,6 +292,9 @@ impl BlockDevice for Raid1Device {
             scratch: Vec::new(),
             failures: self.failures.clone(),
             inflight: 0,
+            rebuild_target: self.rebuilding.as_ref().map(|(r, _)| *r),
+            locks: self.locks.clone(),
+            waiting: VecDeque::new(),
         }))
     }
 }
@@ -214,9 +310,16 @@ struct Parent {
     error: Option<IoError>,
     /// Members a read already tried (bit per slot).
     tried: u64,
+    /// Rebuild regions this write holds locked.
+    locked: Option<(u64, u64)>,
 }
 
 struct Raid1Channel {
+    /// The member being rebuilt: written, never read.
+    rebuild_target: Option<usize>,
+    locks: Arc<StripeLocks>,
+    /// Writes waiting for rebuild regions, in arrival order.
+    waiting: VecDeque<usize>,
     /// Identity of each member device, for failure reports.
     ids: Vec<usize>,
     info: DeviceInfo,
@@ -245,7 +348,7 @@ impl Raid1Channel {
     /// tried by this read.
     fn pick_reader(&self, tried: u64) -> Option<usize> {
         (0..self.members.len())
-            .filter(|&m| !self.failed[m] && tried & (1 << m) == 0)
+            .filter(|&m| !self.failed[m] && Some(m) != self.rebuild_target && tried & (1 << m) == 0)
             .min_by_key(|&m| self.outstanding[m])
     }
 
@@ -297,6 +400,11 @@ impl Raid1Channel {
 
     fn finish(&mut self, pi: usize) {
         if let Some(p) = self.parents[pi].take() {
+            if let Some((r0, r1)) = p.locked {
+                for r in r0..=r1 {
+                    self.locks.unlock(r);
+                }
+            }
             let result = if p.succeeded > 0 {
                 Ok(())
             } else {
@@ -304,6 +412,43 @@ impl Raid1Channel {
             };
             self.done.push(Completion { tag: p.tag, result });
             self.free.push(pi);
+        }
+    }
+
+    /// Lock every rebuild region write `pi` touches, all or none (so two
+    /// writes never wait on each other).
+    fn lock_regions(&mut self, pi: usize) -> bool {
+        let Some(p) = self.parents[pi].as_ref() else {
+            return false;
+        };
+        let (r0, r1) = (p.offset / REGION, (p.offset + p.blocks.max(1) - 1) / REGION);
+        for r in r0..=r1 {
+            if !self.locks.try_lock(r) {
+                for taken in r0..r {
+                    self.locks.unlock(taken);
+                }
+                return false;
+            }
+        }
+        if let Some(p) = self.parents[pi].as_mut() {
+            p.locked = Some((r0, r1));
+        }
+        true
+    }
+
+    /// Send a write that waited for its regions to every member in use.
+    fn start_waiting_write(&mut self, pi: usize) {
+        let targets: Vec<usize> = (0..self.members.len())
+            .filter(|&m| !self.failed[m])
+            .collect();
+        for m in targets {
+            self.send(pi, m);
+        }
+        if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
+            if let Some(p) = self.parents[pi].as_mut() {
+                p.error.get_or_insert(IoError::DeviceFailed);
+            }
+            self.finish(pi);
         }
     }
 
@@ -369,7 +514,15 @@ impl IoChannel for Raid1Channel {
             succeeded: 0,
             error: None,
             tried: 0,
+            locked: None,
         });
+        let write_like = matches!(req.op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes);
+        if write_like && self.rebuild_target.is_some() && !self.lock_regions(pi) {
+            // A rebuild copies regions under their locks; this write waits
+            // for the ones it touches so the copy cannot overwrite it.
+            self.waiting.push_back(pi);
+            return Ok(());
+        }
         let sent = if req.op == IoOp::Read {
             match self.pick_reader(0) {
                 Some(m) => {
@@ -428,6 +581,13 @@ impl IoChannel for Raid1Channel {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        while let Some(&pi) = self.waiting.front() {
+            if !self.lock_regions(pi) {
+                break;
+            }
+            self.waiting.pop_front();
+            self.start_waiting_write(pi);
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         for m in 0..self.members.len() {
             if let Some(ch) = self.members[m].as_mut() {

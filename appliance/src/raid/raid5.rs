@@ -263,7 +263,7 @@ impl RaidDevice for Raid5Device {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let progress = Arc::new(RebuildProgress::new(slot, self.geo.stripes(), cursor));
-                let sources = (0..self.members.len()).filter(|&m| m != slot).collect();
+        let sources = (0..self.members.len()).filter(|&m| m != slot).collect();
         let mut r = Rebuilder::new(
             super::rebuild::Rows::of_raid5(&self.geo),
             slot,

@@ -289,7 +289,8 @@ impl Rebuilder {
                     if matches!(self.step, Step::Reading) {
                         let n = self.rows.len(self.stripe);
                         let len = n as usize * self.block_size;
-                        let srcs: Vec<&[u8]> = self.sources.iter().map(|&m| &self.bufs[m][..len]).collect();
+                        let srcs: Vec<&[u8]> =
+                            self.sources.iter().map(|&m| &self.bufs[m][..len]).collect();
                         xor_gen(&mut self.out[..len], &srcs);
                         let req = IoRequest {
                             op: IoOp::Write,
@@ -307,7 +308,9 @@ impl Rebuilder {
                     }
                     // Written: move the cursor past the stripe, then unlock.
                     let done = self.rows.len(self.stripe) as usize * self.block_size;
-                    self.progress.bytes.fetch_add(done as u64, Ordering::Relaxed);
+                    self.progress
+                        .bytes
+                        .fetch_add(done as u64, Ordering::Relaxed);
                     self.stripe += 1;
                     self.progress.cursor.store(self.stripe, Ordering::SeqCst);
                     self.locks.unlock(self.stripe - 1);
