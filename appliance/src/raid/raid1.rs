@@ -126,6 +126,7 @@ impl Raid1Device {
             blocks: REGION,
             offset: self.data_offset,
             total: self.info.num_blocks,
+            block_size: self.info.block_size as usize,
         }
     }
 }
@@ -255,7 +256,6 @@ impl super::monitor::RaidDevice for Raid1Device {
             self.locks.clone(),
             progress.clone(),
             self.failures.clone(),
-            self.info.block_size as usize,
         );
         ctx.add_poller(move |_| r.poll());
         Ok(progress)

@@ -265,14 +265,13 @@ impl RaidDevice for Raid5Device {
         let progress = Arc::new(RebuildProgress::new(slot, self.geo.stripes(), cursor));
         let sources = (0..self.members.len()).filter(|&m| m != slot).collect();
         let mut r = Rebuilder::new(
-            super::rebuild::Rows::of_raid5(&self.geo),
+            super::rebuild::Rows::of_raid5(&self.geo, self.info.block_size as usize),
             slot,
             sources,
             channels,
             self.locks.clone(),
             progress.clone(),
             self.failures.clone(),
-            self.info.block_size as usize,
         );
         ctx.add_poller(move |_| r.poll());
         Ok(progress)

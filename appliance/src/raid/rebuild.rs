@@ -107,16 +107,19 @@ pub struct Rows {
     pub offset: u64,
     /// Blocks covered by all rows.
     pub total: u64,
+    /// Bytes per block.
+    pub block_size: usize,
 }
 
 impl Rows {
     /// The rows of a RAID5: one per stripe, a chunk each.
-    pub fn of_raid5(geo: &Raid5Geometry) -> Rows {
+    pub fn of_raid5(geo: &Raid5Geometry, block_size: usize) -> Rows {
         Rows {
             count: geo.stripes(),
             blocks: geo.chunk_blocks(),
             offset: geo.data_offset(),
             total: geo.stripes() * geo.chunk_blocks(),
+            block_size,
         }
     }
 
@@ -161,8 +164,8 @@ impl Rebuilder {
         locks: Arc<StripeLocks>,
         progress: Arc<RebuildProgress>,
         events: FailureSink,
-        block_size: usize,
     ) -> Rebuilder {
+        let block_size = rows.block_size;
         let chunk = rows.blocks as usize * block_size;
         let (channels, ids): (Vec<_>, Vec<_>) = members.into_iter().unzip();
         Rebuilder {
