@@ -14,7 +14,13 @@ out=${1:-$cache/guest}
 mkdir -p "$cache" "$out"
 chmod 755 "$cache"   # apt-get download runs as _apt and writes here
 
-kpkg=${KPKG:-$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')}
+resolve_kernel() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'; }
+kpkg=${KPKG:-$(resolve_kernel)}
+if [ -z "$kpkg" ]; then
+  # Package lists never fetched on this machine: fetch them once.
+  apt-get update -qq >&2 || true
+  kpkg=$(resolve_kernel)
+fi
 [ -n "$kpkg" ] || { echo "cannot resolve the guest kernel package" >&2; exit 1; }
 stamp="$kpkg $(sha256sum "$0" "$here/init" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/initramfs.cpio.gz" ]; then
