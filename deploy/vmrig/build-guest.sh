@@ -13,6 +13,9 @@ cache=${VMRIG_CACHE:-$HOME/.cache/appliance-vmrig}
 out=${1:-$cache/guest}
 mkdir -p "$cache" "$out"
 chmod 755 "$cache"   # apt-get download runs as _apt and writes here
+# Tests build the guest from several processes at once: one at a time.
+exec 9>"$cache/.lock"
+flock 9
 
 resolve_kernel() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'; }
 kpkg=${KPKG:-$(resolve_kernel)}
