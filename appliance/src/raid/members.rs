@@ -10,7 +10,7 @@
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use bdev::{BlockDevice, IoError};
+use bdev::{BdevError, BlockDevice, IoChannel, IoError};
 
 /// A member's role in the volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,4 +97,20 @@ impl FailureSink {
             let _ = tx.send(e);
         }
     }
+}
+
+/// Member channels opened on the calling core.
+pub type MemberChannels = Vec<Option<Box<dyn IoChannel>>>;
+
+/// Channels to the members that take IO (in sync or being rebuilt; `None`
+/// for failed ones) and every member's device identity, in slot order.
+pub fn open_members(members: &[Member]) -> Result<(MemberChannels, Vec<usize>), BdevError> {
+    let mut chans = Vec::with_capacity(members.len());
+    for m in members {
+        chans.push(match m.state {
+            MemberState::InSync | MemberState::Rebuilding => Some(m.dev.open_channel()?),
+            MemberState::Failed => None,
+        });
+    }
+    Ok((chans, members.iter().map(|m| device_id(&m.dev)).collect()))
 }

@@ -268,19 +268,9 @@ impl BlockDevice for Raid1Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let mut chans = Vec::with_capacity(self.members.len());
-        for m in self.members.iter() {
-            chans.push(match m.state {
-                MemberState::InSync | MemberState::Rebuilding => Some(m.dev.open_channel()?),
-                MemberState::Failed => None,
-            });
-        }
+        let (chans, ids) = super::members::open_members(&self.members)?;
         Ok(Box::new(Raid1Channel {
-            ids: self
-                .members
-                .iter()
-                .map(|m| super::members::device_id(&m.dev))
-                .collect(),
+            ids,
             info: self.info.clone(),
             data_offset: self.data_offset,
             outstanding: vec![0; chans.len()],

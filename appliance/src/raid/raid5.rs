@@ -336,19 +336,9 @@ impl BlockDevice for Raid5Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let mut chans = Vec::with_capacity(self.members.len());
-        for m in self.members.iter() {
-            chans.push(match m.state {
-                MemberState::InSync | MemberState::Rebuilding => Some(m.dev.open_channel()?),
-                MemberState::Failed => None,
-            });
-        }
+        let (chans, ids) = super::members::open_members(&self.members)?;
         Ok(Box::new(Raid5Channel {
-            ids: self
-                .members
-                .iter()
-                .map(|m| super::members::device_id(&m.dev))
-                .collect(),
+            ids,
             rebuilding: self.rebuilding.clone(),
             info: self.info.clone(),
             geo: self.geo,
