@@ -180,6 +180,12 @@ impl Monitor {
         }
         let cur = s.current.clone();
         let core = self.set.len() - 1;
+        // Start it with the volume suspended, so every write after it sees
+        // the scrub (RAID1 writes then take region locks).
+        let _quiet = self
+            .volume
+            .suspend(CHANGE_TIMEOUT)
+            .map_err(|e| OpError::Internal(e.to_string()))?;
         let progress = self
             .set
             .call(core, CHANGE_TIMEOUT, move |ctx| {

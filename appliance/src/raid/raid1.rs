@@ -30,6 +30,9 @@ pub struct Raid1Device {
     locks: Arc<StripeLocks>,
     /// The slot being rebuilt and its cursor (regions done).
     rebuilding: Option<(usize, Arc<AtomicU64>)>,
+    /// Set while a scrub runs: writes then lock their regions too, so a
+    /// repair never copies over a write in flight.
+    scrubbing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Raid1Device {
@@ -88,6 +91,7 @@ impl Raid1Device {
             failures,
             locks: Arc::new(StripeLocks::new()),
             rebuilding: None,
+            scrubbing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -117,6 +121,7 @@ impl Raid1Device {
             failures: self.failures.clone(),
             locks: self.locks.clone(),
             rebuilding,
+            scrubbing: self.scrubbing.clone(),
         }
     }
 
@@ -145,13 +150,40 @@ impl super::monitor::RaidDevice for Raid1Device {
 
     fn start_scrub(
         &self,
-        _ctx: &mut poller::Ctx,
-        _repair: bool,
-    ) -> Result<Arc<super::rebuild::RebuildProgress>, BdevError> {
-        Err(BdevError::Unsupported(format!(
-            "{}: RAID1 scrub is not implemented yet",
-            self.info.name
-        )))
+        ctx: &mut poller::Ctx,
+        repair: bool,
+    ) -> Result<Arc<RebuildProgress>, BdevError> {
+        if self.members.iter().any(|m| m.state != MemberState::InSync) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: scrub needs every member in sync",
+                self.info.name
+            )));
+        }
+        let channels = self
+            .members
+            .iter()
+            .map(|m| m.dev.open_channel())
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = self.rows();
+        let progress = Arc::new(RebuildProgress::new(
+            usize::MAX,
+            rows.count,
+            Arc::new(AtomicU64::new(0)),
+        ));
+        // The caller suspended the volume around this: no write without a
+        // lock is in flight once the flag is seen.
+        self.scrubbing.store(true, Ordering::SeqCst);
+        let mut s = super::rebuild::Scrubber::new(
+            rows,
+            None,
+            channels,
+            self.locks.clone(),
+            progress.clone(),
+            repair,
+        )
+        .clearing_when_done(self.scrubbing.clone());
+        ctx.add_poller(move |_| s.poll());
+        Ok(progress)
     }
 
     fn max_failures(&self) -> usize {
@@ -283,6 +315,7 @@ impl BlockDevice for Raid1Device {
             failures: self.failures.clone(),
             inflight: 0,
             rebuild_target: self.rebuilding.as_ref().map(|(r, _)| *r),
+            scrubbing: self.scrubbing.clone(),
             locks: self.locks.clone(),
             waiting: VecDeque::new(),
         }))
@@ -307,6 +340,7 @@ struct Parent {
 struct Raid1Channel {
     /// The member being rebuilt: written, never read.
     rebuild_target: Option<usize>,
+    scrubbing: Arc<std::sync::atomic::AtomicBool>,
     locks: Arc<StripeLocks>,
     /// Writes waiting for rebuild regions, in arrival order.
     waiting: VecDeque<usize>,
@@ -507,7 +541,8 @@ impl IoChannel for Raid1Channel {
             locked: None,
         });
         let write_like = matches!(req.op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes);
-        if write_like && self.rebuild_target.is_some() && !self.lock_regions(pi) {
+        let locking = self.rebuild_target.is_some() || self.scrubbing.load(Ordering::Relaxed);
+        if write_like && locking && !self.lock_regions(pi) {
             // A rebuild copies regions under their locks; this write waits
             // for the ones it touches so the copy cannot overwrite it.
             self.waiting.push_back(pi);

@@ -303,12 +303,12 @@ impl RaidDevice for Raid5Device {
             Arc::new(AtomicU64::new(0)),
         ));
         let mut s = super::rebuild::Scrubber::new(
-            self.geo,
+            super::rebuild::Rows::of_raid5(&self.geo, self.info.block_size as usize),
+            Some(self.geo),
             channels,
             self.locks.clone(),
             progress.clone(),
             repair,
-            self.info.block_size as usize,
         );
         ctx.add_poller(move |_| s.poll());
         Ok(progress)

@@ -325,12 +325,17 @@ impl Rebuilder {
     }
 }
 
-/// A parity check (md's `check`) or repair (`repair`) of a healthy RAID5:
-/// every stripe locked, all its chunk rows read and XORed; a row that does
-/// not XOR to zero is a mismatch, and with `repair` its parity is rewritten
-/// from the data.
+/// A consistency check (md's `check`) or repair (`repair`) of a healthy
+/// volume, row by row under the row's lock. RAID5: the rows of all members
+/// must XOR to zero, and repair rewrites parity from the data. RAID1: every
+/// mirror must equal the first, and repair copies the first over the others
+/// (md does the same).
 pub struct Scrubber {
-    geo: Raid5Geometry,
+    rows: Rows,
+    /// RAID5 geometry for parity placement; `None` for mirrors.
+    parity: Option<Raid5Geometry>,
+    /// Cleared when the scrub ends.
+    flag: Option<Arc<AtomicBool>>,
     channels: Vec<Box<dyn IoChannel>>,
     locks: Arc<StripeLocks>,
     progress: Arc<RebuildProgress>,
@@ -345,20 +350,29 @@ pub struct Scrubber {
 }
 
 impl Scrubber {
+    /// Clear `flag` when the scrub ends (however it ends).
+    pub fn clearing_when_done(mut self, flag: Arc<AtomicBool>) -> Scrubber {
+        self.flag = Some(flag);
+        self
+    }
+
     /// Scrub with one channel per member, in slot order.
     pub fn new(
-        geo: Raid5Geometry,
+        rows: Rows,
+        parity: Option<Raid5Geometry>,
         channels: Vec<Box<dyn IoChannel>>,
         locks: Arc<StripeLocks>,
         progress: Arc<RebuildProgress>,
         repair: bool,
-        block_size: usize,
     ) -> Scrubber {
-        let chunk = geo.chunk_blocks() as usize * block_size;
+        let block_size = rows.block_size;
+        let chunk = rows.blocks as usize * block_size;
         Scrubber {
             bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
             out: vec![0u8; chunk],
-            geo,
+            rows,
+            parity,
+            flag: None,
             channels,
             locks,
             progress,
@@ -386,6 +400,62 @@ impl Scrubber {
         self.poll()
     }
 
+    /// Count the row's blocks whose parity does not match; with repair,
+    /// the parity write to issue (member, from `out`).
+    fn check_parity(&mut self, geo: &Raid5Geometry, len: usize) -> Vec<(usize, bool)> {
+        let all: Vec<&[u8]> = self.bufs.iter().map(|b| &b[..len]).collect();
+        xor_gen(&mut self.out[..len], &all);
+        let bs = self.block_size;
+        let bad = self.out[..len]
+            .chunks_exact(bs)
+            .filter(|b| b.iter().any(|&x| x != 0))
+            .count() as u64;
+        if bad == 0 {
+            return Vec::new();
+        }
+        self.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
+        if !self.repair {
+            return Vec::new();
+        }
+        let parity = geo.parity_member(self.stripe) as usize;
+        let data: Vec<&[u8]> = (0..self.bufs.len())
+            .filter(|&m| m != parity)
+            .map(|m| &self.bufs[m][..len])
+            .collect();
+        xor_gen(&mut self.out[..len], &data);
+        vec![(parity, true)]
+    }
+
+    /// Count the row's blocks where a mirror differs from the first; with
+    /// repair, the copies to issue (member, from the first mirror's data).
+    fn check_mirrors(&mut self, len: usize) -> Vec<(usize, bool)> {
+        let bs = self.block_size;
+        let mut bad = 0u64;
+        let mut differ = vec![false; self.bufs.len()];
+        for start in (0..len).step_by(bs) {
+            let first = &self.bufs[0][start..start + bs];
+            let mut block_bad = false;
+            for (m, d) in differ.iter_mut().enumerate().skip(1) {
+                if self.bufs[m][start..start + bs] != *first {
+                    *d = true;
+                    block_bad = true;
+                }
+            }
+            bad += block_bad as u64;
+        }
+        if bad == 0 {
+            return Vec::new();
+        }
+        self.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
+        if !self.repair {
+            return Vec::new();
+        }
+        (1..differ.len())
+            .filter(|&m| differ[m])
+            .map(|m| (m, false))
+            .collect()
+    }
+
     /// One step; run as a reactor poller.
     pub fn poll(&mut self) -> PollState {
         loop {
@@ -400,6 +470,9 @@ impl Scrubber {
                     comps.clear();
                     self.comps = comps;
                     if self.channels.iter().all(|c| c.inflight() == 0) {
+                        if let Some(f) = &self.flag {
+                            f.store(false, Ordering::SeqCst);
+                        }
                         self.progress.finished.store(true, Ordering::SeqCst);
                         return PollState::Done;
                     }
@@ -409,14 +482,14 @@ impl Scrubber {
                     if self.progress.cancel.load(Ordering::SeqCst) {
                         return self.stop(Some("cancelled".into()));
                     }
-                    if self.stripe >= self.geo.stripes() {
+                    if self.stripe >= self.rows.count {
                         return self.stop(None);
                     }
                     if !self.locks.try_lock(self.stripe) {
                         return PollState::Busy;
                     }
-                    let block = self.geo.member_block(self.stripe, 0);
-                    let n = self.geo.chunk_blocks();
+                    let block = self.rows.block(self.stripe);
+                    let n = self.rows.len(self.stripe);
                     let len = n as usize * self.block_size;
                     self.step = Step::Reading;
                     for m in 0..self.channels.len() {
@@ -453,45 +526,41 @@ impl Scrubber {
                         return PollState::Busy;
                     }
                     if matches!(self.step, Step::Reading) {
-                        let all: Vec<&[u8]> = self.bufs.iter().map(|b| b.as_slice()).collect();
-                        xor_gen(&mut self.out, &all);
-                        let bs = self.block_size;
-                        let bad = self
-                            .out
-                            .chunks_exact(bs)
-                            .filter(|b| b.iter().any(|&x| x != 0))
-                            .count() as u64;
-                        if bad > 0 {
-                            self.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
-                            if self.repair {
-                                let parity = self.geo.parity_member(self.stripe) as usize;
-                                let data: Vec<&[u8]> = (0..self.bufs.len())
-                                    .filter(|&m| m != parity)
-                                    .map(|m| self.bufs[m].as_slice())
-                                    .collect();
-                                xor_gen(&mut self.out, &data);
-                                let len = self.out.len();
+                        let n = self.rows.len(self.stripe);
+                        let len = n as usize * self.block_size;
+                        let writes = match self.parity {
+                            Some(geo) => self.check_parity(&geo, len),
+                            None => self.check_mirrors(len),
+                        };
+                        if !writes.is_empty() {
+                            let block = self.rows.block(self.stripe);
+                            for (m, from_out) in writes {
+                                let src = if from_out {
+                                    &mut self.out
+                                } else {
+                                    &mut self.bufs[0]
+                                };
                                 let req = IoRequest {
                                     op: IoOp::Write,
-                                    offset_blocks: self.geo.member_block(self.stripe, 0),
-                                    num_blocks: self.geo.chunk_blocks(),
-                                    sg: sg::of(&mut self.out, 0, len),
-                                    tag: parity as u64,
+                                    offset_blocks: block,
+                                    num_blocks: n,
+                                    sg: sg::of(src, 0, len),
+                                    tag: m as u64,
                                 };
-                                if let Err(SubmitError::Busy(_)) = self.channels[parity].submit(req)
-                                {
+                                if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
                                     return self
-                                        .stop(Some("parity member refused a repair write".into()));
+                                        .stop(Some(format!("member {m} refused a repair write")));
                                 }
-                                self.pending = 1;
-                                self.step = Step::Writing;
-                                continue;
+                                self.pending += 1;
                             }
+                            self.step = Step::Writing;
+                            continue;
                         }
                     }
+                    let done = self.rows.len(self.stripe) as usize * self.block_size;
                     self.progress
                         .bytes
-                        .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+                        .fetch_add(done as u64, Ordering::Relaxed);
                     self.stripe += 1;
                     self.progress.cursor.store(self.stripe, Ordering::SeqCst);
                     self.locks.unlock(self.stripe - 1);
