@@ -390,6 +390,9 @@ pub fn assemble(
                 }
             })
             .collect();
+        // A member that was being rebuilt resumes from its checkpoint.
+        let resume =
+            (0..n).find(|&slot| auth.slot_states.get(slot) == Some(&2) && slots[slot].is_some());
         let missing = members
             .iter()
             .filter(|m| m.state == MemberState::Failed)
@@ -424,7 +427,16 @@ pub fn assemble(
                     )
             })
             .collect();
-        match build(&spec, members, failures(&auth.name)) {
+        let built = build(&spec, members, failures(&auth.name)).and_then(|device| match resume {
+            Some(slot) => {
+                let dev = spec.members[slot].clone();
+                device
+                    .with_member_replaced(slot, dev, auth.rebuild_checkpoint)
+                    .map_err(|e| AssemblyError::Invalid(e.to_string()))
+            }
+            None => Ok(device),
+        });
+        match built {
             Ok(device) => report.volumes.push(Assembled {
                 device,
                 was_clean: auth.clean,

@@ -33,10 +33,14 @@ pub trait RaidDevice: BlockDevice {
         repair: bool,
     ) -> Result<Arc<RebuildProgress>, BdevError>;
     /// The same device with failed `slot` taken by `dev`, to be rebuilt.
+    /// The same device with failed `slot` taken by `dev`, to be rebuilt
+    /// from row `cursor` on (0 for a new member; a superblock checkpoint
+    /// when resuming after a restart).
     fn with_member_replaced(
         &self,
         slot: usize,
         dev: Arc<dyn BlockDevice>,
+        cursor: u64,
     ) -> Result<Arc<dyn RaidDevice>, BdevError>;
     /// The same device with rebuilt `slot` in sync.
     fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError>;
@@ -79,6 +83,30 @@ struct MonitorState {
 }
 
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a running rebuild's cursor is written to the superblocks.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Record how far a running rebuild got, so a restart resumes there.
+fn checkpoint(s: &mut MonitorState) -> Result<(), String> {
+    let Some(p) = s
+        .rebuild
+        .as_ref()
+        .filter(|p| p.slot != usize::MAX && !p.is_finished())
+    else {
+        return Ok(());
+    };
+    let cursor = p.cursor.load(std::sync::atomic::Ordering::SeqCst);
+    let cur = s.current.clone();
+    let Some(meta) = s.meta.as_mut() else {
+        return Ok(());
+    };
+    if meta.template.rebuild_checkpoint == cursor {
+        return Ok(());
+    }
+    meta.template.rebuild_checkpoint = cursor;
+    meta.record(cur.as_ref(), &cur.member_devices(), false)
+        .map_err(|e| e.to_string())
+}
 
 fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), String> {
     let dev: Arc<dyn BlockDevice> = next.clone();
@@ -110,12 +138,19 @@ impl Monitor {
         let (st, set) = (state.clone(), set.clone());
         let thread = std::thread::Builder::new()
             .name(format!("monitor-{}", volume.name()))
-            .spawn(move || {
-                while let Ok(ev) = rx.recv() {
-                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = handle(&set, &volume, &mut s, ev) {
-                        tracing::error!(volume = volume.name(), error = %e, "volume reconfiguration");
-                    }
+            .spawn(move || loop {
+                let ev = match rx.recv_timeout(CHECKPOINT_EVERY) {
+                    Ok(ev) => Some(ev),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                };
+                let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                let res = match ev {
+                    Some(ev) => handle(&set, &volume, &mut s, ev),
+                    None => checkpoint(&mut s),
+                };
+                if let Err(e) = res {
+                    tracing::error!(volume = volume.name(), error = %e, "volume reconfiguration");
                 }
             })
             .ok();
@@ -253,6 +288,29 @@ impl Monitor {
             if let Some(meta) = s.meta.as_mut() {
                 meta.record(cur.as_ref(), &cur.member_devices(), false)
                     .map_err(|e| OpError::Internal(e.to_string()))?;
+            }
+        }
+        // A rebuild interrupted by the restart goes on from its checkpoint.
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.current.member_states().contains(&MemberState::Rebuilding) {
+                let cur = s.current.clone();
+                let core = self.set.len() - 1;
+                let progress = self
+                    .set
+                    .call(core, CHANGE_TIMEOUT, move |ctx| {
+                        cur.start_rebuild(ctx).map_err(|e| e.to_string())
+                    })
+                    .map_err(OpError::Internal)?
+                    .map_err(OpError::Internal)?;
+                tracing::info!(
+                    volume = self.volume.name(),
+                    slot = progress.slot,
+                    from = progress.cursor.load(std::sync::atomic::Ordering::SeqCst),
+                    "rebuild resumed"
+                );
+                s.rebuild = Some(progress.clone());
+                return Ok(Some(progress));
             }
         }
         if was_clean {
@@ -424,7 +482,7 @@ fn start_spare(
     let Some(spare) = s.spares.first().cloned() else {
         return Ok(());
     };
-    let next = match s.current.with_member_replaced(slot, spare) {
+    let next = match s.current.with_member_replaced(slot, spare, 0) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(volume = volume.name(), slot, error = %e, "spare not used");

@@ -205,6 +205,7 @@ impl super::monitor::RaidDevice for Raid1Device {
         &self,
         slot: usize,
         dev: Arc<dyn BlockDevice>,
+        cursor: u64,
     ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
         let name = &self.info.name;
         if self.members.get(slot).map(|m| m.state) != Some(MemberState::Failed) {
@@ -230,9 +231,10 @@ impl super::monitor::RaidDevice for Raid1Device {
             dev,
             state: MemberState::Rebuilding,
         };
-        Ok(Arc::new(
-            self.next(members, Some((slot, Arc::new(AtomicU64::new(0))))),
-        ))
+        Ok(Arc::new(self.next(
+            members,
+            Some((slot, Arc::new(AtomicU64::new(cursor)))),
+        )))
     }
 
     fn with_member_in_sync(

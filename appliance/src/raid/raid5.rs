@@ -184,6 +184,7 @@ impl RaidDevice for Raid5Device {
         &self,
         slot: usize,
         dev: Arc<dyn BlockDevice>,
+        cursor: u64,
     ) -> Result<Arc<dyn RaidDevice>, BdevError> {
         let name = &self.info.name;
         if slot >= self.members.len() {
@@ -214,9 +215,10 @@ impl RaidDevice for Raid5Device {
             dev,
             state: MemberState::Rebuilding,
         };
-        Ok(Arc::new(
-            self.next(members, Some((slot, Arc::new(AtomicU64::new(0))))),
-        ))
+        Ok(Arc::new(self.next(
+            members,
+            Some((slot, Arc::new(AtomicU64::new(cursor)))),
+        )))
     }
 
     fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
