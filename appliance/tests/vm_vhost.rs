@@ -226,8 +226,11 @@ fn the_guest_survives_an_appliance_crash_and_restart_without_io_errors() {
     assert!(!serial.contains("I/O error"), "{serial}");
 }
 
-#[test]
-fn a_guest_on_a_raid5_export_rides_out_a_member_failure_and_rebuild() {
+fn guest_rides_out_member_failure(
+    level: appliance::raid::superblock::Level,
+    members: usize,
+    script: &str,
+) {
     use appliance::export::{Export, ExportOptions};
     use appliance::raid::assembly::{create, VolumeSpec};
     use appliance::raid::geometry::Layout;
@@ -254,7 +257,7 @@ fn a_guest_on_a_raid5_export_rides_out_a_member_failure_and_rebuild() {
     let (device, meta) = create(
         &VolumeSpec {
             name: "vmraid".into(),
-            level: Level::Raid5,
+            level,
             layout: Layout::LeftSymmetric,
             chunk_bytes: 64 << 10,
             data_offset: 256,
@@ -295,7 +298,7 @@ fn a_guest_on_a_raid5_export_rides_out_a_member_failure_and_rebuild() {
         .arg("--guest")
         .arg(&guest)
         .arg("--script")
-        .arg(repo().join("appliance/tests/vm/raid-guest.sh"))
+        .arg(repo().join("appliance/tests/vm").join(script))
         .arg("--log")
         .arg(&log)
         .args(["--mem", "512", "--timeout", "900", "--"])
@@ -345,4 +348,22 @@ fn a_guest_on_a_raid5_export_rides_out_a_member_failure_and_rebuild() {
     export.delete(true).unwrap();
     drop(monitor);
     reactors.shutdown().unwrap();
+}
+
+#[test]
+fn a_guest_on_a_raid5_export_rides_out_a_member_failure_and_rebuild() {
+    guest_rides_out_member_failure(
+        appliance::raid::superblock::Level::Raid5,
+        4,
+        "raid-guest.sh",
+    );
+}
+
+#[test]
+fn a_guest_on_a_raid1_export_rides_out_a_member_failure_and_rebuild() {
+    guest_rides_out_member_failure(
+        appliance::raid::superblock::Level::Raid1,
+        2,
+        "raid1-guest.sh",
+    );
 }
