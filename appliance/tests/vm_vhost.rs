@@ -236,7 +236,6 @@ fn guest_rides_out_member_failure(
     use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, MemberState};
     use appliance::raid::monitor::Monitor;
-    use appliance::raid::superblock::Level;
     use appliance::volume::Volume;
     use bdev::{BlockDevice, FaultDevice, RamDevice};
     use std::sync::Arc;
@@ -250,7 +249,7 @@ fn guest_rides_out_member_failure(
     let ram = |n: &str| {
         Arc::new(RamDevice::new(n, 4096, (48 << 20) / 4096 + 256).unwrap()) as Arc<dyn BlockDevice>
     };
-    let faults: Vec<Arc<FaultDevice>> = (0..4)
+    let faults: Vec<Arc<FaultDevice>> = (0..members)
         .map(|i| Arc::new(FaultDevice::new(ram(&format!("m{i}")))))
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
