@@ -9,7 +9,7 @@ cargo build --release -q -p bench
 mb=target/release/microbench
 out=bench/results
 mkdir -p "$out"
-date=$(date -u +%Y-%m-%d)
+date=$(date -u +%Y-%m-%dT%H%M)
 json="$out/raid-$date.json"
 : > "$json"
 secs=${SECONDS_PER_RUN:-3}

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 deploy/install-deps.sh bench
 cargo build --release -q -p bench -p appliance
 sock=/tmp/vhost-callgrind.sock
-out=bench/results/vhost-callgrind-$(date -u +%Y-%m-%d).md
+out=bench/results/vhost-callgrind-$(date -u +%Y-%m-%dT%H%M).md
 count() { # label, drive(0/1), backend command...
   local label=$1 drive=$2; shift 2
   rm -f $sock

@@ -12,7 +12,7 @@ secs=${SECONDS_PER_RUN:-3}
 reps=${REPS:-1}
 out=bench/results
 mkdir -p "$out"
-date=$(date -u +%Y-%m-%d)
+date=$(date -u +%Y-%m-%dT%H%M)
 json="$out/vhost-$date.json"
 : > "$json"
 sock=/tmp/vhostbench.sock
