@@ -7,10 +7,13 @@
 //! sends a [`MemberFailure`] to the volume's monitor, which makes the
 //! change for everyone.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use bdev::{BdevError, BlockDevice, IoChannel, IoError};
+
+use super::raid5::StripeLocks;
 
 /// A member's role in the volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,4 +116,112 @@ pub fn open_members(members: &[Member]) -> Result<(MemberChannels, Vec<usize>), 
         });
     }
     Ok((chans, members.iter().map(|m| device_id(&m.dev)).collect()))
+}
+
+/// What changes from one generation of a RAID device to the next — the
+/// members and the slot being rebuilt — and what every generation shares:
+/// the row lock table, the scrub flag and where failures go. The member
+/// lifecycle (fail, replace, back in sync) is the same for every level and
+/// lives here once.
+#[derive(Clone)]
+pub struct MemberSet {
+    /// Members in slot order.
+    pub members: Arc<Vec<Member>>,
+    /// The slot being rebuilt and its cursor (rows done).
+    pub rebuilding: Option<(usize, Arc<AtomicU64>)>,
+    /// Row locks: RAID5 stripes, RAID1 regions while a rebuild or scrub runs.
+    pub locks: Arc<StripeLocks>,
+    /// Set while a scrub runs.
+    pub scrubbing: Arc<AtomicBool>,
+    /// Where channels report failures.
+    pub failures: FailureSink,
+}
+
+impl MemberSet {
+    /// A first generation.
+    pub fn new(members: Vec<Member>, failures: FailureSink) -> MemberSet {
+        MemberSet {
+            members: Arc::new(members),
+            rebuilding: None,
+            locks: Arc::new(StripeLocks::new()),
+            scrubbing: Arc::new(AtomicBool::new(false)),
+            failures,
+        }
+    }
+
+    fn next(&self, members: Vec<Member>, rebuilding: Option<(usize, Arc<AtomicU64>)>) -> MemberSet {
+        MemberSet {
+            members: Arc::new(members),
+            rebuilding,
+            ..self.clone()
+        }
+    }
+
+    /// Member states in slot order.
+    pub fn states(&self) -> Vec<MemberState> {
+        self.members.iter().map(|m| m.state).collect()
+    }
+
+    /// The next generation with `slot` failed (a rebuild onto it stops).
+    pub fn failed(&self, name: &str, slot: usize) -> Result<MemberSet, BdevError> {
+        if slot >= self.members.len() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: no member in slot {slot}"
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot].state = MemberState::Failed;
+        let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
+        Ok(self.next(members, rebuilding))
+    }
+
+    /// The next generation with failed `slot` taken by `dev`, rebuilt from
+    /// row `cursor` on; `dev` must hold `need_blocks` of `block_size`.
+    pub fn replaced(
+        &self,
+        name: &str,
+        slot: usize,
+        dev: Arc<dyn BlockDevice>,
+        cursor: u64,
+        need_blocks: u64,
+        block_size: u32,
+    ) -> Result<MemberSet, BdevError> {
+        if self.members.get(slot).map(|m| m.state) != Some(MemberState::Failed) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: slot {slot} is not failed"
+            )));
+        }
+        if self.rebuilding.is_some() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: a rebuild is already running"
+            )));
+        }
+        if dev.info().block_size != block_size || dev.info().num_blocks < need_blocks {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: {} is too small or has another block size (needs {need_blocks} blocks of {block_size})",
+                dev.info().name
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot] = Member {
+            dev,
+            state: MemberState::Rebuilding,
+        };
+        Ok(self.next(members, Some((slot, Arc::new(AtomicU64::new(cursor))))))
+    }
+
+    /// The next generation with `slot` in sync, once its rebuild has done
+    /// all `rows`.
+    pub fn in_sync(&self, name: &str, slot: usize, rows: u64) -> Result<MemberSet, BdevError> {
+        match &self.rebuilding {
+            Some((r, c)) if *r == slot && c.load(Ordering::SeqCst) >= rows => {
+                let mut members = (*self.members).clone();
+                members[slot].state = MemberState::InSync;
+                Ok(self.next(members, None))
+            }
+            _ => Err(BdevError::InvalidArgument(format!(
+                "{name}: slot {slot} has not been rebuilt"
+            ))),
+        }
+    }
 }

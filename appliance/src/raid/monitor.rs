@@ -10,29 +10,59 @@ use bdev::{BdevError, BlockDevice};
 
 use poller::ReactorSet;
 
-use super::members::{Event, MemberState};
-use super::rebuild::RebuildProgress;
+use std::sync::atomic::AtomicU64;
+
+use super::geometry::Raid5Geometry;
+use super::members::{device_id, Event, MemberSet, MemberState};
+use super::rebuild::{RebuildProgress, Rebuilder, Rows, Scrubber};
 use crate::volume::{Volume, VolumeConfig};
 
-/// A RAID device that can describe the next generation.
+/// A RAID device that can describe the next generation. A level says
+/// how its generations are built and how a rebuild or scrub walks it; the
+/// member lifecycle itself is shared (`MemberSet`) and the defaults here
+/// serve every level.
 pub trait RaidDevice: BlockDevice {
-    /// The same device with `slot` failed.
-    fn with_member_failed(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError>;
-    /// Member states in slot order.
-    fn member_states(&self) -> Vec<MemberState>;
-    /// Identity of the device in each slot (see `members::device_id`).
-    fn member_ids(&self) -> Vec<usize>;
-    /// The device in each slot.
-    fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>>;
+    /// Members, rebuild state and what generations share.
+    fn member_set(&self) -> &MemberSet;
+    /// The same device over another member set (the next generation).
+    fn with_member_set(&self, set: MemberSet) -> Arc<dyn RaidDevice>;
+    /// The rows a rebuild or scrub walks.
+    fn rows(&self) -> Rows;
+    /// The members a rebuild of `slot` reads (and XORs).
+    fn rebuild_sources(&self, slot: usize) -> Vec<usize>;
+    /// RAID5 geometry, for a scrub that checks parity; `None` for mirrors.
+    fn parity_geometry(&self) -> Option<Raid5Geometry>;
     /// How many members can be missing with no data lost.
     fn max_failures(&self) -> usize;
-    /// Start a parity check (or repair) as a poller on this reactor.
-    fn start_scrub(
-        &self,
-        ctx: &mut poller::Ctx,
-        repair: bool,
-    ) -> Result<Arc<RebuildProgress>, BdevError>;
-    /// The same device with failed `slot` taken by `dev`, to be rebuilt.
+
+    /// Member states in slot order.
+    fn member_states(&self) -> Vec<MemberState> {
+        self.member_set().states()
+    }
+
+    /// Identity of the device in each slot (see `members::device_id`).
+    fn member_ids(&self) -> Vec<usize> {
+        self.member_set()
+            .members
+            .iter()
+            .map(|m| device_id(&m.dev))
+            .collect()
+    }
+
+    /// The device in each slot.
+    fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
+        self.member_set()
+            .members
+            .iter()
+            .map(|m| m.dev.clone())
+            .collect()
+    }
+
+    /// The same device with `slot` failed.
+    fn with_member_failed(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
+        Ok(self.with_member_set(self.member_set().failed(&self.info().name, slot)?))
+    }
+
     /// The same device with failed `slot` taken by `dev`, to be rebuilt
     /// from row `cursor` on (0 for a new member; a superblock checkpoint
     /// when resuming after a restart).
@@ -41,11 +71,103 @@ pub trait RaidDevice: BlockDevice {
         slot: usize,
         dev: Arc<dyn BlockDevice>,
         cursor: u64,
-    ) -> Result<Arc<dyn RaidDevice>, BdevError>;
+    ) -> Result<Arc<dyn RaidDevice>, BdevError> {
+        let rows = self.rows();
+        let info = self.info();
+        let set = self.member_set().replaced(
+            &info.name,
+            slot,
+            dev,
+            cursor,
+            rows.offset + rows.total,
+            info.block_size,
+        )?;
+        Ok(self.with_member_set(set))
+    }
+
     /// The same device with rebuilt `slot` in sync.
-    fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError>;
+    fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
+        Ok(self.with_member_set(self.member_set().in_sync(
+            &self.info().name,
+            slot,
+            self.rows().count,
+        )?))
+    }
+
     /// Start rebuilding the replaced member as a poller on this reactor.
-    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError>;
+    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError> {
+        let set = self.member_set();
+        let name = &self.info().name;
+        let Some((slot, cursor)) = set.rebuilding.clone() else {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: nothing to rebuild"
+            )));
+        };
+        let sources = self.rebuild_sources(slot);
+        if sources.is_empty() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: no member in sync to rebuild from"
+            )));
+        }
+        let channels = set
+            .members
+            .iter()
+            .map(|m| m.dev.open_channel().map(|c| (c, device_id(&m.dev))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = self.rows();
+        let progress = Arc::new(RebuildProgress::new(slot, rows.count, cursor));
+        let mut r = Rebuilder::new(
+            rows,
+            slot,
+            sources,
+            channels,
+            set.locks.clone(),
+            progress.clone(),
+            set.failures.clone(),
+        );
+        ctx.add_poller(move |_| r.poll());
+        Ok(progress)
+    }
+
+    /// Start a consistency check (or repair) as a poller on this reactor.
+    /// Call it with the volume suspended: writes after it see the scrub.
+    fn start_scrub(
+        &self,
+        ctx: &mut poller::Ctx,
+        repair: bool,
+    ) -> Result<Arc<RebuildProgress>, BdevError> {
+        let set = self.member_set();
+        if set.members.iter().any(|m| m.state != MemberState::InSync) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{}: scrub needs every member in sync",
+                self.info().name
+            )));
+        }
+        let channels = set
+            .members
+            .iter()
+            .map(|m| m.dev.open_channel())
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = self.rows();
+        let progress = Arc::new(RebuildProgress::new(
+            usize::MAX,
+            rows.count,
+            Arc::new(AtomicU64::new(0)),
+        ));
+        set.scrubbing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut s = Scrubber::new(
+            rows,
+            self.parity_geometry(),
+            channels,
+            set.locks.clone(),
+            progress.clone(),
+            repair,
+        )
+        .clearing_when_done(set.scrubbing.clone());
+        ctx.add_poller(move |_| s.poll());
+        Ok(progress)
+    }
 }
 
 /// Applies member failures to a volume, replaces failed members with

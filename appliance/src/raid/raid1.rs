@@ -5,7 +5,7 @@
 //! tolerated while one member took the write, and reported.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bdev::{
@@ -13,9 +13,10 @@ use bdev::{
     SgList, SubmitError,
 };
 
-use super::members::{FailureSink, Member, MemberState};
+use super::members::{FailureSink, Member, MemberSet, MemberState};
+use super::monitor::RaidDevice;
 use super::raid5::StripeLocks;
-use super::rebuild::{RebuildProgress, Rebuilder, Rows};
+use super::rebuild::Rows;
 
 /// Blocks per rebuild region (the unit the rebuild copies and locks).
 const REGION: u64 = 256;
@@ -23,16 +24,8 @@ const REGION: u64 = 256;
 /// A RAID1 device for one configuration generation.
 pub struct Raid1Device {
     info: DeviceInfo,
-    members: Arc<Vec<Member>>,
     data_offset: u64,
-    failures: FailureSink,
-    /// Region locks, used by writes only while a rebuild runs.
-    locks: Arc<StripeLocks>,
-    /// The slot being rebuilt and its cursor (regions done).
-    rebuilding: Option<(usize, Arc<AtomicU64>)>,
-    /// Set while a scrub runs: writes then lock their regions too, so a
-    /// repair never copies over a write in flight.
-    scrubbing: Arc<std::sync::atomic::AtomicBool>,
+    set: MemberSet,
 }
 
 impl Raid1Device {
@@ -86,43 +79,23 @@ impl Raid1Device {
         };
         Ok(Raid1Device {
             info,
-            members: Arc::new(members),
             data_offset,
-            failures,
-            locks: Arc::new(StripeLocks::new()),
-            rebuilding: None,
-            scrubbing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            set: MemberSet::new(members, failures),
         })
     }
+}
 
-    /// The same mirror with member `slot` failed (for the next generation).
-    pub fn with_member_failed(&self, slot: usize) -> Result<Raid1Device, BdevError> {
-        if slot >= self.members.len() {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: no member in slot {slot}",
-                self.info.name
-            )));
-        }
-        let mut members = (*self.members).clone();
-        members[slot].state = MemberState::Failed;
-        let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
-        Ok(self.next(members, rebuilding))
+impl RaidDevice for Raid1Device {
+    fn member_set(&self) -> &MemberSet {
+        &self.set
     }
 
-    fn next(
-        &self,
-        members: Vec<Member>,
-        rebuilding: Option<(usize, Arc<AtomicU64>)>,
-    ) -> Raid1Device {
-        Raid1Device {
+    fn with_member_set(&self, set: MemberSet) -> Arc<dyn RaidDevice> {
+        Arc::new(Raid1Device {
             info: self.info.clone(),
-            members: Arc::new(members),
             data_offset: self.data_offset,
-            failures: self.failures.clone(),
-            locks: self.locks.clone(),
-            rebuilding,
-            scrubbing: self.scrubbing.clone(),
-        }
+            set,
+        })
     }
 
     fn rows(&self) -> Rows {
@@ -134,165 +107,23 @@ impl Raid1Device {
             block_size: self.info.block_size as usize,
         }
     }
-}
 
-impl super::monitor::RaidDevice for Raid1Device {
-    fn with_member_failed(
-        &self,
-        slot: usize,
-    ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
-        Ok(Arc::new(Raid1Device::with_member_failed(self, slot)?))
-    }
-
-    fn member_states(&self) -> Vec<MemberState> {
-        self.members.iter().map(|m| m.state).collect()
-    }
-
-    fn start_scrub(
-        &self,
-        ctx: &mut poller::Ctx,
-        repair: bool,
-    ) -> Result<Arc<RebuildProgress>, BdevError> {
-        if self.members.iter().any(|m| m.state != MemberState::InSync) {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: scrub needs every member in sync",
-                self.info.name
-            )));
-        }
-        let channels = self
-            .members
-            .iter()
-            .map(|m| m.dev.open_channel())
-            .collect::<Result<Vec<_>, _>>()?;
-        let rows = self.rows();
-        let progress = Arc::new(RebuildProgress::new(
-            usize::MAX,
-            rows.count,
-            Arc::new(AtomicU64::new(0)),
-        ));
-        // The caller suspended the volume around this: no write without a
-        // lock is in flight once the flag is seen.
-        self.scrubbing.store(true, Ordering::SeqCst);
-        let mut s = super::rebuild::Scrubber::new(
-            rows,
-            None,
-            channels,
-            self.locks.clone(),
-            progress.clone(),
-            repair,
-        )
-        .clearing_when_done(self.scrubbing.clone());
-        ctx.add_poller(move |_| s.poll());
-        Ok(progress)
-    }
-
-    fn max_failures(&self) -> usize {
-        self.members.len() - 1
-    }
-
-    fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
-        self.members.iter().map(|m| m.dev.clone()).collect()
-    }
-
-    fn member_ids(&self) -> Vec<usize> {
-        self.members
-            .iter()
-            .map(|m| super::members::device_id(&m.dev))
-            .collect()
-    }
-
-    fn with_member_replaced(
-        &self,
-        slot: usize,
-        dev: Arc<dyn BlockDevice>,
-        cursor: u64,
-    ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
-        let name = &self.info.name;
-        if self.members.get(slot).map(|m| m.state) != Some(MemberState::Failed) {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: slot {slot} is not failed"
-            )));
-        }
-        if self.rebuilding.is_some() {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: a rebuild is already running"
-            )));
-        }
-        let need = self.data_offset + self.info.num_blocks;
-        if dev.info().block_size != self.info.block_size || dev.info().num_blocks < need {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: {} is too small or has another block size (needs {need} blocks of {})",
-                dev.info().name,
-                self.info.block_size
-            )));
-        }
-        let mut members = (*self.members).clone();
-        members[slot] = Member {
-            dev,
-            state: MemberState::Rebuilding,
-        };
-        Ok(Arc::new(self.next(
-            members,
-            Some((slot, Arc::new(AtomicU64::new(cursor)))),
-        )))
-    }
-
-    fn with_member_in_sync(
-        &self,
-        slot: usize,
-    ) -> Result<Arc<dyn super::monitor::RaidDevice>, BdevError> {
-        match &self.rebuilding {
-            Some((r, c)) if *r == slot && c.load(Ordering::SeqCst) >= self.rows().count => {
-                let mut members = (*self.members).clone();
-                members[slot].state = MemberState::InSync;
-                Ok(Arc::new(self.next(members, None)))
-            }
-            _ => Err(BdevError::InvalidArgument(format!(
-                "{}: slot {slot} has not been rebuilt",
-                self.info.name
-            ))),
-        }
-    }
-
-    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError> {
-        let Some((slot, cursor)) = self.rebuilding.clone() else {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: nothing to rebuild",
-                self.info.name
-            )));
-        };
-        let Some(source) = self
+    /// A mirror is rebuilt by copying one in-sync member.
+    fn rebuild_sources(&self, _slot: usize) -> Vec<usize> {
+        self.set
             .members
             .iter()
             .position(|m| m.state == MemberState::InSync)
-        else {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: no member in sync to copy from",
-                self.info.name
-            )));
-        };
-        let channels = self
-            .members
-            .iter()
-            .map(|m| {
-                m.dev
-                    .open_channel()
-                    .map(|c| (c, super::members::device_id(&m.dev)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let rows = self.rows();
-        let progress = Arc::new(RebuildProgress::new(slot, rows.count, cursor));
-        let mut r = Rebuilder::new(
-            rows,
-            slot,
-            vec![source],
-            channels,
-            self.locks.clone(),
-            progress.clone(),
-            self.failures.clone(),
-        );
-        ctx.add_poller(move |_| r.poll());
-        Ok(progress)
+            .into_iter()
+            .collect()
+    }
+
+    fn parity_geometry(&self) -> Option<super::geometry::Raid5Geometry> {
+        None
+    }
+
+    fn max_failures(&self) -> usize {
+        self.set.members.len() - 1
     }
 }
 
@@ -302,7 +133,7 @@ impl BlockDevice for Raid1Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let (chans, ids) = super::members::open_members(&self.members)?;
+        let (chans, ids) = super::members::open_members(&self.set.members)?;
         Ok(Box::new(Raid1Channel {
             ids,
             info: self.info.clone(),
@@ -314,11 +145,11 @@ impl BlockDevice for Raid1Device {
             free: Vec::new(),
             done: Vec::new(),
             scratch: Vec::new(),
-            failures: self.failures.clone(),
+            failures: self.set.failures.clone(),
             inflight: 0,
-            rebuild_target: self.rebuilding.as_ref().map(|(r, _)| *r),
-            scrubbing: self.scrubbing.clone(),
-            locks: self.locks.clone(),
+            rebuild_target: self.set.rebuilding.as_ref().map(|(r, _)| *r),
+            scrubbing: self.set.scrubbing.clone(),
+            locks: self.set.locks.clone(),
             waiting: VecDeque::new(),
         }))
     }

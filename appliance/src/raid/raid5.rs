@@ -26,10 +26,10 @@ use bdev::{
 };
 
 use super::geometry::{Layout, Raid5Geometry};
-use super::members::{FailureSink, Member, MemberState};
+use super::members::{FailureSink, Member, MemberSet, MemberState};
 use super::monitor::RaidDevice;
 use super::parity::{xor_gen, xor_into};
-use super::rebuild::{RebuildProgress, Rebuilder};
+use super::rebuild::Rows;
 use super::sg;
 
 /// Stripe locks: one bit per hash bucket of stripes, shared by all cores.
@@ -73,11 +73,7 @@ impl Default for StripeLocks {
 pub struct Raid5Device {
     info: DeviceInfo,
     geo: Raid5Geometry,
-    members: Arc<Vec<Member>>,
-    failures: FailureSink,
-    locks: Arc<StripeLocks>,
-    /// The slot being rebuilt and its cursor (stripes done).
-    rebuilding: Option<(usize, Arc<AtomicU64>)>,
+    set: MemberSet,
 }
 
 impl Raid5Device {
@@ -135,28 +131,8 @@ impl Raid5Device {
         Ok(Raid5Device {
             info,
             geo,
-            members: Arc::new(members),
-            failures,
-            locks: Arc::new(StripeLocks::new()),
-            rebuilding: None,
+            set: MemberSet::new(members, failures),
         })
-    }
-
-    fn next(
-        &self,
-        members: Vec<Member>,
-        rebuilding: Option<(usize, Arc<AtomicU64>)>,
-    ) -> Raid5Device {
-        Raid5Device {
-            info: self.info.clone(),
-            geo: self.geo,
-            members: Arc::new(members),
-            failures: self.failures.clone(),
-            // The same table: pieces of the old generation have drained,
-            // and sharing it keeps one lock per stripe across generations.
-            locks: self.locks.clone(),
-            rebuilding,
-        }
     }
 
     /// The geometry.
@@ -166,169 +142,45 @@ impl Raid5Device {
 }
 
 impl RaidDevice for Raid5Device {
-    fn with_member_failed(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
-        if slot >= self.members.len() {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: no member in slot {slot}",
-                self.info.name
-            )));
-        }
-        let mut members = (*self.members).clone();
-        members[slot].state = MemberState::Failed;
-        // A failed rebuild target stops the rebuild.
-        let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
-        Ok(Arc::new(self.next(members, rebuilding)))
+    fn member_set(&self) -> &MemberSet {
+        &self.set
     }
 
-    fn with_member_replaced(
-        &self,
-        slot: usize,
-        dev: Arc<dyn BlockDevice>,
-        cursor: u64,
-    ) -> Result<Arc<dyn RaidDevice>, BdevError> {
-        let name = &self.info.name;
-        if slot >= self.members.len() {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: no member in slot {slot}"
-            )));
-        }
-        if self.members[slot].state != MemberState::Failed {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: slot {slot} is not failed"
-            )));
-        }
-        if self.rebuilding.is_some() {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: a rebuild is already running"
-            )));
-        }
-        let need = self.geo.data_offset() + self.geo.stripes() * self.geo.chunk_blocks();
-        if dev.info().block_size != self.info.block_size || dev.info().num_blocks < need {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: {} is too small or has another block size (needs {need} blocks of {})",
-                dev.info().name,
-                self.info.block_size
-            )));
-        }
-        let mut members = (*self.members).clone();
-        members[slot] = Member {
-            dev,
-            state: MemberState::Rebuilding,
-        };
-        Ok(Arc::new(self.next(
-            members,
-            Some((slot, Arc::new(AtomicU64::new(cursor)))),
-        )))
+    fn with_member_set(&self, set: MemberSet) -> Arc<dyn RaidDevice> {
+        // The lock table travels with the set: pieces of the old
+        // generation have drained, and one lock per stripe holds across
+        // generations.
+        Arc::new(Raid5Device {
+            info: self.info.clone(),
+            geo: self.geo,
+            set,
+        })
     }
 
-    fn with_member_in_sync(&self, slot: usize) -> Result<Arc<dyn RaidDevice>, BdevError> {
-        match &self.rebuilding {
-            Some((r, cursor))
-                if *r == slot && cursor.load(Ordering::SeqCst) >= self.geo.stripes() =>
-            {
-                let mut members = (*self.members).clone();
-                members[slot].state = MemberState::InSync;
-                Ok(Arc::new(self.next(members, None)))
-            }
-            _ => Err(BdevError::InvalidArgument(format!(
-                "{}: slot {slot} has not been rebuilt",
-                self.info.name
-            ))),
-        }
+    fn rows(&self) -> Rows {
+        Rows::of_raid5(&self.geo, self.info.block_size as usize)
     }
 
-    fn start_rebuild(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError> {
-        let Some((slot, cursor)) = self.rebuilding.clone() else {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: nothing to rebuild",
-                self.info.name
-            )));
-        };
-        if self
-            .members
+    /// A RAID5 member is rebuilt from all the others, which must all be in
+    /// sync.
+    fn rebuild_sources(&self, slot: usize) -> Vec<usize> {
+        let others: Vec<usize> = (0..self.set.members.len()).filter(|&m| m != slot).collect();
+        if others
             .iter()
-            .enumerate()
-            .any(|(m, x)| m != slot && x.state != MemberState::InSync)
+            .all(|&m| self.set.members[m].state == MemberState::InSync)
         {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: cannot rebuild with another member missing",
-                self.info.name
-            )));
+            others
+        } else {
+            Vec::new()
         }
-        let channels = self
-            .members
-            .iter()
-            .map(|m| {
-                m.dev
-                    .open_channel()
-                    .map(|c| (c, super::members::device_id(&m.dev)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let progress = Arc::new(RebuildProgress::new(slot, self.geo.stripes(), cursor));
-        let sources = (0..self.members.len()).filter(|&m| m != slot).collect();
-        let mut r = Rebuilder::new(
-            super::rebuild::Rows::of_raid5(&self.geo, self.info.block_size as usize),
-            slot,
-            sources,
-            channels,
-            self.locks.clone(),
-            progress.clone(),
-            self.failures.clone(),
-        );
-        ctx.add_poller(move |_| r.poll());
-        Ok(progress)
     }
 
-    fn member_states(&self) -> Vec<MemberState> {
-        self.members.iter().map(|m| m.state).collect()
-    }
-
-    fn start_scrub(
-        &self,
-        ctx: &mut poller::Ctx,
-        repair: bool,
-    ) -> Result<Arc<RebuildProgress>, BdevError> {
-        if self.members.iter().any(|m| m.state != MemberState::InSync) {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: scrub needs every member in sync",
-                self.info.name
-            )));
-        }
-        let channels = self
-            .members
-            .iter()
-            .map(|m| m.dev.open_channel())
-            .collect::<Result<Vec<_>, _>>()?;
-        let progress = Arc::new(RebuildProgress::new(
-            usize::MAX,
-            self.geo.stripes(),
-            Arc::new(AtomicU64::new(0)),
-        ));
-        let mut s = super::rebuild::Scrubber::new(
-            super::rebuild::Rows::of_raid5(&self.geo, self.info.block_size as usize),
-            Some(self.geo),
-            channels,
-            self.locks.clone(),
-            progress.clone(),
-            repair,
-        );
-        ctx.add_poller(move |_| s.poll());
-        Ok(progress)
+    fn parity_geometry(&self) -> Option<Raid5Geometry> {
+        Some(self.geo)
     }
 
     fn max_failures(&self) -> usize {
         1
-    }
-
-    fn member_devices(&self) -> Vec<Arc<dyn BlockDevice>> {
-        self.members.iter().map(|m| m.dev.clone()).collect()
-    }
-
-    fn member_ids(&self) -> Vec<usize> {
-        self.members
-            .iter()
-            .map(|m| super::members::device_id(&m.dev))
-            .collect()
     }
 }
 
@@ -338,16 +190,16 @@ impl BlockDevice for Raid5Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let (chans, ids) = super::members::open_members(&self.members)?;
+        let (chans, ids) = super::members::open_members(&self.set.members)?;
         Ok(Box::new(Raid5Channel {
             ids,
-            rebuilding: self.rebuilding.clone(),
+            rebuilding: self.set.rebuilding.clone(),
             info: self.info.clone(),
             geo: self.geo,
             failed: chans.iter().map(|c| c.is_none()).collect(),
             members: chans,
-            locks: self.locks.clone(),
-            failures: self.failures.clone(),
+            locks: self.set.locks.clone(),
+            failures: self.set.failures.clone(),
             parents: Vec::new(),
             free_parents: Vec::new(),
             pieces: Vec::new(),
