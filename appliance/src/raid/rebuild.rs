@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bdev::{Completion, IoChannel, IoOp, IoRequest, SubmitError};
+use bdev::{Completion, IoChannel, IoError, IoOp, IoRequest, SubmitError};
 use poller::PollState;
 
 use super::geometry::Raid5Geometry;
@@ -88,13 +88,6 @@ impl RebuildProgress {
     }
 }
 
-enum Step {
-    Lock,
-    Reading,
-    Writing,
-    Draining,
-}
-
 /// The rows a rebuild walks: `count` rows of `blocks` blocks from `offset`
 /// on every member; the last row may be shorter (`total` blocks in all).
 #[derive(Debug, Clone, Copy)]
@@ -132,25 +125,187 @@ impl Rows {
     }
 }
 
-/// The reactor-side rebuild state machine: each row of the new member is
-/// the XOR of the same row of the `sources` (all other members for RAID5,
-/// one in-sync mirror for RAID1, where the XOR is a copy).
-pub struct Rebuilder {
-    ids: Vec<usize>,
+enum Step {
+    Lock,
+    Reading,
+    Writing,
+    Draining,
+}
+
+/// Where a write's data comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The computed row.
+    Out,
+    /// A member's row as read.
+    Read(usize),
+}
+
+/// What a rebuild and a scrub share: walking rows under their locks, one
+/// read buffer per member plus one computed row, and the IO bookkeeping.
+struct RowWalk {
     rows: Rows,
-    sources: Vec<usize>,
-    slot: usize,
     channels: Vec<Box<dyn IoChannel>>,
     locks: Arc<StripeLocks>,
     progress: Arc<RebuildProgress>,
-    events: FailureSink,
-    stripe: u64,
+    row: u64,
     step: Step,
     pending: usize,
     bufs: Vec<Vec<u8>>,
     out: Vec<u8>,
     comps: Vec<Completion>,
-    block_size: usize,
+}
+
+impl RowWalk {
+    fn new(
+        rows: Rows,
+        channels: Vec<Box<dyn IoChannel>>,
+        locks: Arc<StripeLocks>,
+        progress: Arc<RebuildProgress>,
+    ) -> RowWalk {
+        let chunk = rows.blocks as usize * rows.block_size;
+        RowWalk {
+            row: progress.cursor.load(Ordering::SeqCst),
+            bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
+            out: vec![0u8; chunk],
+            rows,
+            channels,
+            locks,
+            progress,
+            step: Step::Lock,
+            pending: 0,
+            comps: Vec::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.row >= self.rows.count
+    }
+
+    /// Blocks and bytes of the current row.
+    fn size(&self) -> (u64, usize) {
+        let n = self.rows.len(self.row);
+        (n, n as usize * self.rows.block_size)
+    }
+
+    /// Lock the current row and read it from `members`. `Ok(false)`: the
+    /// row is locked by someone else, try again; `Err(m)`: `m` refused.
+    fn read(&mut self, members: &[usize]) -> Result<bool, usize> {
+        // Busy, not idle, when locked out: nothing wakes a sleeping
+        // reactor when another core releases the lock.
+        if !self.locks.try_lock(self.row) {
+            return Ok(false);
+        }
+        self.step = Step::Reading;
+        let (n, len) = self.size();
+        for &m in members {
+            let req = IoRequest {
+                op: IoOp::Read,
+                offset_blocks: self.rows.block(self.row),
+                num_blocks: n,
+                sg: sg::of(&mut self.bufs[m], 0, len),
+                tag: m as u64,
+            };
+            if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
+                return Err(m);
+            }
+            self.pending += 1;
+        }
+        Ok(true)
+    }
+
+    /// Write the current row to `m`. `Err(m)` if it refused.
+    fn write(&mut self, m: usize, from: Source) -> Result<(), usize> {
+        self.step = Step::Writing;
+        let (n, len) = self.size();
+        let src = match from {
+            Source::Out => &mut self.out,
+            Source::Read(r) => &mut self.bufs[r],
+        };
+        let req = IoRequest {
+            op: IoOp::Write,
+            offset_blocks: self.rows.block(self.row),
+            num_blocks: n,
+            sg: sg::of(src, 0, len),
+            tag: m as u64,
+        };
+        if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
+            return Err(m);
+        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Collect completions: `Ok(true)` when the step's IO is all back,
+    /// `Err` with the first member that failed.
+    fn collect(&mut self) -> Result<bool, (usize, IoError)> {
+        let mut comps = std::mem::take(&mut self.comps);
+        for ch in self.channels.iter_mut() {
+            if ch.inflight() > 0 {
+                ch.poll(&mut comps);
+            }
+        }
+        self.pending -= comps.len();
+        let failure = comps
+            .iter()
+            .find_map(|c| c.result.err().map(|e| (c.tag as usize, e)));
+        comps.clear();
+        self.comps = comps;
+        match failure {
+            Some(f) => Err(f),
+            None => Ok(self.pending == 0),
+        }
+    }
+
+    /// The row is done: count it, move the cursor past it, unlock it.
+    fn advance(&mut self) {
+        let (_, len) = self.size();
+        self.progress.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.row += 1;
+        self.progress.cursor.store(self.row, Ordering::SeqCst);
+        self.locks.unlock(self.row - 1);
+        self.step = Step::Lock;
+    }
+
+    /// Give up the current row (its lock) and start draining.
+    fn stop(&mut self, why: Option<String>) {
+        if matches!(self.step, Step::Reading | Step::Writing) {
+            self.locks.unlock(self.row);
+        }
+        if let Some(why) = why {
+            *self
+                .progress
+                .error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+        self.step = Step::Draining;
+    }
+
+    /// True once nothing of ours is in flight (the buffers are ours, so the
+    /// walk may only end then).
+    fn drained(&mut self) -> bool {
+        let mut comps = std::mem::take(&mut self.comps);
+        for ch in self.channels.iter_mut() {
+            if ch.inflight() > 0 {
+                ch.poll(&mut comps);
+            }
+        }
+        comps.clear();
+        self.comps = comps;
+        self.channels.iter().all(|c| c.inflight() == 0)
+    }
+}
+
+/// The reactor-side rebuild state machine: each row of the new member is
+/// the XOR of the same row of the `sources` (all other members for RAID5,
+/// one in-sync mirror for RAID1, where the XOR is a copy).
+pub struct Rebuilder {
+    walk: RowWalk,
+    ids: Vec<usize>,
+    sources: Vec<usize>,
+    slot: usize,
+    events: FailureSink,
 }
 
 impl Rebuilder {
@@ -165,159 +320,79 @@ impl Rebuilder {
         progress: Arc<RebuildProgress>,
         events: FailureSink,
     ) -> Rebuilder {
-        let block_size = rows.block_size;
-        let chunk = rows.blocks as usize * block_size;
         let (channels, ids): (Vec<_>, Vec<_>) = members.into_iter().unzip();
         Rebuilder {
+            walk: RowWalk::new(rows, channels, locks, progress),
             ids,
-            stripe: progress.cursor.load(Ordering::SeqCst),
-            bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
-            out: vec![0u8; chunk],
-            rows,
             sources,
             slot,
-            channels,
-            locks,
-            progress,
             events,
-            step: Step::Lock,
-            pending: 0,
-            comps: Vec::new(),
-            block_size,
         }
     }
 
-    /// Stop: drain what is in flight (its buffers are ours), then end.
     fn abort(&mut self, why: String) -> PollState {
-        if matches!(self.step, Step::Reading | Step::Writing) {
-            self.locks.unlock(self.stripe);
-        }
-        self.step = Step::Draining;
         tracing::error!(slot = self.slot, error = %why, "rebuild stopped");
-        *self
-            .progress
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+        self.walk.stop(Some(why.clone()));
         self.events.event(Event::RebuildAborted(self.slot, why));
-        self.drain()
-    }
-
-    fn drain(&mut self) -> PollState {
-        let mut comps = std::mem::take(&mut self.comps);
-        for ch in self.channels.iter_mut() {
-            if ch.inflight() > 0 {
-                ch.poll(&mut comps);
-            }
-        }
-        self.pending = self.pending.saturating_sub(comps.len());
-        comps.clear();
-        self.comps = comps;
-        if self.channels.iter().all(|c| c.inflight() == 0) {
-            // Only now: nothing of ours is in flight to the devices.
-            self.progress.finished.store(true, Ordering::SeqCst);
-            PollState::Done
-        } else {
-            PollState::Busy
-        }
+        self.poll()
     }
 
     /// One step; run as a reactor poller.
     pub fn poll(&mut self) -> PollState {
         loop {
-            match self.step {
-                Step::Draining => return self.drain(),
+            let w = &mut self.walk;
+            match w.step {
+                Step::Draining => {
+                    if !w.drained() {
+                        return PollState::Busy;
+                    }
+                    w.progress.finished.store(true, Ordering::SeqCst);
+                    return PollState::Done;
+                }
                 Step::Lock => {
-                    if self.progress.cancel.load(Ordering::SeqCst) {
+                    if w.progress.cancel.load(Ordering::SeqCst) {
                         return self.abort("cancelled".into());
                     }
-                    if self.stripe >= self.rows.count {
-                        self.progress.finished.store(true, Ordering::SeqCst);
+                    if w.done() {
+                        w.progress.finished.store(true, Ordering::SeqCst);
                         self.events.event(Event::Rebuilt(self.slot));
                         return PollState::Done;
                     }
-                    let max = self.progress.max_bytes_per_sec.load(Ordering::Relaxed);
+                    let max = w.progress.max_bytes_per_sec.load(Ordering::Relaxed);
                     if max > 0 {
-                        let allowed = max as f64 * self.progress.started.elapsed().as_secs_f64();
-                        if self.progress.bytes.load(Ordering::Relaxed) as f64 > allowed {
+                        let allowed = max as f64 * w.progress.started.elapsed().as_secs_f64();
+                        if w.progress.bytes.load(Ordering::Relaxed) as f64 > allowed {
                             return PollState::Busy;
                         }
                     }
-                    if !self.locks.try_lock(self.stripe) {
-                        // Busy, not idle: nothing wakes a sleeping reactor
-                        // when another core releases the lock.
-                        return PollState::Busy;
-                    }
-                    let block = self.rows.block(self.stripe);
-                    let n = self.rows.len(self.stripe);
-                    let len = n as usize * self.block_size;
-                    self.step = Step::Reading;
-                    for si in 0..self.sources.len() {
-                        let m = self.sources[si];
-                        let req = IoRequest {
-                            op: IoOp::Read,
-                            offset_blocks: block,
-                            num_blocks: n,
-                            sg: sg::of(&mut self.bufs[m], 0, len),
-                            tag: m as u64,
-                        };
-                        if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
-                            return self.abort(format!("member {m} refused a rebuild read"));
-                        }
-                        self.pending += 1;
+                    match w.read(&self.sources) {
+                        Ok(true) => {}
+                        Ok(false) => return PollState::Busy,
+                        Err(m) => return self.abort(format!("member {m} refused a rebuild read")),
                     }
                 }
                 Step::Reading | Step::Writing => {
-                    let mut comps = std::mem::take(&mut self.comps);
-                    for m in 0..self.channels.len() {
-                        if self.channels[m].inflight() > 0 {
-                            self.channels[m].poll(&mut comps);
+                    match w.collect() {
+                        Ok(true) => {}
+                        Ok(false) => return PollState::Busy,
+                        Err((m, e)) => {
+                            self.events.report(m, self.ids[m], e);
+                            return self
+                                .abort(format!("member {m} failed during the rebuild: {e}"));
                         }
                     }
-                    let mut failure = None;
-                    for c in comps.drain(..) {
-                        self.pending -= 1;
-                        if let Err(e) = c.result {
-                            failure.get_or_insert((c.tag as usize, e));
-                        }
-                    }
-                    self.comps = comps;
-                    if let Some((m, e)) = failure {
-                        self.events.report(m, self.ids[m], e);
-                        return self.abort(format!("member {m} failed during the rebuild: {e}"));
-                    }
-                    if self.pending > 0 {
-                        return PollState::Busy;
-                    }
-                    if matches!(self.step, Step::Reading) {
-                        let n = self.rows.len(self.stripe);
-                        let len = n as usize * self.block_size;
+                    if matches!(w.step, Step::Reading) {
+                        let (_, len) = w.size();
                         let srcs: Vec<&[u8]> =
-                            self.sources.iter().map(|&m| &self.bufs[m][..len]).collect();
-                        xor_gen(&mut self.out[..len], &srcs);
-                        let req = IoRequest {
-                            op: IoOp::Write,
-                            offset_blocks: self.rows.block(self.stripe),
-                            num_blocks: n,
-                            sg: sg::of(&mut self.out, 0, len),
-                            tag: self.slot as u64,
-                        };
-                        if let Err(SubmitError::Busy(_)) = self.channels[self.slot].submit(req) {
+                            self.sources.iter().map(|&m| &w.bufs[m][..len]).collect();
+                        xor_gen(&mut w.out[..len], &srcs);
+                        if w.write(self.slot, Source::Out).is_err() {
                             return self.abort("the new member refused a rebuild write".into());
                         }
-                        self.pending = 1;
-                        self.step = Step::Writing;
                         continue;
                     }
-                    // Written: move the cursor past the stripe, then unlock.
-                    let done = self.rows.len(self.stripe) as usize * self.block_size;
-                    self.progress
-                        .bytes
-                        .fetch_add(done as u64, Ordering::Relaxed);
-                    self.stripe += 1;
-                    self.progress.cursor.store(self.stripe, Ordering::SeqCst);
-                    self.locks.unlock(self.stripe - 1);
-                    self.step = Step::Lock;
+                    // Written: move the cursor past the row, then unlock.
+                    w.advance();
                     return PollState::Busy;
                 }
             }
@@ -331,31 +406,16 @@ impl Rebuilder {
 /// mirror must equal the first, and repair copies the first over the others
 /// (md does the same).
 pub struct Scrubber {
-    rows: Rows,
+    walk: RowWalk,
     /// RAID5 geometry for parity placement; `None` for mirrors.
     parity: Option<Raid5Geometry>,
     /// Cleared when the scrub ends.
     flag: Option<Arc<AtomicBool>>,
-    channels: Vec<Box<dyn IoChannel>>,
-    locks: Arc<StripeLocks>,
-    progress: Arc<RebuildProgress>,
+    all: Vec<usize>,
     repair: bool,
-    stripe: u64,
-    step: Step,
-    pending: usize,
-    bufs: Vec<Vec<u8>>,
-    out: Vec<u8>,
-    comps: Vec<Completion>,
-    block_size: usize,
 }
 
 impl Scrubber {
-    /// Clear `flag` when the scrub ends (however it ends).
-    pub fn clearing_when_done(mut self, flag: Arc<AtomicBool>) -> Scrubber {
-        self.flag = Some(flag);
-        self
-    }
-
     /// Scrub with one channel per member, in slot order.
     pub fn new(
         rows: Rows,
@@ -365,78 +425,66 @@ impl Scrubber {
         progress: Arc<RebuildProgress>,
         repair: bool,
     ) -> Scrubber {
-        let block_size = rows.block_size;
-        let chunk = rows.blocks as usize * block_size;
+        let all = (0..channels.len()).collect();
         Scrubber {
-            bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
-            out: vec![0u8; chunk],
-            rows,
+            walk: RowWalk::new(rows, channels, locks, progress),
             parity,
             flag: None,
-            channels,
-            locks,
-            progress,
+            all,
             repair,
-            stripe: 0,
-            step: Step::Lock,
-            pending: 0,
-            comps: Vec::new(),
-            block_size,
         }
     }
 
+    /// Clear `flag` when the scrub ends (however it ends).
+    pub fn clearing_when_done(mut self, flag: Arc<AtomicBool>) -> Scrubber {
+        self.flag = Some(flag);
+        self
+    }
+
     fn stop(&mut self, why: Option<String>) -> PollState {
-        if matches!(self.step, Step::Reading | Step::Writing) {
-            self.locks.unlock(self.stripe);
-        }
-        if let Some(why) = why {
-            *self
-                .progress
-                .error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(why);
-        }
-        self.step = Step::Draining;
+        self.walk.stop(why);
         self.poll()
     }
 
     /// Count the row's blocks whose parity does not match; with repair,
-    /// the parity write to issue (member, from `out`).
-    fn check_parity(&mut self, geo: &Raid5Geometry, len: usize) -> Vec<(usize, bool)> {
-        let all: Vec<&[u8]> = self.bufs.iter().map(|b| &b[..len]).collect();
-        xor_gen(&mut self.out[..len], &all);
-        let bs = self.block_size;
-        let bad = self.out[..len]
+    /// the parity write to issue.
+    fn check_parity(&mut self, geo: &Raid5Geometry, len: usize) -> Vec<(usize, Source)> {
+        let w = &mut self.walk;
+        let all: Vec<&[u8]> = w.bufs.iter().map(|b| &b[..len]).collect();
+        xor_gen(&mut w.out[..len], &all);
+        let bs = w.rows.block_size;
+        let bad = w.out[..len]
             .chunks_exact(bs)
             .filter(|b| b.iter().any(|&x| x != 0))
             .count() as u64;
         if bad == 0 {
             return Vec::new();
         }
-        self.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
+        w.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
         if !self.repair {
             return Vec::new();
         }
-        let parity = geo.parity_member(self.stripe) as usize;
-        let data: Vec<&[u8]> = (0..self.bufs.len())
+        let parity = geo.parity_member(w.row) as usize;
+        let data: Vec<&[u8]> = (0..w.bufs.len())
             .filter(|&m| m != parity)
-            .map(|m| &self.bufs[m][..len])
+            .map(|m| &w.bufs[m][..len])
             .collect();
-        xor_gen(&mut self.out[..len], &data);
-        vec![(parity, true)]
+        xor_gen(&mut w.out[..len], &data);
+        vec![(parity, Source::Out)]
     }
 
     /// Count the row's blocks where a mirror differs from the first; with
-    /// repair, the copies to issue (member, from the first mirror's data).
-    fn check_mirrors(&mut self, len: usize) -> Vec<(usize, bool)> {
-        let bs = self.block_size;
+    /// repair, the copies to issue (from the first mirror's data).
+    fn check_mirrors(&mut self, len: usize) -> Vec<(usize, Source)> {
+        let w = &mut self.walk;
+        let bs = w.rows.block_size;
         let mut bad = 0u64;
-        let mut differ = vec![false; self.bufs.len()];
+        let mut differ = vec![false; w.bufs.len()];
         for start in (0..len).step_by(bs) {
-            let first = &self.bufs[0][start..start + bs];
+            let first = &w.bufs[0][start..start + bs];
             let mut block_bad = false;
             for (m, d) in differ.iter_mut().enumerate().skip(1) {
-                if self.bufs[m][start..start + bs] != *first {
+                if w.bufs[m][start..start + bs] != *first {
                     *d = true;
                     block_bad = true;
                 }
@@ -446,125 +494,71 @@ impl Scrubber {
         if bad == 0 {
             return Vec::new();
         }
-        self.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
+        w.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
         if !self.repair {
             return Vec::new();
         }
         (1..differ.len())
             .filter(|&m| differ[m])
-            .map(|m| (m, false))
+            .map(|m| (m, Source::Read(0)))
             .collect()
     }
 
     /// One step; run as a reactor poller.
     pub fn poll(&mut self) -> PollState {
         loop {
-            match self.step {
+            match self.walk.step {
                 Step::Draining => {
-                    let mut comps = std::mem::take(&mut self.comps);
-                    for ch in self.channels.iter_mut() {
-                        if ch.inflight() > 0 {
-                            ch.poll(&mut comps);
-                        }
-                    }
-                    comps.clear();
-                    self.comps = comps;
-                    if self.channels.iter().all(|c| c.inflight() == 0) {
-                        if let Some(f) = &self.flag {
-                            f.store(false, Ordering::SeqCst);
-                        }
-                        self.progress.finished.store(true, Ordering::SeqCst);
-                        return PollState::Done;
-                    }
-                    return PollState::Busy;
-                }
-                Step::Lock => {
-                    if self.progress.cancel.load(Ordering::SeqCst) {
-                        return self.stop(Some("cancelled".into()));
-                    }
-                    if self.stripe >= self.rows.count {
-                        return self.stop(None);
-                    }
-                    if !self.locks.try_lock(self.stripe) {
+                    if !self.walk.drained() {
                         return PollState::Busy;
                     }
-                    let block = self.rows.block(self.stripe);
-                    let n = self.rows.len(self.stripe);
-                    let len = n as usize * self.block_size;
-                    self.step = Step::Reading;
-                    for m in 0..self.channels.len() {
-                        let req = IoRequest {
-                            op: IoOp::Read,
-                            offset_blocks: block,
-                            num_blocks: n,
-                            sg: sg::of(&mut self.bufs[m], 0, len),
-                            tag: m as u64,
-                        };
-                        if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
-                            return self.stop(Some(format!("member {m} refused a scrub read")));
+                    if let Some(f) = &self.flag {
+                        f.store(false, Ordering::SeqCst);
+                    }
+                    self.walk.progress.finished.store(true, Ordering::SeqCst);
+                    return PollState::Done;
+                }
+                Step::Lock => {
+                    if self.walk.progress.cancel.load(Ordering::SeqCst) {
+                        return self.stop(Some("cancelled".into()));
+                    }
+                    if self.walk.done() {
+                        return self.stop(None);
+                    }
+                    match self.walk.read(&self.all) {
+                        Ok(true) => {}
+                        Ok(false) => return PollState::Busy,
+                        Err(m) => {
+                            return self.stop(Some(format!("member {m} refused a scrub read")))
                         }
-                        self.pending += 1;
                     }
                 }
                 Step::Reading | Step::Writing => {
-                    let mut comps = std::mem::take(&mut self.comps);
-                    for ch in self.channels.iter_mut() {
-                        if ch.inflight() > 0 {
-                            ch.poll(&mut comps);
+                    match self.walk.collect() {
+                        Ok(true) => {}
+                        Ok(false) => return PollState::Busy,
+                        Err((m, e)) => {
+                            return self
+                                .stop(Some(format!("member {m} failed during the scrub: {e}")))
                         }
                     }
-                    let failed = comps
-                        .iter()
-                        .find_map(|c| c.result.err().map(|e| (c.tag, e)));
-                    self.pending -= comps.len();
-                    comps.clear();
-                    self.comps = comps;
-                    if let Some((m, e)) = failed {
-                        return self.stop(Some(format!("member {m} failed during the scrub: {e}")));
-                    }
-                    if self.pending > 0 {
-                        return PollState::Busy;
-                    }
-                    if matches!(self.step, Step::Reading) {
-                        let n = self.rows.len(self.stripe);
-                        let len = n as usize * self.block_size;
+                    if matches!(self.walk.step, Step::Reading) {
+                        let (_, len) = self.walk.size();
                         let writes = match self.parity {
                             Some(geo) => self.check_parity(&geo, len),
                             None => self.check_mirrors(len),
                         };
                         if !writes.is_empty() {
-                            let block = self.rows.block(self.stripe);
-                            for (m, from_out) in writes {
-                                let src = if from_out {
-                                    &mut self.out
-                                } else {
-                                    &mut self.bufs[0]
-                                };
-                                let req = IoRequest {
-                                    op: IoOp::Write,
-                                    offset_blocks: block,
-                                    num_blocks: n,
-                                    sg: sg::of(src, 0, len),
-                                    tag: m as u64,
-                                };
-                                if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
+                            for (m, from) in writes {
+                                if self.walk.write(m, from).is_err() {
                                     return self
                                         .stop(Some(format!("member {m} refused a repair write")));
                                 }
-                                self.pending += 1;
                             }
-                            self.step = Step::Writing;
                             continue;
                         }
                     }
-                    let done = self.rows.len(self.stripe) as usize * self.block_size;
-                    self.progress
-                        .bytes
-                        .fetch_add(done as u64, Ordering::Relaxed);
-                    self.stripe += 1;
-                    self.progress.cursor.store(self.stripe, Ordering::SeqCst);
-                    self.locks.unlock(self.stripe - 1);
-                    self.step = Step::Lock;
+                    self.walk.advance();
                     return PollState::Busy;
                 }
             }
