@@ -190,6 +190,13 @@ struct ServeArgs {
     cores: Option<Vec<usize>>,
 }
 
+/// Until SIGINT/SIGTERM set `stop`, or the reactors stop on their own.
+fn wait_for_stop(stop: &AtomicBool, reactors: &poller::Reactors) {
+    while !stop.load(Ordering::SeqCst) && !reactors.set().is_stopped() {
+        reactors.set().wait_stopped(Duration::from_millis(200));
+    }
+}
+
 fn stop_flag() -> Result<Arc<AtomicBool>, String> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -304,9 +311,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         a.num_queues,
         reactors.set().len()
     );
-    while !stop.load(Ordering::SeqCst) && !reactors.set().is_stopped() {
-        reactors.set().wait_stopped(Duration::from_millis(100));
-    }
+    wait_for_stop(&stop, &reactors);
     let _ = export.delete(true);
     if let Some(m) = monitor {
         if let Err(e) = m.close() {
@@ -358,18 +363,16 @@ fn selfcheck(opts: &SelfCheckOptions, keep: bool) -> ExitCode {
     };
     print!("{}", render(&report));
     if keep {
-        let stop = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-                eprintln!("error: installing the signal handler: {e}");
+        let stop = match stop_flag() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
-        }
+        };
         println!("running idle; Ctrl-C to stop");
         let (cpu0, t0) = (process_cpu_time(), Instant::now());
-        while !stop.load(Ordering::SeqCst) && !reactors.set().is_stopped() {
-            reactors.set().wait_stopped(Duration::from_millis(200));
-        }
+        wait_for_stop(&stop, &reactors);
         let idle = (process_cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
         println!("idle CPU while waiting: {:.2} %", idle * 100.0);
     }
@@ -422,9 +425,7 @@ fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
             "  qemu-system-x86_64 -machine q35 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=demo,path={},reconnect=1 -device vhost-user-blk-pci,chardev=demo,num-queues=2 ...",
             opts.socket.display()
         );
-        while !stop.load(Ordering::SeqCst) && !reactors.set().is_stopped() {
-            reactors.set().wait_stopped(Duration::from_millis(200));
-        }
+        wait_for_stop(&stop, &reactors);
     }
     let _ = export.delete(true);
     if let Err(e) = monitor.close() {
