@@ -3,8 +3,7 @@
 //! wrote: the data area is byte for byte md's, for each layout tested.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use appliance::raid::geometry::Layout;
@@ -13,26 +12,8 @@ use appliance::raid::raid5::Raid5Device;
 use bdev::conformance::{run_one, rw};
 use bdev::{BlockDevice, FileDevice, IoOp, IoRequest};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn guest() -> PathBuf {
-    let out = Command::new(repo().join("deploy/vmrig/build-guest.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the guest: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default(),
-    )
-}
+mod common;
+use common::{boot, guest};
 
 fn random(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -101,24 +82,18 @@ fn interop(layout: Layout, chunk: u32) {
     )
     .unwrap();
     let log = dir.path().join("serial.log");
-    let mut cmd = Command::new(repo().join("deploy/vmrig/boot.sh"));
-    cmd.arg("--guest")
-        .arg(&guest)
-        .arg("--script")
-        .arg(repo().join("appliance/tests/vm/md-guest.sh"));
-    for f in ["ours.bin", "theirs.bin", "geometry"] {
-        cmd.arg("--file").arg(dir.path().join(f));
-    }
-    cmd.arg("--log")
-        .arg(&log)
-        .args(["--mem", "512", "--timeout", "900", "--"]);
+    let files: Vec<PathBuf> = ["ours.bin", "theirs.bin", "geometry"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    let mut cmd = boot(&guest, "md-guest.sh", &files, &log, &[]);
     for p in &paths {
         cmd.arg("-drive").arg(format!(
             "file={},format=raw,if=virtio,cache=unsafe",
             p.display()
         ));
     }
-    let status = cmd.stdout(Stdio::null()).status().unwrap();
+    let status = cmd.status().unwrap();
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{serial}");
     assert!(status.success(), "guest failed ({status}):\n{serial}");
@@ -192,24 +167,18 @@ fn md_and_the_appliance_share_raid1() {
     std::fs::write(dir.path().join("ours.bin"), &ours).unwrap();
     std::fs::write(dir.path().join("theirs.bin"), &theirs).unwrap();
     let log = dir.path().join("serial.log");
-    let mut cmd = Command::new(repo().join("deploy/vmrig/boot.sh"));
-    cmd.arg("--guest")
-        .arg(&guest)
-        .arg("--script")
-        .arg(repo().join("appliance/tests/vm/md-raid1-guest.sh"));
-    for f in ["ours.bin", "theirs.bin"] {
-        cmd.arg("--file").arg(dir.path().join(f));
-    }
-    cmd.arg("--log")
-        .arg(&log)
-        .args(["--mem", "512", "--timeout", "900", "--"]);
+    let files: Vec<PathBuf> = ["ours.bin", "theirs.bin"]
+        .iter()
+        .map(|f| dir.path().join(f))
+        .collect();
+    let mut cmd = boot(&guest, "md-raid1-guest.sh", &files, &log, &[]);
     for p in &paths {
         cmd.arg("-drive").arg(format!(
             "file={},format=raw,if=virtio,cache=unsafe",
             p.display()
         ));
     }
-    let status = cmd.stdout(Stdio::null()).status().unwrap();
+    let status = cmd.status().unwrap();
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "guest failed ({status}):\n{serial}");
     for want in ["MD-READS-APPLIANCE-DATA OK", "MD-WROTE OK"] {

@@ -7,35 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Build (or reuse) the guest kernel and initramfs.
-pub fn guest() -> PathBuf {
-    assert!(
-        Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok(),
-        "qemu-system-x86_64 is missing: run deploy/install-deps.sh test (deploy/test.sh does)"
-    );
-    let out = Command::new(repo().join("deploy/vmrig/build-guest.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the guest: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    PathBuf::from(dir)
-}
+mod common;
+use common::{boot, guest, wait_for_line};
 
 struct Server(Child);
 
@@ -101,25 +74,21 @@ fn a_linux_guest_verifies_data_and_runs_ext4_on_the_exports() {
     let pattern_path = dir.path().join("pattern.bin");
     std::fs::write(&pattern_path, &pattern).unwrap();
     let log = dir.path().join("serial.log");
-    let status = Command::new(repo().join("deploy/vmrig/boot.sh"))
-        .arg("--guest")
-        .arg(&guest)
-        .arg("--script")
-        .arg(repo().join("appliance/tests/vm/vhost-guest.sh"))
-        .arg("--file")
-        .arg(&pattern_path)
-        .arg("--log")
-        .arg(&log)
-        .args(["--mem", "512", "--smp", "2", "--timeout", "900", "--"])
-        .arg("-chardev")
-        .arg(format!("socket,id=a,path={}", sock_a.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=a,num-queues=2"])
-        .arg("-chardev")
-        .arg(format!("socket,id=b,path={}", sock_b.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=b,num-queues=1"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let status = boot(
+        &guest,
+        "vhost-guest.sh",
+        std::slice::from_ref(&pattern_path),
+        &log,
+        &["--smp", "2"],
+    )
+    .arg("-chardev")
+    .arg(format!("socket,id=a,path={}", sock_a.display()))
+    .args(["-device", "vhost-user-blk-pci,chardev=a,num-queues=2"])
+    .arg("-chardev")
+    .arg(format!("socket,id=b,path={}", sock_b.display()))
+    .args(["-device", "vhost-user-blk-pci,chardev=b,num-queues=1"])
+    .status()
+    .unwrap();
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{serial}");
     assert!(status.success(), "guest failed ({status}):\n{serial}");
@@ -168,34 +137,15 @@ fn the_guest_survives_an_appliance_crash_and_restart_without_io_errors() {
     let device = format!("file:{}:256M", img.display());
     let mut server = Some(serve(&sock, &device, 1, "vm-restart"));
     let log = dir.path().join("serial.log");
-    let mut boot = Command::new(repo().join("deploy/vmrig/boot.sh"))
-        .arg("--guest")
-        .arg(&guest)
-        .arg("--script")
-        .arg(repo().join("appliance/tests/vm/restart-guest.sh"))
-        .arg("--log")
-        .arg(&log)
-        .args(["--mem", "512", "--timeout", "900", "--"])
+    let mut vm = boot(&guest, "restart-guest.sh", &[], &log, &[])
         .arg("-chardev")
         .arg(format!("socket,id=r,path={},reconnect=1", sock.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=r,num-queues=1"])
-        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     // Wait for fio to start, let it run, then crash the appliance (SIGKILL:
     // no chance to drain) and start a new one on the same socket and file.
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("FIO-START")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "guest never started fio"
-        );
-        assert!(boot.try_wait().unwrap().is_none(), "guest ended early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_line(&log, "FIO-START", &mut vm);
     std::thread::sleep(Duration::from_millis(1500));
     let mut s = server.take().unwrap();
     unsafe { libc::kill(s.0.id() as i32, libc::SIGKILL) };
@@ -210,7 +160,7 @@ fn the_guest_survives_an_appliance_crash_and_restart_without_io_errors() {
         "vm-restart",
         Stdio::from(std::fs::File::create(&second_log).unwrap()),
     );
-    let status = boot.wait().unwrap();
+    let status = vm.wait().unwrap();
     drop(s2);
     let restarted = std::fs::read_to_string(&second_log).unwrap_or_default();
     println!("restarted appliance:\n{restarted}");
@@ -293,35 +243,16 @@ fn guest_rides_out_member_failure(
     )
     .unwrap();
     let log = dir.path().join("serial.log");
-    let mut boot = Command::new(repo().join("deploy/vmrig/boot.sh"))
-        .arg("--guest")
-        .arg(&guest)
-        .arg("--script")
-        .arg(repo().join("appliance/tests/vm").join(script))
-        .arg("--log")
-        .arg(&log)
-        .args(["--mem", "512", "--timeout", "900", "--"])
+    let mut vm = boot(&guest, script, &[], &log, &[])
         .arg("-chardev")
         .arg(format!("socket,id=r,path={}", sock.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=r,num-queues=1"])
-        .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("FIO-START")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "guest never started fio"
-        );
-        assert!(boot.try_wait().unwrap().is_none(), "guest ended early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_line(&log, "FIO-START", &mut vm);
     std::thread::sleep(Duration::from_millis(1500));
     faults[1].control().pull();
-    let status = boot.wait().unwrap();
+    let status = vm.wait().unwrap();
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{serial}");
     assert!(status.success(), "guest failed ({status}):\n{serial}");
