@@ -133,14 +133,6 @@ fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), Assemb
     })
 }
 
-fn state_code(s: MemberState) -> u8 {
-    match s {
-        MemberState::InSync => 0,
-        MemberState::Failed => 1,
-        MemberState::Rebuilding => 2,
-    }
-}
-
 impl VolumeMeta {
     /// Write the superblock of every member that is not failed, with the
     /// events counter bumped: the record of `device`'s current state.
@@ -153,7 +145,7 @@ impl VolumeMeta {
         self.template.events += 1;
         self.template.clean = clean;
         let states = device.member_states();
-        self.template.slot_states = states.iter().map(|&s| state_code(s)).collect();
+        self.template.slot_states = states.iter().map(|&s| s.code()).collect();
         for (slot, (dev, state)) in members.iter().zip(&states).enumerate() {
             if *state == MemberState::Failed {
                 continue;
@@ -375,7 +367,7 @@ pub fn assemble(
         }
         let members: Vec<Member> = (0..n)
             .map(|slot| {
-                let in_sync = auth.slot_states.get(slot) == Some(&0);
+                let in_sync = auth.slot_states.get(slot) == Some(&MemberState::InSync.code());
                 match (&slots[slot], in_sync) {
                     (Some(dev), true) => Member {
                         dev: dev.clone(),
@@ -391,8 +383,10 @@ pub fn assemble(
             })
             .collect();
         // A member that was being rebuilt resumes from its checkpoint.
-        let resume =
-            (0..n).find(|&slot| auth.slot_states.get(slot) == Some(&2) && slots[slot].is_some());
+        let resume = (0..n).find(|&slot| {
+            auth.slot_states.get(slot) == Some(&MemberState::Rebuilding.code())
+                && slots[slot].is_some()
+        });
         let missing = members
             .iter()
             .filter(|m| m.state == MemberState::Failed)

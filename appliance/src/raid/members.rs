@@ -27,6 +27,17 @@ pub enum MemberState {
     Rebuilding,
 }
 
+impl MemberState {
+    /// How the superblock records it.
+    pub fn code(self) -> u8 {
+        match self {
+            MemberState::InSync => 0,
+            MemberState::Failed => 1,
+            MemberState::Rebuilding => 2,
+        }
+    }
+}
+
 /// One member.
 #[derive(Clone)]
 pub struct Member {

@@ -523,15 +523,7 @@ fn handle(
     // Whatever changed is recorded before the next event.
     if let Some(meta) = s.meta.as_mut() {
         let cur = s.current.clone();
-        let states: Vec<u8> = cur
-            .member_states()
-            .iter()
-            .map(|s| match s {
-                MemberState::InSync => 0,
-                MemberState::Failed => 1,
-                MemberState::Rebuilding => 2,
-            })
-            .collect();
+        let states: Vec<u8> = cur.member_states().iter().map(|s| s.code()).collect();
         if states != meta.template.slot_states {
             meta.record(cur.as_ref(), &cur.member_devices(), false)
                 .map_err(|e| e.to_string())?;
