@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use bdev::{BdevError, BlockDevice, IoChannel, IoError};
+use bdev::{BdevError, BlockDevice, Completion, IoChannel, IoError};
 
 use super::raid5::StripeLocks;
 
@@ -115,6 +115,15 @@ impl FailureSink {
 
 /// Member channels opened on the calling core.
 pub type MemberChannels = Vec<Option<Box<dyn IoChannel>>>;
+
+/// Collect the completions of every open member channel into `out`.
+pub fn poll_members(chans: &mut MemberChannels, out: &mut Vec<Completion>) {
+    for ch in chans.iter_mut().flatten() {
+        if ch.inflight() > 0 {
+            ch.poll(out);
+        }
+    }
+}
 
 /// Channels to the members that take IO (in sync or being rebuilt; `None`
 /// for failed ones) and every member's device identity, in slot order.

@@ -447,15 +447,9 @@ impl IoChannel for Raid1Channel {
             self.start_waiting_write(pi);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        for m in 0..self.members.len() {
-            if let Some(ch) = self.members[m].as_mut() {
-                if ch.inflight() > 0 {
-                    ch.poll(&mut scratch);
-                }
-            }
-            for c in scratch.drain(..) {
-                self.on_child(c);
-            }
+        super::members::poll_members(&mut self.members, &mut scratch);
+        for c in scratch.drain(..) {
+            self.on_child(c);
         }
         self.scratch = scratch;
         let n = self.done.len();

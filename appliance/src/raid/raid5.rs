@@ -895,13 +895,7 @@ impl IoChannel for Raid5Channel {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.append(&mut self.refused);
-        for m in 0..self.members.len() {
-            if let Some(ch) = self.members[m].as_mut() {
-                if ch.inflight() > 0 {
-                    ch.poll(&mut scratch);
-                }
-            }
-        }
+        super::members::poll_members(&mut self.members, &mut scratch);
         for c in scratch.drain(..) {
             self.on_child(c);
         }
