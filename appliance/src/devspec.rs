@@ -24,8 +24,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Build the device a specification names.
+/// Build the device a specification names; it is called by the
+/// specification.
 pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+    open_named(spec, spec, block_size)
+}
+
+/// Build the device `spec` names and call it `name`. `file:PATH:SIZE`
+/// creates the file when it does not exist; an existing file is opened as it
+/// is (never truncated: it may hold a volume), and must have that size.
+pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
     let (kind, rest) = spec.split_once(':').ok_or_else(|| {
         format!("device {spec:?}: expected ram:SIZE, null:SIZE or file:PATH[:SIZE]")
     })?;
@@ -39,26 +47,39 @@ pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String>
     };
     let dev: Arc<dyn BlockDevice> = match kind {
         "ram" => Arc::new(
-            RamDevice::new(spec, block_size, blocks(parse_size(rest)?)?)
+            RamDevice::new(name, block_size, blocks(parse_size(rest)?)?)
                 .map_err(|e| e.to_string())?,
         ),
         "null" => Arc::new(
-            NullDevice::new(spec, block_size, blocks(parse_size(rest)?)?)
+            NullDevice::new(name, block_size, blocks(parse_size(rest)?)?)
                 .map_err(|e| e.to_string())?,
         ),
-        "file" => match rest.rsplit_once(':') {
-            Some((path, size)) if parse_size(size).is_ok() => {
-                let size = parse_size(size)?;
-                blocks(size)?;
-                Arc::new(
-                    FileDevice::create(Path::new(path), block_size, size)
-                        .map_err(|e| e.to_string())?,
-                )
+        "file" => {
+            let (path, size) = match rest.rsplit_once(':') {
+                Some((path, size)) if parse_size(size).is_ok() => (path, Some(parse_size(size)?)),
+                _ => (rest, None),
+            };
+            if path.is_empty() {
+                return Err(format!("device {spec:?}: empty path"));
             }
-            _ => {
-                Arc::new(FileDevice::open(Path::new(rest), block_size).map_err(|e| e.to_string())?)
+            let path = Path::new(path);
+            let dev = match size {
+                Some(size) if !path.exists() => {
+                    blocks(size)?;
+                    FileDevice::create(path, block_size, size)
+                }
+                _ => FileDevice::open(path, block_size),
             }
-        },
+            .map_err(|e| e.to_string())?;
+            let have = dev.info().size_bytes();
+            if let Some(size) = size.filter(|&s| s != have) {
+                return Err(format!(
+                    "device {spec:?}: {} exists with {have} bytes, not {size}; refusing to resize it",
+                    path.display()
+                ));
+            }
+            Arc::new(dev.named(name))
+        }
         other => {
             return Err(format!(
                 "device {spec:?}: unknown kind {other:?} (ram, null or file)"
@@ -93,5 +114,13 @@ mod tests {
         assert_eq!(open(&spec, 4096).unwrap().info().num_blocks, 256);
         let spec = format!("file:{}", p.display());
         assert_eq!(open(&spec, 4096).unwrap().info().num_blocks, 256);
+        // An existing file is never truncated nor resized.
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        let spec = format!("file:{}:8K", p.display());
+        let d = open_named("d0", &spec, 4096).unwrap();
+        assert_eq!((d.info().name.as_str(), d.info().num_blocks), ("d0", 2));
+        assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 8192]);
+        let spec = format!("file:{}:1M", p.display());
+        assert!(open(&spec, 4096).err().unwrap().contains("refusing to resize"));
     }
 }

@@ -56,6 +56,14 @@ impl FileDevice {
         Self::open(path, block_size)
     }
 
+    /// The same device under another name (the operator's name for it).
+    pub fn named(mut self, name: &str) -> FileDevice {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.info.name = name.to_string();
+        }
+        self
+    }
+
     /// Open an existing file or block device; its size is the device size.
     pub fn open(path: &Path, block_size: u32) -> Result<FileDevice, BdevError> {
         if block_size != 512 && block_size != 4096 {
