@@ -121,6 +121,9 @@ mod tests {
         assert_eq!((d.info().name.as_str(), d.info().num_blocks), ("d0", 2));
         assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 8192]);
         let spec = format!("file:{}:1M", p.display());
-        assert!(open(&spec, 4096).err().unwrap().contains("refusing to resize"));
+        assert!(open(&spec, 4096)
+            .err()
+            .unwrap()
+            .contains("refusing to resize"));
     }
 }

@@ -2,9 +2,13 @@
 //! volumes and exports, wired together.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod devspec;
 pub mod export;
+pub mod manager;
 pub mod raid;
 pub mod selfcheck;
 pub mod stats;

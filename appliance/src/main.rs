@@ -61,6 +61,29 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run the managed daemon: devices, volumes and exports are created over
+    /// the gRPC API (see `applctl`), saved to the state file after every
+    /// change and restored from it at the next start.
+    ///
+    /// Example: appliance daemon --api /run/appliance/api.sock --state /var/lib/appliance/state.toml
+    Daemon {
+        /// Unix socket of the gRPC API (mode 0600).
+        #[arg(long, default_value = mgmt::client::DEFAULT_SOCKET)]
+        api: std::path::PathBuf,
+        /// State file: restored at start, rewritten atomically after every change.
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
+        /// Initial setup (TOML: [[device]], [[volume]], [[export]]), used when
+        /// the state file does not exist yet.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Reactor threads.
+        #[arg(long, default_value_t = 1)]
+        reactors: usize,
+        /// Comma-separated cores to pin the reactors to.
+        #[arg(long, value_delimiter = ',')]
+        cores: Option<Vec<usize>>,
+    },
     /// Export a device over vhost-user-blk until Ctrl-C (or SIGTERM).
     ///
     /// Example: appliance serve --socket /tmp/vol0.sock --device ram:1G --num-queues 2
@@ -150,6 +173,35 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             selfcheck(&opts, keep)
+        }
+        Command::Daemon {
+            api,
+            state,
+            config,
+            reactors,
+            cores,
+        } => {
+            let stop = match stop_flag() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = appliance::daemon::DaemonOptions {
+                api_socket: api,
+                state_file: state,
+                config,
+                reactors,
+                cores,
+            };
+            match appliance::daemon::run(&opts, stop) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Serve {
             socket,

@@ -170,6 +170,20 @@ pub trait RaidDevice: BlockDevice {
     }
 }
 
+/// A consistent view of a volume's members, spares and background work.
+pub struct Snapshot {
+    /// Member states by slot.
+    pub states: Vec<MemberState>,
+    /// Device names by slot.
+    pub members: Vec<String>,
+    /// Spare device names.
+    pub spares: Vec<String>,
+    /// Members the level can lose without losing data.
+    pub max_failures: usize,
+    /// The running or last rebuild or scrub.
+    pub rebuild: Option<Arc<RebuildProgress>>,
+}
+
 /// Applies member failures to a volume, replaces failed members with
 /// spares and runs their rebuild; stops when every sender is gone.
 pub struct Monitor {
@@ -501,6 +515,23 @@ impl Monitor {
             .unwrap_or_else(|e| e.into_inner())
             .rebuild
             .clone()
+    }
+
+    /// What an operator sees of the volume now.
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Snapshot {
+            states: s.current.member_states(),
+            members: s
+                .current
+                .member_devices()
+                .iter()
+                .map(|d| d.info().name.clone())
+                .collect(),
+            spares: s.spares.iter().map(|d| d.info().name.clone()).collect(),
+            max_failures: s.current.max_failures(),
+            rebuild: s.rebuild.clone(),
+        }
     }
 
     /// Spares left.

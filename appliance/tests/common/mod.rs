@@ -78,3 +78,85 @@ pub fn wait_for_line(log: &Path, line: &str, boot: &mut Child) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A vhost-user-blk disk seen through the real client (blkio), with one
+/// queue and a 1 MiB buffer; IO is synchronous.
+pub struct Disk {
+    // Field order: the queue goes before the instance it belongs to.
+    q: blkio::Blkioq,
+    _region: blkio::MemoryRegion,
+    buf: *mut u8,
+    b: blkio::Blkio,
+}
+
+impl Disk {
+    pub const BUF: usize = 1 << 20;
+
+    pub fn connect(sock: &Path) -> Result<Disk, String> {
+        let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
+        b.set_str("path", sock.to_str().unwrap())
+            .map_err(|e| e.to_string())?;
+        b.connect().map_err(|e| e.to_string())?;
+        let q = b
+            .start()
+            .map_err(|e| e.to_string())?
+            .queues
+            .pop()
+            .ok_or("no queue")?;
+        let region = b.alloc_mem_region(Self::BUF).map_err(|e| e.to_string())?;
+        b.map_mem_region(&region).map_err(|e| e.to_string())?;
+        let buf = region.addr as *mut u8;
+        Ok(Disk {
+            q,
+            _region: region,
+            buf,
+            b,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.b.get_u64("capacity").unwrap()
+    }
+
+    /// The IO buffer.
+    pub fn buf(&mut self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.buf, Self::BUF) }
+    }
+
+    fn wait(&mut self) -> i32 {
+        let mut c = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+        let mut t = Duration::from_secs(30);
+        let n = self.q.do_io(&mut c, 1, Some(&mut t), None).unwrap();
+        assert_eq!(n, 1, "no completion within 30 s");
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    /// Write `len` bytes of the buffer at `offset`; the request's result.
+    pub fn write(&mut self, offset: u64, len: usize) -> i32 {
+        self.q
+            .write(offset, self.buf, len, 0, blkio::ReqFlags::empty());
+        self.wait()
+    }
+
+    /// Read `len` bytes at `offset` into the buffer; the request's result.
+    pub fn read(&mut self, offset: u64, len: usize) -> i32 {
+        self.q
+            .read(offset, self.buf, len, 0, blkio::ReqFlags::empty());
+        self.wait()
+    }
+
+    pub fn flush(&mut self) -> i32 {
+        self.q.flush(0, blkio::ReqFlags::empty());
+        self.wait()
+    }
+}
+
+/// The bytes a test writes at `offset` with `seed`.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            (x ^ (x >> 13) ^ (x >> 29)) as u8
+        })
+        .collect()
+}

@@ -1,0 +1,370 @@
+//! The gRPC service: requests are checked and turned into [`Manager`]
+//! calls, run on a blocking thread (a change may wait for a volume's IO to
+//! drain), and answers are turned back into messages.
+
+use std::sync::Arc;
+
+use mgmt::pb;
+use tonic::{Request, Response, Status};
+
+use crate::config::{DeviceDecl, ExportDecl, VolumeDecl};
+use crate::manager::{DeviceView, ExportView, Level, Manager, MgmtError, VolumeView};
+
+/// The service over a manager.
+#[derive(Clone)]
+pub struct Service {
+    mgr: Arc<Manager>,
+}
+
+impl Service {
+    /// Serve `mgr`.
+    pub fn new(mgr: Arc<Manager>) -> Service {
+        Service { mgr }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Manager) -> Result<T, MgmtError> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let mgr = self.mgr.clone();
+        tokio::task::spawn_blocking(move || f(&mgr))
+            .await
+            .map_err(|e| Status::internal(format!("the call failed: {e}")))?
+            .map(Response::new)
+            .map_err(status)
+    }
+}
+
+fn status(e: MgmtError) -> Status {
+    match e {
+        MgmtError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+        MgmtError::NotFound(m) => Status::not_found(m),
+        MgmtError::AlreadyExists(m) => Status::already_exists(m),
+        MgmtError::FailedPrecondition(m) => Status::failed_precondition(m),
+        MgmtError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        MgmtError::Internal(m) => Status::internal(m),
+    }
+}
+
+fn level_to_pb(l: Level) -> pb::Level {
+    match l {
+        Level::Single => pb::Level::Single,
+        Level::Raid1 => pb::Level::Raid1,
+        Level::Raid5 => pb::Level::Raid5,
+    }
+}
+
+fn device_to_pb(d: DeviceView) -> pb::Device {
+    pb::Device {
+        name: d.decl.name,
+        spec: d.decl.spec,
+        block_size: d.decl.block_size,
+        num_blocks: d.num_blocks,
+        used_by: d.used_by,
+        health: d.health.into(),
+    }
+}
+
+fn volume_to_pb(v: VolumeView) -> pb::Volume {
+    pb::Volume {
+        name: v.name,
+        level: level_to_pb(v.level) as i32,
+        state: v.state.into(),
+        size_bytes: v.size_bytes,
+        block_size: v.block_size,
+        chunk_kib: v.chunk_kib,
+        layout: v.layout,
+        members: v
+            .members
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (device, state))| pb::Member {
+                slot: slot as u32,
+                device,
+                state: state.into(),
+            })
+            .collect(),
+        spares: v.spares,
+        progress: v.progress.map(|p| pb::Progress {
+            kind: p.kind.into(),
+            fraction: p.fraction,
+            eta_seconds: p.eta_seconds,
+            finished: p.finished,
+            error: p.error,
+            mismatches: p.mismatches,
+            bytes: p.bytes,
+            max_bytes_per_sec: p.max_bytes_per_sec,
+        }),
+        generation: v.generation,
+        exports: v.exports,
+    }
+}
+
+fn export_to_pb(e: ExportView) -> pb::Export {
+    pb::Export {
+        name: e.decl.name,
+        volume: e.decl.volume,
+        socket: e.decl.socket.display().to_string(),
+        num_queues: e.decl.num_queues as u32,
+        read_only: e.decl.read_only,
+        serial: e.decl.serial,
+        connected: e.connected,
+        connections: e.connections,
+    }
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> Status {
+    status(MgmtError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::appliance_server::Appliance for Service {
+    async fn get_version(
+        &self,
+        _: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::GetVersionResponse>, Status> {
+        Ok(Response::new(pb::GetVersionResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            api: mgmt::API_VERSION,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.run(|m| {
+            let h = m.health();
+            Ok(pb::HealthResponse {
+                status: h.status.into(),
+                problems: h.problems,
+                reactors: m.reactors().len() as u32,
+            })
+        })
+        .await
+    }
+
+    async fn reactor_stats(
+        &self,
+        _: Request<pb::ReactorStatsRequest>,
+    ) -> Result<Response<pb::ReactorStatsResponse>, Status> {
+        self.run(|m| {
+            let set = m.reactors();
+            Ok(pb::ReactorStatsResponse {
+                reactors: (0..set.len())
+                    .filter_map(|c| set.stats(c).map(|s| (c, s)))
+                    .map(|(c, s)| pb::ReactorStat {
+                        core: c as u32,
+                        busy_ns: s.busy_ns,
+                        loops: s.loops,
+                        sleeps: s.sleeps,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn attach_device(
+        &self,
+        req: Request<pb::AttachDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let r = req.into_inner();
+        if r.spec.is_empty() {
+            return Err(bad("spec", "is empty"));
+        }
+        let decl = DeviceDecl {
+            name: r.name,
+            spec: r.spec,
+            block_size: r.block_size,
+        };
+        self.run(move |m| m.attach_device(decl).map(device_to_pb))
+            .await
+    }
+
+    async fn list_devices(
+        &self,
+        _: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        self.run(|m| {
+            Ok(pb::ListDevicesResponse {
+                devices: m.list_devices().into_iter().map(device_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn detach_device(
+        &self,
+        req: Request<pb::DetachDeviceRequest>,
+    ) -> Result<Response<pb::DetachDeviceResponse>, Status> {
+        let name = req.into_inner().name;
+        self.run(move |m| m.detach_device(&name).map(|_| pb::DetachDeviceResponse {}))
+            .await
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let level = match pb::Level::try_from(r.level) {
+            Ok(pb::Level::Single) => "single",
+            Ok(pb::Level::Raid1) => "raid1",
+            Ok(pb::Level::Raid5) => "raid5",
+            Ok(pb::Level::Unspecified) => return Err(bad("level", "is required")),
+            Err(_) => return Err(bad("level", format!("unknown value {}", r.level))),
+        };
+        let decl = VolumeDecl {
+            name: r.name,
+            level: level.into(),
+            members: r.members,
+            spares: r.spares,
+            chunk_kib: if r.chunk_kib == 0 { 64 } else { r.chunk_kib },
+            layout: if r.layout.is_empty() {
+                "left-symmetric".into()
+            } else {
+                r.layout
+            },
+        };
+        let force = r.force;
+        self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))
+            .await
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        self.run(|m| {
+            Ok(pb::ListVolumesResponse {
+                volumes: m.list_volumes().into_iter().map(volume_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        self.run(move |m| m.get_volume(&name).map(volume_to_pb))
+            .await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let name = req.into_inner().name;
+        self.run(move |m| m.delete_volume(&name).map(|_| pb::DeleteVolumeResponse {}))
+            .await
+    }
+
+    async fn fail_member(
+        &self,
+        req: Request<pb::MemberRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.fail_member(&r.volume, &r.device).map(volume_to_pb))
+            .await
+    }
+
+    async fn add_spare(
+        &self,
+        req: Request<pb::MemberRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.add_spare(&r.volume, &r.device).map(volume_to_pb))
+            .await
+    }
+
+    async fn remove_spare(
+        &self,
+        req: Request<pb::MemberRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.remove_spare(&r.volume, &r.device).map(volume_to_pb))
+            .await
+    }
+
+    async fn start_scrub(
+        &self,
+        req: Request<pb::StartScrubRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.start_scrub(&r.volume, r.repair).map(volume_to_pb))
+            .await
+    }
+
+    async fn stop_background_work(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        self.run(move |m| m.stop_background(&name).map(volume_to_pb))
+            .await
+    }
+
+    async fn set_rebuild_rate(
+        &self,
+        req: Request<pb::SetRebuildRateRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| {
+            m.set_rebuild_rate(&r.volume, r.max_bytes_per_sec)
+                .map(volume_to_pb)
+        })
+        .await
+    }
+
+    async fn create_export(
+        &self,
+        req: Request<pb::CreateExportRequest>,
+    ) -> Result<Response<pb::Export>, Status> {
+        let r = req.into_inner();
+        let num_queues = u16::try_from(r.num_queues)
+            .map_err(|_| bad("num_queues", format!("{} is out of range", r.num_queues)))?;
+        if r.socket.is_empty() {
+            return Err(bad("socket", "is empty"));
+        }
+        let decl = ExportDecl {
+            name: r.name,
+            volume: r.volume,
+            socket: r.socket.into(),
+            num_queues,
+            read_only: r.read_only,
+            serial: r.serial,
+        };
+        self.run(move |m| m.create_export(decl).map(export_to_pb))
+            .await
+    }
+
+    async fn list_exports(
+        &self,
+        _: Request<pb::ListExportsRequest>,
+    ) -> Result<Response<pb::ListExportsResponse>, Status> {
+        self.run(|m| {
+            Ok(pb::ListExportsResponse {
+                exports: m.list_exports().into_iter().map(export_to_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_export(
+        &self,
+        req: Request<pb::DeleteExportRequest>,
+    ) -> Result<Response<pb::DeleteExportResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| {
+            m.delete_export(&r.name, r.force)
+                .map(|_| pb::DeleteExportResponse {})
+        })
+        .await
+    }
+}

@@ -1,0 +1,231 @@
+//! The daemon's declared state: devices, volumes and exports, as a TOML
+//! file. The same format serves the operator's initial setup and the state
+//! the daemon persists after every change, so an operator can read and
+//! edit one and start from the other.
+//!
+//! Saving is atomic (temporary file, fsync, rename, fsync of the
+//! directory): a crash leaves the old file or the new one, never a mix.
+//! Loading is strict (unknown keys are errors) and errors name the line,
+//! because a daemon that guesses at a hand-broken file can lose volumes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A device to attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceDecl {
+    /// The operator's name for it.
+    pub name: String,
+    /// `ram:SIZE`, `null:SIZE`, `file:PATH` or `file:PATH:SIZE`.
+    pub spec: String,
+    /// 512 or 4096.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+}
+
+fn default_block_size() -> u32 {
+    4096
+}
+
+/// A volume over attached devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDecl {
+    /// Name (at most 32 bytes: it is recorded in the superblocks).
+    pub name: String,
+    /// `single`, `raid1` or `raid5`.
+    pub level: String,
+    /// Device names in slot order.
+    pub members: Vec<String>,
+    /// Hot spares.
+    #[serde(default)]
+    pub spares: Vec<String>,
+    /// RAID5 chunk in KiB.
+    #[serde(default = "default_chunk_kib")]
+    pub chunk_kib: u32,
+    /// RAID5 layout (mdadm's names).
+    #[serde(default = "default_layout")]
+    pub layout: String,
+}
+
+fn default_chunk_kib() -> u32 {
+    64
+}
+
+fn default_layout() -> String {
+    "left-symmetric".into()
+}
+
+/// A vhost-user-blk export of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportDecl {
+    /// Name.
+    pub name: String,
+    /// The volume exported.
+    pub volume: String,
+    /// The vhost-user unix socket.
+    pub socket: PathBuf,
+    /// Virtqueues.
+    #[serde(default = "default_queues")]
+    pub num_queues: u16,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial.
+    #[serde(default)]
+    pub serial: String,
+}
+
+fn default_queues() -> u16 {
+    1
+}
+
+/// Everything the daemon runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[[device]]` tables.
+    #[serde(default, rename = "device", skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceDecl>,
+    /// `[[volume]]` tables.
+    #[serde(default, rename = "volume", skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeDecl>,
+    /// `[[export]]` tables.
+    #[serde(default, rename = "export", skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<ExportDecl>,
+}
+
+/// Why a configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid; the message names the line.
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parse `text` (read from `path`, named in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(1, |r| {
+                text[..r.start.min(text.len())].lines().count().max(1)
+            });
+            // A span at the start of a line counts the lines before it.
+            let line = match e.span() {
+                Some(r) if r.start < text.len() && text[..r.start].ends_with('\n') => line + 1,
+                _ => line,
+            };
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                message: e.message().to_string(),
+            }
+        })
+    }
+
+    /// Load `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Write to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let io = |source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let text = toml::to_string_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+        tmp.write_all(b"# Written by the appliance daemon after every change.\n")
+            .and_then(|_| tmp.write_all(text.as_bytes()))
+            .and_then(|_| tmp.as_file().sync_all())
+            .map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_defaults() {
+        let text = r#"
+[[device]]
+name = "d0"
+spec = "ram:64M"
+
+[[volume]]
+name = "vol0"
+level = "single"
+members = ["d0"]
+
+[[export]]
+name = "e0"
+volume = "vol0"
+socket = "/tmp/e0.sock"
+"#;
+        let c = Config::parse(Path::new("x.toml"), text).unwrap();
+        assert_eq!(c.devices[0].block_size, 4096);
+        assert_eq!(c.volumes[0].chunk_kib, 64);
+        assert_eq!(c.exports[0].num_queues, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.toml");
+        c.save(&p).unwrap();
+        assert_eq!(Config::load(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let text = "[[device]]\nname = \"d0\"\nspec = \"ram:1M\"\nblok_size = 512\n";
+        match Config::parse(Path::new("c.toml"), text) {
+            Err(ConfigError::Parse { line, message, .. }) => {
+                assert_eq!(line, 4, "{message}");
+                assert!(message.contains("blok_size"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = "[[device]]\nname = \"d0\"\nspec = ram:1M\n";
+        match Config::parse(Path::new("c.toml"), text) {
+            Err(ConfigError::Parse { line, .. }) => assert_eq!(line, 3),
+            other => panic!("{other:?}"),
+        }
+        let text = "[[volume]]\nname = \"v\"\nlevel = \"raid5\"\n";
+        match Config::parse(Path::new("c.toml"), text) {
+            Err(ConfigError::Parse { message, .. }) => assert!(message.contains("members")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! `appliance daemon`: the long-running service. Reactors serve the data
+//! path; one control thread runs the gRPC API (tokio, current-thread: the
+//! API is not on the IO path, and a second busy thread would compete with
+//! the reactors for the cores).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::manager::Manager;
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The API's unix socket.
+    pub api_socket: PathBuf,
+    /// Where the state is saved after every change and restored from.
+    pub state_file: Option<PathBuf>,
+    /// Initial setup, used when there is no state file yet.
+    pub config: Option<PathBuf>,
+    /// Reactor threads.
+    pub reactors: usize,
+    /// Cores to pin them to.
+    pub cores: Option<Vec<usize>>,
+}
+
+/// Run until `stop` is set (SIGINT/SIGTERM) or the reactors stop.
+pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
+    // Read the configuration before anything starts: a broken file must
+    // stop the daemon before it touches a device.
+    let initial = match (&opts.state_file, &opts.config) {
+        (Some(state), _) if state.exists() => Some(Config::load(state).map_err(|e| e.to_string())?),
+        (_, Some(cfg)) => Some(Config::load(cfg).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: opts.reactors,
+        cores: opts.cores.clone(),
+        ..Default::default()
+    })
+    .map_err(|e| format!("starting reactors: {e}"))?;
+    let mgr = Arc::new(Manager::new(reactors.set(), opts.state_file.clone()));
+    if let Some(cfg) = &initial {
+        if let Err(e) = mgr.restore(cfg) {
+            mgr.shutdown_without_saving();
+            let _ = reactors.shutdown();
+            return Err(format!("restoring the configuration: {e}"));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the API runtime: {e}"))?;
+    let served = rt.block_on(async {
+        let listener = mgmt::server::bind(&opts.api_socket)
+            .map_err(|e| format!("binding {}: {e}", opts.api_socket.display()))?;
+        tracing::info!(socket = %opts.api_socket.display(), reactors = reactors.set().len(), "API listening");
+        println!("appliance {} listening on {}", env!("CARGO_PKG_VERSION"), opts.api_socket.display());
+        let set = reactors.set().clone();
+        let shutdown = async move {
+            while !stop.load(Ordering::SeqCst) && !set.is_stopped() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        mgmt::server::serve(crate::api::Service::new(mgr.clone()), listener, shutdown)
+            .await
+            .map_err(|e| format!("API server: {e}"))
+    });
+    let _ = std::fs::remove_file(&opts.api_socket);
+    mgr.shutdown();
+    drop(rt);
+    let stopped = reactors.shutdown().map_err(|e| e.to_string());
+    served.and(stopped)
+}

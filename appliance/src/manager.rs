@@ -1,0 +1,1134 @@
+//! The daemon's inventory (attached devices, volumes, exports) and every
+//! operator change to it. The gRPC service and the start-up restore both
+//! come through here, so one set of checks guards every path.
+//!
+//! Each change validates everything first and only then acts, so a refused
+//! call leaves the state as it was. Changes serialize on one lock (like
+//! md's reconfig_mutex); the IO path never takes it: a volume's changes
+//! reach the reactors through its quiesce epoch. After every change the
+//! state is saved to the state file, if there is one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bdev::BlockDevice;
+use poller::{QuiesceError, ReactorSet};
+
+use crate::config::{Config, DeviceDecl, ExportDecl, VolumeDecl};
+use crate::export::{Export, ExportError, ExportOptions};
+use crate::raid::assembly::{self, AssemblyError, VolumeSpec};
+use crate::raid::geometry::Layout;
+use crate::raid::members::{FailureSink, MemberState};
+use crate::raid::monitor::{Monitor, OpError};
+use crate::raid::superblock::{Level as SbLevel, SuperblockError};
+use crate::volume::Volume;
+
+/// How long a change waits for a volume's IO to drain.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a change was refused; nothing changed. The variants are the gRPC
+/// status codes they become.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MgmtError {
+    /// A field of the request is wrong.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The named object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The state does not allow the change.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// IO did not drain in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Something below failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> MgmtError {
+    MgmtError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn from_quiesce(what: &str, e: QuiesceError) -> MgmtError {
+    match e {
+        QuiesceError::DeadlineExceeded { .. } => {
+            MgmtError::DeadlineExceeded(format!("{what}: {e}"))
+        }
+        _ => MgmtError::Internal(format!("{what}: {e}")),
+    }
+}
+
+fn from_op(volume: &str, e: OpError) -> MgmtError {
+    match e {
+        OpError::NotFound(d) => MgmtError::FailedPrecondition(format!(
+            "device {d} is not a member or spare of volume {volume}"
+        )),
+        OpError::AlreadyExists(d) => {
+            MgmtError::AlreadyExists(format!("device {d} is already part of volume {volume}"))
+        }
+        OpError::FailedPrecondition(m) => MgmtError::FailedPrecondition(format!("{volume}: {m}")),
+        OpError::Internal(m) => MgmtError::Internal(format!("{volume}: {m}")),
+    }
+}
+
+fn from_export(e: ExportError) -> MgmtError {
+    match e {
+        ExportError::InvalidArgument { field, reason } => invalid(field, reason),
+        ExportError::AlreadyExists(_) => MgmtError::AlreadyExists(e.to_string()),
+        ExportError::Connected(_) => MgmtError::FailedPrecondition(e.to_string()),
+        ExportError::Quiesce(q) => from_quiesce("export", q),
+        ExportError::Os { .. } => MgmtError::Internal(e.to_string()),
+    }
+}
+
+/// Names of devices, volumes and exports: safe in paths, logs and tables.
+fn check_name(field: &'static str, name: &str) -> Result<(), MgmtError> {
+    if name.is_empty() || name.len() > 32 {
+        return Err(invalid(field, format!("{name:?} must be 1..=32 bytes")));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        || name.starts_with('.')
+    {
+        return Err(invalid(
+            field,
+            format!("{name:?} may hold only A-Z a-z 0-9 . _ - and not start with ."),
+        ));
+    }
+    Ok(())
+}
+
+/// Devices in order.
+type Devices = Vec<Arc<dyn BlockDevice>>;
+
+/// Volume levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// One device, no redundancy, no superblock.
+    Single,
+    /// Mirror.
+    Raid1,
+    /// Distributed parity.
+    Raid5,
+}
+
+impl Level {
+    /// Parse the configuration name.
+    pub fn parse(s: &str) -> Option<Level> {
+        match s {
+            "single" => Some(Level::Single),
+            "raid1" => Some(Level::Raid1),
+            "raid5" => Some(Level::Raid5),
+            _ => None,
+        }
+    }
+
+    /// The configuration name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Single => "single",
+            Level::Raid1 => "raid1",
+            Level::Raid5 => "raid5",
+        }
+    }
+}
+
+/// A device as listed.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    /// How it was attached.
+    pub decl: DeviceDecl,
+    /// Its size in blocks.
+    pub num_blocks: u64,
+    /// "" when free, else "volume NAME" or "spare of NAME".
+    pub used_by: String,
+    /// "ok", "failed" or "rebuilding".
+    pub health: &'static str,
+}
+
+/// A rebuild or scrub as shown.
+#[derive(Debug, Clone)]
+pub struct ProgressView {
+    /// "rebuild" or "scrub".
+    pub kind: &'static str,
+    /// 0..=1.
+    pub fraction: f64,
+    /// Seconds left at the rate so far.
+    pub eta_seconds: f64,
+    /// Whether it ended.
+    pub finished: bool,
+    /// Why it failed, or "".
+    pub error: String,
+    /// Parity or mirror mismatches found (scrub).
+    pub mismatches: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Rate limit (0: none).
+    pub max_bytes_per_sec: u64,
+}
+
+/// A volume as described.
+#[derive(Debug, Clone)]
+pub struct VolumeView {
+    /// Name.
+    pub name: String,
+    /// Level.
+    pub level: Level,
+    /// "optimal", "degraded" or "failed".
+    pub state: &'static str,
+    /// Capacity.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// RAID5 chunk in KiB (0 otherwise).
+    pub chunk_kib: u32,
+    /// RAID5 layout ("" otherwise).
+    pub layout: String,
+    /// (device, state) by slot.
+    pub members: Vec<(String, &'static str)>,
+    /// Spare device names.
+    pub spares: Vec<String>,
+    /// The running or last rebuild or scrub.
+    pub progress: Option<ProgressView>,
+    /// Configuration generation.
+    pub generation: u64,
+    /// Exports of this volume.
+    pub exports: Vec<String>,
+}
+
+/// An export as listed.
+#[derive(Debug, Clone)]
+pub struct ExportView {
+    /// How it was created.
+    pub decl: ExportDecl,
+    /// Whether a frontend is connected.
+    pub connected: bool,
+    /// Connections accepted so far.
+    pub connections: u64,
+}
+
+/// Whole-daemon health.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// "ok" or "degraded".
+    pub status: &'static str,
+    /// What is wrong.
+    pub problems: Vec<String>,
+}
+
+fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::InSync => "in_sync",
+        MemberState::Rebuilding => "rebuilding",
+        MemberState::Failed => "failed",
+    }
+}
+
+struct Dev {
+    decl: DeviceDecl,
+    dev: Arc<dyn BlockDevice>,
+}
+
+struct Vol {
+    decl: VolumeDecl,
+    level: Level,
+    volume: Volume,
+    /// RAID volumes only.
+    monitor: Option<Monitor>,
+}
+
+impl Vol {
+    /// Member and spare device names now (a spare that replaced a failed
+    /// member is a member from then on).
+    fn roles(&self) -> (Vec<String>, Vec<String>) {
+        match &self.monitor {
+            Some(m) => {
+                let s = m.snapshot();
+                (s.members, s.spares)
+            }
+            None => (self.decl.members.clone(), vec![]),
+        }
+    }
+}
+
+struct Exp {
+    decl: ExportDecl,
+    export: Export,
+}
+
+#[derive(Default)]
+struct State {
+    devices: BTreeMap<String, Dev>,
+    volumes: BTreeMap<String, Vol>,
+    exports: BTreeMap<String, Exp>,
+}
+
+impl State {
+    /// Which volume holds device `name`, and how.
+    fn user_of(&self, name: &str) -> Option<(String, &'static str, &'static str)> {
+        for (vname, v) in &self.volumes {
+            match &v.monitor {
+                Some(m) => {
+                    let s = m.snapshot();
+                    if let Some(i) = s.members.iter().position(|d| d == name) {
+                        let health = match s.states[i] {
+                            MemberState::InSync => "ok",
+                            MemberState::Rebuilding => "rebuilding",
+                            MemberState::Failed => "failed",
+                        };
+                        // A failed member's device is out of the volume.
+                        if s.states[i] != MemberState::Failed {
+                            return Some((vname.clone(), "volume", health));
+                        }
+                    }
+                    if s.spares.iter().any(|d| d == name) {
+                        return Some((vname.clone(), "spare of", "ok"));
+                    }
+                }
+                None if v.decl.members.iter().any(|d| d == name) => {
+                    return Some((vname.clone(), "volume", "ok"))
+                }
+                None => {}
+            }
+        }
+        None
+    }
+
+    fn device(&self, field: &'static str, name: &str) -> Result<&Dev, MgmtError> {
+        check_name(field, name)?;
+        self.devices
+            .get(name)
+            .ok_or_else(|| MgmtError::NotFound(format!("device {name} is not attached")))
+    }
+
+    fn volume(&self, name: &str) -> Result<&Vol, MgmtError> {
+        check_name("volume", name)?;
+        self.volumes
+            .get(name)
+            .ok_or_else(|| MgmtError::NotFound(format!("volume {name} does not exist")))
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            devices: self.devices.values().map(|d| d.decl.clone()).collect(),
+            volumes: self
+                .volumes
+                .values()
+                .map(|v| {
+                    let (members, spares) = v.roles();
+                    VolumeDecl {
+                        members,
+                        spares,
+                        ..v.decl.clone()
+                    }
+                })
+                .collect(),
+            exports: self.exports.values().map(|e| e.decl.clone()).collect(),
+        }
+    }
+}
+
+/// The inventory and its changes.
+pub struct Manager {
+    set: ReactorSet,
+    state: Mutex<State>,
+    state_file: Option<PathBuf>,
+}
+
+impl Manager {
+    /// An empty inventory served by `set`; changes are saved to
+    /// `state_file` if given.
+    pub fn new(set: &ReactorSet, state_file: Option<PathBuf>) -> Manager {
+        Manager {
+            set: set.clone(),
+            state: Mutex::new(State::default()),
+            state_file,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Save the state; a failure is logged and reported, the change stands
+    /// (it has happened on the devices already).
+    fn save(&self, s: &State) -> Result<(), MgmtError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        s.config().save(path).map_err(|e| {
+            tracing::error!(error = %e, "saving the daemon state");
+            MgmtError::Internal(format!(
+                "the change was made but saving the state failed: {e}"
+            ))
+        })
+    }
+
+    /// The reactors.
+    pub fn reactors(&self) -> &ReactorSet {
+        &self.set
+    }
+
+    /// Bring up everything `config` declares, in order; the first error
+    /// stops it (the caller should refuse to start).
+    pub fn restore(&self, config: &Config) -> Result<(), String> {
+        for d in &config.devices {
+            self.attach_device(d.clone())
+                .map_err(|e| format!("device {}: {e}", d.name))?;
+        }
+        for v in &config.volumes {
+            self.restore_volume(v)
+                .map_err(|e| format!("volume {}: {e}", v.name))?;
+        }
+        for e in &config.exports {
+            self.create_export(e.clone())
+                .map_err(|err| format!("export {}: {err}", e.name))?;
+        }
+        Ok(())
+    }
+
+    // ---- devices ----
+
+    /// Attach a device.
+    pub fn attach_device(&self, mut decl: DeviceDecl) -> Result<DeviceView, MgmtError> {
+        check_name("name", &decl.name)?;
+        if decl.block_size == 0 {
+            decl.block_size = 4096;
+        }
+        if decl.block_size != 512 && decl.block_size != 4096 {
+            return Err(invalid(
+                "block_size",
+                format!("{} is not 512 or 4096", decl.block_size),
+            ));
+        }
+        let mut s = self.lock();
+        if s.devices.contains_key(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "device {} is already attached",
+                decl.name
+            )));
+        }
+        if decl.spec.starts_with("file:") {
+            if let Some(d) = s
+                .devices
+                .values()
+                .find(|d| same_file(&d.decl.spec, &decl.spec))
+            {
+                return Err(MgmtError::AlreadyExists(format!(
+                    "{} is already attached as device {}",
+                    decl.spec, d.decl.name
+                )));
+            }
+        }
+        let dev = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size)
+            .map_err(|e| invalid("spec", e))?;
+        let view = DeviceView {
+            num_blocks: dev.info().num_blocks,
+            decl: decl.clone(),
+            used_by: String::new(),
+            health: "ok",
+        };
+        s.devices.insert(decl.name.clone(), Dev { decl, dev });
+        self.save(&s)?;
+        Ok(view)
+    }
+
+    /// Every device with its user and health.
+    pub fn list_devices(&self) -> Vec<DeviceView> {
+        let s = self.lock();
+        s.devices
+            .values()
+            .map(|d| {
+                let (used_by, health) = match s.user_of(&d.decl.name) {
+                    Some((v, how, health)) => (format!("{how} {v}"), health),
+                    None => (String::new(), "ok"),
+                };
+                DeviceView {
+                    decl: d.decl.clone(),
+                    num_blocks: d.dev.info().num_blocks,
+                    used_by,
+                    health,
+                }
+            })
+            .collect()
+    }
+
+    /// Detach a device no volume uses.
+    pub fn detach_device(&self, name: &str) -> Result<(), MgmtError> {
+        let mut s = self.lock();
+        s.device("name", name)?;
+        if let Some((v, how, _)) = s.user_of(name) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {name} is in use ({how} {v})"
+            )));
+        }
+        s.devices.remove(name);
+        self.save(&s)
+    }
+
+    // ---- volumes ----
+
+    /// Check a volume declaration against the inventory: the level, member
+    /// and spare counts, that every device is attached, distinct and free,
+    /// and the geometry. Returns the level, members and spares.
+    fn check_volume(
+        s: &State,
+        decl: &VolumeDecl,
+    ) -> Result<(Level, Devices, Devices), MgmtError> {
+        check_name("name", &decl.name)?;
+        if s.volumes.contains_key(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "volume {} already exists",
+                decl.name
+            )));
+        }
+        let level = Level::parse(&decl.level).ok_or_else(|| {
+            invalid(
+                "level",
+                format!("{:?} is not single, raid1 or raid5", decl.level),
+            )
+        })?;
+        let (min, max) = match level {
+            Level::Single => (1, 1),
+            Level::Raid1 => (2, 32),
+            Level::Raid5 => (3, 32),
+        };
+        let n = decl.members.len();
+        if n < min || n > max {
+            return Err(invalid(
+                "members",
+                format!("{} takes {min}..={max} members, got {n}", level.name()),
+            ));
+        }
+        if level == Level::Single && !decl.spares.is_empty() {
+            return Err(invalid("spares", "a single-device volume has no spares"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut get =
+            |field: &'static str, name: &String| -> Result<Arc<dyn BlockDevice>, MgmtError> {
+                let d = s.device(field, name)?;
+                if !seen.insert(name.clone()) {
+                    return Err(invalid(field, format!("device {name} is named twice")));
+                }
+                if let Some((v, how, _)) = s.user_of(name) {
+                    return Err(MgmtError::FailedPrecondition(format!(
+                        "device {name} is in use ({how} {v})"
+                    )));
+                }
+                Ok(d.dev.clone())
+            };
+        let members = decl
+            .members
+            .iter()
+            .map(|m| get("members", m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spares = decl
+            .spares
+            .iter()
+            .map(|m| get("spares", m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bs = members[0].info().block_size;
+        if let Some(d) = members
+            .iter()
+            .chain(&spares)
+            .find(|d| d.info().block_size != bs)
+        {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {} has {}-byte blocks, the first member {bs}",
+                d.info().name,
+                d.info().block_size
+            )));
+        }
+        let smallest = members
+            .iter()
+            .map(|d| d.info().num_blocks)
+            .min()
+            .unwrap_or(0);
+        if let Some(d) = spares.iter().find(|d| d.info().num_blocks < smallest) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "spare {} is smaller than the smallest member",
+                d.info().name
+            )));
+        }
+        if level == Level::Raid5 {
+            let c = decl.chunk_kib;
+            if !(4..=1024).contains(&c) || !c.is_power_of_two() {
+                return Err(invalid(
+                    "chunk_kib",
+                    format!("{c} is not a power of two in 4..=1024"),
+                ));
+            }
+            Layout::parse(&decl.layout).map_err(|e| invalid("layout", e.to_string()))?;
+        }
+        if level != Level::Single {
+            let offset_bytes = 1u64 << 20;
+            if smallest * bs as u64 <= offset_bytes + (decl.chunk_kib as u64) * 1024 {
+                return Err(invalid(
+                    "members",
+                    "too small: each member needs more than 1 MiB for the superblock and data offset plus one chunk",
+                ));
+            }
+        }
+        Ok((level, members, spares))
+    }
+
+    /// Start the monitor of a RAID volume whose device is `device`.
+    fn start_raid(
+        &self,
+        decl: &VolumeDecl,
+        opened: (
+            Arc<dyn crate::raid::monitor::RaidDevice>,
+            assembly::VolumeMeta,
+            bool,
+        ),
+        spares: Vec<Arc<dyn BlockDevice>>,
+        rx: std::sync::mpsc::Receiver<crate::raid::members::Event>,
+    ) -> Result<(Volume, Monitor), MgmtError> {
+        let (device, meta, was_clean) = opened;
+        let volume = Volume::new(&self.set, &decl.name, device.clone());
+        let monitor = Monitor::start(&self.set, volume.clone(), device, rx, spares);
+        monitor.set_meta(meta);
+        monitor
+            .open(was_clean)
+            .map_err(|e| from_op(&decl.name, e))?;
+        Ok((volume, monitor))
+    }
+
+    /// Create a volume; RAID members get fresh superblocks (`force` to
+    /// overwrite another volume's).
+    pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
+        let mut s = self.lock();
+        let (level, members, spares) = Self::check_volume(&s, &decl)?;
+        let (volume, monitor) = match level {
+            Level::Single => (Volume::new(&self.set, &decl.name, members[0].clone()), None),
+            Level::Raid1 | Level::Raid5 => {
+                let bs = members[0].info().block_size as u64;
+                let spec = VolumeSpec {
+                    name: decl.name.clone(),
+                    level: if level == Level::Raid1 {
+                        SbLevel::Raid1
+                    } else {
+                        SbLevel::Raid5
+                    },
+                    layout: Layout::parse(&decl.layout).unwrap_or(Layout::LeftSymmetric),
+                    chunk_bytes: decl.chunk_kib * 1024,
+                    data_offset: (1 << 20) / bs,
+                    members,
+                };
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (device, meta) =
+                    assembly::create(&spec, FailureSink::new(tx), force).map_err(|e| match e {
+                        AssemblyError::Invalid(m) => invalid("members", m),
+                        AssemblyError::InUse { .. } => {
+                            MgmtError::FailedPrecondition(format!("{e} (set force to overwrite)"))
+                        }
+                        AssemblyError::Io { .. } => MgmtError::Internal(e.to_string()),
+                    })?;
+                let (v, m) = self.start_raid(&decl, (device, meta, true), spares, rx)?;
+                (v, Some(m))
+            }
+        };
+        s.volumes.insert(
+            decl.name.clone(),
+            Vol {
+                decl: decl.clone(),
+                level,
+                volume,
+                monitor,
+            },
+        );
+        self.save(&s)?;
+        Ok(Self::view(&s, &decl.name))
+    }
+
+    /// Bring back a volume the state file declares: assembled from its
+    /// members' superblocks; created anew only if every device is blank
+    /// (RAM devices start blank on every start).
+    fn restore_volume(&self, decl: &VolumeDecl) -> Result<(), MgmtError> {
+        let mut s = self.lock();
+        let (level, members, spares) = Self::check_volume(&s, decl)?;
+        if level == Level::Single {
+            let volume = Volume::new(&self.set, &decl.name, members[0].clone());
+            s.volumes.insert(
+                decl.name.clone(),
+                Vol {
+                    decl: decl.clone(),
+                    level,
+                    volume,
+                    monitor: None,
+                },
+            );
+            return Ok(());
+        }
+        let all: Vec<Arc<dyn BlockDevice>> = members.iter().chain(&spares).cloned().collect();
+        let mut blank = Vec::new();
+        for d in &all {
+            match assembly::read_superblock(d.as_ref()) {
+                Ok(Err(SuperblockError::Foreign)) => blank.push(d.clone()),
+                Ok(_) => {}
+                Err(e) => return Err(MgmtError::Internal(format!("{}: {e}", d.info().name))),
+            }
+        }
+        drop(s);
+        if blank.len() == all.len() {
+            tracing::warn!(
+                volume = decl.name,
+                "every member is blank (RAM devices start empty): creating the volume anew"
+            );
+            return self.create_volume(decl.clone(), false).map(|_| ());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = FailureSink::new(tx);
+        let ours: Vec<Arc<dyn BlockDevice>> = all
+            .iter()
+            .filter(|d| !blank.iter().any(|b| Arc::ptr_eq(b, d)))
+            .cloned()
+            .collect();
+        let mut report = assembly::assemble(&ours, move |_| sink.clone());
+        if !report.problems.is_empty() {
+            let list: Vec<String> = report
+                .problems
+                .iter()
+                .map(|(d, why)| format!("{d}: {why}"))
+                .collect();
+            return Err(MgmtError::FailedPrecondition(format!(
+                "refusing to assemble: {}",
+                list.join("; ")
+            )));
+        }
+        let Some(i) = report
+            .volumes
+            .iter()
+            .position(|v| v.meta.template.name == decl.name)
+        else {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "no superblock of volume {} on its devices",
+                decl.name
+            )));
+        };
+        let v = report.volumes.remove(i);
+        if !v.stale.is_empty() {
+            tracing::warn!(volume = decl.name, stale = ?v.stale, "stale members left out");
+        }
+        let in_volume: Vec<String> = v
+            .device
+            .member_devices()
+            .iter()
+            .map(|d| d.info().name.clone())
+            .collect();
+        // Blank devices are spares again; so are declared spares that the
+        // volume does not use.
+        let spares: Vec<Arc<dyn BlockDevice>> = blank
+            .into_iter()
+            .filter(|d| !in_volume.contains(&d.info().name))
+            .collect();
+        let (volume, monitor) =
+            self.start_raid(decl, (v.device, v.meta, v.was_clean), spares, rx)?;
+        let mut s = self.lock();
+        s.volumes.insert(
+            decl.name.clone(),
+            Vol {
+                decl: decl.clone(),
+                level,
+                volume,
+                monitor: Some(monitor),
+            },
+        );
+        Ok(())
+    }
+
+    fn view(s: &State, name: &str) -> VolumeView {
+        let v = &s.volumes[name];
+        let info = v.volume.info();
+        let exports = s
+            .exports
+            .values()
+            .filter(|e| e.decl.volume == name)
+            .map(|e| e.decl.name.clone())
+            .collect();
+        let (members, spares, state, progress) = match &v.monitor {
+            Some(m) => {
+                let snap = m.snapshot();
+                let down = snap
+                    .states
+                    .iter()
+                    .filter(|&&x| x != MemberState::InSync)
+                    .count();
+                let state = if down == 0 {
+                    "optimal"
+                } else if down > snap.max_failures {
+                    "failed"
+                } else {
+                    "degraded"
+                };
+                let progress = snap.rebuild.map(|p| ProgressView {
+                    kind: if p.slot == usize::MAX {
+                        "scrub"
+                    } else {
+                        "rebuild"
+                    },
+                    fraction: p.fraction(),
+                    eta_seconds: if p.is_finished() {
+                        0.0
+                    } else {
+                        p.eta().map_or(-1.0, |d| d.as_secs_f64())
+                    },
+                    finished: p.is_finished(),
+                    error: p.error().unwrap_or_default(),
+                    mismatches: p.mismatches.load(std::sync::atomic::Ordering::Relaxed),
+                    bytes: p.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    max_bytes_per_sec: p
+                        .max_bytes_per_sec
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                });
+                let members = snap
+                    .members
+                    .into_iter()
+                    .zip(snap.states.iter().map(|&x| state_name(x)))
+                    .collect();
+                (members, snap.spares, state, progress)
+            }
+            None => (
+                vec![(v.decl.members[0].clone(), "in_sync")],
+                vec![],
+                "optimal",
+                None,
+            ),
+        };
+        VolumeView {
+            name: name.to_string(),
+            level: v.level,
+            state,
+            size_bytes: info.size_bytes(),
+            block_size: info.block_size,
+            chunk_kib: if v.level == Level::Raid5 {
+                v.decl.chunk_kib
+            } else {
+                0
+            },
+            layout: if v.level == Level::Raid5 {
+                v.decl.layout.clone()
+            } else {
+                String::new()
+            },
+            members,
+            spares,
+            progress,
+            generation: v.volume.quiesce().config().0,
+            exports,
+        }
+    }
+
+    /// Describe a volume.
+    pub fn get_volume(&self, name: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        s.volume(name)?;
+        Ok(Self::view(&s, name))
+    }
+
+    /// Describe every volume.
+    pub fn list_volumes(&self) -> Vec<VolumeView> {
+        let s = self.lock();
+        s.volumes.keys().map(|n| Self::view(&s, n)).collect()
+    }
+
+    /// Stop a volume that no export uses. Its superblocks are recorded
+    /// clean and kept (like md's --stop): creating a volume on its devices
+    /// again needs `force`, so data is never lost by a slip.
+    pub fn delete_volume(&self, name: &str) -> Result<(), MgmtError> {
+        let mut s = self.lock();
+        s.volume(name)?;
+        let users: Vec<String> = s
+            .exports
+            .values()
+            .filter(|e| e.decl.volume == name)
+            .map(|e| e.decl.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {name} is exported by {}; delete the export first",
+                users.join(", ")
+            )));
+        }
+        let v = &s.volumes[name];
+        if let Some(m) = &v.monitor {
+            m.close().map_err(|e| from_op(name, e))?;
+        }
+        v.volume
+            .quiesce()
+            .remove(QUIESCE_TIMEOUT)
+            .map_err(|e| from_quiesce(name, e))?;
+        s.volumes.remove(name);
+        self.save(&s)
+    }
+
+    fn monitor<'a>(s: &'a State, volume: &str) -> Result<&'a Monitor, MgmtError> {
+        s.volume(volume)?.monitor.as_ref().ok_or_else(|| {
+            MgmtError::FailedPrecondition(format!(
+                "volume {volume} is a single device: it has no members to change"
+            ))
+        })
+    }
+
+    /// Fail a member (md's --fail).
+    pub fn fail_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        let m = Self::monitor(&s, volume)?;
+        s.device("device", device)?;
+        m.fail_member(device).map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Add a hot spare (used at once if a member has failed).
+    pub fn add_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        let m = Self::monitor(&s, volume)?;
+        let dev = s.device("device", device)?.dev.clone();
+        if let Some((v, how, _)) = s.user_of(device) {
+            return Err(if v == volume {
+                MgmtError::AlreadyExists(format!("device {device} is already {how} {v}"))
+            } else {
+                MgmtError::FailedPrecondition(format!("device {device} is in use ({how} {v})"))
+            });
+        }
+        let snap = m.snapshot();
+        let first = s.devices.get(&snap.members[0]).map(|d| d.dev.clone());
+        if let Some(first) = first {
+            let need = snap
+                .members
+                .iter()
+                .filter_map(|n| s.devices.get(n))
+                .map(|d| d.dev.info().num_blocks)
+                .min()
+                .unwrap_or(0);
+            if dev.info().block_size != first.info().block_size || dev.info().num_blocks < need {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "device {device} ({} blocks of {} bytes) cannot stand in for a member ({need} blocks of {} bytes)",
+                    dev.info().num_blocks,
+                    dev.info().block_size,
+                    first.info().block_size
+                )));
+            }
+        }
+        m.add_spare(dev).map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Remove an unused hot spare.
+    pub fn remove_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        let m = Self::monitor(&s, volume)?;
+        s.device("device", device)?;
+        m.remove_spare(device).map_err(|e| match e {
+            OpError::NotFound(d) => MgmtError::FailedPrecondition(format!(
+                "device {d} is not a spare of volume {volume}"
+            )),
+            e => from_op(volume, e),
+        })?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Start a scrub (check, or repair).
+    pub fn start_scrub(&self, volume: &str, repair: bool) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        Self::monitor(&s, volume)?
+            .scrub(repair)
+            .map_err(|e| from_op(volume, e))?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Stop a running scrub. A rebuild is not stopped: that would leave
+    /// the volume degraded for nothing.
+    pub fn stop_background(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        let snap = Self::monitor(&s, volume)?.snapshot();
+        match snap.rebuild.filter(|p| !p.is_finished()) {
+            None => Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no scrub running"
+            ))),
+            Some(p) if p.slot != usize::MAX => Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} is rebuilding; a rebuild is not stopped (it would leave the volume degraded)"
+            ))),
+            Some(p) => {
+                p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(Self::view(&s, volume))
+            }
+        }
+    }
+
+    /// Limit the running rebuild or scrub (bytes per second, 0: none).
+    pub fn set_rebuild_rate(&self, volume: &str, max: u64) -> Result<VolumeView, MgmtError> {
+        let s = self.lock();
+        let snap = Self::monitor(&s, volume)?.snapshot();
+        match snap.rebuild.filter(|p| !p.is_finished()) {
+            None => Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no rebuild or scrub running"
+            ))),
+            Some(p) => {
+                p.max_bytes_per_sec
+                    .store(max, std::sync::atomic::Ordering::SeqCst);
+                Ok(Self::view(&s, volume))
+            }
+        }
+    }
+
+    // ---- exports ----
+
+    /// Export a volume over vhost-user-blk.
+    pub fn create_export(&self, mut decl: ExportDecl) -> Result<ExportView, MgmtError> {
+        check_name("name", &decl.name)?;
+        let mut s = self.lock();
+        if s.exports.contains_key(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {} already exists",
+                decl.name
+            )));
+        }
+        let volume = s.volume(&decl.volume)?.volume.clone();
+        if !decl.socket.is_absolute() {
+            return Err(invalid("socket", "must be an absolute path"));
+        }
+        if let Some(e) = s.exports.values().find(|e| e.decl.socket == decl.socket) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {} already serves {}",
+                e.decl.name,
+                decl.socket.display()
+            )));
+        }
+        if decl.num_queues == 0 {
+            decl.num_queues = 1;
+        }
+        if decl.serial.is_empty() {
+            decl.serial = decl.name.chars().take(20).collect();
+        }
+        let export = Export::create(
+            &self.set,
+            &volume,
+            ExportOptions {
+                socket: decl.socket.clone(),
+                num_queues: decl.num_queues,
+                read_only: decl.read_only,
+                serial: decl.serial.clone(),
+                queue_cores: vec![],
+            },
+        )
+        .map_err(from_export)?;
+        let view = ExportView {
+            decl: decl.clone(),
+            connected: false,
+            connections: 0,
+        };
+        s.exports.insert(decl.name.clone(), Exp { decl, export });
+        self.save(&s)?;
+        Ok(view)
+    }
+
+    /// Every export.
+    pub fn list_exports(&self) -> Vec<ExportView> {
+        self.lock()
+            .exports
+            .values()
+            .map(|e| ExportView {
+                decl: e.decl.clone(),
+                connected: e.export.is_connected(),
+                connections: e.export.connections(),
+            })
+            .collect()
+    }
+
+    /// Delete an export; refused while a frontend is connected unless
+    /// `force`.
+    pub fn delete_export(&self, name: &str, force: bool) -> Result<(), MgmtError> {
+        check_name("name", name)?;
+        let mut s = self.lock();
+        let e = s
+            .exports
+            .get_mut(name)
+            .ok_or_else(|| MgmtError::NotFound(format!("export {name} does not exist")))?;
+        e.export.delete(force).map_err(from_export)?;
+        s.exports.remove(name);
+        self.save(&s)
+    }
+
+    // ---- daemon ----
+
+    /// Health of every volume.
+    pub fn health(&self) -> Health {
+        let mut problems = Vec::new();
+        if self.set.is_stopped() {
+            problems.push("the reactors have stopped".to_string());
+        }
+        for v in self.list_volumes() {
+            if v.state != "optimal" {
+                problems.push(format!("volume {} is {}", v.name, v.state));
+            }
+        }
+        Health {
+            status: if problems.is_empty() {
+                "ok"
+            } else {
+                "degraded"
+            },
+            problems,
+        }
+    }
+
+    /// Stop serving: exports disconnect (in-flight IO drains), volumes are
+    /// recorded clean. The state file keeps them for the next start.
+    pub fn shutdown(&self) {
+        let s = self.lock();
+        let _ = self.save(&s);
+        drop(s);
+        self.shutdown_without_saving();
+    }
+
+    /// Stop everything, leaving the state file as it is (after a failed
+    /// restore, so the file still says what should run).
+    pub fn shutdown_without_saving(&self) {
+        let mut s = self.lock();
+        for (name, mut e) in std::mem::take(&mut s.exports) {
+            if let Err(err) = e.export.delete(true) {
+                tracing::error!(export = name, error = %err, "deleting the export at shutdown");
+            }
+        }
+        for (name, v) in std::mem::take(&mut s.volumes) {
+            if let Some(m) = &v.monitor {
+                if let Err(err) = m.close() {
+                    tracing::error!(volume = name, error = %err, "recording a clean shutdown");
+                }
+            }
+        }
+    }
+}
+
+/// Whether two `file:` specifications name the same file.
+fn same_file(a: &str, b: &str) -> bool {
+    let path = |s: &str| {
+        let rest = s.trim_start_matches("file:");
+        let p = match rest.rsplit_once(':') {
+            Some((p, size)) if crate::devspec::parse_size(size).is_ok() => p,
+            _ => rest,
+        };
+        std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p))
+    };
+    a.starts_with("file:") && b.starts_with("file:") && path(a) == path(b)
+}

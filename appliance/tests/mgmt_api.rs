@@ -1,0 +1,664 @@
+//! The management API through a real gRPC client on the daemon's unix
+//! socket: every call, good and bad, with the status it must answer; a
+//! refused call changes nothing; data written through an export survives
+//! member failures, spares, scrubs and a restart of the daemon.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::daemon::{run, DaemonOptions};
+use common::{pattern, Disk};
+use mgmt::pb;
+use tonic::Code;
+
+type Client = pb::appliance_client::ApplianceClient<tonic::transport::Channel>;
+
+/// The daemon on a thread, and a client runtime.
+struct Daemon {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    rt: tokio::runtime::Runtime,
+    api: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, state: Option<PathBuf>, config: Option<PathBuf>) -> Daemon {
+        let api = dir.join("api.sock");
+        let _ = std::fs::remove_file(&api);
+        let opts = DaemonOptions {
+            api_socket: api.clone(),
+            state_file: state,
+            config,
+            reactors: 2,
+            cores: None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || run(&opts, s));
+        let t = Instant::now();
+        while !api.exists() {
+            assert!(
+                !thread.is_finished(),
+                "the daemon stopped: {:?}",
+                thread.join()
+            );
+            assert!(t.elapsed() < Duration::from_secs(30), "no API socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Daemon {
+            stop,
+            thread: Some(thread),
+            rt,
+            api,
+        }
+    }
+
+    fn client(&self) -> Client {
+        self.rt.block_on(mgmt::client::connect(&self.api)).unwrap()
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let r = self.thread.take().unwrap().join().unwrap();
+        assert_eq!(r, Ok(()));
+    }
+}
+
+/// Call and return the response or the status code and message.
+macro_rules! call {
+    ($d:expr, $c:expr, $method:ident, $req:expr) => {
+        $d.rt
+            .block_on($c.$method($req))
+            .map(|r| r.into_inner())
+            .map_err(|s| (s.code(), s.message().to_string()))
+    };
+}
+
+fn attach(name: &str, spec: &str) -> pb::AttachDeviceRequest {
+    pb::AttachDeviceRequest {
+        name: name.into(),
+        spec: spec.into(),
+        block_size: 4096,
+    }
+}
+
+fn raid5(name: &str, members: &[&str], spares: &[&str]) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        level: pb::Level::Raid5 as i32,
+        members: members.iter().map(|s| s.to_string()).collect(),
+        spares: spares.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn member(volume: &str, device: &str) -> pb::MemberRequest {
+    pb::MemberRequest {
+        volume: volume.into(),
+        device: device.into(),
+    }
+}
+
+fn volume(d: &Daemon, c: &mut Client, name: &str) -> pb::Volume {
+    call!(d, c, get_volume, pb::GetVolumeRequest { name: name.into() }).unwrap()
+}
+
+/// Wait until the volume's rebuild or scrub has finished.
+fn settle(d: &Daemon, c: &mut Client, name: &str) -> pb::Volume {
+    let t = Instant::now();
+    loop {
+        let v = volume(d, c, name);
+        if v.progress.as_ref().is_none_or(|p| p.finished) {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{v:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn members(v: &pb::Volume) -> Vec<(String, String)> {
+    v.members
+        .iter()
+        .map(|m| (m.device.clone(), m.state.clone()))
+        .collect()
+}
+
+fn write_pattern(disk: &mut Disk, seed: u64, offset: u64) {
+    let p = pattern(seed, offset, Disk::BUF);
+    disk.buf().copy_from_slice(&p);
+    assert_eq!(disk.write(offset, Disk::BUF), 0);
+    assert_eq!(disk.flush(), 0);
+}
+
+fn check_pattern(disk: &mut Disk, seed: u64, offset: u64) {
+    disk.buf().fill(0);
+    assert_eq!(disk.read(offset, Disk::BUF), 0);
+    assert!(
+        disk.buf() == pattern(seed, offset, Disk::BUF).as_slice(),
+        "data at {offset} differs"
+    );
+}
+
+#[test]
+fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    let mode = std::fs::metadata(&d.api).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let v = call!(d, c, get_version, pb::GetVersionRequest {}).unwrap();
+    assert_eq!((v.version.as_str(), v.api), (env!("CARGO_PKG_VERSION"), 1));
+    let h = call!(d, c, health, pb::HealthRequest {}).unwrap();
+    assert_eq!((h.status.as_str(), h.reactors), ("ok", 2));
+    let s = call!(d, c, reactor_stats, pb::ReactorStatsRequest {}).unwrap();
+    assert_eq!(s.reactors.len(), 2);
+    assert!(s.reactors.iter().all(|r| r.loops > 0), "{s:?}");
+
+    // Devices.
+    for (i, spec) in [
+        "ram:32M", "ram:32M", "ram:32M", "ram:32M", "ram:32M", "ram:16M", "ram:32M", "ram:32M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dev = call!(d, c, attach_device, attach(&format!("d{i}"), spec)).unwrap();
+        assert_eq!(
+            dev.num_blocks * 4096,
+            if i == 5 { 16 << 20 } else { 32 << 20 }
+        );
+    }
+    let bad = [
+        (attach("", "ram:1M"), Code::InvalidArgument, "name"),
+        (attach("a/b", "ram:1M"), Code::InvalidArgument, "name"),
+        (
+            attach(&"x".repeat(33), "ram:1M"),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (attach("d0", "ram:1M"), Code::AlreadyExists, "d0"),
+        (attach("e", "disk:1M"), Code::InvalidArgument, "spec"),
+        (attach("e", ""), Code::InvalidArgument, "spec"),
+        (attach("e", "ram:1000"), Code::InvalidArgument, "spec"),
+        (
+            attach("e", "file:/nonexistent/dir/x"),
+            Code::InvalidArgument,
+            "spec",
+        ),
+        (
+            pb::AttachDeviceRequest {
+                block_size: 1000,
+                ..attach("e", "ram:1M")
+            },
+            Code::InvalidArgument,
+            "block_size",
+        ),
+    ];
+    for (req, code, word) in bad {
+        let e = call!(d, c, attach_device, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+        assert!(e.1.contains(word), "{req:?}: {e:?}");
+    }
+    let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
+    assert_eq!(devs.devices.len(), 8);
+    assert!(devs.devices.iter().all(|d| d.used_by.is_empty()));
+
+    // Volumes.
+    let bad = [
+        (
+            pb::CreateVolumeRequest {
+                level: 0,
+                ..raid5("v", &["d0", "d1", "d2"], &[])
+            },
+            Code::InvalidArgument,
+            "level",
+        ),
+        (
+            pb::CreateVolumeRequest {
+                level: 99,
+                ..raid5("v", &["d0", "d1", "d2"], &[])
+            },
+            Code::InvalidArgument,
+            "level",
+        ),
+        (
+            raid5("v", &["d0", "d1"], &[]),
+            Code::InvalidArgument,
+            "members",
+        ),
+        (
+            raid5("v", &["d0", "d1", "nope"], &[]),
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            raid5("v", &["d0", "d1", "d1"], &[]),
+            Code::InvalidArgument,
+            "twice",
+        ),
+        (
+            raid5("v", &["d0", "d1", "d2"], &["d2"]),
+            Code::InvalidArgument,
+            "twice",
+        ),
+        (
+            raid5("v", &["d0", "d1", "d2"], &["d5"]),
+            Code::FailedPrecondition,
+            "smaller",
+        ),
+        (
+            pb::CreateVolumeRequest {
+                chunk_kib: 3,
+                ..raid5("v", &["d0", "d1", "d2"], &[])
+            },
+            Code::InvalidArgument,
+            "chunk_kib",
+        ),
+        (
+            pb::CreateVolumeRequest {
+                layout: "diagonal".into(),
+                ..raid5("v", &["d0", "d1", "d2"], &[])
+            },
+            Code::InvalidArgument,
+            "layout",
+        ),
+        (
+            raid5("", &["d0", "d1", "d2"], &[]),
+            Code::InvalidArgument,
+            "name",
+        ),
+    ];
+    for (req, code, word) in bad {
+        let e = call!(d, c, create_volume, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+        assert!(e.1.contains(word), "{req:?}: {e:?}");
+    }
+    let v = call!(
+        d,
+        c,
+        create_volume,
+        raid5("vol0", &["d0", "d1", "d2"], &["d3"])
+    )
+    .unwrap();
+    assert_eq!(
+        (v.state.as_str(), v.size_bytes),
+        ("optimal", 2 * (31 << 20))
+    );
+    assert_eq!(v.spares, vec!["d3"]);
+    let e = call!(d, c, create_volume, raid5("vol0", &["d4", "d6", "d7"], &[])).unwrap_err();
+    assert_eq!(e.0, Code::AlreadyExists);
+    let e = call!(d, c, create_volume, raid5("v2", &["d4", "d6", "d0"], &[])).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    let e = call!(d, c, create_volume, raid5("v2", &["d4", "d6", "d3"], &[])).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "a spare is in use: {e:?}");
+    let single = pb::CreateVolumeRequest {
+        name: "vol1".into(),
+        level: pb::Level::Single as i32,
+        members: vec!["d4".into()],
+        ..Default::default()
+    };
+    let v1 = call!(d, c, create_volume, single).unwrap();
+    assert_eq!(v1.size_bytes, 32 << 20);
+    let vols = call!(d, c, list_volumes, pb::ListVolumesRequest {}).unwrap();
+    assert_eq!(
+        vols.volumes.len(),
+        2,
+        "a refused create left nothing behind"
+    );
+    let e = call!(
+        d,
+        c,
+        get_volume,
+        pb::GetVolumeRequest {
+            name: "nope".into()
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::NotFound);
+
+    // Exports.
+    let sock = dir.path().join("e0.sock");
+    let export = |name: &str, volume: &str, socket: &str, queues: u32| pb::CreateExportRequest {
+        name: name.into(),
+        volume: volume.into(),
+        socket: socket.into(),
+        num_queues: queues,
+        read_only: false,
+        serial: String::new(),
+    };
+    let s = sock.to_str().unwrap();
+    for (req, code, word) in [
+        (
+            export("e0", "vol0", "rel.sock", 1),
+            Code::InvalidArgument,
+            "socket",
+        ),
+        (export("e0", "vol0", "", 1), Code::InvalidArgument, "socket"),
+        (export("e0", "nope", s, 1), Code::NotFound, "nope"),
+        (
+            export("e0", "vol0", s, 100),
+            Code::InvalidArgument,
+            "num_queues",
+        ),
+        (
+            export("e0", "vol0", s, 70000),
+            Code::InvalidArgument,
+            "num_queues",
+        ),
+        (export("e/0", "vol0", s, 1), Code::InvalidArgument, "name"),
+    ] {
+        let e = call!(d, c, create_export, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+        assert!(e.1.contains(word), "{req:?}: {e:?}");
+    }
+    let e0 = call!(d, c, create_export, export("e0", "vol0", s, 2)).unwrap();
+    assert_eq!((e0.serial.as_str(), e0.num_queues), ("e0", 2));
+    let e = call!(d, c, create_export, export("e0", "vol1", "/tmp/x.sock", 1)).unwrap_err();
+    assert_eq!(e.0, Code::AlreadyExists);
+    let e = call!(d, c, create_export, export("e1", "vol1", s, 1)).unwrap_err();
+    assert_eq!(e.0, Code::AlreadyExists);
+
+    // IO through the export while members fail and spares rebuild.
+    let mut disk = Disk::connect(&sock).unwrap();
+    assert_eq!(disk.capacity(), 2 * (31 << 20));
+    for (i, off) in [0u64, 7 << 20, 40 << 20].iter().enumerate() {
+        write_pattern(&mut disk, i as u64, *off);
+    }
+    let ex = call!(d, c, list_exports, pb::ListExportsRequest {}).unwrap();
+    assert!(
+        ex.exports[0].connected && ex.exports[0].connections == 1,
+        "{ex:?}"
+    );
+
+    for (req, code) in [
+        (member("nope", "d1"), Code::NotFound),
+        (member("vol0", "nope"), Code::NotFound),
+        (member("vol0", "d4"), Code::FailedPrecondition),
+        (member("vol1", "d4"), Code::FailedPrecondition),
+        (member("vol0", "d3"), Code::FailedPrecondition),
+        (member("", "d1"), Code::InvalidArgument),
+    ] {
+        let e = call!(d, c, fail_member, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, fail_member, member("vol0", "d1")).unwrap();
+    assert_eq!(v.members[1].device, "d3", "the spare took the slot: {v:?}");
+    assert!(v.generation > 1);
+    let v = settle(&d, &mut c, "vol0");
+    assert_eq!(v.state, "optimal");
+    let p = v.progress.unwrap();
+    assert_eq!((p.kind.as_str(), p.error.as_str()), ("rebuild", ""));
+    check_pattern(&mut disk, 1, 7 << 20);
+
+    // No spare left: the next failure degrades; one more would lose data.
+    let v = call!(d, c, fail_member, member("vol0", "d0")).unwrap();
+    assert_eq!(v.state, "degraded");
+    let before = members(&v);
+    let e = call!(d, c, fail_member, member("vol0", "d2")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    assert!(e.1.contains("lose data"), "{e:?}");
+    let e = call!(d, c, fail_member, member("vol0", "d0")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "already failed: {e:?}");
+    assert_eq!(members(&volume(&d, &mut c, "vol0")), before);
+    check_pattern(&mut disk, 0, 0);
+    let h = call!(d, c, health, pb::HealthRequest {}).unwrap();
+    assert_eq!(h.status, "degraded");
+    assert!(h.problems[0].contains("vol0"), "{h:?}");
+
+    // Spares.
+    for (req, code) in [
+        (member("vol0", "d4"), Code::FailedPrecondition),
+        (member("vol0", "d5"), Code::FailedPrecondition),
+        (member("vol0", "d2"), Code::AlreadyExists),
+        (member("vol1", "d6"), Code::FailedPrecondition),
+        (member("vol0", "zz"), Code::NotFound),
+    ] {
+        let e = call!(d, c, add_spare, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, add_spare, member("vol0", "d6")).unwrap();
+    assert_eq!(v.members[0].device, "d6");
+    let v = settle(&d, &mut c, "vol0");
+    assert_eq!(v.state, "optimal", "{v:?}");
+    check_pattern(&mut disk, 2, 40 << 20);
+    let e = call!(d, c, remove_spare, member("vol0", "d6")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "a member is no spare: {e:?}");
+    call!(d, c, add_spare, member("vol0", "d7")).unwrap();
+    let e = call!(d, c, add_spare, member("vol0", "d7")).unwrap_err();
+    assert_eq!(e.0, Code::AlreadyExists);
+    let v = call!(d, c, remove_spare, member("vol0", "d7")).unwrap();
+    assert!(v.spares.is_empty());
+
+    // Scrub and rate.
+    let e = call!(
+        d,
+        c,
+        stop_background_work,
+        pb::GetVolumeRequest {
+            name: "vol0".into()
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition);
+    let rate = pb::SetRebuildRateRequest {
+        volume: "vol0".into(),
+        max_bytes_per_sec: 1 << 20,
+    };
+    assert_eq!(
+        call!(d, c, set_rebuild_rate, rate.clone()).unwrap_err().0,
+        Code::FailedPrecondition
+    );
+    let scrub = pb::StartScrubRequest {
+        volume: "vol0".into(),
+        repair: false,
+    };
+    let v = call!(d, c, start_scrub, scrub.clone()).unwrap();
+    assert_eq!(v.progress.as_ref().unwrap().kind, "scrub");
+    let v = settle(&d, &mut c, "vol0");
+    let p = v.progress.unwrap();
+    assert_eq!((p.mismatches, p.error.as_str()), (0, ""), "{p:?}");
+    assert_eq!(
+        call!(
+            d,
+            c,
+            start_scrub,
+            pb::StartScrubRequest {
+                volume: "vol1".into(),
+                repair: false
+            }
+        )
+        .unwrap_err()
+        .0,
+        Code::FailedPrecondition
+    );
+    // A slow scrub can be limited and stopped.
+    call!(d, c, start_scrub, scrub).unwrap();
+    let v = call!(
+        d,
+        c,
+        set_rebuild_rate,
+        pb::SetRebuildRateRequest {
+            max_bytes_per_sec: 4096,
+            ..rate
+        }
+    )
+    .unwrap();
+    assert_eq!(v.progress.unwrap().max_bytes_per_sec, 4096);
+    call!(
+        d,
+        c,
+        stop_background_work,
+        pb::GetVolumeRequest {
+            name: "vol0".into()
+        }
+    )
+    .unwrap();
+    let v = settle(&d, &mut c, "vol0");
+    assert!(v.progress.unwrap().fraction < 1.0);
+
+    // Deleting: refused while in use, then in order.
+    let e = call!(
+        d,
+        c,
+        delete_volume,
+        pb::DeleteVolumeRequest {
+            name: "vol0".into()
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition);
+    let e = call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "d2".into() }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition);
+    let del = |force| pb::DeleteExportRequest {
+        name: "e0".into(),
+        force,
+    };
+    let e = call!(d, c, delete_export, del(false)).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "a VM is connected: {e:?}");
+    check_pattern(&mut disk, 1, 7 << 20);
+    call!(d, c, delete_export, del(true)).unwrap();
+    drop(disk);
+    assert_eq!(
+        call!(d, c, delete_export, del(true)).unwrap_err().0,
+        Code::NotFound
+    );
+    call!(
+        d,
+        c,
+        delete_volume,
+        pb::DeleteVolumeRequest {
+            name: "vol0".into()
+        }
+    )
+    .unwrap();
+    // Its devices are free again, and keep their superblocks.
+    let e = call!(d, c, create_volume, raid5("vol0", &["d6", "d2", "d3"], &[])).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    assert!(e.1.contains("force"), "{e:?}");
+    call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "d2".into() }
+    )
+    .unwrap();
+    let e = call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "d2".into() }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::NotFound);
+    let h = call!(d, c, health, pb::HealthRequest {}).unwrap();
+    assert_eq!(h.status, "ok", "{h:?}");
+    drop(c);
+    d.stop();
+}
+
+#[test]
+fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let sock = dir.path().join("vm.sock");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    for i in 0..4 {
+        let spec = format!(
+            "file:{}:32M",
+            dir.path().join(format!("m{i}.img")).display()
+        );
+        call!(d, c, attach_device, attach(&format!("m{i}"), &spec)).unwrap();
+    }
+    call!(
+        d,
+        c,
+        create_volume,
+        raid5("data", &["m0", "m1", "m2"], &["m3"])
+    )
+    .unwrap();
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "vm".into(),
+            volume: "data".into(),
+            socket: sock.to_str().unwrap().into(),
+            num_queues: 1,
+            read_only: false,
+            serial: "disk-1".into(),
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 9, 3 << 20);
+    // A member fails; the spare is rebuilt; the state file follows.
+    call!(d, c, fail_member, member("data", "m0")).unwrap();
+    settle(&d, &mut c, "data");
+    write_pattern(&mut disk, 10, 20 << 20);
+    drop(disk);
+    let before = volume(&d, &mut c, "data");
+    drop(c);
+    d.stop();
+
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    let after = volume(&d, &mut c, "data");
+    assert_eq!(members(&after), members(&before));
+    assert_eq!(
+        members(&after),
+        [("m3", "in_sync"), ("m1", "in_sync"), ("m2", "in_sync")]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .to_vec()
+    );
+    assert_eq!(after.state, "optimal");
+    let ex = call!(d, c, list_exports, pb::ListExportsRequest {}).unwrap();
+    assert_eq!(ex.exports[0].serial, "disk-1");
+    let mut disk = Disk::connect(&sock).unwrap();
+    check_pattern(&mut disk, 9, 3 << 20);
+    check_pattern(&mut disk, 10, 20 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+
+    // A hand-broken state file: the daemon refuses to start and names the line.
+    let text = std::fs::read_to_string(&state).unwrap();
+    let broken =
+        text.replacen("spec =", "spec = ", 1)
+            .replacen("level = \"raid5\"", "level = raid5", 1);
+    std::fs::write(&state, &broken).unwrap();
+    let line = broken.lines().position(|l| l == "level = raid5").unwrap() + 1;
+    let opts = DaemonOptions {
+        api_socket: dir.path().join("api2.sock"),
+        state_file: Some(state.clone()),
+        config: None,
+        reactors: 1,
+        cores: None,
+    };
+    let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains(&format!("line {line}")), "{e}");
+    assert!(!opts.api_socket.exists());
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        broken,
+        "left as it was"
+    );
+}

@@ -1,0 +1,706 @@
+//! `applctl`: the operator's command line over the appliance's gRPC API.
+//!
+//! Exit codes: 0 done; 1 internal error or failed background work;
+//! 2 bad arguments; 3 not found; 4 already exists; 5 refused in this state
+//! (failed precondition); 6 deadline exceeded; 7 daemon unreachable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use mgmt::pb;
+use tonic::{Code, Status};
+
+#[derive(Parser)]
+#[command(
+    name = "applctl",
+    version,
+    about = "Manage the storage appliance",
+    after_help = "Examples:
+  applctl device attach d0 file:/var/lib/appliance/d0.img:10G
+  applctl device attach d1 ram:1G
+  applctl volume create vol0 --level raid5 --members d0,d1,d2 --spares d3
+  applctl export create vm1 --volume vol0 --socket /run/appliance/vm1.sock --num-queues 2
+  applctl volume fail vol0 d1
+  applctl volume wait vol0 --progress
+  applctl --json volume show vol0
+
+Exit codes: 0 done, 1 internal error, 2 bad arguments, 3 not found,
+4 already exists, 5 refused in this state, 6 deadline exceeded,
+7 daemon unreachable."
+)]
+struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "APPLCTL_API", default_value = mgmt::client::DEFAULT_SOCKET)]
+    api: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Daemon and API version.
+    Version,
+    /// Daemon health: ok, or what is degraded.
+    Health,
+    /// Reactor busy time, loops and sleeps.
+    Stats,
+    /// Attach, list and detach devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Create, inspect and change volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// vhost-user-blk exports.
+    #[command(subcommand)]
+    Export(ExportCmd),
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Attach a device: ram:SIZE, null:SIZE, file:PATH or file:PATH:SIZE.
+    ///
+    /// Example: applctl device attach d0 file:/var/lib/appliance/d0.img:10G
+    Attach {
+        /// Its name.
+        name: String,
+        /// What it is.
+        spec: String,
+        /// 512 or 4096.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+    },
+    /// List devices with their user and health.
+    List,
+    /// Detach a device that no volume uses.
+    Detach {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct MemberArgs {
+    /// The volume.
+    volume: String,
+    /// The device.
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume.
+    ///
+    /// Example: applctl volume create vol0 --level raid5 --members d0,d1,d2 --spares d3
+    Create {
+        /// Its name.
+        name: String,
+        /// single, raid1 or raid5.
+        #[arg(long)]
+        level: String,
+        /// Member devices in slot order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<String>,
+        /// Hot spares.
+        #[arg(long, value_delimiter = ',')]
+        spares: Vec<String>,
+        /// RAID5 chunk in KiB.
+        #[arg(long, default_value_t = 64)]
+        chunk_kib: u32,
+        /// RAID5 layout (left-symmetric, left-asymmetric, right-symmetric, right-asymmetric).
+        #[arg(long, default_value = "left-symmetric")]
+        layout: String,
+        /// Overwrite devices that carry another volume's superblock.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List volumes.
+    List,
+    /// Describe a volume: members, spares, rebuild or scrub progress.
+    Show {
+        /// The volume.
+        name: String,
+    },
+    /// Stop a volume (its superblocks are kept).
+    Delete {
+        /// The volume.
+        name: String,
+    },
+    /// Mark a member failed; a spare takes its place.
+    Fail(MemberArgs),
+    /// Add a hot spare.
+    AddSpare(MemberArgs),
+    /// Remove an unused hot spare.
+    RemoveSpare(MemberArgs),
+    /// Check parity or mirrors (with --repair, fix them).
+    Scrub {
+        /// The volume.
+        name: String,
+        /// Rewrite mismatches.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Stop a running scrub.
+    StopScrub {
+        /// The volume.
+        name: String,
+    },
+    /// Limit the running rebuild or scrub, in MiB/s (0: no limit).
+    Rate {
+        /// The volume.
+        name: String,
+        /// MiB per second.
+        mib_per_sec: u64,
+    },
+    /// Wait until the volume's rebuild or scrub ends.
+    ///
+    /// Example: applctl volume wait vol0 --progress
+    Wait {
+        /// The volume.
+        name: String,
+        /// Show a progress bar.
+        #[arg(long)]
+        progress: bool,
+        /// Give up after this many seconds (exit 6).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Export a volume over vhost-user-blk.
+    ///
+    /// Example: applctl export create vm1 --volume vol0 --socket /run/appliance/vm1.sock
+    Create {
+        /// Its name.
+        name: String,
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+        /// The vhost-user unix socket (absolute).
+        #[arg(long)]
+        socket: String,
+        /// Virtqueues.
+        #[arg(long, default_value_t = 1)]
+        num_queues: u32,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Serial the guest sees (default: the export's name).
+        #[arg(long, default_value = "")]
+        serial: String,
+    },
+    /// List exports.
+    List,
+    /// Delete an export (refused while a VM is connected, unless --force).
+    Delete {
+        /// The export.
+        name: String,
+        /// Disconnect a connected VM.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// A failure and the exit code it maps to.
+struct Failure(u8, String);
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Failure {
+        let code = match s.code() {
+            Code::InvalidArgument => 2,
+            Code::NotFound => 3,
+            Code::AlreadyExists => 4,
+            Code::FailedPrecondition => 5,
+            Code::DeadlineExceeded => 6,
+            Code::Unavailable => 7,
+            _ => 1,
+        };
+        Failure(code, format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+type Client = pb::appliance_client::ApplianceClient<tonic::transport::Channel>;
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut c = mgmt::client::connect(&cli.api)
+        .await
+        .map_err(|e| Failure(7, e.to_string()))?;
+    let json = cli.json;
+    match cli.command {
+        Command::Version => {
+            let v = c.get_version(pb::GetVersionRequest {}).await?.into_inner();
+            out(json, &v, || {
+                format!("appliance {} (API {})\n", v.version, v.api)
+            })
+        }
+        Command::Health => {
+            let h = c.health(pb::HealthRequest {}).await?.into_inner();
+            out(json, &h, || {
+                let mut s = format!("{} ({} reactors)\n", h.status, h.reactors);
+                for p in &h.problems {
+                    s += &format!("  {p}\n");
+                }
+                s
+            })
+        }
+        Command::Stats => {
+            let r = c
+                .reactor_stats(pb::ReactorStatsRequest {})
+                .await?
+                .into_inner();
+            out(json, &r, || {
+                table(
+                    &["CORE", "BUSY_MS", "LOOPS", "SLEEPS"],
+                    r.reactors
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.core.to_string(),
+                                (s.busy_ns / 1_000_000).to_string(),
+                                s.loops.to_string(),
+                                s.sleeps.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        Command::Device(cmd) => device(&mut c, json, cmd).await,
+        Command::Volume(cmd) => volume(&mut c, json, cmd).await,
+        Command::Export(cmd) => export(&mut c, json, cmd).await,
+    }
+}
+
+async fn device(c: &mut Client, json: bool, cmd: DeviceCmd) -> Result<(), Failure> {
+    match cmd {
+        DeviceCmd::Attach {
+            name,
+            spec,
+            block_size,
+        } => {
+            let d = c
+                .attach_device(pb::AttachDeviceRequest {
+                    name,
+                    spec,
+                    block_size,
+                })
+                .await?
+                .into_inner();
+            out(json, &d, || devices(std::slice::from_ref(&d)))
+        }
+        DeviceCmd::List => {
+            let l = c
+                .list_devices(pb::ListDevicesRequest {})
+                .await?
+                .into_inner();
+            out(json, &l, || devices(&l.devices))
+        }
+        DeviceCmd::Detach { name } => {
+            c.detach_device(pb::DetachDeviceRequest { name: name.clone() })
+                .await?;
+            out(json, &serde_json::json!({"detached": name}), || {
+                format!("detached {name}\n")
+            })
+        }
+    }
+}
+
+async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failure> {
+    let member = |m: MemberArgs| pb::MemberRequest {
+        volume: m.volume,
+        device: m.device,
+    };
+    let v = match cmd {
+        VolumeCmd::Create {
+            name,
+            level,
+            members,
+            spares,
+            chunk_kib,
+            layout,
+            force,
+        } => {
+            let level = match level.as_str() {
+                "single" => pb::Level::Single,
+                "raid1" => pb::Level::Raid1,
+                "raid5" => pb::Level::Raid5,
+                other => {
+                    return Err(Failure(
+                        2,
+                        format!("--level {other:?}: expected single, raid1 or raid5"),
+                    ))
+                }
+            };
+            c.create_volume(pb::CreateVolumeRequest {
+                name,
+                level: level as i32,
+                members,
+                spares,
+                chunk_kib,
+                layout,
+                force,
+            })
+            .await?
+        }
+        VolumeCmd::List => {
+            let l = c
+                .list_volumes(pb::ListVolumesRequest {})
+                .await?
+                .into_inner();
+            return out(json, &l, || volumes(&l.volumes));
+        }
+        VolumeCmd::Show { name } => c.get_volume(pb::GetVolumeRequest { name }).await?,
+        VolumeCmd::Delete { name } => {
+            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+                .await?;
+            return out(json, &serde_json::json!({"deleted": name}), || {
+                format!("deleted {name}\n")
+            });
+        }
+        VolumeCmd::Fail(m) => c.fail_member(member(m)).await?,
+        VolumeCmd::AddSpare(m) => c.add_spare(member(m)).await?,
+        VolumeCmd::RemoveSpare(m) => c.remove_spare(member(m)).await?,
+        VolumeCmd::Scrub { name, repair } => {
+            c.start_scrub(pb::StartScrubRequest {
+                volume: name,
+                repair,
+            })
+            .await?
+        }
+        VolumeCmd::StopScrub { name } => {
+            c.stop_background_work(pb::GetVolumeRequest { name })
+                .await?
+        }
+        VolumeCmd::Rate { name, mib_per_sec } => {
+            c.set_rebuild_rate(pb::SetRebuildRateRequest {
+                volume: name,
+                max_bytes_per_sec: mib_per_sec.saturating_mul(1 << 20),
+            })
+            .await?
+        }
+        VolumeCmd::Wait {
+            name,
+            progress,
+            timeout,
+        } => return wait(c, json, name, progress, timeout).await,
+    };
+    let v = v.into_inner();
+    out(json, &v, || describe(&v))
+}
+
+/// Poll the volume until its background work ends.
+async fn wait(
+    c: &mut Client,
+    json: bool,
+    name: String,
+    progress: bool,
+    timeout: Option<f64>,
+) -> Result<(), Failure> {
+    let deadline = match timeout {
+        Some(t) if t.is_finite() && t >= 0.0 => {
+            Some(tokio::time::Instant::now() + Duration::from_secs_f64(t))
+        }
+        Some(t) => {
+            return Err(Failure(
+                2,
+                format!("--timeout {t}: must be a number of seconds"),
+            ))
+        }
+        None => None,
+    };
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new(1000);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}% eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    });
+    loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { name: name.clone() })
+            .await?
+            .into_inner();
+        let p = v.progress.clone().unwrap_or_default();
+        if let Some(b) = &bar {
+            b.set_message(format!("{} {}", v.name, p.kind));
+            b.set_position((p.fraction * 1000.0) as u64);
+        }
+        if v.progress.is_none() || p.finished {
+            if let Some(b) = &bar {
+                b.finish();
+            }
+            out(json, &v, || describe(&v))?;
+            if !p.error.is_empty() {
+                return Err(Failure(
+                    1,
+                    format!("{} {} failed: {}", v.name, p.kind, p.error),
+                ));
+            }
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Err(Failure(
+                6,
+                format!(
+                    "{} {} still running at {:.1} %",
+                    v.name,
+                    p.kind,
+                    p.fraction * 100.0
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failure> {
+    match cmd {
+        ExportCmd::Create {
+            name,
+            volume,
+            socket,
+            num_queues,
+            read_only,
+            serial,
+        } => {
+            let e = c
+                .create_export(pb::CreateExportRequest {
+                    name,
+                    volume,
+                    socket,
+                    num_queues,
+                    read_only,
+                    serial,
+                })
+                .await?
+                .into_inner();
+            out(json, &e, || exports(std::slice::from_ref(&e)))
+        }
+        ExportCmd::List => {
+            let l = c
+                .list_exports(pb::ListExportsRequest {})
+                .await?
+                .into_inner();
+            out(json, &l, || exports(&l.exports))
+        }
+        ExportCmd::Delete { name, force } => {
+            c.delete_export(pb::DeleteExportRequest {
+                name: name.clone(),
+                force,
+            })
+            .await?;
+            out(json, &serde_json::json!({"deleted": name}), || {
+                format!("deleted {name}\n")
+            })
+        }
+    }
+}
+
+fn out<T: serde::Serialize>(
+    json: bool,
+    v: &T,
+    text: impl FnOnce() -> String,
+) -> Result<(), Failure> {
+    if json {
+        let s = serde_json::to_string_pretty(v).map_err(|e| Failure(1, e.to_string()))?;
+        println!("{s}");
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
+/// Columns padded to their widest cell.
+fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut s = line(head.to_vec());
+    for r in &rows {
+        s += &line(r.iter().map(String::as_str).collect());
+    }
+    s
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn level_name(l: i32) -> &'static str {
+    match pb::Level::try_from(l) {
+        Ok(pb::Level::Single) => "single",
+        Ok(pb::Level::Raid1) => "raid1",
+        Ok(pb::Level::Raid5) => "raid5",
+        _ => "?",
+    }
+}
+
+fn devices(ds: &[pb::Device]) -> String {
+    table(
+        &["NAME", "SIZE", "BLOCK", "HEALTH", "USED BY", "SPEC"],
+        ds.iter()
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    size(d.num_blocks * d.block_size as u64),
+                    d.block_size.to_string(),
+                    d.health.clone(),
+                    d.used_by.clone(),
+                    d.spec.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn progress_cell(p: &Option<pb::Progress>) -> String {
+    match p {
+        Some(p) if !p.finished => format!("{} {:.1} %", p.kind, p.fraction * 100.0),
+        _ => String::new(),
+    }
+}
+
+fn volumes(vs: &[pb::Volume]) -> String {
+    table(
+        &[
+            "NAME", "LEVEL", "STATE", "SIZE", "MEMBERS", "SPARES", "EXPORTS", "WORK",
+        ],
+        vs.iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    level_name(v.level).into(),
+                    v.state.clone(),
+                    size(v.size_bytes),
+                    v.members.len().to_string(),
+                    v.spares.len().to_string(),
+                    v.exports.join(","),
+                    progress_cell(&v.progress),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn describe(v: &pb::Volume) -> String {
+    let mut s = format!(
+        "volume {}: {} {}, {} ({}-byte blocks), generation {}\n",
+        v.name,
+        level_name(v.level),
+        v.state,
+        size(v.size_bytes),
+        v.block_size,
+        v.generation
+    );
+    if !v.layout.is_empty() {
+        s += &format!("  layout {}, chunk {} KiB\n", v.layout, v.chunk_kib);
+    }
+    s += &table(
+        &["  SLOT", "DEVICE", "STATE"],
+        v.members
+            .iter()
+            .map(|m| vec![format!("  {}", m.slot), m.device.clone(), m.state.clone()])
+            .collect(),
+    );
+    if !v.spares.is_empty() {
+        s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if let Some(p) = &v.progress {
+        s += &format!(
+            "  {} {}: {:.1} %{}{}{}\n",
+            p.kind,
+            if p.finished { "finished" } else { "running" },
+            p.fraction * 100.0,
+            if !p.finished && p.eta_seconds >= 0.0 {
+                format!(", eta {:.0} s", p.eta_seconds)
+            } else {
+                String::new()
+            },
+            if p.kind == "scrub" {
+                format!(", {} mismatches", p.mismatches)
+            } else {
+                String::new()
+            },
+            if p.error.is_empty() {
+                String::new()
+            } else {
+                format!(", error: {}", p.error)
+            }
+        );
+    }
+    if !v.exports.is_empty() {
+        s += &format!("  exported by: {}\n", v.exports.join(", "));
+    }
+    s
+}
+
+fn exports(es: &[pb::Export]) -> String {
+    table(
+        &["NAME", "VOLUME", "QUEUES", "RO", "CONNECTED", "SOCKET"],
+        es.iter()
+            .map(|e| {
+                vec![
+                    e.name.clone(),
+                    e.volume.clone(),
+                    e.num_queues.to_string(),
+                    if e.read_only { "yes" } else { "no" }.into(),
+                    if e.connected { "yes" } else { "no" }.into(),
+                    e.socket.clone(),
+                ]
+            })
+            .collect(),
+    )
+}

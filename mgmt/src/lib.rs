@@ -1,0 +1,16 @@
+//! The appliance's management API: the service definition (generated from
+//! `proto/appliance.proto`), the client end over a unix socket, and the
+//! server end's listener. `appliance` implements the service trait
+//! [`pb::appliance_server::Appliance`]; nothing here knows the daemon.
+
+pub mod client;
+pub mod server;
+
+/// Generated messages, client and server trait.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("appliance.v1");
+}
+
+/// Version of the API messages (bumped on incompatible changes).
+pub const API_VERSION: u32 = 1;
