@@ -487,10 +487,7 @@ impl Manager {
     /// Check a volume declaration against the inventory: the level, member
     /// and spare counts, that every device is attached, distinct and free,
     /// and the geometry. Returns the level, members and spares.
-    fn check_volume(
-        s: &State,
-        decl: &VolumeDecl,
-    ) -> Result<(Level, Devices, Devices), MgmtError> {
+    fn check_volume(s: &State, decl: &VolumeDecl) -> Result<(Level, Devices, Devices), MgmtError> {
         check_name("name", &decl.name)?;
         if s.volumes.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(

@@ -1,0 +1,196 @@
+//! `applctl` end to end against a running `appliance daemon` process: an
+//! initial TOML setup, tables and JSON, a failure and its rebuild, exit
+//! codes that mean something, a clean stop on SIGTERM, and a broken
+//! configuration refused with its line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn applctl_path() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_appliance"));
+    let p = bin.with_file_name("applctl");
+    if !p.exists() {
+        // `cargo test -p appliance` alone does not build other packages'
+        // binaries; the workspace run does.
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let st = Command::new(cargo)
+            .args(["build", "-p", "mgmt", "--bin", "applctl"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+fn applctl(api: &Path, args: &[&str]) -> Output {
+    Command::new(applctl_path())
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn start(dir: &Path, config: &Path) -> (Child, PathBuf) {
+    let api = dir.join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--api"])
+        .arg(&api)
+        .arg("--state")
+        .arg(dir.join("state.toml"))
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while applctl(&api, &["version"]).status.code() != Some(0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, api)
+}
+
+#[test]
+fn applctl_drives_the_daemon_with_tables_json_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("init.toml");
+    let sock = dir.path().join("vm.sock");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[device]]
+name = "d0"
+spec = "ram:32M"
+[[device]]
+name = "d1"
+spec = "ram:32M"
+[[device]]
+name = "d2"
+spec = "ram:32M"
+[[device]]
+name = "d3"
+spec = "ram:32M"
+
+[[volume]]
+name = "vol0"
+level = "raid5"
+members = ["d0", "d1", "d2"]
+spares = ["d3"]
+chunk_kib = 128
+
+[[export]]
+name = "vm"
+volume = "vol0"
+socket = "{}"
+num_queues = 2
+"#,
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let (mut daemon, api) = start(dir.path(), &config);
+
+    let table = ok(&applctl(&api, &["volume", "list"]));
+    let row = table.lines().find(|l| l.starts_with("vol0")).unwrap();
+    assert!(row.contains("raid5") && row.contains("optimal"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
+    assert_eq!(json["chunk_kib"], 128);
+    assert_eq!(json["members"].as_array().unwrap().len(), 3);
+    assert_eq!(json["spares"][0], "d3");
+    let exports = ok(&applctl(&api, &["export", "list"]));
+    assert!(exports.contains(&sock.display().to_string()), "{exports}");
+
+    ok(&applctl(&api, &["volume", "fail", "vol0", "d1"]));
+    let waited = ok(&applctl(
+        &api,
+        &["volume", "wait", "vol0", "--timeout", "120"],
+    ));
+    assert!(waited.contains("rebuild finished"), "{waited}");
+    let devices = ok(&applctl(&api, &["device", "list"]));
+    let d3 = devices.lines().find(|l| l.starts_with("d3")).unwrap();
+    assert!(d3.contains("volume vol0"), "{devices}");
+
+    let code = |args: &[&str]| applctl(&api, args).status.code();
+    assert_eq!(code(&["volume", "fail", "vol0", "nope"]), Some(3));
+    assert_eq!(code(&["volume", "show", "nope"]), Some(3));
+    assert_eq!(code(&["device", "attach", "d0", "ram:1M"]), Some(4));
+    assert_eq!(code(&["device", "detach", "d0"]), Some(5));
+    assert_eq!(code(&["device", "attach", "x", "tape:1M"]), Some(2));
+    assert_eq!(
+        code(&[
+            "volume",
+            "create",
+            "x",
+            "--level",
+            "raid9",
+            "--members",
+            "a"
+        ]),
+        Some(2)
+    );
+    assert_eq!(code(&["export", "delete", "nope"]), Some(3));
+    let unreachable = Command::new(applctl_path())
+        .args(["--api", "/nonexistent/api.sock", "version"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("/nonexistent/api.sock"));
+    let help = ok(&Command::new(applctl_path()).arg("--help").output().unwrap());
+    assert!(
+        help.contains("Examples") && help.contains("Exit codes"),
+        "{help}"
+    );
+
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no clean stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let state = std::fs::read_to_string(dir.path().join("state.toml")).unwrap();
+    assert!(
+        state.contains("\"d3\""),
+        "the spare became a member: {state}"
+    );
+
+    // A broken initial setup: refused, with the line named.
+    std::fs::remove_file(dir.path().join("state.toml")).unwrap();
+    std::fs::write(
+        &config,
+        "[[device]]\nname = \"d0\"\nspec = \"ram:1M\"\nsize = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--api"])
+        .arg(dir.path().join("api2.sock"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 4") && err.contains("size"), "{err}");
+}
