@@ -662,3 +662,131 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         "left as it was"
     );
 }
+
+#[test]
+fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    let names: Vec<String> = (0..7).map(|i| format!("d{i}")).collect();
+    for n in &names {
+        call!(d, c, attach_device, attach(n, "ram:24M")).unwrap();
+    }
+    call!(d, c, create_volume, raid5("vol0", &["d0", "d1", "d2"], &["d3", "d4"])).unwrap();
+    let sock = dir.path().join("e0.sock");
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "e0".into(),
+            volume: "vol0".into(),
+            socket: sock.to_str().unwrap().into(),
+            num_queues: 1,
+            ..Default::default()
+        }
+    )
+    .unwrap();
+
+    // Verified IO for as long as the clients change the volume.
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = {
+        let (stop, sock) = (stop.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let mut disk = Disk::connect(&sock).unwrap();
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+            let mut model = std::collections::HashMap::new();
+            let (mut ios, chunk) = (0u64, 64 << 10);
+            while !stop.load(Ordering::SeqCst) {
+                let off = rng.gen_range(0..512u64) * chunk as u64;
+                if rng.gen_bool(0.5) || !model.contains_key(&off) {
+                    let seed = rng.gen::<u64>();
+                    disk.buf()[..chunk].copy_from_slice(&pattern(seed, off, chunk));
+                    assert_eq!(disk.write(off, chunk), 0, "write at {off}");
+                    model.insert(off, seed);
+                } else {
+                    assert_eq!(disk.read(off, chunk), 0, "read at {off}");
+                    assert!(
+                        disk.buf()[..chunk] == pattern(model[&off], off, chunk)[..],
+                        "data at {off}"
+                    );
+                }
+                ios += 1;
+            }
+            (disk, model, ios)
+        })
+    };
+
+    let clients: Vec<_> = (0..4u64)
+        .map(|k| {
+            let (api, names) = (d.api.clone(), names.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let mut c = rt.block_on(mgmt::client::connect(&api)).unwrap();
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(k);
+                let mut done = 0;
+                for _ in 0..40 {
+                    let dev = names[rng.gen_range(0..names.len())].clone();
+                    let r = match rng.gen_range(0..5) {
+                        0 => rt.block_on(c.fail_member(member("vol0", &dev))).map(|_| ()),
+                        1 | 2 => rt.block_on(c.add_spare(member("vol0", &dev))).map(|_| ()),
+                        3 => rt.block_on(c.remove_spare(member("vol0", &dev))).map(|_| ()),
+                        _ => rt
+                            .block_on(c.start_scrub(pb::StartScrubRequest {
+                                volume: "vol0".into(),
+                                repair: false,
+                            }))
+                            .map(|_| ()),
+                    };
+                    match r {
+                        Ok(()) => done += 1,
+                        Err(s) => assert!(
+                            matches!(s.code(), Code::FailedPrecondition | Code::AlreadyExists),
+                            "{s:?}"
+                        ),
+                    }
+                    std::thread::sleep(Duration::from_millis(rng.gen_range(0..30)));
+                }
+                done
+            })
+        })
+        .collect();
+    let done: u32 = clients.into_iter().map(|t| t.join().unwrap()).sum();
+    let v = settle(&d, &mut c, "vol0");
+    stop.store(true, Ordering::SeqCst);
+    let (mut disk, model, ios) = io.join().unwrap();
+    eprintln!("{done} changes accepted, {ios} verified IOs; final: {:?}", members(&v));
+    assert!(done > 10 && ios > 100, "{done} changes, {ios} IOs");
+
+    // Consistent: every device in one role at most; the volume serves.
+    assert_ne!(v.state, "failed", "{v:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for m in &v.members {
+        if m.state != "failed" {
+            assert!(seen.insert(m.device.clone()), "{v:?}");
+        }
+    }
+    for s in &v.spares {
+        assert!(seen.insert(s.clone()), "{v:?}");
+    }
+    let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
+    let used = devs.devices.iter().filter(|x| !x.used_by.is_empty()).count();
+    assert_eq!(used, seen.len(), "{devs:?}\n{v:?}");
+    for (off, seed) in model {
+        assert_eq!(disk.read(off, 64 << 10), 0);
+        assert!(disk.buf()[..64 << 10] == pattern(seed, off, 64 << 10)[..], "data at {off}");
+    }
+    if v.state == "optimal" {
+        call!(d, c, start_scrub, pb::StartScrubRequest { volume: "vol0".into(), repair: false })
+            .unwrap();
+        let p = settle(&d, &mut c, "vol0").progress.unwrap();
+        assert_eq!((p.mismatches, p.error.as_str()), (0, ""), "{p:?}");
+    }
+    drop(disk);
+    drop(c);
+    d.stop();
+}

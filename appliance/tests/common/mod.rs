@@ -89,6 +89,9 @@ pub struct Disk {
     b: blkio::Blkio,
 }
 
+// SAFETY: `buf` points into `_region`, which the Disk owns and moves with it.
+unsafe impl Send for Disk {}
+
 impl Disk {
     pub const BUF: usize = 1 << 20;
 
