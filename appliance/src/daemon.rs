@@ -24,6 +24,8 @@ pub struct DaemonOptions {
     pub reactors: usize,
     /// Cores to pin them to.
     pub cores: Option<Vec<usize>>,
+    /// Where to serve Prometheus metrics (GET /metrics), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Run until `stop` is set (SIGINT/SIGTERM) or the reactors stop.
@@ -49,6 +51,18 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
             return Err(format!("restoring the configuration: {e}"));
         }
     }
+    let sampler_stop = Arc::new(AtomicBool::new(false));
+    let sampler = match opts.metrics {
+        Some(addr) => match crate::metrics::start(addr, mgr.clone(), sampler_stop.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                mgr.shutdown();
+                let _ = reactors.shutdown();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -69,6 +83,10 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
             .map_err(|e| format!("API server: {e}"))
     });
     let _ = std::fs::remove_file(&opts.api_socket);
+    sampler_stop.store(true, Ordering::SeqCst);
+    if let Some(t) = sampler {
+        let _ = t.join();
+    }
     mgr.shutdown();
     drop(rt);
     let stopped = reactors.shutdown().map_err(|e| e.to_string());

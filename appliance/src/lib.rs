@@ -9,6 +9,7 @@ pub mod demo;
 pub mod devspec;
 pub mod export;
 pub mod manager;
+pub mod metrics;
 pub mod raid;
 pub mod selfcheck;
 pub mod stats;

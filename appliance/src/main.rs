@@ -83,6 +83,9 @@ enum Command {
         /// Comma-separated cores to pin the reactors to.
         #[arg(long, value_delimiter = ',')]
         cores: Option<Vec<usize>>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Export a device over vhost-user-blk until Ctrl-C (or SIGTERM).
     ///
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
             config,
             reactors,
             cores,
+            metrics,
         } => {
             let stop = match stop_flag() {
                 Ok(s) => s,
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
                 config,
                 reactors,
                 cores,
+                metrics,
             };
             match appliance::daemon::run(&opts, stop) {
                 Ok(()) => ExitCode::SUCCESS,

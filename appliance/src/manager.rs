@@ -210,6 +210,8 @@ pub struct VolumeView {
     pub generation: u64,
     /// Exports of this volume.
     pub exports: Vec<String>,
+    /// Its quiesce epochs so far.
+    pub quiesce: poller::QuiesceStats,
 }
 
 /// An export as listed.
@@ -829,6 +831,7 @@ impl Manager {
             progress,
             generation: v.volume.quiesce().config().0,
             exports,
+            quiesce: v.volume.quiesce().stats(),
         }
     }
 
@@ -1049,6 +1052,15 @@ impl Manager {
                 connected: e.export.is_connected(),
                 connections: e.export.connections(),
             })
+            .collect()
+    }
+
+    /// Every export's name, volume and IO counters.
+    pub fn export_stats(&self) -> Vec<(String, String, crate::export::stats::IoSnapshot)> {
+        self.lock()
+            .exports
+            .values()
+            .map(|e| (e.decl.name.clone(), e.decl.volume.clone(), e.export.stats()))
             .collect()
     }
 

@@ -3,6 +3,9 @@
 //! codes that mean something, a clean stop on SIGTERM, and a broken
 //! configuration refused with its line.
 
+mod common;
+
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -43,10 +46,54 @@ fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-fn start(dir: &Path, config: &Path) -> (Child, PathBuf) {
+/// GET /metrics from the daemon's Prometheus listener.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.") && out.contains(" 200 "), "{out}");
+    out
+}
+
+/// The value of the first sample of `metric` whose labels contain `labels`.
+fn sample(text: &str, metric: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .find(|l| l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Scrape until `metric{labels}` satisfies `ok` (the sampler publishes
+/// once a second).
+fn wait_metric(addr: &str, metric: &str, labels: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let t = Instant::now();
+    loop {
+        let text = scrape(addr);
+        if let Some(v) = sample(&text, metric, labels).filter(|&v| ok(v)) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{metric}{{{labels}}}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
     let api = dir.join("api.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["daemon", "--reactors", "2", "--api"])
+        .args(["daemon", "--reactors", "2", "--metrics", metrics, "--api"])
         .arg(&api)
         .arg("--state")
         .arg(dir.join("state.toml"))
@@ -106,7 +153,47 @@ num_queues = 2
         ),
     )
     .unwrap();
-    let (mut daemon, api) = start(dir.path(), &config);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+
+    // Metrics move under IO.
+    let vm = r#"export="vm""#;
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    for i in 0..16u64 {
+        disk.buf().fill(i as u8);
+        assert_eq!(disk.write(i << 20, common::Disk::BUF), 0);
+    }
+    assert_eq!(disk.read(0, common::Disk::BUF), 0);
+    wait_metric(&metrics, "appliance_export_writes_total", vm, |v| v >= 16.0);
+    let bytes = wait_metric(&metrics, "appliance_export_written_bytes_total", vm, |v| {
+        v > 0.0
+    });
+    assert_eq!(bytes, (16 << 20) as f64);
+    wait_metric(&metrics, "appliance_export_reads_total", vm, |v| v >= 1.0);
+    let p99 = wait_metric(
+        &metrics,
+        "appliance_export_write_latency_seconds",
+        r#"quantile="0.99""#,
+        |v| v > 0.0,
+    );
+    assert!(p99 < 10.0, "{p99}");
+    wait_metric(
+        &metrics,
+        "appliance_reactor_loops_total",
+        r#"core="1""#,
+        |v| v > 0.0,
+    );
+    wait_metric(
+        &metrics,
+        "appliance_volume_degraded",
+        r#"volume="vol0""#,
+        |v| v == 0.0,
+    );
+    for i in 16..24u64 {
+        assert_eq!(disk.write(i << 20, common::Disk::BUF), 0);
+    }
+    wait_metric(&metrics, "appliance_export_writes_total", vm, |v| v >= 24.0);
+    drop(disk);
 
     let table = ok(&applctl(&api, &["volume", "list"]));
     let row = table.lines().find(|l| l.starts_with("vol0")).unwrap();
@@ -125,6 +212,18 @@ num_queues = 2
         &["volume", "wait", "vol0", "--timeout", "120"],
     ));
     assert!(waited.contains("rebuild finished"), "{waited}");
+    wait_metric(
+        &metrics,
+        "appliance_volume_quiesce_total",
+        r#"volume="vol0""#,
+        |v| v >= 2.0,
+    );
+    wait_metric(
+        &metrics,
+        "appliance_volume_resync_fraction",
+        r#"volume="vol0""#,
+        |v| v == 1.0,
+    );
     let devices = ok(&applctl(&api, &["device", "list"]));
     let d3 = devices.lines().find(|l| l.starts_with("d3")).unwrap();
     assert!(d3.contains("volume vol0"), "{devices}");

@@ -35,6 +35,7 @@ impl Daemon {
             config,
             reactors: 2,
             cores: None,
+            metrics: None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -652,6 +653,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         config: None,
         reactors: 1,
         cores: None,
+        metrics: None,
     };
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains(&format!("line {line}")), "{e}");
@@ -673,7 +675,13 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
     for n in &names {
         call!(d, c, attach_device, attach(n, "ram:24M")).unwrap();
     }
-    call!(d, c, create_volume, raid5("vol0", &["d0", "d1", "d2"], &["d3", "d4"])).unwrap();
+    call!(
+        d,
+        c,
+        create_volume,
+        raid5("vol0", &["d0", "d1", "d2"], &["d3", "d4"])
+    )
+    .unwrap();
     let sock = dir.path().join("e0.sock");
     call!(
         d,
@@ -734,7 +742,9 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
                     let r = match rng.gen_range(0..5) {
                         0 => rt.block_on(c.fail_member(member("vol0", &dev))).map(|_| ()),
                         1 | 2 => rt.block_on(c.add_spare(member("vol0", &dev))).map(|_| ()),
-                        3 => rt.block_on(c.remove_spare(member("vol0", &dev))).map(|_| ()),
+                        3 => rt
+                            .block_on(c.remove_spare(member("vol0", &dev)))
+                            .map(|_| ()),
                         _ => rt
                             .block_on(c.start_scrub(pb::StartScrubRequest {
                                 volume: "vol0".into(),
@@ -759,7 +769,10 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
     let v = settle(&d, &mut c, "vol0");
     stop.store(true, Ordering::SeqCst);
     let (mut disk, model, ios) = io.join().unwrap();
-    eprintln!("{done} changes accepted, {ios} verified IOs; final: {:?}", members(&v));
+    eprintln!(
+        "{done} changes accepted, {ios} verified IOs; final: {:?}",
+        members(&v)
+    );
     assert!(done > 10 && ios > 100, "{done} changes, {ios} IOs");
 
     // Consistent: every device in one role at most; the volume serves.
@@ -774,15 +787,30 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
         assert!(seen.insert(s.clone()), "{v:?}");
     }
     let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
-    let used = devs.devices.iter().filter(|x| !x.used_by.is_empty()).count();
+    let used = devs
+        .devices
+        .iter()
+        .filter(|x| !x.used_by.is_empty())
+        .count();
     assert_eq!(used, seen.len(), "{devs:?}\n{v:?}");
     for (off, seed) in model {
         assert_eq!(disk.read(off, 64 << 10), 0);
-        assert!(disk.buf()[..64 << 10] == pattern(seed, off, 64 << 10)[..], "data at {off}");
+        assert!(
+            disk.buf()[..64 << 10] == pattern(seed, off, 64 << 10)[..],
+            "data at {off}"
+        );
     }
     if v.state == "optimal" {
-        call!(d, c, start_scrub, pb::StartScrubRequest { volume: "vol0".into(), repair: false })
-            .unwrap();
+        call!(
+            d,
+            c,
+            start_scrub,
+            pb::StartScrubRequest {
+                volume: "vol0".into(),
+                repair: false
+            }
+        )
+        .unwrap();
         let p = settle(&d, &mut c, "vol0").progress.unwrap();
         assert_eq!((p.mismatches, p.error.as_str()), (0, ""), "{p:?}");
     }

@@ -18,7 +18,9 @@ mod quiesce;
 mod reactor;
 
 pub use error::{QuiesceError, ReactorError, SendError};
-pub use quiesce::{Admission, Domain, LocalGate, QuiesceObject, ReconfigureError, SuspendGuard};
+pub use quiesce::{
+    Admission, Domain, LocalGate, QuiesceObject, QuiesceStats, ReconfigureError, SuspendGuard,
+};
 pub use reactor::{
     current_reactor, Ctx, PollState, ReactorConfig, ReactorSet, ReactorStats, Reactors,
 };

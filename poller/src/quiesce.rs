@@ -69,6 +69,21 @@ struct Control {
     ctrl: Mutex<Ctrl>,
     wait_lock: Mutex<()>,
     acked: Condvar,
+    /// Suspends that reached "no IO in flight", and how long they waited.
+    suspends: AtomicU64,
+    wait_ns_total: AtomicU64,
+    wait_ns_max: AtomicU64,
+}
+
+/// How an object's suspends went, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuiesceStats {
+    /// Suspends that completed (every reactor acknowledged).
+    pub suspends: u64,
+    /// Their total wait for the acknowledgements.
+    pub wait_ns_total: u64,
+    /// The longest such wait.
+    pub wait_ns_max: u64,
 }
 
 impl Control {
@@ -94,9 +109,15 @@ impl Control {
             c.epoch
         };
         match self.wait_acks(epoch, start, timeout) {
-            Ok(()) => Ok(SuspendGuard {
-                control: self.clone(),
-            }),
+            Ok(()) => {
+                let ns = start.elapsed().as_nanos() as u64;
+                self.suspends.fetch_add(1, Ordering::Relaxed);
+                self.wait_ns_total.fetch_add(ns, Ordering::Relaxed);
+                self.wait_ns_max.fetch_max(ns, Ordering::Relaxed);
+                Ok(SuspendGuard {
+                    control: self.clone(),
+                })
+            }
             Err(e) => {
                 self.release();
                 Err(e)
@@ -230,6 +251,9 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
             }),
             wait_lock: Mutex::new(()),
             acked: Condvar::new(),
+            suspends: AtomicU64::new(0),
+            wait_ns_total: AtomicU64::new(0),
+            wait_ns_max: AtomicU64::new(0),
         });
         QuiesceObject {
             shared: Arc::new(Shared {
@@ -249,6 +273,16 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
     pub fn config(&self) -> (u64, Arc<C>) {
         let g = lock(&self.shared.config);
         (g.0, g.1.clone())
+    }
+
+    /// Suspend counts and waits so far.
+    pub fn stats(&self) -> QuiesceStats {
+        let c = &self.shared.control;
+        QuiesceStats {
+            suspends: c.suspends.load(Ordering::Relaxed),
+            wait_ns_total: c.wait_ns_total.load(Ordering::Relaxed),
+            wait_ns_max: c.wait_ns_max.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether the object has been removed.

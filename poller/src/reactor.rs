@@ -458,6 +458,7 @@ fn run_loop(ctx: &mut Ctx, idle_spin: Duration) {
     let mut last_work = Instant::now();
     while !set.shared.stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
+        ctx.now = t0;
         let mut work = false;
 
         let attention = core.attention.load(Ordering::Acquire);
@@ -553,6 +554,7 @@ pub struct Ctx {
     timer_seq: u64,
     fds: Vec<RawFd>,
     seen_attention: u64,
+    now: Instant,
     pub(crate) gates: Vec<Rc<dyn GateHook>>,
     pub(crate) gate_map: HashMap<u64, Rc<dyn Any>>,
 }
@@ -567,9 +569,16 @@ impl Ctx {
             timer_seq: 0,
             fds: Vec::new(),
             seen_attention: 0,
+            now: Instant::now(),
             gates: Vec::new(),
             gate_map: HashMap::new(),
         }
+    }
+
+    /// When the current loop iteration started: a timestamp for the IO
+    /// path that costs nothing (accurate to one iteration).
+    pub fn now(&self) -> Instant {
+        self.now
     }
 
     /// This reactor's index in its set.

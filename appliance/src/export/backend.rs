@@ -183,6 +183,7 @@ impl Handler {
             volume: export.volume.clone(),
             limits: export.limits.clone(),
             inflight,
+            stats: export.stats[index as usize].clone(),
         };
         let started = self
             .set

@@ -6,6 +6,7 @@ mod inflight;
 mod memory;
 mod queue;
 pub mod request;
+pub mod stats;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -94,6 +95,8 @@ pub struct ExportShared {
     memory: QuiesceObject<GuestMemoryMmap>,
     connected: AtomicBool,
     connections: AtomicU64,
+    /// Per queue index; they outlive connections, so counts accumulate.
+    stats: Vec<Arc<stats::IoStats>>,
 }
 
 /// A live export. Delete it with [`Export::delete`].
@@ -200,6 +203,7 @@ impl Export {
                 source,
             })?;
         let name = format!("export:{}", opts.socket.display());
+        let opts_queues = opts.num_queues as usize;
         let shared = Arc::new(ExportShared {
             limits: Arc::new(limits_for(volume, &opts)),
             memory: QuiesceObject::new(set, format!("{name}/memory"), GuestMemoryMmap::new()),
@@ -207,6 +211,9 @@ impl Export {
             volume: volume.clone(),
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            stats: (0..opts_queues)
+                .map(|_| Arc::new(stats::IoStats::default()))
+                .collect(),
         });
         let shutdown = Arc::new(eventfd()?);
         let (s2, sd2, set2) = (shared.clone(), shutdown.clone(), set.clone());
@@ -225,6 +232,15 @@ impl Export {
             shutdown,
             thread: Some(thread),
         })
+    }
+
+    /// IO counters summed over the queues.
+    pub fn stats(&self) -> stats::IoSnapshot {
+        let mut s = stats::IoSnapshot::default();
+        for q in &self.shared.stats {
+            q.add_to(&mut s);
+        }
+        s
     }
 
     /// Its name (derived from the socket path).

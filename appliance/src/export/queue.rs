@@ -8,14 +8,16 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
-use bdev::{Completion, IoChannel, IoRequest, SubmitError};
+use bdev::{Completion, IoChannel, IoOp, IoRequest, SubmitError};
 use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::inflight::InflightQueue;
 use super::request::{parse, walk_chain, Desc, Limits, Parsed, S_IOERR, S_OK};
+use super::stats::IoStats;
 use crate::volume::{Volume, VolumeConfig};
 
 /// Chains longer than this are malformed (the queue size bounds real ones).
@@ -80,12 +82,17 @@ pub struct QueueSetup {
     pub limits: Arc<Limits>,
     /// Inflight tracking shared with the frontend, if negotiated.
     pub inflight: Option<InflightQueue>,
+    /// The queue's IO counters.
+    pub stats: Arc<IoStats>,
 }
 
 struct Inflight {
     head: u16,
     status: *mut u8,
     written: u32,
+    op: IoOp,
+    bytes: u64,
+    started: Instant,
 }
 
 struct Runner {
@@ -113,6 +120,9 @@ struct Runner {
     inflight: Option<InflightQueue>,
     /// Requests taken before a restart, to submit again first.
     resubmit: VecDeque<u16>,
+    stats: Arc<IoStats>,
+    /// The reactor loop's timestamp of the current poll.
+    now: Instant,
 }
 
 /// What became of one chain.
@@ -175,6 +185,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         broken: false,
         inflight: setup.inflight,
         resubmit: VecDeque::new(),
+        stats: setup.stats,
+        now: ctx.now(),
     };
     if let Some(inflight) = &mut runner.inflight {
         // Requests taken before a restart: the avail ring has moved past
@@ -207,6 +219,7 @@ impl Runner {
 
     fn poll(&mut self, ctx: &mut Ctx) -> PollState {
         let mut work = false;
+        self.now = ctx.now();
         let call_gen = self.shared.call_gen.load(Ordering::Relaxed);
         if call_gen != self.call_gen {
             self.call_gen = call_gen;
@@ -224,6 +237,7 @@ impl Runner {
                 self.complete(c);
             }
             self.comps = comps;
+            self.stats.set_inflight(self.inflight());
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             self.signal();
@@ -353,6 +367,7 @@ impl Runner {
         let Some(req) = parse(&self.descs, &self.mem, &self.limits) else {
             // Nowhere to put a status: hand the buffers back unanswered.
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
+            self.stats.refused();
             self.finish_request(head, 0);
             return Dispatch::Taken;
         };
@@ -361,6 +376,7 @@ impl Runner {
                 // SAFETY: `status` was translated inside guest memory.
                 unsafe { std::ptr::write_volatile(req.status, status) };
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.refused();
                 self.finish_request(head, 1);
                 Dispatch::Taken
             }
@@ -384,6 +400,9 @@ impl Runner {
                     head,
                     status: req.status,
                     written,
+                    op,
+                    bytes: num_blocks * self.limits.block_size as u64,
+                    started: self.now,
                 });
                 let io = IoRequest {
                     op,
@@ -428,6 +447,12 @@ impl Runner {
             return;
         };
         self.free.push(c.tag as u32);
+        self.stats.record(
+            req.op,
+            req.bytes,
+            self.now.saturating_duration_since(req.started),
+            c.result.is_ok(),
+        );
         let (status, written) = match c.result {
             Ok(()) => (S_OK, req.written),
             Err(e) => {
