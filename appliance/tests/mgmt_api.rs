@@ -818,3 +818,42 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
     drop(c);
     d.stop();
 }
+
+#[test]
+fn the_example_configurations_load_and_the_ram_one_serves() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&examples).unwrap() {
+        let p = e.unwrap().path();
+        let c = appliance::config::Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !c.volumes.is_empty() && !c.exports.is_empty(),
+            "{}",
+            p.display()
+        );
+        n += 1;
+    }
+    assert!(n >= 2);
+    // The RAM example, with its sockets moved into a scratch directory.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(examples.join("ram-mirror.toml"))
+        .unwrap()
+        .replace("/tmp/", &format!("{}/", dir.path().display()));
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path(), None, Some(cfg));
+    let mut c = d.client();
+    let vols = call!(d, c, list_volumes, pb::ListVolumesRequest {}).unwrap();
+    let states: Vec<_> = vols
+        .volumes
+        .iter()
+        .map(|v| (v.name.as_str(), v.state.as_str()))
+        .collect();
+    assert_eq!(states, [("mirror", "optimal"), ("scratch", "optimal")]);
+    let mut disk = Disk::connect(&dir.path().join("appliance-mirror.sock")).unwrap();
+    write_pattern(&mut disk, 5, 1 << 20);
+    check_pattern(&mut disk, 5, 1 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+}
