@@ -26,12 +26,50 @@ pub struct DaemonOptions {
     pub cores: Option<Vec<usize>>,
     /// Where to serve Prometheus metrics (GET /metrics), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The API on TCP too (TLS and a bearer token are required then).
+    pub tcp: Option<TcpOptions>,
+}
+
+/// The API on TCP.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// Address to listen on.
+    pub addr: std::net::SocketAddr,
+    /// Server certificate chain (PEM file).
+    pub cert: PathBuf,
+    /// Its private key (PEM file).
+    pub key: PathBuf,
+    /// File holding the bearer token clients must send.
+    pub token_file: PathBuf,
+}
+
+fn tcp_access(t: &TcpOptions) -> Result<mgmt::server::TcpAccess, String> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+    };
+    let token = String::from_utf8(read(&t.token_file, "token file")?)
+        .map_err(|_| format!("token file {}: not UTF-8", t.token_file.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "token file {}: the token must be at least 16 printable ASCII characters",
+            t.token_file.display()
+        ));
+    }
+    Ok(mgmt::server::TcpAccess {
+        addr: t.addr,
+        cert_pem: read(&t.cert, "TLS certificate")?,
+        key_pem: read(&t.key, "TLS key")?,
+        token,
+    })
 }
 
 /// Run until `stop` is set (SIGINT/SIGTERM) or the reactors stop.
 pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     // Read the configuration before anything starts: a broken file must
     // stop the daemon before it touches a device.
+    let tcp = opts.tcp.as_ref().map(tcp_access).transpose()?;
     let initial = match (&opts.state_file, &opts.config) {
         (Some(state), _) if state.exists() => Some(Config::load(state).map_err(|e| e.to_string())?),
         (_, Some(cfg)) => Some(Config::load(cfg).map_err(|e| e.to_string())?),
@@ -73,14 +111,26 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         tracing::info!(socket = %opts.api_socket.display(), reactors = reactors.set().len(), "API listening");
         println!("appliance {} listening on {}", env!("CARGO_PKG_VERSION"), opts.api_socket.display());
         let set = reactors.set().clone();
-        let shutdown = async move {
-            while !stop.load(Ordering::SeqCst) && !set.is_stopped() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = move || {
+            let (stop, set) = (stop.clone(), set.clone());
+            async move {
+                while !stop.load(Ordering::SeqCst) && !set.is_stopped() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         };
-        mgmt::server::serve(crate::api::Service::new(mgr.clone()), listener, shutdown)
-            .await
-            .map_err(|e| format!("API server: {e}"))
+        let svc = crate::api::Service::new(mgr.clone());
+        let unix = mgmt::server::serve(svc.clone(), listener, stopped());
+        match tcp {
+            None => unix.await.map_err(|e| format!("API server: {e}")),
+            Some(access) => {
+                tracing::info!(addr = %access.addr, "API listening on TCP with TLS");
+                let tcp = mgmt::server::serve_tcp(svc, access, stopped());
+                let (u, t) = tokio::join!(unix, tcp);
+                u.map_err(|e| format!("API server: {e}"))?;
+                t.map_err(|e| format!("API server on TCP: {e}"))
+            }
+        }
     });
     let _ = std::fs::remove_file(&opts.api_socket);
     sampler_stop.store(true, Ordering::SeqCst);

@@ -86,6 +86,18 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
+        /// Also serve the API on TCP at ADDR; needs --tls-cert, --tls-key and --token-file.
+        #[arg(long, requires_all = ["tls_cert", "tls_key", "token_file"])]
+        listen: Option<std::net::SocketAddr>,
+        /// TLS certificate chain (PEM) for --listen.
+        #[arg(long)]
+        tls_cert: Option<std::path::PathBuf>,
+        /// TLS private key (PEM) for --listen.
+        #[arg(long)]
+        tls_key: Option<std::path::PathBuf>,
+        /// File holding the bearer token TCP clients must send (16+ characters).
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
     },
     /// Export a device over vhost-user-blk until Ctrl-C (or SIGTERM).
     ///
@@ -184,7 +196,22 @@ fn main() -> ExitCode {
             reactors,
             cores,
             metrics,
+            listen,
+            tls_cert,
+            tls_key,
+            token_file,
         } => {
+            let tcp = match (listen, tls_cert, tls_key, token_file) {
+                (Some(addr), Some(cert), Some(key), Some(token_file)) => {
+                    Some(appliance::daemon::TcpOptions {
+                        addr,
+                        cert,
+                        key,
+                        token_file,
+                    })
+                }
+                _ => None,
+            };
             let stop = match stop_flag() {
                 Ok(s) => s,
                 Err(e) => {
@@ -199,6 +226,7 @@ fn main() -> ExitCode {
                 reactors,
                 cores,
                 metrics,
+                tcp,
             };
             match appliance::daemon::run(&opts, stop) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ use common::{pattern, Disk};
 use mgmt::pb;
 use tonic::Code;
 
-type Client = pb::appliance_client::ApplianceClient<tonic::transport::Channel>;
+type Client = mgmt::client::Client;
 
 /// The daemon on a thread, and a client runtime.
 struct Daemon {
@@ -36,6 +36,7 @@ impl Daemon {
             reactors: 2,
             cores: None,
             metrics: None,
+            tcp: None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -654,6 +655,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         reactors: 1,
         cores: None,
         metrics: None,
+        tcp: None,
     };
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains(&format!("line {line}")), "{e}");
@@ -856,4 +858,101 @@ fn the_example_configurations_load_and_the_ram_one_serves() {
     drop(disk);
     drop(c);
     d.stop();
+}
+
+#[test]
+fn tcp_access_needs_tls_and_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key, token) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("token"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let tcp = appliance::daemon::TcpOptions {
+        addr,
+        cert: cert.clone(),
+        key: key.clone(),
+        token_file: token.clone(),
+    };
+    let mut opts = DaemonOptions {
+        api_socket: dir.path().join("api.sock"),
+        state_file: None,
+        config: None,
+        reactors: 1,
+        cores: None,
+        metrics: None,
+        tcp: Some(tcp.clone()),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (o, s) = (opts.clone(), stop.clone());
+    let daemon = std::thread::spawn(move || run(&o, s));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let ca = ck.cert.pem().into_bytes();
+    let t = Instant::now();
+    let mut good = loop {
+        match rt.block_on(mgmt::client::connect_tls(
+            &url,
+            &ca,
+            "localhost",
+            Some("s3cret-token-0123456789"),
+        )) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(30), "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let v = rt
+        .block_on(good.get_version(pb::GetVersionRequest {}))
+        .unwrap();
+    assert_eq!(v.into_inner().api, 1);
+    rt.block_on(good.attach_device(attach("t0", "ram:1M")))
+        .unwrap();
+
+    for token in [None, Some("s3cret-token-012345678X"), Some("s3cret")] {
+        let mut c = rt
+            .block_on(mgmt::client::connect_tls(&url, &ca, "localhost", token))
+            .unwrap();
+        let e = rt
+            .block_on(c.list_devices(pb::ListDevicesRequest {}))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{token:?}: {e:?}");
+    }
+    // Plain HTTP/2 without TLS gets nowhere.
+    let plain: Result<(), String> = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut c = pb::appliance_client::ApplianceClient::new(ch);
+        c.get_version(pb::GetVersionRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| s.to_string())
+    });
+    assert!(plain.is_err());
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(daemon.join().unwrap(), Ok(()));
+
+    // A weak token: the daemon refuses to start.
+    std::fs::write(&token, "short").unwrap();
+    opts.tcp = Some(tcp);
+    let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains("at least 16"), "{e}");
 }

@@ -1,26 +1,54 @@
-//! Connecting to the daemon's API socket.
+//! Connecting to the daemon's API: its unix socket (the default), or a TCP
+//! address with TLS and a bearer token.
 
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::pb::appliance_client::ApplianceClient;
 
 /// Where the daemon listens by default.
 pub const DEFAULT_SOCKET: &str = "/run/appliance/api.sock";
 
+/// A client of the API.
+pub type Client = ApplianceClient<InterceptedService<Channel, Token>>;
+
+/// Adds `authorization: Bearer TOKEN` to every call, if there is a token.
+#[derive(Clone, Default)]
+pub struct Token(Option<AsciiMetadataValue>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
-#[error("connecting to {path}: {source}")]
-pub struct ConnectError {
-    path: String,
-    #[source]
-    source: tonic::transport::Error,
+pub enum ConnectError {
+    /// The transport failed.
+    #[error("connecting to {target}: {source}")]
+    Transport {
+        /// Socket path or URL.
+        target: String,
+        /// What failed.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The token cannot be sent as a header.
+    #[error("the token must be printable ASCII")]
+    BadToken,
 }
 
 /// A client of the daemon listening on the unix socket `path`.
-pub async fn connect(path: &Path) -> Result<ApplianceClient<Channel>, ConnectError> {
+pub async fn connect(path: &Path) -> Result<Client, ConnectError> {
     let p: PathBuf = path.to_path_buf();
     // The URI is required by the API but unused: every connection goes to
     // the socket.
@@ -33,9 +61,43 @@ pub async fn connect(path: &Path) -> Result<ApplianceClient<Channel>, ConnectErr
             }
         }))
         .await
-        .map_err(|source| ConnectError {
-            path: path.display().to_string(),
+        .map_err(|source| ConnectError::Transport {
+            target: path.display().to_string(),
             source,
         })?;
-    Ok(ApplianceClient::new(channel))
+    Ok(ApplianceClient::with_interceptor(channel, Token::default()))
+}
+
+/// A client of the daemon at `url` (`https://HOST:PORT`), trusting the CA
+/// certificate `ca_pem` (PEM), sending `token`; `domain` is the name the
+/// server certificate must carry.
+pub async fn connect_tls(
+    url: &str,
+    ca_pem: &[u8],
+    domain: &str,
+    token: Option<&str>,
+) -> Result<Client, ConnectError> {
+    let transport = |source| ConnectError::Transport {
+        target: url.to_string(),
+        source,
+    };
+    let token = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse::<AsciiMetadataValue>()
+                .map_err(|_| ConnectError::BadToken)?,
+        ),
+        None => None,
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(domain);
+    let channel = Endpoint::from_shared(url.to_string())
+        .map_err(transport)?
+        .tls_config(tls)
+        .map_err(transport)?
+        .connect()
+        .await
+        .map_err(transport)?;
+    Ok(ApplianceClient::with_interceptor(channel, Token(token)))
 }

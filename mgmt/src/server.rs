@@ -1,10 +1,12 @@
-//! Serving an implementation of the API on a unix socket that only its
-//! owner can use.
+//! Serving an implementation of the API: on a unix socket that only its
+//! owner can use, and optionally on TCP with TLS and a bearer token.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::pb::appliance_server::{Appliance, ApplianceServer};
 
@@ -33,9 +35,27 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// How long calls in progress may finish after shutdown is asked for.
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serve `svc` on `listener` until `shutdown` resolves; calls in progress
-/// then get [`GRACE`] to finish. Idle client connections do not hold the
-/// daemon up (a graceful shutdown alone would wait for them forever).
+/// Run `server` (which stops accepting when its own shutdown future, fed
+/// by `stopping`, resolves) until `shutdown`; then give calls in progress
+/// [`GRACE`]. Idle client connections do not hold the daemon up (a
+/// graceful shutdown alone would wait for them forever).
+async fn with_grace(
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>>,
+    stopping: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r,
+        _ = shutdown => stopping.notify_one(),
+    }
+    match tokio::time::timeout(GRACE, server).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
+}
+
+/// Serve `svc` on `listener` until `shutdown` resolves.
 pub async fn serve<S: Appliance>(
     svc: S,
     listener: tokio::net::UnixListener,
@@ -48,13 +68,57 @@ pub async fn serve<S: Appliance>(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             notified.notified().await
         });
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => return r,
-        _ = shutdown => stopping.notify_one(),
-    }
-    match tokio::time::timeout(GRACE, server).await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
+    with_grace(server, stopping, shutdown).await
+}
+
+/// What a TCP listener needs: TLS and a bearer token are not optional.
+pub struct TcpAccess {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Its private key (PEM).
+    pub key_pem: Vec<u8>,
+    /// The token clients must send as `authorization: Bearer TOKEN`.
+    pub token: String,
+}
+
+/// Compare without an early exit, so the time taken does not tell how
+/// much of a guessed token was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serve `svc` over TLS on TCP until `shutdown`; calls without the token
+/// get UNAUTHENTICATED.
+pub async fn serve_tcp<S: Appliance>(
+    svc: S,
+    access: TcpAccess,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let want = format!("Bearer {}", access.token).into_bytes();
+    let check = move |req: tonic::Request<()>| match req.metadata().get("authorization") {
+        Some(v) if same(v.as_bytes(), &want) => Ok(req),
+        _ => Err(tonic::Status::unauthenticated(
+            "a bearer token is required on TCP",
+        )),
+    };
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(access.cert_pem, access.key_pem));
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notified = stopping.clone();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(ApplianceServer::with_interceptor(svc, check))
+        .serve_with_shutdown(access.addr, async move { notified.notified().await });
+    with_grace(server, stopping, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_comparison() {
+        assert!(super::same(b"Bearer abc", b"Bearer abc"));
+        assert!(!super::same(b"Bearer abd", b"Bearer abc"));
+        assert!(!super::same(b"Bearer ab", b"Bearer abc"));
     }
 }

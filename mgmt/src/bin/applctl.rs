@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 done; 1 internal error or failed background work;
 //! 2 bad arguments; 3 not found; 4 already exists; 5 refused in this state
-//! (failed precondition); 6 deadline exceeded; 7 daemon unreachable.
+//! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
+//! 8 not authorised.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,12 +29,24 @@ use tonic::{Code, Status};
 
 Exit codes: 0 done, 1 internal error, 2 bad arguments, 3 not found,
 4 already exists, 5 refused in this state, 6 deadline exceeded,
-7 daemon unreachable."
+7 daemon unreachable, 8 not authorised.
+
+Over TCP: --api https://HOST:PORT --ca ca.pem --token-file token."
 )]
 struct Cli {
-    /// The daemon's API socket.
+    /// The daemon's API: its unix socket, or https://HOST:PORT (then
+    /// with --ca and a token).
     #[arg(long, global = true, env = "APPLCTL_API", default_value = mgmt::client::DEFAULT_SOCKET)]
-    api: PathBuf,
+    api: String,
+    /// CA certificate (PEM) that signed the daemon's TLS certificate.
+    #[arg(long, global = true, env = "APPLCTL_CA")]
+    ca: Option<PathBuf>,
+    /// Name the daemon's certificate carries.
+    #[arg(long, global = true, default_value = "localhost")]
+    tls_domain: String,
+    /// File holding the bearer token for TCP (or APPLCTL_TOKEN).
+    #[arg(long, global = true, env = "APPLCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -219,6 +232,7 @@ impl From<Status> for Failure {
             Code::FailedPrecondition => 5,
             Code::DeadlineExceeded => 6,
             Code::Unavailable => 7,
+            Code::Unauthenticated | Code::PermissionDenied => 8,
             _ => 1,
         };
         Failure(code, format!("{:?}: {}", s.code(), s.message()))
@@ -246,12 +260,41 @@ fn main() -> ExitCode {
     }
 }
 
-type Client = pb::appliance_client::ApplianceClient<tonic::transport::Channel>;
+type Client = mgmt::client::Client;
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    let unreachable = |e: mgmt::client::ConnectError| Failure(7, e.to_string());
+    if !cli.api.starts_with("https://") {
+        if cli.api.starts_with("http://") {
+            return Err(Failure(2, "--api: TCP needs TLS: use https://".into()));
+        }
+        return mgmt::client::connect(std::path::Path::new(&cli.api))
+            .await
+            .map_err(unreachable);
+    }
+    let ca_path = cli
+        .ca
+        .as_ref()
+        .ok_or_else(|| Failure(2, "--ca is required with an https:// API".into()))?;
+    let ca = std::fs::read(ca_path)
+        .map_err(|e| Failure(2, format!("--ca {}: {e}", ca_path.display())))?;
+    let token = match (&cli.token_file, std::env::var("APPLCTL_TOKEN")) {
+        (Some(f), _) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure(2, format!("--token-file {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+        ),
+        (None, Ok(t)) => Some(t),
+        (None, Err(_)) => None,
+    };
+    mgmt::client::connect_tls(&cli.api, &ca, &cli.tls_domain, token.as_deref())
+        .await
+        .map_err(unreachable)
+}
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let mut c = mgmt::client::connect(&cli.api)
-        .await
-        .map_err(|e| Failure(7, e.to_string()))?;
+    let mut c = connect(&cli).await?;
     let json = cli.json;
     match cli.command {
         Command::Version => {
