@@ -262,7 +262,16 @@ impl Vol {
         match &self.monitor {
             Some(m) => {
                 let s = m.snapshot();
-                (s.members, s.spares)
+                // A failed slot may hold a stand-in (another member's
+                // device) or a device the operator may detach: only the
+                // live members are recorded.
+                let mut members: Vec<String> = Vec::new();
+                for (d, st) in s.members.into_iter().zip(&s.states) {
+                    if *st != MemberState::Failed && !members.contains(&d) {
+                        members.push(d);
+                    }
+                }
+                (members, s.spares)
             }
             None => (self.decl.members.clone(), vec![]),
         }
@@ -351,6 +360,11 @@ pub struct Manager {
     set: ReactorSet,
     state: Mutex<State>,
     state_file: Option<PathBuf>,
+    /// Do not write the state file: while restoring (a half-restored state
+    /// must never replace the full one) and once stopping.
+    quiet: std::sync::atomic::AtomicBool,
+    /// Stopping: changes are refused (set under the state lock).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Manager {
@@ -361,11 +375,25 @@ impl Manager {
             set: set.clone(),
             state: Mutex::new(State::default()),
             state_file,
+            quiet: Default::default(),
+            closed: Default::default(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, for a change: refused once the daemon is stopping (a
+    /// call that outlived the API's shutdown must not act or save).
+    fn lock_for_change(&self) -> Result<MutexGuard<'_, State>, MgmtError> {
+        let s = self.lock();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(MgmtError::FailedPrecondition(
+                "the daemon is stopping".into(),
+            ));
+        }
+        Ok(s)
     }
 
     /// Save the state; a failure is logged and reported, the change stands
@@ -374,6 +402,9 @@ impl Manager {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
+        if self.quiet.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         s.config().save(path).map_err(|e| {
             tracing::error!(error = %e, "saving the daemon state");
             MgmtError::Internal(format!(
@@ -390,6 +421,15 @@ impl Manager {
     /// Bring up everything `config` declares, in order; the first error
     /// stops it (the caller should refuse to start).
     pub fn restore(&self, config: &Config) -> Result<(), String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.quiet.store(true, SeqCst);
+        self.restore_all(config)?;
+        self.quiet.store(false, SeqCst);
+        let s = self.lock();
+        self.save(&s).map_err(|e| e.to_string())
+    }
+
+    fn restore_all(&self, config: &Config) -> Result<(), String> {
         for d in &config.devices {
             self.attach_device(d.clone())
                 .map_err(|e| format!("device {}: {e}", d.name))?;
@@ -419,7 +459,7 @@ impl Manager {
                 format!("{} is not 512 or 4096", decl.block_size),
             ));
         }
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if s.devices.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "device {} is already attached",
@@ -473,7 +513,7 @@ impl Manager {
 
     /// Detach a device no volume uses.
     pub fn detach_device(&self, name: &str) -> Result<(), MgmtError> {
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         s.device("name", name)?;
         if let Some((v, how, _)) = s.user_of(name) {
             return Err(MgmtError::FailedPrecondition(format!(
@@ -489,7 +529,11 @@ impl Manager {
     /// Check a volume declaration against the inventory: the level, member
     /// and spare counts, that every device is attached, distinct and free,
     /// and the geometry. Returns the level, members and spares.
-    fn check_volume(s: &State, decl: &VolumeDecl) -> Result<(Level, Devices, Devices), MgmtError> {
+    fn check_volume(
+        s: &State,
+        decl: &VolumeDecl,
+        restoring: bool,
+    ) -> Result<(Level, Devices, Devices), MgmtError> {
         check_name("name", &decl.name)?;
         if s.volumes.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
@@ -509,6 +553,9 @@ impl Manager {
             Level::Raid5 => (3, 32),
         };
         let n = decl.members.len();
+        // A degraded volume is saved with its surviving members only; its
+        // superblocks say how many it has.
+        let min = if restoring { 1 } else { min };
         if n < min || n > max {
             return Err(invalid(
                 "members",
@@ -612,8 +659,8 @@ impl Manager {
     /// Create a volume; RAID members get fresh superblocks (`force` to
     /// overwrite another volume's).
     pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
-        let mut s = self.lock();
-        let (level, members, spares) = Self::check_volume(&s, &decl)?;
+        let mut s = self.lock_for_change()?;
+        let (level, members, spares) = Self::check_volume(&s, &decl, false)?;
         let (volume, monitor) = match level {
             Level::Single => (Volume::new(&self.set, &decl.name, members[0].clone()), None),
             Level::Raid1 | Level::Raid5 => {
@@ -626,7 +673,12 @@ impl Manager {
                         SbLevel::Raid5
                     },
                     layout: Layout::parse(&decl.layout).unwrap_or(Layout::LeftSymmetric),
-                    chunk_bytes: decl.chunk_kib * 1024,
+                    // Validated (4..=1024 KiB) for RAID5; unused by RAID1.
+                    chunk_bytes: if level == Level::Raid5 {
+                        decl.chunk_kib * 1024
+                    } else {
+                        64 << 10
+                    },
                     data_offset: (1 << 20) / bs,
                     members,
                 };
@@ -660,8 +712,18 @@ impl Manager {
     /// members' superblocks; created anew only if every device is blank
     /// (RAM devices start blank on every start).
     fn restore_volume(&self, decl: &VolumeDecl) -> Result<(), MgmtError> {
-        let mut s = self.lock();
-        let (level, members, spares) = Self::check_volume(&s, decl)?;
+        // A device named twice (a state file of an older version) counts once.
+        let mut decl = decl.clone();
+        let mut seen: Vec<String> = Vec::new();
+        decl.members.retain(|m| {
+            let first = !seen.contains(m);
+            seen.push(m.clone());
+            first
+        });
+        decl.spares.retain(|m| !seen.contains(m));
+        let decl = &decl;
+        let mut s = self.lock_for_change()?;
+        let (level, members, spares) = Self::check_volume(&s, decl, true)?;
         if level == Level::Single {
             let volume = Volume::new(&self.set, &decl.name, members[0].clone());
             s.volumes.insert(
@@ -677,15 +739,38 @@ impl Manager {
         }
         let all: Vec<Arc<dyn BlockDevice>> = members.iter().chain(&spares).cloned().collect();
         let mut blank = Vec::new();
+        let mut readable = Vec::new();
         for d in &all {
             match assembly::read_superblock(d.as_ref()) {
-                Ok(Err(SuperblockError::Foreign)) => blank.push(d.clone()),
-                Ok(_) => {}
-                Err(e) => return Err(MgmtError::Internal(format!("{}: {e}", d.info().name))),
+                Ok(Err(SuperblockError::Foreign)) => {
+                    blank.push(d.clone());
+                    readable.push(d.clone());
+                }
+                Ok(_) => readable.push(d.clone()),
+                // A dead device is a missing member: assembly decides
+                // whether the volume can start without it.
+                Err(e) => {
+                    tracing::warn!(volume = decl.name, device = %d.info().name, error = %e, "device unreadable; left out")
+                }
             }
         }
+        let all = readable;
+        // Only RAM-like devices come back blank on their own; a blank file
+        // or disk may be a wrong path or a replaced disk: never create a
+        // volume over it unasked.
+        let volatile = all.iter().all(|d| {
+            s.devices.get(&d.info().name).is_some_and(|x| {
+                x.decl.spec.starts_with("ram:") || x.decl.spec.starts_with("null:")
+            })
+        });
         drop(s);
-        if blank.len() == all.len() {
+        if !all.is_empty() && blank.len() == all.len() && !volatile {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "no superblock of volume {} on its devices; refusing to create it over them (create it again by hand, with force, if that is intended)",
+                decl.name
+            )));
+        }
+        if !all.is_empty() && blank.len() == all.len() {
             tracing::warn!(
                 volume = decl.name,
                 "every member is blank (RAM devices start empty): creating the volume anew"
@@ -852,7 +937,7 @@ impl Manager {
     /// clean and kept (like md's --stop): creating a volume on its devices
     /// again needs `force`, so data is never lost by a slip.
     pub fn delete_volume(&self, name: &str) -> Result<(), MgmtError> {
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         s.volume(name)?;
         let users: Vec<String> = s
             .exports
@@ -867,13 +952,16 @@ impl Manager {
             )));
         }
         let v = &s.volumes[name];
-        if let Some(m) = &v.monitor {
-            m.close().map_err(|e| from_op(name, e))?;
-        }
+        // No IO can reach it after this; only then is it recorded clean.
         v.volume
             .quiesce()
             .remove(QUIESCE_TIMEOUT)
             .map_err(|e| from_quiesce(name, e))?;
+        if let Some(m) = &v.monitor {
+            if let Err(e) = m.close() {
+                tracing::error!(volume = name, error = %e, "recording a clean stop");
+            }
+        }
         s.volumes.remove(name);
         self.save(&s)
     }
@@ -888,7 +976,7 @@ impl Manager {
 
     /// Fail a member (md's --fail).
     pub fn fail_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
-        let s = self.lock();
+        let s = self.lock_for_change()?;
         let m = Self::monitor(&s, volume)?;
         s.device("device", device)?;
         m.fail_member(device).map_err(|e| from_op(volume, e))?;
@@ -898,7 +986,7 @@ impl Manager {
 
     /// Add a hot spare (used at once if a member has failed).
     pub fn add_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
-        let s = self.lock();
+        let s = self.lock_for_change()?;
         let m = Self::monitor(&s, volume)?;
         let dev = s.device("device", device)?.dev.clone();
         if let Some((v, how, _)) = s.user_of(device) {
@@ -934,7 +1022,7 @@ impl Manager {
 
     /// Remove an unused hot spare.
     pub fn remove_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
-        let s = self.lock();
+        let s = self.lock_for_change()?;
         let m = Self::monitor(&s, volume)?;
         s.device("device", device)?;
         m.remove_spare(device).map_err(|e| match e {
@@ -949,7 +1037,7 @@ impl Manager {
 
     /// Start a scrub (check, or repair).
     pub fn start_scrub(&self, volume: &str, repair: bool) -> Result<VolumeView, MgmtError> {
-        let s = self.lock();
+        let s = self.lock_for_change()?;
         Self::monitor(&s, volume)?
             .scrub(repair)
             .map_err(|e| from_op(volume, e))?;
@@ -959,7 +1047,7 @@ impl Manager {
     /// Stop a running scrub. A rebuild is not stopped: that would leave
     /// the volume degraded for nothing.
     pub fn stop_background(&self, volume: &str) -> Result<VolumeView, MgmtError> {
-        let s = self.lock();
+        let s = self.lock_for_change()?;
         let snap = Self::monitor(&s, volume)?.snapshot();
         match snap.rebuild.filter(|p| !p.is_finished()) {
             None => Err(MgmtError::FailedPrecondition(format!(
@@ -977,7 +1065,7 @@ impl Manager {
 
     /// Limit the running rebuild or scrub (bytes per second, 0: none).
     pub fn set_rebuild_rate(&self, volume: &str, max: u64) -> Result<VolumeView, MgmtError> {
-        let s = self.lock();
+        let s = self.lock_for_change()?;
         let snap = Self::monitor(&s, volume)?.snapshot();
         match snap.rebuild.filter(|p| !p.is_finished()) {
             None => Err(MgmtError::FailedPrecondition(format!(
@@ -996,7 +1084,7 @@ impl Manager {
     /// Export a volume over vhost-user-blk.
     pub fn create_export(&self, mut decl: ExportDecl) -> Result<ExportView, MgmtError> {
         check_name("name", &decl.name)?;
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         if s.exports.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already exists",
@@ -1068,7 +1156,7 @@ impl Manager {
     /// `force`.
     pub fn delete_export(&self, name: &str, force: bool) -> Result<(), MgmtError> {
         check_name("name", name)?;
-        let mut s = self.lock();
+        let mut s = self.lock_for_change()?;
         let e = s
             .exports
             .get_mut(name)
@@ -1105,7 +1193,9 @@ impl Manager {
     /// recorded clean. The state file keeps them for the next start.
     pub fn shutdown(&self) {
         let s = self.lock();
-        let _ = self.save(&s);
+        if !self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.save(&s);
+        }
         drop(s);
         self.shutdown_without_saving();
     }
@@ -1114,6 +1204,8 @@ impl Manager {
     /// restore, so the file still says what should run).
     pub fn shutdown_without_saving(&self) {
         let mut s = self.lock();
+        self.quiet.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         for (name, mut e) in std::mem::take(&mut s.exports) {
             if let Err(err) = e.export.delete(true) {
                 tracing::error!(export = name, error = %err, "deleting the export at shutdown");

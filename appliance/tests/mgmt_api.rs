@@ -956,3 +956,96 @@ fn tcp_access_needs_tls_and_the_token() {
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains("at least 16"), "{e}");
 }
+
+#[test]
+fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    for i in 0..3 {
+        let spec = format!(
+            "file:{}:16M",
+            dir.path().join(format!("m{i}.img")).display()
+        );
+        call!(d, c, attach_device, attach(&format!("m{i}"), &spec)).unwrap();
+    }
+    let sock = dir.path().join("vm.sock");
+    call!(d, c, create_volume, raid5("data", &["m0", "m1", "m2"], &[])).unwrap();
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "vm".into(),
+            volume: "data".into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 3, 2 << 20);
+    drop(disk);
+    let v = call!(d, c, fail_member, member("data", "m1")).unwrap();
+    assert_eq!(v.state, "degraded");
+    drop(c);
+    d.stop();
+
+    // Twice: the state written by a degraded start must start again.
+    for round in 0..2 {
+        let d = Daemon::start(dir.path(), Some(state.clone()), None);
+        let mut c = d.client();
+        let v = volume(&d, &mut c, "data");
+        assert_eq!(v.state, "degraded", "round {round}: {v:?}");
+        let live: Vec<_> = v
+            .members
+            .iter()
+            .filter(|m| m.state == "in_sync")
+            .map(|m| m.device.as_str())
+            .collect();
+        assert_eq!(live, ["m0", "m2"], "round {round}");
+        let mut disk = Disk::connect(&sock).unwrap();
+        check_pattern(&mut disk, 3, 2 << 20);
+        drop(disk);
+        if round == 0 {
+            // The failed member's device is free: it can go.
+            call!(
+                d,
+                c,
+                detach_device,
+                pb::DetachDeviceRequest { name: "m1".into() }
+            )
+            .unwrap();
+        }
+        drop(c);
+        d.stop();
+    }
+
+    // Members that lost their superblocks (wiped, or a wrong path) are not
+    // silently turned into a new empty volume.
+    for i in [0, 2] {
+        std::fs::write(dir.path().join(format!("m{i}.img")), vec![0u8; 16 << 20]).unwrap();
+    }
+    let before = std::fs::read_to_string(&state).unwrap();
+    let opts = DaemonOptions {
+        api_socket: dir.path().join("api2.sock"),
+        state_file: Some(state.clone()),
+        config: None,
+        reactors: 1,
+        cores: None,
+        metrics: None,
+        tcp: None,
+    };
+    let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
+    assert!(e.contains("refusing to create"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        before,
+        "the state file is kept"
+    );
+    assert!(std::fs::read(dir.path().join("m0.img"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+}

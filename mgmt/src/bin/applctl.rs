@@ -467,7 +467,7 @@ async fn wait(
     timeout: Option<f64>,
 ) -> Result<(), Failure> {
     let deadline = match timeout {
-        Some(t) if t.is_finite() && t >= 0.0 => {
+        Some(t) if t.is_finite() && (0.0..=1e9).contains(&t) => {
             Some(tokio::time::Instant::now() + Duration::from_secs_f64(t))
         }
         Some(t) => {
