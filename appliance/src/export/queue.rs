@@ -16,7 +16,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::inflight::InflightQueue;
-use super::request::{parse, walk_chain, Desc, Limits, Parsed, S_IOERR, S_OK};
+use super::request::{
+    parse_with, walk_chain_with, Desc, Limits, Parsed, RegionCache, S_IOERR, S_OK,
+};
 use super::stats::IoStats;
 use crate::volume::{Volume, VolumeConfig};
 
@@ -123,6 +125,8 @@ struct Runner {
     stats: Arc<IoStats>,
     /// The reactor loop's timestamp of the current poll.
     now: Instant,
+    /// Last guest memory region translated (of `mem`).
+    regions: RegionCache,
 }
 
 /// What became of one chain.
@@ -187,6 +191,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         resubmit: VecDeque::new(),
         stats: setup.stats,
         now: ctx.now(),
+        regions: RegionCache::default(),
     };
     if let Some(inflight) = &mut runner.inflight {
         // Requests taken before a restart: the avail ring has moved past
@@ -287,6 +292,7 @@ impl Runner {
             let (g, m) = self.mem_gate.config();
             self.mem_gen = g;
             self.mem = m;
+            self.regions.reset();
         }
         if self.vol_gate.generation() != self.vol_gen {
             let (g, v) = self.vol_gate.config();
@@ -316,11 +322,7 @@ impl Runner {
             let from_ring;
             let head = if let Some(head) = self.resubmit.pop_front() {
                 from_ring = false;
-                let table = self.queue.desc_table();
-                let size = self.queue.size();
-                if walk_chain(&self.mem, table, size, head, &mut self.descs).is_err() {
-                    self.descs.clear();
-                }
+                self.walk(head);
                 head
             } else {
                 from_ring = true;
@@ -329,18 +331,11 @@ impl Runner {
                     self.mem_gate.end();
                     break;
                 };
+                // Only the head comes from virtio-queue: the chain is read
+                // through the region cache (its iterator translates every
+                // descriptor from scratch).
                 let head = chain.head_index();
-                self.descs.clear();
-                for d in chain {
-                    if self.descs.len() == MAX_CHAIN {
-                        break;
-                    }
-                    self.descs.push(Desc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        write: d.is_write_only(),
-                    });
-                }
+                self.walk(head);
                 if let Some(i) = &mut self.inflight {
                     i.begin(head);
                 }
@@ -362,9 +357,28 @@ impl Runner {
         taken > 0
     }
 
+    /// Read the chain at `head` into `self.descs`; a chain that cannot be
+    /// followed leaves it empty (the request is returned unanswered).
+    fn walk(&mut self, head: u16) {
+        let (table, size) = (self.queue.desc_table(), self.queue.size());
+        if walk_chain_with(
+            &self.mem,
+            &self.regions,
+            table,
+            size,
+            head,
+            MAX_CHAIN,
+            &mut self.descs,
+        )
+        .is_err()
+        {
+            self.descs.clear();
+        }
+    }
+
     /// Parse the chain in `self.descs` and answer or submit it.
     fn dispatch(&mut self, head: u16) -> Dispatch {
-        let Some(req) = parse(&self.descs, &self.mem, &self.limits) else {
+        let Some(req) = parse_with(&self.descs, &self.mem, &self.regions, &self.limits) else {
             // Nowhere to put a status: hand the buffers back unanswered.
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
             self.stats.refused();

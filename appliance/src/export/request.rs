@@ -96,21 +96,58 @@ pub struct Request {
     pub action: Result<Parsed, u8>,
 }
 
+/// The guest memory region of the last translation: a queue's requests
+/// (headers, data, status, descriptors) mostly fall in one or two regions,
+/// so checking the last one first skips vm-memory's region search, which
+/// cost about a sixth of the export's instructions per IO. Valid for one
+/// memory map only: [`reset`](RegionCache::reset) it when the map changes.
+#[derive(Default)]
+pub struct RegionCache(std::cell::Cell<(u64, u64, usize)>);
+
+impl RegionCache {
+    /// Forget the cached region.
+    pub fn reset(&self) {
+        self.0.set((0, 0, 0));
+    }
+
+    /// Host address and bytes left in the region for `addr`, if cached.
+    fn lookup(&self, addr: u64) -> Option<(*mut u8, u64)> {
+        let (start, len, host) = self.0.get();
+        let off = addr.wrapping_sub(start);
+        (addr >= start && off < len).then(|| ((host + off as usize) as *mut u8, len - off))
+    }
+
+    /// Look `addr` up (cache first) and cache its region.
+    fn find(&self, mem: &GuestMemoryMmap, addr: u64) -> Option<(*mut u8, u64)> {
+        if let Some(hit) = self.lookup(addr) {
+            return Some(hit);
+        }
+        let (region, offset) = mem.to_region_addr(GuestAddress(addr))?;
+        let base = region.get_host_address(MemoryRegionAddress(0)).ok()?;
+        self.0
+            .set((addr - offset.raw_value(), region.len(), base as usize));
+        self.lookup(addr)
+    }
+}
+
 /// Translate `[addr, addr+len)` to host memory, split at region boundaries.
 /// Fails if any byte is outside guest memory.
-pub fn translate(
+pub fn translate(mem: &GuestMemoryMmap, addr: u64, len: u64, out: &mut SgList) -> Result<(), u8> {
+    translate_with(mem, &RegionCache::default(), addr, len, out)
+}
+
+/// [`translate`], looking in `cache` first and leaving the last region
+/// there.
+pub fn translate_with(
     mem: &GuestMemoryMmap,
+    cache: &RegionCache,
     mut addr: u64,
     mut len: u64,
     out: &mut SgList,
 ) -> Result<(), u8> {
     while len > 0 {
-        let (region, offset) = mem.to_region_addr(GuestAddress(addr)).ok_or(S_IOERR)?;
-        let in_region = region.len() - offset.raw_value();
+        let (host, in_region) = cache.find(mem, addr).ok_or(S_IOERR)?;
         let n = in_region.min(len);
-        let host = region
-            .get_host_address(MemoryRegionAddress(offset.raw_value()))
-            .map_err(|_| S_IOERR)?;
         // SAFETY: the range lies inside a mapped guest region; the export
         // keeps the mapping alive until the request completes (memory
         // changes go through the export's quiesce epoch).
@@ -138,14 +175,34 @@ pub fn walk_chain(
     head: u16,
     out: &mut Vec<Desc>,
 ) -> Result<(), BadChain> {
+    walk_chain_with(
+        mem,
+        &RegionCache::default(),
+        table,
+        queue_size,
+        head,
+        usize::MAX,
+        out,
+    )
+}
+
+/// [`walk_chain`] through a region cache, failing beyond `max` descriptors.
+pub fn walk_chain_with(
+    mem: &GuestMemoryMmap,
+    cache: &RegionCache,
+    table: u64,
+    queue_size: u16,
+    head: u16,
+    max: usize,
+    out: &mut Vec<Desc>,
+) -> Result<(), BadChain> {
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
     const INDIRECT: u16 = 4;
     let read = |table: u64, i: u16| -> Result<(u64, u32, u16, u16), BadChain> {
         let mut d = [0u8; 16];
         let at = table.checked_add(i as u64 * 16).ok_or(BadChain)?;
-        mem.read_slice(&mut d, GuestAddress(at))
-            .map_err(|_| BadChain)?;
+        read_bytes(mem, cache, &[(at, 16)], &mut d).map_err(|_| BadChain)?;
         let addr = u64::from_le_bytes(d[0..8].try_into().map_err(|_| BadChain)?);
         let len = u32::from_le_bytes(d[8..12].try_into().map_err(|_| BadChain)?);
         Ok((
@@ -178,6 +235,9 @@ pub fn walk_chain(
             i = 0;
             continue;
         }
+        if out.len() == max {
+            return Err(BadChain);
+        }
         out.push(Desc {
             addr,
             len,
@@ -194,15 +254,25 @@ pub fn walk_chain(
 /// chain has no writable last byte inside guest memory): the request can
 /// only be returned unanswered.
 pub fn parse(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Option<Request> {
+    parse_with(descs, mem, &RegionCache::default(), limits)
+}
+
+/// [`parse`] through a region cache.
+pub fn parse_with(
+    descs: &[Desc],
+    mem: &GuestMemoryMmap,
+    cache: &RegionCache,
+    limits: &Limits,
+) -> Option<Request> {
     let last = descs.last()?;
     if !last.write || last.len == 0 {
         return None;
     }
     let status_gpa = last.addr.checked_add(last.len as u64 - 1)?;
     let mut status_sg = SgList::new();
-    translate(mem, status_gpa, 1, &mut status_sg).ok()?;
+    translate_with(mem, cache, status_gpa, 1, &mut status_sg).ok()?;
     let status = status_sg[0].ptr();
-    let action = parse_body(descs, mem, limits);
+    let action = parse_body(descs, mem, cache, limits);
     Some(Request { status, action })
 }
 
@@ -261,12 +331,29 @@ fn take_front(ranges: &mut Ranges, mut n: u64) -> Result<Ranges, u8> {
 
 /// Copy guest bytes out through the same translation the data path uses
 /// (cheaper than vm-memory's generic slice iterator for 16-byte headers).
-fn read_bytes(mem: &GuestMemoryMmap, ranges: &[(u64, u64)], out: &mut [u8]) -> Result<(), u8> {
+fn read_bytes(
+    mem: &GuestMemoryMmap,
+    cache: &RegionCache,
+    ranges: &[(u64, u64)],
+    out: &mut [u8],
+) -> Result<(), u8> {
+    // The common case (a header or a descriptor in one region) is a
+    // single copy.
+    if let [(addr, len)] = *ranges {
+        if let Some((host, in_region)) = cache.find(mem, addr) {
+            if len <= in_region && len as usize == out.len() {
+                // SAFETY: `[host, host+len)` lies inside one mapped region;
+                // a racing guest write can only change the bytes we copy.
+                unsafe { std::ptr::copy_nonoverlapping(host, out.as_mut_ptr(), out.len()) };
+                return Ok(());
+            }
+        }
+    }
     let mut at = 0;
     let mut host = SgList::new();
     for &(addr, len) in ranges {
         host.clear();
-        translate(mem, addr, len, &mut host)?;
+        translate_with(mem, cache, addr, len, &mut host)?;
         for v in &host {
             let end = at + v.len();
             if end > out.len() {
@@ -285,11 +372,16 @@ fn total(ranges: &[(u64, u64)]) -> u64 {
     ranges.iter().map(|r| r.1).sum()
 }
 
-fn parse_body(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<Parsed, u8> {
+fn parse_body(
+    descs: &[Desc],
+    mem: &GuestMemoryMmap,
+    cache: &RegionCache,
+    limits: &Limits,
+) -> Result<Parsed, u8> {
     let (mut readable, writable) = split(descs)?;
     let header_ranges = take_front(&mut readable, 16)?;
     let mut header = [0u8; 16];
-    read_bytes(mem, &header_ranges, &mut header)?;
+    read_bytes(mem, cache, &header_ranges, &mut header)?;
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes(header[8..16].try_into().map_err(|_| S_IOERR)?);
     match kind {
@@ -330,7 +422,7 @@ fn parse_body(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<
             }
             let mut sg = SgList::new();
             for &(addr, len) in &data {
-                translate(mem, addr, len, &mut sg)?;
+                translate_with(mem, cache, addr, len, &mut sg)?;
             }
             Ok(Parsed::Io {
                 op: if write { IoOp::Write } else { IoOp::Read },
@@ -382,7 +474,7 @@ fn parse_body(descs: &[Desc], mem: &GuestMemoryMmap, limits: &Limits) -> Result<
                 return Err(S_IOERR);
             }
             let mut seg = [0u8; 16];
-            read_bytes(mem, &readable, &mut seg)?;
+            read_bytes(mem, cache, &readable, &mut seg)?;
             let first = u64::from_le_bytes(seg[0..8].try_into().map_err(|_| S_IOERR)?);
             let count = u32::from_le_bytes(seg[8..12].try_into().map_err(|_| S_IOERR)?) as u64;
             let flags = u32::from_le_bytes(seg[12..16].try_into().map_err(|_| S_IOERR)?);
@@ -422,6 +514,35 @@ mod tests {
     use super::*;
 
     const MEM: u64 = 1 << 20;
+
+    #[test]
+    fn the_region_cache_translates_exactly_like_a_fresh_lookup() {
+        let m = mem();
+        let cache = RegionCache::default();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let span = 3 * MEM + 0x3000;
+            let (addr, len) = (next() % span, next() % 0x5000 + 1);
+            let (mut a, mut b) = (SgList::new(), SgList::new());
+            let fresh = translate(&m, addr, len, &mut a);
+            let cached = translate_with(&m, &cache, addr, len, &mut b);
+            assert_eq!(fresh.is_ok(), cached.is_ok(), "{addr:#x}+{len:#x}");
+            if fresh.is_ok() {
+                let a: Vec<_> = a.iter().map(|v| (v.ptr(), v.len())).collect();
+                let b: Vec<_> = b.iter().map(|v| (v.ptr(), v.len())).collect();
+                assert_eq!(a, b, "{addr:#x}+{len:#x}");
+            }
+            if next() % 64 == 0 {
+                cache.reset();
+            }
+        }
+    }
 
     fn mem() -> GuestMemoryMmap {
         // Two regions with a hole between them, as hostile tests want.
