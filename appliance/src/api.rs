@@ -229,6 +229,7 @@ impl pb::appliance_server::Appliance for Service {
             } else {
                 r.layout
             },
+            max_rebuild_bytes_per_sec: 0,
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))

@@ -49,6 +49,9 @@ pub struct VolumeDecl {
     /// RAID5 layout (mdadm's names).
     #[serde(default = "default_layout")]
     pub layout: String,
+    /// Rebuild and scrub rate limit in bytes per second (0: none).
+    #[serde(default)]
+    pub max_rebuild_bytes_per_sec: u64,
 }
 
 fn default_chunk_kib() -> u32 {

@@ -346,6 +346,7 @@ impl State {
                     VolumeDecl {
                         members,
                         spares,
+                        max_rebuild_bytes_per_sec: v.monitor.as_ref().map_or(0, |m| m.rate()),
                         ..v.decl.clone()
                     }
                 })
@@ -650,6 +651,7 @@ impl Manager {
         let volume = Volume::new(&self.set, &decl.name, device.clone());
         let monitor = Monitor::start(&self.set, volume.clone(), device, rx, spares);
         monitor.set_meta(meta);
+        monitor.set_rate(decl.max_rebuild_bytes_per_sec);
         monitor
             .open(was_clean)
             .map_err(|e| from_op(&decl.name, e))?;
@@ -1063,20 +1065,13 @@ impl Manager {
         }
     }
 
-    /// Limit the running rebuild or scrub (bytes per second, 0: none).
+    /// Limit every rebuild and scrub of the volume, the running one
+    /// included (bytes per second, 0: none); kept in the state file.
     pub fn set_rebuild_rate(&self, volume: &str, max: u64) -> Result<VolumeView, MgmtError> {
         let s = self.lock_for_change()?;
-        let snap = Self::monitor(&s, volume)?.snapshot();
-        match snap.rebuild.filter(|p| !p.is_finished()) {
-            None => Err(MgmtError::FailedPrecondition(format!(
-                "volume {volume} has no rebuild or scrub running"
-            ))),
-            Some(p) => {
-                p.max_bytes_per_sec
-                    .store(max, std::sync::atomic::Ordering::SeqCst);
-                Ok(Self::view(&s, volume))
-            }
-        }
+        Self::monitor(&s, volume)?.set_rate(max);
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
     }
 
     // ---- exports ----

@@ -28,6 +28,9 @@ pub fn start(
 ) -> Result<std::thread::JoinHandle<()>, String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        // The sampler refreshes every live series each period; the series
+        // of a deleted export or volume stop changing and go away.
+        .idle_timeout(metrics_util::MetricKindMask::ALL, Some(PERIOD * 10))
         .install()
         .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
     std::thread::Builder::new()

@@ -457,9 +457,20 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         volume: "vol0".into(),
         max_bytes_per_sec: 1 << 20,
     };
+    let e = call!(
+        d,
+        c,
+        set_rebuild_rate,
+        pb::SetRebuildRateRequest {
+            volume: "vol1".into(),
+            ..rate.clone()
+        }
+    )
+    .unwrap_err();
     assert_eq!(
-        call!(d, c, set_rebuild_rate, rate.clone()).unwrap_err().0,
-        Code::FailedPrecondition
+        e.0,
+        Code::FailedPrecondition,
+        "a single device has no rebuild"
     );
     let scrub = pb::StartScrubRequest {
         volume: "vol0".into(),
@@ -484,8 +495,11 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         .0,
         Code::FailedPrecondition
     );
-    // A slow scrub can be limited and stopped.
-    call!(d, c, start_scrub, scrub).unwrap();
+    // The volume's rate limit applies to the next scrub, which can then be
+    // stopped; a new limit reaches the running one.
+    call!(d, c, set_rebuild_rate, rate.clone()).unwrap();
+    let v = call!(d, c, start_scrub, scrub).unwrap();
+    assert_eq!(v.progress.unwrap().max_bytes_per_sec, 1 << 20);
     let v = call!(
         d,
         c,
@@ -617,6 +631,11 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
     settle(&d, &mut c, "data");
     write_pattern(&mut disk, 10, 20 << 20);
     drop(disk);
+    let rate = pb::SetRebuildRateRequest {
+        volume: "data".into(),
+        max_bytes_per_sec: 1 << 20,
+    };
+    call!(d, c, set_rebuild_rate, rate).unwrap();
     let before = volume(&d, &mut c, "data");
     drop(c);
     d.stop();
@@ -634,6 +653,18 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
     assert_eq!(after.state, "optimal");
     let ex = call!(d, c, list_exports, pb::ListExportsRequest {}).unwrap();
     assert_eq!(ex.exports[0].serial, "disk-1");
+    // The rate limit came back with the volume.
+    let scrub = pb::StartScrubRequest {
+        volume: "data".into(),
+        repair: false,
+    };
+    let v = call!(d, c, start_scrub, scrub).unwrap();
+    assert_eq!(v.progress.unwrap().max_bytes_per_sec, 1 << 20);
+    let stop = pb::GetVolumeRequest {
+        name: "data".into(),
+    };
+    call!(d, c, stop_background_work, stop).unwrap();
+    settle(&d, &mut c, "data");
     let mut disk = Disk::connect(&sock).unwrap();
     check_pattern(&mut disk, 9, 3 << 20);
     check_pattern(&mut disk, 10, 20 << 20);

@@ -189,6 +189,9 @@ pub struct Snapshot {
 pub struct Monitor {
     state: Arc<Mutex<MonitorState>>,
     thread: Option<JoinHandle<()>>,
+    /// Tells the thread to end: it holds the volume's device, whose member
+    /// channels hold the failure senders, so it would never see them gone.
+    quit: Arc<std::sync::atomic::AtomicBool>,
     set: ReactorSet,
     volume: Volume,
 }
@@ -216,11 +219,25 @@ struct MonitorState {
     meta: Option<super::assembly::VolumeMeta>,
     spares: Vec<Arc<dyn BlockDevice>>,
     rebuild: Option<Arc<RebuildProgress>>,
+    /// Rate limit for every rebuild and scrub (bytes/s, 0: none), like
+    /// md's sync_speed_max.
+    max_rate: u64,
+}
+
+impl MonitorState {
+    /// Background work started: it runs under the volume's rate limit.
+    fn started(&mut self, p: Arc<RebuildProgress>) {
+        p.max_bytes_per_sec
+            .store(self.max_rate, std::sync::atomic::Ordering::SeqCst);
+        self.rebuild = Some(p);
+    }
 }
 
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a running rebuild's cursor is written to the superblocks.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How soon the thread notices it should end.
+const QUIT_POLL: Duration = Duration::from_millis(100);
 
 /// Record how far a running rebuild got, so a restart resumes there.
 fn checkpoint(s: &mut MonitorState) -> Result<(), String> {
@@ -254,6 +271,37 @@ fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The monitor thread: apply events as they come, checkpoint a running
+/// rebuild once a second, end when told or when every sender is gone.
+fn watch(
+    rx: Receiver<Event>,
+    st: &Mutex<MonitorState>,
+    set: &ReactorSet,
+    volume: &Volume,
+    quit: &std::sync::atomic::AtomicBool,
+) {
+    let mut last_checkpoint = std::time::Instant::now();
+    while !quit.load(std::sync::atomic::Ordering::SeqCst) {
+        let ev = match rx.recv_timeout(QUIT_POLL) {
+            Ok(ev) => Some(ev),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+        let res = match ev {
+            Some(ev) => handle(set, volume, &mut s, ev),
+            None if last_checkpoint.elapsed() >= CHECKPOINT_EVERY => {
+                last_checkpoint = std::time::Instant::now();
+                checkpoint(&mut s)
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = res {
+            tracing::error!(volume = volume.name(), error = %e, "volume reconfiguration");
+        }
+    }
+}
+
 impl Monitor {
     /// Watch `rx` for events of `volume`, whose device is `device`; rebuilds
     /// run on reactor `rebuild_core` of `set`.
@@ -269,30 +317,20 @@ impl Monitor {
             meta: None,
             spares,
             rebuild: None,
+            max_rate: 0,
         }));
         let (set_outer, vol_outer) = (set.clone(), volume.clone());
         let (st, set) = (state.clone(), set.clone());
+        let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let q = quit.clone();
         let thread = std::thread::Builder::new()
             .name(format!("monitor-{}", volume.name()))
-            .spawn(move || loop {
-                let ev = match rx.recv_timeout(CHECKPOINT_EVERY) {
-                    Ok(ev) => Some(ev),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                };
-                let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                let res = match ev {
-                    Some(ev) => handle(&set, &volume, &mut s, ev),
-                    None => checkpoint(&mut s),
-                };
-                if let Err(e) = res {
-                    tracing::error!(volume = volume.name(), error = %e, "volume reconfiguration");
-                }
-            })
+            .spawn(move || watch(rx, &st, &set, &volume, &q))
             .ok();
         Monitor {
             state,
             thread,
+            quit,
             set: set_outer,
             volume: vol_outer,
         }
@@ -364,7 +402,7 @@ impl Monitor {
             })
             .map_err(OpError::Internal)?
             .map_err(OpError::FailedPrecondition)?;
-        s.rebuild = Some(progress.clone());
+        s.started(progress.clone());
         Ok(progress)
     }
 
@@ -445,7 +483,7 @@ impl Monitor {
                     from = progress.cursor.load(std::sync::atomic::Ordering::SeqCst),
                     "rebuild resumed"
                 );
-                s.rebuild = Some(progress.clone());
+                s.started(progress.clone());
                 return Ok(Some(progress));
             }
         }
@@ -515,6 +553,25 @@ impl Monitor {
             .unwrap_or_else(|e| e.into_inner())
             .rebuild
             .clone()
+    }
+
+    /// Limit every rebuild and scrub, the running one included, to
+    /// `bytes_per_sec` (0: no limit).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.max_rate = bytes_per_sec;
+        if let Some(p) = &s.rebuild {
+            p.max_bytes_per_sec
+                .store(bytes_per_sec, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The rate limit set by [`set_rate`](Self::set_rate).
+    pub fn rate(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .max_rate
     }
 
     /// What an operator sees of the volume now.
@@ -649,14 +706,17 @@ fn start_spare(
         stripes = progress.total,
         "rebuild started onto a spare"
     );
-    s.rebuild = Some(progress);
+    s.started(progress);
     Ok(())
 }
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        // The thread ends when the volume's channels (the senders) are gone;
-        // do not wait for that here.
-        drop(self.thread.take());
+        self.quit.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 }
