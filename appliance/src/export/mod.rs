@@ -134,7 +134,9 @@ fn limits_for(volume: &Volume, opts: &ExportOptions) -> Limits {
         seg_max: SEG_MAX
             .min(info.max_transfer / SIZE_MAX.min(info.max_transfer))
             .max(1),
-        max_discard_sectors: ((1u64 << 30) / request::SECTOR) as u32,
+        // Also the write-zeroes limit; a RAID5 writes zeroes like data, so
+        // it cannot take more at once than a write.
+        max_discard_sectors: ((1u64 << 30).min(info.max_transfer as u64) / request::SECTOR) as u32,
         read_only: opts.read_only,
         discard: info.discard,
         write_zeroes: info.write_zeroes,

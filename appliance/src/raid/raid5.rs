@@ -125,8 +125,10 @@ impl Raid5Device {
             optimal_io_boundary: geo.stripe_blocks() as u32,
             min_io_blocks: geo.chunk_blocks() as u32,
             flush: true,
+            // Discard is not offered: md keeps parity over discarded
+            // ranges only on members that zero them, which we cannot know.
             discard: false,
-            write_zeroes: false,
+            write_zeroes: true,
         };
         Ok(Raid5Device {
             info,
@@ -268,6 +270,8 @@ struct Parent {
     tag: u64,
     lba0: u64,
     sg: SgList,
+    /// WRITE_ZEROES: a write whose data is zeroes (no buffer).
+    zeroes: bool,
     left: u32,
     error: Option<IoError>,
 }
@@ -440,6 +444,13 @@ impl Raid5Channel {
         Some((parent.sg.clone(), parent.lba0))
     }
 
+    fn parent_zeroes(&self, pi: usize) -> bool {
+        self.pieces[pi]
+            .as_ref()
+            .and_then(|p| self.parents[p.parent].as_ref())
+            .is_some_and(|p| p.zeroes)
+    }
+
     fn read_direct(&mut self, pi: usize) {
         let Some((psg, lba0)) = self.parent_sg(pi) else {
             return;
@@ -595,6 +606,16 @@ impl Raid5Channel {
         };
         let geo = self.geo;
         let bs = self.bs();
+        let zeroes = self.parent_zeroes(pi);
+        // The new data of a piece: the parent's buffer, or zeroes.
+        let new_data = |psg: &SgList, off: usize, dst: &mut [u8]| {
+            if zeroes {
+                dst.fill(0);
+            } else {
+                // SAFETY: the parent's buffers are valid until it completes.
+                unsafe { sg::copy_out(psg, off, dst) };
+            }
+        };
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
@@ -647,10 +668,7 @@ impl Raid5Channel {
                     let m = geo.data_member(stripe, i as u32) as usize;
                     let range = buf_off(lo)..buf_off(hi);
                     xor_into(&mut pbuf[range.clone()], &[&p.bufs[m][range.clone()]]);
-                    // SAFETY: as above.
-                    unsafe {
-                        sg::copy_out(&psg, user_off(i as u32, lo), &mut p.bufs[m][range.clone()])
-                    };
+                    new_data(&psg, user_off(i as u32, lo), &mut p.bufs[m][range.clone()]);
                     xor_into(&mut pbuf[range.clone()], &[&p.bufs[m][range]]);
                 }
             }
@@ -659,14 +677,11 @@ impl Raid5Channel {
             for (i, r) in rows.iter().enumerate() {
                 if let Some((lo, hi)) = *r {
                     let m = geo.data_member(stripe, i as u32) as usize;
-                    // SAFETY: as above.
-                    unsafe {
-                        sg::copy_out(
-                            &psg,
-                            user_off(i as u32, lo),
-                            &mut p.bufs[m][buf_off(lo)..buf_off(hi)],
-                        )
-                    };
+                    new_data(
+                        &psg,
+                        user_off(i as u32, lo),
+                        &mut p.bufs[m][buf_off(lo)..buf_off(hi)],
+                    );
                 }
             }
             if p.plan != Plan::NoParity {
@@ -799,9 +814,22 @@ impl IoChannel for Raid5Channel {
             });
             return Ok(());
         }
+        // Zeroes go through stripe buffers like a write: no larger.
+        let bytes = req.num_blocks.saturating_mul(self.info.block_size as u64);
+        if req.op == IoOp::WriteZeroes && bytes > self.info.max_transfer as u64 {
+            self.done.push(Completion {
+                tag: req.tag,
+                result: Err(IoError::TooLarge {
+                    bytes,
+                    max: self.info.max_transfer as u64,
+                }),
+            });
+            return Ok(());
+        }
         let parent = Parent {
             tag: req.tag,
             lba0: req.offset_blocks,
+            zeroes: req.op == IoOp::WriteZeroes,
             sg: req.sg,
             left: 0,
             error: None,
@@ -818,7 +846,9 @@ impl IoChannel for Raid5Channel {
         };
         let kind = match req.op {
             IoOp::Read => Kind::Read,
-            IoOp::Write => Kind::Write,
+            // Zeroes are written like data, through the same parity
+            // paths, so parity stays consistent.
+            IoOp::Write | IoOp::WriteZeroes => Kind::Write,
             IoOp::Flush => Kind::Flush,
             op => {
                 self.parents[pa] = None;
