@@ -3,6 +3,7 @@
 
 pub mod assembly;
 pub mod geometry;
+pub mod journal;
 pub mod members;
 pub mod monitor;
 pub mod parity;

@@ -26,6 +26,7 @@ use bdev::{
 };
 
 use super::geometry::{Layout, Raid5Geometry};
+use super::journal::{Entry, Journal};
 use super::members::{FailureSink, Member, MemberSet, MemberState};
 use super::monitor::RaidDevice;
 use super::parity::{xor_gen, xor_into};
@@ -74,6 +75,9 @@ pub struct Raid5Device {
     info: DeviceInfo,
     geo: Raid5Geometry,
     set: MemberSet,
+    /// Write-through journal: stripe updates are durable there before the
+    /// members are written.
+    journal: Option<Arc<Journal>>,
 }
 
 impl Raid5Device {
@@ -134,7 +138,20 @@ impl Raid5Device {
             info,
             geo,
             set: MemberSet::new(members, failures),
+            journal: None,
         })
+    }
+
+    /// The same volume, journalling every stripe update in `journal`
+    /// (write-through) before it reaches the members.
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Raid5Device {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Its journal, if it has one.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// The geometry.
@@ -156,6 +173,7 @@ impl RaidDevice for Raid5Device {
             info: self.info.clone(),
             geo: self.geo,
             set,
+            journal: self.journal.clone(),
         })
     }
 
@@ -212,6 +230,13 @@ impl BlockDevice for Raid5Device {
             refused: Vec::new(),
             deferred: VecDeque::new(),
             inflight: 0,
+            jch: match &self.journal {
+                Some(j) => Some(j.device().open_channel()?),
+                None => None,
+            },
+            journal: self.journal.clone(),
+            jwait: VecDeque::new(),
+            jdeferred: VecDeque::new(),
         }))
     }
 }
@@ -241,6 +266,9 @@ enum Plan {
 enum Stage {
     WaitLock,
     Reading,
+    /// The stripe update goes to the journal (write, then flush) before
+    /// the members.
+    Journaling,
     Writing,
 }
 
@@ -264,6 +292,12 @@ struct Piece {
     /// Per-member window buffers.
     bufs: Vec<Vec<u8>>,
     error: Option<IoError>,
+    /// Journalling: the record, the member writes it covers, and whether
+    /// its flush was sent.
+    jrec: Vec<u8>,
+    jwrites: Vec<(usize, u64, u64)>,
+    /// 0: waiting for room in the log; 1: record written; 2: flushed.
+    jphase: u8,
 }
 
 struct Parent {
@@ -298,7 +332,17 @@ struct Raid5Channel {
     deferred: VecDeque<(usize, IoRequest)>,
     rebuilding: Option<(usize, Arc<AtomicU64>)>,
     inflight: usize,
+    journal: Option<Arc<Journal>>,
+    /// This core's channel to the journal device.
+    jch: Option<Box<dyn IoChannel>>,
+    /// Pieces waiting for room in the log (until the next checkpoint).
+    jwait: VecDeque<usize>,
+    /// Journal requests waiting for room in the journal device's queue.
+    jdeferred: VecDeque<IoRequest>,
 }
+
+/// The child tag's member field for journal IO.
+const JOURNAL: usize = (1 << MEMBER_BITS) - 1;
 
 const MEMBER_BITS: u64 = 8;
 
@@ -703,10 +747,42 @@ impl Raid5Channel {
         if p.plan != Plan::NoParity {
             writes.push((parity, omin, omax));
         }
+        writes.retain(|&(m, _, _)| Some(m) != failed && !self.failed[m]);
+        if let Some(j) = self.journal.clone() {
+            let entries: Vec<Entry> = writes
+                .iter()
+                .map(|&(m, lo, hi)| Entry {
+                    member: m as u32,
+                    count: (hi - lo) as u32,
+                    block: geo.member_block(stripe, lo),
+                })
+                .collect();
+            let data: Vec<&[u8]> = writes
+                .iter()
+                .map(|&(m, lo, hi)| &p.bufs[m][buf_off(lo)..buf_off(hi)])
+                .collect();
+            p.jrec = j.record(&entries, &data);
+            p.jwrites = writes;
+            p.jphase = 0;
+            p.stage = Stage::Journaling;
+            self.journal_submit(pi);
+            self.maybe_done(pi);
+            return;
+        }
+        self.write_members(pi, writes);
+    }
+
+    /// Write the piece's new data and parity to the members.
+    fn write_members(&mut self, pi: usize, writes: Vec<(usize, u64, u64)>) {
+        let geo = self.geo;
+        let bs = self.bs();
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        p.stage = Stage::Writing;
+        let (stripe, omin) = (p.stripe, p.omin);
+        let buf_off = |lo: u64| ((lo - omin) as usize) * bs;
         for (m, lo, hi) in writes {
-            if Some(m) == failed || self.failed[m] {
-                continue;
-            }
             let Some(p) = self.pieces[pi].as_mut() else {
                 return;
             };
@@ -721,6 +797,57 @@ impl Raid5Channel {
             );
         }
         self.maybe_done(pi);
+    }
+
+    /// Put the piece's record in the log, or wait for room.
+    fn journal_submit(&mut self, pi: usize) {
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let Some(at) = j.reserve(&mut p.jrec) else {
+            self.jwait.push_back(pi);
+            return;
+        };
+        p.jphase = 1;
+        let len = p.jrec.len();
+        let sg = sg::of(&mut p.jrec, 0, len);
+        let blocks = (p.jrec.len() / self.info.block_size as usize) as u64;
+        self.journal_io(
+            pi,
+            IoRequest {
+                op: IoOp::Write,
+                offset_blocks: at,
+                num_blocks: blocks,
+                sg,
+                tag: 0,
+            },
+        );
+    }
+
+    /// Send a journal request for piece `pi`.
+    fn journal_io(&mut self, pi: usize, mut req: IoRequest) {
+        req.tag = ((pi as u64) << MEMBER_BITS) | JOURNAL as u64;
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.pending += 1;
+        }
+        if !self.jdeferred.is_empty() {
+            self.jdeferred.push_back(req);
+            return;
+        }
+        match self.jch.as_mut() {
+            Some(ch) => {
+                if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                    self.jdeferred.push_back(req);
+                }
+            }
+            None => self.refused.push(Completion {
+                tag: req.tag,
+                result: Err(IoError::DeviceFailed),
+            }),
+        }
     }
 
     /// If the piece has nothing outstanding, move it on.
@@ -743,6 +870,25 @@ impl Raid5Channel {
             }
             Stage::Reading if p.plan == Plan::Direct => self.finish_piece(pi),
             Stage::Reading => self.after_reads(pi),
+            // Waiting for room in the log.
+            Stage::Journaling if p.jphase == 0 => {}
+            Stage::Journaling if p.error.is_some() => self.finish_piece(pi),
+            Stage::Journaling if p.jphase == 1 => {
+                if let Some(p) = self.pieces[pi].as_mut() {
+                    p.jphase = 2;
+                }
+                self.journal_io(pi, IoRequest::flush(0));
+            }
+            Stage::Journaling => {
+                let writes = self.pieces[pi]
+                    .as_mut()
+                    .map(|p| {
+                        p.jrec = Vec::new();
+                        std::mem::take(&mut p.jwrites)
+                    })
+                    .unwrap_or_default();
+                self.write_members(pi, writes);
+            }
             Stage::Writing => self.finish_piece(pi),
         }
     }
@@ -796,6 +942,13 @@ impl Raid5Channel {
         p.pending = p.pending.saturating_sub(1);
         if c.result.is_err() && p.stage == Stage::Reading {
             p.read_failed = true;
+        }
+        if c.result.is_err() && m == JOURNAL {
+            // The members were not touched: the write fails whole.
+            p.error.get_or_insert(IoError::DeviceFailed);
+            if let Some(j) = &self.journal {
+                j.set_failed();
+            }
         }
         if c.result.is_err() && p.kind == Kind::Flush {
             p.error.get_or_insert(IoError::DeviceFailed);
@@ -876,6 +1029,9 @@ impl IoChannel for Raid5Channel {
             omax: 0,
             bufs: Vec::new(),
             error: None,
+            jrec: Vec::new(),
+            jwrites: Vec::new(),
+            jphase: 0,
         };
         let mut pieces = Vec::new();
         if kind == Kind::Flush {
@@ -923,8 +1079,31 @@ impl IoChannel for Raid5Channel {
                 }),
             }
         }
+        // Pieces waiting for room in the log (a checkpoint made some).
+        for _ in 0..self.jwait.len() {
+            let Some(pi) = self.jwait.pop_front() else {
+                break;
+            };
+            self.journal_submit(pi);
+        }
+        while let Some(req) = self.jdeferred.pop_front() {
+            let Some(ch) = self.jch.as_mut() else {
+                self.refused.push(Completion {
+                    tag: req.tag,
+                    result: Err(IoError::DeviceFailed),
+                });
+                continue;
+            };
+            if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                self.jdeferred.push_front(req);
+                break;
+            }
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.append(&mut self.refused);
+        if let Some(ch) = self.jch.as_mut() {
+            ch.poll(&mut scratch);
+        }
         super::members::poll_members(&mut self.members, &mut scratch);
         for c in scratch.drain(..) {
             self.on_child(c);

@@ -1,0 +1,518 @@
+//! The RAID5 write journal, write-through mode (like md's raid5-cache in
+//! write-through): every stripe update (the data and parity blocks about to
+//! go to the members) is first written to the journal device as one record
+//! and made durable with a flush; only then are the members written. After
+//! a crash, replay writes every durable record's blocks to the members
+//! again, so no stripe is left with parity that does not match its data:
+//! the RAID5 write hole is closed even when a member is missing.
+//!
+//! Layout on the journal device: block 0 is the journal superblock; the
+//! rest is a circular log of records. A record is a header block (magic,
+//! the journal's secret nonce, sequence number, length, where each run of
+//! blocks goes) followed by the blocks, with a CRC32C over all of it. Every
+//! channel (one per reactor) appends to the shared log: space and sequence
+//! numbers come from one atomic counter, taken while the piece holds its
+//! stripe lock, so two records of one stripe are ordered by sequence.
+//!
+//! Replay scans the whole log: records are accepted by magic, nonce, CRC
+//! and a sequence above the last checkpoint, and applied in sequence
+//! order. A torn record fails its CRC and is skipped; its member writes
+//! never started (they wait for the journal flush), so skipping is right.
+//! The nonce is random per journal, so guest data inside old records cannot
+//! pass for a record. Replay is idempotent: a crash during it replays again.
+//!
+//! Space comes back at a checkpoint: with the volume suspended (no IO in
+//! flight anywhere), the members are flushed and the superblock records
+//! the sequence reached; every record up to it is then on the members.
+//! While the log is full, pieces wait for the next checkpoint.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bdev::{BlockDevice, IoOp, IoRequest, IoVec, SgList, SubmitError};
+
+const SB_MAGIC: u64 = 0x3159_4c4e_5254_4f4a; // "JORTNLY1"
+const REC_MAGIC: u64 = 0x3152_4543_4c4e_524a; // "JRNLCER1"
+/// Runs of blocks a record can describe (one per member written).
+pub const MAX_ENTRIES: usize = 200;
+
+/// One run of blocks in a record: `count` blocks to `member` at `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Member slot.
+    pub member: u32,
+    /// Blocks.
+    pub count: u32,
+    /// First member block.
+    pub block: u64,
+}
+
+/// What the journal superblock holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Super {
+    nonce: u64,
+    log_blocks: u64,
+    checkpoint_seq: u64,
+}
+
+fn encode_super(s: &Super, bs: usize) -> Vec<u8> {
+    let mut b = vec![0u8; bs];
+    b[0..8].copy_from_slice(&SB_MAGIC.to_le_bytes());
+    b[8..16].copy_from_slice(&s.nonce.to_le_bytes());
+    b[16..24].copy_from_slice(&s.log_blocks.to_le_bytes());
+    b[24..32].copy_from_slice(&s.checkpoint_seq.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..bs - 4]);
+    b[bs - 4..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+fn decode_super(b: &[u8]) -> Result<Super, String> {
+    let bs = b.len();
+    if bs < 64 || u64_at(b, 0) != SB_MAGIC {
+        return Err("not a journal (no journal superblock)".into());
+    }
+    if crc32c::crc32c(&b[..bs - 4]) != u32_at(b, bs - 4) {
+        return Err("journal superblock checksum mismatch".into());
+    }
+    Ok(Super {
+        nonce: u64_at(b, 8),
+        log_blocks: u64_at(b, 16),
+        checkpoint_seq: u64_at(b, 24),
+    })
+}
+
+/// Synchronous IO on a fresh channel (control threads only).
+fn sync(dev: &dyn BlockDevice, op: IoOp, block: u64, buf: &mut [u8]) -> Result<(), String> {
+    let bs = dev.info().block_size as usize;
+    let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
+    let req = if op == IoOp::Flush {
+        IoRequest::flush(1)
+    } else {
+        let mut sg = SgList::new();
+        // SAFETY: `buf` outlives the request: we wait for its completion.
+        sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) });
+        IoRequest {
+            op,
+            offset_blocks: block,
+            num_blocks: (buf.len() / bs) as u64,
+            sg,
+            tag: 1,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pending = Some(req);
+    let mut out = Vec::new();
+    while let Some(r) = pending.take() {
+        if let Err(SubmitError::Busy(r)) = ch.submit(r) {
+            pending = Some(r);
+            ch.poll(&mut out);
+        }
+    }
+    while out.is_empty() {
+        ch.poll(&mut out);
+        if Instant::now() > deadline {
+            return Err(format!("{}: {op:?} timed out", dev.info().name));
+        }
+        std::thread::yield_now();
+    }
+    out[0]
+        .result
+        .map_err(|e| format!("{}: {op:?}: {e}", dev.info().name))
+}
+
+/// A journal in service.
+pub struct Journal {
+    dev: Arc<dyn BlockDevice>,
+    bs: usize,
+    nonce: u64,
+    log_blocks: u64,
+    /// Logical log positions (blocks, monotonic): next free, oldest needed.
+    head: AtomicU64,
+    tail: AtomicU64,
+    seq: AtomicU64,
+    /// Serializes reservations (a short critical section on the control of
+    /// head and seq together; taken once per journalled write).
+    reserve_lock: Mutex<()>,
+    /// Journal IO failed: the volume refuses writes rather than skip it.
+    failed: AtomicBool,
+}
+
+/// What replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Records written again to the members.
+    pub records: u64,
+    /// Blocks written.
+    pub blocks: u64,
+}
+
+impl Journal {
+    /// Write a fresh journal on `dev` (everything on it is lost).
+    pub fn format(dev: Arc<dyn BlockDevice>) -> Result<Arc<Journal>, String> {
+        let bs = dev.info().block_size as usize;
+        let log_blocks = dev.info().num_blocks.saturating_sub(1);
+        if log_blocks < 64 {
+            return Err(format!("{}: too small for a journal", dev.info().name));
+        }
+        let s = Super {
+            nonce: u64::from_le_bytes(
+                uuid::Uuid::new_v4().as_bytes()[..8]
+                    .try_into()
+                    .map_err(|_| "nonce".to_string())?,
+            ),
+            log_blocks,
+            checkpoint_seq: 0,
+        };
+        let mut b = encode_super(&s, bs);
+        sync(dev.as_ref(), IoOp::Write, 0, &mut b)?;
+        sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        Ok(Self::with(dev, &s))
+    }
+
+    fn with(dev: Arc<dyn BlockDevice>, s: &Super) -> Arc<Journal> {
+        Arc::new(Journal {
+            bs: dev.info().block_size as usize,
+            dev,
+            nonce: s.nonce,
+            log_blocks: s.log_blocks,
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            seq: AtomicU64::new(s.checkpoint_seq),
+            reserve_lock: Mutex::new(()),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// The journal device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Whether journal IO has failed.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Fraction of the log in use.
+    pub fn usage(&self) -> f64 {
+        let used = self.head.load(Ordering::SeqCst) - self.tail.load(Ordering::SeqCst);
+        used as f64 / self.log_blocks as f64
+    }
+
+    /// Build a record of `entries` whose blocks are `data` (in entry
+    /// order); returns the buffer with the header's sequence left to
+    /// [`reserve`](Self::reserve).
+    pub fn record(&self, entries: &[Entry], data: &[&[u8]]) -> Vec<u8> {
+        let bs = self.bs;
+        let blocks: usize = data.iter().map(|d| d.len() / bs).sum();
+        let mut r = vec![0u8; bs * (1 + blocks)];
+        r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
+        r[8..16].copy_from_slice(&self.nonce.to_le_bytes());
+        r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
+        r[28..32].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+        for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
+            let at = 32 + i * 16;
+            r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
+            r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
+            r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
+        }
+        let mut at = bs;
+        for d in data {
+            r[at..at + d.len()].copy_from_slice(d);
+            at += d.len();
+        }
+        r
+    }
+
+    /// Give `record` its sequence number and checksum and a place in the
+    /// log: the block to write it at, or `None` while the log is full.
+    pub fn reserve(&self, record: &mut [u8]) -> Option<u64> {
+        let bs = self.bs;
+        let blocks = (record.len() / bs) as u64;
+        if blocks > self.log_blocks / 2 {
+            return None;
+        }
+        let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pos = self.head.load(Ordering::SeqCst);
+        // A record never wraps: skip to the start of the next lap.
+        let off = pos % self.log_blocks;
+        if off + blocks > self.log_blocks {
+            pos += self.log_blocks - off;
+        }
+        if pos + blocks - self.tail.load(Ordering::SeqCst) > self.log_blocks {
+            return None;
+        }
+        self.head.store(pos + blocks, Ordering::SeqCst);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        record[16..24].copy_from_slice(&seq.to_le_bytes());
+        let n = record.len();
+        record[bs - 4..bs].fill(0);
+        let crc = crc32c::crc32c(&record[..n]);
+        record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+        Some(1 + pos % self.log_blocks)
+    }
+
+    /// Checkpoint: call with the volume suspended after flushing its
+    /// members; every record so far is on them, so the log starts over.
+    pub fn checkpoint(&self) -> Result<(), String> {
+        let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = Super {
+            nonce: self.nonce,
+            log_blocks: self.log_blocks,
+            checkpoint_seq: self.seq.load(Ordering::SeqCst),
+        };
+        let mut b = encode_super(&s, self.bs);
+        sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
+        sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        self.tail
+            .store(self.head.load(Ordering::SeqCst), Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Open the journal on `dev` after a start: write every record since
+    /// the last checkpoint to `members` (by slot; `None` for a missing
+    /// member, whose blocks are skipped: it is rebuilt later), flush them,
+    /// and checkpoint. Returns the journal, ready for service.
+    pub fn replay(
+        dev: Arc<dyn BlockDevice>,
+        members: &[Option<Arc<dyn BlockDevice>>],
+    ) -> Result<(Arc<Journal>, ReplayReport), String> {
+        let bs = dev.info().block_size as usize;
+        let mut b = vec![0u8; bs];
+        sync(dev.as_ref(), IoOp::Read, 0, &mut b)?;
+        let s = decode_super(&b).map_err(|e| format!("{}: {e}", dev.info().name))?;
+        if s.log_blocks + 1 > dev.info().num_blocks {
+            return Err(format!(
+                "{}: journal superblock claims a log larger than the device",
+                dev.info().name
+            ));
+        }
+        // Read the whole log, in pieces the device takes at once.
+        let step = (dev.info().max_transfer as usize / bs).clamp(1, 1024);
+        let mut log = vec![0u8; s.log_blocks as usize * bs];
+        let mut at = 0;
+        while at < s.log_blocks as usize {
+            let n = step.min(s.log_blocks as usize - at);
+            sync(
+                dev.as_ref(),
+                IoOp::Read,
+                1 + at as u64,
+                &mut log[at * bs..(at + n) * bs],
+            )?;
+            at += n;
+        }
+        // Find the valid records.
+        let mut found: Vec<(u64, usize, usize)> = Vec::new();
+        let mut i = 0usize;
+        let total = s.log_blocks as usize;
+        while i < total {
+            let h = &log[i * bs..(i + 1) * bs];
+            let ok = u64_at(h, 0) == REC_MAGIC && u64_at(h, 8) == s.nonce;
+            let seq = u64_at(h, 16);
+            let blocks = u32_at(h, 24) as usize;
+            let entries = u32_at(h, 28) as usize;
+            if ok
+                && seq > s.checkpoint_seq
+                && blocks >= 1
+                && i + blocks <= total
+                && entries <= MAX_ENTRIES
+            {
+                let mut rec = log[i * bs..(i + blocks) * bs].to_vec();
+                let want = u32_at(&rec, bs - 4);
+                rec[bs - 4..bs].fill(0);
+                if crc32c::crc32c(&rec) == want {
+                    found.push((seq, i, blocks));
+                    i += blocks;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        found.sort_unstable();
+        let mut report = ReplayReport::default();
+        let mut max_seq = s.checkpoint_seq;
+        for &(seq, i, blocks) in &found {
+            let h = &log[i * bs..(i + 1) * bs];
+            let entries = u32_at(h, 28) as usize;
+            let mut data = (i + 1) * bs;
+            let end = (i + blocks) * bs;
+            for k in 0..entries {
+                let e = 32 + k * 16;
+                let (member, count, block) = (
+                    u32_at(h, e) as usize,
+                    u32_at(h, e + 4) as usize,
+                    u64_at(h, e + 8),
+                );
+                let len = count * bs;
+                if data + len > end {
+                    return Err(format!("journal record {seq} is inconsistent"));
+                }
+                if let Some(Some(m)) = members.get(member) {
+                    let mut buf = log[data..data + len].to_vec();
+                    sync(m.as_ref(), IoOp::Write, block, &mut buf)?;
+                    report.blocks += count as u64;
+                }
+                data += len;
+            }
+            report.records += 1;
+            max_seq = max_seq.max(seq);
+        }
+        for m in members.iter().flatten() {
+            sync(m.as_ref(), IoOp::Flush, 0, &mut [])?;
+        }
+        let s = Super {
+            checkpoint_seq: max_seq,
+            ..s
+        };
+        let mut b = encode_super(&s, bs);
+        sync(dev.as_ref(), IoOp::Write, 0, &mut b)?;
+        sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        Ok((Self::with(dev, &s), report))
+    }
+}
+
+/// Checkpoints a volume's journal when its log is half full: suspend the
+/// volume, flush it, record the checkpoint, resume. Stops when dropped.
+pub struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Watch `journal` of `volume`.
+    pub fn start(journal: Arc<Journal>, volume: crate::volume::Volume) -> Checkpointer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("journal-{}", volume.name()))
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    if journal.usage() > 0.5 {
+                        if let Err(e) = checkpoint_now(&journal, &volume) {
+                            tracing::error!(volume = volume.name(), error = %e, "journal checkpoint");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    } else {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            })
+            .ok();
+        Checkpointer { stop, thread }
+    }
+}
+
+/// One checkpoint of `journal` under `volume`'s quiesce epoch.
+pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<(), String> {
+    let _quiet = volume
+        .suspend(Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    sync(volume.info_device().as_ref(), IoOp::Flush, 0, &mut [])?;
+    journal.checkpoint()
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev::RamDevice;
+
+    #[test]
+    fn records_replay_in_order_and_torn_or_foreign_ones_are_skipped() {
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        let m: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("m", 4096, 16).unwrap());
+        let j = Journal::format(jdev.clone()).unwrap();
+        let write = |rec: &[u8], at: u64| {
+            let mut r = rec.to_vec();
+            sync(jdev.as_ref(), IoOp::Write, at, &mut r).unwrap();
+        };
+        let e = |block| Entry {
+            member: 0,
+            count: 1,
+            block,
+        };
+        // Two records for block 3 (the later wins), one for block 5.
+        for (block, byte) in [(3u64, 1u8), (5, 2), (3, 3)] {
+            let mut r = j.record(&[e(block)], &[&vec![byte; 4096]]);
+            let at = j.reserve(&mut r).unwrap();
+            write(&r, at);
+        }
+        // A torn record (bad CRC) for block 7.
+        let mut r = j.record(&[e(7)], &[&vec![9u8; 4096]]);
+        let at = j.reserve(&mut r).unwrap();
+        r[5000] ^= 1;
+        write(&r, at);
+        let (j2, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())]).unwrap();
+        assert_eq!(
+            rep,
+            ReplayReport {
+                records: 3,
+                blocks: 3
+            }
+        );
+        let mut b = vec![0u8; 4096 * 16];
+        sync(m.as_ref(), IoOp::Read, 0, &mut b).unwrap();
+        assert!(b[3 * 4096..4 * 4096].iter().all(|&x| x == 3));
+        assert!(b[5 * 4096..6 * 4096].iter().all(|&x| x == 2));
+        assert!(b[7 * 4096..8 * 4096].iter().all(|&x| x == 0));
+        // Replayed records are below the checkpoint: a second replay does
+        // nothing, and new records continue the sequence.
+        let (_, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())]).unwrap();
+        assert_eq!(rep.records, 0);
+        let mut r = j2.record(&[e(1)], &[&vec![4u8; 4096]]);
+        assert!(j2.reserve(&mut r).is_some());
+        assert_eq!(u64_at(&r, 16), 4, "after the last replayed record");
+        // Not a journal.
+        let blank: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("b", 4096, 129).unwrap());
+        assert!(Journal::replay(blank, &[]).is_err());
+    }
+
+    #[test]
+    fn a_full_log_waits_for_a_checkpoint() {
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 65).unwrap());
+        let j = Journal::format(jdev).unwrap();
+        let e = Entry {
+            member: 0,
+            count: 7,
+            block: 0,
+        };
+        let data = vec![1u8; 7 * 4096];
+        let mut n = 0;
+        loop {
+            let mut r = j.record(&[e], &[&data]);
+            if j.reserve(&mut r).is_none() {
+                break;
+            }
+            n += 1;
+        }
+        assert_eq!(n, 8, "8 records of 8 blocks fill a 64-block log");
+        j.checkpoint().unwrap();
+        let mut r = j.record(&[e], &[&data]);
+        assert!(j.reserve(&mut r).is_some());
+    }
+}
