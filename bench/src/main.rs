@@ -88,6 +88,10 @@ enum Cmd {
         members: usize,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// RAID5 only: journal every stripe update (write-through) on a RAM
+        /// journal device, checkpointed when half full.
+        #[arg(long)]
+        journal: bool,
     },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
@@ -116,7 +120,8 @@ fn main() {
             rw,
             members,
             seconds,
-        } => raid(level, rw, members, seconds),
+            journal,
+        } => raid(level, rw, members, seconds, journal),
     };
     match result {
         Ok(v) => println!("{v}"),
@@ -408,7 +413,13 @@ fn xor(size: usize, sources: usize) -> Result<serde_json::Value, String> {
     }))
 }
 
-fn raid(level: u32, rw: RaidRw, members: usize, seconds: f64) -> Result<serde_json::Value, String> {
+fn raid(
+    level: u32,
+    rw: RaidRw,
+    members: usize,
+    seconds: f64,
+    journal: bool,
+) -> Result<serde_json::Value, String> {
     use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, Member, MemberState};
     use appliance::raid::raid1::Raid1Device;
@@ -427,12 +438,13 @@ fn raid(level: u32, rw: RaidRw, members: usize, seconds: f64) -> Result<serde_js
             })
         })
         .collect::<Result<_, _>>()?;
+    let mut journal_handle = None;
     let volume: Arc<dyn BlockDevice> = match level {
         1 => {
             Arc::new(Raid1Device::new("r1", ms, 0, FailureSink::none()).map_err(|e| e.to_string())?)
         }
-        5 => Arc::new(
-            Raid5Device::new(
+        5 => {
+            let r5 = Raid5Device::new(
                 "r5",
                 ms,
                 64 << 10,
@@ -440,8 +452,18 @@ fn raid(level: u32, rw: RaidRw, members: usize, seconds: f64) -> Result<serde_js
                 0,
                 FailureSink::none(),
             )
-            .map_err(|e| e.to_string())?,
-        ),
+            .map_err(|e| e.to_string())?;
+            if journal {
+                let jdev = RamDevice::new("journal", 4096, (512 << 20) / 4096)
+                    .map_err(|e| e.to_string())?;
+                prefill(&jdev)?;
+                let j = appliance::raid::journal::Journal::format(Arc::new(jdev))?;
+                journal_handle = Some(j.clone());
+                Arc::new(r5.with_journal(j))
+            } else {
+                Arc::new(r5)
+            }
+        }
         l => return Err(format!("level {l} is not 1 or 5")),
     };
     let single = mk(99)?;
@@ -459,13 +481,21 @@ fn raid(level: u32, rw: RaidRw, members: usize, seconds: f64) -> Result<serde_js
     let mut out = serde_json::Map::new();
     for (label, dev) in [("volume", volume), ("one_member", single)] {
         let r = start(1)?;
-        let obj = QuiesceObject::new(r.set(), "bench-raid", 0u64);
+        let vol = appliance::volume::Volume::new(r.set(), "bench-raid", dev);
+        // The journal's log is reclaimed at checkpoints under the volume's
+        // quiesce epoch, as in the daemon.
+        let _checkpoints = match (&journal_handle, label) {
+            (Some(j), "volume") => Some(appliance::raid::journal::Checkpointer::start(
+                j.clone(),
+                vol.clone(),
+            )),
+            _ => None,
+        };
         let cpu0 = process_cpu_time();
         let t0 = Instant::now();
-        let w = Workload::start(
+        let w = Workload::start_on_volume(
             r.set(),
-            dev,
-            &obj,
+            &vol,
             WorkloadParams {
                 queue_depth: 32,
                 io_bytes,
@@ -492,6 +522,7 @@ fn raid(level: u32, rw: RaidRw, members: usize, seconds: f64) -> Result<serde_js
     }
     Ok(json!({
         "bench": "raid",
+        "journal": journal,
         "level": level,
         "members": members,
         "rw": format!("{rw:?}").to_lowercase(),

@@ -21,10 +21,13 @@
 //! The nonce is random per journal, so guest data inside old records cannot
 //! pass for a record. Replay is idempotent: a crash during it replays again.
 //!
-//! Space comes back at a checkpoint: with the volume suspended (no IO in
-//! flight anywhere), the members are flushed and the superblock records
-//! the sequence reached; every record up to it is then on the members.
-//! While the log is full, pieces wait for the next checkpoint.
+//! Space comes back at a checkpoint, without stopping IO: the checkpoint
+//! closes the current epoch (records reserved so far), waits until every
+//! record of that epoch has reached the members, flushes the members, and
+//! records the epoch's last sequence in the superblock; the log before it
+//! is free. While the log is full, pieces wait for the next checkpoint.
+//! (Suspending the volume instead would deadlock: pieces waiting for log
+//! space are IO in flight that a suspend waits for.)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -148,6 +151,10 @@ pub struct Journal {
     reserve_lock: Mutex<()>,
     /// Journal IO failed: the volume refuses writes rather than skip it.
     failed: AtomicBool,
+    /// Checkpoint epoch, and records of the current and the previous epoch
+    /// not yet on the members.
+    epoch: AtomicU64,
+    outstanding: [AtomicU64; 2],
 }
 
 /// What replay did.
@@ -193,6 +200,8 @@ impl Journal {
             seq: AtomicU64::new(s.checkpoint_seq),
             reserve_lock: Mutex::new(()),
             failed: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            outstanding: Default::default(),
         })
     }
 
@@ -220,9 +229,18 @@ impl Journal {
     /// order); returns the buffer with the header's sequence left to
     /// [`reserve`](Self::reserve).
     pub fn record(&self, entries: &[Entry], data: &[&[u8]]) -> Vec<u8> {
+        let mut r = Vec::new();
+        self.record_into(&mut r, entries, data);
+        r
+    }
+
+    /// [`record`](Self::record) into a reused buffer (large records would
+    /// otherwise cost a fresh mapping and its page faults each time).
+    pub fn record_into(&self, r: &mut Vec<u8>, entries: &[Entry], data: &[&[u8]]) {
         let bs = self.bs;
         let blocks: usize = data.iter().map(|d| d.len() / bs).sum();
-        let mut r = vec![0u8; bs * (1 + blocks)];
+        r.clear();
+        r.resize(bs * (1 + blocks), 0);
         r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
         r[8..16].copy_from_slice(&self.nonce.to_le_bytes());
         r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
@@ -238,12 +256,13 @@ impl Journal {
             r[at..at + d.len()].copy_from_slice(d);
             at += d.len();
         }
-        r
     }
 
     /// Give `record` its sequence number and checksum and a place in the
-    /// log: the block to write it at, or `None` while the log is full.
-    pub fn reserve(&self, record: &mut [u8]) -> Option<u64> {
+    /// log: the block to write it at and its epoch (hand that to
+    /// [`done`](Self::done) once the record's blocks are on the members),
+    /// or `None` while the log is full.
+    pub fn reserve(&self, record: &mut [u8]) -> Option<(u64, u64)> {
         let bs = self.bs;
         let blocks = (record.len() / bs) as u64;
         if blocks > self.log_blocks / 2 {
@@ -261,28 +280,54 @@ impl Journal {
         }
         self.head.store(pos + blocks, Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        self.outstanding[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
         record[16..24].copy_from_slice(&seq.to_le_bytes());
         let n = record.len();
         record[bs - 4..bs].fill(0);
         let crc = crc32c::crc32c(&record[..n]);
         record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
-        Some(1 + pos % self.log_blocks)
+        Some((1 + pos % self.log_blocks, epoch))
     }
 
-    /// Checkpoint: call with the volume suspended after flushing its
-    /// members; every record so far is on them, so the log starts over.
-    pub fn checkpoint(&self) -> Result<(), String> {
-        let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+    /// A record of `epoch` has reached the members (or was abandoned).
+    pub fn done(&self, epoch: u64) {
+        self.outstanding[(epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Free the log up to now: close the epoch, wait for its records to
+    /// reach the members, `flush_members`, record the checkpoint. One
+    /// checkpoint at a time (the checkpointer thread).
+    pub fn checkpoint(
+        &self,
+        flush_members: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (head, seq, old) = {
+            let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let old = self.epoch.fetch_add(1, Ordering::SeqCst);
+            (
+                self.head.load(Ordering::SeqCst),
+                self.seq.load(Ordering::SeqCst),
+                old,
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.outstanding[(old % 2) as usize].load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return Err("journal records did not reach the members within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        flush_members()?;
         let s = Super {
             nonce: self.nonce,
             log_blocks: self.log_blocks,
-            checkpoint_seq: self.seq.load(Ordering::SeqCst),
+            checkpoint_seq: seq,
         };
         let mut b = encode_super(&s, self.bs);
         sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
         sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])?;
-        self.tail
-            .store(self.head.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.tail.store(head, Ordering::SeqCst);
         Ok(())
     }
 
@@ -388,8 +433,8 @@ impl Journal {
     }
 }
 
-/// Checkpoints a volume's journal when its log is half full: suspend the
-/// volume, flush it, record the checkpoint, resume. Stops when dropped.
+/// Checkpoints a volume's journal when its log is half full. Stops when
+/// dropped.
 pub struct Checkpointer {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -419,13 +464,10 @@ impl Checkpointer {
     }
 }
 
-/// One checkpoint of `journal` under `volume`'s quiesce epoch.
+/// One checkpoint of `journal`; the members are flushed through the
+/// volume's current device (a RAID5 flush goes to every member).
 pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<(), String> {
-    let _quiet = volume
-        .suspend(Duration::from_secs(30))
-        .map_err(|e| e.to_string())?;
-    sync(volume.info_device().as_ref(), IoOp::Flush, 0, &mut [])?;
-    journal.checkpoint()
+    journal.checkpoint(|| sync(volume.info_device().as_ref(), IoOp::Flush, 0, &mut []))
 }
 
 impl Drop for Checkpointer {
@@ -459,14 +501,16 @@ mod tests {
         // Two records for block 3 (the later wins), one for block 5.
         for (block, byte) in [(3u64, 1u8), (5, 2), (3, 3)] {
             let mut r = j.record(&[e(block)], &[&vec![byte; 4096]]);
-            let at = j.reserve(&mut r).unwrap();
+            let (at, ep) = j.reserve(&mut r).unwrap();
             write(&r, at);
+            j.done(ep);
         }
         // A torn record (bad CRC) for block 7.
         let mut r = j.record(&[e(7)], &[&vec![9u8; 4096]]);
-        let at = j.reserve(&mut r).unwrap();
+        let (at, ep) = j.reserve(&mut r).unwrap();
         r[5000] ^= 1;
         write(&r, at);
+        j.done(ep);
         let (j2, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())]).unwrap();
         assert_eq!(
             rep,
@@ -503,15 +547,36 @@ mod tests {
         };
         let data = vec![1u8; 7 * 4096];
         let mut n = 0;
+        let mut held = Vec::new();
         loop {
             let mut r = j.record(&[e], &[&data]);
-            if j.reserve(&mut r).is_none() {
+            let Some((_, ep)) = j.reserve(&mut r) else {
                 break;
-            }
+            };
+            held.push(ep);
             n += 1;
         }
         assert_eq!(n, 8, "8 records of 8 blocks fill a 64-block log");
-        j.checkpoint().unwrap();
+        // The checkpoint waits for the records to reach the members.
+        let flushed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                j.checkpoint(|| {
+                    flushed.store(true, Ordering::SeqCst);
+                    Ok(())
+                })
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                !flushed.load(Ordering::SeqCst),
+                "flushed before the records were done"
+            );
+            for ep in held.drain(..) {
+                j.done(ep);
+            }
+            t.join().unwrap().unwrap();
+        });
+        assert!(flushed.load(Ordering::SeqCst));
         let mut r = j.record(&[e], &[&data]);
         assert!(j.reserve(&mut r).is_some());
     }

@@ -237,6 +237,7 @@ impl BlockDevice for Raid5Device {
             journal: self.journal.clone(),
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
+            jbufs: Vec::new(),
         }))
     }
 }
@@ -298,6 +299,9 @@ struct Piece {
     jwrites: Vec<(usize, u64, u64)>,
     /// 0: waiting for room in the log; 1: record written; 2: flushed.
     jphase: u8,
+    /// The record's checkpoint epoch, while its blocks are not on the
+    /// members yet.
+    jepoch: Option<u64>,
 }
 
 struct Parent {
@@ -339,6 +343,8 @@ struct Raid5Channel {
     jwait: VecDeque<usize>,
     /// Journal requests waiting for room in the journal device's queue.
     jdeferred: VecDeque<IoRequest>,
+    /// Record buffers to reuse.
+    jbufs: Vec<Vec<u8>>,
 }
 
 /// The child tag's member field for journal IO.
@@ -761,7 +767,9 @@ impl Raid5Channel {
                 .iter()
                 .map(|&(m, lo, hi)| &p.bufs[m][buf_off(lo)..buf_off(hi)])
                 .collect();
-            p.jrec = j.record(&entries, &data);
+            let mut rec = self.jbufs.pop().unwrap_or_default();
+            j.record_into(&mut rec, &entries, &data);
+            p.jrec = rec;
             p.jwrites = writes;
             p.jphase = 0;
             p.stage = Stage::Journaling;
@@ -807,11 +815,12 @@ impl Raid5Channel {
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
-        let Some(at) = j.reserve(&mut p.jrec) else {
+        let Some((at, epoch)) = j.reserve(&mut p.jrec) else {
             self.jwait.push_back(pi);
             return;
         };
         p.jphase = 1;
+        p.jepoch = Some(epoch);
         let len = p.jrec.len();
         let sg = sg::of(&mut p.jrec, 0, len);
         let blocks = (p.jrec.len() / self.info.block_size as usize) as u64;
@@ -880,13 +889,15 @@ impl Raid5Channel {
                 self.journal_io(pi, IoRequest::flush(0));
             }
             Stage::Journaling => {
-                let writes = self.pieces[pi]
-                    .as_mut()
-                    .map(|p| {
-                        p.jrec = Vec::new();
-                        std::mem::take(&mut p.jwrites)
-                    })
-                    .unwrap_or_default();
+                let Some(p) = self.pieces[pi].as_mut() else {
+                    return;
+                };
+                let writes = std::mem::take(&mut p.jwrites);
+                let rec = std::mem::take(&mut p.jrec);
+                // The record is durable: its buffer can serve the next one.
+                if self.jbufs.len() < 64 {
+                    self.jbufs.push(rec);
+                }
                 self.write_members(pi, writes);
             }
             Stage::Writing => self.finish_piece(pi),
@@ -898,6 +909,9 @@ impl Raid5Channel {
             return;
         };
         self.free_pieces.push(pi);
+        if let (Some(j), Some(epoch)) = (&self.journal, p.jepoch) {
+            j.done(epoch);
+        }
         if p.locked {
             self.locks.unlock(p.stripe);
         }
@@ -1032,6 +1046,7 @@ impl IoChannel for Raid5Channel {
             jrec: Vec::new(),
             jwrites: Vec::new(),
             jphase: 0,
+            jepoch: None,
         };
         let mut pieces = Vec::new();
         if kind == Kind::Flush {
