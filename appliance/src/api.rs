@@ -97,6 +97,7 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         }),
         generation: v.generation,
         exports: v.exports,
+        journal: v.journal.unwrap_or_default(),
     }
 }
 
@@ -230,6 +231,7 @@ impl pb::appliance_server::Appliance for Service {
                 r.layout
             },
             max_rebuild_bytes_per_sec: 0,
+            journal: (!r.journal.is_empty()).then_some(r.journal),
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))

@@ -70,9 +70,12 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     // Read the configuration before anything starts: a broken file must
     // stop the daemon before it touches a device.
     let tcp = opts.tcp.as_ref().map(tcp_access).transpose()?;
+    // Saved state wins; the initial setup applies only before there is any.
     let initial = match (&opts.state_file, &opts.config) {
-        (Some(state), _) if state.exists() => Some(Config::load(state).map_err(|e| e.to_string())?),
-        (_, Some(cfg)) => Some(Config::load(cfg).map_err(|e| e.to_string())?),
+        (Some(state), _) if state.exists() => {
+            Some((Config::load(state).map_err(|e| e.to_string())?, false))
+        }
+        (_, Some(cfg)) => Some((Config::load(cfg).map_err(|e| e.to_string())?, true)),
         _ => None,
     };
     let reactors = poller::Reactors::start(poller::ReactorConfig {
@@ -82,8 +85,8 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     })
     .map_err(|e| format!("starting reactors: {e}"))?;
     let mgr = Arc::new(Manager::new(reactors.set(), opts.state_file.clone()));
-    if let Some(cfg) = &initial {
-        if let Err(e) = mgr.restore(cfg) {
+    if let Some((cfg, first)) = &initial {
+        if let Err(e) = mgr.restore(cfg, *first) {
             mgr.shutdown_without_saving();
             let _ = reactors.shutdown();
             return Err(format!("restoring the configuration: {e}"));

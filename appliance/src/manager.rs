@@ -212,6 +212,8 @@ pub struct VolumeView {
     pub exports: Vec<String>,
     /// Its quiesce epochs so far.
     pub quiesce: poller::QuiesceStats,
+    /// Its journal device.
+    pub journal: Option<String>,
 }
 
 /// An export as listed.
@@ -253,6 +255,8 @@ struct Vol {
     volume: Volume,
     /// RAID volumes only.
     monitor: Option<Monitor>,
+    /// Reclaims the journal's log, if the volume has a journal.
+    _checkpointer: Option<crate::raid::journal::Checkpointer>,
 }
 
 impl Vol {
@@ -294,6 +298,9 @@ impl State {
     /// Which volume holds device `name`, and how.
     fn user_of(&self, name: &str) -> Option<(String, &'static str, &'static str)> {
         for (vname, v) in &self.volumes {
+            if v.decl.journal.as_deref() == Some(name) {
+                return Some((vname.clone(), "journal of", "ok"));
+            }
             match &v.monitor {
                 Some(m) => {
                     let s = m.snapshot();
@@ -421,22 +428,27 @@ impl Manager {
 
     /// Bring up everything `config` declares, in order; the first error
     /// stops it (the caller should refuse to start).
-    pub fn restore(&self, config: &Config) -> Result<(), String> {
+    ///
+    /// `initial` says the configuration is the operator's initial setup
+    /// (`--config`, no state yet): RAID volumes on blank devices are then
+    /// created. Restoring saved state, a volume is only ever assembled from
+    /// its superblocks (except on RAM devices, which start blank).
+    pub fn restore(&self, config: &Config, initial: bool) -> Result<(), String> {
         use std::sync::atomic::Ordering::SeqCst;
         self.quiet.store(true, SeqCst);
-        self.restore_all(config)?;
+        self.restore_all(config, initial)?;
         self.quiet.store(false, SeqCst);
         let s = self.lock();
         self.save(&s).map_err(|e| e.to_string())
     }
 
-    fn restore_all(&self, config: &Config) -> Result<(), String> {
+    fn restore_all(&self, config: &Config, initial: bool) -> Result<(), String> {
         for d in &config.devices {
             self.attach_device(d.clone())
                 .map_err(|e| format!("device {}: {e}", d.name))?;
         }
         for v in &config.volumes {
-            self.restore_volume(v)
+            self.restore_volume(v, initial)
                 .map_err(|e| format!("volume {}: {e}", v.name))?;
         }
         for e in &config.exports {
@@ -646,16 +658,63 @@ impl Manager {
         ),
         spares: Vec<Arc<dyn BlockDevice>>,
         rx: std::sync::mpsc::Receiver<crate::raid::members::Event>,
-    ) -> Result<(Volume, Monitor), MgmtError> {
+    ) -> Result<(Volume, Monitor, Option<crate::raid::journal::Checkpointer>), MgmtError> {
         let (device, meta, was_clean) = opened;
         let volume = Volume::new(&self.set, &decl.name, device.clone());
+        let checkpointer = device
+            .journal()
+            .map(|j| crate::raid::journal::Checkpointer::start(j, volume.clone()));
         let monitor = Monitor::start(&self.set, volume.clone(), device, rx, spares);
         monitor.set_meta(meta);
         monitor.set_rate(decl.max_rebuild_bytes_per_sec);
         monitor
             .open(was_clean)
             .map_err(|e| from_op(&decl.name, e))?;
-        Ok((volume, monitor))
+        Ok((volume, monitor, checkpointer))
+    }
+
+    /// The journal device a declaration names, checked: RAID5 only,
+    /// attached, free, not a member or spare, same block size.
+    fn check_journal(
+        s: &State,
+        decl: &VolumeDecl,
+        level: Level,
+    ) -> Result<Option<Arc<dyn BlockDevice>>, MgmtError> {
+        let Some(name) = decl.journal.as_deref().filter(|n| !n.is_empty()) else {
+            return Ok(None);
+        };
+        if level != Level::Raid5 {
+            return Err(invalid("journal", "only a RAID5 volume has a journal"));
+        }
+        let d = s.device("journal", name)?;
+        if decl.members.iter().chain(&decl.spares).any(|m| m == name) {
+            return Err(invalid(
+                "journal",
+                format!("device {name} is also a member or spare"),
+            ));
+        }
+        if let Some((v, how, _)) = s.user_of(name) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {name} is in use ({how} {v})"
+            )));
+        }
+        let want = decl
+            .members
+            .first()
+            .and_then(|m| s.devices.get(m))
+            .map_or(4096, |m| m.dev.info().block_size);
+        if d.dev.info().block_size != want {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "journal {name} has {}-byte blocks, the members {want}",
+                d.dev.info().block_size
+            )));
+        }
+        if d.dev.info().num_blocks < 1 + 1024 {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "journal {name} is too small: it needs at least 1025 blocks"
+            )));
+        }
+        Ok(Some(d.dev.clone()))
     }
 
     /// Create a volume; RAID members get fresh superblocks (`force` to
@@ -663,8 +722,13 @@ impl Manager {
     pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
         let mut s = self.lock_for_change()?;
         let (level, members, spares) = Self::check_volume(&s, &decl, false)?;
-        let (volume, monitor) = match level {
-            Level::Single => (Volume::new(&self.set, &decl.name, members[0].clone()), None),
+        let jdev = Self::check_journal(&s, &decl, level)?;
+        let (volume, monitor, checkpointer) = match level {
+            Level::Single => (
+                Volume::new(&self.set, &decl.name, members[0].clone()),
+                None,
+                None,
+            ),
             Level::Raid1 | Level::Raid5 => {
                 let bs = members[0].info().block_size as u64;
                 let spec = VolumeSpec {
@@ -693,8 +757,18 @@ impl Manager {
                         }
                         AssemblyError::Io { .. } => MgmtError::Internal(e.to_string()),
                     })?;
-                let (v, m) = self.start_raid(&decl, (device, meta, true), spares, rx)?;
-                (v, Some(m))
+                let device = match jdev {
+                    Some(jdev) => {
+                        let j = crate::raid::journal::Journal::format(jdev)
+                            .map_err(|e| MgmtError::Internal(format!("journal: {e}")))?;
+                        device.with_journal(j).ok_or_else(|| {
+                            invalid("journal", "only a RAID5 volume has a journal")
+                        })?
+                    }
+                    None => device,
+                };
+                let (v, m, c) = self.start_raid(&decl, (device, meta, true), spares, rx)?;
+                (v, Some(m), c)
             }
         };
         s.volumes.insert(
@@ -704,6 +778,7 @@ impl Manager {
                 level,
                 volume,
                 monitor,
+                _checkpointer: checkpointer,
             },
         );
         self.save(&s)?;
@@ -713,7 +788,7 @@ impl Manager {
     /// Bring back a volume the state file declares: assembled from its
     /// members' superblocks; created anew only if every device is blank
     /// (RAM devices start blank on every start).
-    fn restore_volume(&self, decl: &VolumeDecl) -> Result<(), MgmtError> {
+    fn restore_volume(&self, decl: &VolumeDecl, initial: bool) -> Result<(), MgmtError> {
         // A device named twice (a state file of an older version) counts once.
         let mut decl = decl.clone();
         let mut seen: Vec<String> = Vec::new();
@@ -726,6 +801,7 @@ impl Manager {
         let decl = &decl;
         let mut s = self.lock_for_change()?;
         let (level, members, spares) = Self::check_volume(&s, decl, true)?;
+        let jdev = Self::check_journal(&s, decl, level)?;
         if level == Level::Single {
             let volume = Volume::new(&self.set, &decl.name, members[0].clone());
             s.volumes.insert(
@@ -735,6 +811,7 @@ impl Manager {
                     level,
                     volume,
                     monitor: None,
+                    _checkpointer: None,
                 },
             );
             return Ok(());
@@ -766,16 +843,16 @@ impl Manager {
             })
         });
         drop(s);
-        if !all.is_empty() && blank.len() == all.len() && !volatile {
+        if !all.is_empty() && blank.len() == all.len() && !volatile && !initial {
             return Err(MgmtError::FailedPrecondition(format!(
                 "no superblock of volume {} on its devices; refusing to create it over them (create it again by hand, with force, if that is intended)",
                 decl.name
             )));
         }
         if !all.is_empty() && blank.len() == all.len() {
-            tracing::warn!(
+            tracing::info!(
                 volume = decl.name,
-                "every member is blank (RAM devices start empty): creating the volume anew"
+                "every member is blank: creating the volume"
             );
             return self.create_volume(decl.clone(), false).map(|_| ());
         }
@@ -824,8 +901,38 @@ impl Manager {
             .into_iter()
             .filter(|d| !in_volume.contains(&d.info().name))
             .collect();
-        let (volume, monitor) =
-            self.start_raid(decl, (v.device, v.meta, v.was_clean), spares, rx)?;
+        // Before any IO: the journal's durable records go to the members,
+        // so no stripe is left half written.
+        let device = match jdev {
+            Some(jdev) => {
+                let slots: Vec<Option<Arc<dyn BlockDevice>>> = v
+                    .device
+                    .member_devices()
+                    .into_iter()
+                    .zip(v.device.member_states())
+                    .map(|(d, st)| (st != MemberState::Failed).then_some(d))
+                    .collect();
+                let (j, rep) =
+                    crate::raid::journal::Journal::replay(jdev, &slots).map_err(|e| {
+                        MgmtError::FailedPrecondition(format!(
+                            "journal of volume {}: {e}; refusing to start the volume without it",
+                            decl.name
+                        ))
+                    })?;
+                tracing::info!(
+                    volume = decl.name,
+                    records = rep.records,
+                    blocks = rep.blocks,
+                    "journal replayed"
+                );
+                v.device
+                    .with_journal(j)
+                    .ok_or_else(|| invalid("journal", "only a RAID5 volume has a journal"))?
+            }
+            None => v.device,
+        };
+        let (volume, monitor, checkpointer) =
+            self.start_raid(decl, (device, v.meta, v.was_clean), spares, rx)?;
         let mut s = self.lock();
         s.volumes.insert(
             decl.name.clone(),
@@ -834,6 +941,7 @@ impl Manager {
                 level,
                 volume,
                 monitor: Some(monitor),
+                _checkpointer: checkpointer,
             },
         );
         Ok(())
@@ -919,6 +1027,7 @@ impl Manager {
             generation: v.volume.quiesce().config().0,
             exports,
             quiesce: v.volume.quiesce().stats(),
+            journal: v.decl.journal.clone(),
         }
     }
 

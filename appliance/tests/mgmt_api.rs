@@ -1080,3 +1080,88 @@ fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
         .iter()
         .all(|&b| b == 0));
 }
+
+#[test]
+fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    for i in 0..5 {
+        let spec = format!(
+            "file:{}:16M",
+            dir.path().join(format!("d{i}.img")).display()
+        );
+        call!(d, c, attach_device, attach(&format!("d{i}"), &spec)).unwrap();
+    }
+    call!(d, c, attach_device, attach("tiny", "ram:1M")).unwrap();
+    let with_journal = |journal: &str| pb::CreateVolumeRequest {
+        journal: journal.into(),
+        ..raid5("jv", &["d0", "d1", "d2"], &[])
+    };
+    for (req, code) in [
+        (
+            pb::CreateVolumeRequest {
+                level: pb::Level::Raid1 as i32,
+                members: vec!["d0".into(), "d1".into()],
+                ..with_journal("d3")
+            },
+            Code::InvalidArgument,
+        ),
+        (with_journal("nope"), Code::NotFound),
+        (with_journal("d1"), Code::InvalidArgument),
+        (with_journal("tiny"), Code::FailedPrecondition),
+    ] {
+        let e = call!(d, c, create_volume, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, create_volume, with_journal("d3")).unwrap();
+    assert_eq!(v.journal, "d3");
+    let e = call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "d3".into() }
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.0,
+        Code::FailedPrecondition,
+        "the journal is in use: {e:?}"
+    );
+    let sock = dir.path().join("j.sock");
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "j".into(),
+            volume: "jv".into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    for i in 0..8u64 {
+        write_pattern(&mut disk, 20 + i, i << 20);
+    }
+    drop(disk);
+    drop(c);
+    d.stop();
+
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    let v = volume(&d, &mut c, "jv");
+    assert_eq!((v.journal.as_str(), v.state.as_str()), ("d3", "optimal"));
+    let mut disk = Disk::connect(&sock).unwrap();
+    for i in 0..8u64 {
+        check_pattern(&mut disk, 20 + i, i << 20);
+    }
+    drop(disk);
+    drop(c);
+    d.stop();
+    assert!(std::fs::read_to_string(&state)
+        .unwrap()
+        .contains("journal = \"d3\""));
+}

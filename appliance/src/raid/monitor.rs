@@ -34,6 +34,15 @@ pub trait RaidDevice: BlockDevice {
     fn parity_geometry(&self) -> Option<Raid5Geometry>;
     /// How many members can be missing with no data lost.
     fn max_failures(&self) -> usize;
+    /// The same device journalling its writes in `journal`, if the level
+    /// has a journal (RAID5).
+    fn with_journal(&self, _journal: Arc<super::journal::Journal>) -> Option<Arc<dyn RaidDevice>> {
+        None
+    }
+    /// Its journal.
+    fn journal(&self) -> Option<Arc<super::journal::Journal>> {
+        None
+    }
 
     /// Member states in slot order.
     fn member_states(&self) -> Vec<MemberState> {

@@ -202,6 +202,19 @@ impl RaidDevice for Raid5Device {
     fn max_failures(&self) -> usize {
         1
     }
+
+    fn with_journal(&self, journal: Arc<Journal>) -> Option<Arc<dyn RaidDevice>> {
+        Some(Arc::new(Raid5Device {
+            info: self.info.clone(),
+            geo: self.geo,
+            set: self.set.clone(),
+            journal: Some(journal),
+        }))
+    }
+
+    fn journal(&self) -> Option<Arc<Journal>> {
+        self.journal.clone()
+    }
 }
 
 impl BlockDevice for Raid5Device {

@@ -130,6 +130,9 @@ enum VolumeCmd {
         /// Overwrite devices that carry another volume's superblock.
         #[arg(long)]
         force: bool,
+        /// RAID5 write journal device (write-through; closes the write hole).
+        #[arg(long, default_value = "")]
+        journal: String,
     },
     /// List volumes.
     List,
@@ -389,6 +392,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             chunk_kib,
             layout,
             force,
+            journal,
         } => {
             let level = match level.as_str() {
                 "single" => pb::Level::Single,
@@ -409,6 +413,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 chunk_kib,
                 layout,
                 force,
+                journal,
             })
             .await?
         }
@@ -700,6 +705,9 @@ fn describe(v: &pb::Volume) -> String {
     );
     if !v.spares.is_empty() {
         s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if !v.journal.is_empty() {
+        s += &format!("  journal: {} (write-through)\n", v.journal);
     }
     if let Some(p) = &v.progress {
         s += &format!(
