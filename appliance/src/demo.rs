@@ -209,11 +209,20 @@ fn start_client(socket: &Path, blocks: u64) -> Result<Client, String> {
     })
 }
 
+/// What stays up after the demo (for `--keep`): drop the export first.
+pub struct Running {
+    /// The reactors.
+    pub reactors: Reactors,
+    /// The export.
+    pub export: Export,
+    /// The volume's monitor.
+    pub monitor: Monitor,
+    /// Reclaims the journal's log while the volume serves.
+    pub checkpointer: crate::raid::journal::Checkpointer,
+}
+
 /// Run the demo, printing as it goes.
-pub fn run(
-    opts: &DemoOptions,
-    out: &mut dyn Write,
-) -> Result<(DemoReport, Reactors, Export, Monitor), String> {
+pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Running), String> {
     let reactors = Reactors::start(ReactorConfig {
         count: opts.reactors,
         ..Default::default()
@@ -246,7 +255,15 @@ pub fn run(
         true,
     )
     .map_err(|e| e.to_string())?;
+    // The write-through journal closes the RAID5 write hole.
+    let journal = crate::raid::journal::Journal::format(Arc::new(
+        RamDevice::new("ram-journal", 4096, 16384).map_err(|e| e.to_string())?,
+    ))?;
+    let device = device
+        .with_journal(journal.clone())
+        .ok_or("a RAID5 takes a journal")?;
     let volume = Volume::new(reactors.set(), "demo", device.clone());
+    let checkpointer = crate::raid::journal::Checkpointer::start(journal, volume.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), device, rx, vec![spare]);
     monitor.set_meta(meta);
     monitor.open(true).map_err(|e| e.to_string())?;
@@ -265,7 +282,7 @@ pub fn run(
     .map_err(|e| e.to_string())?;
     let _ = writeln!(
         out,
-        "RAID5 over 4 RAM members of {} MiB (64 KiB chunks, left-symmetric) + 1 hot spare: {} MiB, exported on {}",
+        "RAID5 over 4 RAM members of {} MiB (64 KiB chunks, left-symmetric) + 1 hot spare + a write-through journal (64 MiB RAM): {} MiB, exported on {}",
         opts.member_mib,
         info.size_bytes() >> 20,
         opts.socket.display()
@@ -361,5 +378,13 @@ pub fn run(
             "demo FAILED"
         }
     );
-    Ok((report, reactors, export, monitor))
+    Ok((
+        report,
+        Running {
+            reactors,
+            export,
+            monitor,
+            checkpointer,
+        },
+    ))
 }

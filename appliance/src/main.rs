@@ -497,7 +497,7 @@ fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    let (report, reactors, mut export, monitor) = match appliance::demo::run(&opts, &mut stdout) {
+    let (report, running) = match appliance::demo::run(&opts, &mut stdout) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: demo: {e}");
@@ -510,9 +510,16 @@ fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
             "  qemu-system-x86_64 -machine q35 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=demo,path={},reconnect=1 -device vhost-user-blk-pci,chardev=demo,num-queues=2 ...",
             opts.socket.display()
         );
-        wait_for_stop(&stop, &reactors);
+        wait_for_stop(&stop, &running.reactors);
     }
+    let appliance::demo::Running {
+        reactors,
+        mut export,
+        monitor,
+        checkpointer,
+    } = running;
     let _ = export.delete(true);
+    drop(checkpointer);
     if let Err(e) = monitor.close() {
         eprintln!("error: recording a clean shutdown: {e}");
     }
