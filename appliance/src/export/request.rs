@@ -229,9 +229,11 @@ pub fn walk_chain_with(
             indirect = true;
             table = addr;
             size = (len / 16) as u16;
-            // The whole chain, indirect part included, is at most the
-            // queue size long.
-            budget = budget.min(size as usize);
+            // The chain is at most the queue size long; the descriptor that
+            // points to the table is not part of it. (Counting it refused
+            // full-size chains: Linux sends seg_max + 2 = 128 descriptors
+            // on a 128-entry queue, and those requests went unanswered.)
+            budget = (budget + 1).min(size as usize);
             i = 0;
             continue;
         }
@@ -1103,6 +1105,35 @@ mod tests {
         assert!(walk_chain(&m, 0x1000, 16, 5, &mut out).is_err());
         // Table outside memory.
         assert!(walk_chain(&m, MEM + 64, 16, 0, &mut out).is_err());
+        // An indirect table as long as the queue is a legal, full-size
+        // chain; one entry more is not.
+        put(0x1000, 6, 0x4000, 16 * 16, 4, 0);
+        for k in 0..16u64 {
+            let last = k == 15;
+            put(
+                0x4000,
+                k,
+                0x100,
+                16,
+                if last { 2 } else { 1 },
+                (k + 1) as u16,
+            );
+        }
+        walk_chain(&m, 0x1000, 16, 6, &mut out).unwrap();
+        assert_eq!(out.len(), 16);
+        put(0x1000, 7, 0x5000, 17 * 16, 4, 0);
+        for k in 0..17u64 {
+            let last = k == 16;
+            put(
+                0x5000,
+                k,
+                0x100,
+                16,
+                if last { 2 } else { 1 },
+                (k + 1) as u16,
+            );
+        }
+        assert!(walk_chain(&m, 0x1000, 16, 7, &mut out).is_err());
     }
 
     #[test]
