@@ -8,9 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use bdev::{BlockDevice, IoOp, IoRequest, IoVec, SgList, SubmitError};
+use bdev::{BlockDevice, IoOp};
 
 use super::geometry::Layout;
 use super::members::{FailureSink, Member, MemberState};
@@ -71,47 +70,11 @@ pub enum AssemblyError {
     },
 }
 
+/// Superblock IO at block 0; a write is followed by a flush.
 fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), String> {
-    let bs = dev.info().block_size as usize;
-    let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
-    let mut sg = SgList::new();
-    // SAFETY: we wait for the completion before touching buf again.
-    sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) });
-    let mut req = Some(IoRequest {
-        op,
-        offset_blocks: 0,
-        num_blocks: (buf.len() / bs) as u64,
-        sg,
-        tag: 1,
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut out = Vec::new();
-    while let Some(r) = req.take() {
-        if let Err(SubmitError::Busy(r)) = ch.submit(r) {
-            req = Some(r);
-            ch.poll(&mut out);
-        }
-    }
-    while out.is_empty() {
-        ch.poll(&mut out);
-        if Instant::now() > deadline {
-            return Err("timed out".into());
-        }
-        std::thread::yield_now();
-    }
-    out[0].result.map_err(|e| e.to_string())?;
+    super::journal::sync(dev, op, 0, buf)?;
     if op == IoOp::Write {
-        let mut done = Vec::new();
-        ch.submit(IoRequest::flush(2))
-            .map_err(|_| "flush refused".to_string())?;
-        while done.is_empty() {
-            ch.poll(&mut done);
-            if Instant::now() > deadline {
-                return Err("flush timed out".into());
-            }
-            std::thread::yield_now();
-        }
-        done[0].result.map_err(|e| e.to_string())?;
+        super::journal::sync(dev, IoOp::Flush, 0, &mut [])?;
     }
     Ok(())
 }

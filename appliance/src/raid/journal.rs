@@ -97,8 +97,14 @@ fn decode_super(b: &[u8]) -> Result<Super, String> {
     })
 }
 
-/// Synchronous IO on a fresh channel (control threads only).
-fn sync(dev: &dyn BlockDevice, op: IoOp, block: u64, buf: &mut [u8]) -> Result<(), String> {
+/// Synchronous IO on a fresh channel (control threads only: journal and
+/// superblock IO, never the data path).
+pub(crate) fn sync(
+    dev: &dyn BlockDevice,
+    op: IoOp,
+    block: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
     let bs = dev.info().block_size as usize;
     let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
     let req = if op == IoOp::Flush {
