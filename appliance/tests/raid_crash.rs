@@ -37,6 +37,49 @@ fn content(tag: u64, block: u64) -> Vec<u8> {
     v
 }
 
+/// A random schedule of writes and flushes on `dev`, then some members
+/// drain their caches on their own. Returns, per block, the write tag
+/// that is durable (0: never written) and the tags written after it.
+fn schedule(
+    dev: &dyn BlockDevice,
+    members: &[Arc<dyn BlockDevice>],
+    rng: &mut rand::rngs::SmallRng,
+) -> (Vec<u64>, Vec<Vec<u64>>) {
+    let blocks = dev.info().num_blocks;
+    let mut durable = vec![0u64; blocks as usize];
+    let mut since: Vec<Vec<u64>> = vec![Vec::new(); blocks as usize];
+    let mut ch = dev.open_channel().unwrap();
+    let mut tag = 0;
+    for _ in 0..rng.gen_range(10..120) {
+        if rng.gen_bool(0.1) {
+            run_one(ch.as_mut(), IoRequest::flush(1)).unwrap();
+            for (d, s) in durable.iter_mut().zip(since.iter_mut()) {
+                if let Some(&last) = s.last() {
+                    *d = last;
+                }
+                s.clear();
+            }
+            continue;
+        }
+        tag += 1;
+        let len = rng.gen_range(1..=8u64).min(blocks);
+        let lba = rng.gen_range(0..=blocks - len);
+        let mut buf: Vec<u8> = (lba..lba + len).flat_map(|b| content(tag, b)).collect();
+        run_one(ch.as_mut(), rw(IoOp::Write, lba, len, &mut buf, 2)).unwrap();
+        for b in lba..lba + len {
+            since[b as usize].push(tag);
+        }
+    }
+    drop(ch);
+    for m in members {
+        if rng.gen_bool(0.5) {
+            let mut c = m.open_channel().unwrap();
+            run_one(c.as_mut(), IoRequest::flush(3)).unwrap();
+        }
+    }
+    (durable, since)
+}
+
 fn wait(p: &RebuildProgress) {
     let t = Instant::now();
     while !p.is_finished() {
@@ -84,38 +127,7 @@ fn after_a_power_cut_and_resync_every_block_is_old_or_new_and_parity_is_consiste
         assert!(monitor.open(true).unwrap().is_none());
 
         let blocks = dev.info().num_blocks;
-        let mut durable = vec![0u64; blocks as usize];
-        let mut since: Vec<Vec<u64>> = vec![Vec::new(); blocks as usize];
-        let mut ch = dev.open_channel().unwrap();
-        let mut tag = 0;
-        for _ in 0..rng.gen_range(10..120) {
-            if rng.gen_bool(0.1) {
-                run_one(ch.as_mut(), IoRequest::flush(1)).unwrap();
-                for (d, s) in durable.iter_mut().zip(since.iter_mut()) {
-                    if let Some(&last) = s.last() {
-                        *d = last;
-                    }
-                    s.clear();
-                }
-                continue;
-            }
-            tag += 1;
-            let len = rng.gen_range(1..=8u64).min(blocks);
-            let lba = rng.gen_range(0..=blocks - len);
-            let mut buf: Vec<u8> = (lba..lba + len).flat_map(|b| content(tag, b)).collect();
-            run_one(ch.as_mut(), rw(IoOp::Write, lba, len, &mut buf, 2)).unwrap();
-            for b in lba..lba + len {
-                since[b as usize].push(tag);
-            }
-        }
-        drop(ch);
-        // Some members drain their caches on their own before the cut.
-        for m in &members {
-            if rng.gen_bool(0.5) {
-                let mut c = m.open_channel().unwrap();
-                run_one(c.as_mut(), IoRequest::flush(3)).unwrap();
-            }
-        }
+        let (durable, since) = schedule(&*dev, &members, &mut rng);
         drop(monitor);
         drop(volume);
         drop(dev);
@@ -231,37 +243,7 @@ fn cut_and_lose_a_member(round: u64, journalled: bool) -> usize {
         dev = dev.with_journal(Journal::format(jdev.clone()).unwrap());
     }
     let blocks = dev.info().num_blocks;
-    let mut durable = vec![0u64; blocks as usize];
-    let mut since: Vec<Vec<u64>> = vec![Vec::new(); blocks as usize];
-    let mut ch = dev.open_channel().unwrap();
-    let mut tag = 0;
-    for _ in 0..rng.gen_range(10..120) {
-        if rng.gen_bool(0.1) {
-            run_one(ch.as_mut(), IoRequest::flush(1)).unwrap();
-            for (d, s) in durable.iter_mut().zip(since.iter_mut()) {
-                if let Some(&last) = s.last() {
-                    *d = last;
-                }
-                s.clear();
-            }
-            continue;
-        }
-        tag += 1;
-        let len = rng.gen_range(1..=8u64).min(blocks);
-        let lba = rng.gen_range(0..=blocks - len);
-        let mut buf: Vec<u8> = (lba..lba + len).flat_map(|b| content(tag, b)).collect();
-        run_one(ch.as_mut(), rw(IoOp::Write, lba, len, &mut buf, 2)).unwrap();
-        for b in lba..lba + len {
-            since[b as usize].push(tag);
-        }
-    }
-    drop(ch);
-    for m in &members {
-        if rng.gen_bool(0.5) {
-            let mut c = m.open_channel().unwrap();
-            run_one(c.as_mut(), IoRequest::flush(3)).unwrap();
-        }
-    }
+    let (durable, since) = schedule(&dev, &members, &mut rng);
     drop(dev);
     for d in members.iter().chain([&jdev]) {
         d.power_cut().unwrap();
