@@ -971,6 +971,7 @@ impl Manager {
                 } else {
                     "degraded"
                 };
+                let settled = snap.settled();
                 let progress = snap.rebuild.map(|p| ProgressView {
                     kind: if p.slot == usize::MAX {
                         "scrub"
@@ -978,12 +979,12 @@ impl Manager {
                         "rebuild"
                     },
                     fraction: p.fraction(),
-                    eta_seconds: if p.is_finished() {
+                    eta_seconds: if settled {
                         0.0
                     } else {
                         p.eta().map_or(-1.0, |d| d.as_secs_f64())
                     },
-                    finished: p.is_finished(),
+                    finished: settled,
                     error: p.error().unwrap_or_default(),
                     mismatches: p.mismatches.load(std::sync::atomic::Ordering::Relaxed),
                     bytes: p.bytes.load(std::sync::atomic::Ordering::Relaxed),

@@ -193,6 +193,21 @@ pub struct Snapshot {
     pub rebuild: Option<Arc<RebuildProgress>>,
 }
 
+impl Snapshot {
+    /// Whether the background work has ended and its outcome is in the
+    /// member states: a rebuild's worker finishes a moment before the
+    /// monitor marks the member in sync, and a caller that waited for
+    /// "finished" must then see the volume optimal.
+    pub fn settled(&self) -> bool {
+        self.rebuild.as_ref().is_none_or(|p| {
+            p.is_finished()
+                && (p.slot == usize::MAX
+                    || p.error().is_some()
+                    || self.states.get(p.slot) != Some(&MemberState::Rebuilding))
+        })
+    }
+}
+
 /// Applies member failures to a volume, replaces failed members with
 /// spares and runs their rebuild; stops when every sender is gone.
 pub struct Monitor {
@@ -727,5 +742,44 @@ impl Drop for Monitor {
                 let _ = t.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn snap(states: Vec<MemberState>, p: Option<Arc<RebuildProgress>>) -> Snapshot {
+        Snapshot {
+            members: states.iter().map(|_| String::new()).collect(),
+            states,
+            spares: vec![],
+            max_failures: 1,
+            rebuild: p,
+        }
+    }
+
+    #[test]
+    fn a_rebuild_is_settled_only_once_its_member_is_in_sync() {
+        use MemberState::{InSync, Rebuilding};
+        assert!(snap(vec![InSync, InSync], None).settled());
+        let p = Arc::new(RebuildProgress::new(0, 8, Arc::new(AtomicU64::new(8))));
+        let s = snap(vec![Rebuilding, InSync], Some(p.clone()));
+        assert!(!s.settled(), "still running");
+        p.mark_finished(None);
+        assert!(!s.settled(), "worker done, monitor has not applied it");
+        assert!(snap(vec![InSync, InSync], Some(p.clone())).settled());
+        let aborted = Arc::new(RebuildProgress::new(0, 8, Arc::new(AtomicU64::new(3))));
+        aborted.mark_finished(Some("cancelled"));
+        assert!(snap(vec![Rebuilding, InSync], Some(aborted)).settled());
+        let scrub = Arc::new(RebuildProgress::new(
+            usize::MAX,
+            8,
+            Arc::new(AtomicU64::new(8)),
+        ));
+        assert!(!snap(vec![InSync, InSync], Some(scrub.clone())).settled());
+        scrub.mark_finished(None);
+        assert!(snap(vec![InSync, InSync], Some(scrub)).settled());
     }
 }

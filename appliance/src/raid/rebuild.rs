@@ -82,6 +82,12 @@ impl RebuildProgress {
         self.finished.load(Ordering::SeqCst)
     }
 
+    #[cfg(test)]
+    pub(crate) fn mark_finished(&self, error: Option<&str>) {
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = error.map(str::to_string);
+        self.finished.store(true, Ordering::SeqCst);
+    }
+
     /// Why it stopped, if it failed.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
