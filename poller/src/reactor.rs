@@ -39,7 +39,11 @@ pub fn current_reactor() -> Option<usize> {
 pub enum PollState {
     /// It did work: keep the reactor spinning.
     Busy,
-    /// Nothing to do this time.
+    /// Nothing to do, and whatever would bring new work will wake the
+    /// reactor (a message, a timer or a watched fd): the reactor may sleep
+    /// once every poller says so. A poller whose wake-up is not armed yet
+    /// must answer `Busy`: the reactor sleeps after a span of wall-clock
+    /// time, which a descheduled thread can spend in a handful of loops.
     Idle,
     /// It is finished: remove it.
     Done,

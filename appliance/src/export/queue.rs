@@ -280,8 +280,14 @@ impl Runner {
         }
         if work || self.inflight() > 0 {
             PollState::Busy
-        } else {
+        } else if self.notify_enabled || self.broken {
             PollState::Idle
+        } else {
+            // The guest has not been asked to kick yet (with EVENT_IDX its
+            // avail_event is stale), so a sleeping reactor would never hear
+            // of new requests. Under CPU load the reactor's idle span can
+            // pass within a few loops: this hung a guest for good.
+            PollState::Busy
         }
     }
 
