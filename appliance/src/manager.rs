@@ -912,8 +912,9 @@ impl Manager {
                     .zip(v.device.member_states())
                     .map(|(d, st)| (st != MemberState::Failed).then_some(d))
                     .collect();
-                let (j, rep) =
-                    crate::raid::journal::Journal::replay(jdev, &slots).map_err(|e| {
+                let geo = v.device.parity_geometry();
+                let (j, rep) = crate::raid::journal::Journal::replay(jdev, &slots, geo.as_ref())
+                    .map_err(|e| {
                         MgmtError::FailedPrecondition(format!(
                             "journal of volume {}: {e}; refusing to start the volume without it",
                             decl.name

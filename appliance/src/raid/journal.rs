@@ -28,6 +28,18 @@
 //! is free. While the log is full, pieces wait for the next checkpoint.
 //! (Suspending the volume instead would deadlock: pieces waiting for log
 //! space are IO in flight that a suspend waits for.)
+//!
+//! Write-back mode (the mode is kept in the journal superblock): a write's
+//! data alone goes to the log as a *volume record* and is acknowledged once
+//! that is durable; the blocks stay in the [`WriteCache`] until reclaim
+//! writes them to the members through the write-through path (a record of
+//! data and parity first). Volume records may fill 3/4 of the log, so
+//! reclaim always finds room for its own records. A checkpoint also waits
+//! until no block of the closed epoch is left in the cache. Replay applies
+//! all records in sequence order; a volume record's blocks go to their
+//! member with a parity update (read-modify-write, or reconstruct-write
+//! when the member is missing), which leaves every row consistent and is
+//! idempotent too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,10 +47,48 @@ use std::time::{Duration, Instant};
 
 use bdev::{BlockDevice, IoOp, IoRequest, IoVec, SgList, SubmitError};
 
+use super::cache::WriteCache;
+use super::geometry::Raid5Geometry;
+use super::parity::xor_into;
+
 const SB_MAGIC: u64 = 0x3159_4c4e_5254_4f4a; // "JORTNLY1"
 const REC_MAGIC: u64 = 0x3152_4543_4c4e_524a; // "JRNLCER1"
 /// Runs of blocks a record can describe (one per member written).
 pub const MAX_ENTRIES: usize = 200;
+/// In a record header's entry count: the record holds write-back data,
+/// whose parity was not computed.
+const VOLUME_RECORD: u32 = 1 << 31;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JournalMode {
+    /// After the members are written (the journal only closes the hole).
+    #[default]
+    WriteThrough,
+    /// Once the data is durable in the journal.
+    WriteBack,
+}
+
+impl JournalMode {
+    /// Its name in configs and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            JournalMode::WriteThrough => "write-through",
+            JournalMode::WriteBack => "write-back",
+        }
+    }
+
+    /// From [`name`](Self::name) (empty: write-through).
+    pub fn parse(s: &str) -> Result<JournalMode, String> {
+        match s {
+            "" | "write-through" => Ok(JournalMode::WriteThrough),
+            "write-back" => Ok(JournalMode::WriteBack),
+            _ => Err(format!(
+                "unknown journal mode {s:?} (write-through or write-back)"
+            )),
+        }
+    }
+}
 
 /// One run of blocks in a record: `count` blocks to `member` at `block`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +107,7 @@ struct Super {
     nonce: u64,
     log_blocks: u64,
     checkpoint_seq: u64,
+    mode: JournalMode,
 }
 
 fn encode_super(s: &Super, bs: usize) -> Vec<u8> {
@@ -65,6 +116,7 @@ fn encode_super(s: &Super, bs: usize) -> Vec<u8> {
     b[8..16].copy_from_slice(&s.nonce.to_le_bytes());
     b[16..24].copy_from_slice(&s.log_blocks.to_le_bytes());
     b[24..32].copy_from_slice(&s.checkpoint_seq.to_le_bytes());
+    b[32] = (s.mode == JournalMode::WriteBack) as u8;
     let crc = crc32c::crc32c(&b[..bs - 4]);
     b[bs - 4..].copy_from_slice(&crc.to_le_bytes());
     b
@@ -94,6 +146,11 @@ fn decode_super(b: &[u8]) -> Result<Super, String> {
         nonce: u64_at(b, 8),
         log_blocks: u64_at(b, 16),
         checkpoint_seq: u64_at(b, 24),
+        mode: match b[32] {
+            0 => JournalMode::WriteThrough,
+            1 => JournalMode::WriteBack,
+            x => return Err(format!("journal superblock names unknown mode {x}")),
+        },
     })
 }
 
@@ -161,6 +218,12 @@ pub struct Journal {
     /// not yet on the members.
     epoch: AtomicU64,
     outstanding: [AtomicU64; 2],
+    mode: JournalMode,
+    /// Write-back: blocks not on the members yet.
+    cache: Option<WriteCache>,
+    /// A checkpoint waits for the cache to give up an epoch: writes take
+    /// reclaim work along.
+    reclaim_wanted: AtomicBool,
 }
 
 /// What replay did.
@@ -173,8 +236,17 @@ pub struct ReplayReport {
 }
 
 impl Journal {
-    /// Write a fresh journal on `dev` (everything on it is lost).
+    /// Write a fresh write-through journal on `dev` (everything on it is
+    /// lost).
     pub fn format(dev: Arc<dyn BlockDevice>) -> Result<Arc<Journal>, String> {
+        Self::format_with(dev, JournalMode::WriteThrough)
+    }
+
+    /// Write a fresh journal in `mode` on `dev`.
+    pub fn format_with(
+        dev: Arc<dyn BlockDevice>,
+        mode: JournalMode,
+    ) -> Result<Arc<Journal>, String> {
         let bs = dev.info().block_size as usize;
         let log_blocks = dev.info().num_blocks.saturating_sub(1);
         if log_blocks < 64 {
@@ -188,6 +260,7 @@ impl Journal {
             ),
             log_blocks,
             checkpoint_seq: 0,
+            mode,
         };
         let mut b = encode_super(&s, bs);
         sync(dev.as_ref(), IoOp::Write, 0, &mut b)?;
@@ -208,7 +281,37 @@ impl Journal {
             failed: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             outstanding: Default::default(),
+            mode: s.mode,
+            // Reclaiming the whole cache must fit in the quarter of the log
+            // that write-back records leave free: a reclaimed block costs up
+            // to three log blocks (header, data, parity).
+            cache: (s.mode == JournalMode::WriteBack)
+                .then(|| WriteCache::new(s.log_blocks / 32, s.log_blocks / 16)),
+            reclaim_wanted: AtomicBool::new(false),
         })
+    }
+
+    /// When writes are acknowledged.
+    pub fn mode(&self) -> JournalMode {
+        self.mode
+    }
+
+    /// The write-back cache (write-back mode only).
+    pub fn cache(&self) -> Option<&WriteCache> {
+        self.cache.as_ref()
+    }
+
+    /// Whether writes should take reclaim work along: the cache is over its
+    /// soft limit or a checkpoint waits for it.
+    pub fn reclaim_wanted(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| {
+            !c.is_empty() && (c.over_soft_limit() || self.reclaim_wanted.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Block size of the log.
+    pub fn block_size(&self) -> usize {
+        self.bs
     }
 
     /// The journal device.
@@ -245,18 +348,7 @@ impl Journal {
     pub fn record_into(&self, r: &mut Vec<u8>, entries: &[Entry], data: &[&[u8]]) {
         let bs = self.bs;
         let blocks: usize = data.iter().map(|d| d.len() / bs).sum();
-        r.clear();
-        r.resize(bs * (1 + blocks), 0);
-        r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
-        r[8..16].copy_from_slice(&self.nonce.to_le_bytes());
-        r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
-        r[28..32].copy_from_slice(&(entries.len() as u32).to_le_bytes());
-        for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
-            let at = 32 + i * 16;
-            r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
-            r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
-            r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
-        }
+        self.record_header(r, entries, blocks, false);
         let mut at = bs;
         for d in data {
             r[at..at + d.len()].copy_from_slice(d);
@@ -264,11 +356,32 @@ impl Journal {
         }
     }
 
+    /// Size `r` for a record of `blocks` data blocks and fill its header;
+    /// the caller puts the blocks after it, in entry order. A `volume`
+    /// record is write-back data without parity.
+    pub fn record_header(&self, r: &mut Vec<u8>, entries: &[Entry], blocks: usize, volume: bool) {
+        let bs = self.bs;
+        r.clear();
+        r.resize(bs * (1 + blocks), 0);
+        r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
+        r[8..16].copy_from_slice(&self.nonce.to_le_bytes());
+        r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
+        let flag = if volume { VOLUME_RECORD } else { 0 };
+        r[28..32].copy_from_slice(&(entries.len() as u32 | flag).to_le_bytes());
+        for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
+            let at = 32 + i * 16;
+            r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
+            r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
+            r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
+        }
+    }
+
     /// Give `record` its sequence number and checksum and a place in the
     /// log: the block to write it at and its epoch (hand that to
     /// [`done`](Self::done) once the record's blocks are on the members),
-    /// or `None` while the log is full.
-    pub fn reserve(&self, record: &mut [u8]) -> Option<(u64, u64)> {
+    /// or `None` while the log is full. Write-back (`volume`) records may
+    /// fill only 3/4 of it: the rest is for reclaim, which frees the log.
+    pub fn reserve(&self, record: &mut [u8], volume: bool) -> Option<(u64, u64)> {
         let bs = self.bs;
         let blocks = (record.len() / bs) as u64;
         if blocks > self.log_blocks / 2 {
@@ -281,7 +394,12 @@ impl Journal {
         if off + blocks > self.log_blocks {
             pos += self.log_blocks - off;
         }
-        if pos + blocks - self.tail.load(Ordering::SeqCst) > self.log_blocks {
+        let room = if volume {
+            self.log_blocks / 4 * 3
+        } else {
+            self.log_blocks
+        };
+        if pos + blocks - self.tail.load(Ordering::SeqCst) > room {
             return None;
         }
         self.head.store(pos + blocks, Ordering::SeqCst);
@@ -296,18 +414,57 @@ impl Journal {
         Some((1 + pos % self.log_blocks, epoch))
     }
 
+    /// Whether a record of `blocks` would find room now (see
+    /// [`reserve`](Self::reserve)).
+    pub fn has_room(&self, blocks: u64, volume: bool) -> bool {
+        let room = if volume {
+            self.log_blocks / 4 * 3
+        } else {
+            self.log_blocks
+        };
+        let mut pos = self.head.load(Ordering::SeqCst);
+        let off = pos % self.log_blocks;
+        if off + blocks > self.log_blocks {
+            pos += self.log_blocks - off;
+        }
+        pos + blocks - self.tail.load(Ordering::SeqCst) <= room
+    }
+
     /// A record of `epoch` has reached the members (or was abandoned).
     pub fn done(&self, epoch: u64) {
         self.outstanding[(epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Free the log up to now: close the epoch, wait for its records to
-    /// reach the members, `flush_members`, record the checkpoint. One
-    /// checkpoint at a time (the checkpointer thread).
+    /// reach the members (in write-back, also for its blocks to leave the
+    /// cache), `flush_members`, record the checkpoint. One checkpoint at a
+    /// time (the checkpointer thread). `Ok(false)`: the cache has not given
+    /// up the epoch yet (reclaim rides on writes); call again later.
     pub fn checkpoint(
         &self,
         flush_members: impl FnOnce() -> Result<(), String>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
+        let drained = |c: &WriteCache, epoch: u64| {
+            let t = Instant::now();
+            while c.in_epoch(epoch) > 0 {
+                if t.elapsed() > Duration::from_secs(2) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            true
+        };
+        if let Some(c) = &self.cache {
+            // The cache counts epochs by parity: the epoch a previous call
+            // closed must be gone before another is closed.
+            let current = self.epoch.load(Ordering::SeqCst);
+            if current > 0 && c.in_epoch(current - 1) > 0 {
+                self.reclaim_wanted.store(true, Ordering::SeqCst);
+                if !drained(c, current - 1) {
+                    return Ok(false);
+                }
+            }
+        }
         let (head, seq, old) = {
             let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
             let old = self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -324,26 +481,36 @@ impl Journal {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
+        if let Some(c) = &self.cache {
+            self.reclaim_wanted.store(true, Ordering::SeqCst);
+            if !drained(c, old) {
+                return Ok(false);
+            }
+        }
+        self.reclaim_wanted.store(false, Ordering::SeqCst);
         flush_members()?;
         let s = Super {
             nonce: self.nonce,
             log_blocks: self.log_blocks,
             checkpoint_seq: seq,
+            mode: self.mode,
         };
         let mut b = encode_super(&s, self.bs);
         sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
         sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])?;
         self.tail.store(head, Ordering::SeqCst);
-        Ok(())
+        Ok(true)
     }
 
     /// Open the journal on `dev` after a start: write every record since
     /// the last checkpoint to `members` (by slot; `None` for a missing
     /// member, whose blocks are skipped: it is rebuilt later), flush them,
-    /// and checkpoint. Returns the journal, ready for service.
+    /// and checkpoint. Write-back records need the volume's geometry, to
+    /// update parity. Returns the journal, ready for service.
     pub fn replay(
         dev: Arc<dyn BlockDevice>,
         members: &[Option<Arc<dyn BlockDevice>>],
+        geo: Option<&Raid5Geometry>,
     ) -> Result<(Arc<Journal>, ReplayReport), String> {
         let bs = dev.info().block_size as usize;
         let mut b = vec![0u8; bs];
@@ -378,7 +545,7 @@ impl Journal {
             let ok = u64_at(h, 0) == REC_MAGIC && u64_at(h, 8) == s.nonce;
             let seq = u64_at(h, 16);
             let blocks = u32_at(h, 24) as usize;
-            let entries = u32_at(h, 28) as usize;
+            let entries = (u32_at(h, 28) & !VOLUME_RECORD) as usize;
             if ok
                 && seq > s.checkpoint_seq
                 && blocks >= 1
@@ -399,31 +566,77 @@ impl Journal {
         found.sort_unstable();
         let mut report = ReplayReport::default();
         let mut max_seq = s.checkpoint_seq;
-        for &(seq, i, blocks) in &found {
-            let h = &log[i * bs..(i + 1) * bs];
-            let entries = u32_at(h, 28) as usize;
-            let mut data = (i + 1) * bs;
-            let end = (i + blocks) * bs;
-            for k in 0..entries {
-                let e = 32 + k * 16;
-                let (member, count, block) = (
-                    u32_at(h, e) as usize,
-                    u32_at(h, e + 4) as usize,
-                    u64_at(h, e + 8),
-                );
-                let len = count * bs;
-                if data + len > end {
-                    return Err(format!("journal record {seq} is inconsistent"));
+        // Pass 1: write-through records (data and parity, as they went to
+        // the members), in order; remember the newest record of each block.
+        // Pass 2: write-back data still newer than that, in order, with
+        // parity brought along (members never saw it before a reclaim).
+        let mut newest: std::collections::HashMap<(usize, u64), u64> = Default::default();
+        for pass in [false, true] {
+            for &(seq, i, blocks) in &found {
+                let h = &log[i * bs..(i + 1) * bs];
+                let volume = u32_at(h, 28) & VOLUME_RECORD != 0;
+                if volume != pass {
+                    continue;
                 }
-                if let Some(Some(m)) = members.get(member) {
-                    let mut buf = log[data..data + len].to_vec();
-                    sync(m.as_ref(), IoOp::Write, block, &mut buf)?;
-                    report.blocks += count as u64;
+                let entries = (u32_at(h, 28) & !VOLUME_RECORD) as usize;
+                let mut data = (i + 1) * bs;
+                let end = (i + blocks) * bs;
+                for k in 0..entries {
+                    let e = 32 + k * 16;
+                    let (member, count, block) = (
+                        u32_at(h, e) as usize,
+                        u32_at(h, e + 4) as usize,
+                        u64_at(h, e + 8),
+                    );
+                    let len = count * bs;
+                    if data + len > end {
+                        return Err(format!("journal record {seq} is inconsistent"));
+                    }
+                    let run = &log[data..data + len];
+                    data += len;
+                    if !volume {
+                        for b in block..block + count as u64 {
+                            newest.insert((member, b), seq);
+                        }
+                        if let Some(Some(m)) = members.get(member) {
+                            sync(m.as_ref(), IoOp::Write, block, &mut run.to_vec())?;
+                            report.blocks += count as u64;
+                        }
+                        continue;
+                    }
+                    let geo = geo.ok_or_else(|| {
+                        format!("journal record {seq} holds write-back data, which needs a RAID5 volume's geometry")
+                    })?;
+                    // Sub-runs of blocks no later write-through record wrote.
+                    let mut k0 = 0;
+                    while k0 < count {
+                        let fresh = |k: usize| {
+                            newest
+                                .get(&(member, block + k as u64))
+                                .is_none_or(|&w| w < seq)
+                        };
+                        if !fresh(k0) {
+                            k0 += 1;
+                            continue;
+                        }
+                        let mut k1 = k0 + 1;
+                        while k1 < count && fresh(k1) {
+                            k1 += 1;
+                        }
+                        replay_volume_run(
+                            geo,
+                            members,
+                            member,
+                            block + k0 as u64,
+                            &run[k0 * bs..k1 * bs],
+                        )?;
+                        report.blocks += (k1 - k0) as u64;
+                        k0 = k1;
+                    }
                 }
-                data += len;
+                report.records += 1;
+                max_seq = max_seq.max(seq);
             }
-            report.records += 1;
-            max_seq = max_seq.max(seq);
         }
         for m in members.iter().flatten() {
             sync(m.as_ref(), IoOp::Flush, 0, &mut [])?;
@@ -437,6 +650,75 @@ impl Journal {
         sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
         Ok((Self::with(dev, &s), report))
     }
+}
+
+/// Put write-back data `new` for `member` at member block `block` (one
+/// chunk's run, so one stripe row range) and make the rows' parity match:
+/// from all the data, or read-modify-write when another data member is
+/// missing (which needs the rows consistent before: a crash during the
+/// replay of a degraded write-back volume can leave such rows wrong).
+fn replay_volume_run(
+    geo: &Raid5Geometry,
+    members: &[Option<Arc<dyn BlockDevice>>],
+    member: usize,
+    block: u64,
+    new: &[u8],
+) -> Result<(), String> {
+    if block < geo.data_offset() || member >= geo.members() as usize {
+        return Err(format!(
+            "write-back record names member {member} block {block}, outside the volume"
+        ));
+    }
+    let stripe = (block - geo.data_offset()) / geo.chunk_blocks();
+    let parity = geo.parity_member(stripe) as usize;
+    if parity == member {
+        return Err(format!(
+            "write-back record puts data on the parity member of stripe {stripe}"
+        ));
+    }
+    let dev = |m: usize| members.get(m).and_then(|d| d.as_ref());
+    let read = |m: &Arc<dyn BlockDevice>| -> Result<Vec<u8>, String> {
+        let mut b = vec![0u8; new.len()];
+        sync(m.as_ref(), IoOp::Read, block, &mut b)?;
+        Ok(b)
+    };
+    let Some(p) = dev(parity) else {
+        // No parity to keep: the data alone.
+        if let Some(m) = dev(member) {
+            sync(m.as_ref(), IoOp::Write, block, &mut new.to_vec())?;
+        }
+        return Ok(());
+    };
+    let others: Vec<usize> = (0..geo.members() as usize)
+        .filter(|&m| m != member && m != parity)
+        .collect();
+    let mut par = match dev(member) {
+        // Another data member is missing: only a read-modify-write can
+        // keep its blocks recoverable.
+        Some(m) if others.iter().any(|&o| dev(o).is_none()) => {
+            let mut par = read(p)?;
+            xor_into(&mut par, &[&read(m)?, new]);
+            par
+        }
+        // Otherwise parity from all the data (reconstruct-write): right
+        // whatever the row held, so replaying twice is harmless.
+        _ => {
+            let mut par = new.to_vec();
+            for &o in &others {
+                let d = dev(o).ok_or_else(|| {
+                    format!(
+                        "stripe {stripe} misses two members; its write-back data cannot be placed"
+                    )
+                })?;
+                xor_into(&mut par, &[&read(d)?]);
+            }
+            par
+        }
+    };
+    if let Some(m) = dev(member) {
+        sync(m.as_ref(), IoOp::Write, block, &mut new.to_vec())?;
+    }
+    sync(p.as_ref(), IoOp::Write, block, &mut par)
 }
 
 /// Checkpoints a volume's journal when its log is half full. Stops when
@@ -457,9 +739,15 @@ impl Checkpointer {
                 while !s.load(Ordering::SeqCst) {
                     let usage = journal.usage();
                     if usage > 0.5 {
-                        if let Err(e) = checkpoint_now(&journal, &volume) {
-                            tracing::error!(volume = volume.name(), error = %e, "journal checkpoint");
-                            std::thread::sleep(Duration::from_millis(100));
+                        match checkpoint_now(&journal, &volume) {
+                            Ok(true) => {}
+                            // Reclaim rides on writes: an idle volume keeps
+                            // its cache (durable in the log) until then.
+                            Ok(false) => std::thread::sleep(Duration::from_millis(20)),
+                            Err(e) => {
+                                tracing::error!(volume = volume.name(), error = %e, "journal checkpoint");
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
                         }
                     } else {
                         // Look often only while the log is filling, so an
@@ -476,7 +764,7 @@ impl Checkpointer {
 
 /// One checkpoint of `journal`; the members are flushed through the
 /// volume's current device (a RAID5 flush goes to every member).
-pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<(), String> {
+pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<bool, String> {
     journal.checkpoint(|| sync(volume.info_device().as_ref(), IoOp::Flush, 0, &mut []))
 }
 
@@ -511,17 +799,17 @@ mod tests {
         // Two records for block 3 (the later wins), one for block 5.
         for (block, byte) in [(3u64, 1u8), (5, 2), (3, 3)] {
             let mut r = j.record(&[e(block)], &[&vec![byte; 4096]]);
-            let (at, ep) = j.reserve(&mut r).unwrap();
+            let (at, ep) = j.reserve(&mut r, false).unwrap();
             write(&r, at);
             j.done(ep);
         }
         // A torn record (bad CRC) for block 7.
         let mut r = j.record(&[e(7)], &[&vec![9u8; 4096]]);
-        let (at, ep) = j.reserve(&mut r).unwrap();
+        let (at, ep) = j.reserve(&mut r, false).unwrap();
         r[5000] ^= 1;
         write(&r, at);
         j.done(ep);
-        let (j2, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())]).unwrap();
+        let (j2, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())], None).unwrap();
         assert_eq!(
             rep,
             ReplayReport {
@@ -536,14 +824,14 @@ mod tests {
         assert!(b[7 * 4096..8 * 4096].iter().all(|&x| x == 0));
         // Replayed records are below the checkpoint: a second replay does
         // nothing, and new records continue the sequence.
-        let (_, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())]).unwrap();
+        let (_, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())], None).unwrap();
         assert_eq!(rep.records, 0);
         let mut r = j2.record(&[e(1)], &[&vec![4u8; 4096]]);
-        assert!(j2.reserve(&mut r).is_some());
+        assert!(j2.reserve(&mut r, false).is_some());
         assert_eq!(u64_at(&r, 16), 4, "after the last replayed record");
         // Not a journal.
         let blank: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("b", 4096, 129).unwrap());
-        assert!(Journal::replay(blank, &[]).is_err());
+        assert!(Journal::replay(blank, &[], None).is_err());
     }
 
     #[test]
@@ -560,7 +848,7 @@ mod tests {
         let mut held = Vec::new();
         loop {
             let mut r = j.record(&[e], &[&data]);
-            let Some((_, ep)) = j.reserve(&mut r) else {
+            let Some((_, ep)) = j.reserve(&mut r, false) else {
                 break;
             };
             held.push(ep);
@@ -584,10 +872,10 @@ mod tests {
             for ep in held.drain(..) {
                 j.done(ep);
             }
-            t.join().unwrap().unwrap();
+            assert!(t.join().unwrap().unwrap());
         });
         assert!(flushed.load(Ordering::SeqCst));
         let mut r = j.record(&[e], &[&data]);
-        assert!(j.reserve(&mut r).is_some());
+        assert!(j.reserve(&mut r, false).is_some());
     }
 }

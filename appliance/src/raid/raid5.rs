@@ -26,7 +26,7 @@ use bdev::{
 };
 
 use super::geometry::{Layout, Raid5Geometry};
-use super::journal::{Entry, Journal};
+use super::journal::{Entry, Journal, JournalMode};
 use super::members::{FailureSink, Member, MemberSet, MemberState};
 use super::monitor::RaidDevice;
 use super::parity::{xor_gen, xor_into};
@@ -251,6 +251,7 @@ impl BlockDevice for Raid5Device {
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
             jbufs: Vec::new(),
+            reclaiming: 0,
         }))
     }
 }
@@ -315,6 +316,18 @@ struct Piece {
     /// The record's checkpoint epoch, while its blocks are not on the
     /// members yet.
     jepoch: Option<u64>,
+    /// Log blocks the record needs (to retry once there is room).
+    jneed: u64,
+    /// Write-back: the record holds the data alone, acknowledged once
+    /// durable and then kept in the cache.
+    wb: bool,
+    /// Reclaim of cached blocks: (volume block, version) of each, whose
+    /// data is `own` from volume block `b0`. Its outcome never touches the
+    /// parent it rides on.
+    reclaim: Option<Vec<(u64, u64)>>,
+    own: Vec<u8>,
+    /// Cache room taken for a write-back record (see `WriteCache::try_admit`).
+    admitted: u64,
 }
 
 struct Parent {
@@ -358,6 +371,8 @@ struct Raid5Channel {
     jdeferred: VecDeque<IoRequest>,
     /// Record buffers to reuse.
     jbufs: Vec<Vec<u8>>,
+    /// Reclaim pieces in flight on this channel.
+    reclaiming: usize,
 }
 
 /// The child tag's member field for journal IO.
@@ -476,7 +491,10 @@ impl Raid5Channel {
                     rows_of(&self.geo, stripe, i, b0, b1).is_some()
                         && self.down(self.geo.data_member(stripe, i) as usize, stripe)
                 });
-                if touches_failed {
+                // Blocks in the write-back cache are newer than the members:
+                // read under the stripe lock and lay them over.
+                let cached = self.cache().is_some_and(|c| c.has_stripe(stripe));
+                if touches_failed || cached {
                     self.lock_then_plan(pi);
                 } else {
                     self.read_direct(pi);
@@ -498,11 +516,22 @@ impl Raid5Channel {
             }
             p.locked = true;
         }
-        self.plan(pi);
+        let (kind, stripe) = (p.kind, p.stripe);
+        if kind == Kind::Read && self.down_count(stripe) == 0 {
+            self.read_direct(pi);
+        } else {
+            self.plan(pi);
+        }
     }
 
-    fn parent_sg(&self, pi: usize) -> Option<(SgList, u64)> {
-        let p = self.pieces[pi].as_ref()?;
+    /// The piece's new data (or read target) and the volume block it
+    /// starts at: the parent's buffers, or a reclaim's own.
+    fn parent_sg(&mut self, pi: usize) -> Option<(SgList, u64)> {
+        let p = self.pieces[pi].as_mut()?;
+        if p.reclaim.is_some() {
+            let len = p.own.len();
+            return Some((sg::of(&mut p.own, 0, len), p.b0));
+        }
         let parent = self.parents[p.parent].as_ref()?;
         Some((parent.sg.clone(), parent.lba0))
     }
@@ -510,8 +539,13 @@ impl Raid5Channel {
     fn parent_zeroes(&self, pi: usize) -> bool {
         self.pieces[pi]
             .as_ref()
+            .filter(|p| p.reclaim.is_none())
             .and_then(|p| self.parents[p.parent].as_ref())
             .is_some_and(|p| p.zeroes)
+    }
+
+    fn cache(&self) -> Option<&super::cache::WriteCache> {
+        self.journal.as_ref().and_then(|j| j.cache())
     }
 
     fn read_direct(&mut self, pi: usize) {
@@ -564,6 +598,34 @@ impl Raid5Channel {
             self.maybe_done(pi);
             return;
         }
+        if p.reclaim.is_some() && !self.refresh_reclaim(pi) {
+            // Its blocks left the cache meanwhile (a newer write went to
+            // the members): nothing to write, and writing would be wrong.
+            if let Some(p) = self.pieces[pi].as_mut() {
+                p.stage = Stage::Writing;
+                // Drop nothing: what is still cached was not written.
+                p.reclaim = Some(Vec::new());
+            }
+            self.maybe_done(pi);
+            return;
+        }
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        if p.kind == Kind::Write && p.reclaim.is_none() {
+            let n = p.b1 - p.b0;
+            let wb = self.journal.as_ref().is_some_and(|j| {
+                j.mode() == JournalMode::WriteBack && j.cache().is_some_and(|c| c.try_admit(n))
+            });
+            if wb {
+                p.admitted = n;
+                self.write_back(pi);
+                return;
+            }
+        }
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
         let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
         let parity = geo.parity_member(stripe) as usize;
         let rows: Vec<Option<(u64, u64)>> = (0..geo.data_members())
@@ -793,6 +855,186 @@ impl Raid5Channel {
         self.write_members(pi, writes);
     }
 
+    /// Write-back: log the piece's data alone; it is acknowledged once the
+    /// record is durable and cached then (see `maybe_done`).
+    fn write_back(&mut self, pi: usize) {
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let zeroes = self.parent_zeroes(pi);
+        let Some((psg, lba0)) = self.parent_sg(pi) else {
+            return;
+        };
+        let (geo, bs) = (self.geo, self.bs());
+        let mut rec = self.jbufs.pop().unwrap_or_default();
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
+        let mut entries = Vec::new();
+        let mut runs = Vec::new();
+        for i in 0..geo.data_members() {
+            if let Some((lo, hi)) = rows_of(&geo, stripe, i, b0, b1) {
+                entries.push(Entry {
+                    member: geo.data_member(stripe, i),
+                    count: (hi - lo) as u32,
+                    block: geo.member_block(stripe, lo),
+                });
+                let vb = geo.volume_block(stripe, i, lo);
+                runs.push(((vb - lba0) as usize * bs, (hi - lo) as usize * bs));
+            }
+        }
+        j.record_header(&mut rec, &entries, (b1 - b0) as usize, true);
+        let mut at = bs;
+        for (off, len) in runs {
+            if !zeroes {
+                // SAFETY: the parent's buffers are valid until it completes.
+                unsafe { sg::copy_out(&psg, off, &mut rec[at..at + len]) };
+            }
+            at += len;
+        }
+        p.jrec = rec;
+        p.wb = true;
+        p.jwrites.clear();
+        p.jphase = 0;
+        p.stage = Stage::Journaling;
+        self.journal_submit(pi);
+        self.maybe_done(pi);
+    }
+
+    /// A durable write-back record's blocks go into the cache (the piece
+    /// still holds its stripe lock).
+    fn cache_record(&mut self, pi: usize) {
+        let (geo, bs) = (self.geo, self.bs());
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let Some(c) = j.cache() else {
+            return;
+        };
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let (stripe, b0, b1, epoch) = (p.stripe, p.b0, p.b1, p.jepoch.unwrap_or(0));
+        let mut at = bs;
+        for i in 0..geo.data_members() {
+            if let Some((lo, hi)) = rows_of(&geo, stripe, i, b0, b1) {
+                for r in lo..hi {
+                    c.insert(
+                        stripe,
+                        geo.volume_block(stripe, i, r),
+                        &p.jrec[at..at + bs],
+                        epoch,
+                    );
+                    at += bs;
+                }
+            }
+        }
+        c.release(std::mem::take(&mut p.admitted));
+    }
+
+    /// Reclaim up to `stripes` cached stripes with pieces riding on parent
+    /// `pa` (which must not complete before they are counted: call before
+    /// its own pieces start, or while one of them waits). Returns the
+    /// pieces, to start.
+    fn take_reclaim(&mut self, pa: usize, stripes: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let Some(j) = self.journal.clone() else {
+            return out;
+        };
+        let Some(c) = j.cache() else {
+            return out;
+        };
+        let sb = self.geo.stripe_blocks();
+        for _ in 0..stripes {
+            let Some(stripe) = c.next_dirty() else {
+                break;
+            };
+            let snap = c.snapshot(stripe, stripe * sb, (stripe + 1) * sb);
+            let mut k = 0;
+            while k < snap.len() {
+                let mut e = k + 1;
+                while e < snap.len() && snap[e].block == snap[e - 1].block + 1 {
+                    e += 1;
+                }
+                let mut own = Vec::with_capacity((e - k) * self.bs());
+                for b in &snap[k..e] {
+                    own.extend_from_slice(&b.data);
+                }
+                let mut piece = Self::new_piece(
+                    pa,
+                    Kind::Write,
+                    stripe,
+                    snap[k].block,
+                    snap[e - 1].block + 1,
+                );
+                piece.reclaim = Some(snap[k..e].iter().map(|b| (b.block, b.version)).collect());
+                piece.own = own;
+                out.push(self.alloc_piece(piece));
+                k = e;
+            }
+        }
+        self.reclaiming += out.len();
+        if let Some(p) = self.parents.get_mut(pa).and_then(|p| p.as_mut()) {
+            p.left += out.len() as u32;
+        }
+        out
+    }
+
+    /// Take a reclaim piece's data from the cache again, now that it holds
+    /// the stripe lock: only what is cached now may go to the members.
+    /// False when a block of its run is no longer cached.
+    fn refresh_reclaim(&mut self, pi: usize) -> bool {
+        let Some(c) = self.cache() else {
+            return false;
+        };
+        let Some(p) = self.pieces[pi].as_ref() else {
+            return false;
+        };
+        let snap = c.snapshot(p.stripe, p.b0, p.b1);
+        if snap.len() as u64 != p.b1 - p.b0 {
+            return false;
+        }
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return false;
+        };
+        p.own.clear();
+        for b in &snap {
+            p.own.extend_from_slice(&b.data);
+        }
+        p.reclaim = Some(snap.iter().map(|b| (b.block, b.version)).collect());
+        true
+    }
+
+    fn new_piece(parent: usize, kind: Kind, stripe: u64, b0: u64, b1: u64) -> Piece {
+        Piece {
+            parent,
+            kind,
+            stripe,
+            b0,
+            b1,
+            locked: false,
+            stage: Stage::Reading,
+            plan: Plan::Direct,
+            pending: 0,
+            read_failed: false,
+            missing: None,
+            omin: 0,
+            omax: 0,
+            bufs: Vec::new(),
+            error: None,
+            jrec: Vec::new(),
+            jwrites: Vec::new(),
+            jphase: 0,
+            jepoch: None,
+            jneed: 0,
+            wb: false,
+            reclaim: None,
+            own: Vec::new(),
+            admitted: 0,
+        }
+    }
+
     /// Write the piece's new data and parity to the members.
     fn write_members(&mut self, pi: usize, writes: Vec<(usize, u64, u64)>) {
         let geo = self.geo;
@@ -828,7 +1070,29 @@ impl Raid5Channel {
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
-        let Some((at, epoch)) = j.reserve(&mut p.jrec) else {
+        let guest = p.reclaim.is_none();
+        let Some((at, epoch)) = j.reserve(&mut p.jrec, guest && j.cache().is_some()) else {
+            p.jneed = (p.jrec.len() / self.info.block_size as usize) as u64;
+            if guest && j.cache().is_some() {
+                // Write-back: a checkpoint may need this stripe reclaimed
+                // before the log has room, so wait unlocked and plan
+                // again from the start.
+                let rec = std::mem::take(&mut p.jrec);
+                p.jwrites.clear();
+                p.bufs.clear();
+                p.wb = false;
+                if let Some(c) = j.cache() {
+                    c.release(std::mem::take(&mut p.admitted));
+                }
+                p.stage = Stage::WaitLock;
+                if p.locked {
+                    p.locked = false;
+                    self.locks.unlock(p.stripe);
+                }
+                if self.jbufs.len() < 64 {
+                    self.jbufs.push(rec);
+                }
+            }
             self.jwait.push_back(pi);
             return;
         };
@@ -901,6 +1165,17 @@ impl Raid5Channel {
                 }
                 self.journal_io(pi, IoRequest::flush(0));
             }
+            Stage::Journaling if p.wb => {
+                self.cache_record(pi);
+                let Some(p) = self.pieces[pi].as_mut() else {
+                    return;
+                };
+                let rec = std::mem::take(&mut p.jrec);
+                if self.jbufs.len() < 64 {
+                    self.jbufs.push(rec);
+                }
+                self.finish_piece(pi);
+            }
             Stage::Journaling => {
                 let Some(p) = self.pieces[pi].as_mut() else {
                     return;
@@ -922,11 +1197,33 @@ impl Raid5Channel {
             return;
         };
         self.free_pieces.push(pi);
+        if let Some(c) = self.journal.as_ref().and_then(|j| j.cache()) {
+            c.release(p.admitted);
+            self.settle_cache(c, &p);
+        }
         if let (Some(j), Some(epoch)) = (&self.journal, p.jepoch) {
             j.done(epoch);
         }
         if p.locked {
             self.locks.unlock(p.stripe);
+        }
+        if p.reclaim.is_some() {
+            // A failed reclaim leaves its blocks cached (they are durable
+            // in the log); it is never the parent's failure.
+            self.reclaiming -= 1;
+            if let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) {
+                parent.left -= 1;
+                if parent.left == 0 {
+                    if let Some(parent) = self.parents[p.parent].take() {
+                        self.free_parents.push(p.parent);
+                        self.done.push(Completion {
+                            tag: parent.tag,
+                            result: parent.error.map_or(Ok(()), Err),
+                        });
+                    }
+                }
+            }
+            return;
         }
         // More than one member gone means data is lost: never pretend.
         let error = p.error.or_else(|| {
@@ -952,6 +1249,45 @@ impl Raid5Channel {
                     result: parent.error.map_or(Ok(()), Err),
                 });
             }
+        }
+    }
+
+    /// What a finished piece means for the write-back cache, under its
+    /// stripe lock: a read gets the cached blocks laid over; a reclaim
+    /// drops the versions it wrote; a write that went to the members
+    /// (write-through under back-pressure) drops the older cached ones.
+    fn settle_cache(&self, c: &super::cache::WriteCache, p: &Piece) {
+        if c.is_empty() || p.error.is_some() {
+            if p.reclaim.is_some() && c.has_stripe(p.stripe) {
+                c.requeue(p.stripe);
+            }
+            return;
+        }
+        match (p.kind, &p.reclaim) {
+            (Kind::Read, _) if p.locked => {
+                let Some(parent) = self.parents.get(p.parent).and_then(|x| x.as_ref()) else {
+                    return;
+                };
+                let bs = self.bs();
+                c.each_in(p.stripe, p.b0, p.b1, |b, d| {
+                    // SAFETY: the parent's buffers are valid until it completes.
+                    unsafe { sg::copy_in(&parent.sg, (b - parent.lba0) as usize * bs, d) };
+                });
+            }
+            (Kind::Write, Some(v)) => {
+                for &(b, version) in v {
+                    c.remove_if(p.stripe, b, Some(version));
+                }
+                if c.has_stripe(p.stripe) {
+                    c.requeue(p.stripe);
+                }
+            }
+            (Kind::Write, None) if !p.wb => {
+                for b in p.b0..p.b1 {
+                    c.remove_if(p.stripe, b, None);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -1040,27 +1376,7 @@ impl IoChannel for Raid5Channel {
                 return Ok(());
             }
         };
-        let new_piece = |parent, stripe, b0, b1| Piece {
-            parent,
-            kind,
-            stripe,
-            b0,
-            b1,
-            locked: false,
-            stage: Stage::Reading,
-            plan: Plan::Direct,
-            pending: 0,
-            read_failed: false,
-            missing: None,
-            omin: 0,
-            omax: 0,
-            bufs: Vec::new(),
-            error: None,
-            jrec: Vec::new(),
-            jwrites: Vec::new(),
-            jphase: 0,
-            jepoch: None,
-        };
+        let new_piece = |parent, stripe, b0, b1| Self::new_piece(parent, kind, stripe, b0, b1);
         let mut pieces = Vec::new();
         if kind == Kind::Flush {
             pieces.push(self.alloc_piece(new_piece(pa, 0, 0, 0)));
@@ -1077,6 +1393,13 @@ impl IoChannel for Raid5Channel {
         }
         if let Some(p) = self.parents[pa].as_mut() {
             p.left = pieces.len() as u32;
+        }
+        // Write-back: writes carry reclaim work along while the cache is
+        // over its soft limit or a checkpoint waits for it (more than they
+        // add, so the cache shrinks).
+        if kind == Kind::Write && self.journal.as_ref().is_some_and(|j| j.reclaim_wanted()) {
+            let more = self.take_reclaim(pa, 2);
+            pieces.extend(more);
         }
         for pi in pieces {
             self.start(pi);
@@ -1108,11 +1431,35 @@ impl IoChannel for Raid5Channel {
             }
         }
         // Pieces waiting for room in the log (a checkpoint made some).
-        for _ in 0..self.jwait.len() {
-            let Some(pi) = self.jwait.pop_front() else {
-                break;
-            };
-            self.journal_submit(pi);
+        if let Some(j) = self.journal.clone() {
+            if let Some(&first) = self.jwait.front() {
+                // Nothing else may bring reclaim along: take it here.
+                if self.reclaiming == 0 && j.reclaim_wanted() {
+                    if let Some(pa) = self.pieces[first].as_ref().map(|p| p.parent) {
+                        for pi in self.take_reclaim(pa, 1) {
+                            self.start(pi);
+                        }
+                    }
+                }
+            }
+            for _ in 0..self.jwait.len() {
+                let Some(pi) = self.jwait.pop_front() else {
+                    break;
+                };
+                let Some(p) = self.pieces[pi].as_ref() else {
+                    continue;
+                };
+                let unlocked = p.stage == Stage::WaitLock;
+                if !j.has_room(p.jneed, p.reclaim.is_none() && j.cache().is_some()) {
+                    self.jwait.push_back(pi);
+                    continue;
+                }
+                if unlocked {
+                    self.lock_then_plan(pi);
+                } else {
+                    self.journal_submit(pi);
+                }
+            }
         }
         while let Some(req) = self.jdeferred.pop_front() {
             let Some(ch) = self.jch.as_mut() else {

@@ -1,0 +1,255 @@
+//! The write-back cache of a RAID5 journal (like md's r5c stripe cache in
+//! write-back mode): blocks whose write is durable in the journal but not
+//! yet on the members. Reads lay these blocks over what the members hold;
+//! reclaim writes them to the members (through the write-through path, so
+//! the write hole stays closed) and drops them.
+//!
+//! Every change to one stripe's blocks happens under that stripe's lock
+//! (the RAID5 stripe lock table); the shard mutex only guards the map
+//! itself, for a few hundred nanoseconds at a time. Shards go by stripe, so
+//! a stripe's blocks live in one ordered map and a read finds them with one
+//! range lookup.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const SHARDS: usize = 64;
+
+struct Cached {
+    data: Box<[u8]>,
+    /// Checkpoint epoch of the journal record that holds this version.
+    epoch: u64,
+    /// Unique per insert, so a reclaim drops only the version it wrote.
+    version: u64,
+}
+
+#[derive(Default)]
+struct Shard {
+    /// By volume block.
+    blocks: BTreeMap<u64, Cached>,
+    /// Cached blocks per stripe.
+    stripes: HashMap<u64, u32>,
+}
+
+/// One cached block as a reclaim sees it.
+pub struct Snapshot {
+    /// Volume block.
+    pub block: u64,
+    /// The version, for [`WriteCache::remove_if`].
+    pub version: u64,
+    /// Its data.
+    pub data: Box<[u8]>,
+}
+
+/// Blocks acknowledged from the journal and not yet on the members.
+pub struct WriteCache {
+    shards: Box<[Mutex<Shard>]>,
+    blocks: AtomicU64,
+    /// Cached blocks by epoch parity (two epochs are live at most: the one
+    /// a checkpoint is closing and the current one).
+    per_epoch: [AtomicU64; 2],
+    /// Stripes with cached blocks, oldest first (may hold stale entries).
+    dirty: Mutex<VecDeque<u64>>,
+    next_version: AtomicU64,
+    /// Blocks of write-back records in flight, admitted but not inserted.
+    pending: AtomicU64,
+    /// Reclaim starts above this many blocks.
+    soft: u64,
+    /// Above this many, writes bypass the cache (write-through).
+    hard: u64,
+}
+
+impl WriteCache {
+    /// A cache that reclaims above `soft` blocks and stops taking writes at
+    /// `hard` blocks.
+    pub fn new(soft: u64, hard: u64) -> WriteCache {
+        WriteCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            blocks: AtomicU64::new(0),
+            per_epoch: Default::default(),
+            dirty: Mutex::new(VecDeque::new()),
+            next_version: AtomicU64::new(1),
+            pending: AtomicU64::new(0),
+            soft,
+            hard,
+        }
+    }
+
+    fn shard(&self, stripe: u64) -> std::sync::MutexGuard<'_, Shard> {
+        let i = (stripe.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks cached.
+    pub fn len(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether reclaim should run.
+    pub fn over_soft_limit(&self) -> bool {
+        self.len() > self.soft
+    }
+
+    /// Make room for a write-back record of `blocks`, unless that would
+    /// pass the hard limit (the write then goes write-through: that is the
+    /// back-pressure). [`release`](Self::release) it once inserted or
+    /// abandoned.
+    pub fn try_admit(&self, blocks: u64) -> bool {
+        let pending = self.pending.fetch_add(blocks, Ordering::SeqCst) + blocks;
+        if self.len() + pending > self.hard {
+            self.pending.fetch_sub(blocks, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Give back what [`try_admit`](Self::try_admit) took.
+    pub fn release(&self, blocks: u64) {
+        self.pending.fetch_sub(blocks, Ordering::SeqCst);
+    }
+
+    /// Blocks cached from records of `epoch` (and of epochs two apart).
+    pub fn in_epoch(&self, epoch: u64) -> u64 {
+        self.per_epoch[(epoch % 2) as usize].load(Ordering::SeqCst)
+    }
+
+    /// Cache `data` as the newest version of volume `block` of `stripe`,
+    /// durable in a record of `epoch`. Caller holds the stripe lock.
+    pub fn insert(&self, stripe: u64, block: u64, data: &[u8], epoch: u64) {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        let new = Cached {
+            data: data.into(),
+            epoch,
+            version,
+        };
+        self.per_epoch[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
+        let mut s = self.shard(stripe);
+        if let Some(old) = s.blocks.insert(block, new) {
+            self.per_epoch[(old.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        self.blocks.fetch_add(1, Ordering::SeqCst);
+        let n = s.stripes.entry(stripe).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            drop(s);
+            self.requeue(stripe);
+        }
+    }
+
+    /// Whether `stripe` has cached blocks.
+    pub fn has_stripe(&self, stripe: u64) -> bool {
+        !self.is_empty() && self.shard(stripe).stripes.contains_key(&stripe)
+    }
+
+    /// Call `f(block, data)` for each cached block in `[b0, b1)` of `stripe`.
+    pub fn each_in(&self, stripe: u64, b0: u64, b1: u64, mut f: impl FnMut(u64, &[u8])) {
+        let s = self.shard(stripe);
+        for (&b, c) in s.blocks.range(b0..b1) {
+            f(b, &c.data);
+        }
+    }
+
+    /// The cached blocks of `stripe` (volume blocks `[b0, b1)`), in order.
+    pub fn snapshot(&self, stripe: u64, b0: u64, b1: u64) -> Vec<Snapshot> {
+        let s = self.shard(stripe);
+        s.blocks
+            .range(b0..b1)
+            .map(|(&block, c)| Snapshot {
+                block,
+                version: c.version,
+                data: c.data.clone(),
+            })
+            .collect()
+    }
+
+    /// Drop `block` if it is still at `version` (it reached the members);
+    /// `None` drops any version (a newer write went to the members).
+    pub fn remove_if(&self, stripe: u64, block: u64, version: Option<u64>) {
+        let mut s = self.shard(stripe);
+        let Some(c) = s.blocks.get(&block) else {
+            return;
+        };
+        if version.is_some_and(|v| v != c.version) {
+            return;
+        }
+        if let Some(c) = s.blocks.remove(&block) {
+            self.per_epoch[(c.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+            self.blocks.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(n) = s.stripes.get_mut(&stripe) {
+            *n -= 1;
+            if *n == 0 {
+                s.stripes.remove(&stripe);
+            }
+        }
+    }
+
+    /// Put `stripe` at the back of the reclaim queue.
+    pub fn requeue(&self, stripe: u64) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(stripe);
+    }
+
+    /// The oldest stripe that still has cached blocks.
+    pub fn next_dirty(&self) -> Option<u64> {
+        loop {
+            let s = self
+                .dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()?;
+            if self.has_stripe(s) {
+                return Some(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_epochs_and_the_reclaim_queue() {
+        let c = WriteCache::new(2, 4);
+        assert!(c.is_empty() && !c.has_stripe(7));
+        c.insert(7, 70, &[1; 8], 0);
+        c.insert(7, 72, &[2; 8], 0);
+        c.insert(9, 90, &[3; 8], 1);
+        assert_eq!((c.len(), c.in_epoch(0), c.in_epoch(1)), (3, 2, 1));
+        assert!(c.over_soft_limit());
+        assert!(c.try_admit(1) && !c.try_admit(1), "hard limit of 4");
+        c.release(1);
+        // A newer version moves its block to the newer epoch.
+        c.insert(7, 70, &[4; 8], 1);
+        assert_eq!((c.len(), c.in_epoch(0), c.in_epoch(1)), (3, 1, 2));
+        let mut seen = Vec::new();
+        c.each_in(7, 0, 100, |b, d| seen.push((b, d[0])));
+        assert_eq!(seen, vec![(70, 4), (72, 2)]);
+        let snap = c.snapshot(7, 0, 100);
+        // A reclaim of an older version leaves the newer one.
+        c.insert(7, 72, &[5; 8], 1);
+        for s in &snap {
+            c.remove_if(7, s.block, Some(s.version));
+        }
+        let mut seen = Vec::new();
+        c.each_in(7, 0, 100, |b, d| seen.push((b, d[0])));
+        assert_eq!(seen, vec![(72, 5)]);
+        assert_eq!(c.next_dirty(), Some(7));
+        assert_eq!(c.next_dirty(), Some(9));
+        assert_eq!(c.next_dirty(), None);
+        c.remove_if(7, 72, None);
+        c.remove_if(9, 90, None);
+        assert!(c.is_empty() && !c.has_stripe(7));
+        assert_eq!((c.in_epoch(0), c.in_epoch(1)), (0, 0));
+    }
+}
