@@ -98,6 +98,12 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         generation: v.generation,
         exports: v.exports,
         journal: v.journal.unwrap_or_default(),
+        journal_mode: v
+            .journal_state
+            .map(|j| j.0.name().to_string())
+            .unwrap_or_default(),
+        journal_fill: v.journal_state.map_or(0.0, |j| j.1),
+        journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
     }
 }
 
@@ -232,6 +238,7 @@ impl pb::appliance_server::Appliance for Service {
             },
             max_rebuild_bytes_per_sec: 0,
             journal: (!r.journal.is_empty()).then_some(r.journal),
+            journal_mode: r.journal_mode,
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))

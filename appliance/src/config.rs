@@ -52,9 +52,12 @@ pub struct VolumeDecl {
     /// Rebuild and scrub rate limit in bytes per second (0: none).
     #[serde(default)]
     pub max_rebuild_bytes_per_sec: u64,
-    /// RAID5 write journal device (write-through), if any.
+    /// RAID5 write journal device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
+    /// "write-through" (the default, also when empty) or "write-back".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub journal_mode: String,
 }
 
 fn default_chunk_kib() -> u32 {

@@ -214,6 +214,8 @@ pub struct VolumeView {
     pub quiesce: poller::QuiesceStats,
     /// Its journal device.
     pub journal: Option<String>,
+    /// The journal's mode, log fill (0..=1) and write-back cached blocks.
+    pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64)>,
 }
 
 /// An export as listed.
@@ -256,7 +258,7 @@ struct Vol {
     /// RAID volumes only.
     monitor: Option<Monitor>,
     /// Reclaims the journal's log, if the volume has a journal.
-    _checkpointer: Option<crate::raid::journal::Checkpointer>,
+    checkpointer: Option<crate::raid::journal::Checkpointer>,
 }
 
 impl Vol {
@@ -723,6 +725,14 @@ impl Manager {
         let mut s = self.lock_for_change()?;
         let (level, members, spares) = Self::check_volume(&s, &decl, false)?;
         let jdev = Self::check_journal(&s, &decl, level)?;
+        let mode = crate::raid::journal::JournalMode::parse(&decl.journal_mode)
+            .map_err(|e| invalid("journal_mode", e))?;
+        if jdev.is_none() && !decl.journal_mode.is_empty() {
+            return Err(invalid(
+                "journal_mode",
+                "a journal mode needs a journal device",
+            ));
+        }
         let (volume, monitor, checkpointer) = match level {
             Level::Single => (
                 Volume::new(&self.set, &decl.name, members[0].clone()),
@@ -759,7 +769,7 @@ impl Manager {
                     })?;
                 let device = match jdev {
                     Some(jdev) => {
-                        let j = crate::raid::journal::Journal::format(jdev)
+                        let j = crate::raid::journal::Journal::format_with(jdev, mode)
                             .map_err(|e| MgmtError::Internal(format!("journal: {e}")))?;
                         device.with_journal(j).ok_or_else(|| {
                             invalid("journal", "only a RAID5 volume has a journal")
@@ -778,7 +788,7 @@ impl Manager {
                 level,
                 volume,
                 monitor,
-                _checkpointer: checkpointer,
+                checkpointer,
             },
         );
         self.save(&s)?;
@@ -811,7 +821,7 @@ impl Manager {
                     level,
                     volume,
                     monitor: None,
-                    _checkpointer: None,
+                    checkpointer: None,
                 },
             );
             return Ok(());
@@ -942,7 +952,7 @@ impl Manager {
                 level,
                 volume,
                 monitor: Some(monitor),
-                _checkpointer: checkpointer,
+                checkpointer,
             },
         );
         Ok(())
@@ -1030,6 +1040,10 @@ impl Manager {
             exports,
             quiesce: v.volume.quiesce().stats(),
             journal: v.decl.journal.clone(),
+            journal_state: v.checkpointer.as_ref().map(|c| {
+                let j = c.journal();
+                (j.mode(), j.usage(), j.cache().map_or(0, |c| c.len()))
+            }),
         }
     }
 

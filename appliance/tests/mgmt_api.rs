@@ -1097,6 +1097,7 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     call!(d, c, attach_device, attach("tiny", "ram:1M")).unwrap();
     let with_journal = |journal: &str| pb::CreateVolumeRequest {
         journal: journal.into(),
+        journal_mode: "write-back".into(),
         ..raid5("jv", &["d0", "d1", "d2"], &[])
     };
     for (req, code) in [
@@ -1111,12 +1112,23 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
         (with_journal("nope"), Code::NotFound),
         (with_journal("d1"), Code::InvalidArgument),
         (with_journal("tiny"), Code::FailedPrecondition),
+        (
+            pb::CreateVolumeRequest {
+                journal_mode: "write-sideways".into(),
+                ..with_journal("d3")
+            },
+            Code::InvalidArgument,
+        ),
+        (with_journal(""), Code::InvalidArgument),
     ] {
         let e = call!(d, c, create_volume, req.clone()).unwrap_err();
         assert_eq!(e.0, code, "{req:?}: {e:?}");
     }
     let v = call!(d, c, create_volume, with_journal("d3")).unwrap();
-    assert_eq!(v.journal, "d3");
+    assert_eq!(
+        (v.journal.as_str(), v.journal_mode.as_str()),
+        ("d3", "write-back")
+    );
     let e = call!(
         d,
         c,
@@ -1146,6 +1158,11 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     for i in 0..8u64 {
         write_pattern(&mut disk, 20 + i, i << 20);
     }
+    // Acknowledged from the journal: some of it is not on the members yet,
+    // and must come back from the journal after the restart.
+    let v = volume(&d, &mut c, "jv");
+    assert!(v.journal_cached_blocks > 0, "{v:?}");
+    assert!(v.journal_fill > 0.0, "{v:?}");
     drop(disk);
     drop(c);
     d.stop();
@@ -1154,6 +1171,10 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     let mut c = d.client();
     let v = volume(&d, &mut c, "jv");
     assert_eq!((v.journal.as_str(), v.state.as_str()), ("d3", "optimal"));
+    assert_eq!(
+        v.journal_mode, "write-back",
+        "the mode lives on the journal"
+    );
     let mut disk = Disk::connect(&sock).unwrap();
     for i in 0..8u64 {
         check_pattern(&mut disk, 20 + i, i << 20);

@@ -724,6 +724,7 @@ fn replay_volume_run(
 /// Checkpoints a volume's journal when its log is half full. Stops when
 /// dropped.
 pub struct Checkpointer {
+    journal: Arc<Journal>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -733,6 +734,7 @@ impl Checkpointer {
     pub fn start(journal: Arc<Journal>, volume: crate::volume::Volume) -> Checkpointer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let kept = journal.clone();
         let thread = std::thread::Builder::new()
             .name(format!("journal-{}", volume.name()))
             .spawn(move || {
@@ -758,7 +760,16 @@ impl Checkpointer {
                 }
             })
             .ok();
-        Checkpointer { stop, thread }
+        Checkpointer {
+            journal: kept,
+            stop,
+            thread,
+        }
+    }
+
+    /// The journal it looks after.
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
     }
 }
 

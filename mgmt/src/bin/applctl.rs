@@ -130,9 +130,13 @@ enum VolumeCmd {
         /// Overwrite devices that carry another volume's superblock.
         #[arg(long)]
         force: bool,
-        /// RAID5 write journal device (write-through; closes the write hole).
+        /// RAID5 write journal device (closes the write hole).
         #[arg(long, default_value = "")]
         journal: String,
+        /// Journal mode: write-through, or write-back (acknowledged once
+        /// durable in the journal; much faster small writes).
+        #[arg(long, default_value = "")]
+        journal_mode: String,
     },
     /// List volumes.
     List,
@@ -393,6 +397,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             layout,
             force,
             journal,
+            journal_mode,
         } => {
             let level = match level.as_str() {
                 "single" => pb::Level::Single,
@@ -414,6 +419,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 layout,
                 force,
                 journal,
+                journal_mode,
             })
             .await?
         }
@@ -707,7 +713,13 @@ fn describe(v: &pb::Volume) -> String {
         s += &format!("  spares: {}\n", v.spares.join(", "));
     }
     if !v.journal.is_empty() {
-        s += &format!("  journal: {} (write-through)\n", v.journal);
+        s += &format!(
+            "  journal: {} ({}), log {:.0} % full, {} blocks cached\n",
+            v.journal,
+            v.journal_mode,
+            v.journal_fill * 100.0,
+            v.journal_cached_blocks
+        );
     }
     if let Some(p) = &v.progress {
         s += &format!(
