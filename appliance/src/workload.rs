@@ -29,6 +29,9 @@ pub struct WorkloadParams {
     pub read_percent: u32,
     /// Write patterns and check reads.
     pub verify: bool,
+    /// Bytes of the device used from its start (0: all of it), for a hot
+    /// set smaller than the device.
+    pub span_bytes: u64,
 }
 
 impl Default for WorkloadParams {
@@ -38,6 +41,7 @@ impl Default for WorkloadParams {
             io_bytes: 4096,
             read_percent: 50,
             verify: true,
+            span_bytes: 0,
         }
     }
 }
@@ -136,7 +140,11 @@ impl Workload {
             ));
         }
         let io_blocks = (params.io_bytes / bs) as u64;
-        let slots_per_core = info.num_blocks / set.len() as u64 / io_blocks;
+        let blocks = match params.span_bytes / bs as u64 {
+            0 => info.num_blocks,
+            n => n.min(info.num_blocks),
+        };
+        let slots_per_core = blocks / set.len() as u64 / io_blocks;
         if slots_per_core < 2 * params.queue_depth as u64 {
             return Err(format!(
                 "device {} is too small for {} reactors at queue depth {}",

@@ -92,6 +92,14 @@ enum Cmd {
         /// journal device, checkpointed when half full.
         #[arg(long)]
         journal: bool,
+        /// With --journal: write-back (acknowledged once in the journal;
+        /// reclaim to the members rides on later writes).
+        #[arg(long)]
+        write_back: bool,
+        /// Random IO over the first this many MiB only (0: everything): a
+        /// hot set, where write-back absorbs overwrites.
+        #[arg(long, default_value_t = 0)]
+        span_mib: u64,
     },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
@@ -121,7 +129,9 @@ fn main() {
             members,
             seconds,
             journal,
-        } => raid(level, rw, members, seconds, journal),
+            write_back,
+            span_mib,
+        } => raid(level, rw, members, seconds, (journal, write_back), span_mib),
     };
     match result {
         Ok(v) => println!("{v}"),
@@ -285,6 +295,7 @@ fn device(
             io_bytes: 4096,
             read_percent: if matches!(rw, Rw::Randread) { 100 } else { 0 },
             verify: false,
+            span_bytes: 0,
         },
     )?;
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -418,7 +429,8 @@ fn raid(
     rw: RaidRw,
     members: usize,
     seconds: f64,
-    journal: bool,
+    (journal, write_back): (bool, bool),
+    span_mib: u64,
 ) -> Result<serde_json::Value, String> {
     use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, Member, MemberState};
@@ -457,7 +469,13 @@ fn raid(
                 let jdev = RamDevice::new("journal", 4096, (512 << 20) / 4096)
                     .map_err(|e| e.to_string())?;
                 prefill(&jdev)?;
-                let j = appliance::raid::journal::Journal::format(Arc::new(jdev))?;
+                use appliance::raid::journal::JournalMode;
+                let mode = if write_back {
+                    JournalMode::WriteBack
+                } else {
+                    JournalMode::WriteThrough
+                };
+                let j = appliance::raid::journal::Journal::format_with(Arc::new(jdev), mode)?;
                 journal_handle = Some(j.clone());
                 Arc::new(r5.with_journal(j))
             } else {
@@ -501,6 +519,7 @@ fn raid(
                 io_bytes,
                 read_percent,
                 verify: false,
+                span_bytes: span_mib << 20,
             },
         )?;
         std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -522,9 +541,10 @@ fn raid(
     }
     Ok(json!({
         "bench": "raid",
-        "journal": journal,
+        "journal": if journal { if write_back { "write-back" } else { "write-through" } } else { "" },
         "level": level,
         "members": members,
+        "span_mib": span_mib,
         "rw": format!("{rw:?}").to_lowercase(),
         "io_bytes": io_bytes,
         "results": out,

@@ -54,16 +54,13 @@ pub struct WriteCache {
     next_version: AtomicU64,
     /// Blocks of write-back records in flight, admitted but not inserted.
     pending: AtomicU64,
-    /// Reclaim starts above this many blocks.
-    soft: u64,
-    /// Above this many, writes bypass the cache (write-through).
-    hard: u64,
+    /// Above this many blocks, writes bypass the cache (write-through).
+    limit: u64,
 }
 
 impl WriteCache {
-    /// A cache that reclaims above `soft` blocks and stops taking writes at
-    /// `hard` blocks.
-    pub fn new(soft: u64, hard: u64) -> WriteCache {
+    /// A cache of at most `limit` blocks.
+    pub fn new(limit: u64) -> WriteCache {
         WriteCache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             blocks: AtomicU64::new(0),
@@ -71,8 +68,7 @@ impl WriteCache {
             dirty: Mutex::new(VecDeque::new()),
             next_version: AtomicU64::new(1),
             pending: AtomicU64::new(0),
-            soft,
-            hard,
+            limit,
         }
     }
 
@@ -91,18 +87,13 @@ impl WriteCache {
         self.len() == 0
     }
 
-    /// Whether reclaim should run.
-    pub fn over_soft_limit(&self) -> bool {
-        self.len() > self.soft
-    }
-
     /// Make room for a write-back record of `blocks`, unless that would
-    /// pass the hard limit (the write then goes write-through: that is the
+    /// pass the limit (the write then goes write-through: that is the
     /// back-pressure). [`release`](Self::release) it once inserted or
     /// abandoned.
     pub fn try_admit(&self, blocks: u64) -> bool {
         let pending = self.pending.fetch_add(blocks, Ordering::SeqCst) + blocks;
-        if self.len() + pending > self.hard {
+        if self.len() + pending > self.limit {
             self.pending.fetch_sub(blocks, Ordering::SeqCst);
             return false;
         }
@@ -220,14 +211,13 @@ mod tests {
 
     #[test]
     fn versions_epochs_and_the_reclaim_queue() {
-        let c = WriteCache::new(2, 4);
+        let c = WriteCache::new(4);
         assert!(c.is_empty() && !c.has_stripe(7));
         c.insert(7, 70, &[1; 8], 0);
         c.insert(7, 72, &[2; 8], 0);
         c.insert(9, 90, &[3; 8], 1);
         assert_eq!((c.len(), c.in_epoch(0), c.in_epoch(1)), (3, 2, 1));
-        assert!(c.over_soft_limit());
-        assert!(c.try_admit(1) && !c.try_admit(1), "hard limit of 4");
+        assert!(c.try_admit(1) && !c.try_admit(1), "a limit of 4");
         c.release(1);
         // A newer version moves its block to the newer epoch.
         c.insert(7, 70, &[4; 8], 1);

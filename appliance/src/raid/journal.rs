@@ -285,8 +285,7 @@ impl Journal {
             // Reclaiming the whole cache must fit in the quarter of the log
             // that write-back records leave free: a reclaimed block costs up
             // to three log blocks (header, data, parity).
-            cache: (s.mode == JournalMode::WriteBack)
-                .then(|| WriteCache::new(s.log_blocks / 32, s.log_blocks / 16)),
+            cache: (s.mode == JournalMode::WriteBack).then(|| WriteCache::new(s.log_blocks / 16)),
             reclaim_wanted: AtomicBool::new(false),
         })
     }
@@ -301,12 +300,14 @@ impl Journal {
         self.cache.as_ref()
     }
 
-    /// Whether writes should take reclaim work along: the cache is over its
-    /// soft limit or a checkpoint waits for it.
+    /// Whether writes should take reclaim work along: a checkpoint waits
+    /// for the cache. (A full cache alone does not reclaim: writes go
+    /// write-through then, which costs no more than a reclaim would, and
+    /// a hot set that fits keeps its overwrites in the cache.)
     pub fn reclaim_wanted(&self) -> bool {
-        self.cache.as_ref().is_some_and(|c| {
-            !c.is_empty() && (c.over_soft_limit() || self.reclaim_wanted.load(Ordering::Relaxed))
-        })
+        self.cache
+            .as_ref()
+            .is_some_and(|c| !c.is_empty() && self.reclaim_wanted.load(Ordering::Relaxed))
     }
 
     /// Block size of the log.

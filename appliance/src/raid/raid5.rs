@@ -1394,9 +1394,9 @@ impl IoChannel for Raid5Channel {
         if let Some(p) = self.parents[pa].as_mut() {
             p.left = pieces.len() as u32;
         }
-        // Write-back: writes carry reclaim work along while the cache is
-        // over its soft limit or a checkpoint waits for it (more than they
-        // add, so the cache shrinks).
+        // Write-back: writes carry reclaim work along while a checkpoint
+        // waits for the cache (two stripes each, more than they add, so
+        // the epoch drains).
         if kind == Kind::Write && self.journal.as_ref().is_some_and(|j| j.reclaim_wanted()) {
             let more = self.take_reclaim(pa, 2);
             pieces.extend(more);
