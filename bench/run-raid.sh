@@ -17,8 +17,15 @@ for size in 65536 1048576 67108864; do $mb xor --size $size --sources 4 >> "$jso
 for level in 1 5; do
   for rw in randread randwrite seqwrite; do $mb raid --level $level --rw $rw --seconds "$secs" >> "$json"; done
 done
-# The write-through journal (RAM journal device) against no journal.
-for rw in randwrite seqwrite; do $mb raid --level 5 --rw $rw --journal --seconds "$secs" >> "$json"; done
+# The journal (RAM journal device), write-through and write-back, against
+# no journal; 4 KiB random writes also over a 16 MiB hot set.
+for rw in randwrite seqwrite; do
+  $mb raid --level 5 --rw $rw --journal --seconds "$secs" >> "$json"
+  $mb raid --level 5 --rw $rw --journal --write-back --seconds "$secs" >> "$json"
+done
+for j in "" "--journal" "--journal --write-back"; do
+  $mb raid --level 5 --rw randwrite --span-mib 16 $j --seconds "$secs" >> "$json"
+done
 python3 - "$json" "$out/raid-$date.md" <<'PY'
 import json, sys, os, platform, datetime
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -34,7 +41,10 @@ md += ["", "RAID over 4 RAM members (RAID5: 64 KiB chunks, left-symmetric) again
 for r in rows:
     if r["bench"] == "raid":
         v, m = r["results"]["volume"], r["results"]["one_member"]
-        md.append(f"| RAID{r['level']}{' + journal' if r.get('journal') else ''} | {r['rw']} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} |")
+        j = r.get('journal')
+        j = {True: 'write-through', False: ''}.get(j, j) if isinstance(j, bool) else (j or '')
+        span = f" over {r['span_mib']} MiB" if r.get('span_mib') else ''
+        md.append(f"| RAID{r['level']}{' + ' + j + ' journal' if j else ''} | {r['rw']}{span} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} |")
 md += ["", "All members share one core's memory bandwidth here, so 'member bandwidth x (n-1)/n' is not reachable on RAM members; the ratio to one member on the same core is what this table shows."]
 open(sys.argv[2], "w").write("\n".join(md) + "\n")
 print("\n".join(md))
