@@ -332,6 +332,15 @@ impl pb::appliance_server::Appliance for Service {
         .await
     }
 
+    async fn set_journal_mode(
+        &self,
+        req: Request<pb::SetJournalModeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.set_journal_mode(&r.volume, &r.mode).map(volume_to_pb))
+            .await
+    }
+
     async fn create_export(
         &self,
         req: Request<pb::CreateExportRequest>,

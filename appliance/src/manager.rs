@@ -1199,6 +1199,33 @@ impl Manager {
         Ok(Self::view(&s, volume))
     }
 
+    /// Switch a volume's journal mode online (see `Journal::set_mode`).
+    pub fn set_journal_mode(&self, volume: &str, mode: &str) -> Result<VolumeView, MgmtError> {
+        if mode.is_empty() {
+            return Err(invalid("mode", "write-through or write-back"));
+        }
+        let mode =
+            crate::raid::journal::JournalMode::parse(mode).map_err(|e| invalid("mode", e))?;
+        let mut s = self.lock_for_change()?;
+        let v = s.volume(volume)?;
+        let Some(c) = v.checkpointer.as_ref() else {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no journal"
+            )));
+        };
+        let result = c
+            .journal()
+            .set_mode(mode, &v.volume, Duration::from_secs(30));
+        // The mode in force is the journal's, whatever became of the drain.
+        let now = c.journal().mode();
+        if let Some(v) = s.volumes.get_mut(volume) {
+            v.decl.journal_mode = now.name().to_string();
+        }
+        self.save(&s)?;
+        result.map_err(|e| MgmtError::DeadlineExceeded(format!("volume {volume}: {e}")))?;
+        Ok(Self::view(&s, volume))
+    }
+
     // ---- exports ----
 
     /// Export a volume over vhost-user-blk.

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bdev::{BlockDevice, DeviceInfo};
-use poller::{QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
+use bdev::{BlockDevice, DeviceInfo, IoChannel, IoRequest};
+use poller::{Ctx, PollState, QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
 
 /// What the IO path of a volume reads.
 pub struct VolumeConfig {
@@ -19,6 +19,7 @@ pub struct VolumeConfig {
 pub struct Volume {
     name: String,
     quiesce: QuiesceObject<VolumeConfig>,
+    set: ReactorSet,
 }
 
 impl Volume {
@@ -27,7 +28,71 @@ impl Volume {
         Volume {
             name: name.to_string(),
             quiesce: QuiesceObject::new(set, name, VolumeConfig { device }),
+            set: set.clone(),
         }
+    }
+
+    /// Flush the volume from a reactor, through its quiesce gate as guest
+    /// IO goes: for control-thread work that must not bypass the epoch (a
+    /// write-back journal's drain rides on such flushes).
+    pub fn flush_on_reactor(&self, timeout: Duration) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let q = self.quiesce.clone();
+        let name = self.name.clone();
+        let msg = move |ctx: &mut Ctx| {
+            let gate = match q.local(ctx) {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("volume {name}: {e}")));
+                    return;
+                }
+            };
+            let mut ch: Option<Box<dyn IoChannel>> = None;
+            let mut out = Vec::new();
+            ctx.add_poller(move |_| {
+                let Some(c) = ch.as_mut() else {
+                    // Suspended: wait, like guest IO, until it resumes.
+                    if !gate.try_begin() {
+                        return PollState::Busy;
+                    }
+                    let submitted = gate
+                        .config()
+                        .1
+                        .device
+                        .open_channel()
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut c| {
+                            c.submit(IoRequest::flush(1))
+                                .map_err(|_| "the volume's queue is full".to_string())?;
+                            Ok(c)
+                        });
+                    match submitted {
+                        Ok(c) => ch = Some(c),
+                        Err(e) => {
+                            gate.end();
+                            let _ = tx.send(Err(format!("volume {name}: flush: {e}")));
+                            return PollState::Done;
+                        }
+                    }
+                    return PollState::Busy;
+                };
+                c.poll(&mut out);
+                let Some(done) = out.pop() else {
+                    return PollState::Busy;
+                };
+                gate.end();
+                let _ = tx.send(
+                    done.result
+                        .map_err(|e| format!("volume {name}: flush: {e}")),
+                );
+                PollState::Done
+            });
+        };
+        self.set
+            .send(0, Box::new(msg))
+            .map_err(|_| format!("volume {}: the reactors are stopped", self.name))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| format!("volume {}: flush did not finish in {timeout:?}", self.name))?
     }
 
     /// Its name.

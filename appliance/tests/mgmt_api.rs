@@ -1179,10 +1179,52 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     for i in 0..8u64 {
         check_pattern(&mut disk, 20 + i, i << 20);
     }
+    for i in 0..4u64 {
+        write_pattern(&mut disk, 40 + i, i << 20);
+    }
+    // Online switch to write-through: the cache drains to the members.
+    let mode = |volume: &str, mode: &str| pb::SetJournalModeRequest {
+        volume: volume.into(),
+        mode: mode.into(),
+    };
+    for (req, code) in [
+        (mode("jv", "sideways"), Code::InvalidArgument),
+        (mode("nope", "write-through"), Code::NotFound),
+        (mode("jv", ""), Code::InvalidArgument),
+    ] {
+        let e = call!(d, c, set_journal_mode, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, set_journal_mode, mode("jv", "write-through")).unwrap();
+    assert_eq!(
+        (v.journal_mode.as_str(), v.journal_cached_blocks),
+        ("write-through", 0),
+        "{v:?}"
+    );
+    for i in 0..4u64 {
+        check_pattern(&mut disk, 40 + i, i << 20);
+    }
+    write_pattern(&mut disk, 60, 5 << 20);
+    assert_eq!(volume(&d, &mut c, "jv").journal_cached_blocks, 0);
     drop(disk);
     drop(c);
     d.stop();
-    assert!(std::fs::read_to_string(&state)
-        .unwrap()
-        .contains("journal = \"d3\""));
+
+    // The mode survives a restart; and back to write-back.
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    assert_eq!(volume(&d, &mut c, "jv").journal_mode, "write-through");
+    let v = call!(d, c, set_journal_mode, mode("jv", "write-back")).unwrap();
+    assert_eq!(v.journal_mode, "write-back");
+    let mut disk = Disk::connect(&sock).unwrap();
+    check_pattern(&mut disk, 60, 5 << 20);
+    write_pattern(&mut disk, 61, 6 << 20);
+    assert!(volume(&d, &mut c, "jv").journal_cached_blocks > 0);
+    check_pattern(&mut disk, 61, 6 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains("journal = \"d3\""), "{saved}");
+    assert!(saved.contains("journal_mode = \"write-back\""), "{saved}");
 }

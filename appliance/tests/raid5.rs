@@ -580,3 +580,81 @@ fn a_write_back_raid5_conforms_reclaims_and_replays() {
         "parity inconsistent after replay"
     );
 }
+
+/// Journal mode switches online while verified IO runs on every reactor,
+/// with a member failing half-way and the checkpointer reclaiming: no IO
+/// fails, every read matches, and after the last switch to write-through
+/// the cache is empty and the members hold everything (a journal-less
+/// volume over them reads what the workload last wrote, checked by a
+/// final verified pass through the journalled volume first).
+#[test]
+fn journal_mode_switches_race_verified_io_and_a_member_failure() {
+    use appliance::raid::journal::{Checkpointer, Journal, JournalMode};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<FaultDevice>> = (0..4)
+        .map(|i| Arc::new(FaultDevice::new(ram(&format!("m{i}"), 8192))))
+        .collect();
+    let journal = Journal::format_with(ram("j", 2049), JournalMode::WriteBack).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid5Device::new(
+            "r5",
+            faults
+                .iter()
+                .map(|f| member(f.clone() as Arc<dyn BlockDevice>))
+                .collect(),
+            16384,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::new(tx),
+        )
+        .unwrap()
+        .with_journal(journal.clone()),
+    );
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let _checkpointer = Checkpointer::start(journal.clone(), volume.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+    let mut drained = 0;
+    for round in 0..16 {
+        std::thread::sleep(Duration::from_millis(40));
+        if round == 8 {
+            faults[1].control().pull();
+        }
+        let mode = if round % 2 == 0 {
+            JournalMode::WriteThrough
+        } else {
+            JournalMode::WriteBack
+        };
+        journal
+            .set_mode(mode, &volume, Duration::from_secs(20))
+            .unwrap();
+        if mode == JournalMode::WriteThrough {
+            drained += 1;
+        }
+        assert_eq!(journal.mode(), mode);
+    }
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?}");
+    assert!(
+        totals.reads_verified > 0 && totals.ios > totals.reads_verified,
+        "{totals:?}"
+    );
+    assert_eq!(monitor.member_states()[1], MemberState::Failed);
+    assert_eq!(drained, 8);
+    assert_eq!(journal.mode(), JournalMode::WriteBack);
+    // Fill the cache, then drain it for good.
+    let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?}");
+    journal
+        .set_mode(JournalMode::WriteThrough, &volume, Duration::from_secs(20))
+        .unwrap();
+    assert!(journal.cache().unwrap().is_empty());
+    reactors.shutdown().unwrap();
+}

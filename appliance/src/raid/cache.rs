@@ -100,6 +100,11 @@ impl WriteCache {
         true
     }
 
+    /// Blocks admitted and not yet inserted.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::SeqCst)
+    }
+
     /// Give back what [`try_admit`](Self::try_admit) took.
     pub fn release(&self, blocks: u64) {
         self.pending.fetch_sub(blocks, Ordering::SeqCst);

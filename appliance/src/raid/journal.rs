@@ -33,8 +33,9 @@
 //! data alone goes to the log as a *volume record* and is acknowledged once
 //! that is durable; the blocks stay in the [`WriteCache`] until reclaim
 //! writes them to the members through the write-through path (a record of
-//! data and parity first). Volume records may fill 3/4 of the log, so
-//! reclaim always finds room for its own records. A checkpoint also waits
+//! data and parity first). Guest records leave room in the log for
+//! reclaiming every cached block, so reclaim always finds room for its own
+//! records. A checkpoint also waits
 //! until no block of the closed epoch is left in the cache. Replay applies
 //! all records in sequence order; a volume record's blocks go to their
 //! member with a parity update (read-modify-write, or reconstruct-write
@@ -218,12 +219,18 @@ pub struct Journal {
     /// not yet on the members.
     epoch: AtomicU64,
     outstanding: [AtomicU64; 2],
-    mode: JournalMode,
-    /// Write-back: blocks not on the members yet.
-    cache: Option<WriteCache>,
-    /// A checkpoint waits for the cache to give up an epoch: writes take
-    /// reclaim work along.
+    /// Write-back (else write-through); switchable online.
+    write_back: AtomicBool,
+    /// Blocks not on the members yet (write-back, or left over from it
+    /// while a switch to write-through drains).
+    cache: WriteCache,
+    /// A checkpoint waits for the cache to give up an epoch, or a switch
+    /// to write-through drains it: writes and flushes take reclaim along.
     reclaim_wanted: AtomicBool,
+    draining: AtomicBool,
+    /// What the superblock says (one writer at a time).
+    checkpoint_seq: AtomicU64,
+    super_lock: Mutex<()>,
 }
 
 /// What replay did.
@@ -281,33 +288,99 @@ impl Journal {
             failed: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             outstanding: Default::default(),
-            mode: s.mode,
-            // Reclaiming the whole cache must fit in the quarter of the log
-            // that write-back records leave free: a reclaimed block costs up
-            // to three log blocks (header, data, parity).
-            cache: (s.mode == JournalMode::WriteBack).then(|| WriteCache::new(s.log_blocks / 16)),
+            write_back: AtomicBool::new(s.mode == JournalMode::WriteBack),
+            // Guest records leave room to reclaim the whole cache (up to
+            // three log blocks a block: header, data, parity); a sixteenth
+            // keeps that reserve under a fifth of the log.
+            cache: WriteCache::new(s.log_blocks / 16),
             reclaim_wanted: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            checkpoint_seq: AtomicU64::new(s.checkpoint_seq),
+            super_lock: Mutex::new(()),
         })
     }
 
     /// When writes are acknowledged.
     pub fn mode(&self) -> JournalMode {
-        self.mode
+        if self.write_back.load(Ordering::SeqCst) {
+            JournalMode::WriteBack
+        } else {
+            JournalMode::WriteThrough
+        }
     }
 
-    /// The write-back cache (write-back mode only).
+    /// The write cache (empty unless write-back is or was on).
     pub fn cache(&self) -> Option<&WriteCache> {
-        self.cache.as_ref()
+        Some(&self.cache)
     }
 
     /// Whether writes should take reclaim work along: a checkpoint waits
-    /// for the cache. (A full cache alone does not reclaim: writes go
-    /// write-through then, which costs no more than a reclaim would, and
-    /// a hot set that fits keeps its overwrites in the cache.)
+    /// for the cache, or a switch to write-through drains it. (A full
+    /// cache alone does not reclaim: writes go write-through then, which
+    /// costs no more than a reclaim would, and a hot set that fits keeps
+    /// its overwrites in the cache.)
     pub fn reclaim_wanted(&self) -> bool {
-        self.cache
-            .as_ref()
-            .is_some_and(|c| !c.is_empty() && self.reclaim_wanted.load(Ordering::Relaxed))
+        !self.cache.is_empty()
+            && (self.reclaim_wanted.load(Ordering::Relaxed)
+                || self.draining.load(Ordering::Relaxed))
+    }
+
+    /// Write the superblock as things are now.
+    fn write_super(&self) -> Result<(), String> {
+        let _g = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = Super {
+            nonce: self.nonce,
+            log_blocks: self.log_blocks,
+            checkpoint_seq: self.checkpoint_seq.load(Ordering::SeqCst),
+            mode: self.mode(),
+        };
+        let mut b = encode_super(&s, self.bs);
+        sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
+        sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])
+    }
+
+    /// Switch modes online. To write-through, new writes stop using the
+    /// cache at once and what it holds is drained to the members (reclaim
+    /// riding on flushes sent through the volume's gate, and on writes)
+    /// within `timeout`; then the superblock says write-through (until
+    /// then a restart comes back in write-back, which is safe). To
+    /// write-back, the superblock says so first. Writes in between are
+    /// safe either way: a write-through write drops the older cached
+    /// versions of its blocks.
+    pub fn set_mode(
+        &self,
+        mode: JournalMode,
+        volume: &crate::volume::Volume,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if mode == JournalMode::WriteBack {
+            self.write_back.store(true, Ordering::SeqCst);
+            return self.write_super();
+        }
+        self.write_back.store(false, Ordering::SeqCst);
+        self.draining.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let mut last_error = String::new();
+        let drained = loop {
+            if self.cache.is_empty() {
+                break Ok(());
+            }
+            if t.elapsed() > timeout {
+                break Err(format!(
+                    "{} blocks still to drain to the members after {timeout:?}{}; the volume stays write-back on disk and keeps draining as it writes",
+                    self.cache.len(),
+                    if last_error.is_empty() { String::new() } else { format!(" (last flush: {last_error})") }
+                ));
+            }
+            // The flush only carries the reclaim: its own failure (a member
+            // failing under it) does not stop the drain.
+            if let Err(e) = volume.flush_on_reactor(timeout) {
+                last_error = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        self.draining.store(false, Ordering::SeqCst);
+        drained.and_then(|()| self.write_super())
     }
 
     /// Block size of the log.
@@ -380,8 +453,8 @@ impl Journal {
     /// Give `record` its sequence number and checksum and a place in the
     /// log: the block to write it at and its epoch (hand that to
     /// [`done`](Self::done) once the record's blocks are on the members),
-    /// or `None` while the log is full. Write-back (`volume`) records may
-    /// fill only 3/4 of it: the rest is for reclaim, which frees the log.
+    /// or `None` while the log is full. A guest write's record (`volume`
+    /// true; reclaim's are false) leaves room for reclaiming the cache.
     pub fn reserve(&self, record: &mut [u8], volume: bool) -> Option<(u64, u64)> {
         let bs = self.bs;
         let blocks = (record.len() / bs) as u64;
@@ -395,11 +468,7 @@ impl Journal {
         if off + blocks > self.log_blocks {
             pos += self.log_blocks - off;
         }
-        let room = if volume {
-            self.log_blocks / 4 * 3
-        } else {
-            self.log_blocks
-        };
+        let room = self.room(volume);
         if pos + blocks - self.tail.load(Ordering::SeqCst) > room {
             return None;
         }
@@ -415,14 +484,23 @@ impl Journal {
         Some((1 + pos % self.log_blocks, epoch))
     }
 
+    /// Log blocks a record may take up to: all of it for reclaim; for a
+    /// guest write, what leaves room to reclaim every cached block (and
+    /// every admitted one), up to three log blocks each. So reclaim always
+    /// finds room, and a checkpoint waiting for it always makes progress.
+    fn room(&self, guest: bool) -> u64 {
+        if guest {
+            self.log_blocks
+                .saturating_sub(3 * (self.cache.len() + self.cache.pending()))
+        } else {
+            self.log_blocks
+        }
+    }
+
     /// Whether a record of `blocks` would find room now (see
     /// [`reserve`](Self::reserve)).
     pub fn has_room(&self, blocks: u64, volume: bool) -> bool {
-        let room = if volume {
-            self.log_blocks / 4 * 3
-        } else {
-            self.log_blocks
-        };
+        let room = self.room(volume);
         let mut pos = self.head.load(Ordering::SeqCst);
         let off = pos % self.log_blocks;
         if off + blocks > self.log_blocks {
@@ -445,6 +523,7 @@ impl Journal {
         &self,
         flush_members: impl FnOnce() -> Result<(), String>,
     ) -> Result<bool, String> {
+        let c = &self.cache;
         let drained = |c: &WriteCache, epoch: u64| {
             let t = Instant::now();
             while c.in_epoch(epoch) > 0 {
@@ -455,15 +534,13 @@ impl Journal {
             }
             true
         };
-        if let Some(c) = &self.cache {
-            // The cache counts epochs by parity: the epoch a previous call
-            // closed must be gone before another is closed.
-            let current = self.epoch.load(Ordering::SeqCst);
-            if current > 0 && c.in_epoch(current - 1) > 0 {
-                self.reclaim_wanted.store(true, Ordering::SeqCst);
-                if !drained(c, current - 1) {
-                    return Ok(false);
-                }
+        // The cache counts epochs by parity: the epoch a previous call
+        // closed must be gone before another is closed.
+        let current = self.epoch.load(Ordering::SeqCst);
+        if current > 0 && c.in_epoch(current - 1) > 0 {
+            self.reclaim_wanted.store(true, Ordering::SeqCst);
+            if !drained(c, current - 1) {
+                return Ok(false);
             }
         }
         let (head, seq, old) = {
@@ -482,23 +559,14 @@ impl Journal {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        if let Some(c) = &self.cache {
-            self.reclaim_wanted.store(true, Ordering::SeqCst);
-            if !drained(c, old) {
-                return Ok(false);
-            }
+        self.reclaim_wanted.store(true, Ordering::SeqCst);
+        if !drained(c, old) {
+            return Ok(false);
         }
         self.reclaim_wanted.store(false, Ordering::SeqCst);
         flush_members()?;
-        let s = Super {
-            nonce: self.nonce,
-            log_blocks: self.log_blocks,
-            checkpoint_seq: seq,
-            mode: self.mode,
-        };
-        let mut b = encode_super(&s, self.bs);
-        sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
-        sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        self.checkpoint_seq.fetch_max(seq, Ordering::SeqCst);
+        self.write_super()?;
         self.tail.store(head, Ordering::SeqCst);
         Ok(true)
     }
@@ -746,7 +814,14 @@ impl Checkpointer {
                             Ok(true) => {}
                             // Reclaim rides on writes: an idle volume keeps
                             // its cache (durable in the log) until then.
-                            Ok(false) => std::thread::sleep(Duration::from_millis(20)),
+                            // An idle volume: a flush through its gate
+                            // carries the reclaim.
+                            Ok(false) => {
+                                if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                    tracing::warn!(volume = volume.name(), error = %e, "journal reclaim flush");
+                                    std::thread::sleep(Duration::from_millis(100));
+                                }
+                            }
                             Err(e) => {
                                 tracing::error!(volume = volume.name(), error = %e, "journal checkpoint");
                                 std::thread::sleep(Duration::from_millis(100));

@@ -1431,6 +1431,12 @@ impl IoChannel for Raid5Channel {
             let more = self.take_reclaim(pa, 2);
             pieces.extend(more);
         }
+        // A flush carries more: on an idle volume, flushes sent through its
+        // gate by the control thread are how the cache drains.
+        if kind == Kind::Flush && self.journal.as_ref().is_some_and(|j| j.reclaim_wanted()) {
+            let more = self.take_reclaim(pa, 16);
+            pieces.extend(more);
+        }
         for pi in pieces {
             self.start(pi);
         }

@@ -176,6 +176,14 @@ enum VolumeCmd {
         /// MiB per second.
         mib_per_sec: u64,
     },
+    /// Switch the journal between write-through and write-back, online
+    /// (to write-through, the cache drains to the members first).
+    JournalMode {
+        /// The volume.
+        name: String,
+        /// write-through or write-back.
+        mode: String,
+    },
     /// Wait until the volume's rebuild or scrub ends.
     ///
     /// Example: applctl volume wait vol0 --progress
@@ -458,6 +466,10 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 max_bytes_per_sec: mib_per_sec.saturating_mul(1 << 20),
             })
             .await?
+        }
+        VolumeCmd::JournalMode { name, mode } => {
+            c.set_journal_mode(pb::SetJournalModeRequest { volume: name, mode })
+                .await?
         }
         VolumeCmd::Wait {
             name,
