@@ -104,6 +104,7 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
             .unwrap_or_default(),
         journal_fill: v.journal_state.map_or(0.0, |j| j.1),
         journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
+        journal_failed: v.journal_state.is_some_and(|j| j.3),
     }
 }
 

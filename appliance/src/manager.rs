@@ -214,8 +214,9 @@ pub struct VolumeView {
     pub quiesce: poller::QuiesceStats,
     /// Its journal device.
     pub journal: Option<String>,
-    /// The journal's mode, log fill (0..=1) and write-back cached blocks.
-    pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64)>,
+    /// The journal's mode, log fill (0..=1), write-back cached blocks and
+    /// whether its device failed (the volume then goes on without it).
+    pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64, bool)>,
 }
 
 /// An export as listed.
@@ -1042,7 +1043,12 @@ impl Manager {
             journal: v.decl.journal.clone(),
             journal_state: v.checkpointer.as_ref().map(|c| {
                 let j = c.journal();
-                (j.mode(), j.usage(), j.cache().map_or(0, |c| c.len()))
+                (
+                    j.mode(),
+                    j.usage(),
+                    j.cache().map_or(0, |c| c.len()),
+                    j.has_failed(),
+                )
             }),
         }
     }
@@ -1324,6 +1330,12 @@ impl Manager {
         for v in self.list_volumes() {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));
+            }
+            if v.journal_state.is_some_and(|j| j.3) {
+                problems.push(format!(
+                    "volume {}: its journal device failed; writes go on without write-hole protection",
+                    v.name
+                ));
             }
         }
         Health {

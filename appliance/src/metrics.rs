@@ -120,9 +120,10 @@ impl Sampler {
                 .set(v.quiesce.wait_ns_total as f64 / 1e9);
             gauge!("appliance_volume_quiesce_wait_seconds_max", &l)
                 .set(v.quiesce.wait_ns_max as f64 / 1e9);
-            if let Some((_, fill, cached)) = v.journal_state {
+            if let Some((_, fill, cached, failed)) = v.journal_state {
                 gauge!("appliance_volume_journal_fill_ratio", &l).set(fill);
                 gauge!("appliance_volume_journal_cached_blocks", &l).set(cached as f64);
+                gauge!("appliance_volume_journal_failed", &l).set(failed as u8 as f64);
             }
         }
 

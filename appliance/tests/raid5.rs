@@ -658,3 +658,85 @@ fn journal_mode_switches_race_verified_io_and_a_member_failure() {
     assert!(journal.cache().unwrap().is_empty());
     reactors.shutdown().unwrap();
 }
+
+/// The journal device fails under verified IO on every reactor, in both
+/// modes: no IO fails (pieces caught by the failure are planned again
+/// without the journal), the write-back cache drains to the members on its
+/// own (the checkpointer's flushes carry the reclaim), later reads come
+/// from the members and verify, and parity is consistent.
+#[test]
+fn a_failed_journal_is_left_behind_without_failing_io_or_losing_the_cache() {
+    use appliance::raid::journal::{Checkpointer, Journal, JournalMode};
+    for mode in [JournalMode::WriteThrough, JournalMode::WriteBack] {
+        let reactors = Reactors::start(ReactorConfig {
+            count: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let members: Vec<Arc<dyn BlockDevice>> =
+            (0..4).map(|i| ram(&format!("m{i}"), 8192)).collect();
+        let jfault = Arc::new(FaultDevice::new(ram("j", 4097)));
+        let journal = Journal::format_with(jfault.clone() as Arc<dyn BlockDevice>, mode).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let dev = Arc::new(
+            Raid5Device::new(
+                "r5",
+                members.iter().cloned().map(member).collect(),
+                16384,
+                Layout::LeftSymmetric,
+                0,
+                FailureSink::new(tx),
+            )
+            .unwrap()
+            .with_journal(journal.clone()),
+        );
+        let volume = Volume::new(reactors.set(), "r5", dev.clone());
+        let _checkpointer = Checkpointer::start(journal.clone(), volume.clone());
+        let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+        let w =
+            Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let cached = journal.cache().unwrap().len();
+        jfault.control().pull();
+        std::thread::sleep(Duration::from_millis(500));
+        let totals = w.stop(Duration::from_secs(10)).unwrap();
+        assert!(totals.clean(), "{mode:?}: {totals:?}");
+        assert!(journal.has_failed(), "{mode:?}: the failure went unnoticed");
+        if mode == JournalMode::WriteBack {
+            assert!(cached > 0, "the cache was never used");
+        }
+        let t = std::time::Instant::now();
+        while !journal.cache().unwrap().is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{mode:?}: the cache never drained"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let w =
+            Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let totals = w.stop(Duration::from_secs(10)).unwrap();
+        assert!(
+            totals.clean() && totals.reads_verified > 0,
+            "{mode:?}: {totals:?}"
+        );
+        assert!(monitor
+            .member_states()
+            .iter()
+            .all(|s| *s == MemberState::InSync));
+        let p = monitor.scrub(false).unwrap();
+        let t = std::time::Instant::now();
+        while !p.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            p.mismatches.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{mode:?}: parity"
+        );
+        drop(monitor);
+        reactors.shutdown().unwrap();
+    }
+}

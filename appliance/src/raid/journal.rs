@@ -353,6 +353,9 @@ impl Journal {
         volume: &crate::volume::Volume,
         timeout: Duration,
     ) -> Result<(), String> {
+        if self.has_failed() {
+            return Err("the journal device has failed".into());
+        }
         if mode == JournalMode::WriteBack {
             self.write_back.store(true, Ordering::SeqCst);
             return self.write_super();
@@ -398,8 +401,13 @@ impl Journal {
         self.failed.load(Ordering::SeqCst)
     }
 
+    /// Journal IO failed: writes go on without it, and what the cache
+    /// holds drains to the members (reclaim, journal-less now, rides on
+    /// writes and on the checkpointer's flushes).
     pub(crate) fn set_failed(&self) {
         self.failed.store(true, Ordering::SeqCst);
+        self.write_back.store(false, Ordering::SeqCst);
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Fraction of the log in use.
@@ -808,6 +816,19 @@ impl Checkpointer {
             .name(format!("journal-{}", volume.name()))
             .spawn(move || {
                 while !s.load(Ordering::SeqCst) {
+                    if journal.has_failed() {
+                        // Nothing to checkpoint on a dead device: drain the
+                        // cache to the members, then idle.
+                        if journal.cache().is_some_and(|c| !c.is_empty()) {
+                            if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a failed journal");
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        } else {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        continue;
+                    }
                     let usage = journal.usage();
                     if usage > 0.5 {
                         match checkpoint_now(&journal, &volume) {

@@ -378,6 +378,9 @@ struct Raid5Channel {
     bufpool: Vec<Vec<u8>>,
 }
 
+/// A piece's `jphase` once its journal IO failed.
+const JOURNAL_FAILED: u8 = 3;
+
 /// The child tag's member field for journal IO.
 const JOURNAL: usize = (1 << MEMBER_BITS) - 1;
 
@@ -636,9 +639,13 @@ impl Raid5Channel {
         };
         if p.kind == Kind::Write && p.reclaim.is_none() {
             let n = p.b1 - p.b0;
-            let wb = self.journal.as_ref().is_some_and(|j| {
-                j.mode() == JournalMode::WriteBack && j.cache().is_some_and(|c| c.try_admit(n))
-            });
+            let wb = self
+                .journal
+                .as_ref()
+                .filter(|j| !j.has_failed())
+                .is_some_and(|j| {
+                    j.mode() == JournalMode::WriteBack && j.cache().is_some_and(|c| c.try_admit(n))
+                });
             if wb {
                 p.admitted = n;
                 self.write_back(pi);
@@ -857,7 +864,7 @@ impl Raid5Channel {
             writes.push((parity, omin, omax));
         }
         writes.retain(|&(m, _, _)| Some(m) != failed && !self.failed[m]);
-        if let Some(j) = self.journal.clone() {
+        if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
             let entries: Vec<Entry> = writes
                 .iter()
                 .map(|&(m, lo, hi)| Entry {
@@ -1141,6 +1148,33 @@ impl Raid5Channel {
         );
     }
 
+    /// The journal failed under piece `pi` (still holding its stripe lock,
+    /// nothing written to the members): abandon its record and plan it
+    /// again, which now takes the journal-less path.
+    fn without_journal(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let rec = std::mem::take(&mut p.jrec);
+        p.jwrites.clear();
+        p.wb = false;
+        p.jphase = 0;
+        p.stage = Stage::Reading;
+        let (epoch, admitted) = (p.jepoch.take(), std::mem::take(&mut p.admitted));
+        if let Some(j) = &self.journal {
+            if let Some(e) = epoch {
+                j.done(e);
+            }
+            if let Some(c) = j.cache() {
+                c.release(admitted);
+            }
+        }
+        if self.jbufs.len() < 64 {
+            self.jbufs.push(rec);
+        }
+        self.plan(pi);
+    }
+
     /// Send a journal request for piece `pi`.
     fn journal_io(&mut self, pi: usize, mut req: IoRequest) {
         req.tag = ((pi as u64) << MEMBER_BITS) | JOURNAL as u64;
@@ -1184,6 +1218,7 @@ impl Raid5Channel {
             }
             Stage::Reading if p.plan == Plan::Direct => self.finish_piece(pi),
             Stage::Reading => self.after_reads(pi),
+            Stage::Journaling if p.jphase == JOURNAL_FAILED => self.without_journal(pi),
             // Waiting for room in the log.
             Stage::Journaling if p.jphase == 0 => {}
             Stage::Journaling if p.error.is_some() => self.finish_piece(pi),
@@ -1337,9 +1372,13 @@ impl Raid5Channel {
             p.read_failed = true;
         }
         if c.result.is_err() && m == JOURNAL {
-            // The members were not touched: the write fails whole.
-            p.error.get_or_insert(IoError::DeviceFailed);
+            // The members were not touched: the piece is planned again
+            // without the journal, which the volume goes on without.
+            p.jphase = JOURNAL_FAILED;
             if let Some(j) = &self.journal {
+                if !j.has_failed() {
+                    tracing::error!(volume = %self.info.name, "journal device failed; writes go on without it (no write-hole protection), and the write-back cache drains to the members");
+                }
                 j.set_failed();
             }
         }
@@ -1486,6 +1525,15 @@ impl IoChannel for Raid5Channel {
                     continue;
                 };
                 let unlocked = p.stage == Stage::WaitLock;
+                if j.has_failed() {
+                    // No room will come: go on without the journal.
+                    if unlocked {
+                        self.lock_then_plan(pi);
+                    } else {
+                        self.without_journal(pi);
+                    }
+                    continue;
+                }
                 if !j.has_room(p.jneed, p.reclaim.is_none() && j.cache().is_some()) {
                     self.jwait.push_back(pi);
                     continue;

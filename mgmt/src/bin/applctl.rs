@@ -732,6 +732,9 @@ fn describe(v: &pb::Volume) -> String {
             v.journal_fill * 100.0,
             v.journal_cached_blocks
         );
+        if v.journal_failed {
+            s += "  JOURNAL FAILED: writes go on without write-hole protection\n";
+        }
     }
     if let Some(p) = &v.progress {
         s += &format!(
