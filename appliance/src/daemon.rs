@@ -104,16 +104,45 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         },
         None => None,
     };
+    let served = serve(
+        mgr.clone(),
+        &opts.api_socket,
+        tcp,
+        reactors.set().clone(),
+        stop,
+    );
+    let _ = std::fs::remove_file(&opts.api_socket);
+    sampler_stop.store(true, Ordering::SeqCst);
+    if let Some(t) = sampler {
+        let _ = t.join();
+    }
+    mgr.shutdown();
+    let stopped = reactors.shutdown().map_err(|e| e.to_string());
+    served.and(stopped)
+}
+
+/// Serve the API of `mgr` on the unix socket `socket` (and on TCP with TLS,
+/// if given) until `stop` is set or the reactors stop.
+pub fn serve(
+    mgr: Arc<Manager>,
+    socket: &std::path::Path,
+    tcp: Option<mgmt::server::TcpAccess>,
+    set: poller::ReactorSet,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the API runtime: {e}"))?;
-    let served = rt.block_on(async {
-        let listener = mgmt::server::bind(&opts.api_socket)
-            .map_err(|e| format!("binding {}: {e}", opts.api_socket.display()))?;
-        tracing::info!(socket = %opts.api_socket.display(), reactors = reactors.set().len(), "API listening");
-        println!("appliance {} listening on {}", env!("CARGO_PKG_VERSION"), opts.api_socket.display());
-        let set = reactors.set().clone();
+    rt.block_on(async {
+        let listener =
+            mgmt::server::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+        tracing::info!(socket = %socket.display(), reactors = set.len(), "API listening");
+        println!(
+            "appliance {} listening on {}",
+            env!("CARGO_PKG_VERSION"),
+            socket.display()
+        );
         let stopped = move || {
             let (stop, set) = (stop.clone(), set.clone());
             async move {
@@ -122,7 +151,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
                 }
             }
         };
-        let svc = crate::api::Service::new(mgr.clone());
+        let svc = crate::api::Service::new(mgr);
         let unix = mgmt::server::serve(svc.clone(), listener, stopped());
         match tcp {
             None => unix.await.map_err(|e| format!("API server: {e}")),
@@ -134,14 +163,5 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
                 t.map_err(|e| format!("API server on TCP: {e}"))
             }
         }
-    });
-    let _ = std::fs::remove_file(&opts.api_socket);
-    sampler_stop.store(true, Ordering::SeqCst);
-    if let Some(t) = sampler {
-        let _ = t.join();
-    }
-    mgr.shutdown();
-    drop(rt);
-    let stopped = reactors.shutdown().map_err(|e| e.to_string());
-    served.and(stopped)
+    })
 }

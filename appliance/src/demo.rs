@@ -8,20 +8,15 @@ use std::io::Write;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdev::{BlockDevice, FaultDevice, RamDevice};
+use bdev::FaultDevice;
 use blkio::{Blkio, Completion, ReqFlags};
 use poller::{ReactorConfig, Reactors};
 
-use crate::export::{Export, ExportOptions};
-use crate::raid::assembly::{create, VolumeSpec};
-use crate::raid::geometry::Layout;
-use crate::raid::members::{FailureSink, MemberState};
-use crate::raid::monitor::Monitor;
-use crate::raid::superblock::Level;
-use crate::volume::Volume;
+use crate::config::{DeviceDecl, ExportDecl, VolumeDecl};
+use crate::manager::{Manager, MgmtError};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -49,8 +44,8 @@ pub struct DemoReport {
     pub errors: u64,
     /// Seconds the rebuild took.
     pub rebuild_secs: f64,
-    /// Member states at the end.
-    pub states: Vec<MemberState>,
+    /// Member states at the end ("in_sync", ...).
+    pub states: Vec<String>,
     /// Client IOPS over the run.
     pub iops: f64,
 }
@@ -61,7 +56,8 @@ impl DemoReport {
         self.errors == 0
             && self.mismatches == 0
             && self.verified > 0
-            && self.states.iter().all(|s| *s == MemberState::InSync)
+            && !self.states.is_empty()
+            && self.states.iter().all(|s| s == "in_sync")
     }
 }
 
@@ -209,87 +205,96 @@ fn start_client(socket: &Path, blocks: u64) -> Result<Client, String> {
     })
 }
 
-/// What stays up after the demo (for `--keep`): drop the export first.
+/// What stays up after the demo (for `--keep`): the volume and its export
+/// live in a [`Manager`], so `applctl` can drive them over the API.
 pub struct Running {
     /// The reactors.
     pub reactors: Reactors,
-    /// The export.
-    pub export: Export,
-    /// The volume's monitor.
-    pub monitor: Monitor,
-    /// Reclaims the journal's log while the volume serves.
-    pub checkpointer: crate::raid::journal::Checkpointer,
+    /// Devices, the volume and its export.
+    pub manager: Arc<Manager>,
 }
 
-/// Run the demo, printing as it goes.
+/// Run the demo, printing as it goes. Everything goes through the
+/// [`Manager`], as an operator's calls would.
 pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Running), String> {
     let reactors = Reactors::start(ReactorConfig {
         count: opts.reactors,
         ..Default::default()
     })
     .map_err(|e| e.to_string())?;
-    let blocks = opts.member_mib * 256 + 256;
-    let ram = |name: &str| -> Result<Arc<dyn BlockDevice>, String> {
-        Ok(Arc::new(
-            RamDevice::new(name, 4096, blocks).map_err(|e| e.to_string())?,
-        ))
+    let mgr = Arc::new(Manager::new(reactors.set(), None));
+    match setup(&mgr, opts, out) {
+        Ok(report) => Ok((
+            report,
+            Running {
+                reactors,
+                manager: mgr,
+            },
+        )),
+        Err(e) => {
+            mgr.shutdown_without_saving();
+            let _ = reactors.shutdown();
+            Err(e)
+        }
+    }
+}
+
+fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoReport, String> {
+    let e = |e: MgmtError| e.to_string();
+    let ram = |name: &str, mib: u64| DeviceDecl {
+        name: name.into(),
+        spec: format!("ram:{mib}M"),
+        block_size: 4096,
     };
-    let faults: Vec<Arc<FaultDevice>> = (0..4)
-        .map(|i| ram(&format!("ram{i}")).map(|d| Arc::new(FaultDevice::new(d))))
-        .collect::<Result<_, _>>()?;
-    let spare = ram("ram-spare")?;
-    let (tx, rx) = mpsc::channel();
-    let (device, meta) = create(
-        &VolumeSpec {
-            name: "demo".into(),
-            level: Level::Raid5,
-            layout: Layout::LeftSymmetric,
-            chunk_bytes: 64 << 10,
-            data_offset: 256,
-            members: faults
-                .iter()
-                .map(|f| f.clone() as Arc<dyn BlockDevice>)
-                .collect(),
-        },
-        FailureSink::new(tx),
-        true,
-    )
-    .map_err(|e| e.to_string())?;
+    // Members sit behind fault injectors, so one can be pulled as a dying
+    // disk would be (a real IO failure, not an operator's `fail`).
+    let mut faults: Vec<Arc<FaultDevice>> = Vec::new();
+    for i in 0..4 {
+        mgr.attach_device_wrapped(ram(&format!("ram{i}"), opts.member_mib + 1), |d| {
+            let f = Arc::new(FaultDevice::new(d));
+            faults.push(f.clone());
+            f
+        })
+        .map_err(e)?;
+    }
+    mgr.attach_device(ram("ram-spare", opts.member_mib + 1))
+        .map_err(e)?;
+    mgr.attach_device(ram("ram-journal", 64)).map_err(e)?;
     // A write-back journal: writes are acknowledged once durable there,
     // and it closes the RAID5 write hole.
-    let journal = crate::raid::journal::Journal::format_with(
-        Arc::new(RamDevice::new("ram-journal", 4096, 16384).map_err(|e| e.to_string())?),
-        crate::raid::journal::JournalMode::WriteBack,
-    )?;
-    let device = device
-        .with_journal(journal.clone())
-        .ok_or("a RAID5 takes a journal")?;
-    let volume = Volume::new(reactors.set(), "demo", device.clone());
-    let checkpointer = crate::raid::journal::Checkpointer::start(journal, volume.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), device, rx, vec![spare]);
-    monitor.set_meta(meta);
-    monitor.open(true).map_err(|e| e.to_string())?;
-    let info = volume.info();
-    let export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            socket: opts.socket.clone(),
-            num_queues: 2,
-            read_only: false,
-            serial: "appliance-demo".into(),
-            queue_cores: vec![],
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let v = mgr
+        .create_volume(
+            VolumeDecl {
+                name: "demo".into(),
+                level: "raid5".into(),
+                members: (0..4).map(|i| format!("ram{i}")).collect(),
+                spares: vec!["ram-spare".into()],
+                chunk_kib: 64,
+                layout: "left-symmetric".into(),
+                max_rebuild_bytes_per_sec: 0,
+                journal: Some("ram-journal".into()),
+                journal_mode: "write-back".into(),
+            },
+            true,
+        )
+        .map_err(e)?;
+    mgr.create_export(ExportDecl {
+        name: "demo".into(),
+        volume: "demo".into(),
+        socket: opts.socket.clone(),
+        num_queues: 2,
+        read_only: false,
+        serial: "appliance-demo".into(),
+    })
+    .map_err(e)?;
     let _ = writeln!(
         out,
         "RAID5 over 4 RAM members of {} MiB (64 KiB chunks, left-symmetric) + 1 hot spare + a write-back journal (64 MiB RAM): {} MiB, exported on {}",
         opts.member_mib,
-        info.size_bytes() >> 20,
+        v.size_bytes >> 20,
         opts.socket.display()
     );
-    let client_blocks = info.num_blocks.min(16384);
+    let client_blocks = (v.size_bytes / 4096).min(16384);
     let client = start_client(&opts.socket, client_blocks)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(opts.before_failure));
@@ -305,12 +310,15 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Runni
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut shown = -1i64;
     loop {
-        if let Some(p) = monitor.rebuild() {
-            let f = p.fraction();
+        let v = mgr.get_volume("demo").map_err(e)?;
+        if let Some(p) = v.progress.as_ref().filter(|p| p.kind == "rebuild") {
+            let f = p.fraction;
             let bar = "#".repeat((f * 40.0) as usize);
-            let eta = p
-                .eta()
-                .map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()));
+            let eta = if p.eta_seconds >= 0.0 {
+                format!("{:.1}s", p.eta_seconds)
+            } else {
+                "-".into()
+            };
             let tenth = (f * 10.0) as i64;
             if tty {
                 let _ = write!(
@@ -327,15 +335,11 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Runni
                 );
             }
             let _ = out.flush();
-            if p.is_finished() {
-                if let Some(e) = p.error() {
-                    return Err(format!("rebuild failed: {e}"));
+            if p.finished {
+                if !p.error.is_empty() {
+                    return Err(format!("rebuild failed: {}", p.error));
                 }
-                if monitor
-                    .member_states()
-                    .iter()
-                    .all(|s| *s == MemberState::InSync)
-                {
+                if v.state == "optimal" {
                     break;
                 }
             }
@@ -357,13 +361,14 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Runni
         .map_err(|_| "client panicked".to_string())??;
     client.stop.store(true, Ordering::SeqCst);
     let ios = client.ios.load(Ordering::Relaxed);
+    let v = mgr.get_volume("demo").map_err(e)?;
     let report = DemoReport {
         ios,
         verified,
         mismatches,
         errors,
         rebuild_secs,
-        states: monitor.member_states(),
+        states: v.members.iter().map(|m| m.1.to_string()).collect(),
         iops: ios as f64 / t0.elapsed().as_secs_f64(),
     };
     let _ = writeln!(
@@ -371,14 +376,15 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Runni
         "{} IOs ({:.0} IOPS through vhost-user-blk), {} reads verified, {} mismatches, {} errors; members {:?}",
         report.ios, report.iops, report.verified, report.mismatches, report.errors, report.states
     );
-    let j = checkpointer.journal();
-    let _ = writeln!(
-        out,
-        "journal ({}): log {:.0} % full, {} blocks acknowledged and not yet on the members",
-        j.mode().name(),
-        j.usage() * 100.0,
-        j.cache().map_or(0, |c| c.len())
-    );
+    if let Some((mode, fill, cached, _)) = v.journal_state {
+        let _ = writeln!(
+            out,
+            "journal ({}): log {:.0} % full, {} blocks acknowledged and not yet on the members",
+            mode.name(),
+            fill * 100.0,
+            cached
+        );
+    }
     let _ = writeln!(
         out,
         "{}",
@@ -388,13 +394,5 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Runni
             "demo FAILED"
         }
     );
-    Ok((
-        report,
-        Running {
-            reactors,
-            export,
-            monitor,
-            checkpointer,
-        },
-    ))
+    Ok(report)
 }

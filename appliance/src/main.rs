@@ -39,6 +39,9 @@ enum Command {
         /// Keep serving after the demo until Ctrl-C, for applctl or a QEMU guest.
         #[arg(long)]
         keep: bool,
+        /// With --keep: the gRPC API's unix socket, for applctl.
+        #[arg(long, default_value = "/tmp/appliance-demo-api.sock")]
+        api: std::path::PathBuf,
     },
     /// Run a verified workload on every reactor on a RAM device while
     /// reconfiguring it through the quiesce epoch, and print the result.
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
             before_failure,
             socket,
             keep,
+            api,
         } => demo(
             appliance::demo::DemoOptions {
                 reactors,
@@ -167,7 +171,7 @@ fn main() -> ExitCode {
                 before_failure,
                 socket,
             },
-            keep,
+            keep.then_some(api),
         ),
         Command::Selfcheck {
             reactors,
@@ -477,7 +481,7 @@ fn selfcheck(opts: &SelfCheckOptions, keep: bool) -> ExitCode {
     }
 }
 
-fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
+fn demo(opts: appliance::demo::DemoOptions, keep: Option<std::path::PathBuf>) -> ExitCode {
     if !(opts.before_failure.is_finite()
         && opts.before_failure >= 0.0
         && opts.before_failure <= 3600.0)
@@ -504,26 +508,24 @@ fn demo(opts: appliance::demo::DemoOptions, keep: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if keep {
-        println!("serving until Ctrl-C; attach a QEMU guest with:");
+    let appliance::demo::Running { reactors, manager } = running;
+    let mut served = Ok(());
+    if let Some(api) = keep {
+        println!("serving until Ctrl-C; drive it with applctl:");
+        println!("  applctl --api {} volume show demo", api.display());
+        println!("attach a QEMU guest with:");
         println!(
             "  qemu-system-x86_64 -machine q35 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=demo,path={},reconnect=1 -device vhost-user-blk-pci,chardev=demo,num-queues=2 ...",
             opts.socket.display()
         );
-        wait_for_stop(&stop, &running.reactors);
+        served =
+            appliance::daemon::serve(manager.clone(), &api, None, reactors.set().clone(), stop);
+        let _ = std::fs::remove_file(&api);
     }
-    let appliance::demo::Running {
-        reactors,
-        mut export,
-        monitor,
-        checkpointer,
-    } = running;
-    let _ = export.delete(true);
-    drop(checkpointer);
-    if let Err(e) = monitor.close() {
-        eprintln!("error: recording a clean shutdown: {e}");
+    manager.shutdown();
+    if let Err(e) = served {
+        eprintln!("error: {e}");
     }
-    drop(monitor);
     match reactors.shutdown() {
         Ok(()) if report.passed() => ExitCode::SUCCESS,
         Ok(()) => ExitCode::FAILURE,

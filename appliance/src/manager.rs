@@ -464,7 +464,17 @@ impl Manager {
     // ---- devices ----
 
     /// Attach a device.
-    pub fn attach_device(&self, mut decl: DeviceDecl) -> Result<DeviceView, MgmtError> {
+    pub fn attach_device(&self, decl: DeviceDecl) -> Result<DeviceView, MgmtError> {
+        self.attach_device_wrapped(decl, |d| d)
+    }
+
+    /// Attach a device as `wrap` returns it once opened (the demo wraps
+    /// its members in fault injectors, to pull one).
+    pub fn attach_device_wrapped(
+        &self,
+        mut decl: DeviceDecl,
+        wrap: impl FnOnce(Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice>,
+    ) -> Result<DeviceView, MgmtError> {
         check_name("name", &decl.name)?;
         if decl.block_size == 0 {
             decl.block_size = 4096;
@@ -494,8 +504,10 @@ impl Manager {
                 )));
             }
         }
-        let dev = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size)
-            .map_err(|e| invalid("spec", e))?;
+        let dev = wrap(
+            crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size)
+                .map_err(|e| invalid("spec", e))?,
+        );
         let view = DeviceView {
             num_blocks: dev.info().num_blocks,
             decl: decl.clone(),
