@@ -100,6 +100,10 @@ enum Cmd {
         /// hot set, where write-back absorbs overwrites.
         #[arg(long, default_value_t = 0)]
         span_mib: u64,
+        /// Delay every member completion by this many microseconds (slow
+        /// members behind a RAM journal: where write-back pays).
+        #[arg(long, default_value_t = 0)]
+        member_latency_us: u64,
     },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
@@ -131,7 +135,15 @@ fn main() {
             journal,
             write_back,
             span_mib,
-        } => raid(level, rw, members, seconds, (journal, write_back), span_mib),
+            member_latency_us,
+        } => raid(
+            level,
+            rw,
+            members,
+            seconds,
+            (journal, write_back),
+            (span_mib, member_latency_us),
+        ),
     };
     match result {
         Ok(v) => println!("{v}"),
@@ -430,7 +442,7 @@ fn raid(
     members: usize,
     seconds: f64,
     (journal, write_back): (bool, bool),
-    span_mib: u64,
+    (span_mib, member_latency_us): (u64, u64),
 ) -> Result<serde_json::Value, String> {
     use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, Member, MemberState};
@@ -440,7 +452,13 @@ fn raid(
     let mk = |i: usize| -> Result<Arc<dyn BlockDevice>, String> {
         let d = RamDevice::new(&format!("m{i}"), 4096, member_blocks).map_err(|e| e.to_string())?;
         prefill(&d)?;
-        Ok(Arc::new(d))
+        if member_latency_us == 0 {
+            return Ok(Arc::new(d));
+        }
+        let f = bdev::FaultDevice::new(Arc::new(d));
+        f.control()
+            .set_latency(Duration::from_micros(member_latency_us));
+        Ok(Arc::new(f))
     };
     let ms: Vec<Member> = (0..members)
         .map(|i| {
@@ -545,6 +563,7 @@ fn raid(
         "level": level,
         "members": members,
         "span_mib": span_mib,
+        "member_latency_us": member_latency_us,
         "rw": format!("{rw:?}").to_lowercase(),
         "io_bytes": io_bytes,
         "results": out,
