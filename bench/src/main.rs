@@ -105,6 +105,14 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         member_latency_us: u64,
     },
+    /// RAID5 journal figures on RAM devices: replay time per GiB of log
+    /// (write-through and write-back records), and reclaim throughput (a
+    /// full write-back cache drained to the members).
+    Journal {
+        /// Size of the journal's log.
+        #[arg(long, default_value_t = 1024)]
+        log_mib: u64,
+    },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
     RamLoop {
@@ -126,6 +134,7 @@ fn main() {
             seconds,
         } => device(kind, rw, &path, mib, seconds),
         Cmd::RamLoop { ios } => ram_loop(ios),
+        Cmd::Journal { log_mib } => journal_bench(log_mib),
         Cmd::Xor { size, sources } => xor(size, sources),
         Cmd::Raid {
             level,
@@ -568,4 +577,120 @@ fn raid(
         "io_bytes": io_bytes,
         "results": out,
     }))
+}
+
+/// Replay and reclaim figures for the RAID5 journal (see `Cmd::Journal`).
+fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
+    use appliance::raid::geometry::Layout;
+    use appliance::raid::journal::{Journal, JournalMode};
+    use appliance::raid::members::{FailureSink, Member, MemberState};
+    use appliance::raid::raid5::Raid5Device;
+    let members: Vec<Arc<dyn BlockDevice>> = (0..4)
+        .map(|i| {
+            let d = RamDevice::new(&format!("m{i}"), 4096, (256 << 20) / 4096)
+                .map_err(|e| e.to_string())?;
+            prefill(&d)?;
+            Ok(Arc::new(d) as Arc<dyn BlockDevice>)
+        })
+        .collect::<Result<_, String>>()?;
+    let raid = |j: &Arc<Journal>| -> Result<Raid5Device, String> {
+        Ok(Raid5Device::new(
+            "r5",
+            members
+                .iter()
+                .map(|d| Member {
+                    dev: d.clone(),
+                    state: MemberState::InSync,
+                })
+                .collect(),
+            64 << 10,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::none(),
+        )
+        .map_err(|e| e.to_string())?
+        .with_journal(j.clone()))
+    };
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut out = serde_json::Map::new();
+    for mode in [JournalMode::WriteThrough, JournalMode::WriteBack] {
+        // Fill most of the log with 4 KiB random writes (no checkpoints),
+        // then time the replay a restart would do.
+        let jdev = RamDevice::new("j", 4096, (log_mib + 1) << 8).map_err(|e| e.to_string())?;
+        prefill(&jdev)?;
+        let jdev: Arc<dyn BlockDevice> = Arc::new(jdev);
+        let j = Journal::format_with(jdev.clone(), mode)?;
+        let r5 = raid(&j)?;
+        let geo = *r5.geometry();
+        let blocks = r5.info().num_blocks;
+        let mut ch = r5.open_channel().map_err(|e| e.to_string())?;
+        let mut buf = vec![0x5au8; 4096];
+        let mut writes = 0u64;
+        while j.usage() < 0.6 {
+            run(ch.as_mut(), IoOp::Write, next(blocks), 1, &mut buf)?;
+            writes += 1;
+        }
+        let log_bytes = j.usage() * (log_mib << 20) as f64;
+        drop(ch);
+        drop(r5);
+        let slots: Vec<Option<Arc<dyn BlockDevice>>> = members.iter().cloned().map(Some).collect();
+        let t = Instant::now();
+        let (_, rep) = Journal::replay(jdev, &slots, Some(&geo))?;
+        let secs = t.elapsed().as_secs_f64();
+        out.insert(
+            format!("replay_{}", mode.name()),
+            json!({
+                "writes": writes,
+                "log_bytes": log_bytes,
+                "records": rep.records,
+                "blocks": rep.blocks,
+                "seconds": secs,
+                "seconds_per_gib_of_log": secs / (log_bytes / (1u64 << 30) as f64),
+            }),
+        );
+    }
+    // Reclaim: fill the write-back cache with random 4 KiB blocks, then
+    // switch to write-through, which drains it to the members.
+    let jdev = RamDevice::new("j", 4096, (log_mib + 1) << 8).map_err(|e| e.to_string())?;
+    let j = Journal::format_with(Arc::new(jdev), JournalMode::WriteBack)?;
+    let r5: Arc<dyn BlockDevice> = Arc::new(raid(&j)?);
+    let blocks = r5.info().num_blocks;
+    let reactors = start(1)?;
+    let vol = appliance::volume::Volume::new(reactors.set(), "bench-journal", r5.clone());
+    let mut ch = r5.open_channel().map_err(|e| e.to_string())?;
+    let mut buf = vec![0xa5u8; 4096];
+    let cache = j.cache().ok_or("no cache")?;
+    let mut last = 0;
+    // Until the cache stops growing (it is full: writes go write-through).
+    for i in 0.. {
+        run(ch.as_mut(), IoOp::Write, next(blocks), 1, &mut buf)?;
+        if i % 4096 == 4095 {
+            if cache.len() == last {
+                break;
+            }
+            last = cache.len();
+        }
+    }
+    drop(ch);
+    let cached = cache.len();
+    let t = Instant::now();
+    j.set_mode(JournalMode::WriteThrough, &vol, Duration::from_secs(300))?;
+    let secs = t.elapsed().as_secs_f64();
+    reactors.shutdown().map_err(|e| e.to_string())?;
+    out.insert(
+        "reclaim".into(),
+        json!({
+            "blocks": cached,
+            "seconds": secs,
+            "blocks_per_second": cached as f64 / secs,
+            "mb_per_second": cached as f64 * 4096.0 / secs / 1e6,
+        }),
+    );
+    Ok(json!({"bench": "journal", "log_mib": log_mib, "results": out}))
 }
