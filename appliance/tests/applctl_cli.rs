@@ -10,6 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills a spawned process if the test panics before stopping it, so a
+/// failed test leaves no daemon behind.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn applctl_path() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_appliance"));
     let p = bin.with_file_name("applctl");
@@ -103,6 +116,7 @@ fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _reap = KillOnPanic(child.id());
     let t = Instant::now();
     while applctl(&api, &["version"]).status.code() != Some(0) {
         assert!(
@@ -155,6 +169,7 @@ num_queues = 2
     .unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
 
     // Metrics move under IO.
     let vm = r#"export="vm""#;
@@ -313,6 +328,7 @@ fn a_journalled_raid5_comes_back_from_sigkill_with_its_data() {
     std::fs::write(&config, toml).unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
     let mut disk = common::Disk::connect(&sock).unwrap();
     for i in 0..12u64 {
         let p = common::pattern(i, i << 20, common::Disk::BUF);
@@ -340,6 +356,7 @@ fn a_journalled_raid5_comes_back_from_sigkill_with_its_data() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let _reap_restarted = KillOnPanic(daemon.id());
     let t = Instant::now();
     while applctl(&api, &["version"]).status.code() != Some(0) {
         assert!(t.elapsed() < Duration::from_secs(30), "no restart");
@@ -397,6 +414,7 @@ fn the_kept_demo_is_driven_with_applctl() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _reap = KillOnPanic(child.id());
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     for l in lines.by_ref() {
