@@ -1272,29 +1272,18 @@ impl Raid5Channel {
         if p.locked {
             self.locks.unlock(p.stripe);
         }
-        if p.reclaim.is_some() {
+        let error = if p.reclaim.is_some() {
             // A failed reclaim leaves its blocks cached (they are durable
             // in the log); it is never the parent's failure.
             self.reclaiming -= 1;
-            if let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) {
-                parent.left -= 1;
-                if parent.left == 0 {
-                    if let Some(parent) = self.parents[p.parent].take() {
-                        self.free_parents.push(p.parent);
-                        self.done.push(Completion {
-                            tag: parent.tag,
-                            result: parent.error.map_or(Ok(()), Err),
-                        });
-                    }
-                }
-            }
-            return;
-        }
-        // More than one member gone means data is lost: never pretend.
-        let error = p.error.or_else(|| {
-            (p.kind != Kind::Flush && self.down_count(p.stripe) > 1)
-                .then_some(IoError::DeviceFailed)
-        });
+            None
+        } else {
+            // More than one member gone means data is lost: never pretend.
+            p.error.or_else(|| {
+                (p.kind != Kind::Flush && self.down_count(p.stripe) > 1)
+                    .then_some(IoError::DeviceFailed)
+            })
+        };
         let flush_failed = p.kind == Kind::Flush && self.failed.iter().all(|&f| f);
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
             return;
