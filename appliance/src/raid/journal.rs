@@ -470,16 +470,7 @@ impl Journal {
             return None;
         }
         let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut pos = self.head.load(Ordering::SeqCst);
-        // A record never wraps: skip to the start of the next lap.
-        let off = pos % self.log_blocks;
-        if off + blocks > self.log_blocks {
-            pos += self.log_blocks - off;
-        }
-        let room = self.room(volume);
-        if pos + blocks - self.tail.load(Ordering::SeqCst) > room {
-            return None;
-        }
+        let pos = self.place(blocks, volume)?;
         self.head.store(pos + blocks, Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let epoch = self.epoch.load(Ordering::SeqCst);
@@ -508,13 +499,19 @@ impl Journal {
     /// Whether a record of `blocks` would find room now (see
     /// [`reserve`](Self::reserve)).
     pub fn has_room(&self, blocks: u64, volume: bool) -> bool {
-        let room = self.room(volume);
+        self.place(blocks, volume).is_some()
+    }
+
+    /// Where a record of `blocks` would go now (logical position), if it
+    /// fits in the room its kind may use.
+    fn place(&self, blocks: u64, volume: bool) -> Option<u64> {
         let mut pos = self.head.load(Ordering::SeqCst);
+        // A record never wraps: skip to the start of the next lap.
         let off = pos % self.log_blocks;
         if off + blocks > self.log_blocks {
             pos += self.log_blocks - off;
         }
-        pos + blocks - self.tail.load(Ordering::SeqCst) <= room
+        (pos + blocks - self.tail.load(Ordering::SeqCst) <= self.room(volume)).then_some(pos)
     }
 
     /// A record of `epoch` has reached the members (or was abandoned).
