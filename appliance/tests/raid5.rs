@@ -27,6 +27,27 @@ fn member(dev: Arc<dyn BlockDevice>) -> Member {
     }
 }
 
+/// RAID5 over `devs` in 16 KiB chunks, left-symmetric, data from block
+/// `offset`.
+fn r5(devs: &[Arc<dyn BlockDevice>], offset: u64, failures: FailureSink) -> Raid5Device {
+    Raid5Device::new(
+        "r5",
+        devs.iter().cloned().map(member).collect(),
+        16384,
+        Layout::LeftSymmetric,
+        offset,
+        failures,
+    )
+    .unwrap()
+}
+
+fn as_devs(faults: &[Arc<FaultDevice>]) -> Vec<Arc<dyn BlockDevice>> {
+    faults
+        .iter()
+        .map(|f| f.clone() as Arc<dyn BlockDevice>)
+        .collect()
+}
+
 /// XOR of all members over the data area is zero on every row.
 fn parity_consistent(members: &[Arc<dyn BlockDevice>], offset: u64, blocks: u64) -> bool {
     let mut acc = vec![0u8; 4096 * blocks as usize];
@@ -158,20 +179,7 @@ fn a_member_failing_under_load_degrades_the_volume_without_io_errors() {
         .map(|i| Arc::new(FaultDevice::new(ram(&format!("m{i}"), 8192))))
         .collect();
     let (tx, rx) = mpsc::channel();
-    let dev = Arc::new(
-        Raid5Device::new(
-            "r5",
-            faults
-                .iter()
-                .map(|f| member(f.clone() as Arc<dyn BlockDevice>))
-                .collect(),
-            16384,
-            Layout::LeftSymmetric,
-            0,
-            FailureSink::new(tx),
-        )
-        .unwrap(),
-    );
+    let dev = Arc::new(r5(&as_devs(&faults), 0, FailureSink::new(tx)));
     let volume = Volume::new(reactors.set(), "r5", dev.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
     let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
@@ -210,20 +218,7 @@ fn a_spare_takes_over_and_is_rebuilt_while_io_goes_on() {
         .collect();
     let spare = ram("spare", 4096);
     let (tx, rx) = mpsc::channel();
-    let dev = Arc::new(
-        Raid5Device::new(
-            "r5",
-            faults
-                .iter()
-                .map(|f| member(f.clone() as Arc<dyn BlockDevice>))
-                .collect(),
-            16384,
-            Layout::LeftSymmetric,
-            0,
-            FailureSink::new(tx),
-        )
-        .unwrap(),
-    );
+    let dev = Arc::new(r5(&as_devs(&faults), 0, FailureSink::new(tx)));
     let volume = Volume::new(reactors.set(), "r5", dev.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![spare.clone()]);
     let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
@@ -396,17 +391,7 @@ fn scrub_finds_and_repairs_parity_mismatches() {
     .unwrap();
     let devs: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| ram(&format!("m{i}"), 256)).collect();
     let (tx, rx) = mpsc::channel();
-    let dev = Arc::new(
-        Raid5Device::new(
-            "r5",
-            devs.iter().cloned().map(member).collect(),
-            16384,
-            Layout::LeftSymmetric,
-            0,
-            FailureSink::new(tx),
-        )
-        .unwrap(),
-    );
+    let dev = Arc::new(r5(&devs, 0, FailureSink::new(tx)));
     let volume = Volume::new(reactors.set(), "r5", dev.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
     let data: Vec<u8> = (0..dev.info().num_blocks as usize * 4096)
@@ -495,18 +480,7 @@ fn a_write_back_raid5_conforms_reclaims_and_replays() {
     let devs: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| ram(&format!("m{i}"), 1024 + 8)).collect();
     let jdev = ram("j", 1025);
     let journal = Journal::format_with(jdev.clone(), JournalMode::WriteBack).unwrap();
-    let r = Arc::new(
-        Raid5Device::new(
-            "r5",
-            devs.iter().cloned().map(member).collect(),
-            16384,
-            Layout::LeftSymmetric,
-            8,
-            FailureSink::none(),
-        )
-        .unwrap()
-        .with_journal(journal.clone()),
-    );
+    let r = Arc::new(r5(&devs, 8, FailureSink::none()).with_journal(journal.clone()));
     let geo = *r.geometry();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let checkpoints = {
@@ -559,15 +533,7 @@ fn a_write_back_raid5_conforms_reclaims_and_replays() {
         "{rep:?} but {cached} blocks were cached"
     );
     assert_eq!(j2.mode(), JournalMode::WriteBack, "the mode is kept");
-    let plain = Raid5Device::new(
-        "r5",
-        devs.iter().cloned().map(member).collect(),
-        16384,
-        Layout::LeftSymmetric,
-        8,
-        FailureSink::none(),
-    )
-    .unwrap();
+    let plain = r5(&devs, 8, FailureSink::none());
     let mut got = vec![0u8; shown.len()];
     let mut ch = plain.open_channel().unwrap();
     run_one(ch.as_mut(), rw(IoOp::Read, 0, blocks, &mut got, 1)).unwrap();
@@ -600,21 +566,8 @@ fn journal_mode_switches_race_verified_io_and_a_member_failure() {
         .collect();
     let journal = Journal::format_with(ram("j", 2049), JournalMode::WriteBack).unwrap();
     let (tx, rx) = mpsc::channel();
-    let dev = Arc::new(
-        Raid5Device::new(
-            "r5",
-            faults
-                .iter()
-                .map(|f| member(f.clone() as Arc<dyn BlockDevice>))
-                .collect(),
-            16384,
-            Layout::LeftSymmetric,
-            0,
-            FailureSink::new(tx),
-        )
-        .unwrap()
-        .with_journal(journal.clone()),
-    );
+    let dev =
+        Arc::new(r5(&as_devs(&faults), 0, FailureSink::new(tx)).with_journal(journal.clone()));
     let volume = Volume::new(reactors.set(), "r5", dev.clone());
     let _checkpointer = Checkpointer::start(journal.clone(), volume.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
@@ -678,18 +631,7 @@ fn a_failed_journal_is_left_behind_without_failing_io_or_losing_the_cache() {
         let jfault = Arc::new(FaultDevice::new(ram("j", 4097)));
         let journal = Journal::format_with(jfault.clone() as Arc<dyn BlockDevice>, mode).unwrap();
         let (tx, rx) = mpsc::channel();
-        let dev = Arc::new(
-            Raid5Device::new(
-                "r5",
-                members.iter().cloned().map(member).collect(),
-                16384,
-                Layout::LeftSymmetric,
-                0,
-                FailureSink::new(tx),
-            )
-            .unwrap()
-            .with_journal(journal.clone()),
-        );
+        let dev = Arc::new(r5(&members, 0, FailureSink::new(tx)).with_journal(journal.clone()));
         let volume = Volume::new(reactors.set(), "r5", dev.clone());
         let _checkpointer = Checkpointer::start(journal.clone(), volume.clone());
         let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);

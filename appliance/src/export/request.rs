@@ -1107,32 +1107,25 @@ mod tests {
         assert!(walk_chain(&m, MEM + 64, 16, 0, &mut out).is_err());
         // An indirect table as long as the queue is a legal, full-size
         // chain; one entry more is not.
-        put(0x1000, 6, 0x4000, 16 * 16, 4, 0);
-        for k in 0..16u64 {
-            let last = k == 15;
-            put(
-                0x4000,
-                k,
-                0x100,
-                16,
-                if last { 2 } else { 1 },
-                (k + 1) as u16,
-            );
-        }
+        // Slot `head` points at an indirect table of `n` chained entries.
+        let indirect = |head: u64, table: u64, n: u64| {
+            put(0x1000, head, table, (n * 16) as u32, 4, 0);
+            for k in 0..n {
+                let last = k == n - 1;
+                put(
+                    table,
+                    k,
+                    0x100,
+                    16,
+                    if last { 2 } else { 1 },
+                    (k + 1) as u16,
+                );
+            }
+        };
+        indirect(6, 0x4000, 16);
         walk_chain(&m, 0x1000, 16, 6, &mut out).unwrap();
         assert_eq!(out.len(), 16);
-        put(0x1000, 7, 0x5000, 17 * 16, 4, 0);
-        for k in 0..17u64 {
-            let last = k == 16;
-            put(
-                0x5000,
-                k,
-                0x100,
-                16,
-                if last { 2 } else { 1 },
-                (k + 1) as u16,
-            );
-        }
+        indirect(7, 0x5000, 17);
         assert!(walk_chain(&m, 0x1000, 16, 7, &mut out).is_err());
     }
 
