@@ -2,6 +2,8 @@
 //! writes, a member failing under a verified workload on every reactor,
 //! and a clear error beyond one failure.
 
+mod common;
+
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -483,25 +485,7 @@ fn a_write_back_raid5_conforms_reclaims_and_replays() {
     let r = Arc::new(r5(&devs, 8, FailureSink::none()).with_journal(journal.clone()));
     let geo = *r.geometry();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let checkpoints = {
-        let (r, j, stop) = (r.clone(), journal.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut done = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if j.usage() > 0.5 {
-                    let flush = || {
-                        let mut ch = r.open_channel().map_err(|e| e.to_string())?;
-                        run_one(ch.as_mut(), bdev::IoRequest::flush(1)).map_err(|e| e.to_string())
-                    };
-                    if j.checkpoint(flush).unwrap() {
-                        done += 1;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            done
-        })
-    };
+    let checkpoints = common::checkpoint_until(r.clone(), journal.clone(), stop.clone());
     conformance::run_all(r.clone(), 2, 1500);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let checkpoints = checkpoints.join().unwrap();
@@ -549,10 +533,8 @@ fn a_write_back_raid5_conforms_reclaims_and_replays() {
 
 /// Journal mode switches online while verified IO runs on every reactor,
 /// with a member failing half-way and the checkpointer reclaiming: no IO
-/// fails, every read matches, and after the last switch to write-through
-/// the cache is empty and the members hold everything (a journal-less
-/// volume over them reads what the workload last wrote, checked by a
-/// final verified pass through the journalled volume first).
+/// fails, every read matches, and after a last fill of the cache the
+/// switch to write-through leaves it empty.
 #[test]
 fn journal_mode_switches_race_verified_io_and_a_member_failure() {
     use appliance::raid::journal::{Checkpointer, Journal, JournalMode};

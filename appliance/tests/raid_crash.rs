@@ -6,6 +6,8 @@
 //! holds its last flushed value or a value written after that flush, never
 //! anything else, and a check scrub finds parity consistent.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -259,23 +261,9 @@ fn cut_and_lose_a_member(round: u64, mode: Option<JournalMode>) -> (usize, usize
     // Checkpoints as the daemon's checkpointer takes them: the small log
     // fills many times over in write-back (reclaim rides on the writes).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let checkpointer = journal.clone().map(|j| {
-        let (dev, stop) = (dev.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut done = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if j.usage() > 0.5 {
-                    let flush = || {
-                        let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
-                        run_one(ch.as_mut(), IoRequest::flush(9)).map_err(|e| e.to_string())
-                    };
-                    done += j.checkpoint(flush).unwrap() as usize;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            done
-        })
-    });
+    let checkpointer = journal
+        .clone()
+        .map(|j| common::checkpoint_until(dev.clone(), j, stop.clone()));
     let (mut durable, since) = schedule(dev.as_ref(), &members, &mut rng);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let checkpoints = checkpointer.map_or(0, |t| t.join().unwrap());

@@ -1,5 +1,6 @@
-//! What the VM tests share: the repository, the guest build, booting it.
-//! Each test crate uses part of it.
+//! What the tests share: the repository, the guest build and booting it
+//! (VM tests), a blkio disk and data patterns, journal checkpoints taken
+//! from a plain thread. Each test crate uses part of it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -162,4 +163,29 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
             (x ^ (x >> 13) ^ (x >> 29)) as u8
         })
         .collect()
+}
+
+/// Checkpoint `journal` whenever its log is half full, flushing through a
+/// fresh channel of `dev`, as the daemon's checkpointer does but without
+/// reactors, until `stop`. Returns the checkpoints completed.
+pub fn checkpoint_until(
+    dev: std::sync::Arc<dyn bdev::BlockDevice>,
+    journal: std::sync::Arc<appliance::raid::journal::Journal>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut done = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if journal.usage() > 0.5 {
+                let flush = || {
+                    let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
+                    bdev::conformance::run_one(ch.as_mut(), bdev::IoRequest::flush(1))
+                        .map_err(|e| e.to_string())
+                };
+                done += journal.checkpoint(flush).unwrap() as usize;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done
+    })
 }
