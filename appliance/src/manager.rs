@@ -1055,12 +1055,7 @@ impl Manager {
             journal: v.decl.journal.clone(),
             journal_state: v.checkpointer.as_ref().map(|c| {
                 let j = c.journal();
-                (
-                    j.mode(),
-                    j.usage(),
-                    j.cache().map_or(0, |c| c.len()),
-                    j.has_failed(),
-                )
+                (j.mode(), j.usage(), j.cache().len(), j.has_failed())
             }),
         }
     }

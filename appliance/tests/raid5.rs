@@ -489,7 +489,7 @@ fn a_write_back_raid5_conforms_reclaims_and_replays() {
     conformance::run_all(r.clone(), 2, 1500);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let checkpoints = checkpoints.join().unwrap();
-    let cache = journal.cache().unwrap();
+    let cache = journal.cache();
     assert!(
         checkpoints > 0,
         "the log never filled: the test is too small"
@@ -590,7 +590,7 @@ fn journal_mode_switches_race_verified_io_and_a_member_failure() {
     journal
         .set_mode(JournalMode::WriteThrough, &volume, Duration::from_secs(20))
         .unwrap();
-    assert!(journal.cache().unwrap().is_empty());
+    assert!(journal.cache().is_empty());
     reactors.shutdown().unwrap();
 }
 
@@ -620,7 +620,7 @@ fn a_failed_journal_is_left_behind_without_failing_io_or_losing_the_cache() {
         let w =
             Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        let cached = journal.cache().unwrap().len();
+        let cached = journal.cache().len();
         jfault.control().pull();
         std::thread::sleep(Duration::from_millis(500));
         let totals = w.stop(Duration::from_secs(10)).unwrap();
@@ -630,7 +630,7 @@ fn a_failed_journal_is_left_behind_without_failing_io_or_losing_the_cache() {
             assert!(cached > 0, "the cache was never used");
         }
         let t = std::time::Instant::now();
-        while !journal.cache().unwrap().is_empty() {
+        while !journal.cache().is_empty() {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "{mode:?}: the cache never drained"

@@ -267,10 +267,7 @@ fn cut_and_lose_a_member(round: u64, mode: Option<JournalMode>) -> (usize, usize
     let (mut durable, since) = schedule(dev.as_ref(), &members, &mut rng);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let checkpoints = checkpointer.map_or(0, |t| t.join().unwrap());
-    let cached = journal
-        .as_ref()
-        .and_then(|j| j.cache())
-        .map_or(0, |c| c.len());
+    let cached = journal.as_ref().map(|j| j.cache()).map_or(0, |c| c.len());
     drop(dev);
     let acked_is_durable = mode == Some(JournalMode::WriteBack);
     if acked_is_durable {

@@ -310,8 +310,8 @@ impl Journal {
     }
 
     /// The write cache (empty unless write-back is or was on).
-    pub fn cache(&self) -> Option<&WriteCache> {
-        Some(&self.cache)
+    pub fn cache(&self) -> &WriteCache {
+        &self.cache
     }
 
     /// Whether writes should take reclaim work along: a checkpoint waits
@@ -461,16 +461,16 @@ impl Journal {
     /// Give `record` its sequence number and checksum and a place in the
     /// log: the block to write it at and its epoch (hand that to
     /// [`done`](Self::done) once the record's blocks are on the members),
-    /// or `None` while the log is full. A guest write's record (`volume`
-    /// true; reclaim's are false) leaves room for reclaiming the cache.
-    pub fn reserve(&self, record: &mut [u8], volume: bool) -> Option<(u64, u64)> {
+    /// or `None` while the log is full. A guest write's record (`guest`;
+    /// reclaim's are not) leaves room for reclaiming the cache.
+    pub fn reserve(&self, record: &mut [u8], guest: bool) -> Option<(u64, u64)> {
         let bs = self.bs;
         let blocks = (record.len() / bs) as u64;
         if blocks > self.log_blocks / 2 {
             return None;
         }
         let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let pos = self.place(blocks, volume)?;
+        let pos = self.place(blocks, guest)?;
         self.head.store(pos + blocks, Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let epoch = self.epoch.load(Ordering::SeqCst);
@@ -498,20 +498,20 @@ impl Journal {
 
     /// Whether a record of `blocks` would find room now (see
     /// [`reserve`](Self::reserve)).
-    pub fn has_room(&self, blocks: u64, volume: bool) -> bool {
-        self.place(blocks, volume).is_some()
+    pub fn has_room(&self, blocks: u64, guest: bool) -> bool {
+        self.place(blocks, guest).is_some()
     }
 
     /// Where a record of `blocks` would go now (logical position), if it
     /// fits in the room its kind may use.
-    fn place(&self, blocks: u64, volume: bool) -> Option<u64> {
+    fn place(&self, blocks: u64, guest: bool) -> Option<u64> {
         let mut pos = self.head.load(Ordering::SeqCst);
         // A record never wraps: skip to the start of the next lap.
         let off = pos % self.log_blocks;
         if off + blocks > self.log_blocks {
             pos += self.log_blocks - off;
         }
-        (pos + blocks - self.tail.load(Ordering::SeqCst) <= self.room(volume)).then_some(pos)
+        (pos + blocks - self.tail.load(Ordering::SeqCst) <= self.room(guest)).then_some(pos)
     }
 
     /// A record of `epoch` has reached the members (or was abandoned).
@@ -816,7 +816,7 @@ impl Checkpointer {
                     if journal.has_failed() {
                         // Nothing to checkpoint on a dead device: drain the
                         // cache to the members, then idle.
-                        if journal.cache().is_some_and(|c| !c.is_empty()) {
+                        if !journal.cache().is_empty() {
                             if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
                                 tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a failed journal");
                                 std::thread::sleep(Duration::from_millis(100));

@@ -570,7 +570,7 @@ impl Raid5Channel {
     }
 
     fn cache(&self) -> Option<&super::cache::WriteCache> {
-        self.journal.as_ref().and_then(|j| j.cache())
+        self.journal.as_ref().map(|j| j.cache())
     }
 
     fn read_direct(&mut self, pi: usize) {
@@ -643,9 +643,7 @@ impl Raid5Channel {
                 .journal
                 .as_ref()
                 .filter(|j| !j.has_failed())
-                .is_some_and(|j| {
-                    j.mode() == JournalMode::WriteBack && j.cache().is_some_and(|c| c.try_admit(n))
-                });
+                .is_some_and(|j| j.mode() == JournalMode::WriteBack && j.cache().try_admit(n));
             if wb {
                 p.admitted = n;
                 self.write_back(pi);
@@ -944,9 +942,7 @@ impl Raid5Channel {
         let Some(j) = self.journal.clone() else {
             return;
         };
-        let Some(c) = j.cache() else {
-            return;
-        };
+        let c = j.cache();
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
@@ -977,9 +973,7 @@ impl Raid5Channel {
         let Some(j) = self.journal.clone() else {
             return out;
         };
-        let Some(c) = j.cache() else {
-            return out;
-        };
+        let c = j.cache();
         let sb = self.geo.stripe_blocks();
         for _ in 0..stripes {
             let Some(stripe) = c.next_dirty() else {
@@ -1106,19 +1100,17 @@ impl Raid5Channel {
             return;
         };
         let guest = p.reclaim.is_none();
-        let Some((at, epoch)) = j.reserve(&mut p.jrec, guest && j.cache().is_some()) else {
+        let Some((at, epoch)) = j.reserve(&mut p.jrec, guest) else {
             p.jneed = (p.jrec.len() / self.info.block_size as usize) as u64;
-            if guest && j.cache().is_some() {
-                // Write-back: a checkpoint may need this stripe reclaimed
-                // before the log has room, so wait unlocked and plan
-                // again from the start.
+            if guest {
+                // A checkpoint may need this stripe reclaimed before the
+                // log has room, so wait unlocked and plan again from the
+                // start.
                 let rec = std::mem::take(&mut p.jrec);
                 p.jwrites.clear();
                 p.bufs.clear();
                 p.wb = false;
-                if let Some(c) = j.cache() {
-                    c.release(std::mem::take(&mut p.admitted));
-                }
+                j.cache().release(std::mem::take(&mut p.admitted));
                 p.stage = Stage::WaitLock;
                 if p.locked {
                     p.locked = false;
@@ -1165,9 +1157,7 @@ impl Raid5Channel {
             if let Some(e) = epoch {
                 j.done(e);
             }
-            if let Some(c) = j.cache() {
-                c.release(admitted);
-            }
+            j.cache().release(admitted);
         }
         if self.jbufs.len() < 64 {
             self.jbufs.push(rec);
@@ -1262,7 +1252,7 @@ impl Raid5Channel {
         let bufs = std::mem::take(&mut p.bufs);
         self.recycle(bufs);
         self.free_pieces.push(pi);
-        if let Some(c) = self.journal.as_ref().and_then(|j| j.cache()) {
+        if let Some(c) = self.journal.as_ref().map(|j| j.cache()) {
             c.release(p.admitted);
             self.settle_cache(c, &p);
         }
@@ -1523,7 +1513,7 @@ impl IoChannel for Raid5Channel {
                     }
                     continue;
                 }
-                if !j.has_room(p.jneed, p.reclaim.is_none() && j.cache().is_some()) {
+                if !j.has_room(p.jneed, p.reclaim.is_none()) {
                     self.jwait.push_back(pi);
                     continue;
                 }
