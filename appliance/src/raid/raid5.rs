@@ -1106,19 +1106,13 @@ impl Raid5Channel {
                 // A checkpoint may need this stripe reclaimed before the
                 // log has room, so wait unlocked and plan again from the
                 // start.
-                let rec = std::mem::take(&mut p.jrec);
-                p.jwrites.clear();
                 p.bufs.clear();
-                p.wb = false;
-                j.cache().release(std::mem::take(&mut p.admitted));
                 p.stage = Stage::WaitLock;
                 if p.locked {
                     p.locked = false;
                     self.locks.unlock(p.stripe);
                 }
-                if self.jbufs.len() < 64 {
-                    self.jbufs.push(rec);
-                }
+                self.drop_record(pi);
             }
             self.jwait.push_back(pi);
             return;
@@ -1144,6 +1138,17 @@ impl Raid5Channel {
     /// nothing written to the members): abandon its record and plan it
     /// again, which now takes the journal-less path.
     fn without_journal(&mut self, pi: usize) {
+        self.drop_record(pi);
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.stage = Stage::Reading;
+        }
+        self.plan(pi);
+    }
+
+    /// Forget piece `pi`'s journal record before its members are written:
+    /// its log reservation (if any) and cache admission are given back
+    /// and its buffer kept for the next record.
+    fn drop_record(&mut self, pi: usize) {
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
@@ -1151,7 +1156,6 @@ impl Raid5Channel {
         p.jwrites.clear();
         p.wb = false;
         p.jphase = 0;
-        p.stage = Stage::Reading;
         let (epoch, admitted) = (p.jepoch.take(), std::mem::take(&mut p.admitted));
         if let Some(j) = &self.journal {
             if let Some(e) = epoch {
@@ -1162,7 +1166,6 @@ impl Raid5Channel {
         if self.jbufs.len() < 64 {
             self.jbufs.push(rec);
         }
-        self.plan(pi);
     }
 
     /// Send a journal request for piece `pi`.
