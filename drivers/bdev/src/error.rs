@@ -47,6 +47,12 @@ pub enum IoError {
     /// The operating system returned this errno.
     #[error("I/O error from the OS: {}", std::io::Error::from_raw_os_error(*.0))]
     Os(i32),
+    /// The device did not complete the request in time; it was aborted.
+    #[error("timed out and aborted")]
+    TimedOut,
+    /// The device reported this status (NVMe: status code type << 8 | code).
+    #[error("device reported status {0:#06x}")]
+    Device(u16),
     /// The OS moved fewer bytes than asked.
     #[error("short transfer: {done} of {expected} bytes")]
     Short {

@@ -1,0 +1,556 @@
+//! Controller bring-up, the admin queue, and the state every IO channel of
+//! the controller shares: queue identifiers, the reset generation, the
+//! failed flag and the registered DMA memory.
+//!
+//! The admin queue is control path: it sits behind a mutex and is driven
+//! synchronously (submit, poll until done or a deadline). The IO path never
+//! takes that mutex except to recover from a time-out or a reset.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::error::NvmeError;
+use crate::queue::QueuePair;
+use crate::spec::{self, admin, Cap, IdentifyController, IdentifyNamespace, Sqe, Status};
+use crate::transport::{Bar, DmaMem, Transport};
+
+/// Tunables of a controller.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A command outstanding longer than this is aborted, then the
+    /// controller reset.
+    pub io_timeout: Duration,
+    /// How long an admin command may take.
+    pub admin_timeout: Duration,
+    /// Entries per IO queue (capped by CAP.MQES).
+    pub queue_depth: u16,
+    /// IO queue pairs to ask for (one per reactor per namespace).
+    pub max_io_queues: u16,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            io_timeout: Duration::from_secs(5),
+            admin_timeout: Duration::from_secs(2),
+            queue_depth: 256,
+            max_io_queues: 64,
+        }
+    }
+}
+
+const ADMIN_DEPTH: u16 = 32;
+
+struct Admin {
+    q: QueuePair,
+    buf: DmaMem,
+    next_cid: u16,
+}
+
+/// A memory range the controller may DMA to directly.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Region {
+    pub vaddr: usize,
+    pub len: usize,
+    pub iova: u64,
+}
+
+/// Memory registered for direct DMA, with a generation so channels can keep
+/// a private copy and notice changes with one atomic load.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub generation: AtomicU64,
+    pub regions: RwLock<Vec<Region>>,
+}
+
+/// Translate `len` bytes at `ptr` if one region holds them all.
+#[inline]
+pub(crate) fn translate(regions: &[Region], ptr: usize, len: usize) -> Option<u64> {
+    let i = regions.partition_point(|r| r.vaddr <= ptr).checked_sub(1)?;
+    let r = regions[i];
+    (ptr + len <= r.vaddr + r.len).then(|| r.iova + (ptr - r.vaddr) as u64)
+}
+
+/// A controller brought up and ready to hand out IO queues.
+pub struct Controller {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) bar: Bar,
+    pub(crate) cap: Cap,
+    pub(crate) stride: usize,
+    pub(crate) opts: Options,
+    admin: Mutex<Admin>,
+    pub(crate) ident: IdentifyController,
+    pub(crate) namespaces: Vec<(u32, IdentifyNamespace)>,
+    io_queues: u16,
+    qids: Mutex<Vec<bool>>,
+    /// Bumped by every reset; a channel that sees a new value recreates its
+    /// queue and resubmits what was in flight.
+    pub(crate) generation: AtomicU64,
+    failed: AtomicBool,
+    failure: Mutex<String>,
+    pub(crate) registry: Registry,
+    /// Commands whose data went through bounce pages.
+    pub(crate) bounced: AtomicU64,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("name", &self.transport.name())
+            .field("model", &self.ident.model)
+            .finish()
+    }
+}
+
+fn wait_ready(bar: &Bar, cap: Cap, ready: bool, name: &str) -> Result<(), NvmeError> {
+    let deadline = Instant::now() + Duration::from_millis(cap.timeout_ms());
+    loop {
+        let csts = bar.read32(spec::REG_CSTS);
+        if csts == u32::MAX {
+            return Err(NvmeError::Failed(
+                name.into(),
+                "registers read all ones: the device was removed".into(),
+            ));
+        }
+        if ready && csts & spec::CSTS_CFS != 0 {
+            return Err(NvmeError::Failed(
+                name.into(),
+                "controller fatal status while enabling".into(),
+            ));
+        }
+        if (csts & spec::CSTS_RDY != 0) == ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(NvmeError::Timeout(format!(
+                "{name}: waiting {} ms (CAP.TO) for CSTS.RDY={}",
+                cap.timeout_ms(),
+                ready as u8
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+impl Controller {
+    /// Bring up the controller behind `transport`: reset it, set up the
+    /// admin queue, identify it and its active namespaces, and ask for IO
+    /// queues.
+    pub fn new(transport: Arc<dyn Transport>, opts: Options) -> Result<Arc<Controller>, NvmeError> {
+        let bar = transport.bar();
+        let name = transport.name().to_string();
+        if bar.len() < 0x1000 + 8 {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{name}: BAR0 of {} bytes is too small for an NVMe register file",
+                bar.len()
+            )));
+        }
+        let cap = Cap(bar.read64(spec::REG_CAP));
+        if cap.0 == u64::MAX {
+            return Err(NvmeError::Failed(name, "registers read all ones".into()));
+        }
+        if !cap.nvm_command_set() {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{name}: controller does not support the NVM command set (CAP {:#x})",
+                cap.0
+            )));
+        }
+        if cap.mps_min() > spec::PAGE {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{name}: smallest memory page is {} bytes; the driver uses 4096",
+                cap.mps_min()
+            )));
+        }
+        let stride = cap.doorbell_stride();
+        let max_qid = opts.max_io_queues as usize;
+        if spec::cq_doorbell(max_qid as u16, stride) + 4 > bar.len() {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{name}: BAR0 of {} bytes has no room for {max_qid} queue doorbells",
+                bar.len()
+            )));
+        }
+        let admin = Admin {
+            q: QueuePair::new(&transport, 0, ADMIN_DEPTH, stride)?,
+            buf: DmaMem::new(&transport, spec::PAGE)?,
+            next_cid: 0,
+        };
+        let admin = Mutex::new(admin);
+        Self::enable(&bar, cap, &mut lock(&admin), &name)?;
+
+        let mut ctrl = Controller {
+            transport,
+            bar,
+            cap,
+            stride,
+            opts,
+            admin,
+            ident: IdentifyController::parse(&[0; 4096]),
+            namespaces: Vec::new(),
+            io_queues: 0,
+            qids: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(String::new()),
+            registry: Registry::default(),
+            bounced: AtomicU64::new(0),
+        };
+        let mut page = [0u8; 4096];
+        ctrl.identify(admin::CNS_CONTROLLER, 0, &mut page)?;
+        ctrl.ident = IdentifyController::parse(&page);
+        ctrl.identify(admin::CNS_ACTIVE_NS, 0, &mut page)?;
+        let nsids: Vec<u32> = page
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .take_while(|&id| id != 0)
+            .collect();
+        for nsid in nsids {
+            ctrl.identify(admin::CNS_NAMESPACE, nsid, &mut page)?;
+            ctrl.namespaces
+                .push((nsid, IdentifyNamespace::parse(&page)));
+        }
+        ctrl.io_queues = ctrl.set_queue_count()?;
+        *lock(&ctrl.qids) = vec![false; ctrl.io_queues as usize + 1];
+        tracing::info!(
+            controller = %ctrl.name(),
+            model = %ctrl.ident.model,
+            serial = %ctrl.ident.serial,
+            namespaces = ctrl.namespaces.len(),
+            io_queues = ctrl.io_queues,
+            mdts = ctrl.ident.mdts,
+            "NVMe controller ready"
+        );
+        Ok(Arc::new(ctrl))
+    }
+
+    /// Disable, program the admin queue, enable.
+    fn enable(bar: &Bar, cap: Cap, admin: &mut Admin, name: &str) -> Result<(), NvmeError> {
+        if bar.read32(spec::REG_CC) & spec::CC_EN != 0 {
+            bar.write32(spec::REG_CC, 0);
+        }
+        wait_ready(bar, cap, false, name)?;
+        admin.q.reset();
+        let aqa = (ADMIN_DEPTH as u32 - 1) | (ADMIN_DEPTH as u32 - 1) << 16;
+        bar.write32(spec::REG_AQA, aqa);
+        bar.write64(spec::REG_ASQ, admin.q.sq_iova());
+        bar.write64(spec::REG_ACQ, admin.q.cq_iova());
+        bar.write32(spec::REG_CC, spec::CC_ENABLE);
+        wait_ready(bar, cap, true, name)
+    }
+
+    fn set_queue_count(&self) -> Result<u16, NvmeError> {
+        let want = self.opts.max_io_queues.max(1) as u32 - 1;
+        let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+        sqe.cdw[0] = admin::FEAT_NUM_QUEUES;
+        sqe.cdw[1] = want | want << 16;
+        let granted = self.admin(sqe, "Set Features (number of queues)")?;
+        let n = (granted & 0xffff).min(granted >> 16).min(want) + 1;
+        Ok(n as u16)
+    }
+
+    /// Run an admin command; its result dword on success.
+    pub(crate) fn admin(&self, sqe: Sqe, what: &str) -> Result<u32, NvmeError> {
+        self.admin_with(sqe, what, |_| ())
+    }
+
+    /// Run an admin command that transfers one page through the admin
+    /// buffer; `with` sees the buffer after the command.
+    fn admin_with(
+        &self,
+        mut sqe: Sqe,
+        what: &str,
+        with: impl FnOnce(&[u8; 4096]),
+    ) -> Result<u32, NvmeError> {
+        let name = self.name();
+        if self.is_failed() {
+            return Err(NvmeError::Failed(name.into(), self.failure()));
+        }
+        let mut a = lock(&self.admin);
+        let cid = a.next_cid;
+        a.next_cid = a.next_cid.wrapping_add(1);
+        sqe.set_cid(cid);
+        if sqe.prp1 == 0 {
+            sqe.prp1 = a.buf.iova();
+        }
+        a.q.push(&sqe);
+        a.q.ring();
+        let deadline = Instant::now() + self.opts.admin_timeout;
+        loop {
+            if let Some(cqe) = a.q.pop() {
+                a.q.ack();
+                if cqe.cid() != cid {
+                    // A completion for a command given up on earlier.
+                    continue;
+                }
+                let status = cqe.code();
+                if !status.ok() {
+                    return Err(NvmeError::Command {
+                        what: format!("{name}: {what}"),
+                        status,
+                    });
+                }
+                // SAFETY: the admin buffer is one page, written by the
+                // controller before it posted the completion.
+                with(unsafe { &*(a.buf.ptr() as *const [u8; 4096]) });
+                return Ok(cqe.result);
+            }
+            if self.bar.read32(spec::REG_CSTS) == u32::MAX {
+                return Err(NvmeError::Failed(name.into(), "device removed".into()));
+            }
+            if Instant::now() > deadline {
+                return Err(NvmeError::Timeout(format!("{name}: {what}")));
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn identify(&self, cns: u32, nsid: u32, out: &mut [u8; 4096]) -> Result<(), NvmeError> {
+        let mut sqe = Sqe::new(admin::IDENTIFY, nsid);
+        sqe.cdw[0] = cns;
+        self.admin_with(
+            sqe,
+            &format!("Identify (CNS {cns}, namespace {nsid})"),
+            |b| out.copy_from_slice(b),
+        )?;
+        Ok(())
+    }
+
+    /// Create IO queue pair `qid` on the controller.
+    pub(crate) fn create_io_queue(&self, q: &QueuePair) -> Result<(), NvmeError> {
+        let size = (q.depth as u32 - 1) << 16 | q.qid as u32;
+        let mut cq = Sqe::new(admin::CREATE_CQ, 0);
+        cq.prp1 = q.cq_iova();
+        cq.cdw[0] = size;
+        cq.cdw[1] = 1; // physically contiguous, no interrupts: we poll
+        self.admin(cq, &format!("Create I/O Completion Queue {}", q.qid))?;
+        let mut sq = Sqe::new(admin::CREATE_SQ, 0);
+        sq.prp1 = q.sq_iova();
+        sq.cdw[0] = size;
+        sq.cdw[1] = (q.qid as u32) << 16 | 1;
+        if let Err(e) = self.admin(sq, &format!("Create I/O Submission Queue {}", q.qid)) {
+            let _ = self.delete_cq(q.qid);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn delete_cq(&self, qid: u16) -> Result<u32, NvmeError> {
+        let mut sqe = Sqe::new(admin::DELETE_CQ, 0);
+        sqe.cdw[0] = qid as u32;
+        self.admin(sqe, &format!("Delete I/O Completion Queue {qid}"))
+    }
+
+    /// Delete IO queue pair `qid` (submission queue first, as required).
+    pub(crate) fn delete_io_queue(&self, qid: u16) -> Result<(), NvmeError> {
+        let mut sqe = Sqe::new(admin::DELETE_SQ, 0);
+        sqe.cdw[0] = qid as u32;
+        self.admin(sqe, &format!("Delete I/O Submission Queue {qid}"))?;
+        self.delete_cq(qid)?;
+        Ok(())
+    }
+
+    /// Ask the controller to abort one command. Returns whether it says it
+    /// did (dword 0 bit 0 clear).
+    pub(crate) fn abort(&self, qid: u16, cid: u16) -> Result<bool, NvmeError> {
+        let mut sqe = Sqe::new(admin::ABORT, 0);
+        sqe.cdw[0] = (cid as u32) << 16 | qid as u32;
+        let r = self.admin(sqe, &format!("Abort (queue {qid}, command {cid})"))?;
+        Ok(r & 1 == 0)
+    }
+
+    /// Reset the controller (disable, enable, admin queue, queue count) and
+    /// bump the generation so every channel recreates its queue. Marks the
+    /// controller failed when that does not work.
+    pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
+        let name = self.name().to_string();
+        tracing::warn!(controller = %name, reason = why, "resetting NVMe controller");
+        let result = {
+            let mut a = lock(&self.admin);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            Self::enable(&self.bar, self.cap, &mut a, &name)
+        }
+        .and_then(|()| {
+            let n = self.set_queue_count()?;
+            if n < self.io_queues {
+                return Err(NvmeError::Failed(
+                    name.clone(),
+                    format!(
+                        "after reset it grants {n} IO queues, was {}",
+                        self.io_queues
+                    ),
+                ));
+            }
+            Ok(())
+        });
+        if let Err(e) = &result {
+            self.fail(&format!("reset after {why} failed: {e}"));
+        }
+        result
+    }
+
+    /// Mark the controller failed: every IO from now on fails.
+    pub(crate) fn fail(&self, why: &str) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(controller = %self.name(), reason = why, "NVMe controller failed");
+            *lock(&self.failure) = why.to_string();
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the controller has failed for good.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn failure(&self) -> String {
+        lock(&self.failure).clone()
+    }
+
+    /// The registers read all ones: the device is gone from the bus.
+    pub(crate) fn removed(&self) -> bool {
+        self.bar.read32(spec::REG_CSTS) == u32::MAX
+    }
+
+    /// The controller reports a fatal status.
+    pub(crate) fn fatal(&self) -> bool {
+        self.bar.read32(spec::REG_CSTS) & spec::CSTS_CFS != 0
+    }
+
+    pub(crate) fn alloc_qid(&self) -> Result<u16, NvmeError> {
+        let mut q = lock(&self.qids);
+        let id = (1..q.len()).find(|&i| !q[i]).ok_or_else(|| {
+            NvmeError::InvalidArgument(format!(
+                "{}: all {} IO queues are in use",
+                self.name(),
+                self.io_queues
+            ))
+        })?;
+        q[id] = true;
+        Ok(id as u16)
+    }
+
+    pub(crate) fn free_qid(&self, qid: u16) {
+        if let Some(used) = lock(&self.qids).get_mut(qid as usize) {
+            *used = false;
+        }
+    }
+
+    /// Name (PCI address for VFIO).
+    pub fn name(&self) -> &str {
+        self.transport.name()
+    }
+
+    /// Identify Controller.
+    pub fn identity(&self) -> &IdentifyController {
+        &self.ident
+    }
+
+    /// Active namespace IDs.
+    pub fn namespace_ids(&self) -> Vec<u32> {
+        self.namespaces.iter().map(|n| n.0).collect()
+    }
+
+    /// Commands so far whose data was copied through bounce pages because
+    /// the caller's memory was not registered or not PRP-shaped.
+    pub fn bounced_commands(&self) -> u64 {
+        self.bounced.load(Ordering::Relaxed)
+    }
+
+    /// IO queue pairs granted.
+    pub fn io_queues(&self) -> u16 {
+        self.io_queues
+    }
+
+    /// Largest command in bytes (MDTS), capped at `cap`.
+    pub(crate) fn max_command_bytes(&self, cap: usize) -> usize {
+        match self.ident.mdts {
+            0 => cap,
+            m if m >= 20 => cap,
+            m => (self.cap.mps_min() << m).min(cap),
+        }
+    }
+
+    /// Let the controller DMA straight to `len` bytes at `ptr` (guest
+    /// memory, a buffer pool); requests outside registered memory go
+    /// through bounce buffers.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until `unregister_memory`, and no IO
+    /// may be in flight to it then.
+    pub unsafe fn register_memory(&self, ptr: *mut u8, len: usize) -> Result<(), NvmeError> {
+        let start = ptr as usize & !(spec::PAGE - 1);
+        let end = (ptr as usize + len).div_ceil(spec::PAGE) * spec::PAGE;
+        let mut regions = self
+            .registry
+            .regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if regions
+            .iter()
+            .any(|r| r.vaddr < end && start < r.vaddr + r.len)
+        {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: memory {start:#x}..{end:#x} overlaps a registered region",
+                self.name()
+            )));
+        }
+        // SAFETY: forwarded from the caller.
+        let iova = unsafe { self.transport.map(start as *mut u8, end - start)? };
+        let at = regions.partition_point(|r| r.vaddr < start);
+        regions.insert(
+            at,
+            Region {
+                vaddr: start,
+                len: end - start,
+                iova,
+            },
+        );
+        self.registry.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Undo `register_memory` for the region that starts at `ptr`'s page.
+    pub fn unregister_memory(&self, ptr: *mut u8) -> Result<(), NvmeError> {
+        let start = ptr as usize & !(spec::PAGE - 1);
+        let mut regions = self
+            .registry
+            .regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let at = regions
+            .iter()
+            .position(|r| r.vaddr == start)
+            .ok_or_else(|| {
+                NvmeError::InvalidArgument(format!(
+                    "{}: no memory registered at {start:#x}",
+                    self.name()
+                ))
+            })?;
+        let r = regions.remove(at);
+        self.registry.generation.fetch_add(1, Ordering::Release);
+        self.transport.unmap(r.iova, r.len);
+        Ok(())
+    }
+
+    /// Shut down cleanly (CC.SHN normal), as before power-off.
+    pub fn shutdown(&self) {
+        if self.is_failed() || self.removed() {
+            return;
+        }
+        let cc = self.bar.read32(spec::REG_CC);
+        self.bar.write32(spec::REG_CC, cc | 1 << 14);
+        let deadline = Instant::now() + Duration::from_millis(self.cap.timeout_ms());
+        while self.bar.read32(spec::REG_CSTS) >> 2 & 3 != 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+/// Status of a command that timed out and was aborted.
+pub(crate) const ABORTED: Status = Status::ABORT_REQUESTED;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves nothing half-done that a
+    // later user could trip on (queue indices are rewritten by reset).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,737 @@
+//! A namespace as a block device, and its per-core IO channel: one IO queue
+//! pair per channel, commands built from scatter-gather lists (PRP lists,
+//! split at MDTS, bounced when memory is not registered or not PRP-shaped),
+//! polled completions, time-outs, and recovery after a controller reset.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bdev::{
+    validate, BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, IoOp, IoRequest,
+    SgList, SubmitError,
+};
+use smallvec::SmallVec;
+
+use crate::controller::{translate, Controller, Region, ABORTED};
+use crate::error::NvmeError;
+use crate::queue::QueuePair;
+use crate::spec::{io, Cqe, Sqe, Status, PAGE};
+use crate::transport::DmaMem;
+
+/// Largest request a channel takes; bigger commands than MDTS are split.
+const MAX_TRANSFER: usize = 1 << 20;
+/// Bounce pages per channel: one whole request of MAX_TRANSFER.
+const BOUNCE_PAGES: usize = MAX_TRANSFER / PAGE;
+/// PRP entries in one list page.
+const PRP_PER_PAGE: usize = PAGE / 8;
+
+/// One namespace of a controller.
+pub struct Namespace {
+    ctrl: Arc<Controller>,
+    nsid: u32,
+    info: DeviceInfo,
+    cmd_bytes: usize,
+}
+
+impl std::fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Namespace")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl Namespace {
+    /// Namespace `nsid` of `ctrl`, named `name`.
+    pub fn new(ctrl: &Arc<Controller>, nsid: u32, name: &str) -> Result<Namespace, NvmeError> {
+        let ns = ctrl
+            .namespaces
+            .iter()
+            .find(|n| n.0 == nsid)
+            .map(|n| n.1)
+            .ok_or_else(|| {
+                NvmeError::InvalidArgument(format!(
+                    "{}: no active namespace {nsid} (active: {:?})",
+                    ctrl.name(),
+                    ctrl.namespace_ids()
+                ))
+            })?;
+        if ns.lbads != 9 && ns.lbads != 12 {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: namespace {nsid} is formatted with {}-byte blocks; 512 and 4096 are supported",
+                ctrl.name(),
+                1u64 << ns.lbads.min(63)
+            )));
+        }
+        if ns.ms != 0 {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: namespace {nsid} has {} bytes of metadata per block, which is not supported",
+                ctrl.name(),
+                ns.ms
+            )));
+        }
+        let block_size = 1u32 << ns.lbads;
+        let cmd_bytes = ctrl.max_command_bytes(MAX_TRANSFER);
+        if cmd_bytes < block_size as usize {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: MDTS of {cmd_bytes} bytes is smaller than a block",
+                ctrl.name()
+            )));
+        }
+        let id = ctrl.identity();
+        Ok(Namespace {
+            ctrl: ctrl.clone(),
+            nsid,
+            cmd_bytes,
+            info: DeviceInfo {
+                name: name.to_string(),
+                block_size,
+                num_blocks: ns.nsze,
+                max_transfer: MAX_TRANSFER as u32,
+                optimal_io_boundary: 0,
+                min_io_blocks: 1,
+                flush: id.vwc,
+                discard: id.dsm(),
+                write_zeroes: id.write_zeroes(),
+            },
+        })
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.ctrl
+    }
+}
+
+impl BlockDevice for Namespace {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Channel::open(self)
+            .map(|c| Box::new(c) as Box<dyn IoChannel>)
+            .map_err(|e| {
+                BdevError::Unsupported(format!("{}: opening an IO queue: {e}", self.info.name))
+            })
+    }
+}
+
+/// A request accepted but not yet fully turned into commands.
+struct Cursor {
+    parent: u32,
+    op: IoOp,
+    lba: u64,
+    blocks: u64,
+    sg: SgList,
+    sg_idx: usize,
+    sg_off: usize,
+    issued: bool,
+}
+
+struct Parent {
+    tag: u64,
+    /// Commands in flight, plus one while the cursor still has work.
+    remaining: u32,
+    result: Result<(), IoError>,
+}
+
+/// Pages a command's data went through when it could not be DMA'd in place.
+struct Bounce {
+    pages: SmallVec<[u16; 8]>,
+    /// For reads: where the data goes when the command completes.
+    to: Option<SmallVec<[(usize, usize); 4]>>,
+}
+
+struct Slot {
+    busy: bool,
+    parent: u32,
+    sqe: Sqe,
+    started: Instant,
+    bounce: Option<Box<Bounce>>,
+}
+
+struct Channel {
+    ctrl: Arc<Controller>,
+    nsid: u32,
+    info: DeviceInfo,
+    block_shift: u32,
+    cmd_blocks: u64,
+    q: QueuePair,
+    generation: u64,
+    slots: Vec<Slot>,
+    free_slots: Vec<u16>,
+    prp: DmaMem,
+    bounce: DmaMem,
+    free_bounce: Vec<u16>,
+    parents: Vec<Parent>,
+    free_parents: Vec<u32>,
+    cursor: Option<Cursor>,
+    done: VecDeque<Completion>,
+    inflight: usize,
+    regions: Vec<Region>,
+    regions_gen: u64,
+    now: Instant,
+    polls: u32,
+}
+
+impl Channel {
+    fn open(ns: &Namespace) -> Result<Channel, NvmeError> {
+        let ctrl = &ns.ctrl;
+        if ctrl.is_failed() {
+            return Err(NvmeError::Failed(
+                ctrl.name().into(),
+                "cannot open a queue".into(),
+            ));
+        }
+        let depth = ctrl
+            .opts
+            .queue_depth
+            .clamp(2, ctrl.cap.mqes().min(4096) as u16);
+        let nslots = depth as usize - 1;
+        let qid = ctrl.alloc_qid()?;
+        let made = (|| {
+            let generation = ctrl.generation.load(Ordering::Acquire);
+            let q = QueuePair::new(&ctrl.transport, qid, depth, ctrl.stride)?;
+            ctrl.create_io_queue(&q)?;
+            Ok::<_, NvmeError>((q, generation))
+        })();
+        let (q, generation) = match made {
+            Ok(v) => v,
+            Err(e) => {
+                ctrl.free_qid(qid);
+                return Err(e);
+            }
+        };
+        let mut ch = Channel {
+            ctrl: ctrl.clone(),
+            nsid: ns.nsid,
+            info: ns.info.clone(),
+            block_shift: ns.info.block_size.trailing_zeros(),
+            cmd_blocks: (ns.cmd_bytes / ns.info.block_size as usize) as u64,
+            q,
+            generation,
+            slots: (0..nslots)
+                .map(|_| Slot {
+                    busy: false,
+                    parent: 0,
+                    sqe: Sqe::default(),
+                    started: Instant::now(),
+                    bounce: None,
+                })
+                .collect(),
+            free_slots: (0..nslots as u16).rev().collect(),
+            prp: DmaMem::new(&ctrl.transport, nslots * PAGE)?,
+            bounce: DmaMem::new(&ctrl.transport, BOUNCE_PAGES * PAGE)?,
+            free_bounce: (0..BOUNCE_PAGES as u16).rev().collect(),
+            parents: (0..nslots)
+                .map(|_| Parent {
+                    tag: 0,
+                    remaining: 0,
+                    result: Ok(()),
+                })
+                .collect(),
+            free_parents: (0..nslots as u32).rev().collect(),
+            cursor: None,
+            done: VecDeque::new(),
+            inflight: 0,
+            regions: Vec::new(),
+            regions_gen: u64::MAX,
+            now: Instant::now(),
+            polls: 0,
+        };
+        ch.refresh_regions();
+        Ok(ch)
+    }
+
+    fn refresh_regions(&mut self) {
+        let g = self.ctrl.registry.generation.load(Ordering::Acquire);
+        if g != self.regions_gen {
+            let r = self
+                .ctrl
+                .registry
+                .regions
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            self.regions.clone_from(&r);
+            self.regions_gen = g;
+        }
+    }
+
+    fn finish(&mut self, parent: u32, result: Result<(), IoError>) {
+        let p = &mut self.parents[parent as usize];
+        if p.result.is_ok() {
+            p.result = result;
+        }
+        p.remaining -= 1;
+        if p.remaining == 0 {
+            self.done.push_back(Completion {
+                tag: p.tag,
+                result: p.result,
+            });
+            self.free_parents.push(parent);
+            self.inflight -= 1;
+        }
+    }
+
+    /// Turn as much of the cursor into commands as slots and bounce pages
+    /// allow; ring the doorbell once.
+    fn pump(&mut self) {
+        let Some(mut c) = self.cursor.take() else {
+            return;
+        };
+        let mut pushed = false;
+        while (c.blocks > 0 || (c.op == IoOp::Flush && !c.issued)) && !self.free_slots.is_empty() {
+            if !self.issue(&mut c) {
+                break;
+            }
+            c.issued = true;
+            pushed = true;
+        }
+        if pushed {
+            self.q.ring();
+        }
+        if c.blocks == 0 && c.issued {
+            self.finish(c.parent, Ok(()));
+        } else {
+            self.cursor = Some(c);
+        }
+    }
+
+    /// Build and queue the next command of the cursor. False when it must
+    /// wait (no bounce pages).
+    fn issue(&mut self, c: &mut Cursor) -> bool {
+        let Some(&slot) = self.free_slots.last() else {
+            return false;
+        };
+        let prp_page = self.prp.iova() + slot as u64 * PAGE as u64;
+        // SAFETY: the slot's PRP page is this channel's memory, and the
+        // controller reads it only while the slot's command is in flight,
+        // and the slot is free.
+        let list = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.prp.ptr().add(slot as usize * PAGE) as *mut u64,
+                PRP_PER_PAGE,
+            )
+        };
+        let mut sqe;
+        let mut bounce = None;
+        match c.op {
+            IoOp::Flush => {
+                sqe = Sqe::new(io::FLUSH, self.nsid);
+            }
+            IoOp::Read | IoOp::Write => {
+                let n = c.blocks.min(self.cmd_blocks);
+                let bytes = (n << self.block_shift) as usize;
+                let mut segs: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+                let (mut idx, mut off, mut left) = (c.sg_idx, c.sg_off, bytes);
+                while left > 0 {
+                    let Some(v) = c.sg.get(idx) else { break };
+                    let take = (v.len() - off).min(left);
+                    if take > 0 {
+                        segs.push((v.ptr() as usize + off, take));
+                    }
+                    left -= take;
+                    off += take;
+                    if off == v.len() {
+                        idx += 1;
+                        off = 0;
+                    }
+                }
+                sqe = Sqe::new(
+                    if c.op == IoOp::Read {
+                        io::READ
+                    } else {
+                        io::WRITE
+                    },
+                    self.nsid,
+                );
+                sqe.set_range(c.lba, n as u32);
+                if !self.direct_prps(&segs, list, prp_page, &mut sqe) {
+                    match self.bounce_prps(&segs, bytes, c.op, list, prp_page, &mut sqe) {
+                        Some(b) => bounce = Some(b),
+                        None => return false,
+                    }
+                }
+                c.sg_idx = idx;
+                c.sg_off = off;
+                c.lba += n;
+                c.blocks -= n;
+            }
+            IoOp::WriteZeroes => {
+                let n = c.blocks.min(io::WZ_MAX_BLOCKS);
+                sqe = Sqe::new(io::WRITE_ZEROES, self.nsid);
+                sqe.set_range(c.lba, n as u32);
+                c.lba += n;
+                c.blocks -= n;
+            }
+            IoOp::Discard => {
+                // Ranges of 16 bytes go in the slot's PRP page.
+                let ranges = list.as_mut_ptr() as *mut [u32; 4];
+                let mut nr = 0;
+                while c.blocks > 0 && nr < io::DSM_MAX_RANGES {
+                    let n = c.blocks.min(u32::MAX as u64);
+                    // SAFETY: nr < 256 ranges of 16 bytes = one page.
+                    unsafe {
+                        ranges
+                            .add(nr)
+                            .write([0, n as u32, c.lba as u32, (c.lba >> 32) as u32])
+                    };
+                    c.lba += n;
+                    c.blocks -= n;
+                    nr += 1;
+                }
+                sqe = Sqe::new(io::DSM, self.nsid);
+                sqe.prp1 = prp_page;
+                sqe.cdw[0] = nr as u32 - 1;
+                sqe.cdw[1] = io::DSM_AD;
+            }
+        }
+        self.free_slots.pop();
+        sqe.set_cid(slot);
+        let s = &mut self.slots[slot as usize];
+        s.busy = true;
+        s.parent = c.parent;
+        s.sqe = sqe;
+        s.started = self.now;
+        s.bounce = bounce;
+        self.parents[c.parent as usize].remaining += 1;
+        self.q.push(&sqe);
+        true
+    }
+
+    /// PRPs straight to the caller's memory, when it is registered and
+    /// PRP-shaped (only the first segment may start inside a page, only the
+    /// last may end inside one).
+    fn direct_prps(
+        &self,
+        segs: &[(usize, usize)],
+        list: &mut [u64],
+        list_iova: u64,
+        sqe: &mut Sqe,
+    ) -> bool {
+        let last = segs.len().wrapping_sub(1);
+        let mut n = 0usize;
+        for (i, &(ptr, len)) in segs.iter().enumerate() {
+            let Some(iova) = translate(&self.regions, ptr, len) else {
+                return false;
+            };
+            let end = iova + len as u64;
+            let page = PAGE as u64;
+            if (i == 0 && iova % 4 != 0)
+                || (i > 0 && iova % page != 0)
+                || (i != last && !end.is_multiple_of(page))
+            {
+                return false;
+            }
+            let mut p = iova;
+            while p < end {
+                if n == 0 {
+                    sqe.prp1 = p;
+                } else if n <= PRP_PER_PAGE {
+                    list[n - 1] = p;
+                } else {
+                    return false;
+                }
+                n += 1;
+                p = (p & !(page - 1)) + page;
+            }
+        }
+        match n {
+            0 => return false,
+            1 => sqe.prp2 = 0,
+            2 => sqe.prp2 = list[0],
+            _ => sqe.prp2 = list_iova,
+        }
+        true
+    }
+
+    /// PRPs to bounce pages; a write's data is copied in now, a read's is
+    /// copied out at completion. None when not enough pages are free.
+    fn bounce_prps(
+        &mut self,
+        segs: &[(usize, usize)],
+        bytes: usize,
+        op: IoOp,
+        list: &mut [u64],
+        list_iova: u64,
+        sqe: &mut Sqe,
+    ) -> Option<Box<Bounce>> {
+        let need = bytes.div_ceil(PAGE);
+        if self.free_bounce.len() < need {
+            return None;
+        }
+        self.ctrl.bounced.fetch_add(1, Ordering::Relaxed);
+        let at = self.free_bounce.len() - need;
+        let pages: SmallVec<[u16; 8]> = self.free_bounce.drain(at..).collect();
+        for (k, &pg) in pages.iter().enumerate() {
+            let iova = self.bounce.iova() + pg as u64 * PAGE as u64;
+            if k == 0 {
+                sqe.prp1 = iova;
+            } else {
+                list[k - 1] = iova;
+            }
+        }
+        sqe.prp2 = match need {
+            1 => 0,
+            2 => list[0],
+            _ => list_iova,
+        };
+        if op == IoOp::Write {
+            self.copy_bounce(&pages, segs, true);
+        }
+        Some(Box::new(Bounce {
+            pages,
+            to: (op == IoOp::Read).then(|| segs.iter().copied().collect()),
+        }))
+    }
+
+    /// Copy between the caller's segments and bounce pages.
+    fn copy_bounce(&self, pages: &[u16], segs: &[(usize, usize)], into_pages: bool) {
+        let mut pos = 0usize;
+        for &(ptr, len) in segs {
+            let mut done = 0;
+            while done < len {
+                let page = pages[pos / PAGE] as usize;
+                let in_page = pos % PAGE;
+                let n = (PAGE - in_page).min(len - done);
+                // SAFETY: the page belongs to this command; the caller's
+                // memory is valid for the request's life (IoVec contract).
+                unsafe {
+                    let b = self.bounce.ptr().add(page * PAGE + in_page);
+                    let u = (ptr + done) as *mut u8;
+                    if into_pages {
+                        std::ptr::copy_nonoverlapping(u, b, n);
+                    } else {
+                        std::ptr::copy_nonoverlapping(b, u, n);
+                    }
+                }
+                done += n;
+                pos += n;
+            }
+        }
+    }
+
+    fn complete(&mut self, cqe: Cqe) {
+        let cid = cqe.cid() as usize;
+        let Some(slot) = self.slots.get_mut(cid).filter(|s| s.busy) else {
+            tracing::warn!(device = %self.info.name, cid, "completion for a command not in flight; ignored");
+            return;
+        };
+        slot.busy = false;
+        let parent = slot.parent;
+        let sqe = slot.sqe;
+        let bounce = slot.bounce.take();
+        self.free_slots.push(cid as u16);
+        let status = cqe.code();
+        if let Some(b) = bounce {
+            if let (true, Some(to)) = (status.ok(), &b.to) {
+                self.copy_bounce(&b.pages, to, false);
+            }
+            self.free_bounce.extend_from_slice(&b.pages);
+        }
+        let result = if status.ok() {
+            Ok(())
+        } else {
+            Err(self.io_error(&sqe, status))
+        };
+        self.finish(parent, result);
+    }
+
+    fn io_error(&self, sqe: &Sqe, status: Status) -> IoError {
+        let lba = match sqe.opcode() {
+            io::READ | io::WRITE | io::WRITE_ZEROES => sqe.slba(),
+            _ => 0,
+        };
+        if status.media() {
+            IoError::Media(lba)
+        } else if status == ABORTED {
+            IoError::TimedOut
+        } else {
+            tracing::warn!(device = %self.info.name, %status, opcode = sqe.opcode(), lba, "NVMe command failed");
+            IoError::Device(status.raw())
+        }
+    }
+
+    /// Fail every command in flight and whatever the cursor holds.
+    fn fail_all(&mut self, err: IoError) {
+        for cid in 0..self.slots.len() {
+            if self.slots[cid].busy {
+                let s = &mut self.slots[cid];
+                s.busy = false;
+                let parent = s.parent;
+                if let Some(b) = s.bounce.take() {
+                    self.free_bounce.extend_from_slice(&b.pages);
+                }
+                self.free_slots.push(cid as u16);
+                self.finish(parent, Err(err));
+            }
+        }
+        if let Some(c) = self.cursor.take() {
+            self.finish(c.parent, Err(err));
+        }
+    }
+
+    /// After a reset (ours or another channel's): recreate the queue on the
+    /// controller and resubmit what was in flight; reads and writes are
+    /// safe to repeat. A failed controller fails everything instead.
+    fn recover(&mut self) {
+        self.generation = self.ctrl.generation.load(Ordering::Acquire);
+        if self.ctrl.is_failed() {
+            self.fail_all(IoError::DeviceFailed);
+            return;
+        }
+        self.q.reset();
+        if let Err(e) = self.ctrl.create_io_queue(&self.q) {
+            self.ctrl.fail(&format!(
+                "recreating IO queue {} after reset: {e}",
+                self.q.qid
+            ));
+            self.generation = self.ctrl.generation.load(Ordering::Acquire);
+            self.fail_all(IoError::DeviceFailed);
+            return;
+        }
+        self.now = Instant::now();
+        let mut any = false;
+        for s in self.slots.iter_mut().filter(|s| s.busy) {
+            s.started = self.now;
+            self.q.push(&s.sqe);
+            any = true;
+        }
+        if any {
+            self.q.ring();
+        }
+    }
+
+    /// A command has been outstanding past the time-out: abort it; if the
+    /// controller does not give it back, reset the controller.
+    fn check_timeouts(&mut self) {
+        let limit = self.ctrl.opts.io_timeout;
+        let Some(cid) = self
+            .slots
+            .iter()
+            .position(|s| s.busy && self.now.duration_since(s.started) > limit)
+        else {
+            return;
+        };
+        let name = self.info.name.clone();
+        if self.ctrl.removed() {
+            self.ctrl
+                .fail("registers read all ones: the device was removed");
+            return self.recover();
+        }
+        if self.ctrl.fatal() {
+            let _ = self.ctrl.reset("controller fatal status");
+            return self.recover();
+        }
+        tracing::warn!(device = %name, cid, timeout_ms = limit.as_millis() as u64, "NVMe command timed out; aborting it");
+        if let Ok(true) = self.ctrl.abort(self.q.qid, cid as u16) {
+            // The aborted command completes with "abort requested".
+            let deadline = Instant::now() + self.ctrl.opts.admin_timeout;
+            while self.slots[cid].busy && Instant::now() < deadline {
+                self.reap();
+            }
+            if !self.slots[cid].busy {
+                return;
+            }
+        }
+        let _ = self
+            .ctrl
+            .reset(&format!("command {cid} on queue {} timed out", self.q.qid));
+        self.recover();
+    }
+
+    fn reap(&mut self) -> bool {
+        let mut any = false;
+        while let Some(cqe) = self.q.pop() {
+            self.complete(cqe);
+            any = true;
+        }
+        if any {
+            self.q.ack();
+        }
+        any
+    }
+}
+
+impl IoChannel for Channel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if self.cursor.is_some() || self.free_parents.is_empty() {
+            return Err(SubmitError::Busy(req));
+        }
+        let result = if self.ctrl.is_failed() {
+            Err(IoError::DeviceFailed)
+        } else {
+            validate(&self.info, &req)
+        };
+        if let Err(e) = result {
+            self.done.push_back(Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            return Ok(());
+        }
+        if self.inflight == 0 {
+            self.now = Instant::now();
+        }
+        self.refresh_regions();
+        let parent = self.free_parents.pop().unwrap_or_default();
+        self.parents[parent as usize] = Parent {
+            tag: req.tag,
+            remaining: 1,
+            result: Ok(()),
+        };
+        self.inflight += 1;
+        self.cursor = Some(Cursor {
+            parent,
+            op: req.op,
+            lba: req.offset_blocks,
+            blocks: if req.op == IoOp::Flush {
+                0
+            } else {
+                req.num_blocks
+            },
+            sg: req.sg,
+            sg_idx: 0,
+            sg_off: 0,
+            issued: false,
+        });
+        self.pump();
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+            self.recover();
+        }
+        self.reap();
+        if self.cursor.is_some() {
+            self.pump();
+        }
+        self.polls = self.polls.wrapping_add(1);
+        if self.polls.is_multiple_of(64) && self.inflight > 0 {
+            self.now = Instant::now();
+            self.check_timeouts();
+        }
+        let n = self.done.len();
+        out.extend(self.done.drain(..));
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight + self.done.len()
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        if !self.ctrl.is_failed() {
+            if let Err(e) = self.ctrl.delete_io_queue(self.q.qid) {
+                tracing::warn!(device = %self.info.name, qid = self.q.qid, error = %e, "deleting IO queue");
+            }
+        }
+        self.ctrl.free_qid(self.q.qid);
+    }
+}

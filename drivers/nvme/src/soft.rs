@@ -1,0 +1,758 @@
+//! A software NVMe controller: the register file and the queue protocol in
+//! shared memory, served by a thread, so the driver can be tested (and
+//! measured) on any machine. It behaves like a device: it sees only what
+//! the driver writes to registers and queues, and reaches data through an
+//! IOMMU of its own, so a PRP pointing at memory the driver never mapped is
+//! caught (as a data transfer error, counted in [`SoftStats::iommu_faults`]).
+//!
+//! Faults to inject: media errors on chosen blocks, slow completions, lost
+//! completions (the driver must abort and reset), controller fatal status,
+//! and surprise removal (registers read all ones).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::controller::lock;
+use crate::error::NvmeError;
+use crate::spec::{self, admin, io, Cqe, IdentifyController, IdentifyNamespace, Sqe, Status, PAGE};
+use crate::transport::{Bar, Transport};
+
+/// What the software controller looks like.
+#[derive(Debug, Clone)]
+pub struct SoftConfig {
+    /// Namespaces: (block size, number of blocks).
+    pub namespaces: Vec<(u32, u64)>,
+    /// MDTS (power of two of 4 KiB pages; 0 = no limit).
+    pub mdts: u8,
+    /// Largest queue (CAP.MQES + 1).
+    pub max_queue_entries: u32,
+    /// IO queue pairs it grants at most.
+    pub max_io_queues: u16,
+    /// Volatile write cache present.
+    pub vwc: bool,
+    /// Serial number.
+    pub serial: String,
+}
+
+impl Default for SoftConfig {
+    fn default() -> SoftConfig {
+        SoftConfig {
+            namespaces: vec![(4096, 16384)],
+            mdts: 5,
+            max_queue_entries: 1024,
+            max_io_queues: 16,
+            vwc: true,
+            serial: "soft0".into(),
+        }
+    }
+}
+
+/// Counters of what the controller saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SoftStats {
+    /// IO commands executed.
+    pub io_commands: u64,
+    /// Commands whose PRPs pointed at unmapped memory.
+    pub iommu_faults: u64,
+    /// Times the controller was enabled (1 + resets).
+    pub enables: u64,
+    /// Abort commands that found their command.
+    pub aborted: u64,
+    /// Largest transfer of one command, in bytes.
+    pub largest_transfer: u64,
+}
+
+#[derive(Default)]
+struct Faults {
+    bad_blocks: HashSet<(u32, u64)>,
+    latency: Duration,
+    lose: u32,
+}
+
+struct Shared {
+    regs: memmap2::MmapMut,
+    iommu: RwLock<BTreeMap<u64, (usize, usize)>>,
+    next_iova: AtomicU64,
+    faults: Mutex<Faults>,
+    fatal: AtomicBool,
+    removed: AtomicBool,
+    stop: AtomicBool,
+    stats: Mutex<SoftStats>,
+    name: String,
+}
+
+// SAFETY: the register page is shared with the driver by design and only
+// accessed through 32-bit atomics.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn bar(&self) -> Bar {
+        // SAFETY: the mapping lives as long as Shared, which every Bar user
+        // keeps alive through the transport.
+        unsafe { Bar::new(self.regs.as_ptr() as *mut u8, self.regs.len()) }
+    }
+}
+
+/// The transport to a software controller (what the driver is given).
+pub struct SoftTransport {
+    shared: Arc<Shared>,
+}
+
+impl Transport for SoftTransport {
+    fn bar(&self) -> Bar {
+        self.shared.bar()
+    }
+
+    unsafe fn map(&self, vaddr: *mut u8, len: usize) -> Result<u64, NvmeError> {
+        if !(vaddr as usize).is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 {
+            return Err(NvmeError::InvalidArgument(format!(
+                "DMA map of {len} bytes at {vaddr:p} is not page aligned"
+            )));
+        }
+        // IO addresses unlike the process's own, so a driver that uses a
+        // virtual address where an IO address belongs is caught.
+        let iova = self
+            .shared
+            .next_iova
+            .fetch_add(len as u64 + PAGE as u64, Ordering::Relaxed);
+        let mut m = self.shared.iommu.write().unwrap_or_else(|p| p.into_inner());
+        m.insert(iova, (vaddr as usize, len));
+        Ok(iova)
+    }
+
+    fn unmap(&self, iova: u64, _len: usize) {
+        let mut m = self.shared.iommu.write().unwrap_or_else(|p| p.into_inner());
+        m.remove(&iova);
+    }
+
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+/// A running software controller. Dropping it stops its thread.
+pub struct SoftController {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SoftController {
+    /// Start a controller named `name`.
+    pub fn start(name: &str, config: SoftConfig) -> Result<SoftController, NvmeError> {
+        let regs = memmap2::MmapOptions::new()
+            .len(2 * PAGE)
+            .map_anon()
+            .map_err(|e| NvmeError::Os("mapping the software controller's registers".into(), e))?;
+        let shared = Arc::new(Shared {
+            regs,
+            iommu: RwLock::new(BTreeMap::new()),
+            next_iova: AtomicU64::new(0x7_0000_0000),
+            faults: Mutex::new(Faults::default()),
+            fatal: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stats: Mutex::new(SoftStats::default()),
+            name: name.to_string(),
+        });
+        let mqes = config.max_queue_entries.clamp(2, 65536) as u64 - 1;
+        let cap = mqes | 1 << 16 | 15 << 24 | 1 << 37 | 4 << 52;
+        let bar = shared.bar();
+        bar.write64(spec::REG_CAP, cap);
+        bar.write32(spec::REG_VS, 0x10400);
+        let mut dev = Device::new(shared.clone(), config);
+        let thread = std::thread::Builder::new()
+            .name(format!("soft-nvme-{name}"))
+            .spawn(move || dev.run())
+            .map_err(|e| NvmeError::Os("starting the software controller thread".into(), e))?;
+        Ok(SoftController {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The transport a driver uses to reach this controller.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        Arc::new(SoftTransport {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Reads and writes touching this block of namespace `nsid` fail with a
+    /// media error.
+    pub fn fail_block(&self, nsid: u32, lba: u64) {
+        lock(&self.shared.faults).bad_blocks.insert((nsid, lba));
+    }
+
+    /// Hold every completion this long.
+    pub fn set_latency(&self, d: Duration) {
+        lock(&self.shared.faults).latency = d;
+    }
+
+    /// Never complete the next `n` IO commands (a hung command).
+    pub fn lose_completions(&self, n: u32) {
+        lock(&self.shared.faults).lose = n;
+    }
+
+    /// Raise controller fatal status; the controller stops until reset.
+    pub fn make_fatal(&self) {
+        self.shared.fatal.store(true, Ordering::Release);
+    }
+
+    /// Pull the device: registers read all ones and nothing completes.
+    pub fn remove(&self) {
+        self.shared.removed.store(true, Ordering::Release);
+    }
+
+    /// What the controller has seen.
+    pub fn stats(&self) -> SoftStats {
+        *lock(&self.shared.stats)
+    }
+}
+
+impl Drop for SoftController {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Sq {
+    iova: u64,
+    size: u32,
+    head: u32,
+    cqid: u16,
+}
+
+struct Cq {
+    iova: u64,
+    size: u32,
+    tail: u32,
+    phase: bool,
+}
+
+struct Pending {
+    due: Instant,
+    sqid: u16,
+    cqid: u16,
+    cid: u16,
+    status: Status,
+    result: u32,
+}
+
+struct Device {
+    shared: Arc<Shared>,
+    bar: Bar,
+    config: SoftConfig,
+    data: Vec<Vec<u8>>,
+    enabled: bool,
+    sqs: BTreeMap<u16, Sq>,
+    cqs: BTreeMap<u16, Cq>,
+    pending: VecDeque<Pending>,
+    lost: Vec<(u16, u16)>,
+}
+
+const STRIDE: usize = 4;
+
+impl Device {
+    fn new(shared: Arc<Shared>, config: SoftConfig) -> Device {
+        let data = config
+            .namespaces
+            .iter()
+            .map(|&(bs, n)| vec![0u8; bs as usize * n as usize])
+            .collect();
+        Device {
+            bar: shared.bar(),
+            shared,
+            config,
+            data,
+            enabled: false,
+            sqs: BTreeMap::new(),
+            cqs: BTreeMap::new(),
+            pending: VecDeque::new(),
+            lost: Vec::new(),
+        }
+    }
+
+    fn run(&mut self) {
+        let mut idle = 0u32;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if self.shared.removed.load(Ordering::Acquire) {
+                for off in (0..self.bar.len()).step_by(4) {
+                    self.bar.write32(off, u32::MAX);
+                }
+                while !self.shared.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                return;
+            }
+            let worked = self.step();
+            if worked {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle > 20_000 {
+                    std::thread::sleep(Duration::from_micros(50));
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) -> bool {
+        let cc = self.bar.read32(spec::REG_CC);
+        if cc & spec::CC_EN == 0 {
+            if self.enabled || self.bar.read32(spec::REG_CSTS) != 0 {
+                self.enabled = false;
+                self.sqs.clear();
+                self.cqs.clear();
+                self.pending.clear();
+                self.lost.clear();
+                self.shared.fatal.store(false, Ordering::Release);
+                for off in (spec::REG_DOORBELLS..self.bar.len()).step_by(4) {
+                    self.bar.write32(off, 0);
+                }
+                self.bar.write32(spec::REG_CSTS, 0);
+                return true;
+            }
+            return false;
+        }
+        if !self.enabled {
+            let aqa = self.bar.read32(spec::REG_AQA);
+            self.sqs.insert(
+                0,
+                Sq {
+                    iova: self.bar.read64(spec::REG_ASQ),
+                    size: (aqa & 0xfff) + 1,
+                    head: 0,
+                    cqid: 0,
+                },
+            );
+            self.cqs.insert(
+                0,
+                Cq {
+                    iova: self.bar.read64(spec::REG_ACQ),
+                    size: ((aqa >> 16) & 0xfff) + 1,
+                    tail: 0,
+                    phase: true,
+                },
+            );
+            self.enabled = true;
+            lock(&self.shared.stats).enables += 1;
+            self.bar.write32(spec::REG_CSTS, spec::CSTS_RDY);
+            return true;
+        }
+        if self.shared.fatal.load(Ordering::Acquire) {
+            self.bar
+                .write32(spec::REG_CSTS, spec::CSTS_RDY | spec::CSTS_CFS);
+            return false;
+        }
+        if (cc >> 14) & 3 != 0 {
+            self.bar.write32(spec::REG_CSTS, spec::CSTS_RDY | 2 << 2);
+            return false;
+        }
+        let mut worked = false;
+        let qids: Vec<u16> = self.sqs.keys().copied().collect();
+        for qid in qids {
+            let tail = self.bar.read32(spec::sq_doorbell(qid, STRIDE));
+            while let Some(sq) = self.sqs.get_mut(&qid) {
+                if tail >= sq.size || sq.head == tail {
+                    break;
+                }
+                let at = sq.iova + sq.head as u64 * 64;
+                sq.head = (sq.head + 1) % sq.size;
+                let cqid = sq.cqid;
+                worked = true;
+                let Some(sqe) = self.read_obj::<Sqe>(at) else {
+                    lock(&self.shared.stats).iommu_faults += 1;
+                    continue;
+                };
+                let (status, result) = if qid == 0 {
+                    self.admin(&sqe)
+                } else {
+                    self.io(&sqe)
+                };
+                self.complete(qid, cqid, sqe.cid(), status, result);
+            }
+        }
+        let now = Instant::now();
+        while self.pending.front().is_some_and(|p| p.due <= now) {
+            if let Some(p) = self.pending.pop_front() {
+                self.post(p.sqid, p.cqid, p.cid, p.status, p.result);
+                worked = true;
+            }
+        }
+        worked
+    }
+
+    fn complete(&mut self, sqid: u16, cqid: u16, cid: u16, status: Status, result: u32) {
+        if sqid != 0 {
+            let mut f = lock(&self.shared.faults);
+            if f.lose > 0 {
+                f.lose -= 1;
+                self.lost.push((sqid, cid));
+                return;
+            }
+            if !f.latency.is_zero() {
+                self.pending.push_back(Pending {
+                    due: Instant::now() + f.latency,
+                    sqid,
+                    cqid,
+                    cid,
+                    status,
+                    result,
+                });
+                return;
+            }
+        }
+        self.post(sqid, cqid, cid, status, result);
+    }
+
+    fn post(&mut self, sqid: u16, cqid: u16, cid: u16, status: Status, result: u32) {
+        let sq_head = self.sqs.get(&sqid).map_or(0, |s| s.head);
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
+        let at = cq.iova + cq.tail as u64 * 16;
+        let dw3 = Cqe::dw3(cid, cq.phase, status);
+        cq.tail += 1;
+        if cq.tail == cq.size {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = lookup(&iommu, at, 16) else {
+            lock(&self.shared.stats).iommu_faults += 1;
+            return;
+        };
+        // SAFETY: the driver mapped this completion queue entry; the status
+        // dword goes last with release so the driver sees a whole entry.
+        unsafe {
+            let e = p as *mut u32;
+            e.write_volatile(result);
+            e.add(1).write_volatile(0);
+            e.add(2).write_volatile(sq_head | (sqid as u32) << 16);
+            AtomicU32::from_ptr(e.add(3)).store(dw3, Ordering::Release);
+        }
+    }
+
+    fn read_obj<T: Copy>(&self, iova: u64) -> Option<T> {
+        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let p = lookup(&iommu, iova, std::mem::size_of::<T>())?;
+        // SAFETY: mapped by the driver for at least size_of::<T>() bytes.
+        Some(unsafe { (p as *const T).read_unaligned() })
+    }
+
+    fn admin(&mut self, sqe: &Sqe) -> (Status, u32) {
+        let max_q = self.config.max_io_queues;
+        match sqe.opcode() {
+            admin::IDENTIFY => {
+                let mut page = [0u8; 4096];
+                match sqe.cdw[0] & 0xff {
+                    admin::CNS_CONTROLLER => IdentifyController {
+                        vid: 0x1b36,
+                        serial: self.config.serial.clone(),
+                        model: "appliance soft NVMe".into(),
+                        firmware: "1.0".into(),
+                        mdts: self.config.mdts,
+                        nn: self.config.namespaces.len() as u32,
+                        oncs: 0xc,
+                        vwc: self.config.vwc,
+                    }
+                    .write(&mut page),
+                    admin::CNS_NAMESPACE => {
+                        let Some(&(bs, n)) = self.namespace(sqe.nsid) else {
+                            return (Status::INVALID_NAMESPACE, 0);
+                        };
+                        IdentifyNamespace {
+                            nsze: n,
+                            lbads: bs.trailing_zeros() as u8,
+                            ms: 0,
+                        }
+                        .write(&mut page)
+                    }
+                    admin::CNS_ACTIVE_NS => {
+                        let ids =
+                            (1..=self.config.namespaces.len() as u32).filter(|&i| i > sqe.nsid);
+                        for (k, id) in ids.take(1024).enumerate() {
+                            page[k * 4..k * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                        }
+                    }
+                    _ => return (Status::INVALID_FIELD, 0),
+                }
+                match self.transfer(sqe, PAGE, |dst| dst.copy_from_slice(&page)) {
+                    true => (Status::SUCCESS, 0),
+                    false => (Status::DATA_TRANSFER, 0),
+                }
+            }
+            admin::SET_FEATURES if sqe.cdw[0] & 0xff == admin::FEAT_NUM_QUEUES => {
+                let n = (max_q as u32 - 1).min(sqe.cdw[1] & 0xffff);
+                (Status::SUCCESS, n | n << 16)
+            }
+            admin::CREATE_CQ | admin::CREATE_SQ => {
+                let qid = sqe.cdw[0] as u16;
+                let size = (sqe.cdw[0] >> 16) + 1;
+                if qid == 0 || qid > max_q {
+                    return (Status::INVALID_QID, 0);
+                }
+                let mqes = (self.bar.read64(spec::REG_CAP) & 0xffff) as u32 + 1;
+                if size < 2 || size > mqes {
+                    return (Status::INVALID_QSIZE, 0);
+                }
+                if sqe.opcode() == admin::CREATE_CQ {
+                    if self.cqs.contains_key(&qid) || sqe.cdw[1] & 1 == 0 {
+                        return (Status::INVALID_QID, 0);
+                    }
+                    self.cqs.insert(
+                        qid,
+                        Cq {
+                            iova: sqe.prp1,
+                            size,
+                            tail: 0,
+                            phase: true,
+                        },
+                    );
+                } else {
+                    let cqid = (sqe.cdw[1] >> 16) as u16;
+                    if self.sqs.contains_key(&qid) || !self.cqs.contains_key(&cqid) {
+                        return (Status::INVALID_QID, 0);
+                    }
+                    self.sqs.insert(
+                        qid,
+                        Sq {
+                            iova: sqe.prp1,
+                            size,
+                            head: 0,
+                            cqid,
+                        },
+                    );
+                    // A new queue starts at tail 0.
+                    self.bar.write32(spec::sq_doorbell(qid, STRIDE), 0);
+                }
+                (Status::SUCCESS, 0)
+            }
+            admin::DELETE_SQ => {
+                let qid = sqe.cdw[0] as u16;
+                if qid == 0 || self.sqs.remove(&qid).is_none() {
+                    return (Status::INVALID_QID, 0);
+                }
+                self.pending.retain(|p| p.sqid != qid);
+                self.lost.retain(|l| l.0 != qid);
+                (Status::SUCCESS, 0)
+            }
+            admin::DELETE_CQ => {
+                let qid = sqe.cdw[0] as u16;
+                if qid == 0
+                    || self.sqs.values().any(|s| s.cqid == qid)
+                    || self.cqs.remove(&qid).is_none()
+                {
+                    return (Status::INVALID_QID, 0);
+                }
+                (Status::SUCCESS, 0)
+            }
+            admin::ABORT => {
+                let (sqid, cid) = (sqe.cdw[0] as u16, (sqe.cdw[0] >> 16) as u16);
+                if let Some(i) = self
+                    .pending
+                    .iter()
+                    .position(|p| p.sqid == sqid && p.cid == cid)
+                {
+                    if let Some(mut p) = self.pending.remove(i) {
+                        p.status = Status::ABORT_REQUESTED;
+                        self.post(p.sqid, p.cqid, p.cid, p.status, 0);
+                        lock(&self.shared.stats).aborted += 1;
+                        return (Status::SUCCESS, 0);
+                    }
+                }
+                (Status::SUCCESS, 1)
+            }
+            _ => (Status::INVALID_OPCODE, 0),
+        }
+    }
+
+    fn namespace(&self, nsid: u32) -> Option<&(u32, u64)> {
+        nsid.checked_sub(1)
+            .and_then(|i| self.config.namespaces.get(i as usize))
+    }
+
+    fn io(&mut self, sqe: &Sqe) -> (Status, u32) {
+        lock(&self.shared.stats).io_commands += 1;
+        let Some(&(bs, blocks)) = self.namespace(sqe.nsid) else {
+            return (Status::INVALID_NAMESPACE, 0);
+        };
+        let ns = sqe.nsid - 1;
+        let bs = bs as usize;
+        let in_range = |slba: u64, n: u64| slba.checked_add(n).is_some_and(|e| e <= blocks);
+        match sqe.opcode() {
+            io::FLUSH => (Status::SUCCESS, 0),
+            io::READ | io::WRITE => {
+                let (slba, n) = (sqe.slba(), sqe.nlb() as u64);
+                if !in_range(slba, n) {
+                    return (Status::LBA_OUT_OF_RANGE, 0);
+                }
+                let bytes = n as usize * bs;
+                if self.config.mdts != 0 && bytes > PAGE << self.config.mdts {
+                    return (Status::INVALID_FIELD, 0);
+                }
+                let write = sqe.opcode() == io::WRITE;
+                let bad = {
+                    let f = lock(&self.shared.faults);
+                    (slba..slba + n).any(|b| f.bad_blocks.contains(&(sqe.nsid, b)))
+                };
+                if bad {
+                    return (
+                        if write {
+                            Status::WRITE_FAULT
+                        } else {
+                            Status::UNRECOVERED_READ
+                        },
+                        0,
+                    );
+                }
+                {
+                    let mut st = lock(&self.shared.stats);
+                    st.largest_transfer = st.largest_transfer.max(bytes as u64);
+                }
+                let mut data = std::mem::take(&mut self.data[ns as usize]);
+                let range = slba as usize * bs..(slba as usize * bs + bytes);
+                let ok = if write {
+                    self.transfer_from(sqe, &mut data[range])
+                } else {
+                    let src = &data[range];
+                    self.transfer(sqe, bytes, |dst| dst.copy_from_slice(src))
+                };
+                self.data[ns as usize] = data;
+                if ok {
+                    (Status::SUCCESS, 0)
+                } else {
+                    (Status::DATA_TRANSFER, 0)
+                }
+            }
+            io::WRITE_ZEROES => {
+                let (slba, n) = (sqe.slba(), sqe.nlb() as u64);
+                if !in_range(slba, n) {
+                    return (Status::LBA_OUT_OF_RANGE, 0);
+                }
+                self.data[ns as usize][slba as usize * bs..(slba + n) as usize * bs].fill(0);
+                (Status::SUCCESS, 0)
+            }
+            io::DSM => {
+                let nr = (sqe.cdw[0] & 0xff) as usize + 1;
+                let mut raw = vec![0u8; nr * 16];
+                if !self.transfer_from(sqe, &mut raw) {
+                    return (Status::DATA_TRANSFER, 0);
+                }
+                if sqe.cdw[1] & io::DSM_AD != 0 {
+                    for r in raw.chunks_exact(16) {
+                        let len = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
+                        let slba = u64::from_le_bytes([
+                            r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15],
+                        ]);
+                        if !in_range(slba, len) {
+                            return (Status::LBA_OUT_OF_RANGE, 0);
+                        }
+                        self.data[ns as usize][slba as usize * bs..(slba + len) as usize * bs]
+                            .fill(0);
+                    }
+                }
+                (Status::SUCCESS, 0)
+            }
+            _ => (Status::INVALID_OPCODE, 0),
+        }
+    }
+
+    /// The memory a command's PRPs describe for `bytes` bytes, translated.
+    fn prp_segments(
+        &self,
+        iommu: &BTreeMap<u64, (usize, usize)>,
+        sqe: &Sqe,
+        bytes: usize,
+    ) -> Option<Vec<(usize, usize)>> {
+        let mut segs = Vec::new();
+        let first = (PAGE - (sqe.prp1 as usize % PAGE)).min(bytes);
+        segs.push((lookup(iommu, sqe.prp1, first)?, first));
+        let mut left = bytes - first;
+        if left == 0 {
+            return Some(segs);
+        }
+        if left <= PAGE {
+            if !(sqe.prp2 as usize).is_multiple_of(PAGE) {
+                return None;
+            }
+            segs.push((lookup(iommu, sqe.prp2, left)?, left));
+            return Some(segs);
+        }
+        let mut list = sqe.prp2;
+        if !list.is_multiple_of(8) {
+            return None;
+        }
+        while left > 0 {
+            let entry: u64 = {
+                let p = lookup(iommu, list, 8)?;
+                // SAFETY: mapped for 8 bytes.
+                unsafe { (p as *const u64).read_unaligned() }
+            };
+            let last_in_page = (list as usize % PAGE) == PAGE - 8;
+            if last_in_page && left > PAGE {
+                list = entry; // chained list
+                continue;
+            }
+            if !(entry as usize).is_multiple_of(PAGE) {
+                return None;
+            }
+            let n = left.min(PAGE);
+            segs.push((lookup(iommu, entry, n)?, n));
+            left -= n;
+            list += 8;
+        }
+        Some(segs)
+    }
+
+    /// Fill the command's memory (device to host).
+    fn transfer(&self, sqe: &Sqe, bytes: usize, fill: impl FnOnce(&mut [u8])) -> bool {
+        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let Some(segs) = self.prp_segments(&iommu, sqe, bytes) else {
+            lock(&self.shared.stats).iommu_faults += 1;
+            return false;
+        };
+        let mut tmp = vec![0u8; bytes];
+        fill(&mut tmp);
+        let mut at = 0;
+        for (p, n) in segs {
+            // SAFETY: translated through the IOMMU map, which keeps the
+            // driver from unmapping while the read lock is held.
+            unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr().add(at), p as *mut u8, n) };
+            at += n;
+        }
+        true
+    }
+
+    /// Read the command's memory (host to device).
+    fn transfer_from(&self, sqe: &Sqe, dst: &mut [u8]) -> bool {
+        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let Some(segs) = self.prp_segments(&iommu, sqe, dst.len()) else {
+            lock(&self.shared.stats).iommu_faults += 1;
+            return false;
+        };
+        let mut at = 0;
+        for (p, n) in segs {
+            // SAFETY: as in transfer.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, dst.as_mut_ptr().add(at), n) };
+            at += n;
+        }
+        true
+    }
+}
+
+/// Translate `len` bytes at `iova` if one mapping holds them all.
+fn lookup(iommu: &BTreeMap<u64, (usize, usize)>, iova: u64, len: usize) -> Option<usize> {
+    let (&base, &(vaddr, size)) = iommu.range(..=iova).next_back()?;
+    let off = (iova - base) as usize;
+    (off + len <= size).then_some(vaddr + off)
+}

@@ -1,0 +1,370 @@
+//! The driver against the software controller: the block-device
+//! conformance suite, PRP shapes and splitting, bounce and zero-copy paths,
+//! and every failure the controller can inject.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::conformance::{self, run_one, rw, Aligned};
+use bdev::{BlockDevice, IoChannel, IoError, IoOp, IoRequest, IoVec, SgList};
+use nvme::soft::{SoftConfig, SoftController};
+use nvme::{Controller, Namespace, Options};
+
+fn quick() -> Options {
+    Options {
+        io_timeout: Duration::from_millis(300),
+        admin_timeout: Duration::from_millis(500),
+        ..Options::default()
+    }
+}
+
+fn setup(config: SoftConfig, opts: Options) -> (SoftController, Arc<Controller>) {
+    let soft = SoftController::start("soft-test", config).expect("start soft controller");
+    let ctrl = Controller::new(soft.transport(), opts).expect("bring up");
+    (soft, ctrl)
+}
+
+fn ns(ctrl: &Arc<Controller>, nsid: u32) -> Arc<Namespace> {
+    Arc::new(Namespace::new(ctrl, nsid, &format!("ns{nsid}")).expect("namespace"))
+}
+
+fn pattern(buf: &mut [u8], seed: u8) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+    }
+}
+
+/// Submit and wait, with a generous deadline (the controller's thread may
+/// sleep when idle).
+fn one(ch: &mut dyn IoChannel, req: IoRequest) -> Result<(), IoError> {
+    run_one(ch, req)
+}
+
+#[test]
+fn both_block_sizes_pass_the_block_device_conformance_suite() {
+    let config = SoftConfig {
+        namespaces: vec![(512, 1 << 16), (4096, 8192)],
+        mdts: 2, // 16 KiB commands: most requests of the suite are split
+        ..SoftConfig::default()
+    };
+    let (soft, ctrl) = setup(config, Options::default());
+    assert_eq!(ctrl.namespace_ids(), vec![1, 2]);
+    for nsid in [1, 2] {
+        let dev = ns(&ctrl, nsid);
+        assert_eq!(dev.info().block_size, if nsid == 1 { 512 } else { 4096 });
+        assert!(dev.info().discard && dev.info().write_zeroes && dev.info().flush);
+        conformance::run_all(dev, 2, 1500);
+    }
+    let st = soft.stats();
+    assert_eq!(st.iommu_faults, 0, "every PRP pointed at mapped memory");
+    assert_eq!(st.largest_transfer, 16384, "commands split at MDTS");
+    assert!(st.io_commands > 3000);
+}
+
+#[test]
+fn registered_memory_is_used_in_place_for_every_prp_shape() {
+    let (soft, ctrl) = setup(
+        SoftConfig {
+            namespaces: vec![(512, 1 << 15)],
+            mdts: 0,
+            ..SoftConfig::default()
+        },
+        Options::default(),
+    );
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut mem = Aligned::new(4 << 20);
+    let base = mem.buf().as_mut_ptr();
+    // SAFETY: `mem` outlives every request and is unregistered at the end.
+    unsafe { ctrl.register_memory(base, 4 << 20) }.expect("register");
+    // (offset in the region, lengths of the segments): every shape PRPs
+    // can express: one page, a page offset, two pages, a list, several
+    // page-aligned segments with an unaligned start and end.
+    let shapes: &[(usize, &[usize])] = &[
+        (0, &[4096]),
+        (512, &[512]),
+        (1024, &[3072, 4096]),
+        (0, &[8192]),
+        (0, &[256 << 10]),
+        (2048, &[2048, 8192, 4096, 512]),
+        (4096 * 3 + 512, &[3584, (1 << 20) - 3584]),
+    ];
+    let mut lba = 0u64;
+    for (k, &(off, segs)) in shapes.iter().enumerate() {
+        let total: usize = segs.iter().sum();
+        let blocks = total as u64 / 512;
+        let mut expect = vec![0u8; total];
+        pattern(&mut expect, k as u8);
+        // Lay the segments out page-aligned after the first, like guest pages.
+        let mut sg = SgList::new();
+        let mut at = off;
+        let mut src = 0;
+        for &len in segs {
+            // SAFETY: inside `mem`.
+            let p = unsafe { base.add(at) };
+            unsafe { std::ptr::copy_nonoverlapping(expect[src..].as_ptr(), p, len) };
+            sg.push(unsafe { IoVec::new(p, len) });
+            src += len;
+            at = (at + len).div_ceil(4096) * 4096 + 4096;
+        }
+        let before = ctrl.bounced_commands();
+        one(
+            ch.as_mut(),
+            IoRequest {
+                op: IoOp::Write,
+                offset_blocks: lba,
+                num_blocks: blocks,
+                sg,
+                tag: 1,
+            },
+        )
+        .expect("write");
+        let mut got = vec![0u8; total];
+        one(ch.as_mut(), rw(IoOp::Read, lba, blocks, &mut got, 2)).expect("read back");
+        assert!(got == expect, "shape {k} reads back what was written");
+        // The write used the registered memory in place; the read into a
+        // plain Vec went through bounce pages.
+        assert_eq!(
+            ctrl.bounced_commands() - before,
+            1,
+            "shape {k}: only the unregistered read bounced"
+        );
+        lba += blocks;
+    }
+    assert_eq!(soft.stats().iommu_faults, 0);
+    drop(ch);
+    ctrl.unregister_memory(base).expect("unregister");
+}
+
+#[test]
+fn memory_that_prps_cannot_describe_is_bounced_and_still_correct() {
+    let (_soft, ctrl) = setup(
+        SoftConfig {
+            namespaces: vec![(512, 4096)],
+            ..SoftConfig::default()
+        },
+        Options::default(),
+    );
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut mem = Aligned::new(1 << 20);
+    let base = mem.buf().as_mut_ptr();
+    // SAFETY: `mem` outlives the requests.
+    unsafe { ctrl.register_memory(base, 1 << 20) }.expect("register");
+    // A middle segment that ends inside a page, and an odd address.
+    let segs = [(100usize, 1000usize), (8192, 2072), (20000 + 1, 1024)];
+    let mut expect = vec![0u8; 4096];
+    pattern(&mut expect, 9);
+    let mut sg = SgList::new();
+    let mut src = 0;
+    for &(off, len) in &segs {
+        // SAFETY: inside `mem`.
+        let p = unsafe { base.add(off) };
+        unsafe { std::ptr::copy_nonoverlapping(expect[src..].as_ptr(), p, len) };
+        sg.push(unsafe { IoVec::new(p, len) });
+        src += len;
+    }
+    let before = ctrl.bounced_commands();
+    one(
+        ch.as_mut(),
+        IoRequest {
+            op: IoOp::Write,
+            offset_blocks: 8,
+            num_blocks: 8,
+            sg,
+            tag: 1,
+        },
+    )
+    .expect("write");
+    assert_eq!(ctrl.bounced_commands() - before, 1);
+    let mut got = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 8, 8, &mut got, 2)).expect("read");
+    assert!(got == expect);
+    drop(ch);
+    ctrl.unregister_memory(base).expect("unregister");
+}
+
+#[test]
+fn a_request_larger_than_the_queue_is_fed_in_as_slots_free() {
+    // Queue of 4 entries (3 commands in flight), 8 KiB commands: a 1 MiB
+    // write is 128 commands.
+    let (soft, ctrl) = setup(
+        SoftConfig {
+            namespaces: vec![(4096, 4096)],
+            mdts: 1,
+            ..SoftConfig::default()
+        },
+        Options {
+            queue_depth: 4,
+            ..Options::default()
+        },
+    );
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut data = vec![0u8; 1 << 20];
+    pattern(&mut data, 3);
+    one(ch.as_mut(), rw(IoOp::Write, 100, 256, &mut data, 1)).expect("write");
+    let mut got = vec![0u8; 1 << 20];
+    one(ch.as_mut(), rw(IoOp::Read, 100, 256, &mut got, 2)).expect("read");
+    assert!(got == data);
+    assert_eq!(soft.stats().largest_transfer, 8192);
+    // Write-zeroes and discard of more blocks than one command carries.
+    let (_soft2, ctrl2) = setup(
+        SoftConfig {
+            namespaces: vec![(512, 300_000)],
+            ..SoftConfig::default()
+        },
+        Options::default(),
+    );
+    let dev2 = ns(&ctrl2, 1);
+    let mut ch2 = dev2.open_channel().expect("channel");
+    let mut ones = vec![0xffu8; 512];
+    for lba in [0u64, 65_535, 65_536, 140_000, 299_999] {
+        one(ch2.as_mut(), rw(IoOp::Write, lba, 1, &mut ones, 3)).expect("write");
+    }
+    one(
+        ch2.as_mut(),
+        IoRequest::range(IoOp::WriteZeroes, 0, 150_000, 4),
+    )
+    .expect("write zeroes");
+    one(
+        ch2.as_mut(),
+        IoRequest::range(IoOp::Discard, 150_000, 150_000, 5),
+    )
+    .expect("discard");
+    for lba in [0u64, 65_535, 65_536, 140_000, 299_999] {
+        let mut b = vec![1u8; 512];
+        one(ch2.as_mut(), rw(IoOp::Read, lba, 1, &mut b, 6)).expect("read");
+        assert!(b.iter().all(|&x| x == 0), "block {lba} zeroed");
+    }
+}
+
+#[test]
+fn a_media_error_fails_only_its_request_with_the_block() {
+    let (soft, ctrl) = setup(SoftConfig::default(), Options::default());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.fail_block(1, 42);
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Read, 42, 1, &mut b, 1)),
+        Err(IoError::Media(42))
+    );
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Write, 42, 1, &mut b, 2)),
+        Err(IoError::Media(42))
+    );
+    one(ch.as_mut(), rw(IoOp::Read, 43, 1, &mut b, 3)).expect("the next block reads");
+}
+
+#[test]
+fn a_lost_completion_is_aborted_then_the_controller_reset_and_the_command_retried() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut other = dev.open_channel().expect("second channel");
+    let mut data = vec![0u8; 8192];
+    pattern(&mut data, 7);
+    soft.lose_completions(1);
+    let t = Instant::now();
+    one(ch.as_mut(), rw(IoOp::Write, 10, 2, &mut data, 1)).expect("write completes after reset");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "it waited for the time-out"
+    );
+    assert_eq!(soft.stats().enables, 2, "one reset");
+    let mut got = vec![0u8; 8192];
+    one(ch.as_mut(), rw(IoOp::Read, 10, 2, &mut got, 2)).expect("read");
+    assert!(got == data);
+    // The other channel's queue was recreated too.
+    one(other.as_mut(), rw(IoOp::Read, 10, 2, &mut got, 3)).expect("read on the other queue");
+    assert!(got == data);
+    assert!(!ctrl.is_failed());
+}
+
+#[test]
+fn a_slow_command_is_aborted_and_fails_without_a_reset() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.set_latency(Duration::from_secs(10));
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut b, 1)),
+        Err(IoError::TimedOut)
+    );
+    assert_eq!(soft.stats().aborted, 1);
+    soft.set_latency(Duration::ZERO);
+    one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut b, 2)).expect("the queue still works");
+    assert_eq!(soft.stats().enables, 1, "no reset was needed");
+}
+
+#[test]
+fn controller_fatal_status_resets_and_in_flight_io_completes() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.make_fatal();
+    let mut data = vec![5u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Write, 3, 1, &mut data, 1)).expect("write survives the reset");
+    assert_eq!(soft.stats().enables, 2);
+    let mut got = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 3, 1, &mut got, 2)).expect("read");
+    assert!(got == data);
+}
+
+#[test]
+fn surprise_removal_fails_every_request_cleanly() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.set_latency(Duration::from_secs(10));
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 4096]).collect();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        ch.submit(rw(IoOp::Read, i as u64, 1, b, i as u64))
+            .map_err(|_| "busy")
+            .expect("submit");
+    }
+    soft.remove();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < 8 && Instant::now() < deadline {
+        ch.poll(&mut out);
+    }
+    assert_eq!(out.len(), 8, "every request completed");
+    assert!(
+        out.iter().all(|c| c.result == Err(IoError::DeviceFailed)),
+        "{out:?}"
+    );
+    assert!(ctrl.is_failed());
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut bufs[0], 9)),
+        Err(IoError::DeviceFailed)
+    );
+    let err = dev
+        .open_channel()
+        .err()
+        .expect("no new queues on a removed device");
+    assert!(err.to_string().contains("failed"), "{err}");
+}
+
+#[test]
+fn bring_up_refuses_what_the_driver_cannot_serve() {
+    let (_soft, ctrl) = setup(
+        SoftConfig {
+            namespaces: vec![(2048, 100)],
+            ..SoftConfig::default()
+        },
+        Options::default(),
+    );
+    let err = Namespace::new(&ctrl, 1, "odd").expect_err("2 KiB blocks");
+    assert!(err.to_string().contains("512 and 4096"), "{err}");
+    let err = Namespace::new(&ctrl, 7, "none").expect_err("no namespace 7");
+    assert!(err.to_string().contains("no active namespace 7"), "{err}");
+    // A removed device is refused at bring-up with a clear error.
+    let soft = SoftController::start("gone", SoftConfig::default()).expect("start");
+    soft.remove();
+    std::thread::sleep(Duration::from_millis(20));
+    let err = Controller::new(soft.transport(), quick()).expect_err("removed");
+    assert!(err.to_string().contains("all ones"), "{err}");
+}
