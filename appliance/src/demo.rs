@@ -29,6 +29,13 @@ pub struct DemoOptions {
     pub before_failure: f64,
     /// Where the export listens.
     pub socket: PathBuf,
+    /// Member device specifications (3 or more); empty: four RAM members.
+    pub members: Vec<String>,
+    /// The hot spare's specification; None: a RAM spare.
+    pub spare: Option<String>,
+    /// Pull a member after `before_failure` seconds. False: a member is
+    /// expected to fail on its own (a real device made to fail).
+    pub pull: bool,
 }
 
 /// What the demo saw.
@@ -241,34 +248,44 @@ pub fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<(DemoReport, Runni
 
 fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoReport, String> {
     let e = |e: MgmtError| e.to_string();
-    let ram = |name: &str, mib: u64| DeviceDecl {
+    let decl = |name: &str, spec: String| DeviceDecl {
         name: name.into(),
-        spec: format!("ram:{mib}M"),
+        spec,
         block_size: 4096,
     };
+    let ram = |mib: u64| format!("ram:{mib}M");
+    let member_specs: Vec<String> = if opts.members.is_empty() {
+        (0..4).map(|_| ram(opts.member_mib + 1)).collect()
+    } else {
+        opts.members.clone()
+    };
+    if member_specs.len() < 3 {
+        return Err(format!("a RAID5 needs 3 or more members, {} given", member_specs.len()));
+    }
+    let prefix = if opts.members.is_empty() { "ram" } else { "m" };
+    let names: Vec<String> = (0..member_specs.len()).map(|i| format!("{prefix}{i}")).collect();
     // Members sit behind fault injectors, so one can be pulled as a dying
     // disk would be (a real IO failure, not an operator's `fail`).
     let mut faults: Vec<Arc<FaultDevice>> = Vec::new();
-    for i in 0..4 {
-        mgr.attach_device_wrapped(ram(&format!("ram{i}"), opts.member_mib + 1), |d| {
+    for (name, spec) in names.iter().zip(&member_specs) {
+        mgr.attach_device_wrapped(decl(name, spec.clone()), |d| {
             let f = Arc::new(FaultDevice::new(d));
             faults.push(f.clone());
             f
         })
         .map_err(e)?;
     }
-    mgr.attach_device(ram("ram-spare", opts.member_mib + 1))
-        .map_err(e)?;
-    mgr.attach_device(ram("ram-journal", 64)).map_err(e)?;
-    // A write-back journal: writes are acknowledged once durable there,
-    // and it closes the RAID5 write hole.
+    let spare_name = if opts.members.is_empty() { "ram-spare" } else { "spare" };
+    let spare_spec = opts.spare.clone().unwrap_or_else(|| ram(opts.member_mib + 1));
+    mgr.attach_device(decl(spare_name, spare_spec.clone())).map_err(e)?;
+    mgr.attach_device(decl("ram-journal", ram(64))).map_err(e)?;
     let v = mgr
         .create_volume(
             VolumeDecl {
                 name: "demo".into(),
                 level: "raid5".into(),
-                members: (0..4).map(|i| format!("ram{i}")).collect(),
-                spares: vec!["ram-spare".into()],
+                members: names.clone(),
+                spares: vec![spare_name.into()],
                 chunk_kib: 64,
                 layout: "left-symmetric".into(),
                 max_rebuild_bytes_per_sec: 0,
@@ -287,10 +304,14 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
         serial: "appliance-demo".into(),
     })
     .map_err(e)?;
+    let what = if opts.members.is_empty() {
+        format!("4 RAM members of {} MiB", opts.member_mib)
+    } else {
+        format!("{} members ({})", names.len(), member_specs.join(", "))
+    };
     let _ = writeln!(
         out,
-        "RAID5 over 4 RAM members of {} MiB (64 KiB chunks, left-symmetric) + 1 hot spare + a write-back journal (64 MiB RAM): {} MiB, exported on {}",
-        opts.member_mib,
+        "RAID5 over {what} (64 KiB chunks, left-symmetric) + 1 hot spare ({spare_spec}) + a write-back journal (64 MiB RAM): {} MiB, exported on {}",
         v.size_bytes >> 20,
         opts.socket.display()
     );
@@ -298,12 +319,21 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
     let client = start_client(&opts.socket, client_blocks)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(opts.before_failure));
-    let _ = writeln!(
-        out,
-        "client (blkio, QD 16): {} IOs so far; failing member ram2 (pulled)",
-        client.ios.load(Ordering::Relaxed)
-    );
-    faults[2].control().pull();
+    if opts.pull {
+        let _ = writeln!(
+            out,
+            "client (blkio, QD 16): {} IOs so far; failing member {} (pulled)",
+            client.ios.load(Ordering::Relaxed),
+            names[2]
+        );
+        faults[2].control().pull();
+    } else {
+        let _ = writeln!(
+            out,
+            "client (blkio, QD 16): {} IOs so far; waiting for a member to fail on its own",
+            client.ios.load(Ordering::Relaxed)
+        );
+    }
     let t_fail = Instant::now();
     // Show the rebuild onto the spare: a bar redrawn in place on a
     // terminal, a line per tenth otherwise.
@@ -323,14 +353,14 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
             if tty {
                 let _ = write!(
                     out,
-                    "\rrebuild onto ram-spare [{bar:<40}] {:5.1}% eta {eta}   ",
+                    "\rrebuild onto {spare_name} [{bar:<40}] {:5.1}% eta {eta}   ",
                     f * 100.0
                 );
             } else if tenth != shown {
                 shown = tenth;
                 let _ = writeln!(
                     out,
-                    "rebuild onto ram-spare [{bar:<40}] {:5.1}% eta {eta}",
+                    "rebuild onto {spare_name} [{bar:<40}] {:5.1}% eta {eta}",
                     f * 100.0
                 );
             }
@@ -344,8 +374,11 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
                 }
             }
         }
-        if t_fail.elapsed() > Duration::from_secs(120) {
-            return Err("rebuild did not finish in 2 minutes".into());
+        if t_fail.elapsed() > Duration::from_secs(300) {
+            return Err(match v.progress {
+                None => "no member failed and no rebuild started in 5 minutes".into(),
+                Some(_) => "rebuild did not finish in 5 minutes".into(),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -1,11 +1,56 @@
 //! Device specifications on the command line: `ram:256M`, `null:1G`,
 //! `file:/path` (an existing file or block device) or
-//! `file:/path:64M` (created with that size).
+//! `file:/path:64M` (created with that size), `nvme:0000:01:00.0` (namespace
+//! 1 of a controller bound to vfio-pci) or `nvme:0000:01:00.0/2`
+//! (namespace 2). Namespaces of one controller share one driver instance.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use bdev::{BlockDevice, FileDevice, NullDevice, RamDevice};
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+
+/// Controllers already brought up, by PCI address: a second namespace of
+/// the same controller must not reset it under the first.
+static CONTROLLERS: Mutex<Option<HashMap<String, Weak<nvme::Controller>>>> = Mutex::new(None);
+
+fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+    let (bdf, nsid) = match rest.split_once('/') {
+        Some((bdf, ns)) => (
+            bdf,
+            ns.parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("device nvme:{rest}: namespace {ns:?} is not a number >= 1"))?,
+        ),
+        None => (rest, 1),
+    };
+    let bdf = nvme::vfio::parse_bdf(bdf).map_err(|e| format!("device nvme:{rest}: {e}"))?;
+    let ctrl = {
+        let mut map = CONTROLLERS.lock().unwrap_or_else(|p| p.into_inner());
+        let map = map.get_or_insert_with(HashMap::new);
+        match map.get(&bdf).and_then(Weak::upgrade) {
+            Some(c) => c,
+            None => {
+                let transport = nvme::vfio::VfioTransport::open(&bdf)
+                    .map_err(|e| format!("device nvme:{rest}: {e}"))?;
+                let c = nvme::Controller::new(transport, nvme::Options::default())
+                    .map_err(|e| format!("device nvme:{rest}: {e}"))?;
+                map.insert(bdf.clone(), Arc::downgrade(&c));
+                c
+            }
+        }
+    };
+    let ns = nvme::Namespace::new(&ctrl, nsid, name).map_err(|e| format!("device nvme:{rest}: {e}"))?;
+    if ns.info().block_size != block_size {
+        return Err(format!(
+            "device nvme:{rest}: namespace {nsid} has {}-byte blocks, not {block_size} (set block_size to match)",
+            ns.info().block_size
+        ));
+    }
+    Ok(Arc::new(ns))
+}
 
 /// Parse a size such as `4096`, `64K`, `256M`, `2G`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -35,7 +80,7 @@ pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String>
 /// is (never truncated: it may hold a volume), and must have that size.
 pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
     let (kind, rest) = spec.split_once(':').ok_or_else(|| {
-        format!("device {spec:?}: expected ram:SIZE, null:SIZE or file:PATH[:SIZE]")
+        format!("device {spec:?}: expected ram:SIZE, null:SIZE, file:PATH[:SIZE] or nvme:PCI-ADDRESS[/NSID]")
     })?;
     let blocks = |size: u64| -> Result<u64, String> {
         if size == 0 || !size.is_multiple_of(block_size as u64) {
@@ -80,9 +125,10 @@ pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn Blo
             }
             Arc::new(dev.named(name))
         }
+        "nvme" => nvme_namespace(name, rest, block_size)?,
         other => {
             return Err(format!(
-                "device {spec:?}: unknown kind {other:?} (ram, null or file)"
+                "device {spec:?}: unknown kind {other:?} (ram, null, file or nvme)"
             ))
         }
     };
@@ -108,6 +154,11 @@ mod tests {
             .unwrap()
             .contains("unknown kind"));
         assert!(open("ram", 4096).is_err());
+        // NVMe: the PCI address and namespace are checked before anything
+        // is opened; a device that is not there is a clear error.
+        assert!(open("nvme:00:04", 4096).err().unwrap().contains("not a PCI address"));
+        assert!(open("nvme:0000:00:04.0/0", 4096).err().unwrap().contains("namespace"));
+        assert!(open("nvme:0000:ff:1f.7", 4096).err().unwrap().contains("no PCI device"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let spec = format!("file:{}:1M", p.display());

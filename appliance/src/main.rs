@@ -42,6 +42,16 @@ enum Command {
         /// With --keep: the gRPC API's unix socket, for applctl.
         #[arg(long, default_value = "/tmp/appliance-demo-api.sock")]
         api: std::path::PathBuf,
+        /// Use these devices as members instead of RAM (comma-separated
+        /// specifications, 3 or more; e.g. nvme:0000:00:03.0,...).
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<String>,
+        /// The hot spare's specification (default: RAM).
+        #[arg(long)]
+        spare: Option<String>,
+        /// Do not pull a member: one is expected to fail on its own.
+        #[arg(long)]
+        no_pull: bool,
     },
     /// Run a verified workload on every reactor on a RAM device while
     /// reconfiguring it through the quiesce epoch, and print the result.
@@ -164,12 +174,18 @@ fn main() -> ExitCode {
             socket,
             keep,
             api,
+            members,
+            spare,
+            no_pull,
         } => demo(
             appliance::demo::DemoOptions {
                 reactors,
                 member_mib,
                 before_failure,
                 socket,
+                members,
+                spare,
+                pull: !no_pull,
             },
             keep.then_some(api),
         ),

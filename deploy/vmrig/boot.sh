@@ -3,11 +3,16 @@
 # script's exit code (99 if the guest never reported one).
 #
 #   deploy/vmrig/boot.sh --guest DIR --script FILE [--file SRC]... [--mem MiB]
-#        [--smp N] [--accel tcg|kvm] [--timeout S] [--log FILE] [-- QEMU ARGS...]
+#        [--smp N] [--accel tcg|kvm] [--timeout S] [--log FILE] [--append ARGS]
+#        [-- QEMU ARGS...]
+#
+# --append adds to the kernel command line (e.g. intel_iommu=on iommu=pt for
+# the VFIO test, whose QEMU arguments add -machine kernel-irqchip=split and
+# an intel-iommu device before the NVMe controllers).
 #
 # Guest RAM is a shared memfd, as vhost-user devices need.
 set -euo pipefail
-guest= script= mem=512 smp=1 accel=tcg timeout=600 log=
+guest= script= mem=512 smp=1 accel=tcg timeout=600 log= append=
 files=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -19,6 +24,7 @@ while [ $# -gt 0 ]; do
     --accel) accel=$2; shift ;;
     --timeout) timeout=$2; shift ;;
     --log) log=$2; shift ;;
+    --append) append=$2; shift ;;
     --) shift; break ;;
     *) echo "boot.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -41,7 +47,7 @@ timeout -k 5 "$timeout" qemu-system-x86_64 -nodefaults -nographic -no-reboot \
   -machine q35,accel="$accel" -cpu "$cpu" -smp "$smp" -m "$mem" \
   -object memory-backend-memfd,id=mem,size="${mem}M",share=on -numa node,memdev=mem \
   -kernel "$guest/vmlinux" -initrd "$work/initrd" -serial stdio \
-  -append "console=ttyS0 panic=-1 quiet loglevel=4" "$@" </dev/null 2>&1 | tee "$log"
+  -append "console=ttyS0 panic=-1 quiet loglevel=4 $append" "$@" </dev/null 2>&1 | tee "$log"
 set -e
 rc=$(grep -a -o 'RIG-EXIT=[0-9]*' "$log" | tail -1 | cut -d= -f2 || true)
 [ -n "$rc" ] || exit 99
