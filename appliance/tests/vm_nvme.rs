@@ -58,7 +58,7 @@ fn a_raid5_over_nvme_controllers_through_vfio_survives_one_failing() {
     for i in 0..5 {
         let img = dir.path().join(format!("nvme{i}.img"));
         let f = std::fs::File::create(&img).unwrap();
-        f.set_len(96 << 20).unwrap();
+        f.set_len(48 << 20).unwrap();
         let drive = if i == 2 {
             format!(
                 "if=none,id=nv{i},format=raw,file.driver=blkdebug,file.config={},file.image.filename={}",

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod nvme_driver;
+
 use appliance::stats::{percentile, process_cpu_time};
 use appliance::workload::{Workload, WorkloadParams};
 use bdev::{BlockDevice, FileDevice, IoChannel, IoOp, IoRequest, IoVec, RamDevice, SgList};
@@ -113,6 +115,21 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         log_mib: u64,
     },
+    /// The NVMe driver's CPU per IO (submit + completion) against the
+    /// software controller on another core, one channel, random IO.
+    Nvme {
+        #[arg(long, value_enum)]
+        rw: Rw,
+        #[arg(long, default_value_t = 4096)]
+        io_bytes: usize,
+        #[arg(long, default_value_t = 32)]
+        qd: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Register the buffers for direct DMA (else they are bounced).
+        #[arg(long)]
+        registered: bool,
+    },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
     RamLoop {
@@ -134,6 +151,13 @@ fn main() {
             seconds,
         } => device(kind, rw, &path, mib, seconds),
         Cmd::RamLoop { ios } => ram_loop(ios),
+        Cmd::Nvme {
+            rw,
+            io_bytes,
+            qd,
+            seconds,
+            registered,
+        } => nvme_driver::run(matches!(rw, Rw::Randwrite), io_bytes, qd, seconds, registered),
         Cmd::Journal { log_mib } => journal_bench(log_mib),
         Cmd::Xor { size, sources } => xor(size, sources),
         Cmd::Raid {

@@ -6,7 +6,7 @@
 //! synchronously (submit, poll until done or a deadline). The IO path never
 //! takes that mutex except to recover from a time-out or a reset.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -92,7 +92,13 @@ pub struct Controller {
     pub(crate) registry: Registry,
     /// Commands whose data went through bounce pages.
     pub(crate) bounced: AtomicU64,
+    /// Resets since the last successful IO: a controller that needs one
+    /// after another is failed instead of being reset forever.
+    pub(crate) fruitless_resets: AtomicU32,
 }
+
+/// Resets in a row without a completed IO before the controller is failed.
+const MAX_FRUITLESS_RESETS: u32 = 3;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -194,6 +200,7 @@ impl Controller {
             failure: Mutex::new(String::new()),
             registry: Registry::default(),
             bounced: AtomicU64::new(0),
+            fruitless_resets: AtomicU32::new(0),
         };
         let mut page = [0u8; 4096];
         ctrl.identify(admin::CNS_CONTROLLER, 0, &mut page)?;
@@ -363,6 +370,12 @@ impl Controller {
     /// controller failed when that does not work.
     pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
         let name = self.name().to_string();
+        let n = self.fruitless_resets.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > MAX_FRUITLESS_RESETS {
+            let why = format!("{why}, after {MAX_FRUITLESS_RESETS} resets with no IO completed in between");
+            self.fail(&why);
+            return Err(NvmeError::Failed(name, why));
+        }
         tracing::warn!(controller = %name, reason = why, "resetting NVMe controller");
         let result = {
             let mut a = lock(&self.admin);
@@ -542,6 +555,18 @@ impl Controller {
         let deadline = Instant::now() + Duration::from_millis(self.cap.timeout_ms());
         while self.bar.read32(spec::REG_CSTS) >> 2 & 3 != 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+impl Drop for Controller {
+    /// Stop the controller from touching memory that is about to be freed:
+    /// a clean shutdown notification, then disable.
+    fn drop(&mut self) {
+        self.shutdown();
+        if !self.removed() {
+            self.bar.write32(spec::REG_CC, 0);
+            let _ = wait_ready(&self.bar, self.cap, false, self.transport.name());
         }
     }
 }

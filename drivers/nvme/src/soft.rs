@@ -35,6 +35,11 @@ pub struct SoftConfig {
     pub vwc: bool,
     /// Serial number.
     pub serial: String,
+    /// Store nothing: reads and writes only walk their PRPs (through the
+    /// IOMMU) and complete. For measuring the driver, not the copy.
+    pub null_data: bool,
+    /// Pin the controller's thread to this core.
+    pub core: Option<usize>,
 }
 
 impl Default for SoftConfig {
@@ -46,6 +51,8 @@ impl Default for SoftConfig {
             max_io_queues: 16,
             vwc: true,
             serial: "soft0".into(),
+            null_data: false,
+            core: None,
         }
     }
 }
@@ -163,10 +170,16 @@ impl SoftController {
         let bar = shared.bar();
         bar.write64(spec::REG_CAP, cap);
         bar.write32(spec::REG_VS, 0x10400);
+        let core = config.core;
         let mut dev = Device::new(shared.clone(), config);
         let thread = std::thread::Builder::new()
             .name(format!("soft-nvme-{name}"))
-            .spawn(move || dev.run())
+            .spawn(move || {
+                if let Some(id) = core {
+                    core_affinity::set_for_current(core_affinity::CoreId { id });
+                }
+                dev.run()
+            })
             .map_err(|e| NvmeError::Os("starting the software controller thread".into(), e))?;
         Ok(SoftController {
             shared,
@@ -264,7 +277,7 @@ impl Device {
         let data = config
             .namespaces
             .iter()
-            .map(|&(bs, n)| vec![0u8; bs as usize * n as usize])
+            .map(|&(bs, n)| if config.null_data { Vec::new() } else { vec![0u8; bs as usize * n as usize] })
             .collect();
         Device {
             bar: shared.bar(),
@@ -619,6 +632,13 @@ impl Device {
                     let mut st = lock(&self.shared.stats);
                     st.largest_transfer = st.largest_transfer.max(bytes as u64);
                 }
+                if self.config.null_data {
+                    let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+                    return match self.prp_segments(&iommu, sqe, bytes) {
+                        Some(_) => (Status::SUCCESS, 0),
+                        None => (Status::DATA_TRANSFER, 0),
+                    };
+                }
                 let mut data = std::mem::take(&mut self.data[ns as usize]);
                 let range = slba as usize * bs..(slba as usize * bs + bytes);
                 let ok = if write {
@@ -639,6 +659,9 @@ impl Device {
                 if !in_range(slba, n) {
                     return (Status::LBA_OUT_OF_RANGE, 0);
                 }
+                if self.config.null_data {
+                    return (Status::SUCCESS, 0);
+                }
                 self.data[ns as usize][slba as usize * bs..(slba + n) as usize * bs].fill(0);
                 (Status::SUCCESS, 0)
             }
@@ -648,7 +671,7 @@ impl Device {
                 if !self.transfer_from(sqe, &mut raw) {
                     return (Status::DATA_TRANSFER, 0);
                 }
-                if sqe.cdw[1] & io::DSM_AD != 0 {
+                if sqe.cdw[1] & io::DSM_AD != 0 && !self.config.null_data {
                     for r in raw.chunks_exact(16) {
                         let len = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
                         let slba = u64::from_le_bytes([

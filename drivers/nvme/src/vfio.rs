@@ -78,7 +78,7 @@ impl VfioTransport {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
         if driver.as_deref() != Some("vfio-pci") {
             return Err(NvmeError::InvalidArgument(format!(
-                "{bdf} is bound to {}, not vfio-pci; bind it first (deploy/nvme-bind.sh {bdf})",
+                "{bdf} is bound to {}, not vfio-pci; bind it first (deploy/host-setup.sh bind {bdf})",
                 driver.as_deref().unwrap_or("no driver")
             )));
         }

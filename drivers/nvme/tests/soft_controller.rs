@@ -368,3 +368,15 @@ fn bring_up_refuses_what_the_driver_cannot_serve() {
     let err = Controller::new(soft.transport(), quick()).expect_err("removed");
     assert!(err.to_string().contains("all ones"), "{err}");
 }
+
+#[test]
+fn a_controller_that_never_completes_is_failed_after_three_resets() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.lose_completions(u32::MAX);
+    let mut b = vec![0u8; 4096];
+    assert_eq!(one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut b, 1)), Err(IoError::DeviceFailed));
+    assert!(ctrl.is_failed());
+    assert_eq!(soft.stats().enables, 4, "bring-up and three resets, then it gave up");
+}
