@@ -129,6 +129,10 @@ enum Cmd {
         /// Register the buffers for direct DMA (else they are bounced).
         #[arg(long)]
         registered: bool,
+        /// Sleep this many microseconds after each submission round before
+        /// polling (for instruction counts under callgrind).
+        #[arg(long)]
+        settle_us: Option<u64>,
     },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
@@ -157,7 +161,15 @@ fn main() {
             qd,
             seconds,
             registered,
-        } => nvme_driver::run(matches!(rw, Rw::Randwrite), io_bytes, qd, seconds, registered),
+            settle_us,
+        } => nvme_driver::run(
+            matches!(rw, Rw::Randwrite),
+            io_bytes,
+            qd,
+            seconds,
+            registered,
+            settle_us.map(Duration::from_micros),
+        ),
         Cmd::Journal { log_mib } => journal_bench(log_mib),
         Cmd::Xor { size, sources } => xor(size, sources),
         Cmd::Raid {

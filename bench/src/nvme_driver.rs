@@ -25,7 +25,17 @@ fn clock_pair_ns() -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
-pub fn run(write: bool, io_bytes: usize, qd: usize, seconds: f64, registered: bool) -> Result<serde_json::Value, String> {
+/// `settle`: after submitting, sleep this long before polling, so nearly
+/// every poll reaps completions (for counting instructions under callgrind,
+/// where an empty poll would be counted as work).
+pub fn run(
+    write: bool,
+    io_bytes: usize,
+    qd: usize,
+    seconds: f64,
+    registered: bool,
+    settle: Option<Duration>,
+) -> Result<serde_json::Value, String> {
     let bs = if io_bytes < 4096 { 512 } else { 4096 };
     let blocks = (1u64 << 30) / bs as u64;
     let soft = SoftController::start(
@@ -59,7 +69,7 @@ pub fn run(write: bool, io_bytes: usize, qd: usize, seconds: f64, registered: bo
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut free: Vec<usize> = (0..qd).collect();
     let mut out: Vec<Completion> = Vec::with_capacity(qd);
-    let (mut ios, mut errors) = (0u64, 0u64);
+    let (mut ios, mut errors, mut polls, mut empty_polls) = (0u64, 0u64, 0u64, 0u64);
     let (mut t_submit, mut t_poll, mut timed_calls) = (Duration::ZERO, Duration::ZERO, 0u64);
     let t0 = Instant::now();
     let deadline = Duration::from_secs_f64(seconds);
@@ -86,14 +96,19 @@ pub fn run(write: bool, io_bytes: usize, qd: usize, seconds: f64, registered: bo
                 return Err("channel refused a request at QD below its depth".into());
             }
         }
+        if let Some(d) = settle {
+            std::thread::sleep(d);
+        }
         for _ in 0..64 {
             let t = Instant::now();
             let n = ch.poll(&mut out);
+            polls += 1;
             if n > 0 {
                 t_poll += t.elapsed();
                 timed_calls += 1;
                 break;
             }
+            empty_polls += 1;
         }
         for c in out.drain(..) {
             ios += 1;
@@ -131,6 +146,8 @@ pub fn run(write: bool, io_bytes: usize, qd: usize, seconds: f64, registered: bo
         "submit_ns_per_io": t_submit.as_nanos() as f64 / ios.max(1) as f64,
         "poll_ns_per_io": t_poll.as_nanos() as f64 / ios.max(1) as f64,
         "ios": ios,
+        "polls": polls,
+        "empty_polls": empty_polls,
         "seconds": elapsed,
     }))
 }

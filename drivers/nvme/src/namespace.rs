@@ -3,7 +3,6 @@
 //! split at MDTS, bounced when memory is not registered or not PRP-shaped),
 //! polled completions, time-outs, and recovery after a controller reset.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -169,7 +168,7 @@ struct Channel {
     parents: Vec<Parent>,
     free_parents: Vec<u32>,
     cursor: Option<Cursor>,
-    done: VecDeque<Completion>,
+    done: Vec<Completion>,
     inflight: usize,
     regions: Vec<Region>,
     regions_gen: u64,
@@ -235,7 +234,7 @@ impl Channel {
                 .collect(),
             free_parents: (0..nslots as u32).rev().collect(),
             cursor: None,
-            done: VecDeque::new(),
+            done: Vec::with_capacity(nslots),
             inflight: 0,
             regions: Vec::new(),
             regions_gen: u64::MAX,
@@ -267,7 +266,7 @@ impl Channel {
         }
         p.remaining -= 1;
         if p.remaining == 0 {
-            self.done.push_back(Completion {
+            self.done.push(Completion {
                 tag: p.tag,
                 result: p.result,
             });
@@ -278,10 +277,7 @@ impl Channel {
 
     /// Turn as much of the cursor into commands as slots and bounce pages
     /// allow; ring the doorbell once.
-    fn pump(&mut self) {
-        let Some(mut c) = self.cursor.take() else {
-            return;
-        };
+    fn pump(&mut self, mut c: Cursor) {
         let mut pushed = false;
         while (c.blocks > 0 || (c.op == IoOp::Flush && !c.issued)) && !self.free_slots.is_empty() {
             if !self.issue(&mut c) {
@@ -667,7 +663,7 @@ impl IoChannel for Channel {
             validate(&self.info, &req)
         };
         if let Err(e) = result {
-            self.done.push_back(Completion {
+            self.done.push(Completion {
                 tag: req.tag,
                 result: Err(e),
             });
@@ -684,7 +680,7 @@ impl IoChannel for Channel {
             result: Ok(()),
         };
         self.inflight += 1;
-        self.cursor = Some(Cursor {
+        self.pump(Cursor {
             parent,
             op: req.op,
             lba: req.offset_blocks,
@@ -698,7 +694,6 @@ impl IoChannel for Channel {
             sg_off: 0,
             issued: false,
         });
-        self.pump();
         Ok(())
     }
 
@@ -707,8 +702,8 @@ impl IoChannel for Channel {
             self.recover();
         }
         self.reap();
-        if self.cursor.is_some() {
-            self.pump();
+        if let Some(c) = self.cursor.take() {
+            self.pump(c);
         }
         self.polls = self.polls.wrapping_add(1);
         if self.polls.is_multiple_of(64) && self.inflight > 0 {
@@ -716,7 +711,7 @@ impl IoChannel for Channel {
             self.check_timeouts();
         }
         let n = self.done.len();
-        out.extend(self.done.drain(..));
+        out.append(&mut self.done);
         n
     }
 
