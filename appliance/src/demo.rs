@@ -260,10 +260,15 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
         opts.members.clone()
     };
     if member_specs.len() < 3 {
-        return Err(format!("a RAID5 needs 3 or more members, {} given", member_specs.len()));
+        return Err(format!(
+            "a RAID5 needs 3 or more members, {} given",
+            member_specs.len()
+        ));
     }
     let prefix = if opts.members.is_empty() { "ram" } else { "m" };
-    let names: Vec<String> = (0..member_specs.len()).map(|i| format!("{prefix}{i}")).collect();
+    let names: Vec<String> = (0..member_specs.len())
+        .map(|i| format!("{prefix}{i}"))
+        .collect();
     // Members sit behind fault injectors, so one can be pulled as a dying
     // disk would be (a real IO failure, not an operator's `fail`).
     let mut faults: Vec<Arc<FaultDevice>> = Vec::new();
@@ -275,9 +280,17 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
         })
         .map_err(e)?;
     }
-    let spare_name = if opts.members.is_empty() { "ram-spare" } else { "spare" };
-    let spare_spec = opts.spare.clone().unwrap_or_else(|| ram(opts.member_mib + 1));
-    mgr.attach_device(decl(spare_name, spare_spec.clone())).map_err(e)?;
+    let spare_name = if opts.members.is_empty() {
+        "ram-spare"
+    } else {
+        "spare"
+    };
+    let spare_spec = opts
+        .spare
+        .clone()
+        .unwrap_or_else(|| ram(opts.member_mib + 1));
+    mgr.attach_device(decl(spare_name, spare_spec.clone()))
+        .map_err(e)?;
     mgr.attach_device(decl("ram-journal", ram(64))).map_err(e)?;
     let v = mgr
         .create_volume(

@@ -19,10 +19,9 @@ fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn Blo
     let (bdf, nsid) = match rest.split_once('/') {
         Some((bdf, ns)) => (
             bdf,
-            ns.parse::<u32>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("device nvme:{rest}: namespace {ns:?} is not a number >= 1"))?,
+            ns.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                format!("device nvme:{rest}: namespace {ns:?} is not a number >= 1")
+            })?,
         ),
         None => (rest, 1),
     };
@@ -42,7 +41,8 @@ fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn Blo
             }
         }
     };
-    let ns = nvme::Namespace::new(&ctrl, nsid, name).map_err(|e| format!("device nvme:{rest}: {e}"))?;
+    let ns =
+        nvme::Namespace::new(&ctrl, nsid, name).map_err(|e| format!("device nvme:{rest}: {e}"))?;
     if ns.info().block_size != block_size {
         return Err(format!(
             "device nvme:{rest}: namespace {nsid} has {}-byte blocks, not {block_size} (set block_size to match)",
@@ -156,9 +156,18 @@ mod tests {
         assert!(open("ram", 4096).is_err());
         // NVMe: the PCI address and namespace are checked before anything
         // is opened; a device that is not there is a clear error.
-        assert!(open("nvme:00:04", 4096).err().unwrap().contains("not a PCI address"));
-        assert!(open("nvme:0000:00:04.0/0", 4096).err().unwrap().contains("namespace"));
-        assert!(open("nvme:0000:ff:1f.7", 4096).err().unwrap().contains("no PCI device"));
+        assert!(open("nvme:00:04", 4096)
+            .err()
+            .unwrap()
+            .contains("not a PCI address"));
+        assert!(open("nvme:0000:00:04.0/0", 4096)
+            .err()
+            .unwrap()
+            .contains("namespace"));
+        assert!(open("nvme:0000:ff:1f.7", 4096)
+            .err()
+            .unwrap()
+            .contains("no PCI device"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let spec = format!("file:{}:1M", p.display());

@@ -34,7 +34,10 @@ fn failing_rules(after: u32) -> String {
     let mut s = String::new();
     for k in 1..after {
         for ev in ["read_aio", "write_aio"] {
-            s += &format!("[set-state]\nstate = \"{k}\"\nevent = \"{ev}\"\nnew_state = \"{}\"\n\n", k + 1);
+            s += &format!(
+                "[set-state]\nstate = \"{k}\"\nevent = \"{ev}\"\nnew_state = \"{}\"\n\n",
+                k + 1
+            );
         }
     }
     for ev in ["read_aio", "write_aio"] {
@@ -52,9 +55,20 @@ fn a_raid5_over_nvme_controllers_through_vfio_survives_one_failing() {
     let rules = dir.path().join("fail.conf");
     std::fs::write(&rules, failing_rules(400)).unwrap();
     let log = dir.path().join("serial.log");
-    let mut cmd = boot(&guest, "nvme-guest.sh", &[app, libgcc], &log, &["--mem", "1024", "--append", "intel_iommu=on iommu=pt"]);
+    let mut cmd = boot(
+        &guest,
+        "nvme-guest.sh",
+        &[app, libgcc],
+        &log,
+        &["--mem", "1024", "--append", "intel_iommu=on iommu=pt"],
+    );
     // The IOMMU must exist before the devices it translates.
-    cmd.args(["-machine", "kernel-irqchip=split", "-device", "intel-iommu,intremap=on,caching-mode=on"]);
+    cmd.args([
+        "-machine",
+        "kernel-irqchip=split",
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on",
+    ]);
     for i in 0..5 {
         let img = dir.path().join(format!("nvme{i}.img"));
         let f = std::fs::File::create(&img).unwrap();
@@ -77,8 +91,21 @@ fn a_raid5_over_nvme_controllers_through_vfio_survives_one_failing() {
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{serial}");
     assert!(status.success(), "guest failed ({status}):\n{serial}");
-    assert_eq!(serial.matches("NVMe controller ready").count(), 5, "five controllers brought up through VFIO");
-    assert!(serial.contains("rebuild onto spare"), "the failing controller's member was replaced by the spare");
-    assert!(serial.contains("demo PASSED"), "every block verified, no errors");
-    assert!(serial.contains("DMAR-FAULTS 0"), "no DMA outside what the driver mapped");
+    assert_eq!(
+        serial.matches("NVMe controller ready").count(),
+        5,
+        "five controllers brought up through VFIO"
+    );
+    assert!(
+        serial.contains("rebuild onto spare"),
+        "the failing controller's member was replaced by the spare"
+    );
+    assert!(
+        serial.contains("demo PASSED"),
+        "every block verified, no errors"
+    );
+    assert!(
+        serial.contains("DMAR-FAULTS 0"),
+        "no DMA outside what the driver mapped"
+    );
 }

@@ -49,8 +49,14 @@ pub fn run(
         },
     )
     .map_err(|e| e.to_string())?;
-    let ctrl = Controller::new(soft.transport(), Options { queue_depth: 256, ..Options::default() })
-        .map_err(|e| e.to_string())?;
+    let ctrl = Controller::new(
+        soft.transport(),
+        Options {
+            queue_depth: 256,
+            ..Options::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let ns = Arc::new(Namespace::new(&ctrl, 1, "nvme-bench").map_err(|e| e.to_string())?);
     core_affinity::set_for_current(core_affinity::CoreId { id: 0 });
     let mut ch = ns.open_channel().map_err(|e| e.to_string())?;

@@ -17,6 +17,9 @@ pub struct Region {
     /// The frontend's virtual address (vring addresses are given in it).
     pub user_addr: u64,
     mapping: Arc<GuestRegionMmap>,
+    /// Registered for DMA (NVMe controllers map it, so requests go to guest
+    /// memory without a copy) for as long as any copy of the region lives.
+    _dma: Arc<bdev::DmaRegistration>,
 }
 
 /// The regions of one connection.
@@ -49,11 +52,19 @@ impl GuestMemory {
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or_else(|| {
             format!("memory region at {gpa:#x} overflows the guest address space")
         })?;
+        use vm_memory::GuestMemoryRegion;
+        let host = mapping
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| format!("guest memory at {gpa:#x}: {e}"))?;
+        // SAFETY: the registration lives with the mapping's Region; the
+        // export stops its queues (no IO in flight) before dropping memory.
+        let dma = unsafe { bdev::register_dma_memory(host, size_usize) };
         Ok(Region {
             gpa,
             size,
             user_addr,
             mapping: Arc::new(mapping),
+            _dma: Arc::new(dma),
         })
     }
 

@@ -11,6 +11,8 @@ use crate::error::BdevError;
 const HUGEPAGE: usize = 2 << 20;
 
 struct PoolInner {
+    // Unregistered (dropped) before the mapping goes.
+    _dma: crate::dmamap::DmaRegistration,
     _map: MmapMut,
     base: *mut u8,
     map_len: usize,
@@ -81,8 +83,12 @@ impl DmaPool {
         for i in 0..count as u32 {
             let _ = free.push(i);
         }
+        // SAFETY: the mapping lives in PoolInner with the registration,
+        // which is dropped first; buffers hold the pool alive while in use.
+        let dma = unsafe { crate::dmamap::register_dma_memory(base, map_len) };
         Ok(DmaPool {
             inner: Arc::new(PoolInner {
+                _dma: dma,
                 _map: map,
                 base,
                 map_len,

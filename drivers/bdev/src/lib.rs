@@ -16,6 +16,7 @@
 pub mod conformance;
 mod device;
 mod dma;
+mod dmamap;
 mod error;
 mod fault;
 mod file;
@@ -27,6 +28,7 @@ pub use device::{
     SubmitError,
 };
 pub use dma::{DmaBuf, DmaPool};
+pub use dmamap::{add_dma_mapper, register_dma_memory, DmaMapper, DmaRegistration};
 pub use error::{BdevError, IoError};
 pub use fault::{FaultControl, FaultDevice};
 pub use file::FileDevice;

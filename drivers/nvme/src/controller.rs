@@ -227,7 +227,12 @@ impl Controller {
             mdts = ctrl.ident.mdts,
             "NVMe controller ready"
         );
-        Ok(Arc::new(ctrl))
+        let ctrl = Arc::new(ctrl);
+        // Guest memory and DMA pools registered with bdev are mapped for
+        // this controller too, now and as they come and go.
+        let mapper: Arc<dyn bdev::DmaMapper> = ctrl.clone();
+        bdev::add_dma_mapper(&mapper);
+        Ok(ctrl)
     }
 
     /// Disable, program the admin queue, enable.
@@ -372,7 +377,9 @@ impl Controller {
         let name = self.name().to_string();
         let n = self.fruitless_resets.fetch_add(1, Ordering::AcqRel) + 1;
         if n > MAX_FRUITLESS_RESETS {
-            let why = format!("{why}, after {MAX_FRUITLESS_RESETS} resets with no IO completed in between");
+            let why = format!(
+                "{why}, after {MAX_FRUITLESS_RESETS} resets with no IO completed in between"
+            );
             self.fail(&why);
             return Err(NvmeError::Failed(name, why));
         }
@@ -555,6 +562,19 @@ impl Controller {
         let deadline = Instant::now() + Duration::from_millis(self.cap.timeout_ms());
         while self.bar.read32(spec::REG_CSTS) >> 2 & 3 != 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+impl bdev::DmaMapper for Controller {
+    unsafe fn dma_map(&self, ptr: *mut u8, len: usize) -> Result<(), String> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.register_memory(ptr, len) }.map_err(|e| e.to_string())
+    }
+
+    fn dma_unmap(&self, ptr: *mut u8) {
+        if let Err(e) = self.unregister_memory(ptr) {
+            tracing::debug!(controller = %self.name(), error = %e, "unmapping DMA memory");
         }
     }
 }

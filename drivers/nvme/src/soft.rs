@@ -211,13 +211,24 @@ impl SoftController {
     }
 
     /// Raise controller fatal status; the controller stops until reset.
+    /// Returns once the status shows it (nothing is executed after that).
     pub fn make_fatal(&self) {
         self.shared.fatal.store(true, Ordering::Release);
+        self.wait_status(|csts| csts & spec::CSTS_CFS != 0);
     }
 
     /// Pull the device: registers read all ones and nothing completes.
+    /// Returns once they do.
     pub fn remove(&self) {
         self.shared.removed.store(true, Ordering::Release);
+        self.wait_status(|csts| csts == u32::MAX);
+    }
+
+    fn wait_status(&self, done: impl Fn(u32) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(self.shared.bar().read32(spec::REG_CSTS)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     /// What the controller has seen.
@@ -277,7 +288,13 @@ impl Device {
         let data = config
             .namespaces
             .iter()
-            .map(|&(bs, n)| if config.null_data { Vec::new() } else { vec![0u8; bs as usize * n as usize] })
+            .map(|&(bs, n)| {
+                if config.null_data {
+                    Vec::new()
+                } else {
+                    vec![0u8; bs as usize * n as usize]
+                }
+            })
             .collect();
         Device {
             bar: shared.bar(),

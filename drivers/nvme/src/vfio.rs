@@ -71,7 +71,10 @@ impl VfioTransport {
         let bdf = parse_bdf(bdf)?;
         let path = sysfs(&bdf);
         if !path.exists() {
-            return Err(NvmeError::InvalidArgument(format!("no PCI device {bdf} ({} is missing)", path.display())));
+            return Err(NvmeError::InvalidArgument(format!(
+                "no PCI device {bdf} ({} is missing)",
+                path.display()
+            )));
         }
         let driver = std::fs::read_link(path.join("driver"))
             .ok()
@@ -83,9 +86,15 @@ impl VfioTransport {
             )));
         }
         let group = std::fs::read_link(path.join("iommu_group")).map_err(|e| {
-            NvmeError::Os(format!("{bdf}: reading its IOMMU group (is an IOMMU enabled?)"), e)
+            NvmeError::Os(
+                format!("{bdf}: reading its IOMMU group (is an IOMMU enabled?)"),
+                e,
+            )
         })?;
-        let group = group.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let group = group
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !Path::new("/dev/vfio").join(&group).exists() {
             return Err(NvmeError::Vfio(format!(
                 "{bdf}: /dev/vfio/{group} does not exist; no-IOMMU mode is not supported, enable the IOMMU \
@@ -153,7 +162,10 @@ impl Transport for VfioTransport {
         // SAFETY: forwarded from the caller: the memory stays mapped until
         // unmap; it is touched by the device only by DMA.
         unsafe { self.container.vfio_dma_map(iova, len, vaddr) }.map_err(|e| {
-            NvmeError::Vfio(format!("{}: IOMMU map of {len} bytes at {vaddr:p}: {e}", self.name))
+            NvmeError::Vfio(format!(
+                "{}: IOMMU map of {len} bytes at {vaddr:p}: {e}",
+                self.name
+            ))
         })?;
         Ok(iova)
     }
@@ -177,14 +189,27 @@ mod tests {
     fn pci_addresses_are_checked() {
         assert_eq!(parse_bdf("0000:00:04.0").unwrap(), "0000:00:04.0");
         assert_eq!(parse_bdf("00:1F.7").unwrap(), "0000:00:1f.7");
-        for bad in ["", "0000:00:04", "0:0:4.0", "0000:00:04.8", "zz:00.0", "../../etc.0", "0000:00:04.0/x"] {
+        for bad in [
+            "",
+            "0000:00:04",
+            "0:0:4.0",
+            "0000:00:04.8",
+            "zz:00.0",
+            "../../etc.0",
+            "0000:00:04.0/x",
+        ] {
             assert!(parse_bdf(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn a_missing_device_is_a_clear_error() {
-        let err = VfioTransport::open("0000:ff:1f.7").err().expect("no such device");
-        assert!(err.to_string().contains("no PCI device 0000:ff:1f.7"), "{err}");
+        let err = VfioTransport::open("0000:ff:1f.7")
+            .err()
+            .expect("no such device");
+        assert!(
+            err.to_string().contains("no PCI device 0000:ff:1f.7"),
+            "{err}"
+        );
     }
 }

@@ -376,7 +376,44 @@ fn a_controller_that_never_completes_is_failed_after_three_resets() {
     let mut ch = dev.open_channel().expect("channel");
     soft.lose_completions(u32::MAX);
     let mut b = vec![0u8; 4096];
-    assert_eq!(one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut b, 1)), Err(IoError::DeviceFailed));
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut b, 1)),
+        Err(IoError::DeviceFailed)
+    );
     assert!(ctrl.is_failed());
-    assert_eq!(soft.stats().enables, 4, "bring-up and three resets, then it gave up");
+    assert_eq!(
+        soft.stats().enables,
+        4,
+        "bring-up and three resets, then it gave up"
+    );
+}
+
+#[test]
+fn memory_registered_with_bdev_is_mapped_by_every_controller_old_and_new() {
+    let mut before = Aligned::new(64 << 10);
+    let mut after = Aligned::new(64 << 10);
+    // SAFETY: both buffers outlive their registrations (dropped below).
+    let reg_before = unsafe { bdev::register_dma_memory(before.buf().as_mut_ptr(), 64 << 10) };
+    let (_soft, ctrl) = setup(SoftConfig::default(), Options::default());
+    let reg_after = unsafe { bdev::register_dma_memory(after.buf().as_mut_ptr(), 64 << 10) };
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let bounced = ctrl.bounced_commands();
+    pattern(before.buf(), 1);
+    one(ch.as_mut(), rw(IoOp::Write, 0, 16, before.buf(), 1)).expect("write");
+    one(ch.as_mut(), rw(IoOp::Read, 0, 16, after.buf(), 2)).expect("read");
+    assert!(before.buf() == after.buf());
+    assert_eq!(
+        ctrl.bounced_commands(),
+        bounced,
+        "both regions were DMA'd in place"
+    );
+    drop(reg_after);
+    one(ch.as_mut(), rw(IoOp::Read, 0, 16, after.buf(), 3)).expect("read");
+    assert_eq!(
+        ctrl.bounced_commands(),
+        bounced + 1,
+        "unregistered memory is bounced"
+    );
+    drop(reg_before);
 }
