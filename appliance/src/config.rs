@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 pub struct DeviceDecl {
     /// The operator's name for it.
     pub name: String,
-    /// `ram:SIZE`, `null:SIZE`, `file:PATH` or `file:PATH:SIZE`.
+    /// `ram:SIZE`, `null:SIZE`, `file:PATH`, `file:PATH:SIZE` or
+    /// `nvme:PCI-ADDRESS[/NSID]`.
     pub spec: String,
     /// 512 or 4096.
     #[serde(default = "default_block_size")]

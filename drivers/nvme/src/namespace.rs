@@ -23,6 +23,9 @@ use crate::transport::DmaMem;
 const MAX_TRANSFER: usize = 1 << 20;
 /// Bounce pages per channel: one whole request of MAX_TRANSFER.
 const BOUNCE_PAGES: usize = MAX_TRANSFER / PAGE;
+/// `Slot::parent` of a command that is a whole request on its own (the
+/// common case: no parent bookkeeping).
+const ALONE: u32 = u32::MAX;
 /// PRP entries in one list page.
 const PRP_PER_PAGE: usize = PAGE / 8;
 
@@ -146,7 +149,10 @@ struct Bounce {
 
 struct Slot {
     busy: bool,
+    /// The request this command is part of, or [`ALONE`].
     parent: u32,
+    /// The request's tag when the command is the whole request.
+    tag: u64,
     sqe: Sqe,
     started: Instant,
     bounce: Option<Box<Bounce>>,
@@ -216,6 +222,7 @@ impl Channel {
                 .map(|_| Slot {
                     busy: false,
                     parent: 0,
+                    tag: 0,
                     sqe: Sqe::default(),
                     started: Instant::now(),
                     bounce: None,
@@ -245,18 +252,26 @@ impl Channel {
         Ok(ch)
     }
 
+    /// Pick up memory (un)registered since the last look: one atomic load
+    /// when nothing changed.
+    #[inline]
     fn refresh_regions(&mut self) {
-        let g = self.ctrl.registry.generation.load(Ordering::Acquire);
-        if g != self.regions_gen {
-            let r = self
-                .ctrl
-                .registry
-                .regions
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            self.regions.clone_from(&r);
-            self.regions_gen = g;
+        if self.ctrl.registry.generation.load(Ordering::Acquire) != self.regions_gen {
+            self.reload_regions();
         }
+    }
+
+    #[cold]
+    fn reload_regions(&mut self) {
+        let g = self.ctrl.registry.generation.load(Ordering::Acquire);
+        let r = self
+            .ctrl
+            .registry
+            .regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        self.regions.clone_from(&r);
+        self.regions_gen = g;
     }
 
     fn finish(&mut self, parent: u32, result: Result<(), IoError>) {
@@ -518,6 +533,7 @@ impl Channel {
         };
         slot.busy = false;
         let parent = slot.parent;
+        let tag = slot.tag;
         let sqe = slot.sqe;
         let bounce = slot.bounce.take();
         self.free_slots.push(cid as u16);
@@ -529,11 +545,86 @@ impl Channel {
             self.free_bounce.extend_from_slice(&b.pages);
         }
         let result = if status.ok() {
+            if self.ctrl.fruitless_resets.load(Ordering::Relaxed) != 0 {
+                self.ctrl.fruitless_resets.store(0, Ordering::Relaxed);
+            }
             Ok(())
         } else {
             Err(self.io_error(&sqe, status))
         };
-        self.finish(parent, result);
+        self.settle(parent, tag, result);
+    }
+
+    /// A command is done: complete its request, or count it against its
+    /// parent.
+    #[inline]
+    fn settle(&mut self, parent: u32, tag: u64, result: Result<(), IoError>) {
+        if parent == ALONE {
+            self.done.push(Completion { tag, result });
+            self.inflight -= 1;
+        } else {
+            self.finish(parent, result);
+        }
+    }
+
+    /// The common request, one read or write of registered memory in one
+    /// segment that fits one command, queued without a cursor or parent.
+    /// False when it is not that request (nothing done then).
+    #[inline]
+    fn submit_alone(&mut self, req: &IoRequest) -> bool {
+        let opcode = match req.op {
+            IoOp::Read => io::READ,
+            IoOp::Write => io::WRITE,
+            _ => return false,
+        };
+        if req.sg.len() != 1 || req.num_blocks > self.cmd_blocks || self.cursor.is_some() {
+            return false;
+        }
+        let Some(&slot) = self.free_slots.last() else {
+            return false;
+        };
+        let v = req.sg[0];
+        let Some(iova) = translate(&self.regions, v.ptr() as usize, v.len()) else {
+            return false;
+        };
+        if iova % 4 != 0 {
+            return false;
+        }
+        let mut sqe = Sqe::new(opcode, self.nsid);
+        sqe.set_range(req.offset_blocks, req.num_blocks as u32);
+        sqe.prp1 = iova;
+        let end = iova + v.len() as u64;
+        let page = PAGE as u64;
+        let next = (iova & !(page - 1)) + page;
+        sqe.prp2 = if next >= end {
+            0
+        } else if next + page >= end {
+            next
+        } else {
+            // SAFETY: the slot's list page is this channel's memory and the
+            // slot is free; at most MAX_TRANSFER / PAGE + 1 entries.
+            let list = unsafe { self.prp.ptr().add(slot as usize * PAGE) as *mut u64 };
+            let mut p = next;
+            let mut k = 0;
+            while p < end {
+                unsafe { list.add(k).write(p) };
+                p += page;
+                k += 1;
+            }
+            self.prp.iova() + slot as u64 * page
+        };
+        self.free_slots.pop();
+        sqe.set_cid(slot);
+        let s = &mut self.slots[slot as usize];
+        s.busy = true;
+        s.parent = ALONE;
+        s.tag = req.tag;
+        s.sqe = sqe;
+        s.started = self.now;
+        self.inflight += 1;
+        self.q.push(&sqe);
+        self.q.ring();
+        true
     }
 
     fn io_error(&self, sqe: &Sqe, status: Status) -> IoError {
@@ -557,12 +648,12 @@ impl Channel {
             if self.slots[cid].busy {
                 let s = &mut self.slots[cid];
                 s.busy = false;
-                let parent = s.parent;
+                let (parent, tag) = (s.parent, s.tag);
                 if let Some(b) = s.bounce.take() {
                     self.free_bounce.extend_from_slice(&b.pages);
                 }
                 self.free_slots.push(cid as u16);
-                self.finish(parent, Err(err));
+                self.settle(parent, tag, Err(err));
             }
         }
         if let Some(c) = self.cursor.take() {
@@ -673,6 +764,9 @@ impl IoChannel for Channel {
             self.now = Instant::now();
         }
         self.refresh_regions();
+        if self.submit_alone(&req) {
+            return Ok(());
+        }
         let parent = self.free_parents.pop().unwrap_or_default();
         self.parents[parent as usize] = Parent {
             tag: req.tag,

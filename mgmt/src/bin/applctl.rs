@@ -75,7 +75,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
-    /// Attach a device: ram:SIZE, null:SIZE, file:PATH or file:PATH:SIZE.
+    /// Attach a device: ram:SIZE, null:SIZE, file:PATH, file:PATH:SIZE, or
+    /// nvme:PCI-ADDRESS[/NSID] (a controller bound to vfio-pci).
     ///
     /// Example: applctl device attach d0 file:/var/lib/appliance/d0.img:10G
     Attach {
