@@ -279,6 +279,16 @@ fn a_lost_completion_is_aborted_then_the_controller_reset_and_the_command_retrie
     // The other channel's queue was recreated too.
     one(other.as_mut(), rw(IoOp::Read, 10, 2, &mut got, 3)).expect("read on the other queue");
     assert!(got == data);
+    // Resets with IO completing in between never add up to giving up.
+    for k in 0..3 {
+        soft.lose_completions(1);
+        one(
+            ch.as_mut(),
+            rw(IoOp::Write, 20 + k, 1, &mut data[..4096], 4),
+        )
+        .expect("write after reset");
+    }
+    assert_eq!(soft.stats().enables, 5);
     assert!(!ctrl.is_failed());
 }
 
