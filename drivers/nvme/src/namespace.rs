@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use crate::controller::{translate, Controller, Region, ABORTED};
 use crate::error::NvmeError;
 use crate::queue::QueuePair;
-use crate::spec::{io, Cqe, Sqe, Status, PAGE};
+use crate::spec::{self, io, Cqe, Sqe, Status, PAGE};
 use crate::transport::DmaMem;
 
 /// Largest request a channel takes; bigger commands than MDTS are split.
@@ -164,6 +164,8 @@ struct Channel {
     info: DeviceInfo,
     block_shift: u32,
     cmd_blocks: u64,
+    /// The controller takes SGLs (`Some(true)`: dword-aligned only).
+    sgl: Option<bool>,
     q: QueuePair,
     generation: u64,
     slots: Vec<Slot>,
@@ -216,6 +218,7 @@ impl Channel {
             info: ns.info.clone(),
             block_shift: ns.info.block_size.trailing_zeros(),
             cmd_blocks: (ns.cmd_bytes / ns.info.block_size as usize) as u64,
+            sgl: ctrl.ident.sgl(),
             q,
             generation,
             slots: (0..nslots)
@@ -360,7 +363,9 @@ impl Channel {
                     self.nsid,
                 );
                 sqe.set_range(c.lba, n as u32);
-                if !self.direct_prps(&segs, list, prp_page, &mut sqe) {
+                if !self.direct_prps(&segs, list, prp_page, &mut sqe)
+                    && !self.direct_sgl(&segs, list, prp_page, &mut sqe)
+                {
                     match self.bounce_prps(&segs, bytes, c.op, list, prp_page, &mut sqe) {
                         Some(b) => bounce = Some(b),
                         None => return false,
@@ -456,6 +461,42 @@ impl Channel {
             2 => sqe.prp2 = list[0],
             _ => sqe.prp2 = list_iova,
         }
+        true
+    }
+
+    /// An SGL straight to the caller's memory, when the controller takes
+    /// SGLs and every segment is registered: any shape PRPs cannot express
+    /// (segments ending or starting inside pages) still avoids the copy.
+    fn direct_sgl(
+        &self,
+        segs: &[(usize, usize)],
+        list: &mut [u64],
+        list_iova: u64,
+        sqe: &mut Sqe,
+    ) -> bool {
+        let Some(dword) = self.sgl else { return false };
+        if segs.is_empty() || segs.len() > PAGE / 16 {
+            return false;
+        }
+        for (i, &(ptr, len)) in segs.iter().enumerate() {
+            let Some(iova) = translate(&self.regions, ptr, len) else {
+                return false;
+            };
+            if dword && (iova % 4 != 0 || len % 4 != 0) {
+                return false;
+            }
+            let [a, b] = spec::sgl_descriptor(iova, len as u32, spec::SGL_DATA_BLOCK);
+            list[2 * i] = a;
+            list[2 * i + 1] = b;
+        }
+        let [a, b] = if segs.len() == 1 {
+            [list[0], list[1]]
+        } else {
+            spec::sgl_descriptor(list_iova, (segs.len() * 16) as u32, spec::SGL_LAST_SEGMENT)
+        };
+        sqe.prp1 = a;
+        sqe.prp2 = b;
+        sqe.cdw0 |= spec::PSDT_SGL;
         true
     }
 

@@ -40,6 +40,8 @@ pub struct SoftConfig {
     pub null_data: bool,
     /// Pin the controller's thread to this core.
     pub core: Option<usize>,
+    /// Take SGLs as well as PRPs (any alignment).
+    pub sgl: bool,
 }
 
 impl Default for SoftConfig {
@@ -53,6 +55,7 @@ impl Default for SoftConfig {
             serial: "soft0".into(),
             null_data: false,
             core: None,
+            sgl: false,
         }
     }
 }
@@ -494,6 +497,7 @@ impl Device {
                         nn: self.config.namespaces.len() as u32,
                         oncs: 0xc,
                         vwc: self.config.vwc,
+                        sgls: self.config.sgl as u32,
                     }
                     .write(&mut page),
                     admin::CNS_NAMESPACE => {
@@ -707,13 +711,63 @@ impl Device {
         }
     }
 
-    /// The memory a command's PRPs describe for `bytes` bytes, translated.
+    /// The memory an SGL describes (a data block, or a last segment of data
+    /// blocks), translated; it must add up to `bytes`.
+    fn sgl_segments(
+        &self,
+        iommu: &BTreeMap<u64, (usize, usize)>,
+        sqe: &Sqe,
+        bytes: usize,
+    ) -> Option<Vec<(usize, usize)>> {
+        if !self.config.sgl {
+            return None;
+        }
+        let descriptors: Vec<(u64, u64)> = match (sqe.prp2 >> 56) as u8 {
+            spec::SGL_DATA_BLOCK => vec![(sqe.prp1, sqe.prp2)],
+            spec::SGL_LAST_SEGMENT => {
+                let len = sqe.prp2 as u32 as usize;
+                if len == 0 || !len.is_multiple_of(16) || len > PAGE {
+                    return None;
+                }
+                let p = lookup(iommu, sqe.prp1, len)? as *const u64;
+                // SAFETY: mapped for `len` bytes.
+                (0..len / 16)
+                    .map(|i| unsafe {
+                        (
+                            p.add(2 * i).read_unaligned(),
+                            p.add(2 * i + 1).read_unaligned(),
+                        )
+                    })
+                    .collect()
+            }
+            _ => return None,
+        };
+        let mut segs = Vec::with_capacity(descriptors.len());
+        let mut total = 0;
+        for (addr, hi) in descriptors {
+            let len = hi as u32 as usize;
+            if (hi >> 56) as u8 != spec::SGL_DATA_BLOCK || len == 0 {
+                return None;
+            }
+            segs.push((lookup(iommu, addr, len)?, len));
+            total += len;
+        }
+        (total == bytes).then_some(segs)
+    }
+
+    /// The memory a command's PRPs (or SGL) describe for `bytes` bytes,
+    /// translated.
     fn prp_segments(
         &self,
         iommu: &BTreeMap<u64, (usize, usize)>,
         sqe: &Sqe,
         bytes: usize,
     ) -> Option<Vec<(usize, usize)>> {
+        match (sqe.cdw0 >> 14) & 3 {
+            0 => {}
+            1 => return self.sgl_segments(iommu, sqe, bytes),
+            _ => return None,
+        }
         let mut segs = Vec::new();
         let first = (PAGE - (sqe.prp1 as usize % PAGE)).min(bytes);
         segs.push((lookup(iommu, sqe.prp1, first)?, first));

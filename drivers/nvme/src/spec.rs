@@ -120,6 +120,19 @@ pub mod io {
     pub const WZ_MAX_BLOCKS: u64 = 1 << 16;
 }
 
+/// CDW0 PSDT = 01b: the data pointer is an SGL (metadata contiguous).
+pub const PSDT_SGL: u32 = 1 << 14;
+/// SGL descriptor identifier: data block (type 0, subtype address).
+pub const SGL_DATA_BLOCK: u8 = 0x00;
+/// SGL descriptor identifier: last segment (type 3, subtype address).
+pub const SGL_LAST_SEGMENT: u8 = 0x30;
+
+/// An SGL descriptor in the form it takes in DPTR or in a segment: address,
+/// then length and identifier (byte 15).
+pub fn sgl_descriptor(addr: u64, len: u32, id: u8) -> [u64; 2] {
+    [addr, len as u64 | (id as u64) << 56]
+}
+
 /// A submission queue entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -311,6 +324,8 @@ pub struct IdentifyController {
     pub oncs: u16,
     /// Volatile write cache present.
     pub vwc: bool,
+    /// SGL support (bits 1:0: 1 any alignment, 2 dword-aligned data blocks).
+    pub sgls: u32,
 }
 
 fn text(b: &[u8]) -> String {
@@ -343,6 +358,7 @@ impl IdentifyController {
             nn: le32(b, 516),
             oncs: le16(b, 520),
             vwc: b[525] & 1 == 1,
+            sgls: le32(b, 536),
         }
     }
 
@@ -357,11 +373,21 @@ impl IdentifyController {
         b[516..520].copy_from_slice(&self.nn.to_le_bytes());
         b[520..522].copy_from_slice(&self.oncs.to_le_bytes());
         b[525] = self.vwc as u8;
+        b[536..540].copy_from_slice(&self.sgls.to_le_bytes());
     }
 
     /// Dataset Management is supported.
     pub fn dsm(&self) -> bool {
         self.oncs & (1 << 2) != 0
+    }
+    /// SGLs are supported for NVM commands; `Some(true)` when data blocks
+    /// must be dword aligned.
+    pub fn sgl(&self) -> Option<bool> {
+        match self.sgls & 3 {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
     }
     /// Write Zeroes is supported.
     pub fn write_zeroes(&self) -> bool {
@@ -452,6 +478,7 @@ mod tests {
             nn: 2,
             oncs: 0xc,
             vwc: true,
+            sgls: 1,
         };
         let mut b = [0u8; 4096];
         ctrl.write(&mut b);
