@@ -15,7 +15,18 @@ use std::sync::{Mutex, Weak};
 /// the same controller must not reset it under the first.
 static CONTROLLERS: Mutex<Option<HashMap<String, Weak<nvme::Controller>>>> = Mutex::new(None);
 
-fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+/// Whether two specifications name the same NVMe namespace (however the
+/// PCI address is spelled).
+pub fn same_nvme(a: &str, b: &str) -> bool {
+    let key = |s: &str| {
+        let rest = s.strip_prefix("nvme:")?;
+        nvme_address(rest).ok()
+    };
+    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// The PCI address and namespace `BDF[/NSID]` names.
+fn nvme_address(rest: &str) -> Result<(String, u32), String> {
     let (bdf, nsid) = match rest.split_once('/') {
         Some((bdf, ns)) => (
             bdf,
@@ -26,6 +37,11 @@ fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn Blo
         None => (rest, 1),
     };
     let bdf = nvme::vfio::parse_bdf(bdf).map_err(|e| format!("device nvme:{rest}: {e}"))?;
+    Ok((bdf, nsid))
+}
+
+fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+    let (bdf, nsid) = nvme_address(rest)?;
     let ctrl = {
         let mut map = CONTROLLERS.lock().unwrap_or_else(|p| p.into_inner());
         let map = map.get_or_insert_with(HashMap::new);
@@ -168,6 +184,9 @@ mod tests {
             .err()
             .unwrap()
             .contains("no PCI device"));
+        assert!(same_nvme("nvme:00:04.0", "nvme:0000:00:04.0/1"));
+        assert!(!same_nvme("nvme:0000:00:04.0/2", "nvme:0000:00:04.0"));
+        assert!(!same_nvme("file:/x", "file:/x"));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let spec = format!("file:{}:1M", p.display());

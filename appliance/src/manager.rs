@@ -492,12 +492,11 @@ impl Manager {
                 decl.name
             )));
         }
-        if decl.spec.starts_with("file:") {
-            if let Some(d) = s
-                .devices
-                .values()
-                .find(|d| same_file(&d.decl.spec, &decl.spec))
-            {
+        if decl.spec.starts_with("file:") || decl.spec.starts_with("nvme:") {
+            if let Some(d) = s.devices.values().find(|d| {
+                same_file(&d.decl.spec, &decl.spec)
+                    || crate::devspec::same_nvme(&d.decl.spec, &decl.spec)
+            }) {
                 return Err(MgmtError::AlreadyExists(format!(
                     "{} is already attached as device {}",
                     decl.spec, d.decl.name

@@ -81,7 +81,7 @@ pub struct Controller {
     pub(crate) opts: Options,
     admin: Mutex<Admin>,
     pub(crate) ident: IdentifyController,
-    pub(crate) namespaces: Vec<(u32, IdentifyNamespace)>,
+    namespaces: Mutex<Vec<(u32, IdentifyNamespace)>>,
     io_queues: u16,
     qids: Mutex<Vec<bool>>,
     /// Bumped by every reset; a channel that sees a new value recreates its
@@ -192,7 +192,7 @@ impl Controller {
             opts,
             admin,
             ident: IdentifyController::parse(&[0; 4096]),
-            namespaces: Vec::new(),
+            namespaces: Mutex::new(Vec::new()),
             io_queues: 0,
             qids: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
@@ -205,24 +205,14 @@ impl Controller {
         let mut page = [0u8; 4096];
         ctrl.identify(admin::CNS_CONTROLLER, 0, &mut page)?;
         ctrl.ident = IdentifyController::parse(&page);
-        ctrl.identify(admin::CNS_ACTIVE_NS, 0, &mut page)?;
-        let nsids: Vec<u32> = page
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .take_while(|&id| id != 0)
-            .collect();
-        for nsid in nsids {
-            ctrl.identify(admin::CNS_NAMESPACE, nsid, &mut page)?;
-            ctrl.namespaces
-                .push((nsid, IdentifyNamespace::parse(&page)));
-        }
+        ctrl.rescan()?;
         ctrl.io_queues = ctrl.set_queue_count()?;
         *lock(&ctrl.qids) = vec![false; ctrl.io_queues as usize + 1];
         tracing::info!(
             controller = %ctrl.name(),
             model = %ctrl.ident.model,
             serial = %ctrl.ident.serial,
-            namespaces = ctrl.namespaces.len(),
+            namespaces = ?ctrl.namespace_ids(),
             io_queues = ctrl.io_queues,
             mdts = ctrl.ident.mdts,
             "NVMe controller ready"
@@ -465,9 +455,50 @@ impl Controller {
         &self.ident
     }
 
-    /// Active namespace IDs.
+    /// Active namespace IDs (as of bring-up or the last [`Self::rescan`]).
     pub fn namespace_ids(&self) -> Vec<u32> {
-        self.namespaces.iter().map(|n| n.0).collect()
+        lock(&self.namespaces).iter().map(|n| n.0).collect()
+    }
+
+    /// Read the active namespace list and every namespace again: picks up
+    /// namespaces attached (or formatted) since bring-up.
+    pub fn rescan(&self) -> Result<(), NvmeError> {
+        let mut page = [0u8; 4096];
+        self.identify(admin::CNS_ACTIVE_NS, 0, &mut page)?;
+        let nsids: Vec<u32> = page
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .take_while(|&id| id != 0)
+            .collect();
+        let mut found = Vec::with_capacity(nsids.len());
+        for nsid in nsids {
+            self.identify(admin::CNS_NAMESPACE, nsid, &mut page)?;
+            found.push((nsid, IdentifyNamespace::parse(&page)));
+        }
+        *lock(&self.namespaces) = found;
+        Ok(())
+    }
+
+    /// What Identify Namespace said about `nsid`, rescanning once if it was
+    /// not active at the last look.
+    pub(crate) fn namespace(&self, nsid: u32) -> Result<IdentifyNamespace, NvmeError> {
+        let cached = |c: &Self| {
+            lock(&c.namespaces)
+                .iter()
+                .find(|n| n.0 == nsid)
+                .map(|n| n.1)
+        };
+        if let Some(ns) = cached(self) {
+            return Ok(ns);
+        }
+        self.rescan()?;
+        cached(self).ok_or_else(|| {
+            NvmeError::InvalidArgument(format!(
+                "{}: no active namespace {nsid} (active: {:?})",
+                self.name(),
+                self.namespace_ids()
+            ))
+        })
     }
 
     /// Commands so far whose data was copied through bounce pages because

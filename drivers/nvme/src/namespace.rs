@@ -48,18 +48,7 @@ impl std::fmt::Debug for Namespace {
 impl Namespace {
     /// Namespace `nsid` of `ctrl`, named `name`.
     pub fn new(ctrl: &Arc<Controller>, nsid: u32, name: &str) -> Result<Namespace, NvmeError> {
-        let ns = ctrl
-            .namespaces
-            .iter()
-            .find(|n| n.0 == nsid)
-            .map(|n| n.1)
-            .ok_or_else(|| {
-                NvmeError::InvalidArgument(format!(
-                    "{}: no active namespace {nsid} (active: {:?})",
-                    ctrl.name(),
-                    ctrl.namespace_ids()
-                ))
-            })?;
+        let ns = ctrl.namespace(nsid)?;
         if ns.lbads != 9 && ns.lbads != 12 {
             return Err(NvmeError::InvalidArgument(format!(
                 "{}: namespace {nsid} is formatted with {}-byte blocks; 512 and 4096 are supported",

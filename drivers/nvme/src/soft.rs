@@ -92,6 +92,8 @@ struct Shared {
     stop: AtomicBool,
     stats: Mutex<SoftStats>,
     name: String,
+    /// Namespaces attached while running, picked up by the device thread.
+    attach: Mutex<Vec<(u32, u64)>>,
 }
 
 // SAFETY: the register page is shared with the driver by design and only
@@ -167,6 +169,7 @@ impl SoftController {
             stop: AtomicBool::new(false),
             stats: Mutex::new(SoftStats::default()),
             name: name.to_string(),
+            attach: Mutex::new(Vec::new()),
         });
         let mqes = config.max_queue_entries.clamp(2, 65536) as u64 - 1;
         let cap = mqes | 1 << 16 | 15 << 24 | 1 << 37 | 4 << 52;
@@ -201,6 +204,16 @@ impl SoftController {
     /// media error.
     pub fn fail_block(&self, nsid: u32, lba: u64) {
         lock(&self.shared.faults).bad_blocks.insert((nsid, lba));
+    }
+
+    /// Attach a namespace (block size, blocks) while running, as an
+    /// operator would with namespace management; it gets the next ID.
+    pub fn attach_namespace(&self, block_size: u32, blocks: u64) {
+        lock(&self.shared.attach).push((block_size, blocks));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lock(&self.shared.attach).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     /// Hold every completion this long.
@@ -339,6 +352,14 @@ impl Device {
     }
 
     fn step(&mut self) -> bool {
+        for (bs, n) in lock(&self.shared.attach).drain(..) {
+            self.config.namespaces.push((bs, n));
+            self.data.push(if self.config.null_data {
+                Vec::new()
+            } else {
+                vec![0u8; bs as usize * n as usize]
+            });
+        }
         let cc = self.bar.read32(spec::REG_CC);
         if cc & spec::CC_EN == 0 {
             if self.enabled || self.bar.read32(spec::REG_CSTS) != 0 {

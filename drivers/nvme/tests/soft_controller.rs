@@ -466,3 +466,18 @@ fn memory_registered_with_bdev_is_mapped_by_every_controller_old_and_new() {
     );
     drop(reg_before);
 }
+
+#[test]
+fn a_namespace_attached_after_bring_up_can_be_opened() {
+    let (soft, ctrl) = setup(SoftConfig::default(), Options::default());
+    assert_eq!(ctrl.namespace_ids(), vec![1]);
+    let err = Namespace::new(&ctrl, 2, "ns2").expect_err("not there yet");
+    assert!(err.to_string().contains("no active namespace 2"), "{err}");
+    soft.attach_namespace(512, 2048);
+    let dev = ns(&ctrl, 2);
+    assert_eq!((dev.info().block_size, dev.info().num_blocks), (512, 2048));
+    assert_eq!(ctrl.namespace_ids(), vec![1, 2]);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut b = vec![7u8; 512];
+    one(ch.as_mut(), rw(IoOp::Write, 2047, 1, &mut b, 1)).expect("write the last block");
+}
