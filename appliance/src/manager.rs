@@ -82,6 +82,7 @@ fn from_op(volume: &str, e: OpError) -> MgmtError {
             MgmtError::AlreadyExists(format!("device {d} is already part of volume {volume}"))
         }
         OpError::FailedPrecondition(m) => MgmtError::FailedPrecondition(format!("{volume}: {m}")),
+        OpError::DeadlineExceeded(m) => MgmtError::DeadlineExceeded(format!("{volume}: {m}")),
         OpError::Internal(m) => MgmtError::Internal(format!("{volume}: {m}")),
     }
 }

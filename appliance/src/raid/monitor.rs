@@ -232,9 +232,43 @@ pub enum OpError {
     /// The change is not possible in the volume's state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The volume did not quiesce in time (IO in flight did not drain).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The reconfiguration itself failed.
     #[error("{0}")]
     Internal(String),
+}
+
+/// Why applying a change failed: the quiesce deadline passed (the caller
+/// may retry), or anything else.
+#[derive(Debug)]
+enum ChangeError {
+    Deadline(String),
+    Other(String),
+}
+
+impl From<String> for ChangeError {
+    fn from(s: String) -> ChangeError {
+        ChangeError::Other(s)
+    }
+}
+
+impl std::fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeError::Deadline(m) | ChangeError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<ChangeError> for OpError {
+    fn from(e: ChangeError) -> OpError {
+        match e {
+            ChangeError::Deadline(m) => OpError::DeadlineExceeded(m),
+            ChangeError::Other(m) => OpError::Internal(m),
+        }
+    }
 }
 
 struct MonitorState {
@@ -285,14 +319,19 @@ fn checkpoint(s: &mut MonitorState) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), String> {
+fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), ChangeError> {
     let dev: Arc<dyn BlockDevice> = next.clone();
     volume
         .quiesce()
         .reconfigure(CHANGE_TIMEOUT, |_| {
             Ok::<_, String>((VolumeConfig { device: dev }, ()))
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            poller::ReconfigureError::Quiesce(poller::QuiesceError::DeadlineExceeded {
+                ..
+            }) => ChangeError::Deadline(e.to_string()),
+            e => ChangeError::Other(e.to_string()),
+        })
 }
 
 /// The monitor thread: apply events as they come, checkpoint a running
@@ -316,7 +355,7 @@ fn watch(
             Some(ev) => handle(set, volume, &mut s, ev),
             None if last_checkpoint.elapsed() >= CHECKPOINT_EVERY => {
                 last_checkpoint = std::time::Instant::now();
-                checkpoint(&mut s)
+                checkpoint(&mut s).map_err(ChangeError::from)
             }
             None => Ok(()),
         };
@@ -390,7 +429,7 @@ impl Monitor {
             device: super::members::device_id(&devs[slot]),
             error: bdev::IoError::DeviceFailed,
         });
-        handle(&self.set, &self.volume, &mut s, ev).map_err(OpError::Internal)
+        handle(&self.set, &self.volume, &mut s, ev).map_err(OpError::from)
     }
 
     /// Start a scrub: count parity mismatches (md's `check`), and with
@@ -450,9 +489,7 @@ impl Monitor {
             .iter()
             .position(|&st| st == MemberState::Failed);
         match failed {
-            Some(slot) => {
-                start_spare(&self.set, &self.volume, &mut s, slot).map_err(OpError::Internal)
-            }
+            Some(slot) => start_spare(&self.set, &self.volume, &mut s, slot).map_err(OpError::from),
             None => Ok(()),
         }
     }
@@ -630,7 +667,7 @@ fn handle(
     volume: &Volume,
     s: &mut MonitorState,
     ev: Event,
-) -> Result<(), String> {
+) -> Result<(), ChangeError> {
     let res = apply(set, volume, s, ev);
     // Whatever changed is recorded before the next event.
     if let Some(meta) = s.meta.as_mut() {
@@ -644,7 +681,12 @@ fn handle(
     res
 }
 
-fn apply(set: &ReactorSet, volume: &Volume, s: &mut MonitorState, ev: Event) -> Result<(), String> {
+fn apply(
+    set: &ReactorSet,
+    volume: &Volume,
+    s: &mut MonitorState,
+    ev: Event,
+) -> Result<(), ChangeError> {
     match ev {
         Event::Failed(f) => {
             if s.current.member_states().get(f.member) == Some(&MemberState::Failed)
@@ -704,7 +746,7 @@ fn start_spare(
     volume: &Volume,
     s: &mut MonitorState,
     slot: usize,
-) -> Result<(), String> {
+) -> Result<(), ChangeError> {
     let Some(spare) = s.spares.first().cloned() else {
         return Ok(());
     };

@@ -128,10 +128,14 @@ impl Disk {
     }
 
     fn wait(&mut self) -> i32 {
+        self.wait_up_to(Duration::from_secs(30))
+    }
+
+    fn wait_up_to(&mut self, limit: Duration) -> i32 {
         let mut c = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
-        let mut t = Duration::from_secs(30);
+        let mut t = limit;
         let n = self.q.do_io(&mut c, 1, Some(&mut t), None).unwrap();
-        assert_eq!(n, 1, "no completion within 30 s");
+        assert_eq!(n, 1, "no completion within {limit:?}");
         unsafe { c[0].assume_init_ref() }.ret
     }
 
@@ -140,6 +144,13 @@ impl Disk {
         self.q
             .write(offset, self.buf, len, 0, blkio::ReqFlags::empty());
         self.wait()
+    }
+
+    /// A write that may take up to `limit` (a device made slow on purpose).
+    pub fn write_up_to(&mut self, offset: u64, len: usize, limit: Duration) -> i32 {
+        self.q
+            .write(offset, self.buf, len, 0, blkio::ReqFlags::empty());
+        self.wait_up_to(limit)
     }
 
     /// Read `len` bytes at `offset` into the buffer; the request's result.

@@ -90,8 +90,10 @@ pub struct FaultDevice {
 impl FaultDevice {
     /// Wrap `inner`; faults are driven through [`control`](Self::control).
     pub fn new(inner: Arc<dyn BlockDevice>) -> FaultDevice {
-        let mut info = inner.info().clone();
-        info.name = format!("fault({})", info.name);
+        // The wrapper keeps the device's name: volumes and the manager know
+        // members by name, and a fault injector must not change which
+        // device an operator's command reaches.
+        let info = inner.info().clone();
         FaultDevice {
             inner,
             info,
