@@ -118,6 +118,7 @@ fn export_to_pb(e: ExportView) -> pb::Export {
         serial: e.decl.serial,
         connected: e.connected,
         connections: e.connections,
+        queue_cores: e.decl.queue_cores.iter().map(|&c| c as u32).collect(),
     }
 }
 
@@ -359,6 +360,7 @@ impl pb::appliance_server::Appliance for Service {
             num_queues,
             read_only: r.read_only,
             serial: r.serial,
+            queue_cores: r.queue_cores.iter().map(|&c| c as usize).collect(),
         };
         self.run(move |m| m.create_export(decl).map(export_to_pb))
             .await

@@ -88,6 +88,9 @@ pub struct ExportDecl {
     /// What the guest reads as the disk's serial.
     #[serde(default)]
     pub serial: String,
+    /// The reactor of each queue (cyclically); empty: queue i on reactor i.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue_cores: Vec<usize>,
 }
 
 fn default_queues() -> u16 {

@@ -315,6 +315,7 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
         num_queues: 2,
         read_only: false,
         serial: "appliance-demo".into(),
+        queue_cores: vec![],
     })
     .map_err(e)?;
     let what = if opts.members.is_empty() {

@@ -1268,6 +1268,25 @@ impl Manager {
         if decl.serial.is_empty() {
             decl.serial = decl.name.chars().take(20).collect();
         }
+        if let Some(&c) = decl.queue_cores.iter().find(|&&c| c >= self.set.len()) {
+            return Err(invalid(
+                "queue_cores",
+                format!(
+                    "reactor {c} does not exist (reactors 0..{})",
+                    self.set.len()
+                ),
+            ));
+        }
+        if decl.queue_cores.len() > decl.num_queues as usize {
+            return Err(invalid(
+                "queue_cores",
+                format!(
+                    "{} entries for {} queue(s)",
+                    decl.queue_cores.len(),
+                    decl.num_queues
+                ),
+            ));
+        }
         let export = Export::create(
             &self.set,
             &volume,
@@ -1276,7 +1295,7 @@ impl Manager {
                 num_queues: decl.num_queues,
                 read_only: decl.read_only,
                 serial: decl.serial.clone(),
-                queue_cores: vec![],
+                queue_cores: decl.queue_cores.clone(),
             },
         )
         .map_err(from_export)?;

@@ -58,6 +58,7 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
         num_queues: 1,
         read_only: false,
         serial: "deadline".into(),
+        queue_cores: vec![],
     })
     .unwrap();
     // Every member answers 40 s late: a write now stays in flight past the

@@ -338,6 +338,11 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         num_queues: queues,
         read_only: false,
         serial: String::new(),
+        queue_cores: vec![],
+    };
+    let on = |mut r: pb::CreateExportRequest, cores: &[u32]| {
+        r.queue_cores = cores.to_vec();
+        r
     };
     let s = sock.to_str().unwrap();
     for (req, code, word) in [
@@ -359,13 +364,26 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
             "num_queues",
         ),
         (export("e/0", "vol0", s, 1), Code::InvalidArgument, "name"),
+        // Reactor assignment: only reactors that exist, at most one per queue.
+        (
+            on(export("e0", "vol0", s, 2), &[0, 2]),
+            Code::InvalidArgument,
+            "queue_cores",
+        ),
+        (
+            on(export("e0", "vol0", s, 1), &[0, 1]),
+            Code::InvalidArgument,
+            "queue_cores",
+        ),
     ] {
         let e = call!(d, c, create_export, req.clone()).unwrap_err();
         assert_eq!(e.0, code, "{req:?}: {e:?}");
         assert!(e.1.contains(word), "{req:?}: {e:?}");
     }
-    let e0 = call!(d, c, create_export, export("e0", "vol0", s, 2)).unwrap();
+    // Both queues on reactor 1 (the IO below runs through them).
+    let e0 = call!(d, c, create_export, on(export("e0", "vol0", s, 2), &[1])).unwrap();
     assert_eq!((e0.serial.as_str(), e0.num_queues), ("e0", 2));
+    assert_eq!(e0.queue_cores, vec![1]);
     let e = call!(d, c, create_export, export("e0", "vol1", "/tmp/x.sock", 1)).unwrap_err();
     assert_eq!(e.0, Code::AlreadyExists);
     let e = call!(d, c, create_export, export("e1", "vol1", s, 1)).unwrap_err();
@@ -621,6 +639,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
             num_queues: 1,
             read_only: false,
             serial: "disk-1".into(),
+            queue_cores: vec![0],
         }
     )
     .unwrap();
@@ -653,6 +672,11 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
     assert_eq!(after.state, "optimal");
     let ex = call!(d, c, list_exports, pb::ListExportsRequest {}).unwrap();
     assert_eq!(ex.exports[0].serial, "disk-1");
+    assert_eq!(
+        ex.exports[0].queue_cores,
+        vec![0],
+        "the reactor assignment is restored"
+    );
     // The rate limit came back with the volume.
     let scrub = pb::StartScrubRequest {
         volume: "data".into(),

@@ -223,6 +223,10 @@ enum ExportCmd {
         /// Serial the guest sees (default: the export's name).
         #[arg(long, default_value = "")]
         serial: String,
+        /// The reactor that polls each queue, comma-separated, repeated
+        /// cyclically (default: queue i on reactor i).
+        #[arg(long, value_delimiter = ',')]
+        queue_cores: Vec<u32>,
     },
     /// List exports.
     List,
@@ -558,6 +562,7 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
             num_queues,
             read_only,
             serial,
+            queue_cores,
         } => {
             let e = c
                 .create_export(pb::CreateExportRequest {
@@ -567,6 +572,7 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
                     num_queues,
                     read_only,
                     serial,
+                    queue_cores,
                 })
                 .await?
                 .into_inner();
@@ -768,13 +774,30 @@ fn describe(v: &pb::Volume) -> String {
 
 fn exports(es: &[pb::Export]) -> String {
     table(
-        &["NAME", "VOLUME", "QUEUES", "RO", "CONNECTED", "SOCKET"],
+        &[
+            "NAME",
+            "VOLUME",
+            "QUEUES",
+            "REACTORS",
+            "RO",
+            "CONNECTED",
+            "SOCKET",
+        ],
         es.iter()
             .map(|e| {
                 vec![
                     e.name.clone(),
                     e.volume.clone(),
                     e.num_queues.to_string(),
+                    if e.queue_cores.is_empty() {
+                        "all".into()
+                    } else {
+                        e.queue_cores
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
                     if e.read_only { "yes" } else { "no" }.into(),
                     if e.connected { "yes" } else { "no" }.into(),
                     e.socket.clone(),
