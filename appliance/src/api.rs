@@ -80,6 +80,7 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
             .enumerate()
             .map(|(slot, (device, state))| pb::Member {
                 slot: slot as u32,
+                write_mostly: v.write_mostly.contains(&device),
                 device,
                 state: state.into(),
             })
@@ -329,6 +330,24 @@ impl pb::appliance_server::Appliance for Service {
         let r = req.into_inner();
         self.run(move |m| {
             m.set_rebuild_rate(&r.volume, r.max_bytes_per_sec)
+                .map(volume_to_pb)
+        })
+        .await
+    }
+
+    async fn set_write_mostly(
+        &self,
+        req: Request<pb::SetWriteMostlyRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        if r.volume.is_empty() {
+            return Err(bad("volume", "is empty"));
+        }
+        if r.device.is_empty() {
+            return Err(bad("device", "is empty"));
+        }
+        self.run(move |m| {
+            m.set_write_mostly(&r.volume, &r.device, r.enabled)
                 .map(volume_to_pb)
         })
         .await

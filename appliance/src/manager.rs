@@ -203,6 +203,8 @@ pub struct VolumeView {
     pub layout: String,
     /// (device, state) by slot.
     pub members: Vec<(String, &'static str)>,
+    /// Members marked write-mostly.
+    pub write_mostly: Vec<String>,
     /// Spare device names.
     pub spares: Vec<String>,
     /// The running or last rebuild or scrub.
@@ -980,6 +982,15 @@ impl Manager {
             .filter(|e| e.decl.volume == name)
             .map(|e| e.decl.name.clone())
             .collect();
+        let write_mostly: Vec<String> = v.monitor.as_ref().map_or(vec![], |m| {
+            let snap = m.snapshot();
+            snap.members
+                .into_iter()
+                .zip(snap.write_mostly)
+                .filter(|x| x.1)
+                .map(|x| x.0)
+                .collect()
+        });
         let (members, spares, state, progress) = match &v.monitor {
             Some(m) => {
                 let snap = m.snapshot();
@@ -1047,6 +1058,7 @@ impl Manager {
                 String::new()
             },
             members,
+            write_mostly,
             spares,
             progress,
             generation: v.volume.quiesce().config().0,
@@ -1208,6 +1220,23 @@ impl Manager {
     pub fn set_rebuild_rate(&self, volume: &str, max: u64) -> Result<VolumeView, MgmtError> {
         let s = self.lock_for_change()?;
         Self::monitor(&s, volume)?.set_rate(max);
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Mark a RAID1 member write-mostly (md's write-mostly: read only when
+    /// no other in-sync member can serve), or clear the mark.
+    pub fn set_write_mostly(
+        &self,
+        volume: &str,
+        device: &str,
+        on: bool,
+    ) -> Result<VolumeView, MgmtError> {
+        let s = self.lock_for_change()?;
+        let m = Self::monitor(&s, volume)?;
+        s.device("device", device)?;
+        m.set_write_mostly(device, on)
+            .map_err(|e| from_op(volume, e))?;
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

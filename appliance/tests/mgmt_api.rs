@@ -655,6 +655,41 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         max_bytes_per_sec: 1 << 20,
     };
     call!(d, c, set_rebuild_rate, rate).unwrap();
+    // A mirror with a write-mostly member; the mark lives in its superblocks.
+    for i in 4..6 {
+        let spec = format!(
+            "file:{}:16M",
+            dir.path().join(format!("m{i}.img")).display()
+        );
+        call!(d, c, attach_device, attach(&format!("m{i}"), &spec)).unwrap();
+    }
+    let mirror = pb::CreateVolumeRequest {
+        name: "mirror".into(),
+        level: pb::Level::Raid1 as i32,
+        members: vec!["m4".into(), "m5".into()],
+        ..Default::default()
+    };
+    call!(d, c, create_volume, mirror).unwrap();
+    let wm = |volume: &str, device: &str, enabled: bool| pb::SetWriteMostlyRequest {
+        volume: volume.into(),
+        device: device.into(),
+        enabled,
+    };
+    let v = call!(d, c, set_write_mostly, wm("mirror", "m5", true)).unwrap();
+    assert_eq!(
+        v.members.iter().map(|m| m.write_mostly).collect::<Vec<_>>(),
+        [false, true]
+    );
+    for (req, code) in [
+        (wm("data", "m1", true), Code::FailedPrecondition),
+        (wm("mirror", "m1", true), Code::FailedPrecondition),
+        (wm("mirror", "nope", true), Code::NotFound),
+        (wm("nope", "m5", true), Code::NotFound),
+        (wm("mirror", "", true), Code::InvalidArgument),
+    ] {
+        let e = call!(d, c, set_write_mostly, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
     let before = volume(&d, &mut c, "data");
     drop(c);
     d.stop();
@@ -670,6 +705,16 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
             .to_vec()
     );
     assert_eq!(after.state, "optimal");
+    let mirror = volume(&d, &mut c, "mirror");
+    assert_eq!(
+        mirror
+            .members
+            .iter()
+            .map(|m| m.write_mostly)
+            .collect::<Vec<_>>(),
+        [false, true],
+        "write-mostly is restored from the superblocks"
+    );
     let ex = call!(d, c, list_exports, pb::ListExportsRequest {}).unwrap();
     assert_eq!(ex.exports[0].serial, "disk-1");
     assert_eq!(

@@ -23,6 +23,7 @@ fn member(dev: Arc<dyn BlockDevice>) -> Member {
     Member {
         dev,
         state: MemberState::InSync,
+        write_mostly: false,
     }
 }
 
@@ -249,4 +250,53 @@ fn scrub_repairs_a_diverged_mirror_while_io_goes_on() {
         "mirrors agree after the repair"
     );
     reactors.shutdown().unwrap();
+}
+
+#[test]
+fn a_write_mostly_member_gets_every_write_and_is_read_only_when_nothing_else_can() {
+    let (a, b) = (ram("a", 512), ram("b", 512));
+    let fb = Arc::new(FaultDevice::new(b.clone()));
+    let (tx, rx) = mpsc::channel();
+    let mut slow = member(fb.clone());
+    slow.write_mostly = true;
+    let r = Raid1Device::new("r1", vec![member(a.clone()), slow], 8, FailureSink::new(tx)).unwrap();
+    let mut ch = r.open_channel().unwrap();
+    let mut data: Vec<u8> = (0..64 * 4096).map(|i| (i % 251) as u8).collect();
+    run_one(ch.as_mut(), rw(IoOp::Write, 0, 64, &mut data, 1)).unwrap();
+    // Any read sent to the write-mostly member now fails and is reported.
+    fb.control().fail_reads(0, u64::MAX);
+    for round in 0..4u64 {
+        for lba in 0..64u64 {
+            let mut got = vec![0u8; 4096];
+            run_one(ch.as_mut(), rw(IoOp::Read, lba, 1, &mut got, 2 + round)).unwrap();
+            assert_eq!(got[..], data[lba as usize * 4096..][..4096]);
+        }
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "no read went to the write-mostly member"
+    );
+    fb.control().heal();
+    // It has every write, at the data offset.
+    let mut on_b = vec![0u8; 64 * 4096];
+    run_one(
+        b.open_channel().unwrap().as_mut(),
+        rw(IoOp::Read, 8, 64, &mut on_b, 9),
+    )
+    .unwrap();
+    assert!(on_b == data, "the write-mostly member got the writes");
+    // With the other member failed it serves the reads.
+    let mut slow = member(fb.clone());
+    slow.write_mostly = true;
+    let degraded = Raid1Device::new(
+        "r1",
+        vec![Member::new(a, MemberState::Failed), slow],
+        8,
+        FailureSink::none(),
+    )
+    .unwrap();
+    let mut ch = degraded.open_channel().unwrap();
+    let mut got = vec![0u8; 64 * 4096];
+    run_one(ch.as_mut(), rw(IoOp::Read, 0, 64, &mut got, 10)).unwrap();
+    assert!(got == data);
 }

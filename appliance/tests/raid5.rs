@@ -26,6 +26,7 @@ fn member(dev: Arc<dyn BlockDevice>) -> Member {
     Member {
         dev,
         state: MemberState::InSync,
+        write_mostly: false,
     }
 }
 

@@ -240,6 +240,7 @@ fn cut_and_lose_a_member(round: u64, mode: Option<JournalMode>) -> (usize, usize
                     } else {
                         MemberState::Failed
                     },
+                    write_mostly: false,
                 })
                 .collect(),
             chunk,

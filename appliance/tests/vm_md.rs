@@ -33,6 +33,7 @@ fn volume(paths: &[PathBuf], layout: Layout, chunk: u32) -> Raid5Device {
         .map(|p| Member {
             dev: Arc::new(FileDevice::open(p, 4096).unwrap()) as Arc<dyn BlockDevice>,
             state: MemberState::InSync,
+            write_mostly: false,
         })
         .collect();
     Raid5Device::new(
@@ -151,6 +152,7 @@ fn md_and_the_appliance_share_raid1() {
             .map(|p| Member {
                 dev: Arc::new(FileDevice::open(p, 4096).unwrap()) as Arc<dyn BlockDevice>,
                 state: MemberState::InSync,
+                write_mostly: false,
             })
             .collect();
         Raid1Device::new("mirror", members, 0, FailureSink::none()).unwrap()

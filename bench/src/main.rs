@@ -510,6 +510,7 @@ fn raid(
             mk(i).map(|dev| Member {
                 dev,
                 state: MemberState::InSync,
+                write_mostly: false,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -637,6 +638,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
                 .map(|d| Member {
                     dev: d.clone(),
                     state: MemberState::InSync,
+                    write_mostly: false,
                 })
                 .collect(),
             64 << 10,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bdev::{BlockDevice, IoOp};
 
 use super::geometry::Layout;
-use super::members::{FailureSink, Member, MemberState};
+use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
 use super::monitor::RaidDevice;
 use super::raid1::Raid1Device;
 use super::raid5::Raid5Device;
@@ -108,7 +108,12 @@ impl VolumeMeta {
         self.template.events += 1;
         self.template.clean = clean;
         let states = device.member_states();
-        self.template.slot_states = states.iter().map(|&s| s.code()).collect();
+        self.template.slot_states = device
+            .member_set()
+            .members
+            .iter()
+            .map(|m| m.code())
+            .collect();
         for (slot, (dev, state)) in members.iter().zip(&states).enumerate() {
             if *state == MemberState::Failed {
                 continue;
@@ -164,10 +169,7 @@ pub fn create(
     let members: Vec<Member> = spec
         .members
         .iter()
-        .map(|d| Member {
-            dev: d.clone(),
-            state: MemberState::InSync,
-        })
+        .map(|d| Member::new(d.clone(), MemberState::InSync))
         .collect();
     let device = build(spec, members, failures)?;
     let data_blocks = spec
@@ -330,24 +332,25 @@ pub fn assemble(
         }
         let members: Vec<Member> = (0..n)
             .map(|slot| {
-                let in_sync = auth.slot_states.get(slot) == Some(&MemberState::InSync.code());
-                match (&slots[slot], in_sync) {
-                    (Some(dev), true) => Member {
-                        dev: dev.clone(),
-                        state: MemberState::InSync,
-                    },
+                let code = auth.slot_states.get(slot).copied().unwrap_or(0);
+                let in_sync = code & !WRITE_MOSTLY == MemberState::InSync.code();
+                let mut m = match (&slots[slot], in_sync) {
+                    (Some(dev), true) => Member::new(dev.clone(), MemberState::InSync),
                     // Missing, stale, failed or only partly rebuilt: not
                     // trusted. A placeholder keeps the slot.
-                    (dev, _) => Member {
-                        dev: dev.clone().unwrap_or_else(|| placeholder(&found)),
-                        state: MemberState::Failed,
-                    },
-                }
+                    (dev, _) => Member::new(
+                        dev.clone().unwrap_or_else(|| placeholder(&found)),
+                        MemberState::Failed,
+                    ),
+                };
+                m.write_mostly = code & WRITE_MOSTLY != 0;
+                m
             })
             .collect();
         // A member that was being rebuilt resumes from its checkpoint.
         let resume = (0..n).find(|&slot| {
-            auth.slot_states.get(slot) == Some(&MemberState::Rebuilding.code())
+            auth.slot_states.get(slot).map(|c| c & !WRITE_MOSTLY)
+                == Some(MemberState::Rebuilding.code())
                 && slots[slot].is_some()
         });
         let missing = members

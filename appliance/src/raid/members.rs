@@ -29,6 +29,7 @@ pub enum MemberState {
 
 impl MemberState {
     /// How the superblock records it.
+    /// Its code in superblocks (bit 7 of a slot's byte is write-mostly).
     pub fn code(self) -> u8 {
         match self {
             MemberState::InSync => 0,
@@ -45,6 +46,28 @@ pub struct Member {
     pub dev: Arc<dyn BlockDevice>,
     /// Its state in this generation.
     pub state: MemberState,
+    /// Read only when no other in-sync member can serve (md's
+    /// write-mostly): a slow or remote mirror still gets every write.
+    pub write_mostly: bool,
+}
+
+/// Bit of a superblock slot byte that marks a write-mostly member.
+pub const WRITE_MOSTLY: u8 = 0x80;
+
+impl Member {
+    /// A member with no flags.
+    pub fn new(dev: Arc<dyn BlockDevice>, state: MemberState) -> Member {
+        Member {
+            dev,
+            state,
+            write_mostly: false,
+        }
+    }
+
+    /// Its byte in superblocks: state code and flags.
+    pub fn code(&self) -> u8 {
+        self.state.code() | if self.write_mostly { WRITE_MOSTLY } else { 0 }
+    }
 }
 
 /// Identity of a member device (its allocation), for telling a report
@@ -182,6 +205,23 @@ impl MemberSet {
         self.members.iter().map(|m| m.state).collect()
     }
 
+    /// The next generation with `slot` write-mostly (or not).
+    pub fn with_write_mostly(
+        &self,
+        name: &str,
+        slot: usize,
+        on: bool,
+    ) -> Result<MemberSet, BdevError> {
+        if slot >= self.members.len() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: no member in slot {slot}"
+            )));
+        }
+        let mut members = (*self.members).clone();
+        members[slot].write_mostly = on;
+        Ok(self.next(members, self.rebuilding.clone()))
+    }
+
     /// The next generation with `slot` failed (a rebuild onto it stops).
     pub fn failed(&self, name: &str, slot: usize) -> Result<MemberSet, BdevError> {
         if slot >= self.members.len() {
@@ -223,10 +263,7 @@ impl MemberSet {
             )));
         }
         let mut members = (*self.members).clone();
-        members[slot] = Member {
-            dev,
-            state: MemberState::Rebuilding,
-        };
+        members[slot] = Member::new(dev, MemberState::Rebuilding);
         Ok(self.next(members, Some((slot, Arc::new(AtomicU64::new(cursor))))))
     }
 

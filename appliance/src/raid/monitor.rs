@@ -185,6 +185,8 @@ pub struct Snapshot {
     pub states: Vec<MemberState>,
     /// Device names by slot.
     pub members: Vec<String>,
+    /// Write-mostly flags by slot.
+    pub write_mostly: Vec<bool>,
     /// Spare device names.
     pub spares: Vec<String>,
     /// Members the level can lose without losing data.
@@ -432,6 +434,35 @@ impl Monitor {
         handle(&self.set, &self.volume, &mut s, ev).map_err(OpError::from)
     }
 
+    /// Mark a mirror member write-mostly (read only when no other in-sync
+    /// member can serve), or clear it. Through the quiesce epoch, and
+    /// recorded in the superblocks.
+    pub fn set_write_mostly(&self, name: &str, on: bool) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.current.parity_geometry().is_some() {
+            return Err(OpError::FailedPrecondition(
+                "write-mostly applies to RAID1 mirrors; a RAID5 reads every member".into(),
+            ));
+        }
+        let devs = s.current.member_devices();
+        let Some(slot) = devs.iter().position(|d| d.info().name == name) else {
+            return Err(OpError::NotFound(name.to_string()));
+        };
+        if s.current.member_set().members[slot].write_mostly == on {
+            return Ok(());
+        }
+        let set = s
+            .current
+            .member_set()
+            .with_write_mostly(&s.current.info().name, slot, on)
+            .map_err(|e| OpError::Internal(e.to_string()))?;
+        let next = s.current.with_member_set(set);
+        publish(&self.volume, &next)?;
+        s.current = next;
+        record_changes(&mut s)?;
+        Ok(())
+    }
+
     /// Start a scrub: count parity mismatches (md's `check`), and with
     /// `repair` rewrite them from the data. Only on a healthy volume.
     pub fn scrub(&self, repair: bool) -> Result<Arc<RebuildProgress>, OpError> {
@@ -646,6 +677,13 @@ impl Monitor {
                 .iter()
                 .map(|d| d.info().name.clone())
                 .collect(),
+            write_mostly: s
+                .current
+                .member_set()
+                .members
+                .iter()
+                .map(|m| m.write_mostly)
+                .collect(),
             spares: s.spares.iter().map(|d| d.info().name.clone()).collect(),
             max_failures: s.current.max_failures(),
             rebuild: s.rebuild.clone(),
@@ -670,15 +708,21 @@ fn handle(
 ) -> Result<(), ChangeError> {
     let res = apply(set, volume, s, ev);
     // Whatever changed is recorded before the next event.
+    record_changes(s)?;
+    res
+}
+
+/// Write the members' superblocks if their states or flags changed.
+fn record_changes(s: &mut MonitorState) -> Result<(), ChangeError> {
     if let Some(meta) = s.meta.as_mut() {
         let cur = s.current.clone();
-        let states: Vec<u8> = cur.member_states().iter().map(|s| s.code()).collect();
-        if states != meta.template.slot_states {
+        let codes: Vec<u8> = cur.member_set().members.iter().map(|m| m.code()).collect();
+        if codes != meta.template.slot_states {
             meta.record(cur.as_ref(), &cur.member_devices(), false)
                 .map_err(|e| e.to_string())?;
         }
     }
-    res
+    Ok(())
 }
 
 fn apply(
@@ -795,6 +839,7 @@ mod tests {
     fn snap(states: Vec<MemberState>, p: Option<Arc<RebuildProgress>>) -> Snapshot {
         Snapshot {
             members: states.iter().map(|_| String::new()).collect(),
+            write_mostly: states.iter().map(|_| false).collect(),
             states,
             spares: vec![],
             max_failures: 1,

@@ -140,6 +140,7 @@ impl BlockDevice for Raid1Device {
             data_offset: self.data_offset,
             outstanding: vec![0; chans.len()],
             failed: chans.iter().map(|c| c.is_none()).collect(),
+            write_mostly: self.set.members.iter().map(|m| m.write_mostly).collect(),
             members: chans,
             parents: Vec::new(),
             free: Vec::new(),
@@ -185,6 +186,8 @@ struct Raid1Channel {
     /// Members this channel stopped using; still polled until their
     /// requests in flight come back.
     failed: Vec<bool>,
+    /// Members read only when no other can serve.
+    write_mostly: Vec<bool>,
     outstanding: Vec<usize>,
     parents: Vec<Option<Parent>>,
     free: Vec<usize>,
@@ -202,11 +205,11 @@ impl Raid1Channel {
     }
 
     /// The in-sync member with the fewest requests outstanding, not yet
-    /// tried by this read.
+    /// tried by this read; write-mostly members only when no other is left.
     fn pick_reader(&self, tried: u64) -> Option<usize> {
         (0..self.members.len())
             .filter(|&m| !self.failed[m] && Some(m) != self.rebuild_target && tried & (1 << m) == 0)
-            .min_by_key(|&m| self.outstanding[m])
+            .min_by_key(|&m| (self.write_mostly[m], self.outstanding[m]))
     }
 
     fn child(&self, p: &Parent) -> IoRequest {

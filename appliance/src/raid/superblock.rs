@@ -196,7 +196,8 @@ impl Superblock {
         let mut member_uuid = [0u8; 16];
         member_uuid.copy_from_slice(&b[32..48]);
         let slot_states = b[192..192 + members as usize].to_vec();
-        if let Some(&bad) = slot_states.iter().find(|&&s| s > 2) {
+        // A state code (0..=2), and bit 7 for write-mostly.
+        if let Some(&bad) = slot_states.iter().find(|&&s| s & 0x7f > 2) {
             return Err(invalid("slot_states", bad as u64));
         }
         Ok(Superblock {

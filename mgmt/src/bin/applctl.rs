@@ -177,6 +177,19 @@ enum VolumeCmd {
         /// MiB per second.
         mib_per_sec: u64,
     },
+    /// Mark a RAID1 member write-mostly: it gets every write but is read
+    /// only when no other in-sync member can serve (a slow or remote mirror).
+    ///
+    /// Example: applctl volume write-mostly mirror0 slowdisk      (--off to clear)
+    WriteMostly {
+        /// The volume.
+        name: String,
+        /// The member device.
+        device: String,
+        /// Clear the mark instead.
+        #[arg(long)]
+        off: bool,
+    },
     /// Switch the journal between write-through and write-back, online
     /// (to write-through, the cache drains to the members first).
     JournalMode {
@@ -472,6 +485,14 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             })
             .await?
         }
+        VolumeCmd::WriteMostly { name, device, off } => {
+            c.set_write_mostly(pb::SetWriteMostlyRequest {
+                volume: name,
+                device,
+                enabled: !off,
+            })
+            .await?
+        }
         VolumeCmd::JournalMode { name, mode } => {
             c.set_journal_mode(pb::SetJournalModeRequest { volume: name, mode })
                 .await?
@@ -725,7 +746,14 @@ fn describe(v: &pb::Volume) -> String {
         &["  SLOT", "DEVICE", "STATE"],
         v.members
             .iter()
-            .map(|m| vec![format!("  {}", m.slot), m.device.clone(), m.state.clone()])
+            .map(|m| {
+                let state = if m.write_mostly {
+                    format!("{} (write-mostly)", m.state)
+                } else {
+                    m.state.clone()
+                };
+                vec![format!("  {}", m.slot), m.device.clone(), state]
+            })
             .collect(),
     );
     if !v.spares.is_empty() {
