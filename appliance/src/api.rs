@@ -335,6 +335,27 @@ impl pb::appliance_server::Appliance for Service {
         .await
     }
 
+    async fn add_journal(
+        &self,
+        req: Request<pb::AddJournalRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| {
+            m.add_journal(&r.volume, &r.device, &r.mode)
+                .map(volume_to_pb)
+        })
+        .await
+    }
+
+    async fn remove_journal(
+        &self,
+        req: Request<pb::RemoveJournalRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.remove_journal(&r.volume).map(volume_to_pb))
+            .await
+    }
+
     async fn set_write_mostly(
         &self,
         req: Request<pb::SetWriteMostlyRequest>,

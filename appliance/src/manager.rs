@@ -1241,6 +1241,102 @@ impl Manager {
         Ok(Self::view(&s, volume))
     }
 
+    /// Give a RAID5 volume a journal online: `device` is formatted as its
+    /// log and every write from then on goes through it (`mode`:
+    /// write-through by default, or write-back).
+    pub fn add_journal(
+        &self,
+        volume: &str,
+        device: &str,
+        mode: &str,
+    ) -> Result<VolumeView, MgmtError> {
+        check_name("device", device)?;
+        let mode = if mode.is_empty() {
+            crate::raid::journal::JournalMode::WriteThrough
+        } else {
+            crate::raid::journal::JournalMode::parse(mode).map_err(|e| invalid("mode", e))?
+        };
+        let mut s = self.lock_for_change()?;
+        let v = s.volume(volume)?;
+        if let Some(j) = v
+            .decl
+            .journal
+            .as_deref()
+            .filter(|_| v.checkpointer.is_some())
+        {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} already has a journal ({j})"
+            )));
+        }
+        let mut decl = v.decl.clone();
+        decl.journal = Some(device.to_string());
+        decl.journal_mode = mode.name().to_string();
+        let level = v.level;
+        let Some(jdev) = Self::check_journal(&s, &decl, level)? else {
+            return Err(invalid("device", "is empty"));
+        };
+        let monitor = Self::monitor(&s, volume)?;
+        let j = crate::raid::journal::Journal::format_with(jdev, mode).map_err(|e| {
+            MgmtError::Internal(format!("volume {volume}: formatting journal {device}: {e}"))
+        })?;
+        monitor
+            .set_journal(Some(j.clone()))
+            .map_err(|e| from_op(volume, e))?;
+        let v = s
+            .volumes
+            .get_mut(volume)
+            .ok_or_else(|| MgmtError::NotFound(format!("volume {volume} does not exist")))?;
+        v.checkpointer = Some(crate::raid::journal::Checkpointer::start(
+            j,
+            v.volume.clone(),
+        ));
+        v.decl = decl;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Take a RAID5 volume's journal away online. A write-back cache drains
+    /// to the members first; the journal's device is free afterwards.
+    pub fn remove_journal(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        let mut s = self.lock_for_change()?;
+        let v = s.volume(volume)?;
+        let Some(c) = v.checkpointer.as_ref() else {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no journal"
+            )));
+        };
+        let j = c.journal().clone();
+        if j.mode() == crate::raid::journal::JournalMode::WriteBack {
+            j.set_mode(
+                crate::raid::journal::JournalMode::WriteThrough,
+                &v.volume,
+                Duration::from_secs(30),
+            )
+            .map_err(|e| {
+                MgmtError::DeadlineExceeded(format!("volume {volume}: draining the journal: {e}"))
+            })?;
+        }
+        let cached = j.cache().len();
+        if cached > 0 {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume}: {cached} acknowledged blocks are still only in the journal's cache; retry once they have drained"
+            )));
+        }
+        Self::monitor(&s, volume)?
+            .set_journal(None)
+            .map_err(|e| from_op(volume, e))?;
+        let v = s
+            .volumes
+            .get_mut(volume)
+            .ok_or_else(|| MgmtError::NotFound(format!("volume {volume} does not exist")))?;
+        // Nothing reaches the journal any more: stop its checkpointer.
+        v.checkpointer = None;
+        v.decl.journal = None;
+        v.decl.journal_mode = String::new();
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
     /// Switch a volume's journal mode online (see `Journal::set_mode`).
     pub fn set_journal_mode(&self, volume: &str, mode: &str) -> Result<VolumeView, MgmtError> {
         if mode.is_empty() {

@@ -1297,3 +1297,130 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     assert!(saved.contains("journal = \"d3\""), "{saved}");
     assert!(saved.contains("journal_mode = \"write-back\""), "{saved}");
 }
+
+#[test]
+fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    for i in 0..3 {
+        let spec = format!(
+            "file:{}:16M",
+            dir.path().join(format!("d{i}.img")).display()
+        );
+        call!(d, c, attach_device, attach(&format!("d{i}"), &spec)).unwrap();
+    }
+    let jspec = format!("file:{}:16M", dir.path().join("j.img").display());
+    call!(d, c, attach_device, attach("j", &jspec)).unwrap();
+    call!(d, c, attach_device, attach("m0", "ram:8M")).unwrap();
+    call!(d, c, attach_device, attach("m1", "ram:8M")).unwrap();
+    call!(d, c, create_volume, raid5("v", &["d0", "d1", "d2"], &[])).unwrap();
+    let mirror = pb::CreateVolumeRequest {
+        name: "mirror".into(),
+        level: pb::Level::Raid1 as i32,
+        members: vec!["m0".into(), "m1".into()],
+        ..Default::default()
+    };
+    call!(d, c, create_volume, mirror).unwrap();
+    let sock = dir.path().join("v.sock");
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "v".into(),
+            volume: "v".into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 1, 0);
+    let add = |volume: &str, device: &str, mode: &str| pb::AddJournalRequest {
+        volume: volume.into(),
+        device: device.into(),
+        mode: mode.into(),
+    };
+    let remove = |volume: &str| pb::RemoveJournalRequest {
+        volume: volume.into(),
+    };
+    for (req, code) in [
+        (add("v", "nope", ""), Code::NotFound),
+        (add("nope", "j", ""), Code::NotFound),
+        (add("v", "d1", ""), Code::InvalidArgument),
+        (add("v", "j", "sideways"), Code::InvalidArgument),
+        (add("mirror", "j", ""), Code::InvalidArgument),
+        (add("v", "", ""), Code::InvalidArgument),
+    ] {
+        let e = call!(d, c, add_journal, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let e = call!(d, c, remove_journal, remove("v")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "no journal yet: {e:?}");
+
+    // Added online, write-back: writes are acknowledged from the journal.
+    let v = call!(d, c, add_journal, add("v", "j", "write-back")).unwrap();
+    assert_eq!(
+        (v.journal.as_str(), v.journal_mode.as_str()),
+        ("j", "write-back")
+    );
+    let e = call!(d, c, add_journal, add("v", "j", "")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "already has one: {e:?}");
+    for i in 0..4u64 {
+        write_pattern(&mut disk, 10 + i, (i + 1) << 20);
+    }
+    let v = volume(&d, &mut c, "v");
+    assert!(
+        v.journal_cached_blocks > 0,
+        "writes sit in the write-back cache: {v:?}"
+    );
+    let e = call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "j".into() }
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.0,
+        Code::FailedPrecondition,
+        "the journal is in use: {e:?}"
+    );
+
+    // Removed online: the cache drains to the members, then the device is free.
+    let v = call!(d, c, remove_journal, remove("v")).unwrap();
+    assert_eq!((v.journal.as_str(), v.journal_cached_blocks), ("", 0));
+    check_pattern(&mut disk, 1, 0);
+    for i in 0..4u64 {
+        check_pattern(&mut disk, 10 + i, (i + 1) << 20);
+    }
+    write_pattern(&mut disk, 20, 6 << 20);
+    drop(disk);
+    call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "j".into() }
+    )
+    .unwrap();
+    drop(c);
+    d.stop();
+
+    // After a restart the volume comes back without a journal and with
+    // everything written.
+    let d = Daemon::start(dir.path(), Some(state), None);
+    let mut c = d.client();
+    let v = volume(&d, &mut c, "v");
+    assert_eq!((v.journal.as_str(), v.state.as_str()), ("", "optimal"));
+    let mut disk = Disk::connect(&sock).unwrap();
+    check_pattern(&mut disk, 1, 0);
+    for i in 0..4u64 {
+        check_pattern(&mut disk, 10 + i, (i + 1) << 20);
+    }
+    check_pattern(&mut disk, 20, 6 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+}

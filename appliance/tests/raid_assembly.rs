@@ -348,7 +348,7 @@ fn an_interrupted_rebuild_resumes_from_its_checkpoint_after_a_restart() {
     monitor.open(true).unwrap();
     // Fail member 1 by hand; the spare takes the slot and the rebuild
     // starts, throttled so the restart catches it half-way.
-    monitor.fail_member("fault(m1)").unwrap();
+    monitor.fail_member("m1").unwrap();
     let p = monitor.rebuild().expect("rebuild started");
     p.max_bytes_per_sec
         .store(2 << 20, std::sync::atomic::Ordering::SeqCst);

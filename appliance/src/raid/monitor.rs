@@ -43,6 +43,10 @@ pub trait RaidDevice: BlockDevice {
     fn journal(&self) -> Option<Arc<super::journal::Journal>> {
         None
     }
+    /// The same device without its journal, if the level has one.
+    fn without_journal(&self) -> Option<Arc<dyn RaidDevice>> {
+        None
+    }
 
     /// Member states in slot order.
     fn member_states(&self) -> Vec<MemberState> {
@@ -432,6 +436,24 @@ impl Monitor {
             error: bdev::IoError::DeviceFailed,
         });
         handle(&self.set, &self.volume, &mut s, ev).map_err(OpError::from)
+    }
+
+    /// Give the volume a journal, or take it away, through the quiesce
+    /// epoch: once this returns, every write goes through the new one (or
+    /// straight to the members), and nothing is in flight through the old.
+    pub fn set_journal(
+        &self,
+        journal: Option<Arc<super::journal::Journal>>,
+    ) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let next = match journal {
+            Some(j) => s.current.with_journal(j),
+            None => s.current.without_journal(),
+        }
+        .ok_or_else(|| OpError::FailedPrecondition("only a RAID5 volume has a journal".into()))?;
+        publish(&self.volume, &next)?;
+        s.current = next;
+        Ok(())
     }
 
     /// Mark a mirror member write-mostly (read only when no other in-sync

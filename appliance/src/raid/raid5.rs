@@ -215,6 +215,15 @@ impl RaidDevice for Raid5Device {
     fn journal(&self) -> Option<Arc<Journal>> {
         self.journal.clone()
     }
+
+    fn without_journal(&self) -> Option<Arc<dyn RaidDevice>> {
+        Some(Arc::new(Raid5Device {
+            info: self.info.clone(),
+            geo: self.geo,
+            set: self.set.clone(),
+            journal: None,
+        }))
+    }
 }
 
 impl BlockDevice for Raid5Device {

@@ -190,6 +190,24 @@ enum VolumeCmd {
         #[arg(long)]
         off: bool,
     },
+    /// Give a RAID5 volume a write journal online (the device is formatted).
+    ///
+    /// Example: applctl volume add-journal vol0 nvlog --mode write-back
+    AddJournal {
+        /// The volume.
+        name: String,
+        /// The journal device.
+        device: String,
+        /// write-through (default) or write-back.
+        #[arg(long, default_value = "")]
+        mode: String,
+    },
+    /// Take a RAID5 volume's journal away online (a write-back cache drains
+    /// to the members first).
+    RemoveJournal {
+        /// The volume.
+        name: String,
+    },
     /// Switch the journal between write-through and write-back, online
     /// (to write-through, the cache drains to the members first).
     JournalMode {
@@ -492,6 +510,18 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 enabled: !off,
             })
             .await?
+        }
+        VolumeCmd::AddJournal { name, device, mode } => {
+            c.add_journal(pb::AddJournalRequest {
+                volume: name,
+                device,
+                mode,
+            })
+            .await?
+        }
+        VolumeCmd::RemoveJournal { name } => {
+            c.remove_journal(pb::RemoveJournalRequest { volume: name })
+                .await?
         }
         VolumeCmd::JournalMode { name, mode } => {
             c.set_journal_mode(pb::SetJournalModeRequest { volume: name, mode })
