@@ -92,6 +92,24 @@ fn attach(name: &str, spec: &str) -> pb::AttachDeviceRequest {
     }
 }
 
+/// Attach files PREFIXi.img (created with `size`) as devices PREFIXi.
+fn attach_files(
+    d: &Daemon,
+    c: &mut Client,
+    dir: &Path,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    size: &str,
+) {
+    for i in range {
+        let spec = format!(
+            "file:{}:{size}",
+            dir.join(format!("{prefix}{i}.img")).display()
+        );
+        call!(d, c, attach_device, attach(&format!("{prefix}{i}"), &spec)).unwrap();
+    }
+}
+
 fn raid5(name: &str, members: &[&str], spares: &[&str]) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {
         name: name.into(),
@@ -614,13 +632,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
     let sock = dir.path().join("vm.sock");
     let d = Daemon::start(dir.path(), Some(state.clone()), None);
     let mut c = d.client();
-    for i in 0..4 {
-        let spec = format!(
-            "file:{}:32M",
-            dir.path().join(format!("m{i}.img")).display()
-        );
-        call!(d, c, attach_device, attach(&format!("m{i}"), &spec)).unwrap();
-    }
+    attach_files(&d, &mut c, dir.path(), "m", 0..4, "32M");
     call!(
         d,
         c,
@@ -656,13 +668,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
     };
     call!(d, c, set_rebuild_rate, rate).unwrap();
     // A mirror with a write-mostly member; the mark lives in its superblocks.
-    for i in 4..6 {
-        let spec = format!(
-            "file:{}:16M",
-            dir.path().join(format!("m{i}.img")).display()
-        );
-        call!(d, c, attach_device, attach(&format!("m{i}"), &spec)).unwrap();
-    }
+    attach_files(&d, &mut c, dir.path(), "m", 4..6, "16M");
     let mirror = pb::CreateVolumeRequest {
         name: "mirror".into(),
         level: pb::Level::Raid1 as i32,
@@ -1063,13 +1069,7 @@ fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
     let state = dir.path().join("state.toml");
     let d = Daemon::start(dir.path(), Some(state.clone()), None);
     let mut c = d.client();
-    for i in 0..3 {
-        let spec = format!(
-            "file:{}:16M",
-            dir.path().join(format!("m{i}.img")).display()
-        );
-        call!(d, c, attach_device, attach(&format!("m{i}"), &spec)).unwrap();
-    }
+    attach_files(&d, &mut c, dir.path(), "m", 0..3, "16M");
     let sock = dir.path().join("vm.sock");
     call!(d, c, create_volume, raid5("data", &["m0", "m1", "m2"], &[])).unwrap();
     call!(
@@ -1156,13 +1156,7 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     let state = dir.path().join("state.toml");
     let d = Daemon::start(dir.path(), Some(state.clone()), None);
     let mut c = d.client();
-    for i in 0..5 {
-        let spec = format!(
-            "file:{}:16M",
-            dir.path().join(format!("d{i}.img")).display()
-        );
-        call!(d, c, attach_device, attach(&format!("d{i}"), &spec)).unwrap();
-    }
+    attach_files(&d, &mut c, dir.path(), "d", 0..5, "16M");
     call!(d, c, attach_device, attach("tiny", "ram:1M")).unwrap();
     let with_journal = |journal: &str| pb::CreateVolumeRequest {
         journal: journal.into(),
@@ -1304,13 +1298,7 @@ fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
     let state = dir.path().join("state.toml");
     let d = Daemon::start(dir.path(), Some(state.clone()), None);
     let mut c = d.client();
-    for i in 0..3 {
-        let spec = format!(
-            "file:{}:16M",
-            dir.path().join(format!("d{i}.img")).display()
-        );
-        call!(d, c, attach_device, attach(&format!("d{i}"), &spec)).unwrap();
-    }
+    attach_files(&d, &mut c, dir.path(), "d", 0..3, "16M");
     let jspec = format!("file:{}:16M", dir.path().join("j.img").display());
     call!(d, c, attach_device, attach("j", &jspec)).unwrap();
     call!(d, c, attach_device, attach("m0", "ram:8M")).unwrap();
