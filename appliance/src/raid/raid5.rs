@@ -260,6 +260,8 @@ impl BlockDevice for Raid5Device {
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
             jbufs: Vec::new(),
+            fast: Vec::new(),
+            free_fast: Vec::new(),
             reclaiming: 0,
             bufpool: Vec::new(),
         }))
@@ -385,7 +387,13 @@ struct Raid5Channel {
     reclaiming: usize,
     /// Window buffers to reuse.
     bufpool: Vec<Vec<u8>>,
+    /// Reads sent straight to one member (see `read_fast`), by slot.
+    fast: Vec<Option<IoRequest>>,
+    free_fast: Vec<usize>,
 }
+
+/// Child tag bit of a read sent by `read_fast`.
+const FAST: u64 = 1 << 63;
 
 /// A piece's `jphase` once its journal IO failed.
 const JOURNAL_FAILED: u8 = 3;
@@ -580,6 +588,80 @@ impl Raid5Channel {
 
     fn cache(&self) -> Option<&super::cache::WriteCache> {
         self.journal.as_ref().map(|j| j.cache())
+    }
+
+    /// The common read: inside one chunk of a stripe whose member is up
+    /// and which the write-back cache does not hold. It goes to that member
+    /// as it is, with no parent or piece; the request is kept to go the
+    /// long way if the member fails it. Hands the request back otherwise.
+    fn read_fast(&mut self, req: IoRequest) -> Result<(), IoRequest> {
+        if req.op != IoOp::Read || !self.deferred.is_empty() {
+            return Err(req);
+        }
+        let chunk = self.geo.chunk_blocks();
+        let stripe_blocks = self.geo.stripe_blocks();
+        let stripe = req.offset_blocks / stripe_blocks;
+        let within = req.offset_blocks % stripe_blocks;
+        let i = within / chunk;
+        if (within + req.num_blocks - 1) / chunk != i {
+            return Err(req);
+        }
+        let m = self.geo.data_member(stripe, i as u32) as usize;
+        if self.down(m, stripe) || self.cache().is_some_and(|c| c.has_stripe(stripe)) {
+            return Err(req);
+        }
+        let slot = match self.free_fast.pop() {
+            Some(k) => k,
+            None => {
+                self.fast.push(None);
+                self.fast.len() - 1
+            }
+        };
+        let child = IoRequest {
+            op: IoOp::Read,
+            offset_blocks: self.geo.member_block(stripe, within % chunk),
+            num_blocks: req.num_blocks,
+            sg: req.sg.clone(),
+            tag: FAST | (slot as u64) << MEMBER_BITS | m as u64,
+        };
+        let Some(ch) = self.members[m].as_mut() else {
+            self.free_fast.push(slot);
+            return Err(req);
+        };
+        match ch.submit(child) {
+            Ok(()) => {
+                self.fast[slot] = Some(req);
+                Ok(())
+            }
+            Err(SubmitError::Busy(_)) => {
+                self.free_fast.push(slot);
+                Err(req)
+            }
+        }
+    }
+
+    /// A `read_fast` child came back: complete the request, or, if the
+    /// member failed it, report the member and serve the request the long
+    /// way (reconstructing from the others).
+    fn on_fast(&mut self, c: Completion) {
+        let slot = ((c.tag & !FAST) >> MEMBER_BITS) as usize;
+        let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        let Some(req) = self.fast.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free_fast.push(slot);
+        match c.result {
+            Ok(()) => self.done.push(Completion {
+                tag: req.tag,
+                result: Ok(()),
+            }),
+            Err(e) => {
+                if m < self.failed.len() {
+                    self.fail_member(m, e);
+                }
+                self.plan_request(req);
+            }
+        }
     }
 
     fn read_direct(&mut self, pi: usize) {
@@ -1348,6 +1430,9 @@ impl Raid5Channel {
     }
 
     fn on_child(&mut self, c: Completion) {
+        if c.tag & FAST != 0 {
+            return self.on_fast(c);
+        }
         let pi = (c.tag >> MEMBER_BITS) as usize;
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
         if let Err(e) = c.result {
@@ -1402,6 +1487,27 @@ impl IoChannel for Raid5Channel {
             });
             return Ok(());
         }
+        match self.read_fast(req) {
+            Ok(()) => Ok(()),
+            Err(req) => {
+                self.plan_request(req);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.poll_children(out)
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight
+    }
+}
+
+impl Raid5Channel {
+    /// Split a request into stripe pieces and start them (the long way).
+    fn plan_request(&mut self, req: IoRequest) {
         let parent = Parent {
             tag: req.tag,
             lba0: req.offset_blocks,
@@ -1433,11 +1539,12 @@ impl IoChannel for Raid5Channel {
                     tag: req.tag,
                     result: Err(IoError::Unsupported(op)),
                 });
-                return Ok(());
+                return;
             }
         };
         let new_piece = |parent, stripe, b0, b1| Self::new_piece(parent, kind, stripe, b0, b1);
-        let mut pieces = Vec::new();
+        // Most requests are one or two stripes: no allocation per IO.
+        let mut pieces: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         if kind == Kind::Flush {
             pieces.push(self.alloc_piece(new_piece(pa, 0, 0, 0)));
         } else {
@@ -1470,10 +1577,9 @@ impl IoChannel for Raid5Channel {
         for pi in pieces {
             self.start(pi);
         }
-        Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+    fn poll_children(&mut self, out: &mut Vec<Completion>) -> usize {
         // Pieces waiting for a stripe lock, in arrival order.
         for _ in 0..self.waiting.len() {
             let Some(pi) = self.waiting.pop_front() else {
@@ -1564,9 +1670,5 @@ impl IoChannel for Raid5Channel {
         self.inflight -= n;
         out.append(&mut self.done);
         n
-    }
-
-    fn inflight(&self) -> usize {
-        self.inflight
     }
 }
