@@ -168,6 +168,12 @@ impl Controller {
                 cap.mps_min()
             )));
         }
+        if cap.mqes() < 2 {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{name}: CAP.MQES allows queues of {} entries; at least 2 are needed",
+                cap.mqes()
+            )));
+        }
         let stride = cap.doorbell_stride();
         let max_qid = opts.max_io_queues as usize;
         if spec::cq_doorbell(max_qid as u16, stride) + 4 > bar.len() {
@@ -206,7 +212,7 @@ impl Controller {
         ctrl.identify(admin::CNS_CONTROLLER, 0, &mut page)?;
         ctrl.ident = IdentifyController::parse(&page);
         ctrl.rescan()?;
-        ctrl.io_queues = ctrl.set_queue_count()?;
+        ctrl.io_queues = ctrl.set_queue_count(&mut lock(&ctrl.admin))?;
         *lock(&ctrl.qids) = vec![false; ctrl.io_queues as usize + 1];
         tracing::info!(
             controller = %ctrl.name(),
@@ -240,38 +246,40 @@ impl Controller {
         wait_ready(bar, cap, true, name)
     }
 
-    fn set_queue_count(&self) -> Result<u16, NvmeError> {
+    fn set_queue_count(&self, a: &mut Admin) -> Result<u16, NvmeError> {
         let want = self.opts.max_io_queues.max(1) as u32 - 1;
         let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
         sqe.cdw[0] = admin::FEAT_NUM_QUEUES;
         sqe.cdw[1] = want | want << 16;
-        let granted = self.admin(sqe, "Set Features (number of queues)")?;
+        let granted = self.run_admin(a, sqe, "Set Features (number of queues)", None)?;
         let n = (granted & 0xffff).min(granted >> 16).min(want) + 1;
         Ok(n as u16)
     }
 
     /// Run an admin command; its result dword on success.
     pub(crate) fn admin(&self, sqe: Sqe, what: &str) -> Result<u32, NvmeError> {
-        self.admin_with(sqe, what, |_| ())
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
+        self.run_admin(&mut lock(&self.admin), sqe, what, None)
     }
 
-    /// Run an admin command that transfers one page through the admin
-    /// buffer; `with` sees the buffer after the command.
-    fn admin_with(
+    /// Run an admin command on the locked admin queue. With `out`, the
+    /// command transfers one page through the admin buffer (PRP1 points
+    /// there only then: it is reserved in commands without data), and `out`
+    /// gets it afterwards.
+    fn run_admin(
         &self,
+        a: &mut Admin,
         mut sqe: Sqe,
         what: &str,
-        with: impl FnOnce(&[u8; 4096]),
+        out: Option<&mut [u8; 4096]>,
     ) -> Result<u32, NvmeError> {
         let name = self.name();
-        if self.is_failed() {
-            return Err(NvmeError::Failed(name.into(), self.failure()));
-        }
-        let mut a = lock(&self.admin);
         let cid = a.next_cid;
         a.next_cid = a.next_cid.wrapping_add(1);
         sqe.set_cid(cid);
-        if sqe.prp1 == 0 {
+        if out.is_some() {
             sqe.prp1 = a.buf.iova();
         }
         a.q.push(&sqe);
@@ -291,9 +299,11 @@ impl Controller {
                         status,
                     });
                 }
-                // SAFETY: the admin buffer is one page, written by the
-                // controller before it posted the completion.
-                with(unsafe { &*(a.buf.ptr() as *const [u8; 4096]) });
+                if let Some(out) = out {
+                    // SAFETY: the admin buffer is one page, written by the
+                    // controller before it posted the completion.
+                    out.copy_from_slice(unsafe { &*(a.buf.ptr() as *const [u8; 4096]) });
+                }
                 return Ok(cqe.result);
             }
             if self.bar.read32(spec::REG_CSTS) == u32::MAX {
@@ -309,31 +319,49 @@ impl Controller {
     fn identify(&self, cns: u32, nsid: u32, out: &mut [u8; 4096]) -> Result<(), NvmeError> {
         let mut sqe = Sqe::new(admin::IDENTIFY, nsid);
         sqe.cdw[0] = cns;
-        self.admin_with(
-            sqe,
-            &format!("Identify (CNS {cns}, namespace {nsid})"),
-            |b| out.copy_from_slice(b),
-        )?;
+        let what = format!("Identify (CNS {cns}, namespace {nsid})");
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
+        self.run_admin(&mut lock(&self.admin), sqe, &what, Some(out))?;
         Ok(())
     }
 
-    /// Create IO queue pair `qid` on the controller.
-    pub(crate) fn create_io_queue(&self, q: &QueuePair) -> Result<(), NvmeError> {
+    /// Create IO queue pair `qid` on the controller. Returns the reset
+    /// generation it was created in (read under the admin lock, so no reset
+    /// can fall between the two).
+    pub(crate) fn create_io_queue(&self, q: &QueuePair) -> Result<u64, NvmeError> {
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
+        let mut a = lock(&self.admin);
         let size = (q.depth as u32 - 1) << 16 | q.qid as u32;
         let mut cq = Sqe::new(admin::CREATE_CQ, 0);
         cq.prp1 = q.cq_iova();
         cq.cdw[0] = size;
         cq.cdw[1] = 1; // physically contiguous, no interrupts: we poll
-        self.admin(cq, &format!("Create I/O Completion Queue {}", q.qid))?;
+        self.run_admin(
+            &mut a,
+            cq,
+            &format!("Create I/O Completion Queue {}", q.qid),
+            None,
+        )?;
         let mut sq = Sqe::new(admin::CREATE_SQ, 0);
         sq.prp1 = q.sq_iova();
         sq.cdw[0] = size;
         sq.cdw[1] = (q.qid as u32) << 16 | 1;
-        if let Err(e) = self.admin(sq, &format!("Create I/O Submission Queue {}", q.qid)) {
-            let _ = self.delete_cq(q.qid);
+        if let Err(e) = self.run_admin(
+            &mut a,
+            sq,
+            &format!("Create I/O Submission Queue {}", q.qid),
+            None,
+        ) {
+            let mut del = Sqe::new(admin::DELETE_CQ, 0);
+            del.cdw[0] = q.qid as u32;
+            let _ = self.run_admin(&mut a, del, "Delete I/O Completion Queue", None);
             return Err(e);
         }
-        Ok(())
+        Ok(self.generation.load(Ordering::Acquire))
     }
 
     fn delete_cq(&self, qid: u16) -> Result<u32, NvmeError> {
@@ -361,48 +389,84 @@ impl Controller {
     }
 
     /// Reset the controller (disable, enable, admin queue, queue count) and
-    /// bump the generation so every channel recreates its queue. Marks the
-    /// controller failed when that does not work.
-    pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
+    /// then bump the generation, so every channel recreates its queue on
+    /// the reset controller. All of it under the admin lock: no channel
+    /// creates a queue before the queue count is set again (QEMU refuses
+    /// Set Features after that), nor touches its rings while the old
+    /// controller may still write them. `seen` is the generation the caller
+    /// observed: if another channel reset since, this one does not reset
+    /// again (its hang is gone with that reset). Marks the controller failed
+    /// when the reset does not work.
+    pub(crate) fn reset(&self, why: &str, seen: u64) -> Result<(), NvmeError> {
         let name = self.name().to_string();
+        let mut a = lock(&self.admin);
+        if self.generation.load(Ordering::Acquire) != seen {
+            return Ok(());
+        }
+        if self.is_failed() {
+            return Err(NvmeError::Failed(name, self.failure()));
+        }
         let n = self.fruitless_resets.fetch_add(1, Ordering::AcqRel) + 1;
-        if n > MAX_FRUITLESS_RESETS {
-            let why = format!(
-                "{why}, after {MAX_FRUITLESS_RESETS} resets with no IO completed in between"
-            );
-            self.fail(&why);
-            return Err(NvmeError::Failed(name, why));
-        }
-        tracing::warn!(controller = %name, reason = why, "resetting NVMe controller");
-        let result = {
-            let mut a = lock(&self.admin);
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            Self::enable(&self.bar, self.cap, &mut a, &name)
-        }
-        .and_then(|()| {
-            let n = self.set_queue_count()?;
-            if n < self.io_queues {
-                return Err(NvmeError::Failed(
-                    name.clone(),
-                    format!(
-                        "after reset it grants {n} IO queues, was {}",
-                        self.io_queues
-                    ),
-                ));
+        let result = if n > MAX_FRUITLESS_RESETS {
+            Err(NvmeError::Failed(
+                name.clone(),
+                format!(
+                    "{why}, after {MAX_FRUITLESS_RESETS} resets with no IO completed in between"
+                ),
+            ))
+        } else {
+            tracing::warn!(controller = %name, reason = why, "resetting NVMe controller");
+            Self::enable(&self.bar, self.cap, &mut a, &name).and_then(|()| {
+                let n = self.set_queue_count(&mut a)?;
+                if n < self.io_queues {
+                    return Err(NvmeError::Failed(
+                        name.clone(),
+                        format!(
+                            "after reset it grants {n} IO queues, was {}",
+                            self.io_queues
+                        ),
+                    ));
+                }
+                Ok(())
+            })
+        };
+        match result {
+            Ok(()) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                Ok(())
             }
-            Ok(())
-        });
-        if let Err(e) = &result {
-            self.fail(&format!("reset after {why} failed: {e}"));
+            Err(e) => {
+                drop(a);
+                self.fail(&format!("reset after {why} failed: {e}"));
+                Err(e)
+            }
         }
-        result
     }
 
-    /// Mark the controller failed: every IO from now on fails.
+    /// Mark the controller failed: every IO from now on fails. The device
+    /// is disabled first, so it stops using memory that the failed requests
+    /// hand back; if it does not confirm that, its IOMMU mappings of
+    /// registered memory are taken away instead.
     pub(crate) fn fail(&self, why: &str) {
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(controller = %self.name(), reason = why, "NVMe controller failed");
             *lock(&self.failure) = why.to_string();
+            if !self.removed() {
+                self.bar.write32(spec::REG_CC, 0);
+                if wait_ready(&self.bar, self.cap, false, self.transport.name()).is_err() {
+                    let regions = std::mem::take(
+                        &mut *self
+                            .registry
+                            .regions
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                    self.registry.generation.fetch_add(1, Ordering::Release);
+                    for r in regions {
+                        self.transport.unmap(r.iova, r.len);
+                    }
+                }
+            }
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
     }

@@ -23,6 +23,14 @@ use crate::transport::DmaMem;
 const MAX_TRANSFER: usize = 1 << 20;
 /// Bounce pages per channel: one whole request of MAX_TRANSFER.
 const BOUNCE_PAGES: usize = MAX_TRANSFER / PAGE;
+/// Low bits of a command identifier: the slot.
+const CID_SLOT: u16 = 0xfff;
+
+/// The next command identifier for `slot` after `prev`.
+fn next_cid(prev: u16, slot: u16) -> u16 {
+    (prev & !CID_SLOT).wrapping_add(CID_SLOT + 1) | slot
+}
+
 /// `Slot::parent` of a command that is a whole request on its own (the
 /// common case: no parent bookkeeping).
 const ALONE: u32 = u32::MAX;
@@ -142,6 +150,10 @@ struct Slot {
     parent: u32,
     /// The request's tag when the command is the whole request.
     tag: u64,
+    /// The command identifier in flight: the slot in the low 12 bits, a
+    /// count in the top 4, so a late or duplicate completion for an earlier
+    /// use of the slot is told apart and dropped.
+    cid: u16,
     sqe: Sqe,
     started: Instant,
     bounce: Option<Box<Bounce>>,
@@ -187,11 +199,14 @@ impl Channel {
             .queue_depth
             .clamp(2, ctrl.cap.mqes().min(4096) as u16);
         let nslots = depth as usize - 1;
+        // Memory first: a failure after the queue exists on the controller
+        // would leave it there pointing at freed rings.
+        let prp = DmaMem::new(&ctrl.transport, nslots * PAGE)?;
+        let bounce = DmaMem::new(&ctrl.transport, BOUNCE_PAGES * PAGE)?;
         let qid = ctrl.alloc_qid()?;
         let made = (|| {
-            let generation = ctrl.generation.load(Ordering::Acquire);
             let q = QueuePair::new(&ctrl.transport, qid, depth, ctrl.stride)?;
-            ctrl.create_io_queue(&q)?;
+            let generation = ctrl.create_io_queue(&q)?;
             Ok::<_, NvmeError>((q, generation))
         })();
         let (q, generation) = match made {
@@ -215,14 +230,15 @@ impl Channel {
                     busy: false,
                     parent: 0,
                     tag: 0,
+                    cid: 0,
                     sqe: Sqe::default(),
                     started: Instant::now(),
                     bounce: None,
                 })
                 .collect(),
             free_slots: (0..nslots as u16).rev().collect(),
-            prp: DmaMem::new(&ctrl.transport, nslots * PAGE)?,
-            bounce: DmaMem::new(&ctrl.transport, BOUNCE_PAGES * PAGE)?,
+            prp,
+            bounce,
             free_bounce: (0..BOUNCE_PAGES as u16).rev().collect(),
             parents: (0..nslots)
                 .map(|_| Parent {
@@ -395,8 +411,9 @@ impl Channel {
             }
         }
         self.free_slots.pop();
-        sqe.set_cid(slot);
         let s = &mut self.slots[slot as usize];
+        s.cid = next_cid(s.cid, slot);
+        sqe.set_cid(s.cid);
         s.busy = true;
         s.parent = c.parent;
         s.sqe = sqe;
@@ -556,9 +573,14 @@ impl Channel {
     }
 
     fn complete(&mut self, cqe: Cqe) {
-        let cid = cqe.cid() as usize;
-        let Some(slot) = self.slots.get_mut(cid).filter(|s| s.busy) else {
-            tracing::warn!(device = %self.info.name, cid, "completion for a command not in flight; ignored");
+        let cid = (cqe.cid() & CID_SLOT) as usize;
+        let sqid = (cqe.sq >> 16) as u16;
+        let Some(slot) = self
+            .slots
+            .get_mut(cid)
+            .filter(|s| s.busy && s.cid == cqe.cid() && sqid == self.q.qid)
+        else {
+            tracing::warn!(device = %self.info.name, cid = cqe.cid(), sqid, "completion for a command not in flight; ignored");
             return;
         };
         slot.busy = false;
@@ -644,8 +666,9 @@ impl Channel {
             self.prp.iova() + slot as u64 * page
         };
         self.free_slots.pop();
-        sqe.set_cid(slot);
         let s = &mut self.slots[slot as usize];
+        s.cid = next_cid(s.cid, slot);
+        sqe.set_cid(s.cid);
         s.busy = true;
         s.parent = ALONE;
         s.tag = req.tag;
@@ -700,15 +723,20 @@ impl Channel {
             self.fail_all(IoError::DeviceFailed);
             return;
         }
+        // The reset that bumped the generation has finished (it bumps last,
+        // under the admin lock): the controller no longer has this queue.
         self.q.reset();
-        if let Err(e) = self.ctrl.create_io_queue(&self.q) {
-            self.ctrl.fail(&format!(
-                "recreating IO queue {} after reset: {e}",
-                self.q.qid
-            ));
-            self.generation = self.ctrl.generation.load(Ordering::Acquire);
-            self.fail_all(IoError::DeviceFailed);
-            return;
+        match self.ctrl.create_io_queue(&self.q) {
+            Ok(g) => self.generation = g,
+            Err(e) => {
+                self.ctrl.fail(&format!(
+                    "recreating IO queue {} after reset: {e}",
+                    self.q.qid
+                ));
+                self.generation = self.ctrl.generation.load(Ordering::Acquire);
+                self.fail_all(IoError::DeviceFailed);
+                return;
+            }
         }
         self.now = Instant::now();
         let mut any = false;
@@ -726,37 +754,45 @@ impl Channel {
     /// controller does not give it back, reset the controller.
     fn check_timeouts(&mut self) {
         let limit = self.ctrl.opts.io_timeout;
-        let Some(cid) = self
+        let Some(slot) = self
             .slots
             .iter()
             .position(|s| s.busy && self.now.duration_since(s.started) > limit)
         else {
             return;
         };
+        let cid = self.slots[slot].cid;
         let name = self.info.name.clone();
+        let seen = self.generation;
         if self.ctrl.removed() {
             self.ctrl
                 .fail("registers read all ones: the device was removed");
             return self.recover();
         }
         if self.ctrl.fatal() {
-            let _ = self.ctrl.reset("controller fatal status");
+            let _ = self.ctrl.reset("controller fatal status", seen);
             return self.recover();
         }
         tracing::warn!(device = %name, cid, timeout_ms = limit.as_millis() as u64, "NVMe command timed out; aborting it");
-        if let Ok(true) = self.ctrl.abort(self.q.qid, cid as u16) {
-            // The aborted command completes with "abort requested".
+        if let Ok(true) = self.ctrl.abort(self.q.qid, cid) {
+            // The aborted command completes with "abort requested", unless
+            // another channel resets the controller meanwhile.
             let deadline = Instant::now() + self.ctrl.opts.admin_timeout;
-            while self.slots[cid].busy && Instant::now() < deadline {
+            while self.slots[slot].busy
+                && self.slots[slot].cid == cid
+                && Instant::now() < deadline
+                && self.ctrl.generation.load(Ordering::Acquire) == seen
+            {
                 self.reap();
             }
-            if !self.slots[cid].busy {
+            if !self.slots[slot].busy || self.slots[slot].cid != cid {
                 return;
             }
         }
-        let _ = self
-            .ctrl
-            .reset(&format!("command {cid} on queue {} timed out", self.q.qid));
+        let _ = self.ctrl.reset(
+            &format!("command {cid} on queue {} timed out", self.q.qid),
+            seen,
+        );
         self.recover();
     }
 

@@ -546,6 +546,12 @@ impl Device {
                     false => (Status::DATA_TRANSFER, 0),
                 }
             }
+            // As QEMU does: the queue count is fixed once IO queues exist.
+            admin::SET_FEATURES
+                if sqe.cdw[0] & 0xff == admin::FEAT_NUM_QUEUES && self.cqs.len() > 1 =>
+            {
+                (Status::COMMAND_SEQUENCE, 0)
+            }
             admin::SET_FEATURES if sqe.cdw[0] & 0xff == admin::FEAT_NUM_QUEUES => {
                 let n = (max_q as u32 - 1).min(sqe.cdw[1] & 0xffff);
                 (Status::SUCCESS, n | n << 16)

@@ -256,6 +256,8 @@ impl Status {
     pub const ABORT_REQUESTED: Status = Status { sct: 0, sc: 0x07 };
     /// Command aborted due to SQ deletion.
     pub const ABORTED_SQ_DELETION: Status = Status { sct: 0, sc: 0x08 };
+    /// Command sequence error.
+    pub const COMMAND_SEQUENCE: Status = Status { sct: 0, sc: 0x0c };
     /// Invalid namespace or format.
     pub const INVALID_NAMESPACE: Status = Status { sct: 0, sc: 0x0b };
     /// LBA out of range.
@@ -292,6 +294,7 @@ impl std::fmt::Display for Status {
             Status::DATA_TRANSFER => "data transfer error",
             Status::ABORT_REQUESTED => "command abort requested",
             Status::ABORTED_SQ_DELETION => "aborted by queue deletion",
+            Status::COMMAND_SEQUENCE => "command sequence error",
             Status::INVALID_NAMESPACE => "invalid namespace",
             Status::LBA_OUT_OF_RANGE => "LBA out of range",
             Status::INVALID_QID => "invalid queue identifier",

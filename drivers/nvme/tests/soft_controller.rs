@@ -481,3 +481,40 @@ fn a_namespace_attached_after_bring_up_can_be_opened() {
     let mut b = vec![7u8; 512];
     one(ch.as_mut(), rw(IoOp::Write, 2047, 1, &mut b, 1)).expect("write the last block");
 }
+
+#[test]
+fn hangs_seen_by_several_channels_at_once_cost_one_reset() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut chans: Vec<Box<dyn IoChannel>> = (0..3)
+        .map(|_| dev.open_channel().expect("channel"))
+        .collect();
+    // One lost command on each of the three queues.
+    soft.lose_completions(3);
+    let mut bufs: Vec<Vec<u8>> = (0..3).map(|i| vec![i as u8 + 1; 4096]).collect();
+    for (i, (ch, b)) in chans.iter_mut().zip(bufs.iter_mut()).enumerate() {
+        ch.submit(rw(IoOp::Write, i as u64, 1, b, i as u64))
+            .map_err(|_| "busy")
+            .expect("submit");
+    }
+    let mut done = vec![false; 3];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.iter().any(|d| !d) && Instant::now() < deadline {
+        for (i, ch) in chans.iter_mut().enumerate() {
+            let mut out = Vec::new();
+            ch.poll(&mut out);
+            for c in out {
+                assert_eq!(c.result, Ok(()), "write {i} survives the reset");
+                done[i] = true;
+            }
+        }
+    }
+    assert!(done.iter().all(|&d| d), "every write completed");
+    assert_eq!(soft.stats().enables, 2, "one reset served all three queues");
+    assert!(!ctrl.is_failed());
+    for (i, ch) in chans.iter_mut().enumerate() {
+        let mut got = vec![0u8; 4096];
+        one(ch.as_mut(), rw(IoOp::Read, i as u64, 1, &mut got, 10)).expect("read");
+        assert!(got.iter().all(|&x| x == i as u8 + 1));
+    }
+}
