@@ -497,7 +497,7 @@ fn hangs_seen_by_several_channels_at_once_cost_one_reset() {
             .map_err(|_| "busy")
             .expect("submit");
     }
-    let mut done = vec![false; 3];
+    let mut done = [false; 3];
     let deadline = Instant::now() + Duration::from_secs(20);
     while done.iter().any(|d| !d) && Instant::now() < deadline {
         for (i, ch) in chans.iter_mut().enumerate() {
