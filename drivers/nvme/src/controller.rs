@@ -258,10 +258,28 @@ impl Controller {
 
     /// Run an admin command; its result dword on success.
     pub(crate) fn admin(&self, sqe: Sqe, what: &str) -> Result<u32, NvmeError> {
+        self.admin_or_reset(sqe, what, None)
+    }
+
+    /// Run an admin command. One that times out is left behind on the
+    /// admin queue, where it could still complete into the shared buffer
+    /// later, so the controller is reset (as Linux does), which also gives
+    /// the admin queue back whole.
+    fn admin_or_reset(
+        &self,
+        sqe: Sqe,
+        what: &str,
+        out: Option<&mut [u8; 4096]>,
+    ) -> Result<u32, NvmeError> {
         if self.is_failed() {
             return Err(NvmeError::Failed(self.name().into(), self.failure()));
         }
-        self.run_admin(&mut lock(&self.admin), sqe, what, None)
+        let seen = self.generation.load(Ordering::Acquire);
+        let result = self.run_admin(&mut lock(&self.admin), sqe, what, out);
+        if let Err(NvmeError::Timeout(m)) = &result {
+            let _ = self.reset(&format!("admin command timed out ({m})"), seen);
+        }
+        result
     }
 
     /// Run an admin command on the locked admin queue. With `out`, the
@@ -320,10 +338,7 @@ impl Controller {
         let mut sqe = Sqe::new(admin::IDENTIFY, nsid);
         sqe.cdw[0] = cns;
         let what = format!("Identify (CNS {cns}, namespace {nsid})");
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
-        self.run_admin(&mut lock(&self.admin), sqe, &what, Some(out))?;
+        self.admin_or_reset(sqe, &what, Some(out))?;
         Ok(())
     }
 

@@ -80,6 +80,7 @@ struct Faults {
     bad_blocks: HashSet<(u32, u64)>,
     latency: Duration,
     lose: u32,
+    lose_admin: u32,
 }
 
 struct Shared {
@@ -224,6 +225,11 @@ impl SoftController {
     /// Never complete the next `n` IO commands (a hung command).
     pub fn lose_completions(&self, n: u32) {
         lock(&self.shared.faults).lose = n;
+    }
+
+    /// Never complete the next `n` admin commands.
+    pub fn lose_admin_completions(&self, n: u32) {
+        lock(&self.shared.faults).lose_admin = n;
     }
 
     /// Raise controller fatal status; the controller stops until reset.
@@ -446,6 +452,13 @@ impl Device {
     }
 
     fn complete(&mut self, sqid: u16, cqid: u16, cid: u16, status: Status, result: u32) {
+        if sqid == 0 {
+            let mut f = lock(&self.shared.faults);
+            if f.lose_admin > 0 {
+                f.lose_admin -= 1;
+                return;
+            }
+        }
         if sqid != 0 {
             let mut f = lock(&self.shared.faults);
             if f.lose > 0 {

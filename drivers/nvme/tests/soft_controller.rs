@@ -518,3 +518,21 @@ fn hangs_seen_by_several_channels_at_once_cost_one_reset() {
         assert!(got.iter().all(|&x| x == i as u8 + 1));
     }
 }
+
+#[test]
+fn a_lost_admin_command_resets_the_controller_and_io_goes_on() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut data = vec![3u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Write, 5, 1, &mut data, 1)).expect("write");
+    // Looking for namespace 2 rescans: that Identify is lost.
+    soft.lose_admin_completions(1);
+    let err = Namespace::new(&ctrl, 2, "ns2").expect_err("the Identify timed out");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(soft.stats().enables, 2, "the controller was reset");
+    let mut got = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 5, 1, &mut got, 2)).expect("the channel recovered");
+    assert!(got == data);
+    assert!(!ctrl.is_failed());
+}
