@@ -73,6 +73,10 @@ pub struct SoftStats {
     pub aborted: u64,
     /// Largest transfer of one command, in bytes.
     pub largest_transfer: u64,
+    /// Completions that found their completion queue full (the driver
+    /// had more commands outstanding than the queue holds, or did not
+    /// ring the head doorbell); they wait until there is room.
+    pub cq_full: u64,
 }
 
 #[derive(Default)]
@@ -483,9 +487,24 @@ impl Device {
 
     fn post(&mut self, sqid: u16, cqid: u16, cid: u16, status: Status, result: u32) {
         let sq_head = self.sqs.get(&sqid).map_or(0, |s| s.head);
+        let head = self.bar.read32(spec::cq_doorbell(cqid, STRIDE));
         let Some(cq) = self.cqs.get_mut(&cqid) else {
             return;
         };
+        if (cq.tail + 1) % cq.size == head {
+            // Full: the entry waits, as a device holds it, until the head
+            // doorbell moves.
+            lock(&self.shared.stats).cq_full += 1;
+            self.pending.push_front(Pending {
+                due: Instant::now(),
+                sqid,
+                cqid,
+                cid,
+                status,
+                result,
+            });
+            return;
+        }
         let at = cq.iova + cq.tail as u64 * 16;
         let dw3 = Cqe::dw3(cid, cq.phase, status);
         cq.tail += 1;
@@ -583,6 +602,9 @@ impl Device {
                     if self.cqs.contains_key(&qid) || sqe.cdw[1] & 1 == 0 {
                         return (Status::INVALID_QID, 0);
                     }
+                    // A new queue's head starts at 0, whatever a queue
+                    // with this id left in the register.
+                    self.bar.write32(spec::cq_doorbell(qid, STRIDE), 0);
                     self.cqs.insert(
                         qid,
                         Cq {

@@ -57,6 +57,10 @@ fn both_block_sizes_pass_the_block_device_conformance_suite() {
     }
     let st = soft.stats();
     assert_eq!(st.iommu_faults, 0, "every PRP pointed at mapped memory");
+    assert_eq!(
+        st.cq_full, 0,
+        "never more commands outstanding than a queue holds"
+    );
     assert_eq!(st.largest_transfer, 16384, "commands split at MDTS");
     assert!(st.io_commands > 3000);
 }
