@@ -68,6 +68,31 @@ fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn Blo
     Ok(Arc::new(ns))
 }
 
+/// Whether `spec` names something that is not there (a file or its
+/// directory, a PCI device): the manager answers NotFound for those rather
+/// than InvalidArgument.
+pub fn names_missing(spec: &str) -> bool {
+    match spec.split_once(':') {
+        Some(("file", rest)) => {
+            let (path, sized) = match rest.rsplit_once(':') {
+                Some((p, size)) if parse_size(size).is_ok() => (p, true),
+                _ => (rest, false),
+            };
+            let path = Path::new(path);
+            !path.as_os_str().is_empty()
+                && if sized {
+                    path.parent()
+                        .is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
+                } else {
+                    !path.exists()
+                }
+        }
+        Some(("nvme", rest)) => nvme_address(rest)
+            .is_ok_and(|(bdf, _)| !Path::new("/sys/bus/pci/devices").join(bdf).exists()),
+        _ => false,
+    }
+}
+
 /// Parse a size such as `4096`, `64K`, `256M`, `2G`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -184,6 +209,12 @@ mod tests {
             .err()
             .unwrap()
             .contains("no PCI device"));
+        assert!(names_missing("file:/nonexistent/x"));
+        assert!(names_missing("file:/nonexistent/x:1M"));
+        assert!(!names_missing("file:/tmp/new-file:1M"));
+        assert!(names_missing("nvme:0000:ff:1f.7"));
+        assert!(!names_missing("nvme:bad"));
+        assert!(!names_missing("ram:1M"));
         assert!(same_nvme("nvme:00:04.0", "nvme:0000:00:04.0/1"));
         assert!(!same_nvme("nvme:0000:00:04.0/2", "nvme:0000:00:04.0"));
         assert!(!same_nvme("file:/x", "file:/x"));

@@ -507,8 +507,13 @@ impl Manager {
             }
         }
         let dev = wrap(
-            crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size)
-                .map_err(|e| invalid("spec", e))?,
+            crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size).map_err(|e| {
+                if crate::devspec::names_missing(&decl.spec) {
+                    MgmtError::NotFound(e)
+                } else {
+                    invalid("spec", e)
+                }
+            })?,
         );
         let view = DeviceView {
             num_blocks: dev.info().num_blocks,

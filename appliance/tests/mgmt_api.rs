@@ -213,8 +213,23 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         (attach("e", "ram:1000"), Code::InvalidArgument, "spec"),
         (
             attach("e", "file:/nonexistent/dir/x"),
+            Code::NotFound,
+            "/nonexistent/dir/x",
+        ),
+        (
+            attach("e", "file:/nonexistent/dir/x:1M"),
+            Code::NotFound,
+            "/nonexistent/dir/x",
+        ),
+        (
+            attach("e", "nvme:0000:ff:1f.7"),
+            Code::NotFound,
+            "no PCI device",
+        ),
+        (
+            attach("e", "nvme:01:00"),
             Code::InvalidArgument,
-            "spec",
+            "PCI address",
         ),
         (
             pb::AttachDeviceRequest {
