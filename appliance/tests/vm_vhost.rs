@@ -137,7 +137,9 @@ fn the_guest_survives_an_appliance_crash_and_restart_without_io_errors() {
     let device = format!("file:{}:256M", img.display());
     let mut server = Some(serve(&sock, &device, 1, "vm-restart"));
     let log = dir.path().join("serial.log");
-    let mut vm = boot(&guest, "restart-guest.sh", &[], &log, &[])
+    // It takes about 30 s; a hang in QEMU's reconnect (see
+    // .config/nextest.toml) ends at the guest's timeout.
+    let mut vm = boot(&guest, "restart-guest.sh", &[], &log, &["--timeout", "240"])
         .arg("-chardev")
         .arg(format!("socket,id=r,path={},reconnect=1", sock.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=r,num-queues=1"])
