@@ -35,7 +35,9 @@ fn serve_logged(socket: &Path, device: &str, queues: u16, serial: &str, log: Std
             "--serial",
             serial,
         ])
-        .env("RUST_LOG", "info")
+        // Every vhost-user message of the export, so a reconnect that stops
+        // half-way shows where.
+        .env("RUST_LOG", "info,appliance::export::backend=debug")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(log)

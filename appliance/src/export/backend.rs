@@ -278,6 +278,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
+        tracing::debug!(
+            features = format_args!("{features:#x}"),
+            "vhost-user SET_FEATURES"
+        );
         let offered = offered_features(&self.export);
         if features & !offered != 0 {
             return Err(invalid(&format!(
@@ -302,6 +306,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        tracing::debug!(regions = ctx.len(), "vhost-user SET_MEM_TABLE");
         if ctx.len() != files.len() || ctx.len() > MAX_REGIONS {
             return Err(invalid(
                 "memory table and file count differ or are too many",
@@ -324,6 +329,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        tracing::debug!(index, num, "vhost-user SET_VRING_NUM");
         if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
             return Err(invalid(&format!(
                 "vring size {num} must be a power of two up to {MAX_QUEUE_SIZE}"
@@ -346,6 +352,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
+        tracing::debug!(index, "vhost-user SET_VRING_ADDR");
         let t = |va: u64| self.memory.va_to_gpa(va);
         let (Some(d), Some(u), Some(a)) = (t(descriptor), t(used), t(available)) else {
             return Err(invalid(&format!(
@@ -361,6 +368,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        tracing::debug!(index, base, "vhost-user SET_VRING_BASE");
         let v = self.vring(index)?;
         if v.running.is_some() {
             return Err(invalid("vring base changed while running"));
@@ -370,6 +378,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        tracing::debug!(index, "vhost-user GET_VRING_BASE");
         self.stop(index)?;
         let v = self.vring(index)?;
         v.kick = None;
@@ -383,6 +392,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_KICK");
         let acked = self.protocol_features_acked();
         let v = self.vring(index as u32)?;
         v.kick = fd;
@@ -393,6 +403,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_CALL");
         let v = self.vring(index as u32)?;
         v.call = fd.map(Arc::new);
         if let Some(r) = &v.running {
@@ -410,6 +421,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        tracing::debug!(
+            features = format_args!("{features:#x}"),
+            "vhost-user SET_PROTOCOL_FEATURES"
+        );
         let offered = offered_protocol_features().bits();
         if features & !offered != 0 {
             return Err(invalid(&format!(
@@ -426,6 +441,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        tracing::debug!(index, enable, "vhost-user SET_VRING_ENABLE");
         if !self.protocol_features_acked() {
             return Err(invalid("SET_VRING_ENABLE without protocol features"));
         }
@@ -497,6 +513,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        tracing::debug!(
+            queues = inflight.num_queues,
+            size = inflight.queue_size,
+            "vhost-user SET_INFLIGHT_FD"
+        );
         if inflight.num_queues as usize > self.vrings.len() {
             return Err(invalid(&format!(
                 "inflight area for {} queues; the export has {}",
