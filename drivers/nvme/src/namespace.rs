@@ -636,35 +636,20 @@ impl Channel {
             return false;
         };
         let v = req.sg[0];
-        let Some(iova) = translate(&self.regions, v.ptr() as usize, v.len()) else {
-            return false;
-        };
-        if iova % 4 != 0 {
-            return false;
-        }
         let mut sqe = Sqe::new(opcode, self.nsid);
         sqe.set_range(req.offset_blocks, req.num_blocks as u32);
-        sqe.prp1 = iova;
-        let end = iova + v.len() as u64;
-        let page = PAGE as u64;
-        let next = (iova & !(page - 1)) + page;
-        sqe.prp2 = if next >= end {
-            0
-        } else if next + page >= end {
-            next
-        } else {
-            // SAFETY: the slot's list page is this channel's memory and the
-            // slot is free; at most MAX_TRANSFER / PAGE + 1 entries.
-            let list = unsafe { self.prp.ptr().add(slot as usize * PAGE) as *mut u64 };
-            let mut p = next;
-            let mut k = 0;
-            while p < end {
-                unsafe { list.add(k).write(p) };
-                p += page;
-                k += 1;
-            }
-            self.prp.iova() + slot as u64 * page
+        // SAFETY: as in `issue`: the slot's PRP page is this channel's and
+        // the slot is free.
+        let list = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.prp.ptr().add(slot as usize * PAGE) as *mut u64,
+                PRP_PER_PAGE,
+            )
         };
+        let list_iova = self.prp.iova() + slot as u64 * PAGE as u64;
+        if !self.direct_prps(&[(v.ptr() as usize, v.len())], list, list_iova, &mut sqe) {
+            return false;
+        }
         self.free_slots.pop();
         let s = &mut self.slots[slot as usize];
         s.cid = next_cid(s.cid, slot);
