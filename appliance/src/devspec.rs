@@ -68,16 +68,26 @@ fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn Blo
     Ok(Arc::new(ns))
 }
 
+/// The path and the size (if one is given) of a `file:PATH[:SIZE]`
+/// specification, `rest` being what follows `file:`.
+pub fn file_path(rest: &str) -> (&str, Option<u64>) {
+    match rest.rsplit_once(':') {
+        Some((path, size)) => match parse_size(size) {
+            Ok(n) => (path, Some(n)),
+            Err(_) => (rest, None),
+        },
+        None => (rest, None),
+    }
+}
+
 /// Whether `spec` names something that is not there (a file or its
 /// directory, a PCI device): the manager answers NotFound for those rather
 /// than InvalidArgument.
 pub fn names_missing(spec: &str) -> bool {
     match spec.split_once(':') {
         Some(("file", rest)) => {
-            let (path, sized) = match rest.rsplit_once(':') {
-                Some((p, size)) if parse_size(size).is_ok() => (p, true),
-                _ => (rest, false),
-            };
+            let (path, size) = file_path(rest);
+            let sized = size.is_some();
             let path = Path::new(path);
             !path.as_os_str().is_empty()
                 && if sized {
@@ -141,10 +151,7 @@ pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn Blo
                 .map_err(|e| e.to_string())?,
         ),
         "file" => {
-            let (path, size) = match rest.rsplit_once(':') {
-                Some((path, size)) if parse_size(size).is_ok() => (path, Some(parse_size(size)?)),
-                _ => (rest, None),
-            };
+            let (path, size) = file_path(rest);
             if path.is_empty() {
                 return Err(format!("device {spec:?}: empty path"));
             }

@@ -1539,11 +1539,7 @@ impl Manager {
 /// Whether two `file:` specifications name the same file.
 fn same_file(a: &str, b: &str) -> bool {
     let path = |s: &str| {
-        let rest = s.trim_start_matches("file:");
-        let p = match rest.rsplit_once(':') {
-            Some((p, size)) if crate::devspec::parse_size(size).is_ok() => p,
-            _ => rest,
-        };
+        let p = crate::devspec::file_path(s.trim_start_matches("file:")).0;
         std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p))
     };
     a.starts_with("file:") && b.starts_with("file:") && path(a) == path(b)
