@@ -106,6 +106,14 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         journal_fill: v.journal_state.map_or(0.0, |j| j.1),
         journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
         journal_failed: v.journal_state.is_some_and(|j| j.3),
+        consistency_policy: v.consistency_policy.into(),
+        bitmap: v
+            .bitmap
+            .map(|(region_bytes, regions, dirty_regions)| pb::Bitmap {
+                region_bytes,
+                regions,
+                dirty_regions,
+            }),
     }
 }
 
@@ -242,6 +250,8 @@ impl pb::appliance_server::Appliance for Service {
             max_rebuild_bytes_per_sec: 0,
             journal: (!r.journal.is_empty()).then_some(r.journal),
             journal_mode: r.journal_mode,
+            bitmap: r.bitmap,
+            bitmap_chunk_kib: r.bitmap_chunk_kib,
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))
@@ -369,6 +379,24 @@ impl pb::appliance_server::Appliance for Service {
         }
         self.run(move |m| {
             m.set_write_mostly(&r.volume, &r.device, r.enabled)
+                .map(volume_to_pb)
+        })
+        .await
+    }
+
+    async fn set_bitmap(
+        &self,
+        req: Request<pb::SetBitmapRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        if r.volume.is_empty() {
+            return Err(bad("volume", "is empty"));
+        }
+        if !r.enabled && r.chunk_kib != 0 {
+            return Err(bad("chunk_kib", "only applies when enabling the bitmap"));
+        }
+        self.run(move |m| {
+            m.set_bitmap(&r.volume, r.enabled, r.chunk_kib)
                 .map(volume_to_pb)
         })
         .await

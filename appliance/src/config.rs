@@ -59,6 +59,19 @@ pub struct VolumeDecl {
     /// "write-through" (the default, also when empty) or "write-back".
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub journal_mode: String,
+    /// Keep a write-intent bitmap (RAID1 and RAID5, not with a journal):
+    /// after an unclean shutdown only regions written shortly before it
+    /// are resynchronised. Recorded in the superblocks, which decide at
+    /// restart; this says what was asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bitmap: bool,
+    /// Bitmap region in KiB of each member (0: 65536, md's 64 MiB).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bitmap_chunk_kib: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 fn default_chunk_kib() -> u32 {

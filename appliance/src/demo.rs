@@ -304,6 +304,8 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
                 max_rebuild_bytes_per_sec: 0,
                 journal: Some("ram-journal".into()),
                 journal_mode: "write-back".into(),
+                bitmap: false,
+                bitmap_chunk_kib: 0,
             },
             true,
         )

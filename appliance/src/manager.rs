@@ -97,6 +97,27 @@ fn from_export(e: ExportError) -> MgmtError {
     }
 }
 
+/// A bitmap region size in KiB: 0 (the default) or a power of two from
+/// 64 KiB to 4 GiB.
+fn check_bitmap_chunk(kib: u32) -> Result<(), MgmtError> {
+    if kib != 0 && (!kib.is_power_of_two() || !(64..=4 << 20).contains(&kib)) {
+        return Err(invalid(
+            "bitmap_chunk_kib",
+            format!("{kib} is not a power of two from 64 (64 KiB) to 4194304 (4 GiB)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a bitmap region of `kib` KiB (0: md's default, 64 MiB).
+fn bitmap_chunk_bytes(kib: u32) -> u64 {
+    if kib == 0 {
+        crate::raid::bitmap::DEFAULT_CHUNK_BYTES
+    } else {
+        kib as u64 * 1024
+    }
+}
+
 /// Names of devices, volumes and exports: safe in paths, logs and tables.
 fn check_name(field: &'static str, name: &str) -> Result<(), MgmtError> {
     if name.is_empty() || name.len() > 32 {
@@ -220,6 +241,13 @@ pub struct VolumeView {
     /// The journal's mode, log fill (0..=1), write-back cached blocks and
     /// whether its device failed (the volume then goes on without it).
     pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64, bool)>,
+    /// How the volume stays consistent after an unclean shutdown (md's
+    /// consistency_policy): "resync" (the whole volume), "bitmap" (the
+    /// regions the write-intent bitmap marks), "journal", or "none".
+    pub consistency_policy: &'static str,
+    /// The write-intent bitmap: bytes of each member per region, regions,
+    /// regions marked dirty now.
+    pub bitmap: Option<(u64, u64, u64)>,
 }
 
 /// An export as listed.
@@ -600,6 +628,19 @@ impl Manager {
         if level == Level::Single && !decl.spares.is_empty() {
             return Err(invalid("spares", "a single-device volume has no spares"));
         }
+        if decl.bitmap && level == Level::Single {
+            return Err(invalid(
+                "bitmap",
+                "a single-device volume has nothing to resynchronise",
+            ));
+        }
+        if decl.bitmap && decl.journal.as_deref().is_some_and(|j| !j.is_empty()) {
+            return Err(invalid(
+                "bitmap",
+                "a volume with a journal needs no bitmap: the journal closes the write hole (choose one)",
+            ));
+        }
+        check_bitmap_chunk(decl.bitmap_chunk_kib)?;
         let mut seen = std::collections::BTreeSet::new();
         let mut get =
             |field: &'static str, name: &String| -> Result<Arc<dyn BlockDevice>, MgmtError> {
@@ -777,6 +818,11 @@ impl Manager {
                     },
                     data_offset: (1 << 20) / bs,
                     members,
+                    bitmap_chunk_bytes: if decl.bitmap {
+                        bitmap_chunk_bytes(decl.bitmap_chunk_kib)
+                    } else {
+                        0
+                    },
                 };
                 let (tx, rx) = std::sync::mpsc::channel();
                 let (device, meta) =
@@ -996,6 +1042,20 @@ impl Manager {
                 .map(|x| x.0)
                 .collect()
         });
+        let bitmap = v
+            .monitor
+            .as_ref()
+            .and_then(|m| m.snapshot().bitmap)
+            .map(|b| (b.region_bytes(), b.bits(), b.dirty_regions()));
+        let consistency_policy = if v.monitor.is_none() {
+            "none"
+        } else if v.checkpointer.is_some() {
+            "journal"
+        } else if bitmap.is_some() {
+            "bitmap"
+        } else {
+            "resync"
+        };
         let (members, spares, state, progress) = match &v.monitor {
             Some(m) => {
                 let snap = m.snapshot();
@@ -1070,6 +1130,8 @@ impl Manager {
             exports,
             quiesce: v.volume.quiesce().stats(),
             journal: v.decl.journal.clone(),
+            consistency_policy,
+            bitmap,
             journal_state: v.checkpointer.as_ref().map(|c| {
                 let j = c.journal();
                 (j.mode(), j.usage(), j.cache().len(), j.has_failed())
@@ -1242,6 +1304,27 @@ impl Manager {
         s.device("device", device)?;
         m.set_write_mostly(device, on)
             .map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Give a RAID volume a write-intent bitmap (`chunk_kib` per region,
+    /// 0 for the default), or take it away (md's `--grow --bitmap`).
+    pub fn set_bitmap(
+        &self,
+        volume: &str,
+        enabled: bool,
+        chunk_kib: u32,
+    ) -> Result<VolumeView, MgmtError> {
+        check_bitmap_chunk(chunk_kib)?;
+        let mut s = self.lock_for_change()?;
+        let m = Self::monitor(&s, volume)?;
+        m.set_bitmap(enabled.then(|| bitmap_chunk_bytes(chunk_kib)))
+            .map_err(|e| from_op(volume, e))?;
+        if let Some(v) = s.volumes.get_mut(volume) {
+            v.decl.bitmap = enabled;
+            v.decl.bitmap_chunk_kib = if enabled { chunk_kib } else { 0 };
+        }
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

@@ -45,6 +45,8 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
             max_rebuild_bytes_per_sec: 0,
             journal: None,
             journal_mode: String::new(),
+            bitmap: false,
+            bitmap_chunk_kib: 0,
         },
         true,
     )

@@ -34,6 +34,7 @@ fn spec(members: Vec<Arc<dyn BlockDevice>>, level: Level) -> VolumeSpec {
         chunk_bytes: 65536,
         data_offset: 256,
         members,
+        bitmap_chunk_bytes: 0,
     }
 }
 

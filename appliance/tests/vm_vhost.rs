@@ -218,6 +218,7 @@ fn guest_rides_out_member_failure(
                 .iter()
                 .map(|f| f.clone() as Arc<dyn BlockDevice>)
                 .collect(),
+            bitmap_chunk_bytes: 0,
         },
         FailureSink::new(tx),
         false,

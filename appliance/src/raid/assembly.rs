@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bdev::{BlockDevice, IoOp};
 
+use super::bitmap::{self, Bitmap};
 use super::geometry::Layout;
 use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
 use super::monitor::RaidDevice;
@@ -33,6 +34,8 @@ pub struct VolumeSpec {
     pub data_offset: u64,
     /// Members in slot order.
     pub members: Vec<Arc<dyn BlockDevice>>,
+    /// Write-intent bitmap region in member bytes (0: no bitmap).
+    pub bitmap_chunk_bytes: u64,
 }
 
 /// The persistent identity of a volume and its members.
@@ -196,6 +199,7 @@ pub fn create(
             clean: true,
             slot_states: vec![0; spec.members.len()],
             rebuild_checkpoint: 0,
+            bitmap_rows_per_bit: 0,
         },
         member_uuids: spec
             .members
@@ -203,8 +207,83 @@ pub fn create(
             .map(|_| *uuid::Uuid::new_v4().as_bytes())
             .collect(),
     };
+    let device = if spec.bitmap_chunk_bytes > 0 {
+        let b = new_bitmap(device.as_ref(), &meta.template, spec.bitmap_chunk_bytes)
+            .map_err(AssemblyError::Invalid)?;
+        meta.template.bitmap_rows_per_bit = b.rows_per_bit();
+        device.with_member_set(device.member_set().with_bitmap(Some(b)))
+    } else {
+        device
+    };
     meta.record(device.as_ref(), &spec.members, true)?;
     Ok((device, meta))
+}
+
+/// A clear write-intent bitmap of `chunk_bytes` regions for `device`,
+/// written to its members that are not failed (before any superblock
+/// names it).
+pub fn new_bitmap(
+    device: &dyn RaidDevice,
+    sb: &Superblock,
+    chunk_bytes: u64,
+) -> Result<Arc<Bitmap>, String> {
+    if !bitmap::fits(sb.data_offset, sb.block_size) {
+        return Err(format!(
+            "the data offset ({} blocks) leaves no room for a bitmap: it needs {} bytes after the superblock",
+            sb.data_offset,
+            bitmap::BYTES
+        ));
+    }
+    let rows = device.rows();
+    let rpb = bitmap::rows_per_bit(&rows, chunk_bytes);
+    let b = Arc::new(Bitmap::new(&rows, rpb, sb.volume_uuid)?);
+    let members = live_members(device);
+    let (ok, errors) = b.write_to(&members, &b.snapshot());
+    if ok < members.len() {
+        return Err(format!("writing the bitmap: {}", errors.join("; ")));
+    }
+    b.set_members(members);
+    Ok(b)
+}
+
+/// The devices of `device`'s members that are not failed.
+pub fn live_members(device: &dyn RaidDevice) -> Vec<Arc<dyn BlockDevice>> {
+    device
+        .member_devices()
+        .into_iter()
+        .zip(device.member_states())
+        .filter(|(_, st)| *st != MemberState::Failed)
+        .map(|(d, _)| d)
+        .collect()
+}
+
+/// `device` with the bitmap its superblock `sb` names. After an unclean
+/// shutdown its bits are read from the members (the union; every region
+/// when none is readable), so the resync covers what they mark.
+fn attach_bitmap(
+    device: Arc<dyn RaidDevice>,
+    sb: &Superblock,
+) -> Result<Arc<dyn RaidDevice>, String> {
+    if sb.bitmap_rows_per_bit == 0 {
+        return Ok(device);
+    }
+    let b = Arc::new(Bitmap::new(
+        &device.rows(),
+        sb.bitmap_rows_per_bit,
+        sb.volume_uuid,
+    )?);
+    let members = live_members(device.as_ref());
+    if !sb.clean {
+        let (dirty, problems) = b.read_union(&members);
+        if !problems.is_empty() {
+            tracing::warn!(volume = sb.name, problems = ?problems, "write-intent bitmap not readable on every member");
+        }
+        b.load(&dirty);
+        // The bits stay until a resync (or a rebuild) has covered them.
+        b.freeze();
+    }
+    b.set_members(members);
+    Ok(device.with_member_set(device.member_set().with_bitmap(Some(b))))
 }
 
 fn build(
@@ -375,6 +454,7 @@ pub fn assemble(
             chunk_bytes: auth.chunk_bytes,
             data_offset: auth.data_offset,
             members: members.iter().map(|m| m.dev.clone()).collect(),
+            bitmap_chunk_bytes: 0,
         };
         let member_uuids = (0..n)
             .map(|slot| {
@@ -387,15 +467,17 @@ pub fn assemble(
                     )
             })
             .collect();
-        let built = build(&spec, members, failures(&auth.name)).and_then(|device| match resume {
-            Some(slot) => {
-                let dev = spec.members[slot].clone();
-                device
-                    .with_member_replaced(slot, dev, auth.rebuild_checkpoint)
-                    .map_err(|e| AssemblyError::Invalid(e.to_string()))
-            }
-            None => Ok(device),
-        });
+        let built = build(&spec, members, failures(&auth.name))
+            .and_then(|device| match resume {
+                Some(slot) => {
+                    let dev = spec.members[slot].clone();
+                    device
+                        .with_member_replaced(slot, dev, auth.rebuild_checkpoint)
+                        .map_err(|e| AssemblyError::Invalid(e.to_string()))
+                }
+                None => Ok(device),
+            })
+            .and_then(|device| attach_bitmap(device, &auth).map_err(AssemblyError::Invalid));
         match built {
             Ok(device) => report.volumes.push(Assembled {
                 device,
@@ -457,6 +539,7 @@ pub fn open_or_create(
             chunk_bytes: 64 << 10,
             data_offset: (1 << 20) / bs,
             members: devices.to_vec(),
+            bitmap_chunk_bytes: 0,
         };
         let (device, meta) = create(&spec, failures, false).map_err(|e| e.to_string())?;
         return Ok(Opened {

@@ -178,6 +178,8 @@ pub struct MemberSet {
     pub scrubbing: Arc<AtomicBool>,
     /// Where channels report failures.
     pub failures: FailureSink,
+    /// The write-intent bitmap, if the volume keeps one.
+    pub bitmap: Option<Arc<super::bitmap::Bitmap>>,
 }
 
 impl MemberSet {
@@ -189,6 +191,15 @@ impl MemberSet {
             locks: Arc::new(StripeLocks::new()),
             scrubbing: Arc::new(AtomicBool::new(false)),
             failures,
+            bitmap: None,
+        }
+    }
+
+    /// The same members with `bitmap` (or none).
+    pub fn with_bitmap(&self, bitmap: Option<Arc<super::bitmap::Bitmap>>) -> MemberSet {
+        MemberSet {
+            bitmap,
+            ..self.clone()
         }
     }
 

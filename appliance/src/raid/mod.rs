@@ -2,6 +2,7 @@
 //! RAID5 devices built on them.
 
 pub mod assembly;
+pub mod bitmap;
 pub mod cache;
 pub mod geometry;
 pub mod journal;

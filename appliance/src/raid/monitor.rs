@@ -12,6 +12,7 @@ use poller::ReactorSet;
 
 use std::sync::atomic::AtomicU64;
 
+use super::bitmap::{Bitmap, BitmapDaemon};
 use super::geometry::Raid5Geometry;
 use super::members::{device_id, Event, MemberSet, MemberState};
 use super::rebuild::{RebuildProgress, Rebuilder, Rows, Scrubber};
@@ -144,10 +145,13 @@ pub trait RaidDevice: BlockDevice {
 
     /// Start a consistency check (or repair) as a poller on this reactor.
     /// Call it with the volume suspended: writes after it see the scrub.
+    /// With `dirty`, only the regions its write-intent bitmap marks are
+    /// walked (the resync after an unclean shutdown).
     fn start_scrub(
         &self,
         ctx: &mut poller::Ctx,
         repair: bool,
+        dirty: Option<Arc<Bitmap>>,
     ) -> Result<Arc<RebuildProgress>, BdevError> {
         let set = self.member_set();
         if set.members.iter().any(|m| m.state != MemberState::InSync) {
@@ -178,6 +182,9 @@ pub trait RaidDevice: BlockDevice {
             repair,
         )
         .clearing_when_done(set.scrubbing.clone());
+        if let Some(b) = dirty {
+            s = s.only_dirty(b);
+        }
         ctx.add_poller(move |_| s.poll());
         Ok(progress)
     }
@@ -197,6 +204,8 @@ pub struct Snapshot {
     pub max_failures: usize,
     /// The running or last rebuild or scrub.
     pub rebuild: Option<Arc<RebuildProgress>>,
+    /// The write-intent bitmap, if the volume keeps one.
+    pub bitmap: Option<Arc<Bitmap>>,
 }
 
 impl Snapshot {
@@ -286,6 +295,8 @@ struct MonitorState {
     /// Rate limit for every rebuild and scrub (bytes/s, 0: none), like
     /// md's sync_speed_max.
     max_rate: u64,
+    /// Writes the write-intent bitmap, if the volume keeps one.
+    bitmap: Option<BitmapDaemon>,
 }
 
 impl MonitorState {
@@ -326,6 +337,11 @@ fn checkpoint(s: &mut MonitorState) -> Result<(), String> {
 }
 
 fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), ChangeError> {
+    // The bitmap goes to the new member set from now on (a spare being
+    // rebuilt included), before any of its writes can.
+    if let Some(b) = &next.member_set().bitmap {
+        b.set_members(super::assembly::live_members(next.as_ref()));
+    }
     let dev: Arc<dyn BlockDevice> = next.clone();
     volume
         .quiesce()
@@ -338,6 +354,23 @@ fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), ChangeErro
             }) => ChangeError::Deadline(e.to_string()),
             e => ChangeError::Other(e.to_string()),
         })
+}
+
+/// Start the thread that writes `b`. Should that fail, every region is
+/// marked dirty on the members at once, so no write ever waits for a bit
+/// and an unclean shutdown resynchronises everything, as without a bitmap.
+fn start_bitmap(name: &str, b: Arc<Bitmap>) -> BitmapDaemon {
+    match BitmapDaemon::start(name, b.clone()) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(volume = name, error = %e, "write-intent bitmap thread not started; marking every region dirty");
+            let all = b.all_dirty();
+            let members = b.members();
+            b.write_to(&members, &all);
+            b.load(&all);
+            BitmapDaemon::stopped(b)
+        }
+    }
 }
 
 /// The monitor thread: apply events as they come, checkpoint a running
@@ -381,12 +414,18 @@ impl Monitor {
         rx: Receiver<Event>,
         spares: Vec<Arc<dyn BlockDevice>>,
     ) -> Monitor {
+        let bitmap = device
+            .member_set()
+            .bitmap
+            .clone()
+            .map(|b| start_bitmap(volume.name(), b));
         let state = Arc::new(Mutex::new(MonitorState {
             current: device,
             meta: None,
             spares,
             rebuild: None,
             max_rate: 0,
+            bitmap,
         }));
         let (set_outer, vol_outer) = (set.clone(), volume.clone());
         let (st, set) = (state.clone(), set.clone());
@@ -446,6 +485,11 @@ impl Monitor {
         journal: Option<Arc<super::journal::Journal>>,
     ) -> Result<(), OpError> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if journal.is_some() && s.current.member_set().bitmap.is_some() {
+            return Err(OpError::FailedPrecondition(
+                "the volume keeps a write-intent bitmap; remove it before adding a journal (the journal makes it redundant)".into(),
+            ));
+        }
         let next = match journal {
             Some(j) => s.current.with_journal(j),
             None => s.current.without_journal(),
@@ -453,6 +497,63 @@ impl Monitor {
         .ok_or_else(|| OpError::FailedPrecondition("only a RAID5 volume has a journal".into()))?;
         publish(&self.volume, &next)?;
         s.current = next;
+        Ok(())
+    }
+
+    /// Give the volume a write-intent bitmap of `chunk_bytes` regions, or
+    /// (with `None`) take it away; through the quiesce epoch and recorded
+    /// in the superblocks.
+    pub fn set_bitmap(&self, chunk_bytes: Option<u64>) -> Result<(), OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = s.current.clone();
+        let has = cur.member_set().bitmap.is_some();
+        let Some(template) = s.meta.as_ref().map(|m| m.template.clone()) else {
+            return Err(OpError::FailedPrecondition(
+                "the volume keeps no superblocks to record a bitmap in".into(),
+            ));
+        };
+        let next = match chunk_bytes {
+            Some(_) if has => {
+                return Err(OpError::FailedPrecondition(
+                    "the volume already keeps a write-intent bitmap".into(),
+                ))
+            }
+            Some(_) if cur.journal().is_some() => return Err(OpError::FailedPrecondition(
+                "the volume has a journal, which already closes the write hole; remove it first"
+                    .into(),
+            )),
+            Some(chunk) => {
+                let b = super::assembly::new_bitmap(cur.as_ref(), &template, chunk)
+                    .map_err(OpError::FailedPrecondition)?;
+                cur.with_member_set(cur.member_set().with_bitmap(Some(b)))
+            }
+            None if !has => return Ok(()),
+            None => cur.with_member_set(cur.member_set().with_bitmap(None)),
+        };
+        publish(&self.volume, &next)?;
+        if let Some(b) = next.member_set().bitmap.clone() {
+            // Writes from before the bitmap may still sit in the members'
+            // caches; they must be durable before the superblocks say
+            // that only marked regions can be inconsistent.
+            for d in super::assembly::live_members(next.as_ref()) {
+                super::journal::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut [])
+                    .map_err(OpError::Internal)?;
+            }
+            s.bitmap = Some(start_bitmap(self.volume.name(), b));
+        } else {
+            s.bitmap = None;
+        }
+        s.current = next.clone();
+        let rpb = next
+            .member_set()
+            .bitmap
+            .as_ref()
+            .map_or(0, |b| b.rows_per_bit());
+        if let Some(meta) = s.meta.as_mut() {
+            meta.template.bitmap_rows_per_bit = rpb;
+            meta.record(next.as_ref(), &next.member_devices(), false)
+                .map_err(|e| OpError::Internal(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -488,6 +589,15 @@ impl Monitor {
     /// Start a scrub: count parity mismatches (md's `check`), and with
     /// `repair` rewrite them from the data. Only on a healthy volume.
     pub fn scrub(&self, repair: bool) -> Result<Arc<RebuildProgress>, OpError> {
+        self.scrub_regions(repair, None)
+    }
+
+    /// A scrub of the regions `dirty` marks, or of everything.
+    fn scrub_regions(
+        &self,
+        repair: bool,
+        dirty: Option<Arc<Bitmap>>,
+    ) -> Result<Arc<RebuildProgress>, OpError> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.current
             .member_states()
@@ -514,7 +624,8 @@ impl Monitor {
         let progress = self
             .set
             .call(core, CHANGE_TIMEOUT, move |ctx| {
-                cur.start_scrub(ctx, repair).map_err(|e| e.to_string())
+                cur.start_scrub(ctx, repair, dirty)
+                    .map_err(|e| e.to_string())
             })
             .map_err(OpError::Internal)?
             .map_err(OpError::FailedPrecondition)?;
@@ -614,11 +725,39 @@ impl Monitor {
             tracing::warn!(volume = self.volume.name(), "unclean shutdown of a degraded volume: stripes written at the crash may be inconsistent");
             return Ok(None);
         }
-        tracing::warn!(
-            volume = self.volume.name(),
-            "unclean shutdown: resynchronising parity"
-        );
-        self.scrub(true).map(Some)
+        let bitmap = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .member_set()
+            .bitmap
+            .clone();
+        if let Some(b) = &bitmap {
+            let dirty = b.dirty_regions();
+            if dirty == 0 {
+                tracing::info!(
+                    volume = self.volume.name(),
+                    "unclean shutdown, but the write-intent bitmap marks no region: no resync needed"
+                );
+                b.thaw();
+                return Ok(None);
+            }
+            tracing::warn!(
+                volume = self.volume.name(),
+                regions = dirty,
+                of = b.bits(),
+                "unclean shutdown: resynchronising the regions the write-intent bitmap marks"
+            );
+            // Its bits stay (frozen at assembly) until the resync has
+            // covered them.
+        } else {
+            tracing::warn!(
+                volume = self.volume.name(),
+                "unclean shutdown: resynchronising parity"
+            );
+        }
+        self.scrub_regions(true, bitmap).map(Some)
     }
 
     /// Clean shutdown: record "clean" in the superblocks. Call with no IO
@@ -632,6 +771,8 @@ impl Monitor {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        // The bitmap thread ends first: nothing is written after "clean".
+        s.bitmap = None;
         let cur = s.current.clone();
         // A cancelled resync leaves the volume dirty, as it is.
         let resync_done = s.rebuild.as_ref().is_none_or(|p| p.error().is_none());
@@ -709,6 +850,7 @@ impl Monitor {
             spares: s.spares.iter().map(|d| d.info().name.clone()).collect(),
             max_failures: s.current.max_failures(),
             rebuild: s.rebuild.clone(),
+            bitmap: s.current.member_set().bitmap.clone(),
         }
     }
 
@@ -796,6 +938,11 @@ fn apply(
                 slot,
                 "rebuild finished; member in sync"
             );
+            // Every row was rewritten from the others: the regions a crash
+            // left marked are consistent now.
+            if let Some(b) = &next.member_set().bitmap {
+                b.thaw();
+            }
             s.current = next;
             Ok(())
         }
@@ -866,6 +1013,7 @@ mod tests {
             spares: vec![],
             max_failures: 1,
             rebuild: p,
+            bitmap: None,
         }
     }
 

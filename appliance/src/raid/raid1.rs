@@ -152,6 +152,7 @@ impl BlockDevice for Raid1Device {
             scrubbing: self.set.scrubbing.clone(),
             locks: self.set.locks.clone(),
             waiting: VecDeque::new(),
+            bitmap: self.set.bitmap.clone(),
         }))
     }
 }
@@ -169,6 +170,11 @@ struct Parent {
     tried: u64,
     /// Rebuild regions this write holds locked.
     locked: Option<(u64, u64)>,
+    /// Whether the write must lock its rebuild regions (a rebuild or
+    /// scrub runs).
+    needs_lock: bool,
+    /// Write-intent bitmap regions the write is counted in.
+    in_bitmap: Option<(u64, u64)>,
 }
 
 struct Raid1Channel {
@@ -176,8 +182,11 @@ struct Raid1Channel {
     rebuild_target: Option<usize>,
     scrubbing: Arc<std::sync::atomic::AtomicBool>,
     locks: Arc<StripeLocks>,
-    /// Writes waiting for rebuild regions, in arrival order.
+    /// Writes waiting for rebuild regions or bitmap bits, in arrival order.
     waiting: VecDeque<usize>,
+    /// The volume's write-intent bitmap: a write reaches the members only
+    /// once its regions' bits are on disk.
+    bitmap: Option<Arc<super::bitmap::Bitmap>>,
     /// Identity of each member device, for failure reports.
     ids: Vec<usize>,
     info: DeviceInfo,
@@ -258,13 +267,44 @@ impl Raid1Channel {
         }
     }
 
+    /// Give back what parent `p` holds: its rebuild region locks and its
+    /// bitmap count.
+    fn release(&self, p: &Parent) {
+        if let Some((r0, r1)) = p.locked {
+            for r in r0..=r1 {
+                self.locks.unlock(r);
+            }
+        }
+        if let (Some((r0, r1)), Some(b)) = (p.in_bitmap, &self.bitmap) {
+            b.end(r0, r1);
+        }
+    }
+
+    /// Whether write `pi` may go to the members now: its bitmap bits are
+    /// on disk and, while a rebuild or scrub runs, its regions are locked.
+    fn admit(&mut self, pi: usize) -> bool {
+        let Some(p) = self.parents[pi].as_mut() else {
+            return false;
+        };
+        if let Some(b) = &self.bitmap {
+            let (r0, r1) = (
+                b.region(p.offset / REGION),
+                b.region((p.offset + p.blocks.max(1) - 1) / REGION),
+            );
+            if p.in_bitmap.is_none() {
+                b.begin(r0, r1);
+                p.in_bitmap = Some((r0, r1));
+            }
+            if !b.ready(r0, r1) {
+                return false;
+            }
+        }
+        !p.needs_lock || p.locked.is_some() || self.lock_regions(pi)
+    }
+
     fn finish(&mut self, pi: usize) {
         if let Some(p) = self.parents[pi].take() {
-            if let Some((r0, r1)) = p.locked {
-                for r in r0..=r1 {
-                    self.locks.unlock(r);
-                }
-            }
+            self.release(&p);
             let result = if p.succeeded > 0 {
                 Ok(())
             } else {
@@ -375,14 +415,21 @@ impl IoChannel for Raid1Channel {
             error: None,
             tried: 0,
             locked: None,
+            needs_lock: false,
+            in_bitmap: None,
         });
         let write_like = matches!(req.op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes);
-        let locking = self.rebuild_target.is_some() || self.scrubbing.load(Ordering::Relaxed);
-        if write_like && locking && !self.lock_regions(pi) {
+        if write_like {
             // A rebuild copies regions under their locks; this write waits
             // for the ones it touches so the copy cannot overwrite it.
-            self.waiting.push_back(pi);
-            return Ok(());
+            let locking = self.rebuild_target.is_some() || self.scrubbing.load(Ordering::Relaxed);
+            if let Some(p) = self.parents[pi].as_mut() {
+                p.needs_lock = locking;
+            }
+            if !self.waiting.is_empty() || !self.admit(pi) {
+                self.waiting.push_back(pi);
+                return Ok(());
+            }
         }
         let sent = if req.op == IoOp::Read {
             match self.pick_reader(0) {
@@ -430,6 +477,7 @@ impl IoChannel for Raid1Channel {
             let Some(p) = taken else {
                 return Ok(());
             };
+            self.release(&p);
             return Err(SubmitError::Busy(IoRequest {
                 op: p.op,
                 offset_blocks: p.offset,
@@ -443,7 +491,7 @@ impl IoChannel for Raid1Channel {
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         while let Some(&pi) = self.waiting.front() {
-            if !self.lock_regions(pi) {
+            if !self.admit(pi) {
                 break;
             }
             self.waiting.pop_front();

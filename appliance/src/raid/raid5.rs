@@ -264,6 +264,7 @@ impl BlockDevice for Raid5Device {
             free_fast: Vec::new(),
             reclaiming: 0,
             bufpool: Vec::new(),
+            bitmap: self.set.bitmap.clone(),
         }))
     }
 }
@@ -340,6 +341,8 @@ struct Piece {
     own: Vec<u8>,
     /// Cache room taken for a write-back record (see `WriteCache::try_admit`).
     admitted: u64,
+    /// Counted in its write-intent bitmap region (see `Bitmap::begin`).
+    in_bitmap: bool,
 }
 
 struct Parent {
@@ -390,6 +393,9 @@ struct Raid5Channel {
     /// Reads sent straight to one member (see `read_fast`), by slot.
     fast: Vec<Option<IoRequest>>,
     free_fast: Vec<usize>,
+    /// The volume's write-intent bitmap: a write reaches the members only
+    /// once its region's bit is on disk.
+    bitmap: Option<Arc<super::bitmap::Bitmap>>,
 }
 
 /// Child tag bit of a read sent by `read_fast`.
@@ -531,6 +537,19 @@ impl Raid5Channel {
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
+        if let (Kind::Write, Some(b)) = (p.kind, &self.bitmap) {
+            // Not holding the stripe lock while the bit is written.
+            let r = b.region(p.stripe);
+            if !p.in_bitmap {
+                b.begin(r, r);
+                p.in_bitmap = true;
+            }
+            if !b.ready(r, r) {
+                p.stage = Stage::WaitLock;
+                self.waiting.push_back(pi);
+                return;
+            }
+        }
         if !p.locked {
             if !self.locks.try_lock(p.stripe) {
                 p.stage = Stage::WaitLock;
@@ -1152,6 +1171,7 @@ impl Raid5Channel {
             reclaim: None,
             own: Vec::new(),
             admitted: 0,
+            in_bitmap: false,
         }
     }
 
@@ -1355,6 +1375,10 @@ impl Raid5Channel {
         }
         if p.locked {
             self.locks.unlock(p.stripe);
+        }
+        if let (true, Some(b)) = (p.in_bitmap, &self.bitmap) {
+            let r = b.region(p.stripe);
+            b.end(r, r);
         }
         let error = if p.reclaim.is_some() {
             // A failed reclaim leaves its blocks cached (they are durable

@@ -419,6 +419,9 @@ pub struct Scrubber {
     flag: Option<Arc<AtomicBool>>,
     all: Vec<usize>,
     repair: bool,
+    /// A resync of the regions a write-intent bitmap marks: the bits (as
+    /// words) and rows per bit. The bitmap is thawed when it succeeds.
+    only: Option<(Vec<u64>, u64, Arc<super::bitmap::Bitmap>)>,
 }
 
 impl Scrubber {
@@ -438,7 +441,34 @@ impl Scrubber {
             flag: None,
             all,
             repair,
+            only: None,
         }
+    }
+
+    /// Walk only the regions `bitmap` marks dirty now, and let it clear
+    /// them once every one was walked.
+    pub fn only_dirty(mut self, bitmap: Arc<super::bitmap::Bitmap>) -> Scrubber {
+        self.only = Some((bitmap.snapshot(), bitmap.rows_per_bit(), bitmap));
+        self
+    }
+
+    /// Move the walk past rows outside the dirty regions.
+    fn skip_clean(&mut self) {
+        let Some((bits, rpb, _)) = &self.only else {
+            return;
+        };
+        let w = &mut self.walk;
+        while !w.done() {
+            let r = w.row / rpb;
+            if bits
+                .get((r / 64) as usize)
+                .is_some_and(|x| x & (1 << (r % 64)) != 0)
+            {
+                break;
+            }
+            w.row = ((r + 1) * rpb).min(w.rows.count);
+        }
+        w.progress.cursor.store(w.row, Ordering::SeqCst);
     }
 
     /// Clear `flag` when the scrub ends (however it ends).
@@ -521,6 +551,9 @@ impl Scrubber {
                     if let Some(f) = &self.flag {
                         f.store(false, Ordering::SeqCst);
                     }
+                    if let (Some((_, _, b)), None) = (&self.only, self.walk.progress.error()) {
+                        b.thaw();
+                    }
                     self.walk.progress.finished.store(true, Ordering::SeqCst);
                     return PollState::Done;
                 }
@@ -528,6 +561,7 @@ impl Scrubber {
                     if self.walk.progress.cancel.load(Ordering::SeqCst) {
                         return self.stop(Some("cancelled".into()));
                     }
+                    self.skip_clean();
                     if self.walk.done() {
                         return self.stop(None);
                     }

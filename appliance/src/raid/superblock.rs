@@ -87,6 +87,9 @@ pub struct Superblock {
     pub slot_states: Vec<u8>,
     /// Rebuild checkpoint in stripes for the rebuilding slot.
     pub rebuild_checkpoint: u64,
+    /// Write-intent bitmap: rebuild rows per bit, 0 for none. The bitmap
+    /// itself is at byte 4096 of every member (see `bitmap`).
+    pub bitmap_rows_per_bit: u64,
 }
 
 fn layout_code(l: Layout) -> u32 {
@@ -128,6 +131,7 @@ impl Superblock {
         b[120..128].copy_from_slice(&self.events.to_le_bytes());
         b[128] = self.clean as u8;
         b[136..144].copy_from_slice(&self.rebuild_checkpoint.to_le_bytes());
+        b[144..152].copy_from_slice(&self.bitmap_rows_per_bit.to_le_bytes());
         let k = self.slot_states.len().min(MAX_SLOTS);
         b[192..192 + k].copy_from_slice(&self.slot_states[..k]);
         let crc = crc32c::crc32c(&b);
@@ -216,6 +220,7 @@ impl Superblock {
             clean: b[128] != 0,
             slot_states,
             rebuild_checkpoint: u64_at(136),
+            bitmap_rows_per_bit: u64_at(144),
         })
     }
 }
@@ -241,6 +246,7 @@ mod tests {
             clean: true,
             slot_states: vec![0, 1, 0, 2],
             rebuild_checkpoint: 99,
+            bitmap_rows_per_bit: 1024,
         }
     }
 

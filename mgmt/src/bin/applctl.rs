@@ -138,6 +138,13 @@ enum VolumeCmd {
         /// durable in the journal; much faster small writes).
         #[arg(long, default_value = "")]
         journal_mode: String,
+        /// Keep a write-intent bitmap (RAID1, RAID5 without a journal):
+        /// after a crash only recently written regions are resynchronised.
+        #[arg(long)]
+        bitmap: bool,
+        /// Bitmap region per member in KiB (default 65536, i.e. 64 MiB).
+        #[arg(long, default_value_t = 0)]
+        bitmap_chunk_kib: u32,
     },
     /// List volumes.
     List,
@@ -189,6 +196,21 @@ enum VolumeCmd {
         /// Clear the mark instead.
         #[arg(long)]
         off: bool,
+    },
+    /// Add a write-intent bitmap online (md's --grow --bitmap=internal), or
+    /// remove it with --off: after a crash only the regions it marks are
+    /// resynchronised instead of the whole volume.
+    ///
+    /// Example: applctl volume bitmap vol0 --chunk-kib 131072      (--off to remove)
+    Bitmap {
+        /// The volume.
+        name: String,
+        /// Remove the bitmap instead.
+        #[arg(long)]
+        off: bool,
+        /// Region per member in KiB (default 65536, i.e. 64 MiB).
+        #[arg(long, default_value_t = 0)]
+        chunk_kib: u32,
     },
     /// Give a RAID5 volume a write journal online (the device is formatted).
     ///
@@ -442,6 +464,8 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             force,
             journal,
             journal_mode,
+            bitmap,
+            bitmap_chunk_kib,
         } => {
             let level = match level.as_str() {
                 "single" => pb::Level::Single,
@@ -464,6 +488,8 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 force,
                 journal,
                 journal_mode,
+                bitmap,
+                bitmap_chunk_kib,
             })
             .await?
         }
@@ -508,6 +534,18 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 volume: name,
                 device,
                 enabled: !off,
+            })
+            .await?
+        }
+        VolumeCmd::Bitmap {
+            name,
+            off,
+            chunk_kib,
+        } => {
+            c.set_bitmap(pb::SetBitmapRequest {
+                volume: name,
+                enabled: !off,
+                chunk_kib,
             })
             .await?
         }
@@ -788,6 +826,18 @@ fn describe(v: &pb::Volume) -> String {
     );
     if !v.spares.is_empty() {
         s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if !v.consistency_policy.is_empty() && v.consistency_policy != "none" {
+        s += &format!("  consistency policy: {}", v.consistency_policy);
+        if let Some(b) = &v.bitmap {
+            s += &format!(
+                " ({} regions of {}, {} dirty)",
+                b.regions,
+                size(b.region_bytes),
+                b.dirty_regions
+            );
+        }
+        s += "\n";
     }
     if !v.journal.is_empty() {
         s += &format!(

@@ -1,0 +1,642 @@
+//! Write-intent bitmap (md's internal bitmap): one bit per region of member
+//! rows, set on every member before a write to the region reaches them and
+//! cleared once the region has been quiet for a while and the members were
+//! flushed. After an unclean shutdown only the regions whose bit is set
+//! need a resync.
+//!
+//! The IO path touches three atomics per write: `begin` counts the write
+//! in its region, `ready` checks the region's bit is on disk (and if not,
+//! asks the daemon and makes the write wait, like a stripe lock), `end`
+//! marks the region touched and uncounts the write. A daemon thread per
+//! volume does the bitmap IO: setting bits at once when asked, clearing
+//! quiet regions every `clear_every`.
+//!
+//! Why clearing is safe (the Dekker pattern, all SeqCst): a writer counts
+//! itself (`active += 1`) and then reads the bit; the daemon clears the bit
+//! and then reads the count. Either the daemon sees the writer (and puts
+//! the bit back) or the writer sees the bit clear (and waits for the daemon
+//! to set it on disk again).
+//!
+//! On disk: one 4 KiB block at byte 4096 of every member (right after the
+//! superblock): magic, version, CRC32C, volume uuid, rows per bit, bit
+//! count, then the bits. A torn or corrupt block fails its CRC and the
+//! whole volume is resynchronised, as without a bitmap.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bdev::{BlockDevice, IoOp};
+
+use super::rebuild::Rows;
+
+/// "APPLBMAP".
+pub const MAGIC: [u8; 8] = *b"APPLBMAP";
+/// Byte offset of the bitmap on every member.
+pub const BYTE_OFFSET: u64 = 4096;
+/// Bytes the bitmap occupies on every member.
+pub const BYTES: usize = 4096;
+const HEADER: usize = 64;
+/// Most regions one bitmap block describes.
+pub const MAX_BITS: u64 = ((BYTES - HEADER) * 8) as u64;
+const VERSION: u32 = 1;
+/// md's default daemon_sleep: a region quiet this long is cleared.
+pub const DEFAULT_CLEAR_EVERY: Duration = Duration::from_secs(5);
+/// Default region size in member bytes (md picks 64 MiB for large arrays).
+pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 20;
+
+/// Rows per bit for a bitmap of `chunk_bytes` regions over `rows`: at
+/// least one row, doubled until the bits fit in one block.
+pub fn rows_per_bit(rows: &Rows, chunk_bytes: u64) -> u64 {
+    let row_bytes = (rows.blocks * rows.block_size as u64).max(1);
+    let mut rpb = (chunk_bytes / row_bytes).max(1);
+    while rows.count.div_ceil(rpb) > MAX_BITS {
+        rpb *= 2;
+    }
+    rpb
+}
+
+/// Whether a volume whose data starts `data_offset` blocks of
+/// `block_size` bytes into each member has room for the bitmap.
+pub fn fits(data_offset: u64, block_size: u32) -> bool {
+    data_offset * block_size as u64 >= BYTE_OFFSET + BYTES as u64
+}
+
+fn words(bits: u64) -> usize {
+    bits.div_ceil(64) as usize
+}
+
+/// A volume's write-intent bitmap: shared by every generation and every
+/// reactor's channel.
+pub struct Bitmap {
+    rows_per_bit: u64,
+    bits: u64,
+    block_size: u32,
+    row_bytes: u64,
+    volume_uuid: [u8; 16],
+    /// Writes begun and not ended, per region.
+    active: Box<[AtomicU32]>,
+    /// Bits set on disk (as far as writers may rely on).
+    ondisk: Box<[AtomicU64]>,
+    /// Bits writers wait for.
+    wanted: Box<[AtomicU64]>,
+    /// Regions written since the daemon last looked.
+    touched: Box<[AtomicU64]>,
+    /// The members the bitmap is written to (every one not failed).
+    members: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    wake: Mutex<bool>,
+    cond: Condvar,
+    /// No bit is cleared while set: a resync of the dirty regions runs,
+    /// or stopped before it finished.
+    frozen: AtomicBool,
+    clear_every_ms: AtomicU64,
+    /// Bitmap blocks written (for metrics and tests).
+    pub writes: AtomicU64,
+}
+
+impl Bitmap {
+    /// An empty bitmap of `rows_per_bit` rows per bit over `rows`.
+    pub fn new(rows: &Rows, rows_per_bit: u64, volume_uuid: [u8; 16]) -> Result<Bitmap, String> {
+        let bits = rows.count.div_ceil(rows_per_bit.max(1));
+        if rows_per_bit == 0 || bits > MAX_BITS {
+            return Err(format!(
+                "a bitmap of {rows_per_bit} rows per bit over {} rows does not fit in {BYTES} bytes",
+                rows.count
+            ));
+        }
+        let n = words(bits);
+        let zeros = |k: usize| (0..k).map(|_| AtomicU64::new(0)).collect::<Box<[_]>>();
+        Ok(Bitmap {
+            rows_per_bit,
+            bits,
+            block_size: rows.block_size as u32,
+            row_bytes: rows.blocks * rows.block_size as u64,
+            volume_uuid,
+            active: (0..bits).map(|_| AtomicU32::new(0)).collect(),
+            ondisk: zeros(n),
+            wanted: zeros(n),
+            touched: zeros(n),
+            members: Mutex::new(Vec::new()),
+            wake: Mutex::new(false),
+            cond: Condvar::new(),
+            frozen: AtomicBool::new(false),
+            clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    /// Rows per bit (recorded in the superblock).
+    pub fn rows_per_bit(&self) -> u64 {
+        self.rows_per_bit
+    }
+
+    /// Bytes of each member one bit covers.
+    pub fn region_bytes(&self) -> u64 {
+        self.rows_per_bit * self.row_bytes
+    }
+
+    /// Number of regions.
+    pub fn bits(&self) -> u64 {
+        self.bits
+    }
+
+    /// The region of row `row`.
+    pub fn region(&self, row: u64) -> u64 {
+        (row / self.rows_per_bit).min(self.bits.saturating_sub(1))
+    }
+
+    /// Regions whose bit is set now.
+    pub fn dirty_regions(&self) -> u64 {
+        self.ondisk
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
+    }
+
+    /// The set bits, as words.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.ondisk
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Mark `regions` dirty in memory (what assembly found on disk; every
+    /// region when nothing readable was found).
+    pub fn load(&self, regions: &[u64]) {
+        for (w, &v) in self.ondisk.iter().zip(regions) {
+            w.store(v, Ordering::SeqCst);
+        }
+        if let Some(last) = self.ondisk.last() {
+            // Bits past the end stay clear.
+            let tail = self.bits % 64;
+            if tail != 0 {
+                last.fetch_and((1u64 << tail) - 1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Every region dirty.
+    pub fn all_dirty(&self) -> Vec<u64> {
+        let mut v = vec![u64::MAX; words(self.bits)];
+        let tail = self.bits % 64;
+        if let (Some(last), true) = (v.last_mut(), tail != 0) {
+            *last = (1u64 << tail) - 1;
+        }
+        v
+    }
+
+    /// Keep every bit set until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Bits may be cleared again.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// The flag [`freeze`](Self::freeze) sets, for a resync to clear
+    /// when it finishes.
+    pub fn frozen_flag(&self) -> &AtomicBool {
+        &self.frozen
+    }
+
+    /// How long a region must be quiet before its bit is cleared.
+    pub fn set_clear_every(&self, d: Duration) {
+        self.clear_every_ms
+            .store(d.as_millis().max(1) as u64, Ordering::SeqCst);
+    }
+
+    /// The members the bitmap is written to.
+    pub fn members(&self) -> Vec<Arc<dyn BlockDevice>> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Write the bitmap to these members from now on.
+    pub fn set_members(&self, members: Vec<Arc<dyn BlockDevice>>) {
+        *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members;
+    }
+
+    /// A write to regions `r0..=r1` begins (before [`ready`](Self::ready)).
+    pub fn begin(&self, r0: u64, r1: u64) {
+        for r in r0..=r1.min(self.bits.saturating_sub(1)) {
+            self.active[r as usize].fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the bits of `r0..=r1` are on disk, so the write may reach
+    /// the members. If not, the daemon is asked to set them.
+    pub fn ready(&self, r0: u64, r1: u64) -> bool {
+        let mut ready = true;
+        let mut ask = false;
+        for r in r0..=r1.min(self.bits.saturating_sub(1)) {
+            let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
+            if self.ondisk[w].load(Ordering::SeqCst) & bit != 0 {
+                continue;
+            }
+            ready = false;
+            if self.wanted[w].load(Ordering::Relaxed) & bit == 0 {
+                ask |= self.wanted[w].fetch_or(bit, Ordering::SeqCst) & bit == 0;
+            }
+        }
+        if ask {
+            self.kick();
+        }
+        ready
+    }
+
+    /// The write to `r0..=r1` is over (completed or failed).
+    pub fn end(&self, r0: u64, r1: u64) {
+        for r in r0..=r1.min(self.bits.saturating_sub(1)) {
+            let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
+            if self.touched[w].load(Ordering::Relaxed) & bit == 0 {
+                self.touched[w].fetch_or(bit, Ordering::SeqCst);
+            }
+            self.active[r as usize].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn kick(&self) {
+        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cond.notify_one();
+    }
+
+    /// The on-disk block for bit words `bits`.
+    pub fn encode(&self, bits: &[u64]) -> Vec<u8> {
+        let mut b = vec![0u8; BYTES];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[16..32].copy_from_slice(&self.volume_uuid);
+        b[32..40].copy_from_slice(&self.rows_per_bit.to_le_bytes());
+        b[40..48].copy_from_slice(&self.bits.to_le_bytes());
+        for (i, w) in bits.iter().enumerate() {
+            let at = HEADER + i * 8;
+            let n = 8.min(BYTES - at);
+            b[at..at + n].copy_from_slice(&w.to_le_bytes()[..n]);
+        }
+        let crc = crc32c::crc32c(&b);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// The bit words of an on-disk block, if it is this bitmap's and
+    /// intact.
+    pub fn decode(&self, b: &[u8]) -> Result<Vec<u64>, String> {
+        if b.len() < BYTES || b[0..8] != MAGIC {
+            return Err("no bitmap".into());
+        }
+        let mut copy = b[..BYTES].to_vec();
+        let stored = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        copy[12..16].fill(0);
+        if crc32c::crc32c(&copy) != stored {
+            return Err("bitmap checksum mismatch (torn or corrupt)".into());
+        }
+        let u64_at = |o: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(x)
+        };
+        if b[16..32] != self.volume_uuid {
+            return Err("bitmap of another volume".into());
+        }
+        if u64_at(32) != self.rows_per_bit || u64_at(40) != self.bits {
+            return Err(format!(
+                "bitmap geometry {} rows per bit x {} bits, expected {} x {}",
+                u64_at(32),
+                u64_at(40),
+                self.rows_per_bit,
+                self.bits
+            ));
+        }
+        let mut out = vec![0u64; words(self.bits)];
+        for (i, w) in out.iter_mut().enumerate() {
+            let at = HEADER + i * 8;
+            let mut x = [0u8; 8];
+            let n = 8.min(BYTES - at);
+            x[..n].copy_from_slice(&b[at..at + n]);
+            *w = u64::from_le_bytes(x);
+        }
+        Ok(out)
+    }
+
+    fn first_block(&self) -> u64 {
+        BYTE_OFFSET / self.block_size as u64
+    }
+
+    /// Write bit words `bits` to `members` (each flushed). Returns how
+    /// many took it, and the errors of the others.
+    pub fn write_to(&self, members: &[Arc<dyn BlockDevice>], bits: &[u64]) -> (usize, Vec<String>) {
+        let block = self.encode(bits);
+        let mut ok = 0;
+        let mut errors = Vec::new();
+        for dev in members {
+            let mut buf = block.clone();
+            let res = super::journal::sync(dev.as_ref(), IoOp::Write, self.first_block(), &mut buf)
+                .and_then(|_| super::journal::sync(dev.as_ref(), IoOp::Flush, 0, &mut []));
+            match res {
+                Ok(()) => ok += 1,
+                Err(e) => errors.push(e),
+            }
+        }
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        (ok, errors)
+    }
+
+    /// Read the bitmap of every device in `members` and return the union
+    /// of those that are intact; every region when none is.
+    pub fn read_union(&self, members: &[Arc<dyn BlockDevice>]) -> (Vec<u64>, Vec<String>) {
+        let mut union: Option<Vec<u64>> = None;
+        let mut problems = Vec::new();
+        for dev in members {
+            let mut buf = vec![0u8; BYTES];
+            let res = super::journal::sync(dev.as_ref(), IoOp::Read, self.first_block(), &mut buf)
+                .and_then(|_| self.decode(&buf));
+            match res {
+                Ok(bits) => {
+                    let u = union.get_or_insert_with(|| vec![0; bits.len()]);
+                    for (a, b) in u.iter_mut().zip(bits) {
+                        *a |= b;
+                    }
+                }
+                Err(e) => problems.push(format!("{}: {e}", dev.info().name)),
+            }
+        }
+        (union.unwrap_or_else(|| self.all_dirty()), problems)
+    }
+
+    /// Set the wanted bits on disk. Writers waiting for them go on even if
+    /// no member took the write: their data IO fails on those members too,
+    /// and a stalled write would be worse.
+    fn set_wanted(&self) {
+        let mut want = vec![0u64; self.wanted.len()];
+        let mut new = false;
+        for (i, w) in self.wanted.iter().enumerate() {
+            want[i] = w.swap(0, Ordering::SeqCst);
+            new |= want[i] & !self.ondisk[i].load(Ordering::SeqCst) != 0;
+        }
+        if new {
+            let image: Vec<u64> = self
+                .ondisk
+                .iter()
+                .zip(&want)
+                .map(|(d, w)| d.load(Ordering::SeqCst) | w)
+                .collect();
+            let members = self
+                .members
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let (ok, errors) = self.write_to(&members, &image);
+            if ok == 0 {
+                tracing::error!(errors = ?errors, "write-intent bitmap: no member took the update");
+            } else if !errors.is_empty() {
+                tracing::warn!(errors = ?errors, "write-intent bitmap: some members did not take the update");
+            }
+        }
+        for (d, w) in self.ondisk.iter().zip(&want) {
+            d.fetch_or(*w, Ordering::SeqCst);
+        }
+    }
+
+    /// Clear the bits of regions with no write active and none since the
+    /// last pass; flush the members, then write the bitmap.
+    fn clear_quiet(&self) {
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut cleared = vec![0u64; self.ondisk.len()];
+        for (i, d) in self.ondisk.iter().enumerate() {
+            let recent = self.touched[i].swap(0, Ordering::SeqCst);
+            let candidates = d.load(Ordering::SeqCst) & !recent;
+            let mut m = candidates;
+            while m != 0 {
+                let b = m.trailing_zeros() as u64;
+                m &= m - 1;
+                let bit = 1u64 << b;
+                let r = i as u64 * 64 + b;
+                d.fetch_and(!bit, Ordering::SeqCst);
+                if self.active[r as usize].load(Ordering::SeqCst) > 0 {
+                    d.fetch_or(bit, Ordering::SeqCst);
+                } else {
+                    cleared[i] |= bit;
+                }
+            }
+        }
+        if cleared.iter().all(|&w| w == 0) {
+            return;
+        }
+        let members = self
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The quiet regions' writes must be durable before their bits go.
+        for dev in &members {
+            if let Err(e) = super::journal::sync(dev.as_ref(), IoOp::Flush, 0, &mut []) {
+                tracing::warn!(error = %e, "write-intent bitmap: member flush failed; bits kept");
+                for (d, w) in self.ondisk.iter().zip(&cleared) {
+                    d.fetch_or(*w, Ordering::SeqCst);
+                }
+                return;
+            }
+        }
+        let image = self.snapshot();
+        let (ok, errors) = self.write_to(&members, &image);
+        if ok == 0 && !members.is_empty() {
+            tracing::warn!(errors = ?errors, "write-intent bitmap: clearing not written");
+        }
+    }
+}
+
+/// The thread that writes a volume's bitmap; stopped when dropped.
+pub struct BitmapDaemon {
+    bitmap: Arc<Bitmap>,
+    quit: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BitmapDaemon {
+    /// Start writing `bitmap` for volume `name`.
+    pub fn start(name: &str, bitmap: Arc<Bitmap>) -> Result<BitmapDaemon, String> {
+        let quit = Arc::new(AtomicBool::new(false));
+        let (b, q) = (bitmap.clone(), quit.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("bitmap-{name}"))
+            .spawn(move || run(&b, &q))
+            .map_err(|e| format!("starting the bitmap thread of {name}: {e}"))?;
+        Ok(BitmapDaemon {
+            bitmap,
+            quit,
+            thread: Some(thread),
+        })
+    }
+
+    /// A daemon that never ran (its bitmap marks every region dirty).
+    pub fn stopped(bitmap: Arc<Bitmap>) -> BitmapDaemon {
+        BitmapDaemon {
+            bitmap,
+            quit: Arc::new(AtomicBool::new(true)),
+            thread: None,
+        }
+    }
+
+    /// The bitmap it writes.
+    pub fn bitmap(&self) -> &Arc<Bitmap> {
+        &self.bitmap
+    }
+}
+
+fn run(b: &Bitmap, quit: &AtomicBool) {
+    let mut last_clear = Instant::now();
+    while !quit.load(Ordering::SeqCst) {
+        let every = Duration::from_millis(b.clear_every_ms.load(Ordering::SeqCst));
+        {
+            let mut woken = b.wake.lock().unwrap_or_else(|e| e.into_inner());
+            while !*woken && !quit.load(Ordering::SeqCst) {
+                let left = every.saturating_sub(last_clear.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                woken = match b.cond.wait_timeout(woken, left) {
+                    Ok((g, _)) => g,
+                    Err(e) => e.into_inner().0,
+                };
+            }
+            *woken = false;
+        }
+        b.set_wanted();
+        if last_clear.elapsed() >= every {
+            last_clear = Instant::now();
+            b.clear_quiet();
+        }
+    }
+    // Writers still waiting are let through rather than left hanging.
+    b.set_wanted();
+}
+
+impl Drop for BitmapDaemon {
+    fn drop(&mut self) {
+        self.quit.store(true, Ordering::SeqCst);
+        self.bitmap.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev::RamDevice;
+
+    fn rows(count: u64) -> Rows {
+        Rows {
+            count,
+            blocks: 16,
+            offset: 256,
+            total: count * 16,
+            block_size: 4096,
+        }
+    }
+
+    #[test]
+    fn region_size_grows_until_the_bits_fit_one_block() {
+        // 64 KiB rows: 1024 per 64 MiB.
+        assert_eq!(rows_per_bit(&rows(10_000), 64 << 20), 1024);
+        assert_eq!(rows_per_bit(&rows(10_000), 1), 1);
+        let huge = rows(MAX_BITS * 1024 * 3);
+        let rpb = rows_per_bit(&huge, 64 << 20);
+        assert!(huge.count.div_ceil(rpb) <= MAX_BITS);
+        assert_eq!(rpb, 4096);
+        assert!(fits(8192 / 4096, 4096) && !fits(1, 4096) && fits(16, 512));
+    }
+
+    #[test]
+    fn blocks_round_trip_and_damage_is_caught() {
+        let b = Bitmap::new(&rows(5000), 7, [3; 16]).unwrap();
+        let mut bits = vec![0u64; words(b.bits())];
+        bits[0] = 0b1011;
+        bits[11] = 1 << 40;
+        let block = b.encode(&bits);
+        assert_eq!(b.decode(&block).unwrap(), bits);
+        for at in [0usize, 13, 20, 33, 64, 100, 4095] {
+            let mut bad = block.clone();
+            bad[at] ^= 0x40;
+            assert!(b.decode(&bad).is_err(), "flip at {at} not caught");
+        }
+        let other = Bitmap::new(&rows(5000), 7, [4; 16]).unwrap();
+        assert!(other.decode(&block).unwrap_err().contains("another volume"));
+        let regeo = Bitmap::new(&rows(5000), 8, [3; 16]).unwrap();
+        assert!(regeo.decode(&block).unwrap_err().contains("geometry"));
+        assert!(Bitmap::new(&rows(MAX_BITS + 1), 1, [0; 16]).is_err());
+    }
+
+    #[test]
+    fn a_write_waits_for_its_bit_and_a_busy_region_is_never_cleared() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("m", 4096, 64).unwrap());
+        let b = Arc::new(Bitmap::new(&rows(640), 64, [1; 16]).unwrap());
+        b.set_members(vec![dev.clone()]);
+        // No daemon: the bit is wanted, not set.
+        b.begin(3, 3);
+        assert!(!b.ready(3, 3));
+        b.set_wanted();
+        assert!(b.ready(3, 3));
+        assert_eq!(b.dirty_regions(), 1);
+        let (on_disk, problems) = b.read_union(std::slice::from_ref(&dev));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(on_disk[0], 1 << 3, "set on the member before the write");
+        // In flight: never cleared, however quiet.
+        b.clear_quiet();
+        b.clear_quiet();
+        assert_eq!(b.dirty_regions(), 1);
+        b.end(3, 3);
+        // Touched in this pass: kept once more.
+        b.clear_quiet();
+        assert_eq!(b.dirty_regions(), 1);
+        b.clear_quiet();
+        assert_eq!(b.dirty_regions(), 0);
+        assert_eq!(b.read_union(std::slice::from_ref(&dev)).0[0], 0, "cleared on disk");
+        // Frozen (a resync has not covered it): kept.
+        b.load(&[1 << 5]);
+        b.freeze();
+        b.clear_quiet();
+        b.clear_quiet();
+        assert_eq!(b.dirty_regions(), 1);
+        b.thaw();
+        b.clear_quiet();
+        assert_eq!(b.dirty_regions(), 0);
+        // Nothing readable on a member: everything is dirty.
+        let blank: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("b", 4096, 64).unwrap());
+        let (all, problems) = b.read_union(&[blank]);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(all, b.all_dirty());
+        assert_eq!(all.iter().map(|w| w.count_ones()).sum::<u32>(), 10);
+    }
+
+    #[test]
+    fn the_daemon_lets_waiting_writers_through() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("m", 4096, 64).unwrap());
+        let b = Arc::new(Bitmap::new(&rows(640), 64, [1; 16]).unwrap());
+        b.set_members(vec![dev]);
+        b.set_clear_every(Duration::from_millis(20));
+        let d = BitmapDaemon::start("t", b.clone()).unwrap();
+        b.begin(0, 9);
+        let t = Instant::now();
+        while !b.ready(0, 9) {
+            assert!(t.elapsed() < Duration::from_secs(10), "bits never set");
+            std::thread::yield_now();
+        }
+        assert_eq!(b.dirty_regions(), 10);
+        b.end(0, 9);
+        while b.dirty_regions() > 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "bits never cleared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(d);
+    }
+}

@@ -1,0 +1,239 @@
+//! The write-intent bitmap's two rules, checked on every member IO rather
+//! than by timing: a data write reaches a member only when that member's
+//! bitmap block already marks its region, and a bit is cleared on a member
+//! only after the member was flushed since the region's last write.
+//! Random writes from two reactors race the daemon setting and clearing
+//! bits every millisecond; RAID1 and RAID5 alike.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use appliance::raid::assembly::{self, VolumeSpec};
+use appliance::raid::bitmap;
+use appliance::raid::geometry::Layout;
+use appliance::raid::members::FailureSink;
+use appliance::raid::monitor::Monitor;
+use appliance::raid::superblock::Level;
+use appliance::volume::Volume;
+use appliance::workload::{Workload, WorkloadParams};
+use bdev::{
+    BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, RamDevice,
+    SubmitError,
+};
+use poller::{ReactorConfig, Reactors};
+
+const BS: u64 = 4096;
+const OFFSET: u64 = 2;
+
+/// What a member has seen: the bits of its last bitmap block, the
+/// regions written since its last flush, and every broken rule.
+#[derive(Default)]
+struct Seen {
+    bits: Vec<u64>,
+    unflushed: BTreeSet<u64>,
+    violations: Vec<String>,
+    data_writes: u64,
+    clears: u64,
+}
+
+/// A member that checks the rules on every request it is given.
+struct Checked {
+    inner: Arc<dyn BlockDevice>,
+    /// Member blocks per bitmap region (set once the bitmap exists).
+    region_blocks: Mutex<u64>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+struct CheckedChannel {
+    inner: Box<dyn IoChannel>,
+    region_blocks: u64,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl BlockDevice for Checked {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(CheckedChannel {
+            inner: self.inner.open_channel()?,
+            region_blocks: *self.region_blocks.lock().unwrap(),
+            seen: self.seen.clone(),
+        }))
+    }
+}
+
+fn bit(bits: &[u64], r: u64) -> bool {
+    bits.get((r / 64) as usize)
+        .is_some_and(|w| w & (1 << (r % 64)) != 0)
+}
+
+impl IoChannel for CheckedChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        let mut s = self.seen.lock().unwrap();
+        let first_bitmap_block = bitmap::BYTE_OFFSET / BS;
+        match req.op {
+            IoOp::Write if req.offset_blocks == first_bitmap_block => {
+                let mut block = vec![0u8; bitmap::BYTES];
+                let mut at = 0;
+                for v in req.sg.iter() {
+                    // SAFETY: the buffer is valid until the request completes.
+                    let src = unsafe { std::slice::from_raw_parts(v.ptr(), v.len()) };
+                    block[at..at + src.len()].copy_from_slice(src);
+                    at += src.len();
+                }
+                let words: Vec<u64> = block[64..]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                for (w, &now) in words.iter().enumerate() {
+                    let mut cleared = s.bits.get(w).copied().unwrap_or(0) & !now;
+                    while cleared != 0 {
+                        let r = w as u64 * 64 + cleared.trailing_zeros() as u64;
+                        cleared &= cleared - 1;
+                        s.clears += 1;
+                        if s.unflushed.contains(&r) {
+                            s.violations
+                                .push(format!("region {r} cleared before its writes were flushed"));
+                        }
+                    }
+                }
+                s.bits = words;
+            }
+            IoOp::Write | IoOp::WriteZeroes | IoOp::Discard
+                if req.offset_blocks >= OFFSET && self.region_blocks > 0 =>
+            {
+                let first = (req.offset_blocks - OFFSET) / self.region_blocks;
+                let last =
+                    (req.offset_blocks - OFFSET + req.num_blocks.max(1) - 1) / self.region_blocks;
+                s.data_writes += 1;
+                for r in first..=last {
+                    if !bit(&s.bits, r) {
+                        s.violations.push(format!(
+                            "write to region {r} before its bit was on the member"
+                        ));
+                    }
+                    s.unflushed.insert(r);
+                }
+            }
+            IoOp::Flush => s.unflushed.clear(),
+            _ => {}
+        }
+        drop(s);
+        self.inner.submit(req)
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.inner.poll(out)
+    }
+
+    fn inflight(&self) -> usize {
+        self.inner.inflight()
+    }
+}
+
+fn run(level: Level, n: usize) {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let checked: Vec<Arc<Checked>> = (0..n)
+        .map(|i| {
+            Arc::new(Checked {
+                inner: Arc::new(
+                    RamDevice::new(&format!("m{i}"), BS as u32, OFFSET + 4096).unwrap(),
+                ),
+                region_blocks: Mutex::new(0),
+                seen: Arc::default(),
+            })
+        })
+        .collect();
+    let members: Vec<Arc<dyn BlockDevice>> = checked
+        .iter()
+        .map(|c| c.clone() as Arc<dyn BlockDevice>)
+        .collect();
+    let spec = VolumeSpec {
+        name: "bm".into(),
+        level,
+        layout: Layout::LeftSymmetric,
+        chunk_bytes: 16 << 10,
+        data_offset: OFFSET,
+        members: members.clone(),
+        // 256 KiB regions: 16 RAID5 stripes or one RAID1 rebuild row.
+        bitmap_chunk_bytes: 256 << 10,
+    };
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
+    let b = dev.member_set().bitmap.clone().expect("a bitmap");
+    let rows = appliance::raid::monitor::RaidDevice::rows(dev.as_ref());
+    for c in &checked {
+        *c.region_blocks.lock().unwrap() = b.rows_per_bit() * rows.blocks;
+    }
+    b.set_clear_every(Duration::from_millis(1));
+    let volume = Volume::new(reactors.set(), "bm", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
+    monitor.set_meta(meta);
+    assert!(monitor.open(true).unwrap().is_none());
+    // Random 4-64 KiB writes (and reads) over the whole volume from both
+    // reactors, in bursts with pauses so quiet regions get cleared while
+    // others are written.
+    for burst in 0..6u64 {
+        let w = Workload::start_on_volume(
+            reactors.set(),
+            &volume,
+            WorkloadParams {
+                queue_depth: 8,
+                io_bytes: 4096 << (burst % 5),
+                read_percent: 30,
+                verify: true,
+                span_bytes: 0,
+            },
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let totals = w.stop(Duration::from_secs(30)).unwrap();
+        assert!(totals.clean(), "burst {burst}: {totals:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Idle: every bit is cleared in the end.
+    let t = Instant::now();
+    while b.dirty_regions() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "bits never cleared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    monitor.close().unwrap();
+    drop(monitor);
+    let (mut writes, mut clears) = (0, 0);
+    for c in &checked {
+        let s = c.seen.lock().unwrap();
+        assert!(
+            s.violations.is_empty(),
+            "{level:?}: {} broken rules, first: {:?}",
+            s.violations.len(),
+            s.violations.first()
+        );
+        assert!(s.bits.iter().all(|&w| w == 0), "cleared on every member");
+        writes += s.data_writes;
+        clears += s.clears;
+    }
+    eprintln!(
+        "{level:?}: {writes} member data writes, {clears} bit clears, {} bitmap writes, no rule broken",
+        b.writes.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(writes > 200 && clears > 20, "the race needs exercising");
+    reactors.shutdown().unwrap();
+}
+
+#[test]
+fn raid5_writes_reach_members_only_under_a_bit_already_on_them() {
+    run(Level::Raid5, 4);
+}
+
+#[test]
+fn raid1_writes_reach_members_only_under_a_bit_already_on_them() {
+    run(Level::Raid1, 2);
+}
