@@ -444,3 +444,109 @@ fn the_kept_demo_is_driven_with_applctl() {
     assert!(child.wait().unwrap().success());
     assert!(!sock.exists() && !api.exists(), "sockets removed at exit");
 }
+
+/// A RAID5 with a write-intent bitmap, killed with SIGKILL after writes to
+/// two places: the restart resynchronises only the regions the bitmap
+/// marks, and the bitmap is switched off and on again with `applctl`.
+#[test]
+fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("init.toml");
+    let sock = dir.path().join("vm.sock");
+    let mut toml = String::new();
+    for i in 0..3 {
+        toml += &format!(
+            "[[device]]\nname = \"d{i}\"\nspec = \"file:{}:64M\"\n\n",
+            dir.path().join(format!("d{i}.img")).display()
+        );
+    }
+    toml += &format!(
+        "[[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"d0\", \"d1\", \"d2\"]\nbitmap = true\nbitmap_chunk_kib = 1024\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
+        sock.display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
+    let show = ok(&applctl(&api, &["volume", "show", "vol0"]));
+    assert!(show.contains("consistency policy: bitmap ("), "{show}");
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    // Two places 40 MiB apart: two regions of each member (1 MiB each).
+    for at in [0u64, 40 << 20] {
+        let p = common::pattern(at, at, common::Disk::BUF);
+        disk.buf().copy_from_slice(&p);
+        assert_eq!(disk.write(at, common::Disk::BUF), 0);
+    }
+    assert_eq!(disk.flush(), 0);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
+    let dirty = json["bitmap"]["dirty_regions"].as_u64().unwrap();
+    let regions = json["bitmap"]["regions"].as_u64().unwrap();
+    let region_bytes = json["bitmap"]["region_bytes"].as_u64().unwrap();
+    assert_eq!(region_bytes, 1 << 20);
+    assert!(
+        (1..=4).contains(&dirty) && regions >= 60,
+        "{dirty} of {regions} regions dirty"
+    );
+    drop(disk);
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    let log = dir.path().join("restart.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--api"])
+        .arg(&api)
+        .arg("--state")
+        .arg(dir.path().join("state.toml"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _reap_restarted = KillOnPanic(daemon.id());
+    let t = Instant::now();
+    while applctl(&api, &["version"]).status.code() != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&applctl(
+        &api,
+        &["volume", "wait", "vol0", "--timeout", "120"],
+    ));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("resynchronising the regions the write-intent bitmap marks"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
+    let resynced = json["progress"]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        resynced > 0 && resynced <= dirty * region_bytes,
+        "resync read {resynced} bytes per member; the bitmap marked {dirty} regions of {region_bytes}"
+    );
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    for at in [0u64, 40 << 20] {
+        assert_eq!(disk.read(at, common::Disk::BUF), 0);
+        assert!(disk.buf() == common::pattern(at, at, common::Disk::BUF).as_slice());
+    }
+    drop(disk);
+
+    // Switched online: off, bad input refused, on again.
+    let show = ok(&applctl(&api, &["volume", "bitmap", "vol0", "--off"]));
+    assert!(show.contains("consistency policy: resync"), "{show}");
+    let bad = applctl(&api, &["volume", "bitmap", "vol0", "--chunk-kib", "100"]);
+    assert_eq!(bad.status.code(), Some(2), "not a power of two: {bad:?}");
+    let missing = applctl(&api, &["volume", "bitmap", "nope"]);
+    assert_eq!(missing.status.code(), Some(3), "{missing:?}");
+    let show = ok(&applctl(
+        &api,
+        &["volume", "bitmap", "vol0", "--chunk-kib", "2048"],
+    ));
+    assert!(show.contains("consistency policy: bitmap ("), "{show}");
+    assert!(show.contains("2.0 MiB"), "{show}");
+    let again = applctl(&api, &["volume", "bitmap", "vol0"]);
+    assert_eq!(again.status.code(), Some(5), "already has one: {again:?}");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}

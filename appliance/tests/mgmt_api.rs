@@ -1427,3 +1427,118 @@ fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
     drop(c);
     d.stop();
 }
+
+#[test]
+fn a_write_intent_bitmap_is_set_refused_and_restored_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "d", 0..4, "16M");
+    call!(d, c, attach_device, attach("s", "ram:8M")).unwrap();
+    call!(d, c, attach_device, attach("j", "ram:8M")).unwrap();
+    let with_bitmap = |name: &str, level: pb::Level, members: &[&str]| pb::CreateVolumeRequest {
+        name: name.into(),
+        level: level as i32,
+        members: members.iter().map(|s| s.to_string()).collect(),
+        bitmap: true,
+        ..Default::default()
+    };
+    // Refused at creation: nothing to resync, a journal already, a bad size.
+    let e = call!(
+        d,
+        c,
+        create_volume,
+        with_bitmap("s", pb::Level::Single, &["s"])
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    assert!(e.1.contains("bitmap"), "names the field: {e:?}");
+    let mut jv = with_bitmap("v", pb::Level::Raid5, &["d0", "d1", "d2"]);
+    jv.journal = "j".into();
+    let e = call!(d, c, create_volume, jv).unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    let mut odd = with_bitmap("v", pb::Level::Raid5, &["d0", "d1", "d2"]);
+    odd.bitmap_chunk_kib = 3;
+    let e = call!(d, c, create_volume, odd).unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    assert!(e.1.contains("bitmap_chunk_kib"), "{e:?}");
+    assert!(call!(d, c, list_volumes, pb::ListVolumesRequest {})
+        .unwrap()
+        .volumes
+        .is_empty());
+
+    let v = call!(
+        d,
+        c,
+        create_volume,
+        with_bitmap("v", pb::Level::Raid5, &["d0", "d1", "d2"])
+    )
+    .unwrap();
+    assert_eq!(v.consistency_policy, "bitmap");
+    let b = v.bitmap.clone().unwrap();
+    assert_eq!(b.region_bytes, 64 << 20, "md's default region");
+    assert_eq!(b.regions, 1, "a 15 MiB member fits one region");
+    let single = pb::CreateVolumeRequest {
+        name: "one".into(),
+        level: pb::Level::Single as i32,
+        members: vec!["s".into()],
+        ..Default::default()
+    };
+    call!(d, c, create_volume, single).unwrap();
+    let set = |volume: &str, enabled: bool, chunk_kib: u32| pb::SetBitmapRequest {
+        volume: volume.into(),
+        enabled,
+        chunk_kib,
+    };
+    for (req, code) in [
+        (set("", true, 0), Code::InvalidArgument),
+        (set("nope", true, 0), Code::NotFound),
+        (set("v", true, 0), Code::FailedPrecondition),
+        (set("v", false, 128), Code::InvalidArgument),
+        (set("v", true, 32), Code::InvalidArgument),
+        (set("one", true, 0), Code::FailedPrecondition),
+    ] {
+        let e = call!(d, c, set_bitmap, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let add_journal = pb::AddJournalRequest {
+        volume: "v".into(),
+        device: "j".into(),
+        mode: String::new(),
+    };
+    let e = call!(d, c, add_journal, add_journal.clone()).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "bitmap first: {e:?}");
+    let gen = volume(&d, &mut c, "v").generation;
+
+    // Off and on again with smaller regions, each through the epoch.
+    let v = call!(d, c, set_bitmap, set("v", false, 0)).unwrap();
+    assert_eq!(
+        (v.consistency_policy.as_str(), v.bitmap.is_none()),
+        ("resync", true)
+    );
+    assert!(v.generation > gen, "published through the quiesce epoch");
+    let v = call!(d, c, set_bitmap, set("v", true, 1024)).unwrap();
+    assert_eq!(v.consistency_policy, "bitmap");
+    assert_eq!(v.bitmap.as_ref().unwrap().region_bytes, 1 << 20);
+    drop(c);
+    d.stop();
+
+    // A restart finds it in the superblocks.
+    let d = Daemon::start(dir.path(), Some(state), None);
+    let mut c = d.client();
+    let v = volume(&d, &mut c, "v");
+    assert_eq!(v.consistency_policy, "bitmap");
+    assert_eq!(v.bitmap.unwrap().region_bytes, 1 << 20);
+    assert!(
+        v.progress.is_none(),
+        "a clean stop needs no resync: {:?}",
+        v.progress
+    );
+    // And with the bitmap gone, a journal may come.
+    call!(d, c, set_bitmap, set("v", false, 0)).unwrap();
+    let v = call!(d, c, add_journal, add_journal).unwrap();
+    assert_eq!(v.consistency_policy, "journal");
+    drop(c);
+    d.stop();
+}

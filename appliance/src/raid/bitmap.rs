@@ -600,7 +600,11 @@ mod tests {
         assert_eq!(b.dirty_regions(), 1);
         b.clear_quiet();
         assert_eq!(b.dirty_regions(), 0);
-        assert_eq!(b.read_union(std::slice::from_ref(&dev)).0[0], 0, "cleared on disk");
+        assert_eq!(
+            b.read_union(std::slice::from_ref(&dev)).0[0],
+            0,
+            "cleared on disk"
+        );
         // Frozen (a resync has not covered it): kept.
         b.load(&[1 << 5]);
         b.freeze();
