@@ -1476,7 +1476,7 @@ fn a_write_intent_bitmap_is_set_refused_and_restored_through_the_api() {
     )
     .unwrap();
     assert_eq!(v.consistency_policy, "bitmap");
-    let b = v.bitmap.clone().unwrap();
+    let b = v.bitmap.unwrap();
     assert_eq!(b.region_bytes, 64 << 20, "md's default region");
     assert_eq!(b.regions, 1, "a 15 MiB member fits one region");
     let single = pb::CreateVolumeRequest {
