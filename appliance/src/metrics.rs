@@ -125,6 +125,10 @@ impl Sampler {
                 gauge!("appliance_volume_journal_cached_blocks", &l).set(cached as f64);
                 gauge!("appliance_volume_journal_failed", &l).set(failed as u8 as f64);
             }
+            if let Some((_, regions, dirty)) = v.bitmap {
+                gauge!("appliance_volume_bitmap_regions", &l).set(regions as f64);
+                gauge!("appliance_volume_bitmap_dirty_regions", &l).set(dirty as f64);
+            }
         }
 
         let set = mgr.reactors();

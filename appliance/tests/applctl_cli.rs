@@ -488,6 +488,19 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
         (1..=4).contains(&dirty) && regions >= 60,
         "{dirty} of {regions} regions dirty"
     );
+    wait_metric(
+        &metrics,
+        "appliance_volume_bitmap_dirty_regions",
+        "volume=\"vol0\"",
+        |v| v >= 1.0,
+    );
+    // Written again just before the kill: the regions are marked at the
+    // kill (a quiet region's bit goes 5-10 s after its last write).
+    for at in [0u64, 40 << 20] {
+        let p = common::pattern(at, at, common::Disk::BUF);
+        disk.buf().copy_from_slice(&p);
+        assert_eq!(disk.write(at, common::Disk::BUF), 0);
+    }
     drop(disk);
     daemon.kill().unwrap();
     daemon.wait().unwrap();
