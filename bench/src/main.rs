@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod nvme_driver;
+mod resync;
 
 use appliance::stats::{percentile, process_cpu_time};
 use appliance::workload::{Workload, WorkloadParams};
@@ -106,6 +107,21 @@ enum Cmd {
         /// members behind a RAM journal: where write-back pays).
         #[arg(long, default_value_t = 0)]
         member_latency_us: u64,
+        /// Keep a write-intent bitmap (64 MiB regions), written by its
+        /// daemon thread, as a volume created with --bitmap does.
+        #[arg(long)]
+        bitmap: bool,
+    },
+    /// Resync after an unclean stop, with and without a write-intent
+    /// bitmap: 4 RAM members, random 4 KiB writes over a hot set, then
+    /// the time and bytes the resync takes.
+    Resync {
+        /// Member size.
+        #[arg(long, default_value_t = 1024)]
+        member_mib: u64,
+        /// Bytes of the volume written before the stop.
+        #[arg(long, default_value_t = 16)]
+        span_mib: u64,
     },
     /// RAID5 journal figures on RAM devices: replay time per GiB of log
     /// (write-through and write-back records), and reclaim throughput (a
@@ -171,6 +187,10 @@ fn main() {
             settle_us.map(Duration::from_micros),
         ),
         Cmd::Journal { log_mib } => journal_bench(log_mib),
+        Cmd::Resync {
+            member_mib,
+            span_mib,
+        } => resync::run(member_mib, span_mib),
         Cmd::Xor { size, sources } => xor(size, sources),
         Cmd::Raid {
             level,
@@ -181,12 +201,13 @@ fn main() {
             write_back,
             span_mib,
             member_latency_us,
+            bitmap,
         } => raid(
             level,
             rw,
             members,
             seconds,
-            (journal, write_back),
+            (journal, write_back, bitmap),
             (span_mib, member_latency_us),
         ),
     };
@@ -486,11 +507,12 @@ fn raid(
     rw: RaidRw,
     members: usize,
     seconds: f64,
-    (journal, write_back): (bool, bool),
+    (journal, write_back, bitmap): (bool, bool, bool),
     (span_mib, member_latency_us): (u64, u64),
 ) -> Result<serde_json::Value, String> {
     use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, Member, MemberState};
+    use appliance::raid::monitor::RaidDevice;
     use appliance::raid::raid1::Raid1Device;
     use appliance::raid::raid5::Raid5Device;
     let member_blocks = (256u64 << 20) / 4096;
@@ -515,17 +537,19 @@ fn raid(
         })
         .collect::<Result<_, _>>()?;
     let mut journal_handle = None;
-    let volume: Arc<dyn BlockDevice> = match level {
-        1 => {
-            Arc::new(Raid1Device::new("r1", ms, 0, FailureSink::none()).map_err(|e| e.to_string())?)
-        }
+    // The bitmap block sits after the superblock's 4 KiB: data from 1 MiB.
+    let offset = if bitmap { 256 } else { 0 };
+    let volume: Arc<dyn RaidDevice> = match level {
+        1 => Arc::new(
+            Raid1Device::new("r1", ms, offset, FailureSink::none()).map_err(|e| e.to_string())?,
+        ),
         5 => {
             let r5 = Raid5Device::new(
                 "r5",
                 ms,
                 64 << 10,
                 Layout::LeftSymmetric,
-                0,
+                offset,
                 FailureSink::none(),
             )
             .map_err(|e| e.to_string())?;
@@ -547,6 +571,18 @@ fn raid(
             }
         }
         l => return Err(format!("level {l} is not 1 or 5")),
+    };
+    let mut _bitmap_daemon = None;
+    let volume: Arc<dyn BlockDevice> = if bitmap {
+        use appliance::raid::bitmap::{self, Bitmap, BitmapDaemon};
+        let rows = volume.rows();
+        let rpb = bitmap::rows_per_bit(&rows, bitmap::DEFAULT_CHUNK_BYTES);
+        let b = Arc::new(Bitmap::new(&rows, rpb, [7; 16])?);
+        b.set_members(volume.member_devices());
+        _bitmap_daemon = Some(BitmapDaemon::start("bench", b.clone())?);
+        volume.with_member_set(volume.member_set().with_bitmap(Some(b)))
+    } else {
+        volume
     };
     let single = mk(99)?;
     let (read_percent, io_bytes) = match rw {
@@ -606,6 +642,7 @@ fn raid(
     Ok(json!({
         "bench": "raid",
         "journal": if journal { if write_back { "write-back" } else { "write-through" } } else { "" },
+        "bitmap": bitmap,
         "level": level,
         "members": members,
         "span_mib": span_mib,
