@@ -384,6 +384,25 @@ impl pb::appliance_server::Appliance for Service {
         .await
     }
 
+    async fn takeover(
+        &self,
+        req: Request<pb::TakeoverRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        if r.volume.is_empty() {
+            return Err(bad("volume", "is empty"));
+        }
+        let level = match pb::Level::try_from(r.level) {
+            Ok(pb::Level::Raid1) => "raid1",
+            Ok(pb::Level::Raid5) => "raid5",
+            Ok(pb::Level::Unspecified) => return Err(bad("level", "is required")),
+            Ok(pb::Level::Single) => return Err(bad("level", "must be raid1 or raid5")),
+            Err(_) => return Err(bad("level", format!("unknown value {}", r.level))),
+        };
+        self.run(move |m| m.takeover(&r.volume, level, r.chunk_kib).map(volume_to_pb))
+            .await
+    }
+
     async fn set_bitmap(
         &self,
         req: Request<pb::SetBitmapRequest>,

@@ -962,6 +962,31 @@ impl Manager {
             )));
         };
         let v = report.volumes.remove(i);
+        // The superblocks say what the volume is: a takeover or bitmap
+        // change recorded there just before a crash may not have reached
+        // the state file.
+        let sb = &v.meta.template;
+        let sb_level = if sb.level == SbLevel::Raid5 {
+            Level::Raid5
+        } else {
+            Level::Raid1
+        };
+        if sb_level != level {
+            tracing::warn!(
+                volume = decl.name,
+                state_file = level.name(),
+                superblocks = sb_level.name(),
+                "the superblocks' level wins"
+            );
+        }
+        let mut fixed = decl.clone();
+        fixed.level = sb_level.name().to_string();
+        if sb_level == Level::Raid5 {
+            fixed.chunk_kib = sb.chunk_bytes / 1024;
+            fixed.layout = sb.layout.name().to_string();
+        }
+        fixed.bitmap = sb.bitmap_rows_per_bit > 0;
+        let (decl, level) = (&fixed, sb_level);
         if !v.stale.is_empty() {
             tracing::warn!(volume = decl.name, stale = ?v.stale, "stale members left out");
         }
@@ -1304,6 +1329,44 @@ impl Manager {
         s.device("device", device)?;
         m.set_write_mostly(device, on)
             .map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Change a two-member volume's level online (md's takeover): RAID1 to
+    /// RAID5 with `chunk_kib` chunks (0: 64), or RAID5 to RAID1.
+    pub fn takeover(
+        &self,
+        volume: &str,
+        level: &str,
+        chunk_kib: u32,
+    ) -> Result<VolumeView, MgmtError> {
+        let to = match Level::parse(level) {
+            Some(Level::Raid1) => SbLevel::Raid1,
+            Some(Level::Raid5) => SbLevel::Raid5,
+            _ => return Err(invalid("level", format!("{level:?} is not raid1 or raid5"))),
+        };
+        let chunk_kib = if chunk_kib == 0 { 64 } else { chunk_kib };
+        if !(4..=1024).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
+            return Err(invalid(
+                "chunk_kib",
+                format!("{chunk_kib} is not a power of two in 4..=1024"),
+            ));
+        }
+        let mut s = self.lock_for_change()?;
+        Self::monitor(&s, volume)?
+            .takeover(to, chunk_kib * 1024)
+            .map_err(|e| from_op(volume, e))?;
+        if let Some(v) = s.volumes.get_mut(volume) {
+            v.level = if to == SbLevel::Raid5 {
+                Level::Raid5
+            } else {
+                Level::Raid1
+            };
+            v.decl.level = v.level.name().to_string();
+            v.decl.chunk_kib = chunk_kib;
+            v.decl.layout = "left-symmetric".into();
+        }
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

@@ -560,6 +560,15 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
     assert!(show.contains("2.0 MiB"), "{show}");
     let again = applctl(&api, &["volume", "bitmap", "vol0"]);
     assert_eq!(again.status.code(), Some(5), "already has one: {again:?}");
+    // Takeover needs two members (this RAID5 has three).
+    let t = applctl(&api, &["volume", "takeover", "vol0", "--level", "raid1"]);
+    assert_eq!(t.status.code(), Some(5), "{t:?}");
+    assert!(
+        String::from_utf8_lossy(&t.stderr).contains("exactly two"),
+        "{t:?}"
+    );
+    let t = applctl(&api, &["volume", "takeover", "vol0", "--level", "raid6"]);
+    assert_eq!(t.status.code(), Some(2), "{t:?}");
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }

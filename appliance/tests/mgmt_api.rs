@@ -1542,3 +1542,77 @@ fn a_write_intent_bitmap_is_set_refused_and_restored_through_the_api() {
     drop(c);
     d.stop();
 }
+
+#[test]
+fn a_mirror_of_two_is_taken_over_to_raid5_and_back_through_the_api_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "d", 0..5, "16M");
+    let mirror = pb::CreateVolumeRequest {
+        name: "m".into(),
+        level: pb::Level::Raid1 as i32,
+        members: vec!["d0".into(), "d1".into()],
+        ..Default::default()
+    };
+    call!(d, c, create_volume, mirror).unwrap();
+    call!(d, c, create_volume, raid5("r", &["d2", "d3", "d4"], &[])).unwrap();
+    let sock = dir.path().join("m.sock");
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "m".into(),
+            volume: "m".into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 1, 0);
+    let take = |volume: &str, level: pb::Level, chunk_kib: u32| pb::TakeoverRequest {
+        volume: volume.into(),
+        level: level as i32,
+        chunk_kib,
+    };
+    for (req, code) in [
+        (take("", pb::Level::Raid5, 0), Code::InvalidArgument),
+        (take("m", pb::Level::Unspecified, 0), Code::InvalidArgument),
+        (take("m", pb::Level::Single, 0), Code::InvalidArgument),
+        (take("m", pb::Level::Raid5, 3), Code::InvalidArgument),
+        (take("nope", pb::Level::Raid5, 0), Code::NotFound),
+        (take("m", pb::Level::Raid1, 0), Code::FailedPrecondition),
+        (take("r", pb::Level::Raid1, 0), Code::FailedPrecondition),
+    ] {
+        let e = call!(d, c, takeover, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, takeover, take("m", pb::Level::Raid5, 32)).unwrap();
+    assert_eq!(v.level, pb::Level::Raid5 as i32);
+    assert_eq!((v.chunk_kib, v.layout.as_str()), (32, "left-symmetric"));
+    assert_eq!(v.state, "optimal");
+    // The export kept serving across the change.
+    check_pattern(&mut disk, 1, 0);
+    write_pattern(&mut disk, 2, 1 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+
+    // Restored as a RAID5 of two, with the data.
+    let d = Daemon::start(dir.path(), Some(state), None);
+    let mut c = d.client();
+    let v = volume(&d, &mut c, "m");
+    assert_eq!((v.level, v.chunk_kib), (pb::Level::Raid5 as i32, 32));
+    let mut disk = Disk::connect(&sock).unwrap();
+    check_pattern(&mut disk, 1, 0);
+    check_pattern(&mut disk, 2, 1 << 20);
+    let v = call!(d, c, takeover, take("m", pb::Level::Raid1, 0)).unwrap();
+    assert_eq!((v.level, v.layout.as_str()), (pb::Level::Raid1 as i32, ""));
+    check_pattern(&mut disk, 2, 1 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+}

@@ -90,9 +90,11 @@ impl Raid5Geometry {
         data_offset_blocks: u64,
         member_blocks: u64,
     ) -> Result<Raid5Geometry, GeometryError> {
-        if !(3..=64).contains(&members) {
+        // Two members are md's degenerate RAID5 (parity is a copy of the
+        // one data chunk), what a RAID1 becomes by takeover.
+        if !(2..=64).contains(&members) {
             return Err(GeometryError(format!(
-                "RAID5 needs 3..=64 members, got {members}"
+                "RAID5 needs 2..=64 members, got {members}"
             )));
         }
         if !chunk_bytes.is_power_of_two() || !(4096..=1 << 20).contains(&chunk_bytes) {
@@ -283,7 +285,7 @@ mod tests {
     #[test]
     fn every_block_has_one_home_and_parity_never_collides() {
         for layout in all_layouts() {
-            for members in 3..=7u32 {
+            for members in 2..=7u32 {
                 let g = Raid5Geometry::new(members, 512, 8192, layout, 16, 16 + 16 * 10).unwrap();
                 let mut seen = std::collections::HashSet::new();
                 for b in 0..g.volume_blocks() {
@@ -310,7 +312,7 @@ mod tests {
 
     #[test]
     fn bad_geometry_is_refused() {
-        assert!(Raid5Geometry::new(2, 4096, 65536, Layout::LeftSymmetric, 0, 1000).is_err());
+        assert!(Raid5Geometry::new(1, 4096, 65536, Layout::LeftSymmetric, 0, 1000).is_err());
         assert!(Raid5Geometry::new(65, 4096, 65536, Layout::LeftSymmetric, 0, 1000).is_err());
         assert!(Raid5Geometry::new(3, 4096, 3000, Layout::LeftSymmetric, 0, 1000).is_err());
         assert!(Raid5Geometry::new(3, 4096, 2 << 20, Layout::LeftSymmetric, 0, 1000).is_err());

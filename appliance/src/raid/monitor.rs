@@ -557,6 +557,92 @@ impl Monitor {
         Ok(())
     }
 
+    /// Change the level of a two-member volume online (md's takeover):
+    /// a RAID1 of two becomes a RAID5 of two with `chunk_bytes` chunks, or
+    /// back. The members stay as they are, since a two-member RAID5's
+    /// parity is a copy of its one data chunk: the same bytes at the same
+    /// places as a mirror. Through the quiesce epoch, recorded in the
+    /// superblocks.
+    pub fn takeover(&self, to: super::superblock::Level, chunk_bytes: u32) -> Result<(), OpError> {
+        use super::superblock::Level;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = s.current.clone();
+        let name = cur.info().name.clone();
+        let now = if cur.parity_geometry().is_some() {
+            Level::Raid5
+        } else {
+            Level::Raid1
+        };
+        let precondition = |m: String| Err(OpError::FailedPrecondition(m));
+        if now == to {
+            return precondition(format!("{name} is already {to:?}"));
+        }
+        let set = cur.member_set();
+        if set.members.len() != 2 {
+            return precondition(format!(
+                "takeover needs exactly two members; {name} has {} (md reshapes first)",
+                set.members.len()
+            ));
+        }
+        if set.members.iter().any(|m| m.state != MemberState::InSync) {
+            return precondition(format!("{name}: takeover needs both members in sync"));
+        }
+        if s.rebuild.as_ref().is_some_and(|p| !p.is_finished()) {
+            return precondition(format!("{name}: a rebuild or scrub is running"));
+        }
+        if cur.journal().is_some() {
+            return precondition(format!("{name}: remove the journal first"));
+        }
+        if set.bitmap.is_some() {
+            return precondition(format!(
+                "{name}: remove the write-intent bitmap first (its regions are counted in the level's rows)"
+            ));
+        }
+        if set.members.iter().any(|m| m.write_mostly) {
+            return precondition(format!(
+                "{name}: clear write-mostly first (a RAID5 reads every member)"
+            ));
+        }
+        let Some(template) = s.meta.as_ref().map(|m| m.template.clone()) else {
+            return precondition(format!("{name} keeps no superblocks to record a level in"));
+        };
+        let layout = super::geometry::Layout::LeftSymmetric;
+        let next: Arc<dyn RaidDevice> = match to {
+            Level::Raid5 => Arc::new(
+                super::raid5::Raid5Device::over(
+                    &name,
+                    set.clone(),
+                    chunk_bytes,
+                    layout,
+                    template.data_offset,
+                )
+                .map_err(|e| OpError::FailedPrecondition(e.to_string()))?,
+            ),
+            Level::Raid1 => Arc::new(
+                super::raid1::Raid1Device::over(&name, set.clone(), template.data_offset)
+                    .map_err(|e| OpError::FailedPrecondition(e.to_string()))?,
+            ),
+        };
+        if next.info().num_blocks != cur.info().num_blocks {
+            return precondition(format!(
+                "{name}: as {to:?} it would hold {} blocks instead of {}; the member data size must be a multiple of the chunk",
+                next.info().num_blocks,
+                cur.info().num_blocks
+            ));
+        }
+        publish(&self.volume, &next)?;
+        s.current = next.clone();
+        if let Some(meta) = s.meta.as_mut() {
+            meta.template.level = to;
+            meta.template.layout = layout;
+            meta.template.chunk_bytes = chunk_bytes;
+            meta.record(next.as_ref(), &next.member_devices(), false)
+                .map_err(|e| OpError::Internal(e.to_string()))?;
+        }
+        tracing::info!(volume = name, level = ?to, "takeover done");
+        Ok(())
+    }
+
     /// Mark a mirror member write-mostly (read only when no other in-sync
     /// member can serve), or clear it. Through the quiesce epoch, and
     /// recorded in the superblocks.

@@ -37,6 +37,13 @@ impl Raid1Device {
         data_offset: u64,
         failures: FailureSink,
     ) -> Result<Raid1Device, BdevError> {
+        Self::over(name, MemberSet::new(members, failures), data_offset)
+    }
+
+    /// A mirror over the members (and what generations share) of `set`: a
+    /// two-member RAID5 taken over as it is.
+    pub fn over(name: &str, set: MemberSet, data_offset: u64) -> Result<Raid1Device, BdevError> {
+        let members = &set.members;
         if !(2..=32).contains(&members.len()) {
             return Err(BdevError::InvalidArgument(format!(
                 "{name}: RAID1 needs 2..=32 members, got {}",
@@ -80,7 +87,7 @@ impl Raid1Device {
         Ok(Raid1Device {
             info,
             data_offset,
-            set: MemberSet::new(members, failures),
+            set,
         })
     }
 }

@@ -81,7 +81,7 @@ pub struct Raid5Device {
 }
 
 impl Raid5Device {
-    /// RAID5 over `members` (3..=64, same block size) with `chunk_bytes`
+    /// RAID5 over `members` (2..=64, same block size) with `chunk_bytes`
     /// chunks in `layout`, data starting `data_offset` blocks into each.
     pub fn new(
         name: &str,
@@ -91,6 +91,25 @@ impl Raid5Device {
         data_offset: u64,
         failures: FailureSink,
     ) -> Result<Raid5Device, BdevError> {
+        Self::over(
+            name,
+            MemberSet::new(members, failures),
+            chunk_bytes,
+            layout,
+            data_offset,
+        )
+    }
+
+    /// RAID5 over the members (and what generations share) of `set`: a
+    /// RAID1 of two taken over as it is.
+    pub fn over(
+        name: &str,
+        set: MemberSet,
+        chunk_bytes: u32,
+        layout: Layout,
+        data_offset: u64,
+    ) -> Result<Raid5Device, BdevError> {
+        let members = &set.members;
         let Some(first) = members.first() else {
             return Err(BdevError::InvalidArgument(format!("{name}: no members")));
         };
@@ -137,7 +156,7 @@ impl Raid5Device {
         Ok(Raid5Device {
             info,
             geo,
-            set: MemberSet::new(members, failures),
+            set,
             journal: None,
         })
     }

@@ -197,6 +197,20 @@ enum VolumeCmd {
         #[arg(long)]
         off: bool,
     },
+    /// Change a two-member volume's level online (md's takeover): a RAID1
+    /// of two becomes a RAID5 of two, or back; nothing on the members moves.
+    ///
+    /// Example: applctl volume takeover mirror0 --level raid5 --chunk-kib 64
+    Takeover {
+        /// The volume.
+        name: String,
+        /// raid1 or raid5.
+        #[arg(long)]
+        level: String,
+        /// RAID5 chunk in KiB.
+        #[arg(long, default_value_t = 64)]
+        chunk_kib: u32,
+    },
     /// Add a write-intent bitmap online (md's --grow --bitmap=internal), or
     /// remove it with --off: after a crash only the regions it marks are
     /// resynchronised instead of the whole volume.
@@ -534,6 +548,28 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 volume: name,
                 device,
                 enabled: !off,
+            })
+            .await?
+        }
+        VolumeCmd::Takeover {
+            name,
+            level,
+            chunk_kib,
+        } => {
+            let level = match level.as_str() {
+                "raid1" => pb::Level::Raid1,
+                "raid5" => pb::Level::Raid5,
+                other => {
+                    return Err(Failure(
+                        2,
+                        format!("--level {other:?}: expected raid1 or raid5"),
+                    ))
+                }
+            };
+            c.takeover(pb::TakeoverRequest {
+                volume: name,
+                level: level as i32,
+                chunk_kib,
             })
             .await?
         }
