@@ -24,7 +24,10 @@ fn random(len: usize) -> Vec<u8> {
     v
 }
 
-const MEMBER: u64 = 33 << 20; // 1 MiB data offset + 32 MiB data
+/// Member size for `n` members: 1 MiB data offset and a 96 MiB volume.
+fn member_bytes(n: u64) -> u64 {
+    (1 << 20) + (96 << 20) / (n - 1)
+}
 const OFFSET_BLOCKS: u64 = 256;
 
 fn volume(paths: &[PathBuf], layout: Layout, chunk: u32) -> Raid5Device {
@@ -47,14 +50,14 @@ fn volume(paths: &[PathBuf], layout: Layout, chunk: u32) -> Raid5Device {
     .unwrap()
 }
 
-fn interop(layout: Layout, chunk: u32) {
+fn interop(layout: Layout, chunk: u32, n: u64) {
     let guest = guest();
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let paths: Vec<PathBuf> = (0..4)
+    let paths: Vec<PathBuf> = (0..n)
         .map(|i| dir.path().join(format!("m{i}.img")))
         .collect();
     for p in &paths {
-        FileDevice::create(p, 4096, MEMBER).unwrap();
+        FileDevice::create(p, 4096, member_bytes(n)).unwrap();
     }
     // The appliance writes 16 MiB at the start of the volume, and fills the
     // rest with data too, so md's parity check covers real content.
@@ -75,7 +78,7 @@ fn interop(layout: Layout, chunk: u32) {
     std::fs::write(
         dir.path().join("geometry"),
         format!(
-            "CHUNK_K={}\nLAYOUT={}\nOFFSET_K={}\n",
+            "CHUNK_K={}\nLAYOUT={}\nOFFSET_K={}\nN={n}\n",
             chunk / 1024,
             layout.name(),
             OFFSET_BLOCKS * 4
@@ -127,12 +130,19 @@ fn interop(layout: Layout, chunk: u32) {
 
 #[test]
 fn md_and_the_appliance_share_raid5_left_symmetric() {
-    interop(Layout::LeftSymmetric, 64 << 10);
+    interop(Layout::LeftSymmetric, 64 << 10, 4);
+}
+
+/// A RAID5 of two, what a takeover makes of a mirror: md's degenerate
+/// RAID5, parity a copy of the data.
+#[test]
+fn md_and_the_appliance_share_a_raid5_of_two() {
+    interop(Layout::LeftSymmetric, 32 << 10, 2);
 }
 
 #[test]
 fn md_and_the_appliance_share_raid5_right_asymmetric() {
-    interop(Layout::RightAsymmetric, 16 << 10);
+    interop(Layout::RightAsymmetric, 16 << 10, 4);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Runs in the test guest with four RAID5 members as /dev/vda..vdd, written
+# Runs in the test guest with $N RAID5 members as /dev/vda, vdb, ..., written
 # by the appliance. Linux md assembles them with the same geometry
 # (/rig/geometry), reads the appliance's data, checks every parity block,
 # then writes data of its own for the appliance to read back.
@@ -7,9 +7,11 @@ set -e
 . /rig/geometry
 modprobe raid456
 mkdir -p /run/mdadm
-mdadm --create /dev/md0 --run --assume-clean --metadata=1.2 --level=5 --raid-devices=4 \
+DEVS=$(for d in a b c d e f g h; do echo /dev/vd$d; done | head -n "$N")
+# shellcheck disable=SC2086
+mdadm --create /dev/md0 --run --assume-clean --metadata=1.2 --level=5 --raid-devices="$N" \
       --chunk="$CHUNK_K" --layout="$LAYOUT" --data-offset="${OFFSET_K}K" \
-      /dev/vda /dev/vdb /dev/vdc /dev/vdd > /tmp/mdadm.out 2>&1 || { cat /tmp/mdadm.out; exit 1; }
+      $DEVS > /tmp/mdadm.out 2>&1 || { cat /tmp/mdadm.out; exit 1; }
 cat /proc/mdstat
 dd if=/dev/md0 of=/tmp/back.bin bs=1M count=16 iflag=direct 2>/dev/null
 cmp /rig/ours.bin /tmp/back.bin && echo "MD-READS-APPLIANCE-DATA OK"
