@@ -645,6 +645,17 @@ impl Journal {
         // Pass 2: write-back data still newer than that, in order, with
         // parity brought along (members never saw it before a reclaim).
         let mut newest: std::collections::HashMap<(usize, u64), u64> = Default::default();
+        // A degraded volume's write-back data needs read-modify-write,
+        // which a second replay after a crash in this one would apply to
+        // half-written rows. So its results are computed in memory first,
+        // logged as write-through records (which a second replay applies
+        // instead), and only then written to the members.
+        let degraded = members.iter().any(|m| m.is_none());
+        let mut overlay = Overlay {
+            bs,
+            blocks: Default::default(),
+            direct: !degraded,
+        };
         for pass in [false, true] {
             for &(seq, i, blocks) in &found {
                 let h = &log[i * bs..(i + 1) * bs];
@@ -700,6 +711,7 @@ impl Journal {
                         replay_volume_run(
                             geo,
                             members,
+                            &mut overlay,
                             member,
                             block + k0 as u64,
                             &run[k0 * bs..k1 * bs],
@@ -710,6 +722,14 @@ impl Journal {
                 }
                 report.records += 1;
                 max_seq = max_seq.max(seq);
+            }
+        }
+        if !overlay.blocks.is_empty() {
+            max_seq = log_overlay(&dev, &s, &found, &overlay, max_seq)?;
+            for (&(m, b), data) in &overlay.blocks {
+                if let Some(Some(d)) = members.get(m) {
+                    sync(d.as_ref(), IoOp::Write, b, &mut data.clone())?;
+                }
             }
         }
         for m in members.iter().flatten() {
@@ -734,6 +754,7 @@ impl Journal {
 fn replay_volume_run(
     geo: &Raid5Geometry,
     members: &[Option<Arc<dyn BlockDevice>>],
+    io: &mut Overlay,
     member: usize,
     block: u64,
     new: &[u8],
@@ -751,27 +772,24 @@ fn replay_volume_run(
         ));
     }
     let dev = |m: usize| members.get(m).and_then(|d| d.as_ref());
-    let read = |m: &Arc<dyn BlockDevice>| -> Result<Vec<u8>, String> {
-        let mut b = vec![0u8; new.len()];
-        sync(m.as_ref(), IoOp::Read, block, &mut b)?;
-        Ok(b)
-    };
-    let Some(p) = dev(parity) else {
+    let len = new.len();
+    let read = |io: &Overlay, m: usize| io.read(members, m, block, len);
+    if dev(parity).is_none() {
         // No parity to keep: the data alone.
-        if let Some(m) = dev(member) {
-            sync(m.as_ref(), IoOp::Write, block, &mut new.to_vec())?;
+        if dev(member).is_some() {
+            io.write(members, member, block, new)?;
         }
         return Ok(());
     };
     let others: Vec<usize> = (0..geo.members() as usize)
         .filter(|&m| m != member && m != parity)
         .collect();
-    let mut par = match dev(member) {
+    let par = match dev(member) {
         // Another data member is missing: only a read-modify-write can
-        // keep its blocks recoverable.
-        Some(m) if others.iter().any(|&o| dev(o).is_none()) => {
-            let mut par = read(p)?;
-            xor_into(&mut par, &[&read(m)?, new]);
+        // keep its blocks recoverable (in memory first, see `Overlay`).
+        Some(_) if others.iter().any(|&o| dev(o).is_none()) => {
+            let mut par = read(io, parity)?;
+            xor_into(&mut par, &[&read(io, member)?, new]);
             par
         }
         // Otherwise parity from all the data (reconstruct-write): right
@@ -779,20 +797,169 @@ fn replay_volume_run(
         _ => {
             let mut par = new.to_vec();
             for &o in &others {
-                let d = dev(o).ok_or_else(|| {
-                    format!(
+                if dev(o).is_none() {
+                    return Err(format!(
                         "stripe {stripe} misses two members; its write-back data cannot be placed"
-                    )
-                })?;
-                xor_into(&mut par, &[&read(d)?]);
+                    ));
+                }
+                xor_into(&mut par, &[&read(io, o)?]);
             }
             par
         }
     };
-    if let Some(m) = dev(member) {
-        sync(m.as_ref(), IoOp::Write, block, &mut new.to_vec())?;
+    if dev(member).is_some() {
+        io.write(members, member, block, new)?;
     }
-    sync(p.as_ref(), IoOp::Write, block, &mut par)
+    io.write(members, parity, block, &par)
+}
+
+/// Where replay's read-modify-writes go: straight to the members, or
+/// (`direct` false) into memory, block by block, with reads seeing what
+/// was put there.
+struct Overlay {
+    bs: usize,
+    blocks: std::collections::BTreeMap<(usize, u64), Vec<u8>>,
+    direct: bool,
+}
+
+impl Overlay {
+    fn read(
+        &self,
+        members: &[Option<Arc<dyn BlockDevice>>],
+        m: usize,
+        block: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let dev = members
+            .get(m)
+            .and_then(|d| d.as_ref())
+            .ok_or_else(|| format!("replay read of missing member {m}"))?;
+        let mut b = vec![0u8; len];
+        sync(dev.as_ref(), IoOp::Read, block, &mut b)?;
+        for (i, chunk) in b.chunks_exact_mut(self.bs).enumerate() {
+            if let Some(o) = self.blocks.get(&(m, block + i as u64)) {
+                chunk.copy_from_slice(o);
+            }
+        }
+        Ok(b)
+    }
+
+    fn write(
+        &mut self,
+        members: &[Option<Arc<dyn BlockDevice>>],
+        m: usize,
+        block: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        if self.direct {
+            let dev = members
+                .get(m)
+                .and_then(|d| d.as_ref())
+                .ok_or_else(|| format!("replay write to missing member {m}"))?;
+            return sync(dev.as_ref(), IoOp::Write, block, &mut data.to_vec());
+        }
+        for (i, chunk) in data.chunks_exact(self.bs).enumerate() {
+            self.blocks.insert((m, block + i as u64), chunk.to_vec());
+        }
+        Ok(())
+    }
+}
+
+/// Write `overlay`'s blocks into the log as write-through records with
+/// sequence numbers after `max_seq`, in the free space after the newest
+/// live record (`found`: sequence, position, blocks), and flush: a crash
+/// after this replays them instead of the read-modify-writes. Returns the
+/// last sequence used.
+fn log_overlay(
+    dev: &Arc<dyn BlockDevice>,
+    s: &Super,
+    found: &[(u64, usize, usize)],
+    overlay: &Overlay,
+    max_seq: u64,
+) -> Result<u64, String> {
+    let bs = overlay.bs;
+    let total = s.log_blocks as usize;
+    // Runs of consecutive blocks per member, then records of at most
+    // MAX_ENTRIES runs and 256 blocks.
+    let mut runs: Vec<(usize, u64, Vec<&[u8]>)> = Vec::new();
+    for (&(m, b), data) in &overlay.blocks {
+        match runs.last_mut() {
+            Some((rm, rb, v)) if *rm == m && *rb + v.len() as u64 == b && v.len() < 256 => {
+                v.push(data)
+            }
+            _ => runs.push((m, b, vec![data])),
+        }
+    }
+    let mut records: Vec<Vec<u8>> = Vec::new();
+    let mut batch: Vec<&(usize, u64, Vec<&[u8]>)> = Vec::new();
+    let flush_batch = |batch: &mut Vec<&(usize, u64, Vec<&[u8]>)>, records: &mut Vec<Vec<u8>>| {
+        if batch.is_empty() {
+            return;
+        }
+        let blocks: usize = batch.iter().map(|r| r.2.len()).sum();
+        let mut r = vec![0u8; bs * (1 + blocks)];
+        r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
+        r[8..16].copy_from_slice(&s.nonce.to_le_bytes());
+        r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
+        r[28..32].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+        let mut at = bs;
+        for (i, (m, b, data)) in batch.iter().enumerate() {
+            let e = 32 + i * 16;
+            r[e..e + 4].copy_from_slice(&(*m as u32).to_le_bytes());
+            r[e + 4..e + 8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            r[e + 8..e + 16].copy_from_slice(&b.to_le_bytes());
+            for d in data {
+                r[at..at + bs].copy_from_slice(d);
+                at += bs;
+            }
+        }
+        records.push(r);
+        batch.clear();
+    };
+    let mut in_batch = 0;
+    for run in &runs {
+        if batch.len() == MAX_ENTRIES || in_batch + run.2.len() > 256 {
+            flush_batch(&mut batch, &mut records);
+            in_batch = 0;
+        }
+        in_batch += run.2.len();
+        batch.push(run);
+    }
+    flush_batch(&mut batch, &mut records);
+    // The free space runs from the end of the newest live record to the
+    // start of the oldest, around the ring; a record never wraps.
+    let newest = found.iter().max_by_key(|r| r.0);
+    let oldest = found.iter().min_by_key(|r| r.0);
+    let (mut pos, limit) = match (newest, oldest) {
+        (Some(n), Some(o)) => {
+            let head = n.1 + n.2;
+            let tail = if o.1 >= head { o.1 } else { o.1 + total };
+            (head, tail)
+        }
+        _ => (0, total),
+    };
+    let mut seq = max_seq;
+    for r in &mut records {
+        let blocks = r.len() / bs;
+        if pos % total + blocks > total {
+            pos += total - pos % total;
+        }
+        if pos + blocks > limit {
+            return Err(format!(
+                "the journal has no free room to log the replay of a degraded volume ({} blocks needed)",
+                blocks
+            ));
+        }
+        seq += 1;
+        r[16..24].copy_from_slice(&seq.to_le_bytes());
+        r[bs - 4..bs].fill(0);
+        let crc = crc32c::crc32c(r);
+        r[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+        sync(dev.as_ref(), IoOp::Write, 1 + (pos % total) as u64, r)?;
+        pos += blocks;
+    }
+    sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+    Ok(seq)
 }
 
 /// Checkpoints a volume's journal when its log is half full. Stops when
