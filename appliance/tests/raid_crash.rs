@@ -28,6 +28,15 @@ use rand::{Rng, SeedableRng};
 
 const BS: usize = 4096;
 
+/// Rounds of a crash test: `default` in the suite; `CRASH_ROUNDS=N` for a
+/// long run (`cargo nextest run --release -p appliance --test raid_crash`).
+fn rounds(default: u64) -> u64 {
+    std::env::var("CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The bytes of `block` written by write number `tag` (0: never written).
 fn content(tag: u64, block: u64) -> Vec<u8> {
     if tag == 0 {
@@ -238,7 +247,8 @@ fn after_a_power_cut_and_resync_every_block_is_old_or_new_and_parity_is_consiste
     })
     .unwrap();
     let mut torn_rounds = 0;
-    for round in 0..24u64 {
+    let n = rounds(24);
+    for round in 0..n {
         let r = power_cut_round(&reactors, round, false);
         assert_eq!(
             r.resync_bytes, r.full_bytes,
@@ -246,7 +256,7 @@ fn after_a_power_cut_and_resync_every_block_is_old_or_new_and_parity_is_consiste
         );
         torn_rounds += r.torn as u32;
     }
-    eprintln!("{torn_rounds} of 24 rounds had torn stripes before the resync");
+    eprintln!("{torn_rounds} of {n} rounds had torn stripes before the resync");
     // Without torn stripes the test would prove nothing about the write hole.
     assert!(torn_rounds > 0, "no round tore a stripe");
     reactors.shutdown().unwrap();
@@ -262,7 +272,8 @@ fn with_a_write_intent_bitmap_resyncing_the_marked_stripes_alone_repairs_every_t
     })
     .unwrap();
     let (mut torn_rounds, mut partial, mut resynced, mut full) = (0, 0, 0, 0);
-    for round in 0..60u64 {
+    let n = rounds(60);
+    for round in 0..n {
         let r = power_cut_round(&reactors, round, true);
         torn_rounds += r.torn as u32;
         partial += (r.resync_bytes < r.full_bytes) as u32;
@@ -270,7 +281,7 @@ fn with_a_write_intent_bitmap_resyncing_the_marked_stripes_alone_repairs_every_t
         full += r.full_bytes;
     }
     eprintln!(
-        "{torn_rounds} of 60 rounds had torn stripes; {partial} resyncs covered less than the whole volume; {resynced} of {full} bytes resynchronised"
+        "{torn_rounds} of {n} rounds had torn stripes; {partial} resyncs covered less than the whole volume; {resynced} of {full} bytes resynchronised"
     );
     assert!(torn_rounds > 0, "no round tore a stripe");
     assert!(partial > 0, "the bitmap never narrowed a resync");
@@ -480,7 +491,7 @@ fn cut_lose_and_cut_replay(
 fn the_write_journal_closes_the_write_hole_when_a_member_is_lost_after_a_crash() {
     let (mut with, mut back, mut without) = (0, 0, 0);
     let (mut checkpoints, mut cached) = (0, 0);
-    for round in 0..40 {
+    for round in 0..rounds(40) {
         with += cut_and_lose_a_member(round, Some(JournalMode::WriteThrough)).0;
         let (bad, c, left) = cut_and_lose_a_member(round, Some(JournalMode::WriteBack));
         (back, checkpoints, cached) = (back + bad, checkpoints + c, cached + left);
@@ -511,10 +522,11 @@ fn the_write_journal_closes_the_write_hole_when_a_member_is_lost_after_a_crash()
 /// lost for good as well.
 #[test]
 fn a_power_cut_during_replay_then_a_second_replay_loses_nothing() {
-    let (mut cuts, mut bad_wt, mut bad_wb) = (0, 0, 0);
-    for round in 0..90u64 {
+    let (mut cuts, mut bad_wt, mut bad_wb) = (0u64, 0, 0);
+    let n = rounds(90);
+    for round in 0..n {
         // Early cuts, and cuts spread over long replays (some finish).
-        let k = if round < 45 {
+        let k = if round % 2 == 0 {
             (round * 7) % 50
         } else {
             (round * 37) % 700
@@ -522,17 +534,18 @@ fn a_power_cut_during_replay_then_a_second_replay_loses_nothing() {
         let ((bad, _, _), cut) =
             cut_lose_and_cut_replay(round, Some(JournalMode::WriteThrough), Some(k as i64));
         bad_wt += bad;
-        cuts += cut as u32;
+        cuts += cut as u64;
         let ((bad, _, _), cut) =
             cut_lose_and_cut_replay(round, Some(JournalMode::WriteBack), Some(k as i64));
         bad_wb += bad;
-        cuts += cut as u32;
+        cuts += cut as u64;
     }
     eprintln!(
-        "{cuts} of 180 replays cut; blocks lost: {bad_wt} write-through, {bad_wb} write-back"
+        "{cuts} of {} replays cut; blocks lost: {bad_wt} write-through, {bad_wb} write-back",
+        2 * n
     );
     assert!(
-        (90..180).contains(&cuts),
+        (n..2 * n).contains(&cuts),
         "the cuts must land inside the replays, and not always"
     );
     assert_eq!(
