@@ -107,6 +107,8 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
         journal_failed: v.journal_state.is_some_and(|j| j.3),
         consistency_policy: v.consistency_policy.into(),
+        suspended_lo_bytes: v.suspended.map_or(0, |r| r.0),
+        suspended_hi_bytes: v.suspended.map_or(0, |r| r.1),
         bitmap: v
             .bitmap
             .map(|(region_bytes, regions, dirty_regions)| pb::Bitmap {
@@ -382,6 +384,33 @@ impl pb::appliance_server::Appliance for Service {
                 .map(volume_to_pb)
         })
         .await
+    }
+
+    async fn suspend_range(
+        &self,
+        req: Request<pb::SuspendRangeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        if r.volume.is_empty() {
+            return Err(bad("volume", "is empty"));
+        }
+        self.run(move |m| {
+            m.suspend_range(&r.volume, r.lo_bytes, r.hi_bytes)
+                .map(volume_to_pb)
+        })
+        .await
+    }
+
+    async fn resume_range(
+        &self,
+        req: Request<pb::ResumeRangeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        if r.volume.is_empty() {
+            return Err(bad("volume", "is empty"));
+        }
+        self.run(move |m| m.resume_range(&r.volume).map(volume_to_pb))
+            .await
     }
 
     async fn takeover(

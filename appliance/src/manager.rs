@@ -248,6 +248,8 @@ pub struct VolumeView {
     /// The write-intent bitmap: bytes of each member per region, regions,
     /// regions marked dirty now.
     pub bitmap: Option<(u64, u64, u64)>,
+    /// The byte range whose writes are held (md's suspend_lo/hi).
+    pub suspended: Option<(u64, u64)>,
 }
 
 /// An export as listed.
@@ -1157,6 +1159,10 @@ impl Manager {
             journal: v.decl.journal.clone(),
             consistency_policy,
             bitmap,
+            suspended: v.volume.suspended_range().get().map(|(lo, hi)| {
+                let bs = info.block_size as u64;
+                (lo * bs, hi * bs)
+            }),
             journal_state: v.checkpointer.as_ref().map(|c| {
                 let j = c.journal();
                 (j.mode(), j.usage(), j.cache().len(), j.has_failed())
@@ -1330,6 +1336,56 @@ impl Manager {
         m.set_write_mostly(device, on)
             .map_err(|e| from_op(volume, e))?;
         self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Hold writes to bytes `lo..hi` of a volume (md's suspend_lo and
+    /// suspend_hi): once this returns none is in flight and new ones wait
+    /// until [`resume_range`](Self::resume_range); reads go on. Not kept
+    /// across a restart (md does not either).
+    pub fn suspend_range(&self, volume: &str, lo: u64, hi: u64) -> Result<VolumeView, MgmtError> {
+        let s = self.lock_for_change()?;
+        let v = s.volume(volume)?;
+        let info = v.volume.info();
+        let bs = info.block_size as u64;
+        if lo % bs != 0 || hi % bs != 0 {
+            return Err(invalid(
+                "lo_bytes",
+                format!("lo and hi must be multiples of the block size {bs}"),
+            ));
+        }
+        if hi <= lo || hi > info.size_bytes() {
+            return Err(invalid(
+                "hi_bytes",
+                format!(
+                    "the range {lo}..{hi} must be non-empty and end within the volume ({} bytes)",
+                    info.size_bytes()
+                ),
+            ));
+        }
+        if let Some((a, b)) = v.volume.suspended_range().get() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} already holds writes to {}..{}; resume it first",
+                a * bs,
+                b * bs
+            )));
+        }
+        v.volume
+            .suspend_range(lo / bs, hi / bs, Duration::from_secs(30))
+            .map_err(|e| from_quiesce("volume", e))?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Let a volume's held writes go.
+    pub fn resume_range(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock_for_change()?;
+        let v = s.volume(volume)?;
+        if v.volume.suspended_range().get().is_none() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} holds no writes"
+            )));
+        }
+        v.volume.resume_range();
         Ok(Self::view(&s, volume))
     }
 

@@ -2,7 +2,8 @@
 //! the quiesce epoch. The RAID levels plug in here as devices; exports and
 //! other consumers run their IO through the volume's gate on each core.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bdev::{BlockDevice, DeviceInfo, IoChannel, IoRequest};
@@ -14,12 +15,65 @@ pub struct VolumeConfig {
     pub device: Arc<dyn BlockDevice>,
 }
 
+/// A block range of the volume whose writes are held (md's suspend_lo /
+/// suspend_hi). Exports check it before a write enters the volume's gate
+/// and park the write until the range changes, so a held write never
+/// stalls a quiesce.
+#[derive(Default)]
+pub struct SuspendedRange {
+    /// First block held, and the block after the last; equal: none.
+    lo: AtomicU64,
+    hi: AtomicU64,
+    /// Bumped on every change, so parked writes are looked at again.
+    version: AtomicU64,
+    /// Serialises changes.
+    change: Mutex<()>,
+}
+
+impl SuspendedRange {
+    /// Whether a write of `num_blocks` at `offset_blocks` must wait.
+    #[inline]
+    pub fn holds(&self, offset_blocks: u64, num_blocks: u64) -> bool {
+        let hi = self.hi.load(Ordering::SeqCst);
+        if hi == 0 {
+            return false;
+        }
+        let lo = self.lo.load(Ordering::SeqCst);
+        offset_blocks < hi && offset_blocks + num_blocks.max(1) > lo
+    }
+
+    /// Changes so far.
+    #[inline]
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// The range held now, in blocks.
+    pub fn get(&self) -> Option<(u64, u64)> {
+        let (lo, hi) = (
+            self.lo.load(Ordering::SeqCst),
+            self.hi.load(Ordering::SeqCst),
+        );
+        (hi > lo).then_some((lo, hi))
+    }
+
+    fn set(&self, lo: u64, hi: u64) {
+        // Widen first, narrow after: a write checking in between is held
+        // by the larger of the two ranges, never by neither.
+        self.hi.store(0, Ordering::SeqCst);
+        self.lo.store(lo, Ordering::SeqCst);
+        self.hi.store(hi, Ordering::SeqCst);
+        self.version.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// A volume handle; cheap to clone.
 #[derive(Clone)]
 pub struct Volume {
     name: String,
     quiesce: QuiesceObject<VolumeConfig>,
     set: ReactorSet,
+    suspended: Arc<SuspendedRange>,
 }
 
 impl Volume {
@@ -29,7 +83,46 @@ impl Volume {
             name: name.to_string(),
             quiesce: QuiesceObject::new(set, name, VolumeConfig { device }),
             set: set.clone(),
+            suspended: Arc::default(),
         }
+    }
+
+    /// The range whose writes are held.
+    pub fn suspended_range(&self) -> &Arc<SuspendedRange> {
+        &self.suspended
+    }
+
+    /// Hold writes to blocks `lo..hi` (md's suspend_lo/hi): once this
+    /// returns, no write to the range is in flight (the volume was
+    /// quiesced after the range was set) and new ones wait for
+    /// [`resume_range`](Self::resume_range). Reads go on.
+    pub fn suspend_range(&self, lo: u64, hi: u64, timeout: Duration) -> Result<(), QuiesceError> {
+        let _one = self
+            .suspended
+            .change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = self.suspended.get();
+        self.suspended.set(lo, hi);
+        // Writes that passed the check before are drained by the quiesce.
+        match self.quiesce.suspend(timeout) {
+            Ok(_guard) => Ok(()),
+            Err(e) => {
+                let (lo, hi) = before.unwrap_or((0, 0));
+                self.suspended.set(lo, hi);
+                Err(e)
+            }
+        }
+    }
+
+    /// Let held writes go.
+    pub fn resume_range(&self) {
+        let _one = self
+            .suspended
+            .change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.suspended.set(0, 0);
     }
 
     /// Flush the volume from a reactor, through its quiesce gate as guest

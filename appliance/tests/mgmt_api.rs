@@ -1616,3 +1616,114 @@ fn a_mirror_of_two_is_taken_over_to_raid5_and_back_through_the_api_and_restored(
     drop(c);
     d.stop();
 }
+
+/// md's suspend_lo/hi: writes to the range wait, everything else goes on
+/// (reads of it, writes elsewhere, a member failure with its quiesce),
+/// and the held write lands once the range is resumed.
+#[test]
+fn writes_to_a_suspended_range_wait_and_nothing_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "d", 0..4, "16M");
+    call!(
+        d,
+        c,
+        create_volume,
+        raid5("v", &["d0", "d1", "d2"], &["d3"])
+    )
+    .unwrap();
+    let sock = dir.path().join("v.sock");
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "v".into(),
+            volume: "v".into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    let size = disk.capacity();
+    let range = |lo: u64, hi: u64| pb::SuspendRangeRequest {
+        volume: "v".into(),
+        lo_bytes: lo,
+        hi_bytes: hi,
+    };
+    let resume = || pb::ResumeRangeRequest { volume: "v".into() };
+    for (req, code) in [
+        (range(0, 0), Code::InvalidArgument),
+        (range(4096, 512), Code::InvalidArgument),
+        (range(100, 8192), Code::InvalidArgument),
+        (range(0, size + 4096), Code::InvalidArgument),
+        (
+            pb::SuspendRangeRequest {
+                volume: "nope".into(),
+                lo_bytes: 0,
+                hi_bytes: 4096,
+            },
+            Code::NotFound,
+        ),
+    ] {
+        let e = call!(d, c, suspend_range, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let e = call!(d, c, resume_range, resume()).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "nothing held: {e:?}");
+
+    write_pattern(&mut disk, 1, 0);
+    let v = call!(d, c, suspend_range, range(1 << 20, 2 << 20)).unwrap();
+    assert_eq!(
+        (v.suspended_lo_bytes, v.suspended_hi_bytes),
+        (1 << 20, 2 << 20)
+    );
+    let e = call!(d, c, suspend_range, range(0, 4096)).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "one range at a time: {e:?}");
+
+    // A write overlapping the range's last block is held...
+    let held = pattern(7, (2 << 20) - 4096, 8192);
+    disk.buf()[262144..262144 + 8192].copy_from_slice(&held);
+    disk.start_write((2 << 20) - 4096, 262144, 8192, 7);
+    // ...while a write after it, reads of the range and a member failure
+    // (a quiesce epoch) all go through.
+    let after = pattern(8, 3 << 20, 4096);
+    disk.buf()[524288..524288 + 4096].copy_from_slice(&after);
+    disk.start_write(3 << 20, 524288, 4096, 8);
+    assert_eq!(
+        disk.next(Duration::from_secs(10)),
+        Some((8, 0)),
+        "the write outside the range"
+    );
+    for at in [1 << 20, (2 << 20) - 4096] {
+        disk.buf()[..4096].fill(0xff);
+        assert_eq!(disk.read(at, 4096), 0, "a read of the range");
+        assert!(disk.buf()[..4096].iter().all(|&b| b == 0), "the old data");
+    }
+    let v = call!(d, c, fail_member, member("v", "d1")).unwrap();
+    assert_ne!(v.state, "optimal", "{v:?}");
+    assert_eq!(
+        disk.next(Duration::from_millis(300)),
+        None,
+        "held while suspended"
+    );
+
+    // Resumed: the held write lands.
+    let v = call!(d, c, resume_range, resume()).unwrap();
+    assert_eq!(v.suspended_hi_bytes, 0);
+    assert_eq!(
+        disk.next(Duration::from_secs(10)),
+        Some((7, 0)),
+        "the held write after resume"
+    );
+    assert_eq!(disk.read((2 << 20) - 4096, 8192), 0);
+    assert!(disk.buf()[..8192] == held[..], "the held write's data");
+    assert_eq!(disk.read(3 << 20, 4096), 0);
+    assert!(disk.buf()[..4096] == after[..]);
+    check_pattern(&mut disk, 1, 0);
+    drop(disk);
+    drop(c);
+    d.stop();
+}

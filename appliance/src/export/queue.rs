@@ -122,6 +122,11 @@ struct Runner {
     inflight: Option<InflightQueue>,
     /// Requests taken before a restart, to submit again first.
     resubmit: VecDeque<u16>,
+    /// The volume's write-suspended range, and writes parked by it (out of
+    /// the volume's gate), looked at again when its version changes.
+    suspended: Arc<crate::volume::SuspendedRange>,
+    parked: Vec<u16>,
+    parked_version: u64,
     stats: Arc<IoStats>,
     /// The reactor loop's timestamp of the current poll.
     now: Instant,
@@ -135,6 +140,9 @@ enum Dispatch {
     Taken,
     /// The device is full: try the same chain again later.
     Busy,
+    /// A write to the volume's suspended range (as of this version):
+    /// parked until it changes.
+    Parked(u64),
 }
 
 /// Start serving a queue on this reactor.
@@ -189,6 +197,9 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         broken: false,
         inflight: setup.inflight,
         resubmit: VecDeque::new(),
+        suspended: setup.volume.suspended_range().clone(),
+        parked: Vec::new(),
+        parked_version: 0,
         stats: setup.stats,
         now: ctx.now(),
         regions: RegionCache::default(),
@@ -255,6 +266,10 @@ impl Runner {
         if self.inflight() == 0 {
             self.refresh_generations();
         }
+        if !self.parked.is_empty() && self.suspended.version() != self.parked_version {
+            // The range moved: parked writes go again, in their order.
+            self.resubmit.extend(self.parked.drain(..));
+        }
         if !self.broken {
             work |= self.pop_requests();
         }
@@ -278,7 +293,9 @@ impl Runner {
                 }
             }
         }
-        if work || self.inflight() > 0 {
+        if work || self.inflight() > 0 || !self.parked.is_empty() {
+            // Parked writes are looked at each poll: nothing wakes a
+            // sleeping reactor when the range is resumed.
             PollState::Busy
         } else if self.notify_enabled || self.broken {
             PollState::Idle
@@ -348,16 +365,30 @@ impl Runner {
                 head
             };
             taken += 1;
-            if let Dispatch::Busy = self.dispatch(head) {
-                // The device is full: give the chain back and retry later.
-                if from_ring {
-                    self.queue.go_to_previous_position();
-                } else {
-                    self.resubmit.push_front(head);
+            match self.dispatch(head) {
+                Dispatch::Taken => {}
+                Dispatch::Busy => {
+                    // The device is full: give the chain back and retry later.
+                    if from_ring {
+                        self.queue.go_to_previous_position();
+                    } else {
+                        self.resubmit.push_front(head);
+                    }
+                    self.vol_gate.end();
+                    self.mem_gate.end();
+                    break;
                 }
-                self.vol_gate.end();
-                self.mem_gate.end();
-                break;
+                Dispatch::Parked(version) => {
+                    // Out of the gates while it waits: a held write must
+                    // not stall the volume's quiesce epochs. It is walked
+                    // again (memory may have changed) when it goes.
+                    if self.parked.is_empty() || version < self.parked_version {
+                        self.parked_version = version;
+                    }
+                    self.parked.push(head);
+                    self.vol_gate.end();
+                    self.mem_gate.end();
+                }
             }
         }
         taken > 0
@@ -413,6 +444,13 @@ impl Runner {
                 sg,
                 written,
             }) => {
+                let write = matches!(op, IoOp::Write | IoOp::WriteZeroes | IoOp::Discard);
+                // The version before the check: a change racing it is
+                // seen at the next poll.
+                let version = self.suspended.version();
+                if write && self.suspended.holds(offset_blocks, num_blocks) {
+                    return Dispatch::Parked(version);
+                }
                 let Some(slot) = self.free.pop() else {
                     return Dispatch::Busy;
                 };

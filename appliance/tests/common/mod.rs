@@ -160,6 +160,30 @@ impl Disk {
         self.wait()
     }
 
+    /// Queue a write of buffer bytes `at..at + len` to `offset`, tagged
+    /// `tag`, without waiting (see [`next`](Self::next)).
+    pub fn start_write(&mut self, offset: u64, at: usize, len: usize, tag: usize) {
+        assert!(at + len <= Self::BUF);
+        // SAFETY: inside the region, which outlives the request.
+        let buf = unsafe { self.buf.add(at) };
+        self.q
+            .write(offset, buf, len, tag, blkio::ReqFlags::empty());
+    }
+
+    /// The next completion within `limit`: its tag and result.
+    pub fn next(&mut self, limit: Duration) -> Option<(usize, i32)> {
+        let mut c = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
+        let mut t = limit;
+        match self.q.do_io(&mut c, 1, Some(&mut t), None) {
+            Ok(1) => {
+                // SAFETY: do_io filled one completion.
+                let c = unsafe { c[0].assume_init_ref() };
+                Some((c.user_data, c.ret))
+            }
+            _ => None,
+        }
+    }
+
     pub fn flush(&mut self) -> i32 {
         self.q.flush(0, blkio::ReqFlags::empty());
         self.wait()

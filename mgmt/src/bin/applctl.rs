@@ -197,6 +197,25 @@ enum VolumeCmd {
         #[arg(long)]
         off: bool,
     },
+    /// Hold writes to a byte range (md's suspend_lo/hi): when it returns,
+    /// none is in flight and new ones wait until resume-range. Reads go on.
+    ///
+    /// Example: applctl volume suspend-range vol0 --lo 1048576 --hi 2097152
+    SuspendRange {
+        /// The volume.
+        name: String,
+        /// First byte held (block-aligned).
+        #[arg(long)]
+        lo: u64,
+        /// The byte after the last one held (block-aligned).
+        #[arg(long)]
+        hi: u64,
+    },
+    /// Let the writes held by suspend-range go.
+    ResumeRange {
+        /// The volume.
+        name: String,
+    },
     /// Change a two-member volume's level online (md's takeover): a RAID1
     /// of two becomes a RAID5 of two, or back; nothing on the members moves.
     ///
@@ -551,6 +570,18 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             })
             .await?
         }
+        VolumeCmd::SuspendRange { name, lo, hi } => {
+            c.suspend_range(pb::SuspendRangeRequest {
+                volume: name,
+                lo_bytes: lo,
+                hi_bytes: hi,
+            })
+            .await?
+        }
+        VolumeCmd::ResumeRange { name } => {
+            c.resume_range(pb::ResumeRangeRequest { volume: name })
+                .await?
+        }
         VolumeCmd::Takeover {
             name,
             level,
@@ -862,6 +893,12 @@ fn describe(v: &pb::Volume) -> String {
     );
     if !v.spares.is_empty() {
         s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if v.suspended_hi_bytes > 0 {
+        s += &format!(
+            "  WRITES HELD to bytes {}..{} (resume-range lets them go)\n",
+            v.suspended_lo_bytes, v.suspended_hi_bytes
+        );
     }
     if !v.consistency_policy.is_empty() && v.consistency_policy != "none" {
         s += &format!("  consistency policy: {}", v.consistency_policy);
