@@ -1348,7 +1348,7 @@ impl Manager {
         let v = s.volume(volume)?;
         let info = v.volume.info();
         let bs = info.block_size as u64;
-        if lo % bs != 0 || hi % bs != 0 {
+        if !lo.is_multiple_of(bs) || !hi.is_multiple_of(bs) {
             return Err(invalid(
                 "lo_bytes",
                 format!("lo and hi must be multiples of the block size {bs}"),
