@@ -28,6 +28,9 @@ pub struct DaemonOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// The API on TCP too (TLS and a bearer token are required then).
     pub tcp: Option<TcpOptions>,
+    /// Volumes to start without their journal (it died): the operator's
+    /// explicit consent that write-back data only in it is lost.
+    pub drop_journals: Vec<String>,
 }
 
 /// The API on TCP.
@@ -71,13 +74,29 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     // stop the daemon before it touches a device.
     let tcp = opts.tcp.as_ref().map(tcp_access).transpose()?;
     // Saved state wins; the initial setup applies only before there is any.
-    let initial = match (&opts.state_file, &opts.config) {
+    let mut initial = match (&opts.state_file, &opts.config) {
         (Some(state), _) if state.exists() => {
             Some((Config::load(state).map_err(|e| e.to_string())?, false))
         }
         (_, Some(cfg)) => Some((Config::load(cfg).map_err(|e| e.to_string())?, true)),
         _ => None,
     };
+    for name in &opts.drop_journals {
+        let v = initial
+            .as_mut()
+            .and_then(|(cfg, _)| cfg.volumes.iter_mut().find(|v| &v.name == name))
+            .ok_or_else(|| format!("--drop-journal {name}: no such volume in the configuration"))?;
+        let Some(j) = v.journal.take() else {
+            return Err(format!("--drop-journal {name}: the volume has no journal"));
+        };
+        tracing::warn!(
+            volume = name,
+            journal = j,
+            mode = v.journal_mode,
+            "starting without the journal, as asked: what only it held (write-back data) is lost; the volume is resynchronised"
+        );
+        v.journal_mode.clear();
+    }
     let reactors = poller::Reactors::start(poller::ReactorConfig {
         count: opts.reactors,
         cores: opts.cores.clone(),

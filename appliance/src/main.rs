@@ -111,6 +111,11 @@ enum Command {
         /// File holding the bearer token TCP clients must send (16+ characters).
         #[arg(long)]
         token_file: Option<std::path::PathBuf>,
+        /// Start VOLUME without its write journal, whose device died: the
+        /// volume is assembled and resynchronised, and write-back data that
+        /// only the journal held is lost. Repeatable.
+        #[arg(long, value_name = "VOLUME")]
+        drop_journal: Vec<String>,
     },
     /// Export a device over vhost-user-blk until Ctrl-C (or SIGTERM).
     ///
@@ -220,6 +225,7 @@ fn main() -> ExitCode {
             tls_cert,
             tls_key,
             token_file,
+            drop_journal,
         } => {
             let tcp = match (listen, tls_cert, tls_key, token_file) {
                 (Some(addr), Some(cert), Some(key), Some(token_file)) => {
@@ -247,6 +253,7 @@ fn main() -> ExitCode {
                 cores,
                 metrics,
                 tcp,
+                drop_journals: drop_journal,
             };
             match appliance::daemon::run(&opts, stop) {
                 Ok(()) => ExitCode::SUCCESS,

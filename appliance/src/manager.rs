@@ -1019,7 +1019,7 @@ impl Manager {
                 let (j, rep) = crate::raid::journal::Journal::replay(jdev, &slots, geo.as_ref())
                     .map_err(|e| {
                         MgmtError::FailedPrecondition(format!(
-                            "journal of volume {}: {e}; refusing to start the volume without it",
+                            "journal of volume {0}: {e}; refusing to start the volume without it (`appliance daemon --drop-journal {0}` starts it without the journal, losing write-back data only the journal held)",
                             decl.name
                         ))
                     })?;

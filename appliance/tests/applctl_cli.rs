@@ -572,3 +572,109 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }
+
+/// A journal device that died while the daemon was down stops the volume
+/// at the next start with a message that names the way out; starting with
+/// `--drop-journal` assembles it without the journal, resynchronised, with
+/// every write that reached the members (write-through: all acknowledged).
+#[test]
+fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("init.toml");
+    let sock = dir.path().join("vm.sock");
+    let mut toml = String::new();
+    for i in 0..4 {
+        toml += &format!(
+            "[[device]]\nname = \"d{i}\"\nspec = \"file:{}:32M\"\n\n",
+            dir.path().join(format!("d{i}.img")).display()
+        );
+    }
+    toml += &format!(
+        "[[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"d0\", \"d1\", \"d2\"]\njournal = \"d3\"\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
+        sock.display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    for i in 0..4u64 {
+        let p = common::pattern(i, i << 20, common::Disk::BUF);
+        disk.buf().copy_from_slice(&p);
+        assert_eq!(disk.write(i << 20, common::Disk::BUF), 0);
+    }
+    drop(disk);
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    // The journal device dies: its superblock is gone.
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("d3.img"))
+        .unwrap()
+        .write_all_at(&[0xa5; 4096], 0)
+        .unwrap();
+
+    let restart = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .args(["daemon", "--reactors", "2", "--api"])
+            .arg(&api)
+            .arg("--state")
+            .arg(dir.path().join("state.toml"))
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = restart(&[]).wait_with_output().unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{why}");
+    assert!(
+        why.contains("--drop-journal vol0"),
+        "names the way out: {why}"
+    );
+    let wrong = restart(&["--drop-journal", "nope"])
+        .wait_with_output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("no such volume"),
+        "{wrong:?}"
+    );
+
+    let mut daemon = restart(&["--drop-journal", "vol0"]);
+    let _reap_restarted = KillOnPanic(daemon.id());
+    let t = Instant::now();
+    while applctl(&api, &["version"]).status.code() != Some(0) {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the daemon stopped: {:?}",
+            daemon.wait_with_output()
+        );
+        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&applctl(
+        &api,
+        &["volume", "wait", "vol0", "--timeout", "120"],
+    ));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
+    assert_eq!(json["journal"], "", "{json}");
+    assert_eq!(json["consistency_policy"], "resync", "{json}");
+    let state = std::fs::read_to_string(dir.path().join("state.toml")).unwrap();
+    assert!(!state.contains("journal"), "the state forgets it: {state}");
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    for i in 0..4u64 {
+        assert_eq!(disk.read(i << 20, common::Disk::BUF), 0);
+        assert!(
+            disk.buf() == common::pattern(i, i << 20, common::Disk::BUF).as_slice(),
+            "data at {i} MiB"
+        );
+    }
+    drop(disk);
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}

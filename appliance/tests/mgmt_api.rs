@@ -37,6 +37,7 @@ impl Daemon {
             cores: None,
             metrics: None,
             tcp: None,
+            drop_journals: vec![],
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -777,6 +778,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         cores: None,
         metrics: None,
         tcp: None,
+        drop_journals: vec![],
     };
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains(&format!("line {line}")), "{e}");
@@ -1013,6 +1015,7 @@ fn tcp_access_needs_tls_and_the_token() {
         cores: None,
         metrics: None,
         tcp: Some(tcp.clone()),
+        drop_journals: vec![],
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (o, s) = (opts.clone(), stop.clone());
@@ -1151,6 +1154,7 @@ fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
         cores: None,
         metrics: None,
         tcp: None,
+        drop_journals: vec![],
     };
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains("refusing to create"), "{e}");
