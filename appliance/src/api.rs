@@ -386,6 +386,27 @@ impl pb::appliance_server::Appliance for Service {
         .await
     }
 
+    async fn replace_member(
+        &self,
+        req: Request<pb::ReplaceMemberRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        for (field, v) in [
+            ("volume", &r.volume),
+            ("device", &r.device),
+            ("replacement", &r.replacement),
+        ] {
+            if v.is_empty() {
+                return Err(bad(field, "is empty"));
+            }
+        }
+        self.run(move |m| {
+            m.replace_member(&r.volume, &r.device, &r.replacement)
+                .map(volume_to_pb)
+        })
+        .await
+    }
+
     async fn suspend_range(
         &self,
         req: Request<pb::SuspendRangeRequest>,

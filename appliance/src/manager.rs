@@ -311,6 +311,11 @@ impl Vol {
                         members.push(d);
                     }
                 }
+                // A replacement's new device is in use (and blank at a
+                // restart, so it comes back as nothing).
+                if let Some((_, d)) = s.replacing {
+                    members.push(d);
+                }
                 (members, s.spares)
             }
             None => (self.decl.members.clone(), vec![]),
@@ -1099,9 +1104,12 @@ impl Manager {
                     "degraded"
                 };
                 let settled = snap.settled();
+                let slots = snap.states.len();
                 let progress = snap.rebuild.map(|p| ProgressView {
                     kind: if p.slot == usize::MAX {
                         "scrub"
+                    } else if p.slot == slots {
+                        "replace"
                     } else {
                         "rebuild"
                     },
@@ -1230,6 +1238,33 @@ impl Manager {
         let m = Self::monitor(&s, volume)?;
         s.device("device", device)?;
         m.fail_member(device).map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Replace in-sync member `device` by `with` without going degraded
+    /// (md's --replace): `with` is written along and the member copied to
+    /// it in the background; then it takes the slot and `device` is free.
+    pub fn replace_member(
+        &self,
+        volume: &str,
+        device: &str,
+        with: &str,
+    ) -> Result<VolumeView, MgmtError> {
+        let s = self.lock_for_change()?;
+        let m = Self::monitor(&s, volume)?;
+        s.device("device", device)?;
+        let dev = s.device("replacement", with)?.dev.clone();
+        if device == with {
+            return Err(invalid("replacement", "is the member itself"));
+        }
+        if let Some((v, how, _)) = s.user_of(with) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {with} is in use ({how} {v})"
+            )));
+        }
+        m.replace_member(device, dev)
+            .map_err(|e| from_op(volume, e))?;
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

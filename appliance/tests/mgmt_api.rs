@@ -1731,3 +1731,95 @@ fn writes_to_a_suspended_range_wait_and_nothing_else_does() {
     drop(c);
     d.stop();
 }
+
+#[test]
+fn a_member_is_replaced_online_through_the_api_and_the_old_device_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "d", 0..5, "16M");
+    call!(d, c, attach_device, attach("tiny", "ram:2M")).unwrap();
+    call!(
+        d,
+        c,
+        create_volume,
+        raid5("v", &["d0", "d1", "d2"], &["d3"])
+    )
+    .unwrap();
+    let sock = dir.path().join("v.sock");
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "v".into(),
+            volume: "v".into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 1, 0);
+    let rep = |device: &str, replacement: &str| pb::ReplaceMemberRequest {
+        volume: "v".into(),
+        device: device.into(),
+        replacement: replacement.into(),
+    };
+    for (req, code) in [
+        (rep("", "d4"), Code::InvalidArgument),
+        (rep("d1", ""), Code::InvalidArgument),
+        (rep("d1", "d1"), Code::InvalidArgument),
+        (rep("d1", "nope"), Code::NotFound),
+        (rep("d1", "d3"), Code::FailedPrecondition),
+        (rep("d1", "d2"), Code::FailedPrecondition),
+        (rep("d1", "tiny"), Code::FailedPrecondition),
+        (rep("d4", "tiny"), Code::FailedPrecondition),
+    ] {
+        let e = call!(d, c, replace_member, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, replace_member, rep("d1", "d4")).unwrap();
+    assert_ne!(v.state, "degraded");
+    write_pattern(&mut disk, 2, 4 << 20);
+    let v = settle(&d, &mut c, "v");
+    assert_eq!(
+        v.progress.as_ref().map(|p| p.kind.as_str()),
+        Some("replace")
+    );
+    assert_eq!(
+        members(&v),
+        vec![
+            ("d0".to_string(), "in_sync".to_string()),
+            ("d4".to_string(), "in_sync".to_string()),
+            ("d2".to_string(), "in_sync".to_string())
+        ]
+    );
+    check_pattern(&mut disk, 1, 0);
+    check_pattern(&mut disk, 2, 4 << 20);
+    // The old device is free.
+    call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "d1".into() }
+    )
+    .unwrap();
+    drop(disk);
+    drop(c);
+    d.stop();
+
+    // Restored with the new member.
+    let d = Daemon::start(dir.path(), Some(state), None);
+    let mut c = d.client();
+    let v = volume(&d, &mut c, "v");
+    assert_eq!(v.state, "optimal");
+    assert_eq!(members(&v)[1].0, "d4");
+    let mut disk = Disk::connect(&sock).unwrap();
+    check_pattern(&mut disk, 1, 0);
+    check_pattern(&mut disk, 2, 4 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+}

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use bdev::{BdevError, BlockDevice, Completion, IoChannel, IoError};
+use bdev::{
+    BdevError, BlockDevice, Completion, IoChannel, IoError, IoOp, IoRequest, SgList, SubmitError,
+};
 
 use super::raid5::StripeLocks;
 
@@ -136,6 +138,81 @@ impl FailureSink {
     }
 }
 
+/// A core's channel to a hot replacement's new device. Its writes are
+/// extra children of a write (never its outcome); requests the device
+/// cannot take yet wait here; once one fails, the rest are dropped and
+/// the monitor is told (it ends the replacement).
+pub struct ReplaceChannel {
+    /// The slot being replaced.
+    pub slot: usize,
+    ch: Box<dyn IoChannel>,
+    deferred: std::collections::VecDeque<IoRequest>,
+    failed: bool,
+}
+
+impl ReplaceChannel {
+    /// The channel for `set`'s replacement, if one runs.
+    pub fn open(set: &MemberSet) -> Result<Option<ReplaceChannel>, BdevError> {
+        let Some(r) = &set.replacing else {
+            return Ok(None);
+        };
+        Ok(Some(ReplaceChannel {
+            slot: r.slot,
+            ch: r.dev.open_channel()?,
+            deferred: Default::default(),
+            failed: false,
+        }))
+    }
+
+    /// Send a copy of a write to the slot; false if none was sent (the
+    /// replacement failed already).
+    pub fn send(&mut self, op: IoOp, block: u64, blocks: u64, sg: SgList, tag: u64) -> bool {
+        if self.failed {
+            return false;
+        }
+        let req = IoRequest {
+            op,
+            offset_blocks: block,
+            num_blocks: blocks,
+            sg,
+            tag,
+        };
+        if !self.deferred.is_empty() {
+            self.deferred.push_back(req);
+            return true;
+        }
+        if let Err(SubmitError::Busy(req)) = self.ch.submit(req) {
+            self.deferred.push_back(req);
+        }
+        true
+    }
+
+    /// Collect completions (and send what waited for room).
+    pub fn poll(&mut self, out: &mut Vec<Completion>) {
+        while let Some(req) = self.deferred.pop_front() {
+            if let Err(SubmitError::Busy(req)) = self.ch.submit(req) {
+                self.deferred.push_front(req);
+                break;
+            }
+        }
+        if self.ch.inflight() > 0 {
+            self.ch.poll(out);
+        }
+    }
+
+    /// A write to the new device failed: tell the monitor once, under the
+    /// replacement's event (the slot after the last member's).
+    pub fn fail(&mut self, sink: &FailureSink, members: usize, e: IoError) {
+        if !self.failed {
+            self.failed = true;
+            sink.event(Event::RebuildAborted(
+                members,
+                format!("the replacement device failed a write: {e}"),
+            ));
+        }
+    }
+}
+
 /// Member channels opened on the calling core.
 pub type MemberChannels = Vec<Option<Box<dyn IoChannel>>>;
 
@@ -180,6 +257,21 @@ pub struct MemberSet {
     pub failures: FailureSink,
     /// The write-intent bitmap, if the volume keeps one.
     pub bitmap: Option<Arc<super::bitmap::Bitmap>>,
+    /// A hot replacement (md's --replace): the in-sync slot whose device
+    /// is being copied to a new one, which gets every write to the slot
+    /// meanwhile; and the copy's cursor (rows done).
+    pub replacing: Option<Replacement>,
+}
+
+/// The device taking over an in-sync slot.
+#[derive(Clone)]
+pub struct Replacement {
+    /// The slot.
+    pub slot: usize,
+    /// The new device.
+    pub dev: Arc<dyn BlockDevice>,
+    /// Rows copied.
+    pub cursor: Arc<AtomicU64>,
 }
 
 impl MemberSet {
@@ -192,6 +284,59 @@ impl MemberSet {
             scrubbing: Arc::new(AtomicBool::new(false)),
             failures,
             bitmap: None,
+            replacing: None,
+        }
+    }
+
+    /// The next generation copying `slot` (in sync) to `dev`, which gets
+    /// every write to the slot from now on.
+    pub fn with_replacement(
+        &self,
+        name: &str,
+        slot: usize,
+        dev: Arc<dyn BlockDevice>,
+        need_blocks: u64,
+    ) -> Result<MemberSet, BdevError> {
+        if self.members.get(slot).map(|m| m.state) != Some(MemberState::InSync) {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: slot {slot} is not in sync"
+            )));
+        }
+        if self.rebuilding.is_some() || self.replacing.is_some() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: a rebuild or replacement is already running"
+            )));
+        }
+        let bs = self.members[slot].dev.info().block_size;
+        if dev.info().block_size != bs || dev.info().num_blocks < need_blocks {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: {} is too small or has another block size (needs {need_blocks} blocks of {bs})",
+                dev.info().name
+            )));
+        }
+        Ok(MemberSet {
+            replacing: Some(Replacement {
+                slot,
+                dev,
+                cursor: Arc::new(AtomicU64::new(0)),
+            }),
+            ..self.clone()
+        })
+    }
+
+    /// The next generation without the replacement: it finished (`done`:
+    /// the new device takes the slot, in sync) or was given up.
+    pub fn replacement_over(&self, done: bool) -> MemberSet {
+        let mut members = (*self.members).clone();
+        if let (true, Some(r)) = (done, &self.replacing) {
+            let write_mostly = members[r.slot].write_mostly;
+            members[r.slot] = Member::new(r.dev.clone(), MemberState::InSync);
+            members[r.slot].write_mostly = write_mostly;
+        }
+        MemberSet {
+            members: Arc::new(members),
+            replacing: None,
+            ..self.clone()
         }
     }
 
@@ -243,7 +388,12 @@ impl MemberSet {
         let mut members = (*self.members).clone();
         members[slot].state = MemberState::Failed;
         let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
-        Ok(self.next(members, rebuilding))
+        // A replacement stops when any member fails: the spare logic takes
+        // over, and a degraded volume is no time for a copy.
+        Ok(MemberSet {
+            replacing: None,
+            ..self.next(members, rebuilding)
+        })
     }
 
     /// The next generation with failed `slot` taken by `dev`, rebuilt from

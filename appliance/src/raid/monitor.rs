@@ -143,6 +143,39 @@ pub trait RaidDevice: BlockDevice {
         Ok(progress)
     }
 
+    /// Start copying a hot replacement's slot to its new device as a
+    /// poller on this reactor: a rebuild whose one source is the slot
+    /// itself and whose target is the new device (index: the member count).
+    fn start_replace(&self, ctx: &mut poller::Ctx) -> Result<Arc<RebuildProgress>, BdevError> {
+        let set = self.member_set();
+        let name = &self.info().name;
+        let Some(r) = set.replacing.clone() else {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: nothing to replace"
+            )));
+        };
+        let mut channels = set
+            .members
+            .iter()
+            .map(|m| m.dev.open_channel().map(|c| (c, device_id(&m.dev))))
+            .collect::<Result<Vec<_>, _>>()?;
+        channels.push((r.dev.open_channel()?, device_id(&r.dev)));
+        let target = set.members.len();
+        let rows = self.rows();
+        let progress = Arc::new(RebuildProgress::new(target, rows.count, r.cursor.clone()));
+        let mut w = Rebuilder::new(
+            rows,
+            target,
+            vec![r.slot],
+            channels,
+            set.locks.clone(),
+            progress.clone(),
+            set.failures.clone(),
+        );
+        ctx.add_poller(move |_| w.poll());
+        Ok(progress)
+    }
+
     /// Start a consistency check (or repair) as a poller on this reactor.
     /// Call it with the volume suspended: writes after it see the scrub.
     /// With `dirty`, only the regions its write-intent bitmap marks are
@@ -206,6 +239,8 @@ pub struct Snapshot {
     pub rebuild: Option<Arc<RebuildProgress>>,
     /// The write-intent bitmap, if the volume keeps one.
     pub bitmap: Option<Arc<Bitmap>>,
+    /// A hot replacement running: the slot and the new device's name.
+    pub replacing: Option<(usize, String)>,
 }
 
 impl Snapshot {
@@ -218,7 +253,13 @@ impl Snapshot {
             p.is_finished()
                 && (p.slot == usize::MAX
                     || p.error().is_some()
-                    || self.states.get(p.slot) != Some(&MemberState::Rebuilding))
+                    || if p.slot == self.states.len() {
+                        // A replacement's copy: settled once the new device
+                        // has the slot (or the replacement was given up).
+                        self.replacing.is_none()
+                    } else {
+                        self.states.get(p.slot) != Some(&MemberState::Rebuilding)
+                    })
         })
     }
 }
@@ -498,6 +539,64 @@ impl Monitor {
         publish(&self.volume, &next)?;
         s.current = next;
         Ok(())
+    }
+
+    /// Replace in-sync member `name` by `dev` without ever being degraded
+    /// (md's --replace): `dev` gets every write to the slot while the slot
+    /// is copied to it in the background; then it takes the slot, in sync,
+    /// and the old device is free. A member failing meanwhile ends it.
+    pub fn replace_member(
+        &self,
+        name: &str,
+        dev: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<RebuildProgress>, OpError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let devs = s.current.member_devices();
+        let states = s.current.member_states();
+        let Some(slot) = devs.iter().position(|d| d.info().name == name) else {
+            return Err(OpError::NotFound(name.to_string()));
+        };
+        if states[slot] != MemberState::InSync {
+            return Err(OpError::FailedPrecondition(format!(
+                "{name} is not in sync; a failed member is replaced by adding a spare"
+            )));
+        }
+        let new = dev.info().name.clone();
+        if devs.iter().any(|d| d.info().name == new)
+            || s.spares.iter().any(|d| d.info().name == new)
+        {
+            return Err(OpError::AlreadyExists(new));
+        }
+        if s.rebuild.as_ref().is_some_and(|p| !p.is_finished()) {
+            return Err(OpError::FailedPrecondition(
+                "a rebuild, scrub or replacement is already running".into(),
+            ));
+        }
+        let cur = s.current.clone();
+        let rows = cur.rows();
+        let set = cur
+            .member_set()
+            .with_replacement(&cur.info().name, slot, dev, rows.offset + rows.total)
+            .map_err(|e| OpError::FailedPrecondition(e.to_string()))?;
+        let next = cur.with_member_set(set);
+        publish(&self.volume, &next)?;
+        s.current = next.clone();
+        let core = self.set.len() - 1;
+        let progress = self
+            .set
+            .call(core, CHANGE_TIMEOUT, move |ctx| {
+                next.start_replace(ctx).map_err(|e| e.to_string())
+            })
+            .map_err(OpError::Internal)?
+            .map_err(OpError::Internal)?;
+        tracing::info!(
+            volume = self.volume.name(),
+            member = name,
+            with = new,
+            "replacement started"
+        );
+        s.started(progress.clone());
+        Ok(progress)
     }
 
     /// Give the volume a write-intent bitmap of `chunk_bytes` regions, or
@@ -937,6 +1036,12 @@ impl Monitor {
             max_failures: s.current.max_failures(),
             rebuild: s.rebuild.clone(),
             bitmap: s.current.member_set().bitmap.clone(),
+            replacing: s
+                .current
+                .member_set()
+                .replacing
+                .as_ref()
+                .map(|r| (r.slot, r.dev.info().name.clone())),
         }
     }
 
@@ -995,12 +1100,14 @@ fn apply(
             publish(volume, &next)?;
             tracing::warn!(volume = volume.name(), member = f.member, error = %f.error, "member marked failed");
             s.current = next;
-            // A rebuild onto this slot stops; wait for it so the device is
-            // no longer written when it is handed back.
+            // A rebuild onto this slot stops, and so does a replacement's
+            // copy (the new generation has none); wait for it so the device
+            // is no longer written when it is handed back.
+            let copy = s.current.member_states().len();
             if let Some(p) = s
                 .rebuild
                 .as_ref()
-                .filter(|p| p.slot == f.member && !p.is_finished())
+                .filter(|p| (p.slot == f.member || p.slot == copy) && !p.is_finished())
             {
                 p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
                 let t = std::time::Instant::now();
@@ -1009,6 +1116,26 @@ fn apply(
                 }
             }
             start_spare(set, volume, s, f.member)
+        }
+        Event::Rebuilt(slot) if slot == s.current.member_states().len() => {
+            finish_replace(volume, s)
+        }
+        Event::RebuildAborted(slot, why) if slot == s.current.member_states().len() => {
+            // The copy stopped or the new device failed a write: the slot
+            // keeps its device; writes stop going to the new one.
+            if s.current.member_set().replacing.is_none() {
+                return Ok(());
+            }
+            tracing::error!(volume = volume.name(), error = %why, "replacement given up");
+            if let Some(p) = s.rebuild.as_ref().filter(|p| !p.is_finished()) {
+                p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            let next = s
+                .current
+                .with_member_set(s.current.member_set().replacement_over(false));
+            publish(volume, &next)?;
+            s.current = next;
+            Ok(())
         }
         Event::Rebuilt(slot) => {
             if s.current.member_states().get(slot) != Some(&MemberState::Rebuilding) {
@@ -1037,6 +1164,29 @@ fn apply(
             Ok(())
         }
     }
+}
+
+/// The copy of a hot replacement is done: the new device takes the slot.
+fn finish_replace(volume: &Volume, s: &mut MonitorState) -> Result<(), ChangeError> {
+    let Some(r) = s.current.member_set().replacing.clone() else {
+        return Ok(()); // given up meanwhile
+    };
+    // What the copy wrote must be durable before the superblocks name it.
+    super::journal::sync(r.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])?;
+    let old = s.current.member_devices()[r.slot].info().name.clone();
+    let next = s
+        .current
+        .with_member_set(s.current.member_set().replacement_over(true));
+    publish(volume, &next)?;
+    s.current = next;
+    if let Some(meta) = s.meta.as_mut() {
+        meta.member_uuids[r.slot] = *uuid::Uuid::new_v4().as_bytes();
+        let cur = s.current.clone();
+        meta.record(cur.as_ref(), &cur.member_devices(), false)
+            .map_err(|e| e.to_string())?;
+    }
+    tracing::info!(volume = volume.name(), slot = r.slot, old = old, new = %r.dev.info().name, "replacement finished; the old device is free");
+    Ok(())
 }
 
 /// Put a spare into failed `slot` and start rebuilding it.
@@ -1100,6 +1250,7 @@ mod tests {
             max_failures: 1,
             rebuild: p,
             bitmap: None,
+            replacing: None,
         }
     }
 

@@ -160,6 +160,7 @@ impl BlockDevice for Raid1Device {
             locks: self.set.locks.clone(),
             waiting: VecDeque::new(),
             bitmap: self.set.bitmap.clone(),
+            replace: super::members::ReplaceChannel::open(&self.set)?,
         }))
     }
 }
@@ -194,6 +195,8 @@ struct Raid1Channel {
     /// The volume's write-intent bitmap: a write reaches the members only
     /// once its regions' bits are on disk.
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
+    /// A hot replacement's new device: it gets every write.
+    replace: Option<super::members::ReplaceChannel>,
     /// Identity of each member device, for failure reports.
     ids: Vec<usize>,
     info: DeviceInfo,
@@ -214,6 +217,8 @@ struct Raid1Channel {
 }
 
 const MEMBER_BITS: u64 = 6;
+/// The child tag's member field for writes to a replacement device.
+const REPLACE: usize = (1 << MEMBER_BITS) - 1;
 
 impl Raid1Channel {
     fn child_tag(parent: usize, member: usize) -> u64 {
@@ -262,6 +267,25 @@ impl Raid1Channel {
                 true
             }
             Err(SubmitError::Busy(_)) => false,
+        }
+    }
+
+    /// A write that reached the members goes to a hot replacement's new
+    /// device too (whatever the copy's cursor: the copy, under the region
+    /// lock, would copy the same data again).
+    fn send_replace(&mut self, pi: usize) {
+        let Some(p) = self.parents[pi].as_ref().filter(|p| p.pending > 0) else {
+            return;
+        };
+        let req = self.child(p);
+        let tag = Self::child_tag(pi, REPLACE);
+        let Some(r) = self.replace.as_mut() else {
+            return;
+        };
+        if r.send(req.op, req.offset_blocks, req.num_blocks, req.sg, tag) {
+            if let Some(p) = self.parents[pi].as_mut() {
+                p.pending += 1;
+            }
         }
     }
 
@@ -351,6 +375,7 @@ impl Raid1Channel {
         for m in targets {
             self.send(pi, m);
         }
+        self.send_replace(pi);
         if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
             if let Some(p) = self.parents[pi].as_mut() {
                 p.error.get_or_insert(IoError::DeviceFailed);
@@ -362,6 +387,21 @@ impl Raid1Channel {
     fn on_child(&mut self, c: Completion) {
         let pi = (c.tag >> MEMBER_BITS) as usize;
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        if m == REPLACE {
+            // Never the write's outcome: a failing new device ends the
+            // replacement; the members have the data.
+            if let (Err(e), Some(r)) = (c.result, self.replace.as_mut()) {
+                r.fail(&self.failures, self.members.len(), e);
+            }
+            let Some(p) = self.parents.get_mut(pi).and_then(|p| p.as_mut()) else {
+                return;
+            };
+            p.pending -= 1;
+            if p.pending == 0 {
+                self.finish(pi);
+            }
+            return;
+        }
         if m < self.outstanding.len() {
             self.outstanding[m] = self.outstanding[m].saturating_sub(1);
         }
@@ -429,7 +469,9 @@ impl IoChannel for Raid1Channel {
         if write_like {
             // A rebuild copies regions under their locks; this write waits
             // for the ones it touches so the copy cannot overwrite it.
-            let locking = self.rebuild_target.is_some() || self.scrubbing.load(Ordering::Relaxed);
+            let locking = self.rebuild_target.is_some()
+                || self.replace.is_some()
+                || self.scrubbing.load(Ordering::Relaxed);
             if let Some(p) = self.parents[pi].as_mut() {
                 p.needs_lock = locking;
             }
@@ -457,6 +499,9 @@ impl IoChannel for Raid1Channel {
             let mut all = true;
             for m in targets.iter().copied() {
                 all &= self.send(pi, m);
+            }
+            if write_like {
+                self.send_replace(pi);
             }
             if !all && self.parents[pi].as_ref().is_some_and(|p| p.pending > 0) {
                 // Partly sent: let it complete; the members that took it
@@ -506,6 +551,9 @@ impl IoChannel for Raid1Channel {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         super::members::poll_members(&mut self.members, &mut scratch);
+        if let Some(r) = self.replace.as_mut() {
+            r.poll(&mut scratch);
+        }
         for c in scratch.drain(..) {
             self.on_child(c);
         }

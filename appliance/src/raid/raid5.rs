@@ -284,6 +284,7 @@ impl BlockDevice for Raid5Device {
             reclaiming: 0,
             bufpool: Vec::new(),
             bitmap: self.set.bitmap.clone(),
+            replace: super::members::ReplaceChannel::open(&self.set)?,
         }))
     }
 }
@@ -415,7 +416,12 @@ struct Raid5Channel {
     /// The volume's write-intent bitmap: a write reaches the members only
     /// once its region's bit is on disk.
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
+    /// A hot replacement's new device: it gets every write to its slot.
+    replace: Option<super::members::ReplaceChannel>,
 }
+
+/// The child tag's member field for writes to a replacement device.
+const REPLACE: usize = JOURNAL - 1;
 
 /// Child tag bit of a read sent by `read_fast`.
 const FAST: u64 = 1 << 63;
@@ -427,6 +433,13 @@ const JOURNAL_FAILED: u8 = 3;
 const JOURNAL: usize = (1 << MEMBER_BITS) - 1;
 
 const MEMBER_BITS: u64 = 8;
+
+/// One more child in flight for piece `pi`.
+fn p_pending_inc(pieces: &mut [Option<Piece>], pi: usize) {
+    if let Some(p) = pieces.get_mut(pi).and_then(|p| p.as_mut()) {
+        p.pending += 1;
+    }
+}
 
 /// Written rows `[lo, hi)` of data index `i` in `stripe` for blocks `[b0, b1)`.
 fn rows_of(geo: &Raid5Geometry, stripe: u64, i: u32, b0: u64, b1: u64) -> Option<(u64, u64)> {
@@ -1209,14 +1222,22 @@ impl Raid5Channel {
                 return;
             };
             let src = sg::of(&mut p.bufs[m], buf_off(lo), ((hi - lo) as usize) * bs);
-            self.child(
-                pi,
-                m,
-                IoOp::Write,
-                geo.member_block(stripe, lo),
-                hi - lo,
-                src,
-            );
+            let block = geo.member_block(stripe, lo);
+            if let Some(r) = self.replace.as_mut().filter(|r| r.slot == m) {
+                // The copy under the stripe lock may already have passed
+                // this row: the new device gets the write too (a copy that
+                // comes later copies the same data again).
+                if r.send(
+                    IoOp::Write,
+                    block,
+                    hi - lo,
+                    src.clone(),
+                    (pi as u64) << MEMBER_BITS | REPLACE as u64,
+                ) {
+                    p_pending_inc(&mut self.pieces, pi);
+                }
+            }
+            self.child(pi, m, IoOp::Write, block, hi - lo, src);
         }
         self.maybe_done(pi);
     }
@@ -1478,6 +1499,17 @@ impl Raid5Channel {
         }
         let pi = (c.tag >> MEMBER_BITS) as usize;
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        if m == REPLACE {
+            // Never the write's outcome: a failing new device ends the
+            // replacement, the slot's own device still has the data.
+            if let (Err(e), Some(r)) = (c.result, self.replace.as_mut()) {
+                r.fail(&self.failures, self.failed.len(), e);
+            }
+            if let Some(p) = self.pieces.get_mut(pi).and_then(|p| p.as_mut()) {
+                p.pending = p.pending.saturating_sub(1);
+            }
+            return self.maybe_done(pi);
+        }
         if let Err(e) = c.result {
             if m < self.failed.len() {
                 self.fail_member(m, e);
@@ -1702,6 +1734,9 @@ impl Raid5Channel {
         scratch.append(&mut self.refused);
         if let Some(ch) = self.jch.as_mut() {
             ch.poll(&mut scratch);
+        }
+        if let Some(r) = self.replace.as_mut() {
+            r.poll(&mut scratch);
         }
         super::members::poll_members(&mut self.members, &mut scratch);
         for c in scratch.drain(..) {

@@ -197,6 +197,19 @@ enum VolumeCmd {
         #[arg(long)]
         off: bool,
     },
+    /// Replace an in-sync member without going degraded (md's --replace):
+    /// the new device is written along and the member copied to it, then
+    /// it takes the slot. `volume wait --progress` follows the copy.
+    ///
+    /// Example: applctl volume replace vol0 d1 d9
+    Replace {
+        /// The volume.
+        name: String,
+        /// The member to replace.
+        device: String,
+        /// The device that takes its place.
+        replacement: String,
+    },
     /// Hold writes to a byte range (md's suspend_lo/hi): when it returns,
     /// none is in flight and new ones wait until resume-range. Reads go on.
     ///
@@ -567,6 +580,18 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 volume: name,
                 device,
                 enabled: !off,
+            })
+            .await?
+        }
+        VolumeCmd::Replace {
+            name,
+            device,
+            replacement,
+        } => {
+            c.replace_member(pb::ReplaceMemberRequest {
+                volume: name,
+                device,
+                replacement,
             })
             .await?
         }
