@@ -145,10 +145,12 @@ fn a_degraded_raid5_reads_and_writes_everything_correctly() {
 
 #[test]
 fn bad_raid5_geometry_is_refused_clearly() {
-    let two: Vec<Member> = (0..2).map(|i| member(ram(&format!("m{i}"), 64))).collect();
+    // Two members are md's degenerate RAID5 (what a takeover makes of a
+    // mirror); one is not a RAID5.
+    let one: Vec<Member> = (0..1).map(|i| member(ram(&format!("m{i}"), 64))).collect();
     let e = Raid5Device::new(
         "r5",
-        two,
+        one,
         4096,
         Layout::LeftSymmetric,
         0,
@@ -156,7 +158,7 @@ fn bad_raid5_geometry_is_refused_clearly() {
     )
     .err()
     .unwrap();
-    assert!(e.to_string().contains("3..=64 members"), "{e}");
+    assert!(e.to_string().contains("2..=64 members"), "{e}");
     let three: Vec<Member> = (0..3).map(|i| member(ram(&format!("m{i}"), 64))).collect();
     let e = Raid5Device::new(
         "r5",

@@ -79,7 +79,7 @@ pub struct Location {
 }
 
 impl Raid5Geometry {
-    /// `members` (3..=64) of `member_blocks` blocks each, chunks of
+    /// `members` (2..=64; two is md's degenerate RAID5) of `member_blocks` blocks each, chunks of
     /// `chunk_bytes` (a power of two, 4 KiB..=1 MiB) of `block_size`-byte
     /// blocks, data starting `data_offset_blocks` into each member.
     pub fn new(
