@@ -128,6 +128,32 @@ fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
     (child, api)
 }
 
+/// The daemon again on the state in `dir` (no --config), with `extra`
+/// arguments and its log to `stderr`.
+fn restart(dir: &Path, api: &Path, extra: &[&str], stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--api"])
+        .arg(api)
+        .arg("--state")
+        .arg(dir.join("state.toml"))
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the API of `daemon` answers (it must not stop meanwhile).
+fn wait_up(api: &Path, daemon: &mut Child) {
+    let t = Instant::now();
+    while applctl(api, &["version"]).status.code() != Some(0) {
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon stopped");
+        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn applctl_drives_the_daemon_with_tables_json_and_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -346,22 +372,14 @@ fn a_journalled_raid5_comes_back_from_sigkill_with_its_data() {
 
     // The restart replays the journal before any IO, then resyncs.
     let log = dir.path().join("restart.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["daemon", "--reactors", "2", "--api"])
-        .arg(&api)
-        .arg("--state")
-        .arg(dir.path().join("state.toml"))
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = restart(
+        dir.path(),
+        &api,
+        &[],
+        std::fs::File::create(&log).unwrap().into(),
+    );
     let _reap_restarted = KillOnPanic(daemon.id());
-    let t = Instant::now();
-    while applctl(&api, &["version"]).status.code() != Some(0) {
-        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_up(&api, &mut daemon);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("journal replayed"), "{text}");
     let show = ok(&applctl(&api, &["volume", "show", "vol0"]));
@@ -506,22 +524,14 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
     daemon.wait().unwrap();
 
     let log = dir.path().join("restart.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["daemon", "--reactors", "2", "--api"])
-        .arg(&api)
-        .arg("--state")
-        .arg(dir.path().join("state.toml"))
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = restart(
+        dir.path(),
+        &api,
+        &[],
+        std::fs::File::create(&log).unwrap().into(),
+    );
     let _reap_restarted = KillOnPanic(daemon.id());
-    let t = Instant::now();
-    while applctl(&api, &["version"]).status.code() != Some(0) {
-        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_up(&api, &mut daemon);
     ok(&applctl(
         &api,
         &["volume", "wait", "vol0", "--timeout", "120"],
@@ -615,19 +625,7 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
         .write_all_at(&[0xa5; 4096], 0)
         .unwrap();
 
-    let restart = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_appliance"))
-            .args(["daemon", "--reactors", "2", "--api"])
-            .arg(&api)
-            .arg("--state")
-            .arg(dir.path().join("state.toml"))
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let restart = |extra: &[&str]| restart(dir.path(), &api, extra, Stdio::piped());
     let refused = restart(&[]).wait_with_output().unwrap();
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{why}");
@@ -646,16 +644,7 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
 
     let mut daemon = restart(&["--drop-journal", "vol0"]);
     let _reap_restarted = KillOnPanic(daemon.id());
-    let t = Instant::now();
-    while applctl(&api, &["version"]).status.code() != Some(0) {
-        assert!(
-            daemon.try_wait().unwrap().is_none(),
-            "the daemon stopped: {:?}",
-            daemon.wait_with_output()
-        );
-        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_up(&api, &mut daemon);
     ok(&applctl(
         &api,
         &["volume", "wait", "vol0", "--timeout", "120"],

@@ -111,6 +111,24 @@ fn attach_files(
     }
 }
 
+/// Export volume `name` as `name` on DIR/name.sock; the socket's path.
+fn export(d: &Daemon, c: &mut Client, dir: &Path, name: &str) -> PathBuf {
+    let sock = dir.join(format!("{name}.sock"));
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: name.into(),
+            volume: name.into(),
+            socket: sock.to_str().unwrap().into(),
+            ..Default::default()
+        }
+    )
+    .unwrap();
+    sock
+}
+
 fn raid5(name: &str, members: &[&str], spares: &[&str]) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {
         name: name.into(),
@@ -1330,19 +1348,7 @@ fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
         ..Default::default()
     };
     call!(d, c, create_volume, mirror).unwrap();
-    let sock = dir.path().join("v.sock");
-    call!(
-        d,
-        c,
-        create_export,
-        pb::CreateExportRequest {
-            name: "v".into(),
-            volume: "v".into(),
-            socket: sock.to_str().unwrap().into(),
-            ..Default::default()
-        }
-    )
-    .unwrap();
+    let sock = export(&d, &mut c, dir.path(), "v");
     let mut disk = Disk::connect(&sock).unwrap();
     write_pattern(&mut disk, 1, 0);
     let add = |volume: &str, device: &str, mode: &str| pb::AddJournalRequest {
@@ -1562,19 +1568,7 @@ fn a_mirror_of_two_is_taken_over_to_raid5_and_back_through_the_api_and_restored(
     };
     call!(d, c, create_volume, mirror).unwrap();
     call!(d, c, create_volume, raid5("r", &["d2", "d3", "d4"], &[])).unwrap();
-    let sock = dir.path().join("m.sock");
-    call!(
-        d,
-        c,
-        create_export,
-        pb::CreateExportRequest {
-            name: "m".into(),
-            volume: "m".into(),
-            socket: sock.to_str().unwrap().into(),
-            ..Default::default()
-        }
-    )
-    .unwrap();
+    let sock = export(&d, &mut c, dir.path(), "m");
     let mut disk = Disk::connect(&sock).unwrap();
     write_pattern(&mut disk, 1, 0);
     let take = |volume: &str, level: pb::Level, chunk_kib: u32| pb::TakeoverRequest {
@@ -1637,19 +1631,7 @@ fn writes_to_a_suspended_range_wait_and_nothing_else_does() {
         raid5("v", &["d0", "d1", "d2"], &["d3"])
     )
     .unwrap();
-    let sock = dir.path().join("v.sock");
-    call!(
-        d,
-        c,
-        create_export,
-        pb::CreateExportRequest {
-            name: "v".into(),
-            volume: "v".into(),
-            socket: sock.to_str().unwrap().into(),
-            ..Default::default()
-        }
-    )
-    .unwrap();
+    let sock = export(&d, &mut c, dir.path(), "v");
     let mut disk = Disk::connect(&sock).unwrap();
     let size = disk.capacity();
     let range = |lo: u64, hi: u64| pb::SuspendRangeRequest {
@@ -1747,19 +1729,7 @@ fn a_member_is_replaced_online_through_the_api_and_the_old_device_is_free() {
         raid5("v", &["d0", "d1", "d2"], &["d3"])
     )
     .unwrap();
-    let sock = dir.path().join("v.sock");
-    call!(
-        d,
-        c,
-        create_export,
-        pb::CreateExportRequest {
-            name: "v".into(),
-            volume: "v".into(),
-            socket: sock.to_str().unwrap().into(),
-            ..Default::default()
-        }
-    )
-    .unwrap();
+    let sock = export(&d, &mut c, dir.path(), "v");
     let mut disk = Disk::connect(&sock).unwrap();
     write_pattern(&mut disk, 1, 0);
     let rep = |device: &str, replacement: &str| pb::ReplaceMemberRequest {
