@@ -128,6 +128,27 @@ fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
     (child, api)
 }
 
+/// An initial configuration of `devices` file devices d0.. of `size`, a
+/// RAID5 vol0 over d0-d2 with `volume_extra` TOML lines, exported as vm;
+/// its path and the export's socket.
+fn raid5_config(dir: &Path, devices: usize, size: &str, volume_extra: &str) -> (PathBuf, PathBuf) {
+    let config = dir.join("init.toml");
+    let sock = dir.join("vm.sock");
+    let mut toml = String::new();
+    for i in 0..devices {
+        toml += &format!(
+            "[[device]]\nname = \"d{i}\"\nspec = \"file:{}:{size}\"\n\n",
+            dir.join(format!("d{i}.img")).display()
+        );
+    }
+    toml += &format!(
+        "[[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"d0\", \"d1\", \"d2\"]\n{volume_extra}\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
+        sock.display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    (config, sock)
+}
+
 /// The daemon again on the state in `dir` (no --config), with `extra`
 /// arguments and its log to `stderr`.
 fn restart(dir: &Path, api: &Path, extra: &[&str], stderr: Stdio) -> Child {
@@ -338,20 +359,12 @@ num_queues = 2
 #[test]
 fn a_journalled_raid5_comes_back_from_sigkill_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("init.toml");
-    let sock = dir.path().join("vm.sock");
-    let mut toml = String::new();
-    for i in 0..4 {
-        toml += &format!(
-            "[[device]]\nname = \"d{i}\"\nspec = \"file:{}:32M\"\n\n",
-            dir.path().join(format!("d{i}.img")).display()
-        );
-    }
-    toml += &format!(
-        "[[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"d0\", \"d1\", \"d2\"]\njournal = \"d3\"\njournal_mode = \"write-back\"\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
-        sock.display()
+    let (config, sock) = raid5_config(
+        dir.path(),
+        4,
+        "32M",
+        "journal = \"d3\"\njournal_mode = \"write-back\"\n",
     );
-    std::fs::write(&config, toml).unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let (mut daemon, api) = start(dir.path(), &config, &metrics);
     let _reap = KillOnPanic(daemon.id());
@@ -469,20 +482,12 @@ fn the_kept_demo_is_driven_with_applctl() {
 #[test]
 fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("init.toml");
-    let sock = dir.path().join("vm.sock");
-    let mut toml = String::new();
-    for i in 0..3 {
-        toml += &format!(
-            "[[device]]\nname = \"d{i}\"\nspec = \"file:{}:64M\"\n\n",
-            dir.path().join(format!("d{i}.img")).display()
-        );
-    }
-    toml += &format!(
-        "[[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"d0\", \"d1\", \"d2\"]\nbitmap = true\nbitmap_chunk_kib = 1024\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
-        sock.display()
+    let (config, sock) = raid5_config(
+        dir.path(),
+        3,
+        "64M",
+        "bitmap = true\nbitmap_chunk_kib = 1024\n",
     );
-    std::fs::write(&config, toml).unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let (mut daemon, api) = start(dir.path(), &config, &metrics);
     let _reap = KillOnPanic(daemon.id());
@@ -590,20 +595,7 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
 #[test]
 fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("init.toml");
-    let sock = dir.path().join("vm.sock");
-    let mut toml = String::new();
-    for i in 0..4 {
-        toml += &format!(
-            "[[device]]\nname = \"d{i}\"\nspec = \"file:{}:32M\"\n\n",
-            dir.path().join(format!("d{i}.img")).display()
-        );
-    }
-    toml += &format!(
-        "[[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"d0\", \"d1\", \"d2\"]\njournal = \"d3\"\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
-        sock.display()
-    );
-    std::fs::write(&config, toml).unwrap();
+    let (config, sock) = raid5_config(dir.path(), 4, "32M", "journal = \"d3\"\n");
     let metrics = format!("127.0.0.1:{}", free_port());
     let (mut daemon, api) = start(dir.path(), &config, &metrics);
     let _reap = KillOnPanic(daemon.id());
