@@ -95,6 +95,7 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
             mismatches: p.mismatches,
             bytes: p.bytes,
             max_bytes_per_sec: p.max_bytes_per_sec,
+            min_bytes_per_sec: p.min_bytes_per_sec,
         }),
         generation: v.generation,
         exports: v.exports,
@@ -250,6 +251,7 @@ impl pb::appliance_server::Appliance for Service {
                 r.layout
             },
             max_rebuild_bytes_per_sec: 0,
+            min_rebuild_bytes_per_sec: 0,
             journal: (!r.journal.is_empty()).then_some(r.journal),
             journal_mode: r.journal_mode,
             bitmap: r.bitmap,
@@ -341,7 +343,7 @@ impl pb::appliance_server::Appliance for Service {
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         self.run(move |m| {
-            m.set_rebuild_rate(&r.volume, r.max_bytes_per_sec)
+            m.set_rebuild_rate(&r.volume, r.min_bytes_per_sec, r.max_bytes_per_sec)
                 .map(volume_to_pb)
         })
         .await

@@ -53,6 +53,10 @@ pub struct VolumeDecl {
     /// Rebuild and scrub rate limit in bytes per second (0: none).
     #[serde(default)]
     pub max_rebuild_bytes_per_sec: u64,
+    /// The rate a rebuild or scrub yields to while the volume serves guest
+    /// IO (md's sync_speed_min; 0: it does not yield).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub min_rebuild_bytes_per_sec: u64,
     /// RAID5 write journal device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
@@ -71,6 +75,10 @@ pub struct VolumeDecl {
 }
 
 fn is_zero(x: &u32) -> bool {
+    *x == 0
+}
+
+fn is_zero_u64(x: &u64) -> bool {
     *x == 0
 }
 

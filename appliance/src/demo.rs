@@ -302,6 +302,7 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
                 chunk_kib: 64,
                 layout: "left-symmetric".into(),
                 max_rebuild_bytes_per_sec: 0,
+                min_rebuild_bytes_per_sec: 0,
                 journal: Some("ram-journal".into()),
                 journal_mode: "write-back".into(),
                 bitmap: false,

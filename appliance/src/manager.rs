@@ -203,6 +203,8 @@ pub struct ProgressView {
     pub bytes: u64,
     /// Rate limit (0: none).
     pub max_bytes_per_sec: u64,
+    /// The rate it yields to while guest IO runs (0: it does not yield).
+    pub min_bytes_per_sec: u64,
 }
 
 /// A volume as described.
@@ -394,7 +396,8 @@ impl State {
                     VolumeDecl {
                         members,
                         spares,
-                        max_rebuild_bytes_per_sec: v.monitor.as_ref().map_or(0, |m| m.rate()),
+                        min_rebuild_bytes_per_sec: v.monitor.as_ref().map_or(0, |m| m.rate().0),
+                        max_rebuild_bytes_per_sec: v.monitor.as_ref().map_or(0, |m| m.rate().1),
                         ..v.decl.clone()
                     }
                 })
@@ -736,7 +739,10 @@ impl Manager {
             .map(|j| crate::raid::journal::Checkpointer::start(j, volume.clone()));
         let monitor = Monitor::start(&self.set, volume.clone(), device, rx, spares);
         monitor.set_meta(meta);
-        monitor.set_rate(decl.max_rebuild_bytes_per_sec);
+        monitor.set_rate(
+            decl.min_rebuild_bytes_per_sec,
+            decl.max_rebuild_bytes_per_sec,
+        );
         monitor
             .open(was_clean)
             .map_err(|e| from_op(&decl.name, e))?;
@@ -1123,6 +1129,9 @@ impl Manager {
                     error: p.error().unwrap_or_default(),
                     mismatches: p.mismatches.load(std::sync::atomic::Ordering::Relaxed),
                     bytes: p.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    min_bytes_per_sec: p
+                        .min_bytes_per_sec
+                        .load(std::sync::atomic::Ordering::Relaxed),
                     max_bytes_per_sec: p
                         .max_bytes_per_sec
                         .load(std::sync::atomic::Ordering::Relaxed),
@@ -1349,10 +1358,23 @@ impl Manager {
     }
 
     /// Limit every rebuild and scrub of the volume, the running one
-    /// included (bytes per second, 0: none); kept in the state file.
-    pub fn set_rebuild_rate(&self, volume: &str, max: u64) -> Result<VolumeView, MgmtError> {
+    /// included, to `max` bytes per second (0: none), and to `min` while
+    /// the volume serves guest IO (0: no yielding), as md's
+    /// sync_speed_max/min; kept in the state file.
+    pub fn set_rebuild_rate(
+        &self,
+        volume: &str,
+        min: u64,
+        max: u64,
+    ) -> Result<VolumeView, MgmtError> {
+        if max > 0 && min > max {
+            return Err(invalid(
+                "min_bytes_per_sec",
+                format!("{min} is above the maximum {max}"),
+            ));
+        }
         let s = self.lock_for_change()?;
-        Self::monitor(&s, volume)?.set_rate(max);
+        Self::monitor(&s, volume)?.set_rate(min, max);
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

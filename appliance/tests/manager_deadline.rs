@@ -43,6 +43,7 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
             chunk_kib: 64,
             layout: "left-symmetric".into(),
             max_rebuild_bytes_per_sec: 0,
+            min_rebuild_bytes_per_sec: 0,
             journal: None,
             journal_mode: String::new(),
             bitmap: false,

@@ -526,7 +526,19 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
     let rate = pb::SetRebuildRateRequest {
         volume: "vol0".into(),
         max_bytes_per_sec: 1 << 20,
+        min_bytes_per_sec: 0,
     };
+    let e = call!(
+        d,
+        c,
+        set_rebuild_rate,
+        pb::SetRebuildRateRequest {
+            min_bytes_per_sec: 2 << 20,
+            ..rate.clone()
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "min above max: {e:?}");
     let e = call!(
         d,
         c,
@@ -699,6 +711,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
     let rate = pb::SetRebuildRateRequest {
         volume: "data".into(),
         max_bytes_per_sec: 1 << 20,
+        min_bytes_per_sec: 256 << 10,
     };
     call!(d, c, set_rebuild_rate, rate).unwrap();
     // A mirror with a write-mostly member; the mark lives in its superblocks.
@@ -768,7 +781,11 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         repair: false,
     };
     let v = call!(d, c, start_scrub, scrub).unwrap();
-    assert_eq!(v.progress.unwrap().max_bytes_per_sec, 1 << 20);
+    let p = v.progress.unwrap();
+    assert_eq!(
+        (p.min_bytes_per_sec, p.max_bytes_per_sec),
+        (256 << 10, 1 << 20)
+    );
     let stop = pb::GetVolumeRequest {
         name: "data".into(),
     };

@@ -261,6 +261,54 @@ pub struct MemberSet {
     /// is being copied to a new one, which gets every write to the slot
     /// meanwhile; and the copy's cursor (rows done).
     pub replacing: Option<Replacement>,
+    /// Guest IO on the volume's channels.
+    pub activity: Arc<Activity>,
+}
+
+/// Guest IO seen by a volume's channels, for a rebuild to yield to (md's
+/// sync_speed_min). One counter per channel, each on its own cache line
+/// and written only by its channel's core, so counting costs no atomic
+/// read-modify-write and no shared line.
+#[derive(Default)]
+pub struct Activity {
+    counters: Mutex<Vec<std::sync::Weak<Counter>>>,
+}
+
+/// One channel's request count.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// One more request (only the owning channel calls this).
+    #[inline]
+    pub fn bump(&self) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl Activity {
+    /// A counter for a new channel.
+    pub fn counter(&self) -> Arc<Counter> {
+        let c = Arc::new(Counter::default());
+        let mut v = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(&c));
+        c
+    }
+
+    /// Requests so far over the live channels (it changes when IO runs).
+    pub fn total(&self) -> u64 {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .fold(0u64, |a, c| a.wrapping_add(c.0.load(Ordering::Relaxed)))
+    }
 }
 
 /// The device taking over an in-sync slot.
@@ -285,6 +333,7 @@ impl MemberSet {
             failures,
             bitmap: None,
             replacing: None,
+            activity: Arc::default(),
         }
     }
 

@@ -138,7 +138,8 @@ pub trait RaidDevice: BlockDevice {
             set.locks.clone(),
             progress.clone(),
             set.failures.clone(),
-        );
+        )
+        .watching(set.activity.clone());
         ctx.add_poller(move |_| r.poll());
         Ok(progress)
     }
@@ -171,7 +172,8 @@ pub trait RaidDevice: BlockDevice {
             set.locks.clone(),
             progress.clone(),
             set.failures.clone(),
-        );
+        )
+        .watching(set.activity.clone());
         ctx.add_poller(move |_| w.poll());
         Ok(progress)
     }
@@ -214,7 +216,8 @@ pub trait RaidDevice: BlockDevice {
             progress.clone(),
             repair,
         )
-        .clearing_when_done(set.scrubbing.clone());
+        .clearing_when_done(set.scrubbing.clone())
+        .watching(set.activity.clone());
         if let Some(b) = dirty {
             s = s.only_dirty(b);
         }
@@ -333,9 +336,11 @@ struct MonitorState {
     meta: Option<super::assembly::VolumeMeta>,
     spares: Vec<Arc<dyn BlockDevice>>,
     rebuild: Option<Arc<RebuildProgress>>,
-    /// Rate limit for every rebuild and scrub (bytes/s, 0: none), like
-    /// md's sync_speed_max.
+    /// Rate limits for every rebuild and scrub (bytes/s, 0: none), like
+    /// md's sync_speed_max, and the floor it yields to guest IO down to
+    /// (sync_speed_min; 0: it does not yield).
     max_rate: u64,
+    min_rate: u64,
     /// Writes the write-intent bitmap, if the volume keeps one.
     bitmap: Option<BitmapDaemon>,
 }
@@ -345,6 +350,8 @@ impl MonitorState {
     fn started(&mut self, p: Arc<RebuildProgress>) {
         p.max_bytes_per_sec
             .store(self.max_rate, std::sync::atomic::Ordering::SeqCst);
+        p.min_bytes_per_sec
+            .store(self.min_rate, std::sync::atomic::Ordering::SeqCst);
         self.rebuild = Some(p);
     }
 }
@@ -466,6 +473,7 @@ impl Monitor {
             spares,
             rebuild: None,
             max_rate: 0,
+            min_rate: 0,
             bitmap,
         }));
         let (set_outer, vol_outer) = (set.clone(), volume.clone());
@@ -996,22 +1004,25 @@ impl Monitor {
     }
 
     /// Limit every rebuild and scrub, the running one included, to
-    /// `bytes_per_sec` (0: no limit).
-    pub fn set_rate(&self, bytes_per_sec: u64) {
+    /// `max` bytes per second (0: no limit), and while the volume serves
+    /// guest IO to `min` (0: it does not yield), as md's sync_speed_max and
+    /// sync_speed_min.
+    pub fn set_rate(&self, min: u64, max: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.max_rate = bytes_per_sec;
+        s.max_rate = max;
+        s.min_rate = min;
         if let Some(p) = &s.rebuild {
             p.max_bytes_per_sec
-                .store(bytes_per_sec, std::sync::atomic::Ordering::SeqCst);
+                .store(max, std::sync::atomic::Ordering::SeqCst);
+            p.min_bytes_per_sec
+                .store(min, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
-    /// The rate limit set by [`set_rate`](Self::set_rate).
-    pub fn rate(&self) -> u64 {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .max_rate
+    /// The limits set by [`set_rate`](Self::set_rate): (min, max).
+    pub fn rate(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.min_rate, s.max_rate)
     }
 
     /// What an operator sees of the volume now.

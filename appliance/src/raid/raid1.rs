@@ -161,6 +161,7 @@ impl BlockDevice for Raid1Device {
             waiting: VecDeque::new(),
             bitmap: self.set.bitmap.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
+            activity: self.set.activity.counter(),
         }))
     }
 }
@@ -197,6 +198,8 @@ struct Raid1Channel {
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
     /// A hot replacement's new device: it gets every write.
     replace: Option<super::members::ReplaceChannel>,
+    /// Guest requests on this channel (a rebuild yields to them).
+    activity: Arc<super::members::Counter>,
     /// Identity of each member device, for failure reports.
     ids: Vec<usize>,
     info: DeviceInfo,
@@ -437,6 +440,7 @@ impl Raid1Channel {
 impl IoChannel for Raid1Channel {
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
         self.inflight += 1;
+        self.activity.bump();
         if let Err(e) = validate(&self.info, &req) {
             self.done.push(Completion {
                 tag: req.tag,

@@ -285,6 +285,7 @@ impl BlockDevice for Raid5Device {
             bufpool: Vec::new(),
             bitmap: self.set.bitmap.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
+            activity: self.set.activity.counter(),
         }))
     }
 }
@@ -418,6 +419,8 @@ struct Raid5Channel {
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
     /// A hot replacement's new device: it gets every write to its slot.
     replace: Option<super::members::ReplaceChannel>,
+    /// Guest requests on this channel (a rebuild yields to them).
+    activity: Arc<super::members::Counter>,
 }
 
 /// The child tag's member field for writes to a replacement device.
@@ -1543,6 +1546,7 @@ impl Raid5Channel {
 impl IoChannel for Raid5Channel {
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
         self.inflight += 1;
+        self.activity.bump();
         if let Err(e) = validate(&self.info, &req) {
             self.done.push(Completion {
                 tag: req.tag,

@@ -33,6 +33,9 @@ pub struct RebuildProgress {
     /// Upper rate limit in bytes per second (0: none), like md's
     /// sync_speed_max.
     pub max_bytes_per_sec: AtomicU64,
+    /// While the volume serves guest IO, the rate drops to this (md's
+    /// sync_speed_min: the floor it yields down to); 0: it does not yield.
+    pub min_bytes_per_sec: AtomicU64,
     started: Instant,
     /// Set to stop the rebuild at the next stripe.
     pub cancel: AtomicBool,
@@ -51,6 +54,7 @@ impl RebuildProgress {
             cursor,
             bytes: AtomicU64::new(0),
             max_bytes_per_sec: AtomicU64::new(0),
+            min_bytes_per_sec: AtomicU64::new(0),
             started: Instant::now(),
             cancel: AtomicBool::new(false),
             mismatches: AtomicU64::new(0),
@@ -160,6 +164,14 @@ struct RowWalk {
     bufs: Vec<Vec<u8>>,
     out: Vec<u8>,
     comps: Vec<Completion>,
+    /// Rate limiting: a token bucket in bytes, refilled at the limit.
+    tokens: f64,
+    refilled: Instant,
+    /// Guest IO on the volume: seen changing means "busy" for a while.
+    activity: Option<Arc<super::members::Activity>>,
+    seen: u64,
+    busy_until: Instant,
+    next_look: Instant,
 }
 
 impl RowWalk {
@@ -181,7 +193,53 @@ impl RowWalk {
             step: Step::Lock,
             pending: 0,
             comps: Vec::new(),
+            tokens: (chunk) as f64,
+            refilled: Instant::now(),
+            activity: None,
+            seen: 0,
+            busy_until: Instant::now(),
+            next_look: Instant::now(),
         }
+    }
+
+    /// Whether the next row may start under the rate limits: the maximum,
+    /// or while guest IO runs on the volume, the minimum (md's
+    /// sync_speed_min/max). Busy, not idle, while it waits: a sleeping
+    /// reactor would not wake for it.
+    fn may_go(&mut self) -> bool {
+        let now = Instant::now();
+        if let Some(a) = &self.activity {
+            if now >= self.next_look {
+                // Look every 10 ms; IO seen keeps the volume busy 100 ms.
+                self.next_look = now + Duration::from_millis(10);
+                let t = a.total();
+                if t != self.seen {
+                    self.seen = t;
+                    self.busy_until = now + Duration::from_millis(100);
+                }
+            }
+        }
+        let max = self.progress.max_bytes_per_sec.load(Ordering::Relaxed);
+        let min = self.progress.min_bytes_per_sec.load(Ordering::Relaxed);
+        let limit = match (now < self.busy_until && min > 0, max) {
+            (true, 0) => min,
+            (true, max) => min.min(max),
+            (false, max) => max,
+        };
+        let row = (self.rows.blocks as usize * self.rows.block_size) as f64;
+        let dt = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        if limit == 0 {
+            self.tokens = row;
+            return true;
+        }
+        // At most a row's worth (or 50 ms of the rate) saved up.
+        self.tokens = (self.tokens + limit as f64 * dt).min(row.max(limit as f64 * 0.05));
+        if self.tokens < row {
+            return false;
+        }
+        self.tokens -= row;
+        true
     }
 
     fn done(&self) -> bool {
@@ -336,6 +394,12 @@ impl Rebuilder {
         }
     }
 
+    /// Yield to the guest IO `activity` counts (see `may_go`).
+    pub fn watching(mut self, activity: Arc<super::members::Activity>) -> Rebuilder {
+        self.walk.activity = Some(activity);
+        self
+    }
+
     fn abort(&mut self, why: String) -> PollState {
         tracing::error!(slot = self.slot, error = %why, "rebuild stopped");
         self.walk.stop(Some(why.clone()));
@@ -364,12 +428,8 @@ impl Rebuilder {
                         self.events.event(Event::Rebuilt(self.slot));
                         return PollState::Done;
                     }
-                    let max = w.progress.max_bytes_per_sec.load(Ordering::Relaxed);
-                    if max > 0 {
-                        let allowed = max as f64 * w.progress.started.elapsed().as_secs_f64();
-                        if w.progress.bytes.load(Ordering::Relaxed) as f64 > allowed {
-                            return PollState::Busy;
-                        }
+                    if !w.may_go() {
+                        return PollState::Busy;
                     }
                     match w.read(&self.sources) {
                         Ok(true) => {}
@@ -471,6 +531,12 @@ impl Scrubber {
         w.progress.cursor.store(w.row, Ordering::SeqCst);
     }
 
+    /// Yield to the guest IO `activity` counts (see `may_go`).
+    pub fn watching(mut self, activity: Arc<super::members::Activity>) -> Scrubber {
+        self.walk.activity = Some(activity);
+        self
+    }
+
     /// Clear `flag` when the scrub ends (however it ends).
     pub fn clearing_when_done(mut self, flag: Arc<AtomicBool>) -> Scrubber {
         self.flag = Some(flag);
@@ -564,6 +630,9 @@ impl Scrubber {
                     self.skip_clean();
                     if self.walk.done() {
                         return self.stop(None);
+                    }
+                    if !self.walk.may_go() {
+                        return PollState::Busy;
                     }
                     match self.walk.read(&self.all) {
                         Ok(true) => {}

@@ -177,12 +177,19 @@ enum VolumeCmd {
         /// The volume.
         name: String,
     },
-    /// Limit the running rebuild or scrub, in MiB/s (0: no limit).
+    /// Limit rebuilds and scrubs, the running one included, in MiB/s (0:
+    /// no limit); with --min, they slow down to that while guest IO runs
+    /// (md's sync_speed_max and sync_speed_min).
+    ///
+    /// Example: applctl volume rate vol0 200 --min 10
     Rate {
         /// The volume.
         name: String,
-        /// MiB per second.
+        /// MiB per second at most.
         mib_per_sec: u64,
+        /// MiB per second while the volume serves guest IO (0: no yielding).
+        #[arg(long, default_value_t = 0)]
+        min: u64,
     },
     /// Mark a RAID1 member write-mostly: it gets every write but is read
     /// only when no other in-sync member can serve (a slow or remote mirror).
@@ -568,10 +575,15 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             c.stop_background_work(pb::GetVolumeRequest { name })
                 .await?
         }
-        VolumeCmd::Rate { name, mib_per_sec } => {
+        VolumeCmd::Rate {
+            name,
+            mib_per_sec,
+            min,
+        } => {
             c.set_rebuild_rate(pb::SetRebuildRateRequest {
                 volume: name,
                 max_bytes_per_sec: mib_per_sec.saturating_mul(1 << 20),
+                min_bytes_per_sec: min.saturating_mul(1 << 20),
             })
             .await?
         }
