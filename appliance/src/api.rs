@@ -319,6 +319,15 @@ impl pb::appliance_server::Appliance for Service {
             .await
     }
 
+    async fn remove_member(
+        &self,
+        req: Request<pb::MemberRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.remove_member(&r.volume, &r.device).map(volume_to_pb))
+            .await
+    }
+
     async fn start_scrub(
         &self,
         req: Request<pb::StartScrubRequest>,

@@ -1329,6 +1329,38 @@ impl Manager {
         Ok(Self::view(&s, volume))
     }
 
+    /// Take a device out of a volume (md's --fail --remove): a spare is
+    /// removed; an in-sync or rebuilding member is failed (refused if that
+    /// would lose data), which releases its device (a spare takes its
+    /// place); a failed member's device is already free.
+    pub fn remove_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        let s = self.lock_for_change()?;
+        let m = Self::monitor(&s, volume)?;
+        s.device("device", device)?;
+        let snap = m.snapshot();
+        if snap.spares.iter().any(|d| d == device) {
+            m.remove_spare(device).map_err(|e| from_op(volume, e))?;
+        } else {
+            let slot = snap
+                .members
+                .iter()
+                .zip(&snap.states)
+                .position(|(d, st)| d == device && *st != MemberState::Failed);
+            let failed = snap.members.iter().any(|d| d == device);
+            match (slot, failed) {
+                (Some(_), _) => m.fail_member(device).map_err(|e| from_op(volume, e))?,
+                (None, true) => {}
+                (None, false) => {
+                    return Err(MgmtError::FailedPrecondition(format!(
+                        "device {device} is not a member or spare of volume {volume}"
+                    )))
+                }
+            }
+        }
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
     /// Start a scrub (check, or repair).
     pub fn start_scrub(&self, volume: &str, repair: bool) -> Result<VolumeView, MgmtError> {
         let s = self.lock_for_change()?;

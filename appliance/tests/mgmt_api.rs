@@ -1810,3 +1810,60 @@ fn a_member_is_replaced_online_through_the_api_and_the_old_device_is_free() {
     drop(c);
     d.stop();
 }
+
+/// md's --fail --remove and --add through the API: a spare goes, a member
+/// is failed and its device freed (never when data would be lost), and a
+/// device added back is rebuilt into the failed slot.
+#[test]
+fn members_are_removed_and_added_back_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "d", 0..5, "16M");
+    call!(
+        d,
+        c,
+        create_volume,
+        raid5("v", &["d0", "d1", "d2"], &["d3"])
+    )
+    .unwrap();
+    let sock = export(&d, &mut c, dir.path(), "v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 1, 0);
+    for (req, code) in [
+        (member("v", "d4"), Code::FailedPrecondition),
+        (member("v", "nope"), Code::NotFound),
+        (member("nope", "d1"), Code::NotFound),
+    ] {
+        let e = call!(d, c, remove_member, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    // The spare goes; then a member, and the volume is degraded.
+    let v = call!(d, c, remove_member, member("v", "d3")).unwrap();
+    assert!(v.spares.is_empty());
+    let v = call!(d, c, remove_member, member("v", "d1")).unwrap();
+    assert_eq!(v.state, "degraded");
+    let e = call!(d, c, remove_member, member("v", "d2")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "would lose data: {e:?}");
+    // Removing it again is no change; its device is free.
+    call!(d, c, remove_member, member("v", "d1")).unwrap();
+    call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest { name: "d1".into() }
+    )
+    .unwrap();
+    check_pattern(&mut disk, 1, 0);
+    // Added back (md's --add is AddSpare here): rebuilt into the slot.
+    call!(d, c, add_spare, member("v", "d4")).unwrap();
+    let v = settle(&d, &mut c, "v");
+    assert_eq!(v.state, "optimal", "{v:?}");
+    assert!(members(&v)
+        .iter()
+        .any(|(dev, st)| dev == "d4" && st == "in_sync"));
+    check_pattern(&mut disk, 1, 0);
+    drop(disk);
+    drop(c);
+    d.stop();
+}

@@ -164,6 +164,12 @@ enum VolumeCmd {
     AddSpare(MemberArgs),
     /// Remove an unused hot spare.
     RemoveSpare(MemberArgs),
+    /// Take a device out of a volume (md's --fail --remove): a spare is
+    /// removed, a member failed (refused if data would be lost) and its
+    /// device freed.
+    ///
+    /// Example: applctl volume remove vol0 d1 && applctl device detach d1
+    Remove(MemberArgs),
     /// Check parity or mirrors (with --repair, fix them).
     Scrub {
         /// The volume.
@@ -564,6 +570,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
         VolumeCmd::Fail(m) => c.fail_member(member(m)).await?,
         VolumeCmd::AddSpare(m) => c.add_spare(member(m)).await?,
         VolumeCmd::RemoveSpare(m) => c.remove_spare(member(m)).await?,
+        VolumeCmd::Remove(m) => c.remove_member(member(m)).await?,
         VolumeCmd::Scrub { name, repair } => {
             c.start_scrub(pb::StartScrubRequest {
                 volume: name,
