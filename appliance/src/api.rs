@@ -108,6 +108,7 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
         journal_failed: v.journal_state.is_some_and(|j| j.3),
         consistency_policy: v.consistency_policy.into(),
+        serialize_policy: v.serialize,
         suspended_lo_bytes: v.suspended.map_or(0, |r| r.0),
         suspended_hi_bytes: v.suspended.map_or(0, |r| r.1),
         bitmap: v
@@ -256,6 +257,7 @@ impl pb::appliance_server::Appliance for Service {
             journal_mode: r.journal_mode,
             bitmap: r.bitmap,
             bitmap_chunk_kib: r.bitmap_chunk_kib,
+            serialize: false,
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))
@@ -416,6 +418,18 @@ impl pb::appliance_server::Appliance for Service {
                 .map(volume_to_pb)
         })
         .await
+    }
+
+    async fn set_serialize_policy(
+        &self,
+        req: Request<pb::SetSerializePolicyRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        if r.volume.is_empty() {
+            return Err(bad("volume", "is empty"));
+        }
+        self.run(move |m| m.set_serialize(&r.volume, r.enabled).map(volume_to_pb))
+            .await
     }
 
     async fn suspend_range(

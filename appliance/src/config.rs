@@ -72,6 +72,10 @@ pub struct VolumeDecl {
     /// Bitmap region in KiB of each member (0: 65536, md's 64 MiB).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bitmap_chunk_kib: u32,
+    /// RAID1: md's serialize_policy (overlapping writes reach the mirrors
+    /// one after the other).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serialize: bool,
 }
 
 fn is_zero(x: &u32) -> bool {

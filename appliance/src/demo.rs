@@ -307,6 +307,7 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
                 journal_mode: "write-back".into(),
                 bitmap: false,
                 bitmap_chunk_kib: 0,
+                serialize: false,
             },
             true,
         )

@@ -252,6 +252,8 @@ pub struct VolumeView {
     pub bitmap: Option<(u64, u64, u64)>,
     /// The byte range whose writes are held (md's suspend_lo/hi).
     pub suspended: Option<(u64, u64)>,
+    /// RAID1: md's serialize_policy is on.
+    pub serialize: bool,
 }
 
 /// An export as listed.
@@ -743,6 +745,11 @@ impl Manager {
             decl.min_rebuild_bytes_per_sec,
             decl.max_rebuild_bytes_per_sec,
         );
+        if decl.serialize {
+            monitor
+                .set_serialize(true)
+                .map_err(|e| from_op(&decl.name, e))?;
+        }
         monitor
             .open(was_clean)
             .map_err(|e| from_op(&decl.name, e))?;
@@ -1176,6 +1183,7 @@ impl Manager {
             journal: v.decl.journal.clone(),
             consistency_policy,
             bitmap,
+            serialize: v.monitor.as_ref().is_some_and(|m| m.serialize()),
             suspended: v.volume.suspended_range().get().map(|(lo, hi)| {
                 let bs = info.block_size as u64;
                 (lo * bs, hi * bs)
@@ -1424,6 +1432,20 @@ impl Manager {
         s.device("device", device)?;
         m.set_write_mostly(device, on)
             .map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// Turn md's serialize_policy on or off for a RAID1 volume; kept in the
+    /// state file.
+    pub fn set_serialize(&self, volume: &str, on: bool) -> Result<VolumeView, MgmtError> {
+        let mut s = self.lock_for_change()?;
+        Self::monitor(&s, volume)?
+            .set_serialize(on)
+            .map_err(|e| from_op(volume, e))?;
+        if let Some(v) = s.volumes.get_mut(volume) {
+            v.decl.serialize = on;
+        }
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

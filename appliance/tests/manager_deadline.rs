@@ -48,6 +48,7 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
             journal_mode: String::new(),
             bitmap: false,
             bitmap_chunk_kib: 0,
+            serialize: false,
         },
         true,
     )

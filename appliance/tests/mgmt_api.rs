@@ -1605,6 +1605,20 @@ fn a_mirror_of_two_is_taken_over_to_raid5_and_back_through_the_api_and_restored(
         let e = call!(d, c, takeover, req.clone()).unwrap_err();
         assert_eq!(e.0, code, "{req:?}: {e:?}");
     }
+    // md's serialize_policy: a mirror setting, in the way of a takeover.
+    let ser = |volume: &str, enabled: bool| pb::SetSerializePolicyRequest {
+        volume: volume.into(),
+        enabled,
+    };
+    let v = call!(d, c, set_serialize_policy, ser("m", true)).unwrap();
+    assert!(v.serialize_policy);
+    let e = call!(d, c, set_serialize_policy, ser("r", true)).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "RAID5: {e:?}");
+    let e = call!(d, c, takeover, take("m", pb::Level::Raid5, 32)).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "serialize on: {e:?}");
+    write_pattern(&mut disk, 3, 2 << 20);
+    let v = call!(d, c, set_serialize_policy, ser("m", false)).unwrap();
+    assert!(!v.serialize_policy);
     let v = call!(d, c, takeover, take("m", pb::Level::Raid5, 32)).unwrap();
     assert_eq!(v.level, pb::Level::Raid5 as i32);
     assert_eq!((v.chunk_kib, v.layout.as_str()), (32, "left-symmetric"));
@@ -1627,7 +1641,15 @@ fn a_mirror_of_two_is_taken_over_to_raid5_and_back_through_the_api_and_restored(
     let v = call!(d, c, takeover, take("m", pb::Level::Raid1, 0)).unwrap();
     assert_eq!((v.level, v.layout.as_str()), (pb::Level::Raid1 as i32, ""));
     check_pattern(&mut disk, 2, 1 << 20);
+    check_pattern(&mut disk, 3, 2 << 20);
+    call!(d, c, set_serialize_policy, ser("m", true)).unwrap();
     drop(disk);
+    drop(c);
+    d.stop();
+    // The policy is kept.
+    let d = Daemon::start(dir.path(), Some(dir.path().join("state.toml")), None);
+    let mut c = d.client();
+    assert!(volume(&d, &mut c, "m").serialize_policy);
     drop(c);
     d.stop();
 }

@@ -263,6 +263,10 @@ pub struct MemberSet {
     pub replacing: Option<Replacement>,
     /// Guest IO on the volume's channels.
     pub activity: Arc<Activity>,
+    /// md's serialize_policy (RAID1): overlapping writes reach the mirrors
+    /// one after the other, so concurrent writes from several cores never
+    /// leave the mirrors holding different data.
+    pub serialize: Arc<AtomicBool>,
 }
 
 /// Guest IO seen by a volume's channels, for a rebuild to yield to (md's
@@ -334,6 +338,7 @@ impl MemberSet {
             bitmap: None,
             replacing: None,
             activity: Arc::default(),
+            serialize: Arc::default(),
         }
     }
 

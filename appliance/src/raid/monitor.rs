@@ -710,6 +710,11 @@ impl Monitor {
                 "{name}: clear write-mostly first (a RAID5 reads every member)"
             ));
         }
+        if set.serialize.load(std::sync::atomic::Ordering::SeqCst) {
+            return precondition(format!(
+                "{name}: turn the serialize policy off first (a RAID1 setting)"
+            ));
+        }
         let Some(template) = s.meta.as_ref().map(|m| m.template.clone()) else {
             return precondition(format!("{name} keeps no superblocks to record a level in"));
         };
@@ -748,6 +753,42 @@ impl Monitor {
         }
         tracing::info!(volume = name, level = ?to, "takeover done");
         Ok(())
+    }
+
+    /// md's serialize_policy on a mirror: with it on, overlapping writes
+    /// reach the members one after the other (each locks its regions), so
+    /// concurrent writes from several cores never leave the mirrors
+    /// different. Once this returns, no write in flight predates it.
+    pub fn set_serialize(&self, on: bool) -> Result<(), OpError> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.current.parity_geometry().is_some() {
+            return Err(OpError::FailedPrecondition(
+                "serialize_policy applies to RAID1; RAID5 writes are serialised per stripe already"
+                    .into(),
+            ));
+        }
+        s.current
+            .member_set()
+            .serialize
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+        // Writes that started without locking drain here.
+        drop(
+            self.volume
+                .suspend(CHANGE_TIMEOUT)
+                .map_err(|e| OpError::DeadlineExceeded(e.to_string()))?,
+        );
+        Ok(())
+    }
+
+    /// Whether md's serialize_policy is on (RAID1).
+    pub fn serialize(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .member_set()
+            .serialize
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Mark a mirror member write-mostly (read only when no other in-sync

@@ -162,6 +162,7 @@ impl BlockDevice for Raid1Device {
             bitmap: self.set.bitmap.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
             activity: self.set.activity.counter(),
+            serialize: self.set.serialize.clone(),
         }))
     }
 }
@@ -200,6 +201,8 @@ struct Raid1Channel {
     replace: Option<super::members::ReplaceChannel>,
     /// Guest requests on this channel (a rebuild yields to them).
     activity: Arc<super::members::Counter>,
+    /// md's serialize_policy: every write locks its regions.
+    serialize: Arc<std::sync::atomic::AtomicBool>,
     /// Identity of each member device, for failure reports.
     ids: Vec<usize>,
     info: DeviceInfo,
@@ -475,7 +478,8 @@ impl IoChannel for Raid1Channel {
             // for the ones it touches so the copy cannot overwrite it.
             let locking = self.rebuild_target.is_some()
                 || self.replace.is_some()
-                || self.scrubbing.load(Ordering::Relaxed);
+                || self.scrubbing.load(Ordering::Relaxed)
+                || self.serialize.load(Ordering::Relaxed);
             if let Some(p) = self.parents[pi].as_mut() {
                 p.needs_lock = locking;
             }

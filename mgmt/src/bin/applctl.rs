@@ -223,6 +223,17 @@ enum VolumeCmd {
         /// The device that takes its place.
         replacement: String,
     },
+    /// md's serialize_policy for a RAID1 (--off to clear): overlapping
+    /// writes reach the mirrors one after the other, so they never differ.
+    ///
+    /// Example: applctl volume serialize mirror0
+    Serialize {
+        /// The volume.
+        name: String,
+        /// Turn it off.
+        #[arg(long)]
+        off: bool,
+    },
     /// Hold writes to a byte range (md's suspend_lo/hi): when it returns,
     /// none is in flight and new ones wait until resume-range. Reads go on.
     ///
@@ -614,6 +625,13 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             })
             .await?
         }
+        VolumeCmd::Serialize { name, off } => {
+            c.set_serialize_policy(pb::SetSerializePolicyRequest {
+                volume: name,
+                enabled: !off,
+            })
+            .await?
+        }
         VolumeCmd::SuspendRange { name, lo, hi } => {
             c.suspend_range(pb::SuspendRangeRequest {
                 volume: name,
@@ -937,6 +955,9 @@ fn describe(v: &pb::Volume) -> String {
     );
     if !v.spares.is_empty() {
         s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if v.serialize_policy {
+        s += "  serialize policy: on (overlapping writes reach the mirrors in turn)\n";
     }
     if v.suspended_hi_bytes > 0 {
         s += &format!(
