@@ -42,6 +42,7 @@ fn status(e: MgmtError) -> Status {
         MgmtError::AlreadyExists(m) => Status::already_exists(m),
         MgmtError::FailedPrecondition(m) => Status::failed_precondition(m),
         MgmtError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        MgmtError::ResourceExhausted(m) => Status::resource_exhausted(m),
         MgmtError::Internal(m) => Status::internal(m),
     }
 }

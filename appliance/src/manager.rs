@@ -52,6 +52,9 @@ pub enum MgmtError {
     /// IO did not drain in time.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Not enough of something the machine has (memory for RAM devices).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Something below failed.
     #[error("{0}")]
     Internal(String),
@@ -95,6 +98,14 @@ fn from_export(e: ExportError) -> MgmtError {
         ExportError::Quiesce(q) => from_quiesce("export", q),
         ExportError::Os { .. } => MgmtError::Internal(e.to_string()),
     }
+}
+
+/// The machine's memory (MemTotal), if /proc/meminfo says.
+fn memory_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A bitmap region size in KiB: 0 (the default) or a power of two from
@@ -544,6 +555,29 @@ impl Manager {
                     "{} is already attached as device {}",
                     decl.spec, d.decl.name
                 )));
+            }
+        }
+        if let Some(size) = decl
+            .spec
+            .strip_prefix("ram:")
+            .and_then(|z| crate::devspec::parse_size(z).ok())
+        {
+            // RAM devices are mapped lazily: one larger than the machine
+            // would have the daemon killed when it fills, long after this
+            // call said yes.
+            let taken: u64 = s
+                .devices
+                .values()
+                .filter(|d| d.decl.spec.starts_with("ram:"))
+                .map(|d| d.dev.info().size_bytes())
+                .sum();
+            if let Some(total) = memory_total() {
+                if taken + size > total {
+                    return Err(MgmtError::ResourceExhausted(format!(
+                        "device {}: {size} bytes of RAM asked, {taken} already in RAM devices, the machine has {total}",
+                        decl.name
+                    )));
+                }
             }
         }
         let dev = wrap(

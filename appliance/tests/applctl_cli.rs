@@ -584,6 +584,8 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
     );
     let t = applctl(&api, &["volume", "takeover", "vol0", "--level", "raid6"]);
     assert_eq!(t.status.code(), Some(2), "{t:?}");
+    let huge = applctl(&api, &["device", "attach", "huge", "ram:16T"]);
+    assert_eq!(huge.status.code(), Some(9), "resource exhausted: {huge:?}");
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }

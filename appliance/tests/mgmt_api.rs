@@ -1852,6 +1852,14 @@ fn members_are_removed_and_added_back_through_the_api() {
     let sock = export(&d, &mut c, dir.path(), "v");
     let mut disk = Disk::connect(&sock).unwrap();
     write_pattern(&mut disk, 1, 0);
+    // More RAM than the machine has: refused before anything is used.
+    let e = call!(d, c, attach_device, attach("huge", "ram:16T")).unwrap_err();
+    assert_eq!(e.0, Code::ResourceExhausted, "{e:?}");
+    assert!(call!(d, c, list_devices, pb::ListDevicesRequest {})
+        .unwrap()
+        .devices
+        .iter()
+        .all(|x| x.name != "huge"));
     for (req, code) in [
         (member("v", "d4"), Code::FailedPrecondition),
         (member("v", "nope"), Code::NotFound),

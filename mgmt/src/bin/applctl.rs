@@ -3,7 +3,7 @@
 //! Exit codes: 0 done; 1 internal error or failed background work;
 //! 2 bad arguments; 3 not found; 4 already exists; 5 refused in this state
 //! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
-//! 8 not authorised.
+//! 8 not authorised; 9 not enough of a resource (memory for a RAM device).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,7 +29,7 @@ use tonic::{Code, Status};
 
 Exit codes: 0 done, 1 internal error, 2 bad arguments, 3 not found,
 4 already exists, 5 refused in this state, 6 deadline exceeded,
-7 daemon unreachable, 8 not authorised.
+7 daemon unreachable, 8 not authorised, 9 resource exhausted.
 
 Over TCP: --api https://HOST:PORT --ca ca.pem --token-file token."
 )]
@@ -376,6 +376,7 @@ impl From<Status> for Failure {
             Code::DeadlineExceeded => 6,
             Code::Unavailable => 7,
             Code::Unauthenticated | Code::PermissionDenied => 8,
+            Code::ResourceExhausted => 9,
             _ => 1,
         };
         Failure(code, format!("{:?}: {}", s.code(), s.message()))
