@@ -827,6 +827,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
 
 #[test]
 fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume() {
+    const OPS_PER_CLIENT: usize = 300;
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), None, None);
@@ -897,13 +898,32 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
                 let mut c = rt.block_on(mgmt::client::connect(&api)).unwrap();
                 let mut rng = rand::rngs::SmallRng::seed_from_u64(k);
                 let mut done = 0;
-                for _ in 0..40 {
+                // Thousands of member operations in all, racing each other
+                // and the IO (the shape of mdadm's 23rdev-lifetime test).
+                for _ in 0..OPS_PER_CLIENT {
                     let dev = names[rng.gen_range(0..names.len())].clone();
-                    let r = match rng.gen_range(0..5) {
+                    let other = names[rng.gen_range(0..names.len())].clone();
+                    let r = match rng.gen_range(0..8) {
                         0 => rt.block_on(c.fail_member(member("vol0", &dev))).map(|_| ()),
                         1 | 2 => rt.block_on(c.add_spare(member("vol0", &dev))).map(|_| ()),
                         3 => rt
                             .block_on(c.remove_spare(member("vol0", &dev)))
+                            .map(|_| ()),
+                        4 => rt
+                            .block_on(c.remove_member(member("vol0", &dev)))
+                            .map(|_| ()),
+                        5 if dev != other => rt
+                            .block_on(c.replace_member(pb::ReplaceMemberRequest {
+                                volume: "vol0".into(),
+                                device: dev.clone(),
+                                replacement: other.clone(),
+                            }))
+                            .map(|_| ()),
+                        5 => Ok(()),
+                        6 => rt
+                            .block_on(c.get_volume(pb::GetVolumeRequest {
+                                name: "vol0".into(),
+                            }))
                             .map(|_| ()),
                         _ => rt
                             .block_on(c.start_scrub(pb::StartScrubRequest {
@@ -919,7 +939,7 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
                             "{s:?}"
                         ),
                     }
-                    std::thread::sleep(Duration::from_millis(rng.gen_range(0..30)));
+                    std::thread::sleep(Duration::from_millis(rng.gen_range(0..4)));
                 }
                 done
             })
