@@ -37,6 +37,7 @@ $mb journal --log-mib 512 >> "$json"
 python3 - "$json" "$out/raid-$date.md" <<'PY'
 import json, sys, os, platform, datetime
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+footnotes = []
 cpu = next((l.split(":",1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 md = [f"# RAID benchmarks, {datetime.date.today()}", "", f"Machine: {os.cpu_count()} cores, {cpu}, kernel {platform.release()}.", "",
       "XOR of 4 sources into 1 (GB/s of source data) against memcpy of the same bytes:", "",
@@ -54,6 +55,9 @@ for r in rows:
         span = f" over {r['span_mib']} MiB" if r.get('span_mib') else ''
         span += f", members +{r['member_latency_us']} us" if r.get('member_latency_us') else ''
         md.append(f"| RAID{r['level']}{' + ' + j + ' journal' if j else ''} | {r['rw']}{span} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} |")
+        if 'same_footprint' in r['results']:
+            f = r['results']['same_footprint']
+            footnotes.append(f"RAID{r['level']} {r['rw']}: one RAM device as large as all members together (the volume's memory footprint) does {f['iops']:,.0f} IOPS; the volume is {v['iops']/f['iops']:.2f}x of it.")
 for r in rows:
     if r["bench"] == "journal":
         res = r["results"]
@@ -64,6 +68,7 @@ for r in rows:
             md.append(f"| replay, {m} records | {x['records']:,} | {x['blocks']:,} | {x['seconds']:.2f} | {x['seconds_per_gib_of_log']:.2f} s |")
         x = res["reclaim"]
         md.append(f"| reclaim of a full cache | | {x['blocks']:,} | {x['seconds']:.3f} | {x['mb_per_second']:.0f} MB/s, {x['blocks_per_second']:,.0f} blocks/s |")
+md += [""] + footnotes
 md += ["", "All members share one core's memory bandwidth here, so 'member bandwidth x (n-1)/n' is not reachable on RAM members; the ratio to one member on the same core is what this table shows."]
 open(sys.argv[2], "w").write("\n".join(md) + "\n")
 print("\n".join(md))

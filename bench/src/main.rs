@@ -585,6 +585,18 @@ fn raid(
         volume
     };
     let single = mk(99)?;
+    // One RAM device as large as all the members together: the volume's
+    // memory footprint (a larger RAM device is slower by itself: TLB and
+    // cache misses), for reads and plain members only.
+    let footprint: Option<Arc<dyn BlockDevice>> =
+        if matches!(rw, RaidRw::Randread) && member_latency_us == 0 {
+            let d = RamDevice::new("footprint", 4096, member_blocks * members as u64)
+                .map_err(|e| e.to_string())?;
+            prefill(&d)?;
+            Some(Arc::new(d))
+        } else {
+            None
+        };
     let (read_percent, io_bytes) = match rw {
         RaidRw::Randread => (100, 4096),
         RaidRw::Randwrite => (0, 4096),
@@ -597,7 +609,11 @@ fn raid(
         io_bytes
     };
     let mut out = serde_json::Map::new();
-    for (label, dev) in [("volume", volume), ("one_member", single)] {
+    let runs: Vec<(&str, Arc<dyn BlockDevice>)> = [("volume", volume), ("one_member", single)]
+        .into_iter()
+        .chain(footprint.map(|d| ("same_footprint", d)))
+        .collect();
+    for (label, dev) in runs {
         let r = start(1)?;
         let vol = appliance::volume::Volume::new(r.set(), "bench-raid", dev);
         // The journal's log is reclaimed at checkpoints under the volume's
