@@ -181,7 +181,21 @@ fn run(level: Level, n: usize) {
     // Random 4-64 KiB writes (and reads) over the whole volume from both
     // reactors, in bursts with pauses so quiet regions get cleared while
     // others are written.
-    for burst in 0..6u64 {
+    // As many bursts as it takes (a loaded machine does fewer writes per
+    // burst) for the race to have been exercised.
+    let exercised = || {
+        let (mut writes, mut clears) = (0, 0);
+        for c in &checked {
+            let s = c.seen.lock().unwrap();
+            writes += s.data_writes;
+            clears += s.clears;
+        }
+        writes > 200 && clears > 20
+    };
+    for burst in 0..60u64 {
+        if burst >= 6 && exercised() {
+            break;
+        }
         let w = Workload::start_on_volume(
             reactors.set(),
             &volume,
