@@ -123,6 +123,41 @@ fn encode_super(s: &Super, bs: usize) -> Vec<u8> {
     b
 }
 
+/// Size `r` for a record of `blocks` data blocks of `bs` bytes and fill
+/// its header (magic, `nonce`, size, `entries`); sequence and checksum are
+/// left to [`seal`].
+fn write_header(
+    r: &mut Vec<u8>,
+    bs: usize,
+    nonce: u64,
+    entries: &[Entry],
+    blocks: usize,
+    volume: bool,
+) {
+    r.clear();
+    r.resize(bs * (1 + blocks), 0);
+    r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
+    r[8..16].copy_from_slice(&nonce.to_le_bytes());
+    r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
+    let flag = if volume { VOLUME_RECORD } else { 0 };
+    r[28..32].copy_from_slice(&(entries.len() as u32 | flag).to_le_bytes());
+    for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
+        let at = 32 + i * 16;
+        r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
+        r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
+        r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
+    }
+}
+
+/// Give a record its sequence number and its checksum (CRC32C over the
+/// whole record, with the header's last 4 bytes, where it goes, zeroed).
+fn seal(record: &mut [u8], bs: usize, seq: u64) {
+    record[16..24].copy_from_slice(&seq.to_le_bytes());
+    record[bs - 4..bs].fill(0);
+    let crc = crc32c::crc32c(record);
+    record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+}
+
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[at..at + 8]);
@@ -442,20 +477,7 @@ impl Journal {
     /// the caller puts the blocks after it, in entry order. A `volume`
     /// record is write-back data without parity.
     pub fn record_header(&self, r: &mut Vec<u8>, entries: &[Entry], blocks: usize, volume: bool) {
-        let bs = self.bs;
-        r.clear();
-        r.resize(bs * (1 + blocks), 0);
-        r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
-        r[8..16].copy_from_slice(&self.nonce.to_le_bytes());
-        r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
-        let flag = if volume { VOLUME_RECORD } else { 0 };
-        r[28..32].copy_from_slice(&(entries.len() as u32 | flag).to_le_bytes());
-        for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
-            let at = 32 + i * 16;
-            r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
-            r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
-            r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
-        }
+        write_header(r, self.bs, self.nonce, entries, blocks, volume);
     }
 
     /// Give `record` its sequence number and checksum and a place in the
@@ -475,11 +497,7 @@ impl Journal {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let epoch = self.epoch.load(Ordering::SeqCst);
         self.outstanding[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
-        record[16..24].copy_from_slice(&seq.to_le_bytes());
-        let n = record.len();
-        record[bs - 4..bs].fill(0);
-        let crc = crc32c::crc32c(&record[..n]);
-        record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+        seal(record, bs, seq);
         Some((1 + pos % self.log_blocks, epoch))
     }
 
@@ -897,21 +915,18 @@ fn log_overlay(
             return;
         }
         let blocks: usize = batch.iter().map(|r| r.2.len()).sum();
-        let mut r = vec![0u8; bs * (1 + blocks)];
-        r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
-        r[8..16].copy_from_slice(&s.nonce.to_le_bytes());
-        r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
-        r[28..32].copy_from_slice(&(batch.len() as u32).to_le_bytes());
-        let mut at = bs;
-        for (i, (m, b, data)) in batch.iter().enumerate() {
-            let e = 32 + i * 16;
-            r[e..e + 4].copy_from_slice(&(*m as u32).to_le_bytes());
-            r[e + 4..e + 8].copy_from_slice(&(data.len() as u32).to_le_bytes());
-            r[e + 8..e + 16].copy_from_slice(&b.to_le_bytes());
-            for d in data {
-                r[at..at + bs].copy_from_slice(d);
-                at += bs;
-            }
+        let entries: Vec<Entry> = batch
+            .iter()
+            .map(|(m, b, data)| Entry {
+                member: *m as u32,
+                count: data.len() as u32,
+                block: *b,
+            })
+            .collect();
+        let mut r = Vec::new();
+        write_header(&mut r, bs, s.nonce, &entries, blocks, false);
+        for (k, d) in batch.iter().flat_map(|run| run.2.iter()).enumerate() {
+            r[(1 + k) * bs..(2 + k) * bs].copy_from_slice(d);
         }
         records.push(r);
         batch.clear();
@@ -951,10 +966,7 @@ fn log_overlay(
             ));
         }
         seq += 1;
-        r[16..24].copy_from_slice(&seq.to_le_bytes());
-        r[bs - 4..bs].fill(0);
-        let crc = crc32c::crc32c(r);
-        r[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+        seal(r, bs, seq);
         sync(dev.as_ref(), IoOp::Write, 1 + (pos % total) as u64, r)?;
         pos += blocks;
     }
