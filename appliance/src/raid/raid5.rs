@@ -437,13 +437,6 @@ const JOURNAL: usize = (1 << MEMBER_BITS) - 1;
 
 const MEMBER_BITS: u64 = 8;
 
-/// One more child in flight for piece `pi`.
-fn p_pending_inc(pieces: &mut [Option<Piece>], pi: usize) {
-    if let Some(p) = pieces.get_mut(pi).and_then(|p| p.as_mut()) {
-        p.pending += 1;
-    }
-}
-
 /// Written rows `[lo, hi)` of data index `i` in `stripe` for blocks `[b0, b1)`.
 fn rows_of(geo: &Raid5Geometry, stripe: u64, i: u32, b0: u64, b1: u64) -> Option<(u64, u64)> {
     let start = geo.volume_block(stripe, i, 0);
@@ -503,8 +496,18 @@ impl Raid5Channel {
     /// queue or a failed member counts as a failed child.
     fn child(&mut self, pi: usize, m: usize, op: IoOp, block: u64, blocks: u64, sgl: SgList) {
         let tag = ((pi as u64) << MEMBER_BITS) | m as u64;
+        // A hot replacement's new device gets every write to its slot. The
+        // copy under the stripe lock may already have passed this row; one
+        // that comes later copies the same data again.
+        let replace_tag = ((pi as u64) << MEMBER_BITS) | REPLACE as u64;
+        let mirrored = op == IoOp::Write
+            && self
+                .replace
+                .as_mut()
+                .filter(|r| r.slot == m)
+                .is_some_and(|r| r.send(op, block, blocks, sgl.clone(), replace_tag));
         if let Some(p) = self.pieces[pi].as_mut() {
-            p.pending += 1;
+            p.pending += 1 + mirrored as u32;
         }
         let req = IoRequest {
             op,
@@ -1225,22 +1228,14 @@ impl Raid5Channel {
                 return;
             };
             let src = sg::of(&mut p.bufs[m], buf_off(lo), ((hi - lo) as usize) * bs);
-            let block = geo.member_block(stripe, lo);
-            if let Some(r) = self.replace.as_mut().filter(|r| r.slot == m) {
-                // The copy under the stripe lock may already have passed
-                // this row: the new device gets the write too (a copy that
-                // comes later copies the same data again).
-                if r.send(
-                    IoOp::Write,
-                    block,
-                    hi - lo,
-                    src.clone(),
-                    (pi as u64) << MEMBER_BITS | REPLACE as u64,
-                ) {
-                    p_pending_inc(&mut self.pieces, pi);
-                }
-            }
-            self.child(pi, m, IoOp::Write, block, hi - lo, src);
+            self.child(
+                pi,
+                m,
+                IoOp::Write,
+                geo.member_block(stripe, lo),
+                hi - lo,
+                src,
+            );
         }
         self.maybe_done(pi);
     }
