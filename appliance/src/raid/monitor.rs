@@ -123,25 +123,7 @@ pub trait RaidDevice: BlockDevice {
                 "{name}: no member in sync to rebuild from"
             )));
         }
-        let channels = set
-            .members
-            .iter()
-            .map(|m| m.dev.open_channel().map(|c| (c, device_id(&m.dev))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let rows = self.rows();
-        let progress = Arc::new(RebuildProgress::new(slot, rows.count, cursor));
-        let mut r = Rebuilder::new(
-            rows,
-            slot,
-            sources,
-            channels,
-            set.locks.clone(),
-            progress.clone(),
-            set.failures.clone(),
-        )
-        .watching(set.activity.clone());
-        ctx.add_poller(move |_| r.poll());
-        Ok(progress)
+        spawn_rebuilder(self, ctx, slot, sources, None, cursor)
     }
 
     /// Start copying a hot replacement's slot to its new device as a
@@ -155,27 +137,9 @@ pub trait RaidDevice: BlockDevice {
                 "{name}: nothing to replace"
             )));
         };
-        let mut channels = set
-            .members
-            .iter()
-            .map(|m| m.dev.open_channel().map(|c| (c, device_id(&m.dev))))
-            .collect::<Result<Vec<_>, _>>()?;
-        channels.push((r.dev.open_channel()?, device_id(&r.dev)));
+        // The new device is the target, after the members.
         let target = set.members.len();
-        let rows = self.rows();
-        let progress = Arc::new(RebuildProgress::new(target, rows.count, r.cursor.clone()));
-        let mut w = Rebuilder::new(
-            rows,
-            target,
-            vec![r.slot],
-            channels,
-            set.locks.clone(),
-            progress.clone(),
-            set.failures.clone(),
-        )
-        .watching(set.activity.clone());
-        ctx.add_poller(move |_| w.poll());
-        Ok(progress)
+        spawn_rebuilder(self, ctx, target, vec![r.slot], Some(&r.dev), r.cursor)
     }
 
     /// Start a consistency check (or repair) as a poller on this reactor.
@@ -224,6 +188,41 @@ pub trait RaidDevice: BlockDevice {
         ctx.add_poller(move |_| s.poll());
         Ok(progress)
     }
+}
+
+/// Run a rebuild of `target` from `sources` on this reactor, with one
+/// channel per member (and `extra`, the target when it is not a member,
+/// after them), from row `cursor` on.
+fn spawn_rebuilder<D: RaidDevice + ?Sized>(
+    device: &D,
+    ctx: &mut poller::Ctx,
+    target: usize,
+    sources: Vec<usize>,
+    extra: Option<&Arc<dyn BlockDevice>>,
+    cursor: Arc<AtomicU64>,
+) -> Result<Arc<RebuildProgress>, BdevError> {
+    let set = device.member_set();
+    let channels = set
+        .members
+        .iter()
+        .map(|m| &m.dev)
+        .chain(extra)
+        .map(|d| d.open_channel().map(|c| (c, device_id(d))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rows = device.rows();
+    let progress = Arc::new(RebuildProgress::new(target, rows.count, cursor));
+    let mut r = Rebuilder::new(
+        rows,
+        target,
+        sources,
+        channels,
+        set.locks.clone(),
+        progress.clone(),
+        set.failures.clone(),
+    )
+    .watching(set.activity.clone());
+    ctx.add_poller(move |_| r.poll());
+    Ok(progress)
 }
 
 /// A consistent view of a volume's members, spares and background work.
