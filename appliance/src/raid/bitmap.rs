@@ -386,11 +386,7 @@ impl Bitmap {
                 .zip(&want)
                 .map(|(d, w)| d.load(Ordering::SeqCst) | w)
                 .collect();
-            let members = self
-                .members
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let members = self.members();
             let (ok, errors) = self.write_to(&members, &image);
             if ok == 0 {
                 tracing::error!(errors = ?errors, "write-intent bitmap: no member took the update");
@@ -430,11 +426,7 @@ impl Bitmap {
         if cleared.iter().all(|&w| w == 0) {
             return;
         }
-        let members = self
-            .members
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let members = self.members();
         // The quiet regions' writes must be durable before their bits go.
         for dev in &members {
             if let Err(e) = super::journal::sync(dev.as_ref(), IoOp::Flush, 0, &mut []) {
