@@ -1112,20 +1112,21 @@ impl Manager {
             .filter(|e| e.decl.volume == name)
             .map(|e| e.decl.name.clone())
             .collect();
-        let write_mostly: Vec<String> = v.monitor.as_ref().map_or(vec![], |m| {
-            let snap = m.snapshot();
+        // One consistent look at the members and background work.
+        let snap = v.monitor.as_ref().map(|m| m.snapshot());
+        let write_mostly: Vec<String> = snap.as_ref().map_or(vec![], |snap| {
             snap.members
-                .into_iter()
-                .zip(snap.write_mostly)
-                .filter(|x| x.1)
-                .map(|x| x.0)
+                .iter()
+                .zip(&snap.write_mostly)
+                .filter(|x| *x.1)
+                .map(|x| x.0.clone())
                 .collect()
         });
-        let bitmap = v
-            .monitor
+        let bitmap = snap
             .as_ref()
-            .and_then(|m| m.snapshot().bitmap)
+            .and_then(|snap| snap.bitmap.as_ref())
             .map(|b| (b.region_bytes(), b.bits(), b.dirty_regions()));
+        let serialize = snap.as_ref().is_some_and(|snap| snap.serialize);
         let consistency_policy = if v.monitor.is_none() {
             "none"
         } else if v.checkpointer.is_some() {
@@ -1135,9 +1136,8 @@ impl Manager {
         } else {
             "resync"
         };
-        let (members, spares, state, progress) = match &v.monitor {
-            Some(m) => {
-                let snap = m.snapshot();
+        let (members, spares, state, progress) = match snap {
+            Some(snap) => {
                 let down = snap
                     .states
                     .iter()
@@ -1217,7 +1217,7 @@ impl Manager {
             journal: v.decl.journal.clone(),
             consistency_policy,
             bitmap,
-            serialize: v.monitor.as_ref().is_some_and(|m| m.serialize()),
+            serialize,
             suspended: v.volume.suspended_range().get().map(|(lo, hi)| {
                 let bs = info.block_size as u64;
                 (lo * bs, hi * bs)

@@ -243,6 +243,8 @@ pub struct Snapshot {
     pub bitmap: Option<Arc<Bitmap>>,
     /// A hot replacement running: the slot and the new device's name.
     pub replacing: Option<(usize, String)>,
+    /// RAID1: md's serialize_policy is on.
+    pub serialize: bool,
 }
 
 impl Snapshot {
@@ -779,17 +781,6 @@ impl Monitor {
         Ok(())
     }
 
-    /// Whether md's serialize_policy is on (RAID1).
-    pub fn serialize(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .current
-            .member_set()
-            .serialize
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     /// Mark a mirror member write-mostly (read only when no other in-sync
     /// member can serve), or clear it. Through the quiesce epoch, and
     /// recorded in the superblocks.
@@ -1093,6 +1084,11 @@ impl Monitor {
                 .replacing
                 .as_ref()
                 .map(|r| (r.slot, r.dev.info().name.clone())),
+            serialize: s
+                .current
+                .member_set()
+                .serialize
+                .load(std::sync::atomic::Ordering::SeqCst),
         }
     }
 
@@ -1302,6 +1298,7 @@ mod tests {
             rebuild: p,
             bitmap: None,
             replacing: None,
+            serialize: false,
         }
     }
 
