@@ -58,8 +58,10 @@ impl SuspendedRange {
     }
 
     fn set(&self, lo: u64, hi: u64) {
-        // Widen first, narrow after: a write checking in between is held
-        // by the larger of the two ranges, never by neither.
+        // No range while the bounds change, so no check pairs an old
+        // bound with a new one. Checks run inside the volume's gate: what
+        // passes meanwhile is drained by the quiesce that follows a
+        // suspend (`Volume::suspend_range`).
         self.hi.store(0, Ordering::SeqCst);
         self.lo.store(lo, Ordering::SeqCst);
         self.hi.store(hi, Ordering::SeqCst);
