@@ -136,6 +136,14 @@ fn export_to_pb(e: ExportView) -> pb::Export {
     }
 }
 
+/// InvalidArgument naming `field` when it is empty.
+fn require(field: &'static str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(bad(field, "is empty"));
+    }
+    Ok(())
+}
+
 fn bad(field: &'static str, reason: impl Into<String>) -> Status {
     status(MgmtError::InvalidArgument {
         field,
@@ -196,9 +204,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::AttachDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
         let r = req.into_inner();
-        if r.spec.is_empty() {
-            return Err(bad("spec", "is empty"));
-        }
+        require("spec", &r.spec)?;
         let decl = DeviceDecl {
             name: r.name,
             spec: r.spec,
@@ -387,12 +393,8 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::SetWriteMostlyRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        if r.volume.is_empty() {
-            return Err(bad("volume", "is empty"));
-        }
-        if r.device.is_empty() {
-            return Err(bad("device", "is empty"));
-        }
+        require("volume", &r.volume)?;
+        require("device", &r.device)?;
         self.run(move |m| {
             m.set_write_mostly(&r.volume, &r.device, r.enabled)
                 .map(volume_to_pb)
@@ -405,15 +407,9 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::ReplaceMemberRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        for (field, v) in [
-            ("volume", &r.volume),
-            ("device", &r.device),
-            ("replacement", &r.replacement),
-        ] {
-            if v.is_empty() {
-                return Err(bad(field, "is empty"));
-            }
-        }
+        require("volume", &r.volume)?;
+        require("device", &r.device)?;
+        require("replacement", &r.replacement)?;
         self.run(move |m| {
             m.replace_member(&r.volume, &r.device, &r.replacement)
                 .map(volume_to_pb)
@@ -426,9 +422,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::SetSerializePolicyRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        if r.volume.is_empty() {
-            return Err(bad("volume", "is empty"));
-        }
+        require("volume", &r.volume)?;
         self.run(move |m| m.set_serialize(&r.volume, r.enabled).map(volume_to_pb))
             .await
     }
@@ -438,9 +432,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::SuspendRangeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        if r.volume.is_empty() {
-            return Err(bad("volume", "is empty"));
-        }
+        require("volume", &r.volume)?;
         self.run(move |m| {
             m.suspend_range(&r.volume, r.lo_bytes, r.hi_bytes)
                 .map(volume_to_pb)
@@ -453,9 +445,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::ResumeRangeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        if r.volume.is_empty() {
-            return Err(bad("volume", "is empty"));
-        }
+        require("volume", &r.volume)?;
         self.run(move |m| m.resume_range(&r.volume).map(volume_to_pb))
             .await
     }
@@ -465,9 +455,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        if r.volume.is_empty() {
-            return Err(bad("volume", "is empty"));
-        }
+        require("volume", &r.volume)?;
         let level = match pb::Level::try_from(r.level) {
             Ok(pb::Level::Raid1) => "raid1",
             Ok(pb::Level::Raid5) => "raid5",
@@ -484,9 +472,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::SetBitmapRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        if r.volume.is_empty() {
-            return Err(bad("volume", "is empty"));
-        }
+        require("volume", &r.volume)?;
         if !r.enabled && r.chunk_kib != 0 {
             return Err(bad("chunk_kib", "only applies when enabling the bitmap"));
         }
@@ -513,9 +499,7 @@ impl pb::appliance_server::Appliance for Service {
         let r = req.into_inner();
         let num_queues = u16::try_from(r.num_queues)
             .map_err(|_| bad("num_queues", format!("{} is out of range", r.num_queues)))?;
-        if r.socket.is_empty() {
-            return Err(bad("socket", "is empty"));
-        }
+        require("socket", &r.socket)?;
         let decl = ExportDecl {
             name: r.name,
             volume: r.volume,
