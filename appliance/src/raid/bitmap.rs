@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bdev::{BlockDevice, IoOp};
 
+use super::journal::{u32_at, u64_at};
 use super::rebuild::Rows;
 
 /// "APPLBMAP".
@@ -274,10 +275,10 @@ impl Bitmap {
         b[16..32].copy_from_slice(&self.volume_uuid);
         b[32..40].copy_from_slice(&self.rows_per_bit.to_le_bytes());
         b[40..48].copy_from_slice(&self.bits.to_le_bytes());
-        for (i, w) in bits.iter().enumerate() {
+        // The bits fit the block by construction (`MAX_BITS`).
+        for (i, w) in bits.iter().take(words(self.bits)).enumerate() {
             let at = HEADER + i * 8;
-            let n = 8.min(BYTES - at);
-            b[at..at + n].copy_from_slice(&w.to_le_bytes()[..n]);
+            b[at..at + 8].copy_from_slice(&w.to_le_bytes());
         }
         let crc = crc32c::crc32c(&b);
         b[12..16].copy_from_slice(&crc.to_le_bytes());
@@ -291,16 +292,12 @@ impl Bitmap {
             return Err("no bitmap".into());
         }
         let mut copy = b[..BYTES].to_vec();
-        let stored = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        let stored = u32_at(b, 12);
         copy[12..16].fill(0);
         if crc32c::crc32c(&copy) != stored {
             return Err("bitmap checksum mismatch (torn or corrupt)".into());
         }
-        let u64_at = |o: usize| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(x)
-        };
+        let u64_at = |o: usize| u64_at(b, o);
         if b[16..32] != self.volume_uuid {
             return Err("bitmap of another volume".into());
         }
@@ -313,15 +310,9 @@ impl Bitmap {
                 self.bits
             ));
         }
-        let mut out = vec![0u64; words(self.bits)];
-        for (i, w) in out.iter_mut().enumerate() {
-            let at = HEADER + i * 8;
-            let mut x = [0u8; 8];
-            let n = 8.min(BYTES - at);
-            x[..n].copy_from_slice(&b[at..at + n]);
-            *w = u64::from_le_bytes(x);
-        }
-        Ok(out)
+        Ok((0..words(self.bits))
+            .map(|i| u64_at(HEADER + i * 8))
+            .collect())
     }
 
     fn first_block(&self) -> u64 {
