@@ -235,6 +235,21 @@ impl pb::appliance_server::Appliance for Service {
             .await
     }
 
+    async fn resize_device(
+        &self,
+        req: Request<pb::ResizeDeviceRequest>,
+    ) -> Result<Response<pb::ResizeDeviceResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| {
+            m.resize_device(&r.name, r.size_bytes)
+                .map(|(d, notified)| pb::ResizeDeviceResponse {
+                    device: Some(device_to_pb(d)),
+                    notified_exports: notified,
+                })
+        })
+        .await
+    }
+
     async fn create_volume(
         &self,
         req: Request<pb::CreateVolumeRequest>,

@@ -23,7 +23,7 @@ use crate::raid::geometry::Layout;
 use crate::raid::members::{FailureSink, MemberState};
 use crate::raid::monitor::{Monitor, OpError};
 use crate::raid::superblock::{Level as SbLevel, SuperblockError};
-use crate::volume::Volume;
+use crate::volume::{Volume, VolumeConfig};
 
 /// How long a change waits for a volume's IO to drain.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -603,21 +603,7 @@ impl Manager {
     /// Every device with its user and health.
     pub fn list_devices(&self) -> Vec<DeviceView> {
         let s = self.lock();
-        s.devices
-            .values()
-            .map(|d| {
-                let (used_by, health) = match s.user_of(&d.decl.name) {
-                    Some((v, how, health)) => (format!("{how} {v}"), health),
-                    None => (String::new(), "ok"),
-                };
-                DeviceView {
-                    decl: d.decl.clone(),
-                    num_blocks: d.dev.info().num_blocks,
-                    used_by,
-                    health,
-                }
-            })
-            .collect()
+        s.devices.keys().map(|n| Self::device_view(&s, n)).collect()
     }
 
     /// Detach a device no volume uses.
@@ -631,6 +617,135 @@ impl Manager {
         }
         s.devices.remove(name);
         self.save(&s)
+    }
+
+    /// Grow a RAM, null or file device to `size_bytes` (qemu's
+    /// block_resize). A plain volume over it grows with it: the volume
+    /// switches to the grown device through its quiesce epoch, and every
+    /// export of the volume tells its connected frontend (vhost-user
+    /// CONFIG_CHANGE_MSG), so the guest sees the new capacity. Returns the
+    /// device and the exports whose frontend acknowledged the change.
+    /// Shrinking is refused (it would cut off data), and so is a device
+    /// in a RAID volume or journal: the array's size is in its superblocks
+    /// and does not follow its members.
+    pub fn resize_device(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<(DeviceView, Vec<String>), MgmtError> {
+        let mut s = self.lock_for_change()?;
+        let d = s.device("name", name)?;
+        let info = d.dev.info().clone();
+        let bs = info.block_size as u64;
+        if size_bytes == 0 || !size_bytes.is_multiple_of(bs) {
+            return Err(invalid(
+                "size_bytes",
+                format!("{size_bytes} is not a positive multiple of the block size {bs}"),
+            ));
+        }
+        let have = info.size_bytes();
+        if size_bytes < have {
+            return Err(invalid(
+                "size_bytes",
+                format!("{size_bytes} is smaller than the device ({have} bytes); shrinking would cut off data"),
+            ));
+        }
+        let spec = resized_spec(&d.decl.spec, size_bytes).ok_or_else(|| {
+            MgmtError::FailedPrecondition(format!(
+                "device {name} ({}) cannot be resized: only ram, null and file devices can",
+                d.decl.spec
+            ))
+        })?;
+        let volume = match s.user_of(name) {
+            None => None,
+            Some((v, "volume", _)) if s.volumes[&v].level == Level::Single => Some(v),
+            Some((v, how, _)) => return Err(MgmtError::FailedPrecondition(format!(
+                "device {name} is in use ({how} {v}); a RAID volume does not grow with its members"
+            ))),
+        };
+        if size_bytes == have {
+            return Ok((Self::device_view(&s, name), vec![]));
+        }
+        if d.decl.spec.starts_with("ram:") {
+            let taken: u64 = s
+                .devices
+                .values()
+                .filter(|d| d.decl.spec.starts_with("ram:"))
+                .map(|d| d.dev.info().size_bytes())
+                .sum();
+            if let Some(total) = memory_total() {
+                if taken - have + size_bytes > total {
+                    return Err(MgmtError::ResourceExhausted(format!(
+                        "device {name}: growing to {size_bytes} bytes would put {} bytes in RAM devices, the machine has {total}",
+                        taken - have + size_bytes
+                    )));
+                }
+            }
+        }
+        let old = d.dev.clone();
+        let blocks = size_bytes / bs;
+        let resize = |dev: &Arc<dyn BlockDevice>| {
+            dev.resized(blocks).map_err(|e| match e {
+                bdev::BdevError::Unsupported(m) => MgmtError::FailedPrecondition(m),
+                bdev::BdevError::InvalidArgument(m) => invalid("size_bytes", m),
+                e => MgmtError::Internal(format!("resizing device {name}: {e}")),
+            })
+        };
+        let grown = match &volume {
+            // The copy (RAM) or truncate (file) runs while the volume is
+            // quiesced: no IO reaches either object meanwhile.
+            Some(v) => s.volumes[v]
+                .volume
+                .quiesce()
+                .reconfigure(QUIESCE_TIMEOUT, |_| {
+                    let grown = resize(&old)?;
+                    Ok((
+                        VolumeConfig {
+                            device: grown.clone(),
+                        },
+                        grown,
+                    ))
+                })
+                .map_err(|e| match e {
+                    poller::ReconfigureError::Quiesce(q) => from_quiesce(v, q),
+                    poller::ReconfigureError::Rejected(m) => m,
+                })?,
+            None => resize(&old)?,
+        };
+        if let Some(d) = s.devices.get_mut(name) {
+            d.dev = grown;
+            d.decl.spec = spec;
+        }
+        self.save(&s)?;
+        let mut notified = Vec::new();
+        if let Some(v) = &volume {
+            for e in s.exports.values().filter(|e| &e.decl.volume == v) {
+                match e.export.notify_config_change() {
+                    Ok(true) => notified.push(e.decl.name.clone()),
+                    // No frontend: the next one reads the new size.
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::warn!(export = %e.decl.name, error = %err, "telling the frontend about the new capacity failed; the guest sees it after a reconnect")
+                    }
+                }
+            }
+        }
+        tracing::info!(device = name, size_bytes, volume = ?volume, notified = ?notified, "device resized");
+        Ok((Self::device_view(&s, name), notified))
+    }
+
+    fn device_view(s: &State, name: &str) -> DeviceView {
+        let d = &s.devices[name];
+        let (used_by, health) = match s.user_of(name) {
+            Some((v, how, health)) => (format!("{how} {v}"), health),
+            None => (String::new(), "ok"),
+        };
+        DeviceView {
+            decl: d.decl.clone(),
+            num_blocks: d.dev.info().num_blocks,
+            used_by,
+            health,
+        }
     }
 
     // ---- volumes ----
@@ -1884,6 +1999,21 @@ impl Manager {
 }
 
 /// Whether two `file:` specifications name the same file.
+/// The specification of a device grown to `size` bytes: the size it
+/// names changes (a restart must find the file at that size); `file:PATH`
+/// takes its size from the file. None for kinds that cannot be resized.
+fn resized_spec(spec: &str, size: u64) -> Option<String> {
+    let (kind, rest) = spec.split_once(':')?;
+    match kind {
+        "ram" | "null" => Some(format!("{kind}:{size}")),
+        "file" => match crate::devspec::file_path(rest) {
+            (path, Some(_)) => Some(format!("file:{path}:{size}")),
+            (_, None) => Some(spec.to_string()),
+        },
+        _ => None,
+    }
+}
+
 fn same_file(a: &str, b: &str) -> bool {
     let path = |s: &str| {
         let p = crate::devspec::file_path(s.trim_start_matches("file:")).0;

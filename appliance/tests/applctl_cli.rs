@@ -309,6 +309,19 @@ num_queues = 2
         Some(2)
     );
     assert_eq!(code(&["export", "delete", "nope"]), Some(3));
+    // Resize: a RAID member is refused; a free device grows, never shrinks.
+    assert_eq!(code(&["device", "resize", "d0", "64M"]), Some(5));
+    ok(&applctl(&api, &["device", "attach", "x1", "ram:4M"]));
+    let grown: serde_json::Value = serde_json::from_str(&ok(&applctl(
+        &api,
+        &["--json", "device", "resize", "x1", "8M"],
+    )))
+    .unwrap();
+    assert_eq!(grown["device"]["num_blocks"], 2048, "{grown}");
+    assert_eq!(grown["device"]["spec"], format!("ram:{}", 8 << 20));
+    assert_eq!(code(&["device", "resize", "x1", "4M"]), Some(2));
+    assert_eq!(code(&["device", "resize", "x1", "lots"]), Some(2));
+    ok(&applctl(&api, &["device", "detach", "x1"]));
     let unreachable = Command::new(applctl_path())
         .args(["--api", "/nonexistent/api.sock", "version"])
         .output()

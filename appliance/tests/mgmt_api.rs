@@ -1917,3 +1917,72 @@ fn members_are_removed_and_added_back_through_the_api() {
     drop(c);
     d.stop();
 }
+
+#[test]
+fn a_device_grows_through_the_api_under_a_connected_client_and_keeps_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "f", 0..3, "8M");
+    let single = pb::CreateVolumeRequest {
+        name: "f0".into(),
+        level: pb::Level::Single as i32,
+        members: vec!["f0".into()],
+        ..Default::default()
+    };
+    call!(d, c, create_volume, single).unwrap();
+    let mirror = pb::CreateVolumeRequest {
+        name: "mirror".into(),
+        level: pb::Level::Raid1 as i32,
+        members: vec!["f1".into(), "f2".into()],
+        ..Default::default()
+    };
+    call!(d, c, create_volume, mirror).unwrap();
+    let sock = export(&d, &mut c, dir.path(), "f0");
+    let mut disk = Disk::connect(&sock).unwrap();
+    write_pattern(&mut disk, 1, 6 << 20);
+    let resize = |name: &str, size: u64| pb::ResizeDeviceRequest {
+        name: name.into(),
+        size_bytes: size,
+    };
+    for (req, code) in [
+        (resize("f0", 4 << 20), Code::InvalidArgument),
+        (resize("f0", (16 << 20) + 512), Code::InvalidArgument),
+        (resize("f0", 0), Code::InvalidArgument),
+        (resize("", 16 << 20), Code::InvalidArgument),
+        (resize("nope", 16 << 20), Code::NotFound),
+        (resize("f1", 16 << 20), Code::FailedPrecondition),
+    ] {
+        let e = call!(d, c, resize_device, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    assert_eq!(volume(&d, &mut c, "f0").size_bytes, 8 << 20);
+    let r = call!(d, c, resize_device, resize("f0", 16 << 20)).unwrap();
+    let dev = r.device.unwrap();
+    assert_eq!(dev.num_blocks, (16 << 20) / 4096);
+    assert!(dev.spec.ends_with(&format!(":{}", 16u64 << 20)), "{dev:?}");
+    assert!(
+        r.notified_exports.is_empty(),
+        "blkio has no backend channel"
+    );
+    assert_eq!(volume(&d, &mut c, "f0").size_bytes, 16 << 20);
+    // The connected client's queue takes the new blocks at once.
+    write_pattern(&mut disk, 2, 14 << 20);
+    check_pattern(&mut disk, 1, 6 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+
+    // The state file names the new size: the restart opens the grown file.
+    let d = Daemon::start(dir.path(), Some(state), None);
+    let mut c = d.client();
+    assert_eq!(volume(&d, &mut c, "f0").size_bytes, 16 << 20);
+    let mut disk = Disk::connect(&sock).unwrap();
+    assert_eq!(disk.capacity(), 16 << 20);
+    check_pattern(&mut disk, 1, 6 << 20);
+    check_pattern(&mut disk, 2, 14 << 20);
+    drop(disk);
+    drop(c);
+    d.stop();
+}

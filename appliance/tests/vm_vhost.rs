@@ -302,3 +302,92 @@ fn a_guest_on_a_raid1_export_rides_out_a_member_failure_and_rebuild() {
         "raid1-guest.sh",
     );
 }
+
+/// The operator grows the device under a running guest's disk: the
+/// management call (the manager, as gRPC runs it) resizes the device and
+/// its single volume, the export sends CONFIG_CHANGE_MSG, QEMU re-reads
+/// the configuration space and interrupts the guest, whose kernel shows
+/// the new size; then the guest writes and verifies data in the new part.
+#[test]
+fn a_running_guest_sees_its_disk_grow() {
+    use appliance::config::{DeviceDecl, ExportDecl, VolumeDecl};
+    use appliance::manager::Manager;
+
+    let guest = guest();
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = Manager::new(reactors.set(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("grow.sock");
+    let img = dir.path().join("grow.img");
+    m.attach_device(DeviceDecl {
+        name: "d0".into(),
+        spec: format!("file:{}:64M", img.display()),
+        block_size: 4096,
+    })
+    .unwrap();
+    m.create_volume(
+        VolumeDecl {
+            name: "v0".into(),
+            level: "single".into(),
+            members: vec!["d0".into()],
+            spares: vec![],
+            chunk_kib: 64,
+            layout: "left-symmetric".into(),
+            max_rebuild_bytes_per_sec: 0,
+            min_rebuild_bytes_per_sec: 0,
+            journal: None,
+            journal_mode: String::new(),
+            bitmap: false,
+            bitmap_chunk_kib: 0,
+            serialize: false,
+        },
+        false,
+    )
+    .unwrap();
+    m.create_export(ExportDecl {
+        name: "e0".into(),
+        volume: "v0".into(),
+        socket: sock.clone(),
+        num_queues: 1,
+        read_only: false,
+        serial: "vm-grow".into(),
+        queue_cores: vec![],
+    })
+    .unwrap();
+    let log = dir.path().join("serial.log");
+    let mut vm = boot(&guest, "resize-guest.sh", &[], &log, &[])
+        .arg("-chardev")
+        .arg(format!("socket,id=g,path={}", sock.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=g,num-queues=1"])
+        .spawn()
+        .unwrap();
+    wait_for_line(&log, "RESIZE-WAIT", &mut vm);
+    let (view, told) = m.resize_device("d0", 128 << 20).unwrap();
+    assert_eq!(told, vec!["e0".to_string()], "QEMU did not acknowledge");
+    assert_eq!(
+        view.decl.spec,
+        format!("file:{}:{}", img.display(), 128u64 << 20)
+    );
+    let status = vm.wait().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    for want in [
+        "vda grew to 262144",
+        "FIO-VERIFY OK",
+        "HEAD OK",
+        "GUEST-ALL-OK",
+    ] {
+        assert!(
+            serial.contains(want),
+            "guest did not report {want}:\n{serial}"
+        );
+    }
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 128 << 20);
+    m.shutdown();
+    reactors.shutdown().unwrap();
+}

@@ -64,6 +64,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 struct Running {
@@ -117,6 +118,11 @@ impl Handler {
         self.vrings
             .get_mut(index as usize)
             .ok_or_else(|| invalid(&format!("vring {index} does not exist")))
+    }
+
+    /// The frontend agreed to answer messages that ask for it.
+    pub fn reply_ack(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -235,7 +241,8 @@ impl Handler {
         let info = self.export.volume.info();
         let mut c = vec![0u8; 60];
         let bs = l.block_size;
-        c[0..8].copy_from_slice(&l.capacity_sectors.to_le_bytes());
+        // The volume's size now, not at export creation: it may have grown.
+        c[0..8].copy_from_slice(&(info.size_bytes() / super::request::SECTOR).to_le_bytes());
         c[8..12].copy_from_slice(&l.size_max.to_le_bytes());
         c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&bs.to_le_bytes());
@@ -480,6 +487,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
         ))
     }
 
+    // The export keeps its own handle on this channel
+    // (`super::frontend`); the crate's is not needed.
     fn set_backend_req_fd(&mut self, _backend: Backend) {}
 
     fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {

@@ -2,6 +2,7 @@
 //! control thread, the virtqueues on the reactors.
 
 mod backend;
+mod frontend;
 mod inflight;
 mod memory;
 mod queue;
@@ -95,6 +96,8 @@ pub struct ExportShared {
     memory: QuiesceObject<GuestMemoryMmap>,
     connected: AtomicBool,
     connections: AtomicU64,
+    /// The connected frontend's backend request channel, if it set one up.
+    frontend: Mutex<Option<frontend::FrontendChannel>>,
     /// Per queue index; they outlive connections, so counts accumulate.
     stats: Vec<Arc<stats::IoStats>>,
 }
@@ -213,6 +216,7 @@ impl Export {
             volume: volume.clone(),
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            frontend: Mutex::new(None),
             stats: (0..opts_queues)
                 .map(|_| Arc::new(stats::IoStats::default()))
                 .collect(),
@@ -258,6 +262,35 @@ impl Export {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Tell the connected frontend that the configuration space changed
+    /// (the volume was resized), so it reads it again and the guest sees
+    /// the new capacity. Ok(false): no frontend, or one without a backend
+    /// request channel; it reads the new size when it next connects.
+    /// Call it from a control thread other than the export's (the
+    /// frontend asks the export for the new configuration before it
+    /// answers).
+    pub fn notify_config_change(&self) -> Result<bool, String> {
+        let mut ch = self
+            .shared
+            .frontend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !self.is_connected() {
+            return Ok(false);
+        }
+        let Some(c) = ch.as_mut() else {
+            return Ok(false);
+        };
+        match c.config_changed() {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                // A channel out of step (a late answer) is not used again.
+                *ch = None;
+                Err(format!("export {}: {e}", self.name))
+            }
+        }
     }
 
     /// Delete the export. With a frontend connected this is refused unless
@@ -354,6 +387,13 @@ fn serve(
             if wait_readable(conn.as_raw_fd(), shutdown.as_raw_fd()) {
                 break true;
             }
+            let reply_ack = handler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reply_ack();
+            if let Some(ch) = frontend::peek_backend_channel(conn.as_raw_fd(), reply_ack) {
+                *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
+            }
             if let Err(e) = conn.handle_request() {
                 match e {
                     // Our handler refused one request; the frontend got the
@@ -372,6 +412,7 @@ fn serve(
             }
         };
         handler.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+        *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = None;
         drop(conn);
         shared.connected.store(false, Ordering::SeqCst);
         if stop {

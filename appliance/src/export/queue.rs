@@ -145,6 +145,19 @@ enum Dispatch {
     Parked(u64),
 }
 
+/// The limits for the volume's device as it is now: a resized volume's
+/// requests are checked against its new size.
+fn sized_limits(limits: &Arc<Limits>, vol: &VolumeConfig) -> Arc<Limits> {
+    let sectors = vol.device.info().size_bytes() / super::request::SECTOR;
+    if sectors == limits.capacity_sectors {
+        return limits.clone();
+    }
+    Arc::new(Limits {
+        capacity_sectors: sectors,
+        ..(**limits).clone()
+    })
+}
+
 /// Start serving a queue on this reactor.
 pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
     let mem_gate = setup.memory.local(ctx).map_err(|e| e.to_string())?;
@@ -186,7 +199,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         vol_gate,
         vol_gen,
         ch,
-        limits: setup.limits,
+        limits: sized_limits(&setup.limits, &vol),
         slots: (0..size).map(|_| None).collect(),
         free: (0..size as u32).rev().collect(),
         comps: Vec::with_capacity(size),
@@ -319,6 +332,7 @@ impl Runner {
         }
         if self.vol_gate.generation() != self.vol_gen {
             let (g, v) = self.vol_gate.config();
+            self.limits = sized_limits(&self.limits, &v);
             match v.device.open_channel() {
                 Ok(ch) => {
                     self.ch = ch;

@@ -176,6 +176,18 @@ pub trait BlockDevice: Send + Sync {
     /// A channel for the calling core.
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError>;
 
+    /// The same storage with a new size, as a new device object: the
+    /// contents up to the smaller of the two sizes are kept. The caller
+    /// makes sure no IO is in flight to either (a volume swaps the device
+    /// while quiesced). Devices whose size is not theirs to change (an
+    /// NVMe namespace, a block device node) refuse.
+    fn resized(&self, num_blocks: u64) -> Result<std::sync::Arc<dyn BlockDevice>, BdevError> {
+        Err(BdevError::Unsupported(format!(
+            "{}: this kind of device cannot be resized (asked for {num_blocks} blocks)",
+            self.info().name
+        )))
+    }
+
     /// Drop every write that has not been flushed, as a power cut would.
     /// Only devices that model a volatile cache support it.
     fn power_cut(&self) -> Result<(), BdevError> {

@@ -122,6 +122,20 @@ impl BlockDevice for FaultDevice {
         }))
     }
 
+    /// The device underneath resized, with the same fault switches.
+    fn resized(&self, num_blocks: u64) -> Result<Arc<dyn BlockDevice>, BdevError> {
+        let inner = self.inner.resized(num_blocks)?;
+        let info = DeviceInfo {
+            num_blocks,
+            ..self.info.clone()
+        };
+        Ok(Arc::new(FaultDevice {
+            inner,
+            info,
+            control: self.control.clone(),
+        }))
+    }
+
     /// Cut power: unflushed writes of the device underneath are dropped and
     /// the device fails every request until [`FaultControl::heal`].
     fn power_cut(&self) -> Result<(), BdevError> {

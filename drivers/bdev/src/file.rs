@@ -157,6 +157,54 @@ impl BlockDevice for FileDevice {
         &self.inner.info
     }
 
+    /// A regular file is truncated or extended (the new tail reads as
+    /// zeroes); a block device node's size belongs to the kernel.
+    fn resized(&self, num_blocks: u64) -> Result<Arc<dyn BlockDevice>, BdevError> {
+        let inner = &*self.inner;
+        let path = inner.path.display();
+        if inner.is_block_device {
+            return Err(BdevError::Unsupported(format!(
+                "{path} is a block device; its size is not ours to change"
+            )));
+        }
+        let len = num_blocks
+            .checked_mul(inner.info.block_size as u64)
+            .filter(|&l| l > 0)
+            .ok_or_else(|| {
+                BdevError::InvalidArgument(format!(
+                    "{path}: {num_blocks} blocks is not a usable size"
+                ))
+            })?;
+        let os = |what: String| move |source| BdevError::Os { what, source };
+        inner
+            .buffered
+            .set_len(len)
+            .map_err(os(format!("sizing {path} to {len} bytes")))?;
+        let buffered = inner
+            .buffered
+            .try_clone()
+            .map_err(os(format!("duplicating the handle of {path}")))?;
+        let direct = match &inner.direct {
+            Some(f) => Some(
+                f.try_clone()
+                    .map_err(os(format!("duplicating the handle of {path}")))?,
+            ),
+            None => None,
+        };
+        Ok(Arc::new(FileDevice {
+            inner: Arc::new(Inner {
+                info: DeviceInfo {
+                    num_blocks,
+                    ..inner.info.clone()
+                },
+                path: inner.path.clone(),
+                buffered,
+                direct,
+                is_block_device: false,
+            }),
+        }))
+    }
+
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
         let ring = IoUring::new(RING_DEPTH).map_err(|source| BdevError::Os {
             what: format!(

@@ -46,6 +46,14 @@ impl BlockDevice for NullDevice {
         &self.info
     }
 
+    fn resized(&self, num_blocks: u64) -> Result<std::sync::Arc<dyn BlockDevice>, BdevError> {
+        Ok(std::sync::Arc::new(NullDevice::new(
+            &self.info.name,
+            self.info.block_size,
+            num_blocks,
+        )?))
+    }
+
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
         Ok(Box::new(NullChannel {
             info: self.info.clone(),

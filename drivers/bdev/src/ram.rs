@@ -117,6 +117,36 @@ impl BlockDevice for RamDevice {
         }))
     }
 
+    /// A new mapping with the old contents copied in. Ranges that were
+    /// never written read as the zero page and are skipped, so a sparse
+    /// device stays sparse.
+    fn resized(&self, num_blocks: u64) -> Result<Arc<dyn BlockDevice>, BdevError> {
+        let info = &self.inner.info;
+        if self.inner.undo.is_some() {
+            return Err(BdevError::Unsupported(format!(
+                "{}: a device with a simulated volatile cache cannot be resized",
+                info.name
+            )));
+        }
+        let new = RamDevice::new(&info.name, info.block_size, num_blocks)?;
+        let keep = info.size_bytes().min(new.inner.info.size_bytes()) as usize;
+        const STEP: usize = 1 << 20;
+        let mut at = 0;
+        while at < keep {
+            let n = STEP.min(keep - at);
+            // SAFETY: both mappings hold at least `keep` bytes; nobody else
+            // touches them (no IO in flight, per the trait contract).
+            unsafe {
+                let src = std::slice::from_raw_parts(self.inner.base.add(at), n);
+                if src.iter().any(|&b| b != 0) {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), new.inner.base.add(at), n);
+                }
+            }
+            at += n;
+        }
+        Ok(Arc::new(new))
+    }
+
     fn power_cut(&self) -> Result<(), BdevError> {
         let Some(undo) = &self.inner.undo else {
             return Err(BdevError::Unsupported(format!(

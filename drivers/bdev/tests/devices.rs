@@ -216,3 +216,63 @@ fn null_device_accepts_good_requests_and_refuses_bad_ones() {
     assert!(NullDevice::new("x", 100, 10).is_err());
     assert!(NullDevice::new("x", 4096, 0).is_err());
 }
+
+/// Grow `dev` from 256 to 512 blocks (of 4 KiB) and back to 128: what was
+/// written stays where it was, the new tail reads as zeroes and takes
+/// writes, the new device conforms, and the old object is left as it was.
+fn resizes_keeping_contents(dev: Arc<dyn BlockDevice>) {
+    assert_eq!(dev.info().num_blocks, 256);
+    let mut ch = dev.open_channel().unwrap();
+    let mut head = conformance::Aligned::new(8192);
+    head.buf().fill(0x5a);
+    run_one(ch.as_mut(), rw(IoOp::Write, 254, 2, head.buf(), 1)).unwrap();
+    run_one(ch.as_mut(), IoRequest::flush(2)).unwrap();
+    drop(ch);
+    let grown = dev.resized(512).unwrap();
+    assert_eq!(grown.info().num_blocks, 512);
+    assert_eq!(grown.info().name, dev.info().name);
+    assert_eq!(dev.info().num_blocks, 256);
+    let mut ch = grown.open_channel().unwrap();
+    let mut back = conformance::Aligned::new(8192);
+    run_one(ch.as_mut(), rw(IoOp::Read, 254, 2, back.buf(), 3)).unwrap();
+    assert!(back.buf().iter().all(|&b| b == 0x5a));
+    run_one(ch.as_mut(), rw(IoOp::Read, 256, 2, back.buf(), 4)).unwrap();
+    assert!(
+        back.buf().iter().all(|&b| b == 0),
+        "the new tail is not zero"
+    );
+    run_one(ch.as_mut(), rw(IoOp::Write, 510, 2, head.buf(), 5)).unwrap();
+    drop(ch);
+    conformance::run_all(grown.clone(), 2, 500);
+    let shrunk = grown.resized(128).unwrap();
+    assert_eq!(shrunk.info().num_blocks, 128);
+    let mut ch = shrunk.open_channel().unwrap();
+    assert!(matches!(
+        run_one(
+            ch.as_mut(),
+            rw(IoOp::Read, 128, 1, &mut back.buf()[..4096], 6)
+        ),
+        Err(IoError::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn ram_file_null_and_fault_devices_resize_keeping_contents() {
+    resizes_keeping_contents(Arc::new(RamDevice::new("r", 4096, 256).unwrap()));
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("grow");
+    resizes_keeping_contents(Arc::new(FileDevice::create(&path, 4096, 1 << 20).unwrap()));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 128 * 4096);
+    let fault = FaultDevice::new(Arc::new(RamDevice::new("f", 4096, 256).unwrap()));
+    let control = fault.control();
+    resizes_keeping_contents(Arc::new(fault));
+    assert_eq!(control.injected(), 0);
+    let null = NullDevice::new("n", 4096, 256).unwrap();
+    assert_eq!(null.resized(512).unwrap().info().num_blocks, 512);
+    // A simulated volatile cache is a test mode that does not resize.
+    let volatile = RamDevice::with_volatile_cache("v", 4096, 256).unwrap();
+    assert!(matches!(
+        volatile.resized(512),
+        Err(bdev::BdevError::Unsupported(_))
+    ));
+}

@@ -95,6 +95,32 @@ enum DeviceCmd {
         /// Its name.
         name: String,
     },
+    /// Grow a ram, null or file device; a single volume over it grows
+    /// too, and its exports tell their VMs the new capacity.
+    ///
+    /// Example: applctl device resize d0 20G
+    Resize {
+        /// Its name.
+        name: String,
+        /// The new size: bytes, or with K, M, G or T.
+        #[arg(value_parser = parse_bytes)]
+        size: u64,
+    },
+}
+
+/// `4096`, `64K`, `256M`, `2G`, `1T`.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))
 }
 
 #[derive(Args)]
@@ -508,6 +534,24 @@ async fn device(c: &mut Client, json: bool, cmd: DeviceCmd) -> Result<(), Failur
                 .await?
                 .into_inner();
             out(json, &l, || devices(&l.devices))
+        }
+        DeviceCmd::Resize { name, size } => {
+            let r = c
+                .resize_device(pb::ResizeDeviceRequest {
+                    name,
+                    size_bytes: size,
+                })
+                .await?
+                .into_inner();
+            let d = r.device.clone().unwrap_or_default();
+            out(json, &r, || {
+                let told = if r.notified_exports.is_empty() {
+                    "no connected VM was told".to_string()
+                } else {
+                    format!("told the VMs of {}", r.notified_exports.join(", "))
+                };
+                format!("{}{told}\n", devices(std::slice::from_ref(&d)))
+            })
         }
         DeviceCmd::Detach { name } => {
             c.detach_device(pb::DetachDeviceRequest { name: name.clone() })

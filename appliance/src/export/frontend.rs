@@ -1,0 +1,146 @@
+//! The channel from the export to its frontend (vhost-user's backend
+//! request channel): how a frontend learns that the device's configuration
+//! space changed (a resize) without polling for it.
+//!
+//! The vhost crate (0.18) receives the channel's socket in
+//! SET_BACKEND_REQ_FD but offers no way to send CONFIG_CHANGE_MSG over it,
+//! nor to reach the socket. So the control thread peeks at each message
+//! before the crate reads it: when it is SET_BACKEND_REQ_FD, a peek with
+//! room for ancillary data gives us our own duplicate of the socket (the
+//! kernel duplicates passed descriptors on MSG_PEEK), while the crate
+//! goes on to receive the message as usual. Only we ever write to it.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// vhost-user FrontendReq::SET_BACKEND_REQ_FD.
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// vhost-user BackendReq::CONFIG_CHANGE_MSG.
+const CONFIG_CHANGE_MSG: u32 = 2;
+const VERSION: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
+/// How long a frontend may take to acknowledge; QEMU reads the new
+/// configuration space from us (GET_CONFIG) before it answers.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The socket of a connection's backend request channel.
+pub struct FrontendChannel {
+    sock: UnixStream,
+    /// REPLY_ACK was negotiated: ask for, and wait for, an answer.
+    reply_ack: bool,
+}
+
+impl FrontendChannel {
+    /// Tell the frontend that the configuration space changed; with
+    /// REPLY_ACK, wait until it has read the new one.
+    pub fn config_changed(&mut self) -> Result<(), String> {
+        let flags = VERSION | if self.reply_ack { NEED_REPLY } else { 0 };
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+        msg[4..8].copy_from_slice(&flags.to_le_bytes());
+        self.sock
+            .write_all(&msg)
+            .map_err(|e| format!("sending CONFIG_CHANGE_MSG: {e}"))?;
+        if !self.reply_ack {
+            return Ok(());
+        }
+        self.sock
+            .set_read_timeout(Some(ACK_TIMEOUT))
+            .map_err(|e| format!("setting a read timeout: {e}"))?;
+        let mut reply = [0u8; 20];
+        self.sock
+            .read_exact(&mut reply)
+            .map_err(|e| format!("waiting for the frontend's answer to CONFIG_CHANGE_MSG: {e}"))?;
+        let word =
+            |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+        let value = u64::from_le_bytes([
+            reply[12], reply[13], reply[14], reply[15], reply[16], reply[17], reply[18], reply[19],
+        ]);
+        if word(0) != CONFIG_CHANGE_MSG || word(4) & REPLY == 0 || word(8) != 8 {
+            return Err(format!(
+                "the frontend answered CONFIG_CHANGE_MSG with request {} flags {:#x} size {}",
+                word(0),
+                word(4),
+                word(8)
+            ));
+        }
+        if value != 0 {
+            return Err(format!(
+                "the frontend failed to apply the configuration change (status {value})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// If the next message on the connection `fd` is SET_BACKEND_REQ_FD, our
+/// own duplicate of the socket it carries; the message stays queued for
+/// the protocol handler.
+pub fn peek_backend_channel(fd: RawFd, reply_ack: bool) -> Option<FrontendChannel> {
+    let mut hdr = [0u8; 12];
+    // First the header alone: without room for ancillary data, descriptors
+    // of other messages (the memory table's) are not duplicated.
+    // SAFETY: recv into a 12-byte buffer we own.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n != hdr.len() as isize
+        || u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) != SET_BACKEND_REQ_FD
+    {
+        return None;
+    }
+    // Room for a few descriptors: a frontend that sends more than one is
+    // wrong, and every one we receive must be closed.
+    let mut cmsg = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    // SAFETY: msg describes buffers we own.
+    let n = unsafe {
+        libc::recvmsg(
+            fd,
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    // SAFETY: walking the control buffer the kernel filled, with its macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    // The others are closed as `fds` drops.
+    let fd = fds.into_iter().next()?;
+    Some(FrontendChannel {
+        sock: UnixStream::from(fd),
+        reply_ack,
+    })
+}

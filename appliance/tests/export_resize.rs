@@ -1,0 +1,237 @@
+//! Growing a device under a live export: the volume follows through its
+//! quiesce epoch, queues already running accept the new blocks, the
+//! contents are kept, and a frontend that set up the backend request
+//! channel is told (CONFIG_CHANGE_MSG) and reads the new capacity.
+//! The clients are real: blkio for IO, and the vhost crate's `Frontend`
+//! with its `FrontendReqHandler` for the notification.
+
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use appliance::config::{DeviceDecl, ExportDecl, VolumeDecl};
+use appliance::manager::{Manager, MgmtError};
+use poller::{ReactorConfig, Reactors};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
+use vhost::VhostBackend;
+
+mod common;
+use common::{pattern, Disk};
+
+const MIB: u64 = 1 << 20;
+
+fn capacity_bytes(f: &mut Frontend) -> u64 {
+    let (_, cfg) = f
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+        .unwrap();
+    u64::from_le_bytes(cfg[..8].try_into().unwrap()) * 512
+}
+
+/// What a frontend does on CONFIG_CHANGE_MSG (QEMU's vhost-user-blk):
+/// read the configuration space again, then answer.
+struct OnChange {
+    /// Taken away to disconnect: the handler thread must not keep the
+    /// connection open.
+    frontend: Mutex<Option<Frontend>>,
+    seen: mpsc::Sender<u64>,
+}
+
+impl VhostUserFrontendReqHandler for OnChange {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        let mut f = self.frontend.lock().unwrap();
+        let cap = capacity_bytes(f.as_mut().ok_or(std::io::ErrorKind::NotConnected)?);
+        self.seen.send(cap).unwrap();
+        Ok(0)
+    }
+}
+
+/// A frontend with the backend request channel set up; its handler runs
+/// on its own thread.
+fn frontend_with_channel(sock: &Path) -> (Frontend, mpsc::Receiver<u64>, Arc<OnChange>) {
+    let mut f = Frontend::connect(sock, 1).unwrap();
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    let want = (1u64 << 32) | (1 << 30); // VERSION_1 | PROTOCOL_FEATURES
+    assert_eq!(features & want, want);
+    f.set_features(want).unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    let need = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ;
+    assert!(pf.contains(need), "offered {pf:?}");
+    f.set_protocol_features(need).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let on = Arc::new(OnChange {
+        frontend: Mutex::new(Some(f.clone())),
+        seen: tx,
+    });
+    let mut handler = FrontendReqHandler::new(on.clone()).unwrap();
+    handler.set_reply_ack_flag(true);
+    // The handler's own fd is its receiving end; the backend gets the other.
+    // SAFETY: the fd belongs to `handler`, alive for the call.
+    let tx = unsafe { std::os::fd::BorrowedFd::borrow_raw(handler.get_tx_raw_fd()) };
+    f.set_backend_request_fd(&tx).unwrap();
+    std::thread::spawn(move || while handler.handle_request().is_ok() {});
+    (f, rx, on)
+}
+
+fn volume(name: &str, level: &str, members: &[&str]) -> VolumeDecl {
+    VolumeDecl {
+        name: name.into(),
+        level: level.into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+        spares: vec![],
+        chunk_kib: 64,
+        layout: "left-symmetric".into(),
+        max_rebuild_bytes_per_sec: 0,
+        min_rebuild_bytes_per_sec: 0,
+        journal: None,
+        journal_mode: String::new(),
+        bitmap: false,
+        bitmap_chunk_kib: 0,
+        serialize: false,
+    }
+}
+
+fn fill(d: &mut Disk, seed: u64, offset: u64, len: usize) {
+    d.buf()[..len].copy_from_slice(&pattern(seed, offset, len));
+    assert_eq!(d.write(offset, len), 0, "write at {offset}");
+}
+
+fn check(d: &mut Disk, seed: u64, offset: u64, len: usize) {
+    assert_eq!(d.read(offset, len), 0, "read at {offset}");
+    assert!(
+        d.buf()[..len] == pattern(seed, offset, len)[..],
+        "data at {offset} differs"
+    );
+}
+
+#[test]
+fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = Manager::new(reactors.set(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    m.attach_device(DeviceDecl {
+        name: "d0".into(),
+        spec: "ram:1M".into(),
+        block_size: 4096,
+    })
+    .unwrap();
+    m.create_volume(volume("v0", "single", &["d0"]), false)
+        .unwrap();
+    m.create_export(ExportDecl {
+        name: "e0".into(),
+        volume: "v0".into(),
+        socket: sock.clone(),
+        num_queues: 1,
+        read_only: false,
+        serial: String::new(),
+        queue_cores: vec![],
+    })
+    .unwrap();
+
+    // A connected client keeps its queue while the device grows under it.
+    let mut d = Disk::connect(&sock).unwrap();
+    assert_eq!(d.capacity(), MIB);
+    fill(&mut d, 1, 0, 64 << 10);
+    fill(&mut d, 2, MIB - 4096, 4096);
+    let (view, told) = m.resize_device("d0", 2 * MIB).unwrap();
+    assert_eq!(view.num_blocks, 512);
+    assert_eq!(view.decl.spec, format!("ram:{}", 2 * MIB));
+    assert_eq!(m.get_volume("v0").unwrap().size_bytes, 2 * MIB);
+    // blkio sets up no backend request channel: nobody to tell.
+    assert!(told.is_empty(), "{told:?}");
+    check(&mut d, 1, 0, 64 << 10);
+    check(&mut d, 2, MIB - 4096, 4096);
+    drop(d);
+
+    // A frontend with the channel hears of the next change, and reads the
+    // new size from the configuration space before it answers.
+    // (The export takes it once the last connection is gone.)
+    let (mut f, seen, on) = frontend_with_channel(&sock);
+    assert_eq!(capacity_bytes(&mut f), 2 * MIB);
+    let (_, told) = m.resize_device("d0", 4 * MIB).unwrap();
+    assert_eq!(told, vec!["e0".to_string()]);
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(10)).unwrap(),
+        4 * MIB,
+        "the frontend read the old capacity after the notification"
+    );
+    assert_eq!(capacity_bytes(&mut f), 4 * MIB);
+    on.frontend.lock().unwrap().take();
+    drop(f);
+
+    // The next client sees the new size, the old data and the new blocks.
+    let mut d = loop {
+        match Disk::connect(&sock) {
+            Ok(d) => break d,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(d.capacity(), 4 * MIB);
+    check(&mut d, 1, 0, 64 << 10);
+    check(&mut d, 2, MIB - 4096, 4096);
+    fill(&mut d, 3, 4 * MIB - 64 * 1024, 64 << 10);
+    check(&mut d, 3, 4 * MIB - 64 * 1024, 64 << 10);
+    drop(d);
+
+    // Refusals change nothing.
+    let err = m.resize_device("d0", MIB).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MgmtError::InvalidArgument {
+                field: "size_bytes",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = m.resize_device("d0", 4 * MIB + 512).unwrap_err();
+    assert!(matches!(err, MgmtError::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(
+        m.resize_device("nope", 4 * MIB),
+        Err(MgmtError::NotFound(_))
+    ));
+    assert_eq!(m.get_volume("v0").unwrap().size_bytes, 4 * MIB);
+    m.shutdown();
+    reactors.shutdown().unwrap();
+}
+
+#[test]
+fn a_raid_member_is_not_resized_under_its_array() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = Manager::new(reactors.set(), None);
+    for n in ["a", "b"] {
+        m.attach_device(DeviceDecl {
+            name: n.into(),
+            spec: "ram:8M".into(),
+            block_size: 4096,
+        })
+        .unwrap();
+    }
+    m.create_volume(volume("mirror", "raid1", &["a", "b"]), false)
+        .unwrap();
+    let size = m.get_volume("mirror").unwrap().size_bytes;
+    let err = m.resize_device("a", 16 * MIB).unwrap_err();
+    match &err {
+        MgmtError::FailedPrecondition(msg) => assert!(msg.contains("mirror"), "{msg}"),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(m.list_devices()[0].num_blocks, (8 * MIB) / 4096);
+    assert_eq!(m.get_volume("mirror").unwrap().size_bytes, size);
+    m.shutdown();
+    reactors.shutdown().unwrap();
+}
