@@ -659,9 +659,11 @@ impl Manager {
         let volume = match s.user_of(name) {
             None => None,
             Some((v, "volume", _)) if s.volumes[&v].level == Level::Single => Some(v),
-            Some((v, how, _)) => return Err(MgmtError::FailedPrecondition(format!(
+            Some((v, how, _)) => {
+                return Err(MgmtError::FailedPrecondition(format!(
                 "device {name} is in use ({how} {v}); a RAID volume does not grow with its members"
-            ))),
+            )))
+            }
         };
         if size_bytes == have {
             return Ok((Self::device_view(&s, name), vec![]));

@@ -183,6 +183,38 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
     check(&mut d, 3, 4 * MIB - 64 * 1024, 64 << 10);
     drop(d);
 
+    // A frontend that passes a file, not a socket, as its channel: the
+    // message is refused, and nothing is ever written into the file.
+    let bogus = tempfile::tempfile().unwrap();
+    let mut f = Frontend::connect(&sock, 1).unwrap();
+    f.set_owner().unwrap();
+    f.get_features().unwrap();
+    f.set_features((1u64 << 32) | (1 << 30)).unwrap();
+    f.get_protocol_features().unwrap();
+    f.set_protocol_features(
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ,
+    )
+    .unwrap();
+    // The crate's backend refuses it and drops the connection; any answer
+    // to the next request (or its failure) means the message was handled.
+    let _ = f.set_backend_request_fd(&bogus);
+    let _ = f.get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8]);
+    let (_, told) = m.resize_device("d0", 5 * MIB).unwrap();
+    assert!(told.is_empty(), "{told:?}");
+    assert_eq!(bogus.metadata().unwrap().len(), 0);
+    drop(f);
+    let mut d = loop {
+        match Disk::connect(&sock) {
+            Ok(d) => break d,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(d.capacity(), 5 * MIB);
+    check(&mut d, 3, 4 * MIB - 64 * 1024, 64 << 10);
+    drop(d);
+
     // Refusals change nothing.
     let err = m.resize_device("d0", MIB).unwrap_err();
     assert!(
@@ -195,13 +227,13 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
         ),
         "{err:?}"
     );
-    let err = m.resize_device("d0", 4 * MIB + 512).unwrap_err();
+    let err = m.resize_device("d0", 6 * MIB + 512).unwrap_err();
     assert!(matches!(err, MgmtError::InvalidArgument { .. }), "{err:?}");
     assert!(matches!(
         m.resize_device("nope", 4 * MIB),
         Err(MgmtError::NotFound(_))
     ));
-    assert_eq!(m.get_volume("v0").unwrap().size_bytes, 4 * MIB);
+    assert_eq!(m.get_volume("v0").unwrap().size_bytes, 5 * MIB);
     m.shutdown();
     reactors.shutdown().unwrap();
 }

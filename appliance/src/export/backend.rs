@@ -125,6 +125,11 @@ impl Handler {
         self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
+    /// The frontend agreed to a backend request channel.
+    pub fn backend_req(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits() != 0
+    }
+
     fn protocol_features_acked(&self) -> bool {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }

@@ -139,8 +139,32 @@ pub fn peek_backend_channel(fd: RawFd, reply_ack: bool) -> Option<FrontendChanne
     }
     // The others are closed as `fds` drops.
     let fd = fds.into_iter().next()?;
+    if !is_unix_stream(&fd) {
+        // The crate refuses the message too; we must never write into
+        // whatever else a frontend passed.
+        return None;
+    }
     Some(FrontendChannel {
         sock: UnixStream::from(fd),
         reply_ack,
     })
+}
+
+fn is_unix_stream(fd: &OwnedFd) -> bool {
+    let opt = |name: libc::c_int| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one c_int into `v`.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(v)
+    };
+    opt(libc::SO_DOMAIN) == Some(libc::AF_UNIX) && opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }

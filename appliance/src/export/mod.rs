@@ -387,12 +387,14 @@ fn serve(
             if wait_readable(conn.as_raw_fd(), shutdown.as_raw_fd()) {
                 break true;
             }
-            let reply_ack = handler
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .reply_ack();
-            if let Some(ch) = frontend::peek_backend_channel(conn.as_raw_fd(), reply_ack) {
-                *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
+            let (backend_req, reply_ack) = {
+                let h = handler.lock().unwrap_or_else(|e| e.into_inner());
+                (h.backend_req(), h.reply_ack())
+            };
+            if backend_req {
+                if let Some(ch) = frontend::peek_backend_channel(conn.as_raw_fd(), reply_ack) {
+                    *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
+                }
             }
             if let Err(e) = conn.handle_request() {
                 match e {
