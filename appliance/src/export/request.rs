@@ -96,36 +96,53 @@ pub struct Request {
     pub action: Result<Parsed, u8>,
 }
 
-/// The guest memory region of the last translation: a queue's requests
-/// (headers, data, status, descriptors) mostly fall in one or two regions,
-/// so checking the last one first skips vm-memory's region search, which
-/// cost about a sixth of the export's instructions per IO. Valid for one
-/// memory map only: [`reset`](RegionCache::reset) it when the map changes.
+/// The guest memory regions of the last translations: a queue's requests
+/// (headers, descriptors and status in the ring's region, data in the
+/// buffers' region) fall in a few regions, so checking those first skips
+/// vm-memory's region search. One entry was not enough: a client whose
+/// buffers live in another region than its rings (blkio) missed twice per
+/// request, and the search was 15 % of the export's CPU (perf, bench
+/// results). Valid for one memory map only: [`reset`](RegionCache::reset)
+/// it when the map changes.
 #[derive(Default)]
-pub struct RegionCache(std::cell::Cell<(u64, u64, usize)>);
+pub struct RegionCache {
+    /// (guest start, length, host start); length 0: empty.
+    entries: [std::cell::Cell<(u64, u64, usize)>; CACHED_REGIONS],
+    /// The entry the next miss replaces.
+    next: std::cell::Cell<usize>,
+}
+
+const CACHED_REGIONS: usize = 4;
 
 impl RegionCache {
-    /// Forget the cached region.
+    /// Forget the cached regions.
     pub fn reset(&self) {
-        self.0.set((0, 0, 0));
+        for e in &self.entries {
+            e.set((0, 0, 0));
+        }
     }
 
     /// Host address and bytes left in the region for `addr`, if cached.
+    #[inline]
     fn lookup(&self, addr: u64) -> Option<(*mut u8, u64)> {
-        let (start, len, host) = self.0.get();
-        let off = addr.wrapping_sub(start);
-        (addr >= start && off < len).then(|| ((host + off as usize) as *mut u8, len - off))
+        self.entries.iter().find_map(|e| {
+            let (start, len, host) = e.get();
+            let off = addr.wrapping_sub(start);
+            (off < len).then(|| ((host + off as usize) as *mut u8, len - off))
+        })
     }
 
     /// Look `addr` up (cache first) and cache its region.
+    #[inline]
     fn find(&self, mem: &GuestMemoryMmap, addr: u64) -> Option<(*mut u8, u64)> {
         if let Some(hit) = self.lookup(addr) {
             return Some(hit);
         }
         let (region, offset) = mem.to_region_addr(GuestAddress(addr))?;
         let base = region.get_host_address(MemoryRegionAddress(0)).ok()?;
-        self.0
-            .set((addr - offset.raw_value(), region.len(), base as usize));
+        let i = self.next.get();
+        self.next.set((i + 1) % CACHED_REGIONS);
+        self.entries[i].set((addr - offset.raw_value(), region.len(), base as usize));
         self.lookup(addr)
     }
 }
