@@ -419,3 +419,89 @@ fn an_interrupted_rebuild_resumes_from_its_checkpoint_after_a_restart() {
     assert_eq!(now[1].info().name, "spare");
     reactors.shutdown().unwrap();
 }
+
+#[test]
+fn a_degraded_three_way_mirror_is_resynchronised_after_an_unclean_shutdown() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let raw = rams(3);
+    let faults: Vec<Arc<FaultDevice>> = raw
+        .iter()
+        .map(|d| Arc::new(FaultDevice::new(d.clone())))
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let members: Vec<Arc<dyn BlockDevice>> = faults
+        .iter()
+        .map(|f| f.clone() as Arc<dyn BlockDevice>)
+        .collect();
+    let (dev, meta) = create(&spec(members, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "vol0", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    assert!(monitor.open(true).unwrap().is_none());
+    let data = pattern(256 << 10, 3);
+    write(volume.info_device().as_ref(), 0, &data);
+    // The first mirror fails: the two left are the ones to compare.
+    faults[0].control().pull();
+    write(volume.info_device().as_ref(), 100, &pattern(64 << 10, 4));
+    let t = std::time::Instant::now();
+    while monitor.member_states()[0] != MemberState::Failed {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The crash tears a write: it reached mirror 2, not mirror 1.
+    write(raw[2].as_ref(), 256 + 10, &pattern(8192, 99));
+    drop(monitor);
+    drop(volume);
+    reactors.shutdown().unwrap();
+
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut report = assemble(&raw, |_| FailureSink::none());
+    let v = report.volumes.remove(0);
+    assert!(!v.was_clean, "the crash is noticed");
+    assert_eq!(v.device.member_states()[0], MemberState::Failed);
+    let (_tx, rx) = mpsc::channel();
+    let volume = Volume::new(reactors.set(), "vol0", v.device.clone());
+    let monitor = Monitor::start(reactors.set(), volume, v.device.clone(), rx, vec![]);
+    monitor.set_meta(v.meta);
+    let resync = monitor
+        .open(v.was_clean)
+        .unwrap()
+        .expect("the two mirrors left are resynchronised");
+    let t = std::time::Instant::now();
+    while !resync.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(resync.error(), None);
+    assert_eq!(
+        resync.mismatches.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the two torn blocks were found"
+    );
+    assert_eq!(
+        read(raw[1].as_ref(), 256 + 10, 8192),
+        read(raw[2].as_ref(), 256 + 10, 8192),
+        "the mirrors left still differ"
+    );
+    // A check of the degraded mirror now finds nothing.
+    let check = monitor.scrub(false).unwrap();
+    let t = std::time::Instant::now();
+    while !check.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        check.mismatches.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    monitor.close().unwrap();
+    reactors.shutdown().unwrap();
+}

@@ -142,6 +142,29 @@ pub trait RaidDevice: BlockDevice {
         spawn_rebuilder(self, ctx, target, vec![r.slot], Some(&r.dev), r.cursor)
     }
 
+    /// The slots a scrub reads: every member, or for a degraded mirror
+    /// the in-sync ones when two or more are left (a three-way mirror that
+    /// lost one can still differ between the other two, and md resyncs
+    /// it). A degraded RAID5 has nothing left to check against.
+    fn scrub_members(&self) -> Result<Vec<usize>, String> {
+        let set = self.member_set();
+        let in_sync: Vec<usize> = (0..set.members.len())
+            .filter(|&i| set.members[i].state == MemberState::InSync)
+            .collect();
+        let mirror = self.parity_geometry().is_none();
+        let rebuilding = set
+            .members
+            .iter()
+            .any(|m| m.state == MemberState::Rebuilding);
+        if in_sync.len() == set.members.len() || (mirror && !rebuilding && in_sync.len() >= 2) {
+            Ok(in_sync)
+        } else if mirror {
+            Err("a scrub needs two mirrors in sync and no rebuild running".into())
+        } else {
+            Err("a scrub needs every member in sync".into())
+        }
+    }
+
     /// Start a consistency check (or repair) as a poller on this reactor.
     /// Call it with the volume suspended: writes after it see the scrub.
     /// With `dirty`, only the regions its write-intent bitmap marks are
@@ -153,16 +176,18 @@ pub trait RaidDevice: BlockDevice {
         dirty: Option<Arc<Bitmap>>,
     ) -> Result<Arc<RebuildProgress>, BdevError> {
         let set = self.member_set();
-        if set.members.iter().any(|m| m.state != MemberState::InSync) {
-            return Err(BdevError::InvalidArgument(format!(
-                "{}: scrub needs every member in sync",
-                self.info().name
-            )));
-        }
+        let in_sync = self
+            .scrub_members()
+            .map_err(|m| BdevError::InvalidArgument(format!("{}: {m}", self.info().name)))?;
+        // A failed slot's channel is never used; it goes to an in-sync
+        // device, as a failed slot's own device may be gone.
         let channels = set
             .members
             .iter()
-            .map(|m| m.dev.open_channel())
+            .map(|m| match m.state {
+                MemberState::InSync => m.dev.open_channel(),
+                _ => set.members[in_sync[0]].dev.open_channel(),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let rows = self.rows();
         let progress = Arc::new(RebuildProgress::new(
@@ -180,6 +205,7 @@ pub trait RaidDevice: BlockDevice {
             progress.clone(),
             repair,
         )
+        .reading(in_sync)
         .clearing_when_done(set.scrubbing.clone())
         .watching(set.activity.clone());
         if let Some(b) = dirty {
@@ -823,15 +849,9 @@ impl Monitor {
         dirty: Option<Arc<Bitmap>>,
     ) -> Result<Arc<RebuildProgress>, OpError> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.current
-            .member_states()
-            .iter()
-            .any(|&st| st != MemberState::InSync)
-        {
-            return Err(OpError::FailedPrecondition(
-                "scrub needs every member in sync".into(),
-            ));
-        }
+        s.current
+            .scrub_members()
+            .map_err(OpError::FailedPrecondition)?;
         if s.rebuild.as_ref().is_some_and(|p| !p.is_finished()) {
             return Err(OpError::FailedPrecondition(
                 "a rebuild or scrub is already running".into(),
@@ -939,13 +959,16 @@ impl Monitor {
         if was_clean {
             return Ok(None);
         }
-        let degraded = self
-            .member_states()
-            .iter()
-            .any(|&st| st != MemberState::InSync);
-        if degraded {
-            // A degraded volume after a crash may hold stripes whose parity
-            // does not match their data; nothing can tell which. Say so.
+        let scrubbable = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .scrub_members();
+        if scrubbable.is_err() {
+            // A degraded RAID5 (or a mirror down to one) after a crash may
+            // hold stripes whose parity does not match their data; nothing
+            // can tell which. Say so.
             tracing::warn!(volume = self.volume.name(), "unclean shutdown of a degraded volume: stripes written at the crash may be inconsistent");
             return Ok(None);
         }

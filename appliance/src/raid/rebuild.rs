@@ -505,6 +505,13 @@ impl Scrubber {
         }
     }
 
+    /// Read and compare only `members` (slots; the in-sync mirrors of a
+    /// degraded mirror), the first being the reference a repair copies.
+    pub fn reading(mut self, members: Vec<usize>) -> Scrubber {
+        self.all = members;
+        self
+    }
+
     /// Walk only the regions `bitmap` marks dirty now, and let it clear
     /// them once every one was walked.
     pub fn only_dirty(mut self, bitmap: Arc<super::bitmap::Bitmap>) -> Scrubber {
@@ -575,19 +582,22 @@ impl Scrubber {
         vec![(parity, Source::Out)]
     }
 
-    /// Count the row's blocks where a mirror differs from the first; with
-    /// repair, the copies to issue (from the first mirror's data).
+    /// Count the row's blocks where a mirror differs from the first one
+    /// read; with repair, the copies to issue (from that mirror's data).
     fn check_mirrors(&mut self, len: usize) -> Vec<(usize, Source)> {
         let w = &mut self.walk;
         let bs = w.rows.block_size;
+        let Some((&reference, others)) = self.all.split_first() else {
+            return Vec::new();
+        };
         let mut bad = 0u64;
         let mut differ = vec![false; w.bufs.len()];
         for start in (0..len).step_by(bs) {
-            let first = &w.bufs[0][start..start + bs];
+            let first = &w.bufs[reference][start..start + bs];
             let mut block_bad = false;
-            for (m, d) in differ.iter_mut().enumerate().skip(1) {
+            for &m in others {
                 if w.bufs[m][start..start + bs] != *first {
-                    *d = true;
+                    differ[m] = true;
                     block_bad = true;
                 }
             }
@@ -600,9 +610,10 @@ impl Scrubber {
         if !self.repair {
             return Vec::new();
         }
-        (1..differ.len())
-            .filter(|&m| differ[m])
-            .map(|m| (m, Source::Read(0)))
+        others
+            .iter()
+            .filter(|&&m| differ[m])
+            .map(|&m| (m, Source::Read(reference)))
             .collect()
     }
 
