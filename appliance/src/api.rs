@@ -110,6 +110,8 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         journal_failed: v.journal_state.is_some_and(|j| j.3),
         consistency_policy: v.consistency_policy.into(),
         serialize_policy: v.serialize,
+        write_behind: v.write_behind.0 as u32,
+        writes_behind: v.write_behind.1,
         suspended_lo_bytes: v.suspended.map_or(0, |r| r.0),
         suspended_hi_bytes: v.suspended.map_or(0, |r| r.1),
         bitmap: v
@@ -280,6 +282,7 @@ impl pb::appliance_server::Appliance for Service {
             bitmap: r.bitmap,
             bitmap_chunk_kib: r.bitmap_chunk_kib,
             serialize: false,
+            write_behind: 0,
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))
@@ -440,6 +443,19 @@ impl pb::appliance_server::Appliance for Service {
         require("volume", &r.volume)?;
         self.run(move |m| m.set_serialize(&r.volume, r.enabled).map(volume_to_pb))
             .await
+    }
+
+    async fn set_write_behind(
+        &self,
+        req: Request<pb::SetWriteBehindRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        require("volume", &r.volume)?;
+        self.run(move |m| {
+            m.set_write_behind(&r.volume, r.max_writes)
+                .map(volume_to_pb)
+        })
+        .await
     }
 
     async fn suspend_range(

@@ -76,6 +76,10 @@ pub struct VolumeDecl {
     /// one after the other).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub serialize: bool,
+    /// RAID1: md's write-behind, the most writes to write-mostly members
+    /// in the background at once (0: off). Needs the bitmap.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub write_behind: u32,
 }
 
 fn is_zero(x: &u32) -> bool {

@@ -308,6 +308,7 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
                 bitmap: false,
                 bitmap_chunk_kib: 0,
                 serialize: false,
+                write_behind: 0,
             },
             true,
         )

@@ -108,6 +108,17 @@ fn memory_total() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// md's write-behind limit: 1..=16383 (md's COUNTER_MAX / 2).
+fn check_write_behind(limit: u32) -> Result<(), MgmtError> {
+    if !(1..=16383).contains(&limit) {
+        return Err(invalid(
+            "write_behind",
+            format!("{limit} is not in 1..=16383 (0 turns it off)"),
+        ));
+    }
+    Ok(())
+}
+
 /// A bitmap region size in KiB: 0 (the default) or a power of two from
 /// 64 KiB to 4 GiB.
 fn check_bitmap_chunk(kib: u32) -> Result<(), MgmtError> {
@@ -265,6 +276,9 @@ pub struct VolumeView {
     pub suspended: Option<(u64, u64)>,
     /// RAID1: md's serialize_policy is on.
     pub serialize: bool,
+    /// RAID1: md's write-behind limit (0: off) and the writes in the
+    /// background now.
+    pub write_behind: (u64, u64),
 }
 
 /// An export as listed.
@@ -804,6 +818,16 @@ impl Manager {
             ));
         }
         check_bitmap_chunk(decl.bitmap_chunk_kib)?;
+        // At a restart the superblocks decide (a bitmap may be gone).
+        if decl.write_behind > 0 && !restoring {
+            check_write_behind(decl.write_behind)?;
+            if level != Level::Raid1 || !decl.bitmap {
+                return Err(invalid(
+                    "write_behind",
+                    "write-behind is for a RAID1 with a write-intent bitmap",
+                ));
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         let mut get =
             |field: &'static str, name: &String| -> Result<Arc<dyn BlockDevice>, MgmtError> {
@@ -900,6 +924,13 @@ impl Manager {
             monitor
                 .set_serialize(true)
                 .map_err(|e| from_op(&decl.name, e))?;
+        }
+        if decl.write_behind > 0 {
+            // The superblocks decide whether a bitmap came back; without
+            // one write-behind stays off rather than the volume.
+            if let Err(e) = monitor.set_write_behind(decl.write_behind as u64) {
+                tracing::warn!(volume = %decl.name, error = %e, "write-behind not restored");
+            }
         }
         monitor
             .open(was_clean)
@@ -1244,6 +1275,7 @@ impl Manager {
             .and_then(|snap| snap.bitmap.as_ref())
             .map(|b| (b.region_bytes(), b.bits(), b.dirty_regions()));
         let serialize = snap.as_ref().is_some_and(|snap| snap.serialize);
+        let write_behind = snap.as_ref().map_or((0, 0), |snap| snap.write_behind);
         let consistency_policy = if v.monitor.is_none() {
             "none"
         } else if v.checkpointer.is_some() {
@@ -1335,6 +1367,7 @@ impl Manager {
             consistency_policy,
             bitmap,
             serialize,
+            write_behind,
             suspended: v.volume.suspended_range().get().map(|(lo, hi)| {
                 let bs = info.block_size as u64;
                 (lo * bs, hi * bs)
@@ -1583,6 +1616,24 @@ impl Manager {
         s.device("device", device)?;
         m.set_write_mostly(device, on)
             .map_err(|e| from_op(volume, e))?;
+        self.save(&s)?;
+        Ok(Self::view(&s, volume))
+    }
+
+    /// md's write-behind for a RAID1 (`limit` writes to write-mostly
+    /// members in the background at once; 0 turns it off and waits for
+    /// the ones in flight); kept in the state file. Needs the bitmap.
+    pub fn set_write_behind(&self, volume: &str, limit: u32) -> Result<VolumeView, MgmtError> {
+        if limit > 0 {
+            check_write_behind(limit)?;
+        }
+        let mut s = self.lock_for_change()?;
+        Self::monitor(&s, volume)?
+            .set_write_behind(limit as u64)
+            .map_err(|e| from_op(volume, e))?;
+        if let Some(v) = s.volumes.get_mut(volume) {
+            v.decl.write_behind = limit;
+        }
         self.save(&s)?;
         Ok(Self::view(&s, volume))
     }

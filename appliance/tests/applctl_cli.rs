@@ -309,6 +309,9 @@ num_queues = 2
         Some(2)
     );
     assert_eq!(code(&["export", "delete", "nope"]), Some(3));
+    // Write-behind is a mirror's (with a bitmap): refused on a RAID5.
+    assert_eq!(code(&["volume", "write-behind", "vol0", "64"]), Some(5));
+    assert_eq!(code(&["volume", "write-behind", "vol0", "--off"]), Some(5));
     // Resize: a RAID member is refused; a free device grows, never shrinks.
     assert_eq!(code(&["device", "resize", "d0", "64M"]), Some(5));
     ok(&applctl(&api, &["device", "attach", "x1", "ram:4M"]));

@@ -93,6 +93,7 @@ fn volume(name: &str, level: &str, members: &[&str]) -> VolumeDecl {
         bitmap: false,
         bitmap_chunk_kib: 0,
         serialize: false,
+        write_behind: 0,
     }
 }
 

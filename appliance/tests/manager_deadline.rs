@@ -49,6 +49,7 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
             bitmap: false,
             bitmap_chunk_kib: 0,
             serialize: false,
+            write_behind: 0,
         },
         true,
     )

@@ -1986,3 +1986,76 @@ fn a_device_grows_through_the_api_under_a_connected_client_and_keeps_its_size() 
     drop(c);
     d.stop();
 }
+
+#[test]
+fn write_behind_is_set_refused_and_restored_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    attach_files(&d, &mut c, dir.path(), "d", 0..5, "16M");
+    let mirror = |name: &str, members: &[&str], bitmap: bool| pb::CreateVolumeRequest {
+        name: name.into(),
+        level: pb::Level::Raid1 as i32,
+        members: members.iter().map(|s| s.to_string()).collect(),
+        bitmap,
+        ..Default::default()
+    };
+    call!(d, c, create_volume, mirror("m", &["d0", "d1"], true)).unwrap();
+    call!(d, c, create_volume, mirror("plain", &["d2", "d3"], false)).unwrap();
+    let wm = pb::SetWriteMostlyRequest {
+        volume: "m".into(),
+        device: "d1".into(),
+        enabled: true,
+    };
+    call!(d, c, set_write_mostly, wm).unwrap();
+    let wb = |volume: &str, max_writes: u32| pb::SetWriteBehindRequest {
+        volume: volume.into(),
+        max_writes,
+    };
+    for (req, code) in [
+        (wb("plain", 256), Code::FailedPrecondition),
+        (wb("m", 20000), Code::InvalidArgument),
+        (wb("nope", 256), Code::NotFound),
+        (wb("", 256), Code::InvalidArgument),
+    ] {
+        let e = call!(d, c, set_write_behind, req.clone()).unwrap_err();
+        assert_eq!(e.0, code, "{req:?}: {e:?}");
+    }
+    let v = call!(d, c, set_write_behind, wb("m", 256)).unwrap();
+    assert_eq!((v.write_behind, v.writes_behind), (256, 0));
+    // The bitmap stays while write-behind needs it.
+    let off = pb::SetBitmapRequest {
+        volume: "m".into(),
+        enabled: false,
+        ..Default::default()
+    };
+    let e = call!(d, c, set_bitmap, off.clone()).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    let sock = export(&d, &mut c, dir.path(), "m");
+    let mut disk = Disk::connect(&sock).unwrap();
+    for i in 0..8u64 {
+        write_pattern(&mut disk, i, i << 20);
+    }
+    for i in 0..8u64 {
+        check_pattern(&mut disk, i, i << 20);
+    }
+    drop(disk);
+    drop(c);
+    d.stop();
+
+    let d = Daemon::start(dir.path(), Some(state), None);
+    let mut c = d.client();
+    let v = volume(&d, &mut c, "m");
+    assert_eq!(v.write_behind, 256, "restored");
+    let mut disk = Disk::connect(&sock).unwrap();
+    for i in 0..8u64 {
+        check_pattern(&mut disk, i, i << 20);
+    }
+    drop(disk);
+    let v = call!(d, c, set_write_behind, wb("m", 0)).unwrap();
+    assert_eq!((v.write_behind, v.writes_behind), (0, 0));
+    call!(d, c, set_bitmap, off).unwrap();
+    drop(c);
+    d.stop();
+}

@@ -344,6 +344,7 @@ fn a_running_guest_sees_its_disk_grow() {
             bitmap: false,
             bitmap_chunk_kib: 0,
             serialize: false,
+            write_behind: 0,
         },
         false,
     )

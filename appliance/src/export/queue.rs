@@ -259,7 +259,10 @@ impl Runner {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
         }
-        if self.inflight() > 0 && self.ch.poll(&mut self.comps) > 0 {
+        // The channel may have work of its own after our requests are done
+        // (a RAID1's writes to write-mostly members in the background).
+        let channel_busy = self.ch.inflight() > 0;
+        if (self.inflight() > 0 || channel_busy) && self.ch.poll(&mut self.comps) > 0 {
             work = true;
             let mut comps = std::mem::take(&mut self.comps);
             for c in comps.drain(..) {
@@ -276,7 +279,7 @@ impl Runner {
             }
             return PollState::Busy;
         }
-        if self.inflight() == 0 {
+        if self.inflight() == 0 && !channel_busy {
             self.refresh_generations();
         }
         if !self.parked.is_empty() && self.suspended.version() != self.parked_version {
@@ -306,7 +309,7 @@ impl Runner {
                 }
             }
         }
-        if work || self.inflight() > 0 || !self.parked.is_empty() {
+        if work || self.inflight() > 0 || channel_busy || !self.parked.is_empty() {
             // Parked writes are looked at each poll: nothing wakes a
             // sleeping reactor when the range is resumed.
             PollState::Busy

@@ -267,6 +267,66 @@ pub struct MemberSet {
     /// one after the other, so concurrent writes from several cores never
     /// leave the mirrors holding different data.
     pub serialize: Arc<AtomicBool>,
+    /// md's write-behind (RAID1): writes to write-mostly members finish in
+    /// the background, up to a limit.
+    pub behind: Arc<WriteBehind>,
+}
+
+/// md's write-behind: a write is acknowledged once the members that are
+/// not write-mostly have it; its copies to write-mostly members carry on
+/// in the background (from a copy of the data), at most `limit` at once
+/// over the volume. Shared by every generation of a volume.
+#[derive(Default)]
+pub struct WriteBehind {
+    /// Most writes in the background at once; 0: off.
+    limit: AtomicU64,
+    /// Writes in the background now.
+    inflight: AtomicU64,
+}
+
+impl WriteBehind {
+    /// The limit (0: off).
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Set the limit (0 turns it off for new writes).
+    pub fn set_limit(&self, n: u64) {
+        self.limit.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes in the background now.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Take a background slot if one is free.
+    pub fn try_take(&self) -> bool {
+        let limit = self.limit();
+        self.inflight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give a slot back.
+    pub fn give_back(&self) {
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Wait until no write is in the background (the reactors finish
+    /// them); false after `timeout`.
+    pub fn drain(&self, timeout: std::time::Duration) -> bool {
+        let t = std::time::Instant::now();
+        while self.inflight() > 0 {
+            if t.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
+    }
 }
 
 /// Guest IO seen by a volume's channels, for a rebuild to yield to (md's
@@ -339,6 +399,7 @@ impl MemberSet {
             replacing: None,
             activity: Arc::default(),
             serialize: Arc::default(),
+            behind: Arc::default(),
         }
     }
 

@@ -148,9 +148,12 @@ pub trait RaidDevice: BlockDevice {
     /// it). A degraded RAID5 has nothing left to check against.
     fn scrub_members(&self) -> Result<Vec<usize>, String> {
         let set = self.member_set();
-        let in_sync: Vec<usize> = (0..set.members.len())
+        let mut in_sync: Vec<usize> = (0..set.members.len())
             .filter(|&i| set.members[i].state == MemberState::InSync)
             .collect();
+        // The first is a mirror repair's reference: not a write-mostly one
+        // if another is in sync (with write-behind it may lag).
+        in_sync.sort_by_key(|&i| set.members[i].write_mostly);
         let mirror = self.parity_geometry().is_none();
         let rebuilding = set
             .members
@@ -271,6 +274,9 @@ pub struct Snapshot {
     pub replacing: Option<(usize, String)>,
     /// RAID1: md's serialize_policy is on.
     pub serialize: bool,
+    /// RAID1: md's write-behind limit (0: off) and the writes in the
+    /// background now.
+    pub write_behind: (u64, u64),
 }
 
 impl Snapshot {
@@ -418,9 +424,20 @@ fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), ChangeErro
         b.set_members(super::assembly::live_members(next.as_ref()));
     }
     let dev: Arc<dyn BlockDevice> = next.clone();
+    let behind = next.member_set().behind.clone();
     volume
         .quiesce()
         .reconfigure(CHANGE_TIMEOUT, |_| {
+            // Writes still going to write-mostly members in the background
+            // are part of the old generation's IO (md's barrier waits for
+            // them too): a rebuild must not read a region one of them is
+            // still writing.
+            if !behind.drain(CHANGE_TIMEOUT) {
+                return Err(format!(
+                    "{} writes to write-mostly members did not finish in {CHANGE_TIMEOUT:?}",
+                    behind.inflight()
+                ));
+            }
             Ok::<_, String>((VolumeConfig { device: dev }, ()))
         })
         .map_err(|e| match e {
@@ -662,6 +679,11 @@ impl Monitor {
                 cur.with_member_set(cur.member_set().with_bitmap(Some(b)))
             }
             None if !has => return Ok(()),
+            None if cur.member_set().behind.limit() > 0 => {
+                return Err(OpError::FailedPrecondition(
+                    "write-behind needs the bitmap; turn write-behind off first".into(),
+                ))
+            }
             None => cur.with_member_set(cur.member_set().with_bitmap(None)),
         };
         publish(&self.volume, &next)?;
@@ -742,6 +764,11 @@ impl Monitor {
                 "{name}: turn the serialize policy off first (a RAID1 setting)"
             ));
         }
+        if set.behind.limit() > 0 {
+            return precondition(format!(
+                "{name}: turn write-behind off first (a RAID1 setting)"
+            ));
+        }
         let Some(template) = s.meta.as_ref().map(|m| m.template.clone()) else {
             return precondition(format!("{name} keeps no superblocks to record a level in"));
         };
@@ -779,6 +806,42 @@ impl Monitor {
                 .map_err(|e| OpError::Internal(e.to_string()))?;
         }
         tracing::info!(volume = name, level = ?to, "takeover done");
+        Ok(())
+    }
+
+    /// md's write-behind on a mirror: writes are acknowledged once the
+    /// members that are not write-mostly have them, and go on to the
+    /// write-mostly ones in the background, at most `limit` at once (0
+    /// turns it off; once this returns no write is in the background).
+    /// Needs the write-intent bitmap, as md does: a crash must leave the
+    /// regions of background writes marked for the resync.
+    pub fn set_write_behind(&self, limit: u64) -> Result<(), OpError> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let set = s.current.member_set();
+        if s.current.parity_geometry().is_some() {
+            return Err(OpError::FailedPrecondition(
+                "write-behind applies to the write-mostly members of a RAID1".into(),
+            ));
+        }
+        if limit > 0 && set.bitmap.is_none() {
+            return Err(OpError::FailedPrecondition(
+                "write-behind needs a write-intent bitmap (a crash must leave the regions of background writes marked); add one first".into(),
+            ));
+        }
+        set.behind.set_limit(limit);
+        if limit == 0 {
+            // Writes that went behind drain here.
+            let _quiet = self
+                .volume
+                .suspend(CHANGE_TIMEOUT)
+                .map_err(|e| OpError::DeadlineExceeded(e.to_string()))?;
+            if !set.behind.drain(CHANGE_TIMEOUT) {
+                return Err(OpError::DeadlineExceeded(format!(
+                    "{} writes to write-mostly members did not finish in {CHANGE_TIMEOUT:?}",
+                    set.behind.inflight()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1112,6 +1175,10 @@ impl Monitor {
                 .member_set()
                 .serialize
                 .load(std::sync::atomic::Ordering::SeqCst),
+            write_behind: {
+                let b = &s.current.member_set().behind;
+                (b.limit(), b.inflight())
+            },
         }
     }
 
@@ -1322,6 +1389,7 @@ mod tests {
             bitmap: None,
             replacing: None,
             serialize: false,
+            write_behind: (0, 0),
         }
     }
 

@@ -115,12 +115,14 @@ impl RaidDevice for Raid1Device {
         }
     }
 
-    /// A mirror is rebuilt by copying one in-sync member.
+    /// A mirror is rebuilt by copying one in-sync member, one that is not
+    /// write-mostly if there is one (md reads those first, and one may
+    /// lag behind with write-behind).
     fn rebuild_sources(&self, _slot: usize) -> Vec<usize> {
-        self.set
-            .members
-            .iter()
-            .position(|m| m.state == MemberState::InSync)
+        let m = &self.set.members;
+        (0..m.len())
+            .filter(|&i| m[i].state == MemberState::InSync)
+            .min_by_key(|&i| m[i].write_mostly)
             .into_iter()
             .collect()
     }
@@ -163,6 +165,11 @@ impl BlockDevice for Raid1Device {
             replace: super::members::ReplaceChannel::open(&self.set)?,
             activity: self.set.activity.counter(),
             serialize: self.set.serialize.clone(),
+            behind: self.set.behind.clone(),
+            behind_ios: Vec::new(),
+            behind_free: Vec::new(),
+            behind_count: 0,
+            held_reads: VecDeque::new(),
         }))
     }
 }
@@ -187,6 +194,19 @@ struct Parent {
     in_bitmap: Option<(u64, u64)>,
 }
 
+/// A write's copies to the write-mostly members, finishing in the
+/// background after the write was acknowledged (md's write-behind).
+struct BehindIo {
+    /// A copy of a write's data: the guest's buffer is given back when the
+    /// write is acknowledged. Read by the member requests in flight.
+    data: Option<Box<[u8]>>,
+    /// Member requests in flight.
+    pending: u32,
+    /// Write-intent bitmap regions it is counted in: they stay dirty until
+    /// the write-mostly members have it.
+    in_bitmap: Option<(u64, u64)>,
+}
+
 struct Raid1Channel {
     /// The member being rebuilt: written, never read.
     rebuild_target: Option<usize>,
@@ -203,6 +223,15 @@ struct Raid1Channel {
     activity: Arc<super::members::Counter>,
     /// md's serialize_policy: every write locks its regions.
     serialize: Arc<std::sync::atomic::AtomicBool>,
+    /// md's write-behind: the volume's limit and count.
+    behind: Arc<super::members::WriteBehind>,
+    /// This channel's writes in the background, by index.
+    behind_ios: Vec<Option<BehindIo>>,
+    behind_free: Vec<usize>,
+    behind_count: usize,
+    /// Reads that only a write-mostly member can serve, waiting until no
+    /// write is in the background (it might not have the newest data).
+    held_reads: VecDeque<usize>,
     /// Identity of each member device, for failure reports.
     ids: Vec<usize>,
     info: DeviceInfo,
@@ -225,6 +254,10 @@ struct Raid1Channel {
 const MEMBER_BITS: u64 = 6;
 /// The child tag's member field for writes to a replacement device.
 const REPLACE: usize = (1 << MEMBER_BITS) - 1;
+/// Child tags of background writes (the rest is their index and member).
+const BEHIND: u64 = 1 << 63;
+/// How long dropping a channel waits for its background writes.
+const BEHIND_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Raid1Channel {
     fn child_tag(parent: usize, member: usize) -> u64 {
@@ -293,6 +326,125 @@ impl Raid1Channel {
                 p.pending += 1;
             }
         }
+    }
+
+    /// Whether write `pi` goes to the write-mostly members in the
+    /// background, and if so the record it takes (data copied, bitmap
+    /// regions counted again). Only with a write-intent bitmap (md's rule:
+    /// a crash must leave the region marked for the resync), with another
+    /// member to acknowledge it, and without region locks (a rebuild,
+    /// scrub, replacement or serialize policy wants writes whole).
+    fn go_behind(&mut self, pi: usize, targets: &[usize]) -> Option<usize> {
+        let p = self.parents[pi].as_ref()?;
+        let b = self.bitmap.as_ref()?;
+        if p.needs_lock
+            || !targets.iter().any(|&m| self.write_mostly[m])
+            || targets.iter().all(|&m| self.write_mostly[m])
+            || !self.behind.try_take()
+        {
+            return None;
+        }
+        let data = (p.op == IoOp::Write).then(|| {
+            let mut d = vec![0u8; p.sg.iter().map(|v| v.len()).sum()].into_boxed_slice();
+            // SAFETY: the parent's list is valid until it completes.
+            unsafe { super::sg::copy_out(&p.sg, 0, &mut d) };
+            d
+        });
+        let in_bitmap = p.in_bitmap.inspect(|&(r0, r1)| b.begin(r0, r1));
+        let io = BehindIo {
+            data,
+            pending: 0,
+            in_bitmap,
+        };
+        let bi = match self.behind_free.pop() {
+            Some(i) => {
+                self.behind_ios[i] = Some(io);
+                i
+            }
+            None => {
+                self.behind_ios.push(Some(io));
+                self.behind_ios.len() - 1
+            }
+        };
+        self.behind_count += 1;
+        Some(bi)
+    }
+
+    /// Send background write `bi` (of parent `pi`) to member `m`.
+    fn send_behind(&mut self, bi: usize, pi: usize, m: usize) -> bool {
+        let Some(p) = self.parents[pi].as_ref() else {
+            return false;
+        };
+        let mut req = self.child(p);
+        let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
+            return false;
+        };
+        if let Some(d) = io.data.as_mut() {
+            req.sg = super::sg::of(d, 0, d.len());
+        }
+        req.tag = BEHIND | ((bi as u64) << MEMBER_BITS) | m as u64;
+        let Some(ch) = self.members[m].as_mut() else {
+            return false;
+        };
+        match ch.submit(req) {
+            Ok(()) => {
+                io.pending += 1;
+                self.outstanding[m] += 1;
+                true
+            }
+            Err(SubmitError::Busy(_)) => false,
+        }
+    }
+
+    /// A background write to member `m` came back.
+    fn on_behind(&mut self, c: Completion) {
+        let bi = ((c.tag & !BEHIND) >> MEMBER_BITS) as usize;
+        let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        if m < self.outstanding.len() {
+            self.outstanding[m] = self.outstanding[m].saturating_sub(1);
+        }
+        if let Err(e) = c.result {
+            // The write was acknowledged: the other members have it.
+            self.fail_member(m, e);
+        }
+        let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
+            return;
+        };
+        io.pending = io.pending.saturating_sub(1);
+        if io.pending == 0 {
+            self.end_behind(bi);
+        }
+    }
+
+    /// Background write `bi` is over (or was never sent).
+    fn end_behind(&mut self, bi: usize) {
+        if let Some(io) = self.behind_ios.get_mut(bi).and_then(Option::take) {
+            if let (Some((r0, r1)), Some(b)) = (io.in_bitmap, &self.bitmap) {
+                b.end(r0, r1);
+            }
+            self.behind_free.push(bi);
+            self.behind_count -= 1;
+            self.behind.give_back();
+        }
+    }
+
+    /// Send read `pi` to the next member it has not tried; one that only a
+    /// write-mostly member can serve waits while writes are in the
+    /// background (that member may not have them yet). False if no member
+    /// is left or its queue is full.
+    fn send_read(&mut self, pi: usize) -> bool {
+        let tried = self.parents[pi].as_ref().map_or(0, |p| p.tried);
+        let Some(m) = self.pick_reader(tried) else {
+            return false;
+        };
+        if self.write_mostly[m] && self.behind.inflight() > 0 {
+            self.held_reads.push_back(pi);
+            return true;
+        }
+        if let Some(p) = self.parents[pi].as_mut() {
+            p.tried |= 1 << m;
+        }
+        self.send(pi, m)
     }
 
     /// A member failed: stop using it here and tell the volume.
@@ -391,6 +543,10 @@ impl Raid1Channel {
     }
 
     fn on_child(&mut self, c: Completion) {
+        if c.tag & BEHIND != 0 {
+            self.on_behind(c);
+            return;
+        }
         let pi = (c.tag >> MEMBER_BITS) as usize;
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
         if m == REPLACE {
@@ -419,18 +575,11 @@ impl Raid1Channel {
             Ok(()) => p.succeeded += 1,
             Err(e) => {
                 p.error = Some(e);
-                let (is_read, tried) = (p.op == IoOp::Read, p.tried);
+                let is_read = p.op == IoOp::Read;
                 self.fail_member(m, e);
-                if is_read {
-                    // Retry the read on another in-sync member.
-                    if let Some(next) = self.pick_reader(tried) {
-                        if let Some(p) = self.parents[pi].as_mut() {
-                            p.tried |= 1 << next;
-                        }
-                        if self.send(pi, next) {
-                            return;
-                        }
-                    }
+                // Retry the read on another in-sync member.
+                if is_read && self.send_read(pi) {
+                    return;
                 }
             }
         }
@@ -489,24 +638,39 @@ impl IoChannel for Raid1Channel {
             }
         }
         let sent = if req.op == IoOp::Read {
-            match self.pick_reader(0) {
-                Some(m) => {
-                    if let Some(p) = self.parents[pi].as_mut() {
-                        p.tried |= 1 << m;
-                    }
-                    self.send(pi, m)
-                }
-                None => false,
-            }
+            self.send_read(pi)
         } else {
             let targets: Vec<usize> = (0..self.members.len())
                 .filter(|&m| !self.failed[m])
                 .collect();
+            let behind = if write_like {
+                self.go_behind(pi, &targets)
+            } else {
+                None
+            };
             // All members or none: a write must not reach only some of
             // them because one queue was full.
             let mut all = true;
             for m in targets.iter().copied() {
-                all &= self.send(pi, m);
+                if behind.is_none() || !self.write_mostly[m] {
+                    all &= self.send(pi, m);
+                }
+            }
+            if let Some(bi) = behind {
+                // Only once the members that acknowledge it took it.
+                if self.parents[pi].as_ref().is_some_and(|p| p.pending > 0) {
+                    for m in targets.iter().copied() {
+                        if self.write_mostly[m] {
+                            all &= self.send_behind(bi, pi, m);
+                        }
+                    }
+                }
+                if self.behind_ios[bi]
+                    .as_ref()
+                    .is_some_and(|io| io.pending == 0)
+                {
+                    self.end_behind(bi);
+                }
             }
             if write_like {
                 self.send_replace(pi);
@@ -550,6 +714,18 @@ impl IoChannel for Raid1Channel {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if !self.held_reads.is_empty() && self.behind.inflight() == 0 {
+            for pi in std::mem::take(&mut self.held_reads) {
+                if !self.send_read(pi) {
+                    if let Some(p) = self.parents[pi].as_mut() {
+                        p.error.get_or_insert(IoError::DeviceFailed);
+                    }
+                    if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
+                        self.finish(pi);
+                    }
+                }
+            }
+        }
         while let Some(&pi) = self.waiting.front() {
             if !self.admit(pi) {
                 break;
@@ -572,7 +748,35 @@ impl IoChannel for Raid1Channel {
         n
     }
 
+    /// Guest requests, and writes still in the background (a consumer
+    /// keeps polling until they are back).
     fn inflight(&self) -> usize {
-        self.inflight
+        self.inflight + self.behind_count
+    }
+}
+
+impl Drop for Raid1Channel {
+    /// Background writes read buffers this channel owns: wait for them
+    /// (a volume's reconfiguration drained them already; this covers a
+    /// consumer that drops its channel right after its own requests).
+    fn drop(&mut self) {
+        let t = std::time::Instant::now();
+        let mut scratch = Vec::new();
+        while self.behind_count > 0 && t.elapsed() < BEHIND_DRAIN {
+            super::members::poll_members(&mut self.members, &mut scratch);
+            for c in scratch.drain(..) {
+                if c.tag & BEHIND != 0 {
+                    self.on_behind(c);
+                }
+            }
+            std::hint::spin_loop();
+        }
+        if self.behind_count > 0 {
+            tracing::error!(volume = %self.info.name, writes = self.behind_count, "write-mostly members never completed background writes; their buffers are leaked and their bitmap regions stay dirty");
+            for io in self.behind_ios.iter_mut().filter_map(Option::take) {
+                std::mem::forget(io.data);
+                self.behind.give_back();
+            }
+        }
     }
 }

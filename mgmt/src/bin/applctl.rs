@@ -249,6 +249,21 @@ enum VolumeCmd {
         /// The device that takes its place.
         replacement: String,
     },
+    /// md's write-behind for a RAID1 (--off to clear): writes are
+    /// acknowledged before the write-mostly members have them, at most
+    /// MAX_WRITES at once in the background. Needs the bitmap.
+    ///
+    /// Example: applctl volume write-behind mirror0 256
+    WriteBehind {
+        /// The volume.
+        name: String,
+        /// Most writes in the background at once (1..=16383).
+        #[arg(default_value_t = 256)]
+        max_writes: u32,
+        /// Turn it off (waits for the writes in the background).
+        #[arg(long)]
+        off: bool,
+    },
     /// md's serialize_policy for a RAID1 (--off to clear): overlapping
     /// writes reach the mirrors one after the other, so they never differ.
     ///
@@ -670,6 +685,17 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             })
             .await?
         }
+        VolumeCmd::WriteBehind {
+            name,
+            max_writes,
+            off,
+        } => {
+            c.set_write_behind(pb::SetWriteBehindRequest {
+                volume: name,
+                max_writes: if off { 0 } else { max_writes },
+            })
+            .await?
+        }
         VolumeCmd::Serialize { name, off } => {
             c.set_serialize_policy(pb::SetSerializePolicyRequest {
                 volume: name,
@@ -1000,6 +1026,12 @@ fn describe(v: &pb::Volume) -> String {
     );
     if !v.spares.is_empty() {
         s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if v.write_behind > 0 {
+        s += &format!(
+            "  write-behind: up to {} writes to write-mostly members in the background ({} now)\n",
+            v.write_behind, v.writes_behind
+        );
     }
     if v.serialize_policy {
         s += "  serialize policy: on (overlapping writes reach the mirrors in turn)\n";
