@@ -54,6 +54,9 @@ pub(crate) struct Region {
     pub vaddr: usize,
     pub len: usize,
     pub iova: u64,
+    /// Start of the registration it belongs to (without an IOMMU one
+    /// registration may be several physically contiguous pieces).
+    pub base: usize,
 }
 
 /// Memory registered for direct DMA, with a generation so channels can keep
@@ -625,16 +628,20 @@ impl Controller {
             )));
         }
         // SAFETY: forwarded from the caller.
-        let iova = unsafe { self.transport.map(start as *mut u8, end - start)? };
-        let at = regions.partition_point(|r| r.vaddr < start);
-        regions.insert(
-            at,
-            Region {
-                vaddr: start,
-                len: end - start,
-                iova,
-            },
-        );
+        let pieces = unsafe { self.transport.map_pieces(start as *mut u8, end - start)? };
+        for (off, len, iova) in pieces {
+            let vaddr = start + off;
+            let at = regions.partition_point(|r| r.vaddr < vaddr);
+            regions.insert(
+                at,
+                Region {
+                    vaddr,
+                    len,
+                    iova,
+                    base: start,
+                },
+            );
+        }
         self.registry.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -647,18 +654,19 @@ impl Controller {
             .regions
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        let at = regions
-            .iter()
-            .position(|r| r.vaddr == start)
-            .ok_or_else(|| {
-                NvmeError::InvalidArgument(format!(
-                    "{}: no memory registered at {start:#x}",
-                    self.name()
-                ))
-            })?;
-        let r = regions.remove(at);
+        if !regions.iter().any(|r| r.base == start) {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: no memory registered at {start:#x}",
+                self.name()
+            )));
+        }
+        let (gone, kept): (Vec<Region>, Vec<Region>) =
+            regions.iter().partition(|r| r.base == start);
+        *regions = kept;
         self.registry.generation.fetch_add(1, Ordering::Release);
-        self.transport.unmap(r.iova, r.len);
+        for r in gone {
+            self.transport.unmap(r.iova, r.len);
+        }
         Ok(())
     }
 

@@ -95,6 +95,28 @@ pub trait Transport: Send + Sync {
     /// Undo a `map`.
     fn unmap(&self, iova: u64, len: usize);
 
+    /// Like `map`, for memory the controller may see in several pieces:
+    /// `(offset in the range, length, IO address)` of each. With an IOMMU
+    /// there is one piece; without one (DMA by physical address) each
+    /// physically contiguous run is one. Undo with `unmap` per piece.
+    ///
+    /// # Safety
+    /// As for `map`.
+    unsafe fn map_pieces(
+        &self,
+        vaddr: *mut u8,
+        len: usize,
+    ) -> Result<Vec<(usize, usize, u64)>, NvmeError> {
+        // SAFETY: forwarded from the caller.
+        Ok(vec![(0, len, unsafe { self.map(vaddr, len)? })])
+    }
+
+    /// Whether the controller sees memory by physical address (no IOMMU):
+    /// then memory it must see as one range comes from one hugepage.
+    fn physical(&self) -> bool {
+        false
+    }
+
     /// Name for logs and errors (the PCI address for VFIO).
     fn name(&self) -> &str;
 }
@@ -112,21 +134,48 @@ pub struct DmaMem {
 unsafe impl Send for DmaMem {}
 
 impl DmaMem {
-    /// `len` zeroed bytes (rounded up to pages), locked and mapped.
+    /// `len` zeroed bytes (rounded up to pages), locked and mapped. Without
+    /// an IOMMU it is one 2 MiB hugepage, the only memory sure to be
+    /// physically contiguous and never moved.
     pub fn new(transport: &Arc<dyn Transport>, len: usize) -> Result<DmaMem, NvmeError> {
         let len = len.div_ceil(crate::spec::PAGE) * crate::spec::PAGE;
-        let mut map = memmap2::MmapOptions::new()
-            .len(len)
-            .populate()
-            .map_anon()
-            .map_err(|e| NvmeError::Os(format!("mapping {len} bytes of DMA memory"), e))?;
+        let mut map = if transport.physical() {
+            const HUGE: usize = 2 << 20;
+            if len > HUGE {
+                return Err(NvmeError::InvalidArgument(format!(
+                    "{}: {len} bytes of DMA memory do not fit a 2 MiB hugepage (no-IOMMU mode)",
+                    transport.name()
+                )));
+            }
+            memmap2::MmapOptions::new()
+                .len(HUGE)
+                .huge(Some(21))
+                .populate()
+                .map_anon()
+                .map_err(|e| {
+                    NvmeError::Os(
+                        format!(
+                            "{}: no-IOMMU mode needs 2 MiB hugepages for queues and buffers \
+                             (reserve some: deploy/host-setup.sh hugepages N)",
+                            transport.name()
+                        ),
+                        e,
+                    )
+                })?
+        } else {
+            memmap2::MmapOptions::new()
+                .len(len)
+                .populate()
+                .map_anon()
+                .map_err(|e| NvmeError::Os(format!("mapping {len} bytes of DMA memory"), e))?
+        };
         // Pinning is what VFIO does anyway; locking keeps the software
         // controller's view the same. A failure (RLIMIT_MEMLOCK) is not
         // fatal: VFIO pins the pages itself.
         let _ = map.lock();
         // SAFETY: the mapping is owned by the returned value, which unmaps
         // it from the IOMMU before the mapping is dropped.
-        let iova = unsafe { transport.map(map.as_mut_ptr(), len)? };
+        let iova = unsafe { transport.map(map.as_mut_ptr(), map.len())? };
         Ok(DmaMem {
             map,
             iova,
