@@ -8,7 +8,9 @@ set -euo pipefail
 want=()
 case "${1:-test}" in
   # The test suite: the VM tests of later issues add qemu-system-x86 here.
-  test) want=(qemu-system-x86 fio kmod e2fsprogs) ;;
+  # make and xz-utils: the no-IOMMU VM test rebuilds vfio.ko (the kernel
+  # headers it needs follow the guest kernel: build-vfio-noiommu.sh).
+  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils) ;;
   bench) want=(fio valgrind) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
