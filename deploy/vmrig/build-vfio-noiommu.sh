@@ -22,8 +22,8 @@ out=$cache/vfio-noiommu-$kver.ko
 if [ -f "$out" ]; then echo "$out"; exit 0; fi
 series=$(echo "$kver" | cut -d. -f1,2)
 [ "$series" = 6.1 ] || { echo "vfio's source files are listed for 6.1, the guest runs $kver" >&2; exit 1; }
-[ -d "/usr/src/linux-headers-$kver" ] ||
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "linux-headers-$kver" >&2
+install_headers() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "linux-headers-$kver" >&2; }
+[ -d "/usr/src/linux-headers-$kver" ] || install_headers || { apt-get update -qq >&2; install_headers; }
 src=$cache/vfio-src-$series
 if [ ! -f "$src/container.c" ]; then
   (cd "$cache" && { ls linux-source-"$series"_*.deb >/dev/null 2>&1 || apt-get download -q "linux-source-$series" >&2; })
