@@ -34,6 +34,8 @@ for span in 16 0; do
 done
 # Replay time per GiB of log, and reclaim throughput.
 $mb journal --log-mib 512 >> "$json"
+# Rebuild onto a spare, idle and under guest IO, against one member's bandwidth.
+$mb rebuild --member-mib "${REBUILD_MIB:-512}" >> "$json"
 python3 - "$json" "$out/raid-$date.md" <<'PY'
 import json, sys, os, platform, datetime
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -68,6 +70,13 @@ for r in rows:
             md.append(f"| replay, {m} records | {x['records']:,} | {x['blocks']:,} | {x['seconds']:.2f} | {x['seconds_per_gib_of_log']:.2f} s |")
         x = res["reclaim"]
         md.append(f"| reclaim of a full cache | | {x['blocks']:,} | {x['seconds']:.3f} | {x['mb_per_second']:.0f} MB/s, {x['blocks_per_second']:,.0f} blocks/s |")
+for r in rows:
+    if r["bench"] == "rebuild":
+        bw = r["member_write_bytes_per_sec"]
+        md += ["", f"Rebuild onto a hot spare after a member failed, {r['member_mib']} MiB RAM members (one member alone takes sequential 1 MiB writes at {bw/1e6:,.0f} MB/s on one core):", "",
+               "| level | members | guest IO meanwhile | rebuilt MB | seconds | MB/s | / member bandwidth | guest IOPS meanwhile |", "|---|---|---|---|---|---|---|---|"]
+        for x in r["results"]:
+            md.append(f"| {x['level']} | {x['members']} | {'4 KiB QD 8, half reads' if x['under_load'] else 'none'} | {x['rebuilt_bytes']/1e6:,.0f} | {x['seconds']:.2f} | {x['bytes_per_sec']/1e6:,.0f} | {x['bytes_per_sec']/bw:.2f} | {x['guest_iops_meanwhile']:,.0f} |")
 md += [""] + footnotes
 md += ["", "All members share one core's memory bandwidth here, so 'member bandwidth x (n-1)/n' is not reachable on RAM members; the ratio to one member on the same core is what this table shows."]
 open(sys.argv[2], "w").write("\n".join(md) + "\n")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod nvme_driver;
+mod rebuild;
 mod resync;
 
 use appliance::stats::{percentile, process_cpu_time};
@@ -150,6 +151,13 @@ enum Cmd {
         #[arg(long)]
         settle_us: Option<u64>,
     },
+    /// Rebuild onto a hot spare after a member fails: RAID1 of two and
+    /// RAID5 of four over RAM members, idle and under 4 KiB guest IO,
+    /// against one member's sequential write bandwidth.
+    Rebuild {
+        #[arg(long, default_value_t = 256)]
+        member_mib: u64,
+    },
     /// A single-threaded RAM read loop to count instructions per IO under
     /// `valgrind --tool=callgrind` (run once with --ios 0 for the baseline).
     RamLoop {
@@ -191,6 +199,7 @@ fn main() {
             member_mib,
             span_mib,
         } => resync::run(member_mib, span_mib),
+        Cmd::Rebuild { member_mib } => rebuild::run(member_mib),
         Cmd::Xor { size, sources } => xor(size, sources),
         Cmd::Raid {
             level,
