@@ -82,6 +82,29 @@ pub struct VolumeDecl {
     pub write_behind: u32,
 }
 
+impl VolumeDecl {
+    /// A volume of `level` over `members` with every other field at its
+    /// default, as a configuration file that names only these would.
+    pub fn new(name: &str, level: &str, members: &[&str]) -> VolumeDecl {
+        VolumeDecl {
+            name: name.into(),
+            level: level.into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            spares: vec![],
+            chunk_kib: default_chunk_kib(),
+            layout: default_layout(),
+            max_rebuild_bytes_per_sec: 0,
+            min_rebuild_bytes_per_sec: 0,
+            journal: None,
+            journal_mode: String::new(),
+            bitmap: false,
+            bitmap_chunk_kib: 0,
+            serialize: false,
+            write_behind: 0,
+        }
+    }
+}
+
 fn is_zero(x: &u32) -> bool {
     *x == 0
 }

@@ -295,20 +295,11 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
     let v = mgr
         .create_volume(
             VolumeDecl {
-                name: "demo".into(),
-                level: "raid5".into(),
                 members: names.clone(),
                 spares: vec![spare_name.into()],
-                chunk_kib: 64,
-                layout: "left-symmetric".into(),
-                max_rebuild_bytes_per_sec: 0,
-                min_rebuild_bytes_per_sec: 0,
                 journal: Some("ram-journal".into()),
                 journal_mode: "write-back".into(),
-                bitmap: false,
-                bitmap_chunk_kib: 0,
-                serialize: false,
-                write_behind: 0,
+                ..VolumeDecl::new("demo", "raid5", &[])
             },
             true,
         )

@@ -398,6 +398,27 @@ impl State {
         None
     }
 
+    /// Whether the machine has room for a RAM device `name` of `size`
+    /// bytes (replacing `had` bytes of it). RAM devices are mapped lazily:
+    /// one larger than the machine would have the daemon killed when it
+    /// fills, long after the call said yes.
+    fn check_ram(&self, name: &str, had: u64, size: u64) -> Result<(), MgmtError> {
+        let taken: u64 = self
+            .devices
+            .values()
+            .filter(|d| d.decl.spec.starts_with("ram:"))
+            .map(|d| d.dev.info().size_bytes())
+            .sum();
+        let after = taken - had + size;
+        match memory_total() {
+            Some(total) if after > total => Err(MgmtError::ResourceExhausted(format!(
+                "device {name}: {size} bytes of RAM asked, {} already in other RAM devices, the machine has {total}",
+                taken - had
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn device(&self, field: &'static str, name: &str) -> Result<&Dev, MgmtError> {
         check_name(field, name)?;
         self.devices
@@ -576,23 +597,7 @@ impl Manager {
             .strip_prefix("ram:")
             .and_then(|z| crate::devspec::parse_size(z).ok())
         {
-            // RAM devices are mapped lazily: one larger than the machine
-            // would have the daemon killed when it fills, long after this
-            // call said yes.
-            let taken: u64 = s
-                .devices
-                .values()
-                .filter(|d| d.decl.spec.starts_with("ram:"))
-                .map(|d| d.dev.info().size_bytes())
-                .sum();
-            if let Some(total) = memory_total() {
-                if taken + size > total {
-                    return Err(MgmtError::ResourceExhausted(format!(
-                        "device {}: {size} bytes of RAM asked, {taken} already in RAM devices, the machine has {total}",
-                        decl.name
-                    )));
-                }
-            }
+            s.check_ram(&decl.name, 0, size)?;
         }
         let dev = wrap(
             crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size).map_err(|e| {
@@ -683,20 +688,7 @@ impl Manager {
             return Ok((Self::device_view(&s, name), vec![]));
         }
         if d.decl.spec.starts_with("ram:") {
-            let taken: u64 = s
-                .devices
-                .values()
-                .filter(|d| d.decl.spec.starts_with("ram:"))
-                .map(|d| d.dev.info().size_bytes())
-                .sum();
-            if let Some(total) = memory_total() {
-                if taken - have + size_bytes > total {
-                    return Err(MgmtError::ResourceExhausted(format!(
-                        "device {name}: growing to {size_bytes} bytes would put {} bytes in RAM devices, the machine has {total}",
-                        taken - have + size_bytes
-                    )));
-                }
-            }
+            s.check_ram(name, have, size_bytes)?;
         }
         let old = d.dev.clone();
         let blocks = size_bytes / bs;

@@ -78,25 +78,6 @@ fn frontend_with_channel(sock: &Path) -> (Frontend, mpsc::Receiver<u64>, Arc<OnC
     (f, rx, on)
 }
 
-fn volume(name: &str, level: &str, members: &[&str]) -> VolumeDecl {
-    VolumeDecl {
-        name: name.into(),
-        level: level.into(),
-        members: members.iter().map(|m| m.to_string()).collect(),
-        spares: vec![],
-        chunk_kib: 64,
-        layout: "left-symmetric".into(),
-        max_rebuild_bytes_per_sec: 0,
-        min_rebuild_bytes_per_sec: 0,
-        journal: None,
-        journal_mode: String::new(),
-        bitmap: false,
-        bitmap_chunk_kib: 0,
-        serialize: false,
-        write_behind: 0,
-    }
-}
-
 fn fill(d: &mut Disk, seed: u64, offset: u64, len: usize) {
     d.buf()[..len].copy_from_slice(&pattern(seed, offset, len));
     assert_eq!(d.write(offset, len), 0, "write at {offset}");
@@ -126,7 +107,7 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
         block_size: 4096,
     })
     .unwrap();
-    m.create_volume(volume("v0", "single", &["d0"]), false)
+    m.create_volume(VolumeDecl::new("v0", "single", &["d0"]), false)
         .unwrap();
     m.create_export(ExportDecl {
         name: "e0".into(),
@@ -255,7 +236,7 @@ fn a_raid_member_is_not_resized_under_its_array() {
         })
         .unwrap();
     }
-    m.create_volume(volume("mirror", "raid1", &["a", "b"]), false)
+    m.create_volume(VolumeDecl::new("mirror", "raid1", &["a", "b"]), false)
         .unwrap();
     let size = m.get_volume("mirror").unwrap().size_bytes;
     let err = m.resize_device("a", 16 * MIB).unwrap_err();

@@ -34,26 +34,8 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
         })
         .unwrap();
     }
-    mgr.create_volume(
-        VolumeDecl {
-            name: "v".into(),
-            level: "raid5".into(),
-            members: (0..3).map(|i| format!("d{i}")).collect(),
-            spares: vec![],
-            chunk_kib: 64,
-            layout: "left-symmetric".into(),
-            max_rebuild_bytes_per_sec: 0,
-            min_rebuild_bytes_per_sec: 0,
-            journal: None,
-            journal_mode: String::new(),
-            bitmap: false,
-            bitmap_chunk_kib: 0,
-            serialize: false,
-            write_behind: 0,
-        },
-        true,
-    )
-    .unwrap();
+    mgr.create_volume(VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]), true)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("v.sock");
     mgr.create_export(ExportDecl {

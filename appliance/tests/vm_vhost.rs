@@ -329,26 +329,8 @@ fn a_running_guest_sees_its_disk_grow() {
         block_size: 4096,
     })
     .unwrap();
-    m.create_volume(
-        VolumeDecl {
-            name: "v0".into(),
-            level: "single".into(),
-            members: vec!["d0".into()],
-            spares: vec![],
-            chunk_kib: 64,
-            layout: "left-symmetric".into(),
-            max_rebuild_bytes_per_sec: 0,
-            min_rebuild_bytes_per_sec: 0,
-            journal: None,
-            journal_mode: String::new(),
-            bitmap: false,
-            bitmap_chunk_kib: 0,
-            serialize: false,
-            write_behind: 0,
-        },
-        false,
-    )
-    .unwrap();
+    m.create_volume(VolumeDecl::new("v0", "single", &["d0"]), false)
+        .unwrap();
     m.create_export(ExportDecl {
         name: "e0".into(),
         volume: "v0".into(),
