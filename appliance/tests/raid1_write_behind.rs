@@ -4,7 +4,7 @@
 //! that only the write-mostly member can serve waits for those writes, a
 //! member change waits for them, and turning it off drains them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,11 +30,14 @@ const OFFSET: u64 = 256;
 struct Gate {
     inner: Arc<dyn BlockDevice>,
     open: Arc<AtomicBool>,
+    /// Writes it holds before its queue is full (Busy).
+    room: Arc<AtomicUsize>,
 }
 
 struct GateChannel {
     inner: Box<dyn IoChannel>,
     open: Arc<AtomicBool>,
+    room: Arc<AtomicUsize>,
     held: Vec<IoRequest>,
 }
 
@@ -47,6 +50,7 @@ impl BlockDevice for Gate {
         Ok(Box::new(GateChannel {
             inner: self.inner.open_channel()?,
             open: self.open.clone(),
+            room: self.room.clone(),
             held: Vec::new(),
         }))
     }
@@ -55,6 +59,9 @@ impl BlockDevice for Gate {
 impl IoChannel for GateChannel {
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
         if req.op != IoOp::Read && !self.open.load(Ordering::SeqCst) {
+            if self.held.len() >= self.room.load(Ordering::SeqCst) {
+                return Err(SubmitError::Busy(req));
+            }
             self.held.push(req);
             return Ok(());
         }
@@ -114,9 +121,11 @@ fn writes_reach_a_write_mostly_member_in_the_background_up_to_the_limit() {
         .collect();
     let m0 = Arc::new(FaultDevice::new(raw[0].clone()));
     let open = Arc::new(AtomicBool::new(true));
+    let room = Arc::new(AtomicUsize::new(usize::MAX));
     let m1: Arc<dyn BlockDevice> = Arc::new(Gate {
         inner: raw[1].clone(),
         open: open.clone(),
+        room: room.clone(),
     });
     let (tx, rx) = mpsc::channel();
     let spec = |bitmap: u64| VolumeSpec {
@@ -167,7 +176,9 @@ fn writes_reach_a_write_mostly_member_in_the_background_up_to_the_limit() {
     a.fill(0xee);
 
     // Eight more writes at once: three more go behind (four at most);
-    // the other five wait for m1 like plain mirror writes.
+    // the other five wait for m1 like plain mirror writes. m1's queue
+    // takes only two: what it refuses is sent again later, never dropped.
+    room.store(2, Ordering::SeqCst);
     let mut bufs: Vec<Vec<u8>> = (0..8).map(|i| pattern(10 + i)).collect();
     for (i, b) in bufs.iter_mut().enumerate() {
         ch.submit(rw(IoOp::Write, 1 + i as u64, 1, b, 10 + i as u64))
@@ -179,6 +190,7 @@ fn writes_reach_a_write_mostly_member_in_the_background_up_to_the_limit() {
     }
     assert_eq!(out.len(), 3, "acknowledged: {out:?}");
     assert_eq!(monitor.snapshot().write_behind, (4, 4));
+    room.store(usize::MAX, Ordering::SeqCst);
     open.store(true, Ordering::SeqCst);
     let t = Instant::now();
     while out.len() < 8 || ch.inflight() > 0 {
@@ -200,6 +212,29 @@ fn writes_reach_a_write_mostly_member_in_the_background_up_to_the_limit() {
     for i in 0..8u8 {
         assert_eq!(on_m1(1 + i as u64), pattern(10 + i));
     }
+
+    // Overlapping writes reach m1 in order (md's CollisionCheck): the
+    // second waits while the first is still in the background.
+    open.store(false, Ordering::SeqCst);
+    let mut w1 = pattern(30);
+    ch.submit(rw(IoOp::Write, 30, 1, &mut w1, 30)).unwrap();
+    assert_eq!(wait_for(ch.as_mut(), 30).result, Ok(()));
+    let mut w2 = pattern(31);
+    ch.submit(rw(IoOp::Write, 30, 1, &mut w2, 31)).unwrap();
+    out.clear();
+    for _ in 0..1000 {
+        ch.poll(&mut out);
+    }
+    assert!(
+        out.is_empty(),
+        "the overlapping write did not wait: {out:?}"
+    );
+    open.store(true, Ordering::SeqCst);
+    assert_eq!(wait_for(ch.as_mut(), 31).result, Ok(()));
+    while ch.inflight() > 0 {
+        ch.poll(&mut out);
+    }
+    assert_eq!(on_m1(30), pattern(31), "m1 holds the later write");
 
     // A write goes behind; then m0 fails. A read can only come from m1
     // now: it waits until m1 has the write, and returns its data.

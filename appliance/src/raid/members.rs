@@ -282,7 +282,15 @@ pub struct WriteBehind {
     limit: AtomicU64,
     /// Writes in the background now.
     inflight: AtomicU64,
+    /// Blocks written now, while write-behind is on (md's CollisionCheck):
+    /// a write waits for an overlapping one still in the background, so
+    /// the write-mostly members get overlapping writes in order.
+    blocks: StripeLocks,
 }
+
+/// Writes longer than this take no block keys; they wait until nothing is
+/// in the background instead.
+pub const MAX_KEYED_BLOCKS: u64 = 4096;
 
 impl WriteBehind {
     /// The limit (0: off).
@@ -313,6 +321,26 @@ impl WriteBehind {
     /// Give a slot back.
     pub fn give_back(&self) {
         self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Take the keys of blocks `first..first + n`, all or none.
+    pub fn lock_blocks(&self, first: u64, n: u64) -> bool {
+        for b in first..first + n {
+            if !self.blocks.try_lock(b) {
+                for taken in first..b {
+                    self.blocks.unlock(taken);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Give back what `lock_blocks` took.
+    pub fn unlock_blocks(&self, first: u64, n: u64) {
+        for b in first..first + n {
+            self.blocks.unlock(b);
+        }
     }
 
     /// Wait until no write is in the background (the reactors finish

@@ -169,6 +169,7 @@ impl BlockDevice for Raid1Device {
             behind_ios: Vec::new(),
             behind_free: Vec::new(),
             behind_count: 0,
+            resend: VecDeque::new(),
             held_reads: VecDeque::new(),
         }))
     }
@@ -192,19 +193,38 @@ struct Parent {
     needs_lock: bool,
     /// Write-intent bitmap regions the write is counted in.
     in_bitmap: Option<(u64, u64)>,
+    /// Block keys it holds while write-behind is on.
+    keys: Option<(u64, u64)>,
 }
 
 /// A write's copies to the write-mostly members, finishing in the
 /// background after the write was acknowledged (md's write-behind).
 struct BehindIo {
+    op: IoOp,
+    /// Member block and count.
+    offset: u64,
+    blocks: u64,
     /// A copy of a write's data: the guest's buffer is given back when the
     /// write is acknowledged. Read by the member requests in flight.
     data: Option<Box<[u8]>>,
-    /// Member requests in flight.
+    /// Member requests in flight or waiting to be resent.
     pending: u32,
     /// Write-intent bitmap regions it is counted in: they stay dirty until
     /// the write-mostly members have it.
     in_bitmap: Option<(u64, u64)>,
+    /// The write's block keys (`WriteBehind::lock_blocks`), held until the
+    /// write-mostly members have it.
+    keys: Option<(u64, u64)>,
+}
+
+/// A member request refused for a full queue, sent again from `poll`
+/// (already counted as pending).
+#[derive(Clone, Copy)]
+enum Resend {
+    /// A write's request to member `.1`.
+    Child(usize, usize),
+    /// A background write's request to member `.1`.
+    Behind(usize, usize),
 }
 
 struct Raid1Channel {
@@ -229,6 +249,8 @@ struct Raid1Channel {
     behind_ios: Vec<Option<BehindIo>>,
     behind_free: Vec<usize>,
     behind_count: usize,
+    /// Member requests to send again (their queue was full).
+    resend: VecDeque<Resend>,
     /// Reads that only a write-mostly member can serve, waiting until no
     /// write is in the background (it might not have the newest data).
     held_reads: VecDeque<usize>,
@@ -286,9 +308,9 @@ impl Raid1Channel {
         }
     }
 
-    /// Send parent `pi`'s request to member `m`. False if that member's
+    /// Submit parent `pi`'s request to member `m`. False if that member's
     /// queue is full.
-    fn send(&mut self, pi: usize, m: usize) -> bool {
+    fn submit_child(&mut self, pi: usize, m: usize) -> bool {
         let Some(p) = self.parents[pi].as_ref() else {
             return false;
         };
@@ -300,12 +322,96 @@ impl Raid1Channel {
         match ch.submit(req) {
             Ok(()) => {
                 self.outstanding[m] += 1;
-                if let Some(p) = self.parents[pi].as_mut() {
-                    p.pending += 1;
-                }
                 true
             }
             Err(SubmitError::Busy(_)) => false,
+        }
+    }
+
+    /// Send parent `pi`'s request to member `m`, counted as pending.
+    fn send(&mut self, pi: usize, m: usize) -> bool {
+        if !self.submit_child(pi, m) {
+            return false;
+        }
+        if let Some(p) = self.parents[pi].as_mut() {
+            p.pending += 1;
+        }
+        true
+    }
+
+    /// Send write `pi` to every member in use (the write-mostly ones in
+    /// the background when it may). False, with nothing sent, when no
+    /// member took it (back-pressure); a member whose queue is full while
+    /// others took it gets the request again from `poll`.
+    fn send_write(&mut self, pi: usize) -> bool {
+        let targets: Vec<usize> = (0..self.members.len())
+            .filter(|&m| !self.failed[m])
+            .collect();
+        let behind = self.go_behind(pi, &targets);
+        let mut refused = Vec::new();
+        for m in targets.iter().copied() {
+            if (behind.is_none() || !self.write_mostly[m]) && !self.send(pi, m) {
+                refused.push(m);
+            }
+        }
+        if self.parents[pi].as_ref().is_none_or(|p| p.pending == 0) {
+            if let Some(bi) = behind {
+                // Nothing went out: undo the background record.
+                self.behind_ios[bi].as_mut().map(|io| io.pending = 0);
+                let keys = self.behind_ios[bi].as_mut().and_then(|io| io.keys.take());
+                if let Some(p) = self.parents[pi].as_mut() {
+                    p.keys = keys;
+                }
+                self.end_behind(bi);
+            }
+            return false;
+        }
+        for m in refused {
+            if let Some(p) = self.parents[pi].as_mut() {
+                p.pending += 1;
+            }
+            self.resend.push_back(Resend::Child(pi, m));
+        }
+        if let Some(bi) = behind {
+            for m in targets.iter().copied() {
+                if !self.write_mostly[m] {
+                    continue;
+                }
+                if !self.submit_behind(bi, m) {
+                    self.resend.push_back(Resend::Behind(bi, m));
+                }
+                if let Some(Some(io)) = self.behind_ios.get_mut(bi) {
+                    io.pending += 1;
+                }
+            }
+        }
+        self.send_replace(pi);
+        true
+    }
+
+    /// Send again what full queues refused, in order, until one refuses.
+    fn pump_resend(&mut self) {
+        while let Some(r) = self.resend.pop_front() {
+            let taken = match r {
+                Resend::Child(pi, m) => self.failed[m] || self.submit_child(pi, m),
+                Resend::Behind(bi, m) => self.failed[m] || self.submit_behind(bi, m),
+            };
+            if !taken {
+                self.resend.push_front(r);
+                return;
+            }
+            let (tag, m) = match r {
+                Resend::Child(pi, m) => (Self::child_tag(pi, m), m),
+                Resend::Behind(bi, m) => (BEHIND | ((bi as u64) << MEMBER_BITS) | m as u64, m),
+            };
+            if self.failed[m] {
+                // The member failed meanwhile: nothing to send it.
+                self.outstanding[m] += 1;
+                self.on_child(Completion {
+                    tag,
+                    result: Err(IoError::DeviceFailed),
+                });
+            }
         }
     }
 
@@ -330,14 +436,17 @@ impl Raid1Channel {
 
     /// Whether write `pi` goes to the write-mostly members in the
     /// background, and if so the record it takes (data copied, bitmap
-    /// regions counted again). Only with a write-intent bitmap (md's rule:
-    /// a crash must leave the region marked for the resync), with another
-    /// member to acknowledge it, and without region locks (a rebuild,
-    /// scrub, replacement or serialize policy wants writes whole).
+    /// regions counted again, block keys handed over). Only with a
+    /// write-intent bitmap (md's rule: a crash must leave the region marked
+    /// for the resync), with another member to acknowledge it, and not
+    /// while a rebuild, scrub or replacement copies regions.
     fn go_behind(&mut self, pi: usize, targets: &[usize]) -> Option<usize> {
         let p = self.parents[pi].as_ref()?;
         let b = self.bitmap.as_ref()?;
-        if p.needs_lock
+        if self.rebuild_target.is_some()
+            || self.replace.is_some()
+            || self.scrubbing.load(Ordering::Relaxed)
+            || p.keys.is_none()
             || !targets.iter().any(|&m| self.write_mostly[m])
             || targets.iter().all(|&m| self.write_mostly[m])
             || !self.behind.try_take()
@@ -352,9 +461,13 @@ impl Raid1Channel {
         });
         let in_bitmap = p.in_bitmap.inspect(|&(r0, r1)| b.begin(r0, r1));
         let io = BehindIo {
+            op: p.op,
+            offset: p.offset + self.data_offset,
+            blocks: p.blocks,
             data,
             pending: 0,
             in_bitmap,
+            keys: None,
         };
         let bi = match self.behind_free.pop() {
             Some(i) => {
@@ -366,29 +479,35 @@ impl Raid1Channel {
                 self.behind_ios.len() - 1
             }
         };
+        // The keys stay until the write-mostly members have the write.
+        if let (Some(p), Some(io)) = (self.parents[pi].as_mut(), self.behind_ios[bi].as_mut()) {
+            io.keys = p.keys.take();
+        }
         self.behind_count += 1;
         Some(bi)
     }
 
-    /// Send background write `bi` (of parent `pi`) to member `m`.
-    fn send_behind(&mut self, bi: usize, pi: usize, m: usize) -> bool {
-        let Some(p) = self.parents[pi].as_ref() else {
-            return false;
-        };
-        let mut req = self.child(p);
+    /// Submit background write `bi` to member `m`; true if taken.
+    fn submit_behind(&mut self, bi: usize, m: usize) -> bool {
         let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
             return false;
         };
-        if let Some(d) = io.data.as_mut() {
-            req.sg = super::sg::of(d, 0, d.len());
-        }
-        req.tag = BEHIND | ((bi as u64) << MEMBER_BITS) | m as u64;
+        let sg = match io.data.as_mut() {
+            Some(d) => super::sg::of(d, 0, d.len()),
+            None => SgList::new(),
+        };
+        let req = IoRequest {
+            op: io.op,
+            offset_blocks: io.offset,
+            num_blocks: io.blocks,
+            sg,
+            tag: BEHIND | ((bi as u64) << MEMBER_BITS) | m as u64,
+        };
         let Some(ch) = self.members[m].as_mut() else {
             return false;
         };
         match ch.submit(req) {
             Ok(()) => {
-                io.pending += 1;
                 self.outstanding[m] += 1;
                 true
             }
@@ -416,11 +535,14 @@ impl Raid1Channel {
         }
     }
 
-    /// Background write `bi` is over (or was never sent).
+    /// Background write `bi` is over.
     fn end_behind(&mut self, bi: usize) {
         if let Some(io) = self.behind_ios.get_mut(bi).and_then(Option::take) {
             if let (Some((r0, r1)), Some(b)) = (io.in_bitmap, &self.bitmap) {
                 b.end(r0, r1);
+            }
+            if let Some((first, n)) = io.keys {
+                self.behind.unlock_blocks(first, n);
             }
             self.behind_free.push(bi);
             self.behind_count -= 1;
@@ -467,6 +589,9 @@ impl Raid1Channel {
         if let (Some((r0, r1)), Some(b)) = (p.in_bitmap, &self.bitmap) {
             b.end(r0, r1);
         }
+        if let Some((first, n)) = p.keys {
+            self.behind.unlock_blocks(first, n);
+        }
     }
 
     /// Whether write `pi` may go to the members now: its bitmap bits are
@@ -485,6 +610,18 @@ impl Raid1Channel {
                 p.in_bitmap = Some((r0, r1));
             }
             if !b.ready(r0, r1) {
+                return false;
+            }
+        }
+        if self.behind.limit() > 0 && p.keys.is_none() {
+            // md's CollisionCheck: an overlapping write still in the
+            // background (to this volume, from any core) goes first.
+            if p.blocks <= super::members::MAX_KEYED_BLOCKS {
+                if !self.behind.lock_blocks(p.offset, p.blocks) {
+                    return false;
+                }
+                p.keys = Some((p.offset, p.blocks));
+            } else if self.behind.inflight() > 0 {
                 return false;
             }
         }
@@ -527,13 +664,7 @@ impl Raid1Channel {
 
     /// Send a write that waited for its regions to every member in use.
     fn start_waiting_write(&mut self, pi: usize) {
-        let targets: Vec<usize> = (0..self.members.len())
-            .filter(|&m| !self.failed[m])
-            .collect();
-        for m in targets {
-            self.send(pi, m);
-        }
-        self.send_replace(pi);
+        self.send_write(pi);
         if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
             if let Some(p) = self.parents[pi].as_mut() {
                 p.error.get_or_insert(IoError::DeviceFailed);
@@ -620,6 +751,7 @@ impl IoChannel for Raid1Channel {
             locked: None,
             needs_lock: false,
             in_bitmap: None,
+            keys: None,
         });
         let write_like = matches!(req.op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes);
         if write_like {
@@ -640,49 +772,7 @@ impl IoChannel for Raid1Channel {
         let sent = if req.op == IoOp::Read {
             self.send_read(pi)
         } else {
-            let targets: Vec<usize> = (0..self.members.len())
-                .filter(|&m| !self.failed[m])
-                .collect();
-            let behind = if write_like {
-                self.go_behind(pi, &targets)
-            } else {
-                None
-            };
-            // All members or none: a write must not reach only some of
-            // them because one queue was full.
-            let mut all = true;
-            for m in targets.iter().copied() {
-                if behind.is_none() || !self.write_mostly[m] {
-                    all &= self.send(pi, m);
-                }
-            }
-            if let Some(bi) = behind {
-                // Only once the members that acknowledge it took it.
-                if self.parents[pi].as_ref().is_some_and(|p| p.pending > 0) {
-                    for m in targets.iter().copied() {
-                        if self.write_mostly[m] {
-                            all &= self.send_behind(bi, pi, m);
-                        }
-                    }
-                }
-                if self.behind_ios[bi]
-                    .as_ref()
-                    .is_some_and(|io| io.pending == 0)
-                {
-                    self.end_behind(bi);
-                }
-            }
-            if write_like {
-                self.send_replace(pi);
-            }
-            if !all && self.parents[pi].as_ref().is_some_and(|p| p.pending > 0) {
-                // Partly sent: let it complete; the members that took it
-                // keep the data, which a later resync would even out. This
-                // only happens when a member channel refuses (full), which
-                // our devices do not do below their queue depth.
-                return Ok(());
-            }
-            all && !targets.is_empty()
+            self.send_write(pi)
         };
         if !sent {
             let no_member = self.failed.iter().all(|&f| f);
@@ -714,15 +804,21 @@ impl IoChannel for Raid1Channel {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.pump_resend();
         if !self.held_reads.is_empty() && self.behind.inflight() == 0 {
             for pi in std::mem::take(&mut self.held_reads) {
-                if !self.send_read(pi) {
+                let tried = self.parents[pi].as_ref().map_or(0, |p| p.tried);
+                if self.pick_reader(tried).is_none() {
+                    // Nothing left to serve it: fail it clearly.
                     if let Some(p) = self.parents[pi].as_mut() {
                         p.error.get_or_insert(IoError::DeviceFailed);
                     }
                     if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
                         self.finish(pi);
                     }
+                } else if !self.send_read(pi) {
+                    // A full queue: again at the next poll.
+                    self.held_reads.push_back(pi);
                 }
             }
         }
@@ -763,6 +859,7 @@ impl Drop for Raid1Channel {
         let t = std::time::Instant::now();
         let mut scratch = Vec::new();
         while self.behind_count > 0 && t.elapsed() < BEHIND_DRAIN {
+            self.pump_resend();
             super::members::poll_members(&mut self.members, &mut scratch);
             for c in scratch.drain(..) {
                 if c.tag & BEHIND != 0 {
