@@ -165,11 +165,20 @@ pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn Blo
             }
             .map_err(|e| e.to_string())?;
             let have = dev.info().size_bytes();
-            if let Some(size) = size.filter(|&s| s != have) {
+            if let Some(size) = size.filter(|&s| s > have) {
                 return Err(format!(
                     "device {spec:?}: {} exists with {have} bytes, not {size}; refusing to resize it",
                     path.display()
                 ));
+            }
+            if size.is_some_and(|s| s < have) {
+                // Grown by a resize whose new size did not reach the state
+                // file (a crash in between): its data is all there.
+                tracing::warn!(
+                    spec,
+                    bytes = have,
+                    "the file is larger than its specification says; using all of it"
+                );
             }
             Arc::new(dev.named(name))
         }
@@ -242,5 +251,10 @@ mod tests {
             .err()
             .unwrap()
             .contains("refusing to resize"));
+        // Larger than it says (a resize that did not reach the state file
+        // before a crash): opened whole, never truncated.
+        let spec = format!("file:{}:4K", p.display());
+        assert_eq!(open(&spec, 4096).unwrap().info().num_blocks, 2);
+        assert_eq!(std::fs::read(&p).unwrap(), vec![7u8; 8192]);
     }
 }

@@ -688,7 +688,8 @@ impl Manager {
             return Ok((Self::device_view(&s, name), vec![]));
         }
         if d.decl.spec.starts_with("ram:") {
-            s.check_ram(name, have, size_bytes)?;
+            // The old and the new mapping are both there during the copy.
+            s.check_ram(name, 0, size_bytes)?;
         }
         let old = d.dev.clone();
         let blocks = size_bytes / bs;
@@ -725,21 +726,33 @@ impl Manager {
             d.decl.spec = spec;
         }
         self.save(&s)?;
+        let view = Self::device_view(&s, name);
+        // The frontends answer in their own time: not under the lock.
+        let notifiers: Vec<(String, crate::export::Notifier)> = match &volume {
+            Some(v) => s
+                .exports
+                .values()
+                .filter(|e| &e.decl.volume == v)
+                .map(|e| (e.decl.name.clone(), e.export.notifier()))
+                .collect(),
+            None => vec![],
+        };
+        drop(s);
         let mut notified = Vec::new();
-        if let Some(v) = &volume {
-            for e in s.exports.values().filter(|e| &e.decl.volume == v) {
-                match e.export.notify_config_change() {
-                    Ok(true) => notified.push(e.decl.name.clone()),
+        {
+            for (export, n) in notifiers {
+                match n.config_changed() {
+                    Ok(true) => notified.push(export),
                     // No frontend: the next one reads the new size.
                     Ok(false) => {}
                     Err(err) => {
-                        tracing::warn!(export = %e.decl.name, error = %err, "telling the frontend about the new capacity failed; the guest sees it after a reconnect")
+                        tracing::warn!(export = %export, error = %err, "telling the frontend about the new capacity failed; the guest sees it after a reconnect")
                     }
                 }
             }
         }
         tracing::info!(device = name, size_bytes, volume = ?volume, notified = ?notified, "device resized");
-        Ok((Self::device_view(&s, name), notified))
+        Ok((view, notified))
     }
 
     fn device_view(s: &State, name: &str) -> DeviceView {

@@ -330,7 +330,12 @@ impl<C: Send + Sync + 'static> Worker<C> {
         if let Some(device_of) = self.device_of {
             // Only with nothing in flight: that is when a new generation
             // can have been published (the gate drained us).
-            if self.free.len() == self.slots.len() && self.gate.generation() != self.generation {
+            // (And with the channel idle: it may have work of its own, such
+            // as a RAID1's background writes, that its drop would wait for.)
+            if self.free.len() == self.slots.len()
+                && self.ch.inflight() == 0
+                && self.gate.generation() != self.generation
+            {
                 let (g, c) = self.gate.config();
                 match device_of(&c).open_channel() {
                     Ok(ch) => self.ch = ch,
@@ -354,13 +359,13 @@ impl<C: Send + Sync + 'static> Worker<C> {
             }
         }
         self.publish();
-        if stopping && self.free.len() == self.slots.len() {
+        if stopping && self.free.len() == self.slots.len() && self.ch.inflight() == 0 {
             self.cores[self.core].done.store(true, Ordering::SeqCst);
             return PollState::Done;
         }
         // Polled mode: with IO in flight the reactor keeps polling for its
         // completions rather than sleeping (nothing would wake it).
-        if work || self.free.len() < self.slots.len() {
+        if work || self.free.len() < self.slots.len() || self.ch.inflight() > 0 {
             PollState::Busy
         } else {
             PollState::Idle

@@ -22,8 +22,10 @@ const CONFIG_CHANGE_MSG: u32 = 2;
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
-/// How long a frontend may take to acknowledge; QEMU reads the new
-/// configuration space from us (GET_CONFIG) before it answers.
+/// How long a frontend may take to take the message and to acknowledge it
+/// (QEMU reads the new configuration space from us, GET_CONFIG, before it
+/// answers): one deadline for the whole exchange, so a frontend that
+/// trickles its answer cannot hold the caller longer.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The socket of a connection's backend request channel.
@@ -37,23 +39,45 @@ impl FrontendChannel {
     /// Tell the frontend that the configuration space changed; with
     /// REPLY_ACK, wait until it has read the new one.
     pub fn config_changed(&mut self) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        let left = || {
+            deadline
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    format!("the frontend did not answer CONFIG_CHANGE_MSG in {ACK_TIMEOUT:?}")
+                })
+        };
         let flags = VERSION | if self.reply_ack { NEED_REPLY } else { 0 };
         let mut msg = [0u8; 12];
         msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
         msg[4..8].copy_from_slice(&flags.to_le_bytes());
+        self.sock
+            .set_write_timeout(Some(left()?))
+            .map_err(|e| format!("setting a write timeout: {e}"))?;
         self.sock
             .write_all(&msg)
             .map_err(|e| format!("sending CONFIG_CHANGE_MSG: {e}"))?;
         if !self.reply_ack {
             return Ok(());
         }
-        self.sock
-            .set_read_timeout(Some(ACK_TIMEOUT))
-            .map_err(|e| format!("setting a read timeout: {e}"))?;
         let mut reply = [0u8; 20];
-        self.sock
-            .read_exact(&mut reply)
-            .map_err(|e| format!("waiting for the frontend's answer to CONFIG_CHANGE_MSG: {e}"))?;
+        let mut at = 0;
+        while at < reply.len() {
+            self.sock
+                .set_read_timeout(Some(left()?))
+                .map_err(|e| format!("setting a read timeout: {e}"))?;
+            match self.sock.read(&mut reply[at..]) {
+                Ok(0) => return Err("the frontend closed the channel".into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(format!(
+                        "waiting for the frontend's answer to CONFIG_CHANGE_MSG: {e}"
+                    ))
+                }
+            }
+        }
         let word =
             |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
         let value = u64::from_le_bytes([
@@ -92,9 +116,9 @@ pub fn peek_backend_channel(fd: RawFd, reply_ack: bool) -> Option<FrontendChanne
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    if n != hdr.len() as isize
-        || u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) != SET_BACKEND_REQ_FD
-    {
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    // The message the crate accepts: no payload, one descriptor (below).
+    if n != hdr.len() as isize || word(0) != SET_BACKEND_REQ_FD || word(8) != 0 {
         return None;
     }
     // Room for a few descriptors: a frontend that sends more than one is
@@ -137,7 +161,10 @@ pub fn peek_backend_channel(fd: RawFd, reply_ack: bool) -> Option<FrontendChanne
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    // The others are closed as `fds` drops.
+    if fds.len() != 1 {
+        // The crate refuses it; every descriptor closes as `fds` drops.
+        return None;
+    }
     let fd = fds.into_iter().next()?;
     if !is_unix_stream(&fd) {
         // The crate refuses the message too; we must never write into

@@ -102,6 +102,53 @@ pub struct ExportShared {
     stats: Vec<Arc<stats::IoStats>>,
 }
 
+/// Tells an export's frontend that the configuration space changed.
+pub struct Notifier {
+    name: String,
+    shared: Arc<ExportShared>,
+}
+
+impl Notifier {
+    /// See [`Export::notify_config_change`].
+    pub fn config_changed(&self) -> Result<bool, String> {
+        // Out of the lock while talking: the export's thread takes it when
+        // a connection ends or sets up its channel.
+        let (connection, taken) = {
+            let mut ch = self
+                .shared
+                .frontend
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !self.shared.connected.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            (self.shared.connections.load(Ordering::SeqCst), ch.take())
+        };
+        let Some(mut c) = taken else {
+            return Ok(false);
+        };
+        match c.config_changed() {
+            Ok(()) => {
+                // Back, unless the connection changed meanwhile.
+                let mut ch = self
+                    .shared
+                    .frontend
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if ch.is_none()
+                    && self.shared.connected.load(Ordering::SeqCst)
+                    && self.shared.connections.load(Ordering::SeqCst) == connection
+                {
+                    *ch = Some(c);
+                }
+                Ok(true)
+            }
+            // A channel out of step (a late answer) is not used again.
+            Err(e) => Err(format!("export {}: {e}", self.name)),
+        }
+    }
+}
+
 /// A live export. Delete it with [`Export::delete`].
 pub struct Export {
     name: String,
@@ -272,24 +319,16 @@ impl Export {
     /// frontend asks the export for the new configuration before it
     /// answers).
     pub fn notify_config_change(&self) -> Result<bool, String> {
-        let mut ch = self
-            .shared
-            .frontend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if !self.is_connected() {
-            return Ok(false);
-        }
-        let Some(c) = ch.as_mut() else {
-            return Ok(false);
-        };
-        match c.config_changed() {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                // A channel out of step (a late answer) is not used again.
-                *ch = None;
-                Err(format!("export {}: {e}", self.name))
-            }
+        self.notifier().config_changed()
+    }
+
+    /// A handle that tells the frontend of a configuration change, usable
+    /// after the caller let go of its own locks (the exchange can take up
+    /// to 10 s with a slow or hostile frontend).
+    pub fn notifier(&self) -> Notifier {
+        Notifier {
+            name: self.name.clone(),
+            shared: self.shared.clone(),
         }
     }
 

@@ -273,14 +273,16 @@ impl Runner {
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             self.signal();
-            if self.inflight() == 0 {
+            // The channel is dropped with the runner: let it finish its
+            // own work here rather than block the reactor in its drop.
+            if self.inflight() == 0 && !channel_busy {
                 self.finish(ctx);
                 return PollState::Done;
             }
             return PollState::Busy;
         }
-        if self.inflight() == 0 && !channel_busy {
-            self.refresh_generations();
+        if self.inflight() == 0 {
+            self.refresh_generations(channel_busy);
         }
         if !self.parked.is_empty() && self.suspended.version() != self.parked_version {
             // The range moved: parked writes go again, in their order.
@@ -326,14 +328,18 @@ impl Runner {
 
     /// Pick up a new guest memory map or volume configuration. Only with
     /// nothing in flight: in-flight requests point into the old ones.
-    fn refresh_generations(&mut self) {
+    /// Pick up a new guest memory map (with none of our requests in
+    /// flight) and a new volume generation (with the channel idle too: it
+    /// may still be finishing work of its own, such as background writes
+    /// to write-mostly members, which use copies of guest data).
+    fn refresh_generations(&mut self, channel_busy: bool) {
         if self.mem_gate.generation() != self.mem_gen {
             let (g, m) = self.mem_gate.config();
             self.mem_gen = g;
             self.mem = m;
             self.regions.reset();
         }
-        if self.vol_gate.generation() != self.vol_gen {
+        if !channel_busy && self.vol_gate.generation() != self.vol_gen {
             let (g, v) = self.vol_gate.config();
             self.limits = sized_limits(&self.limits, &v);
             match v.device.open_channel() {

@@ -928,6 +928,15 @@ impl Monitor {
             .volume
             .suspend(CHANGE_TIMEOUT)
             .map_err(|e| OpError::Internal(e.to_string()))?;
+        // Writes still going to write-mostly members would read as
+        // mismatches (and a repair could copy over them).
+        let behind = cur.member_set().behind.clone();
+        if !behind.drain(CHANGE_TIMEOUT) {
+            return Err(OpError::DeadlineExceeded(format!(
+                "{} writes to write-mostly members did not finish in {CHANGE_TIMEOUT:?}",
+                behind.inflight()
+            )));
+        }
         let progress = self
             .set
             .call(core, CHANGE_TIMEOUT, move |ctx| {

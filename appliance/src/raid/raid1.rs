@@ -357,7 +357,9 @@ impl Raid1Channel {
         if self.parents[pi].as_ref().is_none_or(|p| p.pending == 0) {
             if let Some(bi) = behind {
                 // Nothing went out: undo the background record.
-                self.behind_ios[bi].as_mut().map(|io| io.pending = 0);
+                if let Some(io) = self.behind_ios[bi].as_mut() {
+                    io.pending = 0;
+                }
                 let keys = self.behind_ios[bi].as_mut().and_then(|io| io.keys.take());
                 if let Some(p) = self.parents[pi].as_mut() {
                     p.keys = keys;
