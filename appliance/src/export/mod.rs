@@ -7,6 +7,7 @@ mod inflight;
 mod memory;
 mod queue;
 pub mod request;
+mod ring;
 pub mod stats;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -12,13 +12,14 @@ use std::time::Instant;
 
 use bdev::{Completion, IoChannel, IoOp, IoRequest, SubmitError};
 use poller::{Ctx, LocalGate, PollState, QuiesceObject};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::inflight::InflightQueue;
 use super::request::{
     parse_with, walk_chain_with, Desc, Limits, Parsed, RegionCache, S_IOERR, S_OK,
 };
+use super::ring::Ring;
 use super::stats::IoStats;
 use crate::volume::{Volume, VolumeConfig};
 
@@ -99,7 +100,9 @@ struct Inflight {
 
 struct Runner {
     index: u16,
+    /// Set-up and the descriptor table's place; the rings go through `ring`.
     queue: Queue,
+    ring: Ring,
     kick: File,
     call: Option<Arc<File>>,
     call_gen: u64,
@@ -168,6 +171,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (mem_gen, mem) = mem_gate.config();
     let (vol_gen, vol) = vol_gate.config();
+    let ring = Ring::new(&setup.queue, &mem).map_err(|e| format!("queue {}: {e}", setup.index))?;
     let ch = vol
         .device
         .open_channel()
@@ -189,6 +193,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
     let mut runner = Runner {
         index: setup.index,
         queue: setup.queue,
+        ring,
         kick: setup.kick,
         call,
         call_gen,
@@ -220,10 +225,10 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
     if let Some(inflight) = &mut runner.inflight {
         // Requests taken before a restart: the avail ring has moved past
         // them, so continue after them and submit them again, oldest first.
-        let used = runner.queue.next_used();
+        let used = runner.ring.next_used();
         let heads = inflight.recover(used);
         runner
-            .queue
+            .ring
             .set_next_avail(used.wrapping_add(heads.len() as u16));
         if !heads.is_empty() {
             tracing::info!(
@@ -235,7 +240,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
         runner.resubmit = heads.into();
     }
     // Requests may already be waiting from before a reconnect.
-    let _ = runner.queue.disable_notification(&*runner.mem);
+    runner.ring.disable_notification();
     ctx.watch_fd(fd);
     ctx.add_poller(move |ctx| runner.poll(ctx));
     Ok(())
@@ -295,7 +300,7 @@ impl Runner {
         if work {
             self.idle_polls = 0;
             if self.notify_enabled {
-                let _ = self.queue.disable_notification(&*self.mem);
+                self.ring.disable_notification();
                 self.notify_enabled = false;
             }
         } else {
@@ -306,7 +311,7 @@ impl Runner {
                 // just before the drain had its kick consumed by it.
                 self.drain_kick();
                 self.notify_enabled = true;
-                if matches!(self.queue.enable_notification(&*self.mem), Ok(true)) {
+                if self.ring.enable_notification() {
                     return PollState::Busy;
                 }
             }
@@ -338,6 +343,10 @@ impl Runner {
             self.mem_gen = g;
             self.mem = m;
             self.regions.reset();
+            if let Err(e) = self.ring.remap(&self.mem) {
+                tracing::error!(queue = self.index, error = %e, "the queue stops until reset");
+                self.broken = true;
+            }
         }
         if !channel_busy && self.vol_gate.generation() != self.vol_gen {
             let (g, v) = self.vol_gate.config();
@@ -372,15 +381,22 @@ impl Runner {
                 head
             } else {
                 from_ring = true;
-                let Some(chain) = self.queue.pop_descriptor_chain(&*self.mem) else {
-                    self.vol_gate.end();
-                    self.mem_gate.end();
-                    break;
+                let head = match self.ring.pop() {
+                    Ok(Some(head)) => head,
+                    Ok(None) => {
+                        self.vol_gate.end();
+                        self.mem_gate.end();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = self.index, error = %e, "the queue stops until reset");
+                        self.broken = true;
+                        self.vol_gate.end();
+                        self.mem_gate.end();
+                        break;
+                    }
                 };
-                // Only the head comes from virtio-queue: the chain is read
-                // through the region cache (its iterator translates every
-                // descriptor from scratch).
-                let head = chain.head_index();
+                // The chain is read through the region cache.
                 self.walk(head);
                 if let Some(i) = &mut self.inflight {
                     i.begin(head);
@@ -393,7 +409,7 @@ impl Runner {
                 Dispatch::Busy => {
                     // The device is full: give the chain back and retry later.
                     if from_ring {
-                        self.queue.go_to_previous_position();
+                        self.ring.undo_pop();
                     } else {
                         self.resubmit.push_front(head);
                     }
@@ -507,15 +523,9 @@ impl Runner {
         if let Some(i) = &mut self.inflight {
             i.before_used(head);
         }
-        let used = self.queue.add_used(&*self.mem, head, written);
+        self.ring.add_used(head, written);
         if let Some(i) = &mut self.inflight {
-            i.after_used(head, self.queue.next_used());
-        }
-        if let Err(e) = used {
-            if !self.broken {
-                tracing::error!(queue = self.index, error = %e, "used ring is not writable; the queue stops until reset");
-            }
-            self.broken = true;
+            i.after_used(head, self.ring.next_used());
         }
         self.shared.completed.fetch_add(1, Ordering::Relaxed);
         self.signal_pending = true;
@@ -554,7 +564,7 @@ impl Runner {
         }
         self.signal_pending = false;
         // With EVENT_IDX the guest says when it wants an interrupt.
-        if !matches!(self.queue.needs_notification(&*self.mem), Ok(false)) {
+        if self.ring.needs_notification() {
             if let Some(call) = &self.call {
                 let one = 1u64;
                 // SAFETY: writing 8 bytes to the guest's call eventfd.
@@ -571,7 +581,7 @@ impl Runner {
 
     fn finish(&mut self, ctx: &mut Ctx) {
         ctx.unwatch_fd(self.kick.as_raw_fd());
-        let state = (self.queue.next_avail(), self.queue.next_used());
+        let state = (self.ring.next_avail(), self.ring.next_used());
         *self
             .shared
             .stopped
