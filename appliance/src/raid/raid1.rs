@@ -286,6 +286,10 @@ impl Raid1Channel {
         ((parent as u64) << MEMBER_BITS) | member as u64
     }
 
+    fn behind_tag(io: usize, member: usize) -> u64 {
+        BEHIND | Self::child_tag(io, member)
+    }
+
     /// The in-sync member with the fewest requests outstanding, not yet
     /// tried by this read; write-mostly members only when no other is left.
     fn pick_reader(&self, tried: u64) -> Option<usize> {
@@ -316,6 +320,12 @@ impl Raid1Channel {
         };
         let mut req = self.child(p);
         req.tag = Self::child_tag(pi, m);
+        self.submit_to(m, req)
+    }
+
+    /// Submit `req` to member `m`, counted as outstanding there; false if
+    /// its queue is full.
+    fn submit_to(&mut self, m: usize, req: IoRequest) -> bool {
         let Some(ch) = self.members[m].as_mut() else {
             return false;
         };
@@ -404,7 +414,7 @@ impl Raid1Channel {
             }
             let (tag, m) = match r {
                 Resend::Child(pi, m) => (Self::child_tag(pi, m), m),
-                Resend::Behind(bi, m) => (BEHIND | ((bi as u64) << MEMBER_BITS) | m as u64, m),
+                Resend::Behind(bi, m) => (Self::behind_tag(bi, m), m),
             };
             if self.failed[m] {
                 // The member failed meanwhile: nothing to send it.
@@ -503,18 +513,9 @@ impl Raid1Channel {
             offset_blocks: io.offset,
             num_blocks: io.blocks,
             sg,
-            tag: BEHIND | ((bi as u64) << MEMBER_BITS) | m as u64,
+            tag: Self::behind_tag(bi, m),
         };
-        let Some(ch) = self.members[m].as_mut() else {
-            return false;
-        };
-        match ch.submit(req) {
-            Ok(()) => {
-                self.outstanding[m] += 1;
-                true
-            }
-            Err(SubmitError::Busy(_)) => false,
-        }
+        self.submit_to(m, req)
     }
 
     /// A background write to member `m` came back.
