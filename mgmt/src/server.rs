@@ -20,14 +20,26 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    // Bind under a umask that leaves no window with a wider mode.
+    // Bind under a umask that leaves no window with a wider mode, and
+    // under a temporary name: bind() creates the file before listen(), so
+    // a client that waits for the path could otherwise connect in between
+    // and be refused. The rename shows the path only once it listens.
+    let mut tmp = path.with_file_name(format!(".{}-api.sock", std::process::id()));
+    if tmp.as_os_str().len() > 107 {
+        // Too long for a socket name: no temporary name then.
+        tmp = path.to_path_buf();
+    }
+    let _ = std::fs::remove_file(&tmp);
     // SAFETY: umask is process-wide but has no memory-safety preconditions.
     let old = unsafe { libc::umask(0o177) };
-    let res = std::os::unix::net::UnixListener::bind(path);
+    let res = std::os::unix::net::UnixListener::bind(&tmp);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let l = res?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if tmp != path {
+        std::fs::rename(&tmp, path)?;
+    }
     l.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(l)
 }

@@ -245,7 +245,7 @@ impl Export {
         }
         check_socket_path(&opts.socket)?;
         let guard = volume.suspend(Duration::from_secs(10))?;
-        let listener = UnixListener::bind(&opts.socket).map_err(|source| ExportError::Os {
+        let listener = bind_listening(&opts.socket).map_err(|source| ExportError::Os {
             what: format!("binding {}", opts.socket.display()),
             source,
         })?;
@@ -364,6 +364,30 @@ impl Drop for Export {
             let _ = std::fs::remove_file(&self.shared.options.socket);
         }
     }
+}
+
+/// Bind `path` so that it appears only once it accepts connections:
+/// bind() creates the file before listen(), and a frontend that waits for
+/// the path (QEMU without reconnect, a script) would be refused in
+/// between. So the socket is bound under a temporary name next to it and
+/// renamed; a path too long for that is bound directly.
+fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_file_name(format!(
+        ".{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    if tmp.as_os_str().len() > 107 {
+        return UnixListener::bind(path);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(l)
 }
 
 /// Wait until `fd` is readable or shutdown is signalled; true on shutdown.
