@@ -654,14 +654,14 @@ impl Controller {
             .regions
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        if !regions.iter().any(|r| r.base == start) {
+        let (gone, kept): (Vec<Region>, Vec<Region>) =
+            regions.iter().partition(|r| r.base == start);
+        if gone.is_empty() {
             return Err(NvmeError::InvalidArgument(format!(
                 "{}: no memory registered at {start:#x}",
                 self.name()
             )));
         }
-        let (gone, kept): (Vec<Region>, Vec<Region>) =
-            regions.iter().partition(|r| r.base == start);
         *regions = kept;
         self.registry.generation.fetch_add(1, Ordering::Release);
         for r in gone {

@@ -125,11 +125,7 @@ impl Transport for SoftTransport {
     }
 
     unsafe fn map(&self, vaddr: *mut u8, len: usize) -> Result<u64, NvmeError> {
-        if !(vaddr as usize).is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 {
-            return Err(NvmeError::InvalidArgument(format!(
-                "DMA map of {len} bytes at {vaddr:p} is not page aligned"
-            )));
-        }
+        crate::transport::check_page_aligned(vaddr, len)?;
         // IO addresses unlike the process's own, so a driver that uses a
         // virtual address where an IO address belongs is caught.
         let iova = self

@@ -79,6 +79,20 @@ impl Bar {
     }
 }
 
+/// A 2 MiB hugepage: what no-IOMMU mode hands a controller.
+pub(crate) const HUGEPAGE: usize = 2 << 20;
+
+/// A page-aligned, non-empty range, as `Transport::map` takes.
+pub(crate) fn check_page_aligned(vaddr: *mut u8, len: usize) -> Result<(), NvmeError> {
+    let page = crate::spec::PAGE;
+    if !(vaddr as usize).is_multiple_of(page) || !len.is_multiple_of(page) || len == 0 {
+        return Err(NvmeError::InvalidArgument(format!(
+            "DMA map of {len} bytes at {vaddr:p} is not page aligned"
+        )));
+    }
+    Ok(())
+}
+
 /// A controller's register file and DMA mappings.
 pub trait Transport: Send + Sync {
     /// The register file.
@@ -140,15 +154,14 @@ impl DmaMem {
     pub fn new(transport: &Arc<dyn Transport>, len: usize) -> Result<DmaMem, NvmeError> {
         let len = len.div_ceil(crate::spec::PAGE) * crate::spec::PAGE;
         let mut map = if transport.physical() {
-            const HUGE: usize = 2 << 20;
-            if len > HUGE {
+            if len > HUGEPAGE {
                 return Err(NvmeError::InvalidArgument(format!(
                     "{}: {len} bytes of DMA memory do not fit a 2 MiB hugepage (no-IOMMU mode)",
                     transport.name()
                 )));
             }
             memmap2::MmapOptions::new()
-                .len(HUGE)
+                .len(HUGEPAGE)
                 .huge(Some(21))
                 .populate()
                 .map_anon()

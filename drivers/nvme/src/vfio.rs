@@ -27,7 +27,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
 use crate::error::NvmeError;
 use crate::spec::PAGE;
-use crate::transport::{Bar, Transport};
+use crate::transport::{check_page_aligned, Bar, Transport, HUGEPAGE};
 
 const BAR0: u32 = 0;
 const CONFIG_REGION: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
@@ -74,7 +74,6 @@ const VFIO_GROUP_GET_STATUS: libc::c_ulong = vfio_io(3);
 const VFIO_GROUP_SET_CONTAINER: libc::c_ulong = vfio_io(4);
 const VFIO_GROUP_GET_DEVICE_FD: libc::c_ulong = vfio_io(6);
 const VFIO_DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
-const HUGEPAGE: usize = 2 << 20;
 
 /// Check that `bdf` looks like `0000:01:00.0`.
 pub fn parse_bdf(bdf: &str) -> Result<String, NvmeError> {
@@ -405,11 +404,7 @@ impl Transport for VfioTransport {
     }
 
     unsafe fn map(&self, vaddr: *mut u8, len: usize) -> Result<u64, NvmeError> {
-        if !(vaddr as usize).is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 {
-            return Err(NvmeError::InvalidArgument(format!(
-                "DMA map of {len} bytes at {vaddr:p} is not page aligned"
-            )));
-        }
+        check_page_aligned(vaddr, len)?;
         let container = match &self.access {
             Access::Iommu { container, .. } => container,
             Access::Physical { pagemap, .. } => {
@@ -452,11 +447,7 @@ impl Transport for VfioTransport {
     ) -> Result<Vec<(usize, usize, u64)>, NvmeError> {
         match &self.access {
             Access::Physical { pagemap, .. } => {
-                if !(vaddr as usize).is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 {
-                    return Err(NvmeError::InvalidArgument(format!(
-                        "DMA map of {len} bytes at {vaddr:p} is not page aligned"
-                    )));
-                }
+                check_page_aligned(vaddr, len)?;
                 physical_pieces(pagemap, &self.name, vaddr as usize, len)
             }
             // SAFETY: forwarded from the caller.
