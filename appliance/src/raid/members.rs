@@ -344,16 +344,19 @@ impl WriteBehind {
     }
 
     /// Wait until no write is in the background (the reactors finish
-    /// them); false after `timeout`.
-    pub fn drain(&self, timeout: std::time::Duration) -> bool {
+    /// them); after `timeout`, an error saying how many are left.
+    pub fn drain(&self, timeout: std::time::Duration) -> Result<(), String> {
         let t = std::time::Instant::now();
         while self.inflight() > 0 {
             if t.elapsed() >= timeout {
-                return false;
+                return Err(format!(
+                    "{} writes to write-mostly members did not finish in {timeout:?}",
+                    self.inflight()
+                ));
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
-        true
+        Ok(())
     }
 }
 

@@ -432,12 +432,7 @@ fn publish(volume: &Volume, next: &Arc<dyn RaidDevice>) -> Result<(), ChangeErro
             // are part of the old generation's IO (md's barrier waits for
             // them too): a rebuild must not read a region one of them is
             // still writing.
-            if !behind.drain(CHANGE_TIMEOUT) {
-                return Err(format!(
-                    "{} writes to write-mostly members did not finish in {CHANGE_TIMEOUT:?}",
-                    behind.inflight()
-                ));
-            }
+            behind.drain(CHANGE_TIMEOUT)?;
             Ok::<_, String>((VolumeConfig { device: dev }, ()))
         })
         .map_err(|e| match e {
@@ -835,12 +830,9 @@ impl Monitor {
                 .volume
                 .suspend(CHANGE_TIMEOUT)
                 .map_err(|e| OpError::DeadlineExceeded(e.to_string()))?;
-            if !set.behind.drain(CHANGE_TIMEOUT) {
-                return Err(OpError::DeadlineExceeded(format!(
-                    "{} writes to write-mostly members did not finish in {CHANGE_TIMEOUT:?}",
-                    set.behind.inflight()
-                )));
-            }
+            set.behind
+                .drain(CHANGE_TIMEOUT)
+                .map_err(OpError::DeadlineExceeded)?;
         }
         Ok(())
     }
@@ -930,13 +922,10 @@ impl Monitor {
             .map_err(|e| OpError::Internal(e.to_string()))?;
         // Writes still going to write-mostly members would read as
         // mismatches (and a repair could copy over them).
-        let behind = cur.member_set().behind.clone();
-        if !behind.drain(CHANGE_TIMEOUT) {
-            return Err(OpError::DeadlineExceeded(format!(
-                "{} writes to write-mostly members did not finish in {CHANGE_TIMEOUT:?}",
-                behind.inflight()
-            )));
-        }
+        cur.member_set()
+            .behind
+            .drain(CHANGE_TIMEOUT)
+            .map_err(OpError::DeadlineExceeded)?;
         let progress = self
             .set
             .call(core, CHANGE_TIMEOUT, move |ctx| {

@@ -366,10 +366,8 @@ impl Raid1Channel {
         }
         if self.parents[pi].as_ref().is_none_or(|p| p.pending == 0) {
             if let Some(bi) = behind {
-                // Nothing went out: undo the background record.
-                if let Some(io) = self.behind_ios[bi].as_mut() {
-                    io.pending = 0;
-                }
+                // Nothing went out: the keys go back to the write and the
+                // background record away.
                 let keys = self.behind_ios[bi].as_mut().and_then(|io| io.keys.take());
                 if let Some(p) = self.parents[pi].as_mut() {
                     p.keys = keys;
@@ -403,27 +401,30 @@ impl Raid1Channel {
 
     /// Send again what full queues refused, in order, until one refuses.
     fn pump_resend(&mut self) {
-        while let Some(r) = self.resend.pop_front() {
-            let taken = match r {
-                Resend::Child(pi, m) => self.failed[m] || self.submit_child(pi, m),
-                Resend::Behind(bi, m) => self.failed[m] || self.submit_behind(bi, m),
-            };
-            if !taken {
-                self.resend.push_front(r);
-                return;
-            }
-            let (tag, m) = match r {
-                Resend::Child(pi, m) => (Self::child_tag(pi, m), m),
-                Resend::Behind(bi, m) => (Self::behind_tag(bi, m), m),
+        while let Some(&r) = self.resend.front() {
+            let (m, tag) = match r {
+                Resend::Child(pi, m) => (m, Self::child_tag(pi, m)),
+                Resend::Behind(bi, m) => (m, Self::behind_tag(bi, m)),
             };
             if self.failed[m] {
-                // The member failed meanwhile: nothing to send it.
+                // The member failed meanwhile: nothing to send it; its
+                // completion is an error (counted out as if it had gone).
+                self.resend.pop_front();
                 self.outstanding[m] += 1;
                 self.on_child(Completion {
                     tag,
                     result: Err(IoError::DeviceFailed),
                 });
+                continue;
             }
+            let taken = match r {
+                Resend::Child(pi, m) => self.submit_child(pi, m),
+                Resend::Behind(bi, m) => self.submit_behind(bi, m),
+            };
+            if !taken {
+                return;
+            }
+            self.resend.pop_front();
         }
     }
 
