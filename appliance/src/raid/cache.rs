@@ -32,16 +32,6 @@ struct Shard {
     stripes: HashMap<u64, u32>,
 }
 
-/// One cached block as a reclaim sees it.
-pub struct Snapshot {
-    /// Volume block.
-    pub block: u64,
-    /// The version, for [`WriteCache::remove_if`].
-    pub version: u64,
-    /// Its data.
-    pub data: Box<[u8]>,
-}
-
 /// Blocks acknowledged from the journal and not yet on the members.
 pub struct WriteCache {
     shards: Box<[Mutex<Shard>]>,
@@ -56,7 +46,15 @@ pub struct WriteCache {
     pending: AtomicU64,
     /// Above this many blocks, writes bypass the cache (write-through).
     limit: u64,
+    /// Recently written blocks, for admission (see [`admit`](Self::admit)):
+    /// a table indexed by a hash of the block, holding block + 1. Updates
+    /// race and collisions evict; it is a hint, never a correctness matter.
+    recent: Box<[AtomicU64]>,
 }
+
+/// Up to this share of the cache (1/BURST_SHARE) takes any write, so a
+/// burst is acknowledged from the journal; beyond it, only rewrites.
+const BURST_SHARE: u64 = 4;
 
 impl WriteCache {
     /// A cache of at most `limit` blocks.
@@ -69,6 +67,11 @@ impl WriteCache {
             next_version: AtomicU64::new(1),
             pending: AtomicU64::new(0),
             limit,
+            // Twice the cache: a block rewritten within about a cache's
+            // worth of writes is found.
+            recent: (0..(2 * limit).next_power_of_two().max(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -100,6 +103,30 @@ impl WriteCache {
         true
     }
 
+    /// Whether a write of volume blocks `[b0, b1)` should go write-back,
+    /// taking room for it as [`try_admit`](Self::try_admit) does. Caching
+    /// pays only when a block is written again before it is reclaimed (one
+    /// reclaim for many writes) or its neighbours join it (a row reclaimed
+    /// without reads); a block written once costs its write-back record on
+    /// top of the write-through write its reclaim is. So past a burst's
+    /// share of the cache, only blocks that were (or whose predecessor was)
+    /// written recently are admitted; the rest go write-through, as they
+    /// would once the cache is full. Uniform random writes over a large
+    /// volume then cost what write-through costs, and a hot set or a
+    /// sequential stream is still cached.
+    pub fn admit(&self, b0: u64, b1: u64) -> bool {
+        let mask = self.recent.len() - 1;
+        let slot =
+            |b: u64| &self.recent[(b.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & mask];
+        let mut again = b0 > 0 && slot(b0 - 1).load(Ordering::Relaxed) == b0;
+        for b in b0..b1 {
+            again |= slot(b).swap(b + 1, Ordering::Relaxed) == b + 1;
+        }
+        let n = b1 - b0;
+        let burst = self.len() + self.pending() + n <= self.limit / BURST_SHARE;
+        (again || burst) && self.try_admit(n)
+    }
+
     /// Blocks admitted and not yet inserted.
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::SeqCst)
@@ -119,13 +146,23 @@ impl WriteCache {
     /// durable in a record of `epoch`. Caller holds the stripe lock.
     pub fn insert(&self, stripe: u64, block: u64, data: &[u8], epoch: u64) {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        self.per_epoch[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
+        let mut s = self.shard(stripe);
+        // A rewrite (the common case for a hot set) reuses the buffer.
+        if let Some(old) = s.blocks.get_mut(&block) {
+            if old.data.len() == data.len() {
+                old.data.copy_from_slice(data);
+                let old_epoch = std::mem::replace(&mut old.epoch, epoch);
+                old.version = version;
+                self.per_epoch[(old_epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+        }
         let new = Cached {
             data: data.into(),
             epoch,
             version,
         };
-        self.per_epoch[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
-        let mut s = self.shard(stripe);
         if let Some(old) = s.blocks.insert(block, new) {
             self.per_epoch[(old.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
             return;
@@ -152,17 +189,37 @@ impl WriteCache {
         }
     }
 
-    /// The cached blocks of `stripe` (volume blocks `[b0, b1)`), in order.
-    pub fn snapshot(&self, stripe: u64, b0: u64, b1: u64) -> Vec<Snapshot> {
+    /// The cached blocks of `stripe` (volume blocks `[b0, b1)`) in order,
+    /// with their versions (for [`remove_if`](Self::remove_if)).
+    pub fn versions(&self, stripe: u64, b0: u64, b1: u64) -> Vec<(u64, u64)> {
         let s = self.shard(stripe);
         s.blocks
             .range(b0..b1)
-            .map(|(&block, c)| Snapshot {
-                block,
-                version: c.version,
-                data: c.data.clone(),
-            })
+            .map(|(&block, c)| (block, c.version))
             .collect()
+    }
+
+    /// Put the data of volume blocks `[b0, b1)` of `stripe` in `out` (in
+    /// place of what it held) and return their versions, if every one of
+    /// them is cached; `None` otherwise.
+    pub fn copy_run(
+        &self,
+        stripe: u64,
+        b0: u64,
+        b1: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<Vec<(u64, u64)>> {
+        let s = self.shard(stripe);
+        if s.blocks.range(b0..b1).count() as u64 != b1 - b0 {
+            return None;
+        }
+        out.clear();
+        let mut versions = Vec::with_capacity((b1 - b0) as usize);
+        for (&block, c) in s.blocks.range(b0..b1) {
+            out.extend_from_slice(&c.data);
+            versions.push((block, c.version));
+        }
+        Some(versions)
     }
 
     /// Drop `block` if it is still at `version` (it reached the members);
@@ -230,11 +287,18 @@ mod tests {
         let mut seen = Vec::new();
         c.each_in(7, 0, 100, |b, d| seen.push((b, d[0])));
         assert_eq!(seen, vec![(70, 4), (72, 2)]);
-        let snap = c.snapshot(7, 0, 100);
+        let snap = c.versions(7, 0, 100);
+        let mut run = Vec::new();
+        assert_eq!(c.copy_run(7, 70, 71, &mut run).map(|v| v.len()), Some(1));
+        assert_eq!(run, vec![4; 8]);
+        assert!(
+            c.copy_run(7, 70, 72, &mut run).is_none(),
+            "71 is not cached"
+        );
         // A reclaim of an older version leaves the newer one.
         c.insert(7, 72, &[5; 8], 1);
-        for s in &snap {
-            c.remove_if(7, s.block, Some(s.version));
+        for &(block, version) in &snap {
+            c.remove_if(7, block, Some(version));
         }
         let mut seen = Vec::new();
         c.each_in(7, 0, 100, |b, d| seen.push((b, d[0])));
@@ -246,5 +310,32 @@ mod tests {
         c.remove_if(9, 90, None);
         assert!(c.is_empty() && !c.has_stripe(7));
         assert_eq!((c.in_epoch(0), c.in_epoch(1)), (0, 0));
+    }
+
+    #[test]
+    fn past_a_burst_only_rewrites_and_sequential_writes_are_admitted() {
+        let c = WriteCache::new(64);
+        // A burst: the first quarter of the cache takes anything.
+        for b in 0..16 {
+            assert!(c.admit(b * 1000, b * 1000 + 1), "burst write {b}");
+            c.insert(b, b * 1000, &[0; 8], 0);
+            c.release(1);
+        }
+        // Past it, a block written once is refused...
+        assert!(!c.admit(777_777, 777_778));
+        // ...but the same block written again is cached, and so is the
+        // block after a recent one (a sequential stream).
+        assert!(c.admit(777_777, 777_778));
+        c.release(1);
+        assert!(c.admit(777_778, 777_780));
+        c.release(2);
+        // A rewrite of a cached block.
+        assert!(c.admit(3000, 3001));
+        c.release(1);
+        // The limit still holds for rewrites.
+        for b in 16..64 {
+            c.insert(b, b * 1000, &[0; 8], 0);
+        }
+        assert!(!c.admit(3000, 3001), "the cache is full");
     }
 }

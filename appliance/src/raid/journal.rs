@@ -134,8 +134,10 @@ fn write_header(
     blocks: usize,
     volume: bool,
 ) {
-    r.clear();
+    // Only the header is zeroed: the caller writes every data block (a
+    // recycled buffer's old bytes would otherwise be logged).
     r.resize(bs * (1 + blocks), 0);
+    r[..bs].fill(0);
     r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
     r[8..16].copy_from_slice(&nonce.to_le_bytes());
     r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
@@ -476,7 +478,7 @@ impl Journal {
     }
 
     /// Size `r` for a record of `blocks` data blocks and fill its header;
-    /// the caller puts the blocks after it, in entry order. A `volume`
+    /// the caller writes every block after it, in entry order. A `volume`
     /// record is write-back data without parity.
     pub fn record_header(&self, r: &mut Vec<u8>, entries: &[Entry], blocks: usize, volume: bool) {
         write_header(r, self.bs, self.nonce, entries, blocks, volume);

@@ -791,7 +791,7 @@ impl Raid5Channel {
                 .journal
                 .as_ref()
                 .filter(|j| !j.has_failed())
-                .is_some_and(|j| j.mode() == JournalMode::WriteBack && j.cache().try_admit(n));
+                .is_some_and(|j| j.mode() == JournalMode::WriteBack && j.cache().admit(p.b0, p.b1));
             if wb {
                 p.admitted = n;
                 self.write_back(pi);
@@ -1068,7 +1068,9 @@ impl Raid5Channel {
         j.record_header(&mut rec, &entries, (b1 - b0) as usize, true);
         let mut at = bs;
         for (off, len) in runs {
-            if !zeroes {
+            if zeroes {
+                rec[at..at + len].fill(0);
+            } else {
                 // SAFETY: the parent's buffers are valid until it completes.
                 unsafe { sg::copy_out(&psg, off, &mut rec[at..at + len]) };
             }
@@ -1127,26 +1129,18 @@ impl Raid5Channel {
             let Some(stripe) = c.next_dirty() else {
                 break;
             };
-            let snap = c.snapshot(stripe, stripe * sb, (stripe + 1) * sb);
+            // One piece per run of consecutive blocks; their data is taken
+            // once the piece holds the stripe lock (`refresh_reclaim`).
+            let cached = c.versions(stripe, stripe * sb, (stripe + 1) * sb);
             let mut k = 0;
-            while k < snap.len() {
+            while k < cached.len() {
                 let mut e = k + 1;
-                while e < snap.len() && snap[e].block == snap[e - 1].block + 1 {
+                while e < cached.len() && cached[e].0 == cached[e - 1].0 + 1 {
                     e += 1;
                 }
-                let mut own = Vec::with_capacity((e - k) * self.bs());
-                for b in &snap[k..e] {
-                    own.extend_from_slice(&b.data);
-                }
-                let mut piece = Self::new_piece(
-                    pa,
-                    Kind::Write,
-                    stripe,
-                    snap[k].block,
-                    snap[e - 1].block + 1,
-                );
-                piece.reclaim = Some(snap[k..e].iter().map(|b| (b.block, b.version)).collect());
-                piece.own = own;
+                let mut piece =
+                    Self::new_piece(pa, Kind::Write, stripe, cached[k].0, cached[e - 1].0 + 1);
+                piece.reclaim = Some(cached[k..e].to_vec());
                 out.push(self.alloc_piece(piece));
                 k = e;
             }
@@ -1158,29 +1152,24 @@ impl Raid5Channel {
         out
     }
 
-    /// Take a reclaim piece's data from the cache again, now that it holds
-    /// the stripe lock: only what is cached now may go to the members.
-    /// False when a block of its run is no longer cached.
+    /// Take a reclaim piece's data from the cache, now that it holds the
+    /// stripe lock: only what is cached now may go to the members. False
+    /// when a block of its run is no longer cached.
     fn refresh_reclaim(&mut self, pi: usize) -> bool {
-        let Some(c) = self.cache() else {
+        let Some(j) = self.journal.as_ref() else {
             return false;
         };
-        let Some(p) = self.pieces[pi].as_ref() else {
-            return false;
-        };
-        let snap = c.snapshot(p.stripe, p.b0, p.b1);
-        if snap.len() as u64 != p.b1 - p.b0 {
-            return false;
-        }
+        let c = j.cache();
         let Some(p) = self.pieces[pi].as_mut() else {
             return false;
         };
-        p.own.clear();
-        for b in &snap {
-            p.own.extend_from_slice(&b.data);
+        match c.copy_run(p.stripe, p.b0, p.b1, &mut p.own) {
+            Some(versions) => {
+                p.reclaim = Some(versions);
+                true
+            }
+            None => false,
         }
-        p.reclaim = Some(snap.iter().map(|b| (b.block, b.version)).collect());
-        true
     }
 
     fn new_piece(parent: usize, kind: Kind, stripe: u64, b0: u64, b1: u64) -> Piece {
