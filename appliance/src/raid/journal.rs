@@ -9,7 +9,9 @@
 //! Layout on the journal device: block 0 is the journal superblock; the
 //! rest is a circular log of records. A record is a header block (magic,
 //! the journal's secret nonce, sequence number, length, where each run of
-//! blocks goes) followed by the blocks, with a CRC32C over all of it. Every
+//! blocks goes) followed by the blocks, with a CRC32C over the header's
+//! fields and entries and all the blocks (not the header block's unused
+//! rest: a 4 KiB write would checksum 8 KiB otherwise). Every
 //! channel (one per reactor) appends to the shared log: space and sequence
 //! numbers come from one atomic counter, taken while the piece holds its
 //! stripe lock, so two records of one stripe are ordered by sequence.
@@ -134,10 +136,10 @@ fn write_header(
     blocks: usize,
     volume: bool,
 ) {
-    // Only the header is zeroed: the caller writes every data block (a
-    // recycled buffer's old bytes would otherwise be logged).
+    // Only what the checksum covers is zeroed: the caller writes every
+    // data block, and the header block's rest is never read.
     r.resize(bs * (1 + blocks), 0);
-    r[..bs].fill(0);
+    r[..header_len(entries.len(), bs)].fill(0);
     r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
     r[8..16].copy_from_slice(&nonce.to_le_bytes());
     r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
@@ -151,12 +153,38 @@ fn write_header(
     }
 }
 
-/// Give a record its sequence number and its checksum (CRC32C over the
-/// whole record, with the header's last 4 bytes, where it goes, zeroed).
+/// Bytes of a header block that hold something: the fixed fields and
+/// `entries` entries.
+fn header_len(entries: usize, bs: usize) -> usize {
+    (32 + 16 * entries.min(MAX_ENTRIES)).min(bs - 4)
+}
+
+/// A record's checksum: CRC32C over its header's fields and entries, then
+/// its blocks. It goes in the header block's last 4 bytes.
+fn record_crc(record: &[u8], bs: usize) -> u32 {
+    let entries = (u32_at(record, 28) & !VOLUME_RECORD) as usize;
+    let head = crc32c::crc32c(&record[..header_len(entries, bs)]);
+    crc32c::crc32c_append(head, &record[bs..])
+}
+
+/// Whether `record` carries its checksum. Records written before the
+/// checksum skipped the header's unused rest covered the whole record
+/// (with the checksum's own 4 bytes zeroed); those are accepted too, so a
+/// journal left by an older version still replays.
+fn record_ok(record: &[u8], bs: usize) -> bool {
+    let want = u32_at(record, bs - 4);
+    if record_crc(record, bs) == want {
+        return true;
+    }
+    let head = crc32c::crc32c(&record[..bs - 4]);
+    let head = crc32c::crc32c_append(head, &[0; 4]);
+    crc32c::crc32c_append(head, &record[bs..]) == want
+}
+
+/// Give a record its sequence number and its checksum.
 fn seal(record: &mut [u8], bs: usize, seq: u64) {
     record[16..24].copy_from_slice(&seq.to_le_bytes());
-    record[bs - 4..bs].fill(0);
-    let crc = crc32c::crc32c(record);
+    let crc = record_crc(record, bs);
     record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -648,10 +676,7 @@ impl Journal {
                 && i + blocks <= total
                 && entries <= MAX_ENTRIES
             {
-                let mut rec = log[i * bs..(i + blocks) * bs].to_vec();
-                let want = u32_at(&rec, bs - 4);
-                rec[bs - 4..bs].fill(0);
-                if crc32c::crc32c(&rec) == want {
+                if record_ok(&log[i * bs..(i + blocks) * bs], bs) {
                     found.push((seq, i, blocks));
                     i += blocks;
                     continue;
@@ -1069,6 +1094,42 @@ impl Drop for Checkpointer {
 mod tests {
     use super::*;
     use bdev::RamDevice;
+
+    #[test]
+    fn the_checksum_covers_header_fields_entries_and_blocks_and_old_records_still_pass() {
+        let bs = 4096;
+        let e = Entry {
+            member: 1,
+            count: 1,
+            block: 5,
+        };
+        let mut r = vec![0x5a; 3 * bs];
+        write_header(&mut r, bs, 7, &[e], 1, false);
+        assert_eq!(r.len(), 2 * bs);
+        r[bs..].fill(0xab);
+        seal(&mut r, bs, 3);
+        assert!(record_ok(&r, bs));
+        // The header block's unused rest is not covered...
+        r[bs / 2] ^= 1;
+        assert!(record_ok(&r, bs));
+        // ...the sequence, an entry and the data are.
+        for at in [16, 40, bs + 100, 2 * bs - 1] {
+            let mut t = r.clone();
+            t[at] ^= 1;
+            assert!(!record_ok(&t, bs), "a flipped bit at {at} passed");
+        }
+        // A record sealed the old way: CRC32C over the whole record with
+        // the checksum's 4 bytes zeroed.
+        r[bs - 4..bs].fill(0);
+        let old = crc32c::crc32c(&r);
+        r[bs - 4..bs].copy_from_slice(&old.to_le_bytes());
+        assert!(record_ok(&r, bs));
+        r[bs / 2] ^= 1;
+        assert!(
+            !record_ok(&r, bs),
+            "the old checksum covers the whole header"
+        );
+    }
 
     #[test]
     fn records_replay_in_order_and_torn_or_foreign_ones_are_skipped() {
