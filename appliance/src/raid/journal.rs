@@ -675,12 +675,11 @@ impl Journal {
                 && blocks >= 1
                 && i + blocks <= total
                 && entries <= MAX_ENTRIES
+                && record_ok(&log[i * bs..(i + blocks) * bs], bs)
             {
-                if record_ok(&log[i * bs..(i + blocks) * bs], bs) {
-                    found.push((seq, i, blocks));
-                    i += blocks;
-                    continue;
-                }
+                found.push((seq, i, blocks));
+                i += blocks;
+                continue;
             }
             i += 1;
         }
