@@ -247,7 +247,7 @@ fn after_a_power_cut_and_resync_every_block_is_old_or_new_and_parity_is_consiste
     })
     .unwrap();
     let mut torn_rounds = 0;
-    let n = rounds(24);
+    let n = rounds(200);
     for round in 0..n {
         let r = power_cut_round(&reactors, round, false);
         assert_eq!(
@@ -272,7 +272,7 @@ fn with_a_write_intent_bitmap_resyncing_the_marked_stripes_alone_repairs_every_t
     })
     .unwrap();
     let (mut torn_rounds, mut partial, mut resynced, mut full) = (0, 0, 0, 0);
-    let n = rounds(60);
+    let n = rounds(200);
     for round in 0..n {
         let r = power_cut_round(&reactors, round, true);
         torn_rounds += r.torn as u32;
@@ -491,7 +491,7 @@ fn cut_lose_and_cut_replay(
 fn the_write_journal_closes_the_write_hole_when_a_member_is_lost_after_a_crash() {
     let (mut with, mut back, mut without) = (0, 0, 0);
     let (mut checkpoints, mut cached) = (0, 0);
-    for round in 0..rounds(40) {
+    for round in 0..rounds(150) {
         with += cut_and_lose_a_member(round, Some(JournalMode::WriteThrough)).0;
         let (bad, c, left) = cut_and_lose_a_member(round, Some(JournalMode::WriteBack));
         (back, checkpoints, cached) = (back + bad, checkpoints + c, cached + left);
@@ -523,7 +523,7 @@ fn the_write_journal_closes_the_write_hole_when_a_member_is_lost_after_a_crash()
 #[test]
 fn a_power_cut_during_replay_then_a_second_replay_loses_nothing() {
     let (mut cuts, mut bad_wt, mut bad_wb) = (0u64, 0, 0);
-    let n = rounds(90);
+    let n = rounds(150);
     for round in 0..n {
         // Early cuts, and cuts spread over long replays (some finish).
         let k = if round % 2 == 0 {
