@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 const SHARDS: usize = 64;
 
@@ -50,11 +51,20 @@ pub struct WriteCache {
     /// a table indexed by a hash of the block, holding block + 1. Updates
     /// race and collisions evict; it is a hint, never a correctness matter.
     recent: Box<[AtomicU64]>,
+    burst: Mutex<Burst>,
 }
 
-/// Up to this share of the cache (1/BURST_SHARE) takes any write, so a
-/// burst is acknowledged from the journal; beyond it, only rewrites.
+/// Writes of blocks not written recently may take this share of the
+/// cache (1/BURST_SHARE) at once, and as much again each second: a burst
+/// is acknowledged from the journal, and under sustained uniform writes
+/// they stay a small share.
 const BURST_SHARE: u64 = 4;
+
+/// What one-time blocks may still take (see [`WriteCache::admit`]).
+struct Burst {
+    credit: f64,
+    at: Instant,
+}
 
 impl WriteCache {
     /// A cache of at most `limit` blocks.
@@ -72,6 +82,10 @@ impl WriteCache {
             recent: (0..(2 * limit).next_power_of_two().max(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            burst: Mutex::new(Burst {
+                credit: (limit / BURST_SHARE) as f64,
+                at: Instant::now(),
+            }),
         }
     }
 
@@ -108,13 +122,18 @@ impl WriteCache {
     /// pays only when a block is written again before it is reclaimed (one
     /// reclaim for many writes) or its neighbours join it (a row reclaimed
     /// without reads); a block written once costs its write-back record on
-    /// top of the write-through write its reclaim is. So past a burst's
-    /// share of the cache, only blocks that were (or whose predecessor was)
-    /// written recently are admitted; the rest go write-through, as they
-    /// would once the cache is full. Uniform random writes over a large
-    /// volume then cost what write-through costs, and a hot set or a
-    /// sequential stream is still cached.
+    /// top of the write-through write its reclaim is. So blocks that were
+    /// (or whose predecessor was) written recently are admitted, and other
+    /// blocks only within a burst's credit (a quarter of the cache, refilled
+    /// at that much a second); the rest go write-through, as they would
+    /// once the cache is full. Sustained uniform random writes over a large
+    /// volume then cost about what write-through costs, and a hot set, a
+    /// sequential stream and a burst are still cached.
     pub fn admit(&self, b0: u64, b1: u64) -> bool {
+        self.admit_at(b0, b1, Instant::now())
+    }
+
+    fn admit_at(&self, b0: u64, b1: u64, now: Instant) -> bool {
         let mask = self.recent.len() - 1;
         let slot =
             |b: u64| &self.recent[(b.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & mask];
@@ -123,8 +142,19 @@ impl WriteCache {
             again |= slot(b).swap(b + 1, Ordering::Relaxed) == b + 1;
         }
         let n = b1 - b0;
-        let burst = self.len() + self.pending() + n <= self.limit / BURST_SHARE;
-        (again || burst) && self.try_admit(n)
+        if again {
+            return self.try_admit(n);
+        }
+        let share = (self.limit / BURST_SHARE) as f64;
+        let mut b = self.burst.lock().unwrap_or_else(|e| e.into_inner());
+        let dt = now.saturating_duration_since(b.at).as_secs_f64();
+        b.credit = (b.credit + dt * share).min(share);
+        b.at = b.at.max(now);
+        if b.credit < n as f64 || !self.try_admit(n) {
+            return false;
+        }
+        b.credit -= n as f64;
+        true
     }
 
     /// Blocks admitted and not yet inserted.
@@ -315,23 +345,31 @@ mod tests {
     #[test]
     fn past_a_burst_only_rewrites_and_sequential_writes_are_admitted() {
         let c = WriteCache::new(64);
-        // A burst: the first quarter of the cache takes anything.
+        let t0 = c.burst.lock().unwrap().at;
+        // A burst: a quarter of the cache takes anything.
         for b in 0..16 {
-            assert!(c.admit(b * 1000, b * 1000 + 1), "burst write {b}");
+            assert!(c.admit_at(b * 1000, b * 1000 + 1, t0), "burst write {b}");
             c.insert(b, b * 1000, &[0; 8], 0);
             c.release(1);
         }
         // Past it, a block written once is refused...
-        assert!(!c.admit(777_777, 777_778));
+        assert!(!c.admit_at(777_777, 777_778, t0));
         // ...but the same block written again is cached, and so is the
         // block after a recent one (a sequential stream).
-        assert!(c.admit(777_777, 777_778));
+        assert!(c.admit_at(777_777, 777_778, t0));
         c.release(1);
-        assert!(c.admit(777_778, 777_780));
+        assert!(c.admit_at(777_778, 777_780, t0));
         c.release(2);
         // A rewrite of a cached block.
-        assert!(c.admit(3000, 3001));
+        assert!(c.admit_at(3000, 3001, t0));
         c.release(1);
+        // The credit comes back with time: 16 a second.
+        let later = t0 + std::time::Duration::from_millis(250);
+        for b in 0..4 {
+            assert!(c.admit_at(900_000 + 10 * b, 900_001 + 10 * b, later));
+            c.release(1);
+        }
+        assert!(!c.admit_at(900_100, 900_101, later));
         // The limit still holds for rewrites.
         for b in 16..64 {
             c.insert(b, b * 1000, &[0; 8], 0);
