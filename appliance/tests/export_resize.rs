@@ -249,3 +249,57 @@ fn a_raid_member_is_not_resized_under_its_array() {
     m.shutdown();
     reactors.shutdown().unwrap();
 }
+
+/// Notifications sent at the same moment (two resizes racing) are each
+/// delivered: the second waits for the first's answer rather than finding
+/// the channel in use and skipping its message.
+#[test]
+fn notifications_at_the_same_moment_all_reach_the_frontend() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::volume::Volume;
+    use bdev::{BlockDevice, RamDevice};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", 4096, 256).unwrap());
+    let volume = Volume::new(reactors.set(), "v", dev);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("v.sock");
+    let mut export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            socket: sock.clone(),
+            num_queues: 1,
+            read_only: false,
+            serial: String::new(),
+            queue_cores: vec![],
+        },
+    )
+    .unwrap();
+    let (mut f, seen, on) = frontend_with_channel(&sock);
+    assert_eq!(capacity_bytes(&mut f), MIB);
+    let rounds = 20;
+    for round in 0..rounds {
+        let told: Vec<Result<bool, String>> = std::thread::scope(|s| {
+            let senders: Vec<_> = (0..2)
+                .map(|_| {
+                    let n = export.notifier();
+                    s.spawn(move || n.config_changed())
+                })
+                .collect();
+            senders.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(told, vec![Ok(true), Ok(true)], "round {round}");
+    }
+    for i in 0..2 * rounds {
+        let cap = seen.recv_timeout(Duration::from_secs(10));
+        assert_eq!(cap, Ok(MIB), "message {i}");
+    }
+    on.frontend.lock().unwrap().take();
+    drop(f);
+    export.delete(true).unwrap();
+    reactors.shutdown().unwrap();
+}

@@ -99,6 +99,10 @@ pub struct ExportShared {
     connections: AtomicU64,
     /// The connected frontend's backend request channel, if it set one up.
     frontend: Mutex<Option<frontend::FrontendChannel>>,
+    /// Held by a notification from start to answer: the channel is out of
+    /// `frontend` meanwhile, and a second notification must wait for it,
+    /// not find it gone and skip its message.
+    notifying: Mutex<()>,
     /// Per queue index; they outlive connections, so counts accumulate.
     stats: Vec<Arc<stats::IoStats>>,
 }
@@ -112,6 +116,11 @@ pub struct Notifier {
 impl Notifier {
     /// See [`Export::notify_config_change`].
     pub fn config_changed(&self) -> Result<bool, String> {
+        let _one_at_a_time = self
+            .shared
+            .notifying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         // Out of the lock while talking: the export's thread takes it when
         // a connection ends or sets up its channel.
         let (connection, taken) = {
@@ -265,6 +274,7 @@ impl Export {
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             frontend: Mutex::new(None),
+            notifying: Mutex::new(()),
             stats: (0..opts_queues)
                 .map(|_| Arc::new(stats::IoStats::default()))
                 .collect(),
