@@ -112,6 +112,10 @@ enum Cmd {
         /// daemon thread, as a volume created with --bitmap does.
         #[arg(long)]
         bitmap: bool,
+        /// With --journal: the journal is this file (created, 512 MiB),
+        /// not RAM, so its flush is an fdatasync.
+        #[arg(long)]
+        journal_file: Option<std::path::PathBuf>,
     },
     /// Resync after an unclean stop, with and without a write-intent
     /// bitmap: 4 RAM members, random 4 KiB writes over a hot set, then
@@ -211,13 +215,14 @@ fn main() {
             span_mib,
             member_latency_us,
             bitmap,
+            journal_file,
         } => raid(
             level,
             rw,
             members,
             seconds,
             (journal, write_back, bitmap),
-            (span_mib, member_latency_us),
+            (span_mib, member_latency_us, journal_file),
         ),
     };
     match result {
@@ -517,7 +522,7 @@ fn raid(
     members: usize,
     seconds: f64,
     (journal, write_back, bitmap): (bool, bool, bool),
-    (span_mib, member_latency_us): (u64, u64),
+    (span_mib, member_latency_us, journal_file): (u64, u64, Option<std::path::PathBuf>),
 ) -> Result<serde_json::Value, String> {
     use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, Member, MemberState};
@@ -563,16 +568,28 @@ fn raid(
             )
             .map_err(|e| e.to_string())?;
             if journal {
-                let jdev = RamDevice::new("journal", 4096, (512 << 20) / 4096)
-                    .map_err(|e| e.to_string())?;
-                prefill(&jdev)?;
+                let jdev: Arc<dyn BlockDevice> = match &journal_file {
+                    Some(path) => {
+                        let f = std::fs::File::create(path)
+                            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+                        f.set_len(512 << 20)
+                            .map_err(|e| format!("sizing {}: {e}", path.display()))?;
+                        Arc::new(bdev::FileDevice::open(path, 4096).map_err(|e| e.to_string())?)
+                    }
+                    None => {
+                        let d = RamDevice::new("journal", 4096, (512 << 20) / 4096)
+                            .map_err(|e| e.to_string())?;
+                        prefill(&d)?;
+                        Arc::new(d)
+                    }
+                };
                 use appliance::raid::journal::JournalMode;
                 let mode = if write_back {
                     JournalMode::WriteBack
                 } else {
                     JournalMode::WriteThrough
                 };
-                let j = appliance::raid::journal::Journal::format_with(Arc::new(jdev), mode)?;
+                let j = appliance::raid::journal::Journal::format_with(jdev, mode)?;
                 journal_handle = Some(j.clone());
                 Arc::new(r5.with_journal(j))
             } else {
@@ -672,6 +689,7 @@ fn raid(
         "members": members,
         "span_mib": span_mib,
         "member_latency_us": member_latency_us,
+        "journal_device": if journal_file.is_some() { "file" } else { "ram" },
         "rw": format!("{rw:?}").to_lowercase(),
         "io_bytes": io_bytes,
         "results": out,

@@ -278,6 +278,9 @@ impl BlockDevice for Raid5Device {
             journal: self.journal.clone(),
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
+            jflush_waiting: Vec::new(),
+            jflush_group: Vec::new(),
+            jflush_inflight: false,
             jbufs: Vec::new(),
             fast: Vec::new(),
             free_fast: Vec::new(),
@@ -405,6 +408,13 @@ struct Raid5Channel {
     jwait: VecDeque<usize>,
     /// Journal requests waiting for room in the journal device's queue.
     jdeferred: VecDeque<IoRequest>,
+    /// Pieces whose record is written and waits for a journal flush.
+    jflush_waiting: Vec<usize>,
+    /// Pieces the journal flush in flight covers. Group commit: one flush
+    /// for every record written before it was sent, so a device whose
+    /// flush is costly (fdatasync of a file) pays it once per batch.
+    jflush_group: Vec<usize>,
+    jflush_inflight: bool,
     /// Record buffers to reuse.
     jbufs: Vec<Vec<u8>>,
     /// Reclaim pieces in flight on this channel.
@@ -425,6 +435,10 @@ struct Raid5Channel {
 
 /// The child tag's member field for writes to a replacement device.
 const REPLACE: usize = JOURNAL - 1;
+
+/// The child tag's member field for the journal flush that covers the
+/// records of every piece in `jflush_group`.
+const JOURNAL_FLUSH: usize = JOURNAL - 2;
 
 /// Child tag bit of a read sent by `read_fast`.
 const FAST: u64 = 1 << 63;
@@ -1312,6 +1326,60 @@ impl Raid5Channel {
         if let Some(p) = self.pieces[pi].as_mut() {
             p.pending += 1;
         }
+        self.journal_send(req);
+    }
+
+    /// Piece `pi`'s record is written: it waits (one more pending) for a
+    /// journal flush sent after that.
+    fn await_journal_flush(&mut self, pi: usize) {
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.jphase = 2;
+            p.pending += 1;
+        }
+        self.jflush_waiting.push(pi);
+        self.flush_journal();
+    }
+
+    /// Send one flush for every waiting record, unless one is in flight
+    /// (the waiting ones go with the next).
+    fn flush_journal(&mut self) {
+        if self.jflush_inflight || self.jflush_waiting.is_empty() {
+            return;
+        }
+        self.jflush_inflight = true;
+        std::mem::swap(&mut self.jflush_group, &mut self.jflush_waiting);
+        let mut req = IoRequest::flush(0);
+        req.tag = JOURNAL_FLUSH as u64;
+        self.journal_send(req);
+    }
+
+    /// The group flush is back: its pieces' records are durable (or the
+    /// journal failed under them).
+    fn on_journal_flush(&mut self, result: Result<(), IoError>) {
+        self.jflush_inflight = false;
+        let mut group = std::mem::take(&mut self.jflush_group);
+        for &pi in &group {
+            if let Some(p) = self.pieces.get_mut(pi).and_then(|p| p.as_mut()) {
+                p.pending = p.pending.saturating_sub(1);
+                if result.is_err() {
+                    p.jphase = JOURNAL_FAILED;
+                }
+            }
+        }
+        if result.is_err() {
+            self.journal_failed();
+        }
+        for &pi in &group {
+            self.maybe_done(pi);
+        }
+        group.clear();
+        if self.jflush_group.is_empty() {
+            self.jflush_group = group;
+        }
+        self.flush_journal();
+    }
+
+    fn journal_send(&mut self, req: IoRequest) {
         if !self.jdeferred.is_empty() {
             self.jdeferred.push_back(req);
             return;
@@ -1353,12 +1421,7 @@ impl Raid5Channel {
             // Waiting for room in the log.
             Stage::Journaling if p.jphase == 0 => {}
             Stage::Journaling if p.error.is_some() => self.finish_piece(pi),
-            Stage::Journaling if p.jphase == 1 => {
-                if let Some(p) = self.pieces[pi].as_mut() {
-                    p.jphase = 2;
-                }
-                self.journal_io(pi, IoRequest::flush(0));
-            }
+            Stage::Journaling if p.jphase == 1 => self.await_journal_flush(pi),
             Stage::Journaling if p.wb => {
                 self.cache_record(pi);
                 let Some(p) = self.pieces[pi].as_mut() else {
@@ -1480,12 +1543,25 @@ impl Raid5Channel {
         }
     }
 
+    /// Say once that the journal failed, and go on without it.
+    fn journal_failed(&self) {
+        if let Some(j) = &self.journal {
+            if !j.has_failed() {
+                tracing::error!(volume = %self.info.name, "journal device failed; writes go on without it (no write-hole protection), and the write-back cache drains to the members");
+            }
+            j.set_failed();
+        }
+    }
+
     fn on_child(&mut self, c: Completion) {
         if c.tag & FAST != 0 {
             return self.on_fast(c);
         }
         let pi = (c.tag >> MEMBER_BITS) as usize;
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
+        if m == JOURNAL_FLUSH {
+            return self.on_journal_flush(c.result);
+        }
         if m == REPLACE {
             // Never the write's outcome: a failing new device ends the
             // replacement, the slot's own device still has the data.
@@ -1509,19 +1585,17 @@ impl Raid5Channel {
         if c.result.is_err() && p.stage == Stage::Reading {
             p.read_failed = true;
         }
-        if c.result.is_err() && m == JOURNAL {
+        let journal_failed = c.result.is_err() && m == JOURNAL;
+        if journal_failed {
             // The members were not touched: the piece is planned again
             // without the journal, which the volume goes on without.
             p.jphase = JOURNAL_FAILED;
-            if let Some(j) = &self.journal {
-                if !j.has_failed() {
-                    tracing::error!(volume = %self.info.name, "journal device failed; writes go on without it (no write-hole protection), and the write-back cache drains to the members");
-                }
-                j.set_failed();
-            }
         }
         if c.result.is_err() && p.kind == Kind::Flush {
             p.error.get_or_insert(IoError::DeviceFailed);
+        }
+        if journal_failed {
+            self.journal_failed();
         }
         self.maybe_done(pi);
     }
