@@ -63,9 +63,8 @@ for r in rows:
         j = {True: 'write-through', False: ''}.get(j, j) if isinstance(j, bool) else (j or '')
         span = f" over {r['span_mib']} MiB" if r.get('span_mib') else ''
         span += f", members +{r['member_latency_us']} us" if r.get('member_latency_us') else ''
-        if r.get('journal_device') == 'file':
-            j += ' (on a file, root disk)'
-        md.append(f"| RAID{r['level']}{' + ' + j + ' journal' if j else ''} | {r['rw']}{span} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} |")
+        where = ' on a file (root disk)' if r.get('journal_device') == 'file' else ''
+        md.append(f"| RAID{r['level']}{' + ' + j + ' journal' + where if j else ''} | {r['rw']}{span} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} |")
         if 'same_footprint' in r['results']:
             f = r['results']['same_footprint']
             footnotes.append(f"RAID{r['level']} {r['rw']}: one RAM device as large as all members together (the volume's memory footprint) does {f['iops']:,.0f} IOPS; the volume is {v['iops']/f['iops']:.2f}x of it.")

@@ -112,8 +112,9 @@ enum Cmd {
         /// daemon thread, as a volume created with --bitmap does.
         #[arg(long)]
         bitmap: bool,
-        /// With --journal: the journal is this file (created, 512 MiB),
-        /// not RAM, so its flush is an fdatasync.
+        /// With --journal: the journal is this file (created or
+        /// truncated, 512 MiB; removed at the end), not RAM, so its flush
+        /// is an fdatasync.
         #[arg(long)]
         journal_file: Option<std::path::PathBuf>,
     },
@@ -680,6 +681,9 @@ fn raid(
                 "cpu_ns_per_io": cpu / totals.ios.max(1) as f64,
             }),
         );
+    }
+    if let Some(path) = &journal_file {
+        let _ = std::fs::remove_file(path);
     }
     Ok(json!({
         "bench": "raid",

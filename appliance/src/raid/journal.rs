@@ -54,7 +54,14 @@ use super::cache::WriteCache;
 use super::geometry::Raid5Geometry;
 use super::parity::xor_into;
 
-const SB_MAGIC: u64 = 0x3159_4c4e_5254_4f4a; // "JORTNLY1"
+const SB_MAGIC: u64 = 0x3259_4c4e_5254_4f4a; // "JORTNLY2"
+/// The superblock of a journal whose records are checksummed whole (before
+/// the checksum skipped the header's unused rest). Still read; a replay
+/// rewrites it as SB_MAGIC, so a binary from before that change refuses the
+/// journal ("not a journal") rather than skipping its records as torn.
+const SB_MAGIC_V1: u64 = 0x3159_4c4e_5254_4f4a; // "JORTNLY1"
+/// The smallest journal block: a record header with MAX_ENTRIES entries.
+const MIN_BLOCK: usize = 32 + 16 * MAX_ENTRIES + 4;
 const REC_MAGIC: u64 = 0x3152_4543_4c4e_524a; // "JRNLCER1"
 /// Runs of blocks a record can describe (one per member written).
 pub const MAX_ENTRIES: usize = 200;
@@ -204,7 +211,7 @@ pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
 
 fn decode_super(b: &[u8]) -> Result<Super, String> {
     let bs = b.len();
-    if bs < 64 || u64_at(b, 0) != SB_MAGIC {
+    if bs < 64 || ![SB_MAGIC, SB_MAGIC_V1].contains(&u64_at(b, 0)) {
         return Err("not a journal (no journal superblock)".into());
     }
     if crc32c::crc32c(&b[..bs - 4]) != u32_at(b, bs - 4) {
@@ -220,6 +227,19 @@ fn decode_super(b: &[u8]) -> Result<Super, String> {
             x => return Err(format!("journal superblock names unknown mode {x}")),
         },
     })
+}
+
+/// A journal block must hold a record header with every entry a record may
+/// have (a 512-byte block holds 29, fewer than a wide RAID5 writes).
+fn block_size_ok(dev: &dyn BlockDevice) -> Result<(), String> {
+    let bs = dev.info().block_size as usize;
+    if bs < MIN_BLOCK {
+        return Err(format!(
+            "{}: a journal needs 4096-byte blocks, this device has {bs}",
+            dev.info().name
+        ));
+    }
+    Ok(())
 }
 
 /// Synchronous IO on a fresh channel (control threads only: journal and
@@ -322,6 +342,7 @@ impl Journal {
         mode: JournalMode,
     ) -> Result<Arc<Journal>, String> {
         let bs = dev.info().block_size as usize;
+        block_size_ok(dev.as_ref())?;
         let log_blocks = dev.info().num_blocks.saturating_sub(1);
         if log_blocks < 64 {
             return Err(format!("{}: too small for a journal", dev.info().name));
@@ -637,6 +658,7 @@ impl Journal {
         geo: Option<&Raid5Geometry>,
     ) -> Result<(Arc<Journal>, ReplayReport), String> {
         let bs = dev.info().block_size as usize;
+        block_size_ok(dev.as_ref())?;
         let mut b = vec![0u8; bs];
         sync(dev.as_ref(), IoOp::Read, 0, &mut b)?;
         let s = decode_super(&b).map_err(|e| format!("{}: {e}", dev.info().name))?;
@@ -1128,6 +1150,28 @@ mod tests {
             !record_ok(&r, bs),
             "the old checksum covers the whole header"
         );
+    }
+
+    #[test]
+    fn small_blocks_are_refused_and_the_first_superblock_version_still_opens() {
+        let small: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("s", 512, 1024).unwrap());
+        let err = Journal::format(small.clone()).err().unwrap();
+        assert!(err.contains("4096-byte blocks"), "{err}");
+        let err = Journal::replay(small, &[], None).err().unwrap();
+        assert!(err.contains("4096-byte blocks"), "{err}");
+        // A journal whose superblock is the first version opens, and its
+        // replay rewrites the superblock as the current one.
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        Journal::format(jdev.clone()).unwrap();
+        let mut b = vec![0u8; 4096];
+        sync(jdev.as_ref(), IoOp::Read, 0, &mut b).unwrap();
+        b[0..8].copy_from_slice(&SB_MAGIC_V1.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..4092]);
+        b[4092..].copy_from_slice(&crc.to_le_bytes());
+        sync(jdev.as_ref(), IoOp::Write, 0, &mut b).unwrap();
+        Journal::replay(jdev.clone(), &[], None).unwrap();
+        sync(jdev.as_ref(), IoOp::Read, 0, &mut b).unwrap();
+        assert_eq!(u64_at(&b, 0), SB_MAGIC);
     }
 
     #[test]

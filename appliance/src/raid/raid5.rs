@@ -1332,6 +1332,12 @@ impl Raid5Channel {
     /// Piece `pi`'s record is written: it waits (one more pending) for a
     /// journal flush sent after that.
     fn await_journal_flush(&mut self, pi: usize) {
+        // A flush after a failed one may succeed without the data of the
+        // failed one (fdatasync reports a write-back error once): nothing
+        // waits for a flush of a journal that failed.
+        if self.journal.as_ref().is_some_and(|j| j.has_failed()) {
+            return self.without_journal(pi);
+        }
         if let Some(p) = self.pieces[pi].as_mut() {
             p.jphase = 2;
             p.pending += 1;
@@ -1358,6 +1364,11 @@ impl Raid5Channel {
     fn on_journal_flush(&mut self, result: Result<(), IoError>) {
         self.jflush_inflight = false;
         let mut group = std::mem::take(&mut self.jflush_group);
+        if result.is_err() {
+            // The waiting records are no better off (see
+            // `await_journal_flush`).
+            group.append(&mut self.jflush_waiting);
+        }
         for &pi in &group {
             if let Some(p) = self.pieces.get_mut(pi).and_then(|p| p.as_mut()) {
                 p.pending = p.pending.saturating_sub(1);
