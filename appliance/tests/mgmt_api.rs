@@ -1232,6 +1232,17 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     let mut c = d.client();
     attach_files(&d, &mut c, dir.path(), "d", 0..5, "16M");
     call!(d, c, attach_device, attach("tiny", "ram:1M")).unwrap();
+    // Large enough, but a record header needs a 4096-byte block.
+    call!(
+        d,
+        c,
+        attach_device,
+        pb::AttachDeviceRequest {
+            block_size: 512,
+            ..attach("small-blocks", "ram:8M")
+        }
+    )
+    .unwrap();
     let with_journal = |journal: &str| pb::CreateVolumeRequest {
         journal: journal.into(),
         journal_mode: "write-back".into(),
@@ -1249,6 +1260,7 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
         (with_journal("nope"), Code::NotFound),
         (with_journal("d1"), Code::InvalidArgument),
         (with_journal("tiny"), Code::FailedPrecondition),
+        (with_journal("small-blocks"), Code::FailedPrecondition),
         (
             pb::CreateVolumeRequest {
                 journal_mode: "write-sideways".into(),
