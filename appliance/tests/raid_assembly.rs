@@ -27,15 +27,23 @@ fn rams(n: usize) -> Vec<Arc<dyn BlockDevice>> {
 }
 
 fn spec(members: Vec<Arc<dyn BlockDevice>>, level: Level) -> VolumeSpec {
-    VolumeSpec {
-        name: "vol0".into(),
-        level,
-        layout: Layout::LeftSymmetric,
-        chunk_bytes: 65536,
-        data_offset: 256,
-        members,
-        bitmap_chunk_bytes: 0,
-    }
+    VolumeSpec::new("vol0", level, members)
+}
+
+/// Each device behind a fault injector: the injectors, and the same as
+/// members.
+fn behind_faults(
+    raw: &[Arc<dyn BlockDevice>],
+) -> (Vec<Arc<FaultDevice>>, Vec<Arc<dyn BlockDevice>>) {
+    let faults: Vec<Arc<FaultDevice>> = raw
+        .iter()
+        .map(|d| Arc::new(FaultDevice::new(d.clone())))
+        .collect();
+    let members = faults
+        .iter()
+        .map(|f| f.clone() as Arc<dyn BlockDevice>)
+        .collect();
+    (faults, members)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -136,15 +144,8 @@ fn a_failed_member_is_stale_after_restart_and_the_volume_starts_degraded() {
     })
     .unwrap();
     let raw = rams(4);
-    let faults: Vec<Arc<FaultDevice>> = raw
-        .iter()
-        .map(|d| Arc::new(FaultDevice::new(d.clone())))
-        .collect();
+    let (faults, members) = behind_faults(&raw);
     let (tx, rx) = mpsc::channel();
-    let members: Vec<Arc<dyn BlockDevice>> = faults
-        .iter()
-        .map(|f| f.clone() as Arc<dyn BlockDevice>)
-        .collect();
     let (dev, meta) = create(&spec(members, Level::Raid5), FailureSink::new(tx), false).unwrap();
     let volume = Volume::new(reactors.set(), "vol0", dev.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
@@ -331,15 +332,8 @@ fn an_interrupted_rebuild_resumes_from_its_checkpoint_after_a_restart() {
     let raw = rams(4);
     let spare =
         Arc::new(RamDevice::new("spare", 4096, 2048 + 256).unwrap()) as Arc<dyn BlockDevice>;
-    let faults: Vec<Arc<FaultDevice>> = raw
-        .iter()
-        .map(|d| Arc::new(FaultDevice::new(d.clone())))
-        .collect();
+    let (_, members) = behind_faults(&raw);
     let (tx, rx) = mpsc::channel();
-    let members: Vec<Arc<dyn BlockDevice>> = faults
-        .iter()
-        .map(|f| f.clone() as Arc<dyn BlockDevice>)
-        .collect();
     let (dev, meta) = create(&spec(members, Level::Raid5), FailureSink::new(tx), false).unwrap();
     let data = pattern(6 << 20, 4);
     write(dev.as_ref(), 0, &data);
@@ -428,15 +422,8 @@ fn a_degraded_three_way_mirror_is_resynchronised_after_an_unclean_shutdown() {
     })
     .unwrap();
     let raw = rams(3);
-    let faults: Vec<Arc<FaultDevice>> = raw
-        .iter()
-        .map(|d| Arc::new(FaultDevice::new(d.clone())))
-        .collect();
+    let (faults, members) = behind_faults(&raw);
     let (tx, rx) = mpsc::channel();
-    let members: Vec<Arc<dyn BlockDevice>> = faults
-        .iter()
-        .map(|f| f.clone() as Arc<dyn BlockDevice>)
-        .collect();
     let (dev, meta) = create(&spec(members, Level::Raid1), FailureSink::new(tx), false).unwrap();
     let volume = Volume::new(reactors.set(), "vol0", dev.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);

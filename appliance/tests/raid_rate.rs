@@ -10,7 +10,6 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::{self, VolumeSpec};
-use appliance::raid::geometry::Layout;
 use appliance::raid::members::FailureSink;
 use appliance::raid::monitor::Monitor;
 use appliance::raid::rebuild::RebuildProgress;
@@ -43,13 +42,8 @@ fn a_rebuild_yields_to_guest_io_down_to_the_minimum_and_a_scrub_keeps_under_the_
     .unwrap();
     let devs: Vec<Arc<dyn BlockDevice>> = (0..4).map(|i| ram(&format!("m{i}"))).collect();
     let spec = VolumeSpec {
-        name: "rate".into(),
-        level: Level::Raid5,
-        layout: Layout::LeftSymmetric,
         chunk_bytes: ROW as u32,
-        data_offset: 256,
-        members: devs,
-        bitmap_chunk_bytes: 0,
+        ..VolumeSpec::new("rate", Level::Raid5, devs)
     };
     let (tx, rx) = mpsc::channel();
     let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();

@@ -10,7 +10,6 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::{self, VolumeSpec};
-use appliance::raid::geometry::Layout;
 use appliance::raid::members::{FailureSink, MemberState};
 use appliance::raid::monitor::{Monitor, OpError};
 use appliance::raid::rebuild::RebuildProgress;
@@ -25,15 +24,7 @@ fn ram(name: &str) -> Arc<dyn BlockDevice> {
 }
 
 fn spec(members: Vec<Arc<dyn BlockDevice>>, level: Level) -> VolumeSpec {
-    VolumeSpec {
-        name: "r".into(),
-        level,
-        layout: Layout::LeftSymmetric,
-        chunk_bytes: 64 << 10,
-        data_offset: 256,
-        members,
-        bitmap_chunk_bytes: 0,
-    }
+    VolumeSpec::new("r", level, members)
 }
 
 fn settle(monitor: &Monitor, p: &RebuildProgress) {

@@ -9,7 +9,6 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::{self, VolumeSpec};
-use appliance::raid::geometry::Layout;
 use appliance::raid::members::{FailureSink, MemberState};
 use appliance::raid::monitor::{Monitor, OpError};
 use appliance::raid::rebuild::RebuildProgress;
@@ -29,15 +28,7 @@ fn rams(n: usize) -> Vec<Arc<dyn BlockDevice>> {
 }
 
 fn spec(members: Vec<Arc<dyn BlockDevice>>, level: Level) -> VolumeSpec {
-    VolumeSpec {
-        name: "t".into(),
-        level,
-        layout: Layout::LeftSymmetric,
-        chunk_bytes: 64 << 10,
-        data_offset: 256,
-        members,
-        bitmap_chunk_bytes: 0,
-    }
+    VolumeSpec::new("t", level, members)
 }
 
 fn wait(p: &RebuildProgress) -> u64 {

@@ -187,7 +187,6 @@ fn guest_rides_out_member_failure(
 ) {
     use appliance::export::{Export, ExportOptions};
     use appliance::raid::assembly::{create, VolumeSpec};
-    use appliance::raid::geometry::Layout;
     use appliance::raid::members::{FailureSink, MemberState};
     use appliance::raid::monitor::Monitor;
     use appliance::volume::Volume;
@@ -208,18 +207,14 @@ fn guest_rides_out_member_failure(
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
     let (device, meta) = create(
-        &VolumeSpec {
-            name: "vmraid".into(),
+        &VolumeSpec::new(
+            "vmraid",
             level,
-            layout: Layout::LeftSymmetric,
-            chunk_bytes: 64 << 10,
-            data_offset: 256,
-            members: faults
+            faults
                 .iter()
                 .map(|f| f.clone() as Arc<dyn BlockDevice>)
                 .collect(),
-            bitmap_chunk_bytes: 0,
-        },
+        ),
         FailureSink::new(tx),
         false,
     )

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::{self, VolumeSpec};
-use appliance::raid::geometry::Layout;
 use appliance::raid::members::{FailureSink, MemberState};
 use appliance::raid::monitor::Monitor;
 use appliance::raid::superblock::Level;
@@ -46,15 +45,7 @@ fn once(level: Level, n: usize, mib: u64, load: bool) -> Result<serde_json::Valu
     // which no disk has.
     let spare = ram("spare", mib)?;
     super::prefill(&spare)?;
-    let spec = VolumeSpec {
-        name: "rb".into(),
-        level,
-        layout: Layout::LeftSymmetric,
-        chunk_bytes: 64 << 10,
-        data_offset: 256,
-        members,
-        bitmap_chunk_bytes: 0,
-    };
+    let spec = VolumeSpec::new("rb", level, members);
     let (tx, rx) = std::sync::mpsc::channel();
     let (dev, meta) =
         assembly::create(&spec, FailureSink::new(tx), true).map_err(|e| e.to_string())?;

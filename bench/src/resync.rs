@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::{self, VolumeSpec};
-use appliance::raid::geometry::Layout;
 use appliance::raid::members::FailureSink;
 use appliance::raid::monitor::Monitor;
 use appliance::raid::superblock::Level;
@@ -26,17 +25,12 @@ fn once(member_mib: u64, span_mib: u64, bitmap: bool) -> Result<serde_json::Valu
         })
         .collect::<Result<_, _>>()?;
     let spec = VolumeSpec {
-        name: "resync".into(),
-        level: Level::Raid5,
-        layout: Layout::LeftSymmetric,
-        chunk_bytes: 64 << 10,
-        data_offset: 256,
-        members: members.clone(),
         bitmap_chunk_bytes: if bitmap {
             appliance::raid::bitmap::DEFAULT_CHUNK_BYTES
         } else {
             0
         },
+        ..VolumeSpec::new("resync", Level::Raid5, members.clone())
     };
     let (dev, meta) =
         assembly::create(&spec, FailureSink::none(), false).map_err(|e| e.to_string())?;

@@ -38,6 +38,23 @@ pub struct VolumeSpec {
     pub bitmap_chunk_bytes: u64,
 }
 
+impl VolumeSpec {
+    /// A volume of `level` over `members` with md's defaults: left-symmetric
+    /// layout, 64 KiB chunks, data from member block 256 (1 MiB of 4 KiB
+    /// blocks: room for the superblock and a bitmap), no bitmap.
+    pub fn new(name: &str, level: Level, members: Vec<Arc<dyn BlockDevice>>) -> VolumeSpec {
+        VolumeSpec {
+            name: name.into(),
+            level,
+            layout: Layout::LeftSymmetric,
+            chunk_bytes: 64 << 10,
+            data_offset: 256,
+            members,
+            bitmap_chunk_bytes: 0,
+        }
+    }
+}
+
 /// The persistent identity of a volume and its members.
 #[derive(Debug, Clone)]
 pub struct VolumeMeta {
