@@ -38,11 +38,9 @@ fn rig(num_queues: u16, read_only: bool) -> Rig {
         reactors.set(),
         &volume,
         ExportOptions {
-            socket: sock.clone(),
-            num_queues,
             read_only,
             serial: "vol0-serial".into(),
-            queue_cores: vec![],
+            ..ExportOptions::new(sock.clone(), num_queues)
         },
     )
     .unwrap();
@@ -299,11 +297,8 @@ fn bad_export_options_are_refused_with_the_field_named() {
             rig.reactors.set(),
             &rig.volume,
             ExportOptions {
-                socket,
-                num_queues,
-                read_only: false,
                 serial: serial.into(),
-                queue_cores: vec![],
+                ..ExportOptions::new(socket, num_queues)
             },
         )
     };
@@ -380,11 +375,8 @@ fn a_failed_device_fails_its_export_only() {
                 reactors.set(),
                 &volume,
                 ExportOptions {
-                    socket: dir.path().join(format!("{name}.sock")),
-                    num_queues: 1,
-                    read_only: false,
                     serial: name.into(),
-                    queue_cores: vec![],
+                    ..ExportOptions::new(dir.path().join(format!("{name}.sock")), 1)
                 },
             )
             .unwrap(),

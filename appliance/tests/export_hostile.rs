@@ -262,11 +262,8 @@ fn rig_with(nq: u16, idle_spin: Duration) -> Rig {
         reactors.set(),
         &volume,
         ExportOptions {
-            socket: sock.clone(),
-            num_queues: nq,
-            read_only: false,
             serial: "h".into(),
-            queue_cores: vec![],
+            ..ExportOptions::new(sock.clone(), nq)
         },
     )
     .unwrap();

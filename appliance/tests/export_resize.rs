@@ -78,6 +78,17 @@ fn frontend_with_channel(sock: &Path) -> (Frontend, mpsc::Receiver<u64>, Arc<OnC
     (f, rx, on)
 }
 
+/// A blkio client, once the export takes a connection again (it does after
+/// the previous one is gone).
+fn connect_again(sock: &Path) -> Disk {
+    loop {
+        match Disk::connect(sock) {
+            Ok(d) => return d,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn fill(d: &mut Disk, seed: u64, offset: u64, len: usize) {
     d.buf()[..len].copy_from_slice(&pattern(seed, offset, len));
     assert_eq!(d.write(offset, len), 0, "write at {offset}");
@@ -152,12 +163,7 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
     drop(f);
 
     // The next client sees the new size, the old data and the new blocks.
-    let mut d = loop {
-        match Disk::connect(&sock) {
-            Ok(d) => break d,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let mut d = connect_again(&sock);
     assert_eq!(d.capacity(), 4 * MIB);
     check(&mut d, 1, 0, 64 << 10);
     check(&mut d, 2, MIB - 4096, 4096);
@@ -187,12 +193,7 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
     assert!(told.is_empty(), "{told:?}");
     assert_eq!(bogus.metadata().unwrap().len(), 0);
     drop(f);
-    let mut d = loop {
-        match Disk::connect(&sock) {
-            Ok(d) => break d,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let mut d = connect_again(&sock);
     assert_eq!(d.capacity(), 5 * MIB);
     check(&mut d, 3, 4 * MIB - 64 * 1024, 64 << 10);
     drop(d);
@@ -267,18 +268,8 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
     let volume = Volume::new(reactors.set(), "v", dev);
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("v.sock");
-    let mut export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            socket: sock.clone(),
-            num_queues: 1,
-            read_only: false,
-            serial: String::new(),
-            queue_cores: vec![],
-        },
-    )
-    .unwrap();
+    let mut export =
+        Export::create(reactors.set(), &volume, ExportOptions::new(sock.clone(), 1)).unwrap();
     let (mut f, seen, on) = frontend_with_channel(&sock);
     assert_eq!(capacity_bytes(&mut f), MIB);
     let rounds = 20;

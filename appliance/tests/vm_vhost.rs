@@ -234,11 +234,8 @@ fn guest_rides_out_member_failure(
         reactors.set(),
         &volume,
         ExportOptions {
-            socket: sock.clone(),
-            num_queues: 1,
-            read_only: false,
             serial: "vm-raid".into(),
-            queue_cores: vec![],
+            ..ExportOptions::new(sock.clone(), 1)
         },
     )
     .unwrap();

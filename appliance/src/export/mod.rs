@@ -49,6 +49,18 @@ pub struct ExportOptions {
 }
 
 impl ExportOptions {
+    /// A writable export with `num_queues` queues on `socket`, no serial,
+    /// queue i on reactor i.
+    pub fn new(socket: PathBuf, num_queues: u16) -> ExportOptions {
+        ExportOptions {
+            socket,
+            num_queues,
+            read_only: false,
+            serial: String::new(),
+            queue_cores: vec![],
+        }
+    }
+
     fn queue_core(&self, queue: usize, cores: usize) -> usize {
         if self.queue_cores.is_empty() {
             queue % cores
