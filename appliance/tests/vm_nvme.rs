@@ -14,7 +14,31 @@ use std::process::Command;
 
 use common::{boot, guest};
 
-/// An unstripped debug binary is ~150 MB; the guest needs only the code.
+/// What both guests take into /rig: the appliance (stripped: an unstripped
+/// debug binary is ~150 MB and the guest needs only the code), the C
+/// runtime's unwinder it links, and the script that binds the controllers.
+fn rig_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    vec![
+        stripped_appliance(dir),
+        PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
+        common::repo().join("appliance/tests/vm/vfio-bind-nvme.sh"),
+    ]
+}
+
+/// QEMU's emulated NVMe controller `i` on drive `nv{i}`, 4 KiB blocks.
+fn nvme_device(i: usize) -> String {
+    format!("nvme,serial=appl{i},drive=nv{i},logical_block_size=4096,physical_block_size=4096")
+}
+
+/// Run the guest to its end; its serial console, once it succeeded.
+fn run_guest(cmd: &mut Command, log: &std::path::Path) -> String {
+    let status = cmd.status().unwrap();
+    let serial = std::fs::read_to_string(log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    serial
+}
+
 fn stripped_appliance(dir: &std::path::Path) -> PathBuf {
     let out = dir.join("appliance");
     let status = Command::new("objcopy")
@@ -50,15 +74,13 @@ fn failing_rules(after: u32) -> String {
 fn a_raid5_over_nvme_controllers_through_vfio_survives_one_failing() {
     let guest = guest();
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let app = stripped_appliance(dir.path());
-    let libgcc = PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1");
     let rules = dir.path().join("fail.conf");
     std::fs::write(&rules, failing_rules(400)).unwrap();
     let log = dir.path().join("serial.log");
     let mut cmd = boot(
         &guest,
         "nvme-guest.sh",
-        &[app, libgcc],
+        &rig_files(dir.path()),
         &log,
         &["--mem", "1024", "--append", "intel_iommu=on iommu=pt"],
     );
@@ -83,14 +105,9 @@ fn a_raid5_over_nvme_controllers_through_vfio_survives_one_failing() {
             format!("if=none,id=nv{i},format=raw,file={}", img.display())
         };
         cmd.arg("-drive").arg(drive);
-        cmd.arg("-device").arg(format!(
-            "nvme,serial=appl{i},drive=nv{i},logical_block_size=4096,physical_block_size=4096"
-        ));
+        cmd.arg("-device").arg(nvme_device(i));
     }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    let serial = run_guest(&mut cmd, &log);
     assert_eq!(
         serial.matches("NVMe controller ready").count(),
         5,
@@ -128,15 +145,15 @@ fn a_raid5_over_nvme_controllers_without_an_iommu_survives_a_pulled_member() {
     );
     let ko = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let app = stripped_appliance(dir.path());
     let module = dir.path().join("vfio-noiommu.ko");
     std::fs::copy(&ko, &module).unwrap();
-    let libgcc = PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1");
+    let mut files = rig_files(dir.path());
+    files.push(module);
     let log = dir.path().join("serial.log");
     let mut cmd = boot(
         &guest,
         "nvme-noiommu-guest.sh",
-        &[app, libgcc, module],
+        &files,
         &log,
         &["--mem", "1024"],
     );
@@ -148,14 +165,9 @@ fn a_raid5_over_nvme_controllers_without_an_iommu_survives_a_pulled_member() {
             "if=none,id=nv{i},format=raw,file={}",
             img.display()
         ));
-        cmd.arg("-device").arg(format!(
-            "nvme,serial=appl{i},drive=nv{i},logical_block_size=4096,physical_block_size=4096"
-        ));
+        cmd.arg("-device").arg(nvme_device(i));
     }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    let serial = run_guest(&mut cmd, &log);
     assert!(serial.contains("no-IOMMU mode: Y"), "{serial}");
     assert_eq!(
         serial

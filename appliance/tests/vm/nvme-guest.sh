@@ -6,19 +6,9 @@
 # vhost-user-blk to an in-guest blkio client that verifies every block.
 export LD_LIBRARY_PATH=/rig
 modprobe vfio_pci && modprobe vfio_iommu_type1 || exit 1
-BDFS=
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/class)" = 0x010802 ] && BDFS="$BDFS ${d##*/}"
-done
+. /rig/vfio-bind-nvme.sh
+bind_nvme 5 || exit 1
 set -- $BDFS
-[ $# -ge 5 ] || { echo "expected 5 NVMe controllers, found $#"; exit 1; }
-for b in $BDFS; do
-  DEV=/sys/bus/pci/devices/$b
-  echo vfio-pci > $DEV/driver_override
-  [ -e $DEV/driver ] && echo $b > $DEV/driver/unbind
-  echo $b > /sys/bus/pci/drivers_probe
-  echo "NVMe $b bound to $(basename $(readlink $DEV/driver)), IOMMU group $(basename $(readlink $DEV/iommu_group))"
-done
 echo 32 > /proc/sys/vm/nr_hugepages
 RUST_LOG=info /rig/appliance demo --reactors 1 --before-failure 3 \
   --members nvme:$1,nvme:$2,nvme:$3,nvme:$4 --spare nvme:$5 --no-pull \

@@ -9,19 +9,9 @@ export LD_LIBRARY_PATH=/rig
 insmod /rig/vfio-noiommu.ko enable_unsafe_noiommu_mode=1 || exit 1
 echo "no-IOMMU mode: $(cat /sys/module/vfio/parameters/enable_unsafe_noiommu_mode)"
 modprobe vfio_pci || exit 1
-BDFS=
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/class)" = 0x010802 ] && BDFS="$BDFS ${d##*/}"
-done
+. /rig/vfio-bind-nvme.sh
+bind_nvme 4 || exit 1
 set -- $BDFS
-[ $# -ge 4 ] || { echo "expected 4 NVMe controllers, found $#"; exit 1; }
-for b in $BDFS; do
-  DEV=/sys/bus/pci/devices/$b
-  echo vfio-pci > $DEV/driver_override
-  [ -e $DEV/driver ] && echo $b > $DEV/driver/unbind
-  echo $b > /sys/bus/pci/drivers_probe
-  echo "NVMe $b bound to $(basename $(readlink $DEV/driver)), group $(basename $(readlink $DEV/iommu_group))"
-done
 echo "vfio groups: $(ls /dev/vfio | tr '\n' ' ')"
 echo 96 > /proc/sys/vm/nr_hugepages
 RUST_LOG=info /rig/appliance demo --reactors 1 --before-failure 3 \
