@@ -46,6 +46,20 @@ fn behind_faults(
     (faults, members)
 }
 
+/// A new volume over `members` on `reactors`, its monitor running.
+fn created(
+    reactors: &Reactors,
+    members: Vec<Arc<dyn BlockDevice>>,
+    level: Level,
+) -> (Volume, Monitor) {
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = create(&spec(members, level), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "vol0", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    (volume, monitor)
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i / 4096) as u8 ^ seed ^ (i as u8))
@@ -145,11 +159,7 @@ fn a_failed_member_is_stale_after_restart_and_the_volume_starts_degraded() {
     .unwrap();
     let raw = rams(4);
     let (faults, members) = behind_faults(&raw);
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) = create(&spec(members, Level::Raid5), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "vol0", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
+    let (volume, monitor) = created(&reactors, members, Level::Raid5);
     let before = pattern(512 << 10, 1);
     write(volume.info_device().as_ref(), 0, &before);
     faults[2].control().pull();
@@ -423,11 +433,7 @@ fn a_degraded_three_way_mirror_is_resynchronised_after_an_unclean_shutdown() {
     .unwrap();
     let raw = rams(3);
     let (faults, members) = behind_faults(&raw);
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) = create(&spec(members, Level::Raid1), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "vol0", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
+    let (volume, monitor) = created(&reactors, members, Level::Raid1);
     assert!(monitor.open(true).unwrap().is_none());
     let data = pattern(256 << 10, 3);
     write(volume.info_device().as_ref(), 0, &data);
