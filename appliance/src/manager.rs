@@ -968,12 +968,8 @@ impl Manager {
                 "device {name} is in use ({how} {v})"
             )));
         }
-        if d.dev.info().block_size < 4096 {
-            return Err(MgmtError::FailedPrecondition(format!(
-                "journal {name} has {}-byte blocks; a journal needs 4096-byte blocks",
-                d.dev.info().block_size
-            )));
-        }
+        crate::raid::journal::block_size_ok(d.dev.as_ref())
+            .map_err(MgmtError::FailedPrecondition)?;
         let want = decl
             .members
             .first()

@@ -231,7 +231,7 @@ fn decode_super(b: &[u8]) -> Result<Super, String> {
 
 /// A journal block must hold a record header with every entry a record may
 /// have (a 512-byte block holds 29, fewer than a wide RAID5 writes).
-fn block_size_ok(dev: &dyn BlockDevice) -> Result<(), String> {
+pub fn block_size_ok(dev: &dyn BlockDevice) -> Result<(), String> {
     let bs = dev.info().block_size as usize;
     if bs < MIN_BLOCK {
         return Err(format!(
