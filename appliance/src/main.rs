@@ -396,7 +396,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         monitor = Some(m);
         volume
     };
-    let mut export = match appliance::export::Export::create(
+    let export = match appliance::export::Export::create(
         reactors.set(),
         &volume,
         appliance::export::ExportOptions {

@@ -9,10 +9,64 @@ use std::time::Duration;
 use bdev::{BlockDevice, DeviceInfo, IoChannel, IoRequest};
 use poller::{Ctx, PollState, QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
 
+use crate::raid::level::RaidDevice;
+
 /// What the IO path of a volume reads.
 pub struct VolumeConfig {
     /// The device that serves the volume's IO.
     pub device: Arc<dyn BlockDevice>,
+    /// The same device as a RAID level, for the volume's background work
+    /// (`None` for a single-device volume).
+    pub raid: Option<Arc<dyn RaidDevice>>,
+}
+
+impl VolumeConfig {
+    /// A generation served by a plain device.
+    pub fn plain(device: Arc<dyn BlockDevice>) -> VolumeConfig {
+        VolumeConfig { device, raid: None }
+    }
+
+    /// A generation served by a RAID device.
+    pub fn raid(raid: Arc<dyn RaidDevice>) -> VolumeConfig {
+        VolumeConfig {
+            device: raid.clone(),
+            raid: Some(raid),
+        }
+    }
+}
+
+/// Why a volume operation did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VolumeError {
+    /// The volume was deleted.
+    #[error("volume {0} was removed")]
+    Removed(String),
+    /// The reactors have stopped (the daemon is going down).
+    #[error("volume {0}: the reactors are stopped")]
+    Stopped(String),
+    /// It did not finish in time.
+    #[error("volume {name}: {what} did not finish in {timeout:?}")]
+    Timeout {
+        /// The volume.
+        name: String,
+        /// What was waited for.
+        what: &'static str,
+        /// How long.
+        timeout: Duration,
+    },
+    /// The IO itself failed.
+    #[error("volume {name}: {what}: {reason}")]
+    Io {
+        /// The volume.
+        name: String,
+        /// Which operation.
+        what: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The volume could not be suspended.
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
 }
 
 /// A block range of the volume whose writes are held (md's suspend_lo /
@@ -81,9 +135,18 @@ pub struct Volume {
 impl Volume {
     /// A volume on `device`, served by the reactors of `set`.
     pub fn new(set: &ReactorSet, name: &str, device: Arc<dyn BlockDevice>) -> Volume {
+        Self::with_config(set, name, VolumeConfig::plain(device))
+    }
+
+    /// A RAID volume on `device`.
+    pub fn new_raid(set: &ReactorSet, name: &str, device: Arc<dyn RaidDevice>) -> Volume {
+        Self::with_config(set, name, VolumeConfig::raid(device))
+    }
+
+    fn with_config(set: &ReactorSet, name: &str, config: VolumeConfig) -> Volume {
         Volume {
             name: name.to_string(),
-            quiesce: QuiesceObject::new(set, name, VolumeConfig { device }),
+            quiesce: QuiesceObject::new(set, name, config),
             set: set.clone(),
             suspended: Arc::default(),
         }
@@ -130,15 +193,21 @@ impl Volume {
     /// Flush the volume from a reactor, through its quiesce gate as guest
     /// IO goes: for control-thread work that must not bypass the epoch (a
     /// write-back journal's drain rides on such flushes).
-    pub fn flush_on_reactor(&self, timeout: Duration) -> Result<(), String> {
-        let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    pub fn flush_on_reactor(&self, timeout: Duration) -> Result<(), VolumeError> {
+        type Reply = Result<(), VolumeError>;
+        let (tx, rx) = std::sync::mpsc::channel::<Reply>();
         let q = self.quiesce.clone();
         let name = self.name.clone();
+        let io_error = |name: &str, reason: String| VolumeError::Io {
+            name: name.to_string(),
+            what: "flush",
+            reason,
+        };
         let msg = move |ctx: &mut Ctx| {
             let gate = match q.local(ctx) {
                 Ok(g) => g,
                 Err(e) => {
-                    let _ = tx.send(Err(format!("volume {name}: {e}")));
+                    let _ = tx.send(Err(e.into()));
                     return;
                 }
             };
@@ -146,9 +215,15 @@ impl Volume {
             let mut out = Vec::new();
             ctx.add_poller(move |_| {
                 let Some(c) = ch.as_mut() else {
-                    // Suspended: wait, like guest IO, until it resumes.
+                    if gate.is_removed() {
+                        // Deleted meanwhile: nothing will ever admit it.
+                        let _ = tx.send(Err(VolumeError::Removed(name.clone())));
+                        return PollState::Done;
+                    }
+                    // Suspended: wait, like guest IO, until it resumes (the
+                    // resume wakes this reactor).
                     if !gate.try_begin() {
-                        return PollState::Busy;
+                        return PollState::Idle;
                     }
                     let submitted = gate
                         .config()
@@ -165,7 +240,7 @@ impl Volume {
                         Ok(c) => ch = Some(c),
                         Err(e) => {
                             gate.end();
-                            let _ = tx.send(Err(format!("volume {name}: flush: {e}")));
+                            let _ = tx.send(Err(io_error(&name, e)));
                             return PollState::Done;
                         }
                     }
@@ -176,18 +251,18 @@ impl Volume {
                     return PollState::Busy;
                 };
                 gate.end();
-                let _ = tx.send(
-                    done.result
-                        .map_err(|e| format!("volume {name}: flush: {e}")),
-                );
+                let _ = tx.send(done.result.map_err(|e| io_error(&name, e.to_string())));
                 PollState::Done
             });
         };
         self.set
             .send(0, Box::new(msg))
-            .map_err(|_| format!("volume {}: the reactors are stopped", self.name))?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| format!("volume {}: flush did not finish in {timeout:?}", self.name))?
+            .map_err(|_| VolumeError::Stopped(self.name.clone()))?;
+        rx.recv_timeout(timeout).map_err(|_| VolumeError::Timeout {
+            name: self.name.clone(),
+            what: "flush",
+            timeout,
+        })?
     }
 
     /// Its name.

@@ -255,7 +255,7 @@ fn a_client_can_reconnect_and_find_its_data() {
         assert_eq!(wait_one(q), 0);
         drop(c);
     }
-    let mut export = rig.export.take().unwrap();
+    let export = rig.export.take().unwrap();
     assert!(export.connections() >= 3);
     // Let the export notice the last disconnect, then delete it.
     for _ in 0..200 {
@@ -276,7 +276,7 @@ fn deleting_a_connected_export_needs_force() {
     let p = c.buf(0, 4096);
     c.queues[0].read(0, p, 4096, 1, ReqFlags::empty());
     assert_eq!(wait_one(&mut c.queues[0]), 0);
-    let mut export = rig.export.take().unwrap();
+    let export = rig.export.take().unwrap();
     assert!(export.is_connected());
     let err = export.delete(false).expect_err("refused while connected");
     assert!(err.to_string().contains("connected"), "{err}");

@@ -268,7 +268,7 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
     let volume = Volume::new(reactors.set(), "v", dev);
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("v.sock");
-    let mut export =
+    let export =
         Export::create(reactors.set(), &volume, ExportOptions::new(sock.clone(), 1)).unwrap();
     let (mut f, seen, on) = frontend_with_channel(&sock);
     assert_eq!(capacity_bytes(&mut f), MIB);

@@ -1907,8 +1907,13 @@ fn members_are_removed_and_added_back_through_the_api() {
     assert_eq!(v.state, "degraded");
     let e = call!(d, c, remove_member, member("v", "d2")).unwrap_err();
     assert_eq!(e.0, Code::FailedPrecondition, "would lose data: {e:?}");
-    // Removing it again is no change; its device is free.
-    call!(d, c, remove_member, member("v", "d1")).unwrap();
+    // Its device is out of the volume and free (md's --fail --remove);
+    // removing it again is refused, as md refuses a device not in the
+    // array.
+    let v = call!(d, c, get_volume, pb::GetVolumeRequest { name: "v".into() }).unwrap();
+    assert!(members(&v).iter().all(|(dev, _)| dev != "d1"), "{v:?}");
+    let e = call!(d, c, remove_member, member("v", "d1")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
     call!(
         d,
         c,

@@ -24,6 +24,7 @@ fn member(dev: Arc<dyn BlockDevice>) -> Member {
         dev,
         state: MemberState::InSync,
         write_mostly: false,
+        gone: Default::default(),
     }
 }
 

@@ -23,11 +23,7 @@ fn ram(name: &str, blocks: u64) -> Arc<dyn BlockDevice> {
 }
 
 fn member(dev: Arc<dyn BlockDevice>) -> Member {
-    Member {
-        dev,
-        state: MemberState::InSync,
-        write_mostly: false,
-    }
+    Member::new(dev, MemberState::InSync)
 }
 
 /// RAID5 over `devs` in 16 KiB chunks, left-symmetric, data from block

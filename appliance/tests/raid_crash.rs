@@ -398,6 +398,7 @@ fn cut_lose_and_cut_replay(
                         MemberState::Failed
                     },
                     write_mostly: false,
+                    gone: Default::default(),
                 })
                 .collect(),
             chunk,

@@ -54,7 +54,7 @@ fn a_rebuild_yields_to_guest_io_down_to_the_minimum_and_a_scrub_keeps_under_the_
 
     // Guest IO runs: the rebuild goes at the minimum (no maximum set).
     let min = 2u64 << 20;
-    monitor.set_rate(min, 0);
+    monitor.set_rate(min, 0).unwrap();
     let w = Workload::start_on_volume(
         reactors.set(),
         &volume,
@@ -93,7 +93,7 @@ fn a_rebuild_yields_to_guest_io_down_to_the_minimum_and_a_scrub_keeps_under_the_
 
     // A scrub under the maximum, IO or not.
     let max = 4u64 << 20;
-    monitor.set_rate(0, max);
+    monitor.set_rate(0, max).unwrap();
     let s = monitor.scrub(false).unwrap();
     let t0 = Instant::now();
     let (bytes, secs) = done_after(&s, t0, 1.0);

@@ -79,7 +79,7 @@ fn replace_under_io(level: Level, n: usize) {
         Err(OpError::FailedPrecondition(_))
     ));
     // Slow copy, so the IO runs against every stage of it.
-    monitor.set_rate(0, 16 << 20);
+    monitor.set_rate(0, 16 << 20).unwrap();
     let p = monitor.replace_member("m1", new.clone()).unwrap();
     assert!(matches!(
         monitor.replace_member("m0", ram("n0")),

@@ -37,6 +37,7 @@ fn volume(paths: &[PathBuf], layout: Layout, chunk: u32) -> Raid5Device {
             dev: Arc::new(FileDevice::open(p, 4096).unwrap()) as Arc<dyn BlockDevice>,
             state: MemberState::InSync,
             write_mostly: false,
+            gone: Default::default(),
         })
         .collect();
     Raid5Device::new(
@@ -163,6 +164,7 @@ fn md_and_the_appliance_share_raid1() {
                 dev: Arc::new(FileDevice::open(p, 4096).unwrap()) as Arc<dyn BlockDevice>,
                 state: MemberState::InSync,
                 write_mostly: false,
+                gone: Default::default(),
             })
             .collect();
         Raid1Device::new("mirror", members, 0, FailureSink::none()).unwrap()

@@ -230,7 +230,7 @@ fn guest_rides_out_member_failure(
     monitor.set_meta(meta);
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("raid.sock");
-    let mut export = Export::create(
+    let export = Export::create(
         reactors.set(),
         &volume,
         ExportOptions {

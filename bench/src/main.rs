@@ -548,6 +548,7 @@ fn raid(
                 dev,
                 state: MemberState::InSync,
                 write_mostly: false,
+                gone: Default::default(),
             })
         })
         .collect::<Result<_, _>>()?;
@@ -723,6 +724,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
                     dev: d.clone(),
                     state: MemberState::InSync,
                     write_mostly: false,
+                    gone: Default::default(),
                 })
                 .collect(),
             64 << 10,

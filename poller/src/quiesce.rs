@@ -323,6 +323,26 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
         Ok(result)
     }
 
+    /// Publish `config` as the next generation while `guard` holds the
+    /// object suspended (the caller's suspend): the steps of a transaction
+    /// that must persist its change between the suspend and the publish.
+    /// Takes the configuration lock for the swap; returns the new
+    /// generation. Fails with `NotFound` once the object is removed, and
+    /// with `WrongType` for a guard of another object.
+    pub fn publish(&self, guard: &SuspendGuard, config: C) -> Result<u64, QuiesceError> {
+        if !Arc::ptr_eq(&guard.control, &self.shared.control) {
+            return Err(QuiesceError::WrongType(self.name().to_string()));
+        }
+        let _config_lock = lock(&self.shared.config_lock);
+        if self.is_removed() {
+            return Err(QuiesceError::NotFound(self.name().to_string()));
+        }
+        let mut g = lock(&self.shared.config);
+        g.0 += 1;
+        g.1 = Arc::new(config);
+        Ok(g.0)
+    }
+
     /// Tear the object down: drain its IO everywhere, then fail every
     /// parked request with [`Admission::Removed`] and drop the gates. Later
     /// suspends return `NotFound`.
@@ -547,6 +567,13 @@ impl<C: Send + Sync + 'static> LocalGate<C> {
     #[inline]
     pub fn generation(&self) -> u64 {
         self.0.st.borrow().generation
+    }
+
+    /// Whether the object was removed: `try_begin` will never admit again
+    /// (a background worker polling the gate stops on this).
+    #[inline]
+    pub fn is_removed(&self) -> bool {
+        self.0.st.borrow().removed || self.0.shared.control.removed.load(Ordering::SeqCst)
     }
 
     /// IO of this object in flight on this core.

@@ -241,6 +241,17 @@ impl Handler {
         }
     }
 
+    /// The frontend is gone: its queues stop and its guest memory is let
+    /// go everywhere (each reactor's gate holds the last map until a new
+    /// generation replaces it, and a frontend that never comes back must
+    /// not keep a guest's memory mapped in this process).
+    pub fn disconnect(&mut self) {
+        self.stop_all();
+        if let Err(e) = self.publish_memory(GuestMemory::default()) {
+            tracing::warn!(error = %e, "releasing the guest memory of a disconnected frontend");
+        }
+    }
+
     fn config_space(&self) -> Vec<u8> {
         let l = &self.export.limits;
         let info = self.export.volume.info();

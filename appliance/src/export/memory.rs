@@ -105,6 +105,9 @@ impl GuestMemory {
 
     /// An immutable snapshot for the data path.
     pub fn snapshot(&self) -> Result<GuestMemoryMmap, String> {
+        if self.regions.is_empty() {
+            return Ok(GuestMemoryMmap::new());
+        }
         let regions = self.regions.iter().map(|r| r.mapping.clone()).collect();
         GuestMemoryMmap::from_arc_regions(regions)
             .map_err(|e| format!("building the guest memory map: {e}"))

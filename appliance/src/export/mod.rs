@@ -176,7 +176,7 @@ pub struct Export {
     name: String,
     shared: Arc<ExportShared>,
     shutdown: Arc<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn eventfd() -> Result<OwnedFd, ExportError> {
@@ -306,7 +306,7 @@ impl Export {
             name,
             shared,
             shutdown,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -358,33 +358,34 @@ impl Export {
     /// Delete the export. With a frontend connected this is refused unless
     /// `force`; forced, in-flight IO drains and the frontend is
     /// disconnected. After a refusal the export goes on serving.
-    pub fn delete(&mut self, force: bool) -> Result<(), ExportError> {
+    pub fn delete(&self, force: bool) -> Result<(), ExportError> {
         if self.is_connected() && !force {
             return Err(ExportError::Connected(self.name.clone()));
         }
-        if self.thread.is_some() {
-            self.shutdown_thread();
-            let _ = std::fs::remove_file(&self.shared.options.socket);
-        }
+        self.shutdown_thread();
         Ok(())
     }
 
-    fn shutdown_thread(&mut self) {
+    fn shutdown_thread(&self) {
         let one = 1u64;
         // SAFETY: 8-byte write to our eventfd.
         unsafe { libc::write(self.shutdown.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
+            let _ = std::fs::remove_file(&self.shared.options.socket);
+            // The guest memory object goes too: every reactor drops its
+            // gate, and with it its view of the guest's memory.
+            if let Err(e) = self.shared.memory.remove(Duration::from_secs(10)) {
+                tracing::warn!(export = %self.name, error = %e, "releasing guest memory");
+            }
         }
     }
 }
 
 impl Drop for Export {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown_thread();
-            let _ = std::fs::remove_file(&self.shared.options.socket);
-        }
+        self.shutdown_thread();
     }
 }
 
@@ -499,7 +500,10 @@ fn serve(
                 break false;
             }
         };
-        handler.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+        handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disconnect();
         *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = None;
         drop(conn);
         shared.connected.store(false, Ordering::SeqCst);

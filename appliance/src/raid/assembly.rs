@@ -13,8 +13,8 @@ use bdev::{BlockDevice, IoOp};
 
 use super::bitmap::{self, Bitmap};
 use super::geometry::Layout;
+use super::level::RaidDevice;
 use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
-use super::monitor::RaidDevice;
 use super::raid1::Raid1Device;
 use super::raid5::Raid5Device;
 use super::superblock::{Level, Superblock, SuperblockError, SUPERBLOCK_BYTES};
@@ -117,33 +117,71 @@ fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), Assemb
 }
 
 impl VolumeMeta {
-    /// Write the superblock of every member that is not failed, with the
-    /// events counter bumped: the record of `device`'s current state.
-    pub fn record(
-        &mut self,
-        device: &dyn RaidDevice,
-        members: &[Arc<dyn BlockDevice>],
-        clean: bool,
-    ) -> Result<(), AssemblyError> {
-        self.template.events += 1;
-        self.template.clean = clean;
-        let states = device.member_states();
-        self.template.slot_states = device
+    /// Write the superblock of every member that is not failed (nor
+    /// reported gone), with the events counter bumped: the record of
+    /// `device`'s current state.
+    pub fn record(&mut self, device: &dyn RaidDevice, clean: bool) -> Result<(), AssemblyError> {
+        let codes = device
             .member_set()
             .members
             .iter()
             .map(|m| m.code())
             .collect();
-        for (slot, (dev, state)) in members.iter().zip(&states).enumerate() {
-            if *state == MemberState::Failed {
+        self.record_codes(device, codes, clean)
+    }
+
+    /// [`record`](Self::record) with the slot bytes given (a recorder that
+    /// read the gone flags at a chosen moment). Every live member is
+    /// written, whatever happens to the others; one whose write fails is
+    /// reported failed (md marks a member whose superblock cannot be
+    /// written faulty). An error only if no member took it, and then the
+    /// record is as before.
+    pub fn record_codes(
+        &mut self,
+        device: &dyn RaidDevice,
+        codes: Vec<u8>,
+        clean: bool,
+    ) -> Result<(), AssemblyError> {
+        let before = (
+            self.template.events,
+            self.template.clean,
+            self.template.slot_states.clone(),
+        );
+        self.template.events += 1;
+        self.template.clean = clean;
+        self.template.slot_states = codes;
+        let set = device.member_set();
+        let mut written = 0;
+        let mut first_error = None;
+        for (slot, m) in set.members.iter().enumerate() {
+            let failed =
+                self.template.slot_states[slot] & !WRITE_MOSTLY == MemberState::Failed.code();
+            if failed || m.is_gone() {
                 continue;
             }
             let mut sb = self.template.clone();
             sb.slot = slot as u32;
             sb.member_uuid = self.member_uuids[slot];
-            write_superblock(dev.as_ref(), &sb)?;
+            match write_superblock(m.dev.as_ref(), &sb) {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    tracing::error!(device = %m.dev.info().name, error = %e, "superblock not written; the member is failed");
+                    set.failures.report(slot, m, bdev::IoError::DeviceFailed);
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        match first_error {
+            Some(e) if written == 0 => {
+                (
+                    self.template.events,
+                    self.template.clean,
+                    self.template.slot_states,
+                ) = before;
+                Err(e)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -232,7 +270,7 @@ pub fn create(
     } else {
         device
     };
-    meta.record(device.as_ref(), &spec.members, true)?;
+    meta.record(device.as_ref(), true)?;
     Ok((device, meta))
 }
 
@@ -266,11 +304,11 @@ pub fn new_bitmap(
 /// The devices of `device`'s members that are not failed.
 pub fn live_members(device: &dyn RaidDevice) -> Vec<Arc<dyn BlockDevice>> {
     device
-        .member_devices()
-        .into_iter()
-        .zip(device.member_states())
-        .filter(|(_, st)| *st != MemberState::Failed)
-        .map(|(d, _)| d)
+        .member_set()
+        .members
+        .iter()
+        .filter(|m| m.recorded_state() != MemberState::Failed)
+        .map(|m| m.dev.clone())
         .collect()
 }
 
@@ -512,10 +550,10 @@ pub fn assemble(
     report
 }
 
-/// A stand-in for a missing member: any device of the volume (it is marked
-/// failed, so no IO reaches it).
+/// A stand-in for a missing member, shaped like the volume's devices (it
+/// is marked failed, so no IO reaches it).
 fn placeholder(found: &[Found]) -> Arc<dyn BlockDevice> {
-    found[0].0.clone()
+    super::members::MissingDevice::like(found[0].0.as_ref())
 }
 
 /// A volume ready to serve: found on its members or created on blank ones.

@@ -86,6 +86,10 @@ pub struct Bitmap {
     touched: Box<[AtomicU64]>,
     /// The members the bitmap is written to (every one not failed).
     members: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    /// Held by each batch of bitmap writes and by a change of members: a
+    /// member taken out of the set gets no write once `set_members`
+    /// returns.
+    batch: Mutex<()>,
     wake: Mutex<bool>,
     cond: Condvar,
     /// No bit is cleared while set: a resync of the dirty regions runs,
@@ -119,6 +123,7 @@ impl Bitmap {
             wanted: zeros(n),
             touched: zeros(n),
             members: Mutex::new(Vec::new()),
+            batch: Mutex::new(()),
             wake: Mutex::new(false),
             cond: Condvar::new(),
             frozen: AtomicBool::new(false),
@@ -218,8 +223,10 @@ impl Bitmap {
             .clone()
     }
 
-    /// Write the bitmap to these members from now on.
+    /// Write the bitmap to these members from now on: once this returns,
+    /// no write of a batch begun before goes to a member left out.
     pub fn set_members(&self, members: Vec<Arc<dyn BlockDevice>>) {
+        let _batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members;
     }
 
@@ -377,6 +384,7 @@ impl Bitmap {
                 .zip(&want)
                 .map(|(d, w)| d.load(Ordering::SeqCst) | w)
                 .collect();
+            let _batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
             let members = self.members();
             let (ok, errors) = self.write_to(&members, &image);
             if ok == 0 {
@@ -417,6 +425,7 @@ impl Bitmap {
         if cleared.iter().all(|&w| w == 0) {
             return;
         }
+        let _batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         let members = self.members();
         // The quiet regions' writes must be durable before their bits go.
         for dev in &members {

@@ -415,26 +415,39 @@ impl Journal {
 
     /// Write the superblock as things are now.
     fn write_super(&self) -> Result<(), String> {
+        self.write_super_mode(self.mode())
+    }
+
+    /// Write the superblock saying `mode`.
+    pub(crate) fn write_super_mode(&self, mode: JournalMode) -> Result<(), String> {
         let _g = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = Super {
             nonce: self.nonce,
             log_blocks: self.log_blocks,
             checkpoint_seq: self.checkpoint_seq.load(Ordering::SeqCst),
-            mode: self.mode(),
+            mode,
         };
         let mut b = encode_super(&s, self.bs);
         sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
         sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])
     }
 
-    /// Switch modes online. To write-through, new writes stop using the
-    /// cache at once and what it holds is drained to the members (reclaim
-    /// riding on flushes sent through the volume's gate, and on writes)
-    /// within `timeout`; then the superblock says write-through (until
-    /// then a restart comes back in write-back, which is safe). To
-    /// write-back, the superblock says so first. Writes in between are
-    /// safe either way: a write-through write drops the older cached
-    /// versions of its blocks.
+    /// Turn write-back on or off for new writes. Only with the volume
+    /// suspended: a write admitted to the cache before is then inserted
+    /// (or released) already, and none is admitted after. Off also starts
+    /// draining what the cache holds (see [`drain`](Self::drain)).
+    pub(crate) fn set_write_back(&self, on: bool) {
+        self.write_back.store(on, Ordering::SeqCst);
+        self.draining.store(!on, Ordering::SeqCst);
+    }
+
+    /// Switch modes online, through the volume's quiesce epoch (for a
+    /// journal used without a monitor; a monitor does the same steps in its
+    /// transaction). To write-back, the superblock says so first; to
+    /// write-through, new writes stop using the cache at once and what it
+    /// holds drains to the members within `timeout`, then the superblock
+    /// says write-through (until then a restart comes back in write-back,
+    /// which is safe).
     pub fn set_mode(
         &self,
         mode: JournalMode,
@@ -444,20 +457,35 @@ impl Journal {
         if self.has_failed() {
             return Err("the journal device has failed".into());
         }
-        if mode == JournalMode::WriteBack {
-            self.write_back.store(true, Ordering::SeqCst);
-            return self.write_super();
+        let wb = mode == JournalMode::WriteBack;
+        let guard = volume.suspend(timeout).map_err(|e| e.to_string())?;
+        if wb {
+            self.write_super_mode(mode)?;
         }
-        self.write_back.store(false, Ordering::SeqCst);
-        self.draining.store(true, Ordering::SeqCst);
+        self.set_write_back(wb);
+        drop(guard);
+        if wb {
+            return Ok(());
+        }
+        self.drain(volume, timeout)
+    }
+
+    /// After write-back was turned off: drain the cache to the members
+    /// (reclaim riding on flushes sent through the volume's gate, and on
+    /// writes) within `timeout`; then the superblock says write-through.
+    pub fn drain(&self, volume: &crate::volume::Volume, timeout: Duration) -> Result<(), String> {
         let t = Instant::now();
         let mut last_error = String::new();
-        let drained = loop {
-            if self.cache.is_empty() {
-                break Ok(());
+        loop {
+            if self.mode() == JournalMode::WriteBack {
+                // Switched back meanwhile: nothing to drain.
+                return Ok(());
+            }
+            if self.cache.is_empty() && self.cache.pending() == 0 {
+                break;
             }
             if t.elapsed() > timeout {
-                break Err(format!(
+                return Err(format!(
                     "{} blocks still to drain to the members after {timeout:?}{}; the volume stays write-back on disk and keeps draining as it writes",
                     self.cache.len(),
                     if last_error.is_empty() { String::new() } else { format!(" (last flush: {last_error})") }
@@ -466,12 +494,15 @@ impl Journal {
             // The flush only carries the reclaim: its own failure (a member
             // failing under it) does not stop the drain.
             if let Err(e) = volume.flush_on_reactor(timeout) {
-                last_error = e;
+                last_error = e.to_string();
                 std::thread::sleep(Duration::from_millis(10));
             }
-        };
+        }
         self.draining.store(false, Ordering::SeqCst);
-        drained.and_then(|()| self.write_super())
+        if self.has_failed() {
+            return Ok(());
+        }
+        self.write_super()
     }
 
     /// Block size of the log.
@@ -1047,6 +1078,9 @@ impl Checkpointer {
                         // cache to the members, then idle.
                         if !journal.cache().is_empty() {
                             if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                if matches!(e, crate::volume::VolumeError::Removed(_)) {
+                                    break;
+                                }
                                 tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a failed journal");
                                 std::thread::sleep(Duration::from_millis(100));
                             }
@@ -1065,6 +1099,9 @@ impl Checkpointer {
                             // carries the reclaim.
                             Ok(false) => {
                                 if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                    if matches!(e, crate::volume::VolumeError::Removed(_)) {
+                                        break;
+                                    }
                                     tracing::warn!(volume = volume.name(), error = %e, "journal reclaim flush");
                                     std::thread::sleep(Duration::from_millis(100));
                                 }
@@ -1096,10 +1133,16 @@ impl Checkpointer {
     }
 }
 
-/// One checkpoint of `journal`; the members are flushed through the
-/// volume's current device (a RAID5 flush goes to every member).
+/// One checkpoint of `journal`; the members are flushed by a flush of
+/// the volume through its quiesce gate (a RAID5 flush goes to every
+/// member), so a checkpoint is background work of the volume's current
+/// generation like any other, held back by a suspend.
 pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<bool, String> {
-    journal.checkpoint(|| sync(volume.info_device().as_ref(), IoOp::Flush, 0, &mut []))
+    journal.checkpoint(|| {
+        volume
+            .flush_on_reactor(Duration::from_secs(30))
+            .map_err(|e| e.to_string())
+    })
 }
 
 impl Drop for Checkpointer {

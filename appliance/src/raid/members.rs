@@ -51,6 +51,12 @@ pub struct Member {
     /// Read only when no other in-sync member can serve (md's
     /// write-mostly): a slow or remote mirror still gets every write.
     pub write_mostly: bool,
+    /// Set by the first IO that sees the device fail, on any core (md's
+    /// Faulty bit): from then on no channel and no background worker
+    /// sends it IO, whatever generation they run, until the monitor
+    /// publishes one with the member failed. Shared by every generation
+    /// that keeps this device in this slot.
+    pub gone: Arc<AtomicBool>,
 }
 
 /// Bit of a superblock slot byte that marks a write-mostly member.
@@ -63,12 +69,74 @@ impl Member {
             dev,
             state,
             write_mostly: false,
+            gone: Arc::default(),
+        }
+    }
+
+    /// Whether the device was reported failed (see `gone`).
+    #[inline]
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// Its state as it must be recorded: a member reported failed is
+    /// failed on disk even before a generation says so.
+    pub fn recorded_state(&self) -> MemberState {
+        if self.is_gone() {
+            MemberState::Failed
+        } else {
+            self.state
         }
     }
 
     /// Its byte in superblocks: state code and flags.
     pub fn code(&self) -> u8 {
-        self.state.code() | if self.write_mostly { WRITE_MOSTLY } else { 0 }
+        self.recorded_state().code() | if self.write_mostly { WRITE_MOSTLY } else { 0 }
+    }
+}
+
+/// What stands in a slot whose device is missing (not found at assembly)
+/// or was removed by the operator (md's "removed"): a device with no name
+/// that refuses every channel. The slot is failed, so no IO is meant for
+/// it; its size keeps the level's geometry.
+pub struct MissingDevice {
+    info: bdev::DeviceInfo,
+}
+
+impl MissingDevice {
+    /// A stand-in shaped like `like` (block size and count).
+    pub fn like(like: &dyn BlockDevice) -> Arc<dyn BlockDevice> {
+        let l = like.info();
+        Arc::new(MissingDevice {
+            info: bdev::DeviceInfo {
+                name: String::new(),
+                block_size: l.block_size,
+                num_blocks: l.num_blocks,
+                max_transfer: l.max_transfer,
+                optimal_io_boundary: 0,
+                min_io_blocks: 1,
+                flush: false,
+                discard: false,
+                write_zeroes: false,
+            },
+        })
+    }
+
+    /// Whether `dev` is such a stand-in.
+    pub fn is(dev: &dyn BlockDevice) -> bool {
+        dev.info().name.is_empty()
+    }
+}
+
+impl BlockDevice for MissingDevice {
+    fn info(&self) -> &bdev::DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Err(BdevError::Unsupported(
+            "a missing member has no channel".into(),
+        ))
     }
 }
 
@@ -101,40 +169,208 @@ pub enum Event {
     RebuildAborted(usize, String),
 }
 
+/// Member failures reported and recorded on disk, counted. A write that
+/// completes while a failure is reported but not yet in the superblocks
+/// may have skipped the failed member: it is acknowledged only once the
+/// failure is recorded, or a restart could read the member's stale data
+/// as current (md holds such writes until its superblock update, too).
+#[derive(Default)]
+pub struct FailureLedger {
+    reported: AtomicU64,
+    persisted: AtomicU64,
+    changed: Mutex<()>,
+    cv: std::sync::Condvar,
+}
+
+impl FailureLedger {
+    /// Failures reported so far.
+    #[inline]
+    pub fn reported(&self) -> u64 {
+        self.reported.load(Ordering::SeqCst)
+    }
+
+    /// Failures recorded on disk so far (all reported ones up to this).
+    #[inline]
+    pub fn persisted(&self) -> u64 {
+        self.persisted.load(Ordering::SeqCst)
+    }
+
+    /// Whether a reported failure is not recorded yet.
+    #[inline]
+    pub fn unpersisted(&self) -> bool {
+        self.persisted() < self.reported()
+    }
+
+    /// Count `member`'s failure and mark it gone, once: `None` if it was
+    /// gone already. Under the ledger's lock, so a recorder that reads
+    /// the count and the gone flags together (`consistent`) never sees a
+    /// count whose flag is not set yet; and the count rises before the
+    /// flag, so a channel that sees the flag sees the count.
+    fn report(&self, member: &Member) -> Option<u64> {
+        let g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        if member.is_gone() {
+            return None;
+        }
+        let seq = self.reported.fetch_add(1, Ordering::SeqCst) + 1;
+        member.gone.store(true, Ordering::SeqCst);
+        drop(g);
+        self.cv.notify_all();
+        Some(seq)
+    }
+
+    /// Run `f` (which reads gone flags) with no report in between, and
+    /// return the count of failures reported as of then with its result:
+    /// recording what `f` saw covers every failure up to that count.
+    pub fn consistent<R>(&self, f: impl FnOnce() -> R) -> (u64, R) {
+        let _g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        (self.reported(), f())
+    }
+
+    /// Every failure up to `seq` is recorded on disk (or needs no record).
+    pub fn mark_persisted(&self, seq: u64) {
+        self.persisted.fetch_max(seq, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        drop(self.changed.lock().unwrap_or_else(|e| e.into_inner()));
+        self.cv.notify_all();
+    }
+
+    /// Wait up to `timeout` for a failure to record; returns the reported
+    /// count when one is waiting.
+    pub fn wait_unpersisted(&self, timeout: std::time::Duration) -> Option<u64> {
+        let g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self
+            .cv
+            .wait_timeout_while(g, timeout, |_| !self.unpersisted())
+            .unwrap_or_else(|e| e.into_inner());
+        self.unpersisted().then(|| self.reported())
+    }
+}
+
 /// Where channels send member failures; cloneable into every channel.
 #[derive(Clone)]
-pub struct FailureSink(Arc<Mutex<Option<Sender<Event>>>>);
+pub struct FailureSink {
+    tx: Arc<Mutex<Option<Sender<Event>>>>,
+    ledger: Arc<FailureLedger>,
+}
 
 impl FailureSink {
     /// Failures go to `tx`.
     pub fn new(tx: Sender<Event>) -> FailureSink {
-        FailureSink(Arc::new(Mutex::new(Some(tx))))
+        FailureSink {
+            tx: Arc::new(Mutex::new(Some(tx))),
+            ledger: Arc::default(),
+        }
     }
 
     /// A sink that drops reports (for devices used without a monitor).
     pub fn none() -> FailureSink {
-        FailureSink(Arc::new(Mutex::new(None)))
+        FailureSink {
+            tx: Arc::new(Mutex::new(None)),
+            ledger: Arc::default(),
+        }
     }
 
-    /// Report a failure. Called on a reactor, only when an IO has failed:
-    /// the lock is uncontended and off the hot path.
-    pub fn report(&self, member: usize, device: usize, error: IoError) {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = g.as_ref() {
-            let _ = tx.send(Event::Failed(MemberFailure {
-                member,
-                device,
-                error,
-            }));
+    /// The count of failures reported and recorded.
+    pub fn ledger(&self) -> &Arc<FailureLedger> {
+        &self.ledger
+    }
+
+    /// Whether a monitor receives the reports.
+    pub fn is_watched(&self) -> bool {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Stop sending (the monitor is going away): failures then need no
+    /// record to be waited for.
+    pub fn close(&self) {
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.ledger.mark_persisted(self.ledger.reported());
+    }
+
+    /// Report that `member` (in `slot`) failed. The first report of a
+    /// device marks it gone for every core at once, counts the failure
+    /// in the ledger and tells the monitor; later ones do nothing. Called
+    /// on a reactor, only when an IO has failed.
+    pub fn report(&self, slot: usize, member: &Member, error: IoError) {
+        let Some(seq) = self.ledger.report(member) else {
+            return;
+        };
+        let sent = {
+            let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            g.as_ref().is_some_and(|tx| {
+                tx.send(Event::Failed(MemberFailure {
+                    member: slot,
+                    device: device_id(&member.dev),
+                    error,
+                }))
+                .is_ok()
+            })
+        };
+        if !sent {
+            // No monitor records it: nothing to wait for.
+            self.ledger.mark_persisted(seq);
         }
     }
 
     /// Tell the monitor about background work.
     pub fn event(&self, e: Event) {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = g.as_ref() {
             let _ = tx.send(e);
         }
+    }
+}
+
+/// Completions held until the failures reported before them are recorded
+/// (see [`FailureLedger`]). A channel passes every completion through it.
+#[derive(Default)]
+pub struct HeldCompletions {
+    held: std::collections::VecDeque<(u64, Completion)>,
+}
+
+impl HeldCompletions {
+    /// Move `done` to `out`, holding back what must wait for the ledger.
+    /// Returns how many went out.
+    #[inline]
+    pub fn pass(
+        &mut self,
+        ledger: &FailureLedger,
+        done: &mut Vec<Completion>,
+        out: &mut Vec<Completion>,
+    ) -> usize {
+        if self.held.is_empty() && !ledger.unpersisted() {
+            let n = done.len();
+            out.append(done);
+            return n;
+        }
+        let need = ledger.reported();
+        self.held.extend(done.drain(..).map(|c| (need, c)));
+        let persisted = ledger.persisted();
+        let mut n = 0;
+        while self
+            .held
+            .front()
+            .is_some_and(|(need, _)| *need <= persisted)
+        {
+            if let Some((_, c)) = self.held.pop_front() {
+                out.push(c);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Completions held now.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 }
 
@@ -231,8 +467,10 @@ pub fn open_members(members: &[Member]) -> Result<(MemberChannels, Vec<usize>), 
     let mut chans = Vec::with_capacity(members.len());
     for m in members {
         chans.push(match m.state {
-            MemberState::InSync | MemberState::Rebuilding => Some(m.dev.open_channel()?),
-            MemberState::Failed => None,
+            MemberState::InSync | MemberState::Rebuilding if !m.is_gone() => {
+                Some(m.dev.open_channel()?)
+            }
+            _ => None,
         });
     }
     Ok((chans, members.iter().map(|m| device_id(&m.dev)).collect()))

@@ -4,8 +4,10 @@
 pub mod assembly;
 pub mod bitmap;
 pub mod cache;
+pub mod change;
 pub mod geometry;
 pub mod journal;
+pub mod level;
 pub mod members;
 pub mod monitor;
 pub mod parity;
@@ -14,3 +16,5 @@ pub mod raid5;
 pub mod rebuild;
 mod sg;
 pub mod superblock;
+mod transaction;
+pub mod worker;

@@ -13,8 +13,8 @@ use bdev::{
     SgList, SubmitError,
 };
 
+use super::level::RaidDevice;
 use super::members::{FailureSink, Member, MemberSet, MemberState};
-use super::monitor::RaidDevice;
 use super::raid5::StripeLocks;
 use super::rebuild::Rows;
 
@@ -121,7 +121,7 @@ impl RaidDevice for Raid1Device {
     fn rebuild_sources(&self, _slot: usize) -> Vec<usize> {
         let m = &self.set.members;
         (0..m.len())
-            .filter(|&i| m[i].state == MemberState::InSync)
+            .filter(|&i| m[i].recorded_state() == MemberState::InSync)
             .min_by_key(|&i| m[i].write_mostly)
             .into_iter()
             .collect()
@@ -142,9 +142,10 @@ impl BlockDevice for Raid1Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let (chans, ids) = super::members::open_members(&self.set.members)?;
+        let (chans, _) = super::members::open_members(&self.set.members)?;
         Ok(Box::new(Raid1Channel {
-            ids,
+            slots: self.set.members.clone(),
+            held: Default::default(),
             info: self.info.clone(),
             data_offset: self.data_offset,
             outstanding: vec![0; chans.len()],
@@ -254,8 +255,11 @@ struct Raid1Channel {
     /// Reads that only a write-mostly member can serve, waiting until no
     /// write is in the background (it might not have the newest data).
     held_reads: VecDeque<usize>,
-    /// Identity of each member device, for failure reports.
-    ids: Vec<usize>,
+    /// The members of this channel's generation: their devices and the
+    /// gone flags every core shares.
+    slots: Arc<Vec<Member>>,
+    /// Completions waiting for a member failure to be recorded.
+    held: super::members::HeldCompletions,
     info: DeviceInfo,
     data_offset: u64,
     members: Vec<Option<Box<dyn IoChannel>>>,
@@ -294,7 +298,9 @@ impl Raid1Channel {
     /// tried by this read; write-mostly members only when no other is left.
     fn pick_reader(&self, tried: u64) -> Option<usize> {
         (0..self.members.len())
-            .filter(|&m| !self.failed[m] && Some(m) != self.rebuild_target && tried & (1 << m) == 0)
+            .filter(|&m| {
+                !self.is_failed(m) && Some(m) != self.rebuild_target && tried & (1 << m) == 0
+            })
             .min_by_key(|&m| (self.write_mostly[m], self.outstanding[m]))
     }
 
@@ -355,7 +361,7 @@ impl Raid1Channel {
     /// others took it gets the request again from `poll`.
     fn send_write(&mut self, pi: usize) -> bool {
         let targets: Vec<usize> = (0..self.members.len())
-            .filter(|&m| !self.failed[m])
+            .filter(|&m| !self.is_failed(m))
             .collect();
         let behind = self.go_behind(pi, &targets);
         let mut refused = Vec::new();
@@ -406,7 +412,7 @@ impl Raid1Channel {
                 Resend::Child(pi, m) => (m, Self::child_tag(pi, m)),
                 Resend::Behind(bi, m) => (m, Self::behind_tag(bi, m)),
             };
-            if self.failed[m] {
+            if self.is_failed(m) {
                 // The member failed meanwhile: nothing to send it; its
                 // completion is an error (counted out as if it had gone).
                 self.resend.pop_front();
@@ -573,12 +579,21 @@ impl Raid1Channel {
         self.send(pi, m)
     }
 
+    /// Whether member `m` takes no IO: failed when this generation began,
+    /// seen failing here, or reported gone by any core since.
+    #[inline]
+    fn is_failed(&self, m: usize) -> bool {
+        self.failed[m] || self.slots[m].is_gone()
+    }
+
     /// A member failed: stop using it here and tell the volume.
     fn fail_member(&mut self, m: usize, e: IoError) {
         if !self.failed[m] {
             self.failed[m] = true;
-            tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
-            self.failures.report(m, self.ids[m], e);
+            if !self.slots[m].is_gone() {
+                tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
+            }
+            self.failures.report(m, &self.slots[m], e);
         }
     }
 
@@ -779,7 +794,7 @@ impl IoChannel for Raid1Channel {
             self.send_write(pi)
         };
         if !sent {
-            let no_member = self.failed.iter().all(|&f| f);
+            let no_member = (0..self.failed.len()).all(|m| self.is_failed(m));
             if no_member {
                 // Nothing left to serve it: fail clearly, never hang.
                 if let Some(p) = self.parents[pi].as_mut() {
@@ -842,9 +857,8 @@ impl IoChannel for Raid1Channel {
             self.on_child(c);
         }
         self.scratch = scratch;
-        let n = self.done.len();
+        let n = self.held.pass(self.failures.ledger(), &mut self.done, out);
         self.inflight -= n;
-        out.append(&mut self.done);
         n
     }
 

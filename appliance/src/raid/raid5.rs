@@ -27,8 +27,8 @@ use bdev::{
 
 use super::geometry::{Layout, Raid5Geometry};
 use super::journal::{Entry, Journal, JournalMode};
+use super::level::RaidDevice;
 use super::members::{FailureSink, Member, MemberSet, MemberState};
-use super::monitor::RaidDevice;
 use super::parity::{xor_gen, xor_into};
 use super::rebuild::Rows;
 use super::sg;
@@ -206,7 +206,7 @@ impl RaidDevice for Raid5Device {
         let others: Vec<usize> = (0..self.set.members.len()).filter(|&m| m != slot).collect();
         if others
             .iter()
-            .all(|&m| self.set.members[m].state == MemberState::InSync)
+            .all(|&m| self.set.members[m].recorded_state() == MemberState::InSync)
         {
             others
         } else {
@@ -251,9 +251,10 @@ impl BlockDevice for Raid5Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let (chans, ids) = super::members::open_members(&self.set.members)?;
+        let (chans, _) = super::members::open_members(&self.set.members)?;
         Ok(Box::new(Raid5Channel {
-            ids,
+            slots: self.set.members.clone(),
+            held: Default::default(),
             rebuilding: self.set.rebuilding.clone(),
             info: self.info.clone(),
             geo: self.geo,
@@ -380,8 +381,11 @@ struct Parent {
 }
 
 struct Raid5Channel {
-    /// Identity of each member device, for failure reports.
-    ids: Vec<usize>,
+    /// The members of this channel's generation: their devices and the
+    /// gone flags every core shares.
+    slots: Arc<Vec<Member>>,
+    /// Completions waiting for a member failure to be recorded.
+    held: super::members::HeldCompletions,
     info: DeviceInfo,
     geo: Raid5Geometry,
     members: Vec<Option<Box<dyn IoChannel>>>,
@@ -468,11 +472,18 @@ impl Raid5Channel {
     /// and not there yet. Stable while the stripe is locked (the rebuild
     /// moves its cursor only under the stripe's lock).
     fn down(&self, m: usize, stripe: u64) -> bool {
-        self.failed[m]
+        self.is_failed(m)
             || self
                 .rebuilding
                 .as_ref()
                 .is_some_and(|(r, c)| *r == m && stripe >= c.load(Ordering::SeqCst))
+    }
+
+    /// Whether member `m` takes no IO: failed when this generation began,
+    /// seen failing here, or reported gone by any core since.
+    #[inline]
+    fn is_failed(&self, m: usize) -> bool {
+        self.failed[m] || self.slots[m].is_gone()
     }
 
     fn down_count(&self, stripe: u64) -> usize {
@@ -488,8 +499,10 @@ impl Raid5Channel {
     fn fail_member(&mut self, m: usize, e: IoError) {
         if !self.failed[m] {
             self.failed[m] = true;
-            tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
-            self.failures.report(m, self.ids[m], e);
+            if !self.slots[m].is_gone() {
+                tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
+            }
+            self.failures.report(m, &self.slots[m], e);
         }
     }
 
@@ -535,8 +548,9 @@ impl Raid5Channel {
             self.deferred.push_back((m, req));
             return;
         }
+        let failed = self.is_failed(m);
         match self.members[m].as_mut() {
-            Some(ch) if !self.failed[m] => {
+            Some(ch) if !failed => {
                 if let Err(SubmitError::Busy(req)) = ch.submit(req) {
                     // The member's queue is full: not a failure, just later.
                     self.deferred.push_back((m, req));
@@ -560,7 +574,7 @@ impl Raid5Channel {
                     p.stage = Stage::Writing;
                 }
                 for m in 0..self.members.len() {
-                    if !self.failed[m] {
+                    if !self.is_failed(m) {
                         self.child(pi, m, IoOp::Flush, 0, 0, SgList::new());
                     }
                 }
@@ -924,6 +938,7 @@ impl Raid5Channel {
         let Some((psg, lba0)) = self.parent_sg(pi) else {
             return;
         };
+        let gone: Vec<bool> = (0..self.failed.len()).map(|m| self.is_failed(m)).collect();
         let geo = self.geo;
         let bs = self.bs();
         let zeroes = self.parent_zeroes(pi);
@@ -1023,7 +1038,7 @@ impl Raid5Channel {
         if p.plan != Plan::NoParity {
             writes.push((parity, omin, omax));
         }
-        writes.retain(|&(m, _, _)| Some(m) != failed && !self.failed[m]);
+        writes.retain(|&(m, _, _)| Some(m) != failed && !gone[m]);
         if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
             let entries: Vec<Entry> = writes
                 .iter()
@@ -1493,7 +1508,8 @@ impl Raid5Channel {
                     .then_some(IoError::DeviceFailed)
             })
         };
-        let flush_failed = p.kind == Kind::Flush && self.failed.iter().all(|&f| f);
+        let flush_failed =
+            p.kind == Kind::Flush && (0..self.failed.len()).all(|m| self.is_failed(m));
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
             return;
         };
@@ -1737,8 +1753,9 @@ impl Raid5Channel {
         }
         while let Some((m, req)) = self.deferred.pop_front() {
             let tag = req.tag;
+            let failed = self.is_failed(m);
             match self.members[m].as_mut() {
-                Some(ch) if !self.failed[m] => {
+                Some(ch) if !failed => {
                     if let Err(SubmitError::Busy(req)) = ch.submit(req) {
                         self.deferred.push_front((m, req));
                         break;
@@ -1817,9 +1834,8 @@ impl Raid5Channel {
         }
         // Children refused while handling completions come back next poll.
         self.scratch = scratch;
-        let n = self.done.len();
+        let n = self.held.pass(self.failures.ledger(), &mut self.done, out);
         self.inflight -= n;
-        out.append(&mut self.done);
         n
     }
 }

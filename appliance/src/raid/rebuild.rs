@@ -1,11 +1,17 @@
-//! Rebuild: reconstruct a replaced member stripe by stripe, in the
-//! background on a reactor, while IO goes on.
+//! Rebuild and scrub: walk a volume's rows in the background on a
+//! reactor, while IO goes on.
 //!
-//! Each stripe is locked (the same lock table writes use), the chunk row of
-//! every other member is read, XORed, and written to the new member; then
-//! the shared cursor moves past the stripe and the lock is released. IO
-//! treats the new member as valid below the cursor and missing above it,
-//! so writes never race the reconstruction of the stripe they touch.
+//! Each row is locked (the same lock table writes use), read from the
+//! members it needs, and written where it must be: a rebuild XORs the
+//! others' rows into the new member, a scrub compares and repairs. Then the
+//! shared cursor moves past the row and the lock is released. IO treats a
+//! member being rebuilt as valid below the cursor and missing above it, so
+//! writes never race the reconstruction of the row they touch.
+//!
+//! A walk runs for one configuration generation at a time (see
+//! `worker`): between rows it is retargeted at the generation in force,
+//! and a member that goes away mid-row makes it drop the row and wait for
+//! the generation that says so (md's MD_RECOVERY_INTR).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +21,7 @@ use bdev::{Completion, IoChannel, IoError, IoOp, IoRequest, SubmitError};
 use poller::PollState;
 
 use super::geometry::Raid5Geometry;
-use super::members::{Event, FailureSink};
+use super::members::{Event, FailureSink, Member};
 use super::parity::xor_gen;
 use super::raid5::StripeLocks;
 use super::sg;
@@ -155,7 +161,12 @@ enum Source {
 /// read buffer per member plus one computed row, and the IO bookkeeping.
 struct RowWalk {
     rows: Rows,
-    channels: Vec<Box<dyn IoChannel>>,
+    /// Channels by slot (and a replacement's new device after the
+    /// members); `None` for members the walk does not use.
+    channels: Vec<Option<Box<dyn IoChannel>>>,
+    /// The members of the generation the channels are for.
+    members: Arc<Vec<Member>>,
+    events: FailureSink,
     locks: Arc<StripeLocks>,
     progress: Arc<RebuildProgress>,
     row: u64,
@@ -164,6 +175,11 @@ struct RowWalk {
     bufs: Vec<Vec<u8>>,
     out: Vec<u8>,
     comps: Vec<Completion>,
+    /// A member it uses went away: no row until the next generation.
+    blocked: bool,
+    /// The current row cannot be finished (a request failed or was
+    /// refused): the first failure, once its other requests are back.
+    spoiled: Option<(usize, Option<IoError>)>,
     /// Rate limiting: a token bucket in bytes, refilled at the limit.
     tokens: f64,
     refilled: Instant,
@@ -175,24 +191,23 @@ struct RowWalk {
 }
 
 impl RowWalk {
-    fn new(
-        rows: Rows,
-        channels: Vec<Box<dyn IoChannel>>,
-        locks: Arc<StripeLocks>,
-        progress: Arc<RebuildProgress>,
-    ) -> RowWalk {
+    fn new(rows: Rows, locks: Arc<StripeLocks>, progress: Arc<RebuildProgress>) -> RowWalk {
         let chunk = rows.blocks as usize * rows.block_size;
         RowWalk {
             row: progress.cursor.load(Ordering::SeqCst),
-            bufs: (0..channels.len()).map(|_| vec![0u8; chunk]).collect(),
+            bufs: Vec::new(),
             out: vec![0u8; chunk],
             rows,
-            channels,
+            channels: Vec::new(),
+            members: Arc::new(Vec::new()),
+            events: FailureSink::none(),
             locks,
             progress,
             step: Step::Lock,
             pending: 0,
             comps: Vec::new(),
+            blocked: false,
+            spoiled: None,
             tokens: (chunk) as f64,
             refilled: Instant::now(),
             activity: None,
@@ -200,6 +215,53 @@ impl RowWalk {
             busy_until: Instant::now(),
             next_look: Instant::now(),
         }
+    }
+
+    /// Use `members` (slots in `used`, and `extra` after them) from now
+    /// on. Only between rows: nothing of the old channels is in flight.
+    fn retarget(
+        &mut self,
+        members: Arc<Vec<Member>>,
+        used: &[usize],
+        extra: Option<&Arc<dyn bdev::BlockDevice>>,
+        events: FailureSink,
+    ) -> Result<(), String> {
+        let n = members.len() + extra.is_some() as usize;
+        let mut channels: Vec<Option<Box<dyn IoChannel>>> = (0..n).map(|_| None).collect();
+        for &m in used {
+            let Some(member) = members.get(m) else {
+                return Err(format!("no member in slot {m}"));
+            };
+            channels[m] = Some(
+                member
+                    .dev
+                    .open_channel()
+                    .map_err(|e| format!("opening {}: {e}", member.dev.info().name))?,
+            );
+        }
+        if let Some(d) = extra {
+            channels[n - 1] = Some(
+                d.open_channel()
+                    .map_err(|e| format!("opening {}: {e}", d.info().name))?,
+            );
+        }
+        let chunk = self.rows.blocks as usize * self.rows.block_size;
+        self.bufs.resize_with(n, Vec::new);
+        for (m, b) in self.bufs.iter_mut().enumerate() {
+            if channels[m].is_some() && b.len() != chunk {
+                *b = vec![0u8; chunk];
+            }
+        }
+        self.channels = channels;
+        self.members = members;
+        self.events = events;
+        self.blocked = false;
+        Ok(())
+    }
+
+    /// Whether slot `m` (a member, or the extra device) was reported gone.
+    fn gone(&self, m: usize) -> bool {
+        self.members.get(m).is_some_and(|x| x.is_gone())
     }
 
     /// Whether the next row may start under the rate limits: the maximum,
@@ -252,73 +314,121 @@ impl RowWalk {
         (n, n as usize * self.rows.block_size)
     }
 
-    /// Lock the current row and read it from `members`. `Ok(false)`: the
-    /// row is locked by someone else, try again; `Err(m)`: `m` refused.
-    fn read(&mut self, members: &[usize]) -> Result<bool, usize> {
+    /// Submit one request of the current row to `m`; `false` if `m` is
+    /// gone or has no channel, or its queue refused.
+    fn submit(&mut self, m: usize, op: IoOp, from: Option<Source>) -> bool {
+        if self.gone(m) {
+            return false;
+        }
+        let (n, len) = self.size();
+        let buf = match from {
+            None => &mut self.bufs[m],
+            Some(Source::Out) => &mut self.out,
+            Some(Source::Read(r)) => &mut self.bufs[r],
+        };
+        let req = IoRequest {
+            op,
+            offset_blocks: self.rows.block(self.row),
+            num_blocks: n,
+            sg: sg::of(buf, 0, len),
+            tag: m as u64,
+        };
+        let Some(ch) = self.channels.get_mut(m).and_then(|c| c.as_mut()) else {
+            return false;
+        };
+        if let Err(SubmitError::Busy(_)) = ch.submit(req) {
+            return false;
+        }
+        self.pending += 1;
+        true
+    }
+
+    /// Lock the current row and read it from `members`; false when the
+    /// row is locked by someone else (try again).
+    fn read(&mut self, members: &[usize]) -> bool {
         // Busy, not idle, when locked out: nothing wakes a sleeping
         // reactor when another core releases the lock.
         if !self.locks.try_lock(self.row) {
-            return Ok(false);
+            return false;
         }
         self.step = Step::Reading;
-        let (n, len) = self.size();
         for &m in members {
-            let req = IoRequest {
-                op: IoOp::Read,
-                offset_blocks: self.rows.block(self.row),
-                num_blocks: n,
-                sg: sg::of(&mut self.bufs[m], 0, len),
-                tag: m as u64,
-            };
-            if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
-                return Err(m);
+            if !self.submit(m, IoOp::Read, None) {
+                self.refused(m);
+                break;
             }
-            self.pending += 1;
         }
-        Ok(true)
+        true
     }
 
-    /// Write the current row to `m`. `Err(m)` if it refused.
-    fn write(&mut self, m: usize, from: Source) -> Result<(), usize> {
+    /// Write the current row to `m` (a refusal spoils the row).
+    fn write(&mut self, m: usize, from: Source) {
         self.step = Step::Writing;
-        let (n, len) = self.size();
-        let src = match from {
-            Source::Out => &mut self.out,
-            Source::Read(r) => &mut self.bufs[r],
-        };
-        let req = IoRequest {
-            op: IoOp::Write,
-            offset_blocks: self.rows.block(self.row),
-            num_blocks: n,
-            sg: sg::of(src, 0, len),
-            tag: m as u64,
-        };
-        if let Err(SubmitError::Busy(_)) = self.channels[m].submit(req) {
-            return Err(m);
+        if !self.submit(m, IoOp::Write, Some(from)) {
+            self.refused(m);
         }
-        self.pending += 1;
-        Ok(())
     }
 
-    /// Collect completions: `Ok(true)` when the step's IO is all back,
-    /// `Err` with the first member that failed.
-    fn collect(&mut self) -> Result<bool, (usize, IoError)> {
+    fn poll_channels(&mut self) {
         let mut comps = std::mem::take(&mut self.comps);
-        for ch in self.channels.iter_mut() {
+        for ch in self.channels.iter_mut().flatten() {
             if ch.inflight() > 0 {
                 ch.poll(&mut comps);
             }
         }
-        self.pending -= comps.len();
-        let failure = comps
+        self.comps = comps;
+    }
+
+    /// Collect completions: `None` while the step's IO is out, then
+    /// `Some(Ok)` or, if a request failed or was refused, `Some(Err)` with
+    /// the first (slot, error; no error for a refusal).
+    fn collect(&mut self) -> Option<Result<(), (usize, Option<IoError>)>> {
+        self.poll_channels();
+        self.pending -= self.comps.len();
+        let failure = self
+            .comps
             .iter()
             .find_map(|c| c.result.err().map(|e| (c.tag as usize, e)));
-        comps.clear();
-        self.comps = comps;
-        match failure {
-            Some(f) => Err(f),
-            None => Ok(self.pending == 0),
+        self.comps.clear();
+        if let Some((m, e)) = failure {
+            // Every core stops using it now; the monitor is told.
+            if let Some(member) = self.members.get(m) {
+                self.events.report(m, member, e);
+            }
+            self.spoiled.get_or_insert((m, Some(e)));
         }
+        if self.pending > 0 {
+            return None;
+        }
+        Some(match self.spoiled.take() {
+            Some(f) => Err(f),
+            None => Ok(()),
+        })
+    }
+
+    /// A request of the row to `m` could not be sent.
+    fn refused(&mut self, m: usize) {
+        self.spoiled.get_or_insert((m, None));
+    }
+
+    /// The row failed at `m`: if a member went away, drop the row and
+    /// wait for the next generation (`Idle`); if a queue was only full,
+    /// try the row again (`Busy`).
+    fn row_failed(&mut self, m: usize, used: &[usize]) -> PollState {
+        if self.gone(m) || self.any_gone(used) {
+            self.drop_row();
+            PollState::Idle
+        } else {
+            self.locks.unlock(self.row);
+            self.step = Step::Lock;
+            PollState::Busy
+        }
+    }
+
+    /// Whether any of `used` went away (reported by any core): the row
+    /// just read or written may have missed a write, so it is dropped.
+    fn any_gone(&self, used: &[usize]) -> bool {
+        used.iter().any(|&m| self.gone(m))
     }
 
     /// The row is done: count it, move the cursor past it, unlock it.
@@ -329,6 +439,16 @@ impl RowWalk {
         self.progress.cursor.store(self.row, Ordering::SeqCst);
         self.locks.unlock(self.row - 1);
         self.step = Step::Lock;
+    }
+
+    /// Give the current row up undone (a member went away) and wait for
+    /// the generation that says so. Nothing of it is in flight.
+    fn drop_row(&mut self) {
+        if matches!(self.step, Step::Reading | Step::Writing) {
+            self.locks.unlock(self.row);
+        }
+        self.step = Step::Lock;
+        self.blocked = true;
     }
 
     /// Give up the current row (its lock) and start draining.
@@ -349,48 +469,40 @@ impl RowWalk {
     /// True once nothing of ours is in flight (the buffers are ours, so the
     /// walk may only end then).
     fn drained(&mut self) -> bool {
-        let mut comps = std::mem::take(&mut self.comps);
-        for ch in self.channels.iter_mut() {
-            if ch.inflight() > 0 {
-                ch.poll(&mut comps);
-            }
-        }
-        comps.clear();
-        self.comps = comps;
-        self.channels.iter().all(|c| c.inflight() == 0)
+        self.poll_channels();
+        self.comps.clear();
+        self.channels.iter().flatten().all(|c| c.inflight() == 0)
+    }
+
+    /// Between rows: no IO in flight, no row locked.
+    fn at_boundary(&self) -> bool {
+        matches!(self.step, Step::Lock)
     }
 }
 
 /// The reactor-side rebuild state machine: each row of the new member is
 /// the XOR of the same row of the `sources` (all other members for RAID5,
-/// one in-sync mirror for RAID1, where the XOR is a copy).
+/// one in-sync mirror for RAID1, where the XOR is a copy). `slot` is the
+/// member rebuilt, or for a hot replacement's copy the new device (after
+/// the members), whose one source is the slot it takes over.
 pub struct Rebuilder {
     walk: RowWalk,
-    ids: Vec<usize>,
     sources: Vec<usize>,
     slot: usize,
-    events: FailureSink,
 }
 
 impl Rebuilder {
-    /// Rebuild `slot` from the other members' channels (with their device
-    /// identities), indexed by slot; the rebuilt member's at `slot`.
+    /// Rebuild `slot` over `rows`; channels come with `retarget`.
     pub fn new(
         rows: Rows,
         slot: usize,
-        sources: Vec<usize>,
-        members: Vec<(Box<dyn IoChannel>, usize)>,
         locks: Arc<StripeLocks>,
         progress: Arc<RebuildProgress>,
-        events: FailureSink,
     ) -> Rebuilder {
-        let (channels, ids): (Vec<_>, Vec<_>) = members.into_iter().unzip();
         Rebuilder {
-            walk: RowWalk::new(rows, channels, locks, progress),
-            ids,
-            sources,
+            walk: RowWalk::new(rows, locks, progress),
+            sources: Vec::new(),
             slot,
-            events,
         }
     }
 
@@ -400,10 +512,30 @@ impl Rebuilder {
         self
     }
 
+    /// Read `sources` of `members` (and write the target: slot, or
+    /// `extra` after the members) from the next row on.
+    pub fn retarget(
+        &mut self,
+        members: Arc<Vec<Member>>,
+        sources: Vec<usize>,
+        extra: Option<&Arc<dyn bdev::BlockDevice>>,
+        events: FailureSink,
+    ) -> Result<(), String> {
+        let mut used = sources.clone();
+        if extra.is_none() {
+            used.push(self.slot);
+        }
+        self.walk.retarget(members, &used, extra, events)?;
+        self.sources = sources;
+        Ok(())
+    }
+
     fn abort(&mut self, why: String) -> PollState {
         tracing::error!(slot = self.slot, error = %why, "rebuild stopped");
         self.walk.stop(Some(why.clone()));
-        self.events.event(Event::RebuildAborted(self.slot, why));
+        self.walk
+            .events
+            .event(Event::RebuildAborted(self.slot, why));
         self.poll()
     }
 
@@ -421,40 +553,48 @@ impl Rebuilder {
                 }
                 Step::Lock => {
                     if w.progress.cancel.load(Ordering::SeqCst) {
-                        return self.abort("cancelled".into());
+                        // Whoever cancelled it knows: no event.
+                        w.stop(Some("cancelled".into()));
+                        continue;
                     }
                     if w.done() {
                         w.progress.finished.store(true, Ordering::SeqCst);
-                        self.events.event(Event::Rebuilt(self.slot));
+                        w.events.event(Event::Rebuilt(self.slot));
                         return PollState::Done;
                     }
-                    if !w.may_go() {
-                        return PollState::Busy;
+                    if w.blocked {
+                        return PollState::Idle;
                     }
-                    match w.read(&self.sources) {
-                        Ok(true) => {}
-                        Ok(false) => return PollState::Busy,
-                        Err(m) => return self.abort(format!("member {m} refused a rebuild read")),
+                    if !w.may_go() || !w.read(&self.sources) {
+                        return PollState::Busy;
                     }
                 }
                 Step::Reading | Step::Writing => {
+                    let mut used = self.sources.clone();
+                    used.push(self.slot);
                     match w.collect() {
-                        Ok(true) => {}
-                        Ok(false) => return PollState::Busy,
-                        Err((m, e)) => {
-                            self.events.report(m, self.ids[m], e);
+                        None => return PollState::Busy,
+                        Some(Ok(())) => {}
+                        Some(Err((m, Some(e)))) if m == w.members.len() => {
+                            // The replacement's new device failed: the
+                            // slot keeps its device, the copy ends.
+                            w.locks.unlock(w.row);
+                            w.step = Step::Lock;
                             return self
-                                .abort(format!("member {m} failed during the rebuild: {e}"));
+                                .abort(format!("the replacement device failed a write: {e}"));
                         }
+                        Some(Err((m, _))) => return w.row_failed(m, &used),
+                    }
+                    if w.any_gone(&used) {
+                        w.drop_row();
+                        return PollState::Idle;
                     }
                     if matches!(w.step, Step::Reading) {
                         let (_, len) = w.size();
                         let srcs: Vec<&[u8]> =
                             self.sources.iter().map(|&m| &w.bufs[m][..len]).collect();
                         xor_gen(&mut w.out[..len], &srcs);
-                        if w.write(self.slot, Source::Out).is_err() {
-                            return self.abort("the new member refused a rebuild write".into());
-                        }
+                        w.write(self.slot, Source::Out);
                         continue;
                     }
                     // Written: move the cursor past the row, then unlock.
@@ -464,8 +604,22 @@ impl Rebuilder {
             }
         }
     }
-}
 
+    /// Between rows (see `worker`).
+    pub fn at_boundary(&self) -> bool {
+        self.walk.at_boundary()
+    }
+
+    /// Waiting for a new generation.
+    pub fn blocked(&self) -> bool {
+        self.walk.blocked
+    }
+
+    /// Stop at once with `why` (between rows: nothing in flight).
+    pub fn stop(&mut self, why: String) {
+        self.walk.stop(Some(why));
+    }
+}
 /// A consistency check (md's `check`) or repair (`repair`) of a healthy
 /// volume, row by row under the row's lock. RAID5: the rows of all members
 /// must XOR to zero, and repair rewrites parity from the data. RAID1: every
@@ -477,6 +631,7 @@ pub struct Scrubber {
     parity: Option<Raid5Geometry>,
     /// Cleared when the scrub ends.
     flag: Option<Arc<AtomicBool>>,
+    /// The members read, the first being a mirror repair's reference.
     all: Vec<usize>,
     repair: bool,
     /// A resync of the regions a write-intent bitmap marks: the bits (as
@@ -485,31 +640,36 @@ pub struct Scrubber {
 }
 
 impl Scrubber {
-    /// Scrub with one channel per member, in slot order.
+    /// Scrub `rows`; channels come with `retarget`.
     pub fn new(
         rows: Rows,
         parity: Option<Raid5Geometry>,
-        channels: Vec<Box<dyn IoChannel>>,
         locks: Arc<StripeLocks>,
         progress: Arc<RebuildProgress>,
         repair: bool,
     ) -> Scrubber {
-        let all = (0..channels.len()).collect();
         Scrubber {
-            walk: RowWalk::new(rows, channels, locks, progress),
+            walk: RowWalk::new(rows, locks, progress),
             parity,
             flag: None,
-            all,
+            all: Vec::new(),
             repair,
             only: None,
         }
     }
 
-    /// Read and compare only `members` (slots; the in-sync mirrors of a
-    /// degraded mirror), the first being the reference a repair copies.
-    pub fn reading(mut self, members: Vec<usize>) -> Scrubber {
-        self.all = members;
-        self
+    /// Read and compare `read` of `members` (slots; the in-sync mirrors
+    /// of a degraded mirror), the first being the reference a repair
+    /// copies, from the next row on.
+    pub fn retarget(
+        &mut self,
+        members: Arc<Vec<Member>>,
+        read: Vec<usize>,
+        events: FailureSink,
+    ) -> Result<(), String> {
+        self.walk.retarget(members, &read, None, events)?;
+        self.all = read;
+        Ok(())
     }
 
     /// Walk only the regions `bitmap` marks dirty now, and let it clear
@@ -517,6 +677,16 @@ impl Scrubber {
     pub fn only_dirty(mut self, bitmap: Arc<super::bitmap::Bitmap>) -> Scrubber {
         self.only = Some((bitmap.snapshot(), bitmap.rows_per_bit(), bitmap));
         self
+    }
+
+    /// Between rows (see `worker`).
+    pub fn at_boundary(&self) -> bool {
+        self.walk.at_boundary()
+    }
+
+    /// Waiting for a new generation.
+    pub fn blocked(&self) -> bool {
+        self.walk.blocked
     }
 
     /// Move the walk past rows outside the dirty regions.
@@ -559,7 +729,7 @@ impl Scrubber {
     /// the parity write to issue.
     fn check_parity(&mut self, geo: &Raid5Geometry, len: usize) -> Vec<(usize, Source)> {
         let w = &mut self.walk;
-        let all: Vec<&[u8]> = w.bufs.iter().map(|b| &b[..len]).collect();
+        let all: Vec<&[u8]> = self.all.iter().map(|&m| &w.bufs[m][..len]).collect();
         xor_gen(&mut w.out[..len], &all);
         let bs = w.rows.block_size;
         let bad = w.out[..len]
@@ -574,9 +744,11 @@ impl Scrubber {
             return Vec::new();
         }
         let parity = geo.parity_member(w.row) as usize;
-        let data: Vec<&[u8]> = (0..w.bufs.len())
-            .filter(|&m| m != parity)
-            .map(|m| &w.bufs[m][..len])
+        let data: Vec<&[u8]> = self
+            .all
+            .iter()
+            .filter(|&&m| m != parity)
+            .map(|&m| &w.bufs[m][..len])
             .collect();
         xor_gen(&mut w.out[..len], &data);
         vec![(parity, Source::Out)]
@@ -642,25 +814,26 @@ impl Scrubber {
                     if self.walk.done() {
                         return self.stop(None);
                     }
-                    if !self.walk.may_go() {
-                        return PollState::Busy;
+                    if self.walk.blocked {
+                        return PollState::Idle;
                     }
-                    match self.walk.read(&self.all) {
-                        Ok(true) => {}
-                        Ok(false) => return PollState::Busy,
-                        Err(m) => {
-                            return self.stop(Some(format!("member {m} refused a scrub read")))
-                        }
+                    if !self.walk.may_go() || !self.walk.read(&self.all) {
+                        return PollState::Busy;
                     }
                 }
                 Step::Reading | Step::Writing => {
                     match self.walk.collect() {
-                        Ok(true) => {}
-                        Ok(false) => return PollState::Busy,
-                        Err((m, e)) => {
-                            return self
-                                .stop(Some(format!("member {m} failed during the scrub: {e}")))
-                        }
+                        None => return PollState::Busy,
+                        Some(Ok(())) => {}
+                        Some(Err((m, _))) => return self.walk.row_failed(m, &self.all),
+                    }
+                    // A mirror that failed meanwhile (on any core) may miss
+                    // a write the row lock let through before the scrub
+                    // took it: comparing or copying it now could undo that
+                    // write on the others. The next generation decides.
+                    if self.walk.any_gone(&self.all) {
+                        self.walk.drop_row();
+                        return PollState::Idle;
                     }
                     if matches!(self.walk.step, Step::Reading) {
                         let (_, len) = self.walk.size();
@@ -670,10 +843,7 @@ impl Scrubber {
                         };
                         if !writes.is_empty() {
                             for (m, from) in writes {
-                                if self.walk.write(m, from).is_err() {
-                                    return self
-                                        .stop(Some(format!("member {m} refused a repair write")));
-                                }
+                                self.walk.write(m, from);
                             }
                             continue;
                         }
@@ -683,5 +853,10 @@ impl Scrubber {
                 }
             }
         }
+    }
+
+    /// Stop at once with `why` (between rows: nothing in flight).
+    pub fn stop_now(&mut self, why: String) {
+        self.walk.stop(Some(why));
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::device::{BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, SubmitError};
@@ -17,6 +17,25 @@ pub struct FaultControl {
     write_fail: (AtomicU64, AtomicU64),
     latency_ns: AtomicU64,
     injected: AtomicU64,
+    /// Holding requests (see [`FaultControl::hold`]): the fast check.
+    holding: AtomicBool,
+    hold: Mutex<Hold>,
+    held_cv: Condvar,
+    /// Bumped by [`FaultControl::release`]; channels submit what they hold
+    /// when they see it change.
+    released: AtomicU64,
+}
+
+/// Which requests are held, and how many are held now.
+#[derive(Default)]
+struct Hold {
+    op: Option<IoOp>,
+    first: u64,
+    end: u64,
+    /// Requests still to hold.
+    left: u64,
+    /// Requests held now, over every channel.
+    held: u64,
 }
 
 impl FaultControl {
@@ -49,6 +68,64 @@ impl FaultControl {
         self.fail_reads(0, 0);
         self.fail_writes(0, 0);
         self.set_latency(Duration::ZERO);
+    }
+
+    /// Hold the next `count` requests of `op` (any op: `None`) touching
+    /// blocks `first..end` in the channel that got them, unanswered, until
+    /// [`release`](Self::release): a test that needs an IO in flight at an
+    /// exact moment gets it from here, not from a sleep.
+    pub fn hold(&self, op: Option<IoOp>, first: u64, end: u64, count: u64) {
+        let mut h = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        h.op = op;
+        h.first = first;
+        h.end = end;
+        h.left = count;
+        self.holding.store(count > 0, Ordering::SeqCst);
+    }
+
+    /// Requests held now.
+    pub fn held(&self) -> u64 {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).held
+    }
+
+    /// Wait until at least `n` requests are held; false after `timeout`.
+    pub fn wait_held(&self, n: u64, timeout: Duration) -> bool {
+        let h = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        let (h, _) = self
+            .held_cv
+            .wait_timeout_while(h, timeout, |h| h.held < n)
+            .unwrap_or_else(|e| e.into_inner());
+        h.held >= n
+    }
+
+    /// Stop holding; every held request goes to the device (at its
+    /// channel's next poll).
+    pub fn release(&self) {
+        let mut h = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        h.left = 0;
+        h.held = 0;
+        self.holding.store(false, Ordering::SeqCst);
+        self.released.fetch_add(1, Ordering::SeqCst);
+        self.held_cv.notify_all();
+    }
+
+    /// Whether `req` is to be held (and count it if so).
+    fn take_hold(&self, req: &IoRequest) -> bool {
+        if !self.holding.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut h = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = h.left > 0
+            && h.op.is_none_or(|op| op == req.op)
+            && (req.op == IoOp::Flush
+                || (req.offset_blocks < h.end
+                    && h.first < req.offset_blocks.saturating_add(req.num_blocks.max(1))));
+        if hit {
+            h.left -= 1;
+            h.held += 1;
+            self.held_cv.notify_all();
+        }
+        hit
     }
 
     /// Requests failed on purpose so far.
@@ -119,6 +196,8 @@ impl BlockDevice for FaultDevice {
             failed: VecDeque::new(),
             delayed: VecDeque::new(),
             scratch: Vec::new(),
+            held: VecDeque::new(),
+            released: self.control.released.load(Ordering::SeqCst),
         }))
     }
 
@@ -150,6 +229,9 @@ struct FaultChannel {
     failed: VecDeque<Completion>,
     delayed: VecDeque<(Instant, Completion)>,
     scratch: Vec<Completion>,
+    /// Requests held by [`FaultControl::hold`], in arrival order.
+    held: VecDeque<IoRequest>,
+    released: u64,
 }
 
 impl IoChannel for FaultChannel {
@@ -162,11 +244,26 @@ impl IoChannel for FaultChannel {
             });
             return Ok(());
         }
+        if !self.held.is_empty() || self.control.take_hold(&req) {
+            // Behind a held request, later ones wait too: order is kept.
+            self.held.push_back(req);
+            return Ok(());
+        }
         self.inner.submit(req)
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         let before = out.len();
+        let released = self.control.released.load(Ordering::SeqCst);
+        if released != self.released || !self.control.holding.load(Ordering::Relaxed) {
+            self.released = released;
+            while let Some(req) = self.held.pop_front() {
+                if let Err(SubmitError::Busy(req)) = self.inner.submit(req) {
+                    self.held.push_front(req);
+                    break;
+                }
+            }
+        }
         out.extend(self.failed.drain(..));
         let latency = self.control.latency_ns.load(Ordering::Relaxed);
         let pulled = self.control.pulled.load(Ordering::Relaxed);
@@ -195,6 +292,6 @@ impl IoChannel for FaultChannel {
     }
 
     fn inflight(&self) -> usize {
-        self.inner.inflight() + self.failed.len() + self.delayed.len()
+        self.inner.inflight() + self.failed.len() + self.delayed.len() + self.held.len()
     }
 }

@@ -1,0 +1,425 @@
+//! Changes to a volume: each a call of its monitor's one transaction (or,
+//! for what the monitor does not hold, of the volume's own quiesce).
+
+use super::{
+    bitmap_chunk_bytes, check_bitmap_chunk, check_name, check_write_behind, from_op, from_quiesce,
+    invalid, lock, Level, Manager, MgmtError, Vol, VolumeView,
+};
+use crate::raid::journal::{Journal, JournalMode};
+use crate::raid::members::MemberState;
+use crate::raid::monitor::{Monitor, OpError, Role};
+use crate::raid::superblock::Level as SbLevel;
+
+fn monitor(v: &Vol) -> Result<&Monitor, MgmtError> {
+    v.monitor.as_ref().ok_or_else(|| {
+        MgmtError::FailedPrecondition(format!(
+            "volume {} is a single device: it has no members to change",
+            v.volume.name()
+        ))
+    })
+}
+
+impl Manager {
+    /// A RAID volume and its view after `f` changed it.
+    fn change(
+        &self,
+        volume: &str,
+        f: impl FnOnce(&Monitor) -> Result<(), OpError>,
+    ) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.raid(volume)?;
+        f(monitor(&v)?).map_err(|e| from_op(volume, e))?;
+        Ok(self.view(&v))
+    }
+
+    /// Fail a member (md's --fail).
+    pub fn fail_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        self.device("device", device)?;
+        self.change(volume, |m| m.fail_member(device))
+    }
+
+    /// Replace in-sync member `device` by `with` without going degraded
+    /// (md's --replace): `with` is written along and the member copied to
+    /// it in the background; then it takes the slot and `device` is free.
+    pub fn replace_member(
+        &self,
+        volume: &str,
+        device: &str,
+        with: &str,
+    ) -> Result<VolumeView, MgmtError> {
+        self.device("device", device)?;
+        let dev = self.device("replacement", with)?;
+        if device == with {
+            return Err(invalid("replacement", "is the member itself"));
+        }
+        // The claim inside the change decides; this says it plainly first.
+        if let Some((v, role)) = self.shared.roles.holder(with) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {with} is in use ({} {v})",
+                role.name()
+            )));
+        }
+        self.change(volume, |m| m.replace_member(device, dev).map(|_| ()))
+    }
+
+    /// Add a hot spare (used at once if a member has failed). A failed
+    /// member's own device may come back this way (md's re-add).
+    pub fn add_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        let dev = self.device("device", device)?;
+        let v = self.raid(volume)?;
+        let snap = monitor(&v)?.snapshot();
+        let need = snap
+            .members
+            .iter()
+            .filter_map(|n| self.inv().devices.get(n).map(|d| d.dev.clone()))
+            .filter(|d| d.info().name != device)
+            .map(|d| (d.info().num_blocks, d.info().block_size))
+            .min();
+        if let Some((blocks, bs)) = need {
+            if dev.info().block_size != bs || dev.info().num_blocks < blocks {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "device {device} ({} blocks of {} bytes) cannot stand in for a member ({blocks} blocks of {bs} bytes)",
+                    dev.info().num_blocks,
+                    dev.info().block_size,
+                )));
+            }
+        }
+        self.change(volume, |m| m.add_spare(dev))
+    }
+
+    /// Remove an unused hot spare.
+    pub fn remove_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        self.device("device", device)?;
+        self.change(volume, |m| m.remove_spare(device))
+            .map_err(|e| match e {
+                MgmtError::FailedPrecondition(m) if m.contains("not a member or spare") => {
+                    MgmtError::FailedPrecondition(format!(
+                        "device {device} is not a spare of volume {volume}"
+                    ))
+                }
+                e => e,
+            })
+    }
+
+    /// Take a device out of a volume (md's --fail --remove): a spare is
+    /// removed; an in-sync or rebuilding member is failed (refused if that
+    /// would lose data) and taken out of its slot (a spare takes its
+    /// place); a failed member's device is taken out of its slot. The
+    /// device is free afterwards.
+    pub fn remove_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+        self.device("device", device)?;
+        let v = self.raid(volume)?;
+        let m = monitor(&v)?;
+        let snap = m.snapshot();
+        let as_spare = snap.spares.iter().any(|d| d == device);
+        let slot = snap.members.iter().position(|d| d == device);
+        self.change(volume, |m| match (as_spare, slot) {
+            (true, _) => m.remove_spare(device),
+            (false, Some(slot)) => {
+                if snap.states[slot] != MemberState::Failed {
+                    m.fail_member(device)?;
+                }
+                // A spare may have taken the slot already.
+                match m.remove_failed(device) {
+                    Err(OpError::NotFound(_)) => Ok(()),
+                    r => r,
+                }
+            }
+            (false, None) => Err(OpError::NotFound(device.to_string())),
+        })
+    }
+
+    /// Start a scrub (check, or repair).
+    pub fn start_scrub(&self, volume: &str, repair: bool) -> Result<VolumeView, MgmtError> {
+        self.change(volume, |m| m.scrub(repair).map(|_| ()))
+    }
+
+    /// Stop a running scrub. A rebuild is not stopped: that would leave
+    /// the volume degraded for nothing.
+    pub fn stop_background(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.raid(volume)?;
+        let snap = monitor(&v)?.snapshot();
+        match snap.rebuild.filter(|p| !p.is_finished()) {
+            None => Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no scrub running"
+            ))),
+            Some(p) if p.slot != usize::MAX => Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} is rebuilding; a rebuild is not stopped (it would leave the volume degraded)"
+            ))),
+            Some(p) => {
+                p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(self.view(&v))
+            }
+        }
+    }
+
+    /// Limit every rebuild and scrub of the volume, the running one
+    /// included, to `max` bytes per second (0: none), and to `min` while
+    /// the volume serves guest IO (0: no yielding), as md's
+    /// sync_speed_max/min; kept in the state file.
+    pub fn set_rebuild_rate(
+        &self,
+        volume: &str,
+        min: u64,
+        max: u64,
+    ) -> Result<VolumeView, MgmtError> {
+        if max > 0 && min > max {
+            return Err(invalid(
+                "min_bytes_per_sec",
+                format!("{min} is above the maximum {max}"),
+            ));
+        }
+        self.change(volume, |m| m.set_rate(min, max))
+    }
+
+    /// Mark a RAID1 member write-mostly (md's write-mostly: read only when
+    /// no other in-sync member can serve), or clear the mark.
+    pub fn set_write_mostly(
+        &self,
+        volume: &str,
+        device: &str,
+        on: bool,
+    ) -> Result<VolumeView, MgmtError> {
+        self.device("device", device)?;
+        self.change(volume, |m| m.set_write_mostly(device, on))
+    }
+
+    /// md's write-behind for a RAID1 (`limit` writes to write-mostly
+    /// members in the background at once; 0 turns it off and waits for
+    /// the ones in flight); kept in the state file. Needs the bitmap.
+    pub fn set_write_behind(&self, volume: &str, limit: u32) -> Result<VolumeView, MgmtError> {
+        if limit > 0 {
+            check_write_behind(limit)?;
+        }
+        self.change(volume, |m| m.set_write_behind(limit as u64))
+    }
+
+    /// Turn md's serialize_policy on or off for a RAID1 volume; kept in the
+    /// state file.
+    pub fn set_serialize(&self, volume: &str, on: bool) -> Result<VolumeView, MgmtError> {
+        self.change(volume, |m| m.set_serialize(on))
+    }
+
+    /// Hold writes to bytes `lo..hi` of a volume (md's suspend_lo and
+    /// suspend_hi): once this returns none is in flight and new ones wait
+    /// until [`resume_range`](Self::resume_range); reads go on. Not kept
+    /// across a restart (md does not either).
+    pub fn suspend_range(&self, volume: &str, lo: u64, hi: u64) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.inv().volume(volume)?;
+        let info = v.volume.info();
+        let bs = info.block_size as u64;
+        if !lo.is_multiple_of(bs) || !hi.is_multiple_of(bs) {
+            return Err(invalid(
+                "lo_bytes",
+                format!("lo and hi must be multiples of the block size {bs}"),
+            ));
+        }
+        if hi <= lo || hi > info.size_bytes() {
+            return Err(invalid(
+                "hi_bytes",
+                format!(
+                    "the range {lo}..{hi} must be non-empty and end within the volume ({} bytes)",
+                    info.size_bytes()
+                ),
+            ));
+        }
+        let _busy = lock(&v.busy);
+        if let Some((a, b)) = v.volume.suspended_range().get() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} already holds writes to {}..{}; resume it first",
+                a * bs,
+                b * bs
+            )));
+        }
+        v.volume
+            .suspend_range(lo / bs, hi / bs, self.shared.timeout())
+            .map_err(|e| from_quiesce("volume", e))?;
+        Ok(self.view(&v))
+    }
+
+    /// Let a volume's held writes go.
+    pub fn resume_range(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.inv().volume(volume)?;
+        let _busy = lock(&v.busy);
+        if v.volume.suspended_range().get().is_none() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} holds no writes"
+            )));
+        }
+        v.volume.resume_range();
+        Ok(self.view(&v))
+    }
+
+    /// Suspend a volume as a whole (dm's suspend, e.g. around a snapshot
+    /// of its devices taken outside): once this returns no IO of it is in
+    /// flight, its background work stands still at a row boundary, and
+    /// new IO waits (it is not failed) until
+    /// [`resume_volume`](Self::resume_volume). Changes of the volume still
+    /// go through meanwhile. Not kept across a restart.
+    pub fn suspend_volume(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.inv().volume(volume)?;
+        let _busy = lock(&v.busy);
+        if lock(&v.held).is_some() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} is already suspended"
+            )));
+        }
+        let guard = v
+            .volume
+            .suspend(self.shared.timeout())
+            .map_err(|e| from_quiesce(volume, e))?;
+        *lock(&v.held) = Some(guard);
+        tracing::info!(volume, "volume suspended by the operator");
+        Ok(self.view(&v))
+    }
+
+    /// Resume a volume [`suspend_volume`](Self::suspend_volume) held.
+    pub fn resume_volume(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.inv().volume(volume)?;
+        let _busy = lock(&v.busy);
+        let Some(guard) = lock(&v.held).take() else {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} is not suspended"
+            )));
+        };
+        drop(guard);
+        tracing::info!(volume, "volume resumed by the operator");
+        Ok(self.view(&v))
+    }
+
+    /// Change a two-member volume's level online (md's takeover): RAID1 to
+    /// RAID5 with `chunk_kib` chunks (0: 64), or RAID5 to RAID1.
+    pub fn takeover(
+        &self,
+        volume: &str,
+        level: &str,
+        chunk_kib: u32,
+    ) -> Result<VolumeView, MgmtError> {
+        let to = match Level::parse(level) {
+            Some(Level::Raid1) => SbLevel::Raid1,
+            Some(Level::Raid5) => SbLevel::Raid5,
+            _ => return Err(invalid("level", format!("{level:?} is not raid1 or raid5"))),
+        };
+        let chunk_kib = if chunk_kib == 0 { 64 } else { chunk_kib };
+        if !(4..=1024).contains(&chunk_kib) || !chunk_kib.is_power_of_two() {
+            return Err(invalid(
+                "chunk_kib",
+                format!("{chunk_kib} is not a power of two in 4..=1024"),
+            ));
+        }
+        self.change(volume, |m| m.takeover(to, chunk_kib * 1024))
+    }
+
+    /// Give a RAID volume a write-intent bitmap (`chunk_kib` per region,
+    /// 0 for the default), or take it away (md's `--grow --bitmap`).
+    pub fn set_bitmap(
+        &self,
+        volume: &str,
+        enabled: bool,
+        chunk_kib: u32,
+    ) -> Result<VolumeView, MgmtError> {
+        check_bitmap_chunk(chunk_kib)?;
+        let v = self.raid(volume)?;
+        // The region size asked for is what the state file keeps.
+        let before = lock(&v.decl).bitmap_chunk_kib;
+        lock(&v.decl).bitmap_chunk_kib = if enabled { chunk_kib } else { 0 };
+        let r = self.change(volume, |m| {
+            m.set_bitmap(enabled.then(|| bitmap_chunk_bytes(chunk_kib)))
+        });
+        if r.is_err() {
+            lock(&v.decl).bitmap_chunk_kib = before;
+        }
+        r
+    }
+
+    /// Give a RAID5 volume a journal online: `device` is formatted as its
+    /// log and every write from then on goes through it (`mode`:
+    /// write-through by default, or write-back).
+    pub fn add_journal(
+        &self,
+        volume: &str,
+        device: &str,
+        mode: &str,
+    ) -> Result<VolumeView, MgmtError> {
+        check_name("device", device)?;
+        let mode = if mode.is_empty() {
+            JournalMode::WriteThrough
+        } else {
+            JournalMode::parse(mode).map_err(|e| invalid("mode", e))?
+        };
+        self.check_open()?;
+        let v = self.raid(volume)?;
+        if let Some(j) = monitor(&v)?.journal() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} already has a journal ({})",
+                j.device().info().name
+            )));
+        }
+        let jdev = {
+            let inv = self.inv();
+            let mut decl = lock(&v.decl).clone();
+            decl.journal = Some(device.to_string());
+            Self::check_journal(&inv, &decl, v.level())?
+                .ok_or_else(|| invalid("device", "is empty"))?
+        };
+        // The device is the journal's before it is formatted: nothing else
+        // can take it meanwhile.
+        self.shared
+            .roles
+            .claim(&jdev, volume, Role::Journal, None)
+            .map_err(|e| from_op(volume, e))?;
+        let result = Journal::format_with(jdev, mode)
+            .map_err(|e| {
+                MgmtError::Internal(format!("volume {volume}: formatting journal {device}: {e}"))
+            })
+            .and_then(|j| {
+                monitor(&v)?
+                    .set_journal(Some(j))
+                    .map_err(|e| from_op(volume, e))
+            });
+        if let Err(e) = result {
+            self.shared.roles.set(device, volume, None);
+            return Err(e);
+        }
+        Ok(self.view(&v))
+    }
+
+    /// Take a RAID5 volume's journal away online. A write-back cache drains
+    /// to the members first; the journal's device is free afterwards.
+    pub fn remove_journal(&self, volume: &str) -> Result<VolumeView, MgmtError> {
+        let v = self.raid(volume)?;
+        if monitor(&v)?.journal().is_none() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no journal"
+            )));
+        }
+        self.change(volume, |m| m.set_journal(None))
+    }
+
+    /// Switch a volume's journal mode online.
+    pub fn set_journal_mode(&self, volume: &str, mode: &str) -> Result<VolumeView, MgmtError> {
+        if mode.is_empty() {
+            return Err(invalid("mode", "write-through or write-back"));
+        }
+        let mode = JournalMode::parse(mode).map_err(|e| invalid("mode", e))?;
+        let v = self.raid(volume)?;
+        if monitor(&v)?.journal().is_none() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} has no journal"
+            )));
+        }
+        let r = self.change(volume, |m| m.set_journal_mode(mode));
+        // The mode in force is the journal's, whatever became of a drain:
+        // the state file says it.
+        if let Some(j) = monitor(&v)?.journal() {
+            lock(&v.decl).journal_mode = j.mode().name().to_string();
+            let _ = self.save();
+        }
+        r
+    }
+}

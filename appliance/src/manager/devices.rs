@@ -1,0 +1,369 @@
+//! Attaching, listing, growing and detaching devices.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bdev::BlockDevice;
+
+use super::{check_name, invalid, lock, Dev, DeviceView, Inventory, Level, Manager, MgmtError};
+use crate::config::DeviceDecl;
+use crate::raid::monitor::Role;
+use crate::volume::VolumeConfig;
+
+/// The machine's memory (MemTotal), if /proc/meminfo says.
+fn memory_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl Inventory {
+    /// Whether the machine has room for a RAM device `name` of `size`
+    /// bytes (replacing `had` bytes of it). RAM devices are mapped lazily:
+    /// one larger than the machine would have the daemon killed when it
+    /// fills, long after the call said yes.
+    fn check_ram(&self, name: &str, had: u64, size: u64) -> Result<(), MgmtError> {
+        let taken: u64 = self
+            .devices
+            .values()
+            .filter(|d| d.decl.spec.starts_with("ram:"))
+            .map(|d| d.dev.info().size_bytes())
+            .sum();
+        let after = taken - had + size;
+        match memory_total() {
+            Some(total) if after > total => Err(MgmtError::ResourceExhausted(format!(
+                "device {name}: {size} bytes of RAM asked, {} already in other RAM devices, the machine has {total}",
+                taken - had
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How a device's role reads in a listing.
+fn used_by(volume: &str, role: Role) -> String {
+    match role {
+        Role::Member => format!("volume {volume}"),
+        r => format!("{} {volume}", r.name()),
+    }
+}
+
+impl Manager {
+    /// Attach a device.
+    pub fn attach_device(&self, decl: DeviceDecl) -> Result<DeviceView, MgmtError> {
+        self.attach_device_wrapped(decl, |d| d)
+    }
+
+    /// Attach a device as `wrap` returns it once opened (the demo wraps
+    /// its members in fault injectors, to pull one).
+    pub fn attach_device_wrapped(
+        &self,
+        mut decl: DeviceDecl,
+        wrap: impl FnOnce(Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice>,
+    ) -> Result<DeviceView, MgmtError> {
+        check_name("name", &decl.name)?;
+        if decl.block_size == 0 {
+            decl.block_size = 4096;
+        }
+        if decl.block_size != 512 && decl.block_size != 4096 {
+            return Err(invalid(
+                "block_size",
+                format!("{} is not 512 or 4096", decl.block_size),
+            ));
+        }
+        self.check_open()?;
+        let mut inv = self.inv();
+        if inv.devices.contains_key(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "device {} is already attached",
+                decl.name
+            )));
+        }
+        if decl.spec.starts_with("file:") || decl.spec.starts_with("nvme:") {
+            if let Some(d) = inv.devices.values().find(|d| {
+                same_file(&d.decl.spec, &decl.spec)
+                    || crate::devspec::same_nvme(&d.decl.spec, &decl.spec)
+            }) {
+                return Err(MgmtError::AlreadyExists(format!(
+                    "{} is already attached as device {}",
+                    decl.spec, d.decl.name
+                )));
+            }
+        }
+        if let Some(size) = decl
+            .spec
+            .strip_prefix("ram:")
+            .and_then(|z| crate::devspec::parse_size(z).ok())
+        {
+            inv.check_ram(&decl.name, 0, size)?;
+        }
+        let dev = wrap(
+            crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size).map_err(|e| {
+                if crate::devspec::names_missing(&decl.spec) {
+                    MgmtError::NotFound(e)
+                } else {
+                    invalid("spec", e)
+                }
+            })?,
+        );
+        let view = DeviceView {
+            num_blocks: dev.info().num_blocks,
+            decl: decl.clone(),
+            used_by: String::new(),
+            health: "ok",
+        };
+        self.shared.roles.attach(&dev);
+        inv.devices.insert(decl.name.clone(), Dev { decl, dev });
+        drop(inv);
+        self.save()?;
+        Ok(view)
+    }
+
+    /// Every device with its user and health.
+    pub fn list_devices(&self) -> Vec<DeviceView> {
+        let names: Vec<String> = self.inv().devices.keys().cloned().collect();
+        names.iter().filter_map(|n| self.device_view(n)).collect()
+    }
+
+    /// Detach a device no volume uses.
+    pub fn detach_device(&self, name: &str) -> Result<(), MgmtError> {
+        self.check_open()?;
+        let mut inv = self.inv();
+        inv.device("name", name)?;
+        if let Err((v, role)) = self.shared.roles.detach(name) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {name} is in use ({}){}",
+                used_by(&v, role),
+                if role == Role::Failed {
+                    format!("; `volume remove {v} {name}` takes it out")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        inv.devices.remove(name);
+        drop(inv);
+        self.save()
+    }
+
+    /// The device attached as `name`.
+    pub(super) fn device(
+        &self,
+        field: &'static str,
+        name: &str,
+    ) -> Result<Arc<dyn BlockDevice>, MgmtError> {
+        Ok(self.inv().device(field, name)?.dev.clone())
+    }
+
+    /// Grow a RAM, null or file device to `size_bytes` (qemu's
+    /// block_resize). A plain volume over it grows with it: the volume
+    /// switches to the grown device through its quiesce epoch, and every
+    /// export of the volume tells its connected frontend (vhost-user
+    /// CONFIG_CHANGE_MSG), so the guest sees the new capacity. Returns the
+    /// device and the exports whose frontend acknowledged the change.
+    /// Shrinking is refused (it would cut off data), and so is a device
+    /// in a RAID volume or journal: the array's size is in its superblocks
+    /// and does not follow its members.
+    pub fn resize_device(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<(DeviceView, Vec<String>), MgmtError> {
+        self.check_open()?;
+        let (old, decl) = {
+            let inv = self.inv();
+            let d = inv.device("name", name)?;
+            (d.dev.clone(), d.decl.clone())
+        };
+        let info = old.info().clone();
+        let bs = info.block_size as u64;
+        if size_bytes == 0 || !size_bytes.is_multiple_of(bs) {
+            return Err(invalid(
+                "size_bytes",
+                format!("{size_bytes} is not a positive multiple of the block size {bs}"),
+            ));
+        }
+        let have = info.size_bytes();
+        if size_bytes < have {
+            return Err(invalid(
+                "size_bytes",
+                format!("{size_bytes} is smaller than the device ({have} bytes); shrinking would cut off data"),
+            ));
+        }
+        let spec = resized_spec(&decl.spec, size_bytes).ok_or_else(|| {
+            MgmtError::FailedPrecondition(format!(
+                "device {name} ({}) cannot be resized: only ram, null and file devices can",
+                decl.spec
+            ))
+        })?;
+        let volume = match self.shared.roles.holder(name) {
+            None => None,
+            Some((v, Role::Member)) => {
+                let vol = self.inv().volume(&v)?;
+                if vol.level() != Level::Single {
+                    return Err(MgmtError::FailedPrecondition(format!(
+                        "device {name} is in use (volume {v}); a RAID volume does not grow with its members"
+                    )));
+                }
+                Some(vol)
+            }
+            Some((v, role)) => {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "device {name} is in use ({}); a RAID volume does not grow with its members",
+                    used_by(&v, role)
+                )))
+            }
+        };
+        if size_bytes == have {
+            return Ok((
+                self.device_view(name)
+                    .unwrap_or_else(|| self.bare_view(&decl, &old)),
+                vec![],
+            ));
+        }
+        if decl.spec.starts_with("ram:") {
+            // The old and the new mapping are both there during the copy.
+            self.inv().check_ram(name, 0, size_bytes)?;
+        }
+        let blocks = size_bytes / bs;
+        let resize = |dev: &Arc<dyn BlockDevice>| {
+            dev.resized(blocks).map_err(|e| match e {
+                bdev::BdevError::Unsupported(m) => MgmtError::FailedPrecondition(m),
+                bdev::BdevError::InvalidArgument(m) => invalid("size_bytes", m),
+                e => MgmtError::Internal(format!("resizing device {name}: {e}")),
+            })
+        };
+        let grown = match &volume {
+            // The copy (RAM) or truncate (file) runs while the volume is
+            // quiesced: no IO reaches either object meanwhile.
+            Some(v) => {
+                let _busy = lock(&v.busy);
+                let timeout = self.shared.timeout();
+                v.volume
+                    .quiesce()
+                    .reconfigure(timeout, |_| {
+                        let grown = resize(&old)?;
+                        Ok((VolumeConfig::plain(grown.clone()), grown))
+                    })
+                    .map_err(|e| match e {
+                        poller::ReconfigureError::Quiesce(q) => {
+                            super::from_quiesce(v.volume.name(), q)
+                        }
+                        poller::ReconfigureError::Rejected(m) => m,
+                    })?
+            }
+            None => resize(&old)?,
+        };
+        {
+            let mut inv = self.inv();
+            if let Some(d) = inv.devices.get_mut(name) {
+                d.dev = grown.clone();
+                d.decl.spec = spec;
+            }
+        }
+        self.shared.roles.replace(&grown);
+        self.save()?;
+        let view = self
+            .device_view(name)
+            .unwrap_or_else(|| self.bare_view(&decl, &grown));
+        // The frontends answer in their own time: not under any lock.
+        let notifiers: Vec<(String, crate::export::Notifier)> = match &volume {
+            Some(v) => self
+                .inv()
+                .exports
+                .values()
+                .filter(|e| e.decl.volume == v.volume.name())
+                .map(|e| (e.decl.name.clone(), e.export.notifier()))
+                .collect(),
+            None => vec![],
+        };
+        let mut notified = Vec::new();
+        for (export, n) in notifiers {
+            match n.config_changed() {
+                Ok(true) => notified.push(export),
+                // No frontend: the next one reads the new size.
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(export = %export, error = %err, "telling the frontend about the new capacity failed; the guest sees it after a reconnect")
+                }
+            }
+        }
+        tracing::info!(device = name, size_bytes, volume = ?volume.as_ref().map(|v| v.volume.name().to_string()), notified = ?notified, "device resized");
+        Ok((view, notified))
+    }
+
+    fn bare_view(&self, decl: &DeviceDecl, dev: &Arc<dyn BlockDevice>) -> DeviceView {
+        DeviceView {
+            decl: decl.clone(),
+            num_blocks: dev.info().num_blocks,
+            used_by: String::new(),
+            health: "ok",
+        }
+    }
+
+    /// A device as listed: its role and, as a member, its health.
+    pub(super) fn device_view(&self, name: &str) -> Option<DeviceView> {
+        let (decl, dev) = {
+            let inv = self.inv();
+            let d = inv.devices.get(name)?;
+            (d.decl.clone(), d.dev.clone())
+        };
+        let (used, health) = match self.shared.roles.holder(name) {
+            None => (String::new(), "ok"),
+            Some((v, role)) => {
+                let health = match role {
+                    Role::Failed => "failed",
+                    Role::Member => self
+                        .inv()
+                        .volumes
+                        .get(&v)
+                        .and_then(|vol| vol.monitor.as_ref().map(|m| m.snapshot()))
+                        .and_then(|s| {
+                            s.members
+                                .iter()
+                                .position(|d| d == name)
+                                .map(|i| s.states[i])
+                        })
+                        .map_or("ok", |st| match st {
+                            crate::raid::members::MemberState::Rebuilding => "rebuilding",
+                            crate::raid::members::MemberState::Failed => "failed",
+                            crate::raid::members::MemberState::InSync => "ok",
+                        }),
+                    _ => "ok",
+                };
+                (used_by(&v, role), health)
+            }
+        };
+        Some(DeviceView {
+            decl,
+            num_blocks: dev.info().num_blocks,
+            used_by: used,
+            health,
+        })
+    }
+}
+
+/// The specification of a device grown to `size` bytes: the size it
+/// names changes (a restart must find the file at that size); `file:PATH`
+/// takes its size from the file. None for kinds that cannot be resized.
+fn resized_spec(spec: &str, size: u64) -> Option<String> {
+    let (kind, rest) = spec.split_once(':')?;
+    match kind {
+        "ram" | "null" => Some(format!("{kind}:{size}")),
+        "file" => match crate::devspec::file_path(rest) {
+            (path, Some(_)) => Some(format!("file:{path}:{size}")),
+            (_, None) => Some(spec.to_string()),
+        },
+        _ => None,
+    }
+}
+
+/// Whether two `file:` specifications name the same file.
+fn same_file(a: &str, b: &str) -> bool {
+    let path = |s: &str| {
+        let p = crate::devspec::file_path(s.trim_start_matches("file:")).0;
+        std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p))
+    };
+    a.starts_with("file:") && b.starts_with("file:") && path(a) == path(b)
+}

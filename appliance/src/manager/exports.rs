@@ -1,0 +1,135 @@
+//! Exporting volumes over vhost-user-blk.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{check_name, from_export, invalid, Exp, ExportView, Manager, MgmtError};
+use crate::config::ExportDecl;
+use crate::export::{Export, ExportOptions};
+
+impl Manager {
+    /// Export a volume over vhost-user-blk.
+    pub fn create_export(&self, mut decl: ExportDecl) -> Result<ExportView, MgmtError> {
+        check_name("name", &decl.name)?;
+        self.check_open()?;
+        if !decl.socket.is_absolute() {
+            return Err(invalid("socket", "must be an absolute path"));
+        }
+        if decl.num_queues == 0 {
+            decl.num_queues = 1;
+        }
+        if decl.serial.is_empty() {
+            decl.serial = decl.name.chars().take(20).collect();
+        }
+        let reactors = self.shared.set.len();
+        if let Some(&c) = decl.queue_cores.iter().find(|&&c| c >= reactors) {
+            return Err(invalid(
+                "queue_cores",
+                format!("reactor {c} does not exist (reactors 0..{reactors})"),
+            ));
+        }
+        if decl.queue_cores.len() > decl.num_queues as usize {
+            return Err(invalid(
+                "queue_cores",
+                format!(
+                    "{} entries for {} queue(s)",
+                    decl.queue_cores.len(),
+                    decl.num_queues
+                ),
+            ));
+        }
+        // Under the inventory's lock: the name, the socket and the volume
+        // (not being deleted) are checked and taken in one step. Creating
+        // an export binds a socket and starts a thread: short.
+        let mut inv = self.inv();
+        if inv.exports.contains_key(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {} already exists",
+                decl.name
+            )));
+        }
+        let vol = inv.volume(&decl.volume)?;
+        if vol.deleting.load(Ordering::SeqCst) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {} is being deleted",
+                decl.volume
+            )));
+        }
+        if let Some(e) = inv.exports.values().find(|e| e.decl.socket == decl.socket) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {} already serves {}",
+                e.decl.name,
+                decl.socket.display()
+            )));
+        }
+        let export = Export::create(
+            &self.shared.set,
+            &vol.volume,
+            ExportOptions {
+                socket: decl.socket.clone(),
+                num_queues: decl.num_queues,
+                read_only: decl.read_only,
+                serial: decl.serial.clone(),
+                queue_cores: decl.queue_cores.clone(),
+            },
+        )
+        .map_err(from_export)?;
+        let view = ExportView {
+            decl: decl.clone(),
+            connected: false,
+            connections: 0,
+        };
+        inv.exports
+            .insert(decl.name.clone(), Arc::new(Exp { decl, export }));
+        drop(inv);
+        self.save()?;
+        Ok(view)
+    }
+
+    /// Every export.
+    pub fn list_exports(&self) -> Vec<ExportView> {
+        self.inv()
+            .exports
+            .values()
+            .map(|e| ExportView {
+                decl: e.decl.clone(),
+                connected: e.export.is_connected(),
+                connections: e.export.connections(),
+            })
+            .collect()
+    }
+
+    /// Every export's name, volume and IO counters.
+    pub fn export_stats(&self) -> Vec<(String, String, crate::export::stats::IoSnapshot)> {
+        self.inv()
+            .exports
+            .values()
+            .map(|e| (e.decl.name.clone(), e.decl.volume.clone(), e.export.stats()))
+            .collect()
+    }
+
+    /// Delete an export; refused while a frontend is connected unless
+    /// `force`. The export leaves the inventory first, so its shutdown
+    /// (waiting for its connection to end) holds up no other call.
+    pub fn delete_export(&self, name: &str, force: bool) -> Result<(), MgmtError> {
+        check_name("name", name)?;
+        self.check_open()?;
+        let e = {
+            let mut inv = self.inv();
+            let e = inv
+                .exports
+                .get(name)
+                .cloned()
+                .ok_or_else(|| MgmtError::NotFound(format!("export {name} does not exist")))?;
+            if e.export.is_connected() && !force {
+                return Err(from_export(crate::export::ExportError::Connected(
+                    e.export.name().to_string(),
+                )));
+            }
+            inv.exports.remove(name);
+            e
+        };
+        self.save()?;
+        e.export.delete(true).map_err(from_export)
+    }
+}

@@ -1,0 +1,589 @@
+//! The daemon's inventory (attached devices, volumes and exports) and every
+//! operator change to it. The gRPC service and the start-up restore both
+//! come through here, so one set of checks guards every path.
+//!
+//! Locking: the inventory's lock is held only for short looks and
+//! inserts, never across a quiesce or device IO, so a stuck volume holds
+//! up nobody but its own callers. A RAID volume's changes go through its
+//! monitor's one transaction (`raid::transaction`), which serializes them
+//! per volume; different volumes change in parallel. Device roles live in
+//! one register (`roles`), claimed inside those transactions. The state
+//! file is written by the transaction that changes what it says, after the
+//! superblocks and before the new generation is published.
+
+mod changes;
+mod devices;
+mod exports;
+mod roles;
+mod volumes;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bdev::BlockDevice;
+use poller::{QuiesceError, ReactorSet, SuspendGuard};
+
+use crate::config::{Config, DeviceDecl, ExportDecl, VolumeDecl};
+use crate::export::{Export, ExportError};
+use crate::raid::members::MemberState;
+use crate::raid::monitor::{Monitor, OpError};
+use crate::volume::Volume;
+
+pub use roles::RoleBook;
+
+/// How long a change waits for a volume's IO to drain, by default.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a change was refused; nothing changed. The variants are the gRPC
+/// status codes they become.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MgmtError {
+    /// A field of the request is wrong.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The named object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The state does not allow the change.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// IO did not drain in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Not enough of something the machine has (memory for RAM devices).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Something below failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> MgmtError {
+    MgmtError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn from_quiesce(what: &str, e: QuiesceError) -> MgmtError {
+    match e {
+        QuiesceError::DeadlineExceeded { .. } => {
+            MgmtError::DeadlineExceeded(format!("{what}: {e}"))
+        }
+        _ => MgmtError::Internal(format!("{what}: {e}")),
+    }
+}
+
+fn from_op(volume: &str, e: OpError) -> MgmtError {
+    match e {
+        OpError::NotFound(d) => MgmtError::FailedPrecondition(format!(
+            "device {d} is not a member or spare of volume {volume}"
+        )),
+        OpError::AlreadyExists(d) => {
+            MgmtError::AlreadyExists(format!("device {d} is already part of volume {volume}"))
+        }
+        OpError::FailedPrecondition(m) => MgmtError::FailedPrecondition(format!("{volume}: {m}")),
+        OpError::DeadlineExceeded(m) => MgmtError::DeadlineExceeded(format!("{volume}: {m}")),
+        OpError::Internal(m) => MgmtError::Internal(format!("{volume}: {m}")),
+    }
+}
+
+fn from_export(e: ExportError) -> MgmtError {
+    match e {
+        ExportError::InvalidArgument { field, reason } => invalid(field, reason),
+        ExportError::AlreadyExists(_) => MgmtError::AlreadyExists(e.to_string()),
+        ExportError::Connected(_) => MgmtError::FailedPrecondition(e.to_string()),
+        ExportError::Quiesce(q) => from_quiesce("export", q),
+        ExportError::Os { .. } => MgmtError::Internal(e.to_string()),
+    }
+}
+
+/// md's write-behind limit: 1..=16383 (md's COUNTER_MAX / 2).
+fn check_write_behind(limit: u32) -> Result<(), MgmtError> {
+    if !(1..=16383).contains(&limit) {
+        return Err(invalid(
+            "write_behind",
+            format!("{limit} is not in 1..=16383 (0 turns it off)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A bitmap region size in KiB: 0 (the default) or a power of two from
+/// 64 KiB to 4 GiB.
+fn check_bitmap_chunk(kib: u32) -> Result<(), MgmtError> {
+    if kib != 0 && (!kib.is_power_of_two() || !(64..=4 << 20).contains(&kib)) {
+        return Err(invalid(
+            "bitmap_chunk_kib",
+            format!("{kib} is not a power of two from 64 (64 KiB) to 4194304 (4 GiB)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a bitmap region of `kib` KiB (0: md's default, 64 MiB).
+fn bitmap_chunk_bytes(kib: u32) -> u64 {
+    if kib == 0 {
+        crate::raid::bitmap::DEFAULT_CHUNK_BYTES
+    } else {
+        kib as u64 * 1024
+    }
+}
+
+/// Names of devices, volumes and exports: safe in paths, logs and tables.
+fn check_name(field: &'static str, name: &str) -> Result<(), MgmtError> {
+    if name.is_empty() || name.len() > 32 {
+        return Err(invalid(field, format!("{name:?} must be 1..=32 bytes")));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        || name.starts_with('.')
+    {
+        return Err(invalid(
+            field,
+            format!("{name:?} may hold only A-Z a-z 0-9 . _ - and not start with ."),
+        ));
+    }
+    Ok(())
+}
+
+/// Devices in order.
+type Devices = Vec<Arc<dyn BlockDevice>>;
+
+/// Volume levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// One device, no redundancy, no superblock.
+    Single,
+    /// Mirror.
+    Raid1,
+    /// Distributed parity.
+    Raid5,
+}
+
+impl Level {
+    /// Parse the configuration name.
+    pub fn parse(s: &str) -> Option<Level> {
+        match s {
+            "single" => Some(Level::Single),
+            "raid1" => Some(Level::Raid1),
+            "raid5" => Some(Level::Raid5),
+            _ => None,
+        }
+    }
+
+    /// The configuration name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Single => "single",
+            Level::Raid1 => "raid1",
+            Level::Raid5 => "raid5",
+        }
+    }
+}
+
+/// A device as listed.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    /// How it was attached.
+    pub decl: DeviceDecl,
+    /// Its size in blocks.
+    pub num_blocks: u64,
+    /// "" when free, else "volume NAME" or "spare of NAME".
+    pub used_by: String,
+    /// "ok", "failed" or "rebuilding".
+    pub health: &'static str,
+}
+
+/// A rebuild or scrub as shown.
+#[derive(Debug, Clone)]
+pub struct ProgressView {
+    /// "rebuild" or "scrub".
+    pub kind: &'static str,
+    /// 0..=1.
+    pub fraction: f64,
+    /// Seconds left at the rate so far.
+    pub eta_seconds: f64,
+    /// Whether it ended.
+    pub finished: bool,
+    /// Why it failed, or "".
+    pub error: String,
+    /// Parity or mirror mismatches found (scrub).
+    pub mismatches: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Rate limit (0: none).
+    pub max_bytes_per_sec: u64,
+    /// The rate it yields to while guest IO runs (0: it does not yield).
+    pub min_bytes_per_sec: u64,
+}
+
+/// A volume as described.
+#[derive(Debug, Clone)]
+pub struct VolumeView {
+    /// Name.
+    pub name: String,
+    /// Level.
+    pub level: Level,
+    /// "optimal", "degraded" or "failed".
+    pub state: &'static str,
+    /// Capacity.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// RAID5 chunk in KiB (0 otherwise).
+    pub chunk_kib: u32,
+    /// RAID5 layout ("" otherwise).
+    pub layout: String,
+    /// (device, state) by slot.
+    pub members: Vec<(String, &'static str)>,
+    /// Members marked write-mostly.
+    pub write_mostly: Vec<String>,
+    /// Spare device names.
+    pub spares: Vec<String>,
+    /// The running or last rebuild or scrub.
+    pub progress: Option<ProgressView>,
+    /// Configuration generation.
+    pub generation: u64,
+    /// Exports of this volume.
+    pub exports: Vec<String>,
+    /// Its quiesce epochs so far.
+    pub quiesce: poller::QuiesceStats,
+    /// Its journal device.
+    pub journal: Option<String>,
+    /// The journal's mode, log fill (0..=1), write-back cached blocks and
+    /// whether its device failed (the volume then goes on without it).
+    pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64, bool)>,
+    /// How the volume stays consistent after an unclean shutdown (md's
+    /// consistency_policy): "resync" (the whole volume), "bitmap" (the
+    /// regions the write-intent bitmap marks), "journal", or "none".
+    pub consistency_policy: &'static str,
+    /// The write-intent bitmap: bytes of each member per region, regions,
+    /// regions marked dirty now.
+    pub bitmap: Option<(u64, u64, u64)>,
+    /// The byte range whose writes are held (md's suspend_lo/hi).
+    pub suspended: Option<(u64, u64)>,
+    /// RAID1: md's serialize_policy is on.
+    pub serialize: bool,
+    /// RAID1: md's write-behind limit (0: off) and the writes in the
+    /// background now.
+    pub write_behind: (u64, u64),
+    /// Suspended as a whole by an operator (dm's suspend).
+    pub suspended_whole: bool,
+    /// Changes waiting to be applied (events that hit a deadline).
+    pub pending_changes: usize,
+}
+
+/// An export as listed.
+#[derive(Debug, Clone)]
+pub struct ExportView {
+    /// How it was created.
+    pub decl: ExportDecl,
+    /// Whether a frontend is connected.
+    pub connected: bool,
+    /// Connections accepted so far.
+    pub connections: u64,
+}
+
+/// Whole-daemon health.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// "ok" or "degraded".
+    pub status: &'static str,
+    /// What is wrong.
+    pub problems: Vec<String>,
+}
+
+fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::InSync => "in_sync",
+        MemberState::Rebuilding => "rebuilding",
+        MemberState::Failed => "failed",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Dev {
+    decl: DeviceDecl,
+    dev: Arc<dyn BlockDevice>,
+}
+
+/// A volume in the inventory.
+struct Vol {
+    volume: Volume,
+    /// RAID volumes only.
+    monitor: Option<Monitor>,
+    /// What the state file says of it, kept current by every change.
+    decl: Arc<Mutex<VolumeDecl>>,
+    /// Serializes the changes its monitor does not make (range holds,
+    /// whole-volume suspend, a single device's resize, deletion).
+    busy: Mutex<()>,
+    /// An operator's whole-volume suspend (dm's suspend), until resumed.
+    held: Mutex<Option<SuspendGuard>>,
+    /// Being deleted: no new export.
+    deleting: AtomicBool,
+}
+
+impl Vol {
+    fn level(&self) -> Level {
+        Level::parse(&lock(&self.decl).level).unwrap_or(Level::Single)
+    }
+}
+
+struct Exp {
+    decl: ExportDecl,
+    export: Export,
+}
+
+#[derive(Default)]
+struct Inventory {
+    devices: BTreeMap<String, Dev>,
+    volumes: BTreeMap<String, Arc<Vol>>,
+    /// Names of volumes being created (their devices are claimed).
+    creating: std::collections::BTreeSet<String>,
+    exports: BTreeMap<String, Arc<Exp>>,
+}
+
+impl Inventory {
+    fn device(&self, field: &'static str, name: &str) -> Result<&Dev, MgmtError> {
+        check_name(field, name)?;
+        self.devices
+            .get(name)
+            .ok_or_else(|| MgmtError::NotFound(format!("device {name} is not attached")))
+    }
+
+    fn volume(&self, name: &str) -> Result<Arc<Vol>, MgmtError> {
+        check_name("volume", name)?;
+        self.volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| MgmtError::NotFound(format!("volume {name} does not exist")))
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            devices: self.devices.values().map(|d| d.decl.clone()).collect(),
+            volumes: self
+                .volumes
+                .values()
+                .map(|v| lock(&v.decl).clone())
+                .collect(),
+            exports: self.exports.values().map(|e| e.decl.clone()).collect(),
+        }
+    }
+}
+
+/// What the manager and its volumes' hooks share.
+struct Shared {
+    set: ReactorSet,
+    inv: Mutex<Inventory>,
+    roles: RoleBook,
+    state_file: Option<PathBuf>,
+    /// One save at a time, each of the whole inventory as it is then, so
+    /// the file ends with the latest state.
+    saving: Mutex<()>,
+    /// Do not write the state file: while restoring (a half-restored state
+    /// must never replace the full one) and once stopping.
+    quiet: AtomicBool,
+    /// Stopping: changes are refused.
+    closed: AtomicBool,
+    /// How long a change waits for a volume's IO to drain.
+    timeout: Mutex<Duration>,
+}
+
+impl Shared {
+    /// Save the state; a failure is logged and reported, the change stands
+    /// (it has happened on the devices already).
+    fn save(&self) -> Result<(), MgmtError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let _one = lock(&self.saving);
+        if self.quiet.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let config = lock(&self.inv).config();
+        config.save(path).map_err(|e| {
+            tracing::error!(error = %e, "saving the daemon state");
+            MgmtError::Internal(format!(
+                "the change was made but saving the state failed: {e}"
+            ))
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        *lock(&self.timeout)
+    }
+}
+
+/// The inventory and its changes.
+pub struct Manager {
+    shared: Arc<Shared>,
+}
+
+impl Manager {
+    /// An empty inventory served by `set`; changes are saved to
+    /// `state_file` if given.
+    pub fn new(set: &ReactorSet, state_file: Option<PathBuf>) -> Manager {
+        Manager {
+            shared: Arc::new(Shared {
+                set: set.clone(),
+                inv: Mutex::new(Inventory::default()),
+                roles: RoleBook::default(),
+                state_file,
+                saving: Mutex::new(()),
+                quiet: Default::default(),
+                closed: Default::default(),
+                timeout: Mutex::new(QUIESCE_TIMEOUT),
+            }),
+        }
+    }
+
+    /// How long changes wait for a volume's IO to drain (30 s by default);
+    /// applies to volumes created afterwards.
+    pub fn set_change_timeout(&self, timeout: Duration) {
+        *lock(&self.shared.timeout) = timeout;
+    }
+
+    fn inv(&self) -> MutexGuard<'_, Inventory> {
+        lock(&self.shared.inv)
+    }
+
+    /// Refused once the daemon is stopping (a call that outlived the API's
+    /// shutdown must not act or save).
+    fn check_open(&self) -> Result<(), MgmtError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(MgmtError::FailedPrecondition(
+                "the daemon is stopping".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<(), MgmtError> {
+        self.shared.save()
+    }
+
+    /// The reactors.
+    pub fn reactors(&self) -> &ReactorSet {
+        &self.shared.set
+    }
+
+    /// Bring up everything `config` declares, in order; the first error
+    /// stops it (the caller should refuse to start).
+    ///
+    /// `initial` says the configuration is the operator's initial setup
+    /// (`--config`, no state yet): RAID volumes on blank devices are then
+    /// created. Restoring saved state, a volume is only ever assembled from
+    /// its superblocks (except on RAM devices, which start blank).
+    pub fn restore(&self, config: &Config, initial: bool) -> Result<(), String> {
+        self.shared.quiet.store(true, Ordering::SeqCst);
+        let r = self.restore_all(config, initial);
+        self.shared.quiet.store(false, Ordering::SeqCst);
+        r?;
+        self.save().map_err(|e| e.to_string())
+    }
+
+    fn restore_all(&self, config: &Config, initial: bool) -> Result<(), String> {
+        for d in &config.devices {
+            self.attach_device(d.clone())
+                .map_err(|e| format!("device {}: {e}", d.name))?;
+        }
+        for v in &config.volumes {
+            self.restore_volume(v, initial)
+                .map_err(|e| format!("volume {}: {e}", v.name))?;
+        }
+        for e in &config.exports {
+            self.create_export(e.clone())
+                .map_err(|err| format!("export {}: {err}", e.name))?;
+        }
+        Ok(())
+    }
+
+    // ---- daemon ----
+
+    /// Health of every volume.
+    pub fn health(&self) -> Health {
+        let mut problems = Vec::new();
+        if self.shared.set.is_stopped() {
+            problems.push("the reactors have stopped".to_string());
+        }
+        for v in self.list_volumes() {
+            if v.state != "optimal" {
+                problems.push(format!("volume {} is {}", v.name, v.state));
+            }
+            if v.journal_state.is_some_and(|j| j.3) {
+                problems.push(format!(
+                    "volume {}: its journal device failed; writes go on without write-hole protection",
+                    v.name
+                ));
+            }
+            if v.pending_changes > 0 {
+                problems.push(format!(
+                    "volume {}: {} change(s) waiting for its IO to drain",
+                    v.name, v.pending_changes
+                ));
+            }
+        }
+        Health {
+            status: if problems.is_empty() {
+                "ok"
+            } else {
+                "degraded"
+            },
+            problems,
+        }
+    }
+
+    /// Stop serving: exports disconnect (in-flight IO drains), volumes are
+    /// recorded clean. The state file keeps them for the next start.
+    pub fn shutdown(&self) {
+        if !self.shared.closed.load(Ordering::SeqCst) {
+            let _ = self.save();
+        }
+        self.shutdown_without_saving();
+    }
+
+    /// Stop everything, leaving the state file as it is (after a failed
+    /// restore, so the file still says what should run).
+    pub fn shutdown_without_saving(&self) {
+        self.shared.quiet.store(true, Ordering::SeqCst);
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let (exports, volumes) = {
+            let mut inv = self.inv();
+            (
+                std::mem::take(&mut inv.exports),
+                std::mem::take(&mut inv.volumes),
+            )
+        };
+        for (name, e) in exports {
+            if let Err(err) = e.export.delete(true) {
+                tracing::error!(export = name, error = %err, "deleting the export at shutdown");
+            }
+        }
+        for (name, v) in volumes {
+            // An operator's suspend ends with the daemon.
+            lock(&v.held).take();
+            if let Some(m) = &v.monitor {
+                if let Err(err) = m.close() {
+                    tracing::error!(volume = name, error = %err, "recording a clean shutdown");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Which device does what: the one register of attached devices and the
+//! role each has in a volume (md's rule that a device belongs to one array
+//! in one role). A role is given by a claim, checked and set in one step
+//! under the register's lock; a RAID volume's claims are made inside its
+//! change's transaction (see `VolumeHooks`), so no two changes can give
+//! one device two roles.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bdev::BlockDevice;
+
+use crate::raid::members::device_id;
+use crate::raid::monitor::{OpError, Role};
+
+/// An attached device's entry.
+struct Entry {
+    /// Identity of the device object attached under this name (a resize
+    /// or a detach and attach make a new one).
+    id: usize,
+    /// The volume that holds it, and how.
+    holder: Option<(String, Role)>,
+}
+
+/// The register.
+#[derive(Default)]
+pub struct RoleBook {
+    map: Mutex<BTreeMap<String, Entry>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RoleBook {
+    /// `dev` is attached (free).
+    pub fn attach(&self, dev: &Arc<dyn BlockDevice>) {
+        lock(&self.map).insert(
+            dev.info().name.clone(),
+            Entry {
+                id: device_id(dev),
+                holder: None,
+            },
+        );
+    }
+
+    /// `dev` replaces the device attached under its name (a resize),
+    /// keeping its role.
+    pub fn replace(&self, dev: &Arc<dyn BlockDevice>) {
+        if let Some(e) = lock(&self.map).get_mut(&dev.info().name) {
+            e.id = device_id(dev);
+        }
+    }
+
+    /// Detach `name` if no volume holds it; the holder otherwise.
+    pub fn detach(&self, name: &str) -> Result<(), (String, Role)> {
+        let mut m = lock(&self.map);
+        if let Some((v, r)) = m.get(name).and_then(|e| e.holder.clone()) {
+            return Err((v, r));
+        }
+        m.remove(name);
+        Ok(())
+    }
+
+    /// Who holds `name`.
+    pub fn holder(&self, name: &str) -> Option<(String, Role)> {
+        lock(&self.map).get(name).and_then(|e| e.holder.clone())
+    }
+
+    /// Give `dev` `role` in `volume`: it must be attached (this very
+    /// device), and free or already `volume`'s in role `from`.
+    pub fn claim(
+        &self,
+        dev: &Arc<dyn BlockDevice>,
+        volume: &str,
+        role: Role,
+        from: Option<Role>,
+    ) -> Result<(), OpError> {
+        let name = dev.info().name.clone();
+        let mut m = lock(&self.map);
+        let Some(e) = m.get_mut(&name).filter(|e| e.id == device_id(dev)) else {
+            return Err(OpError::FailedPrecondition(format!(
+                "device {name} is not attached (any more)"
+            )));
+        };
+        match &e.holder {
+            None => {}
+            Some((v, r)) if v == volume && Some(*r) == from => {}
+            Some((v, r)) if v == volume => {
+                return Err(OpError::AlreadyExists(format!(
+                    "device {name} is already {} {v}",
+                    r.name()
+                )))
+            }
+            Some((v, r)) => {
+                return Err(OpError::FailedPrecondition(format!(
+                    "device {name} is in use ({} {v})",
+                    r.name()
+                )))
+            }
+        }
+        e.holder = Some((volume.to_string(), role));
+        Ok(())
+    }
+
+    /// Claim every one of `devs` for `volume` in its role, or none.
+    pub fn claim_all(
+        &self,
+        devs: &[(Arc<dyn BlockDevice>, Role)],
+        volume: &str,
+    ) -> Result<(), OpError> {
+        for (i, (d, r)) in devs.iter().enumerate() {
+            if let Err(e) = self.claim(d, volume, *r, None) {
+                for (d, _) in &devs[..i] {
+                    self.set(&d.info().name, volume, None);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Set `name`'s role in `volume` (`None`: free it), if `volume` holds
+    /// it or it is free.
+    pub fn set(&self, name: &str, volume: &str, role: Option<Role>) {
+        if let Some(e) = lock(&self.map).get_mut(name) {
+            if e.holder.as_ref().is_none_or(|(v, _)| v == volume) {
+                e.holder = role.map(|r| (volume.to_string(), r));
+            }
+        }
+    }
+
+    /// Free every device `volume` holds.
+    pub fn release_volume(&self, volume: &str) {
+        for e in lock(&self.map).values_mut() {
+            if e.holder.as_ref().is_some_and(|(v, _)| v == volume) {
+                e.holder = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram(name: &str) -> Arc<dyn BlockDevice> {
+        Arc::new(bdev::RamDevice::new(name, 4096, 16).unwrap())
+    }
+
+    #[test]
+    fn a_device_has_one_role_and_only_while_attached() {
+        let book = RoleBook::default();
+        let (d0, d1) = (ram("d0"), ram("d1"));
+        book.attach(&d0);
+        book.attach(&d1);
+        book.claim(&d0, "v", Role::Member, None).unwrap();
+        assert!(matches!(
+            book.claim(&d0, "v", Role::Spare, None),
+            Err(OpError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            book.claim(&d0, "w", Role::Spare, None),
+            Err(OpError::FailedPrecondition(_))
+        ));
+        book.set("d0", "v", Some(Role::Failed));
+        book.claim(&d0, "v", Role::Spare, Some(Role::Failed))
+            .unwrap();
+        assert_eq!(book.holder("d0"), Some(("v".into(), Role::Spare)));
+        assert!(book.detach("d0").is_err());
+        // All or none.
+        let d2 = ram("d2");
+        assert!(book
+            .claim_all(
+                &[(d1.clone(), Role::Member), (d2.clone(), Role::Member)],
+                "x"
+            )
+            .is_err());
+        assert_eq!(book.holder("d1"), None, "the first claim was undone");
+        // Another object under the same name is not the attached device.
+        let other = ram("d1");
+        assert!(book.claim(&other, "x", Role::Member, None).is_err());
+        book.release_volume("v");
+        book.detach("d0").unwrap();
+        assert!(book.claim(&d0, "v", Role::Member, None).is_err());
+    }
+}

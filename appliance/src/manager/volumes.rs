@@ -1,0 +1,899 @@
+//! Creating, assembling, describing and deleting volumes, and the hooks
+//! that keep a RAID volume's roles and declaration current.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use bdev::BlockDevice;
+
+use super::{
+    bitmap_chunk_bytes, check_bitmap_chunk, check_name, check_write_behind, from_op, invalid, lock,
+    state_name, Devices, Inventory, Level, Manager, MgmtError, ProgressView, Shared, Vol,
+    VolumeView,
+};
+use crate::config::VolumeDecl;
+use crate::raid::assembly::{self, AssemblyError, VolumeSpec};
+use crate::raid::geometry::Layout;
+use crate::raid::journal::{Journal, JournalMode};
+use crate::raid::members::{FailureSink, MemberState, MissingDevice};
+use crate::raid::monitor::{Monitor, OpError, RaidDevice, Role, Snapshot, VolumeHooks};
+use crate::raid::superblock::{Level as SbLevel, SuperblockError};
+use crate::volume::Volume;
+
+/// A RAID volume's link to the inventory: its transactions claim roles in
+/// the register and write the state file through here.
+struct Hooks {
+    volume: String,
+    shared: Weak<Shared>,
+    decl: Arc<Mutex<VolumeDecl>>,
+}
+
+impl VolumeHooks for Hooks {
+    fn claim(
+        &self,
+        device: &Arc<dyn BlockDevice>,
+        role: Role,
+        from: Option<Role>,
+    ) -> Result<(), OpError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(OpError::FailedPrecondition("the daemon is stopping".into()));
+        };
+        shared.roles.claim(device, &self.volume, role, from)
+    }
+
+    fn set_role(&self, device: &str, role: Option<Role>) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.roles.set(device, &self.volume, role);
+        }
+    }
+
+    fn persist(&self, view: &Snapshot) -> Result<(), String> {
+        {
+            let mut d = lock(&self.decl);
+            *d = decl_from(view, &d);
+        }
+        match self.shared.upgrade() {
+            Some(shared) => shared.save().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A RAID volume's declaration as `view` says it is now: its live members
+/// (a failed slot's device is not recorded; a replacement's new device
+/// is, and comes back blank, as a spare), spares and settings.
+fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
+    let mut members: Vec<String> = Vec::new();
+    for (d, st) in view.members.iter().zip(&view.states) {
+        if *st != MemberState::Failed && !d.is_empty() && !members.contains(d) {
+            members.push(d.clone());
+        }
+    }
+    if let Some((_, d)) = &view.replacing {
+        members.push(d.clone());
+    }
+    let raid5 = view.level == SbLevel::Raid5;
+    VolumeDecl {
+        name: old.name.clone(),
+        level: if raid5 { "raid5" } else { "raid1" }.to_string(),
+        members,
+        spares: view.spares.clone(),
+        chunk_kib: if raid5 {
+            view.chunk_bytes / 1024
+        } else {
+            old.chunk_kib
+        },
+        layout: if raid5 {
+            view.layout.clone()
+        } else {
+            old.layout.clone()
+        },
+        min_rebuild_bytes_per_sec: view.rates.0,
+        max_rebuild_bytes_per_sec: view.rates.1,
+        journal: view
+            .journal
+            .as_ref()
+            .map(|j| j.device().info().name.clone()),
+        journal_mode: view
+            .journal
+            .as_ref()
+            .map_or(String::new(), |j| j.mode().name().to_string()),
+        bitmap: view.bitmap.is_some(),
+        bitmap_chunk_kib: if view.bitmap.is_some() {
+            old.bitmap_chunk_kib
+        } else {
+            0
+        },
+        serialize: view.serialize,
+        write_behind: view.write_behind.0 as u32,
+    }
+}
+
+/// A volume as started: its IO object and, for RAID, its monitor.
+type Started = (Volume, Option<Monitor>);
+
+impl Manager {
+    /// Check a volume declaration against the inventory: the level, member
+    /// and spare counts, that every device is attached and distinct, and
+    /// the geometry. Returns the level, members and spares. Whether the
+    /// devices are free is the claim's to say.
+    fn check_volume(
+        s: &Inventory,
+        decl: &VolumeDecl,
+        restoring: bool,
+    ) -> Result<(Level, Devices, Devices), MgmtError> {
+        check_name("name", &decl.name)?;
+        if s.volumes.contains_key(&decl.name) || s.creating.contains(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "volume {} already exists",
+                decl.name
+            )));
+        }
+        let level = Level::parse(&decl.level).ok_or_else(|| {
+            invalid(
+                "level",
+                format!("{:?} is not single, raid1 or raid5", decl.level),
+            )
+        })?;
+        let (min, max) = match level {
+            Level::Single => (1, 1),
+            Level::Raid1 => (2, 32),
+            Level::Raid5 => (3, 32),
+        };
+        let n = decl.members.len();
+        // A degraded volume is saved with its surviving members only; its
+        // superblocks say how many it has.
+        let min = if restoring { 1 } else { min };
+        if n < min || n > max {
+            return Err(invalid(
+                "members",
+                format!("{} takes {min}..={max} members, got {n}", level.name()),
+            ));
+        }
+        if level == Level::Single && !decl.spares.is_empty() {
+            return Err(invalid("spares", "a single-device volume has no spares"));
+        }
+        if decl.bitmap && level == Level::Single {
+            return Err(invalid(
+                "bitmap",
+                "a single-device volume has nothing to resynchronise",
+            ));
+        }
+        if decl.bitmap && decl.journal.as_deref().is_some_and(|j| !j.is_empty()) {
+            return Err(invalid(
+                "bitmap",
+                "a volume with a journal needs no bitmap: the journal closes the write hole (choose one)",
+            ));
+        }
+        check_bitmap_chunk(decl.bitmap_chunk_kib)?;
+        // At a restart the superblocks decide (a bitmap may be gone).
+        if decl.write_behind > 0 && !restoring {
+            check_write_behind(decl.write_behind)?;
+            if level != Level::Raid1 || !decl.bitmap {
+                return Err(invalid(
+                    "write_behind",
+                    "write-behind is for a RAID1 with a write-intent bitmap",
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut get =
+            |field: &'static str, name: &String| -> Result<Arc<dyn BlockDevice>, MgmtError> {
+                let d = s.device(field, name)?;
+                if !seen.insert(name.clone()) {
+                    return Err(invalid(field, format!("device {name} is named twice")));
+                }
+                Ok(d.dev.clone())
+            };
+        let members = decl
+            .members
+            .iter()
+            .map(|m| get("members", m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spares = decl
+            .spares
+            .iter()
+            .map(|m| get("spares", m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bs = members[0].info().block_size;
+        if let Some(d) = members
+            .iter()
+            .chain(&spares)
+            .find(|d| d.info().block_size != bs)
+        {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "device {} has {}-byte blocks, the first member {bs}",
+                d.info().name,
+                d.info().block_size
+            )));
+        }
+        let smallest = members
+            .iter()
+            .map(|d| d.info().num_blocks)
+            .min()
+            .unwrap_or(0);
+        if let Some(d) = spares.iter().find(|d| d.info().num_blocks < smallest) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "spare {} is smaller than the smallest member",
+                d.info().name
+            )));
+        }
+        if level == Level::Raid5 {
+            let c = decl.chunk_kib;
+            if !(4..=1024).contains(&c) || !c.is_power_of_two() {
+                return Err(invalid(
+                    "chunk_kib",
+                    format!("{c} is not a power of two in 4..=1024"),
+                ));
+            }
+            Layout::parse(&decl.layout).map_err(|e| invalid("layout", e.to_string()))?;
+        }
+        if level != Level::Single {
+            let offset_bytes = 1u64 << 20;
+            if smallest * bs as u64 <= offset_bytes + (decl.chunk_kib as u64) * 1024 {
+                return Err(invalid(
+                    "members",
+                    "too small: each member needs more than 1 MiB for the superblock and data offset plus one chunk",
+                ));
+            }
+        }
+        Ok((level, members, spares))
+    }
+
+    /// Every device a declaration names, with the role it takes.
+    fn roles_of(
+        members: &Devices,
+        spares: &Devices,
+        journal: &Option<Arc<dyn BlockDevice>>,
+    ) -> Vec<(Arc<dyn BlockDevice>, Role)> {
+        members
+            .iter()
+            .map(|d| (d.clone(), Role::Member))
+            .chain(spares.iter().map(|d| (d.clone(), Role::Spare)))
+            .chain(journal.iter().map(|d| (d.clone(), Role::Journal)))
+            .collect()
+    }
+
+    /// Start the monitor of a RAID volume whose device is `device`.
+    fn start_raid(
+        &self,
+        decl: &VolumeDecl,
+        opened: (Arc<dyn RaidDevice>, assembly::VolumeMeta, bool),
+        spares: Vec<Arc<dyn BlockDevice>>,
+        rx: std::sync::mpsc::Receiver<crate::raid::members::Event>,
+    ) -> Result<Started, MgmtError> {
+        let (device, meta, was_clean) = opened;
+        let volume = Volume::new_raid(&self.shared.set, &decl.name, device.clone());
+        let monitor = Monitor::start(&self.shared.set, volume.clone(), device, rx, spares);
+        monitor.set_timeout(self.shared.timeout());
+        monitor.set_meta(meta);
+        let setup = || -> Result<(), OpError> {
+            monitor.set_rate(
+                decl.min_rebuild_bytes_per_sec,
+                decl.max_rebuild_bytes_per_sec,
+            )?;
+            if decl.serialize {
+                monitor.set_serialize(true)?;
+            }
+            if decl.write_behind > 0 {
+                // The superblocks decide whether a bitmap came back;
+                // without one write-behind stays off rather than the
+                // volume.
+                if let Err(e) = monitor.set_write_behind(decl.write_behind as u64) {
+                    tracing::warn!(volume = %decl.name, error = %e, "write-behind not restored");
+                }
+            }
+            monitor.open(was_clean)?;
+            Ok(())
+        };
+        setup().map_err(|e| from_op(&decl.name, e))?;
+        Ok((volume, Some(monitor)))
+    }
+
+    /// The journal device a declaration names, checked: RAID5 only,
+    /// attached, not a member or spare, same block size.
+    pub(super) fn check_journal(
+        s: &Inventory,
+        decl: &VolumeDecl,
+        level: Level,
+    ) -> Result<Option<Arc<dyn BlockDevice>>, MgmtError> {
+        let Some(name) = decl.journal.as_deref().filter(|n| !n.is_empty()) else {
+            return Ok(None);
+        };
+        if level != Level::Raid5 {
+            return Err(invalid("journal", "only a RAID5 volume has a journal"));
+        }
+        let d = s.device("journal", name)?;
+        if decl.members.iter().chain(&decl.spares).any(|m| m == name) {
+            return Err(invalid(
+                "journal",
+                format!("device {name} is also a member or spare"),
+            ));
+        }
+        crate::raid::journal::block_size_ok(d.dev.as_ref())
+            .map_err(MgmtError::FailedPrecondition)?;
+        let want = decl
+            .members
+            .first()
+            .and_then(|m| s.devices.get(m))
+            .map_or(4096, |m| m.dev.info().block_size);
+        if d.dev.info().block_size != want {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "journal {name} has {}-byte blocks, the members {want}",
+                d.dev.info().block_size
+            )));
+        }
+        if d.dev.info().num_blocks < 1 + 1024 {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "journal {name} is too small: it needs at least 1025 blocks"
+            )));
+        }
+        Ok(Some(d.dev.clone()))
+    }
+
+    /// Check `decl`, reserve its name and claim its devices; `f` then
+    /// builds the volume with them, outside the inventory's lock (it does
+    /// device IO). Whatever `f` refuses gives the name and devices back.
+    fn with_claims<T>(
+        &self,
+        decl: &VolumeDecl,
+        restoring: bool,
+        f: impl FnOnce(Level, Devices, Devices, Option<Arc<dyn BlockDevice>>) -> Result<T, MgmtError>,
+    ) -> Result<T, MgmtError> {
+        self.check_open()?;
+        let (level, members, spares, jdev) = {
+            let mut inv = self.inv();
+            let (level, members, spares) = Self::check_volume(&inv, decl, restoring)?;
+            let jdev = Self::check_journal(&inv, decl, level)?;
+            self.shared
+                .roles
+                .claim_all(&Self::roles_of(&members, &spares, &jdev), &decl.name)
+                .map_err(|e| from_op(&decl.name, e))?;
+            inv.creating.insert(decl.name.clone());
+            (level, members, spares, jdev)
+        };
+        let r = f(level, members, spares, jdev);
+        let mut inv = self.inv();
+        inv.creating.remove(&decl.name);
+        if r.is_err() {
+            self.shared.roles.release_volume(&decl.name);
+        }
+        r
+    }
+
+    /// Put a started volume into the inventory; its monitor reports to it
+    /// from now on.
+    fn insert_volume(&self, decl: VolumeDecl, started: Started) {
+        let (volume, monitor) = started;
+        let decl = Arc::new(Mutex::new(decl));
+        if let Some(m) = &monitor {
+            m.set_hooks(Arc::new(Hooks {
+                volume: volume.name().to_string(),
+                shared: Arc::downgrade(&self.shared),
+                decl: decl.clone(),
+            }));
+            // What the monitor sees now is what the state file keeps.
+            let snap = m.snapshot();
+            let mut d = lock(&decl);
+            *d = decl_from(&snap, &d);
+        }
+        let name = volume.name().to_string();
+        self.inv().volumes.insert(
+            name,
+            Arc::new(Vol {
+                volume,
+                monitor,
+                decl,
+                busy: Mutex::new(()),
+                held: Mutex::new(None),
+                deleting: Default::default(),
+            }),
+        );
+    }
+
+    /// Create a volume; RAID members get fresh superblocks (`force` to
+    /// overwrite another volume's).
+    pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
+        let mode =
+            JournalMode::parse(&decl.journal_mode).map_err(|e| invalid("journal_mode", e))?;
+        let started = self.with_claims(&decl, false, |level, members, spares, jdev| {
+            if jdev.is_none() && !decl.journal_mode.is_empty() {
+                return Err(invalid(
+                    "journal_mode",
+                    "a journal mode needs a journal device",
+                ));
+            }
+            self.build_volume(&decl, level, members, spares, jdev, mode, force)
+        })?;
+        self.insert_volume(decl.clone(), started);
+        self.save()?;
+        self.get_volume(&decl.name)
+    }
+
+    /// A new volume on its claimed devices.
+    #[allow(clippy::too_many_arguments)]
+    fn build_volume(
+        &self,
+        decl: &VolumeDecl,
+        level: Level,
+        members: Devices,
+        spares: Devices,
+        jdev: Option<Arc<dyn BlockDevice>>,
+        mode: JournalMode,
+        force: bool,
+    ) -> Result<Started, MgmtError> {
+        if level == Level::Single {
+            return Ok((
+                Volume::new(&self.shared.set, &decl.name, members[0].clone()),
+                None,
+            ));
+        }
+        let bs = members[0].info().block_size as u64;
+        let spec = VolumeSpec {
+            name: decl.name.clone(),
+            level: if level == Level::Raid1 {
+                SbLevel::Raid1
+            } else {
+                SbLevel::Raid5
+            },
+            layout: Layout::parse(&decl.layout).unwrap_or(Layout::LeftSymmetric),
+            // Validated (4..=1024 KiB) for RAID5; unused by RAID1.
+            chunk_bytes: if level == Level::Raid5 {
+                decl.chunk_kib * 1024
+            } else {
+                64 << 10
+            },
+            data_offset: (1 << 20) / bs,
+            members,
+            bitmap_chunk_bytes: if decl.bitmap {
+                bitmap_chunk_bytes(decl.bitmap_chunk_kib)
+            } else {
+                0
+            },
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (device, meta) =
+            assembly::create(&spec, FailureSink::new(tx), force).map_err(|e| match e {
+                AssemblyError::Invalid(m) => invalid("members", m),
+                AssemblyError::InUse { .. } => {
+                    MgmtError::FailedPrecondition(format!("{e} (set force to overwrite)"))
+                }
+                AssemblyError::Io { .. } => MgmtError::Internal(e.to_string()),
+            })?;
+        let device = match jdev {
+            Some(jdev) => {
+                let j = Journal::format_with(jdev, mode)
+                    .map_err(|e| MgmtError::Internal(format!("journal: {e}")))?;
+                device
+                    .with_journal(j)
+                    .ok_or_else(|| invalid("journal", "only a RAID5 volume has a journal"))?
+            }
+            None => device,
+        };
+        self.start_raid(decl, (device, meta, true), spares, rx)
+    }
+
+    /// Bring back a volume the state file declares: assembled from its
+    /// members' superblocks; created anew only if every device is blank
+    /// (RAM devices start blank on every start).
+    pub(super) fn restore_volume(&self, decl: &VolumeDecl, initial: bool) -> Result<(), MgmtError> {
+        // A device named twice (a state file of an older version) counts once.
+        let mut decl = decl.clone();
+        let mut seen: Vec<String> = Vec::new();
+        decl.members.retain(|m| {
+            let first = !seen.contains(m);
+            seen.push(m.clone());
+            first
+        });
+        decl.spares.retain(|m| !seen.contains(m));
+        let volatile = {
+            let inv = self.inv();
+            decl.members.iter().chain(&decl.spares).all(|d| {
+                inv.devices.get(d).is_some_and(|x| {
+                    x.decl.spec.starts_with("ram:") || x.decl.spec.starts_with("null:")
+                })
+            })
+        };
+        let decl_ref = &decl;
+        let (fixed, started) =
+            self.with_claims(decl_ref, true, |level, members, spares, jdev| {
+                if level == Level::Single {
+                    return Ok((
+                        decl_ref.clone(),
+                        Some((
+                            Volume::new(&self.shared.set, &decl_ref.name, members[0].clone()),
+                            None,
+                        )),
+                    ));
+                }
+                self.assemble_volume(decl_ref, level, members, spares, jdev, volatile, initial)
+            })?;
+        match started {
+            Some(started) => {
+                self.insert_volume(fixed, started);
+                Ok(())
+            }
+            // Every member blank: a new volume.
+            None => {
+                tracing::info!(
+                    volume = decl.name,
+                    "every member is blank: creating the volume"
+                );
+                self.create_volume(decl.clone(), false).map(|_| ())
+            }
+        }
+    }
+
+    /// Assemble a RAID volume from its claimed devices' superblocks; `None`
+    /// if they are all blank and may be created on.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble_volume(
+        &self,
+        decl: &VolumeDecl,
+        level: Level,
+        members: Devices,
+        spares: Devices,
+        jdev: Option<Arc<dyn BlockDevice>>,
+        volatile: bool,
+        initial: bool,
+    ) -> Result<(VolumeDecl, Option<Started>), MgmtError> {
+        let declared_spares: Vec<String> = spares.iter().map(|d| d.info().name.clone()).collect();
+        let all: Vec<Arc<dyn BlockDevice>> = members.iter().chain(&spares).cloned().collect();
+        let mut blank = Vec::new();
+        let mut readable = Vec::new();
+        for d in &all {
+            match assembly::read_superblock(d.as_ref()) {
+                Ok(Err(SuperblockError::Foreign)) => {
+                    blank.push(d.clone());
+                    readable.push(d.clone());
+                }
+                Ok(_) => readable.push(d.clone()),
+                // A dead device is a missing member: assembly decides
+                // whether the volume can start without it.
+                Err(e) => {
+                    tracing::warn!(volume = decl.name, device = %d.info().name, error = %e, "device unreadable; left out")
+                }
+            }
+        }
+        let all = readable;
+        // Only RAM-like devices come back blank on their own; a blank file
+        // or disk may be a wrong path or a replaced disk: never create a
+        // volume over it unasked.
+        if !all.is_empty() && blank.len() == all.len() && !volatile && !initial {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "no superblock of volume {} on its devices; refusing to create it over them (create it again by hand, with force, if that is intended)",
+                decl.name
+            )));
+        }
+        if !all.is_empty() && blank.len() == all.len() {
+            // The caller creates it (and claims the devices again).
+            self.shared.roles.release_volume(&decl.name);
+            return Ok((decl.clone(), None));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = FailureSink::new(tx);
+        let ours: Vec<Arc<dyn BlockDevice>> = all
+            .iter()
+            .filter(|d| !blank.iter().any(|b| Arc::ptr_eq(b, d)))
+            .cloned()
+            .collect();
+        let mut report = assembly::assemble(&ours, move |_| sink.clone());
+        if !report.problems.is_empty() {
+            let list: Vec<String> = report
+                .problems
+                .iter()
+                .map(|(d, why)| format!("{d}: {why}"))
+                .collect();
+            return Err(MgmtError::FailedPrecondition(format!(
+                "refusing to assemble: {}",
+                list.join("; ")
+            )));
+        }
+        let Some(i) = report
+            .volumes
+            .iter()
+            .position(|v| v.meta.template.name == decl.name)
+        else {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "no superblock of volume {} on its devices",
+                decl.name
+            )));
+        };
+        let v = report.volumes.remove(i);
+        // The superblocks say what the volume is: a takeover or bitmap
+        // change recorded there just before a crash may not have reached
+        // the state file.
+        let sb = &v.meta.template;
+        let sb_level = if sb.level == SbLevel::Raid5 {
+            Level::Raid5
+        } else {
+            Level::Raid1
+        };
+        if sb_level != level {
+            tracing::warn!(
+                volume = decl.name,
+                state_file = level.name(),
+                superblocks = sb_level.name(),
+                "the superblocks' level wins"
+            );
+        }
+        let mut fixed = decl.clone();
+        fixed.level = sb_level.name().to_string();
+        if sb_level == Level::Raid5 {
+            fixed.chunk_kib = sb.chunk_bytes / 1024;
+            fixed.layout = sb.layout.name().to_string();
+        }
+        fixed.bitmap = sb.bitmap_rows_per_bit > 0;
+        if !v.stale.is_empty() {
+            tracing::warn!(volume = decl.name, stale = ?v.stale, "stale members left out");
+        }
+        let in_volume: Vec<String> = v
+            .device
+            .member_devices()
+            .iter()
+            .filter(|d| !MissingDevice::is(d.as_ref()))
+            .map(|d| d.info().name.clone())
+            .collect();
+        // Blank devices are spares again; so are declared spares the
+        // volume does not use, whatever an older role left on them (a
+        // member that failed and was added back as a spare keeps its old,
+        // stale superblock until it is rebuilt).
+        let spares: Vec<Arc<dyn BlockDevice>> = all
+            .iter()
+            .filter(|d| !in_volume.contains(&d.info().name))
+            .filter(|d| {
+                blank.iter().any(|b| Arc::ptr_eq(b, d)) || declared_spares.contains(&d.info().name)
+            })
+            .cloned()
+            .collect();
+        // The register says what each device is now.
+        for d in &all {
+            let name = d.info().name.clone();
+            if in_volume.contains(&name) {
+                self.shared.roles.set(&name, &decl.name, Some(Role::Member));
+            } else if spares.iter().any(|s| Arc::ptr_eq(s, d)) {
+                self.shared.roles.set(&name, &decl.name, Some(Role::Spare));
+            } else {
+                self.shared.roles.set(&name, &decl.name, None);
+            }
+        }
+        // Before any IO: the journal's durable records go to the members,
+        // so no stripe is left half written.
+        let device = match jdev {
+            Some(jdev) => {
+                let slots: Vec<Option<Arc<dyn BlockDevice>>> = v
+                    .device
+                    .member_set()
+                    .members
+                    .iter()
+                    .map(|m| (m.state != MemberState::Failed).then(|| m.dev.clone()))
+                    .collect();
+                let geo = v.device.parity_geometry();
+                let (j, rep) = Journal::replay(jdev, &slots, geo.as_ref()).map_err(|e| {
+                    MgmtError::FailedPrecondition(format!(
+                        "journal of volume {0}: {e}; refusing to start the volume without it (`appliance daemon --drop-journal {0}` starts it without the journal, losing write-back data only the journal held)",
+                        decl.name
+                    ))
+                })?;
+                tracing::info!(
+                    volume = decl.name,
+                    records = rep.records,
+                    blocks = rep.blocks,
+                    "journal replayed"
+                );
+                v.device
+                    .with_journal(j)
+                    .ok_or_else(|| invalid("journal", "only a RAID5 volume has a journal"))?
+            }
+            None => v.device,
+        };
+        let started = self.start_raid(&fixed, (device, v.meta, v.was_clean), spares, rx)?;
+        Ok((fixed, Some(started)))
+    }
+
+    /// A volume as described.
+    pub(super) fn view(&self, v: &Vol) -> VolumeView {
+        let name = v.volume.name().to_string();
+        let info = v.volume.info();
+        let exports = self
+            .inv()
+            .exports
+            .values()
+            .filter(|e| e.decl.volume == name)
+            .map(|e| e.decl.name.clone())
+            .collect();
+        let decl = lock(&v.decl).clone();
+        let level = Level::parse(&decl.level).unwrap_or(Level::Single);
+        // One consistent look at the members and background work.
+        let snap = v.monitor.as_ref().map(|m| m.snapshot());
+        let write_mostly: Vec<String> = snap.as_ref().map_or(vec![], |snap| {
+            snap.members
+                .iter()
+                .zip(&snap.write_mostly)
+                .filter(|x| *x.1)
+                .map(|x| x.0.clone())
+                .collect()
+        });
+        let bitmap = snap
+            .as_ref()
+            .and_then(|snap| snap.bitmap.as_ref())
+            .map(|b| (b.region_bytes(), b.bits(), b.dirty_regions()));
+        let journal = snap.as_ref().and_then(|s| s.journal.clone());
+        let consistency_policy = if v.monitor.is_none() {
+            "none"
+        } else if journal.is_some() {
+            "journal"
+        } else if bitmap.is_some() {
+            "bitmap"
+        } else {
+            "resync"
+        };
+        let pending_changes = snap.as_ref().map_or(0, |s| s.pending);
+        let serialize = snap.as_ref().is_some_and(|snap| snap.serialize);
+        let write_behind = snap.as_ref().map_or((0, 0), |snap| snap.write_behind);
+        let (members, spares, state, progress) = match snap {
+            Some(snap) => {
+                let down = snap
+                    .states
+                    .iter()
+                    .filter(|&&x| x != MemberState::InSync)
+                    .count();
+                let state = if down == 0 {
+                    "optimal"
+                } else if down > snap.max_failures {
+                    "failed"
+                } else {
+                    "degraded"
+                };
+                let settled = snap.settled();
+                let slots = snap.states.len();
+                let progress = snap.rebuild.clone().map(|p| ProgressView {
+                    kind: if p.slot == usize::MAX {
+                        "scrub"
+                    } else if p.slot == slots {
+                        "replace"
+                    } else {
+                        "rebuild"
+                    },
+                    fraction: p.fraction(),
+                    eta_seconds: if settled {
+                        0.0
+                    } else {
+                        p.eta().map_or(-1.0, |d| d.as_secs_f64())
+                    },
+                    finished: settled,
+                    error: p.error().unwrap_or_default(),
+                    mismatches: p.mismatches.load(Ordering::Relaxed),
+                    bytes: p.bytes.load(Ordering::Relaxed),
+                    min_bytes_per_sec: p.min_bytes_per_sec.load(Ordering::Relaxed),
+                    max_bytes_per_sec: p.max_bytes_per_sec.load(Ordering::Relaxed),
+                });
+                let members = snap
+                    .members
+                    .iter()
+                    .zip(&snap.states)
+                    .map(|(d, &st)| {
+                        if d.is_empty() {
+                            (String::new(), "removed")
+                        } else {
+                            (d.clone(), state_name(st))
+                        }
+                    })
+                    .collect();
+                (members, snap.spares, state, progress)
+            }
+            None => (
+                vec![(decl.members[0].clone(), "in_sync")],
+                vec![],
+                "optimal",
+                None,
+            ),
+        };
+        VolumeView {
+            name: name.clone(),
+            level,
+            state,
+            size_bytes: info.size_bytes(),
+            block_size: info.block_size,
+            chunk_kib: if level == Level::Raid5 {
+                decl.chunk_kib
+            } else {
+                0
+            },
+            layout: if level == Level::Raid5 {
+                decl.layout.clone()
+            } else {
+                String::new()
+            },
+            members,
+            write_mostly,
+            spares,
+            progress,
+            generation: v.volume.quiesce().config().0,
+            exports,
+            quiesce: v.volume.quiesce().stats(),
+            journal: journal.as_ref().map(|j| j.device().info().name.clone()),
+            consistency_policy,
+            bitmap,
+            serialize,
+            write_behind,
+            suspended: v.volume.suspended_range().get().map(|(lo, hi)| {
+                let bs = info.block_size as u64;
+                (lo * bs, hi * bs)
+            }),
+            journal_state: journal
+                .as_ref()
+                .map(|j| (j.mode(), j.usage(), j.cache().len(), j.has_failed())),
+            suspended_whole: lock(&v.held).is_some(),
+            pending_changes,
+        }
+    }
+
+    /// Describe a volume.
+    pub fn get_volume(&self, name: &str) -> Result<VolumeView, MgmtError> {
+        let v = self.inv().volume(name)?;
+        Ok(self.view(&v))
+    }
+
+    /// Describe every volume.
+    pub fn list_volumes(&self) -> Vec<VolumeView> {
+        let vols: Vec<Arc<Vol>> = self.inv().volumes.values().cloned().collect();
+        vols.iter().map(|v| self.view(v)).collect()
+    }
+
+    /// Stop a volume that no export uses. Its superblocks are recorded
+    /// clean and kept (like md's --stop): creating a volume on its devices
+    /// again needs `force`, so data is never lost by a slip.
+    pub fn delete_volume(&self, name: &str) -> Result<(), MgmtError> {
+        self.check_open()?;
+        let v = {
+            let inv = self.inv();
+            let v = inv.volume(name)?;
+            let users: Vec<String> = inv
+                .exports
+                .values()
+                .filter(|e| e.decl.volume == name)
+                .map(|e| e.decl.name.clone())
+                .collect();
+            if !users.is_empty() {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "volume {name} is exported by {}; delete the export first",
+                    users.join(", ")
+                )));
+            }
+            if v.deleting.swap(true, Ordering::SeqCst) {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "volume {name} is being deleted"
+                )));
+            }
+            v
+        };
+        let _busy = lock(&v.busy);
+        // No IO can reach it after this; only then is it recorded clean.
+        let removed = v.volume.quiesce().remove(self.shared.timeout());
+        lock(&v.held).take();
+        if let Err(e) = removed {
+            v.deleting.store(false, Ordering::SeqCst);
+            return Err(super::from_quiesce(name, e));
+        }
+        if let Some(m) = &v.monitor {
+            if let Err(e) = m.close() {
+                tracing::error!(volume = name, error = %e, "recording a clean stop");
+            }
+        }
+        self.inv().volumes.remove(name);
+        self.shared.roles.release_volume(name);
+        self.save()
+    }
+
+    /// The volume `name`, as a RAID volume.
+    pub(super) fn raid(&self, name: &str) -> Result<Arc<Vol>, MgmtError> {
+        let v = self.inv().volume(name)?;
+        if v.monitor.is_none() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {name} is a single device: it has no members to change"
+            )));
+        }
+        Ok(v)
+    }
+}

@@ -1,0 +1,719 @@
+//! Every change to a RAID volume as a value, and the plan for it: what the
+//! next generation is, which device roles it claims and frees, what it
+//! records and which background work it starts. Planning is pure: it
+//! validates the change against the current generation and touches
+//! nothing; `transaction` carries a plan out.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bdev::BlockDevice;
+
+use super::bitmap::Bitmap;
+use super::journal::{Journal, JournalMode};
+use super::level::RaidDevice;
+use super::members::{device_id, MemberState, MissingDevice, WriteBehind};
+use super::monitor::{MonitorState, OpError};
+use super::superblock::{Level, Superblock};
+use super::worker::Job;
+
+/// A change to a RAID volume.
+#[derive(Clone)]
+pub enum Change {
+    /// The device `device` (identity) in `slot` failed an IO, or an
+    /// operator failed it.
+    Fail {
+        /// The slot.
+        slot: usize,
+        /// The device's identity (`members::device_id`); a report about a
+        /// device the slot no longer holds is stale.
+        device: usize,
+    },
+    /// Put the first spare into the first failed slot and rebuild it.
+    UseSpare,
+    /// The rebuild of `slot` finished.
+    Rebuilt(usize),
+    /// The rebuild of `slot` cannot go on (its sources are gone).
+    RebuildFailed(usize, String),
+    /// Start copying in-sync `slot` to `dev` (md's --replace).
+    ReplaceStart(usize, Arc<dyn BlockDevice>),
+    /// The replacement's copy finished: the new device takes the slot.
+    ReplaceDone,
+    /// The replacement's copy stopped: the slot keeps its device.
+    ReplaceAborted(String),
+    /// Add a hot spare (or take a failed member back as one).
+    AddSpare(Arc<dyn BlockDevice>),
+    /// Remove an unused spare.
+    RemoveSpare(String),
+    /// Take a failed member's device out of its slot (md's --remove).
+    RemoveFailed(String),
+    /// Give the volume this journal, or (`None`) take it away.
+    SetJournal(Option<Arc<Journal>>),
+    /// Switch the journal's mode.
+    JournalMode(JournalMode),
+    /// Give the volume a write-intent bitmap of regions of this many bytes,
+    /// or take it away.
+    SetBitmap(Option<u64>),
+    /// md's takeover between a two-member RAID1 and RAID5.
+    Takeover(Level, u32),
+    /// md's write-behind limit (0: off).
+    WriteBehind(u64),
+    /// md's serialize_policy.
+    Serialize(bool),
+    /// Mark a member write-mostly, or clear it.
+    WriteMostly(String, bool),
+    /// Start a scrub (or with a bitmap, the resync of its dirty regions).
+    Scrub(bool, Option<Arc<Bitmap>>),
+    /// Go on with the rebuild a restart interrupted (from its checkpoint).
+    ResumeRebuild,
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Fail { slot, .. } => write!(f, "fail slot {slot}"),
+            Change::UseSpare => write!(f, "use a spare"),
+            Change::Rebuilt(s) => write!(f, "slot {s} rebuilt"),
+            Change::RebuildFailed(s, why) => write!(f, "rebuild of slot {s} failed: {why}"),
+            Change::ReplaceStart(s, d) => write!(f, "replace slot {s} by {}", d.info().name),
+            Change::ReplaceDone => write!(f, "replacement done"),
+            Change::ReplaceAborted(why) => write!(f, "replacement given up: {why}"),
+            Change::AddSpare(d) => write!(f, "add spare {}", d.info().name),
+            Change::RemoveSpare(n) => write!(f, "remove spare {n}"),
+            Change::RemoveFailed(n) => write!(f, "remove failed member {n}"),
+            Change::SetJournal(j) => {
+                write!(f, "journal {}", if j.is_some() { "on" } else { "off" })
+            }
+            Change::JournalMode(m) => write!(f, "journal mode {}", m.name()),
+            Change::SetBitmap(b) => write!(f, "bitmap {b:?}"),
+            Change::Takeover(l, c) => write!(f, "takeover to {l:?} ({c}-byte chunks)"),
+            Change::WriteBehind(n) => write!(f, "write-behind {n}"),
+            Change::Serialize(on) => write!(f, "serialize {on}"),
+            Change::WriteMostly(n, on) => write!(f, "write-mostly {n} {on}"),
+            Change::Scrub(repair, dirty) => write!(
+                f,
+                "{} {}",
+                if *repair { "repair" } else { "check" },
+                if dirty.is_some() {
+                    "of dirty regions"
+                } else {
+                    ""
+                }
+            ),
+            Change::ResumeRebuild => write!(f, "resume the rebuild"),
+        }
+    }
+}
+
+/// What a device is to the volume that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// In a slot, in sync or being rebuilt.
+    Member,
+    /// In a slot, failed (md's faulty): out of use, but the volume holds
+    /// it until it is removed or replaced.
+    Failed,
+    /// A hot spare.
+    Spare,
+    /// A hot replacement's new device, being copied to.
+    Replacement,
+    /// The journal.
+    Journal,
+}
+
+impl Role {
+    /// How an operator reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Member => "member of",
+            Role::Failed => "failed member of",
+            Role::Spare => "spare of",
+            Role::Replacement => "replacement in",
+            Role::Journal => "journal of",
+        }
+    }
+}
+
+/// A value the IO path reads through a shared atomic, set while the volume
+/// is suspended.
+pub(crate) enum Setting {
+    Serialize(Arc<AtomicBool>, bool),
+    Behind(Arc<WriteBehind>, u64),
+    /// Write-back on or off (off also starts draining the cache).
+    WriteBack(Arc<Journal>, bool),
+}
+
+impl Setting {
+    pub(crate) fn apply(&self) {
+        match self {
+            Setting::Serialize(f, on) => f.store(*on, Ordering::SeqCst),
+            Setting::Behind(b, n) => b.set_limit(*n),
+            Setting::WriteBack(j, on) => j.set_write_back(*on),
+        }
+    }
+}
+
+/// What to do once the volume runs again.
+pub(crate) enum After {
+    StartBitmap(Arc<Bitmap>),
+    StopBitmap,
+    ThawBitmap,
+    StartCheckpointer(Arc<Journal>),
+    StopCheckpointer,
+}
+
+/// An edit of the superblock template a change records.
+pub(crate) type TemplateEdit = Box<dyn FnOnce(&mut Superblock) + Send>;
+
+/// How a change is carried out. Built by [`plan`]; nothing in it has
+/// happened yet.
+#[derive(Default)]
+pub(crate) struct Plan {
+    /// For the log.
+    pub what: String,
+    /// The next generation, if the device changes.
+    pub next: Option<Arc<dyn RaidDevice>>,
+    /// The spares afterwards, if they change.
+    pub spares: Option<Vec<Arc<dyn BlockDevice>>>,
+    /// Roles given inside the transaction: (device, role, the role of
+    /// this volume it may already have instead of being free).
+    pub claims: Vec<(Arc<dyn BlockDevice>, Role, Option<Role>)>,
+    /// Roles changed or (None) given up once the volume runs again.
+    pub roles_after: Vec<(String, Option<Role>)>,
+    /// Background work for the next generation.
+    pub start: Option<(Job, Option<Arc<Bitmap>>)>,
+    /// Write the superblocks (with these template edits).
+    pub record: bool,
+    pub template: Option<TemplateEdit>,
+    /// A slot whose device is new: it gets a new member identity.
+    pub new_uuid: Option<usize>,
+    /// Devices flushed before the superblocks are written.
+    pub flush_first: Vec<Arc<dyn BlockDevice>>,
+    /// The journal superblock to write (mode), before the publish.
+    pub journal_super: Option<(Arc<Journal>, JournalMode)>,
+    pub settings: Vec<Setting>,
+    pub after: Vec<After>,
+    /// Changes to make next, each its own transaction.
+    pub follow: Vec<Change>,
+    /// Whether the volume must be suspended (every change but a no-op).
+    pub quiesce: bool,
+}
+
+fn precondition<T>(m: impl Into<String>) -> Result<T, OpError> {
+    Err(OpError::FailedPrecondition(m.into()))
+}
+
+/// Whether background work is running now.
+fn busy(s: &MonitorState) -> bool {
+    s.rebuild.as_ref().is_some_and(|p| !p.is_finished())
+}
+
+/// The slot holding the device named `name`, if any.
+fn slot_of(cur: &dyn RaidDevice, name: &str) -> Option<usize> {
+    cur.member_devices()
+        .iter()
+        .position(|d| !MissingDevice::is(d.as_ref()) && d.info().name == name)
+}
+
+/// The first failed slot.
+fn failed_slot(cur: &dyn RaidDevice) -> Option<usize> {
+    cur.member_states()
+        .iter()
+        .position(|&st| st == MemberState::Failed)
+}
+
+/// Whether `name` is bound to the volume in any role.
+fn bound(s: &MonitorState, name: &str) -> Option<Role> {
+    let cur = &s.current;
+    if let Some(slot) = slot_of(cur.as_ref(), name) {
+        return Some(match cur.member_set().members[slot].state {
+            MemberState::Failed => Role::Failed,
+            _ => Role::Member,
+        });
+    }
+    if s.spares.iter().any(|d| d.info().name == name) {
+        return Some(Role::Spare);
+    }
+    if cur
+        .member_set()
+        .replacing
+        .as_ref()
+        .is_some_and(|r| r.dev.info().name == name)
+    {
+        return Some(Role::Replacement);
+    }
+    if cur
+        .journal()
+        .is_some_and(|j| j.device().info().name == name)
+    {
+        return Some(Role::Journal);
+    }
+    None
+}
+
+fn bdev_err(e: bdev::BdevError) -> OpError {
+    OpError::FailedPrecondition(e.to_string())
+}
+
+/// Validate `change` against the volume's current state and plan it.
+pub(crate) fn plan(
+    s: &MonitorState,
+    template: Option<&Superblock>,
+    change: Change,
+) -> Result<Plan, OpError> {
+    let cur = s.current.clone();
+    let set = cur.member_set();
+    let name = cur.info().name.clone();
+    let mut p = Plan {
+        what: format!("{change:?}"),
+        quiesce: true,
+        ..Plan::default()
+    };
+    match change {
+        Change::Fail { slot, device } => {
+            let Some(m) = set.members.get(slot) else {
+                return Err(OpError::NotFound(format!("slot {slot}")));
+            };
+            if m.state == MemberState::Failed || device_id(&m.dev) != device {
+                // Handled already, or about a device since replaced.
+                return Ok(Plan::default());
+            }
+            let next = cur.with_member_failed(slot).map_err(bdev_err)?;
+            p.roles_after
+                .push((m.dev.info().name.clone(), Some(Role::Failed)));
+            if let Some(r) = &set.replacing {
+                // A replacement stops when any member fails (`failed`).
+                p.roles_after.push((r.dev.info().name.clone(), None));
+            }
+            p.next = Some(next);
+            p.record = true;
+            if !s.spares.is_empty() {
+                p.follow.push(Change::UseSpare);
+            }
+        }
+        Change::UseSpare => {
+            let (Some(spare), Some(slot)) = (s.spares.first().cloned(), failed_slot(cur.as_ref()))
+            else {
+                return Ok(Plan::default());
+            };
+            if set.rebuilding.is_some() {
+                // One rebuild at a time; this runs again when it is done.
+                return Ok(Plan::default());
+            }
+            let next = match cur.with_member_replaced(slot, spare.clone(), 0) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(volume = %name, slot, error = %e, "spare not used");
+                    return Ok(Plan::default());
+                }
+            };
+            let old = &set.members[slot].dev;
+            if !MissingDevice::is(old.as_ref()) {
+                p.roles_after.push((old.info().name.clone(), None));
+            }
+            p.roles_after
+                .push((spare.info().name.clone(), Some(Role::Member)));
+            let mut spares = s.spares.clone();
+            spares.remove(0);
+            p.spares = Some(spares);
+            p.start = Some((
+                Job::Rebuild {
+                    slot,
+                    dev: device_id(&spare),
+                },
+                None,
+            ));
+            p.next = Some(next);
+            p.record = true;
+            p.template = Some(Box::new(|t| t.rebuild_checkpoint = 0));
+        }
+        Change::Rebuilt(slot) => {
+            if set.members.get(slot).map(|m| m.state) != Some(MemberState::Rebuilding) {
+                return Ok(Plan::default()); // the slot failed meanwhile
+            }
+            p.next = Some(cur.with_member_in_sync(slot).map_err(bdev_err)?);
+            p.record = true;
+            p.template = Some(Box::new(|t| t.rebuild_checkpoint = 0));
+            // Every row was rewritten from the others: the regions a crash
+            // left marked are consistent now.
+            if set.bitmap.is_some() {
+                p.after.push(After::ThawBitmap);
+            }
+            if !s.spares.is_empty() {
+                p.follow.push(Change::UseSpare);
+            }
+        }
+        Change::RebuildFailed(slot, _) => {
+            let Some(m) = set.members.get(slot) else {
+                return Ok(Plan::default());
+            };
+            if m.state != MemberState::Rebuilding || busy(s) {
+                return Ok(Plan::default());
+            }
+            // Nothing can rebuild it: the slot is failed again, and its
+            // device (partly rebuilt) with it.
+            p.roles_after
+                .push((m.dev.info().name.clone(), Some(Role::Failed)));
+            p.next = Some(cur.with_member_failed(slot).map_err(bdev_err)?);
+            p.record = true;
+        }
+        Change::ReplaceStart(slot, dev) => {
+            let old = set.members[slot].dev.info().name.clone();
+            if set.members[slot].recorded_state() != MemberState::InSync {
+                return precondition(format!(
+                    "{old} is not in sync; a failed member is replaced by adding a spare"
+                ));
+            }
+            let new = dev.info().name.clone();
+            if let Some(role) = bound(s, &new) {
+                return Err(OpError::AlreadyExists(format!(
+                    "{new} ({} this volume)",
+                    role.name()
+                )));
+            }
+            if busy(s) {
+                return precondition("a rebuild, scrub or replacement is already running");
+            }
+            let rows = cur.rows();
+            let next_set = set
+                .with_replacement(&name, slot, dev.clone(), rows.offset + rows.total)
+                .map_err(bdev_err)?;
+            p.claims.push((dev.clone(), Role::Replacement, None));
+            p.start = Some((
+                Job::Replace {
+                    dev: device_id(&dev),
+                },
+                None,
+            ));
+            p.next = Some(cur.with_member_set(next_set));
+        }
+        Change::ReplaceDone => {
+            let Some(r) = set.replacing.clone() else {
+                return Ok(Plan::default()); // given up meanwhile
+            };
+            let old = set.members[r.slot].dev.info().name.clone();
+            // What the copy wrote must be durable before the superblocks
+            // name it.
+            p.flush_first.push(r.dev.clone());
+            p.next = Some(cur.with_member_set(set.replacement_over(true)));
+            p.new_uuid = Some(r.slot);
+            p.record = true;
+            p.roles_after.push((old, None));
+            p.roles_after
+                .push((r.dev.info().name.clone(), Some(Role::Member)));
+        }
+        Change::ReplaceAborted(_) => {
+            let Some(r) = set.replacing.clone() else {
+                return Ok(Plan::default());
+            };
+            p.next = Some(cur.with_member_set(set.replacement_over(false)));
+            p.roles_after.push((r.dev.info().name.clone(), None));
+        }
+        Change::AddSpare(dev) => {
+            let dname = dev.info().name.clone();
+            let readd = match bound(s, &dname) {
+                None => false,
+                // md's re-add: a failed member's device comes back as a
+                // spare (and is rebuilt, from the start).
+                Some(Role::Failed) => true,
+                Some(role) => {
+                    return Err(OpError::AlreadyExists(format!(
+                        "{dname} ({} this volume)",
+                        role.name()
+                    )))
+                }
+            };
+            let mut spares = s.spares.clone();
+            spares.push(dev.clone());
+            p.spares = Some(spares);
+            if readd {
+                let slot = slot_of(cur.as_ref(), &dname).unwrap_or(0);
+                let mut ms = (*set.members).clone();
+                ms[slot].dev = MissingDevice::like(dev.as_ref());
+                let next_set = super::members::MemberSet {
+                    members: Arc::new(ms),
+                    ..set.clone()
+                };
+                p.next = Some(cur.with_member_set(next_set));
+                p.claims
+                    .push((dev.clone(), Role::Spare, Some(Role::Failed)));
+            } else {
+                p.claims.push((dev.clone(), Role::Spare, None));
+            }
+            if failed_slot(cur.as_ref()).is_some() {
+                p.follow.push(Change::UseSpare);
+            }
+        }
+        Change::RemoveSpare(dname) => {
+            let Some(i) = s.spares.iter().position(|d| d.info().name == dname) else {
+                return Err(OpError::NotFound(dname));
+            };
+            let mut spares = s.spares.clone();
+            spares.remove(i);
+            p.spares = Some(spares);
+            p.roles_after.push((dname, None));
+        }
+        Change::RemoveFailed(dname) => {
+            let Some(slot) = slot_of(cur.as_ref(), &dname) else {
+                return Err(OpError::NotFound(dname));
+            };
+            if set.members[slot].state != MemberState::Failed {
+                return precondition(format!("{dname} is not failed; fail it first"));
+            }
+            let mut ms = (*set.members).clone();
+            ms[slot].dev = MissingDevice::like(ms[slot].dev.as_ref());
+            let next_set = super::members::MemberSet {
+                members: Arc::new(ms),
+                ..set.clone()
+            };
+            p.next = Some(cur.with_member_set(next_set));
+            p.roles_after.push((dname, None));
+        }
+        Change::SetJournal(Some(j)) => {
+            if cur.journal().is_some() {
+                return precondition("the volume already has a journal");
+            }
+            if set.bitmap.is_some() {
+                return precondition(
+                    "the volume keeps a write-intent bitmap; remove it before adding a journal (the journal makes it redundant)",
+                );
+            }
+            let next = cur.with_journal(j.clone()).ok_or_else(|| {
+                OpError::FailedPrecondition("only a RAID5 volume has a journal".into())
+            })?;
+            p.claims
+                .push((j.device().clone(), Role::Journal, Some(Role::Journal)));
+            p.next = Some(next);
+            p.after.push(After::StartCheckpointer(j));
+        }
+        Change::SetJournal(None) => {
+            let Some(j) = cur.journal() else {
+                return precondition("the volume has no journal");
+            };
+            // Checked again once suspended (`transaction::revalidate`).
+            if j.mode() == JournalMode::WriteBack && !j.has_failed() {
+                return precondition("switch the journal to write-through first");
+            }
+            let next = cur.without_journal().ok_or_else(|| {
+                OpError::FailedPrecondition("only a RAID5 volume has a journal".into())
+            })?;
+            p.next = Some(next);
+            p.roles_after.push((j.device().info().name.clone(), None));
+            p.after.push(After::StopCheckpointer);
+        }
+        Change::JournalMode(mode) => {
+            let Some(j) = cur.journal() else {
+                return precondition("the volume has no journal");
+            };
+            if j.has_failed() {
+                return precondition("the journal device has failed");
+            }
+            let wb = mode == JournalMode::WriteBack;
+            // To write-back, the superblock says so first; to
+            // write-through, only once the cache has drained (the caller
+            // drains after this), so a restart in between comes back in
+            // write-back, which is safe.
+            if wb {
+                p.journal_super = Some((j.clone(), mode));
+            }
+            p.settings.push(Setting::WriteBack(j, wb));
+        }
+        Change::SetBitmap(chunk) => {
+            let has = set.bitmap.is_some();
+            let Some(template) = template.cloned() else {
+                return precondition("the volume keeps no superblocks to record a bitmap in");
+            };
+            match chunk {
+                Some(_) if has => {
+                    return precondition("the volume already keeps a write-intent bitmap")
+                }
+                Some(_) if cur.journal().is_some() => {
+                    return precondition(
+                        "the volume has a journal, which already closes the write hole; remove it first",
+                    )
+                }
+                Some(chunk) => {
+                    let b = super::assembly::new_bitmap(cur.as_ref(), &template, chunk)
+                        .map_err(OpError::FailedPrecondition)?;
+                    let rpb = b.rows_per_bit();
+                    let next = cur.with_member_set(set.with_bitmap(Some(b.clone())));
+                    // Writes from before the bitmap may still sit in the
+                    // members' caches; they must be durable before the
+                    // superblocks say only marked regions can differ.
+                    p.flush_first = super::assembly::live_members(next.as_ref());
+                    p.next = Some(next);
+                    p.template = Some(Box::new(move |t| t.bitmap_rows_per_bit = rpb));
+                    p.after.push(After::StartBitmap(b));
+                }
+                None if !has => return Ok(Plan::default()),
+                None if set.behind.limit() > 0 => {
+                    return precondition("write-behind needs the bitmap; turn write-behind off first")
+                }
+                None => {
+                    p.next = Some(cur.with_member_set(set.with_bitmap(None)));
+                    p.template = Some(Box::new(|t| t.bitmap_rows_per_bit = 0));
+                    p.after.push(After::StopBitmap);
+                }
+            }
+            p.record = true;
+        }
+        Change::Takeover(to, chunk_bytes) => {
+            p.next = Some(takeover(s, template, to, chunk_bytes)?);
+            p.record = true;
+            let layout = super::geometry::Layout::LeftSymmetric;
+            p.template = Some(Box::new(move |t| {
+                t.level = to;
+                t.layout = layout;
+                t.chunk_bytes = chunk_bytes;
+            }));
+        }
+        Change::WriteBehind(limit) => {
+            if cur.parity_geometry().is_some() {
+                return precondition("write-behind applies to the write-mostly members of a RAID1");
+            }
+            if limit > 0 && set.bitmap.is_none() {
+                return precondition(
+                    "write-behind needs a write-intent bitmap (a crash must leave the regions of background writes marked); add one first",
+                );
+            }
+            p.settings.push(Setting::Behind(set.behind.clone(), limit));
+        }
+        Change::Serialize(on) => {
+            if cur.parity_geometry().is_some() {
+                return precondition(
+                    "serialize_policy applies to RAID1; RAID5 writes are serialised per stripe already",
+                );
+            }
+            p.settings
+                .push(Setting::Serialize(set.serialize.clone(), on));
+        }
+        Change::WriteMostly(dname, on) => {
+            if cur.parity_geometry().is_some() {
+                return precondition(
+                    "write-mostly applies to RAID1 mirrors; a RAID5 reads every member",
+                );
+            }
+            let Some(slot) = slot_of(cur.as_ref(), &dname) else {
+                return Err(OpError::NotFound(dname));
+            };
+            if set.members[slot].write_mostly == on {
+                return Ok(Plan::default());
+            }
+            let next_set = set
+                .with_write_mostly(&name, slot, on)
+                .map_err(|e| OpError::Internal(e.to_string()))?;
+            p.next = Some(cur.with_member_set(next_set));
+            p.record = true;
+        }
+        Change::Scrub(repair, dirty) => {
+            cur.scrub_members().map_err(OpError::FailedPrecondition)?;
+            if busy(s) {
+                return precondition("a rebuild or scrub is already running");
+            }
+            p.start = Some((Job::Scrub { repair }, dirty));
+        }
+        Change::ResumeRebuild => {
+            let Some((slot, _)) = set.rebuilding.clone() else {
+                return Ok(Plan::default());
+            };
+            if busy(s) {
+                return Ok(Plan::default());
+            }
+            p.start = Some((
+                Job::Rebuild {
+                    slot,
+                    dev: device_id(&set.members[slot].dev),
+                },
+                None,
+            ));
+        }
+    }
+    Ok(p)
+}
+
+/// The device of a takeover to `to`, checked.
+fn takeover(
+    s: &MonitorState,
+    template: Option<&Superblock>,
+    to: Level,
+    chunk_bytes: u32,
+) -> Result<Arc<dyn RaidDevice>, OpError> {
+    let cur = &s.current;
+    let name = cur.info().name.clone();
+    let now = if cur.parity_geometry().is_some() {
+        Level::Raid5
+    } else {
+        Level::Raid1
+    };
+    if now == to {
+        return precondition(format!("{name} is already {to:?}"));
+    }
+    let set = cur.member_set();
+    if set.members.len() != 2 {
+        return precondition(format!(
+            "takeover needs exactly two members; {name} has {} (md reshapes first)",
+            set.members.len()
+        ));
+    }
+    if set
+        .members
+        .iter()
+        .any(|m| m.recorded_state() != MemberState::InSync)
+    {
+        return precondition(format!("{name}: takeover needs both members in sync"));
+    }
+    if busy(s) {
+        return precondition(format!("{name}: a rebuild or scrub is running"));
+    }
+    if cur.journal().is_some() {
+        return precondition(format!("{name}: remove the journal first"));
+    }
+    if set.bitmap.is_some() {
+        return precondition(format!(
+            "{name}: remove the write-intent bitmap first (its regions are counted in the level's rows)"
+        ));
+    }
+    if set.members.iter().any(|m| m.write_mostly) {
+        return precondition(format!(
+            "{name}: clear write-mostly first (a RAID5 reads every member)"
+        ));
+    }
+    if set.serialize.load(Ordering::SeqCst) {
+        return precondition(format!(
+            "{name}: turn the serialize policy off first (a RAID1 setting)"
+        ));
+    }
+    if set.behind.limit() > 0 {
+        return precondition(format!(
+            "{name}: turn write-behind off first (a RAID1 setting)"
+        ));
+    }
+    let Some(template) = template else {
+        return precondition(format!("{name} keeps no superblocks to record a level in"));
+    };
+    let layout = super::geometry::Layout::LeftSymmetric;
+    let next: Arc<dyn RaidDevice> = match to {
+        Level::Raid5 => Arc::new(
+            super::raid5::Raid5Device::over(
+                &name,
+                set.clone(),
+                chunk_bytes,
+                layout,
+                template.data_offset,
+            )
+            .map_err(bdev_err)?,
+        ),
+        Level::Raid1 => Arc::new(
+            super::raid1::Raid1Device::over(&name, set.clone(), template.data_offset)
+                .map_err(bdev_err)?,
+        ),
+    };
+    if next.info().num_blocks != cur.info().num_blocks {
+        return precondition(format!(
+            "{name}: as {to:?} it would hold {} blocks instead of {}; the member data size must be a multiple of the chunk",
+            next.info().num_blocks,
+            cur.info().num_blocks
+        ));
+    }
+    Ok(next)
+}

@@ -1,0 +1,241 @@
+//! The one path every change of a RAID volume takes (md's "suspend, lock,
+//! change, unlock, resume"):
+//!
+//! 1. plan: validate the change against the current generation and work
+//!    out the next one; nothing is touched;
+//! 2. suspend the volume: guest IO and background work (rebuild, scrub,
+//!    replacement copy, journal reclaim and checkpoint flushes all go
+//!    through its gate) drain, and writes still going to write-mostly
+//!    members in the background finish; on a deadline, nothing happened;
+//! 3. claim the device roles it needs and spawn its background work,
+//!    dormant; either refusing undoes the other;
+//! 4. persist: flush what must be durable first, write the superblocks,
+//!    the journal superblock, then the state file (the superblocks win at
+//!    a restart, so a crash in between is safe);
+//! 5. set what the IO path reads through shared flags, hand the bitmap its
+//!    new members, publish the generation, arm the background work;
+//! 6. resume; then start or stop the helper threads, settle the roles of
+//!    devices the change freed, publish the view for readers.
+//!
+//! A member failure reported by the IO path is the one fact recorded
+//! before its transaction (by the monitor's recorder), because writes
+//! wait for that record; see `members::FailureLedger`.
+
+use std::collections::VecDeque;
+
+use super::change::{self, After, Change};
+use super::monitor::{start_bitmap, Inner, MonitorState, OpError};
+use super::worker;
+use crate::volume::VolumeConfig;
+
+fn quiesce_error(e: poller::QuiesceError) -> OpError {
+    match e {
+        poller::QuiesceError::DeadlineExceeded { .. } => OpError::DeadlineExceeded(e.to_string()),
+        e => OpError::Internal(e.to_string()),
+    }
+}
+
+impl Inner {
+    /// Carry out `change`, then the changes it leads to (a failure that a
+    /// spare can take over, a spare added to a degraded volume), each its
+    /// own transaction. A follow-up that cannot quiesce in time is left
+    /// to the monitor thread, which tries it again.
+    pub(crate) fn apply(&self, s: &mut MonitorState, change: Change) -> Result<(), OpError> {
+        let mut queue = VecDeque::new();
+        let follow = self.commit(s, &change)?;
+        queue.extend(follow);
+        while let Some(c) = queue.pop_front() {
+            match self.commit(s, &c) {
+                Ok(follow) => {
+                    for f in follow.into_iter().rev() {
+                        queue.push_front(f);
+                    }
+                }
+                Err(OpError::DeadlineExceeded(e)) => {
+                    tracing::warn!(volume = self.volume.name(), change = ?c, error = %e, "follow-up change deferred");
+                    self.defer(c);
+                }
+                Err(e) => {
+                    tracing::error!(volume = self.volume.name(), change = ?c, error = %e, "follow-up change failed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction; returns the changes to make next.
+    fn commit(&self, s: &mut MonitorState, change: &Change) -> Result<Vec<Change>, OpError> {
+        let template = self
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.meta.template.clone());
+        let plan = change::plan(s, template.as_ref(), change.clone())?;
+        if !plan.quiesce {
+            return Ok(plan.follow);
+        }
+        let timeout = self.timeout();
+        let guard = self.volume.suspend(timeout).map_err(quiesce_error)?;
+        // Writes still going to write-mostly members in the background are
+        // IO of this generation too (md's barrier waits for them).
+        s.current
+            .member_set()
+            .behind
+            .drain(timeout)
+            .map_err(OpError::DeadlineExceeded)?;
+        revalidate(s, change)?;
+        let hooks = self.hooks();
+        let mut claimed: Vec<(String, Option<change::Role>)> = Vec::new();
+        let undo = |claimed: &[(String, Option<change::Role>)]| {
+            for (d, before) in claimed {
+                hooks.set_role(d, *before);
+            }
+        };
+        for (dev, role, from) in &plan.claims {
+            if let Err(e) = hooks.claim(dev, *role, *from) {
+                undo(&claimed);
+                return Err(e);
+            }
+            claimed.push((dev.info().name.clone(), *from));
+        }
+        let device = plan.next.clone().unwrap_or_else(|| s.current.clone());
+        let started = match &plan.start {
+            Some((job, dirty)) => {
+                match worker::spawn(
+                    &self.set,
+                    self.set.len() - 1,
+                    &self.volume,
+                    *job,
+                    &device,
+                    dirty.clone(),
+                    timeout,
+                ) {
+                    Ok(x) => Some(x),
+                    Err(e) => {
+                        undo(&claimed);
+                        return Err(OpError::Internal(e));
+                    }
+                }
+            }
+            None => None,
+        };
+        // Persist. Anything refused from here leaves the claims undone and
+        // the worker unarmed (it ends without a row).
+        for d in &plan.flush_first {
+            if let Err(e) = super::journal::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
+                undo(&claimed);
+                return Err(OpError::Internal(e));
+            }
+        }
+        if plan.record {
+            let mut rec = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = rec.as_mut() {
+                let mut meta = r.meta.clone();
+                if let Some(edit) = plan.template {
+                    edit(&mut meta.template);
+                }
+                if let Some(slot) = plan.new_uuid {
+                    meta.member_uuids[slot] = *uuid::Uuid::new_v4().as_bytes();
+                }
+                // A volume in service is dirty on disk (only a clean stop
+                // records it clean).
+                if let Err(e) = meta.record(device.as_ref(), false) {
+                    undo(&claimed);
+                    return Err(OpError::Internal(e.to_string()));
+                }
+                r.meta = meta;
+                r.device = device.clone();
+                r.clean = false;
+            }
+        }
+        if let Some((j, mode)) = &plan.journal_super {
+            if let Err(e) = j.write_super_mode(*mode) {
+                undo(&claimed);
+                return Err(OpError::Internal(format!("journal superblock: {e}")));
+            }
+        }
+        let mut view = s.published();
+        view.device = device.clone();
+        if let Some(sp) = &plan.spares {
+            view.spares = sp.clone();
+        }
+        if let Some((p, _)) = &started {
+            view.rebuild = Some(p.clone());
+        }
+        // Publish: settings first, so the state file says them too.
+        for st in &plan.settings {
+            st.apply();
+        }
+        let saved = hooks.persist(&view.snapshot(0));
+        if let Some(b) = &device.member_set().bitmap {
+            // Inside the suspend: a device leaving the volume gets no
+            // bitmap write once it is out.
+            b.set_members(super::assembly::live_members(device.as_ref()));
+        }
+        if let Some(next) = &plan.next {
+            if let Err(e) = self
+                .volume
+                .quiesce()
+                .publish(&guard, VolumeConfig::raid(next.clone()))
+            {
+                undo(&claimed);
+                return Err(quiesce_error(e));
+            }
+        }
+        if let Some((_, arming)) = &started {
+            arming.arm();
+        }
+        drop(guard);
+        // The volume runs the new generation.
+        s.current = device;
+        if let Some(sp) = plan.spares {
+            s.spares = sp;
+        }
+        if let Some((p, _)) = started {
+            s.started(p);
+        }
+        for a in plan.after {
+            match a {
+                After::StartBitmap(b) => s.bitmap = Some(start_bitmap(self.volume.name(), b)),
+                After::StopBitmap => s.bitmap = None,
+                After::ThawBitmap => {
+                    if let Some(b) = &s.current.member_set().bitmap {
+                        b.thaw();
+                    }
+                }
+                After::StartCheckpointer(j) => {
+                    s.checkpointer =
+                        Some(super::journal::Checkpointer::start(j, self.volume.clone()))
+                }
+                After::StopCheckpointer => s.checkpointer = None,
+            }
+        }
+        for (dev, role) in &plan.roles_after {
+            hooks.set_role(dev, *role);
+        }
+        self.publish_view(s);
+        tracing::info!(volume = self.volume.name(), change = %plan.what, "volume changed");
+        if let Err(e) = saved {
+            tracing::error!(volume = self.volume.name(), error = %e, "the change was made but saving the state failed");
+        }
+        Ok(plan.follow)
+    }
+}
+
+/// What can change between planning and the suspend, checked again once
+/// nothing is in flight.
+fn revalidate(s: &MonitorState, change: &Change) -> Result<(), OpError> {
+    if let Change::SetJournal(None) = change {
+        if let Some(j) = s.current.journal() {
+            let c = j.cache();
+            if !c.is_empty() || c.pending() > 0 {
+                return Err(OpError::FailedPrecondition(format!(
+                    "{} acknowledged blocks are still only in the journal's cache; retry once they have drained",
+                    c.len() + c.pending()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
