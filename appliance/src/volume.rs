@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bdev::{BlockDevice, DeviceInfo, IoChannel, IoRequest};
+use bdev::{BlockDevice, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList};
 use poller::{Ctx, PollState, QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
 
 use crate::raid::level::RaidDevice;
@@ -194,13 +194,37 @@ impl Volume {
     /// IO goes: for control-thread work that must not bypass the epoch (a
     /// write-back journal's drain rides on such flushes).
     pub fn flush_on_reactor(&self, timeout: Duration) -> Result<(), VolumeError> {
-        type Reply = Result<(), VolumeError>;
+        self.io(IoOp::Flush, 0, Vec::new(), timeout).map(|_| ())
+    }
+
+    /// One IO of the volume from a reactor (reactor 0), through its quiesce
+    /// gate as guest IO goes: waits while the volume is suspended, counts
+    /// as in flight for a suspend, and runs on the generation in force.
+    /// `data` is the buffer (read into, or written from; its length in
+    /// blocks is the request's) and comes back with the result. The
+    /// request owns it: a caller that gives up after `timeout` leaves it
+    /// to the request, never freed under it.
+    pub fn io(
+        &self,
+        op: IoOp,
+        offset_blocks: u64,
+        data: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, VolumeError> {
+        type Reply = Result<Vec<u8>, VolumeError>;
+        let what = match op {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Flush => "flush",
+            IoOp::Discard => "discard",
+            IoOp::WriteZeroes => "write-zeroes",
+        };
         let (tx, rx) = std::sync::mpsc::channel::<Reply>();
         let q = self.quiesce.clone();
         let name = self.name.clone();
-        let io_error = |name: &str, reason: String| VolumeError::Io {
+        let io_error = move |name: &str, reason: String| VolumeError::Io {
             name: name.to_string(),
-            what: "flush",
+            what,
             reason,
         };
         let msg = move |ctx: &mut Ctx| {
@@ -211,6 +235,7 @@ impl Volume {
                     return;
                 }
             };
+            let mut data = data;
             let mut ch: Option<Box<dyn IoChannel>> = None;
             let mut out = Vec::new();
             ctx.add_poller(move |_| {
@@ -225,17 +250,32 @@ impl Volume {
                     if !gate.try_begin() {
                         return PollState::Idle;
                     }
-                    let submitted = gate
-                        .config()
-                        .1
-                        .device
-                        .open_channel()
-                        .map_err(|e| e.to_string())
-                        .and_then(|mut c| {
-                            c.submit(IoRequest::flush(1))
-                                .map_err(|_| "the volume's queue is full".to_string())?;
-                            Ok(c)
-                        });
+                    let device = gate.config().1.device.clone();
+                    let bs = device.info().block_size as usize;
+                    let req = if op == IoOp::Flush {
+                        IoRequest::flush(1)
+                    } else {
+                        let mut sg = SgList::new();
+                        // SAFETY: `data` is owned by this poller, which
+                        // lives until the request's completion is polled.
+                        sg.push(unsafe { IoVec::new(data.as_mut_ptr(), data.len()) });
+                        IoRequest {
+                            op,
+                            offset_blocks,
+                            num_blocks: (data.len() / bs) as u64,
+                            sg,
+                            tag: 1,
+                        }
+                    };
+                    let submitted =
+                        device
+                            .open_channel()
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut c| {
+                                c.submit(req)
+                                    .map_err(|_| "the volume's queue is full".to_string())?;
+                                Ok(c)
+                            });
                     match submitted {
                         Ok(c) => ch = Some(c),
                         Err(e) => {
@@ -251,7 +291,11 @@ impl Volume {
                     return PollState::Busy;
                 };
                 gate.end();
-                let _ = tx.send(done.result.map_err(|e| io_error(&name, e.to_string())));
+                let reply = match done.result {
+                    Ok(()) => Ok(std::mem::take(&mut data)),
+                    Err(e) => Err(io_error(&name, e.to_string())),
+                };
+                let _ = tx.send(reply);
                 PollState::Done
             });
         };
@@ -260,7 +304,7 @@ impl Volume {
             .map_err(|_| VolumeError::Stopped(self.name.clone()))?;
         rx.recv_timeout(timeout).map_err(|_| VolumeError::Timeout {
             name: self.name.clone(),
-            what: "flush",
+            what,
             timeout,
         })?
     }

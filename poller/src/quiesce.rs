@@ -285,6 +285,12 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
         }
     }
 
+    /// Whether a suspend holds the object now (or is waiting for its IO to
+    /// drain): new IO of it waits.
+    pub fn is_suspended(&self) -> bool {
+        self.shared.control.state.load(Ordering::SeqCst) & SUSPENDED != 0
+    }
+
     /// Whether the object has been removed.
     pub fn is_removed(&self) -> bool {
         self.shared.control.removed.load(Ordering::SeqCst)

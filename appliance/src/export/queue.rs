@@ -38,10 +38,6 @@ pub struct QueueShared {
     call: Mutex<Option<Arc<File>>>,
     stopped: Mutex<Option<(u16, u16)>>,
     stopped_cv: Condvar,
-    /// Requests completed (for tests and stats).
-    pub completed: AtomicU64,
-    /// Requests answered with an error status.
-    pub failed: AtomicU64,
 }
 
 impl QueueShared {
@@ -293,7 +289,10 @@ impl Runner {
             // The range moved: parked writes go again, in their order.
             self.resubmit.extend(self.parked.drain(..));
         }
-        if !self.broken {
+        // A new generation is served only once its channel is open (the
+        // old one may still finish work of its own first).
+        let stale = self.vol_gate.generation() != self.vol_gen;
+        if !self.broken && !stale {
             work |= self.pop_requests();
         }
         self.signal();
@@ -316,7 +315,7 @@ impl Runner {
                 }
             }
         }
-        if work || self.inflight() > 0 || channel_busy || !self.parked.is_empty() {
+        if work || self.inflight() > 0 || channel_busy || stale || !self.parked.is_empty() {
             // Parked writes are looked at each poll: nothing wakes a
             // sleeping reactor when the range is resumed.
             PollState::Busy
@@ -351,16 +350,16 @@ impl Runner {
         if !channel_busy && self.vol_gate.generation() != self.vol_gen {
             let (g, v) = self.vol_gate.config();
             self.limits = sized_limits(&self.limits, &v);
-            match v.device.open_channel() {
-                Ok(ch) => {
-                    self.ch = ch;
-                    self.vol_gen = g;
-                }
+            self.ch = match v.device.open_channel() {
+                Ok(ch) => ch,
                 Err(e) => {
-                    tracing::error!(queue = self.index, error = %e, "reopening the volume channel failed; requests will fail");
-                    self.vol_gen = g;
+                    // Never the old generation's channel: its member set
+                    // is gone (a spare being rebuilt would miss writes).
+                    tracing::error!(queue = self.index, error = %e, "opening the volume's channel for its new configuration failed; requests fail until the next one");
+                    Box::new(bdev::FailingChannel::default())
                 }
-            }
+            };
+            self.vol_gen = g;
         }
     }
 
@@ -456,7 +455,6 @@ impl Runner {
     fn dispatch(&mut self, head: u16) -> Dispatch {
         let Some(req) = parse_with(&self.descs, &self.mem, &self.regions, &self.limits) else {
             // Nowhere to put a status: hand the buffers back unanswered.
-            self.shared.failed.fetch_add(1, Ordering::Relaxed);
             self.stats.refused();
             self.finish_request(head, 0);
             return Dispatch::Taken;
@@ -465,7 +463,6 @@ impl Runner {
             Err(status) => {
                 // SAFETY: `status` was translated inside guest memory.
                 unsafe { std::ptr::write_volatile(req.status, status) };
-                self.shared.failed.fetch_add(1, Ordering::Relaxed);
                 self.stats.refused();
                 self.finish_request(head, 1);
                 Dispatch::Taken
@@ -527,7 +524,6 @@ impl Runner {
         if let Some(i) = &mut self.inflight {
             i.after_used(head, self.ring.next_used());
         }
-        self.shared.completed.fetch_add(1, Ordering::Relaxed);
         self.signal_pending = true;
         self.vol_gate.end();
         self.mem_gate.end();
@@ -548,7 +544,6 @@ impl Runner {
             Ok(()) => (S_OK, req.written),
             Err(e) => {
                 tracing::debug!(queue = self.index, error = %e, "request failed");
-                self.shared.failed.fetch_add(1, Ordering::Relaxed);
                 (S_IOERR, 1)
             }
         };

@@ -282,6 +282,9 @@ pub struct VolumeView {
     pub write_behind: (u64, u64),
     /// Suspended as a whole by an operator (dm's suspend).
     pub suspended_whole: bool,
+    /// A suspend holds it now (a change waiting for its IO to drain, or
+    /// the operator's).
+    pub quiescing: bool,
     /// Changes waiting to be applied (events that hit a deadline).
     pub pending_changes: usize,
 }

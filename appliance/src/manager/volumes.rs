@@ -825,6 +825,7 @@ impl Manager {
                 .as_ref()
                 .map(|j| (j.mode(), j.usage(), j.cache().len(), j.has_failed())),
             suspended_whole: lock(&v.held).is_some(),
+            quiescing: v.volume.quiesce().is_suspended(),
             pending_changes,
         }
     }

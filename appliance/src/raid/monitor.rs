@@ -121,6 +121,9 @@ pub struct Snapshot {
     pub rates: (u64, u64),
     /// Changes waiting to be applied (events that hit a deadline).
     pub pending: usize,
+    /// Changes put off so far because the volume did not quiesce in time
+    /// (each is tried again).
+    pub deferred: u64,
 }
 
 impl Snapshot {
@@ -193,7 +196,7 @@ pub(crate) struct Published {
 }
 
 impl Published {
-    pub(crate) fn snapshot(&self, pending: usize) -> Snapshot {
+    pub(crate) fn snapshot(&self, pending: usize, deferred: u64) -> Snapshot {
         let d = &self.device;
         let set = d.member_set();
         let geo = d.parity_geometry();
@@ -227,6 +230,7 @@ impl Published {
             journal: d.journal(),
             rates: self.rates,
             pending,
+            deferred,
         }
     }
 }
@@ -251,6 +255,8 @@ pub(crate) struct Inner {
     pending: Mutex<VecDeque<Change>>,
     quit: AtomicBool,
     sink: FailureSink,
+    /// Changes put off by a deadline so far.
+    deferred: std::sync::atomic::AtomicU64,
 }
 
 /// The default wait for a volume's IO to drain.
@@ -280,7 +286,12 @@ impl Inner {
 
     /// Leave `change` to the monitor thread, which tries it again.
     pub(crate) fn defer(&self, change: Change) {
+        self.deferred.fetch_add(1, Ordering::SeqCst);
         lock(&self.pending).push_back(change);
+    }
+
+    fn deferred(&self) -> u64 {
+        self.deferred.load(Ordering::SeqCst)
     }
 
     /// The change lock, for a change: refused once the volume is closed.
@@ -307,6 +318,7 @@ impl Inner {
         let mut pending = lock(&self.pending);
         match res {
             Err(OpError::DeadlineExceeded(e)) => {
+                self.deferred.fetch_add(1, Ordering::SeqCst);
                 tracing::warn!(volume = self.volume.name(), error = %e, "volume change deferred: it is tried again");
                 true
             }
@@ -519,6 +531,7 @@ impl Monitor {
             timeout: Mutex::new(CHANGE_TIMEOUT),
             pending: Mutex::new(VecDeque::new()),
             quit: AtomicBool::new(false),
+            deferred: Default::default(),
         });
         let name = inner.volume.name().to_string();
         let mut threads = Vec::new();
@@ -889,7 +902,7 @@ impl Monitor {
         let saved = self
             .inner
             .hooks()
-            .persist(&view.snapshot(self.inner.pending_count()));
+            .persist(&view.snapshot(self.inner.pending_count(), self.inner.deferred()));
         self.inner.publish_view(&s);
         saved.map_err(|e| {
             OpError::Internal(format!(
@@ -907,7 +920,7 @@ impl Monitor {
     /// in progress: it is the last published state.
     pub fn snapshot(&self) -> Snapshot {
         let p = lock(&self.inner.published).clone();
-        p.snapshot(self.inner.pending_count())
+        p.snapshot(self.inner.pending_count(), self.inner.deferred())
     }
 
     /// Spares left.
@@ -977,6 +990,7 @@ mod tests {
             journal: None,
             rates: (0, 0),
             pending: 0,
+            deferred: 0,
         }
     }
 

@@ -167,7 +167,7 @@ impl Inner {
         for st in &plan.settings {
             st.apply();
         }
-        let saved = hooks.persist(&view.snapshot(0));
+        let saved = hooks.persist(&view.snapshot(0, 0));
         if let Some(b) = &device.member_set().bitmap {
             // Inside the suspend: a device leaving the volume gets no
             // bitmap write once it is out.

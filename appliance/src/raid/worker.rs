@@ -189,12 +189,18 @@ impl Worker {
                     ));
                 }
                 let sources = raid.rebuild_sources(slot);
-                if sources.is_empty() {
-                    let why = "no member left in sync to rebuild from".to_string();
+                let r = if sources.is_empty() {
+                    Err("no member left in sync to rebuild from".to_string())
+                } else {
+                    r.retarget(members, sources, None, events.clone())
+                };
+                // The slot is still this rebuild's: tell the monitor that
+                // nothing rebuilds it (it is failed again), rather than
+                // leave it "rebuilding" with nothing running.
+                if let Err(why) = &r {
                     events.event(Event::RebuildAborted(slot, why.clone()));
-                    return Err(why);
                 }
-                r.retarget(members, sources, None, events)
+                r
             }
             (Job::Replace { dev }, Walker::Rebuild(r)) => {
                 let Some(rep) = set.replacing.as_ref().filter(|r| device_id(&r.dev) == dev) else {
@@ -204,7 +210,12 @@ impl Worker {
                     return Err(format!("interrupted: slot {} is not in sync", rep.slot));
                 }
                 let target = rep.dev.clone();
-                r.retarget(members, vec![rep.slot], Some(&target), events)
+                let n = members.len();
+                let r = r.retarget(members, vec![rep.slot], Some(&target), events.clone());
+                if let Err(why) = &r {
+                    events.event(Event::RebuildAborted(n, why.clone()));
+                }
+                r
             }
             (Job::Scrub { .. }, Walker::Scrub(s)) => {
                 let read = raid

@@ -17,6 +17,8 @@ pub struct FaultControl {
     write_fail: (AtomicU64, AtomicU64),
     latency_ns: AtomicU64,
     injected: AtomicU64,
+    /// New channels are refused (a device that cannot be opened).
+    refuse_channels: AtomicBool,
     /// Holding requests (see [`FaultControl::hold`]): the fast check.
     holding: AtomicBool,
     hold: Mutex<Hold>,
@@ -62,8 +64,15 @@ impl FaultControl {
             .store(latency.as_nanos() as u64, Ordering::SeqCst);
     }
 
+    /// Refuse (or again allow) opening channels, as a device that went
+    /// away between two configurations does.
+    pub fn refuse_channels(&self, on: bool) {
+        self.refuse_channels.store(on, Ordering::SeqCst);
+    }
+
     /// Clear every fault.
     pub fn heal(&self) {
+        self.refuse_channels(false);
         self.pulled.store(false, Ordering::SeqCst);
         self.fail_reads(0, 0);
         self.fail_writes(0, 0);
@@ -190,6 +199,12 @@ impl BlockDevice for FaultDevice {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        if self.control.refuse_channels.load(Ordering::SeqCst) {
+            return Err(BdevError::Os {
+                what: format!("{}: opening a channel", self.info.name),
+                source: std::io::Error::from_raw_os_error(libc::ENODEV),
+            });
+        }
         Ok(Box::new(FaultChannel {
             inner: self.inner.open_channel()?,
             control: self.control.clone(),

@@ -32,5 +32,5 @@ pub use dmamap::{add_dma_mapper, register_dma_memory, DmaMapper, DmaRegistration
 pub use error::{BdevError, IoError};
 pub use fault::{FaultControl, FaultDevice};
 pub use file::FileDevice;
-pub use null::NullDevice;
+pub use null::{FailingChannel, NullDevice};
 pub use ram::RamDevice;

@@ -89,3 +89,32 @@ impl IoChannel for NullChannel {
         self.done.len()
     }
 }
+
+/// A channel that fails every request with `DeviceFailed`: what a consumer
+/// uses when it cannot open a channel to the device it must serve (a new
+/// configuration generation whose device refused), so its requests fail
+/// clearly instead of going anywhere else.
+#[derive(Default)]
+pub struct FailingChannel {
+    done: Vec<Completion>,
+}
+
+impl IoChannel for FailingChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        self.done.push(Completion {
+            tag: req.tag,
+            result: Err(crate::error::IoError::DeviceFailed),
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let n = self.done.len();
+        out.append(&mut self.done);
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.done.len()
+    }
+}

@@ -1,0 +1,482 @@
+//! Changes of a volume racing its IO and its background work, each race
+//! made exact by a member that holds a chosen request until the test lets
+//! it go (`FaultControl::hold`): no sleep decides an interleaving. Each
+//! test is one of the findings of the transaction issue (the number in its
+//! comment), and failed before the one change path.
+
+mod common;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::raid::assembly::{self, VolumeSpec};
+use appliance::raid::journal::{Journal, JournalMode};
+use appliance::raid::members::{FailureSink, MemberState};
+use appliance::raid::monitor::Monitor;
+use appliance::raid::superblock::{Level, Superblock};
+use appliance::volume::{Volume, VolumeError};
+use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+use poller::{ReactorConfig, Reactors};
+
+const BS: usize = 4096;
+/// Member blocks before the data (md's 1 MiB at 4 KiB blocks).
+const DATA: u64 = 256;
+const LONG: Duration = Duration::from_secs(30);
+
+fn ram(name: &str) -> Arc<dyn BlockDevice> {
+    Arc::new(RamDevice::new(name, BS as u32, DATA + 4096).unwrap())
+}
+
+struct Rig {
+    reactors: Reactors,
+    raw: Vec<Arc<dyn BlockDevice>>,
+    faults: Vec<Arc<FaultDevice>>,
+    volume: Volume,
+    monitor: Monitor,
+}
+
+impl Rig {
+    /// A volume of `level` over `n` members (fault-wrapped RAM, named m0..)
+    /// with `spares` spares (s0..), its monitor started and opened.
+    fn new(level: Level, n: usize, spares: usize, bitmap: bool) -> Rig {
+        let reactors = Reactors::start(ReactorConfig {
+            count: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("m{i}"))
+            .chain((0..spares).map(|i| format!("s{i}")))
+            .collect();
+        let raw: Vec<Arc<dyn BlockDevice>> = names.iter().map(|n| ram(n)).collect();
+        let faults: Vec<Arc<FaultDevice>> = raw
+            .iter()
+            .map(|d| Arc::new(FaultDevice::new(d.clone())))
+            .collect();
+        let devs: Vec<Arc<dyn BlockDevice>> = faults
+            .iter()
+            .map(|f| f.clone() as Arc<dyn BlockDevice>)
+            .collect();
+        let mut spec = VolumeSpec::new("v", level, devs[..n].to_vec());
+        if level == Level::Raid5 {
+            spec.chunk_bytes = 16 << 10;
+        }
+        if bitmap {
+            spec.bitmap_chunk_bytes = 1 << 20;
+        }
+        let (tx, rx) = mpsc::channel();
+        let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
+        let volume = Volume::new_raid(reactors.set(), "v", dev.clone());
+        let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, devs[n..].to_vec());
+        monitor.set_meta(meta);
+        monitor.open(true).unwrap();
+        Rig {
+            reactors,
+            raw,
+            faults,
+            volume,
+            monitor,
+        }
+    }
+
+    fn write(&self, lba: u64, blocks: usize, byte: u8) -> Result<(), VolumeError> {
+        self.volume
+            .io(IoOp::Write, lba, vec![byte; blocks * BS], LONG)
+            .map(|_| ())
+    }
+
+    fn read(&self, lba: u64, blocks: usize) -> Vec<u8> {
+        self.volume
+            .io(IoOp::Read, lba, vec![0; blocks * BS], LONG)
+            .unwrap()
+    }
+
+    /// A flush through the volume held by member `m` until released: IO in
+    /// flight that no suspend can drain meanwhile.
+    fn stuck_flush(&self, m: usize) -> std::thread::JoinHandle<Result<(), VolumeError>> {
+        self.faults[m].control().hold(Some(IoOp::Flush), 0, 1, 1);
+        let v = self.volume.clone();
+        let t = std::thread::spawn(move || v.flush_on_reactor(LONG));
+        assert!(self.faults[m].control().wait_held(1, LONG));
+        t
+    }
+
+    fn states(&self) -> Vec<MemberState> {
+        self.monitor.member_states()
+    }
+
+    fn stop(self) {
+        drop(self.monitor);
+        drop(self.volume);
+        self.reactors.shutdown().unwrap();
+    }
+}
+
+/// Wait for `what` (the code under test makes it happen; the limit is only
+/// there so a failure ends).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < LONG, "never: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn superblock(dev: &dyn BlockDevice) -> Superblock {
+    assembly::read_superblock(dev).unwrap().unwrap()
+}
+
+/// Finding 1: a repairing scrub of a mirror must never copy a failed
+/// member's stale data over a write that reached only the survivor.
+#[test]
+fn a_scrub_never_copies_a_failed_mirror_over_a_write_that_skipped_it() {
+    let rig = Rig::new(Level::Raid1, 2, 0, false);
+    // Row 5 (blocks 1280..1536) holds A on both mirrors.
+    rig.write(5 * 256, 4, 0xaa).unwrap();
+    // The scrub's first read of row 0 on m1 is held: the scrub is running.
+    rig.faults[1]
+        .control()
+        .hold(Some(IoOp::Read), DATA, DATA + 256, 1);
+    let p = rig.monitor.scrub(true).unwrap();
+    assert!(rig.faults[1].control().wait_held(1, LONG));
+    // m0 now takes no writes (its reads still answer, with old data), and
+    // a write to row 5 reaches m1 only.
+    rig.faults[0].control().fail_writes(0, u64::MAX);
+    rig.write(5 * 256, 4, 0xbb).unwrap();
+    rig.faults[1].control().release();
+    eventually("the scrub ends", || p.is_finished());
+    eventually("m0 is failed", || rig.states()[0] == MemberState::Failed);
+    assert_eq!(
+        rig.read(5 * 256, 4),
+        vec![0xbb; 4 * BS],
+        "the write survived"
+    );
+    let why = p.error().unwrap_or_default();
+    assert!(why.contains("interrupted"), "{why}");
+    rig.stop();
+}
+
+/// Finding 2: a member failure that cannot be published in time is kept
+/// and applied later, and is on disk before any write relies on it.
+#[test]
+fn a_failure_that_hits_the_deadline_is_recorded_kept_and_applied_later() {
+    let rig = Rig::new(Level::Raid5, 3, 0, false);
+    rig.monitor.set_timeout(Duration::from_millis(200));
+    rig.write(0, 64, 0x11).unwrap();
+    let stuck = rig.stuck_flush(2);
+    // m0 goes; a write finds out (and is acknowledged, degraded).
+    rig.faults[0].control().pull();
+    rig.write(0, 64, 0x22).unwrap();
+    // The write waited for the failure to be recorded on the others.
+    let sb = superblock(rig.raw[1].as_ref());
+    assert_eq!(sb.slot_states[0] & 0x7f, MemberState::Failed.code());
+    // Its publish cannot drain the stuck flush: put off, not dropped.
+    eventually("the change was deferred", || {
+        rig.monitor.snapshot().deferred >= 1
+    });
+    assert_eq!(rig.states()[0], MemberState::InSync, "not published yet");
+    rig.faults[2].control().release();
+    stuck.join().unwrap().unwrap();
+    eventually("m0 is failed", || rig.states()[0] == MemberState::Failed);
+    assert!(rig.monitor.idle());
+    let raw = rig.raw.clone();
+    rig.stop();
+    // A restart reads nothing stale from m0.
+    let mut report = assembly::assemble(&raw, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let v = report.volumes.remove(0);
+    assert_eq!(v.device.member_states()[0], MemberState::Failed);
+    let mut ch = v.device.open_channel().unwrap();
+    let mut buf = vec![0u8; 64 * BS];
+    bdev::conformance::run_one(
+        ch.as_mut(),
+        bdev::conformance::rw(IoOp::Read, 0, 64, &mut buf, 1),
+    )
+    .unwrap();
+    assert_eq!(buf, vec![0x22; 64 * BS]);
+}
+
+/// Finding 2: a rebuild that finishes while the volume cannot quiesce
+/// is not left "rebuilding" for good.
+#[test]
+fn a_finished_rebuild_that_hits_the_deadline_is_applied_later() {
+    let rig = Rig::new(Level::Raid1, 2, 1, false);
+    rig.write(0, 64, 0x33).unwrap();
+    rig.monitor.set_timeout(Duration::from_millis(200));
+    // The rebuild onto the spare waits at its first write ...
+    rig.faults[2]
+        .control()
+        .hold(Some(IoOp::Write), DATA, u64::MAX, 1);
+    rig.monitor.fail_member("m1").unwrap();
+    assert!(rig.faults[2].control().wait_held(1, LONG));
+    // ... until a flush is stuck, then runs to its end: its last step
+    // cannot quiesce.
+    let stuck = rig.stuck_flush(0);
+    let p = rig.monitor.rebuild().unwrap();
+    rig.faults[2].control().release();
+    eventually("the rebuild finished", || p.is_finished());
+    eventually("the change was deferred", || {
+        rig.monitor.snapshot().deferred >= 1
+    });
+    assert_eq!(rig.states()[1], MemberState::Rebuilding);
+    rig.faults[0].control().release();
+    stuck.join().unwrap().unwrap();
+    eventually("the spare is in sync", || {
+        rig.states()[1] == MemberState::InSync
+    });
+    assert_eq!(rig.read(0, 64), vec![0x33; 64 * BS]);
+    rig.stop();
+}
+
+/// Finding 3: taking a write-back journal away never drops a write that
+/// was admitted to the cache but not yet in it.
+#[test]
+fn removing_a_write_back_journal_keeps_a_write_admitted_but_not_yet_cached() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let members: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"))).collect();
+    let jfault = Arc::new(FaultDevice::new(Arc::new(
+        RamDevice::new("j", BS as u32, 4096).unwrap(),
+    )));
+    let mut spec = VolumeSpec::new("v", Level::Raid5, members);
+    spec.chunk_bytes = 16 << 10;
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
+    let j = Journal::format_with(jfault.clone(), JournalMode::WriteBack).unwrap();
+    let dev = dev.with_journal(j.clone()).unwrap();
+    let volume = Volume::new_raid(reactors.set(), "v", dev.clone());
+    let monitor = Arc::new(Monitor::start(
+        reactors.set(),
+        volume.clone(),
+        dev,
+        rx,
+        vec![],
+    ));
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    // Rewrite a block so the cache admits it (a recent block), with its
+    // record's write held.
+    volume.io(IoOp::Write, 40, vec![0x44; BS], LONG).unwrap();
+    jfault.control().hold(Some(IoOp::Write), 1, u64::MAX, 1);
+    let v = volume.clone();
+    let writer = std::thread::spawn(move || v.io(IoOp::Write, 40, vec![0x55; BS], LONG));
+    assert!(jfault.control().wait_held(1, LONG));
+    assert!(j.cache().pending() > 0, "admitted to the cache");
+    let m = monitor.clone();
+    let remover = std::thread::spawn(move || m.set_journal(None));
+    eventually("the removal suspends the volume", || {
+        volume.quiesce().is_suspended()
+    });
+    jfault.control().release();
+    writer.join().unwrap().unwrap();
+    remover.join().unwrap().unwrap();
+    assert!(monitor.journal().is_none());
+    let back = volume.io(IoOp::Read, 40, vec![0; BS], LONG).unwrap();
+    assert_eq!(
+        back,
+        vec![0x55; BS],
+        "the acknowledged write is on the members"
+    );
+    drop(monitor);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}
+
+/// Finding 5: a change that cannot quiesce leaves the bitmap's members as
+/// they were: a spare that did not join gets no bitmap write.
+#[test]
+fn a_spare_that_did_not_join_gets_no_bitmap_write() {
+    let rig = Rig::new(Level::Raid1, 2, 0, true);
+    rig.monitor.fail_member("m1").unwrap();
+    rig.monitor.set_timeout(Duration::from_millis(200));
+    let stuck = rig.stuck_flush(0);
+    let spare = ram("s9");
+    assert!(rig.monitor.add_spare(spare.clone()).is_err());
+    assert!(rig.monitor.snapshot().spares.is_empty(), "nothing changed");
+    rig.faults[0].control().release();
+    stuck.join().unwrap().unwrap();
+    // A write to a fresh region: its bit is on disk before it completes.
+    rig.write(3000, 1, 0x66).unwrap();
+    let mut ch = spare.open_channel().unwrap();
+    let mut bits = vec![0u8; BS];
+    bdev::conformance::run_one(
+        ch.as_mut(),
+        bdev::conformance::rw(IoOp::Read, 1, 1, &mut bits, 1),
+    )
+    .unwrap();
+    assert!(bits.iter().all(|&b| b == 0), "no bitmap on the spare");
+    rig.stop();
+}
+
+/// Finding 8: a flush parked on a volume that is then removed ends with
+/// an error at once, instead of polling a gate that never opens again.
+#[test]
+fn a_flush_waiting_on_a_removed_volume_ends_with_an_error() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let volume = Volume::new(reactors.set(), "v", ram("d"));
+    let held = volume.suspend(LONG).unwrap();
+    let v = volume.clone();
+    let t = Instant::now();
+    let flush = std::thread::spawn(move || v.flush_on_reactor(LONG));
+    volume.quiesce().remove(LONG).unwrap();
+    drop(held);
+    let r = flush.join().unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(VolumeError::Removed(_)) | Err(VolumeError::Quiesce(_))
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < LONG / 2, "it did not wait for its timeout");
+    reactors.shutdown().unwrap();
+}
+
+/// Finding 10: a rebuild that cannot start (its new device refuses
+/// channels) leaves no slot "rebuilding" with nothing running.
+#[test]
+fn a_rebuild_that_cannot_start_leaves_no_slot_rebuilding() {
+    let rig = Rig::new(Level::Raid1, 2, 1, false);
+    rig.write(0, 8, 0x77).unwrap();
+    rig.faults[2].control().refuse_channels(true);
+    rig.monitor.fail_member("m1").unwrap();
+    eventually("the slot is failed again", || {
+        let s = rig.monitor.snapshot();
+        s.settled() && !s.states.contains(&MemberState::Rebuilding)
+    });
+    let p = rig.monitor.rebuild().unwrap();
+    assert!(p.error().is_some());
+    assert_eq!(rig.states()[1], MemberState::Failed);
+    assert_eq!(rig.read(0, 8), vec![0x77; 8 * BS], "degraded, whole");
+    rig.stop();
+}
+
+/// Background work follows the member set: a rebuild of a three-way
+/// mirror whose source fails goes on from its cursor with the mirror left
+/// (md's MD_RECOVERY_INTR), and the result is consistent.
+#[test]
+fn a_rebuild_whose_source_fails_goes_on_from_another_mirror() {
+    let rig = Rig::new(Level::Raid1, 3, 1, false);
+    rig.write(0, 512, 0x88).unwrap();
+    // Hold the rebuild at its second row, reading its source.
+    rig.faults[0]
+        .control()
+        .hold(Some(IoOp::Read), DATA + 256, DATA + 512, 1);
+    rig.monitor.fail_member("m2").unwrap();
+    assert!(rig.faults[0].control().wait_held(1, LONG));
+    let p = rig.monitor.rebuild().unwrap();
+    rig.faults[0].control().pull();
+    rig.faults[0].control().release();
+    eventually("the rebuild ends", || rig.monitor.snapshot().settled());
+    assert_eq!(p.error(), None, "it went on");
+    assert_eq!(
+        rig.states(),
+        vec![
+            MemberState::Failed,
+            MemberState::InSync,
+            MemberState::InSync
+        ]
+    );
+    assert_eq!(rig.read(0, 512), vec![0x88; 512 * BS]);
+    let check = rig.monitor.scrub(false).unwrap();
+    eventually("the check ends", || check.is_finished());
+    assert_eq!(
+        check.mismatches.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    rig.stop();
+}
+
+/// The superblocks never say a rebuild is further than it is: a second
+/// rebuild starts recorded at row 0, not at the first one's checkpoint.
+#[test]
+fn a_new_rebuild_is_recorded_from_its_first_row() {
+    let rig = Rig::new(Level::Raid1, 2, 2, false);
+    rig.write(0, 8, 0x99).unwrap();
+    // The first rebuild stops at row 3 until its cursor is checkpointed.
+    rig.faults[2]
+        .control()
+        .hold(Some(IoOp::Write), DATA + 3 * 256, u64::MAX, 1);
+    rig.monitor.fail_member("m1").unwrap();
+    assert!(rig.faults[2].control().wait_held(1, LONG));
+    eventually("the cursor is checkpointed", || {
+        superblock(rig.raw[0].as_ref()).rebuild_checkpoint > 0
+    });
+    rig.faults[2].control().release();
+    eventually("s0 in sync", || rig.monitor.snapshot().settled());
+    // The second rebuild, held at its first write: recorded from row 0.
+    rig.faults[3]
+        .control()
+        .hold(Some(IoOp::Write), DATA, u64::MAX, 1);
+    rig.monitor.fail_member("m0").unwrap();
+    assert!(rig.faults[3].control().wait_held(1, LONG));
+    let sb = superblock(rig.raw[2].as_ref());
+    assert_eq!(sb.slot_states[0] & 0x7f, MemberState::Rebuilding.code());
+    assert_eq!(sb.rebuild_checkpoint, 0);
+    rig.faults[3].control().release();
+    eventually("s1 in sync", || rig.monitor.snapshot().settled());
+    assert_eq!(rig.read(0, 8), vec![0x99; 8 * BS]);
+    rig.stop();
+}
+
+/// Finding 4: a queue that cannot open the channel of the volume's new
+/// generation fails its requests; it never serves the old generation.
+#[test]
+fn a_queue_that_cannot_open_the_new_generation_fails_its_requests() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::volume::VolumeConfig;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let old = ram("old");
+    let volume = Volume::new(reactors.set(), "v", old.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("v.sock");
+    let export =
+        Export::create(reactors.set(), &volume, ExportOptions::new(sock.clone(), 1)).unwrap();
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    disk.buf()[..BS].fill(0xa1);
+    assert_eq!(disk.write(0, BS), 0);
+    // The next generation's device refuses channels.
+    let new = Arc::new(FaultDevice::new(ram("new")));
+    new.control().refuse_channels(true);
+    let next: Arc<dyn BlockDevice> = new.clone();
+    volume
+        .quiesce()
+        .reconfigure(LONG, |_| Ok::<_, ()>((VolumeConfig::plain(next), ())))
+        .unwrap();
+    disk.buf()[..BS].fill(0xb2);
+    assert_ne!(disk.write(0, BS), 0, "the write fails");
+    let mut ch = old.open_channel().unwrap();
+    let mut back = vec![0u8; BS];
+    bdev::conformance::run_one(
+        ch.as_mut(),
+        bdev::conformance::rw(IoOp::Read, 0, 1, &mut back, 1),
+    )
+    .unwrap();
+    assert_eq!(back, vec![0xa1; BS], "nothing reached the old generation");
+    // Once the device opens again, the next generation is served.
+    new.control().refuse_channels(false);
+    let next: Arc<dyn BlockDevice> = new.clone();
+    volume
+        .quiesce()
+        .reconfigure(LONG, |_| Ok::<_, ()>((VolumeConfig::plain(next), ())))
+        .unwrap();
+    disk.buf()[..BS].fill(0xc3);
+    assert_eq!(disk.write(0, BS), 0);
+    assert_eq!(disk.read(0, BS), 0);
+    assert_eq!(&disk.buf()[..BS], &vec![0xc3; BS][..]);
+    drop(disk);
+    drop(export);
+    reactors.shutdown().unwrap();
+}

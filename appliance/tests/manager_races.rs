@@ -1,0 +1,331 @@
+//! Operator calls racing each other and a volume that cannot quiesce,
+//! through the manager (what the gRPC API calls). A member that holds a
+//! chosen request until the test releases it makes each race exact. Each
+//! test is one of the findings of the transaction issue (the number in its
+//! comment).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::config::{Config, DeviceDecl, ExportDecl, VolumeDecl};
+use appliance::manager::{Manager, MgmtError};
+use bdev::{FaultControl, FaultDevice, IoOp};
+use common::Disk;
+use poller::{ReactorConfig, Reactors};
+
+const LONG: Duration = Duration::from_secs(30);
+
+struct Rig {
+    reactors: Reactors,
+    mgr: Arc<Manager>,
+    faults: Vec<(String, Arc<FaultControl>)>,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new(state: bool) -> Rig {
+        let reactors = Reactors::start(ReactorConfig {
+            count: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = state.then(|| dir.path().join("state.toml"));
+        let mgr = Arc::new(Manager::new(reactors.set(), state));
+        Rig {
+            reactors,
+            mgr,
+            faults: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Attach `name` with `spec`, wrapped in a fault injector.
+    fn attach(&mut self, name: &str, spec: &str) {
+        let mut control = None;
+        self.mgr
+            .attach_device_wrapped(
+                DeviceDecl {
+                    name: name.into(),
+                    spec: spec.into(),
+                    block_size: 4096,
+                },
+                |d| {
+                    let f = Arc::new(FaultDevice::new(d));
+                    control = Some(f.control());
+                    f
+                },
+            )
+            .unwrap();
+        self.faults.push((name.into(), control.unwrap()));
+    }
+
+    fn fault(&self, name: &str) -> Arc<FaultControl> {
+        self.faults
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.clone())
+            .unwrap()
+    }
+
+    fn export(&self, volume: &str) -> PathBuf {
+        let sock = self.dir.path().join(format!("{volume}.sock"));
+        self.mgr
+            .create_export(ExportDecl {
+                name: volume.into(),
+                volume: volume.into(),
+                socket: sock.clone(),
+                num_queues: 1,
+                read_only: false,
+                serial: String::new(),
+                queue_cores: vec![],
+            })
+            .unwrap();
+        sock
+    }
+
+    /// A flush through `sock` held by device `dev` until released: IO in
+    /// flight that no suspend can drain meanwhile.
+    fn stuck_flush(&self, sock: &Path, dev: &str) -> std::thread::JoinHandle<i32> {
+        let f = self.fault(dev);
+        f.hold(Some(IoOp::Flush), 0, 1, 1);
+        let sock = sock.to_path_buf();
+        let t = std::thread::spawn(move || Disk::connect(&sock).unwrap().flush());
+        assert!(f.wait_held(1, LONG));
+        t
+    }
+
+    fn state(&self) -> Config {
+        Config::load(&self.dir.path().join("state.toml")).unwrap()
+    }
+
+    fn stop(self) {
+        self.mgr.shutdown();
+        drop(self.mgr);
+        let _ = self.reactors.shutdown();
+    }
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < LONG, "never: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn settled(mgr: &Manager, v: &str) -> bool {
+    let v = mgr.get_volume(v).unwrap();
+    v.progress.as_ref().is_none_or(|p| p.finished) && v.pending_changes == 0
+}
+
+/// Finding 6: a setting that cannot be applied in time is not applied:
+/// memory and the state file agree.
+#[test]
+fn a_setting_that_hits_the_deadline_changes_neither_memory_nor_the_state_file() {
+    let mut rig = Rig::new(true);
+    rig.attach("d0", "ram:16M");
+    rig.attach("d1", "ram:16M");
+    rig.mgr.set_change_timeout(Duration::from_millis(200));
+    let mut decl = VolumeDecl::new("v", "raid1", &["d0", "d1"]);
+    decl.bitmap = true;
+    rig.mgr.create_volume(decl, true).unwrap();
+    let sock = rig.export("v");
+    let stuck = rig.stuck_flush(&sock, "d0");
+    let e = rig.mgr.set_serialize("v", true).unwrap_err();
+    assert!(matches!(e, MgmtError::DeadlineExceeded(_)), "{e:?}");
+    let e = rig.mgr.set_write_behind("v", 16).unwrap_err();
+    assert!(matches!(e, MgmtError::DeadlineExceeded(_)), "{e:?}");
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert!(!v.serialize && v.write_behind.0 == 0, "{v:?}");
+    let saved = &rig.state().volumes[0];
+    assert!(!saved.serialize && saved.write_behind == 0, "{saved:?}");
+    rig.fault("d0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    rig.mgr.set_serialize("v", true).unwrap();
+    rig.mgr.set_write_behind("v", 16).unwrap();
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert!(v.serialize && v.write_behind.0 == 16);
+    let saved = &rig.state().volumes[0];
+    assert!(saved.serialize && saved.write_behind == 16, "{saved:?}");
+    rig.stop();
+}
+
+/// Finding 9: a volume that cannot quiesce holds up its own change only:
+/// reads of every volume and changes of another answer meanwhile.
+#[test]
+fn a_stuck_volume_holds_up_nobody_else() {
+    let mut rig = Rig::new(true);
+    for d in ["a0", "a1", "b0", "b1", "b2"] {
+        rig.attach(d, "ram:16M");
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("a", "raid1", &["a0", "a1"]), true)
+        .unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("b", "raid1", &["b0", "b1"]), true)
+        .unwrap();
+    let sock = rig.export("a");
+    let stuck = rig.stuck_flush(&sock, "a0");
+    let mgr = rig.mgr.clone();
+    let change = std::thread::spawn(move || mgr.fail_member("a", "a1"));
+    eventually("a's change waits for its IO", || {
+        rig.mgr.get_volume("a").unwrap().quiescing
+    });
+    // Everything else answers while a's change waits.
+    assert_eq!(rig.mgr.list_volumes().len(), 2);
+    assert_eq!(rig.mgr.list_devices().len(), 5);
+    rig.mgr.add_spare("b", "b2").unwrap();
+    rig.mgr.fail_member("b", "b1").unwrap();
+    assert!(rig.mgr.health().problems.iter().any(|p| p.contains("b")));
+    assert!(!change.is_finished(), "a's change is still waiting");
+    rig.fault("a0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    change.join().unwrap().unwrap();
+    let a = rig.mgr.get_volume("a").unwrap();
+    assert_eq!(a.state, "degraded");
+    eventually("b is rebuilt", || settled(&rig.mgr, "b"));
+    assert_eq!(rig.mgr.get_volume("b").unwrap().state, "optimal");
+    rig.stop();
+}
+
+/// Finding 11: the device a running replacement copies to has that one
+/// role: it cannot become a spare too.
+#[test]
+fn a_replacement_device_cannot_also_be_a_spare() {
+    let mut rig = Rig::new(true);
+    for d in ["d0", "d1", "d2", "d3"] {
+        rig.attach(d, "ram:16M");
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    let data = common::pattern(11, 0, 1 << 20);
+    disk.buf()[..1 << 20].copy_from_slice(&data);
+    assert_eq!(disk.write(0, 1 << 20), 0);
+    // The copy to d3 is held at its first write: the replacement runs.
+    rig.fault("d3").hold(Some(IoOp::Write), 256, u64::MAX, 1);
+    rig.mgr.replace_member("v", "d0", "d3").unwrap();
+    assert!(rig.fault("d3").wait_held(1, LONG));
+    let e = rig.mgr.add_spare("v", "d3").unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MgmtError::AlreadyExists(_) | MgmtError::FailedPrecondition(_)
+        ),
+        "{e:?}"
+    );
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert!(v.spares.is_empty(), "{v:?}");
+    assert!(v.members.iter().all(|(d, _)| d != "d3"));
+    let d3 = rig
+        .mgr
+        .list_devices()
+        .into_iter()
+        .find(|d| d.decl.name == "d3")
+        .unwrap();
+    assert_eq!(d3.used_by, "replacement in v");
+    rig.fault("d3").release();
+    eventually("the replacement ends", || settled(&rig.mgr, "v"));
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert_eq!(v.state, "optimal");
+    assert_eq!(v.members[0].0, "d3");
+    rig.mgr.detach_device("d0").unwrap();
+    assert_eq!(disk.read(0, 1 << 20), 0);
+    assert_eq!(&disk.buf()[..1 << 20], &data[..]);
+    rig.mgr.start_scrub("v", false).unwrap();
+    eventually("the check ends", || settled(&rig.mgr, "v"));
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert_eq!(v.progress.unwrap().mismatches, 0);
+    drop(disk);
+    rig.stop();
+}
+
+/// Finding 12: a failed member's device belongs to the volume until it is
+/// removed (md's faulty), and comes back by being added as a spare (md's
+/// re-add).
+#[test]
+fn a_failed_member_is_held_until_removed_and_comes_back_as_a_spare() {
+    let mut rig = Rig::new(true);
+    for d in ["d0", "d1", "d2"] {
+        rig.attach(d, "ram:16M");
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]), true)
+        .unwrap();
+    rig.mgr.fail_member("v", "d1").unwrap();
+    let d1 = || {
+        rig.mgr
+            .list_devices()
+            .into_iter()
+            .find(|d| d.decl.name == "d1")
+            .unwrap()
+    };
+    assert_eq!(
+        (d1().used_by.as_str(), d1().health),
+        ("failed member of v", "failed")
+    );
+    let e = rig.mgr.detach_device("d1").unwrap_err();
+    assert!(e.to_string().contains("volume remove"), "{e}");
+    // Added back: it leaves its slot and is rebuilt into it.
+    rig.mgr.add_spare("v", "d1").unwrap();
+    eventually("d1 is rebuilt", || settled(&rig.mgr, "v"));
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert_eq!(v.state, "optimal", "{v:?}");
+    assert!(v.members.contains(&("d1".into(), "in_sync")));
+    // Failed and removed: out of the volume, and free.
+    rig.mgr.fail_member("v", "d2").unwrap();
+    let v = rig.mgr.remove_member("v", "d2").unwrap();
+    assert!(v.members.contains(&(String::new(), "removed")), "{v:?}");
+    assert_eq!(d1().used_by, "volume v");
+    rig.mgr.detach_device("d2").unwrap();
+    let saved = &rig.state().volumes[0];
+    assert_eq!(saved.members, vec!["d0".to_string(), "d1".into()]);
+    rig.stop();
+}
+
+/// Finding 13: spares of a volume on files come back as spares after a
+/// restart, a failed member that was added back as one included.
+#[test]
+fn file_spares_come_back_after_a_restart() {
+    let mut rig = Rig::new(true);
+    let files: Vec<String> = (0..4)
+        .map(|i| {
+            format!(
+                "file:{}:16M",
+                rig.dir.path().join(format!("f{i}")).display()
+            )
+        })
+        .collect();
+    for (i, f) in files.iter().enumerate() {
+        rig.attach(&format!("f{i}"), f);
+    }
+    let mut decl = VolumeDecl::new("v", "raid5", &["f0", "f1", "f2"]);
+    decl.spares = vec!["f3".into()];
+    rig.mgr.create_volume(decl, false).unwrap();
+    rig.mgr.fail_member("v", "f1").unwrap();
+    eventually("f3 takes the slot", || settled(&rig.mgr, "v"));
+    rig.mgr.add_spare("v", "f1").unwrap();
+    let before = rig.mgr.get_volume("v").unwrap();
+    assert_eq!(before.spares, vec!["f1".to_string()]);
+    let state = rig.dir.path().join("state.toml");
+    rig.mgr.shutdown();
+    let config = Config::load(&state).unwrap();
+    let mgr = Manager::new(rig.reactors.set(), Some(state.clone()));
+    mgr.restore(&config, false).unwrap();
+    let after = mgr.get_volume("v").unwrap();
+    assert_eq!(after.state, "optimal", "{after:?}");
+    assert_eq!(after.spares, vec!["f1".to_string()], "{after:?}");
+    assert_eq!(after.members, before.members);
+    // And a plain spare that never was a member.
+    mgr.fail_member("v", "f0").unwrap();
+    eventually("f1 takes the slot", || settled(&mgr, "v"));
+    mgr.shutdown();
+    drop(mgr);
+    let _ = rig.reactors.shutdown();
+}
