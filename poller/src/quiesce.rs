@@ -376,10 +376,16 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
     pub fn local(&self, ctx: &mut Ctx) -> Result<LocalGate<C>, QuiesceError> {
         let control = &self.shared.control;
         if let Some(any) = ctx.gate_map.get(&control.id) {
-            if let Ok(cell) = Rc::downcast::<GateCell<C>>(any.clone()) {
-                return Ok(LocalGate(cell));
+            let Ok(cell) = Rc::downcast::<GateCell<C>>(any.clone()) else {
+                return Err(QuiesceError::WrongType(control.name.clone()));
+            };
+            // Catch up with the object now: a resume this reactor has not
+            // looked at yet (a message can run before the reactor's gate
+            // pass in the same loop) would hand out the old generation.
+            if !cell.refresh(ctx) {
+                return Err(QuiesceError::NotFound(control.name.clone()));
             }
-            return Err(QuiesceError::WrongType(control.name.clone()));
+            return Ok(LocalGate(cell));
         }
         if control.removed.load(Ordering::SeqCst) {
             return Err(QuiesceError::NotFound(control.name.clone()));

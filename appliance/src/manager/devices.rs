@@ -107,6 +107,11 @@ impl Manager {
                 }
             })?,
         );
+        let wrapper = lock(&self.shared.wrapper).clone();
+        let dev = match wrapper {
+            Some(w) => w(dev),
+            None => dev,
+        };
         let view = DeviceView {
             num_blocks: dev.info().num_blocks,
             decl: decl.clone(),

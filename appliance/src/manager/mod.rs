@@ -407,7 +407,13 @@ struct Shared {
     closed: AtomicBool,
     /// How long a change waits for a volume's IO to drain.
     timeout: Mutex<Duration>,
+    /// Wraps every device attached (tests: fault injection that survives
+    /// a restore).
+    wrapper: Mutex<Option<DeviceWrapper>>,
 }
+
+/// What [`Manager::set_device_wrapper`] takes.
+pub type DeviceWrapper = Arc<dyn Fn(Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> + Send + Sync>;
 
 impl Shared {
     /// Save the state; a failure is logged and reported, the change stands
@@ -453,8 +459,16 @@ impl Manager {
                 quiet: Default::default(),
                 closed: Default::default(),
                 timeout: Mutex::new(QUIESCE_TIMEOUT),
+                wrapper: Mutex::new(None),
             }),
         }
+    }
+
+    /// Wrap every device attached from now on (the restore's included) in
+    /// what `wrap` returns: for tests that inject faults into a daemon's
+    /// devices across restarts.
+    pub fn set_device_wrapper(&self, wrap: DeviceWrapper) {
+        *lock(&self.shared.wrapper) = Some(wrap);
     }
 
     /// How long changes wait for a volume's IO to drain (30 s by default);

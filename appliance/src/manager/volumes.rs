@@ -451,6 +451,20 @@ impl Manager {
                 0
             },
         };
+        // Spares are blank until they take a slot: one that carries a
+        // superblock of ours is refused, like a member, unless forced.
+        for d in &spares {
+            if let Some(owner) = assembly::superblock_owner(d.as_ref()) {
+                if !force {
+                    return Err(MgmtError::FailedPrecondition(format!(
+                        "{} already belongs to volume {owner:?}; refusing to overwrite it without force (set force to overwrite)",
+                        d.info().name
+                    )));
+                }
+                assembly::erase_superblock(d.as_ref())
+                    .map_err(|e| MgmtError::Internal(e.to_string()))?;
+            }
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let (device, meta) =
             assembly::create(&spec, FailureSink::new(tx), force).map_err(|e| match e {
@@ -578,6 +592,18 @@ impl Manager {
             .cloned()
             .collect();
         let mut report = assembly::assemble(&ours, move |_| sink.clone());
+        // A declared device that holds another volume's superblock (a
+        // spare whose erase a crash interrupted) is left out, not a
+        // reason to refuse this one.
+        // (A problem names a device, or a volume as a whole.)
+        let devices: Vec<String> = ours.iter().map(|d| d.info().name.clone()).collect();
+        report.problems.retain(|(what, why)| {
+            let other = *what != decl.name && !devices.contains(what);
+            if other {
+                tracing::warn!(volume = decl.name, other = %what, reason = %why, "a device of another volume left out");
+            }
+            !other
+        });
         if !report.problems.is_empty() {
             let list: Vec<String> = report
                 .problems

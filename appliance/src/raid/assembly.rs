@@ -185,6 +185,38 @@ impl VolumeMeta {
     }
 }
 
+/// Erase `dev`'s superblock, if it carries one: a device that becomes a
+/// spare (or a replacement being copied to) is blank until it takes a
+/// slot, as md's --add writes its own metadata over what was there. So a
+/// restart finds it blank (a spare again), never a stale member of this or
+/// another volume.
+pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
+    match read_superblock(dev) {
+        Ok(Err(SuperblockError::Foreign)) => return Ok(()),
+        Err(reason) => {
+            return Err(AssemblyError::Io {
+                device: dev.info().name.clone(),
+                reason,
+            })
+        }
+        Ok(_) => {}
+    }
+    let mut zero = vec![0u8; SUPERBLOCK_BYTES];
+    sync_io(dev, IoOp::Write, &mut zero).map_err(|reason| AssemblyError::Io {
+        device: dev.info().name.clone(),
+        reason,
+    })
+}
+
+/// Whether `dev` carries a superblock of ours, and whose: a spare that
+/// does is refused (as a member is) unless the caller forces.
+pub fn superblock_owner(dev: &dyn BlockDevice) -> Option<String> {
+    match read_superblock(dev) {
+        Ok(Ok(sb)) => Some(sb.name),
+        _ => None,
+    }
+}
+
 /// Create a volume on `spec.members`, writing fresh superblocks. Members
 /// that already carry one of ours are refused unless `force`.
 pub fn create(

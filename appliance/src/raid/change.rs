@@ -189,6 +189,8 @@ pub(crate) struct Plan {
     pub new_uuid: Option<usize>,
     /// Devices flushed before the superblocks are written.
     pub flush_first: Vec<Arc<dyn BlockDevice>>,
+    /// Devices whose old superblock is erased (a new spare or replacement).
+    pub erase: Vec<Arc<dyn BlockDevice>>,
     /// The journal superblock to write (mode), before the publish.
     pub journal_super: Option<(Arc<Journal>, JournalMode)>,
     pub settings: Vec<Setting>,
@@ -379,6 +381,7 @@ pub(crate) fn plan(
                 .with_replacement(&name, slot, dev.clone(), rows.offset + rows.total)
                 .map_err(bdev_err)?;
             p.claims.push((dev.clone(), Role::Replacement, None));
+            p.erase.push(dev.clone());
             p.start = Some((
                 Job::Replace {
                     dev: device_id(&dev),
@@ -426,6 +429,7 @@ pub(crate) fn plan(
             let mut spares = s.spares.clone();
             spares.push(dev.clone());
             p.spares = Some(spares);
+            p.erase.push(dev.clone());
             if readd {
                 let slot = slot_of(cur.as_ref(), &dname).unwrap_or(0);
                 let mut ms = (*set.members).clone();

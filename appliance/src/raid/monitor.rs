@@ -165,6 +165,9 @@ pub struct MonitorState {
     pub(crate) checkpointer: Option<Checkpointer>,
     /// Recorded clean: no more changes.
     pub(crate) closed: bool,
+    /// The resync an unclean start began: until it has finished, the
+    /// volume is not clean, even at a clean stop.
+    pub(crate) resync: Option<Arc<RebuildProgress>>,
 }
 
 impl MonitorState {
@@ -518,6 +521,7 @@ impl Monitor {
             bitmap,
             checkpointer,
             closed: false,
+            resync: None,
         };
         let published = state.published();
         let inner = Arc::new(Inner {
@@ -827,9 +831,12 @@ impl Monitor {
         }
         let before = s.rebuild.clone();
         self.inner.apply(&mut s, Change::Scrub(true, bitmap))?;
-        Ok(s.rebuild
+        let started = s
+            .rebuild
             .clone()
-            .filter(|p| before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, p))))
+            .filter(|p| before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, p)));
+        s.resync = started.clone();
+        Ok(started)
     }
 
     /// Clean shutdown: stop background work and record "clean" in the
@@ -852,8 +859,12 @@ impl Monitor {
         // The bitmap thread ends first: nothing is written after "clean".
         s.bitmap = None;
         s.checkpointer = None;
-        // A cancelled resync leaves the volume dirty, as it is.
-        let resync_done = s.rebuild.as_ref().is_none_or(|p| p.error().is_none());
+        // A resync cut short leaves the volume dirty, as it is; any other
+        // background work stops at a row and leaves it clean.
+        let resync_done = s
+            .resync
+            .as_ref()
+            .is_none_or(|p| p.is_finished() && p.error().is_none());
         let mut rec = lock(&self.inner.meta);
         if let Some(r) = rec.as_mut() {
             r.meta

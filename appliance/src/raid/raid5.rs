@@ -1038,9 +1038,15 @@ impl Raid5Channel {
         if p.plan != Plan::NoParity {
             writes.push((parity, omin, omax));
         }
+        // The record covers every block the piece changes, the missing
+        // member's too (its new data lives on in parity): replay must know
+        // this write is newer than any write-back record of those blocks,
+        // or it would bring an older one back. Only the members are
+        // written.
+        let logged = writes.clone();
         writes.retain(|&(m, _, _)| Some(m) != failed && !gone[m]);
         if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
-            let entries: Vec<Entry> = writes
+            let entries: Vec<Entry> = logged
                 .iter()
                 .map(|&(m, lo, hi)| Entry {
                     member: m as u32,
@@ -1048,7 +1054,7 @@ impl Raid5Channel {
                     block: geo.member_block(stripe, lo),
                 })
                 .collect();
-            let data: Vec<&[u8]> = writes
+            let data: Vec<&[u8]> = logged
                 .iter()
                 .map(|&(m, lo, hi)| &p.bufs[m][buf_off(lo)..buf_off(hi)])
                 .collect();

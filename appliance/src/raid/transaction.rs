@@ -9,11 +9,13 @@
 //!    members in the background finish; on a deadline, nothing happened;
 //! 3. claim the device roles it needs and spawn its background work,
 //!    dormant; either refusing undoes the other;
-//! 4. persist: flush what must be durable first, write the superblocks,
-//!    the journal superblock, then the state file (the superblocks win at
-//!    a restart, so a crash in between is safe);
-//! 5. set what the IO path reads through shared flags, hand the bitmap its
-//!    new members, publish the generation, arm the background work;
+//! 4. persist: erase the old superblock of a device that becomes a spare,
+//!    flush what must be durable first, write the superblocks and the
+//!    journal superblock; set what the IO path reads through shared flags;
+//!    write the state file (the superblocks win at a restart, so a crash
+//!    in between is safe);
+//! 5. hand the bitmap its new members, publish the generation, arm the
+//!    background work;
 //! 6. resume; then start or stop the helper threads, settle the roles of
 //!    devices the change freed, publish the view for readers.
 //!
@@ -122,6 +124,15 @@ impl Inner {
         };
         // Persist. Anything refused from here leaves the claims undone and
         // the worker unarmed (it ends without a row).
+        for d in &plan.erase {
+            if let Err(e) = super::assembly::erase_superblock(d.as_ref()) {
+                undo(&claimed);
+                return Err(OpError::FailedPrecondition(format!(
+                    "{} cannot take the role: {e}",
+                    d.info().name
+                )));
+            }
+        }
         for d in &plan.flush_first {
             if let Err(e) = super::journal::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
                 undo(&claimed);

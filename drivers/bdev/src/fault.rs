@@ -58,6 +58,19 @@ impl FaultControl {
         self.pulled.store(true, Ordering::SeqCst);
     }
 
+    /// Whether the device is pulled.
+    pub fn is_pulled(&self) -> bool {
+        self.pulled.load(Ordering::SeqCst)
+    }
+
+    /// Whether a fault that fails requests is on (pulled, or failing
+    /// reads or writes of some range).
+    pub fn is_faulty(&self) -> bool {
+        let on =
+            |r: &(AtomicU64, AtomicU64)| r.0.load(Ordering::SeqCst) < r.1.load(Ordering::SeqCst);
+        self.is_pulled() || on(&self.read_fail) || on(&self.write_fail)
+    }
+
     /// Delay every completion by `latency`.
     pub fn set_latency(&self, latency: Duration) {
         self.latency_ns
