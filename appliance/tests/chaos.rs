@@ -706,7 +706,7 @@ fn operator_chaos_under_verified_io_loses_nothing() {
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("chaos: {steps} steps, CHAOS_SEED={seed}");
     let trace = std::env::var("CHAOS_TRACE").is_ok();
     if trace {
