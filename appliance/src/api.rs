@@ -112,6 +112,8 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         serialize_policy: v.serialize,
         write_behind: v.write_behind.0 as u32,
         writes_behind: v.write_behind.1,
+        suspended: v.suspended_whole,
+        pending_changes: v.pending_changes as u32,
         suspended_lo_bytes: v.suspended.map_or(0, |r| r.0),
         suspended_hi_bytes: v.suspended.map_or(0, |r| r.1),
         bitmap: v
@@ -479,6 +481,53 @@ impl pb::appliance_server::Appliance for Service {
         require("volume", &r.volume)?;
         self.run(move |m| m.resume_range(&r.volume).map(volume_to_pb))
             .await
+    }
+
+    async fn suspend_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        require("name", &r.name)?;
+        self.run(move |m| m.suspend_volume(&r.name).map(volume_to_pb))
+            .await
+    }
+
+    async fn resume_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        require("name", &r.name)?;
+        self.run(move |m| m.resume_volume(&r.name).map(volume_to_pb))
+            .await
+    }
+
+    async fn move_queue(
+        &self,
+        req: Request<pb::MoveQueueRequest>,
+    ) -> Result<Response<pb::Export>, Status> {
+        let r = req.into_inner();
+        require("export", &r.export)?;
+        let queue = u16::try_from(r.queue).map_err(|_| bad("queue", "is out of range"))?;
+        self.run(move |m| {
+            m.move_queue(&r.export, queue, r.core as usize)
+                .map(export_to_pb)
+        })
+        .await
+    }
+
+    async fn reload(
+        &self,
+        _req: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        self.run(move |m| {
+            m.reload_configured().map(|r| pb::ReloadResponse {
+                applied: r.applied,
+                refused: r.refused,
+            })
+        })
+        .await
     }
 
     async fn takeover(

@@ -104,6 +104,9 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     })
     .map_err(|e| format!("starting reactors: {e}"))?;
     let mgr = Arc::new(Manager::new(reactors.set(), opts.state_file.clone()));
+    // SIGHUP and the Reload call read the operator's file, or else the
+    // state file (edited by hand).
+    mgr.set_config_file(opts.config.clone().or_else(|| opts.state_file.clone()));
     if let Some((cfg, first)) = &initial {
         if let Err(e) = mgr.restore(cfg, *first) {
             mgr.shutdown_without_saving();
@@ -123,6 +126,14 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         },
         None => None,
     };
+    let reloader = match start_reloader(mgr.clone(), sampler_stop.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            mgr.shutdown();
+            let _ = reactors.shutdown();
+            return Err(e);
+        }
+    };
     let served = serve(
         mgr.clone(),
         &opts.api_socket,
@@ -135,9 +146,36 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     if let Some(t) = sampler {
         let _ = t.join();
     }
+    let _ = reloader.join();
     mgr.shutdown();
     let stopped = reactors.shutdown().map_err(|e| e.to_string());
     served.and(stopped)
+}
+
+/// A thread that reloads the configuration on each SIGHUP, until `stop`.
+fn start_reloader(
+    mgr: Arc<Manager>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if hup.swap(false, Ordering::SeqCst) {
+                    match mgr.reload_configured() {
+                        Ok(r) => {
+                            tracing::info!(applied = ?r.applied, refused = ?r.refused, "SIGHUP: configuration reloaded")
+                        }
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .map_err(|e| format!("starting the reload thread: {e}"))
 }
 
 /// Serve the API of `mgr` on the unix socket `socket` (and on TCP with TLS,

@@ -557,9 +557,18 @@ impl Lab {
                 self.clients[i].2.ctl.run();
                 "export-recreate"
             }
-            76..=78 => {
+            76..=77 => {
                 self.restart();
                 "restart"
+            }
+            78 => {
+                // A queue moves to the other reactor.
+                let i = self.rng.gen_range(0..self.clients.len());
+                let name = self.clients[i].0.clone();
+                let core = self.rng.gen_range(0..2);
+                let r = self.mgr.move_queue(&name, 0, core);
+                self.outcome("move-queue", r);
+                "move-queue"
             }
             79..=83 => {
                 // A member's device is pulled.

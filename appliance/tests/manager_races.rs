@@ -329,3 +329,160 @@ fn file_spares_come_back_after_a_restart() {
     drop(mgr);
     let _ = rig.reactors.shutdown();
 }
+
+/// A whole-volume suspend (dm's suspend) holds IO without failing it and
+/// stops background work between rows; changes still go through; resume
+/// lets everything go on.
+#[test]
+fn a_suspended_volume_holds_io_and_background_work_until_resumed() {
+    let mut rig = Rig::new(true);
+    for d in ["d0", "d1", "d2"] {
+        rig.attach(d, "ram:16M");
+    }
+    let mut decl = VolumeDecl::new("v", "raid1", &["d0", "d1"]);
+    decl.spares = vec!["d2".into()];
+    decl.max_rebuild_bytes_per_sec = 4 << 20;
+    rig.mgr.create_volume(decl, true).unwrap();
+    let sock = rig.export("v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    disk.buf()[..4096].fill(0x31);
+    assert_eq!(disk.write(0, 4096), 0);
+    // A rebuild runs (slowly) when the volume is suspended.
+    rig.mgr.fail_member("v", "d1").unwrap();
+    let v = rig.mgr.suspend_volume("v").unwrap();
+    assert!(v.suspended_whole && v.quiescing);
+    assert!(matches!(
+        rig.mgr.suspend_volume("v"),
+        Err(MgmtError::FailedPrecondition(_))
+    ));
+    let at = |mgr: &Manager| mgr.get_volume("v").unwrap().progress.unwrap().fraction;
+    let before = at(&rig.mgr);
+    // A write waits, without failing.
+    let writer = std::thread::spawn(move || {
+        disk.buf()[..4096].fill(0x32);
+        let r = disk.write(4096, 4096);
+        (r, disk)
+    });
+    // Changes still go through a suspended volume.
+    rig.mgr.set_rebuild_rate("v", 0, 8 << 20).unwrap();
+    assert!(!writer.is_finished(), "the write waits");
+    assert_eq!(at(&rig.mgr), before, "the rebuild stands still");
+    rig.mgr.resume_volume("v").unwrap();
+    let (r, mut disk) = writer.join().unwrap();
+    assert_eq!(r, 0);
+    rig.mgr.set_rebuild_rate("v", 0, 0).unwrap();
+    eventually("the rebuild ends", || settled(&rig.mgr, "v"));
+    assert_eq!(rig.mgr.get_volume("v").unwrap().state, "optimal");
+    assert_eq!(disk.read(0, 8192), 0);
+    assert!(disk.buf()[..4096].iter().all(|&b| b == 0x31));
+    assert!(disk.buf()[4096..8192].iter().all(|&b| b == 0x32));
+    drop(disk);
+    rig.stop();
+}
+
+/// A queue moves to another reactor under verified IO: nothing is lost or
+/// answered twice, and the state file keeps the new place.
+#[test]
+fn a_queue_moves_to_another_reactor_under_io() {
+    let mut rig = Rig::new(true);
+    rig.attach("d0", "ram:16M");
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["d0"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s2, stop2, done2) = (sock.clone(), stop.clone(), done.clone());
+    let io = std::thread::spawn(move || {
+        let mut d = Disk::connect(&s2).unwrap();
+        let mut n = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            done2.store(n, std::sync::atomic::Ordering::SeqCst);
+            let off = (n % 256) * 4096;
+            let data = common::pattern(n, off, 4096);
+            d.buf()[..4096].copy_from_slice(&data);
+            assert_eq!(d.write(off, 4096), 0);
+            assert_eq!(d.read(off, 4096), 0);
+            assert_eq!(&d.buf()[..4096], &data[..], "request {n}");
+            n += 1;
+        }
+        n
+    });
+    for core in [1usize, 0, 1] {
+        // Each move lands in the middle of the client's requests.
+        let at = done.load(std::sync::atomic::Ordering::SeqCst);
+        eventually("the client goes on", || {
+            done.load(std::sync::atomic::Ordering::SeqCst) >= at + 50
+        });
+        let e = rig.mgr.move_queue("v", 0, core).unwrap();
+        assert_eq!(e.decl.queue_cores, vec![core]);
+    }
+    assert!(matches!(
+        rig.mgr.move_queue("v", 1, 0),
+        Err(MgmtError::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        rig.mgr.move_queue("v", 0, 7),
+        Err(MgmtError::InvalidArgument { .. })
+    ));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(io.join().unwrap() > 0);
+    assert_eq!(rig.state().exports[0].queue_cores, vec![1]);
+    rig.stop();
+}
+
+/// A reload applies what changed in the configuration file, each change
+/// by its own call, and lists what cannot change in place.
+#[test]
+fn a_reload_applies_the_difference_to_the_file() {
+    let mut rig = Rig::new(true);
+    for d in ["d0", "d1", "d2"] {
+        rig.attach(d, "ram:16M");
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "raid1", &["d0", "d1"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    disk.buf()[..4096].fill(0x41);
+    assert_eq!(disk.write(0, 4096), 0);
+    // The file: a new device and volume, a spare and a setting for v, v's
+    // queue on reactor 1, and a level change that cannot be made.
+    let mut config = rig.state();
+    config.devices.push(DeviceDecl {
+        name: "d3".into(),
+        spec: "ram:16M".into(),
+        block_size: 4096,
+    });
+    config.volumes.push(VolumeDecl::new("w", "single", &["d3"]));
+    let v = config.volumes.iter_mut().find(|v| v.name == "v").unwrap();
+    v.spares = vec!["d2".into()];
+    v.serialize = true;
+    config.exports[0].queue_cores = vec![1];
+    let path = rig.dir.path().join("edited.toml");
+    config.save(&path).unwrap();
+    let rep = rig.mgr.reload_file(&path).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    assert_eq!(rep.applied.len(), 5, "{rep:?}");
+    let v = rig.mgr.get_volume("v").unwrap();
+    assert_eq!(v.spares, vec!["d2".to_string()]);
+    assert!(v.serialize);
+    assert_eq!(rig.mgr.list_exports()[0].decl.queue_cores, vec![1]);
+    assert!(rig.mgr.get_volume("w").is_ok());
+    // Again: nothing to do. Then what cannot change in place.
+    assert_eq!(rig.mgr.reload_file(&path).unwrap(), Default::default());
+    let mut config = rig.state();
+    config
+        .volumes
+        .iter_mut()
+        .find(|v| v.name == "v")
+        .unwrap()
+        .level = "raid5".into();
+    config.save(&path).unwrap();
+    let rep = rig.mgr.reload_file(&path).unwrap();
+    assert!(rep.applied.is_empty() && rep.refused.len() == 1, "{rep:?}");
+    assert_eq!(disk.read(0, 4096), 0);
+    assert!(disk.buf()[..4096].iter().all(|&b| b == 0x41));
+    drop(disk);
+    rig.stop();
+}

@@ -70,6 +70,9 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 struct Running {
     core: usize,
     shared: Arc<QueueShared>,
+    /// A second handle of the kick eventfd the runner owns, to start the
+    /// queue again elsewhere (`move_queue`).
+    kick: Option<File>,
 }
 
 #[derive(Default)]
@@ -184,7 +187,8 @@ impl Handler {
         let shared = Arc::new(QueueShared::default());
         shared.set_call(v.call.clone());
         let kick = v.kick.take().ok_or_else(|| invalid("no kick fd"))?;
-        let core = export.options.queue_core(index as usize, cores);
+        let kick_again = kick.try_clone().ok();
+        let core = export.queue_core(index as usize) % cores;
         let setup = QueueSetup {
             index: index as u16,
             queue: q,
@@ -201,9 +205,36 @@ impl Handler {
             .call(core, STOP_TIMEOUT, move |ctx| queue::start(ctx, setup))
             .map_err(|e| invalid(&e))?;
         started.map_err(|e| invalid(&format!("starting vring {index}: {e}")))?;
-        self.vring(index)?.running = Some(Running { core, shared });
+        self.vring(index)?.running = Some(Running {
+            core,
+            shared,
+            kick: kick_again,
+        });
         tracing::debug!(vring = index, core, "vring started");
         Ok(())
+    }
+
+    /// Run queue `index` on reactor `core` from now on: stop it (its
+    /// requests in flight drain), record the core, start it there again
+    /// from where it stopped.
+    pub fn move_queue(&mut self, index: u32, core: usize) -> VuResult<()> {
+        let running = self.vring(index)?.running.is_some();
+        if !running {
+            self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = core;
+            return Ok(());
+        }
+        let kick = self
+            .vring(index)?
+            .running
+            .as_mut()
+            .and_then(|r| r.kick.take());
+        self.stop(index)?;
+        self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = core;
+        let v = self.vring(index)?;
+        if v.kick.is_none() {
+            v.kick = kick;
+        }
+        self.try_start(index)
     }
 
     fn stop(&mut self, index: u32) -> VuResult<()> {

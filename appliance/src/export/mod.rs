@@ -117,6 +117,25 @@ pub struct ExportShared {
     notifying: Mutex<()>,
     /// Per queue index; they outlive connections, so counts accumulate.
     stats: Vec<Arc<stats::IoStats>>,
+    /// The reactor of each queue (moved at runtime by `move_queue`).
+    cores: Mutex<Vec<usize>>,
+    /// The current connection's protocol handler, for a change made from
+    /// the API while it is connected.
+    handler: Mutex<Option<std::sync::Weak<Mutex<Handler>>>>,
+    /// A queue was moved at runtime: its reactor is the operator's choice.
+    moved: AtomicBool,
+}
+
+impl ExportShared {
+    /// The reactor queue `index` runs on.
+    pub(crate) fn queue_core(&self, index: usize) -> usize {
+        self.cores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(index)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// Tells an export's frontend that the configuration space changed.
@@ -278,6 +297,7 @@ impl Export {
             })?;
         let name = format!("export:{}", opts.socket.display());
         let opts_queues = opts.num_queues as usize;
+        let opts_cores = opts.clone();
         let shared = Arc::new(ExportShared {
             limits: Arc::new(limits_for(volume, &opts)),
             memory: QuiesceObject::new(set, format!("{name}/memory"), GuestMemoryMmap::new()),
@@ -290,6 +310,13 @@ impl Export {
             stats: (0..opts_queues)
                 .map(|_| Arc::new(stats::IoStats::default()))
                 .collect(),
+            cores: Mutex::new(
+                (0..opts_queues)
+                    .map(|q| opts_cores.queue_core(q, set.len()))
+                    .collect(),
+            ),
+            handler: Mutex::new(None),
+            moved: AtomicBool::new(false),
         });
         let shutdown = Arc::new(eventfd()?);
         let (s2, sd2, set2) = (shared.clone(), shutdown.clone(), set.clone());
@@ -353,6 +380,60 @@ impl Export {
             name: self.name.clone(),
             shared: self.shared.clone(),
         }
+    }
+
+    /// Whether a queue was moved at runtime.
+    pub fn queues_moved(&self) -> bool {
+        self.shared.moved.load(Ordering::SeqCst)
+    }
+
+    /// The reactor each queue runs on.
+    pub fn queue_cores(&self) -> Vec<usize> {
+        self.shared
+            .cores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Move queue `queue` to reactor `core` (of `reactors`), as one
+    /// change: a running queue stops taking requests and drains the ones
+    /// in flight (its quiesce), the core changes, and it starts again on
+    /// the new reactor from where it stopped; a queue not running yet
+    /// starts there when the frontend starts it. Nothing is lost or
+    /// answered twice: the ring position carries over.
+    pub fn move_queue(&self, queue: u16, core: usize, reactors: usize) -> Result<(), ExportError> {
+        let n = self.shared.options.num_queues;
+        if queue >= n {
+            return Err(ExportError::InvalidArgument {
+                field: "queue",
+                reason: format!("the export has queues 0..{n}"),
+            });
+        }
+        if core >= reactors {
+            return Err(ExportError::InvalidArgument {
+                field: "core",
+                reason: format!("reactor {core} does not exist (reactors 0..{reactors})"),
+            });
+        }
+        let handler = self
+            .shared
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|w| w.upgrade());
+        self.shared.moved.store(true, Ordering::SeqCst);
+        let Some(handler) = handler.filter(|_| self.is_connected()) else {
+            self.shared.cores.lock().unwrap_or_else(|e| e.into_inner())[queue as usize] = core;
+            return Ok(());
+        };
+        let mut h = handler.lock().unwrap_or_else(|e| e.into_inner());
+        h.move_queue(queue as u32, core)
+            .map_err(|e| ExportError::InvalidArgument {
+                field: "queue",
+                reason: format!("moving queue {queue}: {e}"),
+            })
     }
 
     /// Delete the export. With a frontend connected this is refused unless
@@ -469,6 +550,7 @@ fn serve(
         shared.connections.fetch_add(1, Ordering::SeqCst);
         tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
         let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
+        *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
         let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         let stop = loop {
             if wait_readable(conn.as_raw_fd(), shutdown.as_raw_fd()) {

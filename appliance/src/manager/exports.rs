@@ -86,13 +86,38 @@ impl Manager {
         Ok(view)
     }
 
+    /// Move queue `queue` of an export to reactor `core` at runtime (its
+    /// requests in flight drain, it goes on from where it stopped); kept
+    /// in the state file.
+    pub fn move_queue(&self, name: &str, queue: u16, core: usize) -> Result<ExportView, MgmtError> {
+        check_name("name", name)?;
+        self.check_open()?;
+        let e = self
+            .inv()
+            .exports
+            .get(name)
+            .cloned()
+            .ok_or_else(|| MgmtError::NotFound(format!("export {name} does not exist")))?;
+        let reactors = self.shared.set.len();
+        e.export
+            .move_queue(queue, core, reactors)
+            .map_err(from_export)?;
+        let view = ExportView {
+            decl: e.decl(),
+            connected: e.export.is_connected(),
+            connections: e.export.connections(),
+        };
+        self.save()?;
+        Ok(view)
+    }
+
     /// Every export.
     pub fn list_exports(&self) -> Vec<ExportView> {
         self.inv()
             .exports
             .values()
             .map(|e| ExportView {
-                decl: e.decl.clone(),
+                decl: e.decl(),
                 connected: e.export.is_connected(),
                 connections: e.export.connections(),
             })

@@ -14,6 +14,7 @@
 mod changes;
 mod devices;
 mod exports;
+mod reload;
 mod roles;
 mod volumes;
 
@@ -32,6 +33,7 @@ use crate::raid::members::MemberState;
 use crate::raid::monitor::{Monitor, OpError};
 use crate::volume::Volume;
 
+pub use reload::ReloadReport;
 pub use roles::RoleBook;
 
 /// How long a change waits for a volume's IO to drain, by default.
@@ -353,6 +355,21 @@ struct Exp {
     export: Export,
 }
 
+impl Exp {
+    /// Its declaration as it runs: once a queue was moved at runtime,
+    /// every queue's reactor as it is now.
+    fn decl(&self) -> ExportDecl {
+        ExportDecl {
+            queue_cores: if self.export.queues_moved() {
+                self.export.queue_cores()
+            } else {
+                self.decl.queue_cores.clone()
+            },
+            ..self.decl.clone()
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inventory {
     devices: BTreeMap<String, Dev>,
@@ -386,7 +403,7 @@ impl Inventory {
                 .values()
                 .map(|v| lock(&v.decl).clone())
                 .collect(),
-            exports: self.exports.values().map(|e| e.decl.clone()).collect(),
+            exports: self.exports.values().map(|e| e.decl()).collect(),
         }
     }
 }
@@ -410,6 +427,8 @@ struct Shared {
     /// Wraps every device attached (tests: fault injection that survives
     /// a restore).
     wrapper: Mutex<Option<DeviceWrapper>>,
+    /// What a reload reads.
+    config_file: Mutex<Option<PathBuf>>,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -460,6 +479,7 @@ impl Manager {
                 closed: Default::default(),
                 timeout: Mutex::new(QUIESCE_TIMEOUT),
                 wrapper: Mutex::new(None),
+                config_file: Mutex::new(None),
             }),
         }
     }

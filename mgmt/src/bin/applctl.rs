@@ -71,6 +71,9 @@ enum Command {
     /// vhost-user-blk exports.
     #[command(subcommand)]
     Export(ExportCmd),
+    /// Bring the daemon to what its configuration file says (as SIGHUP
+    /// does), and list what changed and what could not.
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -294,6 +297,19 @@ enum VolumeCmd {
         /// The volume.
         name: String,
     },
+    /// Suspend a volume as a whole (dm's suspend): when it returns, no IO
+    /// of it is in flight and new IO waits until resume.
+    ///
+    /// Example: applctl volume suspend vol0 && snapshot-the-disks && applctl volume resume vol0
+    Suspend {
+        /// The volume.
+        name: String,
+    },
+    /// Resume a volume suspend held.
+    Resume {
+        /// The volume.
+        name: String,
+    },
     /// Change a two-member volume's level online (md's takeover): a RAID1
     /// of two becomes a RAID5 of two, or back; nothing on the members moves.
     ///
@@ -401,6 +417,20 @@ enum ExportCmd {
         /// Disconnect a connected VM.
         #[arg(long)]
         force: bool,
+    },
+    /// Move a queue to another reactor at runtime (its requests in flight
+    /// drain; it goes on where it stopped).
+    ///
+    /// Example: applctl export move-queue vm1 --queue 1 --core 0
+    MoveQueue {
+        /// The export.
+        name: String,
+        /// The queue.
+        #[arg(long)]
+        queue: u32,
+        /// The reactor.
+        #[arg(long)]
+        core: u32,
     },
 }
 
@@ -523,6 +553,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Device(cmd) => device(&mut c, json, cmd).await,
         Command::Volume(cmd) => volume(&mut c, json, cmd).await,
         Command::Export(cmd) => export(&mut c, json, cmd).await,
+        Command::Reload => {
+            let r = c.reload(pb::ReloadRequest {}).await?.into_inner();
+            out(json, &r, || {
+                let mut s = String::new();
+                for a in &r.applied {
+                    s += &format!("applied: {a}\n");
+                }
+                for a in &r.refused {
+                    s += &format!("refused: {a}\n");
+                }
+                if s.is_empty() {
+                    s = "nothing to change\n".into();
+                }
+                s
+            })?;
+            if r.refused.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure(5, format!("{} change(s) refused", r.refused.len())))
+            }
+        }
     }
 }
 
@@ -715,6 +766,8 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             c.resume_range(pb::ResumeRangeRequest { volume: name })
                 .await?
         }
+        VolumeCmd::Suspend { name } => c.suspend_volume(pb::GetVolumeRequest { name }).await?,
+        VolumeCmd::Resume { name } => c.resume_volume(pb::GetVolumeRequest { name }).await?,
         VolumeCmd::Takeover {
             name,
             level,
@@ -873,6 +926,17 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
                 .await?
                 .into_inner();
             out(json, &l, || exports(&l.exports))
+        }
+        ExportCmd::MoveQueue { name, queue, core } => {
+            let e = c
+                .move_queue(pb::MoveQueueRequest {
+                    export: name,
+                    queue,
+                    core,
+                })
+                .await?
+                .into_inner();
+            out(json, &e, || exports(std::slice::from_ref(&e)))
         }
         ExportCmd::Delete { name, force } => {
             c.delete_export(pb::DeleteExportRequest {
@@ -1035,6 +1099,15 @@ fn describe(v: &pb::Volume) -> String {
     }
     if v.serialize_policy {
         s += "  serialize policy: on (overlapping writes reach the mirrors in turn)\n";
+    }
+    if v.suspended {
+        s += "  SUSPENDED: IO waits until `volume resume`\n";
+    }
+    if v.pending_changes > 0 {
+        s += &format!(
+            "  {} change(s) waiting for the volume's IO to drain (tried again)\n",
+            v.pending_changes
+        );
     }
     if v.suspended_hi_bytes > 0 {
         s += &format!(

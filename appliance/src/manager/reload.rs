@@ -1,0 +1,241 @@
+//! Reload: bring the running setup to what a configuration file says, by
+//! the same calls an operator would make (so each change is its own
+//! transaction, refused or made whole), in an order that never takes
+//! something away that another part still uses: exports go first, then
+//! volumes, then devices; new devices come first, then volumes, settings
+//! and exports. What cannot be changed in place (a volume's members or
+//! level, an export's socket while a frontend is connected) is reported,
+//! not forced.
+
+use crate::config::{Config, ExportDecl, VolumeDecl};
+use crate::raid::journal::JournalMode;
+
+use super::{lock, Manager, MgmtError};
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changes made, in order, as an operator reads them.
+    pub applied: Vec<String>,
+    /// Changes the file asks for that were refused or cannot be made in
+    /// place, with the reason.
+    pub refused: Vec<String>,
+}
+
+impl ReloadReport {
+    fn did(&mut self, what: String, r: Result<(), MgmtError>) {
+        match r {
+            Ok(()) => self.applied.push(what),
+            Err(e) => self.refused.push(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// Whether two export declarations serve the same thing the same way
+/// (the queues' reactors may differ: those move in place).
+fn same_export(a: &ExportDecl, b: &ExportDecl) -> bool {
+    a.volume == b.volume
+        && a.socket == b.socket
+        && a.num_queues.max(1) == b.num_queues.max(1)
+        && a.read_only == b.read_only
+        && (b.serial.is_empty() || a.serial == b.serial)
+}
+
+impl Manager {
+    /// Reload the file the daemon was configured from (see
+    /// [`set_config_file`](Self::set_config_file)).
+    pub fn reload_configured(&self) -> Result<ReloadReport, MgmtError> {
+        let path = lock(&self.shared.config_file).clone().ok_or_else(|| {
+            MgmtError::FailedPrecondition(
+                "the daemon has no configuration file to reload (start it with --config or --state)"
+                    .into(),
+            )
+        })?;
+        self.reload_file(&path)
+    }
+
+    /// The file [`reload_configured`](Self::reload_configured) reads.
+    pub fn set_config_file(&self, path: Option<std::path::PathBuf>) {
+        *lock(&self.shared.config_file) = path;
+    }
+
+    /// Read `path` and [`reload`](Self::reload) it.
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<ReloadReport, MgmtError> {
+        let config = Config::load(path).map_err(|e| MgmtError::InvalidArgument {
+            field: "config",
+            reason: e.to_string(),
+        })?;
+        Ok(self.reload(&config))
+    }
+
+    /// Apply the difference between the running setup and `config`.
+    pub fn reload(&self, config: &Config) -> ReloadReport {
+        let mut rep = ReloadReport::default();
+        let (devices, volumes, exports) = {
+            let inv = self.inv();
+            (
+                inv.devices
+                    .values()
+                    .map(|d| d.decl.clone())
+                    .collect::<Vec<_>>(),
+                inv.volumes
+                    .values()
+                    .map(|v| lock(&v.decl).clone())
+                    .collect::<Vec<_>>(),
+                inv.exports
+                    .values()
+                    .map(|e| (e.decl.clone(), e.export.queue_cores()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let wanted_export = |name: &str| config.exports.iter().find(|e| e.name == name);
+        // Exports that go, or must be made again.
+        for (e, _) in &exports {
+            if wanted_export(&e.name).is_none_or(|w| !same_export(e, w)) {
+                let r = self.delete_export(&e.name, false);
+                rep.did(format!("delete export {}", e.name), r);
+            }
+        }
+        // Volumes that go.
+        for v in &volumes {
+            if !config.volumes.iter().any(|w| w.name == v.name) {
+                let r = self.delete_volume(&v.name);
+                rep.did(format!("delete volume {}", v.name), r);
+            }
+        }
+        // Devices that go, and devices that come.
+        for d in &devices {
+            match config.devices.iter().find(|w| w.name == d.name) {
+                None => {
+                    let r = self.detach_device(&d.name);
+                    rep.did(format!("detach device {}", d.name), r);
+                }
+                Some(w) if w.spec != d.spec || w.block_size.max(512) != d.block_size.max(512) => {
+                    rep.refused.push(format!(
+                        "device {}: attached as {}, the file says {}: detach and attach it to change that",
+                        d.name, d.spec, w.spec
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        for w in &config.devices {
+            if !devices.iter().any(|d| d.name == w.name) {
+                let r = self.attach_device(w.clone()).map(|_| ());
+                rep.did(format!("attach device {}", w.name), r);
+            }
+        }
+        // Volumes that come, and settings of those that stay.
+        for w in &config.volumes {
+            match volumes.iter().find(|v| v.name == w.name) {
+                None => {
+                    let r = self.restore_volume(w, true);
+                    rep.did(format!("create volume {}", w.name), r);
+                }
+                Some(v) => self.reload_volume(v, w, &mut rep),
+            }
+        }
+        // Exports that come back or are new; queues that move.
+        for w in &config.exports {
+            let running = self
+                .inv()
+                .exports
+                .get(&w.name)
+                .map(|e| (e.decl.clone(), e.export.queue_cores()));
+            match running {
+                None => {
+                    let r = self.create_export(w.clone()).map(|_| ());
+                    rep.did(format!("create export {}", w.name), r);
+                }
+                Some((_, cores)) => {
+                    for (q, &core) in w.queue_cores.iter().enumerate() {
+                        if q < cores.len() && cores[q] != core {
+                            let r = self.move_queue(&w.name, q as u16, core).map(|_| ());
+                            rep.did(
+                                format!("move queue {q} of export {} to reactor {core}", w.name),
+                                r,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if !rep.applied.is_empty() {
+            tracing::info!(applied = ?rep.applied, refused = ?rep.refused, "reloaded the configuration");
+        }
+        rep
+    }
+
+    /// The settings of a running volume `v` that `w` changes.
+    fn reload_volume(&self, v: &VolumeDecl, w: &VolumeDecl, rep: &mut ReloadReport) {
+        let name = &v.name;
+        if w.level != v.level || w.members != v.members {
+            rep.refused.push(format!(
+                "volume {name}: its level or members differ from the file ({} {:?} running); those change by fail, replace and takeover",
+                v.level, v.members
+            ));
+        }
+        if v.level == "single" {
+            return;
+        }
+        for s in &w.spares {
+            if !v.spares.contains(s) {
+                let r = self.add_spare(name, s).map(|_| ());
+                rep.did(format!("add spare {s} to {name}"), r);
+            }
+        }
+        for s in &v.spares {
+            if !w.spares.contains(s) {
+                let r = self.remove_spare(name, s).map(|_| ());
+                rep.did(format!("remove spare {s} from {name}"), r);
+            }
+        }
+        let mode = |m: &str| JournalMode::parse(m).unwrap_or(JournalMode::WriteThrough);
+        match (&v.journal, &w.journal) {
+            (Some(_), None) => {
+                let r = self.remove_journal(name).map(|_| ());
+                rep.did(format!("remove the journal of {name}"), r);
+            }
+            (None, Some(j)) => {
+                let r = self.add_journal(name, j, &w.journal_mode).map(|_| ());
+                rep.did(format!("add journal {j} to {name}"), r);
+            }
+            (Some(a), Some(b)) if a != b => rep.refused.push(format!(
+                "volume {name}: journal {a} running, {b} in the file: remove the journal first"
+            )),
+            (Some(_), Some(_)) if mode(&v.journal_mode) != mode(&w.journal_mode) => {
+                let r = self
+                    .set_journal_mode(name, mode(&w.journal_mode).name())
+                    .map(|_| ());
+                rep.did(format!("journal mode of {name}"), r);
+            }
+            _ => {}
+        }
+        if w.bitmap != v.bitmap {
+            let r = self
+                .set_bitmap(name, w.bitmap, w.bitmap_chunk_kib)
+                .map(|_| ());
+            rep.did(format!("bitmap of {name}"), r);
+        }
+        if w.serialize != v.serialize {
+            let r = self.set_serialize(name, w.serialize).map(|_| ());
+            rep.did(format!("serialize policy of {name}"), r);
+        }
+        if w.write_behind != v.write_behind {
+            let r = self.set_write_behind(name, w.write_behind).map(|_| ());
+            rep.did(format!("write-behind of {name}"), r);
+        }
+        if (w.min_rebuild_bytes_per_sec, w.max_rebuild_bytes_per_sec)
+            != (v.min_rebuild_bytes_per_sec, v.max_rebuild_bytes_per_sec)
+        {
+            let r = self
+                .set_rebuild_rate(
+                    name,
+                    w.min_rebuild_bytes_per_sec,
+                    w.max_rebuild_bytes_per_sec,
+                )
+                .map(|_| ());
+            rep.did(format!("rebuild rate of {name}"), r);
+        }
+    }
+}
