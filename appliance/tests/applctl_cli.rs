@@ -677,3 +677,74 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }
+
+/// The new change paths from the command line: a whole-volume suspend
+/// and resume, a queue moved to another reactor, and a reload by SIGHUP
+/// and by `applctl reload` after the configuration file changed.
+#[test]
+fn suspend_move_queue_and_reload_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _sock) = raid5_config(dir.path(), 4, "16M", "");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
+    let show = |api: &Path| ok(&applctl(api, &["volume", "show", "vol0"]));
+    ok(&applctl(&api, &["volume", "suspend", "vol0"]));
+    assert!(show(&api).contains("SUSPENDED"), "{}", show(&api));
+    assert_eq!(
+        applctl(&api, &["volume", "suspend", "vol0"]).status.code(),
+        Some(5)
+    );
+    ok(&applctl(&api, &["volume", "resume", "vol0"]));
+    assert!(!show(&api).contains("SUSPENDED"));
+    let out = ok(&applctl(
+        &api,
+        &[
+            "--json",
+            "export",
+            "move-queue",
+            "vm",
+            "--queue",
+            "0",
+            "--core",
+            "1",
+        ],
+    ));
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["queue_cores"], serde_json::json!([1]), "{out}");
+    assert_eq!(
+        applctl(
+            &api,
+            &["export", "move-queue", "vm", "--queue", "3", "--core", "0"]
+        )
+        .status
+        .code(),
+        Some(2)
+    );
+    // The file gains a spare: SIGHUP applies it.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        "members = [\"d0\", \"d1\", \"d2\"]",
+        "members = [\"d0\", \"d1\", \"d2\"]\nspares = [\"d3\"]",
+    );
+    std::fs::write(&config, text).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    let t = Instant::now();
+    while !show(&api).contains("spares: d3") {
+        assert!(t.elapsed() < Duration::from_secs(30), "SIGHUP did nothing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The queue's move is not in the file: the reload moved it back.
+    let out = ok(&applctl(&api, &["--json", "export", "list"]));
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        l["exports"][0]["queue_cores"],
+        serde_json::json!([0]),
+        "{out}"
+    );
+    assert_eq!(ok(&applctl(&api, &["reload"])), "nothing to change\n");
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}

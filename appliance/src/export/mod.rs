@@ -61,6 +61,13 @@ impl ExportOptions {
         }
     }
 
+    /// The reactor of each queue as these options place them, of `cores`.
+    pub fn placement(&self, cores: usize) -> Vec<usize> {
+        (0..self.num_queues as usize)
+            .map(|q| self.queue_core(q, cores))
+            .collect()
+    }
+
     fn queue_core(&self, queue: usize, cores: usize) -> usize {
         if self.queue_cores.is_empty() {
             queue % cores

@@ -148,7 +148,12 @@ impl Manager {
                     rep.did(format!("create export {}", w.name), r);
                 }
                 Some((_, cores)) => {
-                    for (q, &core) in w.queue_cores.iter().enumerate() {
+                    let wanted = crate::export::ExportOptions {
+                        queue_cores: w.queue_cores.clone(),
+                        ..crate::export::ExportOptions::new(w.socket.clone(), w.num_queues.max(1))
+                    }
+                    .placement(self.shared.set.len());
+                    for (q, &core) in wanted.iter().enumerate() {
                         if q < cores.len() && cores[q] != core {
                             let r = self.move_queue(&w.name, q as u16, core).map(|_| ());
                             rep.did(
