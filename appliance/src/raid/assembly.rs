@@ -92,9 +92,9 @@ pub enum AssemblyError {
 
 /// Superblock IO at block 0; a write is followed by a flush.
 fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), String> {
-    super::journal::sync(dev, op, 0, buf)?;
+    super::metaio::sync(dev, op, 0, buf)?;
     if op == IoOp::Write {
-        super::journal::sync(dev, IoOp::Flush, 0, &mut [])?;
+        super::metaio::sync(dev, IoOp::Flush, 0, &mut [])?;
     }
     Ok(())
 }

@@ -334,8 +334,8 @@ impl Bitmap {
         let mut errors = Vec::new();
         for dev in members {
             let mut buf = block.clone();
-            let res = super::journal::sync(dev.as_ref(), IoOp::Write, self.first_block(), &mut buf)
-                .and_then(|_| super::journal::sync(dev.as_ref(), IoOp::Flush, 0, &mut []));
+            let res = super::metaio::sync(dev.as_ref(), IoOp::Write, self.first_block(), &mut buf)
+                .and_then(|_| super::metaio::sync(dev.as_ref(), IoOp::Flush, 0, &mut []));
             match res {
                 Ok(()) => ok += 1,
                 Err(e) => errors.push(e),
@@ -352,7 +352,7 @@ impl Bitmap {
         let mut problems = Vec::new();
         for dev in members {
             let mut buf = vec![0u8; BYTES];
-            let res = super::journal::sync(dev.as_ref(), IoOp::Read, self.first_block(), &mut buf)
+            let res = super::metaio::sync(dev.as_ref(), IoOp::Read, self.first_block(), &mut buf)
                 .and_then(|_| self.decode(&buf));
             match res {
                 Ok(bits) => {
@@ -429,7 +429,7 @@ impl Bitmap {
         let members = self.members();
         // The quiet regions' writes must be durable before their bits go.
         for dev in &members {
-            if let Err(e) = super::journal::sync(dev.as_ref(), IoOp::Flush, 0, &mut []) {
+            if let Err(e) = super::metaio::sync(dev.as_ref(), IoOp::Flush, 0, &mut []) {
                 tracing::warn!(error = %e, "write-intent bitmap: member flush failed; bits kept");
                 for (d, w) in self.ondisk.iter().zip(&cleared) {
                     d.fetch_or(*w, Ordering::SeqCst);

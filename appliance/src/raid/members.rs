@@ -15,7 +15,7 @@ use bdev::{
     BdevError, BlockDevice, Completion, IoChannel, IoError, IoOp, IoRequest, SgList, SubmitError,
 };
 
-use super::raid5::StripeLocks;
+use super::locks::StripeLocks;
 
 /// A member's role in the volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

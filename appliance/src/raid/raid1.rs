@@ -14,8 +14,8 @@ use bdev::{
 };
 
 use super::level::RaidDevice;
+use super::locks::StripeLocks;
 use super::members::{FailureSink, Member, MemberSet, MemberState};
-use super::raid5::StripeLocks;
 use super::rebuild::Rows;
 
 /// Blocks per rebuild region (the unit the rebuild copies and locks).

@@ -21,9 +21,9 @@ use bdev::{Completion, IoChannel, IoError, IoOp, IoRequest, SubmitError};
 use poller::PollState;
 
 use super::geometry::Raid5Geometry;
+use super::locks::StripeLocks;
 use super::members::{Event, FailureSink, Member};
 use super::parity::xor_gen;
-use super::raid5::StripeLocks;
 use super::sg;
 
 /// What operators see of a rebuild.

@@ -134,7 +134,7 @@ impl Inner {
             }
         }
         for d in &plan.flush_first {
-            if let Err(e) = super::journal::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
+            if let Err(e) = super::metaio::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
                 undo(&claimed);
                 return Err(OpError::Internal(e));
             }

@@ -1,0 +1,107 @@
+//! Checkpoints: the log's space comes back once its records are on the
+//! members.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Journal;
+
+/// Checkpoints a volume's journal when its log is half full. Stops when
+/// dropped.
+pub struct Checkpointer {
+    journal: Arc<Journal>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Watch `journal` of `volume`.
+    pub fn start(journal: Arc<Journal>, volume: crate::volume::Volume) -> Checkpointer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let kept = journal.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("journal-{}", volume.name()))
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    if journal.has_failed() {
+                        // Nothing to checkpoint on a dead device: drain the
+                        // cache to the members, then idle.
+                        if !journal.cache().is_empty() {
+                            if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                if matches!(e, crate::volume::VolumeError::Removed(_)) {
+                                    break;
+                                }
+                                tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a failed journal");
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        } else {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        continue;
+                    }
+                    let usage = journal.usage();
+                    if usage > 0.5 {
+                        match checkpoint_now(&journal, &volume) {
+                            Ok(true) => {}
+                            // Reclaim rides on writes: an idle volume keeps
+                            // its cache (durable in the log) until then.
+                            // An idle volume: a flush through its gate
+                            // carries the reclaim.
+                            Ok(false) => {
+                                if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                    if matches!(e, crate::volume::VolumeError::Removed(_)) {
+                                        break;
+                                    }
+                                    tracing::warn!(volume = volume.name(), error = %e, "journal reclaim flush");
+                                    std::thread::sleep(Duration::from_millis(100));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(volume = volume.name(), error = %e, "journal checkpoint");
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        }
+                    } else {
+                        // Look often only while the log is filling, so an
+                        // idle volume costs next to nothing.
+                        let nap = if usage > 0.1 { 1 } else { 20 };
+                        std::thread::sleep(Duration::from_millis(nap));
+                    }
+                }
+            })
+            .ok();
+        Checkpointer {
+            journal: kept,
+            stop,
+            thread,
+        }
+    }
+
+    /// The journal it looks after.
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+}
+
+/// One checkpoint of `journal`; the members are flushed by a flush of
+/// the volume through its quiesce gate (a RAID5 flush goes to every
+/// member), so a checkpoint is background work of the volume's current
+/// generation like any other, held back by a suspend.
+pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<bool, String> {
+    journal.checkpoint(|| {
+        volume
+            .flush_on_reactor(Duration::from_secs(30))
+            .map_err(|e| e.to_string())
+    })
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The journal's on-disk format: its superblock and the records of its
+//! log (header, entries, checksum), encoded and decoded with no IO.
+
+use bdev::BlockDevice;
+
+use super::JournalMode;
+
+pub(super) const SB_MAGIC: u64 = 0x3259_4c4e_5254_4f4a; // "JORTNLY2"
+/// The superblock of a journal whose records are checksummed whole (before
+/// the checksum skipped the header's unused rest). Still read; a replay
+/// rewrites it as SB_MAGIC, so a binary from before that change refuses the
+/// journal ("not a journal") rather than skipping its records as torn.
+pub(super) const SB_MAGIC_V1: u64 = 0x3159_4c4e_5254_4f4a; // "JORTNLY1"
+/// The smallest journal block: a record header with MAX_ENTRIES entries.
+pub(super) const MIN_BLOCK: usize = 32 + 16 * MAX_ENTRIES + 4;
+pub(super) const REC_MAGIC: u64 = 0x3152_4543_4c4e_524a; // "JRNLCER1"
+/// Runs of blocks a record can describe (one per member written).
+pub const MAX_ENTRIES: usize = 200;
+/// In a record header's entry count: the record holds write-back data,
+/// whose parity was not computed.
+pub(super) const VOLUME_RECORD: u32 = 1 << 31;
+
+/// One run of blocks in a record: `count` blocks to `member` at `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Member slot.
+    pub member: u32,
+    /// Blocks.
+    pub count: u32,
+    /// First member block.
+    pub block: u64,
+}
+
+/// What the journal superblock holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Super {
+    pub(super) nonce: u64,
+    pub(super) log_blocks: u64,
+    pub(super) checkpoint_seq: u64,
+    pub(super) mode: JournalMode,
+}
+
+pub(super) fn encode_super(s: &Super, bs: usize) -> Vec<u8> {
+    let mut b = vec![0u8; bs];
+    b[0..8].copy_from_slice(&SB_MAGIC.to_le_bytes());
+    b[8..16].copy_from_slice(&s.nonce.to_le_bytes());
+    b[16..24].copy_from_slice(&s.log_blocks.to_le_bytes());
+    b[24..32].copy_from_slice(&s.checkpoint_seq.to_le_bytes());
+    b[32] = (s.mode == JournalMode::WriteBack) as u8;
+    let crc = crc32c::crc32c(&b[..bs - 4]);
+    b[bs - 4..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Size `r` for a record of `blocks` data blocks of `bs` bytes and fill
+/// its header (magic, `nonce`, size, `entries`); sequence and checksum are
+/// left to [`seal`].
+pub(super) fn write_header(
+    r: &mut Vec<u8>,
+    bs: usize,
+    nonce: u64,
+    entries: &[Entry],
+    blocks: usize,
+    volume: bool,
+) {
+    // Only what the checksum covers is zeroed: the caller writes every
+    // data block, and the header block's rest is never read.
+    r.resize(bs * (1 + blocks), 0);
+    r[..header_len(entries.len(), bs)].fill(0);
+    r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
+    r[8..16].copy_from_slice(&nonce.to_le_bytes());
+    r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
+    let flag = if volume { VOLUME_RECORD } else { 0 };
+    r[28..32].copy_from_slice(&(entries.len() as u32 | flag).to_le_bytes());
+    for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
+        let at = 32 + i * 16;
+        r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
+        r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
+        r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
+    }
+}
+
+/// Bytes of a header block that hold something: the fixed fields and
+/// `entries` entries.
+pub(super) fn header_len(entries: usize, bs: usize) -> usize {
+    (32 + 16 * entries.min(MAX_ENTRIES)).min(bs - 4)
+}
+
+/// A record's checksum: CRC32C over its header's fields and entries, then
+/// its blocks. It goes in the header block's last 4 bytes.
+pub(super) fn record_crc(record: &[u8], bs: usize) -> u32 {
+    let entries = (u32_at(record, 28) & !VOLUME_RECORD) as usize;
+    let head = crc32c::crc32c(&record[..header_len(entries, bs)]);
+    crc32c::crc32c_append(head, &record[bs..])
+}
+
+/// Whether `record` carries its checksum. Records written before the
+/// checksum skipped the header's unused rest covered the whole record
+/// (with the checksum's own 4 bytes zeroed); those are accepted too, so a
+/// journal left by an older version still replays.
+pub(super) fn record_ok(record: &[u8], bs: usize) -> bool {
+    let want = u32_at(record, bs - 4);
+    if record_crc(record, bs) == want {
+        return true;
+    }
+    let head = crc32c::crc32c(&record[..bs - 4]);
+    let head = crc32c::crc32c_append(head, &[0; 4]);
+    crc32c::crc32c_append(head, &record[bs..]) == want
+}
+
+/// Give a record its sequence number and its checksum.
+pub(super) fn seal(record: &mut [u8], bs: usize, seq: u64) {
+    record[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = record_crc(record, bs);
+    record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The little-endian u64 at byte `at` of `b`.
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// The little-endian u32 at byte `at` of `b`.
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+pub(super) fn decode_super(b: &[u8]) -> Result<Super, String> {
+    let bs = b.len();
+    if bs < 64 || ![SB_MAGIC, SB_MAGIC_V1].contains(&u64_at(b, 0)) {
+        return Err("not a journal (no journal superblock)".into());
+    }
+    if crc32c::crc32c(&b[..bs - 4]) != u32_at(b, bs - 4) {
+        return Err("journal superblock checksum mismatch".into());
+    }
+    Ok(Super {
+        nonce: u64_at(b, 8),
+        log_blocks: u64_at(b, 16),
+        checkpoint_seq: u64_at(b, 24),
+        mode: match b[32] {
+            0 => JournalMode::WriteThrough,
+            1 => JournalMode::WriteBack,
+            x => return Err(format!("journal superblock names unknown mode {x}")),
+        },
+    })
+}
+
+/// A journal block must hold a record header with every entry a record may
+/// have (a 512-byte block holds 29, fewer than a wide RAID5 writes).
+pub fn block_size_ok(dev: &dyn BlockDevice) -> Result<(), String> {
+    let bs = dev.info().block_size as usize;
+    if bs < MIN_BLOCK {
+        return Err(format!(
+            "{}: a journal needs 4096-byte blocks, this device has {bs}",
+            dev.info().name
+        ));
+    }
+    Ok(())
+}

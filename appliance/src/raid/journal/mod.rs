@@ -1,0 +1,639 @@
+//! The RAID5 write journal, write-through mode (like md's raid5-cache in
+//! write-through): every stripe update (the data and parity blocks about to
+//! go to the members) is first written to the journal device as one record
+//! and made durable with a flush; only then are the members written. After
+//! a crash, replay writes every durable record's blocks to the members
+//! again, so no stripe is left with parity that does not match its data:
+//! the RAID5 write hole is closed even when a member is missing.
+//!
+//! Layout on the journal device: block 0 is the journal superblock; the
+//! rest is a circular log of records. A record is a header block (magic,
+//! the journal's secret nonce, sequence number, length, where each run of
+//! blocks goes) followed by the blocks, with a CRC32C over the header's
+//! fields and entries and all the blocks (not the header block's unused
+//! rest: a 4 KiB write would checksum 8 KiB otherwise). Every
+//! channel (one per reactor) appends to the shared log: space and sequence
+//! numbers come from one atomic counter, taken while the piece holds its
+//! stripe lock, so two records of one stripe are ordered by sequence.
+//!
+//! Replay scans the whole log: records are accepted by magic, nonce, CRC
+//! and a sequence above the last checkpoint, and applied in sequence
+//! order. A torn record fails its CRC and is skipped; its member writes
+//! never started (they wait for the journal flush), so skipping is right.
+//! The nonce is random per journal, so guest data inside old records cannot
+//! pass for a record. Replay is idempotent: a crash during it replays again.
+//!
+//! Space comes back at a checkpoint, without stopping IO: the checkpoint
+//! closes the current epoch (records reserved so far), waits until every
+//! record of that epoch has reached the members, flushes the members, and
+//! records the epoch's last sequence in the superblock; the log before it
+//! is free. While the log is full, pieces wait for the next checkpoint.
+//! (Suspending the volume instead would deadlock: pieces waiting for log
+//! space are IO in flight that a suspend waits for.)
+//!
+//! Write-back mode (the mode is kept in the journal superblock): a write's
+//! data alone goes to the log as a *volume record* and is acknowledged once
+//! that is durable; the blocks stay in the [`WriteCache`] until reclaim
+//! writes them to the members through the write-through path (a record of
+//! data and parity first). Guest records leave room in the log for
+//! reclaiming every cached block, so reclaim always finds room for its own
+//! records. A checkpoint also waits
+//! until no block of the closed epoch is left in the cache. Replay applies
+//! all records in sequence order; a volume record's blocks go to their
+//! member with a parity update (read-modify-write, or reconstruct-write
+//! when the member is missing), which leaves every row consistent and is
+//! idempotent too.
+
+mod checkpoint;
+mod codec;
+mod replay;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bdev::{BlockDevice, IoOp};
+
+use super::cache::WriteCache;
+use super::metaio::sync;
+pub use checkpoint::{checkpoint_now, Checkpointer};
+pub use codec::{block_size_ok, Entry, MAX_ENTRIES};
+use codec::{encode_super, seal, write_header, Super};
+pub(crate) use codec::{u32_at, u64_at};
+pub use replay::ReplayReport;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JournalMode {
+    /// After the members are written (the journal only closes the hole).
+    #[default]
+    WriteThrough,
+    /// Once the data is durable in the journal.
+    WriteBack,
+}
+
+impl JournalMode {
+    /// Its name in configs and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            JournalMode::WriteThrough => "write-through",
+            JournalMode::WriteBack => "write-back",
+        }
+    }
+
+    /// From [`name`](Self::name) (empty: write-through).
+    pub fn parse(s: &str) -> Result<JournalMode, String> {
+        match s {
+            "" | "write-through" => Ok(JournalMode::WriteThrough),
+            "write-back" => Ok(JournalMode::WriteBack),
+            _ => Err(format!(
+                "unknown journal mode {s:?} (write-through or write-back)"
+            )),
+        }
+    }
+}
+
+/// A journal in service.
+pub struct Journal {
+    dev: Arc<dyn BlockDevice>,
+    bs: usize,
+    nonce: u64,
+    log_blocks: u64,
+    /// Logical log positions (blocks, monotonic): next free, oldest needed.
+    head: AtomicU64,
+    tail: AtomicU64,
+    seq: AtomicU64,
+    /// Serializes reservations (a short critical section on the control of
+    /// head and seq together; taken once per journalled write).
+    reserve_lock: Mutex<()>,
+    /// Journal IO failed: the volume refuses writes rather than skip it.
+    failed: AtomicBool,
+    /// Checkpoint epoch, and records of the current and the previous epoch
+    /// not yet on the members.
+    epoch: AtomicU64,
+    outstanding: [AtomicU64; 2],
+    /// Write-back (else write-through); switchable online.
+    write_back: AtomicBool,
+    /// Blocks not on the members yet (write-back, or left over from it
+    /// while a switch to write-through drains).
+    cache: WriteCache,
+    /// A checkpoint waits for the cache to give up an epoch, or a switch
+    /// to write-through drains it: writes and flushes take reclaim along.
+    reclaim_wanted: AtomicBool,
+    draining: AtomicBool,
+    /// What the superblock says (one writer at a time).
+    checkpoint_seq: AtomicU64,
+    super_lock: Mutex<()>,
+}
+
+impl Journal {
+    /// Write a fresh write-through journal on `dev` (everything on it is
+    /// lost).
+    pub fn format(dev: Arc<dyn BlockDevice>) -> Result<Arc<Journal>, String> {
+        Self::format_with(dev, JournalMode::WriteThrough)
+    }
+
+    /// Write a fresh journal in `mode` on `dev`.
+    pub fn format_with(
+        dev: Arc<dyn BlockDevice>,
+        mode: JournalMode,
+    ) -> Result<Arc<Journal>, String> {
+        let bs = dev.info().block_size as usize;
+        block_size_ok(dev.as_ref())?;
+        let log_blocks = dev.info().num_blocks.saturating_sub(1);
+        if log_blocks < 64 {
+            return Err(format!("{}: too small for a journal", dev.info().name));
+        }
+        let s = Super {
+            nonce: u64::from_le_bytes(
+                uuid::Uuid::new_v4().as_bytes()[..8]
+                    .try_into()
+                    .map_err(|_| "nonce".to_string())?,
+            ),
+            log_blocks,
+            checkpoint_seq: 0,
+            mode,
+        };
+        let mut b = encode_super(&s, bs);
+        sync(dev.as_ref(), IoOp::Write, 0, &mut b)?;
+        sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        Ok(Self::with(dev, &s))
+    }
+
+    fn with(dev: Arc<dyn BlockDevice>, s: &Super) -> Arc<Journal> {
+        Arc::new(Journal {
+            bs: dev.info().block_size as usize,
+            dev,
+            nonce: s.nonce,
+            log_blocks: s.log_blocks,
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            seq: AtomicU64::new(s.checkpoint_seq),
+            reserve_lock: Mutex::new(()),
+            failed: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            outstanding: Default::default(),
+            write_back: AtomicBool::new(s.mode == JournalMode::WriteBack),
+            // Guest records leave room to reclaim the whole cache (up to
+            // three log blocks a block: header, data, parity); a sixteenth
+            // keeps that reserve under a fifth of the log.
+            cache: WriteCache::new(s.log_blocks / 16),
+            reclaim_wanted: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            checkpoint_seq: AtomicU64::new(s.checkpoint_seq),
+            super_lock: Mutex::new(()),
+        })
+    }
+
+    /// When writes are acknowledged.
+    pub fn mode(&self) -> JournalMode {
+        if self.write_back.load(Ordering::SeqCst) {
+            JournalMode::WriteBack
+        } else {
+            JournalMode::WriteThrough
+        }
+    }
+
+    /// The write cache (empty unless write-back is or was on).
+    pub fn cache(&self) -> &WriteCache {
+        &self.cache
+    }
+
+    /// Whether writes should take reclaim work along: a checkpoint waits
+    /// for the cache, or a switch to write-through drains it. (A full
+    /// cache alone does not reclaim: writes go write-through then, which
+    /// costs no more than a reclaim would, and a hot set that fits keeps
+    /// its overwrites in the cache.)
+    pub fn reclaim_wanted(&self) -> bool {
+        !self.cache.is_empty()
+            && (self.reclaim_wanted.load(Ordering::Relaxed)
+                || self.draining.load(Ordering::Relaxed))
+    }
+
+    /// Write the superblock as things are now.
+    fn write_super(&self) -> Result<(), String> {
+        self.write_super_mode(self.mode())
+    }
+
+    /// Write the superblock saying `mode`.
+    pub(crate) fn write_super_mode(&self, mode: JournalMode) -> Result<(), String> {
+        let _g = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = Super {
+            nonce: self.nonce,
+            log_blocks: self.log_blocks,
+            checkpoint_seq: self.checkpoint_seq.load(Ordering::SeqCst),
+            mode,
+        };
+        let mut b = encode_super(&s, self.bs);
+        sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
+        sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])
+    }
+
+    /// Turn write-back on or off for new writes. Only with the volume
+    /// suspended: a write admitted to the cache before is then inserted
+    /// (or released) already, and none is admitted after. Off also starts
+    /// draining what the cache holds (see [`drain`](Self::drain)).
+    pub(crate) fn set_write_back(&self, on: bool) {
+        self.write_back.store(on, Ordering::SeqCst);
+        self.draining.store(!on, Ordering::SeqCst);
+    }
+
+    /// Switch modes online, through the volume's quiesce epoch (for a
+    /// journal used without a monitor; a monitor does the same steps in its
+    /// transaction). To write-back, the superblock says so first; to
+    /// write-through, new writes stop using the cache at once and what it
+    /// holds drains to the members within `timeout`, then the superblock
+    /// says write-through (until then a restart comes back in write-back,
+    /// which is safe).
+    pub fn set_mode(
+        &self,
+        mode: JournalMode,
+        volume: &crate::volume::Volume,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if self.has_failed() {
+            return Err("the journal device has failed".into());
+        }
+        let wb = mode == JournalMode::WriteBack;
+        let guard = volume.suspend(timeout).map_err(|e| e.to_string())?;
+        if wb {
+            self.write_super_mode(mode)?;
+        }
+        self.set_write_back(wb);
+        drop(guard);
+        if wb {
+            return Ok(());
+        }
+        self.drain(volume, timeout)
+    }
+
+    /// After write-back was turned off: drain the cache to the members
+    /// (reclaim riding on flushes sent through the volume's gate, and on
+    /// writes) within `timeout`; then the superblock says write-through.
+    pub fn drain(&self, volume: &crate::volume::Volume, timeout: Duration) -> Result<(), String> {
+        let t = Instant::now();
+        let mut last_error = String::new();
+        loop {
+            if self.mode() == JournalMode::WriteBack {
+                // Switched back meanwhile: nothing to drain.
+                return Ok(());
+            }
+            if self.cache.is_empty() && self.cache.pending() == 0 {
+                break;
+            }
+            if t.elapsed() > timeout {
+                return Err(format!(
+                    "{} blocks still to drain to the members after {timeout:?}{}; the volume stays write-back on disk and keeps draining as it writes",
+                    self.cache.len(),
+                    if last_error.is_empty() { String::new() } else { format!(" (last flush: {last_error})") }
+                ));
+            }
+            // The flush only carries the reclaim: its own failure (a member
+            // failing under it) does not stop the drain.
+            if let Err(e) = volume.flush_on_reactor(timeout) {
+                last_error = e.to_string();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.draining.store(false, Ordering::SeqCst);
+        if self.has_failed() {
+            return Ok(());
+        }
+        self.write_super()
+    }
+
+    /// Block size of the log.
+    pub fn block_size(&self) -> usize {
+        self.bs
+    }
+
+    /// The journal device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Whether journal IO has failed.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Journal IO failed: writes go on without it, and what the cache
+    /// holds drains to the members (reclaim, journal-less now, rides on
+    /// writes and on the checkpointer's flushes).
+    pub(crate) fn set_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.write_back.store(false, Ordering::SeqCst);
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Fraction of the log in use.
+    pub fn usage(&self) -> f64 {
+        let used = self.head.load(Ordering::SeqCst) - self.tail.load(Ordering::SeqCst);
+        used as f64 / self.log_blocks as f64
+    }
+
+    /// Build a record of `entries` whose blocks are `data` (in entry
+    /// order); returns the buffer with the header's sequence left to
+    /// [`reserve`](Self::reserve).
+    pub fn record(&self, entries: &[Entry], data: &[&[u8]]) -> Vec<u8> {
+        let mut r = Vec::new();
+        self.record_into(&mut r, entries, data);
+        r
+    }
+
+    /// [`record`](Self::record) into a reused buffer (large records would
+    /// otherwise cost a fresh mapping and its page faults each time).
+    pub fn record_into(&self, r: &mut Vec<u8>, entries: &[Entry], data: &[&[u8]]) {
+        let bs = self.bs;
+        let blocks: usize = data.iter().map(|d| d.len() / bs).sum();
+        self.record_header(r, entries, blocks, false);
+        let mut at = bs;
+        for d in data {
+            r[at..at + d.len()].copy_from_slice(d);
+            at += d.len();
+        }
+    }
+
+    /// Size `r` for a record of `blocks` data blocks and fill its header;
+    /// the caller writes every block after it, in entry order. A `volume`
+    /// record is write-back data without parity.
+    pub fn record_header(&self, r: &mut Vec<u8>, entries: &[Entry], blocks: usize, volume: bool) {
+        write_header(r, self.bs, self.nonce, entries, blocks, volume);
+    }
+
+    /// Give `record` its sequence number and checksum and a place in the
+    /// log: the block to write it at and its epoch (hand that to
+    /// [`done`](Self::done) once the record's blocks are on the members),
+    /// or `None` while the log is full. A guest write's record (`guest`;
+    /// reclaim's are not) leaves room for reclaiming the cache.
+    pub fn reserve(&self, record: &mut [u8], guest: bool) -> Option<(u64, u64)> {
+        let bs = self.bs;
+        let blocks = (record.len() / bs) as u64;
+        if blocks > self.log_blocks / 2 {
+            return None;
+        }
+        let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = self.place(blocks, guest)?;
+        self.head.store(pos + blocks, Ordering::SeqCst);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        self.outstanding[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
+        seal(record, bs, seq);
+        Some((1 + pos % self.log_blocks, epoch))
+    }
+
+    /// Log blocks a record may take up to: all of it for reclaim; for a
+    /// guest write, what leaves room to reclaim every cached block (and
+    /// every admitted one), up to three log blocks each. So reclaim always
+    /// finds room, and a checkpoint waiting for it always makes progress.
+    fn room(&self, guest: bool) -> u64 {
+        if guest {
+            self.log_blocks
+                .saturating_sub(3 * (self.cache.len() + self.cache.pending()))
+        } else {
+            self.log_blocks
+        }
+    }
+
+    /// Whether a record of `blocks` would find room now (see
+    /// [`reserve`](Self::reserve)).
+    pub fn has_room(&self, blocks: u64, guest: bool) -> bool {
+        self.place(blocks, guest).is_some()
+    }
+
+    /// Where a record of `blocks` would go now (logical position), if it
+    /// fits in the room its kind may use.
+    fn place(&self, blocks: u64, guest: bool) -> Option<u64> {
+        let mut pos = self.head.load(Ordering::SeqCst);
+        // A record never wraps: skip to the start of the next lap.
+        let off = pos % self.log_blocks;
+        if off + blocks > self.log_blocks {
+            pos += self.log_blocks - off;
+        }
+        (pos + blocks - self.tail.load(Ordering::SeqCst) <= self.room(guest)).then_some(pos)
+    }
+
+    /// A record of `epoch` has reached the members (or was abandoned).
+    pub fn done(&self, epoch: u64) {
+        self.outstanding[(epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Free the log up to now: close the epoch, wait for its records to
+    /// reach the members (in write-back, also for its blocks to leave the
+    /// cache), `flush_members`, record the checkpoint. One checkpoint at a
+    /// time (the checkpointer thread). `Ok(false)`: the cache has not given
+    /// up the epoch yet (reclaim rides on writes); call again later.
+    pub fn checkpoint(
+        &self,
+        flush_members: impl FnOnce() -> Result<(), String>,
+    ) -> Result<bool, String> {
+        let c = &self.cache;
+        let drained = |c: &WriteCache, epoch: u64| {
+            let t = Instant::now();
+            while c.in_epoch(epoch) > 0 {
+                if t.elapsed() > Duration::from_secs(2) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            true
+        };
+        // The cache counts epochs by parity: the epoch a previous call
+        // closed must be gone before another is closed.
+        let current = self.epoch.load(Ordering::SeqCst);
+        if current > 0 && c.in_epoch(current - 1) > 0 {
+            self.reclaim_wanted.store(true, Ordering::SeqCst);
+            if !drained(c, current - 1) {
+                return Ok(false);
+            }
+        }
+        let (head, seq, old) = {
+            let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let old = self.epoch.fetch_add(1, Ordering::SeqCst);
+            (
+                self.head.load(Ordering::SeqCst),
+                self.seq.load(Ordering::SeqCst),
+                old,
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.outstanding[(old % 2) as usize].load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return Err("journal records did not reach the members within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        self.reclaim_wanted.store(true, Ordering::SeqCst);
+        if !drained(c, old) {
+            return Ok(false);
+        }
+        self.reclaim_wanted.store(false, Ordering::SeqCst);
+        flush_members()?;
+        self.checkpoint_seq.fetch_max(seq, Ordering::SeqCst);
+        self.write_super()?;
+        self.tail.store(head, Ordering::SeqCst);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::codec::*;
+    use super::*;
+    use bdev::RamDevice;
+
+    #[test]
+    fn the_checksum_covers_header_fields_entries_and_blocks_and_old_records_still_pass() {
+        let bs = 4096;
+        let e = Entry {
+            member: 1,
+            count: 1,
+            block: 5,
+        };
+        let mut r = vec![0x5a; 3 * bs];
+        write_header(&mut r, bs, 7, &[e], 1, false);
+        assert_eq!(r.len(), 2 * bs);
+        r[bs..].fill(0xab);
+        seal(&mut r, bs, 3);
+        assert!(record_ok(&r, bs));
+        // The header block's unused rest is not covered...
+        r[bs / 2] ^= 1;
+        assert!(record_ok(&r, bs));
+        // ...the sequence, an entry and the data are.
+        for at in [16, 40, bs + 100, 2 * bs - 1] {
+            let mut t = r.clone();
+            t[at] ^= 1;
+            assert!(!record_ok(&t, bs), "a flipped bit at {at} passed");
+        }
+        // A record sealed the old way: CRC32C over the whole record with
+        // the checksum's 4 bytes zeroed.
+        r[bs - 4..bs].fill(0);
+        let old = crc32c::crc32c(&r);
+        r[bs - 4..bs].copy_from_slice(&old.to_le_bytes());
+        assert!(record_ok(&r, bs));
+        r[bs / 2] ^= 1;
+        assert!(
+            !record_ok(&r, bs),
+            "the old checksum covers the whole header"
+        );
+    }
+
+    #[test]
+    fn small_blocks_are_refused_and_the_first_superblock_version_still_opens() {
+        let small: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("s", 512, 1024).unwrap());
+        let err = Journal::format(small.clone()).err().unwrap();
+        assert!(err.contains("4096-byte blocks"), "{err}");
+        let err = Journal::replay(small, &[], None).err().unwrap();
+        assert!(err.contains("4096-byte blocks"), "{err}");
+        // A journal whose superblock is the first version opens, and its
+        // replay rewrites the superblock as the current one.
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        Journal::format(jdev.clone()).unwrap();
+        let mut b = vec![0u8; 4096];
+        sync(jdev.as_ref(), IoOp::Read, 0, &mut b).unwrap();
+        b[0..8].copy_from_slice(&SB_MAGIC_V1.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..4092]);
+        b[4092..].copy_from_slice(&crc.to_le_bytes());
+        sync(jdev.as_ref(), IoOp::Write, 0, &mut b).unwrap();
+        Journal::replay(jdev.clone(), &[], None).unwrap();
+        sync(jdev.as_ref(), IoOp::Read, 0, &mut b).unwrap();
+        assert_eq!(u64_at(&b, 0), SB_MAGIC);
+    }
+
+    #[test]
+    fn records_replay_in_order_and_torn_or_foreign_ones_are_skipped() {
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        let m: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("m", 4096, 16).unwrap());
+        let j = Journal::format(jdev.clone()).unwrap();
+        let write = |rec: &[u8], at: u64| {
+            let mut r = rec.to_vec();
+            sync(jdev.as_ref(), IoOp::Write, at, &mut r).unwrap();
+        };
+        let e = |block| Entry {
+            member: 0,
+            count: 1,
+            block,
+        };
+        // Two records for block 3 (the later wins), one for block 5.
+        for (block, byte) in [(3u64, 1u8), (5, 2), (3, 3)] {
+            let mut r = j.record(&[e(block)], &[&vec![byte; 4096]]);
+            let (at, ep) = j.reserve(&mut r, false).unwrap();
+            write(&r, at);
+            j.done(ep);
+        }
+        // A torn record (bad CRC) for block 7.
+        let mut r = j.record(&[e(7)], &[&vec![9u8; 4096]]);
+        let (at, ep) = j.reserve(&mut r, false).unwrap();
+        r[5000] ^= 1;
+        write(&r, at);
+        j.done(ep);
+        let (j2, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())], None).unwrap();
+        assert_eq!(
+            rep,
+            ReplayReport {
+                records: 3,
+                blocks: 3
+            }
+        );
+        let mut b = vec![0u8; 4096 * 16];
+        sync(m.as_ref(), IoOp::Read, 0, &mut b).unwrap();
+        assert!(b[3 * 4096..4 * 4096].iter().all(|&x| x == 3));
+        assert!(b[5 * 4096..6 * 4096].iter().all(|&x| x == 2));
+        assert!(b[7 * 4096..8 * 4096].iter().all(|&x| x == 0));
+        // Replayed records are below the checkpoint: a second replay does
+        // nothing, and new records continue the sequence.
+        let (_, rep) = Journal::replay(jdev.clone(), &[Some(m.clone())], None).unwrap();
+        assert_eq!(rep.records, 0);
+        let mut r = j2.record(&[e(1)], &[&vec![4u8; 4096]]);
+        assert!(j2.reserve(&mut r, false).is_some());
+        assert_eq!(u64_at(&r, 16), 4, "after the last replayed record");
+        // Not a journal.
+        let blank: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("b", 4096, 129).unwrap());
+        assert!(Journal::replay(blank, &[], None).is_err());
+    }
+
+    #[test]
+    fn a_full_log_waits_for_a_checkpoint() {
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 65).unwrap());
+        let j = Journal::format(jdev).unwrap();
+        let e = Entry {
+            member: 0,
+            count: 7,
+            block: 0,
+        };
+        let data = vec![1u8; 7 * 4096];
+        let mut n = 0;
+        let mut held = Vec::new();
+        loop {
+            let mut r = j.record(&[e], &[&data]);
+            let Some((_, ep)) = j.reserve(&mut r, false) else {
+                break;
+            };
+            held.push(ep);
+            n += 1;
+        }
+        assert_eq!(n, 8, "8 records of 8 blocks fill a 64-block log");
+        // The checkpoint waits for the records to reach the members.
+        let flushed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                j.checkpoint(|| {
+                    flushed.store(true, Ordering::SeqCst);
+                    Ok(())
+                })
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                !flushed.load(Ordering::SeqCst),
+                "flushed before the records were done"
+            );
+            for ep in held.drain(..) {
+                j.done(ep);
+            }
+            assert!(t.join().unwrap().unwrap());
+        });
+        assert!(flushed.load(Ordering::SeqCst));
+        let mut r = j.record(&[e], &[&data]);
+        assert!(j.reserve(&mut r, false).is_some());
+    }
+}

@@ -1,0 +1,430 @@
+//! The journal and write-back path (md's raid5-cache): a stripe update
+//! is logged before the members are written, and in write-back a write is
+//! acknowledged once logged and kept in the cache until reclaim writes it
+//! through. The rest of the channel reaches it through a few hooks:
+//! `journal_submit` (log a piece's record, or wait for room),
+//! `await_journal_flush` (group commit), `write_back` / `cache_record` (a
+//! write-back piece), `take_reclaim` (reclaim riding on a request),
+//! `settle_cache` (what a finished piece means for the cache) and
+//! `pump_log` (what waits for room in the log or the journal's queue).
+
+use super::{rows_of, Child};
+use bdev::{Completion, IoError, IoOp, IoRequest, SubmitError};
+
+use super::{Kind, LogPhase, Piece, Raid5Channel, Stage};
+use crate::raid::cache::WriteCache;
+use crate::raid::journal::Entry;
+use crate::raid::sg;
+
+impl Raid5Channel {
+    pub(super) fn cache(&self) -> Option<&WriteCache> {
+        self.journal.as_ref().map(|j| j.cache())
+    }
+
+    /// Write-back: log the piece's data alone; it is acknowledged once the
+    /// record is durable and cached then (see `maybe_done`).
+    pub(super) fn write_back(&mut self, pi: usize) {
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let zeroes = self.parent_zeroes(pi);
+        let Some((psg, lba0)) = self.parent_sg(pi) else {
+            return;
+        };
+        let (geo, bs) = (self.geo, self.bs());
+        let mut rec = self.jbufs.pop().unwrap_or_default();
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
+        let mut entries = Vec::new();
+        let mut runs = Vec::new();
+        for i in 0..geo.data_members() {
+            if let Some((lo, hi)) = rows_of(&geo, stripe, i, b0, b1) {
+                entries.push(Entry {
+                    member: geo.data_member(stripe, i),
+                    count: (hi - lo) as u32,
+                    block: geo.member_block(stripe, lo),
+                });
+                let vb = geo.volume_block(stripe, i, lo);
+                runs.push(((vb - lba0) as usize * bs, (hi - lo) as usize * bs));
+            }
+        }
+        j.record_header(&mut rec, &entries, (b1 - b0) as usize, true);
+        let mut at = bs;
+        for (off, len) in runs {
+            if zeroes {
+                rec[at..at + len].fill(0);
+            } else {
+                // SAFETY: the parent's buffers are valid until it completes.
+                unsafe { sg::copy_out(&psg, off, &mut rec[at..at + len]) };
+            }
+            at += len;
+        }
+        p.jrec = rec;
+        p.wb = true;
+        p.jwrites.clear();
+        p.jphase = LogPhase::WaitRoom;
+        p.stage = Stage::Journaling;
+        self.journal_submit(pi);
+        self.maybe_done(pi);
+    }
+
+    /// A durable write-back record's blocks go into the cache (the piece
+    /// still holds its stripe lock).
+    pub(super) fn cache_record(&mut self, pi: usize) {
+        let (geo, bs) = (self.geo, self.bs());
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let c = j.cache();
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let (stripe, b0, b1, epoch) = (p.stripe, p.b0, p.b1, p.jepoch.unwrap_or(0));
+        let mut at = bs;
+        for i in 0..geo.data_members() {
+            if let Some((lo, hi)) = rows_of(&geo, stripe, i, b0, b1) {
+                for r in lo..hi {
+                    c.insert(
+                        stripe,
+                        geo.volume_block(stripe, i, r),
+                        &p.jrec[at..at + bs],
+                        epoch,
+                    );
+                    at += bs;
+                }
+            }
+        }
+        c.release(std::mem::take(&mut p.admitted));
+    }
+
+    /// Reclaim up to `stripes` cached stripes with pieces riding on parent
+    /// `pa` (which must not complete before they are counted: call before
+    /// its own pieces start, or while one of them waits). Returns the
+    /// pieces, to start.
+    pub(super) fn take_reclaim(&mut self, pa: usize, stripes: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let Some(j) = self.journal.clone() else {
+            return out;
+        };
+        let c = j.cache();
+        let sb = self.geo.stripe_blocks();
+        for _ in 0..stripes {
+            let Some(stripe) = c.next_dirty() else {
+                break;
+            };
+            // One piece per run of consecutive blocks; their data is taken
+            // once the piece holds the stripe lock (`refresh_reclaim`).
+            let cached = c.versions(stripe, stripe * sb, (stripe + 1) * sb);
+            let mut k = 0;
+            while k < cached.len() {
+                let mut e = k + 1;
+                while e < cached.len() && cached[e].0 == cached[e - 1].0 + 1 {
+                    e += 1;
+                }
+                let mut piece =
+                    Self::new_piece(pa, Kind::Write, stripe, cached[k].0, cached[e - 1].0 + 1);
+                piece.reclaim = Some(cached[k..e].to_vec());
+                out.push(self.alloc_piece(piece));
+                k = e;
+            }
+        }
+        self.reclaiming += out.len();
+        if let Some(p) = self.parents.get_mut(pa).and_then(|p| p.as_mut()) {
+            p.left += out.len() as u32;
+        }
+        out
+    }
+
+    /// Take a reclaim piece's data from the cache, now that it holds the
+    /// stripe lock: only what is cached now may go to the members. False
+    /// when a block of its run is no longer cached.
+    pub(super) fn refresh_reclaim(&mut self, pi: usize) -> bool {
+        let Some(j) = self.journal.as_ref() else {
+            return false;
+        };
+        let c = j.cache();
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return false;
+        };
+        match c.copy_run(p.stripe, p.b0, p.b1, &mut p.own) {
+            Some(versions) => {
+                p.reclaim = Some(versions);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Put the piece's record in the log, or wait for room.
+    pub(super) fn journal_submit(&mut self, pi: usize) {
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let guest = p.reclaim.is_none();
+        let Some((at, epoch)) = j.reserve(&mut p.jrec, guest) else {
+            p.jneed = (p.jrec.len() / self.info.block_size as usize) as u64;
+            if guest {
+                // A checkpoint may need this stripe reclaimed before the
+                // log has room, so wait unlocked and plan again from the
+                // start.
+                p.bufs.clear();
+                p.stage = Stage::WaitLock;
+                if p.locked {
+                    p.locked = false;
+                    self.locks.unlock(p.stripe);
+                }
+                self.drop_record(pi);
+            }
+            self.jwait.push_back(pi);
+            return;
+        };
+        p.jphase = LogPhase::Writing;
+        p.jepoch = Some(epoch);
+        let len = p.jrec.len();
+        let sg = sg::of(&mut p.jrec, 0, len);
+        let blocks = (p.jrec.len() / self.info.block_size as usize) as u64;
+        self.journal_io(
+            pi,
+            IoRequest {
+                op: IoOp::Write,
+                offset_blocks: at,
+                num_blocks: blocks,
+                sg,
+                tag: 0,
+            },
+        );
+    }
+
+    /// Forget piece `pi`'s journal record before its members are written:
+    /// its log reservation (if any) and cache admission are given back
+    /// and its buffer kept for the next record.
+    pub(super) fn drop_record(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let rec = std::mem::take(&mut p.jrec);
+        p.jwrites.clear();
+        p.wb = false;
+        p.jphase = LogPhase::WaitRoom;
+        let (epoch, admitted) = (p.jepoch.take(), std::mem::take(&mut p.admitted));
+        if let Some(j) = &self.journal {
+            if let Some(e) = epoch {
+                j.done(e);
+            }
+            j.cache().release(admitted);
+        }
+        if self.jbufs.len() < 64 {
+            self.jbufs.push(rec);
+        }
+    }
+
+    /// Send a journal request for piece `pi`.
+    pub(super) fn journal_io(&mut self, pi: usize, mut req: IoRequest) {
+        req.tag = Child::Journal { piece: pi }.tag();
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.pending += 1;
+        }
+        self.journal_send(req);
+    }
+
+    /// Piece `pi`'s record is written: it waits (one more pending) for a
+    /// journal flush sent after that.
+    pub(super) fn await_journal_flush(&mut self, pi: usize) {
+        // A flush after a failed one may succeed without the data of the
+        // failed one (fdatasync reports a write-back error once): nothing
+        // waits for a flush of a journal that failed.
+        if self.journal.as_ref().is_some_and(|j| j.has_failed()) {
+            return self.without_journal(pi);
+        }
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.jphase = LogPhase::Flushing;
+            p.pending += 1;
+        }
+        self.jflush_waiting.push(pi);
+        self.flush_journal();
+    }
+
+    /// Send one flush for every waiting record, unless one is in flight
+    /// (the waiting ones go with the next).
+    pub(super) fn flush_journal(&mut self) {
+        if self.jflush_inflight || self.jflush_waiting.is_empty() {
+            return;
+        }
+        self.jflush_inflight = true;
+        std::mem::swap(&mut self.jflush_group, &mut self.jflush_waiting);
+        let mut req = IoRequest::flush(0);
+        req.tag = Child::JournalFlush.tag();
+        self.journal_send(req);
+    }
+
+    /// The group flush is back: its pieces' records are durable (or the
+    /// journal failed under them).
+    pub(super) fn on_journal_flush(&mut self, result: Result<(), IoError>) {
+        self.jflush_inflight = false;
+        let mut group = std::mem::take(&mut self.jflush_group);
+        if result.is_err() {
+            // The waiting records are no better off (see
+            // `await_journal_flush`).
+            group.append(&mut self.jflush_waiting);
+        }
+        for &pi in &group {
+            if let Some(p) = self.pieces.get_mut(pi).and_then(|p| p.as_mut()) {
+                p.pending = p.pending.saturating_sub(1);
+                if result.is_err() {
+                    p.jphase = LogPhase::Failed;
+                }
+            }
+        }
+        if result.is_err() {
+            self.journal_failed();
+        }
+        for &pi in &group {
+            self.maybe_done(pi);
+        }
+        group.clear();
+        if self.jflush_group.is_empty() {
+            self.jflush_group = group;
+        }
+        self.flush_journal();
+    }
+
+    pub(super) fn journal_send(&mut self, req: IoRequest) {
+        if !self.jdeferred.is_empty() {
+            self.jdeferred.push_back(req);
+            return;
+        }
+        match self.jch.as_mut() {
+            Some(ch) => {
+                if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                    self.jdeferred.push_back(req);
+                }
+            }
+            None => self.refused.push(Completion {
+                tag: req.tag,
+                result: Err(IoError::DeviceFailed),
+            }),
+        }
+    }
+
+    /// What a finished piece means for the write-back cache, under its
+    /// stripe lock: a read gets the cached blocks laid over; a reclaim
+    /// drops the versions it wrote; a write that went to the members
+    /// (write-through under back-pressure) drops the older cached ones.
+    pub(super) fn settle_cache(&self, c: &WriteCache, p: &Piece) {
+        if c.is_empty() || p.error.is_some() {
+            if p.reclaim.is_some() && c.has_stripe(p.stripe) {
+                c.requeue(p.stripe);
+            }
+            return;
+        }
+        match (p.kind, &p.reclaim) {
+            (Kind::Read, _) if p.locked => {
+                let Some(parent) = self.parents.get(p.parent).and_then(|x| x.as_ref()) else {
+                    return;
+                };
+                let bs = self.bs();
+                c.each_in(p.stripe, p.b0, p.b1, |b, d| {
+                    // SAFETY: the parent's buffers are valid until it completes.
+                    unsafe { sg::copy_in(&parent.sg, (b - parent.lba0) as usize * bs, d) };
+                });
+            }
+            (Kind::Write, Some(v)) => {
+                for &(b, version) in v {
+                    c.remove_if(p.stripe, b, Some(version));
+                }
+                if c.has_stripe(p.stripe) {
+                    c.requeue(p.stripe);
+                }
+            }
+            (Kind::Write, None) if !p.wb => {
+                for b in p.b0..p.b1 {
+                    c.remove_if(p.stripe, b, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Say once that the journal failed, and go on without it.
+    pub(super) fn journal_failed(&self) {
+        if let Some(j) = &self.journal {
+            if !j.has_failed() {
+                tracing::error!(volume = %self.info.name, "journal device failed; writes go on without it (no write-hole protection), and the write-back cache drains to the members");
+            }
+            j.set_failed();
+        }
+    }
+
+    /// The journal failed under piece `pi` (still holding its stripe lock,
+    /// nothing written to the members): abandon its record and plan it
+    /// again, which now takes the journal-less path.
+    pub(super) fn without_journal(&mut self, pi: usize) {
+        self.drop_record(pi);
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.stage = Stage::Reading;
+        }
+        self.plan(pi);
+    }
+
+    /// Pieces waiting for room in the log (a checkpoint made some), and
+    /// journal requests waiting for room in the journal device's queue.
+    pub(super) fn pump_log(&mut self) {
+        if let Some(j) = self.journal.clone() {
+            if let Some(&first) = self.jwait.front() {
+                // Nothing else may bring reclaim along: take it here.
+                if self.reclaiming == 0 && j.reclaim_wanted() {
+                    if let Some(pa) = self.pieces[first].as_ref().map(|p| p.parent) {
+                        for pi in self.take_reclaim(pa, 1) {
+                            self.start(pi);
+                        }
+                    }
+                }
+            }
+            for _ in 0..self.jwait.len() {
+                let Some(pi) = self.jwait.pop_front() else {
+                    break;
+                };
+                let Some(p) = self.pieces[pi].as_ref() else {
+                    continue;
+                };
+                let unlocked = p.stage == Stage::WaitLock;
+                if j.has_failed() {
+                    // No room will come: go on without the journal.
+                    if unlocked {
+                        self.lock_then_plan(pi);
+                    } else {
+                        self.without_journal(pi);
+                    }
+                    continue;
+                }
+                if !j.has_room(p.jneed, p.reclaim.is_none()) {
+                    self.jwait.push_back(pi);
+                    continue;
+                }
+                if unlocked {
+                    self.lock_then_plan(pi);
+                } else {
+                    self.journal_submit(pi);
+                }
+            }
+        }
+        while let Some(req) = self.jdeferred.pop_front() {
+            let Some(ch) = self.jch.as_mut() else {
+                self.refused.push(Completion {
+                    tag: req.tag,
+                    result: Err(IoError::DeviceFailed),
+                });
+                continue;
+            };
+            if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                self.jdeferred.push_front(req);
+                break;
+            }
+        }
+    }
+}
