@@ -591,7 +591,8 @@ fn raid(
                 } else {
                     JournalMode::WriteThrough
                 };
-                let j = appliance::raid::journal::Journal::format_with(jdev, mode)?;
+                let j = appliance::raid::journal::Journal::format_with(jdev, mode)
+                    .map_err(|e| e.to_string())?;
                 journal_handle = Some(j.clone());
                 Arc::new(r5.with_journal(j))
             } else {
@@ -605,9 +606,9 @@ fn raid(
         use appliance::raid::bitmap::{self, Bitmap, BitmapDaemon};
         let rows = volume.rows();
         let rpb = bitmap::rows_per_bit(&rows, bitmap::DEFAULT_CHUNK_BYTES);
-        let b = Arc::new(Bitmap::new(&rows, rpb, [7; 16])?);
+        let b = Arc::new(Bitmap::new(&rows, rpb, [7; 16]).map_err(|e| e.to_string())?);
         b.set_members(volume.member_devices());
-        _bitmap_daemon = Some(BitmapDaemon::start("bench", b.clone())?);
+        _bitmap_daemon = Some(BitmapDaemon::start("bench", b.clone()).map_err(|e| e.to_string())?);
         volume.with_member_set(volume.member_set().with_bitmap(Some(b)))
     } else {
         volume
@@ -749,7 +750,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
         let jdev = RamDevice::new("j", 4096, (log_mib + 1) << 8).map_err(|e| e.to_string())?;
         prefill(&jdev)?;
         let jdev: Arc<dyn BlockDevice> = Arc::new(jdev);
-        let j = Journal::format_with(jdev.clone(), mode)?;
+        let j = Journal::format_with(jdev.clone(), mode).map_err(|e| e.to_string())?;
         let r5 = raid(&j)?;
         let geo = *r5.geometry();
         let blocks = r5.info().num_blocks;
@@ -765,7 +766,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
         drop(r5);
         let slots: Vec<Option<Arc<dyn BlockDevice>>> = members.iter().cloned().map(Some).collect();
         let t = Instant::now();
-        let (_, rep) = Journal::replay(jdev, &slots, Some(&geo))?;
+        let (_, rep) = Journal::replay(jdev, &slots, Some(&geo)).map_err(|e| e.to_string())?;
         let secs = t.elapsed().as_secs_f64();
         out.insert(
             format!("replay_{}", mode.name()),
@@ -782,7 +783,8 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
     // Reclaim: fill the write-back cache with random 4 KiB blocks, then
     // switch to write-through, which drains it to the members.
     let jdev = RamDevice::new("j", 4096, (log_mib + 1) << 8).map_err(|e| e.to_string())?;
-    let j = Journal::format_with(Arc::new(jdev), JournalMode::WriteBack)?;
+    let j =
+        Journal::format_with(Arc::new(jdev), JournalMode::WriteBack).map_err(|e| e.to_string())?;
     let r5: Arc<dyn BlockDevice> = Arc::new(raid(&j)?);
     let blocks = r5.info().num_blocks;
     let reactors = start(1)?;
@@ -808,7 +810,8 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
     drop(ch);
     let cached = cache.len();
     let t = Instant::now();
-    j.set_mode(JournalMode::WriteThrough, &vol, Duration::from_secs(300))?;
+    j.set_mode(JournalMode::WriteThrough, &vol, Duration::from_secs(300))
+        .map_err(|e| e.to_string())?;
     let secs = t.elapsed().as_secs_f64();
     reactors.shutdown().map_err(|e| e.to_string())?;
     out.insert(

@@ -350,7 +350,7 @@ impl Manager {
         let mode = if mode.is_empty() {
             JournalMode::WriteThrough
         } else {
-            JournalMode::parse(mode).map_err(|e| invalid("mode", e))?
+            JournalMode::parse(mode).map_err(|e| invalid("mode", e.to_string()))?
         };
         self.check_open()?;
         let v = self.raid(volume)?;
@@ -406,7 +406,7 @@ impl Manager {
         if mode.is_empty() {
             return Err(invalid("mode", "write-through or write-back"));
         }
-        let mode = JournalMode::parse(mode).map_err(|e| invalid("mode", e))?;
+        let mode = JournalMode::parse(mode).map_err(|e| invalid("mode", e.to_string()))?;
         let v = self.raid(volume)?;
         if monitor(&v)?.journal().is_none() {
             return Err(MgmtError::FailedPrecondition(format!(

@@ -311,7 +311,7 @@ impl Manager {
             ));
         }
         crate::raid::journal::block_size_ok(d.dev.as_ref())
-            .map_err(MgmtError::FailedPrecondition)?;
+            .map_err(|e| MgmtError::FailedPrecondition(e.to_string()))?;
         let want = decl
             .members
             .first()
@@ -394,8 +394,8 @@ impl Manager {
     /// Create a volume; RAID members get fresh superblocks (`force` to
     /// overwrite another volume's).
     pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
-        let mode =
-            JournalMode::parse(&decl.journal_mode).map_err(|e| invalid("journal_mode", e))?;
+        let mode = JournalMode::parse(&decl.journal_mode)
+            .map_err(|e| invalid("journal_mode", e.to_string()))?;
         let started = self.with_claims(&decl, false, |level, members, spares, jdev| {
             if jdev.is_none() && !decl.journal_mode.is_empty() {
                 return Err(invalid(

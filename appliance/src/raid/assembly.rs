@@ -18,6 +18,7 @@ use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
 use super::raid1::Raid1Device;
 use super::raid5::Raid5Device;
 use super::superblock::{Level, Superblock, SuperblockError, SUPERBLOCK_BYTES};
+use super::RaidError;
 
 /// What to create.
 #[derive(Clone)]
@@ -91,7 +92,7 @@ pub enum AssemblyError {
 }
 
 /// Superblock IO at block 0; a write is followed by a flush.
-fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), String> {
+fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), RaidError> {
     super::metaio::sync(dev, op, 0, buf)?;
     if op == IoOp::Write {
         super::metaio::sync(dev, IoOp::Flush, 0, &mut [])?;
@@ -102,7 +103,7 @@ fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), String
 /// Read a device's superblock.
 pub fn read_superblock(
     dev: &dyn BlockDevice,
-) -> Result<Result<Superblock, SuperblockError>, String> {
+) -> Result<Result<Superblock, SuperblockError>, RaidError> {
     let mut buf = vec![0u8; SUPERBLOCK_BYTES];
     sync_io(dev, IoOp::Read, &mut buf)?;
     Ok(Superblock::decode(&buf))
@@ -110,9 +111,9 @@ pub fn read_superblock(
 
 fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), AssemblyError> {
     let mut buf = sb.encode();
-    sync_io(dev, IoOp::Write, &mut buf).map_err(|reason| AssemblyError::Io {
+    sync_io(dev, IoOp::Write, &mut buf).map_err(|e| AssemblyError::Io {
         device: dev.info().name.clone(),
-        reason,
+        reason: e.to_string(),
     })
 }
 
@@ -193,18 +194,18 @@ impl VolumeMeta {
 pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
     match read_superblock(dev) {
         Ok(Err(SuperblockError::Foreign)) => return Ok(()),
-        Err(reason) => {
+        Err(e) => {
             return Err(AssemblyError::Io {
                 device: dev.info().name.clone(),
-                reason,
+                reason: e.to_string(),
             })
         }
         Ok(_) => {}
     }
     let mut zero = vec![0u8; SUPERBLOCK_BYTES];
-    sync_io(dev, IoOp::Write, &mut zero).map_err(|reason| AssemblyError::Io {
+    sync_io(dev, IoOp::Write, &mut zero).map_err(|e| AssemblyError::Io {
         device: dev.info().name.clone(),
-        reason,
+        reason: e.to_string(),
     })
 }
 
@@ -248,10 +249,10 @@ pub fn create(
                 })
             }
             Ok(_) => {}
-            Err(reason) => {
+            Err(e) => {
                 return Err(AssemblyError::Io {
                     device: dev.info().name.clone(),
-                    reason,
+                    reason: e.to_string(),
                 })
             }
         }
@@ -296,7 +297,7 @@ pub fn create(
     };
     let device = if spec.bitmap_chunk_bytes > 0 {
         let b = new_bitmap(device.as_ref(), &meta.template, spec.bitmap_chunk_bytes)
-            .map_err(AssemblyError::Invalid)?;
+            .map_err(|e| AssemblyError::Invalid(e.to_string()))?;
         meta.template.bitmap_rows_per_bit = b.rows_per_bit();
         device.with_member_set(device.member_set().with_bitmap(Some(b)))
     } else {
@@ -313,13 +314,13 @@ pub fn new_bitmap(
     device: &dyn RaidDevice,
     sb: &Superblock,
     chunk_bytes: u64,
-) -> Result<Arc<Bitmap>, String> {
+) -> Result<Arc<Bitmap>, RaidError> {
     if !bitmap::fits(sb.data_offset, sb.block_size) {
-        return Err(format!(
+        return Err(RaidError::Invalid(format!(
             "the data offset ({} blocks) leaves no room for a bitmap: it needs {} bytes after the superblock",
             sb.data_offset,
             bitmap::BYTES
-        ));
+        )));
     }
     let rows = device.rows();
     let rpb = bitmap::rows_per_bit(&rows, chunk_bytes);
@@ -327,7 +328,10 @@ pub fn new_bitmap(
     let members = live_members(device);
     let (ok, errors) = b.write_to(&members, &b.snapshot());
     if ok < members.len() {
-        return Err(format!("writing the bitmap: {}", errors.join("; ")));
+        return Err(RaidError::Invalid(format!(
+            "writing the bitmap: {}",
+            errors.join("; ")
+        )));
     }
     b.set_members(members);
     Ok(b)
@@ -350,7 +354,7 @@ pub fn live_members(device: &dyn RaidDevice) -> Vec<Arc<dyn BlockDevice>> {
 fn attach_bitmap(
     device: Arc<dyn RaidDevice>,
     sb: &Superblock,
-) -> Result<Arc<dyn RaidDevice>, String> {
+) -> Result<Arc<dyn RaidDevice>, RaidError> {
     if sb.bitmap_rows_per_bit == 0 {
         return Ok(device);
     }
@@ -564,7 +568,9 @@ pub fn assemble(
                 }
                 None => Ok(device),
             })
-            .and_then(|device| attach_bitmap(device, &auth).map_err(AssemblyError::Invalid));
+            .and_then(|device| {
+                attach_bitmap(device, &auth).map_err(|e| AssemblyError::Invalid(e.to_string()))
+            });
         match built {
             Ok(device) => report.volumes.push(Assembled {
                 device,

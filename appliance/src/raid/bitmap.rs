@@ -22,6 +22,7 @@
 //! count, then the bits. A torn or corrupt block fails its CRC and the
 //! whole volume is resynchronised, as without a bitmap.
 
+use crate::raid::RaidError;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -102,13 +103,13 @@ pub struct Bitmap {
 
 impl Bitmap {
     /// An empty bitmap of `rows_per_bit` rows per bit over `rows`.
-    pub fn new(rows: &Rows, rows_per_bit: u64, volume_uuid: [u8; 16]) -> Result<Bitmap, String> {
+    pub fn new(rows: &Rows, rows_per_bit: u64, volume_uuid: [u8; 16]) -> Result<Bitmap, RaidError> {
         let bits = rows.count.div_ceil(rows_per_bit.max(1));
         if rows_per_bit == 0 || bits > MAX_BITS {
-            return Err(format!(
+            return Err(RaidError::Invalid(format!(
                 "a bitmap of {rows_per_bit} rows per bit over {} rows does not fit in {BYTES} bytes",
                 rows.count
-            ));
+            )));
         }
         let n = words(bits);
         let zeros = |k: usize| (0..k).map(|_| AtomicU64::new(0)).collect::<Box<[_]>>();
@@ -294,28 +295,30 @@ impl Bitmap {
 
     /// The bit words of an on-disk block, if it is this bitmap's and
     /// intact.
-    pub fn decode(&self, b: &[u8]) -> Result<Vec<u64>, String> {
+    pub fn decode(&self, b: &[u8]) -> Result<Vec<u64>, RaidError> {
         if b.len() < BYTES || b[0..8] != MAGIC {
-            return Err("no bitmap".into());
+            return Err(RaidError::Invalid("no bitmap".into()));
         }
         let mut copy = b[..BYTES].to_vec();
         let stored = u32_at(b, 12);
         copy[12..16].fill(0);
         if crc32c::crc32c(&copy) != stored {
-            return Err("bitmap checksum mismatch (torn or corrupt)".into());
+            return Err(RaidError::Invalid(
+                "bitmap checksum mismatch (torn or corrupt)".into(),
+            ));
         }
         let u64_at = |o: usize| u64_at(b, o);
         if b[16..32] != self.volume_uuid {
-            return Err("bitmap of another volume".into());
+            return Err(RaidError::Invalid("bitmap of another volume".into()));
         }
         if u64_at(32) != self.rows_per_bit || u64_at(40) != self.bits {
-            return Err(format!(
+            return Err(RaidError::Invalid(format!(
                 "bitmap geometry {} rows per bit x {} bits, expected {} x {}",
                 u64_at(32),
                 u64_at(40),
                 self.rows_per_bit,
                 self.bits
-            ));
+            )));
         }
         Ok((0..words(self.bits))
             .map(|i| u64_at(HEADER + i * 8))
@@ -338,7 +341,7 @@ impl Bitmap {
                 .and_then(|_| super::metaio::sync(dev.as_ref(), IoOp::Flush, 0, &mut []));
             match res {
                 Ok(()) => ok += 1,
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
@@ -454,13 +457,15 @@ pub struct BitmapDaemon {
 
 impl BitmapDaemon {
     /// Start writing `bitmap` for volume `name`.
-    pub fn start(name: &str, bitmap: Arc<Bitmap>) -> Result<BitmapDaemon, String> {
+    pub fn start(name: &str, bitmap: Arc<Bitmap>) -> Result<BitmapDaemon, RaidError> {
         let quit = Arc::new(AtomicBool::new(false));
         let (b, q) = (bitmap.clone(), quit.clone());
         let thread = std::thread::Builder::new()
             .name(format!("bitmap-{name}"))
             .spawn(move || run(&b, &q))
-            .map_err(|e| format!("starting the bitmap thread of {name}: {e}"))?;
+            .map_err(|e| {
+                RaidError::Invalid(format!("starting the bitmap thread of {name}: {e}"))
+            })?;
         Ok(BitmapDaemon {
             bitmap,
             quit,
@@ -562,9 +567,17 @@ mod tests {
             assert!(b.decode(&bad).is_err(), "flip at {at} not caught");
         }
         let other = Bitmap::new(&rows(5000), 7, [4; 16]).unwrap();
-        assert!(other.decode(&block).unwrap_err().contains("another volume"));
+        assert!(other
+            .decode(&block)
+            .unwrap_err()
+            .to_string()
+            .contains("another volume"));
         let regeo = Bitmap::new(&rows(5000), 8, [3; 16]).unwrap();
-        assert!(regeo.decode(&block).unwrap_err().contains("geometry"));
+        assert!(regeo
+            .decode(&block)
+            .unwrap_err()
+            .to_string()
+            .contains("geometry"));
         assert!(Bitmap::new(&rows(MAX_BITS + 1), 1, [0; 16]).is_err());
     }
 

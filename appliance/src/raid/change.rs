@@ -538,7 +538,7 @@ pub(crate) fn plan(
                 }
                 Some(chunk) => {
                     let b = super::assembly::new_bitmap(cur.as_ref(), &template, chunk)
-                        .map_err(OpError::FailedPrecondition)?;
+                        .map_err(|e| OpError::FailedPrecondition(e.to_string()))?;
                     let rpb = b.rows_per_bit();
                     let next = cur.with_member_set(set.with_bitmap(Some(b.clone())));
                     // Writes from before the bitmap may still sit in the

@@ -3,33 +3,49 @@
 
 use std::time::{Duration, Instant};
 
-use bdev::{BlockDevice, IoOp, IoRequest, IoVec, SgList, SubmitError};
+use bdev::{BlockDevice, IoChannel, IoOp, IoRequest, IoVec, SgList, SubmitError};
 
-/// Synchronous IO on a fresh channel (control threads only: journal and
-/// superblock IO, never the data path).
+use super::RaidError;
+
+/// How long a metadata IO may take before the caller gets an error.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Synchronous IO on a fresh channel: `buf` is written from (or read
+/// into) at `block`; a flush takes an empty `buf`. The request works on a
+/// buffer of its own: one that has not finished by the deadline is left to
+/// be (see `abandon`), so a device that answers late never writes into
+/// memory that was given back.
 pub(crate) fn sync(
     dev: &dyn BlockDevice,
     op: IoOp,
     block: u64,
     buf: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), RaidError> {
+    let name = dev.info().name.clone();
+    let io = |reason: String| RaidError::Io {
+        device: name.clone(),
+        what: format!("{op:?}"),
+        reason,
+    };
     let bs = dev.info().block_size as usize;
-    let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
+    let mut ch = dev.open_channel().map_err(|e| io(e.to_string()))?;
+    let mut own = buf.to_vec();
     let req = if op == IoOp::Flush {
         IoRequest::flush(1)
     } else {
         let mut sg = SgList::new();
-        // SAFETY: `buf` outlives the request: we wait for its completion.
-        sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) });
+        // SAFETY: `own` lives until the request completes, or for good if it
+        // does not in time (`abandon`).
+        sg.push(unsafe { IoVec::new(own.as_mut_ptr(), own.len()) });
         IoRequest {
             op,
             offset_blocks: block,
-            num_blocks: (buf.len() / bs) as u64,
+            num_blocks: (own.len() / bs) as u64,
             sg,
             tag: 1,
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + TIMEOUT;
     let mut pending = Some(req);
     let mut out = Vec::new();
     while let Some(r) = pending.take() {
@@ -41,11 +57,31 @@ pub(crate) fn sync(
     while out.is_empty() {
         ch.poll(&mut out);
         if Instant::now() > deadline {
-            return Err(format!("{}: {op:?} timed out", dev.info().name));
+            abandon(ch, own);
+            return Err(RaidError::Timeout {
+                device: name,
+                what: format!("{op:?}"),
+                after: TIMEOUT,
+            });
         }
         std::thread::yield_now();
     }
-    out[0]
-        .result
-        .map_err(|e| format!("{}: {op:?}: {e}", dev.info().name))
+    out[0].result.map_err(|e| io(e.to_string()))?;
+    if op == IoOp::Read {
+        buf.copy_from_slice(&own);
+    }
+    Ok(())
+}
+
+/// Keep `ch` and the buffer its request uses for good: the device may
+/// still write into it. A channel belongs to the thread that opened it, so
+/// nothing else can wait for it; one buffer and one channel per timed-out
+/// request (a device that stopped answering) is the price of never
+/// handing memory back under it.
+fn abandon(ch: Box<dyn IoChannel>, own: Vec<u8>) {
+    tracing::error!(
+        "a metadata IO did not finish in time; its buffer and channel are kept for good"
+    );
+    std::mem::forget(ch);
+    std::mem::forget(own);
 }

@@ -660,7 +660,7 @@ impl Monitor {
         // Not under the state lock: the drain is IO through the gate, and
         // a member failing meanwhile must be able to change the volume.
         j.drain(&self.inner.volume, self.inner.timeout())
-            .map_err(OpError::DeadlineExceeded)
+            .map_err(|e| OpError::DeadlineExceeded(e.to_string()))
     }
 
     /// Its journal, if it has one.

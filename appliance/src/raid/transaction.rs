@@ -116,7 +116,7 @@ impl Inner {
                     Ok(x) => Some(x),
                     Err(e) => {
                         undo(&claimed);
-                        return Err(OpError::Internal(e));
+                        return Err(OpError::Internal(e.to_string()));
                     }
                 }
             }
@@ -136,7 +136,7 @@ impl Inner {
         for d in &plan.flush_first {
             if let Err(e) = super::metaio::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
                 undo(&claimed);
-                return Err(OpError::Internal(e));
+                return Err(OpError::Internal(e.to_string()));
             }
         }
         if plan.record {

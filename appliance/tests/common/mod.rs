@@ -213,9 +213,14 @@ pub fn checkpoint_until(
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             if journal.usage() > 0.5 {
                 let flush = || {
-                    let mut ch = dev.open_channel().map_err(|e| e.to_string())?;
+                    let failed = |reason: String| appliance::raid::RaidError::Io {
+                        device: dev.info().name.clone(),
+                        what: "flush".into(),
+                        reason,
+                    };
+                    let mut ch = dev.open_channel().map_err(|e| failed(e.to_string()))?;
                     bdev::conformance::run_one(ch.as_mut(), bdev::IoRequest::flush(1))
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| failed(e.to_string()))
                 };
                 done += journal.checkpoint(flush).unwrap() as usize;
             }

@@ -1,6 +1,7 @@
 //! Checkpoints: the log's space comes back once its records are on the
 //! members.
 
+use crate::raid::RaidError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,11 +90,14 @@ impl Checkpointer {
 /// the volume through its quiesce gate (a RAID5 flush goes to every
 /// member), so a checkpoint is background work of the volume's current
 /// generation like any other, held back by a suspend.
-pub fn checkpoint_now(journal: &Journal, volume: &crate::volume::Volume) -> Result<bool, String> {
+pub fn checkpoint_now(
+    journal: &Journal,
+    volume: &crate::volume::Volume,
+) -> Result<bool, RaidError> {
     journal.checkpoint(|| {
         volume
             .flush_on_reactor(Duration::from_secs(30))
-            .map_err(|e| e.to_string())
+            .map_err(RaidError::from)
     })
 }
 

@@ -1,6 +1,7 @@
 //! The journal's on-disk format: its superblock and the records of its
 //! log (header, entries, checksum), encoded and decoded with no IO.
 
+use crate::raid::RaidError;
 use bdev::BlockDevice;
 
 use super::JournalMode;
@@ -129,13 +130,17 @@ pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(x)
 }
 
-pub(super) fn decode_super(b: &[u8]) -> Result<Super, String> {
+pub(super) fn decode_super(b: &[u8]) -> Result<Super, RaidError> {
     let bs = b.len();
     if bs < 64 || ![SB_MAGIC, SB_MAGIC_V1].contains(&u64_at(b, 0)) {
-        return Err("not a journal (no journal superblock)".into());
+        return Err(RaidError::Invalid(
+            "not a journal (no journal superblock)".into(),
+        ));
     }
     if crc32c::crc32c(&b[..bs - 4]) != u32_at(b, bs - 4) {
-        return Err("journal superblock checksum mismatch".into());
+        return Err(RaidError::Invalid(
+            "journal superblock checksum mismatch".into(),
+        ));
     }
     Ok(Super {
         nonce: u64_at(b, 8),
@@ -144,20 +149,24 @@ pub(super) fn decode_super(b: &[u8]) -> Result<Super, String> {
         mode: match b[32] {
             0 => JournalMode::WriteThrough,
             1 => JournalMode::WriteBack,
-            x => return Err(format!("journal superblock names unknown mode {x}")),
+            x => {
+                return Err(RaidError::Invalid(format!(
+                    "journal superblock names unknown mode {x}"
+                )))
+            }
         },
     })
 }
 
 /// A journal block must hold a record header with every entry a record may
 /// have (a 512-byte block holds 29, fewer than a wide RAID5 writes).
-pub fn block_size_ok(dev: &dyn BlockDevice) -> Result<(), String> {
+pub fn block_size_ok(dev: &dyn BlockDevice) -> Result<(), RaidError> {
     let bs = dev.info().block_size as usize;
     if bs < MIN_BLOCK {
-        return Err(format!(
+        return Err(RaidError::Invalid(format!(
             "{}: a journal needs 4096-byte blocks, this device has {bs}",
             dev.info().name
-        ));
+        )));
     }
     Ok(())
 }

@@ -48,6 +48,7 @@ mod checkpoint;
 mod codec;
 mod replay;
 
+use crate::raid::RaidError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,13 +83,13 @@ impl JournalMode {
     }
 
     /// From [`name`](Self::name) (empty: write-through).
-    pub fn parse(s: &str) -> Result<JournalMode, String> {
+    pub fn parse(s: &str) -> Result<JournalMode, RaidError> {
         match s {
             "" | "write-through" => Ok(JournalMode::WriteThrough),
             "write-back" => Ok(JournalMode::WriteBack),
-            _ => Err(format!(
+            _ => Err(RaidError::Invalid(format!(
                 "unknown journal mode {s:?} (write-through or write-back)"
-            )),
+            ))),
         }
     }
 }
@@ -129,7 +130,7 @@ pub struct Journal {
 impl Journal {
     /// Write a fresh write-through journal on `dev` (everything on it is
     /// lost).
-    pub fn format(dev: Arc<dyn BlockDevice>) -> Result<Arc<Journal>, String> {
+    pub fn format(dev: Arc<dyn BlockDevice>) -> Result<Arc<Journal>, RaidError> {
         Self::format_with(dev, JournalMode::WriteThrough)
     }
 
@@ -137,18 +138,21 @@ impl Journal {
     pub fn format_with(
         dev: Arc<dyn BlockDevice>,
         mode: JournalMode,
-    ) -> Result<Arc<Journal>, String> {
+    ) -> Result<Arc<Journal>, RaidError> {
         let bs = dev.info().block_size as usize;
         block_size_ok(dev.as_ref())?;
         let log_blocks = dev.info().num_blocks.saturating_sub(1);
         if log_blocks < 64 {
-            return Err(format!("{}: too small for a journal", dev.info().name));
+            return Err(RaidError::Invalid(format!(
+                "{}: too small for a journal",
+                dev.info().name
+            )));
         }
         let s = Super {
             nonce: u64::from_le_bytes(
                 uuid::Uuid::new_v4().as_bytes()[..8]
                     .try_into()
-                    .map_err(|_| "nonce".to_string())?,
+                    .map_err(|_| RaidError::Invalid("nonce".into()))?,
             ),
             log_blocks,
             checkpoint_seq: 0,
@@ -211,12 +215,12 @@ impl Journal {
     }
 
     /// Write the superblock as things are now.
-    fn write_super(&self) -> Result<(), String> {
+    fn write_super(&self) -> Result<(), RaidError> {
         self.write_super_mode(self.mode())
     }
 
     /// Write the superblock saying `mode`.
-    pub(crate) fn write_super_mode(&self, mode: JournalMode) -> Result<(), String> {
+    pub(crate) fn write_super_mode(&self, mode: JournalMode) -> Result<(), RaidError> {
         let _g = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = Super {
             nonce: self.nonce,
@@ -250,12 +254,14 @@ impl Journal {
         mode: JournalMode,
         volume: &crate::volume::Volume,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), RaidError> {
         if self.has_failed() {
-            return Err("the journal device has failed".into());
+            return Err(RaidError::Invalid("the journal device has failed".into()));
         }
         let wb = mode == JournalMode::WriteBack;
-        let guard = volume.suspend(timeout).map_err(|e| e.to_string())?;
+        let guard = volume
+            .suspend(timeout)
+            .map_err(|e| RaidError::Volume(e.into()))?;
         if wb {
             self.write_super_mode(mode)?;
         }
@@ -270,7 +276,11 @@ impl Journal {
     /// After write-back was turned off: drain the cache to the members
     /// (reclaim riding on flushes sent through the volume's gate, and on
     /// writes) within `timeout`; then the superblock says write-through.
-    pub fn drain(&self, volume: &crate::volume::Volume, timeout: Duration) -> Result<(), String> {
+    pub fn drain(
+        &self,
+        volume: &crate::volume::Volume,
+        timeout: Duration,
+    ) -> Result<(), RaidError> {
         let t = Instant::now();
         let mut last_error = String::new();
         loop {
@@ -282,11 +292,11 @@ impl Journal {
                 break;
             }
             if t.elapsed() > timeout {
-                return Err(format!(
+                return Err(RaidError::Invalid(format!(
                     "{} blocks still to drain to the members after {timeout:?}{}; the volume stays write-back on disk and keeps draining as it writes",
                     self.cache.len(),
                     if last_error.is_empty() { String::new() } else { format!(" (last flush: {last_error})") }
-                ));
+                )));
             }
             // The flush only carries the reclaim: its own failure (a member
             // failing under it) does not stop the drain.
@@ -425,8 +435,8 @@ impl Journal {
     /// up the epoch yet (reclaim rides on writes); call again later.
     pub fn checkpoint(
         &self,
-        flush_members: impl FnOnce() -> Result<(), String>,
-    ) -> Result<bool, String> {
+        flush_members: impl FnOnce() -> Result<(), RaidError>,
+    ) -> Result<bool, RaidError> {
         let c = &self.cache;
         let drained = |c: &WriteCache, epoch: u64| {
             let t = Instant::now();
@@ -459,7 +469,9 @@ impl Journal {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.outstanding[(old % 2) as usize].load(Ordering::SeqCst) > 0 {
             if Instant::now() > deadline {
-                return Err("journal records did not reach the members within 30 s".into());
+                return Err(RaidError::Invalid(
+                    "journal records did not reach the members within 30 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -522,9 +534,9 @@ mod tests {
     fn small_blocks_are_refused_and_the_first_superblock_version_still_opens() {
         let small: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("s", 512, 1024).unwrap());
         let err = Journal::format(small.clone()).err().unwrap();
-        assert!(err.contains("4096-byte blocks"), "{err}");
+        assert!(err.to_string().contains("4096-byte blocks"), "{err}");
         let err = Journal::replay(small, &[], None).err().unwrap();
-        assert!(err.contains("4096-byte blocks"), "{err}");
+        assert!(err.to_string().contains("4096-byte blocks"), "{err}");
         // A journal whose superblock is the first version opens, and its
         // replay rewrites the superblock as the current one.
         let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());

@@ -2,6 +2,7 @@
 //! goes to the members again, write-through records first, then the
 //! write-back data still newer than them (with parity brought along).
 
+use crate::raid::RaidError;
 use std::sync::Arc;
 
 use bdev::{BlockDevice, IoOp};
@@ -34,17 +35,18 @@ impl Journal {
         dev: Arc<dyn BlockDevice>,
         members: &[Option<Arc<dyn BlockDevice>>],
         geo: Option<&Raid5Geometry>,
-    ) -> Result<(Arc<Journal>, ReplayReport), String> {
+    ) -> Result<(Arc<Journal>, ReplayReport), RaidError> {
         let bs = dev.info().block_size as usize;
         block_size_ok(dev.as_ref())?;
         let mut b = vec![0u8; bs];
         sync(dev.as_ref(), IoOp::Read, 0, &mut b)?;
-        let s = decode_super(&b).map_err(|e| format!("{}: {e}", dev.info().name))?;
+        let s = decode_super(&b)
+            .map_err(|e| RaidError::Invalid(format!("{}: {e}", dev.info().name)))?;
         if s.log_blocks + 1 > dev.info().num_blocks {
-            return Err(format!(
+            return Err(RaidError::Invalid(format!(
                 "{}: journal superblock claims a log larger than the device",
                 dev.info().name
-            ));
+            )));
         }
         // Read the whole log, in pieces the device takes at once.
         let step = (dev.info().max_transfer as usize / bs).clamp(1, 1024);
@@ -121,7 +123,9 @@ impl Journal {
                     );
                     let len = count * bs;
                     if data + len > end {
-                        return Err(format!("journal record {seq} is inconsistent"));
+                        return Err(RaidError::Invalid(format!(
+                            "journal record {seq} is inconsistent"
+                        )));
                     }
                     let run = &log[data..data + len];
                     data += len;
@@ -136,7 +140,7 @@ impl Journal {
                         continue;
                     }
                     let geo = geo.ok_or_else(|| {
-                        format!("journal record {seq} holds write-back data, which needs a RAID5 volume's geometry")
+                        RaidError::Invalid(format!("journal record {seq} holds write-back data, which needs a RAID5 volume's geometry"))
                     })?;
                     // Sub-runs of blocks no later write-through record wrote.
                     let mut k0 = 0;
@@ -204,18 +208,18 @@ fn replay_volume_run(
     member: usize,
     block: u64,
     new: &[u8],
-) -> Result<(), String> {
+) -> Result<(), RaidError> {
     if block < geo.data_offset() || member >= geo.members() as usize {
-        return Err(format!(
+        return Err(RaidError::Invalid(format!(
             "write-back record names member {member} block {block}, outside the volume"
-        ));
+        )));
     }
     let stripe = (block - geo.data_offset()) / geo.chunk_blocks();
     let parity = geo.parity_member(stripe) as usize;
     if parity == member {
-        return Err(format!(
+        return Err(RaidError::Invalid(format!(
             "write-back record puts data on the parity member of stripe {stripe}"
-        ));
+        )));
     }
     let dev = |m: usize| members.get(m).and_then(|d| d.as_ref());
     let len = new.len();
@@ -244,9 +248,9 @@ fn replay_volume_run(
             let mut par = new.to_vec();
             for &o in &others {
                 if dev(o).is_none() {
-                    return Err(format!(
+                    return Err(RaidError::Invalid(format!(
                         "stripe {stripe} misses two members; its write-back data cannot be placed"
-                    ));
+                    )));
                 }
                 xor_into(&mut par, &[&read(io, o)?]);
             }
@@ -275,11 +279,11 @@ impl Overlay {
         m: usize,
         block: u64,
         len: usize,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, RaidError> {
         let dev = members
             .get(m)
             .and_then(|d| d.as_ref())
-            .ok_or_else(|| format!("replay read of missing member {m}"))?;
+            .ok_or_else(|| RaidError::Invalid(format!("replay read of missing member {m}")))?;
         let mut b = vec![0u8; len];
         sync(dev.as_ref(), IoOp::Read, block, &mut b)?;
         for (i, chunk) in b.chunks_exact_mut(self.bs).enumerate() {
@@ -296,12 +300,12 @@ impl Overlay {
         m: usize,
         block: u64,
         data: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), RaidError> {
         if self.direct {
             let dev = members
                 .get(m)
                 .and_then(|d| d.as_ref())
-                .ok_or_else(|| format!("replay write to missing member {m}"))?;
+                .ok_or_else(|| RaidError::Invalid(format!("replay write to missing member {m}")))?;
             return sync(dev.as_ref(), IoOp::Write, block, &mut data.to_vec());
         }
         for (i, chunk) in data.chunks_exact(self.bs).enumerate() {
@@ -322,7 +326,7 @@ fn log_overlay(
     found: &[(u64, usize, usize)],
     overlay: &Overlay,
     max_seq: u64,
-) -> Result<u64, String> {
+) -> Result<u64, RaidError> {
     let bs = overlay.bs;
     let total = s.log_blocks as usize;
     // Runs of consecutive blocks per member, then records of at most
@@ -388,10 +392,10 @@ fn log_overlay(
             pos += total - pos % total;
         }
         if pos + blocks > limit {
-            return Err(format!(
+            return Err(RaidError::Invalid(format!(
                 "the journal has no free room to log the replay of a degraded volume ({} blocks needed)",
                 blocks
-            ));
+            )));
         }
         seq += 1;
         seal(r, bs, seq);
