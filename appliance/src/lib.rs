@@ -1,5 +1,9 @@
-//! The storage appliance: reactors, devices and (as later issues land)
-//! volumes and exports, wired together.
+//! The storage appliance: reactors, devices, RAID volumes and their
+//! journal, vhost-user-blk exports and the management API, wired together.
+//! Data flows one way: export (`export`) -> volume (`volume`, `raid`) ->
+//! device (the `bdev` and `nvme` crates); every change to a volume goes
+//! through its one transaction (`raid::transaction`), every operator call
+//! through the `manager`.
 #![deny(missing_docs)]
 
 pub mod api;

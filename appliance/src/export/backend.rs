@@ -67,6 +67,18 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
+/// Why a queue did not move.
+enum MoveError {
+    Parked,
+    Vu(VuError),
+}
+
+impl From<VuError> for MoveError {
+    fn from(e: VuError) -> MoveError {
+        MoveError::Vu(e)
+    }
+}
+
 struct Running {
     core: usize,
     shared: Arc<QueueShared>,
@@ -214,36 +226,80 @@ impl Handler {
         Ok(())
     }
 
+    /// Writes the running queues hold for a suspended range.
+    pub fn parked_writes(&self) -> u64 {
+        self.vrings
+            .iter()
+            .filter_map(|v| v.running.as_ref())
+            .map(|r| r.shared.parked())
+            .sum()
+    }
+
     /// Run queue `index` on reactor `core` from now on: stop it (its
     /// requests in flight drain), record the core, start it there again
     /// from where it stopped.
-    pub fn move_queue(&mut self, index: u32, core: usize) -> VuResult<()> {
+    pub fn move_queue(&mut self, index: u32, core: usize) -> Result<(), String> {
+        self.move_queue_vu(index, core).map_err(|e| match e {
+            MoveError::Parked => {
+                "it holds writes to a suspended range; resume the range first".into()
+            }
+            MoveError::Vu(e) => e.to_string(),
+        })
+    }
+
+    fn move_queue_vu(&mut self, index: u32, core: usize) -> Result<(), MoveError> {
         let running = self.vring(index)?.running.is_some();
         if !running {
             self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = core;
             return Ok(());
+        }
+        if self
+            .vring(index)?
+            .running
+            .as_ref()
+            .is_some_and(|r| r.shared.parked() > 0)
+        {
+            return Err(MoveError::Parked);
         }
         let kick = self
             .vring(index)?
             .running
             .as_mut()
             .and_then(|r| r.kick.take());
-        self.stop(index)?;
+        if let Err(e) = self.stop_with(index, true) {
+            // Still running where it was: it keeps its kick.
+            if let Some(r) = self.vring(index)?.running.as_mut() {
+                r.kick = kick;
+                return Err(MoveError::Parked);
+            }
+            return Err(e.into());
+        }
         self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = core;
         let v = self.vring(index)?;
         if v.kick.is_none() {
             v.kick = kick;
         }
-        self.try_start(index)
+        Ok(self.try_start(index)?)
     }
 
     fn stop(&mut self, index: u32) -> VuResult<()> {
+        self.stop_with(index, false)
+    }
+
+    /// Stop queue `index`; `keep_parked`: only once no write waits for a
+    /// suspended range (a move), else the stop is taken back after the
+    /// time-out and the queue goes on.
+    fn stop_with(&mut self, index: u32, keep_parked: bool) -> VuResult<()> {
         let set = self.set.clone();
         let v = self.vring(index)?;
         let Some(r) = v.running.take() else {
             return Ok(());
         };
-        r.shared.request_stop();
+        if keep_parked {
+            r.shared.request_stop_keeping_parked();
+        } else {
+            r.shared.request_stop();
+        }
         // Wake the reactor if it sleeps; a full inbox means it is awake.
         let _ = set.send(r.core, Box::new(|_| {}));
         let deadline = std::time::Instant::now() + STOP_TIMEOUT;
@@ -257,6 +313,20 @@ impl Handler {
                 Ok(())
             }
             None if set.is_stopped() => Ok(()),
+            None if keep_parked => {
+                if !r.shared.cancel_stop() {
+                    // It stopped just now after all.
+                    if let Some((next_avail, _)) = r.shared.wait_stopped(Duration::ZERO) {
+                        v.base = next_avail;
+                    }
+                    return Ok(());
+                }
+                // It holds writes for a suspended range: it stays.
+                v.running = Some(r);
+                Err(invalid(&format!(
+                    "vring {index} holds writes to a suspended range; resume the range first"
+                )))
+            }
             None => Err(invalid(&format!(
                 "vring {index} did not drain within {STOP_TIMEOUT:?}"
             ))),

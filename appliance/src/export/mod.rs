@@ -105,6 +105,10 @@ pub enum ExportError {
     /// The volume could not be quiesced.
     #[error("quiescing the volume: {0}")]
     Quiesce(#[from] poller::QuiesceError),
+    /// The export's state does not allow the change now (a queue holding
+    /// writes to a suspended range cannot move).
+    #[error("export {0}: {1}")]
+    Busy(String, String),
 }
 
 /// What the control thread and the protocol handler share.
@@ -389,6 +393,20 @@ impl Export {
         }
     }
 
+    /// Writes the queues hold for the volume's suspended range now.
+    pub fn parked_writes(&self) -> u64 {
+        let handler = self
+            .shared
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|w| w.upgrade());
+        handler.map_or(0, |h| {
+            h.lock().unwrap_or_else(|e| e.into_inner()).parked_writes()
+        })
+    }
+
     /// Whether a queue was moved at runtime.
     pub fn queues_moved(&self) -> bool {
         self.shared.moved.load(Ordering::SeqCst)
@@ -437,10 +455,7 @@ impl Export {
         };
         let mut h = handler.lock().unwrap_or_else(|e| e.into_inner());
         h.move_queue(queue as u32, core)
-            .map_err(|e| ExportError::InvalidArgument {
-                field: "queue",
-                reason: format!("moving queue {queue}: {e}"),
-            })
+            .map_err(|e| ExportError::Busy(self.name.clone(), format!("moving queue {queue}: {e}")))
     }
 
     /// Delete the export. With a frontend connected this is refused unless

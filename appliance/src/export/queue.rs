@@ -34,6 +34,11 @@ const IDLE_POLLS: u32 = 32;
 #[derive(Default)]
 pub struct QueueShared {
     stop: AtomicBool,
+    /// A stop that must keep parked writes (a move to another reactor):
+    /// the runner stops only with none parked.
+    keep_parked: AtomicBool,
+    /// Writes parked by a suspended range now.
+    parked: AtomicU64,
     call_gen: AtomicU64,
     call: Mutex<Option<Arc<File>>>,
     stopped: Mutex<Option<(u16, u16)>>,
@@ -50,6 +55,31 @@ impl QueueShared {
     /// Ask the runner to stop once its in-flight requests are done.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Ask the runner to stop once its in-flight requests are done and no
+    /// write waits for a suspended range (those were taken from the ring:
+    /// a runner started elsewhere would never answer them).
+    pub fn request_stop_keeping_parked(&self) {
+        self.keep_parked.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the runner holds for a suspended range now.
+    pub fn parked(&self) -> u64 {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    /// Take back a stop request the runner has not acted on: false if it
+    /// has stopped already (decided under the same lock as its stop).
+    pub fn cancel_stop(&self) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if stopped.is_some() {
+            return false;
+        }
+        self.stop.store(false, Ordering::SeqCst);
+        self.keep_parked.store(false, Ordering::SeqCst);
+        true
     }
 
     /// Wait for the runner to stop; returns (next_avail, next_used).
@@ -276,8 +306,9 @@ impl Runner {
             self.signal();
             // The channel is dropped with the runner: let it finish its
             // own work here rather than block the reactor in its drop.
-            if self.inflight() == 0 && !channel_busy {
-                self.finish(ctx);
+            let parked_ok =
+                self.parked.is_empty() || !self.shared.keep_parked.load(Ordering::Relaxed);
+            if self.inflight() == 0 && !channel_busy && parked_ok && self.finish(ctx) {
                 return PollState::Done;
             }
             return PollState::Busy;
@@ -288,6 +319,7 @@ impl Runner {
         if !self.parked.is_empty() && self.suspended.version() != self.parked_version {
             // The range moved: parked writes go again, in their order.
             self.resubmit.extend(self.parked.drain(..));
+            self.shared.parked.store(0, Ordering::SeqCst);
         }
         // A new generation is served only once its channel is open (the
         // old one may still finish work of its own first).
@@ -424,6 +456,9 @@ impl Runner {
                         self.parked_version = version;
                     }
                     self.parked.push(head);
+                    self.shared
+                        .parked
+                        .store(self.parked.len() as u64, Ordering::SeqCst);
                     self.vol_gate.end();
                     self.mem_gate.end();
                 }
@@ -574,14 +609,20 @@ impl Runner {
         unsafe { libc::read(self.kick.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
     }
 
-    fn finish(&mut self, ctx: &mut Ctx) {
-        ctx.unwatch_fd(self.kick.as_raw_fd());
-        let state = (self.ring.next_avail(), self.ring.next_used());
-        *self
+    /// Stop, if the stop was not taken back meanwhile (`cancel_stop`).
+    fn finish(&mut self, ctx: &mut Ctx) -> bool {
+        let mut stopped = self
             .shared
             .stopped
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(state);
+            .unwrap_or_else(|e| e.into_inner());
+        if !self.shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        ctx.unwatch_fd(self.kick.as_raw_fd());
+        *stopped = Some((self.ring.next_avail(), self.ring.next_used()));
+        drop(stopped);
         self.shared.stopped_cv.notify_all();
+        true
     }
 }

@@ -149,6 +149,7 @@ impl Manager {
             ))),
             Some(p) => {
                 p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                crate::raid::worker::wake(&self.shared.set);
                 Ok(self.view(&v))
             }
         }

@@ -105,7 +105,9 @@ fn from_export(e: ExportError) -> MgmtError {
     match e {
         ExportError::InvalidArgument { field, reason } => invalid(field, reason),
         ExportError::AlreadyExists(_) => MgmtError::AlreadyExists(e.to_string()),
-        ExportError::Connected(_) => MgmtError::FailedPrecondition(e.to_string()),
+        ExportError::Connected(_) | ExportError::Busy(..) => {
+            MgmtError::FailedPrecondition(e.to_string())
+        }
         ExportError::Quiesce(q) => from_quiesce("export", q),
         ExportError::Os { .. } => MgmtError::Internal(e.to_string()),
     }

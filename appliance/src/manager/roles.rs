@@ -130,6 +130,22 @@ impl RoleBook {
         }
     }
 
+    /// Make the register say what `volume` holds now: `held` (device,
+    /// role) and nothing else (changes made before the volume was in the
+    /// inventory, or devices left out at its assembly).
+    pub fn reconcile(&self, volume: &str, held: &[(String, Role)]) {
+        let mut m = lock(&self.map);
+        for (name, e) in m.iter_mut() {
+            let want = held.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
+            let ours = e.holder.as_ref().is_some_and(|(v, _)| v == volume);
+            match want {
+                Some(r) if e.holder.is_none() || ours => e.holder = Some((volume.to_string(), r)),
+                None if ours => e.holder = None,
+                _ => {}
+            }
+        }
+    }
+
     /// Free every device `volume` holds.
     pub fn release_volume(&self, volume: &str) {
         for e in lock(&self.map).values_mut() {
@@ -180,6 +196,18 @@ mod tests {
         // Another object under the same name is not the attached device.
         let other = ram("d1");
         assert!(book.claim(&other, "x", Role::Member, None).is_err());
+        // The register takes over what a volume holds: its own roles set,
+        // the rest of its devices freed, other volumes' left alone.
+        book.claim(&d1, "x", Role::Spare, None).unwrap();
+        book.reconcile(
+            "v",
+            &[("d0".into(), Role::Failed), ("d1".into(), Role::Member)],
+        );
+        assert_eq!(book.holder("d0"), Some(("v".into(), Role::Failed)));
+        assert_eq!(book.holder("d1"), Some(("x".into(), Role::Spare)));
+        book.reconcile("v", &[]);
+        assert_eq!(book.holder("d0"), None);
+        book.claim(&d0, "v", Role::Member, None).unwrap();
         book.release_volume("v");
         book.detach("d0").unwrap();
         assert!(book.claim(&d0, "v", Role::Member, None).is_err());

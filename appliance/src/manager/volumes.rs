@@ -367,15 +367,45 @@ impl Manager {
         let (volume, monitor) = started;
         let decl = Arc::new(Mutex::new(decl));
         if let Some(m) = &monitor {
-            m.set_hooks(Arc::new(Hooks {
+            let hooks = Arc::new(Hooks {
                 volume: volume.name().to_string(),
                 shared: Arc::downgrade(&self.shared),
                 decl: decl.clone(),
-            }));
-            // What the monitor sees now is what the state file keeps.
-            let snap = m.snapshot();
-            let mut d = lock(&decl);
-            *d = decl_from(&snap, &d);
+            });
+            // What the monitor holds when the hooks attach is what the
+            // state file keeps, and what the register says each device is
+            // (changes its start made before the hooks, devices its
+            // assembly left out).
+            m.attach_hooks(hooks, |snap| {
+                let mut held: Vec<(String, Role)> = snap
+                    .members
+                    .iter()
+                    .zip(&snap.states)
+                    .filter(|(d, _)| !d.is_empty())
+                    .map(|(d, st)| {
+                        let role = if *st == MemberState::Failed {
+                            Role::Failed
+                        } else {
+                            Role::Member
+                        };
+                        (d.clone(), role)
+                    })
+                    .collect();
+                held.extend(snap.spares.iter().map(|d| (d.clone(), Role::Spare)));
+                held.extend(
+                    snap.replacing
+                        .iter()
+                        .map(|(_, d)| (d.clone(), Role::Replacement)),
+                );
+                held.extend(
+                    snap.journal
+                        .iter()
+                        .map(|j| (j.device().info().name.clone(), Role::Journal)),
+                );
+                self.shared.roles.reconcile(volume.name(), &held);
+                let mut d = lock(&decl);
+                *d = decl_from(snap, &d);
+            });
         }
         let name = volume.name().to_string();
         self.inv().volumes.insert(

@@ -315,6 +315,18 @@ pub fn new_bitmap(
     sb: &Superblock,
     chunk_bytes: u64,
 ) -> Result<Arc<Bitmap>, RaidError> {
+    let b = bitmap_in_memory(device, sb, chunk_bytes)?;
+    write_clear_bitmap(device, &b)?;
+    Ok(b)
+}
+
+/// A clear write-intent bitmap of `chunk_bytes` regions for `device`, in
+/// memory only (see [`write_clear_bitmap`]).
+pub fn bitmap_in_memory(
+    device: &dyn RaidDevice,
+    sb: &Superblock,
+    chunk_bytes: u64,
+) -> Result<Arc<Bitmap>, RaidError> {
     if !bitmap::fits(sb.data_offset, sb.block_size) {
         return Err(RaidError::Invalid(format!(
             "the data offset ({} blocks) leaves no room for a bitmap: it needs {} bytes after the superblock",
@@ -324,7 +336,12 @@ pub fn new_bitmap(
     }
     let rows = device.rows();
     let rpb = bitmap::rows_per_bit(&rows, chunk_bytes);
-    let b = Arc::new(Bitmap::new(&rows, rpb, sb.volume_uuid)?);
+    Ok(Arc::new(Bitmap::new(&rows, rpb, sb.volume_uuid)?))
+}
+
+/// Write bitmap `b`, clear, to `device`'s members that are not failed, and
+/// hand them to it.
+pub fn write_clear_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), RaidError> {
     let members = live_members(device);
     let (ok, errors) = b.write_to(&members, &b.snapshot());
     if ok < members.len() {
@@ -334,7 +351,7 @@ pub fn new_bitmap(
         )));
     }
     b.set_members(members);
-    Ok(b)
+    Ok(())
 }
 
 /// The devices of `device`'s members that are not failed.

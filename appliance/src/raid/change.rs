@@ -35,8 +35,9 @@ pub enum Change {
     Rebuilt(usize),
     /// The rebuild of `slot` cannot go on (its sources are gone).
     RebuildFailed(usize, String),
-    /// Start copying in-sync `slot` to `dev` (md's --replace).
-    ReplaceStart(usize, Arc<dyn BlockDevice>),
+    /// Start copying the in-sync member on the device named here to `dev`
+    /// (md's --replace).
+    ReplaceStart(String, Arc<dyn BlockDevice>),
     /// The replacement's copy finished: the new device takes the slot.
     ReplaceDone,
     /// The replacement's copy stopped: the slot keeps its device.
@@ -75,7 +76,7 @@ impl std::fmt::Debug for Change {
             Change::UseSpare => write!(f, "use a spare"),
             Change::Rebuilt(s) => write!(f, "slot {s} rebuilt"),
             Change::RebuildFailed(s, why) => write!(f, "rebuild of slot {s} failed: {why}"),
-            Change::ReplaceStart(s, d) => write!(f, "replace slot {s} by {}", d.info().name),
+            Change::ReplaceStart(s, d) => write!(f, "replace {s} by {}", d.info().name),
             Change::ReplaceDone => write!(f, "replacement done"),
             Change::ReplaceAborted(why) => write!(f, "replacement given up: {why}"),
             Change::AddSpare(d) => write!(f, "add spare {}", d.info().name),
@@ -191,6 +192,9 @@ pub(crate) struct Plan {
     pub flush_first: Vec<Arc<dyn BlockDevice>>,
     /// Devices whose old superblock is erased (a new spare or replacement).
     pub erase: Vec<Arc<dyn BlockDevice>>,
+    /// A new write-intent bitmap, written clear to the members before the
+    /// superblocks name it.
+    pub new_bitmap: Option<Arc<Bitmap>>,
     /// The journal superblock to write (mode), before the publish.
     pub journal_super: Option<(Arc<Journal>, JournalMode)>,
     pub settings: Vec<Setting>,
@@ -333,6 +337,9 @@ pub(crate) fn plan(
             if set.members.get(slot).map(|m| m.state) != Some(MemberState::Rebuilding) {
                 return Ok(Plan::default()); // the slot failed meanwhile
             }
+            // What the rebuild wrote must be durable before the superblocks
+            // say the member is in sync.
+            p.flush_first.push(set.members[slot].dev.clone());
             p.next = Some(cur.with_member_in_sync(slot).map_err(bdev_err)?);
             p.record = true;
             p.template = Some(Box::new(|t| t.rebuild_checkpoint = 0));
@@ -349,7 +356,8 @@ pub(crate) fn plan(
             let Some(m) = set.members.get(slot) else {
                 return Ok(Plan::default());
             };
-            if m.state != MemberState::Rebuilding || busy(s) {
+            // (The worker that says so has stopped, or is stopping.)
+            if m.state != MemberState::Rebuilding {
                 return Ok(Plan::default());
             }
             // Nothing can rebuild it: the slot is failed again, and its
@@ -359,8 +367,10 @@ pub(crate) fn plan(
             p.next = Some(cur.with_member_failed(slot).map_err(bdev_err)?);
             p.record = true;
         }
-        Change::ReplaceStart(slot, dev) => {
-            let old = set.members[slot].dev.info().name.clone();
+        Change::ReplaceStart(old, dev) => {
+            let Some(slot) = slot_of(cur.as_ref(), &old) else {
+                return Err(OpError::NotFound(old));
+            };
             if set.members[slot].recorded_state() != MemberState::InSync {
                 return precondition(format!(
                     "{old} is not in sync; a failed member is replaced by adding a spare"
@@ -394,6 +404,14 @@ pub(crate) fn plan(
             let Some(r) = set.replacing.clone() else {
                 return Ok(Plan::default()); // given up meanwhile
             };
+            // Only a copy that reached the end, of a device that missed no
+            // write (a late event may be about an earlier replacement, or a
+            // write may have failed on the new device meanwhile: its
+            // abort follows).
+            if r.cursor.load(Ordering::SeqCst) < cur.rows().count || r.failed.load(Ordering::SeqCst)
+            {
+                return Ok(Plan::default());
+            }
             let old = set.members[r.slot].dev.info().name.clone();
             // What the copy wrote must be durable before the superblocks
             // name it.
@@ -537,8 +555,9 @@ pub(crate) fn plan(
                     )
                 }
                 Some(chunk) => {
-                    let b = super::assembly::new_bitmap(cur.as_ref(), &template, chunk)
+                    let b = super::assembly::bitmap_in_memory(cur.as_ref(), &template, chunk)
                         .map_err(|e| OpError::FailedPrecondition(e.to_string()))?;
+                    p.new_bitmap = Some(b.clone());
                     let rpb = b.rows_per_bit();
                     let next = cur.with_member_set(set.with_bitmap(Some(b.clone())));
                     // Writes from before the bitmap may still sit in the

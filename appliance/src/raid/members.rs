@@ -381,9 +381,12 @@ impl HeldCompletions {
 pub struct ReplaceChannel {
     /// The slot being replaced.
     pub slot: usize,
-    ch: Box<dyn IoChannel>,
+    /// `None` if it could not be opened (the replacement is failed).
+    ch: Option<Box<dyn IoChannel>>,
     deferred: std::collections::VecDeque<IoRequest>,
-    failed: bool,
+    /// The replacement's flag, shared by every core (see
+    /// [`Replacement::failed`]).
+    failed: Arc<AtomicBool>,
 }
 
 impl ReplaceChannel {
@@ -392,20 +395,37 @@ impl ReplaceChannel {
         let Some(r) = &set.replacing else {
             return Ok(None);
         };
+        // A new device that cannot be opened fails the replacement, not
+        // the volume's channel: the slot's own device has the data.
+        let ch = match r.dev.open_channel() {
+            Ok(ch) => Some(ch),
+            Err(e) => {
+                if !r.failed.swap(true, Ordering::SeqCst) {
+                    set.failures.event(Event::RebuildAborted(
+                        set.members.len(),
+                        format!("the replacement device cannot be opened: {e}"),
+                    ));
+                }
+                None
+            }
+        };
         Ok(Some(ReplaceChannel {
             slot: r.slot,
-            ch: r.dev.open_channel()?,
+            ch,
             deferred: Default::default(),
-            failed: false,
+            failed: r.failed.clone(),
         }))
     }
 
     /// Send a copy of a write to the slot; false if none was sent (the
     /// replacement failed already).
     pub fn send(&mut self, op: IoOp, block: u64, blocks: u64, sg: SgList, tag: u64) -> bool {
-        if self.failed {
+        if self.failed.load(Ordering::Acquire) {
             return false;
         }
+        let Some(ch) = self.ch.as_mut() else {
+            return false;
+        };
         let req = IoRequest {
             op,
             offset_blocks: block,
@@ -417,7 +437,7 @@ impl ReplaceChannel {
             self.deferred.push_back(req);
             return true;
         }
-        if let Err(SubmitError::Busy(req)) = self.ch.submit(req) {
+        if let Err(SubmitError::Busy(req)) = ch.submit(req) {
             self.deferred.push_back(req);
         }
         true
@@ -425,22 +445,26 @@ impl ReplaceChannel {
 
     /// Collect completions (and send what waited for room).
     pub fn poll(&mut self, out: &mut Vec<Completion>) {
+        let Some(ch) = self.ch.as_mut() else {
+            return;
+        };
         while let Some(req) = self.deferred.pop_front() {
-            if let Err(SubmitError::Busy(req)) = self.ch.submit(req) {
+            if let Err(SubmitError::Busy(req)) = ch.submit(req) {
                 self.deferred.push_front(req);
                 break;
             }
         }
-        if self.ch.inflight() > 0 {
-            self.ch.poll(out);
+        if ch.inflight() > 0 {
+            ch.poll(out);
         }
     }
 
     /// A write to the new device failed: tell the monitor once, under the
     /// replacement's event (the slot after the last member's).
     pub fn fail(&mut self, sink: &FailureSink, members: usize, e: IoError) {
-        if !self.failed {
-            self.failed = true;
+        // Shared by every core: a write acknowledged without the new device
+        // means it can never take the slot.
+        if !self.failed.swap(true, Ordering::SeqCst) {
             sink.event(Event::RebuildAborted(
                 members,
                 format!("the replacement device failed a write: {e}"),
@@ -653,6 +677,10 @@ pub struct Replacement {
     pub dev: Arc<dyn BlockDevice>,
     /// Rows copied.
     pub cursor: Arc<AtomicU64>,
+    /// Set by the first write to the new device that fails (or a channel
+    /// that cannot open it), on any core: a guest write was acknowledged
+    /// without it, so it must never take the slot.
+    pub failed: Arc<AtomicBool>,
 }
 
 impl MemberSet {
@@ -703,6 +731,7 @@ impl MemberSet {
                 slot,
                 dev,
                 cursor: Arc::new(AtomicU64::new(0)),
+                failed: Arc::default(),
             }),
             ..self.clone()
         })

@@ -564,7 +564,18 @@ impl Monitor {
 
     /// Tell `hooks` about role changes and state to persist from now on.
     pub fn set_hooks(&self, hooks: Arc<dyn VolumeHooks>) {
+        self.attach_hooks(hooks, |_| {});
+    }
+
+    /// [`set_hooks`](Self::set_hooks), and hand `now` the state as it is
+    /// then, with no change in between (so an owner can take over what
+    /// changes made before the hooks did).
+    pub fn attach_hooks(&self, hooks: Arc<dyn VolumeHooks>, now: impl FnOnce(&Snapshot)) {
+        let s = lock(&self.inner.state);
         *lock(&self.inner.hooks) = hooks;
+        now(&s
+            .published()
+            .snapshot(self.inner.pending_count(), self.inner.deferred()));
     }
 
     /// How long a change waits for the volume's IO to drain.
@@ -659,8 +670,13 @@ impl Monitor {
         };
         // Not under the state lock: the drain is IO through the gate, and
         // a member failing meanwhile must be able to change the volume.
-        j.drain(&self.inner.volume, self.inner.timeout())
-            .map_err(|e| OpError::DeadlineExceeded(e.to_string()))
+        // The switch is made: a drain left unfinished goes on as the
+        // volume writes (and the view counts what is still cached), so it
+        // is no failure of the call.
+        if let Err(e) = j.drain(&self.inner.volume, self.inner.timeout()) {
+            tracing::warn!(volume = self.inner.volume.name(), error = %e, "journal switched to write-through; its cache is still draining");
+        }
+        Ok(())
     }
 
     /// Its journal, if it has one.
@@ -677,15 +693,7 @@ impl Monitor {
         name: &str,
         dev: Arc<dyn BlockDevice>,
     ) -> Result<Arc<RebuildProgress>, OpError> {
-        let slot = {
-            let s = self.inner.change_lock()?;
-            s.current
-                .member_devices()
-                .iter()
-                .position(|d| d.info().name == name)
-                .ok_or_else(|| OpError::NotFound(name.to_string()))?
-        };
-        let p = self.change_started(Change::ReplaceStart(slot, dev.clone()))?;
+        let p = self.change_started(Change::ReplaceStart(name.to_string(), dev.clone()))?;
         tracing::info!(
             volume = self.inner.volume.name(),
             member = name,
@@ -851,6 +859,7 @@ impl Monitor {
         lock(&self.inner.pending).clear();
         if let Some(p) = s.rebuild.as_ref() {
             p.cancel.store(true, Ordering::SeqCst);
+            super::worker::wake(&self.inner.set);
             let t = Instant::now();
             while !p.is_finished() && t.elapsed() < self.inner.timeout() {
                 std::thread::sleep(Duration::from_millis(1));

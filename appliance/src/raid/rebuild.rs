@@ -615,6 +615,11 @@ impl Rebuilder {
         self.walk.blocked
     }
 
+    /// Asked to stop.
+    pub fn cancelled(&self) -> bool {
+        self.walk.progress.cancel.load(Ordering::SeqCst)
+    }
+
     /// Stop at once with `why` (between rows: nothing in flight).
     pub fn stop(&mut self, why: String) {
         self.walk.stop(Some(why));
@@ -687,6 +692,11 @@ impl Scrubber {
     /// Waiting for a new generation.
     pub fn blocked(&self) -> bool {
         self.walk.blocked
+    }
+
+    /// Asked to stop.
+    pub fn cancelled(&self) -> bool {
+        self.walk.progress.cancel.load(Ordering::SeqCst)
     }
 
     /// Move the walk past rows outside the dirty regions.

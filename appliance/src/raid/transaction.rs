@@ -86,7 +86,10 @@ impl Inner {
             .behind
             .drain(timeout)
             .map_err(OpError::DeadlineExceeded)?;
-        revalidate(s, change)?;
+        if !revalidate(s, change)? {
+            // Overtaken while the volume drained: nothing to do.
+            return Ok(Vec::new());
+        }
         let hooks = self.hooks();
         let mut claimed: Vec<(String, Option<change::Role>)> = Vec::new();
         let undo = |claimed: &[(String, Option<change::Role>)]| {
@@ -133,12 +136,27 @@ impl Inner {
                 )));
             }
         }
+        if let Some(b) = &plan.new_bitmap {
+            if let Err(e) = super::assembly::write_clear_bitmap(device.as_ref(), b) {
+                undo(&claimed);
+                return Err(OpError::Internal(e.to_string()));
+            }
+        }
         for d in &plan.flush_first {
             if let Err(e) = super::metaio::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
                 undo(&claimed);
                 return Err(OpError::Internal(e.to_string()));
             }
         }
+        // The record as it was, to put back if the publish fails (the
+        // volume was deleted meanwhile): memory never names a generation
+        // that was not published.
+        let recorded_before = self
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| (r.meta.clone(), r.device.clone(), r.clean));
         if plan.record {
             let mut rec = self.meta.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(r) = rec.as_mut() {
@@ -191,6 +209,10 @@ impl Inner {
                 .publish(&guard, VolumeConfig::raid(next.clone()))
             {
                 undo(&claimed);
+                let mut rec = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+                if let (Some(r), Some((meta, device, clean))) = (rec.as_mut(), recorded_before) {
+                    (r.meta, r.device, r.clean) = (meta, device, clean);
+                }
                 return Err(quiesce_error(e));
             }
         }
@@ -235,18 +257,39 @@ impl Inner {
 }
 
 /// What can change between planning and the suspend, checked again once
-/// nothing is in flight.
-fn revalidate(s: &MonitorState, change: &Change) -> Result<(), OpError> {
-    if let Change::SetJournal(None) = change {
-        if let Some(j) = s.current.journal() {
-            let c = j.cache();
-            if !c.is_empty() || c.pending() > 0 {
-                return Err(OpError::FailedPrecondition(format!(
-                    "{} acknowledged blocks are still only in the journal's cache; retry once they have drained",
-                    c.len() + c.pending()
-                )));
+/// nothing is in flight: an error refuses the change, `false` says it no
+/// longer applies (and nothing is done).
+fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
+    match change {
+        Change::SetJournal(None) => {
+            if let Some(j) = s.current.journal() {
+                let c = j.cache();
+                if !c.is_empty() || c.pending() > 0 {
+                    return Err(OpError::FailedPrecondition(format!(
+                        "the journal is write-through now, but {} acknowledged blocks are still only in its cache; retry the removal once they have drained",
+                        c.len() + c.pending()
+                    )));
+                }
             }
         }
+        // A member may have gone while the volume drained.
+        Change::Scrub(..) => {
+            s.current
+                .scrub_members()
+                .map_err(OpError::FailedPrecondition)?;
+        }
+        // A write may have failed on the new device while the volume
+        // drained (and its abort is on the way).
+        Change::ReplaceDone
+            if s.current
+                .member_set()
+                .replacing
+                .as_ref()
+                .is_none_or(|r| r.failed.load(std::sync::atomic::Ordering::SeqCst)) =>
+        {
+            return Ok(false);
+        }
+        _ => {}
     }
-    Ok(())
+    Ok(true)
 }

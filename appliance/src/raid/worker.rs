@@ -105,8 +105,8 @@ impl Walker {
 
     fn blocked(&self) -> bool {
         match self {
-            Walker::Rebuild(r) => r.blocked(),
-            Walker::Scrub(s) => s.blocked(),
+            Walker::Rebuild(r) => r.blocked() && !r.cancelled(),
+            Walker::Scrub(s) => s.blocked() && !s.cancelled(),
         }
     }
 
@@ -226,6 +226,12 @@ impl Worker {
             _ => Err("internal: job and walker disagree".into()),
         }
     }
+}
+
+/// Wake the reactor background work runs on (of `set`), so a worker that
+/// waits there sees a cancel at once.
+pub fn wake(set: &ReactorSet) {
+    let _ = set.send(set.len() - 1, Box::new(|_| {}));
 }
 
 /// Spawn a worker for `job` of `volume`, whose next generation is
