@@ -562,3 +562,28 @@ fn a_queue_holding_writes_to_a_suspended_range_does_not_move() {
     drop(export);
     reactors.shutdown().unwrap();
 }
+
+/// A member whose device refuses a channel when a new generation opens
+/// (a controller gone before any IO noticed) is failed like one that
+/// failed an IO: the volume goes on degraded on every core rather than
+/// refuse every request there.
+#[test]
+fn a_member_that_refuses_a_channel_is_failed_and_the_volume_goes_on() {
+    let rig = Rig::new(Level::Raid1, 2, 0, false);
+    rig.write(0, 8, 0x31).unwrap();
+    rig.faults[1].control().refuse_channels(true);
+    // Any change publishes a new generation: every core opens channels.
+    rig.monitor.set_serialize(true).unwrap();
+    rig.write(0, 8, 0x32).unwrap();
+    eventually("the member is recorded failed", || {
+        let s = rig.monitor.snapshot();
+        s.settled() && rig.states() == vec![MemberState::InSync, MemberState::Failed]
+    });
+    assert_eq!(rig.read(0, 8), vec![0x32; 8 * BS]);
+    // What the superblock of the member left says.
+    assert_eq!(
+        superblock(rig.faults[0].as_ref()).slot_states[1] & 0x7f,
+        MemberState::Failed.code()
+    );
+    rig.stop();
+}

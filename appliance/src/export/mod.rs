@@ -393,16 +393,19 @@ impl Export {
         }
     }
 
-    /// Writes the queues hold for the volume's suspended range now.
-    pub fn parked_writes(&self) -> u64 {
-        let handler = self
-            .shared
+    /// The connection's handler, while a frontend is connected.
+    fn handler(&self) -> Option<Arc<Mutex<Handler>>> {
+        self.shared
             .handler
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .and_then(|w| w.upgrade());
-        handler.map_or(0, |h| {
+            .and_then(|w| w.upgrade())
+    }
+
+    /// Writes the queues hold for the volume's suspended range now.
+    pub fn parked_writes(&self) -> u64 {
+        self.handler().map_or(0, |h| {
             h.lock().unwrap_or_else(|e| e.into_inner()).parked_writes()
         })
     }
@@ -441,13 +444,7 @@ impl Export {
                 reason: format!("reactor {core} does not exist (reactors 0..{reactors})"),
             });
         }
-        let handler = self
-            .shared
-            .handler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .and_then(|w| w.upgrade());
+        let handler = self.handler();
         self.shared.moved.store(true, Ordering::SeqCst);
         let Some(handler) = handler.filter(|_| self.is_connected()) else {
             self.shared.cores.lock().unwrap_or_else(|e| e.into_inner())[queue as usize] = core;

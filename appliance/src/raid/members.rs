@@ -146,6 +146,28 @@ pub fn device_id(dev: &Arc<dyn BlockDevice>) -> usize {
     Arc::as_ptr(dev) as *const () as usize
 }
 
+/// The block size every member shares and the smallest member's blocks:
+/// a volume over members of different block sizes is refused.
+pub fn common_geometry(name: &str, members: &[Member]) -> Result<(u32, u64), BdevError> {
+    let Some(first) = members.first() else {
+        return Err(BdevError::InvalidArgument(format!("{name}: no members")));
+    };
+    let bs = first.dev.info().block_size;
+    if let Some(m) = members.iter().find(|m| m.dev.info().block_size != bs) {
+        return Err(BdevError::InvalidArgument(format!(
+            "{name}: member {} has block size {}, not {bs}",
+            m.dev.info().name,
+            m.dev.info().block_size
+        )));
+    }
+    let smallest = members
+        .iter()
+        .map(|m| m.dev.info().num_blocks)
+        .min()
+        .unwrap_or(0);
+    Ok((bs, smallest))
+}
+
 /// A member failed an IO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberFailure {
@@ -486,18 +508,28 @@ pub fn poll_members(chans: &mut MemberChannels, out: &mut Vec<Completion>) {
 }
 
 /// Channels to the members that take IO (in sync or being rebuilt; `None`
-/// for failed ones) and every member's device identity, in slot order.
-pub fn open_members(members: &[Member]) -> Result<(MemberChannels, Vec<usize>), BdevError> {
-    let mut chans = Vec::with_capacity(members.len());
-    for m in members {
+/// for failed ones), in slot order. A member whose device refuses a
+/// channel (a controller gone, its queue pairs used up) is reported
+/// failed like one that failed an IO: the volume goes on without it
+/// rather than refuse every request on this core.
+pub fn open_members(set: &MemberSet) -> MemberChannels {
+    let mut chans = Vec::with_capacity(set.members.len());
+    for (slot, m) in set.members.iter().enumerate() {
         chans.push(match m.state {
             MemberState::InSync | MemberState::Rebuilding if !m.is_gone() => {
-                Some(m.dev.open_channel()?)
+                match m.dev.open_channel() {
+                    Ok(ch) => Some(ch),
+                    Err(e) => {
+                        tracing::warn!(member = slot, device = %m.dev.info().name, error = %e, "a member refused a channel");
+                        set.failures.report(slot, m, IoError::DeviceFailed);
+                        None
+                    }
+                }
             }
             _ => None,
         });
     }
-    Ok((chans, members.iter().map(|m| device_id(&m.dev)).collect()))
+    chans
 }
 
 /// What changes from one generation of a RAID device to the next — the

@@ -50,19 +50,7 @@ impl Raid1Device {
                 members.len()
             )));
         }
-        let bs = members[0].dev.info().block_size;
-        if let Some(m) = members.iter().find(|m| m.dev.info().block_size != bs) {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: member {} has block size {}, not {bs}",
-                m.dev.info().name,
-                m.dev.info().block_size
-            )));
-        }
-        let smallest = members
-            .iter()
-            .map(|m| m.dev.info().num_blocks)
-            .min()
-            .unwrap_or(0);
+        let (bs, smallest) = super::members::common_geometry(name, members)?;
         if smallest <= data_offset {
             return Err(BdevError::InvalidArgument(format!(
                 "{name}: members of {smallest} blocks leave no room after the data offset {data_offset}"
@@ -142,7 +130,7 @@ impl BlockDevice for Raid1Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let (chans, _) = super::members::open_members(&self.set.members)?;
+        let chans = super::members::open_members(&self.set);
         Ok(Box::new(Raid1Channel {
             slots: self.set.members.clone(),
             held: Default::default(),
@@ -196,6 +184,10 @@ struct Parent {
     in_bitmap: Option<(u64, u64)>,
     /// Block keys it holds while write-behind is on.
     keys: Option<(u64, u64)>,
+    /// Its copies to write-mostly members in the background, while they
+    /// run: should every foreground member fail it, its outcome waits for
+    /// theirs (md acknowledges early only a write some member took).
+    behind: Option<usize>,
 }
 
 /// A write's copies to the write-mostly members, finishing in the
@@ -216,6 +208,10 @@ struct BehindIo {
     /// The write's block keys (`WriteBehind::lock_blocks`), held until the
     /// write-mostly members have it.
     keys: Option<(u64, u64)>,
+    /// Member requests that succeeded.
+    succeeded: u32,
+    /// The write it belongs to, until that write is answered.
+    parent: Option<usize>,
 }
 
 /// A member request refused for a full queue, sent again from `poll`
@@ -374,7 +370,10 @@ impl Raid1Channel {
             if let Some(bi) = behind {
                 // Nothing went out: the keys go back to the write and the
                 // background record away.
-                let keys = self.behind_ios[bi].as_mut().and_then(|io| io.keys.take());
+                let keys = self.behind_ios[bi].as_mut().and_then(|io| {
+                    io.parent = None;
+                    io.keys.take()
+                });
                 if let Some(p) = self.parents[pi].as_mut() {
                     p.keys = keys;
                 }
@@ -389,6 +388,9 @@ impl Raid1Channel {
             self.resend.push_back(Resend::Child(pi, m));
         }
         if let Some(bi) = behind {
+            if let Some(p) = self.parents[pi].as_mut() {
+                p.behind = Some(bi);
+            }
             for m in targets.iter().copied() {
                 if !self.write_mostly[m] {
                     continue;
@@ -487,6 +489,8 @@ impl Raid1Channel {
             pending: 0,
             in_bitmap,
             keys: None,
+            succeeded: 0,
+            parent: Some(pi),
         };
         let bi = match self.behind_free.pop() {
             Some(i) => {
@@ -533,12 +537,16 @@ impl Raid1Channel {
             self.outstanding[m] = self.outstanding[m].saturating_sub(1);
         }
         if let Err(e) = c.result {
-            // The write was acknowledged: the other members have it.
+            // The write was acknowledged (the other members have it) or
+            // waits for this outcome.
             self.fail_member(m, e);
         }
         let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
             return;
         };
+        if c.result.is_ok() {
+            io.succeeded += 1;
+        }
         io.pending = io.pending.saturating_sub(1);
         if io.pending == 0 {
             self.end_behind(bi);
@@ -557,6 +565,20 @@ impl Raid1Channel {
             self.behind_free.push(bi);
             self.behind_count -= 1;
             self.behind.give_back();
+            // Its write not answered yet: a write-mostly member has it
+            // now, and one waiting for this outcome is answered.
+            if let Some(pi) = io.parent {
+                let Some(p) = self.parents.get_mut(pi).and_then(|p| p.as_mut()) else {
+                    return;
+                };
+                p.behind = None;
+                if io.succeeded > 0 {
+                    p.succeeded += 1;
+                }
+                if p.pending == 0 {
+                    self.finish(pi);
+                }
+            }
         }
     }
 
@@ -648,7 +670,20 @@ impl Raid1Channel {
     }
 
     fn finish(&mut self, pi: usize) {
+        if let Some(p) = self.parents[pi].as_ref() {
+            if p.succeeded == 0 && p.behind.is_some() {
+                // No foreground member took it: the background copies
+                // decide (`end_behind` answers it).
+                return;
+            }
+        }
         if let Some(p) = self.parents[pi].take() {
+            if let Some(io) = p
+                .behind
+                .and_then(|bi| self.behind_ios.get_mut(bi)?.as_mut())
+            {
+                io.parent = None;
+            }
             self.release(&p);
             let result = if p.succeeded > 0 {
                 Ok(())
@@ -771,6 +806,7 @@ impl IoChannel for Raid1Channel {
             needs_lock: false,
             in_bitmap: None,
             keys: None,
+            behind: None,
         });
         let write_like = matches!(req.op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes);
         if write_like {

@@ -80,22 +80,7 @@ impl Raid5Device {
         data_offset: u64,
     ) -> Result<Raid5Device, BdevError> {
         let members = &set.members;
-        let Some(first) = members.first() else {
-            return Err(BdevError::InvalidArgument(format!("{name}: no members")));
-        };
-        let bs = first.dev.info().block_size;
-        if let Some(m) = members.iter().find(|m| m.dev.info().block_size != bs) {
-            return Err(BdevError::InvalidArgument(format!(
-                "{name}: member {} has block size {}, not {bs}",
-                m.dev.info().name,
-                m.dev.info().block_size
-            )));
-        }
-        let smallest = members
-            .iter()
-            .map(|m| m.dev.info().num_blocks)
-            .min()
-            .unwrap_or(0);
+        let (bs, smallest) = crate::raid::members::common_geometry(name, members)?;
         let geo = Raid5Geometry::new(
             members.len() as u32,
             bs,
@@ -221,7 +206,7 @@ impl BlockDevice for Raid5Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let (chans, _) = super::members::open_members(&self.set.members)?;
+        let chans = super::members::open_members(&self.set);
         Ok(Box::new(Raid5Channel {
             slots: self.set.members.clone(),
             held: Default::default(),
