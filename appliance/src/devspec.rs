@@ -11,6 +11,29 @@ use bdev::{BlockDevice, FileDevice, NullDevice, RamDevice};
 use std::collections::HashMap;
 use std::sync::{Mutex, Weak};
 
+/// Why a specification names no device.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// It is malformed or out of range (size, kind, address, namespace).
+    #[error("{0}")]
+    Invalid(String),
+    /// What it names could not be opened or created.
+    #[error("device {spec:?}: {source}")]
+    Open {
+        /// The specification.
+        spec: String,
+        /// What the driver said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn opening(spec: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SpecError + '_ {
+    move |source| SpecError::Open {
+        spec: spec.to_string(),
+        source,
+    }
+}
+
 /// Controllers already brought up, by PCI address: a second namespace of
 /// the same controller must not reset it under the first.
 static CONTROLLERS: Mutex<Option<HashMap<String, Weak<nvme::Controller>>>> = Mutex::new(None);
@@ -26,21 +49,29 @@ pub fn same_nvme(a: &str, b: &str) -> bool {
 }
 
 /// The PCI address and namespace `BDF[/NSID]` names.
-fn nvme_address(rest: &str) -> Result<(String, u32), String> {
+fn nvme_address(rest: &str) -> Result<(String, u32), SpecError> {
     let (bdf, nsid) = match rest.split_once('/') {
         Some((bdf, ns)) => (
             bdf,
             ns.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                format!("device nvme:{rest}: namespace {ns:?} is not a number >= 1")
+                SpecError::Invalid(format!(
+                    "device nvme:{rest}: namespace {ns:?} is not a number >= 1"
+                ))
             })?,
         ),
         None => (rest, 1),
     };
-    let bdf = nvme::vfio::parse_bdf(bdf).map_err(|e| format!("device nvme:{rest}: {e}"))?;
+    let bdf = nvme::vfio::parse_bdf(bdf)
+        .map_err(|e| SpecError::Invalid(format!("device nvme:{rest}: {e}")))?;
     Ok((bdf, nsid))
 }
 
-fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+fn nvme_namespace(
+    name: &str,
+    rest: &str,
+    block_size: u32,
+) -> Result<Arc<dyn BlockDevice>, SpecError> {
+    let spec = format!("nvme:{rest}");
     let (bdf, nsid) = nvme_address(rest)?;
     let ctrl = {
         let mut map = CONTROLLERS.lock().unwrap_or_else(|p| p.into_inner());
@@ -48,22 +79,21 @@ fn nvme_namespace(name: &str, rest: &str, block_size: u32) -> Result<Arc<dyn Blo
         match map.get(&bdf).and_then(Weak::upgrade) {
             Some(c) => c,
             None => {
-                let transport = nvme::vfio::VfioTransport::open(&bdf)
-                    .map_err(|e| format!("device nvme:{rest}: {e}"))?;
+                let transport =
+                    nvme::vfio::VfioTransport::open(&bdf).map_err(|e| opening(&spec)(e.into()))?;
                 let c = nvme::Controller::new(transport, nvme::Options::default())
-                    .map_err(|e| format!("device nvme:{rest}: {e}"))?;
+                    .map_err(|e| opening(&spec)(e.into()))?;
                 map.insert(bdf.clone(), Arc::downgrade(&c));
                 c
             }
         }
     };
-    let ns =
-        nvme::Namespace::new(&ctrl, nsid, name).map_err(|e| format!("device nvme:{rest}: {e}"))?;
+    let ns = nvme::Namespace::new(&ctrl, nsid, name).map_err(|e| opening(&spec)(e.into()))?;
     if ns.info().block_size != block_size {
-        return Err(format!(
+        return Err(SpecError::Invalid(format!(
             "device nvme:{rest}: namespace {nsid} has {}-byte blocks, not {block_size} (set block_size to match)",
             ns.info().block_size
-        ));
+        )));
     }
     Ok(Arc::new(ns))
 }
@@ -104,7 +134,7 @@ pub fn names_missing(spec: &str) -> bool {
 }
 
 /// Parse a size such as `4096`, `64K`, `256M`, `2G`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SpecError> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -113,47 +143,53 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        SpecError::Invalid(format!(
+            "{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"
+        ))
+    })?;
     n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+        .ok_or_else(|| SpecError::Invalid(format!("{s:?} is too large")))
 }
 
 /// Build the device a specification names; it is called by the
 /// specification.
-pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+pub fn open(spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, SpecError> {
     open_named(spec, spec, block_size)
 }
 
 /// Build the device `spec` names and call it `name`. `file:PATH:SIZE`
 /// creates the file when it does not exist; an existing file is opened as it
 /// is (never truncated: it may hold a volume), and must have that size.
-pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, String> {
+pub fn open_named(
+    name: &str,
+    spec: &str,
+    block_size: u32,
+) -> Result<Arc<dyn BlockDevice>, SpecError> {
     let (kind, rest) = spec.split_once(':').ok_or_else(|| {
-        format!("device {spec:?}: expected ram:SIZE, null:SIZE, file:PATH[:SIZE] or nvme:PCI-ADDRESS[/NSID]")
+        SpecError::Invalid(format!("device {spec:?}: expected ram:SIZE, null:SIZE, file:PATH[:SIZE] or nvme:PCI-ADDRESS[/NSID]"))
     })?;
-    let blocks = |size: u64| -> Result<u64, String> {
+    let blocks = |size: u64| -> Result<u64, SpecError> {
         if size == 0 || !size.is_multiple_of(block_size as u64) {
-            return Err(format!(
+            return Err(SpecError::Invalid(format!(
                 "device {spec:?}: size must be a positive multiple of {block_size}"
-            ));
+            )));
         }
         Ok(size / block_size as u64)
     };
     let dev: Arc<dyn BlockDevice> = match kind {
         "ram" => Arc::new(
             RamDevice::new(name, block_size, blocks(parse_size(rest)?)?)
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| opening(spec)(e.into()))?,
         ),
         "null" => Arc::new(
             NullDevice::new(name, block_size, blocks(parse_size(rest)?)?)
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| opening(spec)(e.into()))?,
         ),
         "file" => {
             let (path, size) = file_path(rest);
             if path.is_empty() {
-                return Err(format!("device {spec:?}: empty path"));
+                return Err(SpecError::Invalid(format!("device {spec:?}: empty path")));
             }
             let path = Path::new(path);
             let dev = match size {
@@ -163,13 +199,13 @@ pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn Blo
                 }
                 _ => FileDevice::open(path, block_size),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| opening(spec)(e.into()))?;
             let have = dev.info().size_bytes();
             if let Some(size) = size.filter(|&s| s > have) {
-                return Err(format!(
+                return Err(SpecError::Invalid(format!(
                     "device {spec:?}: {} exists with {have} bytes, not {size}; refusing to resize it",
                     path.display()
-                ));
+                )));
             }
             if size.is_some_and(|s| s < have) {
                 // Grown by a resize whose new size did not reach the state
@@ -184,9 +220,9 @@ pub fn open_named(name: &str, spec: &str, block_size: u32) -> Result<Arc<dyn Blo
         }
         "nvme" => nvme_namespace(name, rest, block_size)?,
         other => {
-            return Err(format!(
+            return Err(SpecError::Invalid(format!(
                 "device {spec:?}: unknown kind {other:?} (ram, null, file or nvme)"
-            ))
+            )))
         }
     };
     Ok(dev)
@@ -198,17 +234,22 @@ mod tests {
 
     #[test]
     fn sizes_and_specs() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert_eq!(parse_size("64K").ok(), Some(65536));
+        assert_eq!(parse_size("2G").ok(), Some(2 << 30));
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999T").is_err());
         assert_eq!(open("ram:1M", 4096).unwrap().info().num_blocks, 256);
         assert_eq!(open("null:1G", 512).unwrap().info().num_blocks, 2 << 20);
-        assert!(open("ram:1000", 4096).err().unwrap().contains("multiple"));
+        assert!(open("ram:1000", 4096)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("multiple"));
         assert!(open("disk:1M", 4096)
             .err()
             .unwrap()
+            .to_string()
             .contains("unknown kind"));
         assert!(open("ram", 4096).is_err());
         // NVMe: the PCI address and namespace are checked before anything
@@ -216,14 +257,17 @@ mod tests {
         assert!(open("nvme:00:04", 4096)
             .err()
             .unwrap()
+            .to_string()
             .contains("not a PCI address"));
         assert!(open("nvme:0000:00:04.0/0", 4096)
             .err()
             .unwrap()
+            .to_string()
             .contains("namespace"));
         assert!(open("nvme:0000:ff:1f.7", 4096)
             .err()
             .unwrap()
+            .to_string()
             .contains("no PCI device"));
         assert!(names_missing("file:/nonexistent/x"));
         assert!(names_missing("file:/nonexistent/x:1M"));
@@ -250,6 +294,7 @@ mod tests {
         assert!(open(&spec, 4096)
             .err()
             .unwrap()
+            .to_string()
             .contains("refusing to resize"));
         // Larger than it says (a resize that did not reach the state file
         // before a crash): opened whole, never truncated.

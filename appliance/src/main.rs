@@ -319,7 +319,7 @@ fn stop_flag() -> Result<Arc<AtomicBool>, String> {
 }
 
 fn serve(a: ServeArgs) -> ExitCode {
-    let open = |specs: &[String]| -> Result<Vec<Arc<dyn bdev::BlockDevice>>, String> {
+    let open = |specs: &[String]| -> Result<Vec<Arc<dyn bdev::BlockDevice>>, _> {
         specs
             .iter()
             .map(|s| appliance::devspec::open(s, a.block_size))

@@ -587,3 +587,26 @@ fn a_member_that_refuses_a_channel_is_failed_and_the_volume_goes_on() {
     );
     rig.stop();
 }
+
+/// Found by the chaos run: a bitmap turned on while a member's device was
+/// already gone (no IO had noticed) was refused as an internal error. As
+/// md faults a member whose bitmap write fails, the member is failed and
+/// the bitmap goes on the others.
+#[test]
+fn a_bitmap_turned_on_with_a_member_gone_fails_that_member() {
+    let rig = Rig::new(Level::Raid1, 2, 0, false);
+    rig.write(0, 8, 0x41).unwrap();
+    rig.faults[1].control().pull();
+    rig.monitor.set_bitmap(Some(1 << 20)).unwrap();
+    eventually("the member is recorded failed", || {
+        rig.monitor.snapshot().settled()
+            && rig.states() == vec![MemberState::InSync, MemberState::Failed]
+    });
+    let sb = superblock(rig.faults[0].as_ref());
+    assert!(sb.bitmap_rows_per_bit > 0, "the survivor names the bitmap");
+    assert_eq!(sb.slot_states[1] & 0x7f, MemberState::Failed.code());
+    rig.write(8, 8, 0x42).unwrap();
+    assert_eq!(rig.read(0, 8), vec![0x41; 8 * BS]);
+    assert_eq!(rig.read(8, 8), vec![0x42; 8 * BS]);
+    rig.stop();
+}

@@ -278,7 +278,7 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
             let senders: Vec<_> = (0..2)
                 .map(|_| {
                     let n = export.notifier();
-                    s.spawn(move || n.config_changed())
+                    s.spawn(move || n.config_changed().map_err(|e| e.to_string()))
                 })
                 .collect();
             senders.into_iter().map(|t| t.join().unwrap()).collect()

@@ -68,8 +68,13 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 }
 
 /// Why a queue did not move.
-enum MoveError {
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// It holds writes to a suspended range.
+    #[error("it holds writes to a suspended range; resume the range first")]
     Parked,
+    /// Stopping or starting it failed.
+    #[error("{0}")]
     Vu(VuError),
 }
 
@@ -109,7 +114,7 @@ pub struct Handler {
     inflight: Option<Arc<InflightRegion>>,
 }
 
-fn invalid(what: &str) -> VuError {
+fn invalid(what: impl std::fmt::Display) -> VuError {
     tracing::warn!("vhost-user: {what}");
     VuError::InvalidParam
 }
@@ -132,7 +137,7 @@ impl Handler {
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
         self.vrings
             .get_mut(index as usize)
-            .ok_or_else(|| invalid(&format!("vring {index} does not exist")))
+            .ok_or_else(|| invalid(format!("vring {index} does not exist")))
     }
 
     /// The frontend agreed to answer messages that ask for it.
@@ -152,11 +157,11 @@ impl Handler {
     /// Publish a new guest memory map: the export's queues drain and pick
     /// it up on resume (the quiesce epoch of the export's memory object).
     fn publish_memory(&mut self, memory: GuestMemory) -> VuResult<()> {
-        let snapshot = memory.snapshot().map_err(|e| invalid(&e))?;
+        let snapshot = memory.snapshot().map_err(invalid)?;
         self.export
             .memory
             .reconfigure(STOP_TIMEOUT, |_| Ok::<_, String>((snapshot, ())))
-            .map_err(|e| invalid(&format!("switching guest memory: {e}")))?;
+            .map_err(|e| invalid(format!("switching guest memory: {e}")))?;
         self.memory = memory;
         Ok(())
     }
@@ -178,7 +183,7 @@ impl Handler {
         let Some((desc, avail, used)) = v.addrs else {
             return Ok(());
         };
-        let mut q = Queue::new(MAX_QUEUE_SIZE as u16).map_err(|e| invalid(&e.to_string()))?;
+        let mut q = Queue::new(MAX_QUEUE_SIZE as u16).map_err(invalid)?;
         q.set_size(v.size);
         q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
         q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
@@ -187,14 +192,14 @@ impl Handler {
         q.set_next_avail(v.base);
         q.set_ready(true);
         if !q.is_valid(&*mem) {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "vring {index} does not fit in guest memory"
             )));
         }
         // The used index the guest last saw is in the ring itself.
         let next_used = q
             .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-            .map_err(|e| invalid(&e.to_string()))?;
+            .map_err(invalid)?;
         q.set_next_used(next_used.0);
         let shared = Arc::new(QueueShared::default());
         shared.set_call(v.call.clone());
@@ -215,8 +220,8 @@ impl Handler {
         let started = self
             .set
             .call(core, STOP_TIMEOUT, move |ctx| queue::start(ctx, setup))
-            .map_err(|e| invalid(&e))?;
-        started.map_err(|e| invalid(&format!("starting vring {index}: {e}")))?;
+            .map_err(invalid)?;
+        started.map_err(|e| invalid(format!("starting vring {index}: {e}")))?;
         self.vring(index)?.running = Some(Running {
             core,
             shared,
@@ -238,16 +243,7 @@ impl Handler {
     /// Run queue `index` on reactor `core` from now on: stop it (its
     /// requests in flight drain), record the core, start it there again
     /// from where it stopped.
-    pub fn move_queue(&mut self, index: u32, core: usize) -> Result<(), String> {
-        self.move_queue_vu(index, core).map_err(|e| match e {
-            MoveError::Parked => {
-                "it holds writes to a suspended range; resume the range first".into()
-            }
-            MoveError::Vu(e) => e.to_string(),
-        })
-    }
-
-    fn move_queue_vu(&mut self, index: u32, core: usize) -> Result<(), MoveError> {
+    pub fn move_queue(&mut self, index: u32, core: usize) -> Result<(), MoveError> {
         let running = self.vring(index)?.running.is_some();
         if !running {
             self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = core;
@@ -323,11 +319,11 @@ impl Handler {
                 }
                 // It holds writes for a suspended range: it stays.
                 v.running = Some(r);
-                Err(invalid(&format!(
+                Err(invalid(format!(
                     "vring {index} holds writes to a suspended range; resume the range first"
                 )))
             }
-            None => Err(invalid(&format!(
+            None => Err(invalid(format!(
                 "vring {index} did not drain within {STOP_TIMEOUT:?}"
             ))),
         }
@@ -408,7 +404,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         );
         let offered = offered_features(&self.export);
         if features & !offered != 0 {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "features {:#x} were not offered",
                 features & !offered
             )));
@@ -445,8 +441,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 r.mmap_offset,
                 f,
             )
-            .map_err(|e| invalid(&e))?;
-            memory.add(region).map_err(|e| invalid(&e))?;
+            .map_err(invalid)?;
+            memory.add(region).map_err(invalid)?;
         }
         self.publish_memory(memory)?;
         Ok(None)
@@ -455,7 +451,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         tracing::debug!(index, num, "vhost-user SET_VRING_NUM");
         if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "vring size {num} must be a power of two up to {MAX_QUEUE_SIZE}"
             )));
         }
@@ -479,7 +475,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         tracing::debug!(index, "vhost-user SET_VRING_ADDR");
         let t = |va: u64| self.memory.va_to_gpa(va);
         let (Some(d), Some(u), Some(a)) = (t(descriptor), t(used), t(available)) else {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "vring {index} addresses are outside guest memory"
             )));
         };
@@ -551,7 +547,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         );
         let offered = offered_protocol_features().bits();
         if features & !offered != 0 {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "protocol features {:#x} were not offered",
                 features & !offered
             )));
@@ -586,7 +582,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let c = self.config_space();
         let (start, end) = (offset as usize, offset as usize + size as usize);
         c.get(start..end).map(|s| s.to_vec()).ok_or_else(|| {
-            invalid(&format!(
+            invalid(format!(
                 "config read {start}..{end} is outside the {} byte config space",
                 c.len()
             ))
@@ -623,14 +619,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
         if inflight.num_queues as usize > self.vrings.len() {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "inflight area for {} queues; the export has {}",
                 inflight.num_queues,
                 self.vrings.len()
             )));
         }
-        let (region, size, file) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
-            .map_err(|e| invalid(&e))?;
+        let (region, size, file) =
+            InflightRegion::create(inflight.num_queues, inflight.queue_size).map_err(invalid)?;
         self.inflight = Some(Arc::new(region));
         Ok((
             VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size),
@@ -645,7 +641,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             "vhost-user SET_INFLIGHT_FD"
         );
         if inflight.num_queues as usize > self.vrings.len() {
-            return Err(invalid(&format!(
+            return Err(invalid(format!(
                 "inflight area for {} queues; the export has {}",
                 inflight.num_queues,
                 self.vrings.len()
@@ -658,7 +654,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             inflight.num_queues,
             inflight.queue_size,
         )
-        .map_err(|e| invalid(&e))?;
+        .map_err(invalid)?;
         self.inflight = Some(Arc::new(region));
         Ok(())
     }
@@ -680,9 +676,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
             region.mmap_offset,
             fd,
         )
-        .map_err(|e| invalid(&e))?;
+        .map_err(invalid)?;
         let mut memory = self.memory.clone();
-        memory.add(r).map_err(|e| invalid(&e))?;
+        memory.add(r).map_err(invalid)?;
         self.publish_memory(memory)?;
         Ok(None)
     }
@@ -691,7 +687,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let mut memory = self.memory.clone();
         memory
             .remove(region.guest_phys_addr, region.memory_size)
-            .map_err(|e| invalid(&e))?;
+            .map_err(invalid)?;
         self.publish_memory(memory)
     }
 

@@ -15,6 +15,8 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use super::FrontendError;
+
 /// vhost-user FrontendReq::SET_BACKEND_REQ_FD.
 const SET_BACKEND_REQ_FD: u32 = 21;
 /// vhost-user BackendReq::CONFIG_CHANGE_MSG.
@@ -38,14 +40,15 @@ pub struct FrontendChannel {
 impl FrontendChannel {
     /// Tell the frontend that the configuration space changed; with
     /// REPLY_ACK, wait until it has read the new one.
-    pub fn config_changed(&mut self) -> Result<(), String> {
+    pub fn config_changed(&mut self) -> Result<(), FrontendError> {
         let deadline = std::time::Instant::now() + ACK_TIMEOUT;
         let left = || {
             deadline
                 .checked_duration_since(std::time::Instant::now())
                 .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    format!("the frontend did not answer CONFIG_CHANGE_MSG in {ACK_TIMEOUT:?}")
+                .ok_or(FrontendError::NoAnswer {
+                    what: "CONFIG_CHANGE_MSG",
+                    after: ACK_TIMEOUT,
                 })
         };
         let flags = VERSION | if self.reply_ack { NEED_REPLY } else { 0 };
@@ -54,10 +57,10 @@ impl FrontendChannel {
         msg[4..8].copy_from_slice(&flags.to_le_bytes());
         self.sock
             .set_write_timeout(Some(left()?))
-            .map_err(|e| format!("setting a write timeout: {e}"))?;
+            .map_err(|e| FrontendError::os("setting a write timeout", e))?;
         self.sock
             .write_all(&msg)
-            .map_err(|e| format!("sending CONFIG_CHANGE_MSG: {e}"))?;
+            .map_err(|e| FrontendError::os("sending CONFIG_CHANGE_MSG", e))?;
         if !self.reply_ack {
             return Ok(());
         }
@@ -66,14 +69,15 @@ impl FrontendChannel {
         while at < reply.len() {
             self.sock
                 .set_read_timeout(Some(left()?))
-                .map_err(|e| format!("setting a read timeout: {e}"))?;
+                .map_err(|e| FrontendError::os("setting a read timeout", e))?;
             match self.sock.read(&mut reply[at..]) {
-                Ok(0) => return Err("the frontend closed the channel".into()),
+                Ok(0) => return Err(FrontendError::Closed),
                 Ok(n) => at += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(format!(
-                        "waiting for the frontend's answer to CONFIG_CHANGE_MSG: {e}"
+                    return Err(FrontendError::os(
+                        "waiting for the frontend's answer to CONFIG_CHANGE_MSG",
+                        e,
                     ))
                 }
             }
@@ -84,17 +88,17 @@ impl FrontendChannel {
             reply[12], reply[13], reply[14], reply[15], reply[16], reply[17], reply[18], reply[19],
         ]);
         if word(0) != CONFIG_CHANGE_MSG || word(4) & REPLY == 0 || word(8) != 8 {
-            return Err(format!(
+            return Err(FrontendError::Invalid(format!(
                 "the frontend answered CONFIG_CHANGE_MSG with request {} flags {:#x} size {}",
                 word(0),
                 word(4),
                 word(8)
-            ));
+            )));
         }
         if value != 0 {
-            return Err(format!(
+            return Err(FrontendError::Invalid(format!(
                 "the frontend failed to apply the configuration change (status {value})"
-            ));
+            )));
         }
         Ok(())
     }

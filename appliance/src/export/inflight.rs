@@ -14,6 +14,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
+use super::FrontendError;
 use memmap2::{MmapOptions, MmapRaw};
 
 const HEADER: usize = 16;
@@ -37,38 +38,44 @@ unsafe impl Send for InflightRegion {}
 unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
-    fn check(num_queues: u16, queue_size: u16) -> Result<(), String> {
+    fn check(num_queues: u16, queue_size: u16) -> Result<(), FrontendError> {
         if num_queues == 0
             || num_queues > 64
             || queue_size == 0
             || queue_size > 1024
             || !queue_size.is_power_of_two()
         {
-            return Err(format!(
+            return Err(FrontendError::Invalid(format!(
                 "inflight area for {num_queues} queues of size {queue_size} is out of range"
-            ));
+            )));
         }
         Ok(())
     }
 
     /// A new, empty area in a memfd; returns it, its size and the fd for
     /// the frontend.
-    pub fn create(num_queues: u16, queue_size: u16) -> Result<(InflightRegion, u64, File), String> {
+    pub fn create(
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(InflightRegion, u64, File), FrontendError> {
         Self::check(num_queues, queue_size)?;
         let size = queue_bytes(queue_size) * num_queues as usize;
         // SAFETY: plain syscall with a NUL-terminated name; result checked.
         let fd = unsafe { libc::memfd_create(c"appliance-inflight".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+            return Err(FrontendError::os(
+                "memfd_create",
+                std::io::Error::last_os_error(),
+            ));
         }
         // SAFETY: fd is new and owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size as u64)
-            .map_err(|e| format!("sizing the inflight area: {e}"))?;
+            .map_err(|e| FrontendError::os("sizing the inflight area", e))?;
         let map = MmapOptions::new()
             .len(size)
             .map_raw(&file)
-            .map_err(|e| format!("mapping the inflight area: {e}"))?;
+            .map_err(|e| FrontendError::os("mapping the inflight area", e))?;
         let region = InflightRegion {
             map,
             num_queues,
@@ -92,28 +99,28 @@ impl InflightRegion {
         size: u64,
         num_queues: u16,
         queue_size: u16,
-    ) -> Result<InflightRegion, String> {
+    ) -> Result<InflightRegion, FrontendError> {
         Self::check(num_queues, queue_size)?;
         let need = queue_bytes(queue_size) * num_queues as usize;
         if (size as usize) < need {
-            return Err(format!(
+            return Err(FrontendError::Invalid(format!(
                 "inflight area of {size} bytes is smaller than the {need} bytes it must hold"
-            ));
+            )));
         }
         let len = file
             .metadata()
-            .map_err(|e| format!("inflight fd: {e}"))?
+            .map_err(|e| FrontendError::os("inflight fd", e))?
             .len();
         if offset.checked_add(size).is_none_or(|end| end > len) {
-            return Err(format!(
+            return Err(FrontendError::Invalid(format!(
                 "inflight area {offset}+{size} runs past the end of its file ({len} bytes)"
-            ));
+            )));
         }
         let map = MmapOptions::new()
             .offset(offset)
             .len(need)
             .map_raw(file)
-            .map_err(|e| format!("mapping the inflight area: {e}"))?;
+            .map_err(|e| FrontendError::os("mapping the inflight area", e))?;
         Ok(InflightRegion {
             map,
             num_queues,

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use super::FrontendError;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// One region: where the guest sees it, where the frontend process has it,
@@ -39,23 +40,30 @@ impl GuestMemory {
         user_addr: u64,
         mmap_offset: u64,
         file: File,
-    ) -> Result<Region, String> {
+    ) -> Result<Region, FrontendError> {
+        let invalid = FrontendError::Invalid;
         if size == 0 || gpa.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
-            return Err(format!(
+            return Err(invalid(format!(
                 "memory region at {gpa:#x} of {size:#x} bytes is invalid"
-            ));
+            )));
         }
         let size_usize =
-            usize::try_from(size).map_err(|_| "memory region too large".to_string())?;
-        let mmap = MmapRegion::from_file(FileOffset::new(file, mmap_offset), size_usize)
-            .map_err(|e| format!("mapping guest memory at {gpa:#x} ({size:#x} bytes): {e}"))?;
+            usize::try_from(size).map_err(|_| invalid("memory region too large".to_string()))?;
+        let mmap =
+            MmapRegion::from_file(FileOffset::new(file, mmap_offset), size_usize).map_err(|e| {
+                invalid(format!(
+                    "mapping guest memory at {gpa:#x} ({size:#x} bytes): {e}"
+                ))
+            })?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or_else(|| {
-            format!("memory region at {gpa:#x} overflows the guest address space")
+            invalid(format!(
+                "memory region at {gpa:#x} overflows the guest address space"
+            ))
         })?;
         use vm_memory::GuestMemoryRegion;
         let host = mapping
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| format!("guest memory at {gpa:#x}: {e}"))?;
+            .map_err(|e| invalid(format!("guest memory at {gpa:#x}: {e}")))?;
         // SAFETY: the registration lives with the mapping's Region; the
         // export stops its queues (no IO in flight) before dropping memory.
         let dma = unsafe { bdev::register_dma_memory(host, size_usize) };
@@ -69,16 +77,21 @@ impl GuestMemory {
     }
 
     /// Add a region; refuses overlaps and more than [`MAX_REGIONS`].
-    pub fn add(&mut self, r: Region) -> Result<(), String> {
+    pub fn add(&mut self, r: Region) -> Result<(), FrontendError> {
         if self.regions.len() >= MAX_REGIONS {
-            return Err(format!("more than {MAX_REGIONS} memory regions"));
+            return Err(FrontendError::Invalid(format!(
+                "more than {MAX_REGIONS} memory regions"
+            )));
         }
         if self
             .regions
             .iter()
             .any(|o| r.gpa < o.gpa + o.size && o.gpa < r.gpa + r.size)
         {
-            return Err(format!("memory region at {:#x} overlaps another", r.gpa));
+            return Err(FrontendError::Invalid(format!(
+                "memory region at {:#x} overlaps another",
+                r.gpa
+            )));
         }
         self.regions.push(r);
         self.regions.sort_by_key(|r| r.gpa);
@@ -86,11 +99,13 @@ impl GuestMemory {
     }
 
     /// Remove the region with this guest address and size.
-    pub fn remove(&mut self, gpa: u64, size: u64) -> Result<(), String> {
+    pub fn remove(&mut self, gpa: u64, size: u64) -> Result<(), FrontendError> {
         let before = self.regions.len();
         self.regions.retain(|r| !(r.gpa == gpa && r.size == size));
         if self.regions.len() == before {
-            return Err(format!("no memory region at {gpa:#x} of {size:#x} bytes"));
+            return Err(FrontendError::Invalid(format!(
+                "no memory region at {gpa:#x} of {size:#x} bytes"
+            )));
         }
         Ok(())
     }
@@ -104,12 +119,12 @@ impl GuestMemory {
     }
 
     /// An immutable snapshot for the data path.
-    pub fn snapshot(&self) -> Result<GuestMemoryMmap, String> {
+    pub fn snapshot(&self) -> Result<GuestMemoryMmap, FrontendError> {
         if self.regions.is_empty() {
             return Ok(GuestMemoryMmap::new());
         }
         let regions = self.regions.iter().map(|r| r.mapping.clone()).collect();
         GuestMemoryMmap::from_arc_regions(regions)
-            .map_err(|e| format!("building the guest memory map: {e}"))
+            .map_err(|e| FrontendError::Invalid(format!("building the guest memory map: {e}")))
     }
 }

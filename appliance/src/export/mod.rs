@@ -2,6 +2,7 @@
 //! control thread, the virtqueues on the reactors.
 
 mod backend;
+mod error;
 mod frontend;
 mod inflight;
 mod memory;
@@ -25,6 +26,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::volume::Volume;
 use backend::Handler;
+pub use error::{ExportError, FrontendError, QueueError};
 pub use request::{Limits, ID_BYTES};
 
 /// Largest data segment, advertised as size_max.
@@ -77,40 +79,6 @@ impl ExportOptions {
     }
 }
 
-/// Why an export could not be created or deleted.
-#[derive(Debug, thiserror::Error)]
-pub enum ExportError {
-    /// An option is out of range; names the option.
-    #[error("invalid export option {field}: {reason}")]
-    InvalidArgument {
-        /// The option.
-        field: &'static str,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Something already listens on the socket path.
-    #[error("{0}: another process is already serving this socket")]
-    AlreadyExists(PathBuf),
-    /// A frontend is connected and the deletion was not forced.
-    #[error("export {0} has a connected frontend; disconnect it or force the deletion")]
-    Connected(String),
-    /// The OS refused (bind, thread).
-    #[error("{what}: {source}")]
-    Os {
-        /// What was attempted.
-        what: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The volume could not be quiesced.
-    #[error("quiescing the volume: {0}")]
-    Quiesce(#[from] poller::QuiesceError),
-    /// The export's state does not allow the change now (a queue holding
-    /// writes to a suspended range cannot move).
-    #[error("export {0}: {1}")]
-    Busy(String, String),
-}
-
 /// What the control thread and the protocol handler share.
 pub struct ExportShared {
     options: ExportOptions,
@@ -157,7 +125,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// See [`Export::notify_config_change`].
-    pub fn config_changed(&self) -> Result<bool, String> {
+    pub fn config_changed(&self) -> Result<bool, ExportError> {
         let _one_at_a_time = self
             .shared
             .notifying
@@ -196,7 +164,10 @@ impl Notifier {
                 Ok(true)
             }
             // A channel out of step (a late answer) is not used again.
-            Err(e) => Err(format!("export {}: {e}", self.name)),
+            Err(source) => Err(ExportError::Frontend {
+                export: self.name.clone(),
+                source,
+            }),
         }
     }
 }
@@ -379,7 +350,7 @@ impl Export {
     /// Call it from a control thread other than the export's (the
     /// frontend asks the export for the new configuration before it
     /// answers).
-    pub fn notify_config_change(&self) -> Result<bool, String> {
+    pub fn notify_config_change(&self) -> Result<bool, ExportError> {
         self.notifier().config_changed()
     }
 

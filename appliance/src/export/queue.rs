@@ -21,6 +21,7 @@ use super::request::{
 };
 use super::ring::Ring;
 use super::stats::IoStats;
+use super::QueueError;
 use crate::volume::{Volume, VolumeConfig};
 
 /// Chains longer than this are malformed (the queue size bounds real ones).
@@ -188,20 +189,22 @@ fn sized_limits(limits: &Arc<Limits>, vol: &VolumeConfig) -> Arc<Limits> {
 }
 
 /// Start serving a queue on this reactor.
-pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), String> {
-    let mem_gate = setup.memory.local(ctx).map_err(|e| e.to_string())?;
-    let vol_gate = setup
-        .volume
-        .quiesce()
-        .local(ctx)
-        .map_err(|e| e.to_string())?;
+pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
+    let mem_gate = setup.memory.local(ctx)?;
+    let vol_gate = setup.volume.quiesce().local(ctx)?;
     let (mem_gen, mem) = mem_gate.config();
     let (vol_gen, vol) = vol_gate.config();
-    let ring = Ring::new(&setup.queue, &mem).map_err(|e| format!("queue {}: {e}", setup.index))?;
+    let ring = Ring::new(&setup.queue, &mem).map_err(|source| QueueError::Ring {
+        queue: setup.index,
+        source,
+    })?;
     let ch = vol
         .device
         .open_channel()
-        .map_err(|e| format!("opening a channel to {}: {e}", setup.volume.name()))?;
+        .map_err(|source| QueueError::Device {
+            volume: setup.volume.name().to_string(),
+            source,
+        })?;
     let fd = setup.kick.as_raw_fd();
     // SAFETY: fcntl on an fd we own.
     unsafe {

@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
+use super::FrontendError;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
@@ -54,7 +55,7 @@ fn host(mem: &GuestMemoryMmap, gpa: u64, len: u64, align: u64) -> Option<*mut u8
 impl Ring {
     /// The rings of `q` (validated by `Queue::is_valid`) in `mem`, carrying
     /// on from the queue's indices.
-    pub fn new(q: &Queue, mem: &GuestMemoryMmap) -> Result<Ring, String> {
+    pub fn new(q: &Queue, mem: &GuestMemoryMmap) -> Result<Ring, FrontendError> {
         let mut r = Ring {
             avail: std::ptr::null_mut(),
             used: std::ptr::null_mut(),
@@ -71,19 +72,19 @@ impl Ring {
     }
 
     /// Translate the rings again (the guest memory map changed).
-    pub fn remap(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+    pub fn remap(&mut self, mem: &GuestMemoryMmap) -> Result<(), FrontendError> {
         let n = self.size as u64;
         self.avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
-            format!(
+            FrontendError::Invalid(format!(
                 "avail ring at {:#x} is not in one guest memory region",
                 self.avail_gpa
-            )
+            ))
         })?;
         self.used = host(mem, self.used_gpa, 6 + 8 * n, 4).ok_or_else(|| {
-            format!(
+            FrontendError::Invalid(format!(
                 "used ring at {:#x} is not in one guest memory region",
                 self.used_gpa
-            )
+            ))
         })?;
         Ok(())
     }
@@ -97,17 +98,17 @@ impl Ring {
     /// The next request's head, `Ok(None)` when the ring is empty, or an
     /// error when the guest's index runs further ahead than the ring holds.
     #[inline]
-    pub fn pop(&mut self) -> Result<Option<u16>, String> {
+    pub fn pop(&mut self) -> Result<Option<u16>, FrontendError> {
         let idx = self.u16_at(self.avail, 2).load(Ordering::Acquire);
         let ahead = idx.wrapping_sub(self.next_avail);
         if ahead == 0 {
             return Ok(None);
         }
         if ahead > self.size {
-            return Err(format!(
+            return Err(FrontendError::Invalid(format!(
                 "avail index {idx} is {ahead} entries past ours, more than the {} the ring holds",
                 self.size
-            ));
+            )));
         }
         let slot = (self.next_avail % self.size) as usize;
         let head = self

@@ -101,9 +101,9 @@ impl Manager {
         let dev = wrap(
             crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size).map_err(|e| {
                 if crate::devspec::names_missing(&decl.spec) {
-                    MgmtError::NotFound(e)
+                    MgmtError::NotFound(e.to_string())
                 } else {
-                    invalid("spec", e)
+                    invalid("spec", e.to_string())
                 }
             })?,
         );

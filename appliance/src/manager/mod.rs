@@ -71,6 +71,17 @@ pub enum MgmtError {
     Internal(String),
 }
 
+/// Why a restore stopped: the part of the configuration that failed and
+/// the call's own error.
+#[derive(Debug, thiserror::Error)]
+#[error("{part}: {source}")]
+pub struct RestoreError {
+    /// "device d0", "volume vol0", "export e0" or "state file".
+    pub part: String,
+    /// What the call bringing it up said.
+    pub source: MgmtError,
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> MgmtError {
     MgmtError::InvalidArgument {
         field,
@@ -105,7 +116,8 @@ fn from_export(e: ExportError) -> MgmtError {
     match e {
         ExportError::InvalidArgument { field, reason } => invalid(field, reason),
         ExportError::AlreadyExists(_) => MgmtError::AlreadyExists(e.to_string()),
-        ExportError::Connected(_) | ExportError::Busy(..) => {
+        // The frontend is outside: what it did is not the daemon's fault.
+        ExportError::Connected(_) | ExportError::Busy(..) | ExportError::Frontend { .. } => {
             MgmtError::FailedPrecondition(e.to_string())
         }
         ExportError::Quiesce(q) => from_quiesce("export", q),
@@ -530,26 +542,30 @@ impl Manager {
     /// (`--config`, no state yet): RAID volumes on blank devices are then
     /// created. Restoring saved state, a volume is only ever assembled from
     /// its superblocks (except on RAM devices, which start blank).
-    pub fn restore(&self, config: &Config, initial: bool) -> Result<(), String> {
+    pub fn restore(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
         self.shared.quiet.store(true, Ordering::SeqCst);
         let r = self.restore_all(config, initial);
         self.shared.quiet.store(false, Ordering::SeqCst);
         r?;
-        self.save().map_err(|e| e.to_string())
+        self.save().map_err(|source| RestoreError {
+            part: "state file".into(),
+            source,
+        })
     }
 
-    fn restore_all(&self, config: &Config, initial: bool) -> Result<(), String> {
+    fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
+        let failed = |part: String| move |source| RestoreError { part, source };
         for d in &config.devices {
             self.attach_device(d.clone())
-                .map_err(|e| format!("device {}: {e}", d.name))?;
+                .map_err(failed(format!("device {}", d.name)))?;
         }
         for v in &config.volumes {
             self.restore_volume(v, initial)
-                .map_err(|e| format!("volume {}: {e}", v.name))?;
+                .map_err(failed(format!("volume {}", v.name)))?;
         }
         for e in &config.exports {
             self.create_export(e.clone())
-                .map_err(|err| format!("export {}: {err}", e.name))?;
+                .map_err(failed(format!("export {}", e.name)))?;
         }
         Ok(())
     }

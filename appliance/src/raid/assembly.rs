@@ -340,17 +340,34 @@ pub fn bitmap_in_memory(
 }
 
 /// Write bitmap `b`, clear, to `device`'s members that are not failed, and
-/// hand them to it.
+/// hand it those that took it. A member that cannot take it is reported
+/// failed, as one whose superblock cannot be written (md faults a member
+/// whose bitmap write fails); an error only if none took it.
 pub fn write_clear_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), RaidError> {
-    let members = live_members(device);
-    let (ok, errors) = b.write_to(&members, &b.snapshot());
-    if ok < members.len() {
+    let set = device.member_set();
+    let bits = b.snapshot();
+    let mut took = Vec::new();
+    let mut errors = Vec::new();
+    for (slot, m) in set.members.iter().enumerate() {
+        if m.recorded_state() == MemberState::Failed {
+            continue;
+        }
+        let (ok, e) = b.write_to(std::slice::from_ref(&m.dev), &bits);
+        if ok == 1 {
+            took.push(m.dev.clone());
+        } else {
+            tracing::error!(device = %m.dev.info().name, errors = ?e, "bitmap not written; the member is failed");
+            set.failures.report(slot, m, bdev::IoError::DeviceFailed);
+            errors.extend(e);
+        }
+    }
+    if took.is_empty() && !errors.is_empty() {
         return Err(RaidError::Invalid(format!(
             "writing the bitmap: {}",
             errors.join("; ")
         )));
     }
-    b.set_members(members);
+    b.set_members(took);
     Ok(())
 }
 

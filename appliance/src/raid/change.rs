@@ -562,8 +562,8 @@ pub(crate) fn plan(
                     let next = cur.with_member_set(set.with_bitmap(Some(b.clone())));
                     // Writes from before the bitmap may still sit in the
                     // members' caches; they must be durable before the
-                    // superblocks say only marked regions can differ.
-                    p.flush_first = super::assembly::live_members(next.as_ref());
+                    // superblocks say only marked regions can differ: the
+                    // bitmap's own write flushes each member after it.
                     p.next = Some(next);
                     p.template = Some(Box::new(move |t| t.bitmap_rows_per_bit = rpb));
                     p.after.push(After::StartBitmap(b));

@@ -639,14 +639,14 @@ impl WriteBehind {
 
     /// Wait until no write is in the background (the reactors finish
     /// them); after `timeout`, an error saying how many are left.
-    pub fn drain(&self, timeout: std::time::Duration) -> Result<(), String> {
+    pub fn drain(&self, timeout: std::time::Duration) -> Result<(), super::RaidError> {
         let t = std::time::Instant::now();
         while self.inflight() > 0 {
             if t.elapsed() >= timeout {
-                return Err(format!(
+                return Err(super::RaidError::NotDone(format!(
                     "{} writes to write-mostly members did not finish in {timeout:?}",
                     self.inflight()
-                ));
+                )));
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }

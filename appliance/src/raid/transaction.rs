@@ -85,7 +85,7 @@ impl Inner {
             .member_set()
             .behind
             .drain(timeout)
-            .map_err(OpError::DeadlineExceeded)?;
+            .map_err(|e| OpError::DeadlineExceeded(e.to_string()))?;
         if !revalidate(s, change)? {
             // Overtaken while the volume drained: nothing to do.
             return Ok(Vec::new());
@@ -145,7 +145,7 @@ impl Inner {
         for d in &plan.flush_first {
             if let Err(e) = super::metaio::sync(d.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
                 undo(&claimed);
-                return Err(OpError::Internal(e.to_string()));
+                return Err(flush_failed(s.current.member_set(), d, e));
             }
         }
         // The record as it was, to put back if the publish fails (the
@@ -254,6 +254,37 @@ impl Inner {
         }
         Ok(plan.follow)
     }
+}
+
+/// A device the change had to flush first failed: it is a failed member
+/// (or a failed replacement) from now on, reported as an IO failure would
+/// be, and the change is refused; the failure's own change follows.
+fn flush_failed(
+    set: &super::members::MemberSet,
+    dev: &std::sync::Arc<dyn bdev::BlockDevice>,
+    e: super::RaidError,
+) -> OpError {
+    use super::members::device_id;
+    let id = device_id(dev);
+    if let Some((slot, m)) = set
+        .members
+        .iter()
+        .enumerate()
+        .find(|(_, m)| device_id(&m.dev) == id)
+    {
+        set.failures.report(slot, m, bdev::IoError::DeviceFailed);
+    } else if let Some(r) = set.replacing.as_ref().filter(|r| device_id(&r.dev) == id) {
+        if !r.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            set.failures.event(super::members::Event::RebuildAborted(
+                set.members.len(),
+                format!("the replacement device failed a flush: {e}"),
+            ));
+        }
+    }
+    OpError::FailedPrecondition(format!(
+        "{} failed its flush ({e}); it is failed",
+        dev.info().name
+    ))
 }
 
 /// What can change between planning and the suspend, checked again once
