@@ -717,12 +717,18 @@ impl Manager {
         // so no stripe is left half written.
         let device = match jdev {
             Some(jdev) => {
-                let slots: Vec<Option<Arc<dyn BlockDevice>>> = v
-                    .device
-                    .member_set()
+                // Only members in sync take part: a member being rebuilt
+                // holds stale data past its cursor, and a replay that read
+                // it for parity, or wrote data only to it, would leave the
+                // rebuild to reconstruct an older write over the replayed
+                // one (found by the chaos run: a restart during a rebuild
+                // of a write-back volume). It is replayed around as a
+                // missing member, and its rebuild starts over.
+                let set = v.device.member_set();
+                let slots: Vec<Option<Arc<dyn BlockDevice>>> = set
                     .members
                     .iter()
-                    .map(|m| (m.state != MemberState::Failed).then(|| m.dev.clone()))
+                    .map(|m| (m.state == MemberState::InSync).then(|| m.dev.clone()))
                     .collect();
                 let geo = v.device.parity_geometry();
                 let (j, rep) = Journal::replay(jdev, &slots, geo.as_ref()).map_err(|e| {
@@ -737,6 +743,15 @@ impl Manager {
                     blocks = rep.blocks,
                     "journal replayed"
                 );
+                if let Some((slot, cursor)) = &set.rebuilding {
+                    if rep.blocks > 0 && cursor.swap(0, Ordering::SeqCst) > 0 {
+                        tracing::info!(
+                            volume = decl.name,
+                            slot,
+                            "the journal was replayed around the member being rebuilt: its rebuild starts over"
+                        );
+                    }
+                }
                 v.device
                     .with_journal(j)
                     .ok_or_else(|| invalid("journal", "only a RAID5 volume has a journal"))?

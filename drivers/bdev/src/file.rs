@@ -206,13 +206,30 @@ impl BlockDevice for FileDevice {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let ring = IoUring::new(RING_DEPTH).map_err(|source| BdevError::Os {
-            what: format!(
-                "{}: setting up an io_uring of {RING_DEPTH} entries",
-                self.inner.info.name
-            ),
-            source,
-        })?;
+        // The kernel hands completions over as task work, which runs when
+        // the submitting thread enters the kernel; by default it interrupts
+        // a thread that is running in user space to make it do so. A
+        // reactor spins there, and may make no system call for a long
+        // while (all its queues waiting on the device). With these flags
+        // the kernel instead says in the ring that work waits, and `poll`
+        // enters exactly then (liburing's peek does the same): no
+        // interrupts, and no reliance on them. Kernels before 5.19 lack the
+        // flags: that ring is entered every few hundred quiet polls while
+        // requests are in flight.
+        let coop = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(RING_DEPTH);
+        let taskrun_flag = coop.is_ok();
+        let ring = coop
+            .or_else(|_| IoUring::new(RING_DEPTH))
+            .map_err(|source| BdevError::Os {
+                what: format!(
+                    "{}: setting up an io_uring of {RING_DEPTH} entries",
+                    self.inner.info.name
+                ),
+                source,
+            })?;
         let slots = (0..RING_DEPTH).map(|_| Slot::default()).collect();
         Ok(Box::new(FileChannel {
             inner: self.inner.clone(),
@@ -222,6 +239,8 @@ impl BlockDevice for FileDevice {
             unsubmitted: 0,
             inflight: 0,
             done: Vec::new(),
+            taskrun_flag,
+            quiet_polls: 0,
         }))
     }
 }
@@ -243,7 +262,16 @@ struct FileChannel {
     inflight: usize,
     /// Requests that failed validation: completed on the next poll.
     done: Vec<Completion>,
+    /// The kernel flags pending completions (IORING_SQ_TASKRUN).
+    taskrun_flag: bool,
+    /// Polls without a completion while requests are in flight (rings
+    /// without the flag are entered every `ENTER_EVERY` of them).
+    quiet_polls: u32,
 }
+
+/// Without IORING_SQ_TASKRUN: polls between entries into the kernel while
+/// requests are in flight.
+const ENTER_EVERY: u32 = 256;
 
 impl FileChannel {
     fn use_direct(&self, req: &IoRequest) -> bool {
@@ -342,13 +370,25 @@ impl IoChannel for FileChannel {
         let before = out.len();
         self.inflight -= self.done.len();
         out.append(&mut self.done);
-        if self.unsubmitted > 0 {
-            // One syscall per batch. On error the entries stay queued and
-            // are retried on the next poll.
-            if self.ring.submit().is_ok() {
-                self.unsubmitted = 0;
+        let waiting = self.inflight > self.unsubmitted as usize && {
+            let sq = self.ring.submission();
+            if self.taskrun_flag {
+                sq.taskrun() || sq.cq_overflow()
+            } else {
+                self.quiet_polls % ENTER_EVERY == ENTER_EVERY - 1
+            }
+        };
+        if self.unsubmitted > 0 || waiting {
+            // One syscall per batch (it also runs completions the kernel
+            // holds as task work). On error the entries stay queued and are
+            // retried on the next poll; so do the ones after an entry the
+            // kernel refused outright (it stops there and says how many it
+            // took), or nothing would ever submit them.
+            if let Ok(taken) = self.ring.submit() {
+                self.unsubmitted = self.unsubmitted.saturating_sub(taken as u32);
             }
         }
+        let reaped = out.len();
         for cqe in self.ring.completion() {
             let index = cqe.user_data() as u32;
             let Some(slot) = self.slots.get(index as usize) else {
@@ -371,6 +411,11 @@ impl IoChannel for FileChannel {
             });
             self.free.push(index);
             self.inflight -= 1;
+        }
+        if out.len() == reaped && self.inflight > 0 {
+            self.quiet_polls = self.quiet_polls.wrapping_add(1);
+        } else {
+            self.quiet_polls = 0;
         }
         out.len() - before
     }
