@@ -655,7 +655,7 @@ impl Manager {
                 decl.name
             )));
         };
-        let v = report.volumes.remove(i);
+        let mut v = report.volumes.remove(i);
         // The superblocks say what the volume is: a takeover or bitmap
         // change recorded there just before a crash may not have reached
         // the state file.
@@ -725,6 +725,25 @@ impl Manager {
                 // of a write-back volume). It is replayed around as a
                 // missing member, and its rebuild starts over.
                 let set = v.device.member_set();
+                // The rebuild's start over is on disk before the replay's
+                // checkpoint: a crash in between must not resume the
+                // rebuild past rows the replay did not write.
+                if let Some((_, cursor)) = &set.rebuilding {
+                    if v.meta.template.rebuild_checkpoint > 0 || cursor.load(Ordering::SeqCst) > 0 {
+                        v.meta.template.rebuild_checkpoint = 0;
+                        v.meta.record(v.device.as_ref(), false).map_err(|e| {
+                            MgmtError::Internal(format!(
+                                "volume {}: recording the rebuild's start over: {e}",
+                                decl.name
+                            ))
+                        })?;
+                        cursor.store(0, Ordering::SeqCst);
+                        tracing::info!(
+                            volume = decl.name,
+                            "the journal is replayed around the member being rebuilt: its rebuild starts over"
+                        );
+                    }
+                }
                 let slots: Vec<Option<Arc<dyn BlockDevice>>> = set
                     .members
                     .iter()
@@ -743,15 +762,6 @@ impl Manager {
                     blocks = rep.blocks,
                     "journal replayed"
                 );
-                if let Some((slot, cursor)) = &set.rebuilding {
-                    if rep.blocks > 0 && cursor.swap(0, Ordering::SeqCst) > 0 {
-                        tracing::info!(
-                            volume = decl.name,
-                            slot,
-                            "the journal was replayed around the member being rebuilt: its rebuild starts over"
-                        );
-                    }
-                }
                 v.device
                     .with_journal(j)
                     .ok_or_else(|| invalid("journal", "only a RAID5 volume has a journal"))?
