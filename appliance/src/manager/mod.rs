@@ -11,6 +11,7 @@
 //! file is written by the transaction that changes what it says, after the
 //! superblocks and before the new generation is published.
 
+mod assemble;
 mod changes;
 mod devices;
 mod exports;

@@ -1,0 +1,224 @@
+//! Assembling a RAID volume at a restart: its members' superblocks decide
+//! what it is (members, states, rebuild checkpoint, bitmap, takeover), the
+//! register says what each device is now, and the journal is replayed to
+//! the members before any IO.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bdev::BlockDevice;
+
+use super::volumes::Started;
+use super::{invalid, Devices, Level, Manager, MgmtError};
+use crate::config::VolumeDecl;
+use crate::raid::assembly;
+use crate::raid::journal::Journal;
+use crate::raid::members::{FailureSink, MemberState, MissingDevice};
+use crate::raid::monitor::Role;
+use crate::raid::superblock::{Level as SbLevel, SuperblockError};
+
+impl Manager {
+    /// Assemble a RAID volume from its claimed devices' superblocks; `None`
+    /// if they are all blank and may be created on.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn assemble_volume(
+        &self,
+        decl: &VolumeDecl,
+        level: Level,
+        members: Devices,
+        spares: Devices,
+        jdev: Option<Arc<dyn BlockDevice>>,
+        volatile: bool,
+        initial: bool,
+    ) -> Result<(VolumeDecl, Option<Started>), MgmtError> {
+        let declared_spares: Vec<String> = spares.iter().map(|d| d.info().name.clone()).collect();
+        let all: Vec<Arc<dyn BlockDevice>> = members.iter().chain(&spares).cloned().collect();
+        let mut blank = Vec::new();
+        let mut readable = Vec::new();
+        for d in &all {
+            match assembly::read_superblock(d.as_ref()) {
+                Ok(Err(SuperblockError::Foreign)) => {
+                    blank.push(d.clone());
+                    readable.push(d.clone());
+                }
+                Ok(_) => readable.push(d.clone()),
+                // A dead device is a missing member: assembly decides
+                // whether the volume can start without it.
+                Err(e) => {
+                    tracing::warn!(volume = decl.name, device = %d.info().name, error = %e, "device unreadable; left out")
+                }
+            }
+        }
+        let all = readable;
+        // Only RAM-like devices come back blank on their own; a blank file
+        // or disk may be a wrong path or a replaced disk: never create a
+        // volume over it unasked.
+        if !all.is_empty() && blank.len() == all.len() && !volatile && !initial {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "no superblock of volume {} on its devices; refusing to create it over them (create it again by hand, with force, if that is intended)",
+                decl.name
+            )));
+        }
+        if !all.is_empty() && blank.len() == all.len() {
+            // The caller creates it (and claims the devices again).
+            self.shared.roles.release_volume(&decl.name);
+            return Ok((decl.clone(), None));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = FailureSink::new(tx);
+        let ours: Vec<Arc<dyn BlockDevice>> = all
+            .iter()
+            .filter(|d| !blank.iter().any(|b| Arc::ptr_eq(b, d)))
+            .cloned()
+            .collect();
+        let mut report = assembly::assemble(&ours, move |_| sink.clone());
+        // A declared device that holds another volume's superblock (a
+        // spare whose erase a crash interrupted) is left out, not a
+        // reason to refuse this one.
+        // (A problem names a device, or a volume as a whole.)
+        let devices: Vec<String> = ours.iter().map(|d| d.info().name.clone()).collect();
+        report.problems.retain(|(what, why)| {
+            let other = *what != decl.name && !devices.contains(what);
+            if other {
+                tracing::warn!(volume = decl.name, other = %what, reason = %why, "a device of another volume left out");
+            }
+            !other
+        });
+        if !report.problems.is_empty() {
+            let list: Vec<String> = report
+                .problems
+                .iter()
+                .map(|(d, why)| format!("{d}: {why}"))
+                .collect();
+            return Err(MgmtError::FailedPrecondition(format!(
+                "refusing to assemble: {}",
+                list.join("; ")
+            )));
+        }
+        let Some(i) = report
+            .volumes
+            .iter()
+            .position(|v| v.meta.template.name == decl.name)
+        else {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "no superblock of volume {} on its devices",
+                decl.name
+            )));
+        };
+        let mut v = report.volumes.remove(i);
+        // The superblocks say what the volume is: a takeover or bitmap
+        // change recorded there just before a crash may not have reached
+        // the state file.
+        let sb = &v.meta.template;
+        let sb_level = if sb.level == SbLevel::Raid5 {
+            Level::Raid5
+        } else {
+            Level::Raid1
+        };
+        if sb_level != level {
+            tracing::warn!(
+                volume = decl.name,
+                state_file = level.name(),
+                superblocks = sb_level.name(),
+                "the superblocks' level wins"
+            );
+        }
+        let mut fixed = decl.clone();
+        fixed.level = sb_level.name().to_string();
+        if sb_level == Level::Raid5 {
+            fixed.chunk_kib = sb.chunk_bytes / 1024;
+            fixed.layout = sb.layout.name().to_string();
+        }
+        fixed.bitmap = sb.bitmap_rows_per_bit > 0;
+        if !v.stale.is_empty() {
+            tracing::warn!(volume = decl.name, stale = ?v.stale, "stale members left out");
+        }
+        let in_volume: Vec<String> = v
+            .device
+            .member_devices()
+            .iter()
+            .filter(|d| !MissingDevice::is(d.as_ref()))
+            .map(|d| d.info().name.clone())
+            .collect();
+        // Blank devices are spares again; so are declared spares the
+        // volume does not use, whatever an older role left on them (a
+        // member that failed and was added back as a spare keeps its old,
+        // stale superblock until it is rebuilt).
+        let spares: Vec<Arc<dyn BlockDevice>> = all
+            .iter()
+            .filter(|d| !in_volume.contains(&d.info().name))
+            .filter(|d| {
+                blank.iter().any(|b| Arc::ptr_eq(b, d)) || declared_spares.contains(&d.info().name)
+            })
+            .cloned()
+            .collect();
+        // The register says what each device is now.
+        for d in &all {
+            let name = d.info().name.clone();
+            if in_volume.contains(&name) {
+                self.shared.roles.set(&name, &decl.name, Some(Role::Member));
+            } else if spares.iter().any(|s| Arc::ptr_eq(s, d)) {
+                self.shared.roles.set(&name, &decl.name, Some(Role::Spare));
+            } else {
+                self.shared.roles.set(&name, &decl.name, None);
+            }
+        }
+        // Before any IO: the journal's durable records go to the members,
+        // so no stripe is left half written.
+        let device = match jdev {
+            Some(jdev) => {
+                // Only members in sync take part: a member being rebuilt
+                // holds stale data past its cursor, and a replay that read
+                // it for parity, or wrote data only to it, would leave the
+                // rebuild to reconstruct an older write over the replayed
+                // one (found by the chaos run: a restart during a rebuild
+                // of a write-back volume). It is replayed around as a
+                // missing member, and its rebuild starts over.
+                let set = v.device.member_set();
+                // The rebuild's start over is on disk before the replay's
+                // checkpoint: a crash in between must not resume the
+                // rebuild past rows the replay did not write.
+                if let Some((_, cursor)) = &set.rebuilding {
+                    if v.meta.template.rebuild_checkpoint > 0 || cursor.load(Ordering::SeqCst) > 0 {
+                        v.meta.template.rebuild_checkpoint = 0;
+                        v.meta.record(v.device.as_ref(), false).map_err(|e| {
+                            MgmtError::Internal(format!(
+                                "volume {}: recording the rebuild's start over: {e}",
+                                decl.name
+                            ))
+                        })?;
+                        cursor.store(0, Ordering::SeqCst);
+                        tracing::info!(
+                            volume = decl.name,
+                            "the journal is replayed around the member being rebuilt: its rebuild starts over"
+                        );
+                    }
+                }
+                let slots: Vec<Option<Arc<dyn BlockDevice>>> = set
+                    .members
+                    .iter()
+                    .map(|m| (m.state == MemberState::InSync).then(|| m.dev.clone()))
+                    .collect();
+                let geo = v.device.parity_geometry();
+                let (j, rep) = Journal::replay(jdev, &slots, geo.as_ref()).map_err(|e| {
+                    MgmtError::FailedPrecondition(format!(
+                        "journal of volume {0}: {e}; refusing to start the volume without it (`appliance daemon --drop-journal {0}` starts it without the journal, losing write-back data only the journal held)",
+                        decl.name
+                    ))
+                })?;
+                tracing::info!(
+                    volume = decl.name,
+                    records = rep.records,
+                    blocks = rep.blocks,
+                    "journal replayed"
+                );
+                v.device
+                    .with_journal(j)
+                    .ok_or_else(|| invalid("journal", "only a RAID5 volume has a journal"))?
+            }
+            None => v.device,
+        };
+        let started = self.start_raid(&fixed, (device, v.meta, v.was_clean), spares, rx)?;
+        Ok((fixed, Some(started)))
+    }
+}
