@@ -68,6 +68,7 @@ impl Sampler {
             counter!("appliance_export_written_bytes_total", &l).absolute(s.write_bytes);
             counter!("appliance_export_other_requests_total", &l).absolute(s.others);
             counter!("appliance_export_errors_total", &l).absolute(s.errors);
+            counter!("appliance_export_frontend_faults_total", &l).absolute(s.frontend_faults);
             gauge!("appliance_export_queue_depth", &l).set(s.inflight as f64);
             let prev = self.exports.get(&name).cloned().unwrap_or_default();
             if secs > 0.0 {

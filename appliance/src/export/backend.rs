@@ -216,6 +216,7 @@ impl Handler {
             limits: export.limits.clone(),
             inflight,
             stats: export.stats[index as usize].clone(),
+            fault: export.fault.clone(),
         };
         let started = self
             .set

@@ -3,6 +3,7 @@
 
 mod backend;
 mod error;
+mod fault;
 mod frontend;
 mod inflight;
 mod memory;
@@ -103,6 +104,9 @@ pub struct ExportShared {
     handler: Mutex<Option<std::sync::Weak<Mutex<Handler>>>>,
     /// A queue was moved at runtime: its reactor is the operator's choice.
     moved: AtomicBool,
+    /// Raised when the connected frontend broke something of its own: the
+    /// control thread drops that connection.
+    fault: Arc<fault::FaultSignal>,
 }
 
 impl ExportShared {
@@ -299,6 +303,7 @@ impl Export {
             ),
             handler: Mutex::new(None),
             moved: AtomicBool::new(false),
+            fault: Arc::new(fault::FaultSignal::new()?),
         });
         let shutdown = Arc::new(eventfd()?);
         let (s2, sd2, set2) = (shared.clone(), shutdown.clone(), set.clone());
@@ -325,6 +330,7 @@ impl Export {
         for q in &self.shared.stats {
             q.add_to(&mut s);
         }
+        s.frontend_faults = self.shared.fault.count();
         s
     }
 
@@ -484,30 +490,42 @@ fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Wait until `fd` is readable or shutdown is signalled; true on shutdown.
-fn wait_readable(fd: RawFd, shutdown: RawFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shutdown,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+/// What woke the control thread.
+#[derive(PartialEq)]
+enum Woke {
+    /// The socket is readable.
+    Readable,
+    /// The export is being deleted.
+    Shutdown,
+    /// The frontend broke something of its own.
+    Fault,
+}
+
+/// Wait until `fd` is readable, shutdown is signalled or (with `fault`)
+/// the frontend faulted.
+fn wait_readable(fd: RawFd, shutdown: RawFd, fault: Option<RawFd>) -> Woke {
+    let pfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [pfd(fd), pfd(shutdown), pfd(fault.unwrap_or(-1))];
     loop {
-        // SAFETY: valid array of two pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // SAFETY: valid array of three pollfds (a negative fd is ignored).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return true;
+            return Woke::Shutdown;
         }
-        return fds[1].revents != 0;
+        return if fds[1].revents != 0 {
+            Woke::Shutdown
+        } else if fds[2].revents != 0 {
+            Woke::Fault
+        } else {
+            Woke::Readable
+        };
     }
 }
 
@@ -520,7 +538,7 @@ fn serve(
     shutdown: Arc<OwnedFd>,
 ) {
     loop {
-        if wait_readable(listener.as_raw_fd(), shutdown.as_raw_fd()) {
+        if wait_readable(listener.as_raw_fd(), shutdown.as_raw_fd(), None) == Woke::Shutdown {
             return;
         }
         let stream = match listener.accept() {
@@ -536,6 +554,8 @@ fn serve(
             tracing::error!(error = %e, "configuring a vhost-user connection");
             continue;
         }
+        // A fault of the previous connection is not this one's.
+        shared.fault.take();
         shared.connected.store(true, Ordering::SeqCst);
         shared.connections.fetch_add(1, Ordering::SeqCst);
         tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
@@ -543,8 +563,20 @@ fn serve(
         *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
         let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
         let stop = loop {
-            if wait_readable(conn.as_raw_fd(), shutdown.as_raw_fd()) {
-                break true;
+            match wait_readable(
+                conn.as_raw_fd(),
+                shutdown.as_raw_fd(),
+                Some(shared.fault.raw_fd()),
+            ) {
+                Woke::Readable => {}
+                Woke::Shutdown => break true,
+                Woke::Fault => {
+                    if shared.fault.take() {
+                        tracing::warn!(socket = %shared.options.socket.display(), "dropping a vhost-user frontend that broke its queue or its memory");
+                        break false;
+                    }
+                    continue;
+                }
             }
             let (backend_req, reply_ack) = {
                 let h = handler.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,6 +15,7 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::request::{
     parse_with, walk_chain_with, Desc, Limits, Parsed, RegionCache, S_IOERR, S_OK,
@@ -114,6 +115,8 @@ pub struct QueueSetup {
     pub inflight: Option<InflightQueue>,
     /// The queue's IO counters.
     pub stats: Arc<IoStats>,
+    /// Raised when the frontend broke the queue: the connection is dropped.
+    pub fault: Arc<FaultSignal>,
 }
 
 struct Inflight {
@@ -148,7 +151,13 @@ struct Runner {
     idle_polls: u32,
     notify_enabled: bool,
     signal_pending: bool,
+    /// The frontend broke the ring (its connection is being dropped).
     broken: bool,
+    /// The guest memory map no longer holds the rings (a memory change
+    /// removed them): nothing touches them until a map that holds them
+    /// again, and the queue waits meanwhile.
+    ring_lost: bool,
+    fault: Arc<FaultSignal>,
     inflight: Option<InflightQueue>,
     /// Requests taken before a restart, to submit again first.
     resubmit: VecDeque<u16>,
@@ -242,6 +251,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         notify_enabled: false,
         signal_pending: false,
         broken: false,
+        ring_lost: false,
+        fault: setup.fault,
         inflight: setup.inflight,
         resubmit: VecDeque::new(),
         suspended: setup.volume.suspended_range().clone(),
@@ -327,7 +338,8 @@ impl Runner {
         // A new generation is served only once its channel is open (the
         // old one may still finish work of its own first).
         let stale = self.vol_gate.generation() != self.vol_gen;
-        if !self.broken && !stale {
+        let usable = !self.broken && !self.ring_lost;
+        if usable && !stale {
             work |= self.pop_requests();
         }
         self.signal();
@@ -339,7 +351,10 @@ impl Runner {
             }
         } else {
             self.idle_polls += 1;
-            if self.idle_polls.is_multiple_of(IDLE_POLLS) {
+            if !usable {
+                // Kicks wake nobody: the rings are not to be touched.
+                self.drain_kick();
+            } else if self.idle_polls.is_multiple_of(IDLE_POLLS) {
                 // Consume stale kicks so the reactor can sleep, ask for new
                 // ones, and look at the ring once more: a request offered
                 // just before the drain had its kick consumed by it.
@@ -354,7 +369,7 @@ impl Runner {
             // Parked writes are looked at each poll: nothing wakes a
             // sleeping reactor when the range is resumed.
             PollState::Busy
-        } else if self.notify_enabled || self.broken {
+        } else if self.notify_enabled || !usable {
             PollState::Idle
         } else {
             // The guest has not been asked to kick yet (with EVENT_IDX its
@@ -377,9 +392,20 @@ impl Runner {
             self.mem_gen = g;
             self.mem = m;
             self.regions.reset();
-            if let Err(e) = self.ring.remap(&self.mem) {
-                tracing::error!(queue = self.index, error = %e, "the queue stops until reset");
-                self.broken = true;
+            match self.ring.remap(&self.mem) {
+                Ok(()) if self.ring_lost => {
+                    tracing::info!(
+                        queue = self.index,
+                        "the rings are in guest memory again: the queue goes on"
+                    );
+                    self.ring_lost = false;
+                    self.idle_polls = 0;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(queue = self.index, error = %e, "the queue waits until its rings are in guest memory again");
+                    self.ring_lost = true;
+                }
             }
         }
         if !channel_busy && self.vol_gate.generation() != self.vol_gen {
@@ -423,8 +449,9 @@ impl Runner {
                         break;
                     }
                     Err(e) => {
-                        tracing::error!(queue = self.index, error = %e, "the queue stops until reset");
+                        tracing::error!(queue = self.index, error = %e, "the frontend broke the queue: its connection is dropped");
                         self.broken = true;
+                        self.fault.raise();
                         self.vol_gate.end();
                         self.mem_gate.end();
                         break;
@@ -592,7 +619,7 @@ impl Runner {
     }
 
     fn signal(&mut self) {
-        if !self.signal_pending {
+        if !self.signal_pending || self.ring_lost {
             return;
         }
         self.signal_pending = false;

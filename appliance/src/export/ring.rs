@@ -72,20 +72,26 @@ impl Ring {
     }
 
     /// Translate the rings again (the guest memory map changed).
+    /// On failure the ring holds null pointers: the old ones may point
+    /// into memory that is unmapped once the old map goes, and the caller
+    /// must not use the ring until a remap succeeds.
     pub fn remap(&mut self, mem: &GuestMemoryMmap) -> Result<(), FrontendError> {
+        self.avail = std::ptr::null_mut();
+        self.used = std::ptr::null_mut();
         let n = self.size as u64;
-        self.avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
+        let avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
             FrontendError::Invalid(format!(
                 "avail ring at {:#x} is not in one guest memory region",
                 self.avail_gpa
             ))
         })?;
-        self.used = host(mem, self.used_gpa, 6 + 8 * n, 4).ok_or_else(|| {
+        let used = host(mem, self.used_gpa, 6 + 8 * n, 4).ok_or_else(|| {
             FrontendError::Invalid(format!(
                 "used ring at {:#x} is not in one guest memory region",
                 self.used_gpa
             ))
         })?;
+        (self.avail, self.used) = (avail, used);
         Ok(())
     }
 

@@ -107,6 +107,9 @@ pub struct IoSnapshot {
     pub errors: u64,
     /// Requests in flight.
     pub inflight: u64,
+    /// Connections dropped because the frontend broke a queue or its
+    /// memory (an export-wide count, not a queue's).
+    pub frontend_faults: u64,
     /// Latency histograms of reads (0) and writes (1).
     pub latency: [[u64; BUCKETS]; 2],
 }

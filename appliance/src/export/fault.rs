@@ -1,0 +1,65 @@
+//! How a frontend's fault ends its own connection and nothing else: a
+//! reactor that finds a queue broken (a runaway avail index), or the
+//! SIGBUS handler that finds guest memory gone under a mapping, raises the
+//! export's fault signal; the export's control thread, which polls it
+//! beside the connection's socket, drops that connection. The frontend
+//! (QEMU with reconnect) then connects again and resets the device, as it
+//! does with qemu-storage-daemon, which disconnects on such faults too.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::ExportError;
+
+/// One export's fault signal: an eventfd and a count of faults.
+pub struct FaultSignal {
+    fd: OwnedFd,
+    count: AtomicU64,
+}
+
+impl FaultSignal {
+    /// A fresh signal.
+    pub fn new() -> Result<FaultSignal, ExportError> {
+        // SAFETY: plain syscall, result checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(ExportError::Os {
+                what: "creating the fault eventfd".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(FaultSignal {
+            // SAFETY: fd is new and ours.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            count: AtomicU64::new(0),
+        })
+    }
+
+    /// Report a fault of the current connection. Async-signal-safe (an
+    /// atomic add and a write), so the SIGBUS handler may call it.
+    pub fn raise(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let one = 1u64;
+        // SAFETY: 8-byte write to our own non-blocking eventfd; a full
+        // counter only means the fault is already pending.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Consume pending reports: true if there were any.
+    pub fn take(&self) -> bool {
+        let mut v = 0u64;
+        // SAFETY: 8-byte non-blocking read from our own eventfd.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        n == 8 && v > 0
+    }
+
+    /// Faults reported so far (all connections).
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The eventfd, to poll.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

@@ -1,0 +1,122 @@
+//! A hostile or broken vhost-user frontend (not its guest: the frontend
+//! process itself, its memory table, its descriptors, its timing) costs
+//! its own connection at most: the daemon never crashes or hangs, and a
+//! second export whose queues share the reactors keeps serving.
+
+#[path = "hostile/guest.rs"]
+mod guest;
+
+use std::time::{Duration, Instant};
+
+use guest::*;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+
+/// Wait until `cond` holds (the daemon acts on its own threads).
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A memory region of MEM bytes of a fresh memfd at guest address `gpa`.
+fn other_memory(gpa: u64) -> (std::fs::File, *mut u8, VhostUserMemoryRegionInfo) {
+    use std::os::fd::AsRawFd;
+    let (file, base) = guest_memory(c"other");
+    let info = VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: MEM as u64,
+        userspace_addr: base as u64,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    (file, base, info)
+}
+
+/// Point 1: a memory table without the region that holds a running
+/// queue's rings. The queue must not touch them (the old pointers point
+/// into memory the daemon unmaps); it waits, and goes on once a table
+/// holds them again. The same through REM_MEM_REG / ADD_MEM_REG.
+#[test]
+fn a_memory_change_that_removes_the_rings_pauses_the_queue_until_they_return() {
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut g = Guest::setup(
+        &r.socks[0],
+        Setup {
+            protocol: VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::REPLY_ACK,
+            ..Default::default()
+        },
+    );
+    let mut other = Guest::new(&r.socks[1], 1);
+    g.good_read(0);
+    other.good_read(0);
+    g.frontend
+        .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+
+    // A whole new table, elsewhere in guest physical memory.
+    let (_f, base, elsewhere) = other_memory(1 << 32);
+    g.frontend.set_mem_table(&[elsewhere]).unwrap();
+    // The queue's reactor goes through many idle loops (where it would
+    // ask the guest for kicks through the used ring); the other export's
+    // queue shares it and keeps serving.
+    for _ in 0..200 {
+        other.good_read(0);
+    }
+    // A request offered meanwhile waits.
+    let s = g.offer_read(0);
+    assert_eq!(g.used_within(0, Duration::from_millis(200)), None);
+    g.frontend.set_mem_table(&[g.region()]).unwrap();
+    assert_eq!(g.used(0), (0, 4097), "served once the rings are back");
+    assert_eq!(g.read::<u8>(s), S_OK);
+
+    // The same with single regions.
+    g.frontend.remove_mem_region(&g.region()).unwrap();
+    for _ in 0..200 {
+        other.good_read(0);
+    }
+    let s = g.offer_read(0);
+    assert_eq!(g.used_within(0, Duration::from_millis(200)), None);
+    g.frontend.add_mem_region(&g.region()).unwrap();
+    assert_eq!(g.used(0), (0, 4097), "served once the region is back");
+    assert_eq!(g.read::<u8>(s), S_OK);
+    g.good_read(0);
+    other.good_read(0);
+    assert!(r.exports[0].is_connected());
+    assert_eq!(r.exports[0].stats().frontend_faults, 0);
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(base.cast(), MEM) };
+}
+
+/// A guest index that runs further ahead than the ring holds: the queue is
+/// broken. Its connection is dropped (counted), as qemu-storage-daemon
+/// does, so that the frontend reconnects and resets the device; a second
+/// export on the same reactor keeps serving throughout.
+#[test]
+fn a_runaway_avail_index_drops_its_own_connection_and_nothing_else() {
+    let r = rig_of(2, Duration::from_micros(50), 2);
+    let mut g = Guest::new(&r.socks[0], 2);
+    let mut other = Guest::new(&r.socks[1], 2);
+    g.good_read(0);
+    other.good_read(0);
+    // Claim 1000 new requests on a 16-entry ring.
+    let vq = &g.queues[0];
+    g.write(vq.avail + 2, vq.next_avail.wrapping_add(1000));
+    g.queues[0].kick.write(1).unwrap();
+    eventually("the broken connection is dropped", || {
+        r.exports[0].stats().frontend_faults > 0 && !r.exports[0].is_connected()
+    });
+    for _ in 0..10 {
+        other.good_read(0);
+        other.good_read(1);
+    }
+    // A new connection starts afresh.
+    drop(g);
+    let mut g = Guest::new(&r.socks[0], 2);
+    g.good_read(0);
+    g.good_read(1);
+    assert!(!r.reactors.set().is_stopped());
+}
