@@ -54,8 +54,6 @@ fn a_memory_change_that_removes_the_rings_pauses_the_queue_until_they_return() {
     let mut other = Guest::new(&r.socks[1], 1);
     g.good_read(0);
     other.good_read(0);
-    g.frontend
-        .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
 
     // A whole new table, elsewhere in guest physical memory.
     let (_f, base, elsewhere) = other_memory(1 << 32);
@@ -119,4 +117,53 @@ fn a_runaway_avail_index_drops_its_own_connection_and_nothing_else() {
     g.good_read(0);
     g.good_read(1);
     assert!(!r.reactors.set().is_stopped());
+}
+
+/// The write end of a fresh pipe, dressed as an eventfd.
+fn pipe_as_eventfd() -> (vmm_sys_util::eventfd::EventFd, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both are new and ours.
+    unsafe {
+        (
+            vmm_sys_util::eventfd::EventFd::from_raw_fd(fds[1]),
+            std::fs::File::from_raw_fd(fds[0]),
+        )
+    }
+}
+
+/// Point 3: a call fd that is a pipe (whose buffer fills after 8192
+/// notifications nobody reads) blocked the reactor's write, and with it
+/// every queue on that reactor, for good. Call and kick fds must be
+/// eventfds; the rest is refused, and the queue runs without them (the
+/// guest polls).
+#[test]
+fn a_call_or_kick_fd_that_is_not_an_eventfd_is_refused() {
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let pipes = std::sync::Mutex::new(Vec::new());
+    let mut g = Guest::setup(
+        &r.socks[0],
+        Setup {
+            protocol: VhostUserProtocolFeatures::REPLY_ACK,
+            call: &|_| {
+                let (w, rd) = pipe_as_eventfd();
+                pipes.lock().unwrap().push(rd);
+                w
+            },
+            call_taken: false,
+            ..Default::default()
+        },
+    );
+    let mut other = Guest::new(&r.socks[1], 1);
+    // More notifications than a pipe's buffer holds.
+    for _ in 0..10_000 {
+        g.good_read(0);
+    }
+    other.good_read(0);
+    // A kick fd that is a pipe is refused as well.
+    let (w, _rd) = pipe_as_eventfd();
+    assert!(g.frontend.set_vring_kick(0, &w).is_err());
+    g.good_read(0);
 }

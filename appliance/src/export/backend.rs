@@ -114,6 +114,38 @@ pub struct Handler {
     inflight: Option<Arc<InflightRegion>>,
 }
 
+/// A kick or call descriptor must be an eventfd: the reactor reads and
+/// writes it on the IO path, and anything else (a pipe whose buffer fills,
+/// a socket, a file) could block that reactor and every queue on it. The
+/// call fd is also made non-blocking, so a counter the frontend never
+/// reads cannot stall us either (eventfd's limit is 2^64 - 2).
+fn check_eventfd(fd: &Option<File>, what: &str, index: u8) -> VuResult<()> {
+    use std::os::fd::AsRawFd;
+    let Some(f) = fd else {
+        return Ok(());
+    };
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map_err(|e| invalid(format!("vring {index} {what} fd: {e}")))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(invalid(format!(
+            "vring {index} {what} fd is {}, not an eventfd",
+            link.display()
+        )));
+    }
+    // SAFETY: fcntl on a descriptor we own.
+    let ok = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(invalid(format!(
+            "vring {index} {what} fd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 fn invalid(what: impl std::fmt::Display) -> VuError {
     tracing::warn!("vhost-user: {what}");
     VuError::InvalidParam
@@ -514,6 +546,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_KICK");
+        check_eventfd(&fd, "kick", index)?;
         let acked = self.protocol_features_acked();
         let v = self.vring(index as u32)?;
         v.kick = fd;
@@ -525,6 +558,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_CALL");
+        check_eventfd(&fd, "call", index)?;
         let v = self.vring(index as u32)?;
         v.call = fd.map(Arc::new);
         if let Some(r) = &v.running {

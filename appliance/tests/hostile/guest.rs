@@ -61,6 +61,8 @@ pub struct Setup<'a> {
     pub protocol: VhostUserProtocolFeatures,
     /// The call "eventfd" of each queue (a test may pass anything).
     pub call: &'a dyn Fn(usize) -> EventFd,
+    /// Whether the daemon takes that call fd (asserted with REPLY_ACK).
+    pub call_taken: bool,
 }
 
 impl Default for Setup<'_> {
@@ -71,6 +73,7 @@ impl Default for Setup<'_> {
             name: c"guest",
             protocol: VhostUserProtocolFeatures::empty(),
             call: &|_| EventFd::new(0).unwrap(),
+            call_taken: true,
         }
     }
 }
@@ -144,6 +147,10 @@ impl Guest {
             pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | s.protocol),
         )
         .unwrap();
+        if s.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every message waits for the daemon's answer.
+            f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        }
         f.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM as u64,
@@ -170,14 +177,14 @@ impl Guest {
                 kick: EventFd::new(0).unwrap(),
                 call: (s.call)(q),
             };
-            g.start_queue(q, &vq);
+            g.start_queue(q, &vq, s.call_taken);
             g.queues.push(vq);
         }
         g
     }
 
     /// Set up and enable queue `q` as `vq` describes it.
-    fn start_queue(&mut self, q: usize, vq: &Vq) {
+    fn start_queue(&mut self, q: usize, vq: &Vq, call_taken: bool) {
         let (f, base) = (&mut self.frontend, self.base as u64);
         f.set_vring_num(q, QSIZE).unwrap();
         f.set_vring_addr(
@@ -194,7 +201,8 @@ impl Guest {
         )
         .unwrap();
         f.set_vring_base(q, vq.next_avail).unwrap();
-        f.set_vring_call(q, &vq.call).unwrap();
+        let call = f.set_vring_call(q, &vq.call);
+        assert_eq!(call.is_ok(), call_taken, "call fd taken: {call:?}");
         f.set_vring_kick(q, &vq.kick).unwrap();
         f.set_vring_enable(q, true).unwrap();
     }
