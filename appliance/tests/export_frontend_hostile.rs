@@ -167,3 +167,94 @@ fn a_call_or_kick_fd_that_is_not_an_eventfd_is_refused() {
     assert!(g.frontend.set_vring_kick(0, &w).is_err());
     g.good_read(0);
 }
+
+/// A vhost-user message header: request, flags (version 1), payload size.
+fn header(request: u32, size: u32) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0..4].copy_from_slice(&request.to_le_bytes());
+    h[4..8].copy_from_slice(&1u32.to_le_bytes());
+    h[8..12].copy_from_slice(&size.to_le_bytes());
+    h
+}
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+
+/// Point 4: a frontend that sends a header and never the payload it
+/// announces held the export's control thread in a blocking read for good,
+/// and a delete of the export (which joins that thread) with it. The
+/// connection is dropped after the frontend IO timeout, and a delete ends
+/// a stuck read at once.
+#[test]
+fn a_frontend_that_stops_mid_message_is_dropped_and_holds_up_no_delete() {
+    use std::io::Write;
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut other = Guest::new(&r.socks[1], 1);
+    let mut s = std::os::unix::net::UnixStream::connect(&r.socks[0]).unwrap();
+    s.write_all(&header(SET_FEATURES, 8)).unwrap();
+    eventually("connected", || r.exports[0].is_connected());
+    other.good_read(0);
+    eventually("the silent frontend is dropped", || {
+        !r.exports[0].is_connected()
+    });
+    // A new frontend is served.
+    drop(s);
+    let mut g = Guest::new(&r.socks[0], 1);
+    g.good_read(0);
+    drop(g);
+    // Stuck again, and the export is deleted meanwhile.
+    let mut s = std::os::unix::net::UnixStream::connect(&r.socks[0]).unwrap();
+    s.write_all(&header(SET_FEATURES, 8)).unwrap();
+    eventually("connected", || r.exports[0].is_connected());
+    let t = Instant::now();
+    r.exports[0].delete(true).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the delete waited for the frontend's timeout: {:?}",
+        t.elapsed()
+    );
+    other.good_read(0);
+}
+
+/// Point 4, the other direction: a frontend that sends requests and never
+/// reads the answers fills the socket; the export's blocking write held
+/// its control thread for good. It is dropped after the timeout.
+#[test]
+fn a_frontend_that_never_reads_its_answers_is_dropped() {
+    use std::io::Write;
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut other = Guest::new(&r.socks[1], 1);
+    let mut s = std::os::unix::net::UnixStream::connect(&r.socks[0]).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let req = header(GET_FEATURES, 0);
+    let mut sent = 0u64;
+    let t = Instant::now();
+    // Until both directions are full: the daemon no longer reads.
+    let mut full_since: Option<Instant> = None;
+    while full_since.is_none_or(|f| f.elapsed() < Duration::from_millis(500)) {
+        match s.write(&req) {
+            Ok(n) => {
+                assert_eq!(n, req.len());
+                sent += 1;
+                full_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                full_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Dropped already.
+            Err(_) => break,
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{sent} requests taken"
+        );
+    }
+    other.good_read(0);
+    eventually("the frontend that never reads is dropped", || {
+        !r.exports[0].is_connected()
+    });
+    drop(s);
+    let mut g = Guest::new(&r.socks[0], 1);
+    g.good_read(0);
+    other.good_read(0);
+}

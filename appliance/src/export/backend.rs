@@ -189,6 +189,7 @@ impl Handler {
     /// Publish a new guest memory map: the export's queues drain and pick
     /// it up on resume (the quiesce epoch of the export's memory object).
     fn publish_memory(&mut self, memory: GuestMemory) -> VuResult<()> {
+        let _own = super::watchdog::own_work(&self.export);
         let snapshot = memory.snapshot().map_err(invalid)?;
         self.export
             .memory
@@ -199,6 +200,7 @@ impl Handler {
     }
 
     fn try_start(&mut self, index: u32) -> VuResult<()> {
+        let _own = super::watchdog::own_work(&self.export);
         let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cores = self.set.len();
         let (_, mem) = self.export.memory.config();
@@ -319,6 +321,7 @@ impl Handler {
     /// suspended range (a move), else the stop is taken back after the
     /// time-out and the queue goes on.
     fn stop_with(&mut self, index: u32, keep_parked: bool) -> VuResult<()> {
+        let _own = super::watchdog::own_work(&self.export);
         let set = self.set.clone();
         let v = self.vring(index)?;
         let Some(r) = v.running.take() else {
@@ -459,6 +462,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let _own = super::watchdog::own_work(&self.export);
         tracing::debug!(regions = ctx.len(), "vhost-user SET_MEM_TABLE");
         if ctx.len() != files.len() || ctx.len() > MAX_REGIONS {
             return Err(invalid(
@@ -653,6 +657,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
+        let _own = super::watchdog::own_work(&self.export);
         if inflight.num_queues as usize > self.vrings.len() {
             return Err(invalid(format!(
                 "inflight area for {} queues; the export has {}",
@@ -670,6 +675,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let _own = super::watchdog::own_work(&self.export);
         tracing::debug!(
             queues = inflight.num_queues,
             size = inflight.queue_size,
@@ -704,6 +710,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         fd: File,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        let _own = super::watchdog::own_work(&self.export);
         let r = GuestMemory::map_region(
             region.guest_phys_addr,
             region.memory_size,

@@ -11,6 +11,7 @@ mod queue;
 pub mod request;
 mod ring;
 pub mod stats;
+mod watchdog;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -34,6 +35,7 @@ pub use request::{Limits, ID_BYTES};
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Largest number of data segments, advertised as seg_max.
 pub const SEG_MAX: u32 = 126;
+pub use watchdog::FRONTEND_IO_TIMEOUT;
 
 /// How to export a volume.
 #[derive(Debug, Clone)]
@@ -107,6 +109,12 @@ pub struct ExportShared {
     /// Raised when the connected frontend broke something of its own: the
     /// control thread drops that connection.
     fault: Arc<fault::FaultSignal>,
+    /// A second handle of the connected frontend's socket: a delete shuts
+    /// it down, which ends a read or write the control thread is blocked in.
+    conn: Mutex<Option<UnixStream>>,
+    /// Since when the control thread waits on the frontend (the watchdog
+    /// drops a connection that keeps it waiting too long).
+    io_clock: watchdog::IoClock,
 }
 
 impl ExportShared {
@@ -304,7 +312,10 @@ impl Export {
             handler: Mutex::new(None),
             moved: AtomicBool::new(false),
             fault: Arc::new(fault::FaultSignal::new()?),
+            conn: Mutex::new(None),
+            io_clock: watchdog::IoClock::default(),
         });
+        watchdog::watch(&shared);
         let shutdown = Arc::new(eventfd()?);
         let (s2, sd2, set2) = (shared.clone(), shutdown.clone(), set.clone());
         let thread = std::thread::Builder::new()
@@ -447,6 +458,9 @@ impl Export {
         let one = 1u64;
         // SAFETY: 8-byte write to our eventfd.
         unsafe { libc::write(self.shutdown.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(c) = &*self.shared.conn.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = thread {
             let _ = t.join();
@@ -550,9 +564,15 @@ fn serve(
                 continue;
             }
         };
-        if let Err(e) = stream.set_nonblocking(false) {
-            tracing::error!(error = %e, "configuring a vhost-user connection");
-            continue;
+        let configured = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.try_clone());
+        match configured {
+            Ok(c) => *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "configuring a vhost-user connection");
+                continue;
+            }
         }
         // A fault of the previous connection is not this one's.
         shared.fault.take();
@@ -587,7 +607,10 @@ fn serve(
                     *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
                 }
             }
-            if let Err(e) = conn.handle_request() {
+            shared.io_clock.start();
+            let handled = conn.handle_request();
+            shared.io_clock.stop();
+            if let Err(e) = handled {
                 match e {
                     // Our handler refused one request; the frontend got the
                     // failure (REPLY_ACK) and the connection goes on.
@@ -609,6 +632,7 @@ fn serve(
             .unwrap_or_else(|e| e.into_inner())
             .disconnect();
         *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
         drop(conn);
         shared.connected.store(false, Ordering::SeqCst);
         if stop {

@@ -1,0 +1,116 @@
+//! Frontend IO with a deadline. The vhost crate reads and writes the
+//! control socket blocking, and retries EAGAIN itself, so socket timeouts
+//! would only turn a stuck read or write into an endless loop of them. So
+//! the control thread marks when it waits on the frontend (from the start
+//! of a message to the end of its answer, minus the export's own work in
+//! between, which has deadlines of its own), and one watchdog thread for
+//! all exports shuts down the socket of a connection that has been
+//! waiting longer than [`FRONTEND_IO_TIMEOUT`]: the blocked read or write
+//! fails at once and the connection ends. Shutdown, not close: the
+//! descriptor stays the crate's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use super::ExportShared;
+
+/// How long the rest of a started message, or room for its answer, may
+/// take. A frontend that sends half a message or never reads its answers
+/// loses its connection after this.
+pub const FRONTEND_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When the control thread started waiting on its frontend: milliseconds
+/// since [`epoch`] plus one, or 0 while it is not.
+#[derive(Default)]
+pub struct IoClock(AtomicU64);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+impl IoClock {
+    /// The control thread waits on the frontend from now.
+    pub fn start(&self) {
+        self.0.store(now_ms(), Ordering::SeqCst);
+    }
+
+    /// It no longer does.
+    pub fn stop(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
+    fn overdue(&self) -> bool {
+        let since = self.0.load(Ordering::SeqCst);
+        since != 0 && now_ms().saturating_sub(since) > FRONTEND_IO_TIMEOUT.as_millis() as u64
+    }
+}
+
+/// The export's own work, between receiving a message and answering it:
+/// the clock stops until the guard drops, then starts again for the
+/// answer.
+pub fn own_work(shared: &Arc<ExportShared>) -> OwnWork {
+    let was = shared.io_clock.0.swap(0, Ordering::SeqCst);
+    OwnWork {
+        shared: shared.clone(),
+        waiting: was != 0,
+    }
+}
+
+/// See [`own_work`].
+pub struct OwnWork {
+    shared: Arc<ExportShared>,
+    waiting: bool,
+}
+
+impl Drop for OwnWork {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.shared.io_clock.start();
+        }
+    }
+}
+
+/// Watch `shared`'s connections for as long as the export lives.
+pub fn watch(shared: &Arc<ExportShared>) {
+    static WATCHED: OnceLock<Mutex<Vec<Weak<ExportShared>>>> = OnceLock::new();
+    let mut started = false;
+    let list = WATCHED.get_or_init(|| {
+        started = true;
+        Mutex::new(Vec::new())
+    });
+    list.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::downgrade(shared));
+    if !started {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("vhost-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let live: Vec<Arc<ExportShared>> = {
+                let mut l = list.lock().unwrap_or_else(|e| e.into_inner());
+                l.retain(|w| w.strong_count() > 0);
+                l.iter().filter_map(Weak::upgrade).collect()
+            };
+            for s in live {
+                if s.io_clock.overdue() {
+                    s.io_clock.stop();
+                    s.fault.raise();
+                    tracing::warn!(socket = %s.options.socket.display(), timeout = ?FRONTEND_IO_TIMEOUT, "the vhost-user frontend stalled a message or its answer: dropping it");
+                    if let Some(c) = &*s.conn.lock().unwrap_or_else(|e| e.into_inner()) {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "starting the vhost-user watchdog; stalled frontends are not dropped");
+    }
+}
