@@ -258,3 +258,66 @@ fn a_frontend_that_never_reads_its_answers_is_dropped() {
     g.good_read(0);
     other.good_read(0);
 }
+
+/// Point 14: the inflight area is the frontend's; a request recorded in
+/// flight with the largest counter made the next request's counter
+/// overflow on the reactor (a panic in debug builds).
+#[test]
+fn an_inflight_area_with_a_counter_at_its_limit_is_served() {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserInflight;
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut other = Guest::new(&r.socks[1], 1);
+    let prepare = |f: &mut vhost::vhost_user::Frontend, base: *mut u8| {
+        // The guest had offered descriptor 3 (queue 0's avail ring is at
+        // 0x2000): avail[0] = 3, avail idx = 1.
+        // SAFETY: inside guest memory.
+        unsafe {
+            std::ptr::write_volatile(base.add(0x2000 + 4) as *mut u16, 3);
+            std::ptr::write_volatile(base.add(0x2000 + 2) as *mut u16, 1);
+        }
+        let ask = VhostUserInflight {
+            num_queues: 1,
+            queue_size: QSIZE,
+            ..Default::default()
+        };
+        let (info, file) = f.get_inflight_fd(&ask).unwrap();
+        // SAFETY: a fresh shared mapping of the area the daemon gave us.
+        let area = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                info.mmap_size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                info.mmap_offset as libc::off_t,
+            )
+        } as *mut u8;
+        assert_ne!(area as isize, -1);
+        // Descriptor 3 in flight (the split layout: a 16-byte queue header,
+        // then 16 bytes per descriptor: inflight, padding, next, counter).
+        // SAFETY: inside the mapping.
+        unsafe {
+            let e = area.add(16 + 16 * 3);
+            std::ptr::write_volatile(e, 1u8);
+            std::ptr::write_volatile(e.add(8) as *mut u64, u64::MAX);
+            libc::munmap(area.cast(), info.mmap_size as usize);
+        }
+        f.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+    };
+    let mut g = Guest::setup(
+        &r.socks[0],
+        Setup {
+            protocol: VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            prepare: Some(&prepare),
+            ..Default::default()
+        },
+    );
+    g.queues[0].next_avail = 1;
+    // Descriptor 3 (all zeroes: no status byte) comes back unanswered.
+    assert_eq!(g.used(0).0, 3);
+    g.good_read(0);
+    g.good_read(0);
+    other.good_read(0);
+    assert!(!r.reactors.set().is_stopped());
+}

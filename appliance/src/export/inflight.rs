@@ -174,7 +174,10 @@ impl InflightQueue {
         if head >= self.size {
             return;
         }
-        self.counter += 1;
+        // The counter carries on from the frontend's area, whose values
+        // are its own: a hostile maximum wraps (its requests' order is
+        // all it can spoil), it never panics the reactor.
+        self.counter = self.counter.wrapping_add(1);
         let e = self.entry(head);
         // SAFETY: in bounds; the frontend reads this only after we die.
         unsafe {

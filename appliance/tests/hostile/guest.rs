@@ -63,6 +63,8 @@ pub struct Setup<'a> {
     pub call: &'a dyn Fn(usize) -> EventFd,
     /// Whether the daemon takes that call fd (asserted with REPLY_ACK).
     pub call_taken: bool,
+    /// Called once guest memory is set, before the queues start.
+    pub prepare: Option<&'a dyn Fn(&mut Frontend, *mut u8)>,
 }
 
 impl Default for Setup<'_> {
@@ -74,6 +76,7 @@ impl Default for Setup<'_> {
             protocol: VhostUserProtocolFeatures::empty(),
             call: &|_| EventFd::new(0).unwrap(),
             call_taken: true,
+            prepare: None,
         }
     }
 }
@@ -159,6 +162,9 @@ impl Guest {
             mmap_handle: file.as_raw_fd(),
         }])
         .unwrap();
+        if let Some(prepare) = s.prepare {
+            prepare(&mut f, base);
+        }
         let mut g = Guest {
             base,
             file,
