@@ -137,6 +137,10 @@ fn export_to_pb(e: ExportView) -> pb::Export {
         connected: e.connected,
         connections: e.connections,
         queue_cores: e.decl.queue_cores.iter().map(|&c| c as u32).collect(),
+        memory_limit_mib: e.decl.memory_limit_mib,
+        socket_mode: e.decl.socket_mode.unwrap_or_default(),
+        socket_owner: e.decl.socket_owner.unwrap_or_default(),
+        socket_group: e.decl.socket_group.unwrap_or_default(),
     }
 }
 
@@ -588,6 +592,10 @@ impl pb::appliance_server::Appliance for Service {
             read_only: r.read_only,
             serial: r.serial,
             queue_cores: r.queue_cores.iter().map(|&c| c as usize).collect(),
+            memory_limit_mib: r.memory_limit_mib,
+            socket_mode: Some(r.socket_mode).filter(|s| !s.is_empty()),
+            socket_owner: Some(r.socket_owner).filter(|s| !s.is_empty()),
+            socket_group: Some(r.socket_group).filter(|s| !s.is_empty()),
         };
         self.run(move |m| m.create_export(decl).map(export_to_pb))
             .await

@@ -122,7 +122,7 @@ fn default_layout() -> String {
 }
 
 /// A vhost-user-blk export of a volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportDecl {
     /// Name.
@@ -143,6 +143,19 @@ pub struct ExportDecl {
     /// The reactor of each queue (cyclically); empty: queue i on reactor i.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue_cores: Vec<usize>,
+    /// Guest memory the frontend may map (and pin for DMA), in MiB; 0:
+    /// the host's physical memory.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub memory_limit_mib: u64,
+    /// Mode of the socket file, octal ("0660"); unset: what the umask leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
+    /// Owner of the socket file (user name or uid); unset: the daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_owner: Option<String>,
+    /// Group of the socket file (group name or gid); unset: the daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
 }
 
 fn default_queues() -> u16 {

@@ -73,6 +73,14 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     // Read the configuration before anything starts: a broken file must
     // stop the daemon before it touches a device.
     let tcp = opts.tcp.as_ref().map(tcp_access).transpose()?;
+    // One daemon per state and API socket, before anything is touched.
+    let _locks = [
+        opts.state_file
+            .as_deref()
+            .map(|s| crate::instance::lock(s, "state file"))
+            .transpose()?,
+        Some(crate::instance::lock(&opts.api_socket, "API socket")?),
+    ];
     // Saved state wins; the initial setup applies only before there is any.
     let mut initial = match (&opts.state_file, &opts.config) {
         (Some(state), _) if state.exists() => {

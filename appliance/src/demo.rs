@@ -312,6 +312,7 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
         read_only: false,
         serial: "appliance-demo".into(),
         queue_cores: vec![],
+        ..Default::default()
     })
     .map_err(e)?;
     let what = if opts.members.is_empty() {

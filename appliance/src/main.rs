@@ -405,6 +405,7 @@ fn serve(a: ServeArgs) -> ExitCode {
             read_only: a.read_only,
             serial: a.serial,
             queue_cores: vec![],
+            ..Default::default()
         },
     ) {
         Ok(e) => e,

@@ -155,6 +155,7 @@ impl Lab {
                 read_only: false,
                 serial: String::new(),
                 queue_cores: vec![core as usize],
+                ..Default::default()
             })
             .unwrap();
     }

@@ -321,3 +321,119 @@ fn an_inflight_area_with_a_counter_at_its_limit_is_served() {
     other.good_read(0);
     assert!(!r.reactors.set().is_stopped());
 }
+
+fn refused<T: std::fmt::Debug>(r: Result<T, vhost::Error>, what: &str) {
+    assert!(r.is_err(), "{what} was accepted: {r:?}");
+}
+
+/// Point 2, first half: a region declared larger than its file was mapped
+/// as it was, and the first copy past the file's end killed the daemon
+/// with SIGBUS. Such a table is refused, and so is a descriptor that is not
+/// a memory file; the connection goes on with its old table.
+#[test]
+fn a_memory_region_past_the_end_of_its_file_is_refused() {
+    use std::os::fd::AsRawFd;
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut other = Guest::new(&r.socks[1], 1);
+    let mut g = Guest::setup(
+        &r.socks[0],
+        Setup {
+            protocol: VhostUserProtocolFeatures::REPLY_ACK,
+            ..Default::default()
+        },
+    );
+    g.good_read(0);
+    let (f, base, mut big) = other_memory(0);
+    big.memory_size = 2 * MEM as u64;
+    refused(g.frontend.set_mem_table(&[big]), "a region twice its file");
+    let mut off = g.region();
+    off.mmap_offset = 4096;
+    refused(
+        g.frontend.set_mem_table(&[off]),
+        "a region running one page past its file",
+    );
+    let (w, _rd) = pipe_as_eventfd();
+    let mut pipe = g.region();
+    pipe.mmap_handle = w.as_raw_fd();
+    refused(g.frontend.set_mem_table(&[pipe]), "a pipe as guest memory");
+    g.good_read(0);
+    other.good_read(0);
+    drop(f);
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(base.cast(), MEM) };
+}
+
+/// Point 2, second half: the frontend shrinks its memory file after the
+/// daemon mapped it. The copy of a read's data into the lost pages faults
+/// with SIGBUS; it must cost that connection only: the daemon lives, the
+/// other export on the same reactor keeps serving, the frontend is
+/// dropped (counted) and a new one is served.
+#[test]
+fn guest_memory_shrunk_under_the_mapping_costs_only_its_connection() {
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut other = Guest::new(&r.socks[1], 1);
+    let mut g = Guest::new(&r.socks[0], 1);
+    g.good_read(0);
+    // Keep the first 1 MiB (rings, header, status); the data buffer at
+    // 2 MiB is gone.
+    g.file.set_len(1 << 20).unwrap();
+    let (t, h, d, s) = (g.queues[0].desc, 0x20000u64, 0x200000u64, 0x60000u64);
+    g.header(h, IN, 0);
+    g.write(s, UNTOUCHED);
+    g.desc(t, 0, h, 16, NEXT, 1);
+    g.desc(t, 1, d, 4096, NEXT | WRITE, 2);
+    g.desc(t, 2, s, 1, WRITE, 0);
+    g.offer(0, 0);
+    eventually("the frontend whose memory went is dropped", || {
+        !r.exports[0].is_connected()
+    });
+    // (The rings, in the same region, read zeroes from then on: the
+    // queue may count as broken too.)
+    assert!(r.exports[0].stats().frontend_faults >= 1);
+    for _ in 0..10 {
+        other.good_read(0);
+    }
+    // The process lives on; a new frontend is served.
+    drop(g);
+    let mut g = Guest::new(&r.socks[0], 1);
+    g.good_read(0);
+    other.good_read(0);
+}
+
+/// Point 5: guest memory is mapped (and perhaps pinned for DMA) only
+/// within the export's limit, checked before anything is mapped.
+#[test]
+fn guest_memory_over_the_export_limit_is_refused() {
+    let r = rig_custom(1, Duration::from_micros(50), 1, |o| {
+        o.memory_limit = MEM as u64
+    });
+    let mut g = Guest::setup(
+        &r.socks[0],
+        Setup {
+            protocol: VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+            ..Default::default()
+        },
+    );
+    g.good_read(0);
+    let (f, base, second) = other_memory(1 << 32);
+    refused(
+        g.frontend.set_mem_table(&[g.region(), second]),
+        "a table of twice the limit",
+    );
+    refused(
+        g.frontend.add_mem_region(&second),
+        "a region over the limit",
+    );
+    // Overlapping regions are refused too.
+    let mut overlap = second;
+    overlap.guest_phys_addr = 0x1000;
+    refused(
+        g.frontend.set_mem_table(&[g.region(), overlap]),
+        "overlapping regions",
+    );
+    g.good_read(0);
+    drop(f);
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(base.cast(), MEM) };
+}

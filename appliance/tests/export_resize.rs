@@ -128,6 +128,7 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
         read_only: false,
         serial: String::new(),
         queue_cores: vec![],
+        ..Default::default()
     })
     .unwrap();
 

@@ -46,6 +46,7 @@ fn a_member_change_that_cannot_quiesce_in_time_is_deadline_exceeded_and_changes_
         read_only: false,
         serial: "deadline".into(),
         queue_cores: vec![],
+        ..Default::default()
     })
     .unwrap();
     // Every member answers 40 s late: a write now stays in flight past the

@@ -82,6 +82,7 @@ impl Rig {
                 read_only: false,
                 serial: String::new(),
                 queue_cores: vec![],
+                ..Default::default()
             })
             .unwrap();
         sock

@@ -391,6 +391,7 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         read_only: false,
         serial: String::new(),
         queue_cores: vec![],
+        ..Default::default()
     };
     let on = |mut r: pb::CreateExportRequest, cores: &[u32]| {
         r.queue_cores = cores.to_vec();
@@ -698,6 +699,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
             read_only: false,
             serial: "disk-1".into(),
             queue_cores: vec![0],
+            ..Default::default()
         }
     )
     .unwrap();

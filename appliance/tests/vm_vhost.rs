@@ -331,6 +331,7 @@ fn a_running_guest_sees_its_disk_grow() {
         read_only: false,
         serial: "vm-grow".into(),
         queue_cores: vec![],
+        ..Default::default()
     })
     .unwrap();
     let log = dir.path().join("serial.log");

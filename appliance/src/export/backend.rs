@@ -23,7 +23,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 
 use super::inflight::InflightRegion;
-use super::memory::{GuestMemory, MAX_REGIONS};
+use super::memory::{Declared, GuestMemory, MAX_REGIONS};
 use super::queue::{self, QueueSetup, QueueShared};
 use super::ExportShared;
 
@@ -199,6 +199,14 @@ impl Handler {
         Ok(())
     }
 
+    /// Bytes of guest memory this export may map.
+    fn memory_limit(&self) -> u64 {
+        match self.export.options.memory_limit {
+            0 => super::memory::physical_memory(),
+            n => n,
+        }
+    }
+
     fn try_start(&mut self, index: u32) -> VuResult<()> {
         let _own = super::watchdog::own_work(&self.export);
         let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
@@ -225,14 +233,14 @@ impl Handler {
         q.set_event_idx(event_idx);
         q.set_next_avail(v.base);
         q.set_ready(true);
-        if !q.is_valid(&*mem) {
+        if !q.is_valid(&**mem) {
             return Err(invalid(format!(
                 "vring {index} does not fit in guest memory"
             )));
         }
         // The used index the guest last saw is in the ring itself.
         let next_used = q
-            .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+            .used_idx(&**mem, std::sync::atomic::Ordering::Acquire)
             .map_err(invalid)?;
         q.set_next_used(next_used.0);
         let shared = Arc::new(QueueShared::default());
@@ -469,17 +477,23 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 "memory table and file count differ or are too many",
             ));
         }
-        let mut memory = GuestMemory::default();
-        for (r, f) in ctx.iter().zip(files) {
-            let region = GuestMemory::map_region(
-                r.guest_phys_addr,
-                r.memory_size,
-                r.user_addr,
-                r.mmap_offset,
-                f,
-            )
+        let declared: Vec<Declared> = ctx
+            .iter()
+            .map(|r| Declared {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                user_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+            })
+            .collect();
+        // The whole table is checked before any region is mapped (and
+        // perhaps pinned for DMA).
+        GuestMemory::default()
+            .check_table(&declared, self.memory_limit())
             .map_err(invalid)?;
-            memory.add(region).map_err(invalid)?;
+        let mut memory = GuestMemory::default();
+        for (d, f) in declared.into_iter().zip(&files) {
+            memory.add(GuestMemory::map_region(d, f, &self.export.fault).map_err(invalid)?);
         }
         self.publish_memory(memory)?;
         Ok(None)
@@ -696,6 +710,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
             inflight.queue_size,
         )
         .map_err(invalid)?;
+        let mut region = region;
+        region.protect(&self.export.fault);
         self.inflight = Some(Arc::new(region));
         Ok(())
     }
@@ -711,16 +727,18 @@ impl VhostUserBackendReqHandlerMut for Handler {
         _postcopy: Option<bool>,
     ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
         let _own = super::watchdog::own_work(&self.export);
-        let r = GuestMemory::map_region(
-            region.guest_phys_addr,
-            region.memory_size,
-            region.user_addr,
-            region.mmap_offset,
-            fd,
-        )
-        .map_err(invalid)?;
+        let d = Declared {
+            gpa: region.guest_phys_addr,
+            size: region.memory_size,
+            user_addr: region.user_addr,
+            mmap_offset: region.mmap_offset,
+        };
+        self.memory
+            .check_table(&[d], self.memory_limit())
+            .map_err(invalid)?;
+        let r = GuestMemory::map_region(d, &fd, &self.export.fault).map_err(invalid)?;
         let mut memory = self.memory.clone();
-        memory.add(r).map_err(invalid)?;
+        memory.add(r);
         self.publish_memory(memory)?;
         Ok(None)
     }

@@ -11,6 +11,7 @@
 //! padding: [u8; 5], next: u16, counter: u64}`.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ fn queue_bytes(queue_size: u16) -> usize {
 
 /// The whole shared area.
 pub struct InflightRegion {
+    /// Declared before `map`: unregistered before it is unmapped.
+    sigbus: Option<super::sigbus::Registration>,
     map: MmapRaw,
     num_queues: u16,
     queue_size: u16,
@@ -61,7 +64,12 @@ impl InflightRegion {
         Self::check(num_queues, queue_size)?;
         let size = queue_bytes(queue_size) * num_queues as usize;
         // SAFETY: plain syscall with a NUL-terminated name; result checked.
-        let fd = unsafe { libc::memfd_create(c"appliance-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"appliance-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(FrontendError::os(
                 "memfd_create",
@@ -72,11 +80,28 @@ impl InflightRegion {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size as u64)
             .map_err(|e| FrontendError::os("sizing the inflight area", e))?;
+        // The frontend gets this file: it must not shrink it under our
+        // mapping.
+        // SAFETY: fcntl on our own memfd.
+        if unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        } != 0
+        {
+            return Err(FrontendError::os(
+                "sealing the inflight area",
+                std::io::Error::last_os_error(),
+            ));
+        }
         let map = MmapOptions::new()
             .len(size)
             .map_raw(&file)
             .map_err(|e| FrontendError::os("mapping the inflight area", e))?;
         let region = InflightRegion {
+            sigbus: None,
             map,
             num_queues,
             queue_size,
@@ -122,10 +147,21 @@ impl InflightRegion {
             .map_raw(file)
             .map_err(|e| FrontendError::os("mapping the inflight area", e))?;
         Ok(InflightRegion {
+            sigbus: None,
             map,
             num_queues,
             queue_size,
         })
+    }
+
+    /// A frontend that shrinks the area's file under our mapping costs its
+    /// connection, not the process (see `super::sigbus`).
+    pub fn protect(&mut self, fault: &std::sync::Arc<super::fault::FaultSignal>) {
+        self.sigbus = Some(super::sigbus::register(
+            self.map.as_mut_ptr(),
+            self.map.len(),
+            fault,
+        ));
     }
 
     fn queue_base(&self, q: u16) -> *mut u8 {

@@ -1,11 +1,47 @@
 //! Guest memory as the vhost-user frontend describes it: regions of shared
 //! memory file descriptors, mapped here in place (no bounce copies).
+//!
+//! A memory table is checked whole before anything is mapped: the region
+//! count, sizes and overlaps, the export's memory limit (mapped guest
+//! memory may also be pinned for DMA), and that each region lies inside
+//! its file (a mapping past the end of its file faults with SIGBUS on
+//! first touch). A file shrunk after it was mapped is caught by the SIGBUS
+//! handler ([`super::sigbus`]), which costs the frontend its connection.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use super::fault::FaultSignal;
+use super::sigbus;
 use super::FrontendError;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Our mapping of one region of frontend memory. Dropped last by whoever
+/// holds it (the control thread's table or a reactor's memory map): its
+/// DMA and SIGBUS registrations go first, then the memory is unmapped.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+    dma: Option<bdev::DmaRegistration>,
+    sigbus: Option<sigbus::Registration>,
+}
+
+// SAFETY: the mapping is plain shared memory; the pointer is only
+// unmapped in drop, by whichever thread drops the last reference.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; nothing is mutated through &Mapping.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        self.dma.take();
+        self.sigbus.take();
+        // SAFETY: our own mapping, used by nobody once the last map that
+        // holds it is gone.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
 
 /// One region: where the guest sees it, where the frontend process has it,
 /// and our mapping of it.
@@ -18,9 +54,7 @@ pub struct Region {
     /// The frontend's virtual address (vring addresses are given in it).
     pub user_addr: u64,
     mapping: Arc<GuestRegionMmap>,
-    /// Registered for DMA (NVMe controllers map it, so requests go to guest
-    /// memory without a copy) for as long as any copy of the region lives.
-    _dma: Arc<bdev::DmaRegistration>,
+    owner: Arc<Mapping>,
 }
 
 /// The regions of one connection.
@@ -29,73 +63,178 @@ pub struct GuestMemory {
     regions: Vec<Region>,
 }
 
+/// An immutable guest memory map for the data path: vm-memory's view of
+/// the regions, and the mappings it points into, kept alive with it.
+#[derive(Default)]
+pub struct GuestMap {
+    mem: GuestMemoryMmap,
+    _owners: Vec<Arc<Mapping>>,
+}
+
+impl std::ops::Deref for GuestMap {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
 /// Largest number of regions we accept (offered as max mem slots).
 pub const MAX_REGIONS: usize = 32;
 
+/// One entry of a memory table, before it is mapped.
+#[derive(Debug, Clone, Copy)]
+pub struct Declared {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The frontend's virtual address.
+    pub user_addr: u64,
+    /// Where in its file the region starts.
+    pub mmap_offset: u64,
+}
+
+/// The host's physical memory: the default limit of an export's guest
+/// memory (more can never be a real guest's).
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
+fn invalid(what: String) -> FrontendError {
+    FrontendError::Invalid(what)
+}
+
 impl GuestMemory {
-    /// Map one region of `file` at `mmap_offset`.
-    pub fn map_region(
-        gpa: u64,
-        size: u64,
-        user_addr: u64,
-        mmap_offset: u64,
-        file: File,
-    ) -> Result<Region, FrontendError> {
-        let invalid = FrontendError::Invalid;
-        if size == 0 || gpa.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
+    /// Check that `new` regions can join this table (count, sizes,
+    /// overlaps, `limit` bytes in all) before any of them is mapped.
+    pub fn check_table(&self, new: &[Declared], limit: u64) -> Result<(), FrontendError> {
+        if self.regions.len() + new.len() > MAX_REGIONS {
+            return Err(invalid(format!("more than {MAX_REGIONS} memory regions")));
+        }
+        let mut all: Vec<(u64, u64)> = self.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        for d in new {
+            if d.size == 0
+                || d.gpa.checked_add(d.size).is_none()
+                || d.user_addr.checked_add(d.size).is_none()
+                || d.mmap_offset.checked_add(d.size).is_none()
+                || usize::try_from(d.size).is_err()
+            {
+                return Err(invalid(format!(
+                    "memory region at {:#x} of {:#x} bytes is invalid",
+                    d.gpa, d.size
+                )));
+            }
+            if all
+                .iter()
+                .any(|&(gpa, size)| d.gpa < gpa + size && gpa < d.gpa + d.size)
+            {
+                return Err(invalid(format!(
+                    "memory region at {:#x} overlaps another",
+                    d.gpa
+                )));
+            }
+            all.push((d.gpa, d.size));
+        }
+        let total = all.iter().map(|r| r.1).fold(0u64, u64::saturating_add);
+        if total > limit {
             return Err(invalid(format!(
-                "memory region at {gpa:#x} of {size:#x} bytes is invalid"
+                "guest memory of {total} bytes is over the export's limit of {limit} bytes"
             )));
         }
-        let size_usize =
-            usize::try_from(size).map_err(|_| invalid("memory region too large".to_string()))?;
-        let mmap =
-            MmapRegion::from_file(FileOffset::new(file, mmap_offset), size_usize).map_err(|e| {
-                invalid(format!(
-                    "mapping guest memory at {gpa:#x} ({size:#x} bytes): {e}"
-                ))
-            })?;
-        let mapping = GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or_else(|| {
+        Ok(())
+    }
+
+    /// Map one region of `file` (checked by [`check_table`](Self::check_table)).
+    pub fn map_region(
+        d: Declared,
+        file: &File,
+        fault: &Arc<FaultSignal>,
+    ) -> Result<Region, FrontendError> {
+        let meta = file
+            .metadata()
+            .map_err(|e| FrontendError::os("the memory region's file", e))?;
+        if !meta.file_type().is_file() {
+            return Err(invalid(format!(
+                "memory region at {:#x}: its descriptor is not a memory file (memfd, hugetlbfs or tmpfs)",
+                d.gpa
+            )));
+        }
+        if d.mmap_offset.saturating_add(d.size) > meta.len() {
+            return Err(invalid(format!(
+                "memory region at {:#x}: {:#x} bytes at offset {:#x} run past the end of its {:#x}-byte file",
+                d.gpa,
+                d.size,
+                d.mmap_offset,
+                meta.len()
+            )));
+        }
+        let len = d.size as usize;
+        let offset = libc::off_t::try_from(d.mmap_offset).map_err(|_| {
             invalid(format!(
-                "memory region at {gpa:#x} overflows the guest address space"
+                "memory region at {:#x}: offset out of range",
+                d.gpa
             ))
         })?;
-        use vm_memory::GuestMemoryRegion;
-        let host = mapping
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| invalid(format!("guest memory at {gpa:#x}: {e}")))?;
-        // SAFETY: the registration lives with the mapping's Region; the
-        // export stops its queues (no IO in flight) before dropping memory.
-        let dma = unsafe { bdev::register_dma_memory(host, size_usize) };
+        let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED);
+        // SAFETY: a new shared mapping of the frontend's file; checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                flags,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(FrontendError::os(
+                "mapping guest memory",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let ptr = ptr as *mut u8;
+        let mut owner = Mapping {
+            ptr,
+            len,
+            dma: None,
+            sigbus: None,
+        };
+        owner.sigbus = Some(sigbus::register(ptr, len, fault));
+        // SAFETY: the mapping is ours and lives as long as `owner`, which
+        // every holder of the vm-memory region also holds.
+        let mmap = unsafe { MmapRegion::build_raw(ptr, len, prot, flags) }
+            .map_err(|e| invalid(format!("guest memory at {:#x}: {e}", d.gpa)))?;
+        let mapping = GuestRegionMmap::new(mmap, GuestAddress(d.gpa)).ok_or_else(|| {
+            invalid(format!(
+                "memory region at {:#x} overflows the guest address space",
+                d.gpa
+            ))
+        })?;
+        // SAFETY: the registration is dropped before the memory is
+        // unmapped (Mapping's drop); the export stops its queues (no IO in
+        // flight) before it lets a map go.
+        owner.dma = Some(unsafe { bdev::register_dma_memory(ptr, len) });
         Ok(Region {
-            gpa,
-            size,
-            user_addr,
+            gpa: d.gpa,
+            size: d.size,
+            user_addr: d.user_addr,
             mapping: Arc::new(mapping),
-            _dma: Arc::new(dma),
+            owner: Arc::new(owner),
         })
     }
 
-    /// Add a region; refuses overlaps and more than [`MAX_REGIONS`].
-    pub fn add(&mut self, r: Region) -> Result<(), FrontendError> {
-        if self.regions.len() >= MAX_REGIONS {
-            return Err(FrontendError::Invalid(format!(
-                "more than {MAX_REGIONS} memory regions"
-            )));
-        }
-        if self
-            .regions
-            .iter()
-            .any(|o| r.gpa < o.gpa + o.size && o.gpa < r.gpa + r.size)
-        {
-            return Err(FrontendError::Invalid(format!(
-                "memory region at {:#x} overlaps another",
-                r.gpa
-            )));
-        }
+    /// Add a mapped region (checked by [`check_table`](Self::check_table)).
+    pub fn add(&mut self, r: Region) {
         self.regions.push(r);
         self.regions.sort_by_key(|r| r.gpa);
-        Ok(())
     }
 
     /// Remove the region with this guest address and size.
@@ -103,7 +242,7 @@ impl GuestMemory {
         let before = self.regions.len();
         self.regions.retain(|r| !(r.gpa == gpa && r.size == size));
         if self.regions.len() == before {
-            return Err(FrontendError::Invalid(format!(
+            return Err(invalid(format!(
                 "no memory region at {gpa:#x} of {size:#x} bytes"
             )));
         }
@@ -119,12 +258,16 @@ impl GuestMemory {
     }
 
     /// An immutable snapshot for the data path.
-    pub fn snapshot(&self) -> Result<GuestMemoryMmap, FrontendError> {
+    pub fn snapshot(&self) -> Result<GuestMap, FrontendError> {
         if self.regions.is_empty() {
-            return Ok(GuestMemoryMmap::new());
+            return Ok(GuestMap::default());
         }
         let regions = self.regions.iter().map(|r| r.mapping.clone()).collect();
-        GuestMemoryMmap::from_arc_regions(regions)
-            .map_err(|e| FrontendError::Invalid(format!("building the guest memory map: {e}")))
+        let mem = GuestMemoryMmap::from_arc_regions(regions)
+            .map_err(|e| invalid(format!("building the guest memory map: {e}")))?;
+        Ok(GuestMap {
+            mem,
+            _owners: self.regions.iter().map(|r| r.owner.clone()).collect(),
+        })
     }
 }

@@ -10,13 +10,14 @@ mod memory;
 mod queue;
 pub mod request;
 mod ring;
+mod sigbus;
+mod socket;
 pub mod stats;
 mod watchdog;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,12 +25,12 @@ use std::time::Duration;
 
 use poller::{QuiesceObject, ReactorSet};
 use vhost::vhost_user::BackendReqHandler;
-use vm_memory::GuestMemoryMmap;
 
 use crate::volume::Volume;
 use backend::Handler;
 pub use error::{ExportError, FrontendError, QueueError};
 pub use request::{Limits, ID_BYTES};
+pub use socket::SocketAccess;
 
 /// Largest data segment, advertised as size_max.
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -38,7 +39,7 @@ pub const SEG_MAX: u32 = 126;
 pub use watchdog::FRONTEND_IO_TIMEOUT;
 
 /// How to export a volume.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
     /// Unix socket the VM's QEMU (or any vhost-user frontend) connects to.
     pub socket: PathBuf,
@@ -51,6 +52,11 @@ pub struct ExportOptions {
     /// Reactor for each queue, by queue index modulo its length; empty means
     /// queue i on reactor i modulo the reactor count.
     pub queue_cores: Vec<usize>,
+    /// Bytes of guest memory the frontend may have mapped (it may also be
+    /// pinned for DMA); 0: the host's physical memory.
+    pub memory_limit: u64,
+    /// Owner, group and mode of the socket.
+    pub access: SocketAccess,
 }
 
 impl ExportOptions {
@@ -63,6 +69,8 @@ impl ExportOptions {
             read_only: false,
             serial: String::new(),
             queue_cores: vec![],
+            memory_limit: 0,
+            access: SocketAccess::default(),
         }
     }
 
@@ -88,7 +96,7 @@ pub struct ExportShared {
     volume: Volume,
     limits: Arc<Limits>,
     /// Guest memory of the current connection, changed only quiesced.
-    memory: QuiesceObject<GuestMemoryMmap>,
+    memory: QuiesceObject<memory::GuestMap>,
     connected: AtomicBool,
     connections: AtomicU64,
     /// The connected frontend's backend request channel, if it set one up.
@@ -230,33 +238,6 @@ fn limits_for(volume: &Volume, opts: &ExportOptions) -> Limits {
     }
 }
 
-fn check_socket_path(path: &Path) -> Result<(), ExportError> {
-    let invalid = |reason: String| ExportError::InvalidArgument {
-        field: "socket",
-        reason,
-    };
-    if path.as_os_str().is_empty() || path.as_os_str().len() > 107 {
-        return Err(invalid("must be 1..=107 bytes long".into()));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ExportError::AlreadyExists(path.to_path_buf()));
-            }
-            // A stale socket from a previous run.
-            std::fs::remove_file(path).map_err(|source| ExportError::Os {
-                what: format!("removing the stale socket {}", path.display()),
-                source,
-            })
-        }
-        Ok(_) => Err(invalid(format!(
-            "{} exists and is not a socket",
-            path.display()
-        ))),
-        Err(_) => Ok(()),
-    }
-}
-
 impl Export {
     /// Export `volume` over vhost-user-blk on `opts.socket`. The volume is
     /// quiesced while the export attaches.
@@ -277,11 +258,13 @@ impl Export {
                 reason: format!("must be at most {ID_BYTES} ASCII bytes"),
             });
         }
-        check_socket_path(&opts.socket)?;
+        socket::check_socket_path(&opts.socket)?;
         let guard = volume.suspend(Duration::from_secs(10))?;
-        let listener = bind_listening(&opts.socket).map_err(|source| ExportError::Os {
-            what: format!("binding {}", opts.socket.display()),
-            source,
+        let listener = socket::bind_listening(&opts.socket, &opts.access).map_err(|source| {
+            ExportError::Os {
+                what: format!("binding {}", opts.socket.display()),
+                source,
+            }
         })?;
         listener
             .set_nonblocking(true)
@@ -294,7 +277,7 @@ impl Export {
         let opts_cores = opts.clone();
         let shared = Arc::new(ExportShared {
             limits: Arc::new(limits_for(volume, &opts)),
-            memory: QuiesceObject::new(set, format!("{name}/memory"), GuestMemoryMmap::new()),
+            memory: QuiesceObject::new(set, format!("{name}/memory"), memory::GuestMap::default()),
             options: opts,
             volume: volume.clone(),
             connected: AtomicBool::new(false),
@@ -478,30 +461,6 @@ impl Drop for Export {
     fn drop(&mut self) {
         self.shutdown_thread();
     }
-}
-
-/// Bind `path` so that it appears only once it accepts connections:
-/// bind() creates the file before listen(), and a frontend that waits for
-/// the path (QEMU without reconnect, a script) would be refused in
-/// between. So the socket is bound under a temporary name next to it and
-/// renamed; a path too long for that is bound directly.
-fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let tmp = path.with_file_name(format!(
-        ".{}-{}.sock",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    if tmp.as_os_str().len() > 107 {
-        return UnixListener::bind(path);
-    }
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(l)
 }
 
 /// What woke the control thread.

@@ -13,10 +13,10 @@ use std::time::Instant;
 use bdev::{Completion, IoChannel, IoOp, IoRequest, SubmitError};
 use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
+use super::memory::GuestMap;
 use super::request::{
     parse_with, walk_chain_with, Desc, Limits, Parsed, RegionCache, S_IOERR, S_OK,
 };
@@ -106,7 +106,7 @@ pub struct QueueSetup {
     /// Shared with the control thread.
     pub shared: Arc<QueueShared>,
     /// The export's guest memory object.
-    pub memory: QuiesceObject<GuestMemoryMmap>,
+    pub memory: QuiesceObject<GuestMap>,
     /// The exported volume.
     pub volume: Volume,
     /// What the parser enforces.
@@ -137,9 +137,9 @@ struct Runner {
     call: Option<Arc<File>>,
     call_gen: u64,
     shared: Arc<QueueShared>,
-    mem_gate: LocalGate<GuestMemoryMmap>,
+    mem_gate: LocalGate<GuestMap>,
     mem_gen: u64,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMap>,
     vol_gate: LocalGate<VolumeConfig>,
     vol_gen: u64,
     ch: Box<dyn IoChannel>,

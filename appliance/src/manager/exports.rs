@@ -62,6 +62,12 @@ impl Manager {
                 decl.socket.display()
             )));
         }
+        let access = crate::export::SocketAccess::parse(
+            decl.socket_mode.as_deref(),
+            decl.socket_owner.as_deref(),
+            decl.socket_group.as_deref(),
+        )
+        .map_err(from_export)?;
         let export = Export::create(
             &self.shared.set,
             &vol.volume,
@@ -71,6 +77,8 @@ impl Manager {
                 read_only: decl.read_only,
                 serial: decl.serial.clone(),
                 queue_cores: decl.queue_cores.clone(),
+                memory_limit: decl.memory_limit_mib.saturating_mul(1 << 20),
+                access,
             },
         )
         .map_err(from_export)?;

@@ -51,6 +51,9 @@ pub struct Vq {
     pub call: EventFd,
 }
 
+/// A step between memory set-up and queue start (frontend, guest memory).
+pub type Prepare = dyn Fn(&mut Frontend, *mut u8);
+
 /// How a test's frontend sets itself up.
 pub struct Setup<'a> {
     pub queues: usize,
@@ -64,7 +67,7 @@ pub struct Setup<'a> {
     /// Whether the daemon takes that call fd (asserted with REPLY_ACK).
     pub call_taken: bool,
     /// Called once guest memory is set, before the queues start.
-    pub prepare: Option<&'a dyn Fn(&mut Frontend, *mut u8)>,
+    pub prepare: Option<&'a Prepare>,
 }
 
 impl Default for Setup<'_> {
@@ -361,6 +364,16 @@ pub fn rig_with(nq: u16, idle_spin: Duration) -> Rig {
 /// `count` exports with `nq` queues each; queue i of every export runs on
 /// reactor i modulo 2, so their queues share reactors.
 pub fn rig_of(nq: u16, idle_spin: Duration, count: usize) -> Rig {
+    rig_custom(nq, idle_spin, count, |_| {})
+}
+
+/// As [`rig_of`], with the first export's options changed by `first`.
+pub fn rig_custom(
+    nq: u16,
+    idle_spin: Duration,
+    count: usize,
+    first: impl Fn(&mut ExportOptions),
+) -> Rig {
     let reactors = Reactors::start(ReactorConfig {
         count: 2,
         idle_spin,
@@ -374,17 +387,14 @@ pub fn rig_of(nq: u16, idle_spin: Duration, count: usize) -> Rig {
         let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
         let volume = Volume::new(reactors.set(), &format!("vol{i}"), dev);
         let sock = dir.path().join(format!("h{i}.sock"));
-        exports.push(
-            Export::create(
-                reactors.set(),
-                &volume,
-                ExportOptions {
-                    serial: "h".into(),
-                    ..ExportOptions::new(sock.clone(), nq)
-                },
-            )
-            .unwrap(),
-        );
+        let mut opts = ExportOptions {
+            serial: "h".into(),
+            ..ExportOptions::new(sock.clone(), nq)
+        };
+        if i == 0 {
+            first(&mut opts);
+        }
+        exports.push(Export::create(reactors.set(), &volume, opts).unwrap());
         socks.push(sock);
     }
     Rig {

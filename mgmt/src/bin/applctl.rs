@@ -407,6 +407,19 @@ enum ExportCmd {
         /// cyclically (default: queue i on reactor i).
         #[arg(long, value_delimiter = ',')]
         queue_cores: Vec<u32>,
+        /// Guest memory the VM may map (and pin for DMA), in MiB (default:
+        /// the host's physical memory).
+        #[arg(long, default_value_t = 0)]
+        memory_limit_mib: u64,
+        /// The socket's mode, octal (e.g. 0660; default: from the umask).
+        #[arg(long, default_value = "")]
+        socket_mode: String,
+        /// The socket's owner, a user name or uid (default: the daemon's).
+        #[arg(long, default_value = "")]
+        socket_owner: String,
+        /// The socket's group, a group name or gid (default: the daemon's).
+        #[arg(long, default_value = "")]
+        socket_group: String,
     },
     /// List exports.
     List,
@@ -905,6 +918,10 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
             read_only,
             serial,
             queue_cores,
+            memory_limit_mib,
+            socket_mode,
+            socket_owner,
+            socket_group,
         } => {
             let e = c
                 .create_export(pb::CreateExportRequest {
@@ -915,6 +932,10 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
                     read_only,
                     serial,
                     queue_cores,
+                    memory_limit_mib,
+                    socket_mode,
+                    socket_owner,
+                    socket_group,
                 })
                 .await?
                 .into_inner();

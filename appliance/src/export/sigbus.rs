@@ -1,0 +1,173 @@
+//! Guest memory that disappears under our mapping costs its connection,
+//! not the process. A frontend's memory is a file it shares with us (a
+//! memfd, a hugetlbfs or tmpfs file); if it shrinks that file after we
+//! mapped it, touching a page past the new end raises SIGBUS, whose
+//! default action kills the daemon and every VM it serves.
+//!
+//! Each mapping of frontend memory is registered here with its export's
+//! fault signal. The SIGBUS handler looks the faulting address up in a
+//! fixed table (no lock, no allocation: only atomics and system calls,
+//! which are async-signal-safe), replaces the whole region with anonymous
+//! zero memory at the same address (mmap MAP_FIXED), raises the export's
+//! fault signal and returns: the faulting copy completes on harmless
+//! memory, and the export's control thread drops the connection, whose
+//! requests then end with it. A fault elsewhere goes to the handler that
+//! was installed before ours (Rust's guard-page check), or to the default
+//! action. mmap with MAP_FIXED is the mechanism QEMU and the kernel's own
+//! userfaultfd users rely on for replacing a mapping in place.
+//!
+//! No crate does this (memory-safety crates catch SIGSEGV for the
+//! current thread with setjmp, which Rust cannot use soundly); it is
+//! small, and docs/decisions.md says why it is hand-written.
+
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::fault::FaultSignal;
+
+const SLOTS: usize = 4096;
+const FREE: u8 = 0;
+const CLAIMED: u8 = 1;
+const LIVE: u8 = 2;
+
+struct Slot {
+    state: AtomicU8,
+    start: AtomicUsize,
+    len: AtomicUsize,
+    fault: AtomicPtr<FaultSignal>,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Slot = Slot {
+    state: AtomicU8::new(FREE),
+    start: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    fault: AtomicPtr::new(std::ptr::null_mut()),
+};
+static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
+
+/// The handler that was installed before ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+/// A registered mapping; dropping it unregisters it (before the mapping
+/// goes: the owner drops this first).
+pub struct Registration {
+    slot: Option<usize>,
+    _fault: Arc<FaultSignal>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            TABLE[i].state.store(FREE, Ordering::Release);
+        }
+    }
+}
+
+/// Register `len` bytes of frontend memory at `ptr` for `fault`. With the
+/// table full (4096 mappings) the mapping works unprotected, and says so.
+pub fn register(ptr: *mut u8, len: usize, fault: &Arc<FaultSignal>) -> Registration {
+    install();
+    let slot = TABLE.iter().position(|s| {
+        s.state
+            .compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    });
+    match slot {
+        Some(i) => {
+            let s = &TABLE[i];
+            s.start.store(ptr as usize, Ordering::Relaxed);
+            s.len.store(len, Ordering::Relaxed);
+            s.fault
+                .store(Arc::as_ptr(fault) as *mut FaultSignal, Ordering::Relaxed);
+            s.state.store(LIVE, Ordering::Release);
+        }
+        None => tracing::error!(
+            "more than {SLOTS} guest memory mappings: this one is not protected from SIGBUS"
+        ),
+    }
+    Registration {
+        slot,
+        _fault: fault.clone(),
+    }
+}
+
+fn install() {
+    PREVIOUS.get_or_init(|| {
+        // SAFETY: sigaction with a zeroed (valid) struct and our handler;
+        // the previous action is read into `old`.
+        unsafe {
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = on_sigbus as *const () as usize;
+            new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut new.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &new, &mut old) != 0 {
+                tracing::error!(error = %std::io::Error::last_os_error(), "installing the SIGBUS handler: guest memory is not protected");
+            }
+            old
+        }
+    });
+}
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    for s in TABLE.iter() {
+        if s.state.load(Ordering::Acquire) != LIVE {
+            continue;
+        }
+        let (start, len) = (
+            s.start.load(Ordering::Relaxed),
+            s.len.load(Ordering::Relaxed),
+        );
+        if addr < start || addr - start >= len {
+            continue;
+        }
+        // SAFETY: the range is a live mapping of frontend memory that we
+        // own (registered until just before it is unmapped); replacing it
+        // in place keeps every pointer into it valid.
+        let r = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            break;
+        }
+        let fault = s.fault.load(Ordering::Relaxed);
+        if !fault.is_null() {
+            // SAFETY: the registration keeps the signal alive while LIVE.
+            unsafe { (*fault).raise() };
+        }
+        return;
+    }
+    // Not frontend memory: whoever handled SIGBUS before us, else the
+    // default action (the fault repeats on return and kills the process).
+    // SAFETY: calling the previous handler as the kernel would, or
+    // restoring the default action; both async-signal-safe.
+    unsafe {
+        match PREVIOUS.get() {
+            Some(p) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => {
+                if p.sa_flags & libc::SA_SIGINFO != 0 {
+                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                        std::mem::transmute(p.sa_sigaction);
+                    f(sig, info, ctx);
+                } else {
+                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(p.sa_sigaction);
+                    f(sig);
+                }
+            }
+            _ => {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Running the daemon and applctl as processes, for the command-line and
+//! host-safety tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills a spawned process if the test panics before stopping it, so a
+/// failed test leaves no daemon behind.
+pub struct KillOnPanic(pub u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn applctl_path() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_appliance"));
+    let p = bin.with_file_name("applctl");
+    if !p.exists() {
+        // `cargo test -p appliance` alone does not build other packages'
+        // binaries; the workspace run does.
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let st = Command::new(cargo)
+            .args(["build", "-p", "mgmt", "--bin", "applctl"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+pub fn applctl(api: &Path, args: &[&str]) -> Output {
+    Command::new(applctl_path())
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// GET /metrics from the daemon's Prometheus listener.
+pub fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
+    let api = dir.join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--metrics", metrics, "--api"])
+        .arg(&api)
+        .arg("--state")
+        .arg(dir.join("state.toml"))
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(child.id());
+    let t = Instant::now();
+    while applctl(&api, &["version"]).status.code() != Some(0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, api)
+}
+
+/// The daemon again on the state in `dir` (no --config), with `extra`
+/// arguments and its log to `stderr`.
+pub fn restart(dir: &Path, api: &Path, extra: &[&str], stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--api"])
+        .arg(api)
+        .arg("--state")
+        .arg(dir.join("state.toml"))
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the API of `daemon` answers (it must not stop meanwhile).
+pub fn wait_up(api: &Path, daemon: &mut Child) {
+    let t = Instant::now();
+    while applctl(api, &["version"]).status.code() != Some(0) {
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon stopped");
+        assert!(t.elapsed() < Duration::from_secs(30), "no restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
