@@ -529,14 +529,15 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     drop(disk);
     daemon.kill().unwrap();
     daemon.wait().unwrap();
-    // The journal device dies: its superblock is gone.
+    // The journal device dies: both copies of its superblock are gone
+    // (its first and last blocks).
     use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
+    let j = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.path().join("d3.img"))
-        .unwrap()
-        .write_all_at(&[0xa5; 4096], 0)
         .unwrap();
+    j.write_all_at(&[0xa5; 4096], 0).unwrap();
+    j.write_all_at(&[0xa5; 4096], (32 << 20) - 4096).unwrap();
 
     let restart = |extra: &[&str]| restart(dir.path(), &api, extra, Stdio::piped());
     let refused = restart(&[]).wait_with_output().unwrap();

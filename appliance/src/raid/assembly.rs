@@ -109,6 +109,42 @@ pub fn read_superblock(
     Ok(Superblock::decode(&buf))
 }
 
+/// Whether `sb`'s layout fits the device it was read from: checked at
+/// every assembly, not only at create (a superblock is the disk's word,
+/// not ours).
+fn fits_device(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), String> {
+    let info = dev.info();
+    let bad = |what: String| Err(format!("superblock of {:?}: {what}", sb.name));
+    if sb.block_size != info.block_size {
+        return bad(format!(
+            "block size {} but the device has {}",
+            sb.block_size, info.block_size
+        ));
+    }
+    if sb
+        .data_offset
+        .checked_mul(sb.block_size as u64)
+        .is_none_or(|b| b < SUPERBLOCK_BYTES as u64)
+    {
+        return bad(format!(
+            "data offset {} overlaps the superblock",
+            sb.data_offset
+        ));
+    }
+    if sb.data_blocks == 0
+        || sb
+            .data_offset
+            .checked_add(sb.data_blocks)
+            .is_none_or(|end| end > info.num_blocks)
+    {
+        return bad(format!(
+            "data at {}+{} blocks runs past the device's {}",
+            sb.data_offset, sb.data_blocks, info.num_blocks
+        ));
+    }
+    Ok(())
+}
+
 fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), AssemblyError> {
     let mut buf = sb.encode();
     sync_io(dev, IoOp::Write, &mut buf).map_err(|e| AssemblyError::Io {
@@ -475,10 +511,13 @@ pub fn assemble(
     for dev in devices {
         let name = dev.info().name.clone();
         match read_superblock(dev.as_ref()) {
-            Ok(Ok(sb)) => groups
-                .entry(sb.volume_uuid)
-                .or_default()
-                .push((dev.clone(), sb)),
+            Ok(Ok(sb)) => match fits_device(dev.as_ref(), &sb) {
+                Ok(()) => groups
+                    .entry(sb.volume_uuid)
+                    .or_default()
+                    .push((dev.clone(), sb)),
+                Err(why) => report.problems.push((name, why)),
+            },
             Ok(Err(SuperblockError::Foreign)) => {}
             Ok(Err(e)) => report.problems.push((name, e.to_string())),
             Err(e) => report
@@ -497,6 +536,7 @@ pub fn assemble(
         let n = auth.members as usize;
         let mut slots: Vec<Option<Arc<dyn BlockDevice>>> = vec![None; n];
         let mut stale = Vec::new();
+        let mut behind: Vec<(Arc<dyn BlockDevice>, usize)> = Vec::new();
         let mut ok = true;
         for (dev, sb) in &found {
             let same_geometry = sb.level == auth.level
@@ -516,8 +556,16 @@ pub fn assemble(
                 ok = false;
                 continue;
             }
+            // One event behind (md's margin): a power cut in the middle
+            // of a superblock update, which writes members one after the
+            // other before any IO of the new state. Such a member fills
+            // its slot only if no up-to-date device claims it (below).
             if sb.events < newest {
-                stale.push(dev.info().name.clone());
+                if sb.events + 1 == newest {
+                    behind.push((dev.clone(), sb.slot as usize));
+                } else {
+                    stale.push(dev.info().name.clone());
+                }
                 continue;
             }
             let slot = sb.slot as usize;
@@ -530,6 +578,14 @@ pub fn assemble(
                 continue;
             }
             slots[slot] = Some(dev.clone());
+        }
+        for (dev, slot) in behind {
+            if slots[slot].is_none() {
+                tracing::warn!(device = %dev.info().name, volume = %auth.name, "member one event behind its peers (an interrupted superblock update): taken as current");
+                slots[slot] = Some(dev);
+            } else {
+                stale.push(dev.info().name.clone());
+            }
         }
         if !ok {
             continue;
@@ -585,7 +641,10 @@ pub fn assemble(
             .map(|slot| {
                 found
                     .iter()
-                    .find(|(_, sb)| sb.slot as usize == slot && sb.events == newest)
+                    .find(|(d, sb)| {
+                        sb.slot as usize == slot
+                            && slots[slot].as_ref().is_some_and(|s| Arc::ptr_eq(s, d))
+                    })
                     .map_or_else(
                         || *uuid::Uuid::new_v4().as_bytes(),
                         |(_, sb)| sb.member_uuid,
@@ -596,8 +655,17 @@ pub fn assemble(
             .and_then(|device| match resume {
                 Some(slot) => {
                     let dev = spec.members[slot].clone();
+                    // A checkpoint at or past the last row would mark a
+                    // member in sync that was never rebuilt: start over.
+                    let rows = device.rows().count;
+                    let cursor = if auth.rebuild_checkpoint < rows {
+                        auth.rebuild_checkpoint
+                    } else {
+                        tracing::warn!(volume = %auth.name, checkpoint = auth.rebuild_checkpoint, rows, "rebuild checkpoint out of range: the rebuild starts over");
+                        0
+                    };
                     device
-                        .with_member_replaced(slot, dev, auth.rebuild_checkpoint)
+                        .with_member_replaced(slot, dev, cursor)
                         .map_err(|e| AssemblyError::Invalid(e.to_string()))
                 }
                 None => Ok(device),

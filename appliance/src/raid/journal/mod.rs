@@ -47,19 +47,19 @@
 mod checkpoint;
 mod codec;
 mod replay;
+mod superblock;
 
 use crate::raid::RaidError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bdev::{BlockDevice, IoOp};
+use bdev::BlockDevice;
 
 use super::cache::WriteCache;
-use super::metaio::sync;
 pub use checkpoint::{checkpoint_now, Checkpointer};
 pub use codec::{block_size_ok, Entry, MAX_ENTRIES};
-use codec::{encode_super, seal, write_header, Super};
+use codec::{seal, write_header, Super};
 pub(crate) use codec::{u32_at, u64_at};
 pub use replay::ReplayReport;
 
@@ -127,6 +127,10 @@ pub struct Journal {
     super_lock: Mutex<()>,
 }
 
+/// The most the write-back cache holds in memory, whatever the journal's
+/// size (a sixteenth of a large NVMe journal would be gigabytes).
+const CACHE_MAX_BYTES: u64 = 256 << 20;
+
 impl Journal {
     /// Write a fresh write-through journal on `dev` (everything on it is
     /// lost).
@@ -139,9 +143,8 @@ impl Journal {
         dev: Arc<dyn BlockDevice>,
         mode: JournalMode,
     ) -> Result<Arc<Journal>, RaidError> {
-        let bs = dev.info().block_size as usize;
         block_size_ok(dev.as_ref())?;
-        let log_blocks = dev.info().num_blocks.saturating_sub(1);
+        let log_blocks = superblock::log_blocks_for(dev.info().num_blocks);
         if log_blocks < 64 {
             return Err(RaidError::Invalid(format!(
                 "{}: too small for a journal",
@@ -158,13 +161,12 @@ impl Journal {
             checkpoint_seq: 0,
             mode,
         };
-        let mut b = encode_super(&s, bs);
-        sync(dev.as_ref(), IoOp::Write, 0, &mut b)?;
-        sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        superblock::store(dev.as_ref(), &s)?;
         Ok(Self::with(dev, &s))
     }
 
     fn with(dev: Arc<dyn BlockDevice>, s: &Super) -> Arc<Journal> {
+        let cache_blocks = (s.log_blocks / 16).min(CACHE_MAX_BYTES / dev.info().block_size as u64);
         Arc::new(Journal {
             bs: dev.info().block_size as usize,
             dev,
@@ -181,7 +183,7 @@ impl Journal {
             // Guest records leave room to reclaim the whole cache (up to
             // three log blocks a block: header, data, parity); a sixteenth
             // keeps that reserve under a fifth of the log.
-            cache: WriteCache::new(s.log_blocks / 16),
+            cache: WriteCache::new(cache_blocks),
             reclaim_wanted: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             checkpoint_seq: AtomicU64::new(s.checkpoint_seq),
@@ -228,9 +230,7 @@ impl Journal {
             checkpoint_seq: self.checkpoint_seq.load(Ordering::SeqCst),
             mode,
         };
-        let mut b = encode_super(&s, self.bs);
-        sync(self.dev.as_ref(), IoOp::Write, 0, &mut b)?;
-        sync(self.dev.as_ref(), IoOp::Flush, 0, &mut [])
+        superblock::store(self.dev.as_ref(), &s)
     }
 
     /// Turn write-back on or off for new writes. Only with the volume
@@ -492,7 +492,8 @@ impl Journal {
 mod tests {
     use super::codec::*;
     use super::*;
-    use bdev::RamDevice;
+    use crate::raid::metaio::sync;
+    use bdev::{IoOp, RamDevice};
 
     #[test]
     fn the_checksum_covers_header_fields_entries_and_blocks_and_old_records_still_pass() {
@@ -606,7 +607,8 @@ mod tests {
 
     #[test]
     fn a_full_log_waits_for_a_checkpoint() {
-        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 65).unwrap());
+        // 64 log blocks between the two superblock copies.
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 66).unwrap());
         let j = Journal::format(jdev).unwrap();
         let e = Entry {
             member: 0,

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use bdev::{BlockDevice, IoOp};
 
 use super::codec::{
-    block_size_ok, decode_super, encode_super, record_ok, seal, u32_at, u64_at, write_header,
-    Entry, MAX_ENTRIES, REC_MAGIC, VOLUME_RECORD,
+    block_size_ok, seal, u32_at, u64_at, write_header, Entry, RecordCheck, MAX_ENTRIES, REC_MAGIC,
+    VOLUME_RECORD,
 };
-use super::{Journal, Super};
+use super::{superblock, Journal, Super};
 use crate::raid::geometry::Raid5Geometry;
 use crate::raid::metaio::sync;
 use crate::raid::parity::xor_into;
@@ -25,12 +25,123 @@ pub struct ReplayReport {
     pub blocks: u64,
 }
 
+/// The log, read a window at a time: replay's memory does not grow with
+/// the journal (a large NVMe journal would not fit in RAM).
+struct LogReader<'a> {
+    dev: &'a dyn BlockDevice,
+    bs: usize,
+    /// Log blocks.
+    total: usize,
+    /// Blocks one read may take.
+    step: usize,
+    window: Vec<u8>,
+    /// Log block of the window's first block, and how many it holds.
+    start: usize,
+    len: usize,
+}
+
+/// Bytes of log read at once while scanning.
+const WINDOW_BYTES: usize = 4 << 20;
+/// Bytes of a record's data handled at once while replaying it.
+const PIECE_BYTES: usize = 1 << 20;
+
+impl<'a> LogReader<'a> {
+    fn new(dev: &'a dyn BlockDevice, total: usize) -> LogReader<'a> {
+        let bs = dev.info().block_size as usize;
+        LogReader {
+            dev,
+            bs,
+            total,
+            step: (dev.info().max_transfer as usize / bs).clamp(1, 1024),
+            window: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// Log block `i` (`i < total`), through the window.
+    fn block(&mut self, i: usize) -> Result<&[u8], RaidError> {
+        if i < self.start || i >= self.start + self.len {
+            let n = (WINDOW_BYTES / self.bs).max(1).min(self.total - i);
+            self.window.resize(n * self.bs, 0);
+            let mut buf = std::mem::take(&mut self.window);
+            self.read(i, &mut buf)?;
+            self.window = buf;
+            (self.start, self.len) = (i, n);
+        }
+        let at = (i - self.start) * self.bs;
+        Ok(&self.window[at..at + self.bs])
+    }
+
+    /// Log blocks from `i` into `out` (a whole number of blocks).
+    fn read(&self, i: usize, out: &mut [u8]) -> Result<(), RaidError> {
+        for (k, piece) in out.chunks_mut(self.step * self.bs).enumerate() {
+            let at = 1 + (i + k * self.step) as u64;
+            sync(self.dev, IoOp::Read, at, piece)?;
+        }
+        Ok(())
+    }
+}
+
+/// A whole record found in the log: sequence, first log block, blocks,
+/// whether it holds write-back data.
+#[derive(Clone, Copy)]
+struct Found {
+    seq: u64,
+    at: usize,
+    blocks: usize,
+    volume: bool,
+}
+
+/// Every whole record of this journal after its checkpoint, oldest first.
+fn scan(log: &mut LogReader, s: &Super) -> Result<Vec<Found>, RaidError> {
+    let (bs, total) = (log.bs, log.total);
+    let mut found = Vec::new();
+    let mut i = 0usize;
+    while i < total {
+        let h = log.block(i)?.to_vec();
+        let seq = u64_at(&h, 16);
+        let blocks = u32_at(&h, 24) as usize;
+        let entries = (u32_at(&h, 28) & !VOLUME_RECORD) as usize;
+        let candidate = u64_at(&h, 0) == REC_MAGIC
+            && u64_at(&h, 8) == s.nonce
+            && seq > s.checkpoint_seq
+            && blocks >= 1
+            && blocks <= total - i
+            && entries <= MAX_ENTRIES;
+        if candidate {
+            let mut check = RecordCheck::start(&h, bs);
+            for k in 1..blocks {
+                check.add(log.block(i + k)?);
+            }
+            if check.ok() {
+                found.push(Found {
+                    seq,
+                    at: i,
+                    blocks,
+                    volume: u32_at(&h, 28) & VOLUME_RECORD != 0,
+                });
+                i += blocks;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    found.sort_unstable_by_key(|f| f.seq);
+    Ok(found)
+}
+
 impl Journal {
     /// Open the journal on `dev` after a start: write every record since
     /// the last checkpoint to `members` (by slot; `None` for a missing
     /// member, whose blocks are skipped: it is rebuilt later), flush them,
     /// and checkpoint. Write-back records need the volume's geometry, to
     /// update parity. Returns the journal, ready for service.
+    ///
+    /// Memory stays bounded whatever the journal's size: the log is
+    /// scanned a window at a time, and each record is read again, a piece
+    /// at a time, when it is replayed. Every length in it is checked
+    /// against the log before it is used.
     pub fn replay(
         dev: Arc<dyn BlockDevice>,
         members: &[Option<Arc<dyn BlockDevice>>],
@@ -38,60 +149,20 @@ impl Journal {
     ) -> Result<(Arc<Journal>, ReplayReport), RaidError> {
         let bs = dev.info().block_size as usize;
         block_size_ok(dev.as_ref())?;
-        let mut b = vec![0u8; bs];
-        sync(dev.as_ref(), IoOp::Read, 0, &mut b)?;
-        let s = decode_super(&b)
-            .map_err(|e| RaidError::Invalid(format!("{}: {e}", dev.info().name)))?;
-        if s.log_blocks + 1 > dev.info().num_blocks {
-            return Err(RaidError::Invalid(format!(
-                "{}: journal superblock claims a log larger than the device",
-                dev.info().name
-            )));
-        }
-        // Read the whole log, in pieces the device takes at once.
-        let step = (dev.info().max_transfer as usize / bs).clamp(1, 1024);
-        let mut log = vec![0u8; s.log_blocks as usize * bs];
-        let mut at = 0;
-        while at < s.log_blocks as usize {
-            let n = step.min(s.log_blocks as usize - at);
-            sync(
-                dev.as_ref(),
-                IoOp::Read,
-                1 + at as u64,
-                &mut log[at * bs..(at + n) * bs],
-            )?;
-            at += n;
-        }
-        // Find the valid records.
-        let mut found: Vec<(u64, usize, usize)> = Vec::new();
-        let mut i = 0usize;
-        let total = s.log_blocks as usize;
-        while i < total {
-            let h = &log[i * bs..(i + 1) * bs];
-            let ok = u64_at(h, 0) == REC_MAGIC && u64_at(h, 8) == s.nonce;
-            let seq = u64_at(h, 16);
-            let blocks = u32_at(h, 24) as usize;
-            let entries = (u32_at(h, 28) & !VOLUME_RECORD) as usize;
-            if ok
-                && seq > s.checkpoint_seq
-                && blocks >= 1
-                && i + blocks <= total
-                && entries <= MAX_ENTRIES
-                && record_ok(&log[i * bs..(i + blocks) * bs], bs)
-            {
-                found.push((seq, i, blocks));
-                i += blocks;
-                continue;
-            }
-            i += 1;
-        }
-        found.sort_unstable();
+        let s = superblock::load(dev.as_ref())?;
+        let total = usize::try_from(s.log_blocks).map_err(|_| {
+            RaidError::Invalid(format!("{}: journal log too large", dev.info().name))
+        })?;
+        let mut log = LogReader::new(dev.as_ref(), total);
+        let found = scan(&mut log, &s)?;
         let mut report = ReplayReport::default();
         let mut max_seq = s.checkpoint_seq;
         // Pass 1: write-through records (data and parity, as they went to
-        // the members), in order; remember the newest record of each block.
+        // the members), in order; remember the newest record of each block
+        // (only needed when there is write-back data to compare with).
         // Pass 2: write-back data still newer than that, in order, with
         // parity brought along (members never saw it before a reclaim).
+        let any_volume = found.iter().any(|f| f.volume);
         let mut newest: std::collections::HashMap<(usize, u64), u64> = Default::default();
         // A degraded volume's write-back data needs read-modify-write,
         // which a second replay after a crash in this one would apply to
@@ -104,37 +175,44 @@ impl Journal {
             blocks: Default::default(),
             direct: !degraded,
         };
+        let piece_blocks = (PIECE_BYTES / bs).max(1);
+        let mut h = vec![0u8; bs];
+        let mut piece = Vec::new();
         for pass in [false, true] {
-            for &(seq, i, blocks) in &found {
-                let h = &log[i * bs..(i + 1) * bs];
-                let volume = u32_at(h, 28) & VOLUME_RECORD != 0;
-                if volume != pass {
-                    continue;
-                }
-                let entries = (u32_at(h, 28) & !VOLUME_RECORD) as usize;
-                let mut data = (i + 1) * bs;
-                let end = (i + blocks) * bs;
+            for f in found.iter().filter(|f| f.volume == pass) {
+                let seq = f.seq;
+                log.read(f.at, &mut h)?;
+                let entries = (u32_at(&h, 28) & !VOLUME_RECORD) as usize;
+                // Log block of the next run's data, and the record's end.
+                let mut data = f.at + 1;
+                let end = f.at + f.blocks;
                 for k in 0..entries {
                     let e = 32 + k * 16;
                     let (member, count, block) = (
-                        u32_at(h, e) as usize,
-                        u32_at(h, e + 4) as usize,
-                        u64_at(h, e + 8),
+                        u32_at(&h, e) as usize,
+                        u32_at(&h, e + 4) as usize,
+                        u64_at(&h, e + 8),
                     );
-                    let len = count * bs;
-                    if data + len > end {
+                    if count > end - data || block.checked_add(count as u64).is_none() {
                         return Err(RaidError::Invalid(format!(
                             "journal record {seq} is inconsistent"
                         )));
                     }
-                    let run = &log[data..data + len];
-                    data += len;
-                    if !volume {
-                        for b in block..block + count as u64 {
-                            newest.insert((member, b), seq);
+                    let run = data;
+                    data += count;
+                    if !f.volume {
+                        if any_volume {
+                            for b in block..block + count as u64 {
+                                newest.insert((member, b), seq);
+                            }
                         }
                         if let Some(Some(m)) = members.get(member) {
-                            sync(m.as_ref(), IoOp::Write, block, &mut run.to_vec())?;
+                            for k0 in (0..count).step_by(piece_blocks) {
+                                let n = piece_blocks.min(count - k0);
+                                piece.resize(n * bs, 0);
+                                log.read(run + k0, &mut piece)?;
+                                sync(m.as_ref(), IoOp::Write, block + k0 as u64, &mut piece)?;
+                            }
                             report.blocks += count as u64;
                         }
                         continue;
@@ -142,7 +220,8 @@ impl Journal {
                     let geo = geo.ok_or_else(|| {
                         RaidError::Invalid(format!("journal record {seq} holds write-back data, which needs a RAID5 volume's geometry"))
                     })?;
-                    // Sub-runs of blocks no later write-through record wrote.
+                    // Sub-runs of blocks no later write-through record
+                    // wrote, a piece at a time.
                     let mut k0 = 0;
                     while k0 < count {
                         let fresh = |k: usize| {
@@ -155,16 +234,18 @@ impl Journal {
                             continue;
                         }
                         let mut k1 = k0 + 1;
-                        while k1 < count && fresh(k1) {
+                        while k1 < count && k1 - k0 < piece_blocks && fresh(k1) {
                             k1 += 1;
                         }
+                        piece.resize((k1 - k0) * bs, 0);
+                        log.read(run + k0, &mut piece)?;
                         replay_volume_run(
                             geo,
                             members,
                             &mut overlay,
                             member,
                             block + k0 as u64,
-                            &run[k0 * bs..k1 * bs],
+                            &piece,
                         )?;
                         report.blocks += (k1 - k0) as u64;
                         k0 = k1;
@@ -189,9 +270,7 @@ impl Journal {
             checkpoint_seq: max_seq,
             ..s
         };
-        let mut b = encode_super(&s, bs);
-        sync(dev.as_ref(), IoOp::Write, 0, &mut b)?;
-        sync(dev.as_ref(), IoOp::Flush, 0, &mut [])?;
+        superblock::store(dev.as_ref(), &s)?;
         Ok((Self::with(dev, &s), report))
     }
 }
@@ -323,7 +402,7 @@ impl Overlay {
 fn log_overlay(
     dev: &Arc<dyn BlockDevice>,
     s: &Super,
-    found: &[(u64, usize, usize)],
+    found: &[Found],
     overlay: &Overlay,
     max_seq: u64,
 ) -> Result<u64, RaidError> {
@@ -375,12 +454,12 @@ fn log_overlay(
     flush_batch(&mut batch, &mut records);
     // The free space runs from the end of the newest live record to the
     // start of the oldest, around the ring; a record never wraps.
-    let newest = found.iter().max_by_key(|r| r.0);
-    let oldest = found.iter().min_by_key(|r| r.0);
+    let newest = found.iter().max_by_key(|r| r.seq);
+    let oldest = found.iter().min_by_key(|r| r.seq);
     let (mut pos, limit) = match (newest, oldest) {
         (Some(n), Some(o)) => {
-            let head = n.1 + n.2;
-            let tail = if o.1 >= head { o.1 } else { o.1 + total };
+            let head = n.at + n.blocks;
+            let tail = if o.at >= head { o.at } else { o.at + total };
             (head, tail)
         }
         _ => (0, total),
