@@ -61,6 +61,23 @@ fn members_one_event_behind_after_an_interrupted_update_are_current() {
         .member_states()
         .iter()
         .all(|s| *s == MemberState::InSync));
+    // A member the last update failed keeps its older superblock, one
+    // event behind: it stays stale.
+    for d in &devs[..3] {
+        edit(d.as_ref(), |sb| {
+            sb.events += 1;
+            sb.slot_states[3] = MemberState::Failed.code();
+        });
+    }
+    let report = assemble(&devs, |_| FailureSink::none());
+    let v = &report.volumes[0];
+    assert_eq!(v.stale, vec!["m3".to_string()]);
+    for d in &devs[..3] {
+        edit(d.as_ref(), |sb| {
+            sb.slot_states[3] = MemberState::InSync.code()
+        });
+    }
+    edit(devs[3].as_ref(), |sb| sb.events += 1);
     // Two events ahead of member 3: it is stale, and the volume degraded.
     for d in &devs[..3] {
         edit(d.as_ref(), |sb| sb.events += 1);

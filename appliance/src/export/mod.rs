@@ -527,7 +527,12 @@ fn serve(
             .set_nonblocking(false)
             .and_then(|()| stream.try_clone());
         match configured {
-            Ok(c) => *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+            Ok(c) => {
+                // Counted under the same lock the watchdog checks it in.
+                let mut conn = shared.conn.lock().unwrap_or_else(|e| e.into_inner());
+                *conn = Some(c);
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "configuring a vhost-user connection");
                 continue;
@@ -536,7 +541,6 @@ fn serve(
         // A fault of the previous connection is not this one's.
         shared.fault.take();
         shared.connected.store(true, Ordering::SeqCst);
-        shared.connections.fetch_add(1, Ordering::SeqCst);
         tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
         let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
         *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
@@ -566,7 +570,9 @@ fn serve(
                     *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
                 }
             }
-            shared.io_clock.start();
+            shared
+                .io_clock
+                .start(shared.connections.load(Ordering::SeqCst));
             let handled = conn.handle_request();
             shared.io_clock.stop();
             if let Err(e) = handled {

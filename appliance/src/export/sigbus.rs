@@ -31,6 +31,9 @@ const CLAIMED: u8 = 1;
 const LIVE: u8 = 2;
 
 struct Slot {
+    /// Bumped before and after every change of the slot (a seqlock): the
+    /// handler trusts what it read only if it is even and unchanged.
+    gen: AtomicUsize,
     state: AtomicU8,
     start: AtomicUsize,
     len: AtomicUsize,
@@ -39,6 +42,7 @@ struct Slot {
 
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY: Slot = Slot {
+    gen: AtomicUsize::new(0),
     state: AtomicU8::new(FREE),
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
@@ -48,6 +52,35 @@ static TABLE: [Slot; SLOTS] = [EMPTY; SLOTS];
 
 /// The handler that was installed before ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+/// The registered mapping that holds `addr`: its start, length and fault
+/// signal, read consistently (a slot being reused meanwhile is read
+/// again).
+fn find(addr: usize) -> Option<(usize, usize, *mut FaultSignal)> {
+    for s in TABLE.iter() {
+        for _ in 0..100 {
+            let g1 = s.gen.load(Ordering::Acquire);
+            if g1 % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            if s.state.load(Ordering::Acquire) != LIVE {
+                break;
+            }
+            let start = s.start.load(Ordering::Acquire);
+            let len = s.len.load(Ordering::Acquire);
+            let fault = s.fault.load(Ordering::Acquire);
+            if s.gen.load(Ordering::Acquire) != g1 {
+                continue;
+            }
+            if addr >= start && addr - start < len {
+                return Some((start, len, fault));
+            }
+            break;
+        }
+    }
+    None
+}
 
 /// A registered mapping; dropping it unregisters it (before the mapping
 /// goes: the owner drops this first).
@@ -59,7 +92,10 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(i) = self.slot {
-            TABLE[i].state.store(FREE, Ordering::Release);
+            let s = &TABLE[i];
+            s.gen.fetch_add(1, Ordering::AcqRel);
+            s.state.store(FREE, Ordering::Release);
+            s.gen.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -76,11 +112,13 @@ pub fn register(ptr: *mut u8, len: usize, fault: &Arc<FaultSignal>) -> Registrat
     match slot {
         Some(i) => {
             let s = &TABLE[i];
-            s.start.store(ptr as usize, Ordering::Relaxed);
-            s.len.store(len, Ordering::Relaxed);
+            s.gen.fetch_add(1, Ordering::AcqRel);
+            s.start.store(ptr as usize, Ordering::Release);
+            s.len.store(len, Ordering::Release);
             s.fault
-                .store(Arc::as_ptr(fault) as *mut FaultSignal, Ordering::Relaxed);
+                .store(Arc::as_ptr(fault) as *mut FaultSignal, Ordering::Release);
             s.state.store(LIVE, Ordering::Release);
+            s.gen.fetch_add(1, Ordering::AcqRel);
         }
         None => tracing::error!(
             "more than {SLOTS} guest memory mappings: this one is not protected from SIGBUS"
@@ -111,19 +149,12 @@ fn install() {
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; the interrupted code must find it as
+    // it left it.
+    let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    for s in TABLE.iter() {
-        if s.state.load(Ordering::Acquire) != LIVE {
-            continue;
-        }
-        let (start, len) = (
-            s.start.load(Ordering::Relaxed),
-            s.len.load(Ordering::Relaxed),
-        );
-        if addr < start || addr - start >= len {
-            continue;
-        }
+    if let Some((start, len, fault)) = find(addr) {
         // SAFETY: the range is a live mapping of frontend memory that we
         // own (registered until just before it is unmapped); replacing it
         // in place keeps every pointer into it valid.
@@ -137,15 +168,16 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 0,
             )
         };
-        if r == libc::MAP_FAILED {
-            break;
+        if r != libc::MAP_FAILED {
+            if !fault.is_null() {
+                // SAFETY: the registration keeps the signal alive while
+                // its mapping is mapped, and the fault is in it.
+                unsafe { (*fault).raise() };
+            }
+            // SAFETY: as above.
+            unsafe { *libc::__errno_location() = errno };
+            return;
         }
-        let fault = s.fault.load(Ordering::Relaxed);
-        if !fault.is_null() {
-            // SAFETY: the registration keeps the signal alive while LIVE.
-            unsafe { (*fault).raise() };
-        }
-        return;
     }
     // Not frontend memory: whoever handled SIGBUS before us, else the
     // default action (the fault repeats on return and kills the process).

@@ -21,9 +21,14 @@ use super::ExportShared;
 pub const FRONTEND_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// When the control thread started waiting on its frontend: milliseconds
-/// since [`epoch`] plus one, or 0 while it is not.
+/// since [`epoch`] plus one, or 0 while it is not; and which connection
+/// and thread that was.
 #[derive(Default)]
-pub struct IoClock(AtomicU64);
+pub struct IoClock {
+    since: AtomicU64,
+    connection: AtomicU64,
+    thread: Mutex<Option<std::thread::ThreadId>>,
+}
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -35,30 +40,42 @@ fn now_ms() -> u64 {
 }
 
 impl IoClock {
-    /// The control thread waits on the frontend from now.
-    pub fn start(&self) {
-        self.0.store(now_ms(), Ordering::SeqCst);
+    /// The control thread waits on connection `connection`'s frontend
+    /// from now.
+    pub fn start(&self, connection: u64) {
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current().id());
+        self.connection.store(connection, Ordering::SeqCst);
+        self.since.store(now_ms(), Ordering::SeqCst);
     }
 
     /// It no longer does.
     pub fn stop(&self) {
-        self.0.store(0, Ordering::SeqCst);
+        self.since.store(0, Ordering::SeqCst);
     }
 
-    fn overdue(&self) -> bool {
-        let since = self.0.load(Ordering::SeqCst);
-        since != 0 && now_ms().saturating_sub(since) > FRONTEND_IO_TIMEOUT.as_millis() as u64
+    /// The connection waited on for too long, if one is.
+    fn overdue(&self) -> Option<u64> {
+        let since = self.since.load(Ordering::SeqCst);
+        let late =
+            since != 0 && now_ms().saturating_sub(since) > FRONTEND_IO_TIMEOUT.as_millis() as u64;
+        late.then(|| self.connection.load(Ordering::SeqCst))
+    }
+
+    fn on_control_thread(&self) -> bool {
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) == Some(std::thread::current().id())
     }
 }
 
 /// The export's own work, between receiving a message and answering it:
 /// the clock stops until the guard drops, then starts again for the
-/// answer.
+/// answer. Only on the control thread: the same work called from the API
+/// (a queue move) leaves the clock alone.
 pub fn own_work(shared: &Arc<ExportShared>) -> OwnWork {
-    let was = shared.io_clock.0.swap(0, Ordering::SeqCst);
+    let clock = &shared.io_clock;
+    let waiting = clock.on_control_thread() && clock.since.swap(0, Ordering::SeqCst) != 0;
     OwnWork {
         shared: shared.clone(),
-        waiting: was != 0,
+        waiting,
     }
 }
 
@@ -71,7 +88,8 @@ pub struct OwnWork {
 impl Drop for OwnWork {
     fn drop(&mut self) {
         if self.waiting {
-            self.shared.io_clock.start();
+            let clock = &self.shared.io_clock;
+            clock.since.store(now_ms(), Ordering::SeqCst);
         }
     }
 }
@@ -100,13 +118,21 @@ pub fn watch(shared: &Arc<ExportShared>) {
                 l.iter().filter_map(Weak::upgrade).collect()
             };
             for s in live {
-                if s.io_clock.overdue() {
-                    s.io_clock.stop();
-                    s.fault.raise();
-                    tracing::warn!(socket = %s.options.socket.display(), timeout = ?FRONTEND_IO_TIMEOUT, "the vhost-user frontend stalled a message or its answer: dropping it");
-                    if let Some(c) = &*s.conn.lock().unwrap_or_else(|e| e.into_inner()) {
-                        let _ = c.shutdown(std::net::Shutdown::Both);
-                    }
+                let Some(connection) = s.io_clock.overdue() else {
+                    continue;
+                };
+                // Under the connection's lock, which a new connection
+                // takes before it is counted: only the stalled one goes.
+                let conn = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+                if s.connections.load(Ordering::SeqCst) != connection
+                    || s.io_clock.overdue() != Some(connection)
+                {
+                    continue;
+                }
+                tracing::warn!(socket = %s.options.socket.display(), timeout = ?FRONTEND_IO_TIMEOUT, "the vhost-user frontend stalled a message or its answer: dropping it");
+                s.fault.raise();
+                if let Some(c) = &*conn {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
                 }
             }
         });

@@ -580,7 +580,12 @@ pub fn assemble(
             slots[slot] = Some(dev.clone());
         }
         for (dev, slot) in behind {
-            if slots[slot].is_none() {
+            // Only a slot the newest record still trusts (in sync or being
+            // rebuilt): a member failed by the last update keeps the older
+            // superblock, and stays stale.
+            let code = auth.slot_states.get(slot).map(|c| c & !WRITE_MOSTLY);
+            let trusted = code != Some(MemberState::Failed.code()) && code.is_some();
+            if slots.get(slot).is_some_and(|s| s.is_none()) && trusted {
                 tracing::warn!(device = %dev.info().name, volume = %auth.name, "member one event behind its peers (an interrupted superblock update): taken as current");
                 slots[slot] = Some(dev);
             } else {

@@ -190,7 +190,7 @@ impl Journal {
             checkpoint_seq: 0,
             mode,
         };
-        superblock::store(dev.as_ref(), &s)?;
+        superblock::store_new(dev.as_ref(), &s)?;
         Ok(Self::with(dev, &s))
     }
 

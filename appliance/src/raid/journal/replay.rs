@@ -91,6 +91,8 @@ struct Found {
     at: usize,
     blocks: usize,
     volume: bool,
+    /// Entries, as validated by the scan (at most MAX_ENTRIES).
+    entries: usize,
 }
 
 /// Every whole record of this journal after its checkpoint, oldest first.
@@ -120,6 +122,7 @@ fn scan(log: &mut LogReader, s: &Super) -> Result<Vec<Found>, RaidError> {
                     at: i,
                     blocks,
                     volume: u32_at(&h, 28) & VOLUME_RECORD != 0,
+                    entries,
                 });
                 i += blocks;
                 continue;
@@ -127,7 +130,7 @@ fn scan(log: &mut LogReader, s: &Super) -> Result<Vec<Found>, RaidError> {
         }
         i += 1;
     }
-    found.sort_unstable_by_key(|f| f.seq);
+    found.sort_unstable_by_key(|f| (f.seq, f.at));
     Ok(found)
 }
 
@@ -182,7 +185,9 @@ impl Journal {
             for f in found.iter().filter(|f| f.volume == pass) {
                 let seq = f.seq;
                 log.read(f.at, &mut h)?;
-                let entries = (u32_at(&h, 28) & !VOLUME_RECORD) as usize;
+                // The scan checked this header (a device that reads back
+                // something else now gets at most the entries it checked).
+                let entries = f.entries;
                 // Log block of the next run's data, and the record's end.
                 let mut data = f.at + 1;
                 let end = f.at + f.blocks;

@@ -69,16 +69,33 @@ pub(super) fn load(dev: &dyn BlockDevice) -> Result<Super, RaidError> {
     }
 }
 
-/// Write `s` to both copies (one, for a journal formatted with one).
+/// Write `s` to both copies (one, for a journal formatted with one): the
+/// first, then the second. A failure of the second copy is logged, not
+/// returned: the first is current, and a bad last sector must not stop
+/// every checkpoint.
 pub(super) fn store(dev: &dyn BlockDevice, s: &Super) -> Result<(), RaidError> {
-    let bs = dev.info().block_size as usize;
-    let mut b = encode_super(s, bs);
-    sync(dev, IoOp::Write, 0, &mut b)?;
-    sync(dev, IoOp::Flush, 0, &mut [])?;
+    write_copy(dev, s, 0)?;
     if let Some(at) = second_copy(dev, s.log_blocks) {
-        let mut b = encode_super(s, bs);
-        sync(dev, IoOp::Write, at, &mut b)?;
-        sync(dev, IoOp::Flush, 0, &mut [])?;
+        if let Err(e) = write_copy(dev, s, at) {
+            tracing::warn!(journal = %dev.info().name, error = %e, "the journal's second superblock copy was not written");
+        }
     }
     Ok(())
+}
+
+/// Write a new journal's superblock: the second copy first, so that a
+/// crash in between leaves the device as it was (its first copy, of
+/// whatever was there before), never a first copy of this journal with a
+/// second of another.
+pub(super) fn store_new(dev: &dyn BlockDevice, s: &Super) -> Result<(), RaidError> {
+    if let Some(at) = second_copy(dev, s.log_blocks) {
+        write_copy(dev, s, at)?;
+    }
+    write_copy(dev, s, 0)
+}
+
+fn write_copy(dev: &dyn BlockDevice, s: &Super, at: u64) -> Result<(), RaidError> {
+    let mut b = encode_super(s, dev.info().block_size as usize);
+    sync(dev, IoOp::Write, at, &mut b)?;
+    sync(dev, IoOp::Flush, 0, &mut [])
 }
