@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod demo;
 pub mod devspec;
 pub mod export;
+pub mod host;
 pub mod instance;
 pub mod manager;
 pub mod metrics;

@@ -19,6 +19,18 @@ fn rams(n: usize) -> Vec<Arc<dyn BlockDevice>> {
         .collect()
 }
 
+/// `n` RAM devices holding a new RAID5 volume.
+fn raid5(n: usize) -> Vec<Arc<dyn BlockDevice>> {
+    let devs = rams(n);
+    create(
+        &VolumeSpec::new("vol0", Level::Raid5, devs.clone()),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    devs
+}
+
 /// Read, change and write back member `m`'s superblock.
 fn edit(dev: &dyn BlockDevice, change: impl FnOnce(&mut Superblock)) {
     let mut ch = dev.open_channel().unwrap();
@@ -41,13 +53,7 @@ fn edit(dev: &dyn BlockDevice, change: impl FnOnce(&mut Superblock)) {
 /// two events behind is still stale.
 #[test]
 fn members_one_event_behind_after_an_interrupted_update_are_current() {
-    let devs = rams(4);
-    create(
-        &VolumeSpec::new("vol0", Level::Raid5, devs.clone()),
-        FailureSink::none(),
-        false,
-    )
-    .unwrap();
+    let devs = raid5(4);
     for d in &devs[..2] {
         edit(d.as_ref(), |sb| sb.events += 1);
     }
@@ -93,13 +99,7 @@ fn members_one_event_behind_after_an_interrupted_update_are_current() {
 /// rebuilt counted as in sync. It starts over instead.
 #[test]
 fn a_rebuild_checkpoint_past_the_end_starts_the_rebuild_over() {
-    let devs = rams(3);
-    create(
-        &VolumeSpec::new("vol0", Level::Raid5, devs.clone()),
-        FailureSink::none(),
-        false,
-    )
-    .unwrap();
+    let devs = raid5(3);
     for d in &devs {
         edit(d.as_ref(), |sb| {
             sb.slot_states[2] = MemberState::Rebuilding.code();
@@ -126,13 +126,7 @@ fn a_rebuild_checkpoint_past_the_end_starts_the_rebuild_over() {
 /// its end, or over the superblock, is reported and not used.
 #[test]
 fn a_superblock_whose_data_does_not_fit_its_device_is_reported() {
-    let devs = rams(4);
-    create(
-        &VolumeSpec::new("vol0", Level::Raid5, devs.clone()),
-        FailureSink::none(),
-        false,
-    )
-    .unwrap();
+    let devs = raid5(4);
     edit(devs[1].as_ref(), |sb| sb.data_blocks = u64::MAX - 10);
     edit(devs[2].as_ref(), |sb| sb.data_offset = 0);
     let report = assemble(&devs, |_| FailureSink::none());

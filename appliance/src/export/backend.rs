@@ -116,9 +116,10 @@ pub struct Handler {
 
 /// A kick or call descriptor must be an eventfd: the reactor reads and
 /// writes it on the IO path, and anything else (a pipe whose buffer fills,
-/// a socket, a file) could block that reactor and every queue on it. The
-/// call fd is also made non-blocking, so a counter the frontend never
-/// reads cannot stall us either (eventfd's limit is 2^64 - 2).
+/// a socket, a file) could block that reactor and every queue on it. Both
+/// are made non-blocking here: the reactor drains the kick without
+/// waiting, and a call counter the frontend never reads cannot stall us
+/// either (eventfd's limit is 2^64 - 2).
 fn check_eventfd(fd: &Option<File>, what: &str, index: u8) -> VuResult<()> {
     use std::os::fd::AsRawFd;
     let Some(f) = fd else {
@@ -202,7 +203,8 @@ impl Handler {
     /// Bytes of guest memory this export may map.
     fn memory_limit(&self) -> u64 {
         match self.export.options.memory_limit {
-            0 => super::memory::physical_memory(),
+            // The host's memory: more can never be a real guest's.
+            0 => crate::host::memory_total().unwrap_or(u64::MAX),
             n => n,
         }
     }

@@ -6,7 +6,7 @@
 //! (QEMU with reconnect) then connects again and resets the device, as it
 //! does with qemu-storage-daemon, which disconnects on such faults too.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ExportError;
@@ -20,17 +20,8 @@ pub struct FaultSignal {
 impl FaultSignal {
     /// A fresh signal.
     pub fn new() -> Result<FaultSignal, ExportError> {
-        // SAFETY: plain syscall, result checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(ExportError::Os {
-                what: "creating the fault eventfd".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
         Ok(FaultSignal {
-            // SAFETY: fd is new and ours.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: super::eventfd()?,
             count: AtomicU64::new(0),
         })
     }

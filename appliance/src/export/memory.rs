@@ -94,19 +94,6 @@ pub struct Declared {
     pub mmap_offset: u64,
 }
 
-/// The host's physical memory: the default limit of an export's guest
-/// memory (more can never be a real guest's).
-pub fn physical_memory() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
-}
-
 fn invalid(what: String) -> FrontendError {
     FrontendError::Invalid(what)
 }

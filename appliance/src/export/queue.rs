@@ -214,12 +214,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
             volume: setup.volume.name().to_string(),
             source,
         })?;
+    // Non-blocking already: the handler checked it is an eventfd and set it so.
     let fd = setup.kick.as_raw_fd();
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
     let size = setup.queue.size() as usize;
     let call = setup
         .shared

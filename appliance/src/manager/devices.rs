@@ -10,14 +10,6 @@ use crate::config::DeviceDecl;
 use crate::raid::monitor::Role;
 use crate::volume::VolumeConfig;
 
-/// The machine's memory (MemTotal), if /proc/meminfo says.
-fn memory_total() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 impl Inventory {
     /// Whether the machine has room for a RAM device `name` of `size`
     /// bytes (replacing `had` bytes of it). RAM devices are mapped lazily:
@@ -31,7 +23,7 @@ impl Inventory {
             .map(|d| d.dev.info().size_bytes())
             .sum();
         let after = taken - had + size;
-        match memory_total() {
+        match crate::host::memory_total() {
             Some(total) if after > total => Err(MgmtError::ResourceExhausted(format!(
                 "device {name}: {size} bytes of RAM asked, {} already in other RAM devices, the machine has {total}",
                 taken - had
