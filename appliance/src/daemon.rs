@@ -31,6 +31,9 @@ pub struct DaemonOptions {
     /// Volumes to start without their journal (it died): the operator's
     /// explicit consent that write-back data only in it is lost.
     pub drop_journals: Vec<String>,
+    /// Directories `file:` devices may be in besides the state file's and
+    /// /dev/disk/by-id (`/` allows every path).
+    pub allow_paths: Vec<PathBuf>,
 }
 
 /// The API on TCP.
@@ -115,6 +118,12 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     // SIGHUP and the Reload call read the operator's file, or else the
     // state file (edited by hand).
     mgr.set_config_file(opts.config.clone().or_else(|| opts.state_file.clone()));
+    let allowed = crate::devpaths::AllowedPaths::daemon_default(
+        opts.state_file.as_deref(),
+        &opts.allow_paths,
+    );
+    tracing::info!(directories = %allowed.describe(), "file: devices are allowed in");
+    mgr.set_allowed_paths(allowed);
     if let Some((cfg, first)) = &initial {
         if let Err(e) = mgr.restore(cfg, *first) {
             mgr.shutdown_without_saving();

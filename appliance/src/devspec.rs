@@ -17,6 +17,14 @@ pub enum SpecError {
     /// It is malformed or out of range (size, kind, address, namespace).
     #[error("{0}")]
     Invalid(String),
+    /// Something else holds it (mounted, md/dm, another exclusive open).
+    #[error("device {spec:?}: {reason}")]
+    Busy {
+        /// The specification.
+        spec: String,
+        /// What the driver said.
+        reason: String,
+    },
     /// What it names could not be opened or created.
     #[error("device {spec:?}: {source}")]
     Open {
@@ -199,7 +207,13 @@ pub fn open_named(
                 }
                 _ => FileDevice::open(path, block_size),
             }
-            .map_err(|e| opening(spec)(e.into()))?;
+            .map_err(|e| match e {
+                bdev::BdevError::Busy(reason) => SpecError::Busy {
+                    spec: spec.to_string(),
+                    reason,
+                },
+                e => opening(spec)(e.into()),
+            })?;
             let have = dev.info().size_bytes();
             if let Some(size) = size.filter(|&s| s > have) {
                 return Err(SpecError::Invalid(format!(

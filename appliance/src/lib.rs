@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod devpaths;
 pub mod devspec;
 pub mod export;
 pub mod host;

@@ -116,6 +116,12 @@ enum Command {
         /// only the journal held is lost. Repeatable.
         #[arg(long, value_name = "VOLUME")]
         drop_journal: Vec<String>,
+        /// Let `file:` devices live in DIR too (repeatable). By default only
+        /// the state file's directory and /dev/disk/by-id are allowed: the
+        /// API's callers can make the daemon open and write any path it
+        /// may name. `--allow-path /` allows everything.
+        #[arg(long, value_name = "DIR")]
+        allow_path: Vec<std::path::PathBuf>,
     },
     /// Export a device over vhost-user-blk until Ctrl-C (or SIGTERM).
     ///
@@ -226,6 +232,7 @@ fn main() -> ExitCode {
             tls_key,
             token_file,
             drop_journal,
+            allow_path,
         } => {
             let tcp = match (listen, tls_cert, tls_key, token_file) {
                 (Some(addr), Some(cert), Some(key), Some(token_file)) => {
@@ -254,6 +261,7 @@ fn main() -> ExitCode {
                 metrics,
                 tcp,
                 drop_journals: drop_journal,
+                allow_paths: allow_path,
             };
             match appliance::daemon::run(&opts, stop) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -130,3 +130,183 @@ fn an_export_socket_gets_the_owner_group_and_mode_asked_for() {
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     assert!(d.wait().unwrap().success());
 }
+
+/// A loop device over a file in `dir`, detached when dropped.
+struct Loop {
+    dev: std::path::PathBuf,
+}
+
+impl Loop {
+    fn new(dir: &std::path::Path, name: &str) -> Loop {
+        let img = dir.join(name);
+        std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).unwrap().trim().into();
+        Loop { dev }
+    }
+
+    fn spec(&self) -> String {
+        format!("file:{}", self.dev.display())
+    }
+
+    /// Whether this process can claim it exclusively now.
+    fn claimable(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&self.dev)
+            .is_ok()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dev).output();
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+fn refused(out: &std::process::Output, code: i32, words: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(words), "{err}");
+}
+
+/// Point 11: the API names only paths under the directories the operator
+/// allowed (the state directory and /dev/disk/by-id by default, more with
+/// --allow-path); a planted symlink is never followed to create or open a
+/// file; a block device that is mounted or held is refused, and one the
+/// daemon holds cannot be claimed by anybody else.
+#[test]
+fn devices_are_limited_to_allowed_paths_and_block_devices_to_unused_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let config = ram_config(dir.path());
+    let (mut d, api) = start(dir.path(), &config, "127.0.0.1:0");
+    let _reap = KillOnPanic(d.id());
+    let attach = |name: &str, spec: &str| applctl(&api, &["device", "attach", name, spec]);
+
+    // Outside the allowed directories: nothing is created or opened.
+    let victim = outside.path().join("cron-x");
+    let passwd_before = std::fs::metadata("/etc/passwd").unwrap().mtime();
+    for spec in [
+        format!("file:{}:1M", victim.display()),
+        "file:/etc/passwd".to_string(),
+        format!("file:{}/../x.img:1M", dir.path().display()),
+        "file:relative.img:1M".to_string(),
+    ] {
+        refused(&attach("e", &spec), 8, "allowed");
+    }
+    assert!(!victim.exists());
+    assert_eq!(
+        std::fs::metadata("/etc/passwd").unwrap().mtime(),
+        passwd_before
+    );
+    // A symlink inside that leads outside, to a file or as a directory.
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, vec![1u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink(&secret, dir.path().join("link.img")).unwrap();
+    refused(
+        &attach("e", &format!("file:{}/link.img", dir.path().display())),
+        8,
+        "symlink",
+    );
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("sub")).unwrap();
+    refused(
+        &attach(
+            "e",
+            &format!("file:{}/sub/new.img:1M", dir.path().display()),
+        ),
+        8,
+        "outside the allowed directories",
+    );
+    // A dangling symlink planted where a new file would be created: the
+    // create does not follow it, and its target is never made.
+    let target = dir.path().join("target.img");
+    std::os::unix::fs::symlink(&target, dir.path().join("planted.img")).unwrap();
+    let out = attach(
+        "e",
+        &format!("file:{}/planted.img:1M", dir.path().display()),
+    );
+    assert!(!out.status.success());
+    assert!(!target.exists(), "the create followed a planted symlink");
+    assert_eq!(std::fs::read(&secret).unwrap(), vec![1u8; 1 << 20]);
+    // Inside, a new file is made and attached.
+    ok(&attach(
+        "f0",
+        &format!("file:{}/f0.img:1M", dir.path().display()),
+    ));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+
+    // The operator allows more: another directory and /dev.
+    let mut d = restart(
+        dir.path(),
+        &api,
+        &[
+            "--allow-path",
+            outside.path().to_str().unwrap(),
+            "--allow-path",
+            "/dev",
+        ],
+        Stdio::null(),
+    );
+    let _reap = KillOnPanic(d.id());
+    wait_up(&api, &mut d);
+    ok(&attach("e0", &format!("file:{}:1M", victim.display())));
+    assert!(victim.exists());
+
+    // Block devices: one mounted and one claimed by another program are
+    // refused as in use; a free one is attached and claimed, so nobody
+    // else can claim it until it is detached.
+    let held = Loop::new(outside.path(), "held.img");
+    let mounted = Loop::new(outside.path(), "mounted.img");
+    let free = Loop::new(outside.path(), "free.img");
+    let mkfs = Command::new("mkfs.ext4")
+        .arg("-q")
+        .arg(&mounted.dev)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{mkfs:?}");
+    let mnt = tempfile::tempdir().unwrap();
+    let m = Command::new("mount")
+        .arg(&mounted.dev)
+        .arg(mnt.path())
+        .output()
+        .unwrap();
+    assert!(m.status.success(), "{m:?}");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _claim = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&held.dev)
+            .unwrap();
+        refused(&attach("b0", &held.spec()), 5, "in use");
+    }
+    refused(&attach("b1", &mounted.spec()), 5, "in use");
+    ok(&attach("b2", &free.spec()));
+    assert!(
+        !free.claimable(),
+        "the daemon does not hold its block device"
+    );
+    ok(&applctl(&api, &["device", "detach", "b2"]));
+    assert!(free.claimable(), "a detached block device stays claimed");
+    // The one that was held is free now and attaches.
+    ok(&attach("b0", &held.spec()));
+    ok(&applctl(&api, &["device", "detach", "b0"]));
+    // SAFETY: as above.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+}

@@ -48,6 +48,7 @@ fn a_crafted_journal_superblock_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j.img");
     for log_blocks in [u64::MAX, u64::MAX - 1, 1 << 40, 0] {
+        let _ = std::fs::remove_file(&path);
         let dev = FileDevice::create(&path, BS as u32, 1 << 20).unwrap();
         std::fs::OpenOptions::new()
             .write(true)

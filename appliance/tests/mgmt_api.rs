@@ -38,6 +38,7 @@ impl Daemon {
             metrics: None,
             tcp: None,
             drop_journals: vec![],
+            allow_paths: vec![dir.to_path_buf()],
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -218,6 +219,7 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
             if i == 5 { 16 << 20 } else { 32 << 20 }
         );
     }
+    let missing = dir.path().join("nonexistent/x");
     let bad = [
         (attach("", "ram:1M"), Code::InvalidArgument, "name"),
         (attach("a/b", "ram:1M"), Code::InvalidArgument, "name"),
@@ -231,14 +233,19 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         (attach("e", ""), Code::InvalidArgument, "spec"),
         (attach("e", "ram:1000"), Code::InvalidArgument, "spec"),
         (
-            attach("e", "file:/nonexistent/dir/x"),
+            attach("e", &format!("file:{}", missing.display())),
             Code::NotFound,
-            "/nonexistent/dir/x",
+            "nonexistent/x",
+        ),
+        (
+            attach("e", &format!("file:{}:1M", missing.display())),
+            Code::NotFound,
+            "nonexistent/x",
         ),
         (
             attach("e", "file:/nonexistent/dir/x:1M"),
-            Code::NotFound,
-            "/nonexistent/dir/x",
+            Code::PermissionDenied,
+            "outside the allowed directories",
         ),
         (
             attach("e", "nvme:0000:ff:1f.7"),
@@ -816,6 +823,7 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         metrics: None,
         tcp: None,
         drop_journals: vec![],
+        allow_paths: vec![],
     };
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains(&format!("line {line}")), "{e}");
@@ -1073,6 +1081,7 @@ fn tcp_access_needs_tls_and_the_token() {
         metrics: None,
         tcp: Some(tcp.clone()),
         drop_journals: vec![],
+        allow_paths: vec![],
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (o, s) = (opts.clone(), stop.clone());
@@ -1212,6 +1221,7 @@ fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
         metrics: None,
         tcp: None,
         drop_journals: vec![],
+        allow_paths: vec![],
     };
     let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(e.contains("refusing to create"), "{e}");

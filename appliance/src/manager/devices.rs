@@ -83,6 +83,15 @@ impl Manager {
                 )));
             }
         }
+        if let (Some(rest), Some(allowed)) = (
+            decl.spec.strip_prefix("file:"),
+            lock(&self.shared.allowed).as_ref(),
+        ) {
+            let (path, _) = crate::devspec::file_path(rest);
+            allowed
+                .check(std::path::Path::new(path))
+                .map_err(MgmtError::PermissionDenied)?;
+        }
         if let Some(size) = decl
             .spec
             .strip_prefix("ram:")
@@ -92,7 +101,9 @@ impl Manager {
         }
         let dev = wrap(
             crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size).map_err(|e| {
-                if crate::devspec::names_missing(&decl.spec) {
+                if let crate::devspec::SpecError::Busy { .. } = e {
+                    MgmtError::FailedPrecondition(e.to_string())
+                } else if crate::devspec::names_missing(&decl.spec) {
                     MgmtError::NotFound(e.to_string())
                 } else {
                     invalid("spec", e.to_string())

@@ -64,6 +64,9 @@ pub enum MgmtError {
     /// IO did not drain in time.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The caller may not name this (a path outside the allowed directories).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Not enough of something the machine has (memory for RAM devices).
     #[error("{0}")]
     ResourceExhausted(String),
@@ -444,6 +447,9 @@ struct Shared {
     wrapper: Mutex<Option<DeviceWrapper>>,
     /// What a reload reads.
     config_file: Mutex<Option<PathBuf>>,
+    /// Where `file:` devices may be; `None` (a library user's manager)
+    /// allows any path. The daemon always sets it.
+    allowed: Mutex<Option<crate::devpaths::AllowedPaths>>,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -495,6 +501,7 @@ impl Manager {
                 timeout: Mutex::new(QUIESCE_TIMEOUT),
                 wrapper: Mutex::new(None),
                 config_file: Mutex::new(None),
+                allowed: Mutex::new(None),
             }),
         }
     }
@@ -504,6 +511,12 @@ impl Manager {
     /// devices across restarts.
     pub fn set_device_wrapper(&self, wrap: DeviceWrapper) {
         *lock(&self.shared.wrapper) = Some(wrap);
+    }
+
+    /// Limit `file:` devices to these directories from now on (the restore's
+    /// included).
+    pub fn set_allowed_paths(&self, allowed: crate::devpaths::AllowedPaths) {
+        *lock(&self.shared.allowed) = Some(allowed);
     }
 
     /// How long changes wait for a volume's IO to drain (30 s by default);

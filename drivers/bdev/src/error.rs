@@ -80,4 +80,8 @@ pub enum BdevError {
     /// The device does not support this control operation.
     #[error("{0}")]
     Unsupported(String),
+    /// Something else holds the device (a mount, md, dm, another program's
+    /// exclusive open).
+    #[error("{0}")]
+    Busy(String),
 }

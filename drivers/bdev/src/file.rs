@@ -36,13 +36,17 @@ pub struct FileDevice {
 }
 
 impl FileDevice {
-    /// Create (or truncate) a regular file of `size_bytes` and open it.
+    /// Create a new regular file of `size_bytes` and open it. It must not
+    /// exist yet, not even as a symlink (O_CREAT | O_EXCL | O_NOFOLLOW): a
+    /// name that was planted where the file would go is never followed,
+    /// and nothing is ever truncated.
     pub fn create(path: &Path, block_size: u32, size_bytes: u64) -> Result<FileDevice, BdevError> {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
             .open(path)
             .map_err(|source| BdevError::Os {
                 what: format!("creating {}", path.display()),
@@ -65,6 +69,10 @@ impl FileDevice {
     }
 
     /// Open an existing file or block device; its size is the device size.
+    /// A block device is claimed exclusively (O_EXCL): one that is mounted,
+    /// part of an md, dm or LVM device, or claimed by another program is
+    /// refused with [`BdevError::Busy`], and nobody else can claim it while
+    /// this device (or a resized copy of it) lives.
     pub fn open(path: &Path, block_size: u32) -> Result<FileDevice, BdevError> {
         if block_size != 512 && block_size != 4096 {
             return Err(BdevError::InvalidArgument(format!(
@@ -76,11 +84,22 @@ impl FileDevice {
             let what = format!("{what} {}", path.display());
             move |source| BdevError::Os { what, source }
         };
+        // O_EXCL without O_CREAT claims a block device and means nothing
+        // for a regular file (Linux, open(2)). The second open below is not
+        // exclusive: the claim belongs to this first file description.
         let buffered = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_EXCL)
             .open(path)
-            .map_err(os("opening"))?;
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EBUSY) => BdevError::Busy(format!(
+                    "{} is in use (mounted, part of an md, dm or LVM device, or claimed by another program){}",
+                    path.display(),
+                    holders(path)
+                )),
+                _ => os("opening")(source),
+            })?;
         let meta = buffered.metadata().map_err(os("reading metadata of"))?;
         let is_block_device = meta.file_type().is_block_device();
         let size = if is_block_device {
@@ -146,6 +165,33 @@ impl FileDevice {
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+}
+
+/// ", held by NAME, ..." when sysfs names what holds the block device at
+/// `path` (md and dm list themselves there; a mount does not), else "".
+fn holders(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return String::new();
+    };
+    let rdev = meta.rdev();
+    let dir = format!(
+        "/sys/dev/block/{}:{}/holders",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(", held by {}", names.join(", "))
     }
 }
 
