@@ -4,7 +4,8 @@
 //!
 //! The admin queue is control path: it sits behind a mutex and is driven
 //! synchronously (submit, poll until done or a deadline). The IO path never
-//! takes that mutex except to recover from a time-out or a reset.
+//! takes that mutex except to recreate its queue after a reset; time-outs
+//! are recovered on the controller's recovery thread (recovery.rs).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -98,6 +99,8 @@ pub struct Controller {
     /// Resets since the last successful IO: a controller that needs one
     /// after another is failed instead of being reset forever.
     pub(crate) fruitless_resets: AtomicU32,
+    /// Where channels report timed-out commands (the recovery thread).
+    pub(crate) recovery: Mutex<Option<crate::recovery::RecoveryQueue>>,
 }
 
 /// Resets in a row without a completed IO before the controller is failed.
@@ -210,6 +213,7 @@ impl Controller {
             registry: Registry::default(),
             bounced: AtomicU64::new(0),
             fruitless_resets: AtomicU32::new(0),
+            recovery: Mutex::new(None),
         };
         let mut page = [0u8; 4096];
         ctrl.identify(admin::CNS_CONTROLLER, 0, &mut page)?;
@@ -227,6 +231,7 @@ impl Controller {
             "NVMe controller ready"
         );
         let ctrl = Arc::new(ctrl);
+        *lock(&ctrl.recovery) = Some(crate::recovery::start(&ctrl)?);
         // Guest memory and DMA pools registered with bdev are mapped for
         // this controller too, now and as they come and go.
         let mapper: Arc<dyn bdev::DmaMapper> = ctrl.clone();
@@ -305,7 +310,8 @@ impl Controller {
         }
         a.q.push(&sqe);
         a.q.ring();
-        let deadline = Instant::now() + self.opts.admin_timeout;
+        let start = Instant::now();
+        let deadline = start + self.opts.admin_timeout;
         loop {
             if let Some(cqe) = a.q.pop() {
                 a.q.ack();
@@ -330,10 +336,17 @@ impl Controller {
             if self.bar.read32(spec::REG_CSTS) == u32::MAX {
                 return Err(NvmeError::Failed(name.into(), "device removed".into()));
             }
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if now > deadline {
                 return Err(NvmeError::Timeout(format!("{name}: {what}")));
             }
-            std::hint::spin_loop();
+            // Admin commands are control path: spin briefly for the quick
+            // ones, then leave the core to the reactors.
+            if now - start < Duration::from_micros(100) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
         }
     }
 

@@ -16,6 +16,7 @@ mod controller;
 mod error;
 mod namespace;
 mod queue;
+mod recovery;
 pub mod soft;
 pub mod spec;
 mod transport;

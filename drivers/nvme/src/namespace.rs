@@ -16,6 +16,7 @@ use smallvec::SmallVec;
 use crate::controller::{translate, Controller, Region, ABORTED};
 use crate::error::NvmeError;
 use crate::queue::QueuePair;
+use crate::recovery::Recovery;
 use crate::spec::{self, io, Cqe, Sqe, Status, PAGE};
 use crate::transport::DmaMem;
 
@@ -183,6 +184,9 @@ struct Channel {
     regions_gen: u64,
     now: Instant,
     polls: u32,
+    /// The timed-out command the recovery thread is working on: one at a
+    /// time per channel (its abort or reset deals with the others too).
+    recovery: Option<Arc<Recovery>>,
 }
 
 impl Channel {
@@ -255,6 +259,7 @@ impl Channel {
             regions_gen: u64::MAX,
             now: Instant::now(),
             polls: 0,
+            recovery: None,
         };
         ch.refresh_regions();
         Ok(ch)
@@ -584,6 +589,11 @@ impl Channel {
             return;
         };
         slot.busy = false;
+        if let Some(r) = &self.recovery {
+            if r.is(cqe.cid()) {
+                r.settle();
+            }
+        }
         let parent = slot.parent;
         let tag = slot.tag;
         let sqe = slot.sqe;
@@ -735,50 +745,28 @@ impl Channel {
         }
     }
 
-    /// A command has been outstanding past the time-out: abort it; if the
-    /// controller does not give it back, reset the controller.
+    /// A command has been outstanding past the time-out: report it to the
+    /// recovery thread (abort, then reset if needed) and go on polling; the
+    /// outcome arrives as its completion or as a new reset generation.
     fn check_timeouts(&mut self) {
+        if let Some(r) = &self.recovery {
+            if !r.finished() {
+                return;
+            }
+            self.recovery = None;
+        }
         let limit = self.ctrl.opts.io_timeout;
         let Some(slot) = self
             .slots
             .iter()
-            .position(|s| s.busy && self.now.duration_since(s.started) > limit)
+            .find(|s| s.busy && self.now.duration_since(s.started) > limit)
         else {
             return;
         };
-        let cid = self.slots[slot].cid;
-        let name = self.info.name.clone();
-        let seen = self.generation;
-        if self.ctrl.removed() {
+        self.recovery = Some(
             self.ctrl
-                .fail("registers read all ones: the device was removed");
-            return self.recover();
-        }
-        if self.ctrl.fatal() {
-            let _ = self.ctrl.reset("controller fatal status", seen);
-            return self.recover();
-        }
-        tracing::warn!(device = %name, cid, timeout_ms = limit.as_millis() as u64, "NVMe command timed out; aborting it");
-        if let Ok(true) = self.ctrl.abort(self.q.qid, cid) {
-            // The aborted command completes with "abort requested", unless
-            // another channel resets the controller meanwhile.
-            let deadline = Instant::now() + self.ctrl.opts.admin_timeout;
-            while self.slots[slot].busy
-                && self.slots[slot].cid == cid
-                && Instant::now() < deadline
-                && self.ctrl.generation.load(Ordering::Acquire) == seen
-            {
-                self.reap();
-            }
-            if !self.slots[slot].busy || self.slots[slot].cid != cid {
-                return;
-            }
-        }
-        let _ = self.ctrl.reset(
-            &format!("command {cid} on queue {} timed out", self.q.qid),
-            seen,
+                .report_timeout(self.q.qid, slot.cid, self.generation),
         );
-        self.recover();
     }
 
     fn reap(&mut self) -> bool {

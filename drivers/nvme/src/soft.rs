@@ -95,6 +95,10 @@ struct Shared {
     fatal: AtomicBool,
     removed: AtomicBool,
     stop: AtomicBool,
+    /// Admin commands are left in their queue until released.
+    hold_admin: AtomicBool,
+    /// How many admin commands wait there while held.
+    admin_waiting: AtomicU32,
     stats: Mutex<SoftStats>,
     name: String,
     /// Namespaces attached while running, picked up by the device thread.
@@ -168,6 +172,8 @@ impl SoftController {
             fatal: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            hold_admin: AtomicBool::new(false),
+            admin_waiting: AtomicU32::new(0),
             stats: Mutex::new(SoftStats::default()),
             name: name.to_string(),
             attach: Mutex::new(Vec::new()),
@@ -230,6 +236,23 @@ impl SoftController {
     /// Never complete the next `n` admin commands.
     pub fn lose_admin_completions(&self, n: u32) {
         lock(&self.shared.faults).lose_admin = n;
+    }
+
+    /// Leave admin commands in the admin queue, unexecuted, until
+    /// [`Self::release_admin`]: a controller whose admin queue hangs (an
+    /// abort or a reset's commands wait as long as the test wants).
+    pub fn hold_admin(&self) {
+        self.shared.hold_admin.store(true, Ordering::Release);
+    }
+
+    /// Execute held admin commands and the ones that follow.
+    pub fn release_admin(&self) {
+        self.shared.hold_admin.store(false, Ordering::Release);
+    }
+
+    /// Admin commands submitted and held, not executed.
+    pub fn admin_waiting(&self) -> u32 {
+        self.shared.admin_waiting.load(Ordering::Acquire)
     }
 
     /// Raise controller fatal status; the controller stops until reset.
@@ -421,6 +444,16 @@ impl Device {
         let qids: Vec<u16> = self.sqs.keys().copied().collect();
         for qid in qids {
             let tail = self.bar.read32(spec::sq_doorbell(qid, STRIDE));
+            if qid == 0 && self.shared.hold_admin.load(Ordering::Acquire) {
+                if let Some(sq) = self.sqs.get(&0).filter(|sq| tail < sq.size) {
+                    let waiting = (tail + sq.size - sq.head) % sq.size;
+                    self.shared.admin_waiting.store(waiting, Ordering::Release);
+                }
+                continue;
+            }
+            if qid == 0 {
+                self.shared.admin_waiting.store(0, Ordering::Release);
+            }
             while let Some(sq) = self.sqs.get_mut(&qid) {
                 if tail >= sq.size || sq.head == tail {
                     break;
