@@ -318,6 +318,17 @@ impl Export {
         })
     }
 
+    /// For the fuzz target: serve `stream` as a connection on this thread
+    /// until it ends, exactly as an accepted one is served.
+    #[doc(hidden)]
+    pub fn fuzz_connection(&self, set: &ReactorSet, stream: UnixStream) {
+        if let Ok(c) = stream.try_clone() {
+            *self.shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+            self.shared.connections.fetch_add(1, Ordering::SeqCst);
+        }
+        let _ = serve_connection(stream, set, &self.shared, &self.shutdown);
+    }
+
     /// IO counters summed over the queues.
     pub fn stats(&self) -> stats::IoSnapshot {
         let mut s = stats::IoSnapshot::default();
@@ -538,70 +549,81 @@ fn serve(
                 continue;
             }
         }
-        // A fault of the previous connection is not this one's.
-        shared.fault.take();
-        shared.connected.store(true, Ordering::SeqCst);
-        tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
-        let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
-        *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
-        let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
-        let stop = loop {
-            match wait_readable(
-                conn.as_raw_fd(),
-                shutdown.as_raw_fd(),
-                Some(shared.fault.raw_fd()),
-            ) {
-                Woke::Readable => {}
-                Woke::Shutdown => break true,
-                Woke::Fault => {
-                    if shared.fault.take() {
-                        tracing::warn!(socket = %shared.options.socket.display(), "dropping a vhost-user frontend that broke its queue or its memory");
-                        break false;
-                    }
-                    continue;
-                }
-            }
-            let (backend_req, reply_ack) = {
-                let h = handler.lock().unwrap_or_else(|e| e.into_inner());
-                (h.backend_req(), h.reply_ack())
-            };
-            if backend_req {
-                if let Some(ch) = frontend::peek_backend_channel(conn.as_raw_fd(), reply_ack) {
-                    *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
-                }
-            }
-            shared
-                .io_clock
-                .start(shared.connections.load(Ordering::SeqCst));
-            let handled = conn.handle_request();
-            shared.io_clock.stop();
-            if let Err(e) = handled {
-                match e {
-                    // Our handler refused one request; the frontend got the
-                    // failure (REPLY_ACK) and the connection goes on.
-                    vhost::vhost_user::Error::InvalidParam
-                    | vhost::vhost_user::Error::InvalidOperation(_) => {
-                        continue;
-                    }
-                    vhost::vhost_user::Error::Disconnected
-                    | vhost::vhost_user::Error::PartialMessage => {
-                        tracing::info!("vhost-user frontend disconnected");
-                    }
-                    e => tracing::warn!(error = %e, "vhost-user connection closed after an error"),
-                }
-                break false;
-            }
-        };
-        handler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .disconnect();
-        *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        drop(conn);
-        shared.connected.store(false, Ordering::SeqCst);
-        if stop {
+        if serve_connection(stream, &set, &shared, &shutdown) {
             return;
         }
     }
+}
+
+/// Serve one connection until the frontend goes, its fault drops it, or
+/// the export shuts down (true).
+fn serve_connection(
+    stream: UnixStream,
+    set: &ReactorSet,
+    shared: &Arc<ExportShared>,
+    shutdown: &OwnedFd,
+) -> bool {
+    // A fault of the previous connection is not this one's.
+    shared.fault.take();
+    shared.connected.store(true, Ordering::SeqCst);
+    tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
+    let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
+    *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
+    let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
+    let stop = loop {
+        match wait_readable(
+            conn.as_raw_fd(),
+            shutdown.as_raw_fd(),
+            Some(shared.fault.raw_fd()),
+        ) {
+            Woke::Readable => {}
+            Woke::Shutdown => break true,
+            Woke::Fault => {
+                if shared.fault.take() {
+                    tracing::warn!(socket = %shared.options.socket.display(), "dropping a vhost-user frontend that broke its queue or its memory");
+                    break false;
+                }
+                continue;
+            }
+        }
+        let (backend_req, reply_ack) = {
+            let h = handler.lock().unwrap_or_else(|e| e.into_inner());
+            (h.backend_req(), h.reply_ack())
+        };
+        if backend_req {
+            if let Some(ch) = frontend::peek_backend_channel(conn.as_raw_fd(), reply_ack) {
+                *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
+            }
+        }
+        shared
+            .io_clock
+            .start(shared.connections.load(Ordering::SeqCst));
+        let handled = conn.handle_request();
+        shared.io_clock.stop();
+        if let Err(e) = handled {
+            match e {
+                // Our handler refused one request; the frontend got the
+                // failure (REPLY_ACK) and the connection goes on.
+                vhost::vhost_user::Error::InvalidParam
+                | vhost::vhost_user::Error::InvalidOperation(_) => {
+                    continue;
+                }
+                vhost::vhost_user::Error::Disconnected
+                | vhost::vhost_user::Error::PartialMessage => {
+                    tracing::info!("vhost-user frontend disconnected");
+                }
+                e => tracing::warn!(error = %e, "vhost-user connection closed after an error"),
+            }
+            break false;
+        }
+    };
+    handler
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .disconnect();
+    *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    drop(conn);
+    shared.connected.store(false, Ordering::SeqCst);
+    stop
 }
