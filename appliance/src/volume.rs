@@ -4,10 +4,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bdev::{BlockDevice, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList};
-use poller::{Ctx, PollState, QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
+use poller::{Ctx, Helping, PollState, QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
 
 use crate::raid::level::RaidDevice;
 
@@ -132,6 +132,12 @@ pub struct Volume {
     suspended: Arc<SuspendedRange>,
 }
 
+/// A reactor's answer to [`Volume::io_on`].
+enum Reply {
+    Done(Result<Vec<u8>, VolumeError>),
+    Quiet,
+}
+
 impl Volume {
     /// A volume on `device`, served by the reactors of `set`.
     pub fn new(set: &ReactorSet, name: &str, device: Arc<dyn BlockDevice>) -> Volume {
@@ -197,6 +203,29 @@ impl Volume {
         self.io(IoOp::Flush, 0, Vec::new(), timeout).map(|_| ())
     }
 
+    /// A flush that IO in flight may be waiting for (a journal checkpoint's:
+    /// guest writes wait for the log room it frees): through the gate like
+    /// [`flush_on_reactor`](Self::flush_on_reactor), but while a suspend
+    /// drains it runs on a reactor still draining, with that reactor's IO
+    /// (`LocalGate::try_begin_helping`). Without that, a suspend that came
+    /// while the log was full waited for writes that waited for this flush,
+    /// which waited for the resume, until the suspend's deadline.
+    pub fn flush_helping_drain(&self, timeout: Duration) -> Result<(), VolumeError> {
+        let deadline = Instant::now() + timeout;
+        for core in 0..self.set.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.io_on(core, IoOp::Flush, 0, Vec::new(), left, true)? {
+                Reply::Done(r) => return r.map(|_| ()),
+                // Nothing on that core waits for it; try the next.
+                Reply::Quiet => continue,
+            }
+        }
+        // Every core had drained: the suspend needs nothing from this
+        // flush, which waits for the resume like any IO.
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.flush_on_reactor(left)
+    }
+
     /// One IO of the volume from a reactor (reactor 0), through its quiesce
     /// gate as guest IO goes: waits while the volume is suspended, counts
     /// as in flight for a suspend, and runs on the generation in force.
@@ -211,7 +240,27 @@ impl Volume {
         data: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, VolumeError> {
-        type Reply = Result<Vec<u8>, VolumeError>;
+        match self.io_on(0, op, offset_blocks, data, timeout, false)? {
+            Reply::Done(r) => r,
+            // Only an IO that helps a drain is told this.
+            Reply::Quiet => Err(VolumeError::Stopped(self.name.clone())),
+        }
+    }
+
+    /// [`io`](Self::io) on reactor `core`; `help`: admitted while a
+    /// suspend drains that core (see [`flush_helping_drain`]), answered
+    /// `Quiet` when nothing there drains.
+    ///
+    /// [`flush_helping_drain`]: Self::flush_helping_drain
+    fn io_on(
+        &self,
+        core: usize,
+        op: IoOp,
+        offset_blocks: u64,
+        data: Vec<u8>,
+        timeout: Duration,
+        help: bool,
+    ) -> Result<Reply, VolumeError> {
         let what = match op {
             IoOp::Read => "read",
             IoOp::Write => "write",
@@ -231,7 +280,7 @@ impl Volume {
             let gate = match q.local(ctx) {
                 Ok(g) => g,
                 Err(e) => {
-                    let _ = tx.send(Err(e.into()));
+                    let _ = tx.send(Reply::Done(Err(e.into())));
                     return;
                 }
             };
@@ -242,12 +291,24 @@ impl Volume {
                 let Some(c) = ch.as_mut() else {
                     if gate.is_removed() {
                         // Deleted meanwhile: nothing will ever admit it.
-                        let _ = tx.send(Err(VolumeError::Removed(name.clone())));
+                        let _ = tx.send(Reply::Done(Err(VolumeError::Removed(name.clone()))));
                         return PollState::Done;
                     }
                     // Suspended: wait, like guest IO, until it resumes (the
                     // resume wakes this reactor).
-                    if !gate.try_begin() {
+                    let admitted = if help {
+                        match gate.try_begin_helping() {
+                            Helping::Admitted => true,
+                            Helping::Wait => false,
+                            Helping::Quiet => {
+                                let _ = tx.send(Reply::Quiet);
+                                return PollState::Done;
+                            }
+                        }
+                    } else {
+                        gate.try_begin()
+                    };
+                    if !admitted {
                         return PollState::Idle;
                     }
                     let device = gate.config().1.device.clone();
@@ -280,7 +341,7 @@ impl Volume {
                         Ok(c) => ch = Some(c),
                         Err(e) => {
                             gate.end();
-                            let _ = tx.send(Err(io_error(&name, e)));
+                            let _ = tx.send(Reply::Done(Err(io_error(&name, e))));
                             return PollState::Done;
                         }
                     }
@@ -295,18 +356,18 @@ impl Volume {
                     Ok(()) => Ok(std::mem::take(&mut data)),
                     Err(e) => Err(io_error(&name, e.to_string())),
                 };
-                let _ = tx.send(reply);
+                let _ = tx.send(Reply::Done(reply));
                 PollState::Done
             });
         };
         self.set
-            .send(0, Box::new(msg))
+            .send(core, Box::new(msg))
             .map_err(|_| VolumeError::Stopped(self.name.clone()))?;
         rx.recv_timeout(timeout).map_err(|_| VolumeError::Timeout {
             name: self.name.clone(),
             what,
             timeout,
-        })?
+        })
     }
 
     /// Its name.

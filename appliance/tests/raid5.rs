@@ -663,3 +663,86 @@ fn a_failed_journal_is_left_behind_without_failing_io_or_losing_the_cache() {
         reactors.shutdown().unwrap();
     }
 }
+
+/// A suspend that comes while the journal's log is full: the guest write
+/// it waits for waits for log room, which only a checkpoint frees, and the
+/// checkpoint flushes the members through the volume's gate. That flush
+/// goes with the drain (md lets its reclaim write while a suspend drains);
+/// held back until the resume, the suspend waited for its deadline.
+#[test]
+fn a_suspend_while_the_log_is_full_is_not_held_up_by_the_checkpoint() {
+    use appliance::raid::journal::{Checkpointer, Entry, Journal, JournalMode};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"), 1024)).collect();
+    let journal = Journal::format_with(ram("j", 130), JournalMode::WriteThrough).unwrap();
+    let dev = Arc::new(r5(&devs, 0, FailureSink::none()).with_journal(journal.clone()));
+    let volume = Volume::new(reactors.set(), "r5", dev);
+    // Records that reached the members, not checkpointed yet, fill the log.
+    let e = Entry {
+        member: 0,
+        count: 1,
+        block: 0,
+    };
+    let data = vec![0u8; 4096];
+    let mut filled = 0;
+    loop {
+        let mut r = journal.record(&[e], &[&data]);
+        let Some((_, epoch)) = journal.reserve(&mut r, false) else {
+            break;
+        };
+        journal.done(epoch);
+        filled += 1;
+    }
+    assert!(filled > 0 && journal.usage() > 0.5, "{filled}");
+    // A guest write waits for room, in flight at the gate.
+    let v = volume.clone();
+    let writer =
+        std::thread::spawn(move || v.io(IoOp::Write, 8, vec![7u8; 4096], Duration::from_secs(60)));
+    let inflight = || {
+        let (tx, rx) = mpsc::channel();
+        let q = volume.quiesce().clone();
+        reactors
+            .set()
+            .send(
+                0,
+                Box::new(move |ctx: &mut poller::Ctx| {
+                    let _ = tx.send(q.local(ctx).map(|g| g.inflight()).unwrap_or(0));
+                }),
+            )
+            .map_err(|_| "send")
+            .unwrap();
+        rx.recv().unwrap()
+    };
+    while inflight() == 0 {
+        assert!(
+            !writer.is_finished(),
+            "the write found room: {:?}",
+            writer.join()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The suspend starts; the checkpointer only once it has.
+    let v = volume.clone();
+    let suspend = std::thread::spawn(move || v.suspend(Duration::from_secs(15)).map(drop));
+    while !volume.quiesce().is_suspended() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _checkpointer = Checkpointer::start(journal.clone(), volume.clone());
+    assert_eq!(
+        suspend.join().unwrap(),
+        Ok(()),
+        "the suspend waited for the checkpoint"
+    );
+    writer
+        .join()
+        .unwrap()
+        .expect("the write went on after the checkpoint");
+    let back = volume
+        .io(IoOp::Read, 8, vec![0u8; 4096], Duration::from_secs(10))
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 7));
+}

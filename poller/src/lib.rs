@@ -19,7 +19,8 @@ mod reactor;
 
 pub use error::{QuiesceError, ReactorError, SendError};
 pub use quiesce::{
-    Admission, Domain, LocalGate, QuiesceObject, QuiesceStats, ReconfigureError, SuspendGuard,
+    Admission, Domain, Helping, LocalGate, QuiesceObject, QuiesceStats, ReconfigureError,
+    SuspendGuard,
 };
 pub use reactor::{
     current_reactor, Ctx, PollState, ReactorConfig, ReactorSet, ReactorStats, Reactors,

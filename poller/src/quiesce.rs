@@ -431,6 +431,20 @@ pub enum Admission {
     Removed,
 }
 
+/// What [`LocalGate::try_begin_helping`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Helping {
+    /// The IO is in flight; call [`LocalGate::end`] when it completes.
+    Admitted,
+    /// Not now (parked requests go first, or the gate was removed); ask
+    /// again on a later poll.
+    Wait,
+    /// Suspended and this core has nothing in flight (or acknowledged
+    /// already): nothing here waits for the IO, which must wait for the
+    /// resume. Another core may still be draining.
+    Quiet,
+}
+
 type Parked = Box<dyn FnOnce(&mut Ctx, Admission)>;
 
 struct GateState<C> {
@@ -532,6 +546,33 @@ impl<C: Send + Sync + 'static> LocalGate<C> {
         }
         s.inflight += 1;
         true
+    }
+
+    /// Start an IO of background work that IO already in flight may be
+    /// waiting for (md lets its reclaim thread write while a suspend
+    /// drains): like [`try_begin`](Self::try_begin), and also while a
+    /// suspend still waits for this core to drain. It then drains with that
+    /// IO: the core acknowledges only after it completes, so a suspend
+    /// still finds nothing in flight once every core has acknowledged. A
+    /// journal checkpoint's flush is the case: guest writes waiting for log
+    /// room count as in flight, and only the checkpoint frees room.
+    pub fn try_begin_helping(&self) -> Helping {
+        let mut s = self.0.st.borrow_mut();
+        if s.removed {
+            return Helping::Wait;
+        }
+        if s.suspended {
+            if s.inflight > 0 && s.acked < s.epoch {
+                s.inflight += 1;
+                return Helping::Admitted;
+            }
+            return Helping::Quiet;
+        }
+        if !s.parked.is_empty() {
+            return Helping::Wait;
+        }
+        s.inflight += 1;
+        Helping::Admitted
     }
 
     /// An IO started by `try_begin` (or admitted from the parked list) has

@@ -89,14 +89,16 @@ impl Checkpointer {
 /// One checkpoint of `journal`; the members are flushed by a flush of
 /// the volume through its quiesce gate (a RAID5 flush goes to every
 /// member), so a checkpoint is background work of the volume's current
-/// generation like any other, held back by a suspend.
+/// generation like any other, held back by a suspend once the volume's IO
+/// has drained. While it drains, the flush goes with that IO: writes
+/// waiting for log room are part of it, and only a checkpoint frees room.
 pub fn checkpoint_now(
     journal: &Journal,
     volume: &crate::volume::Volume,
 ) -> Result<bool, RaidError> {
     journal.checkpoint(|| {
         volume
-            .flush_on_reactor(Duration::from_secs(30))
+            .flush_helping_drain(Duration::from_secs(30))
             .map_err(RaidError::from)
     })
 }
