@@ -5,6 +5,7 @@
 //! default the state file's directory and /dev/disk/by-id, whose names udev
 //! keeps stable. Anything else is refused before it is opened.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Where udev keeps stable names for block devices.
@@ -36,10 +37,23 @@ impl AllowedPaths {
     /// The daemon's default: the state file's directory (if there is a
     /// state file) and /dev/disk/by-id, plus what the operator added.
     pub fn daemon_default(state_file: Option<&Path>, extra: &[PathBuf]) -> AllowedPaths {
-        let state_dir = state_file.map(|s| match s.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        });
+        let state_dir = state_file
+            .map(|s| match s.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .filter(|d| {
+                // A state file in / (or a relative one from a service's
+                // working directory /) must not allow every path.
+                let root = std::fs::canonicalize(d).is_ok_and(|r| r == Path::new("/"));
+                if root {
+                    tracing::warn!(
+                        directory = %d.display(),
+                        "the state file's directory is /; it is not allowed for devices (use --allow-path)"
+                    );
+                }
+                !root
+            });
         AllowedPaths::new(
             state_dir
                 .into_iter()
@@ -105,7 +119,10 @@ impl AllowedPaths {
                 }
                 Ok(())
             }
-            Ok(_) => Ok(()),
+            Ok(meta) if meta.file_type().is_block_device() => Ok(()),
+            // Opening some character devices acts (a watchdog arms, a tty
+            // becomes the daemon's terminal): refused before any open.
+            Ok(_) => refuse("is neither a regular file nor a block device"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // To be created: the directory it goes into, resolved.
                 let Some(parent) = path.parent() else {
@@ -162,9 +179,19 @@ mod tests {
         std::os::unix::fs::symlink(other.path(), &dlink).unwrap();
         let e = allowed.check(&dlink.join("new.img")).unwrap_err();
         assert!(e.contains("would be created in"), "{e}");
-        // `/` allows everything.
+        // `/` allows everything, but only when asked for: a state file in /
+        // does not.
         assert!(AllowedPaths::new([PathBuf::from("/")])
             .check(&target)
             .is_ok());
+        let from_root = AllowedPaths::daemon_default(Some(Path::new("/state.toml")), &[]);
+        assert!(from_root.check(&target).is_err());
+        // Character devices are refused before they are opened.
+        let dev = AllowedPaths::new([PathBuf::from("/dev")]);
+        let e = dev.check(Path::new("/dev/null")).unwrap_err();
+        assert!(
+            e.contains("neither a regular file nor a block device"),
+            "{e}"
+        );
     }
 }

@@ -84,13 +84,23 @@ impl FileDevice {
             let what = format!("{what} {}", path.display());
             move |source| BdevError::Os { what, source }
         };
+        // Only regular files and block devices are opened at all: opening
+        // some character devices acts (a watchdog arms). The type is
+        // checked again on the open descriptor below.
+        let named = std::fs::metadata(path).map_err(os("reading metadata of"))?;
+        if !named.file_type().is_file() && !named.file_type().is_block_device() {
+            return Err(BdevError::InvalidArgument(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        }
         // O_EXCL without O_CREAT claims a block device and means nothing
         // for a regular file (Linux, open(2)). The second open below is not
         // exclusive: the claim belongs to this first file description.
         let buffered = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_EXCL)
+            .custom_flags(libc::O_EXCL | libc::O_NOCTTY)
             .open(path)
             .map_err(|source| match source.raw_os_error() {
                 Some(libc::EBUSY) => BdevError::Busy(format!(
@@ -124,11 +134,15 @@ impl FileDevice {
                 path.display()
             )));
         }
+        // Through the descriptor already open, not the name again: a name
+        // that now points elsewhere (a by-id link after a hot-plug) cannot
+        // give the two descriptors different files.
+        let same = PathBuf::from(format!("/proc/self/fd/{}", buffered.as_raw_fd()));
         let direct = match OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
+            .custom_flags(libc::O_DIRECT | libc::O_NOCTTY)
+            .open(&same)
         {
             Ok(f) => Some(f),
             Err(e) => {

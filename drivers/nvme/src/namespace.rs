@@ -855,6 +855,9 @@ impl IoChannel for Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
+        if let Some(r) = self.recovery.take() {
+            r.settle();
+        }
         if !self.ctrl.is_failed() {
             if let Err(e) = self.ctrl.delete_io_queue(self.q.qid) {
                 tracing::warn!(device = %self.info.name, qid = self.q.qid, error = %e, "deleting IO queue");

@@ -39,7 +39,9 @@ impl Recovery {
         self.cid == cid
     }
 
-    /// The command is back from the controller.
+    /// The command is back from the controller, or its channel is gone
+    /// (nothing to abort or reset for any more: its queue is deleted, and
+    /// its queue ID and command IDs may name another channel's commands).
     pub(crate) fn settle(&self) {
         self.settled.store(true, Ordering::Release);
     }
@@ -108,7 +110,9 @@ impl Controller {
     /// on the recovery thread only.
     fn recover_command(&self, r: &Recovery) {
         let stale = || self.generation.load(Ordering::Acquire) != r.seen;
-        if stale() || self.is_failed() {
+        // Jobs run one after another: this one may have waited behind
+        // another's abort and reset while its command came back.
+        if stale() || self.is_failed() || r.settled.load(Ordering::Acquire) {
             // A reset (another channel's, or for an earlier command of this
             // one) already took every command of that generation back.
             return;
