@@ -125,6 +125,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     tracing::info!(directories = %allowed.describe(), "file: devices are allowed in");
     mgr.set_allowed_paths(allowed);
     if let Some((cfg, first)) = &initial {
+        crate::service::status("restoring devices, volumes and exports");
         if let Err(e) = mgr.restore(cfg, *first) {
             mgr.shutdown_without_saving();
             let _ = reactors.shutdown();
@@ -151,6 +152,16 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
             return Err(e);
         }
     };
+    let watchdog =
+        match crate::service::start_watchdog(reactors.set().clone(), sampler_stop.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                sampler_stop.store(true, Ordering::SeqCst);
+                mgr.shutdown();
+                let _ = reactors.shutdown();
+                return Err(e);
+            }
+        };
     let served = serve(
         mgr.clone(),
         &opts.api_socket,
@@ -158,14 +169,30 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         reactors.set().clone(),
         stop,
     );
+    // The stop, step by step in `systemctl status`.
+    use crate::service::{notify, status, NotifyState};
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: API closed"),
+    ]);
     let _ = std::fs::remove_file(&opts.api_socket);
     sampler_stop.store(true, Ordering::SeqCst);
     if let Some(t) = sampler {
         let _ = t.join();
     }
     let _ = reloader.join();
+    if let Some(t) = watchdog {
+        let _ = t.join();
+    }
+    status(&format!(
+        "stopping: draining {} exports and recording {} volumes clean",
+        mgr.list_exports().len(),
+        mgr.list_volumes().len()
+    ));
     mgr.shutdown();
+    status("stopping: reactors");
     let stopped = reactors.shutdown().map_err(|e| e.to_string());
+    status("stopped");
     served.and(stopped)
 }
 
@@ -182,12 +209,25 @@ fn start_reloader(
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 if hup.swap(false, Ordering::SeqCst) {
-                    match mgr.reload_configured() {
+                    crate::service::notify(&[crate::service::NotifyState::Reloading]);
+                    let line = match mgr.reload_configured() {
                         Ok(r) => {
-                            tracing::info!(applied = ?r.applied, refused = ?r.refused, "SIGHUP: configuration reloaded")
+                            tracing::info!(applied = ?r.applied, refused = ?r.refused, "SIGHUP: configuration reloaded");
+                            format!(
+                                "reloaded: {} applied, {} refused",
+                                r.applied.len(),
+                                r.refused.len()
+                            )
                         }
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
-                    }
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: reload failed");
+                            format!("reload failed: {e}")
+                        }
+                    };
+                    crate::service::notify(&[
+                        crate::service::NotifyState::Ready,
+                        crate::service::NotifyState::Status(&line),
+                    ]);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -212,6 +252,18 @@ pub fn serve(
         let listener =
             mgmt::server::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
         tracing::info!(socket = %socket.display(), reactors = set.len(), "API listening");
+        // Restored exports were listening before this: everything accepts.
+        let line = format!(
+            "serving {} volumes in {} exports on {} reactors; API on {}",
+            mgr.list_volumes().len(),
+            mgr.list_exports().len(),
+            set.len(),
+            socket.display()
+        );
+        crate::service::notify(&[
+            crate::service::NotifyState::Ready,
+            crate::service::NotifyState::Status(&line),
+        ]);
         println!(
             "appliance {} listening on {}",
             env!("CARGO_PKG_VERSION"),

@@ -19,6 +19,7 @@ pub mod manager;
 pub mod metrics;
 pub mod raid;
 pub mod selfcheck;
+pub mod service;
 pub mod stats;
 pub mod volume;
 pub mod workload;

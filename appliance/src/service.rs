@@ -1,0 +1,137 @@
+//! The systemd notification protocol (sd_notify(3)) for `Type=notify`:
+//! READY=1 once the API listens and every restored export accepts
+//! connections, STATUS= lines an operator sees in `systemctl status`,
+//! WATCHDOG=1 only while every reactor answers, and STOPPING=1 with the
+//! stop's progress. Outside systemd (no NOTIFY_SOCKET) none of it does
+//! anything.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use sd_notify::NotifyState;
+
+/// Tell the service manager `states`; a failure is logged, never fatal.
+pub fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "notifying the service manager");
+    }
+}
+
+/// A STATUS= line.
+pub fn status(text: &str) {
+    notify(&[NotifyState::Status(text)]);
+}
+
+/// The watchdog interval systemd asked for (WatchdogSec=), if it did and
+/// the request is for this process.
+pub fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0u64;
+    (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Whether every reactor of `set` runs a message within `within`: a
+/// reactor stuck in a blocking call (or a spinning poller that never
+/// yields) does not, and then the watchdog is not fed.
+fn reactors_answer(set: &poller::ReactorSet, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    for core in 0..set.len() {
+        let tx = tx.clone();
+        set.send(
+            core,
+            Box::new(move |_ctx: &mut poller::Ctx| {
+                let _ = tx.send(core);
+            }),
+        )
+        .map_err(|_| format!("reactor {core} does not take messages"))?;
+    }
+    drop(tx);
+    let mut answered = vec![false; set.len()];
+    while answered.iter().any(|a| !a) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(core) => answered[core] = true,
+            Err(_) => {
+                let late: Vec<usize> = (0..answered.len()).filter(|&c| !answered[c]).collect();
+                return Err(format!(
+                    "reactor(s) {late:?} did not answer within {within:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Feed systemd's watchdog every half interval while every reactor of
+/// `set` answers, until `stop`. None when systemd asked for no watchdog.
+pub fn start_watchdog(
+    set: poller::ReactorSet,
+    stop: Arc<AtomicBool>,
+) -> Result<Option<std::thread::JoinHandle<()>>, String> {
+    let Some(interval) = watchdog_interval() else {
+        return Ok(None);
+    };
+    let every = interval / 2;
+    tracing::info!(
+        interval_ms = interval.as_millis() as u64,
+        "feeding the systemd watchdog"
+    );
+    std::thread::Builder::new()
+        .name("sd-watchdog".into())
+        .spawn(move || {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                if Instant::now() >= next {
+                    next = Instant::now() + every;
+                    match reactors_answer(&set, every / 2) {
+                        Ok(()) => notify(&[NotifyState::Watchdog]),
+                        Err(e) => {
+                            // Not fed: systemd acts (WatchdogSec=) if it lasts.
+                            tracing::error!(error = %e, "reactors unhealthy; not feeding the watchdog");
+                            status(&format!("unhealthy: {e}"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20).min(every));
+            }
+        })
+        .map(Some)
+        .map_err(|e| format!("starting the watchdog thread: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reactor held in a message (as a blocking call would hold it) is
+    /// named, and the watchdog is not fed for it; once it runs again, it
+    /// answers.
+    #[test]
+    fn a_reactor_that_does_not_run_messages_is_named() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let set = reactors.set().clone();
+        assert_eq!(reactors_answer(&set, Duration::from_secs(10)), Ok(()));
+        let (held, release) = std::sync::mpsc::channel::<()>();
+        let (entered, is_in) = std::sync::mpsc::channel::<()>();
+        set.send(
+            1,
+            Box::new(move |_ctx: &mut poller::Ctx| {
+                let _ = entered.send(());
+                let _ = release.recv();
+            }),
+        )
+        .map_err(|_| "send")
+        .unwrap();
+        is_in.recv().unwrap();
+        let e = reactors_answer(&set, Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("[1]"), "{e}");
+        held.send(()).unwrap();
+        assert_eq!(reactors_answer(&set, Duration::from_secs(10)), Ok(()));
+        reactors.shutdown().unwrap();
+    }
+}

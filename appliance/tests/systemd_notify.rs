@@ -1,0 +1,118 @@
+//! The daemon under a service manager that speaks sd_notify(3), as systemd
+//! with `Type=notify` and `WatchdogSec=`: the test listens on the
+//! NOTIFY_SOCKET and checks what arrives and when.
+
+#[path = "cli/daemon.rs"]
+mod daemon;
+
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use daemon::*;
+
+/// Every line received until `until` is among them (or 30 s pass).
+fn collect(sock: &UnixDatagram, lines: &mut Vec<String>, until: impl Fn(&[String]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 4096];
+    while !until(lines) {
+        assert!(Instant::now() < deadline, "not received; got {lines:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            lines.extend(text.lines().map(str::to_string));
+        }
+    }
+}
+
+fn has(lines: &[String], line: &str) -> bool {
+    lines.iter().any(|l| l == line)
+}
+
+fn count(lines: &[String], line: &str) -> usize {
+    lines.iter().filter(|l| *l == line).count()
+}
+
+#[test]
+fn the_daemon_speaks_the_systemd_notify_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let export = dir.path().join("vm.sock");
+    let config = dir.path().join("init.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"d0\"\nspec = \"ram:16M\"\n\n[[volume]]\nname = \"vol0\"\nlevel = \"single\"\nmembers = [\"d0\"]\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
+            export.display()
+        ),
+    )
+    .unwrap();
+    let api = dir.path().join("api.sock");
+    // WATCHDOG_PID must be the daemon's own pid: the shell execs it.
+    let mut d = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--api"])
+        .arg(&api)
+        .arg("--state")
+        .arg(dir.path().join("state.toml"))
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(d.id());
+    let mut lines = Vec::new();
+
+    // READY=1 means ready: the API answers and the export accepts.
+    collect(&sock, &mut lines, |l| has(l, "READY=1"));
+    ok(&applctl(&api, &["version"]));
+    UnixStream::connect(&export).expect("the export accepts once READY=1 was sent");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("STATUS=serving 1 volumes in 1 exports on 2 reactors")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().position(|l| l.starts_with("STATUS=restoring"))
+            < lines.iter().position(|l| l == "READY=1"),
+        "{lines:?}"
+    );
+
+    // The watchdog is fed (every half interval) while the reactors answer.
+    collect(&sock, &mut lines, |l| count(l, "WATCHDOG=1") >= 3);
+
+    // SIGHUP: a reload, then ready again.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGHUP) };
+    collect(&sock, &mut lines, |l| {
+        has(l, "RELOADING=1") && count(l, "READY=1") >= 2
+    });
+    assert!(
+        lines.iter().any(|l| l.starts_with("STATUS=reloaded")),
+        "{lines:?}"
+    );
+
+    // SIGTERM: STOPPING=1 and the stop's progress, then a clean exit.
+    // SAFETY: as above.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
+    assert!(d.wait().unwrap().success());
+    let stop = lines
+        .iter()
+        .position(|l| l == "STOPPING=1")
+        .expect("STOPPING=1");
+    let draining = lines
+        .iter()
+        .position(|l| l.starts_with("STATUS=stopping: draining 1 exports"))
+        .expect("the stop's progress");
+    assert!(stop < draining, "{lines:?}");
+}
