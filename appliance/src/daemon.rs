@@ -269,6 +269,7 @@ pub fn serve(
             env!("CARGO_PKG_VERSION"),
             socket.display()
         );
+        let (hset, health_stop) = (set.clone(), stop.clone());
         let stopped = move || {
             let (stop, set) = (stop.clone(), set.clone());
             async move {
@@ -278,12 +279,39 @@ pub fn serve(
             }
         };
         let svc = crate::api::Service::new(mgr);
-        let unix = mgmt::server::serve(svc.clone(), listener, stopped());
+        // grpc.health.v1: SERVING while every reactor runs a message
+        // within half a second, looked at every second.
+        let health = mgmt::server::HealthReporter::new();
+        let h = health.clone();
+        tokio::spawn(async move {
+            use mgmt::server::ServingStatus;
+            let mut last = None;
+            while !health_stop.load(Ordering::SeqCst) {
+                let s = hset.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    crate::service::reactors_answer(&s, Duration::from_millis(500))
+                })
+                .await
+                .is_ok_and(|r| r.is_ok());
+                if last != Some(ok) {
+                    let status = if ok {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    h.set_service_status("", status).await;
+                    h.set_service_status("appliance.v1.Appliance", status).await;
+                    last = Some(ok);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let unix = mgmt::server::serve(svc.clone(), listener, &health, stopped());
         match tcp {
             None => unix.await.map_err(|e| format!("API server: {e}")),
             Some(access) => {
                 tracing::info!(addr = %access.addr, "API listening on TCP with TLS");
-                let tcp = mgmt::server::serve_tcp(svc, access, stopped());
+                let tcp = mgmt::server::serve_tcp(svc, access, &health, stopped());
                 let (u, t) = tokio::join!(unix, tcp);
                 u.map_err(|e| format!("API server: {e}"))?;
                 t.map_err(|e| format!("API server on TCP: {e}"))

@@ -33,7 +33,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Whether every reactor of `set` runs a message within `within`: a
 /// reactor stuck in a blocking call (or a spinning poller that never
 /// yields) does not, and then the watchdog is not fed.
-fn reactors_answer(set: &poller::ReactorSet, within: Duration) -> Result<(), String> {
+pub(crate) fn reactors_answer(set: &poller::ReactorSet, within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
     let (tx, rx) = std::sync::mpsc::channel::<usize>();
     for core in 0..set.len() {

@@ -2088,3 +2088,68 @@ fn write_behind_is_set_refused_and_restored_through_the_api() {
     drop(c);
     d.stop();
 }
+
+/// The standard gRPC services beside the API: grpc.health.v1 says SERVING
+/// for the server and the appliance service (while every reactor answers),
+/// and reflection lists the services for generic clients (grpcurl).
+#[test]
+fn the_health_service_and_reflection_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let channel = d.rt.block_on(mgmt::client::channel(&d.api)).unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "appliance.v1.Appliance"] {
+        let t = Instant::now();
+        loop {
+            let r = d.rt.block_on(health.check(HealthCheckRequest {
+                service: service.into(),
+            }));
+            match r {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => break,
+                other => assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "{service:?}: {other:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let e =
+        d.rt.block_on(health.check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let services: Vec<String> = d.rt.block_on(async {
+        let mut stream = reflection
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = stream.message().await.unwrap().unwrap();
+        match msg.message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    for want in ["appliance.v1.Appliance", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == want), "{services:?}");
+    }
+    d.stop();
+}

@@ -49,6 +49,13 @@ pub enum ConnectError {
 
 /// A client of the daemon listening on the unix socket `path`.
 pub async fn connect(path: &Path) -> Result<Client, ConnectError> {
+    let channel = channel(path).await?;
+    Ok(ApplianceClient::with_interceptor(channel, Token::default()))
+}
+
+/// A channel to the daemon's unix socket `path`, for the other services it
+/// serves (grpc.health.v1, reflection).
+pub async fn channel(path: &Path) -> Result<Channel, ConnectError> {
     let p: PathBuf = path.to_path_buf();
     // The URI is required by the API but unused: every connection goes to
     // the socket.
@@ -65,7 +72,7 @@ pub async fn connect(path: &Path) -> Result<Client, ConnectError> {
             target: path.display().to_string(),
             source,
         })?;
-    Ok(ApplianceClient::with_interceptor(channel, Token::default()))
+    Ok(channel)
 }
 
 /// A client of the daemon at `url` (`https://HOST:PORT`), trusting the CA

@@ -10,6 +10,10 @@ pub mod server;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("appliance.v1");
+
+    /// The encoded descriptors of the service, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/appliance_descriptor.bin"));
 }
 
 /// Version of the API messages (bumped on incompatible changes).

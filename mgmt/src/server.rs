@@ -67,16 +67,49 @@ async fn with_grace(
     }
 }
 
-/// Serve `svc` on `listener` until `shutdown` resolves.
+pub use tonic_health::server::HealthReporter;
+pub use tonic_health::ServingStatus;
+
+/// The standard gRPC health service (grpc.health.v1), its statuses kept
+/// by `health`.
+fn health_service(
+    health: &HealthReporter,
+) -> tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> {
+    tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+    )
+}
+
+/// Server reflection (v1) for the appliance's API and the health service,
+/// which grpcurl and other generic clients use. The descriptors are
+/// compiled in; if they did not load, the API is served without it.
+fn reflection_service() -> Option<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| eprintln!("appliance API: no server reflection: {e}"))
+        .ok()
+}
+
+/// Serve `svc` on `listener` until `shutdown` resolves, with the health
+/// service (statuses kept by `health`) and reflection beside it.
 pub async fn serve<S: Appliance>(
     svc: S,
     listener: tokio::net::UnixListener,
+    health: &HealthReporter,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let notified = stopping.clone();
     let server = tonic::transport::Server::builder()
         .add_service(ApplianceServer::new(svc))
+        .add_service(health_service(health))
+        .add_optional_service(reflection_service())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             notified.notified().await
         });
@@ -106,6 +139,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 pub async fn serve_tcp<S: Appliance>(
     svc: S,
     access: TcpAccess,
+    health: &HealthReporter,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let want = format!("Bearer {}", access.token).into_bytes();
@@ -118,9 +152,17 @@ pub async fn serve_tcp<S: Appliance>(
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(access.cert_pem, access.key_pem));
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let notified = stopping.clone();
+    // Health and reflection need the token too: on TCP nothing answers
+    // without it.
+    use tonic::service::interceptor::InterceptedService;
     let server = tonic::transport::Server::builder()
         .tls_config(tls)?
-        .add_service(ApplianceServer::with_interceptor(svc, check))
+        .add_service(ApplianceServer::with_interceptor(svc, check.clone()))
+        .add_service(InterceptedService::new(
+            health_service(health),
+            check.clone(),
+        ))
+        .add_optional_service(reflection_service().map(|r| InterceptedService::new(r, check)))
         .serve_with_shutdown(access.addr, async move { notified.notified().await });
     with_grace(server, stopping, shutdown).await
 }
