@@ -652,3 +652,54 @@ fn suspend_move_queue_and_reload_from_the_command_line() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }
+
+/// Shell completions and man pages come from the CLI definition, without
+/// a daemon: every subcommand and the closed value sets (levels, layouts,
+/// journal modes) are in them, and a value outside a set is refused by
+/// applctl itself, naming the ones it takes.
+#[test]
+fn completions_and_man_pages_are_generated_from_the_cli() {
+    let nowhere = Path::new("/nonexistent/api.sock");
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&applctl(nowhere, &["completions", shell]));
+        for word in [
+            "volume",
+            "takeover",
+            "journal-mode",
+            "left-asymmetric",
+            "write-back",
+            "raid5",
+        ] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    ok(&applctl(nowhere, &["man", dir.path().to_str().unwrap()]));
+    for page in [
+        "applctl.1",
+        "applctl-volume-create.1",
+        "applctl-export-create.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+    let create = std::fs::read_to_string(dir.path().join("applctl-volume-create.1")).unwrap();
+    for word in ["\\-\\-level", "right\\-symmetric", "write\\-through"] {
+        assert!(create.contains(word), "no {word} in the page");
+    }
+    let bad = applctl(
+        nowhere,
+        &[
+            "volume",
+            "create",
+            "v",
+            "--level",
+            "raid6",
+            "--members",
+            "a",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("single, raid1, raid5"), "{err}");
+}

@@ -5,11 +5,13 @@
 //! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
 //! 8 not authorised; 9 not enough of a resource (memory for a RAM device).
 
+mod values;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use mgmt::pb;
 use tonic::{Code, Status};
 
@@ -58,6 +60,22 @@ struct Cli {
 enum Command {
     /// Daemon and API version.
     Version,
+    /// Print the shell completion script (bash, zsh, fish, elvish,
+    /// powershell); no daemon is needed.
+    ///
+    /// Example: applctl completions bash > /etc/bash_completion.d/applctl
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (applctl.1, applctl-volume-create.1, ...) into
+    /// DIR; no daemon is needed.
+    ///
+    /// Example: applctl man /usr/local/share/man/man1
+    Man {
+        /// Where the pages go.
+        dir: std::path::PathBuf,
+    },
     /// Daemon health: ok, or what is degraded.
     Health,
     /// Reactor busy time, loops and sleeps.
@@ -142,9 +160,9 @@ enum VolumeCmd {
     Create {
         /// Its name.
         name: String,
-        /// single, raid1 or raid5.
-        #[arg(long)]
-        level: String,
+        /// The RAID level.
+        #[arg(long, value_enum)]
+        level: values::Level,
         /// Member devices in slot order.
         #[arg(long, value_delimiter = ',', required = true)]
         members: Vec<String>,
@@ -154,19 +172,20 @@ enum VolumeCmd {
         /// RAID5 chunk in KiB.
         #[arg(long, default_value_t = 64)]
         chunk_kib: u32,
-        /// RAID5 layout (left-symmetric, left-asymmetric, right-symmetric, right-asymmetric).
-        #[arg(long, default_value = "left-symmetric")]
-        layout: String,
+        /// RAID5 layout (md's).
+        #[arg(long, value_enum, default_value_t = values::Layout::LeftSymmetric)]
+        layout: values::Layout,
         /// Overwrite devices that carry another volume's superblock.
         #[arg(long)]
         force: bool,
         /// RAID5 write journal device (closes the write hole).
         #[arg(long, default_value = "")]
         journal: String,
-        /// Journal mode: write-through, or write-back (acknowledged once
-        /// durable in the journal; much faster small writes).
-        #[arg(long, default_value = "")]
-        journal_mode: String,
+        /// Journal mode: write-through (the default), or write-back
+        /// (acknowledged once durable in the journal; much faster small
+        /// writes).
+        #[arg(long, value_enum)]
+        journal_mode: Option<values::JournalMode>,
         /// Keep a write-intent bitmap (RAID1, RAID5 without a journal):
         /// after a crash only recently written regions are resynchronised.
         #[arg(long)]
@@ -317,9 +336,9 @@ enum VolumeCmd {
     Takeover {
         /// The volume.
         name: String,
-        /// raid1 or raid5.
-        #[arg(long)]
-        level: String,
+        /// The level to take it over to.
+        #[arg(long, value_enum)]
+        level: values::TakeoverLevel,
         /// RAID5 chunk in KiB.
         #[arg(long, default_value_t = 64)]
         chunk_kib: u32,
@@ -347,9 +366,9 @@ enum VolumeCmd {
         name: String,
         /// The journal device.
         device: String,
-        /// write-through (default) or write-back.
-        #[arg(long, default_value = "")]
-        mode: String,
+        /// The journal's mode (write-through by default).
+        #[arg(long, value_enum)]
+        mode: Option<values::JournalMode>,
     },
     /// Take a RAID5 volume's journal away online (a write-back cache drains
     /// to the members first).
@@ -362,8 +381,9 @@ enum VolumeCmd {
     JournalMode {
         /// The volume.
         name: String,
-        /// write-through or write-back.
-        mode: String,
+        /// The new mode.
+        #[arg(value_enum)]
+        mode: values::JournalMode,
     },
     /// Wait until the volume's rebuild or scrub ends.
     ///
@@ -522,6 +542,21 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // What needs no daemon.
+    match &cli.command {
+        Command::Completions { shell } => {
+            use std::io::Write;
+            let script = values::completions(&mut Cli::command(), *shell);
+            // A closed pipe (`| head`) is not an error worth a message.
+            let _ = std::io::stdout().write_all(&script);
+            return Ok(());
+        }
+        Command::Man { dir } => {
+            return clap_mangen::generate_to(Cli::command(), dir)
+                .map_err(|e| Failure(1, format!("writing man pages to {}: {e}", dir.display())));
+        }
+        _ => {}
+    }
     let mut c = connect(&cli).await?;
     let json = cli.json;
     match cli.command {
@@ -563,6 +598,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
             })
         }
+        // Handled above, before connecting.
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Device(cmd) => device(&mut c, json, cmd).await,
         Command::Volume(cmd) => volume(&mut c, json, cmd).await,
         Command::Export(cmd) => export(&mut c, json, cmd).await,
@@ -661,27 +698,16 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             bitmap,
             bitmap_chunk_kib,
         } => {
-            let level = match level.as_str() {
-                "single" => pb::Level::Single,
-                "raid1" => pb::Level::Raid1,
-                "raid5" => pb::Level::Raid5,
-                other => {
-                    return Err(Failure(
-                        2,
-                        format!("--level {other:?}: expected single, raid1 or raid5"),
-                    ))
-                }
-            };
             c.create_volume(pb::CreateVolumeRequest {
                 name,
-                level: level as i32,
+                level: level.pb() as i32,
                 members,
                 spares,
                 chunk_kib,
-                layout,
+                layout: values::name(layout),
                 force,
                 journal,
-                journal_mode,
+                journal_mode: journal_mode.map(values::name).unwrap_or_default(),
                 bitmap,
                 bitmap_chunk_kib,
             })
@@ -786,19 +812,9 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             level,
             chunk_kib,
         } => {
-            let level = match level.as_str() {
-                "raid1" => pb::Level::Raid1,
-                "raid5" => pb::Level::Raid5,
-                other => {
-                    return Err(Failure(
-                        2,
-                        format!("--level {other:?}: expected raid1 or raid5"),
-                    ))
-                }
-            };
             c.takeover(pb::TakeoverRequest {
                 volume: name,
-                level: level as i32,
+                level: level.pb() as i32,
                 chunk_kib,
             })
             .await?
@@ -819,7 +835,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             c.add_journal(pb::AddJournalRequest {
                 volume: name,
                 device,
-                mode,
+                mode: mode.map(values::name).unwrap_or_default(),
             })
             .await?
         }
@@ -828,8 +844,11 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 .await?
         }
         VolumeCmd::JournalMode { name, mode } => {
-            c.set_journal_mode(pb::SetJournalModeRequest { volume: name, mode })
-                .await?
+            c.set_journal_mode(pb::SetJournalModeRequest {
+                volume: name,
+                mode: values::name(mode),
+            })
+            .await?
         }
         VolumeCmd::Wait {
             name,
