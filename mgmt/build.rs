@@ -10,8 +10,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("appliance_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure()
-        .type_attribute(".", "#[derive(serde::Serialize)]")
-        .compile_fds(fds)?;
+    // JSON (applctl --json) shows enums by name, as protobuf's JSON
+    // mapping does, not as numbers.
+    let mut build =
+        tonic_prost_build::configure().type_attribute(".", "#[derive(serde::Serialize)]");
+    for field in [
+        "appliance.v1.Volume.level",
+        "appliance.v1.CreateVolumeRequest.level",
+        "appliance.v1.TakeoverRequest.level",
+    ] {
+        build = build.field_attribute(
+            field,
+            "#[serde(serialize_with = \"crate::pb_json::level\")]",
+        );
+    }
+    build.compile_fds(fds)?;
     Ok(())
 }

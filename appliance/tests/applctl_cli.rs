@@ -166,6 +166,7 @@ num_queues = 2
     let json: serde_json::Value =
         serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
     assert_eq!(json["chunk_kib"], 128);
+    assert_eq!(json["level"], "LEVEL_RAID5", "enums by name in JSON");
     assert_eq!(json["members"].as_array().unwrap().len(), 3);
     assert_eq!(json["spares"][0], "d3");
     let exports = ok(&applctl(&api, &["export", "list"]));
