@@ -10,7 +10,9 @@ case "${1:-test}" in
   # The test suite: the VM tests of later issues add qemu-system-x86 here.
   # make and xz-utils: the no-IOMMU VM test rebuilds vfio.ko (the kernel
   # headers it needs follow the guest kernel: build-vfio-noiommu.sh).
-  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils) ;;
+  # mount (losetup) and e2fsprogs: the host-safety test claims loop devices;
+  # systemd: systemd-analyze checks the unit file.
+  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils mount systemd) ;;
   bench) want=(fio valgrind) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
