@@ -4,11 +4,12 @@
 #   host-setup.sh hugepages N            reserve at least N 2 MiB hugepages
 #   host-setup.sh bind BDF...            hand NVMe controllers (e.g. 0000:01:00.0) to vfio-pci
 #   host-setup.sh unbind BDF...          give them back to the kernel's nvme driver
+#   host-setup.sh persist BDF...         bind them again at every boot (a oneshot unit before the appliance)
 # Exit codes: 0 done, 1 failed, 2 bad arguments.
 set -euo pipefail
 
 die() { echo "host-setup: $*" >&2; exit 1; }
-usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 check_bdf() {
   [[ $1 =~ ^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$ ]] ||
@@ -82,6 +83,36 @@ unbind() {
   echo "$bdf: driver $drv"
 }
 
+# A oneshot unit that hands BDF... to vfio-pci at boot, before the
+# appliance starts (the kernel's nvme driver takes them first otherwise).
+# APPLIANCE_UNIT_DIR moves it (tests); systemctl enables it when systemd runs.
+persist() {
+  for b in "$@"; do check_bdf "$b"; done
+  local dir=${APPLIANCE_UNIT_DIR:-/etc/systemd/system}
+  local unit=$dir/appliance-vfio.service
+  cat > "$unit.tmp" <<UNIT
+# Written by appliance-host-setup persist; run it again to change the list.
+[Unit]
+Description=Hand the appliance's NVMe controllers to vfio-pci
+Before=appliance.service
+After=systemd-modules-load.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/appliance-host-setup bind $*
+
+[Install]
+WantedBy=multi-user.target
+RequiredBy=appliance.service
+UNIT
+  mv "$unit.tmp" "$unit"
+  echo "wrote $unit ($*)"
+  if [ -z "${APPLIANCE_UNIT_DIR:-}" ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload && systemctl enable appliance-vfio.service
+  fi
+}
+
 [ $# -ge 1 ] || usage
 cmd=$1; shift
 case $cmd in
@@ -89,6 +120,7 @@ case $cmd in
   hugepages) [ $# = 1 ] || usage; hugepages "$1" ;;
   bind) [ $# -ge 1 ] || usage; for b in "$@"; do bind "$b"; done ;;
   unbind) [ $# -ge 1 ] || usage; for b in "$@"; do unbind "$b"; done ;;
+  persist) [ $# -ge 1 ] || usage; persist "$@" ;;
   -h|--help|help) usage ;;
   *) echo "host-setup: unknown command $cmd" >&2; usage ;;
 esac

@@ -162,3 +162,57 @@ fn the_systemd_unit_is_notify_and_hardened() {
         .unwrap_or_else(|| panic!("no exposure level in {out}"));
     assert!(level <= 4.0, "exposure {level}");
 }
+
+/// `host-setup.sh persist BDF...` writes the oneshot unit that binds the
+/// controllers to vfio-pci at boot, before the appliance; a malformed
+/// address is refused (exit 2) and nothing is written.
+#[test]
+fn host_setup_persists_vfio_bindings_as_a_unit() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/host-setup.sh");
+    let dir = tempfile::tempdir().unwrap();
+    // Any PCI device of this machine: the script checks that it exists.
+    let bdf = std::fs::read_dir("/sys/bus/pci/devices")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .min()
+        .expect("a PCI device");
+    let run = |args: &[&str]| {
+        Command::new("bash")
+            .arg(script)
+            .args(args)
+            .env("APPLIANCE_UNIT_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let bad = run(&["persist", "12:34"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let unit = dir.path().join("appliance-vfio.service");
+    assert!(!unit.exists());
+    let out = run(&["persist", &bdf]);
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("ExecStart=/usr/local/sbin/appliance-host-setup bind {bdf}")),
+        "{text}"
+    );
+    for line in [
+        "Before=appliance.service",
+        "RequiredBy=appliance.service",
+        "Type=oneshot",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line}: {text}");
+    }
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let complaints: Vec<String> = String::from_utf8_lossy(&verify.stderr)
+        .lines()
+        .filter(|l| !l.contains("is not executable"))
+        .map(str::to_string)
+        .collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
