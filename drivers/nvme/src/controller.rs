@@ -43,7 +43,7 @@ impl Default for Options {
 
 const ADMIN_DEPTH: u16 = 32;
 
-struct Admin {
+pub(crate) struct Admin {
     q: QueuePair,
     buf: DmaMem,
     next_cid: u16,
@@ -83,7 +83,7 @@ pub struct Controller {
     pub(crate) cap: Cap,
     pub(crate) stride: usize,
     pub(crate) opts: Options,
-    admin: Mutex<Admin>,
+    pub(crate) admin: Mutex<Admin>,
     pub(crate) ident: IdentifyController,
     namespaces: Mutex<Vec<(u32, IdentifyNamespace)>>,
     io_queues: u16,
@@ -294,7 +294,7 @@ impl Controller {
     /// command transfers one page through the admin buffer (PRP1 points
     /// there only then: it is reserved in commands without data), and `out`
     /// gets it afterwards.
-    fn run_admin(
+    pub(crate) fn run_admin(
         &self,
         a: &mut Admin,
         mut sqe: Sqe,
@@ -408,15 +408,6 @@ impl Controller {
         self.admin(sqe, &format!("Delete I/O Submission Queue {qid}"))?;
         self.delete_cq(qid)?;
         Ok(())
-    }
-
-    /// Ask the controller to abort one command. Returns whether it says it
-    /// did (dword 0 bit 0 clear).
-    pub(crate) fn abort(&self, qid: u16, cid: u16) -> Result<bool, NvmeError> {
-        let mut sqe = Sqe::new(admin::ABORT, 0);
-        sqe.cdw[0] = (cid as u32) << 16 | qid as u32;
-        let r = self.admin(sqe, &format!("Abort (queue {qid}, command {cid})"))?;
-        Ok(r & 1 == 0)
     }
 
     /// Reset the controller (disable, enable, admin queue, queue count) and

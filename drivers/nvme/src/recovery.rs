@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::controller::{lock, Controller};
 use crate::error::NvmeError;
+use crate::spec::{admin, Sqe};
 
 /// One timed-out command, shared by its channel and the recovery thread.
 #[derive(Debug)]
@@ -132,7 +133,26 @@ impl Controller {
             timeout_ms = self.opts.io_timeout.as_millis() as u64,
             "NVMe command timed out; aborting it"
         );
-        if let Ok(true) = self.abort(r.qid, r.cid) {
+        // The check and the abort under the admin lock: a channel that is
+        // dropped settles its job first and deletes its queue under this
+        // lock, so the abort can never reach a queue ID (and command ID)
+        // that a new channel was given since.
+        let aborted = {
+            let mut a = lock(&self.admin);
+            if r.settled.load(Ordering::Acquire) || stale() {
+                return;
+            }
+            let mut sqe = Sqe::new(admin::ABORT, 0);
+            sqe.cdw[0] = (r.cid as u32) << 16 | r.qid as u32;
+            let what = format!("Abort (queue {}, command {})", r.qid, r.cid);
+            self.run_admin(&mut a, sqe, &what, None)
+        };
+        if let Err(NvmeError::Timeout(m)) = &aborted {
+            // Left on the admin queue: only a reset takes it back.
+            let _ = self.reset(&format!("admin command timed out ({m})"), r.seen);
+            return;
+        }
+        if aborted.is_ok_and(|dw0| dw0 & 1 == 0) {
             // The aborted command completes with "abort requested" on its
             // queue, which its channel polls.
             let deadline = Instant::now() + self.opts.admin_timeout;
