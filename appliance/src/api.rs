@@ -208,6 +208,35 @@ impl pb::appliance_server::Appliance for Service {
         .await
     }
 
+    async fn export_stats(
+        &self,
+        _: Request<pb::ExportStatsRequest>,
+    ) -> Result<Response<pb::ExportStatsResponse>, Status> {
+        self.run(|m| {
+            Ok(pb::ExportStatsResponse {
+                exports: m
+                    .export_stats()
+                    .into_iter()
+                    .map(|(export, volume, s)| pb::ExportStat {
+                        export,
+                        volume,
+                        reads: s.reads,
+                        writes: s.writes,
+                        read_bytes: s.read_bytes,
+                        write_bytes: s.write_bytes,
+                        others: s.others,
+                        errors: s.errors,
+                        inflight: s.inflight,
+                        frontend_faults: s.frontend_faults,
+                        read_latency_buckets: s.latency[0].to_vec(),
+                        write_latency_buckets: s.latency[1].to_vec(),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     async fn attach_device(
         &self,
         req: Request<pb::AttachDeviceRequest>,

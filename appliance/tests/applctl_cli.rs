@@ -704,3 +704,70 @@ fn completions_and_man_pages_are_generated_from_the_cli() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("single, raid1, raid5"), "{err}");
 }
+
+/// `applctl stats --watch` shows each export's IOPS, bandwidth and latency
+/// percentiles between samples of the daemon's counters, while a real
+/// vhost-user-blk client (blkio) reads and writes; `stats` alone shows the
+/// totals since the export was created.
+#[test]
+fn stats_watch_shows_rates_of_a_busy_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let config = dir.path().join("init.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"d0\"\nspec = \"ram:64M\"\n\n[[volume]]\nname = \"vol0\"\nlevel = \"single\"\nmembers = [\"d0\"]\n\n[[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let (mut d, api) = start(dir.path(), &config, "127.0.0.1:0");
+    let _reap = KillOnPanic(d.id());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, path) = (stop.clone(), sock.clone());
+    let io = std::thread::spawn(move || {
+        let mut disk = common::Disk::connect(&path).expect("blkio client");
+        let mut n = 0u64;
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            let off = (n % 1024) * 4096;
+            assert_eq!(disk.write(off, 4096), 0);
+            assert_eq!(disk.read(off, 4096), 0);
+            n += 1;
+        }
+        n
+    });
+    let json = ok(&applctl(
+        &api,
+        &["--json", "stats", "--watch", "0.5", "--count", "2"],
+    ));
+    let text = ok(&applctl(&api, &["stats", "--watch", "0.5", "--count", "1"]));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let done = io.join().unwrap();
+    assert!(done > 0);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{json}");
+    for l in &lines {
+        let e = &l[0];
+        assert_eq!(e["export"], "vm");
+        assert!(e["read_iops"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(e["write_iops"].as_f64().unwrap() > 0.0, "{l}");
+        let (p50, p99) = (
+            e["read_p50_us"].as_f64().unwrap(),
+            e["read_p99_us"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p99 >= p50, "{l}");
+    }
+    assert!(text.contains("R_IOPS") && text.contains("vm"), "{text}");
+    let totals: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "stats"]))).unwrap();
+    let e = &totals["exports"][0];
+    assert!(e["reads"].as_u64().unwrap() >= done, "{totals}");
+    assert_eq!(e["read_latency_buckets"].as_array().unwrap().len(), 32);
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success());
+}

@@ -6,6 +6,7 @@
 //! 8 not authorised; 9 not enough of a resource (memory for a RAM device).
 
 mod values;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,8 +79,20 @@ enum Command {
     },
     /// Daemon health: ok, or what is degraded.
     Health,
-    /// Reactor busy time, loops and sleeps.
-    Stats,
+    /// Reactor busy time, loops and sleeps, and each export's IO since it
+    /// was created; with --watch, each export's IOPS, bandwidth and
+    /// latency percentiles every SECS seconds.
+    ///
+    /// Example: applctl stats --watch 1
+    Stats {
+        /// Print per-export rates every SECS seconds (until Ctrl-C or
+        /// --count tables).
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+        /// With --watch: stop after this many tables.
+        #[arg(long)]
+        count: Option<u32>,
+    },
     /// Attach, list and detach devices.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -576,15 +589,63 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 s
             })
         }
-        Command::Stats => {
+        Command::Stats {
+            watch: Some(secs),
+            count,
+        } => {
+            if !(secs > 0.0 && secs.is_finite()) {
+                return Err(Failure(2, "--watch: a positive number of seconds".into()));
+            }
+            let mut before = c
+                .export_stats(pb::ExportStatsRequest {})
+                .await?
+                .into_inner()
+                .exports;
+            let mut at = std::time::Instant::now();
+            let mut n = 0u32;
+            while count.is_none_or(|c| n < c) {
+                tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+                let now = c
+                    .export_stats(pb::ExportStatsRequest {})
+                    .await?
+                    .into_inner()
+                    .exports;
+                let t = std::time::Instant::now();
+                let r = watch::rates(&before, &now, t.duration_since(at).as_secs_f64());
+                if json {
+                    let line = serde_json::to_string(&r).map_err(|e| Failure(1, e.to_string()))?;
+                    println!("{line}");
+                } else {
+                    let (head, rows) = watch::rows(&r);
+                    println!("{}", table(&head, rows));
+                }
+                (before, at) = (now, t);
+                n += 1;
+            }
+            Ok(())
+        }
+        Command::Stats { watch: None, .. } => {
             let r = c
                 .reactor_stats(pb::ReactorStatsRequest {})
                 .await?
                 .into_inner();
-            out(json, &r, || {
-                table(
+            let e = c
+                .export_stats(pb::ExportStatsRequest {})
+                .await?
+                .into_inner();
+            #[derive(serde::Serialize)]
+            struct Both {
+                reactors: Vec<pb::ReactorStat>,
+                exports: Vec<pb::ExportStat>,
+            }
+            let both = Both {
+                reactors: r.reactors,
+                exports: e.exports,
+            };
+            out(json, &both, || {
+                let reactors = table(
                     &["CORE", "BUSY_MS", "LOOPS", "SLEEPS"],
-                    r.reactors
+                    both.reactors
                         .iter()
                         .map(|s| {
                             vec![
@@ -595,7 +656,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             ]
                         })
                         .collect(),
-                )
+                );
+                let mut exports: Vec<&pb::ExportStat> = both.exports.iter().collect();
+                exports.sort_by(|a, b| a.export.cmp(&b.export));
+                let us = |h: &[u64], q| {
+                    watch::quantile_us(h, q).map_or("-".to_string(), |v| format!("{v:.1}"))
+                };
+                let exports = table(
+                    &[
+                        "EXPORT",
+                        "VOLUME",
+                        "READS",
+                        "WRITES",
+                        "READ_MIB",
+                        "WRITE_MIB",
+                        "R_P99_US",
+                        "W_P99_US",
+                        "ERRORS",
+                    ],
+                    exports
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.export.clone(),
+                                s.volume.clone(),
+                                s.reads.to_string(),
+                                s.writes.to_string(),
+                                (s.read_bytes >> 20).to_string(),
+                                (s.write_bytes >> 20).to_string(),
+                                us(&s.read_latency_buckets, 0.99),
+                                us(&s.write_latency_buckets, 0.99),
+                                s.errors.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+                format!("{reactors}\n{exports}")
             })
         }
         // Handled above, before connecting.

@@ -1,0 +1,149 @@
+//! `applctl stats --watch`: per-export IOPS, bandwidth and latency
+//! percentiles between two samples of the daemon's counters (which only
+//! grow), as SPDK's bdev_get_iostat or iostat -x would show them. The
+//! daemon keeps histograms, never rates; rates are the client's business.
+
+use mgmt::pb;
+use serde::Serialize;
+
+/// One export over one interval.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rates {
+    pub export: String,
+    pub volume: String,
+    pub read_iops: f64,
+    pub write_iops: f64,
+    pub read_mib_s: f64,
+    pub write_mib_s: f64,
+    /// Latency percentiles in microseconds (bucket upper bounds), `None`
+    /// when no such request completed in the interval.
+    pub read_p50_us: Option<f64>,
+    pub read_p99_us: Option<f64>,
+    pub write_p50_us: Option<f64>,
+    pub write_p99_us: Option<f64>,
+    pub errors: u64,
+    pub inflight: u64,
+}
+
+/// The `q` quantile of a histogram (bucket i: below 256 ns << i) as its
+/// bucket's upper bound, in microseconds.
+pub fn quantile_us(h: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = h.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, &n) in h.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some((256u64 << i.min(40)) as f64 / 1000.0);
+        }
+    }
+    None
+}
+
+fn delta(a: &[u64], b: &[u64]) -> Vec<u64> {
+    b.iter()
+        .enumerate()
+        .map(|(i, &n)| n.saturating_sub(a.get(i).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// The rates of every export in `now` against `before`, `secs` apart (an
+/// export new since `before` counts from zero).
+pub fn rates(before: &[pb::ExportStat], now: &[pb::ExportStat], secs: f64) -> Vec<Rates> {
+    let secs = secs.max(1e-6);
+    let mut out: Vec<Rates> = now
+        .iter()
+        .map(|n| {
+            let zero = pb::ExportStat::default();
+            let b = before
+                .iter()
+                .find(|b| b.export == n.export)
+                .unwrap_or(&zero);
+            let per_s = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
+            let rl = delta(&b.read_latency_buckets, &n.read_latency_buckets);
+            let wl = delta(&b.write_latency_buckets, &n.write_latency_buckets);
+            Rates {
+                export: n.export.clone(),
+                volume: n.volume.clone(),
+                read_iops: per_s(b.reads, n.reads),
+                write_iops: per_s(b.writes, n.writes),
+                read_mib_s: per_s(b.read_bytes, n.read_bytes) / (1 << 20) as f64,
+                write_mib_s: per_s(b.write_bytes, n.write_bytes) / (1 << 20) as f64,
+                read_p50_us: quantile_us(&rl, 0.5),
+                read_p99_us: quantile_us(&rl, 0.99),
+                write_p50_us: quantile_us(&wl, 0.5),
+                write_p99_us: quantile_us(&wl, 0.99),
+                errors: n.errors.saturating_sub(b.errors),
+                inflight: n.inflight,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.export.cmp(&b.export));
+    out
+}
+
+/// The table's header and rows.
+pub fn rows(r: &[Rates]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    (
+        vec![
+            "EXPORT", "R_IOPS", "W_IOPS", "R_MIB/S", "W_MIB/S", "R_P50_US", "R_P99_US", "W_P50_US",
+            "W_P99_US", "ERRORS", "INFLIGHT",
+        ],
+        r.iter()
+            .map(|x| {
+                vec![
+                    x.export.clone(),
+                    format!("{:.0}", x.read_iops),
+                    format!("{:.0}", x.write_iops),
+                    format!("{:.1}", x.read_mib_s),
+                    format!("{:.1}", x.write_mib_s),
+                    us(x.read_p50_us),
+                    us(x.read_p99_us),
+                    us(x.write_p50_us),
+                    us(x.write_p99_us),
+                    x.errors.to_string(),
+                    x.inflight.to_string(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_percentiles_between_two_samples() {
+        let mut a = pb::ExportStat {
+            export: "e".into(),
+            reads: 100,
+            read_bytes: 100 << 12,
+            read_latency_buckets: vec![0; 32],
+            write_latency_buckets: vec![0; 32],
+            ..Default::default()
+        };
+        let mut b = a.clone();
+        b.reads = 1100;
+        b.read_bytes = 1100 << 12;
+        // 990 reads in bucket 3 (< 2048 ns), 10 in bucket 10 (< 262 us).
+        b.read_latency_buckets[3] = 990;
+        b.read_latency_buckets[10] = 10;
+        let r = rates(&[a.clone()], &[b.clone()], 2.0);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].read_iops, 500.0);
+        assert!((r[0].read_mib_s - 1000.0 * 4096.0 / 2.0 / 1048576.0).abs() < 1e-9);
+        assert_eq!(r[0].read_p50_us, Some(2.048));
+        assert_eq!(r[0].read_p99_us, Some(2.048));
+        assert_eq!(quantile_us(&b.read_latency_buckets, 0.999), Some(262.144));
+        assert_eq!(r[0].write_p50_us, None);
+        // An export new since the first sample counts from zero.
+        a.export = "other".into();
+        let r = rates(&[a], &[b], 1.0);
+        assert_eq!(r[0].read_iops, 1100.0);
+    }
+}
