@@ -212,18 +212,28 @@ impl Volume {
     /// which waited for the resume, until the suspend's deadline.
     pub fn flush_helping_drain(&self, timeout: Duration) -> Result<(), VolumeError> {
         let deadline = Instant::now() + timeout;
-        for core in 0..self.set.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.io_on(core, IoOp::Flush, 0, Vec::new(), left, true)? {
-                Reply::Done(r) => return r.map(|_| ()),
-                // Nothing on that core waits for it; try the next.
-                Reply::Quiet => continue,
+        loop {
+            for core in 0..self.set.len() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.io_on(core, IoOp::Flush, 0, Vec::new(), left, true)? {
+                    Reply::Done(r) => return r.map(|_| ()),
+                    // Nothing on that core waits for it; try the next.
+                    Reply::Quiet => continue,
+                }
             }
+            // Every core had drained: the suspend needs nothing from this
+            // flush. Asked again shortly rather than parked: a parked
+            // request could sleep through a resume and a new suspend that
+            // needs it.
+            if Instant::now() >= deadline {
+                return Err(VolumeError::Timeout {
+                    name: self.name.clone(),
+                    what: "flush",
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        // Every core had drained: the suspend needs nothing from this
-        // flush, which waits for the resume like any IO.
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.flush_on_reactor(left)
     }
 
     /// One IO of the volume from a reactor (reactor 0), through its quiesce

@@ -63,7 +63,7 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
         .arg("--config")
         .arg(&config)
         .env("NOTIFY_SOCKET", &notify)
-        .env("WATCHDOG_USEC", "1000000")
+        .env("WATCHDOG_USEC", "400000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -127,7 +127,7 @@ fn the_systemd_unit_is_notify_and_hardened() {
     let text = std::fs::read_to_string(unit).unwrap();
     for line in [
         "Type=notify",
-        "WatchdogSec=10",
+        "WatchdogSec=30",
         "NotifyAccess=main",
         "ProtectSystem=strict",
     ] {

@@ -30,7 +30,7 @@ impl Checkpointer {
                         // Nothing to checkpoint on a dead device: drain the
                         // cache to the members, then idle.
                         if !journal.cache().is_empty() {
-                            if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                            if let Err(e) = volume.flush_helping_drain(Duration::from_secs(30)) {
                                 if matches!(e, crate::volume::VolumeError::Removed(_)) {
                                     break;
                                 }
@@ -51,7 +51,7 @@ impl Checkpointer {
                             // An idle volume: a flush through its gate
                             // carries the reclaim.
                             Ok(false) => {
-                                if let Err(e) = volume.flush_on_reactor(Duration::from_secs(30)) {
+                                if let Err(e) = volume.flush_helping_drain(Duration::from_secs(30)) {
                                     if matches!(e, crate::volume::VolumeError::Removed(_)) {
                                         break;
                                     }

@@ -90,7 +90,7 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
         /// With --watch: stop after this many tables.
-        #[arg(long)]
+        #[arg(long, requires = "watch")]
         count: Option<u32>,
     },
     /// Attach, list and detach devices.
@@ -593,8 +593,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             watch: Some(secs),
             count,
         } => {
-            if !(secs > 0.0 && secs.is_finite()) {
-                return Err(Failure(2, "--watch: a positive number of seconds".into()));
+            if !(secs > 0.0 && secs <= 86_400.0) {
+                return Err(Failure(
+                    2,
+                    "--watch: a number of seconds, above 0 and at most 86400".into(),
+                ));
             }
             let mut before = c
                 .export_stats(pb::ExportStatsRequest {})
@@ -612,12 +615,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .exports;
                 let t = std::time::Instant::now();
                 let r = watch::rates(&before, &now, t.duration_since(at).as_secs_f64());
-                if json {
-                    let line = serde_json::to_string(&r).map_err(|e| Failure(1, e.to_string()))?;
-                    println!("{line}");
+                let text = if json {
+                    serde_json::to_string(&r).map_err(|e| Failure(1, e.to_string()))? + "\n"
                 } else {
                     let (head, rows) = watch::rows(&r);
-                    println!("{}", table(&head, rows));
+                    table(&head, rows) + "\n"
+                };
+                // A reader that went away (`| head`) ends the watch.
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                if stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    return Ok(());
                 }
                 (before, at) = (now, t);
                 n += 1;
@@ -629,10 +641,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .reactor_stats(pb::ReactorStatsRequest {})
                 .await?
                 .into_inner();
-            let e = c
-                .export_stats(pb::ExportStatsRequest {})
-                .await?
-                .into_inner();
+            // A daemon from before ExportStats: no exports shown.
+            let e = match c.export_stats(pb::ExportStatsRequest {}).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unimplemented => Default::default(),
+                Err(s) => return Err(s.into()),
+            };
             #[derive(serde::Serialize)]
             struct Both {
                 reactors: Vec<pb::ReactorStat>,

@@ -50,12 +50,16 @@ impl TakeoverLevel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Layout {
     /// md's default.
+    #[value(alias = "ls")]
     LeftSymmetric,
     /// Parity rotates left, data starts at the first member.
+    #[value(alias = "la")]
     LeftAsymmetric,
     /// Parity rotates right, data follows it.
+    #[value(alias = "rs")]
     RightSymmetric,
     /// Parity rotates right, data starts at the first member.
+    #[value(alias = "ra")]
     RightAsymmetric,
 }
 
