@@ -1,10 +1,12 @@
-//! `applctl stats --watch`: per-export IOPS, bandwidth and latency
+//! `applctl stats`, with `--watch`: per-export IOPS, bandwidth and latency
 //! percentiles between two samples of the daemon's counters (which only
 //! grow), as SPDK's bdev_get_iostat or iostat -x would show them. The
 //! daemon keeps histograms, never rates; rates are the client's business.
 
 use mgmt::pb;
 use serde::Serialize;
+
+use crate::{out, table, Client, Failure};
 
 /// One export over one interval.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -111,6 +113,130 @@ pub fn rows(r: &[Rates]) -> (Vec<&'static str>, Vec<Vec<String>>) {
             })
             .collect(),
     )
+}
+
+/// `stats --watch SECS [--count N]`: a table (or a JSON line) of rates
+/// every SECS seconds.
+pub async fn watch(
+    c: &mut Client,
+    json: bool,
+    secs: f64,
+    count: Option<u32>,
+) -> Result<(), Failure> {
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(Failure(
+            2,
+            "--watch: a number of seconds, above 0 and at most 86400".into(),
+        ));
+    }
+    let mut before = c
+        .export_stats(pb::ExportStatsRequest {})
+        .await?
+        .into_inner()
+        .exports;
+    let mut at = std::time::Instant::now();
+    let mut n = 0u32;
+    while count.is_none_or(|c| n < c) {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+        let now = c
+            .export_stats(pb::ExportStatsRequest {})
+            .await?
+            .into_inner()
+            .exports;
+        let t = std::time::Instant::now();
+        let r = rates(&before, &now, t.duration_since(at).as_secs_f64());
+        let text = if json {
+            serde_json::to_string(&r).map_err(|e| Failure(1, e.to_string()))? + "\n"
+        } else {
+            let (head, rows) = rows(&r);
+            table(&head, rows) + "\n"
+        };
+        // A reader that went away (`| head`) ends the watch.
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+        (before, at) = (now, t);
+        n += 1;
+    }
+    Ok(())
+}
+
+/// `stats`: reactors, and each export's IO since it was created.
+pub async fn totals(c: &mut Client, json: bool) -> Result<(), Failure> {
+    let r = c
+        .reactor_stats(pb::ReactorStatsRequest {})
+        .await?
+        .into_inner();
+    // A daemon from before ExportStats: no exports shown.
+    let e = match c.export_stats(pb::ExportStatsRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unimplemented => Default::default(),
+        Err(s) => return Err(s.into()),
+    };
+    #[derive(serde::Serialize)]
+    struct Both {
+        reactors: Vec<pb::ReactorStat>,
+        exports: Vec<pb::ExportStat>,
+    }
+    let both = Both {
+        reactors: r.reactors,
+        exports: e.exports,
+    };
+    out(json, &both, || {
+        let reactors = table(
+            &["CORE", "BUSY_MS", "LOOPS", "SLEEPS"],
+            both.reactors
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.core.to_string(),
+                        (s.busy_ns / 1_000_000).to_string(),
+                        s.loops.to_string(),
+                        s.sleeps.to_string(),
+                    ]
+                })
+                .collect(),
+        );
+        let mut exports: Vec<&pb::ExportStat> = both.exports.iter().collect();
+        exports.sort_by(|a, b| a.export.cmp(&b.export));
+        let us = |h: &[u64], q| quantile_us(h, q).map_or("-".to_string(), |v| format!("{v:.1}"));
+        let exports = table(
+            &[
+                "EXPORT",
+                "VOLUME",
+                "READS",
+                "WRITES",
+                "READ_MIB",
+                "WRITE_MIB",
+                "R_P99_US",
+                "W_P99_US",
+                "ERRORS",
+            ],
+            exports
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.export.clone(),
+                        s.volume.clone(),
+                        s.reads.to_string(),
+                        s.writes.to_string(),
+                        (s.read_bytes >> 20).to_string(),
+                        (s.write_bytes >> 20).to_string(),
+                        us(&s.read_latency_buckets, 0.99),
+                        us(&s.write_latency_buckets, 0.99),
+                        s.errors.to_string(),
+                    ]
+                })
+                .collect(),
+        );
+        format!("{reactors}\n{exports}")
+    })
 }
 
 #[cfg(test)]
