@@ -4,6 +4,7 @@
 //! [`pb::appliance_server::Appliance`]; nothing here knows the daemon.
 
 pub mod client;
+pub mod latency;
 pub mod server;
 
 /// Generated messages, client and server trait.

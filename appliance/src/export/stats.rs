@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bdev::IoOp;
 
-/// Histogram buckets: bucket `i` holds latencies below `256 ns << i`.
-pub const BUCKETS: usize = 32;
+/// Histogram buckets: bucket `i` holds latencies below `256 ns << i`
+/// (the layout the API sends, [`mgmt::latency`]).
+pub const BUCKETS: usize = mgmt::latency::BUCKETS;
 
 /// One queue's counters.
 #[derive(Default)]
@@ -130,19 +131,7 @@ impl IoSnapshot {
 /// The `q` quantile (0..=1) of a histogram, as the upper bound of its
 /// bucket; `None` if it is empty.
 pub fn quantile(h: &[u64; BUCKETS], q: f64) -> Option<Duration> {
-    let total: u64 = h.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, &n) in h.iter().enumerate() {
-        seen += n;
-        if seen >= rank {
-            return Some(Duration::from_nanos(256u64 << i));
-        }
-    }
-    Some(Duration::from_nanos(256u64 << (BUCKETS - 1)))
+    mgmt::latency::quantile_ns(h, q).map(Duration::from_nanos)
 }
 
 #[cfg(test)]

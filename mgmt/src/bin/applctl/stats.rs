@@ -27,22 +27,10 @@ pub struct Rates {
     pub inflight: u64,
 }
 
-/// The `q` quantile of a histogram (bucket i: below 256 ns << i) as its
-/// bucket's upper bound, in microseconds.
+/// The `q` quantile of a histogram ([`mgmt::latency`]) as its bucket's
+/// upper bound, in microseconds.
 pub fn quantile_us(h: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = h.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, &n) in h.iter().enumerate() {
-        seen += n;
-        if seen >= rank {
-            return Some((256u64 << i.min(40)) as f64 / 1000.0);
-        }
-    }
-    None
+    mgmt::latency::quantile_ns(h, q).map(|ns| ns as f64 / 1000.0)
 }
 
 fn delta(a: &[u64], b: &[u64]) -> Vec<u64> {
