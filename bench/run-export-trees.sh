@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # What a tree's export path costs against another tree's and against
 # qemu-storage-daemon, in instructions per 4 KiB random read (callgrind:
-# steady on a shared machine). Each backend serves a null device over
-# vhost-user-blk on one core, runs once idle and once driven by this
-# tree's vhostbench; (driven - idle) / IOs is its cost per IO.
+# steady on a shared machine; see callgrind-lib.sh). Each backend serves
+# over vhost-user-blk on one core.
 # Usage: bench/run-export-trees.sh OLD_REV [NEW_REV=HEAD]. Builds each tree
 # in a worktree under /tmp; appends a table to
 # bench/results/export-trees-DATE.md.
@@ -13,30 +12,8 @@ old=${1:?old revision}; new=${2:-HEAD}
 deploy/install-deps.sh bench
 cargo build --release -q -p bench
 sock=/tmp/export-trees.sock
-count() { # label, drive(0/1), backend command...
-  local label=$1 drive=$2; shift 2
-  rm -f $sock
-  valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" >/dev/null 2>/tmp/cg.$label.$drive &
-  local pid=$!
-  for _ in $(seq 600); do [ -S $sock ] && break; sleep 0.1; done
-  local ios=0
-  if [ "$drive" = 1 ]; then
-    ios=$(target/release/vhostbench --socket $sock --backend-pid $pid --rw randread --core 1 --seconds 5 --warmup 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ios"])')
-  else
-    sleep 1
-  fi
-  kill -TERM $pid; wait $pid 2>/dev/null || true
-  local ir
-  ir=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' /tmp/cg.$label.$drive)
-  echo "$ir $ios"
-}
-per_io() { # label, backend command...
-  local label=$1; shift
-  local i0 i1 n
-  read -r i0 _ < <(count "$label" 0 "$@")
-  read -r i1 n < <(count "$label" 1 "$@")
-  echo "$(( (i1 - i0) / n )) $n"
-}
+# shellcheck source=bench/callgrind-lib.sh
+source bench/callgrind-lib.sh
 rows=()
 for rev in "$old" "$new"; do
   short=$(git rev-parse --short "$rev")
