@@ -224,10 +224,7 @@ fn start_reloader(
                             format!("reload failed: {e}")
                         }
                     };
-                    crate::service::notify(&[
-                        crate::service::NotifyState::Ready,
-                        crate::service::NotifyState::Status(&line),
-                    ]);
+                    crate::service::ready(&line);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -260,10 +257,7 @@ pub fn serve(
             set.len(),
             socket.display()
         );
-        crate::service::notify(&[
-            crate::service::NotifyState::Ready,
-            crate::service::NotifyState::Status(&line),
-        ]);
+        crate::service::ready(&line);
         println!(
             "appliance {} listening on {}",
             env!("CARGO_PKG_VERSION"),

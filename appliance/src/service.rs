@@ -25,6 +25,12 @@ pub fn status(text: &str) {
     notify(&[NotifyState::Status(&line)]);
 }
 
+/// READY=1 with a STATUS= line, as [`status`] writes it.
+pub fn ready(text: &str) {
+    let line = text.replace('\n', " ");
+    notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+}
+
 /// The watchdog interval systemd asked for (WatchdogSec=), if it did and
 /// the request is for this process.
 pub fn watchdog_interval() -> Option<Duration> {
