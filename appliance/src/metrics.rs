@@ -1,149 +1,601 @@
-//! Prometheus metrics: a sampler thread reads the counters the data path
-//! keeps anyway (per-queue IO stats, reactor stats, quiesce stats, volume
-//! state) once a period and publishes them through the `metrics` crate.
-//! The IO path itself never calls into the metrics recorder: a recorder
-//! call per IO (a map lookup and shared atomics) would cost more than the
-//! rest of a RAM read.
+//! Prometheus metrics, collected when scraped: each GET /metrics reads the
+//! counters the data path keeps anyway (per-queue IO stats and latency
+//! histograms, device error counts, reactor and quiesce stats, volume
+//! state) and writes them in the OpenMetrics text format.
+//!
+//! The IO path never calls into a metrics library: a recorder call per IO
+//! (a map lookup and shared atomics) would cost more than the rest of a RAM
+//! read. Rates and quantiles are left to Prometheus (`rate()`,
+//! `histogram_quantile()`), so series from many hosts aggregate; values are
+//! in base units (seconds, bytes) and every family has HELP text. A deleted
+//! export or volume simply stops appearing.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use metrics::{counter, gauge};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 
-use crate::export::stats::{quantile, IoSnapshot};
 use crate::manager::Manager;
 
-/// How often the sampler publishes.
-pub const PERIOD: Duration = Duration::from_secs(1);
+/// The content type of a scrape.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Start the HTTP listener on `addr` (GET /metrics) and the sampler; the
-/// sampler stops when `stop` is set.
+/// Start the HTTP listener on `addr` (GET /metrics) on a thread of its
+/// own; it stops when `stop` is set. The address is bound before this
+/// returns, so a port in use is reported at start-up.
 pub fn start(
     addr: SocketAddr,
     mgr: Arc<Manager>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        // The sampler refreshes every live series each period; the series
-        // of a deleted export or volume stop changing and go away.
-        .idle_timeout(metrics_util::MetricKindMask::ALL, Some(PERIOD * 10))
-        .install()
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+    let registry = Arc::new(registry(mgr));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            let mut s = Sampler::default();
-            while !stop.load(Ordering::SeqCst) {
-                s.sample(&mgr);
-                std::thread::sleep(PERIOD);
-            }
-        })
-        .map_err(|e| format!("spawning the metrics sampler: {e}"))
-}
-
-/// What the last sample saw, for rates.
-#[derive(Default)]
-pub struct Sampler {
-    at: Option<Instant>,
-    exports: HashMap<String, IoSnapshot>,
-    busy: HashMap<usize, u64>,
-}
-
-impl Sampler {
-    /// Publish everything once.
-    pub fn sample(&mut self, mgr: &Manager) {
-        let now = Instant::now();
-        let secs = self.at.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
-        self.at = Some(now);
-
-        for (name, volume, s) in mgr.export_stats() {
-            let l = [("export", name.clone()), ("volume", volume)];
-            counter!("appliance_export_reads_total", &l).absolute(s.reads);
-            counter!("appliance_export_writes_total", &l).absolute(s.writes);
-            counter!("appliance_export_read_bytes_total", &l).absolute(s.read_bytes);
-            counter!("appliance_export_written_bytes_total", &l).absolute(s.write_bytes);
-            counter!("appliance_export_other_requests_total", &l).absolute(s.others);
-            counter!("appliance_export_errors_total", &l).absolute(s.errors);
-            counter!("appliance_export_frontend_faults_total", &l).absolute(s.frontend_faults);
-            gauge!("appliance_export_queue_depth", &l).set(s.inflight as f64);
-            let prev = self.exports.get(&name).cloned().unwrap_or_default();
-            if secs > 0.0 {
-                let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
-                gauge!("appliance_export_read_iops", &l).set(rate(s.reads, prev.reads));
-                gauge!("appliance_export_write_iops", &l).set(rate(s.writes, prev.writes));
-                gauge!("appliance_export_read_bytes_per_second", &l)
-                    .set(rate(s.read_bytes, prev.read_bytes));
-                gauge!("appliance_export_write_bytes_per_second", &l)
-                    .set(rate(s.write_bytes, prev.write_bytes));
-            }
-            // Latency over the last period; left as it was if no IO ran.
-            let h = prev.latency_since(&s);
-            for (k, op) in ["read", "write"].iter().enumerate() {
-                for q in ["0.5", "0.9", "0.99"] {
-                    let qf: f64 = q.parse().unwrap_or(0.5);
-                    if let Some(d) = quantile(&h[k], qf) {
-                        gauge!(
-                            format!("appliance_export_{op}_latency_seconds"),
-                            "export" => name.clone(),
-                            "quantile" => q
-                        )
-                        .set(d.as_secs_f64());
-                    }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics: no runtime; not serving");
+                    return;
                 }
-            }
-            self.exports.insert(name, s);
-        }
-
-        for v in mgr.list_volumes() {
-            let l = [("volume", v.name.clone())];
-            gauge!("appliance_volume_degraded", &l).set((v.state == "degraded") as u8 as f64);
-            gauge!("appliance_volume_failed", &l).set((v.state == "failed") as u8 as f64);
-            gauge!("appliance_volume_size_bytes", &l).set(v.size_bytes as f64);
-            gauge!("appliance_volume_generation", &l).set(v.generation as f64);
-            let (fraction, running) = match &v.progress {
-                Some(p) if !p.finished => (p.fraction, 1.0),
-                _ => (1.0, 0.0),
             };
-            gauge!("appliance_volume_resync_fraction", &l).set(fraction);
-            gauge!("appliance_volume_resync_running", &l).set(running);
-            for state in ["in_sync", "rebuilding", "failed"] {
-                let n = v.members.iter().filter(|m| m.1 == state).count();
-                gauge!("appliance_volume_members", "volume" => v.name.clone(), "state" => state)
-                    .set(n as f64);
-            }
-            gauge!("appliance_volume_spares", &l).set(v.spares.len() as f64);
-            counter!("appliance_volume_quiesce_total", &l).absolute(v.quiesce.suspends);
-            gauge!("appliance_volume_quiesce_wait_seconds_total", &l)
-                .set(v.quiesce.wait_ns_total as f64 / 1e9);
-            gauge!("appliance_volume_quiesce_wait_seconds_max", &l)
-                .set(v.quiesce.wait_ns_max as f64 / 1e9);
-            if let Some((_, fill, cached, failed)) = v.journal_state {
-                gauge!("appliance_volume_journal_fill_ratio", &l).set(fill);
-                gauge!("appliance_volume_journal_cached_blocks", &l).set(cached as f64);
-                gauge!("appliance_volume_journal_failed", &l).set(failed as u8 as f64);
-            }
-            if let Some((_, regions, dirty)) = v.bitmap {
-                gauge!("appliance_volume_bitmap_regions", &l).set(regions as f64);
-                gauge!("appliance_volume_bitmap_dirty_regions", &l).set(dirty as f64);
-            }
-        }
+            rt.block_on(serve(listener, registry, stop));
+        })
+        .map_err(|e| format!("spawning the metrics listener: {e}"))
+}
 
-        let set = mgr.reactors();
-        for core in 0..set.len() {
-            let Some(st) = set.stats(core) else { continue };
-            let l = [("core", core.to_string())];
-            counter!("appliance_reactor_loops_total", &l).absolute(st.loops);
-            counter!("appliance_reactor_busy_nanoseconds_total", &l).absolute(st.busy_ns);
-            if let Some(prev) = self.busy.insert(core, st.busy_ns) {
-                if secs > 0.0 {
-                    let ratio = st.busy_ns.saturating_sub(prev) as f64 / 1e9 / secs;
-                    gauge!("appliance_reactor_busy_ratio", &l).set(ratio.min(1.0));
+async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: Arc<AtomicBool>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: listener not usable; not serving");
+            return;
+        }
+    };
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (
+                        axum::http::StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                        body,
+                    ),
+                    Err(_) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        "encoding the metrics failed\n".to_string(),
+                    ),
+                }
+            }
+        }),
+    );
+    let stopped = async move {
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped)
+        .await
+    {
+        tracing::error!(error = %e, "metrics listener stopped");
+    }
+}
+
+/// A registry whose only collector reads `mgr` on each scrape.
+pub fn registry(mgr: Arc<Manager>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(Appliance { mgr }));
+    r
+}
+
+/// Everything the daemon reports, collected at scrape time.
+struct Appliance {
+    mgr: Arc<Manager>,
+}
+
+impl std::fmt::Debug for Appliance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Appliance metrics")
+    }
+}
+
+/// One sample's value.
+enum Value {
+    Count(u64),
+    Seconds(f64),
+    Gauge(f64),
+    /// Sum, count, and per-bucket (not cumulative) counts by upper bound.
+    Histogram(f64, u64, Vec<(f64, u64)>),
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A family: name (without unit or `_total`), help, unit, type, samples.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    unit: Option<&'static Unit>,
+    kind: MetricType,
+    rows: Vec<(Labels, Value)>,
+}
+
+const SECONDS: Unit = Unit::Seconds;
+const BYTES: Unit = Unit::Bytes;
+
+impl Family {
+    fn new(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            unit: None,
+            kind: MetricType::Gauge,
+            rows: Vec::new(),
+        }
+    }
+
+    fn counter(mut self) -> Family {
+        self.kind = MetricType::Counter;
+        self
+    }
+
+    fn histogram(mut self) -> Family {
+        self.kind = MetricType::Histogram;
+        self
+    }
+
+    fn unit(mut self, u: &'static Unit) -> Family {
+        self.unit = Some(u);
+        self
+    }
+
+    fn add(&mut self, labels: Labels, v: Value) {
+        self.rows.push((labels, v));
+    }
+
+    fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        // A family with no samples (no export yet, no journal) is left
+        // out: some parsers take its metadata for the next family's.
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let mut f = enc.encode_descriptor(self.name, self.help, self.unit, self.kind)?;
+        for (labels, v) in &self.rows {
+            let m = f.encode_family(labels)?;
+            match v {
+                Value::Count(n) => ConstCounter::new(*n).encode(m)?,
+                Value::Seconds(s) => ConstCounter::new(*s).encode(m)?,
+                Value::Gauge(g) => ConstGauge::new(*g).encode(m)?,
+                Value::Histogram(sum, count, buckets) => {
+                    let mut m = m;
+                    m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?
                 }
             }
         }
+        Ok(())
+    }
+}
+
+fn g(b: bool) -> Value {
+    Value::Gauge(if b { 1.0 } else { 0.0 })
+}
+
+/// The Prometheus buckets of an export latency histogram: its own bucket
+/// bounds in seconds, the last one open (`+Inf`).
+fn latency_buckets(h: &[u64]) -> Vec<(f64, u64)> {
+    let last = h.len().saturating_sub(1);
+    h.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let le = if i == last {
+                f64::MAX
+            } else {
+                mgmt::latency::bound_ns(i) as f64 / 1e9
+            };
+            (le, n)
+        })
+        .collect()
+}
+
+impl Collector for Appliance {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        for f in collect(&self.mgr) {
+            f.encode(&mut enc)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every family, read from the manager now.
+fn collect(mgr: &Manager) -> Vec<Family> {
+    let mut out = Vec::new();
+    let mut info = Family::new("appliance_build_info", "The daemon's version (always 1).");
+    info.add(
+        vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+        Value::Gauge(1.0),
+    );
+    out.push(info);
+    exports(mgr, &mut out);
+    volumes(mgr, &mut out);
+    devices(mgr, &mut out);
+    reactors(mgr, &mut out);
+    out
+}
+
+fn exports(mgr: &Manager, out: &mut Vec<Family>) {
+    let mut requests = Family::new(
+        "appliance_export_requests",
+        "Requests the export completed, by operation (other: flush, discard, write zeroes, get ID).",
+    )
+    .counter();
+    let mut bytes = Family::new("appliance_export_io", "Bytes read and written through the export.")
+    .counter()
+        .unit(&BYTES);
+    let mut errors = Family::new(
+        "appliance_export_errors",
+        "Requests answered with an error status (including ones refused before the volume).",
+    )
+    .counter();
+    let mut faults = Family::new(
+        "appliance_export_frontend_faults",
+        "Connections dropped because the frontend broke a virtqueue or its memory.",
+    )
+    .counter();
+    let mut inflight = Family::new(
+        "appliance_export_inflight_requests",
+        "Requests in flight now.",
+    );
+    // No UNIT line on the histogram (the name carries it): OpenMetrics
+    // parsers differ on whether a histogram may have one.
+    let mut latency = Family::new(
+        "appliance_export_request_duration_seconds",
+        "Time from a request's submission to its completion, measured on the reactor, by operation.",
+    )
+    
+    .histogram();
+    let mut connected = Family::new(
+        "appliance_export_connected",
+        "Whether a vhost-user frontend is connected (1) or not (0).",
+    );
+    let mut connections = Family::new(
+        "appliance_export_connections",
+        "vhost-user connections accepted.",
+    )
+    .counter();
+    for (name, volume, s) in mgr.export_stats() {
+        let l = |op: Option<&'static str>| {
+            let mut v = vec![("export", name.clone()), ("volume", volume.clone())];
+            if let Some(op) = op {
+                v.push(("op", op.to_string()));
+            }
+            v
+        };
+        requests.add(l(Some("read")), Value::Count(s.reads));
+        requests.add(l(Some("write")), Value::Count(s.writes));
+        requests.add(l(Some("other")), Value::Count(s.others));
+        bytes.add(l(Some("read")), Value::Count(s.read_bytes));
+        bytes.add(l(Some("write")), Value::Count(s.write_bytes));
+        errors.add(l(None), Value::Count(s.errors));
+        faults.add(l(None), Value::Count(s.frontend_faults));
+        inflight.add(l(None), Value::Gauge(s.inflight as f64));
+        for (k, op) in ["read", "write"].into_iter().enumerate() {
+            let h = &s.latency[k];
+            let count = h.iter().fold(0u64, |a, &n| a.saturating_add(n));
+            let sum = s.latency_sum_ns[k] as f64 / 1e9;
+            latency.add(l(Some(op)), Value::Histogram(sum, count, latency_buckets(h)));
+        }
+    }
+    for e in mgr.list_exports() {
+        let l = vec![("export", e.decl.name.clone()), ("volume", e.decl.volume.clone())];
+        connected.add(l.clone(), g(e.connected));
+        connections.add(l, Value::Count(e.connections));
+    }
+    out.extend([
+        requests,
+        bytes,
+        errors,
+        faults,
+        inflight,
+        latency,
+        connected,
+        connections,
+    ]);
+}
+
+fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
+    let f = Family::new;
+    let mut info = f(
+        "appliance_volume_info",
+        "A volume's level, layout and consistency policy (always 1).",
+    );
+    let mut state = f(
+        "appliance_volume_state",
+        "The volume's state: 1 for the one it is in (optimal, degraded, failed), 0 for the others.",
+    );
+    let mut size = f("appliance_volume_size", "The volume's capacity.").unit(&BYTES);
+    let mut generation = f(
+        "appliance_volume_generation",
+        "The configuration generation (bumped by every change of the member set).",
+    );
+    let mut members = f(
+        "appliance_volume_members",
+        "Member slots by state (in_sync, rebuilding, failed, removed).",
+    );
+    let mut member_errors = f(
+        "appliance_volume_member_errors",
+        "IOs that failed on a member, by slot and device.",
+    )
+    .counter();
+    let mut spares = f("appliance_volume_spares", "Spare devices assigned to the volume.");
+    let mut running = f(
+        "appliance_volume_background_running",
+        "Whether a rebuild, replacement or scrub runs (1) or not (0), by kind.",
+    );
+    let mut progress = f(
+        "appliance_volume_background_progress_ratio",
+        "How far the running or last rebuild, replacement or scrub got.",
+    );
+    let mut eta = f(
+        "appliance_volume_background_eta",
+        "Time left for the running background work at its rate so far (absent when unknown).",
+    )
+    .unit(&SECONDS);
+    let mut mismatches = f(
+        "appliance_volume_background_mismatches",
+        "Parity or mirror mismatches the running or last scrub found.",
+    );
+    let mut quiesces = f(
+        "appliance_volume_quiesces",
+        "Suspends of the volume's IO that completed (every reactor acknowledged).",
+    )
+    .counter();
+    let mut quiesce_wait = f(
+        "appliance_volume_quiesce_wait",
+        "Total time suspends waited for every reactor to acknowledge.",
+    )
+    .counter()
+    .unit(&SECONDS);
+    let mut quiesce_max = f(
+        "appliance_volume_quiesce_wait_max",
+        "The longest wait of one suspend for every reactor to acknowledge.",
+    )
+    .unit(&SECONDS);
+    let mut pending = f(
+        "appliance_volume_pending_changes",
+        "Changes waiting to be applied (ones that hit a quiesce deadline and are retried).",
+    );
+    let mut fill = f(
+        "appliance_volume_journal_fill_ratio",
+        "How full the journal's log is.",
+    );
+    let mut cached = f(
+        "appliance_volume_journal_cached_blocks",
+        "Write-back blocks in the journal's cache, not on the members yet.",
+    );
+    let mut jfailed = f(
+        "appliance_volume_journal_failed",
+        "Whether the journal device failed (1; the volume goes on without it) or not (0).",
+    );
+    let mut records = f(
+        "appliance_volume_journal_records",
+        "Records written to the journal's log.",
+    )
+    .counter();
+    let mut jblocks = f(
+        "appliance_volume_journal_written_blocks",
+        "Log blocks the journal's records took (headers, data and parity).",
+    )
+    .counter();
+    let mut checkpoints = f(
+        "appliance_volume_journal_checkpoints",
+        "Journal checkpoints recorded (the log freed up to them).",
+    )
+    .counter();
+    let mut regions = f(
+        "appliance_volume_bitmap_regions",
+        "Regions of the write-intent bitmap.",
+    );
+    let mut dirty = f(
+        "appliance_volume_bitmap_dirty_regions",
+        "Regions the write-intent bitmap marks dirty now.",
+    );
+    for v in mgr.list_volumes() {
+        let l = || vec![("volume", v.name.clone())];
+        let with = |k: &'static str, val: &str| {
+            let mut x = l();
+            x.push((k, val.to_string()));
+            x
+        };
+        let mut i = l();
+        i.push(("level", v.level.name().to_string()));
+        i.push(("layout", v.layout.clone()));
+        i.push(("consistency_policy", v.consistency_policy.to_string()));
+        info.add(i, Value::Gauge(1.0));
+        for s in ["optimal", "degraded", "failed"] {
+            state.add(with("state", s), g(v.state == s));
+        }
+        size.add(l(), Value::Gauge(v.size_bytes as f64));
+        generation.add(l(), Value::Gauge(v.generation as f64));
+        for s in ["in_sync", "rebuilding", "failed", "removed"] {
+            let n = v.members.iter().filter(|m| m.1 == s).count();
+            members.add(with("state", s), Value::Gauge(n as f64));
+        }
+        for (slot, ((dev, _), errs)) in v.members.iter().zip(&v.member_errors).enumerate() {
+            let mut x = with("slot", &slot.to_string());
+            x.push(("device", dev.clone()));
+            member_errors.add(x, Value::Count(*errs));
+        }
+        spares.add(l(), Value::Gauge(v.spares.len() as f64));
+        for kind in ["rebuild", "replace", "scrub"] {
+            let on = v
+                .progress
+                .as_ref()
+                .is_some_and(|p| p.kind == kind && !p.finished);
+            running.add(with("kind", kind), g(on));
+        }
+        if let Some(p) = &v.progress {
+            progress.add(with("kind", p.kind), Value::Gauge(p.fraction));
+            if !p.finished && p.eta_seconds >= 0.0 {
+                eta.add(with("kind", p.kind), Value::Gauge(p.eta_seconds));
+            }
+            if p.kind == "scrub" {
+                mismatches.add(l(), Value::Gauge(p.mismatches as f64));
+            }
+        }
+        quiesces.add(l(), Value::Count(v.quiesce.suspends));
+        quiesce_wait.add(l(), Value::Seconds(v.quiesce.wait_ns_total as f64 / 1e9));
+        quiesce_max.add(l(), Value::Gauge(v.quiesce.wait_ns_max as f64 / 1e9));
+        pending.add(l(), Value::Gauge(v.pending_changes as f64));
+        if let Some((_, f, c, failed)) = v.journal_state {
+            fill.add(l(), Value::Gauge(f));
+            cached.add(l(), Value::Gauge(c as f64));
+            jfailed.add(l(), g(failed));
+        }
+        if let Some(c) = v.journal_counts {
+            records.add(l(), Value::Count(c.records));
+            jblocks.add(l(), Value::Count(c.blocks));
+            checkpoints.add(l(), Value::Count(c.checkpoints));
+        }
+        if let Some((_, r, d)) = v.bitmap {
+            regions.add(l(), Value::Gauge(r as f64));
+            dirty.add(l(), Value::Gauge(d as f64));
+        }
+    }
+    out.extend([
+        info,
+        state,
+        size,
+        generation,
+        members,
+        member_errors,
+        spares,
+        running,
+        progress,
+        eta,
+        mismatches,
+        quiesces,
+        quiesce_wait,
+        quiesce_max,
+        pending,
+        fill,
+        cached,
+        jfailed,
+        records,
+        jblocks,
+        checkpoints,
+        regions,
+        dirty,
+    ]);
+}
+
+fn devices(mgr: &Manager, out: &mut Vec<Family>) {
+    let f = Family::new;
+    let mut info = f(
+        "appliance_device_info",
+        "A device's kind and what uses it (always 1).",
+    );
+    let mut size = f("appliance_device_size", "The device's capacity.").unit(&BYTES);
+    let mut failed = f(
+        "appliance_device_failed",
+        "Whether the device failed as a volume member (1) or not (0).",
+    );
+    let mut errors = f(
+        "appliance_device_io_errors",
+        "Requests the device completed with an error.",
+    )
+    .counter();
+    let mut timeouts = f(
+        "appliance_device_timeouts",
+        "Commands that did not complete within the device's time-out (NVMe).",
+    )
+    .counter();
+    let mut aborts = f(
+        "appliance_device_aborts",
+        "Abort commands sent for timed-out commands (NVMe).",
+    )
+    .counter();
+    let mut resets = f("appliance_device_resets", "Controller resets (NVMe).")
+    .counter();
+    for d in mgr.list_devices() {
+        let l = || vec![("device", d.decl.name.clone())];
+        let kind = d.decl.spec.split(':').next().unwrap_or_default().to_string();
+        let mut i = l();
+        i.push(("kind", kind));
+        i.push(("used_by", d.used_by.clone()));
+        info.add(i, Value::Gauge(1.0));
+        let bytes = d.num_blocks.saturating_mul(d.decl.block_size as u64);
+        size.add(l(), Value::Gauge(bytes as f64));
+        failed.add(l(), g(d.health == "failed"));
+        errors.add(l(), Value::Count(d.errors.io_errors));
+        timeouts.add(l(), Value::Count(d.errors.timeouts));
+        aborts.add(l(), Value::Count(d.errors.aborts));
+        resets.add(l(), Value::Count(d.errors.resets));
+    }
+    out.extend([info, size, failed, errors, timeouts, aborts, resets]);
+}
+
+fn reactors(mgr: &Manager, out: &mut Vec<Family>) {
+    let f = Family::new;
+    let mut loops = f("appliance_reactor_loops", "Reactor loop iterations.")
+    .counter();
+    let mut busy = f(
+        "appliance_reactor_busy",
+        "Time the reactor spent in iterations that did work (rate() of it is the busy ratio).",
+    )
+    .counter()
+    .unit(&SECONDS);
+    let mut messages = f(
+        "appliance_reactor_messages",
+        "Messages the reactor ran (work sent by the control plane).",
+    )
+    .counter();
+    let mut sleeps = f(
+        "appliance_reactor_sleeps",
+        "Times the reactor went to sleep for lack of work.",
+    )
+    .counter();
+    let set = mgr.reactors();
+    for core in 0..set.len() {
+        let Some(st) = set.stats(core) else { continue };
+        let l = vec![("reactor", core.to_string())];
+        loops.add(l.clone(), Value::Count(st.loops));
+        busy.add(l.clone(), Value::Seconds(st.busy_ns as f64 / 1e9));
+        messages.add(l.clone(), Value::Count(st.messages));
+        sleeps.add(l, Value::Count(st.sleeps));
+    }
+    out.extend([loops, busy, messages, sleeps]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_in_seconds_and_end_open() {
+        let mut h = [0u64; mgmt::latency::BUCKETS];
+        h[0] = 2;
+        h[5] = 3;
+        let b = latency_buckets(&h);
+        assert_eq!(b.len(), h.len());
+        assert_eq!(b[0], (256e-9, 2));
+        assert_eq!(b[5], ((256u64 << 5) as f64 / 1e9, 3));
+        assert_eq!(b.last().map(|x| x.0), Some(f64::MAX));
     }
 }

@@ -122,42 +122,57 @@ num_queues = 2
     let _reap = KillOnPanic(daemon.id());
 
     // Metrics move under IO.
-    let vm = r#"export="vm""#;
     let mut disk = common::Disk::connect(&sock).unwrap();
     for i in 0..16u64 {
         disk.buf().fill(i as u8);
         assert_eq!(disk.write(i << 20, common::Disk::BUF), 0);
     }
     assert_eq!(disk.read(0, common::Disk::BUF), 0);
-    wait_metric(&metrics, "appliance_export_writes_total", vm, |v| v >= 16.0);
-    let bytes = wait_metric(&metrics, "appliance_export_written_bytes_total", vm, |v| {
+    let (writes, reads) = (
+        r#"export="vm",volume="vol0",op="write""#,
+        r#"export="vm",volume="vol0",op="read""#,
+    );
+    wait_metric(&metrics, "appliance_export_requests_total", writes, |v| {
+        v >= 16.0
+    });
+    let bytes = wait_metric(&metrics, "appliance_export_io_bytes_total", writes, |v| {
         v > 0.0
     });
     assert_eq!(bytes, (16 << 20) as f64);
-    wait_metric(&metrics, "appliance_export_reads_total", vm, |v| v >= 1.0);
-    let p99 = wait_metric(
+    wait_metric(&metrics, "appliance_export_requests_total", reads, |v| {
+        v >= 1.0
+    });
+    let timed = wait_metric(
         &metrics,
-        "appliance_export_write_latency_seconds",
-        r#"quantile="0.99""#,
-        |v| v > 0.0,
+        "appliance_export_request_duration_seconds_count",
+        writes,
+        |v| v >= 16.0,
     );
-    assert!(p99 < 10.0, "{p99}");
+    let inf = wait_metric(
+        &metrics,
+        "appliance_export_request_duration_seconds_bucket",
+        &format!("le=\"+Inf\",{writes}"),
+        |v| v >= 16.0,
+    );
+    assert!(inf >= timed, "{inf} {timed}");
     wait_metric(
         &metrics,
         "appliance_reactor_loops_total",
-        r#"core="1""#,
+        r#"reactor="1""#,
         |v| v > 0.0,
     );
     wait_metric(
         &metrics,
-        "appliance_volume_degraded",
-        r#"volume="vol0""#,
-        |v| v == 0.0,
+        "appliance_volume_state",
+        r#"volume="vol0",state="optimal""#,
+        |v| v == 1.0,
     );
     for i in 16..24u64 {
         assert_eq!(disk.write(i << 20, common::Disk::BUF), 0);
     }
-    wait_metric(&metrics, "appliance_export_writes_total", vm, |v| v >= 24.0);
+    wait_metric(&metrics, "appliance_export_requests_total", writes, |v| {
+        v >= 24.0
+    });
     drop(disk);
 
     let table = ok(&applctl(&api, &["volume", "list"]));
@@ -180,14 +195,14 @@ num_queues = 2
     assert!(waited.contains("rebuild finished"), "{waited}");
     wait_metric(
         &metrics,
-        "appliance_volume_quiesce_total",
+        "appliance_volume_quiesces_total",
         r#"volume="vol0""#,
         |v| v >= 2.0,
     );
     wait_metric(
         &metrics,
-        "appliance_volume_resync_fraction",
-        r#"volume="vol0""#,
+        "appliance_volume_background_progress_ratio",
+        r#"volume="vol0",kind="rebuild""#,
         |v| v == 1.0,
     );
     let devices = ok(&applctl(&api, &["device", "list"]));

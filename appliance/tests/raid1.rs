@@ -25,6 +25,7 @@ fn member(dev: Arc<dyn BlockDevice>) -> Member {
         state: MemberState::InSync,
         write_mostly: false,
         gone: Default::default(),
+        errors: Default::default(),
     }
 }
 

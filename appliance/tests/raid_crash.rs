@@ -399,6 +399,7 @@ fn cut_lose_and_cut_replay(
                     },
                     write_mostly: false,
                     gone: Default::default(),
+                    errors: Default::default(),
                 })
                 .collect(),
             chunk,

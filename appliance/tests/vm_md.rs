@@ -38,6 +38,7 @@ fn volume(paths: &[PathBuf], layout: Layout, chunk: u32) -> Raid5Device {
             state: MemberState::InSync,
             write_mostly: false,
             gone: Default::default(),
+            errors: Default::default(),
         })
         .collect();
     Raid5Device::new(
@@ -165,6 +166,7 @@ fn md_and_the_appliance_share_raid1() {
                 state: MemberState::InSync,
                 write_mostly: false,
                 gone: Default::default(),
+                errors: Default::default(),
             })
             .collect();
         Raid1Device::new("mirror", members, 0, FailureSink::none()).unwrap()

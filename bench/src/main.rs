@@ -549,6 +549,7 @@ fn raid(
                 state: MemberState::InSync,
                 write_mostly: false,
                 gone: Default::default(),
+                errors: Default::default(),
             })
         })
         .collect::<Result<_, _>>()?;
@@ -726,6 +727,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
                     state: MemberState::InSync,
                     write_mostly: false,
                     gone: Default::default(),
+                    errors: Default::default(),
                 })
                 .collect(),
             64 << 10,

@@ -21,6 +21,9 @@ pub const BUCKETS: usize = mgmt::latency::BUCKETS;
 pub struct IoStats {
     c: [AtomicU64; 7],
     lat: [[AtomicU64; BUCKETS]; 2],
+    /// Sums of the latencies in `lat`, in nanoseconds (a Prometheus
+    /// histogram carries its sum).
+    lat_sum_ns: [AtomicU64; 2],
 }
 
 const READS: usize = 0;
@@ -57,6 +60,7 @@ impl IoStats {
         }
         if let Some(l) = lat {
             bump(&self.lat[l][bucket(latency)], 1);
+            bump(&self.lat_sum_ns[l], latency.as_nanos() as u64);
         }
         if !ok {
             bump(&self.c[ERRORS], 1);
@@ -83,6 +87,9 @@ impl IoStats {
         s.others += v(OTHERS);
         s.errors += v(ERRORS);
         s.inflight += v(INFLIGHT);
+        for (k, sum) in self.lat_sum_ns.iter().enumerate() {
+            s.latency_sum_ns[k] += sum.load(Ordering::Relaxed);
+        }
         for (k, h) in self.lat.iter().enumerate() {
             for (i, b) in h.iter().enumerate() {
                 s.latency[k][i] += b.load(Ordering::Relaxed);
@@ -113,6 +120,8 @@ pub struct IoSnapshot {
     pub frontend_faults: u64,
     /// Latency histograms of reads (0) and writes (1).
     pub latency: [[u64; BUCKETS]; 2],
+    /// The sums of their latencies, in nanoseconds.
+    pub latency_sum_ns: [u64; 2],
 }
 
 impl IoSnapshot {
@@ -164,5 +173,6 @@ mod tests {
         let p999 = quantile(&snap.latency[0], 0.999).unwrap();
         assert!(p999 >= Duration::from_millis(1), "{p999:?}");
         assert_eq!(quantile(&snap.latency[1], 0.5), None);
+        assert_eq!(snap.latency_sum_ns, [99 * 3000 + 1_000_000, 0]);
     }
 }

@@ -120,6 +120,7 @@ impl Manager {
             decl: decl.clone(),
             used_by: String::new(),
             health: "ok",
+            errors: dev.error_counts(),
         };
         self.shared.roles.attach(&dev);
         inv.devices.insert(decl.name.clone(), Dev { decl, dev });
@@ -307,6 +308,7 @@ impl Manager {
             num_blocks: dev.info().num_blocks,
             used_by: String::new(),
             health: "ok",
+            errors: dev.error_counts(),
         }
     }
 
@@ -348,6 +350,7 @@ impl Manager {
             num_blocks: dev.info().num_blocks,
             used_by: used,
             health,
+            errors: dev.error_counts(),
         })
     }
 }

@@ -225,6 +225,8 @@ pub struct DeviceView {
     pub used_by: String,
     /// "ok", "failed" or "rebuilding".
     pub health: &'static str,
+    /// Errors, time-outs, aborts and resets the device counted.
+    pub errors: bdev::ErrorCounts,
 }
 
 /// A rebuild or scrub as shown.
@@ -269,6 +271,8 @@ pub struct VolumeView {
     pub layout: String,
     /// (device, state) by slot.
     pub members: Vec<(String, &'static str)>,
+    /// IOs that failed on each slot's device while in the slot.
+    pub member_errors: Vec<u64>,
     /// Members marked write-mostly.
     pub write_mostly: Vec<String>,
     /// Spare device names.
@@ -286,6 +290,8 @@ pub struct VolumeView {
     /// The journal's mode, log fill (0..=1), write-back cached blocks and
     /// whether its device failed (the volume then goes on without it).
     pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64, bool)>,
+    /// What the journal has written and checkpointed so far.
+    pub journal_counts: Option<crate::raid::journal::JournalCounts>,
     /// How the volume stays consistent after an unclean shutdown (md's
     /// consistency_policy): "resync" (the whole volume), "bitmap" (the
     /// regions the write-intent bitmap marks), "journal", or "none".

@@ -609,6 +609,7 @@ impl Manager {
         let pending_changes = snap.as_ref().map_or(0, |s| s.pending);
         let serialize = snap.as_ref().is_some_and(|snap| snap.serialize);
         let write_behind = snap.as_ref().map_or((0, 0), |snap| snap.write_behind);
+        let member_errors = snap.as_ref().map_or(vec![0], |snap| snap.errors.clone());
         let (members, spares, state, progress) = match snap {
             Some(snap) => {
                 let down = snap
@@ -684,6 +685,7 @@ impl Manager {
                 String::new()
             },
             members,
+            member_errors,
             write_mostly,
             spares,
             progress,
@@ -702,6 +704,7 @@ impl Manager {
             journal_state: journal
                 .as_ref()
                 .map(|j| (j.mode(), j.usage(), j.cache().len(), j.has_failed())),
+            journal_counts: journal.as_ref().map(|j| j.counts()),
             suspended_whole: lock(&v.held).is_some(),
             quiescing: v.volume.quiesce().is_suspended(),
             pending_changes,

@@ -57,6 +57,9 @@ pub struct Member {
     /// publishes one with the member failed. Shared by every generation
     /// that keeps this device in this slot.
     pub gone: Arc<AtomicBool>,
+    /// IOs that failed on this device in this slot, shared like `gone`
+    /// (for metrics; bumped only on an error).
+    pub errors: Arc<AtomicU64>,
 }
 
 /// Bit of a superblock slot byte that marks a write-mostly member.
@@ -70,6 +73,7 @@ impl Member {
             state,
             write_mostly: false,
             gone: Arc::default(),
+            errors: Arc::default(),
         }
     }
 
@@ -317,6 +321,7 @@ impl FailureSink {
     /// in the ledger and tells the monitor; later ones do nothing. Called
     /// on a reactor, only when an IO has failed.
     pub fn report(&self, slot: usize, member: &Member, error: IoError) {
+        member.errors.fetch_add(1, Ordering::Relaxed);
         let Some(seq) = self.ledger.report(member) else {
             return;
         };

@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub members: Vec<String>,
     /// Write-mostly flags by slot.
     pub write_mostly: Vec<bool>,
+    /// IOs that failed on each slot's device while in the slot.
+    pub errors: Vec<u64>,
     /// Spare device names.
     pub spares: Vec<String>,
     /// Members the level can lose without losing data.
@@ -211,6 +213,11 @@ impl Published {
                 .map(|m| m.dev.info().name.clone())
                 .collect(),
             write_mostly: set.members.iter().map(|m| m.write_mostly).collect(),
+            errors: set
+                .members
+                .iter()
+                .map(|m| m.errors.load(Ordering::Relaxed))
+                .collect(),
             spares: self.spares.iter().map(|d| d.info().name.clone()).collect(),
             max_failures: d.max_failures(),
             rebuild: self.rebuild.clone(),
@@ -996,6 +1003,7 @@ mod tests {
         Snapshot {
             members: states.iter().map(|_| String::new()).collect(),
             write_mostly: states.iter().map(|_| false).collect(),
+            errors: states.iter().map(|_| 0).collect(),
             states,
             spares: vec![],
             max_failures: 1,

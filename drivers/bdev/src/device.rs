@@ -168,6 +168,21 @@ pub trait IoChannel {
     fn inflight(&self) -> usize;
 }
 
+/// What went wrong on a device since it was opened, counted for metrics.
+/// Counters only go up; each is bumped only when the event happens, so the
+/// IO path pays nothing for them while IO succeeds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorCounts {
+    /// Requests that completed with an error.
+    pub io_errors: u64,
+    /// Commands that did not complete in time.
+    pub timeouts: u64,
+    /// Commands the driver asked the device to abort.
+    pub aborts: u64,
+    /// Controller resets.
+    pub resets: u64,
+}
+
 /// A block device: shared by all cores, each of which opens its own channel.
 pub trait BlockDevice: Send + Sync {
     /// What the device is.
@@ -186,6 +201,11 @@ pub trait BlockDevice: Send + Sync {
             "{}: this kind of device cannot be resized (asked for {num_blocks} blocks)",
             self.info().name
         )))
+    }
+
+    /// Its error counters (devices that cannot fail report zeros).
+    fn error_counts(&self) -> ErrorCounts {
+        ErrorCounts::default()
     }
 
     /// Drop every write that has not been flushed, as a power cut would.

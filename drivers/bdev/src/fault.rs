@@ -211,6 +211,13 @@ impl BlockDevice for FaultDevice {
         &self.info
     }
 
+    /// The wrapped device's counts, plus the failures injected here.
+    fn error_counts(&self) -> crate::ErrorCounts {
+        let mut c = self.inner.error_counts();
+        c.io_errors += self.control.injected();
+        c
+    }
+
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
         if self.control.refuse_channels.load(Ordering::SeqCst) {
             return Err(BdevError::Os {
@@ -303,6 +310,7 @@ impl IoChannel for FaultChannel {
             // with success.
             if pulled {
                 c.result = Err(IoError::DeviceFailed);
+                self.control.injected.fetch_add(1, Ordering::Relaxed);
             }
             if latency == 0 && self.delayed.is_empty() {
                 out.push(c);

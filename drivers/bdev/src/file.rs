@@ -28,6 +28,9 @@ struct Inner {
     buffered: File,
     direct: Option<File>,
     is_block_device: bool,
+    /// Requests that completed with an error, on any channel (shared with
+    /// a resized copy: the same storage).
+    io_errors: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A device on a regular file or a block device node.
@@ -166,6 +169,7 @@ impl FileDevice {
                 path: path.to_path_buf(),
                 buffered,
                 direct,
+                io_errors: Default::default(),
                 is_block_device,
             }),
         })
@@ -217,6 +221,13 @@ impl BlockDevice for FileDevice {
         &self.inner.info
     }
 
+    fn error_counts(&self) -> crate::ErrorCounts {
+        crate::ErrorCounts {
+            io_errors: self.inner.io_errors.load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        }
+    }
+
     /// A regular file is truncated or extended (the new tail reads as
     /// zeroes); a block device node's size belongs to the kernel.
     fn resized(&self, num_blocks: u64) -> Result<Arc<dyn BlockDevice>, BdevError> {
@@ -260,6 +271,7 @@ impl BlockDevice for FileDevice {
                 path: inner.path.clone(),
                 buffered,
                 direct,
+                io_errors: inner.io_errors.clone(),
                 is_block_device: false,
             }),
         }))
@@ -465,6 +477,9 @@ impl IoChannel for FileChannel {
             } else {
                 Ok(())
             };
+            if result.is_err() {
+                (self.inner.io_errors).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             out.push(Completion {
                 tag: slot.tag,
                 result,

@@ -24,7 +24,7 @@ mod null;
 mod ram;
 
 pub use device::{
-    validate, BlockDevice, Completion, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList,
+    validate, BlockDevice, Completion, DeviceInfo, ErrorCounts, IoChannel, IoOp, IoRequest, IoVec, SgList,
     SubmitError,
 };
 pub use dma::{DmaBuf, DmaPool};

@@ -99,8 +99,19 @@ pub struct Controller {
     /// Resets since the last successful IO: a controller that needs one
     /// after another is failed instead of being reset forever.
     pub(crate) fruitless_resets: AtomicU32,
+    /// Errors, time-outs, aborts and resets so far, for metrics.
+    pub(crate) counts: Counts,
     /// Where channels report timed-out commands (the recovery thread).
     pub(crate) recovery: Mutex<Option<crate::recovery::RecoveryQueue>>,
+}
+
+/// What went wrong so far; each counter is bumped only when it happens.
+#[derive(Default)]
+pub(crate) struct Counts {
+    pub(crate) io_errors: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) aborts: AtomicU64,
+    pub(crate) resets: AtomicU64,
 }
 
 /// Resets in a row without a completed IO before the controller is failed.
@@ -213,6 +224,7 @@ impl Controller {
             registry: Registry::default(),
             bounced: AtomicU64::new(0),
             fruitless_resets: AtomicU32::new(0),
+            counts: Counts::default(),
             recovery: Mutex::new(None),
         };
         let mut page = [0u8; 4096];
@@ -454,6 +466,7 @@ impl Controller {
         };
         match result {
             Ok(()) => {
+                self.counts.resets.fetch_add(1, Ordering::Relaxed);
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 Ok(())
             }
@@ -491,6 +504,17 @@ impl Controller {
             }
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// IO errors, time-outs, aborts sent and resets done so far.
+    pub fn error_counts(&self) -> bdev::ErrorCounts {
+        let c = &self.counts;
+        bdev::ErrorCounts {
+            io_errors: c.io_errors.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
+            aborts: c.aborts.load(Ordering::Relaxed),
+            resets: c.resets.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether the controller has failed for good.

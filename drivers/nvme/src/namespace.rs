@@ -110,6 +110,12 @@ impl BlockDevice for Namespace {
         &self.info
     }
 
+    /// The controller's counts: time-outs, aborts and resets are the
+    /// controller's, shared by its namespaces.
+    fn error_counts(&self) -> bdev::ErrorCounts {
+        self.ctrl.error_counts()
+    }
+
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
         Channel::open(self)
             .map(|c| Box::new(c) as Box<dyn IoChannel>)
@@ -294,6 +300,9 @@ impl Channel {
         }
         p.remaining -= 1;
         if p.remaining == 0 {
+            if p.result.is_err() {
+                self.ctrl.counts.io_errors.fetch_add(1, Ordering::Relaxed);
+            }
             self.done.push(Completion {
                 tag: p.tag,
                 result: p.result,

@@ -87,6 +87,7 @@ impl Controller {
     /// handle to say when the command comes back and to learn when the
     /// thread is done.
     pub(crate) fn report_timeout(&self, qid: u16, cid: u16, seen: u64) -> Arc<Recovery> {
+        self.counts.timeouts.fetch_add(1, Ordering::Relaxed);
         let job = Arc::new(Recovery {
             qid,
             cid,
@@ -145,6 +146,7 @@ impl Controller {
             let mut sqe = Sqe::new(admin::ABORT, 0);
             sqe.cdw[0] = (r.cid as u32) << 16 | r.qid as u32;
             let what = format!("Abort (queue {}, command {})", r.qid, r.cid);
+            self.counts.aborts.fetch_add(1, Ordering::Relaxed);
             self.run_admin(&mut a, sqe, &what, None)
         };
         if let Err(NvmeError::Timeout(m)) = &aborted {

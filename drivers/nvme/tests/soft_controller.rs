@@ -302,6 +302,9 @@ fn a_media_error_fails_only_its_request_with_the_block() {
         Err(IoError::Media(42))
     );
     one(ch.as_mut(), rw(IoOp::Read, 43, 1, &mut b, 3)).expect("the next block reads");
+    // Both failed requests are counted (for metrics); nothing timed out.
+    let c = dev.error_counts();
+    assert_eq!((c.io_errors, c.timeouts, c.aborts, c.resets), (2, 0, 0, 0));
 }
 
 #[test]
@@ -624,4 +627,11 @@ fn a_timed_out_command_is_recovered_off_the_polling_thread() {
     assert!(got == data);
     assert!(soft_a.stats().enables >= 2, "A was reset");
     assert!(!ctrl_a.is_failed() && !ctrl_b.is_failed());
+    // Counted for metrics: at least the one time-out, its abort and the
+    // reset (a slow machine may time out more; never fewer).
+    let c = a.error_counts();
+    assert!(
+        c.timeouts >= 1 && c.aborts >= 1 && c.resets >= 1,
+        "{c:?}"
+    );
 }

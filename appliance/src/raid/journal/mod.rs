@@ -130,6 +130,19 @@ pub struct Journal {
     /// one that closed the older epoch finishes last, and share the
     /// per-epoch counts of records not yet on the members.
     checkpoint_lock: Mutex<()>,
+    /// Records and log blocks written, checkpoints recorded (metrics).
+    counts: [AtomicU64; 3],
+}
+
+/// What a journal has done since it was opened, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalCounts {
+    /// Records placed in the log.
+    pub records: u64,
+    /// Log blocks they take (headers and data).
+    pub blocks: u64,
+    /// Checkpoints recorded (the log freed up to them).
+    pub checkpoints: u64,
 }
 
 /// For the fuzz targets: seal every record-looking block of a raw log
@@ -223,6 +236,7 @@ impl Journal {
             checkpoint_seq: AtomicU64::new(s.checkpoint_seq),
             super_lock: Mutex::new(()),
             checkpoint_lock: Mutex::new(()),
+            counts: Default::default(),
         })
     }
 
@@ -347,7 +361,17 @@ impl Journal {
         self.write_super()
     }
 
-    /// Block size of the log.
+    /// What it has done since it was opened.
+    pub fn counts(&self) -> JournalCounts {
+        let c = |i: usize| self.counts[i].load(Ordering::Relaxed);
+        JournalCounts {
+            records: c(0),
+            blocks: c(1),
+            checkpoints: c(2),
+        }
+    }
+
+    /// Its block size.
     pub fn block_size(&self) -> usize {
         self.bs
     }
@@ -424,6 +448,8 @@ impl Journal {
         let epoch = self.epoch.load(Ordering::SeqCst);
         self.outstanding[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
         seal(record, bs, seq);
+        self.counts[0].fetch_add(1, Ordering::Relaxed);
+        self.counts[1].fetch_add(blocks, Ordering::Relaxed);
         Some((1 + pos % self.log_blocks, epoch))
     }
 
@@ -523,6 +549,7 @@ impl Journal {
         self.checkpoint_seq.fetch_max(seq, Ordering::SeqCst);
         self.write_super()?;
         self.tail.fetch_max(head, Ordering::SeqCst);
+        self.counts[2].fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 }

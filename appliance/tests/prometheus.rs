@@ -1,0 +1,303 @@
+//! The daemon's /metrics as Prometheus and Grafana see it: a scrape under
+//! IO and a member failure, parsed by an OpenMetrics parser, follows the
+//! conventions (HELP on every family, base units, `_total` only on
+//! counters, histograms whose buckets add up, no rates or quantiles
+//! computed in the daemon), counts device and member errors, and has every
+//! metric the Grafana dashboard in deploy/ uses.
+
+mod common;
+#[path = "cli/daemon.rs"]
+mod daemon;
+
+use daemon::*;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use openmetrics_parser::{
+    openmetrics::parse_openmetrics, MetricsExposition, OpenMetricsType, OpenMetricsValue,
+};
+
+type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue>;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics: the content type and the body.
+fn scrape(addr: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "{head}");
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (ctype, body.to_string())
+}
+
+/// The value of the sample of family `name` whose labels include `want`
+/// (counters by their total, gauges by their value, histograms by count).
+fn value(e: &Exposition, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let f = e.families.get(name)?;
+    f.iter_samples().find_map(|s| {
+        let ls = s.get_labelset().ok()?;
+        if !want.iter().all(|(k, v)| ls.get_label_value(k) == Some(*v)) {
+            return None;
+        }
+        Some(match &s.value {
+            OpenMetricsValue::Counter(c) => c.value.as_f64(),
+            OpenMetricsValue::Gauge(g) => g.as_f64(),
+            OpenMetricsValue::Histogram(h) => h.count.unwrap_or(0) as f64,
+            _ => return None,
+        })
+    })
+}
+
+/// Names a PromQL query can use for the families of `e`: a counter's
+/// `_total`, a histogram's `_bucket`, `_sum` and `_count`, a gauge's name.
+fn series_names(e: &Exposition) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (name, f) in &e.families {
+        match f.family_type {
+            OpenMetricsType::Counter => {
+                out.insert(format!("{name}_total"));
+            }
+            OpenMetricsType::Histogram => {
+                for s in ["bucket", "sum", "count"] {
+                    out.insert(format!("{name}_{s}"));
+                }
+            }
+            _ => {
+                out.insert(name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Every convention the scrape must follow; returns what it broke.
+fn conventions(e: &Exposition) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (name, f) in &e.families {
+        if !name.starts_with("appliance_") {
+            bad.push(format!("{name}: not under the appliance_ prefix"));
+        }
+        if f.help.trim().is_empty() {
+            bad.push(format!("{name}: no HELP"));
+        }
+        // Base units only, spelled out as the suffix.
+        for unit in [
+            "nanoseconds",
+            "microseconds",
+            "milliseconds",
+            "_ns",
+            "_us",
+            "_ms",
+            "_kib",
+            "_mib",
+            "_percent",
+        ] {
+            if name.contains(unit) {
+                bad.push(format!("{name}: not in base units ({unit})"));
+            }
+        }
+        if !f.unit.is_empty() && !name.ends_with(&format!("_{}", f.unit)) {
+            bad.push(format!("{name}: unit {} is not its suffix", f.unit));
+        }
+        // Rates and quantiles are Prometheus's to compute.
+        for computed in ["per_second", "iops", "_rate", "quantile", "percentile"] {
+            if name.contains(computed) {
+                bad.push(format!("{name}: a value computed in the daemon"));
+            }
+        }
+        if f.get_label_names().iter().any(|l| l == "quantile") {
+            bad.push(format!("{name}: quantile label"));
+        }
+        match f.family_type {
+            OpenMetricsType::Counter => {}
+            OpenMetricsType::Gauge | OpenMetricsType::Histogram => {
+                if name.ends_with("_total") {
+                    bad.push(format!("{name}: _total on a non-counter"));
+                }
+            }
+            _ => bad.push(format!("{name}: type {:?}", f.family_type)),
+        }
+        for s in f.iter_samples() {
+            if let OpenMetricsValue::Histogram(h) = &s.value {
+                let counts: Vec<f64> = h.buckets.iter().map(|b| b.count.as_f64()).collect();
+                if counts.windows(2).any(|w| w[1] < w[0]) {
+                    bad.push(format!("{name}: buckets not cumulative"));
+                }
+                let inf = h.buckets.last().filter(|b| b.upper_bound.is_infinite());
+                if inf.map(|b| b.count.as_f64()) != Some(h.count.unwrap_or(0) as f64) {
+                    bad.push(format!("{name}: +Inf bucket is not the count"));
+                }
+                if h.sum.is_none() {
+                    bad.push(format!("{name}: no _sum"));
+                }
+            }
+        }
+    }
+    bad
+}
+
+/// Metric names the dashboard's queries use.
+fn dashboard_metrics(dashboard: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    for p in panels {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(at) = rest.find("appliance_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let member = |i: usize| dir.path().join(format!("m{i}.img"));
+    let config = dir.path().join("appliance.toml");
+    let mut toml = String::new();
+    for i in 0..3 {
+        toml += &format!(
+            "[[device]]\nname = \"m{i}\"\nspec = \"file:{}:32M\"\n\n",
+            member(i).display()
+        );
+    }
+    toml += &format!(
+        "[[device]]\nname = \"j\"\nspec = \"ram:32M\"\n\n\
+         [[device]]\nname = \"r0\"\nspec = \"ram:64M\"\n\n\
+         [[device]]\nname = \"r1\"\nspec = \"ram:64M\"\n\n\
+         [[volume]]\nname = \"vol1\"\nlevel = \"raid1\"\nmembers = [\"r0\", \"r1\"]\n\
+         bitmap = true\nmax_rebuild_bytes_per_sec = 1048576\n\n\
+         [[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\n\
+         journal = \"j\"\nchunk_kib = 64\n\n\
+         [[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
+        sock.display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
+
+    // Verified writes and reads, then member 1's file loses its data
+    // underneath (truncated): reads of it come back short, the volume
+    // fails the member and serves the reads from parity.
+    let mut disk = common::Disk::connect(&sock).unwrap();
+    for i in 0..8u64 {
+        let p = common::pattern(7, i << 20, common::Disk::BUF);
+        disk.buf().copy_from_slice(&p);
+        assert_eq!(disk.write(i << 20, common::Disk::BUF), 0);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(member(1))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for i in 0..8u64 {
+        assert_eq!(disk.read(i << 20, common::Disk::BUF), 0);
+        assert!(
+            disk.buf() == common::pattern(7, i << 20, common::Disk::BUF).as_slice(),
+            "MiB {i} read back wrong"
+        );
+    }
+
+    // A scrub of the RAID1 at 1 MiB/s runs through the scrape.
+    ok(&applctl(&api, &["volume", "scrub", "vol1"]));
+
+    // Counters are read at scrape time: the next scrape has it all (the
+    // scrub's time left once it has a rate).
+    let t = Instant::now();
+    let e = loop {
+        let (ctype, body) = scrape(&metrics);
+        assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+        let e = parse_openmetrics(&body).unwrap_or_else(|err| panic!("{err:?}\n{body}"));
+        let degraded = [("volume", "vol0"), ("state", "degraded")];
+        if value(&e, "appliance_volume_state", &degraded) == Some(1.0)
+            && value(&e, "appliance_volume_background_eta_seconds", &[]).is_some()
+        {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let bad = conventions(&e);
+    assert!(bad.is_empty(), "{bad:#?}");
+
+    let export = [("export", "vm"), ("volume", "vol0")];
+    let op = |o| [export[0], export[1], ("op", o)];
+    let v = |name, labels: &[(&str, &str)]| value(&e, name, labels).unwrap_or(-1.0);
+    assert_eq!(v("appliance_export_requests", &op("write")), 8.0);
+    assert_eq!(v("appliance_export_requests", &op("read")), 8.0);
+    assert_eq!(v("appliance_export_io_bytes", &op("write")), (8 << 20) as f64);
+    assert_eq!(v("appliance_export_request_duration_seconds", &op("read")), 8.0);
+    assert_eq!(v("appliance_export_errors", &export), 0.0);
+    assert_eq!(v("appliance_export_connected", &export), 1.0);
+    // The failure, seen from the device and from the volume's slot.
+    assert!(v("appliance_device_io_errors", &[("device", "m1")]) >= 1.0);
+    assert_eq!(v("appliance_device_io_errors", &[("device", "m0")]), 0.0);
+    let slot1 = [("volume", "vol0"), ("slot", "1"), ("device", "m1")];
+    assert!(v("appliance_volume_member_errors", &slot1) >= 1.0);
+    assert_eq!(
+        v(
+            "appliance_volume_members",
+            &[("volume", "vol0"), ("state", "failed")]
+        ),
+        1.0
+    );
+    assert_eq!(v("appliance_device_failed", &[("device", "m1")]), 1.0);
+    // The journal logged the writes; the member change was a quiesce.
+    assert!(v("appliance_volume_journal_records", &[("volume", "vol0")]) >= 8.0);
+    assert!(v("appliance_volume_quiesces", &[("volume", "vol0")]) >= 1.0);
+    assert!(v("appliance_volume_quiesce_wait_seconds", &[("volume", "vol0")]) > 0.0);
+    assert!(v("appliance_reactor_loops", &[("reactor", "1")]) > 0.0);
+
+    let scrub = [("volume", "vol1"), ("kind", "scrub")];
+    assert_eq!(v("appliance_volume_background_running", &scrub), 1.0);
+    let done = v("appliance_volume_background_progress_ratio", &scrub);
+    assert!((0.0..1.0).contains(&done), "{done}");
+    assert_eq!(v("appliance_volume_background_mismatches", &[("volume", "vol1")]), 0.0);
+    assert!(v("appliance_volume_bitmap_regions", &[("volume", "vol1")]) >= 1.0);
+
+    // Every metric the dashboard queries is in the scrape.
+    let path = common::repo().join("deploy/grafana/appliance.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let used = dashboard_metrics(&dashboard);
+    let have = series_names(&e);
+    let missing: Vec<&String> = used.difference(&have).collect();
+    assert!(missing.is_empty(), "the dashboard uses {missing:?}");
+    assert!(used.len() >= 20, "{used:?}");
+
+    ok(&applctl(&api, &["volume", "stop-scrub", "vol1"]));
+    drop(disk);
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}
