@@ -11,19 +11,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     // JSON (applctl --json) shows enums by name, as protobuf's JSON
-    // mapping does, not as numbers.
+    // mapping does, not as numbers: every enum field, found here, is
+    // written by the function of its enum in pb_json (named after the enum
+    // in snake case; a new enum without one does not compile).
     let mut build =
         tonic_prost_build::configure().type_attribute(".", "#[derive(serde::Serialize)]");
-    for field in [
-        "appliance.v1.Volume.level",
-        "appliance.v1.CreateVolumeRequest.level",
-        "appliance.v1.TakeoverRequest.level",
-    ] {
-        build = build.field_attribute(
-            field,
-            "#[serde(serialize_with = \"crate::pb_json::level\")]",
-        );
+    for file in &fds.file {
+        let package = file.package();
+        for msg in &file.message_type {
+            for field in &msg.field {
+                if field.r#type() != prost_types::field_descriptor_proto::Type::Enum {
+                    continue;
+                }
+                let enum_name = field.type_name().rsplit('.').next().unwrap_or_default();
+                build = build.field_attribute(
+                    format!("{package}.{}.{}", msg.name(), field.name()),
+                    format!(
+                        "#[serde(serialize_with = \"crate::pb_json::{}\")]",
+                        snake(enum_name)
+                    ),
+                );
+            }
+        }
     }
     build.compile_fds(fds)?;
     Ok(())
+}
+
+/// `JournalMode` -> `journal_mode`.
+fn snake(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }

@@ -3,6 +3,7 @@
 //! drain), and answers are turned back into messages.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mgmt::pb;
 use tonic::{Request, Response, Status};
@@ -63,19 +64,31 @@ fn device_to_pb(d: DeviceView) -> pb::Device {
         block_size: d.decl.block_size,
         num_blocks: d.num_blocks,
         used_by: d.used_by,
-        health: d.health.into(),
+        health: pb::DeviceHealth::from_label(d.health).unwrap_or_default() as i32,
     }
+}
+
+/// An enum field of a request as the name the manager takes ("" when
+/// unspecified); a number the API does not know is refused.
+fn enum_label<E: TryFrom<i32>>(
+    field: &'static str,
+    v: i32,
+    label: impl Fn(E) -> &'static str,
+) -> Result<&'static str, Status> {
+    E::try_from(v)
+        .map(label)
+        .map_err(|_| bad(field, format!("unknown value {v}")))
 }
 
 fn volume_to_pb(v: VolumeView) -> pb::Volume {
     pb::Volume {
         name: v.name,
         level: level_to_pb(v.level) as i32,
-        state: v.state.into(),
+        state: pb::VolumeState::from_label(v.state).unwrap_or_default() as i32,
         size_bytes: v.size_bytes,
         block_size: v.block_size,
         chunk_kib: v.chunk_kib,
-        layout: v.layout,
+        layout: pb::Layout::from_label(&v.layout).unwrap_or_default() as i32,
         members: v
             .members
             .into_iter()
@@ -84,12 +97,12 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
                 slot: slot as u32,
                 write_mostly: v.write_mostly.contains(&device),
                 device,
-                state: state.into(),
+                state: pb::MemberState::from_label(state).unwrap_or_default() as i32,
             })
             .collect(),
         spares: v.spares,
         progress: v.progress.map(|p| pb::Progress {
-            kind: p.kind.into(),
+            kind: pb::WorkKind::from_label(p.kind).unwrap_or_default() as i32,
             fraction: p.fraction,
             eta_seconds: p.eta_seconds,
             finished: p.finished,
@@ -104,12 +117,13 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         journal: v.journal.unwrap_or_default(),
         journal_mode: v
             .journal_state
-            .map(|j| j.0.name().to_string())
-            .unwrap_or_default(),
+            .and_then(|j| pb::JournalMode::from_label(j.0.name()))
+            .unwrap_or_default() as i32,
         journal_fill: v.journal_state.map_or(0.0, |j| j.1),
         journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
         journal_failed: v.journal_state.is_some_and(|j| j.3),
-        consistency_policy: v.consistency_policy.into(),
+        consistency_policy: pb::ConsistencyPolicy::from_label(v.consistency_policy)
+            .unwrap_or_default() as i32,
         serialize_policy: v.serialize,
         write_behind: v.write_behind.0 as u32,
         writes_behind: v.write_behind.1,
@@ -162,6 +176,53 @@ fn bad(field: &'static str, reason: impl Into<String>) -> Status {
 
 #[tonic::async_trait]
 impl pb::appliance_server::Appliance for Service {
+    type WatchVolumeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Volume, Status>>;
+
+    /// A task per watcher looks at the volume every interval and sends it
+    /// while background work runs; a watcher that goes away ends its task
+    /// at the next send.
+    async fn watch_volume(
+        &self,
+        req: Request<pb::WatchVolumeRequest>,
+    ) -> Result<Response<Self::WatchVolumeStream>, Status> {
+        let r = req.into_inner();
+        let every = Duration::from_millis(match r.interval_ms {
+            0 => 1000,
+            n => n.max(50) as u64,
+        });
+        let name = r.volume.clone();
+        let first = self.run(move |m| m.get_volume(&name)).await?.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let mgr = self.mgr.clone();
+        tokio::spawn(async move {
+            let mut v = first;
+            loop {
+                let running = v.progress.as_ref().is_some_and(|p| !p.finished);
+                if tx.send(Ok(volume_to_pb(v))).await.is_err() || !running {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+                let (m, name) = (mgr.clone(), r.volume.clone());
+                v = match tokio::task::spawn_blocking(move || m.get_volume(&name)).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("the call failed: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn get_version(
         &self,
         _: Request<pb::GetVersionRequest>,
@@ -179,7 +240,7 @@ impl pb::appliance_server::Appliance for Service {
         self.run(|m| {
             let h = m.health();
             Ok(pb::HealthResponse {
-                status: h.status.into(),
+                status: pb::HealthStatus::from_label(h.status).unwrap_or_default() as i32,
                 problems: h.problems,
                 reactors: m.reactors().len() as u32,
             })
@@ -306,15 +367,15 @@ impl pb::appliance_server::Appliance for Service {
             members: r.members,
             spares: r.spares,
             chunk_kib: if r.chunk_kib == 0 { 64 } else { r.chunk_kib },
-            layout: if r.layout.is_empty() {
-                "left-symmetric".into()
-            } else {
-                r.layout
+            layout: match enum_label("layout", r.layout, pb::Layout::label)? {
+                "" => "left-symmetric".into(),
+                l => l.into(),
             },
             max_rebuild_bytes_per_sec: 0,
             min_rebuild_bytes_per_sec: 0,
             journal: (!r.journal.is_empty()).then_some(r.journal),
-            journal_mode: r.journal_mode,
+            journal_mode: enum_label("journal_mode", r.journal_mode, pb::JournalMode::label)?
+                .into(),
             bitmap: r.bitmap,
             bitmap_chunk_kib: r.bitmap_chunk_kib,
             serialize: false,
@@ -426,11 +487,9 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::AddJournalRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        self.run(move |m| {
-            m.add_journal(&r.volume, &r.device, &r.mode)
-                .map(volume_to_pb)
-        })
-        .await
+        let mode = enum_label("mode", r.mode, pb::JournalMode::label)?;
+        self.run(move |m| m.add_journal(&r.volume, &r.device, mode).map(volume_to_pb))
+            .await
     }
 
     async fn remove_journal(
@@ -602,7 +661,8 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::SetJournalModeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        self.run(move |m| m.set_journal_mode(&r.volume, &r.mode).map(volume_to_pb))
+        let mode = enum_label("mode", r.mode, pb::JournalMode::label)?;
+        self.run(move |m| m.set_journal_mode(&r.volume, mode).map(volume_to_pb))
             .await
     }
 

@@ -245,9 +245,12 @@ fn exports(mgr: &Manager, out: &mut Vec<Family>) {
         "Requests the export completed, by operation (other: flush, discard, write zeroes, get ID).",
     )
     .counter();
-    let mut bytes = Family::new("appliance_export_io", "Bytes read and written through the export.")
+    let mut bytes = Family::new(
+        "appliance_export_io",
+        "Bytes read and written through the export.",
+    )
     .counter()
-        .unit(&BYTES);
+    .unit(&BYTES);
     let mut errors = Family::new(
         "appliance_export_errors",
         "Requests answered with an error status (including ones refused before the volume).",
@@ -268,7 +271,6 @@ fn exports(mgr: &Manager, out: &mut Vec<Family>) {
         "appliance_export_request_duration_seconds",
         "Time from a request's submission to its completion, measured on the reactor, by operation.",
     )
-    
     .histogram();
     let mut connected = Family::new(
         "appliance_export_connected",
@@ -299,11 +301,17 @@ fn exports(mgr: &Manager, out: &mut Vec<Family>) {
             let h = &s.latency[k];
             let count = h.iter().fold(0u64, |a, &n| a.saturating_add(n));
             let sum = s.latency_sum_ns[k] as f64 / 1e9;
-            latency.add(l(Some(op)), Value::Histogram(sum, count, latency_buckets(h)));
+            latency.add(
+                l(Some(op)),
+                Value::Histogram(sum, count, latency_buckets(h)),
+            );
         }
     }
     for e in mgr.list_exports() {
-        let l = vec![("export", e.decl.name.clone()), ("volume", e.decl.volume.clone())];
+        let l = vec![
+            ("export", e.decl.name.clone()),
+            ("volume", e.decl.volume.clone()),
+        ];
         connected.add(l.clone(), g(e.connected));
         connections.add(l, Value::Count(e.connections));
     }
@@ -343,7 +351,10 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         "IOs that failed on a member, by slot and device.",
     )
     .counter();
-    let mut spares = f("appliance_volume_spares", "Spare devices assigned to the volume.");
+    let mut spares = f(
+        "appliance_volume_spares",
+        "Spare devices assigned to the volume.",
+    );
     let mut running = f(
         "appliance_volume_background_running",
         "Whether a rebuild, replacement or scrub runs (1) or not (0), by kind.",
@@ -531,11 +542,16 @@ fn devices(mgr: &Manager, out: &mut Vec<Family>) {
         "Abort commands sent for timed-out commands (NVMe).",
     )
     .counter();
-    let mut resets = f("appliance_device_resets", "Controller resets (NVMe).")
-    .counter();
+    let mut resets = f("appliance_device_resets", "Controller resets (NVMe).").counter();
     for d in mgr.list_devices() {
         let l = || vec![("device", d.decl.name.clone())];
-        let kind = d.decl.spec.split(':').next().unwrap_or_default().to_string();
+        let kind = d
+            .decl
+            .spec
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let mut i = l();
         i.push(("kind", kind));
         i.push(("used_by", d.used_by.clone()));
@@ -553,8 +569,7 @@ fn devices(mgr: &Manager, out: &mut Vec<Family>) {
 
 fn reactors(mgr: &Manager, out: &mut Vec<Family>) {
     let f = Family::new;
-    let mut loops = f("appliance_reactor_loops", "Reactor loop iterations.")
-    .counter();
+    let mut loops = f("appliance_reactor_loops", "Reactor loop iterations.").counter();
     let mut busy = f(
         "appliance_reactor_busy",
         "Time the reactor spent in iterations that did work (rate() of it is the busy ratio).",

@@ -182,6 +182,10 @@ num_queues = 2
         serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
     assert_eq!(json["chunk_kib"], 128);
     assert_eq!(json["level"], "LEVEL_RAID5", "enums by name in JSON");
+    assert_eq!(json["state"], "VOLUME_STATE_OPTIMAL");
+    assert_eq!(json["layout"], "LAYOUT_LEFT_SYMMETRIC");
+    assert_eq!(json["consistency_policy"], "CONSISTENCY_POLICY_RESYNC");
+    assert_eq!(json["members"][0]["state"], "MEMBER_STATE_IN_SYNC");
     assert_eq!(json["members"].as_array().unwrap().len(), 3);
     assert_eq!(json["spares"][0], "d3");
     let exports = ok(&applctl(&api, &["export", "list"]));
@@ -394,8 +398,11 @@ fn the_kept_demo_is_driven_with_applctl() {
     assert!(seen.iter().any(|l| l.contains("demo PASSED")), "{seen:?}");
     assert!(seen.iter().any(|l| l.contains("applctl --api")), "{seen:?}");
     let v = ok(&applctl(&api, &["--json", "volume", "show", "demo"]));
-    assert!(v.contains("\"state\": \"optimal\""), "{v}");
-    assert!(v.contains("\"journal_mode\": \"write-back\""), "{v}");
+    assert!(v.contains("\"state\": \"VOLUME_STATE_OPTIMAL\""), "{v}");
+    assert!(
+        v.contains("\"journal_mode\": \"JOURNAL_MODE_WRITE_BACK\""),
+        "{v}"
+    );
     assert!(
         v.contains("ram-spare"),
         "the spare took the failed slot: {v}"
@@ -582,7 +589,10 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     let json: serde_json::Value =
         serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "vol0"]))).unwrap();
     assert_eq!(json["journal"], "", "{json}");
-    assert_eq!(json["consistency_policy"], "resync", "{json}");
+    assert_eq!(
+        json["consistency_policy"], "CONSISTENCY_POLICY_RESYNC",
+        "{json}"
+    );
     let state = std::fs::read_to_string(dir.path().join("state.toml")).unwrap();
     assert!(!state.contains("journal"), "the state forgets it: {state}");
     let mut disk = common::Disk::connect(&sock).unwrap();

@@ -36,7 +36,10 @@ fn scrape(addr: &str) -> (String, String) {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
     let ctype = head
         .lines()
         .find_map(|l| {
@@ -255,8 +258,14 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     let v = |name, labels: &[(&str, &str)]| value(&e, name, labels).unwrap_or(-1.0);
     assert_eq!(v("appliance_export_requests", &op("write")), 8.0);
     assert_eq!(v("appliance_export_requests", &op("read")), 8.0);
-    assert_eq!(v("appliance_export_io_bytes", &op("write")), (8 << 20) as f64);
-    assert_eq!(v("appliance_export_request_duration_seconds", &op("read")), 8.0);
+    assert_eq!(
+        v("appliance_export_io_bytes", &op("write")),
+        (8 << 20) as f64
+    );
+    assert_eq!(
+        v("appliance_export_request_duration_seconds", &op("read")),
+        8.0
+    );
     assert_eq!(v("appliance_export_errors", &export), 0.0);
     assert_eq!(v("appliance_export_connected", &export), 1.0);
     // The failure, seen from the device and from the volume's slot.
@@ -275,14 +284,25 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     // The journal logged the writes; the member change was a quiesce.
     assert!(v("appliance_volume_journal_records", &[("volume", "vol0")]) >= 8.0);
     assert!(v("appliance_volume_quiesces", &[("volume", "vol0")]) >= 1.0);
-    assert!(v("appliance_volume_quiesce_wait_seconds", &[("volume", "vol0")]) > 0.0);
+    assert!(
+        v(
+            "appliance_volume_quiesce_wait_seconds",
+            &[("volume", "vol0")]
+        ) > 0.0
+    );
     assert!(v("appliance_reactor_loops", &[("reactor", "1")]) > 0.0);
 
     let scrub = [("volume", "vol1"), ("kind", "scrub")];
     assert_eq!(v("appliance_volume_background_running", &scrub), 1.0);
     let done = v("appliance_volume_background_progress_ratio", &scrub);
     assert!((0.0..1.0).contains(&done), "{done}");
-    assert_eq!(v("appliance_volume_background_mismatches", &[("volume", "vol1")]), 0.0);
+    assert_eq!(
+        v(
+            "appliance_volume_background_mismatches",
+            &[("volume", "vol1")]
+        ),
+        0.0
+    );
     assert!(v("appliance_volume_bitmap_regions", &[("volume", "vol1")]) >= 1.0);
 
     // Every metric the dashboard queries is in the scrape.

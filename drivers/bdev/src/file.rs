@@ -223,7 +223,10 @@ impl BlockDevice for FileDevice {
 
     fn error_counts(&self) -> crate::ErrorCounts {
         crate::ErrorCounts {
-            io_errors: self.inner.io_errors.load(std::sync::atomic::Ordering::Relaxed),
+            io_errors: self
+                .inner
+                .io_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         }
     }

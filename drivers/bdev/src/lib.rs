@@ -24,8 +24,8 @@ mod null;
 mod ram;
 
 pub use device::{
-    validate, BlockDevice, Completion, DeviceInfo, ErrorCounts, IoChannel, IoOp, IoRequest, IoVec, SgList,
-    SubmitError,
+    validate, BlockDevice, Completion, DeviceInfo, ErrorCounts, IoChannel, IoOp, IoRequest, IoVec,
+    SgList, SubmitError,
 };
 pub use dma::{DmaBuf, DmaPool};
 pub use dmamap::{add_dma_mapper, register_dma_memory, DmaMapper, DmaRegistration};

@@ -630,8 +630,5 @@ fn a_timed_out_command_is_recovered_off_the_polling_thread() {
     // Counted for metrics: at least the one time-out, its abort and the
     // reset (a slow machine may time out more; never fewer).
     let c = a.error_counts();
-    assert!(
-        c.timeouts >= 1 && c.aborts >= 1 && c.resets >= 1,
-        "{c:?}"
-    );
+    assert!(c.timeouts >= 1 && c.aborts >= 1 && c.resets >= 1, "{c:?}");
 }

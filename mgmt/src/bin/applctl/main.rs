@@ -582,7 +582,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Health => {
             let h = c.health(pb::HealthRequest {}).await?.into_inner();
             out(json, &h, || {
-                let mut s = format!("{} ({} reactors)\n", h.status, h.reactors);
+                let mut s = format!("{} ({} reactors)\n", h.status().label(), h.reactors);
                 for p in &h.problems {
                     s += &format!("  {p}\n");
                 }
@@ -700,10 +700,10 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 members,
                 spares,
                 chunk_kib,
-                layout: values::name(layout),
+                layout: layout.pb() as i32,
                 force,
                 journal,
-                journal_mode: journal_mode.map(values::name).unwrap_or_default(),
+                journal_mode: journal_mode.map_or(0, |m| m.pb() as i32),
                 bitmap,
                 bitmap_chunk_kib,
             })
@@ -831,7 +831,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             c.add_journal(pb::AddJournalRequest {
                 volume: name,
                 device,
-                mode: mode.map(values::name).unwrap_or_default(),
+                mode: mode.map_or(0, |m| m.pb() as i32),
             })
             .await?
         }
@@ -842,7 +842,7 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
         VolumeCmd::JournalMode { name, mode } => {
             c.set_journal_mode(pb::SetJournalModeRequest {
                 volume: name,
-                mode: values::name(mode),
+                mode: mode.pb() as i32,
             })
             .await?
         }
@@ -856,7 +856,8 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
     out(json, &v, || describe(&v))
 }
 
-/// Poll the volume until its background work ends.
+/// Follow the volume's background work (the WatchVolume stream) until it
+/// ends; exit 1 if it failed, 6 at the time-out.
 async fn wait(
     c: &mut Client,
     json: bool,
@@ -879,47 +880,61 @@ async fn wait(
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(1000);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}% eta {eta}")
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}%")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
         b
     });
+    let mut stream = c
+        .watch_volume(pb::WatchVolumeRequest {
+            volume: name.clone(),
+            interval_ms: if progress { 200 } else { 500 },
+        })
+        .await?
+        .into_inner();
+    let mut last: Option<pb::Volume> = None;
     loop {
-        let v = c
-            .get_volume(pb::GetVolumeRequest { name: name.clone() })
-            .await?
-            .into_inner();
-        let p = v.progress.clone().unwrap_or_default();
-        if let Some(b) = &bar {
-            b.set_message(format!("{} {}", v.name, p.kind));
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, stream.message()).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    let (kind, done) = last
+                        .as_ref()
+                        .and_then(|v| v.progress.as_ref())
+                        .map_or(("work", 0.0), |p| (p.kind().label(), p.fraction));
+                    return Err(Failure(
+                        6,
+                        format!("{name} {kind} still running at {:.1} %", done * 100.0),
+                    ));
+                }
+            },
+            None => stream.message().await?,
+        };
+        let Some(v) = next else { break };
+        if let (Some(b), Some(p)) = (&bar, &v.progress) {
+            let eta = if !p.finished && p.eta_seconds >= 0.0 {
+                format!(", eta {:.0} s", p.eta_seconds)
+            } else {
+                String::new()
+            };
+            b.set_message(format!("{} {}{eta}", v.name, p.kind().label()));
             b.set_position((p.fraction * 1000.0) as u64);
         }
-        if v.progress.is_none() || p.finished {
-            if let Some(b) = &bar {
-                b.finish();
-            }
-            out(json, &v, || describe(&v))?;
-            if !p.error.is_empty() {
-                return Err(Failure(
-                    1,
-                    format!("{} {} failed: {}", v.name, p.kind, p.error),
-                ));
-            }
-            return Ok(());
-        }
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            return Err(Failure(
-                6,
-                format!(
-                    "{} {} still running at {:.1} %",
-                    v.name,
-                    p.kind,
-                    p.fraction * 100.0
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = Some(v);
+    }
+    // The stream ends after the message that shows the work ended.
+    let v = last.ok_or_else(|| Failure(1, format!("{name}: the daemon sent nothing")))?;
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    out(json, &v, || describe(&v))?;
+    match &v.progress {
+        Some(p) if !p.error.is_empty() => Err(Failure(
+            1,
+            format!("{} {} failed: {}", v.name, p.kind().label(), p.error),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -1059,7 +1074,7 @@ fn devices(ds: &[pb::Device]) -> String {
                     d.name.clone(),
                     size(d.num_blocks * d.block_size as u64),
                     d.block_size.to_string(),
-                    d.health.clone(),
+                    d.health().label().into(),
                     d.used_by.clone(),
                     d.spec.clone(),
                 ]
@@ -1070,7 +1085,7 @@ fn devices(ds: &[pb::Device]) -> String {
 
 fn progress_cell(p: &Option<pb::Progress>) -> String {
     match p {
-        Some(p) if !p.finished => format!("{} {:.1} %", p.kind, p.fraction * 100.0),
+        Some(p) if !p.finished => format!("{} {:.1} %", p.kind().label(), p.fraction * 100.0),
         _ => String::new(),
     }
 }
@@ -1085,7 +1100,7 @@ fn volumes(vs: &[pb::Volume]) -> String {
                 vec![
                     v.name.clone(),
                     level_name(v.level).into(),
-                    v.state.clone(),
+                    v.state().label().into(),
                     size(v.size_bytes),
                     v.members.len().to_string(),
                     v.spares.len().to_string(),
@@ -1102,13 +1117,17 @@ fn describe(v: &pb::Volume) -> String {
         "volume {}: {} {}, {} ({}-byte blocks), generation {}\n",
         v.name,
         level_name(v.level),
-        v.state,
+        v.state().label(),
         size(v.size_bytes),
         v.block_size,
         v.generation
     );
-    if !v.layout.is_empty() {
-        s += &format!("  layout {}, chunk {} KiB\n", v.layout, v.chunk_kib);
+    if v.layout() != pb::Layout::Unspecified {
+        s += &format!(
+            "  layout {}, chunk {} KiB\n",
+            v.layout().label(),
+            v.chunk_kib
+        );
     }
     s += &table(
         &["  SLOT", "DEVICE", "STATE"],
@@ -1116,9 +1135,9 @@ fn describe(v: &pb::Volume) -> String {
             .iter()
             .map(|m| {
                 let state = if m.write_mostly {
-                    format!("{} (write-mostly)", m.state)
+                    format!("{} (write-mostly)", m.state().label())
                 } else {
-                    m.state.clone()
+                    m.state().label().to_string()
                 };
                 vec![format!("  {}", m.slot), m.device.clone(), state]
             })
@@ -1151,8 +1170,12 @@ fn describe(v: &pb::Volume) -> String {
             v.suspended_lo_bytes, v.suspended_hi_bytes
         );
     }
-    if !v.consistency_policy.is_empty() && v.consistency_policy != "none" {
-        s += &format!("  consistency policy: {}", v.consistency_policy);
+    let policy = v.consistency_policy();
+    if !matches!(
+        policy,
+        pb::ConsistencyPolicy::Unspecified | pb::ConsistencyPolicy::None
+    ) {
+        s += &format!("  consistency policy: {}", policy.label());
         if let Some(b) = &v.bitmap {
             s += &format!(
                 " ({} regions of {}, {} dirty)",
@@ -1167,7 +1190,7 @@ fn describe(v: &pb::Volume) -> String {
         s += &format!(
             "  journal: {} ({}), log {:.0} % full, {} blocks cached\n",
             v.journal,
-            v.journal_mode,
+            v.journal_mode().label(),
             v.journal_fill * 100.0,
             v.journal_cached_blocks
         );
@@ -1178,7 +1201,7 @@ fn describe(v: &pb::Volume) -> String {
     if let Some(p) = &v.progress {
         s += &format!(
             "  {} {}: {:.1} %{}{}{}\n",
-            p.kind,
+            p.kind().label(),
             if p.finished { "finished" } else { "running" },
             p.fraction * 100.0,
             if !p.finished && p.eta_seconds >= 0.0 {
@@ -1186,7 +1209,7 @@ fn describe(v: &pb::Volume) -> String {
             } else {
                 String::new()
             },
-            if p.kind == "scrub" {
+            if p.kind() == pb::WorkKind::Scrub {
                 format!(", {} mismatches", p.mismatches)
             } else {
                 String::new()

@@ -63,6 +63,18 @@ pub enum Layout {
     RightAsymmetric,
 }
 
+impl Layout {
+    /// The API's value.
+    pub fn pb(self) -> pb::Layout {
+        match self {
+            Layout::LeftSymmetric => pb::Layout::LeftSymmetric,
+            Layout::LeftAsymmetric => pb::Layout::LeftAsymmetric,
+            Layout::RightSymmetric => pb::Layout::RightSymmetric,
+            Layout::RightAsymmetric => pb::Layout::RightAsymmetric,
+        }
+    }
+}
+
 /// A write journal's mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum JournalMode {
@@ -72,11 +84,14 @@ pub enum JournalMode {
     WriteBack,
 }
 
-/// The name clap shows and the API takes for a value.
-pub fn name<V: ValueEnum>(v: V) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_string())
-        .unwrap_or_default()
+impl JournalMode {
+    /// The API's value.
+    pub fn pb(self) -> pb::JournalMode {
+        match self {
+            JournalMode::WriteThrough => pb::JournalMode::WriteThrough,
+            JournalMode::WriteBack => pb::JournalMode::WriteBack,
+        }
+    }
 }
 
 /// The shell completion script for `shell` (built in memory: the
