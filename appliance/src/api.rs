@@ -80,8 +80,32 @@ fn enum_label<E: TryFrom<i32>>(
         .map_err(|_| bad(field, format!("unknown value {v}")))
 }
 
+fn qos_to_pb(q: crate::qos::QosLimits) -> pb::QosLimits {
+    pb::QosLimits {
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        total_iops: q.total_iops,
+        read_bytes_per_sec: q.read_bytes,
+        write_bytes_per_sec: q.write_bytes,
+        total_bytes_per_sec: q.total_bytes,
+    }
+}
+
+fn qos_from_pb(q: Option<pb::QosLimits>) -> crate::qos::QosLimits {
+    let q = q.unwrap_or_default();
+    crate::qos::QosLimits {
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        total_iops: q.total_iops,
+        read_bytes: q.read_bytes_per_sec,
+        write_bytes: q.write_bytes_per_sec,
+        total_bytes: q.total_bytes_per_sec,
+    }
+}
+
 fn volume_to_pb(v: VolumeView) -> pb::Volume {
     pb::Volume {
+        qos: (!v.qos.is_none()).then(|| qos_to_pb(v.qos)),
         name: v.name,
         level: level_to_pb(v.level) as i32,
         state: pb::VolumeState::from_label(v.state).unwrap_or_default() as i32,
@@ -362,6 +386,7 @@ impl pb::appliance_server::Appliance for Service {
             Err(_) => return Err(bad("level", format!("unknown value {}", r.level))),
         };
         let decl = VolumeDecl {
+            qos: qos_from_pb(r.qos),
             name: r.name,
             level: level.into(),
             members: r.members,
@@ -654,6 +679,16 @@ impl pb::appliance_server::Appliance for Service {
                 .map(volume_to_pb)
         })
         .await
+    }
+
+    async fn set_volume_qos(
+        &self,
+        req: Request<pb::SetVolumeQosRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let limits = qos_from_pb(r.limits);
+        self.run(move |m| m.set_volume_qos(&r.volume, limits).map(volume_to_pb))
+            .await
     }
 
     async fn set_journal_mode(

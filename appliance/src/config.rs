@@ -80,6 +80,9 @@ pub struct VolumeDecl {
     /// in the background at once (0: off). Needs the bitmap.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub write_behind: u32,
+    /// IO limits (SPDK's bdev_set_qos_limit); all 0: none.
+    #[serde(default, skip_serializing_if = "crate::qos::QosLimits::is_none")]
+    pub qos: crate::qos::QosLimits,
 }
 
 impl VolumeDecl {
@@ -101,6 +104,7 @@ impl VolumeDecl {
             bitmap_chunk_kib: 0,
             serialize: false,
             write_behind: 0,
+            qos: Default::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ use poller::{Ctx, Helping, PollState, QuiesceError, QuiesceObject, ReactorSet, S
 use crate::raid::level::RaidDevice;
 
 /// What the IO path of a volume reads.
+#[derive(Clone)]
 pub struct VolumeConfig {
     /// The device that serves the volume's IO.
     pub device: Arc<dyn BlockDevice>,
@@ -130,6 +131,11 @@ pub struct Volume {
     quiesce: QuiesceObject<VolumeConfig>,
     set: ReactorSet,
     suspended: Arc<SuspendedRange>,
+    /// Its IO limits, if any. Kept beside the configuration, not in it, so
+    /// the RAID transactions that publish new member sets need not carry
+    /// it; changed only inside a reconfiguration (which publishes a new
+    /// generation, so every queue reads it again).
+    qos: Arc<Mutex<Option<Arc<crate::qos::Qos>>>>,
 }
 
 /// A reactor's answer to [`Volume::io_on`].
@@ -155,7 +161,40 @@ impl Volume {
             quiesce: QuiesceObject::new(set, name, config),
             set: set.clone(),
             suspended: Arc::default(),
+            qos: Arc::default(),
         }
+    }
+
+    /// The IO limits in force (read by a queue when it starts and at each
+    /// new generation).
+    pub fn qos(&self) -> Option<Arc<crate::qos::Qos>> {
+        self.qos.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Set the IO limits before the volume serves any IO (at creation and
+    /// restore).
+    pub fn init_qos(&self, limits: crate::qos::QosLimits) {
+        *self.qos.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::qos::Qos::new(limits).map(Arc::new);
+    }
+
+    /// Change the IO limits online, through the epoch: suspend, `persist`
+    /// (which may refuse: then nothing changes), set, publish the same
+    /// configuration as a new generation so every queue reads the new
+    /// limits, resume. A suspend that does not drain in `timeout` changes
+    /// nothing.
+    pub fn set_qos<E>(
+        &self,
+        limits: crate::qos::QosLimits,
+        timeout: Duration,
+        persist: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), poller::ReconfigureError<E>> {
+        self.quiesce.reconfigure(timeout, |current| {
+            persist()?;
+            *self.qos.lock().unwrap_or_else(|e| e.into_inner()) =
+                crate::qos::Qos::new(limits).map(Arc::new);
+            Ok((current.clone(), ()))
+        })
     }
 
     /// The range whose writes are held.

@@ -23,6 +23,7 @@ use super::request::{
 use super::ring::Ring;
 use super::stats::IoStats;
 use super::QueueError;
+use crate::qos::QueueQos;
 use crate::volume::{Volume, VolumeConfig};
 
 /// Chains longer than this are malformed (the queue size bounds real ones).
@@ -167,6 +168,14 @@ struct Runner {
     parked: Vec<u16>,
     parked_version: u64,
     stats: Arc<IoStats>,
+    /// The volume, for its IO limits at each new generation.
+    volume: Volume,
+    /// This queue's buckets of the volume's IO limits (`None`: unlimited,
+    /// and the IO path pays one branch).
+    qos: Option<QueueQos>,
+    /// The request a limit held back (given back to the ring or the
+    /// resubmit queue): nothing is taken until the buckets cover it.
+    qos_wait: Option<(IoOp, u64)>,
     /// The reactor loop's timestamp of the current poll.
     now: Instant,
     /// Last guest memory region translated (of `mem`).
@@ -182,6 +191,9 @@ enum Dispatch {
     /// A write to the volume's suspended range (as of this version):
     /// parked until it changes.
     Parked(u64),
+    /// Over the volume's IO limits: give the chain back and take nothing
+    /// until the limits let a request of this kind and size pass.
+    Throttled(IoOp, u64),
 }
 
 /// The limits for the volume's device as it is now: a resized volume's
@@ -255,6 +267,9 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         parked: Vec::new(),
         parked_version: 0,
         stats: setup.stats,
+        qos: setup.volume.qos().map(QueueQos::new),
+        qos_wait: None,
+        volume: setup.volume,
         now: ctx.now(),
         regions: RegionCache::default(),
     };
@@ -335,7 +350,14 @@ impl Runner {
         // old one may still finish work of its own first).
         let stale = self.vol_gate.generation() != self.vol_gen;
         let usable = !self.broken && !self.ring_lost;
-        if usable && !stale {
+        let throttled = match (&mut self.qos, self.qos_wait) {
+            (Some(q), Some((op, bytes))) => !q.ensure(op, bytes, self.now),
+            _ => false,
+        };
+        if !throttled {
+            self.qos_wait = None;
+        }
+        if usable && !stale && !throttled {
             work |= self.pop_requests();
         }
         self.signal();
@@ -361,9 +383,16 @@ impl Runner {
                 }
             }
         }
-        if work || self.inflight() > 0 || channel_busy || stale || !self.parked.is_empty() {
+        if work
+            || self.inflight() > 0
+            || channel_busy
+            || stale
+            || !self.parked.is_empty()
+            || self.qos_wait.is_some()
+        {
             // Parked writes are looked at each poll: nothing wakes a
-            // sleeping reactor when the range is resumed.
+            // sleeping reactor when the range is resumed; nor when a
+            // limit's next tokens are due.
             PollState::Busy
         } else if self.notify_enabled || !usable {
             PollState::Idle
@@ -407,6 +436,17 @@ impl Runner {
         if !channel_busy && self.vol_gate.generation() != self.vol_gen {
             let (g, v) = self.vol_gate.config();
             self.limits = sized_limits(&self.limits, &v);
+            // New limits come with a new generation.
+            let qos = self.volume.qos();
+            let same = match (&self.qos, &qos) {
+                (Some(a), Some(b)) => a.shares(b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                self.qos = qos.map(QueueQos::new);
+                self.qos_wait = None;
+            }
             self.ch = match v.device.open_channel() {
                 Ok(ch) => ch,
                 Err(e) => {
@@ -461,10 +501,16 @@ impl Runner {
                 head
             };
             taken += 1;
-            match self.dispatch(head) {
+            let d = self.dispatch(head);
+            match d {
                 Dispatch::Taken => {}
-                Dispatch::Busy => {
-                    // The device is full: give the chain back and retry later.
+                Dispatch::Busy | Dispatch::Throttled(..) => {
+                    // The device is full, or the limits are reached: give
+                    // the chain back and retry later (it is walked again:
+                    // nothing of it is kept meanwhile).
+                    if let Dispatch::Throttled(op, bytes) = d {
+                        self.qos_wait = Some((op, bytes));
+                    }
                     if from_ring {
                         self.ring.undo_pop();
                     } else {
@@ -548,9 +594,16 @@ impl Runner {
                 if write && self.suspended.holds(offset_blocks, num_blocks) {
                     return Dispatch::Parked(version);
                 }
+                let bytes = num_blocks * self.limits.block_size as u64;
                 let Some(slot) = self.free.pop() else {
                     return Dispatch::Busy;
                 };
+                if let Some(q) = &mut self.qos {
+                    if !q.admit(op, bytes, self.now) {
+                        self.free.push(slot);
+                        return Dispatch::Throttled(op, bytes);
+                    }
+                }
                 self.slots[slot as usize] = Some(Inflight {
                     head,
                     status: req.status,
@@ -569,6 +622,9 @@ impl Runner {
                 if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
                     self.slots[slot as usize] = None;
                     self.free.push(slot);
+                    if let Some(q) = &mut self.qos {
+                        q.refund(op, bytes);
+                    }
                     return Dispatch::Busy;
                 }
                 Dispatch::Taken

@@ -254,6 +254,33 @@ impl Manager {
         Ok(self.view(&v))
     }
 
+    /// Set a volume's IO limits online, through its epoch: suspended,
+    /// recorded in the state file, published, resumed. A state file that
+    /// cannot be written or a volume that does not drain in time changes
+    /// nothing.
+    pub fn set_volume_qos(
+        &self,
+        volume: &str,
+        limits: crate::qos::QosLimits,
+    ) -> Result<VolumeView, MgmtError> {
+        limits.check().map_err(|(field, why)| invalid(field, why))?;
+        self.check_open()?;
+        let v = self.inv().volume(volume)?;
+        let _busy = lock(&v.busy);
+        let before = lock(&v.decl).qos;
+        let r = v.volume.set_qos(limits, self.shared.timeout(), || {
+            lock(&v.decl).qos = limits;
+            self.save().inspect_err(|_| lock(&v.decl).qos = before)
+        });
+        match r {
+            Ok(()) => {}
+            Err(poller::ReconfigureError::Rejected(e)) => return Err(e),
+            Err(poller::ReconfigureError::Quiesce(e)) => return Err(from_quiesce(volume, e)),
+        }
+        tracing::info!(volume, limits = %limits.describe(), "IO limits set");
+        Ok(self.view(&v))
+    }
+
     /// Suspend a volume as a whole (dm's suspend, e.g. around a snapshot
     /// of its devices taken outside): once this returns no IO of it is in
     /// flight, its background work stands still at a row boundary, and

@@ -313,6 +313,8 @@ pub struct VolumeView {
     pub quiescing: bool,
     /// Changes waiting to be applied (events that hit a deadline).
     pub pending_changes: usize,
+    /// Its IO limits.
+    pub qos: crate::qos::QosLimits,
 }
 
 /// An export as listed.

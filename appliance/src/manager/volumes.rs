@@ -75,6 +75,7 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
     }
     let raid5 = view.level == SbLevel::Raid5;
     VolumeDecl {
+        qos: old.qos,
         name: old.name.clone(),
         level: if raid5 { "raid5" } else { "raid1" }.to_string(),
         members,
@@ -124,6 +125,9 @@ impl Manager {
         restoring: bool,
     ) -> Result<(Level, Devices, Devices), MgmtError> {
         check_name("name", &decl.name)?;
+        decl.qos
+            .check()
+            .map_err(|(field, why)| invalid(field, why))?;
         if s.volumes.contains_key(&decl.name) || s.creating.contains(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "volume {} already exists",
@@ -366,6 +370,8 @@ impl Manager {
     /// from now on.
     fn insert_volume(&self, decl: VolumeDecl, started: Started) {
         let (volume, monitor) = started;
+        // Before any export can reach it.
+        volume.init_qos(decl.qos);
         let decl = Arc::new(Mutex::new(decl));
         if let Some(m) = &monitor {
             let hooks = Arc::new(Hooks {
@@ -708,6 +714,7 @@ impl Manager {
             suspended_whole: lock(&v.held).is_some(),
             quiescing: v.volume.quiesce().is_suspended(),
             pending_changes,
+            qos: decl.qos,
         }
     }
 

@@ -5,6 +5,7 @@
 //! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
 //! 8 not authorised; 9 not enough of a resource (memory for a RAM device).
 
+mod qos;
 mod stats;
 mod values;
 
@@ -206,6 +207,8 @@ enum VolumeCmd {
         /// Bitmap region per member in KiB (default 65536, i.e. 64 MiB).
         #[arg(long, default_value_t = 0)]
         bitmap_chunk_kib: u32,
+        #[command(flatten)]
+        qos: qos::QosArgs,
     },
     /// List volumes.
     List,
@@ -243,6 +246,20 @@ enum VolumeCmd {
     StopScrub {
         /// The volume.
         name: String,
+    },
+    /// Set a volume's IO limits online (SPDK's bdev_set_qos_limit, cgroup
+    /// io.max): IOPS and MiB/s for reads, writes and both; the flags not
+    /// given are unlimited.
+    ///
+    /// Example: applctl volume qos vol0 --max-iops 5000 --max-write-mibps 200   (--none to clear)
+    Qos {
+        /// The volume.
+        name: String,
+        #[command(flatten)]
+        limits: qos::QosArgs,
+        /// Take every limit away.
+        #[arg(long, conflicts_with_all = ["max_iops", "max_read_iops", "max_write_iops", "max_mibps", "max_read_mibps", "max_write_mibps"])]
+        none: bool,
     },
     /// Limit rebuilds and scrubs, the running one included, in MiB/s (0:
     /// no limit); with --min, they slow down to that while guest IO runs
@@ -693,8 +710,10 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
             journal_mode,
             bitmap,
             bitmap_chunk_kib,
+            qos,
         } => {
             c.create_volume(pb::CreateVolumeRequest {
+                qos: qos.any().then(|| qos.to_pb()),
                 name,
                 level: level.pb() as i32,
                 members,
@@ -738,6 +757,19 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
         VolumeCmd::StopScrub { name } => {
             c.stop_background_work(pb::GetVolumeRequest { name })
                 .await?
+        }
+        VolumeCmd::Qos { name, limits, none } => {
+            if !none && !limits.any() {
+                return Err(Failure(
+                    2,
+                    "give at least one --max-* limit, or --none to take them all away".into(),
+                ));
+            }
+            c.set_volume_qos(pb::SetVolumeQosRequest {
+                volume: name,
+                limits: Some(limits.to_pb()),
+            })
+            .await?
         }
         VolumeCmd::Rate {
             name,
@@ -1145,6 +1177,9 @@ fn describe(v: &pb::Volume) -> String {
     );
     if !v.spares.is_empty() {
         s += &format!("  spares: {}\n", v.spares.join(", "));
+    }
+    if let Some(q) = v.qos.as_ref().filter(|q| !qos::describe(q).is_empty()) {
+        s += &format!("  IO limits: {}\n", qos::describe(q));
     }
     if v.write_behind > 0 {
         s += &format!(
