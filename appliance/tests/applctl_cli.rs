@@ -776,7 +776,14 @@ fn stats_watch_shows_rates_of_a_busy_export() {
         .collect();
     assert_eq!(lines.len(), 2, "{json}");
     for l in &lines {
-        let e = &l[0];
+        // The volume's row adds its exports up: here the one.
+        let v = &l["volumes"][0];
+        assert_eq!(
+            (&v["volume"], v.get("export")),
+            (&l["exports"][0]["volume"], None)
+        );
+        assert_eq!(v["read_iops"], l["exports"][0]["read_iops"], "{l}");
+        let e = &l["exports"][0];
         assert_eq!(e["export"], "vm");
         assert!(e["read_iops"].as_f64().unwrap() > 0.0, "{l}");
         assert!(e["write_iops"].as_f64().unwrap() > 0.0, "{l}");
@@ -787,6 +794,7 @@ fn stats_watch_shows_rates_of_a_busy_export() {
         assert!(p50 > 0.0 && p99 >= p50, "{l}");
     }
     assert!(text.contains("R_IOPS") && text.contains("vm"), "{text}");
+    assert!(text.contains("VOLUME"), "{text}");
     let totals: serde_json::Value =
         serde_json::from_str(&ok(&applctl(&api, &["--json", "stats"]))).unwrap();
     let e = &totals["exports"][0];

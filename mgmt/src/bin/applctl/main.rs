@@ -1049,26 +1049,21 @@ fn out<T: serde::Serialize>(
 }
 
 /// Columns padded to their widest cell.
+/// Columns left-aligned, two spaces apart, no borders (as `mdadm
+/// --detail` and `ls -l` print), laid out by comfy-table.
 fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(head.to_vec())
+        .add_rows(rows);
+    let last = head.len().saturating_sub(1);
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, if i == last { 0 } else { 2 }));
     }
-    let line = |cells: Vec<&str>| {
-        let mut s = cells
-            .iter()
-            .zip(&width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        s.truncate(s.trim_end().len());
-        s + "\n"
-    };
-    let mut s = line(head.to_vec());
-    for r in &rows {
-        s += &line(r.iter().map(String::as_str).collect());
+    let mut s = String::new();
+    for line in t.trim_fmt().lines() {
+        s += line.trim_end();
+        s.push('\n');
     }
     s
 }

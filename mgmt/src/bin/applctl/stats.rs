@@ -8,9 +8,11 @@ use serde::Serialize;
 
 use crate::{out, table, Client, Failure};
 
-/// One export over one interval.
+/// One export (or, with `export` empty, one volume: its exports together)
+/// over one interval.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Rates {
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub export: String,
     pub volume: String,
     pub read_iops: f64,
@@ -75,18 +77,91 @@ pub fn rates(before: &[pb::ExportStat], now: &[pb::ExportStat], secs: f64) -> Ve
     out
 }
 
-/// The table's header and rows.
+/// Each volume's exports added up, as one "export" named after the
+/// volume with an empty export name (counters and histograms add).
+pub fn by_volume(stats: &[pb::ExportStat]) -> Vec<pb::ExportStat> {
+    let mut out: Vec<pb::ExportStat> = Vec::new();
+    for e in stats {
+        let i = match out.iter().position(|v| v.volume == e.volume) {
+            Some(i) => i,
+            None => {
+                out.push(pb::ExportStat {
+                    volume: e.volume.clone(),
+                    ..Default::default()
+                });
+                out.len() - 1
+            }
+        };
+        let v = &mut out[i];
+        v.reads += e.reads;
+        v.writes += e.writes;
+        v.read_bytes += e.read_bytes;
+        v.write_bytes += e.write_bytes;
+        v.others += e.others;
+        v.errors += e.errors;
+        v.inflight += e.inflight;
+        v.frontend_faults += e.frontend_faults;
+        for (sum, h) in [
+            (&mut v.read_latency_buckets, &e.read_latency_buckets),
+            (&mut v.write_latency_buckets, &e.write_latency_buckets),
+        ] {
+            if sum.len() < h.len() {
+                sum.resize(h.len(), 0);
+            }
+            for (a, b) in sum.iter_mut().zip(h) {
+                *a = a.saturating_add(*b);
+            }
+        }
+    }
+    out
+}
+
+/// The rates of every volume (its exports together).
+pub fn volume_rates(before: &[pb::ExportStat], now: &[pb::ExportStat], secs: f64) -> Vec<Rates> {
+    let (b, n) = (by_volume(before), by_volume(now));
+    // Matched by volume: the export names are all empty.
+    let mut out: Vec<Rates> = n
+        .iter()
+        .map(|v| {
+            let prev: Vec<pb::ExportStat> =
+                b.iter().filter(|x| x.volume == v.volume).cloned().collect();
+            rates(&prev, std::slice::from_ref(v), secs).remove(0)
+        })
+        .collect();
+    out.sort_by(|a, b| a.volume.cmp(&b.volume));
+    out
+}
+
+/// The table's header and rows (the first column is the volume's name
+/// for volume rows).
 pub fn rows(r: &[Rates]) -> (Vec<&'static str>, Vec<Vec<String>>) {
     let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     (
         vec![
-            "EXPORT", "R_IOPS", "W_IOPS", "R_MIB/S", "W_MIB/S", "R_P50_US", "R_P99_US", "W_P50_US",
-            "W_P99_US", "ERRORS", "INFLIGHT",
+            if r.first().is_some_and(|x| x.export.is_empty()) {
+                "VOLUME"
+            } else {
+                "EXPORT"
+            },
+            "R_IOPS",
+            "W_IOPS",
+            "R_MIB/S",
+            "W_MIB/S",
+            "R_P50_US",
+            "R_P99_US",
+            "W_P50_US",
+            "W_P99_US",
+            "ERRORS",
+            "INFLIGHT",
         ],
         r.iter()
             .map(|x| {
                 vec![
-                    x.export.clone(),
+                    if x.export.is_empty() {
+                        x.volume.clone()
+                    } else {
+                        x.export.clone()
+                    },
                     format!("{:.0}", x.read_iops),
                     format!("{:.0}", x.write_iops),
                     format!("{:.1}", x.read_mib_s),
@@ -132,12 +207,16 @@ pub async fn watch(
             .into_inner()
             .exports;
         let t = std::time::Instant::now();
-        let r = rates(&before, &now, t.duration_since(at).as_secs_f64());
+        let secs = t.duration_since(at).as_secs_f64();
+        let r = rates(&before, &now, secs);
+        let v = volume_rates(&before, &now, secs);
         let text = if json {
-            serde_json::to_string(&r).map_err(|e| Failure(1, e.to_string()))? + "\n"
+            let line = serde_json::json!({"exports": r, "volumes": v});
+            serde_json::to_string(&line).map_err(|e| Failure(1, e.to_string()))? + "\n"
         } else {
-            let (head, rows) = rows(&r);
-            table(&head, rows) + "\n"
+            let (eh, er) = rows(&r);
+            let (vh, vr) = rows(&v);
+            table(&eh, er) + &table(&vh, vr) + "\n"
         };
         // A reader that went away (`| head`) ends the watch.
         use std::io::Write;
@@ -259,5 +338,37 @@ mod tests {
         a.export = "other".into();
         let r = rates(&[a], &[b], 1.0);
         assert_eq!(r[0].read_iops, 1100.0);
+    }
+
+    #[test]
+    fn a_volume_adds_up_its_exports() {
+        let e = |export: &str, volume: &str, reads: u64, slow: u64| pb::ExportStat {
+            export: export.into(),
+            volume: volume.into(),
+            reads,
+            read_latency_buckets: {
+                let mut h = vec![0; 32];
+                h[2] = reads - slow;
+                h[12] = slow;
+                h
+            },
+            ..Default::default()
+        };
+        let before = [e("a", "v", 0, 0), e("b", "v", 0, 0), e("c", "w", 0, 0)];
+        let now = [
+            e("a", "v", 900, 0),
+            e("b", "v", 100, 100),
+            e("c", "w", 10, 0),
+        ];
+        let v = volume_rates(&before, &now, 1.0);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].volume.as_str(), v[0].read_iops), ("v", 1000.0));
+        assert!(v[0].export.is_empty());
+        // 10 % of v's reads were slow: its p99 is theirs, p50 the fast.
+        assert_eq!(v[0].read_p99_us, Some(1048.576));
+        assert_eq!(v[0].read_p50_us, Some(1.024));
+        assert_eq!((v[1].volume.as_str(), v[1].read_iops), ("w", 10.0));
+        let (head, rows) = rows(&v);
+        assert_eq!((head[0], rows[0][0].as_str()), ("VOLUME", "v"));
     }
 }
