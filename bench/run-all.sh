@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/install-deps.sh bench
-for b in foundation raid bitmap vhost vhost-callgrind nvme fio-lab; do
+for b in foundation raid bitmap vhost vhost-callgrind nvme fio-lab lab; do
   case " ${SKIP:-} " in *" $b "*) echo "== $b skipped"; continue ;; esac
   echo "== $b"
   "bench/run-$b.sh"

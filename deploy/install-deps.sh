@@ -13,7 +13,8 @@ case "${1:-test}" in
   # mount (losetup) and e2fsprogs: the host-safety test claims loop devices;
   # systemd: systemd-analyze checks the unit file.
   test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils mount systemd) ;;
-  bench) want=(fio valgrind) ;;
+  # python3-matplotlib: the lab's plots (bench/lab/lab.py).
+  bench) want=(fio valgrind python3-matplotlib) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
 
