@@ -112,7 +112,11 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         size_bytes: v.size_bytes,
         block_size: v.block_size,
         chunk_kib: v.chunk_kib,
-        layout: pb::Layout::from_label(&v.layout).unwrap_or_default() as i32,
+        // By its canonical name: a state file may say "ls".
+        layout: crate::raid::geometry::Layout::parse(&v.layout)
+            .ok()
+            .and_then(|l| pb::Layout::from_label(l.name()))
+            .unwrap_or_default() as i32,
         members: v
             .members
             .into_iter()
@@ -212,7 +216,7 @@ impl pb::appliance_server::Appliance for Service {
         let r = req.into_inner();
         let every = Duration::from_millis(match r.interval_ms {
             0 => 1000,
-            n => n.max(50) as u64,
+            n => n.clamp(50, 60_000) as u64,
         });
         let name = r.volume.clone();
         let first = self.run(move |m| m.get_volume(&name)).await?.into_inner();
@@ -225,7 +229,12 @@ impl pb::appliance_server::Appliance for Service {
                 if tx.send(Ok(volume_to_pb(v))).await.is_err() || !running {
                     return;
                 }
-                tokio::time::sleep(every).await;
+                // A watcher that goes away ends the task now, not at the
+                // next send.
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = tx.closed() => return,
+                }
                 let (m, name) = (mgr.clone(), r.volume.clone());
                 v = match tokio::task::spawn_blocking(move || m.get_volume(&name)).await {
                     Ok(Ok(v)) => v,

@@ -294,7 +294,7 @@ pub fn serve(
                         ServingStatus::NotServing
                     };
                     h.set_service_status("", status).await;
-                    h.set_service_status("appliance.v1.Appliance", status).await;
+                    h.set_service_status("appliance.v2.Appliance", status).await;
                     last = Some(ok);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;

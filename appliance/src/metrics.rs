@@ -340,7 +340,7 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
     let mut size = f("appliance_volume_size", "The volume's capacity.").unit(&BYTES);
     let mut generation = f(
         "appliance_volume_generation",
-        "The configuration generation (bumped by every change of the member set).",
+        "The configuration generation (bumped by every change published to the volume's IO path).",
     );
     let mut members = f(
         "appliance_volume_members",

@@ -27,11 +27,14 @@ pub struct QosLimits {
     pub write_iops: u64,
     /// All requests.
     pub total_iops: u64,
-    /// Bytes read.
+    /// Bytes read (named as in the API, in the state file too).
+    #[serde(rename = "read_bytes_per_sec")]
     pub read_bytes: u64,
     /// Bytes written.
+    #[serde(rename = "write_bytes_per_sec")]
     pub write_bytes: u64,
     /// Bytes read and written.
+    #[serde(rename = "total_bytes_per_sec")]
     pub total_bytes: u64,
 }
 

@@ -459,15 +459,17 @@ fn a_reload_applies_the_difference_to_the_file() {
     let v = config.volumes.iter_mut().find(|v| v.name == "v").unwrap();
     v.spares = vec!["d2".into()];
     v.serialize = true;
+    v.qos.write_iops = 5000;
     config.exports[0].queue_cores = vec![1];
     let path = rig.dir.path().join("edited.toml");
     config.save(&path).unwrap();
     let rep = rig.mgr.reload_file(&path).unwrap();
     assert!(rep.refused.is_empty(), "{rep:?}");
-    assert_eq!(rep.applied.len(), 5, "{rep:?}");
+    assert_eq!(rep.applied.len(), 6, "{rep:?}");
     let v = rig.mgr.get_volume("v").unwrap();
     assert_eq!(v.spares, vec!["d2".to_string()]);
     assert!(v.serialize);
+    assert_eq!(v.qos.write_iops, 5000, "the IO limits were reloaded");
     assert_eq!(rig.mgr.list_exports()[0].decl.queue_cores, vec![1]);
     assert!(rig.mgr.get_volume("w").is_ok());
     // Again: nothing to do. Then what cannot change in place.

@@ -2110,7 +2110,7 @@ fn the_health_service_and_reflection_answer() {
     let d = Daemon::start(dir.path(), None, None);
     let channel = d.rt.block_on(mgmt::client::channel(&d.api)).unwrap();
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "appliance.v1.Appliance"] {
+    for service in ["", "appliance.v2.Appliance"] {
         let t = Instant::now();
         loop {
             let r = d.rt.block_on(health.check(HealthCheckRequest {
@@ -2152,7 +2152,7 @@ fn the_health_service_and_reflection_answer() {
             other => panic!("{other:?}"),
         }
     });
-    for want in ["appliance.v1.Appliance", "grpc.health.v1.Health"] {
+    for want in ["appliance.v2.Appliance", "grpc.health.v1.Health"] {
         assert!(services.iter().any(|s| s == want), "{services:?}");
     }
     d.stop();

@@ -88,7 +88,7 @@ fn io_limits_hold_within_5_percent_and_leave_an_unlimited_neighbour_alone() {
     ));
     assert!(shown.contains("IO limits: write 16.0 MiB/s"), "{shown}");
     let state = std::fs::read_to_string(dir.path().join("state.toml")).unwrap();
-    assert!(state.contains("write_bytes = 16777216"), "{state}");
+    assert!(state.contains("write_bytes_per_sec = 16777216"), "{state}");
 
     // All three at once for the window.
     let runs: Vec<_> = [("lim", 4096, 8), ("free", 4096, 8), ("bw", 256 << 10, 4)]

@@ -10,7 +10,7 @@ pub mod server;
 /// Generated messages, client and server trait.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
-    tonic::include_proto!("appliance.v1");
+    tonic::include_proto!("appliance.v2");
 
     /// The encoded descriptors of the service, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -180,6 +180,10 @@ impl Manager {
                 v.level, v.members
             ));
         }
+        if w.qos != v.qos {
+            let r = self.set_volume_qos(name, w.qos).map(|_| ());
+            rep.did(format!("IO limits of {name}"), r);
+        }
         if v.level == "single" {
             return;
         }

@@ -19,21 +19,26 @@ impl Drop for KillOnPanic {
     }
 }
 
+/// applctl, built once per test process: `cargo test -p appliance` alone
+/// does not build other packages' binaries, and one left from an older
+/// tree would speak an older API.
 pub fn applctl_path() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_appliance"));
-    let p = bin.with_file_name("applctl");
-    if !p.exists() {
-        // `cargo test -p appliance` alone does not build other packages'
-        // binaries; the workspace run does.
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let st = Command::new(cargo)
-            .args(["build", "-p", "mgmt", "--bin", "applctl"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    assert!(p.exists(), "{} was not built", p.display());
-    p
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let bin = PathBuf::from(env!("CARGO_BIN_EXE_appliance"));
+            let p = bin.with_file_name("applctl");
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let st = Command::new(cargo)
+                .args(["build", "-q", "-p", "mgmt", "--bin", "applctl"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            assert!(p.exists(), "{} was not built", p.display());
+            p
+        })
+        .clone()
 }
 
 pub fn applctl(api: &Path, args: &[&str]) -> Output {

@@ -309,8 +309,12 @@ impl IoChannel for FaultChannel {
             // A device pulled while the request was in flight never answers
             // with success.
             if pulled {
+                if c.result.is_ok() {
+                    // Failed here, not by the device below (which counted
+                    // its own).
+                    self.control.injected.fetch_add(1, Ordering::Relaxed);
+                }
                 c.result = Err(IoError::DeviceFailed);
-                self.control.injected.fetch_add(1, Ordering::Relaxed);
             }
             if latency == 0 && self.delayed.is_empty() {
                 out.push(c);

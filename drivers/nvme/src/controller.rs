@@ -108,7 +108,6 @@ pub struct Controller {
 /// What went wrong so far; each counter is bumped only when it happens.
 #[derive(Default)]
 pub(crate) struct Counts {
-    pub(crate) io_errors: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     pub(crate) aborts: AtomicU64,
     pub(crate) resets: AtomicU64,
@@ -506,11 +505,12 @@ impl Controller {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// IO errors, time-outs, aborts sent and resets done so far.
+    /// Time-outs, aborts sent and resets done so far (IO errors are
+    /// counted per namespace).
     pub fn error_counts(&self) -> bdev::ErrorCounts {
         let c = &self.counts;
         bdev::ErrorCounts {
-            io_errors: c.io_errors.load(Ordering::Relaxed),
+            io_errors: 0,
             timeouts: c.timeouts.load(Ordering::Relaxed),
             aborts: c.aborts.load(Ordering::Relaxed),
             resets: c.resets.load(Ordering::Relaxed),

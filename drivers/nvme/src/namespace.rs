@@ -42,6 +42,10 @@ const PRP_PER_PAGE: usize = PAGE / 8;
 pub struct Namespace {
     ctrl: Arc<Controller>,
     nsid: u32,
+    /// Requests of this namespace that completed with an error (its
+    /// channels bump it; time-outs, aborts and resets are the
+    /// controller's).
+    io_errors: Arc<std::sync::atomic::AtomicU64>,
     info: DeviceInfo,
     cmd_bytes: usize,
 }
@@ -84,6 +88,7 @@ impl Namespace {
         Ok(Namespace {
             ctrl: ctrl.clone(),
             nsid,
+            io_errors: Arc::default(),
             cmd_bytes,
             info: DeviceInfo {
                 name: name.to_string(),
@@ -110,10 +115,13 @@ impl BlockDevice for Namespace {
         &self.info
     }
 
-    /// The controller's counts: time-outs, aborts and resets are the
+    /// Its own IO errors; time-outs, aborts and resets are the
     /// controller's, shared by its namespaces.
     fn error_counts(&self) -> bdev::ErrorCounts {
-        self.ctrl.error_counts()
+        bdev::ErrorCounts {
+            io_errors: self.io_errors.load(Ordering::Relaxed),
+            ..self.ctrl.error_counts()
+        }
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
@@ -169,6 +177,7 @@ struct Slot {
 struct Channel {
     ctrl: Arc<Controller>,
     nsid: u32,
+    io_errors: Arc<std::sync::atomic::AtomicU64>,
     info: DeviceInfo,
     block_shift: u32,
     cmd_blocks: u64,
@@ -229,6 +238,7 @@ impl Channel {
         let mut ch = Channel {
             ctrl: ctrl.clone(),
             nsid: ns.nsid,
+            io_errors: ns.io_errors.clone(),
             info: ns.info.clone(),
             block_shift: ns.info.block_size.trailing_zeros(),
             cmd_blocks: (ns.cmd_bytes / ns.info.block_size as usize) as u64,
@@ -301,7 +311,7 @@ impl Channel {
         p.remaining -= 1;
         if p.remaining == 0 {
             if p.result.is_err() {
-                self.ctrl.counts.io_errors.fetch_add(1, Ordering::Relaxed);
+                self.io_errors.fetch_add(1, Ordering::Relaxed);
             }
             self.done.push(Completion {
                 tag: p.tag,

@@ -77,39 +77,58 @@ pub fn rates(before: &[pb::ExportStat], now: &[pb::ExportStat], secs: f64) -> Ve
     out
 }
 
-/// Each volume's exports added up, as one "export" named after the
-/// volume with an empty export name (counters and histograms add).
-pub fn by_volume(stats: &[pb::ExportStat]) -> Vec<pb::ExportStat> {
+/// What each export did between `before` and `now` (an export new since
+/// counts from zero; one gone since is left out), added up per volume,
+/// as one "export" named after the volume with an empty export name.
+/// Deltas first, then sums: an export that comes or goes in between does
+/// not skew its volume's figures. In-flight counts are the current ones.
+pub fn by_volume(before: &[pb::ExportStat], now: &[pb::ExportStat]) -> Vec<pb::ExportStat> {
     let mut out: Vec<pb::ExportStat> = Vec::new();
-    for e in stats {
-        let i = match out.iter().position(|v| v.volume == e.volume) {
+    for n in now {
+        let zero = pb::ExportStat::default();
+        let b = before
+            .iter()
+            .find(|b| b.export == n.export)
+            .unwrap_or(&zero);
+        let i = match out.iter().position(|v| v.volume == n.volume) {
             Some(i) => i,
             None => {
                 out.push(pb::ExportStat {
-                    volume: e.volume.clone(),
+                    volume: n.volume.clone(),
                     ..Default::default()
                 });
                 out.len() - 1
             }
         };
         let v = &mut out[i];
-        v.reads += e.reads;
-        v.writes += e.writes;
-        v.read_bytes += e.read_bytes;
-        v.write_bytes += e.write_bytes;
-        v.others += e.others;
-        v.errors += e.errors;
-        v.inflight += e.inflight;
-        v.frontend_faults += e.frontend_faults;
+        let d = |x: u64, y: u64| y.saturating_sub(x);
+        v.reads = v.reads.saturating_add(d(b.reads, n.reads));
+        v.writes = v.writes.saturating_add(d(b.writes, n.writes));
+        v.read_bytes = v.read_bytes.saturating_add(d(b.read_bytes, n.read_bytes));
+        v.write_bytes = v
+            .write_bytes
+            .saturating_add(d(b.write_bytes, n.write_bytes));
+        v.others = v.others.saturating_add(d(b.others, n.others));
+        v.errors = v.errors.saturating_add(d(b.errors, n.errors));
+        v.frontend_faults = v
+            .frontend_faults
+            .saturating_add(d(b.frontend_faults, n.frontend_faults));
+        v.inflight = v.inflight.saturating_add(n.inflight);
         for (sum, h) in [
-            (&mut v.read_latency_buckets, &e.read_latency_buckets),
-            (&mut v.write_latency_buckets, &e.write_latency_buckets),
+            (
+                &mut v.read_latency_buckets,
+                delta(&b.read_latency_buckets, &n.read_latency_buckets),
+            ),
+            (
+                &mut v.write_latency_buckets,
+                delta(&b.write_latency_buckets, &n.write_latency_buckets),
+            ),
         ] {
             if sum.len() < h.len() {
                 sum.resize(h.len(), 0);
             }
             for (a, b) in sum.iter_mut().zip(h) {
-                *a = a.saturating_add(*b);
+                *a = a.saturating_add(b);
             }
         }
     }
@@ -118,16 +137,8 @@ pub fn by_volume(stats: &[pb::ExportStat]) -> Vec<pb::ExportStat> {
 
 /// The rates of every volume (its exports together).
 pub fn volume_rates(before: &[pb::ExportStat], now: &[pb::ExportStat], secs: f64) -> Vec<Rates> {
-    let (b, n) = (by_volume(before), by_volume(now));
-    // Matched by volume: the export names are all empty.
-    let mut out: Vec<Rates> = n
-        .iter()
-        .map(|v| {
-            let prev: Vec<pb::ExportStat> =
-                b.iter().filter(|x| x.volume == v.volume).cloned().collect();
-            rates(&prev, std::slice::from_ref(v), secs).remove(0)
-        })
-        .collect();
+    // The sums are deltas already: against nothing.
+    let mut out = rates(&[], &by_volume(before, now), secs);
     out.sort_by(|a, b| a.volume.cmp(&b.volume));
     out
 }
@@ -138,7 +149,9 @@ pub fn rows(r: &[Rates]) -> (Vec<&'static str>, Vec<Vec<String>>) {
     let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     (
         vec![
-            if r.first().is_some_and(|x| x.export.is_empty()) {
+            if r.first()
+                .is_some_and(|x| x.export.is_empty() && !x.volume.is_empty())
+            {
                 "VOLUME"
             } else {
                 "EXPORT"
@@ -370,5 +383,8 @@ mod tests {
         assert_eq!((v[1].volume.as_str(), v[1].read_iops), ("w", 10.0));
         let (head, rows) = rows(&v);
         assert_eq!((head[0], rows[0][0].as_str()), ("VOLUME", "v"));
+        // An export deleted in between is left out, not subtracted.
+        let v = volume_rates(&now, &now[1..], 1.0);
+        assert_eq!((v[0].volume.as_str(), v[0].read_iops), ("v", 0.0));
     }
 }
