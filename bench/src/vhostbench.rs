@@ -43,7 +43,8 @@ struct Args {
     label: String,
 }
 
-fn cpu_ticks(pid: i32) -> Result<u64, String> {
+/// The backend's CPU ticks (user + system) and minor page faults so far.
+fn cpu_ticks(pid: i32) -> Result<(u64, u64), String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     let after = s.rfind(')').map(|i| &s[i + 2..]).ok_or("bad stat")?;
@@ -53,7 +54,7 @@ fn cpu_ticks(pid: i32) -> Result<u64, String> {
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or("bad stat field")
     };
-    Ok(p(11)? + p(12)?)
+    Ok((p(11)? + p(12)?, p(7)?))
 }
 
 fn main() {
@@ -131,7 +132,8 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
     let cpu0 = cpu_ticks(a.backend_pid)?;
     let elapsed = phase(a.seconds, &mut ios, &mut errors)?;
     let cpu1 = cpu_ticks(a.backend_pid)?;
-    let cpu_ns = (cpu1 - cpu0) as f64 * 1e9 / 100.0;
+    let cpu_ns = (cpu1.0 - cpu0.0) as f64 * 1e9 / 100.0;
+    let minflt = cpu1.1.saturating_sub(cpu0.1);
     Ok(json!({
         "label": a.label,
         "rw": format!("{:?}", a.rw).to_lowercase(),
@@ -142,5 +144,6 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
         "errors": errors,
         "backend_cpu_ns_per_io": cpu_ns / ios.max(1) as f64,
         "backend_cpu_cores": cpu_ns / 1e9 / elapsed,
+        "backend_minflt_per_io": minflt as f64 / ios.max(1) as f64,
     }))
 }

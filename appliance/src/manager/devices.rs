@@ -12,16 +12,23 @@ use crate::volume::VolumeConfig;
 
 impl Inventory {
     /// Whether the machine has room for a RAM device `name` of `size`
-    /// bytes (replacing `had` bytes of it). RAM devices are mapped lazily:
-    /// one larger than the machine would have the daemon killed when it
-    /// fills, long after the call said yes.
+    /// bytes (replacing `had` bytes of it), with the RAM devices attached
+    /// and being attached. (The device also checks the memory available
+    /// when it allocates itself.)
     fn check_ram(&self, name: &str, had: u64, size: u64) -> Result<(), MgmtError> {
+        let pending: u64 = self
+            .attaching
+            .values()
+            .filter_map(|spec| spec.strip_prefix("ram:"))
+            .filter_map(|z| crate::devspec::parse_size(z).ok())
+            .sum();
         let taken: u64 = self
             .devices
             .values()
             .filter(|d| d.decl.spec.starts_with("ram:"))
             .map(|d| d.dev.info().size_bytes())
-            .sum();
+            .sum::<u64>()
+            .saturating_add(pending);
         let after = taken - had + size;
         match crate::host::memory_total() {
             Some(total) if after > total => Err(MgmtError::ResourceExhausted(format!(
@@ -66,20 +73,31 @@ impl Manager {
         }
         self.check_open()?;
         let mut inv = self.inv();
-        if inv.devices.contains_key(&decl.name) {
+        if inv.devices.contains_key(&decl.name) || inv.attaching.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "device {} is already attached",
                 decl.name
             )));
         }
         if decl.spec.starts_with("file:") || decl.spec.starts_with("nvme:") {
-            if let Some(d) = inv.devices.values().find(|d| {
-                same_file(&d.decl.spec, &decl.spec)
-                    || crate::devspec::same_nvme(&d.decl.spec, &decl.spec)
-            }) {
+            let same = |spec: &str| {
+                same_file(spec, &decl.spec) || crate::devspec::same_nvme(spec, &decl.spec)
+            };
+            let by = inv
+                .devices
+                .values()
+                .find(|d| same(&d.decl.spec))
+                .map(|d| d.decl.name.clone())
+                .or_else(|| {
+                    inv.attaching
+                        .iter()
+                        .find(|(_, spec)| same(spec))
+                        .map(|(n, _)| n.clone())
+                });
+            if let Some(by) = by {
                 return Err(MgmtError::AlreadyExists(format!(
-                    "{} is already attached as device {}",
-                    decl.spec, d.decl.name
+                    "{} is already attached as device {by}",
+                    decl.spec
                 )));
             }
         }
@@ -99,17 +117,25 @@ impl Manager {
         {
             inv.check_ram(&decl.name, 0, size)?;
         }
-        let dev = wrap(
-            crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size).map_err(|e| {
-                if let crate::devspec::SpecError::Busy { .. } = e {
-                    MgmtError::FailedPrecondition(e.to_string())
-                } else if crate::devspec::names_missing(&decl.spec) {
-                    MgmtError::NotFound(e.to_string())
-                } else {
-                    invalid("spec", e.to_string())
-                }
-            })?,
-        );
+        // Opened without the lock (the name and spec are reserved): a
+        // large RAM device takes seconds to allocate, and listings,
+        // health and metrics go on meanwhile.
+        inv.attaching.insert(decl.name.clone(), decl.spec.clone());
+        drop(inv);
+        let opened = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size);
+        let mut inv = self.inv();
+        inv.attaching.remove(&decl.name);
+        // Shut down meanwhile: the device is dropped, not attached.
+        self.check_open()?;
+        let dev = wrap(opened.map_err(|e| {
+            if let crate::devspec::SpecError::Busy { .. } = e {
+                MgmtError::FailedPrecondition(e.to_string())
+            } else if crate::devspec::names_missing(&decl.spec) {
+                MgmtError::NotFound(e.to_string())
+            } else {
+                invalid("spec", e.to_string())
+            }
+        })?);
         let wrapper = lock(&self.shared.wrapper).clone();
         let dev = match wrapper {
             Some(w) => w(dev),

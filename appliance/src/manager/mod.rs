@@ -402,6 +402,9 @@ struct Inventory {
     volumes: BTreeMap<String, Arc<Vol>>,
     /// Names of volumes being created (their devices are claimed).
     creating: std::collections::BTreeSet<String>,
+    /// Devices being opened outside the lock (a RAM device is allocated
+    /// and touched, which takes seconds for a large one): name -> spec.
+    attaching: BTreeMap<String, String>,
     exports: BTreeMap<String, Arc<Exp>>,
 }
 

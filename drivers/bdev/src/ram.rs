@@ -31,7 +31,9 @@ struct Inner {
 unsafe impl Send for Inner {}
 unsafe impl Sync for Inner {}
 
-/// A device in anonymous memory (pages are allocated on first write).
+/// A device in anonymous memory, allocated and touched when it is made
+/// (as SPDK's malloc bdev clears its memory at creation): no write pays a
+/// page fault and the zeroing of a page, on a reactor, later.
 pub struct RamDevice {
     inner: Arc<Inner>,
 }
@@ -71,6 +73,7 @@ impl RamDevice {
                     "{name}: {num_blocks} blocks is not a usable size"
                 ))
             })?;
+        check_memory(name, len)?;
         let mut map = memmap2::MmapOptions::new()
             .len(len as usize)
             .map_anon()
@@ -83,6 +86,7 @@ impl RamDevice {
         // refused advice changes nothing.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
+        populate(name, &mut map);
         let base = map.as_mut_ptr();
         Ok(RamDevice {
             inner: Arc::new(Inner {
@@ -117,9 +121,8 @@ impl BlockDevice for RamDevice {
         }))
     }
 
-    /// A new mapping with the old contents copied in. Ranges that were
-    /// never written read as the zero page and are skipped, so a sparse
-    /// device stays sparse.
+    /// A new mapping with the old contents copied in (ranges of zeroes
+    /// are skipped: the new one is zeroed already).
     fn resized(&self, num_blocks: u64) -> Result<Arc<dyn BlockDevice>, BdevError> {
         let info = &self.inner.info;
         if self.inner.undo.is_some() {
@@ -167,6 +170,65 @@ impl BlockDevice for RamDevice {
             };
         }
         Ok(())
+    }
+}
+
+/// Memory the kernel says it can still give without swapping, if it says.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// What a RAM device leaves the rest of the host, at least.
+const HEADROOM: u64 = 512 << 20;
+
+/// Refuse a device the host cannot hold: allocating it would bring the
+/// OOM killer to the daemon, not an error.
+fn check_memory(name: &str, len: u64) -> Result<(), BdevError> {
+    if let Some(avail) = mem_available() {
+        if len.saturating_add(HEADROOM) > avail {
+            return Err(BdevError::InvalidArgument(format!(
+                "{name}: {} MiB of RAM asked for, but the host has {} MiB available \
+                 (and keeps {} MiB for itself)",
+                len >> 20,
+                avail >> 20,
+                HEADROOM >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Allocate every page of `map` now (after the hugepage advice, so the
+/// kernel can use 2 MiB pages).
+fn populate(name: &str, map: &mut MmapMut) {
+    let len = map.len() as u64;
+    let started = std::time::Instant::now();
+    // The kernel populates it in one call (Linux 5.14): with the hugepage
+    // advice that took 0.28 s for 2 GiB here, where writing to each page
+    // took 5.3 s. Older kernels refuse the advice: touch every page.
+    #[cfg(target_os = "linux")]
+    let populated = map.advise(memmap2::Advice::PopulateWrite).is_ok();
+    #[cfg(not(target_os = "linux"))]
+    let populated = false;
+    if !populated {
+        let base = map.as_mut_ptr();
+        let mut at = 0usize;
+        while at < map.len() {
+            // SAFETY: inside the mapping; nobody else has it yet.
+            unsafe { base.add(at).write_volatile(0) };
+            at += 4096;
+        }
+    }
+    if len >= 1 << 30 {
+        tracing::info!(
+            device = name,
+            mib = len >> 20,
+            ms = started.elapsed().as_millis() as u64,
+            "RAM device allocated"
+        );
     }
 }
 

@@ -335,3 +335,38 @@ fn file_channel_completes_while_polled_without_system_calls() {
     }
     println!("worst completion seen after {worst:?}");
 }
+
+/// Resident memory of this process, from /proc/self/status.
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A RAM device is allocated when it is made, not by the first write to
+/// each page (which would fault and zero the page on a reactor); one the
+/// host cannot hold is refused instead of being handed to the OOM killer.
+#[test]
+fn a_ram_device_is_resident_when_made_and_one_too_large_is_refused() {
+    let before = rss_bytes();
+    let dev = RamDevice::new("resident", 4096, 64 << 8).unwrap();
+    let grew = rss_bytes().saturating_sub(before);
+    assert!(grew >= 60 << 20, "only {grew} bytes resident of 64 MiB");
+    drop(dev);
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        << 10;
+    let blocks = (total + (1 << 30)) / 4096;
+    let e = RamDevice::new("too-large", 4096, blocks).err().unwrap();
+    assert!(e.to_string().contains("available"), "{e}");
+}
