@@ -181,20 +181,24 @@ fn mem_available() -> Option<u64> {
     Some(kib << 10)
 }
 
-/// What a RAM device leaves the rest of the host, at least.
-const HEADROOM: u64 = 512 << 20;
+/// What a RAM device leaves the rest of the host: 512 MiB, or an eighth
+/// of what is available on a small one (a 512 MiB test guest).
+fn headroom(avail: u64) -> u64 {
+    (512u64 << 20).min(avail / 8)
+}
 
 /// Refuse a device the host cannot hold: allocating it would bring the
 /// OOM killer to the daemon, not an error.
 fn check_memory(name: &str, len: u64) -> Result<(), BdevError> {
     if let Some(avail) = mem_available() {
-        if len.saturating_add(HEADROOM) > avail {
+        let keep = headroom(avail);
+        if len.saturating_add(keep) > avail {
             return Err(BdevError::InvalidArgument(format!(
                 "{name}: {} MiB of RAM asked for, but the host has {} MiB available \
                  (and keeps {} MiB for itself)",
                 len >> 20,
                 avail >> 20,
-                HEADROOM >> 20
+                keep >> 20
             )));
         }
     }
