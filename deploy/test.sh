@@ -18,6 +18,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== tests"
+# The command-line tests run applctl, a binary of another package.
+cargo build -q -p mgmt --bin applctl
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-features --no-fail-fast
 else

@@ -176,6 +176,8 @@ struct Runner {
     /// The request a limit held back (given back to the ring or the
     /// resubmit queue): nothing is taken until the buckets cover it.
     qos_wait: Option<(IoOp, u64)>,
+    /// When the timer armed to look at it again fires.
+    qos_timer: Option<Instant>,
     /// The reactor loop's timestamp of the current poll.
     now: Instant,
     /// Last guest memory region translated (of `mem`).
@@ -269,6 +271,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         stats: setup.stats,
         qos: setup.volume.qos().map(QueueQos::new),
         qos_wait: None,
+        qos_timer: None,
         volume: setup.volume,
         now: ctx.now(),
         regions: RegionCache::default(),
@@ -361,6 +364,28 @@ impl Runner {
             work |= self.pop_requests();
         }
         self.signal();
+        if throttled
+            && !work
+            && self.inflight() == 0
+            && !channel_busy
+            && !stale
+            && self.parked.is_empty()
+        {
+            // Held back by a limit with nothing else to do: sleep until
+            // the limit gives tokens again (a timer wakes the reactor)
+            // rather than spin on the buckets. Kicks are drained: a
+            // readable kick fd would end every sleep at once, and the
+            // ring is looked at when the timer fires.
+            self.drain_kick();
+            if let (Some(q), Some((op, bytes))) = (&self.qos, self.qos_wait) {
+                let at = q.recheck_at(op, bytes);
+                if self.qos_timer.is_none_or(|t| t <= self.now || t > at) {
+                    ctx.after(at.saturating_duration_since(self.now), |_| {});
+                    self.qos_timer = Some(at);
+                }
+            }
+            return PollState::Idle;
+        }
         if work {
             self.idle_polls = 0;
             if self.notify_enabled {

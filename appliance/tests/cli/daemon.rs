@@ -19,22 +19,41 @@ impl Drop for KillOnPanic {
     }
 }
 
-/// applctl, built once per test process: `cargo test -p appliance` alone
-/// does not build other packages' binaries, and one left from an older
-/// tree would speak an older API.
+/// The newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+    let m = std::fs::metadata(dir).ok()?;
+    if !m.is_dir() {
+        return m.modified().ok();
+    }
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest(&e.path()))
+        .max()
+}
+
+/// applctl, built when it is missing or older than the sources of its
+/// crate: `cargo test -p appliance` alone does not build other packages'
+/// binaries, and one from an older tree would speak an older API. (Not
+/// by running cargo every time: under the test runner's environment that
+/// rebuilds it, 10 s a test.)
 pub fn applctl_path() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let bin = PathBuf::from(env!("CARGO_BIN_EXE_appliance"));
             let p = bin.with_file_name("applctl");
-            let cargo = option_env!("CARGO").unwrap_or("cargo");
-            let st = Command::new(cargo)
-                .args(["build", "-q", "-p", "mgmt", "--bin", "applctl"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(st.success());
+            let mgmt = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mgmt");
+            let built = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+            if built.is_none() || built < newest(&mgmt) {
+                let cargo = option_env!("CARGO").unwrap_or("cargo");
+                let st = Command::new(cargo)
+                    .args(["build", "-q", "-p", "mgmt", "--bin", "applctl"])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
             assert!(p.exists(), "{} was not built", p.display());
             p
         })
