@@ -419,6 +419,10 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         "Journal checkpoints recorded (the log freed up to them).",
     )
     .counter();
+    let mut qos = f(
+        "appliance_volume_qos_limit",
+        "The volume's IO limits per second that are set, by kind (read_iops, write_iops, total_iops, read_bytes, write_bytes, total_bytes).",
+    );
     let mut regions = f(
         "appliance_volume_bitmap_regions",
         "Regions of the write-intent bitmap.",
@@ -484,6 +488,18 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
             jblocks.add(l(), Value::Count(c.blocks));
             checkpoints.add(l(), Value::Count(c.checkpoints));
         }
+        for (kind, limit) in [
+            ("read_iops", v.qos.read_iops),
+            ("write_iops", v.qos.write_iops),
+            ("total_iops", v.qos.total_iops),
+            ("read_bytes", v.qos.read_bytes),
+            ("write_bytes", v.qos.write_bytes),
+            ("total_bytes", v.qos.total_bytes),
+        ] {
+            if limit > 0 {
+                qos.add(with("kind", kind), Value::Gauge(limit as f64));
+            }
+        }
         if let Some((_, r, d)) = v.bitmap {
             regions.add(l(), Value::Gauge(r as f64));
             dirty.add(l(), Value::Gauge(d as f64));
@@ -511,6 +527,7 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         records,
         jblocks,
         checkpoints,
+        qos,
         regions,
         dirty,
     ]);

@@ -49,14 +49,6 @@ fn wait_metric(addr: &str, metric: &str, labels: &str, ok: impl Fn(f64) -> bool)
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An initial configuration of `devices` file devices d0.. of `size`, a
 /// RAID5 vol0 over d0-d2 with `volume_extra` TOML lines, exported as vm;
 /// its path and the export's socket.

@@ -21,14 +21,6 @@ use openmetrics_parser::{
 
 type Exposition = MetricsExposition<OpenMetricsType, OpenMetricsValue>;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET /metrics: the content type and the body.
 fn scrape(addr: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -197,7 +189,8 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
          [[device]]\nname = \"r0\"\nspec = \"ram:64M\"\n\n\
          [[device]]\nname = \"r1\"\nspec = \"ram:64M\"\n\n\
          [[volume]]\nname = \"vol1\"\nlevel = \"raid1\"\nmembers = [\"r0\", \"r1\"]\n\
-         bitmap = true\nmax_rebuild_bytes_per_sec = 1048576\n\n\
+         bitmap = true\nmax_rebuild_bytes_per_sec = 1048576\n\
+         [volume.qos]\ntotal_iops = 1000000\n\n\
          [[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\n\
          journal = \"j\"\nchunk_kib = 64\n\n\
          [[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
@@ -304,6 +297,8 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
         0.0
     );
     assert!(v("appliance_volume_bitmap_regions", &[("volume", "vol1")]) >= 1.0);
+    let limit = [("volume", "vol1"), ("kind", "total_iops")];
+    assert_eq!(v("appliance_volume_qos_limit", &limit), 1e6);
 
     // Every metric the dashboard queries is in the scrape.
     let path = common::repo().join("deploy/grafana/appliance.json");

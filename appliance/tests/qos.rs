@@ -15,14 +15,6 @@ use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Writes of `len` bytes, `depth` at a time, spread over the first 32 MiB,
 /// for `secs`: how many completed (each must succeed).
 fn drive(sock: &Path, len: usize, depth: usize, run: Duration) -> u64 {

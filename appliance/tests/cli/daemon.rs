@@ -60,6 +60,15 @@ pub fn applctl_path() -> PathBuf {
         .clone()
 }
 
+/// A TCP port free on the loopback now (for the metrics listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn applctl(api: &Path, args: &[&str]) -> Output {
     Command::new(applctl_path())
         .arg("--api")
