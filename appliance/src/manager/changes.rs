@@ -268,6 +268,11 @@ impl Manager {
         let v = self.inv().volume(volume)?;
         let _busy = lock(&v.busy);
         let before = lock(&v.decl).qos;
+        if before == limits {
+            // Nothing to change: no suspend, and the schedule (and its
+            // burst allowance) goes on as it was.
+            return Ok(self.view(&v));
+        }
         let r = v.volume.set_qos(limits, self.shared.timeout(), || {
             lock(&v.decl).qos = limits;
             self.save().inspect_err(|_| lock(&v.decl).qos = before)
