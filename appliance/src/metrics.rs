@@ -372,17 +372,12 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         "appliance_volume_background_mismatches",
         "Parity or mirror mismatches the running or last scrub found.",
     );
-    let mut quiesces = f(
-        "appliance_volume_quiesces",
-        "Suspends of the volume's IO that completed (every reactor acknowledged).",
-    )
-    .counter();
+    // No UNIT line (see the export latency histogram).
     let mut quiesce_wait = f(
-        "appliance_volume_quiesce_wait",
-        "Total time suspends waited for every reactor to acknowledge.",
+        "appliance_volume_quiesce_wait_seconds",
+        "How long suspends of the volume's IO waited for every reactor to acknowledge (the count is the number of suspends).",
     )
-    .counter()
-    .unit(&SECONDS);
+    .histogram();
     let mut quiesce_max = f(
         "appliance_volume_quiesce_wait_max",
         "The longest wait of one suspend for every reactor to acknowledge.",
@@ -474,8 +469,25 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
                 mismatches.add(l(), Value::Gauge(p.mismatches as f64));
             }
         }
-        quiesces.add(l(), Value::Count(v.quiesce.suspends));
-        quiesce_wait.add(l(), Value::Seconds(v.quiesce.wait_ns_total as f64 / 1e9));
+        let q = &v.quiesce;
+        let last = q.wait_hist.len().saturating_sub(1);
+        let buckets = q
+            .wait_hist
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let le = if i == last {
+                    f64::MAX
+                } else {
+                    (1u64 << i) as f64 / 1e6
+                };
+                (le, n)
+            })
+            .collect();
+        quiesce_wait.add(
+            l(),
+            Value::Histogram(q.wait_ns_total as f64 / 1e9, q.suspends, buckets),
+        );
         quiesce_max.add(l(), Value::Gauge(v.quiesce.wait_ns_max as f64 / 1e9));
         pending.add(l(), Value::Gauge(v.pending_changes as f64));
         if let Some((_, f, c, failed)) = v.journal_state {
@@ -517,7 +529,6 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         progress,
         eta,
         mismatches,
-        quiesces,
         quiesce_wait,
         quiesce_max,
         pending,

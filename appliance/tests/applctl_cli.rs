@@ -191,7 +191,7 @@ num_queues = 2
     assert!(waited.contains("rebuild finished"), "{waited}");
     wait_metric(
         &metrics,
-        "appliance_volume_quiesces_total",
+        "appliance_volume_quiesce_wait_seconds_count",
         r#"volume="vol0""#,
         |v| v >= 2.0,
     );

@@ -73,7 +73,13 @@ struct Control {
     suspends: AtomicU64,
     wait_ns_total: AtomicU64,
     wait_ns_max: AtomicU64,
+    /// The waits by [`QuiesceStats::wait_hist`]'s buckets.
+    wait_hist: [AtomicU64; WAIT_BUCKETS],
 }
+
+/// Buckets of the suspend-wait histogram: bucket `i` counts waits below
+/// `1 us << i` (the last one takes the rest, from about half a second).
+pub const WAIT_BUCKETS: usize = 20;
 
 /// How an object's suspends went, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,6 +90,9 @@ pub struct QuiesceStats {
     pub wait_ns_total: u64,
     /// The longest such wait.
     pub wait_ns_max: u64,
+    /// How many waited less than `1 us << i`, by bucket `i` (not
+    /// cumulative; the last bucket takes the rest).
+    pub wait_hist: [u64; WAIT_BUCKETS],
 }
 
 impl Control {
@@ -114,6 +123,9 @@ impl Control {
                 self.suspends.fetch_add(1, Ordering::Relaxed);
                 self.wait_ns_total.fetch_add(ns, Ordering::Relaxed);
                 self.wait_ns_max.fetch_max(ns, Ordering::Relaxed);
+                let us = ns / 1000;
+                let b = ((64 - us.leading_zeros()) as usize).min(WAIT_BUCKETS - 1);
+                self.wait_hist[b].fetch_add(1, Ordering::Relaxed);
                 Ok(SuspendGuard {
                     control: self.clone(),
                 })
@@ -254,6 +266,7 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
             suspends: AtomicU64::new(0),
             wait_ns_total: AtomicU64::new(0),
             wait_ns_max: AtomicU64::new(0),
+            wait_hist: Default::default(),
         });
         QuiesceObject {
             shared: Arc::new(Shared {
@@ -282,6 +295,7 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
             suspends: c.suspends.load(Ordering::Relaxed),
             wait_ns_total: c.wait_ns_total.load(Ordering::Relaxed),
             wait_ns_max: c.wait_ns_max.load(Ordering::Relaxed),
+            wait_hist: std::array::from_fn(|i| c.wait_hist[i].load(Ordering::Relaxed)),
         }
     }
 

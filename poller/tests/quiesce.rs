@@ -487,3 +487,19 @@ fn domain_refuses_duplicates_and_unknown_names() {
     assert_eq!(d.names(), vec!["a".to_string()]);
     r.shutdown().unwrap();
 }
+
+#[test]
+fn suspend_waits_are_counted_in_the_histogram() {
+    let r = reactors(2);
+    let obj = QuiesceObject::new(r.set(), "vol-h", Layout { stamp: 1 });
+    for _ in 0..5 {
+        drop(obj.suspend(Duration::from_secs(5)).unwrap());
+    }
+    let s = obj.stats();
+    assert_eq!(s.suspends, 5);
+    assert_eq!(s.wait_hist.iter().sum::<u64>(), 5, "{s:?}");
+    // The longest wait sits in the last bucket holding any, or below it.
+    let last = s.wait_hist.iter().rposition(|&n| n > 0).unwrap();
+    assert!(s.wait_ns_max / 1000 < 1u64 << last || last == s.wait_hist.len() - 1);
+    r.shutdown().unwrap();
+}
