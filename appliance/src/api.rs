@@ -387,12 +387,9 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let level = match pb::Level::try_from(r.level) {
-            Ok(pb::Level::Single) => "single",
-            Ok(pb::Level::Raid1) => "raid1",
-            Ok(pb::Level::Raid5) => "raid5",
-            Ok(pb::Level::Unspecified) => return Err(bad("level", "is required")),
-            Err(_) => return Err(bad("level", format!("unknown value {}", r.level))),
+        let level = match enum_label("level", r.level, pb::Level::label)? {
+            "" => return Err(bad("level", "is required")),
+            l => l,
         };
         let decl = VolumeDecl {
             qos: qos_from_pb(r.qos),

@@ -197,21 +197,20 @@ fn g(b: bool) -> Value {
     Value::Gauge(if b { 1.0 } else { 0.0 })
 }
 
-/// The Prometheus buckets of an export latency histogram: its own bucket
-/// bounds in seconds, the last one open (`+Inf`).
-fn latency_buckets(h: &[u64]) -> Vec<(f64, u64)> {
+/// The Prometheus buckets of a log2 histogram kept in-process: bucket
+/// `i`'s upper bound in seconds from `bound_s(i)`, the last one open
+/// (`+Inf`).
+fn buckets(h: &[u64], bound_s: impl Fn(usize) -> f64) -> Vec<(f64, u64)> {
     let last = h.len().saturating_sub(1);
     h.iter()
         .enumerate()
-        .map(|(i, &n)| {
-            let le = if i == last {
-                f64::MAX
-            } else {
-                mgmt::latency::bound_ns(i) as f64 / 1e9
-            };
-            (le, n)
-        })
+        .map(|(i, &n)| (if i == last { f64::MAX } else { bound_s(i) }, n))
         .collect()
+}
+
+/// An export latency histogram's buckets (bound `256 ns << i`).
+fn latency_buckets(h: &[u64]) -> Vec<(f64, u64)> {
+    buckets(h, |i| mgmt::latency::bound_ns(i) as f64 / 1e9)
 }
 
 impl Collector for Appliance {
@@ -470,23 +469,11 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
             }
         }
         let q = &v.quiesce;
-        let last = q.wait_hist.len().saturating_sub(1);
-        let buckets = q
-            .wait_hist
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let le = if i == last {
-                    f64::MAX
-                } else {
-                    (1u64 << i) as f64 / 1e6
-                };
-                (le, n)
-            })
-            .collect();
+        // Suspend waits: bucket i below 1 us << i.
+        let b = buckets(&q.wait_hist, |i| (1u64 << i) as f64 / 1e6);
         quiesce_wait.add(
             l(),
-            Value::Histogram(q.wait_ns_total as f64 / 1e9, q.suspends, buckets),
+            Value::Histogram(q.wait_ns_total as f64 / 1e9, q.suspends, b),
         );
         quiesce_max.add(l(), Value::Gauge(v.quiesce.wait_ns_max as f64 / 1e9));
         pending.add(l(), Value::Gauge(v.pending_changes as f64));

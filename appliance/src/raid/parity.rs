@@ -87,6 +87,20 @@ macro_rules! with_fixed_sources {
     }};
 }
 
+/// The bytes after the first `done` (the SIMD kernels' whole blocks),
+/// by the portable loop.
+///
+/// # Safety
+/// `dst` and every source are valid for `len` bytes; `done <= len`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn portable_tail(dst: *mut u8, srcs: &[*const u8], len: usize, init: bool, done: usize) {
+    // SAFETY: `done` is inside every buffer.
+    let rest: smallvec::SmallVec<[*const u8; 16]> =
+        srcs.iter().map(|s| unsafe { s.add(done) }).collect();
+    // SAFETY: the tail is inside every buffer.
+    unsafe { xor_portable(dst.add(done), &rest, len - done, init) }
+}
+
 /// # Safety
 /// `dst` and every source are valid for `len` bytes.
 unsafe fn xor_portable(dst: *mut u8, srcs: &[*const u8], len: usize, init: bool) {
@@ -124,10 +138,8 @@ unsafe fn xor_portable(dst: *mut u8, srcs: &[*const u8], len: usize, init: bool)
 unsafe fn xor_avx2(dst: *mut u8, srcs: &[*const u8], len: usize, init: bool) {
     // SAFETY: as the caller promised.
     let done = unsafe { with_fixed_sources!(avx2_blocks, dst, srcs, len, init) };
-    let rest: smallvec::SmallVec<[*const u8; 16]> =
-        srcs.iter().map(|s| unsafe { s.add(done) }).collect();
-    // SAFETY: the tail is inside every buffer.
-    unsafe { xor_portable(dst.add(done), &rest, len - done, init) }
+    // SAFETY: `done` is within every buffer.
+    unsafe { portable_tail(dst, srcs, len, init, done) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -181,10 +193,8 @@ unsafe fn avx2_blocks<S: AsRef<[*const u8]>>(
 unsafe fn xor_avx512(dst: *mut u8, srcs: &[*const u8], len: usize, init: bool) {
     // SAFETY: as the caller promised.
     let done = unsafe { with_fixed_sources!(avx512_blocks, dst, srcs, len, init) };
-    let rest: smallvec::SmallVec<[*const u8; 16]> =
-        srcs.iter().map(|s| unsafe { s.add(done) }).collect();
-    // SAFETY: the tail is inside every buffer.
-    unsafe { xor_portable(dst.add(done), &rest, len - done, init) }
+    // SAFETY: `done` is within every buffer.
+    unsafe { portable_tail(dst, srcs, len, init, done) }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -1084,11 +1084,9 @@ fn size(bytes: u64) -> String {
 }
 
 fn level_name(l: i32) -> &'static str {
-    match pb::Level::try_from(l) {
-        Ok(pb::Level::Single) => "single",
-        Ok(pb::Level::Raid1) => "raid1",
-        Ok(pb::Level::Raid5) => "raid5",
-        _ => "?",
+    match pb::Level::try_from(l).map(pb::Level::label) {
+        Ok("") | Err(_) => "?",
+        Ok(name) => name,
     }
 }
 
