@@ -4,7 +4,8 @@
 //! memory.
 #![no_main]
 
-use appliance::export::request::{parse, walk_chain, Desc, Limits, Parsed};
+use appliance::export::chain::{walk_chain, Desc};
+use appliance::export::request::{parse, Limits, Parsed};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -2,6 +2,7 @@
 //! control thread, the virtqueues on the reactors.
 
 mod backend;
+pub mod chain;
 mod error;
 mod fault;
 mod frontend;
