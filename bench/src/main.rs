@@ -79,6 +79,10 @@ enum Cmd {
         /// Number of sources XORed into one result.
         #[arg(long, default_value_t = 4)]
         sources: usize,
+        /// This kernel instead of the one chosen at start (avx512,
+        /// avx512vl, avx2, portable).
+        #[arg(long)]
+        kernel: Option<String>,
     },
     /// A RAID volume over RAM members against one member alone, one
     /// reactor, QD 32: 4 KiB random read/write, or 1 MiB-aligned
@@ -205,7 +209,11 @@ fn main() {
             span_mib,
         } => resync::run(member_mib, span_mib),
         Cmd::Rebuild { member_mib } => rebuild::run(member_mib),
-        Cmd::Xor { size, sources } => xor(size, sources),
+        Cmd::Xor {
+            size,
+            sources,
+            kernel,
+        } => xor(size, sources, kernel.as_deref()),
         Cmd::Raid {
             level,
             rw,
@@ -481,8 +489,8 @@ fn ram_loop(ios: u64) -> Result<serde_json::Value, String> {
     Ok(json!({"bench": "ram_loop", "ios": counter.load(Ordering::Relaxed)}))
 }
 
-fn xor(size: usize, sources: usize) -> Result<serde_json::Value, String> {
-    use appliance::raid::parity::{kernel_name, xor_gen};
+fn xor(size: usize, sources: usize, kernel: Option<&str>) -> Result<serde_json::Value, String> {
+    use appliance::raid::parity::{calibrate, kernel_name, xor_gen, xor_gen_with};
     if sources == 0 || size == 0 {
         return Err("need at least one source of at least one byte".into());
     }
@@ -501,7 +509,14 @@ fn xor(size: usize, sources: usize) -> Result<serde_json::Value, String> {
     let rounds = ((10usize << 30) / (size * sources)).clamp(3, 1 << 20);
     let t = Instant::now();
     for _ in 0..rounds {
-        xor_gen(dst, &views);
+        match kernel {
+            Some(k) => {
+                if !xor_gen_with(k, dst, &views) {
+                    return Err(format!("this CPU has no XOR kernel {k}"));
+                }
+            }
+            None => xor_gen(dst, &views),
+        }
         std::hint::black_box(&dst);
     }
     let xor_s = t.elapsed().as_secs_f64();
@@ -516,7 +531,12 @@ fn xor(size: usize, sources: usize) -> Result<serde_json::Value, String> {
     let bytes = (rounds * size * sources) as f64;
     Ok(json!({
         "bench": "xor",
-        "kernel": kernel_name(),
+        "kernel": kernel.unwrap_or(kernel_name()),
+        "calibration_gbps": calibrate()
+            .1
+            .iter()
+            .map(|k| (k.name.to_string(), json!(k.bytes_per_sec / 1e9)))
+            .collect::<serde_json::Map<_, _>>(),
         "size": size,
         "sources": sources,
         "xor_gbps": bytes / xor_s / 1e9,
