@@ -103,6 +103,7 @@ fn conventions(e: &Exposition) -> Vec<String> {
             "_ms",
             "_kib",
             "_mib",
+            "_gib",
             "_percent",
         ] {
             if name.contains(unit) {
@@ -304,7 +305,7 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     let speed = |k: &str| {
         value(
             &e,
-            "appliance_raid_xor_calibration_gib_duration_seconds",
+            "appliance_raid_xor_calibration_block_duration_seconds",
             &[("kernel", k)],
         )
     };

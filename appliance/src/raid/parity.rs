@@ -160,17 +160,28 @@ pub fn xor_into(dst: &mut [u8], srcs: &[&[u8]]) {
     run(dst, srcs, false)
 }
 
-/// [`xor_gen`] with the kernel named `kernel` instead of the chosen one
-/// (benchmarks compare them); false if this CPU has no such kernel.
-///
-/// # Panics
-/// As [`xor_gen`].
-pub fn xor_gen_with(kernel: &str, dst: &mut [u8], srcs: &[&[u8]]) -> bool {
-    let Some(&(k, _)) = candidates().iter().find(|c| c.1 == kernel) else {
-        return false;
-    };
-    run_kernel(k, dst, srcs, true);
-    true
+/// A kernel picked by name instead of the chosen one (benchmarks compare
+/// them); see [`kernel_named`].
+#[derive(Clone, Copy)]
+pub struct NamedKernel(Kernel);
+
+impl NamedKernel {
+    /// [`xor_gen`] with this kernel.
+    ///
+    /// # Panics
+    /// As [`xor_gen`].
+    pub fn xor_gen(&self, dst: &mut [u8], srcs: &[&[u8]]) {
+        run_kernel(self.0, dst, srcs, true)
+    }
+}
+
+/// The kernel called `name` ("avx512", "avx512vl", "avx2", "portable"),
+/// if this CPU runs it.
+pub fn kernel_named(name: &str) -> Option<NamedKernel> {
+    candidates()
+        .into_iter()
+        .find(|c| c.1 == name)
+        .map(|c| NamedKernel(c.0))
 }
 
 fn run(dst: &mut [u8], srcs: &[&[u8]], init: bool) {
@@ -525,9 +536,13 @@ mod tests {
         let names: Vec<&str> = candidates().iter().map(|c| c.1).collect();
         assert_eq!(speeds.iter().map(|s| s.name).collect::<Vec<_>>(), names);
         assert!(speeds.iter().all(|s| s.bytes_per_sec > 0.0), "{speeds:?}");
+        // The first of the fastest, as the choice takes it.
         let best = speeds
             .iter()
-            .max_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec))
+            .fold(None::<&KernelSpeed>, |b, s| match b {
+                Some(b) if b.bytes_per_sec >= s.bytes_per_sec => Some(b),
+                _ => Some(s),
+            })
             .map(|s| s.name);
         assert_eq!(Some(chosen), best);
         assert_eq!(kernel_name(), chosen);

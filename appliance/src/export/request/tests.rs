@@ -560,6 +560,13 @@ fn the_fast_path_answers_exactly_like_the_general_parser() {
         l.read_only = round % 5 == 0;
         l.seg_max = if round % 3 == 0 { 2 } else { 8 };
         l.max_transfer = if round % 4 == 0 { 4096 } else { 1 << 20 };
+        if round % 7 == 1 {
+            // 4 KiB blocks: sectors and lengths must be multiples of 8.
+            l.block_size = 4096;
+        }
+        if round % 11 == 2 {
+            l.capacity_sectors = 64;
+        }
         let fast = parse_with(&d, &m, &cache, &l);
         let general = parse_general(&d, &m, &l);
         assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{d:?}");
