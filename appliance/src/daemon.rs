@@ -125,12 +125,27 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     tracing::info!(directories = %allowed.describe(), "file: devices are allowed in");
     // Before any IO, as md does at module load: the log says which kernel
     // RAID5 parity uses and why.
-    let (xor, speeds) = crate::raid::parity::calibrate();
-    let measured: Vec<String> = speeds
-        .iter()
-        .map(|s| format!("{} {:.1} GB/s", s.name, s.bytes_per_sec / 1e9))
-        .collect();
-    tracing::info!(kernel = xor, measured = %measured.join(", "), "RAID5 parity: XOR kernel chosen");
+    let xor = crate::raid::parity::calibrate();
+    for class in crate::raid::parity::SizeClass::ALL {
+        let measured: Vec<String> = xor
+            .speeds
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {:.1} GB/s",
+                    s.name,
+                    s.bytes_per_sec[class as usize] / 1e9
+                )
+            })
+            .collect();
+        tracing::info!(
+            buffers = class.label(),
+            source_kib = class.calibration_len() >> 10,
+            kernel = xor.chosen(class),
+            measured = %measured.join(", "),
+            "RAID5 parity: XOR kernel chosen"
+        );
+    }
     mgr.set_allowed_paths(allowed);
     if let Some((cfg, first)) = &initial {
         crate::service::status("restoring devices, volumes and exports");

@@ -231,25 +231,31 @@ fn collect(mgr: &Manager) -> Vec<Family> {
         Value::Gauge(1.0),
     );
     out.push(info);
-    let (xor, speeds) = crate::raid::parity::calibrate();
+    let xor = crate::raid::parity::calibrate();
     let mut kernel = Family::new(
         "appliance_raid_xor_kernel_info",
-        "The XOR kernel RAID5 parity uses, chosen at start as the fastest (always 1).",
+        "The XOR kernel RAID5 parity uses for small (up to 8 KiB) and large buffers, chosen at start as the fastest (always 1).",
     );
-    kernel.add(vec![("kernel", xor.to_string())], Value::Gauge(1.0));
-    out.push(kernel);
     let mut speed = Family::new(
         "appliance_raid_xor_calibration_block_duration",
-        "Time each XOR kernel took at start to compute one parity block from four cache-resident 4 KiB sources (the fastest is chosen).",
+        "Time each XOR kernel took at start to compute one parity block from four sources of 4 KiB (small) or 64 KiB (large).",
     )
     .unit(&SECONDS);
-    for s in speeds {
-        let block = (4 * 4096) as f64;
-        speed.add(
-            vec![("kernel", s.name.to_string())],
-            Value::Gauge(block / s.bytes_per_sec.max(1.0)),
+    for class in crate::raid::parity::SizeClass::ALL {
+        let buffers = ("buffers", class.label().to_string());
+        kernel.add(
+            vec![("kernel", xor.chosen(class).to_string()), buffers.clone()],
+            Value::Gauge(1.0),
         );
+        let block = (4 * class.calibration_len()) as f64;
+        for s in &xor.speeds {
+            speed.add(
+                vec![("kernel", s.name.to_string()), buffers.clone()],
+                Value::Gauge(block / s.bytes_per_sec[class as usize].max(1.0)),
+            );
+        }
     }
+    out.push(kernel);
     out.push(speed);
     exports(mgr, &mut out);
     volumes(mgr, &mut out);

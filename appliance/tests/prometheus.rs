@@ -300,31 +300,37 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     assert!(v("appliance_volume_bitmap_regions", &[("volume", "vol1")]) >= 1.0);
     let limit = [("volume", "vol1"), ("kind", "total_iops")];
     assert_eq!(v("appliance_volume_qos_limit", &limit), 1e6);
-    // The XOR kernel chosen at start is one of those it measured, and the
-    // fastest of them.
-    let speed = |k: &str| {
-        value(
-            &e,
-            "appliance_raid_xor_calibration_block_duration_seconds",
-            &[("kernel", k)],
-        )
-    };
-    let measured: Vec<(&str, f64)> = ["avx512", "avx512vl", "avx2", "portable"]
-        .into_iter()
-        .filter_map(|k| speed(k).map(|s| (k, s)))
-        .collect();
-    assert!(measured.iter().any(|m| m.0 == "portable"), "{measured:?}");
-    assert!(measured.iter().all(|m| m.1 > 0.0), "{measured:?}");
-    let fastest = measured
-        .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|m| m.0)
-        .unwrap_or_default();
-    assert_eq!(
-        value(&e, "appliance_raid_xor_kernel_info", &[("kernel", fastest)]),
-        Some(1.0),
-        "{measured:?}"
-    );
+    // For each buffer size, the XOR kernel chosen at start is one of
+    // those it measured, and the fastest of them.
+    for buffers in ["small", "large"] {
+        let took = |k: &str| {
+            value(
+                &e,
+                "appliance_raid_xor_calibration_block_duration_seconds",
+                &[("kernel", k), ("buffers", buffers)],
+            )
+        };
+        let measured: Vec<(&str, f64)> = ["avx512", "avx512vl", "avx2", "portable"]
+            .into_iter()
+            .filter_map(|k| took(k).map(|s| (k, s)))
+            .collect();
+        assert!(measured.iter().any(|m| m.0 == "portable"), "{measured:?}");
+        assert!(measured.iter().all(|m| m.1 > 0.0), "{measured:?}");
+        let fastest = measured
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|m| m.0)
+            .unwrap_or_default();
+        assert_eq!(
+            value(
+                &e,
+                "appliance_raid_xor_kernel_info",
+                &[("kernel", fastest), ("buffers", buffers)]
+            ),
+            Some(1.0),
+            "{buffers}: {measured:?}"
+        );
+    }
 
     // Every metric the dashboard queries is in the scrape.
     let path = common::repo().join("deploy/grafana/appliance.json");

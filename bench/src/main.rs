@@ -490,7 +490,7 @@ fn ram_loop(ios: u64) -> Result<serde_json::Value, String> {
 }
 
 fn xor(size: usize, sources: usize, kernel: Option<&str>) -> Result<serde_json::Value, String> {
-    use appliance::raid::parity::{calibrate, kernel_name, kernel_named, xor_gen};
+    use appliance::raid::parity::{calibrate, kernel_name, kernel_named, xor_gen, SizeClass};
     if sources == 0 || size == 0 {
         return Err("need at least one source of at least one byte".into());
     }
@@ -534,11 +534,17 @@ fn xor(size: usize, sources: usize, kernel: Option<&str>) -> Result<serde_json::
     let bytes = (rounds * size * sources) as f64;
     Ok(json!({
         "bench": "xor",
-        "kernel": kernel.unwrap_or(kernel_name()),
-        "calibration_gbps": calibrate()
-            .1
+        "kernel": kernel.unwrap_or(kernel_name(size)),
+        "calibration_gbps": SizeClass::ALL
             .iter()
-            .map(|k| (k.name.to_string(), json!(k.bytes_per_sec / 1e9)))
+            .map(|&c| {
+                let speeds = calibrate()
+                    .speeds
+                    .iter()
+                    .map(|k| (k.name.to_string(), json!(k.bytes_per_sec[c as usize] / 1e9)))
+                    .collect::<serde_json::Map<_, _>>();
+                (c.label().to_string(), json!(speeds))
+            })
             .collect::<serde_json::Map<_, _>>(),
         "size": size,
         "sources": sources,

@@ -8,10 +8,14 @@
 //! result is not read back soon, and a normal store would first read each
 //! destination line (a sixth of the traffic with four sources).
 //!
-//! Which kernel runs is chosen once, as md's `calibrate_xor_blocks` does:
-//! each kernel this CPU can run XORs four 4 KiB sources for a moment and
-//! the fastest wins (wider is not always faster: AVX-512 can lower the
-//! clock). The choice and every kernel's speed are logged and exported.
+//! Which kernel runs is chosen once, as md's `calibrate_xor_blocks` does,
+//! by timing each kernel this CPU can run; but for two buffer sizes, four
+//! 4 KiB sources (in L1) and four 64 KiB ones (in L2), since the fastest
+//! differs: here 512-bit vectors won the first and lost the second to
+//! 256-bit ones by about a tenth (wider is not always faster: AVX-512 can
+//! lower the clock). Buffers up to [`SMALL_BYTES`] use the first choice,
+//! larger ones the second. The choices and every kernel's speed are logged
+//! and exported.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -24,20 +28,74 @@ type Kernel = unsafe fn(dst: *mut u8, srcs: &[*const u8], len: usize, init: bool
 /// it is read anyway.
 pub const STREAM_BYTES: usize = 4 << 20;
 
+/// Buffers up to this many bytes use the kernel that was fastest on 4 KiB
+/// sources; larger ones the one fastest on 64 KiB sources.
+pub const SMALL_BYTES: usize = 8 << 10;
+
+/// The buffer sizes the calibration times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeClass {
+    /// Up to [`SMALL_BYTES`], timed with 4 KiB sources.
+    Small,
+    /// Larger, timed with 64 KiB sources.
+    Large,
+}
+
+impl SizeClass {
+    /// Both classes.
+    pub const ALL: [SizeClass; 2] = [SizeClass::Small, SizeClass::Large];
+
+    /// The class of a buffer of `len` bytes.
+    pub fn of(len: usize) -> SizeClass {
+        if len <= SMALL_BYTES {
+            SizeClass::Small
+        } else {
+            SizeClass::Large
+        }
+    }
+
+    /// Bytes of each of the four sources the calibration XORs.
+    pub fn calibration_len(self) -> usize {
+        match self {
+            SizeClass::Small => 4 << 10,
+            SizeClass::Large => 64 << 10,
+        }
+    }
+
+    /// "small" or "large".
+    pub fn label(self) -> &'static str {
+        match self {
+            SizeClass::Small => "small",
+            SizeClass::Large => "large",
+        }
+    }
+}
+
 /// One kernel's calibration result.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSpeed {
-    /// Kernel name ("avx512", "avx2", "portable").
+    /// Kernel name ("avx512", "avx512vl", "avx2", "portable").
     pub name: &'static str,
-    /// Source bytes XORed per second over four cache-resident 4 KiB
-    /// sources.
-    pub bytes_per_sec: f64,
+    /// Source bytes XORed per second, by [`SizeClass`] (small, large).
+    pub bytes_per_sec: [f64; 2],
 }
 
-struct Choice {
-    kernel: Kernel,
-    name: &'static str,
-    speeds: Vec<KernelSpeed>,
+/// What the calibration measured and chose.
+pub struct Calibration {
+    /// Every kernel this CPU runs, best guess first.
+    pub speeds: Vec<KernelSpeed>,
+    chosen: [(Kernel, &'static str); 2],
+}
+
+impl Calibration {
+    /// The kernel buffers of `class` use.
+    pub fn chosen(&self, class: SizeClass) -> &'static str {
+        self.chosen[class as usize].1
+    }
+
+    fn kernel(&self, len: usize) -> Kernel {
+        self.chosen[SizeClass::of(len) as usize].0
+    }
 }
 
 /// The kernels this CPU can run, best guess first.
@@ -59,25 +117,24 @@ fn candidates() -> Vec<(Kernel, &'static str)> {
     k
 }
 
-/// Source bytes per second of each kernel over four 4 KiB sources, 64-byte
-/// aligned as stripe buffers are: the best of a few short rounds, the
-/// kernels taking turns (a preempted round, or the clock change when wide
-/// vectors start, only lowers one round's figure).
-fn measure(kernels: &[Kernel]) -> Vec<f64> {
-    const LEN: usize = 4096;
+/// Source bytes per second of each kernel over four sources of `len`
+/// bytes, 64-byte aligned as stripe buffers are: the best of a few short
+/// rounds, the kernels taking turns (a preempted round, or the clock change
+/// when wide vectors start, only lowers one round's figure).
+fn measure(kernels: &[Kernel], len: usize) -> Vec<f64> {
     const SOURCES: usize = 4;
     const ROUNDS: usize = 8;
     const PER_ROUND: Duration = Duration::from_micros(250);
-    let mut raw = vec![0u8; (SOURCES + 1) * LEN + 64];
+    let mut raw = vec![0u8; (SOURCES + 1) * len + 64];
     let base = raw.as_ptr().align_offset(64);
     for (i, b) in raw[base..].iter_mut().enumerate() {
-        *b = (i / LEN) as u8 + 1;
+        *b = (i / len) as u8 + 1;
     }
     let at = raw[base..].as_mut_ptr();
-    // SAFETY: SOURCES + 1 buffers of LEN bytes from `base` lie in `raw`.
+    // SAFETY: SOURCES + 1 buffers of `len` bytes from `base` lie in `raw`.
     let (dst, ptrs) = unsafe {
         let srcs: Vec<*const u8> = (1..=SOURCES)
-            .map(|i| at.add(i * LEN).cast_const())
+            .map(|i| at.add(i * len).cast_const())
             .collect();
         (at, srcs)
     };
@@ -87,61 +144,64 @@ fn measure(kernels: &[Kernel]) -> Vec<f64> {
             let t = Instant::now();
             let mut n = 0u64;
             while t.elapsed() < PER_ROUND {
-                for _ in 0..16 {
-                    // SAFETY: every buffer is LEN bytes inside `raw`; the
+                for _ in 0..4 {
+                    // SAFETY: every buffer is `len` bytes inside `raw`; the
                     // kernel runs on this CPU (from `candidates`).
-                    unsafe { k(dst, &ptrs, LEN, true) };
+                    unsafe { k(dst, &ptrs, len, true) };
                     std::hint::black_box(dst);
                 }
-                n += 16;
+                n += 4;
             }
-            let rate = (n * (LEN * SOURCES) as u64) as f64 / t.elapsed().as_secs_f64();
+            let rate = (n * (len * SOURCES) as u64) as f64 / t.elapsed().as_secs_f64();
             *b = b.max(rate);
         }
     }
     best
 }
 
-fn choice() -> &'static Choice {
-    static C: OnceLock<Choice> = OnceLock::new();
+fn choice() -> &'static Calibration {
+    static C: OnceLock<Calibration> = OnceLock::new();
     C.get_or_init(|| {
         let cands = candidates();
         let kernels: Vec<Kernel> = cands.iter().map(|c| c.0).collect();
+        let small = measure(&kernels, SizeClass::Small.calibration_len());
+        let large = measure(&kernels, SizeClass::Large.calibration_len());
         let speeds: Vec<KernelSpeed> = cands
             .iter()
-            .zip(measure(&kernels))
-            .map(|(&(_, name), bytes_per_sec)| KernelSpeed {
+            .enumerate()
+            .map(|(i, &(_, name))| KernelSpeed {
                 name,
-                bytes_per_sec,
+                bytes_per_sec: [small[i], large[i]],
             })
             .collect();
-        // The fastest; a tie goes to the earlier (wider) kernel.
-        let mut best = 0;
-        for (i, s) in speeds.iter().enumerate() {
-            if s.bytes_per_sec > speeds[best].bytes_per_sec {
-                best = i;
+        // The fastest of each class; a tie goes to the earlier (wider)
+        // kernel.
+        let best = |class: SizeClass| {
+            let mut best = 0;
+            for (i, s) in speeds.iter().enumerate() {
+                if s.bytes_per_sec[class as usize] > speeds[best].bytes_per_sec[class as usize] {
+                    best = i;
+                }
             }
-        }
-        let (kernel, name) = cands[best];
-        Choice {
-            kernel,
-            name,
+            cands[best]
+        };
+        Calibration {
+            chosen: [best(SizeClass::Small), best(SizeClass::Large)],
             speeds,
         }
     })
 }
 
-/// Choose the kernel now (the daemon calls this at start, so the choice is
-/// in its log before any IO; otherwise the first XOR does it) and say
+/// Choose the kernels now (the daemon calls this at start, so the choice
+/// is in its log before any IO; otherwise the first XOR does it) and say
 /// which and how fast each was.
-pub fn calibrate() -> (&'static str, &'static [KernelSpeed]) {
-    let c = choice();
-    (c.name, &c.speeds)
+pub fn calibrate() -> &'static Calibration {
+    choice()
 }
 
-/// Which kernel this CPU uses.
-pub fn kernel_name() -> &'static str {
-    choice().name
+/// The kernel buffers of `len` bytes use.
+pub fn kernel_name(len: usize) -> &'static str {
+    choice().chosen(SizeClass::of(len))
 }
 
 /// `dst = srcs[0] ^ srcs[1] ^ ...` (all the same length as `dst`).
@@ -185,7 +245,7 @@ pub fn kernel_named(name: &str) -> Option<NamedKernel> {
 }
 
 fn run(dst: &mut [u8], srcs: &[&[u8]], init: bool) {
-    run_kernel(choice().kernel, dst, srcs, init)
+    run_kernel(choice().kernel(dst.len()), dst, srcs, init)
 }
 
 fn run_kernel(k: Kernel, dst: &mut [u8], srcs: &[&[u8]], init: bool) {
@@ -473,7 +533,7 @@ mod tests {
                 }
             }
         }
-        assert!(!kernel_name().is_empty());
+        assert!(!kernel_name(4096).is_empty());
     }
 
     #[test]
@@ -531,20 +591,31 @@ mod tests {
     }
 
     #[test]
-    fn calibration_picks_the_fastest_kernel_this_cpu_runs() {
-        let (chosen, speeds) = calibrate();
+    fn calibration_picks_the_fastest_kernel_this_cpu_runs_for_each_size() {
+        let c = calibrate();
         let names: Vec<&str> = candidates().iter().map(|c| c.1).collect();
-        assert_eq!(speeds.iter().map(|s| s.name).collect::<Vec<_>>(), names);
-        assert!(speeds.iter().all(|s| s.bytes_per_sec > 0.0), "{speeds:?}");
-        // The first of the fastest, as the choice takes it.
-        let best = speeds
-            .iter()
-            .fold(None::<&KernelSpeed>, |b, s| match b {
-                Some(b) if b.bytes_per_sec >= s.bytes_per_sec => Some(b),
-                _ => Some(s),
-            })
-            .map(|s| s.name);
-        assert_eq!(Some(chosen), best);
-        assert_eq!(kernel_name(), chosen);
+        assert_eq!(c.speeds.iter().map(|s| s.name).collect::<Vec<_>>(), names);
+        for class in SizeClass::ALL {
+            let i = class as usize;
+            assert!(
+                c.speeds.iter().all(|s| s.bytes_per_sec[i] > 0.0),
+                "{:?}",
+                c.speeds
+            );
+            // The first of the fastest, as the choice takes it.
+            let best = c
+                .speeds
+                .iter()
+                .fold(None::<&KernelSpeed>, |b, s| match b {
+                    Some(b) if b.bytes_per_sec[i] >= s.bytes_per_sec[i] => Some(b),
+                    _ => Some(s),
+                })
+                .map(|s| s.name);
+            assert_eq!(Some(c.chosen(class)), best, "{class:?}");
+            let len = class.calibration_len();
+            assert_eq!(kernel_name(len), c.chosen(class));
+        }
+        assert_eq!(SizeClass::of(SMALL_BYTES), SizeClass::Small);
+        assert_eq!(SizeClass::of(SMALL_BYTES + 1), SizeClass::Large);
     }
 }
