@@ -184,6 +184,9 @@ fn export_to_pb(e: ExportView) -> pb::Export {
         socket_mode: e.decl.socket_mode.unwrap_or_default(),
         socket_owner: e.decl.socket_owner.unwrap_or_default(),
         socket_group: e.decl.socket_group.unwrap_or_default(),
+        live_migration: e.decl.live_migration,
+        dirty_logging: e.dirty_log.is_some(),
+        dirty_pages_logged: e.dirty_log.unwrap_or(0),
     }
 }
 
@@ -727,6 +730,7 @@ impl pb::appliance_server::Appliance for Service {
             socket_mode: Some(r.socket_mode).filter(|s| !s.is_empty()),
             socket_owner: Some(r.socket_owner).filter(|s| !s.is_empty()),
             socket_group: Some(r.socket_group).filter(|s| !s.is_empty()),
+            live_migration: r.live_migration,
         };
         self.run(move |m| m.create_export(decl).map(export_to_pb))
             .await

@@ -151,6 +151,10 @@ pub struct ExportDecl {
     /// the host's physical memory.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub memory_limit_mib: u64,
+    /// Offer dirty logging so QEMU can live-migrate the VM (experimental,
+    /// off by default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live_migration: bool,
     /// Mode of the socket file, octal ("0660"); unset: what the umask leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 
+use super::dirtylog::DirtyLog;
 use super::inflight::InflightRegion;
 use super::memory::{Declared, GuestMemory, MAX_REGIONS};
 use super::queue::{self, QueueSetup, QueueShared};
@@ -54,6 +55,9 @@ pub fn offered_features(shared: &ExportShared) -> u64 {
     if l.read_only {
         f |= bit(VIRTIO_BLK_F_RO);
     }
+    if shared.options.live_migration {
+        f |= VhostUserVirtioFeatures::LOG_ALL.bits();
+    }
     f
 }
 
@@ -65,6 +69,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Why a queue did not move.
@@ -112,6 +117,8 @@ pub struct Handler {
     memory: GuestMemory,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightRegion>>,
+    /// The dirty log SET_LOG_BASE gave (used while VHOST_F_LOG_ALL is on).
+    log: Option<Arc<DirtyLog>>,
 }
 
 /// A kick or call descriptor must be an eventfd: the reactor reads and
@@ -162,6 +169,7 @@ impl Handler {
             features: 0,
             protocol: 0,
             memory: GuestMemory::default(),
+            log: None,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
         }
@@ -183,6 +191,18 @@ impl Handler {
         self.protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits() != 0
     }
 
+    /// Whether the frontend has dirty logging on (and gave a log).
+    fn logging(&self) -> bool {
+        self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
+    }
+
+    /// Logging went on or off, or the log changed: the queues drain and
+    /// pick it up with the memory map (one epoch of the memory object).
+    fn republish_log(&mut self) -> VuResult<()> {
+        let memory = self.memory.clone();
+        self.publish_memory(memory)
+    }
+
     fn protocol_features_acked(&self) -> bool {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
@@ -191,7 +211,8 @@ impl Handler {
     /// it up on resume (the quiesce epoch of the export's memory object).
     fn publish_memory(&mut self, memory: GuestMemory) -> VuResult<()> {
         let _own = super::watchdog::own_work(&self.export);
-        let snapshot = memory.snapshot().map_err(invalid)?;
+        let mut snapshot = memory.snapshot().map_err(invalid)?;
+        snapshot.log = self.logging().then(|| self.log.clone()).flatten();
         self.export
             .memory
             .reconfigure(STOP_TIMEOUT, |_| Ok::<_, String>((snapshot, ())))
@@ -455,7 +476,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 features & !offered
             )));
         }
+        let log_changed = (self.features ^ features) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         self.features = features;
+        if log_changed {
+            tracing::info!(on = self.logging(), "vhost-user dirty logging");
+            self.republish_log()?;
+        }
         if !self.protocol_features_acked() {
             // Without protocol features a vring runs as soon as it is kicked.
             for i in 0..self.vrings.len() as u32 {
@@ -534,6 +560,13 @@ impl VhostUserBackendReqHandlerMut for Handler {
         };
         let v = self.vring(index)?;
         if v.running.is_some() {
+            // A frontend turning dirty logging on or off for a running
+            // ring sends its addresses again with the log flag: the same
+            // addresses are fine (the used ring is logged at its guest
+            // address either way); moving a running ring is not.
+            if v.addrs == Some((d, a, u)) {
+                return Ok(());
+            }
             return Err(invalid("vring addresses changed while running"));
         }
         v.addrs = Some((d, a, u));
@@ -774,9 +807,31 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Err(VuError::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "dirty logging (migration) is not supported",
-        ))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        tracing::debug!(
+            size = log.mmap_size,
+            offset = log.mmap_offset,
+            "vhost-user SET_LOG_BASE"
+        );
+        // A log the backend cannot use fails the migration, not silently
+        // the copy: the connection closes (the frontend waits for this
+        // message's reply, so an error without one would hang it).
+        let refuse = |why: String| {
+            tracing::warn!(error = %why, "vhost-user SET_LOG_BASE refused: the connection closes");
+            VuError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
+        };
+        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset).map_err(refuse)?;
+        let end = self.memory.end();
+        if map.pages().saturating_mul(super::dirtylog::LOG_PAGE) < end {
+            return Err(refuse(format!(
+                "a dirty log of {} pages does not cover guest memory up to {end:#x}",
+                map.pages()
+            )));
+        }
+        self.log = Some(Arc::new(map));
+        if self.logging() {
+            self.republish_log()?;
+        }
+        Ok(())
     }
 }

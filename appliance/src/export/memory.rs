@@ -69,6 +69,9 @@ pub struct GuestMemory {
 pub struct GuestMap {
     mem: GuestMemoryMmap,
     _owners: Vec<Arc<Mapping>>,
+    /// The frontend's dirty log while it logs (live migration): every
+    /// guest page the queues write is marked in it.
+    pub log: Option<Arc<super::dirtylog::DirtyLog>>,
 }
 
 impl std::ops::Deref for GuestMap {
@@ -244,6 +247,15 @@ impl GuestMemory {
             .map(|r| r.gpa + (va - r.user_addr))
     }
 
+    /// One past the highest guest address of the table (0 when empty).
+    pub fn end(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.gpa.saturating_add(r.size))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// An immutable snapshot for the data path.
     pub fn snapshot(&self) -> Result<GuestMap, FrontendError> {
         if self.regions.is_empty() {
@@ -255,6 +267,7 @@ impl GuestMemory {
         Ok(GuestMap {
             mem,
             _owners: self.regions.iter().map(|r| r.owner.clone()).collect(),
+            log: None,
         })
     }
 }

@@ -122,6 +122,11 @@ pub struct QueueSetup {
 struct Inflight {
     head: u16,
     status: *mut u8,
+    /// Guest address of the status byte (for the dirty log).
+    status_gpa: u64,
+    /// Guest bytes a read fills, kept only while the frontend logs dirty
+    /// pages (live migration).
+    fills: Vec<(u64, u64)>,
     written: u32,
     op: IoOp,
     bytes: u64,
@@ -301,9 +306,17 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
     }
     // Requests may already be waiting from before a reconnect.
     runner.ring.disable_notification();
+    runner.log_used();
     ctx.watch_fd(fd);
     ctx.add_poller(move |ctx| runner.poll(ctx));
     Ok(())
+}
+
+/// Guest address of a parsed chain's status byte (its last byte).
+fn status_gpa(descs: &[Desc]) -> u64 {
+    descs
+        .last()
+        .map_or(0, |d| d.addr.wrapping_add(d.len as u64).wrapping_sub(1))
 }
 
 impl Runner {
@@ -397,6 +410,7 @@ impl Runner {
             self.idle_polls = 0;
             if self.notify_enabled {
                 self.ring.disable_notification();
+                self.log_used();
                 self.notify_enabled = false;
             }
         } else {
@@ -410,7 +424,9 @@ impl Runner {
                 // just before the drain had its kick consumed by it.
                 self.drain_kick();
                 self.notify_enabled = true;
-                if self.ring.enable_notification() {
+                let again = self.ring.enable_notification();
+                self.log_used();
+                if again {
                     return PollState::Busy;
                 }
             }
@@ -602,6 +618,9 @@ impl Runner {
             Err(status) => {
                 // SAFETY: `status` was translated inside guest memory.
                 unsafe { std::ptr::write_volatile(req.status, status) };
+                if let Some(log) = &self.mem.log {
+                    log.mark(status_gpa(&self.descs), 1);
+                }
                 self.stats.refused();
                 self.finish_request(head, 1);
                 Dispatch::Taken
@@ -609,6 +628,13 @@ impl Runner {
             Ok(Parsed::Done { written }) => {
                 // SAFETY: as above.
                 unsafe { std::ptr::write_volatile(req.status, S_OK) };
+                if let Some(log) = &self.mem.log {
+                    // GET_ID: the serial and the status, in the writable
+                    // buffers.
+                    for d in self.descs.iter().filter(|d| d.write) {
+                        log.mark(d.addr, d.len as u64);
+                    }
+                }
                 self.finish_request(head, written);
                 Dispatch::Taken
             }
@@ -636,9 +662,15 @@ impl Runner {
                         return Dispatch::Throttled(op, bytes);
                     }
                 }
+                let fills = match &self.mem.log {
+                    Some(_) if op == IoOp::Read => self.read_fills(),
+                    _ => Vec::new(),
+                };
                 self.slots[slot as usize] = Some(Inflight {
                     head,
                     status: req.status,
+                    status_gpa: status_gpa(&self.descs),
+                    fills,
                     written,
                     op,
                     bytes: num_blocks * self.limits.block_size as u64,
@@ -670,12 +702,35 @@ impl Runner {
             i.before_used(head);
         }
         self.ring.add_used(head, written);
+        self.log_used();
         if let Some(i) = &mut self.inflight {
             i.after_used(head, self.ring.next_used());
         }
         self.signal_pending = true;
         self.vol_gate.end();
         self.mem_gate.end();
+    }
+
+    /// Mark the used ring in the dirty log, if the frontend logs: after
+    /// every write to it (entries, index, flags, avail event).
+    fn log_used(&self) {
+        if let Some(log) = &self.mem.log {
+            let (gpa, len) = self.ring.used_span();
+            log.mark(gpa, len);
+        }
+    }
+
+    /// The guest bytes a read of the chain in `self.descs` fills: its
+    /// device-writable buffers but the status byte.
+    fn read_fills(&self) -> Vec<(u64, u64)> {
+        let n = self.descs.len();
+        self.descs
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.write)
+            .map(|(i, d)| (d.addr, d.len as u64 - u64::from(i + 1 == n)))
+            .filter(|r| r.1 > 0)
+            .collect()
     }
 
     fn complete(&mut self, c: Completion) {
@@ -699,6 +754,14 @@ impl Runner {
         // SAFETY: the status byte is inside guest memory, which cannot be
         // unmapped while this request is in flight (memory gate).
         unsafe { std::ptr::write_volatile(req.status, status) };
+        if let Some(log) = &self.mem.log {
+            // After the device wrote them, before the used index shows
+            // the request: a log sync in between copies them again.
+            for &(gpa, len) in &req.fills {
+                log.mark(gpa, len);
+            }
+            log.mark(req.status_gpa, 1);
+        }
         self.finish_request(req.head, written);
     }
 

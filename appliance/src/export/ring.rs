@@ -71,6 +71,12 @@ impl Ring {
         Ok(r)
     }
 
+    /// The used ring's guest bytes (flags, index, entries, avail event):
+    /// what a dirty log marks after the ring was written.
+    pub fn used_span(&self) -> (u64, u64) {
+        (self.used_gpa, 6 + 8 * self.size as u64)
+    }
+
     /// Translate the rings again (the guest memory map changed).
     /// On failure the ring holds null pointers: the old ones may point
     /// into memory that is unmapped once the old map goes, and the caller

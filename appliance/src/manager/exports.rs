@@ -79,6 +79,7 @@ impl Manager {
                 queue_cores: decl.queue_cores.clone(),
                 memory_limit: decl.memory_limit_mib.saturating_mul(1 << 20),
                 access,
+                live_migration: decl.live_migration,
             },
         )
         .map_err(from_export)?;
@@ -86,6 +87,7 @@ impl Manager {
             decl: decl.clone(),
             connected: false,
             connections: 0,
+            dirty_log: None,
         };
         inv.exports
             .insert(decl.name.clone(), Arc::new(Exp { decl, export }));
@@ -114,6 +116,7 @@ impl Manager {
             decl: e.decl(),
             connected: e.export.is_connected(),
             connections: e.export.connections(),
+            dirty_log: e.export.dirty_log(),
         };
         self.save()?;
         Ok(view)
@@ -128,6 +131,7 @@ impl Manager {
                 decl: e.decl(),
                 connected: e.export.is_connected(),
                 connections: e.export.connections(),
+                dirty_log: e.export.dirty_log(),
             })
             .collect()
     }

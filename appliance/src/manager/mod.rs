@@ -326,6 +326,9 @@ pub struct ExportView {
     pub connected: bool,
     /// Connections accepted so far.
     pub connections: u64,
+    /// While the frontend logs dirty pages (live migration): the pages
+    /// logged so far.
+    pub dirty_log: Option<u64>,
 }
 
 /// Whole-daemon health.

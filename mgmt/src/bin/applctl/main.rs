@@ -472,6 +472,10 @@ enum ExportCmd {
         /// The socket's group, a group name or gid (default: the daemon's).
         #[arg(long, default_value = "")]
         socket_group: String,
+        /// Offer dirty logging so QEMU can live-migrate the VM
+        /// (experimental).
+        #[arg(long)]
+        live_migration: bool,
     },
     /// List exports.
     List,
@@ -904,6 +908,7 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
             socket_mode,
             socket_owner,
             socket_group,
+            live_migration,
         } => {
             let e = c
                 .create_export(pb::CreateExportRequest {
@@ -918,6 +923,7 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
                     socket_mode,
                     socket_owner,
                     socket_group,
+                    live_migration,
                 })
                 .await?
                 .into_inner();

@@ -221,6 +221,7 @@ pub fn exports(es: &[pb::Export]) -> String {
             "REACTORS",
             "RO",
             "CONNECTED",
+            "DIRTY LOG",
             "SOCKET",
         ],
         es.iter()
@@ -240,6 +241,11 @@ pub fn exports(es: &[pb::Export]) -> String {
                     },
                     if e.read_only { "yes" } else { "no" }.into(),
                     if e.connected { "yes" } else { "no" }.into(),
+                    if e.dirty_logging {
+                        format!("on, {} pages", e.dirty_pages_logged)
+                    } else {
+                        "off".into()
+                    },
                     e.socket.clone(),
                 ]
             })

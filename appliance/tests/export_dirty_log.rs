@@ -1,0 +1,209 @@
+//! Dirty logging for live migration, driven by a raw vhost-user frontend:
+//! with VHOST_F_LOG_ALL on, exactly the guest pages the backend wrote (read
+//! data, status bytes, the used ring) are marked in the log SET_LOG_BASE
+//! gave; with it off, none. A log the backend cannot use is refused.
+
+#[path = "hostile/guest.rs"]
+mod guest;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+
+use guest::*;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+
+/// VHOST_F_LOG_ALL.
+const LOG_ALL: u64 = 1 << 26;
+/// What the harness negotiates: VERSION_1, PROTOCOL_FEATURES, INDIRECT_DESC.
+const BASE: u64 = (1 << 32) | (1 << 30) | (1 << 28);
+/// Bytes of log for MEM bytes of guest memory (one bit per 4 KiB page).
+const LOG_BYTES: u64 = (MEM as u64) / 4096 / 8;
+
+fn memfd(len: u64) -> File {
+    // SAFETY: plain syscall; result checked.
+    let fd = unsafe { libc::memfd_create(c"dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+/// The pages marked in `log`, and the log cleared (as the frontend's sync
+/// does).
+fn take_marked(log: &File) -> BTreeSet<u64> {
+    let pages = marked(log);
+    log.write_all_at(&vec![0u8; LOG_BYTES as usize], 0).unwrap();
+    pages
+}
+
+/// The used ring is marked just after the used index is written (a mark
+/// before the write could be cleared by a sync in between and lost), so a
+/// frontend that saw the index may look before that mark: wait for the
+/// pages in `want` (failing at once on any other), then clear the log.
+fn take_exactly(log: &File, want: &[u64]) {
+    let want: BTreeSet<u64> = want.iter().copied().collect();
+    let t = std::time::Instant::now();
+    loop {
+        let got = marked(log);
+        assert!(got.is_subset(&want), "marked {got:x?}, expected {want:x?}");
+        if got == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "marked {got:x?}, expected {want:x?}"
+        );
+        std::thread::yield_now();
+    }
+    take_marked(log);
+}
+
+/// The pages marked in `log`.
+fn marked(log: &File) -> BTreeSet<u64> {
+    let mut b = vec![0u8; LOG_BYTES as usize];
+    log.read_exact_at(&mut b, 0).unwrap();
+    let mut pages = BTreeSet::new();
+    for (i, byte) in b.iter().enumerate() {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                pages.insert(i as u64 * 8 + bit);
+            }
+        }
+    }
+    pages
+}
+
+fn logging_guest(sock: &std::path::Path) -> Guest {
+    Guest::setup(
+        sock,
+        Setup {
+            protocol: VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
+            ..Default::default()
+        },
+    )
+}
+
+fn region(log: &File, size: u64, offset: u64) -> Option<VhostUserDirtyLogRegion> {
+    Some(VhostUserDirtyLogRegion {
+        mmap_size: size,
+        mmap_offset: offset,
+        mmap_handle: log.as_raw_fd(),
+    })
+}
+
+/// A 4 KiB request of `kind` at sector 8 with its data at guest address
+/// `data`, header at 0x20000 and status at 0x60000; returns its status.
+fn request(g: &mut Guest, kind: u32, data: u64) -> u8 {
+    let (h, s) = (0x20000, 0x60000);
+    let (len, status) = exchange(
+        g,
+        |g, t| {
+            g.header(h, kind, 8);
+            g.desc(t, 0, h, 16, NEXT, 1);
+            let flags = if kind == IN { NEXT | WRITE } else { NEXT };
+            g.desc(t, 1, data, 4096, flags, 2);
+            g.desc(t, 2, s, 1, WRITE, 0);
+        },
+        s,
+    );
+    assert_eq!(len, if kind == IN { 4097 } else { 1 });
+    status
+}
+
+/// One export offering live migration.
+fn migratable() -> Rig {
+    rig_custom(1, poller::ReactorConfig::default().idle_spin, 1, |o| {
+        o.live_migration = true
+    })
+}
+
+#[test]
+fn logging_marks_exactly_the_pages_the_backend_writes() {
+    let rig = migratable();
+    let mut g = logging_guest(&rig.sock);
+    let log = memfd(4096);
+    g.frontend
+        .set_log_base(0, region(&log, LOG_BYTES, 0))
+        .unwrap();
+    let used_page = g.queues[0].used / 4096;
+
+    // Logging is off until the frontend turns VHOST_F_LOG_ALL on.
+    assert_eq!(request(&mut g, IN, 0x40000), S_OK);
+    assert!(take_marked(&log).is_empty());
+
+    g.frontend.set_features(BASE | LOG_ALL).unwrap();
+    // A read whose data straddles two pages: both, the status byte's page
+    // and the used ring; not the header (the backend only reads it) nor
+    // the descriptor table.
+    assert_eq!(request(&mut g, IN, 0x40800), S_OK);
+    take_exactly(&log, &[0x40, 0x41, 0x60, used_page]);
+    // A write: the backend writes only the status and the used ring.
+    assert_eq!(request(&mut g, OUT, 0x50000), S_OK);
+    take_exactly(&log, &[0x60, used_page]);
+    // A refused request (beyond the disk) still writes its status.
+    let (h, s) = (0x20000u64, 0x60000u64);
+    let (_, status) = exchange(
+        &mut g,
+        |g, t| {
+            g.header(h, IN, 1 << 40);
+            g.desc(t, 0, h, 16, NEXT, 1);
+            g.desc(t, 1, 0x70000, 4096, NEXT | WRITE, 2);
+            g.desc(t, 2, s, 1, WRITE, 0);
+        },
+        s,
+    );
+    assert_eq!(status, S_IOERR);
+    take_exactly(&log, &[0x60, used_page]);
+    // What the operator sees (applctl export list): on, and the page bits
+    // set (4 + 2 + 2 marks, a page marked twice counting twice).
+    assert!(rig.exports[0].dirty_log().is_some_and(|n| n >= 8));
+
+    // Off again: nothing is marked. Turning it off drains the queues (an
+    // epoch of the export's memory), so every earlier mark is in by now.
+    g.frontend.set_features(BASE).unwrap();
+    assert_eq!(rig.exports[0].dirty_log(), None);
+    take_marked(&log);
+    assert_eq!(request(&mut g, IN, 0x40800), S_OK);
+    assert!(take_marked(&log).is_empty());
+}
+
+#[test]
+fn a_log_too_small_or_unmappable_is_refused_and_the_export_serves_on() {
+    let rig = migratable();
+    let small = memfd(4096);
+    // Each bad log closes that frontend's connection (a migration that
+    // cannot log must fail, and the frontend waits for this message's
+    // reply); the export takes the next frontend.
+    for (size, offset, why) in [
+        (LOG_BYTES / 2, 0, "covers half the guest's memory"),
+        (0, 0, "empty"),
+        (LOG_BYTES, 100, "offset not page aligned"),
+        (8192, 0, "beyond its file"),
+    ] {
+        let g = logging_guest(&rig.sock);
+        let r = g.frontend.set_log_base(0, region(&small, size, offset));
+        assert!(r.is_err(), "{why}: {r:?}");
+        drop(g);
+    }
+    let mut g = logging_guest(&rig.sock);
+    g.frontend
+        .set_log_base(0, region(&small, LOG_BYTES, 0))
+        .unwrap();
+    g.frontend.set_features(BASE | LOG_ALL).unwrap();
+    assert_eq!(request(&mut g, IN, 0x40000), S_OK);
+    assert!(marked(&small).contains(&0x40));
+}
+
+#[test]
+fn without_the_option_dirty_logging_is_not_offered() {
+    // QEMU then refuses to migrate the VM, which loses nothing.
+    let rig = rig(1);
+    let g = logging_guest(&rig.sock);
+    let offered = g.frontend.get_features().unwrap();
+    assert_eq!(offered & LOG_ALL, 0);
+    assert!(g.frontend.set_features(BASE | LOG_ALL).is_err());
+}
