@@ -15,6 +15,7 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 
 use super::chain::{walk_chain_with, Desc, RegionCache};
+use super::dirtylog::DirtyLog;
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
@@ -122,11 +123,6 @@ pub struct QueueSetup {
 struct Inflight {
     head: u16,
     status: *mut u8,
-    /// Guest address of the status byte (for the dirty log).
-    status_gpa: u64,
-    /// Guest bytes a read fills, kept only while the frontend logs dirty
-    /// pages (live migration).
-    fills: Vec<(u64, u64)>,
     written: u32,
     op: IoOp,
     bytes: u64,
@@ -146,6 +142,13 @@ struct Runner {
     mem_gate: LocalGate<GuestMap>,
     mem_gen: u64,
     mem: Arc<GuestMap>,
+    /// `mem`'s dirty log, while the frontend logs (live migration): one
+    /// load tells the IO path whether to mark anything.
+    log: Option<Arc<DirtyLog>>,
+    /// While logging, by slot: what the request's completion marks (the
+    /// status byte's guest address, the bytes a read fills). Kept out of
+    /// `slots` so that requests cost nothing more when nobody logs.
+    logged: Vec<(u64, Vec<(u64, u64)>)>,
     vol_gate: LocalGate<VolumeConfig>,
     vol_gen: u64,
     ch: Box<dyn IoChannel>,
@@ -257,6 +260,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         shared: setup.shared,
         mem_gate,
         mem_gen,
+        log: mem.log.clone(),
+        logged: (0..size).map(|_| (0, Vec::new())).collect(),
         mem,
         vol_gate,
         vol_gen,
@@ -463,6 +468,7 @@ impl Runner {
         if self.mem_gate.generation() != self.mem_gen {
             let (g, m) = self.mem_gate.config();
             self.mem_gen = g;
+            self.log = m.log.clone();
             self.mem = m;
             self.regions.reset();
             match self.ring.remap(&self.mem) {
@@ -618,7 +624,7 @@ impl Runner {
             Err(status) => {
                 // SAFETY: `status` was translated inside guest memory.
                 unsafe { std::ptr::write_volatile(req.status, status) };
-                if let Some(log) = &self.mem.log {
+                if let Some(log) = &self.log {
                     log.mark(status_gpa(&self.descs), 1);
                 }
                 self.stats.refused();
@@ -628,7 +634,7 @@ impl Runner {
             Ok(Parsed::Done { written }) => {
                 // SAFETY: as above.
                 unsafe { std::ptr::write_volatile(req.status, S_OK) };
-                if let Some(log) = &self.mem.log {
+                if let Some(log) = &self.log {
                     // GET_ID: the serial and the status, in the writable
                     // buffers.
                     for d in self.descs.iter().filter(|d| d.write) {
@@ -662,15 +668,12 @@ impl Runner {
                         return Dispatch::Throttled(op, bytes);
                     }
                 }
-                let fills = match &self.mem.log {
-                    Some(_) if op == IoOp::Read => self.read_fills(),
-                    _ => Vec::new(),
-                };
+                if self.log.is_some() {
+                    self.note_fills(slot as usize, op);
+                }
                 self.slots[slot as usize] = Some(Inflight {
                     head,
                     status: req.status,
-                    status_gpa: status_gpa(&self.descs),
-                    fills,
                     written,
                     op,
                     bytes: num_blocks * self.limits.block_size as u64,
@@ -714,23 +717,32 @@ impl Runner {
     /// Mark the used ring in the dirty log, if the frontend logs: after
     /// every write to it (entries, index, flags, avail event).
     fn log_used(&self) {
-        if let Some(log) = &self.mem.log {
+        if let Some(log) = &self.log {
             let (gpa, len) = self.ring.used_span();
             log.mark(gpa, len);
         }
     }
 
-    /// The guest bytes a read of the chain in `self.descs` fills: its
+    /// Keep what the completion of the request in `slot` (the chain in
+    /// `self.descs`) marks: its status byte, and for a read the
     /// device-writable buffers but the status byte.
-    fn read_fills(&self) -> Vec<(u64, u64)> {
-        let n = self.descs.len();
-        self.descs
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.write)
-            .map(|(i, d)| (d.addr, d.len as u64 - u64::from(i + 1 == n)))
-            .filter(|r| r.1 > 0)
-            .collect()
+    fn note_fills(&mut self, slot: usize, op: IoOp) {
+        let Some((status, fills)) = self.logged.get_mut(slot) else {
+            return;
+        };
+        *status = status_gpa(&self.descs);
+        fills.clear();
+        if op == IoOp::Read {
+            let n = self.descs.len();
+            fills.extend(
+                self.descs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| d.write)
+                    .map(|(i, d)| (d.addr, d.len as u64 - u64::from(i + 1 == n)))
+                    .filter(|r| r.1 > 0),
+            );
+        }
     }
 
     fn complete(&mut self, c: Completion) {
@@ -754,13 +766,15 @@ impl Runner {
         // SAFETY: the status byte is inside guest memory, which cannot be
         // unmapped while this request is in flight (memory gate).
         unsafe { std::ptr::write_volatile(req.status, status) };
-        if let Some(log) = &self.mem.log {
+        if let Some(log) = &self.log {
             // After the device wrote them, before the used index shows
             // the request: a log sync in between copies them again.
-            for &(gpa, len) in &req.fills {
-                log.mark(gpa, len);
+            if let Some((status, fills)) = self.logged.get(c.tag as usize) {
+                for &(gpa, len) in fills {
+                    log.mark(gpa, len);
+                }
+                log.mark(*status, 1);
             }
-            log.mark(req.status_gpa, 1);
         }
         self.finish_request(req.head, written);
     }
