@@ -324,6 +324,16 @@ mod tests {
 
     const MEM: u64 = 1 << 20;
 
+    /// Write descriptor `i` of the table at `table`.
+    fn put(m: &GuestMemoryMmap, table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        m.write_slice(&d, GuestAddress(table + 16 * i)).unwrap();
+    }
+
     fn mem() -> GuestMemoryMmap {
         // Two regions with a hole between them.
         GuestMemoryMmap::from_ranges(&[
@@ -365,14 +375,7 @@ mod tests {
     #[test]
     fn walk_chain_follows_next_and_indirect_and_refuses_loops() {
         let m = mem();
-        let put = |table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-            m.write_slice(&d, GuestAddress(table + 16 * i)).unwrap();
-        };
+        let put = |table, i, addr, len, flags, next| put(&m, table, i, addr, len, flags, next);
         let mut out = Vec::new();
         put(0x1000, 0, 0x100, 16, 1, 3);
         put(0x1000, 3, 0x200, 1, 2, 0);
@@ -431,14 +434,7 @@ mod tests {
             (GuestAddress(MEM), MEM as usize),
         ])
         .unwrap();
-        let put = |table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-            m.write_slice(&d, GuestAddress(table + 16 * i)).unwrap();
-        };
+        let put = |table, i, addr, len, flags, next| put(&m, table, i, addr, len, flags, next);
         let cache = RegionCache::default();
         for table in [MEM - 32, 0x1000] {
             put(table, 0, 0x100, 16, 1, 3);

@@ -154,14 +154,27 @@ fn parse_plain_io(
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
     ]);
-    Some(plain_io(data, mem, cache, limits, write, sector, bytes))
+    let ranges = data.iter().map(|d| (d.addr, d.len as u64));
+    Some(plain_io(
+        ranges,
+        data.len(),
+        mem,
+        cache,
+        limits,
+        write,
+        sector,
+        bytes,
+    ))
 }
 
-/// The checks and translation of [`parse_plain_io`], in the general
-/// parser's order.
+/// A read or write of `bytes` at `sector` into or from the guest's
+/// `segs` data ranges `data`: checked against the limits and translated
+/// (both parsers end here).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn plain_io(
-    data: &[Desc],
+    data: impl Iterator<Item = (u64, u64)>,
+    segs: usize,
     mem: &GuestMemoryMmap,
     cache: &RegionCache,
     limits: &Limits,
@@ -175,17 +188,20 @@ fn plain_io(
     let bs = limits.block_size as u64;
     let start = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
     let end_sector = sector.checked_add(bytes / SECTOR).ok_or(S_IOERR)?;
-    if !bytes.is_multiple_of(bs)
+    // Count the guest's segments, not ours: translate splits a segment
+    // that crosses a memory region boundary.
+    if bytes == 0
+        || !bytes.is_multiple_of(bs)
         || start % bs != 0
         || bytes > limits.max_transfer as u64
         || end_sector > limits.capacity_sectors
-        || data.len() > limits.seg_max as usize
+        || segs > limits.seg_max as usize
     {
         return Err(S_IOERR);
     }
     let mut sg = SgList::new();
-    for d in data {
-        translate_with(mem, cache, d.addr, d.len as u64, &mut sg)?;
+    for (addr, len) in data {
+        translate_with(mem, cache, addr, len, &mut sg)?;
     }
     Ok(Parsed::Io {
         op: if write { IoOp::Write } else { IoOp::Read },
@@ -291,33 +307,17 @@ fn parse_body(
                 writable
             };
             let bytes = total(&data);
-            let bs = limits.block_size as u64;
-            let start = sector.checked_mul(SECTOR).ok_or(S_IOERR)?;
-            let end_sector = sector.checked_add(bytes / SECTOR).ok_or(S_IOERR)?;
-            if bytes == 0
-                || !bytes.is_multiple_of(bs)
-                || start % bs != 0
-                || bytes > limits.max_transfer as u64
-                || end_sector > limits.capacity_sectors
-            {
-                return Err(S_IOERR);
-            }
-            // Count the guest's segments, not ours: translate splits a
-            // segment that crosses a memory region boundary.
-            if data.len() > limits.seg_max as usize {
-                return Err(S_IOERR);
-            }
-            let mut sg = SgList::new();
-            for &(addr, len) in &data {
-                translate_with(mem, cache, addr, len, &mut sg)?;
-            }
-            Ok(Parsed::Io {
-                op: if write { IoOp::Write } else { IoOp::Read },
-                offset_blocks: start / bs,
-                num_blocks: bytes / bs,
-                sg,
-                written: if write { 1 } else { bytes as u32 + 1 },
-            })
+            let segs = data.len();
+            plain_io(
+                data.into_iter(),
+                segs,
+                mem,
+                cache,
+                limits,
+                write,
+                sector,
+                bytes,
+            )
         }
         VIRTIO_BLK_T_FLUSH => {
             if !limits.flush {

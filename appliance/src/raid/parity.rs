@@ -483,6 +483,11 @@ simd_kernel!(
 mod tests {
     use super::*;
 
+    /// Every kernel this CPU runs.
+    fn kernels() -> Vec<Kernel> {
+        candidates().iter().map(|c| c.0).collect()
+    }
+
     fn reference(srcs: &[Vec<u8>]) -> Vec<u8> {
         let mut out = vec![0u8; srcs[0].len()];
         for s in srcs {
@@ -509,20 +514,7 @@ mod tests {
                     .collect();
                 let views: Vec<&[u8]> = srcs.iter().map(|s| &s[3..]).collect();
                 let want = reference(&srcs.iter().map(|s| s[3..].to_vec()).collect::<Vec<_>>());
-                let mut kernels: Vec<Kernel> = vec![xor_portable];
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if std::is_x86_feature_detected!("avx2") {
-                        kernels.push(xor_avx2);
-                    }
-                    if std::is_x86_feature_detected!("avx512f") {
-                        kernels.push(xor_avx512);
-                    }
-                    if std::is_x86_feature_detected!("avx512vl") {
-                        kernels.push(xor_avx512vl);
-                    }
-                }
-                for k in kernels {
+                for k in kernels() {
                     let mut dst = vec![0xaau8; len + 1];
                     let ptrs: Vec<*const u8> = views.iter().map(|v| v.as_ptr()).collect();
                     unsafe { k(dst[1..].as_mut_ptr(), &ptrs, len, true) };
@@ -562,22 +554,9 @@ mod tests {
             .collect();
         let want = reference(&srcs);
         let ptrs: Vec<*const u8> = srcs.iter().map(|v| v.as_ptr()).collect();
-        let mut kernels: Vec<Kernel> = vec![xor_portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                kernels.push(xor_avx2);
-            }
-            if std::is_x86_feature_detected!("avx512f") {
-                kernels.push(xor_avx512);
-            }
-            if std::is_x86_feature_detected!("avx512vl") {
-                kernels.push(xor_avx512vl);
-            }
-        }
         let mut raw = vec![0u8; len + 128];
         let aligned = raw.as_ptr().align_offset(64);
-        for k in kernels {
+        for k in kernels() {
             for at in [aligned, aligned + 8] {
                 let dst = &mut raw[at..at + len];
                 dst.fill(0x5a);
