@@ -15,7 +15,6 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 
 use super::chain::{walk_chain_with, Desc, RegionCache};
-use super::dirtylog::DirtyLog;
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
@@ -142,10 +141,8 @@ struct Runner {
     mem_gate: LocalGate<GuestMap>,
     mem_gen: u64,
     mem: Arc<GuestMap>,
-    /// `mem`'s dirty log, while the frontend logs (live migration): one
-    /// load tells the IO path whether to mark anything.
-    log: Option<Arc<DirtyLog>>,
-    /// While logging, by slot: what the request's completion marks (the
+    /// While `mem` has a dirty log (live migration), by slot: what the
+    /// request's completion marks (the
     /// status byte's guest address, the bytes a read fills). Kept out of
     /// `slots` so that requests cost nothing more when nobody logs.
     logged: Vec<(u64, Vec<(u64, u64)>)>,
@@ -260,7 +257,6 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         shared: setup.shared,
         mem_gate,
         mem_gen,
-        log: mem.log.clone(),
         logged: (0..size).map(|_| (0, Vec::new())).collect(),
         mem,
         vol_gate,
@@ -311,17 +307,9 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
     }
     // Requests may already be waiting from before a reconnect.
     runner.ring.disable_notification();
-    runner.log_used();
     ctx.watch_fd(fd);
     ctx.add_poller(move |ctx| runner.poll(ctx));
     Ok(())
-}
-
-/// Guest address of a parsed chain's status byte (its last byte).
-fn status_gpa(descs: &[Desc]) -> u64 {
-    descs
-        .last()
-        .map_or(0, |d| d.addr.wrapping_add(d.len as u64).wrapping_sub(1))
 }
 
 impl Runner {
@@ -415,7 +403,6 @@ impl Runner {
             self.idle_polls = 0;
             if self.notify_enabled {
                 self.ring.disable_notification();
-                self.log_used();
                 self.notify_enabled = false;
             }
         } else {
@@ -429,9 +416,7 @@ impl Runner {
                 // just before the drain had its kick consumed by it.
                 self.drain_kick();
                 self.notify_enabled = true;
-                let again = self.ring.enable_notification();
-                self.log_used();
-                if again {
+                if self.ring.enable_notification() {
                     return PollState::Busy;
                 }
             }
@@ -468,7 +453,6 @@ impl Runner {
         if self.mem_gate.generation() != self.mem_gen {
             let (g, m) = self.mem_gate.config();
             self.mem_gen = g;
-            self.log = m.log.clone();
             self.mem = m;
             self.regions.reset();
             match self.ring.remap(&self.mem) {
@@ -624,8 +608,8 @@ impl Runner {
             Err(status) => {
                 // SAFETY: `status` was translated inside guest memory.
                 unsafe { std::ptr::write_volatile(req.status, status) };
-                if let Some(log) = &self.log {
-                    log.mark(status_gpa(&self.descs), 1);
+                if let Some(log) = &self.mem.log {
+                    log.mark(req.status_gpa, 1);
                 }
                 self.stats.refused();
                 self.finish_request(head, 1);
@@ -634,7 +618,7 @@ impl Runner {
             Ok(Parsed::Done { written }) => {
                 // SAFETY: as above.
                 unsafe { std::ptr::write_volatile(req.status, S_OK) };
-                if let Some(log) = &self.log {
+                if let Some(log) = &self.mem.log {
                     // GET_ID: the serial and the status, in the writable
                     // buffers.
                     for d in self.descs.iter().filter(|d| d.write) {
@@ -668,8 +652,8 @@ impl Runner {
                         return Dispatch::Throttled(op, bytes);
                     }
                 }
-                if self.log.is_some() {
-                    self.note_fills(slot as usize, op);
+                if self.mem.log.is_some() {
+                    self.note_fills(slot as usize, req.status_gpa, op);
                 }
                 self.slots[slot as usize] = Some(Inflight {
                     head,
@@ -705,7 +689,6 @@ impl Runner {
             i.before_used(head);
         }
         self.ring.add_used(head, written);
-        self.log_used();
         if let Some(i) = &mut self.inflight {
             i.after_used(head, self.ring.next_used());
         }
@@ -714,23 +697,14 @@ impl Runner {
         self.mem_gate.end();
     }
 
-    /// Mark the used ring in the dirty log, if the frontend logs: after
-    /// every write to it (entries, index, flags, avail event).
-    fn log_used(&self) {
-        if let Some(log) = &self.log {
-            let (gpa, len) = self.ring.used_span();
-            log.mark(gpa, len);
-        }
-    }
-
     /// Keep what the completion of the request in `slot` (the chain in
     /// `self.descs`) marks: its status byte, and for a read the
     /// device-writable buffers but the status byte.
-    fn note_fills(&mut self, slot: usize, op: IoOp) {
+    fn note_fills(&mut self, slot: usize, status_gpa: u64, op: IoOp) {
         let Some((status, fills)) = self.logged.get_mut(slot) else {
             return;
         };
-        *status = status_gpa(&self.descs);
+        *status = status_gpa;
         fills.clear();
         if op == IoOp::Read {
             let n = self.descs.len();
@@ -766,7 +740,7 @@ impl Runner {
         // SAFETY: the status byte is inside guest memory, which cannot be
         // unmapped while this request is in flight (memory gate).
         unsafe { std::ptr::write_volatile(req.status, status) };
-        if let Some(log) = &self.log {
+        if let Some(log) = &self.mem.log {
             // After the device wrote them, before the used index shows
             // the request: a log sync in between copies them again.
             if let Some((status, fills)) = self.logged.get(c.tag as usize) {

@@ -81,6 +81,8 @@ pub enum Parsed {
 pub struct Request {
     /// Host address of the status byte (inside guest memory).
     pub status: *mut u8,
+    /// Its guest address (for a dirty log).
+    pub status_gpa: u64,
     /// What to do, or the status to answer with at once.
     pub action: Result<Parsed, u8>,
 }
@@ -109,7 +111,11 @@ pub fn parse_with(
         Some(action) => action,
         None => parse_body(descs, mem, cache, limits),
     };
-    Some(Request { status, action })
+    Some(Request {
+        status,
+        status_gpa,
+        action,
+    })
 }
 
 /// The shape nearly every read and write has: a 16-byte header, data
@@ -290,9 +296,8 @@ fn parse_body(
     match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = kind == VIRTIO_BLK_T_OUT;
-            if write && limits.read_only {
-                return Err(S_IOERR);
-            }
+            // (A write to a read-only export is refused by plain_io, with
+            // the same status as a wrong direction.)
             // Data must flow the right way: a read has no readable data, a
             // write no writable data.
             let data = if write {

@@ -10,7 +10,10 @@
 //! fence before a notification decision.
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
 
+use super::dirtylog::DirtyLog;
+use super::memory::GuestMap;
 use super::FrontendError;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
@@ -32,6 +35,9 @@ pub struct Ring {
     next_used: u16,
     /// The used index at the last notification decision (EVENT_IDX).
     signalled_used: Option<u16>,
+    /// The memory map's dirty log while the frontend logs (live
+    /// migration): every write to the used ring is marked in it.
+    log: Option<Arc<DirtyLog>>,
 }
 
 // SAFETY: the pointers are into guest memory the export keeps mapped for
@@ -55,7 +61,7 @@ fn host(mem: &GuestMemoryMmap, gpa: u64, len: u64, align: u64) -> Option<*mut u8
 impl Ring {
     /// The rings of `q` (validated by `Queue::is_valid`) in `mem`, carrying
     /// on from the queue's indices.
-    pub fn new(q: &Queue, mem: &GuestMemoryMmap) -> Result<Ring, FrontendError> {
+    pub fn new(q: &Queue, mem: &GuestMap) -> Result<Ring, FrontendError> {
         let mut r = Ring {
             avail: std::ptr::null_mut(),
             used: std::ptr::null_mut(),
@@ -66,24 +72,20 @@ impl Ring {
             next_avail: q.next_avail(),
             next_used: q.next_used(),
             signalled_used: None,
+            log: None,
         };
         r.remap(mem)?;
         Ok(r)
-    }
-
-    /// The used ring's guest bytes (flags, index, entries, avail event):
-    /// what a dirty log marks after the ring was written.
-    pub fn used_span(&self) -> (u64, u64) {
-        (self.used_gpa, 6 + 8 * self.size as u64)
     }
 
     /// Translate the rings again (the guest memory map changed).
     /// On failure the ring holds null pointers: the old ones may point
     /// into memory that is unmapped once the old map goes, and the caller
     /// must not use the ring until a remap succeeds.
-    pub fn remap(&mut self, mem: &GuestMemoryMmap) -> Result<(), FrontendError> {
+    pub fn remap(&mut self, mem: &GuestMap) -> Result<(), FrontendError> {
         self.avail = std::ptr::null_mut();
         self.used = std::ptr::null_mut();
+        self.log = mem.log.clone();
         let n = self.size as u64;
         let avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
             FrontendError::Invalid(format!(
@@ -150,6 +152,16 @@ impl Ring {
         // The entry is visible before the index that announces it.
         self.u16_at(self.used, 2)
             .store(self.next_used, Ordering::Release);
+        self.mark_used();
+    }
+
+    /// Mark the used ring (flags, index, entries, avail event) in the
+    /// dirty log, if the frontend logs: after the write, so a log sync
+    /// between the two cannot clear the mark and copy the old bytes.
+    fn mark_used(&self) {
+        if let Some(log) = &self.log {
+            log.mark(self.used_gpa, 6 + 8 * self.size as u64);
+        }
     }
 
     /// Ask the guest to kick for new requests; true if some arrived
@@ -162,6 +174,7 @@ impl Ring {
         } else {
             self.u16_at(self.used, 0).store(0, Ordering::Relaxed);
         }
+        self.mark_used();
         // The guest must see the request for kicks before we look again.
         fence(Ordering::SeqCst);
         self.u16_at(self.avail, 2).load(Ordering::Relaxed) != self.next_avail
@@ -173,6 +186,7 @@ impl Ring {
         if !self.event_idx {
             self.u16_at(self.used, 0)
                 .store(NO_NOTIFY, Ordering::Relaxed);
+            self.mark_used();
         }
     }
 

@@ -490,6 +490,7 @@ fn parse_general(descs: &[Desc], m: &GuestMemoryMmap, l: &Limits) -> Option<Requ
     let action = parse_body(descs, m, &RegionCache::default(), l);
     Some(Request {
         status: status_sg[0].ptr(),
+        status_gpa,
         action,
     })
 }
