@@ -159,7 +159,10 @@ fn measure(kernels: &[Kernel], len: usize) -> Vec<f64> {
     best
 }
 
-fn choice() -> &'static Calibration {
+/// Choose the kernels now (the daemon calls this at start, so the choice
+/// is in its log before any IO; otherwise the first XOR does it) and say
+/// which and how fast each was.
+pub fn calibrate() -> &'static Calibration {
     static C: OnceLock<Calibration> = OnceLock::new();
     C.get_or_init(|| {
         let cands = candidates();
@@ -192,16 +195,9 @@ fn choice() -> &'static Calibration {
     })
 }
 
-/// Choose the kernels now (the daemon calls this at start, so the choice
-/// is in its log before any IO; otherwise the first XOR does it) and say
-/// which and how fast each was.
-pub fn calibrate() -> &'static Calibration {
-    choice()
-}
-
 /// The kernel buffers of `len` bytes use.
 pub fn kernel_name(len: usize) -> &'static str {
-    choice().chosen(SizeClass::of(len))
+    calibrate().chosen(SizeClass::of(len))
 }
 
 /// `dst = srcs[0] ^ srcs[1] ^ ...` (all the same length as `dst`).
@@ -245,7 +241,7 @@ pub fn kernel_named(name: &str) -> Option<NamedKernel> {
 }
 
 fn run(dst: &mut [u8], srcs: &[&[u8]], init: bool) {
-    run_kernel(choice().kernel(dst.len()), dst, srcs, init)
+    run_kernel(calibrate().kernel(dst.len()), dst, srcs, init)
 }
 
 fn run_kernel(k: Kernel, dst: &mut [u8], srcs: &[&[u8]], init: bool) {
