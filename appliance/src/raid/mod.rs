@@ -10,6 +10,7 @@ pub mod geometry;
 pub mod journal;
 pub mod level;
 pub mod locks;
+pub mod md;
 pub mod members;
 pub(crate) mod metaio;
 pub mod monitor;
