@@ -385,6 +385,25 @@ impl pb::appliance_server::Appliance for Service {
         .await
     }
 
+    async fn examine_device(
+        &self,
+        req: Request<pb::ExamineDeviceRequest>,
+    ) -> Result<Response<pb::ExamineDeviceResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| {
+            m.examine_device(&r.name)
+                .map(|e| pb::ExamineDeviceResponse {
+                    format: e.format,
+                    lines: e
+                        .lines
+                        .into_iter()
+                        .map(|(label, value)| pb::ExamineLine { label, value })
+                        .collect(),
+                })
+        })
+        .await
+    }
+
     async fn create_volume(
         &self,
         req: Request<pb::CreateVolumeRequest>,

@@ -796,3 +796,151 @@ fn stats_watch_shows_rates_of_a_busy_export() {
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     assert!(d.wait().unwrap().success());
 }
+
+/// An md 1.2 superblock (slot 1 of a 3-disk RAID5, 16 KiB chunks,
+/// right-symmetric) and a bitmap with bits 0, 2 and 63 set, as md would
+/// leave a member, written into `path` (64 MiB).
+fn md_member(path: &Path, at_sector: u64) {
+    use appliance::raid::md::bitmap::{MdBitmap, HEADER};
+    use appliance::raid::md::superblock::{feature, MdSuperblock, MAX_SECTOR, ROLE_SPARE};
+    let mut set_name = [0u8; 32];
+    set_name[..7].copy_from_slice(b"host:r5");
+    let sb = MdSuperblock {
+        feature_map: feature::BITMAP_OFFSET,
+        set_uuid: [0xab; 16],
+        set_name,
+        ctime: 1_700_000_000,
+        level: 5,
+        layout: 3,
+        size: 129_024,
+        chunk_sectors: 32,
+        raid_disks: 3,
+        bitmap_offset: 8,
+        new_level: 0,
+        reshape_position: 0,
+        delta_disks: 0,
+        new_layout: 0,
+        new_chunk: 0,
+        new_offset: 0,
+        data_offset: 2048,
+        data_size: 129_024,
+        super_offset: at_sector,
+        recovery_offset: 0,
+        dev_number: 1,
+        cnt_corrected_read: 0,
+        device_uuid: [0xcd; 16],
+        devflags: 0,
+        bblog_shift: 0,
+        bblog_size: 0,
+        bblog_offset: 0,
+        utime: 1_700_000_100,
+        events: 42,
+        resync_offset: MAX_SECTOR,
+        dev_roles: vec![0, 1, 2, ROLE_SPARE],
+    };
+    let bm = MdBitmap {
+        version: 4,
+        uuid: [0xab; 16],
+        events: 42,
+        events_cleared: 40,
+        sync_size: 129_024,
+        state: 0,
+        chunksize: 1 << 20,
+        daemon_sleep: 5,
+        write_behind: 0,
+        sectors_reserved: 0,
+        nodes: 0,
+        cluster_name: [0; 64],
+    };
+    let mut img = vec![0u8; 64 << 20];
+    let at = (at_sector * 512) as usize;
+    img[at..at + 4096].copy_from_slice(&sb.encode());
+    let b = at + 8 * 512;
+    img[b..b + HEADER].copy_from_slice(&bm.encode());
+    img[b + HEADER] = 0b101;
+    img[b + HEADER + 7] = 0x80;
+    std::fs::write(path, img).unwrap();
+}
+
+/// `volume examine` shows what md's metadata says (the same labels as
+/// mdadm --examine and --examine-bitmap), the appliance's own superblock on
+/// a member in use, names what the appliance cannot serve, says "none" on
+/// a blank device, and fails with NotFound's exit code for no device.
+#[test]
+fn volume_examine_shows_md_and_appliance_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    md_member(&dir.path().join("md12.img"), 8);
+    md_member(&dir.path().join("md11.img"), 0);
+    let config = dir.path().join("init.toml");
+    let file = |n: &str| dir.path().join(n).display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"md12\"\nspec = \"file:{}\"\n\n\
+             [[device]]\nname = \"md11\"\nspec = \"file:{}\"\n\n\
+             [[device]]\nname = \"blank\"\nspec = \"file:{}:16M\"\n\n\
+             [[device]]\nname = \"a\"\nspec = \"ram:16M\"\n\n\
+             [[device]]\nname = \"b\"\nspec = \"ram:16M\"\n\n\
+             [[volume]]\nname = \"mirror\"\nlevel = \"raid1\"\nmembers = [\"a\", \"b\"]\n",
+            file("md12.img"),
+            file("md11.img"),
+            file("blank.img")
+        ),
+    )
+    .unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let _reap = KillOnPanic(daemon.id());
+
+    let md = ok(&applctl(&api, &["volume", "examine", "md12"]));
+    for line in [
+        "Metadata Format : md 1.2",
+        "Array UUID : abababab:abababab:abababab:abababab",
+        "Name : host:r5",
+        "Raid Level : raid5",
+        "Raid Devices : 3",
+        "Layout : right-symmetric",
+        "Chunk Size : 16K",
+        "Events : 42",
+        "Device Role : Active device 1",
+        "Array State : AAA",
+        "Internal Bitmap : 8 sectors from superblock",
+        "Events Cleared : 40",
+        // 129024 sectors in 1 MiB chunks: 63 bits; the set bit 63 is past
+        // them and not counted.
+        "Bitmap : 63 bits (chunks), 2 dirty (3.2%)",
+        "Appliance Can Serve : yes",
+    ] {
+        assert!(md.contains(line), "no {line:?} in:\n{md}");
+    }
+    let old = ok(&applctl(&api, &["volume", "examine", "md11"]));
+    assert!(
+        old.contains("Metadata Format : md 1.1")
+            && old.contains("no: md superblock version 1.1 (the appliance serves 1.2)"),
+        "{old}"
+    );
+    let ours = ok(&applctl(&api, &["--json", "volume", "examine", "b"]));
+    let v: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    assert_eq!(v["format"], "appliance 1", "{ours}");
+    let line = |label: &str| {
+        v["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["label"] == label)
+            .map(|l| l["value"].clone())
+    };
+    assert_eq!(line("Name"), Some("mirror".into()), "{ours}");
+    assert_eq!(line("Device Role"), Some("Active device 1".into()));
+    let blank = ok(&applctl(&api, &["volume", "examine", "blank"]));
+    assert!(blank.contains("Metadata Format : none"), "{blank}");
+    assert_eq!(
+        applctl(&api, &["volume", "examine", "nosuch"])
+            .status
+            .code(),
+        Some(3)
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}

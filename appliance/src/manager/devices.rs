@@ -7,6 +7,7 @@ use bdev::BlockDevice;
 
 use super::{check_name, invalid, lock, Dev, DeviceView, Inventory, Level, Manager, MgmtError};
 use crate::config::DeviceDecl;
+use crate::raid::examine::Examined;
 use crate::raid::monitor::Role;
 use crate::volume::VolumeConfig;
 
@@ -189,6 +190,14 @@ impl Manager {
         name: &str,
     ) -> Result<Arc<dyn BlockDevice>, MgmtError> {
         Ok(self.inv().device(field, name)?.dev.clone())
+    }
+
+    /// What `name`'s RAID metadata says (`volume examine`): read-only, so
+    /// it needs no transaction and works on a device in use.
+    pub fn examine_device(&self, name: &str) -> Result<Examined, MgmtError> {
+        let dev = self.device("name", name)?;
+        crate::raid::examine::examine(dev.as_ref())
+            .map_err(|e| MgmtError::Internal(format!("examining {name}: {e}")))
     }
 
     /// Grow a RAM, null or file device to `size_bytes` (qemu's

@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod cache;
 pub mod change;
 pub mod error;
+pub mod examine;
 pub mod geometry;
 pub mod journal;
 pub mod level;

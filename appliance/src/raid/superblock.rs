@@ -225,6 +225,59 @@ impl Superblock {
     }
 }
 
+impl Superblock {
+    /// Label / value lines for `volume examine`.
+    pub fn report(&self) -> Vec<(&'static str, String)> {
+        let hex = |u: &[u8; 16]| u.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let states: String = self
+            .slot_states
+            .iter()
+            .map(|s| match s & 0x7f {
+                0 => 'A',
+                1 => '.',
+                _ => 'R',
+            })
+            .collect();
+        let mut out = vec![
+            ("Volume UUID", hex(&self.volume_uuid)),
+            ("Member UUID", hex(&self.member_uuid)),
+            ("Name", self.name.clone()),
+            (
+                "Raid Level",
+                match self.level {
+                    Level::Raid1 => "raid1".into(),
+                    Level::Raid5 => "raid5".into(),
+                },
+            ),
+            ("Raid Devices", self.members.to_string()),
+            ("Block Size", self.block_size.to_string()),
+            ("Data Offset", format!("{} blocks", self.data_offset)),
+            ("Data Blocks", self.data_blocks.to_string()),
+            ("State", if self.clean { "clean" } else { "active" }.into()),
+            ("Events", self.events.to_string()),
+        ];
+        if self.level == Level::Raid5 {
+            out.push(("Layout", self.layout.name().into()));
+            out.push(("Chunk Size", format!("{}K", self.chunk_bytes / 1024)));
+        }
+        out.push(("Device Role", format!("Active device {}", self.slot)));
+        out.push(("Array State", states));
+        if self.slot_states.iter().any(|s| s & 0x7f == 2) {
+            out.push((
+                "Rebuild Checkpoint",
+                format!("{} rows", self.rebuild_checkpoint),
+            ));
+        }
+        if self.bitmap_rows_per_bit != 0 {
+            out.push((
+                "Bitmap",
+                format!("{} rows per bit", self.bitmap_rows_per_bit),
+            ));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

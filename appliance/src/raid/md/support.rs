@@ -69,6 +69,12 @@ pub fn check(sb: &MdSuperblock, bitmap: Option<&MdBitmap>) -> Result<(), Unsuppo
             what,
         })
     };
+    if sb.minor_version() != 2 {
+        return no(format!(
+            "md superblock version 1.{} (the appliance serves 1.2)",
+            sb.minor_version()
+        ));
+    }
     match sb.level {
         1 => {}
         5 => {

@@ -214,6 +214,14 @@ enum VolumeCmd {
     },
     /// List volumes.
     List,
+    /// What a device's RAID metadata says, like mdadm --examine: md's
+    /// superblock and bitmap, or the appliance's own.
+    ///
+    /// Example: applctl volume examine d0
+    Examine {
+        /// The device (attached, in use or not).
+        device: String,
+    },
     /// Describe a volume: members, spares, rebuild or scrub progress.
     Show {
         /// The volume.
@@ -740,6 +748,15 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 .await?
                 .into_inner();
             return out(json, &l, || volumes(&l.volumes));
+        }
+        VolumeCmd::Examine { device } => {
+            let e = c
+                .examine_device(pb::ExamineDeviceRequest {
+                    name: device.clone(),
+                })
+                .await?
+                .into_inner();
+            return out(json, &e, || show::examined(&device, &e));
         }
         VolumeCmd::Show { name } => c.get_volume(pb::GetVolumeRequest { name }).await?,
         VolumeCmd::Delete { name } => {

@@ -252,3 +252,12 @@ pub fn exports(es: &[pb::Export]) -> String {
             .collect(),
     )
 }
+
+/// `volume examine`'s text: mdadm --examine's shape, labels right-aligned.
+pub fn examined(device: &str, e: &pb::ExamineDeviceResponse) -> String {
+    let mut s = format!("{device}:\n{:>19} : {}\n", "Metadata Format", e.format);
+    for l in &e.lines {
+        s.push_str(&format!("{:>19} : {}\n", l.label, l.value));
+    }
+    s
+}
