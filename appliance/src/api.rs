@@ -433,9 +433,19 @@ impl pb::appliance_server::Appliance for Service {
             bitmap_chunk_kib: r.bitmap_chunk_kib,
             serialize: false,
             write_behind: 0,
+            array: String::new(),
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))
+            .await
+    }
+
+    async fn import_volume(
+        &self,
+        req: Request<pb::ImportVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| m.import_volume(&r.name, &r.devices).map(volume_to_pb))
             .await
     }
 

@@ -83,9 +83,23 @@ pub struct VolumeDecl {
     /// IO limits (SPDK's bdev_set_qos_limit); all 0: none.
     #[serde(default, skip_serializing_if = "crate::qos::QosLimits::is_none")]
     pub qos: crate::qos::QosLimits,
+    /// The array's name in its members' superblocks when it is not the
+    /// volume's: an md array imported under another name keeps md's (so
+    /// md assembles it as before). Empty: the volume's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub array: String,
 }
 
 impl VolumeDecl {
+    /// The name the members' superblocks give the array.
+    pub fn array_name(&self) -> &str {
+        if self.array.is_empty() {
+            &self.name
+        } else {
+            &self.array
+        }
+    }
+
     /// A volume of `level` over `members` with every other field at its
     /// default, as a configuration file that names only these would.
     pub fn new(name: &str, level: &str, members: &[&str]) -> VolumeDecl {
@@ -105,6 +119,7 @@ impl VolumeDecl {
             serialize: false,
             write_behind: 0,
             qos: Default::default(),
+            array: String::new(),
         }
     }
 }

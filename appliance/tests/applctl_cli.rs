@@ -863,8 +863,8 @@ fn md_member(path: &Path, at_sector: u64) {
 }
 
 /// `volume examine` shows what md's metadata says (the same labels as
-/// mdadm --examine and --examine-bitmap), the appliance's own superblock on
-/// a member in use, names what the appliance cannot serve, says "none" on
+/// mdadm --examine and --examine-bitmap), the appliance's members (md's
+/// format too) while in use, names what the appliance cannot serve, says "none" on
 /// a blank device, and fails with NotFound's exit code for no device.
 #[test]
 fn volume_examine_shows_md_and_appliance_metadata() {
@@ -921,7 +921,7 @@ fn volume_examine_shows_md_and_appliance_metadata() {
     );
     let ours = ok(&applctl(&api, &["--json", "volume", "examine", "b"]));
     let v: serde_json::Value = serde_json::from_str(&ours).unwrap();
-    assert_eq!(v["format"], "appliance 1", "{ours}");
+    assert_eq!(v["format"], "md 1.2", "{ours}");
     let line = |label: &str| {
         v["lines"]
             .as_array()

@@ -409,8 +409,9 @@ fn a_new_rebuild_is_recorded_from_its_first_row() {
         .hold(Some(IoOp::Write), DATA + 3 * 256, u64::MAX, 1);
     rig.monitor.fail_member("m1").unwrap();
     assert!(rig.faults[2].control().wait_held(1, LONG));
+    // md keeps a recovery's progress on the recovering device.
     eventually("the cursor is checkpointed", || {
-        superblock(rig.raw[0].as_ref()).rebuild_checkpoint > 0
+        superblock(rig.raw[2].as_ref()).rebuild_checkpoint > 0
     });
     rig.faults[2].control().release();
     eventually("s0 in sync", || rig.monitor.snapshot().settled());
@@ -420,7 +421,8 @@ fn a_new_rebuild_is_recorded_from_its_first_row() {
         .hold(Some(IoOp::Write), DATA, u64::MAX, 1);
     rig.monitor.fail_member("m0").unwrap();
     assert!(rig.faults[3].control().wait_held(1, LONG));
-    let sb = superblock(rig.raw[2].as_ref());
+    let sb = superblock(rig.raw[3].as_ref());
+    assert_eq!(sb.slot, 0);
     assert_eq!(sb.slot_states[0] & 0x7f, MemberState::Rebuilding.code());
     assert_eq!(sb.rebuild_checkpoint, 0);
     rig.faults[3].control().release();

@@ -198,10 +198,10 @@ fn corrupt_superblocks_are_reported_and_left_alone() {
         false,
     )
     .unwrap();
-    // Flip a byte in member 1's superblock.
-    let mut sb = read(devs[1].as_ref(), 0, 4096);
-    sb[300] ^= 0xff;
-    write(devs[1].as_ref(), 0, &sb);
+    // Flip a byte in member 1's superblock (md's, at 4 KiB).
+    let mut sb = read(devs[1].as_ref(), 1, 4096);
+    sb[100] ^= 0xff;
+    write(devs[1].as_ref(), 1, &sb);
     let report = assemble(&devs, |_| FailureSink::none());
     assert_eq!(report.problems.len(), 1);
     assert_eq!(report.problems[0].0, "m1");
@@ -220,14 +220,14 @@ fn corrupt_superblocks_are_reported_and_left_alone() {
         MemberState::Failed
     );
     assert_eq!(
-        read(devs[1].as_ref(), 0, 4096),
+        read(devs[1].as_ref(), 1, 4096),
         sb,
         "the corrupt superblock was not touched"
     );
     // A second corrupt member is more than RAID5 can lose.
-    let mut sb3 = read(devs[3].as_ref(), 0, 4096);
+    let mut sb3 = read(devs[3].as_ref(), 1, 4096);
     sb3[64] ^= 1;
-    write(devs[3].as_ref(), 0, &sb3);
+    write(devs[3].as_ref(), 1, &sb3);
     let report = assemble(&devs, |_| FailureSink::none());
     assert!(report.volumes.is_empty());
     assert!(
@@ -497,4 +497,101 @@ fn a_degraded_three_way_mirror_is_resynchronised_after_an_unclean_shutdown() {
     );
     monitor.close().unwrap();
     reactors.shutdown().unwrap();
+}
+
+/// A volume in the appliance's first format (its own superblock at byte
+/// 0, its own bitmap at 4 KiB) is assembled as it was, bitmap bits
+/// included, and its first record converts every member to md's 1.2
+/// format: md's bitmap written first, then md's superblock over the old
+/// bitmap, then the old superblock erased. A conversion cut short after
+/// one member still assembles (the others are one event behind).
+#[test]
+fn a_volume_in_the_first_format_is_converted_to_md_on_its_first_record() {
+    use appliance::raid::assembly::{read_superblock, write_superblock};
+    use appliance::raid::bitmap::{rows_per_bit, Bitmap};
+    use appliance::raid::md::bitmap::MdBitmap;
+    use appliance::raid::md::superblock::{MdSuperblock, V1_2_OFFSET};
+
+    let devs = rams(3);
+    let (dev, _) = create(
+        &spec(devs.clone(), Level::Raid5),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    let data = pattern(512 << 10, 7);
+    write(dev.as_ref(), 100, &data);
+    let rows = dev.rows();
+    drop(dev);
+    let rpb = rows_per_bit(&rows, 256 << 10);
+    // As an older appliance left the members: unclean, bits 0 and 3 set.
+    let to_first_format = || {
+        for d in &devs {
+            let mut sb = read_superblock(d.as_ref()).unwrap().unwrap();
+            sb.clean = false;
+            sb.bitmap_rows_per_bit = rpb;
+            write(d.as_ref(), 0, &sb.encode_legacy());
+            let old = Bitmap::new(&rows, rpb, sb.volume_uuid).unwrap();
+            write(d.as_ref(), 1, &old.encode_legacy(&[0b1001]));
+            write(d.as_ref(), 2, &[0u8; 4096]);
+        }
+    };
+    to_first_format();
+    let mut report = assemble(&devs, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let mut v = report.volumes.remove(0);
+    assert!(v.meta.template.legacy && !v.was_clean);
+    let b = v.device.member_set().bitmap.clone().expect("the bitmap");
+    assert_eq!(b.snapshot()[0], 0b1001, "the first format's bits were read");
+    assert_eq!(read(v.device.as_ref(), 100, 512 << 10), data);
+
+    v.meta.record(v.device.as_ref(), false).unwrap();
+    let events = v.meta.template.events;
+    for d in &devs {
+        assert_eq!(
+            read(d.as_ref(), 0, 4096),
+            vec![0u8; 4096],
+            "old superblock erased"
+        );
+        let raw = read(d.as_ref(), 1, 4096);
+        let md = MdSuperblock::decode(&raw, V1_2_OFFSET, 2304 * 8).unwrap();
+        assert_eq!(
+            (md.events, md.level, md.bitmap_sectors()),
+            (events, 5, Some(8))
+        );
+        let area = read(d.as_ref(), 2, 4096);
+        let bm = MdBitmap::decode(&area, 8).unwrap();
+        assert_eq!(bm.events, events, "the bitmap is as current as md needs");
+        assert_eq!(bm.uuid, md.set_uuid);
+        assert!(MdBitmap::is_set(&area, 0) && MdBitmap::is_set(&area, 3));
+        assert_eq!(bm.dirty(&area), 2);
+        let sb = read_superblock(d.as_ref()).unwrap().unwrap();
+        assert!(!sb.legacy && sb.bitmap_rows_per_bit == rpb);
+    }
+    drop(v);
+    let mut report = assemble(&devs, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let v = report.volumes.remove(0);
+    assert!(!v.meta.template.legacy);
+    let b = v.device.member_set().bitmap.clone().expect("the bitmap");
+    assert_eq!(b.snapshot()[0], 0b1001, "md's bits were read back");
+    assert_eq!(read(v.device.as_ref(), 100, 512 << 10), data);
+    drop(v);
+
+    // Cut short: only member 0 got md's superblock.
+    to_first_format();
+    let mut sb = read_superblock(devs[0].as_ref()).unwrap().unwrap();
+    assert!(sb.legacy);
+    sb.events += 1;
+    write_superblock(devs[0].as_ref(), &sb).unwrap();
+    let report = assemble(&devs, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let v = &report.volumes[0];
+    assert!(v.stale.is_empty(), "{:?}", v.stale);
+    assert!(v
+        .device
+        .member_states()
+        .iter()
+        .all(|s| *s == MemberState::InSync));
+    assert_eq!(read(v.device.as_ref(), 100, 512 << 10), data);
 }

@@ -25,7 +25,7 @@ use bdev::{
 use poller::{ReactorConfig, Reactors};
 
 const BS: u64 = 4096;
-const OFFSET: u64 = 2;
+const OFFSET: u64 = 3;
 
 /// What a member has seen: the bits of its last bitmap block, the
 /// regions written since its last flush, and every broken rule.
@@ -85,7 +85,8 @@ impl IoChannel for CheckedChannel {
                     block[at..at + src.len()].copy_from_slice(src);
                     at += src.len();
                 }
-                let words: Vec<u64> = block[64..]
+                // md's bitmap superblock, then the bits.
+                let words: Vec<u64> = block[appliance::raid::md::bitmap::HEADER..]
                     .chunks_exact(8)
                     .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
                     .collect();

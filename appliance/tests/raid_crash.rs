@@ -122,8 +122,8 @@ fn power_cut_round(reactors: &Reactors, round: u64, bitmap: bool) -> Round {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(round);
     let n = 3 + (round % 3) as usize;
     let chunk = 4096u32 << (round % 3);
-    // Room for the superblock, and the bitmap block after it.
-    let offset = 1 + bitmap as u64;
+    // Room for md's superblock (block 1), and the bitmap block after it.
+    let offset = 2 + bitmap as u64;
     let members: Vec<Arc<dyn BlockDevice>> = (0..n)
         .map(|i| {
             Arc::new(RamDevice::with_volatile_cache(&format!("m{i}"), 4096, offset + 48).unwrap())

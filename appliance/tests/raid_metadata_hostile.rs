@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use appliance::raid::assembly::{assemble, create, VolumeSpec};
+use appliance::raid::assembly::{assemble, create, read_superblock, write_superblock, VolumeSpec};
 use appliance::raid::members::{FailureSink, MemberState};
 use appliance::raid::superblock::{Level, Superblock};
 use bdev::{BlockDevice, RamDevice};
@@ -33,17 +33,9 @@ fn raid5(n: usize) -> Vec<Arc<dyn BlockDevice>> {
 
 /// Read, change and write back member `m`'s superblock.
 fn edit(dev: &dyn BlockDevice, change: impl FnOnce(&mut Superblock)) {
-    let mut ch = dev.open_channel().unwrap();
-    let mut io = |op, buf: &mut Vec<u8>| {
-        let r = bdev::conformance::run_one(ch.as_mut(), bdev::conformance::rw(op, 0, 1, buf, 1));
-        assert!(r.is_ok(), "{r:?}");
-    };
-    let mut b = vec![0u8; 4096];
-    io(bdev::IoOp::Read, &mut b);
-    let mut sb = Superblock::decode(&b).unwrap();
+    let mut sb = read_superblock(dev).unwrap().unwrap();
     change(&mut sb);
-    let mut b = sb.encode();
-    io(bdev::IoOp::Write, &mut b);
+    write_superblock(dev, &sb).unwrap();
 }
 
 /// Point 8: a superblock update reached members 0 and 1 only (a power
@@ -136,7 +128,11 @@ fn a_superblock_whose_data_does_not_fit_its_device_is_reported() {
             .iter()
             .any(|(d, why)| d == n && why.contains(what))
     };
-    assert!(named("m1", "runs past"), "{:?}", report.problems);
+    assert!(
+        named("m1", "past the end of the device"),
+        "{:?}",
+        report.problems
+    );
     assert!(
         named("m2", "overlaps the superblock"),
         "{:?}",

@@ -36,8 +36,15 @@ impl Manager {
         let mut blank = Vec::new();
         let mut readable = Vec::new();
         for d in &all {
+            let spare = declared_spares.contains(&d.info().name);
             match assembly::read_superblock(d.as_ref()) {
                 Ok(Err(SuperblockError::Foreign)) => {
+                    blank.push(d.clone());
+                    readable.push(d.clone());
+                }
+                // md's spare (of an imported array) is a spare here too:
+                // spares carry no superblock of their own.
+                Ok(Err(SuperblockError::MdSpare { .. })) if spare => {
                     blank.push(d.clone());
                     readable.push(d.clone());
                 }
@@ -98,11 +105,12 @@ impl Manager {
         let Some(i) = report
             .volumes
             .iter()
-            .position(|v| v.meta.template.name == decl.name)
+            .position(|v| v.meta.template.name == decl.array_name())
         else {
             return Err(MgmtError::FailedPrecondition(format!(
-                "no superblock of volume {} on its devices",
-                decl.name
+                "no superblock of volume {} (array {:?}) on its devices",
+                decl.name,
+                decl.array_name()
             )));
         };
         let mut v = report.volumes.remove(i);

@@ -15,6 +15,7 @@ mod assemble;
 mod changes;
 mod devices;
 mod exports;
+mod import;
 mod reload;
 mod roles;
 mod volumes;

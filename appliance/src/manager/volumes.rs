@@ -76,6 +76,7 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
     let raid5 = view.level == SbLevel::Raid5;
     VolumeDecl {
         qos: old.qos,
+        array: old.array.clone(),
         name: old.name.clone(),
         level: if raid5 { "raid5" } else { "raid1" }.to_string(),
         members,

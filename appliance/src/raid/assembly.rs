@@ -14,6 +14,11 @@ use bdev::{BlockDevice, IoOp};
 use super::bitmap::{self, Bitmap};
 use super::geometry::Layout;
 use super::level::RaidDevice;
+use super::md::{
+    self,
+    bitmap::MdBitmap,
+    superblock::{MdSuperblock, MdSuperblockError, V1_2_OFFSET},
+};
 use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
 use super::raid1::Raid1Device;
 use super::raid5::Raid5Device;
@@ -91,22 +96,89 @@ pub enum AssemblyError {
     },
 }
 
-/// Superblock IO at block 0; a write is followed by a flush.
-fn sync_io(dev: &dyn BlockDevice, op: IoOp, buf: &mut [u8]) -> Result<(), RaidError> {
-    super::metaio::sync(dev, op, 0, buf)?;
+/// Metadata IO of `buf` at byte `at` (a whole number of blocks); a write
+/// is followed by a flush.
+fn sync_io(dev: &dyn BlockDevice, op: IoOp, at: u64, buf: &mut [u8]) -> Result<(), RaidError> {
+    let bs = u64::from(dev.info().block_size);
+    super::metaio::sync(dev, op, at / bs, buf)?;
     if op == IoOp::Write {
         super::metaio::sync(dev, IoOp::Flush, 0, &mut [])?;
     }
     Ok(())
 }
 
-/// Read a device's superblock.
+/// `len` bytes from byte `at`, or `None` past the end of the device.
+fn read_at(dev: &dyn BlockDevice, at: u64, len: usize) -> Result<Option<Vec<u8>>, RaidError> {
+    let info = dev.info();
+    if at + len as u64 > info.num_blocks * u64::from(info.block_size) {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; len];
+    sync_io(dev, IoOp::Read, at, &mut buf)?;
+    Ok(Some(buf))
+}
+
+/// Read a device's superblock: md's 1.2 at 4 KiB (and its bitmap's chunk
+/// size), else the appliance's first format at byte 0. Other md versions
+/// are named as such (never taken for blank).
 pub fn read_superblock(
     dev: &dyn BlockDevice,
 ) -> Result<Result<Superblock, SuperblockError>, RaidError> {
-    let mut buf = vec![0u8; SUPERBLOCK_BYTES];
-    sync_io(dev, IoOp::Read, &mut buf)?;
-    Ok(Superblock::decode(&buf))
+    let info = dev.info();
+    let bs = info.block_size;
+    let sectors = info.num_blocks * u64::from(bs) / md::SECTOR;
+    let Some(head) = read_at(dev, 0, 2 * SUPERBLOCK_BYTES)? else {
+        return Ok(Err(SuperblockError::Foreign));
+    };
+    let md_magic = md::superblock::MAGIC.to_le_bytes();
+    let legacy = Superblock::decode_legacy(&head);
+    // md's superblock wins, unless the first format's names another
+    // volume: then md's is a leftover of the disk's earlier life (the
+    // first format never wrote there without a bitmap), while a
+    // conversion writes md's with the same volume before erasing the old.
+    let leftover = |m: &MdSuperblock| legacy.as_ref().is_ok_and(|l| l.volume_uuid != m.set_uuid);
+    if head[SUPERBLOCK_BYTES..SUPERBLOCK_BYTES + 4] == md_magic {
+        let m = match MdSuperblock::decode(&head[SUPERBLOCK_BYTES..], V1_2_OFFSET, sectors) {
+            Ok(m) if leftover(&m) => return Ok(legacy),
+            Ok(m) => m,
+            Err(MdSuperblockError::Corrupt { stored, computed }) => {
+                return Ok(Err(SuperblockError::Corrupt { stored, computed }))
+            }
+            Err(e) => return Ok(Err(SuperblockError::Md(e.to_string()))),
+        };
+        let chunk = match m.bitmap_sectors() {
+            Some(off) => {
+                let at = (V1_2_OFFSET as i64 + off) as u64;
+                let room = m.data_offset.saturating_sub(at);
+                read_at(dev, at * md::SECTOR, bs.max(512) as usize)?
+                    .and_then(|b| MdBitmap::decode(&b, room).ok())
+                    .map(|b| b.chunksize)
+            }
+            None => None,
+        };
+        return Ok(md::convert::from_md(&m, bs, chunk).map_err(|e| match e {
+            md::convert::FromMdError::NotActive { role: "spare", .. } => SuperblockError::MdSpare {
+                array: m.set_uuid,
+                name: m.name(),
+            },
+            e => SuperblockError::Md(e.to_string()),
+        }));
+    }
+    match legacy {
+        Err(SuperblockError::Foreign) => {}
+        other => return Ok(other),
+    }
+    // md's other versions: 1.1 at the start, 1.0 near the end.
+    let end = (sectors.saturating_sub(16) & !7) * md::SECTOR;
+    let tail = read_at(dev, end, SUPERBLOCK_BYTES)?;
+    for (version, b) in [("1.1", Some(&head)), ("1.0", tail.as_ref())] {
+        if b.is_some_and(|b| b[..4] == md_magic) {
+            return Ok(Err(SuperblockError::Md(format!(
+                "an md superblock version {version} (the appliance serves md 1.2)"
+            ))));
+        }
+    }
+    Ok(Err(SuperblockError::Foreign))
 }
 
 /// Whether `sb`'s layout fits the device it was read from: checked at
@@ -145,12 +217,20 @@ fn fits_device(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), String> {
     Ok(())
 }
 
-fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), AssemblyError> {
-    let mut buf = sb.encode();
-    sync_io(dev, IoOp::Write, &mut buf).map_err(|e| AssemblyError::Io {
+/// Write `sb` as md's 1.2 superblock; a member still in the first format
+/// loses its old superblock once the new one is durable.
+pub fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), AssemblyError> {
+    let io = |e: RaidError| AssemblyError::Io {
         device: dev.info().name.clone(),
         reason: e.to_string(),
-    })
+    };
+    let mut buf = md::convert::to_md(sb, sb.slot).encode();
+    sync_io(dev, IoOp::Write, md::convert::SUPERBLOCK_BYTE, &mut buf).map_err(io)?;
+    if sb.legacy {
+        let mut zero = vec![0u8; SUPERBLOCK_BYTES];
+        sync_io(dev, IoOp::Write, 0, &mut zero).map_err(io)?;
+    }
+    Ok(())
 }
 
 impl VolumeMeta {
@@ -188,6 +268,12 @@ impl VolumeMeta {
         self.template.clean = clean;
         self.template.slot_states = codes;
         let set = device.member_set();
+        // A member converted from the first format gets md's bitmap before
+        // md's superblock overwrites the first format's bitmap.
+        if let (true, Some(b)) = (self.template.legacy, &set.bitmap) {
+            b.set_events(self.template.events);
+            b.rewrite();
+        }
         let mut written = 0;
         let mut first_error = None;
         for (slot, m) in set.members.iter().enumerate() {
@@ -217,7 +303,18 @@ impl VolumeMeta {
                 ) = before;
                 Err(e)
             }
-            _ => Ok(()),
+            _ => {
+                self.template.legacy = false;
+                // md takes a bitmap older than its superblock for stale.
+                if let Some(b) = &set.bitmap {
+                    b.set_events(self.template.events);
+                    let (ok, errors) = b.rewrite();
+                    if ok == 0 && !errors.is_empty() {
+                        tracing::warn!(errors = ?errors, "bitmap events not brought up to date: md would resync the whole array");
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -238,8 +335,9 @@ pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
         }
         Ok(_) => {}
     }
-    let mut zero = vec![0u8; SUPERBLOCK_BYTES];
-    sync_io(dev, IoOp::Write, &mut zero).map_err(|e| AssemblyError::Io {
+    // Both formats' places: the first format's at 0, md's at 4 KiB.
+    let mut zero = vec![0u8; 2 * SUPERBLOCK_BYTES];
+    sync_io(dev, IoOp::Write, 0, &mut zero).map_err(|e| AssemblyError::Io {
         device: dev.info().name.clone(),
         reason: e.to_string(),
     })
@@ -250,6 +348,9 @@ pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
 pub fn superblock_owner(dev: &dyn BlockDevice) -> Option<String> {
     match read_superblock(dev) {
         Ok(Ok(sb)) => Some(sb.name),
+        Ok(Err(e @ (SuperblockError::Md(_) | SuperblockError::MdSpare { .. }))) => {
+            Some(e.to_string())
+        }
         _ => None,
     }
 }
@@ -270,9 +371,9 @@ pub fn create(
         return Err(AssemblyError::Invalid("no members".into()));
     };
     let bs = first.info().block_size;
-    if spec.data_offset * (bs as u64) < SUPERBLOCK_BYTES as u64 {
+    if spec.data_offset * (bs as u64) < md::convert::BITMAP_BYTE {
         return Err(AssemblyError::Invalid(format!(
-            "data offset {} blocks leaves no room for the 4 KiB superblock",
+            "data offset {} blocks leaves no room for md's superblock (4 KiB at 4 KiB)",
             spec.data_offset
         )));
     }
@@ -282,6 +383,12 @@ pub fn create(
                 return Err(AssemblyError::InUse {
                     device: dev.info().name.clone(),
                     volume: sb.name,
+                })
+            }
+            Ok(Err(e @ (SuperblockError::Md(_) | SuperblockError::MdSpare { .. }))) if !force => {
+                return Err(AssemblyError::InUse {
+                    device: dev.info().name.clone(),
+                    volume: e.to_string(),
                 })
             }
             Ok(_) => {}
@@ -324,6 +431,8 @@ pub fn create(
             slot_states: vec![0; spec.members.len()],
             rebuild_checkpoint: 0,
             bitmap_rows_per_bit: 0,
+            ctime: md::convert::now(),
+            legacy: false,
         },
         member_uuids: spec
             .members
@@ -433,9 +542,10 @@ fn attach_bitmap(
         sb.bitmap_rows_per_bit,
         sb.volume_uuid,
     )?);
+    b.set_events(sb.events);
     let members = live_members(device.as_ref());
     if !sb.clean {
-        let (dirty, problems) = b.read_union(&members);
+        let (dirty, problems) = b.read_union(&members, sb.legacy);
         if !problems.is_empty() {
             tracing::warn!(volume = sb.name, problems = ?problems, "write-intent bitmap not readable on every member");
         }
@@ -532,7 +642,7 @@ pub fn assemble(
         let Some((_, auth)) = found.iter().find(|(_, sb)| sb.events == newest) else {
             continue;
         };
-        let auth = auth.clone();
+        let mut auth = auth.clone();
         let n = auth.members as usize;
         let mut slots: Vec<Option<Arc<dyn BlockDevice>>> = vec![None; n];
         let mut stale = Vec::new();
@@ -594,6 +704,22 @@ pub fn assemble(
         }
         if !ok {
             continue;
+        }
+        // md keeps a device's recovery and write-mostly flag in its own
+        // superblock only: the slot's holder says them.
+        for (slot, holder) in slots.iter().enumerate() {
+            let Some(dev) = holder else { continue };
+            let Some((_, own)) = found.iter().find(|(d, _)| Arc::ptr_eq(d, dev)) else {
+                continue;
+            };
+            let held = auth.slot_states[slot] & !WRITE_MOSTLY != MemberState::Failed.code();
+            if own.legacy || !held {
+                continue;
+            }
+            auth.slot_states[slot] = own.slot_states[slot];
+            if own.slot_states[slot] & !WRITE_MOSTLY == MemberState::Rebuilding.code() {
+                auth.rebuild_checkpoint = own.rebuild_checkpoint;
+            }
         }
         let members: Vec<Member> = (0..n)
             .map(|slot| {
@@ -657,6 +783,24 @@ pub fn assemble(
             })
             .collect();
         let built = build(&spec, members, failures(&auth.name))
+            .and_then(|device| {
+                // md says how much of each member the array uses; members
+                // with more room (an array made with --size, grown
+                // devices) would make a larger volume than md's.
+                let want = match auth.level {
+                    Level::Raid1 => auth.data_blocks,
+                    Level::Raid5 => (n as u64 - 1) * auth.data_blocks,
+                };
+                let have = device.info().num_blocks;
+                if auth.legacy || have == want {
+                    Ok(device)
+                } else {
+                    Err(AssemblyError::Invalid(format!(
+                        "the array uses {} blocks of each member but the members would give a volume of {have} blocks, not {want}: arrays smaller than their members are not supported",
+                        auth.data_blocks
+                    )))
+                }
+            })
             .and_then(|device| match resume {
                 Some(slot) => {
                     let dev = spec.members[slot].clone();
@@ -664,6 +808,7 @@ pub fn assemble(
                     // member in sync that was never rebuilt: start over.
                     let rows = device.rows().count;
                     let cursor = if auth.rebuild_checkpoint < rows {
+                        tracing::info!(volume = %auth.name, slot, row = auth.rebuild_checkpoint, rows, "the rebuild resumes from its checkpoint (md's recovery_offset)");
                         auth.rebuild_checkpoint
                     } else {
                         tracing::warn!(volume = %auth.name, checkpoint = auth.rebuild_checkpoint, rows, "rebuild checkpoint out of range: the rebuild starts over");

@@ -17,10 +17,16 @@
 //! the bit back) or the writer sees the bit clear (and waits for the daemon
 //! to set it on disk again).
 //!
-//! On disk: one 4 KiB block at byte 4096 of every member (right after the
-//! superblock): magic, version, CRC32C, volume uuid, rows per bit, bit
-//! count, then the bits. A torn or corrupt block fails its CRC and the
-//! whole volume is resynchronised, as without a bitmap.
+//! On disk it is md's internal bitmap: one 4 KiB block at byte 8192 of
+//! every member (8 sectors after md's superblock), md's 256-byte bitmap
+//! superblock (version 4) and then the bits, so md resynchronises only
+//! what the bits mark when it assembles the members after a crash. The
+//! bitmap's events follow the superblock's (md takes a bitmap older than
+//! its array for stale and resyncs everything). md's bitmap has no
+//! checksum; one that does not decode (or belongs to another array) is
+//! not used, and with none usable the whole volume is resynchronised, as
+//! without a bitmap. The appliance's first format (its own block at byte
+//! 4096, with a CRC) is still read once, when such a volume is converted.
 
 use crate::raid::RaidError;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -31,28 +37,33 @@ use std::time::{Duration, Instant};
 use bdev::{BlockDevice, IoOp};
 
 use super::journal::{u32_at, u64_at};
+use super::md::bitmap::MdBitmap;
 use super::rebuild::Rows;
 
-/// "APPLBMAP".
-pub const MAGIC: [u8; 8] = *b"APPLBMAP";
-/// Byte offset of the bitmap on every member.
-pub const BYTE_OFFSET: u64 = 4096;
+/// "APPLBMAP", the first format's magic.
+pub const LEGACY_MAGIC: [u8; 8] = *b"APPLBMAP";
+/// Byte offset of the first format's bitmap.
+pub const LEGACY_BYTE_OFFSET: u64 = 4096;
+const LEGACY_HEADER: usize = 64;
+/// Byte offset of the bitmap on every member (md's place for it).
+pub const BYTE_OFFSET: u64 = crate::raid::md::convert::BITMAP_BYTE;
 /// Bytes the bitmap occupies on every member.
 pub const BYTES: usize = 4096;
-const HEADER: usize = 64;
+const HEADER: usize = crate::raid::md::bitmap::HEADER;
 /// Most regions one bitmap block describes.
 pub const MAX_BITS: u64 = ((BYTES - HEADER) * 8) as u64;
-const VERSION: u32 = 1;
+const LEGACY_VERSION: u32 = 1;
 /// md's default daemon_sleep: a region quiet this long is cleared.
 pub const DEFAULT_CLEAR_EVERY: Duration = Duration::from_secs(5);
 /// Default region size in member bytes (md picks 64 MiB for large arrays).
 pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 20;
 
-/// Rows per bit for a bitmap of `chunk_bytes` regions over `rows`: at
-/// least one row, doubled until the bits fit in one block.
+/// Rows per bit for a bitmap of about `chunk_bytes` regions over `rows`:
+/// a power of two (md's bitmap chunk is one) of at least one row, doubled
+/// until the bits fit in one block.
 pub fn rows_per_bit(rows: &Rows, chunk_bytes: u64) -> u64 {
     let row_bytes = (rows.blocks * rows.block_size as u64).max(1);
-    let mut rpb = (chunk_bytes / row_bytes).max(1);
+    let mut rpb = 1u64 << (chunk_bytes / row_bytes).max(1).ilog2();
     while rows.count.div_ceil(rpb) > MAX_BITS {
         rpb *= 2;
     }
@@ -97,6 +108,14 @@ pub struct Bitmap {
     /// or stopped before it finished.
     frozen: AtomicBool,
     clear_every_ms: AtomicU64,
+    /// The array's events, written in md's bitmap superblock.
+    events: AtomicU64,
+    /// The events when bits were last cleared.
+    events_cleared: AtomicU64,
+    /// Member sectors the bits cover (md's sync_size).
+    sync_sectors: u64,
+    /// The bits last written, for a rewrite of the header alone.
+    last: Mutex<Option<Vec<u64>>>,
     /// Bitmap blocks written (for metrics and tests).
     pub writes: AtomicU64,
 }
@@ -105,6 +124,14 @@ impl Bitmap {
     /// An empty bitmap of `rows_per_bit` rows per bit over `rows`.
     pub fn new(rows: &Rows, rows_per_bit: u64, volume_uuid: [u8; 16]) -> Result<Bitmap, RaidError> {
         let bits = rows.count.div_ceil(rows_per_bit.max(1));
+        let region = rows_per_bit
+            .saturating_mul(rows.blocks)
+            .saturating_mul(rows.block_size as u64);
+        if !region.is_power_of_two() || region > 1 << 31 {
+            return Err(RaidError::Invalid(format!(
+                "a bitmap region of {rows_per_bit} rows ({region} bytes) is not a power of two up to 2 GiB, as md's bitmap chunk must be"
+            )));
+        }
         if rows_per_bit == 0 || bits > MAX_BITS {
             return Err(RaidError::Invalid(format!(
                 "a bitmap of {rows_per_bit} rows per bit over {} rows does not fit in {BYTES} bytes",
@@ -129,6 +156,10 @@ impl Bitmap {
             cond: Condvar::new(),
             frozen: AtomicBool::new(false),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
+            events: AtomicU64::new(0),
+            events_cleared: AtomicU64::new(0),
+            sync_sectors: rows.total * rows.block_size as u64 / crate::raid::md::SECTOR,
+            last: Mutex::new(None),
             writes: AtomicU64::new(0),
         })
     }
@@ -275,17 +306,96 @@ impl Bitmap {
         self.cond.notify_one();
     }
 
-    /// The on-disk block for bit words `bits`.
+    /// The array's events, as the superblocks now say (md's bitmap must
+    /// not be older than its array).
+    pub fn set_events(&self, events: u64) {
+        self.events.store(events, Ordering::SeqCst);
+        self.events_cleared.fetch_min(events, Ordering::SeqCst);
+    }
+
+    /// md's bitmap superblock for this bitmap now.
+    pub fn header(&self) -> MdBitmap {
+        let secs = self.clear_every_ms.load(Ordering::Relaxed).div_ceil(1000);
+        MdBitmap {
+            version: crate::raid::md::bitmap::VERSION_LE,
+            uuid: self.volume_uuid,
+            events: self.events.load(Ordering::SeqCst),
+            events_cleared: self.events_cleared.load(Ordering::SeqCst),
+            sync_size: self.sync_sectors,
+            state: 0,
+            chunksize: self.region_bytes() as u32,
+            daemon_sleep: secs.clamp(1, u32::MAX as u64) as u32,
+            write_behind: 0,
+            sectors_reserved: (BYTES as u64 / crate::raid::md::SECTOR) as u32,
+            nodes: 0,
+            cluster_name: [0; 64],
+        }
+    }
+
+    /// The on-disk block for bit words `bits`: md's bitmap superblock,
+    /// then the bits (bit i is bit i % 8 of byte i / 8).
     pub fn encode(&self, bits: &[u64]) -> Vec<u8> {
         let mut b = vec![0u8; BYTES];
-        b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[..HEADER].copy_from_slice(&self.header().encode());
+        // The bits fit the block by construction (`MAX_BITS`).
+        let n = self.bits.div_ceil(8) as usize;
+        for (i, w) in bits.iter().take(words(self.bits)).enumerate() {
+            for (k, byte) in w.to_le_bytes().into_iter().enumerate() {
+                if i * 8 + k < n {
+                    b[HEADER + i * 8 + k] = byte;
+                }
+            }
+        }
+        b
+    }
+
+    /// The bit words of an on-disk block, if it is this volume's md
+    /// bitmap. A bitmap of another chunk size (md's own, on an imported
+    /// array) is folded onto this one's regions: a region is dirty if any
+    /// md chunk it overlaps is.
+    pub fn decode(&self, b: &[u8]) -> Result<Vec<u64>, RaidError> {
+        let md = MdBitmap::decode(b, u64::MAX)
+            .map_err(|e| RaidError::Invalid(format!("bitmap: {e}")))?;
+        if md.bytes() > b.len() as u64 {
+            // md's own bitmap of a large array: more than the block read.
+            return Err(RaidError::Invalid(format!(
+                "md bitmap of {} bits is larger than {BYTES} bytes",
+                md.bits()
+            )));
+        }
+        if md.uuid != self.volume_uuid {
+            return Err(RaidError::Invalid("bitmap of another volume".into()));
+        }
+        if md.state & crate::raid::md::bitmap::STATE_STALE != 0 {
+            return Err(RaidError::Invalid("md marked the bitmap stale".into()));
+        }
+        let mut out = vec![0u64; words(self.bits)];
+        let theirs = md.bits();
+        let region = self.region_bytes();
+        for j in 0..theirs {
+            if !MdBitmap::is_set(b, j) {
+                continue;
+            }
+            let first = j * u64::from(md.chunksize) / region;
+            let last = ((j + 1) * u64::from(md.chunksize)).div_ceil(region);
+            for r in first..last.min(self.bits) {
+                out[(r / 64) as usize] |= 1 << (r % 64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A block in the first format for bit words `bits` (what older
+    /// appliances wrote; tests make old members with it).
+    pub fn encode_legacy(&self, bits: &[u64]) -> Vec<u8> {
+        let mut b = vec![0u8; BYTES];
+        b[0..8].copy_from_slice(&LEGACY_MAGIC);
+        b[8..12].copy_from_slice(&LEGACY_VERSION.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume_uuid);
         b[32..40].copy_from_slice(&self.rows_per_bit.to_le_bytes());
         b[40..48].copy_from_slice(&self.bits.to_le_bytes());
-        // The bits fit the block by construction (`MAX_BITS`).
         for (i, w) in bits.iter().take(words(self.bits)).enumerate() {
-            let at = HEADER + i * 8;
+            let at = LEGACY_HEADER + i * 8;
             b[at..at + 8].copy_from_slice(&w.to_le_bytes());
         }
         let crc = crc32c::crc32c(&b);
@@ -293,16 +403,16 @@ impl Bitmap {
         b
     }
 
-    /// The bit words of an on-disk block, if it is this bitmap's and
-    /// intact.
-    pub fn decode(&self, b: &[u8]) -> Result<Vec<u64>, RaidError> {
-        if b.len() < BYTES || b[0..8] != MAGIC {
+    /// The bit words of a block in the first format, if it is this
+    /// bitmap's and intact.
+    pub fn decode_legacy(&self, b: &[u8]) -> Result<Vec<u64>, RaidError> {
+        if b.len() < BYTES || b[0..8] != LEGACY_MAGIC {
             return Err(RaidError::Invalid("no bitmap".into()));
         }
         let mut copy = b[..BYTES].to_vec();
         let stored = u32_at(b, 12);
         copy[12..16].fill(0);
-        if crc32c::crc32c(&copy) != stored {
+        if crc32c::crc32c(&copy) != stored || u32_at(b, 8) != LEGACY_VERSION {
             return Err(RaidError::Invalid(
                 "bitmap checksum mismatch (torn or corrupt)".into(),
             ));
@@ -321,7 +431,7 @@ impl Bitmap {
             )));
         }
         Ok((0..words(self.bits))
-            .map(|i| u64_at(HEADER + i * 8))
+            .map(|i| u64_at(LEGACY_HEADER + i * 8))
             .collect())
     }
 
@@ -332,6 +442,7 @@ impl Bitmap {
     /// Write bit words `bits` to `members` (each flushed). Returns how
     /// many took it, and the errors of the others.
     pub fn write_to(&self, members: &[Arc<dyn BlockDevice>], bits: &[u64]) -> (usize, Vec<String>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(bits.to_vec());
         let block = self.encode(bits);
         let mut ok = 0;
         let mut errors = Vec::new();
@@ -348,15 +459,45 @@ impl Bitmap {
         (ok, errors)
     }
 
+    /// Write the bitmap again as last written, with the header's events
+    /// brought up to date (after a superblock update). Under the batch
+    /// lock: the bits are exactly what is on disk, never fewer.
+    pub fn rewrite(&self) -> (usize, Vec<String>) {
+        let _batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        let bits = self
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.snapshot());
+        let members = self.members();
+        self.write_to(&members, &bits)
+    }
+
     /// Read the bitmap of every device in `members` and return the union
-    /// of those that are intact; every region when none is.
-    pub fn read_union(&self, members: &[Arc<dyn BlockDevice>]) -> (Vec<u64>, Vec<String>) {
+    /// of those that are intact; every region when none is. `legacy`
+    /// reads the first format's place and block instead of md's.
+    pub fn read_union(
+        &self,
+        members: &[Arc<dyn BlockDevice>],
+        legacy: bool,
+    ) -> (Vec<u64>, Vec<String>) {
         let mut union: Option<Vec<u64>> = None;
         let mut problems = Vec::new();
         for dev in members {
             let mut buf = vec![0u8; BYTES];
-            let res = super::metaio::sync(dev.as_ref(), IoOp::Read, self.first_block(), &mut buf)
-                .and_then(|_| self.decode(&buf));
+            let at = if legacy {
+                LEGACY_BYTE_OFFSET
+            } else {
+                BYTE_OFFSET
+            } / self.block_size as u64;
+            let res = super::metaio::sync(dev.as_ref(), IoOp::Read, at, &mut buf).and_then(|_| {
+                if legacy {
+                    self.decode_legacy(&buf)
+                } else {
+                    self.decode(&buf)
+                }
+            });
             match res {
                 Ok(bits) => {
                     let u = union.get_or_insert_with(|| vec![0; bits.len()]);
@@ -440,6 +581,8 @@ impl Bitmap {
                 return;
             }
         }
+        self.events_cleared
+            .store(self.events.load(Ordering::SeqCst), Ordering::SeqCst);
         let image = self.snapshot();
         let (ok, errors) = self.write_to(&members, &image);
         if ok == 0 && !members.is_empty() {
@@ -546,38 +689,61 @@ mod tests {
         // 64 KiB rows: 1024 per 64 MiB.
         assert_eq!(rows_per_bit(&rows(10_000), 64 << 20), 1024);
         assert_eq!(rows_per_bit(&rows(10_000), 1), 1);
+        // md's chunk is a power of two: 3 MiB regions become 2 MiB.
+        assert_eq!(rows_per_bit(&rows(10_000), 3 << 20), 32);
         let huge = rows(MAX_BITS * 1024 * 3);
         let rpb = rows_per_bit(&huge, 64 << 20);
         assert!(huge.count.div_ceil(rpb) <= MAX_BITS);
         assert_eq!(rpb, 4096);
-        assert!(fits(8192 / 4096, 4096) && !fits(1, 4096) && fits(16, 512));
+        // md's superblock at 4 KiB, the bitmap's 4 KiB after it.
+        assert!(fits(3, 4096) && !fits(2, 4096) && fits(24, 512) && !fits(16, 512));
+        assert!(
+            Bitmap::new(&rows(5000), 7, [0; 16]).is_err(),
+            "not a power of two"
+        );
     }
 
     #[test]
-    fn blocks_round_trip_and_damage_is_caught() {
-        let b = Bitmap::new(&rows(5000), 7, [3; 16]).unwrap();
+    fn blocks_round_trip_in_mds_format() {
+        let b = Bitmap::new(&rows(5000), 8, [3; 16]).unwrap();
+        b.set_events(41);
         let mut bits = vec![0u64; words(b.bits())];
         bits[0] = 0b1011;
-        bits[11] = 1 << 40;
+        bits[9] = 1 << 40;
         let block = b.encode(&bits);
         assert_eq!(b.decode(&block).unwrap(), bits);
-        for at in [0usize, 13, 20, 33, 64, 100, 4095] {
-            let mut bad = block.clone();
-            bad[at] ^= 0x40;
-            assert!(b.decode(&bad).is_err(), "flip at {at} not caught");
-        }
-        let other = Bitmap::new(&rows(5000), 7, [4; 16]).unwrap();
+        // md reads the same block: its superblock, then the bits.
+        let md = MdBitmap::decode(&block, 8).unwrap();
+        assert_eq!((md.events, md.chunksize, md.bits()), (41, 8 << 16, 625));
+        assert_eq!(md.dirty(&block), 4);
+        assert!(MdBitmap::is_set(&block, 9 * 64 + 40));
+        let mut bad = block.clone();
+        bad[0] ^= 0x40;
+        assert!(b.decode(&bad).is_err(), "no magic");
+        let other = Bitmap::new(&rows(5000), 8, [4; 16]).unwrap();
         assert!(other
             .decode(&block)
             .unwrap_err()
             .to_string()
             .contains("another volume"));
-        let regeo = Bitmap::new(&rows(5000), 8, [3; 16]).unwrap();
-        assert!(regeo
-            .decode(&block)
-            .unwrap_err()
-            .to_string()
-            .contains("geometry"));
+        // Another chunk size is folded onto this bitmap's regions.
+        let coarse = Bitmap::new(&rows(5000), 16, [3; 16]).unwrap();
+        let folded = coarse.decode(&block).unwrap();
+        assert_eq!(
+            folded[0], 0b11,
+            "bits 0, 1, 3 of 8 rows are bits 0, 1 of 16"
+        );
+        assert_eq!(folded[4], 1 << 52, "bit 616 of 8 rows is bit 308 of 16");
+        let fine = Bitmap::new(&rows(5000), 4, [3; 16]).unwrap();
+        assert_eq!(fine.decode(&block).unwrap()[0], 0b11_00_11_11);
+        // The first format still reads (a volume being converted).
+        let legacy = b.encode_legacy(&bits);
+        assert_eq!(b.decode_legacy(&legacy).unwrap(), bits);
+        for at in [0usize, 13, 20, 33, 64, 100, 4095] {
+            let mut bad = legacy.clone();
+            bad[at] ^= 0x40;
+            assert!(b.decode_legacy(&bad).is_err(), "flip at {at} not caught");
+        }
         assert!(Bitmap::new(&rows(MAX_BITS + 1), 1, [0; 16]).is_err());
     }
 
@@ -592,7 +758,7 @@ mod tests {
         b.set_wanted();
         assert!(b.ready(3, 3));
         assert_eq!(b.dirty_regions(), 1);
-        let (on_disk, problems) = b.read_union(std::slice::from_ref(&dev));
+        let (on_disk, problems) = b.read_union(std::slice::from_ref(&dev), false);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(on_disk[0], 1 << 3, "set on the member before the write");
         // In flight: never cleared, however quiet.
@@ -606,7 +772,7 @@ mod tests {
         b.clear_quiet();
         assert_eq!(b.dirty_regions(), 0);
         assert_eq!(
-            b.read_union(std::slice::from_ref(&dev)).0[0],
+            b.read_union(std::slice::from_ref(&dev), false).0[0],
             0,
             "cleared on disk"
         );
@@ -621,7 +787,7 @@ mod tests {
         assert_eq!(b.dirty_regions(), 0);
         // Nothing readable on a member: everything is dirty.
         let blank: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("b", 4096, 64).unwrap());
-        let (all, problems) = b.read_union(&[blank]);
+        let (all, problems) = b.read_union(&[blank], false);
         assert_eq!(problems.len(), 1);
         assert_eq!(all, b.all_dirty());
         assert_eq!(all.iter().map(|w| w.count_ones()).sum::<u32>(), 10);

@@ -77,10 +77,10 @@ pub fn examine(dev: &dyn BlockDevice) -> Result<Examined, RaidError> {
             lines: vec![("Problem".into(), why)],
         });
     }
-    match Superblock::decode(&head) {
+    match Superblock::decode_legacy(&head) {
         Ok(sb) => {
             return Ok(Examined {
-                format: "appliance 1".into(),
+                format: "appliance 1 (converted to md 1.2 at its next assembly)".into(),
                 lines: lines(sb.report()),
             })
         }

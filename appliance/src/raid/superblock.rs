@@ -1,9 +1,12 @@
-//! The superblock every RAID member carries in its first 4 KiB: what the
-//! volume is, which slot this member holds, and how current it is.
+//! What every RAID member's superblock says: what the volume is, which
+//! slot this member holds, and how current it is.
 //!
-//! Little-endian, fixed layout, CRC32C over the whole 4 KiB with the CRC
-//! field zeroed. A block without our magic is foreign (never overwritten
-//! without force); one with our magic and a bad CRC is corrupt.
+//! On disk it is md's version-1.2 superblock (4 KiB from the start, see
+//! `md::convert`). The appliance's first format, read here and converted
+//! on a volume's first assembly, was its own: at byte 0, little-endian,
+//! fixed layout, CRC32C over the whole 4 KiB with the CRC field zeroed. A
+//! block without either magic is foreign (never overwritten without
+//! force); one with a magic and a bad checksum is corrupt.
 
 use super::geometry::Layout;
 
@@ -29,6 +32,18 @@ pub enum SuperblockError {
         stored: u32,
         /// CRC of the contents.
         computed: u32,
+    },
+    /// md's metadata that the appliance cannot take as a member: another
+    /// md version, an md feature it does not run, a spare.
+    #[error("{0}")]
+    Md(String),
+    /// A spare of an md array (it holds no slot).
+    #[error("a spare of md array {name:?}")]
+    MdSpare {
+        /// The array's UUID.
+        array: [u8; 16],
+        /// The array's name.
+        name: String,
     },
     /// Written by a newer format.
     #[error("superblock format version {0} is newer than this appliance understands ({VERSION})")]
@@ -90,6 +105,11 @@ pub struct Superblock {
     /// Write-intent bitmap: rebuild rows per bit, 0 for none. The bitmap
     /// itself is at byte 4096 of every member (see `bitmap`).
     pub bitmap_rows_per_bit: u64,
+    /// Creation time, md's way (40-bit seconds, 24-bit microseconds).
+    pub ctime: u64,
+    /// Read from the appliance's first format (at byte 0): the next write
+    /// converts the member to md's.
+    pub legacy: bool,
 }
 
 fn layout_code(l: Layout) -> u32 {
@@ -104,8 +124,9 @@ fn layout_code(l: Layout) -> u32 {
 const MAX_SLOTS: usize = 64;
 
 impl Superblock {
-    /// Serialise into a 4 KiB block.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Serialise in the first format, a 4 KiB block for byte 0 (what
+    /// older appliances wrote; tests make old members with it).
+    pub fn encode_legacy(&self) -> Vec<u8> {
         let mut b = vec![0u8; SUPERBLOCK_BYTES];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -139,8 +160,9 @@ impl Superblock {
         b
     }
 
-    /// Parse a 4 KiB block, checking magic, version, checksum and fields.
-    pub fn decode(b: &[u8]) -> Result<Superblock, SuperblockError> {
+    /// Parse a first-format 4 KiB block, checking magic, version, checksum
+    /// and fields.
+    pub fn decode_legacy(b: &[u8]) -> Result<Superblock, SuperblockError> {
         if b.len() < SUPERBLOCK_BYTES || b[0..8] != MAGIC {
             return Err(SuperblockError::Foreign);
         }
@@ -221,6 +243,8 @@ impl Superblock {
             slot_states,
             rebuild_checkpoint: u64_at(136),
             bitmap_rows_per_bit: u64_at(144),
+            ctime: 0,
+            legacy: true,
         })
     }
 }
@@ -300,59 +324,67 @@ mod tests {
             slot_states: vec![0, 1, 0, 2],
             rebuild_checkpoint: 99,
             bitmap_rows_per_bit: 1024,
+            ctime: 0,
+            legacy: true,
         }
     }
 
     #[test]
     fn round_trip() {
         let s = sample();
-        assert_eq!(Superblock::decode(&s.encode()), Ok(s));
+        assert_eq!(Superblock::decode_legacy(&s.encode_legacy()), Ok(s));
     }
 
     #[test]
     fn foreign_corrupt_and_invalid_blocks_are_told_apart() {
         assert_eq!(
-            Superblock::decode(&[0u8; 4096]),
+            Superblock::decode_legacy(&[0u8; 4096]),
             Err(SuperblockError::Foreign)
         );
         assert_eq!(
-            Superblock::decode(&[0u8; 100]),
+            Superblock::decode_legacy(&[0u8; 100]),
             Err(SuperblockError::Foreign)
         );
-        let mut b = sample().encode();
+        let mut b = sample().encode_legacy();
         b[200] ^= 1;
         assert!(matches!(
-            Superblock::decode(&b),
+            Superblock::decode_legacy(&b),
             Err(SuperblockError::Corrupt { .. })
         ));
         // Every single-bit flip anywhere is caught.
-        let good = sample().encode();
+        let good = sample().encode_legacy();
         for byte in (0..4096).step_by(97) {
             let mut b = good.clone();
             b[byte] ^= 0x10;
-            assert!(Superblock::decode(&b).is_err(), "flip at {byte} not caught");
+            assert!(
+                Superblock::decode_legacy(&b).is_err(),
+                "flip at {byte} not caught"
+            );
         }
         // Well-formed checksum over impossible fields.
         let mut s = sample();
         s.slot = 9;
         assert!(matches!(
-            Superblock::decode(&s.encode()),
+            Superblock::decode_legacy(&s.encode_legacy()),
             Err(SuperblockError::Invalid { field: "slot", .. })
         ));
         let mut s = sample();
         s.chunk_bytes = 3000;
         assert!(matches!(
-            Superblock::decode(&s.encode()),
+            Superblock::decode_legacy(&s.encode_legacy()),
             Err(SuperblockError::Invalid {
                 field: "chunk_bytes",
                 ..
             })
         ));
-        let mut b = sample().encode();
+        let mut b = sample().encode_legacy();
         b[8..12].copy_from_slice(&7u32.to_le_bytes());
         b[12..16].fill(0);
         let crc = crc32c::crc32c(&b);
         b[12..16].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&b), Err(SuperblockError::Version(7)));
+        assert_eq!(
+            Superblock::decode_legacy(&b),
+            Err(SuperblockError::Version(7))
+        );
     }
 }

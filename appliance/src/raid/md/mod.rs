@@ -10,6 +10,7 @@
 //! show it; [`support::check`] names it when asked to serve it.
 
 pub mod bitmap;
+pub mod convert;
 pub mod examine;
 pub mod superblock;
 pub mod support;

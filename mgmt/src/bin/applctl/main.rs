@@ -214,6 +214,18 @@ enum VolumeCmd {
     },
     /// List volumes.
     List,
+    /// Take over an md array (md 1.2 superblocks, RAID1 or RAID5): its
+    /// devices, members and spares in any order. md can assemble them
+    /// again after `volume delete`.
+    ///
+    /// Example: applctl volume import data --devices sda,sdb,sdc
+    Import {
+        /// The volume's name.
+        name: String,
+        /// The array's attached devices.
+        #[arg(long, value_delimiter = ',', required = true)]
+        devices: Vec<String>,
+    },
     /// What a device's RAID metadata says, like mdadm --examine: md's
     /// superblock and bitmap, or the appliance's own.
     ///
@@ -748,6 +760,10 @@ async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Failur
                 .await?
                 .into_inner();
             return out(json, &l, || volumes(&l.volumes));
+        }
+        VolumeCmd::Import { name, devices } => {
+            c.import_volume(pb::ImportVolumeRequest { name, devices })
+                .await?
         }
         VolumeCmd::Examine { device } => {
             let e = c

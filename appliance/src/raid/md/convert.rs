@@ -1,0 +1,328 @@
+//! The appliance's view of a member ([`Superblock`]) written as md's
+//! version-1.2 superblock and read back from one, so md and the appliance
+//! share members with no copy.
+//!
+//! What md keeps per device is taken from (and written to) that device's
+//! own superblock only, as md does: whether it is write-mostly
+//! (`devflags`) and how far its recovery got (`recovery_offset` with the
+//! RECOVERY_OFFSET feature). Every member's superblock carries the role
+//! of every slot (`dev_roles`): a slot no device holds is failed. Device
+//! numbers are slots: a device taking a slot takes its number, and a
+//! stale device still claiming it loses on events, as in mdadm.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::superblock::{
+    feature, MdSuperblock, DEVFLAG_WRITE_MOSTLY, MAX_SECTOR, ROLE_FAULTY, ROLE_SPARE, V1_2_OFFSET,
+};
+use super::support::{check, raid5_algorithm, raid5_layout};
+use super::SECTOR;
+use crate::raid::members::{MemberState, WRITE_MOSTLY};
+use crate::raid::superblock::{Level, Superblock};
+
+/// Where the appliance puts md's internal bitmap: 8 sectors after the
+/// superblock (4 KiB after it, mdadm's choice).
+pub const BITMAP_OFFSET_SECTORS: u64 = 8;
+/// Byte offset of the superblock on every member.
+pub const SUPERBLOCK_BYTE: u64 = V1_2_OFFSET * SECTOR;
+/// Byte offset of the bitmap on every member.
+pub const BITMAP_BYTE: u64 = (V1_2_OFFSET + BITMAP_OFFSET_SECTORS) * SECTOR;
+/// Rows of a RAID1 rebuild, in member blocks (the mirror's rebuild unit).
+pub const RAID1_ROW_BLOCKS: u64 = 256;
+
+/// Member bytes per rebuild row: a chunk for RAID5, 256 blocks for RAID1.
+pub fn row_bytes(sb: &Superblock) -> u64 {
+    match sb.level {
+        Level::Raid5 => u64::from(sb.chunk_bytes),
+        Level::Raid1 => RAID1_ROW_BLOCKS * u64::from(sb.block_size),
+    }
+}
+
+/// md's time stamp of now.
+pub fn now() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_secs() & ((1 << 40) - 1) | u64::from(d.subsec_micros()) << 40
+}
+
+/// Sectors of each member the array uses: md rounds a RAID5's down to
+/// whole chunks.
+fn used_sectors(sb: &Superblock) -> u64 {
+    let s = sb.data_blocks.saturating_mul(u64::from(sb.block_size)) / SECTOR;
+    match sb.level {
+        Level::Raid5 => {
+            let c = u64::from(sb.chunk_bytes) / SECTOR;
+            s / c * c
+        }
+        Level::Raid1 => s,
+    }
+}
+
+/// md's superblock for the member in `slot` of the volume `sb` describes.
+pub fn to_md(sb: &Superblock, slot: u32) -> MdSuperblock {
+    let code = |s: usize| sb.slot_states.get(s).copied().unwrap_or(0);
+    let own = code(slot as usize);
+    let mut feature_map = 0;
+    let mut recovery_offset = 0;
+    if sb.bitmap_rows_per_bit > 0 {
+        feature_map |= feature::BITMAP_OFFSET;
+    }
+    if own & !WRITE_MOSTLY == MemberState::Rebuilding.code() {
+        feature_map |= feature::RECOVERY_OFFSET;
+        recovery_offset = sb.rebuild_checkpoint.saturating_mul(row_bytes(sb)) / SECTOR;
+    }
+    let mut set_name = [0u8; 32];
+    let n = sb.name.len().min(32);
+    set_name[..n].copy_from_slice(&sb.name.as_bytes()[..n]);
+    let bs = u64::from(sb.block_size);
+    MdSuperblock {
+        feature_map,
+        set_uuid: sb.volume_uuid,
+        set_name,
+        ctime: sb.ctime,
+        level: match sb.level {
+            Level::Raid1 => 1,
+            Level::Raid5 => 5,
+        },
+        layout: match sb.level {
+            Level::Raid1 => 0,
+            Level::Raid5 => raid5_algorithm(sb.layout),
+        },
+        size: used_sectors(sb),
+        chunk_sectors: match sb.level {
+            Level::Raid1 => 0,
+            Level::Raid5 => sb.chunk_bytes / SECTOR as u32,
+        },
+        raid_disks: sb.members,
+        bitmap_offset: if sb.bitmap_rows_per_bit > 0 {
+            BITMAP_OFFSET_SECTORS as u32
+        } else {
+            0
+        },
+        new_level: 0,
+        reshape_position: 0,
+        delta_disks: 0,
+        new_layout: 0,
+        new_chunk: 0,
+        new_offset: 0,
+        data_offset: sb.data_offset.saturating_mul(bs) / SECTOR,
+        data_size: sb.data_blocks.saturating_mul(bs) / SECTOR,
+        super_offset: V1_2_OFFSET,
+        recovery_offset: recovery_offset.min(sb.data_blocks.saturating_mul(bs) / SECTOR),
+        dev_number: slot,
+        cnt_corrected_read: 0,
+        device_uuid: sb.member_uuid,
+        devflags: if own & WRITE_MOSTLY != 0 {
+            DEVFLAG_WRITE_MOSTLY
+        } else {
+            0
+        },
+        bblog_shift: 0,
+        bblog_size: 0,
+        bblog_offset: 0,
+        utime: now(),
+        events: sb.events,
+        resync_offset: if sb.clean { MAX_SECTOR } else { 0 },
+        dev_roles: (0..sb.members as usize)
+            .map(|s| {
+                if code(s) & !WRITE_MOSTLY == MemberState::Failed.code() {
+                    ROLE_FAULTY
+                } else {
+                    s as u16
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Why an md superblock does not describe a member the appliance can
+/// take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FromMdError {
+    /// A feature the appliance does not run.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A spare, faulty or journal device, not an active member.
+    #[error("md array {array}: this device is a {role}, not an active member")]
+    NotActive {
+        /// The array's name.
+        array: String,
+        /// Its role.
+        role: &'static str,
+    },
+    /// md's numbers do not fit the appliance's blocks.
+    #[error("md array {array}: {what}")]
+    Geometry {
+        /// The array's name.
+        array: String,
+        /// What does not fit.
+        what: String,
+    },
+}
+
+/// The appliance's view of a member md describes, on a device of
+/// `block_size`-byte blocks, with the array's bitmap chunk in bytes (if it
+/// has a bitmap).
+pub fn from_md(
+    md: &MdSuperblock,
+    block_size: u32,
+    bitmap_chunk: Option<u32>,
+) -> Result<Superblock, FromMdError> {
+    check(md, None).map_err(|e| FromMdError::Unsupported(e.to_string()))?;
+    let array = md.name();
+    let Some(slot) = md.slot() else {
+        let role = match md.role_code() {
+            ROLE_SPARE => "spare",
+            ROLE_FAULTY => "faulty device",
+            _ => "journal device",
+        };
+        return Err(FromMdError::NotActive { array, role });
+    };
+    let geometry = |what: String| FromMdError::Geometry {
+        array: array.clone(),
+        what,
+    };
+    let bs = u64::from(block_size);
+    let blocks = |field: &str, sectors: u64| {
+        if !(sectors * SECTOR).is_multiple_of(bs) {
+            Err(geometry(format!(
+                "{field} of {sectors} sectors is not a whole number of {bs}-byte blocks"
+            )))
+        } else {
+            Ok(sectors * SECTOR / bs)
+        }
+    };
+    let level = if md.level == 1 {
+        Level::Raid1
+    } else {
+        Level::Raid5
+    };
+    let chunk_bytes = md.chunk_sectors * SECTOR as u32;
+    let mut slot_states: Vec<u8> = (0..md.raid_disks)
+        .map(|s| {
+            if md.dev_roles.contains(&(s as u16)) {
+                MemberState::InSync.code()
+            } else {
+                MemberState::Failed.code()
+            }
+        })
+        .collect();
+    let recovering = md.has(feature::RECOVERY_OFFSET);
+    if recovering {
+        slot_states[slot as usize] = MemberState::Rebuilding.code();
+    }
+    if md.devflags & DEVFLAG_WRITE_MOSTLY != 0 {
+        slot_states[slot as usize] |= WRITE_MOSTLY;
+    }
+    let mut sb = Superblock {
+        volume_uuid: md.set_uuid,
+        member_uuid: md.device_uuid,
+        name: array.clone(),
+        level,
+        layout: raid5_layout(md.layout).unwrap_or(crate::raid::geometry::Layout::LeftSymmetric),
+        chunk_bytes: if level == Level::Raid5 {
+            chunk_bytes
+        } else {
+            0
+        },
+        members: md.raid_disks,
+        slot,
+        block_size,
+        data_offset: blocks("data offset", md.data_offset)?,
+        data_blocks: blocks("array size per device", md.size)?,
+        events: md.events,
+        clean: md.resync_offset == MAX_SECTOR,
+        slot_states,
+        rebuild_checkpoint: 0,
+        bitmap_rows_per_bit: 0,
+        ctime: md.ctime,
+        legacy: false,
+    };
+    let row = row_bytes(&sb);
+    if recovering {
+        sb.rebuild_checkpoint = md.recovery_offset * SECTOR / row;
+    }
+    if let (Some(_), Some(chunk)) = (md.bitmap_sectors(), bitmap_chunk) {
+        // A bit covers at least one row; md's finer bits are folded into
+        // it when the bitmap is read.
+        sb.bitmap_rows_per_bit = (u64::from(chunk) / row).max(1);
+    }
+    Ok(sb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raid::geometry::Layout;
+
+    fn ours() -> Superblock {
+        Superblock {
+            volume_uuid: [1; 16],
+            member_uuid: [2; 16],
+            name: "vol0".into(),
+            level: Level::Raid5,
+            layout: Layout::RightAsymmetric,
+            chunk_bytes: 64 << 10,
+            members: 4,
+            slot: 2,
+            block_size: 4096,
+            data_offset: 256,
+            data_blocks: 16 * 1024,
+            events: 42,
+            clean: true,
+            slot_states: vec![0, 1, 2 | WRITE_MOSTLY, 0],
+            rebuild_checkpoint: 99,
+            bitmap_rows_per_bit: 1024,
+            ctime: 1_700_000_000,
+            legacy: false,
+        }
+    }
+
+    #[test]
+    fn a_member_survives_md_and_back() {
+        let sb = ours();
+        let md = to_md(&sb, 2);
+        let bytes = md.encode();
+        let md = MdSuperblock::decode(&bytes, V1_2_OFFSET, 1 << 30).unwrap();
+        assert_eq!(md.slot(), Some(2));
+        assert_eq!(md.dev_roles, vec![0, ROLE_FAULTY, 2, 3]);
+        assert!(md.has(feature::RECOVERY_OFFSET) && md.has(feature::BITMAP_OFFSET));
+        assert_eq!(md.recovery_offset, 99 * 128);
+        assert_eq!(super::super::examine::array_state(&md), "A.AA");
+        let back = from_md(&md, 4096, Some(64 << 20)).unwrap();
+        assert_eq!(back, sb);
+        // Another member's superblock knows only that slot 2 is held.
+        let peer = from_md(
+            &MdSuperblock::decode(&to_md(&sb, 0).encode(), V1_2_OFFSET, 1 << 30).unwrap(),
+            4096,
+            Some(64 << 20),
+        )
+        .unwrap();
+        assert_eq!(peer.slot_states, vec![0, 1, 0, 0]);
+        assert_eq!(peer.rebuild_checkpoint, 0);
+    }
+
+    #[test]
+    fn spares_and_odd_geometry_are_refused_by_name() {
+        let mut md = to_md(&ours(), 0);
+        md.dev_roles.push(ROLE_SPARE);
+        md.dev_number = 4;
+        assert!(matches!(
+            from_md(&md, 4096, None),
+            Err(FromMdError::NotActive { role: "spare", .. })
+        ));
+        let mut md = to_md(&ours(), 0);
+        md.data_offset = 2049;
+        assert!(matches!(
+            from_md(&md, 4096, None),
+            Err(FromMdError::Geometry { .. })
+        ));
+        let mut md = to_md(&ours(), 0);
+        md.level = 6;
+        assert!(matches!(
+            from_md(&md, 4096, None),
+            Err(FromMdError::Unsupported(w)) if w.contains("raid6")
+        ));
+    }
+}

@@ -1,0 +1,177 @@
+//! An operator takes over an md array in the middle of a recovery with
+//! `applctl volume import`, naming its devices only: the appliance
+//! continues the recovery from where md stopped (md's recovery_offset, not
+//! from zero), and after `volume delete` md assembles the devices with
+//! plain `mdadm --assemble`, clean, its data whole and its parity check
+//! finding no mismatch.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use appliance::raid::assembly::read_superblock;
+use appliance::raid::members::MemberState;
+use bdev::FileDevice;
+
+mod common;
+#[path = "cli/daemon.rs"]
+mod daemon;
+use common::{boot, guest};
+use daemon::*;
+
+const DISK_BYTES: u64 = 64 << 20;
+
+fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
+    std::fs::write(dir.join("phase"), phase).unwrap();
+    let log = dir.join(format!("serial-{phase}.log"));
+    let files = [dir.join("phase"), dir.join("p1.bin")];
+    let mut cmd = boot(&guest(), "md-recovery-guest.sh", &files, &log, &[]);
+    for p in disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            p.display()
+        ));
+    }
+    let status = cmd.status().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(
+        status.success(),
+        "guest {phase} failed ({status}):\n{serial}"
+    );
+    serial
+}
+
+#[test]
+fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let disks: Vec<PathBuf> = ('a'..='d')
+        .map(|c| dir.path().join(format!("vd{c}.img")))
+        .collect();
+    for p in &disks {
+        std::fs::File::create(p)
+            .unwrap()
+            .set_len(DISK_BYTES)
+            .unwrap();
+    }
+    let mut p1 = vec![0u8; 8 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut p1)
+        .unwrap();
+    std::fs::write(dir.path().join("p1.bin"), &p1).unwrap();
+    let serial = run_guest(dir.path(), &disks, "start");
+    assert!(serial.contains("MD-STOPPED-MID-RECOVERY OK"));
+    let md_offset: u64 = serial
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Recovery Offset : "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("mdadm --examine shows vdd's recovery offset");
+    assert!(md_offset >= 8192, "md stopped at {md_offset} sectors");
+
+    // What md left on vdd, as the appliance reads it: slot 2, being
+    // recovered, up to md's offset in 64 KiB rows.
+    let vdd = FileDevice::open(&disks[3], 4096).unwrap();
+    let sb = read_superblock(&vdd).unwrap().unwrap();
+    assert_eq!(sb.slot, 2);
+    assert_eq!(sb.slot_states[2] & 0x7f, MemberState::Rebuilding.code());
+    assert_eq!(
+        sb.rebuild_checkpoint,
+        md_offset / 128,
+        "rows of 128 sectors"
+    );
+    drop(vdd);
+
+    // The operator attaches the three devices and imports them.
+    let config = dir.path().join("init.toml");
+    let mut toml = String::new();
+    for c in ['a', 'b', 'd'] {
+        toml += &format!(
+            "[[device]]\nname = \"vd{c}\"\nspec = \"file:{}\"\n\n",
+            dir.path().join(format!("vd{c}.img")).display()
+        );
+    }
+    std::fs::write(&config, toml).unwrap();
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "2", "--api"])
+        .arg(&api)
+        .arg("--state")
+        .arg(dir.path().join("state.toml"))
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(daemon.id());
+    wait_up(&api, &mut daemon);
+    let examined = ok(&applctl(&api, &["volume", "examine", "vdd"]));
+    assert!(
+        examined.contains(&format!("Recovery Offset : {md_offset} sectors")),
+        "{examined}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&applctl(
+        &api,
+        &[
+            "--json",
+            "volume",
+            "import",
+            "rec",
+            "--devices",
+            "vdd,vdb,vda",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(v["chunk_kib"], 64, "{v}");
+    let t = Instant::now();
+    loop {
+        let out = ok(&applctl(&api, &["--json", "volume", "show", "rec"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let members = v["members"].as_array().unwrap().clone();
+        let names: Vec<&str> = members
+            .iter()
+            .map(|m| m["device"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["vda", "vdb", "vdd"], "slots as md had them: {out}");
+        if members.iter().all(|m| m["state"] == "MEMBER_STATE_IN_SYNC") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "never in sync: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let resumed = text
+        .lines()
+        .find(|l| l.contains("resumes from its checkpoint"))
+        .unwrap_or_else(|| panic!("no resume in the log:\n{text}"));
+    assert!(
+        resumed.contains(&format!("row={}", md_offset / 128)),
+        "{resumed}"
+    );
+    println!("resumed at md's offset {md_offset} sectors: {resumed}");
+    ok(&applctl(&api, &["volume", "delete", "rec"]));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+
+    let serial = run_guest(dir.path(), &disks, "verify");
+    for want in [
+        "MD-READS-P1-AT-0 OK",
+        "MD-READS-P1-AT-96M OK",
+        "MISMATCH md0 0",
+        "MD-VERIFIED OK",
+    ] {
+        assert!(serial.contains(want), "no {want}");
+    }
+    assert!(serial
+        .lines()
+        .any(|l| l.starts_with("DETAIL") && l.contains("Active Devices : 3")));
+}

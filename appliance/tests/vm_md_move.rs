@@ -1,0 +1,214 @@
+//! Arrays move between Linux md and the appliance with no copy and no
+//! option beyond naming the members: md makes RAID5 arrays (two layouts,
+//! 16K and 64K chunks, with and without a bitmap) and a RAID1 with a
+//! write-mostly member; the appliance assembles them from md's own
+//! superblocks, reads md's data, writes its own and stops; md assembles
+//! them again with plain `mdadm --assemble`, finds everything, and its
+//! check finds no mismatch. The same for a RAID5 the appliance creates.
+//! Then the appliance reads what md wrote last.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::raid::assembly::{assemble, create, Assembled, VolumeSpec};
+use appliance::raid::bitmap::BitmapDaemon;
+use appliance::raid::members::{FailureSink, MemberState};
+use appliance::raid::superblock::Level;
+use bdev::conformance::{run_one, rw};
+use bdev::{BlockDevice, FileDevice, IoOp, IoRequest};
+
+mod common;
+use common::{boot, guest};
+
+const DISK_BYTES: u64 = 64 << 20;
+const P: usize = 8 << 20;
+const BS: u64 = 4096;
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut v)
+        .unwrap();
+    v
+}
+
+fn open(paths: &[PathBuf]) -> Vec<Arc<dyn BlockDevice>> {
+    paths
+        .iter()
+        .map(|p| Arc::new(FileDevice::open(p, BS as u32).unwrap()) as Arc<dyn BlockDevice>)
+        .collect()
+}
+
+fn io(dev: &dyn BlockDevice, op: IoOp, at: u64, buf: &mut [u8]) {
+    let mut ch = dev.open_channel().unwrap();
+    let n = buf.len() as u64 / BS;
+    run_one(ch.as_mut(), rw(op, at / BS, n, buf, 1)).unwrap();
+    run_one(ch.as_mut(), IoRequest::flush(2)).unwrap();
+}
+
+/// The guest with the eleven disks, in `phase`; its serial log.
+fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
+    std::fs::write(dir.join("phase"), phase).unwrap();
+    let log = dir.join(format!("serial-{phase}.log"));
+    let files: Vec<PathBuf> = ["phase", "p1.bin", "p2.bin", "p3.bin", "p4.bin"]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect();
+    let guest = guest();
+    let mut cmd = boot(&guest, "md-move-guest.sh", &files, &log, &["--mem", "768"]);
+    for p in disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            p.display()
+        ));
+    }
+    let status = cmd.status().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(
+        status.success(),
+        "guest {phase} failed ({status}):\n{serial}"
+    );
+    serial
+}
+
+/// Serve `v` for a moment as the appliance does: mark it in use, run its
+/// bitmap, do `work`, let the bitmap clear, and record a clean stop.
+fn serve(mut v: Assembled, work: impl FnOnce(&dyn BlockDevice)) {
+    v.meta.record(v.device.as_ref(), false).unwrap();
+    let daemon = v.device.member_set().bitmap.clone().map(|b| {
+        b.set_clear_every(Duration::from_millis(10));
+        BitmapDaemon::start("moved", b).unwrap()
+    });
+    work(v.device.as_ref());
+    if let Some(d) = &daemon {
+        let t = Instant::now();
+        while d.bitmap().dirty_regions() > 0 {
+            assert!(t.elapsed() < Duration::from_secs(30), "bits never cleared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    drop(daemon);
+    v.meta.record(v.device.as_ref(), true).unwrap();
+}
+
+#[test]
+fn arrays_move_between_md_and_the_appliance_both_ways() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let disks: Vec<PathBuf> = ('a'..='k')
+        .map(|c| dir.path().join(format!("vd{c}.img")))
+        .collect();
+    for p in &disks {
+        std::fs::File::create(p)
+            .unwrap()
+            .set_len(DISK_BYTES)
+            .unwrap();
+    }
+    let p: Vec<Vec<u8>> = (0..4).map(|_| random(P)).collect();
+    for (i, data) in p.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("p{}.bin", i + 1)), data).unwrap();
+    }
+
+    // md makes three arrays and writes p1 to each.
+    let serial = run_guest(dir.path(), &disks, "create");
+    assert!(serial.contains("MD-CREATED OK"));
+
+    // The appliance assembles each from md's superblocks alone.
+    let groups: [(&str, std::ops::Range<usize>, Level); 3] = [
+        ("r5a", 0..3, Level::Raid5),
+        ("r5b", 3..6, Level::Raid5),
+        ("r1", 6..8, Level::Raid1),
+    ];
+    for (name, range, level) in groups.clone() {
+        let devs = open(&disks[range]);
+        let mut report = assemble(&devs, |_| FailureSink::none());
+        assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
+        assert_eq!(report.volumes.len(), 1, "{name}");
+        let v = report.volumes.remove(0);
+        assert!(v.was_clean, "{name}: md stopped it clean");
+        assert!(
+            v.meta.template.name.ends_with(name),
+            "{}",
+            v.meta.template.name
+        );
+        assert_eq!(v.meta.template.level, level);
+        assert!(v
+            .device
+            .member_states()
+            .iter()
+            .all(|s| *s == MemberState::InSync));
+        if name == "r1" {
+            assert!(
+                v.device.member_set().members[1].write_mostly,
+                "md's --write-mostly"
+            );
+        }
+        serve(v, |dev| {
+            let mut back = vec![0u8; P];
+            io(dev, IoOp::Read, 0, &mut back);
+            assert!(
+                back == p[0],
+                "{name}: the appliance does not read md's data"
+            );
+            io(dev, IoOp::Write, 16 << 20, &mut p[1].clone());
+        });
+    }
+    // The appliance makes a RAID5 of its own (left-symmetric, 64K, bitmap).
+    {
+        let devs = open(&disks[8..11]);
+        let mut spec = VolumeSpec::new("ours", Level::Raid5, devs.clone());
+        spec.bitmap_chunk_bytes = 4 << 20;
+        let (device, _) = create(&spec, FailureSink::none(), false).unwrap();
+        drop(device);
+        let mut report = assemble(&devs, |_| FailureSink::none());
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        serve(report.volumes.remove(0), |dev| {
+            io(dev, IoOp::Write, 0, &mut p[2].clone());
+        });
+    }
+
+    // md assembles all four with no options and finds everything.
+    let serial = run_guest(dir.path(), &disks, "assemble");
+    assert!(serial.contains("MD-ASSEMBLED OK"), "guest did not finish");
+    for md in ["md0", "md1", "md2"] {
+        for want in [
+            format!("MD-READS-P1 {md} OK"),
+            format!("MD-READS-P2 {md} OK"),
+        ] {
+            assert!(serial.contains(&want), "no {want}");
+        }
+    }
+    assert!(serial.contains("MD-READS-P3 md3 OK"));
+    for md in ["md0", "md1", "md2", "md3"] {
+        assert!(
+            serial.contains(&format!("MISMATCH {md} 0")),
+            "md's check found mismatches on {md}"
+        );
+        let clean = serial
+            .lines()
+            .any(|l| l.starts_with(&format!("DETAIL {md}")) && l.contains("State : clean"));
+        assert!(clean, "{md} not clean in mdadm --detail");
+    }
+
+    // And the appliance reads what md wrote last.
+    for (name, range, _) in groups
+        .iter()
+        .cloned()
+        .chain([("ours", 8..11, Level::Raid5)])
+    {
+        let devs = open(&disks[range]);
+        let mut report = assemble(&devs, |_| FailureSink::none());
+        assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
+        let v = report.volumes.remove(0);
+        assert!(v.was_clean, "{name}");
+        let mut back = vec![0u8; P];
+        io(v.device.as_ref(), IoOp::Read, 32 << 20, &mut back);
+        assert!(
+            back == p[3],
+            "{name}: the appliance does not read md's last write"
+        );
+    }
+}
