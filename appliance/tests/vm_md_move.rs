@@ -1,7 +1,7 @@
 //! Arrays move between Linux md and the appliance with no copy and no
-//! option beyond naming the members: md makes RAID5 arrays (two layouts,
-//! 16K and 64K chunks, with and without a bitmap) and a RAID1 with a
-//! write-mostly member; the appliance assembles them from md's own
+//! option beyond naming the members: md makes RAID5 arrays (all four
+//! layouts, 16K and 64K chunks, with and without a bitmap) and a RAID1
+//! with a write-mostly member; the appliance assembles them from md's own
 //! superblocks, reads md's data, writes its own and stops; md assembles
 //! them again with plain `mdadm --assemble`, finds everything, and its
 //! check finds no mismatch. The same for a RAID5 the appliance creates.
@@ -49,7 +49,7 @@ fn io(dev: &dyn BlockDevice, op: IoOp, at: u64, buf: &mut [u8]) {
     run_one(ch.as_mut(), IoRequest::flush(2)).unwrap();
 }
 
-/// The guest with the eleven disks, in `phase`; its serial log.
+/// The guest with the disks, in `phase`; its serial log.
 fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
     std::fs::write(dir.join("phase"), phase).unwrap();
     let log = dir.join(format!("serial-{phase}.log"));
@@ -98,7 +98,7 @@ fn serve(mut v: Assembled, work: impl FnOnce(&dyn BlockDevice)) {
 #[test]
 fn arrays_move_between_md_and_the_appliance_both_ways() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let disks: Vec<PathBuf> = ('a'..='k')
+    let disks: Vec<PathBuf> = ('a'..='q')
         .map(|c| dir.path().join(format!("vd{c}.img")))
         .collect();
     for p in &disks {
@@ -117,10 +117,12 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
     assert!(serial.contains("MD-CREATED OK"));
 
     // The appliance assembles each from md's superblocks alone.
-    let groups: [(&str, std::ops::Range<usize>, Level); 3] = [
+    let groups: [(&str, std::ops::Range<usize>, Level); 5] = [
         ("r5a", 0..3, Level::Raid5),
         ("r5b", 3..6, Level::Raid5),
         ("r1", 6..8, Level::Raid1),
+        ("r5c", 11..14, Level::Raid5),
+        ("r5d", 14..17, Level::Raid5),
     ];
     for (name, range, level) in groups.clone() {
         let devs = open(&disks[range]);
@@ -173,7 +175,7 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
     // md assembles all four with no options and finds everything.
     let serial = run_guest(dir.path(), &disks, "assemble");
     assert!(serial.contains("MD-ASSEMBLED OK"), "guest did not finish");
-    for md in ["md0", "md1", "md2"] {
+    for md in ["md0", "md1", "md2", "md4", "md5"] {
         for want in [
             format!("MD-READS-P1 {md} OK"),
             format!("MD-READS-P2 {md} OK"),
@@ -182,7 +184,7 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
         }
     }
     assert!(serial.contains("MD-READS-P3 md3 OK"));
-    for md in ["md0", "md1", "md2", "md3"] {
+    for md in ["md0", "md1", "md2", "md3", "md4", "md5"] {
         assert!(
             serial.contains(&format!("MISMATCH {md} 0")),
             "md's check found mismatches on {md}"
@@ -211,4 +213,93 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
             "{name}: the appliance does not read md's last write"
         );
     }
+}
+
+/// The appliance's RAID5 with a bitmap loses power with bits set: md
+/// takes the bitmap as current (not stale), loads exactly the bits the
+/// appliance set, resyncs those chunks, and its check finds parity whole.
+#[test]
+fn after_a_power_cut_md_resyncs_what_the_appliance_bitmap_marks() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let disks: Vec<PathBuf> = ('a'..='c')
+        .map(|c| dir.path().join(format!("vd{c}.img")))
+        .collect();
+    for p in &disks {
+        std::fs::File::create(p)
+            .unwrap()
+            .set_len(DISK_BYTES)
+            .unwrap();
+    }
+    let devs = open(&disks);
+    let mut spec = VolumeSpec::new("cut", Level::Raid5, devs.clone());
+    spec.bitmap_chunk_bytes = 1 << 20;
+    let (device, mut meta) = create(&spec, FailureSink::none(), false).unwrap();
+    // In use, writes in three regions far apart, then the power goes: no
+    // clean record, the bits never cleared.
+    meta.record(device.as_ref(), false).unwrap();
+    let b = device.member_set().bitmap.clone().unwrap();
+    b.set_clear_every(Duration::from_secs(3600));
+    let daemon = BitmapDaemon::start("cut", b.clone()).unwrap();
+    for mib in [0u64, 40, 100] {
+        io(
+            device.as_ref(),
+            IoOp::Write,
+            mib << 20,
+            &mut random(64 << 10),
+        );
+    }
+    let dirty = b.dirty_regions();
+    let bits = b.bits();
+    assert!(dirty >= 3 && dirty < bits, "{dirty} of {bits}");
+    drop(daemon);
+    drop(device);
+
+    let log = dir.path().join("serial.log");
+    let mut cmd = boot(&guest(), "md-bitmap-guest.sh", &[], &log, &[]);
+    for p in &disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            p.display()
+        ));
+    }
+    let status = cmd.status().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    assert!(serial.contains("MD-BITMAP DONE"));
+    assert!(
+        serial.contains("EXAMINE           State : active"),
+        "md sees an unclean array"
+    );
+    assert!(
+        serial.contains(&format!("{bits} bits (chunks), {dirty} dirty")),
+        "mdadm -X shows the appliance's bits"
+    );
+    // A stale bitmap makes md say so and resync everything.
+    assert!(
+        !serial.contains("out of date"),
+        "md took the bitmap for stale"
+    );
+    // The resync covers three 1 MiB chunks, md's check all 63: the
+    // resync is the shorter by far (dmesg's own clock).
+    let span = |start: &str, end: &str| -> f64 {
+        let at = |what: &str| {
+            serial
+                .lines()
+                .find(|l| l.starts_with("DMESG") && l.contains(what))
+                .and_then(|l| l.split('[').nth(1))
+                .and_then(|l| l.split(']').next())
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {what:?} in dmesg"))
+        };
+        at(end) - at(start)
+    };
+    let resync = span("resync of RAID array", "resync done");
+    let check = span("data-check of RAID array", "data-check done");
+    println!("md's resync after the power cut: {resync:.3} s; its check of the whole array: {check:.3} s");
+    assert!(
+        resync < check,
+        "the resync ({resync} s) was not shorter than a pass over the array ({check} s)"
+    );
+    assert!(serial.contains("MISMATCH md0 0"));
 }
