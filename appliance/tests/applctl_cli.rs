@@ -1060,6 +1060,15 @@ fn volume_import_takes_an_md_array_by_its_devices() {
         e.contains("Metadata Format : md 1.2") && e.contains("State : clean"),
         "{e}"
     );
+    // The spare is md's spare again, as current as the members.
+    let events = |e: &str| {
+        e.lines()
+            .find_map(|l| l.trim().strip_prefix("Events : "))
+            .map(str::to_string)
+    };
+    let s = ok(&applctl(&api, &["volume", "examine", "sp"]));
+    assert!(s.contains("Device Role : spare"), "{s}");
+    assert_eq!(events(&s), events(&e), "{s}");
     // SAFETY: as above.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());

@@ -595,3 +595,48 @@ fn a_volume_in_the_first_format_is_converted_to_md_on_its_first_record() {
         .all(|s| *s == MemberState::InSync));
     assert_eq!(read(v.device.as_ref(), 100, 512 << 10), data);
 }
+
+/// Devices of RAID formats the appliance does not serve are never taken
+/// for blank: md's 0.90 and 1.1 superblocks and the external formats
+/// mdadm manages (Intel IMSM, SNIA DDF) are named, and `create` refuses
+/// them without force.
+#[test]
+fn other_raid_formats_are_named_and_never_overwritten_unasked() {
+    use appliance::raid::assembly::read_superblock;
+    use appliance::raid::superblock::SuperblockError;
+    let blocks = 2048 + 256;
+    let end = blocks * 4096;
+    let cases: [(&str, u64, Vec<u8>); 4] = [
+        (
+            "0.90",
+            (end & !0xffff) - 65536,
+            0xa92b_4efcu32.to_le_bytes().to_vec(),
+        ),
+        ("1.1", 0, 0xa92b_4efcu32.to_le_bytes().to_vec()),
+        ("IMSM", end - 1024, b"Intel Raid ISM Cfg Sig. ".to_vec()),
+        ("DDF", end - 512, vec![0xde, 0x11, 0xde, 0x11]),
+    ];
+    for (what, at, bytes) in cases {
+        let devs = rams(3);
+        let mut block = read(devs[0].as_ref(), at / 4096, 4096);
+        let o = (at % 4096) as usize;
+        block[o..o + bytes.len()].copy_from_slice(&bytes);
+        write(devs[0].as_ref(), at / 4096, &block);
+        match read_superblock(devs[0].as_ref()).unwrap() {
+            Err(SuperblockError::Md(why)) => assert!(why.contains(what), "{what}: {why}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        match create(
+            &spec(devs.clone(), Level::Raid5),
+            FailureSink::none(),
+            false,
+        ) {
+            Err(AssemblyError::InUse { device, volume }) => {
+                assert_eq!(device, "m0");
+                assert!(volume.contains(what), "{volume}");
+            }
+            other => panic!("{what}: created over it: {:?}", other.err()),
+        }
+        assert!(create(&spec(devs, Level::Raid5), FailureSink::none(), true).is_ok());
+    }
+}

@@ -1,9 +1,9 @@
-//! An operator takes over an md array in the middle of a recovery with
-//! `applctl volume import`, naming its devices only: the appliance
-//! continues the recovery from where md stopped (md's recovery_offset, not
-//! from zero), and after `volume delete` md assembles the devices with
-//! plain `mdadm --assemble`, clean, its data whole and its parity check
-//! finding no mismatch.
+//! An operator takes over md arrays in the middle of a recovery and of a
+//! resync with `applctl volume import`, naming their devices only: the
+//! appliance continues each from where md stopped (md's recovery_offset
+//! and resync_offset, not from zero), and after `volume delete` md
+//! assembles the devices with plain `mdadm --assemble`, clean, the data
+//! whole and its checks finding no mismatch.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
 #[test]
 fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let disks: Vec<PathBuf> = ('a'..='d')
+    let disks: Vec<PathBuf> = ('a'..='f')
         .map(|c| dir.path().join(format!("vd{c}.img")))
         .collect();
     for p in &disks {
@@ -70,6 +70,17 @@ fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
         .and_then(|v| v.parse().ok())
         .expect("mdadm --examine shows vdd's recovery offset");
     assert!(md_offset >= 8192, "md stopped at {md_offset} sectors");
+    assert!(serial.contains("MD-STOPPED-MID-RESYNC OK"));
+    // (mdadm --examine says only "active"; the guest read the field.)
+    let md_resync: u64 = serial
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("RESYNC OFFSET "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the guest shows vde's resync_offset");
+    assert!(
+        md_resync >= 8192,
+        "md stopped its resync at {md_resync} sectors"
+    );
 
     // What md left on vdd, as the appliance reads it: slot 2, being
     // recovered, up to md's offset in 64 KiB rows.
@@ -87,7 +98,7 @@ fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
     // The operator attaches the three devices and imports them.
     let config = dir.path().join("init.toml");
     let mut toml = String::new();
-    for c in ['a', 'b', 'd'] {
+    for c in ['a', 'b', 'd', 'e', 'f'] {
         toml += &format!(
             "[[device]]\nname = \"vd{c}\"\nspec = \"file:{}\"\n\n",
             dir.path().join(format!("vd{c}.img")).display()
@@ -147,7 +158,42 @@ fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The mirror in the middle of md's first resync.
+    let examined = ok(&applctl(&api, &["volume", "examine", "vde"]));
+    assert!(
+        examined.contains(&format!("State : active (resync from sector {md_resync})")),
+        "{examined}"
+    );
+    ok(&applctl(
+        &api,
+        &["volume", "import", "mir", "--devices", "vdf,vde"],
+    ));
+    let t = Instant::now();
+    loop {
+        let out = ok(&applctl(&api, &["--json", "volume", "show", "mir"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v["progress"]["finished"] == true {
+            assert_eq!(v["progress"]["error"], "", "{out}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "resync never ended: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let text = std::fs::read_to_string(&log).unwrap();
+    // RAID1 rows are 1 MiB (2048 sectors).
+    let went_on = text
+        .lines()
+        .find(|l| l.contains("md's resync_offset"))
+        .unwrap_or_else(|| panic!("no resync start in the log:\n{text}"));
+    assert!(
+        went_on.contains(&format!("row={}", md_resync / 2048)),
+        "{went_on}"
+    );
+    println!("resync went on from md's offset {md_resync} sectors: {went_on}");
+    ok(&applctl(&api, &["volume", "delete", "mir"]));
     let resumed = text
         .lines()
         .find(|l| l.contains("resumes from its checkpoint"))
@@ -164,6 +210,9 @@ fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
 
     let serial = run_guest(dir.path(), &disks, "verify");
     for want in [
+        "MD-READS-P1-MIRROR OK",
+        "MISMATCH md1 0",
+        "DETAIL-MIR              State : clean",
         "MD-READS-P1-AT-0 OK",
         "MD-READS-P1-AT-96M OK",
         "MISMATCH md0 0",

@@ -1,7 +1,7 @@
 //! Arrays move between Linux md and the appliance with no copy and no
 //! option beyond naming the members: md makes RAID5 arrays (all four
 //! layouts, 16K and 64K chunks, with and without a bitmap) and a RAID1
-//! with a write-mostly member; the appliance assembles them from md's own
+//! with a write-mostly member, one with a spare and a degraded one; the appliance assembles them from md's own
 //! superblocks, reads md's data, writes its own and stops; md assembles
 //! them again with plain `mdadm --assemble`, finds everything, and its
 //! check finds no mismatch. The same for a RAID5 the appliance creates.
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use appliance::raid::assembly::{assemble, create, Assembled, VolumeSpec};
+use appliance::raid::assembly::{assemble, create, write_spare_superblocks, Assembled, VolumeSpec};
 use appliance::raid::bitmap::BitmapDaemon;
 use appliance::raid::members::{FailureSink, MemberState};
 use appliance::raid::superblock::Level;
@@ -76,8 +76,9 @@ fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
 }
 
 /// Serve `v` for a moment as the appliance does: mark it in use, run its
-/// bitmap, do `work`, let the bitmap clear, and record a clean stop.
-fn serve(mut v: Assembled, work: impl FnOnce(&dyn BlockDevice)) {
+/// bitmap, do `work`, let the bitmap clear, and record a clean stop (its
+/// `spares` marked md's spares, as the monitor's close does).
+fn serve(mut v: Assembled, spares: &[Arc<dyn BlockDevice>], work: impl FnOnce(&dyn BlockDevice)) {
     v.meta.record(v.device.as_ref(), false).unwrap();
     let daemon = v.device.member_set().bitmap.clone().map(|b| {
         b.set_clear_every(Duration::from_millis(10));
@@ -93,12 +94,13 @@ fn serve(mut v: Assembled, work: impl FnOnce(&dyn BlockDevice)) {
     }
     drop(daemon);
     v.meta.record(v.device.as_ref(), true).unwrap();
+    write_spare_superblocks(&v.meta.template, spares);
 }
 
 #[test]
 fn arrays_move_between_md_and_the_appliance_both_ways() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let disks: Vec<PathBuf> = ('a'..='q')
+    let disks: Vec<PathBuf> = ('a'..='t')
         .map(|c| dir.path().join(format!("vd{c}.img")))
         .collect();
     for p in &disks {
@@ -117,15 +119,18 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
     assert!(serial.contains("MD-CREATED OK"));
 
     // The appliance assembles each from md's superblocks alone.
-    let groups: [(&str, std::ops::Range<usize>, Level); 5] = [
-        ("r5a", 0..3, Level::Raid5),
-        ("r5b", 3..6, Level::Raid5),
-        ("r1", 6..8, Level::Raid1),
-        ("r5c", 11..14, Level::Raid5),
-        ("r5d", 14..17, Level::Raid5),
+    // md0's spare (vdt) is given with its members: assembly leaves it out.
+    let with_spare: Vec<PathBuf> = disks[0..3].iter().chain(&disks[19..20]).cloned().collect();
+    let groups: [(&str, Vec<PathBuf>, Level); 6] = [
+        ("r5a", with_spare, Level::Raid5),
+        ("r5b", disks[3..6].to_vec(), Level::Raid5),
+        ("r1", disks[6..8].to_vec(), Level::Raid1),
+        ("r5c", disks[11..14].to_vec(), Level::Raid5),
+        ("r5d", disks[14..17].to_vec(), Level::Raid5),
+        ("r5e", disks[17..19].to_vec(), Level::Raid5),
     ];
-    for (name, range, level) in groups.clone() {
-        let devs = open(&disks[range]);
+    for (name, paths, level) in groups.clone() {
+        let devs = open(&paths);
         let mut report = assemble(&devs, |_| FailureSink::none());
         assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
         assert_eq!(report.volumes.len(), 1, "{name}");
@@ -137,18 +142,25 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
             v.meta.template.name
         );
         assert_eq!(v.meta.template.level, level);
-        assert!(v
-            .device
-            .member_states()
-            .iter()
-            .all(|s| *s == MemberState::InSync));
+        let states = v.device.member_states();
+        if name == "r5e" {
+            assert_eq!(states[2], MemberState::Failed, "md's missing member");
+        } else {
+            assert!(states.iter().all(|s| *s == MemberState::InSync), "{name}");
+        }
         if name == "r1" {
             assert!(
                 v.device.member_set().members[1].write_mostly,
                 "md's --write-mostly"
             );
         }
-        serve(v, |dev| {
+        // md0's spare is the volume's spare.
+        let spares: Vec<Arc<dyn BlockDevice>> = devs
+            .iter()
+            .filter(|d| d.info().name.ends_with("vdt.img"))
+            .cloned()
+            .collect();
+        serve(v, &spares, |dev| {
             let mut back = vec![0u8; P];
             io(dev, IoOp::Read, 0, &mut back);
             assert!(
@@ -167,7 +179,7 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
         drop(device);
         let mut report = assemble(&devs, |_| FailureSink::none());
         assert!(report.problems.is_empty(), "{:?}", report.problems);
-        serve(report.volumes.remove(0), |dev| {
+        serve(report.volumes.remove(0), &[], |dev| {
             io(dev, IoOp::Write, 0, &mut p[2].clone());
         });
     }
@@ -175,7 +187,7 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
     // md assembles all four with no options and finds everything.
     let serial = run_guest(dir.path(), &disks, "assemble");
     assert!(serial.contains("MD-ASSEMBLED OK"), "guest did not finish");
-    for md in ["md0", "md1", "md2", "md4", "md5"] {
+    for md in ["md0", "md1", "md2", "md4", "md5", "md6"] {
         for want in [
             format!("MD-READS-P1 {md} OK"),
             format!("MD-READS-P2 {md} OK"),
@@ -195,13 +207,23 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
         assert!(clean, "{md} not clean in mdadm --detail");
     }
 
+    let detail = |md: &str, what: &str| {
+        serial
+            .lines()
+            .any(|l| l.starts_with(&format!("DETAIL {md} ")) && l.contains(what))
+    };
+    assert!(
+        detail("md6", "Active Devices : 2"),
+        "md assembles the degraded array degraded"
+    );
+    assert!(
+        detail("md0", "Spare Devices : 1"),
+        "md counts its spare again"
+    );
     // And the appliance reads what md wrote last.
-    for (name, range, _) in groups
-        .iter()
-        .cloned()
-        .chain([("ours", 8..11, Level::Raid5)])
-    {
-        let devs = open(&disks[range]);
+    let ours = ("ours", disks[8..11].to_vec(), Level::Raid5);
+    for (name, paths, _) in groups.iter().cloned().chain([ours]) {
+        let devs = open(&paths);
         let mut report = assemble(&devs, |_| FailureSink::none());
         assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
         let v = report.volumes.remove(0);

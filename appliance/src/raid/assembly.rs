@@ -178,6 +178,10 @@ pub fn read_superblock(
             ))));
         }
     }
+    // md 0.90 and external metadata: never taken for blank.
+    if let Some((_, what)) = super::examine::foreign_metadata(dev)? {
+        return Ok(Err(SuperblockError::Md(what.into())));
+    }
     Ok(Err(SuperblockError::Foreign))
 }
 
@@ -319,6 +323,25 @@ impl VolumeMeta {
     }
 }
 
+/// At a clean stop, mark each of `spares` md's spare of the volume
+/// `template` describes (device numbers after the slots), so md assembles
+/// them as its spares; the appliance reads them as blank spares again.
+/// Best effort: a spare that cannot take it is only logged.
+pub fn write_spare_superblocks(template: &Superblock, spares: &[Arc<dyn BlockDevice>]) {
+    for (i, dev) in spares.iter().enumerate() {
+        let md = md::convert::spare_to_md(template, template.members + i as u32);
+        let mut buf = md.encode();
+        if let Err(e) = sync_io(
+            dev.as_ref(),
+            IoOp::Write,
+            md::convert::SUPERBLOCK_BYTE,
+            &mut buf,
+        ) {
+            tracing::warn!(device = %dev.info().name, error = %e, "spare's md superblock not written");
+        }
+    }
+}
+
 /// Erase `dev`'s superblock, if it carries one: a device that becomes a
 /// spare (or a replacement being copied to) is blank until it takes a
 /// slot, as md's --add writes its own metadata over what was there. So a
@@ -432,6 +455,7 @@ pub fn create(
             rebuild_checkpoint: 0,
             bitmap_rows_per_bit: 0,
             ctime: md::convert::now(),
+            resync_from: 0,
             legacy: false,
         },
         member_uuids: spec
@@ -628,7 +652,8 @@ pub fn assemble(
                     .push((dev.clone(), sb)),
                 Err(why) => report.problems.push((name, why)),
             },
-            Ok(Err(SuperblockError::Foreign)) => {}
+            // md's spares hold no slot: spares are the caller's to name.
+            Ok(Err(SuperblockError::Foreign | SuperblockError::MdSpare { .. })) => {}
             Ok(Err(e)) => report.problems.push((name, e.to_string())),
             Err(e) => report
                 .problems

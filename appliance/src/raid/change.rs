@@ -63,8 +63,9 @@ pub enum Change {
     Serialize(bool),
     /// Mark a member write-mostly, or clear it.
     WriteMostly(String, bool),
-    /// Start a scrub (or with a bitmap, the resync of its dirty regions).
-    Scrub(bool, Option<Arc<Bitmap>>),
+    /// Start a scrub (or with a bitmap, the resync of its dirty regions),
+    /// from a row (a resync a clean stop cut short goes on from there).
+    Scrub(bool, Option<Arc<Bitmap>>, u64),
     /// Go on with the rebuild a restart interrupted (from its checkpoint).
     ResumeRebuild,
 }
@@ -91,7 +92,7 @@ impl std::fmt::Debug for Change {
             Change::WriteBehind(n) => write!(f, "write-behind {n}"),
             Change::Serialize(on) => write!(f, "serialize {on}"),
             Change::WriteMostly(n, on) => write!(f, "write-mostly {n} {on}"),
-            Change::Scrub(repair, dirty) => write!(
+            Change::Scrub(repair, dirty, _) => write!(
                 f,
                 "{} {}",
                 if *repair { "repair" } else { "check" },
@@ -628,12 +629,12 @@ pub(crate) fn plan(
             p.next = Some(cur.with_member_set(next_set));
             p.record = true;
         }
-        Change::Scrub(repair, dirty) => {
+        Change::Scrub(repair, dirty, from) => {
             cur.scrub_members().map_err(OpError::FailedPrecondition)?;
             if busy(s) {
                 return precondition("a rebuild or scrub is already running");
             }
-            p.start = Some((Job::Scrub { repair }, dirty));
+            p.start = Some((Job::Scrub { repair, from }, dirty));
         }
         Change::ResumeRebuild => {
             let Some((slot, _)) = set.rebuilding.clone() else {

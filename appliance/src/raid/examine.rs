@@ -92,25 +92,52 @@ pub fn examine(dev: &dyn BlockDevice) -> Result<Examined, RaidError> {
             })
         }
     }
-    // md 0.90: 4 KiB at the last 64 KiB boundary but one.
-    let bytes = sectors * SECTOR;
-    if bytes >= 128 << 10 {
-        let at = (bytes & !0xffff) - (64 << 10);
-        let raw = read_bytes(dev, at, 8)?;
-        if raw[..4] == mdsb::MAGIC.to_le_bytes() {
-            return Ok(Examined {
-                format: "md 0.90".into(),
-                lines: vec![(
-                    "Appliance Can Serve".into(),
-                    "no: md's 0.90 superblock (convert the array to 1.2 with mdadm first)".into(),
-                )],
-            });
-        }
+    if let Some((format, what)) = foreign_metadata(dev)? {
+        return Ok(Examined {
+            format: format.into(),
+            lines: vec![("Appliance Can Serve".into(), format!("no: {what}"))],
+        });
     }
     Ok(Examined {
         format: "none".into(),
         lines: Vec::new(),
     })
+}
+
+/// RAID metadata near the end of `dev` that the appliance does not
+/// serve: md's 0.90 superblock, and the external formats mdadm manages in
+/// containers (Intel IMSM, SNIA DDF). The format, and why not.
+pub fn foreign_metadata(
+    dev: &dyn BlockDevice,
+) -> Result<Option<(&'static str, &'static str)>, RaidError> {
+    let info = dev.info();
+    let bytes = info.num_blocks * u64::from(info.block_size);
+    if bytes < 128 << 10 {
+        return Ok(None);
+    }
+    // md 0.90: 4 KiB at the last 64 KiB boundary but one.
+    let at = (bytes & !0xffff) - (64 << 10);
+    if read_bytes(dev, at, 8)?[..4] == mdsb::MAGIC.to_le_bytes() {
+        return Ok(Some((
+            "md 0.90",
+            "md's 0.90 superblock (mdadm converts it to 1.0; the appliance serves 1.2)",
+        )));
+    }
+    // The last two sectors: IMSM's anchor in the first, DDF's in the last.
+    let tail = read_bytes(dev, bytes - 2 * SECTOR, 2 * SECTOR)?;
+    if tail.starts_with(b"Intel Raid ISM Cfg Sig. ") {
+        return Ok(Some((
+            "Intel IMSM",
+            "external metadata (Intel IMSM, an mdadm container)",
+        )));
+    }
+    if tail[SECTOR as usize..].starts_with(&[0xde, 0x11, 0xde, 0x11]) {
+        return Ok(Some((
+            "SNIA DDF",
+            "external metadata (SNIA DDF, an mdadm container)",
+        )));
+    }
+    Ok(None)
 }
 
 fn md_examined(

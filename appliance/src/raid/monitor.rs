@@ -598,7 +598,7 @@ impl Monitor {
     /// Start a scrub: count parity mismatches (md's `check`), and with
     /// `repair` rewrite them from the data.
     pub fn scrub(&self, repair: bool) -> Result<Arc<RebuildProgress>, OpError> {
-        self.change_started(Change::Scrub(repair, None))
+        self.change_started(Change::Scrub(repair, None, 0))
     }
 
     /// Add a hot spare; it is used at once if a slot is failed. A failed
@@ -627,9 +627,13 @@ impl Monitor {
     /// IO allowed).
     pub fn open(&self, was_clean: bool) -> Result<Option<Arc<RebuildProgress>>, OpError> {
         let mut s = self.inner.change_lock()?;
+        // Where a resync a clean stop cut short left off; from now on,
+        // in use, any row may be torn by a crash.
+        let mut from = 0;
         {
             let mut rec = lock(&self.inner.meta);
             if let Some(r) = rec.as_mut() {
+                from = std::mem::take(&mut r.meta.template.resync_from);
                 r.meta
                     .record(s.current.as_ref(), false)
                     .map_err(|e| OpError::Internal(e.to_string()))?;
@@ -686,11 +690,20 @@ impl Monitor {
         } else {
             tracing::warn!(
                 volume = self.inner.volume.name(),
+                from_row = from,
                 "unclean shutdown: resynchronising parity"
             );
         }
+        if from > 0 {
+            tracing::info!(
+                volume = self.inner.volume.name(),
+                row = from,
+                "the resync goes on from where a clean stop left it (md's resync_offset)"
+            );
+        }
         let before = s.rebuild.clone();
-        self.inner.apply(&mut s, Change::Scrub(true, bitmap))?;
+        self.inner
+            .apply(&mut s, Change::Scrub(true, bitmap, from))?;
         let started = s
             .rebuild
             .clone()
@@ -728,11 +741,19 @@ impl Monitor {
             .is_none_or(|p| p.is_finished() && p.error().is_none());
         let mut rec = lock(&self.inner.meta);
         if let Some(r) = rec.as_mut() {
+            // md's resync_offset: the rows the resync got through are in
+            // sync, and stay so with no IO after this.
+            r.meta.template.resync_from = match (&s.resync, resync_done) {
+                (Some(p), false) => p.cursor.load(Ordering::SeqCst),
+                _ => 0,
+            };
             r.meta
                 .record(s.current.as_ref(), resync_done)
                 .map_err(|e| OpError::Internal(e.to_string()))?;
             r.device = s.current.clone();
             r.clean = resync_done;
+            // md counts a spare only if its superblock is as current.
+            super::assembly::write_spare_superblocks(&r.meta.template, &s.spares);
         }
         Ok(())
     }

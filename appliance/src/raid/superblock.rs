@@ -107,6 +107,10 @@ pub struct Superblock {
     pub bitmap_rows_per_bit: u64,
     /// Creation time, md's way (40-bit seconds, 24-bit microseconds).
     pub ctime: u64,
+    /// Not clean, but rows before this one are in sync: a resync a clean
+    /// stop cut short (md's resync_offset) goes on from here. 0 while the
+    /// volume is in use (a crash may leave any row torn).
+    pub resync_from: u64,
     /// Read from the appliance's first format (at byte 0): the next write
     /// converts the member to md's.
     pub legacy: bool,
@@ -244,6 +248,7 @@ impl Superblock {
             rebuild_checkpoint: u64_at(136),
             bitmap_rows_per_bit: u64_at(144),
             ctime: 0,
+            resync_from: 0,
             legacy: true,
         })
     }
@@ -325,6 +330,7 @@ mod tests {
             rebuild_checkpoint: 99,
             bitmap_rows_per_bit: 1024,
             ctime: 0,
+            resync_from: 0,
             legacy: true,
         }
     }

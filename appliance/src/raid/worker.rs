@@ -48,6 +48,8 @@ pub enum Job {
     Scrub {
         /// Rewrite what differs.
         repair: bool,
+        /// The first row (a resync a clean stop cut short goes on there).
+        from: u64,
     },
 }
 
@@ -285,12 +287,12 @@ pub fn spawn(
                 }),
             )
         }
-        Job::Scrub { repair } => {
+        Job::Scrub { repair, from } => {
             device.scrub_members().map_err(|m| format!("{name}: {m}"))?;
             let p = Arc::new(RebuildProgress::new(
                 usize::MAX,
                 rows.count,
-                Arc::new(AtomicU64::new(0)),
+                Arc::new(AtomicU64::new(from.min(rows.count))),
             ));
             members.scrubbing.store(true, Ordering::SeqCst);
             let q = p.clone();

@@ -123,7 +123,11 @@ pub fn to_md(sb: &Superblock, slot: u32) -> MdSuperblock {
         bblog_offset: 0,
         utime: now(),
         events: sb.events,
-        resync_offset: if sb.clean { MAX_SECTOR } else { 0 },
+        resync_offset: if sb.clean {
+            MAX_SECTOR
+        } else {
+            (sb.resync_from.saturating_mul(row_bytes(sb)) / SECTOR).min(used_sectors(sb))
+        },
         dev_roles: (0..sb.members as usize)
             .map(|s| {
                 if code(s) & !WRITE_MOSTLY == MemberState::Failed.code() {
@@ -134,6 +138,22 @@ pub fn to_md(sb: &Superblock, slot: u32) -> MdSuperblock {
             })
             .collect(),
     }
+}
+
+/// md's superblock for a spare of the volume `sb` describes, device
+/// number `dev_number` (past the slots): role spare, as current as the
+/// members, so md assembles it as the array's spare.
+pub fn spare_to_md(sb: &Superblock, dev_number: u32) -> MdSuperblock {
+    let mut md = to_md(sb, 0);
+    md.feature_map &= !feature::RECOVERY_OFFSET;
+    md.recovery_offset = 0;
+    md.devflags = 0;
+    md.dev_number = dev_number;
+    md.device_uuid = *uuid::Uuid::new_v4().as_bytes();
+    let n = (dev_number as usize + 1).max(md.dev_roles.len());
+    md.dev_roles.resize(n, ROLE_SPARE);
+    md.dev_roles[dev_number as usize] = ROLE_SPARE;
+    md
 }
 
 /// Why an md superblock does not describe a member the appliance can
@@ -237,9 +257,13 @@ pub fn from_md(
         rebuild_checkpoint: 0,
         bitmap_rows_per_bit: 0,
         ctime: md.ctime,
+        resync_from: 0,
         legacy: false,
     };
     let row = row_bytes(&sb);
+    if !sb.clean {
+        sb.resync_from = md.resync_offset * SECTOR / row;
+    }
     if recovering {
         sb.rebuild_checkpoint = md.recovery_offset * SECTOR / row;
     }
@@ -275,6 +299,7 @@ mod tests {
             rebuild_checkpoint: 99,
             bitmap_rows_per_bit: 1024,
             ctime: 1_700_000_000,
+            resync_from: 0,
             legacy: false,
         }
     }
@@ -301,6 +326,25 @@ mod tests {
         .unwrap();
         assert_eq!(peer.slot_states, vec![0, 1, 0, 0]);
         assert_eq!(peer.rebuild_checkpoint, 0);
+    }
+
+    #[test]
+    fn a_resync_cut_short_is_mds_resync_offset() {
+        let mut sb = ours();
+        sb.clean = false;
+        sb.resync_from = 5;
+        let md = to_md(&sb, 0);
+        assert_eq!(md.resync_offset, 5 * 128, "rows of 64 KiB");
+        assert_eq!(from_md(&md, 4096, Some(64 << 20)).unwrap().resync_from, 5);
+        // In use (md's "active" with no offset): everything.
+        sb.resync_from = 0;
+        assert_eq!(to_md(&sb, 0).resync_offset, 0);
+        // Clean: md's MaxSector, whatever was left.
+        sb.clean = true;
+        sb.resync_from = 9;
+        let md = to_md(&sb, 0);
+        assert_eq!(md.resync_offset, MAX_SECTOR);
+        assert_eq!(from_md(&md, 4096, None).unwrap().resync_from, 0);
     }
 
     #[test]
