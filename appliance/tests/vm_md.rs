@@ -13,7 +13,7 @@ use bdev::conformance::{run_one, rw};
 use bdev::{BlockDevice, FileDevice, IoOp, IoRequest};
 
 mod common;
-use common::{boot, guest};
+use common::{boot, guest, run_with_disks};
 
 fn random(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -92,17 +92,8 @@ fn interop(layout: Layout, chunk: u32, n: u64) {
         .iter()
         .map(|f| dir.path().join(f))
         .collect();
-    let mut cmd = boot(&guest, "md-guest.sh", &files, &log, &[]);
-    for p in &paths {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            p.display()
-        ));
-    }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    let cmd = boot(&guest, "md-guest.sh", &files, &log, &[]);
+    let serial = run_with_disks(cmd, &paths, &log);
     for want in [
         "MD-READS-APPLIANCE-DATA OK",
         "MD-PARITY-CHECK OK",
@@ -187,16 +178,8 @@ fn md_and_the_appliance_share_raid1() {
         .iter()
         .map(|f| dir.path().join(f))
         .collect();
-    let mut cmd = boot(&guest, "md-raid1-guest.sh", &files, &log, &[]);
-    for p in &paths {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            p.display()
-        ));
-    }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    let cmd = boot(&guest, "md-raid1-guest.sh", &files, &log, &[]);
+    let serial = run_with_disks(cmd, &paths, &log);
     for want in ["MD-READS-APPLIANCE-DATA OK", "MD-WROTE OK"] {
         assert!(
             serial.contains(want),

@@ -17,7 +17,7 @@ use bdev::FileDevice;
 mod common;
 #[path = "cli/daemon.rs"]
 mod daemon;
-use common::{boot, guest};
+use common::{blank_disks, boot, guest, run_with_disks};
 use daemon::*;
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -26,35 +26,14 @@ fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
     std::fs::write(dir.join("phase"), phase).unwrap();
     let log = dir.join(format!("serial-{phase}.log"));
     let files = [dir.join("phase"), dir.join("p1.bin")];
-    let mut cmd = boot(&guest(), "md-recovery-guest.sh", &files, &log, &[]);
-    for p in disks {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            p.display()
-        ));
-    }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(
-        status.success(),
-        "guest {phase} failed ({status}):\n{serial}"
-    );
-    serial
+    let cmd = boot(&guest(), "md-recovery-guest.sh", &files, &log, &[]);
+    run_with_disks(cmd, disks, &log)
 }
 
 #[test]
 fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let disks: Vec<PathBuf> = ('a'..='f')
-        .map(|c| dir.path().join(format!("vd{c}.img")))
-        .collect();
-    for p in &disks {
-        std::fs::File::create(p)
-            .unwrap()
-            .set_len(DISK_BYTES)
-            .unwrap();
-    }
+    let disks = blank_disks(dir.path(), 'a'..='f', DISK_BYTES);
     let mut p1 = vec![0u8; 8 << 20];
     std::fs::File::open("/dev/urandom")
         .unwrap()

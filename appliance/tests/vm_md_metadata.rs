@@ -16,7 +16,7 @@ use appliance::raid::md::support::{check, layout_name, level_name};
 use appliance::raid::md::{uuid_text, SECTOR};
 
 mod common;
-use common::{boot, guest};
+use common::{boot, guest, run_with_disks};
 
 const DISK_BYTES: u64 = 64 << 20;
 
@@ -61,17 +61,9 @@ fn the_appliance_reads_md_metadata_as_mdadm_does() {
             .unwrap();
     }
     let log = dir.path().join("serial.log");
-    let mut cmd = boot(&guest, "md-examine-guest.sh", &[], &log, &[]);
-    for (_, p) in &disks {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            p.display()
-        ));
-    }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    let cmd = boot(&guest, "md-examine-guest.sh", &[], &log, &[]);
+    let paths: Vec<PathBuf> = disks.iter().map(|(_, p)| p.clone()).collect();
+    let serial = run_with_disks(cmd, &paths, &log);
     assert!(serial.contains("MD-EXAMINE DONE"), "guest did not finish");
 
     let sectors = DISK_BYTES / SECTOR;

@@ -20,7 +20,7 @@ use bdev::conformance::{run_one, rw};
 use bdev::{BlockDevice, FileDevice, IoOp, IoRequest};
 
 mod common;
-use common::{boot, guest};
+use common::{blank_disks, boot, guest, run_with_disks};
 
 const DISK_BYTES: u64 = 64 << 20;
 const P: usize = 8 << 20;
@@ -58,21 +58,8 @@ fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
         .map(|f| dir.join(f))
         .collect();
     let guest = guest();
-    let mut cmd = boot(&guest, "md-move-guest.sh", &files, &log, &["--mem", "768"]);
-    for p in disks {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            p.display()
-        ));
-    }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(
-        status.success(),
-        "guest {phase} failed ({status}):\n{serial}"
-    );
-    serial
+    let cmd = boot(&guest, "md-move-guest.sh", &files, &log, &["--mem", "768"]);
+    run_with_disks(cmd, disks, &log)
 }
 
 /// Serve `v` for a moment as the appliance does: mark it in use, run its
@@ -100,15 +87,7 @@ fn serve(mut v: Assembled, spares: &[Arc<dyn BlockDevice>], work: impl FnOnce(&d
 #[test]
 fn arrays_move_between_md_and_the_appliance_both_ways() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let disks: Vec<PathBuf> = ('a'..='t')
-        .map(|c| dir.path().join(format!("vd{c}.img")))
-        .collect();
-    for p in &disks {
-        std::fs::File::create(p)
-            .unwrap()
-            .set_len(DISK_BYTES)
-            .unwrap();
-    }
+    let disks = blank_disks(dir.path(), 'a'..='t', DISK_BYTES);
     let p: Vec<Vec<u8>> = (0..4).map(|_| random(P)).collect();
     for (i, data) in p.iter().enumerate() {
         std::fs::write(dir.path().join(format!("p{}.bin", i + 1)), data).unwrap();
@@ -243,15 +222,7 @@ fn arrays_move_between_md_and_the_appliance_both_ways() {
 #[test]
 fn after_a_power_cut_md_resyncs_what_the_appliance_bitmap_marks() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let disks: Vec<PathBuf> = ('a'..='c')
-        .map(|c| dir.path().join(format!("vd{c}.img")))
-        .collect();
-    for p in &disks {
-        std::fs::File::create(p)
-            .unwrap()
-            .set_len(DISK_BYTES)
-            .unwrap();
-    }
+    let disks = blank_disks(dir.path(), 'a'..='c', DISK_BYTES);
     let devs = open(&disks);
     let mut spec = VolumeSpec::new("cut", Level::Raid5, devs.clone());
     spec.bitmap_chunk_bytes = 1 << 20;
@@ -277,17 +248,8 @@ fn after_a_power_cut_md_resyncs_what_the_appliance_bitmap_marks() {
     drop(device);
 
     let log = dir.path().join("serial.log");
-    let mut cmd = boot(&guest(), "md-bitmap-guest.sh", &[], &log, &[]);
-    for p in &disks {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            p.display()
-        ));
-    }
-    let status = cmd.status().unwrap();
-    let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("{serial}");
-    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    let cmd = boot(&guest(), "md-bitmap-guest.sh", &[], &log, &[]);
+    let serial = run_with_disks(cmd, &disks, &log);
     assert!(serial.contains("MD-BITMAP DONE"));
     assert!(
         serial.contains("EXAMINE           State : active"),

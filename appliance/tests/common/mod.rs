@@ -64,6 +64,38 @@ pub fn boot(
     cmd
 }
 
+/// Sparse blank disk images `vdX.img` in `dir`, one per letter, of
+/// `bytes` each.
+pub fn blank_disks(
+    dir: &Path,
+    letters: std::ops::RangeInclusive<char>,
+    bytes: u64,
+) -> Vec<PathBuf> {
+    letters
+        .map(|c| {
+            let p = dir.join(format!("vd{c}.img"));
+            std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// `cmd` (a boot.sh) with each of `disks` as a virtio disk, run to its
+/// end: the serial log, the guest's script having succeeded.
+pub fn run_with_disks(mut cmd: Command, disks: &[PathBuf], log: &Path) -> String {
+    for p in disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            p.display()
+        ));
+    }
+    let status = cmd.status().unwrap();
+    let serial = std::fs::read_to_string(log).unwrap_or_default();
+    println!("{serial}");
+    assert!(status.success(), "guest failed ({status}):\n{serial}");
+    serial
+}
+
 /// Wait until the guest prints `line`, failing if it ends first.
 pub fn wait_for_line(log: &Path, line: &str, boot: &mut Child) {
     let t = Instant::now();
