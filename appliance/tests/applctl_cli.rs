@@ -823,27 +823,18 @@ fn md_sb(
         chunk_sectors: if level == 1 { 0 } else { 32 },
         raid_disks,
         bitmap_offset: 0,
-        new_level: 0,
-        reshape_position: 0,
-        delta_disks: 0,
-        new_layout: 0,
-        new_chunk: 0,
-        new_offset: 0,
         data_offset: 2048,
         data_size: 129_024,
         super_offset: at_sector,
         recovery_offset: 0,
         dev_number,
-        cnt_corrected_read: 0,
         device_uuid: [0xc0 + dev_number as u8; 16],
         devflags: 0,
-        bblog_shift: 0,
-        bblog_size: 0,
-        bblog_offset: 0,
         utime: 1_700_000_100,
         events: 42,
         resync_offset: MAX_SECTOR,
         dev_roles: roles,
+        ..Default::default()
     }
 }
 

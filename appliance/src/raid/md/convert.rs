@@ -100,27 +100,17 @@ pub fn to_md(sb: &Superblock, slot: u32) -> MdSuperblock {
         } else {
             0
         },
-        new_level: 0,
-        reshape_position: 0,
-        delta_disks: 0,
-        new_layout: 0,
-        new_chunk: 0,
-        new_offset: 0,
         data_offset: sb.data_offset.saturating_mul(bs) / SECTOR,
         data_size: sb.data_blocks.saturating_mul(bs) / SECTOR,
         super_offset: V1_2_OFFSET,
         recovery_offset: recovery_offset.min(sb.data_blocks.saturating_mul(bs) / SECTOR),
         dev_number: slot,
-        cnt_corrected_read: 0,
         device_uuid: sb.member_uuid,
         devflags: if own & WRITE_MOSTLY != 0 {
             DEVFLAG_WRITE_MOSTLY
         } else {
             0
         },
-        bblog_shift: 0,
-        bblog_size: 0,
-        bblog_offset: 0,
         utime: now(),
         events: sb.events,
         resync_offset: if sb.clean {
@@ -137,6 +127,7 @@ pub fn to_md(sb: &Superblock, slot: u32) -> MdSuperblock {
                 }
             })
             .collect(),
+        ..Default::default()
     }
 }
 

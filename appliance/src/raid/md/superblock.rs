@@ -96,8 +96,9 @@ pub enum MdSuperblockError {
 }
 
 /// One device's version-1 superblock, every field md defines, in md's
-/// units (sectors of 512 bytes).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// units (sectors of 512 bytes). The default is all zero, as md writes
+/// the fields it does not use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MdSuperblock {
     /// `MD_FEATURE_*` bits.
     pub feature_map: u32,
