@@ -9,15 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bdev::{BlockDevice, IoOp};
+use bdev::BlockDevice;
 
 use super::bitmap::{self, Bitmap};
 use super::geometry::Layout;
 use super::level::RaidDevice;
-use super::md::{
-    self,
-    bitmap::MdBitmap,
-    superblock::{MdSuperblock, MdSuperblockError, V1_2_OFFSET},
+use super::md;
+pub use super::member_meta::{
+    erase_superblock, read_superblock, superblock_owner, write_spare_superblocks, write_superblock,
 };
 use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
 use super::raid1::Raid1Device;
@@ -96,95 +95,6 @@ pub enum AssemblyError {
     },
 }
 
-/// Metadata IO of `buf` at byte `at` (a whole number of blocks); a write
-/// is followed by a flush.
-fn sync_io(dev: &dyn BlockDevice, op: IoOp, at: u64, buf: &mut [u8]) -> Result<(), RaidError> {
-    let bs = u64::from(dev.info().block_size);
-    super::metaio::sync(dev, op, at / bs, buf)?;
-    if op == IoOp::Write {
-        super::metaio::sync(dev, IoOp::Flush, 0, &mut [])?;
-    }
-    Ok(())
-}
-
-/// `len` bytes from byte `at`, or `None` past the end of the device.
-fn read_at(dev: &dyn BlockDevice, at: u64, len: usize) -> Result<Option<Vec<u8>>, RaidError> {
-    let info = dev.info();
-    if at + len as u64 > info.num_blocks * u64::from(info.block_size) {
-        return Ok(None);
-    }
-    let mut buf = vec![0u8; len];
-    sync_io(dev, IoOp::Read, at, &mut buf)?;
-    Ok(Some(buf))
-}
-
-/// Read a device's superblock: md's 1.2 at 4 KiB (and its bitmap's chunk
-/// size), else the appliance's first format at byte 0. Other md versions
-/// are named as such (never taken for blank).
-pub fn read_superblock(
-    dev: &dyn BlockDevice,
-) -> Result<Result<Superblock, SuperblockError>, RaidError> {
-    let info = dev.info();
-    let bs = info.block_size;
-    let sectors = info.num_blocks * u64::from(bs) / md::SECTOR;
-    let Some(head) = read_at(dev, 0, 2 * SUPERBLOCK_BYTES)? else {
-        return Ok(Err(SuperblockError::Foreign));
-    };
-    let md_magic = md::superblock::MAGIC.to_le_bytes();
-    let legacy = Superblock::decode_legacy(&head);
-    // md's superblock wins, unless the first format's names another
-    // volume: then md's is a leftover of the disk's earlier life (the
-    // first format never wrote there without a bitmap), while a
-    // conversion writes md's with the same volume before erasing the old.
-    let leftover = |m: &MdSuperblock| legacy.as_ref().is_ok_and(|l| l.volume_uuid != m.set_uuid);
-    if head[SUPERBLOCK_BYTES..SUPERBLOCK_BYTES + 4] == md_magic {
-        let m = match MdSuperblock::decode(&head[SUPERBLOCK_BYTES..], V1_2_OFFSET, sectors) {
-            Ok(m) if leftover(&m) => return Ok(legacy),
-            Ok(m) => m,
-            Err(MdSuperblockError::Corrupt { stored, computed }) => {
-                return Ok(Err(SuperblockError::Corrupt { stored, computed }))
-            }
-            Err(e) => return Ok(Err(SuperblockError::Md(e.to_string()))),
-        };
-        let chunk = match m.bitmap_sectors() {
-            Some(off) => {
-                let at = (V1_2_OFFSET as i64 + off) as u64;
-                let room = m.data_offset.saturating_sub(at);
-                read_at(dev, at * md::SECTOR, bs.max(512) as usize)?
-                    .and_then(|b| MdBitmap::decode(&b, room).ok())
-                    .map(|b| b.chunksize)
-            }
-            None => None,
-        };
-        return Ok(md::convert::from_md(&m, bs, chunk).map_err(|e| match e {
-            md::convert::FromMdError::NotActive { role: "spare", .. } => SuperblockError::MdSpare {
-                array: m.set_uuid,
-                name: m.name(),
-            },
-            e => SuperblockError::Md(e.to_string()),
-        }));
-    }
-    match legacy {
-        Err(SuperblockError::Foreign) => {}
-        other => return Ok(other),
-    }
-    // md's other versions: 1.1 at the start, 1.0 near the end.
-    let end = (sectors.saturating_sub(16) & !7) * md::SECTOR;
-    let tail = read_at(dev, end, SUPERBLOCK_BYTES)?;
-    for (version, b) in [("1.1", Some(&head)), ("1.0", tail.as_ref())] {
-        if b.is_some_and(|b| b[..4] == md_magic) {
-            return Ok(Err(SuperblockError::Md(format!(
-                "an md superblock version {version} (the appliance serves md 1.2)"
-            ))));
-        }
-    }
-    // md 0.90 and external metadata: never taken for blank.
-    if let Some((_, what)) = super::examine::foreign_metadata(dev)? {
-        return Ok(Err(SuperblockError::Md(what.into())));
-    }
-    Ok(Err(SuperblockError::Foreign))
-}
-
 /// Whether `sb`'s layout fits the device it was read from: checked at
 /// every assembly, not only at create (a superblock is the disk's word,
 /// not ours).
@@ -217,22 +127,6 @@ fn fits_device(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), String> {
             "data at {}+{} blocks runs past the device's {}",
             sb.data_offset, sb.data_blocks, info.num_blocks
         ));
-    }
-    Ok(())
-}
-
-/// Write `sb` as md's 1.2 superblock; a member still in the first format
-/// loses its old superblock once the new one is durable.
-pub fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), AssemblyError> {
-    let io = |e: RaidError| AssemblyError::Io {
-        device: dev.info().name.clone(),
-        reason: e.to_string(),
-    };
-    let mut buf = md::convert::to_md(sb, sb.slot).encode();
-    sync_io(dev, IoOp::Write, md::convert::SUPERBLOCK_BYTE, &mut buf).map_err(io)?;
-    if sb.legacy {
-        let mut zero = vec![0u8; SUPERBLOCK_BYTES];
-        sync_io(dev, IoOp::Write, 0, &mut zero).map_err(io)?;
     }
     Ok(())
 }
@@ -320,61 +214,6 @@ impl VolumeMeta {
                 Ok(())
             }
         }
-    }
-}
-
-/// At a clean stop, mark each of `spares` md's spare of the volume
-/// `template` describes (device numbers after the slots), so md assembles
-/// them as its spares; the appliance reads them as blank spares again.
-/// Best effort: a spare that cannot take it is only logged.
-pub fn write_spare_superblocks(template: &Superblock, spares: &[Arc<dyn BlockDevice>]) {
-    for (i, dev) in spares.iter().enumerate() {
-        let md = md::convert::spare_to_md(template, template.members + i as u32);
-        let mut buf = md.encode();
-        if let Err(e) = sync_io(
-            dev.as_ref(),
-            IoOp::Write,
-            md::convert::SUPERBLOCK_BYTE,
-            &mut buf,
-        ) {
-            tracing::warn!(device = %dev.info().name, error = %e, "spare's md superblock not written");
-        }
-    }
-}
-
-/// Erase `dev`'s superblock, if it carries one: a device that becomes a
-/// spare (or a replacement being copied to) is blank until it takes a
-/// slot, as md's --add writes its own metadata over what was there. So a
-/// restart finds it blank (a spare again), never a stale member of this or
-/// another volume.
-pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
-    match read_superblock(dev) {
-        Ok(Err(SuperblockError::Foreign)) => return Ok(()),
-        Err(e) => {
-            return Err(AssemblyError::Io {
-                device: dev.info().name.clone(),
-                reason: e.to_string(),
-            })
-        }
-        Ok(_) => {}
-    }
-    // Both formats' places: the first format's at 0, md's at 4 KiB.
-    let mut zero = vec![0u8; 2 * SUPERBLOCK_BYTES];
-    sync_io(dev, IoOp::Write, 0, &mut zero).map_err(|e| AssemblyError::Io {
-        device: dev.info().name.clone(),
-        reason: e.to_string(),
-    })
-}
-
-/// Whether `dev` carries a superblock of ours, and whose: a spare that
-/// does is refused (as a member is) unless the caller forces.
-pub fn superblock_owner(dev: &dyn BlockDevice) -> Option<String> {
-    match read_superblock(dev) {
-        Ok(Ok(sb)) => Some(sb.name),
-        Ok(Err(e @ (SuperblockError::Md(_) | SuperblockError::MdSpare { .. }))) => {
-            Some(e.to_string())
-        }
-        _ => None,
     }
 }
 

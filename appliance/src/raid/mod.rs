@@ -12,6 +12,7 @@ pub mod journal;
 pub mod level;
 pub mod locks;
 pub mod md;
+mod member_meta;
 pub mod members;
 pub(crate) mod metaio;
 pub mod monitor;
