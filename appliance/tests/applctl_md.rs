@@ -220,6 +220,7 @@ fn volume_import_takes_an_md_array_by_its_devices() {
     refused("m0,other", "other belongs to array \"host:x\"");
     refused("r6", "level raid6 is not supported");
     refused("sp", "spares only");
+    refused("m0,sp", "slot 1 of array \"host:mir\" is in use");
     // Nothing was taken by the refusals.
     let list = ok(&applctl(&api, &["--json", "device", "list"]));
     assert!(!list.contains("\"volume bad\""), "{list}");

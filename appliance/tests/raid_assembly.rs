@@ -506,19 +506,26 @@ fn a_degraded_three_way_mirror_is_resynchronised_after_an_unclean_shutdown() {
 /// bitmap, then the old superblock erased. A conversion cut short after
 /// one member still assembles (the others are one event behind).
 #[test]
-fn a_volume_in_the_first_format_is_converted_to_md_on_its_first_record() {
+fn a_raid5_in_the_first_format_is_converted_to_md_on_its_first_record() {
+    first_format_conversion(Level::Raid5);
+}
+
+/// The same for a mirror, whose first-format superblocks recorded a chunk
+/// and layout md's do not (a conversion cut short must not read as a
+/// geometry disagreement).
+#[test]
+fn a_raid1_in_the_first_format_is_converted_to_md_on_its_first_record() {
+    first_format_conversion(Level::Raid1);
+}
+
+fn first_format_conversion(level: Level) {
     use appliance::raid::assembly::{read_superblock, write_superblock};
     use appliance::raid::bitmap::{rows_per_bit, Bitmap};
     use appliance::raid::md::bitmap::MdBitmap;
     use appliance::raid::md::superblock::{MdSuperblock, V1_2_OFFSET};
 
     let devs = rams(3);
-    let (dev, _) = create(
-        &spec(devs.clone(), Level::Raid5),
-        FailureSink::none(),
-        false,
-    )
-    .unwrap();
+    let (dev, _) = create(&spec(devs.clone(), level), FailureSink::none(), false).unwrap();
     let data = pattern(512 << 10, 7);
     write(dev.as_ref(), 100, &data);
     let rows = dev.rows();
@@ -529,6 +536,11 @@ fn a_volume_in_the_first_format_is_converted_to_md_on_its_first_record() {
         for d in &devs {
             let mut sb = read_superblock(d.as_ref()).unwrap().unwrap();
             sb.clean = false;
+            if level == Level::Raid1 {
+                // What the first format recorded for a mirror.
+                sb.chunk_bytes = 64 << 10;
+                sb.layout = Layout::LeftSymmetric;
+            }
             sb.bitmap_rows_per_bit = rpb;
             write(d.as_ref(), 0, &sb.encode_legacy());
             let old = Bitmap::new(&rows, rpb, sb.volume_uuid).unwrap();
@@ -557,7 +569,7 @@ fn a_volume_in_the_first_format_is_converted_to_md_on_its_first_record() {
         let md = MdSuperblock::decode(&raw, V1_2_OFFSET, 2304 * 8).unwrap();
         assert_eq!(
             (md.events, md.level, md.bitmap_sectors()),
-            (events, 5, Some(8))
+            (events, if level == Level::Raid5 { 5 } else { 1 }, Some(8))
         );
         let area = read(d.as_ref(), 2, 4096);
         let bm = MdBitmap::decode(&area, 8).unwrap();
@@ -639,4 +651,37 @@ fn other_raid_formats_are_named_and_never_overwritten_unasked() {
         }
         assert!(create(&spec(devs, Level::Raid5), FailureSink::none(), true).is_ok());
     }
+}
+
+/// Members that grew (a file extended, a disk replaced by a larger one)
+/// do not grow the volume: it keeps the size its superblocks record, as
+/// md keeps its `size`, so nothing is written where md would not look.
+#[test]
+fn a_volume_keeps_its_recorded_size_when_its_members_grow() {
+    use bdev::FileDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (0..2).map(|i| dir.path().join(format!("m{i}"))).collect();
+    let open = || -> Vec<Arc<dyn BlockDevice>> {
+        paths
+            .iter()
+            .map(|p| Arc::new(FileDevice::open(p, 4096).unwrap()) as Arc<dyn BlockDevice>)
+            .collect()
+    };
+    for p in &paths {
+        FileDevice::create(p, 4096, 8 << 20).unwrap();
+    }
+    let (dev, _) = create(&spec(open(), Level::Raid1), FailureSink::none(), false).unwrap();
+    let blocks = dev.info().num_blocks;
+    drop(dev);
+    for p in &paths {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
+    let report = assemble(&open(), |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.volumes[0].device.info().num_blocks, blocks);
 }

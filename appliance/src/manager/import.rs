@@ -61,6 +61,17 @@ impl Manager {
                 sb.name
             )));
         }
+        // Like mdadm --assemble without --run: an array that was whole
+        // does not start degraded because a device was left out.
+        for (slot, code) in sb.slot_states.iter().enumerate() {
+            let held = code & 0x7f != crate::raid::members::MemberState::Failed.code();
+            if held && !members.iter().any(|(s, _)| *s as usize == slot) {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "slot {slot} of array {:?} is in use but none of the devices holds it: name every member",
+                    sb.name
+                )));
+            }
+        }
         members.sort();
         let raid5 = sb.level == Level::Raid5;
         let decl = VolumeDecl {

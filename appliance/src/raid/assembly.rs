@@ -18,7 +18,7 @@ use super::md;
 pub use super::member_meta::{
     erase_superblock, read_superblock, superblock_owner, write_spare_superblocks, write_superblock,
 };
-use super::members::{FailureSink, Member, MemberState, WRITE_MOSTLY};
+use super::members::{FailureSink, Member, MemberSet, MemberState, WRITE_MOSTLY};
 use super::raid1::Raid1Device;
 use super::raid5::Raid5Device;
 use super::superblock::{Level, Superblock, SuperblockError, SUPERBLOCK_BYTES};
@@ -126,6 +126,15 @@ fn fits_device(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), String> {
         return bad(format!(
             "data at {}+{} blocks runs past the device's {}",
             sb.data_offset, sb.data_blocks, info.num_blocks
+        ));
+    }
+    // A first-format volume is converted to md's by its next record: md's
+    // superblock (and bitmap) must fit before the data.
+    let need = md::convert::BITMAP_BYTE + if sb.bitmap_rows_per_bit > 0 { 4096 } else { 0 };
+    if sb.legacy && sb.data_offset * u64::from(sb.block_size) < need {
+        return bad(format!(
+            "data offset {} blocks leaves no room for md's superblock and bitmap ({need} bytes): this version cannot take the volume over",
+            sb.data_offset
         ));
     }
     Ok(())
@@ -267,7 +276,7 @@ pub fn create(
         .iter()
         .map(|d| Member::new(d.clone(), MemberState::InSync))
         .collect();
-    let device = build(spec, members, failures)?;
+    let device = build(spec, members, failures, None)?;
     let data_blocks = spec
         .members
         .iter()
@@ -400,14 +409,28 @@ fn attach_bitmap(
     if sb.bitmap_rows_per_bit == 0 {
         return Ok(device);
     }
-    let b = Arc::new(Bitmap::new(
-        &device.rows(),
-        sb.bitmap_rows_per_bit,
-        sb.volume_uuid,
-    )?);
+    let rows = device.rows();
+    let (b, readable) = match Bitmap::new(&rows, sb.bitmap_rows_per_bit, sb.volume_uuid) {
+        Ok(b) => (b, true),
+        // A first-format geometry md's bitmap cannot hold (more bits than
+        // fit after md's header, regions past 2 GiB): coarser regions, and
+        // after a crash every one of them dirty.
+        Err(e) => {
+            let region = sb
+                .bitmap_rows_per_bit
+                .saturating_mul(rows.blocks * rows.block_size as u64);
+            let rpb = bitmap::rows_per_bit(&rows, region);
+            tracing::warn!(volume = sb.name, error = %e, rows_per_bit = rpb, "bitmap regions changed for md's format");
+            (Bitmap::new(&rows, rpb, sb.volume_uuid)?, false)
+        }
+    };
+    let b = Arc::new(b);
     b.set_events(sb.events);
     let members = live_members(device.as_ref());
-    if !sb.clean {
+    if !sb.clean && !readable {
+        b.load(&b.all_dirty());
+        b.freeze();
+    } else if !sb.clean {
         let (dirty, problems) = b.read_union(&members, sb.legacy);
         if !problems.is_empty() {
             tracing::warn!(volume = sb.name, problems = ?problems, "write-intent bitmap not readable on every member");
@@ -420,24 +443,25 @@ fn attach_bitmap(
     Ok(device.with_member_set(device.member_set().with_bitmap(Some(b))))
 }
 
+/// The device of `spec` over `members`, using at most `limit` blocks of
+/// each (the recorded size; `None` for a new volume).
 fn build(
     spec: &VolumeSpec,
     members: Vec<Member>,
     failures: FailureSink,
+    limit: Option<u64>,
 ) -> Result<Arc<dyn RaidDevice>, AssemblyError> {
     let e = |e: bdev::BdevError| AssemblyError::Invalid(e.to_string());
+    let set = MemberSet::new(members, failures).with_limit(limit);
     Ok(match spec.level {
-        Level::Raid1 => {
-            Arc::new(Raid1Device::new(&spec.name, members, spec.data_offset, failures).map_err(e)?)
-        }
+        Level::Raid1 => Arc::new(Raid1Device::over(&spec.name, set, spec.data_offset).map_err(e)?),
         Level::Raid5 => Arc::new(
-            Raid5Device::new(
+            Raid5Device::over(
                 &spec.name,
-                members,
+                set,
                 spec.chunk_bytes,
                 spec.layout,
                 spec.data_offset,
-                failures,
             )
             .map_err(e)?,
         ),
@@ -513,10 +537,13 @@ pub fn assemble(
         let mut behind: Vec<(Arc<dyn BlockDevice>, usize)> = Vec::new();
         let mut ok = true;
         for (dev, sb) in &found {
+            // A mirror has no chunk or layout (the first format recorded
+            // the defaults, md's records none).
+            let striped = auth.level == Level::Raid5;
             let same_geometry = sb.level == auth.level
                 && sb.members == auth.members
-                && sb.chunk_bytes == auth.chunk_bytes
-                && sb.layout == auth.layout
+                && (!striped || sb.chunk_bytes == auth.chunk_bytes)
+                && (!striped || sb.layout == auth.layout)
                 && sb.data_offset == auth.data_offset
                 && sb.block_size == auth.block_size;
             if !same_geometry {
@@ -646,11 +673,12 @@ pub fn assemble(
                     )
             })
             .collect();
-        let built = build(&spec, members, failures(&auth.name))
+        let limit = auth.data_offset.saturating_add(auth.data_blocks);
+        let built = build(&spec, members, failures(&auth.name), Some(limit))
             .and_then(|device| {
-                // md says how much of each member the array uses; members
-                // with more room (an array made with --size, grown
-                // devices) would make a larger volume than md's.
+                // Each member is used up to the recorded size (the limit);
+                // a volume of another size means the geometry and the
+                // record disagree.
                 let want = match auth.level {
                     Level::Raid1 => auth.data_blocks,
                     Level::Raid5 => (n as u64 - 1) * auth.data_blocks,

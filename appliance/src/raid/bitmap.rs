@@ -58,11 +58,16 @@ pub const DEFAULT_CLEAR_EVERY: Duration = Duration::from_secs(5);
 /// Default region size in member bytes (md picks 64 MiB for large arrays).
 pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 20;
 
+/// The largest region a bit may cover (md's bitmap chunk is a 32-bit
+/// byte count).
+pub const MAX_REGION_BYTES: u64 = 1 << 31;
+
 /// Rows per bit for a bitmap of about `chunk_bytes` regions over `rows`:
 /// a power of two (md's bitmap chunk is one) of at least one row, doubled
 /// until the bits fit in one block.
 pub fn rows_per_bit(rows: &Rows, chunk_bytes: u64) -> u64 {
     let row_bytes = (rows.blocks * rows.block_size as u64).max(1);
+    let chunk_bytes = chunk_bytes.min(MAX_REGION_BYTES);
     let mut rpb = 1u64 << (chunk_bytes / row_bytes).max(1).ilog2();
     while rows.count.div_ceil(rpb) > MAX_BITS {
         rpb *= 2;
@@ -110,8 +115,6 @@ pub struct Bitmap {
     clear_every_ms: AtomicU64,
     /// The array's events, written in md's bitmap superblock.
     events: AtomicU64,
-    /// The events when bits were last cleared.
-    events_cleared: AtomicU64,
     /// Member sectors the bits cover (md's sync_size).
     sync_sectors: u64,
     /// The bits last written, for a rewrite of the header alone.
@@ -127,7 +130,7 @@ impl Bitmap {
         let region = rows_per_bit
             .saturating_mul(rows.blocks)
             .saturating_mul(rows.block_size as u64);
-        if !region.is_power_of_two() || region > 1 << 31 {
+        if !region.is_power_of_two() || region > MAX_REGION_BYTES {
             return Err(RaidError::Invalid(format!(
                 "a bitmap region of {rows_per_bit} rows ({region} bytes) is not a power of two up to 2 GiB, as md's bitmap chunk must be"
             )));
@@ -157,7 +160,6 @@ impl Bitmap {
             frozen: AtomicBool::new(false),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
             events: AtomicU64::new(0),
-            events_cleared: AtomicU64::new(0),
             sync_sectors: rows.total * rows.block_size as u64 / crate::raid::md::SECTOR,
             last: Mutex::new(None),
             writes: AtomicU64::new(0),
@@ -310,7 +312,6 @@ impl Bitmap {
     /// not be older than its array).
     pub fn set_events(&self, events: u64) {
         self.events.store(events, Ordering::SeqCst);
-        self.events_cleared.fetch_min(events, Ordering::SeqCst);
     }
 
     /// md's bitmap superblock for this bitmap now.
@@ -320,7 +321,11 @@ impl Bitmap {
             version: crate::raid::md::bitmap::VERSION_LE,
             uuid: self.volume_uuid,
             events: self.events.load(Ordering::SeqCst),
-            events_cleared: self.events_cleared.load(Ordering::SeqCst),
+            // md re-adds a device whose events are at least this with a
+            // resync of the set bits alone. Bits are cleared here without
+            // regard to a missing member (the appliance rebuilds a returning
+            // member in full), so no older device may count on them.
+            events_cleared: self.events.load(Ordering::SeqCst),
             sync_size: self.sync_sectors,
             state: 0,
             chunksize: self.region_bytes() as u32,
@@ -366,8 +371,27 @@ impl Bitmap {
         if md.uuid != self.volume_uuid {
             return Err(RaidError::Invalid("bitmap of another volume".into()));
         }
-        if md.state & crate::raid::md::bitmap::STATE_STALE != 0 {
+        if !matches!(
+            md.version,
+            crate::raid::md::bitmap::VERSION_HOSTENDIAN | crate::raid::md::bitmap::VERSION_LE
+        ) {
+            return Err(RaidError::Invalid(format!(
+                "md bitmap version {} is not one bit per chunk",
+                md.version
+            )));
+        }
+        let bad_state =
+            crate::raid::md::bitmap::STATE_STALE | crate::raid::md::bitmap::STATE_WRITE_ERROR;
+        if md.state & bad_state != 0 {
             return Err(RaidError::Invalid("md marked the bitmap stale".into()));
+        }
+        // md's rule: a bitmap older than its array is out of date.
+        if md.events < self.events.load(Ordering::SeqCst) {
+            return Err(RaidError::Invalid(format!(
+                "bitmap events {} older than the array's {}",
+                md.events,
+                self.events.load(Ordering::SeqCst)
+            )));
         }
         let mut out = vec![0u64; words(self.bits)];
         let theirs = md.bits();
@@ -581,8 +605,6 @@ impl Bitmap {
                 return;
             }
         }
-        self.events_cleared
-            .store(self.events.load(Ordering::SeqCst), Ordering::SeqCst);
         let image = self.snapshot();
         let (ok, errors) = self.write_to(&members, &image);
         if ok == 0 && !members.is_empty() {
@@ -720,6 +742,14 @@ mod tests {
         let mut bad = block.clone();
         bad[0] ^= 0x40;
         assert!(b.decode(&bad).is_err(), "no magic");
+        // md's lockless bitmap is not one bit per chunk.
+        let mut v6 = block.clone();
+        v6[4] = 6;
+        assert!(b.decode(&v6).is_err(), "version 6");
+        // Older than the array: out of date, as md says.
+        b.set_events(42);
+        assert!(b.decode(&block).unwrap_err().to_string().contains("older"));
+        b.set_events(41);
         let other = Bitmap::new(&rows(5000), 8, [4; 16]).unwrap();
         assert!(other
             .decode(&block)

@@ -61,28 +61,34 @@ pub fn read_superblock(
         let m = match MdSuperblock::decode(&head[SUPERBLOCK_BYTES..], V1_2_OFFSET, sectors) {
             Ok(m) if leftover(&m) => return Ok(legacy),
             Ok(m) => m,
+            // An unreadable md superblock over a valid first-format one
+            // is a leftover too.
+            Err(_) if legacy.is_ok() => return Ok(legacy),
             Err(MdSuperblockError::Corrupt { stored, computed }) => {
                 return Ok(Err(SuperblockError::Corrupt { stored, computed }))
             }
             Err(e) => return Ok(Err(SuperblockError::Md(e.to_string()))),
         };
-        let chunk = match m.bitmap_sectors() {
+        let bitmap = match m.bitmap_sectors() {
             Some(off) => {
-                let at = (V1_2_OFFSET as i64 + off) as u64;
+                let at = (V1_2_OFFSET as i64 + off).max(0) as u64;
                 let room = m.data_offset.saturating_sub(at);
                 read_at(dev, at * md::SECTOR, bs.max(512) as usize)?
                     .and_then(|b| MdBitmap::decode(&b, room).ok())
-                    .map(|b| b.chunksize)
             }
             None => None,
         };
-        return Ok(md::convert::from_md(&m, bs, chunk).map_err(|e| match e {
-            md::convert::FromMdError::NotActive { role: "spare", .. } => SuperblockError::MdSpare {
-                array: m.set_uuid,
-                name: m.name(),
-            },
-            e => SuperblockError::Md(e.to_string()),
-        }));
+        return Ok(
+            md::convert::from_md(&m, bs, bitmap.as_ref()).map_err(|e| match e {
+                md::convert::FromMdError::NotActive { role: "spare", .. } => {
+                    SuperblockError::MdSpare {
+                        array: m.set_uuid,
+                        name: m.name(),
+                    }
+                }
+                e => SuperblockError::Md(e.to_string()),
+            }),
+        );
     }
     match legacy {
         Err(SuperblockError::Foreign) => {}

@@ -569,6 +569,10 @@ pub struct MemberSet {
     /// md's write-behind (RAID1): writes to write-mostly members finish in
     /// the background, up to a limit.
     pub behind: Arc<WriteBehind>,
+    /// Blocks of each member the array uses, data offset included (md's
+    /// recorded size): larger members are not used past it. `None`: the
+    /// smallest member's size (a new volume).
+    pub limit: Option<u64>,
 }
 
 /// md's write-behind: a write is acknowledged once the members that are
@@ -734,7 +738,13 @@ impl MemberSet {
             activity: Arc::default(),
             serialize: Arc::default(),
             behind: Arc::default(),
+            limit: None,
         }
+    }
+
+    /// The same members, using at most `limit` blocks of each.
+    pub fn with_limit(self, limit: Option<u64>) -> MemberSet {
+        MemberSet { limit, ..self }
     }
 
     /// The next generation copying `slot` (in sync) to `dev`, which gets

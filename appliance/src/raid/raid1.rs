@@ -51,6 +51,7 @@ impl Raid1Device {
             )));
         }
         let (bs, smallest) = super::members::common_geometry(name, members)?;
+        let smallest = set.limit.map_or(smallest, |l| smallest.min(l));
         if smallest <= data_offset {
             return Err(BdevError::InvalidArgument(format!(
                 "{name}: members of {smallest} blocks leave no room after the data offset {data_offset}"

@@ -12,6 +12,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::bitmap::MdBitmap;
 use super::superblock::{
     feature, MdSuperblock, DEVFLAG_WRITE_MOSTLY, MAX_SECTOR, ROLE_FAULTY, ROLE_SPARE, V1_2_OFFSET,
 };
@@ -173,14 +174,14 @@ pub enum FromMdError {
 }
 
 /// The appliance's view of a member md describes, on a device of
-/// `block_size`-byte blocks, with the array's bitmap chunk in bytes (if it
-/// has a bitmap).
+/// `block_size`-byte blocks, with the array's bitmap superblock (if it has
+/// a bitmap and it could be read).
 pub fn from_md(
     md: &MdSuperblock,
     block_size: u32,
-    bitmap_chunk: Option<u32>,
+    bitmap: Option<&MdBitmap>,
 ) -> Result<Superblock, FromMdError> {
-    check(md, None).map_err(|e| FromMdError::Unsupported(e.to_string()))?;
+    check(md, bitmap).map_err(|e| FromMdError::Unsupported(e.to_string()))?;
     let array = md.name();
     let Some(slot) = md.slot() else {
         let role = match md.role_code() {
@@ -209,7 +210,12 @@ pub fn from_md(
     } else {
         Level::Raid5
     };
-    let chunk_bytes = md.chunk_sectors * SECTOR as u32;
+    let chunk_bytes = if level == Level::Raid5 {
+        // At most 1 MiB (support::check).
+        md.chunk_sectors * SECTOR as u32
+    } else {
+        0
+    };
     let mut slot_states: Vec<u8> = (0..md.raid_disks)
         .map(|s| {
             if md.dev_roles.contains(&(s as u16)) {
@@ -232,11 +238,7 @@ pub fn from_md(
         name: array.clone(),
         level,
         layout: raid5_layout(md.layout).unwrap_or(crate::raid::geometry::Layout::LeftSymmetric),
-        chunk_bytes: if level == Level::Raid5 {
-            chunk_bytes
-        } else {
-            0
-        },
+        chunk_bytes,
         members: md.raid_disks,
         slot,
         block_size,
@@ -258,10 +260,22 @@ pub fn from_md(
     if recovering {
         sb.rebuild_checkpoint = md.recovery_offset * SECTOR / row;
     }
-    if let (Some(_), Some(chunk)) = (md.bitmap_sectors(), bitmap_chunk) {
-        // A bit covers at least one row; md's finer bits are folded into
-        // it when the bitmap is read.
-        sb.bitmap_rows_per_bit = (u64::from(chunk) / row).max(1);
+    if let Some(off) = md.bitmap_sectors() {
+        // The appliance keeps the bitmap where mdadm puts it, in one 4 KiB
+        // block: elsewhere it could not be kept up without moving it.
+        let room = md
+            .data_offset
+            .saturating_sub(V1_2_OFFSET + BITMAP_OFFSET_SECTORS);
+        if off != BITMAP_OFFSET_SECTORS as i64 || room * SECTOR < 4096 {
+            return Err(geometry(format!(
+                "its bitmap is {off} sectors from the superblock with {room} sectors before the data; the appliance keeps it 8 sectors from the superblock in 4 KiB (mdadm --grow --bitmap=none, then add one back)"
+            )));
+        }
+        // A bit covers at least one row, a power of two of them; md's
+        // finer bits are folded in when the bitmap is read. An unreadable
+        // bitmap gets md's default region (and is read as all dirty).
+        let chunk = bitmap.map_or(64 << 20, |b| u64::from(b.chunksize));
+        sb.bitmap_rows_per_bit = 1 << (chunk / row).max(1).ilog2();
     }
     Ok(sb)
 }
@@ -295,6 +309,23 @@ mod tests {
         }
     }
 
+    fn bitmap_of(md: &MdSuperblock) -> MdBitmap {
+        MdBitmap {
+            version: 4,
+            uuid: md.set_uuid,
+            events: md.events,
+            events_cleared: md.events,
+            sync_size: md.size,
+            state: 0,
+            chunksize: 64 << 20,
+            daemon_sleep: 5,
+            write_behind: 0,
+            sectors_reserved: 8,
+            nodes: 0,
+            cluster_name: [0; 64],
+        }
+    }
+
     #[test]
     fn a_member_survives_md_and_back() {
         let sb = ours();
@@ -306,13 +337,14 @@ mod tests {
         assert!(md.has(feature::RECOVERY_OFFSET) && md.has(feature::BITMAP_OFFSET));
         assert_eq!(md.recovery_offset, 99 * 128);
         assert_eq!(super::super::examine::array_state(&md), "A.AA");
-        let back = from_md(&md, 4096, Some(64 << 20)).unwrap();
+        let bm = bitmap_of(&md);
+        let back = from_md(&md, 4096, Some(&bm)).unwrap();
         assert_eq!(back, sb);
         // Another member's superblock knows only that slot 2 is held.
         let peer = from_md(
             &MdSuperblock::decode(&to_md(&sb, 0).encode(), V1_2_OFFSET, 1 << 30).unwrap(),
             4096,
-            Some(64 << 20),
+            Some(&bm),
         )
         .unwrap();
         assert_eq!(peer.slot_states, vec![0, 1, 0, 0]);
@@ -326,7 +358,12 @@ mod tests {
         sb.resync_from = 5;
         let md = to_md(&sb, 0);
         assert_eq!(md.resync_offset, 5 * 128, "rows of 64 KiB");
-        assert_eq!(from_md(&md, 4096, Some(64 << 20)).unwrap().resync_from, 5);
+        assert_eq!(
+            from_md(&md, 4096, Some(&bitmap_of(&md)))
+                .unwrap()
+                .resync_from,
+            5
+        );
         // In use (md's "active" with no offset): everything.
         sb.resync_from = 0;
         assert_eq!(to_md(&sb, 0).resync_offset, 0);
@@ -352,6 +389,13 @@ mod tests {
         assert!(matches!(
             from_md(&md, 4096, None),
             Err(FromMdError::Geometry { .. })
+        ));
+        // A bitmap elsewhere than 8 sectors from the superblock.
+        let mut md = to_md(&ours(), 0);
+        md.bitmap_offset = 16;
+        assert!(matches!(
+            from_md(&md, 4096, None),
+            Err(FromMdError::Geometry { what, .. }) if what.contains("bitmap is 16 sectors")
         ));
         let mut md = to_md(&ours(), 0);
         md.level = 6;

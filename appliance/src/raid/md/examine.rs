@@ -17,6 +17,10 @@ pub type Line = (&'static str, String);
 
 fn when(t: u64) -> String {
     let (secs, micros) = time_parts(t);
+    // httpdate stops at the year 9999.
+    if secs > 253_402_300_799 {
+        return format!("{secs} s after 1970");
+    }
     let at = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into());
     httpdate::fmt_http_date(at)
 }
@@ -24,7 +28,7 @@ fn when(t: u64) -> String {
 fn sectors(n: u64) -> String {
     format!(
         "{n} sectors ({:.2} MiB)",
-        (n * SECTOR) as f64 / (1 << 20) as f64
+        n as f64 * SECTOR as f64 / (1 << 20) as f64
     )
 }
 
@@ -76,7 +80,7 @@ pub fn md_report(sb: &MdSuperblock, bitmap: Option<(&MdBitmap, &[u8])>) -> Vec<L
         6 => u64::from(sb.raid_disks.saturating_sub(2)),
         _ => 1,
     };
-    let kib = sb.size * data_disks / 2;
+    let kib = sb.size.saturating_mul(data_disks) / 2;
     out.push((
         "Array Size",
         format!(

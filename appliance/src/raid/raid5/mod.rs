@@ -81,6 +81,7 @@ impl Raid5Device {
     ) -> Result<Raid5Device, BdevError> {
         let members = &set.members;
         let (bs, smallest) = crate::raid::members::common_geometry(name, members)?;
+        let smallest = set.limit.map_or(smallest, |l| smallest.min(l));
         let geo = Raid5Geometry::new(
             members.len() as u32,
             bs,
