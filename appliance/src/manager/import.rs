@@ -80,6 +80,8 @@ impl Manager {
             chunk_kib: if raid5 { sb.chunk_bytes / 1024 } else { 64 },
             layout: sb.layout.name().into(),
             bitmap: sb.bitmap_rows_per_bit > 0,
+            // md's write-behind (a mirror's, with its bitmap) carries on.
+            write_behind: if raid5 { 0 } else { sb.write_behind },
             array: if sb.name == name {
                 String::new()
             } else {

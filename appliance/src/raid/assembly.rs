@@ -179,6 +179,7 @@ impl VolumeMeta {
         // md's superblock overwrites the first format's bitmap.
         if let (true, Some(b)) = (self.template.legacy, &set.bitmap) {
             b.set_events(self.template.events);
+            b.set_write_behind(set.behind.limit());
             b.rewrite();
         }
         let mut written = 0;
@@ -215,6 +216,8 @@ impl VolumeMeta {
                 // md takes a bitmap older than its superblock for stale.
                 if let Some(b) = &set.bitmap {
                     b.set_events(self.template.events);
+                    // md keeps a mirror's write-behind limit in its bitmap.
+                    b.set_write_behind(set.behind.limit());
                     let (ok, errors) = b.rewrite();
                     if ok == 0 && !errors.is_empty() {
                         tracing::warn!(errors = ?errors, "bitmap events not brought up to date: md would resync the whole array");
@@ -304,6 +307,7 @@ pub fn create(
             bitmap_rows_per_bit: 0,
             ctime: md::convert::now(),
             resync_from: 0,
+            write_behind: 0,
             legacy: false,
         },
         member_uuids: spec

@@ -115,6 +115,8 @@ pub struct Bitmap {
     clear_every_ms: AtomicU64,
     /// The array's events, written in md's bitmap superblock.
     events: AtomicU64,
+    /// md's write-behind limit, kept in its bitmap superblock.
+    write_behind: AtomicU64,
     /// Member sectors the bits cover (md's sync_size).
     sync_sectors: u64,
     /// The bits last written, for a rewrite of the header alone.
@@ -160,6 +162,7 @@ impl Bitmap {
             frozen: AtomicBool::new(false),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
             events: AtomicU64::new(0),
+            write_behind: AtomicU64::new(0),
             sync_sectors: rows.total * rows.block_size as u64 / crate::raid::md::SECTOR,
             last: Mutex::new(None),
             writes: AtomicU64::new(0),
@@ -314,6 +317,14 @@ impl Bitmap {
         self.events.store(events, Ordering::SeqCst);
     }
 
+    /// The volume's write-behind limit, for md's bitmap superblock.
+    pub fn set_write_behind(&self, limit: u64) {
+        self.write_behind.store(
+            limit.min(u64::from(crate::raid::md::bitmap::MAX_WRITE_BEHIND)),
+            Ordering::SeqCst,
+        );
+    }
+
     /// md's bitmap superblock for this bitmap now.
     pub fn header(&self) -> MdBitmap {
         let secs = self.clear_every_ms.load(Ordering::Relaxed).div_ceil(1000);
@@ -330,7 +341,7 @@ impl Bitmap {
             state: 0,
             chunksize: self.region_bytes() as u32,
             daemon_sleep: secs.clamp(1, u32::MAX as u64) as u32,
-            write_behind: 0,
+            write_behind: self.write_behind.load(Ordering::SeqCst) as u32,
             sectors_reserved: (BYTES as u64 / crate::raid::md::SECTOR) as u32,
             nodes: 0,
             cluster_name: [0; 64],
@@ -737,6 +748,8 @@ mod tests {
         // md reads the same block: its superblock, then the bits.
         let md = MdBitmap::decode(&block, 8).unwrap();
         assert_eq!((md.events, md.chunksize, md.bits()), (41, 8 << 16, 625));
+        b.set_write_behind(256);
+        assert_eq!(b.header().write_behind, 256, "md's write-behind limit");
         assert_eq!(md.dirty(&block), 4);
         assert!(MdBitmap::is_set(&block, 9 * 64 + 40));
         let mut bad = block.clone();

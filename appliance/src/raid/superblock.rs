@@ -111,6 +111,8 @@ pub struct Superblock {
     /// stop cut short (md's resync_offset) goes on from here. 0 while the
     /// volume is in use (a crash may leave any row torn).
     pub resync_from: u64,
+    /// md's write-behind limit, from md's bitmap (0: off or no bitmap).
+    pub write_behind: u32,
     /// Read from the appliance's first format (at byte 0): the next write
     /// converts the member to md's.
     pub legacy: bool,
@@ -249,6 +251,7 @@ impl Superblock {
             bitmap_rows_per_bit: u64_at(144),
             ctime: 0,
             resync_from: 0,
+            write_behind: 0,
             legacy: true,
         })
     }
@@ -331,6 +334,7 @@ mod tests {
             bitmap_rows_per_bit: 1024,
             ctime: 0,
             resync_from: 0,
+            write_behind: 0,
             legacy: true,
         }
     }

@@ -251,6 +251,7 @@ pub fn from_md(
         bitmap_rows_per_bit: 0,
         ctime: md.ctime,
         resync_from: 0,
+        write_behind: bitmap.map_or(0, |b| b.write_behind),
         legacy: false,
     };
     let row = row_bytes(&sb);
@@ -305,6 +306,7 @@ mod tests {
             bitmap_rows_per_bit: 1024,
             ctime: 1_700_000_000,
             resync_from: 0,
+            write_behind: 0,
             legacy: false,
         }
     }
@@ -337,9 +339,12 @@ mod tests {
         assert!(md.has(feature::RECOVERY_OFFSET) && md.has(feature::BITMAP_OFFSET));
         assert_eq!(md.recovery_offset, 99 * 128);
         assert_eq!(super::super::examine::array_state(&md), "A.AA");
-        let bm = bitmap_of(&md);
+        let mut bm = bitmap_of(&md);
         let back = from_md(&md, 4096, Some(&bm)).unwrap();
         assert_eq!(back, sb);
+        // md's write-behind limit comes with its bitmap.
+        bm.write_behind = 256;
+        assert_eq!(from_md(&md, 4096, Some(&bm)).unwrap().write_behind, 256);
         // Another member's superblock knows only that slot 2 is held.
         let peer = from_md(
             &MdSuperblock::decode(&to_md(&sb, 0).encode(), V1_2_OFFSET, 1 << 30).unwrap(),
