@@ -287,3 +287,96 @@ fn after_a_power_cut_md_resyncs_what_the_appliance_bitmap_marks() {
     );
     assert!(serial.contains("MISMATCH md0 0"));
 }
+
+/// md's RAID5 with a bitmap crashes with writes in flight: the appliance
+/// takes md's bits as they are (folded onto its regions), resynchronises
+/// only those regions, and md then assembles the array clean with its
+/// data and its check finds parity whole.
+#[test]
+fn after_md_crashes_the_appliance_resyncs_what_md_bitmap_marks() {
+    use appliance::raid::monitor::Monitor;
+    use appliance::volume::Volume;
+    use poller::{ReactorConfig, Reactors};
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let disks = blank_disks(dir.path(), 'a'..='c', DISK_BYTES);
+    let p1 = random(P);
+    std::fs::write(dir.path().join("p1.bin"), &p1).unwrap();
+    let boot_phase = |phase: &str| {
+        std::fs::write(dir.path().join("phase"), phase).unwrap();
+        let log = dir.path().join(format!("serial-{phase}.log"));
+        let files = [dir.path().join("phase"), dir.path().join("p1.bin")];
+        (boot(&guest(), "md-crash-guest.sh", &files, &log, &[]), log)
+    };
+    // The guest dies in the middle: no exit status to check, only that it
+    // got there.
+    let (mut cmd, log) = boot_phase("crash");
+    for p in &disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            p.display()
+        ));
+    }
+    let _ = cmd.status().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    assert!(
+        serial.contains("MD-CRASHING"),
+        "the guest did not get to the crash"
+    );
+
+    let devs = open(&disks);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut report = assemble(&devs, |_| FailureSink::new(tx.clone()));
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let v = report.volumes.remove(0);
+    assert!(!v.was_clean, "md crashed with the array active");
+    let b = v.device.member_set().bitmap.clone().expect("md's bitmap");
+    let (dirty, bits) = (b.dirty_regions(), b.bits());
+    println!("md's bitmap after the crash: {dirty} of {bits} regions dirty");
+    assert!(dirty > 0 && dirty < bits, "{dirty} of {bits}");
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let volume = Volume::new(reactors.set(), "crash", v.device.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), v.device.clone(), rx, vec![]);
+    monitor.set_meta(v.meta);
+    let resync = monitor.open(false).unwrap().expect("a resync");
+    let wait = |p: &appliance::raid::rebuild::RebuildProgress| {
+        let t = Instant::now();
+        while !p.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(120), "never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(p.error(), None);
+    };
+    wait(&resync);
+    let resynced = resync.bytes.load(Ordering::SeqCst);
+    let whole = v.device.info().num_blocks * BS;
+    println!("the appliance resynchronised {resynced} of {whole} bytes");
+    assert!(
+        resynced > 0 && resynced < whole / 4,
+        "{resynced} of {whole}"
+    );
+    let check = monitor.scrub(false).unwrap();
+    wait(&check);
+    assert_eq!(check.mismatches.load(Ordering::SeqCst), 0);
+    monitor.close().unwrap();
+    drop(monitor);
+    drop(volume);
+    reactors.shutdown().unwrap();
+
+    let (cmd, log) = boot_phase("verify");
+    let serial = run_with_disks(cmd, &disks, &log);
+    for want in [
+        "MD-READS-P1-AT-0 OK",
+        "MD-READS-P1-AT-64 OK",
+        "MISMATCH md0 0",
+        "DETAIL              State : clean",
+    ] {
+        assert!(serial.contains(want), "no {want}");
+    }
+}
