@@ -2,7 +2,6 @@
 //! block as it expects (md's own "check"), and the appliance reads what md
 //! wrote: the data area is byte for byte md's, for each layout tested.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -13,16 +12,7 @@ use bdev::conformance::{run_one, rw};
 use bdev::{BlockDevice, FileDevice, IoOp, IoRequest};
 
 mod common;
-use common::{boot, guest, run_with_disks};
-
-fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut v)
-        .unwrap();
-    v
-}
+use common::{boot, guest, random, run_with_disks};
 
 /// Member size for `n` members: 1 MiB data offset and a 96 MiB volume.
 fn member_bytes(n: u64) -> u64 {

@@ -5,7 +5,6 @@
 //! assembles the devices with plain `mdadm --assemble`, clean, the data
 //! whole and its checks finding no mismatch.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use bdev::FileDevice;
 mod common;
 #[path = "cli/daemon.rs"]
 mod daemon;
-use common::{blank_disks, boot, guest, run_with_disks};
+use common::{blank_disks, boot, guest, random, run_with_disks};
 use daemon::*;
 
 const DISK_BYTES: u64 = 64 << 20;
@@ -34,11 +33,7 @@ fn run_guest(dir: &Path, disks: &[PathBuf], phase: &str) -> String {
 fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let disks = blank_disks(dir.path(), 'a'..='f', DISK_BYTES);
-    let mut p1 = vec![0u8; 8 << 20];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut p1)
-        .unwrap();
+    let p1 = random(8 << 20);
     std::fs::write(dir.path().join("p1.bin"), &p1).unwrap();
     let serial = run_guest(dir.path(), &disks, "start");
     assert!(serial.contains("MD-STOPPED-MID-RECOVERY OK"));

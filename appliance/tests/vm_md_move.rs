@@ -7,7 +7,6 @@
 //! check finds no mismatch. The same for a RAID5 the appliance creates.
 //! Then the appliance reads what md wrote last.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,20 +19,11 @@ use bdev::conformance::{run_one, rw};
 use bdev::{BlockDevice, FileDevice, IoOp, IoRequest};
 
 mod common;
-use common::{blank_disks, boot, guest, run_with_disks};
+use common::{blank_disks, boot, guest, random, run_with_disks};
 
 const DISK_BYTES: u64 = 64 << 20;
 const P: usize = 8 << 20;
 const BS: u64 = 4096;
-
-fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut v)
-        .unwrap();
-    v
-}
 
 fn open(paths: &[PathBuf]) -> Vec<Arc<dyn BlockDevice>> {
     paths

@@ -64,6 +64,17 @@ pub fn boot(
     cmd
 }
 
+/// `len` random bytes.
+pub fn random(len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut v = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut v)
+        .unwrap();
+    v
+}
+
 /// Sparse blank disk images `vdX.img` in `dir`, one per letter, of
 /// `bytes` each.
 pub fn blank_disks(
