@@ -590,13 +590,16 @@ fn first_format_conversion(level: Level) {
     assert_eq!(read(v.device.as_ref(), 100, 512 << 10), data);
     drop(v);
 
-    // Cut short: only member 0 got md's superblock.
+    // Cut short: only member 0 got md's superblock, and its old one was
+    // not erased yet.
     to_first_format();
     let mut sb = read_superblock(devs[0].as_ref()).unwrap().unwrap();
     assert!(sb.legacy);
     sb.events += 1;
+    let old = read(devs[0].as_ref(), 0, 4096);
     write_superblock(devs[0].as_ref(), &sb).unwrap();
-    let report = assemble(&devs, |_| FailureSink::none());
+    write(devs[0].as_ref(), 0, &old);
+    let mut report = assemble(&devs, |_| FailureSink::none());
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let v = &report.volumes[0];
     assert!(v.stale.is_empty(), "{:?}", v.stale);
@@ -606,6 +609,16 @@ fn first_format_conversion(level: Level) {
         .iter()
         .all(|s| *s == MemberState::InSync));
     assert_eq!(read(v.device.as_ref(), 100, 512 << 10), data);
+    // The next record erases the leftover.
+    let mut v = report.volumes.remove(0);
+    v.meta.record(v.device.as_ref(), true).unwrap();
+    for d in &devs {
+        assert_eq!(
+            read(d.as_ref(), 0, 4096),
+            vec![0u8; 4096],
+            "leftover erased"
+        );
+    }
 }
 
 /// Devices of RAID formats the appliance does not serve are never taken

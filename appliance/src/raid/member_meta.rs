@@ -120,7 +120,16 @@ pub fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), As
     };
     let mut buf = md::convert::to_md(sb, sb.slot).encode();
     sync_io(dev, IoOp::Write, md::convert::SUPERBLOCK_BYTE, &mut buf).map_err(io)?;
-    if sb.legacy {
+    // The first format's superblock goes once md's is durable; also one a
+    // conversion cut short left behind (this volume's only: the first 4 KiB
+    // are not ours otherwise, md leaves them to boot loaders).
+    let leftover = sb.legacy
+        || read_at(dev, 0, SUPERBLOCK_BYTES)
+            .map_err(io)?
+            .is_some_and(|b| {
+                Superblock::decode_legacy(&b).is_ok_and(|l| l.volume_uuid == sb.volume_uuid)
+            });
+    if leftover {
         let mut zero = vec![0u8; SUPERBLOCK_BYTES];
         sync_io(dev, IoOp::Write, 0, &mut zero).map_err(io)?;
     }
