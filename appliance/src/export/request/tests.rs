@@ -36,19 +36,16 @@ fn header(m: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) -> Desc {
     h[0..4].copy_from_slice(&kind.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     m.write_slice(&h, GuestAddress(at)).unwrap();
-    Desc {
-        addr: at,
-        len: 16,
-        write: false,
-    }
+    data(at, 16, false)
+}
+
+/// A data descriptor of `len` bytes at `addr`, device-writable or not.
+fn data(addr: u64, len: u32, write: bool) -> Desc {
+    Desc { addr, len, write }
 }
 
 fn status(at: u64) -> Desc {
-    Desc {
-        addr: at,
-        len: 1,
-        write: true,
-    }
+    data(at, 1, true)
 }
 
 fn expect_status(r: Option<Request>, want: u8) {
@@ -64,11 +61,7 @@ fn a_plain_read_parses() {
     let m = mem();
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 8),
-        Desc {
-            addr: 4096,
-            len: 4096,
-            write: true,
-        },
+        data(4096, 4096, true),
         status(100),
     ];
     let r = parse(&d, &m, &limits()).unwrap();
@@ -95,21 +88,9 @@ fn header_split_over_descriptors_and_status_sharing_data() {
     let m = mem();
     let h = header(&m, 0, VIRTIO_BLK_T_OUT, 0);
     let d = [
-        Desc {
-            addr: h.addr,
-            len: 10,
-            write: false,
-        },
-        Desc {
-            addr: h.addr + 10,
-            len: 6 + 512,
-            write: false,
-        },
-        Desc {
-            addr: 8192,
-            len: 1,
-            write: true,
-        },
+        data(h.addr, 10, false),
+        data(h.addr + 10, 6 + 512, false),
+        data(8192, 1, true),
     ];
     m.write_slice(&[0u8; 512], GuestAddress(16)).unwrap();
     let r = parse(&d, &m, &limits()).unwrap();
@@ -122,14 +103,7 @@ fn header_split_over_descriptors_and_status_sharing_data() {
         })
     ));
     // Read data and status in one writable descriptor.
-    let d = [
-        header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 4096,
-            len: 513,
-            write: true,
-        },
-    ];
+    let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), data(4096, 513, true)];
     let r = parse(&d, &m, &limits()).unwrap();
     assert!(matches!(
         r.action,
@@ -147,104 +121,58 @@ fn hostile_chains_get_a_status_and_touch_nothing_outside() {
     let m = mem();
     let l = limits();
     // Short header.
-    let d = [
-        Desc {
-            addr: 0,
-            len: 8,
-            write: false,
-        },
-        status(100),
-    ];
+    let d = [data(0, 8, false), status(100)];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Header outside guest memory (in the hole).
-    let d = [
-        Desc {
-            addr: MEM + 4096,
-            len: 16,
-            write: false,
-        },
-        status(100),
-    ];
+    let d = [data(MEM + 4096, 16, false), status(100)];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Data buffer in the hole.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: MEM + 4096,
-            len: 512,
-            write: true,
-        },
+        data(MEM + 4096, 512, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Data buffer running past the end of memory.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 3 * MEM - 512,
-            len: 1024,
-            write: true,
-        },
+        data(3 * MEM - 512, 1024, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Address overflow.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: u64::MAX - 10,
-            len: 512,
-            write: true,
-        },
+        data(u64::MAX - 10, 512, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Wrong direction: a read whose data is device-readable.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 4096,
-            len: 512,
-            write: false,
-        },
+        data(4096, 512, false),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Wrong direction: a write whose data is device-writable.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_OUT, 0),
-        Desc {
-            addr: 4096,
-            len: 512,
-            write: true,
-        },
+        data(4096, 512, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Readable after writable.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 4096,
-            len: 512,
-            write: true,
-        },
-        Desc {
-            addr: 8192,
-            len: 16,
-            write: false,
-        },
+        data(4096, 512, true),
+        data(8192, 16, false),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     // Length not a multiple of the block size, zero length.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 4096,
-            len: 100,
-            write: true,
-        },
+        data(4096, 100, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
@@ -253,21 +181,13 @@ fn hostile_chains_get_a_status_and_touch_nothing_outside() {
     // Sectors past capacity, and a sector number that overflows.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 2047),
-        Desc {
-            addr: 4096,
-            len: 1024,
-            write: true,
-        },
+        data(4096, 1024, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, u64::MAX),
-        Desc {
-            addr: 4096,
-            len: 512,
-            write: true,
-        },
+        data(4096, 512, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
@@ -279,11 +199,7 @@ fn hostile_chains_get_a_status_and_touch_nothing_outside() {
     // Too many segments.
     let mut d = vec![header(&m, 0, VIRTIO_BLK_T_IN, 0)];
     for i in 0..9 {
-        d.push(Desc {
-            addr: 4096 + i * 512,
-            len: 512,
-            write: true,
-        });
+        d.push(data(4096 + i * 512, 512, true));
     }
     d.push(status(100));
     expect_status(parse(&d, &m, &l), S_IOERR);
@@ -292,11 +208,7 @@ fn hostile_chains_get_a_status_and_touch_nothing_outside() {
     big.max_transfer = 4096;
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 4096,
-            len: 8192,
-            write: true,
-        },
+        data(4096, 8192, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &big), S_IOERR);
@@ -309,23 +221,9 @@ fn no_status_byte_means_no_answer() {
     assert!(parse(&[], &m, &l).is_none());
     let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0)];
     assert!(parse(&d, &m, &l).is_none(), "last descriptor not writable");
-    let d = [
-        header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: MEM + 10,
-            len: 1,
-            write: true,
-        },
-    ];
+    let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), data(MEM + 10, 1, true)];
     assert!(parse(&d, &m, &l).is_none(), "status outside memory");
-    let d = [
-        header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 100,
-            len: 0,
-            write: true,
-        },
-    ];
+    let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), data(100, 0, true)];
     assert!(parse(&d, &m, &l).is_none(), "zero-length status");
 }
 
@@ -336,34 +234,18 @@ fn read_only_refuses_every_kind_of_write() {
     l.read_only = true;
     let d = [
         header(&m, 0, VIRTIO_BLK_T_OUT, 0),
-        Desc {
-            addr: 4096,
-            len: 512,
-            write: false,
-        },
+        data(4096, 512, false),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
     for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         m.write_slice(&[0u8; 16], GuestAddress(4096)).unwrap();
-        let d = [
-            header(&m, 0, t, 0),
-            Desc {
-                addr: 4096,
-                len: 16,
-                write: false,
-            },
-            status(100),
-        ];
+        let d = [header(&m, 0, t, 0), data(4096, 16, false), status(100)];
         expect_status(parse(&d, &m, &l), S_IOERR);
     }
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: 4096,
-            len: 512,
-            write: true,
-        },
+        data(4096, 512, true),
         status(100),
     ];
     assert!(
@@ -384,17 +266,7 @@ fn dwz(m: &GuestMemoryMmap, sector: u64, count: u32, flags: u32) {
 fn discard_and_write_zeroes_segments_are_checked() {
     let m = mem();
     let l = limits();
-    let seg = |t| {
-        [
-            header(&m, 0, t, 0),
-            Desc {
-                addr: 4096,
-                len: 16,
-                write: false,
-            },
-            status(100),
-        ]
-    };
+    let seg = |t| [header(&m, 0, t, 0), data(4096, 16, false), status(100)];
     dwz(&m, 8, 16, 0);
     let r = parse(&seg(VIRTIO_BLK_T_DISCARD), &m, &l).unwrap();
     assert!(matches!(
@@ -429,11 +301,7 @@ fn discard_and_write_zeroes_segments_are_checked() {
     // Two segments (we offer one).
     let d = [
         header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
-        Desc {
-            addr: 4096,
-            len: 32,
-            write: false,
-        },
+        data(4096, 32, false),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
@@ -450,11 +318,7 @@ fn get_id_writes_the_serial() {
     let l = limits();
     let d = [
         header(&m, 0, VIRTIO_BLK_T_GET_ID, 0),
-        Desc {
-            addr: 4096,
-            len: 20,
-            write: true,
-        },
+        data(4096, 20, true),
         status(100),
     ];
     let r = parse(&d, &m, &l).unwrap();
@@ -465,11 +329,7 @@ fn get_id_writes_the_serial() {
     // A short buffer gets what fits.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_GET_ID, 0),
-        Desc {
-            addr: 8192,
-            len: 5,
-            write: true,
-        },
+        data(8192, 5, true),
         status(100),
     ];
     assert!(matches!(
@@ -646,22 +506,14 @@ fn buffers_spanning_two_regions_are_refused_only_across_the_hole() {
     // Ends exactly at the end of region 0: fine.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: MEM - 512,
-            len: 512,
-            write: true,
-        },
+        data(MEM - 512, 512, true),
         status(100),
     ];
     assert!(parse(&d, &m, &l).unwrap().action.is_ok());
     // Crosses into the hole.
     let d = [
         header(&m, 0, VIRTIO_BLK_T_IN, 0),
-        Desc {
-            addr: MEM - 512,
-            len: 1024,
-            write: true,
-        },
+        data(MEM - 512, 1024, true),
         status(100),
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);

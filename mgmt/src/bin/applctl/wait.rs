@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use mgmt::pb;
 
-use crate::{describe, out, Client, Failure};
+use crate::show::describe;
+use crate::{out, Client, Failure};
 
 /// Follow the volume's background work (the WatchVolume stream) until it
 /// ends; exit 1 if it failed, 6 at the time-out.
