@@ -6,7 +6,7 @@
 //! whole and its checks finding no mismatch.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::read_superblock;
@@ -81,18 +81,13 @@ fn an_md_recovery_is_imported_finished_by_the_appliance_and_handed_back() {
     std::fs::write(&config, toml).unwrap();
     let api = dir.path().join("api.sock");
     let log = dir.path().join("daemon.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["daemon", "--reactors", "2", "--api"])
-        .arg(&api)
-        .arg("--state")
-        .arg(dir.path().join("state.toml"))
-        .arg("--config")
-        .arg(&config)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // The daemon's start with the operator's configuration, its log kept.
+    let mut daemon = restart(
+        dir.path(),
+        &api,
+        &["--config", config.to_str().unwrap()],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
     let _reap = KillOnPanic(daemon.id());
     wait_up(&api, &mut daemon);
     let examined = ok(&applctl(&api, &["volume", "examine", "vdd"]));

@@ -3,12 +3,13 @@
 //! superblock: md 1.2 at 4 KiB, md 1.1 at the start, md 1.0 and 0.90 near
 //! the end, and the appliance's first format at the start.
 
-use bdev::{BlockDevice, IoOp};
+use bdev::BlockDevice;
 
 use super::md::bitmap::MdBitmap;
 use super::md::examine::md_report;
 use super::md::superblock::{self as mdsb, MdSuperblock, MdSuperblockError};
 use super::md::SECTOR;
+use super::metaio;
 use super::superblock::{Superblock, SuperblockError};
 use super::RaidError;
 
@@ -25,26 +26,6 @@ pub struct Examined {
     pub lines: Vec<(String, String)>,
 }
 
-/// `len` bytes of `dev` from byte `at`, read in whole blocks; bytes past
-/// the end of the device read as zero.
-fn read_bytes(dev: &dyn BlockDevice, at: u64, len: u64) -> Result<Vec<u8>, RaidError> {
-    let info = dev.info();
-    let bs = u64::from(info.block_size);
-    let size = info.num_blocks * bs;
-    let end = (at + len).min(size);
-    if at >= end {
-        return Ok(vec![0; len as usize]);
-    }
-    let first = at / bs;
-    let last = end.div_ceil(bs);
-    let mut buf = vec![0u8; ((last - first) * bs) as usize];
-    super::metaio::sync(dev, IoOp::Read, first, &mut buf)?;
-    let skip = (at - first * bs) as usize;
-    let mut out = buf[skip..skip + (end - at) as usize].to_vec();
-    out.resize(len as usize, 0);
-    Ok(out)
-}
-
 fn lines(v: Vec<(&'static str, String)>) -> Vec<(String, String)> {
     v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
@@ -54,7 +35,7 @@ fn lines(v: Vec<(&'static str, String)>) -> Vec<(String, String)> {
 pub fn examine(dev: &dyn BlockDevice) -> Result<Examined, RaidError> {
     let info = dev.info();
     let sectors = info.num_blocks * u64::from(info.block_size) / SECTOR;
-    let head = read_bytes(dev, 0, 2 * mdsb::BYTES as u64)?;
+    let head = metaio::read_bytes(dev, 0, 2 * mdsb::BYTES as u64)?;
     // md 1.2, then 1.1, then 1.0 (all one layout, in different places).
     let end_v1_0 = sectors.saturating_sub(16) & !7;
     let candidates = [("1.2", mdsb::V1_2_OFFSET), ("1.1", 0), ("1.0", end_v1_0)];
@@ -63,7 +44,7 @@ pub fn examine(dev: &dyn BlockDevice) -> Result<Examined, RaidError> {
         let raw = if at == 0 || at == mdsb::V1_2_OFFSET {
             head[(at * SECTOR) as usize..][..mdsb::BYTES].to_vec()
         } else {
-            read_bytes(dev, at * SECTOR, mdsb::BYTES as u64)?
+            metaio::read_bytes(dev, at * SECTOR, mdsb::BYTES as u64)?
         };
         match MdSuperblock::decode(&raw, at, sectors) {
             Ok(sb) => return md_examined(dev, version, &sb),
@@ -117,14 +98,14 @@ pub fn foreign_metadata(
     }
     // md 0.90: 4 KiB at the last 64 KiB boundary but one.
     let at = (bytes & !0xffff) - (64 << 10);
-    if read_bytes(dev, at, 8)?[..4] == mdsb::MAGIC.to_le_bytes() {
+    if metaio::read_bytes(dev, at, 8)?[..4] == mdsb::MAGIC.to_le_bytes() {
         return Ok(Some((
             "md 0.90",
             "md's 0.90 superblock (mdadm converts it to 1.0; the appliance serves 1.2)",
         )));
     }
     // The last two sectors: IMSM's anchor in the first, DDF's in the last.
-    let tail = read_bytes(dev, bytes - 2 * SECTOR, 2 * SECTOR)?;
+    let tail = metaio::read_bytes(dev, bytes - 2 * SECTOR, 2 * SECTOR)?;
     if tail.starts_with(b"Intel Raid ISM Cfg Sig. ") {
         return Ok(Some((
             "Intel IMSM",
@@ -156,11 +137,11 @@ fn md_examined(
             sb.super_offset
         };
         let room = limit.saturating_sub(at);
-        let head = read_bytes(dev, at * SECTOR, super::md::bitmap::HEADER as u64)?;
+        let head = metaio::read_bytes(dev, at * SECTOR, super::md::bitmap::HEADER as u64)?;
         match MdBitmap::decode(&head, room) {
             Ok(bm) => {
                 let len = bm.bytes().min(MAX_BITMAP_BYTES);
-                let area = read_bytes(dev, at * SECTOR, len)?;
+                let area = metaio::read_bytes(dev, at * SECTOR, len)?;
                 report = Some(md_report(sb, Some((&bm, &area))));
             }
             Err(e) => bitmap_problem = Some(e.to_string()),

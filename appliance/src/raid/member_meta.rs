@@ -33,9 +33,7 @@ fn read_at(dev: &dyn BlockDevice, at: u64, len: usize) -> Result<Option<Vec<u8>>
     if at + len as u64 > info.num_blocks * u64::from(info.block_size) {
         return Ok(None);
     }
-    let mut buf = vec![0u8; len];
-    sync_io(dev, IoOp::Read, at, &mut buf)?;
-    Ok(Some(buf))
+    super::metaio::read_bytes(dev, at, len as u64).map(Some)
 }
 
 /// Read a device's superblock: md's 1.2 at 4 KiB (and its bitmap's chunk

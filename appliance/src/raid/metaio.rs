@@ -73,6 +73,26 @@ pub(crate) fn sync(
     Ok(())
 }
 
+/// `len` bytes of `dev` from byte `at`, read in whole blocks; bytes past
+/// the end of the device read as zero.
+pub(crate) fn read_bytes(dev: &dyn BlockDevice, at: u64, len: u64) -> Result<Vec<u8>, RaidError> {
+    let info = dev.info();
+    let bs = u64::from(info.block_size);
+    let size = info.num_blocks * bs;
+    let end = (at + len).min(size);
+    if at >= end {
+        return Ok(vec![0; len as usize]);
+    }
+    let first = at / bs;
+    let last = end.div_ceil(bs);
+    let mut buf = vec![0u8; ((last - first) * bs) as usize];
+    sync(dev, IoOp::Read, first, &mut buf)?;
+    let skip = (at - first * bs) as usize;
+    let mut out = buf[skip..skip + (end - at) as usize].to_vec();
+    out.resize(len as usize, 0);
+    Ok(out)
+}
+
 /// Keep `ch` and the buffer its request uses for good: the device may
 /// still write into it. A channel belongs to the thread that opened it, so
 /// nothing else can wait for it; one buffer and one channel per timed-out

@@ -4,6 +4,8 @@
 //! `i % 8` of byte `i / 8`, whatever the host's byte order). A set bit
 //! means writes to that chunk may not have reached every device.
 
+use crate::raid::journal::{u32_at, u64_at};
+
 /// `bitmap_super_t`'s magic ("bitm" little-endian).
 pub const MAGIC: u32 = 0x6d74_6962;
 /// Bytes of the bitmap superblock; the bits follow.
@@ -71,14 +73,6 @@ pub struct MdBitmap {
     pub cluster_name: [u8; 64],
 }
 
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from(le32(b, o)) | u64::from(le32(b, o + 4)) << 32
-}
-
 impl MdBitmap {
     /// Bits (bitmap chunks) covering the sync range.
     pub fn bits(&self) -> u64 {
@@ -119,7 +113,7 @@ impl MdBitmap {
         if b.len() < HEADER {
             return Err(MdBitmapError::NotBitmap(0));
         }
-        let magic = le32(b, 0);
+        let magic = u32_at(b, 0);
         if magic != MAGIC {
             return Err(MdBitmapError::NotBitmap(magic));
         }
@@ -128,17 +122,17 @@ impl MdBitmap {
         let mut cluster_name = [0u8; 64];
         cluster_name.copy_from_slice(&b[72..136]);
         let bm = MdBitmap {
-            version: le32(b, 4),
+            version: u32_at(b, 4),
             uuid,
-            events: le64(b, 24),
-            events_cleared: le64(b, 32),
-            sync_size: le64(b, 40),
-            state: le32(b, 48),
-            chunksize: le32(b, 52),
-            daemon_sleep: le32(b, 56),
-            write_behind: le32(b, 60),
-            sectors_reserved: le32(b, 64),
-            nodes: le32(b, 68),
+            events: u64_at(b, 24),
+            events_cleared: u64_at(b, 32),
+            sync_size: u64_at(b, 40),
+            state: u32_at(b, 48),
+            chunksize: u32_at(b, 52),
+            daemon_sleep: u32_at(b, 56),
+            write_behind: u32_at(b, 60),
+            sectors_reserved: u32_at(b, 64),
+            nodes: u32_at(b, 68),
             cluster_name,
         };
         bm.validate(room)?;

@@ -8,6 +8,7 @@
 //! halves then added.
 
 use super::time_parts;
+use crate::raid::journal::{u32_at, u64_at};
 
 /// md's magic, little-endian at byte 0.
 pub const MAGIC: u32 = 0xa92b_4efc;
@@ -169,14 +170,6 @@ pub struct MdSuperblock {
     pub dev_roles: Vec<u16>,
 }
 
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from(le32(b, o)) | u64::from(le32(b, o + 4)) << 32
-}
-
 /// md's checksum of a superblock (`calc_sb_1_csum`) whose `max_dev` is
 /// `max_dev`, with the stored checksum taken as zero.
 pub fn checksum(b: &[u8], max_dev: usize) -> u32 {
@@ -185,7 +178,7 @@ pub fn checksum(b: &[u8], max_dev: usize) -> u32 {
     let mut o = 0;
     while o + 4 <= len {
         if o != 216 {
-            sum += u64::from(le32(b, o));
+            sum += u64::from(u32_at(b, o));
         }
         o += 4;
     }
@@ -312,16 +305,16 @@ impl MdSuperblock {
         if b.len() < FIXED {
             return Err(MdSuperblockError::NotMd(0));
         }
-        let magic = le32(b, 0);
+        let magic = u32_at(b, 0);
         if magic != MAGIC {
             return Err(MdSuperblockError::NotMd(magic));
         }
-        let major = le32(b, 4);
+        let major = u32_at(b, 4);
         if major != 1 {
             return Err(MdSuperblockError::MajorVersion(major));
         }
         let invalid = |field, value: u64, why| MdSuperblockError::Invalid { field, value, why };
-        let max_dev = le32(b, 220) as usize;
+        let max_dev = u32_at(b, 220) as usize;
         if max_dev > MAX_DEVS || FIXED + 2 * max_dev > b.len() {
             return Err(invalid(
                 "max_dev",
@@ -329,7 +322,7 @@ impl MdSuperblock {
                 "the role table does not fit in 4 KiB",
             ));
         }
-        let stored = le32(b, 216);
+        let stored = u32_at(b, 216);
         let computed = checksum(b, max_dev);
         if stored != computed {
             return Err(MdSuperblockError::Corrupt { stored, computed });
@@ -341,36 +334,36 @@ impl MdSuperblock {
         let mut device_uuid = [0u8; 16];
         device_uuid.copy_from_slice(&b[168..184]);
         let sb = MdSuperblock {
-            feature_map: le32(b, 8),
+            feature_map: u32_at(b, 8),
             set_uuid,
             set_name,
-            ctime: le64(b, 64),
-            level: le32(b, 72) as i32,
-            layout: le32(b, 76),
-            size: le64(b, 80),
-            chunk_sectors: le32(b, 88),
-            raid_disks: le32(b, 92),
-            bitmap_offset: le32(b, 96),
-            new_level: le32(b, 100),
-            reshape_position: le64(b, 104),
-            delta_disks: le32(b, 112),
-            new_layout: le32(b, 116),
-            new_chunk: le32(b, 120),
-            new_offset: le32(b, 124),
-            data_offset: le64(b, 128),
-            data_size: le64(b, 136),
-            super_offset: le64(b, 144),
-            recovery_offset: le64(b, 152),
-            dev_number: le32(b, 160),
-            cnt_corrected_read: le32(b, 164),
+            ctime: u64_at(b, 64),
+            level: u32_at(b, 72) as i32,
+            layout: u32_at(b, 76),
+            size: u64_at(b, 80),
+            chunk_sectors: u32_at(b, 88),
+            raid_disks: u32_at(b, 92),
+            bitmap_offset: u32_at(b, 96),
+            new_level: u32_at(b, 100),
+            reshape_position: u64_at(b, 104),
+            delta_disks: u32_at(b, 112),
+            new_layout: u32_at(b, 116),
+            new_chunk: u32_at(b, 120),
+            new_offset: u32_at(b, 124),
+            data_offset: u64_at(b, 128),
+            data_size: u64_at(b, 136),
+            super_offset: u64_at(b, 144),
+            recovery_offset: u64_at(b, 152),
+            dev_number: u32_at(b, 160),
+            cnt_corrected_read: u32_at(b, 164),
             device_uuid,
             devflags: b[184],
             bblog_shift: b[185],
             bblog_size: u16::from_le_bytes([b[186], b[187]]),
-            bblog_offset: le32(b, 188),
-            utime: le64(b, 192),
-            events: le64(b, 200),
-            resync_offset: le64(b, 208),
+            bblog_offset: u32_at(b, 188),
+            utime: u64_at(b, 192),
+            events: u64_at(b, 200),
+            resync_offset: u64_at(b, 208),
             dev_roles: (0..max_dev)
                 .map(|i| u16::from_le_bytes([b[FIXED + 2 * i], b[FIXED + 2 * i + 1]]))
                 .collect(),
