@@ -698,3 +698,26 @@ fn a_volume_keeps_its_recorded_size_when_its_members_grow() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.volumes[0].device.info().num_blocks, blocks);
 }
+
+/// A member whose bitmap block is still another array's (a device that
+/// joined before its first bitmap write) keeps a usable superblock: the
+/// block is an unreadable bitmap, not a reason to refuse the member.
+#[test]
+fn another_arrays_bitmap_block_does_not_refuse_the_member() {
+    use appliance::raid::assembly::read_superblock;
+    use appliance::raid::bitmap::Bitmap;
+    let devs = rams(3);
+    let mut s = spec(devs.clone(), Level::Raid5);
+    s.bitmap_chunk_bytes = 256 << 10;
+    let (dev, _) = create(&s, FailureSink::none(), false).unwrap();
+    let rows = dev.rows();
+    drop(dev);
+    let other = Bitmap::new(&rows, 4, [0x5a; 16]).unwrap();
+    other.set_events(99);
+    write(devs[1].as_ref(), 2, &other.encode(&[0b1]));
+    let sb = read_superblock(devs[1].as_ref()).unwrap();
+    assert!(sb.is_ok_and(|sb| sb.bitmap_rows_per_bit > 0));
+    let report = assemble(&devs, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.volumes.len(), 1);
+}

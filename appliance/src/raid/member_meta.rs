@@ -73,6 +73,9 @@ pub fn read_superblock(
                 let room = m.data_offset.saturating_sub(at);
                 read_at(dev, at * md::SECTOR, bs.max(512) as usize)?
                     .and_then(|b| MdBitmap::decode(&b, room).ok())
+                    // Another array's block (a device's earlier life) is
+                    // no bitmap of this one: unreadable, not a refusal.
+                    .filter(|b| b.uuid == m.set_uuid)
             }
             None => None,
         };

@@ -201,6 +201,13 @@ impl Inner {
             // Inside the suspend: a device leaving the volume gets no
             // bitmap write once it is out.
             b.set_members(super::assembly::live_members(device.as_ref()));
+            // A device that just joined gets the bitmap now, not at the
+            // next bit change: until then its bitmap block is whatever an
+            // earlier life left there, which md would read.
+            let (ok, errors) = b.rewrite();
+            if ok == 0 && !errors.is_empty() {
+                tracing::warn!(errors = ?errors, "write-intent bitmap not rewritten after the change");
+            }
         }
         if let Some(next) = &plan.next {
             if let Err(e) = self
