@@ -17,6 +17,7 @@ pub mod host;
 pub mod instance;
 pub mod manager;
 pub mod metrics;
+pub mod nvmf;
 pub mod qos;
 pub mod raid;
 pub mod selfcheck;

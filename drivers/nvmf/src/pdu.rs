@@ -562,6 +562,20 @@ pub fn parse_frame<'a>(pdu: &'a [u8], f: &Frame) -> Result<Pdu<'a>, PduError> {
     })
 }
 
+/// The header fields of an H2CData or C2HData PDU whose framing checked
+/// out but whose data digest did not (the receiver still has to account
+/// for the data it carried). `pdu` is at least the 24-byte header.
+pub fn data_header(pdu: &[u8]) -> DataHeader {
+    DataHeader {
+        cccid: u16_at(pdu, 8),
+        ttag: u16_at(pdu, 10),
+        offset: u32_at(pdu, 12),
+        length: u32_at(pdu, 16),
+        last: pdu[1] & flag::LAST != 0,
+        success: pdu[1] & flag::SUCCESS != 0,
+    }
+}
+
 /// Start a PDU in `out`: the common header and the rest of a `hlen`-byte
 /// header zeroed; returns where the PDU starts.
 fn begin(out: &mut Vec<u8>, k: u8, flags: u8, hlen: usize, pdo: usize, plen: usize) -> usize {

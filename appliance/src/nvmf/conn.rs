@@ -1,0 +1,1004 @@
+//! One NVMe/TCP connection (one queue), owned by the reactor it was given
+//! to: non-blocking socket reads and writes, PDUs, the queue's commands
+//! and the volume IO they start, all on that core.
+//!
+//! Order on a connection: ICReq, then Connect (which binds it to a
+//! controller's admin queue or to one of its IO queues), then commands.
+//! Anything the peer gets wrong in the framing ends this connection with
+//! a termination request; a wrong command gets an error status. Nothing
+//! a peer sends reaches another connection.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdev::{Completion, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList, SubmitError};
+use nvme::spec::{Sqe, Status};
+use nvmf::capsule::{self, admin as opc, fctype, status, Connect, ConnectData};
+use nvmf::pdu::{self, fes, DataHeader, Digests, IcResp, Pdu, PduError, R2t, Receiver};
+use poller::{Ctx, LocalGate, PollState};
+
+use super::admin::{self, Answer};
+use super::controller::Controller;
+use super::identify::{self, ADMIN_IN_CAPSULE, AER_LIMIT, IN_CAPSULE, MAX_QUEUE_ENTRIES};
+use super::io::{self, Plan};
+use super::{Port, Subsystem, TargetShared};
+use crate::volume::VolumeConfig;
+
+/// Most data the target takes in one H2CData PDU.
+pub const MAXH2CDATA: u32 = identify::MAX_TRANSFER;
+/// Bytes read from the socket per poll at most (fairness between
+/// connections on one reactor).
+const READ_BUDGET: usize = 1 << 20;
+/// Receive buffer: room for the largest PDU with plenty to spare.
+const RX_SIZE: usize = 1 << 18;
+/// Output held before the connection stops taking new commands.
+const TX_HIGH: usize = 4 << 20;
+/// How often an admin queue looks at keep-alive and namespace changes.
+const TICK: Duration = Duration::from_millis(100);
+/// How long a closing connection waits for its peer to take what is
+/// left to send.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// Admit the connection on this reactor.
+pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc<TargetShared>) {
+    let fd = sock.as_raw_fd();
+    ctx.watch_fd(fd);
+    let mut c = Conn {
+        sock,
+        fd,
+        port,
+        shared,
+        rx: vec![0u8; RX_SIZE],
+        rx_len: 0,
+        tx: Vec::with_capacity(1 << 17),
+        tx_start: 0,
+        phase: Phase::Init,
+        digests: Digests::default(),
+        hpda: 0,
+        entries: 32,
+        sqhd: 0,
+        slots: Vec::new(),
+        free: Vec::new(),
+        waiting: VecDeque::new(),
+        submitting: VecDeque::new(),
+        io: None,
+        comps: Vec::new(),
+        aers: Vec::new(),
+        closing: None,
+        tick: None,
+        last_tick: ctx.now(),
+        ns_blocks: 0,
+        counted: None,
+    };
+    ctx.add_poller(move |ctx| c.poll(ctx));
+}
+
+enum Phase {
+    /// Waiting for ICReq.
+    Init,
+    /// Waiting for Connect.
+    Connecting,
+    /// A controller's admin queue.
+    Admin(Arc<Controller>),
+    /// One of a controller's IO queues.
+    Io {
+        ctrl: Arc<Controller>,
+        sub: Arc<Subsystem>,
+        qid: u16,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// A write waiting for its H2CData.
+    AwaitData,
+    /// Waiting for the volume's gate.
+    Ready,
+    /// Admitted: device requests being submitted or in flight.
+    Running,
+}
+
+struct Slot {
+    cid: u16,
+    plan: Plan,
+    buf: Vec<u8>,
+    received: usize,
+    state: SlotState,
+    /// Device requests in flight.
+    pending: u32,
+    /// Device requests not yet submitted: (op, offset, blocks).
+    todo: VecDeque<(IoOp, u64, u64)>,
+    status: Status,
+    /// A data digest failed: the command fails once its data is in.
+    corrupt: bool,
+    /// The FUA flush was queued.
+    flushed: bool,
+}
+
+/// The volume as an IO queue sees it.
+struct IoPath {
+    gate: LocalGate<VolumeConfig>,
+    gen: u64,
+    ch: Box<dyn IoChannel>,
+    info: DeviceInfo,
+    read_only: bool,
+}
+
+struct Conn {
+    sock: TcpStream,
+    fd: RawFd,
+    port: Arc<Port>,
+    shared: Arc<TargetShared>,
+    /// Received bytes (`..rx_len`) not yet taken as PDUs.
+    rx: Vec<u8>,
+    rx_len: usize,
+    tx: Vec<u8>,
+    tx_start: usize,
+    phase: Phase,
+    digests: Digests,
+    hpda: u8,
+    /// Queue entries (Connect's SQSIZE + 1).
+    entries: u32,
+    sqhd: u32,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Commands with their data, waiting for the gate, in arrival order.
+    waiting: VecDeque<u16>,
+    /// Admitted commands with device requests left to submit.
+    submitting: VecDeque<u16>,
+    io: Option<IoPath>,
+    comps: Vec<Completion>,
+    /// Asynchronous Event Requests held (admin queue).
+    aers: Vec<u16>,
+    /// Closing since: no more input; gone once nothing is in flight and
+    /// the output is sent (or the linger is over).
+    closing: Option<Instant>,
+    /// Keeps the admin queue's timer running while the connection lives.
+    tick: Option<Rc<Cell<bool>>>,
+    last_tick: Instant,
+    /// Namespace size the admin queue last saw (for change events).
+    ns_blocks: u64,
+    /// The subsystem whose connection count this connection holds.
+    counted: Option<Arc<Subsystem>>,
+}
+
+fn media_error(op: IoOp) -> Status {
+    match op {
+        IoOp::Read => Status::UNRECOVERED_READ,
+        IoOp::Write | IoOp::WriteZeroes => Status::WRITE_FAULT,
+        _ => status::INTERNAL,
+    }
+}
+
+impl Conn {
+    fn poll(&mut self, ctx: &mut Ctx) -> PollState {
+        let now = ctx.now();
+        let mut work = self.reap();
+        self.check_liveness(now);
+        if self.closing.is_none() && self.tx_pending() < TX_HIGH {
+            work |= self.receive(ctx);
+        }
+        work |= self.start_waiting();
+        work |= self.submit();
+        self.refresh_generation();
+        work |= self.send();
+        if let Some(since) = self.closing {
+            let drained =
+                self.tx_pending() == 0 || now.saturating_duration_since(since) > CLOSE_LINGER;
+            if self.inflight() == 0 && drained {
+                self.finish(ctx);
+                return PollState::Done;
+            }
+            return PollState::Busy;
+        }
+        if work || self.inflight() > 0 || self.tx_pending() > 0 {
+            PollState::Busy
+        } else {
+            PollState::Idle
+        }
+    }
+
+    fn inflight(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.state == SlotState::Running)
+            .count()
+            + self.io.as_ref().map_or(0, |io| io.ch.inflight())
+    }
+
+    fn tx_pending(&self) -> usize {
+        self.tx.len() - self.tx_start
+    }
+
+    fn close(&mut self, why: &str) {
+        if self.closing.is_none() {
+            tracing::debug!(why, "nvme/tcp: connection closing");
+            self.closing = Some(Instant::now());
+        }
+    }
+
+    /// End the connection with a termination request.
+    fn fatal(&mut self, fes: u16, fei: u32, header: &[u8]) {
+        tracing::info!(
+            fes,
+            fei,
+            "nvme/tcp: terminating a connection on a protocol error"
+        );
+        pdu::encode_term(false, fes, fei, header, &mut self.tx);
+        self.close("protocol error");
+    }
+
+    fn finish(&mut self, ctx: &mut Ctx) {
+        ctx.unwatch_fd(self.fd);
+        if let Some(t) = &self.tick {
+            t.set(false);
+        }
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        match &self.phase {
+            Phase::Admin(c) => {
+                c.kill();
+                if let Some(sub) = &c.subsystem {
+                    sub.controllers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&c.cntlid);
+                }
+                // Held events have nobody to go to.
+                self.aers.clear();
+            }
+            Phase::Io { ctrl, qid, .. } => {
+                ctrl.state().connected.remove(qid);
+            }
+            _ => {}
+        }
+        if let Some(s) = self.counted.take() {
+            s.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The association, the export and the volume are still there; the
+    /// admin queue also enforces the keep-alive timeout and reports a
+    /// namespace change to a held Asynchronous Event Request.
+    fn check_liveness(&mut self, now: Instant) {
+        if self.closing.is_some() {
+            return;
+        }
+        match &self.phase {
+            Phase::Io { ctrl, sub, .. } => {
+                if ctrl.is_dead() || sub.is_removed() {
+                    self.close("controller or export gone");
+                } else if self.io.as_ref().is_some_and(|io| io.gate.is_removed()) {
+                    self.close("volume removed");
+                }
+            }
+            Phase::Admin(c) => {
+                if c.is_dead() || c.subsystem.as_ref().is_some_and(|s| s.is_removed()) {
+                    self.close("controller or export gone");
+                    return;
+                }
+                if now.saturating_duration_since(self.last_tick) < TICK {
+                    return;
+                }
+                self.last_tick = now;
+                let c = c.clone();
+                let expired = {
+                    let st = c.state();
+                    st.kato_ms > 0
+                        && now.saturating_duration_since(st.last_keep_alive)
+                            > Duration::from_millis(st.kato_ms as u64)
+                };
+                if expired {
+                    tracing::warn!(cntlid = c.cntlid, host = %c.hostnqn, "nvme/tcp: keep-alive timeout expired; the controller is torn down");
+                    c.kill();
+                    self.close("keep-alive timeout");
+                    return;
+                }
+                self.namespace_events(&c);
+            }
+            _ => {}
+        }
+    }
+
+    fn namespace_events(&mut self, c: &Controller) {
+        let Some(sub) = &c.subsystem else {
+            return;
+        };
+        let blocks = sub.volume.info().num_blocks;
+        let mut st = c.state();
+        if blocks != self.ns_blocks {
+            self.ns_blocks = blocks;
+            st.ns_changed = true;
+            if st.aec & super::controller::AEC_NS_ATTR != 0 && !st.ns_masked {
+                st.ns_event = true;
+            }
+        }
+        if st.ns_event {
+            if let Some(cid) = self.aers.pop() {
+                st.ns_event = false;
+                st.ns_masked = true;
+                drop(st);
+                // Notice, namespace attribute changed, log page 0x04.
+                self.respond(cid, Status::SUCCESS, 0x0004_0002);
+            }
+        }
+    }
+
+    /// Read what the socket has and act on every whole PDU.
+    fn receive(&mut self, ctx: &mut Ctx) -> bool {
+        let mut got = 0;
+        let mut work = false;
+        while got < READ_BUDGET && self.closing.is_none() && self.rx_len < self.rx.len() {
+            let r = self.sock.read(&mut self.rx[self.rx_len..]);
+            match r {
+                Ok(0) => {
+                    self.close("the host closed the connection");
+                    break;
+                }
+                Ok(n) => {
+                    self.rx_len += n;
+                    got += n;
+                    work = true;
+                    self.handle_pdus(ctx);
+                }
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::WouldBlock => break,
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.close("socket error");
+                        break;
+                    }
+                },
+            }
+        }
+        work
+    }
+
+    fn receiver(&self) -> Receiver {
+        let max_data = match self.phase {
+            Phase::Io { .. } => IN_CAPSULE.max(MAXH2CDATA),
+            _ => ADMIN_IN_CAPSULE,
+        };
+        Receiver {
+            controller: true,
+            digests: self.digests,
+            max_data,
+        }
+    }
+
+    fn handle_pdus(&mut self, ctx: &mut Ctx) {
+        let rx = std::mem::take(&mut self.rx);
+        let end = self.rx_len;
+        let mut at = 0;
+        while self.closing.is_none() {
+            let r = self.receiver();
+            match pdu::parse(&rx[at..end], &r) {
+                Ok(None) => break,
+                Ok(Some((p, n))) => {
+                    self.handle(ctx, p, &rx[at..at + pdu::CH_LEN]);
+                    at += n;
+                }
+                Err(PduError::DataDigest { kind, cid, len }) => {
+                    if kind == pdu::kind::H2C_DATA {
+                        let h = pdu::data_header(&rx[at..at + len]);
+                        self.h2c_data(h, &[], true, &rx[at..at + pdu::CH_LEN]);
+                    } else {
+                        self.sqhd = (self.sqhd + 1) % self.entries;
+                        self.respond(cid, status::TRANSPORT, 0);
+                    }
+                    at += len;
+                }
+                Err(e) => {
+                    let stop = (at + 128).min(end);
+                    self.fatal(e.fes(), e.fei(), &rx[at..stop]);
+                    break;
+                }
+            }
+        }
+        let mut rx = rx;
+        // What is left is the start of the next PDU (the limits keep a
+        // whole one inside the buffer).
+        rx.copy_within(at..end, 0);
+        self.rx_len = end - at;
+        self.rx = rx;
+    }
+
+    fn handle(&mut self, ctx: &mut Ctx, p: Pdu<'_>, header: &[u8]) {
+        match (&self.phase, p) {
+            (Phase::Init, Pdu::IcReq(q)) => {
+                if q.pfv != 0 {
+                    return self.fatal(fes::UNSUPPORTED, 8, header);
+                }
+                if q.hpda > 31 {
+                    return self.fatal(fes::INVALID_HEADER, 10, header);
+                }
+                self.hpda = q.hpda;
+                pdu::encode_ic_resp(
+                    &IcResp {
+                        pfv: 0,
+                        cpda: 0,
+                        digests: q.digests,
+                        maxh2cdata: MAXH2CDATA,
+                    },
+                    &mut self.tx,
+                );
+                // Digests apply from the next PDU on.
+                self.digests = q.digests;
+                self.phase = Phase::Connecting;
+            }
+            (_, Pdu::Term { fes, fei, .. }) => {
+                tracing::info!(fes, fei, "nvme/tcp: the host terminated the connection");
+                self.close("host termination request");
+            }
+            (Phase::Init, _) | (_, Pdu::IcReq(_)) => self.fatal(fes::SEQUENCE, 0, header),
+            (_, Pdu::Command { sqe, data }) => {
+                let s = capsule::sqe_from(&sqe);
+                self.sqhd = (self.sqhd + 1) % self.entries;
+                self.command(ctx, &s, data);
+            }
+            (Phase::Io { .. }, Pdu::H2cData(h, data)) => self.h2c_data(h, data, false, header),
+            (_, Pdu::H2cData(..)) => self.fatal(fes::SEQUENCE, 0, header),
+            // The parser gives a controller nothing else.
+            _ => self.fatal(fes::INVALID_HEADER, 0, header),
+        }
+    }
+
+    fn command(&mut self, ctx: &mut Ctx, s: &Sqe, data: &[u8]) {
+        let cid = s.cid();
+        let fabrics = s.opcode() == capsule::OPC_FABRICS;
+        let ft = capsule::fabrics_type(s);
+        match &self.phase {
+            Phase::Init => {}
+            Phase::Connecting => {
+                if fabrics && ft == fctype::CONNECT {
+                    self.connect(ctx, s, data);
+                } else {
+                    self.respond(cid, Status::COMMAND_SEQUENCE, 0);
+                }
+            }
+            Phase::Admin(c) => {
+                let c = c.clone();
+                let a = if fabrics {
+                    match ft {
+                        fctype::PROPERTY_GET | fctype::PROPERTY_SET => admin::property(&c, s),
+                        fctype::DISCONNECT => {
+                            self.respond(cid, Status::SUCCESS, 0);
+                            return self.close("disconnect");
+                        }
+                        fctype::CONNECT => Answer::err(Status::COMMAND_SEQUENCE),
+                        _ => Answer::err(Status::INVALID_FIELD),
+                    }
+                } else if s.opcode() == opc::ASYNC_EVENT && !c.is_discovery() {
+                    if self.aers.len() >= AER_LIMIT {
+                        Answer::err(status::AER_LIMIT)
+                    } else {
+                        self.aers.push(cid);
+                        // An event may be waiting already.
+                        self.last_tick = self.last_tick.checked_sub(TICK).unwrap_or(self.last_tick);
+                        return;
+                    }
+                } else {
+                    admin::command(&c, s)
+                };
+                self.answer(cid, a);
+            }
+            Phase::Io { ctrl, .. } => {
+                if fabrics {
+                    match ft {
+                        fctype::DISCONNECT => {
+                            self.respond(cid, Status::SUCCESS, 0);
+                            self.close("disconnect");
+                        }
+                        _ => self.respond(cid, Status::COMMAND_SEQUENCE, 0),
+                    }
+                } else if !ctrl.enabled() {
+                    self.respond(cid, Status::COMMAND_SEQUENCE, 0);
+                } else {
+                    self.io_command(s, data);
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, cid: u16, a: Answer) {
+        if a.status.ok() && !a.data.is_empty() {
+            self.send_data(cid, &a.data);
+        }
+        self.respond(cid, a.status, a.result);
+    }
+
+    fn respond(&mut self, cid: u16, st: Status, result: u64) {
+        let qid = match &self.phase {
+            Phase::Io { qid, .. } => *qid,
+            _ => 0,
+        };
+        let cqe = capsule::completion(cid, qid, self.sqhd as u16, result, st);
+        pdu::encode_response(&capsule::cqe_bytes(&cqe), self.digests, &mut self.tx);
+    }
+
+    fn send_data(&mut self, cid: u16, data: &[u8]) {
+        let h = DataHeader {
+            cccid: cid,
+            ttag: 0,
+            offset: 0,
+            length: data.len() as u32,
+            last: true,
+            success: false,
+        };
+        pdu::encode_data(false, &h, data, self.digests, self.hpda, &mut self.tx);
+    }
+
+    fn connect(&mut self, ctx: &mut Ctx, s: &Sqe, data: &[u8]) {
+        let cid = s.cid();
+        let c = Connect::from_sqe(s);
+        // Invalid parameter: DW0 names it (bit 16: in the data, else in
+        // the command; bits 15:0 its offset).
+        let in_data = |at: u32| (1u64 << 16) | at as u64;
+        let in_sqe = |at: u32| at as u64;
+        let invalid = status::CONNECT_INVALID;
+        if c.recfmt != 0 {
+            return self.respond(cid, status::CONNECT_FORMAT, 0);
+        }
+        let d = match capsule::data_pointer(s) {
+            capsule::DataPointer::InCapsule { offset: 0, len } if len as usize == data.len() => {
+                ConnectData::parse(data)
+            }
+            _ => return self.respond(cid, status::SGL_LENGTH, 0),
+        };
+        let d = match d {
+            Ok(d) => d,
+            Err(e) => return self.respond(cid, invalid, in_data(e.0)),
+        };
+        let entries = c.sqsize as u32 + 1;
+        if c.sqsize == 0 || entries > MAX_QUEUE_ENTRIES {
+            return self.respond(cid, invalid, in_sqe(44));
+        }
+        let sub = if d.subnqn == capsule::DISCOVERY_NQN {
+            None
+        } else {
+            match self.port.find(&d.subnqn) {
+                Some(s) => Some(s),
+                None => return self.respond(cid, invalid, in_data(capsule::CONNECT_SUBNQN_AT)),
+            }
+        };
+        if let Some(sub) = &sub {
+            if !sub.allows(&d.hostnqn) {
+                tracing::warn!(host = %d.hostnqn, nqn = %sub.opts.nqn, "nvme/tcp: host not allowed");
+                return self.respond(cid, status::CONNECT_HOST, 0);
+            }
+        }
+        self.entries = entries;
+        if c.qid == 0 {
+            if d.cntlid != 0xffff {
+                return self.respond(cid, invalid, in_data(capsule::CONNECT_CNTLID_AT));
+            }
+            let cntlid = self.new_cntlid(sub.as_deref());
+            let ctrl = Arc::new(Controller::new(
+                cntlid,
+                d.hostnqn.clone(),
+                d.host_id,
+                sub.clone(),
+                self.port.clone(),
+                c.kato,
+            ));
+            if let Some(sub) = &sub {
+                sub.controllers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(cntlid, ctrl.clone());
+                self.ns_blocks = sub.volume.info().num_blocks;
+                self.count(sub);
+            }
+            tracing::info!(cntlid, host = %d.hostnqn, nqn = %d.subnqn, kato_ms = c.kato, "nvme/tcp: controller connected");
+            // A timer wakes the reactor for keep-alive and events even
+            // when it idles.
+            let alive = Rc::new(Cell::new(true));
+            let a = alive.clone();
+            ctx.every(TICK, move |_| a.get());
+            self.tick = Some(alive);
+            self.phase = Phase::Admin(ctrl);
+            return self.respond(cid, Status::SUCCESS, cntlid as u64);
+        }
+        // An IO queue of an existing controller of this host.
+        let Some(sub) = sub else {
+            return self.respond(cid, invalid, in_sqe(42));
+        };
+        let ctrl = sub
+            .controllers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&d.cntlid)
+            .cloned();
+        let Some(ctrl) = ctrl.filter(|c| !c.is_dead()) else {
+            return self.respond(cid, invalid, in_data(capsule::CONNECT_CNTLID_AT));
+        };
+        if ctrl.hostnqn != d.hostnqn || ctrl.host_id != d.host_id {
+            return self.respond(cid, invalid, in_data(capsule::CONNECT_HOSTNQN_AT));
+        }
+        {
+            let mut st = ctrl.state();
+            if !ctrl.enabled() || c.qid > st.io_queues || !st.connected.insert(c.qid) {
+                return self.respond(cid, invalid, in_sqe(42));
+            }
+        }
+        let opened = sub
+            .volume
+            .quiesce()
+            .local(ctx)
+            .map_err(|e| e.to_string())
+            .and_then(|gate| {
+                let (gen, v) = gate.config();
+                let ch = v.device.open_channel().map_err(|e| e.to_string())?;
+                Ok(IoPath {
+                    gate,
+                    gen,
+                    ch,
+                    info: v.device.info().clone(),
+                    read_only: sub.opts.read_only,
+                })
+            });
+        match opened {
+            Ok(p) => self.io = Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: opening the volume for an IO queue failed");
+                ctrl.state().connected.remove(&c.qid);
+                return self.respond(cid, status::INTERNAL, 0);
+            }
+        }
+        self.slots = (0..entries)
+            .map(|_| Slot {
+                cid: 0,
+                plan: Plan {
+                    op: IoOp::Flush,
+                    offset_blocks: 0,
+                    num_blocks: 0,
+                    bytes: 0,
+                    in_capsule: false,
+                    fua: false,
+                    ranges: 0,
+                },
+                buf: Vec::new(),
+                received: 0,
+                state: SlotState::Free,
+                pending: 0,
+                todo: VecDeque::new(),
+                status: Status::SUCCESS,
+                corrupt: false,
+                flushed: false,
+            })
+            .collect();
+        self.free = (0..entries as u16).rev().collect();
+        self.count(&sub);
+        self.phase = Phase::Io {
+            ctrl: ctrl.clone(),
+            sub,
+            qid: c.qid,
+        };
+        self.respond(cid, Status::SUCCESS, ctrl.cntlid as u64);
+    }
+
+    fn count(&mut self, sub: &Arc<Subsystem>) {
+        sub.connections.fetch_add(1, Ordering::SeqCst);
+        self.counted = Some(sub.clone());
+    }
+
+    fn new_cntlid(&self, sub: Option<&Subsystem>) -> u16 {
+        loop {
+            let id = self.shared.cntlid();
+            let taken = sub.is_some_and(|s| {
+                s.controllers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&id)
+            });
+            if !taken {
+                return id;
+            }
+        }
+    }
+
+    fn io_command(&mut self, s: &Sqe, data: &[u8]) {
+        let cid = s.cid();
+        let Some(io) = &self.io else {
+            return self.respond(cid, status::INTERNAL, 0);
+        };
+        let plan = match io::check(s, &io.info, io.read_only) {
+            Ok(p) => p,
+            Err(st) => return self.respond(cid, st, 0),
+        };
+        if plan.in_capsule && data.len() != plan.bytes {
+            return self.respond(cid, status::SGL_LENGTH, 0);
+        }
+        let Some(i) = self.free.pop() else {
+            // More commands than the queue has entries: the host broke
+            // flow control.
+            return self.fatal(fes::SEQUENCE, 0, &[]);
+        };
+        let slot = &mut self.slots[i as usize];
+        slot.cid = cid;
+        slot.plan = plan;
+        slot.received = 0;
+        slot.pending = 0;
+        slot.todo.clear();
+        slot.status = Status::SUCCESS;
+        slot.corrupt = false;
+        slot.flushed = false;
+        slot.buf.clear();
+        let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
+        if plan.op == IoOp::Read {
+            slot.buf.resize(plan.bytes, 0);
+        }
+        if writes_data && plan.in_capsule {
+            slot.buf.extend_from_slice(data);
+            slot.received = data.len();
+        }
+        if writes_data && !plan.in_capsule {
+            slot.buf.resize(plan.bytes, 0);
+            slot.state = SlotState::AwaitData;
+            let r = R2t {
+                cccid: cid,
+                ttag: i,
+                offset: 0,
+                length: plan.bytes as u32,
+            };
+            pdu::encode_r2t(&r, self.digests, &mut self.tx);
+            return;
+        }
+        self.ready(i);
+    }
+
+    /// A command has its data: wait for the gate (or, for a Dataset
+    /// Management list that does not hold up, answer now).
+    fn ready(&mut self, i: u16) {
+        let num_blocks = self.io.as_ref().map_or(0, |io| io.info.num_blocks);
+        let slot = &mut self.slots[i as usize];
+        if slot.corrupt {
+            return self.done(i, status::TRANSPORT);
+        }
+        if slot.plan.op == IoOp::Discard {
+            if slot.plan.ranges == 0 {
+                return self.done(i, Status::SUCCESS);
+            }
+            match io::dsm_ranges(&slot.buf, num_blocks) {
+                Ok(r) => {
+                    slot.todo = r.into_iter().map(|(o, n)| (IoOp::Discard, o, n)).collect();
+                    if slot.todo.is_empty() {
+                        return self.done(i, Status::SUCCESS);
+                    }
+                }
+                Err(st) => return self.done(i, st),
+            }
+        } else {
+            let p = slot.plan;
+            slot.todo.push_back((p.op, p.offset_blocks, p.num_blocks));
+        }
+        slot.state = SlotState::Ready;
+        self.waiting.push_back(i);
+    }
+
+    fn h2c_data(&mut self, h: DataHeader, data: &[u8], corrupt: bool, header: &[u8]) {
+        let i = h.ttag;
+        let ok = self
+            .slots
+            .get(i as usize)
+            .is_some_and(|s| s.state == SlotState::AwaitData && s.cid == h.cccid);
+        if !ok {
+            return self.fatal(fes::INVALID_HEADER, 10, header);
+        }
+        let slot = &mut self.slots[i as usize];
+        let (at, len) = (h.offset as usize, h.length as usize);
+        if at != slot.received || at + len > slot.buf.len() {
+            return self.fatal(fes::OUT_OF_RANGE, 12, header);
+        }
+        if corrupt {
+            slot.corrupt = true;
+        } else {
+            slot.buf[at..at + len].copy_from_slice(data);
+        }
+        slot.received += len;
+        let full = slot.received == slot.buf.len();
+        if full != h.last {
+            return self.fatal(fes::SEQUENCE, 1, header);
+        }
+        if full {
+            self.ready(i);
+        }
+    }
+
+    /// Admit waiting commands through the volume's gate, in order.
+    fn start_waiting(&mut self) -> bool {
+        let mut work = false;
+        while let Some(&i) = self.waiting.front() {
+            let Some(io) = &self.io else { break };
+            if io.gate.generation() != io.gen {
+                // A new configuration: taken once nothing is in flight.
+                break;
+            }
+            let p = self.slots[i as usize].plan;
+            let writes = matches!(p.op, IoOp::Write | IoOp::WriteZeroes | IoOp::Discard);
+            if let Phase::Io { sub, .. } = &self.phase {
+                if writes
+                    && sub
+                        .volume
+                        .suspended_range()
+                        .holds(p.offset_blocks, p.num_blocks)
+                {
+                    break;
+                }
+            }
+            if !io.gate.try_begin() {
+                break;
+            }
+            self.waiting.pop_front();
+            self.slots[i as usize].state = SlotState::Running;
+            self.submitting.push_back(i);
+            work = true;
+        }
+        work
+    }
+
+    /// Hand admitted commands' requests to the volume's channel.
+    fn submit(&mut self) -> bool {
+        let mut work = false;
+        while let Some(&i) = self.submitting.front() {
+            let Some(io) = &mut self.io else { break };
+            let slot = &mut self.slots[i as usize];
+            let mut busy = false;
+            while let Some((op, offset, blocks)) = slot.todo.pop_front() {
+                let mut sg = SgList::new();
+                if matches!(op, IoOp::Read | IoOp::Write) {
+                    // SAFETY: the buffer belongs to the slot, which is not
+                    // reused or resized until every request completed.
+                    sg.push(unsafe { IoVec::new(slot.buf.as_mut_ptr(), slot.buf.len()) });
+                }
+                let req = IoRequest {
+                    op,
+                    offset_blocks: offset,
+                    num_blocks: blocks,
+                    sg,
+                    tag: i as u64,
+                };
+                match io.ch.submit(req) {
+                    Ok(()) => {
+                        slot.pending += 1;
+                        work = true;
+                    }
+                    Err(SubmitError::Busy(_)) => {
+                        slot.todo.push_front((op, offset, blocks));
+                        busy = true;
+                        break;
+                    }
+                }
+            }
+            if busy {
+                break;
+            }
+            self.submitting.pop_front();
+        }
+        work
+    }
+
+    /// Take the channel's completions.
+    fn reap(&mut self) -> bool {
+        let Some(io) = &mut self.io else {
+            return false;
+        };
+        if io.ch.inflight() == 0 || io.ch.poll(&mut self.comps) == 0 {
+            return false;
+        }
+        let mut comps = std::mem::take(&mut self.comps);
+        for c in comps.drain(..) {
+            let i = c.tag as u16;
+            let Some(slot) = self.slots.get_mut(i as usize) else {
+                continue;
+            };
+            slot.pending = slot.pending.saturating_sub(1);
+            if let Err(e) = c.result {
+                tracing::debug!(error = %e, "nvme/tcp: volume IO failed");
+                if slot.status.ok() {
+                    slot.status = media_error(slot.plan.op);
+                }
+            }
+            if slot.pending > 0 || !slot.todo.is_empty() {
+                continue;
+            }
+            if slot.plan.fua && !slot.flushed && slot.status.ok() {
+                // Force Unit Access: durable before it completes.
+                slot.flushed = true;
+                slot.todo.push_back((IoOp::Flush, 0, 0));
+                self.submitting.push_back(i);
+                continue;
+            }
+            let st = slot.status;
+            if let Some(io) = &self.io {
+                io.gate.end();
+            }
+            self.done(i, st);
+        }
+        self.comps = comps;
+        true
+    }
+
+    /// Answer command `i` and free its slot.
+    fn done(&mut self, i: u16, st: Status) {
+        let slot = &mut self.slots[i as usize];
+        let (cid, op) = (slot.cid, slot.plan.op);
+        let buf = std::mem::take(&mut slot.buf);
+        slot.state = SlotState::Free;
+        if st.ok() && op == IoOp::Read {
+            self.send_data(cid, &buf);
+        }
+        if let Phase::Io { sub, .. } = &self.phase {
+            match op {
+                IoOp::Read => sub.reads.fetch_add(1, Ordering::Relaxed),
+                IoOp::Write => sub.writes.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
+        self.respond(cid, st, 0);
+        self.slots[i as usize].buf = buf;
+        self.free.push(i);
+    }
+
+    /// With nothing in flight, move to the volume's new configuration.
+    fn refresh_generation(&mut self) {
+        let running = self.slots.iter().any(|s| s.state == SlotState::Running);
+        let Some(io) = &mut self.io else { return };
+        if running || io.ch.inflight() > 0 || io.gate.generation() == io.gen {
+            return;
+        }
+        let (gen, v) = io.gate.config();
+        io.ch = match v.device.open_channel() {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::error!(error = %e, "nvme/tcp: opening the volume's channel for its new configuration failed; IO fails until the next one");
+                Box::new(bdev::FailingChannel::default())
+            }
+        };
+        io.info = v.device.info().clone();
+        io.gen = gen;
+    }
+
+    /// Write what is queued for the host.
+    fn send(&mut self) -> bool {
+        let mut work = false;
+        while self.tx_pending() > 0 {
+            match self.sock.write(&self.tx[self.tx_start..]) {
+                Ok(0) => {
+                    self.close("socket closed");
+                    self.tx.clear();
+                    self.tx_start = 0;
+                    break;
+                }
+                Ok(n) => {
+                    self.tx_start += n;
+                    work = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // The peer is gone: nothing more can be sent.
+                    self.close("socket error");
+                    self.tx.clear();
+                    self.tx_start = 0;
+                    break;
+                }
+            }
+        }
+        if self.tx_start == self.tx.len() {
+            self.tx.clear();
+            self.tx_start = 0;
+        } else if self.tx_start > (1 << 20) {
+            self.tx.drain(..self.tx_start);
+            self.tx_start = 0;
+        }
+        work
+    }
+}

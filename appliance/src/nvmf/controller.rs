@@ -1,0 +1,155 @@
+//! A controller: what the admin queue and the IO queues of one host's
+//! association share. Only connects and admin commands take its lock; the
+//! IO path reads two atomics (`enabled`, `dead`).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::{Port, Subsystem};
+
+/// IO queues a controller grants at most (Number of Queues feature).
+pub const MAX_IO_QUEUES: u16 = 64;
+/// CC.EN.
+pub const CC_EN: u32 = 1;
+/// CC.SHN (shutdown notification) mask.
+pub const CC_SHN: u32 = 3 << 14;
+/// CSTS.RDY.
+pub const CSTS_RDY: u32 = 1;
+/// CSTS.SHST: shutdown processing complete.
+pub const CSTS_SHST_DONE: u32 = 2 << 2;
+/// Asynchronous event configuration: namespace attribute notices.
+pub const AEC_NS_ATTR: u32 = 1 << 8;
+
+/// The mutable part of a controller.
+#[derive(Debug)]
+pub struct State {
+    /// Controller configuration.
+    pub cc: u32,
+    /// Controller status.
+    pub csts: u32,
+    /// Keep-alive timeout in ms (0: none).
+    pub kato_ms: u32,
+    /// When the host last showed it is alive (Keep Alive or Connect).
+    pub last_keep_alive: Instant,
+    /// IO queues granted (1-based count).
+    pub io_queues: u16,
+    /// IO queues connected now.
+    pub connected: BTreeSet<u16>,
+    /// Asynchronous event configuration (Set Features 0x0b).
+    pub aec: u32,
+    /// A namespace-attribute-changed event not yet sent to the host.
+    pub ns_event: bool,
+    /// The changed namespace list has an entry not yet read.
+    pub ns_changed: bool,
+    /// Events of this type are masked until the host reads the log.
+    pub ns_masked: bool,
+}
+
+/// A controller of a subsystem (or of the discovery service).
+pub struct Controller {
+    /// Its ID.
+    pub cntlid: u16,
+    /// The host that connected it.
+    pub hostnqn: String,
+    /// The host's identifier from Connect.
+    pub host_id: [u8; 16],
+    /// The subsystem; `None` for a discovery controller.
+    pub subsystem: Option<Arc<Subsystem>>,
+    pub(super) port: Arc<Port>,
+    state: Mutex<State>,
+    enabled: AtomicBool,
+    dead: AtomicBool,
+}
+
+impl Controller {
+    pub(super) fn new(
+        cntlid: u16,
+        hostnqn: String,
+        host_id: [u8; 16],
+        subsystem: Option<Arc<Subsystem>>,
+        port: Arc<Port>,
+        kato_ms: u32,
+    ) -> Controller {
+        Controller {
+            cntlid,
+            hostnqn,
+            host_id,
+            subsystem,
+            port,
+            state: Mutex::new(State {
+                cc: 0,
+                csts: 0,
+                kato_ms,
+                last_keep_alive: Instant::now(),
+                io_queues: 0,
+                connected: BTreeSet::new(),
+                aec: 0,
+                ns_event: false,
+                ns_changed: false,
+                ns_masked: false,
+            }),
+            enabled: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    /// The mutable state (admin path only).
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// CC.EN is set and the controller ready.
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Whether the association is over (keep-alive expired, the admin
+    /// queue closed, the export deleted): its queues close.
+    #[inline]
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// End the association.
+    pub fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.enabled.store(false, Ordering::Release);
+    }
+
+    /// Whether this is a discovery controller.
+    pub fn is_discovery(&self) -> bool {
+        self.subsystem.is_none()
+    }
+
+    /// Write CC: enabling makes the controller ready at once; clearing EN
+    /// resets it; a shutdown notification completes at once (writes were
+    /// acknowledged only once the volume had them).
+    pub fn set_cc(&self, cc: u32) {
+        let mut s = self.state();
+        let was = s.cc;
+        s.cc = cc;
+        if cc & CC_EN != 0 && was & CC_EN == 0 {
+            s.csts |= CSTS_RDY;
+            s.csts &= !CSTS_SHST_DONE;
+        } else if cc & CC_EN == 0 && was & CC_EN != 0 {
+            s.csts &= !CSTS_RDY;
+        }
+        if cc & CC_SHN != 0 {
+            s.csts |= CSTS_SHST_DONE;
+        } else if was & CC_SHN != 0 {
+            s.csts &= !CSTS_SHST_DONE;
+        }
+        self.enabled.store(
+            s.csts & CSTS_RDY != 0 && cc & CC_SHN == 0,
+            Ordering::Release,
+        );
+    }
+
+    /// The host is alive.
+    pub fn touch(&self) {
+        self.state().last_keep_alive = Instant::now();
+    }
+}

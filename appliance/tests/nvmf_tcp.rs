@@ -1,0 +1,658 @@
+//! The NVMe/TCP target over loopback, driven by the project's host
+//! (`nvmf::host`) and by raw sockets that misbehave on purpose.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::nvmf::{stable_nguid, SubsystemOptions, Target};
+use appliance::volume::{Volume, VolumeConfig};
+use bdev::{BlockDevice, RamDevice};
+use nvme::spec::{io as cmd, Sqe, Status};
+use nvmf::capsule::{self, status};
+use nvmf::host::{Controller, HostConfig, HostError, Queue};
+use nvmf::pdu::{self, Digests, Pdu, Receiver};
+use poller::{ReactorConfig, Reactors};
+use rand::{Rng, SeedableRng};
+
+const BS: u64 = 4096;
+const BLOCKS: u64 = 16384; // 64 MiB
+const LONG: Duration = Duration::from_secs(20);
+const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-000000000001";
+const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-000000000002";
+const NQN: &str = "nqn.2026-12.io.appliance:vol0";
+
+/// Dropped in field order: the target closes its connections while the
+/// reactors still run.
+struct Rig {
+    target: Target,
+    volume: Volume,
+    addr: SocketAddr,
+    _reactors: Reactors,
+}
+
+fn rig(hosts: &[&str]) -> Rig {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", BS as u32, BLOCKS).unwrap());
+    let volume = Volume::new(reactors.set(), "vol0", dev);
+    let target = Target::new(reactors.set());
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let addr = target
+        .add(&volume, options(NQN, listen, hosts))
+        .unwrap()
+        .opts
+        .listen;
+    Rig {
+        target,
+        volume,
+        addr,
+        _reactors: reactors,
+    }
+}
+
+fn options(nqn: &str, listen: SocketAddr, hosts: &[&str]) -> SubsystemOptions {
+    SubsystemOptions {
+        nqn: nqn.into(),
+        listen,
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        allow_any_host: false,
+        serial: "vol0".into(),
+        nguid: stable_nguid(nqn),
+        read_only: false,
+    }
+}
+
+fn host(nqn: &str, digests: Digests) -> HostConfig {
+    HostConfig {
+        hostnqn: nqn.into(),
+        host_id: [nqn.len() as u8; 16],
+        digests,
+        kato_ms: 0,
+        timeout: LONG,
+    }
+}
+
+fn connect(addr: SocketAddr, cfg: &HostConfig, queues: u16) -> Controller {
+    let mut c = Controller::connect(addr, NQN, cfg).unwrap();
+    let n = (queues - 1) as u32;
+    let granted = c.set_features(0x07, n | n << 16).unwrap();
+    assert!(granted & 0xffff >= n, "granted {granted:#x}");
+    c
+}
+
+fn rw(op: u8, slba: u64, blocks: u32) -> Sqe {
+    let mut s = Sqe::new(op, 1);
+    s.set_range(slba, blocks);
+    s
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = rand::rngs::SmallRng::seed_from_u64(seed);
+    (0..len).map(|_| r.gen()).collect()
+}
+
+/// Writes of every size class (in the capsule, one R2T, the largest
+/// transfer) pipelined `depth` deep, then read back and compared.
+fn verify_queue(q: &mut Queue, seed: u64, first_block: u64, depth: usize) {
+    let sizes = [1u32, 2, 8, 16, 32, 3, 1, 32];
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut written = Vec::new();
+    let mut at = first_block;
+    for round in 0..4 {
+        let mut batch = Vec::new();
+        for k in 0..depth {
+            let blocks = sizes[rng.gen_range(0..sizes.len())];
+            let data = pattern(
+                seed * 1000 + round * 100 + k as u64,
+                blocks as usize * BS as usize,
+            );
+            q.send(rw(cmd::WRITE, at, blocks), &data, 0).unwrap();
+            batch.push((at, data));
+            at += blocks as u64;
+        }
+        for _ in 0..depth {
+            let r = q.recv().unwrap();
+            assert_eq!(r.status(), Status::SUCCESS);
+        }
+        written.extend(batch);
+    }
+    for chunk in written.chunks(depth) {
+        let mut cids = Vec::new();
+        for (slba, data) in chunk {
+            let cid = q
+                .send(
+                    rw(cmd::READ, *slba, (data.len() / BS as usize) as u32),
+                    &[],
+                    data.len(),
+                )
+                .unwrap();
+            cids.push((cid, data));
+        }
+        for _ in 0..chunk.len() {
+            let r = q.recv().unwrap();
+            assert_eq!(r.status(), Status::SUCCESS);
+            let (_, want) = cids
+                .iter()
+                .find(|(cid, _)| *cid == r.cqe.cid())
+                .expect("a reply for a command sent");
+            assert!(r.data == **want, "read back differs");
+        }
+    }
+}
+
+#[test]
+fn two_hosts_with_two_queues_each_read_back_what_they_wrote() {
+    let r = rig(&[HOST_A, HOST_B]);
+    let mut threads = Vec::new();
+    for (h, nqn) in [HOST_A, HOST_B].into_iter().enumerate() {
+        let addr = r.addr;
+        // One host with both digests, the other with none.
+        let d = Digests {
+            header: h == 0,
+            data: h == 0,
+        };
+        threads.push(std::thread::spawn(move || {
+            let c = connect(addr, &host(nqn, d), 2);
+            let mut qs: Vec<Queue> = (1..=2).map(|qid| c.io_queue(qid, 32).unwrap()).collect();
+            let mut inner = Vec::new();
+            for (i, mut q) in qs.drain(..).enumerate() {
+                let region = (h as u64 * 2 + i as u64) * 4096;
+                inner.push(std::thread::spawn(move || {
+                    verify_queue(&mut q, region + 1, region, 16)
+                }));
+            }
+            for t in inner {
+                t.join().unwrap();
+            }
+            c
+        }));
+    }
+    let ctrls: Vec<Controller> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Two controllers with different IDs in one subsystem.
+    assert_ne!(ctrls[0].cntlid, ctrls[1].cntlid);
+    // Another association of the second host sees the first one's data
+    // (one namespace).
+    let mut c = connect(r.addr, &host(HOST_B, Digests::default()), 1);
+    let mut q = c.io_queue(1, 8).unwrap();
+    let read = q.exec(rw(cmd::READ, 0, 1), &[], 4096).unwrap();
+    assert!(
+        read.data.iter().any(|&b| b != 0),
+        "host A's first block is not zero"
+    );
+    let smart = c.log_page(0x02, 512, 0).unwrap();
+    let reads = u128::from_le_bytes(smart[64..80].try_into().unwrap());
+    assert!(reads >= 1, "SMART host read commands {reads}");
+}
+
+#[test]
+fn identify_describes_the_volume_and_is_stable() {
+    let r = rig(&[HOST_A]);
+    let mut c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let id = &c.id;
+    assert_eq!(u16::from_le_bytes([id[78], id[79]]), c.cntlid);
+    assert_eq!(id[111], 1, "an IO controller");
+    assert_ne!(u16::from_le_bytes([id[320], id[321]]), 0, "KAS");
+    assert_eq!(u16::from_le_bytes([id[1800], id[1801]]), 0, "ICDOFF");
+    let subnqn = String::from_utf8_lossy(&id[768..768 + NQN.len()]);
+    assert_eq!(subnqn, NQN);
+    let ns = c.identify(0x00, 1).unwrap();
+    assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), BLOCKS);
+    assert_eq!(ns[130], 12, "4 KiB blocks");
+    assert_eq!(&ns[104..120], &stable_nguid(NQN));
+    let list = c.identify(0x02, 0).unwrap();
+    assert_eq!(u32::from_le_bytes(list[0..4].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(list[4..8].try_into().unwrap()), 0);
+    let desc = c.identify(0x03, 1).unwrap();
+    assert_eq!((desc[0], desc[1]), (2, 16));
+    assert_eq!(&desc[4..20], &stable_nguid(NQN));
+    // No namespace 2; an unknown CNS is an invalid field.
+    let e = c.identify(0x00, 2).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HostError::Status {
+                status: Status::INVALID_NAMESPACE,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.identify(0x1f, 0).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HostError::Status {
+                status: Status::INVALID_FIELD,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // The NGUID of an NQN never changes between releases (computed
+    // independently: CRC32C with the four seeds, RFC 9562 version 8).
+    let hex: String = stable_nguid(NQN).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, "b18033f8ea818b5f8001284372b6918c");
+    assert_ne!(
+        stable_nguid(NQN),
+        stable_nguid("nqn.2026-12.io.appliance:vol1")
+    );
+    drop(r.volume);
+}
+
+#[test]
+fn io_outside_the_namespace_or_malformed_gets_the_specified_status() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 16).unwrap();
+    let expect = |q: &mut Queue, s: Sqe, write: &[u8], read: usize, want: Status| {
+        let opcode = s.opcode();
+        match q.exec(s, write, read) {
+            Err(HostError::Status { status, .. }) => assert_eq!(status, want, "opcode {opcode:#x}"),
+            other => panic!("opcode {opcode:#x}: {other:?}"),
+        }
+    };
+    expect(
+        &mut q,
+        rw(cmd::READ, BLOCKS, 1),
+        &[],
+        4096,
+        Status::LBA_OUT_OF_RANGE,
+    );
+    expect(
+        &mut q,
+        rw(cmd::READ, BLOCKS - 1, 2),
+        &[],
+        8192,
+        Status::LBA_OUT_OF_RANGE,
+    );
+    expect(
+        &mut q,
+        rw(cmd::READ, u64::MAX, 1),
+        &[],
+        4096,
+        Status::LBA_OUT_OF_RANGE,
+    );
+    let mut s = rw(cmd::READ, 0, 1);
+    s.nsid = 7;
+    expect(&mut q, s, &[], 4096, Status::INVALID_NAMESPACE);
+    // The buffer does not match the block count.
+    expect(&mut q, rw(cmd::READ, 0, 2), &[], 4096, status::SGL_LENGTH);
+    // More than MDTS.
+    expect(
+        &mut q,
+        rw(cmd::READ, 0, 64),
+        &[],
+        64 * 4096,
+        Status::INVALID_FIELD,
+    );
+    expect(&mut q, Sqe::new(0x7e, 1), &[], 0, Status::INVALID_OPCODE);
+    // Write zeroes and deallocate, then the blocks read back as zero.
+    let ones = vec![0xa5u8; 8192];
+    q.exec(rw(cmd::WRITE, 100, 2), &ones, 0).unwrap();
+    let mut wz = rw(cmd::WRITE_ZEROES, 100, 1);
+    wz.cdw[2] &= !0xffff;
+    q.exec(wz, &[], 0).unwrap();
+    let back = q.exec(rw(cmd::READ, 100, 2), &[], 8192).unwrap().data;
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert!(back[4096..].iter().all(|&b| b == 0xa5));
+    let mut ranges = vec![0u8; 16];
+    ranges[4..8].copy_from_slice(&1u32.to_le_bytes());
+    ranges[8..16].copy_from_slice(&101u64.to_le_bytes());
+    let mut dsm = Sqe::new(cmd::DSM, 1);
+    dsm.cdw[1] = cmd::DSM_AD;
+    q.exec(dsm, &ranges, 0).unwrap();
+    let mut bad = ranges.clone();
+    bad[8..16].copy_from_slice(&BLOCKS.to_le_bytes());
+    let mut dsm = Sqe::new(cmd::DSM, 1);
+    dsm.cdw[1] = cmd::DSM_AD;
+    expect(&mut q, dsm, &bad, 0, Status::LBA_OUT_OF_RANGE);
+    q.exec(Sqe::new(cmd::FLUSH, 1), &[], 0).unwrap();
+    // The queue still serves.
+    q.exec(rw(cmd::READ, 0, 1), &[], 4096).unwrap();
+}
+
+#[test]
+fn discovery_lists_only_what_the_host_may_use_and_others_are_refused() {
+    let r = rig(&[HOST_A]);
+    let listen = r.addr;
+    r.target
+        .add(
+            &r.volume,
+            options("nqn.2026-12.io.appliance:other", listen, &[HOST_B]),
+        )
+        .unwrap();
+    let mut d = Controller::connect(
+        r.addr,
+        capsule::DISCOVERY_NQN,
+        &host(HOST_A, Digests::default()),
+    )
+    .unwrap();
+    assert_eq!(d.id[111], 2, "a discovery controller");
+    let head = d.log_page(0x70, 1024, 0).unwrap();
+    let numrec = u64::from_le_bytes(head[8..16].try_into().unwrap());
+    assert_eq!(numrec, 1);
+    let log = d.log_page(0x70, 2048, 0).unwrap();
+    let e = &log[1024..];
+    assert_eq!((e[0], e[1], e[2]), (3, 1, 2), "TCP, IPv4, NVMe subsystem");
+    let subnqn = String::from_utf8_lossy(&e[256..256 + NQN.len()]).to_string();
+    assert_eq!(subnqn, NQN);
+    let port = String::from_utf8_lossy(&e[32..64])
+        .trim()
+        .trim_end_matches('\0')
+        .to_string();
+    assert_eq!(port, r.addr.port().to_string());
+    // libnvme's newer way: a 20-byte header, entries from offset 1024.
+    let small = d.log_page(0x70, 20, 0).unwrap();
+    assert_eq!(&small[..16], &head[..16]);
+    let entries = d.log_page(0x70, 1024, 1024).unwrap();
+    assert_eq!(entries, log[1024..]);
+    // A host not on the list is refused; an unknown subsystem too.
+    match Controller::connect(r.addr, NQN, &host(HOST_B, Digests::default())) {
+        Err(HostError::Status { status: s, .. }) => assert_eq!(s, status::CONNECT_HOST),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    match Controller::connect(
+        r.addr,
+        "nqn.2026-12.io.appliance:none",
+        &host(HOST_A, Digests::default()),
+    ) {
+        Err(HostError::Status {
+            status: s, result, ..
+        }) => {
+            assert_eq!(s, status::CONNECT_INVALID);
+            assert_eq!(result, 1 << 16 | 256, "IATTR data, IPO SUBNQN");
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // The discovery controller has no IO queues.
+    assert!(d.io_queue(1, 8).is_err());
+}
+
+#[test]
+fn keep_alive_keeps_the_association_and_its_expiry_ends_it() {
+    let r = rig(&[HOST_A]);
+    let mut cfg = host(HOST_A, Digests::default());
+    cfg.kato_ms = 1500;
+    let mut live = connect(r.addr, &cfg, 1);
+    let mut lq = live.io_queue(1, 8).unwrap();
+    let mut idle = connect(r.addr, &cfg, 1);
+    let mut iq = idle.io_queue(1, 8).unwrap();
+    // The live host keeps alive for twice the timeout.
+    let until = Instant::now() + Duration::from_millis(3000);
+    while Instant::now() < until {
+        live.keep_alive().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lq.exec(rw(cmd::READ, 0, 1), &[], 4096).unwrap();
+    // The idle one's association is gone: its IO queue closes too.
+    let deadline = Instant::now() + LONG;
+    loop {
+        match iq.exec(rw(cmd::READ, 0, 1), &[], 4096) {
+            Err(HostError::Io(_)) => break,
+            Err(e) => panic!("{e}"),
+            Ok(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired association's IO queue still serves"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(idle.keep_alive().is_err());
+    assert_eq!(
+        r.target.get(NQN).unwrap().controllers().len(),
+        1,
+        "only the live controller is left"
+    );
+}
+
+#[test]
+fn a_resize_completes_a_held_asynchronous_event_request() {
+    let r = rig(&[HOST_A]);
+    let mut c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    c.set_features(0x0b, 1 << 8).unwrap();
+    let aer = c.admin.send(Sqe::new(0x0c, 0), &[], 0).unwrap();
+    let grown = BLOCKS * 2;
+    r.volume
+        .quiesce()
+        .reconfigure(LONG, |cur: &VolumeConfig| {
+            let dev = cur.device.resized(grown).map_err(|e| e.to_string())?;
+            Ok::<_, String>((VolumeConfig::plain(dev), ()))
+        })
+        .unwrap();
+    let reply = c.admin.recv().unwrap();
+    assert_eq!(reply.cqe.cid(), aer);
+    assert_eq!(
+        reply.cqe.result, 0x0004_0002,
+        "notice: namespace attribute changed, log 0x04"
+    );
+    let log = c.log_page(0x04, 4096, 0).unwrap();
+    assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 1);
+    let again = c.log_page(0x04, 4096, 0).unwrap();
+    assert!(again.iter().all(|&b| b == 0), "reading the log clears it");
+    let ns = c.identify(0x00, 1).unwrap();
+    assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), grown);
+    let mut q = c.io_queue(1, 8).unwrap();
+    let data = pattern(9, 4096);
+    q.exec(rw(cmd::WRITE, grown - 1, 1), &data, 0).unwrap();
+    assert_eq!(
+        q.exec(rw(cmd::READ, grown - 1, 1), &[], 4096).unwrap().data,
+        data
+    );
+}
+
+#[test]
+fn io_goes_on_across_suspends_and_deleting_the_export_closes_its_queues() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 32).unwrap();
+    let writer = std::thread::spawn(move || {
+        verify_queue(&mut q, 77, 0, 16);
+        q
+    });
+    // Reconfigurations drain the queue's IO and let it go on.
+    let mut suspends = 0;
+    while !writer.is_finished() && suspends < 200 {
+        let g = r.volume.suspend(LONG).unwrap();
+        drop(g);
+        suspends += 1;
+    }
+    let mut q = writer.join().unwrap();
+    r.target.remove(NQN).unwrap();
+    assert_eq!(r.target.get(NQN).map(|s| s.connections()), None);
+    match q.exec(rw(cmd::READ, 0, 1), &[], 4096) {
+        Err(HostError::Io(_)) => {}
+        other => panic!("{:?}", other.map(|r| r.cqe)),
+    }
+    assert!(Controller::connect(r.addr, NQN, &host(HOST_A, Digests::default())).is_err());
+}
+
+/// Read one PDU from a raw socket.
+fn read_pdu(s: &mut TcpStream, digests: Digests) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let r = Receiver {
+        controller: false,
+        digests,
+        max_data: 1 << 20,
+    };
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Ok(Some((_, n))) = pdu::parse(&buf, &r) {
+            buf.truncate(n);
+            return Some(buf);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+    }
+}
+
+fn raw(addr: SocketAddr, ic: bool) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    if ic {
+        let mut b = Vec::new();
+        pdu::encode_ic_req(
+            &pdu::IcReq {
+                pfv: 0,
+                hpda: 0,
+                digests: Digests::default(),
+                maxr2t: 0,
+            },
+            &mut b,
+        );
+        s.write_all(&b).unwrap();
+        let p = read_pdu(&mut s, Digests::default()).unwrap();
+        assert_eq!(p[0], pdu::kind::IC_RESP);
+    }
+    s
+}
+
+/// What the target does with the bytes: a termination request (its FES)
+/// followed by the close, or a response (its status).
+fn outcome(s: &mut TcpStream) -> Result<Status, u16> {
+    let p = read_pdu(s, Digests::default()).expect("an answer before the close");
+    let r = Receiver {
+        controller: false,
+        digests: Digests::default(),
+        max_data: 1 << 20,
+    };
+    match pdu::parse(&p, &r).unwrap().unwrap().0 {
+        Pdu::Term { fes, .. } => {
+            let mut rest = [0u8; 16];
+            assert_eq!(
+                s.read(&mut rest).unwrap_or(0),
+                0,
+                "closed after the termination request"
+            );
+            Err(fes)
+        }
+        Pdu::Response(c) => Ok(capsule::cqe_from(&c).code()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn hostile_pdus_cost_only_their_own_connection() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut good = c.io_queue(1, 16).unwrap();
+    let data = pattern(5, 8192);
+    good.exec(rw(cmd::WRITE, 10, 2), &data, 0).unwrap();
+
+    // A command before ICReq.
+    let mut s = raw(r.addr, false);
+    let mut b = Vec::new();
+    pdu::encode_command(&[0u8; 64], &[], Digests::default(), 0, &mut b);
+    s.write_all(&b).unwrap();
+    assert_eq!(outcome(&mut s), Err(pdu::fes::SEQUENCE));
+
+    // An unknown PDU type, a wrong header length, a huge length.
+    for ch in [
+        [0x42u8, 0, 8, 0, 8, 0, 0, 0],
+        [pdu::kind::COMMAND, 0, 40, 0, 40, 0, 0, 0],
+        [pdu::kind::COMMAND, 0, 72, 72, 0xff, 0xff, 0xff, 0xff],
+    ] {
+        let mut s = raw(r.addr, true);
+        s.write_all(&ch).unwrap();
+        let fes = outcome(&mut s).unwrap_err();
+        assert!(
+            matches!(fes, pdu::fes::INVALID_HEADER | pdu::fes::DATA_LIMIT),
+            "{fes}"
+        );
+    }
+
+    // A header digest the connection did not negotiate... and a wrong one
+    // where it did.
+    let mut s = raw(r.addr, true);
+    b.clear();
+    pdu::encode_command(
+        &[0u8; 64],
+        &[],
+        Digests {
+            header: true,
+            data: false,
+        },
+        0,
+        &mut b,
+    );
+    s.write_all(&b).unwrap();
+    assert_eq!(outcome(&mut s), Err(pdu::fes::INVALID_HEADER));
+    let mut s = TcpStream::connect(r.addr).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    b.clear();
+    let dg = Digests {
+        header: true,
+        data: true,
+    };
+    pdu::encode_ic_req(
+        &pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: dg,
+            maxr2t: 0,
+        },
+        &mut b,
+    );
+    s.write_all(&b).unwrap();
+    read_pdu(&mut s, Digests::default()).unwrap();
+    b.clear();
+    pdu::encode_command(&[0u8; 64], &[], dg, 0, &mut b);
+    b[20] ^= 1;
+    s.write_all(&b).unwrap();
+    let p = read_pdu(&mut s, dg).unwrap();
+    assert_eq!(p[0], pdu::kind::C2H_TERM);
+
+    // Commands before Connect get a status and the connection goes on.
+    let mut s = raw(r.addr, true);
+    b.clear();
+    let sq = capsule::sqe_bytes(&rw(cmd::READ, 0, 1));
+    pdu::encode_command(&sq, &[], Digests::default(), 0, &mut b);
+    s.write_all(&b).unwrap();
+    assert_eq!(outcome(&mut s), Ok(Status::COMMAND_SEQUENCE));
+
+    // An H2CData for a transfer nobody asked for.
+    assert!(c.io_queue(1, 8).is_err(), "queue 1 is taken");
+    let mut s = raw(r.addr, true);
+    b.clear();
+    let h = pdu::DataHeader {
+        cccid: 1,
+        ttag: 3,
+        offset: 0,
+        length: 16,
+        last: true,
+        success: false,
+    };
+    pdu::encode_data(true, &h, &[0u8; 16], Digests::default(), 0, &mut b);
+    s.write_all(&b).unwrap();
+    assert!(outcome(&mut s).is_err());
+
+    // Random bytes after a good handshake, many times: never a panic.
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+    for _ in 0..50 {
+        let mut s = raw(r.addr, true);
+        let len = rng.gen_range(1..600);
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        junk[0] = [pdu::kind::COMMAND, pdu::kind::H2C_DATA, pdu::kind::IC_REQ][rng.gen_range(0..3)];
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+
+    // The good connection never noticed.
+    assert_eq!(
+        good.exec(rw(cmd::READ, 10, 2), &[], 8192).unwrap().data,
+        data
+    );
+}
