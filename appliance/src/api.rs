@@ -2,6 +2,8 @@
 //! calls, run on a blocking thread (a change may wait for a volume's IO to
 //! drain), and answers are turned back into messages.
 
+mod nvmf_pb;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -785,6 +787,44 @@ impl pb::appliance_server::Appliance for Service {
         self.run(move |m| {
             m.delete_export(&r.name, r.force)
                 .map(|_| pb::DeleteExportResponse {})
+        })
+        .await
+    }
+
+    async fn create_nvmf_export(
+        &self,
+        req: Request<pb::CreateNvmfExportRequest>,
+    ) -> Result<Response<pb::NvmfExport>, Status> {
+        let decl = nvmf_pb::decl(req.into_inner());
+        require("listen", &decl.listen)?;
+        self.run(move |m| m.create_nvmf_export(decl).map(nvmf_pb::to_pb))
+            .await
+    }
+
+    async fn list_nvmf_exports(
+        &self,
+        _: Request<pb::ListNvmfExportsRequest>,
+    ) -> Result<Response<pb::ListNvmfExportsResponse>, Status> {
+        self.run(|m| {
+            Ok(pb::ListNvmfExportsResponse {
+                exports: m
+                    .list_nvmf_exports()
+                    .into_iter()
+                    .map(nvmf_pb::to_pb)
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_nvmf_export(
+        &self,
+        req: Request<pb::DeleteNvmfExportRequest>,
+    ) -> Result<Response<pb::DeleteNvmfExportResponse>, Status> {
+        let r = req.into_inner();
+        self.run(move |m| {
+            m.delete_nvmf_export(&r.nqn)
+                .map(|_| pb::DeleteNvmfExportResponse {})
         })
         .await
     }

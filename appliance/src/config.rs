@@ -181,6 +181,34 @@ pub struct ExportDecl {
     pub socket_group: Option<String>,
 }
 
+/// A volume exported over NVMe/TCP: one subsystem, namespace 1.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmfExportDecl {
+    /// The subsystem's NQN (its name for hosts and for the API).
+    pub nqn: String,
+    /// The volume exported.
+    pub volume: String,
+    /// Where it listens: "IP:PORT" (4420 is NVMe/TCP's port).
+    pub listen: String,
+    /// Host NQNs allowed to connect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Any host may connect (the list is ignored).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_any_host: bool,
+    /// The serial number hosts see; "": the volume's name.
+    #[serde(default)]
+    pub serial: String,
+    /// The namespace's NGUID (32 hex digits), also its UUID; "": made at
+    /// creation and kept, so hosts see the same identity after restarts.
+    #[serde(default)]
+    pub nguid: String,
+    /// Refuse writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
 fn default_queues() -> u16 {
     1
 }
@@ -198,6 +226,9 @@ pub struct Config {
     /// `[[export]]` tables.
     #[serde(default, rename = "export", skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportDecl>,
+    /// `[[nvmf_export]]` tables.
+    #[serde(default, rename = "nvmf_export", skip_serializing_if = "Vec::is_empty")]
+    pub nvmf_exports: Vec<NvmfExportDecl>,
 }
 
 /// Why a configuration file could not be used.

@@ -235,7 +235,10 @@ fn identify_describes_the_volume_and_is_stable() {
     );
     // The NGUID of an NQN never changes between releases (computed
     // independently: CRC32C with the four seeds, RFC 9562 version 8).
-    let hex: String = stable_nguid(NQN).iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = stable_nguid(NQN)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(hex, "b18033f8ea818b5f8001284372b6918c");
     assert_ne!(
         stable_nguid(NQN),

@@ -16,6 +16,7 @@ mod changes;
 mod devices;
 mod exports;
 mod import;
+mod nvmf;
 mod reload;
 mod roles;
 mod volumes;
@@ -35,6 +36,7 @@ use crate::raid::members::MemberState;
 use crate::raid::monitor::{Monitor, OpError};
 use crate::volume::Volume;
 
+pub use nvmf::NvmfExportView;
 pub use reload::ReloadReport;
 pub use roles::RoleBook;
 
@@ -410,6 +412,8 @@ struct Inventory {
     /// and touched, which takes seconds for a large one): name -> spec.
     attaching: BTreeMap<String, String>,
     exports: BTreeMap<String, Arc<Exp>>,
+    /// NVMe/TCP exports by NQN.
+    nvmf: BTreeMap<String, nvmf::NvmfExp>,
 }
 
 impl Inventory {
@@ -437,6 +441,7 @@ impl Inventory {
                 .map(|v| lock(&v.decl).clone())
                 .collect(),
             exports: self.exports.values().map(|e| e.decl()).collect(),
+            nvmf_exports: self.nvmf.values().map(|e| e.decl.clone()).collect(),
         }
     }
 }
@@ -465,6 +470,8 @@ struct Shared {
     /// Where `file:` devices may be; `None` (a library user's manager)
     /// allows any path. The daemon always sets it.
     allowed: Mutex<Option<crate::devpaths::AllowedPaths>>,
+    /// The NVMe/TCP target (its listeners start with the first export).
+    target: crate::nvmf::Target,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -517,6 +524,7 @@ impl Manager {
                 wrapper: Mutex::new(None),
                 config_file: Mutex::new(None),
                 allowed: Mutex::new(None),
+                target: crate::nvmf::Target::new(set),
             }),
         }
     }
@@ -596,6 +604,10 @@ impl Manager {
             self.create_export(e.clone())
                 .map_err(failed(format!("export {}", e.name)))?;
         }
+        for e in &config.nvmf_exports {
+            self.create_nvmf_export(e.clone())
+                .map_err(failed(format!("nvme/tcp export {}", e.nqn)))?;
+        }
         Ok(())
     }
 
@@ -650,11 +662,14 @@ impl Manager {
         self.shared.closed.store(true, Ordering::SeqCst);
         let (exports, volumes) = {
             let mut inv = self.inv();
+            inv.nvmf.clear();
             (
                 std::mem::take(&mut inv.exports),
                 std::mem::take(&mut inv.volumes),
             )
         };
+        // Hosts' connections finish their commands and close.
+        self.shared.target.shutdown();
         for (name, e) in exports {
             if let Err(err) = e.export.delete(true) {
                 tracing::error!(export = name, error = %err, "deleting the export at shutdown");

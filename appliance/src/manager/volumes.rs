@@ -744,6 +744,12 @@ impl Manager {
                 .values()
                 .filter(|e| e.decl.volume == name)
                 .map(|e| e.decl.name.clone())
+                .chain(
+                    inv.nvmf
+                        .values()
+                        .filter(|e| e.decl.volume == name)
+                        .map(|e| e.decl.nqn.clone()),
+                )
                 .collect();
             if !users.is_empty() {
                 return Err(MgmtError::FailedPrecondition(format!(

@@ -154,10 +154,9 @@ impl Queue {
             ))),
         })? {
             r if r.pfv != 0 => Err(HostError::Protocol(format!("ICResp PFV {}", r.pfv))),
-            r if r.maxh2cdata < 4096 || !r.maxh2cdata.is_multiple_of(4) => Err(HostError::Protocol(format!(
-                "ICResp MAXH2CDATA {}",
-                r.maxh2cdata
-            ))),
+            r if r.maxh2cdata < 4096 || !r.maxh2cdata.is_multiple_of(4) => Err(
+                HostError::Protocol(format!("ICResp MAXH2CDATA {}", r.maxh2cdata)),
+            ),
             r if r.digests != cfg.digests => Err(HostError::Protocol(format!(
                 "asked for digests {:?}, granted {:?}",
                 cfg.digests, r.digests

@@ -5,6 +5,7 @@
 //! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
 //! 8 not authorised; 9 not enough of a resource (memory for a RAM device).
 
+mod nvmf;
 mod qos;
 mod show;
 mod stats;
@@ -107,6 +108,9 @@ enum Command {
     /// vhost-user-blk exports.
     #[command(subcommand)]
     Export(ExportCmd),
+    /// NVMe/TCP exports (subsystems other hosts connect to).
+    #[command(subcommand)]
+    Nvmf(nvmf::NvmfCmd),
     /// Bring the daemon to what its configuration file says (as SIGHUP
     /// does), and list what changed and what could not.
     Reload,
@@ -352,6 +356,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Device(cmd) => device(&mut c, json, cmd).await,
         Command::Volume(cmd) => volume(&mut c, json, cmd).await,
         Command::Export(cmd) => export(&mut c, json, cmd).await,
+        Command::Nvmf(cmd) => nvmf::nvmf(&mut c, json, cmd).await,
         Command::Reload => {
             let r = c.reload(pb::ReloadRequest {}).await?.into_inner();
             out(json, &r, || {

@@ -1,0 +1,160 @@
+//! Exporting volumes over NVMe/TCP.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{invalid, Manager, MgmtError};
+use crate::config::NvmfExportDecl;
+use crate::nvmf::{NvmfError, Subsystem, SubsystemOptions};
+
+/// An NVMe/TCP export in the inventory.
+pub(super) struct NvmfExp {
+    pub decl: NvmfExportDecl,
+    pub sub: Arc<Subsystem>,
+}
+
+/// An NVMe/TCP export as the API shows it.
+#[derive(Debug, Clone)]
+pub struct NvmfExportView {
+    /// What it is (the listen address as bound).
+    pub decl: NvmfExportDecl,
+    /// Connections open now (admin and IO queues).
+    pub connections: u64,
+    /// Controllers live now: (controller ID, host NQN).
+    pub controllers: Vec<(u16, String)>,
+}
+
+fn from_nvmf(e: NvmfError) -> MgmtError {
+    match e {
+        NvmfError::Invalid { field, reason } => MgmtError::InvalidArgument { field, reason },
+        NvmfError::Exists(m) => {
+            MgmtError::AlreadyExists(format!("nvme/tcp export {m} already exists"))
+        }
+        NvmfError::NotFound(m) => {
+            MgmtError::NotFound(format!("nvme/tcp export {m} does not exist"))
+        }
+        e @ NvmfError::Listen { .. } => MgmtError::FailedPrecondition(e.to_string()),
+    }
+}
+
+fn parse_nguid(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut g = [0u8; 16];
+    for (i, b) in g.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(g)
+}
+
+fn hex(g: &[u8; 16]) -> String {
+    g.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn view(e: &NvmfExp) -> NvmfExportView {
+    let mut controllers: Vec<(u16, String)> = e
+        .sub
+        .controllers()
+        .iter()
+        .map(|c| (c.cntlid, c.hostnqn.clone()))
+        .collect();
+    controllers.sort();
+    NvmfExportView {
+        decl: e.decl.clone(),
+        connections: e.sub.connections() as u64,
+        controllers,
+    }
+}
+
+impl Manager {
+    /// Export a volume over NVMe/TCP as the subsystem `decl.nqn`.
+    pub fn create_nvmf_export(
+        &self,
+        mut decl: NvmfExportDecl,
+    ) -> Result<NvmfExportView, MgmtError> {
+        self.check_open()?;
+        let listen: SocketAddr = decl
+            .listen
+            .parse()
+            .map_err(|_| invalid("listen", format!("{:?} is not IP:PORT", decl.listen)))?;
+        if decl.hosts.is_empty() && !decl.allow_any_host {
+            return Err(invalid(
+                "hosts",
+                "no host may connect: name the allowed host NQNs, or allow any host",
+            ));
+        }
+        let nguid = if decl.nguid.is_empty() {
+            // Random once, then kept in the state file.
+            *uuid::Uuid::new_v4().as_bytes()
+        } else {
+            parse_nguid(&decl.nguid.to_ascii_lowercase())
+                .ok_or_else(|| invalid("nguid", "32 hexadecimal digits"))?
+        };
+        if decl.serial.is_empty() {
+            decl.serial = decl.volume.chars().take(20).collect();
+        }
+        // Under the inventory's lock: the NQN and the volume (not being
+        // deleted) are checked and taken in one step.
+        let mut inv = self.inv();
+        if inv.nvmf.contains_key(&decl.nqn) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "nvme/tcp export {} already exists",
+                decl.nqn
+            )));
+        }
+        let vol = inv.volume(&decl.volume)?;
+        if vol.deleting.load(Ordering::SeqCst) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {} is being deleted",
+                decl.volume
+            )));
+        }
+        let sub = self
+            .shared
+            .target
+            .add(
+                &vol.volume,
+                SubsystemOptions {
+                    nqn: decl.nqn.clone(),
+                    listen,
+                    hosts: decl.hosts.clone(),
+                    allow_any_host: decl.allow_any_host,
+                    serial: decl.serial.clone(),
+                    nguid,
+                    read_only: decl.read_only,
+                },
+            )
+            .map_err(from_nvmf)?;
+        decl.nguid = hex(&nguid);
+        // The address as bound (port 0 picks one); kept as asked otherwise.
+        if listen.port() == 0 {
+            decl.listen = sub.opts.listen.to_string();
+        }
+        let e = NvmfExp { decl, sub };
+        let v = view(&e);
+        inv.nvmf.insert(e.decl.nqn.clone(), e);
+        drop(inv);
+        self.save()?;
+        Ok(v)
+    }
+
+    /// Every NVMe/TCP export.
+    pub fn list_nvmf_exports(&self) -> Vec<NvmfExportView> {
+        self.inv().nvmf.values().map(view).collect()
+    }
+
+    /// Stop exporting `nqn`: hosts' connections finish the commands they
+    /// started and close (hosts see the controller go away and reconnect
+    /// until their loss timeout).
+    pub fn delete_nvmf_export(&self, nqn: &str) -> Result<(), MgmtError> {
+        self.check_open()?;
+        let e =
+            self.inv().nvmf.remove(nqn).ok_or_else(|| {
+                MgmtError::NotFound(format!("nvme/tcp export {nqn} does not exist"))
+            })?;
+        self.save()?;
+        self.shared.target.remove(&e.decl.nqn).map_err(from_nvmf)
+    }
+}
