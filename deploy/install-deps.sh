@@ -12,7 +12,8 @@ case "${1:-test}" in
   # headers it needs follow the guest kernel: build-vfio-noiommu.sh).
   # mount (losetup) and e2fsprogs: the host-safety test claims loop devices;
   # systemd: systemd-analyze checks the unit file.
-  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils mount systemd) ;;
+  # nvme-cli: copied into the guest for the NVMe/TCP test (Linux's host).
+  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils mount systemd nvme-cli) ;;
   # python3-matplotlib: the lab's plots (bench/lab/lab.py).
   bench) want=(fio valgrind python3-matplotlib) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;

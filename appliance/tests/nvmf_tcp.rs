@@ -309,6 +309,18 @@ fn io_outside_the_namespace_or_malformed_gets_the_specified_status() {
     let mut dsm = Sqe::new(cmd::DSM, 1);
     dsm.cdw[1] = cmd::DSM_AD;
     q.exec(dsm, &ranges, 0).unwrap();
+    // As Linux sends it: one range in a whole 4 KiB page.
+    let mut page = ranges.clone();
+    page[8..16].copy_from_slice(&100u64.to_le_bytes());
+    page.resize(4096, 0xee);
+    let mut dsm = Sqe::new(cmd::DSM, 1);
+    dsm.cdw[1] = cmd::DSM_AD;
+    q.exec(dsm, &page, 0).unwrap();
+    let back = q.exec(rw(cmd::READ, 100, 2), &[], 8192).unwrap().data;
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "deallocated blocks of a RAM device read zero"
+    );
     let mut bad = ranges.clone();
     bad[8..16].copy_from_slice(&BLOCKS.to_le_bytes());
     let mut dsm = Sqe::new(cmd::DSM, 1);

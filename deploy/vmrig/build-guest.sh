@@ -61,7 +61,7 @@ for applet in $("$st/bin/busybox" --list); do [ -e "$st/bin/$applet" ] || ln -s 
 ln -sf ../bin/busybox "$st/sbin/modprobe"
 
 # Modules and everything they depend on, resolved by the host's kmod.
-mods="virtio_pci virtio_blk ext4 crc32c_generic nvme vfio_pci vfio_iommu_type1 raid1 raid456 md_mod"
+mods="virtio_pci virtio_blk ext4 crc32c_generic nvme vfio_pci vfio_iommu_type1 raid1 raid456 md_mod virtio_net nvme_tcp"
 for m in $mods; do
   modprobe -d "$kroot" -S "$kver" --show-depends "$m" 2>/dev/null | awk '/^insmod/{print $2}'
 done | awk '!seen[$0]++' | while read -r ko; do
@@ -83,6 +83,8 @@ add_bin "$(command -v fio)" usr/local/bin
 add_bin "$(command -v mke2fs)" usr/sbin
 add_bin "$(command -v e2fsck)" usr/sbin
 add_bin "$cache/mdadm-root/sbin/mdadm" usr/sbin
+# nvme-cli (the host package: deploy/install-deps.sh test installs it).
+add_bin "$(command -v nvme)" usr/sbin
 ln -sf mke2fs "$st/usr/sbin/mkfs.ext4"
 cp "$here/init" "$st/init" && chmod +x "$st/init"
 (cd "$st" && find . | "$st/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -1 > "$out/initramfs.cpio.gz"

@@ -711,9 +711,18 @@ impl Conn {
         };
         let plan = match io::check(s, &io.info, io.read_only) {
             Ok(p) => p,
-            Err(st) => return self.respond(cid, st, 0),
+            Err(st) => {
+                tracing::debug!(opcode = s.opcode(), cdw10 = s.cdw[0], dptr = ?capsule::data_pointer(s), in_capsule = data.len(), status = %st, "nvme/tcp: IO command refused");
+                return self.respond(cid, st, 0);
+            }
         };
         if plan.in_capsule && data.len() != plan.bytes {
+            tracing::debug!(
+                opcode = s.opcode(),
+                bytes = plan.bytes,
+                in_capsule = data.len(),
+                "nvme/tcp: in-capsule data of the wrong length"
+            );
             return self.respond(cid, status::SGL_LENGTH, 0);
         }
         let Some(i) = self.free.pop() else {
@@ -766,7 +775,7 @@ impl Conn {
             if slot.plan.ranges == 0 {
                 return self.done(i, Status::SUCCESS);
             }
-            match io::dsm_ranges(&slot.buf, num_blocks) {
+            match io::dsm_ranges(&slot.buf, slot.plan.ranges, num_blocks) {
                 Ok(r) => {
                     slot.todo = r.into_iter().map(|(o, n)| (IoOp::Discard, o, n)).collect();
                     if slot.todo.is_empty() {

@@ -58,15 +58,19 @@ pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status
     let dp = capsule::data_pointer(s);
     if op == cmd::DSM {
         let ranges = (s.cdw[0] & 0xff) as usize + 1;
-        let bytes = ranges * 16;
         let deallocate = s.cdw[1] & cmd::DSM_AD != 0;
-        let in_capsule = match dp {
-            DataPointer::InCapsule { offset: 0, len } if len as usize == bytes => true,
-            DataPointer::Transport { len } if len as usize == bytes => false,
-            DataPointer::InCapsule { offset, .. } if offset != 0 => return Err(status::SGL_OFFSET),
+        // The host may hand a larger buffer than the ranges need (Linux
+        // sends its whole 4 KiB range page): the first NR + 1 count.
+        let need = ranges * 16;
+        let (in_capsule, len) = match dp {
+            DataPointer::InCapsule { offset: 0, len } => (true, len as usize),
+            DataPointer::Transport { len } => (false, len as usize),
+            DataPointer::InCapsule { .. } => return Err(status::SGL_OFFSET),
             DataPointer::Other(_) => return Err(status::SGL_TYPE),
-            _ => return Err(status::SGL_LENGTH),
         };
+        if len < need || len > 4096 {
+            return Err(status::SGL_LENGTH);
+        }
         if deallocate && !info.discard {
             return Err(Status::INVALID_FIELD);
         }
@@ -74,7 +78,7 @@ pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status
             op: IoOp::Discard,
             offset_blocks: 0,
             num_blocks: 0,
-            bytes,
+            bytes: len,
             in_capsule,
             fua: false,
             // Without the deallocate attribute the ranges are only hints.
@@ -131,11 +135,11 @@ pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status
     })
 }
 
-/// The block ranges of a Dataset Management range list, each checked
-/// against the namespace.
-pub fn dsm_ranges(list: &[u8], num_blocks: u64) -> Result<Vec<(u64, u64)>, Status> {
-    let mut out = Vec::with_capacity(list.len() / 16);
-    for r in list.chunks_exact(16) {
+/// The first `ranges` block ranges of a Dataset Management range list,
+/// each checked against the namespace.
+pub fn dsm_ranges(list: &[u8], ranges: usize, num_blocks: u64) -> Result<Vec<(u64, u64)>, Status> {
+    let mut out = Vec::with_capacity(ranges);
+    for r in list.chunks_exact(16).take(ranges) {
         let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
         let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
         match slba.checked_add(nlb) {

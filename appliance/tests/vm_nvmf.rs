@@ -1,0 +1,165 @@
+//! Linux's own NVMe/TCP host in a QEMU guest (nvme_tcp, nvme-cli) against
+//! the appliance daemon on the host, through QEMU's user-mode network:
+//! discovery, connect, fio with crc32c verification on a RAID5 while a
+//! member fails and is rebuilt, ext4 and fsck, a resize seen through the
+//! asynchronous event, and the appliance killed and restarted under fio
+//! while the kernel reconnects.
+
+mod common;
+#[path = "cli/daemon.rs"]
+mod daemon;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{boot, guest, wait_for_line};
+use daemon::*;
+
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:5a5a5a5a-1111-2222-3333-444444444444";
+const HOSTID: &str = "5a5a5a5a-1111-2222-3333-444444444444";
+const R5: &str = "nqn.2026-12.io.appliance:r5";
+const ONE: &str = "nqn.2026-12.io.appliance:one";
+const HIDDEN: &str = "nqn.2026-12.io.appliance:hidden";
+
+struct Files(Vec<std::path::PathBuf>);
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+#[test]
+fn a_linux_host_uses_volumes_over_nvme_tcp_through_failure_resize_and_restart() {
+    let guest = guest();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Files beside the state (the daemon allows device files there).
+    let files = Files(
+        ["m0", "m1", "m2", "s0"]
+            .iter()
+            .map(|n| dir.path().join(format!("{n}.img")))
+            .collect(),
+    );
+    let mut toml = String::new();
+    for (n, f) in ["m0", "m1", "m2", "s0"].iter().zip(&files.0) {
+        toml += &format!(
+            "[[device]]\nname = \"{n}\"\nspec = \"file:{}:128M\"\n\n",
+            f.display()
+        );
+    }
+    toml += "[[device]]\nname = \"d4\"\nspec = \"ram:64M\"\n\n[[device]]\nname = \"d5\"\nspec = \"ram:16M\"\n\n";
+    toml += "[[volume]]\nname = \"r5\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\nspares = [\"s0\"]\n\n";
+    toml += "[[volume]]\nname = \"one\"\nlevel = \"single\"\nmembers = [\"d4\"]\n\n";
+    toml += "[[volume]]\nname = \"hid\"\nlevel = \"single\"\nmembers = [\"d5\"]\n\n";
+    for (nqn, vol, host) in [
+        (R5, "r5", HOSTNQN),
+        (ONE, "one", HOSTNQN),
+        (
+            HIDDEN,
+            "hid",
+            "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000beef",
+        ),
+    ] {
+        toml += &format!(
+            "[[nvmf_export]]\nnqn = \"{nqn}\"\nvolume = \"{vol}\"\nlisten = \"127.0.0.1:{port}\"\nhosts = [\"{host}\"]\n\n"
+        );
+    }
+    let config = dir.path().join("init.toml");
+    std::fs::write(&config, toml).unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let mut reap = KillOnPanic(daemon.id());
+
+    let params = dir.path().join("params");
+    std::fs::write(
+        &params,
+        format!("PORT={port}\nHOSTNQN={HOSTNQN}\nHOSTID={HOSTID}\nR5={R5}\nONE={ONE}\nHIDDEN={HIDDEN}\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("serial.log");
+    let mut vm = boot(&guest, "nvmf-guest.sh", &[params], &log, &["--smp", "2"])
+        .args([
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .spawn()
+        .unwrap();
+
+    // A member fails under fio: the spare takes its place and is rebuilt.
+    wait_for_line(&log, "FIO-START", &mut vm);
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&applctl(&api, &["volume", "fail", "r5", "m1"]));
+
+    // The single volume's device grows: the guest hears of it.
+    wait_for_line(&log, "RESIZE-READY", &mut vm);
+    ok(&applctl(&api, &["device", "resize", "d4", "128M"]));
+
+    // The appliance dies under fio and comes back on its state.
+    wait_for_line(&log, "RESTART-READY", &mut vm);
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGKILL) };
+    let _ = daemon.wait();
+    std::thread::sleep(Duration::from_millis(1000));
+    let second = dir.path().join("second.log");
+    daemon = restart(
+        dir.path(),
+        &api,
+        &[],
+        Stdio::from(std::fs::File::create(&second).unwrap()),
+    );
+    reap.0 = daemon.id();
+    wait_up(&api, &mut daemon);
+
+    let status = vm.wait().unwrap();
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("{serial}");
+    let restarted = std::fs::read_to_string(&second).unwrap_or_default();
+    assert!(
+        status.success(),
+        "guest failed ({status}):\n{serial}\nrestarted appliance:\n{restarted}"
+    );
+    for want in [
+        "DISCOVER OK",
+        "HIDDEN REFUSED",
+        "FIO-VERIFY OK",
+        "FSCK OK",
+        "RESIZE OK",
+        "FILES OK",
+        "FIO-RESTART OK",
+        // The kernel lost the controllers under fio and got them back.
+        "Successfully reconnected",
+        "GUEST-ALL-OK",
+    ] {
+        assert!(
+            serial.contains(want),
+            "guest did not report {want}:\n{serial}"
+        );
+    }
+    assert!(
+        !serial.contains("I/O error"),
+        "the guest saw IO errors:\n{serial}"
+    );
+    assert!(
+        restarted.contains("controller connected"),
+        "the guest never reconnected:\n{restarted}"
+    );
+    // The spare took the failed member's slot.
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "r5"]))).unwrap();
+    let members: Vec<&str> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["device"].as_str().unwrap_or(""))
+        .collect();
+    assert!(members.contains(&"s0") && !members.contains(&"m1"), "{v}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}
