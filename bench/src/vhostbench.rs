@@ -9,6 +9,10 @@ use blkio::{Blkio, Completion, ReqFlags};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
+#[path = "procstat.rs"]
+mod procstat;
+use procstat::cpu_ticks;
+
 #[derive(Clone, Copy, ValueEnum, Debug)]
 enum Rw {
     Randread,
@@ -41,20 +45,6 @@ struct Args {
     /// Free-form label copied into the output.
     #[arg(long, default_value = "")]
     label: String,
-}
-
-/// The backend's CPU ticks (user + system) and minor page faults so far.
-fn cpu_ticks(pid: i32) -> Result<(u64, u64), String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    let after = s.rfind(')').map(|i| &s[i + 2..]).ok_or("bad stat")?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let p = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or("bad stat field")
-    };
-    Ok((p(11)? + p(12)?, p(7)?))
 }
 
 fn main() {

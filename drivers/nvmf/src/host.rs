@@ -104,7 +104,11 @@ struct Pending {
 /// One queue's connection.
 pub struct Queue {
     stream: TcpStream,
+    /// Received bytes; `..rx_at` are taken already.
     rx: Vec<u8>,
+    rx_at: usize,
+    /// Commands sent but not yet written to the socket.
+    tx: Vec<u8>,
     digests: Digests,
     cpda: u8,
     maxh2cdata: u32,
@@ -126,6 +130,8 @@ impl Queue {
         let mut q = Queue {
             stream,
             rx: Vec::with_capacity(1 << 16),
+            rx_at: 0,
+            tx: Vec::with_capacity(1 << 16),
             digests: Digests::default(),
             cpda: 0,
             maxh2cdata: 4096,
@@ -147,12 +153,13 @@ impl Queue {
             &mut b,
         );
         q.stream.write_all(&b)?;
-        match q.next_pdu(|p| match p {
+        let resp = q.next_pdu(true, |p| match p {
             Pdu::IcResp(r) => Ok(r),
             other => Err(HostError::Protocol(format!(
                 "expected ICResp, got {other:?}"
             ))),
-        })? {
+        })?;
+        match resp.ok_or(HostError::Timeout(cfg.timeout))? {
             r if r.pfv != 0 => Err(HostError::Protocol(format!("ICResp PFV {}", r.pfv))),
             r if r.maxh2cdata < 4096 || !r.maxh2cdata.is_multiple_of(4) => Err(
                 HostError::Protocol(format!("ICResp MAXH2CDATA {}", r.maxh2cdata)),
@@ -218,6 +225,15 @@ impl Queue {
         self.in_capsule = bytes;
     }
 
+    /// Write the commands sent so far to the socket.
+    pub fn flush(&mut self) -> Result<(), HostError> {
+        if !self.tx.is_empty() {
+            self.stream.write_all(&self.tx)?;
+            self.tx.clear();
+        }
+        Ok(())
+    }
+
     /// Send a command with `write` data (in the capsule if it fits, else
     /// when the controller asks with R2T) expecting `read_len` bytes back.
     /// Returns the command identifier it was given.
@@ -230,15 +246,15 @@ impl Queue {
         if len > 0 {
             capsule::set_data_pointer(&mut s, inline, len as u32);
         }
-        let mut b = Vec::with_capacity(72 + if inline { write.len() } else { 0 } + 8);
+        // Written with the next flush (a receive flushes first), so a
+        // batch of commands costs one system call.
         pdu::encode_command(
             &capsule::sqe_bytes(&s),
             if inline { write } else { &[] },
             self.digests,
             self.cpda,
-            &mut b,
+            &mut self.tx,
         );
-        self.stream.write_all(&b)?;
         self.pending.insert(
             cid,
             Pending {
@@ -253,8 +269,21 @@ impl Queue {
 
     /// Wait for the next command to complete (answering R2Ts meanwhile).
     pub fn recv(&mut self) -> Result<Reply, HostError> {
+        self.reply(true)?.ok_or(HostError::Timeout(self.timeout))
+    }
+
+    /// The next completion if one is in what was received already
+    /// (without reading the socket).
+    pub fn try_recv(&mut self) -> Result<Option<Reply>, HostError> {
+        self.reply(false)
+    }
+
+    fn reply(&mut self, block: bool) -> Result<Option<Reply>, HostError> {
+        self.flush()?;
         loop {
-            let step = self.next_pdu(|p| Ok(Step::from(p)))?;
+            let Some(step) = self.next_pdu(block, |p| Ok(Step::from(p)))? else {
+                return Ok(None);
+            };
             match step {
                 Step::Response(cqe) => {
                     self.last_sqhd = cqe.sq as u16;
@@ -272,7 +301,7 @@ impl Queue {
                             p.read_len
                         )));
                     }
-                    return Ok(Reply { cqe, data: p.read });
+                    return Ok(Some(Reply { cqe, data: p.read }));
                 }
                 Step::Data(h, data) => {
                     let Some(p) = self.pending.get_mut(&h.cccid) else {
@@ -297,7 +326,7 @@ impl Queue {
                             .remove(&h.cccid)
                             .unwrap_or_else(|| unreachable!());
                         let cqe = capsule::completion(h.cccid, self.qid, 0, 0, Status::SUCCESS);
-                        return Ok(Reply { cqe, data: p.read });
+                        return Ok(Some(Reply { cqe, data: p.read }));
                     }
                 }
                 Step::R2t(r) => self.answer_r2t(r)?,
@@ -342,6 +371,7 @@ impl Queue {
             );
             done += n;
         }
+        self.flush()?;
         self.stream.write_all(&b)?;
         Ok(())
     }
@@ -367,11 +397,13 @@ impl Queue {
         self.pending.len()
     }
 
-    /// Read until one whole PDU is buffered, give it to `f`, drop it.
+    /// Read until one whole PDU is buffered (or, unless `block`, take
+    /// only what is buffered already), give it to `f`, drop it.
     fn next_pdu<T>(
         &mut self,
+        block: bool,
         f: impl FnOnce(Pdu<'_>) -> Result<T, HostError>,
-    ) -> Result<T, HostError> {
+    ) -> Result<Option<T>, HostError> {
         let r = Receiver {
             controller: false,
             digests: self.digests,
@@ -379,23 +411,36 @@ impl Queue {
         };
         let deadline = Instant::now() + self.timeout;
         loop {
-            if let Some((p, n)) = pdu::parse(&self.rx, &r)? {
+            if let Some((p, n)) = pdu::parse(&self.rx[self.rx_at..], &r)? {
                 let out = f(p);
-                self.rx.drain(..n);
-                return out;
+                self.rx_at += n;
+                if self.rx_at == self.rx.len() {
+                    self.rx.clear();
+                    self.rx_at = 0;
+                }
+                return out.map(Some);
+            }
+            if !block {
+                return Ok(None);
             }
             if Instant::now() >= deadline {
                 return Err(HostError::Timeout(self.timeout));
             }
-            let mut chunk = [0u8; 65536];
-            let n = match self.stream.read(&mut chunk) {
+            // Keep only the incomplete PDU before reading more.
+            self.rx.drain(..self.rx_at);
+            self.rx_at = 0;
+            let len = self.rx.len();
+            self.rx.resize(len + 65536, 0);
+            let got = self.stream.read(&mut self.rx[len..]);
+            self.rx.truncate(len + *got.as_ref().unwrap_or(&0));
+            match got {
                 Ok(0) => {
                     return Err(HostError::Io(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "the controller closed the connection",
                     )))
                 }
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -406,8 +451,7 @@ impl Queue {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
-            };
-            self.rx.extend_from_slice(&chunk[..n]);
+            }
         }
     }
 }
