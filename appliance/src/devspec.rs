@@ -3,6 +3,8 @@
 //! `file:/path:64M` (created with that size), `nvme:0000:01:00.0` (namespace
 //! 1 of a controller bound to vfio-pci) or `nvme:0000:01:00.0/2`
 //! (namespace 2). Namespaces of one controller share one driver instance.
+//! `nvmf-tcp://HOST:PORT/NQN[/NSID][?loss-timeout=SECS]` is a namespace of
+//! another appliance (or any NVMe/TCP target).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -118,6 +120,75 @@ pub fn file_path(rest: &str) -> (&str, Option<u64>) {
     }
 }
 
+/// This host's NQN: the one Linux's NVMe tools use (/etc/nvme/hostnqn), or
+/// one made from the machine ID, so a target's allowed-hosts list can name
+/// the appliance.
+pub fn host_nqn() -> String {
+    if let Ok(s) = std::fs::read_to_string("/etc/nvme/hostnqn") {
+        let s = s.trim();
+        if nvmf::capsule::valid_nqn(s) {
+            return s.to_string();
+        }
+    }
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let id: String = id
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    if id.len() == 32 {
+        format!(
+            "nqn.2014-08.org.nvmexpress:uuid:{}-{}-{}-{}-{}",
+            &id[..8],
+            &id[8..12],
+            &id[12..16],
+            &id[16..20],
+            &id[20..]
+        )
+    } else {
+        "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000000".into()
+    }
+}
+
+/// `//HOST:PORT/NQN[/NSID][?loss-timeout=SECS]`: connected now (an
+/// unreachable target is an error at once), kept connected afterwards.
+fn remote_namespace(
+    name: &str,
+    spec: &str,
+    rest: &str,
+    block_size: u32,
+) -> Result<Arc<dyn BlockDevice>, SpecError> {
+    let invalid = |why: String| SpecError::Invalid(format!("device {spec:?}: {why}"));
+    let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let remote = nvmf::device::Remote::parse(target).map_err(invalid)?;
+    let mut opts = nvmf::device::DeviceOptions::default();
+    opts.host.hostnqn = host_nqn();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("loss-timeout", v)) => {
+                let secs: u64 = v.parse().ok().filter(|&s| s > 0).ok_or_else(|| {
+                    invalid(format!("loss-timeout {v:?} is not a number of seconds"))
+                })?;
+                opts.loss_timeout = std::time::Duration::from_secs(secs);
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unknown option {kv:?} (loss-timeout=SECS)"
+                )))
+            }
+        }
+    }
+    let dev = nvmf::device::NvmfDevice::connect(name, remote, opts)
+        .map_err(|e| opening(spec)(e.into()))?;
+    if dev.info().block_size != block_size {
+        return Err(invalid(format!(
+            "the namespace has {}-byte blocks, not {block_size} (set block_size to match)",
+            dev.info().block_size
+        )));
+    }
+    Ok(Arc::new(dev))
+}
+
 /// Whether `spec` names something that is not there (a file or its
 /// directory, a PCI device): the manager answers NotFound for those rather
 /// than InvalidArgument.
@@ -175,7 +246,7 @@ pub fn open_named(
     block_size: u32,
 ) -> Result<Arc<dyn BlockDevice>, SpecError> {
     let (kind, rest) = spec.split_once(':').ok_or_else(|| {
-        SpecError::Invalid(format!("device {spec:?}: expected ram:SIZE, null:SIZE, file:PATH[:SIZE] or nvme:PCI-ADDRESS[/NSID]"))
+        SpecError::Invalid(format!("device {spec:?}: expected ram:SIZE, null:SIZE, file:PATH[:SIZE], nvme:PCI-ADDRESS[/NSID] or nvmf-tcp://HOST:PORT/NQN[/NSID]"))
     })?;
     let blocks = |size: u64| -> Result<u64, SpecError> {
         if size == 0 || !size.is_multiple_of(block_size as u64) {
@@ -233,9 +304,10 @@ pub fn open_named(
             Arc::new(dev.named(name))
         }
         "nvme" => nvme_namespace(name, rest, block_size)?,
+        "nvmf-tcp" => remote_namespace(name, spec, rest, block_size)?,
         other => {
             return Err(SpecError::Invalid(format!(
-                "device {spec:?}: unknown kind {other:?} (ram, null, file or nvme)"
+                "device {spec:?}: unknown kind {other:?} (ram, null, file, nvme or nvmf-tcp)"
             )))
         }
     };

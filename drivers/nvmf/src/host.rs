@@ -177,6 +177,12 @@ impl Queue {
         }
     }
 
+    /// The connection and what ICResp granted (digests, CPDA,
+    /// MAXH2CDATA), for a caller that drives the queue itself.
+    pub fn into_parts(self) -> (TcpStream, Digests, u8, u32) {
+        (self.stream, self.digests, self.cpda, self.maxh2cdata)
+    }
+
     /// The raw socket (for tests that misbehave on purpose).
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream

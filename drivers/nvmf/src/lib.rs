@@ -4,10 +4,12 @@
 //! data placement) without trusting a byte of them; `capsule` holds the
 //! fabrics commands and the pieces of submission and completion entries
 //! both ends read. Both are pure: the target (in the appliance) and the
-//! host (`host`) own the sockets.
+//! host (`host`) own the sockets; `device` is a remote namespace as a
+//! block device.
 #![deny(missing_docs)]
 
 pub mod capsule;
+pub mod device;
 pub mod host;
 pub mod pdu;
 

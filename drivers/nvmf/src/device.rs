@@ -1,0 +1,761 @@
+//! A namespace of a remote NVMe/TCP subsystem as a block device
+//! (`nvmf-tcp://HOST:PORT/NQN[/NSID]`), so a RAID member can live on
+//! another appliance.
+//!
+//! The association (the admin queue) is held by a control thread that
+//! sends Keep Alive and, when the connection is lost, connects again
+//! every `reconnect_delay`. Each core's channel owns one IO queue on its
+//! own non-blocking socket, polled like any other channel; a channel dials
+//! on a short-lived thread so no reactor waits for TCP. Requests survive a
+//! lost connection: they are sent again once the channel is back, and
+//! fail only when the connection stayed lost for `loss_timeout` (the host
+//! side of ctrl_loss_tmo), so a blip never fails a RAID member.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bdev::{
+    BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, IoOp, IoRequest,
+    SubmitError,
+};
+use nvme::spec::{io as cmd, Sqe, Status};
+
+use crate::capsule;
+use crate::host::{Controller, HostConfig, HostError, Queue};
+use crate::pdu::{self, DataHeader, Digests, Pdu, Receiver};
+
+/// Where a remote namespace is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The target's address.
+    pub addr: SocketAddr,
+    /// The subsystem.
+    pub nqn: String,
+    /// The namespace.
+    pub nsid: u32,
+}
+
+impl Remote {
+    /// Parse the part of `nvmf-tcp://HOST:PORT/NQN[/NSID]` after the
+    /// scheme's colon (`//HOST:PORT/NQN[/NSID]`).
+    pub fn parse(rest: &str) -> Result<Remote, String> {
+        let rest = rest
+            .strip_prefix("//")
+            .ok_or("expected nvmf-tcp://HOST:PORT/NQN[/NSID]")?;
+        let (host, path) = rest
+            .split_once('/')
+            .ok_or("expected nvmf-tcp://HOST:PORT/NQN[/NSID]")?;
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| format!("{host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host}: no address"))?;
+        let (nqn, nsid) = match path.rsplit_once('/') {
+            Some((nqn, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
+                let nsid: u32 = n.parse().map_err(|_| format!("namespace {n:?}"))?;
+                if nsid == 0 || nsid == u32::MAX {
+                    return Err(format!("namespace {nsid} is not a namespace ID"));
+                }
+                (nqn, nsid)
+            }
+            _ => (path, 1),
+        };
+        if !capsule::valid_nqn(nqn) {
+            return Err(format!("{nqn:?} is not an NQN"));
+        }
+        Ok(Remote {
+            addr,
+            nqn: nqn.to_string(),
+            nsid,
+        })
+    }
+}
+
+/// How the device behaves when the network does not.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// How the host connects (its NQN, digests, keep-alive timeout).
+    pub host: HostConfig,
+    /// Requests fail once the connection has been lost this long.
+    pub loss_timeout: Duration,
+    /// Time between attempts to connect again.
+    pub reconnect_delay: Duration,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            host: HostConfig {
+                kato_ms: 10_000,
+                ..HostConfig::default()
+            },
+            loss_timeout: Duration::from_secs(30),
+            reconnect_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// IO queue entries each channel asks for.
+const QUEUE_ENTRIES: u16 = 128;
+
+/// What the control thread and the channels share.
+struct Assoc {
+    remote: Remote,
+    opts: DeviceOptions,
+    stop: AtomicBool,
+    /// Controller ID of the live association; `u64::MAX`: none.
+    cntlid: AtomicU64,
+    /// Bumped at every new association: queues of an older one are gone.
+    epoch: AtomicU64,
+    /// IO queues granted, and which are taken by channels.
+    qids: Mutex<Vec<bool>>,
+    /// Since when the association is lost (`None`: it is up).
+    lost_since: Mutex<Option<Instant>>,
+    in_capsule: usize,
+}
+
+impl Assoc {
+    fn lost_for(&self) -> Option<Duration> {
+        self.lost_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+    }
+}
+
+/// A remote namespace.
+pub struct NvmfDevice {
+    info: DeviceInfo,
+    assoc: Arc<Assoc>,
+    control: Option<JoinHandle<()>>,
+}
+
+/// Connect the admin queue, ask for IO queues; the controller and the
+/// queues granted.
+fn associate(r: &Remote, host: &HostConfig) -> Result<(Controller, u16), HostError> {
+    let mut c = Controller::connect(r.addr, &r.nqn, host)?;
+    let n = 63u32;
+    let granted = c.set_features(0x07, n | n << 16)?;
+    let queues = ((granted & 0xffff).min(granted >> 16) + 1) as u16;
+    Ok((c, queues))
+}
+
+impl NvmfDevice {
+    /// Connect to `remote` (failing at once if it cannot be reached or is
+    /// not a usable namespace) and keep the association alive from then on.
+    pub fn connect(
+        name: &str,
+        remote: Remote,
+        opts: DeviceOptions,
+    ) -> Result<NvmfDevice, BdevError> {
+        let fail = |e: HostError| BdevError::Os {
+            what: format!("{name}: connecting to {} at {}", remote.nqn, remote.addr),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let (mut c, queues) = associate(&remote, &opts.host).map_err(fail)?;
+        let ns = c.identify(0x00, remote.nsid).map_err(fail)?;
+        let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or([0; 8]));
+        let flbas = (ns[26] & 0xf) as usize;
+        let lbaf = 128 + 4 * flbas;
+        let (ms, lbads) = (u16::from_le_bytes([ns[lbaf], ns[lbaf + 1]]), ns[lbaf + 2]);
+        if nsze == 0 || ms != 0 || !(9..=12).contains(&lbads) {
+            return Err(BdevError::Unsupported(format!(
+                "{name}: namespace {} of {} is not usable (size {nsze}, block 2^{lbads}, metadata {ms})",
+                remote.nsid, remote.nqn
+            )));
+        }
+        let id = &c.id;
+        let mdts = id[77];
+        let max_transfer = if mdts == 0 {
+            1 << 20
+        } else {
+            (4096u32 << mdts.min(8)).min(1 << 20)
+        };
+        let oncs = u16::from_le_bytes([id[520], id[521]]);
+        let ioccsz = u32::from_le_bytes([id[1792], id[1793], id[1794], id[1795]]) as usize;
+        let info = DeviceInfo {
+            name: name.to_string(),
+            block_size: 1 << lbads,
+            num_blocks: nsze,
+            max_transfer,
+            optimal_io_boundary: 0,
+            min_io_blocks: 1,
+            flush: id[525] & 1 != 0,
+            discard: oncs & (1 << 2) != 0,
+            write_zeroes: false,
+        };
+        let assoc = Arc::new(Assoc {
+            remote,
+            opts,
+            stop: AtomicBool::new(false),
+            cntlid: AtomicU64::new(c.cntlid as u64),
+            epoch: AtomicU64::new(1),
+            qids: Mutex::new(vec![false; queues as usize]),
+            lost_since: Mutex::new(None),
+            in_capsule: (ioccsz * 16).saturating_sub(64),
+        });
+        let a = assoc.clone();
+        let control = std::thread::Builder::new()
+            .name(format!("nvmf-{name}"))
+            .spawn(move || control(a, Some(c)))
+            .map_err(|source| BdevError::Os {
+                what: format!("{name}: starting its keep-alive thread"),
+                source,
+            })?;
+        Ok(NvmfDevice {
+            info,
+            assoc,
+            control: Some(control),
+        })
+    }
+
+    /// Whether the association is up now.
+    pub fn connected(&self) -> bool {
+        self.assoc.lost_for().is_none()
+    }
+}
+
+impl Drop for NvmfDevice {
+    fn drop(&mut self) {
+        self.assoc.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.control.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleep up to `d`, waking early when asked to stop.
+fn nap(a: &Assoc, d: Duration) {
+    let end = Instant::now() + d;
+    while !a.stop.load(Ordering::SeqCst) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+    }
+}
+
+/// The control thread: Keep Alive while the association is up; connect
+/// again while it is not.
+fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
+    let kato = Duration::from_millis(a.opts.host.kato_ms.max(1000) as u64);
+    while !a.stop.load(Ordering::SeqCst) {
+        match &mut ctrl {
+            Some(c) => {
+                nap(&a, kato / 2);
+                if a.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Err(e) = c.keep_alive() {
+                    tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, error = %e, "nvme/tcp: lost the connection to the target; connecting again");
+                    a.cntlid.store(u64::MAX, Ordering::SeqCst);
+                    *a.lost_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    ctrl = None;
+                }
+            }
+            None => match associate(&a.remote, &a.opts.host) {
+                Ok((c, _)) => {
+                    tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
+                    a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
+                    a.epoch.fetch_add(1, Ordering::SeqCst);
+                    *a.lost_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    ctrl = Some(c);
+                }
+                Err(_) => nap(&a, a.opts.reconnect_delay),
+            },
+        }
+    }
+}
+
+impl BlockDevice for NvmfDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        let qid = {
+            let mut q = self.assoc.qids.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(i) = q.iter().position(|t| !t) else {
+                return Err(BdevError::Unsupported(format!(
+                    "{}: every IO queue the target granted ({}) is in use",
+                    self.info.name,
+                    q.len()
+                )));
+            };
+            q[i] = true;
+            i as u16 + 1
+        };
+        Ok(Box::new(NvmfChannel {
+            assoc: self.assoc.clone(),
+            info: self.info.clone(),
+            qid,
+            conn: None,
+            dialing: None,
+            down_since: None,
+            sent: HashMap::new(),
+            waiting: VecDeque::new(),
+            done: Vec::new(),
+            next_cid: 0,
+        }))
+    }
+}
+
+/// One IO queue's connection.
+struct Conn {
+    stream: TcpStream,
+    rx: Vec<u8>,
+    rx_len: usize,
+    tx: Vec<u8>,
+    tx_at: usize,
+    digests: Digests,
+    cpda: u8,
+    maxh2cdata: u32,
+    epoch: u64,
+}
+
+/// A sent request: the request and the bytes of read data received.
+struct Sent {
+    req: IoRequest,
+    received: usize,
+}
+
+struct NvmfChannel {
+    assoc: Arc<Assoc>,
+    info: DeviceInfo,
+    qid: u16,
+    conn: Option<Conn>,
+    dialing: Option<mpsc::Receiver<Result<Conn, HostError>>>,
+    /// Since when requests have no connection to go on.
+    down_since: Option<Instant>,
+    sent: HashMap<u16, Sent>,
+    /// Requests not sent yet (or sent on a connection that was lost).
+    waiting: VecDeque<IoRequest>,
+    done: Vec<Completion>,
+    next_cid: u16,
+}
+
+impl Drop for NvmfChannel {
+    fn drop(&mut self) {
+        let mut q = self.assoc.qids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = q.get_mut(self.qid as usize - 1) {
+            *t = false;
+        }
+    }
+}
+
+/// Connect IO queue `qid` of association `cntlid` (blocking: on its own
+/// thread).
+fn dial(a: &Assoc, qid: u16, cntlid: u16, epoch: u64) -> Result<Conn, HostError> {
+    let mut q = Queue::open(a.remote.addr, &a.opts.host)?;
+    q.connect(qid, QUEUE_ENTRIES - 1, cntlid, &a.remote.nqn, &a.opts.host)?;
+    let (stream, digests, cpda, maxh2cdata) = q.into_parts();
+    stream.set_nonblocking(true)?;
+    Ok(Conn {
+        stream,
+        rx: vec![0u8; 1 << 18],
+        rx_len: 0,
+        tx: Vec::with_capacity(1 << 16),
+        tx_at: 0,
+        digests,
+        cpda,
+        maxh2cdata,
+        epoch,
+    })
+}
+
+/// Copy `data` into the request's scatter-gather list at byte `at`.
+fn scatter(req: &IoRequest, mut at: usize, mut data: &[u8]) {
+    for v in &req.sg {
+        if data.is_empty() {
+            break;
+        }
+        if at >= v.len() {
+            at -= v.len();
+            continue;
+        }
+        let n = (v.len() - at).min(data.len());
+        // SAFETY: the request's memory is valid and ours until it completes
+        // (IoVec's contract); `at + n` is within this element.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.ptr().add(at), n) };
+        data = &data[n..];
+        at = 0;
+    }
+}
+
+/// Append `len` bytes of the request's list from byte `at` to `out`.
+fn gather(req: &IoRequest, mut at: usize, mut len: usize, out: &mut Vec<u8>) {
+    for v in &req.sg {
+        if len == 0 {
+            break;
+        }
+        if at >= v.len() {
+            at -= v.len();
+            continue;
+        }
+        let n = (v.len() - at).min(len);
+        // SAFETY: as in `scatter`; the device only reads it.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.ptr().add(at), n) });
+        len -= n;
+        at = 0;
+    }
+}
+
+fn error_of(req: &IoRequest, st: Status) -> IoError {
+    if st.media() {
+        IoError::Media(req.offset_blocks)
+    } else {
+        IoError::Device(st.raw())
+    }
+}
+
+impl NvmfChannel {
+    fn finish(&mut self, tag: u64, result: Result<(), IoError>) {
+        self.done.push(Completion { tag, result });
+    }
+
+    /// Fail everything when the connection has been lost too long.
+    fn check_loss(&mut self) {
+        let lost = self
+            .down_since
+            .map(|t| t.elapsed())
+            .max(self.assoc.lost_for());
+        if lost.is_some_and(|d| d >= self.assoc.opts.loss_timeout) {
+            let reqs: Vec<IoRequest> = self
+                .waiting
+                .drain(..)
+                .chain(self.sent.drain().map(|(_, s)| s.req))
+                .collect();
+            for r in reqs {
+                self.finish(r.tag, Err(IoError::DeviceFailed));
+            }
+        }
+    }
+
+    /// Drop a lost connection: what was sent goes again on the next one.
+    fn lose(&mut self) {
+        self.conn = None;
+        self.down_since.get_or_insert_with(Instant::now);
+        let mut again: Vec<IoRequest> = self.sent.drain().map(|(_, s)| s.req).collect();
+        // Oldest first is not known from a map; the block layer above does
+        // not depend on order between requests in flight together.
+        again.sort_by_key(|r| r.tag);
+        for r in again.into_iter().rev() {
+            self.waiting.push_front(r);
+        }
+    }
+
+    fn connect_if_needed(&mut self) {
+        let epoch = self.assoc.epoch.load(Ordering::SeqCst);
+        if self.conn.as_ref().is_some_and(|c| c.epoch != epoch) {
+            // A new association: this queue's is gone on the target.
+            self.lose();
+        }
+        if self.conn.is_some() {
+            return;
+        }
+        if let Some(rx) = &self.dialing {
+            match rx.try_recv() {
+                Ok(Ok(c)) => {
+                    self.dialing = None;
+                    self.down_since = None;
+                    self.conn = Some(c);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(qid = self.qid, error = %e, "nvme/tcp: connecting an IO queue failed");
+                    self.dialing = None;
+                    self.down_since.get_or_insert_with(Instant::now);
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => self.dialing = None,
+            }
+            return;
+        }
+        if self.waiting.is_empty() {
+            return;
+        }
+        let cntlid = self.assoc.cntlid.load(Ordering::SeqCst);
+        if cntlid == u64::MAX {
+            self.down_since.get_or_insert_with(Instant::now);
+            return;
+        }
+        let (tx, rx) = mpsc::channel();
+        let a = self.assoc.clone();
+        let qid = self.qid;
+        let spawned = std::thread::Builder::new()
+            .name("nvmf-dial".into())
+            .spawn(move || {
+                let _ = tx.send(dial(&a, qid, cntlid as u16, epoch));
+            });
+        if spawned.is_ok() {
+            self.dialing = Some(rx);
+        }
+    }
+
+    fn free_cid(&mut self) -> u16 {
+        loop {
+            let c = self.next_cid;
+            self.next_cid = self.next_cid.wrapping_add(1);
+            if !self.sent.contains_key(&c) {
+                return c;
+            }
+        }
+    }
+
+    /// Put waiting requests on the wire, as many as the queue takes.
+    fn send_waiting(&mut self) {
+        while self.conn.is_some() && self.sent.len() < QUEUE_ENTRIES as usize - 1 {
+            let Some(req) = self.waiting.pop_front() else {
+                break;
+            };
+            let cid = self.free_cid();
+            let bs = self.info.block_size as u64;
+            let bytes = (req.num_blocks * bs) as usize;
+            let nsid = self.assoc.remote.nsid;
+            let in_capsule = self.assoc.in_capsule;
+            let Some(c) = self.conn.as_mut() else { break };
+            let mut s;
+            let mut inline = Vec::new();
+            match req.op {
+                IoOp::Read | IoOp::Write => {
+                    s = Sqe::new(
+                        if req.op == IoOp::Read {
+                            cmd::READ
+                        } else {
+                            cmd::WRITE
+                        },
+                        nsid,
+                    );
+                    s.set_range(req.offset_blocks, req.num_blocks as u32);
+                    let capsule_data = req.op == IoOp::Write && bytes <= in_capsule;
+                    if capsule_data {
+                        gather(&req, 0, bytes, &mut inline);
+                    }
+                    capsule::set_data_pointer(&mut s, capsule_data, bytes as u32);
+                }
+                IoOp::Flush => s = Sqe::new(cmd::FLUSH, nsid),
+                IoOp::Discard => {
+                    s = Sqe::new(cmd::DSM, nsid);
+                    s.cdw[1] = cmd::DSM_AD;
+                    inline.resize(16, 0);
+                    inline[4..8].copy_from_slice(&(req.num_blocks as u32).to_le_bytes());
+                    inline[8..16].copy_from_slice(&req.offset_blocks.to_le_bytes());
+                    capsule::set_data_pointer(&mut s, true, 16);
+                }
+                IoOp::WriteZeroes => {
+                    self.finish(req.tag, Err(IoError::Unsupported(IoOp::WriteZeroes)));
+                    continue;
+                }
+            }
+            s.set_cid(cid);
+            pdu::encode_command(
+                &capsule::sqe_bytes(&s),
+                &inline,
+                c.digests,
+                c.cpda,
+                &mut c.tx,
+            );
+            self.sent.insert(cid, Sent { req, received: 0 });
+        }
+    }
+
+    /// Write what is queued; read and act on what came.
+    fn pump(&mut self) {
+        let Some(c) = self.conn.as_mut() else { return };
+        let mut broken = false;
+        while c.tx_at < c.tx.len() {
+            match c.stream.write(&c.tx[c.tx_at..]) {
+                Ok(0) => {
+                    broken = true;
+                    break;
+                }
+                Ok(n) => c.tx_at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        if c.tx_at == c.tx.len() {
+            c.tx.clear();
+            c.tx_at = 0;
+        }
+        loop {
+            if broken || c.rx_len == c.rx.len() {
+                break;
+            }
+            match c.stream.read(&mut c.rx[c.rx_len..]) {
+                Ok(0) => broken = true,
+                Ok(n) => c.rx_len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => broken = true,
+            }
+        }
+        if !broken {
+            broken = self.take_pdus().is_err();
+        }
+        if broken {
+            tracing::debug!(
+                qid = self.qid,
+                "nvme/tcp: an IO queue's connection was lost"
+            );
+            self.lose();
+        }
+    }
+
+    /// Act on every whole PDU received.
+    fn take_pdus(&mut self) -> Result<(), ()> {
+        let Some(mut c) = self.conn.take() else {
+            return Ok(());
+        };
+        let r = Receiver {
+            controller: false,
+            digests: c.digests,
+            max_data: 1 << 20,
+        };
+        let rx = std::mem::take(&mut c.rx);
+        let mut at = 0;
+        let mut result = Ok(());
+        loop {
+            match pdu::parse(&rx[at..c.rx_len], &r) {
+                Ok(None) => break,
+                Ok(Some((p, n))) => {
+                    if self.handle(&mut c, p).is_err() {
+                        result = Err(());
+                        break;
+                    }
+                    at += n;
+                }
+                Err(e) => {
+                    tracing::warn!(qid = self.qid, error = %e, "nvme/tcp: the target sent a bad PDU");
+                    result = Err(());
+                    break;
+                }
+            }
+        }
+        c.rx = rx;
+        c.rx.copy_within(at..c.rx_len, 0);
+        c.rx_len -= at;
+        self.conn = Some(c);
+        result
+    }
+
+    fn handle(&mut self, c: &mut Conn, p: Pdu<'_>) -> Result<(), ()> {
+        match p {
+            Pdu::Response(b) => {
+                let cqe = capsule::cqe_from(&b);
+                let Some(s) = self.sent.remove(&cqe.cid()) else {
+                    return Err(());
+                };
+                let st = cqe.code();
+                let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
+                let r = if !st.ok() {
+                    Err(error_of(&s.req, st))
+                } else if s.req.op == IoOp::Read && s.received != bytes {
+                    Err(IoError::Short {
+                        done: s.received as u64,
+                        expected: bytes as u64,
+                    })
+                } else {
+                    Ok(())
+                };
+                self.finish(s.req.tag, r);
+            }
+            Pdu::C2hData(h, data) => {
+                let Some(s) = self.sent.get_mut(&h.cccid) else {
+                    return Err(());
+                };
+                let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
+                let at = h.offset as usize;
+                if s.req.op != IoOp::Read || at != s.received || at + data.len() > bytes {
+                    return Err(());
+                }
+                scatter(&s.req, at, data);
+                s.received += data.len();
+                if h.success {
+                    let s = self.sent.remove(&h.cccid).ok_or(())?;
+                    let r = if s.received == bytes {
+                        Ok(())
+                    } else {
+                        Err(IoError::Short {
+                            done: s.received as u64,
+                            expected: bytes as u64,
+                        })
+                    };
+                    self.finish(s.req.tag, r);
+                }
+            }
+            Pdu::R2t(r) => {
+                let Some(s) = self.sent.get(&r.cccid) else {
+                    return Err(());
+                };
+                let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
+                let (at, len) = (r.offset as usize, r.length as usize);
+                if s.req.op != IoOp::Write || len == 0 || at + len > bytes {
+                    return Err(());
+                }
+                let mut done = 0;
+                let mut chunk = Vec::with_capacity(len.min(c.maxh2cdata as usize));
+                while done < len {
+                    let n = (len - done).min(c.maxh2cdata as usize);
+                    chunk.clear();
+                    gather(&s.req, at + done, n, &mut chunk);
+                    let h = DataHeader {
+                        cccid: r.cccid,
+                        ttag: r.ttag,
+                        offset: (at + done) as u32,
+                        length: n as u32,
+                        last: done + n == len,
+                        success: false,
+                    };
+                    pdu::encode_data(true, &h, &chunk, c.digests, c.cpda, &mut c.tx);
+                    done += n;
+                }
+            }
+            // A termination request or anything else: the connection ends.
+            _ => return Err(()),
+        }
+        Ok(())
+    }
+}
+
+impl IoChannel for NvmfChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if let Err(e) = bdev::validate(&self.info, &req) {
+            self.finish(req.tag, Err(e));
+            return Ok(());
+        }
+        if req.op == IoOp::Discard && req.num_blocks > u32::MAX as u64 {
+            self.finish(req.tag, Err(IoError::Unsupported(IoOp::Discard)));
+            return Ok(());
+        }
+        if self.waiting.len() + self.sent.len() >= 4 * QUEUE_ENTRIES as usize {
+            return Err(SubmitError::Busy(req));
+        }
+        self.waiting.push_back(req);
+        self.send_waiting();
+        self.pump();
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if !self.waiting.is_empty() || !self.sent.is_empty() {
+            self.connect_if_needed();
+            self.send_waiting();
+            self.pump();
+            self.check_loss();
+        }
+        let n = self.done.len();
+        out.append(&mut self.done);
+        n
+    }
+
+    fn inflight(&self) -> usize {
+        self.waiting.len() + self.sent.len() + self.done.len()
+    }
+}
