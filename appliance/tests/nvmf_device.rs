@@ -197,6 +197,16 @@ fn requests_ride_out_a_lost_connection_and_fail_only_after_the_loss_timeout() {
     s.target.remove(NQN).unwrap();
     let r = run(ch.as_mut(), rw(IoOp::Read, 0, &mut back[..4096], 6));
     assert_eq!(r, Err(IoError::DeviceFailed));
+    // The target comes back: the next requests go through again (a
+    // member re-added after an outage works from its first IO).
+    export(&s.target, &s.volume, s.addr);
+    let deadline = Instant::now() + LONG;
+    let mut tag = 7;
+    while run(ch.as_mut(), rw(IoOp::Read, 0, &mut back[..4096], tag)).is_err() {
+        assert!(Instant::now() < deadline, "the device never came back");
+        tag += 1;
+    }
+    assert!(dev.connected());
 }
 
 /// Two appliances in one process: B serves a RAM volume over NVMe/TCP; A

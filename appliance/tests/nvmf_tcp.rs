@@ -386,6 +386,47 @@ fn discovery_lists_only_what_the_host_may_use_and_others_are_refused() {
     }
     // The discovery controller has no IO queues.
     assert!(d.io_queue(1, 8).is_err());
+    // A log read of 4 GiB is refused, not allocated; the controller serves on.
+    let mut huge = Sqe::new(0x02, 0);
+    huge.cdw[0] = 0x70 | 0xfffe << 16;
+    huge.cdw[1] = 0x3fff;
+    capsule::set_data_pointer(&mut huge, false, 0xffff_fffc);
+    match d.admin.exec(huge, &[], 0) {
+        Err(HostError::Status { status: s, .. }) => assert_eq!(s, status::SGL_LENGTH),
+        other => panic!("{:?}", other.map(|r| r.cqe)),
+    }
+    assert_eq!(d.log_page(0x70, 1024, 0).unwrap()[..16], head[..16]);
+}
+
+#[test]
+fn a_wildcard_listener_names_the_address_the_host_reached() {
+    let r = rig(&[HOST_A]);
+    let any = r
+        .target
+        .add(
+            &r.volume,
+            options(
+                "nqn.2026-12.io.appliance:any",
+                "0.0.0.0:0".parse().unwrap(),
+                &[HOST_A],
+            ),
+        )
+        .unwrap()
+        .opts
+        .listen;
+    let reach: SocketAddr = format!("127.0.0.1:{}", any.port()).parse().unwrap();
+    let mut d = Controller::connect(
+        reach,
+        capsule::DISCOVERY_NQN,
+        &host(HOST_A, Digests::default()),
+    )
+    .unwrap();
+    let log = d.log_page(0x70, 2048, 0).unwrap();
+    let traddr = String::from_utf8_lossy(&log[1024 + 512..1024 + 768])
+        .trim()
+        .trim_end_matches('\0')
+        .to_string();
+    assert_eq!(traddr, "127.0.0.1");
 }
 
 #[test]

@@ -48,6 +48,9 @@ impl Answer {
     }
 }
 
+/// Most bytes one Get Log Page returns (255 discovery entries).
+pub const MAX_LOG_TRANSFER: usize = 256 << 10;
+
 /// Feature identifiers served.
 mod fid {
     pub const ARBITRATION: u8 = 0x01;
@@ -62,7 +65,7 @@ mod fid {
 }
 
 /// Serve a fabrics Property Get or Set.
-pub fn property(c: &Controller, s: &Sqe) -> Answer {
+pub fn property(c: &std::sync::Arc<Controller>, s: &Sqe) -> Answer {
     let p = Property::from_sqe(s);
     let set = capsule::fabrics_type(s) == fctype::PROPERTY_SET;
     let wide_ok = matches!(p.offset, prop::CAP);
@@ -151,6 +154,11 @@ fn log_page(c: &Controller, s: &Sqe) -> Answer {
     if !offset.is_multiple_of(4) || transfer_len(s) != Some(len) {
         return Answer::err(Status::INVALID_FIELD);
     }
+    // The host picks the length: a larger read of a log is done in parts
+    // (with offsets), as libnvme does, never as one huge buffer here.
+    if len > MAX_LOG_TRANSFER {
+        return Answer::err(status::SGL_LENGTH);
+    }
     let page = match (lid, &c.subsystem) {
         (identify::LOG_DISCOVERY, None) => {
             let subs = c
@@ -160,7 +168,7 @@ fn log_page(c: &Controller, s: &Sqe) -> Answer {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             let generation = c.port.generation.load(std::sync::atomic::Ordering::SeqCst);
-            identify::discovery(&subs, &c.hostnqn, c.port.addr, generation)
+            identify::discovery(&subs, &c.hostnqn, c.local, generation)
         }
         (identify::LOG_ERROR, _) => vec![0u8; 64],
         (identify::LOG_SMART, sub) => identify::smart(sub.as_deref()),

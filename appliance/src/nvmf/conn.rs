@@ -42,6 +42,8 @@ const RX_SIZE: usize = 1 << 18;
 const TX_HIGH: usize = 4 << 20;
 /// How often an admin queue looks at keep-alive and namespace changes.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a new connection may take to send ICReq and Connect.
+const HANDSHAKE: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for its peer to take what is
 /// left to send.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -74,6 +76,7 @@ pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc
         closing: None,
         tick: None,
         last_tick: ctx.now(),
+        opened: ctx.now(),
         ns_blocks: 0,
         counted: None,
     };
@@ -164,6 +167,8 @@ struct Conn {
     /// Keeps the admin queue's timer running while the connection lives.
     tick: Option<Rc<Cell<bool>>>,
     last_tick: Instant,
+    /// When the connection was accepted.
+    opened: Instant,
     /// Namespace size the admin queue last saw (for change events).
     ns_blocks: u64,
     /// The subsystem whose connection count this connection holds.
@@ -186,7 +191,11 @@ impl Conn {
         if self.closing.is_none() && self.tx_pending() < TX_HIGH {
             work |= self.receive(ctx);
         }
-        work |= self.start_waiting();
+        // A closing connection admits nothing new: a write its host has
+        // given up on must not land after the host sent it again elsewhere.
+        if self.closing.is_none() {
+            work |= self.start_waiting();
+        }
         work |= self.submit();
         self.refresh_generation();
         work |= self.send();
@@ -270,6 +279,11 @@ impl Conn {
     fn check_liveness(&mut self, now: Instant) {
         if self.closing.is_some() {
             return;
+        }
+        if matches!(self.phase, Phase::Init | Phase::Connecting)
+            && now.saturating_duration_since(self.opened) > HANDSHAKE
+        {
+            return self.close("no ICReq and Connect in time");
         }
         match &self.phase {
             Phase::Io { ctrl, sub, .. } => {
@@ -579,13 +593,17 @@ impl Conn {
             if d.cntlid != 0xffff {
                 return self.respond(cid, invalid, in_data(capsule::CONNECT_CNTLID_AT));
             }
-            let cntlid = self.new_cntlid(sub.as_deref());
+            let Some(cntlid) = self.new_cntlid(sub.as_deref()) else {
+                return self.respond(cid, status::CONNECT_BUSY, 0);
+            };
+            let local = self.sock.local_addr().unwrap_or(self.port.addr);
             let ctrl = Arc::new(Controller::new(
                 cntlid,
                 d.hostnqn.clone(),
                 d.host_id,
                 sub.clone(),
                 self.port.clone(),
+                local,
                 c.kato,
             ));
             if let Some(sub) = &sub {
@@ -689,19 +707,16 @@ impl Conn {
         self.counted = Some(sub.clone());
     }
 
-    fn new_cntlid(&self, sub: Option<&Subsystem>) -> u16 {
-        loop {
-            let id = self.shared.cntlid();
-            let taken = sub.is_some_and(|s| {
-                s.controllers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&id)
-            });
-            if !taken {
-                return id;
-            }
-        }
+    /// A controller ID no live controller of the subsystem has (`None`
+    /// when every one is taken).
+    fn new_cntlid(&self, sub: Option<&Subsystem>) -> Option<u16> {
+        let Some(sub) = sub else {
+            return Some(self.shared.cntlid());
+        };
+        let taken = sub.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        (0..0xffef)
+            .map(|_| self.shared.cntlid())
+            .find(|id| !taken.contains_key(id))
     }
 
     fn io_command(&mut self, s: &Sqe, data: &[u8]) {
@@ -830,15 +845,15 @@ impl Conn {
                 // A new configuration: taken once nothing is in flight.
                 break;
             }
-            let p = self.slots[i as usize].plan;
-            let writes = matches!(p.op, IoOp::Write | IoOp::WriteZeroes | IoOp::Discard);
+            let slot = &self.slots[i as usize];
+            let writes = matches!(
+                slot.plan.op,
+                IoOp::Write | IoOp::WriteZeroes | IoOp::Discard
+            );
             if let Phase::Io { sub, .. } = &self.phase {
-                if writes
-                    && sub
-                        .volume
-                        .suspended_range()
-                        .holds(p.offset_blocks, p.num_blocks)
-                {
+                let range = sub.volume.suspended_range();
+                // Every range of the command (a DSM has several).
+                if writes && slot.todo.iter().any(|&(_, off, n)| range.holds(off, n)) {
                     break;
                 }
             }

@@ -58,6 +58,9 @@ pub struct Controller {
     /// The subsystem; `None` for a discovery controller.
     pub subsystem: Option<Arc<Subsystem>>,
     pub(super) port: Arc<Port>,
+    /// The address the host reached (what the discovery log names: a
+    /// listener on 0.0.0.0 is reached on one of the host's addresses).
+    pub local: std::net::SocketAddr,
     state: Mutex<State>,
     enabled: AtomicBool,
     dead: AtomicBool,
@@ -70,6 +73,7 @@ impl Controller {
         host_id: [u8; 16],
         subsystem: Option<Arc<Subsystem>>,
         port: Arc<Port>,
+        local: std::net::SocketAddr,
         kato_ms: u32,
     ) -> Controller {
         Controller {
@@ -78,6 +82,7 @@ impl Controller {
             host_id,
             subsystem,
             port,
+            local,
             state: Mutex::new(State {
                 cc: 0,
                 csts: 0,
@@ -125,9 +130,37 @@ impl Controller {
     }
 
     /// Write CC: enabling makes the controller ready at once; clearing EN
-    /// resets it; a shutdown notification completes at once (writes were
-    /// acknowledged only once the volume had them).
-    pub fn set_cc(&self, cc: u32) {
+    /// resets it. A shutdown notification flushes the volume (off the
+    /// reactor) and reports "shutdown complete" once that is done: the
+    /// controller says it has a volatile write cache.
+    pub fn set_cc(self: &Arc<Self>, cc: u32) {
+        let shutdown = cc & CC_SHN != 0 && self.state().cc & CC_SHN == 0;
+        self.write_cc(cc);
+        if !shutdown {
+            return;
+        }
+        let Some(sub) = self.subsystem.clone() else {
+            self.state().csts |= CSTS_SHST_DONE;
+            return;
+        };
+        let me = self.clone();
+        let flushed = std::thread::Builder::new()
+            .name("nvmf-shutdown".into())
+            .spawn(move || {
+                if let Err(e) = sub.volume.flush_on_reactor(std::time::Duration::from_secs(30)) {
+                    tracing::warn!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: flushing at the host's shutdown failed");
+                }
+                let mut st = me.state();
+                if st.cc & CC_SHN != 0 {
+                    st.csts |= CSTS_SHST_DONE;
+                }
+            });
+        if flushed.is_err() {
+            self.state().csts |= CSTS_SHST_DONE;
+        }
+    }
+
+    fn write_cc(&self, cc: u32) {
         let mut s = self.state();
         let was = s.cc;
         s.cc = cc;
@@ -137,9 +170,7 @@ impl Controller {
         } else if cc & CC_EN == 0 && was & CC_EN != 0 {
             s.csts &= !CSTS_RDY;
         }
-        if cc & CC_SHN != 0 {
-            s.csts |= CSTS_SHST_DONE;
-        } else if was & CC_SHN != 0 {
+        if cc & CC_SHN == 0 && was & CC_SHN != 0 {
             s.csts &= !CSTS_SHST_DONE;
         }
         self.enabled.store(

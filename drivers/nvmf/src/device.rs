@@ -118,6 +118,10 @@ struct Assoc {
     /// Since when the association is lost (`None`: it is up).
     lost_since: Mutex<Option<Instant>>,
     in_capsule: usize,
+    /// What the namespace was at the first connect (size, block size
+    /// shift, NGUID): a later association must find the same.
+    identity: (u64, u8, [u8; 16]),
+    max_transfer: u32,
 }
 
 impl Assoc {
@@ -170,6 +174,8 @@ impl NvmfDevice {
                 remote.nsid, remote.nqn
             )));
         }
+        let mut nguid = [0u8; 16];
+        nguid.copy_from_slice(&ns[104..120]);
         let id = &c.id;
         let mdts = id[77];
         let max_transfer = if mdts == 0 {
@@ -199,6 +205,8 @@ impl NvmfDevice {
             qids: Mutex::new(vec![false; queues as usize]),
             lost_since: Mutex::new(None),
             in_capsule: (ioccsz * 16).saturating_sub(64),
+            identity: (nsze, lbads, nguid),
+            max_transfer,
         });
         let a = assoc.clone();
         let control = std::thread::Builder::new()
@@ -223,10 +231,11 @@ impl NvmfDevice {
 
 impl Drop for NvmfDevice {
     fn drop(&mut self) {
+        // Not joined: the thread may be waiting for an unreachable target
+        // (a timeout of seconds), and the last handle may go on a reactor.
+        // It sees the stop at its next step and ends on its own.
         self.assoc.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.control.take() {
-            let _ = t.join();
-        }
+        drop(self.control.take());
     }
 }
 
@@ -256,7 +265,20 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     ctrl = None;
                 }
             }
-            None => match associate(&a.remote, &a.opts.host) {
+            None => match associate(&a.remote, &a.opts.host).and_then(|(mut c, q)| {
+                let ns = c.identify(0x00, a.remote.nsid)?;
+                let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or([0; 8]));
+                let lbads = ns[128 + 4 * (ns[26] & 0xf) as usize + 2];
+                let mut nguid = [0u8; 16];
+                nguid.copy_from_slice(&ns[104..120]);
+                if (nsze, lbads, nguid) != a.identity {
+                    return Err(HostError::Protocol(format!(
+                        "namespace {} is not the one it was (size {nsze}, NGUID {nguid:02x?})",
+                        a.remote.nsid
+                    )));
+                }
+                Ok((c, q))
+            }) {
                 Ok((c, _)) => {
                     tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
                     a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
@@ -264,7 +286,10 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     *a.lost_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     ctrl = Some(c);
                 }
-                Err(_) => nap(&a, a.opts.reconnect_delay),
+                Err(e) => {
+                    tracing::debug!(nqn = %a.remote.nqn, error = %e, "nvme/tcp: connecting again failed");
+                    nap(&a, a.opts.reconnect_delay)
+                }
             },
         }
     }
@@ -294,6 +319,7 @@ impl BlockDevice for NvmfDevice {
             qid,
             conn: None,
             dialing: None,
+            next_dial: Instant::now(),
             down_since: None,
             sent: HashMap::new(),
             waiting: VecDeque::new(),
@@ -320,6 +346,7 @@ struct Conn {
 struct Sent {
     req: IoRequest,
     received: usize,
+    at: Instant,
 }
 
 struct NvmfChannel {
@@ -328,6 +355,8 @@ struct NvmfChannel {
     qid: u16,
     conn: Option<Conn>,
     dialing: Option<mpsc::Receiver<Result<Conn, HostError>>>,
+    /// No new dial before this (one every reconnect delay).
+    next_dial: Instant,
     /// Since when requests have no connection to go on.
     down_since: Option<Instant>,
     sent: HashMap<u16, Sent>,
@@ -355,7 +384,8 @@ fn dial(a: &Assoc, qid: u16, cntlid: u16, epoch: u64) -> Result<Conn, HostError>
     stream.set_nonblocking(true)?;
     Ok(Conn {
         stream,
-        rx: vec![0u8; 1 << 18],
+        // Room for the largest PDU a read can bring.
+        rx: vec![0u8; a.max_transfer as usize + (64 << 10)],
         rx_len: 0,
         tx: Vec::with_capacity(1 << 16),
         tx_at: 0,
@@ -416,21 +446,40 @@ impl NvmfChannel {
         self.done.push(Completion { tag, result });
     }
 
-    /// Fail everything when the connection has been lost too long.
+    /// Fail everything when the connection has been lost too long, or a
+    /// request got no answer for that long on a connection that looks
+    /// up (a target that stopped answering): the device fails, as a
+    /// member whose disk went away.
     fn check_loss(&mut self) {
         let lost = self
             .down_since
             .map(|t| t.elapsed())
             .max(self.assoc.lost_for());
-        if lost.is_some_and(|d| d >= self.assoc.opts.loss_timeout) {
-            let reqs: Vec<IoRequest> = self
-                .waiting
-                .drain(..)
-                .chain(self.sent.drain().map(|(_, s)| s.req))
-                .collect();
-            for r in reqs {
-                self.finish(r.tag, Err(IoError::DeviceFailed));
-            }
+        let limit = self.assoc.opts.loss_timeout;
+        let stuck = self.sent.values().any(|s| s.at.elapsed() >= limit);
+        if !stuck && lost.is_none_or(|d| d < limit) {
+            return;
+        }
+        if stuck {
+            tracing::warn!(qid = self.qid, "nvme/tcp: a request got no answer in the loss timeout; the queue's connection is dropped");
+        }
+        // The connection goes too: a late answer must never complete a
+        // later request that reuses its command ID.
+        self.conn = None;
+        self.dialing = None;
+        self.down_since = None;
+        let reqs: Vec<IoRequest> = self
+            .waiting
+            .drain(..)
+            .chain(self.sent.drain().map(|(_, s)| s.req))
+            .collect();
+        for r in reqs {
+            let e = if stuck {
+                IoError::TimedOut
+            } else {
+                IoError::DeviceFailed
+            };
+            self.finish(r.tag, Err(e));
         }
     }
 
@@ -473,9 +522,10 @@ impl NvmfChannel {
             }
             return;
         }
-        if self.waiting.is_empty() {
+        if self.waiting.is_empty() || Instant::now() < self.next_dial {
             return;
         }
+        self.next_dial = Instant::now() + self.assoc.opts.reconnect_delay;
         let cntlid = self.assoc.cntlid.load(Ordering::SeqCst);
         if cntlid == u64::MAX {
             self.down_since.get_or_insert_with(Instant::now);
@@ -557,7 +607,14 @@ impl NvmfChannel {
                 c.cpda,
                 &mut c.tx,
             );
-            self.sent.insert(cid, Sent { req, received: 0 });
+            self.sent.insert(
+                cid,
+                Sent {
+                    req,
+                    received: 0,
+                    at: Instant::now(),
+                },
+            );
         }
     }
 
@@ -616,7 +673,9 @@ impl NvmfChannel {
         let r = Receiver {
             controller: false,
             digests: c.digests,
-            max_data: 1 << 20,
+            // More than a read can bring is an error, never a PDU that
+            // cannot fit the buffer and would wedge the queue.
+            max_data: self.assoc.max_transfer,
         };
         let rx = std::mem::take(&mut c.rx);
         let mut at = 0;

@@ -331,6 +331,12 @@ impl Queue {
                             .pending
                             .remove(&h.cccid)
                             .unwrap_or_else(|| unreachable!());
+                        if p.received != p.read_len {
+                            return Err(HostError::Protocol(format!(
+                                "command {} succeeded with {} of {} bytes read",
+                                h.cccid, p.received, p.read_len
+                            )));
+                        }
                         let cqe = capsule::completion(h.cccid, self.qid, 0, 0, Status::SUCCESS);
                         return Ok(Some(Reply { cqe, data: p.read }));
                     }
@@ -569,7 +575,7 @@ impl Controller {
     /// Get Log Page `lid`: `len` bytes from byte `offset`.
     pub fn log_page(&mut self, lid: u8, len: usize, offset: u64) -> Result<Vec<u8>, HostError> {
         let mut s = Sqe::new(admin::GET_LOG_PAGE, 0xffff_ffff);
-        let numd = (len / 4 - 1) as u32;
+        let numd = (len / 4).saturating_sub(1) as u32;
         s.cdw[0] = lid as u32 | (numd & 0xffff) << 16;
         s.cdw[1] = numd >> 16;
         s.cdw[2] = offset as u32;
@@ -595,7 +601,13 @@ impl Controller {
     /// Open IO queue `qid` with `entries` entries on its own connection.
     pub fn io_queue(&self, qid: u16, entries: u16) -> Result<Queue, HostError> {
         let mut q = Queue::open(self.addr, &self.cfg)?;
-        q.connect(qid, entries - 1, self.cntlid, &self.subnqn, &self.cfg)?;
+        q.connect(
+            qid,
+            entries.saturating_sub(1).max(1),
+            self.cntlid,
+            &self.subnqn,
+            &self.cfg,
+        )?;
         q.set_in_capsule(self.io_in_capsule);
         Ok(q)
     }
