@@ -712,3 +712,31 @@ fn hostile_pdus_cost_only_their_own_connection() {
         data
     );
 }
+
+/// A volume's IO limits hold for its NVMe/TCP hosts too.
+#[test]
+fn the_volumes_io_limits_hold_over_nvme_tcp() {
+    let r = rig(&[HOST_A]);
+    r.volume.init_qos(appliance::qos::QosLimits {
+        read_iops: 200,
+        ..Default::default()
+    });
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 16).unwrap();
+    let t = Instant::now();
+    let reads = 600u64;
+    for batch in 0..reads / 8 {
+        for k in 0..8 {
+            q.send(rw(cmd::READ, batch * 8 + k, 1), &[], 4096).unwrap();
+        }
+        for _ in 0..8 {
+            assert_eq!(q.recv().unwrap().status(), Status::SUCCESS);
+        }
+    }
+    // 600 reads at 200/s: at least 2 s even with a second's burst.
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "{reads} reads in {took:?} under a 200/s limit"
+    );
+}

@@ -29,6 +29,7 @@ use super::controller::Controller;
 use super::identify::{self, ADMIN_IN_CAPSULE, AER_LIMIT, IN_CAPSULE, MAX_QUEUE_ENTRIES};
 use super::io::{self, Plan};
 use super::{Port, Subsystem, TargetShared};
+use crate::qos::QueueQos;
 use crate::volume::VolumeConfig;
 
 /// Most data the target takes in one H2CData PDU.
@@ -128,6 +129,10 @@ struct Slot {
 
 /// The volume as an IO queue sees it.
 struct IoPath {
+    /// The volume's IO limits, this queue's buckets.
+    qos: Option<QueueQos>,
+    /// A timer is due then to look at a throttled command again.
+    qos_timer: Option<Instant>,
     gate: LocalGate<VolumeConfig>,
     gen: u64,
     ch: Box<dyn IoChannel>,
@@ -194,7 +199,7 @@ impl Conn {
         // A closing connection admits nothing new: a write its host has
         // given up on must not land after the host sent it again elsewhere.
         if self.closing.is_none() {
-            work |= self.start_waiting();
+            work |= self.start_waiting(ctx);
         }
         work |= self.submit();
         self.refresh_generation();
@@ -655,6 +660,8 @@ impl Conn {
                 let (gen, v) = gate.config();
                 let ch = v.device.open_channel().map_err(|e| e.to_string())?;
                 Ok(IoPath {
+                    qos: sub.volume.qos().map(QueueQos::new),
+                    qos_timer: None,
                     gate,
                     gen,
                     ch,
@@ -836,11 +843,13 @@ impl Conn {
         }
     }
 
-    /// Admit waiting commands through the volume's gate, in order.
-    fn start_waiting(&mut self) -> bool {
+    /// Admit waiting commands through the volume's IO limits and its
+    /// gate, in order.
+    fn start_waiting(&mut self, ctx: &mut Ctx) -> bool {
         let mut work = false;
+        let now = ctx.now();
         while let Some(&i) = self.waiting.front() {
-            let Some(io) = &self.io else { break };
+            let Some(io) = &mut self.io else { break };
             if io.gate.generation() != io.gen {
                 // A new configuration: taken once nothing is in flight.
                 break;
@@ -857,7 +866,26 @@ impl Conn {
                     break;
                 }
             }
+            let (op, bytes) = (
+                slot.plan.op,
+                slot.plan.num_blocks * io.info.block_size as u64,
+            );
+            if let Some(q) = &mut io.qos {
+                if !q.admit(op, bytes, now) {
+                    // Over the limits: look again when they give tokens
+                    // (a timer wakes a sleeping reactor).
+                    let at = q.recheck_at(op, bytes);
+                    if io.qos_timer.is_none_or(|t| t <= now || t > at) {
+                        ctx.after(at.saturating_duration_since(now), |_| {});
+                        io.qos_timer = Some(at);
+                    }
+                    break;
+                }
+            }
             if !io.gate.try_begin() {
+                if let Some(q) = &mut io.qos {
+                    q.refund(op, bytes);
+                }
                 break;
             }
             self.waiting.pop_front();
@@ -988,6 +1016,19 @@ impl Conn {
         };
         io.info = v.device.info().clone();
         io.gen = gen;
+        // New limits come with a new generation.
+        if let Phase::Io { sub, .. } = &self.phase {
+            let qos = sub.volume.qos();
+            let same = match (&io.qos, &qos) {
+                (Some(a), Some(b)) => a.shares(b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                io.qos = qos.map(QueueQos::new);
+                io.qos_timer = None;
+            }
+        }
     }
 
     /// Write what is queued for the host.
