@@ -161,3 +161,56 @@ fn nvmf_exports_are_made_used_kept_and_deleted_through_applctl() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
 }
+
+/// A reload makes, changes and removes NVMe/TCP exports as the file says.
+#[test]
+fn nvmf_exports_follow_a_reload() {
+    use appliance::config::{Config, DeviceDecl, NvmfExportDecl, VolumeDecl};
+    let reactors = poller::Reactors::start(poller::ReactorConfig::default()).unwrap();
+    let m = appliance::manager::Manager::new(reactors.set(), None);
+    let mut config = Config {
+        devices: vec![DeviceDecl {
+            name: "d".into(),
+            spec: "ram:16M".into(),
+            block_size: 4096,
+        }],
+        volumes: vec![VolumeDecl::new("v", "single", &["d"])],
+        ..Default::default()
+    };
+    assert!(m.reload(&config).refused.is_empty());
+    let port = free_port();
+    config.nvmf_exports.push(NvmfExportDecl {
+        nqn: NQN.into(),
+        volume: "v".into(),
+        listen: format!("127.0.0.1:{port}"),
+        hosts: vec![HOST.into()],
+        ..Default::default()
+    });
+    let rep = m.reload(&config);
+    assert_eq!(
+        rep.applied,
+        vec![format!("create nvme/tcp export {NQN}")],
+        "{rep:?}"
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(Controller::connect(addr, NQN, &host()).is_ok());
+    // Nothing changed: nothing done (the NGUID made at creation stays).
+    assert_eq!(m.reload(&config), Default::default());
+    // Another host list: the export is made again with it.
+    config.nvmf_exports[0].hosts = vec!["nqn.2014-08.org.nvmexpress:uuid:other".into()];
+    let rep = m.reload(&config);
+    assert_eq!(rep.applied.len(), 2, "{rep:?}");
+    assert!(
+        Controller::connect(addr, NQN, &host()).is_err(),
+        "the old host is no longer allowed"
+    );
+    config.nvmf_exports.clear();
+    let rep = m.reload(&config);
+    assert_eq!(
+        rep.applied,
+        vec![format!("delete nvme/tcp export {NQN}")],
+        "{rep:?}"
+    );
+    assert!(m.list_nvmf_exports().is_empty());
+    m.shutdown();
+}

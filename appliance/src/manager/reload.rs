@@ -7,7 +7,7 @@
 //! level, an export's socket while a frontend is connected) is reported,
 //! not forced.
 
-use crate::config::{Config, ExportDecl, VolumeDecl};
+use crate::config::{Config, ExportDecl, NvmfExportDecl, VolumeDecl};
 use crate::raid::journal::JournalMode;
 
 use super::{lock, Manager, MgmtError};
@@ -39,6 +39,18 @@ fn same_export(a: &ExportDecl, b: &ExportDecl) -> bool {
         && a.num_queues.max(1) == b.num_queues.max(1)
         && a.read_only == b.read_only
         && (b.serial.is_empty() || a.serial == b.serial)
+}
+
+/// Whether a running NVMe/TCP export is what `w` declares (an empty
+/// serial or NGUID in the file means "whatever it was made with").
+fn same_nvmf(a: &NvmfExportDecl, w: &NvmfExportDecl) -> bool {
+    a.volume == w.volume
+        && a.listen == w.listen
+        && a.hosts == w.hosts
+        && a.allow_any_host == w.allow_any_host
+        && a.read_only == w.read_only
+        && (w.serial.is_empty() || a.serial == w.serial)
+        && (w.nguid.is_empty() || a.nguid.eq_ignore_ascii_case(&w.nguid))
 }
 
 impl Manager {
@@ -88,6 +100,20 @@ impl Manager {
                     .collect::<Vec<_>>(),
             )
         };
+        let nvmf: Vec<NvmfExportDecl> = self
+            .list_nvmf_exports()
+            .into_iter()
+            .map(|v| v.decl)
+            .collect();
+        // NVMe/TCP exports that go, or must be made again (their hosts
+        // reconnect).
+        for e in &nvmf {
+            let wanted = config.nvmf_exports.iter().find(|w| w.nqn == e.nqn);
+            if wanted.is_none_or(|w| !same_nvmf(e, w)) {
+                let r = self.delete_nvmf_export(&e.nqn);
+                rep.did(format!("delete nvme/tcp export {}", e.nqn), r);
+            }
+        }
         let wanted_export = |name: &str| config.exports.iter().find(|e| e.name == name);
         // Exports that go, or must be made again.
         for (e, _) in &exports {
@@ -163,6 +189,12 @@ impl Manager {
                         }
                     }
                 }
+            }
+        }
+        for w in &config.nvmf_exports {
+            if !self.inv().nvmf.contains_key(&w.nqn) {
+                let r = self.create_nvmf_export(w.clone()).map(|_| ());
+                rep.did(format!("create nvme/tcp export {}", w.nqn), r);
             }
         }
         if !rep.applied.is_empty() {
