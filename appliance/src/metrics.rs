@@ -258,6 +258,7 @@ fn collect(mgr: &Manager) -> Vec<Family> {
     out.push(kernel);
     out.push(speed);
     exports(mgr, &mut out);
+    nvmf_exports(mgr, &mut out);
     volumes(mgr, &mut out);
     devices(mgr, &mut out);
     reactors(mgr, &mut out);
@@ -350,6 +351,53 @@ fn exports(mgr: &Manager, out: &mut Vec<Family>) {
         connected,
         connections,
     ]);
+}
+
+fn nvmf_exports(mgr: &Manager, out: &mut Vec<Family>) {
+    let mut commands = Family::new(
+        "appliance_nvmf_commands",
+        "Read and write commands an NVMe/TCP export completed.",
+    )
+    .counter();
+    let mut bytes = Family::new(
+        "appliance_nvmf_io",
+        "Bytes an NVMe/TCP export read and wrote.",
+    )
+    .unit(&BYTES)
+    .counter();
+    let mut errors = Family::new(
+        "appliance_nvmf_errors",
+        "IO commands of an NVMe/TCP export that completed with an error status.",
+    )
+    .counter();
+    let mut connections = Family::new(
+        "appliance_nvmf_connections",
+        "NVMe/TCP connections open now (an admin queue and the IO queues of each host).",
+    );
+    let mut controllers = Family::new(
+        "appliance_nvmf_controllers",
+        "Hosts' controllers (associations) live now.",
+    );
+    for e in mgr.list_nvmf_exports() {
+        let l = |op: Option<&'static str>| {
+            let mut v = vec![
+                ("nqn", e.decl.nqn.clone()),
+                ("volume", e.decl.volume.clone()),
+            ];
+            if let Some(op) = op {
+                v.push(("op", op.to_string()));
+            }
+            v
+        };
+        for (i, op) in ["read", "write"].into_iter().enumerate() {
+            commands.add(l(Some(op)), Value::Count(e.commands[i]));
+            bytes.add(l(Some(op)), Value::Count(e.bytes[i]));
+        }
+        errors.add(l(None), Value::Count(e.errors));
+        connections.add(l(None), Value::Gauge(e.connections as f64));
+        controllers.add(l(None), Value::Gauge(e.controllers.len() as f64));
+    }
+    out.extend([commands, bytes, errors, connections, controllers]);
 }
 
 fn volumes(mgr: &Manager, out: &mut Vec<Family>) {

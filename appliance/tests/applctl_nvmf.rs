@@ -133,6 +133,25 @@ fn nvmf_exports_are_made_used_kept_and_deleted_through_applctl() {
     q.exec(rw(cmd::WRITE, 7), &data, 0).unwrap();
     let list = ok(&applctl(&api, &["nvmf", "list"]));
     assert!(list.contains(NQN) && list.contains(HOST), "{list}");
+    // Prometheus sees the export, its host and the write.
+    let metrics_text = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    for want in [
+        format!("appliance_nvmf_commands_total{{nqn=\"{NQN}\",volume=\"v0\",op=\"write\"}} 1"),
+        format!("appliance_nvmf_io_bytes_total{{nqn=\"{NQN}\",volume=\"v0\",op=\"write\"}} 4096"),
+        format!("appliance_nvmf_controllers{{nqn=\"{NQN}\",volume=\"v0\"}} 1"),
+    ] {
+        assert!(
+            metrics_text.contains(&want),
+            "{want} not in:\n{metrics_text}"
+        );
+    }
     drop(q);
     drop(c);
 

@@ -23,6 +23,12 @@ pub struct NvmfExportView {
     pub connections: u64,
     /// Controllers live now: (controller ID, host NQN).
     pub controllers: Vec<(u16, String)>,
+    /// Read and write commands completed.
+    pub commands: [u64; 2],
+    /// Bytes read and written.
+    pub bytes: [u64; 2],
+    /// IO commands that failed.
+    pub errors: u64,
 }
 
 fn from_nvmf(e: NvmfError) -> MgmtError {
@@ -61,10 +67,14 @@ fn view(e: &NvmfExp) -> NvmfExportView {
         .map(|c| (c.cntlid, c.hostnqn.clone()))
         .collect();
     controllers.sort();
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     NvmfExportView {
         decl: e.decl.clone(),
         connections: e.sub.connections() as u64,
         controllers,
+        commands: [n(&e.sub.reads), n(&e.sub.writes)],
+        bytes: [n(&e.sub.read_bytes), n(&e.sub.write_bytes)],
+        errors: n(&e.sub.errors),
     }
 }
 

@@ -988,11 +988,21 @@ impl Conn {
             self.send_data(cid, &buf);
         }
         if let Phase::Io { sub, .. } = &self.phase {
+            let bytes = buf.len() as u64;
             match op {
-                IoOp::Read => sub.reads.fetch_add(1, Ordering::Relaxed),
-                IoOp::Write => sub.writes.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
+                IoOp::Read => {
+                    sub.reads.fetch_add(1, Ordering::Relaxed);
+                    sub.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                IoOp::Write => {
+                    sub.writes.fetch_add(1, Ordering::Relaxed);
+                    sub.write_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            if !st.ok() {
+                sub.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.respond(cid, st, 0);
         self.slots[i as usize].buf = buf;

@@ -90,10 +90,16 @@ pub struct Subsystem {
     removed: AtomicBool,
     /// Connections open now (admin and IO).
     connections: AtomicUsize,
-    /// Read and write commands completed, for metrics.
+    /// Read commands completed, for metrics and the SMART log.
     pub reads: AtomicU64,
     /// Write commands completed.
     pub writes: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// IO commands that completed with an error status.
+    pub errors: AtomicU64,
 }
 
 impl Subsystem {
@@ -211,6 +217,9 @@ impl Target {
                 connections: AtomicUsize::new(0),
                 reads: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
+                read_bytes: AtomicU64::new(0),
+                write_bytes: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
             })
         };
         // Listeners are kept by the address they bound (port 0 binds a
