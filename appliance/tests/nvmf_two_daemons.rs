@@ -48,6 +48,18 @@ fn read(q: &mut Queue, lba: u64, blocks: u32) -> Vec<u8> {
 
 #[test]
 fn a_remote_mirror_rides_out_its_daemon_restarting() {
+    remote_mirror(false);
+}
+
+/// With md's write-behind (a bitmap, and writes to the write-mostly
+/// member acknowledged before it has them), writes complete while the
+/// remote daemon is away and reach it once it is back.
+#[test]
+fn with_write_behind_writes_go_on_while_the_remote_mirror_is_away() {
+    remote_mirror(true);
+}
+
+fn remote_mirror(write_behind: bool) {
     let dir_b = tempfile::tempdir().unwrap();
     let dir_a = tempfile::tempdir().unwrap();
     let (port_a, port_b) = (free_port(), free_port());
@@ -67,8 +79,13 @@ fn a_remote_mirror_rides_out_its_daemon_restarting() {
     std::fs::write(
         &cfg_a,
         format!(
-            "[[device]]\nname = \"near\"\nspec = \"file:{}:64M\"\n\n[[device]]\nname = \"far\"\nspec = \"nvmf-tcp://127.0.0.1:{port_b}/{REMOTE}?loss-timeout=60\"\n\n[[volume]]\nname = \"mirror\"\nlevel = \"raid1\"\nmembers = [\"near\", \"far\"]\n\n[[nvmf_export]]\nnqn = \"{MIRROR}\"\nvolume = \"mirror\"\nlisten = \"127.0.0.1:{port_a}\"\nallow_any_host = true\n",
-            dir_a.path().join("a.img").display()
+            "[[device]]\nname = \"near\"\nspec = \"file:{}:64M\"\n\n[[device]]\nname = \"far\"\nspec = \"nvmf-tcp://127.0.0.1:{port_b}/{REMOTE}?loss-timeout=60\"\n\n[[volume]]\nname = \"mirror\"\nlevel = \"raid1\"\nmembers = [\"near\", \"far\"]\n{}\n[[nvmf_export]]\nnqn = \"{MIRROR}\"\nvolume = \"mirror\"\nlisten = \"127.0.0.1:{port_a}\"\nallow_any_host = true\n",
+            dir_a.path().join("a.img").display(),
+            if write_behind {
+                "bitmap = true\nwrite_behind = 256\n"
+            } else {
+                ""
+            }
         ),
     )
     .unwrap();
@@ -97,9 +114,21 @@ fn a_remote_mirror_rides_out_its_daemon_restarting() {
         q
     });
     std::thread::sleep(Duration::from_millis(500));
-    // A mirror write completes only once both members have it (no
-    // write-behind), so with B away none can have finished.
-    assert!(!writer.is_finished(), "writes completed without the mirror");
+    if write_behind {
+        // Acknowledged once the local member has them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !writer.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "writes waited for the mirror"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    } else {
+        // A mirror write completes only once both members have it, so
+        // with B away none can have finished.
+        assert!(!writer.is_finished(), "writes completed without the mirror");
+    }
     b = restart(dir_b.path(), &api_b, &[], Stdio::null());
     reap_b.0 = b.id();
     wait_up(&api_b, &mut b);
@@ -126,6 +155,15 @@ fn a_remote_mirror_rides_out_its_daemon_restarting() {
     let start = (0..4096u64)
         .find(|&lba| read(&mut qb, lba, 1).iter().all(|&x| x == 1))
         .expect("the first write is on B");
+    // (Writes behind reach B once it is back: wait for the last.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !read(&mut qb, start + 31 * 8, 8).iter().all(|&x| x == 32) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writes behind never reached B"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for i in 0..32u64 {
         assert!(
             read(&mut qb, start + i * 8, 8)
