@@ -149,6 +149,11 @@ fn a_linux_host_uses_volumes_over_nvme_tcp_through_failure_resize_and_restart() 
         restarted.contains("controller connected"),
         "the guest never reconnected:\n{restarted}"
     );
+    // One of the two controllers runs with both digests (CRC32C).
+    assert!(
+        restarted.contains("header_digest=true data_digest=true"),
+        "no controller with digests:\n{restarted}"
+    );
     // The spare took the failed member's slot.
     let v: serde_json::Value =
         serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "r5"]))).unwrap();

@@ -26,11 +26,13 @@ grep -q "subnqn: *$R5" /tmp/disc.out && grep -q "subnqn: *$ONE" /tmp/disc.out \
   && ! grep -q "subnqn: *$HIDDEN" /tmp/disc.out && echo "DISCOVER OK"
 
 connect() {
-  nvme connect -t tcp -a 10.0.2.2 -s "$PORT" -n "$1" -q "$HOSTNQN" -I "$HOSTID" \
-    --ctrl-loss-tmo=120 --reconnect-delay=1 --nr-io-queues=2 || { echo "CONNECT $1 FAILED"; exit 1; }
+  n=$1; shift
+  nvme connect -t tcp -a 10.0.2.2 -s "$PORT" -n "$n" -q "$HOSTNQN" -I "$HOSTID" \
+    --ctrl-loss-tmo=120 --reconnect-delay=1 --nr-io-queues=2 "$@" || { echo "CONNECT $n FAILED"; exit 1; }
 }
 connect "$R5"
-connect "$ONE"
+# Header and data digests (CRC32C) on this one.
+connect "$ONE" --hdr-digest --data-digest
 # nvme-cli's refusal for a subsystem this host may not use.
 if nvme connect -t tcp -a 10.0.2.2 -s "$PORT" -n "$HIDDEN" -q "$HOSTNQN" -I "$HOSTID" 2>/tmp/hidden.err; then
   echo "HIDDEN CONNECTED"; exit 1
