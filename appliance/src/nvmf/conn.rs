@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -28,6 +28,7 @@ use super::admin::{self, Answer};
 use super::controller::Controller;
 use super::identify::{self, ADMIN_IN_CAPSULE, AER_LIMIT, IN_CAPSULE, MAX_QUEUE_ENTRIES};
 use super::io::{self, Plan};
+use super::output::Output;
 use super::{Port, Subsystem, TargetShared};
 use crate::qos::QueueQos;
 use crate::volume::VolumeConfig;
@@ -60,8 +61,7 @@ pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc
         shared,
         rx: vec![0u8; RX_SIZE],
         rx_len: 0,
-        tx: Vec::with_capacity(1 << 17),
-        tx_start: 0,
+        out: Output::default(),
         phase: Phase::Init,
         digests: Digests::default(),
         hpda: 0,
@@ -148,8 +148,8 @@ struct Conn {
     /// Received bytes (`..rx_len`) not yet taken as PDUs.
     rx: Vec<u8>,
     rx_len: usize,
-    tx: Vec<u8>,
-    tx_start: usize,
+    /// What is waiting for the socket.
+    out: Output,
     phase: Phase,
     digests: Digests,
     hpda: u8,
@@ -229,7 +229,7 @@ impl Conn {
     }
 
     fn tx_pending(&self) -> usize {
-        self.tx.len() - self.tx_start
+        self.out.pending()
     }
 
     fn close(&mut self, why: &str) {
@@ -246,7 +246,7 @@ impl Conn {
             fei,
             "nvme/tcp: terminating a connection on a protocol error"
         );
-        pdu::encode_term(false, fes, fei, header, &mut self.tx);
+        pdu::encode_term(false, fes, fei, header, self.out.bytes());
         self.close("protocol error");
     }
 
@@ -446,7 +446,7 @@ impl Conn {
                         digests: q.digests,
                         maxh2cdata: MAXH2CDATA,
                     },
-                    &mut self.tx,
+                    self.out.bytes(),
                 );
                 // Digests apply from the next PDU on.
                 self.digests = q.digests;
@@ -539,7 +539,7 @@ impl Conn {
             _ => 0,
         };
         let cqe = capsule::completion(cid, qid, self.sqhd as u16, result, st);
-        pdu::encode_response(&capsule::cqe_bytes(&cqe), self.digests, &mut self.tx);
+        pdu::encode_response(&capsule::cqe_bytes(&cqe), self.digests, self.out.bytes());
     }
 
     fn send_data(&mut self, cid: u16, data: &[u8]) {
@@ -551,7 +551,7 @@ impl Conn {
             last: true,
             success: false,
         };
-        pdu::encode_data(false, &h, data, self.digests, self.hpda, &mut self.tx);
+        pdu::encode_data(false, &h, data, self.digests, self.hpda, self.out.bytes());
     }
 
     fn connect(&mut self, ctx: &mut Ctx, s: &Sqe, data: &[u8]) {
@@ -761,6 +761,11 @@ impl Conn {
         slot.status = Status::SUCCESS;
         slot.corrupt = false;
         slot.flushed = false;
+        if slot.buf.capacity() < plan.bytes {
+            if let Some(b) = self.out.take_spare() {
+                slot.buf = b;
+            }
+        }
         slot.buf.clear();
         let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
         if plan.op == IoOp::Read {
@@ -779,7 +784,7 @@ impl Conn {
                 offset: 0,
                 length: plan.bytes as u32,
             };
-            pdu::encode_r2t(&r, self.digests, &mut self.tx);
+            pdu::encode_r2t(&r, self.digests, self.out.bytes());
             return;
         }
         self.ready(i);
@@ -984,11 +989,8 @@ impl Conn {
         let (cid, op) = (slot.cid, slot.plan.op);
         let buf = std::mem::take(&mut slot.buf);
         slot.state = SlotState::Free;
-        if st.ok() && op == IoOp::Read {
-            self.send_data(cid, &buf);
-        }
+        let bytes = buf.len() as u64;
         if let Phase::Io { sub, .. } = &self.phase {
-            let bytes = buf.len() as u64;
             match op {
                 IoOp::Read => {
                     sub.reads.fetch_add(1, Ordering::Relaxed);
@@ -1004,8 +1006,27 @@ impl Conn {
                 sub.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if st.ok() && op == IoOp::Read {
+            // The data goes from this buffer to the socket; the slot takes
+            // a sent one next time.
+            let h = DataHeader {
+                cccid: cid,
+                ttag: 0,
+                offset: 0,
+                length: buf.len() as u32,
+                last: true,
+                success: false,
+            };
+            pdu::encode_data_header(false, &h, buf.len(), self.digests, self.hpda, self.out.bytes());
+            let digest = self.digests.data.then(|| pdu::digest(&buf));
+            self.out.data(buf);
+            if let Some(d) = digest {
+                self.out.bytes().extend_from_slice(&d.to_le_bytes());
+            }
+        } else {
+            self.slots[i as usize].buf = buf;
+        }
         self.respond(cid, st, 0);
-        self.slots[i as usize].buf = buf;
         self.free.push(i);
     }
 
@@ -1045,34 +1066,22 @@ impl Conn {
     fn send(&mut self) -> bool {
         let mut work = false;
         while self.tx_pending() > 0 {
-            match self.sock.write(&self.tx[self.tx_start..]) {
+            match self.out.send(&mut self.sock) {
                 Ok(0) => {
                     self.close("socket closed");
-                    self.tx.clear();
-                    self.tx_start = 0;
+                    self.out.clear();
                     break;
                 }
-                Ok(n) => {
-                    self.tx_start += n;
-                    work = true;
-                }
+                Ok(_) => work = true,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     // The peer is gone: nothing more can be sent.
                     self.close("socket error");
-                    self.tx.clear();
-                    self.tx_start = 0;
+                    self.out.clear();
                     break;
                 }
             }
-        }
-        if self.tx_start == self.tx.len() {
-            self.tx.clear();
-            self.tx_start = 0;
-        } else if self.tx_start > (1 << 20) {
-            self.tx.drain(..self.tx_start);
-            self.tx_start = 0;
         }
         work
     }

@@ -18,6 +18,7 @@ mod conn;
 mod controller;
 mod identify;
 mod io;
+mod output;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};

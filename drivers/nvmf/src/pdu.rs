@@ -670,7 +670,23 @@ pub fn encode_data(
     pda: u8,
     out: &mut Vec<u8>,
 ) {
-    let (mut flags, pdo, plen) = layout(DATA_HLEN, d, pda, data.len());
+    encode_data_header(to_controller, hdr, data.len(), d, pda, out);
+    out.extend_from_slice(data);
+    encode_data_trailer(data, d, out);
+}
+
+/// The part of a data PDU before its `len` bytes of data (header, header
+/// digest, padding), for a sender that writes the data from its own
+/// buffer; [`encode_data_trailer`] follows the data.
+pub fn encode_data_header(
+    to_controller: bool,
+    hdr: &DataHeader,
+    len: usize,
+    d: Digests,
+    pda: u8,
+    out: &mut Vec<u8>,
+) {
+    let (mut flags, pdo, plen) = layout(DATA_HLEN, d, pda, len);
     if hdr.last {
         flags |= flag::LAST;
     }
@@ -686,8 +702,16 @@ pub fn encode_data(
     out[at + 8..at + 10].copy_from_slice(&hdr.cccid.to_le_bytes());
     out[at + 10..at + 12].copy_from_slice(&hdr.ttag.to_le_bytes());
     out[at + 12..at + 16].copy_from_slice(&hdr.offset.to_le_bytes());
-    out[at + 16..at + 20].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    finish(out, at, DATA_HLEN, d, pdo, data);
+    out[at + 16..at + 20].copy_from_slice(&(len as u32).to_le_bytes());
+    finish(out, at, DATA_HLEN, d, pdo, &[]);
+    out.resize(at + pdo, 0);
+}
+
+/// What follows a data PDU's data: its digest, if negotiated.
+pub fn encode_data_trailer(data: &[u8], d: Digests, out: &mut Vec<u8>) {
+    if d.data {
+        out.extend_from_slice(&digest(data).to_le_bytes());
+    }
 }
 
 /// Append an R2T.

@@ -1,0 +1,181 @@
+//! What a connection sends: PDU headers in one buffer, with data buffers
+//! spliced in where they belong, so a read's data goes from the buffer the
+//! volume filled to the socket without another copy (one `writev`).
+
+use std::collections::VecDeque;
+use std::io::{IoSlice, Write};
+
+/// Slices handed to one `writev` at most.
+const IOV_MAX: usize = 64;
+/// Data buffers kept for reuse at most.
+const SPARE_MAX: usize = 64;
+
+/// Bytes and data buffers waiting for the socket, in order.
+#[derive(Default)]
+pub struct Output {
+    bytes: Vec<u8>,
+    /// Data to send before `bytes[position..]`, in order.
+    inserts: VecDeque<(usize, Vec<u8>)>,
+    /// Bytes of `bytes` sent.
+    pos: usize,
+    /// Bytes of the front insert sent.
+    skip: usize,
+    /// Data buffers sent, to be used again.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Output {
+    /// Where encoders append.
+    pub fn bytes(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+
+    /// Send `data` after everything appended so far.
+    pub fn data(&mut self, data: Vec<u8>) {
+        if !data.is_empty() {
+            self.inserts.push_back((self.bytes.len(), data));
+        }
+    }
+
+    /// Bytes not sent yet.
+    pub fn pending(&self) -> usize {
+        self.bytes.len() - self.pos + self.inserts.iter().map(|(_, d)| d.len()).sum::<usize>()
+            - self.skip
+    }
+
+    /// A data buffer that was sent, for reuse.
+    pub fn take_spare(&mut self) -> Option<Vec<u8>> {
+        self.spare.pop()
+    }
+
+    /// Drop everything (the peer is gone).
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.inserts.clear();
+        self.pos = 0;
+        self.skip = 0;
+    }
+
+    /// One `writev` of what is pending; the bytes it took.
+    pub fn send(&mut self, sock: &mut impl Write) -> std::io::Result<usize> {
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOV_MAX);
+        let mut at = self.pos;
+        let mut whole = true;
+        for (k, (ipos, d)) in self.inserts.iter().enumerate() {
+            if iov.len() + 2 > IOV_MAX {
+                whole = false;
+                break;
+            }
+            if *ipos > at {
+                iov.push(IoSlice::new(&self.bytes[at..*ipos]));
+                at = *ipos;
+            }
+            let skip = if k == 0 { self.skip } else { 0 };
+            iov.push(IoSlice::new(&d[skip..]));
+        }
+        if whole && at < self.bytes.len() {
+            iov.push(IoSlice::new(&self.bytes[at..]));
+        }
+        if iov.is_empty() {
+            return Ok(0);
+        }
+        let n = sock.write_vectored(&iov)?;
+        drop(iov);
+        self.advance(n);
+        Ok(n)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            match self.inserts.front() {
+                Some((p, d)) if *p == self.pos => {
+                    let left = d.len() - self.skip;
+                    if n < left {
+                        self.skip += n;
+                        return;
+                    }
+                    n -= left;
+                    self.skip = 0;
+                    if let Some((_, mut d)) = self.inserts.pop_front() {
+                        if self.spare.len() < SPARE_MAX {
+                            d.clear();
+                            self.spare.push(d);
+                        }
+                    }
+                }
+                Some((p, _)) => {
+                    let m = (p - self.pos).min(n);
+                    self.pos += m;
+                    n -= m;
+                }
+                None => {
+                    let m = (self.bytes.len() - self.pos).min(n);
+                    self.pos += m;
+                    n -= m;
+                    if m == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+        if self.inserts.is_empty() && self.pos == self.bytes.len() {
+            self.bytes.clear();
+            self.pos = 0;
+        } else if self.pos > 1 << 20 {
+            self.bytes.drain(..self.pos);
+            for (p, _) in self.inserts.iter_mut() {
+                *p -= self.pos;
+            }
+            self.pos = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = b.len().min(self.cap);
+            self.got.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bytes_and_data_come_out_in_order_however_the_socket_takes_them() {
+        for cap in [1, 3, 7, 100, 5000, 1 << 20] {
+            let mut o = Output::default();
+            let mut want = Vec::new();
+            for i in 0..200u32 {
+                let head = vec![i as u8; (i % 5) as usize + 1];
+                o.bytes().extend_from_slice(&head);
+                want.extend_from_slice(&head);
+                if i % 3 == 0 {
+                    let data = vec![(i + 100) as u8; (i % 7) as usize * 13 + 1];
+                    want.extend_from_slice(&data);
+                    o.data(data);
+                }
+            }
+            let mut w = Trickle {
+                got: Vec::new(),
+                cap,
+            };
+            while o.pending() > 0 {
+                o.send(&mut w).unwrap();
+            }
+            assert_eq!(w.got, want, "cap {cap}");
+            assert!(o.take_spare().is_some());
+        }
+    }
+}
