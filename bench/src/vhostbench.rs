@@ -6,18 +6,11 @@ use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
-use clap::{Parser, ValueEnum};
-use serde_json::json;
+use clap::Parser;
 
-#[path = "procstat.rs"]
-mod procstat;
-use procstat::cpu_ticks;
-
-#[derive(Clone, Copy, ValueEnum, Debug)]
-enum Rw {
-    Randread,
-    Randwrite,
-}
+#[path = "load.rs"]
+mod load;
+use load::{Load, Rw};
 
 #[derive(Parser)]
 #[command(about = "Drive a vhost-user-blk socket with 4 KiB random IO and report IOPS")]
@@ -25,46 +18,20 @@ struct Args {
     /// The backend's socket.
     #[arg(long)]
     socket: String,
-    /// The backend's process id, for its CPU time.
-    #[arg(long)]
-    backend_pid: i32,
-    #[arg(long, value_enum)]
-    rw: Rw,
-    #[arg(long, default_value_t = 1)]
-    queues: usize,
-    #[arg(long, default_value_t = 32)]
-    qd: usize,
-    #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    /// Seconds of the same IO before measuring.
-    #[arg(long, default_value_t = 1.0)]
-    warmup: f64,
-    /// Core to pin this client to.
-    #[arg(long)]
-    core: Option<usize>,
-    /// Free-form label copied into the output.
-    #[arg(long, default_value = "")]
-    label: String,
+    #[command(flatten)]
+    load: Load,
 }
 
 fn main() {
-    let a = Args::parse();
-    match run(&a) {
-        Ok(v) => println!("{v}"),
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-    }
+    load::report(run(&Args::parse()));
 }
 
-fn run(a: &Args) -> Result<serde_json::Value, String> {
-    if let Some(core) = a.core {
-        core_affinity::set_for_current(core_affinity::CoreId { id: core });
-    }
+fn run(args: &Args) -> Result<serde_json::Value, String> {
+    let a = &args.load;
+    a.pin();
     let e = |e: blkio::Error| e.to_string();
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e)?;
-    b.set_str("path", &a.socket).map_err(e)?;
+    b.set_str("path", &args.socket).map_err(e)?;
     b.connect().map_err(e)?;
     b.set_i32("num-queues", a.queues as i32).map_err(e)?;
     let capacity = b.get_u64("capacity").map_err(e)?;
@@ -73,13 +40,7 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
     let region = b.alloc_mem_region(slots * 4096).map_err(e)?;
     b.map_mem_region(&region).map_err(e)?;
     let blocks = capacity / 4096;
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = load::offsets();
     let mut submit = |q: &mut blkio::Blkioq, slot: usize| {
         let buf = (region.addr + slot * 4096) as *mut u8;
         let off = (next() % blocks) * 4096;
@@ -95,9 +56,7 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
     }
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..a.qd).map(|_| MaybeUninit::uninit()).collect();
-    let mut ios = 0u64;
-    let mut errors = 0u64;
-    let mut phase = |secs: f64, ios: &mut u64, errors: &mut u64| -> Result<f64, String> {
+    let phase = |secs: f64, ios: &mut u64, errors: &mut u64| -> Result<f64, String> {
         let t0 = Instant::now();
         let end = t0 + Duration::from_secs_f64(secs);
         while Instant::now() < end {
@@ -117,23 +76,5 @@ fn run(a: &Args) -> Result<serde_json::Value, String> {
         }
         Ok(t0.elapsed().as_secs_f64())
     };
-    phase(a.warmup, &mut ios, &mut errors)?;
-    ios = 0;
-    let cpu0 = cpu_ticks(a.backend_pid)?;
-    let elapsed = phase(a.seconds, &mut ios, &mut errors)?;
-    let cpu1 = cpu_ticks(a.backend_pid)?;
-    let cpu_ns = (cpu1.0 - cpu0.0) as f64 * 1e9 / 100.0;
-    let minflt = cpu1.1.saturating_sub(cpu0.1);
-    Ok(json!({
-        "label": a.label,
-        "rw": format!("{:?}", a.rw).to_lowercase(),
-        "queues": a.queues,
-        "qd": a.qd,
-        "iops": ios as f64 / elapsed,
-        "ios": ios,
-        "errors": errors,
-        "backend_cpu_ns_per_io": cpu_ns / ios.max(1) as f64,
-        "backend_cpu_cores": cpu_ns / 1e9 / elapsed,
-        "backend_minflt_per_io": minflt as f64 / ios.max(1) as f64,
-    }))
+    a.measure(phase)
 }

@@ -180,6 +180,19 @@ struct Conn {
     counted: Option<Arc<Subsystem>>,
 }
 
+/// The header of the one C2HData PDU that carries all of a command's
+/// `len` bytes (a response capsule follows: SQ flow control is on).
+fn whole_read(cid: u16, len: usize) -> DataHeader {
+    DataHeader {
+        cccid: cid,
+        ttag: 0,
+        offset: 0,
+        length: len as u32,
+        last: true,
+        success: false,
+    }
+}
+
 fn media_error(op: IoOp) -> Status {
     match op {
         IoOp::Read => Status::UNRECOVERED_READ,
@@ -543,14 +556,7 @@ impl Conn {
     }
 
     fn send_data(&mut self, cid: u16, data: &[u8]) {
-        let h = DataHeader {
-            cccid: cid,
-            ttag: 0,
-            offset: 0,
-            length: data.len() as u32,
-            last: true,
-            success: false,
-        };
+        let h = whole_read(cid, data.len());
         pdu::encode_data(false, &h, data, self.digests, self.hpda, self.out.bytes());
     }
 
@@ -680,15 +686,7 @@ impl Conn {
         self.slots = (0..entries)
             .map(|_| Slot {
                 cid: 0,
-                plan: Plan {
-                    op: IoOp::Flush,
-                    offset_blocks: 0,
-                    num_blocks: 0,
-                    bytes: 0,
-                    in_capsule: false,
-                    fua: false,
-                    ranges: 0,
-                },
+                plan: Plan::FLUSH,
                 buf: Vec::new(),
                 received: 0,
                 state: SlotState::Free,
@@ -1009,15 +1007,15 @@ impl Conn {
         if st.ok() && op == IoOp::Read {
             // The data goes from this buffer to the socket; the slot takes
             // a sent one next time.
-            let h = DataHeader {
-                cccid: cid,
-                ttag: 0,
-                offset: 0,
-                length: buf.len() as u32,
-                last: true,
-                success: false,
-            };
-            pdu::encode_data_header(false, &h, buf.len(), self.digests, self.hpda, self.out.bytes());
+            let h = whole_read(cid, buf.len());
+            pdu::encode_data_header(
+                false,
+                &h,
+                buf.len(),
+                self.digests,
+                self.hpda,
+                self.out.bytes(),
+            );
             let digest = self.digests.data.then(|| pdu::digest(&buf));
             self.out.data(buf);
             if let Some(d) = digest {

@@ -28,6 +28,19 @@ pub struct Plan {
     pub ranges: usize,
 }
 
+impl Plan {
+    /// A flush (also what an unused slot holds).
+    pub const FLUSH: Plan = Plan {
+        op: IoOp::Flush,
+        offset_blocks: 0,
+        num_blocks: 0,
+        bytes: 0,
+        in_capsule: false,
+        fua: false,
+        ranges: 0,
+    };
+}
+
 /// Check `s` against a namespace of `info`.
 pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status> {
     let op = s.opcode();
@@ -36,15 +49,7 @@ pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status
         if s.nsid != 1 && s.nsid != 0xffff_ffff {
             return Err(Status::INVALID_NAMESPACE);
         }
-        return Ok(Plan {
-            op: IoOp::Flush,
-            offset_blocks: 0,
-            num_blocks: 0,
-            bytes: 0,
-            in_capsule: false,
-            fua: false,
-            ranges: 0,
-        });
+        return Ok(Plan::FLUSH);
     }
     if !matches!(op, cmd::READ | cmd::WRITE | cmd::WRITE_ZEROES | cmd::DSM) {
         return Err(Status::INVALID_OPCODE);
