@@ -349,3 +349,181 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
     a.shutdown();
     b.shutdown();
 }
+
+/// md's re-add over the network: A's mirror (with a bitmap) loses its
+/// remote member for longer than the loss timeout, goes on degraded, and
+/// when B's export is back the operator adds the device again. Only the
+/// regions written meanwhile are copied to it, and B's copy then holds
+/// every write.
+#[test]
+fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only() {
+    let rb = Reactors::start(ReactorConfig::default()).unwrap();
+    let b = Manager::new(rb.set(), None);
+    b.attach_device(DeviceDecl {
+        name: "r".into(),
+        spec: "ram:64M".into(),
+        block_size: 4096,
+    })
+    .unwrap();
+    b.create_volume(VolumeDecl::new("rv", "single", &["r"]), false)
+        .unwrap();
+    let remote_decl = NvmfExportDecl {
+        nqn: NQN.into(),
+        volume: "rv".into(),
+        listen: "127.0.0.1:0".into(),
+        allow_any_host: true,
+        ..Default::default()
+    };
+    let bx = b.create_nvmf_export(remote_decl.clone()).unwrap();
+
+    let ra = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let a = Manager::new(ra.set(), None);
+    a.attach_device(DeviceDecl {
+        name: "local".into(),
+        spec: "ram:64M".into(),
+        block_size: 4096,
+    })
+    .unwrap();
+    a.attach_device(DeviceDecl {
+        name: "far".into(),
+        spec: format!("nvmf-tcp://{}/{NQN}?loss-timeout=3", bx.decl.listen),
+        block_size: 4096,
+    })
+    .unwrap();
+    let mut decl = VolumeDecl::new("mirror", "raid1", &["local", "far"]);
+    decl.bitmap = true;
+    decl.bitmap_chunk_kib = 1024;
+    a.create_volume(decl, false).unwrap();
+    a.set_write_mostly("mirror", "far", true).unwrap();
+    let ax = a
+        .create_nvmf_export(NvmfExportDecl {
+            nqn: "nqn.2026-12.io.appliance:mirror".into(),
+            volume: "mirror".into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let host = HostConfig {
+        timeout: LONG,
+        ..Default::default()
+    };
+    let mut c = Controller::connect(ax.decl.listen.parse().unwrap(), &ax.decl.nqn, &host).unwrap();
+    c.set_features(0x07, 0).unwrap();
+    let mut q = c.io_queue(1, 32).unwrap();
+    // One 64 KiB write in each of 16 MiB-apart... 1 MiB regions 0..16.
+    let write = |q: &mut nvmf::host::Queue, region: u64, fill: u8| {
+        let mut s = nvme::spec::Sqe::new(nvme::spec::io::WRITE, 1);
+        s.set_range(region * 256, 16);
+        q.exec(s, &vec![fill; 65536], 0).unwrap();
+    };
+    for r in 0..16u64 {
+        write(&mut q, r, 0x10 + r as u8);
+    }
+    // The bitmap clears once the regions are quiet (md's daemon_sleep).
+    let deadline = Instant::now() + LONG;
+    while a
+        .get_volume("mirror")
+        .unwrap()
+        .bitmap
+        .is_some_and(|b| b.2 > 0)
+    {
+        assert!(Instant::now() < deadline, "the bitmap never cleared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // B goes away past the loss timeout: the remote member fails.
+    b.delete_nvmf_export(NQN).unwrap();
+    let deadline = Instant::now() + LONG;
+    while a.get_volume("mirror").unwrap().state != "degraded" {
+        write(&mut q, 0, 0x10);
+        assert!(Instant::now() < deadline, "the remote member never failed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Three regions change while it is away.
+    for r in [2u64, 7, 11] {
+        write(&mut q, r, 0xa0 + r as u8);
+    }
+    // B is back with the same namespace; the device is added again.
+    b.create_nvmf_export(NvmfExportDecl {
+        nguid: bx.decl.nguid.clone(),
+        listen: bx.decl.listen.clone(),
+        ..remote_decl
+    })
+    .unwrap();
+    let deadline = Instant::now() + LONG;
+    loop {
+        match a.add_spare("mirror", "far") {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "re-add refused: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // Writes go on while it catches up, to clean and dirty regions alike:
+    // each reaches the member (behind the cursor) or is copied (ahead).
+    let mut want: Vec<u8> = (0..16u64)
+        .map(|r| {
+            if [2, 7, 11].contains(&r) {
+                0xa0 + r as u8
+            } else {
+                0x10 + r as u8
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + LONG;
+    let mut k = 0u64;
+    let v = loop {
+        let v = a.get_volume("mirror").unwrap();
+        if v.state == "optimal" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-added member never got in sync: {v:?}"
+        );
+        let r = (k * 5) % 16;
+        let fill = 0x40 + k as u8;
+        write(&mut q, r, fill);
+        want[r as usize] = fill;
+        k += 1;
+    };
+    // Only marked regions were copied: the 3 written while it was away,
+    // region 0 (rewritten while the failure was noticed) and what the
+    // writes meanwhile marked ahead of the cursor, never all 64 MiB.
+    let copied = v.progress.as_ref().map_or(0, |p| p.bytes);
+    assert!(
+        copied > 0 && copied <= 16 << 20,
+        "copied {copied} bytes: {v:?}"
+    );
+    assert!(
+        v.write_mostly.contains(&"far".to_string()),
+        "still write-mostly: {v:?}"
+    );
+    // B's copy holds every write (the member's data follows md's metadata).
+    let mut cb = Controller::connect(bx.decl.listen.parse().unwrap(), NQN, &host).unwrap();
+    cb.set_features(0x07, 0).unwrap();
+    let mut qb = cb.io_queue(1, 8).unwrap();
+    let read_b = |qb: &mut nvmf::host::Queue, lba: u64| {
+        let mut s = nvme::spec::Sqe::new(nvme::spec::io::READ, 1);
+        s.set_range(lba, 16);
+        qb.exec(s, &[], 65536).unwrap().data
+    };
+    let start = (0..4096u64)
+        .find(|&lba| read_b(&mut qb, lba)[..4096].iter().all(|&x| x == want[0]))
+        .expect("region 0's write is on B");
+    for r in 0..16u64 {
+        let w = want[r as usize];
+        assert!(
+            read_b(&mut qb, start + r * 256).iter().all(|&x| x == w),
+            "region {r} on B"
+        );
+    }
+    drop((q, c, qb, cb));
+    a.shutdown();
+    b.shutdown();
+}

@@ -444,6 +444,7 @@ fn attach_bitmap(
         b.freeze();
     }
     b.set_members(members);
+    b.hold_for(&device.member_set().members);
     Ok(device.with_member_set(device.member_set().with_bitmap(Some(b))))
 }
 

@@ -112,6 +112,10 @@ pub struct Bitmap {
     /// No bit is cleared while set: a resync of the dirty regions runs,
     /// or stopped before it finished.
     frozen: AtomicBool,
+    /// No bit is cleared while a member is failed, missing or being
+    /// rebuilt (md keeps a degraded array's bits): a member that comes
+    /// back is resynchronised from the bits alone (md's re-add).
+    hold: AtomicBool,
     clear_every_ms: AtomicU64,
     /// The array's events, written in md's bitmap superblock.
     events: AtomicU64,
@@ -160,6 +164,7 @@ impl Bitmap {
             wake: Mutex::new(false),
             cond: Condvar::new(),
             frozen: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
             events: AtomicU64::new(0),
             write_behind: AtomicU64::new(0),
@@ -238,6 +243,29 @@ impl Bitmap {
     /// Bits may be cleared again.
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Keep the bits while `members` are not all in sync (see `hold`).
+    pub fn hold_for(&self, members: &[super::members::Member]) {
+        let degraded = members
+            .iter()
+            .any(|m| m.state != super::members::MemberState::InSync);
+        self.hold.store(degraded, Ordering::SeqCst);
+    }
+
+    /// Whether row `row` may differ on a member that missed writes since
+    /// the bits were held: its region's bit is set, or a write to it has
+    /// begun (a writer counts itself before its bit is set).
+    pub fn row_dirty(&self, row: u64) -> bool {
+        let r = self.region(row);
+        let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
+        self.active
+            .get(r as usize)
+            .is_some_and(|a| a.load(Ordering::SeqCst) > 0)
+            || self
+                .ondisk
+                .get(w)
+                .is_some_and(|d| d.load(Ordering::SeqCst) & bit != 0)
     }
 
     /// The flag [`freeze`](Self::freeze) sets, for a resync to clear
@@ -580,7 +608,7 @@ impl Bitmap {
     /// Clear the bits of regions with no write active and none since the
     /// last pass; flush the members, then write the bitmap.
     fn clear_quiet(&self) {
-        if self.frozen.load(Ordering::SeqCst) {
+        if self.frozen.load(Ordering::SeqCst) || self.hold.load(Ordering::SeqCst) {
             return;
         }
         let mut cleared = vec![0u64; self.ondisk.len()];

@@ -445,6 +445,35 @@ pub(crate) fn plan(
                     )))
                 }
             };
+            // md's re-add with a bitmap (a mirror's member back, e.g. a
+            // remote one after a network outage): the device goes back
+            // into its own slot and only what the bitmap marks is copied.
+            // The bits were held since it failed (the volume was degraded
+            // since: it still holds the device as failed).
+            let slot = slot_of(cur.as_ref(), &dname);
+            if let (true, Some(b), None, true, Some(slot)) = (
+                readd,
+                set.bitmap.clone(),
+                &set.rebuilding,
+                cur.parity_geometry().is_none(),
+                slot,
+            ) {
+                if let Ok(next) = cur.with_member_replaced(slot, dev.clone(), 0) {
+                    p.claims
+                        .push((dev.clone(), Role::Member, Some(Role::Failed)));
+                    p.start = Some((
+                        Job::Rebuild {
+                            slot,
+                            dev: device_id(&dev),
+                        },
+                        Some(b),
+                    ));
+                    p.next = Some(next);
+                    p.record = true;
+                    p.template = Some(Box::new(|t| t.rebuild_checkpoint = 0));
+                    return Ok(p);
+                }
+            }
             let mut spares = s.spares.clone();
             spares.push(dev.clone());
             p.spares = Some(spares);

@@ -884,7 +884,12 @@ impl MemberSet {
             )));
         }
         let mut members = (*self.members).clone();
+        // A member's own device back (md's re-add) keeps its write-mostly
+        // mark; another device starts without.
+        let same = device_id(&members[slot].dev) == device_id(&dev);
+        let write_mostly = same && members[slot].write_mostly;
         members[slot] = Member::new(dev, MemberState::Rebuilding);
+        members[slot].write_mostly = write_mostly;
         Ok(self.next(members, Some((slot, Arc::new(AtomicU64::new(cursor))))))
     }
 

@@ -441,6 +441,15 @@ impl RowWalk {
         self.step = Step::Lock;
     }
 
+    /// Move past the current row (locked) without copying it: its copy on
+    /// the target is known good.
+    fn skip(&mut self) {
+        self.row += 1;
+        self.progress.cursor.store(self.row, Ordering::SeqCst);
+        self.locks.unlock(self.row - 1);
+        self.step = Step::Lock;
+    }
+
     /// Give the current row up undone (a member went away) and wait for
     /// the generation that says so. Nothing of it is in flight.
     fn drop_row(&mut self) {
@@ -489,6 +498,9 @@ pub struct Rebuilder {
     walk: RowWalk,
     sources: Vec<usize>,
     slot: usize,
+    /// md's re-add: the target is the member's own device, which missed
+    /// only the writes the bitmap marks; other rows are skipped.
+    only: Option<Arc<super::bitmap::Bitmap>>,
 }
 
 impl Rebuilder {
@@ -503,7 +515,15 @@ impl Rebuilder {
             walk: RowWalk::new(rows, locks, progress),
             sources: Vec::new(),
             slot,
+            only: None,
         }
+    }
+
+    /// Copy only the rows `bitmap` marks (md's re-add of a member's own
+    /// device; the bitmap keeps its bits while the volume is degraded).
+    pub fn only_dirty(mut self, bitmap: Arc<super::bitmap::Bitmap>) -> Rebuilder {
+        self.only = Some(bitmap);
+        self
     }
 
     /// Yield to the guest IO `activity` counts (see `may_go`).
@@ -564,6 +584,20 @@ impl Rebuilder {
                     }
                     if w.blocked {
                         return PollState::Idle;
+                    }
+                    if let Some(b) = &self.only {
+                        // Under the row's lock: a write to the row either
+                        // began before (its count or bit shows here) or
+                        // waits for the lock and then finds the cursor
+                        // past the row (so the target gets it too).
+                        if !w.locks.try_lock(w.row) {
+                            return PollState::Busy;
+                        }
+                        if !b.row_dirty(w.row) {
+                            w.skip();
+                            continue;
+                        }
+                        w.locks.unlock(w.row);
                     }
                     if !w.may_go() || !w.read(&self.sources) {
                         return PollState::Busy;

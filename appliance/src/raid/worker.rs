@@ -265,10 +265,17 @@ pub fn spawn(
             };
             let p = Arc::new(RebuildProgress::new(slot, rows.count, cursor));
             let q = p.clone();
+            // With a bitmap handed over: a member's own device back
+            // (md's re-add), resynchronised from the bits.
+            let only = dirty.clone();
             (
                 p,
                 Box::new(move || {
-                    Walker::Rebuild(Rebuilder::new(rows, slot, locks, q).watching(activity))
+                    let r = Rebuilder::new(rows, slot, locks, q).watching(activity);
+                    Walker::Rebuild(match only {
+                        Some(b) => r.only_dirty(b),
+                        None => r,
+                    })
                 }),
             )
         }

@@ -22,6 +22,7 @@ mod fault;
 mod file;
 mod null;
 mod ram;
+pub mod sg;
 
 pub use device::{
     validate, BlockDevice, Completion, DeviceInfo, ErrorCounts, IoChannel, IoOp, IoRequest, IoVec,

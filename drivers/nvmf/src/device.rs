@@ -101,6 +101,9 @@ impl Default for DeviceOptions {
     }
 }
 
+/// Largest request the device takes (split into commands of the
+/// target's MDTS).
+const MAX_REQUEST: u32 = 8 << 20;
 /// IO queue entries each channel asks for.
 const QUEUE_ENTRIES: u16 = 128;
 
@@ -121,6 +124,7 @@ struct Assoc {
     /// What the namespace was at the first connect (size, block size
     /// shift, NGUID): a later association must find the same.
     identity: (u64, u8, [u8; 16]),
+    /// Largest command (the target's MDTS).
     max_transfer: u32,
 }
 
@@ -178,7 +182,7 @@ impl NvmfDevice {
         nguid.copy_from_slice(&ns[104..120]);
         let id = &c.id;
         let mdts = id[77];
-        let max_transfer = if mdts == 0 {
+        let max_command = if mdts == 0 {
             1 << 20
         } else {
             (4096u32 << mdts.min(8)).min(1 << 20)
@@ -189,7 +193,9 @@ impl NvmfDevice {
             name: name.to_string(),
             block_size: 1 << lbads,
             num_blocks: nsze,
-            max_transfer,
+            // Larger requests (a mirror's 1 MiB rebuild rows) are split
+            // into commands of `max_command` here.
+            max_transfer: MAX_REQUEST,
             optimal_io_boundary: 0,
             min_io_blocks: 1,
             flush: id[525] & 1 != 0,
@@ -206,7 +212,7 @@ impl NvmfDevice {
             lost_since: Mutex::new(None),
             in_capsule: (ioccsz * 16).saturating_sub(64),
             identity: (nsze, lbads, nguid),
-            max_transfer,
+            max_transfer: max_command,
         });
         let a = assoc.clone();
         let control = std::thread::Builder::new()
@@ -320,11 +326,11 @@ impl BlockDevice for NvmfDevice {
             conn: None,
             dialing: None,
             next_dial: Instant::now(),
-            down_since: None,
             sent: HashMap::new(),
             waiting: VecDeque::new(),
             done: Vec::new(),
             next_cid: 0,
+            parts: HashMap::new(),
         }))
     }
 }
@@ -342,7 +348,8 @@ struct Conn {
     epoch: u64,
 }
 
-/// A sent request: the request and the bytes of read data received.
+/// A sent request: the request, the bytes of read data received, and
+/// when it came (kept when it is sent again).
 struct Sent {
     req: IoRequest,
     received: usize,
@@ -357,13 +364,15 @@ struct NvmfChannel {
     dialing: Option<mpsc::Receiver<Result<Conn, HostError>>>,
     /// No new dial before this (one every reconnect delay).
     next_dial: Instant,
-    /// Since when requests have no connection to go on.
-    down_since: Option<Instant>,
     sent: HashMap<u16, Sent>,
-    /// Requests not sent yet (or sent on a connection that was lost).
-    waiting: VecDeque<IoRequest>,
+    /// Requests not sent yet (or sent on a connection that was lost),
+    /// with when they came.
+    waiting: VecDeque<(IoRequest, Instant)>,
     done: Vec<Completion>,
     next_cid: u16,
+    /// Requests split into several commands (their parts carry the
+    /// request's tag): parts left and the first error.
+    parts: HashMap<u64, (usize, Option<IoError>)>,
 }
 
 impl Drop for NvmfChannel {
@@ -396,43 +405,6 @@ fn dial(a: &Assoc, qid: u16, cntlid: u16, epoch: u64) -> Result<Conn, HostError>
     })
 }
 
-/// Copy `data` into the request's scatter-gather list at byte `at`.
-fn scatter(req: &IoRequest, mut at: usize, mut data: &[u8]) {
-    for v in &req.sg {
-        if data.is_empty() {
-            break;
-        }
-        if at >= v.len() {
-            at -= v.len();
-            continue;
-        }
-        let n = (v.len() - at).min(data.len());
-        // SAFETY: the request's memory is valid and ours until it completes
-        // (IoVec's contract); `at + n` is within this element.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.ptr().add(at), n) };
-        data = &data[n..];
-        at = 0;
-    }
-}
-
-/// Append `len` bytes of the request's list from byte `at` to `out`.
-fn gather(req: &IoRequest, mut at: usize, mut len: usize, out: &mut Vec<u8>) {
-    for v in &req.sg {
-        if len == 0 {
-            break;
-        }
-        if at >= v.len() {
-            at -= v.len();
-            continue;
-        }
-        let n = (v.len() - at).min(len);
-        // SAFETY: as in `scatter`; the device only reads it.
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.ptr().add(at), n) });
-        len -= n;
-        at = 0;
-    }
-}
-
 fn error_of(req: &IoRequest, st: Status) -> IoError {
     if st.media() {
         IoError::Media(req.offset_blocks)
@@ -443,54 +415,64 @@ fn error_of(req: &IoRequest, st: Status) -> IoError {
 
 impl NvmfChannel {
     fn finish(&mut self, tag: u64, result: Result<(), IoError>) {
+        if let Some((left, err)) = self.parts.get_mut(&tag) {
+            *left -= 1;
+            if let Err(e) = result {
+                err.get_or_insert(e);
+            }
+            if *left > 0 {
+                return;
+            }
+            let result = err.map_or(Ok(()), Err);
+            self.parts.remove(&tag);
+            self.done.push(Completion { tag, result });
+            return;
+        }
         self.done.push(Completion { tag, result });
     }
 
-    /// Fail everything when the connection has been lost too long, or a
-    /// request got no answer for that long on a connection that looks
-    /// up (a target that stopped answering): the device fails, as a
-    /// member whose disk went away.
+    /// Fail the requests that have waited for the loss timeout: their
+    /// connection stayed lost that long, or the target did not answer
+    /// (then the connection is dropped too: a late answer must never
+    /// complete a later request that reuses its command ID). A request is
+    /// timed from when it came, so one that comes after a long outage
+    /// still has the whole timeout for the connection to come back.
     fn check_loss(&mut self) {
-        let lost = self
-            .down_since
-            .map(|t| t.elapsed())
-            .max(self.assoc.lost_for());
         let limit = self.assoc.opts.loss_timeout;
         let stuck = self.sent.values().any(|s| s.at.elapsed() >= limit);
-        if !stuck && lost.is_none_or(|d| d < limit) {
-            return;
-        }
         if stuck {
             tracing::warn!(qid = self.qid, "nvme/tcp: a request got no answer in the loss timeout; the queue's connection is dropped");
+            self.lose();
         }
-        // The connection goes too: a late answer must never complete a
-        // later request that reuses its command ID.
-        self.conn = None;
-        self.dialing = None;
-        self.down_since = None;
-        let reqs: Vec<IoRequest> = self
+        let up = self.conn.is_some();
+        let old: Vec<usize> = self
             .waiting
-            .drain(..)
-            .chain(self.sent.drain().map(|(_, s)| s.req))
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, at))| at.elapsed() >= limit)
+            .map(|(i, _)| i)
             .collect();
-        for r in reqs {
-            let e = if stuck {
-                IoError::TimedOut
-            } else {
-                IoError::DeviceFailed
-            };
-            self.finish(r.tag, Err(e));
+        for i in old.into_iter().rev() {
+            if let Some((r, _)) = self.waiting.remove(i) {
+                let e = if up || stuck {
+                    IoError::TimedOut
+                } else {
+                    IoError::DeviceFailed
+                };
+                self.finish(r.tag, Err(e));
+            }
         }
     }
 
-    /// Drop a lost connection: what was sent goes again on the next one.
+    /// Drop a lost connection: what was sent goes again on the next one,
+    /// first, each keeping the time it came.
     fn lose(&mut self) {
         self.conn = None;
-        self.down_since.get_or_insert_with(Instant::now);
-        let mut again: Vec<IoRequest> = self.sent.drain().map(|(_, s)| s.req).collect();
-        // Oldest first is not known from a map; the block layer above does
-        // not depend on order between requests in flight together.
-        again.sort_by_key(|r| r.tag);
+        let mut again: Vec<(IoRequest, Instant)> =
+            self.sent.drain().map(|(_, s)| (s.req, s.at)).collect();
+        // Oldest first (the block layer above does not depend on order
+        // between requests in flight together).
+        again.sort_by_key(|(_, at)| *at);
         for r in again.into_iter().rev() {
             self.waiting.push_front(r);
         }
@@ -509,13 +491,11 @@ impl NvmfChannel {
             match rx.try_recv() {
                 Ok(Ok(c)) => {
                     self.dialing = None;
-                    self.down_since = None;
                     self.conn = Some(c);
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(qid = self.qid, error = %e, "nvme/tcp: connecting an IO queue failed");
                     self.dialing = None;
-                    self.down_since.get_or_insert_with(Instant::now);
                 }
                 Err(mpsc::TryRecvError::Empty) => {}
                 Err(mpsc::TryRecvError::Disconnected) => self.dialing = None,
@@ -528,7 +508,6 @@ impl NvmfChannel {
         self.next_dial = Instant::now() + self.assoc.opts.reconnect_delay;
         let cntlid = self.assoc.cntlid.load(Ordering::SeqCst);
         if cntlid == u64::MAX {
-            self.down_since.get_or_insert_with(Instant::now);
             return;
         }
         let (tx, rx) = mpsc::channel();
@@ -557,7 +536,7 @@ impl NvmfChannel {
     /// Put waiting requests on the wire, as many as the queue takes.
     fn send_waiting(&mut self) {
         while self.conn.is_some() && self.sent.len() < QUEUE_ENTRIES as usize - 1 {
-            let Some(req) = self.waiting.pop_front() else {
+            let Some((req, came)) = self.waiting.pop_front() else {
                 break;
             };
             let cid = self.free_cid();
@@ -581,7 +560,9 @@ impl NvmfChannel {
                     s.set_range(req.offset_blocks, req.num_blocks as u32);
                     let capsule_data = req.op == IoOp::Write && bytes <= in_capsule;
                     if capsule_data {
-                        gather(&req, 0, bytes, &mut inline);
+                        inline.resize(bytes, 0);
+                        // SAFETY: the request's memory (IoVec's contract).
+                        unsafe { bdev::sg::copy_out(&req.sg, 0, &mut inline) };
                     }
                     capsule::set_data_pointer(&mut s, capsule_data, bytes as u32);
                 }
@@ -612,7 +593,7 @@ impl NvmfChannel {
                 Sent {
                     req,
                     received: 0,
-                    at: Instant::now(),
+                    at: came,
                 },
             );
         }
@@ -734,7 +715,9 @@ impl NvmfChannel {
                 if s.req.op != IoOp::Read || at != s.received || at + data.len() > bytes {
                     return Err(());
                 }
-                scatter(&s.req, at, data);
+                // SAFETY: the request's memory is ours until it completes
+                // (IoVec's contract); the range was checked above.
+                unsafe { bdev::sg::copy_in(&s.req.sg, at, data) };
                 s.received += data.len();
                 if h.success {
                     let s = self.sent.remove(&h.cccid).ok_or(())?;
@@ -762,8 +745,9 @@ impl NvmfChannel {
                 let mut chunk = Vec::with_capacity(len.min(c.maxh2cdata as usize));
                 while done < len {
                     let n = (len - done).min(c.maxh2cdata as usize);
-                    chunk.clear();
-                    gather(&s.req, at + done, n, &mut chunk);
+                    chunk.resize(n, 0);
+                    // SAFETY: as above; the device only reads it.
+                    unsafe { bdev::sg::copy_out(&s.req.sg, at + done, &mut chunk) };
                     let h = DataHeader {
                         cccid: r.cccid,
                         ttag: r.ttag,
@@ -796,7 +780,32 @@ impl IoChannel for NvmfChannel {
         if self.waiting.len() + self.sent.len() >= 4 * QUEUE_ENTRIES as usize {
             return Err(SubmitError::Busy(req));
         }
-        self.waiting.push_back(req);
+        let now = Instant::now();
+        let max = (self.assoc.max_transfer / self.info.block_size) as u64;
+        if matches!(req.op, IoOp::Read | IoOp::Write) && req.num_blocks > max {
+            // Commands of the target's MDTS, the request completing with
+            // its last part.
+            let bs = self.info.block_size as usize;
+            let n = req.num_blocks.div_ceil(max) as usize;
+            self.parts.insert(req.tag, (n, None));
+            let mut at = 0;
+            while at < req.num_blocks {
+                let blocks = max.min(req.num_blocks - at);
+                self.waiting.push_back((
+                    IoRequest {
+                        op: req.op,
+                        offset_blocks: req.offset_blocks + at,
+                        num_blocks: blocks,
+                        sg: bdev::sg::slice(&req.sg, at as usize * bs, blocks as usize * bs),
+                        tag: req.tag,
+                    },
+                    now,
+                ));
+                at += blocks;
+            }
+        } else {
+            self.waiting.push_back((req, now));
+        }
         self.send_waiting();
         self.pump();
         Ok(())
