@@ -26,6 +26,7 @@ fn member(dev: Arc<dyn BlockDevice>) -> Member {
         write_mostly: false,
         gone: Default::default(),
         errors: Default::default(),
+        readd: false,
     }
 }
 

@@ -400,6 +400,7 @@ fn cut_lose_and_cut_replay(
                     write_mostly: false,
                     gone: Default::default(),
                     errors: Default::default(),
+                    readd: false,
                 })
                 .collect(),
             chunk,

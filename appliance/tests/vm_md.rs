@@ -29,6 +29,7 @@ fn volume(paths: &[PathBuf], layout: Layout, chunk: u32) -> Raid5Device {
             write_mostly: false,
             gone: Default::default(),
             errors: Default::default(),
+            readd: false,
         })
         .collect();
     Raid5Device::new(
@@ -148,6 +149,7 @@ fn md_and_the_appliance_share_raid1() {
                 write_mostly: false,
                 gone: Default::default(),
                 errors: Default::default(),
+                readd: false,
             })
             .collect();
         Raid1Device::new("mirror", members, 0, FailureSink::none()).unwrap()

@@ -587,6 +587,7 @@ fn raid(
                 write_mostly: false,
                 gone: Default::default(),
                 errors: Default::default(),
+                readd: false,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -765,6 +766,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
                     write_mostly: false,
                     gone: Default::default(),
                     errors: Default::default(),
+                    readd: false,
                 })
                 .collect(),
             64 << 10,

@@ -116,6 +116,9 @@ pub struct Bitmap {
     /// rebuilt (md keeps a degraded array's bits): a member that comes
     /// back is resynchronised from the bits alone (md's re-add).
     hold: AtomicBool,
+    /// The members' failure flags: a member reported failed (before the
+    /// change that records it) holds the bits too.
+    gone: Mutex<Vec<Arc<AtomicBool>>>,
     clear_every_ms: AtomicU64,
     /// The array's events, written in md's bitmap superblock.
     events: AtomicU64,
@@ -165,6 +168,7 @@ impl Bitmap {
             cond: Condvar::new(),
             frozen: AtomicBool::new(false),
             hold: AtomicBool::new(false),
+            gone: Mutex::new(Vec::new()),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
             events: AtomicU64::new(0),
             write_behind: AtomicU64::new(0),
@@ -250,6 +254,8 @@ impl Bitmap {
         let degraded = members
             .iter()
             .any(|m| m.state != super::members::MemberState::InSync);
+        *self.gone.lock().unwrap_or_else(|e| e.into_inner()) =
+            members.iter().map(|m| m.gone.clone()).collect();
         self.hold.store(degraded, Ordering::SeqCst);
     }
 
@@ -609,6 +615,15 @@ impl Bitmap {
     /// last pass; flush the members, then write the bitmap.
     fn clear_quiet(&self) {
         if self.frozen.load(Ordering::SeqCst) || self.hold.load(Ordering::SeqCst) {
+            return;
+        }
+        let gone = self
+            .gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|g| g.load(Ordering::SeqCst));
+        if gone {
             return;
         }
         let mut cleared = vec![0u64; self.ondisk.len()];

@@ -448,9 +448,12 @@ pub(crate) fn plan(
             // md's re-add with a bitmap (a mirror's member back, e.g. a
             // remote one after a network outage): the device goes back
             // into its own slot and only what the bitmap marks is copied.
-            // The bits were held since it failed (the volume was degraded
-            // since: it still holds the device as failed).
-            let slot = slot_of(cur.as_ref(), &dname);
+            // Only for a member that failed while in sync with this
+            // bitmap (`Member::readd`): the bits were held since (the
+            // volume was degraded since: it still holds the device as
+            // failed).
+            let slot = slot_of(cur.as_ref(), &dname)
+                .filter(|&slot| set.members.get(slot).is_some_and(|m| m.readd));
             if let (true, Some(b), None, true, Some(slot)) = (
                 readd,
                 set.bitmap.clone(),

@@ -60,6 +60,12 @@ pub struct Member {
     /// IOs that failed on this device in this slot, shared like `gone`
     /// (for metrics; bumped only on an error).
     pub errors: Arc<AtomicU64>,
+    /// Failed while in sync, with a bitmap that has marked every write
+    /// since (it keeps its bits while the volume is degraded): its own
+    /// device may come back with only the marked rows copied (md's
+    /// re-add). Never for a member that failed while being rebuilt (its
+    /// unreached rows are marked nowhere) or across a change of bitmap.
+    pub readd: bool,
 }
 
 /// Bit of a superblock slot byte that marks a write-mostly member.
@@ -74,6 +80,7 @@ impl Member {
             write_mostly: false,
             gone: Arc::default(),
             errors: Arc::default(),
+            readd: false,
         }
     }
 
@@ -802,8 +809,15 @@ impl MemberSet {
 
     /// The same members with `bitmap` (or none).
     pub fn with_bitmap(&self, bitmap: Option<Arc<super::bitmap::Bitmap>>) -> MemberSet {
+        // Writes before this bitmap are marked in none: no failed member
+        // may count on it.
+        let mut members = (*self.members).clone();
+        for m in &mut members {
+            m.readd = false;
+        }
         MemberSet {
             bitmap,
+            members: Arc::new(members),
             ..self.clone()
         }
     }
@@ -846,6 +860,7 @@ impl MemberSet {
             )));
         }
         let mut members = (*self.members).clone();
+        members[slot].readd = members[slot].state == MemberState::InSync && self.bitmap.is_some();
         members[slot].state = MemberState::Failed;
         let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
         // A replacement stops when any member fails: the spare logic takes

@@ -489,6 +489,9 @@ impl RowWalk {
     }
 }
 
+/// Clean rows a re-add's rebuild skips in one poll at most.
+const SKIP_BATCH: usize = 4096;
+
 /// The reactor-side rebuild state machine: each row of the new member is
 /// the XOR of the same row of the `sources` (all other members for RAID5,
 /// one in-sync mirror for RAID1, where the XOR is a copy). `slot` is the
@@ -561,6 +564,7 @@ impl Rebuilder {
 
     /// One step; run as a reactor poller.
     pub fn poll(&mut self) -> PollState {
+        let mut skipped = 0;
         loop {
             let w = &mut self.walk;
             match w.step {
@@ -595,6 +599,12 @@ impl Rebuilder {
                         }
                         if !b.row_dirty(w.row) {
                             w.skip();
+                            skipped += 1;
+                            if skipped >= SKIP_BATCH {
+                                // Let the reactor serve others between
+                                // long clean stretches.
+                                return PollState::Busy;
+                            }
                             continue;
                         }
                         w.locks.unlock(w.row);

@@ -787,6 +787,13 @@ impl IoChannel for NvmfChannel {
             // its last part.
             let bs = self.info.block_size as usize;
             let n = req.num_blocks.div_ceil(max) as usize;
+            // Tags name requests in flight (the channel contract): parts
+            // are counted by it.
+            debug_assert!(
+                !self.parts.contains_key(&req.tag),
+                "tag {} in flight twice",
+                req.tag
+            );
             self.parts.insert(req.tag, (n, None));
             let mut at = 0;
             while at < req.num_blocks {
