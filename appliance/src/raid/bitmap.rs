@@ -367,9 +367,10 @@ impl Bitmap {
             uuid: self.volume_uuid,
             events: self.events.load(Ordering::SeqCst),
             // md re-adds a device whose events are at least this with a
-            // resync of the set bits alone. Bits are cleared here without
-            // regard to a missing member (the appliance rebuilds a returning
-            // member in full), so no older device may count on them.
+            // resync of the set bits alone. The appliance's own re-add
+            // decides by `Member::readd`; for md, a device that missed
+            // events is always older than this, so md recovers it in full
+            // (conservative, never a missed row).
             events_cleared: self.events.load(Ordering::SeqCst),
             sync_size: self.sync_sectors,
             state: 0,
