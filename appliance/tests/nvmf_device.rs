@@ -209,18 +209,25 @@ fn requests_ride_out_a_lost_connection_and_fail_only_after_the_loss_timeout() {
     assert!(dev.connected());
 }
 
-/// Two appliances in one process: B serves a RAM volume over NVMe/TCP; A
-/// mirrors a local RAM device onto it (write-mostly) and exports the
-/// mirror over NVMe/TCP itself, where a host writes and reads. When B's
-/// export goes away for longer than the loss timeout, the remote member
-/// fails and A's volume goes on degraded.
-#[test]
-fn a_raid1_with_a_remote_write_mostly_mirror() {
-    let rb = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
+/// Two appliances in one process: B serves a 64 MiB RAM volume over
+/// NVMe/TCP (`remote`); A mirrors a local RAM device onto it (write-mostly,
+/// `loss` seconds of loss timeout, a 1 MiB-region bitmap if `bitmap`) and
+/// exports the mirror over NVMe/TCP, where `q` writes and reads.
+struct TwoSides {
+    a: Manager,
+    b: Manager,
+    /// B's export as made.
+    bx: appliance::manager::NvmfExportView,
+    remote: NvmfExportDecl,
+    host: HostConfig,
+    q: nvmf::host::Queue,
+    _c: Controller,
+    _ra: Reactors,
+    _rb: Reactors,
+}
+
+fn two_sides(loss: u64, bitmap: bool) -> TwoSides {
+    let rb = Reactors::start(ReactorConfig::default()).unwrap();
     let b = Manager::new(rb.set(), None);
     b.attach_device(DeviceDecl {
         name: "r".into(),
@@ -230,16 +237,14 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
     .unwrap();
     b.create_volume(VolumeDecl::new("rv", "single", &["r"]), false)
         .unwrap();
-    let bx = b
-        .create_nvmf_export(NvmfExportDecl {
-            nqn: NQN.into(),
-            volume: "rv".into(),
-            listen: "127.0.0.1:0".into(),
-            allow_any_host: true,
-            ..Default::default()
-        })
-        .unwrap();
-
+    let remote = NvmfExportDecl {
+        nqn: NQN.into(),
+        volume: "rv".into(),
+        listen: "127.0.0.1:0".into(),
+        allow_any_host: true,
+        ..Default::default()
+    };
+    let bx = b.create_nvmf_export(remote.clone()).unwrap();
     let ra = Reactors::start(ReactorConfig {
         count: 2,
         ..Default::default()
@@ -254,12 +259,14 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
     .unwrap();
     a.attach_device(DeviceDecl {
         name: "far".into(),
-        spec: format!("nvmf-tcp://{}/{NQN}?loss-timeout=2", bx.decl.listen),
+        spec: format!("nvmf-tcp://{}/{NQN}?loss-timeout={loss}", bx.decl.listen),
         block_size: 4096,
     })
     .unwrap();
-    a.create_volume(VolumeDecl::new("mirror", "raid1", &["local", "far"]), false)
-        .unwrap();
+    let mut decl = VolumeDecl::new("mirror", "raid1", &["local", "far"]);
+    decl.bitmap = bitmap;
+    decl.bitmap_chunk_kib = if bitmap { 1024 } else { 0 };
+    a.create_volume(decl, false).unwrap();
     a.set_write_mostly("mirror", "far", true).unwrap();
     let ax = a
         .create_nvmf_export(NvmfExportDecl {
@@ -270,57 +277,89 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
             ..Default::default()
         })
         .unwrap();
-
     let host = HostConfig {
         timeout: LONG,
         ..Default::default()
     };
-    let mut c = Controller::connect(ax.decl.listen.parse().unwrap(), &ax.decl.nqn, &host).unwrap();
+    let (c, q) = queue(&ax.decl.listen, &ax.decl.nqn, &host, 32);
+    TwoSides {
+        a,
+        b,
+        bx,
+        remote,
+        host,
+        q,
+        _c: c,
+        _ra: ra,
+        _rb: rb,
+    }
+}
+
+/// An IO queue of `nqn` at `listen`.
+fn queue(
+    listen: &str,
+    nqn: &str,
+    host: &HostConfig,
+    entries: u16,
+) -> (Controller, nvmf::host::Queue) {
+    let mut c = Controller::connect(listen.parse().unwrap(), nqn, host).unwrap();
     c.set_features(0x07, 0).unwrap();
-    let mut q = c.io_queue(1, 32).unwrap();
-    let write = |q: &mut nvmf::host::Queue, lba: u64, fill: u8| {
-        let mut s = nvme::spec::Sqe::new(nvme::spec::io::WRITE, 1);
-        s.set_range(lba, 16);
-        q.exec(s, &vec![fill; 65536], 0).unwrap();
-    };
-    let read = |q: &mut nvmf::host::Queue, lba: u64| {
-        let mut s = nvme::spec::Sqe::new(nvme::spec::io::READ, 1);
-        s.set_range(lba, 16);
-        q.exec(s, &[], 65536).unwrap().data
-    };
+    let q = c.io_queue(1, entries).unwrap();
+    (c, q)
+}
+
+/// Write 64 KiB of `fill` at `lba`.
+fn write64(q: &mut nvmf::host::Queue, lba: u64, fill: u8) {
+    let mut s = nvme::spec::Sqe::new(nvme::spec::io::WRITE, 1);
+    s.set_range(lba, 16);
+    q.exec(s, &vec![fill; 65536], 0).unwrap();
+}
+
+/// Read 64 KiB at `lba`.
+fn read64(q: &mut nvmf::host::Queue, lba: u64) -> Vec<u8> {
+    let mut s = nvme::spec::Sqe::new(nvme::spec::io::READ, 1);
+    s.set_range(lba, 16);
+    q.exec(s, &[], 65536).unwrap().data
+}
+
+/// Two appliances in one process: B serves a RAM volume over NVMe/TCP; A
+/// mirrors a local RAM device onto it (write-mostly) and exports the
+/// mirror over NVMe/TCP itself, where a host writes and reads. When B's
+/// export goes away for longer than the loss timeout, the remote member
+/// fails and A's volume goes on degraded.
+#[test]
+fn a_raid1_with_a_remote_write_mostly_mirror() {
+    let TwoSides {
+        a,
+        b,
+        bx,
+        host,
+        mut q,
+        _c,
+        _ra,
+        _rb,
+        ..
+    } = two_sides(2, false);
+    let write = write64;
+    let read = read64;
     for i in 0..8u64 {
         write(&mut q, i * 64, i as u8 + 1);
     }
-    // Both copies hold it: B's volume, read through B's own target.
-    let mut cb = Controller::connect(bx.decl.listen.parse().unwrap(), NQN, &host).unwrap();
-    cb.set_features(0x07, 0).unwrap();
-    let mut qb = cb.io_queue(1, 8).unwrap();
-    let first_data_block = {
-        // The member's data area starts after md's metadata: find block 0
-        // of the volume on B by the pattern.
-        let mut found = None;
-        for lba in 0..4096u64 {
-            let mut s = nvme::spec::Sqe::new(nvme::spec::io::READ, 1);
-            s.set_range(lba, 1);
-            let d = qb.exec(s, &[], 4096).unwrap().data;
-            if d.iter().all(|&x| x == 1) {
-                found = Some(lba);
-                break;
-            }
-        }
-        found.expect("the mirror's first write is on the remote member")
-    };
+    // Both copies hold it: B's volume, read through B's own target (the
+    // member's data follows md's metadata: find the first write).
+    let (cb, mut qb) = queue(&bx.decl.listen, NQN, &host, 8);
+    let start = (0..4096u64)
+        .find(|&lba| read64(&mut qb, lba)[..4096].iter().all(|&x| x == 1))
+        .expect("the mirror's first write is on the remote member");
     for i in 0..8u64 {
-        let mut s = nvme::spec::Sqe::new(nvme::spec::io::READ, 1);
-        s.set_range(first_data_block + i * 64, 16);
-        let d = qb.exec(s, &[], 65536).unwrap().data;
         assert!(
-            d.iter().all(|&x| x == i as u8 + 1),
+            read64(&mut qb, start + i * 64)
+                .iter()
+                .all(|&x| x == i as u8 + 1),
             "remote copy of write {i}"
         );
     }
-    drop(qb);
-    drop(cb);
+    drop((qb, cb));
 
     // B stops exporting: after the loss timeout the remote member fails
     // and the mirror goes on degraded, with every write readable.
@@ -345,7 +384,6 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
         );
     }
     drop(q);
-    drop(c);
     a.shutdown();
     b.shutdown();
 }
@@ -357,70 +395,19 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
 /// every write.
 #[test]
 fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only() {
-    let rb = Reactors::start(ReactorConfig::default()).unwrap();
-    let b = Manager::new(rb.set(), None);
-    b.attach_device(DeviceDecl {
-        name: "r".into(),
-        spec: "ram:64M".into(),
-        block_size: 4096,
-    })
-    .unwrap();
-    b.create_volume(VolumeDecl::new("rv", "single", &["r"]), false)
-        .unwrap();
-    let remote_decl = NvmfExportDecl {
-        nqn: NQN.into(),
-        volume: "rv".into(),
-        listen: "127.0.0.1:0".into(),
-        allow_any_host: true,
-        ..Default::default()
-    };
-    let bx = b.create_nvmf_export(remote_decl.clone()).unwrap();
-
-    let ra = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let a = Manager::new(ra.set(), None);
-    a.attach_device(DeviceDecl {
-        name: "local".into(),
-        spec: "ram:64M".into(),
-        block_size: 4096,
-    })
-    .unwrap();
-    a.attach_device(DeviceDecl {
-        name: "far".into(),
-        spec: format!("nvmf-tcp://{}/{NQN}?loss-timeout=3", bx.decl.listen),
-        block_size: 4096,
-    })
-    .unwrap();
-    let mut decl = VolumeDecl::new("mirror", "raid1", &["local", "far"]);
-    decl.bitmap = true;
-    decl.bitmap_chunk_kib = 1024;
-    a.create_volume(decl, false).unwrap();
-    a.set_write_mostly("mirror", "far", true).unwrap();
-    let ax = a
-        .create_nvmf_export(NvmfExportDecl {
-            nqn: "nqn.2026-12.io.appliance:mirror".into(),
-            volume: "mirror".into(),
-            listen: "127.0.0.1:0".into(),
-            allow_any_host: true,
-            ..Default::default()
-        })
-        .unwrap();
-    let host = HostConfig {
-        timeout: LONG,
-        ..Default::default()
-    };
-    let mut c = Controller::connect(ax.decl.listen.parse().unwrap(), &ax.decl.nqn, &host).unwrap();
-    c.set_features(0x07, 0).unwrap();
-    let mut q = c.io_queue(1, 32).unwrap();
-    // One 64 KiB write in each of 16 MiB-apart... 1 MiB regions 0..16.
-    let write = |q: &mut nvmf::host::Queue, region: u64, fill: u8| {
-        let mut s = nvme::spec::Sqe::new(nvme::spec::io::WRITE, 1);
-        s.set_range(region * 256, 16);
-        q.exec(s, &vec![fill; 65536], 0).unwrap();
-    };
+    let TwoSides {
+        a,
+        b,
+        bx,
+        remote: remote_decl,
+        host,
+        mut q,
+        _c,
+        _ra,
+        _rb,
+    } = two_sides(3, true);
+    // One 64 KiB write in each of the 1 MiB regions 0..16.
+    let write = |q: &mut nvmf::host::Queue, region: u64, fill: u8| write64(q, region * 256, fill);
     for r in 0..16u64 {
         write(&mut q, r, 0x10 + r as u8);
     }
@@ -505,14 +492,8 @@ fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only()
         "still write-mostly: {v:?}"
     );
     // B's copy holds every write (the member's data follows md's metadata).
-    let mut cb = Controller::connect(bx.decl.listen.parse().unwrap(), NQN, &host).unwrap();
-    cb.set_features(0x07, 0).unwrap();
-    let mut qb = cb.io_queue(1, 8).unwrap();
-    let read_b = |qb: &mut nvmf::host::Queue, lba: u64| {
-        let mut s = nvme::spec::Sqe::new(nvme::spec::io::READ, 1);
-        s.set_range(lba, 16);
-        qb.exec(s, &[], 65536).unwrap().data
-    };
+    let (cb, mut qb) = queue(&bx.decl.listen, NQN, &host, 8);
+    let read_b = read64;
     let start = (0..4096u64)
         .find(|&lba| read_b(&mut qb, lba)[..4096].iter().all(|&x| x == want[0]))
         .expect("region 0's write is on B");
@@ -523,7 +504,7 @@ fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only()
             "region {r} on B"
         );
     }
-    drop((q, c, qb, cb));
+    drop((q, qb, cb));
     a.shutdown();
     b.shutdown();
 }

@@ -84,6 +84,16 @@ impl Rig {
         assert_eq!(self.disk.write(mib * MIB, 65536), 0);
     }
 
+    /// Regions 0..16 written with `base + i`; what each holds.
+    fn fill(&mut self, base: u8) -> Vec<u8> {
+        (0..16u8)
+            .map(|i| {
+                self.write(i as u64, base + i);
+                base + i
+            })
+            .collect()
+    }
+
     fn wait_clean_bitmap(&self) {
         let t = Instant::now();
         while self
@@ -112,6 +122,18 @@ impl Rig {
         }
     }
 
+    /// Add b back, expect every row copied, and check b.
+    fn readd_in_full(&mut self, want: &[u8]) {
+        let v = self.readd();
+        let size = v.size_bytes;
+        assert!(
+            copied(&v) >= size,
+            "a full rebuild: {} of {size} bytes",
+            copied(&v)
+        );
+        self.check_b(want);
+    }
+
     /// Every region reads `want` from b alone (a failed, so reads go to b).
     fn check_b(&mut self, want: &[u8]) {
         self.mgr.fail_member("m", "a").unwrap();
@@ -132,11 +154,7 @@ fn copied(v: &VolumeView) -> u64 {
 #[test]
 fn a_member_that_failed_in_sync_is_resynchronised_from_the_bitmap() {
     let mut r = rig(true);
-    let mut want = vec![0u8; 16];
-    for (i, w) in want.iter_mut().enumerate() {
-        *w = 0x10 + i as u8;
-        r.write(i as u64, *w);
-    }
+    let mut want = r.fill(0x10);
     r.wait_clean_bitmap();
     r.mgr.fail_member("m", "b").unwrap();
     for i in [3usize, 9] {
@@ -151,11 +169,7 @@ fn a_member_that_failed_in_sync_is_resynchronised_from_the_bitmap() {
 #[test]
 fn a_member_that_failed_during_its_own_rebuild_is_rebuilt_in_full() {
     let mut r = rig(true);
-    let mut want = vec![0u8; 16];
-    for (i, w) in want.iter_mut().enumerate() {
-        *w = 0x20 + i as u8;
-        r.write(i as u64, *w);
-    }
+    let mut want = r.fill(0x20);
     r.wait_clean_bitmap();
     r.mgr.fail_member("m", "b").unwrap();
     want[5] = 0xd5;
@@ -173,35 +187,17 @@ fn a_member_that_failed_during_its_own_rebuild_is_rebuilt_in_full() {
     r.fault.heal();
     want[12] = 0xdc;
     r.write(12, want[12]);
-    let v = r.readd();
-    let size = v.size_bytes;
-    assert!(
-        copied(&v) >= size,
-        "a full rebuild: {} of {size} bytes",
-        copied(&v)
-    );
-    r.check_b(&want);
+    r.readd_in_full(&want);
 }
 
 #[test]
 fn a_bitmap_made_after_the_failure_does_not_shorten_the_rebuild() {
     let mut r = rig(false);
-    let mut want = vec![0u8; 16];
-    for (i, w) in want.iter_mut().enumerate() {
-        *w = 0x30 + i as u8;
-        r.write(i as u64, *w);
-    }
+    let mut want = r.fill(0x30);
     r.mgr.fail_member("m", "b").unwrap();
     // Written while degraded and before any bitmap: marked nowhere.
     want[6] = 0xe6;
     r.write(6, want[6]);
     r.mgr.set_bitmap("m", true, 1024).unwrap();
-    let v = r.readd();
-    let size = v.size_bytes;
-    assert!(
-        copied(&v) >= size,
-        "a full rebuild: {} of {size} bytes",
-        copied(&v)
-    );
-    r.check_b(&want);
+    r.readd_in_full(&want);
 }
