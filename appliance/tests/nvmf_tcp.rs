@@ -740,3 +740,52 @@ fn the_volumes_io_limits_hold_over_nvme_tcp() {
         "{reads} reads in {took:?} under a 200/s limit"
     );
 }
+
+/// A listener keeps at most its connection limit open: more peers are
+/// closed as they come, and a freed place is taken again.
+#[test]
+fn a_listener_keeps_at_most_its_connection_limit() {
+    let r = rig(&[HOST_A]);
+    r.target.set_max_connections(3);
+    let mut held: Vec<TcpStream> = (0..3).map(|_| raw(r.addr, true)).collect();
+    let mut extra = TcpStream::connect(r.addr).unwrap();
+    extra.set_read_timeout(Some(LONG)).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(extra.read(&mut b).unwrap_or(0), 0, "the fourth is closed");
+    // One goes; its place is free again once the target has seen it go.
+    drop(held.pop());
+    let deadline = Instant::now() + LONG;
+    loop {
+        let mut s = TcpStream::connect(r.addr).unwrap();
+        s.set_read_timeout(Some(LONG)).unwrap();
+        let mut ic = Vec::new();
+        pdu::encode_ic_req(
+            &pdu::IcReq {
+                pfv: 0,
+                hpda: 0,
+                digests: Digests::default(),
+                maxr2t: 0,
+            },
+            &mut ic,
+        );
+        let _ = s.write_all(&ic);
+        if read_pdu(&mut s, Digests::default()).is_some_and(|p| p[0] == pdu::kind::IC_RESP) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place was never taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connections held are untouched.
+    for s in &mut held {
+        let mut b = Vec::new();
+        pdu::encode_command(
+            &capsule::sqe_bytes(&rw(cmd::READ, 0, 1)),
+            &[],
+            Digests::default(),
+            0,
+            &mut b,
+        );
+        s.write_all(&b).unwrap();
+        assert_eq!(outcome(s), Ok(Status::COMMAND_SEQUENCE));
+    }
+}

@@ -40,6 +40,8 @@ pub const MAXH2CDATA: u32 = identify::MAX_TRANSFER;
 const READ_BUDGET: usize = 1 << 20;
 /// Receive buffer: room for the largest PDU with plenty to spare.
 const RX_SIZE: usize = 1 << 18;
+/// A new connection's receive buffer.
+const RX_START: usize = 16 << 10;
 /// Output held before the connection stops taking new commands.
 const TX_HIGH: usize = 4 << 20;
 /// How often an admin queue looks at keep-alive and namespace changes.
@@ -54,12 +56,15 @@ const CLOSE_LINGER: Duration = Duration::from_secs(5);
 pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc<TargetShared>) {
     let fd = sock.as_raw_fd();
     ctx.watch_fd(fd);
+    port.live.fetch_add(1, Ordering::SeqCst);
     let mut c = Conn {
         sock,
         fd,
         port,
         shared,
-        rx: vec![0u8; RX_SIZE],
+        // Grown to RX_SIZE only when a PDU needs it: an idle or
+        // handshaking connection holds little.
+        rx: vec![0u8; RX_START],
         rx_len: 0,
         out: Output::default(),
         phase: Phase::Init,
@@ -289,6 +294,7 @@ impl Conn {
         if let Some(s) = self.counted.take() {
             s.connections.fetch_sub(1, Ordering::SeqCst);
         }
+        self.port.live.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The association, the export and the volume are still there; the
@@ -367,7 +373,13 @@ impl Conn {
     fn receive(&mut self, ctx: &mut Ctx) -> bool {
         let mut got = 0;
         let mut work = false;
-        while got < READ_BUDGET && self.closing.is_none() && self.rx_len < self.rx.len() {
+        while got < READ_BUDGET && self.closing.is_none() {
+            if self.rx_len == self.rx.len() {
+                if self.rx.len() >= RX_SIZE {
+                    break;
+                }
+                self.rx.resize(RX_SIZE, 0);
+            }
             let r = self.sock.read(&mut self.rx[self.rx_len..]);
             match r {
                 Ok(0) => {

@@ -137,6 +137,8 @@ struct Port {
     generation: AtomicU64,
     stop: AtomicBool,
     addr: SocketAddr,
+    /// Connections open on this listener now.
+    live: AtomicUsize,
 }
 
 impl Port {
@@ -168,6 +170,9 @@ pub(crate) struct TargetShared {
     next_core: AtomicUsize,
     /// Next controller ID (1..=0xffef).
     next_cntlid: AtomicUsize,
+    /// Connections a listener keeps open at most: more are closed as
+    /// they come (each holds buffers; peers are not trusted).
+    max_connections: AtomicUsize,
 }
 
 impl TargetShared {
@@ -176,6 +181,9 @@ impl TargetShared {
         (n % 0xffef) as u16 + 1
     }
 }
+
+/// Connections per listener at most, by default.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a deleted export waits for its connections to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -188,6 +196,7 @@ impl Target {
             shared: Arc::new(TargetShared {
                 next_core: AtomicUsize::new(0),
                 next_cntlid: AtomicUsize::new(0),
+                max_connections: AtomicUsize::new(MAX_CONNECTIONS),
             }),
             listeners: Mutex::new(HashMap::new()),
         }
@@ -249,6 +258,7 @@ impl Target {
             generation: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             addr,
+            live: AtomicUsize::new(0),
         });
         let thread = {
             let (port, set, shared) = (port.clone(), self.set.clone(), self.shared.clone());
@@ -343,6 +353,12 @@ impl Target {
         Ok(())
     }
 
+    /// Keep at most `n` connections open per listener (new ones beyond are
+    /// closed at once).
+    pub fn set_max_connections(&self, n: usize) {
+        self.shared.max_connections.store(n, Ordering::SeqCst);
+    }
+
     /// Stop every export.
     pub fn shutdown(&self) {
         for s in self.list() {
@@ -409,6 +425,11 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
             }
         };
         let peer = stream.peer_addr().ok();
+        if port.live.load(Ordering::SeqCst) >= shared.max_connections.load(Ordering::SeqCst) {
+            tracing::warn!(?peer, listen = %port.addr, "nvme/tcp: too many connections; this one is closed");
+            drop(stream);
+            continue;
+        }
         if let Err(e) = stream
             .set_nonblocking(true)
             .and_then(|_| stream.set_nodelay(true))
