@@ -91,10 +91,7 @@ pub mod status {
     pub const CONNECT_HOST: Status = Status { sct: 1, sc: 0x84 };
 }
 
-#[inline]
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
+use crate::pdu::{u16_at, u32_at};
 
 #[inline]
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -304,7 +301,7 @@ impl ConnectData {
         host_id.copy_from_slice(&b[..16]);
         Ok(ConnectData {
             host_id,
-            cntlid: u16::from_le_bytes([b[16], b[17]]),
+            cntlid: u16_at(b, 16),
             subnqn: nqn(b, CONNECT_SUBNQN_AT)?,
             hostnqn: nqn(b, CONNECT_HOSTNQN_AT)?,
         })
