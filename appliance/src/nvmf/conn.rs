@@ -73,6 +73,7 @@ pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc
         entries: 32,
         sqhd: 0,
         slots: Vec::new(),
+        running: 0,
         free: Vec::new(),
         waiting: VecDeque::new(),
         submitting: VecDeque::new(),
@@ -162,6 +163,9 @@ struct Conn {
     entries: u32,
     sqhd: u32,
     slots: Vec<Slot>,
+    /// Slots in `Running` (admitted through the gate, not yet answered):
+    /// kept as a count so the poll loop does not scan every slot.
+    running: usize,
     free: Vec<u16>,
     /// Commands with their data, waiting for the gate, in arrival order.
     waiting: VecDeque<u16>,
@@ -239,11 +243,7 @@ impl Conn {
     }
 
     fn inflight(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| s.state == SlotState::Running)
-            .count()
-            + self.io.as_ref().map_or(0, |io| io.ch.inflight())
+        self.running + self.io.as_ref().map_or(0, |io| io.ch.inflight())
     }
 
     fn tx_pending(&self) -> usize {
@@ -905,6 +905,7 @@ impl Conn {
             }
             self.waiting.pop_front();
             self.slots[i as usize].state = SlotState::Running;
+            self.running += 1;
             self.submitting.push_back(i);
             work = true;
         }
@@ -998,6 +999,9 @@ impl Conn {
         let slot = &mut self.slots[i as usize];
         let (cid, op) = (slot.cid, slot.plan.op);
         let buf = std::mem::take(&mut slot.buf);
+        if slot.state == SlotState::Running {
+            self.running -= 1;
+        }
         slot.state = SlotState::Free;
         let bytes = buf.len() as u64;
         if let Phase::Io { sub, .. } = &self.phase {
@@ -1042,9 +1046,8 @@ impl Conn {
 
     /// With nothing in flight, move to the volume's new configuration.
     fn refresh_generation(&mut self) {
-        let running = self.slots.iter().any(|s| s.state == SlotState::Running);
         let Some(io) = &mut self.io else { return };
-        if running || io.ch.inflight() > 0 || io.gate.generation() == io.gen {
+        if self.running > 0 || io.ch.inflight() > 0 || io.gate.generation() == io.gen {
             return;
         }
         let (gen, v) = io.gate.config();
