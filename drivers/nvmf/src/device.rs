@@ -439,28 +439,28 @@ impl NvmfChannel {
     /// still has the whole timeout for the connection to come back.
     fn check_loss(&mut self) {
         let limit = self.assoc.opts.loss_timeout;
-        let stuck = self.sent.values().any(|s| s.at.elapsed() >= limit);
+        // One clock read per poll; nothing allocated while none is late.
+        let now = Instant::now();
+        let late = |at: &Instant| now.saturating_duration_since(*at) >= limit;
+        let stuck = self.sent.values().any(|s| late(&s.at));
         if stuck {
             tracing::warn!(qid = self.qid, "nvme/tcp: a request got no answer in the loss timeout; the queue's connection is dropped");
             self.lose();
         }
-        let up = self.conn.is_some();
-        let old: Vec<usize> = self
-            .waiting
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, at))| at.elapsed() >= limit)
-            .map(|(i, _)| i)
-            .collect();
-        for i in old.into_iter().rev() {
-            if let Some((r, _)) = self.waiting.remove(i) {
-                let e = if up || stuck {
-                    IoError::TimedOut
-                } else {
-                    IoError::DeviceFailed
-                };
-                self.finish(r.tag, Err(e));
-            }
+        if !self.waiting.iter().any(|(_, at)| late(at)) {
+            return;
+        }
+        let e = if self.conn.is_some() || stuck {
+            IoError::TimedOut
+        } else {
+            IoError::DeviceFailed
+        };
+        let (old, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(_, at)| late(at));
+        self.waiting = keep;
+        for (r, _) in old {
+            self.finish(r.tag, Err(e));
         }
     }
 
