@@ -1,0 +1,365 @@
+//! The IO queue side of a connection: IO commands checked, their data
+//! taken (in the capsule or by R2T/H2CData), admitted through the volume's
+//! IO limits and gate in order, submitted to the volume's channel, and
+//! answered (read data spliced into the output without a copy); and the
+//! move to a new volume generation once nothing is in flight.
+
+use bdev::{IoOp, IoRequest, IoVec, SgList, SubmitError};
+use nvme::spec::{Sqe, Status};
+use nvmf::capsule::{self, status};
+use nvmf::pdu::{self, fes, DataHeader, R2t};
+use poller::Ctx;
+use std::sync::atomic::Ordering;
+
+use super::{whole_read, Conn, Phase, SlotState};
+use crate::nvmf::io;
+use crate::qos::QueueQos;
+
+fn media_error(op: IoOp) -> Status {
+    match op {
+        IoOp::Read => Status::UNRECOVERED_READ,
+        IoOp::Write | IoOp::WriteZeroes => Status::WRITE_FAULT,
+        _ => status::INTERNAL,
+    }
+}
+
+impl Conn {
+    pub(super) fn io_command(&mut self, s: &Sqe, data: &[u8]) {
+        let cid = s.cid();
+        let Some(io) = &self.io else {
+            return self.respond(cid, status::INTERNAL, 0);
+        };
+        let plan = match io::check(s, &io.info, io.read_only) {
+            Ok(p) => p,
+            Err(st) => {
+                tracing::debug!(opcode = s.opcode(), cdw10 = s.cdw[0], dptr = ?capsule::data_pointer(s), in_capsule = data.len(), status = %st, "nvme/tcp: IO command refused");
+                return self.respond(cid, st, 0);
+            }
+        };
+        if plan.in_capsule && data.len() != plan.bytes {
+            tracing::debug!(
+                opcode = s.opcode(),
+                bytes = plan.bytes,
+                in_capsule = data.len(),
+                "nvme/tcp: in-capsule data of the wrong length"
+            );
+            return self.respond(cid, status::SGL_LENGTH, 0);
+        }
+        let Some(i) = self.free.pop() else {
+            // More commands than the queue has entries: the host broke
+            // flow control.
+            return self.fatal(fes::SEQUENCE, 0, &[]);
+        };
+        let slot = &mut self.slots[i as usize];
+        slot.cid = cid;
+        slot.plan = plan;
+        slot.received = 0;
+        slot.pending = 0;
+        slot.todo.clear();
+        slot.status = Status::SUCCESS;
+        slot.corrupt = false;
+        slot.flushed = false;
+        if slot.buf.capacity() < plan.bytes {
+            if let Some(b) = self.out.take_spare() {
+                slot.buf = b;
+            }
+        }
+        slot.buf.clear();
+        let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
+        if plan.op == IoOp::Read {
+            slot.buf.resize(plan.bytes, 0);
+        }
+        if writes_data && plan.in_capsule {
+            slot.buf.extend_from_slice(data);
+            slot.received = data.len();
+        }
+        if writes_data && !plan.in_capsule {
+            slot.buf.resize(plan.bytes, 0);
+            slot.state = SlotState::AwaitData;
+            let r = R2t {
+                cccid: cid,
+                ttag: i,
+                offset: 0,
+                length: plan.bytes as u32,
+            };
+            pdu::encode_r2t(&r, self.digests, self.out.bytes());
+            return;
+        }
+        self.ready(i);
+    }
+
+    /// A command has its data: wait for the gate (or, for a Dataset
+    /// Management list that does not hold up, answer now).
+    pub(super) fn ready(&mut self, i: u16) {
+        let num_blocks = self.io.as_ref().map_or(0, |io| io.info.num_blocks);
+        let slot = &mut self.slots[i as usize];
+        if slot.corrupt {
+            return self.done(i, status::TRANSPORT);
+        }
+        if slot.plan.op == IoOp::Discard {
+            if slot.plan.ranges == 0 {
+                return self.done(i, Status::SUCCESS);
+            }
+            match io::dsm_ranges(&slot.buf, slot.plan.ranges, num_blocks) {
+                Ok(r) => {
+                    slot.todo = r.into_iter().map(|(o, n)| (IoOp::Discard, o, n)).collect();
+                    if slot.todo.is_empty() {
+                        return self.done(i, Status::SUCCESS);
+                    }
+                }
+                Err(st) => return self.done(i, st),
+            }
+        } else {
+            let p = slot.plan;
+            slot.todo.push_back((p.op, p.offset_blocks, p.num_blocks));
+        }
+        slot.state = SlotState::Ready;
+        self.waiting.push_back(i);
+    }
+
+    pub(super) fn h2c_data(&mut self, h: DataHeader, data: &[u8], corrupt: bool, header: &[u8]) {
+        let i = h.ttag;
+        let ok = self
+            .slots
+            .get(i as usize)
+            .is_some_and(|s| s.state == SlotState::AwaitData && s.cid == h.cccid);
+        if !ok {
+            return self.fatal(fes::INVALID_HEADER, 10, header);
+        }
+        let slot = &mut self.slots[i as usize];
+        let (at, len) = (h.offset as usize, h.length as usize);
+        if at != slot.received || at + len > slot.buf.len() {
+            return self.fatal(fes::OUT_OF_RANGE, 12, header);
+        }
+        if corrupt {
+            slot.corrupt = true;
+        } else {
+            slot.buf[at..at + len].copy_from_slice(data);
+        }
+        slot.received += len;
+        let full = slot.received == slot.buf.len();
+        if full != h.last {
+            return self.fatal(fes::SEQUENCE, 1, header);
+        }
+        if full {
+            self.ready(i);
+        }
+    }
+
+    /// Admit waiting commands through the volume's IO limits and its
+    /// gate, in order.
+    pub(super) fn start_waiting(&mut self, ctx: &mut Ctx) -> bool {
+        let mut work = false;
+        let now = ctx.now();
+        while let Some(&i) = self.waiting.front() {
+            let Some(io) = &mut self.io else { break };
+            if io.gate.generation() != io.gen {
+                // A new configuration: taken once nothing is in flight.
+                break;
+            }
+            let slot = &self.slots[i as usize];
+            let writes = matches!(
+                slot.plan.op,
+                IoOp::Write | IoOp::WriteZeroes | IoOp::Discard
+            );
+            if let Phase::Io { sub, .. } = &self.phase {
+                let range = sub.volume.suspended_range();
+                // Every range of the command (a DSM has several).
+                if writes && slot.todo.iter().any(|&(_, off, n)| range.holds(off, n)) {
+                    break;
+                }
+            }
+            let (op, bytes) = (
+                slot.plan.op,
+                slot.plan.num_blocks * io.info.block_size as u64,
+            );
+            if let Some(q) = &mut io.qos {
+                if !q.admit(op, bytes, now) {
+                    // Over the limits: look again when they give tokens
+                    // (a timer wakes a sleeping reactor).
+                    let at = q.recheck_at(op, bytes);
+                    if io.qos_timer.is_none_or(|t| t <= now || t > at) {
+                        ctx.after(at.saturating_duration_since(now), |_| {});
+                        io.qos_timer = Some(at);
+                    }
+                    break;
+                }
+            }
+            if !io.gate.try_begin() {
+                if let Some(q) = &mut io.qos {
+                    q.refund(op, bytes);
+                }
+                break;
+            }
+            self.waiting.pop_front();
+            self.slots[i as usize].state = SlotState::Running;
+            self.running += 1;
+            self.submitting.push_back(i);
+            work = true;
+        }
+        work
+    }
+
+    /// Hand admitted commands' requests to the volume's channel.
+    pub(super) fn submit(&mut self) -> bool {
+        let mut work = false;
+        while let Some(&i) = self.submitting.front() {
+            let Some(io) = &mut self.io else { break };
+            let slot = &mut self.slots[i as usize];
+            let mut busy = false;
+            while let Some((op, offset, blocks)) = slot.todo.pop_front() {
+                let mut sg = SgList::new();
+                if matches!(op, IoOp::Read | IoOp::Write) {
+                    // SAFETY: the buffer belongs to the slot, which is not
+                    // reused or resized until every request completed.
+                    sg.push(unsafe { IoVec::new(slot.buf.as_mut_ptr(), slot.buf.len()) });
+                }
+                let req = IoRequest {
+                    op,
+                    offset_blocks: offset,
+                    num_blocks: blocks,
+                    sg,
+                    tag: i as u64,
+                };
+                match io.ch.submit(req) {
+                    Ok(()) => {
+                        slot.pending += 1;
+                        work = true;
+                    }
+                    Err(SubmitError::Busy(_)) => {
+                        slot.todo.push_front((op, offset, blocks));
+                        busy = true;
+                        break;
+                    }
+                }
+            }
+            if busy {
+                break;
+            }
+            self.submitting.pop_front();
+        }
+        work
+    }
+
+    /// Take the channel's completions.
+    pub(super) fn reap(&mut self) -> bool {
+        let Some(io) = &mut self.io else {
+            return false;
+        };
+        if io.ch.inflight() == 0 || io.ch.poll(&mut self.comps) == 0 {
+            return false;
+        }
+        let mut comps = std::mem::take(&mut self.comps);
+        for c in comps.drain(..) {
+            let i = c.tag as u16;
+            let Some(slot) = self.slots.get_mut(i as usize) else {
+                continue;
+            };
+            slot.pending = slot.pending.saturating_sub(1);
+            if let Err(e) = c.result {
+                tracing::debug!(error = %e, "nvme/tcp: volume IO failed");
+                if slot.status.ok() {
+                    slot.status = media_error(slot.plan.op);
+                }
+            }
+            if slot.pending > 0 || !slot.todo.is_empty() {
+                continue;
+            }
+            if slot.plan.fua && !slot.flushed && slot.status.ok() {
+                // Force Unit Access: durable before it completes.
+                slot.flushed = true;
+                slot.todo.push_back((IoOp::Flush, 0, 0));
+                self.submitting.push_back(i);
+                continue;
+            }
+            let st = slot.status;
+            if let Some(io) = &self.io {
+                io.gate.end();
+            }
+            self.done(i, st);
+        }
+        self.comps = comps;
+        true
+    }
+
+    /// Answer command `i` and free its slot.
+    pub(super) fn done(&mut self, i: u16, st: Status) {
+        let slot = &mut self.slots[i as usize];
+        let (cid, op) = (slot.cid, slot.plan.op);
+        let buf = std::mem::take(&mut slot.buf);
+        if slot.state == SlotState::Running {
+            self.running -= 1;
+        }
+        slot.state = SlotState::Free;
+        let bytes = buf.len() as u64;
+        if let Phase::Io { sub, .. } = &self.phase {
+            match op {
+                IoOp::Read => {
+                    sub.reads.fetch_add(1, Ordering::Relaxed);
+                    sub.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                IoOp::Write => {
+                    sub.writes.fetch_add(1, Ordering::Relaxed);
+                    sub.write_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            if !st.ok() {
+                sub.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if st.ok() && op == IoOp::Read {
+            // The data goes from this buffer to the socket; the slot takes
+            // a sent one next time.
+            let h = whole_read(cid, buf.len());
+            pdu::encode_data_header(
+                false,
+                &h,
+                buf.len(),
+                self.digests,
+                self.hpda,
+                self.out.bytes(),
+            );
+            let digest = self.digests.data.then(|| pdu::digest(&buf));
+            self.out.data(buf);
+            if let Some(d) = digest {
+                self.out.bytes().extend_from_slice(&d.to_le_bytes());
+            }
+        } else {
+            self.slots[i as usize].buf = buf;
+        }
+        self.respond(cid, st, 0);
+        self.free.push(i);
+    }
+
+    /// With nothing in flight, move to the volume's new configuration.
+    pub(super) fn refresh_generation(&mut self) {
+        let Some(io) = &mut self.io else { return };
+        if self.running > 0 || io.ch.inflight() > 0 || io.gate.generation() == io.gen {
+            return;
+        }
+        let (gen, v) = io.gate.config();
+        io.ch = match v.device.open_channel() {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::error!(error = %e, "nvme/tcp: opening the volume's channel for its new configuration failed; IO fails until the next one");
+                Box::new(bdev::FailingChannel::default())
+            }
+        };
+        io.info = v.device.info().clone();
+        io.gen = gen;
+        // New limits come with a new generation.
+        if let Phase::Io { sub, .. } = &self.phase {
+            let qos = sub.volume.qos();
+            let same = match (&io.qos, &qos) {
+                (Some(a), Some(b)) => a.shares(b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                io.qos = qos.map(QueueQos::new);
+                io.qos_timer = None;
+            }
+        }
+    }
+}
