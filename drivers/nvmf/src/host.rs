@@ -117,8 +117,6 @@ pub struct Queue {
     next_cid: u16,
     pending: HashMap<u16, Pending>,
     timeout: Duration,
-    /// Response capsules seen, for tests of the controller's SQ head.
-    pub last_sqhd: u16,
 }
 
 impl Queue {
@@ -140,7 +138,6 @@ impl Queue {
             next_cid: 0,
             pending: HashMap::new(),
             timeout: cfg.timeout,
-            last_sqhd: 0,
         };
         let mut b = Vec::new();
         pdu::encode_ic_req(
@@ -181,16 +178,6 @@ impl Queue {
     /// MAXH2CDATA), for a caller that drives the queue itself.
     pub fn into_parts(self) -> (TcpStream, Digests, u8, u32) {
         (self.stream, self.digests, self.cpda, self.maxh2cdata)
-    }
-
-    /// The raw socket (for tests that misbehave on purpose).
-    pub fn stream(&mut self) -> &mut TcpStream {
-        &mut self.stream
-    }
-
-    /// The queue's identifier.
-    pub fn qid(&self) -> u16 {
-        self.qid
     }
 
     /// Send Connect for queue `qid` of `subnqn`; returns the controller ID.
@@ -292,7 +279,6 @@ impl Queue {
             };
             match step {
                 Step::Response(cqe) => {
-                    self.last_sqhd = cqe.sq as u16;
                     let Some(p) = self.pending.remove(&cqe.cid()) else {
                         return Err(HostError::Protocol(format!(
                             "a response for command {} that is not outstanding",
@@ -402,11 +388,6 @@ impl Queue {
             });
         }
         Ok(r)
-    }
-
-    /// Commands outstanding.
-    pub fn outstanding(&self) -> usize {
-        self.pending.len()
     }
 
     /// Read until one whole PDU is buffered (or, unless `block`, take
