@@ -1,9 +1,22 @@
 //! Live migration of a QEMU guest (TCG) whose disk is a vhost-user-blk
-//! export of a RAID5: the destination QEMU starts with -incoming and its own
-//! export of the same volume, the source migrates to it over a unix socket
-//! while fio writes and verifies in the guest, and then the guest migrates
-//! back to a third QEMU on the first export. fio finishes on the last one
-//! with no IO error and every block verified.
+//! export of a RAID5, while fio writes and verifies in the guest:
+//! - to a destination QEMU started with -incoming on its own export of the
+//!   same volume;
+//! - a migration back that is cancelled half-way: the source goes on;
+//! - back to a new QEMU on the first export while a member of the RAID5 is
+//!   failed and its spare rebuilt.
+//!
+//! fio finishes on the last QEMU with no IO error and every block verified.
+//!
+//! QEMU 7.2's TCG itself loses guest memory writes during a live migration
+//! now and then: the destination's kernel crashes in an interrupt right
+//! after it resumes (a freed request completed, a corrupted list or stack).
+//! The same rig shows it with QEMU's own virtio-blk (no vhost-user at all,
+//! 2 of 6 runs) and with qemu-storage-daemon 7.2.22 as the backend (2 of
+//! 6), so it is not ours. Running QEMU on one host CPU (its vCPU and
+//! migration threads never at once) made it rare (0 of 8 with QEMU's own
+//! virtio-blk). A run in which a guest kernel crashed is therefore run
+//! again, up to `ATTEMPTS` times; any other failure fails the test.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -12,12 +25,29 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "cli/daemon.rs"]
+mod daemon;
 use common::{boot, guest, wait_for_line};
+use daemon::{applctl, ok};
+
+/// Runs of the scenario a guest kernel crash (the TCG defect above) may
+/// cost before the test gives up.
+const ATTEMPTS: usize = 4;
+
+/// What a guest kernel prints when it crashes.
+const KERNEL_CRASH: [&str; 5] = [
+    "Kernel panic",
+    "BUG: ",
+    "Oops: ",
+    "general protection fault",
+    "kernel BUG at",
+];
 
 struct Daemon(Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
     }
@@ -29,7 +59,7 @@ struct Vm(Child);
 impl Drop for Vm {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
-            // boot.sh's process group: QEMU with it.
+            // SAFETY: kill(2) on boot.sh's process group, QEMU with it.
             unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
             let _ = self.0.wait();
         }
@@ -45,6 +75,33 @@ fn wait_for(path: &Path, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Prints the serial consoles and the daemon's log if the run fails, so
+/// a failure says which QEMU or guest went wrong and why.
+struct ShowOnFailure(Vec<PathBuf>);
+
+impl Drop for ShowOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.0 {
+                eprintln!("==== {}:\n{}", p.display(), read(p));
+            }
+        }
+    }
+}
+
+/// A finished migration, as QEMU reports it.
+#[derive(Debug, Clone, Copy)]
+struct Migrated {
+    /// From the migrate command to "completed".
+    total: Duration,
+    /// The guest's pause, as the source measured it.
+    downtime_ms: u64,
 }
 
 /// A QMP connection.
@@ -74,15 +131,14 @@ impl Qmp {
 
     /// Send a command and return its answer (events are skipped).
     fn cmd(&mut self, c: &str) -> serde_json::Value {
-        self.0.get_mut().write_all(c.as_bytes()).unwrap();
-        self.0.get_mut().write_all(b"\n").unwrap();
+        self.0
+            .get_mut()
+            .write_all(format!("{c}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("QMP {c}: {e} (did QEMU stop?)"));
         loop {
             let mut line = String::new();
             assert!(self.0.read_line(&mut line).unwrap() > 0, "QMP closed");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v.get("event").is_some() {
-                eprintln!("QMP event: {line}");
-            }
             if v.get("return").is_some() || v.get("error").is_some() {
                 assert!(v.get("error").is_none(), "{c}: {v}");
                 return v["return"].clone();
@@ -90,37 +146,70 @@ impl Qmp {
         }
     }
 
-    /// Migrate to `uri` and wait until it completed; how long it took.
-    fn migrate(&mut self, uri: &str) -> Duration {
-        let t = Instant::now();
-        // As fast as the host goes: the default 128 MiB/s makes a 512 MiB
-        // guest take seconds longer.
-        self.cmd(
-            r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":10737418240}}"#,
-        );
+    fn bandwidth(&mut self, bytes_per_second: u64) {
         self.cmd(&format!(
-            r#"{{"execute":"migrate","arguments":{{"uri":"{uri}"}}}}"#
+            r#"{{"execute":"migrate-set-parameters","arguments":{{"max-bandwidth":{bytes_per_second}}}}}"#
         ));
+    }
+
+    fn start_migration(&mut self, to: &Path) -> Instant {
+        let t = Instant::now();
+        self.cmd(&format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+            to.display()
+        ));
+        t
+    }
+
+    /// query-migrate until `until` says stop; the last answer.
+    fn watch(&mut self, mut until: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        let t = Instant::now();
         loop {
             let s = self.cmd(r#"{"execute":"query-migrate"}"#);
-            match s["status"].as_str().unwrap_or("") {
-                "completed" => return t.elapsed(),
-                "failed" | "cancelled" => panic!("migration {uri}: {s}"),
-                _ => {}
+            if until(&s) {
+                return s;
             }
+            let status = s["status"].as_str().unwrap_or("");
+            assert!(
+                !matches!(status, "failed" | "cancelled" | "completed"),
+                "migration ended unexpectedly: {s}"
+            );
             assert!(
                 t.elapsed() < Duration::from_secs(120),
                 "migration hangs: {s}"
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    fn wait_completed(&mut self, started: Instant) -> Migrated {
+        let s = self.watch(|s| s["status"] == "completed");
+        Migrated {
+            total: started.elapsed(),
+            downtime_ms: s["downtime"].as_u64().unwrap_or(0),
+        }
+    }
+
+    fn run_state(&mut self) -> String {
+        self.cmd(r#"{"execute":"query-status"}"#)["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
 /// A QEMU of the test guest on `sock`'s export, with QMP at `qmp`,
-/// waiting for a migration at `incoming` if given.
+/// waiting for a migration at `incoming` if given; on the host's last CPU.
 fn qemu(guest: &Path, log: &Path, sock: &Path, qmp: &Path, incoming: Option<&Path>) -> Vm {
-    let mut cmd = boot(guest, "migrate-guest.sh", &[], log, &["--timeout", "400"]);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = (cpus - 1).to_string();
+    let mut cmd = boot(
+        guest,
+        "migrate-guest.sh",
+        &[],
+        log,
+        &["--timeout", "400", "--pin", &pin],
+    );
     cmd.arg("-chardev")
         .arg(format!("socket,id=d,path={},reconnect=1", sock.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=d,num-queues=1"])
@@ -134,29 +223,51 @@ fn qemu(guest: &Path, log: &Path, sock: &Path, qmp: &Path, incoming: Option<&Pat
     Vm(cmd.spawn().unwrap())
 }
 
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
+/// Export `name` as `applctl --json export list` shows it.
+fn export(api: &Path, name: &str) -> serde_json::Value {
+    let out = ok(&applctl(api, &["--json", "export", "list"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let list = v
+        .get("exports")
+        .and_then(|e| e.as_array())
+        .cloned()
+        .unwrap_or_default();
+    list.into_iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no export {name} in {out}"))
 }
 
-// Not in the suite yet: under TCG here it fails in about half the runs, and
-// not only through the appliance. The guest kernel panicked on the first
-// destination in 1 of 4 runs with fio; and with no vhost-user disk at all
-// (a guest busy writing tmpfs) the source QEMU's QMP connection broke right
-// after a completed migration in 2 of 4 runs. Run it by hand with
-// `cargo nextest run -p appliance --test vm_migrate --run-ignored all`.
-#[test]
-#[ignore = "flaky under TCG on this rig (see above); run by hand"]
-fn a_guest_on_a_raid5_export_migrates_there_and_back_under_verified_writes() {
-    let guest = guest();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+fn logging(e: &serde_json::Value) -> (bool, u64) {
+    (
+        e["dirty_logging"].as_bool().unwrap_or(false),
+        e["dirty_pages_logged"]
+            .as_u64()
+            .or_else(|| {
+                e["dirty_pages_logged"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+            })
+            .unwrap_or(0),
+    )
+}
+
+/// What one run measured.
+#[derive(Debug)]
+struct Figures {
+    there: Migrated,
+    back: Migrated,
+    pages_logged: u64,
+}
+
+/// One run of the whole scenario in `d`.
+fn scenario(guest: &Path, d: &Path) -> Figures {
     let (a, b) = (d.join("a.sock"), d.join("b.sock"));
     let config = d.join("migrate.toml");
     let mut toml = String::new();
-    for i in 0..3 {
-        toml += &format!("[[device]]\nname = \"m{i}\"\nspec = \"ram:64M\"\n\n");
+    for m in ["m0", "m1", "m2", "s0"] {
+        toml += &format!("[[device]]\nname = \"{m}\"\nspec = \"ram:64M\"\n\n");
     }
-    toml += "[[volume]]\nname = \"v\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\nchunk_kib = 64\n\n";
+    toml += "[[volume]]\nname = \"v\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\nspares = [\"s0\"]\nchunk_kib = 64\n\n";
     for (name, sock) in [("a", &a), ("b", &b)] {
         toml += &format!(
             "[[export]]\nname = \"{name}\"\nvolume = \"v\"\nsocket = \"{}\"\nlive_migration = true\n\n",
@@ -164,12 +275,13 @@ fn a_guest_on_a_raid5_export_migrates_there_and_back_under_verified_writes() {
         );
     }
     std::fs::write(&config, toml).unwrap();
+    let api = d.join("api.sock");
     let daemon_log = d.join("daemon.log");
     let _daemon = Daemon(
         Command::new(env!("CARGO_BIN_EXE_appliance"))
             .arg("daemon")
             .arg("--api")
-            .arg(d.join("api.sock"))
+            .arg(&api)
             .arg("--state")
             .arg(d.join("state.toml"))
             .arg("--config")
@@ -184,50 +296,136 @@ fn a_guest_on_a_raid5_export_migrates_there_and_back_under_verified_writes() {
     wait_for(&a, "export a");
     wait_for(&b, "export b");
 
-    let logs: Vec<PathBuf> = (0..3).map(|i| d.join(format!("serial{i}.log"))).collect();
-    let qmps: Vec<PathBuf> = (0..3).map(|i| d.join(format!("qmp{i}.sock"))).collect();
-    let migs: Vec<PathBuf> = (0..2).map(|i| d.join(format!("mig{i}.sock"))).collect();
+    let logs: Vec<PathBuf> = (0..4).map(|i| d.join(format!("serial{i}.log"))).collect();
+    let qmps: Vec<PathBuf> = (0..4).map(|i| d.join(format!("qmp{i}.sock"))).collect();
+    let migs: Vec<PathBuf> = (0..3).map(|i| d.join(format!("mig{i}.sock"))).collect();
+    let _show = ShowOnFailure(logs.iter().chain([&daemon_log]).cloned().collect());
 
     // The source runs fio on export a.
-    let mut src = qemu(&guest, &logs[0], &a, &qmps[0], None);
+    let mut src = qemu(guest, &logs[0], &a, &qmps[0], None);
     wait_for_line(&logs[0], "FIO-START", &mut src.0);
     std::thread::sleep(Duration::from_secs(2));
 
-    // To a destination on export b, while fio runs.
-    let dst = qemu(&guest, &logs[1], &b, &qmps[1], Some(&migs[0]));
+    // 1. To a destination on export b, while fio runs, as fast as the host
+    // goes (the default 128 MiB/s makes a 512 MiB guest take seconds longer).
+    let dst = qemu(guest, &logs[1], &b, &qmps[1], Some(&migs[0]));
     let mut q0 = Qmp::connect(&qmps[0]);
     let mut q1 = Qmp::connect(&qmps[1]);
     wait_for(&migs[0], "the destination's migration socket");
-    let there = q0.migrate(&format!("unix:{}", migs[0].display()));
+    q0.bandwidth(10 << 30);
+    let t = q0.start_migration(&migs[0]);
+    let there = q0.wait_completed(t);
     q0.cmd(r#"{"execute":"quit"}"#);
     let _ = src.0.wait();
-    assert!(
-        !read(&logs[0]).contains("FIO-VERIFY OK"),
-        "fio finished before the migration: it proves nothing\n{}",
-        read(&logs[0])
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(q1.run_state(), "running");
+    std::thread::sleep(Duration::from_secs(1));
 
-    // And back, to a new QEMU on export a (its first frontend is gone).
-    let mut back = qemu(&guest, &logs[2], &a, &qmps[2], Some(&migs[1]));
+    // 2. Back to a QEMU on export a, cancelled half-way: slowly, so that it
+    // is still copying when the cancel comes.
+    let mut cancelled = qemu(guest, &logs[2], &a, &qmps[2], Some(&migs[1]));
     let _q2 = Qmp::connect(&qmps[2]);
-    wait_for(&migs[1], "the second destination's migration socket");
-    let back_time = q1.migrate(&format!("unix:{}", migs[1].display()));
+    wait_for(&migs[1], "the cancelled destination's migration socket");
+    q1.bandwidth(16 << 20);
+    q1.start_migration(&migs[1]);
+    q1.watch(|s| s["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20);
+    // The source's export logs what the backend writes meanwhile.
+    let (on, pages_logged) = logging(&export(&api, "b"));
+    assert!(on, "export b does not log during the migration");
+    let t = Instant::now();
+    while logging(&export(&api, "b")).1 <= pages_logged {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no page logged while fio runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    q1.cmd(r#"{"execute":"migrate_cancel"}"#);
+    q1.watch(|s| s["status"] == "cancelled");
+    assert_eq!(q1.run_state(), "running", "the source stopped");
+    // The destination that never ran gives up on its own.
+    let t = Instant::now();
+    while cancelled.0.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(cancelled);
+    let t = Instant::now();
+    while logging(&export(&api, "b")).0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "export b still logs after the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 3. Back to a new QEMU on export a while a member is failed and the
+    // spare rebuilt under the copy.
+    let mut last = qemu(guest, &logs[3], &a, &qmps[3], Some(&migs[2]));
+    let _q3 = Qmp::connect(&qmps[3]);
+    wait_for(&migs[2], "the last destination's migration socket");
+    q1.bandwidth(32 << 20);
+    let t = q1.start_migration(&migs[2]);
+    q1.watch(|s| s["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20);
+    ok(&applctl(&api, &["volume", "fail", "v", "m1"]));
+    q1.bandwidth(10 << 30);
+    let back = q1.wait_completed(t);
     q1.cmd(r#"{"execute":"quit"}"#);
     drop(dst);
-    println!("migration there {there:?}, back {back_time:?}");
-
-    let status = back.0.wait().unwrap();
-    let serial = read(&logs[2]);
-    println!(
-        "source:\n{}\nfirst destination:\n{}\nlast:\n{serial}",
-        read(&logs[0]),
+    assert!(
+        !read(&logs[1]).contains("FIO-VERIFY OK"),
+        "fio finished before the last migration: it proves nothing\n{}",
         read(&logs[1])
     );
-    println!("daemon:\n{}", read(&daemon_log));
+
+    let status = last.0.wait().unwrap();
+    let serial = read(&logs[3]);
     assert!(status.success(), "guest failed ({status}):\n{serial}");
     assert!(serial.contains("FIO-VERIFY OK"), "{serial}");
     assert!(serial.contains("GUEST-ALL-OK"), "{serial}");
-    let daemon = read(&daemon_log);
-    assert!(daemon.contains("dirty logging"), "{daemon}");
+    // The spare took the failed member's slot.
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "v"]))).unwrap();
+    let members: Vec<&str> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["device"].as_str().unwrap_or(""))
+        .collect();
+    assert!(members.contains(&"s0") && !members.contains(&"m1"), "{v}");
+    Figures {
+        there,
+        back,
+        pages_logged,
+    }
+}
+
+#[test]
+fn a_guest_on_a_raid5_export_migrates_under_verified_writes_through_a_cancel_and_a_member_failure()
+{
+    let guest = guest();
+    for attempt in 1..=ATTEMPTS {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&guest, &d)));
+        match run {
+            Ok(f) => {
+                println!(
+                    "attempt {attempt}: migration there {:?} (downtime {} ms), back under a member failure {:?} (downtime {} ms); {} pages logged by the cancelled one's source when looked at",
+                    f.there.total, f.there.downtime_ms, f.back.total, f.back.downtime_ms, f.pages_logged
+                );
+                return;
+            }
+            Err(e) => {
+                let crashed = (0..4)
+                    .map(|i| read(&d.join(format!("serial{i}.log"))))
+                    .find(|s| KERNEL_CRASH.iter().any(|c| s.contains(c)));
+                match crashed {
+                    Some(serial) if attempt < ATTEMPTS => eprintln!(
+                        "attempt {attempt}: a guest kernel crashed (QEMU TCG's migration defect, see the top of this file); running again:\n{serial}"
+                    ),
+                    _ => std::panic::resume_unwind(e),
+                }
+            }
+        }
+    }
 }

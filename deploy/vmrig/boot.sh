@@ -4,15 +4,19 @@
 #
 #   deploy/vmrig/boot.sh --guest DIR --script FILE [--file SRC]... [--mem MiB]
 #        [--smp N] [--accel tcg|kvm] [--timeout S] [--log FILE] [--append ARGS]
-#        [-- QEMU ARGS...]
+#        [--pin CPUS] [-- QEMU ARGS...]
 #
 # --append adds to the kernel command line (e.g. intel_iommu=on iommu=pt for
 # the VFIO test, whose QEMU arguments add -machine kernel-irqchip=split and
 # an intel-iommu device before the NVMe controllers).
 #
+# --pin runs QEMU on those host CPUs only (taskset -c): QEMU 7.2's TCG loses
+# guest writes during a live migration when its vCPU and migration threads
+# run at once (see appliance/tests/vm_migrate.rs).
+#
 # Guest RAM is a shared memfd, as vhost-user devices need.
 set -euo pipefail
-guest= script= mem=512 smp=1 accel=tcg timeout=600 log= append=
+guest= script= mem=512 smp=1 accel=tcg timeout=600 log= append= pin=
 files=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -25,6 +29,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout=$2; shift ;;
     --log) log=$2; shift ;;
     --append) append=$2; shift ;;
+    --pin) pin=$2; shift ;;
     --) shift; break ;;
     *) echo "boot.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -42,8 +47,10 @@ for f in "${files[@]}"; do cp -L "$f" "$work/x/rig/"; done
 cat "$guest/initramfs.cpio.gz" "$work/extra.cpio.gz" > "$work/initrd"
 cpu=max
 [ "$accel" = kvm ] && cpu=host
+taskset=()
+[ -z "$pin" ] || taskset=(taskset -c "$pin")
 set +e
-timeout -k 5 "$timeout" qemu-system-x86_64 -nodefaults -nographic -no-reboot \
+timeout -k 5 "$timeout" "${taskset[@]}" qemu-system-x86_64 -nodefaults -nographic -no-reboot \
   -machine q35,accel="$accel" -cpu "$cpu" -smp "$smp" -m "$mem" \
   -object memory-backend-memfd,id=mem,size="${mem}M",share=on -numa node,memdev=mem \
   -kernel "$guest/vmlinux" -initrd "$work/initrd" -serial stdio \

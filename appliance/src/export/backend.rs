@@ -255,6 +255,7 @@ impl Handler {
         q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
         q.set_event_idx(event_idx);
         q.set_next_avail(v.base);
+        let v_base = v.base;
         q.set_ready(true);
         if !q.is_valid(&**mem) {
             return Err(invalid(format!(
@@ -293,7 +294,13 @@ impl Handler {
             shared,
             kick: kick_again,
         });
-        tracing::debug!(vring = index, core, "vring started");
+        tracing::debug!(
+            vring = index,
+            core,
+            base = v_base,
+            next_used = next_used.0,
+            "vring started"
+        );
         Ok(())
     }
 
@@ -584,9 +591,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        tracing::debug!(index, "vhost-user GET_VRING_BASE");
         self.stop(index)?;
         let v = self.vring(index)?;
+        tracing::debug!(index, base = v.base, "vhost-user GET_VRING_BASE");
         v.kick = None;
         if self.protocol_features_acked() {
             self.vrings[index as usize].enabled = false;

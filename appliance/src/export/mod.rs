@@ -581,7 +581,11 @@ fn serve_connection(
     // A fault of the previous connection is not this one's.
     shared.fault.take();
     shared.connected.store(true, Ordering::SeqCst);
-    tracing::info!(socket = %shared.options.socket.display(), "vhost-user frontend connected");
+    // Every line this connection logs names its export: two frontends of
+    // one volume (a live migration) interleave.
+    let span = tracing::info_span!("vhost", socket = %shared.options.socket.display());
+    let _entered = span.enter();
+    tracing::info!("vhost-user frontend connected");
     let handler = Arc::new(Mutex::new(Handler::new(set.clone(), shared.clone())));
     *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
     let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
