@@ -761,7 +761,7 @@ impl pb::appliance_server::Appliance for Service {
             socket_mode: Some(r.socket_mode).filter(|s| !s.is_empty()),
             socket_owner: Some(r.socket_owner).filter(|s| !s.is_empty()),
             socket_group: Some(r.socket_group).filter(|s| !s.is_empty()),
-            live_migration: r.live_migration,
+            live_migration: r.live_migration.unwrap_or(true),
         };
         self.run(move |m| m.create_export(decl).map(export_to_pb))
             .await

@@ -128,6 +128,14 @@ fn is_zero(x: &u32) -> bool {
     *x == 0
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(x: &bool) -> bool {
+    *x
+}
+
 fn is_zero_u64(x: &u64) -> bool {
     *x == 0
 }
@@ -141,7 +149,7 @@ fn default_layout() -> String {
 }
 
 /// A vhost-user-blk export of a volume.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportDecl {
     /// Name.
@@ -166,9 +174,9 @@ pub struct ExportDecl {
     /// the host's physical memory.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub memory_limit_mib: u64,
-    /// Offer dirty logging so QEMU can live-migrate the VM (experimental,
-    /// off by default).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Offer dirty logging so QEMU can live-migrate the VM (on by
+    /// default; a state file keeps only `false`).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub live_migration: bool,
     /// Mode of the socket file, octal ("0660"); unset: what the umask leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,6 +187,26 @@ pub struct ExportDecl {
     /// Group of the socket file (group name or gid); unset: the daemon's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
+}
+
+impl Default for ExportDecl {
+    /// What a configuration file leaves unsaid (one queue, migratable).
+    fn default() -> ExportDecl {
+        ExportDecl {
+            name: String::new(),
+            volume: String::new(),
+            socket: PathBuf::new(),
+            num_queues: default_queues(),
+            read_only: false,
+            serial: String::new(),
+            queue_cores: vec![],
+            memory_limit_mib: 0,
+            live_migration: true,
+            socket_mode: None,
+            socket_owner: None,
+            socket_group: None,
+        }
+    }
 }
 
 /// A volume exported over NVMe/TCP: one subsystem, namespace 1.

@@ -114,11 +114,9 @@ fn request(g: &mut Guest, kind: u32, data: u64) -> u8 {
     status
 }
 
-/// One export offering live migration.
+/// One export offering live migration (the default).
 fn migratable() -> Rig {
-    rig_custom(1, poller::ReactorConfig::default().idle_spin, 1, |o| {
-        o.live_migration = true
-    })
+    rig(1)
 }
 
 #[test]
@@ -199,9 +197,11 @@ fn a_log_too_small_or_unmappable_is_refused_and_the_export_serves_on() {
 }
 
 #[test]
-fn without_the_option_dirty_logging_is_not_offered() {
+fn with_live_migration_off_dirty_logging_is_not_offered() {
     // QEMU then refuses to migrate the VM, which loses nothing.
-    let rig = rig(1);
+    let rig = rig_custom(1, poller::ReactorConfig::default().idle_spin, 1, |o| {
+        o.live_migration = false
+    });
     let g = logging_guest(&rig.sock);
     let offered = g.frontend.get_features().unwrap();
     assert_eq!(offered & LOG_ALL, 0);

@@ -732,6 +732,20 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         ..Default::default()
     };
     call!(d, c, create_volume, mirror).unwrap();
+    // Migratable unless told otherwise; "not" is kept over the restart.
+    call!(
+        d,
+        c,
+        create_export,
+        pb::CreateExportRequest {
+            name: "pinned".into(),
+            volume: "mirror".into(),
+            socket: dir.path().join("pinned.sock").to_str().unwrap().into(),
+            live_migration: Some(false),
+            ..Default::default()
+        }
+    )
+    .unwrap();
     let wm = |volume: &str, device: &str, enabled: bool| pb::SetWriteMostlyRequest {
         volume: volume.into(),
         device: device.into(),
@@ -778,9 +792,13 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         "write-mostly is restored from the superblocks"
     );
     let ex = call!(d, c, list_exports, pb::ListExportsRequest {}).unwrap();
-    assert_eq!(ex.exports[0].serial, "disk-1");
+    let by_name = |n: &str| ex.exports.iter().find(|e| e.name == n).unwrap();
+    assert!(by_name("vm").live_migration);
+    assert!(!by_name("pinned").live_migration);
+    let vm = by_name("vm");
+    assert_eq!(vm.serial, "disk-1");
     assert_eq!(
-        ex.exports[0].queue_cores,
+        vm.queue_cores,
         vec![0],
         "the reactor assignment is restored"
     );

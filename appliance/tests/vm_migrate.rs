@@ -270,7 +270,7 @@ fn scenario(guest: &Path, d: &Path) -> Figures {
     toml += "[[volume]]\nname = \"v\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\nspares = [\"s0\"]\nchunk_kib = 64\n\n";
     for (name, sock) in [("a", &a), ("b", &b)] {
         toml += &format!(
-            "[[export]]\nname = \"{name}\"\nvolume = \"v\"\nsocket = \"{}\"\nlive_migration = true\n\n",
+            "[[export]]\nname = \"{name}\"\nvolume = \"v\"\nsocket = \"{}\"\n\n",
             sock.display()
         );
     }

@@ -59,10 +59,9 @@ pub struct ExportOptions {
     pub memory_limit: u64,
     /// Owner, group and mode of the socket.
     pub access: SocketAccess,
-    /// Offer dirty logging (VHOST_F_LOG_ALL, LOG_SHMFD), so QEMU can
-    /// live-migrate the VM. Off by default until the QEMU migration test
-    /// passes reliably here (see docs/decisions.md): without it QEMU
-    /// refuses to migrate, which loses nothing.
+    /// Offer dirty logging (VHOST_F_LOG_ALL), so QEMU can live-migrate
+    /// the VM. On by default: it costs nothing until a migration turns
+    /// logging on (see docs/decisions.md); off, QEMU refuses to migrate.
     pub live_migration: bool,
 }
 
@@ -78,7 +77,7 @@ impl ExportOptions {
             queue_cores: vec![],
             memory_limit: 0,
             access: SocketAccess::default(),
-            live_migration: false,
+            live_migration: true,
         }
     }
 

@@ -207,8 +207,8 @@ enum ExportCmd {
         #[arg(long, default_value = "")]
         socket_group: String,
         /// Offer dirty logging so QEMU can live-migrate the VM
-        /// (experimental).
-        #[arg(long)]
+        /// (`--live-migration=false` refuses migrations).
+        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
         live_migration: bool,
     },
     /// List exports.
@@ -462,7 +462,7 @@ async fn export(c: &mut Client, json: bool, cmd: ExportCmd) -> Result<(), Failur
                     socket_mode,
                     socket_owner,
                     socket_group,
-                    live_migration,
+                    live_migration: Some(live_migration),
                 })
                 .await?
                 .into_inner();
