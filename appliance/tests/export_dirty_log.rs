@@ -1,7 +1,9 @@
 //! Dirty logging for live migration, driven by a raw vhost-user frontend:
 //! with VHOST_F_LOG_ALL on, exactly the guest pages the backend wrote (read
 //! data, status bytes, the used ring) are marked in the log SET_LOG_BASE
-//! gave; with it off, none. A log the backend cannot use is refused.
+//! gave; with it off, none. A log the backend cannot use is refused. A
+//! write held for a suspended range is answered before the ring's index is
+//! handed back (a migration's destination would never see it again).
 
 #[path = "hostile/guest.rs"]
 mod guest;
@@ -13,6 +15,7 @@ use std::os::unix::fs::FileExt;
 
 use guest::*;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
 /// VHOST_F_LOG_ALL.
@@ -206,4 +209,63 @@ fn with_live_migration_off_dirty_logging_is_not_offered() {
     let offered = g.frontend.get_features().unwrap();
     assert_eq!(offered & LOG_ALL, 0);
     assert!(g.frontend.set_features(BASE | LOG_ALL).is_err());
+}
+
+#[test]
+fn a_write_held_for_a_suspended_range_is_answered_before_the_ring_index_is_handed_over() {
+    let rig = rig(1);
+    let mut g = Guest::new(&rig.sock, 1);
+    rig.volumes[0]
+        .suspend_range(0, 64, std::time::Duration::from_secs(5))
+        .unwrap();
+    // A write to block 1, inside the range: held.
+    let (h, data, s) = (0x20000, 0x40000, 0x60000);
+    g.write(s, UNTOUCHED);
+    g.header(h, OUT, 8);
+    let t = g.queues[0].desc;
+    g.desc(t, 0, h, 16, NEXT, 1);
+    g.desc(t, 1, data, 4096, NEXT, 2);
+    g.desc(t, 2, s, 1, WRITE, 0);
+    g.offer(0, 0);
+    let t0 = std::time::Instant::now();
+    while rig.exports[0].parked_writes() != 1 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the write was not held"
+        );
+        std::thread::yield_now();
+    }
+    // The frontend stops the ring as QEMU does before a migration's
+    // destination takes over; what the used ring says when the index
+    // comes back is what the destination's guest will see.
+    let mut f = g.frontend.clone();
+    let used_idx = (g.base as usize + g.queues[0].used as usize + 2) as *const u16;
+    let used_idx = used_idx as usize;
+    let stop = std::thread::spawn(move || {
+        f.set_vring_enable(0, false).unwrap();
+        let base = f.get_vring_base(0).unwrap();
+        // SAFETY: the guest's used index, in memory the test keeps mapped
+        // until it joins this thread.
+        let used = unsafe { std::ptr::read_volatile(used_idx as *const u16) };
+        (base, used)
+    });
+    // The stop waits for the write (up to its 30 s time-out): without
+    // that it would come back at once with the write unanswered.
+    let t0 = std::time::Instant::now();
+    while !stop.is_finished() && t0.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::yield_now();
+    }
+    assert!(
+        !stop.is_finished(),
+        "the ring was handed over while a write was held: {:?}",
+        stop.join().unwrap()
+    );
+    rig.volumes[0].resume_range();
+    let (base, used) = stop.join().unwrap();
+    assert_eq!(
+        (base, used),
+        (1, 1),
+        "the write is answered before the index comes back"
+    );
+    assert_eq!(g.read::<u8>(s), S_OK);
 }

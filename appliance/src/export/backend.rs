@@ -355,6 +355,30 @@ impl Handler {
         self.stop_with(index, false)
     }
 
+    /// The frontend stops queue `index` (SET_VRING_ENABLE off,
+    /// GET_VRING_BASE): writes held for a suspended range are answered
+    /// first, once the range is let go, because the index handed back
+    /// counts them as taken and a migration's destination will not see
+    /// them again. If the range stays suspended past the time-out the
+    /// queue stops anyway; a reconnecting frontend still gets those writes
+    /// again from the inflight area.
+    fn stop_for_frontend(&mut self, index: u32) -> VuResult<()> {
+        if self.stop_with(index, true).is_ok() {
+            return Ok(());
+        }
+        let parked = self
+            .vring(index)?
+            .running
+            .as_ref()
+            .map_or(0, |r| r.shared.parked());
+        tracing::warn!(
+            vring = index,
+            parked,
+            "stopping a vring whose writes wait for a suspended range: a reconnecting frontend gets them again, a migration's destination does not"
+        );
+        self.stop(index)
+    }
+
     /// Stop queue `index`; `keep_parked`: only once no write waits for a
     /// suspended range (a move), else the stop is taken back after the
     /// time-out and the queue goes on.
@@ -591,7 +615,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        self.stop(index)?;
+        self.stop_for_frontend(index)?;
         let v = self.vring(index)?;
         tracing::debug!(index, base = v.base, "vhost-user GET_VRING_BASE");
         v.kick = None;
@@ -664,7 +688,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if enable {
             self.try_start(index)
         } else {
-            self.stop(index)
+            self.stop_for_frontend(index)
         }
     }
 

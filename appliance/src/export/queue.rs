@@ -344,11 +344,26 @@ impl Runner {
             self.stats.set_inflight(self.inflight());
         }
         if self.shared.stop.load(Ordering::Relaxed) {
+            let keep_parked = self.shared.keep_parked.load(Ordering::Relaxed);
+            if keep_parked {
+                // The stop waits for the writes held for a suspended
+                // range: they go once the range moves, nothing new is
+                // taken from the ring meanwhile.
+                self.release_parked();
+                if !self.resubmit.is_empty() {
+                    if self.inflight() == 0 {
+                        self.refresh_generations(channel_busy);
+                    }
+                    let current = self.vol_gate.generation() == self.vol_gen;
+                    if current && !self.broken && !self.ring_lost {
+                        self.pop_requests(false);
+                    }
+                }
+            }
             self.signal();
             // The channel is dropped with the runner: let it finish its
             // own work here rather than block the reactor in its drop.
-            let parked_ok =
-                self.parked.is_empty() || !self.shared.keep_parked.load(Ordering::Relaxed);
+            let parked_ok = !keep_parked || (self.parked.is_empty() && self.resubmit.is_empty());
             if self.inflight() == 0 && !channel_busy && parked_ok && self.finish(ctx) {
                 return PollState::Done;
             }
@@ -357,11 +372,7 @@ impl Runner {
         if self.inflight() == 0 {
             self.refresh_generations(channel_busy);
         }
-        if !self.parked.is_empty() && self.suspended.version() != self.parked_version {
-            // The range moved: parked writes go again, in their order.
-            self.resubmit.extend(self.parked.drain(..));
-            self.shared.parked.store(0, Ordering::SeqCst);
-        }
+        self.release_parked();
         // A new generation is served only once its channel is open (the
         // old one may still finish work of its own first).
         let stale = self.vol_gate.generation() != self.vol_gen;
@@ -374,7 +385,7 @@ impl Runner {
             self.qos_wait = None;
         }
         if usable && !stale && !throttled {
-            work |= self.pop_requests();
+            work |= self.pop_requests(true);
         }
         self.signal();
         if throttled
@@ -498,7 +509,17 @@ impl Runner {
         }
     }
 
-    fn pop_requests(&mut self) -> bool {
+    /// The range moved: parked writes go again, in their order.
+    fn release_parked(&mut self) {
+        if !self.parked.is_empty() && self.suspended.version() != self.parked_version {
+            self.resubmit.extend(self.parked.drain(..));
+            self.shared.parked.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Submit requests to resubmit, then (if `ring`) new ones from the
+    /// avail ring.
+    fn pop_requests(&mut self, ring: bool) -> bool {
         let mut taken = 0;
         while taken < POP_BATCH && !self.free.is_empty() {
             if !self.mem_gate.try_begin() {
@@ -513,6 +534,10 @@ impl Runner {
                 from_ring = false;
                 self.walk(head);
                 head
+            } else if !ring {
+                self.vol_gate.end();
+                self.mem_gate.end();
+                break;
             } else {
                 from_ring = true;
                 let head = match self.ring.pop() {

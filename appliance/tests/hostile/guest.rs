@@ -346,6 +346,8 @@ impl Drop for Guest {
 /// Reactors and exports of 1 MiB RAM volumes on them.
 pub struct Rig {
     pub exports: Vec<Export>,
+    /// The volume of each export.
+    pub volumes: Vec<Volume>,
     pub reactors: Reactors,
     pub dir: tempfile::TempDir,
     pub sock: std::path::PathBuf,
@@ -382,6 +384,7 @@ pub fn rig_custom(
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut exports = Vec::new();
+    let mut volumes = Vec::new();
     let mut socks = Vec::new();
     for i in 0..count {
         let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
@@ -395,10 +398,12 @@ pub fn rig_custom(
             first(&mut opts);
         }
         exports.push(Export::create(reactors.set(), &volume, opts).unwrap());
+        volumes.push(volume);
         socks.push(sock);
     }
     Rig {
         exports,
+        volumes,
         reactors,
         sock: socks[0].clone(),
         socks,
