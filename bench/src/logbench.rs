@@ -150,18 +150,24 @@ impl Guest {
         self.get::<u16>(USED) & NO_NOTIFY == 0
     }
 
-    /// The next used entry's slot and status, if any.
-    fn reap(&mut self) -> Option<(u16, u8)> {
+    /// The next used entry's slot and status, if any; an error for an
+    /// entry naming no request of ours (`qd` of them in flight).
+    fn reap(&mut self, qd: usize) -> Result<Option<(u16, u8)>, String> {
         let idx: u16 = self.get(USED + 2);
         if idx == self.last_used {
-            return None;
+            return Ok(None);
         }
         fence(Ordering::Acquire);
         let e = USED + 4 + 8 * (self.last_used % QSIZE) as u64;
         let head: u32 = self.get(e);
+        if !head.is_multiple_of(3) || head as usize >= 3 * qd {
+            return Err(format!(
+                "the backend returned descriptor {head}, not a request's head"
+            ));
+        }
         self.last_used = self.last_used.wrapping_add(1);
         let slot = (head / 3) as u16;
-        Some((slot, self.get(STATUS + slot as u64)))
+        Ok(Some((slot, self.get(STATUS + slot as u64))))
     }
 }
 
@@ -186,6 +192,9 @@ fn set_log_base(
     sock.send_with_fd(&msg[..], log.as_raw_fd())
         .map_err(|e| format!("SET_LOG_BASE: {e}"))?;
     let mut r = sock;
+    // A backend that never answers fails the run rather than hangs it.
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("socket: {e}"))?;
     let mut hdr = [0u8; 12];
     r.read_exact(&mut hdr)
         .map_err(|e| format!("SET_LOG_BASE's answer: {e}"))?;
@@ -196,6 +205,8 @@ fn set_log_base(
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)
         .map_err(|e| format!("SET_LOG_BASE's answer: {e}"))?;
+    sock.set_read_timeout(None)
+        .map_err(|e| format!("socket: {e}"))?;
     Ok(())
 }
 
@@ -311,7 +322,7 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
         let mut last = t0;
         loop {
             let mut got = false;
-            while let Some((slot, status)) = g.reap() {
+            while let Some((slot, status)) = g.reap(a.qd)? {
                 got = true;
                 *ios += 1;
                 if status != 0 {

@@ -50,7 +50,9 @@ cpu=max
 taskset=()
 [ -z "$pin" ] || taskset=(taskset -c "$pin")
 set +e
-timeout -k 5 "$timeout" "${taskset[@]}" qemu-system-x86_64 -nodefaults -nographic -no-reboot \
+# --foreground keeps QEMU in boot.sh's process group, so a test that kills
+# that group takes QEMU with it.
+timeout --foreground -k 5 "$timeout" "${taskset[@]}" qemu-system-x86_64 -nodefaults -nographic -no-reboot \
   -machine q35,accel="$accel" -cpu "$cpu" -smp "$smp" -m "$mem" \
   -object memory-backend-memfd,id=mem,size="${mem}M",share=on -numa node,memdev=mem \
   -kernel "$guest/vmlinux" -initrd "$work/initrd" -serial stdio \

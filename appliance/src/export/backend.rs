@@ -615,9 +615,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        tracing::debug!(index, "vhost-user GET_VRING_BASE");
         self.stop_for_frontend(index)?;
         let v = self.vring(index)?;
-        tracing::debug!(index, base = v.base, "vhost-user GET_VRING_BASE");
+        tracing::debug!(index, base = v.base, "vhost-user GET_VRING_BASE answered");
         v.kick = None;
         if self.protocol_features_acked() {
             self.vrings[index as usize].enabled = false;

@@ -580,8 +580,9 @@ fn serve_connection(
     // A fault of the previous connection is not this one's.
     shared.fault.take();
     shared.connected.store(true, Ordering::SeqCst);
-    // Every line this connection logs names its export: two frontends of
-    // one volume (a live migration) interleave.
+    // The protocol's log lines name their socket: two frontends of one
+    // volume (a live migration) interleave. (Reactor threads log without
+    // it.)
     let span = tracing::info_span!("vhost", socket = %shared.options.socket.display());
     let _entered = span.enter();
     tracing::info!("vhost-user frontend connected");
@@ -598,7 +599,9 @@ fn serve_connection(
             Woke::Shutdown => break true,
             Woke::Fault => {
                 if shared.fault.take() {
-                    tracing::warn!(socket = %shared.options.socket.display(), "dropping a vhost-user frontend that broke its queue or its memory");
+                    tracing::warn!(
+                        "dropping a vhost-user frontend that broke its queue or its memory"
+                    );
                     break false;
                 }
                 continue;
