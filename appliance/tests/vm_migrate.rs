@@ -2,7 +2,8 @@
 //! export of a RAID5, while fio writes and verifies in the guest:
 //! - to a destination QEMU started with -incoming on its own export of the
 //!   same volume;
-//! - a migration back that is cancelled half-way: the source goes on;
+//! - a migration back that is cancelled half-way, and one whose
+//!   destination dies half-way: the source goes on;
 //! - back to a new QEMU on the first export while a member of the RAID5 is
 //!   failed and its spare rebuilt.
 //!
@@ -30,7 +31,7 @@ mod common;
 #[path = "cli/daemon.rs"]
 mod daemon;
 use common::{boot, guest, wait_for_line};
-use daemon::{applctl, ok};
+use daemon::{applctl, ok, volume_members};
 
 /// Runs of the scenario a guest kernel crash (the TCG defect above) may
 /// cost before the test gives up.
@@ -350,9 +351,9 @@ fn scenario(guest: &Path, d: &Path) -> Figures {
     wait_for(&a, "export a");
     wait_for(&b, "export b");
 
-    let logs: Vec<PathBuf> = (0..4).map(|i| d.join(format!("serial{i}.log"))).collect();
-    let qmps: Vec<PathBuf> = (0..4).map(|i| d.join(format!("qmp{i}.sock"))).collect();
-    let migs: Vec<PathBuf> = (0..3).map(|i| d.join(format!("mig{i}.sock"))).collect();
+    let logs: Vec<PathBuf> = (0..5).map(|i| d.join(format!("serial{i}.log"))).collect();
+    let qmps: Vec<PathBuf> = (0..5).map(|i| d.join(format!("qmp{i}.sock"))).collect();
+    let migs: Vec<PathBuf> = (0..4).map(|i| d.join(format!("mig{i}.sock"))).collect();
     let _show = ShowOnFailure(logs.iter().chain([&daemon_log]).cloned().collect());
 
     // The source runs fio on export a.
@@ -418,6 +419,27 @@ fn scenario(guest: &Path, d: &Path) -> Figures {
     }
     std::thread::sleep(Duration::from_secs(1));
 
+    // 2b. Again, and this time the destination dies half-way: the source
+    // sees its migration fail and goes on.
+    let dying = qemu(guest, &logs[4], &a, &qmps[4], Some(&migs[3]));
+    let q4 = Qmp::connect(&qmps[4]);
+    wait_for(&migs[3], "the dying destination's migration socket");
+    q1.start_migration(&migs[3]);
+    q1.watch(|s| s["ram"]["transferred"].as_u64().unwrap_or(0) > 4 << 20);
+    drop(q4);
+    drop(dying);
+    q1.watch(|s| s["status"] == "failed");
+    assert_eq!(q1.run_state(), "running", "the source stopped");
+    let t = Instant::now();
+    while logging(&export(&api, "b")).0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "export b still logs after the failed migration"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
     // 3. Back to a new QEMU on export a while a member is failed and the
     // spare rebuilt under the copy.
     let mut last = qemu(guest, &logs[3], &a, &qmps[3], Some(&migs[2]));
@@ -448,15 +470,11 @@ fn scenario(guest: &Path, d: &Path) -> Figures {
     assert!(serial.contains("FIO-VERIFY OK"), "{serial}");
     assert!(serial.contains("GUEST-ALL-OK"), "{serial}");
     // The spare took the failed member's slot.
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "v"]))).unwrap();
-    let members: Vec<&str> = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["device"].as_str().unwrap_or(""))
-        .collect();
-    assert!(members.contains(&"s0") && !members.contains(&"m1"), "{v}");
+    let members = volume_members(&api, "v");
+    assert!(
+        members.iter().any(|m| m == "s0") && !members.iter().any(|m| m == "m1"),
+        "{members:?}"
+    );
     Figures {
         there,
         back,
@@ -481,7 +499,7 @@ fn a_guest_on_a_raid5_export_migrates_under_verified_writes_through_a_cancel_and
                 return;
             }
             Err(e) => {
-                let logs: Vec<String> = (0..4)
+                let logs: Vec<String> = (0..5)
                     .map(|i| read(&d.join(format!("serial{i}.log"))))
                     .collect();
                 let ours = logs

@@ -155,15 +155,11 @@ fn a_linux_host_uses_volumes_over_nvme_tcp_through_failure_resize_and_restart() 
         "no controller with digests:\n{restarted}"
     );
     // The spare took the failed member's slot.
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "show", "r5"]))).unwrap();
-    let members: Vec<&str> = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["device"].as_str().unwrap_or(""))
-        .collect();
-    assert!(members.contains(&"s0") && !members.contains(&"m1"), "{v}");
+    let members = volume_members(&api, "r5");
+    assert!(
+        members.iter().any(|m| m == "s0") && !members.iter().any(|m| m == "m1"),
+        "{members:?}"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());

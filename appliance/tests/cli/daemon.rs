@@ -88,6 +88,19 @@ pub fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// The devices in `volume`'s slots, as `applctl --json volume show` has
+/// them.
+pub fn volume_members(api: &Path, volume: &str) -> Vec<String> {
+    let out = ok(&applctl(api, &["--json", "volume", "show", volume]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no members in {out}"))
+        .iter()
+        .map(|m| m["device"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
 /// GET /metrics from the daemon's Prometheus listener.
 pub fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
     let api = dir.join("api.sock");
