@@ -553,21 +553,26 @@ fn read_pdu(s: &mut TcpStream, digests: Digests) -> Option<Vec<u8>> {
     }
 }
 
+/// An ICReq asking for `digests`.
+fn ic_req(digests: Digests) -> Vec<u8> {
+    let mut b = Vec::new();
+    pdu::encode_ic_req(
+        &pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests,
+            maxr2t: 0,
+        },
+        &mut b,
+    );
+    b
+}
+
 fn raw(addr: SocketAddr, ic: bool) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(LONG)).unwrap();
     if ic {
-        let mut b = Vec::new();
-        pdu::encode_ic_req(
-            &pdu::IcReq {
-                pfv: 0,
-                hpda: 0,
-                digests: Digests::default(),
-                maxr2t: 0,
-            },
-            &mut b,
-        );
-        s.write_all(&b).unwrap();
+        s.write_all(&ic_req(Digests::default())).unwrap();
         let p = read_pdu(&mut s, Digests::default()).unwrap();
         assert_eq!(p[0], pdu::kind::IC_RESP);
     }
@@ -646,21 +651,11 @@ fn hostile_pdus_cost_only_their_own_connection() {
     assert_eq!(outcome(&mut s), Err(pdu::fes::INVALID_HEADER));
     let mut s = TcpStream::connect(r.addr).unwrap();
     s.set_read_timeout(Some(LONG)).unwrap();
-    b.clear();
     let dg = Digests {
         header: true,
         data: true,
     };
-    pdu::encode_ic_req(
-        &pdu::IcReq {
-            pfv: 0,
-            hpda: 0,
-            digests: dg,
-            maxr2t: 0,
-        },
-        &mut b,
-    );
-    s.write_all(&b).unwrap();
+    s.write_all(&ic_req(dg)).unwrap();
     read_pdu(&mut s, Digests::default()).unwrap();
     b.clear();
     pdu::encode_command(&[0u8; 64], &[], dg, 0, &mut b);
@@ -758,17 +753,7 @@ fn a_listener_keeps_at_most_its_connection_limit() {
     loop {
         let mut s = TcpStream::connect(r.addr).unwrap();
         s.set_read_timeout(Some(LONG)).unwrap();
-        let mut ic = Vec::new();
-        pdu::encode_ic_req(
-            &pdu::IcReq {
-                pfv: 0,
-                hpda: 0,
-                digests: Digests::default(),
-                maxr2t: 0,
-            },
-            &mut ic,
-        );
-        let _ = s.write_all(&ic);
+        let _ = s.write_all(&ic_req(Digests::default()));
         if read_pdu(&mut s, Digests::default()).is_some_and(|p| p[0] == pdu::kind::IC_RESP) {
             break;
         }

@@ -306,6 +306,19 @@ fn logging(e: &serde_json::Value) -> (bool, u64) {
     )
 }
 
+/// Wait until export `name` stops logging (its frontend turned logging off
+/// after `after`).
+fn wait_logging_off(api: &Path, name: &str, after: &str) {
+    let t = Instant::now();
+    while logging(&export(api, name)).0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "export {name} still logs after {after}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// What one run measured.
 #[derive(Debug)]
 struct Figures {
@@ -409,14 +422,7 @@ fn scenario(guest: &Path, d: &Path) -> Figures {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(cancelled);
-    let t = Instant::now();
-    while logging(&export(&api, "b")).0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "export b still logs after the cancel"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_logging_off(&api, "b", "the cancel");
     std::thread::sleep(Duration::from_secs(1));
 
     // 2b. Again, and this time the destination dies half-way: the source
@@ -430,14 +436,7 @@ fn scenario(guest: &Path, d: &Path) -> Figures {
     drop(dying);
     q1.watch(|s| s["status"] == "failed");
     assert_eq!(q1.run_state(), "running", "the source stopped");
-    let t = Instant::now();
-    while logging(&export(&api, "b")).0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "export b still logs after the failed migration"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_logging_off(&api, "b", "the failed migration");
     std::thread::sleep(Duration::from_secs(1));
 
     // 3. Back to a new QEMU on export a while a member is failed and the
