@@ -118,6 +118,7 @@ impl BlockDevice for RamDevice {
         Ok(Box::new(RamChannel {
             inner: self.inner.clone(),
             done: Vec::with_capacity(256),
+            unfenced: false,
         }))
     }
 
@@ -273,7 +274,7 @@ unsafe fn copy_to_device(dst: *mut u8, src: *const u8, len: usize) {
     unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
 }
 
-/// Order non-temporal stores before the completion that announces them.
+/// Order non-temporal stores before the completions that announce them.
 #[inline]
 fn store_fence() {
     #[cfg(target_arch = "x86_64")]
@@ -286,6 +287,11 @@ fn store_fence() {
 struct RamChannel {
     inner: Arc<Inner>,
     done: Vec<Completion>,
+    /// Non-temporal stores since the last fence. One fence per poll, before
+    /// the completions go out, orders them all: a fence waits for every
+    /// write-combining buffer to drain, and one after each 4 KiB write made
+    /// it cost 363 instead of 190 ns on the development VM.
+    unfenced: bool,
 }
 
 impl RamChannel {
@@ -313,7 +319,11 @@ impl RamChannel {
                     unsafe { copy_to_device(inner.base.add(at), v.ptr(), v.len()) };
                     at += v.len();
                 }
-                store_fence();
+                if inner.undo.is_some() {
+                    // The test mode's power cut restores blocks under the
+                    // undo lock: the stores land before it is let go.
+                    store_fence();
+                }
             }
             IoOp::Discard | IoOp::WriteZeroes => {
                 let _undo = self.log_undo(req.offset_blocks, req.num_blocks);
@@ -352,6 +362,7 @@ impl RamChannel {
 impl IoChannel for RamChannel {
     #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        self.unfenced |= req.op == IoOp::Write;
         let result = self.execute(&req);
         self.done.push(Completion {
             tag: req.tag,
@@ -362,6 +373,12 @@ impl IoChannel for RamChannel {
 
     #[inline]
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if self.unfenced {
+            // Every write's data is in memory before its completion is
+            // seen (by this core's caller, or another core through it).
+            store_fence();
+            self.unfenced = false;
+        }
         let n = self.done.len();
         out.append(&mut self.done);
         n
