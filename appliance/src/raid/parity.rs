@@ -118,42 +118,61 @@ fn candidates() -> Vec<(Kernel, &'static str)> {
 }
 
 /// Source bytes per second of each kernel over four sources of `len`
-/// bytes, 64-byte aligned as stripe buffers are: the best of a few short
-/// rounds, the kernels taking turns (a preempted round, or the clock change
-/// when wide vectors start, only lowers one round's figure).
-fn measure(kernels: &[Kernel], len: usize) -> Vec<f64> {
+/// bytes, 64-byte aligned as stripe buffers are.
+///
+/// Without `settle`: the best of a few short rounds, the kernels taking
+/// turns (a preempted round only lowers one round's figure). With it, each
+/// kernel in turn runs unmeasured for a while and is then timed over
+/// longer rounds, back to back: on 64 KiB buffers the 512-bit kernel ran at
+/// 136 GB/s in 250 us bursts between the others, but at 107-116 once it
+/// had run for 20 ms or more, where the 256-bit ones and a plain C loop
+/// held 121-134 (on 4 KiB buffers it stays fastest however long it runs).
+/// The short bursts chose it for the buffers it is slowest on.
+fn measure(kernels: &[Kernel], len: usize, settle: bool) -> Vec<f64> {
     const SOURCES: usize = 4;
-    const ROUNDS: usize = 8;
-    const PER_ROUND: Duration = Duration::from_micros(250);
-    let mut raw = vec![0u8; (SOURCES + 1) * len + 64];
-    let base = raw.as_ptr().align_offset(64);
-    for (i, b) in raw[base..].iter_mut().enumerate() {
-        *b = (i / len) as u8 + 1;
-    }
-    let at = raw[base..].as_mut_ptr();
-    // SAFETY: SOURCES + 1 buffers of `len` bytes from `base` lie in `raw`.
-    let (dst, ptrs) = unsafe {
-        let srcs: Vec<*const u8> = (1..=SOURCES)
-            .map(|i| at.add(i * len).cast_const())
-            .collect();
-        (at, srcs)
+    let (rounds, per_round, warm) = if settle {
+        (3, Duration::from_millis(2), Duration::from_millis(20))
+    } else {
+        (8, Duration::from_micros(250), Duration::ZERO)
+    };
+    // One allocation per buffer, as stripe buffers are (one per member).
+    let mut raw: Vec<Vec<u8>> = (0..=SOURCES).map(|i| vec![i as u8 + 1; len + 64]).collect();
+    let mut at: Vec<*mut u8> = raw
+        .iter_mut()
+        .map(|v| {
+            let off = v.as_ptr().align_offset(64);
+            v[off..].as_mut_ptr()
+        })
+        .collect();
+    let dst = at.remove(0);
+    let ptrs: Vec<*const u8> = at.iter().map(|p| p.cast_const()).collect();
+    // SAFETY: every buffer is `len` bytes inside `raw` (64 spare bytes
+    // cover the alignment); the kernel runs on this CPU (`candidates`).
+    let run_for = |k: Kernel, d: Duration| {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < d {
+            for _ in 0..4 {
+                unsafe { k(dst, &ptrs, len, true) };
+                std::hint::black_box(dst);
+            }
+            n += 4;
+        }
+        (n * (len * SOURCES) as u64) as f64 / t.elapsed().as_secs_f64()
     };
     let mut best = vec![0f64; kernels.len()];
-    for _ in 0..ROUNDS {
-        for (k, b) in kernels.iter().zip(best.iter_mut()) {
-            let t = Instant::now();
-            let mut n = 0u64;
-            while t.elapsed() < PER_ROUND {
-                for _ in 0..4 {
-                    // SAFETY: every buffer is `len` bytes inside `raw`; the
-                    // kernel runs on this CPU (from `candidates`).
-                    unsafe { k(dst, &ptrs, len, true) };
-                    std::hint::black_box(dst);
-                }
-                n += 4;
+    if settle {
+        for (&k, b) in kernels.iter().zip(best.iter_mut()) {
+            run_for(k, warm);
+            for _ in 0..rounds {
+                *b = b.max(run_for(k, per_round));
             }
-            let rate = (n * (len * SOURCES) as u64) as f64 / t.elapsed().as_secs_f64();
-            *b = b.max(rate);
+        }
+    } else {
+        for _ in 0..rounds {
+            for (&k, b) in kernels.iter().zip(best.iter_mut()) {
+                *b = b.max(run_for(k, per_round));
+            }
         }
     }
     best
@@ -167,8 +186,8 @@ pub fn calibrate() -> &'static Calibration {
     C.get_or_init(|| {
         let cands = candidates();
         let kernels: Vec<Kernel> = cands.iter().map(|c| c.0).collect();
-        let small = measure(&kernels, SizeClass::Small.calibration_len());
-        let large = measure(&kernels, SizeClass::Large.calibration_len());
+        let small = measure(&kernels, SizeClass::Small.calibration_len(), false);
+        let large = measure(&kernels, SizeClass::Large.calibration_len(), true);
         let speeds: Vec<KernelSpeed> = cands
             .iter()
             .enumerate()
