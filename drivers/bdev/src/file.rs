@@ -28,9 +28,23 @@ struct Inner {
     buffered: File,
     direct: Option<File>,
     is_block_device: bool,
+    /// On tmpfs or ramfs, where the kernel hands every request to its
+    /// io-wq workers, O_DIRECT or not (see `FileChannel::punted`).
+    in_memory: bool,
     /// Requests that completed with an error, on any channel (shared with
     /// a resized copy: the same storage).
     io_errors: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Whether `f` lives on tmpfs or ramfs.
+fn in_memory_fs(f: &File) -> bool {
+    // SAFETY: statfs is plain data; fstatfs fills it from an open fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    rc == 0 && matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 /// A device on a regular file or a block device node.
@@ -153,6 +167,7 @@ impl FileDevice {
                 None
             }
         };
+        let in_memory = in_memory_fs(&buffered);
         Ok(FileDevice {
             inner: Arc::new(Inner {
                 info: DeviceInfo {
@@ -171,6 +186,7 @@ impl FileDevice {
                 direct,
                 io_errors: Default::default(),
                 is_block_device,
+                in_memory,
             }),
         })
     }
@@ -276,6 +292,7 @@ impl BlockDevice for FileDevice {
                 direct,
                 io_errors: inner.io_errors.clone(),
                 is_block_device: false,
+                in_memory: inner.in_memory,
             }),
         }))
     }
@@ -316,6 +333,7 @@ impl BlockDevice for FileDevice {
             done: Vec::new(),
             taskrun_flag,
             quiet_polls: 0,
+            punted: 0,
         }))
     }
 }
@@ -324,6 +342,8 @@ impl BlockDevice for FileDevice {
 struct Slot {
     tag: u64,
     expected: u64,
+    /// Counted in `FileChannel::punted`.
+    punted: bool,
     iovecs: SmallVec<[libc::iovec; 4]>,
 }
 
@@ -342,6 +362,18 @@ struct FileChannel {
     /// Polls without a completion while requests are in flight (rings
     /// without the flag are entered every `ENTER_EVERY` of them).
     quiet_polls: u32,
+    /// Requests in flight that the kernel most likely handed to an io-wq
+    /// worker thread rather than started in the submitting call: flushes,
+    /// fallocates, buffered IO, and everything on tmpfs. Such a worker runs
+    /// where the reactor may, i.e. on the reactor's own core, which the
+    /// reactor keeps busy: each request waited for the scheduler to take
+    /// the core away. While any is in flight, a poll that finds nothing
+    /// done yields the core instead (one system call when nothing else
+    /// wants it). On tmpfs, 4 KiB random reads went from 263 K to 490 K
+    /// IOPS and writes from 240 K to 442 K. Moving the workers to other
+    /// cores (IORING_REGISTER_IOWQ_AFF) instead halved them on 2 cores,
+    /// where the other core is busy too.
+    punted: usize,
 }
 
 /// Without IORING_SQ_TASKRUN: polls between entries into the kernel while
@@ -375,13 +407,16 @@ impl IoChannel for FileChannel {
         let bs = self.inner.info.block_size as u64;
         let offset = req.offset_blocks * bs;
         let len = req.num_blocks * bs;
-        let fd = if matches!(req.op, IoOp::Read | IoOp::Write) && self.use_direct(&req) {
+        let direct = matches!(req.op, IoOp::Read | IoOp::Write) && self.use_direct(&req);
+        let fd = if direct {
             self.inner.direct.as_ref().map_or(-1, |f| f.as_raw_fd())
         } else {
             self.inner.buffered.as_raw_fd()
         };
+        let punted = self.inner.in_memory || !direct;
         let slot = &mut self.slots[index as usize];
         slot.tag = req.tag;
+        slot.punted = punted;
         slot.expected = if matches!(req.op, IoOp::Read | IoOp::Write) {
             len
         } else {
@@ -438,6 +473,7 @@ impl IoChannel for FileChannel {
         self.free.pop();
         self.unsubmitted += 1;
         self.inflight += 1;
+        self.punted += punted as usize;
         Ok(())
     }
 
@@ -487,11 +523,15 @@ impl IoChannel for FileChannel {
                 tag: slot.tag,
                 result,
             });
+            self.punted -= slot.punted as usize;
             self.free.push(index);
             self.inflight -= 1;
         }
         if out.len() == reaped && self.inflight > 0 {
             self.quiet_polls = self.quiet_polls.wrapping_add(1);
+            if self.punted > 0 {
+                std::thread::yield_now();
+            }
         } else {
             self.quiet_polls = 0;
         }
