@@ -123,15 +123,16 @@ fn candidates() -> Vec<(Kernel, &'static str)> {
 /// Without `settle`: the best of a few short rounds, the kernels taking
 /// turns (a preempted round only lowers one round's figure). With it, each
 /// kernel in turn runs unmeasured for a while and is then timed over
-/// longer rounds, back to back: on 64 KiB buffers the 512-bit kernel ran at
-/// 136 GB/s in 250 us bursts between the others, but at 107-116 once it
+/// rounds back to back (the best of six, so a preemption lowers only some):
+/// on 64 KiB buffers the 512-bit kernel ran at
+/// 136 GB/s in 250 us bursts between the others, but at 107-118 once it
 /// had run for 20 ms or more, where the 256-bit ones and a plain C loop
 /// held 121-134 (on 4 KiB buffers it stays fastest however long it runs).
 /// The short bursts chose it for the buffers it is slowest on.
 fn measure(kernels: &[Kernel], len: usize, settle: bool) -> Vec<f64> {
     const SOURCES: usize = 4;
     let (rounds, per_round, warm) = if settle {
-        (3, Duration::from_millis(2), Duration::from_millis(20))
+        (6, Duration::from_millis(1), Duration::from_millis(20))
     } else {
         (8, Duration::from_micros(250), Duration::ZERO)
     };

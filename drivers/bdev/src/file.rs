@@ -28,8 +28,9 @@ struct Inner {
     buffered: File,
     direct: Option<File>,
     is_block_device: bool,
-    /// On tmpfs or ramfs, where the kernel hands every request to its
-    /// io-wq workers, O_DIRECT or not (see `FileChannel::punted`).
+    /// A regular file on tmpfs or ramfs, where the kernel hands every
+    /// request to its io-wq workers, O_DIRECT or not (see
+    /// `FileChannel::poll`).
     in_memory: bool,
     /// Requests that completed with an error, on any channel (shared with
     /// a resized copy: the same storage).
@@ -167,7 +168,8 @@ impl FileDevice {
                 None
             }
         };
-        let in_memory = in_memory_fs(&buffered);
+        // fstatfs on a device node describes /dev (devtmpfs), not the disk.
+        let in_memory = !is_block_device && in_memory_fs(&buffered);
         Ok(FileDevice {
             inner: Arc::new(Inner {
                 info: DeviceInfo {
@@ -333,7 +335,6 @@ impl BlockDevice for FileDevice {
             done: Vec::new(),
             taskrun_flag,
             quiet_polls: 0,
-            punted: 0,
         }))
     }
 }
@@ -342,8 +343,6 @@ impl BlockDevice for FileDevice {
 struct Slot {
     tag: u64,
     expected: u64,
-    /// Counted in `FileChannel::punted`.
-    punted: bool,
     iovecs: SmallVec<[libc::iovec; 4]>,
 }
 
@@ -362,18 +361,6 @@ struct FileChannel {
     /// Polls without a completion while requests are in flight (rings
     /// without the flag are entered every `ENTER_EVERY` of them).
     quiet_polls: u32,
-    /// Requests in flight that the kernel most likely handed to an io-wq
-    /// worker thread rather than started in the submitting call: flushes,
-    /// fallocates, buffered IO, and everything on tmpfs. Such a worker runs
-    /// where the reactor may, i.e. on the reactor's own core, which the
-    /// reactor keeps busy: each request waited for the scheduler to take
-    /// the core away. While any is in flight, a poll that finds nothing
-    /// done yields the core instead (one system call when nothing else
-    /// wants it). On tmpfs, 4 KiB random reads went from 263 K to 490 K
-    /// IOPS and writes from 240 K to 442 K. Moving the workers to other
-    /// cores (IORING_REGISTER_IOWQ_AFF) instead halved them on 2 cores,
-    /// where the other core is busy too.
-    punted: usize,
 }
 
 /// Without IORING_SQ_TASKRUN: polls between entries into the kernel while
@@ -407,16 +394,13 @@ impl IoChannel for FileChannel {
         let bs = self.inner.info.block_size as u64;
         let offset = req.offset_blocks * bs;
         let len = req.num_blocks * bs;
-        let direct = matches!(req.op, IoOp::Read | IoOp::Write) && self.use_direct(&req);
-        let fd = if direct {
+        let fd = if matches!(req.op, IoOp::Read | IoOp::Write) && self.use_direct(&req) {
             self.inner.direct.as_ref().map_or(-1, |f| f.as_raw_fd())
         } else {
             self.inner.buffered.as_raw_fd()
         };
-        let punted = self.inner.in_memory || !direct;
         let slot = &mut self.slots[index as usize];
         slot.tag = req.tag;
-        slot.punted = punted;
         slot.expected = if matches!(req.op, IoOp::Read | IoOp::Write) {
             len
         } else {
@@ -473,7 +457,6 @@ impl IoChannel for FileChannel {
         self.free.pop();
         self.unsubmitted += 1;
         self.inflight += 1;
-        self.punted += punted as usize;
         Ok(())
     }
 
@@ -523,13 +506,24 @@ impl IoChannel for FileChannel {
                 tag: slot.tag,
                 result,
             });
-            self.punted -= slot.punted as usize;
             self.free.push(index);
             self.inflight -= 1;
         }
         if out.len() == reaped && self.inflight > 0 {
             self.quiet_polls = self.quiet_polls.wrapping_add(1);
-            if self.punted > 0 {
+            if self.inner.in_memory {
+                // On tmpfs the kernel hands every request to an io-wq
+                // worker thread, which runs where the reactor may: on the
+                // reactor's own core, kept busy polling, so each request
+                // waited for the scheduler to take the core away. Yield it
+                // (one system call when nothing else wants it): 4 KiB
+                // random reads of a tmpfs file export went from 263 K to
+                // 485 K IOPS, writes from 240 K to 431 K. Moving the
+                // workers to other cores (IORING_REGISTER_IOWQ_AFF) halved
+                // them instead on 2 cores, where the other one is busy too.
+                // Elsewhere (a disk, O_DIRECT) requests start in the
+                // submitting call, and a flush blocks its worker on the
+                // disk, not on the core: no yield.
                 std::thread::yield_now();
             }
         } else {

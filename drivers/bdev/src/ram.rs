@@ -359,6 +359,16 @@ impl RamChannel {
     }
 }
 
+impl Drop for RamChannel {
+    fn drop(&mut self) {
+        // Writes whose completions were never polled still reach memory
+        // in order with what follows the drop.
+        if self.unfenced {
+            store_fence();
+        }
+    }
+}
+
 impl IoChannel for RamChannel {
     #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
