@@ -19,7 +19,7 @@ use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
 use super::request::{parse_with, Limits, Parsed, S_IOERR, S_OK};
-use super::ring::Ring;
+use super::ring::{self, Ring};
 use super::stats::IoStats;
 use super::QueueError;
 use crate::qos::QueueQos;
@@ -556,6 +556,7 @@ impl Runner {
                         break;
                     }
                 };
+                self.prefetch_ahead();
                 // The chain is read through the region cache.
                 self.walk(head);
                 if let Some(i) = &mut self.inflight {
@@ -600,6 +601,25 @@ impl Runner {
             }
         }
         taken > 0
+    }
+
+    /// Start fetching what the next requests will need while this one is
+    /// served: the descriptor of the one after next, and the header (or
+    /// indirect table) the next one's first descriptor points to, which
+    /// the previous call started fetching. Each is a line the guest wrote
+    /// on another core; fetched one after another they were most of the
+    /// export's time per request in `perf` (the header read alone a
+    /// quarter).
+    #[inline]
+    fn prefetch_ahead(&self) {
+        if let Some(h) = self.ring.peek(1) {
+            self.ring.prefetch_desc(h);
+        }
+        if let Some(addr) = self.ring.peek(0).and_then(|h| self.ring.desc_addr(h)) {
+            if let Some((host, _)) = self.regions.find(&self.mem, addr) {
+                ring::prefetch(host);
+            }
+        }
     }
 
     /// Read the chain at `head` into `self.descs`; a chain that cannot be

@@ -27,8 +27,14 @@ const NO_NOTIFY: u16 = 1;
 pub struct Ring {
     avail: *mut u8,
     used: *mut u8,
+    /// The descriptor table, if it lies in one region (else null: nothing
+    /// is prefetched, the chain walk translates it itself).
+    desc: *const u8,
     avail_gpa: u64,
     used_gpa: u64,
+    desc_gpa: u64,
+    /// The guest's avail index as `pop` last read it.
+    avail_idx: u16,
     size: u16,
     event_idx: bool,
     next_avail: u16,
@@ -44,6 +50,18 @@ pub struct Ring {
 // as long as the memory map they came from, which the owning runner holds;
 // the runner and its ring stay on one reactor.
 unsafe impl Send for Ring {}
+
+/// Start fetching the cache line at `p` (a hint: it never faults).
+#[inline]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch has no preconditions (SSE is baseline on x86_64).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
 
 /// The host address of `len` bytes at guest address `gpa`, if they lie in
 /// one region and are aligned to `align`.
@@ -65,8 +83,11 @@ impl Ring {
         let mut r = Ring {
             avail: std::ptr::null_mut(),
             used: std::ptr::null_mut(),
+            desc: std::ptr::null(),
             avail_gpa: q.avail_ring(),
             used_gpa: q.used_ring(),
+            desc_gpa: q.desc_table(),
+            avail_idx: q.next_avail(),
             size: q.size(),
             event_idx: q.event_idx_enabled(),
             next_avail: q.next_avail(),
@@ -85,6 +106,7 @@ impl Ring {
     pub fn remap(&mut self, mem: &GuestMap) -> Result<(), FrontendError> {
         self.avail = std::ptr::null_mut();
         self.used = std::ptr::null_mut();
+        self.desc = std::ptr::null();
         self.log = mem.log.clone();
         let n = self.size as u64;
         let avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
@@ -100,7 +122,46 @@ impl Ring {
             ))
         })?;
         (self.avail, self.used) = (avail, used);
+        self.desc =
+            host(mem, self.desc_gpa, 16 * n, 16).map_or(std::ptr::null(), |p| p.cast_const());
         Ok(())
+    }
+
+    /// The head `k` entries after the next one `pop` returns, if the guest
+    /// had made it available when `pop` last read its index (no new read
+    /// of the index: that line is the one the guest keeps writing).
+    #[inline]
+    pub fn peek(&self, k: u16) -> Option<u16> {
+        let ahead = self.avail_idx.wrapping_sub(self.next_avail);
+        if k >= ahead || ahead > self.size {
+            return None;
+        }
+        let slot = (self.next_avail.wrapping_add(k) % self.size) as usize;
+        Some(
+            self.u16_at(self.avail, 4 + 2 * slot)
+                .load(Ordering::Relaxed),
+        )
+    }
+
+    /// Start fetching descriptor `head` into the cache.
+    #[inline]
+    pub fn prefetch_desc(&self, head: u16) {
+        if head < self.size && !self.desc.is_null() {
+            // SAFETY: inside the table (head < size, checked in `remap`).
+            prefetch(unsafe { self.desc.add(16 * head as usize) });
+        }
+    }
+
+    /// The buffer address in descriptor `head` as the guest wrote it now
+    /// (a hint for prefetching only: the chain walk reads it again).
+    #[inline]
+    pub fn desc_addr(&self, head: u16) -> Option<u64> {
+        if head >= self.size || self.desc.is_null() {
+            return None;
+        }
+        // SAFETY: inside the table, 16-byte aligned; a racing guest write
+        // only changes the value read.
+        Some(unsafe { std::ptr::read_volatile(self.desc.add(16 * head as usize) as *const u64) })
     }
 
     fn u16_at(&self, base: *mut u8, off: usize) -> &AtomicU16 {
@@ -114,6 +175,7 @@ impl Ring {
     #[inline]
     pub fn pop(&mut self) -> Result<Option<u16>, FrontendError> {
         let idx = self.u16_at(self.avail, 2).load(Ordering::Acquire);
+        self.avail_idx = idx;
         let ahead = idx.wrapping_sub(self.next_avail);
         if ahead == 0 {
             return Ok(None);
