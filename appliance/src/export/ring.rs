@@ -81,6 +81,14 @@ impl Ring {
     /// The rings of `q` (validated by `Queue::is_valid`) in `mem`, carrying
     /// on from the queue's indices.
     pub fn new(q: &Queue, mem: &GuestMap) -> Result<Ring, FrontendError> {
+        // A split ring's size is a power of two (virtio 1.x, 2.7; virtio-
+        // queue refuses others): slots are indices masked, not divided.
+        if !q.size().is_power_of_two() {
+            return Err(FrontendError::Invalid(format!(
+                "queue size {} is not a power of two",
+                q.size()
+            )));
+        }
         let mut r = Ring {
             avail: std::ptr::null_mut(),
             used: std::ptr::null_mut(),
@@ -137,7 +145,7 @@ impl Ring {
         if k >= ahead || ahead > self.size {
             return None;
         }
-        let slot = (self.next_avail.wrapping_add(k) % self.size) as usize;
+        let slot = (self.next_avail.wrapping_add(k) & (self.size - 1)) as usize;
         Some(
             self.u16_at(self.avail, 4 + 2 * slot)
                 .load(Ordering::Relaxed),
@@ -195,7 +203,7 @@ impl Ring {
                 self.size
             )));
         }
-        let slot = (self.next_avail % self.size) as usize;
+        let slot = (self.next_avail & (self.size - 1)) as usize;
         let head = self
             .u16_at(self.avail, 4 + 2 * slot)
             .load(Ordering::Relaxed);
@@ -211,7 +219,7 @@ impl Ring {
     /// Return `head` with `len` bytes written to the guest.
     #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) {
-        let slot = (self.next_used % self.size) as usize;
+        let slot = (self.next_used & (self.size - 1)) as usize;
         // SAFETY: the entry is inside the used ring (checked in `remap`),
         // 4-byte aligned; a racing guest can only corrupt its own view.
         unsafe {
