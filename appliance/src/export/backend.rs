@@ -249,7 +249,10 @@ impl Handler {
             return Ok(());
         };
         let mut q = Queue::new(MAX_QUEUE_SIZE as u16).map_err(invalid)?;
-        q.set_size(v.size);
+        // A frontend that never sent SET_VRING_NUM (size 0) would get
+        // virtio-queue's maximum silently.
+        q.try_set_size(v.size)
+            .map_err(|e| invalid(format!("vring {index} size {}: {e}", v.size)))?;
         q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
         q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
         q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));

@@ -74,6 +74,18 @@ pub struct GuestMap {
     pub log: Option<Arc<super::dirtylog::DirtyLog>>,
 }
 
+#[cfg(test)]
+impl GuestMap {
+    /// A map over memory the test owns (no frontend, no log).
+    pub(super) fn for_test(mem: GuestMemoryMmap) -> GuestMap {
+        GuestMap {
+            mem,
+            _owners: Vec::new(),
+            log: None,
+        }
+    }
+}
+
 impl std::ops::Deref for GuestMap {
     type Target = GuestMemoryMmap;
     fn deref(&self) -> &GuestMemoryMmap {

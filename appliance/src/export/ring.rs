@@ -116,6 +116,8 @@ impl Ring {
         self.avail = std::ptr::null_mut();
         self.used = std::ptr::null_mut();
         self.desc = std::ptr::null();
+        // Read the guest's index again through the new map.
+        self.avail_idx = self.next_avail;
         self.log = mem.log.clone();
         let n = self.size as u64;
         let avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
@@ -168,9 +170,12 @@ impl Ring {
         if head >= self.size || self.desc.is_null() {
             return None;
         }
-        // SAFETY: inside the table, 16-byte aligned; a racing guest write
-        // only changes the value read.
-        Some(unsafe { std::ptr::read_volatile(self.desc.add(16 * head as usize) as *const u64) })
+        // SAFETY: inside the table; unaligned-safe (a region's host start
+        // need not be aligned as its guest address is); a racing guest
+        // write only changes the value read.
+        let raw =
+            unsafe { std::ptr::read_unaligned(self.desc.add(16 * head as usize) as *const u64) };
+        Some(u64::from_le(raw))
     }
 
     fn u16_at(&self, base: *mut u8, off: usize) -> &AtomicU16 {
@@ -302,5 +307,121 @@ impl Ring {
     /// Used entries added so far.
     pub fn next_used(&self) -> u16 {
         self.next_used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const SIZE: u16 = 8;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// A ring of 8 over 64 KiB of test memory, and that memory.
+    fn ring() -> (Ring, GuestMap) {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("test memory");
+        let map = GuestMap::for_test(mem);
+        let mut q = Queue::new(SIZE).expect("queue");
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(&*map));
+        let r = Ring::new(&q, &map).expect("ring");
+        (r, map)
+    }
+
+    /// The guest makes entries `[from, to)` available, entry i holding
+    /// head 10 + i (mod the ring), and publishes `to`.
+    fn announce(mem: &GuestMap, from: u16, to: u16) {
+        let mut i = from;
+        while i != to {
+            let slot = (i % SIZE) as u64;
+            mem.write_obj(
+                i.wrapping_add(10) % SIZE,
+                GuestAddress(AVAIL + 4 + 2 * slot),
+            )
+            .expect("avail entry");
+            i = i.wrapping_add(1);
+        }
+        mem.write_obj(to, GuestAddress(AVAIL + 2))
+            .expect("avail idx");
+    }
+
+    fn head(i: u16) -> u16 {
+        i.wrapping_add(10) % SIZE
+    }
+
+    #[test]
+    fn pops_what_was_announced_in_order_and_then_nothing() {
+        let (mut r, mem) = ring();
+        announce(&mem, 0, 3);
+        for i in 0..3 {
+            assert_eq!(r.pop().expect("pop"), Some(head(i)));
+        }
+        assert_eq!(r.pop().expect("pop"), None);
+        // Announced later: read again once the cached ones are taken.
+        announce(&mem, 3, 5);
+        assert_eq!(r.pop().expect("pop"), Some(head(3)));
+        assert_eq!(r.pop().expect("pop"), Some(head(4)));
+        assert_eq!(r.pop().expect("pop"), None);
+    }
+
+    #[test]
+    fn set_next_avail_forgets_the_cached_index() {
+        let (mut r, mem) = ring();
+        announce(&mem, 0, 4);
+        assert_eq!(r.pop().expect("pop"), Some(head(0)));
+        assert_eq!(r.pop().expect("pop"), Some(head(1)));
+        // A restart continues from 0, and the guest now says only 1 is
+        // available (its index went back, as after a reset).
+        r.set_next_avail(0);
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).expect("idx");
+        assert_eq!(r.pop().expect("pop"), Some(head(0)));
+        assert_eq!(r.pop().expect("pop"), None);
+    }
+
+    #[test]
+    fn a_runaway_index_is_refused_once_the_cached_entries_are_taken() {
+        let (mut r, mem) = ring();
+        announce(&mem, 0, 3);
+        assert_eq!(r.pop().expect("pop"), Some(head(0)));
+        // Now the index runs more than the ring ahead.
+        mem.write_obj(3 + SIZE + 5, GuestAddress(AVAIL + 2))
+            .expect("idx");
+        assert_eq!(r.pop().expect("pop"), Some(head(1)));
+        assert_eq!(r.pop().expect("pop"), Some(head(2)));
+        assert!(r.pop().is_err(), "a runaway index must be refused");
+    }
+
+    #[test]
+    fn undo_pop_gives_the_same_head_back() {
+        let (mut r, mem) = ring();
+        announce(&mem, 0, 2);
+        assert_eq!(r.pop().expect("pop"), Some(head(0)));
+        assert_eq!(r.pop().expect("pop"), Some(head(1)));
+        r.undo_pop();
+        assert_eq!(r.pop().expect("pop"), Some(head(1)));
+        assert_eq!(r.pop().expect("pop"), None);
+    }
+
+    #[test]
+    fn peek_sees_only_announced_entries_and_desc_addr_only_the_table() {
+        let (mut r, mem) = ring();
+        announce(&mem, 0, 3);
+        assert_eq!(r.pop().expect("pop"), Some(head(0)));
+        assert_eq!(r.peek(0), Some(head(1)));
+        assert_eq!(r.peek(1), Some(head(2)));
+        assert_eq!(r.peek(2), None);
+        mem.write_obj(0xabcd_0000u64, GuestAddress(DESC + 16 * 3))
+            .expect("desc");
+        assert_eq!(r.desc_addr(3), Some(0xabcd_0000));
+        assert_eq!(r.desc_addr(SIZE), None);
+        r.prefetch_desc(SIZE); // out of the table: nothing happens
+        r.prefetch_desc(u16::MAX);
     }
 }
