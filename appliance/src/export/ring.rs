@@ -147,19 +147,35 @@ impl Ring {
         if k >= ahead || ahead > self.size {
             return None;
         }
-        let slot = (self.next_avail.wrapping_add(k) & (self.size - 1)) as usize;
-        Some(
-            self.u16_at(self.avail, 4 + 2 * slot)
-                .load(Ordering::Relaxed),
-        )
+        Some(self.avail_entry(self.next_avail.wrapping_add(k)))
+    }
+
+    /// The head in the avail ring's entry for request `i` (any index: the
+    /// slot wraps).
+    #[inline]
+    fn avail_entry(&self, i: u16) -> u16 {
+        let slot = (i & (self.size - 1)) as usize;
+        self.u16_at(self.avail, 4 + 2 * slot)
+            .load(Ordering::Relaxed)
+    }
+
+    /// Descriptor `head` in the table, if it is one and the table lies in
+    /// one region.
+    #[inline]
+    fn desc_ptr(&self, head: u16) -> Option<*const u8> {
+        if head >= self.size || self.desc.is_null() {
+            return None;
+        }
+        // SAFETY: inside the table (head < size; the table's 16 * size
+        // bytes were checked in `remap`).
+        Some(unsafe { self.desc.add(16 * head as usize) })
     }
 
     /// Start fetching descriptor `head` into the cache.
     #[inline]
     pub fn prefetch_desc(&self, head: u16) {
-        if head < self.size && !self.desc.is_null() {
-            // SAFETY: inside the table (head < size, checked in `remap`).
-            prefetch(unsafe { self.desc.add(16 * head as usize) });
+        if let Some(p) = self.desc_ptr(head) {
+            prefetch(p);
         }
     }
 
@@ -167,15 +183,13 @@ impl Ring {
     /// (a hint for prefetching only: the chain walk reads it again).
     #[inline]
     pub fn desc_addr(&self, head: u16) -> Option<u64> {
-        if head >= self.size || self.desc.is_null() {
-            return None;
-        }
+        let p = self.desc_ptr(head)?;
         // SAFETY: inside the table; unaligned-safe (a region's host start
         // need not be aligned as its guest address is); a racing guest
         // write only changes the value read.
-        let raw =
-            unsafe { std::ptr::read_unaligned(self.desc.add(16 * head as usize) as *const u64) };
-        Some(u64::from_le(raw))
+        Some(u64::from_le(unsafe {
+            std::ptr::read_unaligned(p as *const u64)
+        }))
     }
 
     fn u16_at(&self, base: *mut u8, off: usize) -> &AtomicU16 {
@@ -208,10 +222,7 @@ impl Ring {
                 self.size
             )));
         }
-        let slot = (self.next_avail & (self.size - 1)) as usize;
-        let head = self
-            .u16_at(self.avail, 4 + 2 * slot)
-            .load(Ordering::Relaxed);
+        let head = self.avail_entry(self.next_avail);
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(Some(head))
     }
