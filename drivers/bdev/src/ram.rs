@@ -118,6 +118,7 @@ impl BlockDevice for RamDevice {
         Ok(Box::new(RamChannel {
             inner: self.inner.clone(),
             done: Vec::with_capacity(256),
+            queued: Vec::with_capacity(256),
             unfenced: false,
         }))
     }
@@ -287,6 +288,14 @@ fn store_fence() {
 struct RamChannel {
     inner: Arc<Inner>,
     done: Vec<Completion>,
+    /// Reads not yet copied. They are copied at the next poll, back to
+    /// back: a tight loop of copies lets the core fetch the next source
+    /// while the last one's lines are still arriving, which it cannot
+    /// when a RAID layer's code runs between them (RAID5 over RAM members
+    /// read 1.7 M IOPS copying at submit, 2.1 M at poll, in
+    /// `microbench raid`). Any other request copies these first, so
+    /// requests take effect in submission order.
+    queued: Vec<IoRequest>,
     /// Non-temporal stores since the last fence. One fence per poll, before
     /// the completions go out, orders them all: a fence waits for every
     /// write-combining buffer to drain, and one after each 4 KiB write made
@@ -338,6 +347,19 @@ impl RamChannel {
         Ok(())
     }
 
+    /// Copy the queued reads, in order.
+    fn run_queued(&mut self) {
+        let mut queued = std::mem::take(&mut self.queued);
+        for req in queued.drain(..) {
+            let result = self.execute(&req);
+            self.done.push(Completion {
+                tag: req.tag,
+                result,
+            });
+        }
+        self.queued = queued;
+    }
+
     /// In volatile mode, remember the flushed content of blocks about to
     /// change; the returned guard is held across the change.
     fn log_undo(
@@ -372,6 +394,11 @@ impl Drop for RamChannel {
 impl IoChannel for RamChannel {
     #[inline]
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if req.op == IoOp::Read {
+            self.queued.push(req);
+            return Ok(());
+        }
+        self.run_queued();
         self.unfenced |= req.op == IoOp::Write;
         let result = self.execute(&req);
         self.done.push(Completion {
@@ -383,6 +410,7 @@ impl IoChannel for RamChannel {
 
     #[inline]
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.run_queued();
         if self.unfenced {
             // Every write's data is in memory before its completion is
             // seen (by this core's caller, or another core through it).
@@ -395,6 +423,6 @@ impl IoChannel for RamChannel {
     }
 
     fn inflight(&self) -> usize {
-        self.done.len()
+        self.done.len() + self.queued.len()
     }
 }
