@@ -6,7 +6,7 @@ use super::rows_of;
 use crate::raid::members;
 use bdev::{validate, Completion, IoChannel, IoError, IoOp, IoRequest, SgList, SubmitError};
 
-use super::{Child, Kind, LogPhase, Parent, Piece, Plan, Raid5Channel, Stage};
+use super::{Child, Kind, LogPhase, Parent, Piece, Plan, Raid5Channel, Stage, Writes};
 
 impl Raid5Channel {
     pub(super) fn bs(&self) -> usize {
@@ -174,7 +174,7 @@ impl Raid5Channel {
             bufs: Vec::new(),
             error: None,
             jrec: Vec::new(),
-            jwrites: Vec::new(),
+            jwrites: Writes::new(),
             jphase: LogPhase::WaitRoom,
             jepoch: None,
             jneed: 0,

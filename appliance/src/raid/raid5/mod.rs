@@ -281,6 +281,10 @@ enum Stage {
     Writing,
 }
 
+/// Member writes of a piece: (member, first row, end row). A handful per
+/// piece, kept inline: no allocation per write.
+pub(super) type Writes = smallvec::SmallVec<[(usize, u64, u64); 8]>;
+
 struct Piece {
     parent: usize,
     kind: Kind,
@@ -304,7 +308,7 @@ struct Piece {
     /// Journalling: the record, the member writes it covers, and whether
     /// its flush was sent.
     jrec: Vec<u8>,
-    jwrites: Vec<(usize, u64, u64)>,
+    jwrites: Writes,
     /// Where the record is on its way to durable.
     jphase: LogPhase,
     /// The record's checkpoint epoch, while its blocks are not on the

@@ -5,7 +5,10 @@
 use super::rows_of;
 use bdev::{Completion, IoError, IoOp, IoRequest, SgList, SubmitError};
 
-use super::{Child, Kind, LogPhase, Plan, Raid5Channel, Stage};
+use super::{Child, Kind, LogPhase, Plan, Raid5Channel, Stage, Writes};
+
+/// Per data member: the rows of the chunk a piece touches, if any.
+type Rows = smallvec::SmallVec<[Option<(u64, u64)>; 8]>;
 use crate::raid::journal::{Entry, JournalMode};
 use crate::raid::parity::{xor_gen, xor_into};
 use crate::raid::sg;
@@ -77,9 +80,13 @@ impl Raid5Channel {
 
     pub(super) fn recycle(&mut self, bufs: Vec<Vec<u8>>) {
         for b in bufs {
-            if b.capacity() > 0 && b.capacity() <= 4 << 20 && self.bufpool.len() < 256 {
-                self.bufpool.push(b);
-            }
+            self.recycle_one(b);
+        }
+    }
+
+    fn recycle_one(&mut self, b: Vec<u8>) {
+        if b.capacity() > 0 && b.capacity() <= 4 << 20 && self.bufpool.len() < 256 {
+            self.bufpool.push(b);
         }
     }
 
@@ -237,7 +244,7 @@ impl Raid5Channel {
         };
         let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
         let parity = geo.parity_member(stripe) as usize;
-        let rows: Vec<Option<(u64, u64)>> = (0..geo.data_members())
+        let rows: Rows = (0..geo.data_members())
             .map(|i| rows_of(&geo, stripe, i, b0, b1))
             .collect();
         let omin = rows.iter().flatten().map(|r| r.0).min().unwrap_or(0);
@@ -274,22 +281,26 @@ impl Raid5Channel {
                 Plan::Direct => false,
             }
         };
-        let old = std::mem::take(&mut p.bufs);
-        self.recycle(old);
-        let bufs: Vec<Vec<u8>> = (0..geo.members() as usize)
-            .map(|m| {
-                if needed(m) {
-                    self.window_buf(wlen)
-                } else {
-                    Vec::new()
-                }
-            })
-            .collect();
+        // The piece's list of buffers is kept; the buffers go back to the
+        // pool and come out again sized for this window.
+        let mut bufs = std::mem::take(&mut p.bufs);
+        for b in bufs.drain(..) {
+            self.recycle_one(b);
+        }
+        for m in 0..geo.members() as usize {
+            let b = if needed(m) {
+                self.window_buf(wlen)
+            } else {
+                Vec::new()
+            };
+            bufs.push(b);
+        }
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
         p.bufs = bufs;
-        let mut reads: Vec<(usize, u64, u64, u64)> = Vec::new(); // member, from row, to row, buf row
+        // Member, from row, to row, buffer row.
+        let mut reads: smallvec::SmallVec<[(usize, u64, u64, u64); 16]> = smallvec::SmallVec::new();
         match plan {
             Plan::Reconstruct => {
                 for m in 0..geo.members() as usize {
@@ -344,7 +355,8 @@ impl Raid5Channel {
         let Some((psg, lba0)) = self.parent_sg(pi) else {
             return;
         };
-        let gone: Vec<bool> = (0..self.failed.len()).map(|m| self.is_failed(m)).collect();
+        let gone: smallvec::SmallVec<[bool; 8]> =
+            (0..self.failed.len()).map(|m| self.is_failed(m)).collect();
         let geo = self.geo;
         let bs = self.bs();
         let zeroes = self.parent_zeroes(pi);
@@ -399,7 +411,7 @@ impl Raid5Channel {
             return;
         }
         // Writes: fold the new data in.
-        let rows: Vec<Option<(u64, u64)>> = (0..geo.data_members())
+        let rows: Rows = (0..geo.data_members())
             .map(|i| rows_of(&geo, stripe, i, b0, b1))
             .collect();
         if p.plan == Plan::Rmw {
@@ -427,15 +439,16 @@ impl Raid5Channel {
             }
             if p.plan != Plan::NoParity {
                 let mut pbuf = std::mem::take(&mut p.bufs[parity]);
-                let srcs: Vec<&[u8]> = (0..geo.data_members())
+                let srcs: smallvec::SmallVec<[&[u8]; 8]> = (0..geo.data_members())
                     .map(|i| p.bufs[geo.data_member(stripe, i) as usize].as_slice())
                     .collect();
                 xor_gen(&mut pbuf, &srcs);
+                drop(srcs);
                 p.bufs[parity] = pbuf;
             }
         }
         p.stage = Stage::Writing;
-        let mut writes: Vec<(usize, u64, u64)> = Vec::new();
+        let mut writes = Writes::new();
         for (i, r) in rows.iter().enumerate() {
             if let Some((lo, hi)) = *r {
                 writes.push((geo.data_member(stripe, i as u32) as usize, lo, hi));
@@ -450,9 +463,9 @@ impl Raid5Channel {
         // or it would bring an older one back. Only the members are
         // written.
         let logged = writes.clone();
-        writes.retain(|&(m, _, _)| Some(m) != failed && !gone[m]);
+        writes.retain(|&mut (m, _, _)| Some(m) != failed && !gone[m]);
         if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
-            let entries: Vec<Entry> = logged
+            let entries: smallvec::SmallVec<[Entry; 8]> = logged
                 .iter()
                 .map(|&(m, lo, hi)| Entry {
                     member: m as u32,
@@ -460,12 +473,13 @@ impl Raid5Channel {
                     block: geo.member_block(stripe, lo),
                 })
                 .collect();
-            let data: Vec<&[u8]> = logged
+            let data: smallvec::SmallVec<[&[u8]; 8]> = logged
                 .iter()
                 .map(|&(m, lo, hi)| &p.bufs[m][buf_off(lo)..buf_off(hi)])
                 .collect();
             let mut rec = self.jbufs.pop().unwrap_or_default();
             j.record_into(&mut rec, &entries, &data);
+            drop(data);
             p.jrec = rec;
             p.jwrites = writes;
             p.jphase = LogPhase::WaitRoom;
@@ -478,7 +492,7 @@ impl Raid5Channel {
     }
 
     /// Write the piece's new data and parity to the members.
-    pub(super) fn write_members(&mut self, pi: usize, writes: Vec<(usize, u64, u64)>) {
+    pub(super) fn write_members(&mut self, pi: usize, writes: Writes) {
         let geo = self.geo;
         let bs = self.bs();
         let Some(p) = self.pieces[pi].as_mut() else {
