@@ -179,6 +179,26 @@ fn measure(kernels: &[Kernel], len: usize, settle: bool) -> Vec<f64> {
     best
 }
 
+/// A wider kernel must beat a narrower one by this much to be chosen.
+const WIDER_MARGIN: f64 = 1.03;
+
+/// Which of the kernels (widest first, as [`candidates`] lists them) to
+/// use, given their measured speeds: the narrowest one that no wider one
+/// beats by more than [`WIDER_MARGIN`]. Within that margin the figures are
+/// noise, and the wider kernels are the ones whose measured speed does
+/// not always last: one start in about twenty the 512-bit kernel timed
+/// on a par with the 256-bit ones on 64 KiB buffers (136 against 137
+/// GB/s) and then ran at 115 against their 134 in use.
+fn choose(speeds: &[f64]) -> usize {
+    let mut best = speeds.len().saturating_sub(1);
+    for i in (0..best).rev() {
+        if speeds[i] > speeds[best] * WIDER_MARGIN {
+            best = i;
+        }
+    }
+    best
+}
+
 /// Choose the kernels now (the daemon calls this at start, so the choice
 /// is in its log before any IO; otherwise the first XOR does it) and say
 /// which and how fast each was.
@@ -197,16 +217,12 @@ pub fn calibrate() -> &'static Calibration {
                 bytes_per_sec: [small[i], large[i]],
             })
             .collect();
-        // The fastest of each class; a tie goes to the earlier (wider)
-        // kernel.
         let best = |class: SizeClass| {
-            let mut best = 0;
-            for (i, s) in speeds.iter().enumerate() {
-                if s.bytes_per_sec[class as usize] > speeds[best].bytes_per_sec[class as usize] {
-                    best = i;
-                }
-            }
-            cands[best]
+            let of_class: Vec<f64> = speeds
+                .iter()
+                .map(|s| s.bytes_per_sec[class as usize])
+                .collect();
+            cands[choose(&of_class)]
         };
         Calibration {
             chosen: [best(SizeClass::Small), best(SizeClass::Large)],
@@ -586,7 +602,19 @@ mod tests {
     }
 
     #[test]
-    fn calibration_picks_the_fastest_kernel_this_cpu_runs_for_each_size() {
+    fn a_wider_kernel_is_chosen_only_when_clearly_faster() {
+        // avx512, avx512vl, avx2, portable (GB/s), as measured here.
+        assert_eq!(choose(&[354.0, 252.0, 212.0, 28.0]), 0, "4 KiB");
+        assert_eq!(choose(&[119.0, 141.0, 140.0, 30.0]), 2, "64 KiB");
+        assert_eq!(choose(&[136.0, 137.0, 136.0, 30.0]), 2, "a close call");
+        assert_eq!(choose(&[120.0, 150.0, 140.0, 30.0]), 1);
+        assert_eq!(choose(&[145.0, 120.0, 118.0, 30.0]), 0);
+        assert_eq!(choose(&[30.0, 31.0]), 1, "within the margin");
+        assert_eq!(choose(&[50.0]), 0);
+    }
+
+    #[test]
+    fn calibration_picks_a_kernel_within_the_margin_of_the_fastest_for_each_size() {
         let c = calibrate();
         let names: Vec<&str> = candidates().iter().map(|c| c.1).collect();
         assert_eq!(c.speeds.iter().map(|s| s.name).collect::<Vec<_>>(), names);
@@ -597,16 +625,22 @@ mod tests {
                 "{:?}",
                 c.speeds
             );
-            // The first of the fastest, as the choice takes it.
-            let best = c
+            // Within the margin of the fastest.
+            let fastest = c
                 .speeds
                 .iter()
-                .fold(None::<&KernelSpeed>, |b, s| match b {
-                    Some(b) if b.bytes_per_sec[i] >= s.bytes_per_sec[i] => Some(b),
-                    _ => Some(s),
-                })
-                .map(|s| s.name);
-            assert_eq!(Some(c.chosen(class)), best, "{class:?}");
+                .map(|s| s.bytes_per_sec[i])
+                .fold(0f64, f64::max);
+            let chosen = c
+                .speeds
+                .iter()
+                .find(|s| s.name == c.chosen(class))
+                .map(|s| s.bytes_per_sec[i]);
+            assert!(
+                chosen.is_some_and(|v| v * WIDER_MARGIN >= fastest),
+                "{class:?}: {:?}",
+                c.speeds
+            );
             let len = class.calibration_len();
             assert_eq!(kernel_name(len), c.chosen(class));
         }
