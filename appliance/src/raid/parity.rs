@@ -179,24 +179,24 @@ fn measure(kernels: &[Kernel], len: usize, settle: bool) -> Vec<f64> {
     best
 }
 
-/// A wider kernel must beat a narrower one by this much to be chosen.
+/// A kernel earlier in the list must beat every later one by this much to
+/// be chosen.
 const WIDER_MARGIN: f64 = 1.03;
 
-/// Which of the kernels (widest first, as [`candidates`] lists them) to
-/// use, given their measured speeds: the narrowest one that no wider one
-/// beats by more than [`WIDER_MARGIN`]. Within that margin the figures are
-/// noise, and the wider kernels are the ones whose measured speed does
-/// not always last: one start in about twenty the 512-bit kernel timed
-/// on a par with the 256-bit ones on 64 KiB buffers (136 against 137
-/// GB/s) and then ran at 115 against their 134 in use.
+/// Which of the kernels (in [`candidates`]' order: widest, then the
+/// simpler ones, the portable loop last) to use, given their measured
+/// speeds: the last one within [`WIDER_MARGIN`] of the fastest. Within
+/// that margin the figures are noise, and the wider kernels are the ones
+/// whose measured speed does not always last: one start in about twenty
+/// the 512-bit kernel timed on a par with the 256-bit ones on 64 KiB
+/// buffers (136 against 137 GB/s) and then ran at 115 against their 134
+/// in use.
 fn choose(speeds: &[f64]) -> usize {
-    let mut best = speeds.len().saturating_sub(1);
-    for i in (0..best).rev() {
-        if speeds[i] > speeds[best] * WIDER_MARGIN {
-            best = i;
-        }
-    }
-    best
+    let fastest = speeds.iter().copied().fold(f64::MIN, f64::max);
+    (0..speeds.len())
+        .rev()
+        .find(|&i| speeds[i] * WIDER_MARGIN >= fastest)
+        .unwrap_or(0)
 }
 
 /// Choose the kernels now (the daemon calls this at start, so the choice
@@ -611,6 +611,8 @@ mod tests {
         assert_eq!(choose(&[145.0, 120.0, 118.0, 30.0]), 0);
         assert_eq!(choose(&[30.0, 31.0]), 1, "within the margin");
         assert_eq!(choose(&[50.0]), 0);
+        // Past the next one by more than the margin, not past avx512vl.
+        assert_eq!(choose(&[134.0, 133.5, 130.0, 30.0]), 1);
     }
 
     #[test]

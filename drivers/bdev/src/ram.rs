@@ -294,7 +294,10 @@ struct RamChannel {
     /// when a RAID layer's code runs between them (RAID5 over RAM members
     /// read 1.7 M IOPS copying at submit, 2.1 M at poll, in
     /// `microbench raid`). Any other request copies these first, so
-    /// requests take effect in submission order.
+    /// requests on a channel take effect in submission order (across
+    /// channels, a read sees what was written until its poll). A channel
+    /// dropped with reads queued never copies them: their buffers may be
+    /// gone, and nobody waits for their completions.
     queued: Vec<IoRequest>,
     /// Non-temporal stores since the last fence. One fence per poll, before
     /// the completions go out, orders them all: a fence waits for every

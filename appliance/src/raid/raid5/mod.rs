@@ -243,6 +243,7 @@ impl BlockDevice for Raid5Device {
             free_fast: Vec::new(),
             reclaiming: 0,
             bufpool: Vec::new(),
+            buflists: Vec::new(),
             bitmap: self.set.bitmap.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
             activity: self.set.activity.counter(),
@@ -385,6 +386,8 @@ struct Raid5Channel {
     reclaiming: usize,
     /// Window buffers to reuse.
     bufpool: Vec<Vec<u8>>,
+    /// Emptied lists of window buffers (one per member) to reuse.
+    buflists: Vec<Vec<Vec<u8>>>,
     /// Reads sent straight to one member (see `read_fast`), by slot.
     fast: Vec<Option<IoRequest>>,
     free_fast: Vec<usize>,

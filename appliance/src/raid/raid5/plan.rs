@@ -78,9 +78,13 @@ impl Raid5Channel {
         b
     }
 
-    pub(super) fn recycle(&mut self, bufs: Vec<Vec<u8>>) {
-        for b in bufs {
+    /// Take back a piece's window buffers and the list that held them.
+    pub(super) fn recycle(&mut self, mut bufs: Vec<Vec<u8>>) {
+        for b in bufs.drain(..) {
             self.recycle_one(b);
+        }
+        if bufs.capacity() > 0 && self.buflists.len() < 256 {
+            self.buflists.push(bufs);
         }
     }
 
@@ -281,12 +285,12 @@ impl Raid5Channel {
                 Plan::Direct => false,
             }
         };
-        // The piece's list of buffers is kept; the buffers go back to the
-        // pool and come out again sized for this window.
-        let mut bufs = std::mem::take(&mut p.bufs);
-        for b in bufs.drain(..) {
-            self.recycle_one(b);
-        }
+        // Lists and buffers come from the channel's pools: no allocation
+        // per piece once the channel has run a while.
+        let old = std::mem::take(&mut p.bufs);
+        self.recycle(old);
+        let mut bufs = self.buflists.pop().unwrap_or_default();
+        bufs.reserve_exact(geo.members() as usize);
         for m in 0..geo.members() as usize {
             let b = if needed(m) {
                 self.window_buf(wlen)
