@@ -350,17 +350,57 @@ impl RamChannel {
         Ok(())
     }
 
-    /// Copy the queued reads, in order.
+    /// Copy the queued reads, in order, each while the start of the next
+    /// one's source is fetched.
     fn run_queued(&mut self) {
         let mut queued = std::mem::take(&mut self.queued);
-        for req in queued.drain(..) {
-            let result = self.execute(&req);
+        for i in 0..queued.len() {
+            if let Some(next) = queued.get(i + 1) {
+                self.prefetch_source(next);
+            }
+            let req = &queued[i];
+            let result = self.execute(req);
             self.done.push(Completion {
                 tag: req.tag,
                 result,
             });
         }
+        queued.clear();
         self.queued = queued;
+    }
+
+    /// Start loading the first lines of a queued read's source. The
+    /// hardware prefetcher carries on through the block once its first
+    /// lines arrive; what this hides is the wait for them (a TLB walk and
+    /// a DRAM access), under the copy before. A RAM export read 1.65 M
+    /// IOPS without it and 1.83-1.87 M with 8 lines (16 or 32: the same;
+    /// the whole 4 KiB: 1.62 M; two reads ahead: no better).
+    #[inline]
+    fn prefetch_source(&self, req: &IoRequest) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            const LINES: usize = 8;
+            let bs = self.inner.info.block_size as usize;
+            let size = self.inner.info.num_blocks as usize * bs;
+            let at = (req.offset_blocks as usize).saturating_mul(bs);
+            let len = (req.num_blocks as usize).saturating_mul(bs);
+            // Only inside the mapping (execute() validates the request).
+            if at.saturating_add(len) > size {
+                return;
+            }
+            for l in 0..LINES.min(len / 64) {
+                // SAFETY: in bounds (checked above); a prefetch reads
+                // nothing architecturally and cannot fault.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch(
+                        self.inner.base.add(at + l * 64).cast::<i8>(),
+                        std::arch::x86_64::_MM_HINT_T0,
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = req;
     }
 
     /// In volatile mode, remember the flushed content of blocks about to
