@@ -9,20 +9,78 @@
 //! itself, for a few hundred nanoseconds at a time. Shards go by stripe, so
 //! a stripe's blocks live in one ordered map and a read finds them with one
 //! range lookup.
+//!
+//! A cached block is not a copy: the cache keeps the data buffer of the
+//! write-back record that logged it, shared by that record's blocks, and
+//! the buffer goes back to a pool when the last of them leaves. What that
+//! costs is bounded by counting the cache's limit in the blocks of the
+//! records it holds, not in its live blocks: a record partly overwritten
+//! still counts whole until its last block is rewritten or reclaimed, so
+//! the cache's memory never passes its limit (writes go write-through past
+//! it), and a checkpoint, which reclaims every block of the epoch it
+//! closes, frees what is left.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 const SHARDS: usize = 64;
 
+/// Record buffers kept for reuse (a fresh one would cost page faults and
+/// zeroing on the reactor), and the largest kept.
+const POOL_BUFFERS: usize = 128;
+const POOL_MAX_BYTES: usize = 256 << 10;
+
 struct Cached {
-    data: Box<[u8]>,
+    /// The write-back record's data blocks; this block is at `at`.
+    rec: Arc<Record>,
+    at: usize,
     /// Checkpoint epoch of the journal record that holds this version.
     epoch: u64,
     /// Unique per insert, so a reclaim drops only the version it wrote.
     version: u64,
+}
+
+impl Cached {
+    fn data(&self) -> &[u8] {
+        &self.rec.data[self.at..self.at + self.rec.bs]
+    }
+}
+
+/// The data buffer of one write-back record, shared by its cached blocks.
+struct Record {
+    data: Vec<u8>,
+    bs: usize,
+    home: Arc<Buffers>,
+}
+
+/// What the cache's records hold, and the buffers they gave back.
+#[derive(Default)]
+struct Buffers {
+    /// Blocks of the records held (the limit counts these).
+    held: AtomicU64,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Buffers {
+    fn give_back(&self, data: Vec<u8>) {
+        if data.capacity() == 0 || data.capacity() > POOL_MAX_BYTES {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL_BUFFERS {
+            free.push(data);
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let blocks = (self.data.len() / self.bs.max(1)) as u64;
+        self.home.held.fetch_sub(blocks, Ordering::SeqCst);
+        self.home.give_back(std::mem::take(&mut self.data));
+    }
 }
 
 #[derive(Default)]
@@ -52,6 +110,7 @@ pub struct WriteCache {
     /// race and collisions evict; it is a hint, never a correctness matter.
     recent: Box<[AtomicU64]>,
     burst: Mutex<Burst>,
+    records: Arc<Buffers>,
 }
 
 /// Writes of blocks not written recently may take this share of the
@@ -86,12 +145,30 @@ impl WriteCache {
                 credit: (limit / BURST_SHARE) as f64,
                 at: Instant::now(),
             }),
+            records: Arc::default(),
         }
     }
 
     fn shard(&self, stripe: u64) -> std::sync::MutexGuard<'_, Shard> {
         let i = (stripe.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks of the records the cache holds: at least [`len`](Self::len),
+    /// more while a record is partly overwritten.
+    pub fn held(&self) -> u64 {
+        self.records.held.load(Ordering::SeqCst)
+    }
+
+    /// A buffer for a write-back record's data (one given back, if any).
+    pub fn buffer(&self) -> Vec<u8> {
+        let mut free = self.records.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.pop().unwrap_or_default()
+    }
+
+    /// Keep a record buffer that did not reach the cache for the next one.
+    pub fn give_back(&self, data: Vec<u8>) {
+        self.records.give_back(data)
     }
 
     /// Blocks cached.
@@ -110,7 +187,7 @@ impl WriteCache {
     /// abandoned.
     pub fn try_admit(&self, blocks: u64) -> bool {
         let pending = self.pending.fetch_add(blocks, Ordering::SeqCst) + blocks;
-        if self.len() + pending > self.limit {
+        if self.held() + pending > self.limit {
             self.pending.fetch_sub(blocks, Ordering::SeqCst);
             return false;
         }
@@ -172,38 +249,58 @@ impl WriteCache {
         self.per_epoch[(epoch % 2) as usize].load(Ordering::SeqCst)
     }
 
-    /// Cache `data` as the newest version of volume `block` of `stripe`,
-    /// durable in a record of `epoch`. Caller holds the stripe lock.
-    pub fn insert(&self, stripe: u64, block: u64, data: &[u8], epoch: u64) {
-        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
-        self.per_epoch[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
-        let mut s = self.shard(stripe);
-        // A rewrite (the common case for a hot set) reuses the buffer.
-        if let Some(old) = s.blocks.get_mut(&block) {
-            if old.data.len() == data.len() {
-                old.data.copy_from_slice(data);
-                let old_epoch = std::mem::replace(&mut old.epoch, epoch);
-                old.version = version;
-                self.per_epoch[(old_epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
-                return;
-            }
-        }
-        let new = Cached {
-            data: data.into(),
-            epoch,
-            version,
-        };
-        if let Some(old) = s.blocks.insert(block, new) {
-            self.per_epoch[(old.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+    /// Cache a durable write-back record of `epoch` for `stripe`: `data`
+    /// holds its blocks of `bs` bytes, the newest versions of volume
+    /// `blocks` (in that order). The cache keeps `data` itself. Caller
+    /// holds the stripe lock.
+    pub fn insert_record(&self, stripe: u64, blocks: &[u64], data: Vec<u8>, bs: usize, epoch: u64) {
+        let n = blocks.len().min(data.len() / bs.max(1));
+        if n == 0 || bs == 0 {
+            self.records.give_back(data);
             return;
         }
-        self.blocks.fetch_add(1, Ordering::SeqCst);
-        let n = s.stripes.entry(stripe).or_insert(0);
-        *n += 1;
-        if *n == 1 {
+        self.records
+            .held
+            .fetch_add((data.len() / bs) as u64, Ordering::SeqCst);
+        let rec = Arc::new(Record {
+            data,
+            bs,
+            home: self.records.clone(),
+        });
+        let mut s = self.shard(stripe);
+        let mut added = 0;
+        for (i, &block) in blocks[..n].iter().enumerate() {
+            let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+            self.per_epoch[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
+            let new = Cached {
+                rec: rec.clone(),
+                at: i * bs,
+                epoch,
+                version,
+            };
+            match s.blocks.insert(block, new) {
+                // A rewrite: the older version's record loses a block
+                // (and goes back to the pool with its last).
+                Some(old) => {
+                    self.per_epoch[(old.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+                }
+                None => {
+                    added += 1;
+                    self.blocks.fetch_add(1, Ordering::SeqCst);
+                    *s.stripes.entry(stripe).or_insert(0) += 1;
+                }
+            }
+        }
+        if added > 0 && s.stripes.get(&stripe) == Some(&added) {
             drop(s);
             self.requeue(stripe);
         }
+    }
+
+    /// Cache one block (a one-block record holding a copy of `data`).
+    #[cfg(test)]
+    pub fn insert(&self, stripe: u64, block: u64, data: &[u8], epoch: u64) {
+        self.insert_record(stripe, &[block], data.to_vec(), data.len(), epoch);
     }
 
     /// Whether `stripe` has cached blocks.
@@ -215,7 +312,7 @@ impl WriteCache {
     pub fn each_in(&self, stripe: u64, b0: u64, b1: u64, mut f: impl FnMut(u64, &[u8])) {
         let s = self.shard(stripe);
         for (&b, c) in s.blocks.range(b0..b1) {
-            f(b, &c.data);
+            f(b, c.data());
         }
     }
 
@@ -246,7 +343,7 @@ impl WriteCache {
         out.clear();
         let mut versions = Vec::with_capacity((b1 - b0) as usize);
         for (&block, c) in s.blocks.range(b0..b1) {
-            out.extend_from_slice(&c.data);
+            out.extend_from_slice(c.data());
             versions.push((block, c.version));
         }
         Some(versions)
@@ -375,5 +472,39 @@ mod tests {
             c.insert(b, b * 1000, &[0; 8], 0);
         }
         assert!(!c.admit(3000, 3001), "the cache is full");
+    }
+
+    #[test]
+    fn a_record_is_kept_not_copied_and_counts_whole_until_its_last_block_goes() {
+        let c = WriteCache::new(8);
+        let data: Vec<u8> = (0..4u8).flat_map(|b| [b; 8]).collect();
+        let at = data.as_ptr() as usize;
+        c.insert_record(1, &[10, 11, 12, 13], data, 8, 0);
+        assert_eq!((c.len(), c.held()), (4, 4));
+        // Reads see the record's own buffer.
+        let mut seen = Vec::new();
+        c.each_in(1, 0, 100, |b, d| {
+            seen.push((b, d[0], d.as_ptr() as usize - at))
+        });
+        assert_eq!(seen, vec![(10, 0, 0), (11, 1, 8), (12, 2, 16), (13, 3, 24)]);
+        // Three blocks rewritten: the first record still counts whole.
+        for b in 10..13 {
+            c.insert(1, b, &[9; 8], 1);
+        }
+        assert_eq!((c.len(), c.held()), (4, 7));
+        assert!(
+            c.try_admit(1) && !c.try_admit(1),
+            "8 blocks held or admitted"
+        );
+        c.release(1);
+        // Its last block goes: the record is freed and its buffer pooled.
+        c.insert(1, 13, &[9; 8], 1);
+        assert_eq!((c.len(), c.held()), (4, 4));
+        let again = c.buffer();
+        assert_eq!(again.as_ptr() as usize, at, "the first record's buffer");
+        for b in 10..14 {
+            c.remove_if(1, b, None);
+        }
+        assert_eq!((c.len(), c.held(), c.in_epoch(1)), (0, 0, 0));
     }
 }

@@ -64,20 +64,34 @@ pub(super) fn write_header(
     blocks: usize,
     volume: bool,
 ) {
+    r.resize(bs * (1 + blocks), 0);
+    fill_header(&mut r[..bs], nonce, entries, blocks, volume);
+}
+
+/// The header block `h` of a record of `blocks` data blocks (which may
+/// live in a buffer of their own: a write-back record's data goes on to
+/// the cache as it is).
+pub(super) fn fill_header(
+    h: &mut [u8],
+    nonce: u64,
+    entries: &[Entry],
+    blocks: usize,
+    volume: bool,
+) {
     // Only what the checksum covers is zeroed: the caller writes every
     // data block, and the header block's rest is never read.
-    r.resize(bs * (1 + blocks), 0);
-    r[..header_len(entries.len(), bs)].fill(0);
-    r[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
-    r[8..16].copy_from_slice(&nonce.to_le_bytes());
-    r[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
+    let len = header_len(entries.len(), h.len());
+    h[..len].fill(0);
+    h[0..8].copy_from_slice(&REC_MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&nonce.to_le_bytes());
+    h[24..28].copy_from_slice(&((1 + blocks) as u32).to_le_bytes());
     let flag = if volume { VOLUME_RECORD } else { 0 };
-    r[28..32].copy_from_slice(&(entries.len() as u32 | flag).to_le_bytes());
+    h[28..32].copy_from_slice(&(entries.len() as u32 | flag).to_le_bytes());
     for (i, e) in entries.iter().take(MAX_ENTRIES).enumerate() {
         let at = 32 + i * 16;
-        r[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
-        r[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
-        r[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
+        h[at..at + 4].copy_from_slice(&e.member.to_le_bytes());
+        h[at + 4..at + 8].copy_from_slice(&e.count.to_le_bytes());
+        h[at + 8..at + 16].copy_from_slice(&e.block.to_le_bytes());
     }
 }
 
@@ -87,12 +101,13 @@ pub(super) fn header_len(entries: usize, bs: usize) -> usize {
     (32 + 16 * entries.min(MAX_ENTRIES)).min(bs - 4)
 }
 
-/// A record's checksum: CRC32C over its header's fields and entries, then
-/// its blocks. It goes in the header block's last 4 bytes.
-pub(super) fn record_crc(record: &[u8], bs: usize) -> u32 {
-    let entries = (u32_at(record, 28) & !VOLUME_RECORD) as usize;
-    let head = crc32c::crc32c(&record[..header_len(entries, bs)]);
-    crc32c::crc32c_append(head, &record[bs..])
+/// A record's checksum: CRC32C over its header block's fields and
+/// entries, then its data blocks. It goes in the header block's last 4
+/// bytes.
+pub(super) fn record_crc(header: &[u8], data: &[u8]) -> u32 {
+    let entries = (u32_at(header, 28) & !VOLUME_RECORD) as usize;
+    let head = crc32c::crc32c(&header[..header_len(entries, header.len())]);
+    crc32c::crc32c_append(head, data)
 }
 
 /// Whether `record` carries its checksum (see [`RecordCheck`]).
@@ -140,11 +155,19 @@ impl RecordCheck {
     }
 }
 
-/// Give a record its sequence number and its checksum.
+/// Give a record (in one buffer: its header block, then its data blocks)
+/// its sequence number and its checksum.
 pub(super) fn seal(record: &mut [u8], bs: usize, seq: u64) {
-    record[16..24].copy_from_slice(&seq.to_le_bytes());
-    let crc = record_crc(record, bs);
-    record[bs - 4..bs].copy_from_slice(&crc.to_le_bytes());
+    let (header, data) = record.split_at_mut(bs);
+    seal_parts(header, data, seq);
+}
+
+/// [`seal`] for a record whose header block and data blocks are apart.
+pub(super) fn seal_parts(header: &mut [u8], data: &[u8], seq: u64) {
+    header[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = record_crc(header, data);
+    let bs = header.len();
+    header[bs - 4..].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The little-endian u64 at byte `at` of `b`.

@@ -59,7 +59,7 @@ use bdev::BlockDevice;
 use super::cache::WriteCache;
 pub use checkpoint::{checkpoint_now, Checkpointer};
 pub use codec::{block_size_ok, Entry, MAX_ENTRIES};
-use codec::{seal, write_header, Super};
+use codec::{fill_header, seal, seal_parts, write_header, Super};
 pub(crate) use codec::{u32_at, u64_at};
 pub use replay::ReplayReport;
 
@@ -430,14 +430,30 @@ impl Journal {
         write_header(r, self.bs, self.nonce, entries, blocks, volume);
     }
 
+    /// Size `h` to one block and fill it as the header of a record of
+    /// `blocks` data blocks held apart (a write-back record: its data
+    /// buffer goes on to the cache once durable, without a copy).
+    pub fn split_header(&self, h: &mut Vec<u8>, entries: &[Entry], blocks: usize, volume: bool) {
+        h.resize(self.bs, 0);
+        fill_header(h, self.nonce, entries, blocks, volume);
+    }
+
     /// Give `record` its sequence number and checksum and a place in the
     /// log: the block to write it at and its epoch (hand that to
     /// [`done`](Self::done) once the record's blocks are on the members),
     /// or `None` while the log is full. A guest write's record (`guest`;
     /// reclaim's are not) leaves room for reclaiming the cache.
     pub fn reserve(&self, record: &mut [u8], guest: bool) -> Option<(u64, u64)> {
+        let (header, data) = record.split_at_mut(self.bs);
+        self.reserve_parts(header, data, guest)
+    }
+
+    /// [`reserve`](Self::reserve) for a record whose header block and data
+    /// blocks are in buffers of their own (see
+    /// [`split_header`](Self::split_header)).
+    pub fn reserve_parts(&self, header: &mut [u8], data: &[u8], guest: bool) -> Option<(u64, u64)> {
         let bs = self.bs;
-        let blocks = (record.len() / bs) as u64;
+        let blocks = (1 + data.len() / bs) as u64;
         if blocks > self.log_blocks / 2 {
             return None;
         }
@@ -447,7 +463,7 @@ impl Journal {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let epoch = self.epoch.load(Ordering::SeqCst);
         self.outstanding[(epoch % 2) as usize].fetch_add(1, Ordering::SeqCst);
-        seal(record, bs, seq);
+        seal_parts(header, data, seq);
         self.counts[0].fetch_add(1, Ordering::Relaxed);
         self.counts[1].fetch_add(blocks, Ordering::Relaxed);
         Some((1 + pos % self.log_blocks, epoch))

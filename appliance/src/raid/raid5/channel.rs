@@ -174,6 +174,7 @@ impl Raid5Channel {
             bufs: Vec::new(),
             error: None,
             jrec: Vec::new(),
+            jdata: Vec::new(),
             jwrites: Writes::new(),
             jphase: LogPhase::WaitRoom,
             jepoch: None,

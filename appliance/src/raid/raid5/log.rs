@@ -37,6 +37,14 @@ impl Raid5Channel {
             return;
         };
         let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
+        // The data goes in a buffer of its own, which the cache keeps once
+        // the record is durable.
+        let mut data = std::mem::take(&mut p.jdata);
+        if data.capacity() == 0 {
+            data = j.cache().buffer();
+        }
+        // Every byte is written below: only a new length is zeroed.
+        data.resize((b1 - b0) as usize * bs, 0);
         let mut entries = Vec::new();
         let mut runs = Vec::new();
         for i in 0..geo.data_members() {
@@ -50,17 +58,18 @@ impl Raid5Channel {
                 runs.push(((vb - lba0) as usize * bs, (hi - lo) as usize * bs));
             }
         }
-        j.record_header(&mut rec, &entries, (b1 - b0) as usize, true);
-        let mut at = bs;
+        j.split_header(&mut rec, &entries, (b1 - b0) as usize, true);
+        let mut at = 0;
         for (off, len) in runs {
             if zeroes {
-                rec[at..at + len].fill(0);
+                data[at..at + len].fill(0);
             } else {
                 // SAFETY: the parent's buffers are valid until it completes.
-                unsafe { sg::copy_out(&psg, off, &mut rec[at..at + len]) };
+                unsafe { sg::copy_out(&psg, off, &mut data[at..at + len]) };
             }
             at += len;
         }
+        p.jdata = data;
         p.jrec = rec;
         p.wb = true;
         p.jwrites.clear();
@@ -82,20 +91,14 @@ impl Raid5Channel {
             return;
         };
         let (stripe, b0, b1, epoch) = (p.stripe, p.b0, p.b1, p.jepoch.unwrap_or(0));
-        let mut at = bs;
+        // The record's data blocks in the order write_back laid them out.
+        let mut blocks: smallvec::SmallVec<[u64; 16]> = smallvec::SmallVec::new();
         for i in 0..geo.data_members() {
             if let Some((lo, hi)) = rows_of(&geo, stripe, i, b0, b1) {
-                for r in lo..hi {
-                    c.insert(
-                        stripe,
-                        geo.volume_block(stripe, i, r),
-                        &p.jrec[at..at + bs],
-                        epoch,
-                    );
-                    at += bs;
-                }
+                blocks.extend((lo..hi).map(|r| geo.volume_block(stripe, i, r)));
             }
         }
+        c.insert_record(stripe, &blocks, std::mem::take(&mut p.jdata), bs, epoch);
         c.release(std::mem::take(&mut p.admitted));
     }
 
@@ -166,8 +169,17 @@ impl Raid5Channel {
             return;
         };
         let guest = p.reclaim.is_none();
-        let Some((at, epoch)) = j.reserve(&mut p.jrec, guest) else {
-            p.jneed = (p.jrec.len() / self.info.block_size as usize) as u64;
+        // A write-back record's data is in `jdata`; any other record's is
+        // in `jrec` after its header block.
+        let bs = self.info.block_size as usize;
+        let blocks = ((p.jrec.len() + p.jdata.len()) / bs) as u64;
+        let reserved = if p.jdata.is_empty() {
+            j.reserve(&mut p.jrec, guest)
+        } else {
+            j.reserve_parts(&mut p.jrec, &p.jdata, guest)
+        };
+        let Some((at, epoch)) = reserved else {
+            p.jneed = blocks;
             if guest {
                 // A checkpoint may need this stripe reclaimed before the
                 // log has room, so wait unlocked and plan again from the
@@ -186,8 +198,11 @@ impl Raid5Channel {
         p.jphase = LogPhase::Writing;
         p.jepoch = Some(epoch);
         let len = p.jrec.len();
-        let sg = sg::of(&mut p.jrec, 0, len);
-        let blocks = (p.jrec.len() / self.info.block_size as usize) as u64;
+        let mut sg = sg::of(&mut p.jrec, 0, len);
+        if !p.jdata.is_empty() {
+            let len = p.jdata.len();
+            sg.extend(sg::of(&mut p.jdata, 0, len));
+        }
         self.journal_io(
             pi,
             IoRequest {
@@ -208,6 +223,7 @@ impl Raid5Channel {
             return;
         };
         let rec = std::mem::take(&mut p.jrec);
+        let data = std::mem::take(&mut p.jdata);
         p.jwrites.clear();
         p.wb = false;
         p.jphase = LogPhase::WaitRoom;
@@ -217,6 +233,7 @@ impl Raid5Channel {
                 j.done(e);
             }
             j.cache().release(admitted);
+            j.cache().give_back(data);
         }
         if self.jbufs.len() < 64 {
             self.jbufs.push(rec);

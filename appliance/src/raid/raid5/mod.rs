@@ -307,8 +307,10 @@ struct Piece {
     bufs: Vec<Vec<u8>>,
     error: Option<IoError>,
     /// Journalling: the record, the member writes it covers, and whether
-    /// its flush was sent.
+    /// its flush was sent. A write-back record's data blocks are apart, in
+    /// `jdata`, which the cache keeps (`jrec` then holds the header block).
     jrec: Vec<u8>,
+    jdata: Vec<u8>,
     jwrites: Writes,
     /// Where the record is on its way to durable.
     jphase: LogPhase,
