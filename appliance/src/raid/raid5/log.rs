@@ -24,15 +24,17 @@ impl Raid5Channel {
     /// Write-back: log the piece's data alone; it is acknowledged once the
     /// record is durable and cached then (see `maybe_done`).
     pub(super) fn write_back(&mut self, pi: usize) {
-        let Some(j) = self.journal.clone() else {
-            return;
-        };
         let zeroes = self.parent_zeroes(pi);
         let Some((psg, lba0)) = self.parent_sg(pi) else {
             return;
         };
         let (geo, bs) = (self.geo, self.bs());
         let mut rec = self.jbufs.pop().unwrap_or_default();
+        // Borrowed, not cloned, on the path of every write: an atomic
+        // right after the member writes' non-temporal stores waits for them.
+        let Some(j) = self.journal.as_deref() else {
+            return;
+        };
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
@@ -83,7 +85,7 @@ impl Raid5Channel {
     /// still holds its stripe lock).
     pub(super) fn cache_record(&mut self, pi: usize) {
         let (geo, bs) = (self.geo, self.bs());
-        let Some(j) = self.journal.clone() else {
+        let Some(j) = self.journal.as_deref() else {
             return;
         };
         let c = j.cache();
@@ -162,7 +164,7 @@ impl Raid5Channel {
 
     /// Put the piece's record in the log, or wait for room.
     pub(super) fn journal_submit(&mut self, pi: usize) {
-        let Some(j) = self.journal.clone() else {
+        let Some(j) = self.journal.as_deref() else {
             return;
         };
         let Some(p) = self.pieces[pi].as_mut() else {
