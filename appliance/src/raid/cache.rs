@@ -18,7 +18,9 @@
 //! still counts whole until its last block is rewritten or reclaimed, so
 //! the cache's memory never passes its limit (writes go write-through past
 //! it), and a checkpoint, which reclaims every block of the epoch it
-//! closes, frees what is left.
+//! closes, frees what is left. (A record counts its buffer's capacity, and
+//! a reused buffer is at most twice the record; buffers given back are
+//! pooled up to a few MiB, outside the limit.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,10 +29,9 @@ use std::time::Instant;
 
 const SHARDS: usize = 64;
 
-/// Record buffers kept for reuse (a fresh one would cost page faults and
-/// zeroing on the reactor), and the largest kept.
-const POOL_BUFFERS: usize = 128;
-const POOL_MAX_BYTES: usize = 256 << 10;
+/// Bytes of record buffers kept for reuse (a fresh buffer would cost page
+/// faults and zeroing on the reactor), outside the cache's limit.
+const POOL_MAX_BYTES: usize = 8 << 20;
 
 struct Cached {
     /// The write-back record's data blocks; this block is at `at`.
@@ -52,6 +53,9 @@ impl Cached {
 struct Record {
     data: Vec<u8>,
     bs: usize,
+    /// What it counts against the limit: its buffer's whole capacity, in
+    /// blocks (a reused buffer may be larger than the record).
+    held: u64,
     home: Arc<Buffers>,
 }
 
@@ -60,25 +64,51 @@ struct Record {
 struct Buffers {
     /// Blocks of the records held (the limit counts these).
     held: AtomicU64,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 impl Buffers {
     fn give_back(&self, data: Vec<u8>) {
-        if data.capacity() == 0 || data.capacity() > POOL_MAX_BYTES {
+        let cap = data.capacity();
+        if cap == 0 {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < POOL_BUFFERS {
-            free.push(data);
+        let mut pool = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.bytes + cap <= POOL_MAX_BYTES {
+            pool.bytes += cap;
+            pool.bufs.push(data);
+        }
+    }
+
+    /// A buffer of `len` bytes' capacity and at most twice that, so a
+    /// small record never holds a large record's buffer.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut pool = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = |v: &&Vec<u8>| v.capacity() >= len && v.capacity() <= 2 * len;
+        // Only the most recent few are looked at (records are mostly of one
+        // size; a scan of the whole pool would be long on the reactor).
+        let n = pool.bufs.len();
+        match pool.bufs.iter().rev().take(8).position(|v| fits(&v)) {
+            Some(back) => {
+                let i = n - 1 - back;
+                let v = pool.bufs.swap_remove(i);
+                pool.bytes -= v.capacity();
+                v
+            }
+            None => Vec::with_capacity(len),
         }
     }
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let blocks = (self.data.len() / self.bs.max(1)) as u64;
-        self.home.held.fetch_sub(blocks, Ordering::SeqCst);
+        self.home.held.fetch_sub(self.held, Ordering::SeqCst);
         self.home.give_back(std::mem::take(&mut self.data));
     }
 }
@@ -160,10 +190,13 @@ impl WriteCache {
         self.records.held.load(Ordering::SeqCst)
     }
 
-    /// A buffer for a write-back record's data (one given back, if any).
-    pub fn buffer(&self) -> Vec<u8> {
-        let mut free = self.records.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.pop().unwrap_or_default()
+    /// A buffer for a write-back record's `len` bytes of data (one given
+    /// back, if one of about that size is). What it holds is stale: the
+    /// caller writes every byte.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut v = self.records.take(len);
+        v.resize(len, 0);
+        v
     }
 
     /// Keep a record buffer that did not reach the cache for the next one.
@@ -259,12 +292,12 @@ impl WriteCache {
             self.records.give_back(data);
             return;
         }
-        self.records
-            .held
-            .fetch_add((data.len() / bs) as u64, Ordering::SeqCst);
+        let held = data.capacity().div_ceil(bs) as u64;
+        self.records.held.fetch_add(held, Ordering::SeqCst);
         let rec = Arc::new(Record {
             data,
             bs,
+            held,
             home: self.records.clone(),
         });
         let mut s = self.shard(stripe);
@@ -500,8 +533,18 @@ mod tests {
         // Its last block goes: the record is freed and its buffer pooled.
         c.insert(1, 13, &[9; 8], 1);
         assert_eq!((c.len(), c.held()), (4, 4));
-        let again = c.buffer();
+        let again = c.buffer(32);
         assert_eq!(again.as_ptr() as usize, at, "the first record's buffer");
+        // A small record never takes a large record's buffer, and a record
+        // counts its buffer's whole capacity.
+        c.give_back(again);
+        let small = c.buffer(8);
+        assert_ne!(small.as_ptr() as usize, at);
+        let mut big = Vec::with_capacity(64);
+        big.resize(8, 7);
+        c.insert_record(2, &[20], big, 8, 1);
+        assert_eq!((c.len(), c.held()), (5, 12));
+        c.remove_if(2, 20, None);
         for b in 10..14 {
             c.remove_if(1, b, None);
         }

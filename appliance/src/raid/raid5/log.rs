@@ -41,12 +41,8 @@ impl Raid5Channel {
         let (stripe, b0, b1) = (p.stripe, p.b0, p.b1);
         // The data goes in a buffer of its own, which the cache keeps once
         // the record is durable.
-        let mut data = std::mem::take(&mut p.jdata);
-        if data.capacity() == 0 {
-            data = j.cache().buffer();
-        }
-        // Every byte is written below: only a new length is zeroed.
-        data.resize((b1 - b0) as usize * bs, 0);
+        j.cache().give_back(std::mem::take(&mut p.jdata));
+        let mut data = j.cache().buffer((b1 - b0) as usize * bs);
         let mut entries = Vec::new();
         let mut runs = Vec::new();
         for i in 0..geo.data_members() {
