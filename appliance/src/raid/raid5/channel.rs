@@ -183,6 +183,7 @@ impl Raid5Channel {
             reclaim: None,
             own: Vec::new(),
             admitted: 0,
+            worth_caching: None,
             in_bitmap: false,
         }
     }

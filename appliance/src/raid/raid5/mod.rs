@@ -329,6 +329,9 @@ struct Piece {
     own: Vec<u8>,
     /// Cache room taken for a write-back record (see `WriteCache::try_admit`).
     admitted: u64,
+    /// Whether the write was found worth caching, once asked (a piece
+    /// planned again asks the same, see `WriteCache::admit_once`).
+    worth_caching: Option<bool>,
     /// Counted in its write-intent bitmap region (see `Bitmap::begin`).
     in_bitmap: bool,
 }

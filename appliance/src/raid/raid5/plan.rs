@@ -236,7 +236,10 @@ impl Raid5Channel {
                 .journal
                 .as_ref()
                 .filter(|j| !j.has_failed())
-                .is_some_and(|j| j.mode() == JournalMode::WriteBack && j.cache().admit(p.b0, p.b1));
+                .is_some_and(|j| {
+                    j.mode() == JournalMode::WriteBack
+                        && j.cache().admit_once(&mut p.worth_caching, p.b0, p.b1)
+                });
             if wb {
                 p.admitted = n;
                 self.write_back(pi);
