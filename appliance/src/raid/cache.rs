@@ -19,8 +19,8 @@
 //! the cache's memory never passes its limit (writes go write-through past
 //! it), and a checkpoint, which reclaims every block of the epoch it
 //! closes, frees what is left. (A record counts its buffer's capacity, and
-//! a reused buffer is at most twice the record; buffers given back are
-//! pooled up to a few MiB, outside the limit.)
+//! reuses only a buffer of its own size; buffers given back are pooled up
+//! to a few MiB, outside the limit.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,11 +86,11 @@ impl Buffers {
         }
     }
 
-    /// A buffer of `len` bytes' capacity and at most twice that, so a
-    /// small record never holds a large record's buffer.
+    /// A buffer of exactly `len` bytes' capacity, so a record holds no
+    /// more than the room it was admitted for.
     fn take(&self, len: usize) -> Vec<u8> {
         let mut pool = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = |v: &&Vec<u8>| v.capacity() >= len && v.capacity() <= 2 * len;
+        let fits = |v: &&Vec<u8>| v.capacity() == len;
         // Only the most recent few are looked at (records are mostly of one
         // size; a scan of the whole pool would be long on the reactor).
         let n = pool.bufs.len();
@@ -140,12 +140,12 @@ pub struct WriteCache {
     /// race and collisions evict; it is a hint, never a correctness matter.
     recent: Box<[AtomicU64]>,
     burst: Mutex<Burst>,
-    /// Records inserted lately, and of those the ones that paid: they
-    /// replaced a cached version or extended a cached run (see
-    /// [`rewrites_pay`](Self::rewrites_pay)). Both halve every
-    /// `PAY_WINDOW` records; racy, a hint like `recent`.
-    records_seen: AtomicU64,
-    records_paid: AtomicU64,
+    /// Blocks cached lately, and of those the ones that paid: a newer
+    /// write replaced or overwrote them before reclaim, or they extended a
+    /// cached run (see [`rewrites_pay`](Self::rewrites_pay)). Both halve
+    /// every `PAY_WINDOW` blocks; a hint like `recent`.
+    blocks_seen: AtomicU64,
+    blocks_paid: AtomicU64,
     records: Arc<Buffers>,
 }
 
@@ -155,8 +155,8 @@ pub struct WriteCache {
 /// they stay a small share.
 const BURST_SHARE: u64 = 4;
 
-/// Records over which [`WriteCache::rewrites_pay`] judges (it trusts the
-/// recency table until it has seen a sixteenth of them).
+/// Cached blocks over which [`WriteCache::rewrites_pay`] judges (it trusts
+/// the recency table until it has seen a sixteenth of them).
 const PAY_WINDOW: u64 = 1024;
 
 /// What one-time blocks may still take (see [`WriteCache::admit`]).
@@ -186,8 +186,8 @@ impl WriteCache {
                 at: Instant::now(),
             }),
             records: Arc::default(),
-            records_seen: AtomicU64::new(0),
-            records_paid: AtomicU64::new(0),
+            blocks_seen: AtomicU64::new(0),
+            blocks_paid: AtomicU64::new(0),
         }
     }
 
@@ -301,28 +301,37 @@ impl WriteCache {
     }
 
     /// Whether writes the recency table calls rewrites are worth caching:
-    /// at least a quarter of the records cached lately replaced a cached
-    /// version or extended a cached run. The table holds about twice the
-    /// cache's blocks, so on a volume not much larger, uniform random
-    /// writes find their block or its predecessor there by chance (one in
-    /// six on a 768 MiB volume with an 8,192-block cache, which ran at
-    /// 0.75x write-through); such records almost never pay. While they do
-    /// not, those writes go by the burst credit like any other, and the
-    /// records it admits keep measuring (a hot set opens it again).
+    /// at least a quarter of the blocks cached lately paid (a newer write
+    /// came before reclaim, cached or written through, or the block
+    /// extended a cached run). The table holds about twice the cache's
+    /// blocks, so on a volume not much larger, uniform random writes find
+    /// their block or its predecessor there by chance (one in six on a 768
+    /// MiB volume with an 8,192-block cache, which ran at 0.75x
+    /// write-through), and such blocks seldom pay. While they do not, those
+    /// writes go by the burst credit like any other; a write that goes
+    /// through over a cached block still counts it as paid, so the blocks
+    /// the credit admits keep measuring and a hot set opens it again.
     fn rewrites_pay(&self) -> bool {
-        let seen = self.records_seen.load(Ordering::Relaxed);
-        seen < PAY_WINDOW / 16 || 4 * self.records_paid.load(Ordering::Relaxed) >= seen
+        let seen = self.blocks_seen.load(Ordering::Relaxed);
+        seen < PAY_WINDOW / 16 || 4 * self.blocks_paid.load(Ordering::Relaxed) >= seen
     }
 
-    /// Count a record cached, and whether it paid.
-    fn judge_record(&self, paid: bool) {
-        if paid {
-            self.records_paid.fetch_add(1, Ordering::Relaxed);
+    /// Count `n` blocks cached, `paid` of them paying at once.
+    fn judge(&self, n: u64, paid: u64) {
+        if paid > 0 {
+            self.blocks_paid.fetch_add(paid, Ordering::Relaxed);
         }
-        if self.records_seen.fetch_add(1, Ordering::Relaxed) + 1 >= PAY_WINDOW {
-            self.records_seen.store(PAY_WINDOW / 2, Ordering::Relaxed);
-            let paid = self.records_paid.load(Ordering::Relaxed);
-            self.records_paid.store(paid / 2, Ordering::Relaxed);
+        let seen = self.blocks_seen.fetch_add(n, Ordering::Relaxed) + n;
+        // One thread halves both (the exchange fails for the others).
+        if seen >= PAY_WINDOW
+            && self
+                .blocks_seen
+                .compare_exchange(seen, seen / 2, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _ = self
+                .blocks_paid
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(p / 2));
         }
     }
 
@@ -360,7 +369,9 @@ impl WriteCache {
             home: self.records.clone(),
         });
         let mut s = self.shard(stripe);
-        let mut paid = blocks[0] > 0 && s.blocks.contains_key(&(blocks[0] - 1));
+        let b0 = blocks[0];
+        let mut follows = b0 > 0 && s.blocks.contains_key(&(b0 - 1));
+        let mut replaced = 0;
         let mut added = 0;
         for (i, &block) in blocks[..n].iter().enumerate() {
             let version = self.next_version.fetch_add(1, Ordering::Relaxed);
@@ -375,7 +386,7 @@ impl WriteCache {
                 // A rewrite: the older version's record loses a block
                 // (and goes back to the pool with its last).
                 Some(old) => {
-                    paid = true;
+                    replaced += 1;
                     self.per_epoch[(old.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
                 }
                 None => {
@@ -387,7 +398,13 @@ impl WriteCache {
         }
         let first = added > 0 && s.stripes.get(&stripe) == Some(&added);
         drop(s);
-        self.judge_record(paid);
+        // The block before a stripe's first is in the previous stripe
+        // (another shard; looked up with this one released).
+        if !follows && b0 > 0 && stripe > 0 {
+            follows = self.shard(stripe - 1).blocks.contains_key(&(b0 - 1));
+        }
+        let n = n as u64;
+        self.judge(n, if follows { n } else { replaced });
         if first {
             self.requeue(stripe);
         }
@@ -458,6 +475,11 @@ impl WriteCache {
         if let Some(c) = s.blocks.remove(&block) {
             self.per_epoch[(c.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
             self.blocks.fetch_sub(1, Ordering::SeqCst);
+        }
+        if version.is_none() {
+            // Written through before reclaim: caching it paid (or would
+            // have, had the newer write been admitted).
+            self.judge(0, 1);
         }
         if let Some(n) = s.stripes.get_mut(&stripe) {
             *n -= 1;
@@ -567,7 +589,7 @@ mod tests {
         for b in 16..64 {
             c.insert(b, b * 1000, &[0; 8], 0);
         }
-        assert!(!c.admit(3000, 3001), "the cache is full");
+        assert!(!c.try_admit(1), "the cache is full");
     }
 
     #[test]
@@ -646,10 +668,10 @@ mod tests {
     }
 
     #[test]
-    fn rewrites_are_trusted_only_while_cached_records_pay() {
+    fn rewrites_are_trusted_only_while_cached_blocks_pay() {
         let c = WriteCache::new(4096);
         let t0 = c.burst.lock().unwrap().at;
-        // Records that neither replace a cached block nor extend a run.
+        // Blocks that neither replace a cached block nor extend a run.
         for b in 0..PAY_WINDOW / 8 {
             c.insert(b, b * 100, &[0; 8], 0);
         }
@@ -663,17 +685,28 @@ mod tests {
         // it is refused like any other one-time write.
         assert!(!c.admit_at(5_000_000, 5_000_001, t0));
         assert!(!c.admit_at(5_000_000, 5_000_001, t0), "no payoff seen");
-        // Records that pay (rewrites of cached blocks) open it again.
+        // Newer writes of the cached blocks, gone through to the members
+        // (the gate closed), show that caching them would have paid.
         for b in 0..PAY_WINDOW / 8 {
-            c.insert(b, b * 100, &[1; 8], 0);
+            c.remove_if(b, b * 100, None);
         }
         assert!(c.admit_at(5_000_000, 5_000_001, t0), "rewrites pay");
         c.release(1);
-        // So does a sequential stream (each record extends a cached run).
+        // So do rewrites within the cache, and a sequential stream, also
+        // across stripes (16 blocks each here).
         let c = WriteCache::new(4096);
         for b in 0..PAY_WINDOW / 8 {
-            c.insert(0, b, &[0; 8], 0);
+            c.insert(b, b * 100, &[0; 8], 0);
+        }
+        assert!(!c.rewrites_pay());
+        for b in 0..PAY_WINDOW / 8 {
+            c.insert(b, b * 100, &[1; 8], 0);
         }
         assert!(c.rewrites_pay());
+        let c = WriteCache::new(4096);
+        for b in 0..PAY_WINDOW / 8 {
+            c.insert(b / 16, b, &[0; 8], 0);
+        }
+        assert_eq!(c.blocks_paid.load(Ordering::Relaxed), PAY_WINDOW / 8 - 1);
     }
 }
