@@ -54,7 +54,7 @@ struct Record {
     data: Vec<u8>,
     bs: usize,
     /// What it counts against the limit: its buffer's whole capacity, in
-    /// blocks (a reused buffer may be larger than the record).
+    /// blocks.
     held: u64,
     home: Arc<Buffers>,
 }
@@ -203,8 +203,8 @@ impl WriteCache {
     }
 
     /// A buffer for a write-back record's `len` bytes of data (one given
-    /// back, if one of about that size is). What it holds is stale: the
-    /// caller writes every byte.
+    /// back, if one of that size is). What it holds is stale: the caller
+    /// writes every byte.
     pub fn buffer(&self, len: usize) -> Vec<u8> {
         let mut v = self.records.take(len);
         v.resize(len, 0);
@@ -316,12 +316,18 @@ impl WriteCache {
         seen < PAY_WINDOW / 16 || 4 * self.blocks_paid.load(Ordering::Relaxed) >= seen
     }
 
-    /// Count `n` blocks cached, `paid` of them paying at once.
+    /// Count `n` blocks cached, and `paid` blocks paying (never more than
+    /// were seen: writes going through while nothing is cached, as in
+    /// write-through mode, must not leave the gate open for later).
     fn judge(&self, n: u64, paid: u64) {
-        if paid > 0 {
-            self.blocks_paid.fetch_add(paid, Ordering::Relaxed);
-        }
         let seen = self.blocks_seen.fetch_add(n, Ordering::Relaxed) + n;
+        if paid > 0 {
+            let _ = self
+                .blocks_paid
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                    Some((p + paid).min(seen))
+                });
+        }
         // One thread halves both (the exchange fails for the others).
         if seen >= PAY_WINDOW
             && self
@@ -399,11 +405,12 @@ impl WriteCache {
         let first = added > 0 && s.stripes.get(&stripe) == Some(&added);
         drop(s);
         // The block before a stripe's first is in the previous stripe
-        // (another shard; looked up with this one released).
-        if !follows && b0 > 0 && stripe > 0 {
+        // (another shard; looked up with this one released), needed only
+        // when not every block replaced a cached one.
+        let n = n as u64;
+        if !follows && replaced < n && b0 > 0 && stripe > 0 {
             follows = self.shard(stripe - 1).blocks.contains_key(&(b0 - 1));
         }
-        let n = n as u64;
         self.judge(n, if follows { n } else { replaced });
         if first {
             self.requeue(stripe);
@@ -585,11 +592,20 @@ mod tests {
             c.release(1);
         }
         assert!(!c.admit_at(900_100, 900_101, later));
-        // The limit still holds for rewrites.
-        for b in 16..64 {
-            c.insert(b, b * 1000, &[0; 8], 0);
+        // The limit still holds for rewrites (in a cache whose gate is
+        // open: a few blocks, all trusted).
+        let c = WriteCache::new(4);
+        let t0 = c.burst.lock().unwrap().at;
+        for b in 0..4 {
+            assert!(c.admit_at(b, b + 1, t0), "block {b}");
+            c.release(1);
+            c.insert(0, b, &[0; 8], 0);
         }
-        assert!(!c.try_admit(1), "the cache is full");
+        assert!(c.rewrites_pay());
+        assert!(!c.admit_at(2, 3, t0), "a rewrite, but the cache is full");
+        c.remove_if(0, 3, None);
+        assert!(c.admit_at(2, 3, t0), "a rewrite, with room");
+        c.release(1);
     }
 
     #[test]
