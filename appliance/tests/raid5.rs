@@ -616,10 +616,23 @@ fn a_failed_journal_is_left_behind_without_failing_io_or_losing_the_cache() {
         let volume = Volume::new(reactors.set(), "r5", dev.clone());
         let _checkpointer = Checkpointer::start(journal.clone(), volume.clone());
         let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-        let w =
-            Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let cached = journal.cache().len();
+        // A hot set smaller than the cache (256 blocks): random writes over
+        // the whole volume are mostly written through, as admission wants.
+        let params = WorkloadParams {
+            span_bytes: 512 << 10,
+            ..Default::default()
+        };
+        let w = Workload::start_on_volume(reactors.set(), &volume, params).unwrap();
+        let t = std::time::Instant::now();
+        let mut cached = 0;
+        while t.elapsed() < Duration::from_millis(300)
+            || (mode == JournalMode::WriteBack
+                && cached == 0
+                && t.elapsed() < Duration::from_secs(20))
+        {
+            cached = cached.max(journal.cache().len());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         jfault.control().pull();
         std::thread::sleep(Duration::from_millis(500));
         let totals = w.stop(Duration::from_secs(10)).unwrap();
