@@ -838,7 +838,7 @@ fn journal_bench(log_mib: u64) -> Result<serde_json::Value, String> {
     // or the log is 40 % full (nothing checkpoints it here). Each block is
     // written three times: past a burst, the cache admits only blocks
     // written again, and only while cached blocks get rewritten (see
-    // `WriteCache::admit`).
+    // `WriteCache::admit_once`).
     for i in 0.. {
         let b = next(blocks);
         for _ in 0..3 {

@@ -135,7 +135,7 @@ pub struct WriteCache {
     pending: AtomicU64,
     /// Above this many blocks, writes bypass the cache (write-through).
     limit: u64,
-    /// Recently written blocks, for admission (see [`admit`](Self::admit)):
+    /// Recently written blocks, for admission (see [`admit_once`](Self::admit_once)):
     /// a table indexed by a hash of the block, holding block + 1. Updates
     /// race and collisions evict; it is a hint, never a correctness matter.
     recent: Box<[AtomicU64]>,
@@ -159,7 +159,7 @@ const BURST_SHARE: u64 = 4;
 /// the recency table until it has seen a sixteenth of them).
 const PAY_WINDOW: u64 = 1024;
 
-/// What one-time blocks may still take (see [`WriteCache::admit`]).
+/// What one-time blocks may still take (see [`WriteCache::admit_once`]).
 struct Burst {
     credit: f64,
     at: Instant,
@@ -240,7 +240,13 @@ impl WriteCache {
     }
 
     /// Whether a write of volume blocks `[b0, b1)` should go write-back,
-    /// taking room for it as [`try_admit`](Self::try_admit) does. Caching
+    /// taking room for it as [`try_admit`](Self::try_admit) does. A write
+    /// may ask more than once (a piece planned again after waiting for room
+    /// in the log): the first answer is kept in `asked`, since asking again
+    /// would find the write's own mark and take it for a rewrite (under
+    /// uniform random writes a sixth of them went write-back that way, at
+    /// 0.75x the write-through rate); a write admitted once takes room
+    /// anew. The rule (`admit_at`): caching
     /// pays only when a block is written again before it is reclaimed (one
     /// reclaim for many writes) or its neighbours join it (a row reclaimed
     /// without reads); a block written once costs its write-back record on
@@ -251,16 +257,6 @@ impl WriteCache {
     /// once the cache is full. Sustained uniform random writes over a large
     /// volume then cost about what write-through costs, and a hot set, a
     /// sequential stream and a burst are still cached.
-    pub fn admit(&self, b0: u64, b1: u64) -> bool {
-        self.admit_at(b0, b1, Instant::now())
-    }
-
-    /// [`admit`](Self::admit) for a write that may ask more than once (a
-    /// piece planned again after waiting for room in the log): the first
-    /// answer is kept in `asked`, since asking again would find the
-    /// write's own mark and take it for a rewrite (under uniform random
-    /// writes a sixth of them went write-back that way, at 0.75x the
-    /// write-through rate). A write admitted once takes room anew.
     pub fn admit_once(&self, asked: &mut Option<bool>, b0: u64, b1: u64) -> bool {
         self.admit_once_at(asked, b0, b1, Instant::now())
     }

@@ -6,12 +6,12 @@ use super::rows_of;
 use bdev::{Completion, IoError, IoOp, IoRequest, SgList, SubmitError};
 
 use super::{Child, Kind, LogPhase, Plan, Raid5Channel, Stage, Writes};
-
-/// Per data member: the rows of the chunk a piece touches, if any.
-type Rows = smallvec::SmallVec<[Option<(u64, u64)>; 8]>;
 use crate::raid::journal::{Entry, JournalMode};
 use crate::raid::parity::{xor_gen, xor_into};
 use crate::raid::sg;
+
+/// Per data member: the rows of the chunk a piece touches, if any.
+type Rows = smallvec::SmallVec<[Option<(u64, u64)>; 8]>;
 
 impl Raid5Channel {
     pub(super) fn lock_then_plan(&mut self, pi: usize) {
