@@ -147,11 +147,12 @@ fn volume_to_pb(v: VolumeView) -> pb::Volume {
         journal: v.journal.unwrap_or_default(),
         journal_mode: v
             .journal_state
-            .and_then(|j| pb::JournalMode::from_label(j.0.name()))
+            .and_then(|j| pb::JournalMode::from_label(j.mode.name()))
             .unwrap_or_default() as i32,
-        journal_fill: v.journal_state.map_or(0.0, |j| j.1),
-        journal_cached_blocks: v.journal_state.map_or(0, |j| j.2),
-        journal_failed: v.journal_state.is_some_and(|j| j.3),
+        journal_fill: v.journal_state.map_or(0.0, |j| j.fill),
+        journal_cached_blocks: v.journal_state.map_or(0, |j| j.cached_blocks),
+        journal_cache_held_blocks: v.journal_state.map_or(0, |j| j.held_blocks),
+        journal_failed: v.journal_state.is_some_and(|j| j.failed),
         consistency_policy: pb::ConsistencyPolicy::from_label(v.consistency_policy)
             .unwrap_or_default() as i32,
         serialize_policy: v.serialize,

@@ -420,13 +420,13 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
         "{} IOs ({:.0} IOPS through vhost-user-blk), {} reads verified, {} mismatches, {} errors; members {:?}",
         report.ios, report.iops, report.verified, report.mismatches, report.errors, report.states
     );
-    if let Some((mode, fill, cached, _)) = v.journal_state {
+    if let Some(j) = v.journal_state {
         let _ = writeln!(
             out,
             "journal ({}): log {:.0} % full, {} blocks acknowledged and not yet on the members",
-            mode.name(),
-            fill * 100.0,
-            cached
+            j.mode.name(),
+            j.fill * 100.0,
+            j.cached_blocks
         );
     }
     let _ = writeln!(

@@ -468,6 +468,10 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         "appliance_volume_journal_cached_blocks",
         "Write-back blocks in the journal's cache, not on the members yet.",
     );
+    let mut held = f(
+        "appliance_volume_journal_cache_held_blocks",
+        "Blocks of memory the journal's write-back cache holds: whole records, kept until their last block is on the members or rewritten (at least the cached blocks).",
+    );
     let mut jfailed = f(
         "appliance_volume_journal_failed",
         "Whether the journal device failed (1; the volume goes on without it) or not (0).",
@@ -551,10 +555,11 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         );
         quiesce_max.add(l(), Value::Gauge(v.quiesce.wait_ns_max as f64 / 1e9));
         pending.add(l(), Value::Gauge(v.pending_changes as f64));
-        if let Some((_, f, c, failed)) = v.journal_state {
-            fill.add(l(), Value::Gauge(f));
-            cached.add(l(), Value::Gauge(c as f64));
-            jfailed.add(l(), g(failed));
+        if let Some(j) = v.journal_state {
+            fill.add(l(), Value::Gauge(j.fill));
+            cached.add(l(), Value::Gauge(j.cached_blocks as f64));
+            held.add(l(), Value::Gauge(j.held_blocks as f64));
+            jfailed.add(l(), g(j.failed));
         }
         if let Some(c) = v.journal_counts {
             records.add(l(), Value::Count(c.records));
@@ -595,6 +600,7 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         pending,
         fill,
         cached,
+        held,
         jfailed,
         records,
         jblocks,

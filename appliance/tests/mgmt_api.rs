@@ -1342,6 +1342,11 @@ fn a_raid5_with_a_write_journal_is_created_checked_and_restored() {
     // and must come back from the journal after the restart.
     let v = volume(&d, &mut c, "jv");
     assert!(v.journal_cached_blocks > 0, "{v:?}");
+    // Whole records are held: never fewer blocks than are cached.
+    assert!(
+        v.journal_cache_held_blocks >= v.journal_cached_blocks,
+        "{v:?}"
+    );
     assert!(v.journal_fill > 0.0, "{v:?}");
     drop(disk);
     drop(c);

@@ -255,6 +255,22 @@ pub struct ProgressView {
     pub min_bytes_per_sec: u64,
 }
 
+/// A journal as a volume view shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalState {
+    /// Write-through or write-back.
+    pub mode: crate::raid::journal::JournalMode,
+    /// How full its log is (0..=1).
+    pub fill: f64,
+    /// Write-back blocks acknowledged and not on the members yet.
+    pub cached_blocks: u64,
+    /// Blocks of memory the write-back cache holds: whole records, so at
+    /// least `cached_blocks`, more while a record is partly overwritten.
+    pub held_blocks: u64,
+    /// Whether its device failed (the volume then goes on without it).
+    pub failed: bool,
+}
+
 /// A volume as described.
 #[derive(Debug, Clone)]
 pub struct VolumeView {
@@ -290,9 +306,8 @@ pub struct VolumeView {
     pub quiesce: poller::QuiesceStats,
     /// Its journal device.
     pub journal: Option<String>,
-    /// The journal's mode, log fill (0..=1), write-back cached blocks and
-    /// whether its device failed (the volume then goes on without it).
-    pub journal_state: Option<(crate::raid::journal::JournalMode, f64, u64, bool)>,
+    /// The journal's mode, log fill, cache and health.
+    pub journal_state: Option<JournalState>,
     /// What the journal has written and checkpointed so far.
     pub journal_counts: Option<crate::raid::journal::JournalCounts>,
     /// How the volume stays consistent after an unclean shutdown (md's
@@ -623,7 +638,7 @@ impl Manager {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));
             }
-            if v.journal_state.is_some_and(|j| j.3) {
+            if v.journal_state.is_some_and(|j| j.failed) {
                 problems.push(format!(
                     "volume {}: its journal device failed; writes go on without write-hole protection",
                     v.name

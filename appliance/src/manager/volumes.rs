@@ -708,9 +708,13 @@ impl Manager {
                 let bs = info.block_size as u64;
                 (lo * bs, hi * bs)
             }),
-            journal_state: journal
-                .as_ref()
-                .map(|j| (j.mode(), j.usage(), j.cache().len(), j.has_failed())),
+            journal_state: journal.as_ref().map(|j| super::JournalState {
+                mode: j.mode(),
+                fill: j.usage(),
+                cached_blocks: j.cache().len(),
+                held_blocks: j.cache().held(),
+                failed: j.has_failed(),
+            }),
             journal_counts: journal.as_ref().map(|j| j.counts()),
             suspended_whole: lock(&v.held).is_some(),
             quiescing: v.volume.quiesce().is_suspended(),

@@ -173,11 +173,12 @@ pub fn describe(v: &pb::Volume) -> String {
     }
     if !v.journal.is_empty() {
         s += &format!(
-            "  journal: {} ({}), log {:.0} % full, {} blocks cached\n",
+            "  journal: {} ({}), log {:.0} % full, {} blocks cached ({} held in memory)\n",
             v.journal,
             v.journal_mode().label(),
             v.journal_fill * 100.0,
-            v.journal_cached_blocks
+            v.journal_cached_blocks,
+            v.journal_cache_held_blocks
         );
         if v.journal_failed {
             s += "  JOURNAL FAILED: writes go on without write-hole protection\n";
