@@ -470,7 +470,7 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
     );
     let mut held = f(
         "appliance_volume_journal_cache_held_blocks",
-        "Blocks of memory the journal's write-back cache holds: whole records, kept until their last block is on the members or rewritten (at least the cached blocks).",
+        "Blocks of memory the journal's write-back cache holds and counts against its limit: whole records, kept until their last block is on the members or rewritten (at least the cached blocks, read at about the same time).",
     );
     let mut jfailed = f(
         "appliance_volume_journal_failed",

@@ -22,10 +22,12 @@
 //! destination (and fio found no wrong block) is therefore run again, up
 //! to `ATTEMPTS` times; any other failure fails the test. A crash of ours
 //! that looked the same would fail it too once it came in every attempt.
-//! Our backend writes guest memory only into the buffers of reads and the
-//! used ring: a write it failed to log shows as a block fio reads back
-//! wrong (FIO-VERIFY FAILED) or a lost completion, never as fio's own heap
-//! corrupted.
+//! Our backend writes guest memory only into the buffers of reads, status
+//! bytes and the used ring: a write of those it failed to log shows as a
+//! block fio reads back wrong (FIO-VERIFY FAILED) or a lost completion,
+//! not as fio's own heap corrupted. A write outside those buffers (a wrong
+//! translation) could look like the TCG defect, and would pass only if it
+//! also came and went in every attempt, as with a kernel crash.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

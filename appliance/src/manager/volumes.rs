@@ -708,12 +708,19 @@ impl Manager {
                 let bs = info.block_size as u64;
                 (lo * bs, hi * bs)
             }),
-            journal_state: journal.as_ref().map(|j| super::JournalState {
-                mode: j.mode(),
-                fill: j.usage(),
-                cached_blocks: j.cache().len(),
-                held_blocks: j.cache().held(),
-                failed: j.has_failed(),
+            journal_state: journal.as_ref().map(|j| {
+                // Held first: a block counts in held before it is cached
+                // and after it leaves, so while nothing is being cached
+                // (no write in flight) the pair read shows held >= cached
+                // even as reclaim drains the cache between the two loads.
+                let held_blocks = j.cache().held();
+                super::JournalState {
+                    mode: j.mode(),
+                    fill: j.usage(),
+                    cached_blocks: j.cache().len(),
+                    held_blocks,
+                    failed: j.has_failed(),
+                }
             }),
             journal_counts: journal.as_ref().map(|j| j.counts()),
             suspended_whole: lock(&v.held).is_some(),
