@@ -37,9 +37,10 @@ pub fn guest() -> PathBuf {
     )
 }
 
-/// boot.sh for `script` (in appliance/tests/vm) with `files` copied in,
-/// the serial console in `log`, and boot.sh `options`; the caller appends
-/// QEMU's own arguments (after the `--` already given).
+/// boot.sh for `script` (in appliance/tests/vm) with `files` and
+/// fio-check.sh copied in, the serial console in `log`, and boot.sh
+/// `options`; the caller appends QEMU's own arguments (after the `--`
+/// already given).
 pub fn boot(
     guest: &Path,
     script: &str,
@@ -52,6 +53,9 @@ pub fn boot(
         .arg(guest)
         .arg("--script")
         .arg(repo().join("appliance/tests/vm").join(script));
+    // The check every script's verified fio runs share.
+    cmd.arg("--file")
+        .arg(repo().join("appliance/tests/vm/fio-check.sh"));
     for f in files {
         cmd.arg("--file").arg(f);
     }

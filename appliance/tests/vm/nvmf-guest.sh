@@ -7,6 +7,7 @@
 # RESIZE-READY (grows ONE's device) and RESTART-READY (kills and restarts
 # the appliance while fio runs).
 set -e
+. /rig/fio-check.sh
 . /rig/params
 modprobe virtio_net
 modprobe nvme_tcp
@@ -62,7 +63,7 @@ fio --name=verify --filename=$D --rw=randwrite --bs=4k --iodepth=16 --ioengine=i
     --size=48M --numjobs=2 --offset_increment=48M --group_reporting \
     --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1 \
   || { tail -30 /tmp/fio.out; echo "FIO-VERIFY FAILED"; exit 1; }
-grep -q "err= 0" /tmp/fio.out && echo "FIO-VERIFY OK"
+fio_verified /tmp/fio.out && echo "FIO-VERIFY OK"
 
 mkfs.ext4 -q -F $E
 mkdir -p /mnt
@@ -95,7 +96,7 @@ fio_pid=$!
 sleep 1
 echo "RESTART-READY"
 wait $fio_pid || { tail -30 /tmp/fio2.out; echo "FIO-RESTART FAILED"; exit 1; }
-grep -q "err= 0" /tmp/fio2.out && echo "FIO-RESTART OK"
+fio_verified /tmp/fio2.out && echo "FIO-RESTART OK"
 dmesg | grep -i "nvme" | tail -20
 nvme disconnect-all >/dev/null 2>&1 || true
 echo "GUEST-ALL-OK"

@@ -4,6 +4,7 @@
 # reboot or reconnect (vhost-user CONFIG_CHANGE_MSG -> virtio config
 # interrupt), and IO must work across the whole new disk.
 set -e
+. /rig/fio-check.sh
 D=/dev/vda
 [ -b $D ] || { echo "no $D"; exit 1; }
 old=$(cat /sys/block/vda/size)
@@ -25,7 +26,7 @@ dmesg | grep -i "new size\|capacity change" || true
 fio --name=grown --filename=$D --rw=randwrite --bs=4k --iodepth=16 --ioengine=io_uring --direct=1 \
     --offset=96M --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1 \
   || { tail -30 /tmp/fio.out; echo "FIO-VERIFY FAILED"; exit 1; }
-grep -q "err= 0" /tmp/fio.out || { cat /tmp/fio.out; exit 1; }
+fio_verified /tmp/fio.out || { cat /tmp/fio.out; exit 1; }
 echo "FIO-VERIFY OK"
 dd if=$D of=/tmp/back.bin bs=1M count=4 iflag=direct 2>/dev/null
 cmp /tmp/head.bin /tmp/back.bin || { echo "THE HEAD CHANGED"; exit 1; }

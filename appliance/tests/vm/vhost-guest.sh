@@ -2,6 +2,7 @@
 # Runs in the test guest. /dev/vda: a file-backed export (pattern at 1 MiB,
 # fio verification at 64 MiB); /dev/vdb: a RAM-backed export for ext4.
 set -e
+. /rig/fio-check.sh
 D=/dev/vda E=/dev/vdb
 [ -b $D ] && [ -b $E ] || { echo "missing disks: $(ls /sys/block)"; exit 1; }
 echo "vda: $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) queues, serial $(cat /sys/block/vda/serial 2>/dev/null), logical block $(cat /sys/block/vda/queue/logical_block_size)"
@@ -15,7 +16,7 @@ fio --name=verify --filename=$D --rw=randwrite --bs=4k --iodepth=16 --ioengine=i
     --offset=64M --size=32M --numjobs=2 --offset_increment=32M --group_reporting \
     --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio.out 2>&1 \
   || { tail -30 /tmp/fio.out; echo "FIO-VERIFY FAILED"; exit 1; }
-grep -q "err= 0" /tmp/fio.out && echo "FIO-VERIFY OK"
+fio_verified /tmp/fio.out && echo "FIO-VERIFY OK"
 # Discard and write-zeroes through the block layer.
 blkdiscard -o $((128 << 20)) -l $((1 << 20)) $D 2>/dev/null && echo "DISCARD OK" || echo "DISCARD not available in busybox"
 mkfs.ext4 -q -F $E
