@@ -67,23 +67,39 @@ struct Buffers {
     free: Mutex<Pool>,
 }
 
+/// Given-back buffers, oldest first.
 #[derive(Default)]
 struct Pool {
-    bufs: Vec<Vec<u8>>,
+    bufs: VecDeque<Vec<u8>>,
     bytes: usize,
 }
 
 impl Buffers {
+    /// Keep `data` for a later record. A full pool lets go of its oldest
+    /// buffers, not of the newest: after a change of record size (64 KiB
+    /// sequential records, then 4 KiB random ones) the pool turns over to
+    /// the new size instead of staying full of buffers nothing takes.
     fn give_back(&self, data: Vec<u8>) {
         let cap = data.capacity();
-        if cap == 0 {
+        if cap == 0 || cap > POOL_MAX_BYTES {
             return;
         }
-        let mut pool = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.bytes + cap <= POOL_MAX_BYTES {
+        let old = {
+            let mut pool = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let mut old = Vec::new();
+            while pool.bytes + cap > POOL_MAX_BYTES {
+                let Some(v) = pool.bufs.pop_front() else {
+                    break;
+                };
+                pool.bytes -= v.capacity();
+                old.push(v);
+            }
             pool.bytes += cap;
-            pool.bufs.push(data);
-        }
+            pool.bufs.push_back(data);
+            old
+        };
+        // Freed with the pool's lock let go.
+        drop(old);
     }
 
     /// A buffer of exactly `len` bytes' capacity, so a record holds no
@@ -97,7 +113,9 @@ impl Buffers {
         match pool.bufs.iter().rev().take(8).position(|v| fits(&v)) {
             Some(back) => {
                 let i = n - 1 - back;
-                let v = pool.bufs.swap_remove(i);
+                let Some(v) = pool.bufs.swap_remove_back(i) else {
+                    return Vec::with_capacity(len);
+                };
                 pool.bytes -= v.capacity();
                 v
             }
@@ -357,6 +375,21 @@ impl WriteCache {
     /// `blocks` (in that order). The cache keeps `data` itself. Caller
     /// holds the stripe lock.
     pub fn insert_record(&self, stripe: u64, blocks: &[u64], data: Vec<u8>, bs: usize, epoch: u64) {
+        // The caller lays the data out from the same rows as the blocks: a
+        // mismatch is a bug of ours, and blocks left out would be
+        // acknowledged without being cached.
+        debug_assert_eq!(
+            blocks.len() * bs,
+            data.len(),
+            "record data and blocks disagree"
+        );
+        if blocks.len().saturating_mul(bs) != data.len() {
+            tracing::error!(
+                blocks = blocks.len(),
+                bytes = data.len(),
+                "write-back record data and blocks disagree; caching what both cover"
+            );
+        }
         let n = blocks.len().min(data.len() / bs.max(1));
         if n == 0 || bs == 0 {
             self.records.give_back(data);
@@ -370,6 +403,10 @@ impl WriteCache {
             held,
             home: self.records.clone(),
         });
+        // Versions this record replaces: let go once the shard is, so a
+        // record freed with its last block takes the pool's lock outside
+        // the shard's.
+        let mut replaced_versions: smallvec::SmallVec<[Cached; 16]> = smallvec::SmallVec::new();
         let mut s = self.shard(stripe);
         let b0 = blocks[0];
         let mut follows = b0 > 0 && s.blocks.contains_key(&(b0 - 1));
@@ -390,6 +427,7 @@ impl WriteCache {
                 Some(old) => {
                     replaced += 1;
                     self.per_epoch[(old.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
+                    replaced_versions.push(old);
                 }
                 None => {
                     added += 1;
@@ -400,6 +438,7 @@ impl WriteCache {
         }
         let first = added > 0 && s.stripes.get(&stripe) == Some(&added);
         drop(s);
+        drop(replaced_versions);
         // The block before a stripe's first is in the previous stripe
         // (another shard; looked up with this one released), needed only
         // when not every block replaced a cached one.
@@ -475,7 +514,8 @@ impl WriteCache {
         if version.is_some_and(|v| v != c.version) {
             return;
         }
-        if let Some(c) = s.blocks.remove(&block) {
+        let removed = s.blocks.remove(&block);
+        if let Some(c) = &removed {
             self.per_epoch[(c.epoch % 2) as usize].fetch_sub(1, Ordering::SeqCst);
             self.blocks.fetch_sub(1, Ordering::SeqCst);
         }
@@ -490,6 +530,10 @@ impl WriteCache {
                 s.stripes.remove(&stripe);
             }
         }
+        // Its record, if this was its last block, goes back to the pool
+        // with the shard let go.
+        drop(s);
+        drop(removed);
     }
 
     /// Put `stripe` at the back of the reclaim queue.
@@ -677,6 +721,27 @@ mod tests {
             c.remove_if(1, b, None);
         }
         assert_eq!((c.len(), c.held(), c.in_epoch(1)), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_full_pool_turns_over_to_the_size_given_back_now() {
+        let c = WriteCache::new(8);
+        let big = 64 << 10;
+        for _ in 0..POOL_MAX_BYTES / big + 1 {
+            c.give_back(vec![0u8; big]);
+        }
+        c.give_back(vec![1u8; 4096]);
+        {
+            let pool = c.records.free.lock().unwrap();
+            assert!(
+                pool.bufs.back().is_some_and(|v| v.capacity() == 4096),
+                "the newest buffer is kept, an old one let go"
+            );
+            let sum: usize = pool.bufs.iter().map(|v| v.capacity()).sum();
+            assert_eq!(pool.bytes, sum);
+            assert!(pool.bytes <= POOL_MAX_BYTES);
+        }
+        assert_eq!(c.buffer(4096)[0], 1, "a 4 KiB record reuses it");
     }
 
     #[test]

@@ -179,8 +179,8 @@ fn measure(kernels: &[Kernel], len: usize, settle: bool) -> Vec<f64> {
     best
 }
 
-/// A kernel earlier in the list must beat every later one by this much to
-/// be chosen.
+/// Kernels within this factor of the fastest count as equally fast (the
+/// last of them in the list is chosen: see [`choose`]).
 const WIDER_MARGIN: f64 = 1.03;
 
 /// Which of the kernels (in [`candidates`]' order: widest, then the
