@@ -307,6 +307,35 @@ fn a_media_error_fails_only_its_request_with_the_block() {
     assert_eq!((c.io_errors, c.timeouts, c.aborts, c.resets), (2, 0, 0, 0));
 }
 
+/// Bounce pages come back from commands that fail: more failed bounced
+/// reads than a channel has bounce pages (one megabyte's worth), then a
+/// whole megabyte bounced each way still goes through and reads back.
+#[test]
+fn bounce_pages_come_back_from_failed_commands() {
+    let (soft, ctrl) = setup(SoftConfig::default(), Options::default());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.fail_block(1, 42);
+    let mut b = vec![0u8; 4096];
+    let before = ctrl.bounced_commands();
+    for i in 0..300 {
+        assert_eq!(
+            one(ch.as_mut(), rw(IoOp::Read, 42, 1, &mut b, i)),
+            Err(IoError::Media(42))
+        );
+    }
+    assert!(
+        ctrl.bounced_commands() - before >= 300,
+        "the failed reads were bounced"
+    );
+    let mut data = vec![0u8; 1 << 20];
+    pattern(&mut data, 9);
+    one(ch.as_mut(), rw(IoOp::Write, 1024, 256, &mut data, 1000)).expect("a bounced megabyte");
+    let mut got = vec![0u8; 1 << 20];
+    one(ch.as_mut(), rw(IoOp::Read, 1024, 256, &mut got, 1001)).expect("read back");
+    assert!(got == data, "the bounced read copied back what was written");
+}
+
 #[test]
 fn a_lost_completion_is_aborted_then_the_controller_reset_and_the_command_retried() {
     let (soft, ctrl) = setup(SoftConfig::default(), quick());
