@@ -449,6 +449,8 @@ impl Channel {
         s.parent = c.parent;
         s.sqe = sqe;
         s.started = self.now;
+        // A free slot has no bounce pages: overwriting some would lose them.
+        debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         s.bounced = bounce.is_some();
         if bounce.is_some() {
             self.bounced[slot as usize] = bounce;
@@ -703,6 +705,7 @@ impl Channel {
         s.tag = req.tag;
         s.sqe = sqe;
         s.started = self.now;
+        debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         self.inflight += 1;
         self.q.push(&sqe);
         self.q.ring();

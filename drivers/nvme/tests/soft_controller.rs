@@ -307,12 +307,33 @@ fn a_media_error_fails_only_its_request_with_the_block() {
     assert_eq!((c.io_errors, c.timeouts, c.aborts, c.resets), (2, 0, 0, 0));
 }
 
+/// A controller with no transfer limit of its own: a megabyte is one
+/// command, which needs every bounce page of the channel.
+fn one_command_per_megabyte() -> SoftConfig {
+    SoftConfig {
+        mdts: 0,
+        ..SoftConfig::default()
+    }
+}
+
+/// A megabyte of plain (unregistered) memory written and read back: with
+/// [`one_command_per_megabyte`], each needs all of the channel's bounce
+/// pages at once, so it hangs (and `one` fails) if a single page leaked.
+fn a_bounced_megabyte_each_way(ch: &mut dyn IoChannel, lba: u64, tag: u64) {
+    let mut data = vec![0u8; 1 << 20];
+    pattern(&mut data, tag as u8);
+    one(ch, rw(IoOp::Write, lba, 256, &mut data, tag)).expect("a bounced megabyte written");
+    let mut got = vec![0u8; 1 << 20];
+    one(ch, rw(IoOp::Read, lba, 256, &mut got, tag + 1)).expect("read back");
+    assert!(got == data, "the bounced read copied back what was written");
+}
+
 /// Bounce pages come back from commands that fail: more failed bounced
-/// reads than a channel has bounce pages (one megabyte's worth), then a
-/// whole megabyte bounced each way still goes through and reads back.
+/// reads than a channel has bounce pages, then a megabyte that needs every
+/// page at once.
 #[test]
 fn bounce_pages_come_back_from_failed_commands() {
-    let (soft, ctrl) = setup(SoftConfig::default(), Options::default());
+    let (soft, ctrl) = setup(one_command_per_megabyte(), Options::default());
     let dev = ns(&ctrl, 1);
     let mut ch = dev.open_channel().expect("channel");
     soft.fail_block(1, 42);
@@ -328,17 +349,12 @@ fn bounce_pages_come_back_from_failed_commands() {
         ctrl.bounced_commands() - before >= 300,
         "the failed reads were bounced"
     );
-    let mut data = vec![0u8; 1 << 20];
-    pattern(&mut data, 9);
-    one(ch.as_mut(), rw(IoOp::Write, 1024, 256, &mut data, 1000)).expect("a bounced megabyte");
-    let mut got = vec![0u8; 1 << 20];
-    one(ch.as_mut(), rw(IoOp::Read, 1024, 256, &mut got, 1001)).expect("read back");
-    assert!(got == data, "the bounced read copied back what was written");
+    a_bounced_megabyte_each_way(ch.as_mut(), 1024, 1000);
 }
 
 #[test]
 fn a_lost_completion_is_aborted_then_the_controller_reset_and_the_command_retried() {
-    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let (soft, ctrl) = setup(one_command_per_megabyte(), quick());
     let dev = ns(&ctrl, 1);
     let mut ch = dev.open_channel().expect("channel");
     let mut other = dev.open_channel().expect("second channel");
@@ -369,6 +385,8 @@ fn a_lost_completion_is_aborted_then_the_controller_reset_and_the_command_retrie
     }
     assert!(soft.stats().enables >= 5, "one reset per lost command");
     assert!(!ctrl.is_failed());
+    // The retried commands (bounced: plain memory) gave their pages back.
+    a_bounced_megabyte_each_way(ch.as_mut(), 1024, 100);
 }
 
 #[test]
