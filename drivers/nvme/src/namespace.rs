@@ -658,6 +658,11 @@ impl Channel {
     #[inline]
     fn settle(&mut self, parent: u32, tag: u64, result: Result<(), IoError>) {
         if parent == ALONE {
+            // Counted here as `finish` counts a request of several
+            // commands (the fast path's failures went uncounted before).
+            if result.is_err() {
+                self.io_errors.fetch_add(1, Ordering::Relaxed);
+            }
             self.done.push(Completion { tag, result });
             self.inflight -= 1;
         } else {
@@ -665,9 +670,10 @@ impl Channel {
         }
     }
 
-    /// The common request, one read or write of registered memory in one
-    /// segment that fits one command, queued without a cursor or parent.
-    /// False when it is not that request (nothing done then).
+    /// The common request, one read or write in one segment that fits one
+    /// command (in place, or through bounce pages when they are free),
+    /// queued without a cursor or parent. False when it is not that
+    /// request (nothing done then).
     #[inline]
     fn submit_alone(&mut self, req: &IoRequest) -> bool {
         let opcode = match req.op {
@@ -694,22 +700,63 @@ impl Channel {
         };
         let list_iova = self.prp.iova() + slot as u64 * PAGE as u64;
         if !self.direct_prps(&[(v.ptr() as usize, v.len())], list, list_iova, &mut sqe) {
-            return false;
+            return self.submit_alone_indirect(req, slot, sqe);
         }
+        self.queue_alone(slot, &mut sqe, req.tag);
+        true
+    }
+
+    /// [`submit_alone`](Self::submit_alone) for memory it cannot point at
+    /// in place: in the general path's order, as an SGL or else bounced (a
+    /// RAID's own buffers are not registered). With no bounce pages free
+    /// it returns false, so the request goes the long way and waits for
+    /// them. Apart, so the registered path stays as short as it was.
+    #[inline(never)]
+    fn submit_alone_indirect(&mut self, req: &IoRequest, slot: u16, mut sqe: Sqe) -> bool {
+        let v = req.sg[0];
+        let seg = [(v.ptr() as usize, v.len())];
+        // SAFETY: as in `submit_alone`.
+        let list = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.prp.ptr().add(slot as usize * PAGE) as *mut u64,
+                PRP_PER_PAGE,
+            )
+        };
+        let list_iova = self.prp.iova() + slot as u64 * PAGE as u64;
+        let bounce = if self.direct_sgl(&seg, list, list_iova, &mut sqe) {
+            None
+        } else {
+            match self.bounce_prps(&seg, v.len(), req.op, list, list_iova, &mut sqe) {
+                Some(b) => Some(b),
+                None => return false,
+            }
+        };
+        self.queue_alone(slot, &mut sqe, req.tag);
+        if bounce.is_some() {
+            // Polled on this thread only: set before its completion is seen.
+            self.slots[slot as usize].bounced = true;
+            self.bounced[slot as usize] = bounce;
+        }
+        true
+    }
+
+    /// Queue the command in free `slot` (the last of `free_slots`) as a
+    /// whole request, and ring.
+    #[inline]
+    fn queue_alone(&mut self, slot: u16, sqe: &mut Sqe, tag: u64) {
         self.free_slots.pop();
         let s = &mut self.slots[slot as usize];
         s.cid = next_cid(s.cid, slot);
         sqe.set_cid(s.cid);
         s.busy = true;
         s.parent = ALONE;
-        s.tag = req.tag;
-        s.sqe = sqe;
+        s.tag = tag;
+        s.sqe = *sqe;
         s.started = self.now;
         debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         self.inflight += 1;
-        self.q.push(&sqe);
+        self.q.push(sqe);
         self.q.ring();
-        true
     }
 
     fn io_error(&self, sqe: &Sqe, status: Status) -> IoError {

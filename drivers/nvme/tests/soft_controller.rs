@@ -305,6 +305,18 @@ fn a_media_error_fails_only_its_request_with_the_block() {
     // Both failed requests are counted (for metrics); nothing timed out.
     let c = dev.error_counts();
     assert_eq!((c.io_errors, c.timeouts, c.aborts, c.resets), (2, 0, 0, 0));
+    // So is one on registered memory (the fast path, DMA'd in place).
+    let mut reg = Aligned::new(4096);
+    // SAFETY: the buffer outlives its registration (dropped below).
+    let r = unsafe { bdev::register_dma_memory(reg.buf().as_mut_ptr(), 4096) };
+    let bounced = ctrl.bounced_commands();
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Read, 42, 1, reg.buf(), 4)),
+        Err(IoError::Media(42))
+    );
+    assert_eq!(ctrl.bounced_commands(), bounced, "in place");
+    assert_eq!(dev.error_counts().io_errors, 3);
+    drop(r);
 }
 
 /// A controller with no transfer limit of its own: a megabyte is one
