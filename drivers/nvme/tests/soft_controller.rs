@@ -364,6 +364,86 @@ fn bounce_pages_come_back_from_failed_commands() {
     a_bounced_megabyte_each_way(ch.as_mut(), 1024, 1000);
 }
 
+/// A bounced request that finds no bounce page free (a megabyte holds
+/// them all) goes the long way and waits for them instead of failing; no
+/// page is lost on the way.
+#[test]
+fn a_bounced_request_waits_when_every_bounce_page_is_taken() {
+    let (soft, ctrl) = setup(one_command_per_megabyte(), Options::default());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.set_latency(Duration::from_millis(200));
+    let mut big = vec![0u8; 1 << 20];
+    let mut small = vec![0u8; 4096];
+    let before = ctrl.bounced_commands();
+    for req in [
+        rw(IoOp::Read, 0, 256, &mut big, 1),
+        rw(IoOp::Read, 300, 1, &mut small, 2),
+    ] {
+        ch.submit(req).map_err(|_| "busy").expect("submit");
+    }
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < 2 && Instant::now() < deadline {
+        ch.poll(&mut out);
+    }
+    assert_eq!(out.len(), 2, "both completed");
+    assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+    assert_eq!(ctrl.bounced_commands() - before, 2);
+    soft.set_latency(Duration::ZERO);
+    a_bounced_megabyte_each_way(ch.as_mut(), 1024, 10);
+}
+
+/// One registered segment that PRPs cannot describe (it starts at an odd
+/// byte) on the fast path: an SGL where the controller has them, else
+/// bounced; either way the data lands. Returns the bounced commands.
+fn one_odd_segment(sgl: bool) -> u64 {
+    let (_soft, ctrl) = setup(
+        SoftConfig {
+            namespaces: vec![(512, 4096)],
+            sgl,
+            ..SoftConfig::default()
+        },
+        Options::default(),
+    );
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut mem = Aligned::new(64 << 10);
+    let base = mem.buf().as_mut_ptr();
+    // SAFETY: `mem` outlives the requests.
+    unsafe { ctrl.register_memory(base, 64 << 10) }.expect("register");
+    let mut expect = vec![0u8; 4096];
+    pattern(&mut expect, 3);
+    // SAFETY: inside `mem`.
+    let p = unsafe { base.add(1) };
+    unsafe { std::ptr::copy_nonoverlapping(expect.as_ptr(), p, 4096) };
+    let mut sg = SgList::new();
+    sg.push(unsafe { IoVec::new(p, 4096) });
+    let before = ctrl.bounced_commands();
+    one(
+        ch.as_mut(),
+        IoRequest {
+            op: IoOp::Write,
+            offset_blocks: 8,
+            num_blocks: 8,
+            sg,
+            tag: 1,
+        },
+    )
+    .expect("write");
+    let bounced = ctrl.bounced_commands() - before;
+    let mut plain = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 8, 8, &mut plain, 2)).expect("plain read");
+    assert!(plain == expect, "sgl: {sgl}");
+    bounced
+}
+
+#[test]
+fn one_odd_segment_goes_as_an_sgl_or_bounced() {
+    assert_eq!(one_odd_segment(true), 0, "an SGL, in place");
+    assert_eq!(one_odd_segment(false), 1, "bounced");
+}
+
 #[test]
 fn a_lost_completion_is_aborted_then_the_controller_reset_and_the_command_retried() {
     let (soft, ctrl) = setup(one_command_per_megabyte(), quick());
