@@ -378,12 +378,9 @@ impl WriteCache {
         // The caller lays the data out from the same rows as the blocks: a
         // mismatch is a bug of ours, and blocks left out would be
         // acknowledged without being cached.
-        debug_assert_eq!(
-            blocks.len() * bs,
-            data.len(),
-            "record data and blocks disagree"
-        );
-        if blocks.len().saturating_mul(bs) != data.len() {
+        let agree = blocks.len().saturating_mul(bs) == data.len();
+        debug_assert!(agree, "record data and blocks disagree");
+        if !agree {
             tracing::error!(
                 blocks = blocks.len(),
                 bytes = data.len(),

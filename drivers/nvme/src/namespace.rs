@@ -350,22 +350,32 @@ impl Channel {
         }
     }
 
+    /// The PRP list page of `slot` (PRP list or DSM ranges of its command)
+    /// and its IO address.
+    ///
+    /// # Safety
+    /// The slot is free: the controller reads the page only while the
+    /// slot's command is in flight, and nothing else holds it. The page is
+    /// this channel's memory, which outlives the returned slice's use.
+    #[inline(always)]
+    unsafe fn slot_list<'a>(&self, slot: u16) -> (&'a mut [u64], u64) {
+        let at = slot as usize * PAGE;
+        // SAFETY: as the caller promised; `slot` < the slots' count, one
+        // page each.
+        let list = unsafe {
+            std::slice::from_raw_parts_mut(self.prp.ptr().add(at) as *mut u64, PRP_PER_PAGE)
+        };
+        (list, self.prp.iova() + at as u64)
+    }
+
     /// Build and queue the next command of the cursor. False when it must
     /// wait (no bounce pages).
     fn issue(&mut self, c: &mut Cursor) -> bool {
         let Some(&slot) = self.free_slots.last() else {
             return false;
         };
-        let prp_page = self.prp.iova() + slot as u64 * PAGE as u64;
-        // SAFETY: the slot's PRP page is this channel's memory, and the
-        // controller reads it only while the slot's command is in flight,
-        // and the slot is free.
-        let list = unsafe {
-            std::slice::from_raw_parts_mut(
-                self.prp.ptr().add(slot as usize * PAGE) as *mut u64,
-                PRP_PER_PAGE,
-            )
-        };
+        // SAFETY: the slot is free.
+        let (list, prp_page) = unsafe { self.slot_list(slot) };
         let mut sqe;
         let mut bounce = None;
         match c.op {
@@ -451,10 +461,7 @@ impl Channel {
         s.started = self.now;
         // A free slot has no bounce pages: overwriting some would lose them.
         debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
-        s.bounced = bounce.is_some();
-        if bounce.is_some() {
-            self.bounced[slot as usize] = bounce;
-        }
+        self.keep_bounce(slot, bounce);
         self.parents[c.parent as usize].remaining += 1;
         self.q.push(&sqe);
         true
@@ -690,15 +697,8 @@ impl Channel {
         let v = req.sg[0];
         let mut sqe = Sqe::new(opcode, self.nsid);
         sqe.set_range(req.offset_blocks, req.num_blocks as u32);
-        // SAFETY: as in `issue`: the slot's PRP page is this channel's and
-        // the slot is free.
-        let list = unsafe {
-            std::slice::from_raw_parts_mut(
-                self.prp.ptr().add(slot as usize * PAGE) as *mut u64,
-                PRP_PER_PAGE,
-            )
-        };
-        let list_iova = self.prp.iova() + slot as u64 * PAGE as u64;
+        // SAFETY: the slot is free.
+        let (list, list_iova) = unsafe { self.slot_list(slot) };
         if !self.direct_prps(&[(v.ptr() as usize, v.len())], list, list_iova, &mut sqe) {
             return self.submit_alone_indirect(req, slot, sqe);
         }
@@ -715,14 +715,8 @@ impl Channel {
     fn submit_alone_indirect(&mut self, req: &IoRequest, slot: u16, mut sqe: Sqe) -> bool {
         let v = req.sg[0];
         let seg = [(v.ptr() as usize, v.len())];
-        // SAFETY: as in `submit_alone`.
-        let list = unsafe {
-            std::slice::from_raw_parts_mut(
-                self.prp.ptr().add(slot as usize * PAGE) as *mut u64,
-                PRP_PER_PAGE,
-            )
-        };
-        let list_iova = self.prp.iova() + slot as u64 * PAGE as u64;
+        // SAFETY: the slot is free.
+        let (list, list_iova) = unsafe { self.slot_list(slot) };
         let bounce = if self.direct_sgl(&seg, list, list_iova, &mut sqe) {
             None
         } else {
@@ -732,12 +726,19 @@ impl Channel {
             }
         };
         self.queue_alone(slot, &mut sqe, req.tag);
+        // Polled on this thread only: kept before its completion is seen.
+        self.keep_bounce(slot, bounce);
+        true
+    }
+
+    /// Keep the bounce pages of the command in `slot`, if it has any,
+    /// until it completes.
+    #[inline(always)]
+    fn keep_bounce(&mut self, slot: u16, bounce: Option<Bounce>) {
         if bounce.is_some() {
-            // Polled on this thread only: set before its completion is seen.
             self.slots[slot as usize].bounced = true;
             self.bounced[slot as usize] = bounce;
         }
-        true
     }
 
     /// Queue the command in free `slot` (the last of `free_slots`) as a
