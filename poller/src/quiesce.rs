@@ -674,6 +674,16 @@ impl<C: Send + Sync + 'static> LocalGate<C> {
         (s.generation, s.config.clone())
     }
 
+    /// Whether this core has seen a suspend it has not yet seen resumed.
+    /// Once it acknowledged, the caller may already be changing the
+    /// configuration (and may have returned to its own caller): the old
+    /// configuration must not be used for anything but reads until the
+    /// resume reaches this core.
+    #[inline]
+    pub fn is_suspended(&self) -> bool {
+        self.0.st.borrow().suspended
+    }
+
     /// The generation this core runs IO under.
     #[inline]
     pub fn generation(&self) -> u64 {

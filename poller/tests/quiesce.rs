@@ -320,12 +320,18 @@ fn parked_io_waits_in_order_and_resumes_under_the_new_generation() {
     r.set()
         .call(0, Duration::from_secs(5), move |ctx| {
             let g = o.local(ctx).unwrap();
+            assert!(
+                g.is_suspended(),
+                "a gate made under a suspend starts closed"
+            );
             for i in 0..5 {
                 assert!(!g.try_begin(), "suspended gate admits nothing");
                 let (l, g2) = (l.clone(), g.clone());
                 g.park(ctx, move |_, a| {
                     assert_eq!(a, Admission::Admitted);
-                    l.lock().unwrap().push((i, g2.generation()));
+                    l.lock()
+                        .unwrap()
+                        .push((i, g2.generation(), g2.is_suspended()));
                     g2.end();
                 });
             }
@@ -351,7 +357,7 @@ fn parked_io_waits_in_order_and_resumes_under_the_new_generation() {
     }
     assert_eq!(
         *log.lock().unwrap(),
-        (0..5).map(|i| (i, 2)).collect::<Vec<_>>()
+        (0..5).map(|i| (i, 2, false)).collect::<Vec<_>>()
     );
     r.shutdown().unwrap();
 }

@@ -410,9 +410,15 @@ impl Runner {
             }
             return PollState::Idle;
         }
+        // The ring's notification fields are guest memory written under
+        // the memory map (and dirty log) this queue picked up: once the
+        // core acknowledged a change of the map, the frontend may already
+        // have its reply (logging off, a region gone), so nothing is
+        // written until the resume brings the new map.
+        let writable = !self.mem_gate.is_suspended() && self.mem_gate.generation() == self.mem_gen;
         if work {
             self.idle_polls = 0;
-            if self.notify_enabled {
+            if self.notify_enabled && writable {
                 self.ring.disable_notification();
                 self.notify_enabled = false;
             }
@@ -421,7 +427,7 @@ impl Runner {
             if !usable {
                 // Kicks wake nobody: the rings are not to be touched.
                 self.drain_kick();
-            } else if self.idle_polls.is_multiple_of(IDLE_POLLS) {
+            } else if writable && self.idle_polls.is_multiple_of(IDLE_POLLS) {
                 // Consume stale kicks so the reactor can sleep, ask for new
                 // ones, and look at the ring once more: a request offered
                 // just before the drain had its kick consumed by it.
