@@ -215,7 +215,7 @@ impl Volume {
         let before = self.suspended.get();
         self.suspended.set(lo, hi);
         // Writes that passed the check before are drained by the quiesce.
-        match self.quiesce.suspend(timeout) {
+        match self.suspend(timeout) {
             Ok(_guard) => Ok(()),
             Err(e) => {
                 let (lo, hi) = before.unwrap_or((0, 0));
@@ -439,8 +439,24 @@ impl Volume {
         &self.quiesce
     }
 
-    /// Suspend the volume's IO everywhere (see [`QuiesceObject::suspend`]).
+    /// Suspend the volume's IO everywhere (see [`QuiesceObject::suspend`]),
+    /// and wait for writes a RAID1 still sends to write-mostly members
+    /// after answering them (md's barrier waits for them too): once this
+    /// returns, nothing of the volume is in flight to any member. Past
+    /// `timeout` the volume resumes and the error says what was left.
     pub fn suspend(&self, timeout: Duration) -> Result<SuspendGuard, QuiesceError> {
-        self.quiesce.suspend(timeout)
+        let t = Instant::now();
+        let guard = self.quiesce.suspend(timeout)?;
+        if let Some(raid) = &self.quiesce.config().1.raid {
+            let behind = &raid.member_set().behind;
+            if let Err(left) = behind.drain(timeout.saturating_sub(t.elapsed())) {
+                return Err(QuiesceError::BackgroundBusy {
+                    name: self.name.clone(),
+                    what: format!("{left} writes to write-mostly members"),
+                    waited: t.elapsed(),
+                });
+            }
+        }
+        Ok(guard)
     }
 }

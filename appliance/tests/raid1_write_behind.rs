@@ -20,7 +20,7 @@ use bdev::{
     BdevError, BlockDevice, Completion, DeviceInfo, FaultDevice, IoChannel, IoOp, IoRequest,
     RamDevice, SubmitError,
 };
-use poller::{ReactorConfig, Reactors};
+use poller::{PollState, ReactorConfig, Reactors};
 
 const OFFSET: u64 = 256;
 
@@ -340,6 +340,141 @@ fn a_write_whose_foreground_member_fails_is_answered_by_its_background_copy() {
     run_one(ch.as_mut(), rw(IoOp::Read, 7, 1, &mut got, 2)).unwrap();
     assert_eq!(got, pattern(1));
     drop(ch);
+    drop(monitor);
+    reactors.shutdown().unwrap();
+}
+
+/// Found in review: a suspend of the volume (the operator's, to snapshot
+/// its members, or a held range's) said nothing was in flight while a
+/// write acknowledged to the guest was still on its way to the
+/// write-mostly member. The suspend now waits for it, as md's barrier
+/// does, and at its deadline changes nothing.
+#[test]
+fn a_suspend_waits_for_writes_still_going_to_a_write_mostly_member() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let raw: Vec<Arc<dyn BlockDevice>> = (0..2)
+        .map(|i| {
+            Arc::new(RamDevice::new(&format!("m{i}"), 4096, OFFSET + 4096).unwrap())
+                as Arc<dyn BlockDevice>
+        })
+        .collect();
+    let open = Arc::new(AtomicBool::new(true));
+    let m1: Arc<dyn BlockDevice> = Arc::new(Gate {
+        inner: raw[1].clone(),
+        open: open.clone(),
+        room: Arc::new(AtomicUsize::new(usize::MAX)),
+    });
+    let (_tx, rx) = mpsc::channel();
+    let spec = VolumeSpec {
+        name: "wb".into(),
+        level: Level::Raid1,
+        layout: Layout::LeftSymmetric,
+        chunk_bytes: 64 << 10,
+        data_offset: OFFSET,
+        members: vec![raw[0].clone(), m1],
+        bitmap_chunk_bytes: 1 << 20,
+    };
+    let (dev, meta) = assembly::create(&spec, FailureSink::none(), true).unwrap();
+    let volume = Volume::new(reactors.set(), "wb", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    assert!(monitor.open(true).unwrap().is_none());
+    monitor.set_write_mostly("m1", true).unwrap();
+    monitor.set_write_behind(4).unwrap();
+    // The region's bitmap bit reaches m1 before it turns slow.
+    volume
+        .io(IoOp::Write, 100, pattern(0), Duration::from_secs(30))
+        .unwrap();
+    open.store(false, Ordering::SeqCst);
+
+    // A consumer on reactor 0 writes through the volume's gate and keeps
+    // polling its channel after the answer, as an export's queue does.
+    let (done_tx, done_rx) = mpsc::channel();
+    let q = volume.quiesce().clone();
+    reactors
+        .set()
+        .send(
+            0,
+            Box::new(move |ctx| {
+                let gate = q.local(ctx).unwrap();
+                let mut data = pattern(1);
+                let mut ch: Option<Box<dyn IoChannel>> = None;
+                let mut answered = false;
+                let mut out = Vec::new();
+                ctx.add_poller(move |_| {
+                    let Some(c) = ch.as_mut() else {
+                        assert!(gate.try_begin(), "nothing suspends the volume yet");
+                        let mut c = gate.config().1.device.open_channel().unwrap();
+                        c.submit(rw(IoOp::Write, 0, 1, &mut data, 1)).unwrap();
+                        ch = Some(c);
+                        return PollState::Busy;
+                    };
+                    c.poll(&mut out);
+                    if !answered && !out.is_empty() {
+                        answered = true;
+                        gate.end();
+                        done_tx.send(out[0].result).unwrap();
+                    }
+                    if answered && c.inflight() == 0 {
+                        return PollState::Done;
+                    }
+                    PollState::Busy
+                });
+            }),
+        )
+        .unwrap_or_else(|_| panic!("reactor 0 is gone"));
+    assert_eq!(
+        done_rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        Ok(()),
+        "answered while m1 holds the write"
+    );
+    assert_eq!(monitor.snapshot().write_behind.1, 1);
+
+    // Every core acknowledges at once, but the write is still going to
+    // m1: the suspend waits for it and, at its deadline, resumes.
+    let e = volume
+        .suspend(Duration::from_millis(200))
+        .err()
+        .expect("a suspend with a write still going to m1");
+    assert!(
+        matches!(e, poller::QuiesceError::BackgroundBusy { .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("1 writes to write-mostly members"),
+        "{e}"
+    );
+    assert!(
+        !volume.quiesce().is_suspended(),
+        "the deadline changed nothing"
+    );
+
+    // A suspend that waits while m1 takes the write returns once m1 has it.
+    let v = volume.clone();
+    let waiting = std::thread::spawn(move || v.suspend(Duration::from_secs(60)));
+    let t = Instant::now();
+    while !volume.quiesce().is_suspended() {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::yield_now();
+    }
+    open.store(true, Ordering::SeqCst);
+    let guard = waiting.join().unwrap().unwrap();
+    let mut got = vec![0u8; 4096];
+    run_one(
+        raw[1].open_channel().unwrap().as_mut(),
+        rw(IoOp::Read, OFFSET, 1, &mut got, 9),
+    )
+    .unwrap();
+    assert_eq!(
+        got,
+        pattern(1),
+        "m1 had the write when the suspend returned"
+    );
+    drop(guard);
     drop(monitor);
     reactors.shutdown().unwrap();
 }

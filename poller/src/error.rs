@@ -61,6 +61,18 @@ pub enum QuiesceError {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// Every reactor acknowledged, but work the object still does after
+    /// answering its IO (a RAID1's writes to write-mostly members) did not
+    /// finish within the deadline.
+    #[error("{name}: {what} did not finish within {waited:?}; nothing was changed")]
+    BackgroundBusy {
+        /// The object.
+        name: String,
+        /// What was still going on.
+        what: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// Called on a reactor thread, which would wait for itself.
     #[error("{0}: suspend called on reactor thread {1}; it must be called from a control thread")]
     OnReactor(String, usize),

@@ -98,7 +98,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> MgmtError {
 
 fn from_quiesce(what: &str, e: QuiesceError) -> MgmtError {
     match e {
-        QuiesceError::DeadlineExceeded { .. } => {
+        QuiesceError::DeadlineExceeded { .. } | QuiesceError::BackgroundBusy { .. } => {
             MgmtError::DeadlineExceeded(format!("{what}: {e}"))
         }
         _ => MgmtError::Internal(format!("{what}: {e}")),

@@ -31,9 +31,6 @@ pub enum RaidError {
     /// (corrupt, foreign, out of range).
     #[error("{0}")]
     Invalid(String),
-    /// Work did not finish in time (a drain, a checkpoint's wait).
-    #[error("{0}")]
-    NotDone(String),
     /// A volume operation failed under it.
     #[error(transparent)]
     Volume(#[from] crate::volume::VolumeError),

@@ -654,15 +654,12 @@ impl WriteBehind {
     }
 
     /// Wait until no write is in the background (the reactors finish
-    /// them); after `timeout`, an error saying how many are left.
-    pub fn drain(&self, timeout: std::time::Duration) -> Result<(), super::RaidError> {
+    /// them); after `timeout`, how many are left.
+    pub fn drain(&self, timeout: std::time::Duration) -> Result<(), u64> {
         let t = std::time::Instant::now();
         while self.inflight() > 0 {
             if t.elapsed() >= timeout {
-                return Err(super::RaidError::NotDone(format!(
-                    "{} writes to write-mostly members did not finish in {timeout:?}",
-                    self.inflight()
-                )));
+                return Err(self.inflight());
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }

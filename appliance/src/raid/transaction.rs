@@ -32,7 +32,8 @@ use crate::volume::VolumeConfig;
 
 fn quiesce_error(e: poller::QuiesceError) -> OpError {
     match e {
-        poller::QuiesceError::DeadlineExceeded { .. } => OpError::DeadlineExceeded(e.to_string()),
+        poller::QuiesceError::DeadlineExceeded { .. }
+        | poller::QuiesceError::BackgroundBusy { .. } => OpError::DeadlineExceeded(e.to_string()),
         e => OpError::Internal(e.to_string()),
     }
 }
@@ -78,14 +79,9 @@ impl Inner {
             return Ok(plan.follow);
         }
         let timeout = self.timeout();
+        // The suspend waits for writes still going to write-mostly members
+        // in the background too: they are IO of this generation.
         let guard = self.volume.suspend(timeout).map_err(quiesce_error)?;
-        // Writes still going to write-mostly members in the background are
-        // IO of this generation too (md's barrier waits for them).
-        s.current
-            .member_set()
-            .behind
-            .drain(timeout)
-            .map_err(|e| OpError::DeadlineExceeded(e.to_string()))?;
         if !revalidate(s, change)? {
             // Overtaken while the volume drained: nothing to do.
             return Ok(Vec::new());
