@@ -124,7 +124,7 @@ pub struct Journal {
     draining: AtomicBool,
     /// What the superblock says (one writer at a time).
     checkpoint_seq: AtomicU64,
-    super_lock: Mutex<()>,
+    super_lock: Mutex<StoredMode>,
     /// One checkpoint at a time, whoever calls it (a volume's monitor and
     /// anyone else): two that overlap would move the tail back when the
     /// one that closed the older epoch finishes last, and share the
@@ -177,6 +177,12 @@ pub fn fuzz_write(dev: &dyn BlockDevice, image: &[u8]) {
 /// The most the write-back cache holds in memory, whatever the journal's
 /// size (a sixteenth of a large NVMe journal would be gigabytes).
 const CACHE_MAX_BYTES: u64 = 256 << 20;
+
+/// The mode the superblock says, and how many switches wrote it.
+struct StoredMode {
+    mode: JournalMode,
+    switches: u64,
+}
 
 impl Journal {
     /// Write a fresh write-through journal on `dev` (everything on it is
@@ -234,7 +240,10 @@ impl Journal {
             reclaim_wanted: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             checkpoint_seq: AtomicU64::new(s.checkpoint_seq),
-            super_lock: Mutex::new(()),
+            super_lock: Mutex::new(StoredMode {
+                mode: s.mode,
+                switches: 0,
+            }),
             checkpoint_lock: Mutex::new(()),
             counts: Default::default(),
         })
@@ -265,21 +274,33 @@ impl Journal {
                 || self.draining.load(Ordering::Relaxed))
     }
 
-    /// Write the superblock as things are now.
+    /// Write the superblock with the checkpoint as it is now and the mode
+    /// it says already. A checkpoint never changes the mode: it used to
+    /// write the in-memory mode, and one that ran between a switch's
+    /// superblock (write-back) and its flag put write-through back on disk.
     fn write_super(&self) -> Result<(), RaidError> {
-        self.write_super_mode(self.mode())
+        let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = stored.mode;
+        self.store_super(&mut stored, mode)
     }
 
-    /// Write the superblock saying `mode`.
+    /// Write the superblock saying `mode` (a switch of modes).
     pub(crate) fn write_super_mode(&self, mode: JournalMode) -> Result<(), RaidError> {
-        let _g = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        stored.switches += 1;
+        self.store_super(&mut stored, mode)
+    }
+
+    fn store_super(&self, stored: &mut StoredMode, mode: JournalMode) -> Result<(), RaidError> {
         let s = Super {
             nonce: self.nonce,
             log_blocks: self.log_blocks,
             checkpoint_seq: self.checkpoint_seq.load(Ordering::SeqCst),
             mode,
         };
-        superblock::store(self.dev.as_ref(), &s)
+        superblock::store(self.dev.as_ref(), &s)?;
+        stored.mode = mode;
+        Ok(())
     }
 
     /// Turn write-back on or off for new writes. Only with the volume
@@ -332,6 +353,11 @@ impl Journal {
     ) -> Result<(), RaidError> {
         let t = Instant::now();
         let mut last_error = String::new();
+        let switches = self
+            .super_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .switches;
         loop {
             if self.mode() == JournalMode::WriteBack {
                 // Switched back meanwhile: nothing to drain.
@@ -358,7 +384,12 @@ impl Journal {
         if self.has_failed() {
             return Ok(());
         }
-        self.write_super()
+        let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if stored.switches != switches || self.mode() == JournalMode::WriteBack {
+            // Switched back to write-back meanwhile: its superblock stays.
+            return Ok(());
+        }
+        self.store_super(&mut stored, JournalMode::WriteThrough)
     }
 
     /// What it has done since it was opened.
@@ -576,6 +607,27 @@ mod tests {
     use super::*;
     use crate::raid::metaio::sync;
     use bdev::{IoOp, RamDevice};
+
+    /// Found in review: a checkpoint wrote the in-memory mode, so one
+    /// between a switch's superblock (write-back) and its flag put
+    /// write-through back on disk, and a restart came back write-through.
+    #[test]
+    fn a_checkpoint_keeps_the_mode_the_superblock_says() {
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        let j = Journal::format(jdev.clone()).unwrap();
+        assert_eq!(j.mode(), JournalMode::WriteThrough);
+        j.write_super_mode(JournalMode::WriteBack).unwrap();
+        j.write_super().unwrap();
+        let s = superblock::load(jdev.as_ref()).unwrap();
+        assert_eq!(s.mode, JournalMode::WriteBack);
+        // And the other way: the flag is on, the superblock still says
+        // write-through (a switch not yet written): a checkpoint keeps it.
+        let j = Journal::format(jdev.clone()).unwrap();
+        j.set_write_back(true);
+        j.write_super().unwrap();
+        let s = superblock::load(jdev.as_ref()).unwrap();
+        assert_eq!(s.mode, JournalMode::WriteThrough);
+    }
 
     #[test]
     fn the_checksum_covers_header_fields_entries_and_blocks_and_old_records_still_pass() {
