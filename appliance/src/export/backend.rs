@@ -651,6 +651,15 @@ impl VhostUserBackendReqHandlerMut for Handler {
         v.call = fd.map(Arc::new);
         if let Some(r) = &v.running {
             r.shared.set_call(v.call.clone());
+            // Wake the queue's reactor if it sleeps, so the runner takes
+            // the new fd (and tells it once) now rather than at the next
+            // kick: the guest may be waiting for an interrupt that went to
+            // the old fd. A kick is the wake-up the runner already has.
+            if let Some(kick) = &r.kick {
+                // An eventfd write fails only when its counter is full:
+                // the reactor is awake then anyway.
+                let _ = std::io::Write::write(&mut &*kick, &1u64.to_ne_bytes());
+            }
         }
         Ok(())
     }

@@ -324,12 +324,22 @@ impl Runner {
         let call_gen = self.shared.call_gen.load(Ordering::Relaxed);
         if call_gen != self.call_gen {
             self.call_gen = call_gen;
+            let had = self.call.is_some();
             self.call = self
                 .shared
                 .call
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
+            // The last poll may have signalled the old fd after the
+            // frontend looked at it (QEMU checks a masked vector's
+            // notifier once, when it unmasks): that interrupt would be
+            // lost, and a guest waiting for it never kicks again. The new
+            // fd is told once; a spurious interrupt costs the guest a look.
+            if had {
+                self.signal_pending = true;
+                self.signal_now();
+            }
         }
         // The channel may have work of its own after our requests are done
         // (a RAID1's writes to write-mostly members in the background).
@@ -808,14 +818,20 @@ impl Runner {
         if !self.signal_pending || self.ring_lost {
             return;
         }
-        self.signal_pending = false;
         // With EVENT_IDX the guest says when it wants an interrupt.
         if self.ring.needs_notification() {
-            if let Some(call) = &self.call {
-                let one = 1u64;
-                // SAFETY: writing 8 bytes to the guest's call eventfd.
-                unsafe { libc::write(call.as_raw_fd(), (&one as *const u64).cast(), 8) };
-            }
+            self.signal_now();
+        }
+        self.signal_pending = false;
+    }
+
+    /// Interrupt the guest, whatever it asked for.
+    fn signal_now(&mut self) {
+        self.signal_pending = false;
+        if let Some(call) = &self.call {
+            let one = 1u64;
+            // SAFETY: writing 8 bytes to the guest's call eventfd.
+            unsafe { libc::write(call.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
 
