@@ -345,7 +345,10 @@ impl<C: Send + Sync + 'static> Worker<C> {
                 self.generation = g;
             }
         }
-        if !stopping {
+        // Never IO of a new generation through the old one's channel (it
+        // is reopened above once idle).
+        let stale = self.device_of.is_some() && self.gate.generation() != self.generation;
+        if !stopping && !stale {
             while let Some(&slot) = self.free.last() {
                 if !self.gate.try_begin() {
                     break;
