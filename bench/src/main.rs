@@ -412,6 +412,10 @@ fn device(
         return Err(format!("IO failed: {totals:?}"));
     }
     let ios = totals.ios.max(1) as f64;
+    let floor = match kind {
+        Kind::Ram => Some(copy_floor_ns(bytes, matches!(rw, Rw::Randread), seconds)),
+        Kind::File => None,
+    };
     Ok(json!({
         "bench": "device",
         "kind": format!("{kind:?}").to_lowercase(),
@@ -420,7 +424,37 @@ fn device(
         "iops": ios / elapsed,
         "cpu_ns_per_io": cpu / ios,
         "busy_ns_per_io": busy as f64 / ios,
+        "plain_copy_ns_per_io": floor,
     }))
+}
+
+/// What a plain copy of a random 4 KiB block costs on this machine, out
+/// of (or, for writes, into) a touched buffer of `bytes`, to or from 32
+/// rotating buffers (the queue depth's): the floor under a RAM device's
+/// request, which copies the same way. No prefetch, as a simple loop has.
+fn copy_floor_ns(bytes: u64, read: bool, seconds: f64) -> f64 {
+    let blocks = (bytes / 4096).max(1) as usize;
+    let mut big = vec![0xabu8; blocks * 4096];
+    let mut small = vec![0x5au8; 32 * 4096];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (mut n, t) = (0u64, Instant::now());
+    while t.elapsed().as_secs_f64() < seconds {
+        for i in 0..1024 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x as usize % blocks) * 4096;
+            let buf = (i % 32) * 4096;
+            if read {
+                small[buf..buf + 4096].copy_from_slice(&big[at..at + 4096]);
+            } else {
+                big[at..at + 4096].copy_from_slice(&small[buf..buf + 4096]);
+            }
+        }
+        n += 1024;
+    }
+    std::hint::black_box((&big, &small));
+    t.elapsed().as_nanos() as f64 / n as f64
 }
 
 fn prefill(d: &RamDevice) -> Result<(), String> {
