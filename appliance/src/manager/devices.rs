@@ -278,6 +278,15 @@ impl Manager {
                 e => MgmtError::Internal(format!("resizing device {name}: {e}")),
             })
         };
+        // Another resize, or a claim of a free device, may have come
+        // between the look above and here: the device switches only if it
+        // is still `old` with the same holder (two resizes that both
+        // copied `old` lost the writes made between them).
+        let changed = || {
+            MgmtError::FailedPrecondition(format!(
+                "device {name} was resized or claimed while this resize waited; nothing was changed"
+            ))
+        };
         let grown = match &volume {
             // The copy (RAM) or truncate (file) runs while the volume is
             // quiesced: no IO reaches either object meanwhile.
@@ -286,8 +295,18 @@ impl Manager {
                 let timeout = self.shared.timeout();
                 v.volume
                     .quiesce()
-                    .reconfigure(timeout, |_| {
+                    .reconfigure(timeout, |current| {
+                        if !Arc::ptr_eq(&current.device, &old) {
+                            return Err(changed());
+                        }
                         let grown = resize(&old)?;
+                        if !self
+                            .shared
+                            .roles
+                            .replace(&old, &grown, Some(v.volume.name()))
+                        {
+                            return Err(changed());
+                        }
                         Ok((VolumeConfig::plain(grown.clone()), grown))
                     })
                     .map_err(|e| match e {
@@ -297,16 +316,25 @@ impl Manager {
                         poller::ReconfigureError::Rejected(m) => m,
                     })?
             }
-            None => resize(&old)?,
+            None => {
+                let grown = resize(&old)?;
+                if !self.shared.roles.replace(&old, &grown, None) {
+                    return Err(changed());
+                }
+                grown
+            }
         };
         {
             let mut inv = self.inv();
-            if let Some(d) = inv.devices.get_mut(name) {
+            if let Some(d) = inv
+                .devices
+                .get_mut(name)
+                .filter(|d| Arc::ptr_eq(&d.dev, &old))
+            {
                 d.dev = grown.clone();
                 d.decl.spec = spec;
             }
         }
-        self.shared.roles.replace(&grown);
         self.save()?;
         let view = self
             .device_view(name)

@@ -44,12 +44,25 @@ impl RoleBook {
         );
     }
 
-    /// `dev` replaces the device attached under its name (a resize),
-    /// keeping its role.
-    pub fn replace(&self, dev: &Arc<dyn BlockDevice>) {
-        if let Some(e) = lock(&self.map).get_mut(&dev.info().name) {
-            e.id = device_id(dev);
+    /// `new` replaces `old` under its name (a resize), keeping its role,
+    /// if `old` is still the object attached there and `holder` (a volume,
+    /// or none: free) still holds it; false, changing nothing, otherwise:
+    /// another resize or a claim came first.
+    pub fn replace(
+        &self,
+        old: &Arc<dyn BlockDevice>,
+        new: &Arc<dyn BlockDevice>,
+        holder: Option<&str>,
+    ) -> bool {
+        let mut m = lock(&self.map);
+        let Some(e) = m.get_mut(&old.info().name) else {
+            return false;
+        };
+        if e.id != device_id(old) || e.holder.as_ref().map(|(v, _)| v.as_str()) != holder {
+            return false;
         }
+        e.id = device_id(new);
+        true
     }
 
     /// Detach `name` if no volume holds it; the holder otherwise.
@@ -162,6 +175,30 @@ mod tests {
 
     fn ram(name: &str) -> Arc<dyn BlockDevice> {
         Arc::new(bdev::RamDevice::new(name, 4096, 16).unwrap())
+    }
+
+    /// From review: two resizes of one device both copied the old object
+    /// and the second switch lost what was written in between; a resize
+    /// of a free device raced a claim of the old object.
+    #[test]
+    fn a_resize_switches_only_the_object_it_copied_with_its_holder() {
+        let book = RoleBook::default();
+        let d = ram("d");
+        book.attach(&d);
+        let (g1, g2) = (ram("d"), ram("d"));
+        assert!(book.replace(&d, &g1, None));
+        assert!(
+            !book.replace(&d, &g2, None),
+            "a second resize of the old object"
+        );
+        assert!(
+            book.claim(&d, "v", Role::Member, None).is_err(),
+            "the old object"
+        );
+        book.claim(&g1, "v", Role::Member, None).unwrap();
+        assert!(!book.replace(&g1, &g2, None), "claimed meanwhile");
+        assert!(book.replace(&g1, &g2, Some("v")));
+        assert_eq!(book.holder("d"), Some(("v".into(), Role::Member)));
     }
 
     #[test]
