@@ -864,7 +864,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
             tracing::warn!(error = %why, "vhost-user SET_LOG_BASE refused: the connection closes");
             VuError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
         };
-        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset).map_err(refuse)?;
+        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset, &self.export.fault)
+            .map_err(refuse)?;
         let end = self.memory.end();
         if map.pages().saturating_mul(super::dirtylog::LOG_PAGE) < end {
             return Err(refuse(format!(

@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -20,6 +21,8 @@ const MAX_LOG_BYTES: u64 = (16 << 40) / LOG_PAGE / 8;
 
 /// A mapped dirty log.
 pub struct DirtyLog {
+    /// Dropped before `map`: the SIGBUS table never names an unmapped range.
+    _sigbus: super::sigbus::Registration,
     map: MmapRaw,
     /// Bits we set (a page written twice counts twice).
     marked: AtomicU64,
@@ -38,7 +41,12 @@ impl std::fmt::Debug for DirtyLog {
 
 impl DirtyLog {
     /// Map `size` bytes of `file` from `offset`, as SET_LOG_BASE names them.
-    pub fn map(file: &File, size: u64, offset: u64) -> Result<DirtyLog, String> {
+    pub fn map(
+        file: &File,
+        size: u64,
+        offset: u64,
+        fault: &Arc<super::fault::FaultSignal>,
+    ) -> Result<DirtyLog, String> {
         if size == 0 || size > MAX_LOG_BYTES {
             return Err(format!(
                 "a dirty log of {size} bytes (1 to {MAX_LOG_BYTES} accepted)"
@@ -50,13 +58,17 @@ impl DirtyLog {
         if offset.checked_add(size).is_none() {
             return Err(format!("dirty log {offset:#x}+{size:#x} overflows"));
         }
-        let len = file
+        let meta = file
             .metadata()
-            .map_err(|e| format!("dirty log file: {e}"))?
-            .len();
-        // Only a regular file (a memfd) has a length to check; a mapping
-        // past its end would fault on the reactor that writes there.
-        if len != 0 && offset + size > len {
+            .map_err(|e| format!("dirty log file: {e}"))?;
+        // A memory file (memfd, tmpfs, hugetlbfs), as QEMU sends: a device
+        // or pipe has no length to check, and a mapping past a file's end
+        // faults on the reactor that writes there.
+        if !meta.file_type().is_file() {
+            return Err("the dirty log's descriptor is not a memory file".into());
+        }
+        let len = meta.len();
+        if offset + size > len {
             return Err(format!(
                 "dirty log {offset:#x}+{size:#x} is beyond its file ({len:#x} bytes)"
             ));
@@ -66,7 +78,11 @@ impl DirtyLog {
             .len(size as usize)
             .map_raw(file)
             .map_err(|e| format!("mapping the dirty log: {e}"))?;
+        // The frontend may still shrink the file under the mapping: a mark
+        // there then costs its connection, not the daemon (sigbus.rs).
+        let sigbus = super::sigbus::register(map.as_mut_ptr(), map.len(), fault);
         Ok(DirtyLog {
+            _sigbus: sigbus,
             map,
             marked: AtomicU64::new(0),
             beyond: AtomicU64::new(0),
@@ -110,6 +126,7 @@ impl DirtyLog {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fault::FaultSignal;
     use super::*;
 
     fn memfd(len: u64) -> File {
@@ -132,7 +149,7 @@ mod tests {
     #[test]
     fn marks_every_page_a_write_touches_and_nothing_else() {
         let f = memfd(8192);
-        let log = DirtyLog::map(&f, 4096, 4096).unwrap();
+        let log = DirtyLog::map(&f, 4096, 4096, &fault()).unwrap();
         assert_eq!(log.pages(), 4096 * 8);
         log.mark(0, 1); // page 0
         log.mark(4095 + 4096 * 8, 2); // pages 8 and 9
@@ -147,14 +164,48 @@ mod tests {
         assert_eq!(log.counts(), (4, 1));
     }
 
+    fn fault() -> Arc<FaultSignal> {
+        Arc::new(FaultSignal::new().unwrap())
+    }
+
     #[test]
     fn bad_logs_are_refused() {
         let f = memfd(8192);
-        assert!(DirtyLog::map(&f, 0, 0).is_err());
-        assert!(DirtyLog::map(&f, 4096, 100).is_err());
-        assert!(DirtyLog::map(&f, 8192, 4096).is_err(), "past the file");
-        assert!(DirtyLog::map(&f, u64::MAX, 0).is_err());
-        assert!(DirtyLog::map(&f, 4096, u64::MAX - 4095).is_err());
-        assert!(DirtyLog::map(&f, 8192, 0).is_ok());
+        let fault = fault();
+        assert!(DirtyLog::map(&f, 0, 0, &fault).is_err());
+        assert!(DirtyLog::map(&f, 4096, 100, &fault).is_err());
+        assert!(
+            DirtyLog::map(&f, 8192, 4096, &fault).is_err(),
+            "past the file"
+        );
+        assert!(DirtyLog::map(&f, u64::MAX, 0, &fault).is_err());
+        assert!(DirtyLog::map(&f, 4096, u64::MAX - 4095, &fault).is_err());
+        assert!(DirtyLog::map(&f, 8192, 0, &fault).is_ok());
+        // From review: an empty memfd passed (a length of 0 was taken for
+        // a file without one), and a pipe is no memory file.
+        assert!(
+            DirtyLog::map(&memfd(0), 4096, 0, &fault).is_err(),
+            "empty file"
+        );
+        let (r, _w) = std::io::pipe().unwrap();
+        let pipe = File::from(std::os::fd::OwnedFd::from(r));
+        assert!(DirtyLog::map(&pipe, 4096, 0, &fault).is_err(), "a pipe");
+    }
+
+    /// From review: a frontend that shrinks its log after SET_LOG_BASE
+    /// made the next mark raise SIGBUS, whose default action killed the
+    /// daemon. The mark now lands on zero memory and raises the export's
+    /// fault signal (its connection closes).
+    #[test]
+    fn a_log_shrunk_under_the_mapping_costs_only_its_connection() {
+        let f = memfd(8192);
+        let fault = fault();
+        let log = DirtyLog::map(&f, 8192, 0, &fault).unwrap();
+        log.mark(0, 1);
+        assert!(!fault.take());
+        f.set_len(0).unwrap();
+        log.mark(4096 * 8 * 4096 + 4096, 1);
+        assert!(fault.take(), "the export's fault signal was raised");
+        assert_eq!(fault.count(), 1);
     }
 }
