@@ -469,3 +469,29 @@ fn an_indirect_table_longer_than_the_queue_is_served() {
     assert_eq!(got, ((n as u32 - 2) * 512 + 1, S_OK));
     g.good_read(0);
 }
+
+/// From review: a request the frontend waits for an answer to (here
+/// GET_VRING_BASE of a queue that does not exist) failed in our handler,
+/// the vhost crate sends no answer then, and the connection went on: the
+/// frontend waited for good (QEMU holding its main loop). The connection
+/// closes instead, and the export takes the next frontend.
+#[test]
+fn a_failed_request_that_must_be_answered_closes_the_connection() {
+    use std::io::{Read, Write};
+    const GET_VRING_BASE: u32 = 11;
+    let r = rig_of(1, Duration::from_micros(50), 1);
+    let mut s = std::os::unix::net::UnixStream::connect(&r.socks[0]).unwrap();
+    let mut msg = header(GET_VRING_BASE, 8).to_vec();
+    msg.extend_from_slice(&99u32.to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    s.write_all(&msg).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        other => panic!("expected the connection closed, got {other:?}"),
+    }
+    drop(s);
+    let mut g = Guest::new(&r.socks[0], 1);
+    g.good_read(0);
+}

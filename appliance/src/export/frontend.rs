@@ -104,6 +104,30 @@ impl FrontendChannel {
     }
 }
 
+/// Requests the backend answers whether or not REPLY_ACK was agreed
+/// (GET_FEATURES, SET_LOG_BASE, GET_VRING_BASE, GET_PROTOCOL_FEATURES,
+/// GET_QUEUE_NUM, GET_CONFIG, POSTCOPY_ADVISE, GET_INFLIGHT_FD,
+/// GET_MAX_MEM_SLOTS, GET_SHARED_OBJECT, SET_DEVICE_STATE_FD,
+/// CHECK_DEVICE_STATE, GET_SHMEM_CONFIG): the frontend waits for the reply,
+/// and the crate sends none when the request fails.
+const ALWAYS_ANSWERED: [u32; 13] = [1, 6, 11, 15, 17, 24, 28, 31, 36, 41, 42, 43, 44];
+
+/// Whether the next message on the connection `fd` is one the frontend
+/// waits for an answer to whatever was agreed (peeked, left queued).
+pub fn next_needs_answer(fd: RawFd) -> bool {
+    let mut code = [0u8; 4];
+    // SAFETY: recv into a 4-byte buffer we own; no ancillary data.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            code.as_mut_ptr().cast(),
+            code.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 4 && ALWAYS_ANSWERED.contains(&u32::from_le_bytes(code))
+}
+
 /// If the next message on the connection `fd` is SET_BACKEND_REQ_FD, our
 /// own duplicate of the socket it carries; the message stays queued for
 /// the protocol handler.

@@ -616,6 +616,7 @@ fn serve_connection(
                 *shared.frontend.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch);
             }
         }
+        let answered = frontend::next_needs_answer(conn.as_raw_fd());
         shared
             .io_clock
             .start(shared.connections.load(Ordering::SeqCst));
@@ -626,8 +627,17 @@ fn serve_connection(
                 // Our handler refused one request; the frontend got the
                 // failure (REPLY_ACK) and the connection goes on.
                 vhost::vhost_user::Error::InvalidParam
-                | vhost::vhost_user::Error::InvalidOperation(_) => {
+                | vhost::vhost_user::Error::InvalidOperation(_)
+                    if !answered =>
+                {
                     continue;
+                }
+                // A request the frontend waits for an answer to failed, and
+                // the crate sends no answer then: QEMU would wait for good
+                // (holding its main loop). Closing tells it at once.
+                vhost::vhost_user::Error::InvalidParam
+                | vhost::vhost_user::Error::InvalidOperation(_) => {
+                    tracing::warn!(error = %e, "a vhost-user request that must be answered failed: the connection closes");
                 }
                 vhost::vhost_user::Error::Disconnected
                 | vhost::vhost_user::Error::PartialMessage => {
