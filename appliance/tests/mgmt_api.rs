@@ -1932,6 +1932,26 @@ fn members_are_removed_and_added_back_through_the_api() {
         .devices
         .iter()
         .all(|x| x.name != "huge"));
+    // From review: beside a RAM device, a size near 2^64 wrapped the sum
+    // past the check (release builds; debug ones panicked).
+    call!(d, c, attach_device, attach("small", "ram:16M")).unwrap();
+    let e = call!(
+        d,
+        c,
+        attach_device,
+        attach("huge", "ram:18446744073709547520")
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::ResourceExhausted, "{e:?}");
+    call!(
+        d,
+        c,
+        detach_device,
+        pb::DetachDeviceRequest {
+            name: "small".into()
+        }
+    )
+    .unwrap();
     for (req, code) in [
         (member("v", "d4"), Code::FailedPrecondition),
         (member("v", "nope"), Code::NotFound),

@@ -30,11 +30,13 @@ impl Inventory {
             .map(|d| d.dev.info().size_bytes())
             .sum::<u64>()
             .saturating_add(pending);
-        let after = taken - had + size;
+        // Saturating: a size near u64::MAX wrapped past the check in
+        // release builds (and panicked in debug ones).
+        let others = taken.saturating_sub(had);
+        let after = others.saturating_add(size);
         match crate::host::memory_total() {
             Some(total) if after > total => Err(MgmtError::ResourceExhausted(format!(
-                "device {name}: {size} bytes of RAM asked, {} already in other RAM devices, the machine has {total}",
-                taken - had
+                "device {name}: {size} bytes of RAM asked, {others} already in other RAM devices, the machine has {total}"
             ))),
             _ => Ok(()),
         }
