@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use appliance::raid::assembly::{self, VolumeSpec};
 use appliance::raid::journal::{Journal, JournalMode};
 use appliance::raid::members::{FailureSink, MemberState};
-use appliance::raid::monitor::Monitor;
+use appliance::raid::monitor::{Monitor, OpError};
 use appliance::raid::superblock::{Level, Superblock};
 use appliance::volume::{Volume, VolumeError};
 use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
@@ -610,5 +610,38 @@ fn a_bitmap_turned_on_with_a_member_gone_fails_that_member() {
     rig.write(8, 8, 0x42).unwrap();
     assert_eq!(rig.read(0, 8), vec![0x41; 8 * BS]);
     assert_eq!(rig.read(8, 8), vec![0x42; 8 * BS]);
+    rig.stop();
+}
+
+/// From review: an operator's fail was checked against losing data before
+/// the suspend only. Another member that failed in the IO path while the
+/// volume drained (a slow drain is often that member dying) was not seen,
+/// and the volume lost two members. The fail is checked again inside the
+/// suspend, and refused.
+#[test]
+fn an_operator_fail_is_checked_again_after_the_drain() {
+    let rig = Rig::new(Level::Raid5, 3, 0, false);
+    rig.write(0, 64, 0x31).unwrap();
+    let stuck = rig.stuck_flush(1);
+    let failed = std::thread::scope(|s| {
+        let fail = s.spawn(|| rig.monitor.fail_member("m0"));
+        eventually("the fail's suspend waits for the flush", || {
+            rig.volume.quiesce().is_suspended()
+        });
+        // m1 dies under the held flush, which then fails.
+        rig.faults[1].control().pull();
+        rig.faults[1].control().release();
+        fail.join().unwrap()
+    });
+    let _ = stuck.join().unwrap();
+    match failed {
+        Err(OpError::FailedPrecondition(why)) => {
+            assert!(why.contains("would lose data"), "{why}")
+        }
+        other => panic!("the fail went through: {other:?}"),
+    }
+    eventually("m1 is failed", || rig.states()[1] == MemberState::Failed);
+    assert_eq!(rig.states()[0], MemberState::InSync);
+    assert_eq!(rig.read(0, 64), vec![0x31; 64 * BS], "served degraded");
     rig.stop();
 }

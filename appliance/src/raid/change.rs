@@ -28,6 +28,9 @@ pub enum Change {
         /// The device's identity (`members::device_id`); a report about a
         /// device the slot no longer holds is stale.
         device: usize,
+        /// An operator asked (refused, again inside the suspend, if it
+        /// would lose data); else the IO path reported the failure.
+        by_operator: bool,
     },
     /// Put the first spare into the first failed slot and rebuild it.
     UseSpare,
@@ -68,6 +71,27 @@ pub enum Change {
     Scrub(bool, Option<Arc<Bitmap>>, u64),
     /// Go on with the rebuild a restart interrupted (from its checkpoint).
     ResumeRebuild,
+}
+
+/// Why an operator may not fail the member in `slot` of `set`: it is in
+/// sync and `max_failures` members are already missing or rebuilding.
+pub(crate) fn fail_would_lose_data(
+    set: &super::members::MemberSet,
+    slot: usize,
+    max_failures: usize,
+) -> Option<String> {
+    let m = set.members.get(slot)?;
+    let degraded = set
+        .members
+        .iter()
+        .filter(|m| m.recorded_state() != MemberState::InSync)
+        .count();
+    (m.recorded_state() == MemberState::InSync && degraded >= max_failures).then(|| {
+        format!(
+            "failing {} would lose data: {degraded} member(s) already missing or rebuilding",
+            m.dev.info().name
+        )
+    })
 }
 
 impl std::fmt::Debug for Change {
@@ -277,7 +301,7 @@ pub(crate) fn plan(
         ..Plan::default()
     };
     match change {
-        Change::Fail { slot, device } => {
+        Change::Fail { slot, device, .. } => {
             let Some(m) = set.members.get(slot) else {
                 return Err(OpError::NotFound(format!("slot {slot}")));
             };

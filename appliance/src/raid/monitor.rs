@@ -194,6 +194,7 @@ impl Inner {
             Event::Failed(f) => Change::Fail {
                 slot: f.member,
                 device: f.device,
+                by_operator: false,
             },
             Event::Rebuilt(slot) if slot == members => Change::ReplaceDone,
             Event::Rebuilt(slot) => Change::Rebuilt(slot),
@@ -478,19 +479,22 @@ impl Monitor {
                 OpError::NotFound(name.to_string())
             });
         };
-        let degraded = members
-            .iter()
-            .filter(|m| m.recorded_state() != MemberState::InSync)
-            .count();
-        if members[slot].recorded_state() == MemberState::InSync
-            && degraded >= s.current.max_failures()
-        {
-            return Err(OpError::FailedPrecondition(format!(
-                "failing {name} would lose data: {degraded} member(s) already missing or rebuilding"
-            )));
+        if let Some(why) = super::change::fail_would_lose_data(
+            s.current.member_set(),
+            slot,
+            s.current.max_failures(),
+        ) {
+            return Err(OpError::FailedPrecondition(why));
         }
         let device = device_id(&members[slot].dev);
-        self.inner.apply(&mut s, Change::Fail { slot, device })
+        self.inner.apply(
+            &mut s,
+            Change::Fail {
+                slot,
+                device,
+                by_operator: true,
+            },
+        )
     }
 
     /// Give the volume a journal, or take it away. Once this returns,

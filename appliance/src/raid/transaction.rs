@@ -307,6 +307,22 @@ fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
                 }
             }
         }
+        // Another member may have failed in the IO path while the volume
+        // drained (a slow drain is often that member dying): the
+        // operator's fail is checked again.
+        Change::Fail {
+            slot,
+            by_operator: true,
+            ..
+        } => {
+            if let Some(why) = super::change::fail_would_lose_data(
+                s.current.member_set(),
+                *slot,
+                s.current.max_failures(),
+            ) {
+                return Err(OpError::FailedPrecondition(why));
+            }
+        }
         // A member may have gone while the volume drained.
         Change::Scrub(..) => {
             s.current
