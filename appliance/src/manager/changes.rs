@@ -108,24 +108,36 @@ impl Manager {
     /// device is free afterwards.
     pub fn remove_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
         self.device("device", device)?;
-        let v = self.raid(volume)?;
-        let m = monitor(&v)?;
-        let snap = m.snapshot();
-        let as_spare = snap.spares.iter().any(|d| d == device);
-        let slot = snap.members.iter().position(|d| d == device);
-        self.change(volume, |m| match (as_spare, slot) {
-            (true, _) => m.remove_spare(device),
-            (false, Some(slot)) => {
-                if snap.states[slot] != MemberState::Failed {
-                    m.fail_member(device)?;
+        self.raid(volume)?;
+        self.change(volume, |m| {
+            // Looked at under the volume's change lock: a call that came
+            // first may have failed or replaced the member meanwhile.
+            let snap = m.snapshot();
+            let as_spare = snap.spares.iter().any(|d| d == device);
+            let slot = snap.members.iter().position(|d| d == device);
+            match (as_spare, slot) {
+                (true, _) => m.remove_spare(device),
+                (false, Some(slot)) => {
+                    let failed_now = snap.states[slot] != MemberState::Failed;
+                    if failed_now {
+                        m.fail_member(device)?;
+                    }
+                    // A spare may have taken the slot already.
+                    match m.remove_failed(device) {
+                        Err(OpError::NotFound(_)) => Ok(()),
+                        // Two transactions, as md's --fail --remove: the
+                        // first is done, and the caller must not read
+                        // "nothing changed" from the second's deadline.
+                        Err(OpError::DeadlineExceeded(e)) if failed_now => {
+                            Err(OpError::DeadlineExceeded(format!(
+                                "device {device} was failed (the volume is degraded) but is still in its slot: {e}; remove it again"
+                            )))
+                        }
+                        r => r,
+                    }
                 }
-                // A spare may have taken the slot already.
-                match m.remove_failed(device) {
-                    Err(OpError::NotFound(_)) => Ok(()),
-                    r => r,
-                }
+                (false, None) => Err(OpError::NotFound(device.to_string())),
             }
-            (false, None) => Err(OpError::NotFound(device.to_string())),
         })
     }
 
