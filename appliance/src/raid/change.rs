@@ -73,6 +73,19 @@ pub enum Change {
     ResumeRebuild,
 }
 
+/// A member failed in the IO path and its failure is not yet published.
+/// A bitmap made now would not mark what it missed before, and once the
+/// failure is published the member would count as re-addable from that
+/// bitmap (md never re-adds across a change of bitmap).
+pub(crate) fn failing_unrecorded(set: &super::members::MemberSet) -> bool {
+    set.members
+        .iter()
+        .any(|m| m.state != MemberState::Failed && m.is_gone())
+}
+
+pub(crate) const FAILING_UNRECORDED: &str =
+    "a member failed and its failure is not recorded yet; try again once it is";
+
 /// Why an operator may not fail the member in `slot` of `set`: it is in
 /// sync and `max_failures` members are already missing or rebuilding.
 pub(crate) fn fail_would_lose_data(
@@ -610,6 +623,9 @@ pub(crate) fn plan(
                     return precondition(
                         "the volume has a journal, which already closes the write hole; remove it first",
                     )
+                }
+                Some(_) if failing_unrecorded(set) => {
+                    return precondition(FAILING_UNRECORDED)
                 }
                 Some(chunk) => {
                     let b = super::assembly::bitmap_in_memory(cur.as_ref(), &template, chunk)

@@ -323,6 +323,13 @@ fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
                 return Err(OpError::FailedPrecondition(why));
             }
         }
+        // A member may have failed while the volume drained: no bitmap
+        // that would count it re-addable (see `failing_unrecorded`).
+        Change::SetBitmap(Some(_)) if super::change::failing_unrecorded(s.current.member_set()) => {
+            return Err(OpError::FailedPrecondition(
+                super::change::FAILING_UNRECORDED.into(),
+            ));
+        }
         // A member may have gone while the volume drained.
         Change::Scrub(..) => {
             s.current
