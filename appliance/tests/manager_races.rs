@@ -176,6 +176,29 @@ fn a_stuck_volume_holds_up_nobody_else() {
     eventually("a's change waits for its IO", || {
         rig.mgr.get_volume("a").unwrap().quiescing
     });
+    // A new export of a waits for a's IO too (it quiesces the volume),
+    // and used to hold the inventory's lock meanwhile: every call below,
+    // b's change saving the state file included, waited for its deadline.
+    let decl = |name: &str, sock: &str| ExportDecl {
+        name: name.into(),
+        volume: "a".into(),
+        socket: rig.dir.path().join(sock),
+        num_queues: 1,
+        ..Default::default()
+    };
+    let mgr = rig.mgr.clone();
+    let second = decl("a2", "a2.sock");
+    let export = std::thread::spawn(move || mgr.create_export(second));
+    // (a is exported already, so a delete is refused before it does
+    // anything; it names the exports, the one being created too.)
+    eventually("the export is being created", || {
+        matches!(rig.mgr.delete_volume("a"),
+            Err(MgmtError::FailedPrecondition(m)) if m.contains("a2"))
+    });
+    assert!(matches!(
+        rig.mgr.create_export(decl("a2", "other.sock")),
+        Err(MgmtError::AlreadyExists(_))
+    ));
     // Everything else answers while a's change waits.
     assert_eq!(rig.mgr.list_volumes().len(), 2);
     assert_eq!(rig.mgr.list_devices().len(), 5);
@@ -183,9 +206,12 @@ fn a_stuck_volume_holds_up_nobody_else() {
     rig.mgr.fail_member("b", "b1").unwrap();
     assert!(rig.mgr.health().problems.iter().any(|p| p.contains("b")));
     assert!(!change.is_finished(), "a's change is still waiting");
+    assert!(!export.is_finished(), "the export is still waiting");
     rig.fault("a0").release();
     assert_eq!(stuck.join().unwrap(), 0);
     change.join().unwrap().unwrap();
+    export.join().unwrap().unwrap();
+    assert!(rig.mgr.list_exports().iter().any(|e| e.decl.name == "a2"));
     let a = rig.mgr.get_volume("a").unwrap();
     assert_eq!(a.state, "degraded");
     eventually("b is rebuilt", || settled(&rig.mgr, "b"));

@@ -39,10 +39,13 @@ impl Manager {
             ));
         }
         // Under the inventory's lock: the name, the socket and the volume
-        // (not being deleted) are checked and taken in one step. Creating
-        // an export binds a socket and starts a thread: short.
+        // (not being deleted) are checked and reserved in one step. The
+        // export is made outside it: it quiesces the volume, which takes
+        // until the deadline when the volume's IO is stuck, and every
+        // other call (another volume's transaction saving the state file
+        // too) would wait that long.
         let mut inv = self.inv();
-        if inv.exports.contains_key(&decl.name) {
+        if inv.exports.contains_key(&decl.name) || inv.exports_creating.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already exists",
                 decl.name
@@ -62,13 +65,28 @@ impl Manager {
                 decl.socket.display()
             )));
         }
+        if let Some((name, _)) = inv
+            .exports_creating
+            .iter()
+            .find(|(_, (_, socket))| *socket == decl.socket)
+        {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {name} is being created on {}",
+                decl.socket.display()
+            )));
+        }
         let access = crate::export::SocketAccess::parse(
             decl.socket_mode.as_deref(),
             decl.socket_owner.as_deref(),
             decl.socket_group.as_deref(),
         )
         .map_err(from_export)?;
-        let export = Export::create(
+        inv.exports_creating.insert(
+            decl.name.clone(),
+            (decl.volume.clone(), decl.socket.clone()),
+        );
+        drop(inv);
+        let created = Export::create(
             &self.shared.set,
             &vol.volume,
             ExportOptions {
@@ -81,8 +99,10 @@ impl Manager {
                 access,
                 live_migration: decl.live_migration,
             },
-        )
-        .map_err(from_export)?;
+        );
+        let mut inv = self.inv();
+        inv.exports_creating.remove(&decl.name);
+        let export = created.map_err(from_export)?;
         let view = ExportView {
             decl: decl.clone(),
             connected: false,

@@ -427,6 +427,10 @@ struct Inventory {
     /// and touched, which takes seconds for a large one): name -> spec.
     attaching: BTreeMap<String, String>,
     exports: BTreeMap<String, Arc<Exp>>,
+    /// Exports being created outside the lock (the volume is quiesced
+    /// meanwhile, which may take until its deadline): name -> (volume,
+    /// socket).
+    exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
     /// NVMe/TCP exports by NQN.
     nvmf: BTreeMap<String, nvmf::NvmfExp>,
 }

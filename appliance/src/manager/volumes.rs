@@ -756,6 +756,12 @@ impl Manager {
                 .filter(|e| e.decl.volume == name)
                 .map(|e| e.decl.name.clone())
                 .chain(
+                    inv.exports_creating
+                        .iter()
+                        .filter(|(_, (v, _))| v == name)
+                        .map(|(e, _)| e.clone()),
+                )
+                .chain(
                     inv.nvmf
                         .values()
                         .filter(|e| e.decl.volume == name)
