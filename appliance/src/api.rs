@@ -554,8 +554,11 @@ impl pb::appliance_server::Appliance for Service {
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         let mode = enum_label("mode", r.mode, pb::JournalMode::label)?;
-        self.run(move |m| m.add_journal(&r.volume, &r.device, mode).map(volume_to_pb))
-            .await
+        self.run(move |m| {
+            m.add_journal(&r.volume, &r.device, mode, r.force)
+                .map(volume_to_pb)
+        })
+        .await
     }
 
     async fn remove_journal(

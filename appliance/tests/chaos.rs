@@ -293,7 +293,7 @@ impl Lab {
                 } else {
                     "write-through"
                 };
-                let r = self.mgr.add_journal(v, &j, mode);
+                let r = self.mgr.add_journal(v, &j, mode, false);
                 self.outcome("journal-add", r);
                 "journal-add"
             }
@@ -649,7 +649,9 @@ fn a_degraded_write_back_volume_keeps_every_write_across_restarts() {
             std::thread::sleep(Duration::from_millis(5));
         }
     };
-    lab.mgr.add_journal("r5", "j0", "write-back").unwrap();
+    lab.mgr
+        .add_journal("r5", "j0", "write-back", false)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     lab.mgr.remove_spare("r5", "d3").unwrap();
     lab.mgr.fail_member("r5", "d0").unwrap();
@@ -679,7 +681,9 @@ fn a_degraded_write_back_volume_keeps_every_write_across_restarts() {
 #[test]
 fn a_write_back_volume_restarted_during_a_rebuild_keeps_every_write() {
     let mut lab = Lab::new(11);
-    lab.mgr.add_journal("r5", "j0", "write-back").unwrap();
+    lab.mgr
+        .add_journal("r5", "j0", "write-back", false)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     lab.fault("d3")
         .unwrap()

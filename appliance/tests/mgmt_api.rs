@@ -1444,6 +1444,7 @@ fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
         volume: volume.into(),
         device: device.into(),
         mode: journal_mode(mode),
+        force: false,
     };
     let remove = |volume: &str| pb::RemoveJournalRequest {
         volume: volume.into(),
@@ -1499,6 +1500,36 @@ fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
         check_pattern(&mut disk, 10 + i, (i + 1) << 20);
     }
     write_pattern(&mut disk, 20, 6 << 20);
+    // The removed journal was erased: it is taken again without force.
+    call!(d, c, add_journal, add("v", "j", "")).unwrap();
+    call!(d, c, remove_journal, remove("v")).unwrap();
+    // From review: the journal of a deleted volume (its writes may not be
+    // on its members, were it only stopped) was formatted over without a
+    // word, though members and spares refuse that without force.
+    for dev in ["w0", "w1", "w2", "wj"] {
+        call!(d, c, attach_device, attach(dev, "ram:8M")).unwrap();
+    }
+    let mut w = raid5("w", &["w0", "w1", "w2"], &[]);
+    w.journal = "wj".into();
+    call!(d, c, create_volume, w).unwrap();
+    call!(
+        d,
+        c,
+        delete_volume,
+        pb::DeleteVolumeRequest { name: "w".into() }
+    )
+    .unwrap();
+    for dev in ["wj", "w0"] {
+        let e = call!(d, c, add_journal, add("v", dev, "")).unwrap_err();
+        assert_eq!(e.0, Code::FailedPrecondition, "{dev}: {e:?}");
+        assert!(e.1.contains("without force"), "{dev}: {e:?}");
+    }
+    let forced = pb::AddJournalRequest {
+        force: true,
+        ..add("v", "wj", "")
+    };
+    call!(d, c, add_journal, forced).unwrap();
+    call!(d, c, remove_journal, remove("v")).unwrap();
     drop(disk);
     call!(
         d,
@@ -1605,6 +1636,7 @@ fn a_write_intent_bitmap_is_set_refused_and_restored_through_the_api() {
         volume: "v".into(),
         device: "j".into(),
         mode: 0,
+        force: false,
     };
     let e = call!(d, c, add_journal, add_journal.clone()).unwrap_err();
     assert_eq!(e.0, Code::FailedPrecondition, "bitmap first: {e:?}");

@@ -384,12 +384,14 @@ impl Manager {
 
     /// Give a RAID5 volume a journal online: `device` is formatted as its
     /// log and every write from then on goes through it (`mode`:
-    /// write-through by default, or write-back).
+    /// write-through by default, or write-back). A device that holds a
+    /// volume's superblock or a journal is refused unless `force`.
     pub fn add_journal(
         &self,
         volume: &str,
         device: &str,
         mode: &str,
+        force: bool,
     ) -> Result<VolumeView, MgmtError> {
         check_name("device", device)?;
         let mode = if mode.is_empty() {
@@ -418,6 +420,10 @@ impl Manager {
             .roles
             .claim(&jdev, volume, Role::Journal, None)
             .map_err(|e| from_op(volume, e))?;
+        if let Err(e) = Self::check_blank_journal(&jdev, force) {
+            self.shared.roles.set(device, volume, None);
+            return Err(e);
+        }
         let result = Journal::format_with(jdev, mode)
             .map_err(|e| {
                 MgmtError::Internal(format!("volume {volume}: formatting journal {device}: {e}"))
@@ -438,12 +444,18 @@ impl Manager {
     /// to the members first; the journal's device is free afterwards.
     pub fn remove_journal(&self, volume: &str) -> Result<VolumeView, MgmtError> {
         let v = self.raid(volume)?;
-        if monitor(&v)?.journal().is_none() {
+        let Some(journal) = monitor(&v)?.journal() else {
             return Err(MgmtError::FailedPrecondition(format!(
                 "volume {volume} has no journal"
             )));
+        };
+        let view = self.change(volume, |m| m.set_journal(None))?;
+        // Drained and out of the volume: the device is free, and blank
+        // again (a journal left on it would be refused as another's).
+        if let Err(e) = crate::raid::journal::erase(journal.device().as_ref()) {
+            tracing::warn!(volume, device = %journal.device().info().name, error = %e, "erasing a removed journal");
         }
-        self.change(volume, |m| m.set_journal(None))
+        Ok(view)
     }
 
     /// Switch a volume's journal mode online.

@@ -238,7 +238,9 @@ impl Manager {
                 rep.did(format!("remove the journal of {name}"), r);
             }
             (None, Some(j)) => {
-                let r = self.add_journal(name, j, &w.journal_mode).map(|_| ());
+                let r = self
+                    .add_journal(name, j, &w.journal_mode, false)
+                    .map(|_| ());
                 rep.did(format!("add journal {j} to {name}"), r);
             }
             (Some(a), Some(b)) if a != b => rep.refused.push(format!(

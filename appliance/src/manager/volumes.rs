@@ -296,6 +296,38 @@ impl Manager {
         Ok((volume, Some(monitor)))
     }
 
+    /// A device about to be formatted as a journal: one that holds a RAID
+    /// superblock of ours (a member of a volume, perhaps a stopped one) or
+    /// a journal (perhaps with writes not yet on its volume's members) is
+    /// refused unless `force`, which erases what it holds first.
+    pub(super) fn check_blank_journal(
+        dev: &Arc<dyn BlockDevice>,
+        force: bool,
+    ) -> Result<(), MgmtError> {
+        let name = &dev.info().name;
+        let held = match assembly::superblock_owner(dev.as_ref()) {
+            Some(owner) => Some(format!("already belongs to volume {owner:?}")),
+            None if crate::raid::journal::holds_journal(dev.as_ref()) => Some(
+                "holds a write journal (of a stopped volume, its writes may not be on the members yet)"
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let Some(held) = held else {
+            return Ok(());
+        };
+        if !force {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "{name} {held}; refusing to overwrite it without force (set force to overwrite)"
+            )));
+        }
+        tracing::warn!(device = %name, "{held}: overwritten as a journal (forced)");
+        let erased = assembly::erase_superblock(dev.as_ref())
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::raid::journal::erase(dev.as_ref()).map_err(|e| e.to_string()));
+        erased.map_err(|e| MgmtError::Internal(format!("erasing {name}: {e}")))
+    }
+
     /// The journal device a declaration names, checked: RAID5 only,
     /// attached, not a member or spare, same block size.
     pub(super) fn check_journal(
@@ -489,6 +521,9 @@ impl Manager {
                 0
             },
         };
+        if let Some(j) = &jdev {
+            Self::check_blank_journal(j, force)?;
+        }
         // Spares are blank until they take a slot: one that carries a
         // superblock of ours is refused, like a member, unless forced.
         for d in &spares {

@@ -178,6 +178,17 @@ pub fn fuzz_write(dev: &dyn BlockDevice, image: &[u8]) {
 /// size (a sixteenth of a large NVMe journal would be gigabytes).
 const CACHE_MAX_BYTES: u64 = 256 << 20;
 
+/// Whether `dev` holds a journal (of a volume running or stopped: its log
+/// may hold writes not yet on that volume's members).
+pub fn holds_journal(dev: &dyn BlockDevice) -> bool {
+    superblock::load(dev).is_ok()
+}
+
+/// Erase the journal on `dev` (one taken out of its volume, drained).
+pub fn erase(dev: &dyn BlockDevice) -> Result<(), RaidError> {
+    superblock::erase(dev)
+}
+
 /// The mode the superblock says, and how many switches wrote it.
 struct StoredMode {
     mode: JournalMode,

@@ -94,6 +94,16 @@ pub(super) fn store_new(dev: &dyn BlockDevice, s: &Super) -> Result<(), RaidErro
     write_copy(dev, s, 0)
 }
 
+/// Zero both places a superblock may be (a removed journal: nothing in
+/// its log is needed any more, and the device is free).
+pub(super) fn erase(dev: &dyn BlockDevice) -> Result<(), RaidError> {
+    let mut zero = vec![0u8; dev.info().block_size as usize];
+    sync(dev, IoOp::Write, 0, &mut zero)?;
+    let last = dev.info().num_blocks.saturating_sub(1);
+    sync(dev, IoOp::Write, last, &mut zero)?;
+    sync(dev, IoOp::Flush, 0, &mut [])
+}
+
 fn write_copy(dev: &dyn BlockDevice, s: &Super, at: u64) -> Result<(), RaidError> {
     let mut b = encode_super(s, dev.info().block_size as usize);
     sync(dev, IoOp::Write, at, &mut b)?;

@@ -267,6 +267,10 @@ pub enum VolumeCmd {
         /// The journal's mode (write-through by default).
         #[arg(long, value_enum)]
         mode: Option<values::JournalMode>,
+        /// Overwrite a device that holds a volume's superblock or a
+        /// journal (perhaps of a stopped volume).
+        #[arg(long)]
+        force: bool,
     },
     /// Take a RAID5 volume's journal away online (a write-back cache drains
     /// to the members first).
@@ -478,11 +482,17 @@ pub async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Fa
             })
             .await?
         }
-        VolumeCmd::AddJournal { name, device, mode } => {
+        VolumeCmd::AddJournal {
+            name,
+            device,
+            mode,
+            force,
+        } => {
             c.add_journal(pb::AddJournalRequest {
                 volume: name,
                 device,
                 mode: mode.map_or(0, |m| m.pb() as i32),
+                force,
             })
             .await?
         }
