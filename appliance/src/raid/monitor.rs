@@ -502,14 +502,35 @@ impl Monitor {
     /// and nothing is in flight through the old. Taking a write-back
     /// journal away switches it to write-through and drains it first.
     pub fn set_journal(&self, journal: Option<Arc<Journal>>) -> Result<(), OpError> {
+        let mut switched = false;
         if journal.is_none() {
             let j = lock(&self.inner.published).device.journal();
-            if let Some(j) = j.filter(|j| j.mode() == JournalMode::WriteBack && !j.has_failed()) {
-                let _ = j;
+            if j.is_some_and(|j| j.mode() == JournalMode::WriteBack && !j.has_failed()) {
                 self.set_journal_mode(JournalMode::WriteThrough)?;
+                switched = true;
             }
         }
-        self.change(Change::SetJournal(journal))
+        let r = self.change(Change::SetJournal(journal));
+        match r {
+            Err(e) if switched => {
+                // The removal failed after its first step: the journal goes
+                // back to write-back (a failed call leaves the volume as it
+                // was, but for what drained), or the error says it did not.
+                let back = self.set_journal_mode(JournalMode::WriteBack);
+                let said = match &back {
+                    Ok(()) => "the journal is write-back again",
+                    Err(_) => "the journal stays write-through (switching it back failed too)",
+                };
+                let with = |m: String| format!("{m}; {said}");
+                Err(match e {
+                    OpError::FailedPrecondition(m) => OpError::FailedPrecondition(with(m)),
+                    OpError::DeadlineExceeded(m) => OpError::DeadlineExceeded(with(m)),
+                    OpError::Internal(m) => OpError::Internal(with(m)),
+                    e => e,
+                })
+            }
+            r => r,
+        }
     }
 
     /// Switch the journal's mode. To write-through, the cache drains to
