@@ -14,6 +14,7 @@ mod guest;
 
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
 use guest::*;
@@ -279,5 +280,33 @@ fn a_new_call_fd_is_told_once_so_a_mask_and_unmask_loses_no_interrupt() {
         !told_within(&masked, Duration::ZERO),
         "the old fd is not told again"
     );
+    g.good_read(0);
+}
+
+/// From review: a ring disabled and enabled again (SET_VRING_ENABLE 0,
+/// then 1, with no new kick fd: the spec keeps a disabled ring started)
+/// never ran again, and a kick fd replaced on a running ring was stored
+/// but never watched: the guest hung either way. Both serve on, with the
+/// reactor asleep between requests (it wakes only on the kick fd).
+#[test]
+fn a_ring_serves_on_after_re_enable_and_after_a_new_kick_fd() {
+    let r = rig_with(1, Duration::ZERO);
+    // Every message waits for its answer: the ring is disabled when the
+    // call returns.
+    let mut g = Guest::setup(
+        &r.sock,
+        Setup {
+            protocol: vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK,
+            ..Default::default()
+        },
+    );
+    g.good_read(0);
+    g.frontend.set_vring_enable(0, false).unwrap();
+    g.frontend.set_vring_enable(0, true).unwrap();
+    g.good_read(0);
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    g.frontend.set_vring_kick(0, &kick).unwrap();
+    g.queues[0].kick = kick;
+    g.good_read(0);
     g.good_read(0);
 }

@@ -407,6 +407,12 @@ impl Handler {
         match stopped {
             Some((next_avail, _)) => {
                 v.base = next_avail;
+                // A ring disabled, not stopped, keeps its kick fd: the spec
+                // restarts it on SET_VRING_ENABLE without a new one
+                // (GET_VRING_BASE drops it: a stopped ring waits for one).
+                if v.kick.is_none() {
+                    v.kick = r.kick;
+                }
                 Ok(())
             }
             None if set.is_stopped() => Ok(()),
@@ -483,6 +489,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn reset_owner(&mut self) -> VuResult<()> {
         self.stop_all();
+        // Stopped, not disabled: each ring waits for a new kick fd.
+        for v in &mut self.vrings {
+            v.kick = None;
+        }
         Ok(())
     }
 
@@ -636,6 +646,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_KICK");
         check_eventfd(&fd, "kick", index)?;
         let acked = self.protocol_features_acked();
+        if self.vring(index as u32)?.running.is_some() {
+            // A new kick fd for a running ring (libvhost-user takes it
+            // too): the runner waits on the old one, so it stops (its
+            // requests in flight drain) and starts again on this one.
+            self.stop_for_frontend(index as u32)?;
+        }
         let v = self.vring(index as u32)?;
         v.kick = fd;
         if !acked {
