@@ -14,6 +14,8 @@ mod guest;
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
@@ -309,4 +311,76 @@ fn a_ring_serves_on_after_re_enable_and_after_a_new_kick_fd() {
     g.queues[0].kick = kick;
     g.good_read(0);
     g.good_read(0);
+}
+
+/// From review: a queue whose device held a request past the drain
+/// time-out was let go by the stop (SET_VRING_ENABLE off) while its
+/// runner went on; GET_VRING_BASE then answered an index from before that
+/// request, and the ring started again beside the old runner, so the
+/// request ran twice and its head was answered twice. Until the old
+/// runner has stopped, the ring neither starts nor says its index; then it
+/// goes on from where the old runner stopped.
+#[test]
+fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
+    use appliance::export::{Export, ExportOptions};
+    use bdev::{FaultDevice, IoOp, RamDevice};
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let fault = Arc::new(FaultDevice::new(Arc::new(
+        RamDevice::new("ram", 4096, 256).unwrap(),
+    )));
+    let volume = appliance::volume::Volume::new(reactors.set(), "held", fault.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("held.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            drain_timeout: Some(Duration::from_millis(200)),
+            ..ExportOptions::new(sock.clone(), 1)
+        },
+    )
+    .unwrap();
+    // Every message waits for its answer.
+    let mut g = Guest::setup(
+        &sock,
+        Setup {
+            protocol: vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK,
+            ..Default::default()
+        },
+    );
+    g.good_read(0);
+    fault.control().hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    g.offer_read(0);
+    assert!(fault.control().wait_held(1, Duration::from_secs(30)));
+    // The stop cannot drain; the ring neither starts again nor says its
+    // index while the old runner lives.
+    assert!(g.frontend.set_vring_enable(0, false).is_err());
+    assert!(g.frontend.set_vring_enable(0, true).is_err());
+    assert!(export.is_connected());
+    fault.control().release();
+    // The old runner answers its request, once...
+    assert_eq!(g.used(0), (0, 4097));
+    // ...and stops; the ring starts again after that request.
+    eventually(|| g.frontend.set_vring_enable(0, true).is_ok());
+    g.good_read(0);
+    assert_eq!(
+        g.used_within(0, Duration::ZERO),
+        None,
+        "no head answered twice"
+    );
+    drop(g);
+    drop(export);
+    reactors.shutdown().unwrap();
+}
+
+fn eventually(mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(30), "never happened");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

@@ -106,6 +106,10 @@ struct Vring {
     call: Option<Arc<File>>,
     enabled: bool,
     running: Option<Running>,
+    /// Its runner was told to stop and did not within the drain time-out
+    /// (its device holds requests): the ring's index is the one it stops
+    /// at, and the ring does not start again until it has stopped.
+    lingering: Option<Arc<queue::QueueShared>>,
 }
 
 /// The protocol state of one connection.
@@ -215,7 +219,7 @@ impl Handler {
         snapshot.log = self.logging().then(|| self.log.clone()).flatten();
         self.export
             .memory
-            .reconfigure(STOP_TIMEOUT, |_| Ok::<_, String>((snapshot, ())))
+            .reconfigure(self.drain_timeout(), |_| Ok::<_, String>((snapshot, ())))
             .map_err(|e| invalid(format!("switching guest memory: {e}")))?;
         self.memory = memory;
         Ok(())
@@ -230,6 +234,40 @@ impl Handler {
         }
     }
 
+    /// How long a stop waits for requests in flight.
+    fn drain_timeout(&self) -> Duration {
+        self.export.options.drain_timeout.unwrap_or(STOP_TIMEOUT)
+    }
+
+    /// Refused while a runner of queue `index` that did not stop in time
+    /// still runs (this connection's or an earlier one's); once this
+    /// connection's has stopped, the ring goes on from where it stopped.
+    fn settle_lingering(&mut self, index: u32) -> VuResult<()> {
+        let busy = || {
+            invalid(format!(
+                "vring {index}: its last runner still waits for its device to answer requests (it answers them into the rings); try again later"
+            ))
+        };
+        let v = self.vring(index)?;
+        if let Some(s) = &v.lingering {
+            let Some((next_avail, _)) = s.wait_stopped(Duration::ZERO) else {
+                return Err(busy());
+            };
+            v.base = next_avail;
+            v.lingering = None;
+        }
+        let mut l = self
+            .export
+            .lingering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        l.retain(|(_, s)| s.wait_stopped(Duration::ZERO).is_none());
+        if l.iter().any(|(i, _)| *i == index) {
+            return Err(busy());
+        }
+        Ok(())
+    }
+
     fn try_start(&mut self, index: u32) -> VuResult<()> {
         let _own = super::watchdog::own_work(&self.export);
         let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
@@ -242,9 +280,11 @@ impl Handler {
             .as_ref()
             .and_then(|r| r.queue(index as u16, size));
         let v = self.vring(index)?;
-        if v.running.is_some() || !v.enabled || v.kick.is_none() {
+        if v.running.is_some() || !v.enabled || v.kick.is_none() || v.addrs.is_none() {
             return Ok(());
         }
+        self.settle_lingering(index)?;
+        let v = self.vring(index)?;
         let Some((desc, avail, used)) = v.addrs else {
             return Ok(());
         };
@@ -388,6 +428,8 @@ impl Handler {
     fn stop_with(&mut self, index: u32, keep_parked: bool) -> VuResult<()> {
         let _own = super::watchdog::own_work(&self.export);
         let set = self.set.clone();
+        let timeout = self.drain_timeout();
+        let export = self.export.clone();
         let v = self.vring(index)?;
         let Some(r) = v.running.take() else {
             return Ok(());
@@ -399,7 +441,7 @@ impl Handler {
         }
         // Wake the reactor if it sleeps; a full inbox means it is awake.
         let _ = set.send(r.core, Box::new(|_| {}));
-        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        let deadline = std::time::Instant::now() + timeout;
         let mut stopped = None;
         while stopped.is_none() && std::time::Instant::now() < deadline && !set.is_stopped() {
             stopped = r.shared.wait_stopped(Duration::from_millis(50));
@@ -430,9 +472,23 @@ impl Handler {
                     "vring {index} holds writes to a suspended range; resume the range first"
                 )))
             }
-            None => Err(invalid(format!(
-                "vring {index} did not drain within {STOP_TIMEOUT:?}"
-            ))),
+            None => {
+                // Its device holds requests: the runner stops once they
+                // end, answering them into the rings meanwhile.
+                export
+                    .lingering
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((index, r.shared.clone()));
+                v.lingering = Some(r.shared.clone());
+                // Disabled, not stopped: it starts again on its kick fd.
+                if v.kick.is_none() {
+                    v.kick = r.kick;
+                }
+                Err(invalid(format!(
+                    "vring {index} did not drain within {timeout:?}; it stops once its device answers, and cannot start again before"
+                )))
+            }
         }
     }
 
@@ -630,6 +686,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         tracing::debug!(index, "vhost-user GET_VRING_BASE");
         self.stop_for_frontend(index)?;
+        // Never an index a runner still answers past.
+        self.settle_lingering(index)?;
         let v = self.vring(index)?;
         tracing::debug!(index, base = v.base, "vhost-user GET_VRING_BASE answered");
         v.kick = None;

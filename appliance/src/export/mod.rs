@@ -63,6 +63,9 @@ pub struct ExportOptions {
     /// the VM. On by default: it costs nothing until a migration turns
     /// logging on (see docs/decisions.md); off, QEMU refuses to migrate.
     pub live_migration: bool,
+    /// How long stopping a queue waits for its requests in flight, and a
+    /// change of guest memory for the queues to drain; `None`: 30 s.
+    pub drain_timeout: Option<Duration>,
 }
 
 impl ExportOptions {
@@ -78,6 +81,7 @@ impl ExportOptions {
             memory_limit: 0,
             access: SocketAccess::default(),
             live_migration: true,
+            drain_timeout: None,
         }
     }
 
@@ -130,6 +134,11 @@ pub struct ExportShared {
     /// Since when the control thread waits on the frontend (the watchdog
     /// drops a connection that keeps it waiting too long).
     io_clock: watchdog::IoClock,
+    /// Runners told to stop that did not within the drain time-out (their
+    /// device holds requests): by queue index. Such a runner still
+    /// answers into the guest's rings when its requests end, so its queue
+    /// does not start again, on any connection, until it has stopped.
+    lingering: Mutex<Vec<(u32, Arc<queue::QueueShared>)>>,
 }
 
 impl ExportShared {
@@ -304,6 +313,7 @@ impl Export {
             fault: Arc::new(fault::FaultSignal::new()?),
             conn: Mutex::new(None),
             io_clock: watchdog::IoClock::default(),
+            lingering: Mutex::new(Vec::new()),
         });
         watchdog::watch(&shared);
         let shutdown = Arc::new(eventfd()?);

@@ -98,6 +98,7 @@ impl Manager {
                 memory_limit: decl.memory_limit_mib.saturating_mul(1 << 20),
                 access,
                 live_migration: decl.live_migration,
+                drain_timeout: None,
             },
         );
         let mut inv = self.inv();
