@@ -112,6 +112,40 @@ struct Vring {
     lingering: Option<Arc<queue::QueueShared>>,
 }
 
+/// Once `runner` (queue `index`, let go at a stop with its device
+/// holding requests) has stopped, start the ring on the export's current
+/// connection if the frontend left it enabled. A thread of its own: it
+/// may wait as long as the device does.
+fn restart_after(export: &Arc<ExportShared>, index: u32, runner: Arc<queue::QueueShared>) {
+    let export = Arc::downgrade(export);
+    let spawned = std::thread::Builder::new()
+        .name("vring-linger".into())
+        .spawn(move || {
+            while runner.wait_stopped(Duration::from_secs(1)).is_none() {
+                if export.strong_count() == 0 {
+                    return;
+                }
+            }
+            let Some(export) = export.upgrade() else {
+                return;
+            };
+            let handler = export
+                .handler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade);
+            if let Some(h) = handler {
+                h.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restart_lingered(index);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(vring = index, error = %e, "no thread to restart a vring after its last runner: it starts at the frontend's next enable");
+    }
+}
+
 /// The protocol state of one connection.
 pub struct Handler {
     set: ReactorSet,
@@ -239,19 +273,14 @@ impl Handler {
         self.export.options.drain_timeout.unwrap_or(STOP_TIMEOUT)
     }
 
-    /// Refused while a runner of queue `index` that did not stop in time
-    /// still runs (this connection's or an earlier one's); once this
+    /// Whether a runner of queue `index` that did not stop in time still
+    /// runs (this connection's or an earlier one's); once this
     /// connection's has stopped, the ring goes on from where it stopped.
-    fn settle_lingering(&mut self, index: u32) -> VuResult<()> {
-        let busy = || {
-            invalid(format!(
-                "vring {index}: its last runner still waits for its device to answer requests (it answers them into the rings); try again later"
-            ))
-        };
+    fn settle_lingering(&mut self, index: u32) -> VuResult<bool> {
         let v = self.vring(index)?;
         if let Some(s) = &v.lingering {
             let Some((next_avail, _)) = s.wait_stopped(Duration::ZERO) else {
-                return Err(busy());
+                return Ok(true);
             };
             v.base = next_avail;
             v.lingering = None;
@@ -262,10 +291,15 @@ impl Handler {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         l.retain(|(_, s)| s.wait_stopped(Duration::ZERO).is_none());
-        if l.iter().any(|(i, _)| *i == index) {
-            return Err(busy());
+        Ok(l.iter().any(|(i, _)| *i == index))
+    }
+
+    /// A lingering runner of queue `index` has stopped: start the ring if
+    /// the frontend left it enabled, with a kick fd.
+    fn restart_lingered(&mut self, index: u32) {
+        if let Err(e) = self.try_start(index) {
+            tracing::warn!(vring = index, error = %e, "starting a vring after its last runner stopped");
         }
-        Ok(())
     }
 
     fn try_start(&mut self, index: u32) -> VuResult<()> {
@@ -283,7 +317,14 @@ impl Handler {
         if v.running.is_some() || !v.enabled || v.kick.is_none() || v.addrs.is_none() {
             return Ok(());
         }
-        self.settle_lingering(index)?;
+        if self.settle_lingering(index)? {
+            // It starts once that runner has stopped (`restart_after`).
+            tracing::info!(
+                vring = index,
+                "vring start waits for its last runner, whose device holds requests"
+            );
+            return Ok(());
+        }
         let v = self.vring(index)?;
         let Some((desc, avail, used)) = v.addrs else {
             return Ok(());
@@ -380,9 +421,15 @@ impl Handler {
             .and_then(|r| r.kick.take());
         if let Err(e) = self.stop_with(index, true) {
             // Still running where it was: it keeps its kick.
-            if let Some(r) = self.vring(index)?.running.as_mut() {
+            let v = self.vring(index)?;
+            if let Some(r) = v.running.as_mut() {
                 r.kick = kick;
                 return Err(MoveError::Parked);
+            }
+            // Let go with its device holding requests: it starts again,
+            // where it was, once that runner has stopped.
+            if v.kick.is_none() {
+                v.kick = kick;
             }
             return Err(e.into());
         }
@@ -406,8 +453,10 @@ impl Handler {
     /// queue stops anyway; a reconnecting frontend still gets those writes
     /// again from the inflight area.
     fn stop_for_frontend(&mut self, index: u32) -> VuResult<()> {
-        if self.stop_with(index, true).is_ok() {
-            return Ok(());
+        let first = self.stop_with(index, true);
+        // Stopped, or let go with its device holding requests (lingering).
+        if first.is_ok() || self.vring(index)?.running.is_none() {
+            return first;
         }
         let parked = self
             .vring(index)?
@@ -458,11 +507,15 @@ impl Handler {
                 Ok(())
             }
             None if set.is_stopped() => Ok(()),
-            None if keep_parked => {
+            // Held up by writes to a suspended range (not by its device).
+            None if keep_parked && r.shared.parked() > 0 => {
                 if !r.shared.cancel_stop() {
                     // It stopped just now after all.
                     if let Some((next_avail, _)) = r.shared.wait_stopped(Duration::ZERO) {
                         v.base = next_avail;
+                    }
+                    if v.kick.is_none() {
+                        v.kick = r.kick;
                     }
                     return Ok(());
                 }
@@ -481,10 +534,13 @@ impl Handler {
                     .unwrap_or_else(|e| e.into_inner())
                     .push((index, r.shared.clone()));
                 v.lingering = Some(r.shared.clone());
-                // Disabled, not stopped: it starts again on its kick fd.
+                // Disabled, not stopped: it starts again on its kick fd,
+                // by itself once the runner has stopped (a frontend told
+                // nothing, or not listening, would not ask again).
                 if v.kick.is_none() {
                     v.kick = r.kick;
                 }
+                restart_after(&export, index, r.shared.clone());
                 Err(invalid(format!(
                     "vring {index} did not drain within {timeout:?}; it stops once its device answers, and cannot start again before"
                 )))
@@ -687,7 +743,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
         tracing::debug!(index, "vhost-user GET_VRING_BASE");
         self.stop_for_frontend(index)?;
         // Never an index a runner still answers past.
-        self.settle_lingering(index)?;
+        if self.settle_lingering(index)? {
+            return Err(invalid(format!(
+                "vring {index}: its last runner still waits for its device to answer requests; no index to give yet"
+            )));
+        }
         let v = self.vring(index)?;
         tracing::debug!(index, base = v.base, "vhost-user GET_VRING_BASE answered");
         v.kick = None;

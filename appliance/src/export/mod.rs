@@ -275,7 +275,7 @@ impl Export {
             });
         }
         socket::check_socket_path(&opts.socket)?;
-        let guard = volume.suspend(Duration::from_secs(10))?;
+        let guard = volume.suspend(opts.drain_timeout.unwrap_or(Duration::from_secs(30)))?;
         let listener = socket::bind_listening(&opts.socket, &opts.access).map_err(|source| {
             ExportError::Os {
                 what: format!("binding {}", opts.socket.display()),

@@ -110,8 +110,6 @@ impl Manager {
         self.device("device", device)?;
         self.raid(volume)?;
         self.change(volume, |m| {
-            // Looked at under the volume's change lock: a call that came
-            // first may have failed or replaced the member meanwhile.
             let snap = m.snapshot();
             let as_spare = snap.spares.iter().any(|d| d == device);
             let slot = snap.members.iter().position(|d| d == device);
@@ -120,7 +118,16 @@ impl Manager {
                 (false, Some(slot)) => {
                     let failed_now = snap.states[slot] != MemberState::Failed;
                     if failed_now {
-                        m.fail_member(device)?;
+                        if let Err(e) = m.fail_member(device) {
+                            // It may have failed in the IO path since the
+                            // look above: then it is only taken out.
+                            let now = m.snapshot();
+                            let failed = now.members.get(slot).is_some_and(|d| d == device)
+                                && now.states[slot] == MemberState::Failed;
+                            if !failed {
+                                return Err(e);
+                            }
+                        }
                     }
                     // A spare may have taken the slot already.
                     match m.remove_failed(device) {
@@ -450,10 +457,21 @@ impl Manager {
             )));
         };
         let view = self.change(volume, |m| m.set_journal(None))?;
-        // Drained and out of the volume: the device is free, and blank
-        // again (a journal left on it would be refused as another's).
-        if let Err(e) = crate::raid::journal::erase(journal.device().as_ref()) {
-            tracing::warn!(volume, device = %journal.device().info().name, error = %e, "erasing a removed journal");
+        // Drained and out of the volume: blank again (a journal left on it
+        // would be refused as another's). Held while it is erased, unless
+        // another call took the device first: then it is that call's.
+        let dev = journal.device();
+        let name = dev.info().name.clone();
+        if self
+            .shared
+            .roles
+            .claim(dev, volume, Role::Journal, None)
+            .is_ok()
+        {
+            if let Err(e) = crate::raid::journal::erase(dev.as_ref()) {
+                tracing::warn!(volume, device = %name, error = %e, "erasing a removed journal");
+            }
+            self.shared.roles.set(&name, volume, None);
         }
         Ok(view)
     }

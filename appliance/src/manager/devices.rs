@@ -17,19 +17,18 @@ impl Inventory {
     /// and being attached. (The device also checks the memory available
     /// when it allocates itself.)
     fn check_ram(&self, name: &str, had: u64, size: u64) -> Result<(), MgmtError> {
-        let pending: u64 = self
+        let pending = self
             .attaching
             .values()
             .filter_map(|spec| spec.strip_prefix("ram:"))
             .filter_map(|z| crate::devspec::parse_size(z).ok())
-            .sum();
-        let taken: u64 = self
+            .fold(0u64, u64::saturating_add);
+        let taken = self
             .devices
             .values()
             .filter(|d| d.decl.spec.starts_with("ram:"))
             .map(|d| d.dev.info().size_bytes())
-            .sum::<u64>()
-            .saturating_add(pending);
+            .fold(pending, u64::saturating_add);
         // Saturating: a size near u64::MAX wrapped past the check in
         // release builds (and panicked in debug ones).
         let others = taken.saturating_sub(had);

@@ -104,6 +104,12 @@ impl Manager {
         let mut inv = self.inv();
         inv.exports_creating.remove(&decl.name);
         let export = created.map_err(from_export)?;
+        // Shut down meanwhile: the export is not served.
+        if let Err(e) = self.check_open() {
+            drop(inv);
+            let _ = export.delete(true);
+            return Err(e);
+        }
         let view = ExportView {
             decl: decl.clone(),
             connected: false,

@@ -193,6 +193,10 @@ pub fn erase(dev: &dyn BlockDevice) -> Result<(), RaidError> {
 struct StoredMode {
     mode: JournalMode,
     switches: u64,
+    /// A switch to write-through is draining the cache: the count of
+    /// switches when it began. The superblock says write-through once the
+    /// cache is empty, if no switch came since.
+    drain_from: Option<u64>,
 }
 
 impl Journal {
@@ -254,6 +258,7 @@ impl Journal {
             super_lock: Mutex::new(StoredMode {
                 mode: s.mode,
                 switches: 0,
+                drain_from: None,
             }),
             checkpoint_lock: Mutex::new(()),
             counts: Default::default(),
@@ -289,10 +294,29 @@ impl Journal {
     /// it says already. A checkpoint never changes the mode: it used to
     /// write the in-memory mode, and one that ran between a switch's
     /// superblock (write-back) and its flag put write-through back on disk.
+    /// A switch to write-through whose drain gave up at its deadline is
+    /// recorded here, by the first checkpoint after the cache empties.
     fn write_super(&self) -> Result<(), RaidError> {
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mode = stored.mode;
+        let mode = if self.drained(&stored) {
+            self.draining.store(false, Ordering::SeqCst);
+            stored.drain_from = None;
+            JournalMode::WriteThrough
+        } else {
+            stored.mode
+        };
         self.store_super(&mut stored, mode)
+    }
+
+    /// A switch to write-through has drained the cache, and no switch
+    /// came since: its superblock is due.
+    fn drained(&self, stored: &StoredMode) -> bool {
+        stored.mode == JournalMode::WriteBack
+            && stored.drain_from == Some(stored.switches)
+            && self.mode() == JournalMode::WriteThrough
+            && self.cache.is_empty()
+            && self.cache.pending() == 0
+            && !self.has_failed()
     }
 
     /// Write the superblock saying `mode` (a switch of modes).
@@ -319,8 +343,10 @@ impl Journal {
     /// (or released) already, and none is admitted after. Off also starts
     /// draining what the cache holds (see [`drain`](Self::drain)).
     pub(crate) fn set_write_back(&self, on: bool) {
+        let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.write_back.store(on, Ordering::SeqCst);
         self.draining.store(!on, Ordering::SeqCst);
+        stored.drain_from = (!on).then_some(stored.switches);
     }
 
     /// Switch modes online, through the volume's quiesce epoch (for a
@@ -364,11 +390,6 @@ impl Journal {
     ) -> Result<(), RaidError> {
         let t = Instant::now();
         let mut last_error = String::new();
-        let switches = self
-            .super_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .switches;
         loop {
             if self.mode() == JournalMode::WriteBack {
                 // Switched back meanwhile: nothing to drain.
@@ -391,15 +412,15 @@ impl Journal {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        self.draining.store(false, Ordering::SeqCst);
-        if self.has_failed() {
-            return Ok(());
-        }
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if stored.switches != switches || self.mode() == JournalMode::WriteBack {
-            // Switched back to write-back meanwhile: its superblock stays.
+        if !self.drained(&stored) {
+            // Switched back to write-back meanwhile (its superblock stays),
+            // recorded already, or the journal failed.
+            self.draining.store(false, Ordering::SeqCst);
             return Ok(());
         }
+        self.draining.store(false, Ordering::SeqCst);
+        stored.drain_from = None;
         self.store_super(&mut stored, JournalMode::WriteThrough)
     }
 
@@ -638,6 +659,27 @@ mod tests {
         j.write_super().unwrap();
         let s = superblock::load(jdev.as_ref()).unwrap();
         assert_eq!(s.mode, JournalMode::WriteThrough);
+    }
+
+    /// From review: once checkpoints kept the superblock's mode, a switch
+    /// to write-through whose drain gave up at its deadline was never
+    /// recorded. The first checkpoint after the cache empties records it;
+    /// not if a switch back to write-back came meanwhile.
+    #[test]
+    fn a_drained_switch_to_write_through_is_recorded_by_a_checkpoint() {
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        let mode = |j: &Arc<dyn BlockDevice>| superblock::load(j.as_ref()).unwrap().mode;
+        let j = Journal::format_with(jdev.clone(), JournalMode::WriteBack).unwrap();
+        j.set_write_back(false);
+        j.write_super().unwrap();
+        assert_eq!(mode(&jdev), JournalMode::WriteThrough);
+        // Draining, then switched back: its write-back superblock is
+        // written before its flag, and stays.
+        let j = Journal::format_with(jdev.clone(), JournalMode::WriteBack).unwrap();
+        j.set_write_back(false);
+        j.write_super_mode(JournalMode::WriteBack).unwrap();
+        j.write_super().unwrap();
+        assert_eq!(mode(&jdev), JournalMode::WriteBack);
     }
 
     #[test]
