@@ -116,16 +116,23 @@ const ALWAYS_ANSWERED: [u32; 13] = [1, 6, 11, 15, 17, 24, 28, 31, 36, 41, 42, 43
 /// waits for an answer to whatever was agreed (peeked, left queued).
 pub fn next_needs_answer(fd: RawFd) -> bool {
     let mut code = [0u8; 4];
-    // SAFETY: recv into a 4-byte buffer we own; no ancillary data.
+    peek(fd, &mut code) && ALWAYS_ANSWERED.contains(&u32::from_le_bytes(code))
+}
+
+/// Fill `buf` from the start of the next message on `fd`, leaving it
+/// queued (no ancillary data: descriptors of the message, such as the
+/// memory table's, are not duplicated); false if fewer bytes are there.
+fn peek(fd: RawFd, buf: &mut [u8]) -> bool {
+    // SAFETY: recv into a buffer we own, of its length.
     let n = unsafe {
         libc::recv(
             fd,
-            code.as_mut_ptr().cast(),
-            code.len(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    n == 4 && ALWAYS_ANSWERED.contains(&u32::from_le_bytes(code))
+    n == buf.len() as isize
 }
 
 /// If the next message on the connection `fd` is SET_BACKEND_REQ_FD, our
@@ -133,20 +140,11 @@ pub fn next_needs_answer(fd: RawFd) -> bool {
 /// the protocol handler.
 pub fn peek_backend_channel(fd: RawFd, reply_ack: bool) -> Option<FrontendChannel> {
     let mut hdr = [0u8; 12];
-    // First the header alone: without room for ancillary data, descriptors
-    // of other messages (the memory table's) are not duplicated.
-    // SAFETY: recv into a 12-byte buffer we own.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            hdr.as_mut_ptr().cast(),
-            hdr.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    // First the header alone, so other messages' descriptors stay put.
+    let whole = peek(fd, &mut hdr);
     let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
     // The message the crate accepts: no payload, one descriptor (below).
-    if n != hdr.len() as isize || word(0) != SET_BACKEND_REQ_FD || word(8) != 0 {
+    if !whole || word(0) != SET_BACKEND_REQ_FD || word(8) != 0 {
         return None;
     }
     // Room for a few descriptors: a frontend that sends more than one is
