@@ -367,6 +367,17 @@ fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
     // ...and stops; the ring starts again by itself, after that request
     // (the frontend is not asked to enable it again).
     g.good_read(0);
+    // The same with a new kick fd as the stop: the ring starts again on
+    // the new fd (the old one was put back, and the new one dropped).
+    fault.control().hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    g.offer_read(0);
+    assert!(fault.control().wait_held(1, Duration::from_secs(30)));
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    g.frontend.set_vring_kick(0, &kick).unwrap();
+    g.queues[0].kick = kick;
+    fault.control().release();
+    assert_eq!(g.used(0), (0, 4097));
+    g.good_read(0);
     assert_eq!(
         g.used_within(0, Duration::ZERO),
         None,

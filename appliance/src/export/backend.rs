@@ -157,6 +157,8 @@ pub struct Handler {
     inflight: Option<Arc<InflightRegion>>,
     /// The dirty log SET_LOG_BASE gave (used while VHOST_F_LOG_ALL is on).
     log: Option<Arc<DirtyLog>>,
+    /// Its frontend went away: nothing starts a ring on it any more.
+    gone: bool,
 }
 
 /// A kick or call descriptor must be an eventfd: the reactor reads and
@@ -210,6 +212,7 @@ impl Handler {
             log: None,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
+            gone: false,
         }
     }
 
@@ -295,8 +298,11 @@ impl Handler {
     }
 
     /// A lingering runner of queue `index` has stopped: start the ring if
-    /// the frontend left it enabled, with a kick fd.
+    /// the frontend left it enabled, with a kick fd, and is still here.
     fn restart_lingered(&mut self, index: u32) {
+        if self.gone {
+            return;
+        }
         if let Err(e) = self.try_start(index) {
             tracing::warn!(vring = index, error = %e, "starting a vring after its last runner stopped");
         }
@@ -527,7 +533,9 @@ impl Handler {
             }
             None => {
                 // Its device holds requests: the runner stops once they
-                // end, answering them into the rings meanwhile.
+                // end, answering them into the rings meanwhile. Plainly:
+                // writes parked meanwhile must not hold it for good.
+                r.shared.request_stop();
                 export
                     .lingering
                     .lock()
@@ -562,6 +570,7 @@ impl Handler {
     /// generation replaces it, and a frontend that never comes back must
     /// not keep a guest's memory mapped in this process).
     pub fn disconnect(&mut self) {
+        self.gone = true;
         self.stop_all();
         if let Err(e) = self.publish_memory(GuestMemory::default()) {
             tracing::warn!(error = %e, "releasing the guest memory of a disconnected frontend");
@@ -767,8 +776,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         if self.vring(index as u32)?.running.is_some() {
             // A new kick fd for a running ring (libvhost-user takes it
             // too): the runner waits on the old one, so it stops (its
-            // requests in flight drain) and starts again on this one.
-            self.stop_for_frontend(index as u32)?;
+            // requests in flight drain) and starts again on this one; or,
+            // let go with its device holding requests, once it has
+            // stopped.
+            if let Err(e) = self.stop_for_frontend(index as u32) {
+                if self.vring(index as u32)?.running.is_some() {
+                    return Err(e);
+                }
+            }
         }
         let v = self.vring(index as u32)?;
         v.kick = fd;

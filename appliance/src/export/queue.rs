@@ -56,6 +56,8 @@ impl QueueShared {
 
     /// Ask the runner to stop once its in-flight requests are done.
     pub fn request_stop(&self) {
+        // Also over an earlier stop that kept parked writes.
+        self.keep_parked.store(false, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
     }
 

@@ -122,8 +122,11 @@ impl Manager {
                             // It may have failed in the IO path since the
                             // look above: then it is only taken out.
                             let now = m.snapshot();
-                            let failed = now.members.get(slot).is_some_and(|d| d == device)
-                                && now.states[slot] == MemberState::Failed;
+                            let failed = match now.members.get(slot) {
+                                Some(d) if d == device => now.states[slot] == MemberState::Failed,
+                                // A spare took its slot: held as failed.
+                                _ => true,
+                            };
                             if !failed {
                                 return Err(e);
                             }
@@ -456,7 +459,19 @@ impl Manager {
                 "volume {volume} has no journal"
             )));
         };
-        let view = self.change(volume, |m| m.set_journal(None))?;
+        let view = self.change(volume, |m| {
+            // The journal looked at is the one removed (another call may
+            // have replaced it meanwhile: its device is not erased here).
+            if !m
+                .journal()
+                .is_some_and(|j| std::sync::Arc::ptr_eq(&j, &journal))
+            {
+                return Err(OpError::FailedPrecondition(
+                    "the volume's journal changed meanwhile; look again".into(),
+                ));
+            }
+            m.set_journal(None)
+        })?;
         // Drained and out of the volume: blank again (a journal left on it
         // would be refused as another's). Held while it is erased, unless
         // another call took the device first: then it is that call's.
