@@ -461,7 +461,9 @@ impl Runner {
             // sleeping reactor when the range is resumed; nor when a
             // limit's next tokens are due.
             PollState::Busy
-        } else if self.notify_enabled || !usable {
+        } else if self.notify_enabled || !usable || !writable {
+            // (A suspended memory gate: nothing is taken from the ring
+            // until the resume, which wakes the reactor.)
             PollState::Idle
         } else {
             // The guest has not been asked to kick yet (with EVENT_IDX its
