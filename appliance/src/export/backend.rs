@@ -180,6 +180,23 @@ fn check_eventfd(fd: &Option<File>, what: &str, index: u8) -> VuResult<()> {
             link.display()
         )));
     }
+    // A kick eventfd in semaphore mode gives back one count per read, so
+    // after the runner's one read it stays readable and its reactor never
+    // sleeps (every queue on that core pays). The kernel says so in
+    // fdinfo (since 6.3; older kernels do not, and it is let through).
+    if what == "kick" {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd()))
+            .unwrap_or_default();
+        let semaphore = info.lines().any(|l| {
+            l.strip_prefix("eventfd-semaphore:")
+                .is_some_and(|v| v.trim() == "1")
+        });
+        if semaphore {
+            return Err(invalid(format!(
+                "vring {index} kick fd is an eventfd in semaphore mode"
+            )));
+        }
+    }
     // SAFETY: fcntl on a descriptor we own.
     let ok = unsafe {
         let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
