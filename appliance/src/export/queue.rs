@@ -339,7 +339,6 @@ impl Runner {
             // lost, and a guest waiting for it never kicks again. The new
             // fd is told once; a spurious interrupt costs the guest a look.
             if had {
-                self.signal_pending = true;
                 self.signal_now();
             }
         }
@@ -822,16 +821,15 @@ impl Runner {
         if !self.signal_pending || self.ring_lost {
             return;
         }
+        self.signal_pending = false;
         // With EVENT_IDX the guest says when it wants an interrupt.
         if self.ring.needs_notification() {
             self.signal_now();
         }
-        self.signal_pending = false;
     }
 
     /// Interrupt the guest, whatever it asked for.
-    fn signal_now(&mut self) {
-        self.signal_pending = false;
+    fn signal_now(&self) {
         if let Some(call) = &self.call {
             let one = 1u64;
             // SAFETY: writing 8 bytes to the guest's call eventfd.
