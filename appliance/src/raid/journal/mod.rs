@@ -298,9 +298,7 @@ impl Journal {
     /// recorded here, by the first checkpoint after the cache empties.
     fn write_super(&self) -> Result<(), RaidError> {
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mode = if self.drained(&stored) {
-            self.draining.store(false, Ordering::SeqCst);
-            stored.drain_from = None;
+        let mode = if self.take_drained(&mut stored) {
             JournalMode::WriteThrough
         } else {
             stored.mode
@@ -308,15 +306,20 @@ impl Journal {
         self.store_super(&mut stored, mode)
     }
 
-    /// A switch to write-through has drained the cache, and no switch
-    /// came since: its superblock is due.
-    fn drained(&self, stored: &StoredMode) -> bool {
-        stored.mode == JournalMode::WriteBack
+    /// Whether a switch to write-through has drained the cache with no
+    /// switch since, so its superblock is due; if so, the drain is over.
+    fn take_drained(&self, stored: &mut StoredMode) -> bool {
+        let drained = stored.mode == JournalMode::WriteBack
             && stored.drain_from == Some(stored.switches)
             && self.mode() == JournalMode::WriteThrough
             && self.cache.is_empty()
             && self.cache.pending() == 0
-            && !self.has_failed()
+            && !self.has_failed();
+        if drained {
+            self.draining.store(false, Ordering::SeqCst);
+            stored.drain_from = None;
+        }
+        drained
     }
 
     /// Write the superblock saying `mode` (a switch of modes).
@@ -413,14 +416,12 @@ impl Journal {
             }
         }
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.drained(&stored) {
+        if !self.take_drained(&mut stored) {
             // Switched back to write-back meanwhile (its superblock stays),
             // recorded already, or the journal failed.
             self.draining.store(false, Ordering::SeqCst);
             return Ok(());
         }
-        self.draining.store(false, Ordering::SeqCst);
-        stored.drain_from = None;
         self.store_super(&mut stored, JournalMode::WriteThrough)
     }
 
