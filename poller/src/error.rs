@@ -86,3 +86,14 @@ pub enum QuiesceError {
     #[error("{0}: the reactor set has stopped")]
     Stopped(String),
 }
+
+impl QuiesceError {
+    /// Whether the suspend ran out of time (IO, or background work, that
+    /// did not drain): a caller's deadline, not a fault.
+    pub fn is_deadline(&self) -> bool {
+        matches!(
+            self,
+            QuiesceError::DeadlineExceeded { .. } | QuiesceError::BackgroundBusy { .. }
+        )
+    }
+}

@@ -97,11 +97,10 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> MgmtError {
 }
 
 fn from_quiesce(what: &str, e: QuiesceError) -> MgmtError {
-    match e {
-        QuiesceError::DeadlineExceeded { .. } | QuiesceError::BackgroundBusy { .. } => {
-            MgmtError::DeadlineExceeded(format!("{what}: {e}"))
-        }
-        _ => MgmtError::Internal(format!("{what}: {e}")),
+    if e.is_deadline() {
+        MgmtError::DeadlineExceeded(format!("{what}: {e}"))
+    } else {
+        MgmtError::Internal(format!("{what}: {e}"))
     }
 }
 

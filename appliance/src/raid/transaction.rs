@@ -31,10 +31,10 @@ use super::worker;
 use crate::volume::VolumeConfig;
 
 fn quiesce_error(e: poller::QuiesceError) -> OpError {
-    match e {
-        poller::QuiesceError::DeadlineExceeded { .. }
-        | poller::QuiesceError::BackgroundBusy { .. } => OpError::DeadlineExceeded(e.to_string()),
-        e => OpError::Internal(e.to_string()),
+    if e.is_deadline() {
+        OpError::DeadlineExceeded(e.to_string())
+    } else {
+        OpError::Internal(e.to_string())
     }
 }
 
