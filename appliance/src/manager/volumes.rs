@@ -304,10 +304,21 @@ impl Manager {
         dev: &Arc<dyn BlockDevice>,
         force: bool,
     ) -> Result<(), MgmtError> {
+        Self::check_blank(dev, force, true)
+    }
+
+    /// A device that takes a new role (a spare, a journal) must not hold a
+    /// RAID superblock of ours, nor (`journals`) a journal; with `force`
+    /// what it holds is erased instead.
+    fn check_blank(
+        dev: &Arc<dyn BlockDevice>,
+        force: bool,
+        journals: bool,
+    ) -> Result<(), MgmtError> {
         let name = &dev.info().name;
         let held = match assembly::superblock_owner(dev.as_ref()) {
             Some(owner) => Some(format!("already belongs to volume {owner:?}")),
-            None if crate::raid::journal::holds_journal(dev.as_ref()) => Some(
+            None if journals && crate::raid::journal::holds_journal(dev.as_ref()) => Some(
                 "holds a write journal (of a stopped volume, its writes may not be on the members yet)"
                     .to_string(),
             ),
@@ -321,10 +332,13 @@ impl Manager {
                 "{name} {held}; refusing to overwrite it without force (set force to overwrite)"
             )));
         }
-        tracing::warn!(device = %name, "{held}: overwritten as a journal (forced)");
-        let erased = assembly::erase_superblock(dev.as_ref())
-            .map_err(|e| e.to_string())
-            .and_then(|()| crate::raid::journal::erase(dev.as_ref()).map_err(|e| e.to_string()));
+        tracing::warn!(device = %name, "{held}: overwritten for its new role (forced)");
+        let mut erased = assembly::erase_superblock(dev.as_ref()).map_err(|e| e.to_string());
+        if journals {
+            erased = erased.and_then(|()| {
+                crate::raid::journal::erase(dev.as_ref()).map_err(|e| e.to_string())
+            });
+        }
         erased.map_err(|e| MgmtError::Internal(format!("erasing {name}: {e}")))
     }
 
@@ -527,16 +541,7 @@ impl Manager {
         // Spares are blank until they take a slot: one that carries a
         // superblock of ours is refused, like a member, unless forced.
         for d in &spares {
-            if let Some(owner) = assembly::superblock_owner(d.as_ref()) {
-                if !force {
-                    return Err(MgmtError::FailedPrecondition(format!(
-                        "{} already belongs to volume {owner:?}; refusing to overwrite it without force (set force to overwrite)",
-                        d.info().name
-                    )));
-                }
-                assembly::erase_superblock(d.as_ref())
-                    .map_err(|e| MgmtError::Internal(e.to_string()))?;
-            }
+            Self::check_blank(d, force, false)?;
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let (device, meta) =
