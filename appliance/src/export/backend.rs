@@ -30,7 +30,8 @@ use super::ExportShared;
 
 /// Largest virtqueue we accept.
 pub const MAX_QUEUE_SIZE: u32 = 1024;
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a queue's start waits for its reactor.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Virtio features offered for an export.
 pub fn offered_features(shared: &ExportShared) -> u64 {
@@ -290,7 +291,7 @@ impl Handler {
 
     /// How long a stop waits for requests in flight.
     fn drain_timeout(&self) -> Duration {
-        self.export.options.drain_timeout.unwrap_or(STOP_TIMEOUT)
+        self.export.options.drain()
     }
 
     /// Whether a runner of queue `index` that did not stop in time still
@@ -393,7 +394,7 @@ impl Handler {
         };
         let started = self
             .set
-            .call(core, STOP_TIMEOUT, move |ctx| queue::start(ctx, setup))
+            .call(core, START_TIMEOUT, move |ctx| queue::start(ctx, setup))
             .map_err(invalid)?;
         started.map_err(|e| invalid(format!("starting vring {index}: {e}")))?;
         self.vring(index)?.running = Some(Running {

@@ -40,6 +40,10 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const SEG_MAX: u32 = 126;
 pub use watchdog::FRONTEND_IO_TIMEOUT;
 
+/// How long a queue's stop, a change of guest memory or an export's
+/// creation waits for IO in flight, unless the options say otherwise.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How to export a volume.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
@@ -83,6 +87,11 @@ impl ExportOptions {
             live_migration: true,
             drain_timeout: None,
         }
+    }
+
+    /// How long a stop or a change of guest memory waits for the queues.
+    pub(crate) fn drain(&self) -> Duration {
+        self.drain_timeout.unwrap_or(DRAIN_TIMEOUT)
     }
 
     /// The reactor of each queue as these options place them, of `cores`.
@@ -275,7 +284,7 @@ impl Export {
             });
         }
         socket::check_socket_path(&opts.socket)?;
-        let guard = volume.suspend(opts.drain_timeout.unwrap_or(Duration::from_secs(30)))?;
+        let guard = volume.suspend(opts.drain())?;
         let listener = socket::bind_listening(&opts.socket, &opts.access).map_err(|source| {
             ExportError::Os {
                 what: format!("binding {}", opts.socket.display()),
