@@ -879,6 +879,9 @@ impl IoChannel for Channel {
             validate(&self.info, &req)
         };
         if let Err(e) = result {
+            // Refused here, but failed all the same: the error counter
+            // (appliance_device_io_errors) counts it like a failed command.
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
             self.done.push(Completion {
                 tag: req.tag,
                 result: Err(e),

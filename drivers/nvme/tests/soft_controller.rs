@@ -502,6 +502,8 @@ fn surprise_removal_fails_every_request_cleanly() {
         one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut bufs[0], 9)),
         Err(IoError::DeviceFailed)
     );
+    // Every failed request counts, the one refused at submit too.
+    assert_eq!(dev.error_counts().io_errors, 9);
     let err = dev
         .open_channel()
         .err()
