@@ -383,6 +383,20 @@ fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
         None,
         "no head answered twice"
     );
+    // A base the frontend sets while the runner lingers is where the ring
+    // starts, not where that runner stops: here the held request's own
+    // slot, so the frontend gets that request again, as it asked.
+    fault.control().hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    g.offer_read(0);
+    assert!(fault.control().wait_held(1, Duration::from_secs(30)));
+    assert!(g.frontend.set_vring_enable(0, false).is_err());
+    let held = g.queues[0].next_avail.wrapping_sub(1);
+    g.frontend.set_vring_base(0, held).unwrap();
+    g.frontend.set_vring_enable(0, true).unwrap();
+    fault.control().release();
+    assert_eq!(g.used(0), (0, 4097), "the old runner's answer");
+    assert_eq!(g.used(0), (0, 4097), "the slot the frontend set, again");
+    g.good_read(0);
     drop(g);
     drop(export);
     reactors.shutdown().unwrap();

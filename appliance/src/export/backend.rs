@@ -424,6 +424,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
             return Err(invalid("vring base changed while running"));
         }
         v.base = base as u16;
+        // The frontend's base is where the ring starts, even set while the
+        // last runner lingers: that runner's stop no longer replaces it.
+        // The ring still waits for that runner (the export's list).
+        v.lingering = None;
         Ok(())
     }
 
