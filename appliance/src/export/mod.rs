@@ -466,6 +466,7 @@ impl Export {
             return Ok(());
         };
         let mut h = handler.lock().unwrap_or_else(|e| e.into_inner());
+        let _held = watchdog::held_elsewhere(&self.shared);
         h.move_queue(queue as u32, core)
             .map_err(|e| ExportError::Busy(self.name.clone(), format!("moving queue {queue}: {e}")))
     }

@@ -28,6 +28,10 @@ pub struct IoClock {
     since: AtomicU64,
     connection: AtomicU64,
     thread: Mutex<Option<std::thread::ThreadId>>,
+    /// Other threads holding the connection's handler for the export's
+    /// own work (a queue move, a ring's restart): a message arriving then
+    /// waits for them, not for its frontend.
+    elsewhere: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -55,6 +59,9 @@ impl IoClock {
 
     /// The connection waited on for too long, if one is.
     fn overdue(&self) -> Option<u64> {
+        if self.elsewhere.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
         let since = self.since.load(Ordering::SeqCst);
         let late =
             since != 0 && now_ms().saturating_sub(since) > FRONTEND_IO_TIMEOUT.as_millis() as u64;
@@ -90,6 +97,44 @@ impl Drop for OwnWork {
         if self.waiting {
             let clock = &self.shared.io_clock;
             clock.since.store(now_ms(), Ordering::SeqCst);
+        }
+    }
+}
+
+/// Another thread than the control thread holds the connection's
+/// handler for the export's own work, which may take as long as a drain
+/// (30 s by default): until the guard drops, a message the control thread
+/// has read waits for that work, so the clock does not count against the
+/// frontend; it starts afresh afterwards. Take it once the handler is
+/// locked (a wait for the lock while the control thread reads a message
+/// is the frontend's time).
+pub fn held_elsewhere(shared: &Arc<ExportShared>) -> HeldElsewhere {
+    shared.io_clock.elsewhere.fetch_add(1, Ordering::SeqCst);
+    HeldElsewhere {
+        shared: shared.clone(),
+    }
+}
+
+/// See [`held_elsewhere`].
+pub struct HeldElsewhere {
+    shared: Arc<ExportShared>,
+}
+
+impl Drop for HeldElsewhere {
+    fn drop(&mut self) {
+        let clock = &self.shared.io_clock;
+        if clock.elsewhere.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // A message waiting meanwhile gets the whole time-out for the
+            // rest of its exchange.
+            let since = clock.since.load(Ordering::SeqCst);
+            if since != 0 {
+                let _ = clock.since.compare_exchange(
+                    since,
+                    now_ms(),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
         }
     }
 }

@@ -37,9 +37,9 @@ fn restart_after(export: &Arc<ExportShared>, index: u32, runner: Arc<queue::Queu
                 .as_ref()
                 .and_then(std::sync::Weak::upgrade);
             if let Some(h) = handler {
-                h.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .restart_lingered(index);
+                let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+                let _held = super::super::watchdog::held_elsewhere(&export);
+                h.restart_lingered(index);
             }
         });
     if let Err(e) = spawned {
