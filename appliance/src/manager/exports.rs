@@ -86,6 +86,10 @@ impl Manager {
             (decl.volume.clone(), decl.socket.clone()),
         );
         drop(inv);
+        // Let go of the reservation however the creation ends, a panic
+        // included (the API thread survives it; the name must not stay
+        // taken until a restart).
+        let reserved = Reserved(self, &decl.name);
         let created = Export::create(
             &self.shared.set,
             &vol.volume,
@@ -103,6 +107,7 @@ impl Manager {
         );
         let mut inv = self.inv();
         inv.exports_creating.remove(&decl.name);
+        std::mem::forget(reserved);
         let export = created.map_err(from_export)?;
         // Shut down meanwhile: the export is not served.
         if let Err(e) = self.check_open() {
@@ -195,5 +200,15 @@ impl Manager {
         };
         self.save()?;
         e.export.delete(true).map_err(from_export)
+    }
+}
+
+/// An export name and socket reserved while the export is being created:
+/// dropped without [`std::mem::forget`], it lets them go.
+struct Reserved<'a>(&'a Manager, &'a str);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.0.inv().exports_creating.remove(self.1);
     }
 }

@@ -490,6 +490,11 @@ struct Shared {
     allowed: Mutex<Option<crate::devpaths::AllowedPaths>>,
     /// The NVMe/TCP target (its listeners start with the first export).
     target: crate::nvmf::Target,
+    /// One bitmap change at a time: each writes the region size asked for
+    /// into its volume's declaration before its transaction (the
+    /// transaction's save keeps it) and puts the old one back if that
+    /// fails; two at once could put back a size over the other's bitmap.
+    bitmap_calls: Mutex<()>,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -543,6 +548,7 @@ impl Manager {
                 config_file: Mutex::new(None),
                 allowed: Mutex::new(None),
                 target: crate::nvmf::Target::new(set),
+                bitmap_calls: Mutex::new(()),
             }),
         }
     }
