@@ -759,3 +759,30 @@ fn a_suspend_while_the_log_is_full_is_not_held_up_by_the_checkpoint() {
         .unwrap();
     assert!(back.iter().all(|&b| b == 7));
 }
+
+/// From an operator-chaos run over gRPC: a call racing `volume delete`
+/// (the volume found, then removed before its change suspends it) was
+/// answered INTERNAL ("no such object"). It is told the volume is gone.
+#[test]
+fn a_change_to_a_volume_removed_meanwhile_says_it_is_gone() {
+    use appliance::raid::monitor::OpError;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let members: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"), 1024)).collect();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(r5(&members, 0, FailureSink::new(tx)));
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    volume.quiesce().remove(Duration::from_secs(10)).unwrap();
+    for r in [
+        monitor.fail_member("m0"),
+        monitor.scrub(false).map(|_| ()),
+        monitor.add_spare(ram("spare", 1024)),
+    ] {
+        assert!(matches!(r, Err(OpError::Gone(_))), "{r:?}");
+    }
+    reactors.shutdown().unwrap();
+}

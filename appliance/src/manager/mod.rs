@@ -97,10 +97,12 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> MgmtError {
 }
 
 fn from_quiesce(what: &str, e: QuiesceError) -> MgmtError {
-    if e.is_deadline() {
-        MgmtError::DeadlineExceeded(format!("{what}: {e}"))
-    } else {
-        MgmtError::Internal(format!("{what}: {e}"))
+    match e {
+        e if e.is_deadline() => MgmtError::DeadlineExceeded(format!("{what}: {e}")),
+        // Its volume was deleted meanwhile, or the daemon is stopping.
+        QuiesceError::NotFound(_) => MgmtError::NotFound(format!("{what}: {e}")),
+        QuiesceError::Stopped(_) => MgmtError::FailedPrecondition(format!("{what}: {e}")),
+        e => MgmtError::Internal(format!("{what}: {e}")),
     }
 }
 
@@ -115,6 +117,9 @@ fn from_op(volume: &str, e: OpError) -> MgmtError {
         OpError::FailedPrecondition(m) => MgmtError::FailedPrecondition(format!("{volume}: {m}")),
         OpError::DeadlineExceeded(m) => MgmtError::DeadlineExceeded(format!("{volume}: {m}")),
         OpError::Internal(m) => MgmtError::Internal(format!("{volume}: {m}")),
+        OpError::Gone(m) => MgmtError::NotFound(format!(
+            "volume {volume} is gone (deleted meanwhile, or the daemon is stopping): {m}"
+        )),
     }
 }
 

@@ -31,10 +31,12 @@ use super::worker;
 use crate::volume::VolumeConfig;
 
 fn quiesce_error(e: poller::QuiesceError) -> OpError {
-    if e.is_deadline() {
-        OpError::DeadlineExceeded(e.to_string())
-    } else {
-        OpError::Internal(e.to_string())
+    match e {
+        e if e.is_deadline() => OpError::DeadlineExceeded(e.to_string()),
+        poller::QuiesceError::NotFound(_) | poller::QuiesceError::Stopped(_) => {
+            OpError::Gone(e.to_string())
+        }
+        e => OpError::Internal(e.to_string()),
     }
 }
 
