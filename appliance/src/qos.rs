@@ -76,6 +76,14 @@ impl QosLimits {
             if v != 0 && v < min {
                 return Err((NAMES[i], format!("{v} is below the smallest limit {min}")));
             }
+            // The state file (TOML) holds signed 64-bit integers: a larger
+            // limit would make every later save fail.
+            if v > i64::MAX as u64 {
+                return Err((
+                    NAMES[i],
+                    format!("{v} is above the largest limit {}", i64::MAX),
+                ));
+            }
         }
         Ok(())
     }
@@ -410,7 +418,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_below_the_minimum_are_refused() {
+    fn limits_below_the_minimum_or_beyond_the_state_file_are_refused() {
         let l = QosLimits {
             total_iops: 5,
             ..Default::default()
@@ -421,6 +429,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(l.check().unwrap_err().0, "write_bytes_per_sec");
+        // Nor above what the state file (TOML, signed 64-bit) holds.
+        let l = QosLimits {
+            read_iops: 1 << 63,
+            ..Default::default()
+        };
+        assert_eq!(l.check().unwrap_err().0, "read_iops");
+        assert!(QosLimits {
+            read_iops: i64::MAX as u64,
+            ..Default::default()
+        }
+        .check()
+        .is_ok());
         assert!(QosLimits::default().check().is_ok());
         assert!(Qos::new(QosLimits::default()).is_none());
         assert_eq!(QosLimits::default().describe(), "none");

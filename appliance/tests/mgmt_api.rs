@@ -424,6 +424,15 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
             "num_queues",
         ),
         (export("e/0", "vol0", s, 1), Code::InvalidArgument, "name"),
+        // Beyond what the state file holds (every later save would fail).
+        (
+            pb::CreateExportRequest {
+                memory_limit_mib: 1 << 63,
+                ..export("e0", "vol0", s, 1)
+            },
+            Code::InvalidArgument,
+            "memory_limit_mib",
+        ),
         // Reactor assignment: only reactors that exist, at most one per queue.
         (
             on(export("e0", "vol0", s, 2), &[0, 2]),
@@ -547,6 +556,19 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
     )
     .unwrap_err();
     assert_eq!(e.0, Code::InvalidArgument, "min above max: {e:?}");
+    // Beyond what the state file holds: refused, so later saves still work.
+    let e = call!(
+        d,
+        c,
+        set_rebuild_rate,
+        pb::SetRebuildRateRequest {
+            max_bytes_per_sec: 1 << 63,
+            ..rate.clone()
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    assert!(e.1.contains("max_bytes_per_sec"), "{e:?}");
     let e = call!(
         d,
         c,

@@ -2,8 +2,8 @@
 //! for what the monitor does not hold, of the volume's own quiesce).
 
 use super::{
-    bitmap_chunk_bytes, check_bitmap_chunk, check_name, check_write_behind, from_op, from_quiesce,
-    invalid, lock, Level, Manager, MgmtError, Vol, VolumeView,
+    bitmap_chunk_bytes, check_bitmap_chunk, check_name, check_storable, check_write_behind,
+    from_op, from_quiesce, invalid, lock, Level, Manager, MgmtError, Vol, VolumeView,
 };
 use crate::raid::journal::{Journal, JournalMode};
 use crate::raid::members::MemberState;
@@ -187,6 +187,8 @@ impl Manager {
         min: u64,
         max: u64,
     ) -> Result<VolumeView, MgmtError> {
+        check_storable("min_bytes_per_sec", min)?;
+        check_storable("max_bytes_per_sec", max)?;
         if max > 0 && min > max {
             return Err(invalid(
                 "min_bytes_per_sec",

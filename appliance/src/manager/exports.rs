@@ -3,7 +3,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{check_name, from_export, invalid, Exp, ExportView, Manager, MgmtError};
+use super::{
+    check_name, check_storable, from_export, invalid, Exp, ExportView, Manager, MgmtError,
+};
 use crate::config::ExportDecl;
 use crate::export::{Export, ExportOptions};
 
@@ -15,6 +17,7 @@ impl Manager {
         if !decl.socket.is_absolute() {
             return Err(invalid("socket", "must be an absolute path"));
         }
+        check_storable("memory_limit_mib", decl.memory_limit_mib)?;
         if decl.num_queues == 0 {
             decl.num_queues = 1;
         }

@@ -136,6 +136,21 @@ fn from_export(e: ExportError) -> MgmtError {
     }
 }
 
+/// A number the state file keeps: TOML integers are signed 64-bit, and
+/// one larger value in a declaration would make every later save fail.
+fn check_storable(field: &'static str, v: u64) -> Result<(), MgmtError> {
+    if v > i64::MAX as u64 {
+        return Err(invalid(
+            field,
+            format!(
+                "{v} is above {}, the largest the state file holds",
+                i64::MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// md's write-behind limit: 1..=16383 (md's COUNTER_MAX / 2).
 fn check_write_behind(limit: u32) -> Result<(), MgmtError> {
     if !(1..=16383).contains(&limit) {
