@@ -2340,3 +2340,36 @@ fn watch_volume_streams_a_rebuild_to_its_end() {
     assert_eq!(last.state(), pb::VolumeState::Optimal);
     assert!(progress[..progress.len() - 1].iter().all(|p| !p.finished));
 }
+
+/// From review: three null devices of nearly 2^63 bytes each made a
+/// RAID5 whose size in bytes overflowed: created, then every call that
+/// showed it (get, list, health) panicked, restarts included. Such a
+/// volume is refused; the daemon goes on.
+#[test]
+fn a_volume_beyond_2_63_bytes_is_refused_and_the_daemon_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    // 2^63 - 2^40 bytes each: a device fits, two of them do not.
+    for i in 0..3 {
+        call!(
+            d,
+            c,
+            attach_device,
+            attach(&format!("h{i}"), "null:8388607T")
+        )
+        .unwrap();
+    }
+    let e = call!(d, c, create_volume, raid5("big", &["h0", "h1", "h2"], &[])).unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    assert!(e.1.contains("too large"), "{e:?}");
+    let vols = call!(d, c, list_volumes, pb::ListVolumesRequest {}).unwrap();
+    assert!(vols.volumes.is_empty());
+    let h = call!(d, c, health, pb::HealthRequest {}).unwrap();
+    assert_eq!(h.status().label(), "ok");
+    let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
+    assert!(
+        devs.devices.iter().all(|d| d.used_by.is_empty()),
+        "{devs:?}"
+    );
+}

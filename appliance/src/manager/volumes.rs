@@ -218,6 +218,24 @@ impl Manager {
             .map(|d| d.info().num_blocks)
             .min()
             .unwrap_or(0);
+        // The volume's bytes (a RAID5's data members times the smallest)
+        // must fit in 63 bits, as every size and offset made of it does.
+        let data_members = match level {
+            Level::Raid5 => members.len() as u64 - 1,
+            _ => 1,
+        };
+        if smallest
+            .checked_mul(bs as u64)
+            .and_then(|b| b.checked_mul(data_members))
+            .is_none_or(|b| b > i64::MAX as u64)
+        {
+            return Err(invalid(
+                "members",
+                format!(
+                    "too large: the volume would hold {data_members} x {smallest} blocks of {bs} bytes, beyond 2^63 bytes"
+                ),
+            ));
+        }
         if let Some(d) = spares.iter().find(|d| d.info().num_blocks < smallest) {
             return Err(MgmtError::FailedPrecondition(format!(
                 "spare {} is smaller than the smallest member",

@@ -28,9 +28,10 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
-    /// Size in bytes.
+    /// Size in bytes (saturating: devices are refused at attach, and
+    /// volumes at creation, when theirs does not fit in 64 bits).
     pub fn size_bytes(&self) -> u64 {
-        self.num_blocks * self.block_size as u64
+        self.num_blocks.saturating_mul(self.block_size as u64)
     }
 }
 

@@ -172,7 +172,12 @@ impl NvmfDevice {
         let flbas = (ns[26] & 0xf) as usize;
         let lbaf = 128 + 4 * flbas;
         let (ms, lbads) = (u16::from_le_bytes([ns[lbaf], ns[lbaf + 1]]), ns[lbaf + 2]);
-        if nsze == 0 || ms != 0 || !(9..=12).contains(&lbads) {
+        // A size in bytes beyond 2^63 is no real namespace, and would
+        // overflow every byte count made of it.
+        let too_big = nsze
+            .checked_shl(lbads as u32)
+            .is_none_or(|b| b >> lbads != nsze || b > i64::MAX as u64);
+        if nsze == 0 || ms != 0 || !(9..=12).contains(&lbads) || too_big {
             return Err(BdevError::Unsupported(format!(
                 "{name}: namespace {} of {} is not usable (size {nsze}, block 2^{lbads}, metadata {ms})",
                 remote.nsid, remote.nqn
