@@ -86,18 +86,32 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
             }
         }),
     );
-    let stopped = async move {
+    let stopped = |stop: Arc<AtomicBool>| async move {
         while !stop.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped)
-        .await
-    {
-        tracing::error!(error = %e, "metrics listener stopped");
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop.clone()));
+    // A graceful shutdown waits for every connection, and one that sent
+    // half a request keeps it waiting for good: the daemon's stop (and
+    // its exports' drain) must not wait for a scraper. The rest of the
+    // connections go with the runtime.
+    let grace = async {
+        stopped(stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = server => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        }
+        () = grace => tracing::warn!(grace = ?SHUTDOWN_GRACE, "metrics: a scrape was still open at the stop; dropped"),
     }
 }
+
+/// How long the stop waits for scrapes under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A registry whose only collector reads `mgr` on each scrape.
 pub fn registry(mgr: Arc<Manager>) -> Registry {

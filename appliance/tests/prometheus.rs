@@ -344,7 +344,26 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
 
     ok(&applctl(&api, &["volume", "stop-scrub", "vol1"]));
     drop(disk);
+    // A scraper that sent one byte of its request and went quiet: the
+    // stop waited for it for good (found by review), and systemd would
+    // have killed the daemon with its exports undrained.
+    let mut stalled = std::net::TcpStream::connect(&metrics).unwrap();
+    std::io::Write::write_all(&mut stalled, b"G").unwrap();
+    // A full scrape after it: the byte has reached the server.
+    scrape(&metrics);
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the daemon did not stop with a scraper connected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    drop(stalled);
 }
