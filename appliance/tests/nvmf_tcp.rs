@@ -774,3 +774,60 @@ fn a_listener_keeps_at_most_its_connection_limit() {
         assert_eq!(outcome(s), Ok(Status::COMMAND_SEQUENCE));
     }
 }
+
+/// The process's resident memory, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// From review: the target checked its output limit once per poll, then
+/// answered every command of up to 1 MiB of input. A host (any host: the
+/// discovery controller takes everyone) that sends thousands of 256 KiB
+/// Get Log Page commands and never reads made it queue gigabytes on a
+/// reactor. It now stops reading commands while its output is full.
+#[test]
+fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut good = c.io_queue(1, 16).unwrap();
+    let cfg = host(
+        "nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-0000-0000-000000000003",
+        Digests::default(),
+    );
+    let mut q = Queue::open(r.addr, &cfg).unwrap();
+    q.connect(0, 31, 0xffff, capsule::DISCOVERY_NQN, &cfg)
+        .unwrap();
+    let before = rss();
+    // 2,000 commands, 500 MiB of answers; none read.
+    const LEN: usize = 256 << 10;
+    for _ in 0..2000 {
+        let mut s = Sqe::new(capsule::admin::GET_LOG_PAGE, 0);
+        let numd = (LEN / 4 - 1) as u32;
+        s.cdw[0] = 0x70 | (numd & 0xffff) << 16;
+        s.cdw[1] = numd >> 16;
+        q.send(s, &[], LEN).unwrap();
+    }
+    q.flush().unwrap();
+    // The target answers what fits in its output and the socket, then
+    // waits for the host; watch it for a while.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let grown = rss().saturating_sub(before);
+        assert!(grown < 128 << 20, "the target buffered {} MiB", grown >> 20);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Other hosts are served meanwhile.
+    let data = pattern(9, 4096);
+    good.exec(rw(cmd::WRITE, 3, 1), &data, 0).unwrap();
+    assert_eq!(
+        good.exec(rw(cmd::READ, 3, 1), &[], 4096).unwrap().data,
+        data
+    );
+    drop(q);
+}

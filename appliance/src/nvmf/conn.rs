@@ -363,11 +363,19 @@ impl Conn {
         }
     }
 
-    /// Read what the socket has and act on every whole PDU.
+    /// Read what the socket has and act on every whole PDU, while the
+    /// output has room: commands left unread wait for the host to read
+    /// its answers (and its socket then fills: TCP's own flow control).
     fn receive(&mut self, ctx: &mut Ctx) -> bool {
         let mut got = 0;
         let mut work = false;
-        while got < READ_BUDGET && self.closing.is_none() {
+        // PDUs a full output left in the buffer come first.
+        if self.rx_len > 0 {
+            let before = self.rx_len;
+            self.handle_pdus(ctx);
+            work = self.rx_len != before;
+        }
+        while got < READ_BUDGET && self.closing.is_none() && self.tx_pending() < TX_HIGH {
             if self.rx_len == self.rx.len() {
                 if self.rx.len() >= RX_SIZE {
                     break;
@@ -415,7 +423,9 @@ impl Conn {
         let rx = std::mem::take(&mut self.rx);
         let end = self.rx_len;
         let mut at = 0;
-        while self.closing.is_none() {
+        // One answer can be a 256 KiB log page: the output stays within
+        // TX_HIGH and one answer, however many commands the input holds.
+        while self.closing.is_none() && self.tx_pending() < TX_HIGH {
             let r = self.receiver();
             match pdu::parse(&rx[at..end], &r) {
                 Ok(None) => break,
