@@ -508,3 +508,126 @@ fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only()
     a.shutdown();
     b.shutdown();
 }
+
+/// A TCP proxy to `target` that sends every R2T the target sends on to
+/// the host `copies` times, and counts, per connection, the H2CData bytes
+/// the host sends: what a hostile target repeating R2Ts gets.
+fn r2t_repeating_proxy(
+    target: SocketAddr,
+    copies: usize,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
+    use nvmf::pdu::{self, Digests, Pdu, Receiver};
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counts = sent.clone();
+    std::thread::spawn(move || {
+        for host in listener.incoming() {
+            let Ok(mut host) = host else { return };
+            let Ok(mut up) = std::net::TcpStream::connect(target) else {
+                return;
+            };
+            let (mut host_r, mut up_w) = (host.try_clone().unwrap(), up.try_clone().unwrap());
+            let slot = {
+                let mut c = counts.lock().unwrap();
+                c.push(0);
+                c.len() - 1
+            };
+            let counts = counts.clone();
+            // Host to target: forwarded as is; H2CData bytes counted.
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut digests = None;
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    let n = match host_r.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let _ = up_w.write_all(&chunk[..n]);
+                    buf.extend_from_slice(&chunk[..n]);
+                    let r = Receiver {
+                        controller: true,
+                        digests: digests.unwrap_or_default(),
+                        max_data: 4 << 20,
+                    };
+                    while let Ok(Some((p, len))) = pdu::parse(&buf, &r) {
+                        match p {
+                            Pdu::IcReq(q) => digests = Some(q.digests),
+                            Pdu::H2cData(h, _) => counts.lock().unwrap()[slot] += h.length as usize,
+                            _ => {}
+                        }
+                        buf.drain(..len);
+                    }
+                }
+                let _ = up_w.shutdown(std::net::Shutdown::Both);
+            });
+            // Target to host: R2Ts repeated.
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut digests: Option<Digests> = None;
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    let n = match up.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        let r = Receiver {
+                            controller: false,
+                            digests: digests.unwrap_or_default(),
+                            max_data: 4 << 20,
+                        };
+                        let Ok(Some((p, len))) = pdu::parse(&buf, &r) else {
+                            break;
+                        };
+                        let times = match p {
+                            Pdu::IcResp(a) => {
+                                digests = Some(a.digests);
+                                1
+                            }
+                            Pdu::R2t(_) => copies,
+                            _ => 1,
+                        };
+                        for _ in 0..times {
+                            if host.write_all(&buf[..len]).is_err() {
+                                break;
+                            }
+                        }
+                        buf.drain(..len);
+                    }
+                }
+                let _ = host.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, sent)
+}
+
+/// From review: our initiator answered every R2T that fitted the
+/// command, with no record of what it had sent: a target repeating one
+/// R2T thousands of times had it copy the write's data into its send
+/// buffer each time, gigabytes on a reactor. A repeated R2T now ends
+/// the connection, like any other protocol error.
+#[test]
+fn a_target_repeating_r2ts_gets_the_data_once_per_connection() {
+    let s = side(4096);
+    let (proxy, h2c) = r2t_repeating_proxy(s.addr, 50);
+    let dev =
+        NvmfDevice::connect("remote", remote(proxy), options(Duration::from_secs(1))).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    // Larger than the data a capsule carries: sent when the target asks.
+    const LEN: usize = 128 << 10;
+    let mut buf = vec![0x5au8; LEN];
+    let _ = run(ch.as_mut(), rw(IoOp::Write, 0, &mut buf, 1));
+    let most = h2c.lock().unwrap().iter().copied().max().unwrap_or(0);
+    assert!(most > 0, "the write's data went out");
+    assert!(
+        most <= LEN,
+        "{most} bytes of data on one connection for a {LEN}-byte write"
+    );
+    drop(ch);
+    drop(dev);
+}

@@ -353,8 +353,9 @@ struct Conn {
     epoch: u64,
 }
 
-/// A sent request: the request, the bytes of read data received, and
-/// when it came (kept when it is sent again).
+/// A sent request: the request, the bytes of read data received (of a
+/// write: the bytes sent so far, in the capsule or asked for by R2T),
+/// and when it came (kept when it is sent again).
 struct Sent {
     req: IoRequest,
     received: usize,
@@ -593,11 +594,17 @@ impl NvmfChannel {
                 c.cpda,
                 &mut c.tx,
             );
+            // A write whose data rode in the capsule has sent it all.
+            let sent_data = if req.op == IoOp::Write && !inline.is_empty() {
+                bytes
+            } else {
+                0
+            };
             self.sent.insert(
                 cid,
                 Sent {
                     req,
-                    received: 0,
+                    received: sent_data,
                     at: came,
                 },
             );
@@ -738,14 +745,19 @@ impl NvmfChannel {
                 }
             }
             Pdu::R2t(r) => {
-                let Some(s) = self.sent.get(&r.cccid) else {
+                let Some(s) = self.sent.get_mut(&r.cccid) else {
                     return Err(());
                 };
                 let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
                 let (at, len) = (r.offset as usize, r.length as usize);
-                if s.req.op != IoOp::Write || len == 0 || at + len > bytes {
+                // One R2T at a time (we ask for MAXR2T 0), each for the
+                // data after what was sent: a repeated or overlapping one
+                // would have us send the same data again, as often as a
+                // hostile target likes, into an unbounded buffer.
+                if s.req.op != IoOp::Write || len == 0 || at != s.received || at + len > bytes {
                     return Err(());
                 }
+                s.received += len;
                 let mut done = 0;
                 let mut chunk = Vec::with_capacity(len.min(c.maxh2cdata as usize));
                 while done < len {
