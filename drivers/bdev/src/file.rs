@@ -70,12 +70,18 @@ impl FileDevice {
                 what: format!("creating {}", path.display()),
                 source,
             })?;
-        f.set_len(size_bytes).map_err(|source| BdevError::Os {
+        let sized = f.set_len(size_bytes).map_err(|source| BdevError::Os {
             what: format!("sizing {} to {size_bytes} bytes", path.display()),
             source,
-        })?;
+        });
         drop(f);
-        Self::open(path, block_size)
+        let opened = sized.and_then(|()| Self::open(path, block_size));
+        if opened.is_err() {
+            // The file is ours (O_EXCL) and of no use: left behind, an
+            // empty file would refuse every retry with a sane size.
+            let _ = std::fs::remove_file(path);
+        }
+        opened
     }
 
     /// The same device under another name (the operator's name for it).

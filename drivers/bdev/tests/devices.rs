@@ -477,3 +477,19 @@ fn ram_requests_take_effect_in_submission_order() {
     );
     assert_eq!(ch.inflight(), 0);
 }
+
+/// From review: a file created for a device and then refused (a size the
+/// file system cannot hold, a bad block size) stayed behind, empty, and
+/// every retry with a sane size was refused for it.
+#[test]
+fn a_file_created_for_a_refused_device_is_not_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big");
+    // Beyond i64::MAX: set_len refuses it.
+    assert!(FileDevice::create(&path, 4096, u64::MAX - 4095).is_err());
+    assert!(!path.exists());
+    assert!(FileDevice::create(&path, 1000, 1 << 20).is_err());
+    assert!(!path.exists());
+    let dev = FileDevice::create(&path, 4096, 1 << 20).unwrap();
+    assert_eq!(dev.info().num_blocks, 256);
+}
