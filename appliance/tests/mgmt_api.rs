@@ -2373,3 +2373,37 @@ fn a_volume_beyond_2_63_bytes_is_refused_and_the_daemon_goes_on() {
         "{devs:?}"
     );
 }
+
+/// From review: a journal device was formatted before the volume said
+/// whether it takes a journal; refused (the volume keeps a bitmap), the
+/// device kept a journal superblock, and another volume was then refused
+/// it as "holding a journal" unless forced. A refused journal's device
+/// is left blank.
+#[test]
+fn a_journal_the_volume_refuses_leaves_its_device_blank() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    for i in 0..6 {
+        call!(d, c, attach_device, attach(&format!("d{i}"), "ram:32M")).unwrap();
+    }
+    call!(d, c, attach_device, attach("j", "ram:32M")).unwrap();
+    call!(d, c, create_volume, raid5("v", &["d0", "d1", "d2"], &[])).unwrap();
+    call!(d, c, create_volume, raid5("w", &["d3", "d4", "d5"], &[])).unwrap();
+    let bitmap = pb::SetBitmapRequest {
+        volume: "v".into(),
+        enabled: true,
+        chunk_kib: 0,
+    };
+    call!(d, c, set_bitmap, bitmap).unwrap();
+    let add = |volume: &str| pb::AddJournalRequest {
+        volume: volume.into(),
+        device: "j".into(),
+        mode: 0,
+        force: false,
+    };
+    let e = call!(d, c, add_journal, add("v")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    let w = call!(d, c, add_journal, add("w")).unwrap();
+    assert_eq!(w.consistency_policy().label(), "journal");
+}

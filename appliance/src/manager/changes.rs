@@ -437,7 +437,7 @@ impl Manager {
             self.shared.roles.set(device, volume, None);
             return Err(e);
         }
-        let result = Journal::format_with(jdev, mode)
+        let result = Journal::format_with(jdev.clone(), mode)
             .map_err(|e| {
                 MgmtError::Internal(format!("volume {volume}: formatting journal {device}: {e}"))
             })
@@ -447,6 +447,12 @@ impl Manager {
                     .map_err(|e| from_op(volume, e))
             });
         if let Err(e) = result {
+            // The volume refused it (a bitmap, say) after the format: the
+            // device goes back blank, still held, so the next try does not
+            // take it for another volume's journal.
+            if let Err(x) = crate::raid::journal::erase(jdev.as_ref()) {
+                tracing::warn!(volume, device, error = %x, "erasing a journal the volume refused");
+            }
             self.shared.roles.set(device, volume, None);
             return Err(e);
         }
