@@ -238,8 +238,14 @@ impl Journal {
                             k0 += 1;
                             continue;
                         }
+                        // Pieces end at chunk ends: a run is one chunk's
+                        // as the writer makes it, and one that is not (a
+                        // damaged or crafted log) is replayed stripe by
+                        // stripe, each with its own parity.
+                        let at = (block + k0 as u64).saturating_sub(geo.data_offset());
+                        let to_chunk_end = (geo.chunk_blocks() - at % geo.chunk_blocks()) as usize;
                         let mut k1 = k0 + 1;
-                        while k1 < count && k1 - k0 < piece_blocks && fresh(k1) {
+                        while k1 < count && k1 - k0 < piece_blocks.min(to_chunk_end) && fresh(k1) {
                             k1 += 1;
                         }
                         piece.resize((k1 - k0) * bs, 0);
@@ -251,6 +257,7 @@ impl Journal {
                             member,
                             block + k0 as u64,
                             &piece,
+                            bs,
                         )?;
                         report.blocks += (k1 - k0) as u64;
                         k0 = k1;
@@ -292,6 +299,7 @@ fn replay_volume_run(
     member: usize,
     block: u64,
     new: &[u8],
+    bs: usize,
 ) -> Result<(), RaidError> {
     if block < geo.data_offset() || member >= geo.members() as usize {
         return Err(RaidError::Invalid(format!(
@@ -299,6 +307,16 @@ fn replay_volume_run(
         )));
     }
     let stripe = (block - geo.data_offset()) / geo.chunk_blocks();
+    // One chunk's run, inside the volume, as the writer makes them: the
+    // parity below is the first block's stripe's, and a run into the next
+    // chunk would be written to the wrong member's rows.
+    let blocks = (new.len() / bs) as u64;
+    let in_chunk = (block - geo.data_offset()) % geo.chunk_blocks();
+    if stripe >= geo.stripes() || in_chunk + blocks > geo.chunk_blocks() {
+        return Err(RaidError::Invalid(format!(
+            "write-back record of {blocks} blocks at member {member} block {block} does not lie in one chunk of the volume"
+        )));
+    }
     let parity = geo.parity_member(stripe) as usize;
     if parity == member {
         return Err(RaidError::Invalid(format!(
