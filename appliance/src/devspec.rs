@@ -58,6 +58,48 @@ pub fn same_nvme(a: &str, b: &str) -> bool {
     matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
 }
 
+/// What a specification's storage is, for telling whether two name the
+/// same one however they are spelled: a file by its device and inode (a
+/// hard link, a bind mount or a `..` in the path is the same file), a
+/// block device by its device number, a file not created yet by its
+/// canonical directory and name, an NVMe namespace by PCI address and
+/// namespace, a remote one by host, NQN and namespace (as written: no
+/// name lookup). `None` for storage of its own (ram, null).
+pub fn identity(spec: &str) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (kind, rest) = spec.split_once(':')?;
+    match kind {
+        "file" => {
+            let path = Path::new(file_path(rest).0);
+            match std::fs::metadata(path) {
+                Ok(m) if m.file_type().is_block_device() => Some(format!("block:{}", m.rdev())),
+                Ok(m) => Some(format!("inode:{}:{}", m.dev(), m.ino())),
+                Err(_) => {
+                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                    let dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
+                        .unwrap_or_else(|_| dir.unwrap_or(Path::new(".")).to_path_buf());
+                    Some(format!("path:{}", dir.join(path.file_name()?).display()))
+                }
+            }
+        }
+        "nvme" => nvme_address(rest)
+            .ok()
+            .map(|(bdf, ns)| format!("nvme:{bdf}/{ns}")),
+        "nvmf-tcp" => {
+            let target = rest.split_once('?').map_or(rest, |(t, _)| t);
+            let (host, path) = target.strip_prefix("//")?.split_once('/')?;
+            let (nqn, nsid) = match path.rsplit_once('/') {
+                Some((nqn, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
+                    (nqn, n.parse::<u32>().ok()?)
+                }
+                _ => (path, 1),
+            };
+            Some(format!("nvmf:{}/{nqn}/{nsid}", host.to_ascii_lowercase()))
+        }
+        _ => None,
+    }
+}
+
 /// The PCI address and namespace `BDF[/NSID]` names.
 fn nvme_address(rest: &str) -> Result<(String, u32), SpecError> {
     let (bdf, nsid) = match rest.split_once('/') {
@@ -317,6 +359,37 @@ pub fn open_named(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// From review: a hard link, a `..` in the path, or the same remote
+    /// namespace spelled twice attached one storage as two devices (two
+    /// halves of a mirror on one file).
+    #[test]
+    fn one_storage_has_one_identity_however_it_is_spelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        std::fs::hard_link(dir.path().join("f"), dir.path().join("g")).unwrap();
+        let id = |s: String| identity(&s);
+        assert_eq!(id(format!("file:{d}/f")), id(format!("file:{d}/g:1M")));
+        assert_eq!(id(format!("file:{d}/f")), id(format!("file:{d}/sub/../f")));
+        // Not created yet: the same directory and name.
+        assert_eq!(
+            id(format!("file:{d}/new:1M")),
+            id(format!("file:{d}/sub/../new:2M"))
+        );
+        assert_ne!(id(format!("file:{d}/new:1M")), id(format!("file:{d}/f")));
+        assert_eq!(
+            identity("nvmf-tcp://Host:4420/nqn.2026-12.io.x:v/1"),
+            identity("nvmf-tcp://host:4420/nqn.2026-12.io.x:v?loss-timeout=5")
+        );
+        assert_ne!(
+            identity("nvmf-tcp://host:4420/nqn.2026-12.io.x:v/2"),
+            identity("nvmf-tcp://host:4420/nqn.2026-12.io.x:v")
+        );
+        assert_eq!(identity("nvme:00:04.0"), identity("nvme:0000:00:04.0/1"));
+        assert_eq!(identity("ram:1M"), None);
+    }
 
     #[test]
     fn sizes_and_specs() {

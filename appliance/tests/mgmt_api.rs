@@ -2407,3 +2407,33 @@ fn a_journal_the_volume_refuses_leaves_its_device_blank() {
     let w = call!(d, c, add_journal, add("w")).unwrap();
     assert_eq!(w.consistency_policy().label(), "journal");
 }
+
+/// From review: the same file attached twice under another name (a hard
+/// link, a `..` in the path) passed the duplicate check, which compared
+/// paths: a mirror of two "devices" on one file.
+#[test]
+fn a_file_attached_under_a_second_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    call!(
+        d,
+        c,
+        attach_device,
+        attach("d0", &format!("file:{}:1M", p("m0")))
+    )
+    .unwrap();
+    std::fs::hard_link(dir.path().join("m0"), dir.path().join("m0b")).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    for spec in [
+        format!("file:{}", p("m0b")),
+        format!("file:{}", p("sub/../m0")),
+    ] {
+        let e = call!(d, c, attach_device, attach("d1", &spec)).unwrap_err();
+        assert_eq!(e.0, Code::AlreadyExists, "{spec}: {e:?}");
+        assert!(e.1.contains("device d0"), "{spec}: {e:?}");
+    }
+    let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
+    assert_eq!(devs.devices.len(), 1);
+}

@@ -1,6 +1,5 @@
 //! Attaching, listing, growing and detaching devices.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bdev::BlockDevice;
@@ -81,27 +80,11 @@ impl Manager {
                 decl.name
             )));
         }
-        if decl.spec.starts_with("file:") || decl.spec.starts_with("nvme:") {
-            let same = |spec: &str| {
-                same_file(spec, &decl.spec) || crate::devspec::same_nvme(spec, &decl.spec)
-            };
-            let by = inv
-                .devices
-                .values()
-                .find(|d| same(&d.decl.spec))
-                .map(|d| d.decl.name.clone())
-                .or_else(|| {
-                    inv.attaching
-                        .iter()
-                        .find(|(_, spec)| same(spec))
-                        .map(|(n, _)| n.clone())
-                });
-            if let Some(by) = by {
-                return Err(MgmtError::AlreadyExists(format!(
-                    "{} is already attached as device {by}",
-                    decl.spec
-                )));
-            }
+        if let Some(by) = attached_as(&inv, &decl.spec, true) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "{} is already attached as device {by}",
+                decl.spec
+            )));
         }
         if let (Some(rest), Some(allowed)) = (
             decl.spec.strip_prefix("file:"),
@@ -138,6 +121,14 @@ impl Manager {
                 invalid("spec", e.to_string())
             }
         })?);
+        // Again now that it exists: two attaches creating one new file
+        // under two spellings each passed the check above.
+        if let Some(by) = attached_as(&inv, &decl.spec, false) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "{} is already attached as device {by}",
+                decl.spec
+            )));
+        }
         let wrapper = lock(&self.shared.wrapper).clone();
         let dev = match wrapper {
             Some(w) => w(dev),
@@ -434,11 +425,20 @@ fn resized_spec(spec: &str, size: u64) -> Option<String> {
     }
 }
 
-/// Whether two `file:` specifications name the same file.
-fn same_file(a: &str, b: &str) -> bool {
-    let path = |s: &str| {
-        let p = crate::devspec::file_path(s.trim_start_matches("file:")).0;
-        std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p))
-    };
-    a.starts_with("file:") && b.starts_with("file:") && path(a) == path(b)
+/// The device (attached, or with `attaching` being attached) whose
+/// storage `spec` names too, however spelled ([`crate::devspec::identity`]).
+fn attached_as(inv: &Inventory, spec: &str, attaching: bool) -> Option<String> {
+    let id = crate::devspec::identity(spec)?;
+    let same = |other: &str| crate::devspec::identity(other).as_deref() == Some(id.as_str());
+    inv.devices
+        .values()
+        .find(|d| same(&d.decl.spec))
+        .map(|d| d.decl.name.clone())
+        .or_else(|| {
+            inv.attaching
+                .iter()
+                .filter(|_| attaching)
+                .find(|(_, s)| same(s))
+                .map(|(n, _)| n.clone())
+        })
 }
