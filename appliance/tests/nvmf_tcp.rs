@@ -831,3 +831,27 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
     );
     drop(q);
 }
+
+/// From review: a discovery controller (open to every host) with no
+/// keep-alive never expired, so 1,024 idle ones held every connection of
+/// the port for good. Idle without a keep-alive, one closes after 10 s.
+#[test]
+fn an_idle_discovery_controller_without_keep_alive_is_closed() {
+    let r = rig(&[HOST_A]);
+    let mut cfg = host(
+        "nqn.2014-08.org.nvmexpress:uuid:dddddddd-0000-0000-0000-000000000004",
+        Digests::default(),
+    );
+    cfg.kato_ms = 0;
+    let mut q = Queue::open(r.addr, &cfg).unwrap();
+    q.connect(0, 31, 0xffff, capsule::DISCOVERY_NQN, &cfg)
+        .unwrap();
+    let (mut s, ..) = q.into_parts();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let t = Instant::now();
+    let mut sink = Vec::new();
+    // Read until the target closes (a timeout is an error here).
+    let got = s.read_to_end(&mut sink);
+    assert!(got.is_ok(), "still open after {:?}: {got:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_secs(5), "{:?}", t.elapsed());
+}

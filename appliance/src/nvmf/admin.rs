@@ -105,6 +105,11 @@ fn transfer_len(s: &Sqe) -> Option<usize> {
 /// Disconnect and Asynchronous Event Request.
 pub fn command(c: &Controller, s: &Sqe) -> Answer {
     let disc = c.is_discovery();
+    if disc {
+        // A discovery controller's host is alive while it asks things
+        // (its idle limit when it set no keep-alive: DISCOVERY_IDLE).
+        c.touch();
+    }
     match s.opcode() {
         admin::IDENTIFY => identify(c, s),
         admin::GET_LOG_PAGE => log_page(c, s),

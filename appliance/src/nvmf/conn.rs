@@ -46,6 +46,9 @@ const RX_SIZE: usize = 1 << 18;
 const RX_START: usize = 16 << 10;
 /// Output held before the connection stops taking new commands.
 const TX_HIGH: usize = 4 << 20;
+/// How long a discovery controller without a keep-alive may sit idle
+/// (nvme-cli's `nvme discover` asks and leaves within a second).
+const DISCOVERY_IDLE: Duration = Duration::from_secs(10);
 /// How often an admin queue looks at keep-alive and namespace changes.
 const TICK: Duration = Duration::from_millis(100);
 /// How long a new connection may take to send ICReq and Connect.
@@ -323,9 +326,16 @@ impl Conn {
                 let c = c.clone();
                 let expired = {
                     let st = c.state();
-                    st.kato_ms > 0
-                        && now.saturating_duration_since(st.last_keep_alive)
-                            > Duration::from_millis(st.kato_ms as u64)
+                    let limit = if st.kato_ms > 0 {
+                        Some(Duration::from_millis(st.kato_ms as u64))
+                    } else if c.is_discovery() {
+                        // Open to every host, without a keep-alive: idle
+                        // ones would hold the port's connections for good.
+                        Some(DISCOVERY_IDLE)
+                    } else {
+                        None
+                    };
+                    limit.is_some_and(|l| now.saturating_duration_since(st.last_keep_alive) > l)
                 };
                 if expired {
                     tracing::warn!(cntlid = c.cntlid, host = %c.hostnqn, "nvme/tcp: keep-alive timeout expired; the controller is torn down");
