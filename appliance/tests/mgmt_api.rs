@@ -1178,6 +1178,20 @@ fn tcp_access_needs_tls_and_the_token() {
             .map_err(|s| s.to_string())
     });
     assert!(plain.is_err());
+    // A peer that never starts its TLS handshake is let go (it held its
+    // descriptor for good before: thousands of them left the daemon none).
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let t = Instant::now();
+    let mut sink = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut silent, &mut sink);
+    assert!(
+        closed.is_ok(),
+        "still open after {:?}: {closed:?}",
+        t.elapsed()
+    );
     stop.store(true, Ordering::SeqCst);
     assert_eq!(daemon.join().unwrap(), Ok(()));
 

@@ -156,7 +156,10 @@ pub async fn serve_tcp<S: Appliance>(
     // without it.
     use tonic::service::interceptor::InterceptedService;
     let server = tonic::transport::Server::builder()
-        .tls_config(tls)?
+        // A peer that opens a connection and never finishes the TLS
+        // handshake would hold its descriptor for good (thousands of them
+        // leave the daemon none for exports and state saves).
+        .tls_config(tls.timeout(std::time::Duration::from_secs(10)))?
         .add_service(ApplianceServer::with_interceptor(svc, check.clone()))
         .add_service(InterceptedService::new(
             health_service(health),

@@ -161,6 +161,8 @@ impl Queue {
             r if r.maxh2cdata < 4096 || !r.maxh2cdata.is_multiple_of(4) => Err(
                 HostError::Protocol(format!("ICResp MAXH2CDATA {}", r.maxh2cdata)),
             ),
+            // The data offset is a byte: (CPDA + 1) * 4 must fit in it.
+            r if r.cpda > 31 => Err(HostError::Protocol(format!("ICResp CPDA {}", r.cpda))),
             r if r.digests != cfg.digests => Err(HostError::Protocol(format!(
                 "asked for digests {:?}, granted {:?}",
                 cfg.digests, r.digests
