@@ -76,6 +76,11 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     // Read the configuration before anything starts: a broken file must
     // stop the daemon before it touches a device.
     let tcp = opts.tcp.as_ref().map(tcp_access).transpose()?;
+    // SIGHUP's default action ends the process: a reload asked for during
+    // a long restore is remembered, and done once the daemon serves.
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
     // One daemon per state and API socket, before anything is touched.
     let _locks = [
         opts.state_file
@@ -167,7 +172,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         },
         None => None,
     };
-    let reloader = match start_reloader(mgr.clone(), sampler_stop.clone()) {
+    let reloader = match start_reloader(mgr.clone(), hup, sampler_stop.clone()) {
         Ok(t) => t,
         Err(e) => {
             mgr.shutdown();
@@ -219,14 +224,13 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     served.and(stopped)
 }
 
-/// A thread that reloads the configuration on each SIGHUP, until `stop`.
+/// A thread that reloads the configuration on each SIGHUP (`hup`, set by
+/// its handler), until `stop`.
 fn start_reloader(
     mgr: Arc<Manager>,
+    hup: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    let hup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-        .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
     std::thread::Builder::new()
         .name("reload".into())
         .spawn(move || {
