@@ -3,7 +3,7 @@
 //! given access to it and nobody else.
 
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -105,7 +105,7 @@ pub fn check_socket_path(path: &Path) -> Result<(), ExportError> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
+            if someone_listens(path) {
                 return Err(ExportError::AlreadyExists(path.to_path_buf()));
             }
             // A stale socket from a previous run.
@@ -120,6 +120,54 @@ pub fn check_socket_path(path: &Path) -> Result<(), ExportError> {
         ))),
         Err(_) => Ok(()),
     }
+}
+
+/// Whether a process listens on the unix socket at `path`. Asked without
+/// blocking: a connect(2) to a listener whose backlog is full waits until
+/// it accepts, for good if it never does, and this runs for an API call.
+fn someone_listens(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked by
+    // the caller: at most 107 bytes, sun_path holds 108).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return false;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        // Cannot tell: say yes, so nothing is removed.
+        return true;
+    }
+    // SAFETY: `fd` is ours and closed when this drops.
+    let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of the given length.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return true;
+    }
+    // A full backlog (EAGAIN) is a listener too; refused or gone is not.
+    !matches!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::ENOENT)
+    )
 }
 
 /// Bind `path` so that it appears only once it accepts connections:
@@ -153,4 +201,65 @@ pub fn bind_listening(path: &Path, access: &SocketAccess) -> std::io::Result<Uni
         return Err(e);
     }
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// A non-blocking unix stream socket, connected (or pending) to `path`,
+    /// or `None` once the listener's backlog is full.
+    fn pending_connection(path: &Path) -> Option<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain socket(2) and connect(2) on a zeroed, filled
+        // sockaddr_un; the descriptor is owned at once.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            assert!(fd >= 0);
+            let owned = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+                *d = *s as libc::c_char;
+            }
+            let r = libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            );
+            (r == 0).then_some(owned)
+        }
+    }
+
+    /// From review: the check connected to an existing socket with a
+    /// blocking connect(2), which waits for good on a listener whose
+    /// backlog is full (one that never accepts): the API call creating
+    /// the export hung, holding its volume. A listener is found without
+    /// waiting; a stale socket is still cleared.
+    #[test]
+    fn a_listener_with_a_full_backlog_is_found_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut held = Vec::new();
+        while let Some(c) = pending_connection(&path) {
+            held.push(c);
+            assert!(held.len() < 100_000, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(check_socket_path(&p));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the check blocked on the full listener");
+        assert!(matches!(r, Err(ExportError::AlreadyExists(_))), "{r:?}");
+        drop(held);
+        drop(listener);
+        // Nobody listens now: the stale file is removed.
+        check_socket_path(&path).unwrap();
+        assert!(!path.exists());
+    }
 }
