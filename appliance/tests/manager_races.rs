@@ -510,6 +510,14 @@ fn a_reload_applies_the_difference_to_the_file() {
     config.save(&path).unwrap();
     let rep = rig.mgr.reload_file(&path).unwrap();
     assert!(rep.applied.is_empty() && rep.refused.len() == 1, "{rep:?}");
+    // From review: a change to the export's socket mode was ignored and
+    // the reload said nothing. It is made again, refused here (a VM is
+    // connected) and said so.
+    let mut config = rig.state();
+    config.exports[0].socket_mode = Some("0660".into());
+    config.save(&path).unwrap();
+    let rep = rig.mgr.reload_file(&path).unwrap();
+    assert!(rep.refused.iter().any(|r| r.contains("export")), "{rep:?}");
     assert_eq!(disk.read(0, 4096), 0);
     assert!(disk.buf()[..4096].iter().all(|&b| b == 0x41));
     drop(disk);

@@ -8,6 +8,7 @@
 //! not forced.
 
 use crate::config::{Config, ExportDecl, NvmfExportDecl, VolumeDecl};
+use crate::raid::geometry::Layout;
 use crate::raid::journal::JournalMode;
 
 use super::{lock, Manager, MgmtError};
@@ -32,13 +33,20 @@ impl ReloadReport {
 }
 
 /// Whether two export declarations serve the same thing the same way
-/// (the queues' reactors may differ: those move in place).
+/// (the queues' reactors may differ: those move in place). Anything else
+/// that differs (the socket's owner and mode too) makes the export again,
+/// or is refused while a VM is connected: never left silently as it was.
 fn same_export(a: &ExportDecl, b: &ExportDecl) -> bool {
     a.volume == b.volume
         && a.socket == b.socket
         && a.num_queues.max(1) == b.num_queues.max(1)
         && a.read_only == b.read_only
         && (b.serial.is_empty() || a.serial == b.serial)
+        && a.memory_limit_mib == b.memory_limit_mib
+        && a.live_migration == b.live_migration
+        && a.socket_mode == b.socket_mode
+        && a.socket_owner == b.socket_owner
+        && a.socket_group == b.socket_group
 }
 
 /// Whether a running NVMe/TCP export is what `w` declares (an empty
@@ -210,6 +218,22 @@ impl Manager {
             rep.refused.push(format!(
                 "volume {name}: its level or members differ from the file ({} {:?} running); those change by fail, replace and takeover",
                 v.level, v.members
+            ));
+        }
+        if v.level == "raid5"
+            && w.level == "raid5"
+            && (w.chunk_kib != v.chunk_kib
+                || Layout::parse(&w.layout).ok() != Layout::parse(&v.layout).ok())
+        {
+            rep.refused.push(format!(
+                "volume {name}: chunk {} KiB, layout {} running, the file says {} KiB, {}: a RAID5's geometry does not change in place",
+                v.chunk_kib, v.layout, w.chunk_kib, w.layout
+            ));
+        }
+        if v.bitmap && w.bitmap && w.bitmap_chunk_kib != v.bitmap_chunk_kib {
+            rep.refused.push(format!(
+                "volume {name}: bitmap regions of {} KiB running, the file says {}: remove the bitmap and add it again to change them",
+                v.bitmap_chunk_kib, w.bitmap_chunk_kib
             ));
         }
         if w.qos != v.qos {
