@@ -498,6 +498,16 @@ fn a_reload_applies_the_difference_to_the_file() {
     assert_eq!(v.qos.write_iops, 5000, "the IO limits were reloaded");
     assert_eq!(rig.mgr.list_exports()[0].decl.queue_cores, vec![1]);
     assert!(rig.mgr.get_volume("w").is_ok());
+    // A file that is gone is the daemon's trouble, not the caller's
+    // argument: FAILED_PRECONDITION (it was INVALID_ARGUMENT).
+    let gone = rig.mgr.reload_file(&rig.dir.path().join("gone.toml"));
+    assert!(
+        matches!(
+            gone,
+            Err(appliance::manager::MgmtError::FailedPrecondition(_))
+        ),
+        "{gone:?}"
+    );
     // Again: nothing to do. Then what cannot change in place.
     assert_eq!(rig.mgr.reload_file(&path).unwrap(), Default::default());
     let mut config = rig.state();

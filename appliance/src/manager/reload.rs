@@ -81,9 +81,10 @@ impl Manager {
 
     /// Read `path` and [`reload`](Self::reload) it.
     pub fn reload_file(&self, path: &std::path::Path) -> Result<ReloadReport, MgmtError> {
-        let config = Config::load(path).map_err(|e| MgmtError::InvalidArgument {
-            field: "config",
-            reason: e.to_string(),
+        // The daemon's own file, not an argument of the call: broken or
+        // missing, the call cannot be served as things are.
+        let config = Config::load(path).map_err(|e| {
+            MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
         })?;
         Ok(self.reload(&config))
     }
