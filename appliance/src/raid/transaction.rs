@@ -60,6 +60,10 @@ impl Inner {
                     tracing::warn!(volume = self.volume.name(), change = ?c, error = %e, "follow-up change deferred");
                     self.defer(c);
                 }
+                // Deleted meanwhile: nothing left to follow up.
+                Err(OpError::Gone(e)) => {
+                    tracing::info!(volume = self.volume.name(), change = ?c, error = %e, "follow-up change dropped: the volume is gone");
+                }
                 Err(e) => {
                     tracing::error!(volume = self.volume.name(), change = ?c, error = %e, "follow-up change failed");
                 }
