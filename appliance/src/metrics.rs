@@ -86,29 +86,64 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
             }
         }),
     );
-    let stopped = |stop: Arc<AtomicBool>| async move {
+    let stopped = async move {
         while !stop.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop.clone()));
-    // A graceful shutdown waits for every connection, and one that sent
-    // half a request keeps it waiting for good: the daemon's stop (and
-    // its exports' drain) must not wait for a scraper. The rest of the
-    // connections go with the runtime.
-    let grace = async {
-        stopped(stop).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        r = server => {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "metrics listener stopped");
+    tokio::pin!(stopped);
+    // Scrapers are outside the process: each connection has a time to
+    // send its request's headers and a lifetime, and there is a cap on
+    // how many are open (the rest are closed at once), so idle or slow
+    // ones can neither hold descriptors the exports need nor keep the
+    // daemon's stop waiting.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = &mut stopped => break,
+            accepted = listener.accept() => {
+                let sock = match accepted {
+                    Ok((sock, _)) => sock,
+                    Err(e) => {
+                        // Out of descriptors, say: not a busy loop.
+                        tracing::warn!(error = %e, "metrics: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                conns.spawn(async move {
+                    let _slot = slot;
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+                    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                });
             }
         }
-        () = grace => tracing::warn!(grace = ?SHUTDOWN_GRACE, "metrics: a scrape was still open at the stop; dropped"),
+        while conns.try_join_next().is_some() {}
+    }
+    // Scrapes under way may finish; the rest go with the runtime.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "metrics: a scrape was still open at the stop; dropped");
     }
 }
+
+/// Scrape connections open at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a connection has to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection lives (Prometheus opens another).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// How long the stop waits for scrapes under way.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -349,7 +349,22 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     // have killed the daemon with its exports undrained.
     let mut stalled = std::net::TcpStream::connect(&metrics).unwrap();
     std::io::Write::write_all(&mut stalled, b"G").unwrap();
-    // A full scrape after it: the byte has reached the server.
+    // A full scrape after it: the byte has reached the server, and one
+    // stalled scraper holds nobody up.
+    scrape(&metrics);
+    // It is let go once its time for the headers is up (idle scrapers
+    // held a descriptor each for good: enough of them left the daemon
+    // none for its exports).
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut sink = Vec::new();
+    let t = Instant::now();
+    let closed = std::io::Read::read_to_end(&mut stalled, &mut sink);
+    assert!(closed.is_ok(), "open after {:?}: {closed:?}", t.elapsed());
+    // Another, connected at the stop.
+    let mut stalled = std::net::TcpStream::connect(&metrics).unwrap();
+    std::io::Write::write_all(&mut stalled, b"G").unwrap();
     scrape(&metrics);
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
