@@ -100,6 +100,19 @@ pub fn identity(spec: &str) -> Option<String> {
     }
 }
 
+/// [`identity`], with a remote namespace's host looked up: one target
+/// named two ways (by name and by address, two names) is one. A name
+/// lookup may take a while: never under a lock.
+pub fn resolved_identity(spec: &str) -> Option<String> {
+    if let Some(rest) = spec.strip_prefix("nvmf-tcp:") {
+        let target = rest.split_once('?').map_or(rest, |(t, _)| t);
+        if let Ok(r) = nvmf::device::Remote::parse(target) {
+            return Some(format!("nvmf:{}/{}/{}", r.addr, r.nqn, r.nsid));
+        }
+    }
+    identity(spec)
+}
+
 /// The PCI address and namespace `BDF[/NSID]` names.
 fn nvme_address(rest: &str) -> Result<(String, u32), SpecError> {
     let (bdf, nsid) = match rest.split_once('/') {

@@ -2095,6 +2095,8 @@ fn a_device_grows_through_the_api_under_a_connected_client_and_keeps_its_size() 
         (resize("f0", 4 << 20), Code::InvalidArgument),
         (resize("f0", (16 << 20) + 512), Code::InvalidArgument),
         (resize("f0", 0), Code::InvalidArgument),
+        // Beyond 2^63 bytes (a volume of it would overflow its byte size).
+        (resize("f0", 1 << 63), Code::InvalidArgument),
         (resize("", 16 << 20), Code::InvalidArgument),
         (resize("nope", 16 << 20), Code::NotFound),
         (resize("f1", 16 << 20), Code::FailedPrecondition),

@@ -340,6 +340,18 @@ fn a_raid1_with_a_remote_write_mostly_mirror() {
         _rb,
         ..
     } = two_sides(2, false);
+    // From review: the remote namespace attached again under another
+    // name of its host was taken (a mirror with both halves on it).
+    let port = bx.decl.listen.rsplit_once(':').unwrap().1.to_string();
+    let again = a.attach_device(DeviceDecl {
+        name: "far2".into(),
+        spec: format!("nvmf-tcp://localhost:{port}/{NQN}/1"),
+        block_size: 4096,
+    });
+    assert!(
+        matches!(&again, Err(appliance::manager::MgmtError::AlreadyExists(m)) if m.contains("far")),
+        "{again:?}"
+    );
     let write = write64;
     let read = read64;
     for i in 0..8u64 {

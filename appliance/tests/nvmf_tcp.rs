@@ -811,7 +811,10 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
         let numd = (LEN / 4 - 1) as u32;
         s.cdw[0] = 0x70 | (numd & 0xffff) << 16;
         s.cdw[1] = numd >> 16;
-        q.send(s, &[], LEN).unwrap();
+        // The data pointer set here, and no buffer for the answer on our
+        // side (500 MiB of them would count in the same process's RSS).
+        capsule::set_data_pointer(&mut s, false, LEN as u32);
+        q.send(s, &[], 0).unwrap();
     }
     q.flush().unwrap();
     // The target answers what fits in its output and the socket, then
@@ -834,7 +837,8 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
 
 /// From review: a discovery controller (open to every host) with no
 /// keep-alive never expired, so 1,024 idle ones held every connection of
-/// the port for good. Idle without a keep-alive, one closes after 10 s.
+/// the port for good. Idle, without a keep-alive or an event request, one
+/// closes after 30 s.
 #[test]
 fn an_idle_discovery_controller_without_keep_alive_is_closed() {
     let r = rig(&[HOST_A]);
@@ -847,11 +851,11 @@ fn an_idle_discovery_controller_without_keep_alive_is_closed() {
     q.connect(0, 31, 0xffff, capsule::DISCOVERY_NQN, &cfg)
         .unwrap();
     let (mut s, ..) = q.into_parts();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let t = Instant::now();
     let mut sink = Vec::new();
     // Read until the target closes (a timeout is an error here).
     let got = s.read_to_end(&mut sink);
     assert!(got.is_ok(), "still open after {:?}: {got:?}", t.elapsed());
-    assert!(t.elapsed() >= Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_secs(20), "{:?}", t.elapsed());
 }

@@ -382,7 +382,7 @@ impl Manager {
     ) -> Result<VolumeView, MgmtError> {
         check_bitmap_chunk(chunk_kib)?;
         let v = self.raid(volume)?;
-        let _one = lock(&self.shared.bitmap_calls);
+        let _one = lock(&v.bitmap_calls);
         // The region size asked for is what the state file keeps.
         let before = lock(&v.decl).bitmap_chunk_kib;
         lock(&v.decl).bitmap_chunk_kib = if enabled { chunk_kib } else { 0 };

@@ -108,6 +108,11 @@ impl Manager {
         inv.attaching.insert(decl.name.clone(), decl.spec.clone());
         drop(inv);
         let opened = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size);
+        // Still without the lock: a remote target's name is looked up.
+        let identity = opened
+            .is_ok()
+            .then(|| crate::devspec::resolved_identity(&decl.spec))
+            .flatten();
         let mut inv = self.inv();
         inv.attaching.remove(&decl.name);
         // Shut down meanwhile: the device is dropped, not attached.
@@ -121,9 +126,16 @@ impl Manager {
                 invalid("spec", e.to_string())
             }
         })?);
-        // Again now that it exists: two attaches creating one new file
-        // under two spellings each passed the check above.
-        if let Some(by) = attached_as(&inv, &decl.spec, false) {
+        // Again now that it exists (two attaches creating one new file
+        // under two spellings each passed the check above), and by what
+        // it resolved to (one remote namespace by name and by address).
+        let same_storage = identity.as_ref().and_then(|id| {
+            inv.devices
+                .values()
+                .find(|d| d.identity.as_ref() == Some(id))
+                .map(|d| d.decl.name.clone())
+        });
+        if let Some(by) = attached_as(&inv, &decl.spec, false).or(same_storage) {
             return Err(MgmtError::AlreadyExists(format!(
                 "{} is already attached as device {by}",
                 decl.spec
@@ -142,7 +154,14 @@ impl Manager {
             errors: dev.error_counts(),
         };
         self.shared.roles.attach(&dev);
-        inv.devices.insert(decl.name.clone(), Dev { decl, dev });
+        inv.devices.insert(
+            decl.name.clone(),
+            Dev {
+                decl,
+                dev,
+                identity,
+            },
+        );
         drop(inv);
         self.save()?;
         Ok(view)
@@ -218,6 +237,12 @@ impl Manager {
             return Err(invalid(
                 "size_bytes",
                 format!("{size_bytes} is not a positive multiple of the block size {bs}"),
+            ));
+        }
+        if size_bytes > i64::MAX as u64 {
+            return Err(invalid(
+                "size_bytes",
+                format!("{size_bytes} is beyond 2^63 bytes, the largest device and volume"),
             ));
         }
         let have = info.size_bytes();

@@ -117,9 +117,9 @@ fn from_op(volume: &str, e: OpError) -> MgmtError {
         OpError::FailedPrecondition(m) => MgmtError::FailedPrecondition(format!("{volume}: {m}")),
         OpError::DeadlineExceeded(m) => MgmtError::DeadlineExceeded(format!("{volume}: {m}")),
         OpError::Internal(m) => MgmtError::Internal(format!("{volume}: {m}")),
-        OpError::Gone(m) => MgmtError::NotFound(format!(
-            "volume {volume} is gone (deleted meanwhile, or the daemon is stopping): {m}"
-        )),
+        OpError::Gone(m) => {
+            MgmtError::NotFound(format!("volume {volume} was deleted meanwhile: {m}"))
+        }
     }
 }
 
@@ -392,6 +392,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Dev {
     decl: DeviceDecl,
     dev: Arc<dyn BlockDevice>,
+    /// What storage it is, as found at attach
+    /// ([`crate::devspec::resolved_identity`]).
+    identity: Option<String>,
 }
 
 /// A volume in the inventory.
@@ -408,6 +411,11 @@ struct Vol {
     held: Mutex<Option<SuspendGuard>>,
     /// Being deleted: no new export.
     deleting: AtomicBool,
+    /// One bitmap change at a time: each writes the region size asked for
+    /// into the declaration before its transaction (the transaction's
+    /// save keeps it) and puts the old one back if that fails; two at once
+    /// could put back a size over the other's bitmap.
+    bitmap_calls: Mutex<()>,
 }
 
 impl Vol {
@@ -510,11 +518,6 @@ struct Shared {
     allowed: Mutex<Option<crate::devpaths::AllowedPaths>>,
     /// The NVMe/TCP target (its listeners start with the first export).
     target: crate::nvmf::Target,
-    /// One bitmap change at a time: each writes the region size asked for
-    /// into its volume's declaration before its transaction (the
-    /// transaction's save keeps it) and puts the old one back if that
-    /// fails; two at once could put back a size over the other's bitmap.
-    bitmap_calls: Mutex<()>,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -568,7 +571,6 @@ impl Manager {
                 config_file: Mutex::new(None),
                 allowed: Mutex::new(None),
                 target: crate::nvmf::Target::new(set),
-                bitmap_calls: Mutex::new(()),
             }),
         }
     }

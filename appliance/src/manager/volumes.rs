@@ -489,6 +489,7 @@ impl Manager {
                 busy: Mutex::new(()),
                 held: Mutex::new(None),
                 deleting: Default::default(),
+                bitmap_calls: Mutex::new(()),
             }),
         );
     }

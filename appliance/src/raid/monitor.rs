@@ -61,8 +61,8 @@ pub enum OpError {
     /// The reconfiguration itself failed.
     #[error("{0}")]
     Internal(String),
-    /// The volume was deleted (or the daemon stopped) meanwhile: a call
-    /// racing `volume delete` is told so, not of an internal error.
+    /// The volume was deleted meanwhile: a call racing `volume delete` is
+    /// told so, not of an internal error.
     #[error("{0}")]
     Gone(String),
 }

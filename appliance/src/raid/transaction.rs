@@ -33,9 +33,9 @@ use crate::volume::VolumeConfig;
 fn quiesce_error(e: poller::QuiesceError) -> OpError {
     match e {
         e if e.is_deadline() => OpError::DeadlineExceeded(e.to_string()),
-        poller::QuiesceError::NotFound(_) | poller::QuiesceError::Stopped(_) => {
-            OpError::Gone(e.to_string())
-        }
+        poller::QuiesceError::NotFound(_) => OpError::Gone(e.to_string()),
+        // The daemon is stopping: the volume is still there.
+        poller::QuiesceError::Stopped(_) => OpError::FailedPrecondition(e.to_string()),
         e => OpError::Internal(e.to_string()),
     }
 }
