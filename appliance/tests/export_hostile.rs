@@ -313,15 +313,20 @@ fn a_ring_serves_on_after_re_enable_and_after_a_new_kick_fd() {
     g.good_read(0);
 }
 
-/// From review: a queue whose device held a request past the drain
-/// time-out was let go by the stop (SET_VRING_ENABLE off) while its
-/// runner went on; GET_VRING_BASE then answered an index from before that
-/// request, and the ring started again beside the old runner, so the
-/// request ran twice and its head was answered twice. Until the old
-/// runner has stopped, the ring neither starts nor says its index; then it
-/// starts by itself from where the old runner stopped.
-#[test]
-fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
+/// An export of a RAM device behind a fault injector, on 2 reactors, with
+/// a drain time-out of `drain`, and a guest that waits for the answer to
+/// every message (REPLY_ACK) whose queue 0 has one read held by the
+/// device.
+struct HeldRig {
+    reactors: poller::Reactors,
+    fault: Arc<bdev::FaultDevice>,
+    export: appliance::export::Export,
+    g: Guest,
+    _volume: appliance::volume::Volume,
+    _dir: tempfile::TempDir,
+}
+
+fn held_rig(drain: Duration) -> HeldRig {
     use appliance::export::{Export, ExportOptions};
     use bdev::{FaultDevice, IoOp, RamDevice};
     let reactors = poller::Reactors::start(poller::ReactorConfig {
@@ -339,12 +344,11 @@ fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
         reactors.set(),
         &volume,
         ExportOptions {
-            drain_timeout: Some(Duration::from_millis(200)),
+            drain_timeout: Some(drain),
             ..ExportOptions::new(sock.clone(), 1)
         },
     )
     .unwrap();
-    // Every message waits for its answer.
     let mut g = Guest::setup(
         &sock,
         Setup {
@@ -356,6 +360,34 @@ fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
     fault.control().hold(Some(IoOp::Read), 0, u64::MAX, 1);
     g.offer_read(0);
     assert!(fault.control().wait_held(1, Duration::from_secs(30)));
+    HeldRig {
+        reactors,
+        fault,
+        export,
+        g,
+        _volume: volume,
+        _dir: dir,
+    }
+}
+
+/// From review: a queue whose device held a request past the drain
+/// time-out was let go by the stop (SET_VRING_ENABLE off) while its
+/// runner went on; GET_VRING_BASE then answered an index from before that
+/// request, and the ring started again beside the old runner, so the
+/// request ran twice and its head was answered twice. Until the old
+/// runner has stopped, the ring neither starts nor says its index; then it
+/// starts by itself from where the old runner stopped.
+#[test]
+fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
+    use bdev::IoOp;
+    let HeldRig {
+        reactors,
+        fault,
+        export,
+        mut g,
+        _volume,
+        _dir,
+    } = held_rig(Duration::from_millis(200));
     // The stop cannot drain. Enabled again, the ring waits for the old
     // runner rather than start beside it.
     assert!(g.frontend.set_vring_enable(0, false).is_err());
@@ -413,41 +445,15 @@ fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
 /// answered and cost nothing (a liveness check), not that instant.
 #[test]
 fn a_message_waiting_for_a_queue_move_does_not_cost_the_frontend_its_connection() {
-    use appliance::export::{Export, ExportOptions, FRONTEND_IO_TIMEOUT};
-    use bdev::{FaultDevice, IoOp, RamDevice};
-    let reactors = poller::Reactors::start(poller::ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let fault = Arc::new(FaultDevice::new(Arc::new(
-        RamDevice::new("ram", 4096, 256).unwrap(),
-    )));
-    let volume = appliance::volume::Volume::new(reactors.set(), "moved", fault.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("moved.sock");
     // The move's drain outlasts the frontend's time-out.
-    let drain = FRONTEND_IO_TIMEOUT + Duration::from_secs(2);
-    let export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            drain_timeout: Some(drain),
-            ..ExportOptions::new(sock.clone(), 1)
-        },
-    )
-    .unwrap();
-    let mut g = Guest::setup(
-        &sock,
-        Setup {
-            protocol: vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK,
-            ..Default::default()
-        },
-    );
-    g.good_read(0);
-    fault.control().hold(Some(IoOp::Read), 0, u64::MAX, 1);
-    g.offer_read(0);
-    assert!(fault.control().wait_held(1, Duration::from_secs(30)));
+    let HeldRig {
+        reactors,
+        fault,
+        export,
+        mut g,
+        _volume,
+        _dir,
+    } = held_rig(appliance::export::FRONTEND_IO_TIMEOUT + Duration::from_secs(2));
     std::thread::scope(|s| {
         let mover = s.spawn(|| export.move_queue(0, 1, 2));
         // Messages while the move drains (and holds the handler): each
