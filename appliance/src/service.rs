@@ -13,8 +13,68 @@ pub use sd_notify::NotifyState;
 
 /// Tell the service manager `states`; a failure is logged, never fatal.
 pub fn notify(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
+    use std::os::unix::ffi::OsStrExt;
+    let r = match std::env::var_os("NOTIFY_SOCKET") {
+        // An abstract socket (systemd's own way, when it runs services in
+        // a container): the crate takes the name for a path.
+        Some(p) if p.as_bytes().starts_with(b"@") => notify_abstract(&p.as_bytes()[1..], states),
+        _ => sd_notify::notify(false, states),
+    };
+    if let Err(e) = r {
         tracing::warn!(error = %e, "notifying the service manager");
+    }
+}
+
+/// sd_notify(3) to the abstract unix socket `name`: one datagram, one
+/// assignment per line.
+fn notify_abstract(name: &[u8], states: &[NotifyState]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    sock.send_to_addr(msg.as_bytes(), &addr)?;
+    Ok(())
+}
+
+/// While it lives, the service manager's start time-out is pushed back
+/// every few seconds (EXTEND_TIMEOUT_USEC): a restore may take longer than
+/// `TimeoutStartSec` (metadata reads with their own 30 s deadlines,
+/// remote members that answer late), and systemd would kill the start and
+/// loop through `Restart=`. Dropped, it stops.
+pub struct StartExtension {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Start pushing the start time-out back (see [`StartExtension`]).
+pub fn extend_start() -> StartExtension {
+    const EVERY: Duration = Duration::from_secs(10);
+    const BY: Duration = Duration::from_secs(30);
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::env::var_os("NOTIFY_SOCKET").and_then(|_| {
+        std::thread::Builder::new()
+            .name("start-extend".into())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    notify(&[NotifyState::ExtendTimeoutUsec(BY.as_micros() as u32)]);
+                    let t = Instant::now();
+                    while t.elapsed() < EVERY && !s.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+            .ok()
+    });
+    StartExtension { stop, thread }
+}
+
+impl Drop for StartExtension {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -102,6 +102,16 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
             < lines.iter().position(|l| l == "READY=1"),
         "{lines:?}"
     );
+    // The restore pushes the start time-out back (a long one was killed
+    // by TimeoutStartSec, and Restart= looped).
+    let extend = lines
+        .iter()
+        .position(|l| l == "EXTEND_TIMEOUT_USEC=30000000")
+        .expect("EXTEND_TIMEOUT_USEC during the restore");
+    assert!(
+        Some(extend) < lines.iter().position(|l| l == "READY=1"),
+        "{lines:?}"
+    );
 
     // The watchdog is fed (every half interval) while the reactors answer.
     collect(&sock, &mut lines, |l| count(l, "WATCHDOG=1") >= 3);
@@ -131,6 +141,36 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
         .position(|l| l.starts_with("STATUS=stopping: draining 1 exports"))
         .expect("the stop's progress");
     assert!(stop < draining, "{lines:?}");
+}
+
+/// From review: NOTIFY_SOCKET may name an abstract socket (`@name`, as
+/// systemd gives services in some containers); it was taken for a path,
+/// READY=1 never arrived and systemd killed the start.
+#[test]
+fn the_daemon_notifies_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("appliance-notify-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let api = dir.path().join("api.sock");
+    let mut d = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "1", "--api"])
+        .arg(&api)
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(d.id());
+    let mut lines = Vec::new();
+    collect(&sock, &mut lines, |l| has(l, "READY=1"));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
+    assert!(d.wait().unwrap().success());
 }
 
 /// The shipped unit: `Type=notify` with a watchdog, no error from
