@@ -46,6 +46,7 @@ fn status(e: MgmtError) -> Status {
         MgmtError::FailedPrecondition(m) => Status::failed_precondition(m),
         MgmtError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         MgmtError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        MgmtError::Unavailable(m) => Status::unavailable(m),
         MgmtError::PermissionDenied(m) => Status::permission_denied(m),
         MgmtError::Internal(m) => Status::internal(m),
     }

@@ -37,6 +37,20 @@ pub enum SpecError {
     },
 }
 
+/// Whether `e` says a remote target could not be reached (refused, timed
+/// out, gone): not the specification's fault, and worth another try.
+pub fn unreachable(e: &SpecError) -> bool {
+    match e {
+        SpecError::Open { spec, source } if spec.starts_with("nvmf-tcp:") => {
+            matches!(
+                source.downcast_ref::<bdev::BdevError>(),
+                Some(bdev::BdevError::Os { .. })
+            )
+        }
+        _ => false,
+    }
+}
+
 fn opening(spec: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SpecError + '_ {
     move |source| SpecError::Open {
         spec: spec.to_string(),

@@ -143,10 +143,14 @@ fn spec_strings_name_a_remote_namespace() {
         .err()
         .expect("an unreachable target is refused");
     assert!(e.to_string().contains("connecting to"), "{e}");
+    // Not the specification's fault: the API says UNAVAILABLE for it (it
+    // said INVALID_ARGUMENT), and INVALID_ARGUMENT for a bad option.
+    assert!(appliance::devspec::unreachable(&e), "{e}");
     let e = appliance::devspec::open(&format!("nvmf-tcp://{port}/{NQN}?speed=9"), 4096)
         .err()
         .unwrap();
     assert!(e.to_string().contains("unknown option"), "{e}");
+    assert!(!appliance::devspec::unreachable(&e), "{e}");
 }
 
 #[test]

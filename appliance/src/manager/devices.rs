@@ -120,6 +120,8 @@ impl Manager {
         let dev = wrap(opened.map_err(|e| {
             if let crate::devspec::SpecError::Busy { .. } = e {
                 MgmtError::FailedPrecondition(e.to_string())
+            } else if crate::devspec::unreachable(&e) {
+                MgmtError::Unavailable(e.to_string())
             } else if crate::devspec::names_missing(&decl.spec) {
                 MgmtError::NotFound(e.to_string())
             } else {
@@ -292,6 +294,19 @@ impl Manager {
             dev.resized(blocks).map_err(|e| match e {
                 bdev::BdevError::Unsupported(m) => MgmtError::FailedPrecondition(m),
                 bdev::BdevError::InvalidArgument(m) => invalid("size_bytes", m),
+                // The file system says the size is too large for it, or
+                // out of room: the caller's number or the disk, not a bug.
+                bdev::BdevError::Os { ref source, .. }
+                    if source.kind() == std::io::ErrorKind::InvalidInput
+                        || source.raw_os_error() == Some(libc::EFBIG) =>
+                {
+                    invalid("size_bytes", format!("resizing device {name}: {e}"))
+                }
+                bdev::BdevError::Os { ref source, .. }
+                    if source.raw_os_error() == Some(libc::ENOSPC) =>
+                {
+                    MgmtError::ResourceExhausted(format!("resizing device {name}: {e}"))
+                }
                 e => MgmtError::Internal(format!("resizing device {name}: {e}")),
             })
         };

@@ -73,6 +73,10 @@ pub enum MgmtError {
     /// Not enough of something the machine has (memory for RAM devices).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Something outside the daemon that the call needs does not answer
+    /// (a remote target): worth trying again later.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something below failed.
     #[error("{0}")]
     Internal(String),
