@@ -2104,6 +2104,15 @@ fn a_device_grows_through_the_api_under_a_connected_client_and_keeps_its_size() 
         let e = call!(d, c, resize_device, req.clone()).unwrap_err();
         assert_eq!(e.0, code, "{req:?}: {e:?}");
     }
+    // Beyond what the file system holds (ext4: 16 TiB files): the
+    // caller's number, not an internal error.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs(2) into a zeroed struct of the right type.
+    if unsafe { libc::statfs(path.as_ptr(), &mut fs) } == 0 && fs.f_type == 0xEF53 {
+        let e = call!(d, c, resize_device, resize("f0", 17 << 40)).unwrap_err();
+        assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    }
     assert_eq!(volume(&d, &mut c, "f0").size_bytes, 8 << 20);
     let r = call!(d, c, resize_device, resize("f0", 16 << 20)).unwrap();
     let dev = r.device.unwrap();
