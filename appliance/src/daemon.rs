@@ -154,7 +154,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     mgr.set_allowed_paths(allowed);
     if let Some((cfg, first)) = &initial {
         crate::service::status("restoring devices, volumes and exports");
-        let _longer = crate::service::extend_start();
+        let _longer = crate::service::extend_start(stop.clone());
         if let Err(e) = mgr.restore(cfg, *first) {
             mgr.shutdown_without_saving();
             let _ = reactors.shutdown();

@@ -37,15 +37,27 @@ pub enum SpecError {
     },
 }
 
-/// Whether `e` says a remote target could not be reached (refused, timed
-/// out, gone): not the specification's fault, and worth another try.
+/// Whether `e` says a remote target could not be reached (nothing
+/// listens, no route, timed out, connection reset): not the
+/// specification's fault, and worth another try. A target that answers
+/// and refuses (wrong NQN, host not allowed, no such namespace) is not.
 pub fn unreachable(e: &SpecError) -> bool {
+    use std::io::ErrorKind as K;
     match e {
         SpecError::Open { spec, source } if spec.starts_with("nvmf-tcp:") => {
-            matches!(
-                source.downcast_ref::<bdev::BdevError>(),
-                Some(bdev::BdevError::Os { .. })
-            )
+            match source.downcast_ref::<bdev::BdevError>() {
+                Some(bdev::BdevError::Os { source, .. }) => matches!(
+                    source.kind(),
+                    K::ConnectionRefused
+                        | K::ConnectionReset
+                        | K::ConnectionAborted
+                        | K::TimedOut
+                        | K::HostUnreachable
+                        | K::NetworkUnreachable
+                        | K::NotConnected
+                ),
+                _ => false,
+            }
         }
         _ => false,
     }

@@ -40,28 +40,43 @@ fn notify_abstract(name: &[u8], states: &[NotifyState]) -> std::io::Result<()> {
 /// every few seconds (EXTEND_TIMEOUT_USEC): a restore may take longer than
 /// `TimeoutStartSec` (metadata reads with their own 30 s deadlines,
 /// remote members that answer late), and systemd would kill the start and
-/// loop through `Restart=`. Dropped, it stops.
+/// loop through `Restart=`. Bounded: it stops after [`EXTEND_AT_MOST`] (a
+/// restore stuck for good is then killed, as it should be) and once the
+/// daemon is asked to stop (systemd applies an extension to the stop's
+/// time-out too). Dropped, it stops.
 pub struct StartExtension {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Start pushing the start time-out back (see [`StartExtension`]).
-pub fn extend_start() -> StartExtension {
+/// How long the start may be extended in all.
+pub const EXTEND_AT_MOST: Duration = Duration::from_secs(15 * 60);
+
+/// Start pushing the start time-out back (see [`StartExtension`]) until
+/// dropped, or `stopping` is set.
+pub fn extend_start(stopping: Arc<AtomicBool>) -> StartExtension {
     const EVERY: Duration = Duration::from_secs(10);
     const BY: Duration = Duration::from_secs(30);
     let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
+    let extend = || notify(&[NotifyState::ExtendTimeoutUsec(BY.as_micros() as u32)]);
     let thread = std::env::var_os("NOTIFY_SOCKET").and_then(|_| {
+        // The first one now: a quick restore ends before a thread runs.
+        extend();
+        let s = stop.clone();
+        let started = Instant::now();
         std::thread::Builder::new()
             .name("start-extend".into())
             .spawn(move || {
-                while !s.load(Ordering::SeqCst) {
-                    notify(&[NotifyState::ExtendTimeoutUsec(BY.as_micros() as u32)]);
+                let done = || s.load(Ordering::SeqCst) || stopping.load(Ordering::SeqCst);
+                loop {
                     let t = Instant::now();
-                    while t.elapsed() < EVERY && !s.load(Ordering::SeqCst) {
+                    while t.elapsed() < EVERY && !done() {
                         std::thread::sleep(Duration::from_millis(50));
                     }
+                    if done() || started.elapsed() + BY > EXTEND_AT_MOST {
+                        return;
+                    }
+                    extend();
                 }
             })
             .ok()

@@ -837,8 +837,7 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
 
 /// From review: a discovery controller (open to every host) with no
 /// keep-alive never expired, so 1,024 idle ones held every connection of
-/// the port for good. Idle, without a keep-alive or an event request, one
-/// closes after 30 s.
+/// the port for good. Idle without a keep-alive, one closes after 30 s.
 #[test]
 fn an_idle_discovery_controller_without_keep_alive_is_closed() {
     let r = rig(&[HOST_A]);

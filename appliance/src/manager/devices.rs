@@ -81,10 +81,7 @@ impl Manager {
             )));
         }
         if let Some(by) = attached_as(&inv, &decl.spec, true) {
-            return Err(MgmtError::AlreadyExists(format!(
-                "{} is already attached as device {by}",
-                decl.spec
-            )));
+            self.same_storage(&decl, &by)?;
         }
         if let (Some(rest), Some(allowed)) = (
             decl.spec.strip_prefix("file:"),
@@ -138,10 +135,7 @@ impl Manager {
                 .map(|d| d.decl.name.clone())
         });
         if let Some(by) = attached_as(&inv, &decl.spec, false).or(same_storage) {
-            return Err(MgmtError::AlreadyExists(format!(
-                "{} is already attached as device {by}",
-                decl.spec
-            )));
+            self.same_storage(&decl, &by)?;
         }
         let wrapper = lock(&self.shared.wrapper).clone();
         let dev = match wrapper {
@@ -462,6 +456,27 @@ fn resized_spec(spec: &str, size: u64) -> Option<String> {
             (_, None) => Some(spec.to_string()),
         },
         _ => None,
+    }
+}
+
+impl Manager {
+    /// `decl` names the storage device `by` is on: refused, but for a
+    /// restore. A state file from before the check may hold such a pair,
+    /// and a daemon that would not start is worse: kept, and said.
+    fn same_storage(&self, decl: &DeviceDecl, by: &str) -> Result<(), MgmtError> {
+        if self.shared.quiet.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!(
+                device = decl.name,
+                spec = decl.spec,
+                same_as = by,
+                "restored as the state file says, but it is the storage of device {by} too: detach one of them"
+            );
+            return Ok(());
+        }
+        Err(MgmtError::AlreadyExists(format!(
+            "{} is already attached as device {by}",
+            decl.spec
+        )))
     }
 }
 

@@ -46,10 +46,10 @@ const RX_SIZE: usize = 1 << 18;
 const RX_START: usize = 16 << 10;
 /// Output held before the connection stops taking new commands.
 const TX_HIGH: usize = 4 << 20;
-/// How long a discovery controller without a keep-alive, and holding no
-/// event request (a persistent one does), may sit idle: `nvme discover`
-/// asks and leaves within a second, `connect-all` keeps it while it
-/// connects to the subsystems it found.
+/// How long a discovery controller without a keep-alive may sit idle:
+/// `nvme discover` asks and leaves within a second, `connect-all` keeps
+/// it while it connects to the subsystems it found, and a persistent one
+/// sets a keep-alive (ours takes no event requests).
 const DISCOVERY_IDLE: Duration = Duration::from_secs(30);
 /// How often an admin queue looks at keep-alive and namespace changes.
 const TICK: Duration = Duration::from_millis(100);
@@ -330,7 +330,7 @@ impl Conn {
                     let st = c.state();
                     let limit = if st.kato_ms > 0 {
                         Some(Duration::from_millis(st.kato_ms as u64))
-                    } else if c.is_discovery() && self.aers.is_empty() {
+                    } else if c.is_discovery() {
                         // Open to every host, without a keep-alive: idle
                         // ones would hold the port's connections for good.
                         Some(DISCOVERY_IDLE)

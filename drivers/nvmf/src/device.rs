@@ -164,7 +164,15 @@ impl NvmfDevice {
     ) -> Result<NvmfDevice, BdevError> {
         let fail = |e: HostError| BdevError::Os {
             what: format!("{name}: connecting to {} at {}", remote.nqn, remote.addr),
-            source: std::io::Error::other(e.to_string()),
+            // The socket's own error keeps its kind (refused, timed out):
+            // a caller tells an unreachable target from a refusing one.
+            source: match e {
+                HostError::Io(io) => io,
+                HostError::Timeout(_) => {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string())
+                }
+                e => std::io::Error::other(e.to_string()),
+            },
         };
         let (mut c, queues) = associate(&remote, &opts.host).map_err(fail)?;
         let ns = c.identify(0x00, remote.nsid).map_err(fail)?;
