@@ -121,7 +121,11 @@ impl Inner {
                     Ok(x) => Some(x),
                     Err(e) => {
                         undo(&claimed);
-                        return Err(OpError::Internal(e.to_string()));
+                        // Deleted meanwhile: its reactors' gates are gone.
+                        if self.volume.quiesce().is_removed() {
+                            return Err(OpError::Gone(e));
+                        }
+                        return Err(OpError::Internal(e));
                     }
                 }
             }
