@@ -182,8 +182,15 @@ impl Inner {
                 true
             }
             other => {
-                if let Err(e) = other {
-                    tracing::error!(volume = self.volume.name(), error = %e, "volume change");
+                match other {
+                    // Deleted meanwhile: nothing left to change.
+                    Err(OpError::Gone(e)) => {
+                        tracing::info!(volume = self.volume.name(), error = %e, "volume change dropped: the volume is gone")
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = self.volume.name(), error = %e, "volume change")
+                    }
+                    Ok(()) => {}
                 }
                 pending.pop_front();
                 !pending.is_empty()
