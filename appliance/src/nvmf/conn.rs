@@ -72,6 +72,7 @@ pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc
         // Grown to RX_SIZE only when a PDU needs it: an idle or
         // handshaking connection holds little.
         rx: vec![0u8; RX_START],
+        rx_held: false,
         rx_len: 0,
         out: Output::default(),
         phase: Phase::Init,
@@ -158,6 +159,9 @@ struct Conn {
     fd: RawFd,
     port: Arc<Port>,
     shared: Arc<TargetShared>,
+    /// Whole PDUs may be waiting in `rx`: the last pass stopped at a full
+    /// output, not at the end of what was received.
+    rx_held: bool,
     /// Received bytes (`..rx_len`) not yet taken as PDUs.
     rx: Vec<u8>,
     rx_len: usize,
@@ -381,8 +385,9 @@ impl Conn {
     fn receive(&mut self, ctx: &mut Ctx) -> bool {
         let mut got = 0;
         let mut work = false;
-        // PDUs a full output left in the buffer come first.
-        if self.rx_len > 0 {
+        // PDUs a full output left in the buffer come first (a partial one
+        // alone is left for the next read).
+        if self.rx_held {
             let before = self.rx_len;
             self.handle_pdus(ctx);
             work = self.rx_len != before;
@@ -462,10 +467,13 @@ impl Conn {
                 }
             }
         }
+        self.rx_held = at < end && self.tx_pending() >= TX_HIGH;
         let mut rx = rx;
         // What is left is the start of the next PDU (the limits keep a
         // whole one inside the buffer).
-        rx.copy_within(at..end, 0);
+        if at > 0 {
+            rx.copy_within(at..end, 0);
+        }
         self.rx_len = end - at;
         self.rx = rx;
     }
