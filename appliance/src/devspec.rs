@@ -74,16 +74,6 @@ fn opening(spec: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) 
 /// the same controller must not reset it under the first.
 static CONTROLLERS: Mutex<Option<HashMap<String, Weak<nvme::Controller>>>> = Mutex::new(None);
 
-/// Whether two specifications name the same NVMe namespace (however the
-/// PCI address is spelled).
-pub fn same_nvme(a: &str, b: &str) -> bool {
-    let key = |s: &str| {
-        let rest = s.strip_prefix("nvme:")?;
-        nvme_address(rest).ok()
-    };
-    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
-}
-
 /// What a specification's storage is, for telling whether two name the
 /// same one however they are spelled: a file by its device and inode (a
 /// hard link, a bind mount or a `..` in the path is the same file), a
@@ -112,14 +102,7 @@ pub fn identity(spec: &str) -> Option<String> {
             .ok()
             .map(|(bdf, ns)| format!("nvme:{bdf}/{ns}")),
         "nvmf-tcp" => {
-            let target = rest.split_once('?').map_or(rest, |(t, _)| t);
-            let (host, path) = target.strip_prefix("//")?.split_once('/')?;
-            let (nqn, nsid) = match path.rsplit_once('/') {
-                Some((nqn, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
-                    (nqn, n.parse::<u32>().ok()?)
-                }
-                _ => (path, 1),
-            };
+            let (host, nqn, nsid) = nvmf::device::Remote::split(remote_target(rest)).ok()?;
             Some(format!("nvmf:{}/{nqn}/{nsid}", host.to_ascii_lowercase()))
         }
         _ => None,
@@ -131,12 +114,16 @@ pub fn identity(spec: &str) -> Option<String> {
 /// lookup may take a while: never under a lock.
 pub fn resolved_identity(spec: &str) -> Option<String> {
     if let Some(rest) = spec.strip_prefix("nvmf-tcp:") {
-        let target = rest.split_once('?').map_or(rest, |(t, _)| t);
-        if let Ok(r) = nvmf::device::Remote::parse(target) {
+        if let Ok(r) = nvmf::device::Remote::parse(remote_target(rest)) {
             return Some(format!("nvmf:{}/{}/{}", r.addr, r.nqn, r.nsid));
         }
     }
     identity(spec)
+}
+
+/// An nvmf-tcp specification's target, without its `?options`.
+fn remote_target(rest: &str) -> &str {
+    rest.split_once('?').map_or(rest, |(t, _)| t)
 }
 
 /// The PCI address and namespace `BDF[/NSID]` names.
@@ -240,7 +227,8 @@ fn remote_namespace(
     block_size: u32,
 ) -> Result<Arc<dyn BlockDevice>, SpecError> {
     let invalid = |why: String| SpecError::Invalid(format!("device {spec:?}: {why}"));
-    let (target, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let target = remote_target(rest);
+    let query = rest.split_once('?').map_or("", |(_, q)| q);
     let remote = nvmf::device::Remote::parse(target).map_err(invalid)?;
     let mut opts = nvmf::device::DeviceOptions::default();
     opts.host.hostnqn = host_nqn();
@@ -473,9 +461,11 @@ mod tests {
         assert!(names_missing("nvme:0000:ff:1f.7"));
         assert!(!names_missing("nvme:bad"));
         assert!(!names_missing("ram:1M"));
-        assert!(same_nvme("nvme:00:04.0", "nvme:0000:00:04.0/1"));
-        assert!(!same_nvme("nvme:0000:00:04.0/2", "nvme:0000:00:04.0"));
-        assert!(!same_nvme("file:/x", "file:/x"));
+        assert_eq!(identity("nvme:00:04.0"), identity("nvme:0000:00:04.0/1"));
+        assert_ne!(
+            identity("nvme:0000:00:04.0/2"),
+            identity("nvme:0000:00:04.0")
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let spec = format!("file:{}:1M", p.display());

@@ -45,17 +45,28 @@ impl Remote {
     /// Parse the part of `nvmf-tcp://HOST:PORT/NQN[/NSID]` after the
     /// scheme's colon (`//HOST:PORT/NQN[/NSID]`).
     pub fn parse(rest: &str) -> Result<Remote, String> {
+        let (host, nqn, nsid) = Self::split(rest)?;
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| format!("{host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host}: no address"))?;
+        Ok(Remote {
+            addr,
+            nqn: nqn.to_string(),
+            nsid,
+        })
+    }
+
+    /// [`parse`](Self::parse) without looking the host up: `HOST:PORT`
+    /// as written, the NQN and the namespace (1 when not given).
+    pub fn split(rest: &str) -> Result<(&str, &str, u32), String> {
         let rest = rest
             .strip_prefix("//")
             .ok_or("expected nvmf-tcp://HOST:PORT/NQN[/NSID]")?;
         let (host, path) = rest
             .split_once('/')
             .ok_or("expected nvmf-tcp://HOST:PORT/NQN[/NSID]")?;
-        let addr = host
-            .to_socket_addrs()
-            .map_err(|e| format!("{host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host}: no address"))?;
         let (nqn, nsid) = match path.rsplit_once('/') {
             Some((nqn, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
                 let nsid: u32 = n.parse().map_err(|_| format!("namespace {n:?}"))?;
@@ -69,11 +80,7 @@ impl Remote {
         if !capsule::valid_nqn(nqn) {
             return Err(format!("{nqn:?} is not an NQN"));
         }
-        Ok(Remote {
-            addr,
-            nqn: nqn.to_string(),
-            nsid,
-        })
+        Ok((host, nqn, nsid))
     }
 }
 
