@@ -126,18 +126,9 @@ pub fn check_socket_path(path: &Path) -> Result<(), ExportError> {
 /// blocking: a connect(2) to a listener whose backlog is full waits until
 /// it accepts, for good if it never does, and this runs for an API call.
 fn someone_listens(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked by
-    // the caller: at most 107 bytes, sun_path holds 108).
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
+    let Some(addr) = sockaddr(path) else {
         return false;
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
+    };
     // SAFETY: plain socket(2); the descriptor is owned below.
     let fd = unsafe {
         libc::socket(
@@ -153,13 +144,7 @@ fn someone_listens(path: &Path) -> bool {
     // SAFETY: `fd` is ours and closed when this drops.
     let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     // SAFETY: `addr` is a valid sockaddr_un of the given length.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
+    let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), ADDR_LEN) };
     if r == 0 {
         return true;
     }
@@ -169,6 +154,25 @@ fn someone_listens(path: &Path) -> bool {
         Some(libc::ECONNREFUSED | libc::ENOENT)
     )
 }
+
+/// The unix socket address of `path`, if it fits (with its NUL).
+fn sockaddr(path: &Path) -> Option<libc::sockaddr_un> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return None;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Some(addr)
+}
+
+/// The length connect(2) and bind(2) are given for a [`sockaddr`].
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
 
 /// Bind `path` so that it appears only once it accepts connections:
 /// bind() creates the file before listen(), and a frontend that waits for
@@ -208,23 +212,10 @@ mod tests {
     use super::*;
     use std::os::fd::{FromRawFd, OwnedFd};
 
-    fn sockaddr(path: &Path) -> libc::sockaddr_un {
-        use std::os::unix::ffi::OsStrExt;
-        // SAFETY: a zeroed sockaddr_un is valid.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-            *d = *s as libc::c_char;
-        }
-        addr
-    }
-
-    const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-
     /// A unix socket listening on `path` with a backlog of 0 (the kernel
     /// queues one connection), which never accepts.
     fn listener_never_accepting(path: &Path) -> OwnedFd {
-        let addr = sockaddr(path);
+        let addr = sockaddr(path).expect("a short path");
         // SAFETY: plain socket(2), bind(2), listen(2) on a descriptor
         // owned at once.
         unsafe {
@@ -243,7 +234,7 @@ mod tests {
     /// A non-blocking unix stream socket, connected (or pending) to `path`,
     /// or `None` once the listener's backlog is full.
     fn pending_connection(path: &Path) -> Option<OwnedFd> {
-        let addr = sockaddr(path);
+        let addr = sockaddr(path).expect("a short path");
         // SAFETY: plain socket(2) and connect(2); the descriptor is owned
         // at once.
         unsafe {
