@@ -257,7 +257,6 @@ impl Journal {
                             member,
                             block + k0 as u64,
                             &piece,
-                            bs,
                         )?;
                         report.blocks += (k1 - k0) as u64;
                         k0 = k1;
@@ -299,7 +298,6 @@ fn replay_volume_run(
     member: usize,
     block: u64,
     new: &[u8],
-    bs: usize,
 ) -> Result<(), RaidError> {
     if block < geo.data_offset() || member >= geo.members() as usize {
         return Err(RaidError::Invalid(format!(
@@ -307,14 +305,11 @@ fn replay_volume_run(
         )));
     }
     let stripe = (block - geo.data_offset()) / geo.chunk_blocks();
-    // One chunk's run, inside the volume, as the writer makes them: the
-    // parity below is the first block's stripe's, and a run into the next
-    // chunk would be written to the wrong member's rows.
-    let blocks = (new.len() / bs) as u64;
-    let in_chunk = (block - geo.data_offset()) % geo.chunk_blocks();
-    if stripe >= geo.stripes() || in_chunk + blocks > geo.chunk_blocks() {
+    // Inside the volume (the caller ends pieces at chunk ends, so the
+    // parity below, the first block's stripe's, is the whole piece's).
+    if stripe >= geo.stripes() {
         return Err(RaidError::Invalid(format!(
-            "write-back record of {blocks} blocks at member {member} block {block} does not lie in one chunk of the volume"
+            "write-back record at member {member} block {block} lies beyond the volume's stripes"
         )));
     }
     let parity = geo.parity_member(stripe) as usize;
