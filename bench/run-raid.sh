@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RAID figures: XOR parity against memcpy on the same buffers (64 KiB, 1 MiB,
 # 64 MiB), and RAID1/RAID5 over RAM members against one member alone on one
-# reactor (4 KiB random read and write, full-stripe writes). Writes
+# reactor (4 KiB random read and write, full-stripe writes), RAID5 also over
+# software NVMe namespaces. Writes
 # bench/results/raid-DATE.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ done
 for level in 1 5; do
   for rw in randread randwrite seqwrite; do $mb raid --level $level --rw $rw --seconds "$secs" >> "$json"; done
 done
+# RAID5 over namespaces of the software NVMe controller (storing nothing,
+# on core 1): the RAID's own cost when its members DMA in place.
+for rw in randread randwrite seqwrite; do $mb raid --level 5 --rw $rw --nvme --seconds "$secs" >> "$json"; done
 # The journal (RAM journal device), write-through and write-back, against
 # no journal; 4 KiB random writes also over a 16 MiB hot set.
 for rw in randwrite seqwrite; do
@@ -63,7 +67,7 @@ for r in rows:
         cs = f"{c:.1f} | {r['xor_gbps'] / c:.2f}" if c else "- | -"
         md.append(f"| {r['size']//1024} KiB | {r['kernel']} | {r['xor_gbps']:.1f} | {r['memcpy_gbps']:.1f} | {r['ratio']:.2f} | {cs} |")
 md += ["", "RAID over 4 RAM members (RAID5: 64 KiB chunks, left-symmetric) against one member alone, one reactor, QD 32:", "",
-       "| level | workload | IO size | volume IOPS | one member IOPS | volume / member | volume MB/s | CPU ns/IO |", "|---|---|---|---|---|---|---|---|"]
+       "| level | workload | IO size | volume IOPS | one member IOPS | volume / member | volume MB/s | CPU ns/IO | bounced cmds/IO |", "|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
     if r["bench"] == "raid":
         v, m = r["results"]["volume"], r["results"]["one_member"]
@@ -72,7 +76,9 @@ for r in rows:
         span = f" over {r['span_mib']} MiB" if r.get('span_mib') else ''
         span += f", members +{r['member_latency_us']} us" if r.get('member_latency_us') else ''
         where = ' on a file (root disk)' if r.get('journal_device') == 'file' else ''
-        md.append(f"| RAID{r['level']}{' + ' + j + ' journal' + where if j else ''} | {r['rw']}{span} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} |")
+        on = ' on soft NVMe' if r.get('members_on') == 'soft-nvme' else ''
+        bounced = f"{v['bounced_per_io']:.2f}" if on else '-'
+        md.append(f"| RAID{r['level']}{on}{' + ' + j + ' journal' + where if j else ''} | {r['rw']}{span} | {r['io_bytes']//1024} KiB | {v['iops']:,.0f} | {m['iops']:,.0f} | {v['iops']/m['iops']:.2f} | {v['mb_per_s']:,.0f} | {v['cpu_ns_per_io']:.0f} | {bounced} |")
         if 'same_footprint' in r['results']:
             f = r['results']['same_footprint']
             footnotes.append(f"RAID{r['level']} {r['rw']}: one RAM device as large as all members together (the volume's memory footprint) does {f['iops']:,.0f} IOPS; the volume is {v['iops']/f['iops']:.2f}x of it.")
@@ -80,7 +86,7 @@ for r in rows:
 # random writes): the issue's figure.
 jr = {}
 for r in rows:
-    if r["bench"] == "raid" and r["level"] == 5 and r["rw"] == "randwrite" and r.get('journal_device') != 'file':
+    if r["bench"] == "raid" and r["level"] == 5 and r["rw"] == "randwrite" and r.get('journal_device') != 'file' and r.get('members_on') != 'soft-nvme':
         key = (r.get('span_mib') or 0, r.get('member_latency_us') or 0)
         jr.setdefault(key, {})[r.get('journal') or 'none'] = r["results"]["volume"]["iops"]
 if jr:

@@ -1,6 +1,7 @@
 //! DMA buffers: fixed-size buffers carved from one hugepage mapping, with a
 //! fallback to ordinary pages.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
@@ -60,12 +61,16 @@ impl DmaPool {
         {
             Ok(m) => (m, true),
             Err(e) => {
-                tracing::warn!(
-                    bytes = huge_len,
-                    error = %e,
-                    "no 2 MiB hugepages for the DMA pool (reserve them in /proc/sys/vm/nr_hugepages); \
-                     falling back to ordinary 4 KiB pages"
-                );
+                // Said once: RAID5 channels make small pools as they go.
+                static SAID: AtomicBool = AtomicBool::new(false);
+                if !SAID.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        bytes = huge_len,
+                        error = %e,
+                        "no 2 MiB hugepages for DMA pools (reserve them in /proc/sys/vm/nr_hugepages); \
+                         falling back to ordinary 4 KiB pages"
+                    );
+                }
                 let m = memmap2::MmapOptions::new()
                     .len(want)
                     .populate()

@@ -32,6 +32,7 @@ use bdev::{BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, I
 mod channel;
 mod log;
 mod plan;
+mod window;
 
 use super::geometry::{Layout, Raid5Geometry};
 use super::journal::Journal;
@@ -242,7 +243,7 @@ impl BlockDevice for Raid5Device {
             fast: Vec::new(),
             free_fast: Vec::new(),
             reclaiming: 0,
-            bufpool: Vec::new(),
+            windows: Default::default(),
             buflists: Vec::new(),
             bitmap: self.set.bitmap.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
@@ -304,7 +305,7 @@ struct Piece {
     omin: u64,
     omax: u64,
     /// Per-member window buffers.
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<window::WinBuf>,
     error: Option<IoError>,
     /// Journalling: the record, the member writes it covers, and whether
     /// its flush was sent. A write-back record's data blocks are apart, in
@@ -389,10 +390,10 @@ struct Raid5Channel {
     jbufs: Vec<Vec<u8>>,
     /// Reclaim pieces in flight on this channel.
     reclaiming: usize,
-    /// Window buffers to reuse.
-    bufpool: Vec<Vec<u8>>,
+    /// Window buffers.
+    windows: window::Windows,
     /// Emptied lists of window buffers (one per member) to reuse.
-    buflists: Vec<Vec<Vec<u8>>>,
+    buflists: Vec<Vec<window::WinBuf>>,
     /// Reads sent straight to one member (see `read_fast`), by slot.
     fast: Vec<Option<IoRequest>>,
     free_fast: Vec<usize>,

@@ -5,6 +5,7 @@
 use super::rows_of;
 use bdev::{Completion, IoError, IoOp, IoRequest, SgList, SubmitError};
 
+use super::window::WinBuf;
 use super::{Child, Kind, LogPhase, Plan, Raid5Channel, Stage, Writes};
 use crate::raid::journal::{Entry, JournalMode};
 use crate::raid::parity::{xor_gen, xor_into};
@@ -67,30 +68,13 @@ impl Raid5Channel {
             .is_some_and(|p| p.zeroes)
     }
 
-    /// A window buffer of `len` bytes. Reused, not zeroed: every plan
-    /// fills the parts it reads back (reads, new data or computed parity).
-    /// Fresh buffers per piece cost a page fault per 4 KiB once the
-    /// allocator hands large freed blocks back to the kernel: full-stripe
-    /// writes ran at a third of their speed.
-    pub(super) fn window_buf(&mut self, len: usize) -> Vec<u8> {
-        let mut b = self.bufpool.pop().unwrap_or_default();
-        b.resize(len, 0);
-        b
-    }
-
     /// Take back a piece's window buffers and the list that held them.
-    pub(super) fn recycle(&mut self, mut bufs: Vec<Vec<u8>>) {
+    pub(super) fn recycle(&mut self, mut bufs: Vec<WinBuf>) {
         for b in bufs.drain(..) {
-            self.recycle_one(b);
+            self.windows.give(b);
         }
         if bufs.capacity() > 0 && self.buflists.len() < 256 {
             self.buflists.push(bufs);
-        }
-    }
-
-    fn recycle_one(&mut self, b: Vec<u8>) {
-        if b.capacity() > 0 && b.capacity() <= 4 << 20 && self.bufpool.len() < 256 {
-            self.bufpool.push(b);
         }
     }
 
@@ -296,9 +280,9 @@ impl Raid5Channel {
         bufs.reserve_exact(geo.members() as usize);
         for m in 0..geo.members() as usize {
             let b = if needed(m) {
-                self.window_buf(wlen)
+                self.windows.take(wlen)
             } else {
-                Vec::new()
+                WinBuf::default()
             };
             bufs.push(b);
         }
@@ -387,7 +371,7 @@ impl Raid5Channel {
         if p.plan == Plan::Reconstruct {
             if let Some(f) = failed {
                 // The missing member's window is the XOR of all the others.
-                let (mut lost, rest): (Vec<u8>, Vec<&Vec<u8>>) = {
+                let (mut lost, rest): (WinBuf, Vec<&WinBuf>) = {
                     let lost = std::mem::take(&mut p.bufs[f]);
                     (
                         lost,

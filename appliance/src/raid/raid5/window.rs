@@ -1,0 +1,188 @@
+//! A piece's window buffers: what it reads from the members and writes back
+//! (old data, old and new parity, a full stripe's rows). They come from DMA
+//! pools of the channel's own, registered like guest memory, so an NVMe
+//! member's controller reaches them in place. From the heap, every command
+//! of a 4 KiB read-modify-write (two reads, two writes) went through the
+//! driver's bounce pages: a copy and about 900 instructions each.
+//!
+//! Pools are per size class (powers of two from 4 KiB), made the first time
+//! a class is needed and populated then, and bounded: past the bound, or if
+//! a pool cannot be mapped, a window comes from the heap as before and is
+//! bounced by drivers that need registered memory. Pools are not shared
+//! between channels, so taking and giving back stays on this core.
+
+use std::ops::{Deref, DerefMut};
+
+use bdev::{DmaBuf, DmaPool};
+
+/// The smallest class (a page) and the largest (a window never spans
+/// more than a chunk, and chunks are at most 1 MiB).
+const MIN_CLASS_SHIFT: u32 = 12;
+const MAX_POOLED: usize = 1 << 20;
+/// Bytes of one pool (a hugepage where reserved), and at most this much per
+/// class and channel: 4 KiB windows for 1,024 read-modify-writes in flight,
+/// 1 MiB ones for two full stripes of four members.
+const POOL_BYTES: usize = 2 << 20;
+const CLASS_BYTES: usize = 8 << 20;
+/// Heap windows kept for reuse (see [`Windows::give`]), up to this size.
+const HEAP_KEPT: usize = 256;
+const HEAP_KEPT_MAX: usize = 4 << 20;
+
+/// One window: `len` bytes, from a DMA pool or from the heap.
+pub(super) enum WinBuf {
+    Heap(Vec<u8>),
+    Dma(DmaBuf, usize),
+}
+
+impl Default for WinBuf {
+    fn default() -> WinBuf {
+        WinBuf::Heap(Vec::new())
+    }
+}
+
+impl WinBuf {
+    pub(super) fn as_slice(&self) -> &[u8] {
+        match self {
+            WinBuf::Heap(v) => v,
+            WinBuf::Dma(b, len) => &b.as_slice()[..*len],
+        }
+    }
+}
+
+impl Deref for WinBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl DerefMut for WinBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            WinBuf::Heap(v) => v,
+            WinBuf::Dma(b, len) => &mut b.as_mut_slice()[..*len],
+        }
+    }
+}
+
+#[derive(Default)]
+struct Class {
+    pools: Vec<DmaPool>,
+    /// Windows given back, taken again last in first out: the one just
+    /// used is still in cache (a pool's own queue would cycle through all
+    /// of its 2 MiB).
+    free: Vec<DmaBuf>,
+    /// A pool could not be made: this class uses the heap from now on.
+    failed: bool,
+}
+
+/// A channel's window buffers.
+#[derive(Default)]
+pub(super) struct Windows {
+    classes: Vec<Class>,
+    /// Heap windows given back, reused before allocating again: fresh ones
+    /// cost a page fault per 4 KiB once the allocator hands large freed
+    /// blocks back to the kernel (full-stripe writes ran at a third of
+    /// their speed).
+    heap: Vec<Vec<u8>>,
+}
+
+impl Windows {
+    /// A window of `len` bytes. Not zeroed: every plan fills the parts it
+    /// reads back (reads, new data or computed parity).
+    pub(super) fn take(&mut self, len: usize) -> WinBuf {
+        if len > 0 && len <= MAX_POOLED {
+            if let Some(b) = self.take_dma(len) {
+                return WinBuf::Dma(b, len);
+            }
+        }
+        let mut b = self.heap.pop().unwrap_or_default();
+        b.resize(len, 0);
+        WinBuf::Heap(b)
+    }
+
+    fn class(&mut self, len: usize) -> &mut Class {
+        let shift = len
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(MIN_CLASS_SHIFT);
+        let k = (shift - MIN_CLASS_SHIFT) as usize;
+        if self.classes.len() <= k {
+            self.classes.resize_with(k + 1, Class::default);
+        }
+        &mut self.classes[k]
+    }
+
+    fn take_dma(&mut self, len: usize) -> Option<DmaBuf> {
+        let class = self.class(len);
+        if let Some(b) = class.free.pop() {
+            return Some(b);
+        }
+        if let Some(b) = class.pools.iter().find_map(DmaPool::alloc) {
+            return Some(b);
+        }
+        if class.failed || (class.pools.len() + 1) * POOL_BYTES > CLASS_BYTES {
+            return None;
+        }
+        let size = len.next_power_of_two().max(1 << MIN_CLASS_SHIFT);
+        let count = POOL_BYTES / size;
+        match DmaPool::new(count, size) {
+            Ok(pool) => {
+                let b = pool.alloc();
+                class.pools.push(pool);
+                b
+            }
+            Err(e) => {
+                tracing::warn!(bytes = size, error = %e, "no DMA pool for RAID5 windows; they come from the heap");
+                class.failed = true;
+                None
+            }
+        }
+    }
+
+    /// Take a window back for reuse. A heap one is kept unless it is
+    /// large or enough are kept.
+    pub(super) fn give(&mut self, b: WinBuf) {
+        match b {
+            WinBuf::Dma(b, _) => self.class(b.len()).free.push(b),
+            WinBuf::Heap(v) => {
+                if v.capacity() > 0 && v.capacity() <= HEAP_KEPT_MAX && self.heap.len() < HEAP_KEPT
+                {
+                    self.heap.push(v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_come_from_registered_pools_by_class_and_fall_back_to_the_heap() {
+        let mut w = Windows::default();
+        let a = w.take(4096);
+        let b = w.take(512);
+        let c = w.take(64 << 10);
+        for (buf, len) in [(&a, 4096), (&b, 512), (&c, 64 << 10)] {
+            assert!(matches!(buf, WinBuf::Dma(..)), "{len} bytes");
+            assert_eq!(buf.len(), len);
+        }
+        // Page aligned, so a controller can take them as PRPs.
+        assert_eq!(a.as_ptr() as usize % 4096, 0);
+        assert_ne!(a.as_ptr(), b.as_ptr());
+        // Past the bound of a class (8 MiB: eight 1 MiB windows), and
+        // above the largest pooled size, windows come from the heap.
+        let big: Vec<WinBuf> = (0..9).map(|_| w.take(1 << 20)).collect();
+        assert!(big[..8].iter().all(|b| matches!(b, WinBuf::Dma(..))));
+        assert!(matches!(big[8], WinBuf::Heap(_)));
+        assert!(matches!(w.take(2 << 20), WinBuf::Heap(_)));
+        // A pooled window given back is the next one taken (still in
+        // cache), whatever length it is taken for in its class.
+        let p = a.as_ptr();
+        w.give(a);
+        let again = w.take(3000);
+        assert_eq!((again.as_ptr(), again.len()), (p, 3000));
+    }
+}
