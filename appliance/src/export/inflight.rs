@@ -136,6 +136,22 @@ impl InflightRegion {
             .metadata()
             .map_err(|e| FrontendError::os("inflight fd", e))?
             .len();
+        // On huge pages, whole ones: the mapping is unmapped (and patched
+        // by the SIGBUS handler) in its own length, which must be whole.
+        let mut need = need;
+        if let Some(page) = super::memory::huge_page(file) {
+            if !offset.is_multiple_of(page) {
+                return Err(FrontendError::Invalid(format!(
+                    "inflight area at offset {offset} of a file of {page}-byte huge pages"
+                )));
+            }
+            need = (need as u64).div_ceil(page).saturating_mul(page) as usize;
+            if need as u64 > size {
+                return Err(FrontendError::Invalid(format!(
+                    "inflight area of {size} bytes is not the whole huge pages its {need} bytes take"
+                )));
+            }
+        }
         if offset.checked_add(size).is_none_or(|end| end > len) {
             return Err(FrontendError::Invalid(format!(
                 "inflight area {offset}+{size} runs past the end of its file ({len} bytes)"

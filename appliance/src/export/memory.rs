@@ -93,6 +93,22 @@ impl std::ops::Deref for GuestMap {
     }
 }
 
+/// The page size of `file` if it is on hugetlbfs (a memfd made with
+/// MFD_HUGETLB is too). Such a mapping can only be unmapped, or replaced
+/// in part (the SIGBUS handler's zero pages), in whole huge pages: one
+/// whose length is not a multiple would stay mapped for good, and a
+/// SIGBUS in it would kill the process.
+pub(super) fn huge_page(file: &File) -> Option<u64> {
+    const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+    // SAFETY: fstatfs fills the struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we hold and our own struct.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    (st.f_type as libc::c_long == HUGETLBFS_MAGIC).then_some((st.f_bsize as u64).max(4096))
+}
+
 /// Largest number of regions we accept (offered as max mem slots).
 pub const MAX_REGIONS: usize = 32;
 
@@ -176,6 +192,14 @@ impl GuestMemory {
                 d.mmap_offset,
                 meta.len()
             )));
+        }
+        if let Some(page) = huge_page(file) {
+            if !d.size.is_multiple_of(page) || !d.mmap_offset.is_multiple_of(page) {
+                return Err(invalid(format!(
+                    "memory region at {:#x}: {:#x} bytes at offset {:#x} of a file of {page:#x}-byte huge pages: both must be whole pages",
+                    d.gpa, d.size, d.mmap_offset
+                )));
+            }
         }
         let len = d.size as usize;
         let offset = libc::off_t::try_from(d.mmap_offset).map_err(|_| {
@@ -281,5 +305,41 @@ impl GuestMemory {
             _owners: self.regions.iter().map(|r| r.owner.clone()).collect(),
             log: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn memfd(flags: libc::c_uint) -> File {
+        // SAFETY: plain syscall; result checked.
+        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC | flags) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(4 << 20).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_region_of_part_of_a_huge_page_is_refused() {
+        let fault = Arc::new(FaultSignal::new().unwrap());
+        let huge = memfd(libc::MFD_HUGETLB);
+        assert_eq!(huge_page(&huge), Some(2 << 20));
+        assert_eq!(huge_page(&memfd(0)), None);
+        let part = |size, mmap_offset| Declared {
+            gpa: 0,
+            size,
+            user_addr: 0,
+            mmap_offset,
+        };
+        for (size, offset) in [(4096, 0), ((2 << 20) + 4096, 0), (2 << 20, 4096)] {
+            let e = GuestMemory::map_region(part(size, offset), &huge, &fault)
+                .err()
+                .unwrap_or_else(|| panic!("{size:#x} at {offset:#x} was mapped"));
+            assert!(e.to_string().contains("whole pages"), "{e}");
+        }
     }
 }

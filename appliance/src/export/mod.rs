@@ -5,6 +5,7 @@ mod backend;
 pub mod chain;
 mod dirtylog;
 mod error;
+mod eventfd;
 mod fault;
 mod frontend;
 mod inflight;

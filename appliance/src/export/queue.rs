@@ -434,7 +434,7 @@ impl Runner {
                 self.notify_enabled = false;
             }
         } else {
-            self.idle_polls += 1;
+            self.idle_polls = self.idle_polls.wrapping_add(1);
             if !usable {
                 // Kicks wake nobody: the rings are not to be touched.
                 self.drain_kick();
@@ -683,11 +683,20 @@ impl Runner {
                 // SAFETY: as above.
                 unsafe { std::ptr::write_volatile(req.status, S_OK) };
                 if let Some(log) = &self.mem.log {
-                    // GET_ID: the serial and the status, in the writable
-                    // buffers.
+                    // GET_ID: the serial, at the front of the writable
+                    // buffers, and the status. Only the bytes written: a
+                    // guest may offer gigabytes, and each page is an
+                    // atomic on this core.
+                    let mut left = u64::from(written.saturating_sub(1));
                     for d in self.descs.iter().filter(|d| d.write) {
-                        log.mark(d.addr, d.len as u64);
+                        let n = left.min(u64::from(d.len));
+                        if n == 0 {
+                            break;
+                        }
+                        log.mark(d.addr, n);
+                        left -= n;
                     }
+                    log.mark(req.status_gpa, 1);
                 }
                 self.finish_request(head, written);
                 Dispatch::Taken
@@ -831,16 +840,12 @@ impl Runner {
     /// Interrupt the guest, whatever it asked for.
     fn signal_now(&self) {
         if let Some(call) = &self.call {
-            let one = 1u64;
-            // SAFETY: writing 8 bytes to the guest's call eventfd.
-            unsafe { libc::write(call.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            super::eventfd::signal(call.as_raw_fd());
         }
     }
 
     fn drain_kick(&self) {
-        let mut buf = 0u64;
-        // SAFETY: non-blocking read of 8 bytes from our kick eventfd.
-        unsafe { libc::read(self.kick.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+        super::eventfd::drain(self.kick.as_raw_fd());
     }
 
     /// Stop, if the stop was not taken back meanwhile (`cancel_stop`).
