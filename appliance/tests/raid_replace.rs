@@ -184,3 +184,95 @@ fn a_replacement_that_fails_a_write_is_given_up_and_the_volume_stays_whole() {
     monitor.close().unwrap();
     reactors.shutdown().unwrap();
 }
+
+/// A RAM device that says it takes less than RAM does.
+struct Limited {
+    inner: Arc<dyn BlockDevice>,
+    info: bdev::DeviceInfo,
+}
+
+impl BlockDevice for Limited {
+    fn info(&self) -> &bdev::DeviceInfo {
+        &self.info
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        self.inner.open_channel()
+    }
+}
+
+fn limited(
+    name: &str,
+    max_transfer: u32,
+    discard: bool,
+    write_zeroes: bool,
+) -> Arc<dyn BlockDevice> {
+    let inner = ram(name);
+    let info = bdev::DeviceInfo {
+        max_transfer,
+        discard,
+        write_zeroes,
+        ..inner.info().clone()
+    };
+    Arc::new(Limited { inner, info })
+}
+
+/// A mirror passes guest requests on whole, so a spare or replacement
+/// that refuses some the volume takes (1 MiB transfers where it promised
+/// 128, no discard, no write zeroes) would be failed by the first such
+/// request, healthy as it is: it is refused up front, and the volume is
+/// left as it was. RAID5 sends members chunk pieces and writes zeroes as
+/// data, so there such a device is fine.
+#[test]
+fn a_device_that_takes_less_than_the_members_is_refused_as_spare_or_replacement() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    for level in [Level::Raid1, Level::Raid5] {
+        let devs: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"))).collect();
+        let (tx, rx) = mpsc::channel();
+        let (dev, meta) =
+            assembly::create(&spec(devs, level), FailureSink::new(tx), false).unwrap();
+        let volume = Volume::new(reactors.set(), "r", dev.clone());
+        let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+        monitor.set_meta(meta);
+        monitor.open(true).unwrap();
+        for (i, (transfer, discard, zeroes)) in [
+            (1 << 20, true, true),
+            (128 << 20, false, true),
+            (128 << 20, true, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = limited(&format!("s{i}"), transfer, discard, zeroes);
+            let spare = monitor.add_spare(d.clone());
+            let replace =
+                monitor.replace_member("m1", limited(&format!("n{i}"), transfer, discard, zeroes));
+            if level == Level::Raid1 {
+                for r in [spare.map(|_| ()), replace.map(|_| ())] {
+                    match r {
+                        Err(OpError::FailedPrecondition(m)) => {
+                            assert!(m.contains("cannot stand in"), "{m}")
+                        }
+                        other => panic!("{level:?} {i}: {other:?}"),
+                    }
+                }
+                let snap = monitor.snapshot();
+                assert!(snap.spares.is_empty() && snap.replacing.is_none());
+            } else {
+                spare.unwrap();
+                let p = replace.unwrap();
+                settle(&monitor, &p);
+                assert!(p.error().is_none());
+                monitor.remove_spare(&format!("s{i}")).unwrap();
+                // The replacement took m1's slot; put a full device back.
+                let p = monitor.replace_member(&format!("n{i}"), ram("m1")).unwrap();
+                settle(&monitor, &p);
+            }
+        }
+        monitor.close().unwrap();
+    }
+    reactors.shutdown().unwrap();
+}

@@ -252,6 +252,46 @@ fn busy(s: &MonitorState) -> bool {
     s.rebuild.as_ref().is_some_and(|p| !p.is_finished())
 }
 
+/// Whether `dev` can take a member's place: every request the volume
+/// sends its members. The volume's limits were worked out from the members
+/// it was made of, and an export told its guest so; a device that refuses
+/// a request within them (a larger transfer, a discard) would be failed by
+/// the first such guest request, though healthy, and with it perhaps the
+/// volume. RAID5 sends its members pieces of a chunk at most, and writes
+/// zeroes as data; a mirror passes requests on as they are.
+fn check_capable(cur: &dyn RaidDevice, dev: &dyn BlockDevice) -> Result<(), OpError> {
+    let (v, d) = (cur.info(), dev.info());
+    let (transfer, discard, zeroes) = match cur.parity_geometry() {
+        Some(g) => {
+            let chunk = g.chunk_blocks().saturating_mul(u64::from(v.block_size));
+            (u64::from(v.max_transfer).min(chunk), false, false)
+        }
+        None => (u64::from(v.max_transfer), v.discard, v.write_zeroes),
+    };
+    let mut lacks = Vec::new();
+    if u64::from(d.max_transfer) < transfer {
+        lacks.push(format!(
+            "requests of {transfer} bytes (it takes {} at most)",
+            d.max_transfer
+        ));
+    }
+    if discard && !d.discard {
+        lacks.push("discard".to_string());
+    }
+    if zeroes && !d.write_zeroes {
+        lacks.push("write zeroes".to_string());
+    }
+    if lacks.is_empty() {
+        return Ok(());
+    }
+    precondition(format!(
+        "{} cannot stand in for a member of {}: the volume sends its members {}",
+        d.name,
+        v.name,
+        lacks.join(", ")
+    ))
+}
+
 /// The slot holding the device named `name`, if any.
 fn slot_of(cur: &dyn RaidDevice, name: &str) -> Option<usize> {
     cur.member_devices()
@@ -424,6 +464,7 @@ pub(crate) fn plan(
             if busy(s) {
                 return precondition("a rebuild, scrub or replacement is already running");
             }
+            check_capable(cur.as_ref(), dev.as_ref())?;
             let rows = cur.rows();
             let next_set = set
                 .with_replacement(&name, slot, dev.clone(), rows.offset + rows.total)
@@ -482,6 +523,7 @@ pub(crate) fn plan(
                     )))
                 }
             };
+            check_capable(cur.as_ref(), dev.as_ref())?;
             // md's re-add with a bitmap (a mirror's member back, e.g. a
             // remote one after a network outage): the device goes back
             // into its own slot and only what the bitmap marks is copied.
@@ -705,6 +747,14 @@ pub(crate) fn plan(
             cur.scrub_members().map_err(OpError::FailedPrecondition)?;
             if busy(s) {
                 return precondition("a rebuild or scrub is already running");
+            }
+            // Between the end of a replacement's copy and its taking the
+            // slot, a repair would rewrite the old member alone: the new
+            // device would come in with what the repair fixed.
+            if set.replacing.is_some() {
+                return precondition(
+                    "a member is being replaced: scrub once it has taken its slot",
+                );
             }
             p.start = Some((Job::Scrub { repair, from }, dirty));
         }
