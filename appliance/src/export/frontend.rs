@@ -10,8 +10,7 @@
 //! kernel duplicates passed descriptors on MSG_PEEK), while the crate
 //! goes on to receive the message as usual. Only we ever write to it.
 
-use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -55,31 +54,43 @@ impl FrontendChannel {
         let mut msg = [0u8; 12];
         msg[0..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
         msg[4..8].copy_from_slice(&flags.to_le_bytes());
-        self.sock
-            .set_write_timeout(Some(left()?))
-            .map_err(|e| FrontendError::os("setting a write timeout", e))?;
-        self.sock
-            .write_all(&msg)
-            .map_err(|e| FrontendError::os("sending CONFIG_CHANGE_MSG", e))?;
+        // The frontend may hold a descriptor of this very socket and change
+        // its flags and time-outs: each call here asks not to wait, and
+        // the waiting is poll's, bounded by our deadline alone.
+        let fd = self.sock.as_raw_fd();
+        let mut at = 0;
+        while at < msg.len() {
+            wait(fd, libc::POLLOUT, left()?)?;
+            // SAFETY: sending from a buffer we own, of its length.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    msg[at..].as_ptr().cast(),
+                    msg.len() - at,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            at += done(n, "sending CONFIG_CHANGE_MSG")?;
+        }
         if !self.reply_ack {
             return Ok(());
         }
         let mut reply = [0u8; 20];
         let mut at = 0;
         while at < reply.len() {
-            self.sock
-                .set_read_timeout(Some(left()?))
-                .map_err(|e| FrontendError::os("setting a read timeout", e))?;
-            match self.sock.read(&mut reply[at..]) {
-                Ok(0) => return Err(FrontendError::Closed),
-                Ok(n) => at += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(FrontendError::os(
-                        "waiting for the frontend's answer to CONFIG_CHANGE_MSG",
-                        e,
-                    ))
-                }
+            wait(fd, libc::POLLIN, left()?)?;
+            // SAFETY: receiving into a buffer we own, of its length.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    reply[at..].as_mut_ptr().cast(),
+                    reply.len() - at,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match done(n, "waiting for the frontend's answer to CONFIG_CHANGE_MSG")? {
+                0 if n == 0 => return Err(FrontendError::Closed),
+                k => at += k,
             }
         }
         let word =
@@ -101,6 +112,42 @@ impl FrontendChannel {
             )));
         }
         Ok(())
+    }
+}
+
+/// Wait until `fd` is ready for `events`, at most `left` (a frontend's
+/// signal interrupting poll just polls again).
+fn wait(fd: RawFd, events: libc::c_short, left: Duration) -> Result<(), FrontendError> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd of our own.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        return Err(FrontendError::os("waiting on the frontend's channel", e));
+    }
+    // Not ready yet: the caller's deadline decides. Readiness or an error
+    // or hang-up: the send or receive tells which.
+    Ok(())
+}
+
+/// Bytes a non-blocking send or receive moved: 0 when it would have
+/// waited (or was interrupted), an error otherwise.
+fn done(n: isize, what: &'static str) -> Result<usize, FrontendError> {
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(FrontendError::os(what, e)),
     }
 }
 
