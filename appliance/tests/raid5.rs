@@ -843,16 +843,16 @@ fn a_write_back_run_into_the_next_chunk_is_replayed_stripe_by_stripe() {
 
 /// RAID5 over three namespaces of one (software) NVMe controller, with
 /// registered guest buffers: every member command of partial-stripe and
-/// full-stripe writes, reads and degraded reads reaches memory the
-/// controller may DMA to, so none goes through the driver's bounce pages,
-/// and what is read back is what was written.
+/// full-stripe writes, reads, degraded reads and a rebuild onto a fourth
+/// reaches memory the controller may DMA to, so none goes through the
+/// driver's bounce pages, and what is read back is what was written.
 #[test]
 fn raid5_over_nvme_members_moves_its_own_buffers_without_bouncing() {
     use nvme::soft::{SoftConfig, SoftController};
     let soft = SoftController::start(
         "r5-soft",
         SoftConfig {
-            namespaces: vec![(4096, 1032); 3],
+            namespaces: vec![(4096, 1032); 4],
             ..SoftConfig::default()
         },
     )
@@ -925,13 +925,48 @@ fn raid5_over_nvme_members_moves_its_own_buffers_without_bouncing() {
     }
     drop(ch);
     assert_eq!(ctrl.bounced_commands(), 0, "degraded reads bounced");
+    // The fourth namespace, a spare, is rebuilt into the first slot.
+    let spare: Arc<dyn BlockDevice> = Arc::new(nvme::Namespace::new(&ctrl, 4, "ns4").unwrap());
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(r5(&devs, 8, FailureSink::new(tx)));
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![spare.clone()]);
+    monitor.fail_member("ns1").unwrap();
+    let t = std::time::Instant::now();
+    while !(monitor.spares() == 0
+        && monitor
+            .member_states()
+            .iter()
+            .all(|s| *s == MemberState::InSync))
+    {
+        assert!(t.elapsed() < Duration::from_secs(60), "rebuild stuck");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(monitor.rebuild().is_some_and(|p| p.error().is_none()));
+    reactors.shutdown().unwrap();
+    assert_eq!(ctrl.bounced_commands(), 0, "the rebuild bounced");
     // In reads the controller takes (up to its 1 MiB transfer limit).
+    let rebuilt = vec![spare, devs[1].clone(), devs[2].clone()];
     for k in 0..8 {
         assert!(
-            parity_consistent(&devs, 8 + k * 128, 128),
+            parity_consistent(&rebuilt, 8 + k * 128, 128),
             "rows {}..",
             k * 128
         );
     }
+    let r = r5(&rebuilt, 8, FailureSink::none());
+    let mut ch = r.open_channel().unwrap();
+    for lba in (0..blocks).step_by(16) {
+        let buf = &mut mem[..];
+        run_one(ch.as_mut(), rw(IoOp::Read, lba, 16, buf, lba)).unwrap();
+        let a = lba as usize * 4096;
+        assert!(buf[..] == model[a..a + buf.len()], "rebuilt read at {lba}");
+    }
+    drop(ch);
     drop(reg);
 }

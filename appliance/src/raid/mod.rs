@@ -24,4 +24,5 @@ mod sg;
 pub mod superblock;
 mod transaction;
 pub use error::RaidError;
+mod window;
 pub mod worker;

@@ -25,6 +25,7 @@ use super::locks::StripeLocks;
 use super::members::{Event, FailureSink, Member};
 use super::parity::xor_gen;
 use super::sg;
+use super::window::{WinBuf, Windows};
 
 /// What operators see of a rebuild.
 pub struct RebuildProgress {
@@ -172,8 +173,11 @@ struct RowWalk {
     row: u64,
     step: Step,
     pending: usize,
-    bufs: Vec<Vec<u8>>,
-    out: Vec<u8>,
+    /// Row buffers, by slot, and the row computed for the target; from
+    /// `windows`, so NVMe members DMA in place.
+    bufs: Vec<WinBuf>,
+    out: WinBuf,
+    windows: Windows,
     comps: Vec<Completion>,
     /// A member it uses went away: no row until the next generation.
     blocked: bool,
@@ -193,10 +197,12 @@ struct RowWalk {
 impl RowWalk {
     fn new(rows: Rows, locks: Arc<StripeLocks>, progress: Arc<RebuildProgress>) -> RowWalk {
         let chunk = rows.blocks as usize * rows.block_size;
+        let mut windows = Windows::default();
         RowWalk {
             row: progress.cursor.load(Ordering::SeqCst),
             bufs: Vec::new(),
-            out: vec![0u8; chunk],
+            out: windows.take(chunk),
+            windows,
             rows,
             channels: Vec::new(),
             members: Arc::new(Vec::new()),
@@ -246,10 +252,11 @@ impl RowWalk {
             );
         }
         let chunk = self.rows.blocks as usize * self.rows.block_size;
-        self.bufs.resize_with(n, Vec::new);
+        self.bufs.resize_with(n, WinBuf::default);
         for (m, b) in self.bufs.iter_mut().enumerate() {
             if channels[m].is_some() && b.len() != chunk {
-                *b = vec![0u8; chunk];
+                let old = std::mem::replace(b, self.windows.take(chunk));
+                self.windows.give(old);
             }
         }
         self.channels = channels;

@@ -32,7 +32,6 @@ use bdev::{BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, I
 mod channel;
 mod log;
 mod plan;
-mod window;
 
 use super::geometry::{Layout, Raid5Geometry};
 use super::journal::Journal;
@@ -40,6 +39,7 @@ use super::level::RaidDevice;
 pub use super::locks::StripeLocks;
 use super::members::{FailureSink, Member, MemberSet, MemberState};
 use super::rebuild::Rows;
+use super::window::{WinBuf, Windows};
 
 /// A RAID5 device for one configuration generation.
 pub struct Raid5Device {
@@ -305,7 +305,7 @@ struct Piece {
     omin: u64,
     omax: u64,
     /// Per-member window buffers.
-    bufs: Vec<window::WinBuf>,
+    bufs: Vec<WinBuf>,
     error: Option<IoError>,
     /// Journalling: the record, the member writes it covers, and whether
     /// its flush was sent. A write-back record's data blocks are apart, in
@@ -391,9 +391,9 @@ struct Raid5Channel {
     /// Reclaim pieces in flight on this channel.
     reclaiming: usize,
     /// Window buffers.
-    windows: window::Windows,
+    windows: Windows,
     /// Emptied lists of window buffers (one per member) to reuse.
-    buflists: Vec<Vec<window::WinBuf>>,
+    buflists: Vec<Vec<WinBuf>>,
     /// Reads sent straight to one member (see `read_fast`), by slot.
     fast: Vec<Option<IoRequest>>,
     free_fast: Vec<usize>,

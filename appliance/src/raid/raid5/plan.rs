@@ -5,11 +5,11 @@
 use super::rows_of;
 use bdev::{Completion, IoError, IoOp, IoRequest, SgList, SubmitError};
 
-use super::window::WinBuf;
 use super::{Child, Kind, LogPhase, Plan, Raid5Channel, Stage, Writes};
 use crate::raid::journal::{Entry, JournalMode};
 use crate::raid::parity::{xor_gen, xor_into};
 use crate::raid::sg;
+use crate::raid::window::WinBuf;
 
 /// Per data member: the rows of the chunk a piece touches, if any.
 type Rows = smallvec::SmallVec<[Option<(u64, u64)>; 8]>;

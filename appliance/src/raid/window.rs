@@ -1,9 +1,10 @@
-//! A piece's window buffers: what it reads from the members and writes back
-//! (old data, old and new parity, a full stripe's rows). They come from DMA
-//! pools of the channel's own, registered like guest memory, so an NVMe
-//! member's controller reaches them in place. From the heap, every command
-//! of a 4 KiB read-modify-write (two reads, two writes) went through the
-//! driver's bounce pages: a copy and about 900 instructions each.
+//! Buffers RAID moves between members itself: a RAID5 piece's windows (old
+//! data, old and new parity, a full stripe's rows) and a rebuild's or
+//! scrub's rows. They come from DMA pools of the user's own (a channel, a
+//! rebuild), registered like guest memory, so an NVMe member's controller
+//! reaches them in place. From the heap, every command of a 4 KiB RAID5
+//! read-modify-write (two reads, two writes) went through the driver's
+//! bounce pages: a copy and about 900 instructions each.
 //!
 //! Pools are per size class (powers of two from 4 KiB), made the first time
 //! a class is needed and populated then, and bounded: past the bound, or if
@@ -15,8 +16,9 @@ use std::ops::{Deref, DerefMut};
 
 use bdev::{DmaBuf, DmaPool};
 
-/// The smallest class (a page) and the largest (a window never spans
-/// more than a chunk, and chunks are at most 1 MiB).
+/// The smallest class (a page) and the largest (a RAID5 window never
+/// spans more than a chunk, chunks are at most 1 MiB, and so are rebuild
+/// rows).
 const MIN_CLASS_SHIFT: u32 = 12;
 const MAX_POOLED: usize = 1 << 20;
 /// Bytes of one pool (a hugepage where reserved), and at most this much per
@@ -29,7 +31,7 @@ const HEAP_KEPT: usize = 256;
 const HEAP_KEPT_MAX: usize = 4 << 20;
 
 /// One window: `len` bytes, from a DMA pool or from the heap.
-pub(super) enum WinBuf {
+pub(crate) enum WinBuf {
     Heap(Vec<u8>),
     Dma(DmaBuf, usize),
 }
@@ -41,7 +43,7 @@ impl Default for WinBuf {
 }
 
 impl WinBuf {
-    pub(super) fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             WinBuf::Heap(v) => v,
             WinBuf::Dma(b, len) => &b.as_slice()[..*len],
@@ -76,9 +78,9 @@ struct Class {
     failed: bool,
 }
 
-/// A channel's window buffers.
+/// One user's buffers.
 #[derive(Default)]
-pub(super) struct Windows {
+pub(crate) struct Windows {
     classes: Vec<Class>,
     /// Heap windows given back, reused before allocating again: fresh ones
     /// cost a page fault per 4 KiB once the allocator hands large freed
@@ -90,7 +92,7 @@ pub(super) struct Windows {
 impl Windows {
     /// A window of `len` bytes. Not zeroed: every plan fills the parts it
     /// reads back (reads, new data or computed parity).
-    pub(super) fn take(&mut self, len: usize) -> WinBuf {
+    pub(crate) fn take(&mut self, len: usize) -> WinBuf {
         if len > 0 && len <= MAX_POOLED {
             if let Some(b) = self.take_dma(len) {
                 return WinBuf::Dma(b, len);
@@ -142,7 +144,7 @@ impl Windows {
 
     /// Take a window back for reuse. A heap one is kept unless it is
     /// large or enough are kept.
-    pub(super) fn give(&mut self, b: WinBuf) {
+    pub(crate) fn give(&mut self, b: WinBuf) {
         match b {
             WinBuf::Dma(b, _) => self.class(b.len()).free.push(b),
             WinBuf::Heap(v) => {
