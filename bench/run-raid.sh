@@ -112,9 +112,10 @@ for r in rows:
     if r["bench"] == "rebuild":
         bw = r["member_write_bytes_per_sec"]
         md += ["", f"Rebuild onto a hot spare after a member failed, {r['member_mib']} MiB RAM members (one member alone takes sequential 1 MiB writes at {bw/1e6:,.0f} MB/s on one core):", "",
-               "| level | members | guest IO meanwhile | rebuilt MB | seconds | MB/s | / member bandwidth | guest IOPS meanwhile |", "|---|---|---|---|---|---|---|---|"]
+               "| level | members | on | guest IO meanwhile | rebuilt MB | seconds | MB/s | / member bandwidth | guest IOPS meanwhile | bounced cmds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in r["results"]:
-            md.append(f"| {x['level']} | {x['members']} | {'4 KiB QD 8, half reads' if x['under_load'] else 'none'} | {x['rebuilt_bytes']/1e6:,.0f} | {x['seconds']:.2f} | {x['bytes_per_sec']/1e6:,.0f} | {x['bytes_per_sec']/bw:.2f} | {x['guest_iops_meanwhile']:,.0f} |")
+            on = 'soft NVMe (stores nothing)' if x.get('members_on') == 'soft-nvme' else 'RAM'
+            md.append(f"| {x['level']} | {x['members']} | {on} | {'4 KiB QD 8, half reads' if x['under_load'] else 'none'} | {x['rebuilt_bytes']/1e6:,.0f} | {x['seconds']:.2f} | {x['bytes_per_sec']/1e6:,.0f} | {x['bytes_per_sec']/bw:.2f} | {x['guest_iops_meanwhile']:,.0f} | {x.get('bounced_cmds', 0):,} |")
 md += [""] + footnotes
 md += ["", "All members share one core's memory bandwidth here, so 'member bandwidth x (n-1)/n' is not reachable on RAM members; the ratio to one member on the same core is what this table shows."]
 open(sys.argv[2], "w").write("\n".join(md) + "\n")
