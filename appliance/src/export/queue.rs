@@ -18,7 +18,7 @@ use super::chain::{walk_chain_with, Desc, RegionCache};
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
-use super::request::{parse_with, Limits, Parsed, S_IOERR, S_OK};
+use super::request::{failed_status, parse_with, Limits, Parsed, S_OK};
 use super::ring::{self, Ring};
 use super::stats::IoStats;
 use super::QueueError;
@@ -807,7 +807,7 @@ impl Runner {
             Ok(()) => (S_OK, req.written),
             Err(e) => {
                 tracing::debug!(queue = self.index, error = %e, "request failed");
-                (S_IOERR, 1)
+                (failed_status(&e), 1)
             }
         };
         // SAFETY: the status byte is inside guest memory, which cannot be

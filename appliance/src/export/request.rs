@@ -401,5 +401,37 @@ fn parse_body(
     }
 }
 
+/// The status of a request the volume failed. An operation the volume no
+/// longer takes (a mirror taken over into a RAID5 takes no discard, a
+/// RAID5 into a mirror over a member without write zeroes), though the
+/// export offered it when the guest connected, is UNSUPP, as for a type
+/// never offered: Linux then stops sending it, or writes zeroes itself,
+/// instead of reporting an IO error.
+pub fn failed_status(e: &bdev::IoError) -> u8 {
+    match e {
+        bdev::IoError::Unsupported(_) => S_UNSUPP,
+        _ => S_IOERR,
+    }
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+    use bdev::IoOp;
+
+    #[test]
+    fn an_operation_the_volume_no_longer_takes_is_unsupported_not_an_io_error() {
+        assert_eq!(
+            failed_status(&bdev::IoError::Unsupported(IoOp::Discard)),
+            S_UNSUPP
+        );
+        assert_eq!(
+            failed_status(&bdev::IoError::Unsupported(IoOp::WriteZeroes)),
+            S_UNSUPP
+        );
+        assert_eq!(failed_status(&bdev::IoError::DeviceFailed), S_IOERR);
+    }
+}
