@@ -416,22 +416,3 @@ pub fn failed_status(e: &bdev::IoError) -> u8 {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod status_tests {
-    use super::*;
-    use bdev::IoOp;
-
-    #[test]
-    fn an_operation_the_volume_no_longer_takes_is_unsupported_not_an_io_error() {
-        assert_eq!(
-            failed_status(&bdev::IoError::Unsupported(IoOp::Discard)),
-            S_UNSUPP
-        );
-        assert_eq!(
-            failed_status(&bdev::IoError::Unsupported(IoOp::WriteZeroes)),
-            S_UNSUPP
-        );
-        assert_eq!(failed_status(&bdev::IoError::DeviceFailed), S_IOERR);
-    }
-}

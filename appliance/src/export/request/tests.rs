@@ -518,3 +518,16 @@ fn buffers_spanning_two_regions_are_refused_only_across_the_hole() {
     ];
     expect_status(parse(&d, &m, &l), S_IOERR);
 }
+
+#[test]
+fn an_operation_the_volume_no_longer_takes_is_unsupported_not_an_io_error() {
+    assert_eq!(
+        failed_status(&bdev::IoError::Unsupported(IoOp::Discard)),
+        S_UNSUPP
+    );
+    assert_eq!(
+        failed_status(&bdev::IoError::Unsupported(IoOp::WriteZeroes)),
+        S_UNSUPP
+    );
+    assert_eq!(failed_status(&bdev::IoError::DeviceFailed), S_IOERR);
+}
