@@ -276,3 +276,35 @@ fn a_device_that_takes_less_than_the_members_is_refused_as_spare_or_replacement(
     }
     reactors.shutdown().unwrap();
 }
+
+/// A spare a RAID5 took (it needs neither discard nor write zeroes) is
+/// passed over, not promoted, once a takeover has made the volume a
+/// mirror that sends its members both: the slot stays failed and the
+/// spare stays a spare.
+#[test]
+fn a_spare_that_a_takeover_made_unfit_is_not_used() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..2).map(|i| ram(&format!("m{i}"))).collect();
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) =
+        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    monitor.takeover(Level::Raid5, 65536).unwrap();
+    monitor
+        .add_spare(limited("s", 128 << 20, false, false))
+        .unwrap();
+    monitor.takeover(Level::Raid1, 65536).unwrap();
+    monitor.fail_member("m0").unwrap();
+    assert_eq!(monitor.spares(), 1, "the spare stays a spare");
+    assert_eq!(monitor.member_states()[0], MemberState::Failed);
+    assert!(monitor.rebuild().is_none_or(|p| p.is_finished()));
+    monitor.close().unwrap();
+    reactors.shutdown().unwrap();
+}

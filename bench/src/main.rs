@@ -662,12 +662,13 @@ fn raid(
             },
         )
         .map_err(|e| e.to_string())?;
-        Some((soft, ctrl))
+        // The controller first: it shuts down while the device runs.
+        Some((ctrl, soft))
     } else {
         None
     };
     let mk = |i: usize| -> Result<Arc<dyn BlockDevice>, String> {
-        if let Some((_, ctrl)) = &soft {
+        if let Some((ctrl, _)) = &soft {
             let nsid = (i.min(members) + 1) as u32;
             let ns =
                 nvme::Namespace::new(ctrl, nsid, &format!("m{i}")).map_err(|e| e.to_string())?;
@@ -798,7 +799,7 @@ fn raid(
             _ => None,
         };
         let cpu0 = process_cpu_time().saturating_sub(thread_cpu_time("soft-nvme-raid"));
-        let bounced0 = soft.as_ref().map_or(0, |(_, c)| c.bounced_commands());
+        let bounced0 = soft.as_ref().map_or(0, |(c, _)| c.bounced_commands());
         let t0 = Instant::now();
         let w = Workload::start_on_volume(
             r.set(),
@@ -817,7 +818,7 @@ fn raid(
         let cpu = (process_cpu_time().saturating_sub(thread_cpu_time("soft-nvme-raid")))
             .saturating_sub(cpu0)
             .as_nanos() as f64;
-        let bounced = soft.as_ref().map_or(0, |(_, c)| c.bounced_commands()) - bounced0;
+        let bounced = soft.as_ref().map_or(0, |(c, _)| c.bounced_commands()) - bounced0;
         r.shutdown().map_err(|e| e.to_string())?;
         if !totals.clean() {
             return Err(format!("IO failed: {totals:?}"));

@@ -43,8 +43,9 @@ fn once(
     let reactors = super::start(2)?;
     let mut members: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut spare: Option<Arc<dyn BlockDevice>> = None;
-    let mut ctrl = None;
-    let _soft = if nvme {
+    // Bound together so the controller drops (and shuts down) before the
+    // software device stops: tuple fields drop in order.
+    let nvme_pair = if nvme {
         // Members, then the spare: namespaces 1..=n+1.
         let soft = nvme::soft::SoftController::start(
             "rebuild",
@@ -71,8 +72,7 @@ fn once(
                 members.push(Arc::new(ns));
             }
         }
-        ctrl = Some(c);
-        Some(soft)
+        Some((c, soft))
     } else {
         for i in 0..n {
             let d = ram(&format!("m{i}"), mib)?;
@@ -88,6 +88,7 @@ fn once(
         spare = Some(d);
         None
     };
+    let ctrl = nvme_pair.as_ref().map(|(c, _)| c);
     let spare = spare.ok_or("no spare")?;
     let spec = VolumeSpec::new("rb", level, members);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -28,9 +28,10 @@ pub(crate) fn drain(fd: RawFd) -> u64 {
             return v;
         }
         let e = std::io::Error::last_os_error().raw_os_error();
-        if n >= 0 || !matches!(e, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
+        if n >= 0 || matches!(e, Some(libc::EAGAIN) | Some(libc::EINTR)) {
             return 0;
         }
+        // Refused (an older kernel, a seccomp filter): never again.
         NO_NOWAIT.store(true, Ordering::Relaxed);
     }
     // Older kernels: read only what poll says is there. A frontend that

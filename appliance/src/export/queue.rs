@@ -688,11 +688,11 @@ impl Runner {
                     // guest may offer gigabytes, and each page is an
                     // atomic on this core.
                     let mut left = u64::from(written.saturating_sub(1));
-                    for d in self.descs.iter().filter(|d| d.write) {
-                        let n = left.min(u64::from(d.len));
-                        if n == 0 {
+                    for d in self.descs.iter().filter(|d| d.write && d.len > 0) {
+                        if left == 0 {
                             break;
                         }
+                        let n = left.min(u64::from(d.len));
                         log.mark(d.addr, n);
                         left -= n;
                     }

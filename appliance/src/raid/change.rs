@@ -376,10 +376,20 @@ pub(crate) fn plan(
             }
         }
         Change::UseSpare => {
-            let (Some(spare), Some(slot)) = (s.spares.first().cloned(), failed_slot(cur.as_ref()))
-            else {
+            // The first spare that takes what this volume sends its
+            // members: one added under other rules (a RAID5's, before a
+            // takeover into a mirror) may not.
+            let Some(slot) = failed_slot(cur.as_ref()) else {
                 return Ok(Plan::default());
             };
+            let Some(at) = s.spares.iter().position(|d| {
+                check_capable(cur.as_ref(), d.as_ref())
+                    .inspect_err(|e| tracing::warn!(volume = %name, spare = %d.info().name, error = %e, "spare passed over"))
+                    .is_ok()
+            }) else {
+                return Ok(Plan::default());
+            };
+            let spare = s.spares[at].clone();
             if set.rebuilding.is_some() {
                 // One rebuild at a time; this runs again when it is done.
                 return Ok(Plan::default());
@@ -398,7 +408,7 @@ pub(crate) fn plan(
             p.roles_after
                 .push((spare.info().name.clone(), Some(Role::Member)));
             let mut spares = s.spares.clone();
-            spares.remove(0);
+            spares.remove(at);
             p.spares = Some(spares);
             p.start = Some((
                 Job::Rebuild {

@@ -6,11 +6,12 @@
 //! read-modify-write (two reads, two writes) went through the driver's
 //! bounce pages: a copy and about 900 instructions each.
 //!
-//! Pools are per size class (powers of two from 4 KiB), made the first time
-//! a class is needed and populated then, and bounded: past the bound, or if
-//! a pool cannot be mapped, a window comes from the heap as before and is
-//! bounced by drivers that need registered memory. Pools are not shared
-//! between channels, so taking and giving back stays on this core.
+//! Pools are per size class (powers of two from 4 KiB), on ordinary pages,
+//! made as a class needs more (each twice the last, populated then) and
+//! bounded: past the bound, or if a pool cannot be mapped, a window comes
+//! from the heap as before and is bounced by drivers that need registered
+//! memory. Pools are not shared between channels, so taking and giving
+//! back stays on this core.
 
 use std::ops::{Deref, DerefMut};
 
@@ -21,9 +22,9 @@ use bdev::{DmaBuf, DmaPool};
 /// rows).
 const MIN_CLASS_SHIFT: u32 = 12;
 const MAX_POOLED: usize = 1 << 20;
-/// Bytes of one pool (a hugepage where reserved), and at most this much per
-/// class and channel: 4 KiB windows for 1,024 read-modify-writes in flight,
-/// 1 MiB ones for two full stripes of four members.
+/// Bytes of the largest pool, and at most this much per class and user:
+/// 4 KiB windows for 1,024 read-modify-writes in flight, 1 MiB ones for two
+/// full stripes of four members.
 const POOL_BYTES: usize = 2 << 20;
 const CLASS_BYTES: usize = 8 << 20;
 /// Heap windows kept for reuse (see [`Windows::give`]), up to this size.
@@ -70,6 +71,8 @@ impl DerefMut for WinBuf {
 #[derive(Default)]
 struct Class {
     pools: Vec<DmaPool>,
+    /// Bytes of all its pools.
+    bytes: usize,
     /// Windows given back, taken again last in first out: the one just
     /// used is still in cache (a pool's own queue would cycle through all
     /// of its 2 MiB).
@@ -123,19 +126,30 @@ impl Windows {
         if let Some(b) = class.pools.iter().find_map(DmaPool::alloc) {
             return Some(b);
         }
-        if class.failed || (class.pools.len() + 1) * POOL_BYTES > CLASS_BYTES {
+        // Pools grow with demand, each twice the last, from 16 windows up
+        // to 2 MiB: a volume used lightly, or a channel made for a single
+        // request, does not map 2 MiB for it.
+        let size = len.next_power_of_two().max(1 << MIN_CLASS_SHIFT);
+        let left = CLASS_BYTES.saturating_sub(class.bytes);
+        let bytes = (size * 16)
+            .saturating_mul(1 << class.pools.len().min(16))
+            .min(POOL_BYTES.max(size))
+            .min(left / size * size);
+        if class.failed || bytes == 0 {
             return None;
         }
-        let size = len.next_power_of_two().max(1 << MIN_CLASS_SHIFT);
-        let count = POOL_BYTES / size;
-        match DmaPool::new(count, size) {
+        // Ordinary pages: hugepages are left to what must have them (an
+        // NVMe queue without an IOMMU), and ordinary ones map fine through
+        // one.
+        match DmaPool::with_pages(bytes / size, size, false) {
             Ok(pool) => {
                 let b = pool.alloc();
+                class.bytes += bytes;
                 class.pools.push(pool);
                 b
             }
             Err(e) => {
-                tracing::warn!(bytes = size, error = %e, "no DMA pool for RAID5 windows; they come from the heap");
+                tracing::warn!(bytes = size, error = %e, "no DMA pool for RAID buffers; they come from the heap");
                 class.failed = true;
                 None
             }

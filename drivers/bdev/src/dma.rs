@@ -39,6 +39,17 @@ impl DmaPool {
     /// Tries 2 MiB hugepages first; if none are reserved it logs that and
     /// uses ordinary pages.
     pub fn new(count: usize, buf_size: usize) -> Result<DmaPool, BdevError> {
+        Self::with_pages(count, buf_size, true)
+    }
+
+    /// As [`new`](Self::new), on ordinary pages unless `hugepages`: for
+    /// pools made as they are needed, which should leave the reserved
+    /// hugepages to what must have them (NVMe queues without an IOMMU).
+    pub fn with_pages(
+        count: usize,
+        buf_size: usize,
+        hugepages: bool,
+    ) -> Result<DmaPool, BdevError> {
         if !buf_size.is_power_of_two() || buf_size < 4096 {
             return Err(BdevError::InvalidArgument(format!(
                 "DMA buffer size must be a power of two of at least 4096, got {buf_size}"
@@ -53,13 +64,34 @@ impl DmaPool {
             .checked_mul(buf_size)
             .ok_or_else(|| BdevError::InvalidArgument("DMA pool size overflows".into()))?;
         let huge_len = want.div_ceil(HUGEPAGE) * HUGEPAGE;
-        let (mut map, hugepages) = match memmap2::MmapOptions::new()
-            .len(huge_len)
-            .huge(Some(21))
-            .populate()
-            .map_anon()
-        {
+        let huge = if hugepages {
+            memmap2::MmapOptions::new()
+                .len(huge_len)
+                .huge(Some(21))
+                .populate()
+                .map_anon()
+        } else {
+            Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+        };
+        let (mut map, hugepages) = match huge {
             Ok(m) => (m, true),
+            Err(_) if !hugepages => {
+                let mut m = memmap2::MmapOptions::new()
+                    .len(want)
+                    .map_anon()
+                    .map_err(|source| BdevError::Os {
+                        what: format!("mapping {want} bytes for a DMA pool"),
+                        source,
+                    })?;
+                // Transparent huge pages where the kernel can (fewer TLB
+                // misses; they come from no reserved pool), then every
+                // page touched now, not on the IO path.
+                let _ = m.advise(memmap2::Advice::HugePage);
+                for page in m.chunks_mut(4096) {
+                    page[0] = 0;
+                }
+                (m, false)
+            }
             Err(e) => {
                 // Said once: RAID5 channels make small pools as they go.
                 static SAID: AtomicBool = AtomicBool::new(false);

@@ -51,7 +51,7 @@ pub unsafe fn register_dma_memory(ptr: *mut u8, len: usize) -> DmaRegistration {
     for m in r.mappers.iter().filter_map(Weak::upgrade) {
         // SAFETY: forwarded from the caller.
         if let Err(e) = unsafe { m.dma_map(ptr, len) } {
-            tracing::warn!(bytes = len, error = %e, "memory not mapped for DMA; IO to it is bounced");
+            refused(len, &e);
         }
     }
     r.regions.push((ptr as usize, len));
@@ -68,6 +68,18 @@ impl Drop for DmaRegistration {
     }
 }
 
+/// A mapper refused memory: said as a warning once, then at debug (RAID
+/// makes small pools as it goes, which a device without an IOMMU cannot
+/// map unless they are physically contiguous).
+fn refused(len: usize, e: &str) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(bytes = len, error = %e, "memory not mapped for DMA; IO to it is bounced (said once)");
+    } else {
+        tracing::debug!(bytes = len, error = %e, "memory not mapped for DMA; IO to it is bounced");
+    }
+}
+
 /// Subscribe `mapper`: it maps every region registered so far, and hears
 /// of later ones until it is dropped.
 pub fn add_dma_mapper(mapper: &Arc<dyn DmaMapper>) {
@@ -76,7 +88,7 @@ pub fn add_dma_mapper(mapper: &Arc<dyn DmaMapper>) {
         // SAFETY: registered regions stay mapped until unregistered, which
         // unmaps them from every live mapper first (under this lock).
         if let Err(e) = unsafe { mapper.dma_map(p as *mut u8, len) } {
-            tracing::warn!(bytes = len, error = %e, "memory not mapped for DMA; IO to it is bounced");
+            refused(len, &e);
         }
     }
     r.mappers.push(Arc::downgrade(mapper));

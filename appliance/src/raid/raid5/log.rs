@@ -182,12 +182,13 @@ impl Raid5Channel {
                 // A checkpoint may need this stripe reclaimed before the
                 // log has room, so wait unlocked and plan again from the
                 // start.
-                p.bufs.clear();
+                let bufs = std::mem::take(&mut p.bufs);
                 p.stage = Stage::WaitLock;
                 if p.locked {
                     p.locked = false;
                     self.locks.unlock(p.stripe);
                 }
+                self.recycle(bufs);
                 self.drop_record(pi);
             }
             self.jwait.push_back(pi);

@@ -356,6 +356,10 @@ struct Raid5Channel {
     info: DeviceInfo,
     geo: Raid5Geometry,
     members: Vec<Option<Box<dyn IoChannel>>>,
+    // Channels first: fields drop in order, and no device may still
+    // reach the buffers below (pieces' windows) once they are gone.
+    /// A hot replacement's new device: it gets every write to its slot.
+    replace: Option<super::members::ReplaceChannel>,
     failed: Vec<bool>,
     locks: Arc<StripeLocks>,
     failures: FailureSink,
@@ -400,8 +404,6 @@ struct Raid5Channel {
     /// The volume's write-intent bitmap: a write reaches the members only
     /// once its region's bit is on disk.
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
-    /// A hot replacement's new device: it gets every write to its slot.
-    replace: Option<super::members::ReplaceChannel>,
     /// Guest requests on this channel (a rebuild yields to them).
     activity: Arc<super::members::Counter>,
 }
