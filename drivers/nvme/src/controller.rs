@@ -324,12 +324,14 @@ impl Controller {
         let start = Instant::now();
         let deadline = start + self.opts.admin_timeout;
         loop {
-            if let Some(cqe) = a.q.pop() {
+            let next = a.q.pop();
+            if next.is_some() {
                 a.q.ack();
-                if cqe.cid() != cid {
-                    // A completion for a command given up on earlier.
-                    continue;
-                }
+            }
+            // Another identifier is a completion for a command given up on
+            // earlier: the checks below still run, so a device posting such
+            // ones without end cannot hold this loop past its deadline.
+            if let Some(cqe) = next.filter(|c| c.cid() == cid) {
                 let status = cqe.code();
                 if !status.ok() {
                     return Err(NvmeError::Command {

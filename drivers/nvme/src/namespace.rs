@@ -35,6 +35,10 @@ fn next_cid(prev: u16, slot: u16) -> u16 {
 /// `Slot::parent` of a command that is a whole request on its own (the
 /// common case: no parent bookkeeping).
 const ALONE: u32 = u32::MAX;
+/// Resets a command may be overdue at before it is failed: one more than
+/// a controller that completes nothing gets, so that one is failed as a
+/// whole first (`controller::MAX_FRUITLESS_RESETS`).
+const MAX_OVERDUE_RESETS: u8 = 4;
 /// PRP entries in one list page.
 const PRP_PER_PAGE: usize = PAGE / 8;
 
@@ -77,6 +81,20 @@ impl Namespace {
             )));
         }
         let block_size = 1u32 << ns.lbads;
+        // A size the device makes up: none, or beyond 2^63 bytes (every
+        // byte count made of it would overflow).
+        if ns.nsze == 0
+            || ns
+                .nsze
+                .checked_mul(u64::from(block_size))
+                .is_none_or(|b| b > i64::MAX as u64)
+        {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: namespace {nsid} reports {} blocks of {block_size} bytes",
+                ctrl.name(),
+                ns.nsze
+            )));
+        }
         let cmd_bytes = ctrl.max_command_bytes(MAX_TRANSFER);
         if cmd_bytes < block_size as usize {
             return Err(NvmeError::InvalidArgument(format!(
@@ -173,6 +191,8 @@ struct Slot {
     started: Instant,
     /// Whether its command has bounce pages (in `Channel::bounced`).
     bounced: bool,
+    /// Resets its command was overdue at (each resubmits it).
+    overdue: u8,
 }
 
 struct Channel {
@@ -260,6 +280,7 @@ impl Channel {
                     sqe: Sqe::default(),
                     started: Instant::now(),
                     bounced: false,
+                    overdue: 0,
                 })
                 .collect(),
             bounced: (0..nslots).map(|_| None).collect(),
@@ -459,6 +480,7 @@ impl Channel {
         s.parent = c.parent;
         s.sqe = sqe;
         s.started = self.now;
+        s.overdue = 0;
         // A free slot has no bounce pages: overwriting some would lose them.
         debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         self.keep_bounce(slot, bounce);
@@ -754,6 +776,7 @@ impl Channel {
         s.tag = tag;
         s.sqe = *sqe;
         s.started = self.now;
+        s.overdue = 0;
         debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         self.inflight += 1;
         self.q.push(sqe);
@@ -779,20 +802,25 @@ impl Channel {
     fn fail_all(&mut self, err: IoError) {
         for cid in 0..self.slots.len() {
             if self.slots[cid].busy {
-                let s = &mut self.slots[cid];
-                s.busy = false;
-                let (parent, tag) = (s.parent, s.tag);
-                s.bounced = false;
-                if let Some(b) = self.bounced[cid].take() {
-                    self.free_bounce.extend_from_slice(&b.pages);
-                }
-                self.free_slots.push(cid as u16);
-                self.settle(parent, tag, Err(err));
+                self.fail_slot(cid, err);
             }
         }
         if let Some(c) = self.cursor.take() {
             self.finish(c.parent, Err(err));
         }
+    }
+
+    /// Fail the busy command in slot `cid` without its completion.
+    fn fail_slot(&mut self, cid: usize, err: IoError) {
+        let s = &mut self.slots[cid];
+        s.busy = false;
+        let (parent, tag) = (s.parent, s.tag);
+        s.bounced = false;
+        if let Some(b) = self.bounced[cid].take() {
+            self.free_bounce.extend_from_slice(&b.pages);
+        }
+        self.free_slots.push(cid as u16);
+        self.settle(parent, tag, Err(err));
     }
 
     /// After a reset (ours or another channel's): recreate the queue on the
@@ -820,14 +848,36 @@ impl Channel {
             }
         }
         self.now = Instant::now();
+        let limit = self.ctrl.opts.io_timeout;
         let mut any = false;
-        for s in self.slots.iter_mut().filter(|s| s.busy) {
+        let mut given_up: SmallVec<[usize; 4]> = SmallVec::new();
+        for (cid, s) in self.slots.iter_mut().enumerate().filter(|(_, s)| s.busy) {
+            // A command the device neither completes nor aborts would be
+            // resubmitted at every reset for good (each good completion
+            // meanwhile clears the fruitless-reset count), and its request
+            // never answered: after a few, it fails, so RAID above can go
+            // to another member.
+            if self.now.duration_since(s.started) > limit {
+                s.overdue = s.overdue.saturating_add(1);
+                if s.overdue >= MAX_OVERDUE_RESETS {
+                    given_up.push(cid);
+                    continue;
+                }
+            }
             s.started = self.now;
             self.q.push(&s.sqe);
             any = true;
         }
         if any {
             self.q.ring();
+        }
+        for cid in given_up {
+            tracing::error!(
+                controller = %self.ctrl.name(),
+                qid = self.q.qid,
+                "a command outstanding through {MAX_OVERDUE_RESETS} resets is failed"
+            );
+            self.fail_slot(cid, IoError::TimedOut);
         }
     }
 
@@ -857,7 +907,10 @@ impl Channel {
 
     fn reap(&mut self) -> bool {
         let mut any = false;
-        while let Some(cqe) = self.q.pop() {
+        // At most a queue's worth per poll: a device that keeps writing
+        // entries ahead of the head would hold the reactor here for good.
+        for _ in 0..self.q.depth {
+            let Some(cqe) = self.q.pop() else { break };
             self.complete(cqe);
             any = true;
         }

@@ -82,6 +82,7 @@ pub struct SoftStats {
 #[derive(Default)]
 struct Faults {
     bad_blocks: HashSet<(u32, u64)>,
+    hung_blocks: HashSet<(u32, u64)>,
     latency: Duration,
     lose: u32,
     lose_admin: u32,
@@ -211,6 +212,13 @@ impl SoftController {
     /// media error.
     pub fn fail_block(&self, nsid: u32, lba: u64) {
         lock(&self.shared.faults).bad_blocks.insert((nsid, lba));
+    }
+
+    /// Reads and writes touching this block of namespace `nsid` are never
+    /// completed, nor aborted (a command stuck inside the device), while
+    /// other commands complete.
+    pub fn hang_block(&self, nsid: u32, lba: u64) {
+        lock(&self.shared.faults).hung_blocks.insert((nsid, lba));
     }
 
     /// Attach a namespace (block size, blocks) while running, as an
@@ -471,6 +479,10 @@ impl Device {
                 } else {
                     self.io(&sqe)
                 };
+                if qid != 0 && self.hung(&sqe) {
+                    self.lost.push((qid, sqe.cid()));
+                    continue;
+                }
                 self.complete(qid, cqid, sqe.cid(), status, result);
             }
         }
@@ -699,6 +711,17 @@ impl Device {
             }
             _ => (Status::INVALID_OPCODE, 0),
         }
+    }
+
+    /// Whether an IO command touches a block made to hang.
+    fn hung(&self, sqe: &Sqe) -> bool {
+        let f = lock(&self.shared.faults);
+        if f.hung_blocks.is_empty() || !matches!(sqe.opcode(), io::READ | io::WRITE) {
+            return false;
+        }
+        let slba = u64::from(sqe.cdw[0]) | u64::from(sqe.cdw[1]) << 32;
+        let n = u64::from(sqe.cdw[2] & 0xffff) + 1;
+        (slba..slba.saturating_add(n)).any(|b| f.hung_blocks.contains(&(sqe.nsid, b)))
     }
 
     fn namespace(&self, nsid: u32) -> Option<&(u32, u64)> {

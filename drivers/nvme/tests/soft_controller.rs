@@ -735,3 +735,74 @@ fn a_timed_out_command_is_recovered_off_the_polling_thread() {
     let c = a.error_counts();
     assert!(c.timeouts >= 1 && c.aborts >= 1 && c.resets >= 1, "{c:?}");
 }
+
+/// A command the device neither completes nor aborts, while it completes
+/// everything else, is failed as timed out after a few resets: before,
+/// each reset resubmitted it, each good completion meanwhile cleared the
+/// count of fruitless resets, and its request was never answered (nor
+/// could a RAID above fail the member over). The controller stays up and
+/// other IO goes on.
+#[test]
+fn a_command_the_device_never_completes_is_failed_not_resubmitted_for_good() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    soft.hang_block(1, 7);
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut stuck = vec![0u8; 4096];
+    ch.submit(rw(IoOp::Read, 7, 1, &mut stuck, 99))
+        .expect("submitted");
+    let mut other = vec![0u8; 4096];
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut other_busy = false;
+    let mut answer = None;
+    let result = loop {
+        // Good IO goes on meanwhile, each completion a success.
+        if !other_busy {
+            other_busy = ch.submit(rw(IoOp::Read, 100, 1, &mut other, 1)).is_ok();
+        }
+        ch.poll(&mut out);
+        for c in out.drain(..) {
+            if c.tag == 99 {
+                answer = Some(c.result);
+            } else {
+                assert_eq!(c.result, Ok(()), "other IO");
+                other_busy = false;
+            }
+        }
+        if let Some(r) = answer {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stuck read was never answered ({} resets)",
+            soft.stats().enables - 1
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(result, Err(IoError::TimedOut));
+    assert!(!ctrl.is_failed());
+    one(ch.as_mut(), rw(IoOp::Read, 8, 1, &mut other, 2)).expect("IO after");
+}
+
+/// A namespace whose size the device makes up (none, or past 2^63 bytes)
+/// is refused clearly; every byte count made of it would overflow.
+#[test]
+fn a_namespace_of_no_blocks_or_beyond_two_to_the_63_bytes_is_refused() {
+    let config = SoftConfig {
+        namespaces: vec![
+            (4096, 0),
+            (4096, 1 << 52),
+            (512, u64::MAX),
+            (4096, (1 << 51) - 1),
+        ],
+        null_data: true,
+        ..SoftConfig::default()
+    };
+    let (_soft, ctrl) = setup(config, quick());
+    for nsid in 1..=3 {
+        let e = Namespace::new(&ctrl, nsid, "huge").expect_err("refused");
+        assert!(e.to_string().contains("reports"), "{e}");
+    }
+    assert_eq!(ns(&ctrl, 4).info().num_blocks, (1 << 51) - 1);
+}

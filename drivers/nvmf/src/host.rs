@@ -305,7 +305,16 @@ impl Queue {
                         )));
                     };
                     let at = h.offset as usize;
-                    let Some(dst) = p.read.get_mut(at..at + data.len()) else {
+                    // In order, as the channel wants it: data repeated over
+                    // what came already would be counted twice, and the
+                    // command would pass as complete with a hole in it.
+                    if at != p.received {
+                        return Err(HostError::Protocol(format!(
+                            "C2HData at {at} for command {}, {} bytes expected there",
+                            h.cccid, p.received
+                        )));
+                    }
+                    let Some(dst) = p.read.get_mut(at..at.saturating_add(data.len())) else {
                         return Err(HostError::Protocol(format!(
                             "C2HData at {at}+{} beyond the {} bytes asked",
                             data.len(),
