@@ -30,43 +30,59 @@ pub(crate) fn sync(
     let bs = dev.info().block_size as usize;
     let mut ch = dev.open_channel().map_err(|e| io(e.to_string()))?;
     let mut own = buf.to_vec();
-    let req = if op == IoOp::Flush {
-        IoRequest::flush(1)
+    // In requests the device takes (a replay's record, a bitmap may be
+    // larger than one NVMe command), all on this one channel.
+    let most = (dev.info().max_transfer as usize / bs).max(1) * bs;
+    let mut reqs = Vec::new();
+    if op == IoOp::Flush {
+        reqs.push(IoRequest::flush(0));
     } else {
-        let mut sg = SgList::new();
-        // SAFETY: `own` lives until the request completes, or for good if it
-        // does not in time (`abandon`).
-        sg.push(unsafe { IoVec::new(own.as_mut_ptr(), own.len()) });
-        IoRequest {
-            op,
-            offset_blocks: block,
-            num_blocks: (own.len() / bs) as u64,
-            sg,
-            tag: 1,
-        }
-    };
-    let deadline = Instant::now() + TIMEOUT;
-    let mut pending = Some(req);
-    let mut out = Vec::new();
-    while let Some(r) = pending.take() {
-        if let Err(SubmitError::Busy(r)) = ch.submit(r) {
-            pending = Some(r);
-            ch.poll(&mut out);
+        for (k, at) in (0..own.len()).step_by(most).enumerate() {
+            let len = most.min(own.len() - at);
+            let mut sg = SgList::new();
+            // SAFETY: `own` lives until the requests complete, or for good
+            // if they do not in time (`abandon`).
+            sg.push(unsafe { IoVec::new(own.as_mut_ptr().add(at), len) });
+            reqs.push(IoRequest {
+                op,
+                offset_blocks: block + (at / bs) as u64,
+                num_blocks: (len / bs) as u64,
+                sg,
+                tag: k as u64,
+            });
         }
     }
-    while out.is_empty() {
+    let deadline = Instant::now() + TIMEOUT;
+    let timeout = |ch, own| {
+        abandon(ch, own);
+        Err(RaidError::Timeout {
+            device: name.clone(),
+            what: format!("{op:?}"),
+            after: TIMEOUT,
+        })
+    };
+    let want = reqs.len();
+    let mut out = Vec::new();
+    let mut pending: std::collections::VecDeque<IoRequest> = reqs.into();
+    while let Some(r) = pending.pop_front() {
+        if let Err(SubmitError::Busy(r)) = ch.submit(r) {
+            pending.push_front(r);
+            ch.poll(&mut out);
+            if Instant::now() > deadline {
+                return timeout(ch, own);
+            }
+        }
+    }
+    while out.len() < want {
         ch.poll(&mut out);
         if Instant::now() > deadline {
-            abandon(ch, own);
-            return Err(RaidError::Timeout {
-                device: name,
-                what: format!("{op:?}"),
-                after: TIMEOUT,
-            });
+            return timeout(ch, own);
         }
         std::thread::yield_now();
     }
-    out[0].result.map_err(|e| io(e.to_string()))?;
+    for c in &out {
+        c.result.map_err(|e| io(e.to_string()))?;
+    }
     if op == IoOp::Read {
         buf.copy_from_slice(&own);
     }

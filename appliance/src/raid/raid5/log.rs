@@ -202,16 +202,28 @@ impl Raid5Channel {
             let len = p.jdata.len();
             sg.extend(sg::of(&mut p.jdata, 0, len));
         }
-        self.journal_io(
-            pi,
-            IoRequest {
-                op: IoOp::Write,
-                offset_blocks: at,
-                num_blocks: blocks,
-                sg,
-                tag: 0,
-            },
-        );
+        // In pieces the journal's device takes: a record (a 1 MiB write's
+        // data, and parity) may be larger than one request to it (1 MiB on
+        // NVMe), and one refused would fail the journal. The record is
+        // whole once every piece is written; replay takes a torn one for
+        // what it is, never acknowledged.
+        let most = (u64::from(j.device().info().max_transfer) / bs as u64).max(1);
+        let mut done = 0;
+        while done < blocks {
+            let n = most.min(blocks - done);
+            let part = sg::slice(&sg, done as usize * bs, n as usize * bs);
+            self.journal_io(
+                pi,
+                IoRequest {
+                    op: IoOp::Write,
+                    offset_blocks: at + done,
+                    num_blocks: n,
+                    sg: part,
+                    tag: 0,
+                },
+            );
+            done += n;
+        }
     }
 
     /// Forget piece `pi`'s journal record before its members are written:
