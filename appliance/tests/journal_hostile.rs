@@ -147,3 +147,80 @@ fn a_journal_whose_first_superblock_is_torn_opens_from_the_second() {
     let (_, rep) = Journal::replay(dev, &[Some(m)], None).unwrap();
     assert_eq!(rep.records, 0);
 }
+
+/// A write-through record (valid nonce and checksum, so only a crafted
+/// one) naming blocks outside the members' data area, a member's
+/// superblock at block 0 here, is refused: replay checked only write-back
+/// records against the volume's geometry, and wrote this one over the
+/// metadata.
+#[test]
+fn a_write_through_record_outside_the_data_area_is_refused() {
+    use appliance::raid::geometry::{Layout, Raid5Geometry};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.img");
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&path, BS as u32, 4 << 20).unwrap());
+    let (m, mpath) = member(dir.path());
+    let before = block_of(&mpath, 0);
+    // Two members, 16 KiB chunks, data from block 8 of 64.
+    let geo = Raid5Geometry::new(2, BS as u32, 16384, Layout::LeftSymmetric, 8, 64).unwrap();
+    for (member, block, count) in [(0u32, 0u64, 1u32), (0, 6, 4), (0, 60, 8), (5, 8, 1)] {
+        let j = Journal::format(dev.clone()).unwrap();
+        let data = vec![0x5au8; BS];
+        let datas: Vec<&[u8]> = (0..count).map(|_| data.as_slice()).collect();
+        let mut r = j.record(
+            &[Entry {
+                member,
+                count,
+                block,
+            }],
+            &datas,
+        );
+        let (at, _) = j.reserve(&mut r, true).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&r, at * BS as u64)
+            .unwrap();
+        drop(j);
+        let err = Journal::replay(dev.clone(), &[Some(m.clone()), Some(m.clone())], Some(&geo))
+            .err()
+            .unwrap_or_else(|| panic!("member {member} blocks {block}+{count} replayed"));
+        assert!(err.to_string().contains("outside the volume"), "{err}");
+        assert!(
+            block_of(&mpath, 0) == before,
+            "the member's block 0 was written"
+        );
+    }
+}
+
+/// A superblock whose checkpoint sequence is near the end of the counter
+/// (a CRC anyone can recompute is its only guard) is refused: counting on
+/// from it overflowed on the first write (a panic on the reactor in a
+/// debug build), or wrapped and hid every later record from replay.
+#[test]
+fn a_journal_sequence_near_the_end_of_the_counter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.img");
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&path, BS as u32, 1 << 20).unwrap());
+    drop(Journal::format(dev.clone()).unwrap());
+    let formatted = block_of(&path, 0);
+    for seq in [u64::MAX, 1 << 62] {
+        let mut b = formatted.clone();
+        b[24..32].copy_from_slice(&seq.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..BS - 4]);
+        b[BS - 4..].copy_from_slice(&crc.to_le_bytes());
+        for at in [0u64, 255] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .write_all_at(&b, at * BS as u64)
+                .unwrap();
+        }
+        let err = Journal::replay(dev.clone(), &[], None).err().unwrap();
+        assert!(err.to_string().contains("out of range"), "{seq}: {err}");
+    }
+}

@@ -184,6 +184,13 @@ pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(x)
 }
 
+/// Sequence numbers at or above this are no honest journal's (2^62
+/// records: thousands of years at millions a second): a superblock or
+/// record claiming one is crafted or corrupt, and counting on from it
+/// would overflow (a panic on the IO path, or a wrap that hides every
+/// later record from replay).
+pub(super) const SEQ_LIMIT: u64 = 1 << 62;
+
 pub(super) fn decode_super(b: &[u8]) -> Result<Super, RaidError> {
     let bs = b.len();
     if bs < 64 || ![SB_MAGIC, SB_MAGIC_V1].contains(&u64_at(b, 0)) {
@@ -195,6 +202,12 @@ pub(super) fn decode_super(b: &[u8]) -> Result<Super, RaidError> {
         return Err(RaidError::Invalid(
             "journal superblock checksum mismatch".into(),
         ));
+    }
+    if u64_at(b, 24) >= SEQ_LIMIT {
+        return Err(RaidError::Invalid(format!(
+            "journal superblock's checkpoint sequence {} is out of range",
+            u64_at(b, 24)
+        )));
     }
     Ok(Super {
         nonce: u64_at(b, 8),

@@ -108,6 +108,7 @@ fn scan(log: &mut LogReader, s: &Super) -> Result<Vec<Found>, RaidError> {
         let candidate = u64_at(&h, 0) == REC_MAGIC
             && u64_at(&h, 8) == s.nonce
             && seq > s.checkpoint_seq
+            && seq < super::codec::SEQ_LIMIT
             && blocks >= 1
             && blocks <= total - i
             && entries <= MAX_ENTRIES;
@@ -205,6 +206,20 @@ impl Journal {
                     }
                     let run = data;
                     data += count;
+                    // Inside the members' data area: a crafted record must
+                    // not reach superblocks, bitmaps or md metadata.
+                    if let Some(g) = geo.filter(|_| !f.volume) {
+                        let area =
+                            g.data_offset()..g.data_offset() + g.stripes() * g.chunk_blocks();
+                        if member >= g.members() as usize
+                            || !area.contains(&block)
+                            || block + count as u64 > area.end
+                        {
+                            return Err(RaidError::Invalid(format!(
+                                "journal record {seq} names member {member} blocks {block}+{count}, outside the volume"
+                            )));
+                        }
+                    }
                     if !f.volume {
                         if any_volume {
                             for b in block..block + count as u64 {
