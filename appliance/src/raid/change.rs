@@ -642,6 +642,16 @@ pub(crate) fn plan(
                 OpError::FailedPrecondition("only a RAID5 volume has a journal".into())
             })?;
             p.next = Some(next);
+            // The members' caches first: the drain's last reclaim writes
+            // went out beside the flush that carried them, and once the
+            // journal is gone (its device erased) nothing else holds them.
+            p.flush_first.extend(
+                set.members
+                    .iter()
+                    .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
+                    .filter(|m| !MissingDevice::is(m.dev.as_ref()))
+                    .map(|m| m.dev.clone()),
+            );
             p.roles_after.push((j.device().info().name.clone(), None));
             p.after.push(After::StopCheckpointer);
         }
