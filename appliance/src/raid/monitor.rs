@@ -286,7 +286,36 @@ fn watch(rx: Receiver<Event>, inner: &Inner) {
             if let Err(e) = inner.checkpoint() {
                 tracing::error!(volume = inner.volume.name(), error = %e, "rebuild checkpoint");
             }
+            inner.detach_failed_journal();
         }
+    }
+}
+
+impl Inner {
+    /// A journal that failed is detached once its cache has drained: the
+    /// volume writes without records since, so its log holds records
+    /// older than what the members have, which a restart would replay
+    /// over newer data. Detached, the state says so and nothing replays
+    /// them. (Writes between the failure and this change are not covered:
+    /// a crash in that window still finds the journal named.)
+    fn detach_failed_journal(&self) {
+        let j = lock(&self.published).device.journal();
+        let Some(j) = j.filter(|j| j.has_failed() && j.cache().is_empty()) else {
+            return;
+        };
+        let mut pending = lock(&self.pending);
+        if pending
+            .iter()
+            .any(|c| matches!(c, Change::SetJournal(None)))
+        {
+            return;
+        }
+        tracing::warn!(
+            volume = self.volume.name(),
+            journal = %j.device().info().name,
+            "the failed journal is detached from the volume"
+        );
+        pending.push_back(Change::SetJournal(None));
     }
 }
 
