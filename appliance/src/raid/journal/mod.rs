@@ -596,6 +596,13 @@ impl Journal {
         // The cache counts epochs by parity: the epoch a previous call
         // closed must be gone before another is closed.
         let current = self.epoch.load(Ordering::SeqCst);
+        // Records of the epoch an earlier call closed and then gave up on
+        // (its 30 s below) still on their way: closing another epoch now
+        // would count new records in their slot, and wait for neither.
+        if current > 0 && self.outstanding[((current - 1) % 2) as usize].load(Ordering::SeqCst) > 0
+        {
+            return Ok(false);
+        }
         if current > 0 && c.in_epoch(current - 1) > 0 {
             self.reclaim_wanted.store(true, Ordering::SeqCst);
             if !drained(c, current - 1) {
