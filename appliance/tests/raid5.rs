@@ -1128,3 +1128,39 @@ fn removing_a_write_back_journal_leaves_nothing_only_in_member_caches() {
     assert!(got == model, "acknowledged writes lost to the power cut");
     reactors.shutdown().unwrap();
 }
+
+/// A journal whose log is too small for this volume's largest record (a
+/// whole stripe of four members with 64 KiB chunks: 49 blocks with its
+/// header, and parity for write-through; the log holds 66, and a record
+/// may take half) writes such a record without the journal rather than
+/// wait for room that never comes; smaller records still go through it.
+/// Before, the write waited for good.
+#[test]
+fn a_record_too_large_for_the_log_is_written_without_it_not_waited_for() {
+    use appliance::raid::journal::{Journal, JournalMode};
+    for mode in [JournalMode::WriteThrough, JournalMode::WriteBack] {
+        let devs: Vec<Arc<dyn BlockDevice>> =
+            (0..4).map(|i| ram(&format!("m{i}"), 1024 + 8)).collect();
+        let journal = Journal::format_with(ram("j", 68), mode).unwrap();
+        let r = Raid5Device::new(
+            "r5",
+            devs.iter().cloned().map(member).collect(),
+            65536,
+            Layout::LeftSymmetric,
+            8,
+            FailureSink::none(),
+        )
+        .unwrap()
+        .with_journal(journal.clone());
+        let mut ch = r.open_channel().unwrap();
+        let mut whole = vec![0x61u8; 48 * 4096];
+        run_one(ch.as_mut(), rw(IoOp::Write, 0, 48, &mut whole, 1)).unwrap();
+        let mut one = vec![0x62u8; 4096];
+        run_one(ch.as_mut(), rw(IoOp::Write, 49, 1, &mut one, 2)).unwrap();
+        let mut got = vec![0u8; 50 * 4096];
+        run_one(ch.as_mut(), rw(IoOp::Read, 0, 50, &mut got, 3)).unwrap();
+        assert!(got[..48 * 4096].iter().all(|&b| b == 0x61), "{mode:?}");
+        assert!(got[49 * 4096..].iter().all(|&b| b == 0x62), "{mode:?}");
+        assert!(!journal.has_failed(), "{mode:?}");
+    }
+}

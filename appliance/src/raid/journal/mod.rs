@@ -502,6 +502,12 @@ impl Journal {
         fill_header(h, self.nonce, entries, blocks, volume);
     }
 
+    /// Whether a record of `blocks` can ever have room: one over half the
+    /// log never does (a checkpoint frees at most the rest).
+    pub fn record_fits(&self, blocks: u64) -> bool {
+        blocks <= self.log_blocks / 2
+    }
+
     /// Give `record` its sequence number and checksum and a place in the
     /// log: the block to write it at and its epoch (hand that to
     /// [`done`](Self::done) once the record's blocks are on the members),
@@ -518,7 +524,7 @@ impl Journal {
     pub fn reserve_parts(&self, header: &mut [u8], data: &[u8], guest: bool) -> Option<(u64, u64)> {
         let bs = self.bs;
         let blocks = (1 + data.len() / bs) as u64;
-        if blocks > self.log_blocks / 2 {
+        if !self.record_fits(blocks) {
             return None;
         }
         let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());

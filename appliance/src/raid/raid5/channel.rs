@@ -185,6 +185,7 @@ impl Raid5Channel {
             admitted: 0,
             worth_caching: None,
             in_bitmap: false,
+            unjournaled: false,
         }
     }
 

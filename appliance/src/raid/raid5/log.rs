@@ -171,6 +171,14 @@ impl Raid5Channel {
         // in `jrec` after its header block.
         let bs = self.info.block_size as usize;
         let blocks = ((p.jrec.len() + p.jdata.len()) / bs) as u64;
+        if !j.record_fits(blocks) {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(volume = %self.info.name, blocks, "a journal record larger than half the log: written without the journal (the journal is too small for this volume's stripes)");
+            }
+            p.unjournaled = true;
+            return self.without_journal(pi);
+        }
         let reserved = if p.jdata.is_empty() {
             j.reserve(&mut p.jrec, guest)
         } else {

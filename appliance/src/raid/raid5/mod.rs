@@ -335,6 +335,10 @@ struct Piece {
     worth_caching: Option<bool>,
     /// Counted in its write-intent bitmap region (see `Bitmap::begin`).
     in_bitmap: bool,
+    /// Its record can never fit the log (a journal too small for this
+    /// volume's stripes): it is written without one rather than wait for
+    /// good.
+    unjournaled: bool,
 }
 
 struct Parent {
