@@ -927,14 +927,16 @@ fn raid5_over_nvme_members_moves_its_own_buffers_without_bouncing() {
         FailureSink::none(),
     )
     .unwrap();
-    let mut ch = degraded.open_channel().unwrap();
-    for lba in (0..blocks).step_by(16) {
-        let buf = &mut mem[..];
-        run_one(ch.as_mut(), rw(IoOp::Read, lba, 16, buf, lba)).unwrap();
-        let a = lba as usize * 4096;
-        assert!(buf[..] == model[a..a + buf.len()], "degraded read at {lba}");
-    }
-    drop(ch);
+    // Every block read back through `dev`, 64 KiB at a time into `mem`.
+    let reads_back = |dev: &dyn BlockDevice, mem: &mut [u8], what: &str| {
+        let mut ch = dev.open_channel().unwrap();
+        for lba in (0..blocks).step_by(16) {
+            run_one(ch.as_mut(), rw(IoOp::Read, lba, 16, mem, lba)).unwrap();
+            let a = lba as usize * 4096;
+            assert!(mem[..] == model[a..a + mem.len()], "{what} read at {lba}");
+        }
+    };
+    reads_back(&degraded, &mut mem, "degraded");
     assert_eq!(ctrl.bounced_commands(), 0, "degraded reads bounced");
     // The fourth namespace, a spare, is rebuilt into the first slot.
     let spare: Arc<dyn BlockDevice> = Arc::new(nvme::Namespace::new(&ctrl, 4, "ns4").unwrap());
@@ -970,15 +972,7 @@ fn raid5_over_nvme_members_moves_its_own_buffers_without_bouncing() {
             k * 128
         );
     }
-    let r = r5(&rebuilt, 8, FailureSink::none());
-    let mut ch = r.open_channel().unwrap();
-    for lba in (0..blocks).step_by(16) {
-        let buf = &mut mem[..];
-        run_one(ch.as_mut(), rw(IoOp::Read, lba, 16, buf, lba)).unwrap();
-        let a = lba as usize * 4096;
-        assert!(buf[..] == model[a..a + buf.len()], "rebuilt read at {lba}");
-    }
-    drop(ch);
+    reads_back(&r5(&rebuilt, 8, FailureSink::none()), &mut mem, "rebuilt");
     drop(reg);
 }
 
