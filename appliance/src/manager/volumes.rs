@@ -398,6 +398,18 @@ impl Manager {
                 "journal {name} is too small: it needs at least 1025 blocks"
             )));
         }
+        let chunk_bytes = u64::from(if decl.chunk_kib == 0 {
+            64
+        } else {
+            decl.chunk_kib
+        }) * 1024;
+        let chunk_blocks = chunk_bytes / u64::from(want.max(1));
+        crate::raid::journal::holds_records(
+            d.dev.info().num_blocks,
+            decl.members.len() as u64,
+            chunk_blocks,
+        )
+        .map_err(|e| MgmtError::FailedPrecondition(format!("journal {name} is too small: {e}")))?;
         Ok(Some(d.dev.clone()))
     }
 

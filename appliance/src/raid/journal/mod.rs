@@ -63,6 +63,23 @@ use codec::{fill_header, seal, seal_parts, write_header, Super};
 pub(crate) use codec::{u32_at, u64_at};
 pub use replay::ReplayReport;
 
+/// Whether a journal on a device of `num_blocks` can log every record of a
+/// RAID5 of `members` with chunks of `chunk_blocks`: the largest, a whole
+/// stripe's data and parity with its header, must fit half the log (the
+/// most a checkpoint can free for it). Else such a write gives the journal
+/// up at once.
+pub fn holds_records(num_blocks: u64, members: u64, chunk_blocks: u64) -> Result<(), String> {
+    let need = members.saturating_mul(chunk_blocks).saturating_add(1);
+    let room = superblock::log_blocks_for(num_blocks) / 2;
+    if need > room {
+        return Err(format!(
+            "its log takes records of up to {room} blocks; a whole stripe of this volume makes one of {need} (a journal of at least {} blocks is needed)",
+            need.saturating_mul(2).saturating_add(2)
+        ));
+    }
+    Ok(())
+}
+
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JournalMode {
@@ -508,6 +525,11 @@ impl Journal {
         blocks <= self.log_blocks / 2
     }
 
+    /// Blocks of its log.
+    pub fn log_blocks(&self) -> u64 {
+        self.log_blocks
+    }
+
     /// Give `record` its sequence number and checksum and a place in the
     /// log: the block to write it at and its epoch (hand that to
     /// [`done`](Self::done) once the record's blocks are on the members),
@@ -651,6 +673,19 @@ impl Journal {
 mod tests {
     use super::codec::*;
     use super::*;
+
+    #[test]
+    fn a_journal_must_hold_a_whole_stripes_record_in_half_its_log() {
+        // 4 members of 64 KiB chunks (16 blocks): 65 blocks a record, so a
+        // log of 130 (a device of 132).
+        assert!(holds_records(132, 4, 16).is_ok());
+        let e = holds_records(131, 4, 16).unwrap_err();
+        assert!(e.contains("at least 132 blocks"), "{e}");
+        // The smallest journal the daemon takes (1025 blocks) and five
+        // members of 512 KiB chunks: too small.
+        assert!(holds_records(1025, 5, 128).is_err());
+        assert!(holds_records(u64::MAX, u64::MAX, u64::MAX).is_err());
+    }
     use crate::raid::metaio::sync;
     use bdev::{IoOp, RamDevice};
 

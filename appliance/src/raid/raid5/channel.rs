@@ -185,7 +185,6 @@ impl Raid5Channel {
             admitted: 0,
             worth_caching: None,
             in_bitmap: false,
-            unjournaled: false,
         }
     }
 
@@ -302,7 +301,7 @@ impl Raid5Channel {
             Child::Fast { slot, member } => return self.on_fast(c, slot, member),
             Child::JournalFlush => return self.on_journal_flush(c.result),
             Child::Replace { piece } => return self.on_replace(c, piece),
-            Child::Journal { piece } => (piece, None),
+            Child::Journal { piece, .. } => (piece, None),
             Child::Member { piece, member } => (piece, Some(member)),
         };
         if let (Err(e), Some(m)) = (c.result, m) {

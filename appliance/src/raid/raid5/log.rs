@@ -171,12 +171,16 @@ impl Raid5Channel {
         // in `jrec` after its header block.
         let bs = self.info.block_size as usize;
         let blocks = ((p.jrec.len() + p.jdata.len()) / bs) as u64;
-        if !j.record_fits(blocks) {
-            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                tracing::error!(volume = %self.info.name, blocks, "a journal record larger than half the log: written without the journal (the journal is too small for this volume's stripes)");
-            }
-            p.unjournaled = true;
+        // In pieces the journal's device takes (below), each with a tag.
+        let most = (u64::from(j.device().info().max_transfer) / bs as u64).max(1);
+        if !j.record_fits(blocks) || blocks.div_ceil(most) > Child::JOURNAL_PARTS {
+            // It can never be logged (a journal too small for the volume's
+            // stripes, or a crafted superblock's tiny log). Written without
+            // a record, older records of its stripe would be replayed over
+            // it after a crash: the journal is given up instead, as on a
+            // device failure (and detached once drained).
+            tracing::error!(volume = %self.info.name, blocks, log_half = j.log_blocks() / 2, "a journal record can never fit the log: the journal is given up");
+            self.journal_failed();
             return self.without_journal(pi);
         }
         let reserved = if p.jdata.is_empty() {
@@ -215,13 +219,14 @@ impl Raid5Channel {
         // NVMe), and one refused would fail the journal. The record is
         // whole once every piece is written; replay takes a torn one for
         // what it is, never acknowledged.
-        let most = (u64::from(j.device().info().max_transfer) / bs as u64).max(1);
         let mut done = 0;
+        let mut k = 0u8;
         while done < blocks {
             let n = most.min(blocks - done);
             let part = sg::slice(&sg, done as usize * bs, n as usize * bs);
             self.journal_io(
                 pi,
+                k,
                 IoRequest {
                     op: IoOp::Write,
                     offset_blocks: at + done,
@@ -231,6 +236,7 @@ impl Raid5Channel {
                 },
             );
             done += n;
+            k += 1;
         }
     }
 
@@ -260,8 +266,8 @@ impl Raid5Channel {
     }
 
     /// Send a journal request for piece `pi`.
-    pub(super) fn journal_io(&mut self, pi: usize, mut req: IoRequest) {
-        req.tag = Child::Journal { piece: pi }.tag();
+    pub(super) fn journal_io(&mut self, pi: usize, part: u8, mut req: IoRequest) {
+        req.tag = Child::Journal { piece: pi, part }.tag();
         if let Some(p) = self.pieces[pi].as_mut() {
             p.pending += 1;
         }

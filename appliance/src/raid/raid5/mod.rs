@@ -335,10 +335,6 @@ struct Piece {
     worth_caching: Option<bool>,
     /// Counted in its write-intent bitmap region (see `Bitmap::begin`).
     in_bitmap: bool,
-    /// Its record can never fit the log (a journal too small for this
-    /// volume's stripes): it is written without one rather than wait for
-    /// good.
-    unjournaled: bool,
 }
 
 struct Parent {
@@ -433,8 +429,10 @@ enum Child {
     Member { piece: usize, member: usize },
     /// Piece `piece`'s copy of a write to a hot replacement's new device.
     Replace { piece: usize },
-    /// Piece `piece`'s journal record.
-    Journal { piece: usize },
+    /// Part `part` of piece `piece`'s journal record (a record goes out
+    /// in as many requests as the journal's device needs, in flight at
+    /// once: each has a tag of its own, as channels want).
+    Journal { piece: usize, part: u8 },
     /// The journal flush covering every record in `jflush_group`.
     JournalFlush,
     /// A read sent straight to `member` by `read_fast`, kept in `slot`.
@@ -445,9 +443,13 @@ impl Child {
     /// Bits of a tag that say the member (or kind).
     const BITS: u64 = 8;
     const MASK: u64 = (1 << Self::BITS) - 1;
-    const JOURNAL: u64 = Self::MASK;
     const REPLACE: u64 = Self::MASK - 1;
     const FLUSH: u64 = Self::MASK - 2;
+    /// Journal record parts: low values from here up to `FLUSH` (members
+    /// are below 64).
+    const JOURNAL: u64 = 64;
+    /// Parts a journal record may go out in.
+    const JOURNAL_PARTS: u64 = Self::FLUSH - Self::JOURNAL;
     const FAST: u64 = 1 << 63;
 
     fn tag(self) -> u64 {
@@ -455,7 +457,7 @@ impl Child {
         match self {
             Child::Member { piece, member } => at(piece, member as u64),
             Child::Replace { piece } => at(piece, Self::REPLACE),
-            Child::Journal { piece } => at(piece, Self::JOURNAL),
+            Child::Journal { piece, part } => at(piece, Self::JOURNAL + u64::from(part)),
             Child::JournalFlush => Self::FLUSH,
             Child::Fast { slot, member } => Self::FAST | at(slot, member as u64),
         }
@@ -473,9 +475,12 @@ impl Child {
             };
         }
         match low {
-            Self::JOURNAL => Child::Journal { piece: high },
             Self::REPLACE => Child::Replace { piece: high },
             Self::FLUSH => Child::JournalFlush,
+            j if (Self::JOURNAL..Self::FLUSH).contains(&j) => Child::Journal {
+                piece: high,
+                part: (j - Self::JOURNAL) as u8,
+            },
             m => Child::Member {
                 piece: high,
                 member: m as usize,
@@ -508,7 +513,14 @@ mod tests {
                 member: 63,
             },
             Child::Replace { piece: 7 },
-            Child::Journal { piece: 1 << 40 },
+            Child::Journal {
+                piece: 1 << 40,
+                part: 0,
+            },
+            Child::Journal {
+                piece: 3,
+                part: (Child::JOURNAL_PARTS - 1) as u8,
+            },
             Child::JournalFlush,
             Child::Fast {
                 slot: 99,

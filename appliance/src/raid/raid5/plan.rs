@@ -219,7 +219,7 @@ impl Raid5Channel {
             let wb = self
                 .journal
                 .as_ref()
-                .filter(|j| !j.has_failed() && !p.unjournaled)
+                .filter(|j| !j.has_failed())
                 .is_some_and(|j| {
                     j.mode() == JournalMode::WriteBack
                         && j.cache().admit_once(&mut p.worth_caching, p.b0, p.b1)
@@ -455,11 +455,7 @@ impl Raid5Channel {
         // written.
         let logged = writes.clone();
         writes.retain(|&mut (m, _, _)| Some(m) != failed && !gone[m]);
-        if let Some(j) = self
-            .journal
-            .clone()
-            .filter(|j| !j.has_failed() && !p.unjournaled)
-        {
+        if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
             let entries: smallvec::SmallVec<[Entry; 8]> = logged
                 .iter()
                 .map(|&(m, lo, hi)| Entry {
