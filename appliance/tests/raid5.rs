@@ -1157,7 +1157,10 @@ fn a_record_too_large_for_the_log_gives_the_journal_up_instead_of_waiting() {
         run_one(ch.as_mut(), rw(IoOp::Read, 0, 50, &mut got, 3)).unwrap();
         assert!(got[..48 * 4096].iter().all(|&b| b == 0x61), "{mode:?}");
         assert!(got[49 * 4096..].iter().all(|&b| b == 0x62), "{mode:?}");
-        assert!(journal.has_failed(), "{mode:?}: the journal was not given up");
+        assert!(
+            journal.has_failed(),
+            "{mode:?}: the journal was not given up"
+        );
         assert!(parity_consistent(&devs, 8, 1024), "{mode:?}: parity");
     }
 }

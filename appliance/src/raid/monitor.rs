@@ -172,7 +172,15 @@ impl Inner {
             lock(&self.pending).clear();
             return false;
         }
-        let res = self.apply(&mut s, change);
+        // Queued here only by `detach_failed_journal`: the journal it was
+        // for may have been removed since, and a healthy one added.
+        let stale = matches!(change, Change::SetJournal(None))
+            && !s.current.journal().is_some_and(|j| j.has_failed());
+        let res = if stale {
+            Ok(())
+        } else {
+            self.apply(&mut s, change)
+        };
         drop(s);
         let mut pending = lock(&self.pending);
         match res {
