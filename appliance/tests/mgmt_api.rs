@@ -1498,6 +1498,28 @@ fn a_journal_is_added_and_removed_online_under_io_and_nothing_is_lost() {
     }
     let e = call!(d, c, remove_journal, remove("v")).unwrap_err();
     assert_eq!(e.0, Code::FailedPrecondition, "no journal yet: {e:?}");
+    // A journal that cannot log a whole stripe in half its log (three
+    // members of 1 MiB chunks make a record of 769 blocks; 5 MiB gives
+    // half a log of 639) is refused: such a write would give it up.
+    for dev in ["b0", "b1", "b2"] {
+        call!(d, c, attach_device, attach(dev, "ram:8M")).unwrap();
+    }
+    call!(d, c, attach_device, attach("js", "ram:5M")).unwrap();
+    let big = pb::CreateVolumeRequest {
+        chunk_kib: 1024,
+        ..raid5("big", &["b0", "b1", "b2"], &[])
+    };
+    call!(d, c, create_volume, big.clone()).unwrap();
+    let e = call!(d, c, add_journal, add("big", "js", "")).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    assert!(e.1.contains("too small"), "{e:?}");
+    call!(
+        d,
+        c,
+        delete_volume,
+        pb::DeleteVolumeRequest { name: "big".into() }
+    )
+    .unwrap();
 
     // Added online, write-back: writes are acknowledged from the journal.
     let v = call!(d, c, add_journal, add("v", "j", "write-back")).unwrap();

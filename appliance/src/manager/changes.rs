@@ -427,6 +427,14 @@ impl Manager {
             Self::check_journal(&inv, &decl, v.level())?
                 .ok_or_else(|| invalid("device", "is empty"))?
         };
+        // Every slot counts, a failed one too: a degraded stripe's record
+        // logs the missing member's rows.
+        let snap = monitor(&v)?.snapshot();
+        Self::check_journal_room(
+            jdev.as_ref(),
+            snap.members.len() as u64,
+            (snap.chunk_bytes / 1024) as u32,
+        )?;
         // The device is the journal's before it is formatted: nothing else
         // can take it meanwhile.
         self.shared

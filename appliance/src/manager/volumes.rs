@@ -398,19 +398,22 @@ impl Manager {
                 "journal {name} is too small: it needs at least 1025 blocks"
             )));
         }
-        let chunk_bytes = u64::from(if decl.chunk_kib == 0 {
-            64
-        } else {
-            decl.chunk_kib
-        }) * 1024;
-        let chunk_blocks = chunk_bytes / u64::from(want.max(1));
-        crate::raid::journal::holds_records(
-            d.dev.info().num_blocks,
-            decl.members.len() as u64,
-            chunk_blocks,
-        )
-        .map_err(|e| MgmtError::FailedPrecondition(format!("journal {name} is too small: {e}")))?;
         Ok(Some(d.dev.clone()))
+    }
+
+    /// Whether journal device `j` can log a whole stripe of a RAID5 of
+    /// `slots` members with chunks of `chunk_kib` (see
+    /// [`holds_records`](crate::raid::journal::holds_records)).
+    pub(super) fn check_journal_room(
+        j: &dyn BlockDevice,
+        slots: u64,
+        chunk_kib: u32,
+    ) -> Result<(), MgmtError> {
+        let info = j.info();
+        let chunk_blocks = u64::from(chunk_kib) * 1024 / u64::from(info.block_size.max(1));
+        crate::raid::journal::holds_records(info.num_blocks, slots, chunk_blocks).map_err(|e| {
+            MgmtError::FailedPrecondition(format!("journal {} is too small: {e}", info.name))
+        })
     }
 
     /// Check `decl`, reserve its name and claim its devices; `f` then
@@ -427,6 +430,12 @@ impl Manager {
             let mut inv = self.inv();
             let (level, members, spares) = Self::check_volume(&inv, decl, restoring)?;
             let jdev = Self::check_journal(&inv, decl, level)?;
+            // A new volume's slots are its members. (A restored one is not
+            // refused here: its journal was taken under older rules, and a
+            // record too large for it gives it up at run time.)
+            if let (Some(j), false) = (&jdev, restoring) {
+                Self::check_journal_room(j.as_ref(), decl.members.len() as u64, decl.chunk_kib)?;
+            }
             self.shared
                 .roles
                 .claim_all(&Self::roles_of(&members, &spares, &jdev), &decl.name)
