@@ -433,7 +433,7 @@ impl Manager {
         Self::check_journal_room(
             jdev.as_ref(),
             snap.members.len() as u64,
-            (snap.chunk_bytes / 1024) as u32,
+            snap.chunk_bytes / 1024,
         )?;
         // The device is the journal's before it is formatted: nothing else
         // can take it meanwhile.
