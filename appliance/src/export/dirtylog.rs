@@ -67,13 +67,11 @@ impl DirtyLog {
         if !meta.file_type().is_file() {
             return Err("the dirty log's descriptor is not a memory file".into());
         }
-        if let Some(page) = super::memory::huge_page(file) {
-            if !offset.is_multiple_of(page) || !size.is_multiple_of(page) {
-                return Err(format!(
-                    "dirty log {offset:#x}+{size:#x} on {page:#x}-byte huge pages is not whole pages"
-                ));
-            }
-        }
+        super::memory::whole_huge_pages(file, offset, size).map_err(|page| {
+            format!(
+                "dirty log {offset:#x}+{size:#x} on {page:#x}-byte huge pages is not whole pages"
+            )
+        })?;
         let len = meta.len();
         if offset + size > len {
             return Err(format!(

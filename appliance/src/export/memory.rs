@@ -109,6 +109,15 @@ pub(super) fn huge_page(file: &File) -> Option<u64> {
     (st.f_type as libc::c_long == HUGETLBFS_MAGIC).then_some((st.f_bsize as u64).max(4096))
 }
 
+/// Whether `len` bytes at `offset` of `file` are whole pages of it, if it
+/// is on hugetlbfs (see [`huge_page`]); the page size when they are not.
+pub(super) fn whole_huge_pages(file: &File, offset: u64, len: u64) -> Result<(), u64> {
+    match huge_page(file) {
+        Some(page) if !offset.is_multiple_of(page) || !len.is_multiple_of(page) => Err(page),
+        _ => Ok(()),
+    }
+}
+
 /// Largest number of regions we accept (offered as max mem slots).
 pub const MAX_REGIONS: usize = 32;
 
@@ -204,14 +213,12 @@ impl GuestMemory {
                 meta.len()
             )));
         }
-        if let Some(page) = huge_page(file) {
-            if !d.size.is_multiple_of(page) || !d.mmap_offset.is_multiple_of(page) {
-                return Err(invalid(format!(
-                    "memory region at {:#x}: {:#x} bytes at offset {:#x} of a file of {page:#x}-byte huge pages: both must be whole pages",
-                    d.gpa, d.size, d.mmap_offset
-                )));
-            }
-        }
+        whole_huge_pages(file, d.mmap_offset, d.size).map_err(|page| {
+            invalid(format!(
+                "memory region at {:#x}: {:#x} bytes at offset {:#x} of a file of {page:#x}-byte huge pages: both must be whole pages",
+                d.gpa, d.size, d.mmap_offset
+            ))
+        })?;
         let len = d.size as usize;
         let offset = libc::off_t::try_from(d.mmap_offset).map_err(|_| {
             invalid(format!(

@@ -106,20 +106,18 @@ impl Windows {
         WinBuf::Heap(b)
     }
 
-    fn class(&mut self, len: usize) -> &mut Class {
-        let shift = len
-            .next_power_of_two()
-            .trailing_zeros()
-            .max(MIN_CLASS_SHIFT);
-        let k = (shift - MIN_CLASS_SHIFT) as usize;
+    /// The buffer size of `len`'s class, and the class.
+    fn class(&mut self, len: usize) -> (usize, &mut Class) {
+        let size = len.next_power_of_two().max(1 << MIN_CLASS_SHIFT);
+        let k = (size.trailing_zeros() - MIN_CLASS_SHIFT) as usize;
         if self.classes.len() <= k {
             self.classes.resize_with(k + 1, Class::default);
         }
-        &mut self.classes[k]
+        (size, &mut self.classes[k])
     }
 
     fn take_dma(&mut self, len: usize) -> Option<DmaBuf> {
-        let class = self.class(len);
+        let (size, class) = self.class(len);
         if let Some(b) = class.free.pop() {
             return Some(b);
         }
@@ -129,7 +127,6 @@ impl Windows {
         // Pools grow with demand, each twice the last, from 16 windows up
         // to 2 MiB: a volume used lightly, or a channel made for a single
         // request, does not map 2 MiB for it.
-        let size = len.next_power_of_two().max(1 << MIN_CLASS_SHIFT);
         let left = CLASS_BYTES.saturating_sub(class.bytes);
         let bytes = (size * 16)
             .saturating_mul(1 << class.pools.len().min(16))
@@ -160,7 +157,7 @@ impl Windows {
     /// large or enough are kept.
     pub(crate) fn give(&mut self, b: WinBuf) {
         match b {
-            WinBuf::Dma(b, _) => self.class(b.len()).free.push(b),
+            WinBuf::Dma(b, _) => self.class(b.len()).1.free.push(b),
             WinBuf::Heap(v) => {
                 if v.capacity() > 0 && v.capacity() <= HEAP_KEPT_MAX && self.heap.len() < HEAP_KEPT
                 {

@@ -64,18 +64,16 @@ impl DmaPool {
             .checked_mul(buf_size)
             .ok_or_else(|| BdevError::InvalidArgument("DMA pool size overflows".into()))?;
         let huge_len = want.div_ceil(HUGEPAGE) * HUGEPAGE;
-        let huge = if hugepages {
+        let huge = hugepages.then(|| {
             memmap2::MmapOptions::new()
                 .len(huge_len)
                 .huge(Some(21))
                 .populate()
                 .map_anon()
-        } else {
-            Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-        };
+        });
         let (mut map, hugepages) = match huge {
-            Ok(m) => (m, true),
-            Err(_) if !hugepages => {
+            Some(Ok(m)) => (m, true),
+            None => {
                 let mut m = memmap2::MmapOptions::new()
                     .len(want)
                     .map_anon()
@@ -92,8 +90,8 @@ impl DmaPool {
                 }
                 (m, false)
             }
-            Err(e) => {
-                // Said once: RAID5 channels make small pools as they go.
+            Some(Err(e)) => {
+                // Said once, however many pools are made.
                 static SAID: AtomicBool = AtomicBool::new(false);
                 if !SAID.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
