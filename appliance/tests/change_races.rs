@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use appliance::raid::assembly::{self, VolumeSpec};
 use appliance::raid::journal::{Journal, JournalMode};
-use appliance::raid::members::{FailureSink, MemberState};
+use appliance::raid::members::{Event, FailureSink, MemberState, Run};
 use appliance::raid::monitor::{Monitor, OpError};
 use appliance::raid::superblock::{Level, Superblock};
 use appliance::volume::{Volume, VolumeError};
@@ -673,5 +673,113 @@ fn a_bitmap_waits_for_a_member_failure_to_be_recorded() {
     let _ = stuck.join().unwrap();
     eventually("m0 is failed", || rig.states()[0] == MemberState::Failed);
     rig.monitor.set_bitmap(Some(1 << 20)).unwrap();
+    rig.stop();
+}
+
+/// The rebuild in progress of `rig`'s volume, as the run its events name.
+fn rebuild_run(rig: &Rig) -> Run {
+    let device = rig.monitor.device();
+    let (_, cursor) = device
+        .member_set()
+        .rebuilding
+        .as_ref()
+        .expect("a rebuild runs");
+    Run::of(cursor)
+}
+
+/// A rebuild's end named only its slot. Queued while an operator failed
+/// the device being rebuilt and took it back (md's re-add), it met a new
+/// rebuild of the same slot onto the same device; only the check that the
+/// cursor had reached the end kept it from marking that one in sync (and
+/// it was logged as a failed change). The end names its run now, and a
+/// late one is recognised and ignored.
+#[test]
+fn a_late_rebuild_end_never_marks_a_newer_rebuild_in_sync() {
+    let rig = Rig::new(Level::Raid1, 2, 1, false);
+    rig.write(0, 512, 0x5a).unwrap();
+    // The first rebuild (of slot 1 onto s0), held at its first write.
+    rig.faults[2]
+        .control()
+        .hold(Some(IoOp::Write), DATA, u64::MAX, 1);
+    rig.monitor.fail_member("m1").unwrap();
+    assert!(rig.faults[2].control().wait_held(1, LONG));
+    let first = rebuild_run(&rig);
+    rig.faults[2].control().release();
+    eventually("s0 in sync", || {
+        rig.monitor.snapshot().settled() && rig.states()[1] == MemberState::InSync
+    });
+    // s0 fails and comes back as a spare: a second rebuild onto the same
+    // device, held at its first write.
+    rig.monitor.fail_member("s0").unwrap();
+    rig.faults[2]
+        .control()
+        .hold(Some(IoOp::Write), DATA, u64::MAX, 1);
+    rig.monitor.add_spare(rig.faults[2].clone()).unwrap();
+    assert!(rig.faults[2].control().wait_held(1, LONG));
+    assert!(rebuild_run(&rig) != first, "a new run");
+    // The first rebuild's end arrives late.
+    rig.monitor
+        .device()
+        .member_set()
+        .failures
+        .event(Event::Rebuilt(1, first));
+    eventually("the event was taken", || rig.monitor.idle());
+    assert_eq!(rig.states()[1], MemberState::Rebuilding);
+    rig.faults[2].control().release();
+    eventually("s0 in sync again", || {
+        rig.monitor.snapshot().settled() && rig.states()[1] == MemberState::InSync
+    });
+    // Each mirror alone holds the data.
+    rig.faults[0].control().pull();
+    assert_eq!(rig.read(0, 512), vec![0x5a; 512 * BS]);
+    rig.stop();
+}
+
+/// From review: a replacement's abort named nothing. A second report of
+/// one abort (a guest write and the copy both fail on the new device)
+/// queued behind an operator's next replacement of the same slot ended
+/// that one. The abort names its run now; a late one is ignored.
+#[test]
+fn a_late_replacement_abort_leaves_a_newer_replacement_alone() {
+    let rig = Rig::new(Level::Raid1, 2, 0, false);
+    rig.write(0, 512, 0x6b).unwrap();
+    let x = Arc::new(FaultDevice::new(ram("x")));
+    let y = Arc::new(FaultDevice::new(ram("y")));
+    // The first replacement (m1 by x) fails at its first copy write.
+    x.control().fail_writes(DATA, u64::MAX);
+    let p = rig.monitor.replace_member("m1", x.clone()).unwrap();
+    eventually("the first replacement is given up", || {
+        p.is_finished() && rig.monitor.snapshot().settled()
+    });
+    let first = p.cursor.clone();
+    assert!(rig.monitor.snapshot().replacing.is_none());
+    // The second (m1 by y), held at its first copy write.
+    y.control().hold(Some(IoOp::Write), DATA, u64::MAX, 1);
+    let q = rig.monitor.replace_member("m1", y.clone()).unwrap();
+    assert!(y.control().wait_held(1, LONG));
+    // The first one's abort, reported again.
+    rig.monitor
+        .device()
+        .member_set()
+        .failures
+        .event(Event::RebuildAborted(2, Run::of(&first), "late".into()));
+    eventually("the event was taken", || rig.monitor.idle());
+    assert!(rig.monitor.snapshot().replacing.is_some(), "still running");
+    y.control().release();
+    eventually("the copy finished", || q.is_finished());
+    eventually("y took the slot", || {
+        let s = rig.monitor.snapshot();
+        s.settled() && s.replacing.is_none()
+    });
+    assert_eq!(q.error(), None);
+    let names: Vec<String> = rig
+        .monitor
+        .member_devices()
+        .iter()
+        .map(|d| d.info().name.clone())
+        .collect();
+    assert_eq!(names, vec!["m0".to_string(), "y".into()]);
+    rig.faults[0].control().pull();
+    assert_eq!(rig.read(0, 512), vec![0x6b; 512 * BS]);
     rig.stop();
 }

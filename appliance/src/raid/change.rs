@@ -12,7 +12,7 @@ use bdev::BlockDevice;
 use super::bitmap::Bitmap;
 use super::journal::{Journal, JournalMode};
 use super::level::RaidDevice;
-use super::members::{device_id, MemberState, MissingDevice, WriteBehind};
+use super::members::{device_id, MemberState, MissingDevice, Run, WriteBehind};
 use super::monitor::{MonitorState, OpError};
 use super::superblock::{Level, Superblock};
 use super::worker::Job;
@@ -34,17 +34,18 @@ pub enum Change {
     },
     /// Put the first spare into the first failed slot and rebuild it.
     UseSpare,
-    /// The rebuild of `slot` finished.
-    Rebuilt(usize),
-    /// The rebuild of `slot` cannot go on (its sources are gone).
-    RebuildFailed(usize, String),
+    /// The rebuild `Run` of `slot` finished.
+    Rebuilt(usize, Run),
+    /// The rebuild `Run` of `slot` cannot go on (its sources are gone).
+    RebuildFailed(usize, Run, String),
     /// Start copying the in-sync member on the device named here to `dev`
     /// (md's --replace).
     ReplaceStart(String, Arc<dyn BlockDevice>),
-    /// The replacement's copy finished: the new device takes the slot.
-    ReplaceDone,
-    /// The replacement's copy stopped: the slot keeps its device.
-    ReplaceAborted(String),
+    /// The replacement `Run`'s copy finished: the new device takes the
+    /// slot.
+    ReplaceDone(Run),
+    /// The replacement `Run`'s copy stopped: the slot keeps its device.
+    ReplaceAborted(Run, String),
     /// Add a hot spare (or take a failed member back as one).
     AddSpare(Arc<dyn BlockDevice>),
     /// Remove an unused spare.
@@ -112,11 +113,11 @@ impl std::fmt::Debug for Change {
         match self {
             Change::Fail { slot, .. } => write!(f, "fail slot {slot}"),
             Change::UseSpare => write!(f, "use a spare"),
-            Change::Rebuilt(s) => write!(f, "slot {s} rebuilt"),
-            Change::RebuildFailed(s, why) => write!(f, "rebuild of slot {s} failed: {why}"),
+            Change::Rebuilt(s, _) => write!(f, "slot {s} rebuilt"),
+            Change::RebuildFailed(s, _, why) => write!(f, "rebuild of slot {s} failed: {why}"),
             Change::ReplaceStart(s, d) => write!(f, "replace {s} by {}", d.info().name),
-            Change::ReplaceDone => write!(f, "replacement done"),
-            Change::ReplaceAborted(why) => write!(f, "replacement given up: {why}"),
+            Change::ReplaceDone(_) => write!(f, "replacement done"),
+            Change::ReplaceAborted(_, why) => write!(f, "replacement given up: {why}"),
             Change::AddSpare(d) => write!(f, "add spare {}", d.info().name),
             Change::RemoveSpare(n) => write!(f, "remove spare {n}"),
             Change::RemoveFailed(n) => write!(f, "remove failed member {n}"),
@@ -421,9 +422,13 @@ pub(crate) fn plan(
             p.record = true;
             p.template = Some(Box::new(|t| t.rebuild_checkpoint = 0));
         }
-        Change::Rebuilt(slot) => {
-            if set.members.get(slot).map(|m| m.state) != Some(MemberState::Rebuilding) {
-                return Ok(Plan::default()); // the slot failed meanwhile
+        Change::Rebuilt(slot, run) => {
+            // The slot failed meanwhile, or (a late event) a newer run
+            // rebuilds it now.
+            if set.members.get(slot).map(|m| m.state) != Some(MemberState::Rebuilding)
+                || !run.rebuilds(set, slot)
+            {
+                return Ok(Plan::default());
             }
             // What the rebuild wrote must be durable before the superblocks
             // say the member is in sync.
@@ -440,12 +445,13 @@ pub(crate) fn plan(
                 p.follow.push(Change::UseSpare);
             }
         }
-        Change::RebuildFailed(slot, _) => {
+        Change::RebuildFailed(slot, run, _) => {
             let Some(m) = set.members.get(slot) else {
                 return Ok(Plan::default());
             };
-            // (The worker that says so has stopped, or is stopping.)
-            if m.state != MemberState::Rebuilding {
+            // (The worker that says so has stopped, or is stopping.) Not
+            // a newer run's slot.
+            if m.state != MemberState::Rebuilding || !run.rebuilds(set, slot) {
                 return Ok(Plan::default());
             }
             // Nothing can rebuild it: the slot is failed again, and its
@@ -489,9 +495,10 @@ pub(crate) fn plan(
             ));
             p.next = Some(cur.with_member_set(next_set));
         }
-        Change::ReplaceDone => {
-            let Some(r) = set.replacing.clone() else {
-                return Ok(Plan::default()); // given up meanwhile
+        Change::ReplaceDone(run) => {
+            // Given up meanwhile, or a newer replacement runs.
+            let Some(r) = set.replacing.clone().filter(|r| run.is(&r.cursor)) else {
+                return Ok(Plan::default());
             };
             // Only a copy that reached the end, of a device that missed no
             // write (a late event may be about an earlier replacement, or a
@@ -512,8 +519,10 @@ pub(crate) fn plan(
             p.roles_after
                 .push((r.dev.info().name.clone(), Some(Role::Member)));
         }
-        Change::ReplaceAborted(_) => {
-            let Some(r) = set.replacing.clone() else {
+        Change::ReplaceAborted(run, _) => {
+            // A second report of the same abort may find a newer
+            // replacement, which it must leave alone.
+            let Some(r) = set.replacing.clone().filter(|r| run.is(&r.cursor)) else {
                 return Ok(Plan::default());
             };
             p.next = Some(cur.with_member_set(set.replacement_over(false)));

@@ -196,10 +196,57 @@ pub struct MemberFailure {
 pub enum Event {
     /// A member failed an IO.
     Failed(MemberFailure),
-    /// The rebuild of a slot finished.
-    Rebuilt(usize),
-    /// The rebuild of a slot stopped with an error.
-    RebuildAborted(usize, String),
+    /// The rebuild of a slot (the slot after the last member's: the
+    /// replacement's copy) finished.
+    Rebuilt(usize, Run),
+    /// The rebuild of a slot (or the replacement) stopped with an error.
+    RebuildAborted(usize, Run, String),
+}
+
+/// Which run of a rebuild or replacement an event is about: its cursor,
+/// which every run gets anew (a run interrupted by a new generation and
+/// going on keeps it). An event that arrives after its run ended (a
+/// duplicate, or one queued while an operator started another run of the
+/// same slot, even onto the same device) names a cursor the volume no
+/// longer has, and is ignored. The event holds the cursor, so no later
+/// run can be given its address.
+#[derive(Clone)]
+pub struct Run(Arc<AtomicU64>);
+
+impl Run {
+    /// The run whose cursor is `cursor`.
+    pub fn of(cursor: &Arc<AtomicU64>) -> Run {
+        Run(cursor.clone())
+    }
+
+    /// Whether `cursor` is this run's.
+    pub fn is(&self, cursor: &Arc<AtomicU64>) -> bool {
+        Arc::ptr_eq(&self.0, cursor)
+    }
+
+    /// Whether this run is the rebuild of `slot` in `set`.
+    pub fn rebuilds(&self, set: &MemberSet, slot: usize) -> bool {
+        matches!(&set.rebuilding, Some((s, c)) if *s == slot && self.is(c))
+    }
+
+    /// Whether this run is `set`'s replacement.
+    pub fn replaces(&self, set: &MemberSet) -> bool {
+        set.replacing.as_ref().is_some_and(|r| self.is(&r.cursor))
+    }
+}
+
+impl PartialEq for Run {
+    fn eq(&self, other: &Run) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Run {}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "run@{:p}", Arc::as_ptr(&self.0))
+    }
 }
 
 /// Member failures reported and recorded on disk, counted. A write that
@@ -287,6 +334,9 @@ impl FailureLedger {
 pub struct FailureSink {
     tx: Arc<Mutex<Option<Sender<Event>>>>,
     ledger: Arc<FailureLedger>,
+    /// Events sent so far: the monitor is idle only once it has taken
+    /// as many.
+    sent: Arc<AtomicU64>,
 }
 
 impl FailureSink {
@@ -295,6 +345,7 @@ impl FailureSink {
         FailureSink {
             tx: Arc::new(Mutex::new(Some(tx))),
             ledger: Arc::default(),
+            sent: Arc::default(),
         }
     }
 
@@ -303,12 +354,18 @@ impl FailureSink {
         FailureSink {
             tx: Arc::new(Mutex::new(None)),
             ledger: Arc::default(),
+            sent: Arc::default(),
         }
     }
 
     /// The count of failures reported and recorded.
     pub fn ledger(&self) -> &Arc<FailureLedger> {
         &self.ledger
+    }
+
+    /// Events sent to the monitor so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     /// Whether a monitor receives the reports.
@@ -335,12 +392,17 @@ impl FailureSink {
         let sent = {
             let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
             g.as_ref().is_some_and(|tx| {
-                tx.send(Event::Failed(MemberFailure {
-                    member: slot,
-                    device: device_id(&member.dev),
-                    error,
-                }))
-                .is_ok()
+                let ok = tx
+                    .send(Event::Failed(MemberFailure {
+                        member: slot,
+                        device: device_id(&member.dev),
+                        error,
+                    }))
+                    .is_ok();
+                if ok {
+                    self.sent.fetch_add(1, Ordering::SeqCst);
+                }
+                ok
             })
         };
         if !sent {
@@ -353,7 +415,9 @@ impl FailureSink {
     pub fn event(&self, e: Event) {
         let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = g.as_ref() {
-            let _ = tx.send(e);
+            if tx.send(e).is_ok() {
+                self.sent.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -421,6 +485,8 @@ pub struct ReplaceChannel {
     /// The replacement's flag, shared by every core (see
     /// [`Replacement::failed`]).
     failed: Arc<AtomicBool>,
+    /// The replacement's run, named in its abort.
+    run: Run,
 }
 
 impl ReplaceChannel {
@@ -437,6 +503,7 @@ impl ReplaceChannel {
                 if !r.failed.swap(true, Ordering::SeqCst) {
                     set.failures.event(Event::RebuildAborted(
                         set.members.len(),
+                        Run::of(&r.cursor),
                         format!("the replacement device cannot be opened: {e}"),
                     ));
                 }
@@ -448,6 +515,7 @@ impl ReplaceChannel {
             ch,
             deferred: Default::default(),
             failed: r.failed.clone(),
+            run: Run::of(&r.cursor),
         }))
     }
 
@@ -501,6 +569,7 @@ impl ReplaceChannel {
         if !self.failed.swap(true, Ordering::SeqCst) {
             sink.event(Event::RebuildAborted(
                 members,
+                self.run.clone(),
                 format!("the replacement device failed a write: {e}"),
             ));
         }

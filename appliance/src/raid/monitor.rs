@@ -116,6 +116,8 @@ pub(crate) struct Inner {
     sink: FailureSink,
     /// Changes put off by a deadline so far.
     deferred: std::sync::atomic::AtomicU64,
+    /// Events taken from the channel into `pending` so far.
+    received: std::sync::atomic::AtomicU64,
 }
 
 /// The default wait for a volume's IO to drain.
@@ -215,10 +217,12 @@ impl Inner {
                 device: f.device,
                 by_operator: false,
             },
-            Event::Rebuilt(slot) if slot == members => Change::ReplaceDone,
-            Event::Rebuilt(slot) => Change::Rebuilt(slot),
-            Event::RebuildAborted(slot, why) if slot == members => Change::ReplaceAborted(why),
-            Event::RebuildAborted(slot, why) => Change::RebuildFailed(slot, why),
+            Event::Rebuilt(slot, run) if slot == members => Change::ReplaceDone(run),
+            Event::Rebuilt(slot, run) => Change::Rebuilt(slot, run),
+            Event::RebuildAborted(slot, run, why) if slot == members => {
+                Change::ReplaceAborted(run, why)
+            }
+            Event::RebuildAborted(slot, run, why) => Change::RebuildFailed(slot, run, why),
         }
     }
 
@@ -261,11 +265,12 @@ fn watch(rx: Receiver<Event>, inner: &Inner) {
         let wait = retry_at.map_or(QUIT_POLL, |t| t.saturating_duration_since(Instant::now()));
         match rx.recv_timeout(wait.min(QUIT_POLL)) {
             Ok(ev) => {
-                let c = inner.change_of(ev);
-                lock(&inner.pending).push_back(c);
-                while let Ok(ev) = rx.try_recv() {
-                    let c = inner.change_of(ev);
+                let mut ev = Some(ev);
+                while let Some(e) = ev.take().or_else(|| rx.try_recv().ok()) {
+                    let c = inner.change_of(e);
                     lock(&inner.pending).push_back(c);
+                    // (After the push: `idle` reads this first.)
+                    inner.received.fetch_add(1, Ordering::SeqCst);
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -437,6 +442,7 @@ impl Monitor {
             pending: Mutex::new(VecDeque::new()),
             quit: AtomicBool::new(false),
             deferred: Default::default(),
+            received: Default::default(),
         });
         let name = inner.volume.name().to_string();
         let mut threads = Vec::new();
@@ -894,9 +900,13 @@ impl Monitor {
         lock(&self.inner.published).spares.len()
     }
 
-    /// Events applied or waiting: true once no change is pending.
+    /// True once every event sent so far was taken and no change is
+    /// pending (each was applied, found stale, or failed).
     pub fn idle(&self) -> bool {
-        self.inner.pending_count() == 0
+        let sent = self.inner.sink.sent();
+        // Received before pending: an event counted as received is in
+        // `pending` already, or done.
+        self.inner.received.load(Ordering::SeqCst) >= sent && self.inner.pending_count() == 0
     }
 }
 

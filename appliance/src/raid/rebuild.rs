@@ -22,7 +22,7 @@ use poller::PollState;
 
 use super::geometry::Raid5Geometry;
 use super::locks::StripeLocks;
-use super::members::{Event, FailureSink, Member};
+use super::members::{Event, FailureSink, Member, Run};
 use super::parity::xor_gen;
 use super::sg;
 use super::window::{WinBuf, Windows};
@@ -560,12 +560,17 @@ impl Rebuilder {
         Ok(())
     }
 
+    /// Which run this is (see [`Run`]).
+    pub fn run(&self) -> Run {
+        Run::of(&self.walk.progress.cursor)
+    }
+
     fn abort(&mut self, why: String) -> PollState {
         tracing::error!(slot = self.slot, error = %why, "rebuild stopped");
         self.walk.stop(Some(why.clone()));
         self.walk
             .events
-            .event(Event::RebuildAborted(self.slot, why));
+            .event(Event::RebuildAborted(self.slot, self.run(), why));
         self.poll()
     }
 
@@ -590,7 +595,8 @@ impl Rebuilder {
                     }
                     if w.done() {
                         w.progress.finished.store(true, Ordering::SeqCst);
-                        w.events.event(Event::Rebuilt(self.slot));
+                        let run = Run::of(&w.progress.cursor);
+                        w.events.event(Event::Rebuilt(self.slot, run));
                         return PollState::Done;
                     }
                     if w.blocked {

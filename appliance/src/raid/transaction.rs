@@ -291,6 +291,7 @@ fn flush_failed(
         if !r.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
             set.failures.event(super::members::Event::RebuildAborted(
                 set.members.len(),
+                super::members::Run::of(&r.cursor),
                 format!("the replacement device failed a flush: {e}"),
             ));
         }
@@ -348,12 +349,10 @@ fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
         }
         // A write may have failed on the new device while the volume
         // drained (and its abort is on the way).
-        Change::ReplaceDone
-            if s.current
-                .member_set()
-                .replacing
-                .as_ref()
-                .is_none_or(|r| r.failed.load(std::sync::atomic::Ordering::SeqCst)) =>
+        Change::ReplaceDone(run)
+            if s.current.member_set().replacing.as_ref().is_none_or(|r| {
+                !run.is(&r.cursor) || r.failed.load(std::sync::atomic::Ordering::SeqCst)
+            }) =>
         {
             return Ok(false);
         }

@@ -183,7 +183,10 @@ impl Worker {
         let events = set.failures.clone();
         match (self.job, &mut self.walker) {
             (Job::Rebuild { slot, dev }, Walker::Rebuild(r)) => {
-                let same = matches!(&set.rebuilding, Some((s, _)) if *s == slot)
+                // The same run: a new one of the slot (even onto the same
+                // device, re-added) has a worker of its own.
+                let run = r.run();
+                let same = run.rebuilds(set, slot)
                     && members.get(slot).is_some_and(|m| device_id(&m.dev) == dev);
                 if !same {
                     return Err(format!(
@@ -200,12 +203,17 @@ impl Worker {
                 // nothing rebuilds it (it is failed again), rather than
                 // leave it "rebuilding" with nothing running.
                 if let Err(why) = &r {
-                    events.event(Event::RebuildAborted(slot, why.clone()));
+                    events.event(Event::RebuildAborted(slot, run, why.clone()));
                 }
                 r
             }
             (Job::Replace { dev }, Walker::Rebuild(r)) => {
-                let Some(rep) = set.replacing.as_ref().filter(|r| device_id(&r.dev) == dev) else {
+                let run = r.run();
+                let Some(rep) = set
+                    .replacing
+                    .as_ref()
+                    .filter(|rep| device_id(&rep.dev) == dev && run.is(&rep.cursor))
+                else {
                     return Err("interrupted: the replacement was given up".into());
                 };
                 if members.get(rep.slot).map(|m| m.recorded_state()) != Some(MemberState::InSync) {
@@ -215,7 +223,7 @@ impl Worker {
                 let n = members.len();
                 let r = r.retarget(members, vec![rep.slot], Some(&target), events.clone());
                 if let Err(why) = &r {
-                    events.event(Event::RebuildAborted(n, why.clone()));
+                    events.event(Event::RebuildAborted(n, run, why.clone()));
                 }
                 r
             }
