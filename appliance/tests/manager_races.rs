@@ -533,3 +533,85 @@ fn a_reload_applies_the_difference_to_the_file() {
     drop(disk);
     rig.stop();
 }
+
+/// Copy the files of `dir` named in `names` and its state file to `to`,
+/// as a crash of the daemon leaves them now, with the state's paths moved.
+fn crash_copy(dir: &Path, names: &[&str], to: &Path) -> Config {
+    for n in names {
+        std::fs::copy(dir.join(n), to.join(n)).unwrap();
+    }
+    let state = std::fs::read_to_string(dir.join("state.toml")).unwrap();
+    let moved = state.replace(dir.to_str().unwrap(), to.to_str().unwrap());
+    std::fs::write(to.join("state.toml"), moved).unwrap();
+    Config::load(&to.join("state.toml")).unwrap()
+}
+
+/// From the journal-failure window: a journal that failed stayed named in
+/// the state until the monitor detached it (up to a second later), and
+/// writes made without it meanwhile were acknowledged at once; a crash in
+/// that window replayed the journal's older records over them at the
+/// restart. A write made without the journal is acknowledged only once
+/// the state names the journal no more.
+#[test]
+fn a_write_made_after_the_journal_failed_survives_a_crash_right_after_it() {
+    for mode in ["write-through", "write-back"] {
+        crash_after_the_journal_failed(mode);
+    }
+}
+
+fn crash_after_the_journal_failed(mode: &str) {
+    let mut rig = Rig::new(true);
+    let dir = rig.dir.path().to_path_buf();
+    let names = ["d0", "d1", "d2", "j"];
+    for n in names {
+        rig.attach(n, &format!("file:{}:16M", dir.join(n).display()));
+    }
+    let mut decl = VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]);
+    decl.journal = Some("j".into());
+    decl.journal_mode = mode.into();
+    rig.mgr.create_volume(decl, false).unwrap();
+    let sock = rig.export("v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    // The first writes are in the journal's log (write-back: perhaps in
+    // its cache only).
+    for at in [0, 1 << 20] {
+        disk.buf()[..8192].copy_from_slice(&common::pattern(1, at, 8192));
+        assert_eq!(disk.write(at, 8192), 0, "{mode}");
+    }
+    if mode == "write-back" {
+        let v = rig.mgr.get_volume("v").unwrap();
+        let cached = v.journal_state.map_or(0, |j| j.cached_blocks);
+        assert!(cached > 0, "nothing to drain: {v:?}");
+    }
+    // The journal's device goes; the next write is made without it.
+    rig.fault("j").pull();
+    disk.buf()[..8192].copy_from_slice(&common::pattern(2, 0, 8192));
+    assert_eq!(disk.write(0, 8192), 0, "{mode}");
+    // The daemon crashes right after the acknowledgement.
+    let cut = tempfile::tempdir().unwrap();
+    let config = crash_copy(&dir, &names, cut.path());
+    drop(disk);
+    rig.stop();
+    let saved = &config.volumes[0];
+    assert_eq!(saved.journal, None, "{mode}: {saved:?}");
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(cut.path().join("state.toml")));
+    mgr.restore(&config, false).unwrap();
+    // (The export comes back too, on the moved socket.)
+    let mut disk = Disk::connect(&cut.path().join("v.sock")).unwrap();
+    for (at, seed) in [(0, 2), (1 << 20, 1)] {
+        assert_eq!(disk.read(at, 8192), 0);
+        assert!(
+            disk.buf()[..8192] == common::pattern(seed, at, 8192)[..],
+            "{mode}: the acknowledged write at {at} was lost or rolled back"
+        );
+    }
+    drop(disk);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

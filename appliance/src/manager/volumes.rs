@@ -93,13 +93,17 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
         },
         min_rebuild_bytes_per_sec: view.rates.0,
         max_rebuild_bytes_per_sec: view.rates.1,
+        // A failed journal given up is not named: its log must never be
+        // replayed over what the volume wrote without it.
         journal: view
             .journal
             .as_ref()
+            .filter(|j| !j.given_up())
             .map(|j| j.device().info().name.clone()),
         journal_mode: view
             .journal
             .as_ref()
+            .filter(|j| !j.given_up())
             .map_or(String::new(), |j| j.mode().name().to_string()),
         bitmap: view.bitmap.is_some(),
         bitmap_chunk_kib: if view.bitmap.is_some() {

@@ -254,6 +254,8 @@ impl std::fmt::Debug for Run {
 /// may have skipped the failed member: it is acknowledged only once the
 /// failure is recorded, or a restart could read the member's stale data
 /// as current (md holds such writes until its superblock update, too).
+/// A journal's failure counts too: writes made without it are acknowledged
+/// only once the volume's state no longer names it.
 #[derive(Default)]
 pub struct FailureLedger {
     reported: AtomicU64,
@@ -296,6 +298,15 @@ impl FailureLedger {
         drop(g);
         self.cv.notify_all();
         Some(seq)
+    }
+
+    /// Count a failure that is not a member's (the journal's).
+    fn report_other(&self) -> u64 {
+        let g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = self.reported.fetch_add(1, Ordering::SeqCst) + 1;
+        drop(g);
+        self.cv.notify_all();
+        seq
     }
 
     /// Run `f` (which reads gone flags) with no report in between, and
@@ -407,6 +418,16 @@ impl FailureSink {
         };
         if !sent {
             // No monitor records it: nothing to wait for.
+            self.ledger.mark_persisted(seq);
+        }
+    }
+
+    /// The volume's journal failed: count it in the ledger, so writes
+    /// from now on wait until the monitor has recorded that the journal
+    /// is given up (without a monitor nothing would: no wait).
+    pub fn report_journal(&self) {
+        let seq = self.ledger.report_other();
+        if !self.is_watched() {
             self.ledger.mark_persisted(seq);
         }
     }

@@ -305,15 +305,12 @@ fn watch(rx: Receiver<Event>, inner: &Inner) {
 }
 
 impl Inner {
-    /// A journal that failed is detached once its cache has drained: the
-    /// volume writes without records since, so its log holds records
-    /// older than what the members have, which a restart would replay
-    /// over newer data. Detached, the state says so and nothing replays
-    /// them. (Writes between the failure and this change are not covered:
-    /// a crash in that window still finds the journal named.)
+    /// A journal that failed is detached once it is given up (see
+    /// [`give_up_failed_journal`]): the state file stops naming it then,
+    /// and this takes it out of the volume for good.
     fn detach_failed_journal(&self) {
         let j = lock(&self.published).device.journal();
-        let Some(j) = j.filter(|j| j.has_failed() && j.cache().is_empty()) else {
+        let Some(j) = j.filter(|j| j.has_failed() && j.given_up_recorded()) else {
             return;
         };
         let mut pending = lock(&self.pending);
@@ -332,6 +329,52 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Give up the volume's failed journal once its cache has drained:
+    /// the members are flushed (what the drain wrote is durable) and the
+    /// state is saved without the journal. Its log holds records older
+    /// than what the volume writes without it, which a restart would
+    /// replay over newer data; the writes made since the failure wait
+    /// (`FailureLedger`) until this is on disk. `Ok(false)` while the
+    /// cache still drains. On the recorder thread: no state lock, no
+    /// suspend (the writes it holds back would block one).
+    fn give_up_failed_journal(&self) -> Result<bool, String> {
+        let device = lock(&self.published).device.clone();
+        let Some(j) = device
+            .journal()
+            .filter(|j| j.has_failed() && !j.given_up_recorded())
+        else {
+            return Ok(true);
+        };
+        if !j.cache().is_empty() {
+            return Ok(false);
+        }
+        for (slot, m) in device.member_set().members.iter().enumerate() {
+            if m.recorded_state() != MemberState::InSync || m.is_gone() {
+                continue;
+            }
+            if let Err(e) = super::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
+                // Its part of the drain may not be durable: it is failed
+                // (and that is recorded before any held write goes).
+                tracing::error!(volume = self.volume.name(), member = %m.dev.info().name, error = %e, "member flush before giving up the journal");
+                self.sink.report(slot, m, bdev::IoError::DeviceFailed);
+            }
+        }
+        j.give_up(false);
+        let view = lock(&self.published).clone();
+        self.hooks()
+            .persist(&view.snapshot(self.pending_count(), self.deferred()))
+            .map_err(|e| format!("saving the state without the failed journal: {e}"))?;
+        j.give_up(true);
+        tracing::warn!(
+            volume = self.volume.name(),
+            journal = %j.device().info().name,
+            "the failed journal is given up: the state names it no more"
+        );
+        Ok(true)
+    }
+}
+
 /// The recorder thread: writes a reported member failure to the
 /// superblocks of the others, then lets the writes that waited for it go
 /// (see `members::FailureLedger`). It does not wait for the state lock,
@@ -342,10 +385,25 @@ fn record_failures(inner: &Inner) {
         if ledger.wait_unpersisted(QUIT_POLL).is_none() {
             continue;
         }
+        // Read before the journal: a journal failure counted up to here
+        // has its flag set already (`journal_failed` sets it first).
+        let upto = ledger.reported();
+        match inner.give_up_failed_journal() {
+            Ok(true) => {}
+            Ok(false) => {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(volume = inner.volume.name(), error = %e, "giving up a failed journal; writes wait, and it is tried again each second");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        }
         let mut rec = lock(&inner.meta);
         let Some(r) = rec.as_mut() else {
             // No superblocks: nothing to record, nothing to wait for.
-            ledger.mark_persisted(ledger.reported());
+            ledger.mark_persisted(upto);
             continue;
         };
         let device = r.device.clone();
@@ -363,8 +421,9 @@ fn record_failures(inner: &Inner) {
                 r.meta = meta;
                 r.clean = false;
                 // Members whose superblock failed were reported gone just
-                // now: the next round records them.
-                ledger.mark_persisted(seq);
+                // now: the next round records them (and a journal that
+                // failed after `upto`).
+                ledger.mark_persisted(seq.min(upto));
             }
             Err(e) => {
                 tracing::error!(volume = inner.volume.name(), error = %e, "recording a member failure");
@@ -375,7 +434,7 @@ fn record_failures(inner: &Inner) {
                     .any(|m| m.recorded_state() != MemberState::Failed);
                 if !live {
                     // Nowhere left to record it: writes fail anyway.
-                    ledger.mark_persisted(seq);
+                    ledger.mark_persisted(seq.min(upto));
                 }
                 drop(rec);
                 std::thread::sleep(QUIT_POLL);

@@ -111,6 +111,10 @@ impl JournalMode {
     }
 }
 
+/// `Journal::given_up` stages.
+const GIVEN_UP: u8 = 1;
+const RECORDED: u8 = 2;
+
 /// A journal in service.
 pub struct Journal {
     dev: Arc<dyn BlockDevice>,
@@ -124,8 +128,12 @@ pub struct Journal {
     /// Serializes reservations (a short critical section on the control of
     /// head and seq together; taken once per journalled write).
     reserve_lock: Mutex<()>,
-    /// Journal IO failed: the volume refuses writes rather than skip it.
+    /// Journal IO failed: writes go on without it.
     failed: AtomicBool,
+    /// Failed, drained and left behind: the volume's recorded state names
+    /// it no more (`GIVEN_UP`), and once that is on disk (`RECORDED`)
+    /// writes made without it may be acknowledged.
+    given_up: std::sync::atomic::AtomicU8,
     /// Checkpoint epoch, and records of the current and the previous epoch
     /// not yet on the members.
     epoch: AtomicU64,
@@ -262,6 +270,7 @@ impl Journal {
             seq: AtomicU64::new(s.checkpoint_seq),
             reserve_lock: Mutex::new(()),
             failed: AtomicBool::new(false),
+            given_up: Default::default(),
             epoch: AtomicU64::new(0),
             outstanding: Default::default(),
             write_back: AtomicBool::new(s.mode == JournalMode::WriteBack),
@@ -469,11 +478,30 @@ impl Journal {
 
     /// Journal IO failed: writes go on without it, and what the cache
     /// holds drains to the members (reclaim, journal-less now, rides on
-    /// writes and on the checkpointer's flushes).
-    pub(crate) fn set_failed(&self) {
-        self.failed.store(true, Ordering::SeqCst);
+    /// writes and on the checkpointer's flushes). True the first time.
+    pub(crate) fn set_failed(&self) -> bool {
         self.write_back.store(false, Ordering::SeqCst);
         self.draining.store(true, Ordering::SeqCst);
+        !self.failed.swap(true, Ordering::SeqCst)
+    }
+
+    /// Whether the journal failed and was given up: what the volume
+    /// records of itself (its state file) no longer names it, so no
+    /// restart replays its records over writes made without it.
+    pub fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::SeqCst) >= GIVEN_UP
+    }
+
+    /// Whether [`given_up`](Self::given_up) is on disk.
+    pub fn given_up_recorded(&self) -> bool {
+        self.given_up.load(Ordering::SeqCst) >= RECORDED
+    }
+
+    /// Mark a failed, drained journal given up (`recorded`: and that is
+    /// on disk now).
+    pub(crate) fn give_up(&self, recorded: bool) {
+        let to = if recorded { RECORDED } else { GIVEN_UP };
+        self.given_up.fetch_max(to, Ordering::SeqCst);
     }
 
     /// Fraction of the log in use.

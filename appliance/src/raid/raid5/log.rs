@@ -392,13 +392,17 @@ impl Raid5Channel {
         }
     }
 
-    /// Say once that the journal failed, and go on without it.
+    /// Say once that the journal failed, and go on without it. Its log
+    /// holds records older than what the members get from now on, which a
+    /// restart would replay over them: like a member failure, it holds
+    /// back every completion from now on until the monitor has drained the
+    /// cache and recorded that the volume has no journal (`FailureLedger`).
     pub(super) fn journal_failed(&self) {
         if let Some(j) = &self.journal {
-            if !j.has_failed() {
+            if j.set_failed() {
                 tracing::error!(volume = %self.info.name, "journal device failed; writes go on without it (no write-hole protection), and the write-back cache drains to the members");
+                self.failures.report_journal();
             }
-            j.set_failed();
         }
     }
 
