@@ -22,6 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::dirtylog::DirtyLog;
+use super::eventfd::Notifier;
 use super::inflight::InflightRegion;
 use super::memory::{Declared, GuestMemory, MAX_REGIONS};
 use super::queue::{self, QueueShared};
@@ -105,7 +106,7 @@ struct Vring {
     addrs: Option<(u64, u64, u64)>,
     base: u16,
     kick: Option<File>,
-    call: Option<Arc<File>>,
+    call: Option<Arc<Notifier>>,
     enabled: bool,
     running: Option<Running>,
     /// Its runner was told to stop and did not within the drain time-out
@@ -480,17 +481,17 @@ impl VhostUserBackendReqHandlerMut for Handler {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_CALL");
         check_eventfd(&fd, "call", index)?;
         let v = self.vring(index as u32)?;
-        v.call = fd.map(Arc::new);
+        v.call = fd.map(Notifier::new);
         if let Some(r) = &v.running {
             r.shared.set_call(v.call.clone());
             // Wake the queue's reactor if it sleeps, so the runner takes
             // the new fd (and tells it once) now rather than at the next
             // kick: the guest may be waiting for an interrupt that went to
             // the old fd. A kick is the wake-up the runner already has.
-            if let Some(kick) = &r.kick {
-                // A full counter takes nothing: the reactor is awake then
-                // anyway.
-                super::eventfd::signal(std::os::fd::AsRawFd::as_raw_fd(kick));
+            // (A full counter takes nothing: the reactor is awake then
+            // anyway. Watched, like every write to a frontend's eventfd.)
+            if let Some(kick) = r.kick.as_ref().and_then(|k| k.try_clone().ok()) {
+                Notifier::new(kick).signal();
             }
         }
         Ok(())

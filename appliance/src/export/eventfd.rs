@@ -6,9 +6,19 @@
 //! block the reactor, and with it every queue on that core. Reads here ask
 //! for no waiting per call instead (RWF_NOWAIT, which eventfds honour since
 //! Linux 5.12), so the frontend's flags do not matter.
+//!
+//! Writes cannot be asked that (eventfds refuse RWF_NOWAIT for writes), so
+//! a write looks for room first, and a [`Notifier`] is watched: a write
+//! the frontend still made block (it filled the counter and cleared the
+//! flag between our look and our write) is freed by a watchdog thread
+//! that takes the counter. Only a frontend that means harm fills a
+//! counter: a real one reads it long before.
 
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 /// RWF_NOWAIT was refused once (an older kernel): use the fallback.
 static NO_NOWAIT: AtomicBool = AtomicBool::new(false);
@@ -60,23 +70,133 @@ pub(crate) fn ready(fd: RawFd, events: libc::c_short) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & events != 0 }
 }
 
-/// Add one to eventfd `fd`'s counter if it has room now. Writes cannot be
-/// asked not to wait (eventfds take no RWF_NOWAIT for writes), so this
-/// looks first; a frontend that clears O_NONBLOCK and fills the counter
-/// in between can still make it wait.
-pub(crate) fn signal(fd: RawFd) {
-    if !ready(fd, libc::POLLOUT) {
-        return;
-    }
+fn write_one(fd: RawFd) {
     let one = 1u64;
     // SAFETY: writing 8 bytes from our own u64.
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
+/// An eventfd of the frontend's that we write to (a queue's call fd, or
+/// its kick fd to wake our own runner), watched so a write the frontend
+/// made block is freed (see the module's comment).
+pub(crate) struct Notifier {
+    file: File,
+    /// Writes started and finished: a write in progress that makes no
+    /// progress between two looks of the watchdog, on a full counter, is
+    /// blocked.
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// How often the watchdog looks: a blocked write waits at most about
+/// twice this.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
+impl Notifier {
+    /// Watch `file` (an eventfd) from now until the last handle goes.
+    pub(crate) fn new(file: File) -> Arc<Notifier> {
+        let n = Arc::new(Notifier {
+            file,
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+        });
+        if let Some(watched) = watched() {
+            watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((Arc::downgrade(&n), 0));
+        }
+        n
+    }
+
+    /// Add one to the counter if it has room now. Writes cannot be
+    /// asked not to wait (eventfds take no RWF_NOWAIT for writes), so this
+    /// looks first; a frontend that clears O_NONBLOCK and fills the counter
+    /// in between makes it wait until the watchdog frees it.
+    #[inline]
+    pub(crate) fn signal(&self) {
+        if ready(self.file.as_raw_fd(), libc::POLLOUT) {
+            self.write_now();
+        }
+    }
+
+    /// The write itself, after the look.
+    fn write_now(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        write_one(self.file.as_raw_fd());
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl AsRawFd for Notifier {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+type Watched = Mutex<Vec<(Weak<Notifier>, u64)>>;
+
+/// The notifiers the watchdog looks at (with the finished count it saw
+/// last), its thread started with the first; `None` if it cannot start.
+fn watched() -> Option<&'static Watched> {
+    static WATCHED: OnceLock<Option<Watched>> = OnceLock::new();
+    WATCHED
+        .get_or_init(|| {
+            let started = std::thread::Builder::new()
+                .name("eventfd-watch".into())
+                .spawn(|| loop {
+                    std::thread::sleep(WATCH_EVERY);
+                    if let Some(w) = watched() {
+                        free_blocked(w);
+                    }
+                });
+            match started {
+                Ok(_) => Some(Mutex::new(Vec::new())),
+                Err(e) => {
+                    tracing::error!(error = %e, "eventfd watchdog not started: a frontend could block a reactor");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// One look: take the counter of every notifier whose write has been
+/// blocked since the last look on a full counter.
+fn free_blocked(watched: &Watched) {
+    let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
+    w.retain(|(n, _)| n.strong_count() > 0);
+    for (n, last) in w.iter_mut() {
+        let Some(n) = n.upgrade() else {
+            continue;
+        };
+        let finished = n.finished.load(Ordering::Relaxed);
+        let started = n.started.load(Ordering::Relaxed);
+        let stuck = started != finished && finished == *last;
+        *last = finished;
+        // A counter with room means the writer is only slow (descheduled):
+        // its count is the frontend's, and is left alone.
+        if stuck && !ready(n.file.as_raw_fd(), libc::POLLOUT) {
+            let took = drain(n.file.as_raw_fd());
+            tracing::warn!(
+                count = took,
+                "a frontend filled an eventfd we write to and made it blocking; its counter was taken to free the write"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::IntoRawFd;
+
+    /// A second handle of `fd`, as a frontend's descriptor is ours.
+    fn file_of(fd: &vmm_sys_util::eventfd::EventFd) -> File {
+        let dup = fd.try_clone().unwrap();
+        // SAFETY: a descriptor of our own, handed over whole.
+        unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup.into_raw_fd()) }
+    }
 
     #[test]
     fn a_blocking_eventfd_is_read_without_waiting() {
@@ -87,10 +207,38 @@ mod tests {
         assert_eq!(drain(fd.as_raw_fd()), 3);
         assert_eq!(drain(fd.as_raw_fd()), 0);
         // A full counter takes no signal, and does not wait either.
+        let n = Notifier::new(file_of(&fd));
         fd.write(u64::MAX - 1).unwrap();
-        signal(fd.as_raw_fd());
+        n.signal();
         assert_eq!(drain(fd.as_raw_fd()), u64::MAX - 1);
-        signal(fd.as_raw_fd());
+        n.signal();
         assert_eq!(drain(fd.as_raw_fd()), 1);
+    }
+
+    /// The write a look cannot keep from blocking (the frontend filled the
+    /// counter and cleared O_NONBLOCK after it) ends: the watchdog takes
+    /// the counter.
+    #[test]
+    fn a_write_the_frontend_made_block_is_freed() {
+        let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let n = Notifier::new(file_of(&fd));
+        fd.write(u64::MAX - 1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let m = n.clone();
+        std::thread::spawn(move || {
+            m.write_now();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "the write stayed blocked"
+        );
+        // The counter was taken, then the write added its one.
+        assert_eq!(drain(fd.as_raw_fd()), 1);
+        // A counter with room is never taken.
+        fd.write(5).unwrap();
+        n.signal();
+        free_blocked(watched().unwrap());
+        assert_eq!(drain(fd.as_raw_fd()), 6);
     }
 }

@@ -15,6 +15,7 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 
 use super::chain::{walk_chain_with, Desc, RegionCache};
+use super::eventfd::Notifier;
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
@@ -42,14 +43,14 @@ pub struct QueueShared {
     /// Writes parked by a suspended range now.
     parked: AtomicU64,
     call_gen: AtomicU64,
-    call: Mutex<Option<Arc<File>>>,
+    call: Mutex<Option<Arc<Notifier>>>,
     stopped: Mutex<Option<(u16, u16)>>,
     stopped_cv: Condvar,
 }
 
 impl QueueShared {
     /// Replace the call eventfd (the runner picks it up on its next poll).
-    pub fn set_call(&self, call: Option<Arc<File>>) {
+    pub fn set_call(&self, call: Option<Arc<Notifier>>) {
         *self.call.lock().unwrap_or_else(|e| e.into_inner()) = call;
         self.call_gen.fetch_add(1, Ordering::SeqCst);
     }
@@ -137,7 +138,7 @@ struct Runner {
     queue: Queue,
     ring: Ring,
     kick: File,
-    call: Option<Arc<File>>,
+    call: Option<Arc<Notifier>>,
     call_gen: u64,
     shared: Arc<QueueShared>,
     mem_gate: LocalGate<GuestMap>,
@@ -840,7 +841,7 @@ impl Runner {
     /// Interrupt the guest, whatever it asked for.
     fn signal_now(&self) {
         if let Some(call) = &self.call {
-            super::eventfd::signal(call.as_raw_fd());
+            call.signal();
         }
     }
 
