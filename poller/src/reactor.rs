@@ -203,6 +203,51 @@ impl ReactorSet {
             .map_err(|e| format!("reactor {core} did not answer: {e}"))
     }
 
+    /// Run `f` on reactor `core` if the reactor takes it within
+    /// `timeout`, and wait for its result. Unlike [`call`](Self::call), a
+    /// call that times out is never run later: `f` is dropped unrun (what
+    /// it would start, such as a queue's runner, must not appear after the
+    /// caller was told it failed). If the reactor took it just as the time
+    /// ran out, this waits for its answer.
+    pub fn call_unless_late<R: Send + 'static>(
+        &self,
+        core: usize,
+        timeout: Duration,
+        f: impl FnOnce(&mut Ctx) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        const WAITING: u8 = 0;
+        const TAKEN: u8 = 1;
+        const LATE: u8 = 2;
+        let state = Arc::new(std::sync::atomic::AtomicU8::new(WAITING));
+        let taken = state.clone();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let msg: Message = Box::new(move |ctx| {
+            if taken
+                .compare_exchange(WAITING, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                let _ = tx.send(f(ctx));
+            }
+        });
+        self.send_timeout(core, msg, timeout)
+            .map_err(|e| format!("reactor {core}: {e}"))?;
+        match rx.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if state
+                    .compare_exchange(WAITING, LATE, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err() =>
+            {
+                // Running now: its answer comes once it is done.
+                rx.recv()
+                    .map_err(|e| format!("reactor {core} did not answer: {e}"))
+            }
+            Err(e) => Err(format!(
+                "reactor {core} did not take the call within {timeout:?} ({e}); it will not run"
+            )),
+        }
+    }
+
     /// A reactor's published counters.
     pub fn stats(&self, core: usize) -> Option<ReactorStats> {
         let c = self.shared.cores.get(core)?;

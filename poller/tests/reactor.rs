@@ -294,3 +294,48 @@ fn core_count() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+
+/// A call the reactor takes too late is never run: a reactor held inside
+/// a message until the test lets it go takes the call only after its
+/// caller gave up.
+#[test]
+fn a_call_taken_too_late_never_runs() {
+    let r = start(1);
+    let (block_tx, block_rx) = mpsc::channel::<()>();
+    let (held_tx, held_rx) = mpsc::channel::<()>();
+    r.set()
+        .send(
+            0,
+            Box::new(move |_| {
+                held_tx.send(()).unwrap();
+                block_rx.recv().unwrap();
+            }),
+        )
+        .unwrap();
+    held_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r2 = ran.clone();
+    let e = r
+        .set()
+        .call_unless_late(0, Duration::from_millis(100), move |_| {
+            r2.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap_err();
+    assert!(e.contains("will not run"), "{e}");
+    block_tx.send(()).unwrap();
+    // Anything sent after it runs after it: once this answers, the late
+    // call had its turn.
+    r.set().call(0, Duration::from_secs(30), |_| ()).unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the late call ran");
+    // On time, it runs and answers.
+    let ran2 = ran.clone();
+    let v = r
+        .set()
+        .call_unless_late(0, Duration::from_secs(30), move |_| {
+            ran2.fetch_add(1, Ordering::SeqCst);
+            7
+        })
+        .unwrap();
+    assert_eq!((v, ran.load(Ordering::SeqCst)), (7, 1));
+    r.shutdown().unwrap();
+}

@@ -153,7 +153,7 @@ impl Handler {
         };
         let started = self
             .set
-            .call(core, START_TIMEOUT, move |ctx| queue::start(ctx, setup))
+            .call_unless_late(core, START_TIMEOUT, move |ctx| queue::start(ctx, setup))
             .map_err(invalid)?;
         started.map_err(|e| invalid(format!("starting vring {index}: {e}")))?;
         self.vring(index)?.running = Some(Running {
