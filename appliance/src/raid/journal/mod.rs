@@ -506,7 +506,10 @@ impl Journal {
 
     /// Fraction of the log in use.
     pub fn usage(&self) -> f64 {
-        let used = self.head.load(Ordering::SeqCst) - self.tail.load(Ordering::SeqCst);
+        // The tail first: it only ever moves up to a head already taken,
+        // so a head read after it is never below it.
+        let tail = self.tail.load(Ordering::SeqCst);
+        let used = self.head.load(Ordering::SeqCst) - tail;
         used as f64 / self.log_blocks as f64
     }
 
@@ -611,13 +614,17 @@ impl Journal {
     /// Where a record of `blocks` would go now (logical position), if it
     /// fits in the room its kind may use.
     fn place(&self, blocks: u64, guest: bool) -> Option<u64> {
+        // The tail first (see `usage`): read after the head, a checkpoint
+        // in between could move it past the head read, and this went
+        // below zero (a debug build panicked).
+        let tail = self.tail.load(Ordering::SeqCst);
         let mut pos = self.head.load(Ordering::SeqCst);
         // A record never wraps: skip to the start of the next lap.
         let off = pos % self.log_blocks;
         if off + blocks > self.log_blocks {
             pos += self.log_blocks - off;
         }
-        (pos + blocks - self.tail.load(Ordering::SeqCst) <= self.room(guest)).then_some(pos)
+        (pos + blocks - tail <= self.room(guest)).then_some(pos)
     }
 
     /// A record of `epoch` has reached the members (or was abandoned).
