@@ -531,11 +531,28 @@ impl Shared {
     /// Save the state; a failure is logged and reported, the change stands
     /// (it has happened on the devices already).
     fn save(&self) -> Result<(), MgmtError> {
+        self.save_unless(false)
+    }
+
+    /// Save the state now, or say why it was not: also while the daemon
+    /// starts or stops, when [`save`](Self::save) leaves it to the save
+    /// at the end of that.
+    fn save_now(&self) -> Result<(), MgmtError> {
+        self.save_unless(true)
+    }
+
+    fn save_unless(&self, now: bool) -> Result<(), MgmtError> {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
         let _one = lock(&self.saving);
         if self.quiet.load(Ordering::SeqCst) {
+            if now {
+                return Err(MgmtError::FailedPrecondition(
+                    "the daemon is starting or stopping: the state is saved at the end of that"
+                        .into(),
+                ));
+            }
             return Ok(());
         }
         let config = lock(&self.inv).config();

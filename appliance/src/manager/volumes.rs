@@ -58,6 +58,17 @@ impl VolumeHooks for Hooks {
             None => Ok(()),
         }
     }
+
+    fn persist_now(&self, view: &Snapshot) -> Result<(), String> {
+        {
+            let mut d = lock(&self.decl);
+            *d = decl_from(view, &d);
+        }
+        match self.shared.upgrade() {
+            Some(shared) => shared.save_now().map_err(|e| e.to_string()),
+            None => Err("the daemon is stopping".into()),
+        }
+    }
 }
 
 /// A RAID volume's declaration as `view` says it is now: its live members

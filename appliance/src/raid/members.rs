@@ -228,11 +228,6 @@ impl Run {
     pub fn rebuilds(&self, set: &MemberSet, slot: usize) -> bool {
         matches!(&set.rebuilding, Some((s, c)) if *s == slot && self.is(c))
     }
-
-    /// Whether this run is `set`'s replacement.
-    pub fn replaces(&self, set: &MemberSet) -> bool {
-        set.replacing.as_ref().is_some_and(|r| self.is(&r.cursor))
-    }
 }
 
 impl PartialEq for Run {
@@ -254,8 +249,6 @@ impl std::fmt::Debug for Run {
 /// may have skipped the failed member: it is acknowledged only once the
 /// failure is recorded, or a restart could read the member's stale data
 /// as current (md holds such writes until its superblock update, too).
-/// A journal's failure counts too: writes made without it are acknowledged
-/// only once the volume's state no longer names it.
 #[derive(Default)]
 pub struct FailureLedger {
     reported: AtomicU64,
@@ -300,15 +293,6 @@ impl FailureLedger {
         Some(seq)
     }
 
-    /// Count a failure that is not a member's (the journal's).
-    fn report_other(&self) -> u64 {
-        let g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = self.reported.fetch_add(1, Ordering::SeqCst) + 1;
-        drop(g);
-        self.cv.notify_all();
-        seq
-    }
-
     /// Run `f` (which reads gone flags) with no report in between, and
     /// return the count of failures reported as of then with its result:
     /// recording what `f` saw covers every failure up to that count.
@@ -348,6 +332,8 @@ pub struct FailureSink {
     /// Events sent so far: the monitor is idle only once it has taken
     /// as many.
     sent: Arc<AtomicU64>,
+    /// Made for a monitor (`new`), even once it has closed.
+    monitored: bool,
 }
 
 impl FailureSink {
@@ -357,6 +343,7 @@ impl FailureSink {
             tx: Arc::new(Mutex::new(Some(tx))),
             ledger: Arc::default(),
             sent: Arc::default(),
+            monitored: true,
         }
     }
 
@@ -366,6 +353,7 @@ impl FailureSink {
             tx: Arc::new(Mutex::new(None)),
             ledger: Arc::default(),
             sent: Arc::default(),
+            monitored: false,
         }
     }
 
@@ -377,6 +365,12 @@ impl FailureSink {
     /// Events sent to the monitor so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Whether the sink was made for a monitor (which may have closed
+    /// since): what only a monitor can record is waited for then.
+    pub fn has_monitor(&self) -> bool {
+        self.monitored
     }
 
     /// Whether a monitor receives the reports.
@@ -418,16 +412,6 @@ impl FailureSink {
         };
         if !sent {
             // No monitor records it: nothing to wait for.
-            self.ledger.mark_persisted(seq);
-        }
-    }
-
-    /// The volume's journal failed: count it in the ledger, so writes
-    /// from now on wait until the monitor has recorded that the journal
-    /// is given up (without a monitor nothing would: no wait).
-    pub fn report_journal(&self) {
-        let seq = self.ledger.report_other();
-        if !self.is_watched() {
             self.ledger.mark_persisted(seq);
         }
     }

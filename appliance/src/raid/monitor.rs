@@ -89,6 +89,12 @@ pub trait VolumeHooks: Send + Sync {
     fn persist(&self, _view: &Snapshot) -> Result<(), String> {
         Ok(())
     }
+    /// As [`persist`](Self::persist), but an error unless the state is on
+    /// disk when it returns (no save put off while the daemon starts or
+    /// stops).
+    fn persist_now(&self, view: &Snapshot) -> Result<(), String> {
+        self.persist(view)
+    }
 }
 
 struct NoHooks;
@@ -334,9 +340,9 @@ impl Inner {
     /// the members are flushed (what the drain wrote is durable) and the
     /// state is saved without the journal. Its log holds records older
     /// than what the volume writes without it, which a restart would
-    /// replay over newer data; the writes made since the failure wait
-    /// (`FailureLedger`) until this is on disk. `Ok(false)` while the
-    /// cache still drains. On the recorder thread: no state lock, no
+    /// replay over newer data; the writes completed since the failure wait
+    /// (`Raid5Channel::jheld`) until this is on disk. `Ok(false)` while
+    /// the cache still drains. On the recorder thread: no state lock, no
     /// suspend (the writes it holds back would block one).
     fn give_up_failed_journal(&self) -> Result<bool, String> {
         let device = lock(&self.published).device.clone();
@@ -346,24 +352,39 @@ impl Inner {
         else {
             return Ok(true);
         };
-        if !j.cache().is_empty() {
+        // Admitted first, then cached: read in that order, so a block on
+        // its way in is seen in one or the other.
+        let c = j.cache();
+        if c.pending() > 0 || !c.is_empty() {
             return Ok(false);
         }
-        for (slot, m) in device.member_set().members.iter().enumerate() {
-            if m.recorded_state() != MemberState::InSync || m.is_gone() {
-                continue;
-            }
-            if let Err(e) = super::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
-                // Its part of the drain may not be durable: it is failed
-                // (and that is recorded before any held write goes).
-                tracing::error!(volume = self.volume.name(), member = %m.dev.info().name, error = %e, "member flush before giving up the journal");
-                self.sink.report(slot, m, bdev::IoError::DeviceFailed);
+        let set = device.member_set();
+        let replacing = set.replacing.as_ref().map(|r| r.dev.clone());
+        let written = set
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.recorded_state() != MemberState::Failed && !m.is_gone())
+            .filter(|(_, m)| !super::members::MissingDevice::is(m.dev.as_ref()))
+            .map(|(slot, m)| (Some((slot, m)), m.dev.clone()))
+            .chain(replacing.map(|d| (None, d)));
+        for (member, dev) in written {
+            if let Err(e) = super::metaio::sync(dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
+                // Its part of the drain may not be durable: a member is
+                // failed (recorded before the writes waiting on this go:
+                // they wait for the ledger too); a replacement is given
+                // up by its own failure.
+                tracing::error!(volume = self.volume.name(), device = %dev.info().name, error = %e, "flush before giving up the journal");
+                match member {
+                    Some((slot, m)) => self.sink.report(slot, m, bdev::IoError::DeviceFailed),
+                    None => return Err(format!("flushing the replacement: {e}")),
+                }
             }
         }
         j.give_up(false);
         let view = lock(&self.published).clone();
         self.hooks()
-            .persist(&view.snapshot(self.pending_count(), self.deferred()))
+            .persist_now(&view.snapshot(self.pending_count(), self.deferred()))
             .map_err(|e| format!("saving the state without the failed journal: {e}"))?;
         j.give_up(true);
         tracing::warn!(
@@ -381,29 +402,34 @@ impl Inner {
 /// so a change waiting for a quiesce never holds a failure back.
 fn record_failures(inner: &Inner) {
     let ledger = inner.sink.ledger().clone();
+    // A failed journal to give up (`give_up_failed_journal`): looked at
+    // often while its cache drains, and after an error once a second.
+    let mut journal_draining = false;
+    let mut journal_retry = Instant::now();
     while !inner.quit.load(Ordering::SeqCst) {
-        if ledger.wait_unpersisted(QUIT_POLL).is_none() {
-            continue;
+        let wait = if journal_draining {
+            Duration::from_millis(2)
+        } else {
+            QUIT_POLL
+        };
+        let failure = ledger.wait_unpersisted(wait);
+        if Instant::now() >= journal_retry {
+            match inner.give_up_failed_journal() {
+                Ok(done) => journal_draining = !done,
+                Err(e) => {
+                    tracing::error!(volume = inner.volume.name(), error = %e, "giving up a failed journal; the writes made without it wait, and it is tried again each second");
+                    journal_draining = false;
+                    journal_retry = Instant::now() + Duration::from_secs(1);
+                }
+            }
         }
-        // Read before the journal: a journal failure counted up to here
-        // has its flag set already (`journal_failed` sets it first).
-        let upto = ledger.reported();
-        match inner.give_up_failed_journal() {
-            Ok(true) => {}
-            Ok(false) => {
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(volume = inner.volume.name(), error = %e, "giving up a failed journal; writes wait, and it is tried again each second");
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
+        if failure.is_none() {
+            continue;
         }
         let mut rec = lock(&inner.meta);
         let Some(r) = rec.as_mut() else {
             // No superblocks: nothing to record, nothing to wait for.
-            ledger.mark_persisted(upto);
+            ledger.mark_persisted(ledger.reported());
             continue;
         };
         let device = r.device.clone();
@@ -421,9 +447,8 @@ fn record_failures(inner: &Inner) {
                 r.meta = meta;
                 r.clean = false;
                 // Members whose superblock failed were reported gone just
-                // now: the next round records them (and a journal that
-                // failed after `upto`).
-                ledger.mark_persisted(seq.min(upto));
+                // now: the next round records them.
+                ledger.mark_persisted(seq);
             }
             Err(e) => {
                 tracing::error!(volume = inner.volume.name(), error = %e, "recording a member failure");
@@ -434,7 +459,7 @@ fn record_failures(inner: &Inner) {
                     .any(|m| m.recorded_state() != MemberState::Failed);
                 if !live {
                     // Nowhere left to record it: writes fail anyway.
-                    ledger.mark_persisted(seq.min(upto));
+                    ledger.mark_persisted(seq);
                 }
                 drop(rec);
                 std::thread::sleep(QUIT_POLL);

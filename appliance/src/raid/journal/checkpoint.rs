@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use super::Journal;
 
-/// How long a flush draining a failed journal's cache is waited for
-/// before the next is sent.
-const DRAIN_PACE: Duration = Duration::from_millis(10);
-
 /// Checkpoints a volume's journal when its log is half full. Stops when
 /// dropped.
 pub struct Checkpointer {
@@ -32,19 +28,14 @@ impl Checkpointer {
                 while !s.load(Ordering::SeqCst) {
                     if journal.has_failed() {
                         // Nothing to checkpoint on a dead device: drain the
-                        // cache to the members, then idle. Each flush takes
-                        // more of the cache along; their completions wait
-                        // (with every other) until the journal is given up,
-                        // which waits for the drain, so the next is sent
-                        // without waiting for them.
+                        // cache to the members, then idle.
                         if !journal.cache().is_empty() {
-                            match volume.flush_helping_drain(DRAIN_PACE) {
-                                Ok(()) | Err(crate::volume::VolumeError::Timeout { .. }) => {}
-                                Err(crate::volume::VolumeError::Removed(_)) => break,
-                                Err(e) => {
-                                    tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a failed journal");
-                                    std::thread::sleep(Duration::from_millis(100));
+                            if let Err(e) = volume.flush_helping_drain(Duration::from_secs(30)) {
+                                if matches!(e, crate::volume::VolumeError::Removed(_)) {
+                                    break;
                                 }
+                                tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a failed journal");
+                                std::thread::sleep(Duration::from_millis(100));
                             }
                         } else {
                             std::thread::sleep(Duration::from_millis(100));

@@ -213,6 +213,12 @@ impl Raid5Channel {
             Stage::Journaling if p.jphase == LogPhase::WaitRoom => {}
             Stage::Journaling if p.error.is_some() => self.finish_piece(pi),
             Stage::Journaling if p.jphase == LogPhase::Writing => self.await_journal_flush(pi),
+            // A flush sent before the failure answered after it: not into
+            // a cache that drains away (the monitor may have found it
+            // empty and given the journal up already).
+            Stage::Journaling if p.wb && self.journal.as_ref().is_some_and(|j| j.has_failed()) => {
+                self.without_journal(pi)
+            }
             Stage::Journaling if p.wb => {
                 self.cache_record(pi);
                 let Some(p) = self.pieces[pi].as_mut() else {
@@ -288,10 +294,15 @@ impl Raid5Channel {
         if parent.left == 0 {
             if let Some(parent) = self.parents[p.parent].take() {
                 self.free_parents.push(p.parent);
-                self.done.push(Completion {
+                let c = Completion {
                     tag: parent.tag,
                     result: parent.error.map_or(Ok(()), Err),
-                });
+                };
+                if parent.write && self.journal_unrecorded() {
+                    self.jheld.push(c);
+                } else {
+                    self.done.push(c);
+                }
             }
         }
     }
@@ -387,12 +398,24 @@ impl IoChannel for Raid5Channel {
 }
 
 impl Raid5Channel {
+    /// Whether completed writes wait (see `jheld`): the journal failed and
+    /// its giving up is not on disk yet. Only a monitor records that: a
+    /// volume made without one has nobody to wait for; one whose monitor
+    /// has closed (the volume stops) keeps them, unanswered.
+    fn journal_unrecorded(&self) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| j.has_failed() && !j.given_up_recorded())
+            && self.failures.has_monitor()
+    }
+
     /// Split a request into stripe pieces and start them (the long way).
     pub(super) fn plan_request(&mut self, req: IoRequest) {
         let parent = Parent {
             tag: req.tag,
             lba0: req.offset_blocks,
             zeroes: req.op == IoOp::WriteZeroes,
+            write: matches!(req.op, IoOp::Write | IoOp::WriteZeroes),
             sg: req.sg,
             left: 0,
             error: None,
@@ -499,6 +522,9 @@ impl Raid5Channel {
         }
         // Children refused while handling completions come back next poll.
         self.scratch = scratch;
+        if !self.jheld.is_empty() && !self.journal_unrecorded() {
+            self.done.append(&mut self.jheld);
+        }
         let n = self.held.pass(self.failures.ledger(), &mut self.done, out);
         self.inflight -= n;
         n

@@ -394,14 +394,13 @@ impl Raid5Channel {
 
     /// Say once that the journal failed, and go on without it. Its log
     /// holds records older than what the members get from now on, which a
-    /// restart would replay over them: like a member failure, it holds
-    /// back every completion from now on until the monitor has drained the
-    /// cache and recorded that the volume has no journal (`FailureLedger`).
+    /// restart would replay over them: writes completing from now on are
+    /// held until the monitor has drained the cache and recorded that the
+    /// volume has no journal (`Raid5Channel::jheld`).
     pub(super) fn journal_failed(&self) {
         if let Some(j) = &self.journal {
             if j.set_failed() {
                 tracing::error!(volume = %self.info.name, "journal device failed; writes go on without it (no write-hole protection), and the write-back cache drains to the members");
-                self.failures.report_journal();
             }
         }
     }

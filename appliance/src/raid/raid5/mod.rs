@@ -212,6 +212,7 @@ impl BlockDevice for Raid5Device {
         Ok(Box::new(Raid5Channel {
             slots: self.set.members.clone(),
             held: Default::default(),
+            jheld: Vec::new(),
             rebuilding: self.set.rebuilding.clone(),
             info: self.info.clone(),
             geo: self.geo,
@@ -229,10 +230,18 @@ impl BlockDevice for Raid5Device {
             refused: Vec::new(),
             deferred: VecDeque::new(),
             inflight: 0,
-            jch: match &self.journal {
-                Some(j) => Some(j.device().open_channel()?),
-                None => None,
-            },
+            // A journal device that refuses a channel has failed: the
+            // volume goes on without it rather than refuse new queues
+            // (and the draining flushes a failed journal needs).
+            jch: self.journal.as_ref().and_then(|j| match j.device().open_channel() {
+                Ok(ch) => Some(ch),
+                Err(e) => {
+                    if j.set_failed() {
+                        tracing::error!(volume = %self.info.name, error = %e, "journal device refuses a channel; writes go on without it");
+                    }
+                    None
+                }
+            }),
             journal: self.journal.clone(),
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
@@ -343,6 +352,8 @@ struct Parent {
     sg: SgList,
     /// WRITE_ZEROES: a write whose data is zeroes (no buffer).
     zeroes: bool,
+    /// A write or WRITE_ZEROES (see `Raid5Channel::jheld`).
+    write: bool,
     left: u32,
     error: Option<IoError>,
 }
@@ -353,6 +364,12 @@ struct Raid5Channel {
     slots: Arc<Vec<Member>>,
     /// Completions waiting for a member failure to be recorded.
     held: super::members::HeldCompletions,
+    /// Writes completed while the journal has failed and is not yet
+    /// recorded as given up: they may have gone to the members without a
+    /// record, and until the state names the journal no more a restart
+    /// would replay its older records over them. Flushes and reads are not
+    /// held (a flush covers only writes already acknowledged).
+    jheld: Vec<Completion>,
     info: DeviceInfo,
     geo: Raid5Geometry,
     members: Vec<Option<Box<dyn IoChannel>>>,
