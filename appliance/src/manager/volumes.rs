@@ -60,9 +60,14 @@ impl VolumeHooks for Hooks {
     }
 
     fn persist_now(&self, view: &Snapshot) -> Result<(), String> {
+        // Only what the view says of the journal: the recorder's view may
+        // be older than a change that saved itself but is not published
+        // yet, whose declaration must stay.
         {
             let mut d = lock(&self.decl);
-            *d = decl_from(view, &d);
+            let fresh = decl_from(view, &d);
+            d.journal = fresh.journal;
+            d.journal_mode = fresh.journal_mode;
         }
         match self.shared.upgrade() {
             Some(shared) => shared.save_now().map_err(|e| e.to_string()),
@@ -304,6 +309,7 @@ impl Manager {
         let (device, meta, was_clean) = opened;
         let volume = Volume::new_raid(&self.shared.set, &decl.name, device.clone());
         let monitor = Monitor::start(&self.shared.set, volume.clone(), device, rx, spares);
+        monitor.await_hooks();
         monitor.set_timeout(self.shared.timeout());
         monitor.set_meta(meta);
         let setup = || -> Result<(), OpError> {

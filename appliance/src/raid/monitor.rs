@@ -124,6 +124,9 @@ pub(crate) struct Inner {
     deferred: std::sync::atomic::AtomicU64,
     /// Events taken from the channel into `pending` so far.
     received: std::sync::atomic::AtomicU64,
+    /// An owner's hooks are on their way (`Monitor::await_hooks`): until
+    /// they come, nothing can be recorded for good.
+    hooks_awaited: AtomicBool,
 }
 
 /// The default wait for a volume's IO to drain.
@@ -358,27 +361,25 @@ impl Inner {
         if c.pending() > 0 || !c.is_empty() {
             return Ok(false);
         }
+        if self.hooks_awaited.load(Ordering::SeqCst) {
+            return Ok(false); // nowhere to record it yet
+        }
         let set = device.member_set();
-        let replacing = set.replacing.as_ref().map(|r| r.dev.clone());
         let written = set
             .members
             .iter()
-            .enumerate()
-            .filter(|(_, m)| m.recorded_state() != MemberState::Failed && !m.is_gone())
-            .filter(|(_, m)| !super::members::MissingDevice::is(m.dev.as_ref()))
-            .map(|(slot, m)| (Some((slot, m)), m.dev.clone()))
-            .chain(replacing.map(|d| (None, d)));
-        for (member, dev) in written {
+            .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
+            .filter(|m| !super::members::MissingDevice::is(m.dev.as_ref()))
+            .map(|m| m.dev.clone())
+            .chain(set.replacing.as_ref().map(|r| r.dev.clone()));
+        for dev in written {
             if let Err(e) = super::metaio::sync(dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
-                // Its part of the drain may not be durable: a member is
-                // failed (recorded before the writes waiting on this go:
-                // they wait for the ledger too); a replacement is given
-                // up by its own failure.
+                // Its part of the drain may not be durable: failed, as a
+                // transaction's flush does (a member's failure is recorded
+                // before the writes waiting on this go: they wait for the
+                // ledger too; a replacement is given up).
                 tracing::error!(volume = self.volume.name(), device = %dev.info().name, error = %e, "flush before giving up the journal");
-                match member {
-                    Some((slot, m)) => self.sink.report(slot, m, bdev::IoError::DeviceFailed),
-                    None => return Err(format!("flushing the replacement: {e}")),
-                }
+                let _ = super::transaction::flush_failed(set, &dev, e);
             }
         }
         j.give_up(false);
@@ -527,6 +528,7 @@ impl Monitor {
             quit: AtomicBool::new(false),
             deferred: Default::default(),
             received: Default::default(),
+            hooks_awaited: AtomicBool::new(false),
         });
         let name = inner.volume.name().to_string();
         let mut threads = Vec::new();
@@ -553,6 +555,12 @@ impl Monitor {
         Monitor { inner, threads }
     }
 
+    /// Hooks will be set: until then nothing is recorded that only they
+    /// can record (a failed journal is not given up).
+    pub fn await_hooks(&self) {
+        self.inner.hooks_awaited.store(true, Ordering::SeqCst);
+    }
+
     /// Tell `hooks` about role changes and state to persist from now on.
     pub fn set_hooks(&self, hooks: Arc<dyn VolumeHooks>) {
         self.attach_hooks(hooks, |_| {});
@@ -564,6 +572,7 @@ impl Monitor {
     pub fn attach_hooks(&self, hooks: Arc<dyn VolumeHooks>, now: impl FnOnce(&Snapshot)) {
         let s = lock(&self.inner.state);
         *lock(&self.inner.hooks) = hooks;
+        self.inner.hooks_awaited.store(false, Ordering::SeqCst);
         now(&s
             .published()
             .snapshot(self.inner.pending_count(), self.inner.deferred()));

@@ -273,7 +273,7 @@ impl Inner {
 /// A device the change had to flush first failed: it is a failed member
 /// (or a failed replacement) from now on, reported as an IO failure would
 /// be, and the change is refused; the failure's own change follows.
-fn flush_failed(
+pub(crate) fn flush_failed(
     set: &super::members::MemberSet,
     dev: &std::sync::Arc<dyn bdev::BlockDevice>,
     e: super::RaidError,

@@ -151,11 +151,23 @@ impl Handler {
             stats: export.stats[index as usize].clone(),
             fault: export.fault.clone(),
         };
-        let started = self
+        let started = match self
             .set
             .call_unless_late(core, START_TIMEOUT, move |ctx| queue::start(ctx, setup))
-            .map_err(invalid)?;
-        started.map_err(|e| invalid(format!("starting vring {index}: {e}")))?;
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(invalid(format!("starting vring {index}: {e}"))),
+            Err(e) => Err(invalid(e)),
+        };
+        if let Err(e) = started {
+            // No runner took the kick fd: the ring keeps its second
+            // handle, so a later start can serve it.
+            let v = self.vring(index)?;
+            if v.kick.is_none() {
+                v.kick = kick_again;
+            }
+            return Err(e);
+        }
         self.vring(index)?.running = Some(Running {
             core,
             shared,

@@ -373,6 +373,11 @@ impl Journal {
     /// draining what the cache holds (see [`drain`](Self::drain)).
     pub(crate) fn set_write_back(&self, on: bool) {
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A failed journal only drains (a switch that was on its way when
+        // it failed would stop the drain the give-up waits for).
+        if on && self.has_failed() {
+            return;
+        }
         self.write_back.store(on, Ordering::SeqCst);
         self.draining.store(!on, Ordering::SeqCst);
         stored.drain_from = (!on).then_some(stored.switches);

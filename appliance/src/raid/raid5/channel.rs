@@ -298,7 +298,9 @@ impl Raid5Channel {
                     tag: parent.tag,
                     result: parent.error.map_or(Ok(()), Err),
                 };
-                if parent.write && self.journal_unrecorded() {
+                // (A failed write is answered: nothing to roll back, and a
+                // cache that can never drain would hold it for good.)
+                if parent.write && c.result.is_ok() && self.journal_unrecorded() {
                     self.jheld.push(c);
                 } else {
                     self.done.push(c);

@@ -230,18 +230,18 @@ impl BlockDevice for Raid5Device {
             refused: Vec::new(),
             deferred: VecDeque::new(),
             inflight: 0,
-            // A journal device that refuses a channel has failed: the
-            // volume goes on without it rather than refuse new queues
-            // (and the draining flushes a failed journal needs).
-            jch: self.journal.as_ref().and_then(|j| match j.device().open_channel() {
-                Ok(ch) => Some(ch),
-                Err(e) => {
-                    if j.set_failed() {
-                        tracing::error!(volume = %self.info.name, error = %e, "journal device refuses a channel; writes go on without it");
-                    }
-                    None
-                }
-            }),
+            // A failed journal's device may refuse channels for good: the
+            // volume goes on without it rather than refuse new queues (and
+            // the draining flushes it needs). A healthy one's refusal (its
+            // queues all in use, for a moment) fails the open as before.
+            jch: match &self.journal {
+                Some(j) => match j.device().open_channel() {
+                    Ok(ch) => Some(ch),
+                    Err(_) if j.has_failed() => None,
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            },
             journal: self.journal.clone(),
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
