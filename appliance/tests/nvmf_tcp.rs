@@ -775,6 +775,67 @@ fn a_listener_keeps_at_most_its_connection_limit() {
     }
 }
 
+/// A TCP connection to `addr` from the local address `from` (another
+/// host, as far as the target can tell).
+fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        panic!("an IPv4 listener");
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a socket of our own, and sockaddr_in values that live
+    // through each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let s = TcpStream::from_raw_fd(fd);
+        let src = sin(from, 0);
+        assert_eq!(
+            libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        let dst = sin(*to.ip(), to.port());
+        assert_eq!(
+            libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        s
+    }
+}
+
+/// One host holds at most three quarters of a listener's connections:
+/// one that opens them all (and idles in the handshake) does not keep the
+/// other hosts out.
+#[test]
+fn one_host_cannot_take_every_connection_of_a_listener() {
+    let r = rig(&[HOST_A]);
+    r.target.set_max_connections(8);
+    let held: Vec<TcpStream> = (0..6).map(|_| raw(r.addr, true)).collect();
+    // The seventh from the same host gets no answer: it is closed.
+    let mut extra = TcpStream::connect(r.addr).unwrap();
+    extra.set_read_timeout(Some(LONG)).unwrap();
+    let _ = extra.write_all(&ic_req(Digests::default()));
+    assert!(
+        read_pdu(&mut extra, Digests::default()).is_none(),
+        "the seventh was taken"
+    );
+    // Another host still gets in.
+    let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), r.addr);
+    other.set_read_timeout(Some(LONG)).unwrap();
+    other.write_all(&ic_req(Digests::default())).unwrap();
+    let p = read_pdu(&mut other, Digests::default()).expect("an answer");
+    assert_eq!(p[0], pdu::kind::IC_RESP);
+    drop(held);
+}
+
 /// The process's resident memory, in bytes.
 fn rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

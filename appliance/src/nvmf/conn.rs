@@ -60,7 +60,13 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// Admit the connection on this reactor.
-pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc<TargetShared>) {
+pub(super) fn start(
+    ctx: &mut Ctx,
+    sock: TcpStream,
+    port: Arc<Port>,
+    shared: Arc<TargetShared>,
+    peer: Option<super::PeerSlot>,
+) {
     let fd = sock.as_raw_fd();
     ctx.watch_fd(fd);
     port.live.fetch_add(1, Ordering::SeqCst);
@@ -94,6 +100,7 @@ pub(super) fn start(ctx: &mut Ctx, sock: TcpStream, port: Arc<Port>, shared: Arc
         opened: ctx.now(),
         ns_blocks: 0,
         counted: None,
+        _peer: peer,
     };
     ctx.add_poller(move |ctx| c.poll(ctx));
 }
@@ -155,6 +162,9 @@ struct IoPath {
 }
 
 struct Conn {
+    /// Its place in its host's share of the listener (given back when the
+    /// connection is dropped).
+    _peer: Option<super::PeerSlot>,
     sock: TcpStream,
     fd: RawFd,
     port: Arc<Port>,

@@ -139,6 +139,46 @@ struct Port {
     addr: SocketAddr,
     /// Connections open on this listener now.
     live: AtomicUsize,
+    /// Of them, per peer address (see [`PeerSlot`]).
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in its peer's count, given back when the
+/// connection goes. One peer may hold at most three quarters of a
+/// listener's connections: a host that opens them all (and sits in the
+/// handshake, or stays idle) cannot keep every other host out.
+pub(crate) struct PeerSlot {
+    port: Arc<Port>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    /// A place for a connection from `ip`, unless it holds its share.
+    fn take(port: &Arc<Port>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let share = max - max / 4;
+        let mut peers = port.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = peers.entry(ip).or_insert(0);
+        if *n >= share {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            port: port.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.port.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = peers.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Port {
@@ -259,6 +299,7 @@ impl Target {
             stop: AtomicBool::new(false),
             addr,
             live: AtomicUsize::new(0),
+            peers: Default::default(),
         });
         let thread = {
             let (port, set, shared) = (port.clone(), self.set.clone(), self.shared.clone());
@@ -425,11 +466,23 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
             }
         };
         let peer = stream.peer_addr().ok();
-        if port.live.load(Ordering::SeqCst) >= shared.max_connections.load(Ordering::SeqCst) {
+        let max = shared.max_connections.load(Ordering::SeqCst);
+        if port.live.load(Ordering::SeqCst) >= max {
             tracing::warn!(?peer, listen = %port.addr, "nvme/tcp: too many connections; this one is closed");
             drop(stream);
             continue;
         }
+        let slot = match peer {
+            Some(p) => match PeerSlot::take(&port, p.ip(), max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::warn!(?peer, listen = %port.addr, "nvme/tcp: this host holds its share of the connections; this one is closed");
+                    drop(stream);
+                    continue;
+                }
+            },
+            None => None,
+        };
         if let Err(e) = stream
             .set_nonblocking(true)
             .and_then(|_| stream.set_nodelay(true))
@@ -440,7 +493,8 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
         let cores = set.len().max(1);
         let core = shared.next_core.fetch_add(1, Ordering::Relaxed) % cores;
         let (port, shared) = (port.clone(), shared.clone());
-        let msg = Box::new(move |ctx: &mut poller::Ctx| conn::start(ctx, stream, port, shared));
+        let msg =
+            Box::new(move |ctx: &mut poller::Ctx| conn::start(ctx, stream, port, shared, slot));
         if set.send(core, msg).is_err() {
             tracing::warn!(
                 ?peer,
