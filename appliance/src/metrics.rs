@@ -98,13 +98,16 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
     // ones can neither hold descriptors the exports need nor keep the
     // daemon's stop waiting.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // One peer holds at most three quarters of them: a scraper gone wild
+    // (or a host that opens them all) leaves room for Prometheus.
+    let peers: Arc<PeerCounts> = Arc::default();
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             () = &mut stopped => break,
             accepted = listener.accept() => {
-                let sock = match accepted {
-                    Ok((sock, _)) => sock,
+                let (sock, peer) = match accepted {
+                    Ok(x) => x,
                     Err(e) => {
                         // Out of descriptors, say: not a busy loop.
                         tracing::warn!(error = %e, "metrics: accept failed");
@@ -112,12 +115,15 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
                         continue;
                     }
                 };
+                let Some(share) = PeerShare::take(&peers, peer.ip()) else {
+                    continue;
+                };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     continue;
                 };
                 let svc = hyper_util::service::TowerToHyperService::new(app.clone());
                 conns.spawn(async move {
-                    let _slot = slot;
+                    let _slot = (slot, share);
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)
@@ -140,6 +146,43 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
 
 /// Scrape connections open at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
+/// Of them, what one peer address may hold.
+const PEER_SHARE: usize = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
+
+type PeerCounts = std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>;
+
+/// A connection's place in its peer's share, given back when dropped.
+struct PeerShare {
+    peers: Arc<PeerCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerShare {
+    fn take(peers: &Arc<PeerCounts>, ip: std::net::IpAddr) -> Option<PeerShare> {
+        let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = p.entry(ip).or_insert(0);
+        if *n >= PEER_SHARE {
+            return None;
+        }
+        *n += 1;
+        Some(PeerShare {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(&self.ip);
+            }
+        }
+    }
+}
 /// How long a connection has to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection lives (Prometheus opens another).

@@ -1,6 +1,8 @@
 //! The NVMe/TCP target over loopback, driven by the project's host
 //! (`nvmf::host`) and by raw sockets that misbehave on purpose.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -775,42 +777,6 @@ fn a_listener_keeps_at_most_its_connection_limit() {
     }
 }
 
-/// A TCP connection to `addr` from the local address `from` (another
-/// host, as far as the target can tell).
-fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(to) = addr else {
-        panic!("an IPv4 listener");
-    };
-    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a socket of our own, and sockaddr_in values that live
-    // through each call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let s = TcpStream::from_raw_fd(fd);
-        let src = sin(from, 0);
-        assert_eq!(
-            libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        let dst = sin(*to.ip(), to.port());
-        assert_eq!(
-            libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        s
-    }
-}
-
 /// One host holds at most three quarters of a listener's connections:
 /// one that opens them all (and idles in the handshake) does not keep the
 /// other hosts out.
@@ -828,7 +794,7 @@ fn one_host_cannot_take_every_connection_of_a_listener() {
         "the seventh was taken"
     );
     // Another host still gets in.
-    let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), r.addr);
+    let mut other = common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), r.addr);
     other.set_read_timeout(Some(LONG)).unwrap();
     other.write_all(&ic_req(Digests::default())).unwrap();
     let p = read_pdu(&mut other, Digests::default()).expect("an answer");

@@ -382,3 +382,52 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     assert!(status.success());
     drop(stalled);
 }
+
+/// One scraper address holds at most three quarters of the listener's
+/// connections: a scraper gone wild (here 48 connections that sent a byte
+/// and went quiet) leaves room for Prometheus on another address.
+#[test]
+fn one_peer_cannot_take_every_metrics_connection() {
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = std::sync::Arc::new(appliance::manager::Manager::new(reactors.set(), None));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = appliance::metrics::start(addr, mgr.clone(), stop.clone()).unwrap();
+    let held: Vec<std::net::TcpStream> = (0..48)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut s, b"G").unwrap();
+            s
+        })
+        .collect();
+    // The 49th from the same address is closed unanswered.
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let _ = write!(extra, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = extra.read_to_end(&mut out);
+    assert!(out.is_empty(), "the 49th was answered");
+    // Another address is served.
+    let mut other = common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr);
+    write!(other, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    other.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.") && out.contains(" 200 "), "{out}");
+    drop(held);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    server.join().unwrap();
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

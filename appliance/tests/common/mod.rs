@@ -276,3 +276,39 @@ pub fn checkpoint_until(
         done
     })
 }
+
+/// A TCP connection to `addr` from the local address `from` (another
+/// host, as far as the target can tell).
+pub fn connect_from(from: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(to) = addr else {
+        panic!("an IPv4 listener");
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a socket of our own, and sockaddr_in values that live
+    // through each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let s = std::net::TcpStream::from_raw_fd(fd);
+        let src = sin(from, 0);
+        assert_eq!(
+            libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        let dst = sin(*to.ip(), to.port());
+        assert_eq!(
+            libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        s
+    }
+}
