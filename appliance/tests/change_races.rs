@@ -106,6 +106,15 @@ impl Rig {
         self.monitor.member_states()
     }
 
+    /// The names of the devices in the slots.
+    fn member_names(&self) -> Vec<String> {
+        self.monitor
+            .member_devices()
+            .iter()
+            .map(|d| d.info().name.clone())
+            .collect()
+    }
+
     fn stop(self) {
         drop(self.monitor);
         drop(self.volume);
@@ -514,12 +523,7 @@ fn a_replacement_that_missed_a_write_never_takes_the_slot() {
         let s = rig.monitor.snapshot();
         s.settled() && s.replacing.is_none()
     });
-    let names: Vec<String> = rig
-        .monitor
-        .member_devices()
-        .iter()
-        .map(|d| d.info().name.clone())
-        .collect();
+    let names = rig.member_names();
     assert_eq!(names, vec!["m0".to_string(), "m1".into()]);
     assert_eq!(rig.read(0, 8), vec![0x20; 8 * BS]);
     rig.stop();
@@ -676,6 +680,13 @@ fn a_bitmap_waits_for_a_member_failure_to_be_recorded() {
     rig.stop();
 }
 
+/// Send `ev` to the monitor as a late report comes, and wait until it was
+/// taken and applied (or found stale).
+fn late_event(rig: &Rig, ev: Event) {
+    rig.monitor.device().member_set().failures.event(ev);
+    eventually("the event was taken", || rig.monitor.idle());
+}
+
 /// The rebuild in progress of `rig`'s volume, as the run its events name.
 fn rebuild_run(rig: &Rig) -> Run {
     let device = rig.monitor.device();
@@ -718,12 +729,7 @@ fn a_late_rebuild_end_never_marks_a_newer_rebuild_in_sync() {
     assert!(rig.faults[2].control().wait_held(1, LONG));
     assert!(rebuild_run(&rig) != first, "a new run");
     // The first rebuild's end arrives late.
-    rig.monitor
-        .device()
-        .member_set()
-        .failures
-        .event(Event::Rebuilt(1, first));
-    eventually("the event was taken", || rig.monitor.idle());
+    late_event(&rig, Event::Rebuilt(1, first));
     assert_eq!(rig.states()[1], MemberState::Rebuilding);
     rig.faults[2].control().release();
     eventually("s0 in sync again", || {
@@ -758,12 +764,10 @@ fn a_late_replacement_abort_leaves_a_newer_replacement_alone() {
     let q = rig.monitor.replace_member("m1", y.clone()).unwrap();
     assert!(y.control().wait_held(1, LONG));
     // The first one's abort, reported again.
-    rig.monitor
-        .device()
-        .member_set()
-        .failures
-        .event(Event::RebuildAborted(2, Run::of(&first), "late".into()));
-    eventually("the event was taken", || rig.monitor.idle());
+    late_event(
+        &rig,
+        Event::RebuildAborted(2, Run::of(&first), "late".into()),
+    );
     assert!(rig.monitor.snapshot().replacing.is_some(), "still running");
     y.control().release();
     eventually("the copy finished", || q.is_finished());
@@ -772,12 +776,7 @@ fn a_late_replacement_abort_leaves_a_newer_replacement_alone() {
         s.settled() && s.replacing.is_none()
     });
     assert_eq!(q.error(), None);
-    let names: Vec<String> = rig
-        .monitor
-        .member_devices()
-        .iter()
-        .map(|d| d.info().name.clone())
-        .collect();
+    let names = rig.member_names();
     assert_eq!(names, vec!["m0".to_string(), "y".into()]);
     rig.faults[0].control().pull();
     assert_eq!(rig.read(0, 512), vec![0x6b; 512 * BS]);

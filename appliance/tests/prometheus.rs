@@ -394,12 +394,10 @@ fn one_peer_cannot_take_every_metrics_connection() {
     })
     .unwrap();
     let mgr = std::sync::Arc::new(appliance::manager::Manager::new(reactors.set(), None));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // A free port (the probe's listener closes at once).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = appliance::metrics::start(addr, mgr.clone(), stop.clone()).unwrap();
     let held: Vec<std::net::TcpStream> = (0..48)
