@@ -1164,3 +1164,64 @@ fn a_record_too_large_for_the_log_gives_the_journal_up_instead_of_waiting() {
         assert!(parity_consistent(&devs, 8, 1024), "{mode:?}: parity");
     }
 }
+
+/// From review: a journal device that refuses a channel for a moment (its
+/// queues all in use while the volume's queues move to a new generation)
+/// either failed every new queue of the volume or, failed for good, the
+/// journal. It is asked again while a record waits: the write goes through
+/// the journal once the device takes a channel. One that keeps refusing
+/// fails the journal after a grace period, and writes go on without it.
+#[test]
+fn a_journal_device_that_refuses_a_channel_for_a_moment_keeps_its_journal() {
+    use appliance::raid::journal::{Journal, JournalMode};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let members: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"), 8192)).collect();
+    let jfault = Arc::new(FaultDevice::new(ram("j", 4097)));
+    let journal = Journal::format_with(
+        jfault.clone() as Arc<dyn BlockDevice>,
+        JournalMode::WriteThrough,
+    )
+    .unwrap();
+    let dev = Arc::new(r5(&members, 0, FailureSink::none()).with_journal(journal.clone()));
+    let volume = Volume::new(reactors.set(), "r5", dev);
+    let write = |byte: u8| {
+        let v = volume.clone();
+        std::thread::spawn(move || {
+            v.io(IoOp::Write, 0, vec![byte; 4096], Duration::from_secs(60))
+                .map(|_| ())
+        })
+    };
+    // Refused while the write's channel opens and its record waits.
+    let records = journal.counts().records;
+    jfault.control().refuse_channels(true);
+    let w = write(0x11);
+    let t = std::time::Instant::now();
+    while jfault.control().refused() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "never refused");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    jfault.control().refuse_channels(false);
+    w.join().unwrap().unwrap();
+    assert!(
+        !journal.has_failed(),
+        "a moment's refusal failed the journal"
+    );
+    assert!(
+        journal.counts().records > records,
+        "the write went without a record"
+    );
+    // Refused for good: the journal is failed, the write goes on.
+    jfault.control().refuse_channels(true);
+    write(0x22).join().unwrap().unwrap();
+    assert!(journal.has_failed());
+    let back = volume
+        .io(IoOp::Read, 0, vec![0; 4096], Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(back, vec![0x22; 4096]);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

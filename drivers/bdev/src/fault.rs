@@ -19,6 +19,8 @@ pub struct FaultControl {
     injected: AtomicU64,
     /// New channels are refused (a device that cannot be opened).
     refuse_channels: AtomicBool,
+    /// Channels refused so far.
+    refusals: AtomicU64,
     /// Holding requests (see [`FaultControl::hold`]): the fast check.
     holding: AtomicBool,
     hold: Mutex<Hold>,
@@ -81,6 +83,11 @@ impl FaultControl {
     /// away between two configurations does.
     pub fn refuse_channels(&self, on: bool) {
         self.refuse_channels.store(on, Ordering::SeqCst);
+    }
+
+    /// Channels refused so far (a test waits for one, not for time).
+    pub fn refused(&self) -> u64 {
+        self.refusals.load(Ordering::SeqCst)
     }
 
     /// Clear every fault.
@@ -220,6 +227,7 @@ impl BlockDevice for FaultDevice {
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
         if self.control.refuse_channels.load(Ordering::SeqCst) {
+            self.control.refusals.fetch_add(1, Ordering::SeqCst);
             return Err(BdevError::Os {
                 what: format!("{}: opening a channel", self.info.name),
                 source: std::io::Error::from_raw_os_error(libc::ENODEV),

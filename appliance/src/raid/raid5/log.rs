@@ -16,6 +16,20 @@ use crate::raid::cache::WriteCache;
 use crate::raid::journal::Entry;
 use crate::raid::sg;
 
+/// How long a journal device may refuse a channel before its journal is
+/// failed.
+const JOURNAL_OPEN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What [`Raid5Channel::journal_channel`] found.
+pub(super) enum JournalChannel {
+    /// Open: send.
+    Open,
+    /// Refused for now: keep the request and ask again next poll.
+    Wait,
+    /// No journal channel will come: the request fails.
+    Gone,
+}
+
 impl Raid5Channel {
     pub(super) fn cache(&self) -> Option<&WriteCache> {
         self.journal.as_ref().map(|j| j.cache())
@@ -340,16 +354,51 @@ impl Raid5Channel {
             self.jdeferred.push_back(req);
             return;
         }
-        match self.jch.as_mut() {
-            Some(ch) => {
-                if let Err(SubmitError::Busy(req)) = ch.submit(req) {
-                    self.jdeferred.push_back(req);
+        match self.journal_channel() {
+            JournalChannel::Open => {
+                if let Some(ch) = self.jch.as_mut() {
+                    if let Err(SubmitError::Busy(req)) = ch.submit(req) {
+                        self.jdeferred.push_back(req);
+                    }
                 }
             }
-            None => self.refused.push(Completion {
+            JournalChannel::Wait => self.jdeferred.push_back(req),
+            JournalChannel::Gone => self.refused.push(Completion {
                 tag: req.tag,
                 result: Err(IoError::DeviceFailed),
             }),
+        }
+    }
+
+    /// The journal device's channel, opened on first use. A refusal is
+    /// asked again on later polls for `JOURNAL_OPEN_GRACE` (its queues may
+    /// all be in use for a moment); past that, or once the journal has
+    /// failed, its requests fail (and so does the journal).
+    pub(super) fn journal_channel(&mut self) -> JournalChannel {
+        if self.jch.is_some() {
+            return JournalChannel::Open;
+        }
+        let Some(j) = self.journal.clone() else {
+            return JournalChannel::Gone;
+        };
+        if j.has_failed() {
+            return JournalChannel::Gone;
+        }
+        match j.device().open_channel() {
+            Ok(ch) => {
+                self.jch = Some(ch);
+                self.jch_refused = None;
+                JournalChannel::Open
+            }
+            Err(e) => {
+                let since = *self.jch_refused.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < JOURNAL_OPEN_GRACE {
+                    JournalChannel::Wait
+                } else {
+                    tracing::error!(volume = %self.info.name, error = %e, "the journal device refuses a channel");
+                    JournalChannel::Gone
+                }
+            }
         }
     }
 
@@ -459,12 +508,22 @@ impl Raid5Channel {
             }
         }
         while let Some(req) = self.jdeferred.pop_front() {
+            match self.journal_channel() {
+                JournalChannel::Open => {}
+                JournalChannel::Wait => {
+                    self.jdeferred.push_front(req);
+                    break;
+                }
+                JournalChannel::Gone => {
+                    self.refused.push(Completion {
+                        tag: req.tag,
+                        result: Err(IoError::DeviceFailed),
+                    });
+                    continue;
+                }
+            }
             let Some(ch) = self.jch.as_mut() else {
-                self.refused.push(Completion {
-                    tag: req.tag,
-                    result: Err(IoError::DeviceFailed),
-                });
-                continue;
+                break;
             };
             if let Err(SubmitError::Busy(req)) = ch.submit(req) {
                 self.jdeferred.push_front(req);

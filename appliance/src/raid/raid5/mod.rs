@@ -230,18 +230,17 @@ impl BlockDevice for Raid5Device {
             refused: Vec::new(),
             deferred: VecDeque::new(),
             inflight: 0,
-            // A failed journal's device may refuse channels for good: the
-            // volume goes on without it rather than refuse new queues (and
-            // the draining flushes it needs). A healthy one's refusal (its
-            // queues all in use, for a moment) fails the open as before.
-            jch: match &self.journal {
-                Some(j) => match j.device().open_channel() {
-                    Ok(ch) => Some(ch),
-                    Err(_) if j.has_failed() => None,
-                    Err(e) => return Err(e),
-                },
-                None => None,
-            },
+            // A journal device that refuses a channel does not refuse the
+            // volume's queue: one whose queues are all in use for a moment
+            // (while queues move to a new generation) is asked again when
+            // a record needs it, and a dead one fails the journal after
+            // `JOURNAL_OPEN_GRACE` (see `journal_channel`).
+            jch: self
+                .journal
+                .as_ref()
+                .filter(|j| !j.has_failed())
+                .and_then(|j| j.device().open_channel().ok()),
+            jch_refused: None,
             journal: self.journal.clone(),
             jwait: VecDeque::new(),
             jdeferred: VecDeque::new(),
@@ -396,6 +395,9 @@ struct Raid5Channel {
     journal: Option<Arc<Journal>>,
     /// This core's channel to the journal device.
     jch: Option<Box<dyn IoChannel>>,
+    /// When the journal device first refused this channel one (`None`:
+    /// not refused, or opened since).
+    jch_refused: Option<std::time::Instant>,
     /// Pieces waiting for room in the log (until the next checkpoint).
     jwait: VecDeque<usize>,
     /// Journal requests waiting for room in the journal device's queue.
