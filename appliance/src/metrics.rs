@@ -159,6 +159,7 @@ struct PeerShare {
 
 impl PeerShare {
     fn take(peers: &Arc<PeerCounts>, ip: std::net::IpAddr) -> Option<PeerShare> {
+        let ip = crate::nvmf::peer_key(ip);
         let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
         let n = p.entry(ip).or_insert(0);
         if *n >= PEER_SHARE {

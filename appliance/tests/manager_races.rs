@@ -615,3 +615,69 @@ fn crash_after_the_journal_failed(mode: &str) {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// A stop while a failed journal still drains its write-back cache waits
+/// (a bounded time) for it to drain and be given up: the blocks it held
+/// exist nowhere else than in its failed log, which the next start may not
+/// be able to read. Here the log is gone at the restart: the volume starts
+/// without it, and every acknowledged block is on the members.
+#[test]
+fn a_stop_lets_a_failed_journal_drain_first() {
+    let mut rig = Rig::new(true);
+    let dir = rig.dir.path().to_path_buf();
+    for n in ["d0", "d1", "d2", "j"] {
+        rig.attach(n, &format!("file:{}:16M", dir.join(n).display()));
+    }
+    let mut decl = VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]);
+    decl.journal = Some("j".into());
+    decl.journal_mode = "write-back".into();
+    rig.mgr.create_volume(decl, false).unwrap();
+    let sock = rig.export("v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    let spots: Vec<u64> = (0..16).map(|i| i << 20).collect();
+    for &at in &spots {
+        disk.buf()[..8192].copy_from_slice(&common::pattern(3, at, 8192));
+        assert_eq!(disk.write(at, 8192), 0);
+    }
+    let cached = |rig: &Rig| {
+        let v = rig.mgr.get_volume("v").unwrap();
+        v.journal_state.map_or(0, |j| j.cached_blocks)
+    };
+    assert!(cached(&rig) > 0, "nothing to drain");
+    // The journal goes; a write finds out (and waits for the give-up).
+    rig.fault("j").pull();
+    disk.buf()[..4096].copy_from_slice(&common::pattern(4, 24 << 20, 4096));
+    disk.start_write(24 << 20, 0, 4096, 7);
+    eventually("the journal is failed", || {
+        let v = rig.mgr.get_volume("v").unwrap();
+        v.journal_state.is_some_and(|j| j.failed)
+    });
+    rig.mgr.shutdown();
+    assert_eq!(disk.next(LONG), Some((7, 0)), "the write was answered");
+    drop(disk);
+    let config = rig.state();
+    assert_eq!(config.volumes[0].journal, None, "{:?}", config.volumes[0]);
+    let reactors = std::mem::replace(
+        &mut rig.reactors,
+        Reactors::start(ReactorConfig::default()).unwrap(),
+    );
+    let _ = reactors.shutdown();
+    // The log is unreadable now.
+    std::fs::write(dir.join("j"), vec![0u8; 16 << 20]).unwrap();
+    let mgr = Manager::new(rig.reactors.set(), Some(dir.join("state.toml")));
+    mgr.restore(&config, false).unwrap();
+    let mut disk = Disk::connect(&sock).unwrap();
+    for &at in &spots {
+        assert_eq!(disk.read(at, 8192), 0);
+        assert!(
+            disk.buf()[..8192] == common::pattern(3, at, 8192)[..],
+            "the block at {at} was lost"
+        );
+    }
+    assert_eq!(disk.read(24 << 20, 4096), 0);
+    assert!(disk.buf()[..4096] == common::pattern(4, 24 << 20, 4096)[..]);
+    drop(disk);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = rig.reactors.shutdown();
+}

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bdev::BlockDevice;
 use poller::{QuiesceError, ReactorSet, SuspendGuard};
@@ -42,6 +42,9 @@ pub use roles::RoleBook;
 
 /// How long a change waits for a volume's IO to drain, by default.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stop waits for failed journals to drain (see
+/// `Manager::settle_failed_journals`).
+const JOURNAL_DRAIN_AT_STOP: Duration = Duration::from_secs(30);
 
 /// Why a change was refused; nothing changed. The variants are the gRPC
 /// status codes they become.
@@ -717,9 +720,37 @@ impl Manager {
     /// recorded clean. The state file keeps them for the next start.
     pub fn shutdown(&self) {
         if !self.shared.closed.load(Ordering::SeqCst) {
+            self.settle_failed_journals(JOURNAL_DRAIN_AT_STOP);
             let _ = self.save();
         }
         self.shutdown_without_saving();
+    }
+
+    /// A journal that failed and still drains its write-back cache gets up
+    /// to `limit` to finish and be given up before the daemon stops: the
+    /// blocks it holds exist nowhere else but in its failed log, which the
+    /// next start may not be able to read (and the writes made without it
+    /// since are answered only once it is given up).
+    fn settle_failed_journals(&self, limit: Duration) {
+        let journals: Vec<(String, Arc<crate::raid::journal::Journal>)> = self
+            .inv()
+            .volumes
+            .iter()
+            .filter_map(|(name, v)| {
+                let j = v.monitor.as_ref()?.journal()?;
+                (j.has_failed() && !j.given_up_recorded()).then(|| (name.clone(), j))
+            })
+            .collect();
+        let deadline = Instant::now() + limit;
+        for (name, j) in journals {
+            while !j.given_up_recorded() {
+                if Instant::now() >= deadline {
+                    tracing::warn!(volume = name, cached = j.cache().len(), "stopping with a failed journal not yet drained; its log is replayed at the next start if it can be read");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Stop everything, leaving the state file as it is (after a failed

@@ -308,8 +308,8 @@ impl Manager {
     ) -> Result<Started, MgmtError> {
         let (device, meta, was_clean) = opened;
         let volume = Volume::new_raid(&self.shared.set, &decl.name, device.clone());
-        let monitor = Monitor::start(&self.shared.set, volume.clone(), device, rx, spares);
-        monitor.await_hooks();
+        let monitor =
+            Monitor::start_awaiting_hooks(&self.shared.set, volume.clone(), device, rx, spares);
         monitor.set_timeout(self.shared.timeout());
         monitor.set_meta(meta);
         let setup = || -> Result<(), OpError> {

@@ -152,9 +152,23 @@ pub(crate) struct PeerSlot {
     ip: std::net::IpAddr,
 }
 
+/// Whom a connection from `ip` counts against: an IPv4 address (also as
+/// an IPv6-mapped one, from a listener on `::`), or an IPv6 /64, which one
+/// host may fill with addresses of its own.
+pub(crate) fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl PeerSlot {
     /// A place for a connection from `ip`, unless it holds its share.
     fn take(port: &Arc<Port>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let ip = peer_key(ip);
         let share = max - max / 4;
         let mut peers = port.peers.lock().unwrap_or_else(|e| e.into_inner());
         let n = peers.entry(ip).or_insert(0);
@@ -501,5 +515,20 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
                 "nvme/tcp: the reactors are stopped; connection dropped"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_key;
+
+    #[test]
+    fn a_peer_is_its_ipv4_address_or_its_ipv6_64() {
+        let key = |s: &str| peer_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
     }
 }

@@ -486,6 +486,30 @@ impl Monitor {
         rx: Receiver<Event>,
         spares: Vec<Arc<dyn BlockDevice>>,
     ) -> Monitor {
+        Self::start_with(set, volume, device, rx, spares, false)
+    }
+
+    /// [`start`](Self::start) for an owner that sets hooks once the volume
+    /// is set up: until then nothing is recorded that only they can record
+    /// (a failed journal is not given up).
+    pub fn start_awaiting_hooks(
+        set: &ReactorSet,
+        volume: Volume,
+        device: Arc<dyn RaidDevice>,
+        rx: Receiver<Event>,
+        spares: Vec<Arc<dyn BlockDevice>>,
+    ) -> Monitor {
+        Self::start_with(set, volume, device, rx, spares, true)
+    }
+
+    fn start_with(
+        set: &ReactorSet,
+        volume: Volume,
+        device: Arc<dyn RaidDevice>,
+        rx: Receiver<Event>,
+        spares: Vec<Arc<dyn BlockDevice>>,
+        awaiting_hooks: bool,
+    ) -> Monitor {
         // Background work finds the level in the volume's generation.
         if volume.quiesce().config().1.raid.is_none() {
             let d = device.clone();
@@ -528,7 +552,7 @@ impl Monitor {
             quit: AtomicBool::new(false),
             deferred: Default::default(),
             received: Default::default(),
-            hooks_awaited: AtomicBool::new(false),
+            hooks_awaited: AtomicBool::new(awaiting_hooks),
         });
         let name = inner.volume.name().to_string();
         let mut threads = Vec::new();
@@ -553,12 +577,6 @@ impl Monitor {
             }
         }
         Monitor { inner, threads }
-    }
-
-    /// Hooks will be set: until then nothing is recorded that only they
-    /// can record (a failed journal is not given up).
-    pub fn await_hooks(&self) {
-        self.inner.hooks_awaited.store(true, Ordering::SeqCst);
     }
 
     /// Tell `hooks` about role changes and state to persist from now on.

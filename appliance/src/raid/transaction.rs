@@ -341,6 +341,13 @@ fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
                 super::change::FAILING_UNRECORDED.into(),
             ));
         }
+        // The journal may have failed while the volume drained: a switch
+        // to write-back would be written to its superblock and not made.
+        Change::JournalMode(_) if s.current.journal().is_some_and(|j| j.has_failed()) => {
+            return Err(OpError::FailedPrecondition(
+                "the journal device has failed".into(),
+            ));
+        }
         // A member may have gone while the volume drained.
         Change::Scrub(..) => {
             s.current

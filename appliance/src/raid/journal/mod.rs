@@ -403,6 +403,10 @@ impl Journal {
         let guard = volume
             .suspend(timeout)
             .map_err(|e| RaidError::Volume(e.into()))?;
+        // (It may have failed while the volume drained.)
+        if self.has_failed() {
+            return Err(RaidError::Invalid("the journal device has failed".into()));
+        }
         if wb {
             self.write_super_mode(mode)?;
         }
