@@ -10,10 +10,7 @@
 //! in base units (seconds, bytes) and every family has HELP text. A deleted
 //! export or volume simply stops appearing.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
@@ -24,173 +21,11 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::manager::Manager;
 
+mod server;
+pub use server::start;
+
 /// The content type of a scrape.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// Start the HTTP listener on `addr` (GET /metrics) on a thread of its
-/// own; it stops when `stop` is set. The address is bound before this
-/// returns, so a port in use is reported at start-up.
-pub fn start(
-    addr: SocketAddr,
-    mgr: Arc<Manager>,
-    stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>, String> {
-    let listener = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
-    let registry = Arc::new(registry(mgr));
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "metrics: no runtime; not serving");
-                    return;
-                }
-            };
-            rt.block_on(serve(listener, registry, stop));
-        })
-        .map_err(|e| format!("spawning the metrics listener: {e}"))
-}
-
-async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: Arc<AtomicBool>) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "metrics: listener not usable; not serving");
-            return;
-        }
-    };
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => (
-                        axum::http::StatusCode::OK,
-                        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-                        body,
-                    ),
-                    Err(_) => (
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-                        "encoding the metrics failed\n".to_string(),
-                    ),
-                }
-            }
-        }),
-    );
-    let stopped = async move {
-        while !stop.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::pin!(stopped);
-    // Scrapers are outside the process: each connection has a time to
-    // send its request's headers and a lifetime, and there is a cap on
-    // how many are open (the rest are closed at once), so idle or slow
-    // ones can neither hold descriptors the exports need nor keep the
-    // daemon's stop waiting.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // One peer holds at most three quarters of them: a scraper gone wild
-    // (or a host that opens them all) leaves room for Prometheus.
-    let peers: Arc<PeerCounts> = Arc::default();
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            () = &mut stopped => break,
-            accepted = listener.accept() => {
-                let (sock, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of descriptors, say: not a busy loop.
-                        tracing::warn!(error = %e, "metrics: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Some(share) = PeerShare::take(&peers, peer.ip()) else {
-                    continue;
-                };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    continue;
-                };
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                conns.spawn(async move {
-                    let _slot = (slot, share);
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
-                    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-                });
-            }
-        }
-        while conns.try_join_next().is_some() {}
-    }
-    // Scrapes under way may finish; the rest go with the runtime.
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(grace = ?SHUTDOWN_GRACE, "metrics: a scrape was still open at the stop; dropped");
-    }
-}
-
-/// Scrape connections open at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 64;
-/// Of them, what one peer address may hold.
-const PEER_SHARE: usize = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
-
-type PeerCounts = std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>;
-
-/// A connection's place in its peer's share, given back when dropped.
-struct PeerShare {
-    peers: Arc<PeerCounts>,
-    ip: std::net::IpAddr,
-}
-
-impl PeerShare {
-    fn take(peers: &Arc<PeerCounts>, ip: std::net::IpAddr) -> Option<PeerShare> {
-        let ip = crate::nvmf::peer_key(ip);
-        let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
-        let n = p.entry(ip).or_insert(0);
-        if *n >= PEER_SHARE {
-            return None;
-        }
-        *n += 1;
-        Some(PeerShare {
-            peers: peers.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerShare {
-    fn drop(&mut self) {
-        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = p.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                p.remove(&self.ip);
-            }
-        }
-    }
-}
-/// How long a connection has to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a connection lives (Prometheus opens another).
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-
-/// How long the stop waits for scrapes under way.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A registry whose only collector reads `mgr` on each scrape.
 pub fn registry(mgr: Arc<Manager>) -> Registry {

@@ -22,7 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::dirtylog::DirtyLog;
-use super::eventfd::Notifier;
+use super::eventfd::Signaller;
 use super::inflight::InflightRegion;
 use super::memory::{Declared, GuestMemory, MAX_REGIONS};
 use super::queue::{self, QueueShared};
@@ -106,7 +106,7 @@ struct Vring {
     addrs: Option<(u64, u64, u64)>,
     base: u16,
     kick: Option<File>,
-    call: Option<Arc<Notifier>>,
+    call: Option<Arc<Signaller>>,
     enabled: bool,
     running: Option<Running>,
     /// Its runner was told to stop and did not within the drain time-out
@@ -133,9 +133,11 @@ pub struct Handler {
 /// A kick or call descriptor must be an eventfd: the reactor reads and
 /// writes it on the IO path, and anything else (a pipe whose buffer fills,
 /// a socket, a file) could block that reactor and every queue on it. Both
-/// are made non-blocking here: the reactor drains the kick without
-/// waiting, and a call counter the frontend never reads cannot stall us
-/// either (eventfd's limit is 2^64 - 2).
+/// are made non-blocking here, though the frontend shares the flag and can
+/// clear it: the reactor drains the kick without waiting whatever the
+/// flag says (RWF_NOWAIT), and writes a call only when it has room, with
+/// a watchdog that frees a write the frontend still made block
+/// (`eventfd::Signaller`).
 fn check_eventfd(fd: &Option<File>, what: &str, index: u8) -> VuResult<()> {
     use std::os::fd::AsRawFd;
     let Some(f) = fd else {
@@ -481,7 +483,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_CALL");
         check_eventfd(&fd, "call", index)?;
         let v = self.vring(index as u32)?;
-        v.call = fd.map(Notifier::new);
+        v.call = fd.map(Signaller::new);
         if let Some(r) = &v.running {
             r.shared.set_call(v.call.clone());
             // Wake the queue's reactor if it sleeps, so the runner takes
@@ -491,7 +493,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             // (A full counter takes nothing: the reactor is awake then
             // anyway. Watched, like every write to a frontend's eventfd.)
             if let Some(kick) = r.kick.as_ref().and_then(|k| k.try_clone().ok()) {
-                Notifier::new(kick).signal();
+                Signaller::new(kick).signal();
             }
         }
         Ok(())

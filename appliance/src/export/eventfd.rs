@@ -8,7 +8,7 @@
 //! Linux 5.12), so the frontend's flags do not matter.
 //!
 //! Writes cannot be asked that (eventfds refuse RWF_NOWAIT for writes), so
-//! a write looks for room first, and a [`Notifier`] is watched: a write
+//! a write looks for room first, and a [`Signaller`] is watched: a write
 //! the frontend still made block (it filled the counter and cleared the
 //! flag between our look and our write) is freed by a watchdog thread
 //! that takes the counter. Only a frontend that means harm fills a
@@ -79,26 +79,30 @@ fn write_one(fd: RawFd) {
 /// An eventfd of the frontend's that we write to (a queue's call fd, or
 /// its kick fd to wake our own runner), watched so a write the frontend
 /// made block is freed (see the module's comment).
-pub(crate) struct Notifier {
+pub(crate) struct Signaller {
     file: File,
     /// Writes started and finished: a write in progress that makes no
     /// progress between two looks of the watchdog, on a full counter, is
     /// blocked.
     started: AtomicU64,
     finished: AtomicU64,
+    /// The watchdog had to free a write: the frontend means harm, and is
+    /// written to no more (it would block the reactor again and again).
+    hostile: AtomicBool,
 }
 
 /// How often the watchdog looks: a blocked write waits at most about
 /// twice this.
 const WATCH_EVERY: Duration = Duration::from_millis(50);
 
-impl Notifier {
+impl Signaller {
     /// Watch `file` (an eventfd) from now until the last handle goes.
-    pub(crate) fn new(file: File) -> Arc<Notifier> {
-        let n = Arc::new(Notifier {
+    pub(crate) fn new(file: File) -> Arc<Signaller> {
+        let n = Arc::new(Signaller {
             file,
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
+            hostile: AtomicBool::new(false),
         });
         if let Some(watched) = watched() {
             watched
@@ -115,6 +119,9 @@ impl Notifier {
     /// in between makes it wait until the watchdog frees it.
     #[inline]
     pub(crate) fn signal(&self) {
+        if self.hostile.load(Ordering::Relaxed) {
+            return;
+        }
         if ready(self.file.as_raw_fd(), libc::POLLOUT) {
             self.write_now();
         }
@@ -128,13 +135,13 @@ impl Notifier {
     }
 }
 
-impl AsRawFd for Notifier {
+impl AsRawFd for Signaller {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
 }
 
-type Watched = Mutex<Vec<(Weak<Notifier>, u64)>>;
+type Watched = Mutex<Vec<(Weak<Signaller>, u64)>>;
 
 /// The notifiers the watchdog looks at (with the finished count it saw
 /// last), its thread started with the first; `None` if it cannot start.
@@ -177,10 +184,11 @@ fn free_blocked(watched: &Watched) {
         // A counter with room means the writer is only slow (descheduled):
         // its count is the frontend's, and is left alone.
         if stuck && !ready(n.file.as_raw_fd(), libc::POLLOUT) {
+            n.hostile.store(true, Ordering::Relaxed);
             let took = drain(n.file.as_raw_fd());
             tracing::warn!(
                 count = took,
-                "a frontend filled an eventfd we write to and made it blocking; its counter was taken to free the write"
+                "a frontend filled an eventfd we write to and made it blocking; its counter was taken to free the write, and it is written to no more"
             );
         }
     }
@@ -207,7 +215,7 @@ mod tests {
         assert_eq!(drain(fd.as_raw_fd()), 3);
         assert_eq!(drain(fd.as_raw_fd()), 0);
         // A full counter takes no signal, and does not wait either.
-        let n = Notifier::new(file_of(&fd));
+        let n = Signaller::new(file_of(&fd));
         fd.write(u64::MAX - 1).unwrap();
         n.signal();
         assert_eq!(drain(fd.as_raw_fd()), u64::MAX - 1);
@@ -217,11 +225,11 @@ mod tests {
 
     /// The write a look cannot keep from blocking (the frontend filled the
     /// counter and cleared O_NONBLOCK after it) ends: the watchdog takes
-    /// the counter.
+    /// the counter, and the frontend gets no more writes.
     #[test]
     fn a_write_the_frontend_made_block_is_freed() {
         let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        let n = Notifier::new(file_of(&fd));
+        let n = Signaller::new(file_of(&fd));
         fd.write(u64::MAX - 1).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let m = n.clone();
@@ -235,10 +243,11 @@ mod tests {
         );
         // The counter was taken, then the write added its one.
         assert_eq!(drain(fd.as_raw_fd()), 1);
-        // A counter with room is never taken.
+        // It is written to no more, and a counter with room is never
+        // taken.
         fd.write(5).unwrap();
         n.signal();
         free_blocked(watched().unwrap());
-        assert_eq!(drain(fd.as_raw_fd()), 6);
+        assert_eq!(drain(fd.as_raw_fd()), 5);
     }
 }

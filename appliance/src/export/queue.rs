@@ -15,7 +15,7 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 
 use super::chain::{walk_chain_with, Desc, RegionCache};
-use super::eventfd::Notifier;
+use super::eventfd::Signaller;
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
@@ -43,14 +43,14 @@ pub struct QueueShared {
     /// Writes parked by a suspended range now.
     parked: AtomicU64,
     call_gen: AtomicU64,
-    call: Mutex<Option<Arc<Notifier>>>,
+    call: Mutex<Option<Arc<Signaller>>>,
     stopped: Mutex<Option<(u16, u16)>>,
     stopped_cv: Condvar,
 }
 
 impl QueueShared {
     /// Replace the call eventfd (the runner picks it up on its next poll).
-    pub fn set_call(&self, call: Option<Arc<Notifier>>) {
+    pub fn set_call(&self, call: Option<Arc<Signaller>>) {
         *self.call.lock().unwrap_or_else(|e| e.into_inner()) = call;
         self.call_gen.fetch_add(1, Ordering::SeqCst);
     }
@@ -138,7 +138,7 @@ struct Runner {
     queue: Queue,
     ring: Ring,
     kick: File,
-    call: Option<Arc<Notifier>>,
+    call: Option<Arc<Signaller>>,
     call_gen: u64,
     shared: Arc<QueueShared>,
     mem_gate: LocalGate<GuestMap>,

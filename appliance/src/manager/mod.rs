@@ -295,6 +295,9 @@ pub struct JournalState {
     pub held_blocks: u64,
     /// Whether its device failed (the volume then goes on without it).
     pub failed: bool,
+    /// Failed, and the state file names it no more: the writes made
+    /// without it are answered (until then they wait).
+    pub given_up: bool,
 }
 
 /// A volume as described.
@@ -693,11 +696,16 @@ impl Manager {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));
             }
-            if v.journal_state.is_some_and(|j| j.failed) {
-                problems.push(format!(
+            match v.journal_state {
+                Some(j) if j.failed && j.given_up => problems.push(format!(
                     "volume {}: its journal device failed; writes go on without write-hole protection",
                     v.name
-                ));
+                )),
+                Some(j) if j.failed => problems.push(format!(
+                    "volume {}: its journal device failed and is not given up yet ({} cached blocks to drain, or the state file cannot be written): writes made since wait",
+                    v.name, j.cached_blocks
+                )),
+                _ => {}
             }
             if v.pending_changes > 0 {
                 problems.push(format!(
@@ -716,7 +724,8 @@ impl Manager {
         }
     }
 
-    /// Stop serving: exports disconnect (in-flight IO drains), volumes are
+    /// Stop serving: a failed journal still draining gets up to 30 s to
+    /// finish first, exports disconnect (in-flight IO drains), volumes are
     /// recorded clean. The state file keeps them for the next start.
     pub fn shutdown(&self) {
         if !self.shared.closed.load(Ordering::SeqCst) {

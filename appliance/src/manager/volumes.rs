@@ -60,14 +60,18 @@ impl VolumeHooks for Hooks {
     }
 
     fn persist_now(&self, view: &Snapshot) -> Result<(), String> {
-        // Only what the view says of the journal: the recorder's view may
-        // be older than a change that saved itself but is not published
-        // yet, whose declaration must stay.
+        // Only the given-up journal leaves the declaration: the recorder's
+        // view may be older than a change that saved itself but is not
+        // published yet (even one that put another journal in), whose
+        // declaration must stay.
         {
             let mut d = lock(&self.decl);
-            let fresh = decl_from(view, &d);
-            d.journal = fresh.journal;
-            d.journal_mode = fresh.journal_mode;
+            if let Some(j) = view.journal.as_ref().filter(|j| j.given_up()) {
+                if d.journal.as_deref() == Some(j.device().info().name.as_str()) {
+                    d.journal = None;
+                    d.journal_mode = String::new();
+                }
+            }
         }
         match self.shared.upgrade() {
             Some(shared) => shared.save_now().map_err(|e| e.to_string()),
@@ -821,6 +825,7 @@ impl Manager {
                     cached_blocks: j.cache().len(),
                     held_blocks,
                     failed: j.has_failed(),
+                    given_up: j.given_up_recorded(),
                 }
             }),
             journal_counts: journal.as_ref().map(|j| j.counts()),

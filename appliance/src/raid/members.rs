@@ -397,6 +397,8 @@ impl FailureSink {
         let sent = {
             let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
             g.as_ref().is_some_and(|tx| {
+                // Counted before it is in the channel (`Monitor::idle`).
+                self.sent.fetch_add(1, Ordering::SeqCst);
                 let ok = tx
                     .send(Event::Failed(MemberFailure {
                         member: slot,
@@ -404,8 +406,8 @@ impl FailureSink {
                         error,
                     }))
                     .is_ok();
-                if ok {
-                    self.sent.fetch_add(1, Ordering::SeqCst);
+                if !ok {
+                    self.sent.fetch_sub(1, Ordering::SeqCst);
                 }
                 ok
             })
@@ -420,8 +422,10 @@ impl FailureSink {
     pub fn event(&self, e: Event) {
         let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = g.as_ref() {
-            if tx.send(e).is_ok() {
-                self.sent.fetch_add(1, Ordering::SeqCst);
+            // Counted before it is in the channel (`Monitor::idle`).
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            if tx.send(e).is_err() {
+                self.sent.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }

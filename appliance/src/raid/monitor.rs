@@ -35,6 +35,7 @@ use super::rebuild::RebuildProgress;
 use super::superblock::Level;
 use crate::volume::{Volume, VolumeConfig};
 
+mod recorder;
 mod view;
 pub(crate) use view::Published;
 pub use view::{MonitorState, Snapshot};
@@ -90,8 +91,9 @@ pub trait VolumeHooks: Send + Sync {
         Ok(())
     }
     /// As [`persist`](Self::persist), but an error unless the state is on
-    /// disk when it returns (no save put off while the daemon starts or
-    /// stops).
+    /// disk when it returns. An owner whose saves can be put off (the
+    /// manager's, while the daemon starts or stops) says so here; by
+    /// default it is `persist`.
     fn persist_now(&self, view: &Snapshot) -> Result<(), String> {
         self.persist(view)
     }
@@ -124,8 +126,8 @@ pub(crate) struct Inner {
     deferred: std::sync::atomic::AtomicU64,
     /// Events taken from the channel into `pending` so far.
     received: std::sync::atomic::AtomicU64,
-    /// An owner's hooks are on their way (`Monitor::await_hooks`): until
-    /// they come, nothing can be recorded for good.
+    /// An owner's hooks are on their way (`Monitor::start_awaiting_hooks`):
+    /// until they come, nothing can be recorded for good.
     hooks_awaited: AtomicBool,
 }
 
@@ -313,162 +315,6 @@ fn watch(rx: Receiver<Event>, inner: &Inner) {
     }
 }
 
-impl Inner {
-    /// A journal that failed is detached once it is given up (see
-    /// [`give_up_failed_journal`]): the state file stops naming it then,
-    /// and this takes it out of the volume for good.
-    fn detach_failed_journal(&self) {
-        let j = lock(&self.published).device.journal();
-        let Some(j) = j.filter(|j| j.has_failed() && j.given_up_recorded()) else {
-            return;
-        };
-        let mut pending = lock(&self.pending);
-        if pending
-            .iter()
-            .any(|c| matches!(c, Change::SetJournal(None)))
-        {
-            return;
-        }
-        tracing::warn!(
-            volume = self.volume.name(),
-            journal = %j.device().info().name,
-            "the failed journal is detached from the volume"
-        );
-        pending.push_back(Change::SetJournal(None));
-    }
-}
-
-impl Inner {
-    /// Give up the volume's failed journal once its cache has drained:
-    /// the members are flushed (what the drain wrote is durable) and the
-    /// state is saved without the journal. Its log holds records older
-    /// than what the volume writes without it, which a restart would
-    /// replay over newer data; the writes completed since the failure wait
-    /// (`Raid5Channel::jheld`) until this is on disk. `Ok(false)` while
-    /// the cache still drains. On the recorder thread: no state lock, no
-    /// suspend (the writes it holds back would block one).
-    fn give_up_failed_journal(&self) -> Result<bool, String> {
-        let device = lock(&self.published).device.clone();
-        let Some(j) = device
-            .journal()
-            .filter(|j| j.has_failed() && !j.given_up_recorded())
-        else {
-            return Ok(true);
-        };
-        // Admitted first, then cached: read in that order, so a block on
-        // its way in is seen in one or the other.
-        let c = j.cache();
-        if c.pending() > 0 || !c.is_empty() {
-            return Ok(false);
-        }
-        if self.hooks_awaited.load(Ordering::SeqCst) {
-            return Ok(false); // nowhere to record it yet
-        }
-        let set = device.member_set();
-        let written = set
-            .members
-            .iter()
-            .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
-            .filter(|m| !super::members::MissingDevice::is(m.dev.as_ref()))
-            .map(|m| m.dev.clone())
-            .chain(set.replacing.as_ref().map(|r| r.dev.clone()));
-        for dev in written {
-            if let Err(e) = super::metaio::sync(dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
-                // Its part of the drain may not be durable: failed, as a
-                // transaction's flush does (a member's failure is recorded
-                // before the writes waiting on this go: they wait for the
-                // ledger too; a replacement is given up).
-                tracing::error!(volume = self.volume.name(), device = %dev.info().name, error = %e, "flush before giving up the journal");
-                let _ = super::transaction::flush_failed(set, &dev, e);
-            }
-        }
-        j.give_up(false);
-        let view = lock(&self.published).clone();
-        self.hooks()
-            .persist_now(&view.snapshot(self.pending_count(), self.deferred()))
-            .map_err(|e| format!("saving the state without the failed journal: {e}"))?;
-        j.give_up(true);
-        tracing::warn!(
-            volume = self.volume.name(),
-            journal = %j.device().info().name,
-            "the failed journal is given up: the state names it no more"
-        );
-        Ok(true)
-    }
-}
-
-/// The recorder thread: writes a reported member failure to the
-/// superblocks of the others, then lets the writes that waited for it go
-/// (see `members::FailureLedger`). It does not wait for the state lock,
-/// so a change waiting for a quiesce never holds a failure back.
-fn record_failures(inner: &Inner) {
-    let ledger = inner.sink.ledger().clone();
-    // A failed journal to give up (`give_up_failed_journal`): looked at
-    // often while its cache drains, and after an error once a second.
-    let mut journal_draining = false;
-    let mut journal_retry = Instant::now();
-    while !inner.quit.load(Ordering::SeqCst) {
-        let wait = if journal_draining {
-            Duration::from_millis(2)
-        } else {
-            QUIT_POLL
-        };
-        let failure = ledger.wait_unpersisted(wait);
-        if Instant::now() >= journal_retry {
-            match inner.give_up_failed_journal() {
-                Ok(done) => journal_draining = !done,
-                Err(e) => {
-                    tracing::error!(volume = inner.volume.name(), error = %e, "giving up a failed journal; the writes made without it wait, and it is tried again each second");
-                    journal_draining = false;
-                    journal_retry = Instant::now() + Duration::from_secs(1);
-                }
-            }
-        }
-        if failure.is_none() {
-            continue;
-        }
-        let mut rec = lock(&inner.meta);
-        let Some(r) = rec.as_mut() else {
-            // No superblocks: nothing to record, nothing to wait for.
-            ledger.mark_persisted(ledger.reported());
-            continue;
-        };
-        let device = r.device.clone();
-        let (seq, codes) = ledger.consistent(|| {
-            device
-                .member_set()
-                .members
-                .iter()
-                .map(|m| m.code())
-                .collect::<Vec<u8>>()
-        });
-        let mut meta = r.meta.clone();
-        match meta.record_codes(device.as_ref(), codes, false) {
-            Ok(()) => {
-                r.meta = meta;
-                r.clean = false;
-                // Members whose superblock failed were reported gone just
-                // now: the next round records them.
-                ledger.mark_persisted(seq);
-            }
-            Err(e) => {
-                tracing::error!(volume = inner.volume.name(), error = %e, "recording a member failure");
-                let live = device
-                    .member_set()
-                    .members
-                    .iter()
-                    .any(|m| m.recorded_state() != MemberState::Failed);
-                if !live {
-                    // Nowhere left to record it: writes fail anyway.
-                    ledger.mark_persisted(seq);
-                }
-                drop(rec);
-                std::thread::sleep(QUIT_POLL);
-            }
-        }
-    }
-}
-
 /// Applies member failures to a volume, replaces failed members with
 /// spares, runs their rebuild, and carries out every operator change.
 pub struct Monitor {
@@ -567,7 +413,7 @@ impl Monitor {
         let i = inner.clone();
         match std::thread::Builder::new()
             .name(format!("recorder-{name}"))
-            .spawn(move || record_failures(&i))
+            .spawn(move || recorder::record_failures(&i))
         {
             Ok(t) => threads.push(t),
             Err(e) => {

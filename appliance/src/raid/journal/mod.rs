@@ -380,6 +380,12 @@ impl Journal {
         }
         self.write_back.store(on, Ordering::SeqCst);
         self.draining.store(!on, Ordering::SeqCst);
+        if on && self.has_failed() {
+            // Failed in between (see `set_failed`): drain after all.
+            self.write_back.store(false, Ordering::SeqCst);
+            self.draining.store(true, Ordering::SeqCst);
+            return;
+        }
         stored.drain_from = (!on).then_some(stored.switches);
     }
 
@@ -489,9 +495,13 @@ impl Journal {
     /// holds drains to the members (reclaim, journal-less now, rides on
     /// writes and on the checkpointer's flushes). True the first time.
     pub(crate) fn set_failed(&self) -> bool {
+        // The flag first: a switch to write-back that did not see it
+        // looks again after its own stores (`set_write_back`), and one
+        // that did not yet store is overridden by these.
+        let first = !self.failed.swap(true, Ordering::SeqCst);
         self.write_back.store(false, Ordering::SeqCst);
         self.draining.store(true, Ordering::SeqCst);
-        !self.failed.swap(true, Ordering::SeqCst)
+        first
     }
 
     /// Whether the journal failed and was given up: what the volume
