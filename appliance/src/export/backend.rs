@@ -128,6 +128,10 @@ pub struct Handler {
     log: Option<Arc<DirtyLog>>,
     /// Its frontend went away: nothing starts a ring on it any more.
     gone: bool,
+    /// Its frontend made one of our eventfd writes block (see
+    /// `eventfd::Signaller`): none of its eventfds is written again, new
+    /// ones included.
+    hostile: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A kick or call descriptor must be an eventfd: the reactor reads and
@@ -201,6 +205,7 @@ impl Handler {
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
             gone: false,
+            hostile: Arc::default(),
         }
     }
 
@@ -482,8 +487,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_CALL");
         check_eventfd(&fd, "call", index)?;
+        let hostile = self.hostile.clone();
         let v = self.vring(index as u32)?;
-        v.call = fd.map(Signaller::new);
+        v.call = fd.map(|f| Signaller::new(f, hostile.clone()));
         if let Some(r) = &v.running {
             r.shared.set_call(v.call.clone());
             // Wake the queue's reactor if it sleeps, so the runner takes
@@ -493,7 +499,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             // (A full counter takes nothing: the reactor is awake then
             // anyway. Watched, like every write to a frontend's eventfd.)
             if let Some(kick) = r.kick.as_ref().and_then(|k| k.try_clone().ok()) {
-                Signaller::new(kick).signal();
+                Signaller::new(kick, hostile).signal();
             }
         }
         Ok(())

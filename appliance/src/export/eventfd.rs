@@ -86,9 +86,10 @@ pub(crate) struct Signaller {
     /// blocked.
     started: AtomicU64,
     finished: AtomicU64,
-    /// The watchdog had to free a write: the frontend means harm, and is
-    /// written to no more (it would block the reactor again and again).
-    hostile: AtomicBool,
+    /// The watchdog had to free a write of this connection's: the
+    /// frontend means harm, and none of its eventfds is written to again
+    /// (a new call fd would let it block the reactor again and again).
+    hostile: Arc<AtomicBool>,
 }
 
 /// How often the watchdog looks: a blocked write waits at most about
@@ -96,13 +97,14 @@ pub(crate) struct Signaller {
 const WATCH_EVERY: Duration = Duration::from_millis(50);
 
 impl Signaller {
-    /// Watch `file` (an eventfd) from now until the last handle goes.
-    pub(crate) fn new(file: File) -> Arc<Signaller> {
+    /// Watch `file` (an eventfd of the connection whose flag is
+    /// `hostile`) from now until the last handle goes.
+    pub(crate) fn new(file: File, hostile: Arc<AtomicBool>) -> Arc<Signaller> {
         let n = Arc::new(Signaller {
             file,
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
-            hostile: AtomicBool::new(false),
+            hostile,
         });
         if let Some(watched) = watched() {
             watched
@@ -215,7 +217,7 @@ mod tests {
         assert_eq!(drain(fd.as_raw_fd()), 3);
         assert_eq!(drain(fd.as_raw_fd()), 0);
         // A full counter takes no signal, and does not wait either.
-        let n = Signaller::new(file_of(&fd));
+        let n = Signaller::new(file_of(&fd), Arc::default());
         fd.write(u64::MAX - 1).unwrap();
         n.signal();
         assert_eq!(drain(fd.as_raw_fd()), u64::MAX - 1);
@@ -225,11 +227,12 @@ mod tests {
 
     /// The write a look cannot keep from blocking (the frontend filled the
     /// counter and cleared O_NONBLOCK after it) ends: the watchdog takes
-    /// the counter, and the frontend gets no more writes.
+    /// the counter, and the frontend's connection gets no more writes.
     #[test]
     fn a_write_the_frontend_made_block_is_freed() {
         let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        let n = Signaller::new(file_of(&fd));
+        let connection = Arc::new(AtomicBool::new(false));
+        let n = Signaller::new(file_of(&fd), connection.clone());
         fd.write(u64::MAX - 1).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let m = n.clone();
@@ -249,5 +252,12 @@ mod tests {
         n.signal();
         free_blocked(watched().unwrap());
         assert_eq!(drain(fd.as_raw_fd()), 5);
+        // Nor is a new eventfd of the same connection (a new call fd).
+        let other = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        Signaller::new(file_of(&other), connection).signal();
+        assert_eq!(drain(other.as_raw_fd()), 0);
+        // Another connection's is.
+        Signaller::new(file_of(&other), Arc::default()).signal();
+        assert_eq!(drain(other.as_raw_fd()), 1);
     }
 }

@@ -313,7 +313,8 @@ impl Journal {
     pub fn reclaim_wanted(&self) -> bool {
         !self.cache.is_empty()
             && (self.reclaim_wanted.load(Ordering::Relaxed)
-                || self.draining.load(Ordering::Relaxed))
+                || self.draining.load(Ordering::Relaxed)
+                || self.failed.load(Ordering::Relaxed))
     }
 
     /// Write the superblock with the checkpoint as it is now and the mode
@@ -459,8 +460,11 @@ impl Journal {
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self.take_drained(&mut stored) {
             // Switched back to write-back meanwhile (its superblock stays),
-            // recorded already, or the journal failed.
-            self.draining.store(false, Ordering::SeqCst);
+            // recorded already, or the journal failed (which drains for
+            // good: never cleared then).
+            if !self.has_failed() {
+                self.draining.store(false, Ordering::SeqCst);
+            }
             return Ok(());
         }
         self.store_super(&mut stored, JournalMode::WriteThrough)

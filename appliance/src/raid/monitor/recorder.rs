@@ -138,24 +138,23 @@ impl Inner {
             return Ok(false); // nowhere to record it yet
         }
         let set = device.member_set();
-        let members = set
+        let written = set
             .members
             .iter()
             .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
-            .filter(|m| !crate::raid::members::MissingDevice::is(m.dev.as_ref()));
-        for m in members {
-            // Tried again later: a flush that fails may be a channel
-            // refused for a moment, and a member that is gone fails its
-            // IO and is recorded so (then skipped here).
-            crate::raid::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])
-                .map_err(|e| format!("flushing {} first: {e}", m.dev.info().name))?;
-        }
-        if let Some(r) = &set.replacing {
-            if let Err(e) = crate::raid::metaio::sync(r.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])
-            {
-                // Its copy of the drain may not be durable: given up.
-                tracing::error!(volume = self.volume.name(), device = %r.dev.info().name, error = %e, "flush before giving up the journal");
-                let _ = crate::raid::transaction::flush_failed(set, &r.dev, e);
+            .filter(|m| !crate::raid::members::MissingDevice::is(m.dev.as_ref()))
+            .map(|m| m.dev.clone())
+            .chain(set.replacing.as_ref().map(|r| r.dev.clone()));
+        for dev in written {
+            if let Err(e) = crate::raid::metaio::sync(dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
+                // Its part of the drain may not be durable: it is failed,
+                // as a transaction's flush and the data path do (a
+                // member's failure is recorded before the writes waiting
+                // on this go: they wait for the ledger too; a replacement
+                // is given up). Retrying instead could wait for good on a
+                // member no IO reaches any more.
+                tracing::error!(volume = self.volume.name(), device = %dev.info().name, error = %e, "flush before giving up the journal");
+                let _ = crate::raid::transaction::flush_failed(set, &dev, e);
             }
         }
         j.give_up(false);
