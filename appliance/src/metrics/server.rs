@@ -85,7 +85,7 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     // One peer holds at most three quarters of them: a scraper gone wild
     // (or a host that opens them all) leaves room for Prometheus.
-    let peers: Arc<PeerCounts> = Arc::default();
+    let peers: Arc<crate::peers::PeerCounts> = Arc::default();
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -100,7 +100,7 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
                         continue;
                     }
                 };
-                let Some(share) = PeerShare::take(&peers, peer.ip()) else {
+                let Some(share) = peers.take(peer.ip(), MAX_CONNECTIONS) else {
                     continue;
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -131,44 +131,6 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>, stop: A
 
 /// Scrape connections open at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
-/// Of them, what one peer address may hold.
-const PEER_SHARE: usize = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
-
-type PeerCounts = std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>;
-
-/// A connection's place in its peer's share, given back when dropped.
-struct PeerShare {
-    peers: Arc<PeerCounts>,
-    ip: std::net::IpAddr,
-}
-
-impl PeerShare {
-    fn take(peers: &Arc<PeerCounts>, ip: std::net::IpAddr) -> Option<PeerShare> {
-        let ip = crate::nvmf::peer_key(ip);
-        let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
-        let n = p.entry(ip).or_insert(0);
-        if *n >= PEER_SHARE {
-            return None;
-        }
-        *n += 1;
-        Some(PeerShare {
-            peers: peers.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerShare {
-    fn drop(&mut self) {
-        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = p.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                p.remove(&self.ip);
-            }
-        }
-    }
-}
 /// How long a connection has to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection lives (Prometheus opens another).

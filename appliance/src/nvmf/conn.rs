@@ -65,7 +65,7 @@ pub(super) fn start(
     sock: TcpStream,
     port: Arc<Port>,
     shared: Arc<TargetShared>,
-    peer: Option<super::PeerSlot>,
+    peer: Option<crate::peers::PeerSlot>,
 ) {
     let fd = sock.as_raw_fd();
     ctx.watch_fd(fd);
@@ -164,7 +164,7 @@ struct IoPath {
 struct Conn {
     /// Its place in its host's share of the listener (given back when the
     /// connection is dropped).
-    _peer: Option<super::PeerSlot>,
+    _peer: Option<crate::peers::PeerSlot>,
     sock: TcpStream,
     fd: RawFd,
     port: Arc<Port>,

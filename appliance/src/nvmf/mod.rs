@@ -139,60 +139,8 @@ struct Port {
     addr: SocketAddr,
     /// Connections open on this listener now.
     live: AtomicUsize,
-    /// Of them, per peer address (see [`PeerSlot`]).
-    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One connection's place in its peer's count, given back when the
-/// connection goes. One peer may hold at most three quarters of a
-/// listener's connections: a host that opens them all (and sits in the
-/// handshake, or stays idle) cannot keep every other host out.
-pub(crate) struct PeerSlot {
-    port: Arc<Port>,
-    ip: std::net::IpAddr,
-}
-
-/// Whom a connection from `ip` counts against: an IPv4 address (also as
-/// an IPv6-mapped one, from a listener on `::`), or an IPv6 /64, which one
-/// host may fill with addresses of its own.
-pub(crate) fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            std::net::IpAddr::V6(bits.into())
-        }
-        v4 => v4,
-    }
-}
-
-impl PeerSlot {
-    /// A place for a connection from `ip`, unless it holds its share.
-    fn take(port: &Arc<Port>, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
-        let ip = peer_key(ip);
-        let share = max - max / 4;
-        let mut peers = port.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let n = peers.entry(ip).or_insert(0);
-        if *n >= share {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            port: port.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut peers = self.port.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = peers.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                peers.remove(&self.ip);
-            }
-        }
-    }
+    /// Of them, per peer (`crate::peers`).
+    peers: Arc<crate::peers::PeerCounts>,
 }
 
 impl Port {
@@ -487,7 +435,7 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
             continue;
         }
         let slot = match peer {
-            Some(p) => match PeerSlot::take(&port, p.ip(), max) {
+            Some(p) => match port.peers.take(p.ip(), max) {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::warn!(?peer, listen = %port.addr, "nvme/tcp: this host holds its share of the connections; this one is closed");
@@ -515,20 +463,5 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
                 "nvme/tcp: the reactors are stopped; connection dropped"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::peer_key;
-
-    #[test]
-    fn a_peer_is_its_ipv4_address_or_its_ipv6_64() {
-        let key = |s: &str| peer_key(s.parse().unwrap()).to_string();
-        assert_eq!(key("192.0.2.7"), "192.0.2.7");
-        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
-        assert_eq!(key("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::");
-        assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
     }
 }

@@ -370,10 +370,10 @@ impl Raid5Channel {
         }
     }
 
-    /// The journal device's channel, opened on first use. A refusal is
-    /// asked again on later polls for `JOURNAL_OPEN_GRACE` (its queues may
-    /// all be in use for a moment); past that, or once the journal has
-    /// failed, its requests fail (and so does the journal).
+    /// The journal device's channel, opened with the volume's channel; a
+    /// refusal is asked again on later polls for `JOURNAL_OPEN_GRACE` (its
+    /// queues may all be in use for a moment). Past that, or once the
+    /// journal has failed, its requests fail (and so does the journal).
     pub(super) fn journal_channel(&mut self) -> JournalChannel {
         if self.jch.is_some() {
             return JournalChannel::Open;
