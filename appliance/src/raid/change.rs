@@ -497,7 +497,7 @@ pub(crate) fn plan(
         }
         Change::ReplaceDone(run) => {
             // Given up meanwhile, or a newer replacement runs.
-            let Some(r) = set.replacing.clone().filter(|r| run.is(&r.cursor)) else {
+            let Some(r) = run.replacement(set).cloned() else {
                 return Ok(Plan::default());
             };
             // Only a copy that reached the end, of a device that missed no
@@ -522,7 +522,7 @@ pub(crate) fn plan(
         Change::ReplaceAborted(run, _) => {
             // A second report of the same abort may find a newer
             // replacement, which it must leave alone.
-            let Some(r) = set.replacing.clone().filter(|r| run.is(&r.cursor)) else {
+            let Some(r) = run.replacement(set).cloned() else {
                 return Ok(Plan::default());
             };
             p.next = Some(cur.with_member_set(set.replacement_over(false)));
@@ -654,13 +654,7 @@ pub(crate) fn plan(
             // The members' caches first: the drain's last reclaim writes
             // went out beside the flush that carried them, and once the
             // journal is gone (its device erased) nothing else holds them.
-            p.flush_first.extend(
-                set.members
-                    .iter()
-                    .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
-                    .filter(|m| !MissingDevice::is(m.dev.as_ref()))
-                    .map(|m| m.dev.clone()),
-            );
+            p.flush_first.extend(set.live_devices());
             p.roles_after.push((j.device().info().name.clone(), None));
             p.after.push(After::StopCheckpointer);
         }

@@ -228,6 +228,11 @@ impl Run {
     pub fn rebuilds(&self, set: &MemberSet, slot: usize) -> bool {
         matches!(&set.rebuilding, Some((s, c)) if *s == slot && self.is(c))
     }
+
+    /// `set`'s replacement, if this run is it.
+    pub fn replacement<'a>(&self, set: &'a MemberSet) -> Option<&'a Replacement> {
+        set.replacing.as_ref().filter(|r| self.is(&r.cursor))
+    }
 }
 
 impl PartialEq for Run {
@@ -394,40 +399,31 @@ impl FailureSink {
         let Some(seq) = self.ledger.report(member) else {
             return;
         };
-        let sent = {
-            let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-            g.as_ref().is_some_and(|tx| {
-                // Counted before it is in the channel (`Monitor::idle`).
-                self.sent.fetch_add(1, Ordering::SeqCst);
-                let ok = tx
-                    .send(Event::Failed(MemberFailure {
-                        member: slot,
-                        device: device_id(&member.dev),
-                        error,
-                    }))
-                    .is_ok();
-                if !ok {
-                    self.sent.fetch_sub(1, Ordering::SeqCst);
-                }
-                ok
-            })
-        };
+        let sent = self.event(Event::Failed(MemberFailure {
+            member: slot,
+            device: device_id(&member.dev),
+            error,
+        }));
         if !sent {
             // No monitor records it: nothing to wait for.
             self.ledger.mark_persisted(seq);
         }
     }
 
-    /// Tell the monitor about background work.
-    pub fn event(&self, e: Event) {
+    /// Tell the monitor about background work (or a failure); false if
+    /// no monitor takes it.
+    pub fn event(&self, e: Event) -> bool {
         let g = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = g.as_ref() {
-            // Counted before it is in the channel (`Monitor::idle`).
-            self.sent.fetch_add(1, Ordering::SeqCst);
-            if tx.send(e).is_err() {
-                self.sent.fetch_sub(1, Ordering::SeqCst);
-            }
+        let Some(tx) = g.as_ref() else {
+            return false;
+        };
+        // Counted before it is in the channel (`Monitor::idle`).
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        let sent = tx.send(e).is_ok();
+        if !sent {
+            self.sent.fetch_sub(1, Ordering::SeqCst);
         }
+        sent
     }
 }
 
@@ -903,6 +899,17 @@ impl MemberSet {
             rebuilding,
             ..self.clone()
         }
+    }
+
+    /// The devices of the members that take writes now (in sync or being
+    /// rebuilt, not gone): what must be flushed for the writes the volume
+    /// made to be durable.
+    pub fn live_devices(&self) -> impl Iterator<Item = Arc<dyn BlockDevice>> + '_ {
+        self.members
+            .iter()
+            .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
+            .filter(|m| !MissingDevice::is(m.dev.as_ref()))
+            .map(|m| m.dev.clone())
     }
 
     /// Member states in slot order.

@@ -357,9 +357,9 @@ fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
         // A write may have failed on the new device while the volume
         // drained (and its abort is on the way).
         Change::ReplaceDone(run)
-            if s.current.member_set().replacing.as_ref().is_none_or(|r| {
-                !run.is(&r.cursor) || r.failed.load(std::sync::atomic::Ordering::SeqCst)
-            }) =>
+            if run
+                .replacement(s.current.member_set())
+                .is_none_or(|r| r.failed.load(std::sync::atomic::Ordering::SeqCst)) =>
         {
             return Ok(false);
         }

@@ -139,11 +139,7 @@ impl Inner {
         }
         let set = device.member_set();
         let written = set
-            .members
-            .iter()
-            .filter(|m| m.recorded_state() != MemberState::Failed && !m.is_gone())
-            .filter(|m| !crate::raid::members::MissingDevice::is(m.dev.as_ref()))
-            .map(|m| m.dev.clone())
+            .live_devices()
             .chain(set.replacing.as_ref().map(|r| r.dev.clone()));
         for dev in written {
             if let Err(e) = crate::raid::metaio::sync(dev.as_ref(), bdev::IoOp::Flush, 0, &mut []) {
