@@ -100,7 +100,7 @@ impl Signaller {
     /// Watch `file` (an eventfd of the connection whose flag is
     /// `hostile`) from now until the last handle goes.
     pub(crate) fn new(file: File, hostile: Arc<AtomicBool>) -> Arc<Signaller> {
-        let n = Arc::new(Signaller {
+        let s = Arc::new(Signaller {
             file,
             started: AtomicU64::new(0),
             finished: AtomicU64::new(0),
@@ -110,9 +110,9 @@ impl Signaller {
             watched
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((Arc::downgrade(&n), 0));
+                .push((Arc::downgrade(&s), 0));
         }
-        n
+        s
     }
 
     /// Add one to the counter if it has room now. Writes cannot be
@@ -137,15 +137,9 @@ impl Signaller {
     }
 }
 
-impl AsRawFd for Signaller {
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-}
-
 type Watched = Mutex<Vec<(Weak<Signaller>, u64)>>;
 
-/// The notifiers the watchdog looks at (with the finished count it saw
+/// The signallers the watchdog looks at (with the finished count it saw
 /// last), its thread started with the first; `None` if it cannot start.
 fn watched() -> Option<&'static Watched> {
     static WATCHED: OnceLock<Option<Watched>> = OnceLock::new();
@@ -170,7 +164,7 @@ fn watched() -> Option<&'static Watched> {
         .as_ref()
 }
 
-/// One look: take the counter of every notifier whose write has been
+/// One look: take the counter of every signaller whose write has been
 /// blocked since the last look on a full counter.
 fn free_blocked(watched: &Watched) {
     let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
