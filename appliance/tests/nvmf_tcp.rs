@@ -885,3 +885,70 @@ fn an_idle_discovery_controller_without_keep_alive_is_closed() {
     assert!(got.is_ok(), "still open after {:?}: {got:?}", t.elapsed());
     assert!(t.elapsed() >= Duration::from_secs(20), "{:?}", t.elapsed());
 }
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end() == name)
+        .count()
+}
+
+/// From review: every 0 -> 1 edge of CC.SHN spawned a thread that flushed
+/// the volume, so a host toggling it (thousands of Property Sets in one
+/// read) made thousands of threads and flushes. One flush runs per
+/// controller; notifications during it get one more flush after it, and
+/// shutdown is complete only then.
+#[test]
+fn toggling_shutdown_notifications_runs_one_flush_at_a_time() {
+    const CC: u32 = 0x14;
+    const CSTS: u32 = 0x1c;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let ram: Arc<dyn BlockDevice> =
+        Arc::new(RamDevice::with_volatile_cache("d", BS as u32, BLOCKS).unwrap());
+    let dev = Arc::new(bdev::FaultDevice::new(ram));
+    let ctl = dev.control();
+    let volume = Volume::new(reactors.set(), "vol0", dev);
+    let target = Target::new(reactors.set());
+    let addr = target
+        .add(
+            &volume,
+            options(NQN, "127.0.0.1:0".parse().unwrap(), &[HOST_A]),
+        )
+        .unwrap()
+        .opts
+        .listen;
+    ctl.hold(Some(bdev::IoOp::Flush), 0, u64::MAX, u64::MAX);
+    let mut c = Controller::connect(addr, NQN, &host(HOST_A, Digests::default())).unwrap();
+    let cc = c.property_get(CC, false).unwrap() as u32;
+    let shn = 1 << 14;
+    c.property_set(CC, cc | shn).unwrap();
+    assert!(
+        ctl.wait_held(1, LONG),
+        "the shutdown flush reaches the device"
+    );
+    for _ in 0..200 {
+        c.property_set(CC, cc).unwrap();
+        c.property_set(CC, cc | shn).unwrap();
+    }
+    // Each Property Set was answered after its notification was handled:
+    // any thread it started exists by now.
+    assert_eq!(threads_named("nvmf-shutdown"), 1);
+    assert_eq!(ctl.held(), 1, "one flush at a time");
+    let done = |c: &mut Controller| c.property_get(CSTS, false).unwrap() & 0xc == 0x8;
+    assert!(!done(&mut c), "not complete while the flush is held");
+    ctl.release();
+    let deadline = Instant::now() + LONG;
+    while !done(&mut c) {
+        assert!(Instant::now() < deadline, "shutdown never completed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(c);
+    drop(target);
+    drop(volume);
+}

@@ -64,6 +64,12 @@ pub struct Controller {
     state: Mutex<State>,
     enabled: AtomicBool,
     dead: AtomicBool,
+    /// A shutdown notification came that no flush has started on yet.
+    flush_wanted: AtomicBool,
+    /// A shutdown flush thread runs: at most one per controller, however
+    /// often a host toggles CC.SHN (each toggle spawned a thread and a
+    /// flush, thousands per read of a hostile host's pipelined PDUs).
+    flushing: AtomicBool,
 }
 
 impl Controller {
@@ -97,6 +103,8 @@ impl Controller {
             }),
             enabled: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            flush_wanted: AtomicBool::new(false),
+            flushing: AtomicBool::new(false),
         }
     }
 
@@ -131,32 +139,64 @@ impl Controller {
 
     /// Write CC: enabling makes the controller ready at once; clearing EN
     /// resets it. A shutdown notification flushes the volume (off the
-    /// reactor) and reports "shutdown complete" once that is done: the
-    /// controller says it has a volatile write cache.
+    /// reactor) and reports "shutdown complete" once a flush that started
+    /// after it is done: the controller says it has a volatile write
+    /// cache. Notifications that come while a flush runs are served by one
+    /// more flush on the same thread.
     pub fn set_cc(self: &Arc<Self>, cc: u32) {
         let shutdown = cc & CC_SHN != 0 && self.state().cc & CC_SHN == 0;
+        if shutdown {
+            // Before CC shows it: a flush ending now that sees SHN set
+            // also sees that another flush is wanted.
+            self.flush_wanted.store(true, Ordering::SeqCst);
+        }
         self.write_cc(cc);
         if !shutdown {
             return;
         }
         let Some(sub) = self.subsystem.clone() else {
+            self.flush_wanted.store(false, Ordering::SeqCst);
             self.state().csts |= CSTS_SHST_DONE;
             return;
         };
+        if self.flushing.swap(true, Ordering::SeqCst) {
+            return; // the running thread flushes again for this one
+        }
         let me = self.clone();
-        let flushed = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("nvmf-shutdown".into())
-            .spawn(move || {
-                if let Err(e) = sub.volume.flush_on_reactor(std::time::Duration::from_secs(30)) {
+            .spawn(move || me.shutdown_flushes(&sub));
+        if spawned.is_err() {
+            self.flushing.store(false, Ordering::SeqCst);
+            self.flush_wanted.store(false, Ordering::SeqCst);
+            self.state().csts |= CSTS_SHST_DONE;
+        }
+    }
+
+    /// Flush until no shutdown notification waits for one, then let the
+    /// next notification start a thread again.
+    fn shutdown_flushes(&self, sub: &Subsystem) {
+        loop {
+            while self.flush_wanted.swap(false, Ordering::SeqCst) {
+                if let Err(e) = sub
+                    .volume
+                    .flush_on_reactor(std::time::Duration::from_secs(30))
+                {
                     tracing::warn!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: flushing at the host's shutdown failed");
                 }
-                let mut st = me.state();
-                if st.cc & CC_SHN != 0 {
+                let mut st = self.state();
+                if st.cc & CC_SHN != 0 && !self.flush_wanted.load(Ordering::SeqCst) {
                     st.csts |= CSTS_SHST_DONE;
                 }
-            });
-        if flushed.is_err() {
-            self.state().csts |= CSTS_SHST_DONE;
+            }
+            self.flushing.store(false, Ordering::SeqCst);
+            // A notification between the last swap and the store above saw
+            // `flushing` set and left it to this thread.
+            if !self.flush_wanted.load(Ordering::SeqCst)
+                || self.flushing.swap(true, Ordering::SeqCst)
+            {
+                return;
+            }
         }
     }
 
