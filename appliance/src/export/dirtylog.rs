@@ -52,7 +52,7 @@ impl DirtyLog {
                 "a dirty log of {size} bytes (1 to {MAX_LOG_BYTES} accepted)"
             ));
         }
-        if !offset.is_multiple_of(4096) {
+        if !offset.is_multiple_of(super::memory::page_size() as u64) {
             return Err(format!("dirty log offset {offset:#x} is not page aligned"));
         }
         if offset.checked_add(size).is_none() {

@@ -136,6 +136,15 @@ impl InflightRegion {
             .metadata()
             .map_err(|e| FrontendError::os("inflight fd", e))?
             .len();
+        // At a page of the file: the SIGBUS handler patches whole pages
+        // of the mapping, and the start of the page before an unaligned
+        // area belongs to whatever else the frontend keeps in its file.
+        let page = super::memory::page_size() as u64;
+        if !offset.is_multiple_of(page) {
+            return Err(FrontendError::Invalid(format!(
+                "inflight area at offset {offset}, not at a page ({page} bytes) of its file"
+            )));
+        }
         // On huge pages, whole ones: the mapping is unmapped (and patched
         // by the SIGBUS handler) in its own length, which must be whole.
         let mut need = need;
@@ -341,5 +350,19 @@ mod tests {
             "past the end"
         );
         assert!(InflightRegion::open(&file, u64::MAX, size, 1, 8).is_err());
+        // A frontend's own file (the one create() makes is sealed).
+        // SAFETY: memfd_create with a valid name; the fd is ours.
+        let file = unsafe {
+            use std::os::fd::FromRawFd;
+            let fd = libc::memfd_create(c"inflight-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            File::from_raw_fd(fd)
+        };
+        file.set_len(size + 4096).unwrap();
+        assert!(
+            InflightRegion::open(&file, 64, size, 1, 8).is_err(),
+            "not at a page"
+        );
+        assert!(InflightRegion::open(&file, 4096, size, 1, 8).is_ok());
     }
 }

@@ -98,6 +98,17 @@ impl std::ops::Deref for GuestMap {
 /// in part (the SIGBUS handler's zero pages), in whole huge pages: one
 /// whose length is not a multiple would stay mapped for good, and a
 /// SIGBUS in it would kill the process.
+/// The system's page size (what mmap offsets and MAP_FIXED addresses
+/// must be multiples of).
+pub(super) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
+}
+
 pub(super) fn huge_page(file: &File) -> Option<u64> {
     const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
     // SAFETY: fstatfs fills the struct we pass.

@@ -104,6 +104,15 @@ impl Drop for Registration {
 /// table full (4096 mappings) the mapping works unprotected, and says so.
 pub fn register(ptr: *mut u8, len: usize, fault: &Arc<FaultSignal>) -> Registration {
     install();
+    // Whole pages: the handler's replacement mmap needs a page-aligned
+    // start (MAP_FIXED), or it fails and the fault kills the process. A
+    // mapping from an unaligned file offset (memmap2 rounds it down and
+    // hands back a pointer into the first page) starts mid-page; the
+    // pages around it are part of the same mapping.
+    let page = super::memory::page_size();
+    let start = ptr as usize & !(page - 1);
+    let len = (ptr as usize).saturating_add(len).next_multiple_of(page) - start;
+    let ptr = start as *mut u8;
     let slot = TABLE.iter().position(|s| {
         s.state
             .compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
@@ -200,6 +209,48 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 dfl.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// From review: an inflight area at file offset 64 was registered at
+    /// its unaligned pointer; the handler's MAP_FIXED remap then failed
+    /// and the fault killed the process (the test process, here).
+    #[test]
+    fn a_mapping_registered_mid_page_survives_its_file_shrinking() {
+        // SAFETY: plain syscalls on our own memfd and mapping.
+        unsafe {
+            let fd = libc::memfd_create(c"sigbus-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            let page = super::super::memory::page_size();
+            assert_eq!(libc::ftruncate(fd, 2 * page as libc::off_t), 0);
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(base, libc::MAP_FAILED);
+            let at = (base as *mut u8).add(64);
+            at.write_volatile(7);
+            let fault = Arc::new(FaultSignal::new().unwrap());
+            let reg = register(at, page, &fault);
+            assert_eq!(libc::ftruncate(fd, 0), 0);
+            assert_eq!(
+                at.read_volatile(),
+                0,
+                "read from the anonymous page put in its place"
+            );
+            assert!(fault.take(), "the fault is reported");
+            drop(reg);
+            libc::munmap(base, 2 * page);
+            libc::close(fd);
         }
     }
 }
