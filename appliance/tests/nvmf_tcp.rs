@@ -952,3 +952,96 @@ fn toggling_shutdown_notifications_runs_one_flush_at_a_time() {
     drop(target);
     drop(volume);
 }
+
+/// From review: every IO queue a host connects opens a channel to each
+/// member, and a member that refused one because its queue pairs were
+/// all in use (a Linux host asks for a queue per CPU; an NVMe drive has
+/// 64 or fewer) was reported failed: connecting queues degraded, then
+/// failed, a RAID volume. Now that Connect fails and the members stay;
+/// a queue closed makes room again.
+#[test]
+fn more_queues_than_the_members_can_open_fail_the_connect_not_the_members() {
+    use appliance::raid::members::{FailureSink, Member, MemberState};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<bdev::FaultDevice>> = (0..2)
+        .map(|i| {
+            let ram: Arc<dyn BlockDevice> =
+                Arc::new(RamDevice::new(&format!("m{i}"), BS as u32, BLOCKS).unwrap());
+            Arc::new(bdev::FaultDevice::new(ram))
+        })
+        .collect();
+    let member = |f: &Arc<bdev::FaultDevice>| Member {
+        dev: f.clone(),
+        state: MemberState::InSync,
+        write_mostly: false,
+        gone: Default::default(),
+        errors: Default::default(),
+        readd: false,
+    };
+    let sink = FailureSink::none();
+    let raid = appliance::raid::raid1::Raid1Device::new(
+        "r1",
+        faults.iter().map(member).collect(),
+        8,
+        sink.clone(),
+    )
+    .unwrap();
+    let volume = Volume::new(reactors.set(), "vol0", Arc::new(raid));
+    let target = Target::new(reactors.set());
+    let addr = target
+        .add(
+            &volume,
+            options(NQN, "127.0.0.1:0".parse().unwrap(), &[HOST_A]),
+        )
+        .unwrap()
+        .opts
+        .listen;
+    // Room for three more channels on each member than are open now.
+    for f in &faults {
+        let c = f.control();
+        c.limit_channels(c.open_channels() + 3);
+    }
+    let c = connect(addr, &host(HOST_A, Digests::default()), 8);
+    let mut queues = Vec::new();
+    let mut refused = 0;
+    for qid in 1..=8 {
+        match c.io_queue(qid, 32) {
+            Ok(q) => queues.push(q),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(
+        queues.len(),
+        3,
+        "as many queues as the members have room for"
+    );
+    assert_eq!(refused, 5);
+    assert_eq!(sink.ledger().reported(), 0, "no member reported failed");
+    for (i, q) in queues.iter_mut().enumerate() {
+        verify_queue(q, 40 + i as u64, i as u64 * 1024, 4);
+    }
+    // A queue that goes makes room for another.
+    drop(queues.pop());
+    let deadline = Instant::now() + LONG;
+    let mut q = loop {
+        if let Ok(q) = c.io_queue(8, 32) {
+            break q;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed queue's room never came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    verify_queue(&mut q, 50, 8192, 4);
+    assert_eq!(sink.ledger().reported(), 0);
+    drop(q);
+    drop(queues);
+    drop(c);
+    drop(target);
+    drop(volume);
+}

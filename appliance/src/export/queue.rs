@@ -516,6 +516,9 @@ impl Runner {
                 self.qos = qos.map(QueueQos::new);
                 self.qos_wait = None;
             }
+            // The old channel (idle) goes first: its device queues make
+            // room for the new one's on drives whose queue pairs are few.
+            self.ch = Box::new(bdev::FailingChannel::default());
             self.ch = match v.device.open_channel() {
                 Ok(ch) => ch,
                 Err(e) => {

@@ -205,9 +205,12 @@ impl ReplaceChannel {
             return Ok(None);
         };
         // A new device that cannot be opened fails the replacement, not
-        // the volume's channel: the slot's own device has the data.
+        // the volume's channel: the slot's own device has the data. One
+        // with no room for another channel now is not failing: the open
+        // fails, as for a member (`open_members`).
         let ch = match r.dev.open_channel() {
             Ok(ch) => Some(ch),
+            Err(e @ BdevError::Exhausted(_)) => return Err(e),
             Err(e) => {
                 if !r.failed.swap(true, Ordering::SeqCst) {
                     set.failures.event(Event::RebuildAborted(
@@ -299,16 +302,20 @@ pub fn poll_members(chans: &mut MemberChannels, out: &mut Vec<Completion>) {
 
 /// Channels to the members that take IO (in sync or being rebuilt; `None`
 /// for failed ones), in slot order. A member whose device refuses a
-/// channel (a controller gone, its queue pairs used up) is reported
-/// failed like one that failed an IO: the volume goes on without it
-/// rather than refuse every request on this core.
-pub fn open_members(set: &MemberSet) -> MemberChannels {
+/// channel (a controller gone) is reported failed like one that failed an
+/// IO: the volume goes on without it rather than refuse every request on
+/// this core. A member that only has no room for another channel now (its
+/// queue pairs all in use: a host that connects more queues than the
+/// drives have) fails the open instead, not the member: whoever asked
+/// for the channel gets the error.
+pub fn open_members(set: &MemberSet) -> Result<MemberChannels, BdevError> {
     let mut chans = Vec::with_capacity(set.members.len());
     for (slot, m) in set.members.iter().enumerate() {
         chans.push(match m.state {
             MemberState::InSync | MemberState::Rebuilding if !m.is_gone() => {
                 match m.dev.open_channel() {
                     Ok(ch) => Some(ch),
+                    Err(e @ BdevError::Exhausted(_)) => return Err(e),
                     Err(e) => {
                         tracing::warn!(member = slot, device = %m.dev.info().name, error = %e, "a member refused a channel");
                         set.failures.report(slot, m, IoError::DeviceFailed);
@@ -319,7 +326,7 @@ pub fn open_members(set: &MemberSet) -> MemberChannels {
             _ => None,
         });
     }
-    chans
+    Ok(chans)
 }
 
 /// What changes from one generation of a RAID device to the next — the

@@ -131,7 +131,7 @@ impl BlockDevice for Raid1Device {
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let chans = super::members::open_members(&self.set);
+        let chans = super::members::open_members(&self.set)?;
         Ok(Box::new(Raid1Channel {
             slots: self.set.members.clone(),
             held: Default::default(),

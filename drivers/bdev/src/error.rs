@@ -84,4 +84,9 @@ pub enum BdevError {
     /// exclusive open).
     #[error("{0}")]
     Busy(String),
+    /// No room for another channel now (an NVMe controller's IO queue
+    /// pairs are all in use): the device itself is fine, and a channel let
+    /// go makes room. Whoever asked for the channel fails, not the device.
+    #[error("{0}")]
+    Exhausted(String),
 }

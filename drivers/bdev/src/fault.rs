@@ -21,6 +21,10 @@ pub struct FaultControl {
     refuse_channels: AtomicBool,
     /// Channels refused so far.
     refusals: AtomicU64,
+    /// Channels open now, and how many may be (0: no limit), as an NVMe
+    /// controller's queue pairs.
+    open_channels: Arc<AtomicU64>,
+    channel_limit: AtomicU64,
     /// Holding requests (see [`FaultControl::hold`]): the fast check.
     holding: AtomicBool,
     hold: Mutex<Hold>,
@@ -83,6 +87,18 @@ impl FaultControl {
     /// away between two configurations does.
     pub fn refuse_channels(&self, on: bool) {
         self.refuse_channels.store(on, Ordering::SeqCst);
+    }
+
+    /// Allow at most `n` channels open at once (0: any number); one more
+    /// is refused with [`BdevError::Exhausted`], as a controller whose
+    /// queue pairs are all in use refuses.
+    pub fn limit_channels(&self, n: u64) {
+        self.channel_limit.store(n, Ordering::SeqCst);
+    }
+
+    /// Channels open now.
+    pub fn open_channels(&self) -> u64 {
+        self.open_channels.load(Ordering::SeqCst)
     }
 
     /// Channels refused so far (a test waits for one, not for time).
@@ -233,8 +249,22 @@ impl BlockDevice for FaultDevice {
                 source: std::io::Error::from_raw_os_error(libc::ENODEV),
             });
         }
+        let open = &self.control.open_channels;
+        let limit = self.control.channel_limit.load(Ordering::SeqCst);
+        if open.fetch_add(1, Ordering::SeqCst) >= limit && limit > 0 {
+            open.fetch_sub(1, Ordering::SeqCst);
+            self.control.refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(BdevError::Exhausted(format!(
+                "{}: all {limit} channels are in use",
+                self.info.name
+            )));
+        }
+        let inner = self.inner.open_channel().inspect_err(|_| {
+            open.fetch_sub(1, Ordering::SeqCst);
+        })?;
         Ok(Box::new(FaultChannel {
-            inner: self.inner.open_channel()?,
+            inner,
+            open: open.clone(),
             control: self.control.clone(),
             failed: VecDeque::new(),
             delayed: VecDeque::new(),
@@ -268,6 +298,8 @@ impl BlockDevice for FaultDevice {
 
 struct FaultChannel {
     inner: Box<dyn IoChannel>,
+    /// `FaultControl::open_channels`, counted down when this goes.
+    open: Arc<AtomicU64>,
     control: Arc<FaultControl>,
     failed: VecDeque<Completion>,
     delayed: VecDeque<(Instant, Completion)>,
@@ -275,6 +307,12 @@ struct FaultChannel {
     /// Requests held by [`FaultControl::hold`], in arrival order.
     held: VecDeque<IoRequest>,
     released: u64,
+}
+
+impl Drop for FaultChannel {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl IoChannel for FaultChannel {

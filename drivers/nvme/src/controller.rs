@@ -541,7 +541,7 @@ impl Controller {
     pub(crate) fn alloc_qid(&self) -> Result<u16, NvmeError> {
         let mut q = lock(&self.qids);
         let id = (1..q.len()).find(|&i| !q[i]).ok_or_else(|| {
-            NvmeError::InvalidArgument(format!(
+            NvmeError::NoQueue(format!(
                 "{}: all {} IO queues are in use",
                 self.name(),
                 self.io_queues

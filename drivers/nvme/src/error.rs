@@ -12,6 +12,9 @@ pub enum NvmeError {
     /// A bad parameter or something the driver does not support.
     #[error("{0}")]
     InvalidArgument(String),
+    /// Every IO queue pair the controller granted is in use.
+    #[error("{0}")]
+    NoQueue(String),
     /// The controller did not answer in time.
     #[error("{0}: timed out")]
     Timeout(String),

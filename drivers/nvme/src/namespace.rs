@@ -148,7 +148,11 @@ impl BlockDevice for Namespace {
         Channel::open(self)
             .map(|c| Box::new(c) as Box<dyn IoChannel>)
             .map_err(|e| {
-                BdevError::Unsupported(format!("{}: opening an IO queue: {e}", self.info.name))
+                let what = format!("{}: opening an IO queue: {e}", self.info.name);
+                match e {
+                    NvmeError::NoQueue(_) => BdevError::Exhausted(what),
+                    _ => BdevError::Unsupported(what),
+                }
             })
     }
 }

@@ -339,6 +339,9 @@ impl Conn {
             return;
         }
         let (gen, v) = io.gate.config();
+        // The old channel (idle) goes first: its device queues make room
+        // for the new one's on drives whose queue pairs are few.
+        io.ch = Box::new(bdev::FailingChannel::default());
         io.ch = match v.device.open_channel() {
             Ok(ch) => ch,
             Err(e) => {
