@@ -681,3 +681,76 @@ fn a_stop_lets_a_failed_journal_drain_first() {
     drop(mgr);
     let _ = rig.reactors.shutdown();
 }
+
+/// From review: add_journal claimed and formatted its device outside the
+/// volume's busy lock, so a delete_volume meanwhile freed the device under
+/// the format; another volume took it as its journal, and the first call's
+/// held write and its erase (the deleted volume refused the journal) then
+/// landed on that volume's journal. Adding (and removing) a journal now
+/// holds the volume's deletion off until it is done.
+#[test]
+fn deleting_a_volume_waits_for_a_journal_being_added_to_it() {
+    let mut rig = Rig::new(true);
+    let dir = rig.dir.path().to_path_buf();
+    for n in ["a0", "a1", "a2", "b0", "b1", "b2", "j"] {
+        rig.attach(n, &format!("file:{}:16M", dir.join(n).display()));
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("a", "raid5", &["a0", "a1", "a2"]), false)
+        .unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("b", "raid5", &["b0", "b1", "b2"]), false)
+        .unwrap();
+    // The journal's format is held at its first write.
+    let jf = rig.fault("j");
+    jf.hold(Some(IoOp::Write), 0, u64::MAX, 1);
+    let mgr = rig.mgr.clone();
+    let adding = std::thread::spawn(move || mgr.add_journal("a", "j", "", false));
+    assert!(jf.wait_held(1, LONG));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mgr = rig.mgr.clone();
+    let deleting = std::thread::spawn(move || {
+        let r = mgr.delete_volume("a");
+        let _ = tx.send(());
+        r
+    });
+    // The old code deleted the volume here at once and let the journal's
+    // device go: another volume takes it (its writes are not held).
+    if rx.recv_timeout(Duration::from_secs(3)).is_ok() {
+        let _ = rig.mgr.add_journal("b", "j", "", true);
+    }
+    jf.release();
+    let added = adding.join().unwrap();
+    deleting.join().unwrap().unwrap();
+    if rig.mgr.get_volume("b").unwrap().journal_state.is_none() {
+        // The journal was a's (its deletion waited), and now is free.
+        assert!(added.is_ok(), "{added:?}");
+        rig.mgr.add_journal("b", "j", "", true).unwrap();
+    }
+    // b's journal is whole: b restarts with it.
+    let config = rig.state();
+    assert_eq!(config.volumes.len(), 1);
+    assert_eq!(config.volumes[0].journal.as_deref(), Some("j"));
+    let Rig {
+        reactors: old,
+        mgr,
+        dir: _dir,
+        ..
+    } = rig;
+    mgr.shutdown();
+    drop(mgr);
+    let _ = old.shutdown();
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), None);
+    mgr.restore(&config, false)
+        .expect("b starts with its journal");
+    let b = mgr.get_volume("b").unwrap();
+    assert!(b.journal_state.is_some(), "{b:?}");
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

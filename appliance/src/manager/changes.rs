@@ -414,6 +414,13 @@ impl Manager {
         };
         self.check_open()?;
         let v = self.raid(volume)?;
+        // Held to the end: the device is claimed and formatted before the
+        // volume's transaction takes it, and a deletion meanwhile would
+        // free the claim (`release_volume`) under the format; another
+        // volume could take the device and have its journal overwritten
+        // or erased by this call.
+        let _busy = lock(&v.busy);
+        not_deleting(&v, volume)?;
         if let Some(j) = monitor(&v)?.journal() {
             return Err(MgmtError::FailedPrecondition(format!(
                 "volume {volume} already has a journal ({})",
@@ -471,6 +478,10 @@ impl Manager {
     /// to the members first; the journal's device is free afterwards.
     pub fn remove_journal(&self, volume: &str) -> Result<VolumeView, MgmtError> {
         let v = self.raid(volume)?;
+        // Held to the end, as in add_journal: the device is claimed again
+        // and erased after the transaction.
+        let _busy = lock(&v.busy);
+        not_deleting(&v, volume)?;
         let Some(journal) = monitor(&v)?.journal() else {
             return Err(MgmtError::FailedPrecondition(format!(
                 "volume {volume} has no journal"
@@ -529,4 +540,15 @@ impl Manager {
         }
         r
     }
+}
+
+/// Refuse a change to a volume being deleted (checked with its busy lock
+/// held: a deletion that set the flag waits for that lock).
+fn not_deleting(v: &Vol, volume: &str) -> Result<(), MgmtError> {
+    if v.deleting.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(MgmtError::FailedPrecondition(format!(
+            "volume {volume} is being deleted"
+        )));
+    }
+    Ok(())
 }
