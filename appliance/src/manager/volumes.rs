@@ -443,7 +443,13 @@ impl Manager {
 
     /// Check `decl`, reserve its name and claim its devices; `f` then
     /// builds the volume with them, outside the inventory's lock (it does
-    /// device IO). Whatever `f` refuses gives the name and devices back.
+    /// device IO). Whatever `f` refuses gives the name and devices back;
+    /// what it builds keeps the name reserved until
+    /// [`insert_volume`](Self::insert_volume) puts the volume under it (or
+    /// [`unreserve`](Self::unreserve) gives it back): between the two
+    /// (`attach_hooks` may wait for a transaction) a second create of the
+    /// same name went through, and one volume's reconcile freed the other's
+    /// devices.
     fn with_claims<T>(
         &self,
         decl: &VolumeDecl,
@@ -469,12 +475,18 @@ impl Manager {
             (level, members, spares, jdev)
         };
         let r = f(level, members, spares, jdev);
-        let mut inv = self.inv();
-        inv.creating.remove(&decl.name);
         if r.is_err() {
+            let mut inv = self.inv();
+            inv.creating.remove(&decl.name);
             self.shared.roles.release_volume(&decl.name);
         }
         r
+    }
+
+    /// Give back a name [`with_claims`](Self::with_claims) reserved for a
+    /// volume that is not inserted after all.
+    fn unreserve(&self, name: &str) {
+        self.inv().creating.remove(name);
     }
 
     /// Put a started volume into the inventory; its monitor reports to it
@@ -526,7 +538,10 @@ impl Manager {
             });
         }
         let name = volume.name().to_string();
-        self.inv().volumes.insert(
+        let mut inv = self.inv();
+        // Reserved until now (`with_claims`): no other volume has it.
+        inv.creating.remove(&name);
+        inv.volumes.insert(
             name,
             Arc::new(Vol {
                 volume,
@@ -672,6 +687,7 @@ impl Manager {
             }
             // Every member blank: a new volume.
             None => {
+                self.unreserve(&decl.name);
                 tracing::info!(
                     volume = decl.name,
                     "every member is blank: creating the volume"
@@ -914,5 +930,47 @@ impl Manager {
             )));
         }
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeviceDecl;
+
+    /// From review: the name was given back when the volume was built,
+    /// before it was in the inventory; a second create of the same name in
+    /// between went through.
+    #[test]
+    fn a_built_volume_keeps_its_name_until_it_is_inserted() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let mgr = Manager::new(reactors.set(), None);
+        for d in ["d0", "d1"] {
+            mgr.attach_device(DeviceDecl {
+                name: d.into(),
+                spec: "ram:4M".into(),
+                block_size: 4096,
+            })
+            .unwrap();
+        }
+        let first = VolumeDecl::new("x", "single", &["d0"]);
+        // Built, not yet inserted (where `attach_hooks` may wait).
+        mgr.with_claims(&first, false, |_, _, _, _| Ok(())).unwrap();
+        let second = mgr.create_volume(VolumeDecl::new("x", "single", &["d1"]), false);
+        assert!(
+            matches!(second, Err(MgmtError::AlreadyExists(_))),
+            "{second:?}"
+        );
+        mgr.unreserve("x");
+        mgr.shared.roles.release_volume("x");
+        mgr.create_volume(VolumeDecl::new("x", "single", &["d1"]), false)
+            .unwrap();
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
     }
 }
