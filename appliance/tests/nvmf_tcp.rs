@@ -1045,3 +1045,39 @@ fn more_queues_than_the_members_can_open_fail_the_connect_not_the_members() {
     drop(target);
     drop(volume);
 }
+
+/// Read until the target closes `s`; how long that took (a read timeout
+/// is an error).
+fn until_closed(s: &mut TcpStream) -> Duration {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let t = Instant::now();
+    let mut sink = Vec::new();
+    let got = s.read_to_end(&mut sink);
+    assert!(got.is_ok(), "still open after {:?}: {got:?}", t.elapsed());
+    t.elapsed()
+}
+
+/// From review: the handshake time limit and the end of a dead
+/// controller's IO queues were only looked at when the connection's
+/// reactor woke for something else; on an idle reactor a connection that
+/// sent nothing stayed forever (and held its share of the listener), and
+/// an IO queue outlived its expired association. Both wake their reactor
+/// now.
+#[test]
+fn silent_connections_are_closed_on_an_idle_reactor() {
+    let r = rig(&[HOST_A]);
+    // Sends nothing at all: closed after the 10 s handshake limit.
+    let mut silent = TcpStream::connect(r.addr).unwrap();
+    // An association whose host goes silent: its keep-alive expires, and
+    // its IO queue (perhaps on the other reactor) closes with it.
+    let mut cfg = host(HOST_A, Digests::default());
+    cfg.kato_ms = 1000;
+    let c = connect(r.addr, &cfg, 1);
+    let q = c.io_queue(1, 8).unwrap();
+    let (mut qs, ..) = q.into_parts();
+    let waited = until_closed(&mut qs);
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    let waited = until_closed(&mut silent);
+    assert!(waited >= Duration::from_secs(5), "{waited:?}");
+    drop(c);
+}

@@ -55,6 +55,9 @@ const DISCOVERY_IDLE: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 /// How long a new connection may take to send ICReq and Connect.
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// How often an IO queue looks whether its controller is still alive
+/// (the admin queue, perhaps on another reactor, ends it).
+const IO_LIVENESS: Duration = Duration::from_millis(500);
 /// How long a closing connection waits for its peer to take what is
 /// left to send.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -102,6 +105,9 @@ pub(super) fn start(
         counted: None,
         _peer: peer,
     };
+    // Wake the reactor once the handshake time is up, even if it idles
+    // (a connection that sends nothing makes no other event).
+    ctx.after(HANDSHAKE + TICK, |_| {});
     ctx.add_poller(move |ctx| c.poll(ctx));
 }
 
@@ -745,6 +751,13 @@ impl Conn {
             .collect();
         self.free = (0..entries as u16).rev().collect();
         self.count(&sub);
+        // A timer wakes the reactor to see the controller end (keep-alive
+        // expired, admin queue closed) when the queue idles: a host that
+        // vanished sends nothing that would.
+        let alive = Rc::new(Cell::new(true));
+        let a = alive.clone();
+        ctx.every(IO_LIVENESS, move |_| a.get());
+        self.tick = Some(alive);
         self.phase = Phase::Io {
             ctrl: ctrl.clone(),
             sub,
