@@ -1081,3 +1081,109 @@ fn silent_connections_are_closed_on_an_idle_reactor() {
     assert!(waited >= Duration::from_secs(5), "{waited:?}");
     drop(c);
 }
+
+/// From review: every write whose data the host was to send (R2T) got
+/// its whole buffer, zeroed, as it arrived, and kept it after; a host that
+/// sent 1,023 writes of 128 KiB (72 KiB on the wire) and no data made the
+/// target allocate 128 MiB per queue. Data buffers of a connection's
+/// commands in progress are now bounded: the rest wait for room, with no
+/// R2T yet, and go on as room is made.
+#[test]
+fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
+    const LEN: usize = 128 << 10;
+    const WRITES: u16 = 1023;
+    let r = rig(&[HOST_A]);
+    let cfg = host(HOST_A, Digests::default());
+    let c = connect(r.addr, &cfg, 1);
+    let q = c.io_queue(1, 1024).unwrap();
+    let (mut s, digests, cpda, _) = q.into_parts();
+    let before = rss();
+    let mut out = Vec::new();
+    for cid in 0..WRITES {
+        let mut sqe = rw(cmd::WRITE, (cid as u64 % 500) * 32, 32);
+        sqe.set_cid(cid);
+        capsule::set_data_pointer(&mut sqe, false, LEN as u32);
+        pdu::encode_command(&capsule::sqe_bytes(&sqe), &[], digests, cpda, &mut out);
+    }
+    // A flush after them: its answer comes once every write before it was
+    // taken in (asked for its data or put to wait).
+    let mut flush = Sqe::new(cmd::FLUSH, 1);
+    flush.set_cid(WRITES);
+    pdu::encode_command(&capsule::sqe_bytes(&flush), &[], digests, cpda, &mut out);
+    s.write_all(&out).unwrap();
+    // PDUs as they come (read_pdu drops what follows the first).
+    let rx = Receiver {
+        controller: false,
+        digests,
+        max_data: 1 << 20,
+    };
+    let mut inbox: Vec<u8> = Vec::new();
+    // An R2T, or a response's status.
+    let mut next = |s: &mut TcpStream| -> Result<pdu::R2t, Status> {
+        loop {
+            let got = pdu::parse(&inbox, &rx).unwrap().map(|(p, n)| {
+                let got = match p {
+                    Pdu::R2t(t) => Ok(t),
+                    Pdu::Response(c) => Err(capsule::cqe_from(&c).code()),
+                    other => panic!("{other:?}"),
+                };
+                (got, n)
+            });
+            if let Some((got, n)) = got {
+                inbox.drain(..n);
+                return got;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            inbox.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let mut asked = Vec::new();
+    loop {
+        match next(&mut s) {
+            Ok(t) => asked.push(t),
+            Err(_) => break, // the flush's answer
+        }
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(
+        asked.len() <= 64,
+        "{} writes asked for their data at once",
+        asked.len()
+    );
+    assert!(grown < 48 << 20, "the target holds {} MiB", grown >> 20);
+    // The data of one asked-for write comes: it completes, and the next
+    // waiting write is asked for.
+    let t = asked[0];
+    let data = pattern(7, LEN);
+    let mut h2c = Vec::new();
+    pdu::encode_data(
+        true,
+        &pdu::DataHeader {
+            cccid: t.cccid,
+            ttag: t.ttag,
+            offset: 0,
+            length: LEN as u32,
+            last: true,
+            success: false,
+        },
+        &data,
+        digests,
+        cpda,
+        &mut h2c,
+    );
+    s.write_all(&h2c).unwrap();
+    let (mut completed, mut more) = (false, 0);
+    while !(completed && more > 0) {
+        match next(&mut s) {
+            Ok(_) => more += 1,
+            Err(st) => {
+                assert_eq!(st, Status::SUCCESS);
+                completed = true;
+            }
+        }
+    }
+    drop(s);
+    drop(c);
+}

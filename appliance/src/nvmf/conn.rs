@@ -93,6 +93,8 @@ pub(super) fn start(
         running: 0,
         free: Vec::new(),
         waiting: VecDeque::new(),
+        deferred: VecDeque::new(),
+        committed: 0,
         submitting: VecDeque::new(),
         io: None,
         comps: Vec::new(),
@@ -129,6 +131,8 @@ enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     Free,
+    /// Waiting for room in the connection's data budget.
+    Deferred,
     /// A write waiting for its H2CData.
     AwaitData,
     /// Waiting for the volume's gate.
@@ -152,6 +156,8 @@ struct Slot {
     corrupt: bool,
     /// The FUA flush was queued.
     flushed: bool,
+    /// Bytes of data buffer it holds against the connection's budget.
+    held: usize,
 }
 
 /// The volume as an IO queue sees it.
@@ -196,6 +202,12 @@ struct Conn {
     free: Vec<u16>,
     /// Commands with their data, waiting for the gate, in arrival order.
     waiting: VecDeque<u16>,
+    /// Commands waiting for room in the data budget before their buffer
+    /// is made (and, for a write, its R2T sent), in arrival order.
+    deferred: VecDeque<u16>,
+    /// Bytes of data buffers that commands in progress hold (at most
+    /// `DATA_BUDGET`, or one command's).
+    committed: usize,
     /// Admitted commands with device requests left to submit.
     submitting: VecDeque<u16>,
     io: Option<IoPath>,
@@ -240,6 +252,7 @@ impl Conn {
         // A closing connection admits nothing new: a write its host has
         // given up on must not land after the host sent it again elsewhere.
         if self.closing.is_none() {
+            work |= self.start_deferred();
             work |= self.start_waiting(ctx);
         }
         work |= self.submit();
@@ -747,6 +760,7 @@ impl Conn {
                 status: Status::SUCCESS,
                 corrupt: false,
                 flushed: false,
+                held: 0,
             })
             .collect();
         self.free = (0..entries as u16).rev().collect();

@@ -7,8 +7,9 @@ use std::io::{IoSlice, Write};
 
 /// Slices handed to one `writev` at most.
 const IOV_MAX: usize = 64;
-/// Data buffers kept for reuse at most.
+/// Data buffers kept for reuse at most, and their bytes at most.
 const SPARE_MAX: usize = 64;
+const SPARE_BYTES: usize = 4 << 20;
 
 /// Bytes and data buffers waiting for the socket, in order.
 #[derive(Default)]
@@ -22,6 +23,8 @@ pub struct Output {
     skip: usize,
     /// Data buffers sent, to be used again.
     spare: Vec<Vec<u8>>,
+    /// Their capacity in bytes.
+    spare_bytes: usize,
 }
 
 impl Output {
@@ -45,7 +48,21 @@ impl Output {
 
     /// A data buffer that was sent, for reuse.
     pub fn take_spare(&mut self) -> Option<Vec<u8>> {
-        self.spare.pop()
+        let b = self.spare.pop()?;
+        self.spare_bytes -= b.capacity();
+        Some(b)
+    }
+
+    /// Keep `buf` for reuse if the pool has room (else it is freed).
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() > 0
+            && self.spare.len() < SPARE_MAX
+            && self.spare_bytes + buf.capacity() <= SPARE_BYTES
+        {
+            buf.clear();
+            self.spare_bytes += buf.capacity();
+            self.spare.push(buf);
+        }
     }
 
     /// Drop everything (the peer is gone).
@@ -96,11 +113,8 @@ impl Output {
                     }
                     n -= left;
                     self.skip = 0;
-                    if let Some((_, mut d)) = self.inserts.pop_front() {
-                        if self.spare.len() < SPARE_MAX {
-                            d.clear();
-                            self.spare.push(d);
-                        }
+                    if let Some((_, d)) = self.inserts.pop_front() {
+                        self.recycle(d);
                     }
                 }
                 Some((p, _)) => {

@@ -15,6 +15,12 @@ use super::{whole_read, Conn, Phase, SlotState};
 use crate::nvmf::io;
 use crate::qos::QueueQos;
 
+/// Bytes of data buffers one connection's commands in progress may hold
+/// (reads being filled and sent, writes being received and written): 32
+/// transfers of 128 KiB, or 1,024 of 4 KiB. Commands beyond it wait
+/// inside the target, which the host cannot tell from a slow device.
+const DATA_BUDGET: usize = 4 << 20;
+
 fn media_error(op: IoOp) -> Status {
     match op {
         IoOp::Read => Status::UNRECOVERED_READ,
@@ -59,33 +65,83 @@ impl Conn {
         slot.status = Status::SUCCESS;
         slot.corrupt = false;
         slot.flushed = false;
-        if slot.buf.capacity() < plan.bytes {
+        slot.held = 0;
+        let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
+        if writes_data && plan.in_capsule {
+            // Here already (at most the in-capsule size).
+            self.buffer(i, 0);
+            let slot = &mut self.slots[i as usize];
+            slot.buf.extend_from_slice(data);
+            slot.received = data.len();
+            return self.ready(i);
+        }
+        if plan.op != IoOp::Read && !writes_data {
+            return self.ready(i);
+        }
+        // A read's buffer, or a write's that the host is asked to fill:
+        // made only while the connection's data budget has room. Without
+        // it, 1,024 writes of 128 KiB with no data sent (72 KiB on the
+        // wire) made the target allocate 128 MiB per queue.
+        if !self.deferred.is_empty() || !self.budget_has_room(plan.bytes) {
+            self.slots[i as usize].state = SlotState::Deferred;
+            self.deferred.push_back(i);
+            return;
+        }
+        self.take_data(i);
+    }
+
+    /// Whether a command's `bytes` of data fit the budget now (one command
+    /// always does, so a queue with nothing in progress never waits).
+    fn budget_has_room(&self, bytes: usize) -> bool {
+        self.committed == 0 || self.committed + bytes <= DATA_BUDGET
+    }
+
+    /// Start deferred commands, in order, while the budget has room.
+    pub(super) fn start_deferred(&mut self) -> bool {
+        let mut work = false;
+        while let Some(&i) = self.deferred.front() {
+            if !self.budget_has_room(self.slots[i as usize].plan.bytes) {
+                break;
+            }
+            self.deferred.pop_front();
+            self.take_data(i);
+            work = true;
+        }
+        work
+    }
+
+    /// Give slot `i` an empty buffer with room for `len` bytes (a sent
+    /// one when the output has one).
+    fn buffer(&mut self, i: u16, len: usize) {
+        let slot = &mut self.slots[i as usize];
+        if slot.buf.capacity() < len || slot.buf.capacity() == 0 {
             if let Some(b) = self.out.take_spare() {
                 slot.buf = b;
             }
         }
         slot.buf.clear();
-        let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
+    }
+
+    /// Make command `i`'s data buffer, held against the budget: a read is
+    /// ready for the gate, a write asks the host for its data (R2T).
+    fn take_data(&mut self, i: u16) {
+        let plan = self.slots[i as usize].plan;
+        self.buffer(i, plan.bytes);
+        self.committed += plan.bytes;
+        let slot = &mut self.slots[i as usize];
+        slot.held = plan.bytes;
+        slot.buf.resize(plan.bytes, 0);
         if plan.op == IoOp::Read {
-            slot.buf.resize(plan.bytes, 0);
+            return self.ready(i);
         }
-        if writes_data && plan.in_capsule {
-            slot.buf.extend_from_slice(data);
-            slot.received = data.len();
-        }
-        if writes_data && !plan.in_capsule {
-            slot.buf.resize(plan.bytes, 0);
-            slot.state = SlotState::AwaitData;
-            let r = R2t {
-                cccid: cid,
-                ttag: i,
-                offset: 0,
-                length: plan.bytes as u32,
-            };
-            pdu::encode_r2t(&r, self.digests, self.out.bytes());
-            return;
-        }
-        self.ready(i);
+        slot.state = SlotState::AwaitData;
+        let r = R2t {
+            cccid: slot.cid,
+            ttag: i,
+            offset: 0,
+            length: plan.bytes as u32,
+        };
+        pdu::encode_r2t(&r, self.digests, self.out.bytes());
     }
 
     /// A command has its data: wait for the gate (or, for a Dataset
@@ -291,6 +347,7 @@ impl Conn {
             self.running -= 1;
         }
         slot.state = SlotState::Free;
+        self.committed -= std::mem::take(&mut slot.held);
         let bytes = buf.len() as u64;
         if let Phase::Io { sub, .. } = &self.phase {
             match op {
@@ -326,7 +383,10 @@ impl Conn {
                 self.out.bytes().extend_from_slice(&d.to_le_bytes());
             }
         } else {
-            self.slots[i as usize].buf = buf;
+            // Kept for reuse by any slot, in the output's bounded pool:
+            // kept in the slot, every slot of a 1,024-entry queue could
+            // hold 128 KiB for good.
+            self.out.recycle(buf);
         }
         self.respond(cid, st, 0);
         self.free.push(i);
