@@ -1140,11 +1140,9 @@ fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
         }
     };
     let mut asked = Vec::new();
-    loop {
-        match next(&mut s) {
-            Ok(t) => asked.push(t),
-            Err(_) => break, // the flush's answer
-        }
+    // Up to the flush's answer.
+    while let Ok(t) = next(&mut s) {
+        asked.push(t);
     }
     let grown = rss().saturating_sub(before);
     assert!(
