@@ -754,3 +754,50 @@ fn deleting_a_volume_waits_for_a_journal_being_added_to_it() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From review: export sockets were told apart by how their paths were
+/// spelled, and the socket was renamed into place: an export created on
+/// `d/x/../s.sock` while its volume drained replaced the socket another
+/// export had made on `d/s.sock` meanwhile, and that one's VM reached the
+/// wrong volume. One file is one export however it is spelled.
+#[test]
+fn one_socket_file_serves_one_export_however_its_path_is_spelled() {
+    let mut rig = Rig::new(true);
+    for d in ["a0", "a1", "b0", "b1"] {
+        rig.attach(d, "ram:16M");
+    }
+    for (v, m) in [("a", ["a0", "a1"]), ("b", ["b0", "b1"])] {
+        rig.mgr
+            .create_volume(VolumeDecl::new(v, "raid1", &m), true)
+            .unwrap();
+    }
+    let sock = rig.export("a");
+    std::fs::create_dir(rig.dir.path().join("x")).unwrap();
+    let decl = |name: &str, volume: &str, sock: PathBuf| ExportDecl {
+        name: name.into(),
+        volume: volume.into(),
+        socket: sock,
+        num_queues: 1,
+        ..Default::default()
+    };
+    // e1 waits for a's IO to drain.
+    let stuck = rig.stuck_flush(&sock, "a0");
+    let mgr = rig.mgr.clone();
+    let e1 = decl("e1", "a", rig.dir.path().join("x/../s.sock"));
+    let first = std::thread::spawn(move || mgr.create_export(e1));
+    eventually("e1 is being created", || {
+        matches!(rig.mgr.delete_volume("a"),
+            Err(MgmtError::FailedPrecondition(m)) if m.contains("e1"))
+    });
+    let second = rig
+        .mgr
+        .create_export(decl("e2", "b", rig.dir.path().join("s.sock")));
+    rig.fault("a0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    let first = first.join().unwrap();
+    assert!(
+        first.is_err() || second.is_err(),
+        "both exports made on one socket file: {first:?} {second:?}"
+    );
+    rig.stop();
+}

@@ -287,6 +287,10 @@ impl Export {
         socket::check_socket_path(&opts.socket)?;
         let guard = volume.suspend(opts.drain())?;
         let listener = socket::bind_listening(&opts.socket, &opts.access).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                // Bound by someone else since it was checked.
+                return ExportError::AlreadyExists(opts.socket.clone());
+            }
             ExportError::Os {
                 what: format!("binding {}", opts.socket.display()),
                 source,

@@ -196,14 +196,15 @@ pub fn bind_listening(path: &Path, access: &SocketAccess) -> std::io::Result<Uni
     }
     let _ = std::fs::remove_file(&tmp);
     let l = UnixListener::bind(&tmp)?;
-    // Owner, group and mode are right before the socket appears.
-    if let Err(e) = access
+    // Owner, group and mode are right before the socket appears. Linked,
+    // not renamed: a rename replaces a socket someone else bound at
+    // `path` since it was checked (another export, its path spelled
+    // another way), and that one's VM would reach this volume.
+    let linked = access
         .apply(&tmp)
-        .and_then(|()| std::fs::rename(&tmp, path))
-    {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
     Ok(l)
 }
 
@@ -211,6 +212,28 @@ pub fn bind_listening(path: &Path, access: &SocketAccess) -> std::io::Result<Uni
 mod tests {
     use super::*;
     use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// From review: the socket was renamed into place, which replaced a
+    /// socket another export had bound there since the path was checked.
+    #[test]
+    fn binding_never_replaces_a_socket_bound_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = bind_listening(&path, &SocketAccess::default()).unwrap();
+        let second = bind_listening(&path, &SocketAccess::default());
+        assert_eq!(
+            second.err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::AlreadyExists)
+        );
+        first.set_nonblocking(true).unwrap();
+        let _c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(
+            first.accept().is_ok(),
+            "the first listener still has the path"
+        );
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary socket left behind");
+    }
 
     /// A unix socket listening on `path` with a backlog of 0 (the kernel
     /// queues one connection), which never accepts.

@@ -61,7 +61,15 @@ impl Manager {
                 decl.volume
             )));
         }
-        if let Some(e) = inv.exports.values().find(|e| e.decl.socket == decl.socket) {
+        // One file however the path is spelled (`..`, a symlinked
+        // directory): the bind refuses a taken path too, this only says
+        // which export has it.
+        let key = socket_key(&decl.socket);
+        if let Some(e) = inv
+            .exports
+            .values()
+            .find(|e| socket_key(&e.decl.socket) == key)
+        {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already serves {}",
                 e.decl.name,
@@ -71,7 +79,7 @@ impl Manager {
         if let Some((name, _)) = inv
             .exports_creating
             .iter()
-            .find(|(_, (_, socket))| *socket == decl.socket)
+            .find(|(_, (_, socket))| socket_key(socket) == key)
         {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {name} is being created on {}",
@@ -213,5 +221,21 @@ struct Reserved<'a>(&'a Manager, &'a str);
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
         self.0.inv().exports_creating.remove(self.1);
+    }
+}
+
+/// A socket path with its directory resolved (as it is when it exists),
+/// to compare two spellings of one file.
+fn socket_key(path: &std::path::Path) -> std::path::PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::canonicalize(dir).map_or_else(|_| path.to_path_buf(), |d| d.join(name))
+        }
+        _ => path.to_path_buf(),
     }
 }
