@@ -14,6 +14,7 @@
 
 mod controller;
 mod error;
+mod iova;
 mod namespace;
 mod queue;
 mod recovery;

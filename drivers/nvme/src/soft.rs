@@ -10,7 +10,7 @@
 //! and surprise removal (registers read all ones).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,7 +91,7 @@ struct Faults {
 struct Shared {
     regs: memmap2::MmapMut,
     iommu: RwLock<BTreeMap<u64, (usize, usize)>>,
-    next_iova: AtomicU64,
+    iova: crate::iova::IovaSpace,
     faults: Mutex<Faults>,
     fatal: AtomicBool,
     removed: AtomicBool,
@@ -133,10 +133,12 @@ impl Transport for SoftTransport {
         crate::transport::check_page_aligned(vaddr, len)?;
         // IO addresses unlike the process's own, so a driver that uses a
         // virtual address where an IO address belongs is caught.
+        // A page of gap after each: an overrun reaches no other mapping.
         let iova = self
             .shared
-            .next_iova
-            .fetch_add(len as u64 + PAGE as u64, Ordering::Relaxed);
+            .iova
+            .alloc(len as u64 + PAGE as u64)
+            .ok_or_else(|| NvmeError::InvalidArgument("soft IOMMU: no IO addresses left".into()))?;
         let mut m = self.shared.iommu.write().unwrap_or_else(|p| p.into_inner());
         m.insert(iova, (vaddr as usize, len));
         Ok(iova)
@@ -144,7 +146,9 @@ impl Transport for SoftTransport {
 
     fn unmap(&self, iova: u64, _len: usize) {
         let mut m = self.shared.iommu.write().unwrap_or_else(|p| p.into_inner());
-        m.remove(&iova);
+        if let Some((_, len)) = m.remove(&iova) {
+            self.shared.iova.free(iova, len as u64 + PAGE as u64);
+        }
     }
 
     fn name(&self) -> &str {
@@ -168,7 +172,7 @@ impl SoftController {
         let shared = Arc::new(Shared {
             regs,
             iommu: RwLock::new(BTreeMap::new()),
-            next_iova: AtomicU64::new(0x7_0000_0000),
+            iova: crate::iova::IovaSpace::new(0x7_0000_0000, 1 << 47),
             faults: Mutex::new(Faults::default()),
             fatal: AtomicBool::new(false),
             removed: AtomicBool::new(false),

@@ -16,7 +16,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -26,6 +25,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
 use crate::error::NvmeError;
+use crate::iova::IovaSpace;
 use crate::spec::PAGE;
 use crate::transport::{check_page_aligned, Bar, Transport, HUGEPAGE};
 
@@ -36,6 +36,9 @@ const PCI_COMMAND: u64 = 4;
 const COMMAND_MEMORY: u16 = 1 << 1;
 const COMMAND_BUS_MASTER: u16 = 1 << 2;
 const IOVA_BASE: u64 = 1 << 32;
+/// Where they end: 39 bits, the narrowest IOMMU address width in use
+/// (VT-d's 3-level tables); a map past the real aperture fails anyway.
+const IOVA_END: u64 = 1 << 39;
 
 /// A controller reached through VFIO.
 pub struct VfioTransport {
@@ -43,7 +46,8 @@ pub struct VfioTransport {
     // Dropped before the device (field order).
     bar: memmap2::MmapMut,
     access: Access,
-    next_iova: AtomicU64,
+    /// IO addresses of the IOMMU mappings (unused with physical access).
+    iova: IovaSpace,
 }
 
 /// How the controller's DMA reaches memory.
@@ -189,7 +193,7 @@ impl VfioTransport {
                 container,
                 _device: device,
             },
-            next_iova: AtomicU64::new(IOVA_BASE),
+            iova: IovaSpace::new(IOVA_BASE, IOVA_END),
         }))
     }
 
@@ -303,7 +307,7 @@ impl VfioTransport {
                 _group: group,
                 _container: container,
             },
-            next_iova: AtomicU64::new(0),
+            iova: IovaSpace::new(IOVA_BASE, IOVA_END),
         }))
     }
 }
@@ -417,10 +421,16 @@ impl Transport for VfioTransport {
                 };
             }
         };
-        let iova = self.next_iova.fetch_add(len as u64, Ordering::Relaxed);
+        let iova = self.iova.alloc(len as u64).ok_or_else(|| {
+            NvmeError::Vfio(format!(
+                "{}: no IO address range of {len} bytes is free",
+                self.name
+            ))
+        })?;
         // SAFETY: forwarded from the caller: the memory stays mapped until
         // unmap; it is touched by the device only by DMA.
         unsafe { container.vfio_dma_map(iova, len, vaddr) }.map_err(|e| {
+            self.iova.free(iova, len as u64);
             NvmeError::Vfio(format!(
                 "{}: IOMMU map of {len} bytes at {vaddr:p}: {e}",
                 self.name
@@ -435,8 +445,12 @@ impl Transport for VfioTransport {
         let Access::Iommu { container, .. } = &self.access else {
             return;
         };
-        if let Err(e) = container.vfio_dma_unmap(iova, len) {
-            tracing::warn!(device = %self.name, iova, len, error = %e, "IOMMU unmap failed");
+        match container.vfio_dma_unmap(iova, len) {
+            Ok(()) => self.iova.free(iova, len as u64),
+            // Left out of the free space: the IOMMU may still map it.
+            Err(e) => {
+                tracing::warn!(device = %self.name, iova, len, error = %e, "IOMMU unmap failed")
+            }
         }
     }
 
