@@ -36,9 +36,10 @@ const PCI_COMMAND: u64 = 4;
 const COMMAND_MEMORY: u16 = 1 << 1;
 const COMMAND_BUS_MASTER: u16 = 1 << 2;
 const IOVA_BASE: u64 = 1 << 32;
-/// Where they end: 39 bits, the narrowest IOMMU address width in use
-/// (VT-d's 3-level tables); a map past the real aperture fails anyway.
-const IOVA_END: u64 = 1 << 39;
+/// Where they end: 48 bits (4-level IOMMU tables). A narrower IOMMU
+/// refuses a map past its aperture, which freed ranges being reused keeps
+/// from happening while what is mapped fits.
+const IOVA_END: u64 = 1 << 48;
 
 /// A controller reached through VFIO.
 pub struct VfioTransport {
