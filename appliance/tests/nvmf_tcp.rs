@@ -268,6 +268,13 @@ fn io_outside_the_namespace_or_malformed_gets_the_specified_status() {
         4096,
         Status::LBA_OUT_OF_RANGE,
     );
+    // Half of a fused pair (Identify says FUSES 0): from review, it ran
+    // as a plain write.
+    for fuse in [1u32, 2] {
+        let mut s = rw(cmd::WRITE, 0, 1);
+        s.cdw0 |= fuse << 8;
+        expect(&mut q, s, &[0u8; 4096], 0, Status::INVALID_FIELD);
+    }
     expect(
         &mut q,
         rw(cmd::READ, BLOCKS - 1, 2),

@@ -41,10 +41,18 @@ impl Plan {
     };
 }
 
+/// CDW0's FUSE bits (fused operation).
+const FUSE: u32 = 3 << 8;
+
 /// Check `s` against a namespace of `info`.
 pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status> {
     let op = s.opcode();
     let writes = matches!(op, cmd::WRITE | cmd::WRITE_ZEROES | cmd::DSM);
+    if s.cdw0 & FUSE != 0 {
+        // Identify says FUSES 0: a fused pair's second half (a write after
+        // a Compare) must not run on its own.
+        return Err(Status::INVALID_FIELD);
+    }
     if op == cmd::FLUSH {
         if s.nsid != 1 && s.nsid != 0xffff_ffff {
             return Err(Status::INVALID_NAMESPACE);

@@ -191,7 +191,9 @@ pub enum DataPointer {
 pub fn data_pointer(s: &Sqe) -> DataPointer {
     let psdt = (s.cdw0 >> 14) & 3;
     let id = (s.prp2 >> 56) as u8;
-    if psdt == 0 {
+    // Over fabrics PSDT is 01b (SGL, metadata contiguous); PRPs and the
+    // metadata-SGL form are not for this transport.
+    if psdt != 1 {
         return DataPointer::Other(0);
     }
     let len = s.prp2 as u32;
