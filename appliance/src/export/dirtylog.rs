@@ -64,8 +64,8 @@ impl DirtyLog {
         // A memory file (memfd, tmpfs, hugetlbfs), as QEMU sends: a device
         // or pipe has no length to check, and a mapping past a file's end
         // faults on the reactor that writes there.
-        if !meta.file_type().is_file() {
-            return Err("the dirty log's descriptor is not a memory file".into());
+        if let Some(why) = super::memory::memory_file_problem(file) {
+            return Err(format!("the dirty log's file is {why}"));
         }
         super::memory::whole_huge_pages(file, offset, size).map_err(|page| {
             format!(

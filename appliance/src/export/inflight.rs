@@ -132,6 +132,11 @@ impl InflightRegion {
                 "inflight area of {size} bytes is smaller than the {need} bytes it must hold"
             )));
         }
+        if let Some(why) = super::memory::memory_file_problem(file) {
+            return Err(FrontendError::Invalid(format!(
+                "the inflight area's file is {why}"
+            )));
+        }
         let len = file
             .metadata()
             .map_err(|e| FrontendError::os("inflight fd", e))?
@@ -364,5 +369,8 @@ mod tests {
             "not at a page"
         );
         assert!(InflightRegion::open(&file, 4096, size, 1, 8).is_ok());
+        // From review: any descriptor was mapped (a device, a pipe).
+        let null = File::open("/dev/null").unwrap();
+        assert!(InflightRegion::open(&null, 0, size, 1, 8).is_err());
     }
 }

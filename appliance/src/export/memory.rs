@@ -93,11 +93,6 @@ impl std::ops::Deref for GuestMap {
     }
 }
 
-/// The page size of `file` if it is on hugetlbfs (a memfd made with
-/// MFD_HUGETLB is too). Such a mapping can only be unmapped, or replaced
-/// in part (the SIGBUS handler's zero pages), in whole huge pages: one
-/// whose length is not a multiple would stay mapped for good, and a
-/// SIGBUS in it would kill the process.
 /// The system's page size (what mmap offsets and MAP_FIXED addresses
 /// must be multiples of).
 pub(super) fn page_size() -> usize {
@@ -109,6 +104,53 @@ pub(super) fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
+/// Why a frontend's file cannot be guest memory, an inflight area or a
+/// dirty log, if it cannot: it must be a regular file (a device or pipe
+/// has no length to check), and not on a filesystem served over the
+/// network or by a user process (FUSE, NFS, SMB, Ceph, 9p), where a page
+/// fault on a reactor could wait for good on a server and stall every
+/// queue of every VM on that reactor.
+pub(super) fn memory_file_problem(file: &File) -> Option<String> {
+    match file.metadata() {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => return Some("not a regular file (memfd, tmpfs or hugetlbfs)".into()),
+        Err(e) => return Some(format!("cannot be examined: {e}")),
+    }
+    // SAFETY: fstatfs fills the struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor we hold and our own struct.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Some(format!(
+            "its filesystem cannot be examined: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    remote_filesystem(st.f_type as i64)
+        .map(|fs| format!("on {fs}, which a page fault could wait on for good"))
+}
+
+/// The name of a filesystem type (statfs f_type) served over the network
+/// or by a user process.
+fn remote_filesystem(magic: i64) -> Option<&'static str> {
+    Some(match magic {
+        0x6573_5546 => "FUSE",
+        0x6969 => "NFS",
+        0x517b => "SMB",
+        0xff53_4d42 => "CIFS",
+        0xfe53_4d42 => "SMB2",
+        0x00c3_6400 => "CephFS",
+        0x0102_1997 => "9p",
+        0x0bd0_0bd0 => "Lustre",
+        0x4750_4653 => "GPFS",
+        _ => return None,
+    })
+}
+
+/// The page size of `file` if it is on hugetlbfs (a memfd made with
+/// MFD_HUGETLB is too). Such a mapping can only be unmapped, or replaced
+/// in part (the SIGBUS handler's zero pages), in whole huge pages: one
+/// whose length is not a multiple would stay mapped for good, and a
+/// SIGBUS in it would kill the process.
 pub(super) fn huge_page(file: &File) -> Option<u64> {
     const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
     // SAFETY: fstatfs fills the struct we pass.
@@ -206,15 +248,15 @@ impl GuestMemory {
         file: &File,
         fault: &Arc<FaultSignal>,
     ) -> Result<Region, FrontendError> {
-        let meta = file
-            .metadata()
-            .map_err(|e| FrontendError::os("the memory region's file", e))?;
-        if !meta.file_type().is_file() {
+        if let Some(why) = memory_file_problem(file) {
             return Err(invalid(format!(
-                "memory region at {:#x}: its descriptor is not a memory file (memfd, hugetlbfs or tmpfs)",
+                "memory region at {:#x}: its file is {why}",
                 d.gpa
             )));
         }
+        let meta = file
+            .metadata()
+            .map_err(|e| FrontendError::os("the memory region's file", e))?;
         if d.mmap_offset.saturating_add(d.size) > meta.len() {
             return Err(invalid(format!(
                 "memory region at {:#x}: {:#x} bytes at offset {:#x} run past the end of its {:#x}-byte file",
@@ -350,6 +392,19 @@ mod tests {
         let f = unsafe { File::from_raw_fd(fd) };
         f.set_len(4 << 20).unwrap();
         f
+    }
+
+    /// From review: any regular file was taken, on FUSE or NFS too, where
+    /// a page fault on a reactor can wait for a server for good.
+    #[test]
+    fn memory_files_are_local_regular_files() {
+        assert_eq!(memory_file_problem(&memfd(0)), None);
+        let null = File::open("/dev/null").unwrap();
+        assert!(memory_file_problem(&null).is_some());
+        assert_eq!(remote_filesystem(0x6573_5546), Some("FUSE"));
+        assert_eq!(remote_filesystem(0x6969), Some("NFS"));
+        assert_eq!(remote_filesystem(0x0102_1994), None, "tmpfs");
+        assert_eq!(remote_filesystem(0xef53), None, "ext4");
     }
 
     #[test]
