@@ -66,6 +66,12 @@ pub(crate) struct Region {
 pub(crate) struct Registry {
     pub generation: AtomicU64,
     pub regions: RwLock<Vec<Region>>,
+    /// One registration or unregistration at a time. The IOMMU work (a
+    /// map pins the whole region: seconds for a large guest) happens under
+    /// this, not under `regions`, which every channel reads when the
+    /// generation moves: holding that across a map stalled every queue of
+    /// the controller.
+    pub changes: Mutex<()>,
 }
 
 /// Translate `len` bytes at `ptr` if one region holds them all.
@@ -643,15 +649,19 @@ impl Controller {
     pub unsafe fn register_memory(&self, ptr: *mut u8, len: usize) -> Result<(), NvmeError> {
         let start = ptr as usize & !(spec::PAGE - 1);
         let end = (ptr as usize + len).div_ceil(spec::PAGE) * spec::PAGE;
-        let mut regions = self
+        let _change = self
+            .registry
+            .changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let overlaps = self
             .registry
             .regions
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|r| r.vaddr < end && start < r.vaddr + r.len)
-        {
+            .any(|r| r.vaddr < end && start < r.vaddr + r.len);
+        if overlaps {
             return Err(NvmeError::InvalidArgument(format!(
                 "{}: memory {start:#x}..{end:#x} overlaps a registered region",
                 self.name()
@@ -659,6 +669,11 @@ impl Controller {
         }
         // SAFETY: forwarded from the caller.
         let pieces = unsafe { self.transport.map_pieces(start as *mut u8, end - start)? };
+        let mut regions = self
+            .registry
+            .regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         for (off, len, iova) in pieces {
             let vaddr = start + off;
             let at = regions.partition_point(|r| r.vaddr < vaddr);
@@ -679,6 +694,11 @@ impl Controller {
     /// Undo `register_memory` for the region that starts at `ptr`'s page.
     pub fn unregister_memory(&self, ptr: *mut u8) -> Result<(), NvmeError> {
         let start = ptr as usize & !(spec::PAGE - 1);
+        let _change = self
+            .registry
+            .changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut regions = self
             .registry
             .regions
@@ -694,6 +714,9 @@ impl Controller {
         }
         *regions = kept;
         self.registry.generation.fetch_add(1, Ordering::Release);
+        // Channels see the new list at their next request; the IOMMU work
+        // is done without holding them off.
+        drop(regions);
         for r in gone {
             self.transport.unmap(r.iova, r.len);
         }
