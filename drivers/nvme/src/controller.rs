@@ -66,12 +66,14 @@ pub(crate) struct Region {
 pub(crate) struct Registry {
     pub generation: AtomicU64,
     pub regions: RwLock<Vec<Region>>,
-    /// One registration or unregistration at a time. The IOMMU work (a
-    /// map pins the whole region: seconds for a large guest) happens under
-    /// this, not under `regions`, which every channel reads when the
-    /// generation moves: holding that across a map stalled every queue of
-    /// the controller.
-    pub changes: Mutex<()>,
+    /// Ranges being mapped now, not yet in `regions`. The IOMMU work (a
+    /// map pins the whole region: seconds for a large guest) is done
+    /// holding no lock: `regions` is read by every channel when the
+    /// generation moves (held across a map, it stalled every queue of the
+    /// controller), and another registration (a RAID channel's pool, on a
+    /// reactor) must not wait either. This keeps two of them from mapping
+    /// overlapping memory meanwhile.
+    pub mapping: Mutex<Vec<(usize, usize)>>,
 }
 
 /// Translate `len` bytes at `ptr` if one region holds them all.
@@ -649,26 +651,45 @@ impl Controller {
     pub unsafe fn register_memory(&self, ptr: *mut u8, len: usize) -> Result<(), NvmeError> {
         let start = ptr as usize & !(spec::PAGE - 1);
         let end = (ptr as usize + len).div_ceil(spec::PAGE) * spec::PAGE;
-        let _change = self
-            .registry
-            .changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let overlaps = self
-            .registry
-            .regions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|r| r.vaddr < end && start < r.vaddr + r.len);
-        if overlaps {
-            return Err(NvmeError::InvalidArgument(format!(
-                "{}: memory {start:#x}..{end:#x} overlaps a registered region",
-                self.name()
-            )));
+        {
+            let mut mapping = self
+                .registry
+                .mapping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let overlaps = self
+                .registry
+                .regions
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|r| (r.vaddr, r.vaddr + r.len))
+                .chain(mapping.iter().copied())
+                .any(|(a, b)| a < end && start < b);
+            if overlaps {
+                return Err(NvmeError::InvalidArgument(format!(
+                    "{}: memory {start:#x}..{end:#x} overlaps a registered region",
+                    self.name()
+                )));
+            }
+            mapping.push((start, end));
         }
         // SAFETY: forwarded from the caller.
-        let pieces = unsafe { self.transport.map_pieces(start as *mut u8, end - start)? };
+        let pieces = unsafe { self.transport.map_pieces(start as *mut u8, end - start) };
+        let unlist = || {
+            self.registry
+                .mapping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|&r| r != (start, end));
+        };
+        let pieces = match pieces {
+            Ok(p) => p,
+            Err(e) => {
+                unlist();
+                return Err(e);
+            }
+        };
         let mut regions = self
             .registry
             .regions
@@ -688,17 +709,14 @@ impl Controller {
             );
         }
         self.registry.generation.fetch_add(1, Ordering::Release);
+        drop(regions);
+        unlist();
         Ok(())
     }
 
     /// Undo `register_memory` for the region that starts at `ptr`'s page.
     pub fn unregister_memory(&self, ptr: *mut u8) -> Result<(), NvmeError> {
         let start = ptr as usize & !(spec::PAGE - 1);
-        let _change = self
-            .registry
-            .changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         let mut regions = self
             .registry
             .regions
