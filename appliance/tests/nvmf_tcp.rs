@@ -1192,3 +1192,51 @@ fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
     drop(s);
     drop(c);
 }
+
+/// From review: the listener's limit was checked against connections
+/// counted when their reactor started them, so a burst that came while
+/// the reactors were busy all passed it. They are counted as accepted.
+#[test]
+fn a_burst_of_connections_cannot_pass_the_listener_limit() {
+    let r = rig(&[HOST_A]);
+    r.target.set_max_connections(3);
+    // Both reactors busy until the test lets them go: nothing accepted
+    // meanwhile is started.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let wait = Arc::new(std::sync::Mutex::new(wait));
+    let (busy, started) = std::sync::mpsc::channel::<()>();
+    for core in 0..2 {
+        let (wait, busy) = (wait.clone(), busy.clone());
+        r._reactors
+            .set()
+            .send(
+                core,
+                Box::new(move |_| {
+                    let _ = busy.send(());
+                    let _ = wait.lock().map(|w| w.recv());
+                }),
+            )
+            .unwrap();
+    }
+    for _ in 0..2 {
+        started.recv().unwrap();
+    }
+    // From six addresses: one host's share (three quarters) is not what
+    // stops them.
+    let mut conns: Vec<TcpStream> = (1..=6)
+        .map(|i| {
+            let mut s = common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, i), r.addr);
+            s.set_read_timeout(Some(LONG)).unwrap();
+            let _ = s.write_all(&ic_req(Digests::default()));
+            s
+        })
+        .collect();
+    drop(go);
+    let answered = conns
+        .iter_mut()
+        .map(|s| read_pdu(s, Digests::default()))
+        .filter(|p| p.as_ref().is_some_and(|p| p[0] == pdu::kind::IC_RESP))
+        .count();
+    assert!(answered <= 3, "{answered} connections over a limit of 3");
+    assert!(answered >= 1);
+}

@@ -69,10 +69,10 @@ pub(super) fn start(
     port: Arc<Port>,
     shared: Arc<TargetShared>,
     peer: Option<crate::peers::PeerSlot>,
+    live: super::LiveSlot,
 ) {
     let fd = sock.as_raw_fd();
     ctx.watch_fd(fd);
-    port.live.fetch_add(1, Ordering::SeqCst);
     let mut c = Conn {
         sock,
         fd,
@@ -106,6 +106,7 @@ pub(super) fn start(
         ns_blocks: 0,
         counted: None,
         _peer: peer,
+        _live: live,
     };
     // Wake the reactor once the handshake time is up, even if it idles
     // (a connection that sends nothing makes no other event).
@@ -177,6 +178,8 @@ struct Conn {
     /// Its place in its host's share of the listener (given back when the
     /// connection is dropped).
     _peer: Option<crate::peers::PeerSlot>,
+    /// Counts it against the listener's limit while it lives.
+    _live: super::LiveSlot,
     sock: TcpStream,
     fd: RawFd,
     port: Arc<Port>,
@@ -326,7 +329,6 @@ impl Conn {
         if let Some(s) = self.counted.take() {
             s.connections.fetch_sub(1, Ordering::SeqCst);
         }
-        self.port.live.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The association, the export and the volume are still there; the

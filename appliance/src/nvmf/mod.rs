@@ -414,6 +414,26 @@ pub fn stable_nguid(key: &str) -> [u8; 16] {
     g
 }
 
+/// One connection counted against its listener's limit until dropped
+/// (with the connection, or with the message that was to start it).
+pub(super) struct LiveSlot(Arc<Port>);
+
+impl LiveSlot {
+    fn take(port: &Arc<Port>, max: usize) -> Option<LiveSlot> {
+        if port.live.fetch_add(1, Ordering::SeqCst) >= max {
+            port.live.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(LiveSlot(port.clone()))
+    }
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Arc<TargetShared>) {
     for stream in socket.incoming() {
         if port.stop.load(Ordering::SeqCst) {
@@ -429,11 +449,13 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
         };
         let peer = stream.peer_addr().ok();
         let max = shared.max_connections.load(Ordering::SeqCst);
-        if port.live.load(Ordering::SeqCst) >= max {
+        // Counted here, not when its reactor takes it: a burst of
+        // connections all passed the check before any was counted.
+        let Some(live) = LiveSlot::take(&port, max) else {
             tracing::warn!(?peer, listen = %port.addr, "nvme/tcp: too many connections; this one is closed");
             drop(stream);
             continue;
-        }
+        };
         let slot = match peer {
             Some(p) => match port.peers.take(p.ip(), max) {
                 Some(slot) => Some(slot),
@@ -455,8 +477,9 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
         let cores = set.len().max(1);
         let core = shared.next_core.fetch_add(1, Ordering::Relaxed) % cores;
         let (port, shared) = (port.clone(), shared.clone());
-        let msg =
-            Box::new(move |ctx: &mut poller::Ctx| conn::start(ctx, stream, port, shared, slot));
+        let msg = Box::new(move |ctx: &mut poller::Ctx| {
+            conn::start(ctx, stream, port, shared, slot, live)
+        });
         if set.send(core, msg).is_err() {
             tracing::warn!(
                 ?peer,
