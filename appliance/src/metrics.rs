@@ -95,6 +95,13 @@ impl Family {
     }
 
     fn add(&mut self, labels: Labels, v: Value) {
+        // prometheus-client writes label values as they are; an NQN may
+        // hold any printable ASCII, and a `"` in one ended its value early
+        // and made the whole scrape invalid (every alert went dark).
+        let labels = labels
+            .into_iter()
+            .map(|(k, v)| (k, escape_label(v)))
+            .collect();
         self.rows.push((labels, v));
     }
 
@@ -119,6 +126,23 @@ impl Family {
         }
         Ok(())
     }
+}
+
+/// A label value as OpenMetrics quotes it: `\`, `"` and newlines escaped.
+fn escape_label(v: String) -> String {
+    if !v.contains(['\\', '"', '\n']) {
+        return v;
+    }
+    let mut out = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn g(b: bool) -> Value {

@@ -174,6 +174,9 @@ fn dashboard_metrics(dashboard: &serde_json::Value) -> BTreeSet<String> {
 
 #[test]
 fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
+    // From review: a `"` or `\` in an NQN (any printable ASCII is one)
+    // went into a label unescaped and made the whole scrape invalid.
+    const NQN: &str = "nqn.2026-12.io.test:a\"b\\c";
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
     let member = |i: usize| dir.path().join(format!("m{i}.img"));
@@ -194,8 +197,11 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
          [volume.qos]\ntotal_iops = 1000000\n\n\
          [[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\n\
          journal = \"j\"\nchunk_kib = 64\n\n\
-         [[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n",
-        sock.display()
+         [[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n\n\
+         [[nvmf_export]]\nnqn = {NQN:?}\nvolume = \"vol1\"\nlisten = \"127.0.0.1:{}\"\n\
+         allow_any_host = true\n",
+        sock.display(),
+        free_port()
     );
     std::fs::write(&config, toml).unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -246,6 +252,20 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     };
     let bad = conventions(&e);
     assert!(bad.is_empty(), "{bad:#?}");
+    let nvmf = e.families.get("appliance_nvmf_connections");
+    let nqns: Vec<String> = nvmf
+        .map(|f| {
+            f.iter_samples()
+                .filter_map(|s| Some(s.get_labelset().ok()?.get_label_value("nqn")?.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        // (The parser leaves the escapes in.)
+        nqns.iter()
+            .any(|n| *n == NQN.replace('\\', "\\\\").replace('"', "\\\"")),
+        "the NVMe/TCP export's NQN label: {nqns:?}"
+    );
 
     let export = [("export", "vm"), ("volume", "vol0")];
     let op = |o| [export[0], export[1], ("op", o)];
