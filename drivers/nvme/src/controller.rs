@@ -283,11 +283,6 @@ impl Controller {
         Ok(n as u16)
     }
 
-    /// Run an admin command; its result dword on success.
-    pub(crate) fn admin(&self, sqe: Sqe, what: &str) -> Result<u32, NvmeError> {
-        self.admin_or_reset(sqe, what, None)
-    }
-
     /// Run an admin command. One that times out is left behind on the
     /// admin queue, where it could still complete into the shared buffer
     /// later, so the controller is reset (as Linux does), which also gives
@@ -301,8 +296,13 @@ impl Controller {
         if self.is_failed() {
             return Err(NvmeError::Failed(self.name().into(), self.failure()));
         }
+        let mut a = lock(&self.admin);
+        // Read with the lock held: read before, a reset that held the lock
+        // meanwhile moved it, and the reset below took this command's
+        // time-out for that reset's and left the command behind.
         let seen = self.generation.load(Ordering::Acquire);
-        let result = self.run_admin(&mut lock(&self.admin), sqe, what, out);
+        let result = self.run_admin(&mut a, sqe, what, out);
+        drop(a);
         if let Err(NvmeError::Timeout(m)) = &result {
             let _ = self.reset(&format!("admin command timed out ({m})"), seen);
         }
@@ -387,17 +387,31 @@ impl Controller {
             return Err(NvmeError::Failed(self.name().into(), self.failure()));
         }
         let mut a = lock(&self.admin);
+        let seen = self.generation.load(Ordering::Acquire);
+        // A queue the device may still hold after a failed creation (a
+        // time-out, a cleanup refused) would have it write into memory
+        // freed when this returns, whose IO addresses are handed out again:
+        // a reset takes every queue off the device first.
+        let reset = |a: std::sync::MutexGuard<'_, _>, why: String| {
+            drop(a);
+            let _ = self.reset(&why, seen);
+        };
         let size = (q.depth as u32 - 1) << 16 | q.qid as u32;
         let mut cq = Sqe::new(admin::CREATE_CQ, 0);
         cq.prp1 = q.cq_iova();
         cq.cdw[0] = size;
         cq.cdw[1] = 1; // physically contiguous, no interrupts: we poll
-        self.run_admin(
+        if let Err(e) = self.run_admin(
             &mut a,
             cq,
             &format!("Create I/O Completion Queue {}", q.qid),
             None,
-        )?;
+        ) {
+            if matches!(e, NvmeError::Timeout(_)) {
+                reset(a, format!("creating a queue failed: {e}"));
+            }
+            return Err(e);
+        }
         let mut sq = Sqe::new(admin::CREATE_SQ, 0);
         sq.prp1 = q.sq_iova();
         sq.cdw[0] = size;
@@ -410,25 +424,53 @@ impl Controller {
         ) {
             let mut del = Sqe::new(admin::DELETE_CQ, 0);
             del.cdw[0] = q.qid as u32;
-            let _ = self.run_admin(&mut a, del, "Delete I/O Completion Queue", None);
+            let deleted = self.run_admin(&mut a, del, "Delete I/O Completion Queue", None);
+            if matches!(e, NvmeError::Timeout(_)) || deleted.is_err() {
+                reset(a, format!("creating a queue failed: {e}"));
+            }
             return Err(e);
         }
         Ok(self.generation.load(Ordering::Acquire))
     }
 
-    fn delete_cq(&self, qid: u16) -> Result<u32, NvmeError> {
-        let mut sqe = Sqe::new(admin::DELETE_CQ, 0);
-        sqe.cdw[0] = qid as u32;
-        self.admin(sqe, &format!("Delete I/O Completion Queue {qid}"))
-    }
-
     /// Delete IO queue pair `qid` (submission queue first, as required).
-    pub(crate) fn delete_io_queue(&self, qid: u16) -> Result<(), NvmeError> {
-        let mut sqe = Sqe::new(admin::DELETE_SQ, 0);
-        sqe.cdw[0] = qid as u32;
-        self.admin(sqe, &format!("Delete I/O Submission Queue {qid}"))?;
-        self.delete_cq(qid)?;
-        Ok(())
+    /// `created` is the reset generation it was created in: a reset since
+    /// took it off the device already. One the device refuses to delete is
+    /// taken off it by a reset: its memory is freed (and its IO addresses
+    /// handed out again) next.
+    pub(crate) fn delete_io_queue(&self, qid: u16, created: u64) -> Result<(), NvmeError> {
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
+        let mut a = lock(&self.admin);
+        let seen = self.generation.load(Ordering::Acquire);
+        if seen != created {
+            return Ok(());
+        }
+        let mut sq = Sqe::new(admin::DELETE_SQ, 0);
+        sq.cdw[0] = qid as u32;
+        let mut cq = Sqe::new(admin::DELETE_CQ, 0);
+        cq.cdw[0] = qid as u32;
+        let result = self
+            .run_admin(
+                &mut a,
+                sq,
+                &format!("Delete I/O Submission Queue {qid}"),
+                None,
+            )
+            .and_then(|_| {
+                self.run_admin(
+                    &mut a,
+                    cq,
+                    &format!("Delete I/O Completion Queue {qid}"),
+                    None,
+                )
+            });
+        drop(a);
+        if let Err(e) = &result {
+            let _ = self.reset(&format!("deleting queue {qid} failed: {e}"), seen);
+        }
+        result.map(|_| ())
     }
 
     /// Reset the controller (disable, enable, admin queue, queue count) and
@@ -507,7 +549,7 @@ impl Controller {
                     );
                     self.registry.generation.fetch_add(1, Ordering::Release);
                     for r in regions {
-                        self.transport.unmap(r.iova, r.len);
+                        self.transport.unmap_retired(r.iova, r.len);
                     }
                 }
             }
@@ -651,6 +693,11 @@ impl Controller {
     pub unsafe fn register_memory(&self, ptr: *mut u8, len: usize) -> Result<(), NvmeError> {
         let start = ptr as usize & !(spec::PAGE - 1);
         let end = (ptr as usize + len).div_ceil(spec::PAGE) * spec::PAGE;
+        // A failed controller may be a device that did not stop: it gets
+        // no memory (its IO is bounced, and fails anyway).
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
         {
             let mut mapping = self
                 .registry
@@ -695,6 +742,16 @@ impl Controller {
             .regions
             .write()
             .unwrap_or_else(|p| p.into_inner());
+        if self.is_failed() {
+            // It failed while this was mapped: `fail` took the others away
+            // under this lock; this one goes too, for good.
+            drop(regions);
+            for (_, len, iova) in pieces {
+                self.transport.unmap_retired(iova, len);
+            }
+            unlist();
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
         for (off, len, iova) in pieces {
             let vaddr = start + off;
             let at = regions.partition_point(|r| r.vaddr < vaddr);

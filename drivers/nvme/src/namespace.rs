@@ -849,7 +849,7 @@ impl Drop for Channel {
             r.settle();
         }
         if !self.ctrl.is_failed() {
-            if let Err(e) = self.ctrl.delete_io_queue(self.q.qid) {
+            if let Err(e) = self.ctrl.delete_io_queue(self.q.qid, self.generation) {
                 tracing::warn!(device = %self.info.name, qid = self.q.qid, error = %e, "deleting IO queue");
             }
         }

@@ -151,6 +151,11 @@ impl Transport for SoftTransport {
         }
     }
 
+    fn unmap_retired(&self, iova: u64, _len: usize) {
+        let mut m = self.shared.iommu.write().unwrap_or_else(|p| p.into_inner());
+        m.remove(&iova);
+    }
+
     fn name(&self) -> &str {
         &self.shared.name
     }

@@ -109,6 +109,13 @@ pub trait Transport: Send + Sync {
     /// Undo a `map`.
     fn unmap(&self, iova: u64, len: usize);
 
+    /// Undo a `map` of memory a device that did not stop may still write:
+    /// its IO addresses are never handed out again, so a late write from
+    /// it faults in the IOMMU instead of landing in memory mapped later.
+    fn unmap_retired(&self, iova: u64, len: usize) {
+        self.unmap(iova, len);
+    }
+
     /// Like `map`, for memory the controller may see in several pieces:
     /// `(offset in the range, length, IO address)` of each. With an IOMMU
     /// there is one piece; without one (DMA by physical address) each

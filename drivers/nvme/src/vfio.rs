@@ -401,6 +401,26 @@ fn hugepages_only(start: usize, end: usize) -> bool {
     false
 }
 
+impl VfioTransport {
+    /// Take an IOMMU mapping away; whether it is gone (its addresses may
+    /// be used again). A failed unmap leaves them out of the free space:
+    /// the IOMMU may still map them.
+    fn unmap_only(&self, iova: u64, len: usize) -> bool {
+        // Physical addresses need no unmapping: the memory stays locked
+        // until its owner frees it.
+        let Access::Iommu { container, .. } = &self.access else {
+            return false;
+        };
+        match container.vfio_dma_unmap(iova, len) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(device = %self.name, iova, len, error = %e, "IOMMU unmap failed");
+                false
+            }
+        }
+    }
+}
+
 impl Transport for VfioTransport {
     fn bar(&self) -> Bar {
         // SAFETY: the mapping lives as long as this transport, which every
@@ -441,18 +461,13 @@ impl Transport for VfioTransport {
     }
 
     fn unmap(&self, iova: u64, len: usize) {
-        // Physical addresses need no unmapping: the memory stays locked
-        // until its owner frees it.
-        let Access::Iommu { container, .. } = &self.access else {
-            return;
-        };
-        match container.vfio_dma_unmap(iova, len) {
-            Ok(()) => self.iova.free(iova, len as u64),
-            // Left out of the free space: the IOMMU may still map it.
-            Err(e) => {
-                tracing::warn!(device = %self.name, iova, len, error = %e, "IOMMU unmap failed")
-            }
+        if self.unmap_only(iova, len) {
+            self.iova.free(iova, len as u64);
         }
+    }
+
+    fn unmap_retired(&self, iova: u64, len: usize) {
+        self.unmap_only(iova, len);
     }
 
     unsafe fn map_pieces(

@@ -549,6 +549,12 @@ fn a_controller_that_never_completes_is_failed_after_three_resets() {
         4,
         "bring-up and three resets, then it gave up"
     );
+    // From review: memory was still mapped for a failed controller (a
+    // device that may still be writing).
+    let mut mem = Aligned::new(64 << 10);
+    // SAFETY: not registered, nothing to undo.
+    let r = unsafe { ctrl.register_memory(mem.buf().as_mut_ptr(), 64 << 10) };
+    assert!(r.is_err(), "memory mapped for a failed controller");
 }
 
 #[test]
@@ -805,4 +811,29 @@ fn a_namespace_of_no_blocks_or_beyond_two_to_the_63_bytes_is_refused() {
         assert!(e.to_string().contains("reports"), "{e}");
     }
     assert_eq!(ns(&ctrl, 4).info().num_blocks, (1 << 51) - 1);
+}
+
+/// From review: a queue whose creation timed out was left on the device
+/// while its memory was freed (and, with IO addresses now handed out
+/// again, mapped for something else): the device could write completions
+/// there, and the queue ID stayed taken, so every later channel failed
+/// with "invalid queue identifier". The controller is reset first.
+#[test]
+fn a_queue_whose_creation_timed_out_is_taken_off_the_device() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let before = soft.stats().enables;
+    // The Create I/O Completion Queue runs on the device; its completion
+    // is lost.
+    soft.lose_admin_completions(1);
+    let err = dev.open_channel().err().expect("the creation timed out");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(soft.stats().enables > before, "the controller was reset");
+    let mut ch = dev.open_channel().expect("a new channel opens");
+    let mut data = vec![9u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Write, 7, 1, &mut data, 1)).expect("write");
+    let mut got = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 7, 1, &mut got, 2)).expect("read");
+    assert!(got == data);
+    assert!(!ctrl.is_failed());
 }
