@@ -68,6 +68,14 @@ impl Namespace {
     /// Namespace `nsid` of `ctrl`, named `name`.
     pub fn new(ctrl: &Arc<Controller>, nsid: u32, name: &str) -> Result<Namespace, NvmeError> {
         let ns = ctrl.namespace(nsid)?;
+        if ns.format > ns.nlbaf {
+            return Err(NvmeError::InvalidArgument(format!(
+                "{}: namespace {nsid} is formatted with LBA format {}, past the {} it lists",
+                ctrl.name(),
+                ns.format,
+                u16::from(ns.nlbaf) + 1
+            )));
+        }
         if ns.lbads != 9 && ns.lbads != 12 {
             return Err(NvmeError::InvalidArgument(format!(
                 "{}: namespace {nsid} is formatted with {}-byte blocks; 512 and 4096 are supported",

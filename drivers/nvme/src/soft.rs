@@ -611,6 +611,8 @@ impl Device {
                             nsze: n,
                             lbads: bs.trailing_zeros() as u8,
                             ms: 0,
+                            format: 0,
+                            nlbaf: 0,
                         }
                         .write(&mut page)
                     }

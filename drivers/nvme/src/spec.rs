@@ -413,17 +413,30 @@ pub struct IdentifyNamespace {
     pub lbads: u8,
     /// Metadata bytes per block of the formatted LBA format.
     pub ms: u16,
+    /// The formatted LBA format's index (FLBAS bits 3:0, and 6:5 above
+    /// them since NVMe 2.0).
+    pub format: u8,
+    /// The highest LBA format index the table holds (NLBAF).
+    pub nlbaf: u8,
 }
 
 impl IdentifyNamespace {
-    /// Parse the 4 KiB Identify Namespace data structure.
+    /// Parse the 4 KiB Identify Namespace data structure. (A format past
+    /// the table, `format > nlbaf`, is the caller's to refuse: its entry
+    /// is whatever the device left there.)
     pub fn parse(b: &[u8; 4096]) -> IdentifyNamespace {
-        let format = (b[26] & 0xf) as usize;
-        let lbaf = le32(b, 128 + 4 * format);
+        let flbas = b[26];
+        // Bits 6:5 are the upper two bits of the index (NVMe 2.0): read as
+        // bits 3:0 alone, format 16 and up was taken for format 0 and up,
+        // and every block address was off by their size ratio.
+        let format = (flbas & 0xf) | ((flbas >> 5) & 3) << 4;
+        let lbaf = le32(b, 128 + 4 * format as usize);
         IdentifyNamespace {
             nsze: le64(b, 0),
             lbads: (lbaf >> 16) as u8,
             ms: lbaf as u16,
+            format,
+            nlbaf: b[25],
         }
     }
 
@@ -434,13 +447,34 @@ impl IdentifyNamespace {
             b[at..at + 8].copy_from_slice(&self.nsze.to_le_bytes());
         }
         let lbaf = (self.lbads as u32) << 16 | self.ms as u32;
-        b[128..132].copy_from_slice(&lbaf.to_le_bytes());
+        let at = 128 + 4 * self.format as usize;
+        b[at..at + 4].copy_from_slice(&lbaf.to_le_bytes());
+        b[25] = self.nlbaf;
+        b[26] = (self.format & 0xf) | (self.format >> 4 & 3) << 5;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// From review: FLBAS bits 6:5 (the index's upper bits, NVMe 2.0)
+    /// were ignored.
+    #[test]
+    fn an_lba_format_index_above_15_is_read_whole() {
+        let ns = IdentifyNamespace {
+            nsze: 1000,
+            lbads: 12,
+            ms: 0,
+            format: 17,
+            nlbaf: 20,
+        };
+        let mut b = [0u8; 4096];
+        ns.write(&mut b);
+        // A decoy at index 1, where the old reading looked.
+        b[132..136].copy_from_slice(&(9u32 << 16).to_le_bytes());
+        assert_eq!(IdentifyNamespace::parse(&b), ns);
+    }
 
     #[test]
     fn qemu_cap_reads_as_the_rig_measured_it() {
@@ -490,6 +524,8 @@ mod tests {
             nsze: 1 << 20,
             lbads: 12,
             ms: 0,
+            format: 0,
+            nlbaf: 0,
         };
         ns.write(&mut b);
         assert_eq!(IdentifyNamespace::parse(&b), ns);
