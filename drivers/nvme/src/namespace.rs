@@ -212,6 +212,11 @@ struct Slot {
 struct Channel {
     ctrl: Arc<Controller>,
     nsid: u32,
+    /// Completions for no command in flight, and failed commands, so far:
+    /// logged at the 1st, 2nd, 4th, 8th... (a device that floods the queue
+    /// with bogus entries, or fails every command, does not flood the log).
+    bogus: u64,
+    failed_logged: std::cell::Cell<u64>,
     io_errors: Arc<std::sync::atomic::AtomicU64>,
     info: DeviceInfo,
     block_shift: u32,
@@ -279,6 +284,8 @@ impl Channel {
             ctrl: ctrl.clone(),
             nsid: ns.nsid,
             io_errors: ns.io_errors.clone(),
+            bogus: 0,
+            failed_logged: Default::default(),
             info: ns.info.clone(),
             block_shift: ns.info.block_size.trailing_zeros(),
             cmd_blocks: (ns.cmd_bytes / ns.info.block_size as usize) as u64,
@@ -511,7 +518,10 @@ impl Channel {
             .get_mut(cid)
             .filter(|s| s.busy && s.cid == cqe.cid() && sqid == self.q.qid)
         else {
-            tracing::warn!(device = %self.info.name, cid = cqe.cid(), sqid, "completion for a command not in flight; ignored");
+            self.bogus += 1;
+            if self.bogus.is_power_of_two() {
+                tracing::warn!(device = %self.info.name, cid = cqe.cid(), sqid, count = self.bogus, "completion for a command not in flight; ignored");
+            }
             return;
         };
         slot.busy = false;
@@ -649,7 +659,11 @@ impl Channel {
         } else if status == ABORTED {
             IoError::TimedOut
         } else {
-            tracing::warn!(device = %self.info.name, %status, opcode = sqe.opcode(), lba, "NVMe command failed");
+            let n = self.failed_logged.get() + 1;
+            self.failed_logged.set(n);
+            if n.is_power_of_two() {
+                tracing::warn!(device = %self.info.name, %status, opcode = sqe.opcode(), lba, count = n, "NVMe command failed");
+            }
             IoError::Device(status.raw())
         }
     }
