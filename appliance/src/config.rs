@@ -282,6 +282,10 @@ pub enum ConfigError {
     },
 }
 
+/// Largest configuration or state file read (a thousand volumes with
+/// their exports take well under 1 MiB).
+pub const MAX_FILE: u64 = 16 << 20;
+
 impl Config {
     /// Parse `text` (read from `path`, named in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -302,12 +306,41 @@ impl Config {
         })
     }
 
-    /// Load `path`.
+    /// Load `path`: a regular file of at most `MAX_FILE` bytes. Opened
+    /// without blocking and checked before it is read: a FIFO put where
+    /// the file was blocked a reload (and then the daemon's stop, which
+    /// waits for it) for good, and /dev/zero grew the read until the
+    /// process died.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(io(std::io::Error::other("not a regular file")));
+        }
+        if meta.len() > MAX_FILE {
+            return Err(io(std::io::Error::other(format!(
+                "{} bytes; a configuration holds at most {MAX_FILE}",
+                meta.len()
+            ))));
+        }
+        let mut text = String::new();
+        // (A file growing while it is read stops at the limit too.)
+        file.take(MAX_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(io(std::io::Error::other("grew past the limit while read")));
+        }
         Config::parse(path, &text)
     }
 
@@ -339,6 +372,31 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// From review: the file was read whatever it was: a FIFO blocked a
+    /// reload (and the stop waiting for it) for good, /dev/zero grew the
+    /// read without bound.
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Config::load(&fifo).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = Config::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.toml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE + 1)
+            .unwrap();
+        let e = Config::load(&big).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
 
     #[test]
     fn round_trip_and_defaults() {

@@ -90,8 +90,12 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         Some(crate::instance::lock(&opts.api_socket, "API socket")?),
     ];
     // Saved state wins; the initial setup applies only before there is any.
+    let state_saved = match &opts.state_file {
+        Some(state) => state_exists(state)?,
+        None => false,
+    };
     let mut initial = match (&opts.state_file, &opts.config) {
-        (Some(state), _) if state.exists() => {
+        (Some(state), _) if state_saved => {
             Some((Config::load(state).map_err(|e| e.to_string())?, false))
         }
         (_, Some(cfg)) => Some((Config::load(cfg).map_err(|e| e.to_string())?, true)),
@@ -340,4 +344,41 @@ pub fn serve(
             }
         }
     })
+}
+
+/// Whether a state file is there to start from. Only "no such file" says
+/// no: `Path::exists` said no for any error too (a link to a filesystem
+/// not mounted yet, a permission), and the daemon then started from the
+/// initial configuration and saved over the link, losing every change made
+/// through the API since.
+fn state_exists(state: &std::path::Path) -> Result<bool, String> {
+    let what = |e: std::io::Error| format!("state file {}: {e}", state.display());
+    match std::fs::symlink_metadata(state) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(what(e)),
+        Ok(_) => std::fs::metadata(state).map(|_| true).map_err(|e| {
+            what(std::io::Error::new(
+                e.kind(),
+                format!("it links to nothing usable ({e})"),
+            ))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::state_exists;
+
+    #[test]
+    fn a_state_file_that_cannot_be_looked_at_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.toml");
+        assert_eq!(state_exists(&state), Ok(false));
+        std::os::unix::fs::symlink("/nonexistent/state.toml", &state).unwrap();
+        let e = state_exists(&state).unwrap_err();
+        assert!(e.contains("links to nothing"), "{e}");
+        std::fs::remove_file(&state).unwrap();
+        std::fs::write(&state, "").unwrap();
+        assert_eq!(state_exists(&state), Ok(true));
+    }
 }
