@@ -275,12 +275,24 @@ pub fn serve(
 ) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Calls run on blocking threads: a bound, so that callers opening
+        // many calls at once queue instead of making hundreds of threads.
+        .max_blocking_threads(64)
         .build()
         .map_err(|e| format!("starting the API runtime: {e}"))?;
     rt.block_on(async {
         let listener =
             mgmt::server::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
         tracing::info!(socket = %socket.display(), reactors = set.len(), "API listening");
+        // Bound (and its TLS identity checked) before READY: a failure
+        // here fails the start.
+        let tcp = tcp
+            .map(mgmt::server::TcpListening::bind)
+            .transpose()
+            .map_err(|e| format!("API on TCP: {e}"))?;
+        if let Some(t) = &tcp {
+            tracing::info!(addr = ?t.local_addr(), "API listening on TCP with TLS");
+        }
         // Restored exports were listening before this: everything accepts.
         let line = format!(
             "serving {} volumes in {} exports on {} reactors; API on {}",
@@ -335,12 +347,18 @@ pub fn serve(
         let unix = mgmt::server::serve(svc.clone(), listener, &health, stopped());
         match tcp {
             None => unix.await.map_err(|e| format!("API server: {e}")),
-            Some(access) => {
-                tracing::info!(addr = %access.addr, "API listening on TCP with TLS");
-                let tcp = mgmt::server::serve_tcp(svc, access, &health, stopped());
-                let (u, t) = tokio::join!(unix, tcp);
-                u.map_err(|e| format!("API server: {e}"))?;
-                t.map_err(|e| format!("API server on TCP: {e}"))
+            Some(listening) => {
+                // A TCP server that ends with an error is said at once;
+                // the unix socket (and the daemon) go on.
+                let tcp = async {
+                    if let Err(e) =
+                        mgmt::server::serve_tcp(svc, listening, &health, stopped()).await
+                    {
+                        tracing::error!(error = %e, "the API on TCP stopped; the unix socket still serves");
+                    }
+                };
+                let (u, ()) = tokio::join!(unix, tcp);
+                u.map_err(|e| format!("API server: {e}"))
             }
         }
     })

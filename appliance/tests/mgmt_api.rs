@@ -2510,3 +2510,120 @@ fn a_state_file_with_one_file_under_two_names_still_starts() {
     let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
     assert_eq!(devs.devices.len(), 2, "{devs:?}");
 }
+
+/// From review: the TCP listener was bound (and its TLS identity read)
+/// only when the server first ran, after the daemon said it was ready;
+/// a key that could not be used or an address in use came out at the
+/// stop. And it took any number of connections: peers that opened
+/// thousands and sent nothing took every descriptor the daemon had.
+#[test]
+fn the_tcp_api_fails_the_start_on_a_bad_key_and_holds_a_peer_to_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key, token) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("token"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let opts = DaemonOptions {
+        api_socket: dir.path().join("api.sock"),
+        state_file: None,
+        config: None,
+        reactors: 1,
+        cores: None,
+        metrics: None,
+        tcp: Some(appliance::daemon::TcpOptions {
+            addr,
+            cert: cert.clone(),
+            key: key.clone(),
+            token_file: token.clone(),
+        }),
+        drop_journals: vec![],
+        allow_paths: vec![],
+    };
+    let start = |opts: &DaemonOptions| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (o, s) = (opts.clone(), stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run(&o, s));
+        });
+        (stop, rx)
+    };
+    // The bad key ends the start (the old code served until stopped).
+    let (stop, rx) = start(&opts);
+    let ended = rx.recv_timeout(Duration::from_secs(30));
+    stop.store(true, Ordering::SeqCst);
+    let e = ended.expect("the start ended").unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (stop, rx) = start(&opts);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let ca = ck.cert.pem().into_bytes();
+    let client = || {
+        rt.block_on(mgmt::client::connect_tls(
+            &url,
+            &ca,
+            "localhost",
+            Some("s3cret-token-0123456789"),
+        ))
+    };
+    let t = Instant::now();
+    while let Err(e) = client() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // One peer's share of silent connections (in their TLS handshake,
+    // which may take 10 s); the next one from it is closed at once.
+    let held: Vec<std::net::TcpStream> = (0..mgmt::server::PER_PEER)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let t = Instant::now();
+    let mut sink = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut extra, &mut sink);
+    assert!(closed.is_ok(), "{closed:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "closed only by the handshake's time limit ({:?})",
+        t.elapsed()
+    );
+    // Their places come back once they go.
+    drop(held);
+    let t = Instant::now();
+    let mut c = loop {
+        match client() {
+            Ok(c) => break c,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(30), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v = rt
+        .block_on(c.get_version(pb::GetVersionRequest {}))
+        .unwrap();
+    assert_eq!(v.into_inner().api, 2);
+    drop(c);
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), Ok(()));
+}

@@ -10,6 +10,9 @@ use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::pb::appliance_server::{Appliance, ApplianceServer};
 
+mod tcp;
+pub use tcp::{MAX_CONNECTIONS, PER_PEER};
+
 /// Bind `path` (replacing a stale socket, creating its directory) with mode
 /// 0600: the API changes storage, so only the daemon's user may call it.
 pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
@@ -134,39 +137,80 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A TCP listener bound, with its TLS identity checked: made before the
+/// daemon says it is ready, so that an address in use or a certificate
+/// or key that cannot be used fails the start (the listener was bound
+/// when the server first ran, after READY, and its error came at the stop).
+pub struct TcpListening {
+    listener: tokio::net::TcpListener,
+    tls: ServerTlsConfig,
+    token: String,
+}
+
+impl TcpListening {
+    /// Bind `access.addr` and check its TLS identity (inside a runtime).
+    pub fn bind(access: TcpAccess) -> Result<TcpListening, String> {
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(access.cert_pem, access.key_pem))
+            // A peer that opens a connection and never finishes the TLS
+            // handshake lets its place go after this.
+            .timeout(std::time::Duration::from_secs(10));
+        tonic::transport::Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| format!("the TLS certificate or key: {e}"))?;
+        let listener = std::net::TcpListener::bind(access.addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| format!("binding {}: {e}", access.addr))?;
+        Ok(TcpListening {
+            listener,
+            tls,
+            token: access.token,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
 /// Serve `svc` over TLS on TCP until `shutdown`; calls without the token
-/// get UNAUTHENTICATED.
+/// get UNAUTHENTICATED. At most [`MAX_CONNECTIONS`] connections, one
+/// peer's at most [`PER_PEER`]; each at most 32 calls at once.
 pub async fn serve_tcp<S: Appliance>(
     svc: S,
-    access: TcpAccess,
+    listening: TcpListening,
     health: &HealthReporter,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let want = format!("Bearer {}", access.token).into_bytes();
+    let want = format!("Bearer {}", listening.token).into_bytes();
     let check = move |req: tonic::Request<()>| match req.metadata().get("authorization") {
         Some(v) if same(v.as_bytes(), &want) => Ok(req),
         _ => Err(tonic::Status::unauthenticated(
             "a bearer token is required on TCP",
         )),
     };
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(access.cert_pem, access.key_pem));
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let notified = stopping.clone();
     // Health and reflection need the token too: on TCP nothing answers
     // without it.
     use tonic::service::interceptor::InterceptedService;
     let server = tonic::transport::Server::builder()
-        // A peer that opens a connection and never finishes the TLS
-        // handshake would hold its descriptor for good (thousands of them
-        // leave the daemon none for exports and state saves).
-        .tls_config(tls.timeout(std::time::Duration::from_secs(10)))?
+        .tls_config(listening.tls)?
+        .max_concurrent_streams(Some(32))
+        // A peer gone without a word is found out.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(ApplianceServer::with_interceptor(svc, check.clone()))
         .add_service(InterceptedService::new(
             health_service(health),
             check.clone(),
         ))
         .add_optional_service(reflection_service().map(|r| InterceptedService::new(r, check)))
-        .serve_with_shutdown(access.addr, async move { notified.notified().await });
+        .serve_with_incoming_shutdown(tcp::Incoming::new(listening.listener), async move {
+            notified.notified().await
+        });
     with_grace(server, stopping, shutdown).await
 }
 
