@@ -18,7 +18,7 @@ pub mod instance;
 pub mod manager;
 pub mod metrics;
 pub mod nvmf;
-mod peers;
+pub(crate) use mgmt::peers;
 pub mod qos;
 pub mod raid;
 pub mod selfcheck;

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod latency;
+pub mod peers;
 pub mod server;
 
 /// Generated messages, client and server trait.

@@ -8,11 +8,10 @@
 //! and NVMe/TCP reconnects failed), and an accept that failed for want of
 //! descriptors was retried at once, spinning the API thread.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,68 +19,45 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Connections the TCP listener keeps open at most.
+use crate::peers::{PeerCounts, PeerSlot};
+
+/// Connections the TCP listener keeps open at most; one peer (an IPv4
+/// address, or an IPv6 /64) holds three quarters of them at most
+/// ([`crate::peers`]), so the others still get in.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Of them, one peer's (an IPv4 address, or an IPv6 /64): the others
-/// still get in while one holds its share.
-pub const PER_PEER: usize = MAX_CONNECTIONS * 3 / 4;
+/// One peer's share of [`MAX_CONNECTIONS`].
+pub const PER_PEER: usize = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
 /// How long the listener waits after a failed accept (no descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Open connections, in all and per peer.
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_peer: HashMap<IpAddr, usize>,
-}
-
-/// The peer a connection counts against: an IPv6 /64 is one host's.
-fn peer_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
-/// A place taken in the counts, given back when dropped.
+/// A place taken in the listener's count and its peer's share, given
+/// back when dropped.
 struct Slot {
-    counts: Arc<Mutex<Counts>>,
-    peer: IpAddr,
+    open: Arc<AtomicUsize>,
+    _peer: PeerSlot,
 }
 
 impl Slot {
-    fn take(counts: &Arc<Mutex<Counts>>, ip: IpAddr) -> Option<Slot> {
-        let peer = peer_key(ip);
-        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = c.per_peer.get(&peer).copied().unwrap_or(0);
-        if c.total >= MAX_CONNECTIONS || mine >= PER_PEER {
+    fn take(
+        open: &Arc<AtomicUsize>,
+        peers: &Arc<PeerCounts>,
+        ip: std::net::IpAddr,
+    ) -> Option<Slot> {
+        let peer = peers.take(ip, MAX_CONNECTIONS)?;
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        c.total += 1;
-        c.per_peer.insert(peer, mine + 1);
         Some(Slot {
-            counts: counts.clone(),
-            peer,
+            open: open.clone(),
+            _peer: peer,
         })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.total -= 1;
-        if let Some(n) = c.per_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_peer.remove(&self.peer);
-            }
-        }
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -143,7 +119,8 @@ impl AsyncWrite for Limited {
 /// they come.
 pub struct Incoming {
     listener: TcpListener,
-    counts: Arc<Mutex<Counts>>,
+    open: Arc<AtomicUsize>,
+    peers: Arc<PeerCounts>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -152,7 +129,8 @@ impl Incoming {
     pub fn new(listener: TcpListener) -> Incoming {
         Incoming {
             listener,
-            counts: Arc::default(),
+            open: Arc::default(),
+            peers: Arc::default(),
             backoff: None,
         }
     }
@@ -176,7 +154,7 @@ impl tokio_stream::Stream for Incoming {
                     self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
                 }
                 Poll::Ready(Ok((stream, peer))) => {
-                    let Some(slot) = Slot::take(&self.counts, peer.ip()) else {
+                    let Some(slot) = Slot::take(&self.open, &self.peers, peer.ip()) else {
                         drop(stream); // over the limit or this peer's share
                         continue;
                     };
@@ -199,25 +177,21 @@ mod tests {
 
     #[test]
     fn one_peer_holds_its_share_and_others_still_get_in() {
-        let counts = Arc::new(Mutex::new(Counts::default()));
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let (open, peers) = (Arc::default(), Arc::default());
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let held: Vec<Slot> = (0..PER_PEER)
-            .map(|_| Slot::take(&counts, a).unwrap())
+            .map(|_| Slot::take(&open, &peers, a).unwrap())
             .collect();
-        assert!(Slot::take(&counts, a).is_none(), "over a's share");
-        // The same host as IPv4-mapped IPv6, and another IPv6 address of
-        // one /64, count as one peer.
-        assert!(Slot::take(&counts, "::ffff:10.0.0.1".parse().unwrap()).is_none());
-        let b6: Vec<Slot> = (0..PER_PEER)
-            .map(|i| Slot::take(&counts, format!("2001:db8::{i:x}").parse().unwrap()))
-            .map_while(|s| s)
+        assert!(Slot::take(&open, &peers, a).is_none(), "over a's share");
+        let others: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map_while(|i| Slot::take(&open, &peers, format!("10.0.1.{i}").parse().unwrap()))
             .collect();
         assert_eq!(
-            b6.len(),
+            others.len(),
             MAX_CONNECTIONS - PER_PEER,
             "to the listener's limit"
         );
         drop(held);
-        assert!(Slot::take(&counts, a).is_some(), "places come back");
+        assert!(Slot::take(&open, &peers, a).is_some(), "places come back");
     }
 }

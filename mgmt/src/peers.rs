@@ -11,16 +11,16 @@ use std::sync::{Arc, Mutex};
 
 /// Connections open per peer on one listener.
 #[derive(Default)]
-pub(crate) struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
+pub struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
 
 /// One connection's place in its peer's share, given back when dropped.
-pub(crate) struct PeerSlot {
+pub struct PeerSlot {
     counts: Arc<PeerCounts>,
     peer: IpAddr,
 }
 
 /// Whom a connection from `ip` counts against.
-pub(crate) fn peer_key(ip: IpAddr) -> IpAddr {
+pub fn peer_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
         v4 => v4,
@@ -30,7 +30,7 @@ pub(crate) fn peer_key(ip: IpAddr) -> IpAddr {
 impl PeerCounts {
     /// A place for a connection from `ip` on a listener that keeps at most
     /// `max` open, unless its peer holds its share already.
-    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+    pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
         let peer = peer_key(ip);
         let share = max - max / 4;
         let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
