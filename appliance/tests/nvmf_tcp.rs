@@ -1046,7 +1046,35 @@ fn more_queues_than_the_members_can_open_fail_the_connect_not_the_members() {
     };
     verify_queue(&mut q, 50, 8192, 4);
     assert_eq!(sink.ledger().reported(), 0);
-    drop(q);
+    // From review: a queue that moves to a new generation when another
+    // opener has taken the room its old channel left failed every request
+    // until the next change. It waits and asks again. Here the members
+    // have one channel less than the queues need while they move.
+    queues.push(q);
+    for f in &faults {
+        let c = f.control();
+        c.limit_channels(c.open_channels() - 1);
+    }
+    let refused = faults[0].control().refused() + faults[1].control().refused();
+    {
+        let g = volume.suspend(LONG).unwrap();
+        let (_, cfg) = volume.quiesce().config();
+        volume.quiesce().publish(&g, (*cfg).clone()).unwrap();
+    }
+    let deadline = Instant::now() + LONG;
+    while faults[0].control().refused() + faults[1].control().refused() == refused {
+        assert!(Instant::now() < deadline, "no queue was refused a channel");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for f in &faults {
+        let c = f.control();
+        c.limit_channels(c.open_channels() + 1);
+    }
+    // Every queue serves again, the one that waited too.
+    for (i, q) in queues.iter_mut().enumerate() {
+        verify_queue(q, 60 + i as u64, 10_000 + i as u64 * 1024, 4);
+    }
+    assert_eq!(sink.ledger().reported(), 0);
     drop(queues);
     drop(c);
     drop(target);

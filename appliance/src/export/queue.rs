@@ -32,6 +32,9 @@ const MAX_CHAIN: usize = 1024;
 const POP_BATCH: usize = 64;
 /// Empty polls before the runner asks the guest to kick again.
 const IDLE_POLLS: u32 = 32;
+/// How soon a queue asks again for a channel the volume's devices had no
+/// room for (the queue takes nothing from its ring meanwhile).
+const CHANNEL_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What the control thread and the runner share.
 #[derive(Default)]
@@ -151,6 +154,8 @@ struct Runner {
     logged: Vec<(u64, Vec<(u64, u64)>)>,
     vol_gate: LocalGate<VolumeConfig>,
     vol_gen: u64,
+    /// The new generation's channel had no room: asked again then.
+    vol_retry: Option<Instant>,
     ch: Box<dyn IoChannel>,
     limits: Arc<Limits>,
     slots: Vec<Option<Inflight>>,
@@ -264,6 +269,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         mem,
         vol_gate,
         vol_gen,
+        vol_retry: None,
         ch,
         limits: sized_limits(&setup.limits, &vol),
         slots: (0..size).map(|_| None).collect(),
@@ -502,7 +508,8 @@ impl Runner {
                 }
             }
         }
-        if !channel_busy && self.vol_gate.generation() != self.vol_gen {
+        let retry_later = self.vol_retry.is_some_and(|t| self.now < t);
+        if !channel_busy && self.vol_gate.generation() != self.vol_gen && !retry_later {
             let (g, v) = self.vol_gate.config();
             self.limits = sized_limits(&self.limits, &v);
             // New limits come with a new generation.
@@ -519,8 +526,17 @@ impl Runner {
             // The old channel (idle) goes first: its device queues make
             // room for the new one's on drives whose queue pairs are few.
             self.ch = Box::new(bdev::FailingChannel::default());
+            self.vol_retry = None;
             self.ch = match v.device.open_channel() {
                 Ok(ch) => ch,
+                Err(e @ bdev::BdevError::Exhausted(_)) => {
+                    // Another opener took the queue pair meanwhile: the
+                    // queue stays stale (it takes nothing from the ring)
+                    // and asks again shortly.
+                    tracing::warn!(queue = self.index, error = %e, "no room for the volume's new channel yet; trying again");
+                    self.vol_retry = Some(self.now + CHANNEL_RETRY);
+                    return;
+                }
                 Err(e) => {
                     // Never the old generation's channel: its member set
                     // is gone (a spare being rebuilt would miss writes).

@@ -172,6 +172,8 @@ struct IoPath {
     ch: Box<dyn IoChannel>,
     info: DeviceInfo,
     read_only: bool,
+    /// The new generation's channel had no room: asked again then.
+    retry_at: Option<Instant>,
 }
 
 struct Conn {
@@ -259,7 +261,7 @@ impl Conn {
             work |= self.start_waiting(ctx);
         }
         work |= self.submit();
-        self.refresh_generation();
+        self.refresh_generation(ctx);
         work |= self.send();
         if let Some(since) = self.closing {
             let drained =
@@ -740,6 +742,7 @@ impl Conn {
                     ch,
                     info: v.device.info().clone(),
                     read_only: sub.opts.read_only,
+                    retry_at: None,
                 })
             });
         match opened {

@@ -205,12 +205,11 @@ impl ReplaceChannel {
             return Ok(None);
         };
         // A new device that cannot be opened fails the replacement, not
-        // the volume's channel: the slot's own device has the data. One
-        // with no room for another channel now is not failing: the open
-        // fails, as for a member (`open_members`).
+        // the volume's channel: the slot's own device has the data (one
+        // with no queue pair left too: failing the volume's channel
+        // instead would fail every guest request until the next change).
         let ch = match r.dev.open_channel() {
             Ok(ch) => Some(ch),
-            Err(e @ BdevError::Exhausted(_)) => return Err(e),
             Err(e) => {
                 if !r.failed.swap(true, Ordering::SeqCst) {
                     set.failures.event(Event::RebuildAborted(
@@ -304,10 +303,12 @@ pub fn poll_members(chans: &mut MemberChannels, out: &mut Vec<Completion>) {
 /// for failed ones), in slot order. A member whose device refuses a
 /// channel (a controller gone) is reported failed like one that failed an
 /// IO: the volume goes on without it rather than refuse every request on
-/// this core. A member that only has no room for another channel now (its
-/// queue pairs all in use: a host that connects more queues than the
-/// drives have) fails the open instead, not the member: whoever asked
-/// for the channel gets the error.
+/// this core. An in-sync member that only has no room for another
+/// channel now (its queue pairs all in use: a host that connects more
+/// queues than the drives have) fails the open instead, not the member:
+/// whoever asked for the channel gets the error. A spare being rebuilt
+/// that has none is failed as before (the rebuild goes to the next spare;
+/// failing the open would fail the volume's IO on this queue).
 pub fn open_members(set: &MemberSet) -> Result<MemberChannels, BdevError> {
     let mut chans = Vec::with_capacity(set.members.len());
     for (slot, m) in set.members.iter().enumerate() {
@@ -315,7 +316,9 @@ pub fn open_members(set: &MemberSet) -> Result<MemberChannels, BdevError> {
             MemberState::InSync | MemberState::Rebuilding if !m.is_gone() => {
                 match m.dev.open_channel() {
                     Ok(ch) => Some(ch),
-                    Err(e @ BdevError::Exhausted(_)) => return Err(e),
+                    Err(e @ BdevError::Exhausted(_)) if m.state == MemberState::InSync => {
+                        return Err(e)
+                    }
                     Err(e) => {
                         tracing::warn!(member = slot, device = %m.dev.info().name, error = %e, "a member refused a channel");
                         set.failures.report(slot, m, IoError::DeviceFailed);

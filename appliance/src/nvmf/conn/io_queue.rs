@@ -21,6 +21,10 @@ use crate::qos::QueueQos;
 /// inside the target, which the host cannot tell from a slow device.
 const DATA_BUDGET: usize = 4 << 20;
 
+/// How soon a queue asks again for a channel the volume's devices had no
+/// room for.
+const CHANNEL_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn media_error(op: IoOp) -> Status {
     match op {
         IoOp::Read => Status::UNRECOVERED_READ,
@@ -393,17 +397,30 @@ impl Conn {
     }
 
     /// With nothing in flight, move to the volume's new configuration.
-    pub(super) fn refresh_generation(&mut self) {
+    pub(super) fn refresh_generation(&mut self, ctx: &mut Ctx) {
         let Some(io) = &mut self.io else { return };
         if self.running > 0 || io.ch.inflight() > 0 || io.gate.generation() == io.gen {
+            return;
+        }
+        if io.retry_at.is_some_and(|t| ctx.now() < t) {
             return;
         }
         let (gen, v) = io.gate.config();
         // The old channel (idle) goes first: its device queues make room
         // for the new one's on drives whose queue pairs are few.
         io.ch = Box::new(bdev::FailingChannel::default());
+        io.retry_at = None;
         io.ch = match v.device.open_channel() {
             Ok(ch) => ch,
+            Err(e @ bdev::BdevError::Exhausted(_)) => {
+                // Another opener took the queue pair meanwhile: commands
+                // wait (nothing is admitted while the generation is
+                // stale) and the open is tried again shortly.
+                tracing::warn!(error = %e, "nvme/tcp: no room for the volume's new channel yet; trying again");
+                io.retry_at = Some(ctx.now() + CHANNEL_RETRY);
+                ctx.after(CHANNEL_RETRY, |_| {});
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "nvme/tcp: opening the volume's channel for its new configuration failed; IO fails until the next one");
                 Box::new(bdev::FailingChannel::default())
