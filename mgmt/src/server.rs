@@ -11,7 +11,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use crate::pb::appliance_server::{Appliance, ApplianceServer};
 
 mod tcp;
-pub use tcp::{MAX_CONNECTIONS, PER_PEER};
+pub use tcp::{AUTH_DEADLINE, MAX_CONNECTIONS, PER_PEER};
 
 /// Bind `path` (replacing a stale socket, creating its directory) with mode
 /// 0600: the API changes storage, so only the daemon's user may call it.
@@ -186,7 +186,16 @@ pub async fn serve_tcp<S: Appliance>(
 ) -> Result<(), tonic::transport::Error> {
     let want = format!("Bearer {}", listening.token).into_bytes();
     let check = move |req: tonic::Request<()>| match req.metadata().get("authorization") {
-        Some(v) if same(v.as_bytes(), &want) => Ok(req),
+        Some(v) if same(v.as_bytes(), &want) => {
+            // The connection may stay past its first-call deadline.
+            if let Some(info) = req
+                .extensions()
+                .get::<tonic::transport::server::TlsConnectInfo<tcp::LimitedInfo>>()
+            {
+                info.get_ref().authenticated();
+            }
+            Ok(req)
+        }
         _ => Err(tonic::Status::unauthenticated(
             "a bearer token is required on TCP",
         )),

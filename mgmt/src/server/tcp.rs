@@ -10,14 +10,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::peers::{PeerCounts, PeerSlot};
 
@@ -29,6 +29,11 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const PER_PEER: usize = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
 /// How long the listener waits after a failed accept (no descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection may take to make its first call with the token:
+/// one that does not is closed (h2 waits for a client's preface without
+/// a limit, and the token is only looked at per call, so 64 idle
+/// connections without credentials held every place for good).
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A place taken in the listener's count and its peer's share, given
 /// back when dropped.
@@ -61,17 +66,36 @@ impl Drop for Slot {
     }
 }
 
-/// A connection holding its place.
+/// A connection holding its place, closed if it makes no call with the
+/// token within [`AUTH_DEADLINE`].
 pub struct Limited {
     stream: TcpStream,
     _slot: Slot,
+    authenticated: Arc<AtomicBool>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// What a call learns of its connection: a way to say the connection
+/// has made a call with the token.
+#[derive(Clone)]
+pub struct LimitedInfo {
+    authenticated: Arc<AtomicBool>,
+}
+
+impl LimitedInfo {
+    /// The connection made a call with the token: it stays open.
+    pub fn authenticated(&self) {
+        self.authenticated.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Connected for Limited {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = LimitedInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        LimitedInfo {
+            authenticated: self.authenticated.clone(),
+        }
     }
 }
 
@@ -81,6 +105,14 @@ impl AsyncRead for Limited {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        // (The deadline's timer wakes a read that waits past it.)
+        if !self.authenticated.load(Ordering::Relaxed) && self.deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no call with the token in time",
+            )));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -122,6 +154,7 @@ pub struct Incoming {
     open: Arc<AtomicUsize>,
     peers: Arc<PeerCounts>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    auth_deadline: Duration,
 }
 
 impl Incoming {
@@ -132,6 +165,7 @@ impl Incoming {
             open: Arc::default(),
             peers: Arc::default(),
             backoff: None,
+            auth_deadline: AUTH_DEADLINE,
         }
     }
 }
@@ -161,9 +195,12 @@ impl tokio_stream::Stream for Incoming {
                     if stream.set_nodelay(true).is_err() {
                         continue;
                     }
+                    let deadline = Box::pin(tokio::time::sleep(self.auth_deadline));
                     return Poll::Ready(Some(Ok(Limited {
                         stream,
                         _slot: slot,
+                        authenticated: Arc::default(),
+                        deadline,
                     })));
                 }
             }
@@ -174,6 +211,39 @@ impl tokio_stream::Stream for Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_stream::StreamExt;
+
+    /// A connection that makes no call with the token is closed at the
+    /// deadline; one that did stays.
+    #[test]
+    fn a_connection_without_a_call_with_the_token_is_closed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let mut incoming = Incoming::new(l);
+            incoming.auth_deadline = Duration::from_millis(200);
+            let _silent = TcpStream::connect(addr).await.unwrap();
+            let mut idle = incoming.next().await.unwrap().unwrap();
+            let mut b = [0u8; 1];
+            let e = idle.read(&mut b).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let mut known = incoming.next().await.unwrap().unwrap();
+            known.connect_info().authenticated();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            client.write_all(b"x").await.unwrap();
+            assert_eq!(
+                known.read(&mut b).await.unwrap(),
+                1,
+                "still open past the deadline"
+            );
+        });
+    }
 
     #[test]
     fn one_peer_holds_its_share_and_others_still_get_in() {
