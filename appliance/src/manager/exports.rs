@@ -47,6 +47,9 @@ impl Manager {
         // until the deadline when the volume's IO is stuck, and every
         // other call (another volume's transaction saving the state file
         // too) would wait that long.
+        // Resolved before the lock: a socket directory on a mount that
+        // hangs must not hold every other call up.
+        let key = socket_key(&decl.socket);
         let mut inv = self.inv();
         if inv.exports.contains_key(&decl.name) || inv.exports_creating.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
@@ -64,12 +67,7 @@ impl Manager {
         // One file however the path is spelled (`..`, a symlinked
         // directory): the bind refuses a taken path too, this only says
         // which export has it.
-        let key = socket_key(&decl.socket);
-        if let Some(e) = inv
-            .exports
-            .values()
-            .find(|e| socket_key(&e.decl.socket) == key)
-        {
+        if let Some(e) = inv.exports.values().find(|e| e.socket_key == key) {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already serves {}",
                 e.decl.name,
@@ -79,7 +77,7 @@ impl Manager {
         if let Some((name, _)) = inv
             .exports_creating
             .iter()
-            .find(|(_, (_, socket))| socket_key(socket) == key)
+            .find(|(_, (_, socket))| *socket == key)
         {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {name} is being created on {}",
@@ -92,10 +90,8 @@ impl Manager {
             decl.socket_group.as_deref(),
         )
         .map_err(from_export)?;
-        inv.exports_creating.insert(
-            decl.name.clone(),
-            (decl.volume.clone(), decl.socket.clone()),
-        );
+        inv.exports_creating
+            .insert(decl.name.clone(), (decl.volume.clone(), key.clone()));
         drop(inv);
         // Let go of the reservation however the creation ends, a panic
         // included (the API thread survives it; the name must not stay
@@ -132,8 +128,14 @@ impl Manager {
             connections: 0,
             dirty_log: None,
         };
-        inv.exports
-            .insert(decl.name.clone(), Arc::new(Exp { decl, export }));
+        inv.exports.insert(
+            decl.name.clone(),
+            Arc::new(Exp {
+                decl,
+                export,
+                socket_key: key,
+            }),
+        );
         drop(inv);
         self.save()?;
         Ok(view)

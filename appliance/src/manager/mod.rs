@@ -437,6 +437,8 @@ impl Vol {
 struct Exp {
     decl: ExportDecl,
     export: Export,
+    /// Its socket's path with the directory resolved (`exports::socket_key`).
+    socket_key: std::path::PathBuf,
 }
 
 impl Exp {
@@ -467,7 +469,7 @@ struct Inventory {
     /// Exports being created outside the lock (the volume is quiesced
     /// meanwhile, which may take until its deadline): name -> (volume,
     /// socket).
-    exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
+    exports_creating: BTreeMap<String, (String, std::path::PathBuf)>, // (volume, socket key)
     /// NVMe/TCP exports by NQN.
     nvmf: BTreeMap<String, nvmf::NvmfExp>,
 }
