@@ -468,8 +468,8 @@ struct Inventory {
     exports: BTreeMap<String, Arc<Exp>>,
     /// Exports being created outside the lock (the volume is quiesced
     /// meanwhile, which may take until its deadline): name -> (volume,
-    /// socket).
-    exports_creating: BTreeMap<String, (String, std::path::PathBuf)>, // (volume, socket key)
+    /// socket key).
+    exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
     /// NVMe/TCP exports by NQN.
     nvmf: BTreeMap<String, nvmf::NvmfExp>,
 }
