@@ -351,6 +351,24 @@ impl Config {
             source,
         };
         let text = toml::to_string_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
+        // Through a symbolic link to the file it names (an operator's
+        // state file kept elsewhere): renamed over the link, the new state
+        // went beside it and the file the link names was left behind.
+        // (The file need not exist yet: the link is followed by hand.)
+        let mut target = path.to_path_buf();
+        for _ in 0..8 {
+            match std::fs::symlink_metadata(&target) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let to = std::fs::read_link(&target).map_err(io)?;
+                    target = match target.parent() {
+                        Some(dir) if to.is_relative() => dir.join(to),
+                        _ => to,
+                    };
+                }
+                _ => break,
+            }
+        }
+        let path = target.as_path();
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -396,6 +414,29 @@ mod tests {
             .unwrap();
         let e = Config::load(&big).unwrap_err().to_string();
         assert!(e.contains("at most"), "{e}");
+    }
+
+    /// From review: a save renamed the new file over a state path that is
+    /// a symbolic link, leaving the file it named behind.
+    #[test]
+    fn a_save_through_a_link_writes_the_file_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        let real = dir.path().join("real/state.toml");
+        let link = dir.path().join("state.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let c = Config::default();
+        c.save(&link).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(Config::load(&real).unwrap(), c);
+        c.save(&link).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
