@@ -297,6 +297,9 @@ impl Controller {
             return Err(NvmeError::Failed(self.name().into(), self.failure()));
         }
         let mut a = lock(&self.admin);
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
         // Read with the lock held: read before, a reset that held the lock
         // meanwhile moved it, and the reset below took this command's
         // time-out for that reset's and left the command behind.
@@ -387,6 +390,12 @@ impl Controller {
             return Err(NvmeError::Failed(self.name().into(), self.failure()));
         }
         let mut a = lock(&self.admin);
+        // Again with the lock: a reset that held it may have failed the
+        // controller meanwhile (each waiter would wait out an admin time-out
+        // on it, on its reactor).
+        if self.is_failed() {
+            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+        }
         let seen = self.generation.load(Ordering::Acquire);
         // A queue the device may still hold after a failed creation (a
         // time-out, a cleanup refused) would have it write into memory
@@ -444,7 +453,7 @@ impl Controller {
         }
         let mut a = lock(&self.admin);
         let seen = self.generation.load(Ordering::Acquire);
-        if seen != created {
+        if seen != created || self.is_failed() {
             return Ok(());
         }
         let mut sq = Sqe::new(admin::DELETE_SQ, 0);
