@@ -549,6 +549,8 @@ impl Controller {
             if !self.removed() {
                 self.bar.write32(spec::REG_CC, 0);
                 if wait_ready(&self.bar, self.cap, false, self.transport.name()).is_err() {
+                    // Its queues' memory too, when their channels go.
+                    self.transport.retire_all();
                     let regions = std::mem::take(
                         &mut *self
                             .registry

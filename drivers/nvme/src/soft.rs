@@ -98,6 +98,10 @@ struct Shared {
     stop: AtomicBool,
     /// Admin commands are left in their queue until released.
     hold_admin: AtomicBool,
+    /// CC.EN = 0 is not obeyed (a hung device that keeps its queues).
+    ignore_disable: AtomicBool,
+    /// The driver said the device did not stop: addresses are not reused.
+    retired: AtomicBool,
     /// How many admin commands wait there while held.
     admin_waiting: AtomicU32,
     stats: Mutex<SoftStats>,
@@ -147,8 +151,14 @@ impl Transport for SoftTransport {
     fn unmap(&self, iova: u64, _len: usize) {
         let mut m = self.shared.iommu.write().unwrap_or_else(|p| p.into_inner());
         if let Some((_, len)) = m.remove(&iova) {
-            self.shared.iova.free(iova, len as u64 + PAGE as u64);
+            if !self.shared.retired.load(Ordering::Acquire) {
+                self.shared.iova.free(iova, len as u64 + PAGE as u64);
+            }
         }
+    }
+
+    fn retire_all(&self) {
+        self.shared.retired.store(true, Ordering::Release);
     }
 
     fn unmap_retired(&self, iova: u64, _len: usize) {
@@ -183,6 +193,8 @@ impl SoftController {
             removed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             hold_admin: AtomicBool::new(false),
+            ignore_disable: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             admin_waiting: AtomicU32::new(0),
             stats: Mutex::new(SoftStats::default()),
             name: name.to_string(),
@@ -270,6 +282,12 @@ impl SoftController {
     /// Admin commands submitted and held, not executed.
     pub fn admin_waiting(&self) -> u32 {
         self.shared.admin_waiting.load(Ordering::Acquire)
+    }
+
+    /// Ignore (or again obey) CC.EN = 0: a hung device that keeps its
+    /// queues and may still write to them.
+    pub fn ignore_disable(&self, on: bool) {
+        self.shared.ignore_disable.store(on, Ordering::Release);
     }
 
     /// Raise controller fatal status; the controller stops until reset.
@@ -408,6 +426,9 @@ impl Device {
         }
         let cc = self.bar.read32(spec::REG_CC);
         if cc & spec::CC_EN == 0 {
+            if self.shared.ignore_disable.load(Ordering::Acquire) {
+                return false;
+            }
             if self.enabled || self.bar.read32(spec::REG_CSTS) != 0 {
                 self.enabled = false;
                 self.sqs.clear();

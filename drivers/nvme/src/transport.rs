@@ -116,6 +116,10 @@ pub trait Transport: Send + Sync {
         self.unmap(iova, len);
     }
 
+    /// The device did not stop when told to: every unmap from now on is
+    /// [`unmap_retired`](Self::unmap_retired) (its queues' memory too).
+    fn retire_all(&self) {}
+
     /// Like `map`, for memory the controller may see in several pieces:
     /// `(offset in the range, length, IO address)` of each. With an IOMMU
     /// there is one piece; without one (DMA by physical address) each

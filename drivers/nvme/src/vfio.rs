@@ -49,6 +49,8 @@ pub struct VfioTransport {
     access: Access,
     /// IO addresses of the IOMMU mappings (unused with physical access).
     iova: IovaSpace,
+    /// The device did not stop when told to: no address is used again.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// How the controller's DMA reaches memory.
@@ -195,6 +197,7 @@ impl VfioTransport {
                 _device: device,
             },
             iova: IovaSpace::new(IOVA_BASE, IOVA_END),
+            retired: Default::default(),
         }))
     }
 
@@ -309,6 +312,7 @@ impl VfioTransport {
                 _container: container,
             },
             iova: IovaSpace::new(IOVA_BASE, IOVA_END),
+            retired: Default::default(),
         }))
     }
 }
@@ -461,13 +465,19 @@ impl Transport for VfioTransport {
     }
 
     fn unmap(&self, iova: u64, len: usize) {
-        if self.unmap_only(iova, len) {
+        let retired = self.retired.load(std::sync::atomic::Ordering::Acquire);
+        if self.unmap_only(iova, len) && !retired {
             self.iova.free(iova, len as u64);
         }
     }
 
     fn unmap_retired(&self, iova: u64, len: usize) {
         self.unmap_only(iova, len);
+    }
+
+    fn retire_all(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     unsafe fn map_pieces(

@@ -837,3 +837,35 @@ fn a_queue_whose_creation_timed_out_is_taken_off_the_device() {
     assert!(got == data);
     assert!(!ctrl.is_failed());
 }
+
+/// From review: a controller failed without its disable confirmed had
+/// its mappings taken away, but their IO addresses (and its queues', once
+/// their channels went) were handed out again (iova.rs reuses them): a
+/// late write of a device that did not stop landed in memory mapped
+/// later. They are never used again.
+#[test]
+fn a_device_that_does_not_stop_never_gets_its_addresses_reused() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let t = soft.transport();
+    soft.ignore_disable(true);
+    soft.lose_completions(u32::MAX);
+    let mut b = vec![0u8; 4096];
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut b, 1)),
+        Err(IoError::DeviceFailed)
+    );
+    assert!(ctrl.is_failed());
+    drop(ch);
+    let (mut x, mut y) = (Aligned::new(4096), Aligned::new(4096));
+    // SAFETY: both outlive their mappings.
+    let at = unsafe { t.map(x.buf().as_mut_ptr(), 4096) }.unwrap();
+    t.unmap(at, 4096);
+    let again = unsafe { t.map(y.buf().as_mut_ptr(), 4096) }.unwrap();
+    assert_ne!(
+        at, again,
+        "an address of the device that did not stop was used again"
+    );
+    t.unmap(again, 4096);
+}
