@@ -1089,15 +1089,20 @@ fn the_example_configurations_load_and_the_ram_one_serves() {
     d.stop();
 }
 
-#[test]
-fn tcp_access_needs_tls_and_the_token() {
-    let dir = tempfile::tempdir().unwrap();
+/// A daemon's options with the API on TCP too: a self-signed certificate
+/// for localhost, its key, a token, a free port on 127.0.0.1.
+struct TcpRig {
+    ck: rcgen::CertifiedKey<rcgen::KeyPair>,
+    key: std::path::PathBuf,
+    token: std::path::PathBuf,
+    port: u16,
+    addr: std::net::SocketAddr,
+    opts: DaemonOptions,
+}
+
+fn tcp_rig(dir: &std::path::Path) -> TcpRig {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key, token) = (
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-        dir.path().join("token"),
-    );
+    let (cert, key, token) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("token"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
@@ -1107,23 +1112,44 @@ fn tcp_access_needs_tls_and_the_token() {
         .unwrap()
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let tcp = appliance::daemon::TcpOptions {
-        addr,
-        cert: cert.clone(),
-        key: key.clone(),
-        token_file: token.clone(),
-    };
-    let mut opts = DaemonOptions {
-        api_socket: dir.path().join("api.sock"),
+    let opts = DaemonOptions {
+        api_socket: dir.join("api.sock"),
         state_file: None,
         config: None,
         reactors: 1,
         cores: None,
         metrics: None,
-        tcp: Some(tcp.clone()),
+        tcp: Some(appliance::daemon::TcpOptions {
+            addr,
+            cert,
+            key: key.clone(),
+            token_file: token.clone(),
+        }),
         drop_journals: vec![],
         allow_paths: vec![],
     };
+    TcpRig {
+        ck,
+        key,
+        token,
+        port,
+        addr,
+        opts,
+    }
+}
+
+#[test]
+fn tcp_access_needs_tls_and_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let TcpRig {
+        ck,
+        token,
+        port,
+        addr,
+        mut opts,
+        ..
+    } = tcp_rig(dir.path());
+    let tcp = opts.tcp.clone().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (o, s) = (opts.clone(), stop.clone());
     let daemon = std::thread::spawn(move || run(&o, s));
@@ -2519,41 +2545,19 @@ fn a_state_file_with_one_file_under_two_names_still_starts() {
 #[test]
 fn the_tcp_api_fails_the_start_on_a_bad_key_and_holds_a_peer_to_its_share() {
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key, token) = (
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-        dir.path().join("token"),
-    );
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    let TcpRig {
+        ck,
+        key,
+        port,
+        addr,
+        opts,
+        ..
+    } = tcp_rig(dir.path());
     std::fs::write(
         &key,
         "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let opts = DaemonOptions {
-        api_socket: dir.path().join("api.sock"),
-        state_file: None,
-        config: None,
-        reactors: 1,
-        cores: None,
-        metrics: None,
-        tcp: Some(appliance::daemon::TcpOptions {
-            addr,
-            cert: cert.clone(),
-            key: key.clone(),
-            token_file: token.clone(),
-        }),
-        drop_journals: vec![],
-        allow_paths: vec![],
-    };
     let start = |opts: &DaemonOptions| {
         let stop = Arc::new(AtomicBool::new(false));
         let (o, s) = (opts.clone(), stop.clone());

@@ -35,12 +35,17 @@ struct Rig {
 }
 
 fn rig(hosts: &[&str]) -> Rig {
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", BS as u32, BLOCKS).unwrap());
+    rig_on(hosts, dev)
+}
+
+/// A rig whose volume is `dev`.
+fn rig_on(hosts: &[&str], dev: Arc<dyn BlockDevice>) -> Rig {
     let reactors = Reactors::start(ReactorConfig {
         count: 2,
         ..Default::default()
     })
     .unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", BS as u32, BLOCKS).unwrap());
     let volume = Volume::new(reactors.set(), "vol0", dev);
     let target = Target::new(reactors.set());
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -911,25 +916,12 @@ fn threads_named(name: &str) -> usize {
 fn toggling_shutdown_notifications_runs_one_flush_at_a_time() {
     const CC: u32 = 0x14;
     const CSTS: u32 = 0x1c;
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let ram: Arc<dyn BlockDevice> =
         Arc::new(RamDevice::with_volatile_cache("d", BS as u32, BLOCKS).unwrap());
     let dev = Arc::new(bdev::FaultDevice::new(ram));
     let ctl = dev.control();
-    let volume = Volume::new(reactors.set(), "vol0", dev);
-    let target = Target::new(reactors.set());
-    let addr = target
-        .add(
-            &volume,
-            options(NQN, "127.0.0.1:0".parse().unwrap(), &[HOST_A]),
-        )
-        .unwrap()
-        .opts
-        .listen;
+    let r = rig_on(&[HOST_A], dev);
+    let addr = r.addr;
     ctl.hold(Some(bdev::IoOp::Flush), 0, u64::MAX, u64::MAX);
     let mut c = Controller::connect(addr, NQN, &host(HOST_A, Digests::default())).unwrap();
     let cc = c.property_get(CC, false).unwrap() as u32;
@@ -956,8 +948,6 @@ fn toggling_shutdown_notifications_runs_one_flush_at_a_time() {
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(c);
-    drop(target);
-    drop(volume);
 }
 
 /// From review: every IO queue a host connects opens a channel to each
@@ -969,11 +959,6 @@ fn toggling_shutdown_notifications_runs_one_flush_at_a_time() {
 #[test]
 fn more_queues_than_the_members_can_open_fail_the_connect_not_the_members() {
     use appliance::raid::members::{FailureSink, Member, MemberState};
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let faults: Vec<Arc<bdev::FaultDevice>> = (0..2)
         .map(|i| {
             let ram: Arc<dyn BlockDevice> =
@@ -997,16 +982,8 @@ fn more_queues_than_the_members_can_open_fail_the_connect_not_the_members() {
         sink.clone(),
     )
     .unwrap();
-    let volume = Volume::new(reactors.set(), "vol0", Arc::new(raid));
-    let target = Target::new(reactors.set());
-    let addr = target
-        .add(
-            &volume,
-            options(NQN, "127.0.0.1:0".parse().unwrap(), &[HOST_A]),
-        )
-        .unwrap()
-        .opts
-        .listen;
+    let r = rig_on(&[HOST_A], Arc::new(raid));
+    let (addr, volume) = (r.addr, &r.volume);
     // Room for three more channels on each member than are open now.
     for f in &faults {
         let c = f.control();
@@ -1077,8 +1054,6 @@ fn more_queues_than_the_members_can_open_fail_the_connect_not_the_members() {
     assert_eq!(sink.ledger().reported(), 0);
     drop(queues);
     drop(c);
-    drop(target);
-    drop(volume);
 }
 
 /// Read until the target closes `s`; how long that took (a read timeout
