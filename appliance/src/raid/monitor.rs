@@ -383,6 +383,7 @@ impl Monitor {
             checkpointer,
             closed: false,
             resync: None,
+            resync_owed: false,
         };
         let published = state.published();
         let inner = Arc::new(Inner {
@@ -678,6 +679,7 @@ impl Monitor {
             }
         }
         if s.current.member_set().rebuilding.is_some() {
+            s.resync_owed = !was_clean;
             let before = s.rebuild.clone();
             self.inner.apply(&mut s, Change::ResumeRebuild)?;
             if let Some(p) = s
@@ -771,10 +773,10 @@ impl Monitor {
         s.checkpointer = None;
         // A resync cut short leaves the volume dirty, as it is; any other
         // background work stops at a row and leaves it clean.
-        let resync_done = s
-            .resync
-            .as_ref()
-            .is_none_or(|p| p.is_finished() && p.error().is_none());
+        let resync_done = !s.resync_owed
+            && s.resync
+                .as_ref()
+                .is_none_or(|p| p.is_finished() && p.error().is_none());
         let mut rec = lock(&self.inner.meta);
         if let Some(r) = rec.as_mut() {
             // md's resync_offset: the rows the resync got through are in

@@ -240,6 +240,12 @@ impl Inner {
             s.spares = sp;
         }
         if let Some((p, _)) = started {
+            // The resync a resumed rebuild owed: the volume is clean only
+            // once it has finished (as an unclean start's own resync).
+            if matches!(change, Change::Scrub(true, ..)) && s.resync_owed {
+                s.resync = Some(p.clone());
+                s.resync_owed = false;
+            }
             s.started(p);
         }
         for a in plan.after {

@@ -98,6 +98,12 @@ pub struct MonitorState {
     /// The resync an unclean start began: until it has finished, the
     /// volume is not clean, even at a clean stop.
     pub(crate) resync: Option<Arc<RebuildProgress>>,
+    /// An unclean start resumed a rebuild: rows below its checkpoint were
+    /// written in service before the crash and may be torn (data written,
+    /// parity or a mirror not), so a resync follows the rebuild (md runs
+    /// its resync after recovery too). Until that resync has started the
+    /// volume is not clean, even at a clean stop.
+    pub(crate) resync_owed: bool,
 }
 
 impl MonitorState {
