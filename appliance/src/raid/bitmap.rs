@@ -648,6 +648,23 @@ impl Bitmap {
         if cleared.iter().all(|&w| w == 0) {
             return;
         }
+        // Again after the active counts were read: a write that failed on
+        // a member marks it gone before its count drops, so a member that
+        // went meanwhile is seen here (checked only before, its region was
+        // cleared and its re-add, copying dirty regions only, skipped the
+        // write it missed).
+        let gone = self
+            .gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|g| g.load(Ordering::SeqCst));
+        if gone {
+            for (d, w) in self.ondisk.iter().zip(&cleared) {
+                d.fetch_or(*w, Ordering::SeqCst);
+            }
+            return;
+        }
         let _batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
         let members = self.members();
         // The quiet regions' writes must be durable before their bits go.

@@ -255,6 +255,14 @@ impl Inner {
         if r.meta.template.rebuild_checkpoint == cursor {
             return Ok(());
         }
+        // The rows below the cursor must be durable on the target before
+        // a superblock says so: a drive may write the superblock before
+        // data still in its cache, and a power cut in between left rows
+        // trusted that it never got (md writes superblocks with a
+        // preflush for this).
+        let target = &s.current.member_set().members[p.slot].dev;
+        crate::raid::metaio::sync(target.as_ref(), bdev::IoOp::Flush, 0, &mut [])
+            .map_err(|e| format!("flushing the rebuild's target before its checkpoint: {e}"))?;
         let mut meta = r.meta.clone();
         meta.template.rebuild_checkpoint = cursor;
         meta.record(s.current.as_ref(), false)
