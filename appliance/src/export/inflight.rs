@@ -204,8 +204,12 @@ impl InflightRegion {
     }
 
     /// The tracking of queue `q`, if the area covers it with this size.
+    /// A ring smaller than the area's (QEMU sizes the area with its
+    /// queue-size; a guest may choose less: SeaBIOS, a Linux short of
+    /// memory) uses the first `size` entries: refused, that queue ran with
+    /// no tracking, and its requests in flight were lost at a reconnect.
     pub fn queue(self: &Arc<Self>, q: u16, size: u16) -> Option<InflightQueue> {
-        if q >= self.num_queues || size != self.queue_size {
+        if q >= self.num_queues || size == 0 || size > self.queue_size {
             return None;
         }
         Some(InflightQueue {
@@ -339,6 +343,11 @@ mod tests {
         // The other queue is untouched.
         let mut q0 = reopened.queue(0, 8).unwrap();
         assert!(q0.recover(0).is_empty());
+        // From review: a ring smaller than the area's is tracked too.
+        let mut small = reopened.queue(0, 4).expect("a smaller ring");
+        small.begin(2);
+        assert_eq!(small.recover(0), vec![2]);
+        assert!(reopened.queue(0, 16).is_none(), "a larger one does not fit");
     }
 
     #[test]
