@@ -22,6 +22,9 @@ const HEADER: usize = 16;
 const ENTRY: usize = 16;
 const ALIGN: usize = 64;
 
+/// The header's version of an area in use.
+const INFLIGHT_VERSION: u16 = 1;
+
 fn queue_bytes(queue_size: u16) -> usize {
     (HEADER + ENTRY * queue_size as usize).div_ceil(ALIGN) * ALIGN
 }
@@ -108,9 +111,13 @@ impl InflightRegion {
         };
         for q in 0..num_queues {
             let base = region.queue_base(q);
+            // Version 0: never used (libvhost-user's convention). The first
+            // start sets it (`InflightQueue::recover`), so a fresh area (a
+            // migration's destination) is told from a used one (a
+            // reconnect).
             // SAFETY: inside the mapping; header fields at their offsets.
             unsafe {
-                std::ptr::write_volatile(base.add(8) as *mut u16, 1); // version
+                std::ptr::write_volatile(base.add(8) as *mut u16, 0); // version
                 std::ptr::write_volatile(base.add(10) as *mut u16, queue_size);
             }
         }
@@ -277,8 +284,23 @@ impl InflightQueue {
     }
 
     /// After a restart: settle the last completion if its used-ring update
-    /// landed, then return the heads still in flight, oldest first.
-    pub fn recover(&mut self, ring_used_idx: u16) -> Vec<u16> {
+    /// landed, then return the heads still in flight, oldest first. `None`
+    /// for an area never used before (a migration's destination, a first
+    /// start): nothing was in flight here, and the frontend's ring base
+    /// stands. (Taken as used, its next request was put at the used index:
+    /// a source that handed over a base past its used index had requests
+    /// run twice and others never.)
+    pub fn recover(&mut self, ring_used_idx: u16) -> Option<Vec<u16>> {
+        // SAFETY: header field in bounds.
+        let version = unsafe { std::ptr::read_volatile(self.base.add(8) as *const u16) };
+        if version == 0 {
+            // SAFETY: header fields in bounds.
+            unsafe {
+                std::ptr::write_volatile(self.base.add(8) as *mut u16, INFLIGHT_VERSION);
+                std::ptr::write_volatile(self.base.add(14) as *mut u16, ring_used_idx);
+            }
+            return None;
+        }
         // SAFETY: header fields in bounds.
         let (last_head, used_idx) = unsafe {
             (
@@ -309,7 +331,7 @@ impl InflightQueue {
             .collect();
         heads.sort_unstable();
         self.counter = heads.iter().map(|h| h.0).max().unwrap_or(0);
-        heads.into_iter().map(|(_, h)| h).collect()
+        Some(heads.into_iter().map(|(_, h)| h).collect())
     }
 }
 
@@ -324,6 +346,8 @@ mod tests {
         let mut q = region.queue(1, 8).unwrap();
         assert!(region.queue(2, 8).is_none());
         assert!(region.queue(0, 16).is_none());
+        // A new area: nothing to recover, the frontend's base stands.
+        assert_eq!(q.recover(0), None);
         for head in [5, 2, 7, 0] {
             q.begin(head);
         }
@@ -336,17 +360,17 @@ mod tests {
         let reopened = Arc::new(InflightRegion::open(&file, 0, size, 2, 8).unwrap());
         let mut q = reopened.queue(1, 8).unwrap();
         // The used ring says two completions made it.
-        assert_eq!(q.recover(2), vec![5, 0]);
+        assert_eq!(q.recover(2), Some(vec![5, 0]));
         // A fresh begin continues the order.
         q.begin(3);
-        assert_eq!(q.recover(2), vec![5, 0, 3]);
-        // The other queue is untouched.
+        assert_eq!(q.recover(2), Some(vec![5, 0, 3]));
+        // The other queue is untouched: never started, it is new.
         let mut q0 = reopened.queue(0, 8).unwrap();
-        assert!(q0.recover(0).is_empty());
+        assert_eq!(q0.recover(0), None);
         // From review: a ring smaller than the area's is tracked too.
         let mut small = reopened.queue(0, 4).expect("a smaller ring");
         small.begin(2);
-        assert_eq!(small.recover(0), vec![2]);
+        assert_eq!(small.recover(0), Some(vec![2]));
         assert!(reopened.queue(0, 16).is_none(), "a larger one does not fit");
     }
 

@@ -297,11 +297,15 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         epoch: ctx.now(),
         regions: RegionCache::default(),
     };
-    if let Some(inflight) = &mut runner.inflight {
-        // Requests taken before a restart: the avail ring has moved past
-        // them, so continue after them and submit them again, oldest first.
+    // Requests taken before a restart: the avail ring has moved past them,
+    // so continue after them and submit them again, oldest first. (A new
+    // area, a migration's destination: the frontend's base stands.)
+    if let Some(heads) = runner
+        .inflight
+        .as_mut()
+        .and_then(|i| i.recover(runner.ring.next_used()))
+    {
         let used = runner.ring.next_used();
-        let heads = inflight.recover(used);
         runner
             .ring
             .set_next_avail(used.wrapping_add(heads.len() as u16));
