@@ -292,13 +292,40 @@ impl Raid1Channel {
     }
 
     /// The in-sync member with the fewest requests outstanding, not yet
-    /// tried by this read; write-mostly members only when no other is left.
-    fn pick_reader(&self, tried: u64) -> Option<usize> {
+    /// tried by read `pi`; write-mostly members only when no other is left.
+    /// While a scrub runs (the resync after a crash among them), mirrors
+    /// may still differ where it has not been: a read there goes to the
+    /// member the repair copies from (the first in sync that is not
+    /// write-mostly, as `scrub_members` orders them), so that what a guest
+    /// read does not change under it when the repair gets there (md reads
+    /// the first mirror past its resync point). With a bitmap, only the
+    /// regions it marks may differ.
+    fn pick_reader(&self, pi: usize) -> Option<usize> {
+        let p = self.parents[pi].as_ref()?;
+        let usable = |m: usize| !self.is_failed(m) && Some(m) != self.rebuild_target;
+        if self.scrubbing.load(Ordering::Relaxed) && self.may_differ(p.offset, p.blocks) {
+            let reference = (0..self.members.len())
+                .filter(|&m| usable(m))
+                .min_by_key(|&m| (self.write_mostly[m], m));
+            if let Some(r) = reference.filter(|&r| p.tried & (1 << r) == 0) {
+                return Some(r);
+            }
+            // The reference failed this read: another mirror's copy is
+            // better than none.
+        }
         (0..self.members.len())
-            .filter(|&m| {
-                !self.is_failed(m) && Some(m) != self.rebuild_target && tried & (1 << m) == 0
-            })
+            .filter(|&m| usable(m) && p.tried & (1 << m) == 0)
             .min_by_key(|&m| (self.write_mostly[m], self.outstanding[m]))
+    }
+
+    /// Whether the mirrors may hold different data for `blocks` at
+    /// `offset`: anywhere without a bitmap, else where it marks a region.
+    fn may_differ(&self, offset: u64, blocks: u64) -> bool {
+        let Some(b) = &self.bitmap else {
+            return true;
+        };
+        let last = offset + blocks.max(1) - 1;
+        (offset / REGION..=last / REGION).any(|row| b.row_dirty(row))
     }
 
     fn child(&self, p: &Parent) -> IoRequest {
@@ -588,8 +615,7 @@ impl Raid1Channel {
     /// background (that member may not have them yet). False if no member
     /// is left or its queue is full.
     fn send_read(&mut self, pi: usize) -> bool {
-        let tried = self.parents[pi].as_ref().map_or(0, |p| p.tried);
-        let Some(m) = self.pick_reader(tried) else {
+        let Some(m) = self.pick_reader(pi) else {
             return false;
         };
         if self.write_mostly[m] && self.behind.inflight() > 0 {
@@ -863,8 +889,7 @@ impl IoChannel for Raid1Channel {
         self.pump_resend();
         if !self.held_reads.is_empty() && self.behind.inflight() == 0 {
             for pi in std::mem::take(&mut self.held_reads) {
-                let tried = self.parents[pi].as_ref().map_or(0, |p| p.tried);
-                if self.pick_reader(tried).is_none() {
+                if self.pick_reader(pi).is_none() {
                     // Nothing left to serve it: fail it clearly.
                     if let Some(p) = self.parents[pi].as_mut() {
                         p.error.get_or_insert(IoError::DeviceFailed);
