@@ -156,6 +156,8 @@ struct Runner {
     vol_gen: u64,
     /// The new generation's channel had no room: asked again then.
     vol_retry: Option<Instant>,
+    /// The generation whose wait for room was logged.
+    vol_retry_said: Option<u64>,
     ch: Box<dyn IoChannel>,
     limits: Arc<Limits>,
     slots: Vec<Option<Inflight>>,
@@ -270,6 +272,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         vol_gate,
         vol_gen,
         vol_retry: None,
+        vol_retry_said: None,
         ch,
         limits: sized_limits(&setup.limits, &vol),
         slots: (0..size).map(|_| None).collect(),
@@ -392,12 +395,20 @@ impl Runner {
             return PollState::Busy;
         }
         if self.inflight() == 0 {
+            let waiting = self.vol_retry.is_some();
             self.refresh_generations(channel_busy);
+            if !waiting && self.vol_retry.is_some() {
+                // A timer asks again: the reactor may sleep meanwhile.
+                ctx.after(CHANNEL_RETRY, |_| {});
+            }
         }
         self.release_parked();
         // A new generation is served only once its channel is open (the
         // old one may still finish work of its own first).
         let stale = self.vol_gate.generation() != self.vol_gen;
+        // One waiting for room for its channel asks again when its timer
+        // fires: it need not be polled meanwhile.
+        let waits_for_channel = stale && self.vol_retry.is_some();
         let usable = !self.broken && !self.ring_lost;
         let throttled = match (&mut self.qos, self.qos_wait) {
             (Some(q), Some((op, bytes))) => !q.ensure(op, bytes, self.now),
@@ -463,7 +474,7 @@ impl Runner {
         if work
             || self.inflight() > 0
             || channel_busy
-            || stale
+            || (stale && !waits_for_channel)
             || !self.parked.is_empty()
             || self.qos_wait.is_some()
         {
@@ -536,8 +547,11 @@ impl Runner {
                 Err(e @ bdev::BdevError::Exhausted(_)) => {
                     // Another opener took the queue pair meanwhile: the
                     // queue stays stale (it takes nothing from the ring)
-                    // and asks again shortly.
-                    tracing::warn!(queue = self.index, error = %e, "no room for the volume's new channel yet; trying again");
+                    // and asks again shortly (said once per generation).
+                    if self.vol_retry_said != Some(g) {
+                        tracing::warn!(queue = self.index, error = %e, "no room for the volume's new channel yet; trying again every 20 ms");
+                        self.vol_retry_said = Some(g);
+                    }
                     self.vol_retry = Some(self.now + CHANNEL_RETRY);
                     return;
                 }

@@ -112,6 +112,9 @@ impl Manager {
                 drain_timeout: None,
             },
         );
+        // Again, now that its directory exists (the export made it): the
+        // key the next export's path is compared with.
+        let key = socket_key(&decl.socket);
         let mut inv = self.inv();
         inv.exports_creating.remove(&decl.name);
         std::mem::forget(reserved);

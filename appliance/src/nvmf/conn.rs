@@ -174,6 +174,8 @@ struct IoPath {
     read_only: bool,
     /// The new generation's channel had no room: asked again then.
     retry_at: Option<Instant>,
+    /// The generation whose wait for room was logged.
+    retry_said: Option<u64>,
 }
 
 struct Conn {
@@ -743,6 +745,7 @@ impl Conn {
                     info: v.device.info().clone(),
                     read_only: sub.opts.read_only,
                     retry_at: None,
+                    retry_said: None,
                 })
             });
         match opened {

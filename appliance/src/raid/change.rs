@@ -436,18 +436,22 @@ pub(crate) fn plan(
             p.next = Some(cur.with_member_in_sync(slot).map_err(bdev_err)?);
             p.record = true;
             p.template = Some(Box::new(|t| t.rebuild_checkpoint = 0));
-            if s.resync_owed {
-                // Resumed after a crash: the rows below its checkpoint
-                // were not rewritten this time and may be torn. The resync
-                // thaws the bitmap once it has covered its regions.
+            // Another failed slot takes a spare first: the resync below
+            // follows the last rebuild (a rebuild started after it would
+            // cut it short).
+            if !s.spares.is_empty() {
+                p.follow.push(Change::UseSpare);
+            }
+            if s.resync_pending() {
+                // Resumed after a crash (or its resync was cut short): the
+                // rows below the checkpoint were not rewritten this time
+                // and may be torn. The resync thaws the bitmap once it has
+                // covered its regions.
                 p.follow.push(Change::Scrub(true, set.bitmap.clone(), 0));
             } else if set.bitmap.is_some() {
                 // Every row was rewritten from the others: the regions a
                 // crash left marked are consistent now.
                 p.after.push(After::ThawBitmap);
-            }
-            if !s.spares.is_empty() {
-                p.follow.push(Change::UseSpare);
             }
         }
         Change::RebuildFailed(slot, run, _) => {

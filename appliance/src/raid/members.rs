@@ -306,28 +306,28 @@ pub fn poll_members(chans: &mut MemberChannels, out: &mut Vec<Completion>) {
 /// this core. An in-sync member that only has no room for another
 /// channel now (its queue pairs all in use: a host that connects more
 /// queues than the drives have) fails the open instead, not the member:
-/// whoever asked for the channel gets the error. A spare being rebuilt
-/// that has none is failed as before (the rebuild goes to the next spare;
-/// failing the open would fail the volume's IO on this queue).
+/// whoever asked for the channel gets the error (a queue moving to a new
+/// generation asks again). The in-sync members are opened first: when
+/// every drive is full at once, that error comes before a spare being
+/// rebuilt is tried, which is failed on any refusal as before (the
+/// rebuild goes to the next spare).
 pub fn open_members(set: &MemberSet) -> Result<MemberChannels, BdevError> {
-    let mut chans = Vec::with_capacity(set.members.len());
-    for (slot, m) in set.members.iter().enumerate() {
-        chans.push(match m.state {
-            MemberState::InSync | MemberState::Rebuilding if !m.is_gone() => {
-                match m.dev.open_channel() {
-                    Ok(ch) => Some(ch),
-                    Err(e @ BdevError::Exhausted(_)) if m.state == MemberState::InSync => {
-                        return Err(e)
-                    }
-                    Err(e) => {
-                        tracing::warn!(member = slot, device = %m.dev.info().name, error = %e, "a member refused a channel");
-                        set.failures.report(slot, m, IoError::DeviceFailed);
-                        None
-                    }
-                }
+    let mut chans: MemberChannels = (0..set.members.len()).map(|_| None).collect();
+    for state in [MemberState::InSync, MemberState::Rebuilding] {
+        for (slot, m) in set.members.iter().enumerate() {
+            if m.state != state || m.is_gone() {
+                continue;
             }
-            _ => None,
-        });
+            chans[slot] = match m.dev.open_channel() {
+                Ok(ch) => Some(ch),
+                Err(e @ BdevError::Exhausted(_)) if state == MemberState::InSync => return Err(e),
+                Err(e) => {
+                    tracing::warn!(member = slot, device = %m.dev.info().name, error = %e, "a member refused a channel");
+                    set.failures.report(slot, m, IoError::DeviceFailed);
+                    None
+                }
+            };
+        }
     }
     Ok(chans)
 }

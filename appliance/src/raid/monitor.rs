@@ -238,31 +238,53 @@ impl Inner {
     }
 
     /// Record how far a running rebuild got, so a restart resumes there.
+    /// The rows below the cursor must be durable on the target before a
+    /// superblock says so: a drive may write the superblock before data
+    /// still in its cache, and a power cut in between left rows trusted
+    /// that it never got (md writes superblocks with a preflush for this).
+    /// The flush runs holding no lock: the recorder (member failures, which
+    /// guest writes wait for) and every change would wait for it.
     fn checkpoint(&self) -> Result<(), String> {
+        let (progress, cursor, target) = {
+            let s = lock(&self.state);
+            let Some(p) = s
+                .rebuild
+                .as_ref()
+                .filter(|p| p.slot < s.current.member_set().members.len() && !p.is_finished())
+            else {
+                return Ok(());
+            };
+            let cursor = p.cursor.load(Ordering::SeqCst);
+            let recorded = lock(&self.meta)
+                .as_ref()
+                .is_none_or(|r| r.meta.template.rebuild_checkpoint == cursor);
+            if recorded {
+                return Ok(());
+            }
+            let target = s.current.member_set().members[p.slot].dev.clone();
+            (p.clone(), cursor, target)
+        };
+        crate::raid::metaio::sync(target.as_ref(), bdev::IoOp::Flush, 0, &mut [])
+            .map_err(|e| format!("flushing the rebuild's target before its checkpoint: {e}"))?;
         let s = lock(&self.state);
-        let Some(p) = s
+        // Still that rebuild, on that target (a change may have come).
+        let same = s
             .rebuild
             .as_ref()
-            .filter(|p| p.slot < s.current.member_set().members.len() && !p.is_finished())
-        else {
+            .is_some_and(|p| Arc::ptr_eq(p, &progress))
+            && !progress.is_finished()
+            && s.current
+                .member_set()
+                .members
+                .get(progress.slot)
+                .is_some_and(|m| Arc::ptr_eq(&m.dev, &target));
+        if !same {
             return Ok(());
-        };
-        let cursor = p.cursor.load(Ordering::SeqCst);
+        }
         let mut rec = lock(&self.meta);
         let Some(r) = rec.as_mut() else {
             return Ok(());
         };
-        if r.meta.template.rebuild_checkpoint == cursor {
-            return Ok(());
-        }
-        // The rows below the cursor must be durable on the target before
-        // a superblock says so: a drive may write the superblock before
-        // data still in its cache, and a power cut in between left rows
-        // trusted that it never got (md writes superblocks with a
-        // preflush for this).
-        let target = &s.current.member_set().members[p.slot].dev;
-        crate::raid::metaio::sync(target.as_ref(), bdev::IoOp::Flush, 0, &mut [])
-            .map_err(|e| format!("flushing the rebuild's target before its checkpoint: {e}"))?;
         let mut meta = r.meta.clone();
         meta.template.rebuild_checkpoint = cursor;
         meta.record(s.current.as_ref(), false)

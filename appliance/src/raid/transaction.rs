@@ -242,7 +242,7 @@ impl Inner {
         if let Some((p, _)) = started {
             // The resync a resumed rebuild owed: the volume is clean only
             // once it has finished (as an unclean start's own resync).
-            if matches!(change, Change::Scrub(true, ..)) && s.resync_owed {
+            if matches!(change, Change::Scrub(true, ..)) && s.resync_pending() {
                 s.resync = Some(p.clone());
                 s.resync_owed = false;
             }

@@ -547,10 +547,13 @@ impl Controller {
             tracing::error!(controller = %self.name(), reason = why, "NVMe controller failed");
             *lock(&self.failure) = why.to_string();
             if !self.removed() {
+                // Until the device confirms it stopped, no IO address is
+                // used again (its queues' memory, freed as channels go
+                // during the wait below, included). Failed for good, the
+                // controller needs none back.
+                self.transport.retire_all();
                 self.bar.write32(spec::REG_CC, 0);
                 if wait_ready(&self.bar, self.cap, false, self.transport.name()).is_err() {
-                    // Its queues' memory too, when their channels go.
-                    self.transport.retire_all();
                     let regions = std::mem::take(
                         &mut *self
                             .registry

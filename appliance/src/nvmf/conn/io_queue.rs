@@ -416,7 +416,10 @@ impl Conn {
                 // Another opener took the queue pair meanwhile: commands
                 // wait (nothing is admitted while the generation is
                 // stale) and the open is tried again shortly.
-                tracing::warn!(error = %e, "nvme/tcp: no room for the volume's new channel yet; trying again");
+                if io.retry_said != Some(gen) {
+                    tracing::warn!(error = %e, "nvme/tcp: no room for the volume's new channel yet; trying again every 20 ms");
+                    io.retry_said = Some(gen);
+                }
                 io.retry_at = Some(ctx.now() + CHANNEL_RETRY);
                 ctx.after(CHANNEL_RETRY, |_| {});
                 return;

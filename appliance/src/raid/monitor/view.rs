@@ -107,6 +107,17 @@ pub struct MonitorState {
 }
 
 impl MonitorState {
+    /// Whether a resync is still owed: one a resumed rebuild left to run,
+    /// or the one an unclean start began, cut short (a rebuild that took a
+    /// spare stops it).
+    pub(crate) fn resync_pending(&self) -> bool {
+        self.resync_owed
+            || self
+                .resync
+                .as_ref()
+                .is_some_and(|p| p.is_finished() && p.error().is_some())
+    }
+
     /// Background work started: it runs under the volume's rate limit.
     pub(crate) fn started(&mut self, p: Arc<RebuildProgress>) {
         p.max_bytes_per_sec.store(self.max_rate, Ordering::SeqCst);
