@@ -612,19 +612,23 @@ impl Bitmap {
         }
     }
 
+    /// Whether a member the bitmap is held for has gone (its bits must
+    /// stay for its re-add).
+    fn any_gone(&self) -> bool {
+        self.gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|g| g.load(Ordering::SeqCst))
+    }
+
     /// Clear the bits of regions with no write active and none since the
     /// last pass; flush the members, then write the bitmap.
     fn clear_quiet(&self) {
         if self.frozen.load(Ordering::SeqCst) || self.hold.load(Ordering::SeqCst) {
             return;
         }
-        let gone = self
-            .gone
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|g| g.load(Ordering::SeqCst));
-        if gone {
+        if self.any_gone() {
             return;
         }
         let mut cleared = vec![0u64; self.ondisk.len()];
@@ -653,13 +657,7 @@ impl Bitmap {
         // went meanwhile is seen here (checked only before, its region was
         // cleared and its re-add, copying dirty regions only, skipped the
         // write it missed).
-        let gone = self
-            .gone
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|g| g.load(Ordering::SeqCst));
-        if gone {
+        if self.any_gone() {
             for (d, w) in self.ondisk.iter().zip(&cleared) {
                 d.fetch_or(*w, Ordering::SeqCst);
             }
