@@ -19,6 +19,7 @@ mod import;
 mod nvmf;
 mod reload;
 mod roles;
+mod views;
 mod volumes;
 
 use std::collections::BTreeMap;
