@@ -27,12 +27,17 @@ pub fn peer_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// One peer's share of a listener that keeps at most `max` open.
+pub const fn share(max: usize) -> usize {
+    max - max / 4
+}
+
 impl PeerCounts {
     /// A place for a connection from `ip` on a listener that keeps at most
     /// `max` open, unless its peer holds its share already.
     pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
         let peer = peer_key(ip);
-        let share = max - max / 4;
+        let share = share(max);
         let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(peer).or_insert(0);
         if *n >= share {

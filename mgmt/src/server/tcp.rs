@@ -10,13 +10,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tonic::transport::server::Connected;
 
 use crate::peers::{PeerCounts, PeerSlot};
@@ -26,7 +27,7 @@ use crate::peers::{PeerCounts, PeerSlot};
 /// ([`crate::peers`]), so the others still get in.
 pub const MAX_CONNECTIONS: usize = 64;
 /// One peer's share of [`MAX_CONNECTIONS`].
-pub const PER_PEER: usize = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
+pub const PER_PEER: usize = crate::peers::share(MAX_CONNECTIONS);
 /// How long the listener waits after a failed accept (no descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a connection may take to make its first call with the token:
@@ -35,34 +36,21 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// connections without credentials held every place for good).
 pub const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 
-/// A place taken in the listener's count and its peer's share, given
-/// back when dropped.
+/// A place taken in the listener's count (a permit, as the metrics
+/// listener's) and its peer's share, given back when dropped.
 struct Slot {
-    open: Arc<AtomicUsize>,
+    _open: tokio::sync::OwnedSemaphorePermit,
     _peer: PeerSlot,
 }
 
 impl Slot {
-    fn take(
-        open: &Arc<AtomicUsize>,
-        peers: &Arc<PeerCounts>,
-        ip: std::net::IpAddr,
-    ) -> Option<Slot> {
+    fn take(open: &Arc<Semaphore>, peers: &Arc<PeerCounts>, ip: std::net::IpAddr) -> Option<Slot> {
         let peer = peers.take(ip, MAX_CONNECTIONS)?;
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            open.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
+        let open = open.clone().try_acquire_owned().ok()?;
         Some(Slot {
-            open: open.clone(),
+            _open: open,
             _peer: peer,
         })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -151,7 +139,7 @@ impl AsyncWrite for Limited {
 /// they come.
 pub struct Incoming {
     listener: TcpListener,
-    open: Arc<AtomicUsize>,
+    open: Arc<Semaphore>,
     peers: Arc<PeerCounts>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     auth_deadline: Duration,
@@ -162,7 +150,7 @@ impl Incoming {
     pub fn new(listener: TcpListener) -> Incoming {
         Incoming {
             listener,
-            open: Arc::default(),
+            open: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             peers: Arc::default(),
             backoff: None,
             auth_deadline: AUTH_DEADLINE,
@@ -247,7 +235,7 @@ mod tests {
 
     #[test]
     fn one_peer_holds_its_share_and_others_still_get_in() {
-        let (open, peers) = (Arc::default(), Arc::default());
+        let (open, peers) = (Arc::new(Semaphore::new(MAX_CONNECTIONS)), Arc::default());
         let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let held: Vec<Slot> = (0..PER_PEER)
             .map(|_| Slot::take(&open, &peers, a).unwrap())
