@@ -73,7 +73,7 @@ impl Conn {
         let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
         if writes_data && plan.in_capsule {
             // Here already (at most the in-capsule size).
-            self.buffer(i, 0);
+            self.buffer(i);
             let slot = &mut self.slots[i as usize];
             slot.buf.extend_from_slice(data);
             slot.received = data.len();
@@ -114,11 +114,11 @@ impl Conn {
         work
     }
 
-    /// Give slot `i` an empty buffer with room for `len` bytes (a sent
-    /// one when the output has one).
-    fn buffer(&mut self, i: u16, len: usize) {
+    /// Give slot `i` an empty buffer: a sent one when the output has one
+    /// (a free slot holds none, `done` hands its buffer on).
+    fn buffer(&mut self, i: u16) {
         let slot = &mut self.slots[i as usize];
-        if slot.buf.capacity() < len || slot.buf.capacity() == 0 {
+        if slot.buf.capacity() == 0 {
             if let Some(b) = self.out.take_spare() {
                 slot.buf = b;
             }
@@ -130,7 +130,7 @@ impl Conn {
     /// ready for the gate, a write asks the host for its data (R2T).
     fn take_data(&mut self, i: u16) {
         let plan = self.slots[i as usize].plan;
-        self.buffer(i, plan.bytes);
+        self.buffer(i);
         self.committed += plan.bytes;
         let slot = &mut self.slots[i as usize];
         slot.held = plan.bytes;
