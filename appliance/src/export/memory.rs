@@ -116,17 +116,23 @@ pub(super) fn memory_file_problem(file: &File) -> Option<String> {
         Ok(_) => return Some("not a regular file (memfd, tmpfs or hugetlbfs)".into()),
         Err(e) => return Some(format!("cannot be examined: {e}")),
     }
-    // SAFETY: fstatfs fills the struct we pass.
+    let st = match statfs(file) {
+        Ok(st) => st,
+        Err(e) => return Some(format!("its filesystem cannot be examined: {e}")),
+    };
+    remote_filesystem(st.f_type as i64)
+        .map(|fs| format!("on {fs}, which a page fault could wait on for good"))
+}
+
+/// What fstatfs says of the filesystem `file` is on.
+fn statfs(file: &File) -> std::io::Result<libc::statfs> {
+    // SAFETY: fstatfs fills the struct we pass; zeroed is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a descriptor we hold and our own struct.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return Some(format!(
-            "its filesystem cannot be examined: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(std::io::Error::last_os_error());
     }
-    remote_filesystem(st.f_type as i64)
-        .map(|fs| format!("on {fs}, which a page fault could wait on for good"))
+    Ok(st)
 }
 
 /// The name of a filesystem type (statfs f_type) served over the network
@@ -153,12 +159,7 @@ fn remote_filesystem(magic: i64) -> Option<&'static str> {
 /// SIGBUS in it would kill the process.
 pub(super) fn huge_page(file: &File) -> Option<u64> {
     const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
-    // SAFETY: fstatfs fills the struct we pass.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a descriptor we hold and our own struct.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return None;
-    }
+    let st = statfs(file).ok()?;
     (st.f_type as libc::c_long == HUGETLBFS_MAGIC).then_some((st.f_bsize as u64).max(4096))
 }
 
