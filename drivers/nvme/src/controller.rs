@@ -283,6 +283,18 @@ impl Controller {
         Ok(n as u16)
     }
 
+    /// `Err` once the controller has failed for good (what it failed of).
+    fn alive(&self) -> Result<(), NvmeError> {
+        if self.is_failed() {
+            return Err(self.failed_error());
+        }
+        Ok(())
+    }
+
+    fn failed_error(&self) -> NvmeError {
+        NvmeError::Failed(self.name().into(), self.failure())
+    }
+
     /// Run an admin command. One that times out is left behind on the
     /// admin queue, where it could still complete into the shared buffer
     /// later, so the controller is reset (as Linux does), which also gives
@@ -293,13 +305,9 @@ impl Controller {
         what: &str,
         out: Option<&mut [u8; 4096]>,
     ) -> Result<u32, NvmeError> {
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
+        self.alive()?;
         let mut a = lock(&self.admin);
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
+        self.alive()?;
         // Read with the lock held: read before, a reset that held the lock
         // meanwhile moved it, and the reset below took this command's
         // time-out for that reset's and left the command behind.
@@ -386,16 +394,12 @@ impl Controller {
     /// generation it was created in (read under the admin lock, so no reset
     /// can fall between the two).
     pub(crate) fn create_io_queue(&self, q: &QueuePair) -> Result<u64, NvmeError> {
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
+        self.alive()?;
         let mut a = lock(&self.admin);
         // Again with the lock: a reset that held it may have failed the
         // controller meanwhile (each waiter would wait out an admin time-out
         // on it, on its reactor).
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
+        self.alive()?;
         let seen = self.generation.load(Ordering::Acquire);
         // A queue the device may still hold after a failed creation (a
         // time-out, a cleanup refused) would have it write into memory
@@ -448,9 +452,7 @@ impl Controller {
     /// taken off it by a reset: its memory is freed (and its IO addresses
     /// handed out again) next.
     pub(crate) fn delete_io_queue(&self, qid: u16, created: u64) -> Result<(), NvmeError> {
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
+        self.alive()?;
         let mut a = lock(&self.admin);
         let seen = self.generation.load(Ordering::Acquire);
         if seen != created || self.is_failed() {
@@ -709,9 +711,7 @@ impl Controller {
         let end = (ptr as usize + len).div_ceil(spec::PAGE) * spec::PAGE;
         // A failed controller may be a device that did not stop: it gets
         // no memory (its IO is bounced, and fails anyway).
-        if self.is_failed() {
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
-        }
+        self.alive()?;
         {
             let mut mapping = self
                 .registry
@@ -764,7 +764,7 @@ impl Controller {
                 self.transport.unmap_retired(iova, len);
             }
             unlist();
-            return Err(NvmeError::Failed(self.name().into(), self.failure()));
+            return Err(self.failed_error());
         }
         for (off, len, iova) in pieces {
             let vaddr = start + off;
