@@ -395,10 +395,11 @@ impl Runner {
             return PollState::Busy;
         }
         if self.inflight() == 0 {
-            let waiting = self.vol_retry.is_some();
+            let before = self.vol_retry;
             self.refresh_generations(channel_busy);
-            if !waiting && self.vol_retry.is_some() {
-                // A timer asks again: the reactor may sleep meanwhile.
+            if self.vol_retry.is_some() && self.vol_retry != before {
+                // A timer asks again (each time the open is refused): the
+                // reactor may sleep meanwhile.
                 ctx.after(CHANNEL_RETRY, |_| {});
             }
         }
