@@ -497,7 +497,7 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::MemberRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        self.run(move |m| m.add_spare(&r.volume, &r.device).map(volume_to_pb))
+        self.run(move |m| m.add_spare(&r.volume, &r.device, r.force).map(volume_to_pb))
             .await
     }
 
@@ -594,7 +594,7 @@ impl pb::appliance_server::Appliance for Service {
         require("device", &r.device)?;
         require("replacement", &r.replacement)?;
         self.run(move |m| {
-            m.replace_member(&r.volume, &r.device, &r.replacement)
+            m.replace_member(&r.volume, &r.device, &r.replacement, r.force)
                 .map(volume_to_pb)
         })
         .await

@@ -232,7 +232,7 @@ impl Lab {
             }
             6..=12 => {
                 if let Some(d) = self.pick(&self.free_devices()) {
-                    let r = self.mgr.add_spare(v, &d);
+                    let r = self.mgr.add_spare(v, &d, false);
                     self.outcome("add-spare", r);
                 }
                 "add-spare"
@@ -272,7 +272,7 @@ impl Lab {
                         self.pick(&self.live_members(v)),
                         self.pick(&self.free_devices()),
                     ) {
-                        let r = self.mgr.replace_member(v, &m, &d);
+                        let r = self.mgr.replace_member(v, &m, &d, false);
                         self.outcome("replace", r);
                     }
                 }

@@ -202,7 +202,7 @@ fn a_stuck_volume_holds_up_nobody_else() {
     // Everything else answers while a's change waits.
     assert_eq!(rig.mgr.list_volumes().len(), 2);
     assert_eq!(rig.mgr.list_devices().len(), 5);
-    rig.mgr.add_spare("b", "b2").unwrap();
+    rig.mgr.add_spare("b", "b2", false).unwrap();
     rig.mgr.fail_member("b", "b1").unwrap();
     assert!(rig.mgr.health().problems.iter().any(|p| p.contains("b")));
     assert!(!change.is_finished(), "a's change is still waiting");
@@ -237,9 +237,9 @@ fn a_replacement_device_cannot_also_be_a_spare() {
     assert_eq!(disk.write(0, 1 << 20), 0);
     // The copy to d3 is held at its first write: the replacement runs.
     rig.fault("d3").hold(Some(IoOp::Write), 256, u64::MAX, 1);
-    rig.mgr.replace_member("v", "d0", "d3").unwrap();
+    rig.mgr.replace_member("v", "d0", "d3", false).unwrap();
     assert!(rig.fault("d3").wait_held(1, LONG));
-    let e = rig.mgr.add_spare("v", "d3").unwrap_err();
+    let e = rig.mgr.add_spare("v", "d3", false).unwrap_err();
     assert!(
         matches!(
             e,
@@ -300,7 +300,7 @@ fn a_failed_member_is_held_until_removed_and_comes_back_as_a_spare() {
     let e = rig.mgr.detach_device("d1").unwrap_err();
     assert!(e.to_string().contains("volume remove"), "{e}");
     // Added back: it leaves its slot and is rebuilt into it.
-    rig.mgr.add_spare("v", "d1").unwrap();
+    rig.mgr.add_spare("v", "d1", false).unwrap();
     eventually("d1 is rebuilt", || settled(&rig.mgr, "v"));
     let v = rig.mgr.get_volume("v").unwrap();
     assert_eq!(v.state, "optimal", "{v:?}");
@@ -337,7 +337,7 @@ fn file_spares_come_back_after_a_restart() {
     rig.mgr.create_volume(decl, false).unwrap();
     rig.mgr.fail_member("v", "f1").unwrap();
     eventually("f3 takes the slot", || settled(&rig.mgr, "v"));
-    rig.mgr.add_spare("v", "f1").unwrap();
+    rig.mgr.add_spare("v", "f1", false).unwrap();
     let before = rig.mgr.get_volume("v").unwrap();
     assert_eq!(before.spares, vec!["f1".to_string()]);
     let state = rig.dir.path().join("state.toml");

@@ -144,6 +144,7 @@ fn member(volume: &str, device: &str) -> pb::MemberRequest {
     pb::MemberRequest {
         volume: volume.into(),
         device: device.into(),
+        force: false,
     }
 }
 
@@ -967,6 +968,7 @@ fn conflicting_changes_from_many_clients_while_io_runs_leave_a_consistent_volume
                                 volume: "vol0".into(),
                                 device: dev.clone(),
                                 replacement: other.clone(),
+                                force: false,
                             }))
                             .map(|_| ()),
                         5 => Ok(()),
@@ -1963,6 +1965,7 @@ fn a_member_is_replaced_online_through_the_api_and_the_old_device_is_free() {
         volume: "v".into(),
         device: device.into(),
         replacement: replacement.into(),
+        force: false,
     };
     for (req, code) in [
         (rep("", "d4"), Code::InvalidArgument),

@@ -466,7 +466,7 @@ fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only()
     .unwrap();
     let deadline = Instant::now() + LONG;
     loop {
-        match a.add_spare("mirror", "far") {
+        match a.add_spare("mirror", "far", false) {
             Ok(_) => break,
             Err(e) => {
                 assert!(Instant::now() < deadline, "re-add refused: {e}");

@@ -682,9 +682,9 @@ fn other_raid_formats_are_named_and_never_overwritten_unasked() {
             FailureSink::none(),
             false,
         ) {
-            Err(AssemblyError::InUse { device, volume }) => {
+            Err(AssemblyError::Holds { device, what: held }) => {
                 assert_eq!(device, "m0");
-                assert!(volume.contains(what), "{volume}");
+                assert!(held.contains(what), "{held}");
             }
             other => panic!("{what}: created over it: {:?}", other.err()),
         }

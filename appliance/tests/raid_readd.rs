@@ -110,7 +110,7 @@ impl Rig {
 
     /// Add b back and wait until the mirror is whole; what it copied.
     fn readd(&mut self) -> VolumeView {
-        self.mgr.add_spare("m", "b").unwrap();
+        self.mgr.add_spare("m", "b", false).unwrap();
         let t = Instant::now();
         loop {
             let v = self.mgr.get_volume("m").unwrap();
@@ -177,7 +177,7 @@ fn a_member_that_failed_during_its_own_rebuild_is_rebuilt_in_full() {
     // The re-add's copy fails on b (its writes refused everywhere): b
     // fails again, mid-rebuild.
     r.fault.fail_writes(0, u64::MAX);
-    r.mgr.add_spare("m", "b").unwrap();
+    r.mgr.add_spare("m", "b", false).unwrap();
     let t = Instant::now();
     while r.mgr.get_volume("m").unwrap().members[1].1 != "failed" {
         assert!(t.elapsed() < LONG, "b never failed during its rebuild");

@@ -41,11 +41,15 @@ impl Manager {
     /// Replace in-sync member `device` by `with` without going degraded
     /// (md's --replace): `with` is written along and the member copied to
     /// it in the background; then it takes the slot and `device` is free.
+    /// A `with` that holds another volume's superblock, md's metadata or a
+    /// journal is refused unless `force` (as md's --add wants --force for
+    /// a device of another array).
     pub fn replace_member(
         &self,
         volume: &str,
         device: &str,
         with: &str,
+        force: bool,
     ) -> Result<VolumeView, MgmtError> {
         self.device("device", device)?;
         let dev = self.device("replacement", with)?;
@@ -59,15 +63,29 @@ impl Manager {
                 role.name()
             )));
         }
+        let v = self.raid(volume)?;
+        // Forced, the change's own erase makes it blank: nothing is
+        // written before the transaction.
+        if !force {
+            Self::check_blank(&dev, monitor(&v)?.volume_uuid(), false)?;
+        }
         self.change(volume, |m| m.replace_member(device, dev).map(|_| ()))
     }
 
     /// Add a hot spare (used at once if a member has failed). A failed
-    /// member's own device may come back this way (md's re-add).
-    pub fn add_spare(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
+    /// member's own device may come back this way (md's re-add); one that
+    /// holds another volume's superblock, md's metadata or a journal is
+    /// refused unless `force`.
+    pub fn add_spare(
+        &self,
+        volume: &str,
+        device: &str,
+        force: bool,
+    ) -> Result<VolumeView, MgmtError> {
         let dev = self.device("device", device)?;
         let v = self.raid(volume)?;
-        let snap = monitor(&v)?.snapshot();
+        let m = monitor(&v)?;
+        let snap = m.snapshot();
         let need = snap
             .members
             .iter()
@@ -83,6 +101,12 @@ impl Manager {
                     dev.info().block_size,
                 )));
             }
+        }
+        // A device in use here is refused by the claim inside the change
+        // whatever it holds; this is for what the appliance does not know.
+        // Forced, the change's own erase makes it blank.
+        if !force {
+            Self::check_blank(&dev, m.volume_uuid(), false)?;
         }
         self.change(volume, |m| m.add_spare(dev))
     }
@@ -448,7 +472,7 @@ impl Manager {
             .roles
             .claim(&jdev, volume, Role::Journal, None)
             .map_err(|e| from_op(volume, e))?;
-        if let Err(e) = Self::check_blank_journal(&jdev, force) {
+        if let Err(e) = Self::check_blank(&jdev, None, force) {
             self.shared.roles.set(device, volume, None);
             return Err(e);
         }

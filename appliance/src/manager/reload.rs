@@ -246,7 +246,7 @@ impl Manager {
         }
         for s in &w.spares {
             if !v.spares.contains(s) {
-                let r = self.add_spare(name, s).map(|_| ());
+                let r = self.add_spare(name, s, false).map(|_| ());
                 rep.did(format!("add spare {s} to {name}"), r);
             }
         }

@@ -338,29 +338,21 @@ impl Manager {
         Ok((volume, Some(monitor)))
     }
 
-    /// A device about to be formatted as a journal: one that holds a RAID
-    /// superblock of ours (a member of a volume, perhaps a stopped one) or
-    /// a journal (perhaps with writes not yet on its volume's members) is
-    /// refused unless `force`, which erases what it holds first.
-    pub(super) fn check_blank_journal(
+    /// A device that takes a new role (a spare, a replacement, a journal)
+    /// must not hold what belongs to something else: a RAID superblock
+    /// (but volume `own`'s: a former member coming back), md's or other
+    /// RAID metadata, a damaged superblock, a journal (perhaps with writes
+    /// not yet on its volume's members). Refused, unless `erase` (the
+    /// caller's force) has what it holds erased first.
+    pub(super) fn check_blank(
         dev: &Arc<dyn BlockDevice>,
-        force: bool,
-    ) -> Result<(), MgmtError> {
-        Self::check_blank(dev, force, true)
-    }
-
-    /// A device that takes a new role (a spare, a journal) must not hold a
-    /// RAID superblock of ours, nor (`journals`) a journal; with `force`
-    /// what it holds is erased instead.
-    fn check_blank(
-        dev: &Arc<dyn BlockDevice>,
-        force: bool,
-        journals: bool,
+        own: Option<[u8; 16]>,
+        erase: bool,
     ) -> Result<(), MgmtError> {
         let name = &dev.info().name;
-        let held = match assembly::superblock_owner(dev.as_ref()) {
-            Some(owner) => Some(format!("already belongs to volume {owner:?}")),
-            None if journals && crate::raid::journal::holds_journal(dev.as_ref()) => Some(
+        let held = match assembly::foreign_holder(dev.as_ref(), own) {
+            Some(held) => Some(held),
+            None if crate::raid::journal::holds_journal(dev.as_ref()) => Some(
                 "holds a write journal (of a stopped volume, its writes may not be on the members yet)"
                     .to_string(),
             ),
@@ -369,19 +361,16 @@ impl Manager {
         let Some(held) = held else {
             return Ok(());
         };
-        if !force {
+        if !erase {
             return Err(MgmtError::FailedPrecondition(format!(
                 "{name} {held}; refusing to overwrite it without force (set force to overwrite)"
             )));
         }
         tracing::warn!(device = %name, "{held}: overwritten for its new role (forced)");
-        let mut erased = assembly::erase_superblock(dev.as_ref()).map_err(|e| e.to_string());
-        if journals {
-            erased = erased.and_then(|()| {
-                crate::raid::journal::erase(dev.as_ref()).map_err(|e| e.to_string())
-            });
-        }
-        erased.map_err(|e| MgmtError::Internal(format!("erasing {name}: {e}")))
+        assembly::erase_superblock(dev.as_ref())
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::raid::journal::erase(dev.as_ref()).map_err(|e| e.to_string()))
+            .map_err(|e| MgmtError::Internal(format!("erasing {name}: {e}")))
     }
 
     /// The journal device a declaration names, checked: RAID5 only,
@@ -615,18 +604,18 @@ impl Manager {
             },
         };
         if let Some(j) = &jdev {
-            Self::check_blank_journal(j, force)?;
+            Self::check_blank(j, None, force)?;
         }
         // Spares are blank until they take a slot: one that carries a
         // superblock of ours is refused, like a member, unless forced.
         for d in &spares {
-            Self::check_blank(d, force, false)?;
+            Self::check_blank(d, None, force)?;
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let (device, meta) =
             assembly::create(&spec, FailureSink::new(tx), force).map_err(|e| match e {
                 AssemblyError::Invalid(m) => invalid("members", m),
-                AssemblyError::InUse { .. } => {
+                AssemblyError::InUse { .. } | AssemblyError::Holds { .. } => {
                     MgmtError::FailedPrecondition(format!("{e} (set force to overwrite)"))
                 }
                 AssemblyError::Io { .. } => MgmtError::Internal(e.to_string()),

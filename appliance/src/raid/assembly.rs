@@ -16,7 +16,7 @@ use super::geometry::Layout;
 use super::level::RaidDevice;
 use super::md;
 pub use super::member_meta::{
-    erase_superblock, read_superblock, superblock_owner, write_spare_superblocks, write_superblock,
+    erase_superblock, foreign_holder, read_superblock, write_spare_superblocks, write_superblock,
 };
 use super::members::{FailureSink, Member, MemberSet, MemberState, WRITE_MOSTLY};
 use super::raid1::Raid1Device;
@@ -84,6 +84,15 @@ pub enum AssemblyError {
         device: String,
         /// The volume named in its superblock.
         volume: String,
+    },
+    /// It holds metadata that is not blank but names no volume of ours:
+    /// md's, or a superblock that cannot be used.
+    #[error("{device} holds {what}; refusing to overwrite it without force")]
+    Holds {
+        /// The device.
+        device: String,
+        /// What it holds.
+        what: String,
     },
     /// Superblock IO failed.
     #[error("{device}: superblock IO: {reason}")]
@@ -259,10 +268,14 @@ pub fn create(
                     volume: sb.name,
                 })
             }
-            Ok(Err(e @ (SuperblockError::Md(_) | SuperblockError::MdSpare { .. }))) if !force => {
-                return Err(AssemblyError::InUse {
+            // md's metadata, or a superblock of ours that cannot be used
+            // (damaged, newer): what it belongs to is not known, it is
+            // not blank.
+            Ok(Err(SuperblockError::Foreign)) => {}
+            Ok(Err(e)) if !force => {
+                return Err(AssemblyError::Holds {
                     device: dev.info().name.clone(),
-                    volume: e.to_string(),
+                    what: e.to_string(),
                 })
             }
             Ok(_) => {}

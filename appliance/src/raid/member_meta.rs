@@ -180,14 +180,22 @@ pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
     })
 }
 
-/// Whether `dev` carries a superblock of ours, and whose: a spare that
-/// does is refused (as a member is) unless the caller forces.
-pub fn superblock_owner(dev: &dyn BlockDevice) -> Option<String> {
+/// What `dev` holds that is not ours to overwrite, said as "{device}
+/// ...": another volume's superblock (ours or md's), md's or other RAID
+/// metadata, or a superblock that cannot be used (damaged, or of a newer
+/// format: a damaged member of a real volume is not a blank device). The
+/// superblock (or md spare mark) of volume `own` is no reason to refuse:
+/// a former member coming back. None: blank.
+pub fn foreign_holder(dev: &dyn BlockDevice, own: Option<[u8; 16]>) -> Option<String> {
     match read_superblock(dev) {
-        Ok(Ok(sb)) => Some(sb.name),
+        Ok(Err(SuperblockError::Foreign)) => None,
+        Ok(Ok(sb)) if own == Some(sb.volume_uuid) => None,
+        Ok(Err(SuperblockError::MdSpare { array, .. })) if own == Some(array) => None,
+        Ok(Ok(sb)) => Some(format!("already belongs to volume {:?}", sb.name)),
         Ok(Err(e @ (SuperblockError::Md(_) | SuperblockError::MdSpare { .. }))) => {
-            Some(e.to_string())
+            Some(format!("holds md metadata ({e})"))
         }
-        _ => None,
+        Ok(Err(e)) => Some(format!("holds a superblock that cannot be used ({e})")),
+        Err(e) => Some(format!("cannot be read to see what it holds ({e})")),
     }
 }

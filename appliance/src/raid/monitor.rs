@@ -488,6 +488,13 @@ impl Monitor {
         });
     }
 
+    /// The volume's UUID, once its superblocks are recorded.
+    pub fn volume_uuid(&self) -> Option<[u8; 16]> {
+        lock(&self.inner.meta)
+            .as_ref()
+            .map(|r| r.meta.template.volume_uuid)
+    }
+
     fn change(&self, change: Change) -> Result<(), OpError> {
         let mut s = self.inner.change_lock()?;
         self.inner.apply(&mut s, change)

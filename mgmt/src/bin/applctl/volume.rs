@@ -92,8 +92,15 @@ pub enum VolumeCmd {
     },
     /// Mark a member failed; a spare takes its place.
     Fail(MemberArgs),
-    /// Add a hot spare.
-    AddSpare(MemberArgs),
+    /// Add a hot spare. A device that holds another volume's superblock,
+    /// md's metadata or a journal is refused unless --force.
+    AddSpare {
+        #[command(flatten)]
+        member: MemberArgs,
+        /// Overwrite what the device holds.
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove an unused hot spare.
     RemoveSpare(MemberArgs),
     /// Take a device out of a volume (md's --fail --remove): a spare is
@@ -168,6 +175,10 @@ pub enum VolumeCmd {
         device: String,
         /// The device that takes its place.
         replacement: String,
+        /// Overwrite another volume's superblock, md's metadata or a
+        /// journal on the replacement.
+        #[arg(long)]
+        force: bool,
     },
     /// md's write-behind for a RAID1 (--off to clear): writes are
     /// acknowledged before the write-mostly members have them, at most
@@ -306,6 +317,7 @@ pub async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Fa
     let member = |m: MemberArgs| pb::MemberRequest {
         volume: m.volume,
         device: m.device,
+        force: false,
     };
     let v = match cmd {
         VolumeCmd::Create {
@@ -367,7 +379,10 @@ pub async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Fa
             });
         }
         VolumeCmd::Fail(m) => c.fail_member(member(m)).await?,
-        VolumeCmd::AddSpare(m) => c.add_spare(member(m)).await?,
+        VolumeCmd::AddSpare { member: m, force } => {
+            c.add_spare(pb::MemberRequest { force, ..member(m) })
+                .await?
+        }
         VolumeCmd::RemoveSpare(m) => c.remove_spare(member(m)).await?,
         VolumeCmd::Remove(m) => c.remove_member(member(m)).await?,
         VolumeCmd::Scrub { name, repair } => {
@@ -418,11 +433,13 @@ pub async fn volume(c: &mut Client, json: bool, cmd: VolumeCmd) -> Result<(), Fa
             name,
             device,
             replacement,
+            force,
         } => {
             c.replace_member(pb::ReplaceMemberRequest {
                 volume: name,
                 device,
                 replacement,
+                force,
             })
             .await?
         }

@@ -1,0 +1,160 @@
+//! A device the operator names for a new role must not hold what belongs
+//! to something else: another volume's superblock, md's metadata, a
+//! superblock that cannot be read (a damaged member of a real volume), a
+//! journal. Each is refused with a clear status unless forced, as mdadm's
+//! --add refuses a device of another array; a former member of the same
+//! volume comes back without force (md's re-add).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use appliance::config::{DeviceDecl, VolumeDecl};
+use appliance::manager::{Manager, MgmtError};
+use appliance::raid::assembly::read_superblock;
+use appliance::raid::superblock::SuperblockError;
+use bdev::{BlockDevice, FileDevice};
+use poller::{ReactorConfig, Reactors};
+
+struct Rig {
+    mgr: Manager,
+    dir: tempfile::TempDir,
+    _reactors: Reactors,
+}
+
+fn rig() -> Rig {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), None);
+    Rig {
+        mgr,
+        dir: tempfile::tempdir().unwrap(),
+        _reactors: reactors,
+    }
+}
+
+impl Rig {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn attach(&self, names: &[&str]) {
+        for n in names {
+            self.mgr
+                .attach_device(DeviceDecl {
+                    name: n.to_string(),
+                    spec: format!("file:{}:16M", self.path(n).display()),
+                    block_size: 4096,
+                })
+                .unwrap();
+        }
+    }
+
+    fn detach(&self, names: &[&str]) {
+        for n in names {
+            self.mgr.detach_device(n).unwrap();
+        }
+    }
+
+    fn raid1(&self, name: &str, members: &[&str]) {
+        self.mgr
+            .create_volume(VolumeDecl::new(name, "raid1", members), false)
+            .unwrap();
+    }
+}
+
+fn refused(r: Result<impl std::fmt::Debug, MgmtError>, what: &str) {
+    match r {
+        Err(MgmtError::FailedPrecondition(m)) => {
+            assert!(m.contains(what), "{m}");
+            assert!(m.contains("force"), "{m}");
+        }
+        other => panic!("not refused ({what}): {other:?}"),
+    }
+}
+
+fn superblock(path: &Path) -> Result<String, SuperblockError> {
+    let dev = FileDevice::open(path, 4096).unwrap();
+    let dev: &dyn BlockDevice = &dev;
+    read_superblock(dev).unwrap().map(|sb| sb.name)
+}
+
+#[test]
+fn a_device_of_another_volume_is_no_spare_or_replacement_unless_forced() {
+    let rig = rig();
+    rig.attach(&["a", "b", "x0", "x1", "blank"]);
+    // "other" leaves its superblocks on x0 and x1 when it is stopped: a
+    // volume of this appliance (or of another) whose devices are free.
+    rig.raid1("other", &["x0", "x1"]);
+    rig.mgr.delete_volume("other").unwrap();
+    rig.raid1("v", &["a", "b"]);
+
+    refused(rig.mgr.add_spare("v", "x0", false), "\"other\"");
+    refused(rig.mgr.replace_member("v", "a", "x1", false), "\"other\"");
+    // Nothing was written: "other" can still be assembled from them.
+    rig.detach(&["x0", "x1"]);
+    assert_eq!(superblock(&rig.path("x0")).unwrap(), "other");
+    assert_eq!(superblock(&rig.path("x1")).unwrap(), "other");
+    rig.attach(&["x0", "x1"]);
+
+    // A blank device needs no force; forced, another volume's is taken.
+    rig.mgr.add_spare("v", "blank", false).unwrap();
+    rig.mgr.add_spare("v", "x0", true).unwrap();
+    rig.mgr.replace_member("v", "a", "x1", true).unwrap();
+    let spares = rig.mgr.get_volume("v").unwrap().spares;
+    assert!(spares.contains(&"x0".to_string()), "{spares:?}");
+    rig.mgr.delete_volume("v").unwrap();
+    rig.detach(&["x0"]);
+    assert!(
+        superblock(&rig.path("x0")).is_err(),
+        "a forced spare is blank until it takes a slot"
+    );
+}
+
+#[test]
+fn a_damaged_superblock_is_not_a_blank_device() {
+    let rig = rig();
+    rig.attach(&["a", "b", "x0", "x1", "c"]);
+    rig.raid1("other", &["x0", "x1"]);
+    rig.mgr.delete_volume("other").unwrap();
+    rig.detach(&["x0"]);
+    // One flipped bit inside x0's md superblock (4 KiB in).
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(rig.path("x0"))
+        .unwrap();
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, 4096 + 100).unwrap();
+    byte[0] ^= 1;
+    f.write_all_at(&byte, 4096 + 100).unwrap();
+    drop(f);
+    assert!(matches!(
+        superblock(&rig.path("x0")),
+        Err(SuperblockError::Corrupt { .. })
+    ));
+    rig.attach(&["x0"]);
+
+    // Not as a member, not as a spare of a new volume, not as a spare or
+    // replacement of a running one, not as a journal.
+    let decl = VolumeDecl::new("w", "raid1", &["x0", "c"]);
+    refused(rig.mgr.create_volume(decl, false), "x0");
+    let mut decl = VolumeDecl::new("w", "raid1", &["a", "b"]);
+    decl.spares = vec!["x0".into()];
+    refused(rig.mgr.create_volume(decl, false), "cannot be used");
+    rig.raid1("v", &["a", "b"]);
+    refused(rig.mgr.add_spare("v", "x0", false), "cannot be used");
+    refused(
+        rig.mgr.replace_member("v", "b", "x0", false),
+        "cannot be used",
+    );
+    // Its damaged bytes are still there for whoever repairs it.
+    rig.detach(&["x0"]);
+    assert!(matches!(
+        superblock(&rig.path("x0")),
+        Err(SuperblockError::Corrupt { .. })
+    ));
+}
