@@ -158,3 +158,93 @@ fn a_damaged_superblock_is_not_a_blank_device() {
         Err(SuperblockError::Corrupt { .. })
     ));
 }
+
+/// A journal is replayed only over a volume whose superblocks say RAID5:
+/// they win over the declaration, and a volume they call a mirror has no
+/// parity geometry to keep the log's records inside its data area. The
+/// journal was replayed first and refused after, so a record (its nonce
+/// and checksum anyone can compute) wrote a member's superblock.
+#[test]
+fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
+    use appliance::config::Config;
+    use appliance::raid::journal::{Entry, Journal};
+    use appliance::raid::superblock::Level;
+    let rig = rig();
+    rig.attach(&["a", "b", "c", "j"]);
+    let mut decl = VolumeDecl::new("v", "raid5", &["a", "b", "c"]);
+    decl.journal = Some("j".into());
+    rig.mgr.create_volume(decl.clone(), false).unwrap();
+    rig.mgr.shutdown();
+    let config = Config {
+        devices: ["a", "b", "c", "j"]
+            .iter()
+            .map(|n| DeviceDecl {
+                name: n.to_string(),
+                spec: format!("file:{}", rig.path(n).display()),
+                block_size: 4096,
+            })
+            .collect(),
+        volumes: vec![decl],
+        exports: vec![],
+        nvmf_exports: vec![],
+    };
+    let Rig {
+        mgr,
+        dir,
+        _reactors: old,
+    } = rig;
+    drop(mgr);
+    drop(old);
+    let open = |n: &str| -> std::sync::Arc<dyn BlockDevice> {
+        std::sync::Arc::new(FileDevice::open(&dir.path().join(n), 4096).unwrap())
+    };
+    // The members say mirror now.
+    for n in ["a", "b", "c"] {
+        let dev = open(n);
+        let mut sb = read_superblock(dev.as_ref()).unwrap().unwrap();
+        sb.level = Level::Raid1;
+        appliance::raid::assembly::write_superblock(dev.as_ref(), &sb).unwrap();
+        assert_eq!(
+            read_superblock(dev.as_ref()).unwrap().unwrap().level,
+            Level::Raid1
+        );
+    }
+    // A record for member 0's block 1: md's superblock.
+    let jdev = open("j");
+    let j = Journal::format(jdev.clone()).unwrap();
+    let data = vec![0xaau8; 4096];
+    let mut r = j.record(
+        &[Entry {
+            member: 0,
+            count: 1,
+            block: 1,
+        }],
+        &[data.as_slice()],
+    );
+    let (at, _) = j.reserve(&mut r, true).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("j"))
+        .unwrap()
+        .write_all_at(&r, at * 4096)
+        .unwrap();
+    drop(j);
+    drop(jdev);
+
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), None);
+    let err = mgr.restore(&config, false).err().expect("started");
+    assert!(err.to_string().contains("RAID5"), "{err}");
+    mgr.shutdown();
+    drop(mgr);
+    let a = open("a");
+    let sb = read_superblock(a.as_ref()).unwrap();
+    assert!(
+        sb.as_ref().is_ok_and(|sb| sb.name == "v"),
+        "member a's superblock was written over: {sb:?}"
+    );
+}

@@ -143,3 +143,22 @@ fn a_superblock_whose_data_does_not_fit_its_device_is_reported() {
         "two of four members are unusable"
     );
 }
+
+/// A change count at the top of its range would wrap at the next recorded
+/// change (a panic with overflow checks), and a member at a wrapped count
+/// looks older than stale ones: such a superblock is refused as invalid.
+#[test]
+fn an_event_count_that_would_wrap_is_refused() {
+    let devs = raid5(3);
+    edit(devs[0].as_ref(), |sb| sb.events = u64::MAX);
+    match read_superblock(devs[0].as_ref()).unwrap() {
+        Err(e) => assert!(e.to_string().contains("events"), "{e}"),
+        Ok(sb) => panic!("taken with events {}", sb.events),
+    }
+    let report = assemble(&devs, |_| FailureSink::none());
+    assert!(
+        report.problems.iter().any(|(d, _)| d == "m0"),
+        "{:?}",
+        report.problems
+    );
+}

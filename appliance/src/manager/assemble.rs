@@ -207,8 +207,19 @@ impl Manager {
                     .iter()
                     .map(|m| (m.state == MemberState::InSync).then(|| m.dev.clone()))
                     .collect();
-                let geo = v.device.parity_geometry();
-                let (j, rep) = Journal::replay(jdev, &slots, geo.as_ref()).map_err(|e| {
+                // The superblocks' level wins over the declaration's: a
+                // volume they call a mirror has no parity geometry to keep
+                // the log's records inside its data area, and none of them
+                // may be replayed over its superblocks or bitmap.
+                let Some(geo) = v.device.parity_geometry() else {
+                    return Err(MgmtError::FailedPrecondition(format!(
+                        "volume {}: its members' superblocks say {:?}, and only a RAID5 volume has a journal; refusing to replay {} over it",
+                        decl.name,
+                        v.meta.template.level,
+                        jdev.info().name
+                    )));
+                };
+                let (j, rep) = Journal::replay(jdev, &slots, Some(&geo)).map_err(|e| {
                     MgmtError::FailedPrecondition(format!(
                         "journal of volume {0}: {e}; refusing to start the volume without it (`appliance daemon --drop-journal {0}` starts it without the journal, losing write-back data only the journal held)",
                         decl.name

@@ -58,6 +58,11 @@ pub enum SuperblockError {
     },
 }
 
+/// Event counts at or past this are refused: each recorded change adds
+/// one, and a count read from disk must not wrap (a member at a wrapped
+/// count would look older than stale ones). md's never gets near it.
+pub const EVENTS_LIMIT: u64 = 1 << 62;
+
 /// RAID level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -223,6 +228,10 @@ impl Superblock {
         let name_bytes = &b[48..80];
         let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(32);
         let name = String::from_utf8(name_bytes[..end].to_vec()).map_err(|_| invalid("name", 0))?;
+        let events = u64_at(120);
+        if events >= EVENTS_LIMIT {
+            return Err(invalid("events", events));
+        }
         let mut volume_uuid = [0u8; 16];
         volume_uuid.copy_from_slice(&b[16..32]);
         let mut member_uuid = [0u8; 16];
@@ -244,7 +253,7 @@ impl Superblock {
             block_size,
             data_offset: u64_at(104),
             data_blocks: u64_at(112),
-            events: u64_at(120),
+            events,
             clean: b[128] != 0,
             slot_states,
             rebuild_checkpoint: u64_at(136),
