@@ -124,9 +124,12 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     })
     .map_err(|e| format!("starting reactors: {e}"))?;
     let mgr = Arc::new(Manager::new(reactors.set(), opts.state_file.clone()));
-    // SIGHUP and the Reload call read the operator's file, or else the
-    // state file (edited by hand).
-    mgr.set_config_file(opts.config.clone().or_else(|| opts.state_file.clone()));
+    // SIGHUP and the Reload call read what a restart would start from:
+    // the state file (the daemon's record, API changes included, perhaps
+    // edited by hand) if it keeps one, else the operator's file. Reading
+    // `--config` with a state file undid every API change made since the
+    // first start (`--config` is only that start's setup).
+    mgr.set_config_file(opts.state_file.clone().or_else(|| opts.config.clone()));
     let allowed = crate::devpaths::AllowedPaths::daemon_default(
         opts.state_file.as_deref(),
         &opts.allow_paths,
@@ -209,6 +212,9 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         NotifyState::Status("stopping: API closed"),
     ]);
     let _ = std::fs::remove_file(&opts.api_socket);
+    // A reload running now makes no further step (each could wait a
+    // volume's drain deadline, past systemd's stop time-out).
+    mgr.begin_stop();
     sampler_stop.store(true, Ordering::SeqCst);
     if let Some(t) = sampler {
         let _ = t.join();
@@ -256,7 +262,11 @@ fn start_reloader(
                             format!("reload failed: {e}")
                         }
                     };
-                    crate::service::ready(&line);
+                    // After STOPPING=1, READY=1 would tell systemd the
+                    // stop is over.
+                    if !stop.load(Ordering::SeqCst) {
+                        crate::service::ready(&line);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -87,7 +87,8 @@ enum Command {
         #[arg(long)]
         state: Option<std::path::PathBuf>,
         /// Initial setup (TOML: [[device]], [[volume]], [[export]]), used when
-        /// the state file does not exist yet.
+        /// the state file does not exist yet (SIGHUP then reloads the state
+        /// file; without --state, this file).
         #[arg(long)]
         config: Option<std::path::PathBuf>,
         /// Reactor threads.

@@ -643,28 +643,59 @@ fn suspend_move_queue_and_reload_from_the_command_line() {
         .code(),
         Some(2)
     );
-    // The file gains a spare: SIGHUP applies it.
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replace(
-        "members = [\"d0\", \"d1\", \"d2\"]",
-        "members = [\"d0\", \"d1\", \"d2\"]\nspares = [\"d3\"]",
-    );
-    std::fs::write(&config, text).unwrap();
+    // A volume made through the API since the start.
+    ok(&applctl(
+        &api,
+        &[
+            "volume",
+            "create",
+            "w",
+            "--level",
+            "single",
+            "--members",
+            "d3",
+        ],
+    ));
+    // The state file (what a restart starts from) is edited by hand: vol0
+    // gets an IO limit. SIGHUP applies it. The initial --config is not
+    // read again: reading it undid every API change made since the start
+    // (the queue's move, the volume w) at each reload.
+    let state = dir.path().join("state.toml");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut cfg: toml::Table = toml::from_str(&text).unwrap();
+    let vol0 = cfg["volume"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|v| v["name"].as_str() == Some("vol0"))
+        .unwrap()
+        .as_table_mut()
+        .unwrap();
+    let mut qos = toml::Table::new();
+    qos.insert("write_iops".into(), 5000.into());
+    vol0.insert("qos".into(), qos.into());
+    std::fs::write(&state, toml::to_string(&cfg).unwrap()).unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
     let t = Instant::now();
-    while !show(&api).contains("spares: d3") {
+    let limit = || {
+        let out = ok(&applctl(&api, &["--json", "volume", "show", "vol0"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["qos"]["write_iops"].as_u64()
+    };
+    while limit() != Some(5000) {
         assert!(t.elapsed() < Duration::from_secs(30), "SIGHUP did nothing");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The queue's move is not in the file: the reload moved it back.
+    // What the API made stays.
     let out = ok(&applctl(&api, &["--json", "export", "list"]));
     let l: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         l["exports"][0]["queue_cores"],
-        serde_json::json!([0]),
+        serde_json::json!([1]),
         "{out}"
     );
+    ok(&applctl(&api, &["volume", "show", "w"]));
     assert_eq!(ok(&applctl(&api, &["reload"])), "nothing to change\n");
     // SAFETY: as above.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };

@@ -10,10 +10,14 @@ use crate::config::ExportDecl;
 use crate::export::{Export, ExportOptions};
 
 impl Manager {
-    /// Export a volume over vhost-user-blk.
-    pub fn create_export(&self, mut decl: ExportDecl) -> Result<ExportView, MgmtError> {
+    /// Check a declaration as [`create_export`](Self::create_export)
+    /// does before it looks at what runs (reload checks a replacement
+    /// before it takes the running export away); the defaults filled in.
+    pub(super) fn check_export(
+        &self,
+        decl: &mut ExportDecl,
+    ) -> Result<crate::export::SocketAccess, MgmtError> {
         check_name("name", &decl.name)?;
-        self.check_open()?;
         if !decl.socket.is_absolute() {
             return Err(invalid("socket", "must be an absolute path"));
         }
@@ -41,6 +45,18 @@ impl Manager {
                 ),
             ));
         }
+        crate::export::SocketAccess::parse(
+            decl.socket_mode.as_deref(),
+            decl.socket_owner.as_deref(),
+            decl.socket_group.as_deref(),
+        )
+        .map_err(from_export)
+    }
+
+    /// Export a volume over vhost-user-blk.
+    pub fn create_export(&self, mut decl: ExportDecl) -> Result<ExportView, MgmtError> {
+        self.check_open()?;
+        let access = self.check_export(&mut decl)?;
         // Under the inventory's lock: the name, the socket and the volume
         // (not being deleted) are checked and reserved in one step. The
         // export is made outside it: it quiesces the volume, which takes
@@ -84,12 +100,6 @@ impl Manager {
                 decl.socket.display()
             )));
         }
-        let access = crate::export::SocketAccess::parse(
-            decl.socket_mode.as_deref(),
-            decl.socket_owner.as_deref(),
-            decl.socket_group.as_deref(),
-        )
-        .map_err(from_export)?;
         inv.exports_creating
             .insert(decl.name.clone(), (decl.volume.clone(), key.clone()));
         drop(inv);

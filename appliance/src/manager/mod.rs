@@ -526,6 +526,11 @@ struct Shared {
     wrapper: Mutex<Option<DeviceWrapper>>,
     /// What a reload reads.
     config_file: Mutex<Option<PathBuf>>,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+    /// The daemon's stop has begun: calls still running (a reload's next
+    /// step) are refused, before `closed` (set once the stop has saved).
+    stopping: AtomicBool,
     /// Where `file:` devices may be; `None` (a library user's manager)
     /// allows any path. The daemon always sets it.
     allowed: Mutex<Option<crate::devpaths::AllowedPaths>>,
@@ -599,6 +604,8 @@ impl Manager {
                 timeout: Mutex::new(QUIESCE_TIMEOUT),
                 wrapper: Mutex::new(None),
                 config_file: Mutex::new(None),
+                reloading: Mutex::new(()),
+                stopping: AtomicBool::new(false),
                 allowed: Mutex::new(None),
                 target: crate::nvmf::Target::new(set),
             }),
@@ -630,8 +637,15 @@ impl Manager {
 
     /// Refused once the daemon is stopping (a call that outlived the API's
     /// shutdown must not act or save).
+    /// The daemon's stop begins: the API is closed; a reload still
+    /// running makes no further change (each of its steps is refused).
+    pub fn begin_stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
     fn check_open(&self) -> Result<(), MgmtError> {
-        if self.shared.closed.load(Ordering::SeqCst) {
+        if self.shared.closed.load(Ordering::SeqCst) || self.shared.stopping.load(Ordering::SeqCst)
+        {
             return Err(MgmtError::FailedPrecondition(
                 "the daemon is stopping".into(),
             ));

@@ -78,6 +78,34 @@ fn view(e: &NvmfExp) -> NvmfExportView {
     }
 }
 
+/// Check a declaration as [`Manager::create_nvmf_export`] does before it
+/// looks at what runs (reload checks a replacement before it takes the
+/// running export away): the address to listen on and the NGUID asked
+/// for, if one is.
+pub(super) fn check_nvmf(
+    decl: &NvmfExportDecl,
+) -> Result<(SocketAddr, Option<[u8; 16]>), MgmtError> {
+    let listen: SocketAddr = decl
+        .listen
+        .parse()
+        .map_err(|_| invalid("listen", format!("{:?} is not IP:PORT", decl.listen)))?;
+    if decl.hosts.is_empty() && !decl.allow_any_host {
+        return Err(invalid(
+            "hosts",
+            "no host may connect: name the allowed host NQNs, or allow any host",
+        ));
+    }
+    let nguid = if decl.nguid.is_empty() {
+        None
+    } else {
+        Some(
+            parse_nguid(&decl.nguid.to_ascii_lowercase())
+                .ok_or_else(|| invalid("nguid", "32 hexadecimal digits"))?,
+        )
+    };
+    Ok((listen, nguid))
+}
+
 impl Manager {
     /// Export a volume over NVMe/TCP as the subsystem `decl.nqn`.
     pub fn create_nvmf_export(
@@ -85,23 +113,9 @@ impl Manager {
         mut decl: NvmfExportDecl,
     ) -> Result<NvmfExportView, MgmtError> {
         self.check_open()?;
-        let listen: SocketAddr = decl
-            .listen
-            .parse()
-            .map_err(|_| invalid("listen", format!("{:?} is not IP:PORT", decl.listen)))?;
-        if decl.hosts.is_empty() && !decl.allow_any_host {
-            return Err(invalid(
-                "hosts",
-                "no host may connect: name the allowed host NQNs, or allow any host",
-            ));
-        }
-        let nguid = if decl.nguid.is_empty() {
-            // Random once, then kept in the state file.
-            *uuid::Uuid::new_v4().as_bytes()
-        } else {
-            parse_nguid(&decl.nguid.to_ascii_lowercase())
-                .ok_or_else(|| invalid("nguid", "32 hexadecimal digits"))?
-        };
+        let (listen, nguid) = check_nvmf(&decl)?;
+        // Random once, then kept in the state file.
+        let nguid = nguid.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());
         if decl.serial.is_empty() {
             decl.serial = decl.volume.chars().take(20).collect();
         }

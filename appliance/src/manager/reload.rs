@@ -53,12 +53,23 @@ fn same_export(a: &ExportDecl, b: &ExportDecl) -> bool {
 /// serial or NGUID in the file means "whatever it was made with").
 fn same_nvmf(a: &NvmfExportDecl, w: &NvmfExportDecl) -> bool {
     a.volume == w.volume
-        && a.listen == w.listen
+        && same_listen(&a.listen, &w.listen)
         && a.hosts == w.hosts
         && a.allow_any_host == w.allow_any_host
         && a.read_only == w.read_only
         && (w.serial.is_empty() || a.serial == w.serial)
         && (w.nguid.is_empty() || a.nguid.eq_ignore_ascii_case(&w.nguid))
+}
+
+/// Whether an export bound at `running` is what the file's `listen`
+/// says: port 0 there means "any port", which the running one keeps (it
+/// would be made again on a new port at every reload).
+fn same_listen(running: &str, file: &str) -> bool {
+    use std::net::SocketAddr;
+    match (running.parse::<SocketAddr>(), file.parse::<SocketAddr>()) {
+        (Ok(r), Ok(f)) if f.port() == 0 => r.ip() == f.ip(),
+        _ => running == file,
+    }
 }
 
 impl Manager {
@@ -86,11 +97,25 @@ impl Manager {
         let config = Config::load(path).map_err(|e| {
             MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
         })?;
-        Ok(self.reload(&config))
+        // The daemon's own record: a volume it names is assembled from its
+        // superblocks, never created over blank devices (a wrong path), as
+        // at a start from it.
+        let from_state = self.shared.state_file.as_deref() == Some(path);
+        Ok(self.reload_as(&config, !from_state))
     }
 
-    /// Apply the difference between the running setup and `config`.
+    /// Apply the difference between the running setup and `config`, an
+    /// operator's setup: a RAID volume it adds over blank devices is made.
     pub fn reload(&self, config: &Config) -> ReloadReport {
+        self.reload_as(config, true)
+    }
+
+    /// Apply the difference between the running setup and `config`; with
+    /// `initial` (see [`restore`](Self::restore)) a volume added over
+    /// blank devices is created. One reload at a time: each compares
+    /// against what runs, and two at once undid each other's steps.
+    fn reload_as(&self, config: &Config, initial: bool) -> ReloadReport {
+        let _one = lock(&self.shared.reloading);
         let mut rep = ReloadReport::default();
         let (devices, volumes, exports) = {
             let inv = self.inv();
@@ -116,20 +141,51 @@ impl Manager {
             .collect();
         // NVMe/TCP exports that go, or must be made again (their hosts
         // reconnect).
+        // One that is to be made again is taken away only if the file's
+        // declaration would be made: a typo must not leave it deleted.
+        let volume_known = |name: &str| {
+            config.volumes.iter().any(|v| v.name == name) || volumes.iter().any(|v| v.name == name)
+        };
+        let mut kept_nvmf = Vec::new();
         for e in &nvmf {
             let wanted = config.nvmf_exports.iter().find(|w| w.nqn == e.nqn);
-            if wanted.is_none_or(|w| !same_nvmf(e, w)) {
-                let r = self.delete_nvmf_export(&e.nqn);
-                rep.did(format!("delete nvme/tcp export {}", e.nqn), r);
+            if wanted.is_some_and(|w| same_nvmf(e, w)) {
+                continue;
             }
+            let check = wanted.map_or(Ok(()), |w| {
+                super::nvmf::check_nvmf(w).and_then(|_| known(volume_known(&w.volume), &w.volume))
+            });
+            if let Err(err) = check {
+                rep.refused.push(format!(
+                    "nvme/tcp export {}: {err}; the running one is kept",
+                    e.nqn
+                ));
+                kept_nvmf.push(e.nqn.clone());
+                continue;
+            }
+            let r = self.delete_nvmf_export(&e.nqn);
+            rep.did(format!("delete nvme/tcp export {}", e.nqn), r);
         }
         let wanted_export = |name: &str| config.exports.iter().find(|e| e.name == name);
         // Exports that go, or must be made again.
+        let mut kept = Vec::new();
         for (e, _) in &exports {
-            if wanted_export(&e.name).is_none_or(|w| !same_export(e, w)) {
-                let r = self.delete_export(&e.name, false);
-                rep.did(format!("delete export {}", e.name), r);
+            let wanted = wanted_export(&e.name);
+            if wanted.is_some_and(|w| same_export(e, w)) {
+                continue;
             }
+            let check = wanted.map_or(Ok(()), |w| {
+                self.check_export(&mut w.clone())
+                    .and_then(|_| known(volume_known(&w.volume), &w.volume))
+            });
+            if let Err(err) = check {
+                rep.refused
+                    .push(format!("export {}: {err}; the running one is kept", e.name));
+                kept.push(e.name.clone());
+                continue;
+            }
+            let r = self.delete_export(&e.name, false);
+            rep.did(format!("delete export {}", e.name), r);
         }
         // Volumes that go.
         for v in &volumes {
@@ -164,7 +220,7 @@ impl Manager {
         for w in &config.volumes {
             match volumes.iter().find(|v| v.name == w.name) {
                 None => {
-                    let r = self.restore_volume(w, true);
+                    let r = self.restore_volume(w, initial);
                     rep.did(format!("create volume {}", w.name), r);
                 }
                 Some(v) => self.reload_volume(v, w, &mut rep),
@@ -178,6 +234,7 @@ impl Manager {
                 .get(&w.name)
                 .map(|e| (e.decl.clone(), e.export.queue_cores()));
             match running {
+                None if kept.contains(&w.name) => {}
                 None => {
                     let r = self.create_export(w.clone()).map(|_| ());
                     rep.did(format!("create export {}", w.name), r);
@@ -201,13 +258,18 @@ impl Manager {
             }
         }
         for w in &config.nvmf_exports {
-            if !self.inv().nvmf.contains_key(&w.nqn) {
+            if !kept_nvmf.contains(&w.nqn) && !self.inv().nvmf.contains_key(&w.nqn) {
                 let r = self.create_nvmf_export(w.clone()).map(|_| ());
                 rep.did(format!("create nvme/tcp export {}", w.nqn), r);
             }
         }
         if !rep.applied.is_empty() {
             tracing::info!(applied = ?rep.applied, refused = ?rep.refused, "reloaded the configuration");
+            // A volume assembled by the reload is in the inventory but not
+            // yet in the state file (only creations and changes save).
+            if let Err(e) = self.save() {
+                rep.refused.push(format!("saving the state: {e}"));
+            }
         }
         rep
     }
@@ -305,5 +367,16 @@ impl Manager {
                 .map(|_| ());
             rep.did(format!("rebuild rate of {name}"), r);
         }
+    }
+}
+
+/// A declaration's volume must run or come with the same file.
+fn known(known: bool, volume: &str) -> Result<(), MgmtError> {
+    if known {
+        Ok(())
+    } else {
+        Err(MgmtError::NotFound(format!(
+            "volume {volume} is neither running nor in the file"
+        )))
     }
 }
