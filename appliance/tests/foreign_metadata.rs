@@ -237,7 +237,7 @@ fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
     })
     .unwrap();
     let mgr = Manager::new(reactors.set(), None);
-    let err = mgr.restore(&config, false).err().expect("started");
+    let err = mgr.restore(&config, false).expect_err("started");
     assert!(err.to_string().contains("RAID5"), "{err}");
     mgr.shutdown();
     drop(mgr);
