@@ -279,8 +279,16 @@ impl Raid5Channel {
                     .then_some(IoError::DeviceFailed)
             })
         };
-        let flush_failed =
-            p.kind == Kind::Flush && (0..self.failed.len()).all(|m| self.is_failed(m));
+        // A flush fails only when the volume has lost data (two members
+        // down): one member failing its flush is failed, and what was
+        // acknowledged is on the others, flushed (md and RAID1 answer
+        // such a flush with success too; an error made guests abort
+        // their filesystem over a failure the volume survives).
+        let flush_failed = p.kind == Kind::Flush
+            && (0..self.failed.len())
+                .filter(|&m| self.is_failed(m))
+                .count()
+                > 1;
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
             return;
         };
@@ -335,7 +343,9 @@ impl Raid5Channel {
             // without the journal, which the volume goes on without.
             p.jphase = LogPhase::Failed;
         }
-        if c.result.is_err() && p.kind == Kind::Flush {
+        // The journal's flush failing fails the flush (what only the log
+        // holds may not be durable); a member's is `flush_failed`'s.
+        if c.result.is_err() && p.kind == Kind::Flush && m.is_none() {
             p.error.get_or_insert(IoError::DeviceFailed);
         }
         if journal_failed {

@@ -1,0 +1,70 @@
+//! A guest's flush through a RAID volume fails only when the volume has
+//! lost data: a member that fails its flush is failed, and what was
+//! acknowledged is on the other members, flushed. An error there made
+//! guests abort (or remount read-only) a filesystem over a failure the
+//! volume survives.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use appliance::raid::geometry::Layout;
+use appliance::raid::members::{FailureSink, Member, MemberState};
+use appliance::raid::monitor::Monitor;
+use appliance::raid::raid5::Raid5Device;
+use appliance::volume::Volume;
+use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+use poller::{ReactorConfig, Reactors};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[test]
+fn a_raid5_flush_survives_one_member_failing_it() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<FaultDevice>> = (0..4)
+        .map(|i| {
+            let ram: Arc<dyn BlockDevice> =
+                Arc::new(RamDevice::new(&format!("m{i}"), 4096, 1024).unwrap());
+            Arc::new(FaultDevice::new(ram))
+        })
+        .collect();
+    let members = faults
+        .iter()
+        .map(|f| Member::new(f.clone() as Arc<dyn BlockDevice>, MemberState::InSync))
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid5Device::new(
+            "r5",
+            members,
+            16384,
+            Layout::LeftSymmetric,
+            0,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    let block = vec![0x5au8; 4096];
+    volume.io(IoOp::Write, 7, block.clone(), LONG).unwrap();
+    // The first IO the dying member sees is the flush.
+    faults[2].control().pull();
+    volume
+        .io(IoOp::Flush, 0, Vec::new(), LONG)
+        .expect("one member failing its flush loses nothing");
+    assert_eq!(monitor.member_states()[2], MemberState::Failed);
+    volume.io(IoOp::Flush, 0, Vec::new(), LONG).unwrap();
+    assert_eq!(
+        volume.io(IoOp::Read, 7, vec![0u8; 4096], LONG).unwrap(),
+        block
+    );
+    // A second member gone: data is lost, and the flush says so.
+    faults[0].control().pull();
+    assert!(volume.io(IoOp::Flush, 0, Vec::new(), LONG).is_err());
+    reactors.shutdown().unwrap();
+}
