@@ -19,6 +19,10 @@ use nvmf::device::{DeviceOptions, NvmfDevice, Remote};
 use nvmf::host::{Controller, HostConfig};
 use poller::{ReactorConfig, Reactors};
 
+#[path = "hostile/nvmf_target.rs"]
+mod proxy;
+use proxy::{r2t_repeating_proxy, tiny_r2t_proxy};
+
 const NQN: &str = "nqn.2026-12.io.appliance:remote";
 const LONG: Duration = Duration::from_secs(30);
 
@@ -532,103 +536,6 @@ fn a_remote_member_back_after_an_outage_is_resynchronised_from_the_bitmap_only()
     b.shutdown();
 }
 
-/// A TCP proxy to `target` that sends every R2T the target sends on to
-/// the host `copies` times, and counts, per connection, the H2CData bytes
-/// the host sends: what a hostile target repeating R2Ts gets.
-fn r2t_repeating_proxy(
-    target: SocketAddr,
-    copies: usize,
-) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
-    use nvmf::pdu::{self, Digests, Pdu, Receiver};
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let counts = sent.clone();
-    std::thread::spawn(move || {
-        for host in listener.incoming() {
-            let Ok(mut host) = host else { return };
-            let Ok(mut up) = std::net::TcpStream::connect(target) else {
-                return;
-            };
-            let (mut host_r, mut up_w) = (host.try_clone().unwrap(), up.try_clone().unwrap());
-            let slot = {
-                let mut c = counts.lock().unwrap();
-                c.push(0);
-                c.len() - 1
-            };
-            let counts = counts.clone();
-            // Host to target: forwarded as is; H2CData bytes counted.
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut digests = None;
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    let n = match host_r.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let _ = up_w.write_all(&chunk[..n]);
-                    buf.extend_from_slice(&chunk[..n]);
-                    let r = Receiver {
-                        controller: true,
-                        digests: digests.unwrap_or_default(),
-                        max_data: 4 << 20,
-                    };
-                    while let Ok(Some((p, len))) = pdu::parse(&buf, &r) {
-                        match p {
-                            Pdu::IcReq(q) => digests = Some(q.digests),
-                            Pdu::H2cData(h, _) => counts.lock().unwrap()[slot] += h.length as usize,
-                            _ => {}
-                        }
-                        buf.drain(..len);
-                    }
-                }
-                let _ = up_w.shutdown(std::net::Shutdown::Both);
-            });
-            // Target to host: R2Ts repeated.
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut digests: Option<Digests> = None;
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    let n = match up.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let r = Receiver {
-                            controller: false,
-                            digests: digests.unwrap_or_default(),
-                            max_data: 4 << 20,
-                        };
-                        let Ok(Some((p, len))) = pdu::parse(&buf, &r) else {
-                            break;
-                        };
-                        let times = match p {
-                            Pdu::IcResp(a) => {
-                                digests = Some(a.digests);
-                                1
-                            }
-                            Pdu::R2t(_) => copies,
-                            _ => 1,
-                        };
-                        for _ in 0..times {
-                            if host.write_all(&buf[..len]).is_err() {
-                                break;
-                            }
-                        }
-                        buf.drain(..len);
-                    }
-                }
-                let _ = host.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-    (addr, sent)
-}
-
 /// From review: our initiator answered every R2T that fitted the
 /// command, with no record of what it had sent: a target repeating one
 /// R2T thousands of times had it copy the write's data into its send
@@ -653,4 +560,77 @@ fn a_target_repeating_r2ts_gets_the_data_once_per_connection() {
     );
     drop(ch);
     drop(dev);
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// From an audit: each R2T answered put its data and a PDU header in the
+/// channel's send buffer whatever it held, so a target asking for 1 MiB
+/// writes a byte at a time while reading nothing grew it by 25 bytes per
+/// byte of data (more with a CPDA): hundreds of MiB on a reactor for a few
+/// writes. Received PDUs wait while 4 MiB waits to be sent.
+#[test]
+fn a_target_asking_for_data_a_byte_at_a_time_cannot_grow_the_send_buffer() {
+    let s = side(4096);
+    let proxy = tiny_r2t_proxy(s.addr);
+    let dev =
+        NvmfDevice::connect("remote", remote(proxy), options(Duration::from_secs(20))).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    let before = peak_rss();
+    // 8 MiB: eight 1 MiB commands, each asked for in 1-byte pieces.
+    const LEN: usize = 8 << 20;
+    let mut buf = vec![0x5au8; LEN];
+    let mut sg = SgList::new();
+    // SAFETY: `buf` outlives the channel, dropped first below.
+    sg.push(unsafe { IoVec::new(buf.as_mut_ptr(), LEN) });
+    ch.submit(IoRequest {
+        op: IoOp::Write,
+        offset_blocks: 0,
+        num_blocks: (LEN / 4096) as u64,
+        sg,
+        tag: 1,
+    })
+    .unwrap();
+    // Poll while the target sends its R2Ts (8 M of them, 24 bytes each):
+    // until the write ends (the loss timeout) or 5 s have passed.
+    let t = Instant::now();
+    let mut comps = Vec::new();
+    while comps.is_empty() && t.elapsed() < Duration::from_secs(5) {
+        ch.poll(&mut comps);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "the process grew by {} MiB", grown >> 20);
+    drop(ch);
+    drop(dev);
+    drop(buf);
+}
+
+/// A channel past the IO queues the target granted is "out of room"
+/// (`Exhausted`), which a RAID volume answers by refusing the open, not
+/// by failing the member: it said `Unsupported`, which fails it.
+#[test]
+fn a_channel_past_the_granted_queues_is_exhausted() {
+    let s = side(64);
+    let dev = NvmfDevice::connect("remote", remote(s.addr), options(LONG)).unwrap();
+    let mut open = Vec::new();
+    let err = loop {
+        match dev.open_channel() {
+            Ok(ch) => open.push(ch),
+            Err(e) => break e,
+        }
+        assert!(open.len() <= 64, "more channels than queues asked for");
+    };
+    assert!(!open.is_empty());
+    assert!(matches!(err, bdev::BdevError::Exhausted(_)), "{err:?}");
+    drop(open);
+    assert!(dev.open_channel().is_ok(), "room again once one closes");
 }

@@ -113,6 +113,11 @@ impl Default for DeviceOptions {
 const MAX_REQUEST: u32 = 8 << 20;
 /// IO queue entries each channel asks for.
 const QUEUE_ENTRIES: u16 = 128;
+/// Data queued to send past which received PDUs wait: each R2T answered
+/// adds its data (and a PDU header, padded to the target's CPDA) to the
+/// send buffer, and a target that asks in 1-byte R2Ts while it reads
+/// nothing would grow it without end.
+const TX_HIGH: usize = 4 << 20;
 
 /// What the control thread and the channels share.
 struct Assoc {
@@ -157,7 +162,9 @@ fn associate(r: &Remote, host: &HostConfig) -> Result<(Controller, u16), HostErr
     let mut c = Controller::connect(r.addr, &r.nqn, host)?;
     let n = 63u32;
     let granted = c.set_features(0x07, n | n << 16)?;
-    let queues = ((granted & 0xffff).min(granted >> 16) + 1) as u16;
+    // 0's based, and never more than asked (a grant of 0xffff wrapped
+    // to no queue at all).
+    let queues = ((granted & 0xffff).min(granted >> 16).min(n) + 1) as u16;
     Ok((c, queues))
 }
 
@@ -330,7 +337,9 @@ impl BlockDevice for NvmfDevice {
         let qid = {
             let mut q = self.assoc.qids.lock().unwrap_or_else(|e| e.into_inner());
             let Some(i) = q.iter().position(|t| !t) else {
-                return Err(BdevError::Unsupported(format!(
+                // Out of room, not broken: the volume refuses the open
+                // rather than fail the member (as for a local drive).
+                return Err(BdevError::Exhausted(format!(
                     "{}: every IO queue the target granted ({}) is in use",
                     self.info.name,
                     q.len()
@@ -688,7 +697,9 @@ impl NvmfChannel {
         let rx = std::mem::take(&mut c.rx);
         let mut at = 0;
         let mut result = Ok(());
-        loop {
+        // Past the mark, what is left waits in the receive buffer (which,
+        // full, is not read) until the target takes what we send.
+        while c.tx.len() - c.tx_at < TX_HIGH {
             match pdu::parse(&rx[at..c.rx_len], &r) {
                 Ok(None) => break,
                 Ok(Some((p, n))) => {
@@ -716,10 +727,21 @@ impl NvmfChannel {
         match p {
             Pdu::Response(b) => {
                 let cqe = capsule::cqe_from(&b);
+                let st = cqe.code();
+                // Success for a write whose data the target never asked
+                // for (or we have not sent) is a lie: what the member
+                // holds is not known. The connection ends; the write stays
+                // in flight and goes again on the next one.
+                let lie = |s: &Sent| {
+                    let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
+                    st.ok() && s.req.op == IoOp::Write && s.received != bytes
+                };
+                if self.sent.get(&cqe.cid()).is_none_or(lie) {
+                    return Err(());
+                }
                 let Some(s) = self.sent.remove(&cqe.cid()) else {
                     return Err(());
                 };
-                let st = cqe.code();
                 let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
                 let r = if !st.ok() {
                     Err(error_of(&s.req, st))
