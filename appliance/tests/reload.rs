@@ -1,6 +1,8 @@
-//! Reload as an operator meets it: a declaration with a mistake never
-//! takes away what runs, an export on "any port" is not made again at
-//! every reload, and a volume the reload brings in is in the state file.
+//! Reloads and restarts as an operator meets them: a declaration with a
+//! mistake never takes away what runs, an export on "any port" is not
+//! made again at every reload, a volume the reload brings in is in the
+//! state file, and a device missing at a restart costs only its own
+//! volume's redundancy.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -171,4 +173,80 @@ fn a_reload_of_the_state_file_creates_no_volume_over_blank_files() {
     );
     assert!(rig.mgr.get_volume("w").is_err());
     rig.stop();
+}
+
+/// A member missing at a restart (a dead disk, a remote target down) made
+/// the whole restore fail, so the daemon served no volume at all. It is
+/// missing now: its mirror starts degraded, the state file keeps naming
+/// it, and attaching it again under its name brings it back.
+#[test]
+fn a_device_missing_at_a_restart_leaves_its_mirror_degraded() {
+    let rig = rig();
+    for f in files(&rig) {
+        rig.mgr.attach_device(f).unwrap();
+    }
+    rig.mgr.attach_device(rig.ram("r")).unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("w", "raid1", &["f0", "f1"]), false)
+        .unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("s", "single", &["r"]), false)
+        .unwrap();
+    let config = rig.state();
+    let Rig { mgr, dir, reactors } = rig;
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    std::fs::remove_file(dir.path().join("f1")).unwrap();
+    let mut without_size = config.clone();
+    for d in &mut without_size.devices {
+        // As a state file written by hand names an existing file.
+        if d.name == "f1" {
+            d.spec = format!("file:{}", dir.path().join("f1").display());
+        }
+    }
+
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
+    mgr.restore(&without_size, false)
+        .expect("the other volumes start");
+    assert_eq!(mgr.get_volume("w").unwrap().state, "degraded");
+    assert!(mgr.get_volume("s").is_ok());
+    let f1 = mgr
+        .list_devices()
+        .into_iter()
+        .find(|d| d.decl.name == "f1")
+        .expect("listed");
+    assert_eq!(f1.health, "missing");
+    assert!(mgr.health().problems.iter().any(|p| p.contains("f1")));
+    let saved = Config::load(&dir.path().join("state.toml")).unwrap();
+    assert!(saved.devices.iter().any(|d| d.name == "f1"), "{saved:?}");
+    // Back (a new disk in its place): attached under its name, then added
+    // back as md's re-add would.
+    mgr.attach_device(
+        config
+            .devices
+            .iter()
+            .find(|d| d.name == "f1")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    mgr.add_spare("w", "f1", false).unwrap();
+    let t = std::time::Instant::now();
+    while mgr.get_volume("w").unwrap().state != "optimal" {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "never rebuilt"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(mgr.health().problems.is_empty(), "{:?}", mgr.health());
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
 }

@@ -150,6 +150,7 @@ impl Manager {
             errors: dev.error_counts(),
         };
         self.shared.roles.attach(&dev);
+        inv.missing.remove(&decl.name);
         inv.devices.insert(
             decl.name.clone(),
             Dev {
@@ -165,14 +166,34 @@ impl Manager {
 
     /// Every device with its user and health.
     pub fn list_devices(&self) -> Vec<DeviceView> {
-        let names: Vec<String> = self.inv().devices.keys().cloned().collect();
-        names.iter().filter_map(|n| self.device_view(n)).collect()
+        let (names, missing): (Vec<String>, Vec<DeviceDecl>) = {
+            let inv = self.inv();
+            (
+                inv.devices.keys().cloned().collect(),
+                inv.missing.values().cloned().collect(),
+            )
+        };
+        let mut all: Vec<DeviceView> = names.iter().filter_map(|n| self.device_view(n)).collect();
+        all.extend(missing.into_iter().map(|decl| DeviceView {
+            decl,
+            num_blocks: 0,
+            used_by: String::new(),
+            health: "missing",
+            errors: Default::default(),
+        }));
+        all.sort_by(|a, b| a.decl.name.cmp(&b.decl.name));
+        all
     }
 
     /// Detach a device no volume uses.
     pub fn detach_device(&self, name: &str) -> Result<(), MgmtError> {
         self.check_open()?;
         let mut inv = self.inv();
+        // A missing device is let go of: the state file names it no more.
+        if inv.missing.remove(name).is_some() {
+            drop(inv);
+            return self.save();
+        }
         inv.device("name", name)?;
         if let Err((v, role)) = self.shared.roles.detach(name) {
             return Err(MgmtError::FailedPrecondition(format!(

@@ -253,7 +253,8 @@ pub struct DeviceView {
     pub num_blocks: u64,
     /// "" when free, else "volume NAME" or "spare of NAME".
     pub used_by: String,
-    /// "ok", "failed" or "rebuilding".
+    /// "ok", "failed", "rebuilding", or "missing" (named by the saved
+    /// state, not found at the start).
     pub health: &'static str,
     /// Errors, time-outs, aborts and resets the device counted.
     pub errors: bdev::ErrorCounts,
@@ -473,6 +474,11 @@ struct Inventory {
     exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
     /// NVMe/TCP exports by NQN.
     nvmf: BTreeMap<String, nvmf::NvmfExp>,
+    /// Devices the saved state names that could not be opened at the start
+    /// (a dead disk, a remote target down): kept in the state file (the
+    /// next start, a reload or an attach under the name tries again), and
+    /// their volumes started without them where the level allows.
+    missing: BTreeMap<String, DeviceDecl>,
 }
 
 impl Inventory {
@@ -493,7 +499,16 @@ impl Inventory {
 
     fn config(&self) -> Config {
         Config {
-            devices: self.devices.values().map(|d| d.decl.clone()).collect(),
+            devices: {
+                let mut all: Vec<DeviceDecl> = self
+                    .devices
+                    .values()
+                    .map(|d| d.decl.clone())
+                    .chain(self.missing.values().cloned())
+                    .collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                all
+            },
             volumes: self
                 .volumes
                 .values()
@@ -683,8 +698,18 @@ impl Manager {
     fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
         let failed = |part: String| move |source| RestoreError { part, source };
         for d in &config.devices {
-            self.attach_device(d.clone())
-                .map_err(failed(format!("device {}", d.name)))?;
+            match self.attach_device(d.clone()) {
+                Ok(_) => {}
+                // Saved state: a device that cannot be opened now is
+                // missing, as md starts an array with a member gone; one
+                // missing device must not keep every volume (and VM) down.
+                // An operator's first setup is refused whole instead.
+                Err(e) if !initial && !matches!(e, MgmtError::AlreadyExists(_)) => {
+                    tracing::error!(device = d.name, spec = d.spec, error = %e, "device missing at the start: its volumes start without it where they can");
+                    self.inv().missing.insert(d.name.clone(), d.clone());
+                }
+                Err(e) => return Err(failed(format!("device {}", d.name))(e)),
+            }
         }
         for v in &config.volumes {
             self.restore_volume(v, initial)
@@ -708,6 +733,9 @@ impl Manager {
         let mut problems = Vec::new();
         if self.shared.set.is_stopped() {
             problems.push("the reactors have stopped".to_string());
+        }
+        for d in self.inv().missing.keys() {
+            problems.push(format!("device {d} could not be opened at the start"));
         }
         for v in self.list_volumes() {
             if v.state != "optimal" {

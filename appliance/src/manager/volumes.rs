@@ -646,6 +646,26 @@ impl Manager {
             first
         });
         decl.spares.retain(|m| !seen.contains(m));
+        // Devices missing at the start: a RAID volume starts without them
+        // (degraded, as md runs an array with a member gone) if its level
+        // allows; a single device's volume cannot.
+        if decl.level != "single" {
+            let inv = self.inv();
+            let gone: Vec<String> = decl
+                .members
+                .iter()
+                .chain(&decl.spares)
+                .filter(|d| inv.missing.contains_key(*d))
+                .cloned()
+                .collect();
+            drop(inv);
+            let left = decl.members.iter().filter(|m| !gone.contains(m)).count();
+            if !gone.is_empty() && left > 0 {
+                tracing::warn!(volume = decl.name, missing = ?gone, "starting without devices missing at the start");
+                decl.members.retain(|m| !gone.contains(m));
+                decl.spares.retain(|m| !gone.contains(m));
+            }
+        }
         let volatile = {
             let inv = self.inv();
             decl.members.iter().chain(&decl.spares).all(|d| {
