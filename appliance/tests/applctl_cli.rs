@@ -697,6 +697,18 @@ fn suspend_move_queue_and_reload_from_the_command_line() {
     );
     ok(&applctl(&api, &["volume", "show", "w"]));
     assert_eq!(ok(&applctl(&api, &["reload"])), "nothing to change\n");
+    // A reader that goes away (`applctl ... | head -1`) before the answer
+    // comes: print! panicked (exit 101).
+    let mut child = Command::new(applctl_path())
+        .arg("--api")
+        .arg(&api)
+        .args(["--json", "volume", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
     // SAFETY: as above.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());

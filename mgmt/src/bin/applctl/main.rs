@@ -504,11 +504,21 @@ fn out<T: serde::Serialize>(
     v: &T,
     text: impl FnOnce() -> String,
 ) -> Result<(), Failure> {
-    if json {
-        let s = serde_json::to_string_pretty(v).map_err(|e| Failure(1, e.to_string()))?;
-        println!("{s}");
+    let text = if json {
+        serde_json::to_string_pretty(v).map_err(|e| Failure(1, e.to_string()))? + "\n"
     } else {
-        print!("{}", text());
+        text()
+    };
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        // The reader went away (`applctl ... | head -1`): what it read
+        // is what it wanted; print! panicked here (exit 101).
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure(1, format!("writing the output: {e}"))),
+        Ok(()) => Ok(()),
     }
-    Ok(())
 }
