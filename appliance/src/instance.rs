@@ -23,9 +23,22 @@ impl InstanceLock {
     }
 }
 
-/// The lock file of `path` (a state file or an API socket).
+/// The lock file of `path` (a state file or an API socket), beside the
+/// file it names: through symbolic links (the state file may be one, and
+/// saves follow it), and with its directory resolved, so two spellings of
+/// one file take one lock.
 pub fn lock_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
+    let resolved =
+        std::fs::canonicalize(path).unwrap_or_else(|_| match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            })
+            .map_or_else(|_| path.to_path_buf(), |d| d.join(name)),
+            _ => path.to_path_buf(),
+        });
+    let mut p = resolved.into_os_string();
     p.push(".lock");
     PathBuf::from(p)
 }
@@ -81,11 +94,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.toml");
         let first = lock(&state, "state file").unwrap();
-        assert_eq!(first.path(), dir.path().join("state.toml.lock"));
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(first.path(), real.join("state.toml.lock"));
         let e = lock(&state, "state file").err().unwrap();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         assert!(e.contains("state file"), "{e}");
         drop(first);
         lock(&state, "state file").unwrap();
+    }
+
+    /// Two spellings of one state file (a symbolic link to it, a path
+    /// through `..`) took two locks, and two daemons ran on one state.
+    #[test]
+    fn every_spelling_of_one_file_takes_one_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let state = real.join("state.toml");
+        std::fs::write(&state, "").unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&state, &link).unwrap();
+        let _held = lock(&state, "state file").unwrap();
+        assert!(lock(&link, "state file").is_err());
+        assert!(lock(&dir.path().join("real/../real/state.toml"), "state file").is_err());
+        // Not yet there (an API socket before its bind): by its directory.
+        let sock = real.join("api.sock");
+        let _api = lock(&sock, "API socket").unwrap();
+        assert!(lock(&dir.path().join("real/../real/api.sock"), "API socket").is_err());
     }
 }
