@@ -186,6 +186,7 @@ fn the_systemd_unit_is_notify_and_hardened() {
         "WatchdogSec=30",
         "NotifyAccess=main",
         "ProtectSystem=strict",
+        "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line}");
     }
