@@ -43,7 +43,10 @@ impl Checkpointer {
                         continue;
                     }
                     let usage = journal.usage();
-                    if usage > 0.5 {
+                    // Half full, or a record was refused room (which can
+                    // happen well below: the cache's reserve, a record
+                    // skipping to the next lap): nothing else frees it.
+                    if usage > 0.5 || (usage > 0.0 && journal.take_room_wanted()) {
                         match checkpoint_now(&journal, &volume) {
                             Ok(true) => {}
                             // Reclaim rides on writes: an idle volume keeps

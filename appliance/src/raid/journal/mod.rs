@@ -118,6 +118,10 @@ pub struct Journal {
     /// A checkpoint waits for the cache to give up an epoch, or a switch
     /// to write-through drains it: writes and flushes take reclaim along.
     reclaim_wanted: AtomicBool,
+    /// A record was refused room: a checkpoint is wanted whatever the
+    /// log's usage (a record can be refused well below half full: the
+    /// cache's reserve, a record that skips to the next lap).
+    room_wanted: AtomicBool,
     draining: AtomicBool,
     /// What the superblock says (one writer at a time).
     checkpoint_seq: AtomicU64,
@@ -241,6 +245,7 @@ impl Journal {
             // keeps that reserve under a fifth of the log.
             cache: WriteCache::new(cache_blocks),
             reclaim_wanted: AtomicBool::new(false),
+            room_wanted: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             checkpoint_seq: AtomicU64::new(s.checkpoint_seq),
             super_lock: Mutex::new(StoredMode {
@@ -336,6 +341,12 @@ impl Journal {
         self.given_up.fetch_max(to, Ordering::SeqCst);
     }
 
+    /// Whether a record was refused room since the last call (the
+    /// checkpointer's cue besides usage).
+    pub fn take_room_wanted(&self) -> bool {
+        self.room_wanted.swap(false, Ordering::SeqCst)
+    }
+
     /// Fraction of the log in use.
     pub fn usage(&self) -> f64 {
         // The tail first: it only ever moves up to a head already taken,
@@ -413,7 +424,10 @@ impl Journal {
             return None;
         }
         let _g = self.reserve_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let pos = self.place(blocks, guest)?;
+        let Some(pos) = self.place(blocks, guest) else {
+            self.room_wanted.store(true, Ordering::SeqCst);
+            return None;
+        };
         self.head.store(pos + blocks, Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let epoch = self.epoch.load(Ordering::SeqCst);

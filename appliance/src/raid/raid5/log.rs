@@ -125,17 +125,26 @@ impl Raid5Channel {
         };
         let c = j.cache();
         let sb = self.geo.stripe_blocks();
+        let cb = self.geo.chunk_blocks();
         for _ in 0..stripes {
             let Some(stripe) = c.next_dirty() else {
                 break;
             };
-            // One piece per run of consecutive blocks; their data is taken
-            // once the piece holds the stripe lock (`refresh_reclaim`).
+            // One piece per run of consecutive blocks inside one chunk;
+            // their data is taken once the piece holds the stripe lock
+            // (`refresh_reclaim`). A run into the next chunk would log and
+            // write parity for every row between (a whole chunk for two
+            // blocks), past the three log blocks a cached block may cost
+            // that guest records leave free: reclaim waited for room only
+            // a checkpoint could make, and the checkpoint for the reclaim.
             let cached = c.versions(stripe, stripe * sb, (stripe + 1) * sb);
             let mut k = 0;
             while k < cached.len() {
                 let mut e = k + 1;
-                while e < cached.len() && cached[e].0 == cached[e - 1].0 + 1 {
+                while e < cached.len()
+                    && cached[e].0 == cached[e - 1].0 + 1
+                    && cached[e].0 % cb != 0
+                {
                     e += 1;
                 }
                 let mut piece =
