@@ -70,7 +70,7 @@ fn a_record_refused_room_below_half_full_gets_a_checkpoint() {
             &[&[0u8; BS][..]],
         )
     };
-    let mut fill = |until: u64| {
+    let fill = |until: u64| {
         let mut n = 0;
         while n + 2 <= until {
             let mut r = record();
