@@ -226,7 +226,11 @@ impl NvmfDevice {
             optimal_io_boundary: 0,
             min_io_blocks: 1,
             flush: id[525] & 1 != 0,
-            discard: oncs & (1 << 2) != 0,
+            // Its 16-byte range rides in the command capsule: a target
+            // that takes no in-capsule data on IO queues (IOCCSZ 4; SPDK
+            // with -c 0, Linux with inline_data_size 0) would fail every
+            // discard, and a mirror its member. Not offered there.
+            discard: oncs & (1 << 2) != 0 && (ioccsz * 16).saturating_sub(64) >= 16,
             write_zeroes: false,
         };
         let assoc = Arc::new(Assoc {
