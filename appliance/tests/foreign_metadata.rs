@@ -248,3 +248,67 @@ fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
         "member a's superblock was written over: {sb:?}"
     );
 }
+
+/// A declared spare that came back holding another volume's superblock
+/// (the disk was used elsewhere while the daemon was down) was taken as
+/// a spare all the same, and the clean stop wrote this volume's spare
+/// mark over the other volume's superblock. It is left out now.
+#[test]
+fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
+    use appliance::config::Config;
+    use appliance::raid::assembly::{create, VolumeSpec};
+    use appliance::raid::members::FailureSink;
+    use appliance::raid::superblock::Level;
+    let rig = rig();
+    rig.attach(&["a", "b", "s"]);
+    let mut decl = VolumeDecl::new("v", "raid1", &["a", "b"]);
+    decl.spares = vec!["s".into()];
+    rig.mgr.create_volume(decl.clone(), false).unwrap();
+    rig.mgr.shutdown();
+    let config = Config {
+        devices: ["a", "b", "s"]
+            .iter()
+            .map(|n| DeviceDecl {
+                name: n.to_string(),
+                spec: format!("file:{}", rig.path(n).display()),
+                block_size: 4096,
+            })
+            .collect(),
+        volumes: vec![decl],
+        exports: vec![],
+        nvmf_exports: vec![],
+    };
+    let Rig {
+        mgr,
+        dir,
+        _reactors: old,
+    } = rig;
+    drop(mgr);
+    drop(old);
+    // Meanwhile the spare's disk became a member of "other".
+    let s: std::sync::Arc<dyn BlockDevice> =
+        std::sync::Arc::new(FileDevice::open(&dir.path().join("s"), 4096).unwrap());
+    let x: std::sync::Arc<dyn BlockDevice> =
+        std::sync::Arc::new(FileDevice::create(&dir.path().join("x"), 4096, 16 << 20).unwrap());
+    create(
+        &VolumeSpec::new("other", Level::Raid1, vec![s, x]),
+        FailureSink::none(),
+        // Over v's spare mark, as whoever took the disk did.
+        true,
+    )
+    .unwrap();
+
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), None);
+    mgr.restore(&config, false).unwrap();
+    let v = mgr.get_volume("v").unwrap();
+    assert!(v.spares.is_empty(), "{:?}", v.spares);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    assert_eq!(superblock(&dir.path().join("s")).unwrap(), "other");
+}

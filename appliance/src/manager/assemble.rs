@@ -149,14 +149,26 @@ impl Manager {
             .map(|d| d.info().name.clone())
             .collect();
         // Blank devices are spares again; so are declared spares the
-        // volume does not use, whatever an older role left on them (a
-        // member that failed and was added back as a spare keeps its old,
-        // stale superblock until it is rebuilt).
+        // volume does not use that carry this volume's old superblock (a
+        // member that failed and was added back as a spare keeps its
+        // stale one until it is rebuilt). One that carries another
+        // volume's, or md's metadata of another array (the disk was used
+        // elsewhere while the daemon was down), is left out: as a spare it
+        // would be written over at the next clean stop, and rebuilt over.
+        let uuid = v.meta.template.volume_uuid;
         let spares: Vec<Arc<dyn BlockDevice>> = all
             .iter()
             .filter(|d| !in_volume.contains(&d.info().name))
             .filter(|d| {
-                blank.iter().any(|b| Arc::ptr_eq(b, d)) || declared_spares.contains(&d.info().name)
+                blank.iter().any(|b| Arc::ptr_eq(b, d))
+                    || (declared_spares.contains(&d.info().name)
+                        && match assembly::foreign_holder(d.as_ref(), Some(uuid)) {
+                            None => true,
+                            Some(what) => {
+                                tracing::warn!(volume = decl.name, device = %d.info().name, holds = what, "a declared spare holds what is not this volume's: left out");
+                                false
+                            }
+                        })
             })
             .cloned()
             .collect();
