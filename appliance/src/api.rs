@@ -438,6 +438,8 @@ impl pb::appliance_server::Appliance for Service {
             serialize: false,
             write_behind: 0,
             array: String::new(),
+            uuid: String::new(),
+            journal_id: String::new(),
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))

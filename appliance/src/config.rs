@@ -88,6 +88,18 @@ pub struct VolumeDecl {
     /// md assembles it as before). Empty: the volume's name.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub array: String,
+    /// The volume's UUID as its superblocks have it (32 hex digits), kept
+    /// by the daemon: a restart assembles that volume, never another of
+    /// the same name (disks moved in from elsewhere, an md array) among
+    /// the declared devices. Empty: found by name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
+    /// Its journal's identity (16 hex digits), kept by the daemon: a
+    /// restart replays only that journal, never another volume's that a
+    /// renamed or renumbered device put under this name. Empty: not
+    /// checked.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub journal_id: String,
 }
 
 impl VolumeDecl {
@@ -120,6 +132,8 @@ impl VolumeDecl {
             write_behind: 0,
             qos: Default::default(),
             array: String::new(),
+            uuid: String::new(),
+            journal_id: String::new(),
         }
     }
 }

@@ -116,6 +116,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
             "starting without the journal, as asked: what only it held (write-back data) is lost; the volume is resynchronised"
         );
         v.journal_mode.clear();
+        v.journal_id.clear();
     }
     let reactors = poller::Reactors::start(poller::ReactorConfig {
         count: opts.reactors,

@@ -312,3 +312,158 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     let _ = reactors.shutdown();
     assert_eq!(superblock(&dir.path().join("s")).unwrap(), "other");
 }
+
+/// The state file as a manager that has stopped leaves it, the rig's
+/// devices named by path (files that exist now).
+fn restart_config(
+    rig: &Rig,
+    devices: &[&str],
+    volumes: Vec<VolumeDecl>,
+) -> appliance::config::Config {
+    appliance::config::Config {
+        devices: devices
+            .iter()
+            .map(|n| DeviceDecl {
+                name: n.to_string(),
+                spec: format!("file:{}", rig.path(n).display()),
+                block_size: 4096,
+            })
+            .collect(),
+        volumes,
+        exports: vec![],
+        nvmf_exports: vec![],
+    }
+}
+
+/// A manager on fresh reactors (saving to `state`) restoring `config`;
+/// the error if refused.
+fn restore(
+    config: &appliance::config::Config,
+    state: Option<PathBuf>,
+) -> Result<(Manager, Reactors), String> {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), state);
+    match mgr.restore(config, false) {
+        Ok(()) => Ok((mgr, reactors)),
+        Err(e) => {
+            mgr.shutdown_without_saving();
+            drop(mgr);
+            let _ = reactors.shutdown();
+            Err(e.to_string())
+        }
+    }
+}
+
+/// The volume a restart assembles is the one the state file pins by its
+/// UUID: among its declared devices, members of another volume of the
+/// same name (disks moved in, an md array called the same) were taken
+/// for it when their UUID sorted first, their superblocks rewritten and
+/// the guest's writes sent to them.
+#[test]
+fn a_restart_assembles_the_volume_of_its_uuid_not_its_name() {
+    use appliance::raid::assembly::{create, write_superblock, VolumeSpec};
+    use appliance::raid::members::FailureSink;
+    use appliance::raid::superblock::Level;
+    let rig = rig();
+    rig.attach(&["a", "b", "c", "d"]);
+    rig.raid1("v", &["a", "b"]);
+    rig.mgr.shutdown();
+    // The state file's declaration, as saved: with the UUID.
+    let saved = {
+        let dev = FileDevice::open(&rig.path("a"), 4096).unwrap();
+        let dev: &dyn BlockDevice = &dev;
+        read_superblock(dev).unwrap().unwrap().volume_uuid
+    };
+    let uuid: String = saved.iter().map(|b| format!("{b:02x}")).collect();
+    // Another "v" on c and d whose UUID sorts first.
+    let open = |n: &str| -> std::sync::Arc<dyn BlockDevice> {
+        std::sync::Arc::new(FileDevice::open(&rig.path(n), 4096).unwrap())
+    };
+    create(
+        &VolumeSpec::new("v", Level::Raid1, vec![open("c"), open("d")]),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    for n in ["c", "d"] {
+        let dev = open(n);
+        let mut sb = read_superblock(dev.as_ref()).unwrap().unwrap();
+        sb.volume_uuid = [0; 16];
+        write_superblock(dev.as_ref(), &sb).unwrap();
+    }
+    // The state names a and c (c in place of b: a renumbered disk).
+    let mut decl = VolumeDecl::new("v", "raid1", &["a", "c"]);
+    decl.uuid = uuid.clone();
+    let config = restart_config(&rig, &["a", "b", "c", "d"], vec![decl]);
+    let (mgr, reactors) = restore(&config, None).expect("v starts from a");
+    let c_before = read_superblock(open("c").as_ref()).unwrap().unwrap();
+    let v = mgr.get_volume("v").unwrap();
+    assert_eq!(v.state, "degraded", "{v:?}");
+    assert!(
+        v.members.iter().any(|(d, _)| d == "a") && !v.members.iter().any(|(d, _)| d == "c"),
+        "{:?}",
+        v.members
+    );
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    let c = read_superblock(open("c").as_ref()).unwrap().unwrap();
+    assert_eq!(
+        c.events, c_before.events,
+        "the other v's member was rewritten"
+    );
+    let a = read_superblock(open("a").as_ref()).unwrap().unwrap();
+    assert_eq!(a.volume_uuid, saved);
+    drop(rig);
+}
+
+/// Each volume's journal is pinned by its identity in the state file:
+/// with two volumes' journal devices swapped (renamed, renumbered), a
+/// restart replayed the other volume's records over its members, and
+/// that volume lost what only its journal held.
+#[test]
+fn a_journal_of_another_volume_is_not_replayed() {
+    let rig = rig();
+    let names = ["a0", "a1", "a2", "b0", "b1", "b2", "ja", "jb"];
+    rig.attach(&names);
+    let mut decls = Vec::new();
+    for v in ["a", "b"] {
+        let m: Vec<String> = (0..3).map(|i| format!("{v}{i}")).collect();
+        let m: Vec<&str> = m.iter().map(|s| s.as_str()).collect();
+        let mut decl = VolumeDecl::new(v, "raid5", &m);
+        decl.journal = Some(format!("j{v}"));
+        rig.mgr.create_volume(decl.clone(), false).unwrap();
+        decls.push(decl);
+    }
+    rig.mgr.shutdown();
+    // A start with a state file: what it saves pins each journal.
+    let state = rig.path("state.toml");
+    let (mgr, reactors) =
+        restore(&restart_config(&rig, &names, decls), Some(state.clone())).unwrap();
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    let saved = appliance::config::Config::load(&state).unwrap();
+    assert!(
+        saved.volumes.iter().all(|d| d.journal_id.len() == 16),
+        "{saved:?}"
+    );
+    // The journal devices swapped.
+    let mut swapped = saved.clone();
+    swapped.volumes[0].journal = Some("jb".into());
+    swapped.volumes[1].journal = Some("ja".into());
+    let e = restore(&swapped, None)
+        .err()
+        .expect("started over another volume's journal");
+    assert!(e.contains("another volume's journal"), "{e}");
+    // As saved, both start.
+    let (mgr, reactors) = restore(&saved, None).unwrap();
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    drop(rig);
+}

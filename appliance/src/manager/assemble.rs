@@ -102,16 +102,27 @@ impl Manager {
                 list.join("; ")
             )));
         }
-        let Some(i) = report
-            .volumes
-            .iter()
-            .position(|v| v.meta.template.name == decl.array_name())
-        else {
-            return Err(MgmtError::FailedPrecondition(format!(
-                "no superblock of volume {} (array {:?}) on its devices",
-                decl.name,
-                decl.array_name()
-            )));
+        // The state file's UUID pins the volume: another of the same name
+        // among the devices (disks moved in, an md array) is never it.
+        let Some(i) = report.volumes.iter().position(|v| {
+            if decl.uuid.is_empty() {
+                v.meta.template.name == decl.array_name()
+            } else {
+                super::hex(&v.meta.template.volume_uuid) == decl.uuid
+            }
+        }) else {
+            return Err(MgmtError::FailedPrecondition(if decl.uuid.is_empty() {
+                format!(
+                    "no superblock of volume {} (array {:?}) on its devices",
+                    decl.name,
+                    decl.array_name()
+                )
+            } else {
+                format!(
+                    "no superblock of volume {} (UUID {}) on its devices",
+                    decl.name, decl.uuid
+                )
+            }));
         };
         let mut v = report.volumes.remove(i);
         // The superblocks say what the volume is: a takeover or bitmap
@@ -223,6 +234,25 @@ impl Manager {
                 // volume they call a mirror has no parity geometry to keep
                 // the log's records inside its data area, and none of them
                 // may be replayed over its superblocks or bitmap.
+                // The journal the state file pins: another volume's (a
+                // device renamed or renumbered under this name) would be
+                // replayed over these members, and its own volume would
+                // lose what only it holds.
+                // (One that cannot be read is the replay's to refuse,
+                // naming the way out.)
+                if let (false, Ok(id)) = (
+                    decl.journal_id.is_empty(),
+                    crate::raid::journal::journal_id(jdev.as_ref()),
+                ) {
+                    if id != decl.journal_id {
+                        return Err(MgmtError::FailedPrecondition(format!(
+                            "volume {}: journal device {} holds journal {id}, not this volume's ({}): refusing to replay another volume's journal",
+                            decl.name,
+                            jdev.info().name,
+                            decl.journal_id
+                        )));
+                    }
+                }
                 let Some(geo) = v.device.parity_geometry() else {
                     return Err(MgmtError::FailedPrecondition(format!(
                         "volume {}: its members' superblocks say {:?}, and only a RAID5 volume has a journal; refusing to replay {} over it",

@@ -87,6 +87,8 @@ impl Manager {
             } else {
                 sb.name.clone()
             },
+            // This array, not another of its name among the devices.
+            uuid: super::hex(&sb.volume_uuid),
             ..VolumeDecl::new(name, if raid5 { "raid5" } else { "raid1" }, &[])
         };
         self.restore_volume(&decl, false)?;

@@ -191,6 +191,11 @@ fn bitmap_chunk_bytes(kib: u32) -> u64 {
     }
 }
 
+/// 16 bytes (a UUID, an NGUID) as 32 lower-case hex digits.
+fn hex(g: &[u8; 16]) -> String {
+    g.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Names of devices, volumes and exports: safe in paths, logs and tables.
 fn check_name(field: &'static str, name: &str) -> Result<(), MgmtError> {
     if name.is_empty() || name.len() > 32 {

@@ -55,10 +55,6 @@ fn parse_nguid(s: &str) -> Option<[u8; 16]> {
     Some(g)
 }
 
-fn hex(g: &[u8; 16]) -> String {
-    g.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn view(e: &NvmfExp) -> NvmfExportView {
     let mut controllers: Vec<(u16, String)> = e
         .sub
@@ -151,7 +147,7 @@ impl Manager {
                 },
             )
             .map_err(from_nvmf)?;
-        decl.nguid = hex(&nguid);
+        decl.nguid = super::hex(&nguid);
         // The address as bound (port 0 picks one); kept as asked otherwise.
         if listen.port() == 0 {
             decl.listen = sub.opts.listen.to_string();

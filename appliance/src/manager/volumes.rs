@@ -69,6 +69,7 @@ impl VolumeHooks for Hooks {
                 if d.journal.as_deref() == Some(j.device().info().name.as_str()) {
                     d.journal = None;
                     d.journal_mode = String::new();
+                    d.journal_id = String::new();
                 }
             }
         }
@@ -132,6 +133,12 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
         },
         serialize: view.serialize,
         write_behind: view.write_behind.0 as u32,
+        uuid: old.uuid.clone(),
+        journal_id: view
+            .journal
+            .as_ref()
+            .filter(|j| !j.given_up())
+            .map_or(String::new(), |j| j.id()),
     }
 }
 
@@ -479,8 +486,15 @@ impl Manager {
 
     /// Put a started volume into the inventory; its monitor reports to it
     /// from now on.
-    fn insert_volume(&self, decl: VolumeDecl, started: Started) {
+    fn insert_volume(&self, mut decl: VolumeDecl, started: Started) {
         let (volume, monitor) = started;
+        // What the state file pins the volume and its journal by.
+        if let Some(m) = &monitor {
+            if let Some(u) = m.volume_uuid() {
+                decl.uuid = super::hex(&u);
+            }
+            decl.journal_id = m.journal().map_or(String::new(), |j| j.id());
+        }
         // Before any export can reach it.
         volume.init_qos(decl.qos);
         let decl = Arc::new(Mutex::new(decl));

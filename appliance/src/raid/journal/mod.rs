@@ -185,6 +185,12 @@ pub fn holds_journal(dev: &dyn BlockDevice) -> bool {
     superblock::load(dev).is_ok()
 }
 
+/// The identity of the journal on `dev` (its nonce, random per format),
+/// as the state file keeps it (16 hex digits).
+pub fn journal_id(dev: &dyn BlockDevice) -> Result<String, RaidError> {
+    Ok(format!("{:016x}", superblock::load(dev)?.nonce))
+}
+
 /// Erase the journal on `dev` (one taken out of its volume, drained).
 pub fn erase(dev: &dyn BlockDevice) -> Result<(), RaidError> {
     superblock::erase(dev)
@@ -397,6 +403,11 @@ impl Journal {
     /// log never does (a checkpoint frees at most the rest).
     pub fn record_fits(&self, blocks: u64) -> bool {
         blocks <= self.log_blocks / 2
+    }
+
+    /// Its identity (see [`journal_id`]).
+    pub fn id(&self) -> String {
+        format!("{:016x}", self.nonce)
     }
 
     /// Blocks of its log.
