@@ -206,6 +206,10 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         reactors.set().clone(),
         stop,
     );
+    // A reload running now makes no further step (each could wait a
+    // volume's drain deadline, past systemd's stop time-out), and says no
+    // READY=1 after the STOPPING=1 below.
+    mgr.begin_stop();
     // The stop, step by step in `systemctl status`.
     use crate::service::{notify, status, NotifyState};
     notify(&[
@@ -213,9 +217,6 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         NotifyState::Status("stopping: API closed"),
     ]);
     let _ = std::fs::remove_file(&opts.api_socket);
-    // A reload running now makes no further step (each could wait a
-    // volume's drain deadline, past systemd's stop time-out).
-    mgr.begin_stop();
     sampler_stop.store(true, Ordering::SeqCst);
     if let Some(t) = sampler {
         let _ = t.join();
@@ -265,7 +266,7 @@ fn start_reloader(
                     };
                     // After STOPPING=1, READY=1 would tell systemd the
                     // stop is over.
-                    if !stop.load(Ordering::SeqCst) {
+                    if !stop.load(Ordering::SeqCst) && !mgr.is_stopping() {
                         crate::service::ready(&line);
                     }
                 }

@@ -28,6 +28,17 @@ impl InstanceLock {
 /// saves follow it), and with its directory resolved, so two spellings of
 /// one file take one lock.
 pub fn lock_path(path: &Path) -> PathBuf {
+    // A link to a file not made yet (a state file before its first save,
+    // which follows the link) locks beside its target, as once it exists.
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::read_link(&path) {
+            Ok(to) if to.is_absolute() => path = to,
+            Ok(to) => path = path.parent().unwrap_or(Path::new("")).join(to),
+            Err(_) => break,
+        }
+    }
+    let path = path.as_path();
     let resolved =
         std::fs::canonicalize(path).unwrap_or_else(|_| match (path.parent(), path.file_name()) {
             (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
@@ -121,5 +132,14 @@ mod tests {
         let sock = real.join("api.sock");
         let _api = lock(&sock, "API socket").unwrap();
         assert!(lock(&dir.path().join("real/../real/api.sock"), "API socket").is_err());
+        // A link to a state file not made yet: beside its target, as once
+        // the first save has made it.
+        let later = real.join("later.toml");
+        let link = dir.path().join("later-link.toml");
+        std::os::unix::fs::symlink(&later, &link).unwrap();
+        let _first = lock(&link, "state file").unwrap();
+        std::fs::write(&later, "").unwrap();
+        assert!(lock(&link, "state file").is_err());
+        assert!(lock(&later, "state file").is_err());
     }
 }

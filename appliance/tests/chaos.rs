@@ -232,7 +232,10 @@ impl Lab {
             }
             6..=12 => {
                 if let Some(d) = self.pick(&self.free_devices()) {
-                    let r = self.mgr.add_spare(v, &d, false);
+                    // A free device may hold a deleted volume's superblock:
+                    // refused unless forced (both happen).
+                    let force = self.rng.gen_bool(0.5);
+                    let r = self.mgr.add_spare(v, &d, force);
                     self.outcome("add-spare", r);
                 }
                 "add-spare"
@@ -272,7 +275,8 @@ impl Lab {
                         self.pick(&self.live_members(v)),
                         self.pick(&self.free_devices()),
                     ) {
-                        let r = self.mgr.replace_member(v, &m, &d, false);
+                        let force = self.rng.gen_bool(0.5);
+                        let r = self.mgr.replace_member(v, &m, &d, force);
                         self.outcome("replace", r);
                     }
                 }

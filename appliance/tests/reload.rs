@@ -225,17 +225,21 @@ fn a_device_missing_at_a_restart_leaves_its_mirror_degraded() {
     assert!(mgr.health().problems.iter().any(|p| p.contains("f1")));
     let saved = Config::load(&dir.path().join("state.toml")).unwrap();
     assert!(saved.devices.iter().any(|d| d.name == "f1"), "{saved:?}");
-    // Back (a new disk in its place): attached under its name, then added
+    // Back (a new disk in its place): not under another name (the state
+    // file would name one storage twice), but under its own, then added
     // back as md's re-add would.
-    mgr.attach_device(
-        config
-            .devices
-            .iter()
-            .find(|d| d.name == "f1")
-            .unwrap()
-            .clone(),
-    )
-    .unwrap();
+    let f1_spec = |c: &Config| c.devices.iter().find(|d| d.name == "f1").unwrap().clone();
+    std::fs::write(dir.path().join("f1"), vec![0u8; 16 << 20]).unwrap();
+    let other = DeviceDecl {
+        name: "g".into(),
+        ..f1_spec(&without_size)
+    };
+    assert!(matches!(
+        mgr.attach_device(other),
+        Err(appliance::manager::MgmtError::FailedPrecondition(_))
+    ));
+    std::fs::remove_file(dir.path().join("f1")).unwrap();
+    mgr.attach_device(f1_spec(&config)).unwrap();
     mgr.add_spare("w", "f1", false).unwrap();
     let t = std::time::Instant::now();
     while mgr.get_volume("w").unwrap().state != "optimal" {

@@ -83,6 +83,18 @@ impl Manager {
         if let Some(by) = attached_as(&inv, &decl.spec, true) {
             self.same_storage(&decl, &by)?;
         }
+        // The state file names it still, under the other name: both would
+        // be tried at the next start, and one found busy.
+        if let Some(m) = inv
+            .missing
+            .values()
+            .find(|m| m.name != decl.name && m.spec == decl.spec)
+        {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "{} is device {}, missing since the start: attach it under that name, or detach {} first",
+                decl.spec, m.name, m.name
+            )));
+        }
         if let (Some(rest), Some(allowed)) = (
             decl.spec.strip_prefix("file:"),
             lock(&self.shared.allowed).as_ref(),

@@ -663,6 +663,11 @@ impl Manager {
         self.shared.stopping.store(true, Ordering::SeqCst);
     }
 
+    /// Whether [`begin_stop`](Self::begin_stop) was called.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+
     fn check_open(&self) -> Result<(), MgmtError> {
         if self.shared.closed.load(Ordering::SeqCst) || self.shared.stopping.load(Ordering::SeqCst)
         {

@@ -94,6 +94,12 @@ impl Manager {
     pub fn reload_file(&self, path: &std::path::Path) -> Result<ReloadReport, MgmtError> {
         // The daemon's own file, not an argument of the call: broken or
         // missing, the call cannot be served as things are.
+        // One reload at a time: each compares against what runs, and two
+        // at once undid each other's steps. The file is read once this
+        // one's turn has come: read before, a wait behind another (each
+        // step may wait a volume's drain deadline) made it undo every API
+        // change saved meanwhile.
+        let _one = lock(&self.shared.reloading);
         let config = Config::load(path).map_err(|e| {
             MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
         })?;
@@ -107,15 +113,15 @@ impl Manager {
     /// Apply the difference between the running setup and `config`, an
     /// operator's setup: a RAID volume it adds over blank devices is made.
     pub fn reload(&self, config: &Config) -> ReloadReport {
+        let _one = lock(&self.shared.reloading);
         self.reload_as(config, true)
     }
 
-    /// Apply the difference between the running setup and `config`; with
-    /// `initial` (see [`restore`](Self::restore)) a volume added over
-    /// blank devices is created. One reload at a time: each compares
-    /// against what runs, and two at once undid each other's steps.
+    /// Apply the difference between the running setup and `config` (the
+    /// caller holds the reload lock); with `initial` (see
+    /// [`restore`](Self::restore)) a volume added over blank devices is
+    /// created.
     fn reload_as(&self, config: &Config, initial: bool) -> ReloadReport {
-        let _one = lock(&self.shared.reloading);
         let mut rep = ReloadReport::default();
         let (devices, volumes, exports) = {
             let inv = self.inv();

@@ -465,7 +465,13 @@ impl Journal {
     /// Whether a record of `blocks` would find room now (see
     /// [`reserve`](Self::reserve)).
     pub fn has_room(&self, blocks: u64, guest: bool) -> bool {
-        self.place(blocks, guest).is_some()
+        let room = self.place(blocks, guest).is_some();
+        if !room {
+            // Still waiting: one checkpoint did not free enough (another
+            // is wanted, whatever the usage).
+            self.room_wanted.store(true, Ordering::SeqCst);
+        }
+        room
     }
 
     /// Where a record of `blocks` would go now (logical position), if it

@@ -284,9 +284,13 @@ impl Raid5Channel {
         // acknowledged is on the others, flushed (md and RAID1 answer
         // such a flush with success too; an error made guests abort
         // their filesystem over a failure the volume survives).
+        // (A member being rebuilt counts as down: past its cursor it holds
+        // nothing yet.)
         let flush_failed = p.kind == Kind::Flush
             && (0..self.failed.len())
-                .filter(|&m| self.is_failed(m))
+                .filter(|&m| {
+                    self.is_failed(m) || self.rebuilding.as_ref().is_some_and(|(r, _)| *r == m)
+                })
                 .count()
                 > 1;
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
@@ -342,11 +346,6 @@ impl Raid5Channel {
             // The members were not touched: the piece is planned again
             // without the journal, which the volume goes on without.
             p.jphase = LogPhase::Failed;
-        }
-        // The journal's flush failing fails the flush (what only the log
-        // holds may not be durable); a member's is `flush_failed`'s.
-        if c.result.is_err() && p.kind == Kind::Flush && m.is_none() {
-            p.error.get_or_insert(IoError::DeviceFailed);
         }
         if journal_failed {
             self.journal_failed();

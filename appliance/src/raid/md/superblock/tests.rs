@@ -46,7 +46,7 @@ prop_compose! {
         data_offset in 16u64..10_000,
         data_size in 1u64..1_000_000,
         used in any::<prop::sample::Index>(),
-        events in any::<u64>(),
+        events in 0u64..(1 << 62),
         resync in prop_oneof![Just(None), any::<prop::sample::Index>().prop_map(Some)],
         recovery in prop_oneof![Just(None), any::<prop::sample::Index>().prop_map(Some)],
     )(
