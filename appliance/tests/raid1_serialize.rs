@@ -162,3 +162,82 @@ fn with_the_serialize_policy_concurrent_overlapping_writes_leave_the_mirrors_equ
         "the race never showed: the test would prove nothing"
     );
 }
+
+/// A member whose queue refuses everything (Busy) while `full` is set.
+struct Choke(Arc<dyn BlockDevice>, Arc<std::sync::atomic::AtomicBool>);
+
+struct ChokeChannel(Box<dyn IoChannel>, Arc<std::sync::atomic::AtomicBool>);
+
+impl BlockDevice for Choke {
+    fn info(&self) -> &DeviceInfo {
+        self.0.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(ChokeChannel(
+            self.0.open_channel()?,
+            self.1.clone(),
+        )))
+    }
+}
+
+impl IoChannel for ChokeChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if self.1.load(Ordering::SeqCst) {
+            return Err(SubmitError::Busy(req));
+        }
+        self.0.submit(req)
+    }
+    fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.0.poll(out)
+    }
+    fn inflight(&self) -> usize {
+        self.0.inflight()
+    }
+}
+
+/// From an audit: a write that waited for its region (the serialize
+/// policy, a rebuild, a bitmap bit) and then found every member's queue
+/// full was answered DeviceFailed: a guest IO error on a healthy mirror.
+/// It is sent once the queues have room.
+#[test]
+fn a_write_let_in_when_every_queue_is_full_waits_for_room() {
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let members = (0..2)
+        .map(|i| {
+            let ram: Arc<dyn BlockDevice> =
+                Arc::new(RamDevice::new(&format!("m{i}"), 4096, 1024).unwrap());
+            Member::new(Arc::new(Choke(ram, full.clone())), MemberState::InSync)
+        })
+        .collect();
+    let dev = Arc::new(Raid1Device::new("mirror", members, 0, FailureSink::none()).unwrap());
+    let set = dev.member_set();
+    set.serialize.store(true, Ordering::SeqCst);
+    assert!(
+        set.locks.try_lock(0),
+        "region 0 held, as another write would"
+    );
+    let mut ch = dev.open_channel().unwrap();
+    let mut data = vec![0x5au8; 4096];
+    ch.submit(rw(IoOp::Write, 0, 1, &mut data, 7)).unwrap();
+    let mut out = Vec::new();
+    ch.poll(&mut out);
+    assert!(out.is_empty(), "it waits for its region");
+    // The region comes free while every member's queue is full.
+    full.store(true, Ordering::SeqCst);
+    set.locks.unlock(0);
+    for _ in 0..10 {
+        ch.poll(&mut out);
+    }
+    assert!(
+        out.is_empty(),
+        "answered while the queues were full: {out:?}"
+    );
+    full.store(false, Ordering::SeqCst);
+    let t = Instant::now();
+    while out.is_empty() {
+        ch.poll(&mut out);
+        assert!(t.elapsed() < Duration::from_secs(10), "never sent");
+    }
+    assert_eq!(out[0].tag, 7);
+    assert_eq!(out[0].result, Ok(()));
+}

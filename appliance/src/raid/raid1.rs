@@ -151,6 +151,7 @@ impl BlockDevice for Raid1Device {
             scrubbing: self.set.scrubbing.clone(),
             locks: self.set.locks.clone(),
             waiting: VecDeque::new(),
+            stalled: VecDeque::new(),
             bitmap: self.set.bitmap.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
             activity: self.set.activity.counter(),
@@ -232,6 +233,10 @@ struct Raid1Channel {
     locks: Arc<StripeLocks>,
     /// Writes waiting for rebuild regions or bitmap bits, in arrival order.
     waiting: VecDeque<usize>,
+    /// Writes let in (their regions locked, their bits set) that found
+    /// every member's queue full: sent at the next poll, before any
+    /// waiting one.
+    stalled: VecDeque<usize>,
     /// The volume's write-intent bitmap: a write reaches the members only
     /// once its regions' bits are on disk.
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
@@ -744,14 +749,22 @@ impl Raid1Channel {
     }
 
     /// Send a write that waited for its regions to every member in use.
-    fn start_waiting_write(&mut self, pi: usize) {
-        self.send_write(pi);
-        if self.parents[pi].as_ref().is_some_and(|p| p.pending == 0) {
+    /// False: every member's queue was full (back-pressure, not a
+    /// failure: it was answered DeviceFailed, a guest IO error on a
+    /// healthy mirror); it is to be sent again.
+    fn start_waiting_write(&mut self, pi: usize) -> bool {
+        if self.send_write(pi) {
+            return true;
+        }
+        if (0..self.failed.len()).all(|m| self.is_failed(m)) {
+            // Nothing left to serve it: fail clearly, never hang.
             if let Some(p) = self.parents[pi].as_mut() {
                 p.error.get_or_insert(IoError::DeviceFailed);
             }
             self.finish(pi);
+            return true;
         }
+        false
     }
 
     fn on_child(&mut self, c: Completion) {
@@ -846,7 +859,7 @@ impl IoChannel for Raid1Channel {
             if let Some(p) = self.parents[pi].as_mut() {
                 p.needs_lock = locking;
             }
-            if !self.waiting.is_empty() || !self.admit(pi) {
+            if !self.waiting.is_empty() || !self.stalled.is_empty() || !self.admit(pi) {
                 self.waiting.push_back(pi);
                 return Ok(());
             }
@@ -903,12 +916,20 @@ impl IoChannel for Raid1Channel {
                 }
             }
         }
+        while let Some(&pi) = self.stalled.front() {
+            if !self.start_waiting_write(pi) {
+                break;
+            }
+            self.stalled.pop_front();
+        }
         while let Some(&pi) = self.waiting.front() {
-            if !self.admit(pi) {
+            if !self.stalled.is_empty() || !self.admit(pi) {
                 break;
             }
             self.waiting.pop_front();
-            self.start_waiting_write(pi);
+            if !self.start_waiting_write(pi) {
+                self.stalled.push_back(pi);
+            }
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         super::members::poll_members(&mut self.members, &mut scratch);
