@@ -970,8 +970,30 @@ impl Drop for Raid1Channel {
             std::hint::spin_loop();
         }
         if self.behind_count > 0 {
-            tracing::error!(volume = %self.info.name, writes = self.behind_count, "write-mostly members never completed background writes; their buffers are leaked and their bitmap regions stay dirty");
-            for io in self.behind_ios.iter_mut().filter_map(Option::take) {
+            tracing::error!(volume = %self.info.name, writes = self.behind_count, "write-mostly members never completed background writes: they are failed, and the buffers leaked");
+            // Their copies are not the volume's: failed, nothing reads
+            // them and a re-add copies their regions (they stayed in sync
+            // without acknowledged writes, and a later failure of the
+            // others served old data). First, so the bitmap keeps the
+            // regions dirty as for any failed member.
+            for m in 0..self.members.len() {
+                if self.write_mostly[m] {
+                    self.fail_member(m, IoError::TimedOut);
+                }
+            }
+            for bi in 0..self.behind_ios.len() {
+                let Some(io) = self.behind_ios[bi].take() else {
+                    continue;
+                };
+                if let (Some((r0, r1)), Some(b)) = (io.in_bitmap, &self.bitmap) {
+                    b.end(r0, r1);
+                }
+                // The blocks' keys go back: later writes to them waited
+                // for good.
+                if let Some((first, n)) = io.keys {
+                    self.behind.unlock_blocks(first, n);
+                }
+                // A member may still read it.
                 std::mem::forget(io.data);
                 self.behind.give_back();
             }
