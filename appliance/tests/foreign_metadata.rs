@@ -112,6 +112,24 @@ fn a_device_of_another_volume_is_no_spare_or_replacement_unless_forced() {
         superblock(&rig.path("x0")).is_err(),
         "a forced spare is blank until it takes a slot"
     );
+
+    // A journal (of a stopped volume, its writes perhaps not on its
+    // members yet): refused; forced, it is a journal no more.
+    rig.attach(&["j"]);
+    rig.detach(&["j"]);
+    {
+        let j: std::sync::Arc<dyn BlockDevice> =
+            std::sync::Arc::new(FileDevice::open(&rig.path("j"), 4096).unwrap());
+        appliance::raid::journal::Journal::format(j).unwrap();
+    }
+    rig.attach(&["j", "c", "d"]);
+    rig.raid1("w", &["c", "d"]);
+    refused(rig.mgr.add_spare("w", "j", false), "journal");
+    rig.mgr.add_spare("w", "j", true).unwrap();
+    rig.mgr.delete_volume("w").unwrap();
+    rig.detach(&["j"]);
+    let j = FileDevice::open(&rig.path("j"), 4096).unwrap();
+    assert!(!appliance::raid::journal::holds_journal(&j));
 }
 
 #[test]

@@ -374,9 +374,8 @@ impl Manager {
             )));
         }
         tracing::warn!(device = %name, "{held}: overwritten for its new role (forced)");
+        // (A journal's superblocks go with it.)
         assembly::erase_superblock(dev.as_ref())
-            .map_err(|e| e.to_string())
-            .and_then(|()| crate::raid::journal::erase(dev.as_ref()).map_err(|e| e.to_string()))
             .map_err(|e| MgmtError::Internal(format!("erasing {name}: {e}")))
     }
 

@@ -161,23 +161,45 @@ pub fn write_spare_superblocks(template: &Superblock, spares: &[Arc<dyn BlockDev
 /// slot, as md's --add writes its own metadata over what was there. So a
 /// restart finds it blank (a spare again), never a stale member of this or
 /// another volume.
+///
+/// What else a forced add leaves it holding goes too (only then can it be
+/// there): md's metadata at the end of the device (1.0, 0.90, IMSM and
+/// DDF anchors: udev's `mdadm -I` would assemble the old array over it
+/// at the next boot) and a journal's superblocks. A former member of the
+/// same volume keeps everything past its first 8 KiB: a re-add copies
+/// only what its bitmap marks.
 pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
-    match read_superblock(dev) {
-        Ok(Err(SuperblockError::Foreign)) => return Ok(()),
-        Err(e) => {
-            return Err(AssemblyError::Io {
-                device: dev.info().name.clone(),
-                reason: e.to_string(),
-            })
-        }
-        Ok(_) => {}
+    let io = |e: RaidError| AssemblyError::Io {
+        device: dev.info().name.clone(),
+        reason: e.to_string(),
+    };
+    let found = read_superblock(dev).map_err(io)?;
+    let journal = super::journal::holds_journal(dev);
+    if matches!(found, Err(SuperblockError::Foreign)) && !journal {
+        return Ok(());
     }
     // Both formats' places: the first format's at 0, md's at 4 KiB.
     let mut zero = vec![0u8; 2 * SUPERBLOCK_BYTES];
-    sync_io(dev, IoOp::Write, 0, &mut zero).map_err(|e| AssemblyError::Io {
-        device: dev.info().name.clone(),
-        reason: e.to_string(),
-    })
+    sync_io(dev, IoOp::Write, 0, &mut zero).map_err(io)?;
+    if matches!(found, Err(SuperblockError::Md(_))) {
+        let bytes = dev.info().num_blocks * u64::from(dev.info().block_size);
+        // md 1.0's superblock and 0.90's, and the last 64 KiB (IMSM's and
+        // DDF's anchors, 1.0's among them on small devices).
+        let sectors = bytes / md::SECTOR;
+        let v10 = (sectors.saturating_sub(16) & !7) * md::SECTOR;
+        let v090 = (bytes & !0xffff).saturating_sub(64 << 10);
+        let tail = bytes.saturating_sub(64 << 10);
+        for (at, len) in [(v10, 4096), (v090, 4096), (tail, bytes - tail)] {
+            if at >= 2 * SUPERBLOCK_BYTES as u64 && len > 0 {
+                let mut zero = vec![0u8; len as usize];
+                sync_io(dev, IoOp::Write, at, &mut zero).map_err(io)?;
+            }
+        }
+    }
+    if journal {
+        super::journal::erase(dev).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// What `dev` holds that is not ours to overwrite, said as "{device}
