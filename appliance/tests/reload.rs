@@ -109,6 +109,20 @@ fn a_mistake_in_a_changed_export_keeps_the_running_one() {
     assert!(rep.refused.iter().any(|r| r.contains("nowhere")), "{rep:?}");
     assert_eq!(rig.mgr.list_exports().len(), 1);
     assert_eq!(rig.state().exports.len(), 1, "the state file lost it");
+    // An address this host does not have: checked only by binding it.
+    // The replacement fails, and the export that ran is made again.
+    let mut file = rig.state();
+    file.nvmf_exports[0].listen = "192.0.2.1:4420".into();
+    file.save(&path).unwrap();
+    let rep = rig.mgr.reload_file(&path).unwrap();
+    assert!(
+        rep.refused.iter().any(|r| r.contains("made again: done")),
+        "{rep:?}"
+    );
+    let running = rig.mgr.list_nvmf_exports();
+    assert_eq!(running.len(), 1, "{rep:?}");
+    assert_eq!(running[0].decl.listen, bound.to_string());
+    assert_eq!(rig.state().nvmf_exports.len(), 1, "the state file lost it");
     rig.stop();
 }
 

@@ -153,6 +153,11 @@ impl Manager {
             config.volumes.iter().any(|v| v.name == name) || volumes.iter().any(|v| v.name == name)
         };
         let mut kept_nvmf = Vec::new();
+        // Taken away to be made again as the file says: if that fails
+        // (an address that cannot be bound, a volume that did not come),
+        // the running one is made again, not left gone.
+        let mut remade_nvmf: Vec<NvmfExportDecl> = Vec::new();
+        let mut remade: Vec<ExportDecl> = Vec::new();
         for e in &nvmf {
             let wanted = config.nvmf_exports.iter().find(|w| w.nqn == e.nqn);
             if wanted.is_some_and(|w| same_nvmf(e, w)) {
@@ -170,6 +175,9 @@ impl Manager {
                 continue;
             }
             let r = self.delete_nvmf_export(&e.nqn);
+            if r.is_ok() && wanted.is_some() {
+                remade_nvmf.push(e.clone());
+            }
             rep.did(format!("delete nvme/tcp export {}", e.nqn), r);
         }
         let wanted_export = |name: &str| config.exports.iter().find(|e| e.name == name);
@@ -191,6 +199,9 @@ impl Manager {
                 continue;
             }
             let r = self.delete_export(&e.name, false);
+            if r.is_ok() && wanted.is_some() {
+                remade.push(e.clone());
+            }
             rep.did(format!("delete export {}", e.name), r);
         }
         // Volumes that go.
@@ -243,6 +254,16 @@ impl Manager {
                 None if kept.contains(&w.name) => {}
                 None => {
                     let r = self.create_export(w.clone()).map(|_| ());
+                    let back = remade.iter().find(|e| e.name == w.name);
+                    if let (Err(e), Some(old)) = (&r, back) {
+                        let again = self.create_export(old.clone()).map(|_| ());
+                        rep.refused.push(format!(
+                            "create export {}: {e}; the one that ran is made again: {}",
+                            w.name,
+                            again.map_or_else(|e| format!("failed: {e}"), |()| "done".into())
+                        ));
+                        continue;
+                    }
                     rep.did(format!("create export {}", w.name), r);
                 }
                 Some((_, cores)) => {
@@ -266,6 +287,16 @@ impl Manager {
         for w in &config.nvmf_exports {
             if !kept_nvmf.contains(&w.nqn) && !self.inv().nvmf.contains_key(&w.nqn) {
                 let r = self.create_nvmf_export(w.clone()).map(|_| ());
+                let back = remade_nvmf.iter().find(|e| e.nqn == w.nqn);
+                if let (Err(e), Some(old)) = (&r, back) {
+                    let again = self.create_nvmf_export(old.clone()).map(|_| ());
+                    rep.refused.push(format!(
+                        "create nvme/tcp export {}: {e}; the one that ran is made again: {}",
+                        w.nqn,
+                        again.map_or_else(|e| format!("failed: {e}"), |()| "done".into())
+                    ));
+                    continue;
+                }
                 rep.did(format!("create nvme/tcp export {}", w.nqn), r);
             }
         }
