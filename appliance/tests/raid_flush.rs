@@ -57,7 +57,12 @@ fn a_raid5_flush_survives_one_member_failing_it() {
     volume
         .io(IoOp::Flush, 0, Vec::new(), LONG)
         .expect("one member failing its flush loses nothing");
-    assert_eq!(monitor.member_states()[2], MemberState::Failed);
+    // Recorded by the monitor, after the flush's answer.
+    let t = std::time::Instant::now();
+    while monitor.member_states()[2] != MemberState::Failed {
+        assert!(t.elapsed() < LONG, "the failure was never recorded");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     volume.io(IoOp::Flush, 0, Vec::new(), LONG).unwrap();
     assert_eq!(
         volume.io(IoOp::Read, 7, vec![0u8; 4096], LONG).unwrap(),

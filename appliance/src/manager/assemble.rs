@@ -198,6 +198,39 @@ impl Manager {
         // so no stripe is left half written.
         let device = match jdev {
             Some(jdev) => {
+                // The journal the state file pins: another volume's (a
+                // device renamed or renumbered under this name) would be
+                // replayed over these members, and its own volume would
+                // lose what only it holds.
+                // (One that cannot be read is the replay's to refuse,
+                // naming the way out.)
+                if let (false, Ok(id)) = (
+                    decl.journal_id.is_empty(),
+                    crate::raid::journal::journal_id(jdev.as_ref()),
+                ) {
+                    if id != decl.journal_id {
+                        return Err(MgmtError::FailedPrecondition(format!(
+                            "volume {}: journal device {} holds journal {id}, not this volume's ({}): refusing to replay another volume's journal (name the right device in the state file, or start with --drop-journal {} to go on without it)",
+                            decl.name,
+                            jdev.info().name,
+                            decl.journal_id,
+                            decl.name
+                        )));
+                    }
+                }
+
+                // The superblocks' level wins over the declaration's: a
+                // volume they call a mirror has no parity geometry to keep
+                // the log's records inside its data area, and none of them
+                // may be replayed over its superblocks or bitmap.
+                let Some(geo) = v.device.parity_geometry() else {
+                    return Err(MgmtError::FailedPrecondition(format!(
+                        "volume {}: its members' superblocks say {:?}, and only a RAID5 volume has a journal; refusing to replay {} over it",
+                        decl.name,
+                        v.meta.template.level,
+                        jdev.info().name
+                    )));
+                };
                 // Only members in sync take part: a member being rebuilt
                 // holds stale data past its cursor, and a replay that read
                 // it for parity, or wrote data only to it, would leave the
@@ -230,37 +263,6 @@ impl Manager {
                     .iter()
                     .map(|m| (m.state == MemberState::InSync).then(|| m.dev.clone()))
                     .collect();
-                // The superblocks' level wins over the declaration's: a
-                // volume they call a mirror has no parity geometry to keep
-                // the log's records inside its data area, and none of them
-                // may be replayed over its superblocks or bitmap.
-                // The journal the state file pins: another volume's (a
-                // device renamed or renumbered under this name) would be
-                // replayed over these members, and its own volume would
-                // lose what only it holds.
-                // (One that cannot be read is the replay's to refuse,
-                // naming the way out.)
-                if let (false, Ok(id)) = (
-                    decl.journal_id.is_empty(),
-                    crate::raid::journal::journal_id(jdev.as_ref()),
-                ) {
-                    if id != decl.journal_id {
-                        return Err(MgmtError::FailedPrecondition(format!(
-                            "volume {}: journal device {} holds journal {id}, not this volume's ({}): refusing to replay another volume's journal",
-                            decl.name,
-                            jdev.info().name,
-                            decl.journal_id
-                        )));
-                    }
-                }
-                let Some(geo) = v.device.parity_geometry() else {
-                    return Err(MgmtError::FailedPrecondition(format!(
-                        "volume {}: its members' superblocks say {:?}, and only a RAID5 volume has a journal; refusing to replay {} over it",
-                        decl.name,
-                        v.meta.template.level,
-                        jdev.info().name
-                    )));
-                };
                 let (j, rep) = Journal::replay(jdev, &slots, Some(&geo)).map_err(|e| {
                     MgmtError::FailedPrecondition(format!(
                         "journal of volume {0}: {e}; refusing to start the volume without it (`appliance daemon --drop-journal {0}` starts it without the journal, losing write-back data only the journal held)",

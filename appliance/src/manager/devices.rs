@@ -85,11 +85,12 @@ impl Manager {
         }
         // The state file names it still, under the other name: both would
         // be tried at the next start, and one found busy.
-        if let Some(m) = inv
-            .missing
-            .values()
-            .find(|m| m.name != decl.name && m.spec == decl.spec)
-        {
+        // (By what the spec names, as `attached_as` compares: one file
+        // spelled with and without its size is one; RAM is no storage.)
+        let id = crate::devspec::identity(&decl.spec);
+        if let Some(m) = inv.missing.values().find(|m| {
+            m.name != decl.name && id.is_some() && crate::devspec::identity(&m.spec) == id
+        }) {
             return Err(MgmtError::FailedPrecondition(format!(
                 "{} is device {}, missing since the start: attach it under that name, or detach {} first",
                 decl.spec, m.name, m.name

@@ -976,10 +976,22 @@ impl Drop for Raid1Channel {
             // without acknowledged writes, and a later failure of the
             // others served old data). First, so the bitmap keeps the
             // regions dirty as for any failed member.
-            for m in 0..self.members.len() {
-                if self.write_mostly[m] {
-                    self.fail_member(m, IoError::TimedOut);
-                }
+            // Only those with a copy still out (the guest's own requests
+            // are drained by now, so what a member has outstanding, or
+            // waiting to be sent, is a background copy): a healthy second
+            // write-mostly member, or the last good copies, stay.
+            let stuck: Vec<usize> = (0..self.members.len())
+                .filter(|&m| {
+                    self.write_mostly[m]
+                        && (self.outstanding[m] > 0
+                            || self
+                                .resend
+                                .iter()
+                                .any(|r| matches!(r, Resend::Behind(_, x) if *x == m)))
+                })
+                .collect();
+            for m in stuck {
+                self.fail_member(m, IoError::TimedOut);
             }
             for bi in 0..self.behind_ios.len() {
                 let Some(io) = self.behind_ios[bi].take() else {

@@ -289,7 +289,10 @@ impl Raid5Channel {
         let flush_failed = p.kind == Kind::Flush
             && (0..self.failed.len())
                 .filter(|&m| {
-                    self.is_failed(m) || self.rebuilding.as_ref().is_some_and(|(r, _)| *r == m)
+                    self.is_failed(m)
+                        || self.rebuilding.as_ref().is_some_and(|(r, c)| {
+                            *r == m && c.load(Ordering::SeqCst) < self.geo.stripes()
+                        })
                 })
                 .count()
                 > 1;
