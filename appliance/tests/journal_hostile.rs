@@ -224,3 +224,36 @@ fn a_journal_sequence_near_the_end_of_the_counter_is_refused() {
         assert!(err.to_string().contains("out of range"), "{seq}: {err}");
     }
 }
+
+/// From an audit: a checkpoint whose second superblock copy could not be
+/// written only logged it, and the first copy went on alone; torn later,
+/// the stale second copy was read, and its old checkpoint replayed
+/// records whose space had been reused over newer data. A superblock the
+/// device cannot take fails the journal now (the volume goes on without
+/// it), and the checkpoint says so.
+#[test]
+fn a_superblock_copy_the_device_cannot_take_fails_the_journal() {
+    use bdev::FaultDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.img");
+    let file: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&path, BS as u32, 4 << 20).unwrap());
+    let fault = Arc::new(FaultDevice::new(file));
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let j = Journal::format(dev.clone()).unwrap();
+    let last = dev.info().num_blocks - 1;
+    fault.control().fail_writes(last, last + 1);
+    let data = vec![1u8; BS];
+    let mut r = j.record(
+        &[Entry {
+            member: 0,
+            count: 1,
+            block: 3,
+        }],
+        &[data.as_slice()],
+    );
+    let (_, epoch) = j.reserve(&mut r, true).unwrap();
+    j.done(epoch);
+    assert!(j.checkpoint(|| Ok(())).is_err());
+    assert!(j.has_failed());
+}

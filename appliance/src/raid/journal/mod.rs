@@ -560,7 +560,15 @@ impl Journal {
         self.reclaim_wanted.store(false, Ordering::SeqCst);
         flush_members()?;
         self.checkpoint_seq.fetch_max(seq, Ordering::SeqCst);
-        self.write_super()?;
+        if let Err(e) = self.write_super() {
+            // The device cannot take its superblock: a failed journal (the
+            // volume goes on without it, draining the cache), not a log
+            // that never frees again and writes that wait for good.
+            if self.set_failed() {
+                tracing::error!(journal = %self.dev.info().name, error = %e, "the journal's superblock cannot be written: the journal is failed");
+            }
+            return Err(e);
+        }
         self.tail.fetch_max(head, Ordering::SeqCst);
         self.counts[2].fetch_add(1, Ordering::Relaxed);
         Ok(true)

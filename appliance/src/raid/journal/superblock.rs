@@ -70,15 +70,14 @@ pub(super) fn load(dev: &dyn BlockDevice) -> Result<Super, RaidError> {
 }
 
 /// Write `s` to both copies (one, for a journal formatted with one): the
-/// first, then the second. A failure of the second copy is logged, not
-/// returned: the first is current, and a bad last sector must not stop
-/// every checkpoint.
+/// first, then the second. A failure of either is the device's: a second
+/// copy left behind would be read after the first is torn, and its old
+/// checkpoint replay records whose space was reused since over newer
+/// data (the caller fails the journal).
 pub(super) fn store(dev: &dyn BlockDevice, s: &Super) -> Result<(), RaidError> {
     write_copy(dev, s, 0)?;
     if let Some(at) = second_copy(dev, s.log_blocks) {
-        if let Err(e) = write_copy(dev, s, at) {
-            tracing::warn!(journal = %dev.info().name, error = %e, "the journal's second superblock copy was not written");
-        }
+        write_copy(dev, s, at)?;
     }
     Ok(())
 }
