@@ -252,3 +252,59 @@ fn raid5_writes_reach_members_only_under_a_bit_already_on_them() {
 fn raid1_writes_reach_members_only_under_a_bit_already_on_them() {
     run(Level::Raid1, 2);
 }
+
+/// From an audit: a member that could not take a bitmap update was only
+/// warned about and stayed in sync, and the writes went on under a bit
+/// it never got (md, importing the array, may read that member's bitmap;
+/// the union misses the bit once the member that took it is lost). It is
+/// failed now, as md fails it, and its regions stay dirty for a re-add.
+#[test]
+fn a_member_that_cannot_take_the_bitmap_is_failed() {
+    use appliance::raid::members::MemberState;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<bdev::FaultDevice>> = (0..2)
+        .map(|i| {
+            let ram: Arc<dyn BlockDevice> =
+                Arc::new(RamDevice::new(&format!("m{i}"), BS as u32, 1024).unwrap());
+            Arc::new(bdev::FaultDevice::new(ram))
+        })
+        .collect();
+    let offset = 256;
+    let spec = VolumeSpec {
+        name: "bm".into(),
+        level: Level::Raid1,
+        layout: Layout::LeftSymmetric,
+        chunk_bytes: 16 << 10,
+        data_offset: offset,
+        members: faults
+            .iter()
+            .map(|f| f.clone() as Arc<dyn BlockDevice>)
+            .collect(),
+        bitmap_chunk_bytes: 256 << 10,
+    };
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "bm", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
+    monitor.set_meta(meta);
+    assert!(monitor.open(true).unwrap().is_none());
+    // m1's bitmap blocks refuse writes (its superblock still takes them).
+    faults[1]
+        .control()
+        .fail_writes(bitmap::BYTE_OFFSET / BS, offset);
+    let t = Duration::from_secs(30);
+    volume
+        .io(IoOp::Write, 40, vec![0x42; BS as usize], t)
+        .expect("m0 takes the write");
+    let start = Instant::now();
+    while monitor.member_states()[1] != MemberState::Failed {
+        assert!(start.elapsed() < t, "m1 stayed in sync without its bit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(monitor.member_states()[0], MemberState::InSync);
+    reactors.shutdown().unwrap();
+}

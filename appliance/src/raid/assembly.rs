@@ -402,6 +402,7 @@ pub fn write_clear_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<()
         )));
     }
     b.set_members(took);
+    b.hold_for(&set.members, &set.failures);
     Ok(())
 }
 
@@ -457,7 +458,7 @@ fn attach_bitmap(
         b.freeze();
     }
     b.set_members(members);
-    b.hold_for(&device.member_set().members);
+    b.hold_for(&device.member_set().members, &device.member_set().failures);
     Ok(device.with_member_set(device.member_set().with_bitmap(Some(b))))
 }
 

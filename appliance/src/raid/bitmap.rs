@@ -119,6 +119,11 @@ pub struct Bitmap {
     /// The members' failure flags: a member reported failed (before the
     /// change that records it) holds the bits too.
     gone: Mutex<Vec<Arc<AtomicBool>>>,
+    /// The slots and where their failures go: a member that cannot take
+    /// a bitmap update (or the flush before a clearing) is failed, as md
+    /// fails it, never left in sync with a bitmap that says less than it
+    /// should.
+    slots: Mutex<Option<(Vec<super::members::Member>, super::members::FailureSink)>>,
     clear_every_ms: AtomicU64,
     /// The array's events, written in md's bitmap superblock.
     events: AtomicU64,
@@ -169,6 +174,7 @@ impl Bitmap {
             frozen: AtomicBool::new(false),
             hold: AtomicBool::new(false),
             gone: Mutex::new(Vec::new()),
+            slots: Mutex::new(None),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
             events: AtomicU64::new(0),
             write_behind: AtomicU64::new(0),
@@ -249,14 +255,36 @@ impl Bitmap {
         self.frozen.store(false, Ordering::SeqCst);
     }
 
-    /// Keep the bits while `members` are not all in sync (see `hold`).
-    pub fn hold_for(&self, members: &[super::members::Member]) {
+    /// Keep the bits while `members` are not all in sync (see `hold`);
+    /// a member's failure to take the bitmap goes to `failures`.
+    pub fn hold_for(
+        &self,
+        members: &[super::members::Member],
+        failures: &super::members::FailureSink,
+    ) {
         let degraded = members
             .iter()
             .any(|m| m.state != super::members::MemberState::InSync);
         *self.gone.lock().unwrap_or_else(|e| e.into_inner()) =
             members.iter().map(|m| m.gone.clone()).collect();
+        *self.slots.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((members.to_vec(), failures.clone()));
         self.hold.store(degraded, Ordering::SeqCst);
+    }
+
+    /// Fail the member whose device is `dev` (it did not take a bitmap
+    /// write or a flush).
+    fn fail(&self, dev: &Arc<dyn BlockDevice>, e: bdev::IoError) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((members, sink)) = slots.as_ref() {
+            if let Some((i, m)) = members
+                .iter()
+                .enumerate()
+                .find(|(_, m)| Arc::ptr_eq(&m.dev, dev))
+            {
+                sink.report(i, m, e);
+            }
+        }
     }
 
     /// Whether row `row` may differ on a member that missed writes since
@@ -522,7 +550,10 @@ impl Bitmap {
                 .and_then(|_| super::metaio::sync(dev.as_ref(), IoOp::Flush, 0, &mut []));
             match res {
                 Ok(()) => ok += 1,
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    self.fail(dev, bdev::IoError::DeviceFailed);
+                }
             }
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
@@ -668,7 +699,11 @@ impl Bitmap {
         // The quiet regions' writes must be durable before their bits go.
         for dev in &members {
             if let Err(e) = super::metaio::sync(dev.as_ref(), IoOp::Flush, 0, &mut []) {
-                tracing::warn!(error = %e, "write-intent bitmap: member flush failed; bits kept");
+                tracing::warn!(error = %e, "write-intent bitmap: member flush failed; bits kept, the member failed");
+                // What it cached may be lost: failed, so its regions stay
+                // dirty for its re-add (left in sync, the next pass whose
+                // flush worked cleared them).
+                self.fail(dev, bdev::IoError::DeviceFailed);
                 for (d, w) in self.ondisk.iter().zip(&cleared) {
                     d.fetch_or(*w, Ordering::SeqCst);
                 }

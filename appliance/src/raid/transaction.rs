@@ -207,7 +207,7 @@ impl Inner {
             // Inside the suspend: a device leaving the volume gets no
             // bitmap write once it is out.
             b.set_members(super::assembly::live_members(device.as_ref()));
-            b.hold_for(&device.member_set().members);
+            b.hold_for(&device.member_set().members, &device.member_set().failures);
             // A device that just joined gets the bitmap now, not at the
             // next bit change: until then its bitmap block is whatever an
             // earlier life left there, which md would read.
