@@ -230,7 +230,10 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         mgr.list_exports().len(),
         mgr.list_volumes().len()
     ));
-    mgr.shutdown();
+    {
+        let _longer = crate::service::extend_stop();
+        mgr.shutdown();
+    }
     status("stopping: reactors");
     let stopped = reactors.shutdown().map_err(|e| e.to_string());
     status("stopped");

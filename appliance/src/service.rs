@@ -55,6 +55,25 @@ pub const EXTEND_AT_MOST: Duration = Duration::from_secs(15 * 60);
 /// Start pushing the start time-out back (see [`StartExtension`]) until
 /// dropped, or `stopping` is set.
 pub fn extend_start(stopping: Arc<AtomicBool>) -> StartExtension {
+    extend_for(stopping, EXTEND_AT_MOST)
+}
+
+/// How long the stop may be extended in all: each of its steps has a
+/// deadline of its own (a failed journal's drain, each volume's rebuild
+/// stop and clean record, each export's memory), so a stop past this is
+/// stuck, and systemd's kill is right.
+pub const EXTEND_STOP_AT_MOST: Duration = Duration::from_secs(5 * 60);
+
+/// Push the stop time-out back while the stop makes its way through
+/// volumes whose IO drains slowly (two of them at 30 s each passed the
+/// unit's 60 s: killed, nothing was recorded clean and the next start
+/// resynchronised every volume). Until dropped, at most
+/// [`EXTEND_STOP_AT_MOST`].
+pub fn extend_stop() -> StartExtension {
+    extend_for(Arc::new(AtomicBool::new(false)), EXTEND_STOP_AT_MOST)
+}
+
+fn extend_for(stopping: Arc<AtomicBool>, at_most: Duration) -> StartExtension {
     const EVERY: Duration = Duration::from_secs(10);
     const BY: Duration = Duration::from_secs(30);
     let stop = Arc::new(AtomicBool::new(false));
@@ -73,7 +92,7 @@ pub fn extend_start(stopping: Arc<AtomicBool>) -> StartExtension {
                     while t.elapsed() < EVERY && !done() {
                         std::thread::sleep(Duration::from_millis(50));
                     }
-                    if done() || started.elapsed() + BY > EXTEND_AT_MOST {
+                    if done() || started.elapsed() + BY > at_most {
                         return;
                     }
                     extend();

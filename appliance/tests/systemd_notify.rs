@@ -141,6 +141,15 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
         .position(|l| l.starts_with("STATUS=stopping: draining 1 exports"))
         .expect("the stop's progress");
     assert!(stop < draining, "{lines:?}");
+    // The stop pushes its time-out back too: two volumes slow to drain
+    // passed TimeoutStopSec, were killed, and nothing was recorded clean.
+    assert!(
+        lines
+            .iter()
+            .skip(draining)
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=30000000"),
+        "{lines:?}"
+    );
 }
 
 /// From review: NOTIFY_SOCKET may name an abstract socket (`@name`, as
