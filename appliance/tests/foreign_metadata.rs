@@ -184,7 +184,6 @@ fn a_damaged_superblock_is_not_a_blank_device() {
 /// and checksum anyone can compute) wrote a member's superblock.
 #[test]
 fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
-    use appliance::config::Config;
     use appliance::raid::journal::{Entry, Journal};
     use appliance::raid::superblock::Level;
     let rig = rig();
@@ -193,28 +192,9 @@ fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
     decl.journal = Some("j".into());
     rig.mgr.create_volume(decl.clone(), false).unwrap();
     rig.mgr.shutdown();
-    let config = Config {
-        devices: ["a", "b", "c", "j"]
-            .iter()
-            .map(|n| DeviceDecl {
-                name: n.to_string(),
-                spec: format!("file:{}", rig.path(n).display()),
-                block_size: 4096,
-            })
-            .collect(),
-        volumes: vec![decl],
-        exports: vec![],
-        nvmf_exports: vec![],
-    };
-    let Rig {
-        mgr,
-        dir,
-        _reactors: old,
-    } = rig;
-    drop(mgr);
-    drop(old);
+    let config = restart_config(&rig, &["a", "b", "c", "j"], vec![decl]);
     let open = |n: &str| -> std::sync::Arc<dyn BlockDevice> {
-        std::sync::Arc::new(FileDevice::open(&dir.path().join(n), 4096).unwrap())
+        std::sync::Arc::new(FileDevice::open(&rig.path(n), 4096).unwrap())
     };
     // The members say mirror now.
     for n in ["a", "b", "c"] {
@@ -242,23 +222,15 @@ fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
     let (at, _) = j.reserve(&mut r, true).unwrap();
     OpenOptions::new()
         .write(true)
-        .open(dir.path().join("j"))
+        .open(rig.path("j"))
         .unwrap()
         .write_all_at(&r, at * 4096)
         .unwrap();
     drop(j);
     drop(jdev);
 
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let mgr = Manager::new(reactors.set(), None);
-    let err = mgr.restore(&config, false).expect_err("started");
-    assert!(err.to_string().contains("RAID5"), "{err}");
-    mgr.shutdown();
-    drop(mgr);
+    let err = restore(&config, None).err().expect("started");
+    assert!(err.contains("RAID5"), "{err}");
     let a = open("a");
     let sb = read_superblock(a.as_ref()).unwrap();
     assert!(
@@ -273,7 +245,6 @@ fn a_journal_is_not_replayed_over_members_that_say_they_are_a_mirror() {
 /// mark over the other volume's superblock. It is left out now.
 #[test]
 fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
-    use appliance::config::Config;
     use appliance::raid::assembly::{create, VolumeSpec};
     use appliance::raid::members::FailureSink;
     use appliance::raid::superblock::Level;
@@ -283,31 +254,12 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     decl.spares = vec!["s".into()];
     rig.mgr.create_volume(decl.clone(), false).unwrap();
     rig.mgr.shutdown();
-    let config = Config {
-        devices: ["a", "b", "s"]
-            .iter()
-            .map(|n| DeviceDecl {
-                name: n.to_string(),
-                spec: format!("file:{}", rig.path(n).display()),
-                block_size: 4096,
-            })
-            .collect(),
-        volumes: vec![decl],
-        exports: vec![],
-        nvmf_exports: vec![],
-    };
-    let Rig {
-        mgr,
-        dir,
-        _reactors: old,
-    } = rig;
-    drop(mgr);
-    drop(old);
+    let config = restart_config(&rig, &["a", "b", "s"], vec![decl]);
     // Meanwhile the spare's disk became a member of "other".
     let s: std::sync::Arc<dyn BlockDevice> =
-        std::sync::Arc::new(FileDevice::open(&dir.path().join("s"), 4096).unwrap());
+        std::sync::Arc::new(FileDevice::open(&rig.path("s"), 4096).unwrap());
     let x: std::sync::Arc<dyn BlockDevice> =
-        std::sync::Arc::new(FileDevice::create(&dir.path().join("x"), 4096, 16 << 20).unwrap());
+        std::sync::Arc::new(FileDevice::create(&rig.path("x"), 4096, 16 << 20).unwrap());
     create(
         &VolumeSpec::new("other", Level::Raid1, vec![s, x]),
         FailureSink::none(),
@@ -316,19 +268,13 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     )
     .unwrap();
 
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let mgr = Manager::new(reactors.set(), None);
-    mgr.restore(&config, false).unwrap();
+    let (mgr, reactors) = restore(&config, None).unwrap();
     let v = mgr.get_volume("v").unwrap();
     assert!(v.spares.is_empty(), "{:?}", v.spares);
     mgr.shutdown();
     drop(mgr);
     let _ = reactors.shutdown();
-    assert_eq!(superblock(&dir.path().join("s")).unwrap(), "other");
+    assert_eq!(superblock(&rig.path("s")).unwrap(), "other");
 }
 
 /// The state file as a manager that has stopped leaves it, the rig's

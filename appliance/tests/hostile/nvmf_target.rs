@@ -12,18 +12,12 @@ pub fn r2t_repeating_proxy(
     target: SocketAddr,
     copies: usize,
 ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<usize>>>) {
-    use nvmf::pdu::{self, Digests, Pdu, Receiver};
+    use nvmf::pdu::{self, Pdu, Receiver};
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
     let counts = sent.clone();
-    std::thread::spawn(move || {
-        for host in listener.incoming() {
-            let Ok(mut host) = host else { return };
-            let Ok(mut up) = std::net::TcpStream::connect(target) else {
-                return;
-            };
+    let addr = proxy(target, move |mut host, up| {
+        {
             let (mut host_r, mut up_w) = (host.try_clone().unwrap(), up.try_clone().unwrap());
             let slot = {
                 let mut c = counts.lock().unwrap();
@@ -61,40 +55,14 @@ pub fn r2t_repeating_proxy(
             });
             // Target to host: R2Ts repeated.
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut digests: Option<Digests> = None;
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    let n = match up.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let r = Receiver {
-                            controller: false,
-                            digests: digests.unwrap_or_default(),
-                            max_data: 4 << 20,
-                        };
-                        let Ok(Some((p, len))) = pdu::parse(&buf, &r) else {
+                each_target_pdu(up, |p, bytes, _| {
+                    let times = if matches!(p, Pdu::R2t(_)) { copies } else { 1 };
+                    for _ in 0..times {
+                        if host.write_all(bytes).is_err() {
                             break;
-                        };
-                        let times = match p {
-                            Pdu::IcResp(a) => {
-                                digests = Some(a.digests);
-                                1
-                            }
-                            Pdu::R2t(_) => copies,
-                            _ => 1,
-                        };
-                        for _ in 0..times {
-                            if host.write_all(&buf[..len]).is_err() {
-                                break;
-                            }
                         }
-                        buf.drain(..len);
                     }
-                }
+                });
                 let _ = host.shutdown(std::net::Shutdown::Both);
             });
         }
@@ -107,17 +75,11 @@ pub fn r2t_repeating_proxy(
 /// host: a target that asks for data in the smallest pieces while it
 /// takes none of what is sent.
 pub fn tiny_r2t_proxy(target: SocketAddr) -> SocketAddr {
-    use nvmf::pdu::{self, Digests, Pdu, Receiver};
+    use nvmf::pdu::{self, Pdu};
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for host in listener.incoming() {
-            let Ok(mut host) = host else { return };
-            let Ok(mut up) = std::net::TcpStream::connect(target) else {
-                return;
-            };
+    proxy(target, move |mut host, up| {
+        {
             let (mut host_r, mut up_w) = (host.try_clone().unwrap(), up.try_clone().unwrap());
             let deaf = Arc::new(AtomicBool::new(false));
             let deaf_r = deaf.clone();
@@ -135,55 +97,83 @@ pub fn tiny_r2t_proxy(target: SocketAddr) -> SocketAddr {
                 std::thread::sleep(Duration::from_secs(30));
             });
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut digests: Option<Digests> = None;
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    let n = match up.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
+                each_target_pdu(up, |p, bytes, digests| {
+                    let Pdu::R2t(t) = p else {
+                        let _ = host.write_all(bytes);
+                        return;
                     };
-                    buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let r = Receiver {
-                            controller: false,
-                            digests: digests.unwrap_or_default(),
-                            max_data: 4 << 20,
+                    deaf.store(true, Ordering::SeqCst);
+                    let mut out = Vec::with_capacity(1 << 20);
+                    for i in 0..t.length {
+                        let one = pdu::R2t {
+                            offset: t.offset + i,
+                            length: 1,
+                            ..*t
                         };
-                        let Ok(Some((p, len))) = pdu::parse(&buf, &r) else {
-                            break;
-                        };
-                        match p {
-                            Pdu::IcResp(a) => {
-                                digests = Some(a.digests);
-                                let _ = host.write_all(&buf[..len]);
-                            }
-                            Pdu::R2t(t) => {
-                                deaf.store(true, Ordering::SeqCst);
-                                let mut out = Vec::with_capacity(1 << 20);
-                                for i in 0..t.length {
-                                    let one = pdu::R2t {
-                                        offset: t.offset + i,
-                                        length: 1,
-                                        ..t
-                                    };
-                                    pdu::encode_r2t(&one, digests.unwrap_or_default(), &mut out);
-                                    if out.len() >= 1 << 20 {
-                                        let _ = host.write_all(&out);
-                                        out.clear();
-                                    }
-                                }
-                                let _ = host.write_all(&out);
-                            }
-                            _ => {
-                                let _ = host.write_all(&buf[..len]);
-                            }
+                        pdu::encode_r2t(&one, digests, &mut out);
+                        if out.len() >= 1 << 20 {
+                            let _ = host.write_all(&out);
+                            out.clear();
                         }
-                        buf.drain(..len);
                     }
-                }
+                    let _ = host.write_all(&out);
+                });
                 let _ = host.shutdown(std::net::Shutdown::Both);
             });
+        }
+    })
+}
+
+/// Read the PDUs a target sends on `up` until it closes, and hand each,
+/// with its bytes and the digests the connection negotiated, to `f`.
+fn each_target_pdu(
+    mut up: std::net::TcpStream,
+    mut f: impl FnMut(&nvmf::pdu::Pdu<'_>, &[u8], nvmf::pdu::Digests),
+) {
+    use nvmf::pdu::{self, Digests, Pdu, Receiver};
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut digests: Option<Digests> = None;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match up.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            let r = Receiver {
+                controller: false,
+                digests: digests.unwrap_or_default(),
+                max_data: 4 << 20,
+            };
+            let Ok(Some((p, len))) = pdu::parse(&buf, &r) else {
+                break;
+            };
+            if let Pdu::IcResp(a) = &p {
+                digests = Some(a.digests);
+            }
+            f(&p, &buf[..len], digests.unwrap_or_default());
+            buf.drain(..len);
+        }
+    }
+}
+
+/// Listen on the loopback; for each connection, connect to `target` and
+/// hand both streams (host's, target's) to `relay`. Its address.
+fn proxy(
+    target: SocketAddr,
+    relay: impl Fn(std::net::TcpStream, std::net::TcpStream) + Send + 'static,
+) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for host in listener.incoming() {
+            let Ok(host) = host else { return };
+            let Ok(up) = std::net::TcpStream::connect(target) else {
+                return;
+            };
+            relay(host, up);
         }
     });
     addr
