@@ -16,13 +16,13 @@ mod changes;
 mod devices;
 mod exports;
 mod import;
+mod inventory;
 mod nvmf;
 mod reload;
 mod roles;
 mod views;
 mod volumes;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,6 +36,7 @@ use crate::export::{Export, ExportError};
 use crate::raid::members::MemberState;
 use crate::raid::monitor::{Monitor, OpError};
 use crate::volume::Volume;
+use inventory::Inventory;
 
 pub use nvmf::NvmfExportView;
 pub use reload::ReloadReport;
@@ -459,68 +460,6 @@ impl Exp {
                 self.decl.queue_cores.clone()
             },
             ..self.decl.clone()
-        }
-    }
-}
-
-#[derive(Default)]
-struct Inventory {
-    devices: BTreeMap<String, Dev>,
-    volumes: BTreeMap<String, Arc<Vol>>,
-    /// Names of volumes being created (their devices are claimed).
-    creating: std::collections::BTreeSet<String>,
-    /// Devices being opened outside the lock (a RAM device is allocated
-    /// and touched, which takes seconds for a large one): name -> spec.
-    attaching: BTreeMap<String, String>,
-    exports: BTreeMap<String, Arc<Exp>>,
-    /// Exports being created outside the lock (the volume is quiesced
-    /// meanwhile, which may take until its deadline): name -> (volume,
-    /// socket key).
-    exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
-    /// NVMe/TCP exports by NQN.
-    nvmf: BTreeMap<String, nvmf::NvmfExp>,
-    /// Devices the saved state names that could not be opened at the start
-    /// (a dead disk, a remote target down): kept in the state file (the
-    /// next start, a reload or an attach under the name tries again), and
-    /// their volumes started without them where the level allows.
-    missing: BTreeMap<String, DeviceDecl>,
-}
-
-impl Inventory {
-    fn device(&self, field: &'static str, name: &str) -> Result<&Dev, MgmtError> {
-        check_name(field, name)?;
-        self.devices
-            .get(name)
-            .ok_or_else(|| MgmtError::NotFound(format!("device {name} is not attached")))
-    }
-
-    fn volume(&self, name: &str) -> Result<Arc<Vol>, MgmtError> {
-        check_name("volume", name)?;
-        self.volumes
-            .get(name)
-            .cloned()
-            .ok_or_else(|| MgmtError::NotFound(format!("volume {name} does not exist")))
-    }
-
-    fn config(&self) -> Config {
-        Config {
-            devices: {
-                let mut all: Vec<DeviceDecl> = self
-                    .devices
-                    .values()
-                    .map(|d| d.decl.clone())
-                    .chain(self.missing.values().cloned())
-                    .collect();
-                all.sort_by(|a, b| a.name.cmp(&b.name));
-                all
-            },
-            volumes: self
-                .volumes
-                .values()
-                .map(|v| lock(&v.decl).clone())
-                .collect(),
-            exports: self.exports.values().map(|e| e.decl()).collect(),
-            nvmf_exports: self.nvmf.values().map(|e| e.decl.clone()).collect(),
         }
     }
 }

@@ -1,0 +1,70 @@
+//! What the manager holds, under one lock: devices, volumes, exports,
+//! and what is being made or is missing; and the state file it makes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{check_name, lock, nvmf, Dev, Exp, MgmtError, Vol};
+use crate::config::{Config, DeviceDecl};
+
+#[derive(Default)]
+pub(super) struct Inventory {
+    pub(super) devices: BTreeMap<String, Dev>,
+    pub(super) volumes: BTreeMap<String, Arc<Vol>>,
+    /// Names of volumes being created (their devices are claimed).
+    pub(super) creating: std::collections::BTreeSet<String>,
+    /// Devices being opened outside the lock (a RAM device is allocated
+    /// and touched, which takes seconds for a large one): name -> spec.
+    pub(super) attaching: BTreeMap<String, String>,
+    pub(super) exports: BTreeMap<String, Arc<Exp>>,
+    /// Exports being created outside the lock (the volume is quiesced
+    /// meanwhile, which may take until its deadline): name -> (volume,
+    /// socket key).
+    pub(super) exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
+    /// NVMe/TCP exports by NQN.
+    pub(super) nvmf: BTreeMap<String, nvmf::NvmfExp>,
+    /// Devices the saved state names that could not be opened at the start
+    /// (a dead disk, a remote target down): kept in the state file (the
+    /// next start, a reload or an attach under the name tries again), and
+    /// their volumes started without them where the level allows.
+    pub(super) missing: BTreeMap<String, DeviceDecl>,
+}
+
+impl Inventory {
+    pub(super) fn device(&self, field: &'static str, name: &str) -> Result<&Dev, MgmtError> {
+        check_name(field, name)?;
+        self.devices
+            .get(name)
+            .ok_or_else(|| MgmtError::NotFound(format!("device {name} is not attached")))
+    }
+
+    pub(super) fn volume(&self, name: &str) -> Result<Arc<Vol>, MgmtError> {
+        check_name("volume", name)?;
+        self.volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| MgmtError::NotFound(format!("volume {name} does not exist")))
+    }
+
+    pub(super) fn config(&self) -> Config {
+        Config {
+            devices: {
+                let mut all: Vec<DeviceDecl> = self
+                    .devices
+                    .values()
+                    .map(|d| d.decl.clone())
+                    .chain(self.missing.values().cloned())
+                    .collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                all
+            },
+            volumes: self
+                .volumes
+                .values()
+                .map(|v| lock(&v.decl).clone())
+                .collect(),
+            exports: self.exports.values().map(|e| e.decl()).collect(),
+            nvmf_exports: self.nvmf.values().map(|e| e.decl.clone()).collect(),
+        }
+    }
+}
