@@ -216,6 +216,10 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         NotifyState::Stopping,
         NotifyState::Status("stopping: API closed"),
     ]);
+    // The stop's time-out pushed back from here to its last step (a
+    // reload's step, each volume's drain, reactors dropping channels that
+    // wait for background writes); bounded.
+    let _longer = crate::service::extend_stop();
     let _ = std::fs::remove_file(&opts.api_socket);
     sampler_stop.store(true, Ordering::SeqCst);
     if let Some(t) = sampler {
@@ -230,10 +234,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         mgr.list_exports().len(),
         mgr.list_volumes().len()
     ));
-    {
-        let _longer = crate::service::extend_stop();
-        mgr.shutdown();
-    }
+    mgr.shutdown();
     status("stopping: reactors");
     let stopped = reactors.shutdown().map_err(|e| e.to_string());
     status("stopped");

@@ -257,3 +257,26 @@ fn a_superblock_copy_the_device_cannot_take_fails_the_journal() {
     assert!(j.checkpoint(|| Ok(())).is_err());
     assert!(j.has_failed());
 }
+
+/// A replay at the start whose second superblock copy the device cannot
+/// take fails the journal (the volume starts, and goes on without it);
+/// refusing it refused every later start too, the replay being already
+/// on the members and the first copy saying so.
+#[test]
+fn a_replay_whose_second_superblock_copy_fails_starts_without_the_journal() {
+    use appliance::raid::geometry::{Layout, Raid5Geometry};
+    use bdev::FaultDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let file: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&dir.path().join("j.img"), BS as u32, 4 << 20).unwrap());
+    let fault = Arc::new(FaultDevice::new(file));
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    drop(Journal::format(dev.clone()).unwrap());
+    let last = dev.info().num_blocks - 1;
+    fault.control().fail_writes(last, last + 1);
+    let (m, _) = member(dir.path());
+    let geo = Raid5Geometry::new(2, BS as u32, 16384, Layout::LeftSymmetric, 8, 64).unwrap();
+    let (j, _) =
+        Journal::replay(dev, &[Some(m.clone()), Some(m)], Some(&geo)).expect("the volume starts");
+    assert!(j.has_failed());
+}

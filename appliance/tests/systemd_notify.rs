@@ -146,7 +146,7 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
     assert!(
         lines
             .iter()
-            .skip(draining)
+            .skip(stop)
             .any(|l| l == "EXTEND_TIMEOUT_USEC=30000000"),
         "{lines:?}"
     );

@@ -138,6 +138,7 @@ impl BlockDevice for Raid1Device {
             info: self.info.clone(),
             data_offset: self.data_offset,
             outstanding: vec![0; chans.len()],
+            behind_out: vec![0; chans.len()],
             failed: chans.iter().map(|c| c.is_none()).collect(),
             write_mostly: self.set.members.iter().map(|m| m.write_mostly).collect(),
             members: chans,
@@ -271,6 +272,8 @@ struct Raid1Channel {
     /// Members read only when no other can serve.
     write_mostly: Vec<bool>,
     outstanding: Vec<usize>,
+    /// Background (write-behind) copies in flight on each member.
+    behind_out: Vec<usize>,
     parents: Vec<Option<Parent>>,
     free: Vec<usize>,
     done: Vec<Completion>,
@@ -559,7 +562,11 @@ impl Raid1Channel {
             sg,
             tag: Self::behind_tag(bi, m),
         };
-        self.submit_to(m, req)
+        let taken = self.submit_to(m, req);
+        if taken {
+            self.behind_out[m] += 1;
+        }
+        taken
     }
 
     /// A background write to member `m` came back.
@@ -568,6 +575,7 @@ impl Raid1Channel {
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
         if m < self.outstanding.len() {
             self.outstanding[m] = self.outstanding[m].saturating_sub(1);
+            self.behind_out[m] = self.behind_out[m].saturating_sub(1);
         }
         if let Err(e) = c.result {
             // The write was acknowledged (the other members have it) or
@@ -976,14 +984,13 @@ impl Drop for Raid1Channel {
             // without acknowledged writes, and a later failure of the
             // others served old data). First, so the bitmap keeps the
             // regions dirty as for any failed member.
-            // Only those with a copy still out (the guest's own requests
-            // are drained by now, so what a member has outstanding, or
-            // waiting to be sent, is a background copy): a healthy second
-            // write-mostly member, or the last good copies, stay.
+            // Only those with a copy still out or waiting to be sent: a
+            // healthy second write-mostly member, or the last good copies,
+            // stay.
             let stuck: Vec<usize> = (0..self.members.len())
                 .filter(|&m| {
                     self.write_mostly[m]
-                        && (self.outstanding[m] > 0
+                        && (self.behind_out[m] > 0
                             || self
                                 .resend
                                 .iter()

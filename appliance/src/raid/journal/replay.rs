@@ -296,8 +296,17 @@ impl Journal {
             checkpoint_seq: max_seq,
             ..s
         };
-        superblock::store(dev.as_ref(), &s)?;
-        Ok((Self::with(dev, &s), report))
+        // The replay is on the members and the first copy says so: a
+        // second copy the device cannot take fails the journal (the
+        // volume starts and goes on without it), rather than refusing
+        // every start from now on.
+        let second = superblock::store_copies(dev.as_ref(), &s)?;
+        let j = Self::with(dev, &s);
+        if let Err(e) = second {
+            tracing::error!(journal = %j.dev.info().name, error = %e, "the journal's second superblock copy cannot be written: the journal is failed");
+            j.set_failed();
+        }
+        Ok((j, report))
     }
 }
 

@@ -75,11 +75,20 @@ pub(super) fn load(dev: &dyn BlockDevice) -> Result<Super, RaidError> {
 /// checkpoint replay records whose space was reused since over newer
 /// data (the caller fails the journal).
 pub(super) fn store(dev: &dyn BlockDevice, s: &Super) -> Result<(), RaidError> {
+    store_copies(dev, s)?
+}
+
+/// [`store`], telling the first copy's failure (the outer error: nothing
+/// changed) from the second's (the inner one: the first is current).
+pub(super) fn store_copies(
+    dev: &dyn BlockDevice,
+    s: &Super,
+) -> Result<Result<(), RaidError>, RaidError> {
     write_copy(dev, s, 0)?;
-    if let Some(at) = second_copy(dev, s.log_blocks) {
-        write_copy(dev, s, at)?;
-    }
-    Ok(())
+    Ok(match second_copy(dev, s.log_blocks) {
+        Some(at) => write_copy(dev, s, at),
+        None => Ok(()),
+    })
 }
 
 /// Write a new journal's superblock: the second copy first, so that a
