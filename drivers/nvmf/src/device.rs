@@ -288,10 +288,17 @@ fn nap(a: &Assoc, d: Duration) {
 /// again while it is not.
 fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
     let kato = Duration::from_millis(a.opts.host.kato_ms.max(1000) as u64);
+    // Keep Alive every half KATO from the last one sent, however long its
+    // answer took: napping half KATO after a slow answer sent the next past
+    // KATO, and the target dropped the association (every channel then
+    // reconnected and sent its IO again, over and over).
+    let mut last_sent: Option<Instant> = None;
     while !a.stop.load(Ordering::SeqCst) {
         match &mut ctrl {
             Some(c) => {
-                nap(&a, kato / 2);
+                let wait = last_sent.map_or(kato / 2, |t| (kato / 2).saturating_sub(t.elapsed()));
+                nap(&a, wait);
+                last_sent = Some(Instant::now());
                 if a.stop.load(Ordering::SeqCst) {
                     break;
                 }

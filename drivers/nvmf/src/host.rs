@@ -427,9 +427,15 @@ impl Queue {
             if !block {
                 return Ok(None);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(HostError::Timeout(self.timeout));
             }
+            // A read waits at most what is left (with the socket's own
+            // time-out of the whole, an exchange took up to twice it).
+            let _ = self
+                .stream
+                .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))));
             // Keep only the incomplete PDU before reading more.
             self.rx.drain(..self.rx_at);
             self.rx_at = 0;
