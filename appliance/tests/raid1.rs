@@ -354,3 +354,48 @@ fn while_a_scrub_runs_a_read_of_what_may_differ_goes_to_the_reference_mirror() {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(pair(ch.as_mut(), 20), 0x11, "the reference mirror, a");
 }
+
+/// From an audit: a repair cut short (cancelled here; a member failing or
+/// a rebuild taking a spare first do the same) cleared the flag that
+/// sends reads of what may differ to the reference mirror, so reads went
+/// to whichever mirror was least busy while they still differed: what a
+/// guest read changed with no write. The flag stays until a repair
+/// finishes; a check that is stopped owes nothing and clears it.
+#[test]
+fn a_repair_cut_short_keeps_reads_on_the_reference_mirror() {
+    use appliance::raid::level::RaidDevice;
+    use std::sync::atomic::Ordering;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dev = Arc::new(
+        Raid1Device::new(
+            "r1",
+            vec![member(ram("a", 4096)), member(ram("b", 4096))],
+            0,
+            FailureSink::none(),
+        )
+        .unwrap(),
+    );
+    let flag = dev.member_set().scrubbing.clone();
+    let (_tx, rx) = mpsc::channel();
+    let volume = Volume::new(reactors.set(), "r1", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume, dev, rx, vec![]);
+    // Slow enough to be stopped half-way.
+    monitor.set_rate(0, 64 << 10).unwrap();
+    for (repair, kept) in [(true, true), (false, false)] {
+        let p = monitor.scrub(repair).unwrap();
+        assert!(flag.load(Ordering::SeqCst));
+        p.cancel.store(true, Ordering::SeqCst);
+        appliance::raid::worker::wake(reactors.set());
+        let t = std::time::Instant::now();
+        while !p.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(30), "never stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(flag.load(Ordering::SeqCst), kept, "repair {repair}");
+    }
+    reactors.shutdown().unwrap();
+}

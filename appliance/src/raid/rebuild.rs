@@ -864,8 +864,17 @@ impl Scrubber {
                     if !self.walk.drained() {
                         return PollState::Busy;
                     }
+                    // A repair cut short (cancelled, a member failing, a
+                    // rebuild taking a spare first) leaves mirrors that may
+                    // still differ where it had not been: reads keep going
+                    // to the reference there until a repair finishes (md
+                    // keeps reading the first mirror while a resync is
+                    // owed), rather than to whichever is least busy, which
+                    // made what a guest reads change with no write.
                     if let Some(f) = &self.flag {
-                        f.store(false, Ordering::SeqCst);
+                        if !self.repair || self.walk.progress.error().is_none() {
+                            f.store(false, Ordering::SeqCst);
+                        }
                     }
                     if let (Some((_, _, b)), None) = (&self.only, self.walk.progress.error()) {
                         b.thaw();
