@@ -19,6 +19,10 @@ use super::members::{FailureSink, Member, MemberSet, MemberState};
 use super::rebuild::Rows;
 
 /// Blocks per rebuild region (the unit the rebuild copies and locks).
+mod behind;
+
+use behind::BehindIo;
+
 const REGION: u64 = 256;
 
 /// A RAID1 device for one configuration generation.
@@ -193,30 +197,6 @@ struct Parent {
     behind: Option<usize>,
 }
 
-/// A write's copies to the write-mostly members, finishing in the
-/// background after the write was acknowledged (md's write-behind).
-struct BehindIo {
-    op: IoOp,
-    /// Member block and count.
-    offset: u64,
-    blocks: u64,
-    /// A copy of a write's data: the guest's buffer is given back when the
-    /// write is acknowledged. Read by the member requests in flight.
-    data: Option<Box<[u8]>>,
-    /// Member requests in flight or waiting to be resent.
-    pending: u32,
-    /// Write-intent bitmap regions it is counted in: they stay dirty until
-    /// the write-mostly members have it.
-    in_bitmap: Option<(u64, u64)>,
-    /// The write's block keys (`WriteBehind::lock_blocks`), held until the
-    /// write-mostly members have it.
-    keys: Option<(u64, u64)>,
-    /// Member requests that succeeded.
-    succeeded: u32,
-    /// The write it belongs to, until that write is answered.
-    parent: Option<usize>,
-}
-
 /// A member request refused for a full queue, sent again from `poll`
 /// (already counted as pending).
 #[derive(Clone, Copy)]
@@ -287,8 +267,6 @@ const MEMBER_BITS: u64 = 6;
 const REPLACE: usize = (1 << MEMBER_BITS) - 1;
 /// Child tags of background writes (the rest is their index and member).
 const BEHIND: u64 = 1 << 63;
-/// How long dropping a channel waits for its background writes.
-const BEHIND_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Raid1Channel {
     fn child_tag(parent: usize, member: usize) -> u64 {
@@ -487,138 +465,6 @@ impl Raid1Channel {
         if r.send(req.op, req.offset_blocks, req.num_blocks, req.sg, tag) {
             if let Some(p) = self.parents[pi].as_mut() {
                 p.pending += 1;
-            }
-        }
-    }
-
-    /// Whether write `pi` goes to the write-mostly members in the
-    /// background, and if so the record it takes (data copied, bitmap
-    /// regions counted again, block keys handed over). Only with a
-    /// write-intent bitmap (md's rule: a crash must leave the region marked
-    /// for the resync), with another member to acknowledge it, and not
-    /// while a rebuild, scrub or replacement copies regions.
-    fn go_behind(&mut self, pi: usize, targets: &[usize]) -> Option<usize> {
-        let p = self.parents[pi].as_ref()?;
-        let b = self.bitmap.as_ref()?;
-        if self.rebuild_target.is_some()
-            || self.replace.is_some()
-            || self.scrubbing.load(Ordering::Relaxed)
-            || p.keys.is_none()
-            || !targets.iter().any(|&m| self.write_mostly[m])
-            || targets.iter().all(|&m| self.write_mostly[m])
-            || !self.behind.try_take()
-        {
-            return None;
-        }
-        let data = (p.op == IoOp::Write).then(|| {
-            let mut d = vec![0u8; p.sg.iter().map(|v| v.len()).sum()].into_boxed_slice();
-            // SAFETY: the parent's list is valid until it completes.
-            unsafe { super::sg::copy_out(&p.sg, 0, &mut d) };
-            d
-        });
-        let in_bitmap = p.in_bitmap.inspect(|&(r0, r1)| b.begin(r0, r1));
-        let io = BehindIo {
-            op: p.op,
-            offset: p.offset + self.data_offset,
-            blocks: p.blocks,
-            data,
-            pending: 0,
-            in_bitmap,
-            keys: None,
-            succeeded: 0,
-            parent: Some(pi),
-        };
-        let bi = match self.behind_free.pop() {
-            Some(i) => {
-                self.behind_ios[i] = Some(io);
-                i
-            }
-            None => {
-                self.behind_ios.push(Some(io));
-                self.behind_ios.len() - 1
-            }
-        };
-        // The keys stay until the write-mostly members have the write.
-        if let (Some(p), Some(io)) = (self.parents[pi].as_mut(), self.behind_ios[bi].as_mut()) {
-            io.keys = p.keys.take();
-        }
-        self.behind_count += 1;
-        Some(bi)
-    }
-
-    /// Submit background write `bi` to member `m`; true if taken.
-    fn submit_behind(&mut self, bi: usize, m: usize) -> bool {
-        let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
-            return false;
-        };
-        let sg = match io.data.as_mut() {
-            Some(d) => super::sg::of(d, 0, d.len()),
-            None => SgList::new(),
-        };
-        let req = IoRequest {
-            op: io.op,
-            offset_blocks: io.offset,
-            num_blocks: io.blocks,
-            sg,
-            tag: Self::behind_tag(bi, m),
-        };
-        let taken = self.submit_to(m, req);
-        if taken {
-            self.behind_out[m] += 1;
-        }
-        taken
-    }
-
-    /// A background write to member `m` came back.
-    fn on_behind(&mut self, c: Completion) {
-        let bi = ((c.tag & !BEHIND) >> MEMBER_BITS) as usize;
-        let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
-        if m < self.outstanding.len() {
-            self.outstanding[m] = self.outstanding[m].saturating_sub(1);
-            self.behind_out[m] = self.behind_out[m].saturating_sub(1);
-        }
-        if let Err(e) = c.result {
-            // The write was acknowledged (the other members have it) or
-            // waits for this outcome.
-            self.fail_member(m, e);
-        }
-        let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
-            return;
-        };
-        if c.result.is_ok() {
-            io.succeeded += 1;
-        }
-        io.pending = io.pending.saturating_sub(1);
-        if io.pending == 0 {
-            self.end_behind(bi);
-        }
-    }
-
-    /// Background write `bi` is over.
-    fn end_behind(&mut self, bi: usize) {
-        if let Some(io) = self.behind_ios.get_mut(bi).and_then(Option::take) {
-            if let (Some((r0, r1)), Some(b)) = (io.in_bitmap, &self.bitmap) {
-                b.end(r0, r1);
-            }
-            if let Some((first, n)) = io.keys {
-                self.behind.unlock_blocks(first, n);
-            }
-            self.behind_free.push(bi);
-            self.behind_count -= 1;
-            self.behind.give_back();
-            // Its write not answered yet: a write-mostly member has it
-            // now, and one waiting for this outcome is answered.
-            if let Some(pi) = io.parent {
-                let Some(p) = self.parents.get_mut(pi).and_then(|p| p.as_mut()) else {
-                    return;
-                };
-                p.behind = None;
-                if io.succeeded > 0 {
-                    p.succeeded += 1;
-                }
-                if p.pending == 0 {
-                    self.finish(pi);
-                }
             }
         }
     }
@@ -957,65 +803,5 @@ impl IoChannel for Raid1Channel {
     /// keeps polling until they are back).
     fn inflight(&self) -> usize {
         self.inflight + self.behind_count
-    }
-}
-
-impl Drop for Raid1Channel {
-    /// Background writes read buffers this channel owns: wait for them
-    /// (a volume's reconfiguration drained them already; this covers a
-    /// consumer that drops its channel right after its own requests).
-    fn drop(&mut self) {
-        let t = std::time::Instant::now();
-        let mut scratch = Vec::new();
-        while self.behind_count > 0 && t.elapsed() < BEHIND_DRAIN {
-            self.pump_resend();
-            super::members::poll_members(&mut self.members, &mut scratch);
-            for c in scratch.drain(..) {
-                if c.tag & BEHIND != 0 {
-                    self.on_behind(c);
-                }
-            }
-            std::hint::spin_loop();
-        }
-        if self.behind_count > 0 {
-            tracing::error!(volume = %self.info.name, writes = self.behind_count, "write-mostly members never completed background writes: they are failed, and the buffers leaked");
-            // Their copies are not the volume's: failed, nothing reads
-            // them and a re-add copies their regions (they stayed in sync
-            // without acknowledged writes, and a later failure of the
-            // others served old data). First, so the bitmap keeps the
-            // regions dirty as for any failed member.
-            // Only those with a copy still out or waiting to be sent: a
-            // healthy second write-mostly member, or the last good copies,
-            // stay.
-            let stuck: Vec<usize> = (0..self.members.len())
-                .filter(|&m| {
-                    self.write_mostly[m]
-                        && (self.behind_out[m] > 0
-                            || self
-                                .resend
-                                .iter()
-                                .any(|r| matches!(r, Resend::Behind(_, x) if *x == m)))
-                })
-                .collect();
-            for m in stuck {
-                self.fail_member(m, IoError::TimedOut);
-            }
-            for bi in 0..self.behind_ios.len() {
-                let Some(io) = self.behind_ios[bi].take() else {
-                    continue;
-                };
-                if let (Some((r0, r1)), Some(b)) = (io.in_bitmap, &self.bitmap) {
-                    b.end(r0, r1);
-                }
-                // The blocks' keys go back: later writes to them waited
-                // for good.
-                if let Some((first, n)) = io.keys {
-                    self.behind.unlock_blocks(first, n);
-                }
-                // A member may still read it.
-                std::mem::forget(io.data);
-                self.behind.give_back();
-            }
-        }
     }
 }
