@@ -30,6 +30,24 @@ impl ReloadReport {
             Err(e) => self.refused.push(format!("{what}: {e}")),
         }
     }
+
+    /// [`did`](Self::did) for the making of an export that was taken away
+    /// to be made again as the file says: if that failed, `again` makes
+    /// the one that ran, not left gone.
+    fn made_or_again(
+        &mut self,
+        what: String,
+        r: Result<(), MgmtError>,
+        again: Option<impl FnOnce() -> Result<(), MgmtError>>,
+    ) {
+        match (r, again) {
+            (Err(e), Some(again)) => self.refused.push(format!(
+                "{what}: {e}; the one that ran is made again: {}",
+                again().map_or_else(|e| format!("failed: {e}"), |()| "done".into())
+            )),
+            (r, _) => self.did(what, r),
+        }
+    }
 }
 
 /// Whether two export declarations serve the same thing the same way
@@ -149,8 +167,17 @@ impl Manager {
         // reconnect).
         // One that is to be made again is taken away only if the file's
         // declaration would be made: a typo must not leave it deleted.
+        // A declaration's volume must run or come with the same file.
         let volume_known = |name: &str| {
-            config.volumes.iter().any(|v| v.name == name) || volumes.iter().any(|v| v.name == name)
+            if config.volumes.iter().any(|v| v.name == name)
+                || volumes.iter().any(|v| v.name == name)
+            {
+                Ok(())
+            } else {
+                Err(MgmtError::NotFound(format!(
+                    "volume {name} is neither running nor in the file"
+                )))
+            }
         };
         let mut kept_nvmf = Vec::new();
         // Taken away to be made again as the file says: if that fails
@@ -164,7 +191,7 @@ impl Manager {
                 continue;
             }
             let check = wanted.map_or(Ok(()), |w| {
-                super::nvmf::check_nvmf(w).and_then(|_| known(volume_known(&w.volume), &w.volume))
+                super::nvmf::check_nvmf(w).and_then(|_| volume_known(&w.volume))
             });
             if let Err(err) = check {
                 rep.refused.push(format!(
@@ -190,7 +217,7 @@ impl Manager {
             }
             let check = wanted.map_or(Ok(()), |w| {
                 self.check_export(&mut w.clone())
-                    .and_then(|_| known(volume_known(&w.volume), &w.volume))
+                    .and_then(|_| volume_known(&w.volume))
             });
             if let Err(err) = check {
                 rep.refused
@@ -254,17 +281,9 @@ impl Manager {
                 None if kept.contains(&w.name) => {}
                 None => {
                     let r = self.create_export(w.clone()).map(|_| ());
-                    let back = remade.iter().find(|e| e.name == w.name);
-                    if let (Err(e), Some(old)) = (&r, back) {
-                        let again = self.create_export(old.clone()).map(|_| ());
-                        rep.refused.push(format!(
-                            "create export {}: {e}; the one that ran is made again: {}",
-                            w.name,
-                            again.map_or_else(|e| format!("failed: {e}"), |()| "done".into())
-                        ));
-                        continue;
-                    }
-                    rep.did(format!("create export {}", w.name), r);
+                    let old = remade.iter().find(|e| e.name == w.name).cloned();
+                    let again = old.map(|old| || self.create_export(old).map(|_| ()));
+                    rep.made_or_again(format!("create export {}", w.name), r, again);
                 }
                 Some((_, cores)) => {
                     let wanted = crate::export::ExportOptions {
@@ -287,17 +306,9 @@ impl Manager {
         for w in &config.nvmf_exports {
             if !kept_nvmf.contains(&w.nqn) && !self.inv().nvmf.contains_key(&w.nqn) {
                 let r = self.create_nvmf_export(w.clone()).map(|_| ());
-                let back = remade_nvmf.iter().find(|e| e.nqn == w.nqn);
-                if let (Err(e), Some(old)) = (&r, back) {
-                    let again = self.create_nvmf_export(old.clone()).map(|_| ());
-                    rep.refused.push(format!(
-                        "create nvme/tcp export {}: {e}; the one that ran is made again: {}",
-                        w.nqn,
-                        again.map_or_else(|e| format!("failed: {e}"), |()| "done".into())
-                    ));
-                    continue;
-                }
-                rep.did(format!("create nvme/tcp export {}", w.nqn), r);
+                let old = remade_nvmf.iter().find(|e| e.nqn == w.nqn).cloned();
+                let again = old.map(|old| || self.create_nvmf_export(old).map(|_| ()));
+                rep.made_or_again(format!("create nvme/tcp export {}", w.nqn), r, again);
             }
         }
         if !rep.applied.is_empty() {
@@ -404,16 +415,5 @@ impl Manager {
                 .map(|_| ());
             rep.did(format!("rebuild rate of {name}"), r);
         }
-    }
-}
-
-/// A declaration's volume must run or come with the same file.
-fn known(known: bool, volume: &str) -> Result<(), MgmtError> {
-    if known {
-        Ok(())
-    } else {
-        Err(MgmtError::NotFound(format!(
-            "volume {volume} is neither running nor in the file"
-        )))
     }
 }
