@@ -204,10 +204,10 @@ impl Manager {
                 // lose what only it holds.
                 // (One that cannot be read is the replay's to refuse,
                 // naming the way out.)
-                if let (false, Ok(id)) = (
-                    decl.journal_id.is_empty(),
-                    crate::raid::journal::journal_id(jdev.as_ref()),
-                ) {
+                let pinned = (!decl.journal_id.is_empty())
+                    .then(|| crate::raid::journal::journal_id(jdev.as_ref()).ok())
+                    .flatten();
+                if let Some(id) = pinned {
                     if id != decl.journal_id {
                         return Err(MgmtError::FailedPrecondition(format!(
                             "volume {}: journal device {} holds journal {id}, not this volume's ({}): refusing to replay another volume's journal (name the right device in the state file, or start with --drop-journal {} to go on without it)",

@@ -116,13 +116,11 @@ pub struct Bitmap {
     /// rebuilt (md keeps a degraded array's bits): a member that comes
     /// back is resynchronised from the bits alone (md's re-add).
     hold: AtomicBool,
-    /// The members' failure flags: a member reported failed (before the
-    /// change that records it) holds the bits too.
-    gone: Mutex<Vec<Arc<AtomicBool>>>,
-    /// The slots and where their failures go: a member that cannot take
-    /// a bitmap update (or the flush before a clearing) is failed, as md
-    /// fails it, never left in sync with a bitmap that says less than it
-    /// should.
+    /// The slots and where their failures go: a member reported failed
+    /// (before the change that records it: its `gone` flag) holds the
+    /// bits too, and a member that cannot take a bitmap update (or the
+    /// flush before a clearing) is failed, as md fails it, never left in
+    /// sync with a bitmap that says less than it should.
     slots: Mutex<Option<(Vec<super::members::Member>, super::members::FailureSink)>>,
     clear_every_ms: AtomicU64,
     /// The array's events, written in md's bitmap superblock.
@@ -173,7 +171,6 @@ impl Bitmap {
             cond: Condvar::new(),
             frozen: AtomicBool::new(false),
             hold: AtomicBool::new(false),
-            gone: Mutex::new(Vec::new()),
             slots: Mutex::new(None),
             clear_every_ms: AtomicU64::new(DEFAULT_CLEAR_EVERY.as_millis() as u64),
             events: AtomicU64::new(0),
@@ -265,8 +262,6 @@ impl Bitmap {
         let degraded = members
             .iter()
             .any(|m| m.state != super::members::MemberState::InSync);
-        *self.gone.lock().unwrap_or_else(|e| e.into_inner()) =
-            members.iter().map(|m| m.gone.clone()).collect();
         *self.slots.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((members.to_vec(), failures.clone()));
         self.hold.store(degraded, Ordering::SeqCst);
@@ -646,11 +641,11 @@ impl Bitmap {
     /// Whether a member the bitmap is held for has gone (its bits must
     /// stay for its re-add).
     fn any_gone(&self) -> bool {
-        self.gone
+        self.slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|g| g.load(Ordering::SeqCst))
+            .as_ref()
+            .is_some_and(|(members, _)| members.iter().any(|m| m.is_gone()))
     }
 
     /// Clear the bits of regions with no write active and none since the

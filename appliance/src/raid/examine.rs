@@ -37,7 +37,7 @@ pub fn examine(dev: &dyn BlockDevice) -> Result<Examined, RaidError> {
     let sectors = info.num_blocks * u64::from(info.block_size) / SECTOR;
     let head = metaio::read_bytes(dev, 0, 2 * mdsb::BYTES as u64)?;
     // md 1.2, then 1.1, then 1.0 (all one layout, in different places).
-    let end_v1_0 = sectors.saturating_sub(16) & !7;
+    let end_v1_0 = mdsb::v1_0_offset(sectors);
     let candidates = [("1.2", mdsb::V1_2_OFFSET), ("1.1", 0), ("1.0", end_v1_0)];
     let mut problems = Vec::new();
     for (version, at) in candidates {
@@ -97,7 +97,7 @@ pub fn foreign_metadata(
         return Ok(None);
     }
     // md 0.90: 4 KiB at the last 64 KiB boundary but one.
-    let at = (bytes & !0xffff) - (64 << 10);
+    let at = mdsb::v0_90_byte(bytes);
     if metaio::read_bytes(dev, at, 8)?[..4] == mdsb::MAGIC.to_le_bytes() {
         return Ok(Some((
             "md 0.90",

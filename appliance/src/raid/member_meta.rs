@@ -96,7 +96,7 @@ pub fn read_superblock(
         other => return Ok(other),
     }
     // md's other versions: 1.1 at the start, 1.0 near the end.
-    let end = (sectors.saturating_sub(16) & !7) * md::SECTOR;
+    let end = md::superblock::v1_0_offset(sectors) * md::SECTOR;
     let tail = read_at(dev, end, SUPERBLOCK_BYTES)?;
     for (version, b) in [("1.1", Some(&head)), ("1.0", tail.as_ref())] {
         if b.is_some_and(|b| b[..4] == md_magic) {
@@ -186,8 +186,8 @@ pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
         // md 1.0's superblock and 0.90's, and the last 64 KiB (IMSM's and
         // DDF's anchors, 1.0's among them on small devices).
         let sectors = bytes / md::SECTOR;
-        let v10 = (sectors.saturating_sub(16) & !7) * md::SECTOR;
-        let v090 = (bytes & !0xffff).saturating_sub(64 << 10);
+        let v10 = md::superblock::v1_0_offset(sectors) * md::SECTOR;
+        let v090 = md::superblock::v0_90_byte(bytes);
         let tail = bytes.saturating_sub(64 << 10);
         for (at, len) in [(v10, 4096), (v090, 4096), (tail, bytes - tail)] {
             if at >= 2 * SUPERBLOCK_BYTES as u64 && len > 0 {

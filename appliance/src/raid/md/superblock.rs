@@ -20,6 +20,18 @@ const FIXED: usize = 256;
 pub const MAX_DEVS: usize = (BYTES - FIXED) / 2;
 /// Where a version-1.2 superblock sits, in sectors from the device start.
 pub const V1_2_OFFSET: u64 = 8;
+/// Where a version-1.0 superblock sits on a device of `device_sectors`:
+/// 8 KiB or less from its end, 4 KiB aligned, in sectors.
+pub fn v1_0_offset(device_sectors: u64) -> u64 {
+    device_sectors.saturating_sub(16) & !7
+}
+
+/// Where a version-0.90 superblock sits on a device of `bytes` (at least
+/// 128 KiB): the last 64 KiB boundary but one, in bytes.
+pub fn v0_90_byte(bytes: u64) -> u64 {
+    (bytes & !0xffff).saturating_sub(64 << 10)
+}
+
 /// md's "not known / everything" sector value (MaxSector).
 pub const MAX_SECTOR: u64 = u64::MAX;
 
