@@ -188,7 +188,12 @@ pub fn holds_journal(dev: &dyn BlockDevice) -> bool {
 /// The identity of the journal on `dev` (its nonce, random per format),
 /// as the state file keeps it (16 hex digits).
 pub fn journal_id(dev: &dyn BlockDevice) -> Result<String, RaidError> {
-    Ok(format!("{:016x}", superblock::load(dev)?.nonce))
+    Ok(id_of(superblock::load(dev)?.nonce))
+}
+
+/// A journal's identity as the state file keeps it.
+fn id_of(nonce: u64) -> String {
+    format!("{nonce:016x}")
 }
 
 /// Erase the journal on `dev` (one taken out of its volume, drained).
@@ -407,7 +412,7 @@ impl Journal {
 
     /// Its identity (see [`journal_id`]).
     pub fn id(&self) -> String {
-        format!("{:016x}", self.nonce)
+        id_of(self.nonce)
     }
 
     /// Blocks of its log.

@@ -284,16 +284,12 @@ impl Raid5Channel {
         // acknowledged is on the others, flushed (md and RAID1 answer
         // such a flush with success too; an error made guests abort
         // their filesystem over a failure the volume survives).
-        // (A member being rebuilt counts as down: past its cursor it holds
-        // nothing yet.)
+        // (A member being rebuilt counts as down while its cursor has not
+        // passed the last stripe: past it, it holds nothing yet.)
+        let last = self.geo.stripes().saturating_sub(1);
         let flush_failed = p.kind == Kind::Flush
             && (0..self.failed.len())
-                .filter(|&m| {
-                    self.is_failed(m)
-                        || self.rebuilding.as_ref().is_some_and(|(r, c)| {
-                            *r == m && c.load(Ordering::SeqCst) < self.geo.stripes()
-                        })
-                })
+                .filter(|&m| self.down(m, last))
                 .count()
                 > 1;
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
