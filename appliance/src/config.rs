@@ -296,6 +296,26 @@ pub enum ConfigError {
     },
 }
 
+/// The file `path` names through symbolic links, followed by hand so the
+/// file need not exist yet (a state file before its first save); as many
+/// links as the kernel follows (40).
+pub fn follow_links(path: &Path) -> std::io::Result<PathBuf> {
+    let mut target = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&target)?;
+                target = match target.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            _ => break,
+        }
+    }
+    Ok(target)
+}
+
 /// Largest configuration or state file read (a thousand volumes with
 /// their exports take well under 1 MiB).
 pub const MAX_FILE: u64 = 16 << 20;
@@ -369,19 +389,7 @@ impl Config {
         // state file kept elsewhere): renamed over the link, the new state
         // went beside it and the file the link names was left behind.
         // (The file need not exist yet: the link is followed by hand.)
-        let mut target = path.to_path_buf();
-        for _ in 0..8 {
-            match std::fs::symlink_metadata(&target) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    let to = std::fs::read_link(&target).map_err(io)?;
-                    target = match target.parent() {
-                        Some(dir) if to.is_relative() => dir.join(to),
-                        _ => to,
-                    };
-                }
-                _ => break,
-            }
-        }
+        let target = follow_links(path).map_err(io)?;
         let path = target.as_path();
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),

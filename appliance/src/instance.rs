@@ -30,14 +30,8 @@ impl InstanceLock {
 pub fn lock_path(path: &Path) -> PathBuf {
     // A link to a file not made yet (a state file before its first save,
     // which follows the link) locks beside its target, as once it exists.
-    let mut path = path.to_path_buf();
-    for _ in 0..40 {
-        match std::fs::read_link(&path) {
-            Ok(to) if to.is_absolute() => path = to,
-            Ok(to) => path = path.parent().unwrap_or(Path::new("")).join(to),
-            Err(_) => break,
-        }
-    }
+    // (Where the saves go: `Config::save` follows it the same way.)
+    let path = crate::config::follow_links(path).unwrap_or_else(|_| path.to_path_buf());
     let path = path.as_path();
     let resolved =
         std::fs::canonicalize(path).unwrap_or_else(|_| match (path.parent(), path.file_name()) {
