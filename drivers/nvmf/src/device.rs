@@ -216,6 +216,8 @@ impl NvmfDevice {
         };
         let oncs = u16::from_le_bytes([id[520], id[521]]);
         let ioccsz = u32::from_le_bytes([id[1792], id[1793], id[1794], id[1795]]) as usize;
+        // Bytes of data a command capsule may carry on an IO queue.
+        let in_capsule = (ioccsz * 16).saturating_sub(64);
         let info = DeviceInfo {
             name: name.to_string(),
             block_size: 1 << lbads,
@@ -230,7 +232,7 @@ impl NvmfDevice {
             // that takes no in-capsule data on IO queues (IOCCSZ 4; SPDK
             // with -c 0, Linux with inline_data_size 0) would fail every
             // discard, and a mirror its member. Not offered there.
-            discard: oncs & (1 << 2) != 0 && (ioccsz * 16).saturating_sub(64) >= 16,
+            discard: oncs & (1 << 2) != 0 && in_capsule >= 16,
             write_zeroes: false,
         };
         let assoc = Arc::new(Assoc {
@@ -241,7 +243,7 @@ impl NvmfDevice {
             epoch: AtomicU64::new(1),
             qids: Mutex::new(vec![false; queues as usize]),
             lost_since: Mutex::new(None),
-            in_capsule: (ioccsz * 16).saturating_sub(64),
+            in_capsule,
             identity: (nsze, lbads, nguid),
             max_transfer: max_command,
         });
@@ -743,17 +745,12 @@ impl NvmfChannel {
                 // for (or we have not sent) is a lie: what the member
                 // holds is not known. The connection ends; the write stays
                 // in flight and goes again on the next one.
-                let lie = |s: &Sent| {
-                    let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
-                    st.ok() && s.req.op == IoOp::Write && s.received != bytes
-                };
-                if self.sent.get(&cqe.cid()).is_none_or(lie) {
+                let s = self.sent.get(&cqe.cid()).ok_or(())?;
+                let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
+                if st.ok() && s.req.op == IoOp::Write && s.received != bytes {
                     return Err(());
                 }
-                let Some(s) = self.sent.remove(&cqe.cid()) else {
-                    return Err(());
-                };
-                let bytes = (s.req.num_blocks * self.info.block_size as u64) as usize;
+                let s = self.sent.remove(&cqe.cid()).ok_or(())?;
                 let r = if !st.ok() {
                     Err(error_of(&s.req, st))
                 } else if s.req.op == IoOp::Read && s.received != bytes {
