@@ -61,28 +61,32 @@ impl Journal {
     /// recorded here, by the first checkpoint after the cache empties.
     pub(super) fn write_super(&self) -> Result<(), RaidError> {
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mode = if self.take_drained(&mut stored) {
-            JournalMode::WriteThrough
-        } else {
-            stored.mode
-        };
+        if self.drained(&stored) {
+            return self.record_drained(&mut stored);
+        }
+        let mode = stored.mode;
         self.store_super(&mut stored, mode)
     }
 
     /// Whether a switch to write-through has drained the cache with no
-    /// switch since, so its superblock is due; if so, the drain is over.
-    fn take_drained(&self, stored: &mut StoredMode) -> bool {
-        let drained = stored.mode == JournalMode::WriteBack
+    /// switch since, so its superblock is due.
+    fn drained(&self, stored: &StoredMode) -> bool {
+        stored.mode == JournalMode::WriteBack
             && stored.drain_from == Some(stored.switches)
             && self.mode() == JournalMode::WriteThrough
             && self.cache.is_empty()
             && self.cache.pending() == 0
-            && !self.has_failed();
-        if drained {
-            self.draining.store(false, Ordering::SeqCst);
-            stored.drain_from = None;
-        }
-        drained
+            && !self.has_failed()
+    }
+
+    /// Write the superblock saying write-through for a drained switch; the
+    /// drain is over only once it is written (a write that fails keeps the
+    /// switch due, for the next checkpoint to record).
+    fn record_drained(&self, stored: &mut StoredMode) -> Result<(), RaidError> {
+        self.store_super(stored, JournalMode::WriteThrough)?;
+        self.draining.store(false, Ordering::SeqCst);
+        stored.drain_from = None;
+        Ok(())
     }
 
     /// Write the superblock saying `mode` (a switch of modes).
@@ -194,7 +198,7 @@ impl Journal {
             }
         }
         let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.take_drained(&mut stored) {
+        if !self.drained(&stored) {
             // Switched back to write-back meanwhile (its superblock stays),
             // recorded already, or the journal failed (which drains for
             // good: never cleared then).
@@ -203,7 +207,7 @@ impl Journal {
             }
             return Ok(());
         }
-        self.store_super(&mut stored, JournalMode::WriteThrough)
+        self.record_drained(&mut stored)
     }
 }
 
@@ -253,5 +257,26 @@ mod tests {
         j.write_super_mode(JournalMode::WriteBack).unwrap();
         j.write_super().unwrap();
         assert_eq!(mode(&jdev), JournalMode::WriteBack);
+    }
+
+    /// From an audit: the drain was over before its superblock was
+    /// written, so a write the device refused lost the operator's switch
+    /// for good (the disk kept saying write-back). It stays due.
+    #[test]
+    fn a_drained_switch_whose_superblock_failed_stays_due() {
+        let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 129).unwrap());
+        let fault = bdev::FaultDevice::new(ram.clone());
+        let control = fault.control();
+        let jdev: Arc<dyn BlockDevice> = Arc::new(fault);
+        let j = Journal::format_with(jdev.clone(), JournalMode::WriteBack).unwrap();
+        j.set_write_back(false);
+        control.fail_writes(0, u64::MAX);
+        assert!(j.write_super().is_err());
+        control.heal();
+        j.write_super().unwrap();
+        assert_eq!(
+            superblock::load(ram.as_ref()).unwrap().mode,
+            JournalMode::WriteThrough
+        );
     }
 }
