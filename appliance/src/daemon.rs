@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
@@ -199,27 +199,28 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
                 return Err(e);
             }
         };
+    // The stop begins when it is asked for, before the API's calls in
+    // progress are waited for: a reload or a change running then makes
+    // no further step (each could wait a volume's drain deadline), and
+    // systemd hears STOPPING=1 and the time-out pushed back from there
+    // (it heard nothing while a call held the API up, and killed the
+    // daemon before any volume was recorded clean).
+    let longer = Arc::new(Mutex::new(None));
+    let begin = {
+        let (mgr, longer) = (mgr.clone(), longer.clone());
+        move || begin_stop(&mgr, &longer)
+    };
     let served = serve(
         mgr.clone(),
         &opts.api_socket,
         tcp,
         reactors.set().clone(),
         stop,
+        begin.clone(),
     );
-    // A reload running now makes no further step (each could wait a
-    // volume's drain deadline, past systemd's stop time-out), and says no
-    // READY=1 after the STOPPING=1 below.
-    mgr.begin_stop();
-    // The stop, step by step in `systemctl status`.
-    use crate::service::{notify, status, NotifyState};
-    notify(&[
-        NotifyState::Stopping,
-        NotifyState::Status("stopping: API closed"),
-    ]);
-    // The stop's time-out pushed back from here to its last step (a
-    // reload's step, each volume's drain, reactors dropping channels that
-    // wait for background writes); bounded.
-    let _longer = crate::service::extend_stop();
+    // (The API may have ended on its own, an error.)
+    begin();
+    use crate::service::status;
     let _ = std::fs::remove_file(&opts.api_socket);
     sampler_stop.store(true, Ordering::SeqCst);
     if let Some(t) = sampler {
@@ -239,6 +240,25 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     let stopped = reactors.shutdown().map_err(|e| e.to_string());
     status("stopped");
     served.and(stopped)
+}
+
+/// The stop's first steps, once: no further step for a reload or a
+/// change (and no READY=1 after the STOPPING=1), the stop in `systemctl
+/// status`, and its time-out pushed back until `longer` is dropped (a
+/// reload's step, each volume's drain, reactors dropping channels that
+/// wait for background writes; bounded).
+fn begin_stop(mgr: &Manager, longer: &Mutex<Option<crate::service::StartExtension>>) {
+    let mut longer = longer.lock().unwrap_or_else(|e| e.into_inner());
+    if longer.is_some() {
+        return;
+    }
+    mgr.begin_stop();
+    use crate::service::{notify, NotifyState};
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: API closing"),
+    ]);
+    *longer = Some(crate::service::extend_stop());
 }
 
 /// A thread that reloads the configuration on each SIGHUP (`hup`, set by
@@ -280,14 +300,21 @@ fn start_reloader(
         .map_err(|e| format!("starting the reload thread: {e}"))
 }
 
+/// How long calls in progress at a stop are waited for after the API's
+/// grace: each step of a call has its own deadline (a volume's drain, 30 s
+/// by default), and a stop refuses every further step.
+const CALLS_AT_STOP: Duration = Duration::from_secs(35);
+
 /// Serve the API of `mgr` on the unix socket `socket` (and on TCP with TLS,
-/// if given) until `stop` is set or the reactors stop.
+/// if given) until `stop` is set or the reactors stop; `on_stop` runs
+/// then, before calls in progress are waited for.
 pub fn serve(
     mgr: Arc<Manager>,
     socket: &std::path::Path,
     tcp: Option<mgmt::server::TcpAccess>,
     set: poller::ReactorSet,
     stop: Arc<AtomicBool>,
+    on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -296,7 +323,7 @@ pub fn serve(
         .max_blocking_threads(64)
         .build()
         .map_err(|e| format!("starting the API runtime: {e}"))?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         let listener =
             mgmt::server::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
         tracing::info!(socket = %socket.display(), reactors = set.len(), "API listening");
@@ -324,12 +351,18 @@ pub fn serve(
             socket.display()
         );
         let (hset, health_stop) = (set.clone(), stop.clone());
+        let (stopping, stopped_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) && !set.is_stopped() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            on_stop();
+            let _ = stopping.send(true);
+        });
         let stopped = move || {
-            let (stop, set) = (stop.clone(), set.clone());
+            let mut rx = stopped_rx.clone();
             async move {
-                while !stop.load(Ordering::SeqCst) && !set.is_stopped() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let _ = rx.wait_for(|s| *s).await;
             }
         };
         let svc = crate::api::Service::new(mgr);
@@ -377,7 +410,11 @@ pub fn serve(
                 u.map_err(|e| format!("API server: {e}"))
             }
         }
-    })
+    });
+    // Dropping the runtime would wait for every call still running, with
+    // no bound.
+    rt.shutdown_timeout(CALLS_AT_STOP);
+    served
 }
 
 /// Whether a state file is there to start from. Only "no such file" says

@@ -551,8 +551,15 @@ fn demo(opts: appliance::demo::DemoOptions, keep: Option<std::path::PathBuf>) ->
             "  qemu-system-x86_64 -machine q35 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=demo,path={},reconnect=1 -device vhost-user-blk-pci,chardev=demo,num-queues=2 ...",
             opts.socket.display()
         );
-        served =
-            appliance::daemon::serve(manager.clone(), &api, None, reactors.set().clone(), stop);
+        let m = manager.clone();
+        served = appliance::daemon::serve(
+            manager.clone(),
+            &api,
+            None,
+            reactors.set().clone(),
+            stop,
+            move || m.begin_stop(),
+        );
         let _ = std::fs::remove_file(&api);
     }
     manager.shutdown();

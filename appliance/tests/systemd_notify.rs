@@ -152,6 +152,65 @@ fn the_daemon_speaks_the_systemd_notify_protocol() {
     );
 }
 
+/// From an audit: the stop began only once the API's calls in progress
+/// had ended (dropping its runtime waited for them, with no bound), so a
+/// call held up by a device (here an attach to a remote target that
+/// accepts and never answers) kept systemd from hearing STOPPING=1 or the
+/// time-out pushed back: killed at TimeoutStopSec, nothing recorded clean.
+#[test]
+fn the_stop_begins_while_a_call_is_held_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let api = dir.path().join("api.sock");
+    let mut d = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "1", "--api"])
+        .arg(&api)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(d.id());
+    let mut lines = Vec::new();
+    collect(&sock, &mut lines, |l| has(l, "READY=1"));
+    // A target that takes the connection and says nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spec = format!(
+        "nvmf-tcp://{}/nqn.2026-12.io.test:silent",
+        silent.local_addr().unwrap()
+    );
+    let mut attach = Command::new(applctl_path())
+        .arg("--api")
+        .arg(&api)
+        .args(["device", "attach", "r0", &spec])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The call is in the daemon once its connection arrives; it waits
+    // for the target's answer (10 s) while the test holds it.
+    let (_held, _) = silent.accept().unwrap();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let extended = |l: &[String]| {
+        l.iter()
+            .skip_while(|l| *l != "STOPPING=1")
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=30000000")
+    };
+    collect(&sock, &mut lines, extended);
+    assert!(
+        attach.try_wait().unwrap().is_none(),
+        "the attach ended before the stop began: {lines:?}"
+    );
+    // The attach is refused its further steps, and the stop ends.
+    assert!(!attach.wait().unwrap().success());
+    collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
+    assert!(d.wait().unwrap().success());
+}
+
 /// From review: NOTIFY_SOCKET may name an abstract socket (`@name`, as
 /// systemd gives services in some containers); it was taken for a path,
 /// READY=1 never arrived and systemd killed the start.
