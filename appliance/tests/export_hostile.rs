@@ -479,3 +479,44 @@ fn a_message_waiting_for_a_queue_move_does_not_cost_the_frontend_its_connection(
     drop(export);
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: a write parked for a suspended range takes no slot, so a
+/// guest that offered the same head again and again had each one parked:
+/// the list grew without bound (millions a second) until the daemon ran
+/// out of memory. At most a ring's worth of requests is out.
+#[test]
+fn a_guest_offering_one_parked_write_again_and_again_is_not_served_more_than_a_ring() {
+    let rig = rig(1);
+    let mut g = Guest::new(&rig.sock, 1);
+    rig.volumes[0]
+        .suspend_range(0, 64, Duration::from_secs(5))
+        .unwrap();
+    let (h, data, s) = (0x20000, 0x40000, 0x60000);
+    g.header(h, OUT, 8);
+    let t = g.queues[0].desc;
+    g.desc(t, 0, h, 16, NEXT, 1);
+    g.desc(t, 1, data, 4096, NEXT, 2);
+    g.desc(t, 2, s, 1, WRITE, 0);
+    let parked = |want: u64| {
+        let t0 = Instant::now();
+        while rig.exports[0].parked_writes() < want {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not parked");
+            std::thread::yield_now();
+        }
+    };
+    for i in 0..2 * QSIZE as u64 {
+        g.offer(0, 0);
+        parked((i + 1).min(QSIZE as u64));
+        assert!(
+            rig.exports[0].parked_writes() <= QSIZE as u64,
+            "{} parked of one ring of {QSIZE}",
+            rig.exports[0].parked_writes()
+        );
+    }
+    // Released, every one offered is answered, and the queue serves on.
+    rig.volumes[0].resume_range();
+    for _ in 0..2 * QSIZE {
+        assert_eq!(g.used(0).0, 0);
+    }
+    g.good_read(0);
+}

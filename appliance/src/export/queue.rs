@@ -598,6 +598,16 @@ impl Runner {
                 break;
             } else {
                 from_ring = true;
+                // A guest has at most a ring's worth of requests out: one
+                // that offers more (the same head again and again while
+                // it is parked, taking no slot) is not served further
+                // until some are answered (parked writes grew without
+                // bound, until the daemon ran out of memory).
+                if self.inflight() + self.parked.len() >= self.slots.len() {
+                    self.vol_gate.end();
+                    self.mem_gate.end();
+                    break;
+                }
                 let head = match self.ring.pop() {
                     Ok(Some(head)) => head,
                     Ok(None) => {
