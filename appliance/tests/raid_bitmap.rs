@@ -308,3 +308,85 @@ fn a_member_that_cannot_take_the_bitmap_is_failed() {
     assert_eq!(monitor.member_states()[0], MemberState::InSync);
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: a bitmap added while a resync was owed (an unclean
+/// start's, here cut short by the operator) narrowed it to the regions
+/// marked since, which do not mark what the crash tore; the volume was
+/// then recorded clean and the torn rows never resynchronised. Refused
+/// while a resync runs or is owed, as md refuses.
+#[test]
+fn no_bitmap_is_added_while_a_resync_is_running_or_owed() {
+    use appliance::raid::monitor::OpError;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<bdev::FaultDevice>> = (0..2)
+        .map(|i| {
+            let ram: Arc<dyn BlockDevice> =
+                Arc::new(RamDevice::new(&format!("m{i}"), BS as u32, 1024).unwrap());
+            Arc::new(bdev::FaultDevice::new(ram))
+        })
+        .collect();
+    let spec = VolumeSpec {
+        name: "bm".into(),
+        level: Level::Raid1,
+        layout: Layout::LeftSymmetric,
+        chunk_bytes: 16 << 10,
+        data_offset: 256,
+        members: faults
+            .iter()
+            .map(|f| f.clone() as Arc<dyn BlockDevice>)
+            .collect(),
+        bitmap_chunk_bytes: 0,
+    };
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "bm", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
+    monitor.set_meta(meta);
+    // The resync's first read waits for the test.
+    let c0 = faults[0].control();
+    c0.hold(Some(IoOp::Read), 256, u64::MAX, 1);
+    let resync = monitor
+        .open(false)
+        .unwrap()
+        .expect("an unclean start resyncs");
+    assert!(c0.wait_held(1, Duration::from_secs(30)));
+    let refused = |m: &Monitor| {
+        matches!(
+            m.set_bitmap(Some(256 << 10)),
+            Err(OpError::FailedPrecondition(_))
+        )
+    };
+    assert!(refused(&monitor), "a bitmap added under a running resync");
+    // Cut short: still owed.
+    resync
+        .cancel
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    c0.release();
+    let t = Instant::now();
+    while !resync.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the resync never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(refused(&monitor), "a bitmap added with a resync owed");
+    assert!(monitor.device().member_set().bitmap.is_none());
+    // A finished resync: the bitmap may come.
+    let full = monitor.scrub(true).unwrap();
+    let t = Instant::now();
+    while !full.is_finished() || !monitor.snapshot().settled() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the repair never ended"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(full.error(), None);
+    monitor.set_bitmap(Some(256 << 10)).unwrap();
+    reactors.shutdown().unwrap();
+}

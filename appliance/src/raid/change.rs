@@ -701,6 +701,17 @@ pub(crate) fn plan(
                 Some(_) if failing_unrecorded(set) => {
                     return precondition(FAILING_UNRECORDED)
                 }
+                // A resync owed (an unclean start's, cut short, or one a
+                // resumed rebuild left) covers every row; once a bitmap is
+                // there it covers only the regions marked since, which do
+                // not mark what the crash tore (and an unclean start with
+                // a bitmap marking nothing resyncs nothing). md adds no
+                // bitmap while it syncs either.
+                Some(_) if busy(s) || s.resync_pending() => {
+                    return precondition(
+                        "a resync or rebuild is running or still owed; add the bitmap once it has finished",
+                    )
+                }
                 Some(chunk) => {
                     let b = super::assembly::bitmap_in_memory(cur.as_ref(), &template, chunk)
                         .map_err(|e| OpError::FailedPrecondition(e.to_string()))?;
