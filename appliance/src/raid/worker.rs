@@ -266,6 +266,8 @@ pub fn spawn(
     type Make = Box<dyn FnOnce() -> Walker + Send>;
     let activity = members.activity.clone();
     let locks = members.locks.clone();
+    // Whether a repair cut short left reads pinned to the reference mirror.
+    let scrub_owed = members.scrubbing.load(Ordering::SeqCst);
     let (progress, make): (Arc<RebuildProgress>, Make) = match job {
         Job::Rebuild { slot, .. } => {
             let Some((_, cursor)) = members.rebuilding.clone() else {
@@ -309,6 +311,9 @@ pub fn spawn(
                 rows.count,
                 Arc::new(AtomicU64::new(from.min(rows.count))),
             ));
+            // Set already: a repair cut short left mirrors that may
+            // differ, and only a repair that finishes clears it (a check
+            // that cleared it sent reads to whichever mirror again).
             members.scrubbing.store(true, Ordering::SeqCst);
             let q = p.clone();
             let parity = device.parity_geometry();
@@ -316,9 +321,11 @@ pub fn spawn(
             (
                 p,
                 Box::new(move || {
-                    let mut s = Scrubber::new(rows, parity, locks, q, repair)
-                        .clearing_when_done(flag)
-                        .watching(activity);
+                    let mut s = Scrubber::new(rows, parity, locks, q, repair);
+                    if repair || !scrub_owed {
+                        s = s.clearing_when_done(flag);
+                    }
+                    let mut s = s.watching(activity);
                     if let Some(b) = dirty {
                         s = s.only_dirty(b);
                     }
@@ -348,8 +355,10 @@ pub fn spawn(
     match started {
         Ok(Ok(())) => Ok((progress, arming)),
         Ok(Err(e)) | Err(e) => {
-            if let Job::Scrub { .. } = job {
-                members.scrubbing.store(false, Ordering::SeqCst);
+            if let Job::Scrub { repair, .. } = job {
+                if repair || !scrub_owed {
+                    members.scrubbing.store(false, Ordering::SeqCst);
+                }
             }
             Err(format!("{name}: starting background work: {e}"))
         }
