@@ -44,6 +44,9 @@ pub struct RebuildProgress {
     /// sync_speed_min: the floor it yields down to); 0: it does not yield.
     pub min_bytes_per_sec: AtomicU64,
     started: Instant,
+    /// The cursor when this run started (a rebuild resumed from its
+    /// checkpoint, a resync from where a clean stop left it).
+    from: u64,
     /// Set to stop the rebuild at the next stripe.
     pub cancel: AtomicBool,
     /// Blocks whose parity did not match (scrub).
@@ -58,6 +61,7 @@ impl RebuildProgress {
         RebuildProgress {
             slot,
             total,
+            from: cursor.load(Ordering::SeqCst),
             cursor,
             bytes: AtomicU64::new(0),
             max_bytes_per_sec: AtomicU64::new(0),
@@ -78,14 +82,16 @@ impl RebuildProgress {
         self.cursor.load(Ordering::Relaxed) as f64 / self.total as f64
     }
 
-    /// Estimated time left at the rate so far.
+    /// Estimated time left at this run's rate so far (what an earlier
+    /// run did before a restart is not this run's speed: a rebuild
+    /// resumed at 90 % said almost nothing was left).
     pub fn eta(&self) -> Option<Duration> {
-        let f = self.fraction();
-        if f <= 0.0 {
-            return None;
-        }
+        let cursor = self.cursor.load(Ordering::Relaxed).min(self.total);
+        let done = cursor.checked_sub(self.from).filter(|&d| d > 0)?;
         let spent = self.started.elapsed().as_secs_f64();
-        Some(Duration::from_secs_f64(spent * (1.0 - f) / f))
+        Some(Duration::from_secs_f64(
+            spent * (self.total - cursor) as f64 / done as f64,
+        ))
     }
 
     /// Whether it ended (successfully or not).
@@ -102,6 +108,24 @@ impl RebuildProgress {
     /// Why it stopped, if it failed.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    /// From an audit: the time this run spent was divided by the fraction
+    /// done since the volume was made, a resumed run's earlier part
+    /// included.
+    #[test]
+    fn a_resumed_run_has_no_eta_until_it_has_done_a_row_itself() {
+        let p = RebuildProgress::new(0, 100, Arc::new(AtomicU64::new(90)));
+        assert_eq!(p.eta(), None);
+        std::thread::sleep(Duration::from_millis(20));
+        p.cursor.store(91, Ordering::SeqCst);
+        // Nine rows left at this run's one row per >= 20 ms.
+        assert!(p.eta().unwrap() >= Duration::from_millis(9 * 20));
     }
 }
 
