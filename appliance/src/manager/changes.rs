@@ -29,6 +29,12 @@ impl Manager {
         self.check_open()?;
         let v = self.raid(volume)?;
         f(monitor(&v)?).map_err(|e| from_op(volume, e))?;
+        // The change saved the state inside its transaction, where a
+        // failure is only logged (the change is made: superblocks written,
+        // published). The caller hears it: a setting kept only in the
+        // state file (a rate, write-behind, a spare) would be gone at the
+        // next start while the call said OK.
+        self.save()?;
         Ok(self.view(&v))
     }
 
@@ -560,7 +566,10 @@ impl Manager {
         // the state file says it.
         if let Some(j) = monitor(&v)?.journal() {
             lock(&v.decl).journal_mode = j.mode().name().to_string();
-            let _ = self.save();
+            let saved = self.save();
+            if r.is_ok() {
+                saved?;
+            }
         }
         r
     }

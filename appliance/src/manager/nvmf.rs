@@ -174,7 +174,11 @@ impl Manager {
             self.inv().nvmf.remove(nqn).ok_or_else(|| {
                 MgmtError::NotFound(format!("nvme/tcp export {nqn} does not exist"))
             })?;
+        // Stopped first: a save that fails returns early, and the
+        // subsystem (held by the target's port, not by `e`) went on
+        // serving hosts while the API said it was gone.
+        let removed = self.shared.target.remove(&e.decl.nqn).map_err(from_nvmf);
         self.save()?;
-        self.shared.target.remove(&e.decl.nqn).map_err(from_nvmf)
+        removed
     }
 }
