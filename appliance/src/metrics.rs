@@ -574,6 +574,10 @@ fn devices(mgr: &Manager, out: &mut Vec<Family>) {
         "appliance_device_failed",
         "Whether the device failed as a volume member (1) or not (0).",
     );
+    let mut missing = f(
+        "appliance_device_missing",
+        "Whether the saved state names the device but it could not be opened at the start (1) or not (0).",
+    );
     let mut errors = f(
         "appliance_device_io_errors",
         "Requests the device completed with an error.",
@@ -606,12 +610,15 @@ fn devices(mgr: &Manager, out: &mut Vec<Family>) {
         let bytes = d.num_blocks.saturating_mul(d.decl.block_size as u64);
         size.add(l(), Value::Gauge(bytes as f64));
         failed.add(l(), g(d.health == "failed"));
+        missing.add(l(), g(d.health == "missing"));
         errors.add(l(), Value::Count(d.errors.io_errors));
         timeouts.add(l(), Value::Count(d.errors.timeouts));
         aborts.add(l(), Value::Count(d.errors.aborts));
         resets.add(l(), Value::Count(d.errors.resets));
     }
-    out.extend([info, size, failed, errors, timeouts, aborts, resets]);
+    out.extend([
+        info, size, failed, missing, errors, timeouts, aborts, resets,
+    ]);
 }
 
 fn reactors(mgr: &Manager, out: &mut Vec<Family>) {

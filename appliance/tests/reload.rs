@@ -237,6 +237,23 @@ fn a_device_missing_at_a_restart_leaves_its_mirror_degraded() {
         .expect("listed");
     assert_eq!(f1.health, "missing");
     assert!(mgr.health().problems.iter().any(|p| p.contains("f1")));
+    // From an audit: the API had no such health (UNSPECIFIED: applctl
+    // showed nothing) and the metrics said neither failed nor missing.
+    assert_eq!(
+        mgmt::pb::DeviceHealth::from_label(f1.health),
+        Some(mgmt::pb::DeviceHealth::Missing)
+    );
+    let mgr = std::sync::Arc::new(mgr);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(
+        &mut text,
+        &appliance::metrics::registry(mgr.clone()),
+    )
+    .unwrap();
+    assert!(
+        text.contains("appliance_device_missing{device=\"f1\"} 1"),
+        "{text}"
+    );
     let saved = Config::load(&dir.path().join("state.toml")).unwrap();
     assert!(saved.devices.iter().any(|d| d.name == "f1"), "{saved:?}");
     // Back (a new disk in its place): not under another name (the state

@@ -51,7 +51,7 @@ macro_rules! labels {
 labels! {
     Level { Single => "single", Raid1 => "raid1", Raid5 => "raid5" }
     HealthStatus { Ok => "ok", Degraded => "degraded" }
-    DeviceHealth { Ok => "ok", Failed => "failed", Rebuilding => "rebuilding" }
+    DeviceHealth { Ok => "ok", Failed => "failed", Rebuilding => "rebuilding", Missing => "missing" }
     Layout {
         LeftAsymmetric => "left-asymmetric",
         RightAsymmetric => "right-asymmetric",
