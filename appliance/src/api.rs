@@ -39,17 +39,34 @@ impl Service {
 }
 
 fn status(e: MgmtError) -> Status {
+    let b = bounded;
     match e {
-        MgmtError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-        MgmtError::NotFound(m) => Status::not_found(m),
-        MgmtError::AlreadyExists(m) => Status::already_exists(m),
-        MgmtError::FailedPrecondition(m) => Status::failed_precondition(m),
-        MgmtError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
-        MgmtError::ResourceExhausted(m) => Status::resource_exhausted(m),
-        MgmtError::Unavailable(m) => Status::unavailable(m),
-        MgmtError::PermissionDenied(m) => Status::permission_denied(m),
-        MgmtError::Internal(m) => Status::internal(m),
+        MgmtError::InvalidArgument { .. } => Status::invalid_argument(b(e.to_string())),
+        MgmtError::NotFound(m) => Status::not_found(b(m)),
+        MgmtError::AlreadyExists(m) => Status::already_exists(b(m)),
+        MgmtError::FailedPrecondition(m) => Status::failed_precondition(b(m)),
+        MgmtError::DeadlineExceeded(m) => Status::deadline_exceeded(b(m)),
+        MgmtError::ResourceExhausted(m) => Status::resource_exhausted(b(m)),
+        MgmtError::Unavailable(m) => Status::unavailable(b(m)),
+        MgmtError::PermissionDenied(m) => Status::permission_denied(b(m)),
+        MgmtError::Internal(m) => Status::internal(b(m)),
     }
+}
+
+/// A status message of at most 1 KiB: messages quote what the caller
+/// sent, and the message travels in a header (a client takes 16 KiB of
+/// them; more and the call failed as a transport error, not as the
+/// status it was).
+fn bounded(m: String) -> String {
+    const MAX: usize = 1024;
+    if m.len() <= MAX {
+        return m;
+    }
+    let mut end = MAX;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &m[..end], m.len())
 }
 
 fn level_to_pb(l: Level) -> pb::Level {

@@ -229,6 +229,19 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
             Code::InvalidArgument,
             "name",
         ),
+        // From an audit: the whole name went back in the status, past
+        // the 16 KiB of headers a client takes (a transport error, which
+        // scripts retry as "unreachable").
+        (
+            attach(&"x".repeat(20_000), "ram:1M"),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            attach("e", &format!("disk:{}", "9".repeat(20_000))),
+            Code::InvalidArgument,
+            "spec",
+        ),
         (attach("d0", "ram:1M"), Code::AlreadyExists, "d0"),
         (attach("e", "disk:1M"), Code::InvalidArgument, "spec"),
         (attach("e", ""), Code::InvalidArgument, "spec"),
