@@ -750,6 +750,14 @@ impl pb::appliance_server::Appliance for Service {
         req: Request<pb::SetVolumeQosRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
+        // Required: all zero takes every limit away, a missing field must
+        // not (an older client, or one that forgot it).
+        if r.limits.is_none() {
+            return Err(bad(
+                "limits",
+                "required (give every limit as 0 to take them all away)",
+            ));
+        }
         let limits = qos_from_pb(r.limits);
         self.run(move |m| m.set_volume_qos(&r.volume, limits).map(volume_to_pb))
             .await

@@ -426,6 +426,12 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
             "socket",
         ),
         (export("e0", "vol0", "", 1), Code::InvalidArgument, "socket"),
+        // From an audit: Internal (the bind's OS error).
+        (
+            export("e0", "vol0", "/tmp/a\0b.sock", 1),
+            Code::InvalidArgument,
+            "socket",
+        ),
         (export("e0", "nope", s, 1), Code::NotFound, "nope"),
         (
             export("e0", "vol0", s, 100),
@@ -463,6 +469,20 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
         assert_eq!(e.0, code, "{req:?}: {e:?}");
         assert!(e.1.contains(word), "{req:?}: {e:?}");
     }
+    // From an audit: no limits given took every limit away, with OK (an
+    // older client, or one that forgot the field, lifted all throttling).
+    let e = call!(
+        d,
+        c,
+        set_volume_qos,
+        pb::SetVolumeQosRequest {
+            volume: "vol0".into(),
+            limits: None,
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    assert!(e.1.contains("limits"), "{e:?}");
     // Both queues on reactor 1 (the IO below runs through them).
     let e0 = call!(d, c, create_export, on(export("e0", "vol0", s, 2), &[1])).unwrap();
     assert_eq!((e0.serial.as_str(), e0.num_queues), ("e0", 2));

@@ -103,6 +103,9 @@ pub fn check_socket_path(path: &Path) -> Result<(), ExportError> {
     if path.as_os_str().is_empty() || path.as_os_str().len() > 107 {
         return Err(invalid("must be 1..=107 bytes long".into()));
     }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(invalid("may not hold a NUL byte".into()));
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if someone_listens(path) {
