@@ -221,6 +221,11 @@ fn volume_import_takes_an_md_array_by_its_devices() {
     refused("r6", "level raid6 is not supported");
     refused("sp", "spares only");
     refused("m0,sp", "slot 1 of array \"host:mir\" is in use");
+    // The request's own field is named (it said "members").
+    let out = applctl(&api, &["volume", "import", "bad", "--devices", "m0,a.b/c"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("devices"), "{err}");
     // Nothing was taken by the refusals.
     let list = ok(&applctl(&api, &["--json", "device", "list"]));
     assert!(!list.contains("\"volume bad\""), "{list}");

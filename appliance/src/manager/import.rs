@@ -16,13 +16,13 @@ impl Manager {
         self.check_open()?;
         check_name("name", name)?;
         if devices.is_empty() {
-            return Err(super::invalid("members", "name the array's devices"));
+            return Err(super::invalid("devices", "name the array's devices"));
         }
         let mut members: Vec<(u32, String)> = Vec::new();
         let mut spares: Vec<([u8; 16], String)> = Vec::new();
         let mut newest: Option<Superblock> = None;
         for d in devices {
-            let dev = self.device("members", d)?;
+            let dev = self.device("devices", d)?;
             let sb = match assembly::read_superblock(dev.as_ref()) {
                 Err(e) => return Err(MgmtError::Internal(format!("reading {d}: {e}"))),
                 Ok(Ok(sb)) => sb,
