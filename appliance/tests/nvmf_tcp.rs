@@ -874,6 +874,37 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
     drop(q);
 }
 
+/// From an audit: an IO queue's read gave its data budget back once its
+/// data was queued for sending, not once sent, so deferred reads went on
+/// starting while the host read nothing: 1,023 reads of 128 KiB made the
+/// target hold 128 MiB for one queue. Deferred commands start only while
+/// the output is below its mark.
+#[test]
+fn an_io_queue_whose_host_never_reads_holds_a_bounded_amount_of_read_data() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 1024).unwrap();
+    let before = rss();
+    const BLOCKS_PER: u32 = 32;
+    for i in 0..1023u64 {
+        let mut s = rw(
+            cmd::READ,
+            (i * BLOCKS_PER as u64) % (BLOCKS - 32),
+            BLOCKS_PER,
+        );
+        capsule::set_data_pointer(&mut s, false, BLOCKS_PER * BS as u32);
+        q.send(s, &[], 0).unwrap();
+    }
+    q.flush().unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let grown = rss().saturating_sub(before);
+        assert!(grown < 48 << 20, "the target buffered {} MiB", grown >> 20);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(q);
+}
+
 /// From review: a discovery controller (open to every host) with no
 /// keep-alive never expired, so 1,024 idle ones held every connection of
 /// the port for good. Idle without a keep-alive, one closes after 30 s.

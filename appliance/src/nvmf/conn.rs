@@ -259,7 +259,12 @@ impl Conn {
         // A closing connection admits nothing new: a write its host has
         // given up on must not land after the host sent it again elsewhere.
         if self.closing.is_none() {
-            work |= self.start_deferred();
+            // A read gives its budget back once its data is queued for
+            // sending, not once sent: started while the host reads
+            // nothing, deferred reads would fill the output without end.
+            if self.tx_pending() < TX_HIGH {
+                work |= self.start_deferred();
+            }
             work |= self.start_waiting(ctx);
         }
         work |= self.submit();
