@@ -308,6 +308,19 @@ fn io_outside_the_namespace_or_malformed_gets_the_specified_status() {
         Status::INVALID_FIELD,
     );
     expect(&mut q, Sqe::new(0x7e, 1), &[], 0, Status::INVALID_OPCODE);
+    // From an audit: in-capsule data past what Identify says (IOCCSZ, 8
+    // KiB) was taken, up to 128 KiB a command, and held outside the
+    // connection's data budget while it waited.
+    q.set_in_capsule(128 << 10);
+    expect(
+        &mut q,
+        rw(cmd::WRITE, 0, 32),
+        &[0u8; 128 << 10],
+        0,
+        status::SGL_LENGTH,
+    );
+    q.set_in_capsule(8192);
+    q.exec(rw(cmd::WRITE, 0, 2), &[0u8; 8192], 0).unwrap();
     // Write zeroes and deallocate, then the blocks read back as zero.
     let ones = vec![0xa5u8; 8192];
     q.exec(rw(cmd::WRITE, 100, 2), &ones, 0).unwrap();

@@ -125,7 +125,13 @@ pub fn check(s: &Sqe, info: &DeviceInfo, read_only: bool) -> Result<Plan, Status
     let bytes = bytes as usize;
     let in_capsule = match dp {
         DataPointer::Transport { len } if len as usize == bytes => false,
-        DataPointer::InCapsule { offset: 0, len } if len as usize == bytes && op == cmd::WRITE => {
+        // At most what Identify says a capsule holds (IOCCSZ): more was
+        // taken, up to 128 KiB a command.
+        DataPointer::InCapsule { offset: 0, len }
+            if len as usize == bytes
+                && op == cmd::WRITE
+                && bytes <= super::identify::IN_CAPSULE as usize =>
+        {
             true
         }
         DataPointer::InCapsule { offset, .. } if offset != 0 => return Err(status::SGL_OFFSET),

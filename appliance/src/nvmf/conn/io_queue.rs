@@ -72,9 +72,12 @@ impl Conn {
         slot.held = 0;
         let writes_data = matches!(plan.op, IoOp::Write | IoOp::Discard) && plan.bytes > 0;
         if writes_data && plan.in_capsule {
-            // Here already (at most the in-capsule size).
+            // Here already (at most the in-capsule size), and held against
+            // the budget while it waits: reads and R2Ts wait behind it.
             self.buffer(i);
+            self.committed += data.len();
             let slot = &mut self.slots[i as usize];
+            slot.held = data.len();
             slot.buf.extend_from_slice(data);
             slot.received = data.len();
             return self.ready(i);
