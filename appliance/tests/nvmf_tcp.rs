@@ -887,6 +887,30 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
     drop(q);
 }
 
+/// From an audit: every volume failure was a media error with Do Not
+/// Retry, so a device that timed out or went away (a remote member's
+/// target restarting) told the host never to retry, and a multipath host
+/// did not fail over. It is Namespace Not Ready, which a host retries.
+#[test]
+fn a_volume_whose_device_went_away_answers_a_retryable_status() {
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", BS as u32, BLOCKS).unwrap());
+    let fault = Arc::new(bdev::FaultDevice::new(ram));
+    let control = fault.control();
+    let r = rig_on(&[HOST_A], fault);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 16).unwrap();
+    q.exec(rw(cmd::WRITE, 0, 1), &[1u8; 4096], 0).unwrap();
+    control.pull();
+    match q.exec(rw(cmd::READ, 0, 1), &[], 4096) {
+        Err(HostError::Status { status, .. }) => assert_eq!(status, status::NS_NOT_READY),
+        other => panic!("{other:?}"),
+    }
+    let cqe = capsule::completion(1, 1, 0, 0, status::NS_NOT_READY);
+    assert_eq!(cqe.status >> 31, 0, "Do Not Retry is clear");
+    let cqe = capsule::completion(1, 1, 0, 0, Status::UNRECOVERED_READ);
+    assert_eq!(cqe.status >> 31, 1, "a media error is not retried");
+}
+
 /// From an audit: an IO queue's read gave its data budget back once its
 /// data was queued for sending, not once sent, so deferred reads went on
 /// starting while the host read nothing: 1,023 reads of 128 KiB made the

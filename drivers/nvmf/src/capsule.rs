@@ -156,7 +156,8 @@ pub fn cqe_bytes(c: &Cqe) -> [u8; 16] {
 /// and the host decides about retries itself, so DNR is set only for
 /// errors a retry cannot fix.
 pub fn completion(cid: u16, qid: u16, sqhd: u16, result: u64, status: Status) -> Cqe {
-    let dnr = !status.ok() && status != self::status::TRANSPORT;
+    let dnr =
+        !status.ok() && status != self::status::TRANSPORT && status != self::status::NS_NOT_READY;
     Cqe {
         result: result as u32,
         rsvd: (result >> 32) as u32,

@@ -25,11 +25,25 @@ const DATA_BUDGET: usize = 4 << 20;
 /// room for.
 const CHANNEL_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
-fn media_error(op: IoOp) -> Status {
-    match op {
-        IoOp::Read => Status::UNRECOVERED_READ,
-        IoOp::Write | IoOp::WriteZeroes => Status::WRITE_FAULT,
-        _ => status::INTERNAL,
+/// The status for a volume request that failed with `e`. Every failure
+/// was a media error with Do Not Retry: a volume whose device timed out
+/// or went away (a remote member's target restarting, a controller
+/// reset given up) told the host never to retry, and hosts with another
+/// path did not fail over; a range the volume no longer has (it shrank
+/// while the command waited) was a media error too.
+fn volume_error(op: IoOp, e: &bdev::IoError) -> Status {
+    use bdev::IoError as E;
+    match e {
+        E::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
+        E::Unsupported(_) => Status::INVALID_OPCODE,
+        E::ZeroLength(_) | E::TooLarge { .. } | E::LengthMismatch { .. } => Status::INVALID_FIELD,
+        // Retryable (no DNR, see `capsule::completion`).
+        E::DeviceFailed | E::TimedOut => status::NS_NOT_READY,
+        _ => match op {
+            IoOp::Read => Status::UNRECOVERED_READ,
+            IoOp::Write | IoOp::WriteZeroes => Status::WRITE_FAULT,
+            _ => status::INTERNAL,
+        },
     }
 }
 
@@ -322,7 +336,7 @@ impl Conn {
             if let Err(e) = c.result {
                 tracing::debug!(error = %e, "nvme/tcp: volume IO failed");
                 if slot.status.ok() {
-                    slot.status = media_error(slot.plan.op);
+                    slot.status = volume_error(slot.plan.op, &e);
                 }
             }
             if slot.pending > 0 || !slot.todo.is_empty() {
