@@ -1018,6 +1018,35 @@ fn toggling_shutdown_notifications_runs_one_flush_at_a_time() {
     drop(c);
 }
 
+/// From an audit: "shutdown complete" was said after a flush that failed,
+/// so the host powered off believing what it wrote was durable. The
+/// controller says it failed (CSTS.CFS) instead, and a reset clears that.
+#[test]
+fn a_shutdown_whose_flush_failed_is_not_complete() {
+    const CC: u32 = 0x14;
+    const CSTS: u32 = 0x1c;
+    let ram: Arc<dyn BlockDevice> =
+        Arc::new(RamDevice::with_volatile_cache("d", BS as u32, BLOCKS).unwrap());
+    let dev = Arc::new(bdev::FaultDevice::new(ram));
+    let ctl = dev.control();
+    let r = rig_on(&[HOST_A], dev);
+    let mut c = Controller::connect(r.addr, NQN, &host(HOST_A, Digests::default())).unwrap();
+    ctl.pull();
+    let cc = c.property_get(CC, false).unwrap() as u32;
+    c.property_set(CC, cc | 1 << 14).unwrap();
+    let deadline = Instant::now() + LONG;
+    let csts = loop {
+        let csts = c.property_get(CSTS, false).unwrap();
+        if csts & 0xe != 0 {
+            break csts;
+        }
+        assert!(Instant::now() < deadline, "the shutdown never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(csts & 0xc, 0, "shutdown said complete: {csts:#x}");
+    assert_eq!(csts & 0x2, 0x2, "not fatal: {csts:#x}");
+}
+
 /// From review: every IO queue a host connects opens a channel to each
 /// member, and a member that refused one because its queue pairs were
 /// all in use (a Linux host asks for a queue per CPU; an NVMe drive has

@@ -19,6 +19,8 @@ pub const CC_SHN: u32 = 3 << 14;
 pub const CSTS_RDY: u32 = 1;
 /// CSTS.SHST: shutdown processing complete.
 pub const CSTS_SHST_DONE: u32 = 2 << 2;
+/// Controller Fatal Status: the shutdown's flush failed.
+pub const CSTS_CFS: u32 = 1 << 1;
 /// Asynchronous event configuration: namespace attribute notices.
 pub const AEC_NS_ATTR: u32 = 1 << 8;
 
@@ -178,14 +180,17 @@ impl Controller {
     fn shutdown_flushes(&self, sub: &Subsystem) {
         loop {
             while self.flush_wanted.swap(false, Ordering::SeqCst) {
-                if let Err(e) = sub
+                let flushed = sub
                     .volume
-                    .flush_on_reactor(std::time::Duration::from_secs(30))
-                {
-                    tracing::warn!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: flushing at the host's shutdown failed");
-                }
+                    .flush_on_reactor(std::time::Duration::from_secs(30));
                 let mut st = self.state();
-                if st.cc & CC_SHN != 0 && !self.flush_wanted.load(Ordering::SeqCst) {
+                if let Err(e) = flushed {
+                    // Not "shutdown complete": the host would power off
+                    // believing what it wrote durable. Fatal instead, as a
+                    // drive whose cache could not be written says.
+                    tracing::error!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: flushing at the host's shutdown failed");
+                    st.csts |= CSTS_CFS;
+                } else if st.cc & CC_SHN != 0 && !self.flush_wanted.load(Ordering::SeqCst) {
                     st.csts |= CSTS_SHST_DONE;
                 }
             }
@@ -206,7 +211,7 @@ impl Controller {
         s.cc = cc;
         if cc & CC_EN != 0 && was & CC_EN == 0 {
             s.csts |= CSTS_RDY;
-            s.csts &= !CSTS_SHST_DONE;
+            s.csts &= !(CSTS_SHST_DONE | CSTS_CFS);
         } else if cc & CC_EN == 0 && was & CC_EN != 0 {
             s.csts &= !CSTS_RDY;
         }
