@@ -229,6 +229,22 @@ fn identify_describes_the_volume_and_is_stable() {
         ),
         "{e}"
     );
+    // The active namespace list from FFFFFFFEh or FFFFFFFFh: Invalid
+    // Namespace or Format, as the base specification says (from an audit:
+    // it was an invalid field).
+    for nsid in [0xffff_fffe, 0xffff_ffff] {
+        let e = c.identify(0x02, nsid).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HostError::Status {
+                    status: Status::INVALID_NAMESPACE,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
     let e = c.identify(0x1f, 0).unwrap_err();
     assert!(
         matches!(

@@ -145,6 +145,8 @@ fn identify(c: &Controller, s: &Sqe) -> Answer {
         (0x03, Some(sub)) if nsid == 1 => identify::descriptors(sub),
         (0x00 | 0x03, Some(_)) => return Answer::err(Status::INVALID_NAMESPACE),
         (0x02, Some(_)) if nsid < 0xffff_fffe => identify::active_namespaces(nsid),
+        // The base specification's answer for these two NSIDs.
+        (0x02, Some(_)) => return Answer::err(Status::INVALID_NAMESPACE),
         _ => return Answer::err(Status::INVALID_FIELD),
     };
     sized(s, data)
