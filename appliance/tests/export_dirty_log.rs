@@ -285,3 +285,64 @@ fn a_write_held_for_a_suspended_range_is_answered_before_the_ring_index_is_hande
     );
     assert_eq!(g.read::<u8>(s), S_OK);
 }
+
+/// From an audit: SET_FEATURES turning dirty logging on set the features
+/// before the memory map with the log was published; when that publish
+/// gave up (a request held in the device past the drain time-out) the
+/// export said logging was on while the queues logged nothing, and the
+/// connection went on: a frontend that does not read the failure would
+/// migrate with nothing logged. The features stay as they were and the
+/// connection ends.
+#[test]
+fn dirty_logging_that_cannot_be_switched_on_ends_the_connection() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::volume::Volume;
+    use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+    use std::sync::Arc;
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
+    let fault = Arc::new(FaultDevice::new(ram));
+    let control = fault.control();
+    let volume = Volume::new(reactors.set(), "v", fault);
+    let sock = dir.path().join("h.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            serial: "h".into(),
+            drain_timeout: Some(std::time::Duration::from_millis(200)),
+            ..ExportOptions::new(sock.clone(), 1)
+        },
+    )
+    .unwrap();
+    let mut g = logging_guest(&sock);
+    let log = memfd(4096);
+    g.frontend
+        .set_log_base(0, region(&log, LOG_BYTES, 0))
+        .unwrap();
+    // A write the device holds: the queue cannot drain.
+    control.hold(Some(IoOp::Write), 0, u64::MAX, 1);
+    let (h, data, s) = (0x20000, 0x40000, 0x60000);
+    g.header(h, OUT, 8);
+    let t = g.queues[0].desc;
+    g.desc(t, 0, h, 16, NEXT, 1);
+    g.desc(t, 1, data, 4096, NEXT, 2);
+    g.desc(t, 2, s, 1, WRITE, 0);
+    g.offer(0, 0);
+    assert!(control.wait_held(1, std::time::Duration::from_secs(10)));
+    assert!(g.frontend.set_features(BASE | LOG_ALL).is_err());
+    assert!(
+        g.frontend.get_features().is_err(),
+        "the connection went on without the log"
+    );
+    control.release();
+    drop(g);
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

@@ -329,10 +329,19 @@ impl VhostUserBackendReqHandlerMut for Handler {
             )));
         }
         let log_changed = (self.features ^ features) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
-        self.features = features;
+        let before = std::mem::replace(&mut self.features, features);
         if log_changed {
             tracing::info!(on = self.logging(), "vhost-user dirty logging");
-            self.republish_log()?;
+            if let Err(e) = self.republish_log() {
+                // The queues go on as before (the map was not switched):
+                // the features say so too, and the connection ends. A
+                // frontend that does not read the answer (no REPLY_ACK)
+                // would migrate believing writes logged that are not.
+                self.features = before;
+                tracing::error!(error = %e, "dirty logging could not be switched: the frontend's connection is dropped");
+                self.export.fault.raise();
+                return Err(e);
+            }
         }
         if !self.protocol_features_acked() {
             // Without protocol features a vring runs as soon as it is kicked.
