@@ -245,6 +245,18 @@ impl Handler {
     /// it up on resume (the quiesce epoch of the export's memory object).
     fn publish_memory(&mut self, memory: GuestMemory) -> VuResult<()> {
         let _own = super::watchdog::own_work(&self.export);
+        // While logging, memory past the log's end would be written
+        // unlogged (only counted): refused, as SET_LOG_BASE refuses a log
+        // too small for the memory (QEMU grows the log first).
+        if let Some(log) = self.log.as_ref().filter(|_| self.logging()) {
+            let covered = log.pages().saturating_mul(super::dirtylog::LOG_PAGE);
+            if covered < memory.end() {
+                return Err(invalid(format!(
+                    "guest memory up to {:#x} while the dirty log covers {covered:#x}",
+                    memory.end()
+                )));
+            }
+        }
         let mut snapshot = memory.snapshot().map_err(invalid)?;
         snapshot.log = self.logging().then(|| self.log.clone()).flatten();
         self.export
