@@ -520,3 +520,59 @@ fn a_guest_offering_one_parked_write_again_and_again_is_not_served_more_than_a_r
     }
     g.good_read(0);
 }
+
+/// A device that has no channel for reactor 1 (its queue pairs taken
+/// there, say).
+struct NotOnReactor1 {
+    inner: Arc<dyn bdev::BlockDevice>,
+}
+
+impl bdev::BlockDevice for NotOnReactor1 {
+    fn info(&self) -> &bdev::DeviceInfo {
+        self.inner.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        if poller::current_reactor() == Some(1) {
+            return Err(bdev::BdevError::Exhausted("no channel on reactor 1".into()));
+        }
+        self.inner.open_channel()
+    }
+}
+
+/// From an audit: a queue moved to a reactor where it could not start
+/// stayed stopped (the API said only that the move failed), and the
+/// guest's IO on it hung for good: the frontend never starts a ring it
+/// believes running. It goes on where it was.
+#[test]
+fn a_queue_that_cannot_start_where_it_is_moved_goes_on_where_it_was() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::volume::Volume;
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ram: Arc<dyn bdev::BlockDevice> = Arc::new(bdev::RamDevice::new("ram", 4096, 256).unwrap());
+    let volume = Volume::new(reactors.set(), "v", Arc::new(NotOnReactor1 { inner: ram }));
+    let sock = dir.path().join("h.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            serial: "h".into(),
+            queue_cores: vec![0],
+            ..ExportOptions::new(sock.clone(), 1)
+        },
+    )
+    .unwrap();
+    let mut g = Guest::new(&sock, 1);
+    g.good_read(0);
+    assert!(export.move_queue(0, 1, 2).is_err());
+    assert_eq!(export.queue_cores(), vec![0]);
+    g.good_read(0);
+    drop(g);
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

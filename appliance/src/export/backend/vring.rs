@@ -228,12 +228,26 @@ impl Handler {
             }
             return Err(e.into());
         }
-        self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = core;
+        let old = std::mem::replace(
+            &mut self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize],
+            core,
+        );
         let v = self.vring(index)?;
         if v.kick.is_none() {
             v.kick = kick;
         }
-        Ok(self.try_start(index)?)
+        if let Err(e) = self.try_start(index) {
+            // Not there (its device had no channel for that reactor, the
+            // reactor was late): back where it ran. It stayed stopped, and
+            // the guest's IO on it hung, for the frontend never starts a
+            // ring it believes running.
+            self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = old;
+            if let Err(again) = self.try_start(index) {
+                tracing::error!(vring = index, error = %again, "a vring that could not move could not start where it was either; it starts at the frontend's next enable");
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     pub(super) fn stop(&mut self, index: u32) -> VuResult<()> {
