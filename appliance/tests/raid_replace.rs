@@ -185,6 +185,56 @@ fn a_replacement_that_fails_a_write_is_given_up_and_the_volume_stays_whole() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: a spare added to a degraded volume while one of its
+/// members was being replaced started a rebuild beside the copy; the
+/// rebuild's progress took the replacement's place, so a stop, the view
+/// and the close's wait lost the copy, which kept writing. The spare waits
+/// for the copy to end, then rebuilds the failed slot.
+#[test]
+fn a_spare_added_during_a_replacement_waits_for_it() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"))).collect();
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) =
+        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    monitor.fail_member("m2").unwrap();
+    // A copy too slow to end while the test looks (64 KiB/s).
+    monitor.set_rate(0, 64 << 10).unwrap();
+    let p = monitor.replace_member("m0", ram("n0")).unwrap();
+    monitor.add_spare(ram("s0")).unwrap();
+    let running = monitor.rebuild().expect("work runs");
+    assert!(
+        Arc::ptr_eq(&running, &p),
+        "the replacement's progress was replaced"
+    );
+    assert!(!p.is_finished());
+    assert_eq!(monitor.spares(), 1, "the spare waits");
+    monitor.set_rate(0, 0).unwrap();
+    settle(&monitor, &p);
+    assert_eq!(p.error(), None);
+    // Then the spare rebuilds the failed slot.
+    let t = Instant::now();
+    loop {
+        let snap = monitor.snapshot();
+        if snap.settled() && snap.states.iter().all(|&s| s == MemberState::InSync) {
+            assert_eq!(snap.members, ["n0", "m1", "s0"]);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", snap.states);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    monitor.close().unwrap();
+    reactors.shutdown().unwrap();
+}
+
 /// A RAM device that says it takes less than RAM does.
 struct Limited {
     inner: Arc<dyn BlockDevice>,

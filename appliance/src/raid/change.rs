@@ -391,8 +391,11 @@ pub(crate) fn plan(
                 return Ok(Plan::default());
             };
             let spare = s.spares[at].clone();
-            if set.rebuilding.is_some() {
-                // One rebuild at a time; this runs again when it is done.
+            if set.rebuilding.is_some() || set.replacing.is_some() {
+                // One copy at a time (a rebuild beside a replacement
+                // orphaned the replacement: its progress, its stop and
+                // the close's wait lost it); this runs again when it is
+                // done.
                 return Ok(Plan::default());
             }
             let next = match cur.with_member_replaced(slot, spare.clone(), 0) {
@@ -527,6 +530,10 @@ pub(crate) fn plan(
             p.roles_after.push((old, None));
             p.roles_after
                 .push((r.dev.info().name.clone(), Some(Role::Member)));
+            // A failed slot waiting for the copy to end takes a spare now.
+            if !s.spares.is_empty() {
+                p.follow.push(Change::UseSpare);
+            }
         }
         Change::ReplaceAborted(run, _) => {
             // A second report of the same abort may find a newer
@@ -536,6 +543,9 @@ pub(crate) fn plan(
             };
             p.next = Some(cur.with_member_set(set.replacement_over(false)));
             p.roles_after.push((r.dev.info().name.clone(), None));
+            if !s.spares.is_empty() {
+                p.follow.push(Change::UseSpare);
+            }
         }
         Change::AddSpare(dev) => {
             let dname = dev.info().name.clone();
@@ -561,10 +571,11 @@ pub(crate) fn plan(
             // failed).
             let slot = slot_of(cur.as_ref(), &dname)
                 .filter(|&slot| set.members.get(slot).is_some_and(|m| m.readd));
-            if let (true, Some(b), None, true, Some(slot)) = (
+            if let (true, Some(b), None, None, true, Some(slot)) = (
                 readd,
                 set.bitmap.clone(),
                 &set.rebuilding,
+                &set.replacing,
                 cur.parity_geometry().is_none(),
                 slot,
             ) {
