@@ -235,6 +235,85 @@ fn a_spare_added_during_a_replacement_waits_for_it() {
     reactors.shutdown().unwrap();
 }
 
+/// A device with no channel for the last reactor (where background work
+/// runs) while `refuse` is set, as a controller whose queue pairs are all
+/// in use refuses one.
+struct NoChannelThere {
+    inner: Arc<dyn BlockDevice>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BlockDevice for NoChannelThere {
+    fn info(&self) -> &bdev::DeviceInfo {
+        self.inner.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        if self.refuse.load(Ordering::SeqCst) && poller::current_reactor() == Some(1) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(bdev::BdevError::Exhausted("no queue pair free".into()));
+        }
+        self.inner.open_channel()
+    }
+}
+
+/// From an audit: a rebuild moving to a new generation of members (any
+/// change, here a member marked write-mostly) that could not open a
+/// channel to a source for now stopped, and its healthy, partly rebuilt
+/// target was failed: the volume stayed degraded. A channel refused for
+/// lack of room is not a failure: the move is tried again.
+#[test]
+fn a_rebuild_that_finds_no_channel_for_now_waits_and_goes_on() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let m0: Arc<dyn BlockDevice> = Arc::new(NoChannelThere {
+        inner: ram("m0"),
+        refuse: refuse.clone(),
+        refused: refused.clone(),
+    });
+    let devs = vec![m0, ram("m1"), ram("m2")];
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) =
+        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    monitor.fail_member("m2").unwrap();
+    monitor.set_rate(0, 64 << 10).unwrap();
+    monitor.add_spare(ram("s0")).unwrap();
+    let p = monitor.rebuild().expect("a rebuild");
+    assert_eq!(p.slot, 2);
+    refuse.store(true, Ordering::SeqCst);
+    monitor.set_write_mostly("m1", true).unwrap();
+    let t = Instant::now();
+    while refused.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no channel was asked for"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    refuse.store(false, Ordering::SeqCst);
+    monitor.set_rate(0, 0).unwrap();
+    settle(&monitor, &p);
+    assert_eq!(p.error(), None);
+    let snap = monitor.snapshot();
+    assert!(
+        snap.states.iter().all(|&s| s == MemberState::InSync),
+        "{:?}",
+        snap.states
+    );
+    assert_eq!(snap.members[2], "s0");
+    monitor.close().unwrap();
+    reactors.shutdown().unwrap();
+}
+
 /// A RAM device that says it takes less than RAM does.
 struct Limited {
     inner: Arc<dyn BlockDevice>,

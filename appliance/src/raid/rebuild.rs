@@ -27,6 +27,23 @@ use super::parity::xor_gen;
 use super::sg;
 use super::window::{WinBuf, Windows};
 
+/// Why background work did not move to a new generation of members.
+#[derive(Debug)]
+pub enum Retarget {
+    /// A device had no channel for now (its queue pairs all in use, which
+    /// is not a failure): the same generation is tried again. Stopping
+    /// failed the healthy rebuild target.
+    Again(String),
+    /// The work no longer applies (or a device failed to open).
+    Stop(String),
+}
+
+impl From<String> for Retarget {
+    fn from(why: String) -> Retarget {
+        Retarget::Stop(why)
+    }
+}
+
 /// What operators see of a rebuild.
 pub struct RebuildProgress {
     /// The slot being rebuilt.
@@ -255,25 +272,26 @@ impl RowWalk {
         used: &[usize],
         extra: Option<&Arc<dyn bdev::BlockDevice>>,
         events: FailureSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), Retarget> {
         let n = members.len() + extra.is_some() as usize;
         let mut channels: Vec<Option<Box<dyn IoChannel>>> = (0..n).map(|_| None).collect();
+        let open = |d: &Arc<dyn bdev::BlockDevice>| {
+            d.open_channel().map_err(|e| {
+                let why = format!("opening {}: {e}", d.info().name);
+                match e {
+                    bdev::BdevError::Exhausted(_) => Retarget::Again(why),
+                    _ => Retarget::Stop(why),
+                }
+            })
+        };
         for &m in used {
             let Some(member) = members.get(m) else {
-                return Err(format!("no member in slot {m}"));
+                return Err(format!("no member in slot {m}").into());
             };
-            channels[m] = Some(
-                member
-                    .dev
-                    .open_channel()
-                    .map_err(|e| format!("opening {}: {e}", member.dev.info().name))?,
-            );
+            channels[m] = Some(open(&member.dev)?);
         }
         if let Some(d) = extra {
-            channels[n - 1] = Some(
-                d.open_channel()
-                    .map_err(|e| format!("opening {}: {e}", d.info().name))?,
-            );
+            channels[n - 1] = Some(open(d)?);
         }
         let chunk = self.rows.blocks as usize * self.rows.block_size;
         self.bufs.resize_with(n, WinBuf::default);
@@ -574,7 +592,7 @@ impl Rebuilder {
         sources: Vec<usize>,
         extra: Option<&Arc<dyn bdev::BlockDevice>>,
         events: FailureSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), Retarget> {
         let mut used = sources.clone();
         if extra.is_none() {
             used.push(self.slot);
@@ -752,7 +770,7 @@ impl Scrubber {
         members: Arc<Vec<Member>>,
         read: Vec<usize>,
         events: FailureSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), Retarget> {
         self.walk.retarget(members, &read, None, events)?;
         self.all = read;
         Ok(())

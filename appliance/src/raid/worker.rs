@@ -25,7 +25,7 @@ use poller::{LocalGate, PollState, ReactorSet};
 use super::bitmap::Bitmap;
 use super::level::RaidDevice;
 use super::members::{device_id, Event, MemberState};
-use super::rebuild::{RebuildProgress, Rebuilder, Scrubber};
+use super::rebuild::{RebuildProgress, Rebuilder, Retarget, Scrubber};
 use crate::volume::{Volume, VolumeConfig};
 
 /// What a worker does.
@@ -155,10 +155,21 @@ impl Worker {
                     self.in_row = true;
                     if self.gate.generation() != self.generation {
                         let (generation, config) = self.gate.config();
-                        self.generation = generation;
-                        if let Err(why) = self.retarget(&config) {
-                            tracing::info!(volume = %self.volume, job = ?self.job, reason = %why, "background work stopped");
-                            self.walker.stop(why);
+                        match self.retarget(&config) {
+                            Ok(()) => self.generation = generation,
+                            Err(Retarget::Again(why)) => {
+                                // Between rows, on the old channels' last
+                                // row: tried again at the next poll.
+                                tracing::debug!(volume = %self.volume, job = ?self.job, reason = %why, "background work waits for a channel");
+                                self.gate.end();
+                                self.in_row = false;
+                                return PollState::Busy;
+                            }
+                            Err(Retarget::Stop(why)) => {
+                                self.generation = generation;
+                                tracing::info!(volume = %self.volume, job = ?self.job, reason = %why, "background work stopped");
+                                self.walker.stop(why);
+                            }
                         }
                     }
                 }
@@ -174,9 +185,11 @@ impl Worker {
 
     /// Point the walker at the generation `config`, or say why the job no
     /// longer applies to it.
-    fn retarget(&mut self, config: &VolumeConfig) -> Result<(), String> {
+    fn retarget(&mut self, config: &VolumeConfig) -> Result<(), Retarget> {
         let Some(raid) = config.raid.as_ref() else {
-            return Err("the volume is no longer a RAID volume".into());
+            return Err(Retarget::Stop(
+                "the volume is no longer a RAID volume".into(),
+            ));
         };
         let set = raid.member_set();
         let members = set.members.clone();
@@ -189,20 +202,22 @@ impl Worker {
                 let same = run.rebuilds(set, slot)
                     && members.get(slot).is_some_and(|m| device_id(&m.dev) == dev);
                 if !same {
-                    return Err(format!(
+                    return Err(Retarget::Stop(format!(
                         "interrupted: slot {slot} is no longer rebuilt onto this device"
-                    ));
+                    )));
                 }
                 let sources = raid.rebuild_sources(slot);
                 let r = if sources.is_empty() {
-                    Err("no member left in sync to rebuild from".to_string())
+                    Err(Retarget::Stop(
+                        "no member left in sync to rebuild from".to_string(),
+                    ))
                 } else {
                     r.retarget(members, sources, None, events.clone())
                 };
                 // The slot is still this rebuild's: tell the monitor that
                 // nothing rebuilds it (it is failed again), rather than
                 // leave it "rebuilding" with nothing running.
-                if let Err(why) = &r {
+                if let Err(Retarget::Stop(why)) = &r {
                     events.event(Event::RebuildAborted(slot, run, why.clone()));
                 }
                 r
@@ -214,15 +229,20 @@ impl Worker {
                     .as_ref()
                     .filter(|rep| device_id(&rep.dev) == dev && run.is(&rep.cursor))
                 else {
-                    return Err("interrupted: the replacement was given up".into());
+                    return Err(Retarget::Stop(
+                        "interrupted: the replacement was given up".into(),
+                    ));
                 };
                 if members.get(rep.slot).map(|m| m.recorded_state()) != Some(MemberState::InSync) {
-                    return Err(format!("interrupted: slot {} is not in sync", rep.slot));
+                    return Err(Retarget::Stop(format!(
+                        "interrupted: slot {} is not in sync",
+                        rep.slot
+                    )));
                 }
                 let target = rep.dev.clone();
                 let n = members.len();
                 let r = r.retarget(members, vec![rep.slot], Some(&target), events.clone());
-                if let Err(why) = &r {
+                if let Err(Retarget::Stop(why)) = &r {
                     events.event(Event::RebuildAborted(n, run, why.clone()));
                 }
                 r
@@ -230,10 +250,10 @@ impl Worker {
             (Job::Scrub { .. }, Walker::Scrub(s)) => {
                 let read = raid
                     .scrub_members()
-                    .map_err(|why| format!("interrupted: {why}"))?;
+                    .map_err(|why| Retarget::Stop(format!("interrupted: {why}")))?;
                 s.retarget(members, read, events)
             }
-            _ => Err("internal: job and walker disagree".into()),
+            _ => Err(Retarget::Stop("internal: job and walker disagree".into())),
         }
     }
 }
