@@ -314,6 +314,55 @@ fn a_rebuild_that_finds_no_channel_for_now_waits_and_goes_on() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: a volume deleted while a replacement's end was being
+/// recorded (its superblocks written, not yet published) had its record
+/// put back to the generation before, and the close wrote that over the
+/// superblocks: the old device and the new one both claimed the slot at
+/// the same events, and the devices assembled no more.
+#[test]
+fn a_volume_removed_while_a_replacement_is_recorded_still_assembles() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let m0 = Arc::new(FaultDevice::new(ram("m0")));
+    let c0 = m0.control();
+    let (m1, n1) = (ram("m1"), ram("n1"));
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![m0.clone(), m1.clone()];
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) =
+        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    // The first metadata write to m0 after this: the end's record (a
+    // replacement keeps no checkpoint).
+    c0.hold(Some(bdev::IoOp::Write), 0, 256, 1);
+    monitor.replace_member("m1", n1.clone()).unwrap();
+    assert!(c0.wait_held(1, Duration::from_secs(30)));
+    // The deletion: the volume's IO object goes (its suspend nests in the
+    // change's), then the monitor closes once the change is over.
+    volume.quiesce().remove(Duration::from_secs(30)).unwrap();
+    c0.release();
+    let _ = monitor.close();
+    drop(monitor);
+    let report = assembly::assemble(&[m0.clone() as Arc<dyn BlockDevice>, m1, n1], |_| {
+        FailureSink::none()
+    });
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.volumes.len(), 1);
+    // As the superblocks said when the deletion came: the copy took the slot.
+    let names: Vec<String> = report.volumes[0]
+        .members
+        .iter()
+        .map(|m| m.as_ref().map_or(String::new(), |d| d.info().name.clone()))
+        .collect();
+    assert_eq!(names, ["m0", "n1"]);
+    reactors.shutdown().unwrap();
+}
+
 /// A RAM device that says it takes less than RAM does.
 struct Limited {
     inner: Arc<dyn BlockDevice>,

@@ -154,15 +154,6 @@ impl Inner {
                 return Err(flush_failed(s.current.member_set(), d, e));
             }
         }
-        // The record as it was, to put back if the publish fails (the
-        // volume was deleted meanwhile): memory never names a generation
-        // that was not published.
-        let recorded_before = self
-            .meta
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|r| (r.meta.clone(), r.device.clone(), r.clean));
         if plan.record {
             let mut rec = self.meta.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(r) = rec.as_mut() {
@@ -222,10 +213,16 @@ impl Inner {
                 .quiesce()
                 .publish(&guard, VolumeConfig::raid(next.clone()))
             {
+                // Only a volume removed meanwhile (deleted) refuses the
+                // publish: it never runs again. What the close records is
+                // what the superblocks (and the state file) now say: put
+                // back, the close recorded the old generation over them,
+                // and a replaced member's old device claimed its slot
+                // beside the new one: the volume assembled no more.
                 undo(&claimed);
-                let mut rec = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-                if let (Some(r), Some((meta, device, clean))) = (rec.as_mut(), recorded_before) {
-                    (r.meta, r.device, r.clean) = (meta, device, clean);
+                s.current = device;
+                if let Some(sp) = plan.spares {
+                    s.spares = sp;
                 }
                 return Err(quiesce_error(e));
             }
