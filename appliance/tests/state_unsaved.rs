@@ -72,3 +72,42 @@ fn a_change_whose_state_cannot_be_saved_says_so_and_a_deleted_export_stops() {
     drop(mgr);
     reactors.shutdown().unwrap();
 }
+
+/// From review: a journal given with the state file unwritable answered OK
+/// (only the state file names it: a start without it there never replays
+/// what write-back acknowledged), and one taken away returned at the
+/// failed save before its device was erased (a state file still naming
+/// it would replay its old log over later writes).
+#[test]
+fn a_journal_added_or_removed_whose_state_cannot_be_saved_says_so() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    for d in ["a", "b", "c", "j"] {
+        mgr.attach_device(ram(d)).unwrap();
+    }
+    mgr.create_volume(VolumeDecl::new("v", "raid5", &["a", "b", "c"]), false)
+        .unwrap();
+    break_state(&state);
+    assert!(unsaved(mgr.add_journal("v", "j", "write-back", false)));
+    assert!(mgr.get_volume("v").unwrap().journal_state.is_some());
+    assert!(unsaved(mgr.remove_journal("v")));
+    assert!(mgr.get_volume("v").unwrap().journal_state.is_none());
+    let j = mgr
+        .list_devices()
+        .into_iter()
+        .find(|d| d.decl.name == "j")
+        .unwrap();
+    assert_eq!(j.used_by, "", "the journal's device is let go");
+    // Erased: taken again without force.
+    std::fs::remove_dir_all(&state).unwrap();
+    mgr.add_journal("v", "j", "write-through", false).unwrap();
+    mgr.shutdown();
+    drop(mgr);
+    reactors.shutdown().unwrap();
+}

@@ -26,15 +26,26 @@ impl Manager {
         volume: &str,
         f: impl FnOnce(&Monitor) -> Result<(), OpError>,
     ) -> Result<VolumeView, MgmtError> {
-        self.check_open()?;
-        let v = self.raid(volume)?;
-        f(monitor(&v)?).map_err(|e| from_op(volume, e))?;
+        let view = self.apply(volume, f)?;
         // The change saved the state inside its transaction, where a
         // failure is only logged (the change is made: superblocks written,
         // published). The caller hears it: a setting kept only in the
         // state file (a rate, write-behind, a spare) would be gone at the
         // next start while the call said OK.
         self.save()?;
+        Ok(view)
+    }
+
+    /// [`change`](Self::change) without the save after it, for a call
+    /// with steps of its own after the change (it saves at its end).
+    fn apply(
+        &self,
+        volume: &str,
+        f: impl FnOnce(&Monitor) -> Result<(), OpError>,
+    ) -> Result<VolumeView, MgmtError> {
+        self.check_open()?;
+        let v = self.raid(volume)?;
+        f(monitor(&v)?).map_err(|e| from_op(volume, e))?;
         Ok(self.view(&v))
     }
 
@@ -183,7 +194,8 @@ impl Manager {
 
     /// Start a scrub (check, or repair).
     pub fn start_scrub(&self, volume: &str, repair: bool) -> Result<VolumeView, MgmtError> {
-        self.change(volume, |m| m.scrub(repair).map(|_| ()))
+        // Nothing of a scrub is in the state file.
+        self.apply(volume, |m| m.scrub(repair).map(|_| ()))
     }
 
     /// Stop a running scrub. A rebuild is not stopped: that would leave
@@ -416,13 +428,17 @@ impl Manager {
         // The region size asked for is what the state file keeps.
         let before = lock(&v.decl).bitmap_chunk_kib;
         lock(&v.decl).bitmap_chunk_kib = if enabled { chunk_kib } else { 0 };
-        let r = self.change(volume, |m| {
+        let r = self.apply(volume, |m| {
             m.set_bitmap(enabled.then(|| bitmap_chunk_bytes(chunk_kib)))
         });
+        // Put back only if the volume refused it: a change made whose
+        // save failed keeps what it asked for (the bitmap is there).
         if r.is_err() {
             lock(&v.decl).bitmap_chunk_kib = before;
         }
-        r
+        let view = r?;
+        self.save()?;
+        Ok(view)
     }
 
     /// Give a RAID5 volume a journal online: `device` is formatted as its
@@ -501,6 +517,10 @@ impl Manager {
             self.shared.roles.set(device, volume, None);
             return Err(e);
         }
+        // The journal is named only by the state file (not by the
+        // members' superblocks): a start without it there would never
+        // replay what write-back acknowledged from it.
+        self.save()?;
         Ok(self.view(&v))
     }
 
@@ -517,7 +537,10 @@ impl Manager {
                 "volume {volume} has no journal"
             )));
         };
-        let view = self.change(volume, |m| {
+        // Saved at the end: the erase below runs whatever the save does
+        // (a state file still naming the journal, with its log left on
+        // the device, would have it replayed over later writes).
+        let view = self.apply(volume, |m| {
             // The journal looked at is the one removed (another call may
             // have replaced it meanwhile: its device is not erased here).
             if !m
@@ -546,6 +569,7 @@ impl Manager {
             }
             self.shared.roles.set(&name, volume, None);
         }
+        self.save()?;
         Ok(view)
     }
 
@@ -561,17 +585,16 @@ impl Manager {
                 "volume {volume} has no journal"
             )));
         }
-        let r = self.change(volume, |m| m.set_journal_mode(mode));
+        let r = self.apply(volume, |m| m.set_journal_mode(mode));
         // The mode in force is the journal's, whatever became of a drain:
         // the state file says it.
         if let Some(j) = monitor(&v)?.journal() {
             lock(&v.decl).journal_mode = j.mode().name().to_string();
-            let saved = self.save();
-            if r.is_ok() {
-                saved?;
-            }
         }
-        r
+        let saved = self.save();
+        let view = r?;
+        saved?;
+        Ok(view)
     }
 }
 

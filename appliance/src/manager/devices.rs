@@ -19,7 +19,7 @@ impl Inventory {
         let pending = self
             .attaching
             .values()
-            .filter_map(|spec| spec.strip_prefix("ram:"))
+            .filter_map(|(spec, _)| spec.strip_prefix("ram:"))
             .filter_map(|z| crate::devspec::parse_size(z).ok())
             .fold(0u64, u64::saturating_add);
         let taken = self
@@ -73,6 +73,29 @@ impl Manager {
             ));
         }
         self.check_open()?;
+        // Identities (a stat of a path, perhaps on a mount that stopped
+        // answering) are worked out without the inventory's lock: under
+        // it, one slow path hung every call and every metrics scrape.
+        // Missing devices only ever leave the list after the start.
+        let id = crate::devspec::identity(&decl.spec);
+        let missing: Vec<(String, String)> = self
+            .inv()
+            .missing
+            .values()
+            .map(|m| (m.name.clone(), m.spec.clone()))
+            .collect();
+        // The state file names it still, under the other name: both would
+        // be tried at the next start, and one found busy.
+        // (By what the spec names, as `attached_as` compares: one file
+        // spelled with and without its size is one; RAM is no storage.)
+        if let Some((name, _)) = missing.iter().find(|(name, spec)| {
+            *name != decl.name && id.is_some() && crate::devspec::identity(spec) == id
+        }) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "{} is device {name}, missing since the start: attach it under that name, or detach {name} first",
+                decl.spec
+            )));
+        }
         let mut inv = self.inv();
         if inv.devices.contains_key(&decl.name) || inv.attaching.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
@@ -80,21 +103,8 @@ impl Manager {
                 decl.name
             )));
         }
-        if let Some(by) = attached_as(&inv, &decl.spec, true) {
+        if let Some(by) = attached_as(&inv, id.as_deref(), true) {
             self.same_storage(&decl, &by)?;
-        }
-        // The state file names it still, under the other name: both would
-        // be tried at the next start, and one found busy.
-        // (By what the spec names, as `attached_as` compares: one file
-        // spelled with and without its size is one; RAM is no storage.)
-        let id = crate::devspec::identity(&decl.spec);
-        if let Some(m) = inv.missing.values().find(|m| {
-            m.name != decl.name && id.is_some() && crate::devspec::identity(&m.spec) == id
-        }) {
-            return Err(MgmtError::FailedPrecondition(format!(
-                "{} is device {}, missing since the start: attach it under that name, or detach {} first",
-                decl.spec, m.name, m.name
-            )));
         }
         if let (Some(rest), Some(allowed)) = (
             decl.spec.strip_prefix("file:"),
@@ -115,14 +125,20 @@ impl Manager {
         // Opened without the lock (the name and spec are reserved): a
         // large RAM device takes seconds to allocate, and listings,
         // health and metrics go on meanwhile.
-        inv.attaching.insert(decl.name.clone(), decl.spec.clone());
+        inv.attaching
+            .insert(decl.name.clone(), (decl.spec.clone(), id.clone()));
         drop(inv);
         let opened = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size);
-        // Still without the lock: a remote target's name is looked up.
-        let identity = opened
-            .is_ok()
-            .then(|| crate::devspec::resolved_identity(&decl.spec))
-            .flatten();
+        // Still without the lock: a remote target's name is looked up, a
+        // file made by the open has its inode now.
+        let (identity, spec_identity) = if opened.is_ok() {
+            (
+                crate::devspec::resolved_identity(&decl.spec),
+                crate::devspec::identity(&decl.spec),
+            )
+        } else {
+            (None, None)
+        };
         let mut inv = self.inv();
         inv.attaching.remove(&decl.name);
         // Shut down meanwhile: the device is dropped, not attached.
@@ -147,7 +163,7 @@ impl Manager {
                 .find(|d| d.identity.as_ref() == Some(id))
                 .map(|d| d.decl.name.clone())
         });
-        if let Some(by) = attached_as(&inv, &decl.spec, false).or(same_storage) {
+        if let Some(by) = attached_as(&inv, spec_identity.as_deref(), false).or(same_storage) {
             self.same_storage(&decl, &by)?;
         }
         let wrapper = lock(&self.shared.wrapper).clone();
@@ -170,6 +186,7 @@ impl Manager {
                 decl,
                 dev,
                 identity,
+                spec_identity,
             },
         );
         drop(inv);
@@ -515,19 +532,19 @@ impl Manager {
 }
 
 /// The device (attached, or with `attaching` being attached) whose
-/// storage `spec` names too, however spelled ([`crate::devspec::identity`]).
-fn attached_as(inv: &Inventory, spec: &str, attaching: bool) -> Option<String> {
-    let id = crate::devspec::identity(spec)?;
-    let same = |other: &str| crate::devspec::identity(other).as_deref() == Some(id.as_str());
+/// storage a spec of identity `id` names too, however spelled
+/// ([`crate::devspec::identity`], as found at each one's attach).
+fn attached_as(inv: &Inventory, id: Option<&str>, attaching: bool) -> Option<String> {
+    let id = id?;
     inv.devices
         .values()
-        .find(|d| same(&d.decl.spec))
+        .find(|d| d.spec_identity.as_deref() == Some(id))
         .map(|d| d.decl.name.clone())
         .or_else(|| {
             inv.attaching
                 .iter()
                 .filter(|_| attaching)
-                .find(|(_, s)| same(s))
+                .find(|(_, (_, other))| other.as_deref() == Some(id))
                 .map(|(n, _)| n.clone())
         })
 }

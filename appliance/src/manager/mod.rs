@@ -413,6 +413,11 @@ struct Dev {
     /// What storage it is, as found at attach
     /// ([`crate::devspec::resolved_identity`]).
     identity: Option<String>,
+    /// Its specification's identity as found at attach
+    /// ([`crate::devspec::identity`]): what a new spec is compared with,
+    /// never worked out again under the inventory's lock (a file on a
+    /// mount that stopped answering hung every call).
+    spec_identity: Option<String>,
 }
 
 /// A volume in the inventory.
