@@ -375,10 +375,9 @@ pub fn spawn(
     match started {
         Ok(Ok(())) => Ok((progress, arming)),
         Ok(Err(e)) | Err(e) => {
-            if let Job::Scrub { repair, .. } = job {
-                if repair || !scrub_owed {
-                    members.scrubbing.store(false, Ordering::SeqCst);
-                }
+            if let Job::Scrub { .. } = job {
+                // It never ran: as it was.
+                members.scrubbing.store(scrub_owed, Ordering::SeqCst);
             }
             Err(format!("{name}: starting background work: {e}"))
         }
