@@ -342,16 +342,28 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         let log_changed = (self.features ^ features) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         let before = std::mem::replace(&mut self.features, features);
+        let log_before = self.log.clone();
         if log_changed {
-            tracing::info!(on = self.logging(), "vhost-user dirty logging");
+            let on = self.logging();
+            tracing::info!(on, "vhost-user dirty logging");
+            if !on {
+                // QEMU frees its log when logging stops and sends a new
+                // SET_LOG_BASE when it starts again (after SET_FEATURES,
+                // at a device start during a migration): one kept would
+                // be checked against memory grown since.
+                self.log = None;
+            }
             if let Err(e) = self.republish_log() {
                 // The queues go on as before (the map was not switched):
-                // the features say so too, and the connection ends. A
-                // frontend that does not read the answer (no REPLY_ACK)
-                // would migrate believing writes logged that are not.
+                // the features say so too. A frontend that cannot read
+                // the failure (no REPLY_ACK) would migrate believing
+                // writes logged that are not: its connection ends.
                 self.features = before;
-                tracing::error!(error = %e, "dirty logging could not be switched: the frontend's connection is dropped");
-                self.export.fault.raise();
+                self.log = log_before;
+                if on && !self.reply_ack() {
+                    tracing::error!(error = %e, "dirty logging could not be switched on: the frontend's connection is dropped");
+                    self.export.fault.raise();
+                }
                 return Err(e);
             }
         }
