@@ -485,7 +485,7 @@ impl Manager {
 
     /// Put a started volume into the inventory; its monitor reports to it
     /// from now on.
-    fn insert_volume(&self, mut decl: VolumeDecl, started: Started) {
+    fn insert_volume(&self, mut decl: VolumeDecl, started: Started) -> Result<(), MgmtError> {
         let (volume, monitor) = started;
         // What the state file pins the volume and its journal by.
         if let Some(m) = &monitor {
@@ -542,6 +542,20 @@ impl Manager {
         let mut inv = self.inv();
         // Reserved until now (`with_claims`): no other volume has it.
         inv.creating.remove(&name);
+        if self.shared.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            // The stop took the volumes already (a call that outlived the
+            // API's wait at the stop): never put in, so closed here, or
+            // its superblocks stayed dirty and the state file never knew.
+            drop(inv);
+            if let Some(m) = &monitor {
+                if let Err(e) = m.close() {
+                    tracing::error!(volume = %name, error = %e, "recording a volume made during the stop clean");
+                }
+            }
+            return Err(MgmtError::FailedPrecondition(
+                "the daemon is stopping".into(),
+            ));
+        }
         inv.volumes.insert(
             name,
             Arc::new(Vol {
@@ -554,6 +568,7 @@ impl Manager {
                 bitmap_calls: Mutex::new(()),
             }),
         );
+        Ok(())
     }
 
     /// Create a volume; RAID members get fresh superblocks (`force` to
@@ -570,7 +585,7 @@ impl Manager {
             }
             self.build_volume(&decl, level, members, spares, jdev, mode, force)
         })?;
-        self.insert_volume(decl.clone(), started);
+        self.insert_volume(decl.clone(), started)?;
         self.save()?;
         self.get_volume(&decl.name)
     }
@@ -702,10 +717,7 @@ impl Manager {
                 self.assemble_volume(decl_ref, level, members, spares, jdev, volatile, initial)
             })?;
         match started {
-            Some(started) => {
-                self.insert_volume(fixed, started);
-                Ok(())
-            }
+            Some(started) => self.insert_volume(fixed, started),
             // Every member blank: a new volume.
             None => {
                 self.unreserve(&decl.name);
