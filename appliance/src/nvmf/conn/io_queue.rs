@@ -27,10 +27,10 @@ const CHANNEL_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The status for a volume request that failed with `e`. Every failure
 /// was a media error with Do Not Retry: a volume whose device timed out
-/// or went away (a remote member's target restarting, a controller
-/// reset given up) told the host never to retry, and hosts with another
-/// path did not fail over; a range the volume no longer has (it shrank
-/// while the command waited) was a media error too.
+/// (a remote member's target restarting, a controller reset) told the
+/// host never to retry; a range the volume no longer has (it shrank while
+/// the command waited) was a media error too. A device that failed for
+/// good stays a media error, not retried.
 fn volume_error(op: IoOp, e: &bdev::IoError) -> Status {
     use bdev::IoError as E;
     match e {
@@ -38,7 +38,7 @@ fn volume_error(op: IoOp, e: &bdev::IoError) -> Status {
         E::Unsupported(_) => Status::INVALID_OPCODE,
         E::ZeroLength(_) | E::TooLarge { .. } | E::LengthMismatch { .. } => Status::INVALID_FIELD,
         // Retryable (no DNR, see `capsule::completion`).
-        E::DeviceFailed | E::TimedOut => status::NS_NOT_READY,
+        E::TimedOut => status::NS_NOT_READY,
         _ => match op {
             IoOp::Read => Status::UNRECOVERED_READ,
             IoOp::Write | IoOp::WriteZeroes => Status::WRITE_FAULT,
