@@ -363,6 +363,109 @@ fn a_volume_removed_while_a_replacement_is_recorded_still_assembles() {
     reactors.shutdown().unwrap();
 }
 
+/// A device with room for one channel on reactor 1 (where background
+/// work runs) once `limit` is set; elsewhere (metadata IO) any number.
+struct OneOnReactor1 {
+    inner: Arc<dyn BlockDevice>,
+    open: Arc<std::sync::atomic::AtomicU64>,
+    limit: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct Counted {
+    inner: Box<dyn bdev::IoChannel>,
+    open: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl bdev::IoChannel for Counted {
+    fn submit(&mut self, req: bdev::IoRequest) -> Result<(), bdev::SubmitError> {
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, out: &mut Vec<bdev::Completion>) -> usize {
+        self.inner.poll(out)
+    }
+    fn inflight(&self) -> usize {
+        self.inner.inflight()
+    }
+}
+
+impl BlockDevice for OneOnReactor1 {
+    fn info(&self) -> &bdev::DeviceInfo {
+        self.inner.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        if poller::current_reactor() != Some(1) {
+            return self.inner.open_channel();
+        }
+        if self.limit.load(Ordering::SeqCst) && self.open.load(Ordering::SeqCst) >= 1 {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(bdev::BdevError::Exhausted("one queue pair".into()));
+        }
+        self.open.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(Counted {
+            inner: self.inner.open_channel()?,
+            open: self.open.clone(),
+        }))
+    }
+}
+
+/// From review: a rebuild opened its channels to the new generation
+/// before letting the old ones go, so a source with room for one channel
+/// (the rebuild's own) refused the new one every time: the move could
+/// never succeed. The old ones go first.
+#[test]
+fn a_rebuild_moves_to_a_new_generation_on_a_device_with_room_for_one_channel() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let limit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let m0: Arc<dyn BlockDevice> = Arc::new(OneOnReactor1 {
+        inner: ram("m0"),
+        open: Default::default(),
+        limit: limit.clone(),
+        refused: refused.clone(),
+    });
+    let devs = vec![m0, ram("m1"), ram("m2")];
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) =
+        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    monitor.fail_member("m2").unwrap();
+    monitor.set_rate(0, 64 << 10).unwrap();
+    monitor.add_spare(ram("s0")).unwrap();
+    let p = monitor.rebuild().expect("a rebuild");
+    limit.store(true, Ordering::SeqCst);
+    monitor.set_write_mostly("m1", true).unwrap();
+    monitor.set_rate(0, 0).unwrap();
+    settle(&monitor, &p);
+    assert_eq!(
+        p.error(),
+        None,
+        "refused {}",
+        refused.load(Ordering::SeqCst)
+    );
+    let snap = monitor.snapshot();
+    assert!(
+        snap.states.iter().all(|&s| s == MemberState::InSync),
+        "{:?}",
+        snap.states
+    );
+    monitor.close().unwrap();
+    reactors.shutdown().unwrap();
+}
+
 /// A RAM device that says it takes less than RAM does.
 struct Limited {
     inner: Arc<dyn BlockDevice>,

@@ -274,6 +274,10 @@ impl RowWalk {
         events: FailureSink,
     ) -> Result<(), Retarget> {
         let n = members.len() + extra.is_some() as usize;
+        // The old generation's channels go first (nothing is in flight
+        // between rows): each holds a queue pair of its device, and a
+        // device with room for one only refused the new one for good.
+        self.channels.clear();
         let mut channels: Vec<Option<Box<dyn IoChannel>>> = (0..n).map(|_| None).collect();
         let open = |d: &Arc<dyn bdev::BlockDevice>| {
             d.open_channel().map_err(|e| {

@@ -118,6 +118,13 @@ impl Walker {
             Walker::Scrub(s) => s.stop_now(why),
         }
     }
+
+    fn cancelled(&self) -> bool {
+        match self {
+            Walker::Rebuild(r) => r.cancelled(),
+            Walker::Scrub(s) => s.cancelled(),
+        }
+    }
 }
 
 struct Worker {
@@ -129,7 +136,13 @@ struct Worker {
     in_row: bool,
     armed: Arc<AtomicU64>,
     volume: String,
+    /// Since when a move to a new generation waits for a channel.
+    waiting_since: Option<std::time::Instant>,
 }
+
+/// How long background work waits for a channel to a device of a new
+/// generation (one refused for lack of room) before it stops.
+const CHANNEL_WAIT: Duration = Duration::from_secs(30);
 
 impl Worker {
     fn poll(&mut self) -> PollState {
@@ -156,14 +169,30 @@ impl Worker {
                     if self.gate.generation() != self.generation {
                         let (generation, config) = self.gate.config();
                         match self.retarget(&config) {
-                            Ok(()) => self.generation = generation,
-                            Err(Retarget::Again(why)) => {
-                                // Between rows, on the old channels' last
-                                // row: tried again at the next poll.
+                            Ok(()) => {
+                                self.generation = generation;
+                                self.waiting_since = None;
+                            }
+                            Err(Retarget::Again(why))
+                                if !self.walker.cancelled()
+                                    && self
+                                        .waiting_since
+                                        .get_or_insert_with(std::time::Instant::now)
+                                        .elapsed()
+                                        < CHANNEL_WAIT =>
+                            {
+                                // Between rows, with no channel: tried
+                                // again at the next poll (no row runs
+                                // meanwhile, a suspend is acknowledged).
                                 tracing::debug!(volume = %self.volume, job = ?self.job, reason = %why, "background work waits for a channel");
                                 self.gate.end();
                                 self.in_row = false;
                                 return PollState::Busy;
+                            }
+                            Err(Retarget::Again(why)) => {
+                                self.generation = generation;
+                                tracing::warn!(volume = %self.volume, job = ?self.job, reason = %why, "background work stopped: no channel within {CHANNEL_WAIT:?}, or cancelled meanwhile");
+                                self.walker.stop(why);
                             }
                             Err(Retarget::Stop(why)) => {
                                 self.generation = generation;
@@ -365,6 +394,7 @@ pub fn spawn(
             walker: make(),
             gate,
             generation: 0,
+            waiting_since: None,
             in_row: false,
             armed,
             volume: vname,
