@@ -466,6 +466,54 @@ fn a_rebuild_moves_to_a_new_generation_on_a_device_with_room_for_one_channel() {
     reactors.shutdown().unwrap();
 }
 
+/// Found with the test above: a superblock write to a member with no
+/// channel free for now (its queue pairs all in use, not a failure) failed
+/// the member. It waits for one.
+#[test]
+fn a_superblock_write_waits_for_a_channel_the_member_has_no_room_for_now() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let m0 = Arc::new(FaultDevice::new(ram("m0")));
+    let c0 = m0.control();
+    let devs: Vec<Arc<dyn BlockDevice>> = vec![m0.clone(), ram("m1")];
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) =
+        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    // Every channel m0 has room for is taken (by the test).
+    let taken = m0.open_channel().unwrap();
+    c0.limit_channels(c0.open_channels());
+    std::thread::scope(|s| {
+        let change = s.spawn(|| monitor.set_write_mostly("m1", true));
+        let t = Instant::now();
+        while c0.refused() == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no channel asked for"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(taken);
+        change.join().unwrap().unwrap();
+    });
+    assert!(
+        monitor
+            .member_states()
+            .iter()
+            .all(|&s| s == MemberState::InSync),
+        "{:?}",
+        monitor.member_states()
+    );
+    monitor.close().unwrap();
+    reactors.shutdown().unwrap();
+}
+
 /// A RAM device that says it takes less than RAM does.
 struct Limited {
     inner: Arc<dyn BlockDevice>,

@@ -10,6 +10,23 @@ use super::RaidError;
 /// How long a metadata IO may take before the caller gets an error.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a metadata IO waits for a channel the device has no room
+/// for now (its queue pairs all in use: not a failure, one let go makes
+/// room). Refused at once, a superblock write failed a healthy member.
+const CHANNEL_WAIT: Duration = Duration::from_secs(5);
+
+fn open(dev: &dyn BlockDevice) -> Result<Box<dyn IoChannel>, bdev::BdevError> {
+    let t = Instant::now();
+    loop {
+        match dev.open_channel() {
+            Err(bdev::BdevError::Exhausted(_)) if t.elapsed() < CHANNEL_WAIT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Synchronous IO on a fresh channel: `buf` is written from (or read
 /// into) at `block`; a flush takes an empty `buf`. The request works on a
 /// buffer of its own: one that has not finished by the deadline is left to
@@ -28,7 +45,7 @@ pub(crate) fn sync(
         reason,
     };
     let bs = dev.info().block_size as usize;
-    let mut ch = dev.open_channel().map_err(|e| io(e.to_string()))?;
+    let mut ch = open(dev).map_err(|e| io(e.to_string()))?;
     let mut own = buf.to_vec();
     // In requests the device takes (a replay's record, a bitmap may be
     // larger than one NVMe command), all on this one channel.
