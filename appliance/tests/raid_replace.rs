@@ -502,6 +502,12 @@ fn a_superblock_write_waits_for_a_channel_the_member_has_no_room_for_now() {
         drop(taken);
         change.join().unwrap().unwrap();
     });
+    // A failure reported meanwhile is recorded by the monitor's thread.
+    let t = Instant::now();
+    while !monitor.idle() || !monitor.snapshot().settled() {
+        assert!(t.elapsed() < Duration::from_secs(30), "never idle");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(
         monitor
             .member_states()
