@@ -188,10 +188,12 @@ fn a_replacement_that_fails_a_write_is_given_up_and_the_volume_stays_whole() {
 /// From an audit: a spare added to a degraded volume while one of its
 /// members was being replaced started a rebuild beside the copy; the
 /// rebuild's progress took the replacement's place, so a stop, the view
-/// and the close's wait lost the copy, which kept writing. The spare waits
-/// for the copy to end, then rebuilds the failed slot.
+/// and the close's wait lost the copy, which kept writing. (Made to wait,
+/// the spare idled for the whole copy with no redundancy, from review.)
+/// A degraded volume is rebuilt first, as md does: no replacement starts
+/// on it.
 #[test]
-fn a_spare_added_during_a_replacement_waits_for_it() {
+fn no_replacement_starts_on_a_degraded_volume() {
     let reactors = Reactors::start(ReactorConfig {
         count: 2,
         ..Default::default()
@@ -206,31 +208,18 @@ fn a_spare_added_during_a_replacement_waits_for_it() {
     monitor.set_meta(meta);
     monitor.open(true).unwrap();
     monitor.fail_member("m2").unwrap();
-    // A copy too slow to end while the test looks (64 KiB/s).
-    monitor.set_rate(0, 64 << 10).unwrap();
-    let p = monitor.replace_member("m0", ram("n0")).unwrap();
+    assert!(matches!(
+        monitor.replace_member("m0", ram("n0")),
+        Err(OpError::FailedPrecondition(_))
+    ));
+    // Rebuilt, it may.
     monitor.add_spare(ram("s0")).unwrap();
-    let running = monitor.rebuild().expect("work runs");
-    assert!(
-        Arc::ptr_eq(&running, &p),
-        "the replacement's progress was replaced"
-    );
-    assert!(!p.is_finished());
-    assert_eq!(monitor.spares(), 1, "the spare waits");
-    monitor.set_rate(0, 0).unwrap();
+    let p = monitor.rebuild().expect("a rebuild");
+    settle(&monitor, &p);
+    let p = monitor.replace_member("m0", ram("n0")).unwrap();
     settle(&monitor, &p);
     assert_eq!(p.error(), None);
-    // Then the spare rebuilds the failed slot.
-    let t = Instant::now();
-    loop {
-        let snap = monitor.snapshot();
-        if snap.settled() && snap.states.iter().all(|&s| s == MemberState::InSync) {
-            assert_eq!(snap.members, ["n0", "m1", "s0"]);
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", snap.states);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert_eq!(monitor.snapshot().members, ["n0", "m1", "s0"]);
     monitor.close().unwrap();
     reactors.shutdown().unwrap();
 }

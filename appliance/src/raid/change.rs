@@ -492,6 +492,13 @@ pub(crate) fn plan(
             if busy(s) {
                 return precondition("a rebuild, scrub or replacement is already running");
             }
+            // md rebuilds first: a copy on a degraded volume made a spare
+            // wait for it (hours at the rate limit) with no redundancy.
+            if failed_slot(cur.as_ref()).is_some() || set.rebuilding.is_some() {
+                return precondition(
+                    "the volume is degraded: rebuild it first (add a spare), then replace members",
+                );
+            }
             check_capable(cur.as_ref(), dev.as_ref())?;
             let rows = cur.rows();
             let next_set = set
@@ -571,6 +578,11 @@ pub(crate) fn plan(
             // failed).
             let slot = slot_of(cur.as_ref(), &dname)
                 .filter(|&slot| set.members.get(slot).is_some_and(|m| m.readd));
+            if readd && slot.is_some() && set.replacing.is_some() {
+                // Taken as a spare, it would lose the bitmap's fast way
+                // back (its superblock erased: a full rebuild later).
+                return precondition("a replacement runs; re-add the member once it has ended");
+            }
             if let (true, Some(b), None, None, true, Some(slot)) = (
                 readd,
                 set.bitmap.clone(),
