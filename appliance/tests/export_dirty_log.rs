@@ -296,6 +296,19 @@ fn a_write_held_for_a_suspended_range_is_answered_before_the_ring_index_is_hande
 /// connection (one that hears it, as QEMU, fails its migration).
 #[test]
 fn dirty_logging_that_cannot_be_switched_on_ends_the_connection() {
+    logging_not_switched_on(false);
+}
+
+/// As above, with a frontend that hears the failure (REPLY_ACK, and the
+/// message asks for the reply, as QEMU's does): its migration fails, its
+/// guest keeps the disk (from review: dropping it cost the guest its disk
+/// where only the migration should fail).
+#[test]
+fn dirty_logging_that_cannot_be_switched_on_is_refused_to_a_frontend_that_hears_it() {
+    logging_not_switched_on(true);
+}
+
+fn logging_not_switched_on(reply_ack: bool) {
     use appliance::export::{Export, ExportOptions};
     use appliance::volume::Volume;
     use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
@@ -321,14 +334,17 @@ fn dirty_logging_that_cannot_be_switched_on_ends_the_connection() {
         },
     )
     .unwrap();
-    // No REPLY_ACK: the frontend cannot hear the failure.
-    let mut g = Guest::setup(
-        &sock,
-        Setup {
-            protocol: VhostUserProtocolFeatures::LOG_SHMFD,
-            ..Default::default()
-        },
-    );
+    let mut g = if reply_ack {
+        logging_guest(&sock)
+    } else {
+        Guest::setup(
+            &sock,
+            Setup {
+                protocol: VhostUserProtocolFeatures::LOG_SHMFD,
+                ..Default::default()
+            },
+        )
+    };
     let log = memfd(4096);
     g.frontend
         .set_log_base(0, region(&log, LOG_BYTES, 0))
@@ -343,11 +359,17 @@ fn dirty_logging_that_cannot_be_switched_on_ends_the_connection() {
     g.desc(t, 2, s, 1, WRITE, 0);
     g.offer(0, 0);
     assert!(control.wait_held(1, std::time::Duration::from_secs(10)));
-    let _ = g.frontend.set_features(BASE | LOG_ALL);
-    assert!(
-        g.frontend.get_features().is_err(),
-        "the connection went on without the log"
-    );
+    let refused = g.frontend.set_features(BASE | LOG_ALL).is_err();
+    if reply_ack {
+        assert!(refused, "the frontend was not told");
+        g.frontend.get_features().expect("the connection stays");
+        assert!(export.is_connected());
+    } else {
+        assert!(
+            g.frontend.get_features().is_err(),
+            "the connection went on without the log"
+        );
+    }
     control.release();
     drop(g);
     drop(export);

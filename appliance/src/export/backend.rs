@@ -126,6 +126,8 @@ pub struct Handler {
     inflight: Option<Arc<InflightRegion>>,
     /// The dirty log SET_LOG_BASE gave (used while VHOST_F_LOG_ALL is on).
     log: Option<Arc<DirtyLog>>,
+    /// The message being handled asked for a reply (NEED_REPLY).
+    asks_reply: bool,
     /// Its frontend went away: nothing starts a ring on it any more.
     gone: bool,
     /// Its frontend made one of our eventfd writes block (see
@@ -202,6 +204,7 @@ impl Handler {
             protocol: 0,
             memory: GuestMemory::default(),
             log: None,
+            asks_reply: false,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
             gone: false,
@@ -216,6 +219,11 @@ impl Handler {
     }
 
     /// The frontend agreed to answer messages that ask for it.
+    /// Whether the message about to be handled asks for a reply.
+    pub fn set_asks_reply(&mut self, on: bool) {
+        self.asks_reply = on;
+    }
+
     pub fn reply_ack(&self) -> bool {
         self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
@@ -354,13 +362,20 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 self.log = None;
             }
             if let Err(e) = self.republish_log() {
+                if !on {
+                    // Logging goes on into a log the frontend let go of:
+                    // harmless (QEMU does not wait for this answer).
+                    tracing::warn!(error = %e, "dirty logging could not be switched off yet");
+                    return Ok(());
+                }
                 // The queues go on as before (the map was not switched):
-                // the features say so too. A frontend that cannot read
-                // the failure (no REPLY_ACK) would migrate believing
-                // writes logged that are not: its connection ends.
+                // the features say so too. A frontend that cannot hear the
+                // failure (no REPLY_ACK, or this message did not ask for a
+                // reply) would migrate believing writes logged that are
+                // not: its connection ends.
                 self.features = before;
                 self.log = log_before;
-                if on && !self.reply_ack() {
+                if !(self.reply_ack() && self.asks_reply) {
                     tracing::error!(error = %e, "dirty logging could not be switched on: the frontend's connection is dropped");
                     self.export.fault.raise();
                 }

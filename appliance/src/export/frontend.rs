@@ -159,6 +159,16 @@ fn done(n: isize, what: &'static str) -> Result<usize, FrontendError> {
 /// and the crate sends none when the request fails.
 const ALWAYS_ANSWERED: [u32; 13] = [1, 6, 11, 15, 17, 24, 28, 31, 36, 41, 42, 43, 44];
 
+/// Whether the next message on the connection `fd` asks for a reply
+/// (its header's NEED_REPLY flag: with REPLY_ACK agreed, the frontend
+/// hears a failure only then).
+pub fn next_asks_reply(fd: RawFd) -> bool {
+    const NEED_REPLY: u32 = 0x8;
+    let mut head = [0u8; 8];
+    peek(fd, &mut head)
+        && u32::from_le_bytes([head[4], head[5], head[6], head[7]]) & NEED_REPLY != 0
+}
+
 /// Whether the next message on the connection `fd` is one the frontend
 /// waits for an answer to whatever was agreed (peeked, left queued).
 pub fn next_needs_answer(fd: RawFd) -> bool {

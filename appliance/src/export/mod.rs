@@ -633,7 +633,8 @@ fn serve_connection(
             }
         }
         let (backend_req, reply_ack) = {
-            let h = handler.lock().unwrap_or_else(|e| e.into_inner());
+            let mut h = handler.lock().unwrap_or_else(|e| e.into_inner());
+            h.set_asks_reply(frontend::next_asks_reply(conn.as_raw_fd()));
             (h.backend_req(), h.reply_ack())
         };
         if backend_req {
