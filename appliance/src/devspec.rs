@@ -109,6 +109,27 @@ pub fn identity(spec: &str) -> Option<String> {
     }
 }
 
+/// What a device specification is compared by: its [`identity`] and, for
+/// a file, the place it names too (an attached file unlinked or renamed
+/// since and made again there is another inode, but the state file would
+/// name that place twice).
+pub fn storage_keys(spec: &str) -> Vec<String> {
+    let mut keys: Vec<String> = identity(spec).into_iter().collect();
+    if let Some(rest) = spec.strip_prefix("file:") {
+        let path = Path::new(file_path(rest).0);
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
+            .unwrap_or_else(|_| dir.unwrap_or(Path::new(".")).to_path_buf());
+        if let Some(name) = path.file_name() {
+            let key = format!("path:{}", dir.join(name).display());
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys
+}
+
 /// [`identity`], with a remote namespace's host looked up: one target
 /// named two ways (by name and by address, two names) is one. A name
 /// lookup may take a while: never under a lock.

@@ -78,6 +78,7 @@ impl Manager {
         // it, one slow path hung every call and every metrics scrape.
         // Missing devices only ever leave the list after the start.
         let id = crate::devspec::identity(&decl.spec);
+        let keys = crate::devspec::storage_keys(&decl.spec);
         let missing: Vec<(String, String)> = self
             .inv()
             .missing
@@ -103,7 +104,7 @@ impl Manager {
                 decl.name
             )));
         }
-        if let Some(by) = attached_as(&inv, id.as_deref(), true) {
+        if let Some(by) = attached_as(&inv, &keys, true) {
             self.same_storage(&decl, &by)?;
         }
         if let (Some(rest), Some(allowed)) = (
@@ -126,18 +127,18 @@ impl Manager {
         // large RAM device takes seconds to allocate, and listings,
         // health and metrics go on meanwhile.
         inv.attaching
-            .insert(decl.name.clone(), (decl.spec.clone(), id.clone()));
+            .insert(decl.name.clone(), (decl.spec.clone(), keys));
         drop(inv);
         let opened = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size);
         // Still without the lock: a remote target's name is looked up, a
         // file made by the open has its inode now.
-        let (identity, spec_identity) = if opened.is_ok() {
+        let (identity, keys) = if opened.is_ok() {
             (
                 crate::devspec::resolved_identity(&decl.spec),
-                crate::devspec::identity(&decl.spec),
+                crate::devspec::storage_keys(&decl.spec),
             )
         } else {
-            (None, None)
+            (None, Vec::new())
         };
         let mut inv = self.inv();
         inv.attaching.remove(&decl.name);
@@ -163,7 +164,7 @@ impl Manager {
                 .find(|d| d.identity.as_ref() == Some(id))
                 .map(|d| d.decl.name.clone())
         });
-        if let Some(by) = attached_as(&inv, spec_identity.as_deref(), false).or(same_storage) {
+        if let Some(by) = attached_as(&inv, &keys, false).or(same_storage) {
             self.same_storage(&decl, &by)?;
         }
         let wrapper = lock(&self.shared.wrapper).clone();
@@ -186,7 +187,7 @@ impl Manager {
                 decl,
                 dev,
                 identity,
-                spec_identity,
+                keys,
             },
         );
         drop(inv);
@@ -532,19 +533,19 @@ impl Manager {
 }
 
 /// The device (attached, or with `attaching` being attached) whose
-/// storage a spec of identity `id` names too, however spelled
-/// ([`crate::devspec::identity`], as found at each one's attach).
-fn attached_as(inv: &Inventory, id: Option<&str>, attaching: bool) -> Option<String> {
-    let id = id?;
+/// storage a spec with `keys` names too, however spelled
+/// ([`crate::devspec::storage_keys`], as found at each one's attach).
+fn attached_as(inv: &Inventory, keys: &[String], attaching: bool) -> Option<String> {
+    let same = |other: &[String]| other.iter().any(|k| keys.contains(k));
     inv.devices
         .values()
-        .find(|d| d.spec_identity.as_deref() == Some(id))
+        .find(|d| same(&d.keys))
         .map(|d| d.decl.name.clone())
         .or_else(|| {
             inv.attaching
                 .iter()
                 .filter(|_| attaching)
-                .find(|(_, (_, other))| other.as_deref() == Some(id))
+                .find(|(_, (_, other))| same(other))
                 .map(|(n, _)| n.clone())
         })
 }

@@ -15,8 +15,8 @@ pub(super) struct Inventory {
     pub(super) creating: std::collections::BTreeSet<String>,
     /// Devices being opened outside the lock (a RAM device is allocated
     /// and touched, which takes seconds for a large one): name -> (spec,
-    /// its identity).
-    pub(super) attaching: BTreeMap<String, (String, Option<String>)>,
+    /// its storage keys).
+    pub(super) attaching: BTreeMap<String, (String, Vec<String>)>,
     pub(super) exports: BTreeMap<String, Arc<Exp>>,
     /// Exports being created outside the lock (the volume is quiesced
     /// meanwhile, which may take until its deadline): name -> (volume,

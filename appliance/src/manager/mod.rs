@@ -413,11 +413,11 @@ struct Dev {
     /// What storage it is, as found at attach
     /// ([`crate::devspec::resolved_identity`]).
     identity: Option<String>,
-    /// Its specification's identity as found at attach
-    /// ([`crate::devspec::identity`]): what a new spec is compared with,
-    /// never worked out again under the inventory's lock (a file on a
-    /// mount that stopped answering hung every call).
-    spec_identity: Option<String>,
+    /// Its specification's storage keys as found at attach
+    /// ([`crate::devspec::storage_keys`]): what a new spec is compared
+    /// with, never worked out again under the inventory's lock (a file on
+    /// a mount that stopped answering hung every call).
+    keys: Vec<String>,
 }
 
 /// A volume in the inventory.
