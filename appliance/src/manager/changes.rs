@@ -569,7 +569,11 @@ impl Manager {
             }
             self.shared.roles.set(&name, volume, None);
         }
-        self.save()?;
+        self.save().map_err(|e| {
+            MgmtError::Internal(format!(
+                "{e}; the state file still names the journal, whose device is erased: the next start refuses the volume until it is started with --drop-journal {volume}"
+            ))
+        })?;
         Ok(view)
     }
 

@@ -552,9 +552,11 @@ impl Manager {
                     tracing::error!(volume = %name, error = %e, "recording a volume made during the stop clean");
                 }
             }
-            return Err(MgmtError::FailedPrecondition(
-                "the daemon is stopping".into(),
-            ));
+            let _ = volume.quiesce().remove(self.shared.timeout());
+            self.shared.roles.release_volume(&name);
+            return Err(MgmtError::FailedPrecondition(format!(
+                "the daemon is stopping: volume {name} is on its devices (recorded clean) but not in the state file; import it after the start"
+            )));
         }
         inv.volumes.insert(
             name,
