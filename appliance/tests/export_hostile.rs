@@ -576,3 +576,73 @@ fn a_queue_that_cannot_start_where_it_is_moved_goes_on_where_it_was() {
     drop(volume);
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: an export's queues were stopped one after the other,
+/// each waiting its own drain time-out, so deleting an export whose device
+/// held a request on every queue took one time-out per queue (a 64-queue
+/// export with a stuck device: 32 minutes), and the guest's memory, which
+/// the stuck queues held, was given up after 10 s more and stayed mapped
+/// (and pinned for DMA) for good. The queues stop together, and the
+/// memory goes once they have stopped.
+#[test]
+fn deleting_an_export_whose_queues_are_all_stuck_is_quick_and_lets_its_memory_go() {
+    use appliance::export::{Export, ExportOptions};
+    use bdev::{FaultDevice, IoOp, RamDevice};
+    const QUEUES: u16 = 8;
+    let drain = Duration::from_secs(1);
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let fault = Arc::new(FaultDevice::new(Arc::new(
+        RamDevice::new("ram", 4096, 256).unwrap(),
+    )));
+    let volume = appliance::volume::Volume::new(reactors.set(), "held", fault.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("held.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            drain_timeout: Some(drain),
+            ..ExportOptions::new(sock.clone(), QUEUES)
+        },
+    )
+    .unwrap();
+    let name = c"stuck-guest-memory";
+    let mut g = Guest::named(&sock, QUEUES as usize, false, name);
+    fault
+        .control()
+        .hold(Some(IoOp::Read), 0, u64::MAX, QUEUES as u64);
+    for q in 0..QUEUES as usize {
+        g.offer_read(q);
+    }
+    assert!(fault
+        .control()
+        .wait_held(QUEUES as u64, Duration::from_secs(30)));
+    let t = Instant::now();
+    export.delete(true).unwrap();
+    let took = t.elapsed();
+    // Two time-outs (the queues', the memory's), not eight and 10 s.
+    assert!(took < drain * 5, "the deletion took {took:?}");
+    drop(g);
+    let mapped = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .contains("stuck-guest-memory")
+    };
+    assert!(mapped(), "let go while its queues still held requests");
+    fault.control().release();
+    let t = Instant::now();
+    while mapped() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest's memory stayed mapped"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

@@ -499,11 +499,59 @@ impl Export {
             let _ = t.join();
             let _ = std::fs::remove_file(&self.shared.options.socket);
             // The guest memory object goes too: every reactor drops its
-            // gate, and with it its view of the guest's memory.
-            if let Err(e) = self.shared.memory.remove(Duration::from_secs(10)) {
-                tracing::warn!(export = %self.name, error = %e, "releasing guest memory");
+            // gate, and with it its view of the guest's memory. Runners
+            // whose device still holds requests hold it: it goes once they
+            // have stopped (given up after a wait, the guest's whole
+            // memory stayed mapped and pinned after its VM was gone).
+            let lingering: Vec<Arc<queue::QueueShared>> = self
+                .shared
+                .lingering
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(_, r)| r.clone())
+                .filter(|r| r.wait_stopped(Duration::ZERO).is_none())
+                .collect();
+            if lingering.is_empty() {
+                if let Err(e) = self.shared.memory.remove(Duration::from_secs(10)) {
+                    tracing::warn!(export = %self.name, error = %e, "releasing guest memory");
+                }
+            } else {
+                release_after(&self.name, self.shared.memory.clone(), lingering);
             }
         }
+    }
+}
+
+/// Remove an export's guest memory once `runners` (whose devices hold
+/// requests) have stopped, on a thread of its own.
+fn release_after(
+    name: &str,
+    memory: QuiesceObject<memory::GuestMap>,
+    runners: Vec<Arc<queue::QueueShared>>,
+) {
+    tracing::warn!(export = %name, queues = runners.len(), "the guest memory is released once the queues whose devices hold requests have stopped");
+    let name = name.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("export-release".into())
+        .spawn(move || {
+            for r in &runners {
+                while r.wait_stopped(Duration::from_secs(1)).is_none() {}
+            }
+            // The map the frontend's disconnect could not replace first
+            // (the object keeps its last one), then the gates.
+            let emptied = memory.reconfigure(Duration::from_secs(10), |_| {
+                Ok::<_, String>((memory::GuestMap::default(), ()))
+            });
+            if let Err(e) = emptied {
+                tracing::warn!(export = %name, error = %e, "releasing guest memory");
+            }
+            if let Err(e) = memory.remove(Duration::from_secs(10)) {
+                tracing::warn!(export = %name, error = %e, "releasing guest memory");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "no thread to release guest memory later: it stays mapped");
     }
 }
 

@@ -284,6 +284,17 @@ impl Handler {
     /// suspended range (a move), else the stop is taken back after the
     /// time-out and the queue goes on.
     pub(super) fn stop_with(&mut self, index: u32, keep_parked: bool) -> VuResult<()> {
+        let deadline = std::time::Instant::now() + self.drain_timeout();
+        self.stop_until(index, keep_parked, deadline)
+    }
+
+    /// [`stop_with`](Self::stop_with), waiting until `deadline`.
+    fn stop_until(
+        &mut self,
+        index: u32,
+        keep_parked: bool,
+        deadline: std::time::Instant,
+    ) -> VuResult<()> {
         let _own = super::super::watchdog::own_work(&self.export);
         let set = self.set.clone();
         let timeout = self.drain_timeout();
@@ -299,7 +310,6 @@ impl Handler {
         }
         // Wake the reactor if it sleeps; a full inbox means it is awake.
         let _ = set.send(r.core, Box::new(|_| {}));
-        let deadline = std::time::Instant::now() + timeout;
         let mut stopped = None;
         while stopped.is_none() && std::time::Instant::now() < deadline && !set.is_stopped() {
             stopped = r.shared.wait_stopped(Duration::from_millis(50));
@@ -354,10 +364,19 @@ impl Handler {
         result
     }
 
-    /// Stop every vring (disconnect, reset, export deletion).
+    /// Stop every vring (disconnect, reset, export deletion), all at once
+    /// and within one drain time-out: one after the other, a device
+    /// holding requests made a 64-queue export's deletion take 64 of them.
     pub fn stop_all(&mut self) {
+        for v in &self.vrings {
+            if let Some(r) = &v.running {
+                r.shared.request_stop();
+                let _ = self.set.send(r.core, Box::new(|_| {}));
+            }
+        }
+        let deadline = std::time::Instant::now() + self.drain_timeout();
         for i in 0..self.vrings.len() as u32 {
-            if let Err(e) = self.stop(i) {
+            if let Err(e) = self.stop_until(i, false, deadline) {
                 tracing::error!(vring = i, error = %e, "stopping vring");
             }
         }
