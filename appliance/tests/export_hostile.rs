@@ -646,3 +646,73 @@ fn deleting_an_export_whose_queues_are_all_stuck_is_quick_and_lets_its_memory_go
     drop(volume);
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: the export had one fault signal, so a runner of an
+/// earlier connection still finishing its device's request into memory
+/// its frontend had truncated when it went (a SIGBUS, caught) raised it,
+/// and the next connection, which had done nothing wrong, was dropped.
+/// Each connection has a signal of its own.
+#[test]
+fn a_fault_of_a_connection_gone_does_not_drop_the_next() {
+    use appliance::export::{Export, ExportOptions};
+    use bdev::{FaultDevice, IoOp, RamDevice};
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let fault = Arc::new(FaultDevice::new(Arc::new(
+        RamDevice::new("ram", 4096, 256).unwrap(),
+    )));
+    let control = fault.control();
+    let volume = appliance::volume::Volume::new(reactors.set(), "held", fault.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("held.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            drain_timeout: Some(Duration::from_millis(300)),
+            ..ExportOptions::new(sock.clone(), 1)
+        },
+    )
+    .unwrap();
+    // The first frontend's read waits in the device; the frontend goes.
+    let mut g1 = Guest::new(&sock, 1);
+    g1.good_read(0);
+    control.hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    g1.offer_read(0);
+    assert!(control.wait_held(1, Duration::from_secs(30)));
+    let memory = g1.file.try_clone().unwrap();
+    drop(g1);
+    let t = Instant::now();
+    while export.is_connected() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the first never went"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The next frontend (its memory waits for the old runner: no reply
+    // asked, so its setup goes on).
+    let g2 = Guest::new(&sock, 1);
+    assert!(export.is_connected());
+    let faults = export.stats().frontend_faults;
+    // The first one's memory truncated now (as a QEMU that exits lets it
+    // go), and its runner's read lands there: SIGBUS, caught.
+    memory.set_len(0).unwrap();
+    control.release();
+    let t = Instant::now();
+    while export.stats().frontend_faults == faults {
+        assert!(t.elapsed() < Duration::from_secs(30), "no fault raised");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g2.frontend
+        .get_features()
+        .expect("the next connection stays");
+    assert!(export.is_connected());
+    drop(g2);
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

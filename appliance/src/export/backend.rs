@@ -377,7 +377,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 self.log = log_before;
                 if !(self.reply_ack() && self.asks_reply) {
                     tracing::error!(error = %e, "dirty logging could not be switched on: the frontend's connection is dropped");
-                    self.export.fault.raise();
+                    self.export.fault().raise();
                 }
                 return Err(e);
             }
@@ -421,7 +421,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             .map_err(invalid)?;
         let mut memory = GuestMemory::default();
         for (d, f) in declared.into_iter().zip(&files) {
-            memory.add(GuestMemory::map_region(d, f, &self.export.fault).map_err(invalid)?);
+            memory.add(GuestMemory::map_region(d, f, &self.export.fault()).map_err(invalid)?);
         }
         self.publish_memory(memory)?;
         Ok(None)
@@ -679,7 +679,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         )
         .map_err(invalid)?;
         let mut region = region;
-        region.protect(&self.export.fault);
+        region.protect(&self.export.fault());
         self.inflight = Some(Arc::new(region));
         Ok(())
     }
@@ -704,7 +704,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.memory
             .check_table(&[d], self.memory_limit())
             .map_err(invalid)?;
-        let r = GuestMemory::map_region(d, &fd, &self.export.fault).map_err(invalid)?;
+        let r = GuestMemory::map_region(d, &fd, &self.export.fault()).map_err(invalid)?;
         let mut memory = self.memory.clone();
         memory.add(r);
         self.publish_memory(memory)?;
@@ -753,7 +753,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             tracing::warn!(error = %why, "vhost-user SET_LOG_BASE refused: the connection closes");
             VuError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
         };
-        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset, &self.export.fault)
+        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset, &self.export.fault())
             .map_err(refuse)?;
         let end = self.memory.end();
         if map.pages().saturating_mul(super::dirtylog::LOG_PAGE) < end {

@@ -8,13 +8,18 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::ExportError;
 
-/// One export's fault signal: an eventfd and a count of faults.
+/// One connection's fault signal: an eventfd, and the export's count of
+/// faults. Each connection has its own: a runner of an earlier one still
+/// finishing its device's requests (into memory its frontend truncated
+/// when it went) raised the export's single signal and dropped the next,
+/// innocent, connection.
 pub struct FaultSignal {
     fd: OwnedFd,
-    count: AtomicU64,
+    count: Arc<AtomicU64>,
 }
 
 impl FaultSignal {
@@ -22,7 +27,15 @@ impl FaultSignal {
     pub fn new() -> Result<FaultSignal, ExportError> {
         Ok(FaultSignal {
             fd: super::eventfd()?,
-            count: AtomicU64::new(0),
+            count: Arc::default(),
+        })
+    }
+
+    /// A fresh signal for the next connection, counting with this one.
+    pub fn next(&self) -> Result<FaultSignal, ExportError> {
+        Ok(FaultSignal {
+            fd: super::eventfd()?,
+            count: self.count.clone(),
         })
     }
 

@@ -137,7 +137,8 @@ pub struct ExportShared {
     moved: AtomicBool,
     /// Raised when the connected frontend broke something of its own: the
     /// control thread drops that connection.
-    fault: Arc<fault::FaultSignal>,
+    /// The current connection's fault signal.
+    fault: Mutex<Arc<fault::FaultSignal>>,
     /// A second handle of the connected frontend's socket: a delete shuts
     /// it down, which ends a read or write the control thread is blocked in.
     conn: Mutex<Option<UnixStream>>,
@@ -152,6 +153,11 @@ pub struct ExportShared {
 }
 
 impl ExportShared {
+    /// The current connection's fault signal.
+    pub(crate) fn fault(&self) -> Arc<fault::FaultSignal> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The reactor queue `index` runs on.
     pub(crate) fn queue_core(&self, index: usize) -> usize {
         self.cores
@@ -324,7 +330,7 @@ impl Export {
             ),
             handler: Mutex::new(None),
             moved: AtomicBool::new(false),
-            fault: Arc::new(fault::FaultSignal::new()?),
+            fault: Mutex::new(Arc::new(fault::FaultSignal::new()?)),
             conn: Mutex::new(None),
             io_clock: watchdog::IoClock::default(),
             lingering: Mutex::new(Vec::new()),
@@ -366,7 +372,7 @@ impl Export {
         for q in &self.shared.stats {
             q.add_to(&mut s);
         }
-        s.frontend_faults = self.shared.fault.count();
+        s.frontend_faults = self.shared.fault().count();
         s
     }
 
@@ -650,8 +656,20 @@ fn serve_connection(
     shared: &Arc<ExportShared>,
     shutdown: &OwnedFd,
 ) -> bool {
-    // A fault of the previous connection is not this one's.
-    shared.fault.take();
+    // A fault of the previous connection is not this one's: a signal of
+    // its own (runners of the last one may still finish into memory its
+    // frontend truncated, and raise theirs).
+    let fault = {
+        let mut current = shared.fault.lock().unwrap_or_else(|e| e.into_inner());
+        match current.next() {
+            Ok(f) => *current = Arc::new(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "no fault signal of its own for a connection: it shares the last one's");
+                current.take();
+            }
+        }
+        current.clone()
+    };
     shared.connected.store(true, Ordering::SeqCst);
     // The protocol's log lines name their socket: two frontends of one
     // volume (a live migration) interleave. (Reactor threads log without
@@ -663,15 +681,11 @@ fn serve_connection(
     *shared.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(&handler));
     let mut conn = BackendReqHandler::from_stream(stream, handler.clone());
     let stop = loop {
-        match wait_readable(
-            conn.as_raw_fd(),
-            shutdown.as_raw_fd(),
-            Some(shared.fault.raw_fd()),
-        ) {
+        match wait_readable(conn.as_raw_fd(), shutdown.as_raw_fd(), Some(fault.raw_fd())) {
             Woke::Readable => {}
             Woke::Shutdown => break true,
             Woke::Fault => {
-                if shared.fault.take() {
+                if fault.take() {
                     tracing::warn!(
                         "dropping a vhost-user frontend that broke its queue or its memory"
                     );

@@ -175,7 +175,7 @@ pub fn watch(shared: &Arc<ExportShared>) {
                     continue;
                 }
                 tracing::warn!(socket = %s.options.socket.display(), timeout = ?FRONTEND_IO_TIMEOUT, "the vhost-user frontend stalled a message or its answer: dropping it");
-                s.fault.raise();
+                s.fault().raise();
                 if let Some(c) = &*conn {
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 }

@@ -149,7 +149,7 @@ impl Handler {
             limits: export.limits.clone(),
             inflight,
             stats: export.stats[index as usize].clone(),
-            fault: export.fault.clone(),
+            fault: export.fault(),
         };
         let started = match self
             .set
