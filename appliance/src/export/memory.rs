@@ -35,12 +35,63 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // The last holder may be a reactor (its gate let go of the map
+        // after a change): undoing the DMA mapping (an IOMMU unmap that
+        // unpins every page) and the unmap of a large guest took it from
+        // every queue of every VM on it for milliseconds to seconds. A
+        // thread of its own does that.
+        if poller::current_reactor().is_some() {
+            let m = Mapping {
+                ptr: self.ptr,
+                len: std::mem::take(&mut self.len),
+                dma: self.dma.take(),
+                sigbus: self.sigbus.take(),
+            };
+            match unmapper() {
+                Some(tx) => {
+                    if let Err(back) = tx.send(m) {
+                        drop(back.0);
+                    }
+                }
+                None => drop(m),
+            }
+            return;
+        }
         self.dma.take();
         self.sigbus.take();
+        if self.len == 0 {
+            return;
+        }
+        #[cfg(test)]
+        tests::unmapped_on(std::thread::current().name());
         // SAFETY: our own mapping, used by nobody once the last map that
         // holds it is gone.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// The thread guest memory dropped on a reactor is unmapped on (started
+/// at the first such drop; none if it could not start: then the reactor
+/// does it, as before).
+fn unmapper() -> Option<&'static std::sync::mpsc::Sender<Mapping>> {
+    static TX: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Mapping>>> =
+        std::sync::OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Mapping>();
+        std::thread::Builder::new()
+            .name("guest-unmap".into())
+            .spawn(move || {
+                for m in rx {
+                    drop(m);
+                }
+            })
+            .map_err(
+                |e| tracing::error!(error = %e, "no thread to unmap guest memory: reactors do it"),
+            )
+            .ok()
+            .map(|_| tx)
+    })
+    .as_ref()
 }
 
 /// One region: where the guest sees it, where the frontend process has it,
@@ -384,6 +435,56 @@ impl GuestMemory {
 mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
+
+    static UNMAPPED_ON: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn unmapped_on(thread: Option<&str>) {
+        UNMAPPED_ON
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(thread.unwrap_or("").to_string());
+    }
+
+    /// From an audit: guest memory whose last holder was a reactor was
+    /// unmapped (and its DMA mapping undone) there, stalling every queue
+    /// on it. It is done on a thread of its own.
+    #[test]
+    fn guest_memory_dropped_on_a_reactor_is_unmapped_elsewhere() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let fault = Arc::new(FaultSignal::new().unwrap());
+        let file = memfd(0);
+        let whole = Declared {
+            gpa: 0,
+            size: 4 << 20,
+            user_addr: 0,
+            mmap_offset: 0,
+        };
+        let mut memory = GuestMemory::default();
+        memory.add(GuestMemory::map_region(whole, &file, &fault).unwrap());
+        reactors
+            .set()
+            .call(0, std::time::Duration::from_secs(10), move |_| drop(memory))
+            .unwrap();
+        let t = std::time::Instant::now();
+        loop {
+            // (Other tests of this process unmap on their own threads.)
+            let on = UNMAPPED_ON.lock().unwrap().clone();
+            assert!(!on.iter().any(|t| t.starts_with("reactor")), "{on:?}");
+            if on.iter().any(|t| t == "guest-unmap") {
+                break;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "never unmapped"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        reactors.shutdown().unwrap();
+    }
 
     fn memfd(flags: libc::c_uint) -> File {
         // SAFETY: plain syscall; result checked.
