@@ -414,3 +414,90 @@ fn a_repair_cut_short_keeps_reads_on_the_reference_mirror() {
     }
     reactors.shutdown().unwrap();
 }
+
+/// A device whose channels refuse one write (Busy, a full queue) once
+/// `once` is set.
+struct BusyOnce {
+    inner: Arc<dyn BlockDevice>,
+    once: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct BusyOnceChannel {
+    inner: Box<dyn bdev::IoChannel>,
+    once: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlockDevice for BusyOnce {
+    fn info(&self) -> &bdev::DeviceInfo {
+        self.inner.info()
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        Ok(Box::new(BusyOnceChannel {
+            inner: self.inner.open_channel()?,
+            once: self.once.clone(),
+        }))
+    }
+}
+
+impl bdev::IoChannel for BusyOnceChannel {
+    fn submit(&mut self, req: bdev::IoRequest) -> Result<(), bdev::SubmitError> {
+        if req.op == IoOp::Write && self.once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(bdev::SubmitError::Busy(req));
+        }
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, out: &mut Vec<bdev::Completion>) -> usize {
+        self.inner.poll(out)
+    }
+    fn inflight(&self) -> usize {
+        self.inner.inflight()
+    }
+}
+
+/// From an audit: a repair counted a row's mismatches before its repair
+/// write, and a row read again after that write was refused (a full
+/// queue) counted them again.
+#[test]
+fn a_repair_counts_each_mismatch_once_when_its_write_is_retried() {
+    use std::sync::atomic::Ordering;
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b: Arc<dyn BlockDevice> = Arc::new(BusyOnce {
+        inner: ram("b", 4096),
+        once: once.clone(),
+    });
+    let dev = Arc::new(
+        Raid1Device::new(
+            "r1",
+            vec![member(ram("a", 4096)), member(b.clone())],
+            0,
+            FailureSink::none(),
+        )
+        .unwrap(),
+    );
+    // Block 100 differs on b.
+    let mut old = vec![0x22u8; 4096];
+    run_one(
+        b.open_channel().unwrap().as_mut(),
+        rw(IoOp::Write, 100, 1, &mut old, 1),
+    )
+    .unwrap();
+    let (_tx, rx) = mpsc::channel();
+    let volume = Volume::new(reactors.set(), "r1", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume, dev, rx, vec![]);
+    once.store(true, Ordering::SeqCst);
+    let p = monitor.scrub(true).unwrap();
+    let t = std::time::Instant::now();
+    while !p.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(60), "never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(p.error(), None);
+    assert!(!once.load(Ordering::SeqCst), "no write was refused");
+    assert_eq!(p.mismatches.load(Ordering::SeqCst), 1);
+    reactors.shutdown().unwrap();
+}

@@ -745,6 +745,9 @@ pub struct Scrubber {
     /// A resync of the regions a write-intent bitmap marks: the bits (as
     /// words) and rows per bit. The bitmap is thawed when it succeeds.
     only: Option<(Vec<u64>, u64, Arc<super::bitmap::Bitmap>)>,
+    /// Mismatches found in the row being walked, counted once it is done
+    /// (a row read again after a refused repair write counted twice).
+    row_bad: u64,
 }
 
 impl Scrubber {
@@ -763,6 +766,7 @@ impl Scrubber {
             all: Vec::new(),
             repair,
             only: None,
+            row_bad: 0,
         }
     }
 
@@ -849,11 +853,8 @@ impl Scrubber {
             .chunks_exact(bs)
             .filter(|b| b.iter().any(|&x| x != 0))
             .count() as u64;
-        if bad == 0 {
-            return Vec::new();
-        }
-        w.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
-        if !self.repair {
+        self.row_bad = bad;
+        if bad == 0 || !self.repair {
             return Vec::new();
         }
         let parity = geo.parity_member(w.row) as usize;
@@ -888,11 +889,8 @@ impl Scrubber {
             }
             bad += block_bad as u64;
         }
-        if bad == 0 {
-            return Vec::new();
-        }
-        w.progress.mismatches.fetch_add(bad, Ordering::Relaxed);
-        if !self.repair {
+        self.row_bad = bad;
+        if bad == 0 || !self.repair {
             return Vec::new();
         }
         others
@@ -970,6 +968,10 @@ impl Scrubber {
                             continue;
                         }
                     }
+                    self.walk
+                        .progress
+                        .mismatches
+                        .fetch_add(std::mem::take(&mut self.row_bad), Ordering::Relaxed);
                     self.walk.advance();
                     return PollState::Busy;
                 }
