@@ -285,3 +285,32 @@ fn a_device_missing_at_a_restart_leaves_its_mirror_degraded() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From an audit: a file listing an NVMe/TCP export's hosts in another
+/// order made the export again at every reload, and every connected host
+/// lost its controller. The same hosts in any order are the same export.
+#[test]
+fn an_export_whose_hosts_are_listed_in_another_order_is_left_alone() {
+    let rig = rig();
+    rig.mgr.attach_device(rig.ram("d")).unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
+        .unwrap();
+    let a = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-000000000001";
+    let b = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-000000000002";
+    rig.mgr
+        .create_nvmf_export(NvmfExportDecl {
+            nqn: "nqn.2026-12.io.example:v".into(),
+            volume: "v".into(),
+            listen: "127.0.0.1:0".into(),
+            hosts: vec![a.into(), b.into()],
+            ..Default::default()
+        })
+        .unwrap();
+    let mut file = rig.state();
+    file.nvmf_exports[0].hosts = vec![b.into(), a.into(), b.into()];
+    let path = rig.dir.path().join("edited.toml");
+    file.save(&path).unwrap();
+    assert_eq!(rig.mgr.reload_file(&path).unwrap(), Default::default());
+    rig.stop();
+}

@@ -72,11 +72,19 @@ fn same_export(a: &ExportDecl, b: &ExportDecl) -> bool {
 fn same_nvmf(a: &NvmfExportDecl, w: &NvmfExportDecl) -> bool {
     a.volume == w.volume
         && same_listen(&a.listen, &w.listen)
-        && a.hosts == w.hosts
+        && same_hosts(&a.hosts, &w.hosts)
         && a.allow_any_host == w.allow_any_host
         && a.read_only == w.read_only
         && (w.serial.is_empty() || a.serial == w.serial)
         && (w.nguid.is_empty() || a.nguid.eq_ignore_ascii_case(&w.nguid))
+}
+
+/// Whether two lists name the same hosts, in any order and however often
+/// (in order, a file listing them otherwise made the export again, and
+/// every connected host lost its controller).
+fn same_hosts(a: &[String], b: &[String]) -> bool {
+    use std::collections::BTreeSet;
+    a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
 }
 
 /// Whether an export bound at `running` is what the file's `listen`
