@@ -218,12 +218,12 @@ impl Handler {
             .ok_or_else(|| invalid(format!("vring {index} does not exist")))
     }
 
-    /// The frontend agreed to answer messages that ask for it.
     /// Whether the message about to be handled asks for a reply.
     pub fn set_asks_reply(&mut self, on: bool) {
         self.asks_reply = on;
     }
 
+    /// The frontend agreed to answer messages that ask for it.
     pub fn reply_ack(&self) -> bool {
         self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }

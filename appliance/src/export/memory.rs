@@ -350,6 +350,9 @@ impl GuestMemory {
             ));
         }
         let ptr = ptr as *mut u8;
+        // Its thread is started here, on a control thread: started by a
+        // reactor it would inherit that reactor's pinning to its core.
+        let _ = unmapper();
         let mut owner = Mapping {
             ptr,
             len,

@@ -555,7 +555,7 @@ impl Manager {
             let _ = volume.quiesce().remove(self.shared.timeout());
             self.shared.roles.release_volume(&name);
             return Err(MgmtError::FailedPrecondition(format!(
-                "the daemon is stopping: volume {name} is on its devices (recorded clean) but not in the state file; import it after the start"
+                "the daemon is stopping: volume {name} is on its devices but not in the state file; import it after the start"
             )));
         }
         inv.volumes.insert(

@@ -375,7 +375,10 @@ pub(crate) fn plan(
             }
             // md rebuilds first: a copy on a degraded volume made a spare
             // wait for it (hours at the rate limit) with no redundancy.
-            if failed_slot(cur.as_ref()).is_some() || set.rebuilding.is_some() {
+            if failed_slot(cur.as_ref()).is_some()
+                || set.rebuilding.is_some()
+                || failing_unrecorded(set)
+            {
                 return precondition(
                     "the volume is degraded: rebuild it first (add a spare), then replace members",
                 );
@@ -459,7 +462,12 @@ pub(crate) fn plan(
             // failed).
             let slot = slot_of(cur.as_ref(), &dname)
                 .filter(|&slot| set.members.get(slot).is_some_and(|m| m.readd));
-            if readd && slot.is_some() && set.replacing.is_some() {
+            if readd
+                && slot.is_some()
+                && set.replacing.is_some()
+                && set.bitmap.is_some()
+                && cur.parity_geometry().is_none()
+            {
                 // Taken as a spare, it would lose the bitmap's fast way
                 // back (its superblock erased: a full rebuild later).
                 return precondition("a replacement runs; re-add the member once it has ended");

@@ -189,9 +189,18 @@ impl Worker {
                                 self.in_row = false;
                                 return PollState::Busy;
                             }
+                            Err(Retarget::Again(_)) if self.walker.cancelled() => {
+                                self.generation = generation;
+                                self.walker.stop("cancelled".into());
+                            }
                             Err(Retarget::Again(why)) => {
                                 self.generation = generation;
-                                tracing::warn!(volume = %self.volume, job = ?self.job, reason = %why, "background work stopped: no channel within {CHANNEL_WAIT:?}, or cancelled meanwhile");
+                                tracing::warn!(volume = %self.volume, job = ?self.job, reason = %why, "background work stopped: no channel within {CHANNEL_WAIT:?}");
+                                // The monitor hears it (as from a move
+                                // that no longer applies): the slot is not
+                                // left rebuilding, nor a replacement
+                                // running, with nothing behind them.
+                                self.report_abort(&config, &why);
                                 self.walker.stop(why);
                             }
                             Err(Retarget::Stop(why)) => {
@@ -210,6 +219,21 @@ impl Worker {
             self.in_row = false;
         }
         state
+    }
+
+    /// Tell the monitor a rebuild or replacement stopped for `why`.
+    fn report_abort(&self, config: &VolumeConfig, why: &str) {
+        let (Some(raid), Walker::Rebuild(r)) = (config.raid.as_ref(), &self.walker) else {
+            return;
+        };
+        let set = raid.member_set();
+        let slot = match self.job {
+            Job::Rebuild { slot, .. } => slot,
+            Job::Replace { .. } => set.members.len(),
+            Job::Scrub { .. } => return,
+        };
+        set.failures
+            .event(Event::RebuildAborted(slot, r.run(), why.to_string()));
     }
 
     /// Point the walker at the generation `config`, or say why the job no

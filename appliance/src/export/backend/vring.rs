@@ -314,6 +314,11 @@ impl Handler {
         while stopped.is_none() && std::time::Instant::now() < deadline && !set.is_stopped() {
             stopped = r.shared.wait_stopped(Duration::from_millis(50));
         }
+        // Past a deadline another ring used up (`stop_all`), this one may
+        // have stopped meanwhile all the same.
+        if stopped.is_none() {
+            stopped = r.shared.wait_stopped(Duration::ZERO);
+        }
         let result = match stopped {
             Some((next_avail, _)) => {
                 v.base = next_avail;
