@@ -326,9 +326,22 @@ struct HeldRig {
     _dir: tempfile::TempDir,
 }
 
-fn held_rig(drain: Duration) -> HeldRig {
+/// An export of `queues` queues on a 1 MiB RAM volume behind a fault
+/// device, draining within `drain`: (reactors, fault, volume, export,
+/// directory, socket).
+fn fault_export(
+    queues: u16,
+    drain: Duration,
+) -> (
+    poller::Reactors,
+    Arc<bdev::FaultDevice>,
+    appliance::volume::Volume,
+    appliance::export::Export,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     use appliance::export::{Export, ExportOptions};
-    use bdev::{FaultDevice, IoOp, RamDevice};
+    use bdev::{FaultDevice, RamDevice};
     let reactors = poller::Reactors::start(poller::ReactorConfig {
         count: 2,
         ..Default::default()
@@ -345,10 +358,16 @@ fn held_rig(drain: Duration) -> HeldRig {
         &volume,
         ExportOptions {
             drain_timeout: Some(drain),
-            ..ExportOptions::new(sock.clone(), 1)
+            ..ExportOptions::new(sock.clone(), queues)
         },
     )
     .unwrap();
+    (reactors, fault, volume, export, dir, sock)
+}
+
+fn held_rig(drain: Duration) -> HeldRig {
+    use bdev::IoOp;
+    let (reactors, fault, volume, export, dir, sock) = fault_export(1, drain);
     let mut g = Guest::setup(
         &sock,
         Setup {
@@ -586,30 +605,10 @@ fn a_queue_that_cannot_start_where_it_is_moved_goes_on_where_it_was() {
 /// memory goes once they have stopped.
 #[test]
 fn deleting_an_export_whose_queues_are_all_stuck_is_quick_and_lets_its_memory_go() {
-    use appliance::export::{Export, ExportOptions};
-    use bdev::{FaultDevice, IoOp, RamDevice};
+    use bdev::IoOp;
     const QUEUES: u16 = 8;
     let drain = Duration::from_secs(1);
-    let reactors = poller::Reactors::start(poller::ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let fault = Arc::new(FaultDevice::new(Arc::new(
-        RamDevice::new("ram", 4096, 256).unwrap(),
-    )));
-    let volume = appliance::volume::Volume::new(reactors.set(), "held", fault.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("held.sock");
-    let export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            drain_timeout: Some(drain),
-            ..ExportOptions::new(sock.clone(), QUEUES)
-        },
-    )
-    .unwrap();
+    let (reactors, fault, volume, export, _dir, sock) = fault_export(QUEUES, drain);
     let name = c"stuck-guest-memory";
     let mut g = Guest::named(&sock, QUEUES as usize, false, name);
     fault
@@ -654,29 +653,9 @@ fn deleting_an_export_whose_queues_are_all_stuck_is_quick_and_lets_its_memory_go
 /// Each connection has a signal of its own.
 #[test]
 fn a_fault_of_a_connection_gone_does_not_drop_the_next() {
-    use appliance::export::{Export, ExportOptions};
-    use bdev::{FaultDevice, IoOp, RamDevice};
-    let reactors = poller::Reactors::start(poller::ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let fault = Arc::new(FaultDevice::new(Arc::new(
-        RamDevice::new("ram", 4096, 256).unwrap(),
-    )));
+    use bdev::IoOp;
+    let (reactors, fault, volume, export, _dir, sock) = fault_export(1, Duration::from_millis(300));
     let control = fault.control();
-    let volume = appliance::volume::Volume::new(reactors.set(), "held", fault.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("held.sock");
-    let export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            drain_timeout: Some(Duration::from_millis(300)),
-            ..ExportOptions::new(sock.clone(), 1)
-        },
-    )
-    .unwrap();
     // The first frontend's read waits in the device; the frontend goes.
     let mut g1 = Guest::new(&sock, 1);
     g1.good_read(0);

@@ -27,6 +27,22 @@ fn spec(members: Vec<Arc<dyn BlockDevice>>, level: Level) -> VolumeSpec {
     VolumeSpec::new("r", level, members)
 }
 
+/// A volume of `devs` at `level` on two reactors, created and opened.
+fn started(devs: Vec<Arc<dyn BlockDevice>>, level: Level) -> (Reactors, Volume, Monitor) {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = assembly::create(&spec(devs, level), FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "r", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_meta(meta);
+    monitor.open(true).unwrap();
+    (reactors, volume, monitor)
+}
+
 fn settle(monitor: &Monitor, p: &RebuildProgress) {
     let t = Instant::now();
     while !monitor.snapshot().settled() {
@@ -155,19 +171,8 @@ fn a_mirror_member_is_replaced_under_verified_io_without_going_degraded() {
 
 #[test]
 fn a_replacement_that_fails_a_write_is_given_up_and_the_volume_stays_whole() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let devs: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"))).collect();
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) =
-        assembly::create(&spec(devs, Level::Raid5), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "r", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
-    monitor.open(true).unwrap();
+    let (reactors, volume, monitor) = started(devs, Level::Raid5);
     let bad = Arc::new(FaultDevice::new(ram("bad")));
     bad.control().fail_writes(0, u64::MAX);
     let w = Workload::start_on_volume(reactors.set(), &volume, WorkloadParams::default()).unwrap();
@@ -194,19 +199,8 @@ fn a_replacement_that_fails_a_write_is_given_up_and_the_volume_stays_whole() {
 /// on it.
 #[test]
 fn no_replacement_starts_on_a_degraded_volume() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let devs: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"))).collect();
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) =
-        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "r", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
-    monitor.open(true).unwrap();
+    let (reactors, _volume, monitor) = started(devs, Level::Raid1);
     monitor.fail_member("m2").unwrap();
     assert!(matches!(
         monitor.replace_member("m0", ram("n0")),
@@ -260,11 +254,6 @@ impl BlockDevice for NoChannelThere {
 /// lack of room is not a failure: the move is tried again.
 #[test]
 fn a_rebuild_that_finds_no_channel_for_now_waits_and_goes_on() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let m0: Arc<dyn BlockDevice> = Arc::new(NoChannelThere {
@@ -273,13 +262,7 @@ fn a_rebuild_that_finds_no_channel_for_now_waits_and_goes_on() {
         refused: refused.clone(),
     });
     let devs = vec![m0, ram("m1"), ram("m2")];
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) =
-        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "r", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
-    monitor.open(true).unwrap();
+    let (reactors, _volume, monitor) = started(devs, Level::Raid1);
     monitor.fail_member("m2").unwrap();
     monitor.set_rate(0, 64 << 10).unwrap();
     monitor.add_spare(ram("s0")).unwrap();
@@ -317,22 +300,11 @@ fn a_rebuild_that_finds_no_channel_for_now_waits_and_goes_on() {
 /// the same events, and the devices assembled no more.
 #[test]
 fn a_volume_removed_while_a_replacement_is_recorded_still_assembles() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let m0 = Arc::new(FaultDevice::new(ram("m0")));
     let c0 = m0.control();
     let (m1, n1) = (ram("m1"), ram("n1"));
     let devs: Vec<Arc<dyn BlockDevice>> = vec![m0.clone(), m1.clone()];
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) =
-        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "r", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
-    monitor.open(true).unwrap();
+    let (reactors, volume, monitor) = started(devs, Level::Raid1);
     // The first metadata write to m0 after this: the end's record (a
     // replacement keeps no checkpoint).
     c0.hold(Some(bdev::IoOp::Write), 0, 256, 1);
@@ -417,11 +389,6 @@ impl BlockDevice for OneOnReactor1 {
 /// never succeed. The old ones go first.
 #[test]
 fn a_rebuild_moves_to_a_new_generation_on_a_device_with_room_for_one_channel() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let limit = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let m0: Arc<dyn BlockDevice> = Arc::new(OneOnReactor1 {
@@ -431,13 +398,7 @@ fn a_rebuild_moves_to_a_new_generation_on_a_device_with_room_for_one_channel() {
         refused: refused.clone(),
     });
     let devs = vec![m0, ram("m1"), ram("m2")];
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) =
-        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "r", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
-    monitor.open(true).unwrap();
+    let (reactors, _volume, monitor) = started(devs, Level::Raid1);
     monitor.fail_member("m2").unwrap();
     monitor.set_rate(0, 64 << 10).unwrap();
     monitor.add_spare(ram("s0")).unwrap();
@@ -467,21 +428,10 @@ fn a_rebuild_moves_to_a_new_generation_on_a_device_with_room_for_one_channel() {
 /// the member. It waits for one.
 #[test]
 fn a_superblock_write_waits_for_a_channel_the_member_has_no_room_for_now() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
     let m0 = Arc::new(FaultDevice::new(ram("m0")));
     let c0 = m0.control();
     let devs: Vec<Arc<dyn BlockDevice>> = vec![m0.clone(), ram("m1")];
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) =
-        assembly::create(&spec(devs, Level::Raid1), FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "r", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
-    monitor.set_meta(meta);
-    monitor.open(true).unwrap();
+    let (reactors, _volume, monitor) = started(devs, Level::Raid1);
     // Every channel m0 has room for is taken (by the test).
     let taken = m0.open_channel().unwrap();
     c0.limit_channels(c0.open_channels());
