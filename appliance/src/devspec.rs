@@ -90,12 +90,7 @@ pub fn identity(spec: &str) -> Option<String> {
             match std::fs::metadata(path) {
                 Ok(m) if m.file_type().is_block_device() => Some(format!("block:{}", m.rdev())),
                 Ok(m) => Some(format!("inode:{}:{}", m.dev(), m.ino())),
-                Err(_) => {
-                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-                    let dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
-                        .unwrap_or_else(|_| dir.unwrap_or(Path::new(".")).to_path_buf());
-                    Some(format!("path:{}", dir.join(path.file_name()?).display()))
-                }
+                Err(_) => place(path),
             }
         }
         "nvme" => nvme_address(rest)
@@ -115,19 +110,23 @@ pub fn identity(spec: &str) -> Option<String> {
 /// name that place twice).
 pub fn storage_keys(spec: &str) -> Vec<String> {
     let mut keys: Vec<String> = identity(spec).into_iter().collect();
-    if let Some(rest) = spec.strip_prefix("file:") {
-        let path = Path::new(file_path(rest).0);
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        let dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
-            .unwrap_or_else(|_| dir.unwrap_or(Path::new(".")).to_path_buf());
-        if let Some(name) = path.file_name() {
-            let key = format!("path:{}", dir.join(name).display());
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
+    if let Some(key) = spec
+        .strip_prefix("file:")
+        .and_then(|rest| place(Path::new(file_path(rest).0)))
+    {
+        if !keys.contains(&key) {
+            keys.push(key);
         }
     }
     keys
+}
+
+/// A file's place: its canonical directory and its name.
+fn place(path: &Path) -> Option<String> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
+        .unwrap_or_else(|_| dir.unwrap_or(Path::new(".")).to_path_buf());
+    Some(format!("path:{}", dir.join(path.file_name()?).display()))
 }
 
 /// [`identity`], with a remote namespace's host looked up: one target
