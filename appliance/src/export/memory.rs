@@ -47,13 +47,9 @@ impl Drop for Mapping {
                 dma: self.dma.take(),
                 sigbus: self.sigbus.take(),
             };
-            match unmapper() {
-                Some(tx) => {
-                    if let Err(back) = tx.send(m) {
-                        drop(back.0);
-                    }
-                }
-                None => drop(m),
+            // (No thread, or gone: `m` unmaps here after all.)
+            if let Some(tx) = unmapper() {
+                let _ = tx.send(m);
             }
             return;
         }
@@ -71,7 +67,7 @@ impl Drop for Mapping {
 }
 
 /// The thread guest memory dropped on a reactor is unmapped on (started
-/// at the first such drop; none if it could not start: then the reactor
+/// with the first mapping; none if it could not start: then the reactor
 /// does it, as before).
 fn unmapper() -> Option<&'static std::sync::mpsc::Sender<Mapping>> {
     static TX: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Mapping>>> =

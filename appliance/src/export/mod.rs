@@ -135,9 +135,8 @@ pub struct ExportShared {
     handler: Mutex<Option<std::sync::Weak<Mutex<Handler>>>>,
     /// A queue was moved at runtime: its reactor is the operator's choice.
     moved: AtomicBool,
-    /// Raised when the connected frontend broke something of its own: the
-    /// control thread drops that connection.
-    /// The current connection's fault signal.
+    /// The current connection's fault signal, raised when its frontend
+    /// broke something of its own: the control thread drops it.
     fault: Mutex<Arc<fault::FaultSignal>>,
     /// A second handle of the connected frontend's socket: a delete shuts
     /// it down, which ends a read or write the control thread is blocked in.
@@ -519,13 +518,28 @@ impl Export {
                 .filter(|r| r.wait_stopped(Duration::ZERO).is_none())
                 .collect();
             if lingering.is_empty() {
-                if let Err(e) = self.shared.memory.remove(Duration::from_secs(10)) {
-                    tracing::warn!(export = %self.name, error = %e, "releasing guest memory");
-                }
+                release(&self.name, &self.shared.memory);
             } else {
                 release_after(&self.name, self.shared.memory.clone(), lingering);
             }
         }
+    }
+}
+
+/// Let an export's guest memory go: the map a frontend's disconnect may
+/// not have replaced (the object keeps its last one; runners held it),
+/// then the gates.
+fn release(name: &str, memory: &QuiesceObject<memory::GuestMap>) {
+    let emptied = memory
+        .reconfigure(Duration::from_secs(10), |_| {
+            Ok::<_, String>((memory::GuestMap::default(), ()))
+        })
+        .map_err(|e| e.to_string());
+    let removed = memory
+        .remove(Duration::from_secs(10))
+        .map_err(|e| e.to_string());
+    if let Err(e) = emptied.and(removed) {
+        tracing::warn!(export = %name, error = %e, "releasing guest memory");
     }
 }
 
@@ -544,17 +558,7 @@ fn release_after(
             for r in &runners {
                 while r.wait_stopped(Duration::from_secs(1)).is_none() {}
             }
-            // The map the frontend's disconnect could not replace first
-            // (the object keeps its last one), then the gates.
-            let emptied = memory.reconfigure(Duration::from_secs(10), |_| {
-                Ok::<_, String>((memory::GuestMap::default(), ()))
-            });
-            if let Err(e) = emptied {
-                tracing::warn!(export = %name, error = %e, "releasing guest memory");
-            }
-            if let Err(e) = memory.remove(Duration::from_secs(10)) {
-                tracing::warn!(export = %name, error = %e, "releasing guest memory");
-            }
+            release(&name, &memory);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "no thread to release guest memory later: it stays mapped");
