@@ -196,10 +196,6 @@ impl Worker {
                             Err(Retarget::Again(why)) => {
                                 self.generation = generation;
                                 tracing::warn!(volume = %self.volume, job = ?self.job, reason = %why, "background work stopped: no channel within {CHANNEL_WAIT:?}");
-                                // The monitor hears it (as from a move
-                                // that no longer applies): the slot is not
-                                // left rebuilding, nor a replacement
-                                // running, with nothing behind them.
                                 self.report_abort(&config, &why);
                                 self.walker.stop(why);
                             }
@@ -221,7 +217,9 @@ impl Worker {
         state
     }
 
-    /// Tell the monitor a rebuild or replacement stopped for `why`.
+    /// Tell the monitor a rebuild or replacement (of the walker's run, on
+    /// the generation `config`) stopped for `why`: its slot is not left
+    /// rebuilding, nor the replacement running, with nothing behind them.
     fn report_abort(&self, config: &VolumeConfig, why: &str) {
         let (Some(raid), Walker::Rebuild(r)) = (config.raid.as_ref(), &self.walker) else {
             return;
@@ -271,7 +269,7 @@ impl Worker {
                 // nothing rebuilds it (it is failed again), rather than
                 // leave it "rebuilding" with nothing running.
                 if let Err(Retarget::Stop(why)) = &r {
-                    events.event(Event::RebuildAborted(slot, run, why.clone()));
+                    self.report_abort(config, why);
                 }
                 r
             }
@@ -293,10 +291,9 @@ impl Worker {
                     )));
                 }
                 let target = rep.dev.clone();
-                let n = members.len();
                 let r = r.retarget(members, vec![rep.slot], Some(&target), events.clone());
                 if let Err(Retarget::Stop(why)) = &r {
-                    events.event(Event::RebuildAborted(n, run, why.clone()));
+                    self.report_abort(config, why);
                 }
                 r
             }
