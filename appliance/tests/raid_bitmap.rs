@@ -253,14 +253,15 @@ fn raid1_writes_reach_members_only_under_a_bit_already_on_them() {
     run(Level::Raid1, 2);
 }
 
-/// From an audit: a member that could not take a bitmap update was only
-/// warned about and stayed in sync, and the writes went on under a bit
-/// it never got (md, importing the array, may read that member's bitmap;
-/// the union misses the bit once the member that took it is lost). It is
-/// failed now, as md fails it, and its regions stay dirty for a re-add.
-#[test]
-fn a_member_that_cannot_take_the_bitmap_is_failed() {
-    use appliance::raid::members::MemberState;
+/// Where the mirror of [`fault_mirror`] keeps its data on each member.
+const MIRROR_OFFSET: u64 = 256;
+
+/// A mirror of two RAM members behind fault devices, on one reactor, with
+/// a bitmap of `bitmap_chunk_bytes` regions (0: none); created, not
+/// opened.
+fn fault_mirror(
+    bitmap_chunk_bytes: u64,
+) -> (Reactors, Vec<Arc<bdev::FaultDevice>>, Volume, Monitor) {
     let reactors = Reactors::start(ReactorConfig {
         count: 1,
         ..Default::default()
@@ -273,24 +274,36 @@ fn a_member_that_cannot_take_the_bitmap_is_failed() {
             Arc::new(bdev::FaultDevice::new(ram))
         })
         .collect();
-    let offset = 256;
     let spec = VolumeSpec {
         name: "bm".into(),
         level: Level::Raid1,
         layout: Layout::LeftSymmetric,
         chunk_bytes: 16 << 10,
-        data_offset: offset,
+        data_offset: MIRROR_OFFSET,
         members: faults
             .iter()
             .map(|f| f.clone() as Arc<dyn BlockDevice>)
             .collect(),
-        bitmap_chunk_bytes: 256 << 10,
+        bitmap_chunk_bytes,
     };
     let (tx, rx) = mpsc::channel();
     let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
     let volume = Volume::new(reactors.set(), "bm", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
     monitor.set_meta(meta);
+    (reactors, faults, volume, monitor)
+}
+
+/// From an audit: a member that could not take a bitmap update was only
+/// warned about and stayed in sync, and the writes went on under a bit
+/// it never got (md, importing the array, may read that member's bitmap;
+/// the union misses the bit once the member that took it is lost). It is
+/// failed now, as md fails it, and its regions stay dirty for a re-add.
+#[test]
+fn a_member_that_cannot_take_the_bitmap_is_failed() {
+    use appliance::raid::members::MemberState;
+    let offset = MIRROR_OFFSET;
+    let (reactors, faults, volume, monitor) = fault_mirror(256 << 10);
     assert!(monitor.open(true).unwrap().is_none());
     // m1's bitmap blocks refuse writes (its superblock still takes them).
     faults[1]
@@ -317,38 +330,10 @@ fn a_member_that_cannot_take_the_bitmap_is_failed() {
 #[test]
 fn no_bitmap_is_added_while_a_resync_is_running_or_owed() {
     use appliance::raid::monitor::OpError;
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let faults: Vec<Arc<bdev::FaultDevice>> = (0..2)
-        .map(|i| {
-            let ram: Arc<dyn BlockDevice> =
-                Arc::new(RamDevice::new(&format!("m{i}"), BS as u32, 1024).unwrap());
-            Arc::new(bdev::FaultDevice::new(ram))
-        })
-        .collect();
-    let spec = VolumeSpec {
-        name: "bm".into(),
-        level: Level::Raid1,
-        layout: Layout::LeftSymmetric,
-        chunk_bytes: 16 << 10,
-        data_offset: 256,
-        members: faults
-            .iter()
-            .map(|f| f.clone() as Arc<dyn BlockDevice>)
-            .collect(),
-        bitmap_chunk_bytes: 0,
-    };
-    let (tx, rx) = mpsc::channel();
-    let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
-    let volume = Volume::new(reactors.set(), "bm", dev.clone());
-    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
-    monitor.set_meta(meta);
+    let (reactors, faults, _volume, monitor) = fault_mirror(0);
     // The resync's first read waits for the test.
     let c0 = faults[0].control();
-    c0.hold(Some(IoOp::Read), 256, u64::MAX, 1);
+    c0.hold(Some(IoOp::Read), MIRROR_OFFSET, u64::MAX, 1);
     let resync = monitor
         .open(false)
         .unwrap()

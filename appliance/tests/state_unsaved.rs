@@ -22,6 +22,20 @@ fn break_state(path: &std::path::Path) {
     std::fs::write(path.join("keep"), b"x").unwrap();
 }
 
+/// A manager on one reactor keeping its state file in a directory of its
+/// own: (reactors, directory, state file, manager).
+fn manager() -> (Reactors, tempfile::TempDir, std::path::PathBuf, Manager) {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    (reactors, dir, state, mgr)
+}
+
 fn unsaved(r: Result<impl std::fmt::Debug, MgmtError>) -> bool {
     matches!(r, Err(MgmtError::Internal(m)) if m.contains("saving the state failed"))
 }
@@ -33,14 +47,7 @@ fn unsaved(r: Result<impl std::fmt::Debug, MgmtError>) -> bool {
 /// said was gone (a second delete: NotFound; a new one: AlreadyExists).
 #[test]
 fn a_change_whose_state_cannot_be_saved_says_so_and_a_deleted_export_stops() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.toml");
-    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    let (reactors, _dir, state, mgr) = manager();
     for d in ["a", "b"] {
         mgr.attach_device(ram(d)).unwrap();
     }
@@ -80,14 +87,7 @@ fn a_change_whose_state_cannot_be_saved_says_so_and_a_deleted_export_stops() {
 /// it would replay its old log over later writes).
 #[test]
 fn a_journal_added_or_removed_whose_state_cannot_be_saved_says_so() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.toml");
-    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    let (reactors, _dir, state, mgr) = manager();
     for d in ["a", "b", "c", "j"] {
         mgr.attach_device(ram(d)).unwrap();
     }
