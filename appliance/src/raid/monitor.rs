@@ -502,14 +502,22 @@ impl Monitor {
 
     fn change_started(&self, change: Change) -> Result<Arc<RebuildProgress>, OpError> {
         let mut s = self.inner.change_lock()?;
+        self.start_job(&mut s, change)?
+            .ok_or_else(|| OpError::Internal("the background work did not start".into()))
+    }
+
+    /// Applies a change that may start background work; the run it
+    /// started, if it started one.
+    fn start_job(
+        &self,
+        s: &mut MonitorState,
+        change: Change,
+    ) -> Result<Option<Arc<RebuildProgress>>, OpError> {
         let before = s.rebuild.clone();
-        self.inner.apply(&mut s, change)?;
-        match &s.rebuild {
-            Some(p) if before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, p)) => Ok(p.clone()),
-            _ => Err(OpError::Internal(
-                "the background work did not start".into(),
-            )),
-        }
+        self.inner.apply(s, change)?;
+        Ok(s.rebuild
+            .clone()
+            .filter(|p| before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, p))))
     }
 
     /// An operator fails the member on device `name` (md's `--fail`).
@@ -717,13 +725,7 @@ impl Monitor {
         }
         if s.current.member_set().rebuilding.is_some() {
             s.resync_owed = !was_clean;
-            let before = s.rebuild.clone();
-            self.inner.apply(&mut s, Change::ResumeRebuild)?;
-            if let Some(p) = s
-                .rebuild
-                .clone()
-                .filter(|p| before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, p)))
-            {
+            if let Some(p) = self.start_job(&mut s, Change::ResumeRebuild)? {
                 tracing::info!(
                     volume = self.inner.volume.name(),
                     slot = p.slot,
@@ -732,6 +734,25 @@ impl Monitor {
                 );
                 return Ok(Some(p));
             }
+        }
+        if s.current.member_set().rebuilding.is_none()
+            && !s.spares.is_empty()
+            && s.current.member_states().contains(&MemberState::Failed)
+        {
+            // A slot failed (or its device is missing) and a spare waits:
+            // md starts recovery onto it at assembly, not at the next
+            // change. A crash before this start is owed a resync once the
+            // copy is done, as a resumed rebuild is.
+            s.resync_owed = !was_clean;
+            if let Some(p) = self.start_job(&mut s, Change::UseSpare)? {
+                tracing::info!(
+                    volume = self.inner.volume.name(),
+                    slot = p.slot,
+                    "a spare takes a failed slot"
+                );
+                return Ok(Some(p));
+            }
+            s.resync_owed = false;
         }
         if was_clean {
             return Ok(None);
@@ -776,13 +797,7 @@ impl Monitor {
                 "the resync goes on from where a clean stop left it (md's resync_offset)"
             );
         }
-        let before = s.rebuild.clone();
-        self.inner
-            .apply(&mut s, Change::Scrub(true, bitmap, from))?;
-        let started = s
-            .rebuild
-            .clone()
-            .filter(|p| before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, p)));
+        let started = self.start_job(&mut s, Change::Scrub(true, bitmap, from))?;
         s.resync = started.clone();
         Ok(started)
     }
