@@ -295,3 +295,45 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
     export.delete(true).unwrap();
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: a configuration read past our 60 bytes was refused
+/// (a zero-size reply). SPDK's vhost-user initiator reads 256 bytes at
+/// once and takes a short reply for a failed device; a frontend may also
+/// size its read to a newer struct. Past our fields the space reads as
+/// zeros, up to the 256 bytes a frontend may ask for.
+#[test]
+fn the_whole_config_space_a_frontend_may_read_is_answered() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::volume::Volume;
+    use bdev::{BlockDevice, RamDevice};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", 4096, 256).unwrap());
+    let volume = Volume::new(reactors.set(), "v", dev);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("v.sock");
+    let export =
+        Export::create(reactors.set(), &volume, ExportOptions::new(sock.clone(), 1)).unwrap();
+    let (mut f, _seen, on) = frontend_with_channel(&sock);
+    let (_, cfg) = f
+        .get_config(0, 256, VhostUserConfigFlags::WRITABLE, &[0u8; 256])
+        .expect("SPDK's read of 256 bytes");
+    assert_eq!(cfg.len(), 256);
+    assert_eq!(u64::from_le_bytes(cfg[..8].try_into().unwrap()) * 512, MIB);
+    assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 4096);
+    assert!(cfg[60..].iter().all(|&b| b == 0), "{:?}", &cfg[60..]);
+    // A read of the tail alone, as of a field newer than ours.
+    let (_, tail) = f
+        .get_config(60, 36, VhostUserConfigFlags::WRITABLE, &[0u8; 36])
+        .expect("a newer field");
+    assert_eq!(tail, vec![0u8; 36]);
+    // The connection still serves.
+    assert_eq!(capacity_bytes(&mut f), MIB);
+    on.frontend.lock().unwrap().take();
+    drop(f);
+    export.delete(true).unwrap();
+    reactors.shutdown().unwrap();
+}

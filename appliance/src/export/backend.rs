@@ -86,6 +86,10 @@ pub enum MoveError {
     Vu(VuError),
 }
 
+/// The largest configuration space a frontend reads (QEMU's and SPDK's
+/// VHOST_USER_MAX_CONFIG_SIZE).
+const CONFIG_SPACE_MAX: usize = 256;
+
 impl From<VuError> for MoveError {
     fn from(e: VuError) -> MoveError {
         MoveError::Vu(e)
@@ -284,6 +288,8 @@ impl Handler {
         }
     }
 
+    /// The virtio-blk configuration space we fill (up to
+    /// write_zeroes_may_unmap and its padding).
     fn config_space(&self) -> Vec<u8> {
         let l = &self.export.limits;
         let info = self.export.volume.info();
@@ -600,14 +606,20 @@ impl VhostUserBackendReqHandlerMut for Handler {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
-        let c = self.config_space();
+        let mut c = self.config_space();
         let (start, end) = (offset as usize, offset as usize + size as usize);
-        c.get(start..end).map(|s| s.to_vec()).ok_or_else(|| {
-            invalid(format!(
-                "config read {start}..{end} is outside the {} byte config space",
-                c.len()
-            ))
-        })
+        if end > CONFIG_SPACE_MAX {
+            return Err(invalid(format!(
+                "config read {start}..{end} is outside the {CONFIG_SPACE_MAX} byte config space"
+            )));
+        }
+        // Fields past ours (newer virtio-blk ones: secure erase, zoned) read
+        // as zero, as the spec asks of unused ones: SPDK's initiator reads
+        // 256 bytes at once, and a frontend may size its read to a newer
+        // struct than ours. An error here would be a zero-size reply, which
+        // such a frontend takes for a failed device.
+        c.resize(CONFIG_SPACE_MAX, 0);
+        Ok(c[start..end].to_vec())
     }
 
     fn set_config(
