@@ -481,10 +481,15 @@ impl Raid1Channel {
             self.held_reads.push_back(pi);
             return true;
         }
+        // Tried only once it went out: a full queue is back-pressure, and
+        // the member is asked again.
+        if !self.send(pi, m) {
+            return false;
+        }
         if let Some(p) = self.parents[pi].as_mut() {
             p.tried |= 1 << m;
         }
-        self.send(pi, m)
+        true
     }
 
     /// Whether member `m` takes no IO: failed when this generation began,
@@ -651,13 +656,21 @@ impl Raid1Channel {
         };
         p.pending -= 1;
         match c.result {
-            Ok(()) => p.succeeded += 1,
+            // Only a member in sync holds the write for the guest (md's
+            // In_sync rule): a rebuild's target is garbage above its
+            // cursor and is failed with the rebuild if it ends up alone.
+            Ok(()) if Some(m) != self.rebuild_target => p.succeeded += 1,
+            Ok(()) => {}
             Err(e) => {
                 p.error = Some(e);
                 let is_read = p.op == IoOp::Read;
                 self.fail_member(m, e);
-                // Retry the read on another in-sync member.
-                if is_read && self.send_read(pi) {
+                // Retry the read on another in-sync member; its full queue
+                // is back-pressure, not a failure: from `poll` then.
+                if is_read && self.pick_reader(pi).is_some() {
+                    if !self.send_read(pi) {
+                        self.held_reads.push_back(pi);
+                    }
                     return;
                 }
             }
@@ -724,7 +737,12 @@ impl IoChannel for Raid1Channel {
             self.send_write(pi)
         };
         if !sent {
-            let no_member = (0..self.failed.len()).all(|m| self.is_failed(m));
+            // A read only a rebuild's target could take has no member.
+            let no_member = if req.op == IoOp::Read {
+                self.pick_reader(pi).is_none()
+            } else {
+                (0..self.failed.len()).all(|m| self.is_failed(m))
+            };
             if no_member {
                 // Nothing left to serve it: fail clearly, never hang.
                 if let Some(p) = self.parents[pi].as_mut() {

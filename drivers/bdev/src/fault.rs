@@ -32,6 +32,10 @@ pub struct FaultControl {
     /// Bumped by [`FaultControl::release`]; channels submit what they hold
     /// when they see it change.
     released: AtomicU64,
+    /// Submissions are refused as by a full queue (see
+    /// [`FaultControl::busy`]), and how many were.
+    busy: AtomicBool,
+    busy_refusals: AtomicU64,
 }
 
 /// Which requests are held, and how many are held now.
@@ -106,9 +110,22 @@ impl FaultControl {
         self.refusals.load(Ordering::SeqCst)
     }
 
+    /// Refuse (or again take) every submission with `Busy`, as a channel
+    /// whose queue is full does: back-pressure, not a failure.
+    pub fn busy(&self, on: bool) {
+        self.busy.store(on, Ordering::SeqCst);
+    }
+
+    /// Submissions refused as busy so far (a test waits for one, not for
+    /// time).
+    pub fn busy_refusals(&self) -> u64 {
+        self.busy_refusals.load(Ordering::SeqCst)
+    }
+
     /// Clear every fault.
     pub fn heal(&self) {
         self.refuse_channels(false);
+        self.busy(false);
         self.pulled.store(false, Ordering::SeqCst);
         self.fail_reads(0, 0);
         self.fail_writes(0, 0);
@@ -317,6 +334,10 @@ impl Drop for FaultChannel {
 
 impl IoChannel for FaultChannel {
     fn submit(&mut self, req: IoRequest) -> Result<(), SubmitError> {
+        if self.control.busy.load(Ordering::SeqCst) {
+            self.control.busy_refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(SubmitError::Busy(req));
+        }
         if let Err(e) = self.control.check(&req) {
             self.control.injected.fetch_add(1, Ordering::Relaxed);
             self.failed.push_back(Completion {
