@@ -592,3 +592,127 @@ fn a_write_only_a_rebuilding_member_took_is_not_acknowledged() {
         "no member in sync is left to read"
     );
 }
+
+/// From an audit: a bad block on the last mirror in sync failed that
+/// member, and with it the whole volume, though every other block was
+/// readable. md's RAID1 never fails its last member in sync: the request
+/// fails alone. With a second mirror in sync the member is failed as
+/// before (its copy is elsewhere).
+#[test]
+fn a_bad_block_on_the_last_mirror_in_sync_fails_only_its_request() {
+    let fa = Arc::new(FaultDevice::new(ram("a", 512)));
+    let (tx, rx) = mpsc::channel();
+    let r = Raid1Device::new(
+        "r1",
+        vec![
+            member(fa.clone()),
+            Member::new(ram("b", 512), MemberState::Failed),
+        ],
+        8,
+        FailureSink::new(tx),
+    )
+    .unwrap();
+    let mut ch = r.open_channel().unwrap();
+    let mut data: Vec<u8> = (0..8 * 4096).map(|i| (i % 241) as u8).collect();
+    run_one(ch.as_mut(), rw(IoOp::Write, 0, 8, &mut data, 1)).unwrap();
+    // Block 3 of the volume (the data area starts at block 8).
+    fa.control().fail_reads(11, 12);
+    let mut got = vec![0u8; 4096];
+    assert!(matches!(
+        run_one(ch.as_mut(), rw(IoOp::Read, 3, 1, &mut got, 2)),
+        Err(bdev::IoError::Media(_))
+    ));
+    assert!(rx.try_recv().is_err(), "the last mirror in sync was failed");
+    for lba in [0u64, 4, 7] {
+        run_one(ch.as_mut(), rw(IoOp::Read, lba, 1, &mut got, 3 + lba)).unwrap();
+        assert!(
+            got[..] == data[lba as usize * 4096..][..4096],
+            "block {lba}"
+        );
+    }
+
+    // Two mirrors in sync: the read is served by the other, the bad one
+    // is failed.
+    use appliance::raid::monitor::RaidDevice;
+    let fa = Arc::new(FaultDevice::new(ram("a", 512)));
+    let r = Raid1Device::new(
+        "r1",
+        vec![member(fa.clone()), member(ram("b", 512))],
+        8,
+        FailureSink::none(),
+    )
+    .unwrap();
+    let mut ch = r.open_channel().unwrap();
+    run_one(ch.as_mut(), rw(IoOp::Write, 0, 8, &mut data, 1)).unwrap();
+    fa.control().fail_reads(0, u64::MAX);
+    run_one(ch.as_mut(), rw(IoOp::Read, 3, 1, &mut got, 2)).unwrap();
+    assert!(got[..] == data[3 * 4096..][..4096]);
+    assert!(
+        r.member_set().members[0].is_gone(),
+        "the mirror with the bad block is failed"
+    );
+}
+
+/// From an audit: a rebuild that met a bad block on its only source
+/// failed the source, and the volume with it. The rebuild stops there
+/// (md stops its recovery), naming the row; the source stays in sync and
+/// the volume serves what it can read.
+#[test]
+fn a_rebuild_stops_at_a_bad_block_of_its_only_source_and_keeps_it() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let fa = Arc::new(FaultDevice::new(ram("a", 4096)));
+    let b = ram("b", 4096);
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(
+        Raid1Device::new(
+            "r1",
+            vec![member(fa.clone()), Member::new(b, MemberState::Failed)],
+            8,
+            FailureSink::new(tx),
+        )
+        .unwrap(),
+    );
+    let volume = Volume::new(reactors.set(), "r1", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    fa.control().fail_reads(2048, 2049);
+    monitor.add_spare(ram("spare", 4096)).unwrap();
+    let t = std::time::Instant::now();
+    let progress = loop {
+        if let Some(p) = monitor.rebuild().filter(|p| p.is_finished()) {
+            if monitor.idle() {
+                break p;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the rebuild never ended: {:?}",
+            monitor.member_states()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let why = progress.error().expect("the rebuild stopped with an error");
+    assert!(why.contains("last in sync"), "{why}");
+    assert_eq!(
+        monitor.member_states(),
+        vec![MemberState::InSync, MemberState::Failed],
+        "the source stays, the slot is failed again"
+    );
+    // The volume still reads what its member can.
+    let w = Workload::start_on_volume(
+        reactors.set(),
+        &volume,
+        WorkloadParams {
+            span_bytes: 4 << 20,
+            ..WorkloadParams::default()
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let totals = w.stop(Duration::from_secs(10)).unwrap();
+    assert!(totals.clean(), "{totals:?}");
+    reactors.shutdown().unwrap();
+}

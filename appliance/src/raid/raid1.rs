@@ -501,12 +501,17 @@ impl Raid1Channel {
 
     /// A member failed: stop using it here and tell the volume.
     fn fail_member(&mut self, m: usize, e: IoError) {
-        if !self.failed[m] {
-            self.failed[m] = true;
-            if !self.slots[m].is_gone() {
-                tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
-            }
-            self.failures.report(m, &self.slots[m], e);
+        if self.failed[m] {
+            return;
+        }
+        let was_gone = self.slots[m].is_gone();
+        if !self.failures.report_in(&self.slots, m, e) {
+            tracing::warn!(volume = %self.info.name, member = m, error = %e, "a block the last member in sync cannot read or write: the request fails, the member stays");
+            return;
+        }
+        self.failed[m] = true;
+        if !was_gone {
+            tracing::warn!(volume = %self.info.name, member = m, error = %e, "member failed");
         }
     }
 

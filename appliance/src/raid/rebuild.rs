@@ -231,6 +231,8 @@ struct RowWalk {
     /// The current row cannot be finished (a request failed or was
     /// refused): the first failure, once its other requests are back.
     spoiled: Option<(usize, Option<IoError>)>,
+    /// A member that failed a request but was not failed (see `kept`).
+    kept: Option<usize>,
     /// Rate limiting: a token bucket in bytes, refilled at the limit.
     tokens: f64,
     refilled: Instant,
@@ -261,6 +263,7 @@ impl RowWalk {
             comps: Vec::new(),
             blocked: false,
             spoiled: None,
+            kept: None,
             tokens: (chunk) as f64,
             refilled: Instant::now(),
             activity: None,
@@ -450,9 +453,11 @@ impl RowWalk {
             .find_map(|c| c.result.err().map(|e| (c.tag as usize, e)));
         self.comps.clear();
         if let Some((m, e)) = failure {
-            // Every core stops using it now; the monitor is told.
-            if let Some(member) = self.members.get(m) {
-                self.events.report(m, member, e);
+            // Every core stops using it now; the monitor is told. Not the
+            // last member in sync for a bad block (md's RAID1 rule): the
+            // run stops instead (`kept`).
+            if m < self.members.len() && !self.events.report_in(&self.members, m, e) {
+                self.kept = Some(m);
             }
             self.spoiled.get_or_insert((m, Some(e)));
         }
@@ -463,6 +468,12 @@ impl RowWalk {
             Some(f) => Err(f),
             None => Ok(()),
         })
+    }
+
+    /// Whether `m` failed a request of the row but was kept as the last
+    /// member in sync: no later try of the row reads it better.
+    fn kept(&self, m: usize) -> bool {
+        self.kept == Some(m)
     }
 
     /// A request of the row to `m` could not be sent.

@@ -117,9 +117,9 @@ impl FailureLedger {
     /// the count and the gone flags together (`consistent`) never sees a
     /// count whose flag is not set yet; and the count rises before the
     /// flag, so a channel that sees the flag sees the count.
-    fn report(&self, member: &Member) -> Option<u64> {
+    fn report(&self, member: &Member, may_fail: impl FnOnce() -> bool) -> Option<u64> {
         let g = self.changed.lock().unwrap_or_else(|e| e.into_inner());
-        if member.is_gone() {
+        if member.is_gone() || !may_fail() {
             return None;
         }
         let seq = self.reported.fetch_add(1, Ordering::SeqCst) + 1;
@@ -226,8 +226,34 @@ impl FailureSink {
     /// in the ledger and tells the monitor; later ones do nothing. Called
     /// on a reactor, only when an IO has failed.
     pub fn report(&self, slot: usize, member: &Member, error: IoError) {
+        self.report_if(slot, member, error, || true);
+    }
+
+    /// [`report`](Self::report) the error `slots[slot]` got, unless it is
+    /// a media error (a block the device cannot read or write; it still
+    /// answers) and the member is the last one in sync: md's RAID1 never
+    /// fails its last member in sync, only the request fails, and the
+    /// rest of the volume stays readable. Decided under the ledger's lock,
+    /// so two cores seeing errors on two mirrors at once fail one at most.
+    /// False if the member was kept.
+    pub fn report_in(&self, slots: &[Member], slot: usize, error: IoError) -> bool {
+        let Some(member) = slots.get(slot) else {
+            return false;
+        };
+        let mut kept = false;
+        self.report_if(slot, member, error, || {
+            kept = matches!(error, IoError::Media(_))
+                && !slots.iter().enumerate().any(|(i, o)| {
+                    i != slot && o.state == super::MemberState::InSync && !o.is_gone()
+                });
+            !kept
+        });
+        !kept
+    }
+
+    fn report_if(&self, slot: usize, member: &Member, error: IoError, may: impl FnOnce() -> bool) {
         member.errors.fetch_add(1, Ordering::Relaxed);
-        let Some(seq) = self.ledger.report(member) else {
+        let Some(seq) = self.ledger.report(member, may) else {
             return;
         };
         let sent = self.event(Event::Failed(MemberFailure {

@@ -220,6 +220,12 @@ impl Scrubber {
                     match self.walk.collect() {
                         None => return PollState::Busy,
                         Some(Ok(())) => {}
+                        Some(Err((m, Some(e)))) if self.walk.kept(m) => {
+                            let row = self.walk.row;
+                            return self.stop(Some(format!(
+                                "row {row} cannot be read from member {m}, the last in sync: {e}"
+                            )));
+                        }
                         Some(Err((m, _))) => return self.walk.row_failed(m, &self.all),
                     }
                     // A mirror that failed meanwhile (on any core) may miss
