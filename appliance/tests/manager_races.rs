@@ -616,6 +616,62 @@ fn crash_after_the_journal_failed(mode: &str) {
     let _ = reactors.shutdown();
 }
 
+/// From an audit: once the journal failed, writes went to the members
+/// without a record while the state file still named the journal (only
+/// their answers waited for its giving up to be saved). A restart in that
+/// window replayed the log's older records over them: an older record's
+/// parity beside a newer write's data, the write hole again. A guest write
+/// reaches no member until the giving up is on disk.
+#[test]
+fn after_the_journal_fails_no_write_reaches_the_members_before_it_is_given_up() {
+    let mut rig = Rig::new(true);
+    let dir = rig.dir.path().to_path_buf();
+    let names = ["d0", "d1", "d2", "j"];
+    for n in names {
+        rig.attach(n, &format!("file:{}:16M", dir.join(n).display()));
+    }
+    let mut decl = VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]);
+    decl.journal = Some("j".into());
+    rig.mgr.create_volume(decl, false).unwrap();
+    let sock = rig.export("v");
+    let mut disk = Disk::connect(&sock).unwrap();
+    disk.buf()[..4096].copy_from_slice(&common::pattern(1, 0, 4096));
+    assert_eq!(disk.write(0, 4096), 0);
+    // The giving up flushes the members first: held on d0.
+    let d0 = rig.fault("d0");
+    d0.hold(Some(IoOp::Flush), 0, u64::MAX, 1);
+    rig.fault("j").pull();
+    let new = common::pattern(2, 4096, 4096);
+    disk.buf()[..4096].copy_from_slice(&new);
+    disk.start_write(4096, 0, 4096, 7);
+    assert!(d0.wait_held(1, LONG), "the journal was never given up");
+    let on_members = || {
+        ["d0", "d1", "d2"].iter().any(|n| {
+            std::fs::read(dir.join(n))
+                .unwrap()
+                .chunks(4096)
+                .any(|c| c == &new[..])
+        })
+    };
+    for _ in 0..50 {
+        assert!(
+            !on_members(),
+            "written without a record before the giving up was saved"
+        );
+        assert_eq!(disk.next(Duration::from_millis(10)), None, "answered early");
+    }
+    d0.release();
+    assert_eq!(
+        disk.next(LONG),
+        Some((7, 0)),
+        "the write goes on once it is saved"
+    );
+    assert!(on_members());
+    assert_eq!(rig.state().volumes[0].journal, None);
+    drop(disk);
+    rig.stop();
+}
+
 /// A stop while a failed journal still drains its write-back cache waits
 /// (a bounded time) for it to drain and be given up: the blocks it held
 /// exist nowhere else than in its failed log, which the next start may not

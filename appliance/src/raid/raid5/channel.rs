@@ -412,7 +412,7 @@ impl Raid5Channel {
     /// its giving up is not on disk yet. Only a monitor records that: a
     /// volume made without one has nobody to wait for; one whose monitor
     /// has closed (the volume stops) keeps them, unanswered.
-    fn journal_unrecorded(&self) -> bool {
+    pub(super) fn journal_unrecorded(&self) -> bool {
         self.journal
             .as_ref()
             .is_some_and(|j| j.has_failed() && !j.given_up_recorded())

@@ -217,14 +217,7 @@ impl Raid5Channel {
                 // A checkpoint may need this stripe reclaimed before the
                 // log has room, so wait unlocked and plan again from the
                 // start.
-                let bufs = std::mem::take(&mut p.bufs);
-                p.stage = Stage::WaitLock;
-                if p.locked {
-                    p.locked = false;
-                    self.locks.unlock(p.stripe);
-                }
-                self.recycle(bufs);
-                self.drop_record(pi);
+                return self.wait_unlocked(pi);
             }
             self.jwait.push_back(pi);
             return;
@@ -286,6 +279,23 @@ impl Raid5Channel {
         if self.jbufs.len() < 64 {
             self.jbufs.push(rec);
         }
+    }
+
+    /// Piece `pi` waits in `jwait` without its stripe lock (and without
+    /// its record), to be planned again from the start.
+    pub(super) fn wait_unlocked(&mut self, pi: usize) {
+        let Some(p) = self.pieces[pi].as_mut() else {
+            return;
+        };
+        let bufs = std::mem::take(&mut p.bufs);
+        p.stage = Stage::WaitLock;
+        if p.locked {
+            p.locked = false;
+            self.locks.unlock(p.stripe);
+        }
+        self.recycle(bufs);
+        self.drop_record(pi);
+        self.jwait.push_back(pi);
     }
 
     /// Send a journal request for piece `pi`.
@@ -497,7 +507,9 @@ impl Raid5Channel {
                 };
                 let unlocked = p.stage == Stage::WaitLock;
                 if j.has_failed() {
-                    // No room will come: go on without the journal.
+                    // No room will come: go on without the journal (a
+                    // guest write once its giving up is on disk:
+                    // `lock_then_plan` parks it here again until then).
                     if unlocked {
                         self.lock_then_plan(pi);
                     } else {

@@ -16,9 +16,22 @@ type Rows = smallvec::SmallVec<[Option<(u64, u64)>; 8]>;
 
 impl Raid5Channel {
     pub(super) fn lock_then_plan(&mut self, pi: usize) {
+        let unrecorded = self.journal_unrecorded();
         let Some(p) = self.pieces[pi].as_mut() else {
             return;
         };
+        if unrecorded && p.kind == Kind::Write && p.reclaim.is_none() && !p.locked {
+            // The journal failed and its giving up is not on disk: a
+            // restart now would replay its records over what a write
+            // without one puts on the members (an older record's parity
+            // beside this write's data: the write hole again). Guest
+            // writes wait for the record, unlocked (the drain's reclaim
+            // needs the stripes); the drain's own writes go on.
+            p.stage = Stage::WaitLock;
+            p.jneed = 0;
+            self.jwait.push_back(pi);
+            return;
+        }
         if let (Kind::Write, Some(b)) = (p.kind, &self.bitmap) {
             // Not holding the stripe lock while the bit is written.
             let r = b.region(p.stripe);
@@ -346,6 +359,7 @@ impl Raid5Channel {
         let Some((psg, lba0)) = self.parent_sg(pi) else {
             return;
         };
+        let unrecorded = self.journal_unrecorded();
         let gone: smallvec::SmallVec<[bool; 8]> =
             (0..self.failed.len()).map(|m| self.is_failed(m)).collect();
         let geo = self.geo;
@@ -455,6 +469,10 @@ impl Raid5Channel {
         // written.
         let logged = writes.clone();
         writes.retain(|&mut (m, _, _)| Some(m) != failed && !gone[m]);
+        if p.reclaim.is_none() && unrecorded {
+            // The journal failed under this write (see `lock_then_plan`).
+            return self.wait_unlocked(pi);
+        }
         if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
             let entries: smallvec::SmallVec<[Entry; 8]> = logged
                 .iter()
