@@ -44,6 +44,8 @@ struct LogReader<'a> {
 const WINDOW_BYTES: usize = 4 << 20;
 /// Bytes of a record's data handled at once while replaying it.
 const PIECE_BYTES: usize = 1 << 20;
+/// Times over its whole log a scan may check blocks of candidate records.
+const SCAN_PASSES: usize = 8;
 
 impl<'a> LogReader<'a> {
     fn new(dev: &'a dyn BlockDevice, total: usize) -> LogReader<'a> {
@@ -96,10 +98,17 @@ struct Found {
 }
 
 /// Every whole record of this journal after its checkpoint, oldest first.
-fn scan(log: &mut LogReader, s: &Super) -> Result<Vec<Found>, RaidError> {
+/// A record is at most `largest` blocks (what the volume can write). A
+/// header that passes the quick checks but not its checksum costs a read
+/// of what it claims, and the scan moves on by one block: a crafted log
+/// of such headers would cost the square of its size, so the blocks
+/// checked are bounded (a real log checks each about once).
+fn scan(log: &mut LogReader, s: &Super, largest: usize) -> Result<Vec<Found>, RaidError> {
     let (bs, total) = (log.bs, log.total);
     let mut found = Vec::new();
     let mut i = 0usize;
+    let budget = total.saturating_mul(SCAN_PASSES).saturating_add(largest);
+    let mut checked = 0usize;
     while i < total {
         let h = log.block(i)?.to_vec();
         let seq = u64_at(&h, 16);
@@ -111,8 +120,16 @@ fn scan(log: &mut LogReader, s: &Super) -> Result<Vec<Found>, RaidError> {
             && seq < super::codec::SEQ_LIMIT
             && blocks >= 1
             && blocks <= total - i
+            && blocks <= largest
             && entries <= MAX_ENTRIES;
         if candidate {
+            checked = checked.saturating_add(blocks);
+            if checked > budget {
+                return Err(RaidError::Invalid(format!(
+                    "journal {}: its log holds more overlapping record headers than a journal writes (crafted or damaged); start without it (--drop-journal) to use the volume",
+                    log.dev.info().name
+                )));
+            }
             let mut check = RecordCheck::start(&h, bs);
             for k in 1..blocks {
                 check.add(log.block(i + k)?);
@@ -158,7 +175,15 @@ impl Journal {
             RaidError::Invalid(format!("{}: journal log too large", dev.info().name))
         })?;
         let mut log = LogReader::new(dev.as_ref(), total);
-        let found = scan(&mut log, &s)?;
+        // A stripe's record (every member's chunk and a header), or a
+        // degraded replay's overlay record (256 blocks and a header).
+        let largest = geo.map_or(total, |g| {
+            (g.members() as usize)
+                .saturating_mul(g.chunk_blocks() as usize)
+                .saturating_add(1)
+                .max(257)
+        });
+        let found = scan(&mut log, &s, largest)?;
         let mut report = ReplayReport::default();
         let mut max_seq = s.checkpoint_seq;
         // Pass 1: write-through records (data and parity, as they went to
