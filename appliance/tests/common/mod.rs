@@ -215,6 +215,13 @@ impl Disk {
         let buf = unsafe { self.buf.add(at) };
         self.q
             .write(offset, buf, len, tag, blkio::ReqFlags::empty());
+        // Sent now: libblkio only queues it until its next do_io, and a
+        // queue that went idle (its reactor asleep until a kick) would not
+        // see it before the test waits for its answer. Tests that went on
+        // to wait for its effects hung when the reactor slept in between.
+        let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+        let mut t = Duration::ZERO;
+        let _ = self.q.do_io(&mut none, 0, Some(&mut t), None);
     }
 
     /// The next completion within `limit`: its tag and result.
