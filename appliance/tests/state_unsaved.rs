@@ -95,7 +95,18 @@ fn a_journal_added_or_removed_whose_state_cannot_be_saved_says_so() {
         .unwrap();
     break_state(&state);
     assert!(unsaved(mgr.add_journal("v", "j", "write-back", false)));
-    assert!(mgr.get_volume("v").unwrap().journal_state.is_some());
+    let js = mgr
+        .get_volume("v")
+        .unwrap()
+        .journal_state
+        .expect("attached");
+    // From an audit: it went write-back all the same, acknowledging
+    // writes from a log no state file names (a crash lost them).
+    assert_eq!(
+        js.mode,
+        appliance::raid::journal::JournalMode::WriteThrough,
+        "write-back before the state file names the journal"
+    );
     assert!(unsaved(mgr.remove_journal("v")));
     assert!(mgr.get_volume("v").unwrap().journal_state.is_none());
     let j = mgr
@@ -104,9 +115,15 @@ fn a_journal_added_or_removed_whose_state_cannot_be_saved_says_so() {
         .find(|d| d.decl.name == "j")
         .unwrap();
     assert_eq!(j.used_by, "", "the journal's device is let go");
-    // Erased: taken again without force.
+    // Erased: taken again without force; saved, it goes write-back.
     std::fs::remove_dir_all(&state).unwrap();
-    mgr.add_journal("v", "j", "write-through", false).unwrap();
+    let v = mgr.add_journal("v", "j", "write-back", false).unwrap();
+    assert_eq!(
+        v.journal_state.map(|j| j.mode),
+        Some(appliance::raid::journal::JournalMode::WriteBack)
+    );
+    let saved = appliance::config::Config::load(&state).unwrap();
+    assert_eq!(saved.volumes[0].journal_mode, "write-back");
     mgr.shutdown();
     drop(mgr);
     reactors.shutdown().unwrap();

@@ -498,7 +498,10 @@ impl Manager {
             self.shared.roles.set(device, volume, None);
             return Err(e);
         }
-        let result = Journal::format_with(jdev.clone(), mode)
+        // Write-through until the state file names it: a write-back
+        // journal acknowledges writes from its log, which a start from a
+        // state file without it would never replay.
+        let result = Journal::format_with(jdev.clone(), JournalMode::WriteThrough)
             .map_err(|e| {
                 MgmtError::Internal(format!("volume {volume}: formatting journal {device}: {e}"))
             })
@@ -519,8 +522,15 @@ impl Manager {
         }
         // The journal is named only by the state file (not by the
         // members' superblocks): a start without it there would never
-        // replay what write-back acknowledged from it.
+        // replay what write-back acknowledged from it. Saved before it
+        // goes write-back; a failed save leaves it write-through.
         self.save()?;
+        if mode == JournalMode::WriteBack {
+            monitor(&v)?
+                .set_journal_mode(mode)
+                .map_err(|e| from_op(volume, e))?;
+            self.save()?;
+        }
         Ok(self.view(&v))
     }
 

@@ -585,10 +585,23 @@ impl Manager {
                     "a journal mode needs a journal device",
                 ));
             }
-            self.build_volume(&decl, level, members, spares, jdev, mode, force)
+            // Write-back only once the state file names the journal (see
+            // `add_journal`).
+            self.build_volume(
+                &decl,
+                level,
+                members,
+                spares,
+                jdev,
+                JournalMode::WriteThrough,
+                force,
+            )
         })?;
         self.insert_volume(decl.clone(), started)?;
         self.save()?;
+        if mode == JournalMode::WriteBack {
+            return self.set_journal_mode(&decl.name, mode.name());
+        }
         self.get_volume(&decl.name)
     }
 
