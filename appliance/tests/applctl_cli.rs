@@ -183,6 +183,9 @@ num_queues = 2
     let exports = ok(&applctl(&api, &["export", "list"]));
     assert!(exports.contains(&sock.display().to_string()), "{exports}");
 
+    // From an audit: `applctl health` said "degraded" with exit 0, so
+    // `applctl health || alert` never fired.
+    assert_eq!(applctl(&api, &["health"]).status.code(), Some(0));
     ok(&applctl(&api, &["volume", "fail", "vol0", "d1"]));
     let waited = ok(&applctl(
         &api,
@@ -250,6 +253,15 @@ num_queues = 2
     assert!(
         help.contains("Examples") && help.contains("Exit codes"),
         "{help}"
+    );
+    // A member failed with no spare left: degraded, which health says in
+    // its exit code.
+    ok(&applctl(&api, &["volume", "fail", "vol0", "d0"]));
+    let health = applctl(&api, &["health"]);
+    assert_eq!(health.status.code(), Some(10), "{health:?}");
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains("vol0"),
+        "{health:?}"
     );
 
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };

@@ -3,7 +3,9 @@
 //! Exit codes: 0 done; 1 internal error or failed background work;
 //! 2 bad arguments; 3 not found; 4 already exists; 5 refused in this state
 //! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
-//! 8 not authorised; 9 not enough of a resource (memory for a RAM device).
+//! 8 not authorised; 9 not enough of a resource (memory for a RAM device);
+//! 10 `health` found the daemon degraded (as `mdadm --detail --test`
+//! says a degraded array in its exit code).
 
 mod nvmf;
 mod qos;
@@ -38,7 +40,8 @@ use volume::{volume, VolumeCmd};
 
 Exit codes: 0 done, 1 internal error, 2 bad arguments, 3 not found,
 4 already exists, 5 refused in this state, 6 deadline exceeded,
-7 daemon unreachable, 8 not authorised, 9 resource exhausted.
+7 daemon unreachable, 8 not authorised, 9 resource exhausted,
+10 health: degraded (a volume, device or journal has a problem).
 
 Over TCP: --api https://HOST:PORT --ca ca.pem --token-file token."
 )]
@@ -344,7 +347,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     s += &format!("  {p}\n");
                 }
                 s
-            })
+            })?;
+            // `applctl health || alert` must fire on a degraded daemon.
+            if h.status() == pb::HealthStatus::Ok {
+                Ok(())
+            } else {
+                Err(Failure(10, format!("{} problem(s)", h.problems.len())))
+            }
         }
         Command::Stats {
             watch: Some(secs),
