@@ -377,3 +377,59 @@ fn an_export_whose_hosts_are_listed_in_another_order_is_left_alone() {
     assert_eq!(rig.mgr.reload_file(&path).unwrap(), Default::default());
     rig.stop();
 }
+
+/// From an audit: a reload of a state file cut short (the NVMe/TCP
+/// exports come last in it) or emptied by mistake deleted every NVMe/TCP
+/// export with its hosts connected, then the volumes behind them, and
+/// saved that over the file. As for a vhost-user export with a VM on it,
+/// an export with hosts connected is kept (and its volume with it).
+#[test]
+fn a_reload_keeps_an_nvmf_export_whose_hosts_are_connected() {
+    use nvmf::host::{Controller, HostConfig};
+    let rig = rig();
+    rig.mgr.attach_device(rig.ram("d")).unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
+        .unwrap();
+    let nqn = "nqn.2026-12.io.example:v";
+    rig.mgr
+        .create_nvmf_export(NvmfExportDecl {
+            nqn: nqn.into(),
+            volume: "v".into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let listen: SocketAddr = rig.mgr.list_nvmf_exports()[0].decl.listen.parse().unwrap();
+    let host = HostConfig {
+        hostnqn: "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-000000000001".into(),
+        host_id: [7; 16],
+        digests: Default::default(),
+        kato_ms: 0,
+        timeout: std::time::Duration::from_secs(30),
+    };
+    let _c = Controller::connect(listen, nqn, &host).unwrap();
+    // The file cut short after its volumes.
+    let mut file = rig.state();
+    file.nvmf_exports.clear();
+    let path = rig.dir.path().join("cut.toml");
+    file.save(&path).unwrap();
+    let rep = rig.mgr.reload_file(&path).unwrap();
+    assert!(rep.applied.is_empty(), "{rep:?}");
+    assert!(
+        rep.refused
+            .iter()
+            .any(|r| r.contains(nqn) && r.contains("connected")),
+        "{rep:?}"
+    );
+    assert_eq!(rig.mgr.list_nvmf_exports().len(), 1);
+    // Emptied: the export, its volume and device all stay.
+    let rep = rig.mgr.reload(&Config::default());
+    assert!(rep.applied.is_empty(), "{rep:?}");
+    assert_eq!(rig.mgr.list_nvmf_exports().len(), 1);
+    assert!(rig.mgr.get_volume("v").is_ok());
+    assert_eq!(rig.state().nvmf_exports.len(), 1);
+    drop(_c);
+    rig.stop();
+}

@@ -165,6 +165,15 @@ impl Manager {
         self.inv().nvmf.values().map(view).collect()
     }
 
+    /// Controllers live on export `nqn` now (0 if there is no such
+    /// export).
+    pub(super) fn nvmf_hosts(&self, nqn: &str) -> usize {
+        self.inv()
+            .nvmf
+            .get(nqn)
+            .map_or(0, |e| e.sub.controllers().len())
+    }
+
     /// Stop exporting `nqn`: hosts' connections finish the commands they
     /// started and close (hosts see the controller go away and reconnect
     /// until their loss timeout).

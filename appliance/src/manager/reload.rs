@@ -198,6 +198,18 @@ impl Manager {
             if wanted.is_some_and(|w| same_nvmf(e, w)) {
                 continue;
             }
+            // As an export a VM is connected to (`delete_export` without
+            // force): a file cut short or emptied by mistake took every
+            // host's controller away, then the volume behind it.
+            let hosts = self.nvmf_hosts(&e.nqn);
+            if hosts > 0 {
+                rep.refused.push(format!(
+                    "nvme/tcp export {}: {hosts} host(s) connected; the running one is kept (delete it with `applctl nvmf delete` to take them away)",
+                    e.nqn
+                ));
+                kept_nvmf.push(e.nqn.clone());
+                continue;
+            }
             let check = wanted.map_or(Ok(()), |w| {
                 super::nvmf::check_nvmf(w).and_then(|_| volume_known(&w.volume))
             });
