@@ -695,3 +695,53 @@ fn a_fault_of_a_connection_gone_does_not_drop_the_next() {
     drop(volume);
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: a driver that did not take VIRTIO_BLK_F_FLUSH (firmware,
+/// boot loaders, minimal drivers) never sends a flush, and the spec has
+/// its completed writes be stable; they were answered once the device had
+/// them, in its volatile cache. Each such write is flushed before it is
+/// answered; a failed flush fails it.
+#[test]
+fn writes_of_a_driver_without_flush_are_stable_when_answered() {
+    use bdev::IoOp;
+    let (reactors, fault, _volume, export, _dir, sock) = fault_export(1, Duration::from_secs(5));
+    // This guest takes no FLUSH (VERSION_1, PROTOCOL_FEATURES, INDIRECT).
+    let mut g = Guest::new(&sock, 1);
+    let write = |g: &mut Guest| {
+        let (t, h, d, s) = (g.queues[0].desc, 0x20000, 0x40000, 0x60000);
+        g.header(h, OUT, 8);
+        g.write(s, UNTOUCHED);
+        g.desc(t, 0, h, 16, NEXT, 1);
+        g.desc(t, 1, d, 4096, NEXT, 2);
+        g.desc(t, 2, s, 1, WRITE, 0);
+        g.offer(0, 0);
+        s
+    };
+    fault.control().hold(Some(IoOp::Flush), 0, u64::MAX, 1);
+    let s = write(&mut g);
+    assert!(
+        fault.control().wait_held(1, Duration::from_secs(30)),
+        "no flush after the write"
+    );
+    assert_eq!(
+        g.used_within(0, Duration::from_millis(50)),
+        None,
+        "answered before its flush"
+    );
+    fault.control().release();
+    assert_eq!(g.used(0), (0, 1));
+    assert_eq!(g.read::<u8>(s), S_OK);
+    // A flush that fails fails the write.
+    let ctl = fault.control();
+    ctl.hold(Some(IoOp::Flush), 0, u64::MAX, 1);
+    let s = write(&mut g);
+    assert!(ctl.wait_held(1, Duration::from_secs(30)));
+    ctl.pull();
+    ctl.release();
+    assert_eq!(g.used(0), (0, 1));
+    assert_eq!(g.read::<u8>(s), S_IOERR, "a write whose flush failed");
+    drop(g);
+    ctl.heal();
+    export.delete(true).unwrap();
+    reactors.shutdown().unwrap();
+}

@@ -123,6 +123,10 @@ pub struct QueueSetup {
     pub stats: Arc<IoStats>,
     /// Raised when the frontend broke the queue: the connection is dropped.
     pub fault: Arc<FaultSignal>,
+    /// The driver did not take VIRTIO_BLK_F_FLUSH: it sends no flush, and
+    /// the spec has a completed write be stable (each one is flushed
+    /// before it is answered).
+    pub write_through: bool,
 }
 
 struct Inflight {
@@ -133,6 +137,8 @@ struct Inflight {
     bytes: u64,
     /// `now_ns` when it was taken.
     started: u64,
+    /// A write done on the device whose flush (`write_through`) is out.
+    flushing: bool,
 }
 
 struct Runner {
@@ -174,6 +180,10 @@ struct Runner {
     /// again, and the queue waits meanwhile.
     ring_lost: bool,
     fault: Arc<FaultSignal>,
+    /// See [`QueueSetup::write_through`]; slots whose flush the channel
+    /// had no room for yet.
+    write_through: bool,
+    flush_owed: VecDeque<u32>,
     inflight: Option<InflightQueue>,
     /// Requests taken before a restart, to submit again first.
     resubmit: VecDeque<u16>,
@@ -285,6 +295,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         broken: false,
         ring_lost: false,
         fault: setup.fault,
+        write_through: setup.write_through,
+        flush_owed: VecDeque::new(),
         inflight: setup.inflight,
         resubmit: VecDeque::new(),
         suspended: setup.volume.suspended_range().clone(),
@@ -367,6 +379,9 @@ impl Runner {
             }
             self.comps = comps;
             self.stats.set_inflight(self.inflight());
+        }
+        if !self.flush_owed.is_empty() {
+            self.send_owed_flushes();
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             let keep_parked = self.shared.keep_parked.load(Ordering::Relaxed);
@@ -784,6 +799,7 @@ impl Runner {
                     op,
                     bytes: num_blocks * self.limits.block_size as u64,
                     started: self.now_ns,
+                    flushing: false,
                 });
                 let io = IoRequest {
                     op,
@@ -842,6 +858,16 @@ impl Runner {
     }
 
     fn complete(&mut self, c: Completion) {
+        if self.write_through && c.result.is_ok() {
+            if let Some(Some(req)) = self.slots.get_mut(c.tag as usize) {
+                if matches!(req.op, IoOp::Write | IoOp::WriteZeroes) && !req.flushing {
+                    req.flushing = true;
+                    self.flush_owed.push_back(c.tag as u32);
+                    self.send_owed_flushes();
+                    return;
+                }
+            }
+        }
         let Some(req) = self.slots.get_mut(c.tag as usize).and_then(|s| s.take()) else {
             return;
         };
@@ -873,6 +899,25 @@ impl Runner {
             }
         }
         self.finish_request(req.head, written);
+    }
+
+    /// Flush after the writes of a driver without VIRTIO_BLK_F_FLUSH, in
+    /// their slots (still in flight: a suspend or a stop waits for them),
+    /// as far as the channel takes them.
+    fn send_owed_flushes(&mut self) {
+        while let Some(&slot) = self.flush_owed.front() {
+            let io = IoRequest {
+                op: IoOp::Flush,
+                offset_blocks: 0,
+                num_blocks: 0,
+                sg: bdev::SgList::new(),
+                tag: u64::from(slot),
+            };
+            if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
+                return;
+            }
+            self.flush_owed.pop_front();
+        }
     }
 
     fn signal(&mut self) {

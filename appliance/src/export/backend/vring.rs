@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vhost::vhost_user::Result as VuResult;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
@@ -150,6 +151,7 @@ impl Handler {
             inflight,
             stats: export.stats[index as usize].clone(),
             fault: export.fault(),
+            write_through: self.features & (1 << VIRTIO_BLK_F_FLUSH) == 0,
         };
         let started = match self
             .set
