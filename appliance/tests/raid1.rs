@@ -716,3 +716,54 @@ fn a_rebuild_stops_at_a_bad_block_of_its_only_source_and_keeps_it() {
     assert!(totals.clean(), "{totals:?}");
     reactors.shutdown().unwrap();
 }
+
+/// From review: a write the first mirror took, whose copy on the second
+/// came back with a bad block after the first had failed (another
+/// request's error), was acknowledged: the second was kept as the last
+/// member in sync, and no member left held the write. A write is done
+/// only while a member that took it is still there.
+#[test]
+fn a_write_whose_only_holder_failed_meanwhile_is_not_acknowledged() {
+    use appliance::raid::monitor::RaidDevice;
+    let fa = Arc::new(FaultDevice::new(ram("a", 512)));
+    let fb = Arc::new(FaultDevice::new(ram("b", 512)));
+    let r = Raid1Device::new(
+        "r1",
+        vec![member(fa.clone()), member(fb.clone())],
+        8,
+        FailureSink::none(),
+    )
+    .unwrap();
+    let mut ch = r.open_channel().unwrap();
+    let mut out = Vec::new();
+    let poll_until = |ch: &mut Box<dyn bdev::IoChannel>,
+                      out: &mut Vec<_>,
+                      what: &str,
+                      done: &dyn Fn(&Vec<bdev::Completion>) -> bool| {
+        let t = std::time::Instant::now();
+        while !done(out) {
+            ch.poll(out);
+            assert!(t.elapsed() < Duration::from_secs(30), "never: {what}");
+        }
+    };
+    // The write's copy on b is held; a takes it.
+    fb.control().hold(Some(IoOp::Write), 0, u64::MAX, 1);
+    let mut data = vec![0x77u8; 4096];
+    ch.submit(rw(IoOp::Write, 0, 1, &mut data, 1)).unwrap();
+    assert!(fb.control().wait_held(1, Duration::from_secs(30)));
+    // a goes: a read it cannot serve fails it (b is in sync then).
+    fa.control().fail_reads(0, u64::MAX);
+    let mut got = vec![0u8; 4096];
+    ch.submit(rw(IoOp::Read, 4, 1, &mut got, 2)).unwrap();
+    let set = r.member_set();
+    poll_until(&mut ch, &mut out, "a failed", &|_| set.members[0].is_gone());
+    // b cannot take the write after all: a bad block, b kept (the last).
+    fb.control().fail_writes(0, u64::MAX);
+    fb.control().release();
+    poll_until(&mut ch, &mut out, "the write answered", &|o| {
+        o.iter().any(|c| c.tag == 1)
+    });
+    let w = out.iter().find(|c| c.tag == 1).unwrap();
+    assert!(w.result.is_err(), "acknowledged with no member holding it");
+    assert!(!set.members[1].is_gone(), "b stays, the last in sync");
+}

@@ -153,6 +153,7 @@ impl BlockDevice for Raid1Device {
             failures: self.set.failures.clone(),
             inflight: 0,
             rebuild_target: self.set.rebuilding.as_ref().map(|(r, _)| *r),
+            kept_said: 0,
             scrubbing: self.set.scrubbing.clone(),
             locks: self.set.locks.clone(),
             waiting: VecDeque::new(),
@@ -178,7 +179,8 @@ struct Parent {
     blocks: u64,
     sg: SgList,
     pending: u32,
-    succeeded: u32,
+    /// Members in sync that took it (bit per slot).
+    took: u64,
     error: Option<IoError>,
     /// Members a read already tried (bit per slot).
     tried: u64,
@@ -210,6 +212,8 @@ enum Resend {
 struct Raid1Channel {
     /// The member being rebuilt: written, never read.
     rebuild_target: Option<usize>,
+    /// Members whose kept bad block was logged (bit per slot).
+    kept_said: u64,
     scrubbing: Arc<std::sync::atomic::AtomicBool>,
     locks: Arc<StripeLocks>,
     /// Writes waiting for rebuild regions or bitmap bits, in arrival order.
@@ -501,12 +505,31 @@ impl Raid1Channel {
 
     /// A member failed: stop using it here and tell the volume.
     fn fail_member(&mut self, m: usize, e: IoError) {
+        self.fail_member_unless_last(m, e, true);
+    }
+
+    /// [`fail_member`](Self::fail_member); with `keep_last`, a media error
+    /// on the last member in sync fails only its request (md's RAID1
+    /// rule). Without: a member that misses an acknowledged write (a
+    /// background copy's) is failed whatever it is.
+    fn fail_member_unless_last(&mut self, m: usize, e: IoError, keep_last: bool) {
         if self.failed[m] {
             return;
         }
         let was_gone = self.slots[m].is_gone();
-        if !self.failures.report_in(&self.slots, m, e) {
-            tracing::warn!(volume = %self.info.name, member = m, error = %e, "a block the last member in sync cannot read or write: the request fails, the member stays");
+        let failed = if keep_last {
+            self.failures.report_in(&self.slots, m, e)
+        } else {
+            self.failures.report(m, &self.slots[m], e);
+            true
+        };
+        if !failed {
+            // Once per member on this core: a guest reading its bad block
+            // again and again would flood the log.
+            if self.kept_said & (1 << m) == 0 {
+                self.kept_said |= 1 << m;
+                tracing::warn!(volume = %self.info.name, member = m, error = %e, "a block the last member in sync cannot read or write: its requests fail, the member stays");
+            }
             return;
         }
         self.failed[m] = true;
@@ -567,7 +590,7 @@ impl Raid1Channel {
 
     fn finish(&mut self, pi: usize) {
         if let Some(p) = self.parents[pi].as_ref() {
-            if p.succeeded == 0 && p.behind.is_some() {
+            if p.took == 0 && p.behind.is_some() {
                 // No foreground member took it: the background copies
                 // decide (`end_behind` answers it).
                 return;
@@ -581,7 +604,13 @@ impl Raid1Channel {
                 io.parent = None;
             }
             self.release(&p);
-            let result = if p.succeeded > 0 {
+            // A write is done only while a member that took it is still
+            // there: one failed since (another request's error, another
+            // core's report) took the write with it. A read's data was
+            // read.
+            let held = (0..self.members.len())
+                .any(|m| p.took & (1 << m) != 0 && (p.op == IoOp::Read || !self.is_failed(m)));
+            let result = if held {
                 Ok(())
             } else {
                 Err(p.error.unwrap_or(IoError::DeviceFailed))
@@ -664,7 +693,7 @@ impl Raid1Channel {
             // Only a member in sync holds the write for the guest (md's
             // In_sync rule): a rebuild's target is garbage above its
             // cursor and is failed with the rebuild if it ends up alone.
-            Ok(()) if Some(m) != self.rebuild_target => p.succeeded += 1,
+            Ok(()) if Some(m) != self.rebuild_target => p.took |= 1 << m,
             Ok(()) => {}
             Err(e) => {
                 p.error = Some(e);
@@ -711,7 +740,7 @@ impl IoChannel for Raid1Channel {
             blocks: req.num_blocks,
             sg: req.sg,
             pending: 0,
-            succeeded: 0,
+            took: 0,
             error: None,
             tried: 0,
             locked: None,
@@ -777,7 +806,9 @@ impl IoChannel for Raid1Channel {
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         self.pump_resend();
-        if !self.held_reads.is_empty() && self.behind.inflight() == 0 {
+        // (`send_read` holds a read only a write-mostly member can serve
+        // again while background writes are out.)
+        if !self.held_reads.is_empty() {
             for pi in std::mem::take(&mut self.held_reads) {
                 if self.pick_reader(pi).is_none() {
                     // Nothing left to serve it: fail it clearly.

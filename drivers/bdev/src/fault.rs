@@ -360,6 +360,16 @@ impl IoChannel for FaultChannel {
         if released != self.released || !self.control.holding.load(Ordering::Relaxed) {
             self.released = released;
             while let Some(req) = self.held.pop_front() {
+                // The faults on now apply: a request held from before a
+                // range went bad fails as it reaches the device.
+                if let Err(e) = self.control.check(&req) {
+                    self.control.injected.fetch_add(1, Ordering::Relaxed);
+                    self.failed.push_back(Completion {
+                        tag: req.tag,
+                        result: Err(e),
+                    });
+                    continue;
+                }
                 if let Err(SubmitError::Busy(req)) = self.inner.submit(req) {
                     self.held.push_front(req);
                     break;

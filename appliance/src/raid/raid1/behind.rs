@@ -27,8 +27,8 @@ pub(super) struct BehindIo {
     /// The write's block keys (`WriteBehind::lock_blocks`), held until the
     /// write-mostly members have it.
     pub(super) keys: Option<(u64, u64)>,
-    /// Member requests that succeeded.
-    pub(super) succeeded: u32,
+    /// Members that took it (bit per slot).
+    pub(super) took: u64,
     /// The write it belongs to, until that write is answered.
     pub(super) parent: Option<usize>,
 }
@@ -71,7 +71,7 @@ impl Raid1Channel {
             pending: 0,
             in_bitmap,
             keys: None,
-            succeeded: 0,
+            took: 0,
             parent: Some(pi),
         };
         let bi = match self.behind_free.pop() {
@@ -125,14 +125,15 @@ impl Raid1Channel {
         }
         if let Err(e) = c.result {
             // The write was acknowledged (the other members have it) or
-            // waits for this outcome.
-            self.fail_member(m, e);
+            // waits for this outcome: a member without it is failed, the
+            // last one in sync too (it would serve the old data).
+            self.fail_member_unless_last(m, e, false);
         }
         let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
             return;
         };
         if c.result.is_ok() {
-            io.succeeded += 1;
+            io.took |= 1 << m;
         }
         io.pending = io.pending.saturating_sub(1);
         if io.pending == 0 {
@@ -159,9 +160,7 @@ impl Raid1Channel {
                     return;
                 };
                 p.behind = None;
-                if io.succeeded > 0 {
-                    p.succeeded += 1;
-                }
+                p.took |= io.took;
                 if p.pending == 0 {
                     self.finish(pi);
                 }
