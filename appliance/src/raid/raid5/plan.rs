@@ -359,7 +359,6 @@ impl Raid5Channel {
         let Some((psg, lba0)) = self.parent_sg(pi) else {
             return;
         };
-        let unrecorded = self.journal_unrecorded();
         let gone: smallvec::SmallVec<[bool; 8]> =
             (0..self.failed.len()).map(|m| self.is_failed(m)).collect();
         let geo = self.geo;
@@ -469,11 +468,20 @@ impl Raid5Channel {
         // written.
         let logged = writes.clone();
         writes.retain(|&mut (m, _, _)| Some(m) != failed && !gone[m]);
+        // Read once, here: a failure another core sees between two reads
+        // would neither park this write nor log it.
+        let journal_failed = self.journal.as_ref().is_some_and(|j| j.has_failed());
+        let unrecorded = journal_failed
+            && self
+                .journal
+                .as_ref()
+                .is_some_and(|j| !j.given_up_recorded())
+            && self.failures.has_monitor();
         if p.reclaim.is_none() && unrecorded {
             // The journal failed under this write (see `lock_then_plan`).
             return self.wait_unlocked(pi);
         }
-        if let Some(j) = self.journal.clone().filter(|j| !j.has_failed()) {
+        if let Some(j) = self.journal.clone().filter(|_| !journal_failed) {
             let entries: smallvec::SmallVec<[Entry; 8]> = logged
                 .iter()
                 .map(|&(m, lo, hi)| Entry {
