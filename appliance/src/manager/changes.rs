@@ -526,10 +526,15 @@ impl Manager {
         // goes write-back; a failed save leaves it write-through.
         self.save()?;
         if mode == JournalMode::WriteBack {
-            monitor(&v)?
+            let switched = monitor(&v)?
                 .set_journal_mode(mode)
-                .map_err(|e| from_op(volume, e))?;
-            self.save()?;
+                .map_err(|e| from_op(volume, e))
+                .and_then(|_| self.save());
+            switched.map_err(|e| {
+                e.after(&format!(
+                    "journal {device} was added write-through; switching it to write-back failed"
+                ))
+            })?;
         }
         Ok(self.view(&v))
     }

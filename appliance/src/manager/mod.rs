@@ -87,6 +87,28 @@ pub enum MgmtError {
     Internal(String),
 }
 
+impl MgmtError {
+    /// The same error, its message after `what` (what was done before
+    /// the step that failed).
+    pub(crate) fn after(self, what: &str) -> MgmtError {
+        let with = |m: String| format!("{what}; {m}");
+        match self {
+            MgmtError::InvalidArgument { field, reason } => MgmtError::InvalidArgument {
+                field,
+                reason: with(reason),
+            },
+            MgmtError::NotFound(m) => MgmtError::NotFound(with(m)),
+            MgmtError::AlreadyExists(m) => MgmtError::AlreadyExists(with(m)),
+            MgmtError::FailedPrecondition(m) => MgmtError::FailedPrecondition(with(m)),
+            MgmtError::DeadlineExceeded(m) => MgmtError::DeadlineExceeded(with(m)),
+            MgmtError::PermissionDenied(m) => MgmtError::PermissionDenied(with(m)),
+            MgmtError::ResourceExhausted(m) => MgmtError::ResourceExhausted(with(m)),
+            MgmtError::Unavailable(m) => MgmtError::Unavailable(with(m)),
+            MgmtError::Internal(m) => MgmtError::Internal(with(m)),
+        }
+    }
+}
+
 /// Why a restore stopped: the part of the configuration that failed and
 /// the call's own error.
 #[derive(Debug, thiserror::Error)]

@@ -587,26 +587,22 @@ impl Manager {
             }
             // Write-back only once the state file names the journal (see
             // `add_journal`).
-            self.build_volume(
-                &decl,
-                level,
-                members,
-                spares,
-                jdev,
-                JournalMode::WriteThrough,
-                force,
-            )
+            self.build_volume(&decl, level, members, spares, jdev, force)
         })?;
         self.insert_volume(decl.clone(), started)?;
         self.save()?;
         if mode == JournalMode::WriteBack {
-            return self.set_journal_mode(&decl.name, mode.name());
+            return self.set_journal_mode(&decl.name, mode.name()).map_err(|e| {
+                e.after(&format!(
+                    "volume {} was created with its journal write-through; switching it to write-back failed",
+                    decl.name
+                ))
+            });
         }
         self.get_volume(&decl.name)
     }
 
     /// A new volume on its claimed devices.
-    #[allow(clippy::too_many_arguments)]
     fn build_volume(
         &self,
         decl: &VolumeDecl,
@@ -614,7 +610,6 @@ impl Manager {
         members: Devices,
         spares: Devices,
         jdev: Option<Arc<dyn BlockDevice>>,
-        mode: JournalMode,
         force: bool,
     ) -> Result<Started, MgmtError> {
         if level == Level::Single {
@@ -665,7 +660,7 @@ impl Manager {
             })?;
         let device = match jdev {
             Some(jdev) => {
-                let j = Journal::format_with(jdev, mode)
+                let j = Journal::format_with(jdev, JournalMode::WriteThrough)
                     .map_err(|e| MgmtError::Internal(format!("journal: {e}")))?;
                 device
                     .with_journal(j)
