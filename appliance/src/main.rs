@@ -395,7 +395,11 @@ fn serve(a: ServeArgs) -> ExitCode {
         );
         m.set_meta(opened.meta);
         match m.open(opened.was_clean) {
-            Ok(Some(_)) => println!("unclean shutdown: resynchronising parity in the background"),
+            // A scrub's progress has no slot.
+            Ok(Some(p)) if p.slot == usize::MAX => {
+                println!("unclean shutdown: resynchronising parity in the background")
+            }
+            Ok(Some(p)) => println!("rebuilding slot {} in the background", p.slot),
             Ok(None) => {}
             Err(e) => {
                 eprintln!("error: {e}");

@@ -723,6 +723,15 @@ impl Monitor {
                 r.clean = false;
             }
         }
+        // Said whatever starts below (a rebuild makes what it copies of
+        // those stripes permanent).
+        let degraded = s.current.scrub_members().is_err();
+        if !was_clean && degraded {
+            // A degraded RAID5 (or a mirror down to one) after a crash may
+            // hold stripes whose parity does not match their data; nothing
+            // can tell which. Say so.
+            tracing::warn!(volume = self.inner.volume.name(), "unclean shutdown of a degraded volume: stripes written at the crash may be inconsistent");
+        }
         if s.current.member_set().rebuilding.is_some() {
             s.resync_owed = !was_clean;
             if let Some(p) = self.start_job(&mut s, Change::ResumeRebuild)? {
@@ -741,27 +750,41 @@ impl Monitor {
         {
             // A slot failed (or its device is missing) and a spare waits:
             // md starts recovery onto it at assembly, not at the next
-            // change. A crash before this start is owed a resync once the
-            // copy is done, as a resumed rebuild is.
-            s.resync_owed = !was_clean;
-            if let Some(p) = self.start_job(&mut s, Change::UseSpare)? {
-                tracing::info!(
-                    volume = self.inner.volume.name(),
-                    slot = p.slot,
-                    "a spare takes a failed slot"
-                );
-                return Ok(Some(p));
+            // change. The copy rewrites the slot's every row from the
+            // others (a RAID5's parity then matches its data, a mirror
+            // copied from its one source is whole); only mirrors with two
+            // sources or more left may still differ after a crash, and
+            // are owed a resync once it is done.
+            let sources = s
+                .current
+                .member_states()
+                .iter()
+                .filter(|&&st| st == MemberState::InSync)
+                .count();
+            s.resync_owed = !was_clean && s.current.parity_geometry().is_none() && sources >= 2;
+            match self.start_job(&mut s, Change::UseSpare) {
+                Ok(Some(p)) => {
+                    tracing::info!(
+                        volume = self.inner.volume.name(),
+                        slot = p.slot,
+                        "a spare takes a failed slot"
+                    );
+                    return Ok(Some(p));
+                }
+                Ok(None) => {}
+                // The volume starts degraded, as before the spare was
+                // looked at (a later change tries again).
+                Err(e) => {
+                    tracing::warn!(volume = self.inner.volume.name(), error = %e, "no spare taken at the start")
+                }
             }
             s.resync_owed = false;
         }
         if was_clean {
             return Ok(None);
         }
-        if s.current.scrub_members().is_err() {
-            // A degraded RAID5 (or a mirror down to one) after a crash may
-            // hold stripes whose parity does not match their data; nothing
-            // can tell which. Say so.
-            tracing::warn!(volume = self.inner.volume.name(), "unclean shutdown of a degraded volume: stripes written at the crash may be inconsistent");
+        if degraded {
+            // Nothing to resync from (said above).
             return Ok(None);
         }
         let bitmap = s.current.member_set().bitmap.clone();
