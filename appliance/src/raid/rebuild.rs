@@ -470,10 +470,16 @@ impl RowWalk {
         })
     }
 
-    /// Whether `m` failed a request of the row but was kept as the last
-    /// member in sync: no later try of the row reads it better.
-    fn kept(&self, m: usize) -> bool {
-        self.kept == Some(m)
+    /// Why the run stops if `m` failed a request of the row but was kept
+    /// as the last member in sync (no later try of the row reads it
+    /// better); `None` otherwise.
+    fn unreadable(&self, m: usize, e: IoError) -> Option<String> {
+        (self.kept == Some(m)).then(|| {
+            format!(
+                "row {} cannot be read from member {m}, the last in sync: {e}",
+                self.row
+            )
+        })
     }
 
     /// A request of the row to `m` could not be sent.

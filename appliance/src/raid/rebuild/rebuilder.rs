@@ -146,13 +146,12 @@ impl Rebuilder {
                             return self
                                 .abort(format!("the replacement device failed a write: {e}"));
                         }
-                        Some(Err((m, Some(e)))) if w.kept(m) => {
-                            let row = w.row;
-                            return self.abort(format!(
-                                "row {row} cannot be read from member {m}, the last in sync: {e}"
-                            ));
+                        Some(Err((m, e))) => {
+                            if let Some(why) = e.and_then(|e| w.unreadable(m, e)) {
+                                return self.abort(why);
+                            }
+                            return w.row_failed(m, &used);
                         }
-                        Some(Err((m, _))) => return w.row_failed(m, &used),
                     }
                     if w.any_gone(&used) {
                         w.drop_row();

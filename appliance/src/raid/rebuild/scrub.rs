@@ -220,13 +220,12 @@ impl Scrubber {
                     match self.walk.collect() {
                         None => return PollState::Busy,
                         Some(Ok(())) => {}
-                        Some(Err((m, Some(e)))) if self.walk.kept(m) => {
-                            let row = self.walk.row;
-                            return self.stop(Some(format!(
-                                "row {row} cannot be read from member {m}, the last in sync: {e}"
-                            )));
+                        Some(Err((m, e))) => {
+                            if let Some(why) = e.and_then(|e| self.walk.unreadable(m, e)) {
+                                return self.stop(Some(why));
+                            }
+                            return self.walk.row_failed(m, &self.all);
                         }
-                        Some(Err((m, _))) => return self.walk.row_failed(m, &self.all),
                     }
                     // A mirror that failed meanwhile (on any core) may miss
                     // a write the row lock let through before the scrub
