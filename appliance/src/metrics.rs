@@ -501,9 +501,13 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         let q = &v.quiesce;
         // Suspend waits: bucket i below 1 us << i.
         let b = buckets(&q.wait_hist, |i| (1u64 << i) as f64 / 1e6);
+        // The count from the buckets themselves: the suspend counter is
+        // read apart from them, and a suspend ending between the two reads
+        // made _count differ from the +Inf bucket (OpenMetrics forbids it).
+        let count = q.wait_hist.iter().fold(0u64, |a, &n| a.saturating_add(n));
         quiesce_wait.add(
             l(),
-            Value::Histogram(q.wait_ns_total as f64 / 1e9, q.suspends, b),
+            Value::Histogram(q.wait_ns_total as f64 / 1e9, count, b),
         );
         quiesce_max.add(l(), Value::Gauge(v.quiesce.wait_ns_max as f64 / 1e9));
         pending.add(l(), Value::Gauge(v.pending_changes as f64));
