@@ -286,13 +286,15 @@ impl Ring {
     }
 
     /// Whether the guest wants an interrupt for what was added since the
-    /// last decision (EVENT_IDX's used event; always without it).
+    /// last decision (EVENT_IDX's used event; without it, unless the
+    /// driver set VIRTQ_AVAIL_F_NO_INTERRUPT).
     pub fn needs_notification(&mut self) -> bool {
         let used = self.next_used;
         // Our used entries are visible before we read the guest's event.
         fence(Ordering::SeqCst);
         if !self.event_idx {
-            return true;
+            // VIRTQ_AVAIL_F_NO_INTERRUPT: a driver that polls asks for none.
+            return self.u16_at(self.avail, 0).load(Ordering::Relaxed) & 1 == 0;
         }
         let Some(old) = self.signalled_used.replace(used) else {
             return true;
