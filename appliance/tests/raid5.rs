@@ -976,53 +976,6 @@ fn raid5_over_nvme_members_moves_its_own_buffers_without_bouncing() {
     drop(reg);
 }
 
-/// A RAM device that takes at most `max` bytes a request, as an NVMe
-/// namespace takes 1 MiB: larger ones fail, as the NVMe driver fails them.
-struct Small {
-    inner: Arc<dyn BlockDevice>,
-    info: bdev::DeviceInfo,
-}
-
-struct SmallChannel {
-    inner: Box<dyn bdev::IoChannel>,
-    info: bdev::DeviceInfo,
-    refused: Vec<bdev::Completion>,
-}
-
-impl BlockDevice for Small {
-    fn info(&self) -> &bdev::DeviceInfo {
-        &self.info
-    }
-    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
-        Ok(Box::new(SmallChannel {
-            inner: self.inner.open_channel()?,
-            info: self.info.clone(),
-            refused: Vec::new(),
-        }))
-    }
-}
-
-impl bdev::IoChannel for SmallChannel {
-    fn submit(&mut self, req: bdev::IoRequest) -> Result<(), bdev::SubmitError> {
-        if let Err(e) = bdev::validate(&self.info, &req) {
-            self.refused.push(bdev::Completion {
-                tag: req.tag,
-                result: Err(e),
-            });
-            return Ok(());
-        }
-        self.inner.submit(req)
-    }
-    fn poll(&mut self, out: &mut Vec<bdev::Completion>) -> usize {
-        let n = self.refused.len();
-        out.append(&mut self.refused);
-        n + self.inner.poll(out)
-    }
-    fn inflight(&self) -> usize {
-        self.refused.len() + self.inner.inflight()
-    }
-}
-
 /// A journal record larger than one request to the journal's device (a
 /// stripe's data and parity, against a device that takes 16 KiB) is
 /// written in pieces: before, the one request was refused and the journal
@@ -1035,13 +988,7 @@ fn journal_records_larger_than_a_request_to_its_device_are_written_in_pieces() {
         let devs: Vec<Arc<dyn BlockDevice>> =
             (0..3).map(|i| ram(&format!("m{i}"), 1024 + 8)).collect();
         let inner = ram("j", 4097);
-        let jdev: Arc<dyn BlockDevice> = Arc::new(Small {
-            info: bdev::DeviceInfo {
-                max_transfer: 16 << 10,
-                ..inner.info().clone()
-            },
-            inner,
-        });
+        let jdev = common::Small::device(inner, 16 << 10);
         let journal = Journal::format_with(jdev.clone(), mode).unwrap();
         let r = r5(&devs, 8, FailureSink::none()).with_journal(journal.clone());
         let geo = *r.geometry();

@@ -252,12 +252,15 @@ fn limits_for(volume: &Volume, opts: &ExportOptions) -> Limits {
         capacity_sectors: info.size_bytes() / request::SECTOR,
         block_size: info.block_size,
         // virtio-blk has no limit on a request's total size other than
-        // seg_max x size_max, so both are chosen to fit the device's limit.
-        max_transfer: info.max_transfer,
-        size_max: SIZE_MAX.min(info.max_transfer),
-        seg_max: SEG_MAX
-            .min(info.max_transfer / SIZE_MAX.min(info.max_transfer))
-            .max(1),
+        // seg_max x size_max, and a guest's segments are as large as its
+        // pages make them (64 KiB ones on some): a guest may send all of
+        // it, and what the device cannot take at once goes in pieces (an
+        // NVMe member's 1 MiB gave seg_max 1 before, and a Linux guest one
+        // page per request).
+        max_transfer: SEG_MAX * SIZE_MAX,
+        part_max: info.max_transfer.max(info.block_size),
+        size_max: SIZE_MAX,
+        seg_max: SEG_MAX,
         // Also the write-zeroes limit; a RAID5 writes zeroes like data, so
         // it cannot take more at once than a write.
         max_discard_sectors: ((1u64 << 30).min(info.max_transfer as u64) / request::SECTOR) as u32,

@@ -139,6 +139,10 @@ struct Inflight {
     started: u64,
     /// A write done on the device whose flush (`write_through`) is out.
     flushing: bool,
+    /// Device requests of it not answered yet (a request larger than the
+    /// device takes at once goes in pieces), and the first error.
+    parts: u32,
+    error: Option<bdev::IoError>,
 }
 
 struct Runner {
@@ -180,10 +184,11 @@ struct Runner {
     /// again, and the queue waits meanwhile.
     ring_lost: bool,
     fault: Arc<FaultSignal>,
-    /// See [`QueueSetup::write_through`]; slots whose flush the channel
-    /// had no room for yet.
+    /// See [`QueueSetup::write_through`].
     write_through: bool,
-    flush_owed: VecDeque<u32>,
+    /// Device requests of taken ones (pieces, flushes) the channel had no
+    /// room for yet, in order.
+    owed: VecDeque<IoRequest>,
     inflight: Option<InflightQueue>,
     /// Requests taken before a restart, to submit again first.
     resubmit: VecDeque<u16>,
@@ -230,12 +235,16 @@ enum Dispatch {
 /// The limits for the volume's device as it is now: a resized volume's
 /// requests are checked against its new size.
 fn sized_limits(limits: &Arc<Limits>, vol: &VolumeConfig) -> Arc<Limits> {
-    let sectors = vol.device.info().size_bytes() / super::request::SECTOR;
-    if sectors == limits.capacity_sectors {
+    let info = vol.device.info();
+    let sectors = info.size_bytes() / super::request::SECTOR;
+    // A new member set may take less at once (pieces follow the device).
+    let part_max = info.max_transfer.max(info.block_size);
+    if sectors == limits.capacity_sectors && part_max == limits.part_max {
         return limits.clone();
     }
     Arc::new(Limits {
         capacity_sectors: sectors,
+        part_max,
         ..(**limits).clone()
     })
 }
@@ -296,7 +305,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         ring_lost: false,
         fault: setup.fault,
         write_through: setup.write_through,
-        flush_owed: VecDeque::new(),
+        owed: VecDeque::new(),
         inflight: setup.inflight,
         resubmit: VecDeque::new(),
         suspended: setup.volume.suspended_range().clone(),
@@ -380,8 +389,8 @@ impl Runner {
             self.comps = comps;
             self.stats.set_inflight(self.inflight());
         }
-        if !self.flush_owed.is_empty() {
-            self.send_owed_flushes();
+        if !self.owed.is_empty() {
+            self.send_owed();
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             let keep_parked = self.shared.keep_parked.load(Ordering::Relaxed);
@@ -800,6 +809,8 @@ impl Runner {
                     bytes: num_blocks * self.limits.block_size as u64,
                     started: self.now_ns,
                     flushing: false,
+                    parts: 1,
+                    error: None,
                 });
                 let io = IoRequest {
                     op,
@@ -808,6 +819,10 @@ impl Runner {
                     sg,
                     tag: slot as u64,
                 };
+                let part_max = u64::from(self.limits.part_max);
+                if matches!(op, IoOp::Read | IoOp::Write) && bytes > part_max {
+                    return self.submit_parts(slot, io, bytes);
+                }
                 if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
                     self.slots[slot as usize] = None;
                     self.free.push(slot);
@@ -858,18 +873,39 @@ impl Runner {
     }
 
     fn complete(&mut self, c: Completion) {
-        if self.write_through && c.result.is_ok() {
-            if let Some(Some(req)) = self.slots.get_mut(c.tag as usize) {
-                if matches!(req.op, IoOp::Write | IoOp::WriteZeroes) && !req.flushing {
-                    req.flushing = true;
-                    self.flush_owed.push_back(c.tag as u32);
-                    self.send_owed_flushes();
-                    return;
-                }
-            }
+        let Some(Some(req)) = self.slots.get_mut(c.tag as usize) else {
+            return;
+        };
+        if let Err(e) = c.result {
+            req.error.get_or_insert(e);
+        }
+        req.parts = req.parts.saturating_sub(1);
+        if req.parts > 0 {
+            return;
+        }
+        if self.write_through
+            && req.error.is_none()
+            && matches!(req.op, IoOp::Write | IoOp::WriteZeroes)
+            && !req.flushing
+        {
+            req.flushing = true;
+            req.parts = 1;
+            self.owed.push_back(IoRequest {
+                op: IoOp::Flush,
+                offset_blocks: 0,
+                num_blocks: 0,
+                sg: bdev::SgList::new(),
+                tag: c.tag,
+            });
+            self.send_owed();
+            return;
         }
         let Some(req) = self.slots.get_mut(c.tag as usize).and_then(|s| s.take()) else {
             return;
+        };
+        let c = Completion {
+            tag: c.tag,
+            result: req.error.map_or(Ok(()), Err),
         };
         self.free.push(c.tag as u32);
         self.stats.record(
@@ -901,23 +937,53 @@ impl Runner {
         self.finish_request(req.head, written);
     }
 
-    /// Flush after the writes of a driver without VIRTIO_BLK_F_FLUSH, in
-    /// their slots (still in flight: a suspend or a stop waits for them),
-    /// as far as the channel takes them.
-    fn send_owed_flushes(&mut self) {
-        while let Some(&slot) = self.flush_owed.front() {
-            let io = IoRequest {
-                op: IoOp::Flush,
-                offset_blocks: 0,
-                num_blocks: 0,
-                sg: bdev::SgList::new(),
-                tag: u64::from(slot),
-            };
-            if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
+    /// Send what taken requests still owe the device (pieces of large
+    /// ones, flushes after the writes of a driver without
+    /// VIRTIO_BLK_F_FLUSH), as far as the channel takes them. Their slots
+    /// stay in flight meanwhile: a suspend or a stop waits for them.
+    fn send_owed(&mut self) {
+        while let Some(io) = self.owed.pop_front() {
+            if let Err(SubmitError::Busy(io)) = self.ch.submit(io) {
+                self.owed.push_front(io);
                 return;
             }
-            self.flush_owed.pop_front();
         }
+    }
+
+    /// Request `io` of `bytes` in `slot`, larger than the device takes at
+    /// once, in pieces of at most `part_max` (whole blocks). Taken once
+    /// its first piece is: the others go as the channel has room.
+    fn submit_parts(&mut self, slot: u32, io: IoRequest, bytes: u64) -> Dispatch {
+        let bs = u64::from(self.limits.block_size);
+        let part = (u64::from(self.limits.part_max) / bs).max(1) * bs;
+        let n = bytes.div_ceil(part);
+        let piece = |k: u64| {
+            let off = k * part;
+            let len = part.min(bytes - off);
+            IoRequest {
+                op: io.op,
+                offset_blocks: io.offset_blocks + off / bs,
+                num_blocks: len / bs,
+                sg: bdev::sg::slice(&io.sg, off as usize, len as usize),
+                tag: io.tag,
+            }
+        };
+        if let Err(SubmitError::Busy(_)) = self.ch.submit(piece(0)) {
+            self.slots[slot as usize] = None;
+            self.free.push(slot);
+            if let Some(q) = &mut self.qos {
+                q.refund(io.op, bytes);
+            }
+            return Dispatch::Busy;
+        }
+        if let Some(Some(req)) = self.slots.get_mut(slot as usize) {
+            req.parts = n as u32;
+        }
+        for k in 1..n {
+            self.owed.push_back(piece(k));
+        }
+        self.send_owed();
+        Dispatch::Taken
     }
 
     fn signal(&mut self) {

@@ -33,8 +33,12 @@ pub struct Limits {
     pub capacity_sectors: u64,
     /// The device's logical block size; IO must be aligned to it.
     pub block_size: u32,
-    /// Largest data transfer in bytes.
+    /// Largest request taken, in bytes (what seg_max and size_max let a
+    /// guest send).
     pub max_transfer: u32,
+    /// Largest request the volume's device takes at once: a larger one is
+    /// sent in pieces of this size.
+    pub part_max: u32,
     /// Largest data segment in bytes.
     pub size_max: u32,
     /// Largest number of data segments.

@@ -319,3 +319,64 @@ pub fn connect_from(from: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> std
         s
     }
 }
+
+/// A device that takes at most `max_transfer` bytes a request, as an NVMe
+/// namespace takes 1 MiB: larger ones fail, as the NVMe driver fails them.
+pub struct Small {
+    inner: std::sync::Arc<dyn bdev::BlockDevice>,
+    info: bdev::DeviceInfo,
+}
+
+impl Small {
+    /// `inner`, taking at most `max_transfer` bytes a request.
+    pub fn device(
+        inner: std::sync::Arc<dyn bdev::BlockDevice>,
+        max_transfer: u32,
+    ) -> std::sync::Arc<dyn bdev::BlockDevice> {
+        let info = bdev::DeviceInfo {
+            max_transfer,
+            ..inner.info().clone()
+        };
+        std::sync::Arc::new(Small { inner, info })
+    }
+}
+
+struct SmallChannel {
+    inner: Box<dyn bdev::IoChannel>,
+    info: bdev::DeviceInfo,
+    refused: Vec<bdev::Completion>,
+}
+
+impl bdev::BlockDevice for Small {
+    fn info(&self) -> &bdev::DeviceInfo {
+        &self.info
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        Ok(Box::new(SmallChannel {
+            inner: self.inner.open_channel()?,
+            info: self.info.clone(),
+            refused: Vec::new(),
+        }))
+    }
+}
+
+impl bdev::IoChannel for SmallChannel {
+    fn submit(&mut self, req: bdev::IoRequest) -> Result<(), bdev::SubmitError> {
+        if let Err(e) = bdev::validate(&self.info, &req) {
+            self.refused.push(bdev::Completion {
+                tag: req.tag,
+                result: Err(e),
+            });
+            return Ok(());
+        }
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, out: &mut Vec<bdev::Completion>) -> usize {
+        let n = self.refused.len();
+        out.append(&mut self.refused);
+        n + self.inner.poll(out)
+    }
+    fn inflight(&self) -> usize {
+        self.refused.len() + self.inner.inflight()
+    }
+}

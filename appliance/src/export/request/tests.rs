@@ -20,6 +20,7 @@ fn limits() -> Limits {
         capacity_sectors: 2048,
         block_size: 512,
         max_transfer: 1 << 20,
+        part_max: 1 << 20,
         size_max: 1 << 20,
         seg_max: 8,
         max_discard_sectors: 1024,
