@@ -10,6 +10,7 @@ mod fault;
 mod frontend;
 mod inflight;
 mod memory;
+mod pieces;
 mod queue;
 pub mod request;
 mod ring;

@@ -10,21 +10,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use bdev::{Completion, IoChannel, IoOp, IoRequest, SubmitError};
+use bdev::{Completion, IoChannel, IoOp};
 use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 
-use super::chain::{walk_chain_with, Desc, RegionCache};
+use super::chain::{Desc, RegionCache};
 use super::eventfd::Signaller;
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
-use super::request::{failed_status, parse_with, Limits, Parsed, S_OK};
+use super::pieces::{Owed, Pieces};
+use super::request::Limits;
 use super::ring::{self, Ring};
 use super::stats::IoStats;
 use super::QueueError;
 use crate::qos::QueueQos;
 use crate::volume::{Volume, VolumeConfig};
+
+mod requests;
 
 /// Chains longer than this are malformed (the queue size bounds real ones).
 const MAX_CHAIN: usize = 1024;
@@ -143,6 +146,8 @@ struct Inflight {
     /// device takes at once goes in pieces), and the first error.
     parts: u32,
     error: Option<bdev::IoError>,
+    /// Its pieces not sent yet (see `pieces`).
+    pieces: Option<Box<Pieces>>,
 }
 
 struct Runner {
@@ -186,9 +191,9 @@ struct Runner {
     fault: Arc<FaultSignal>,
     /// See [`QueueSetup::write_through`].
     write_through: bool,
-    /// Device requests of taken ones (pieces, flushes) the channel had no
-    /// room for yet, in order.
-    owed: VecDeque<IoRequest>,
+    /// What taken requests still owe the device (pieces, flushes), sent
+    /// as the channel has room, in order.
+    owed: VecDeque<Owed>,
     inflight: Option<InflightQueue>,
     /// Requests taken before a restart, to submit again first.
     resubmit: VecDeque<u16>,
@@ -712,278 +717,6 @@ impl Runner {
                 ring::prefetch(host);
             }
         }
-    }
-
-    /// Read the chain at `head` into `self.descs`; a chain that cannot be
-    /// followed leaves it empty (the request is returned unanswered).
-    fn walk(&mut self, head: u16) {
-        let (table, size) = (self.queue.desc_table(), self.queue.size());
-        if walk_chain_with(
-            &self.mem,
-            &self.regions,
-            table,
-            size,
-            head,
-            MAX_CHAIN,
-            &mut self.descs,
-        )
-        .is_err()
-        {
-            self.descs.clear();
-        }
-    }
-
-    /// Parse the chain in `self.descs` and answer or submit it.
-    fn dispatch(&mut self, head: u16) -> Dispatch {
-        let Some(req) = parse_with(&self.descs, &self.mem, &self.regions, &self.limits) else {
-            // Nowhere to put a status: hand the buffers back unanswered.
-            self.stats.refused();
-            self.finish_request(head, 0);
-            return Dispatch::Taken;
-        };
-        match req.action {
-            Err(status) => {
-                // SAFETY: `status` was translated inside guest memory.
-                unsafe { std::ptr::write_volatile(req.status, status) };
-                if let Some(log) = &self.mem.log {
-                    log.mark(req.status_gpa, 1);
-                }
-                self.stats.refused();
-                self.finish_request(head, 1);
-                Dispatch::Taken
-            }
-            Ok(Parsed::Done { written }) => {
-                // SAFETY: as above.
-                unsafe { std::ptr::write_volatile(req.status, S_OK) };
-                if let Some(log) = &self.mem.log {
-                    // GET_ID: the serial, at the front of the writable
-                    // buffers, and the status. Only the bytes written: a
-                    // guest may offer gigabytes, and each page is an
-                    // atomic on this core.
-                    let mut left = u64::from(written.saturating_sub(1));
-                    for d in self.descs.iter().filter(|d| d.write && d.len > 0) {
-                        if left == 0 {
-                            break;
-                        }
-                        let n = left.min(u64::from(d.len));
-                        log.mark(d.addr, n);
-                        left -= n;
-                    }
-                    log.mark(req.status_gpa, 1);
-                }
-                self.finish_request(head, written);
-                Dispatch::Taken
-            }
-            Ok(Parsed::Io {
-                op,
-                offset_blocks,
-                num_blocks,
-                sg,
-                written,
-            }) => {
-                let write = matches!(op, IoOp::Write | IoOp::WriteZeroes | IoOp::Discard);
-                // The version before the check: a change racing it is
-                // seen at the next poll.
-                let version = self.suspended.version();
-                if write && self.suspended.holds(offset_blocks, num_blocks) {
-                    return Dispatch::Parked(version);
-                }
-                let bytes = num_blocks * self.limits.block_size as u64;
-                let Some(slot) = self.free.pop() else {
-                    return Dispatch::Busy;
-                };
-                if let Some(q) = &mut self.qos {
-                    if !q.admit(op, bytes, self.now) {
-                        self.free.push(slot);
-                        return Dispatch::Throttled(op, bytes);
-                    }
-                }
-                if self.mem.log.is_some() {
-                    self.note_fills(slot as usize, req.status_gpa, op);
-                }
-                self.slots[slot as usize] = Some(Inflight {
-                    head,
-                    status: req.status,
-                    written,
-                    op,
-                    bytes: num_blocks * self.limits.block_size as u64,
-                    started: self.now_ns,
-                    flushing: false,
-                    parts: 1,
-                    error: None,
-                });
-                let io = IoRequest {
-                    op,
-                    offset_blocks,
-                    num_blocks,
-                    sg,
-                    tag: slot as u64,
-                };
-                let part_max = u64::from(self.limits.part_max);
-                if matches!(op, IoOp::Read | IoOp::Write) && bytes > part_max {
-                    return self.submit_parts(slot, io, bytes);
-                }
-                if let Err(SubmitError::Busy(_)) = self.ch.submit(io) {
-                    self.slots[slot as usize] = None;
-                    self.free.push(slot);
-                    if let Some(q) = &mut self.qos {
-                        q.refund(op, bytes);
-                    }
-                    return Dispatch::Busy;
-                }
-                Dispatch::Taken
-            }
-        }
-    }
-
-    /// Put a finished chain on the used ring and release its gates.
-    fn finish_request(&mut self, head: u16, written: u32) {
-        if let Some(i) = &mut self.inflight {
-            i.before_used(head);
-        }
-        self.ring.add_used(head, written);
-        if let Some(i) = &mut self.inflight {
-            i.after_used(head, self.ring.next_used());
-        }
-        self.signal_pending = true;
-        self.vol_gate.end();
-        self.mem_gate.end();
-    }
-
-    /// Keep what the completion of the request in `slot` (the chain in
-    /// `self.descs`) marks: its status byte, and for a read the
-    /// device-writable buffers but the status byte.
-    fn note_fills(&mut self, slot: usize, status_gpa: u64, op: IoOp) {
-        let Some((status, fills)) = self.logged.get_mut(slot) else {
-            return;
-        };
-        *status = status_gpa;
-        fills.clear();
-        if op == IoOp::Read {
-            let n = self.descs.len();
-            fills.extend(
-                self.descs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, d)| d.write)
-                    .map(|(i, d)| (d.addr, d.len as u64 - u64::from(i + 1 == n)))
-                    .filter(|r| r.1 > 0),
-            );
-        }
-    }
-
-    fn complete(&mut self, c: Completion) {
-        let Some(Some(req)) = self.slots.get_mut(c.tag as usize) else {
-            return;
-        };
-        if let Err(e) = c.result {
-            req.error.get_or_insert(e);
-        }
-        req.parts = req.parts.saturating_sub(1);
-        if req.parts > 0 {
-            return;
-        }
-        if self.write_through
-            && req.error.is_none()
-            && matches!(req.op, IoOp::Write | IoOp::WriteZeroes)
-            && !req.flushing
-        {
-            req.flushing = true;
-            req.parts = 1;
-            self.owed.push_back(IoRequest {
-                op: IoOp::Flush,
-                offset_blocks: 0,
-                num_blocks: 0,
-                sg: bdev::SgList::new(),
-                tag: c.tag,
-            });
-            self.send_owed();
-            return;
-        }
-        let Some(req) = self.slots.get_mut(c.tag as usize).and_then(|s| s.take()) else {
-            return;
-        };
-        let c = Completion {
-            tag: c.tag,
-            result: req.error.map_or(Ok(()), Err),
-        };
-        self.free.push(c.tag as u32);
-        self.stats.record(
-            req.op,
-            req.bytes,
-            self.now_ns.saturating_sub(req.started),
-            c.result.is_ok(),
-        );
-        let (status, written) = match c.result {
-            Ok(()) => (S_OK, req.written),
-            Err(e) => {
-                tracing::debug!(queue = self.index, error = %e, "request failed");
-                (failed_status(&e), 1)
-            }
-        };
-        // SAFETY: the status byte is inside guest memory, which cannot be
-        // unmapped while this request is in flight (memory gate).
-        unsafe { std::ptr::write_volatile(req.status, status) };
-        if let Some(log) = &self.mem.log {
-            // After the device wrote them, before the used index shows
-            // the request: a log sync in between copies them again.
-            if let Some((status, fills)) = self.logged.get(c.tag as usize) {
-                for &(gpa, len) in fills {
-                    log.mark(gpa, len);
-                }
-                log.mark(*status, 1);
-            }
-        }
-        self.finish_request(req.head, written);
-    }
-
-    /// Send what taken requests still owe the device (pieces of large
-    /// ones, flushes after the writes of a driver without
-    /// VIRTIO_BLK_F_FLUSH), as far as the channel takes them. Their slots
-    /// stay in flight meanwhile: a suspend or a stop waits for them.
-    fn send_owed(&mut self) {
-        while let Some(io) = self.owed.pop_front() {
-            if let Err(SubmitError::Busy(io)) = self.ch.submit(io) {
-                self.owed.push_front(io);
-                return;
-            }
-        }
-    }
-
-    /// Request `io` of `bytes` in `slot`, larger than the device takes at
-    /// once, in pieces of at most `part_max` (whole blocks). Taken once
-    /// its first piece is: the others go as the channel has room.
-    fn submit_parts(&mut self, slot: u32, io: IoRequest, bytes: u64) -> Dispatch {
-        let bs = u64::from(self.limits.block_size);
-        let part = (u64::from(self.limits.part_max) / bs).max(1) * bs;
-        let n = bytes.div_ceil(part);
-        let piece = |k: u64| {
-            let off = k * part;
-            let len = part.min(bytes - off);
-            IoRequest {
-                op: io.op,
-                offset_blocks: io.offset_blocks + off / bs,
-                num_blocks: len / bs,
-                sg: bdev::sg::slice(&io.sg, off as usize, len as usize),
-                tag: io.tag,
-            }
-        };
-        if let Err(SubmitError::Busy(_)) = self.ch.submit(piece(0)) {
-            self.slots[slot as usize] = None;
-            self.free.push(slot);
-            if let Some(q) = &mut self.qos {
-                q.refund(io.op, bytes);
-            }
-            return Dispatch::Busy;
-        }
-        if let Some(Some(req)) = self.slots.get_mut(slot as usize) {
-            req.parts = n as u32;
-        }
-        for k in 1..n {
-            self.owed.push_back(piece(k));
-        }
-        self.send_owed();
-        Dispatch::Taken
     }
 
     fn signal(&mut self) {

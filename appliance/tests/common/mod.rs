@@ -322,6 +322,8 @@ pub fn connect_from(from: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> std
 
 /// A device that takes at most `max_transfer` bytes a request, as an NVMe
 /// namespace takes 1 MiB: larger ones fail, as the NVMe driver fails them.
+/// Two requests in flight with one tag fail too (drivers track requests by
+/// tag: an NVMe/TCP device splits its own by tag).
 pub struct Small {
     inner: std::sync::Arc<dyn bdev::BlockDevice>,
     info: bdev::DeviceInfo,
@@ -345,6 +347,7 @@ struct SmallChannel {
     inner: Box<dyn bdev::IoChannel>,
     info: bdev::DeviceInfo,
     refused: Vec<bdev::Completion>,
+    tags: std::collections::HashSet<u64>,
 }
 
 impl bdev::BlockDevice for Small {
@@ -356,12 +359,16 @@ impl bdev::BlockDevice for Small {
             inner: self.inner.open_channel()?,
             info: self.info.clone(),
             refused: Vec::new(),
+            tags: Default::default(),
         }))
     }
 }
 
 impl bdev::IoChannel for SmallChannel {
     fn submit(&mut self, req: bdev::IoRequest) -> Result<(), bdev::SubmitError> {
+        if !self.tags.insert(req.tag) {
+            panic!("tag {:#x} is in flight already", req.tag);
+        }
         if let Err(e) = bdev::validate(&self.info, &req) {
             self.refused.push(bdev::Completion {
                 tag: req.tag,
@@ -369,12 +376,19 @@ impl bdev::IoChannel for SmallChannel {
             });
             return Ok(());
         }
-        self.inner.submit(req)
+        let tag = req.tag;
+        self.inner.submit(req).inspect_err(|_| {
+            self.tags.remove(&tag);
+        })
     }
     fn poll(&mut self, out: &mut Vec<bdev::Completion>) -> usize {
-        let n = self.refused.len();
+        let from = out.len();
         out.append(&mut self.refused);
-        n + self.inner.poll(out)
+        self.inner.poll(out);
+        for c in &out[from..] {
+            self.tags.remove(&c.tag);
+        }
+        out.len() - from
     }
     fn inflight(&self) -> usize {
         self.refused.len() + self.inner.inflight()
