@@ -200,9 +200,11 @@ impl Manager {
             }
             // As an export a VM is connected to (`delete_export` without
             // force): a file cut short or emptied by mistake took every
-            // host's controller away, then the volume behind it.
+            // host's controller away, then the volume behind it. (One the
+            // file changes is made again as it says: its hosts reconnect;
+            // it cannot change in place.)
             let hosts = self.nvmf_hosts(&e.nqn);
-            if hosts > 0 {
+            if hosts > 0 && wanted.is_none() {
                 rep.refused.push(format!(
                     "nvme/tcp export {}: {hosts} host(s) connected; the running one is kept (delete it with `applctl nvmf delete` to take them away)",
                     e.nqn
