@@ -349,7 +349,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 s
             })?;
             // `applctl health || alert` must fire on a degraded daemon.
-            if h.status() == pb::HealthStatus::Ok {
+            if h.status() != pb::HealthStatus::Degraded {
                 Ok(())
             } else {
                 Err(Failure(10, format!("{} problem(s)", h.problems.len())))
