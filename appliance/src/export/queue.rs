@@ -143,9 +143,10 @@ struct Inflight {
     /// A write done on the device whose flush (`write_through`) is out.
     flushing: bool,
     /// Device requests of it not answered yet (a request larger than the
-    /// device takes at once goes in pieces), and the first error.
+    /// device takes at once goes in pieces), and the status of the first
+    /// that failed (S_OK while none has).
     parts: u32,
-    error: Option<bdev::IoError>,
+    failed: u8,
     /// Its pieces not sent yet (see `pieces`).
     pieces: Option<Box<Pieces>>,
 }

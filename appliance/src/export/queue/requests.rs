@@ -108,7 +108,7 @@ impl Runner {
                     started: self.now_ns,
                     flushing: false,
                     parts: 1,
-                    error: None,
+                    failed: S_OK,
                     pieces: None,
                 });
                 let io = IoRequest {
@@ -179,52 +179,55 @@ impl Runner {
         let Some(req) = slot.as_mut() else {
             return;
         };
-        if let Err(e) = c.result {
-            req.error.get_or_insert(e);
-        }
-        req.parts = req.parts.saturating_sub(1);
-        if req.parts > 0 {
-            return;
-        }
-        if self.write_through
-            && req.error.is_none()
-            && matches!(req.op, IoOp::Write | IoOp::WriteZeroes)
-            && !req.flushing
-        {
-            req.flushing = true;
-            req.parts = 1;
-            self.owed.push_back(Owed::Flush(index as u32));
-            self.send_owed();
-            return;
+        let mut status = match c.result {
+            Ok(()) => S_OK,
+            Err(e) => {
+                tracing::debug!(queue = self.index, error = %e, "request failed");
+                failed_status(&e)
+            }
+        };
+        // The common case, one device request that went well with nothing
+        // owed after it, goes straight to the answer.
+        if req.parts != 1 || self.write_through || status != S_OK || req.failed != S_OK {
+            if req.failed == S_OK {
+                req.failed = status;
+            }
+            req.parts = req.parts.saturating_sub(1);
+            if req.parts > 0 {
+                return;
+            }
+            if self.write_through
+                && req.failed == S_OK
+                && matches!(req.op, IoOp::Write | IoOp::WriteZeroes)
+                && !req.flushing
+            {
+                req.flushing = true;
+                req.parts = 1;
+                self.owed.push_back(Owed::Flush(index as u32));
+                self.send_owed();
+                return;
+            }
+            status = req.failed;
         }
         let Some(req) = slot.take() else {
             return;
         };
-        let c = Completion {
-            tag: index as u64,
-            result: req.error.map_or(Ok(()), Err),
-        };
-        self.free.push(c.tag as u32);
+        self.free.push(index as u32);
+        let ok = status == S_OK;
         self.stats.record(
             req.op,
             req.bytes,
             self.now_ns.saturating_sub(req.started),
-            c.result.is_ok(),
+            ok,
         );
-        let (status, written) = match c.result {
-            Ok(()) => (S_OK, req.written),
-            Err(e) => {
-                tracing::debug!(queue = self.index, error = %e, "request failed");
-                (failed_status(&e), 1)
-            }
-        };
+        let written = if ok { req.written } else { 1 };
         // SAFETY: the status byte is inside guest memory, which cannot be
         // unmapped while this request is in flight (memory gate).
         unsafe { std::ptr::write_volatile(req.status, status) };
         if let Some(log) = &self.mem.log {
             // After the device wrote them, before the used index shows
             // the request: a log sync in between copies them again.
-            if let Some((status, fills)) = self.logged.get(c.tag as usize) {
+            if let Some((status, fills)) = self.logged.get(index) {
                 for &(gpa, len) in fills {
                     log.mark(gpa, len);
                 }
