@@ -166,6 +166,49 @@ fn files(rig: &Rig) -> Vec<DeviceDecl> {
         .collect()
 }
 
+/// A daemon started again from `rig`'s state after file device `f1` was
+/// removed (named without a size, as by hand: the file is not made again,
+/// it is missing).
+struct Restarted {
+    mgr: Manager,
+    reactors: Reactors,
+    dir: tempfile::TempDir,
+    /// The state file as the first daemon left it.
+    saved: Config,
+    /// What the second daemon started from.
+    started: Config,
+}
+
+fn restart_without_f1(rig: Rig) -> Restarted {
+    let saved = rig.state();
+    let Rig { mgr, dir, reactors } = rig;
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    std::fs::remove_file(dir.path().join("f1")).unwrap();
+    let mut started = saved.clone();
+    for d in &mut started.devices {
+        if d.name == "f1" {
+            d.spec = format!("file:{}", dir.path().join("f1").display());
+        }
+    }
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
+    mgr.restore(&started, false)
+        .expect("the volumes start, without f1");
+    Restarted {
+        mgr,
+        reactors,
+        dir,
+        saved,
+        started,
+    }
+}
+
 /// Blank files named by the daemon's own state file are a wrong path, as
 /// at a start from it: a reload of it does not create a volume over them.
 #[test]
@@ -206,28 +249,13 @@ fn a_device_missing_at_a_restart_leaves_its_mirror_degraded() {
     rig.mgr
         .create_volume(VolumeDecl::new("s", "single", &["r"]), false)
         .unwrap();
-    let config = rig.state();
-    let Rig { mgr, dir, reactors } = rig;
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
-    std::fs::remove_file(dir.path().join("f1")).unwrap();
-    let mut without_size = config.clone();
-    for d in &mut without_size.devices {
-        // As a state file written by hand names an existing file.
-        if d.name == "f1" {
-            d.spec = format!("file:{}", dir.path().join("f1").display());
-        }
-    }
-
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
-    mgr.restore(&without_size, false)
-        .expect("the other volumes start");
+    let Restarted {
+        mgr,
+        reactors,
+        dir,
+        saved: config,
+        started: without_size,
+    } = restart_without_f1(rig);
     assert_eq!(mgr.get_volume("w").unwrap().state, "degraded");
     assert!(mgr.get_volume("s").is_ok());
     let f1 = mgr
@@ -305,27 +333,9 @@ fn a_spare_takes_a_slot_whose_device_is_missing_at_a_restart() {
     let mut decl = VolumeDecl::new("w", "raid1", &["f0", "f1"]);
     decl.spares = vec!["f2".into()];
     rig.mgr.create_volume(decl, false).unwrap();
-    let config = rig.state();
-    let Rig { mgr, dir, reactors } = rig;
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
-    std::fs::remove_file(dir.path().join("f1")).unwrap();
-    let mut config = config;
-    for d in &mut config.devices {
-        // Without a size the file is not made again: it is missing.
-        if d.name == "f1" {
-            d.spec = format!("file:{}", dir.path().join("f1").display());
-        }
-    }
-
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
-    mgr.restore(&config, false).expect("the volume starts");
+    let Restarted {
+        mgr, reactors, dir, ..
+    } = restart_without_f1(rig);
     let t = std::time::Instant::now();
     loop {
         let v = mgr.get_volume("w").unwrap();
@@ -432,4 +442,48 @@ fn a_reload_keeps_an_nvmf_export_whose_hosts_are_connected() {
     assert_eq!(rig.state().nvmf_exports.len(), 1);
     drop(_c);
     rig.stop();
+}
+
+/// From an audit: the daemon writes a device missing since the start into
+/// its state file, so every reload of that file tried to attach it again
+/// and said "refused" (applctl reload, and now `systemctl reload`, failed
+/// for as long as the disk was dead); and a missing device taken out of
+/// the file stayed, written back at the next save. Still missing is no
+/// refusal, and one the file no longer names is let go of.
+#[test]
+fn a_reload_leaves_a_missing_device_alone_or_lets_it_go() {
+    let rig = rig();
+    for f in files(&rig) {
+        rig.mgr.attach_device(f).unwrap();
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("w", "raid1", &["f0", "f1"]), false)
+        .unwrap();
+    let r = restart_without_f1(rig);
+    let state = r.dir.path().join("state.toml");
+    assert!(Config::load(&state)
+        .unwrap()
+        .devices
+        .iter()
+        .any(|d| d.name == "f1"));
+    let rep = r.mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    // Taken out of the file by hand.
+    let mut file = Config::load(&state).unwrap();
+    file.devices.retain(|d| d.name != "f1");
+    file.save(&state).unwrap();
+    let rep = r.mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    assert!(
+        !r.mgr.list_devices().iter().any(|d| d.decl.name == "f1"),
+        "still listed"
+    );
+    assert!(!Config::load(&state)
+        .unwrap()
+        .devices
+        .iter()
+        .any(|d| d.name == "f1"));
+    r.mgr.shutdown();
+    drop(r.mgr);
+    let _ = r.reactors.shutdown();
 }

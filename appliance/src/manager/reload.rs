@@ -7,7 +7,7 @@
 //! level, an export's socket while a frontend is connected) is reported,
 //! not forced.
 
-use crate::config::{Config, ExportDecl, NvmfExportDecl, VolumeDecl};
+use crate::config::{Config, DeviceDecl, ExportDecl, NvmfExportDecl, VolumeDecl};
 use crate::raid::geometry::Layout;
 use crate::raid::journal::JournalMode;
 
@@ -276,9 +276,27 @@ impl Manager {
                 Some(_) => {}
             }
         }
+        // Devices missing since the start: one the file no longer names is
+        // let go of (the next save would have written it back); one it
+        // still names is tried again, and still missing is no refusal (the
+        // daemon's own state file names it: every reload, and every
+        // `systemctl reload`, failed while a disk was dead).
+        let missing: Vec<DeviceDecl> = self.inv().missing.values().cloned().collect();
+        for d in &missing {
+            if !config.devices.iter().any(|w| w.name == d.name) {
+                let r = self.detach_device(&d.name);
+                rep.did(format!("let go of missing device {}", d.name), r);
+            }
+        }
         for w in &config.devices {
             if !devices.iter().any(|d| d.name == w.name) {
                 let r = self.attach_device(w.clone()).map(|_| ());
+                let still_missing = missing.iter().any(|d| d.name == w.name && d.spec == w.spec)
+                    && matches!(r, Err(MgmtError::NotFound(_) | MgmtError::Unavailable(_)));
+                if still_missing {
+                    tracing::info!(device = w.name, "reload: the device is still missing");
+                    continue;
+                }
                 rep.did(format!("attach device {}", w.name), r);
             }
         }
