@@ -193,16 +193,18 @@ impl Journal {
         // parity brought along (members never saw it before a reclaim).
         let any_volume = found.iter().any(|f| f.volume);
         let mut newest: std::collections::HashMap<(usize, u64), u64> = Default::default();
-        // A degraded volume's write-back data needs read-modify-write,
-        // which a second replay after a crash in this one would apply to
-        // half-written rows. So its results are computed in memory first,
-        // logged as write-through records (which a second replay applies
-        // instead), and only then written to the members.
+        // Write-back data needs its rows' parity brought along: a crash in
+        // the middle of writing them leaves rows whose data is new and
+        // parity old, which a second replay with a member missing would
+        // read-modify-write into garbage for that member. So the results
+        // are computed in memory first, logged as write-through records
+        // (which a second replay applies instead), and only then written
+        // to the members.
         let degraded = members.iter().any(|m| m.is_none());
         let mut overlay = Overlay {
             bs,
             blocks: Default::default(),
-            direct: !degraded,
+            direct: false,
         };
         let piece_blocks = (PIECE_BYTES / bs).max(1);
         let mut h = vec![0u8; bs];
@@ -307,7 +309,17 @@ impl Journal {
             }
         }
         if !overlay.blocks.is_empty() {
-            max_seq = log_overlay(&dev, &s, &found, &overlay, max_seq)?;
+            match log_overlay(&dev, &s, &found, &overlay, max_seq) {
+                Ok(seq) => max_seq = seq,
+                // With every member there, the results can go straight to
+                // the members as before (only a crash in this replay and a
+                // member lost at the next start would hurt); degraded,
+                // they must not.
+                Err(e) if !degraded => {
+                    tracing::warn!(journal = %dev.info().name, error = %e, "the replay's results could not be logged first; written to the members directly");
+                }
+                Err(e) => return Err(e),
+            }
             for (&(m, b), data) in &overlay.blocks {
                 if let Some(Some(d)) = members.get(m) {
                     sync(d.as_ref(), IoOp::Write, b, &mut data.clone())?;
