@@ -252,11 +252,14 @@ fn a_raid_member_is_not_resized_under_its_array() {
     reactors.shutdown().unwrap();
 }
 
-/// Notifications sent at the same moment (two resizes racing) are each
-/// delivered: the second waits for the first's answer rather than finding
-/// the channel in use and skipping its message.
-#[test]
-fn notifications_at_the_same_moment_all_reach_the_frontend() {
+/// A 1 MiB RAM volume exported on one reactor: (reactors, export, its
+/// directory, its socket).
+fn ram_export() -> (
+    Reactors,
+    appliance::export::Export,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     use appliance::export::{Export, ExportOptions};
     use appliance::volume::Volume;
     use bdev::{BlockDevice, RamDevice};
@@ -271,6 +274,15 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
     let sock = dir.path().join("v.sock");
     let export =
         Export::create(reactors.set(), &volume, ExportOptions::new(sock.clone(), 1)).unwrap();
+    (reactors, export, dir, sock)
+}
+
+/// Notifications sent at the same moment (two resizes racing) are each
+/// delivered: the second waits for the first's answer rather than finding
+/// the channel in use and skipping its message.
+#[test]
+fn notifications_at_the_same_moment_all_reach_the_frontend() {
+    let (reactors, export, _dir, sock) = ram_export();
     let (mut f, seen, on) = frontend_with_channel(&sock);
     assert_eq!(capacity_bytes(&mut f), MIB);
     let rounds = 20;
@@ -303,20 +315,7 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
 /// zeros, up to the 256 bytes a frontend may ask for.
 #[test]
 fn the_whole_config_space_a_frontend_may_read_is_answered() {
-    use appliance::export::{Export, ExportOptions};
-    use appliance::volume::Volume;
-    use bdev::{BlockDevice, RamDevice};
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", 4096, 256).unwrap());
-    let volume = Volume::new(reactors.set(), "v", dev);
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("v.sock");
-    let export =
-        Export::create(reactors.set(), &volume, ExportOptions::new(sock.clone(), 1)).unwrap();
+    let (reactors, export, _dir, sock) = ram_export();
     let (mut f, _seen, on) = frontend_with_channel(&sock);
     let (_, cfg) = f
         .get_config(0, 256, VhostUserConfigFlags::WRITABLE, &[0u8; 256])

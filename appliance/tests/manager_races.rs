@@ -559,7 +559,9 @@ fn a_write_made_after_the_journal_failed_survives_a_crash_right_after_it() {
     }
 }
 
-fn crash_after_the_journal_failed(mode: &str) {
+/// A RAID5 v of files d0-d2 with a journal j in `mode`, each device
+/// behind a fault injector: (rig, its directory, the device names).
+fn journalled_raid5(mode: &str) -> (Rig, PathBuf, [&'static str; 4]) {
     let mut rig = Rig::new(true);
     let dir = rig.dir.path().to_path_buf();
     let names = ["d0", "d1", "d2", "j"];
@@ -570,6 +572,11 @@ fn crash_after_the_journal_failed(mode: &str) {
     decl.journal = Some("j".into());
     decl.journal_mode = mode.into();
     rig.mgr.create_volume(decl, false).unwrap();
+    (rig, dir, names)
+}
+
+fn crash_after_the_journal_failed(mode: &str) {
+    let (rig, dir, names) = journalled_raid5(mode);
     let sock = rig.export("v");
     let mut disk = Disk::connect(&sock).unwrap();
     // The first writes are in the journal's log (write-back: perhaps in
@@ -624,15 +631,7 @@ fn crash_after_the_journal_failed(mode: &str) {
 /// reaches no member until the giving up is on disk.
 #[test]
 fn after_the_journal_fails_no_write_reaches_the_members_before_it_is_given_up() {
-    let mut rig = Rig::new(true);
-    let dir = rig.dir.path().to_path_buf();
-    let names = ["d0", "d1", "d2", "j"];
-    for n in names {
-        rig.attach(n, &format!("file:{}:16M", dir.join(n).display()));
-    }
-    let mut decl = VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]);
-    decl.journal = Some("j".into());
-    rig.mgr.create_volume(decl, false).unwrap();
+    let (rig, dir, _) = journalled_raid5("write-through");
     let sock = rig.export("v");
     let mut disk = Disk::connect(&sock).unwrap();
     disk.buf()[..4096].copy_from_slice(&common::pattern(1, 0, 4096));
@@ -679,15 +678,7 @@ fn after_the_journal_fails_no_write_reaches_the_members_before_it_is_given_up() 
 /// without it, and every acknowledged block is on the members.
 #[test]
 fn a_stop_lets_a_failed_journal_drain_first() {
-    let mut rig = Rig::new(true);
-    let dir = rig.dir.path().to_path_buf();
-    for n in ["d0", "d1", "d2", "j"] {
-        rig.attach(n, &format!("file:{}:16M", dir.join(n).display()));
-    }
-    let mut decl = VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]);
-    decl.journal = Some("j".into());
-    decl.journal_mode = "write-back".into();
-    rig.mgr.create_volume(decl, false).unwrap();
+    let (mut rig, dir, _) = journalled_raid5("write-back");
     let sock = rig.export("v");
     let mut disk = Disk::connect(&sock).unwrap();
     let spots: Vec<u64> = (0..16).map(|i| i << 20).collect();

@@ -502,13 +502,8 @@ fn a_repair_counts_each_mismatch_once_when_its_write_is_retried() {
     reactors.shutdown().unwrap();
 }
 
-/// From an audit: a read that failed on one mirror went to the other once,
-/// and if that member's queue was full it was answered with the first
-/// error: a guest IO error on a mirror that survived, at the very moment
-/// every read in flight on the failed one moves over. A full queue is
-/// back-pressure: the read goes again at a later poll.
-#[test]
-fn a_read_moved_to_a_busy_mirror_waits_for_it_instead_of_failing() {
+/// A mirror of two RAM devices behind fault injectors, with no monitor.
+fn fault_mirrors() -> (Arc<FaultDevice>, Arc<FaultDevice>, Raid1Device) {
     let fa = Arc::new(FaultDevice::new(ram("a", 512)));
     let fb = Arc::new(FaultDevice::new(ram("b", 512)));
     let r = Raid1Device::new(
@@ -518,6 +513,17 @@ fn a_read_moved_to_a_busy_mirror_waits_for_it_instead_of_failing() {
         FailureSink::none(),
     )
     .unwrap();
+    (fa, fb, r)
+}
+
+/// From an audit: a read that failed on one mirror went to the other once,
+/// and if that member's queue was full it was answered with the first
+/// error: a guest IO error on a mirror that survived, at the very moment
+/// every read in flight on the failed one moves over. A full queue is
+/// back-pressure: the read goes again at a later poll.
+#[test]
+fn a_read_moved_to_a_busy_mirror_waits_for_it_instead_of_failing() {
+    let (fa, fb, r) = fault_mirrors();
     let mut ch = r.open_channel().unwrap();
     let mut data: Vec<u8> = (0..4 * 4096).map(|i| (i % 249) as u8).collect();
     run_one(ch.as_mut(), rw(IoOp::Write, 0, 4, &mut data, 1)).unwrap();
@@ -725,15 +731,7 @@ fn a_rebuild_stops_at_a_bad_block_of_its_only_source_and_keeps_it() {
 #[test]
 fn a_write_whose_only_holder_failed_meanwhile_is_not_acknowledged() {
     use appliance::raid::monitor::RaidDevice;
-    let fa = Arc::new(FaultDevice::new(ram("a", 512)));
-    let fb = Arc::new(FaultDevice::new(ram("b", 512)));
-    let r = Raid1Device::new(
-        "r1",
-        vec![member(fa.clone()), member(fb.clone())],
-        8,
-        FailureSink::none(),
-    )
-    .unwrap();
+    let (fa, fb, r) = fault_mirrors();
     let mut ch = r.open_channel().unwrap();
     let mut out = Vec::new();
     let poll_until = |ch: &mut Box<dyn bdev::IoChannel>,
