@@ -207,7 +207,9 @@ enum Source {
 
 /// What a rebuild and a scrub share: walking rows under their locks, one
 /// read buffer per member plus one computed row, and the IO bookkeeping.
-struct RowWalk {
+/// The worker asks it (through [`Rebuilder::walk`] or [`Scrubber::walk`])
+/// whether it is between rows, waiting for a generation, or cancelled.
+pub struct RowWalk {
     rows: Rows,
     /// Channels by slot (and a replacement's new device after the
     /// members); `None` for members the walk does not use.
@@ -560,7 +562,18 @@ impl RowWalk {
     }
 
     /// Between rows: no IO in flight, no row locked.
-    fn at_boundary(&self) -> bool {
+    pub fn at_boundary(&self) -> bool {
         matches!(self.step, Step::Lock)
+    }
+
+    /// Waiting for a new generation (a member it uses went away) and not
+    /// asked to stop.
+    pub fn waits_for_generation(&self) -> bool {
+        self.blocked && !self.cancelled()
+    }
+
+    /// Asked to stop.
+    pub fn cancelled(&self) -> bool {
+        self.progress.cancel.load(Ordering::SeqCst)
     }
 }

@@ -98,18 +98,19 @@ impl Walker {
         }
     }
 
-    fn at_boundary(&self) -> bool {
+    fn walk(&self) -> &super::rebuild::RowWalk {
         match self {
-            Walker::Rebuild(r) => r.at_boundary(),
-            Walker::Scrub(s) => s.at_boundary(),
+            Walker::Rebuild(r) => r.walk(),
+            Walker::Scrub(s) => s.walk(),
         }
     }
 
+    fn at_boundary(&self) -> bool {
+        self.walk().at_boundary()
+    }
+
     fn blocked(&self) -> bool {
-        match self {
-            Walker::Rebuild(r) => r.blocked() && !r.cancelled(),
-            Walker::Scrub(s) => s.blocked() && !s.cancelled(),
-        }
+        self.walk().waits_for_generation()
     }
 
     fn stop(&mut self, why: String) {
@@ -120,10 +121,7 @@ impl Walker {
     }
 
     fn cancelled(&self) -> bool {
-        match self {
-            Walker::Rebuild(r) => r.cancelled(),
-            Walker::Scrub(s) => s.cancelled(),
-        }
+        self.walk().cancelled()
     }
 }
 

@@ -66,19 +66,9 @@ impl Scrubber {
         self
     }
 
-    /// Between rows (see `worker`).
-    pub fn at_boundary(&self) -> bool {
-        self.walk.at_boundary()
-    }
-
-    /// Waiting for a new generation.
-    pub fn blocked(&self) -> bool {
-        self.walk.blocked
-    }
-
-    /// Asked to stop.
-    pub fn cancelled(&self) -> bool {
-        self.walk.progress.cancel.load(Ordering::SeqCst)
+    /// Its row walk (see `worker`).
+    pub fn walk(&self) -> &RowWalk {
+        &self.walk
     }
 
     /// Move the walk past rows outside the dirty regions.
