@@ -31,14 +31,14 @@ pub(super) struct Pieces {
 }
 
 impl Pieces {
-    /// `io`, of `bytes`, in pieces of at most `part_max` bytes of whole
-    /// `block_size` blocks.
-    pub(super) fn new(io: IoRequest, bytes: u64, block_size: u32, part_max: u32) -> Pieces {
+    /// `io` in pieces of at most `part_max` bytes of whole `block_size`
+    /// blocks.
+    pub(super) fn new(io: IoRequest, block_size: u32, part_max: u32) -> Pieces {
         let block = u64::from(block_size).max(1);
         Pieces {
-            io,
             part: (u64::from(part_max) / block).max(1) * block,
-            bytes,
+            bytes: io.num_blocks * block,
+            io,
             block,
             next: 0,
         }
@@ -111,7 +111,7 @@ mod tests {
         };
         // 3 blocks a piece (a limit that is not a whole number of blocks
         // rounds down).
-        let mut p = Pieces::new(io, 10 * 4096, 4096, 3 * 4096 + 100);
+        let mut p = Pieces::new(io, 4096, 3 * 4096 + 100);
         assert_eq!(p.count(), 4);
         let mut seen = Vec::new();
         loop {

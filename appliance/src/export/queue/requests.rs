@@ -278,7 +278,7 @@ impl Runner {
     /// others go as the channel has room.
     pub(super) fn submit_pieces(&mut self, slot: u32, io: IoRequest, bytes: u64) -> Dispatch {
         let op = io.op;
-        let mut p = Pieces::new(io, bytes, self.limits.block_size, self.limits.part_max);
+        let mut p = Pieces::new(io, self.limits.block_size, self.limits.part_max);
         let first = p.peek(slot);
         let taken =
             first.is_some_and(|io| !matches!(self.ch.submit(io), Err(SubmitError::Busy(_))));
