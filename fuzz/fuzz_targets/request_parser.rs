@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
         capacity_sectors: 4096,
         block_size: if head[1] & 1 == 0 { 512 } else { 4096 },
         max_transfer: 1 << 20,
+        part_max: 1 << 20,
         size_max: 1 << 16,
         seg_max: 8,
         max_discard_sectors: 2048,
