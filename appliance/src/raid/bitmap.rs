@@ -475,6 +475,16 @@ impl Bitmap {
                 out[(r / 64) as usize] |= 1 << (r % 64);
             }
         }
+        // md's bitmap has no checksum: a header covering less than the
+        // volume (a sync_size of 0 covered nothing, and every region read
+        // as clean after a crash) says nothing about the rest, which is
+        // dirty then. A volume grown since the block was written, too.
+        if md.sync_size < self.sync_sectors {
+            let covered = md.sync_size.saturating_mul(crate::raid::md::SECTOR);
+            for r in covered / region..self.bits {
+                out[(r / 64) as usize] |= 1 << (r % 64);
+            }
+        }
         Ok(out)
     }
 
@@ -868,6 +878,22 @@ mod tests {
         assert_eq!(folded[4], 1 << 52, "bit 616 of 8 rows is bit 308 of 16");
         let fine = Bitmap::new(&rows(5000), 4, [3; 16]).unwrap();
         assert_eq!(fine.decode(&block).unwrap()[0], 0b11_00_11_11);
+        // A header covering less than the volume (md's bitmap has no
+        // checksum): what it does not cover is dirty, not clean.
+        let mut short = block.clone();
+        short[40..48].fill(0);
+        let none = b.decode(&short).unwrap();
+        assert!(
+            (0..b.bits()).all(|r| none[(r / 64) as usize] & 1 << (r % 64) != 0),
+            "sync_size 0 covers nothing"
+        );
+        let half = b.sync_sectors / 2;
+        short[40..48].copy_from_slice(&half.to_le_bytes());
+        let part = b.decode(&short).unwrap();
+        let first_open = half * crate::raid::md::SECTOR / b.region_bytes();
+        assert_eq!(part[0], bits[0], "the covered half keeps its bits");
+        assert!((first_open..b.bits()).all(|r| part[(r / 64) as usize] & 1 << (r % 64) != 0));
+        assert!(first_open > 64 && first_open < b.bits());
         // The first format still reads (a volume being converted).
         let legacy = b.encode_legacy(&bits);
         assert_eq!(b.decode_legacy(&legacy).unwrap(), bits);
