@@ -277,6 +277,49 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     assert_eq!(superblock(&rig.path("s")).unwrap(), "other");
 }
 
+/// A declared spare whose metadata cannot be used (a damaged superblock
+/// at the spare's mark) refused the whole volume at a restart, and with
+/// it the daemon's start: a spare is not needed to start, so it is left
+/// out and the volume starts without it, the device untouched.
+#[test]
+fn a_spare_with_a_damaged_superblock_is_left_out_not_a_refusal() {
+    let rig = rig();
+    rig.attach(&["a", "b", "s"]);
+    let mut decl = VolumeDecl::new("v", "raid1", &["a", "b"]);
+    decl.spares = vec!["s".into()];
+    rig.mgr.create_volume(decl.clone(), false).unwrap();
+    rig.mgr.shutdown();
+    let config = restart_config(&rig, &["a", "b", "s"], vec![decl]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(rig.path("s"))
+        .unwrap();
+    let mut sb = [0u8; 4096];
+    f.read_exact_at(&mut sb, 4096).unwrap();
+    sb[100] ^= 0x5a;
+    f.write_all_at(&sb, 4096).unwrap();
+    drop(f);
+    assert!(
+        !matches!(superblock(&rig.path("s")), Err(SuperblockError::Foreign)),
+        "the damage is seen as a superblock that cannot be used"
+    );
+
+    let (mgr, reactors) = restore(&config, None).unwrap();
+    let v = mgr.get_volume("v").unwrap();
+    assert!(v.spares.is_empty(), "{:?}", v.spares);
+    assert_eq!(v.members.len(), 2);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    let mut after = [0u8; 4096];
+    std::fs::File::open(rig.path("s"))
+        .unwrap()
+        .read_exact_at(&mut after, 4096)
+        .unwrap();
+    assert!(after == sb, "the spare's device was written to");
+}
+
 /// The state file as a manager that has stopped leaves it, the rig's
 /// devices named by path (files that exist now).
 fn restart_config(

@@ -48,6 +48,16 @@ impl Manager {
                     blank.push(d.clone());
                     readable.push(d.clone());
                 }
+                // A spare is not needed to start: one whose metadata
+                // cannot be used (damaged, md's of another version, not
+                // fitting its device) is left out, untouched, instead of
+                // refusing the volume (and with it the daemon's start).
+                Ok(Err(e)) if spare => {
+                    tracing::warn!(volume = decl.name, device = %d.info().name, error = %e, "a declared spare's superblock cannot be used; left out")
+                }
+                Ok(Ok(sb)) if spare && assembly::fits_device(d.as_ref(), &sb).is_err() => {
+                    tracing::warn!(volume = decl.name, device = %d.info().name, "a declared spare's superblock does not fit its device; left out")
+                }
                 Ok(_) => readable.push(d.clone()),
                 // A dead device is a missing member: assembly decides
                 // whether the volume can start without it.

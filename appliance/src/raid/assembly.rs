@@ -107,7 +107,7 @@ pub enum AssemblyError {
 /// Whether `sb`'s layout fits the device it was read from: checked at
 /// every assembly, not only at create (a superblock is the disk's word,
 /// not ours).
-fn fits_device(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), String> {
+pub fn fits_device(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(), String> {
     let info = dev.info();
     let bad = |what: String| Err(format!("superblock of {:?}: {what}", sb.name));
     if sb.block_size != info.block_size {
