@@ -144,6 +144,46 @@ fn a_superblock_whose_data_does_not_fit_its_device_is_reported() {
     );
 }
 
+/// A member whose superblock is older than its peers' and of another
+/// geometry (a takeover's or reshape's record a power cut kept from it)
+/// refused the whole volume as "disagrees with its peers": it is stale,
+/// as md takes it, and the volume starts without it. A current member of
+/// another geometry still disagrees.
+#[test]
+fn an_older_member_of_another_geometry_is_stale_not_a_refusal() {
+    for behind in [1, 2] {
+        let devs = raid5(4);
+        for d in &devs[..3] {
+            edit(d.as_ref(), |sb| sb.events += behind);
+        }
+        edit(devs[3].as_ref(), |sb| sb.chunk_bytes /= 2);
+        let report = assemble(&devs, |_| FailureSink::none());
+        assert!(
+            report.problems.is_empty(),
+            "{behind}: {:?}",
+            report.problems
+        );
+        assert_eq!(report.volumes.len(), 1, "{behind}");
+        let v = &report.volumes[0];
+        assert_eq!(v.stale, vec!["m3".to_string()], "{behind}");
+        assert!(
+            v.members[3].is_none(),
+            "{behind}: the old one fills no slot"
+        );
+    }
+    let devs = raid5(4);
+    edit(devs[3].as_ref(), |sb| sb.chunk_bytes /= 2);
+    let report = assemble(&devs, |_| FailureSink::none());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|(d, why)| d == "m3" && why.contains("geometry")),
+        "{:?}",
+        report.problems
+    );
+}
+
 /// A change count at the top of its range would wrap at the next recorded
 /// change (a panic with overflow checks), and a member at a wrapped count
 /// looks older than stale ones: such a superblock is refused as invalid.

@@ -565,6 +565,14 @@ pub fn assemble(
                 && (!striped || sb.layout == auth.layout)
                 && sb.data_offset == auth.data_offset
                 && sb.block_size == auth.block_size;
+            if !same_geometry && sb.events < newest {
+                // A leftover of the geometry before a change (a takeover
+                // whose record a power cut kept from this member, a member
+                // long gone) is stale, as md takes it; only a current one
+                // disagrees.
+                stale.push(dev.info().name.clone());
+                continue;
+            }
             if !same_geometry {
                 report.problems.push((
                     dev.info().name.clone(),
