@@ -100,6 +100,9 @@ pub struct Controller {
     /// queue and resubmits what was in flight.
     pub(crate) generation: AtomicU64,
     failed: AtomicBool,
+    /// Held by [`Controller::fail`] until the device is stopped (or its
+    /// memory unmapped) and the generation moved.
+    stopping: Mutex<()>,
     failure: Mutex<String>,
     pub(crate) registry: Registry,
     /// Commands whose data went through bounce pages.
@@ -227,6 +230,7 @@ impl Controller {
             qids: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            stopping: Mutex::new(()),
             failure: Mutex::new(String::new()),
             registry: Registry::default(),
             bounced: AtomicU64::new(0),
@@ -545,6 +549,12 @@ impl Controller {
     /// hand back; if it does not confirm that, its IOMMU mappings of
     /// registered memory are taken away instead.
     pub(crate) fn fail(&self, why: &str) {
+        // A second caller waits for the first's stop: the generation it
+        // moves makes every channel fail its requests and hand their
+        // memory back, which the device may still be writing until the
+        // first caller saw it stop (a read retried on a mirror into the
+        // same buffer, then the late DMA over it).
+        let _stopping = lock(&self.stopping);
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(controller = %self.name(), reason = why, "NVMe controller failed");
             *lock(&self.failure) = why.to_string();
@@ -859,3 +869,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // later user could trip on (queue indices are rewritten by reset).
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests;
