@@ -705,7 +705,23 @@ impl Channel {
         // The reset that bumped the generation has finished (it bumps last,
         // under the admin lock): the controller no longer has this queue.
         self.q.reset();
-        match self.ctrl.create_io_queue(&self.q) {
+        // A creation that timed out resets the controller; when that reset
+        // worked, the queue is made again on the controller it left,
+        // instead of failing every namespace on it for one slow command.
+        // Resets that keep not working fail it (MAX_FRUITLESS_RESETS).
+        let created = loop {
+            match self.ctrl.create_io_queue(&self.q) {
+                Err(_)
+                    if !self.ctrl.is_failed()
+                        && self.ctrl.generation.load(Ordering::Acquire) != self.generation =>
+                {
+                    self.generation = self.ctrl.generation.load(Ordering::Acquire);
+                    self.q.reset();
+                }
+                other => break other,
+            }
+        };
+        match created {
             Ok(g) => self.generation = g,
             Err(e) => {
                 self.ctrl.fail(&format!(

@@ -86,6 +86,9 @@ struct Faults {
     latency: Duration,
     lose: u32,
     lose_admin: u32,
+    /// (opcode, how many): admin commands of one kind done but never
+    /// completed.
+    lose_opcode: (u8, u32),
 }
 
 struct Shared {
@@ -265,6 +268,12 @@ impl SoftController {
     /// Never complete the next `n` admin commands.
     pub fn lose_admin_completions(&self, n: u32) {
         lock(&self.shared.faults).lose_admin = n;
+    }
+
+    /// Never complete the next `n` admin commands of `opcode` (they are
+    /// carried out, as a device whose answer is lost).
+    pub fn lose_admin_opcode(&self, opcode: u8, n: u32) {
+        lock(&self.shared.faults).lose_opcode = (opcode, n);
     }
 
     /// Leave admin commands in the admin queue, unexecuted, until
@@ -512,6 +521,13 @@ impl Device {
                 if qid != 0 && self.hung(&sqe) {
                     self.lost.push((qid, sqe.cid()));
                     continue;
+                }
+                if qid == 0 {
+                    let mut f = lock(&self.shared.faults);
+                    if f.lose_opcode.1 > 0 && f.lose_opcode.0 == sqe.opcode() {
+                        f.lose_opcode.1 -= 1;
+                        continue;
+                    }
                 }
                 self.complete(qid, cqid, sqe.cid(), status, result);
             }

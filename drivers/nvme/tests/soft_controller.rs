@@ -474,6 +474,28 @@ fn controller_fatal_status_resets_and_in_flight_io_completes() {
     assert!(got == data);
 }
 
+/// After a reset a channel makes its queue again; when that Create I/O
+/// Completion Queue timed out, the controller was reset again and then
+/// failed for good (every namespace on it) though the second reset
+/// worked: the queue is made again on the controller that reset left,
+/// and the write goes through. (Resets that keep not working still fail
+/// it.)
+#[test]
+fn a_queue_creation_that_times_out_after_a_reset_is_made_again() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.lose_admin_opcode(nvme::spec::admin::CREATE_CQ, 1);
+    soft.make_fatal();
+    let mut data = vec![7u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Write, 5, 1, &mut data, 1)).expect("write survives both resets");
+    assert!(!ctrl.is_failed());
+    assert!(soft.stats().enables >= 3, "{:?}", soft.stats());
+    let mut got = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 5, 1, &mut got, 2)).expect("read");
+    assert!(got == data);
+}
+
 #[test]
 fn surprise_removal_fails_every_request_cleanly() {
     let (soft, ctrl) = setup(SoftConfig::default(), quick());
