@@ -652,16 +652,38 @@ impl Controller {
     /// namespaces attached (or formatted) since bring-up.
     pub fn rescan(&self) -> Result<(), NvmeError> {
         let mut page = [0u8; 4096];
-        self.identify(admin::CNS_ACTIVE_NS, 0, &mut page)?;
-        let nsids: Vec<u32> = page
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .take_while(|&id| id != 0)
-            .collect();
+        let (nsids, listed): (Vec<u32>, bool) =
+            match self.identify(admin::CNS_ACTIVE_NS, 0, &mut page) {
+                Ok(()) => (
+                    page.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .take_while(|&id| id != 0)
+                        .collect(),
+                    true,
+                ),
+                // NVMe 1.0 has no active namespace list: every identifier
+                // up to NN is asked, and an inactive one (all zeroes) left
+                // out. (A listed one of no blocks is refused when opened.)
+                Err(NvmeError::Command { .. }) => ((1..=self.ident.nn.min(1024)).collect(), false),
+                Err(e) => return Err(e),
+            };
         let mut found = Vec::with_capacity(nsids.len());
         for nsid in nsids {
-            self.identify(admin::CNS_NAMESPACE, nsid, &mut page)?;
-            found.push((nsid, IdentifyNamespace::parse(&page)));
+            // One namespace the device will not describe (a bogus
+            // identifier in its list) costs only itself, not the
+            // controller and every other namespace on it.
+            match self.identify(admin::CNS_NAMESPACE, nsid, &mut page) {
+                Ok(()) => {
+                    let ns = IdentifyNamespace::parse(&page);
+                    if listed || ns.nsze != 0 {
+                        found.push((nsid, ns));
+                    }
+                }
+                Err(e @ NvmeError::Command { .. }) => {
+                    tracing::warn!(controller = %self.name(), nsid, error = %e, "namespace left out")
+                }
+                Err(e) => return Err(e),
+            }
         }
         *lock(&self.namespaces) = found;
         Ok(())

@@ -89,6 +89,10 @@ struct Faults {
     /// (opcode, how many): admin commands of one kind done but never
     /// completed.
     lose_opcode: (u8, u32),
+    /// Identify Namespace of these fails (a bogus identifier).
+    refuse_identify: HashSet<u32>,
+    /// Identify of the active namespace list fails (NVMe 1.0 has none).
+    no_active_list: bool,
 }
 
 struct Shared {
@@ -274,6 +278,17 @@ impl SoftController {
     /// carried out, as a device whose answer is lost).
     pub fn lose_admin_opcode(&self, opcode: u8, n: u32) {
         lock(&self.shared.faults).lose_opcode = (opcode, n);
+    }
+
+    /// Fail Identify Namespace of `nsid` with Invalid Field.
+    pub fn refuse_identify(&self, nsid: u32) {
+        lock(&self.shared.faults).refuse_identify.insert(nsid);
+    }
+
+    /// Fail Identify of the active namespace list, as an NVMe 1.0
+    /// controller does.
+    pub fn no_active_list(&self) {
+        lock(&self.shared.faults).no_active_list = true;
     }
 
     /// Leave admin commands in the admin queue, unexecuted, until
@@ -640,6 +655,16 @@ impl Device {
                         sgls: self.config.sgl as u32,
                     }
                     .write(&mut page),
+                    admin::CNS_NAMESPACE
+                        if lock(&self.shared.faults)
+                            .refuse_identify
+                            .contains(&sqe.nsid) =>
+                    {
+                        return (Status::INVALID_FIELD, 0);
+                    }
+                    admin::CNS_ACTIVE_NS if lock(&self.shared.faults).no_active_list => {
+                        return (Status::INVALID_FIELD, 0);
+                    }
                     admin::CNS_NAMESPACE => {
                         let Some(&(bs, n)) = self.namespace(sqe.nsid) else {
                             return (Status::INVALID_NAMESPACE, 0);

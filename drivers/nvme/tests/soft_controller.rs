@@ -496,6 +496,35 @@ fn a_queue_creation_that_times_out_after_a_reset_is_made_again() {
     assert!(got == data);
 }
 
+/// A namespace the controller will not describe (a bogus identifier in
+/// its active list) failed the controller's bring-up, and every other
+/// namespace with it; an NVMe 1.0 controller, which has no active list,
+/// could not be brought up at all. The one namespace is left out, with a
+/// clear error for whoever names it, and a 1.0 controller's namespaces
+/// are found by asking each up to NN.
+#[test]
+fn a_namespace_that_cannot_be_identified_costs_only_itself() {
+    let config = SoftConfig {
+        namespaces: vec![(4096, 4096), (512, 8192)],
+        ..SoftConfig::default()
+    };
+    for no_list in [false, true] {
+        let soft = SoftController::start("soft-ns", config.clone()).expect("start");
+        soft.refuse_identify(1);
+        if no_list {
+            soft.no_active_list();
+        }
+        let ctrl = Controller::new(soft.transport(), quick()).expect("bring up");
+        assert_eq!(ctrl.namespace_ids(), vec![2], "no_list {no_list}");
+        let err = Namespace::new(&ctrl, 1, "ns1").expect_err("ns 1 refused");
+        assert!(err.to_string().contains("no active namespace 1"), "{err}");
+        let two = ns(&ctrl, 2);
+        let mut ch = two.open_channel().expect("channel");
+        let mut data = vec![3u8; 512];
+        one(ch.as_mut(), rw(IoOp::Write, 9, 1, &mut data, 1)).expect("write");
+    }
+}
+
 #[test]
 fn surprise_removal_fails_every_request_cleanly() {
     let (soft, ctrl) = setup(SoftConfig::default(), quick());
