@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
 use super::memory::GuestMap;
 use super::pieces::{Owed, Pieces};
-use super::request::Limits;
+use super::request::{Limits, S_IOERR};
 use super::ring::{self, Ring};
 use super::stats::IoStats;
 use super::QueueError;
@@ -39,13 +39,28 @@ const IDLE_POLLS: u32 = 32;
 /// room for (the queue takes nothing from its ring meanwhile).
 const CHANNEL_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// What a stopping runner does with the writes it holds for a suspended
+/// range (taken from the ring, not sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Leave them (a disconnect: a reconnecting frontend gets them again
+    /// from its inflight area).
+    Leave = 0,
+    /// Stop only once none is held (a move to another reactor, or a
+    /// frontend's stop within its time-out).
+    Keep = 1,
+    /// Answer them with an I/O error (a frontend's stop after they held it
+    /// its whole time-out: the index it gets back counts them as taken,
+    /// and a migration's destination would never see them).
+    Fail = 2,
+}
+
 /// What the control thread and the runner share.
 #[derive(Default)]
 pub struct QueueShared {
     stop: AtomicBool,
-    /// A stop that must keep parked writes (a move to another reactor):
-    /// the runner stops only with none parked.
-    keep_parked: AtomicBool,
+    /// What a stop does with parked writes ([`Held`]).
+    held: AtomicU8,
     /// Writes parked by a suspended range now.
     parked: AtomicU64,
     call_gen: AtomicU64,
@@ -61,19 +76,20 @@ impl QueueShared {
         self.call_gen.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Ask the runner to stop once its in-flight requests are done.
-    pub fn request_stop(&self) {
-        // Also over an earlier stop that kept parked writes.
-        self.keep_parked.store(false, Ordering::SeqCst);
+    /// Ask the runner to stop once its in-flight requests are done, doing
+    /// `held` with the writes it holds for a suspended range (also over an
+    /// earlier stop's).
+    pub fn request_stop(&self, held: Held) {
+        self.held.store(held as u8, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// Ask the runner to stop once its in-flight requests are done and no
-    /// write waits for a suspended range (those were taken from the ring:
-    /// a runner started elsewhere would never answer them).
-    pub fn request_stop_keeping_parked(&self) {
-        self.keep_parked.store(true, Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
+    fn held(&self) -> Held {
+        match self.held.load(Ordering::Relaxed) {
+            1 => Held::Keep,
+            2 => Held::Fail,
+            _ => Held::Leave,
+        }
     }
 
     /// Writes the runner holds for a suspended range now.
@@ -89,7 +105,7 @@ impl QueueShared {
             return false;
         }
         self.stop.store(false, Ordering::SeqCst);
-        self.keep_parked.store(false, Ordering::SeqCst);
+        self.held.store(Held::Leave as u8, Ordering::SeqCst);
         true
     }
 
@@ -399,8 +415,11 @@ impl Runner {
             self.send_owed();
         }
         if self.shared.stop.load(Ordering::Relaxed) {
-            let keep_parked = self.shared.keep_parked.load(Ordering::Relaxed);
-            if keep_parked {
+            let held = self.shared.held();
+            if held == Held::Fail {
+                self.fail_held();
+            }
+            if held == Held::Keep {
                 // The stop waits for the writes held for a suspended
                 // range: they go once the range moves, nothing new is
                 // taken from the ring meanwhile.
@@ -418,7 +437,8 @@ impl Runner {
             self.signal();
             // The channel is dropped with the runner: let it finish its
             // own work here rather than block the reactor in its drop.
-            let parked_ok = !keep_parked || (self.parked.is_empty() && self.resubmit.is_empty());
+            let parked_ok =
+                held == Held::Leave || (self.parked.is_empty() && self.resubmit.is_empty());
             if self.inflight() == 0 && !channel_busy && parked_ok && self.finish(ctx) {
                 return PollState::Done;
             }
@@ -594,6 +614,26 @@ impl Runner {
                 }
             };
             self.vol_gen = g;
+        }
+    }
+
+    /// Answer every write held for a suspended range, and every one
+    /// released but not sent again, with an I/O error, in their order;
+    /// what the gates do not let through now waits for the next poll.
+    fn fail_held(&mut self) {
+        self.resubmit.extend(self.parked.drain(..));
+        self.shared.parked.store(0, Ordering::SeqCst);
+        while let Some(&head) = self.resubmit.front() {
+            if !self.mem_gate.try_begin() {
+                break;
+            }
+            if !self.vol_gate.try_begin() {
+                self.mem_gate.end();
+                break;
+            }
+            self.resubmit.pop_front();
+            self.walk(head);
+            self.answer(head, S_IOERR);
         }
     }
 

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
-use super::super::queue::{self, QueueSetup, QueueShared};
+use super::super::queue::{self, Held, QueueSetup, QueueShared};
 use super::super::ExportShared;
 use super::{invalid, GuestMemory, Handler, MoveError, Running, MAX_QUEUE_SIZE, START_TIMEOUT};
 
@@ -216,7 +216,7 @@ impl Handler {
             .running
             .as_mut()
             .and_then(|r| r.kick.take());
-        if let Err(e) = self.stop_with(index, true) {
+        if let Err(e) = self.stop_with(index, Held::Keep) {
             // Still running where it was: it keeps its kick.
             let v = self.vring(index)?;
             if let Some(r) = v.running.as_mut() {
@@ -252,19 +252,16 @@ impl Handler {
         Ok(())
     }
 
-    pub(super) fn stop(&mut self, index: u32) -> VuResult<()> {
-        self.stop_with(index, false)
-    }
-
     /// The frontend stops queue `index` (SET_VRING_ENABLE off,
     /// GET_VRING_BASE): writes held for a suspended range are answered
     /// first, once the range is let go, because the index handed back
     /// counts them as taken and a migration's destination will not see
-    /// them again. If the range stays suspended past the time-out the
-    /// queue stops anyway; a reconnecting frontend still gets those writes
-    /// again from the inflight area.
+    /// them again. If the range stays suspended past the time-out they are
+    /// answered with an I/O error and the queue stops: left unanswered,
+    /// the guest would wait for them for ever (virtio-blk has no time-out)
+    /// or lose them without a word.
     pub(super) fn stop_for_frontend(&mut self, index: u32) -> VuResult<()> {
-        let first = self.stop_with(index, true);
+        let first = self.stop_with(index, Held::Keep);
         // Stopped, or let go with its device holding requests (lingering).
         if first.is_ok() || self.vring(index)?.running.is_none() {
             return first;
@@ -277,26 +274,21 @@ impl Handler {
         tracing::warn!(
             vring = index,
             parked,
-            "stopping a vring whose writes wait for a suspended range: a reconnecting frontend gets them again, a migration's destination does not"
+            "stopping a vring whose writes waited for a suspended range past the time-out: they are answered with an I/O error"
         );
-        self.stop(index)
+        self.stop_with(index, Held::Fail)
     }
 
-    /// Stop queue `index`; `keep_parked`: only once no write waits for a
-    /// suspended range (a move), else the stop is taken back after the
-    /// time-out and the queue goes on.
-    pub(super) fn stop_with(&mut self, index: u32, keep_parked: bool) -> VuResult<()> {
+    /// Stop queue `index`, doing `held` with the writes it holds for a
+    /// suspended range; [`Held::Keep`]: the stop is taken back after the
+    /// time-out if some are still held, and the queue goes on.
+    pub(super) fn stop_with(&mut self, index: u32, held: Held) -> VuResult<()> {
         let deadline = std::time::Instant::now() + self.drain_timeout();
-        self.stop_until(index, keep_parked, deadline)
+        self.stop_until(index, held, deadline)
     }
 
     /// [`stop_with`](Self::stop_with), waiting until `deadline`.
-    fn stop_until(
-        &mut self,
-        index: u32,
-        keep_parked: bool,
-        deadline: std::time::Instant,
-    ) -> VuResult<()> {
+    fn stop_until(&mut self, index: u32, held: Held, deadline: std::time::Instant) -> VuResult<()> {
         let _own = super::super::watchdog::own_work(&self.export);
         let set = self.set.clone();
         let timeout = self.drain_timeout();
@@ -305,11 +297,7 @@ impl Handler {
         let Some(r) = v.running.take() else {
             return Ok(());
         };
-        if keep_parked {
-            r.shared.request_stop_keeping_parked();
-        } else {
-            r.shared.request_stop();
-        }
+        r.shared.request_stop(held);
         // Wake the reactor if it sleeps; a full inbox means it is awake.
         let _ = set.send(r.core, Box::new(|_| {}));
         let mut stopped = None;
@@ -328,7 +316,7 @@ impl Handler {
             }
             None if set.is_stopped() => Ok(()),
             // Held up by writes to a suspended range (not by its device).
-            None if keep_parked && r.shared.parked() > 0 => {
+            None if held == Held::Keep && r.shared.parked() > 0 => {
                 if r.shared.cancel_stop() {
                     // It holds writes for a suspended range: it stays.
                     v.running = Some(r);
@@ -349,7 +337,7 @@ impl Handler {
                 // ring starts again by itself once the runner has stopped
                 // (a frontend told nothing, or not listening, would not
                 // ask again).
-                r.shared.request_stop();
+                r.shared.request_stop(Held::Leave);
                 export
                     .lingering
                     .lock()
@@ -377,13 +365,13 @@ impl Handler {
     pub fn stop_all(&mut self) {
         for v in &self.vrings {
             if let Some(r) = &v.running {
-                r.shared.request_stop();
+                r.shared.request_stop(Held::Leave);
                 let _ = self.set.send(r.core, Box::new(|_| {}));
             }
         }
         let deadline = std::time::Instant::now() + self.drain_timeout();
         for i in 0..self.vrings.len() as u32 {
-            if let Err(e) = self.stop_until(i, false, deadline) {
+            if let Err(e) = self.stop_until(i, Held::Leave, deadline) {
                 tracing::error!(vring = i, error = %e, "stopping vring");
             }
         }

@@ -8,7 +8,7 @@ use virtio_queue::QueueT;
 
 use super::super::chain::walk_chain_with;
 use super::super::pieces::{self, Owed, Pieces};
-use super::super::request::{failed_status, parse_with, Parsed, S_OK};
+use super::super::request::{failed_status, parse_with, Parsed, Request, S_OK};
 use super::{Dispatch, Inflight, Runner, MAX_CHAIN};
 
 impl Runner {
@@ -31,6 +31,29 @@ impl Runner {
         }
     }
 
+    /// Answer the chain in `self.descs` with `status` without sending it;
+    /// one with nowhere to put a status is returned unanswered.
+    pub(super) fn answer(&mut self, head: u16, status: u8) {
+        match parse_with(&self.descs, &self.mem, &self.regions, &self.limits) {
+            Some(req) => self.refuse(head, &req, status),
+            None => {
+                self.stats.refused();
+                self.finish_request(head, 0);
+            }
+        }
+    }
+
+    /// Answer `req` with `status`.
+    fn refuse(&mut self, head: u16, req: &Request, status: u8) {
+        // SAFETY: `status` was translated inside guest memory.
+        unsafe { std::ptr::write_volatile(req.status, status) };
+        if let Some(log) = &self.mem.log {
+            log.mark(req.status_gpa, 1);
+        }
+        self.stats.refused();
+        self.finish_request(head, 1);
+    }
+
     /// Parse the chain in `self.descs` and answer or submit it.
     pub(super) fn dispatch(&mut self, head: u16) -> Dispatch {
         let Some(req) = parse_with(&self.descs, &self.mem, &self.regions, &self.limits) else {
@@ -41,13 +64,7 @@ impl Runner {
         };
         match req.action {
             Err(status) => {
-                // SAFETY: `status` was translated inside guest memory.
-                unsafe { std::ptr::write_volatile(req.status, status) };
-                if let Some(log) = &self.mem.log {
-                    log.mark(req.status_gpa, 1);
-                }
-                self.stats.refused();
-                self.finish_request(head, 1);
+                self.refuse(head, &req, status);
                 Dispatch::Taken
             }
             Ok(Parsed::Done { written }) => {
