@@ -254,6 +254,7 @@ impl BlockDevice for Raid5Device {
             windows: Default::default(),
             buflists: Vec::new(),
             bitmap: self.set.bitmap.clone(),
+            scrubbing: self.set.scrubbing.clone(),
             replace: super::members::ReplaceChannel::open(&self.set)?,
             activity: self.set.activity.counter(),
         }))
@@ -423,6 +424,9 @@ struct Raid5Channel {
     /// The volume's write-intent bitmap: a write reaches the members only
     /// once its region's bit is on disk.
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
+    /// Set while a scrub runs or is owed (the resync after a crash among
+    /// them): parity may not match its data where it has not been.
+    scrubbing: Arc<std::sync::atomic::AtomicBool>,
     /// Guest requests on this channel (a rebuild yields to them).
     activity: Arc<super::members::Counter>,
 }

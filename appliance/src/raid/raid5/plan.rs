@@ -2,6 +2,8 @@
 //! computes and the writes it sends (md's reconstruct-write and
 //! read-modify-write, and the degraded plans).
 
+use std::sync::atomic::Ordering;
+
 use super::rows_of;
 use bdev::{Completion, IoError, IoOp, IoRequest, SgList, SubmitError};
 
@@ -265,7 +267,16 @@ impl Raid5Channel {
                 let written: u64 = rows.iter().flatten().map(|r| r.1 - r.0).sum();
                 let rcw = window * geo.data_members() as u64 - written;
                 let rmw = written + window;
-                if rcw <= rmw {
+                // md's rule: a stripe whose parity may not match its data
+                // (a resync after a crash has not been there) is written
+                // by reconstruct-write. Read-modify-write carries the
+                // stale parity on, and a member lost before the resync
+                // gets there is rebuilt from it as garbage. While any
+                // scrub runs: the write's own bitmap bit hides whether
+                // its region was dirty at the crash, and the scrub's
+                // cursor is its own (a check costs some reads, no more).
+                let may_differ = self.scrubbing.load(Ordering::Relaxed);
+                if rcw <= rmw || may_differ {
                     Plan::Rcw
                 } else {
                     Plan::Rmw
