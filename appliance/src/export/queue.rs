@@ -85,7 +85,7 @@ impl QueueShared {
     }
 
     fn held(&self) -> Held {
-        match self.held.load(Ordering::Relaxed) {
+        match self.held.load(Ordering::Acquire) {
             1 => Held::Keep,
             2 => Held::Fail,
             _ => Held::Leave,
@@ -414,22 +414,28 @@ impl Runner {
         if !self.owed.is_empty() {
             self.send_owed();
         }
-        if self.shared.stop.load(Ordering::Relaxed) {
+        // Acquire: what the stop asks to do with held writes was stored
+        // before it.
+        if self.shared.stop.load(Ordering::Acquire) {
             let held = self.shared.held();
-            if held == Held::Fail {
-                self.fail_held();
-            }
-            if held == Held::Keep {
+            if held != Held::Leave {
                 // The stop waits for the writes held for a suspended
                 // range: they go once the range moves, nothing new is
-                // taken from the ring meanwhile.
+                // taken from the ring meanwhile; with `Fail`, those still
+                // held are answered with an error.
                 self.release_parked();
-                if !self.resubmit.is_empty() {
+                let fail = held == Held::Fail && !self.parked.is_empty();
+                if !self.resubmit.is_empty() || fail {
                     if self.inflight() == 0 {
                         self.refresh_generations(channel_busy);
                     }
-                    let current = self.vol_gate.generation() == self.vol_gen;
+                    // Under the memory map and rings they were taken with.
+                    let current = self.vol_gate.generation() == self.vol_gen
+                        && self.mem_gate.generation() == self.mem_gen;
                     if current && !self.broken && !self.ring_lost {
+                        if fail {
+                            self.fail_parked();
+                        }
                         self.pop_requests(false);
                     }
                 }
@@ -617,13 +623,13 @@ impl Runner {
         }
     }
 
-    /// Answer every write held for a suspended range, and every one
-    /// released but not sent again, with an I/O error, in their order;
-    /// what the gates do not let through now waits for the next poll.
-    fn fail_held(&mut self) {
-        self.resubmit.extend(self.parked.drain(..));
-        self.shared.parked.store(0, Ordering::SeqCst);
-        while let Some(&head) = self.resubmit.front() {
+    /// Answer the writes held for a suspended range with an I/O error, in
+    /// their order; what the gates do not let through now waits for the
+    /// next poll.
+    fn fail_parked(&mut self) {
+        let heads = std::mem::take(&mut self.parked);
+        let mut done = 0;
+        for &head in &heads {
             if !self.mem_gate.try_begin() {
                 break;
             }
@@ -631,10 +637,14 @@ impl Runner {
                 self.mem_gate.end();
                 break;
             }
-            self.resubmit.pop_front();
             self.walk(head);
             self.answer(head, S_IOERR);
+            done += 1;
         }
+        self.parked.extend_from_slice(&heads[done..]);
+        self.shared
+            .parked
+            .store(self.parked.len() as u64, Ordering::SeqCst);
     }
 
     /// The range moved: parked writes go again, in their order.

@@ -648,7 +648,7 @@ pub fn assemble(
                     // Missing, stale, failed or only partly rebuilt: not
                     // trusted. A placeholder keeps the slot.
                     (dev, _) => Member::new(
-                        dev.clone().unwrap_or_else(|| placeholder(&found)),
+                        dev.clone().unwrap_or_else(|| placeholder(&slots, &found)),
                         MemberState::Failed,
                     ),
                 };
@@ -761,8 +761,11 @@ pub fn assemble(
 
 /// A stand-in for a missing member, shaped like the volume's devices (it
 /// is marked failed, so no IO reaches it).
-fn placeholder(found: &[Found]) -> Arc<dyn BlockDevice> {
-    super::members::MissingDevice::like(found[0].0.as_ref())
+/// A missing member's stand-in, sized like a current one (a stale device
+/// may be of another geometry).
+fn placeholder(slots: &[Option<Arc<dyn BlockDevice>>], found: &[Found]) -> Arc<dyn BlockDevice> {
+    let like = slots.iter().flatten().next().unwrap_or(&found[0].0);
+    super::members::MissingDevice::like(like.as_ref())
 }
 
 /// A volume ready to serve: found on its members or created on blank ones.

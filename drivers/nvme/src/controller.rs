@@ -679,8 +679,15 @@ impl Controller {
                         found.push((nsid, ns));
                     }
                 }
+                // (One known from before keeps what it said then.)
                 Err(e @ NvmeError::Command { .. }) => {
-                    tracing::warn!(controller = %self.name(), nsid, error = %e, "namespace left out")
+                    let known = lock(&self.namespaces).iter().find(|n| n.0 == nsid).copied();
+                    match known {
+                        Some(n) => found.push(n),
+                        None => {
+                            tracing::warn!(controller = %self.name(), nsid, error = %e, "namespace left out")
+                        }
+                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -37,6 +37,9 @@ fn next_cid(prev: u16, slot: u16) -> u16 {
 /// `Slot::parent` of a command that is a whole request on its own (the
 /// common case: no parent bookkeeping).
 const ALONE: u32 = u32::MAX;
+/// Times a channel makes its queue again after a reset when the creation
+/// timed out and the reset that followed worked.
+const CREATE_TRIES: u32 = 3;
 /// Resets a command may be overdue at before it is failed: one more than
 /// a controller that completes nothing gets, so that one is failed as a
 /// whole first (`controller::MAX_FRUITLESS_RESETS`).
@@ -708,11 +711,16 @@ impl Channel {
         // A creation that timed out resets the controller; when that reset
         // worked, the queue is made again on the controller it left,
         // instead of failing every namespace on it for one slow command.
-        // Resets that keep not working fail it (MAX_FRUITLESS_RESETS).
+        // A few times: one that never answers fails it (IO on other
+        // queues would keep the reset counter down for ever, this reactor
+        // in here).
+        let mut tries = 0;
         let created = loop {
+            tries += 1;
             match self.ctrl.create_io_queue(&self.q) {
-                Err(_)
-                    if !self.ctrl.is_failed()
+                Err(NvmeError::Timeout(_))
+                    if tries <= CREATE_TRIES
+                        && !self.ctrl.is_failed()
                         && self.ctrl.generation.load(Ordering::Acquire) != self.generation =>
                 {
                     self.generation = self.ctrl.generation.load(Ordering::Acquire);

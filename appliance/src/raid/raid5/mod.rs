@@ -424,8 +424,9 @@ struct Raid5Channel {
     /// The volume's write-intent bitmap: a write reaches the members only
     /// once its region's bit is on disk.
     bitmap: Option<Arc<super::bitmap::Bitmap>>,
-    /// Set while a scrub runs or is owed (the resync after a crash among
-    /// them): parity may not match its data where it has not been.
+    /// Set while a scrub runs (the resync after a crash among them), and
+    /// left set by a repair cut short: parity may not match its data
+    /// where it has not been.
     scrubbing: Arc<std::sync::atomic::AtomicBool>,
     /// Guest requests on this channel (a rebuild yields to them).
     activity: Arc<super::members::Counter>,
