@@ -360,7 +360,7 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
     );
     let mut state = f(
         "appliance_volume_state",
-        "The volume's state: 1 for the one it is in (optimal, degraded, failed), 0 for the others.",
+        "The volume's state: 1 for the one it is in (optimal, degraded, failed; unavailable: the saved state names it, and it did not start), 0 for the others.",
     );
     let mut size = f("appliance_volume_size", "The volume's capacity.").unit(&BYTES);
     let mut generation = f(
@@ -455,6 +455,13 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         "appliance_volume_bitmap_dirty_regions",
         "Regions the write-intent bitmap marks dirty now.",
     );
+    // Those that did not start (the saved state names them).
+    for (name, _) in mgr.unavailable_volumes() {
+        for s in ["optimal", "degraded", "failed", "unavailable"] {
+            let labels = vec![("volume", name.clone()), ("state", s.to_string())];
+            state.add(labels, g(s == "unavailable"));
+        }
+    }
     for v in mgr.list_volumes() {
         let l = || vec![("volume", v.name.clone())];
         let with = |k: &'static str, val: &str| {
@@ -467,7 +474,7 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         i.push(("layout", v.layout.clone()));
         i.push(("consistency_policy", v.consistency_policy.to_string()));
         info.add(i, Value::Gauge(1.0));
-        for s in ["optimal", "degraded", "failed"] {
+        for s in ["optimal", "degraded", "failed", "unavailable"] {
             state.add(with("state", s), g(v.state == s));
         }
         size.add(l(), Value::Gauge(v.size_bytes as f64));

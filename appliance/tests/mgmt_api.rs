@@ -1327,22 +1327,26 @@ fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
     for i in [0, 2] {
         std::fs::write(dir.path().join(format!("m{i}.img")), vec![0u8; 16 << 20]).unwrap();
     }
-    let before = std::fs::read_to_string(&state).unwrap();
-    let opts = DaemonOptions {
-        api_socket: dir.path().join("api2.sock"),
-        state_file: Some(state.clone()),
-        config: None,
-        reactors: 1,
-        cores: None,
-        metrics: None,
-        tcp: None,
-        drop_journals: vec![],
-        allow_paths: vec![],
-    };
-    let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
-    assert!(e.contains("refusing to create"), "{e}");
+    let before = appliance::config::Config::load(&state).unwrap();
+    // The volume is left out of the start, saying why (another volume
+    // would start); the state file keeps it and its export.
+    let d = Daemon::start(dir.path(), Some(state.clone()), None);
+    let mut c = d.client();
+    let e = call!(
+        d,
+        c,
+        get_volume,
+        pb::GetVolumeRequest {
+            name: "data".into()
+        }
+    )
+    .unwrap_err();
+    assert_eq!(e.0, tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.1.contains("refusing to create"), "{e:?}");
+    drop(c);
+    d.stop();
     assert_eq!(
-        std::fs::read_to_string(&state).unwrap(),
+        appliance::config::Config::load(&state).unwrap(),
         before,
         "the state file is kept"
     );

@@ -67,7 +67,13 @@ impl Manager {
         // hangs must not hold every other call up.
         let key = socket_key(&decl.socket);
         let mut inv = self.inv();
-        if inv.exports.contains_key(&decl.name) || inv.exports_creating.contains_key(&decl.name) {
+        if inv.exports.contains_key(&decl.name)
+            || inv.exports_creating.contains_key(&decl.name)
+            || inv
+                .unavailable
+                .values()
+                .any(|u| u.exports.iter().any(|e| e.name == decl.name))
+        {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already exists",
                 decl.name

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{check_name, lock, nvmf, Dev, Exp, MgmtError, Vol};
-use crate::config::{Config, DeviceDecl};
+use crate::config::{Config, DeviceDecl, VolumeDecl};
 
 #[derive(Default)]
 pub(super) struct Inventory {
@@ -29,6 +29,8 @@ pub(super) struct Inventory {
     /// next start, a reload or an attach under the name tries again), and
     /// their volumes started without them where the level allows.
     pub(super) missing: BTreeMap<String, DeviceDecl>,
+    /// Volumes the saved state names that did not start, by name.
+    pub(super) unavailable: BTreeMap<String, super::unavailable::Unavailable>,
 }
 
 impl Inventory {
@@ -41,6 +43,9 @@ impl Inventory {
 
     pub(super) fn volume(&self, name: &str) -> Result<Arc<Vol>, MgmtError> {
         check_name("volume", name)?;
+        if let Some(u) = self.unavailable.get(name) {
+            return Err(u.error());
+        }
         self.volumes
             .get(name)
             .cloned()
@@ -59,13 +64,30 @@ impl Inventory {
                 all.sort_by(|a, b| a.name.cmp(&b.name));
                 all
             },
-            volumes: self
-                .volumes
+            // Those that did not start stay, with their exports, for the
+            // start or reload that mends them.
+            volumes: {
+                let mut all: Vec<VolumeDecl> = self
+                    .volumes
+                    .values()
+                    .map(|v| lock(&v.decl).clone())
+                    .chain(self.unavailable.values().map(|u| u.decl.clone()))
+                    .collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                all
+            },
+            exports: self
+                .exports
                 .values()
-                .map(|v| lock(&v.decl).clone())
+                .map(|e| e.decl())
+                .chain(self.unavailable.values().flat_map(|u| u.exports.clone()))
                 .collect(),
-            exports: self.exports.values().map(|e| e.decl()).collect(),
-            nvmf_exports: self.nvmf.values().map(|e| e.decl.clone()).collect(),
+            nvmf_exports: self
+                .nvmf
+                .values()
+                .map(|e| e.decl.clone())
+                .chain(self.unavailable.values().flat_map(|u| u.nvmf.clone()))
+                .collect(),
         }
     }
 }

@@ -20,6 +20,7 @@ mod inventory;
 mod nvmf;
 mod reload;
 mod roles;
+mod unavailable;
 mod views;
 mod volumes;
 
@@ -688,16 +689,26 @@ impl Manager {
             }
         }
         for v in &config.volumes {
-            self.restore_volume(v, initial)
-                .map_err(failed(format!("volume {}", v.name)))?;
+            match self.restore_volume(v, initial) {
+                Ok(()) => {}
+                // Saved state: a volume that cannot start is left out, not
+                // a reason to keep every other one (and VM) down. An
+                // operator's first setup is refused whole instead.
+                Err(e) if !initial => self.set_unavailable(v, e.to_string()),
+                Err(e) => return Err(failed(format!("volume {}", v.name))(e)),
+            }
         }
         for e in &config.exports {
-            self.create_export(e.clone())
-                .map_err(failed(format!("export {}", e.name)))?;
+            if !self.keep_export_of_unavailable(e) {
+                self.create_export(e.clone())
+                    .map_err(failed(format!("export {}", e.name)))?;
+            }
         }
         for e in &config.nvmf_exports {
-            self.create_nvmf_export(e.clone())
-                .map_err(failed(format!("nvme/tcp export {}", e.nqn)))?;
+            if !self.keep_nvmf_of_unavailable(e) {
+                self.create_nvmf_export(e.clone())
+                    .map_err(failed(format!("nvme/tcp export {}", e.nqn)))?;
+            }
         }
         Ok(())
     }
@@ -712,6 +723,9 @@ impl Manager {
         }
         for d in self.inv().missing.keys() {
             problems.push(format!("device {d} could not be opened at the start"));
+        }
+        for (v, why) in self.unavailable_volumes() {
+            problems.push(format!("volume {v} did not start: {why}"));
         }
         for v in self.list_volumes() {
             if v.state != "optimal" {

@@ -118,7 +118,12 @@ impl Manager {
         // Under the inventory's lock: the NQN and the volume (not being
         // deleted) are checked and taken in one step.
         let mut inv = self.inv();
-        if inv.nvmf.contains_key(&decl.nqn) {
+        if inv.nvmf.contains_key(&decl.nqn)
+            || inv
+                .unavailable
+                .values()
+                .any(|u| u.nvmf.iter().any(|e| e.nqn == decl.nqn))
+        {
             return Err(MgmtError::AlreadyExists(format!(
                 "nvme/tcp export {} already exists",
                 decl.nqn

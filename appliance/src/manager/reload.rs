@@ -253,11 +253,12 @@ impl Manager {
             }
             rep.did(format!("delete export {}", e.name), r);
         }
-        // Volumes that go.
-        for v in &volumes {
-            if !config.volumes.iter().any(|w| w.name == v.name) {
-                let r = self.delete_volume(&v.name);
-                rep.did(format!("delete volume {}", v.name), r);
+        // Volumes that go (those that did not start too).
+        let unavailable: Vec<String> = self.inv().unavailable.keys().cloned().collect();
+        for v in volumes.iter().map(|v| &v.name).chain(&unavailable) {
+            if !config.volumes.iter().any(|w| &w.name == v) {
+                let r = self.delete_volume(v);
+                rep.did(format!("delete volume {v}"), r);
             }
         }
         // Devices that go, and devices that come.
@@ -303,6 +304,15 @@ impl Manager {
         // Volumes that come, and settings of those that stay.
         for w in &config.volumes {
             match volumes.iter().find(|v| v.name == w.name) {
+                // One that did not start is tried again; its exports in
+                // the file are kept with it while it still does not.
+                None if self.take_unavailable(&w.name).is_some() => {
+                    let r = self.restore_volume(w, initial);
+                    if let Err(e) = &r {
+                        self.set_unavailable(w, e.to_string());
+                    }
+                    rep.did(format!("start volume {}", w.name), r);
+                }
                 None => {
                     let r = self.restore_volume(w, initial);
                     rep.did(format!("create volume {}", w.name), r);
@@ -319,6 +329,7 @@ impl Manager {
                 .map(|e| (e.decl.clone(), e.export.queue_cores()));
             match running {
                 None if kept.contains(&w.name) => {}
+                None if self.keep_export_of_unavailable(w) => {}
                 None => {
                     let r = self.create_export(w.clone()).map(|_| ());
                     let old = remade.iter().find(|e| e.name == w.name).cloned();
@@ -344,7 +355,10 @@ impl Manager {
             }
         }
         for w in &config.nvmf_exports {
-            if !kept_nvmf.contains(&w.nqn) && !self.inv().nvmf.contains_key(&w.nqn) {
+            if !kept_nvmf.contains(&w.nqn)
+                && !self.inv().nvmf.contains_key(&w.nqn)
+                && !self.keep_nvmf_of_unavailable(w)
+            {
                 let r = self.create_nvmf_export(w.clone()).map(|_| ());
                 let old = remade_nvmf.iter().find(|e| e.nqn == w.nqn).cloned();
                 let again = old.map(|old| || self.create_nvmf_export(old).map(|_| ()));

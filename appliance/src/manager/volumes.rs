@@ -159,7 +159,10 @@ impl Manager {
         decl.qos
             .check()
             .map_err(|(field, why)| invalid(field, why))?;
-        if s.volumes.contains_key(&decl.name) || s.creating.contains(&decl.name) {
+        if s.volumes.contains_key(&decl.name)
+            || s.creating.contains(&decl.name)
+            || s.unavailable.contains_key(&decl.name)
+        {
             return Err(MgmtError::AlreadyExists(format!(
                 "volume {} already exists",
                 decl.name
@@ -745,6 +748,16 @@ impl Manager {
     /// again needs `force`, so data is never lost by a slip.
     pub fn delete_volume(&self, name: &str) -> Result<(), MgmtError> {
         self.check_open()?;
+        // One that did not start: nothing runs; its devices go free and
+        // the state file names it (and its exports) no more.
+        if let Some(u) = self.take_unavailable(name) {
+            tracing::info!(
+                volume = name,
+                exports = u.exports.len() + u.nvmf.len(),
+                "a volume that did not start is deleted, with its exports"
+            );
+            return self.save();
+        }
         let v = {
             let inv = self.inv();
             let v = inv.volume(name)?;
