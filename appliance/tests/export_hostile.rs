@@ -453,6 +453,46 @@ fn a_queue_whose_device_holds_a_request_does_not_start_twice() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: with its device holding requests, each ring's stop
+/// waited the whole drain time-out, one after the other. A frontend stops
+/// its rings one by one, waiting for each (QEMU's main loop, and its VM,
+/// with it): a 64-queue export froze the VM for 64 time-outs. Once one
+/// ring is let go lingering, the next stop gives up sooner.
+#[test]
+fn once_a_ring_lingers_the_next_stop_gives_up_sooner() {
+    use bdev::IoOp;
+    let drain = Duration::from_secs(5);
+    let (reactors, fault, _volume, export, _dir, sock) = fault_export(2, drain);
+    let mut g = Guest::setup(
+        &sock,
+        Setup {
+            queues: 2,
+            protocol: vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK,
+            ..Default::default()
+        },
+    );
+    g.good_read(0);
+    g.good_read(1);
+    fault.control().hold(Some(IoOp::Read), 0, u64::MAX, 2);
+    g.offer_read(0);
+    g.offer_read(1);
+    assert!(fault.control().wait_held(2, Duration::from_secs(30)));
+    assert!(g.frontend.set_vring_enable(0, false).is_err());
+    let t = Instant::now();
+    assert!(g.frontend.set_vring_enable(1, false).is_err());
+    assert!(
+        t.elapsed() < drain / 2,
+        "the second stop waited {:?} again",
+        t.elapsed()
+    );
+    fault.control().release();
+    assert_eq!(g.used(0), (0, 4097));
+    assert_eq!(g.used(1), (0, 4097));
+    drop(g);
+    drop(export);
+    reactors.shutdown().unwrap();
+}
+
 /// From review: a queue move (or a ring's restart after a lingering
 /// runner) holds the connection's handler for as long as its drain takes,
 /// 30 s by default; a message the frontend sent meanwhile waited for it

@@ -11,6 +11,10 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
 use super::super::queue::{self, Held, QueueSetup, QueueShared};
+
+/// How long a ring's stop waits for its requests once another ring of the
+/// export was left lingering by a device that held them.
+const STUCK_WAIT: Duration = Duration::from_millis(500);
 use super::super::ExportShared;
 use super::{invalid, GuestMemory, Handler, MoveError, Running, MAX_QUEUE_SIZE, START_TIMEOUT};
 
@@ -283,7 +287,24 @@ impl Handler {
     /// suspended range; [`Held::Keep`]: the stop is taken back after the
     /// time-out if some are still held, and the queue goes on.
     pub(super) fn stop_with(&mut self, index: u32, held: Held) -> VuResult<()> {
-        let deadline = std::time::Instant::now() + self.drain_timeout();
+        // Another queue of the export left lingering (its device held a
+        // request past the whole time-out) says the device is stuck: this
+        // stop gives up sooner. A frontend stops its rings one after the
+        // other, waiting for each (QEMU, its main loop and the VM with
+        // it): each waiting the whole time-out made 64 of them.
+        let stuck = self
+            .export
+            .lingering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(i, s)| *i != index && s.wait_stopped(Duration::ZERO).is_none());
+        let wait = if stuck {
+            self.drain_timeout().min(STUCK_WAIT)
+        } else {
+            self.drain_timeout()
+        };
+        let deadline = std::time::Instant::now() + wait;
         self.stop_until(index, held, deadline)
     }
 
