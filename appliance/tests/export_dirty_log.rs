@@ -419,6 +419,46 @@ fn logging_not_switched_on(reply_ack: bool) {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: dirty logging switched on before any SET_LOG_BASE was
+/// taken with the rings running, and they wrote guest memory with nothing
+/// to log it in (QEMU gives the log first; another frontend need not).
+/// Refused while rings run; a ring that starts meanwhile waits for the
+/// log, and runs, logged, once it comes.
+#[test]
+fn dirty_logging_without_a_log_writes_nothing_unlogged() {
+    let rig = migratable();
+    let mut g = logging_guest(&rig.sock);
+    assert!(
+        g.frontend.set_features(BASE | LOG_ALL).is_err(),
+        "taken with running rings and no log"
+    );
+    g.frontend.get_features().expect("the connection stays");
+    // A stopped ring, logging on with no log: enabled again, it waits.
+    g.frontend.set_vring_enable(0, false).unwrap();
+    g.frontend.set_features(BASE | LOG_ALL).unwrap();
+    g.frontend.set_vring_enable(0, true).unwrap();
+    let (h, data, s) = (0x20000, 0x80000, 0x60000);
+    g.header(h, IN, 8);
+    let t = g.queues[0].desc;
+    g.desc(t, 0, h, 16, NEXT, 1);
+    g.desc(t, 1, data, 4096, NEXT | WRITE, 2);
+    g.desc(t, 2, s, 1, WRITE, 0);
+    g.offer(0, 0);
+    assert_eq!(
+        g.used_within(0, std::time::Duration::from_millis(300)),
+        None,
+        "served with no log"
+    );
+    let log = memfd(4096);
+    g.frontend
+        .set_log_base(0, region(&log, LOG_BYTES, 0))
+        .unwrap();
+    assert_eq!(g.used(0), (0, 4097));
+    assert_eq!(g.read::<u8>(s), S_OK);
+    let pages = marked(&log);
+    assert!(pages.contains(&(data / 4096)), "{pages:x?}");
+}
+
 /// From an audit: with logging on, a memory table reaching past the end of
 /// the log was taken, and writes there were only counted, not logged (a
 /// migration's destination missed them). Refused, as SET_LOG_BASE

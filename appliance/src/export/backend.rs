@@ -237,7 +237,8 @@ impl Handler {
         self.protocol & VhostUserProtocolFeatures::BACKEND_REQ.bits() != 0
     }
 
-    /// Whether the frontend has dirty logging on (and gave a log).
+    /// Whether the frontend has dirty logging on (a ring starts only once
+    /// it gave a log too).
     fn logging(&self) -> bool {
         self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
     }
@@ -355,6 +356,19 @@ impl VhostUserBackendReqHandlerMut for Handler {
             )));
         }
         let log_changed = (self.features ^ features) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        let log_on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log_changed
+            && log_on
+            && self.log.is_none()
+            && self.vrings.iter().any(|v| v.running.is_some())
+        {
+            // Running rings would write guest memory with nothing to log
+            // it in (QEMU gives the log first; a ring not running yet
+            // waits for it).
+            return Err(invalid(
+                "dirty logging on running rings before SET_LOG_BASE",
+            ));
+        }
         let before = std::mem::replace(&mut self.features, features);
         let log_before = self.log.clone();
         if log_changed {
@@ -777,6 +791,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.log = Some(Arc::new(map));
         if self.logging() {
             self.republish_log()?;
+            // Rings that waited for the log start now.
+            for i in 0..self.vrings.len() as u32 {
+                self.try_start(i)?;
+            }
         }
         Ok(())
     }

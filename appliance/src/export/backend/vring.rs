@@ -105,6 +105,12 @@ impl Handler {
         if v.running.is_some() || !v.enabled || v.kick.is_none() || v.addrs.is_none() {
             return Ok(());
         }
+        if self.logging() && self.log.is_none() {
+            // It would write guest memory unlogged: it starts with the
+            // log (SET_LOG_BASE).
+            tracing::info!(vring = index, "vring start waits for the dirty log");
+            return Ok(());
+        }
         if self.settle_lingering(index)? {
             // It starts once that runner has stopped (`restart_after`).
             tracing::info!(
