@@ -37,6 +37,8 @@ fn next_cid(prev: u16, slot: u16) -> u16 {
 /// `Slot::parent` of a command that is a whole request on its own (the
 /// common case: no parent bookkeeping).
 const ALONE: u32 = u32::MAX;
+/// Times a command is sent again after a failure without Do Not Retry.
+const MAX_RETRIES: u8 = 3;
 /// Times a channel makes its queue again after a reset when the creation
 /// timed out and the reset that followed worked.
 const CREATE_TRIES: u32 = 3;
@@ -210,6 +212,9 @@ struct Slot {
     bounced: bool,
     /// Resets its command was overdue at (each resubmits it).
     overdue: u8,
+    /// Times its command was sent again after a failure the device said
+    /// may not recur.
+    retries: u8,
 }
 
 struct Channel {
@@ -305,6 +310,7 @@ impl Channel {
                     started: Instant::now(),
                     bounced: false,
                     overdue: 0,
+                    retries: 0,
                 })
                 .collect(),
             bounced: (0..nslots).map(|_| None).collect(),
@@ -505,6 +511,7 @@ impl Channel {
         s.sqe = sqe;
         s.started = self.now;
         s.overdue = 0;
+        s.retries = 0;
         // A free slot has no bounce pages: overwriting some would lose them.
         debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         self.keep_bounce(slot, bounce);
@@ -527,12 +534,29 @@ impl Channel {
             }
             return;
         };
-        slot.busy = false;
         if let Some(r) = &self.recovery {
             if r.is(cqe.cid()) {
                 r.settle();
             }
         }
+        let status = cqe.code();
+        // A failure the device says may not recur (Do Not Retry clear: a
+        // namespace not ready for a moment, an interrupted command, a path
+        // error) is sent again a few times, as Linux does, rather than
+        // failing the request (and the RAID member, rebuilt whole, above
+        // it). An abort is the time-out recovery's answer, not retried.
+        if !status.ok() && !cqe.dnr() && status != ABORTED && slot.retries < MAX_RETRIES {
+            slot.retries += 1;
+            slot.cid = next_cid(slot.cid, cid as u16);
+            slot.sqe.set_cid(slot.cid);
+            slot.started = self.now;
+            let sqe = slot.sqe;
+            tracing::debug!(device = %self.info.name, %status, opcode = sqe.opcode(), "NVMe command failed, may succeed again: sent again");
+            self.q.push(&sqe);
+            self.q.ring();
+            return;
+        }
+        slot.busy = false;
         let parent = slot.parent;
         let tag = slot.tag;
         let sqe = slot.sqe;
@@ -543,7 +567,6 @@ impl Channel {
             None
         };
         self.free_slots.push(cid as u16);
-        let status = cqe.code();
         if let Some(b) = bounce {
             if let (true, Some(to)) = (status.ok(), &b.to) {
                 self.copy_bounce(&b.pages, to, false);
@@ -646,6 +669,7 @@ impl Channel {
         s.sqe = *sqe;
         s.started = self.now;
         s.overdue = 0;
+        s.retries = 0;
         debug_assert!(!s.bounced && self.bounced[slot as usize].is_none());
         self.inflight += 1;
         self.q.push(sqe);

@@ -89,6 +89,8 @@ struct Faults {
     /// (opcode, how many): admin commands of one kind done but never
     /// completed.
     lose_opcode: (u8, u32),
+    /// IO commands to fail with Namespace Not Ready, Do Not Retry clear.
+    not_ready: u32,
     /// Identify Namespace of these fails (a bogus identifier).
     refuse_identify: HashSet<u32>,
     /// Identify of the active namespace list fails (NVMe 1.0 has none).
@@ -278,6 +280,12 @@ impl SoftController {
     /// carried out, as a device whose answer is lost).
     pub fn lose_admin_opcode(&self, opcode: u8, n: u32) {
         lock(&self.shared.faults).lose_opcode = (opcode, n);
+    }
+
+    /// Fail the next `n` IO commands with Namespace Not Ready and Do Not
+    /// Retry clear (a device coming ready).
+    pub fn not_ready(&self, n: u32) {
+        lock(&self.shared.faults).not_ready = n;
     }
 
     /// Fail Identify Namespace of `nsid` with Invalid Field.
@@ -608,7 +616,10 @@ impl Device {
             return;
         }
         let at = cq.iova + cq.tail as u64 * 16;
-        let dw3 = Cqe::dw3(cid, cq.phase, status);
+        let mut dw3 = Cqe::dw3(cid, cq.phase, status);
+        if status == Status::NAMESPACE_NOT_READY {
+            dw3 &= !(1 << 31);
+        }
         cq.tail += 1;
         if cq.tail == cq.size {
             cq.tail = 0;
@@ -807,6 +818,13 @@ impl Device {
         let Some(&(bs, blocks)) = self.namespace(sqe.nsid) else {
             return (Status::INVALID_NAMESPACE, 0);
         };
+        {
+            let mut f = lock(&self.shared.faults);
+            if f.not_ready > 0 {
+                f.not_ready -= 1;
+                return (Status::NAMESPACE_NOT_READY, 0);
+            }
+        }
         let ns = sqe.nsid - 1;
         let bs = bs as usize;
         let in_range = |slba: u64, n: u64| slba.checked_add(n).is_some_and(|e| e <= blocks);

@@ -217,6 +217,10 @@ impl Cqe {
     pub fn phase(&self) -> bool {
         (self.status >> 16) & 1 == 1
     }
+    /// Do Not Retry: the command would fail again.
+    pub fn dnr(&self) -> bool {
+        self.status >> 31 & 1 == 1
+    }
     /// Status code type and status code; (0, 0) is success.
     pub fn code(&self) -> Status {
         Status {
@@ -262,6 +266,9 @@ impl Status {
     pub const INVALID_NAMESPACE: Status = Status { sct: 0, sc: 0x0b };
     /// LBA out of range.
     pub const LBA_OUT_OF_RANGE: Status = Status { sct: 0, sc: 0x80 };
+    /// Namespace Not Ready (a device sends it with Do Not Retry clear
+    /// while it comes ready).
+    pub const NAMESPACE_NOT_READY: Status = Status { sct: 0, sc: 0x82 };
     /// Invalid queue identifier.
     pub const INVALID_QID: Status = Status { sct: 1, sc: 0x01 };
     /// Invalid queue size.

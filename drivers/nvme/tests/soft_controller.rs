@@ -525,6 +525,30 @@ fn a_namespace_that_cannot_be_identified_costs_only_itself() {
     }
 }
 
+/// A failure the device says may not recur (Namespace Not Ready with Do
+/// Not Retry clear) failed the request at once, and a RAID member above
+/// it would be failed and rebuilt whole: it is sent again a few times, as
+/// Linux does. One that keeps failing still fails.
+#[test]
+fn a_failure_without_do_not_retry_is_sent_again() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.not_ready(2);
+    let mut data = vec![9u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Write, 4, 1, &mut data, 1)).expect("sent again, done");
+    let mut got = vec![0u8; 4096];
+    one(ch.as_mut(), rw(IoOp::Read, 4, 1, &mut got, 2)).expect("read");
+    assert!(got == data);
+    soft.not_ready(100);
+    assert!(matches!(
+        one(ch.as_mut(), rw(IoOp::Read, 4, 1, &mut got, 3)),
+        Err(IoError::Device(_))
+    ));
+    soft.not_ready(0);
+    assert!(!ctrl.is_failed());
+}
+
 #[test]
 fn surprise_removal_fails_every_request_cleanly() {
     let (soft, ctrl) = setup(SoftConfig::default(), quick());
