@@ -455,14 +455,19 @@ fn volumes(mgr: &Manager, out: &mut Vec<Family>) {
         "appliance_volume_bitmap_dirty_regions",
         "Regions the write-intent bitmap marks dirty now.",
     );
-    // Those that did not start (the saved state names them).
+    // Those that did not start (the saved state names them); one started
+    // by a reload between the two looks is listed below.
+    let views = mgr.list_volumes();
     for (name, _) in mgr.unavailable_volumes() {
+        if views.iter().any(|v| v.name == name) {
+            continue;
+        }
         for s in ["optimal", "degraded", "failed", "unavailable"] {
             let labels = vec![("volume", name.clone()), ("state", s.to_string())];
             state.add(labels, g(s == "unavailable"));
         }
     }
-    for v in mgr.list_volumes() {
+    for v in views {
         let l = || vec![("volume", v.name.clone())];
         let with = |k: &'static str, val: &str| {
             let mut x = l();

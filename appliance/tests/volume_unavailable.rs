@@ -70,12 +70,11 @@ fn names(c: &Config) -> (Vec<String>, Vec<String>) {
     )
 }
 
-#[test]
-fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.toml");
-    let path = |n: &str| dir.path().join(n);
-    let d = start(&state);
+/// Volumes "bad" over files a and b and "good" over c and e, each with an
+/// export (eb, eg), saved to `state` and stopped.
+fn two_volumes(dir: &Path, state: &Path) {
+    let path = |n: &str| dir.join(n);
+    let d = start(state);
     for n in ["a", "b", "c", "e"] {
         d.mgr
             .attach_device(DeviceDecl {
@@ -99,6 +98,14 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
             .unwrap();
     }
     stop(d);
+}
+
+#[test]
+fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let path = |n: &str| dir.path().join(n);
+    two_volumes(dir.path(), &state);
     // Both of bad's superblocks damaged: nothing says what it is.
     let old: Vec<Vec<u8>> = ["a", "b"].iter().map(|n| damage(&path(n))).collect();
 
@@ -169,6 +176,63 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
     assert_eq!(volumes, vec!["good".to_string()]);
     assert_eq!(exports, vec!["eg".to_string()]);
     d.mgr.detach_device("a").unwrap();
+    assert_eq!(d.mgr.health().status, "ok");
+    stop(d);
+}
+
+/// Its devices stay its own even when missing at the start and attached
+/// later (a free device there could be taken by another volume); its
+/// kept export's socket is its own, and the export can be deleted.
+#[test]
+fn a_volume_that_did_not_start_keeps_its_devices_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let path = |n: &str| dir.path().join(n);
+    two_volumes(dir.path(), &state);
+    // Both of bad's devices cannot be opened at the start (a directory
+    // where each file was).
+    for n in ["a", "b"] {
+        std::fs::rename(path(n), path(&format!("{n}.away"))).unwrap();
+        std::fs::create_dir(path(n)).unwrap();
+    }
+    let d = start(&state);
+    assert!(d.mgr.get_volume("bad").is_err());
+    assert!(d.mgr.get_volume("good").is_ok());
+    assert!(
+        d.mgr.detach_device("a").is_err(),
+        "a missing device the volume names was let go"
+    );
+    match d.mgr.create_export(ExportDecl {
+        name: "other".into(),
+        volume: "good".into(),
+        socket: path("eb.sock"),
+        ..Default::default()
+    }) {
+        Err(MgmtError::AlreadyExists(m)) => assert!(m.contains("eb"), "{m}"),
+        other => panic!("the kept export's socket was taken: {other:?}"),
+    }
+    d.mgr.delete_export("eb", false).unwrap();
+    assert!(!names(&Config::load(&state).unwrap()).1.contains(&"eb".to_string()));
+    // Back, and attached by hand: held for bad, not free.
+    for n in ["a", "b"] {
+        std::fs::remove_dir(path(n)).unwrap();
+        std::fs::rename(path(&format!("{n}.away")), path(n)).unwrap();
+        d.mgr
+            .attach_device(DeviceDecl {
+                name: n.into(),
+                spec: format!("file:{}", path(n).display()),
+                block_size: 4096,
+            })
+            .unwrap();
+    }
+    assert!(d.mgr.detach_device("a").is_err(), "attached free");
+    assert!(d
+        .mgr
+        .create_volume(VolumeDecl::new("w", "single", &["a"]), false)
+        .is_err());
+    let rep = d.mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    assert_eq!(d.mgr.get_volume("bad").unwrap().state, "optimal");
     assert_eq!(d.mgr.health().status, "ok");
     stop(d);
 }

@@ -429,7 +429,9 @@ impl Runner {
                     if self.inflight() == 0 {
                         self.refresh_generations(channel_busy);
                     }
-                    // Under the memory map and rings they were taken with.
+                    // Walked again under the memory map and rings now
+                    // published (as resubmitted ones are), never into rings
+                    // that are lost.
                     let current = self.vol_gate.generation() == self.vol_gen
                         && self.mem_gate.generation() == self.mem_gen;
                     if current && !self.broken && !self.ring_lost {

@@ -180,6 +180,11 @@ impl Manager {
             errors: dev.error_counts(),
         };
         self.shared.roles.attach(&dev);
+        // Missing at the start and named by a volume that did not start
+        // (for want of it, perhaps): held for that volume, not free.
+        if let Some((v, role)) = super::unavailable::declared_role(&inv, &decl.name) {
+            self.shared.roles.set(&decl.name, &v, Some(role));
+        }
         inv.missing.remove(&decl.name);
         inv.devices.insert(
             decl.name.clone(),
@@ -220,7 +225,15 @@ impl Manager {
     pub fn detach_device(&self, name: &str) -> Result<(), MgmtError> {
         self.check_open()?;
         let mut inv = self.inv();
-        // A missing device is let go of: the state file names it no more.
+        // A missing device is let go of: the state file names it no more
+        // (unless a volume that did not start names it: delete that first).
+        if let Some((v, _)) = super::unavailable::declared_role(&inv, name) {
+            if inv.missing.contains_key(name) {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "device {name} is named by volume {v}, which did not start; delete the volume first"
+                )));
+            }
+        }
         if inv.missing.remove(name).is_some() {
             drop(inv);
             return self.save();

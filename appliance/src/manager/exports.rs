@@ -67,13 +67,19 @@ impl Manager {
         // hangs must not hold every other call up.
         let key = socket_key(&decl.socket);
         let mut inv = self.inv();
-        if inv.exports.contains_key(&decl.name)
-            || inv.exports_creating.contains_key(&decl.name)
-            || inv
-                .unavailable
-                .values()
-                .any(|u| u.exports.iter().any(|e| e.name == decl.name))
-        {
+        // A kept export of a volume that did not start is in the state
+        // file: its name and socket stay its own.
+        if let Some((e, v)) = inv.unavailable.values().find_map(|u| {
+            u.exports
+                .iter()
+                .find(|e| e.name == decl.name || e.socket == decl.socket || e.socket == key)
+                .map(|e| (e.name.clone(), u.decl.name.clone()))
+        }) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {e} of volume {v} (which did not start) has that name or socket; delete it first"
+            )));
+        }
+        if inv.exports.contains_key(&decl.name) || inv.exports_creating.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already exists",
                 decl.name
@@ -217,6 +223,16 @@ impl Manager {
         self.check_open()?;
         let e = {
             let mut inv = self.inv();
+            // One kept for a volume that did not start: the state file
+            // names it no more.
+            let kept = inv.unavailable.values_mut().find_map(|u| {
+                let at = u.exports.iter().position(|e| e.name == name)?;
+                Some(u.exports.remove(at))
+            });
+            if kept.is_some() {
+                drop(inv);
+                return self.save();
+            }
             let e = inv
                 .exports
                 .get(name)

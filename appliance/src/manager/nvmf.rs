@@ -118,12 +118,17 @@ impl Manager {
         // Under the inventory's lock: the NQN and the volume (not being
         // deleted) are checked and taken in one step.
         let mut inv = self.inv();
-        if inv.nvmf.contains_key(&decl.nqn)
-            || inv
-                .unavailable
-                .values()
-                .any(|u| u.nvmf.iter().any(|e| e.nqn == decl.nqn))
+        if let Some(v) = inv
+            .unavailable
+            .values()
+            .find(|u| u.nvmf.iter().any(|e| e.nqn == decl.nqn))
         {
+            return Err(MgmtError::AlreadyExists(format!(
+                "nvme/tcp export {} of volume {} (which did not start) exists; delete it first",
+                decl.nqn, v.decl.name
+            )));
+        }
+        if inv.nvmf.contains_key(&decl.nqn) {
             return Err(MgmtError::AlreadyExists(format!(
                 "nvme/tcp export {} already exists",
                 decl.nqn
@@ -184,6 +189,15 @@ impl Manager {
     /// until their loss timeout).
     pub fn delete_nvmf_export(&self, nqn: &str) -> Result<(), MgmtError> {
         self.check_open()?;
+        // One kept for a volume that did not start: the state file names
+        // it no more.
+        let kept = self.inv().unavailable.values_mut().find_map(|u| {
+            let at = u.nvmf.iter().position(|e| e.nqn == nqn)?;
+            Some(u.nvmf.remove(at))
+        });
+        if kept.is_some() {
+            return self.save();
+        }
         let e =
             self.inv().nvmf.remove(nqn).ok_or_else(|| {
                 MgmtError::NotFound(format!("nvme/tcp export {nqn} does not exist"))

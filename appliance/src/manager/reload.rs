@@ -304,9 +304,10 @@ impl Manager {
         // Volumes that come, and settings of those that stay.
         for w in &config.volumes {
             match volumes.iter().find(|v| v.name == w.name) {
-                // One that did not start is tried again; its exports in
-                // the file are kept with it while it still does not.
-                None if self.take_unavailable(&w.name).is_some() => {
+                // One that did not start is tried again, keeping its
+                // devices and name meanwhile; its exports in the file are
+                // kept with it while it still does not.
+                None if self.inv().unavailable.contains_key(&w.name) => {
                     let r = self.restore_volume(w, initial);
                     if let Err(e) = &r {
                         self.set_unavailable(w, e.to_string());

@@ -116,14 +116,16 @@ impl RoleBook {
         Ok(())
     }
 
-    /// Claim every one of `devs` for `volume` in its role, or none.
+    /// Claim every one of `devs` for `volume` in its role, or none. (One
+    /// `volume` holds in that role already is its: a volume that did not
+    /// start keeps its devices while it is tried again.)
     pub fn claim_all(
         &self,
         devs: &[(Arc<dyn BlockDevice>, Role)],
         volume: &str,
     ) -> Result<(), OpError> {
         for (i, (d, r)) in devs.iter().enumerate() {
-            if let Err(e) = self.claim(d, volume, *r, None) {
+            if let Err(e) = self.claim(d, volume, *r, Some(*r)) {
                 for (d, _) in &devs[..i] {
                     self.set(&d.info().name, volume, None);
                 }

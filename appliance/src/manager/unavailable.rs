@@ -10,6 +10,7 @@
 use crate::config::{ExportDecl, NvmfExportDecl, VolumeDecl};
 use crate::raid::monitor::Role;
 
+use super::inventory::Inventory;
 use super::{Manager, MgmtError};
 
 /// A volume that could not start, and what the state file says of it.
@@ -33,35 +34,71 @@ impl Unavailable {
     }
 }
 
+/// The devices `decl` names, each in its role.
+fn declared(decl: &VolumeDecl) -> impl Iterator<Item = (&String, Role)> {
+    decl.members
+        .iter()
+        .map(|d| (d, Role::Member))
+        .chain(decl.spares.iter().map(|d| (d, Role::Spare)))
+        .chain(decl.journal.iter().map(|d| (d, Role::Journal)))
+}
+
+/// The volume that did not start and declares `device`, and its role.
+pub(super) fn declared_role(inv: &Inventory, device: &str) -> Option<(String, Role)> {
+    inv.unavailable.values().find_map(|u| {
+        declared(&u.decl)
+            .find(|(d, _)| *d == device)
+            .map(|(_, r)| (u.decl.name.clone(), r))
+    })
+}
+
 impl Manager {
-    /// Leave `decl` out of the start because of `reason`: its devices stay
-    /// held in their declared roles (no other volume takes them while the
-    /// operator looks), its name taken.
+    /// Leave `decl` out of the start because of `reason` (or say why it
+    /// still does not start): its devices stay held in their declared
+    /// roles (no other volume takes them while the operator looks), its
+    /// name taken, its kept exports kept.
     pub(super) fn set_unavailable(&self, decl: &VolumeDecl, reason: String) {
+        let mut inv = self.inv();
+        if inv.volumes.contains_key(&decl.name) || inv.creating.contains(&decl.name) {
+            // A failure after it started (or a second declaration of the
+            // name): it runs, and holds what it holds.
+            tracing::error!(
+                volume = decl.name,
+                reason,
+                "a volume of this name runs; the failure is only logged"
+            );
+            return;
+        }
         tracing::error!(
             volume = decl.name,
             reason,
             "volume left out: it did not start"
         );
-        let roles = decl
-            .members
-            .iter()
-            .map(|d| (d, Role::Member))
-            .chain(decl.spares.iter().map(|d| (d, Role::Spare)))
-            .chain(decl.journal.iter().map(|d| (d, Role::Journal)));
-        for (d, role) in roles {
+        // Under the inventory's lock, as claims are made: what it held
+        // before (an older declaration) goes, what it declares is held.
+        self.shared.roles.release_volume(&decl.name);
+        for (d, role) in declared(decl) {
             self.shared.roles.set(d, &decl.name, Some(role));
+            if let Some((other, _)) = self.shared.roles.holder(d).filter(|(v, _)| *v != decl.name) {
+                tracing::warn!(
+                    volume = decl.name,
+                    device = d,
+                    holder = other,
+                    "a device of a volume that did not start is held by another"
+                );
+            }
         }
-        self.inv()
+        let u = inv
             .unavailable
             .entry(decl.name.clone())
-            .and_modify(|u| u.reason.clone_from(&reason))
             .or_insert_with(|| Unavailable {
                 decl: decl.clone(),
-                reason,
+                reason: String::new(),
                 exports: Vec::new(),
                 nvmf: Vec::new(),
             });
+        u.decl = decl.clone();
+        u.reason = reason;
     }
 
     /// Whether `volume` did not start; then `export` is kept with it.
@@ -75,6 +112,7 @@ impl Manager {
             volume = export.volume,
             "export of a volume that did not start: kept for when it does"
         );
+        u.exports.retain(|e| e.name != export.name);
         u.exports.push(export.clone());
         true
     }
@@ -91,6 +129,7 @@ impl Manager {
             volume = export.volume,
             "nvme/tcp export of a volume that did not start: kept for when it does"
         );
+        u.nvmf.retain(|e| e.nqn != export.nqn);
         u.nvmf.push(export.clone());
         true
     }

@@ -159,9 +159,11 @@ impl Manager {
         decl.qos
             .check()
             .map_err(|(field, why)| invalid(field, why))?;
+        // A restore may be the retry of one that did not start: it keeps
+        // its entry (name, devices, exports) until it runs.
         if s.volumes.contains_key(&decl.name)
             || s.creating.contains(&decl.name)
-            || s.unavailable.contains_key(&decl.name)
+            || (!restoring && s.unavailable.contains_key(&decl.name))
         {
             return Err(MgmtError::AlreadyExists(format!(
                 "volume {} already exists",
@@ -475,7 +477,10 @@ impl Manager {
         if r.is_err() {
             let mut inv = self.inv();
             inv.creating.remove(&decl.name);
-            self.shared.roles.release_volume(&decl.name);
+            // One that did not start keeps its devices while it is tried.
+            if !inv.unavailable.contains_key(&decl.name) {
+                self.shared.roles.release_volume(&decl.name);
+            }
         }
         r
     }
@@ -561,6 +566,8 @@ impl Manager {
                 "the daemon is stopping: volume {name} is on its devices but not in the state file; import it after the start"
             )));
         }
+        // One that did not start before (a reload's retry) is running now.
+        inv.unavailable.remove(&name);
         inv.volumes.insert(
             name,
             Arc::new(Vol {

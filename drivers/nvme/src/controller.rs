@@ -683,7 +683,10 @@ impl Controller {
                 Err(e @ NvmeError::Command { .. }) => {
                     let known = lock(&self.namespaces).iter().find(|n| n.0 == nsid).copied();
                     match known {
-                        Some(n) => found.push(n),
+                        Some(n) => {
+                            tracing::warn!(controller = %self.name(), nsid, error = %e, "Identify Namespace failed; what it said before is kept");
+                            found.push(n)
+                        }
                         None => {
                             tracing::warn!(controller = %self.name(), nsid, error = %e, "namespace left out")
                         }
