@@ -212,7 +212,9 @@ fn a_volume_that_did_not_start_keeps_its_devices_and_exports() {
         other => panic!("the kept export's socket was taken: {other:?}"),
     }
     d.mgr.delete_export("eb", false).unwrap();
-    assert!(!names(&Config::load(&state).unwrap()).1.contains(&"eb".to_string()));
+    assert!(!names(&Config::load(&state).unwrap())
+        .1
+        .contains(&"eb".to_string()));
     // Back, and attached by hand: held for bad, not free.
     for n in ["a", "b"] {
         std::fs::remove_dir(path(n)).unwrap();

@@ -215,7 +215,16 @@ impl Controller {
             next_cid: 0,
         };
         let admin = Mutex::new(admin);
-        Self::enable(&bar, cap, &mut lock(&admin), &name)?;
+        if let Err(e) = Self::enable(&bar, cap, &mut lock(&admin), &name) {
+            // Not left enabled on admin rings freed on return (there is no
+            // controller to drop yet); one that does not stop keeps its
+            // IO addresses from being handed out again.
+            bar.write32(spec::REG_CC, 0);
+            if wait_ready(&bar, cap, false, &name).is_err() {
+                transport.retire_all();
+            }
+            return Err(e);
+        }
 
         let mut ctrl = Controller {
             transport,

@@ -844,6 +844,12 @@ impl IoChannel for Channel {
         if self.cursor.is_some() || self.free_parents.is_empty() {
             return Err(SubmitError::Busy(req));
         }
+        // A reset since the last poll took this queue off the device: it
+        // is made again before a doorbell of a queue the controller does
+        // not have is rung (some raise an error, or fatal status, for it).
+        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+            self.recover();
+        }
         let result = if self.ctrl.is_failed() {
             Err(IoError::DeviceFailed)
         } else {
