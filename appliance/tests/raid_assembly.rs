@@ -692,6 +692,44 @@ fn other_raid_formats_are_named_and_never_overwritten_unasked() {
     }
 }
 
+/// A disk with the appliance's first-format superblock of one volume at 0
+/// and md's of another array at 4 KiB: md leaves the first 4 KiB alone,
+/// so the disk may have gone to md since; taken as the old volume's
+/// member, its next record wrote over the md array's superblock. Which is
+/// newer cannot be told: the device is not used, and says why.
+#[test]
+fn a_first_format_superblock_beside_another_arrays_md_superblock_is_not_taken() {
+    use appliance::raid::assembly::read_superblock;
+    use appliance::raid::md::superblock::{MdSuperblock, V1_2_OFFSET};
+    use appliance::raid::superblock::SuperblockError;
+    let devs = rams(3);
+    create(
+        &spec(devs.clone(), Level::Raid5),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    let d = devs[0].as_ref();
+    let sb = read_superblock(d).unwrap().unwrap();
+    write(d, 0, &sb.encode_legacy());
+    let mut md = MdSuperblock::decode(&read(d, 1, 4096), V1_2_OFFSET, 2304 * 8).unwrap();
+    md.set_uuid = [0x77; 16];
+    md.set_name[..8].copy_from_slice(b"host:new");
+    write(d, 1, &md.encode());
+    let before = read(d, 1, 4096);
+    match read_superblock(d).unwrap() {
+        Err(SuperblockError::Md(why)) => assert!(why.contains("cannot be told"), "{why}"),
+        other => panic!("taken: {other:?}"),
+    }
+    let report = assemble(&devs, |_| FailureSink::none());
+    assert!(
+        report.problems.iter().any(|(n, _)| n == "m0"),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(read(d, 1, 4096), before, "md's superblock written over");
+}
+
 /// Members that grew (a file extended, a disk replaced by a larger one)
 /// do not grow the volume: it keeps the size its superblocks record, as
 /// md keeps its `size`, so nothing is written where md would not look.

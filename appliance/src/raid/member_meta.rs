@@ -50,14 +50,23 @@ pub fn read_superblock(
     };
     let md_magic = md::superblock::MAGIC.to_le_bytes();
     let legacy = Superblock::decode_legacy(&head);
-    // md's superblock wins, unless the first format's names another
-    // volume: then md's is a leftover of the disk's earlier life (the
-    // first format never wrote there without a bitmap), while a
-    // conversion writes md's with the same volume before erasing the old.
-    let leftover = |m: &MdSuperblock| legacy.as_ref().is_ok_and(|l| l.volume_uuid != m.set_uuid);
+    // md's superblock wins over the first format's of the same volume (a
+    // conversion writes md's before erasing the old). Of another volume,
+    // either may be the disk's earlier life: md leaves the first 4 KiB
+    // alone, and the first format never wrote at 4 KiB without a bitmap.
+    // Taking the first format's made the disk a member of that volume
+    // again and wrote over an md array's; which is newer cannot be told,
+    // so the device is not used until one of them is wiped.
+    let other = |m: &MdSuperblock| legacy.as_ref().ok().filter(|l| l.volume_uuid != m.set_uuid);
     if head[SUPERBLOCK_BYTES..SUPERBLOCK_BYTES + 4] == md_magic {
         let m = match MdSuperblock::decode(&head[SUPERBLOCK_BYTES..], V1_2_OFFSET, sectors) {
-            Ok(m) if leftover(&m) => return Ok(legacy),
+            Ok(m) if other(&m).is_some() => {
+                let l = other(&m).map_or(String::new(), |l| l.name.clone());
+                return Ok(Err(SuperblockError::Md(format!(
+                    "two superblocks: the appliance's first format of volume {l:?} at 0 and md's of array {:?} at 4 KiB, and which is newer cannot be told (wipe the stale one)",
+                    m.name()
+                ))));
+            }
             Ok(m) => m,
             // An unreadable md superblock over a valid first-format one
             // is a leftover too.
