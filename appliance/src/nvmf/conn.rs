@@ -341,9 +341,7 @@ impl Conn {
             }
             _ => {}
         }
-        if let Some(s) = self.counted.take() {
-            s.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.uncount();
     }
 
     /// The association, the export and the volume are still there; the
@@ -741,6 +739,15 @@ impl Conn {
                 return self.respond(cid, invalid, in_sqe(42));
             }
         }
+        // Counted before the volume is opened, and the subsystem looked at
+        // again: a removal that saw no connection returned (and the volume
+        // could be deleted next) while this queue went on to open it.
+        self.count(&sub);
+        if sub.is_removed() {
+            self.uncount();
+            ctrl.state().connected.remove(&c.qid);
+            return self.respond(cid, invalid, in_data(capsule::CONNECT_SUBNQN_AT));
+        }
         let opened = sub
             .volume
             .quiesce()
@@ -765,6 +772,7 @@ impl Conn {
             Ok(p) => self.io = Some(p),
             Err(e) => {
                 tracing::error!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: opening the volume for an IO queue failed");
+                self.uncount();
                 ctrl.state().connected.remove(&c.qid);
                 return self.respond(cid, status::INTERNAL, 0);
             }
@@ -785,7 +793,6 @@ impl Conn {
             })
             .collect();
         self.free = (0..entries as u16).rev().collect();
-        self.count(&sub);
         // A timer wakes the reactor to see the controller end (keep-alive
         // expired, admin queue closed) when the queue idles: a host that
         // vanished sends nothing that would.
@@ -804,6 +811,13 @@ impl Conn {
     fn count(&mut self, sub: &Arc<Subsystem>) {
         sub.connections.fetch_add(1, Ordering::SeqCst);
         self.counted = Some(sub.clone());
+    }
+
+    /// Take back [`count`](Self::count).
+    fn uncount(&mut self) {
+        if let Some(s) = self.counted.take() {
+            s.connections.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// A controller ID no live controller of the subsystem has (`None`
