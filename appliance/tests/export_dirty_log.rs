@@ -459,6 +459,32 @@ fn dirty_logging_without_a_log_writes_nothing_unlogged() {
     assert!(pages.contains(&(data / 4096)), "{pages:x?}");
 }
 
+/// From review: a ring waiting for a dirty log that never came stayed
+/// stopped when logging was switched off again (the guest's IO hung); it
+/// starts then.
+#[test]
+fn a_ring_waiting_for_the_log_starts_when_logging_goes_off() {
+    let rig = migratable();
+    let mut g = logging_guest(&rig.sock);
+    g.frontend.set_vring_enable(0, false).unwrap();
+    g.frontend.set_features(BASE | LOG_ALL).unwrap();
+    g.frontend.set_vring_enable(0, true).unwrap();
+    let (h, data, s) = (0x20000, 0x80000, 0x60000);
+    g.header(h, IN, 8);
+    let t = g.queues[0].desc;
+    g.desc(t, 0, h, 16, NEXT, 1);
+    g.desc(t, 1, data, 4096, NEXT | WRITE, 2);
+    g.desc(t, 2, s, 1, WRITE, 0);
+    g.offer(0, 0);
+    assert_eq!(
+        g.used_within(0, std::time::Duration::from_millis(300)),
+        None
+    );
+    g.frontend.set_features(BASE).unwrap();
+    assert_eq!(g.used(0), (0, 4097));
+    assert_eq!(g.read::<u8>(s), S_OK);
+}
+
 /// From an audit: with logging on, a memory table reaching past the end of
 /// the log was taken, and writes there were only counted, not logged (a
 /// migration's destination missed them). Refused, as SET_LOG_BASE

@@ -243,6 +243,16 @@ impl Handler {
         self.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
     }
 
+    /// Start the rings that waited for the dirty log (each one's failure
+    /// said, the others started all the same).
+    fn start_waiting(&mut self, why: &str) {
+        for i in 0..self.vrings.len() as u32 {
+            if let Err(e) = self.try_start(i) {
+                tracing::warn!(vring = i, error = %e, why, "a vring that waited for the dirty log did not start");
+            }
+        }
+    }
+
     /// Logging went on or off, or the log changed: the queues drain and
     /// pick it up with the memory map (one epoch of the memory object).
     fn republish_log(&mut self) -> VuResult<()> {
@@ -357,14 +367,19 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         let log_changed = (self.features ^ features) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         let log_on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
-        if log_changed
-            && log_on
-            && self.log.is_none()
-            && self.vrings.iter().any(|v| v.running.is_some())
-        {
+        let running = self
+            .vrings
+            .iter()
+            .any(|v| v.running.is_some() || v.lingering.is_some());
+        if log_changed && log_on && self.log.is_none() && running {
             // Running rings would write guest memory with nothing to log
             // it in (QEMU gives the log first; a ring not running yet
-            // waits for it).
+            // waits for it). A frontend that cannot hear the refusal would
+            // migrate believing writes logged: its connection ends.
+            if !(self.reply_ack() && self.asks_reply) {
+                tracing::error!("dirty logging asked for on running rings before SET_LOG_BASE: the frontend's connection is dropped");
+                self.export.fault().raise();
+            }
             return Err(invalid(
                 "dirty logging on running rings before SET_LOG_BASE",
             ));
@@ -400,6 +415,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
                     self.export.fault().raise();
                 }
                 return Err(e);
+            }
+            if !on {
+                self.start_waiting("dirty logging is off");
             }
         }
         if !self.protocol_features_acked() {
@@ -791,10 +809,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.log = Some(Arc::new(map));
         if self.logging() {
             self.republish_log()?;
-            // Rings that waited for the log start now.
-            for i in 0..self.vrings.len() as u32 {
-                self.try_start(i)?;
-            }
+            self.start_waiting("the dirty log came");
         }
         Ok(())
     }

@@ -124,13 +124,18 @@ impl RoleBook {
         devs: &[(Arc<dyn BlockDevice>, Role)],
         volume: &str,
     ) -> Result<(), OpError> {
-        for (i, (d, r)) in devs.iter().enumerate() {
+        let mut before: Vec<Option<(String, Role)>> = Vec::with_capacity(devs.len());
+        for (d, r) in devs {
+            let was = self.holder(&d.info().name);
             if let Err(e) = self.claim(d, volume, *r, Some(*r)) {
-                for (d, _) in &devs[..i] {
-                    self.set(&d.info().name, volume, None);
+                // As they were: free, or `volume`'s already.
+                for ((d, _), was) in devs.iter().zip(before) {
+                    let role = was.filter(|(v, _)| v == volume).map(|(_, r)| r);
+                    self.set(&d.info().name, volume, role);
                 }
                 return Err(e);
             }
+            before.push(was);
         }
         Ok(())
     }

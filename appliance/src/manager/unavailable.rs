@@ -74,11 +74,12 @@ impl Manager {
             reason,
             "volume left out: it did not start"
         );
-        // Under the inventory's lock, as claims are made: what it held
-        // before (an older declaration) goes, what it declares is held.
-        self.shared.roles.release_volume(&decl.name);
-        for (d, role) in declared(decl) {
-            self.shared.roles.set(d, &decl.name, Some(role));
+        // Under the inventory's lock, as claims are made, and in one step
+        // of the register: what it declares is held, what it held before
+        // (an older declaration) and declares no more goes.
+        let held: Vec<(String, Role)> = declared(decl).map(|(d, r)| (d.clone(), r)).collect();
+        self.shared.roles.reconcile(&decl.name, &held);
+        for (d, _) in &held {
             if let Some((other, _)) = self.shared.roles.holder(d).filter(|(v, _)| *v != decl.name) {
                 tracing::warn!(
                     volume = decl.name,
@@ -135,11 +136,21 @@ impl Manager {
     }
 
     /// Forget that `name` did not start, giving its devices back; what
-    /// was kept of it, if it was.
-    pub(super) fn take_unavailable(&self, name: &str) -> Option<Unavailable> {
-        let u = self.inv().unavailable.remove(name)?;
+    /// was kept of it, if it was. Refused while a reload tries it again
+    /// (its devices are claimed for that, and it may start).
+    pub(super) fn take_unavailable(&self, name: &str) -> Result<Option<Unavailable>, MgmtError> {
+        let mut inv = self.inv();
+        if !inv.unavailable.contains_key(name) {
+            return Ok(None);
+        }
+        if inv.creating.contains(name) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {name} is being started again (a reload); delete it after"
+            )));
+        }
+        let u = inv.unavailable.remove(name);
         self.shared.roles.release_volume(name);
-        Some(u)
+        Ok(u)
     }
 
     /// Volumes that did not start, with why.

@@ -485,12 +485,6 @@ impl Manager {
         r
     }
 
-    /// Give back a name [`with_claims`](Self::with_claims) reserved for a
-    /// volume that is not inserted after all.
-    fn unreserve(&self, name: &str) {
-        self.inv().creating.remove(name);
-    }
-
     /// Put a started volume into the inventory; its monitor reports to it
     /// from now on.
     fn insert_volume(&self, mut decl: VolumeDecl, started: Started) -> Result<(), MgmtError> {
@@ -740,7 +734,14 @@ impl Manager {
             Some(started) => self.insert_volume(fixed, started),
             // Every member blank: a new volume.
             None => {
-                self.unreserve(&decl.name);
+                {
+                    // The name `with_claims` reserved goes back; a reload's
+                    // retry of one that did not start is a creation now
+                    // (its devices stay claimed meanwhile).
+                    let mut inv = self.inv();
+                    inv.creating.remove(&decl.name);
+                    inv.unavailable.remove(&decl.name);
+                }
                 tracing::info!(
                     volume = decl.name,
                     "every member is blank: creating the volume"
@@ -757,7 +758,7 @@ impl Manager {
         self.check_open()?;
         // One that did not start: nothing runs; its devices go free and
         // the state file names it (and its exports) no more.
-        if let Some(u) = self.take_unavailable(name) {
+        if let Some(u) = self.take_unavailable(name)? {
             tracing::info!(
                 volume = name,
                 exports = u.exports.len() + u.nvmf.len(),

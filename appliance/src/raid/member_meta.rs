@@ -63,7 +63,7 @@ pub fn read_superblock(
             Ok(m) if other(&m).is_some() => {
                 let l = other(&m).map_or(String::new(), |l| l.name.clone());
                 return Ok(Err(SuperblockError::Md(format!(
-                    "two superblocks: the appliance's first format of volume {l:?} at 0 and md's of array {:?} at 4 KiB, and which is newer cannot be told (wipe the stale one)",
+                    "two superblocks: the appliance's first format of volume {l:?} at 0 and md's of array {:?} at 4 KiB, and which is newer cannot be told: wipe the stale one (md's with `wipefs -a -t linux_raid_member`, the appliance's is its first 4 KiB)",
                     m.name()
                 ))));
             }

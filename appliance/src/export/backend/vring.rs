@@ -305,7 +305,14 @@ impl Handler {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|(i, s)| *i != index && s.wait_stopped(Duration::ZERO).is_none());
-        let wait = if stuck {
+        // (Writes held for a suspended range wait for the range, not the
+        // device: they get the whole time-out.)
+        let parked = self
+            .vring(index)?
+            .running
+            .as_ref()
+            .is_some_and(|r| r.shared.parked() > 0);
+        let wait = if stuck && !(held == Held::Keep && parked) {
             self.drain_timeout().min(STUCK_WAIT)
         } else {
             self.drain_timeout()
