@@ -862,7 +862,7 @@ mod tests {
             matches!(second, Err(MgmtError::AlreadyExists(_))),
             "{second:?}"
         );
-        mgr.unreserve("x");
+        mgr.inv().creating.remove("x");
         mgr.shared.roles.release_volume("x");
         mgr.create_volume(VolumeDecl::new("x", "single", &["d1"]), false)
             .unwrap();
