@@ -227,14 +227,12 @@ fn with_live_migration_off_dirty_logging_is_not_offered() {
     assert!(g.frontend.set_features(BASE | LOG_ALL).is_err());
 }
 
-#[test]
-fn a_write_held_for_a_suspended_range_is_answered_before_the_ring_index_is_handed_over() {
-    let rig = rig(1);
-    let mut g = Guest::new(&rig.sock, 1);
+/// Suspend blocks 0..64 of the rig's volume and offer a 4 KiB write to
+/// block 1, inside them: held. Returns its status byte's address.
+fn held_write(rig: &Rig, g: &mut Guest) -> u64 {
     rig.volumes[0]
         .suspend_range(0, 64, std::time::Duration::from_secs(5))
         .unwrap();
-    // A write to block 1, inside the range: held.
     let (h, data, s) = (0x20000, 0x40000, 0x60000);
     g.write(s, UNTOUCHED);
     g.header(h, OUT, 8);
@@ -251,6 +249,14 @@ fn a_write_held_for_a_suspended_range_is_answered_before_the_ring_index_is_hande
         );
         std::thread::yield_now();
     }
+    s
+}
+
+#[test]
+fn a_write_held_for_a_suspended_range_is_answered_before_the_ring_index_is_handed_over() {
+    let rig = rig(1);
+    let mut g = Guest::new(&rig.sock, 1);
+    let s = held_write(&rig, &mut g);
     // The frontend stops the ring as QEMU does before a migration's
     // destination takes over; what the used ring says when the index
     // comes back is what the destination's guest will see.
@@ -298,25 +304,7 @@ fn a_write_held_past_the_stops_time_out_is_answered_with_an_error() {
         o.drain_timeout = Some(std::time::Duration::from_millis(500))
     });
     let mut g = Guest::new(&rig.sock, 1);
-    rig.volumes[0]
-        .suspend_range(0, 64, std::time::Duration::from_secs(5))
-        .unwrap();
-    let (h, data, s) = (0x20000, 0x40000, 0x60000);
-    g.write(s, UNTOUCHED);
-    g.header(h, OUT, 8);
-    let t = g.queues[0].desc;
-    g.desc(t, 0, h, 16, NEXT, 1);
-    g.desc(t, 1, data, 4096, NEXT, 2);
-    g.desc(t, 2, s, 1, WRITE, 0);
-    g.offer(0, 0);
-    let t0 = std::time::Instant::now();
-    while rig.exports[0].parked_writes() != 1 {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(10),
-            "the write was not held"
-        );
-        std::thread::yield_now();
-    }
+    let s = held_write(&rig, &mut g);
     g.frontend.set_vring_enable(0, false).unwrap();
     let base = g.frontend.get_vring_base(0).unwrap();
     // SAFETY: the guest's used index, in memory the test keeps mapped.
@@ -437,13 +425,7 @@ fn dirty_logging_without_a_log_writes_nothing_unlogged() {
     g.frontend.set_vring_enable(0, false).unwrap();
     g.frontend.set_features(BASE | LOG_ALL).unwrap();
     g.frontend.set_vring_enable(0, true).unwrap();
-    let (h, data, s) = (0x20000, 0x80000, 0x60000);
-    g.header(h, IN, 8);
-    let t = g.queues[0].desc;
-    g.desc(t, 0, h, 16, NEXT, 1);
-    g.desc(t, 1, data, 4096, NEXT | WRITE, 2);
-    g.desc(t, 2, s, 1, WRITE, 0);
-    g.offer(0, 0);
+    let s = g.offer_read(0);
     assert_eq!(
         g.used_within(0, std::time::Duration::from_millis(300)),
         None,
@@ -455,8 +437,9 @@ fn dirty_logging_without_a_log_writes_nothing_unlogged() {
         .unwrap();
     assert_eq!(g.used(0), (0, 4097));
     assert_eq!(g.read::<u8>(s), S_OK);
+    // (offer_read's data buffer is at 0x40000.)
     let pages = marked(&log);
-    assert!(pages.contains(&(data / 4096)), "{pages:x?}");
+    assert!(pages.contains(&0x40), "{pages:x?}");
 }
 
 /// From review: a ring waiting for a dirty log that never came stayed
@@ -469,13 +452,7 @@ fn a_ring_waiting_for_the_log_starts_when_logging_goes_off() {
     g.frontend.set_vring_enable(0, false).unwrap();
     g.frontend.set_features(BASE | LOG_ALL).unwrap();
     g.frontend.set_vring_enable(0, true).unwrap();
-    let (h, data, s) = (0x20000, 0x80000, 0x60000);
-    g.header(h, IN, 8);
-    let t = g.queues[0].desc;
-    g.desc(t, 0, h, 16, NEXT, 1);
-    g.desc(t, 1, data, 4096, NEXT | WRITE, 2);
-    g.desc(t, 2, s, 1, WRITE, 0);
-    g.offer(0, 0);
+    let s = g.offer_read(0);
     assert_eq!(
         g.used_within(0, std::time::Duration::from_millis(300)),
         None
