@@ -254,12 +254,7 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     use appliance::raid::members::FailureSink;
     use appliance::raid::superblock::Level;
     let rig = rig();
-    rig.attach(&["a", "b", "s"]);
-    let mut decl = VolumeDecl::new("v", "raid1", &["a", "b"]);
-    decl.spares = vec!["s".into()];
-    rig.mgr.create_volume(decl.clone(), false).unwrap();
-    rig.mgr.shutdown();
-    let config = restart_config(&rig, &["a", "b", "s"], vec![decl]);
+    let config = mirror_with_spare(&rig);
     // Meanwhile the spare's disk became a member of "other".
     let s: std::sync::Arc<dyn BlockDevice> =
         std::sync::Arc::new(FileDevice::open(&rig.path("s"), 4096).unwrap());
@@ -289,12 +284,7 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
 #[test]
 fn a_spare_with_a_damaged_superblock_is_left_out_not_a_refusal() {
     let rig = rig();
-    rig.attach(&["a", "b", "s"]);
-    let mut decl = VolumeDecl::new("v", "raid1", &["a", "b"]);
-    decl.spares = vec!["s".into()];
-    rig.mgr.create_volume(decl.clone(), false).unwrap();
-    rig.mgr.shutdown();
-    let config = restart_config(&rig, &["a", "b", "s"], vec![decl]);
+    let config = mirror_with_spare(&rig);
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -323,6 +313,17 @@ fn a_spare_with_a_damaged_superblock_is_left_out_not_a_refusal() {
         .read_exact_at(&mut after, 4096)
         .unwrap();
     assert!(after == sb, "the spare's device was written to");
+}
+
+/// A mirror v over a and b with spare s, made and stopped; the state file
+/// it leaves.
+fn mirror_with_spare(rig: &Rig) -> appliance::config::Config {
+    rig.attach(&["a", "b", "s"]);
+    let mut decl = VolumeDecl::new("v", "raid1", &["a", "b"]);
+    decl.spares = vec!["s".into()];
+    rig.mgr.create_volume(decl.clone(), false).unwrap();
+    rig.mgr.shutdown();
+    restart_config(rig, &["a", "b", "s"], vec![decl])
 }
 
 /// The state file as a manager that has stopped leaves it, the rig's

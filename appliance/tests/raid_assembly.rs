@@ -46,6 +46,18 @@ fn behind_faults(
     (faults, members)
 }
 
+/// `n` RAM devices holding a new RAID5 volume.
+fn raid5_on(n: usize) -> Vec<Arc<dyn BlockDevice>> {
+    let devs = rams(n);
+    create(
+        &spec(devs.clone(), Level::Raid5),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    devs
+}
+
 /// A new volume over `members` on `reactors`, its monitor running.
 fn created(
     reactors: &Reactors,
@@ -119,13 +131,7 @@ fn a_volume_reassembles_from_its_members() {
 
 #[test]
 fn members_of_a_volume_are_not_reused_without_force() {
-    let devs = rams(3);
-    create(
-        &spec(devs.clone(), Level::Raid5),
-        FailureSink::none(),
-        false,
-    )
-    .unwrap();
+    let devs = raid5_on(3);
     match create(
         &spec(devs.clone(), Level::Raid5),
         FailureSink::none(),
@@ -702,13 +708,7 @@ fn a_first_format_superblock_beside_another_arrays_md_superblock_is_not_taken() 
     use appliance::raid::assembly::read_superblock;
     use appliance::raid::md::superblock::{MdSuperblock, V1_2_OFFSET};
     use appliance::raid::superblock::SuperblockError;
-    let devs = rams(3);
-    create(
-        &spec(devs.clone(), Level::Raid5),
-        FailureSink::none(),
-        false,
-    )
-    .unwrap();
+    let devs = raid5_on(3);
     let d = devs[0].as_ref();
     let sb = read_superblock(d).unwrap().unwrap();
     write(d, 0, &sb.encode_legacy());
