@@ -407,6 +407,22 @@ fn logging_not_switched_on(reply_ack: bool) {
     reactors.shutdown().unwrap();
 }
 
+/// Stop ring 0, switch logging on with no log, enable the ring again and
+/// offer a read: the ring waits for the log (the read is not served).
+/// Returns the read's status byte's address.
+fn waiting_for_the_log(g: &mut Guest) -> u64 {
+    g.frontend.set_vring_enable(0, false).unwrap();
+    g.frontend.set_features(BASE | LOG_ALL).unwrap();
+    g.frontend.set_vring_enable(0, true).unwrap();
+    let s = g.offer_read(0);
+    assert_eq!(
+        g.used_within(0, std::time::Duration::from_millis(300)),
+        None,
+        "served with no log"
+    );
+    s
+}
+
 /// From an audit: dirty logging switched on before any SET_LOG_BASE was
 /// taken with the rings running, and they wrote guest memory with nothing
 /// to log it in (QEMU gives the log first; another frontend need not).
@@ -421,16 +437,7 @@ fn dirty_logging_without_a_log_writes_nothing_unlogged() {
         "taken with running rings and no log"
     );
     g.frontend.get_features().expect("the connection stays");
-    // A stopped ring, logging on with no log: enabled again, it waits.
-    g.frontend.set_vring_enable(0, false).unwrap();
-    g.frontend.set_features(BASE | LOG_ALL).unwrap();
-    g.frontend.set_vring_enable(0, true).unwrap();
-    let s = g.offer_read(0);
-    assert_eq!(
-        g.used_within(0, std::time::Duration::from_millis(300)),
-        None,
-        "served with no log"
-    );
+    let s = waiting_for_the_log(&mut g);
     let log = memfd(4096);
     g.frontend
         .set_log_base(0, region(&log, LOG_BYTES, 0))
@@ -449,14 +456,7 @@ fn dirty_logging_without_a_log_writes_nothing_unlogged() {
 fn a_ring_waiting_for_the_log_starts_when_logging_goes_off() {
     let rig = migratable();
     let mut g = logging_guest(&rig.sock);
-    g.frontend.set_vring_enable(0, false).unwrap();
-    g.frontend.set_features(BASE | LOG_ALL).unwrap();
-    g.frontend.set_vring_enable(0, true).unwrap();
-    let s = g.offer_read(0);
-    assert_eq!(
-        g.used_within(0, std::time::Duration::from_millis(300)),
-        None
-    );
+    let s = waiting_for_the_log(&mut g);
     g.frontend.set_features(BASE).unwrap();
     assert_eq!(g.used(0), (0, 4097));
     assert_eq!(g.read::<u8>(s), S_OK);
