@@ -143,6 +143,13 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
             .create_volume(VolumeDecl::new("bad", "single", &["a"]), false),
         Err(MgmtError::AlreadyExists(_))
     ));
+    assert!(
+        matches!(
+            d.mgr.import_volume("bad", &["c".into()]),
+            Err(MgmtError::AlreadyExists(_))
+        ),
+        "an import would take its place"
+    );
     assert!(matches!(
         d.mgr.create_export(ExportDecl {
             name: "eb".into(),

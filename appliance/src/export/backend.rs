@@ -399,8 +399,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
             if let Err(e) = self.republish_log() {
                 if !on {
                     // Logging goes on into a log the frontend let go of:
-                    // harmless (QEMU does not wait for this answer).
+                    // harmless (QEMU does not wait for this answer). Rings
+                    // that waited for a log start (unlogged is what the
+                    // frontend asks for now).
                     tracing::warn!(error = %e, "dirty logging could not be switched off yet");
+                    self.start_waiting("dirty logging is off");
                     return Ok(());
                 }
                 // The queues go on as before (the map was not switched):

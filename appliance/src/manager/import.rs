@@ -15,6 +15,14 @@ impl Manager {
     pub fn import_volume(&self, name: &str, devices: &[String]) -> Result<VolumeView, MgmtError> {
         self.check_open()?;
         check_name("name", name)?;
+        // The name of a volume that did not start is its own (an import
+        // restores under it, which would take that volume's place).
+        if let Some(u) = self.inv().unavailable.get(name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "volume {name} exists (it did not start: {})",
+                u.reason
+            )));
+        }
         if devices.is_empty() {
             return Err(super::invalid("devices", "name the array's devices"));
         }

@@ -310,7 +310,7 @@ impl Manager {
                 None if self.inv().unavailable.contains_key(&w.name) => {
                     let r = self.restore_volume(w, initial);
                     if let Err(e) = &r {
-                        self.set_unavailable(w, e.to_string());
+                        self.still_unavailable(w, e.to_string());
                     }
                     rep.did(format!("start volume {}", w.name), r);
                 }

@@ -58,7 +58,24 @@ impl Manager {
     /// roles (no other volume takes them while the operator looks), its
     /// name taken, its kept exports kept.
     pub(super) fn set_unavailable(&self, decl: &VolumeDecl, reason: String) {
+        self.mark_unavailable(decl, reason, true)
+    }
+
+    /// A reload's retry of `decl` did not start it: it stays unavailable,
+    /// unless it was deleted meanwhile (then it is not put back).
+    pub(super) fn still_unavailable(&self, decl: &VolumeDecl, reason: String) {
+        self.mark_unavailable(decl, reason, false)
+    }
+
+    fn mark_unavailable(&self, decl: &VolumeDecl, reason: String, new: bool) {
         let mut inv = self.inv();
+        if !new && !inv.unavailable.contains_key(&decl.name) {
+            tracing::info!(
+                volume = decl.name,
+                "a volume deleted while a reload tried it again stays deleted"
+            );
+            return;
+        }
         if inv.volumes.contains_key(&decl.name) || inv.creating.contains(&decl.name) {
             // A failure after it started (or a second declaration of the
             // name): it runs, and holds what it holds.

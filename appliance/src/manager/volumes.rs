@@ -736,8 +736,9 @@ impl Manager {
             None => {
                 {
                     // The name `with_claims` reserved goes back; a reload's
-                    // retry of one that did not start is a creation now
-                    // (its devices stay claimed meanwhile).
+                    // retry of one that did not start is a creation now.
+                    // (Its devices went free when assembly found them all
+                    // blank, until the creation claims them again.)
                     let mut inv = self.inv();
                     inv.creating.remove(&decl.name);
                     inv.unavailable.remove(&decl.name);
