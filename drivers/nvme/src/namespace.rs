@@ -39,6 +39,8 @@ fn next_cid(prev: u16, slot: u16) -> u16 {
 const ALONE: u32 = u32::MAX;
 /// Times a command is sent again after a failure without Do Not Retry.
 const MAX_RETRIES: u8 = 3;
+/// The pause before the first of those.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Times a channel makes its queue again after a reset when the creation
 /// timed out and the reset that followed worked.
 const CREATE_TRIES: u32 = 3;
@@ -220,6 +222,8 @@ struct Slot {
 struct Channel {
     ctrl: Arc<Controller>,
     nsid: u32,
+    /// Commands to send again after a pause: (slot, command ID, when).
+    delayed: Vec<(usize, u16, Instant)>,
     /// Completions for no command in flight, and failed commands, so far:
     /// logged at the 1st, 2nd, 4th, 8th... (a device that floods the queue
     /// with bogus entries, or fails every command, does not flood the log).
@@ -315,6 +319,7 @@ impl Channel {
                 .collect(),
             bounced: (0..nslots).map(|_| None).collect(),
             free_slots: (0..nslots as u16).rev().collect(),
+            delayed: Vec::new(),
             prp,
             bounce,
             free_bounce: (0..BOUNCE_PAGES as u16).rev().collect(),
@@ -545,15 +550,17 @@ impl Channel {
         // error) is sent again a few times, as Linux does, rather than
         // failing the request (and the RAID member, rebuilt whole, above
         // it). An abort is the time-out recovery's answer, not retried.
+        // After a pause that doubles each time (100, 200, 400 ms): a
+        // namespace coming ready takes its time.
         if !status.ok() && !cqe.dnr() && status != ABORTED && slot.retries < MAX_RETRIES {
+            let due = Instant::now() + RETRY_PAUSE * (1 << slot.retries);
             slot.retries += 1;
             slot.cid = next_cid(slot.cid, cid as u16);
             slot.sqe.set_cid(slot.cid);
-            slot.started = self.now;
-            let sqe = slot.sqe;
-            tracing::debug!(device = %self.info.name, %status, opcode = sqe.opcode(), "NVMe command failed, may succeed again: sent again");
-            self.q.push(&sqe);
-            self.q.ring();
+            // Its time-out counts from when it goes again.
+            slot.started = due;
+            tracing::debug!(device = %self.info.name, %status, opcode = slot.sqe.opcode(), "NVMe command failed, may succeed again: sent again");
+            self.delayed.push((cid, slot.cid, due));
             return;
         }
         slot.busy = false;
@@ -695,6 +702,32 @@ impl Channel {
         }
     }
 
+    /// Send again the commands whose pause after a failure is over (one a
+    /// reset resubmitted, or that was failed, meanwhile is not).
+    fn send_delayed(&mut self) {
+        let now = Instant::now();
+        let mut any = false;
+        let mut i = 0;
+        while i < self.delayed.len() {
+            let (slot, cid, due) = self.delayed[i];
+            if due > now {
+                i += 1;
+                continue;
+            }
+            self.delayed.swap_remove(i);
+            let s = &mut self.slots[slot];
+            if s.busy && s.cid == cid {
+                s.started = now;
+                let sqe = s.sqe;
+                self.q.push(&sqe);
+                any = true;
+            }
+        }
+        if any {
+            self.q.ring();
+        }
+    }
+
     /// Fail every command in flight and whatever the cursor holds.
     fn fail_all(&mut self, err: IoError) {
         for cid in 0..self.slots.len() {
@@ -731,7 +764,9 @@ impl Channel {
         }
         // The reset that bumped the generation has finished (it bumps last,
         // under the admin lock): the controller no longer has this queue.
+        // What waited to be sent again goes with the rest, below.
         self.q.reset();
+        self.delayed.clear();
         // A creation that timed out resets the controller; when that reset
         // worked, the queue is made again on the controller it left,
         // instead of failing every namespace on it for one slow command.
@@ -901,6 +936,9 @@ impl IoChannel for Channel {
             self.recover();
         }
         self.reap();
+        if !self.delayed.is_empty() {
+            self.send_delayed();
+        }
         if let Some(c) = self.cursor.take() {
             self.pump(c);
         }

@@ -528,7 +528,7 @@ fn a_namespace_that_cannot_be_identified_costs_only_itself() {
 /// A failure the device says may not recur (Namespace Not Ready with Do
 /// Not Retry clear) failed the request at once, and a RAID member above
 /// it would be failed and rebuilt whole: it is sent again a few times, as
-/// Linux does. One that keeps failing still fails.
+/// Linux does, after a pause. One that keeps failing still fails.
 #[test]
 fn a_failure_without_do_not_retry_is_sent_again() {
     let (soft, ctrl) = setup(SoftConfig::default(), quick());
@@ -536,7 +536,15 @@ fn a_failure_without_do_not_retry_is_sent_again() {
     let mut ch = dev.open_channel().expect("channel");
     soft.not_ready(2);
     let mut data = vec![9u8; 4096];
+    let t = Instant::now();
     one(ch.as_mut(), rw(IoOp::Write, 4, 1, &mut data, 1)).expect("sent again, done");
+    // After a pause each time (100 ms, then 200): a namespace coming
+    // ready takes its time.
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
     let mut got = vec![0u8; 4096];
     one(ch.as_mut(), rw(IoOp::Read, 4, 1, &mut got, 2)).expect("read");
     assert!(got == data);
