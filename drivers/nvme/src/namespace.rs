@@ -730,6 +730,7 @@ impl Channel {
 
     /// Fail every command in flight and whatever the cursor holds.
     fn fail_all(&mut self, err: IoError) {
+        self.delayed.clear();
         for cid in 0..self.slots.len() {
             if self.slots[cid].busy {
                 self.fail_slot(cid, err);
@@ -810,7 +811,7 @@ impl Channel {
             // meanwhile clears the fruitless-reset count), and its request
             // never answered: after a few, it fails, so RAID above can go
             // to another member.
-            if self.now.duration_since(s.started) > limit {
+            if self.now.saturating_duration_since(s.started) > limit {
                 s.overdue = s.overdue.saturating_add(1);
                 if s.overdue >= MAX_OVERDUE_RESETS {
                     given_up.push(cid);
@@ -848,7 +849,7 @@ impl Channel {
         let Some(slot) = self
             .slots
             .iter()
-            .find(|s| s.busy && self.now.duration_since(s.started) > limit)
+            .find(|s| s.busy && self.now.saturating_duration_since(s.started) > limit)
         else {
             return;
         };
