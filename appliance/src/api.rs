@@ -11,7 +11,9 @@ use mgmt::pb;
 use tonic::{Request, Response, Status};
 
 use crate::config::{DeviceDecl, ExportDecl, VolumeDecl};
-use crate::manager::{DeviceView, ExportView, Level, Manager, MgmtError, VolumeView};
+use crate::manager::{
+    DeviceView, ExportView, Level, Manager, MgmtError, UnavailableView, VolumeView,
+};
 
 /// The service over a manager.
 #[derive(Clone)]
@@ -77,6 +79,30 @@ fn level_to_pb(l: Level) -> pb::Level {
     }
 }
 
+/// A volume that did not start, as its declaration says.
+fn unavailable_to_pb(u: UnavailableView) -> pb::Volume {
+    let d = u.decl;
+    pb::Volume {
+        state: pb::VolumeState::Unavailable as i32,
+        unavailable_reason: u.reason,
+        level: Level::parse(&d.level).map_or(pb::Level::Unspecified, level_to_pb) as i32,
+        chunk_kib: d.chunk_kib,
+        members: (d.members.into_iter().enumerate())
+            .map(|(slot, device)| pb::Member {
+                slot: slot as u32,
+                device,
+                state: pb::MemberState::Unspecified as i32,
+                write_mostly: false,
+            })
+            .collect(),
+        spares: d.spares,
+        exports: u.exports,
+        journal: d.journal.unwrap_or_default(),
+        name: d.name,
+        ..Default::default()
+    }
+}
+
 fn device_to_pb(d: DeviceView) -> pb::Device {
     pb::Device {
         name: d.decl.name,
@@ -125,6 +151,7 @@ fn qos_from_pb(q: Option<pb::QosLimits>) -> crate::qos::QosLimits {
 
 fn volume_to_pb(v: VolumeView) -> pb::Volume {
     pb::Volume {
+        unavailable_reason: String::new(),
         qos: (!v.qos.is_none()).then(|| qos_to_pb(v.qos)),
         name: v.name,
         level: level_to_pb(v.level) as i32,
@@ -478,7 +505,12 @@ impl pb::appliance_server::Appliance for Service {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         self.run(|m| {
             Ok(pb::ListVolumesResponse {
-                volumes: m.list_volumes().into_iter().map(volume_to_pb).collect(),
+                volumes: m
+                    .list_volumes()
+                    .into_iter()
+                    .map(volume_to_pb)
+                    .chain(m.unavailable_views().into_iter().map(unavailable_to_pb))
+                    .collect(),
             })
         })
         .await

@@ -581,6 +581,23 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     );
     let show = applctl(&api, &["volume", "show", "vol0"]);
     assert_eq!(show.status.code(), Some(5), "{show:?}");
+    // The volume list shows it, as declared, with why it did not start.
+    let list = ok(&applctl(&api, &["volume", "list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("vol0") && l.contains("unavailable")),
+        "{list}"
+    );
+    assert!(
+        list.contains("vol0 did not start:") && list.contains("--drop-journal vol0"),
+        "{list}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api, &["--json", "volume", "list"]))).unwrap();
+    let v = &json["volumes"][0];
+    assert_eq!(v["state"], "VOLUME_STATE_UNAVAILABLE", "{json}");
+    assert_eq!(v["journal"], "d3", "{json}");
+    assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{json}");
     unsafe { libc::kill(left_out.id() as i32, libc::SIGTERM) };
     assert!(left_out.wait().unwrap().success());
     let wrong = restart(&["--drop-journal", "nope"])

@@ -65,7 +65,12 @@ labels! {
         Failed => "failed",
         Removed => "removed",
     }
-    VolumeState { Optimal => "optimal", Degraded => "degraded", Failed => "failed" }
+    VolumeState {
+        Optimal => "optimal",
+        Degraded => "degraded",
+        Failed => "failed",
+        Unavailable => "unavailable",
+    }
     WorkKind { Rebuild => "rebuild", Scrub => "scrub", Replace => "replace" }
     ConsistencyPolicy {
         None => "none",

@@ -42,6 +42,7 @@ use inventory::Inventory;
 pub use nvmf::NvmfExportView;
 pub use reload::ReloadReport;
 pub use roles::RoleBook;
+pub use unavailable::UnavailableView;
 
 /// How long a change waits for a volume's IO to drain, by default.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -24,6 +24,17 @@ pub(super) struct Unavailable {
     pub(super) nvmf: Vec<NvmfExportDecl>,
 }
 
+/// A volume that did not start, as listed.
+#[derive(Debug, Clone)]
+pub struct UnavailableView {
+    /// What the state file declares.
+    pub decl: VolumeDecl,
+    /// Why it did not start.
+    pub reason: String,
+    /// Its kept vhost-user exports.
+    pub exports: Vec<String>,
+}
+
 impl Unavailable {
     /// The error for a call on it.
     pub(super) fn error(&self) -> MgmtError {
@@ -168,6 +179,21 @@ impl Manager {
         let u = inv.unavailable.remove(name);
         self.shared.roles.release_volume(name);
         Ok(u)
+    }
+
+    /// Volumes that did not start, as the state file declares them, for
+    /// the volume list (an operator looks there first, as in
+    /// /proc/mdstat's inactive arrays).
+    pub fn unavailable_views(&self) -> Vec<UnavailableView> {
+        self.inv()
+            .unavailable
+            .values()
+            .map(|u| UnavailableView {
+                decl: u.decl.clone(),
+                reason: u.reason.clone(),
+                exports: u.exports.iter().map(|e| e.name.clone()).collect(),
+            })
+            .collect()
     }
 
     /// Volumes that did not start, with why.

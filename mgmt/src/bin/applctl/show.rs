@@ -73,7 +73,7 @@ fn progress_cell(p: &Option<pb::Progress>) -> String {
 }
 
 pub fn volumes(vs: &[pb::Volume]) -> String {
-    table(
+    let mut s = table(
         &[
             "NAME", "LEVEL", "STATE", "SIZE", "MEMBERS", "SPARES", "EXPORTS", "WORK",
         ],
@@ -91,7 +91,13 @@ pub fn volumes(vs: &[pb::Volume]) -> String {
                 ]
             })
             .collect(),
-    )
+    );
+    // Why each volume the saved state names did not start: what the
+    // operator mends before a reload (mdadm shows inactive arrays too).
+    for v in vs.iter().filter(|v| v.state() == pb::VolumeState::Unavailable) {
+        s += &format!("{} did not start: {}\n", v.name, v.unavailable_reason);
+    }
+    s
 }
 
 pub fn describe(v: &pb::Volume) -> String {
