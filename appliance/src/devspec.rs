@@ -334,6 +334,19 @@ pub fn open_named(
     spec: &str,
     block_size: u32,
 ) -> Result<Arc<dyn BlockDevice>, SpecError> {
+    open_zeroed(name, spec, block_size).map(|(dev, _)| dev)
+}
+
+/// [`open_named`], and whether the device is known to hold only zeros: a
+/// RAM or null device, or a file this open created (a new volume on such
+/// members needs no initial resync; on any other, old data makes parity
+/// and mirrors disagree).
+pub fn open_zeroed(
+    name: &str,
+    spec: &str,
+    block_size: u32,
+) -> Result<(Arc<dyn BlockDevice>, bool), SpecError> {
+    let mut zeroed = false;
     let (kind, rest) = spec.split_once(':').ok_or_else(|| {
         SpecError::Invalid(format!("device {spec:?}: expected ram:SIZE, null:SIZE, file:PATH[:SIZE], nvme:PCI-ADDRESS[/NSID] or nvmf-tcp://HOST:PORT/NQN[/NSID]"))
     })?;
@@ -346,14 +359,20 @@ pub fn open_named(
         Ok(size / block_size as u64)
     };
     let dev: Arc<dyn BlockDevice> = match kind {
-        "ram" => Arc::new(
-            RamDevice::new(name, block_size, blocks(parse_size(rest)?)?)
-                .map_err(|e| opening(spec)(e.into()))?,
-        ),
-        "null" => Arc::new(
-            NullDevice::new(name, block_size, blocks(parse_size(rest)?)?)
-                .map_err(|e| opening(spec)(e.into()))?,
-        ),
+        "ram" => {
+            zeroed = true;
+            Arc::new(
+                RamDevice::new(name, block_size, blocks(parse_size(rest)?)?)
+                    .map_err(|e| opening(spec)(e.into()))?,
+            )
+        }
+        "null" => {
+            zeroed = true;
+            Arc::new(
+                NullDevice::new(name, block_size, blocks(parse_size(rest)?)?)
+                    .map_err(|e| opening(spec)(e.into()))?,
+            )
+        }
         "file" => {
             let (path, size) = file_path(rest);
             if path.is_empty() {
@@ -363,6 +382,8 @@ pub fn open_named(
             let dev = match size {
                 Some(size) if !path.exists() => {
                     blocks(size)?;
+                    // Made here (O_EXCL), sparse: it reads as zeros.
+                    zeroed = true;
                     FileDevice::create(path, block_size, size)
                 }
                 _ => FileDevice::open(path, block_size),
@@ -400,7 +421,7 @@ pub fn open_named(
             )))
         }
     };
-    Ok(dev)
+    Ok((dev, zeroed))
 }
 
 #[cfg(test)]

@@ -328,14 +328,20 @@ fn stop_flag() -> Result<Arc<AtomicBool>, String> {
 }
 
 fn serve(a: ServeArgs) -> ExitCode {
-    let open = |specs: &[String]| -> Result<Vec<Arc<dyn bdev::BlockDevice>>, _> {
+    // Each device, and whether it holds only zeros (a new RAID5 on such
+    // members owes no initial sync).
+    let open = |specs: &[String]| -> Result<Vec<(Arc<dyn bdev::BlockDevice>, bool)>, _> {
         specs
             .iter()
-            .map(|s| appliance::devspec::open(s, a.block_size))
+            .map(|s| appliance::devspec::open_zeroed(s, s, a.block_size))
             .collect()
     };
-    let (raid_members, spares) = match (open(&a.raid5), open(&a.spare)) {
-        (Ok(m), Ok(s)) => (m, s),
+    let (raid_members, zeroed, spares) = match (open(&a.raid5), open(&a.spare)) {
+        (Ok(m), Ok(s)) => (
+            m.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+            m.iter().all(|(_, z)| *z),
+            s.into_iter().map(|(d, _)| d).collect(),
+        ),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
@@ -377,13 +383,14 @@ fn serve(a: ServeArgs) -> ExitCode {
         appliance::volume::Volume::new(reactors.set(), "vol0", dev)
     } else {
         let sink = appliance::raid::members::FailureSink::new(tx);
-        let opened = match appliance::raid::assembly::open_or_create("vol0", &raid_members, sink) {
-            Ok(o) => o,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let opened =
+            match appliance::raid::assembly::open_or_create("vol0", &raid_members, zeroed, sink) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         println!("{}", opened.summary);
         let volume = appliance::volume::Volume::new(reactors.set(), "vol0", opened.device.clone());
         let m = appliance::raid::monitor::Monitor::start(
@@ -397,7 +404,7 @@ fn serve(a: ServeArgs) -> ExitCode {
         match m.open(opened.was_clean) {
             // A scrub's progress has no slot.
             Ok(Some(p)) if p.slot == usize::MAX => {
-                println!("unclean shutdown: resynchronising parity in the background")
+                println!("resynchronising parity in the background")
             }
             Ok(Some(p)) => println!("rebuilding slot {} in the background", p.slot),
             Ok(None) => {}

@@ -136,6 +136,7 @@ fn writes_reach_a_write_mostly_member_in_the_background_up_to_the_limit() {
         data_offset: OFFSET,
         members: vec![m0.clone() as Arc<dyn BlockDevice>, m1.clone()],
         bitmap_chunk_bytes: bitmap,
+        zeroed: true,
     };
     // Without a bitmap write-behind is refused (a crash must leave the
     // regions of background writes marked).
@@ -311,6 +312,7 @@ fn mirror() -> Mirror {
         data_offset: OFFSET,
         members: vec![m0.clone() as Arc<dyn BlockDevice>, m1],
         bitmap_chunk_bytes: 1 << 20,
+        zeroed: true,
     };
     let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), true).unwrap();
     let volume = Volume::new(reactors.set(), "wb", dev.clone());

@@ -166,6 +166,7 @@ fn run(level: Level, n: usize) {
         members: members.clone(),
         // 256 KiB regions: 16 RAID5 stripes or one RAID1 rebuild row.
         bitmap_chunk_bytes: 256 << 10,
+        zeroed: true,
     };
     let (tx, rx) = mpsc::channel();
     let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
@@ -285,6 +286,7 @@ fn fault_mirror(
             .map(|f| f.clone() as Arc<dyn BlockDevice>)
             .collect(),
         bitmap_chunk_bytes,
+        zeroed: true,
     };
     let (tx, rx) = mpsc::channel();
     let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();

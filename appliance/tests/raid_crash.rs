@@ -138,6 +138,7 @@ fn power_cut_round(reactors: &Reactors, round: u64, bitmap: bool) -> Round {
         data_offset: offset,
         members: members.clone(),
         bitmap_chunk_bytes: bitmap as u64,
+        zeroed: true,
     };
     let (tx, rx) = mpsc::channel();
     let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();

@@ -129,7 +129,9 @@ impl Manager {
         inv.attaching
             .insert(decl.name.clone(), (decl.spec.clone(), keys));
         drop(inv);
-        let opened = crate::devspec::open_named(&decl.name, &decl.spec, decl.block_size);
+        let opened = crate::devspec::open_zeroed(&decl.name, &decl.spec, decl.block_size);
+        let zeroed = opened.as_ref().is_ok_and(|(_, z)| *z);
+        let opened = opened.map(|(dev, _)| dev);
         // Still without the lock: a remote target's name is looked up, a
         // file made by the open has its inode now.
         let (identity, keys) = if opened.is_ok() {
@@ -179,7 +181,7 @@ impl Manager {
             health: "ok",
             errors: dev.error_counts(),
         };
-        self.shared.roles.attach(&dev);
+        self.shared.roles.attach(&dev, zeroed);
         // Missing at the start and named by a volume that did not start
         // (for want of it, perhaps): held for that volume, not free.
         if let Some((v, role)) = super::unavailable::declared_role(&inv, &decl.name) {

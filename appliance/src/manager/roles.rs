@@ -20,6 +20,10 @@ struct Entry {
     id: usize,
     /// The volume that holds it, and how.
     holder: Option<(String, Role)>,
+    /// It holds only zeros: attached fresh (RAM, null, a file the attach
+    /// made) and given no role since. Any role may write it, and a
+    /// volume let go leaves its data behind.
+    zeroed: bool,
 }
 
 /// The register.
@@ -33,13 +37,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RoleBook {
-    /// `dev` is attached (free).
-    pub fn attach(&self, dev: &Arc<dyn BlockDevice>) {
+    /// `dev` is attached (free); `zeroed`: it holds only zeros.
+    pub fn attach(&self, dev: &Arc<dyn BlockDevice>, zeroed: bool) {
         lock(&self.map).insert(
             dev.info().name.clone(),
             Entry {
                 id: device_id(dev),
                 holder: None,
+                zeroed,
             },
         );
     }
@@ -113,17 +118,26 @@ impl RoleBook {
             }
         }
         e.holder = Some((volume.to_string(), role));
+        e.zeroed = false;
         Ok(())
     }
 
     /// Claim every one of `devs` for `volume` in its role, or none. (One
     /// `volume` holds in that role already is its: a volume that did not
-    /// start keeps its devices while it is tried again.)
+    /// start keeps its devices while it is tried again.) Whether every
+    /// member among them held only zeros until now: a new volume on them
+    /// is consistent without a resync.
     pub fn claim_all(
         &self,
         devs: &[(Arc<dyn BlockDevice>, Role)],
         volume: &str,
-    ) -> Result<(), OpError> {
+    ) -> Result<bool, OpError> {
+        let zeroed = {
+            let m = lock(&self.map);
+            devs.iter()
+                .filter(|(_, r)| *r == Role::Member)
+                .all(|(d, _)| m.get(&d.info().name).is_some_and(|e| e.zeroed))
+        };
         let mut before: Vec<Option<(String, Role)>> = Vec::with_capacity(devs.len());
         for (d, r) in devs {
             let was = self.holder(&d.info().name);
@@ -137,7 +151,7 @@ impl RoleBook {
             }
             before.push(was);
         }
-        Ok(())
+        Ok(zeroed)
     }
 
     /// Set `name`'s role in `volume` (`None`: free it), if `volume` holds
@@ -146,6 +160,7 @@ impl RoleBook {
         if let Some(e) = lock(&self.map).get_mut(name) {
             if e.holder.as_ref().is_none_or(|(v, _)| v == volume) {
                 e.holder = role.map(|r| (volume.to_string(), r));
+                e.zeroed &= role.is_none();
             }
         }
     }
@@ -159,7 +174,10 @@ impl RoleBook {
             let want = held.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
             let ours = e.holder.as_ref().is_some_and(|(v, _)| v == volume);
             match want {
-                Some(r) if e.holder.is_none() || ours => e.holder = Some((volume.to_string(), r)),
+                Some(r) if e.holder.is_none() || ours => {
+                    e.holder = Some((volume.to_string(), r));
+                    e.zeroed = false;
+                }
                 None if ours => e.holder = None,
                 _ => {}
             }
@@ -191,7 +209,7 @@ mod tests {
     fn a_resize_switches_only_the_object_it_copied_with_its_holder() {
         let book = RoleBook::default();
         let d = ram("d");
-        book.attach(&d);
+        book.attach(&d, false);
         let (g1, g2) = (ram("d"), ram("d"));
         assert!(book.replace(&d, &g1, None));
         assert!(
@@ -212,8 +230,8 @@ mod tests {
     fn a_device_has_one_role_and_only_while_attached() {
         let book = RoleBook::default();
         let (d0, d1) = (ram("d0"), ram("d1"));
-        book.attach(&d0);
-        book.attach(&d1);
+        book.attach(&d0, false);
+        book.attach(&d1, false);
         book.claim(&d0, "v", Role::Member, None).unwrap();
         assert!(matches!(
             book.claim(&d0, "v", Role::Spare, None),

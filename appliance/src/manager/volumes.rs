@@ -453,10 +453,16 @@ impl Manager {
         &self,
         decl: &VolumeDecl,
         restoring: bool,
-        f: impl FnOnce(Level, Devices, Devices, Option<Arc<dyn BlockDevice>>) -> Result<T, MgmtError>,
+        f: impl FnOnce(
+            Level,
+            Devices,
+            Devices,
+            Option<Arc<dyn BlockDevice>>,
+            bool,
+        ) -> Result<T, MgmtError>,
     ) -> Result<T, MgmtError> {
         self.check_open()?;
-        let (level, members, spares, jdev) = {
+        let (level, members, spares, jdev, zeroed) = {
             let mut inv = self.inv();
             let (level, members, spares) = Self::check_volume(&inv, decl, restoring)?;
             let jdev = Self::check_journal(&inv, decl, level)?;
@@ -466,14 +472,15 @@ impl Manager {
             if let (Some(j), false) = (&jdev, restoring) {
                 Self::check_journal_room(j.as_ref(), decl.members.len() as u64, decl.chunk_kib)?;
             }
-            self.shared
+            let zeroed = self
+                .shared
                 .roles
                 .claim_all(&Self::roles_of(&members, &spares, &jdev), &decl.name)
                 .map_err(|e| from_op(&decl.name, e))?;
             inv.creating.insert(decl.name.clone());
-            (level, members, spares, jdev)
+            (level, members, spares, jdev, zeroed)
         };
-        let r = f(level, members, spares, jdev);
+        let r = f(level, members, spares, jdev, zeroed);
         if r.is_err() {
             let mut inv = self.inv();
             inv.creating.remove(&decl.name);
@@ -580,9 +587,21 @@ impl Manager {
     /// Create a volume; RAID members get fresh superblocks (`force` to
     /// overwrite another volume's).
     pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
+        self.create_volume_on(decl, force, false)
+    }
+
+    /// [`create_volume`](Self::create_volume); `zeroed`: its members are
+    /// known to hold only zeros even if the register no longer says so (a
+    /// restore found them blank, claimed and let them go).
+    fn create_volume_on(
+        &self,
+        decl: VolumeDecl,
+        force: bool,
+        zeroed: bool,
+    ) -> Result<VolumeView, MgmtError> {
         let mode = JournalMode::parse(&decl.journal_mode)
             .map_err(|e| invalid("journal_mode", e.to_string()))?;
-        let started = self.with_claims(&decl, false, |level, members, spares, jdev| {
+        let started = self.with_claims(&decl, false, |level, members, spares, jdev, z| {
             if jdev.is_none() && !decl.journal_mode.is_empty() {
                 return Err(invalid(
                     "journal_mode",
@@ -591,7 +610,7 @@ impl Manager {
             }
             // Write-back only once the state file names the journal (see
             // `add_journal`).
-            self.build_volume(&decl, level, members, spares, jdev, force)
+            self.build_volume(&decl, (level, members, spares, jdev), force, zeroed || z)
         })?;
         self.insert_volume(decl.clone(), started)?;
         self.save()?;
@@ -610,11 +629,9 @@ impl Manager {
     fn build_volume(
         &self,
         decl: &VolumeDecl,
-        level: Level,
-        members: Devices,
-        spares: Devices,
-        jdev: Option<Arc<dyn BlockDevice>>,
+        (level, members, spares, jdev): (Level, Devices, Devices, Option<Arc<dyn BlockDevice>>),
         force: bool,
+        zeroed: bool,
     ) -> Result<Started, MgmtError> {
         if level == Level::Single {
             return Ok((
@@ -644,7 +661,14 @@ impl Manager {
             } else {
                 0
             },
+            zeroed,
         };
+        if !zeroed {
+            tracing::info!(
+                volume = decl.name,
+                "members not known to hold only zeros: initial resync (as mdadm --create)"
+            );
+        }
         if let Some(j) = &jdev {
             Self::check_blank(j, None, force)?;
         }
@@ -672,7 +696,9 @@ impl Manager {
             }
             None => device,
         };
-        self.start_raid(decl, (device, meta, true), spares, rx)
+        // Not clean until its initial resync has run (see
+        // `VolumeSpec::zeroed`).
+        self.start_raid(decl, (device, meta, zeroed), spares, rx)
     }
 
     /// Bring back a volume the state file declares: assembled from its
@@ -717,8 +743,8 @@ impl Manager {
             })
         };
         let decl_ref = &decl;
-        let (fixed, started) =
-            self.with_claims(decl_ref, true, |level, members, spares, jdev| {
+        let (fixed, started, zeroed) =
+            self.with_claims(decl_ref, true, |level, members, spares, jdev, zeroed| {
                 if level == Level::Single {
                     return Ok((
                         decl_ref.clone(),
@@ -726,9 +752,11 @@ impl Manager {
                             Volume::new(&self.shared.set, &decl_ref.name, members[0].clone()),
                             None,
                         )),
+                        zeroed,
                     ));
                 }
                 self.assemble_volume(decl_ref, level, members, spares, jdev, volatile, initial)
+                    .map(|(fixed, started)| (fixed, started, zeroed))
             })?;
         match started {
             Some(started) => self.insert_volume(fixed, started),
@@ -747,7 +775,8 @@ impl Manager {
                     volume = decl.name,
                     "every member is blank: creating the volume"
                 );
-                self.create_volume(decl.clone(), false).map(|_| ())
+                self.create_volume_on(decl.clone(), false, zeroed)
+                    .map(|_| ())
             }
         }
     }
@@ -857,7 +886,8 @@ mod tests {
         }
         let first = VolumeDecl::new("x", "single", &["d0"]);
         // Built, not yet inserted (where `attach_hooks` may wait).
-        mgr.with_claims(&first, false, |_, _, _, _| Ok(())).unwrap();
+        mgr.with_claims(&first, false, |_, _, _, _, _| Ok(()))
+            .unwrap();
         let second = mgr.create_volume(VolumeDecl::new("x", "single", &["d1"]), false);
         assert!(
             matches!(second, Err(MgmtError::AlreadyExists(_))),

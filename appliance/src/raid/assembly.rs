@@ -41,6 +41,13 @@ pub struct VolumeSpec {
     pub members: Vec<Arc<dyn BlockDevice>>,
     /// Write-intent bitmap region in member bytes (0: no bitmap).
     pub bitmap_chunk_bytes: u64,
+    /// The members hold only zeros, so parity and mirrors agree from the
+    /// start. Otherwise the new volume is recorded dirty, its bitmap (if
+    /// any) all marked, and it is owed a resync (md's initial sync), which
+    /// opening it as not clean starts: a read-modify-write would carry the
+    /// old data's parity forward, and a member lost later would be rebuilt
+    /// from it as garbage.
+    pub zeroed: bool,
 }
 
 impl VolumeSpec {
@@ -56,6 +63,7 @@ impl VolumeSpec {
             data_offset: 256,
             members,
             bitmap_chunk_bytes: 0,
+            zeroed: true,
         }
     }
 }
@@ -314,7 +322,7 @@ pub fn create(
             data_offset: spec.data_offset,
             data_blocks,
             events: 0,
-            clean: true,
+            clean: spec.zeroed,
             slot_states: vec![0; spec.members.len()],
             rebuild_checkpoint: 0,
             bitmap_rows_per_bit: 0,
@@ -330,32 +338,27 @@ pub fn create(
             .collect(),
     };
     let device = if spec.bitmap_chunk_bytes > 0 {
-        let b = new_bitmap(device.as_ref(), &meta.template, spec.bitmap_chunk_bytes)
+        let b = bitmap_in_memory(device.as_ref(), &meta.template, spec.bitmap_chunk_bytes)
             .map_err(|e| AssemblyError::Invalid(e.to_string()))?;
+        if !spec.zeroed {
+            // Every region owed the initial sync, kept (on disk too)
+            // until it has covered them: a restart before it ends goes on
+            // with what is left.
+            b.load(&b.all_dirty());
+            b.freeze();
+        }
+        write_bitmap(device.as_ref(), &b).map_err(|e| AssemblyError::Invalid(e.to_string()))?;
         meta.template.bitmap_rows_per_bit = b.rows_per_bit();
         device.with_member_set(device.member_set().with_bitmap(Some(b)))
     } else {
         device
     };
-    meta.record(device.as_ref(), true)?;
+    meta.record(device.as_ref(), spec.zeroed)?;
     Ok((device, meta))
 }
 
-/// A clear write-intent bitmap of `chunk_bytes` regions for `device`,
-/// written to its members that are not failed (before any superblock
-/// names it).
-pub fn new_bitmap(
-    device: &dyn RaidDevice,
-    sb: &Superblock,
-    chunk_bytes: u64,
-) -> Result<Arc<Bitmap>, RaidError> {
-    let b = bitmap_in_memory(device, sb, chunk_bytes)?;
-    write_clear_bitmap(device, &b)?;
-    Ok(b)
-}
-
 /// A clear write-intent bitmap of `chunk_bytes` regions for `device`, in
-/// memory only (see [`write_clear_bitmap`]).
+/// memory only (see [`write_bitmap`]).
 pub fn bitmap_in_memory(
     device: &dyn RaidDevice,
     sb: &Superblock,
@@ -373,11 +376,12 @@ pub fn bitmap_in_memory(
     Ok(Arc::new(Bitmap::new(&rows, rpb, sb.volume_uuid)?))
 }
 
-/// Write bitmap `b`, clear, to `device`'s members that are not failed, and
+/// Write bitmap `b` (clear, or all marked for a new volume owed its
+/// initial sync) to `device`'s members that are not failed, and
 /// hand it those that took it. A member that cannot take it is reported
 /// failed, as one whose superblock cannot be written (md faults a member
 /// whose bitmap write fails); an error only if none took it.
-pub fn write_clear_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), RaidError> {
+pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), RaidError> {
     let set = device.member_set();
     let bits = b.snapshot();
     let mut took = Vec::new();
@@ -685,6 +689,7 @@ pub fn assemble(
             data_offset: auth.data_offset,
             members: members.iter().map(|m| m.dev.clone()).collect(),
             bitmap_chunk_bytes: 0,
+            zeroed: false,
         };
         let member_uuids = (0..n)
             .map(|slot| {
@@ -781,12 +786,14 @@ pub struct Opened {
 }
 
 /// Open the RAID5 volume on `devices`: assemble it if they carry its
-/// superblocks, create it if they are all blank. Anything else (members of
-/// several volumes, corrupt superblocks, too few members) is an error that
-/// names the devices, and nothing is written.
+/// superblocks, create it if they are all blank (`zeroed`: they hold only
+/// zeros, see [`VolumeSpec::zeroed`]). Anything else (members of several
+/// volumes, corrupt superblocks, too few members) is an error that names
+/// the devices, and nothing is written.
 pub fn open_or_create(
     name: &str,
     devices: &[Arc<dyn BlockDevice>],
+    zeroed: bool,
     failures: FailureSink,
 ) -> Result<Opened, String> {
     let mut blank = 0;
@@ -807,13 +814,22 @@ pub fn open_or_create(
             data_offset: (1 << 20) / bs,
             members: devices.to_vec(),
             bitmap_chunk_bytes: 0,
+            zeroed,
         };
         let (device, meta) = create(&spec, failures, false).map_err(|e| e.to_string())?;
         return Ok(Opened {
             device,
             meta,
-            was_clean: true,
-            summary: format!("created RAID5 {name:?} on {} blank members", devices.len()),
+            was_clean: zeroed,
+            summary: format!(
+                "created RAID5 {name:?} on {} blank members{}",
+                devices.len(),
+                if zeroed {
+                    ""
+                } else {
+                    " (not known to hold only zeros: parity is synchronised in the background)"
+                }
+            ),
         });
     }
     let sink = failures.clone();

@@ -143,7 +143,7 @@ impl Inner {
             }
         }
         if let Some(b) = &plan.new_bitmap {
-            if let Err(e) = super::assembly::write_clear_bitmap(device.as_ref(), b) {
+            if let Err(e) = super::assembly::write_bitmap(device.as_ref(), b) {
                 undo(&claimed);
                 return Err(OpError::Internal(e.to_string()));
             }

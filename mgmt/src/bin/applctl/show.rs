@@ -94,7 +94,10 @@ pub fn volumes(vs: &[pb::Volume]) -> String {
     );
     // Why each volume the saved state names did not start: what the
     // operator mends before a reload (mdadm shows inactive arrays too).
-    for v in vs.iter().filter(|v| v.state() == pb::VolumeState::Unavailable) {
+    for v in vs
+        .iter()
+        .filter(|v| v.state() == pb::VolumeState::Unavailable)
+    {
         s += &format!("{} did not start: {}\n", v.name, v.unavailable_reason);
     }
     s
