@@ -765,3 +765,32 @@ fn a_write_whose_only_holder_failed_meanwhile_is_not_acknowledged() {
     assert!(w.result.is_err(), "acknowledged with no member holding it");
     assert!(!set.members[1].is_gone(), "b stays, the last in sync");
 }
+
+/// From an audit: with its regions locked (serialize_policy here; a
+/// rebuild or scrub does the same), a discard over more than 46,368
+/// regions touched two regions of one lock bucket and took it twice: it
+/// failed every time, so it never went through, and the writes behind it
+/// waited for ever. A host's discard of a whole large volume does that.
+#[test]
+fn a_discard_across_regions_sharing_a_lock_goes_through() {
+    use appliance::raid::level::RaidDevice;
+    let blocks = 47_000 * 256 + 512;
+    let null = |n: &str| -> Arc<dyn BlockDevice> {
+        Arc::new(bdev::NullDevice::new(n, 4096, blocks).unwrap())
+    };
+    let r = Raid1Device::new(
+        "r1",
+        vec![member(null("a")), member(null("b"))],
+        256,
+        FailureSink::none(),
+    )
+    .unwrap();
+    r.member_set()
+        .serialize
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut ch = r.open_channel().unwrap();
+    let discard = bdev::IoRequest::range(IoOp::Discard, 0, 47_000 * 256, 1);
+    run_one(ch.as_mut(), discard).unwrap();
+    let mut buf = vec![0x5au8; 4096];
+    run_one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut buf, 2)).unwrap();
+}

@@ -423,21 +423,13 @@ impl WriteBehind {
 
     /// Take the keys of blocks `first..first + n`, all or none.
     pub fn lock_blocks(&self, first: u64, n: u64) -> bool {
-        for b in first..first + n {
-            if !self.blocks.try_lock(b) {
-                for taken in first..b {
-                    self.blocks.unlock(taken);
-                }
-                return false;
-            }
-        }
-        true
+        n == 0 || self.blocks.try_lock_range(first, first + n - 1)
     }
 
     /// Give back what `lock_blocks` took.
     pub fn unlock_blocks(&self, first: u64, n: u64) {
-        for b in first..first + n {
-            self.blocks.unlock(b);
+        if n > 0 {
+            self.blocks.unlock_range(first, first + n - 1);
         }
     }
 

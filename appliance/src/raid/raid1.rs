@@ -542,9 +542,7 @@ impl Raid1Channel {
     /// bitmap count.
     fn release(&self, p: &Parent) {
         if let Some((r0, r1)) = p.locked {
-            for r in r0..=r1 {
-                self.locks.unlock(r);
-            }
+            self.locks.unlock_range(r0, r1);
         }
         if let (Some((r0, r1)), Some(b)) = (p.in_bitmap, &self.bitmap) {
             b.end(r0, r1);
@@ -627,13 +625,8 @@ impl Raid1Channel {
             return false;
         };
         let (r0, r1) = (p.offset / REGION, (p.offset + p.blocks.max(1) - 1) / REGION);
-        for r in r0..=r1 {
-            if !self.locks.try_lock(r) {
-                for taken in r0..r {
-                    self.locks.unlock(taken);
-                }
-                return false;
-            }
+        if !self.locks.try_lock_range(r0, r1) {
+            return false;
         }
         if let Some(p) = self.parents[pi].as_mut() {
             p.locked = Some((r0, r1));
