@@ -456,12 +456,24 @@ impl Journal {
 
     /// Log blocks a record may take up to: all of it for reclaim; for a
     /// guest write, what leaves room to reclaim every cached block (and
-    /// every admitted one), up to three log blocks each. So reclaim always
-    /// finds room, and a checkpoint waiting for it always makes progress.
+    /// every admitted one), up to three log blocks each, and the blocks a
+    /// reclaim record skips at the end of a lap (see `place`). So reclaim
+    /// always finds room, and a checkpoint waiting for it always makes
+    /// progress. (Without the skip, the last reclaim could be refused; it
+    /// waited holding its stripe, and the checkpoint that would have made
+    /// room waited for it: an audit's 64-block log stopped every write.)
     fn room(&self, guest: bool) -> u64 {
         if guest {
+            let cached = self.cache.len() + self.cache.pending();
+            // A reclaim record holds a run of blocks inside one chunk
+            // (header, data, parity: at most three log blocks a block), so
+            // a skip wastes at most two blocks per block of the largest
+            // run: of every cached block, or of a whole chunk of at most
+            // 1 MiB in 512-byte blocks. The reserve is well under a lap,
+            // so at most one skip falls in it.
+            const LARGEST_RUN: u64 = (1 << 20) / 512;
             self.log_blocks
-                .saturating_sub(3 * (self.cache.len() + self.cache.pending()))
+                .saturating_sub(3 * cached + 2 * cached.min(LARGEST_RUN))
         } else {
             self.log_blocks
         }
@@ -764,6 +776,46 @@ mod tests {
         // Not a journal.
         let blank: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("b", 4096, 129).unwrap());
         assert!(Journal::replay(blank, &[], None).is_err());
+    }
+
+    /// From an audit: the room guest records leave for reclaim did not
+    /// count the blocks a record skips at the end of a lap, so the last
+    /// reclaim was refused with no checkpoint able to make room.
+    #[test]
+    fn reclaim_finds_room_even_when_a_record_skips_to_the_next_lap() {
+        // 64 log blocks.
+        let jdev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("j", 4096, 66).unwrap());
+        let j = Journal::format(jdev).unwrap();
+        let e = |member, count| Entry {
+            member,
+            count,
+            block: 0,
+        };
+        let one = vec![1u8; 4096];
+        // The tail moves on to block 10.
+        for _ in 0..5 {
+            let mut r = j.record(&[e(0, 1)], &[&one]);
+            let (_, ep) = j.reserve(&mut r, true).unwrap();
+            j.done(ep);
+        }
+        assert!(j.checkpoint(|| Ok(())).unwrap());
+        // Four blocks in the write-back cache, then guest records of two
+        // log blocks until they are refused (the log up to block 62
+        // before: the first reclaim skips two blocks to the next lap).
+        let mut r = j.record(&[e(0, 1)], &[&one]);
+        let (_, epoch) = j.reserve(&mut r, true).unwrap();
+        j.done(epoch);
+        for b in 0..4 {
+            j.cache().insert(b, b, &one, epoch);
+        }
+        while let Some((_, ep)) = j.reserve(&mut j.record(&[e(0, 1)], &[&one]), true) {
+            j.done(ep);
+        }
+        // Each cached block's reclaim (header, data, parity) finds room.
+        for b in 0..4 {
+            let mut r = j.record(&[e(0, 1), e(1, 1)], &[&one, &one]);
+            assert!(j.reserve(&mut r, false).is_some(), "reclaim {b}");
+        }
     }
 
     #[test]
