@@ -405,6 +405,11 @@ fn an_interrupted_rebuild_resumes_from_its_checkpoint_after_a_restart() {
         .open(v.was_clean)
         .unwrap()
         .expect("the rebuild resumes");
+    // From an audit: until the resync owed after the crash has run,
+    // writes compute parity from the data (a read-modify-write carried a
+    // torn stripe's stale parity forward); the resync's end clears it.
+    let owed = v.device.member_set().scrubbing.clone();
+    assert!(owed.load(std::sync::atomic::Ordering::SeqCst));
     let t = std::time::Instant::now();
     while !monitor
         .member_states()
@@ -449,6 +454,7 @@ fn an_interrupted_rebuild_resumes_from_its_checkpoint_after_a_restart() {
         resync.mismatches.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the torn stripe was found"
     );
+    assert!(!owed.load(std::sync::atomic::Ordering::SeqCst));
     // Everything reads back, from a volume whose slot 1 is the spare.
     assert_eq!(read(v.device.as_ref(), 0, 6 << 20), data);
     let now = monitor.member_devices();

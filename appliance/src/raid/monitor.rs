@@ -734,6 +734,7 @@ impl Monitor {
         }
         if s.current.member_set().rebuilding.is_some() {
             s.resync_owed = !was_clean;
+            owe_resync(&s);
             if let Some(p) = self.start_job(&mut s, Change::ResumeRebuild)? {
                 tracing::info!(
                     volume = self.inner.volume.name(),
@@ -762,6 +763,7 @@ impl Monitor {
                 .filter(|&&st| st == MemberState::InSync)
                 .count();
             s.resync_owed = !was_clean && s.current.parity_geometry().is_none() && sources >= 2;
+            owe_resync(&s);
             match self.start_job(&mut s, Change::UseSpare) {
                 Ok(Some(p)) => {
                     tracing::info!(
@@ -974,5 +976,21 @@ impl Drop for Monitor {
         let mut s = lock(&self.inner.state);
         s.checkpointer = None;
         s.bitmap = None;
+    }
+}
+
+/// A resync is owed once the rebuild starting now is done: until it has
+/// run, mirrors torn by the crash may differ and a RAID5 stripe's parity
+/// may not match its data. Reads go to the reference mirror meanwhile
+/// and writes compute parity from the data (as for a repair cut short;
+/// the resync's end clears it): reads balanced over both versions of a
+/// torn block returned each in turn, and a later resync undid what the
+/// guest had read (audit).
+fn owe_resync(s: &MonitorState) {
+    if s.resync_owed {
+        s.current
+            .member_set()
+            .scrubbing
+            .store(true, Ordering::SeqCst);
     }
 }
