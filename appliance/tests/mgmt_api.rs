@@ -2491,18 +2491,27 @@ fn a_volume_beyond_2_63_bytes_is_refused_and_the_daemon_goes_on() {
 /// whether it takes a journal; refused (the volume keeps a bitmap), the
 /// device kept a journal superblock, and another volume was then refused
 /// it as "holding a journal" unless forced. A refused journal's device
-/// is left blank.
+/// is left blank. From an audit: a forced call erased what the device
+/// held (another volume's journal) before the volume refused; it is
+/// refused before the device is touched now.
 #[test]
 fn a_journal_the_volume_refuses_leaves_its_device_blank() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path(), None, None);
     let mut c = d.client();
-    for i in 0..6 {
+    for i in 0..9 {
         call!(d, c, attach_device, attach(&format!("d{i}"), "ram:32M")).unwrap();
     }
     call!(d, c, attach_device, attach("j", "ram:32M")).unwrap();
+    call!(d, c, attach_device, attach("k", "ram:32M")).unwrap();
     call!(d, c, create_volume, raid5("v", &["d0", "d1", "d2"], &[])).unwrap();
     call!(d, c, create_volume, raid5("w", &["d3", "d4", "d5"], &[])).unwrap();
+    // k holds the journal of a stopped volume.
+    let mut old = raid5("old", &["d6", "d7", "d8"], &[]);
+    old.journal = "k".into();
+    call!(d, c, create_volume, old).unwrap();
+    let del = pb::DeleteVolumeRequest { name: "old".into() };
+    call!(d, c, delete_volume, del).unwrap();
     let bitmap = pb::SetBitmapRequest {
         volume: "v".into(),
         enabled: true,
@@ -2517,6 +2526,20 @@ fn a_journal_the_volume_refuses_leaves_its_device_blank() {
     };
     let e = call!(d, c, add_journal, add("v")).unwrap_err();
     assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    let forced = pb::AddJournalRequest {
+        device: "k".into(),
+        force: true,
+        ..add("v")
+    };
+    let e = call!(d, c, add_journal, forced).unwrap_err();
+    assert_eq!(e.0, Code::FailedPrecondition, "{e:?}");
+    // k still holds the old journal: refused unless forced.
+    let k = pb::AddJournalRequest {
+        device: "k".into(),
+        ..add("w")
+    };
+    let e = call!(d, c, add_journal, k).unwrap_err();
+    assert!(e.1.contains("holds a write journal"), "{e:?}");
     let w = call!(d, c, add_journal, add("w")).unwrap();
     assert_eq!(w.consistency_policy().label(), "journal");
 }

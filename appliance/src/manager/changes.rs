@@ -483,6 +483,15 @@ impl Manager {
         // Every slot counts, a failed one too: a degraded stripe's record
         // logs the missing member's rows.
         let snap = monitor(&v)?.snapshot();
+        // What the volume's change would refuse, before the device is
+        // touched: a forced call erases what the device held, and a
+        // refusal after that would have lost it for nothing. (The
+        // transaction checks again: a bitmap set meanwhile.)
+        if snap.bitmap.is_some() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "volume {volume} keeps a write-intent bitmap; remove it before adding a journal (the journal makes it redundant)"
+            )));
+        }
         Self::check_journal_room(
             jdev.as_ref(),
             snap.members.len() as u64,
