@@ -95,6 +95,13 @@ fn remote_mirror(write_behind: bool) {
         &api_a,
         &["volume", "write-mostly", "mirror", "far"],
     ));
+    // The remote namespace is not known to hold only zeros: the new
+    // mirror's initial sync runs first (a write to a region it repairs
+    // waits for it, and its IO to the mirror for the loss time-out).
+    ok(&applctl(
+        &api_a,
+        &["volume", "wait", "mirror", "--timeout", "120"],
+    ));
 
     let addr_a: SocketAddr = format!("127.0.0.1:{port_a}").parse().unwrap();
     let (_ca, mut q) = queue(addr_a, MIRROR);
