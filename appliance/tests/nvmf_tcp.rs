@@ -1389,3 +1389,48 @@ fn a_burst_of_connections_cannot_pass_the_listener_limit() {
     assert!(answered <= 3, "{answered} connections over a limit of 3");
     assert!(answered >= 1);
 }
+
+/// From an audit: removing an export woke its listener's accept loop by
+/// connecting to it, which fails once the listen address is gone from
+/// the host (a DHCP or VLAN change); the removal then waited for ever,
+/// holding the target's lock, and every export call after it with it.
+/// Here the address lives in a network namespace of this test's own.
+#[test]
+fn an_export_whose_address_went_away_is_removed_without_hanging() {
+    // SAFETY: unshare(2) of this thread's network namespace; threads it
+    // starts (the accept loop) and commands it runs are in it too.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    let ip = |args: &str| {
+        let st = std::process::Command::new("ip")
+            .args(args.split(' '))
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args}");
+    };
+    ip("link set lo up");
+    ip("addr add 10.255.0.1/32 dev lo");
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", BS as u32, 256).unwrap());
+    let volume = Volume::new(reactors.set(), "vol0", dev);
+    let target = Arc::new(Target::new(reactors.set()));
+    let listen: SocketAddr = "10.255.0.1:0".parse().unwrap();
+    target
+        .add(&volume, options(NQN, listen, &[HOST_A]))
+        .unwrap();
+    ip("addr del 10.255.0.1/32 dev lo");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = target.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(t.remove(NQN));
+    });
+    let removed = rx.recv_timeout(LONG).expect("the removal returns");
+    assert!(removed.is_ok(), "{removed:?}");
+    assert!(target.list().is_empty());
+    drop(target);
+    drop(volume);
+    drop(reactors);
+}

@@ -156,6 +156,9 @@ impl Port {
 
 struct Listener {
     port: Arc<Port>,
+    /// The listening socket (a second descriptor of the one the accept
+    /// loop blocks on), to wake that loop with shutdown(2).
+    socket: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -254,6 +257,10 @@ impl Target {
             addr: opts.listen,
             source,
         })?;
+        let wake = socket.try_clone().map_err(|source| NvmfError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
         let sub = make(addr);
         let port = Arc::new(Port {
             subsystems: RwLock::new(vec![sub.clone()]),
@@ -278,6 +285,7 @@ impl Target {
             addr,
             Listener {
                 port,
+                socket: wake,
                 thread: Some(thread),
             },
         );
@@ -326,8 +334,19 @@ impl Target {
         if empty {
             if let Some(mut l) = listeners.remove(&key) {
                 l.port.stop.store(true, Ordering::SeqCst);
-                // Wake the accept loop so it sees the stop.
-                let _ = std::net::TcpStream::connect_timeout(&l.port.addr, Duration::from_secs(1));
+                // Wake the accept loop so it sees the stop: shutdown(2)
+                // ends a blocked accept(2) on Linux. (A connection to the
+                // listener woke it before, but not once its address was
+                // gone from the host: the join below waited for ever,
+                // holding this lock, and every export call after it.)
+                use std::os::fd::AsRawFd;
+                // SAFETY: shutdown(2) on a descriptor this listener owns.
+                if unsafe { libc::shutdown(l.socket.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    tracing::warn!(addr = %l.port.addr, error = %e, "nvme/tcp: waking the listener");
+                    let _ =
+                        std::net::TcpStream::connect_timeout(&l.port.addr, Duration::from_secs(1));
+                }
                 if let Some(t) = l.thread.take() {
                     let _ = t.join();
                 }
