@@ -94,64 +94,54 @@ impl RoleBook {
         role: Role,
         from: Option<Role>,
     ) -> Result<(), OpError> {
-        let name = dev.info().name.clone();
         let mut m = lock(&self.map);
-        let Some(e) = m.get_mut(&name).filter(|e| e.id == device_id(dev)) else {
-            return Err(OpError::FailedPrecondition(format!(
-                "device {name} is not attached (any more)"
-            )));
-        };
-        match &e.holder {
-            None => {}
-            Some((v, r)) if v == volume && Some(*r) == from => {}
-            Some((v, r)) if v == volume => {
-                return Err(OpError::AlreadyExists(format!(
-                    "device {name} is already {} {v}",
-                    r.name()
-                )))
-            }
-            Some((v, r)) => {
-                return Err(OpError::FailedPrecondition(format!(
-                    "device {name} is in use ({} {v})",
-                    r.name()
-                )))
-            }
-        }
+        let e = claimable(&mut m, dev, volume, from)?;
         e.holder = Some((volume.to_string(), role));
         e.zeroed = false;
         Ok(())
     }
 
-    /// Claim every one of `devs` for `volume` in its role, or none. (One
-    /// `volume` holds in that role already is its: a volume that did not
-    /// start keeps its devices while it is tried again.) Whether every
-    /// member among them held only zeros until now: a new volume on them
-    /// is consistent without a resync.
+    /// Claim every one of `devs` for `volume` in its role, or none, in one
+    /// step. (One `volume` holds in that role already is its: a volume that
+    /// did not start keeps its devices while it is tried again.) Whether
+    /// every member among them holds only zeros: a new volume on them is
+    /// consistent without a resync. They keep saying so until
+    /// [`written`](Self::written): a volume refused before it was built
+    /// wrote nothing of their data.
     pub fn claim_all(
         &self,
         devs: &[(Arc<dyn BlockDevice>, Role)],
         volume: &str,
     ) -> Result<bool, OpError> {
-        let zeroed = {
-            let m = lock(&self.map);
-            devs.iter()
-                .filter(|(_, r)| *r == Role::Member)
-                .all(|(d, _)| m.get(&d.info().name).is_some_and(|e| e.zeroed))
-        };
-        let mut before: Vec<Option<(String, Role)>> = Vec::with_capacity(devs.len());
-        for (d, r) in devs {
-            let was = self.holder(&d.info().name);
-            if let Err(e) = self.claim(d, volume, *r, Some(*r)) {
-                // As they were: free, or `volume`'s already.
-                for ((d, _), was) in devs.iter().zip(before) {
-                    let role = was.filter(|(v, _)| v == volume).map(|(_, r)| r);
-                    self.set(&d.info().name, volume, role);
-                }
-                return Err(e);
+        let mut m = lock(&self.map);
+        for (i, (d, r)) in devs.iter().enumerate() {
+            let name = &d.info().name;
+            if devs[..i].iter().any(|(o, _)| o.info().name == *name) {
+                return Err(OpError::AlreadyExists(format!(
+                    "device {name} is named twice"
+                )));
             }
-            before.push(was);
+            claimable(&mut m, d, volume, Some(*r))?;
+        }
+        let mut zeroed = true;
+        for (d, r) in devs {
+            if let Some(e) = m.get_mut(&d.info().name) {
+                zeroed &= e.zeroed || *r != Role::Member;
+                e.holder = Some((volume.to_string(), *r));
+            }
         }
         Ok(zeroed)
+    }
+
+    /// `names` were given to a volume that now runs: what they held is no
+    /// longer known to be zeros.
+    pub fn written<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut m = lock(&self.map);
+        for n in names {
+            if let Some(e) = m.get_mut(n) {
+                e.zeroed = false;
+            }
+        }
     }
 
     /// Set `name`'s role in `volume` (`None`: free it), if `volume` holds
@@ -191,6 +181,34 @@ impl RoleBook {
                 e.holder = None;
             }
         }
+    }
+}
+
+/// `dev`'s entry, if `volume` may give it a role: attached (this very
+/// device), and free or already `volume`'s in role `from`.
+fn claimable<'a>(
+    m: &'a mut BTreeMap<String, Entry>,
+    dev: &Arc<dyn BlockDevice>,
+    volume: &str,
+    from: Option<Role>,
+) -> Result<&'a mut Entry, OpError> {
+    let name = &dev.info().name;
+    let Some(e) = m.get_mut(name).filter(|e| e.id == device_id(dev)) else {
+        return Err(OpError::FailedPrecondition(format!(
+            "device {name} is not attached (any more)"
+        )));
+    };
+    match &e.holder {
+        None => Ok(e),
+        Some((v, r)) if v == volume && Some(*r) == from => Ok(e),
+        Some((v, r)) if v == volume => Err(OpError::AlreadyExists(format!(
+            "device {name} is already {} {v}",
+            r.name()
+        ))),
+        Some((v, r)) => Err(OpError::FailedPrecondition(format!(
+            "device {name} is in use ({} {v})",
+            r.name()
+        ))),
     }
 }
 

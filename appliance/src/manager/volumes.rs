@@ -462,7 +462,7 @@ impl Manager {
         ) -> Result<T, MgmtError>,
     ) -> Result<T, MgmtError> {
         self.check_open()?;
-        let (level, members, spares, jdev, zeroed) = {
+        let (level, members, spares, jdev, roles, zeroed) = {
             let mut inv = self.inv();
             let (level, members, spares) = Self::check_volume(&inv, decl, restoring)?;
             let jdev = Self::check_journal(&inv, decl, level)?;
@@ -472,16 +472,21 @@ impl Manager {
             if let (Some(j), false) = (&jdev, restoring) {
                 Self::check_journal_room(j.as_ref(), decl.members.len() as u64, decl.chunk_kib)?;
             }
+            let roles = Self::roles_of(&members, &spares, &jdev);
             let zeroed = self
                 .shared
                 .roles
-                .claim_all(&Self::roles_of(&members, &spares, &jdev), &decl.name)
+                .claim_all(&roles, &decl.name)
                 .map_err(|e| from_op(&decl.name, e))?;
             inv.creating.insert(decl.name.clone());
-            (level, members, spares, jdev, zeroed)
+            (level, members, spares, jdev, roles, zeroed)
         };
         let r = f(level, members, spares, jdev, zeroed);
-        if r.is_err() {
+        if r.is_ok() {
+            // Built: from now on it writes them.
+            let names = roles.iter().map(|(d, _)| d.info().name.as_str());
+            self.shared.roles.written(names);
+        } else {
             let mut inv = self.inv();
             inv.creating.remove(&decl.name);
             // One that did not start keeps its devices while it is tried.
@@ -843,8 +848,14 @@ impl Manager {
                 tracing::error!(volume = name, error = %e, "recording a clean stop");
             }
         }
-        self.inv().volumes.remove(name);
-        self.shared.roles.release_volume(name);
+        {
+            // Under one lock: a create of the same name in between claimed
+            // its devices under that name, and the release then freed them
+            // (a device in use, free to detach or to give another role).
+            let mut inv = self.inv();
+            inv.volumes.remove(name);
+            self.shared.roles.release_volume(name);
+        }
         self.save()
     }
 
