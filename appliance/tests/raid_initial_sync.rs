@@ -111,6 +111,11 @@ fn volumes_on_members_known_to_hold_only_zeros_start_without_a_sync() {
     let dir = tempfile::tempdir().unwrap();
     let (mgr, reactors) = manager();
     attach(&mgr, dir.path(), &["a", "b", "c"], false);
+    // A create refused after the devices were claimed wrote nothing of
+    // them: the next one needs no sync either.
+    let mut refused = VolumeDecl::new("v", "raid5", &["a", "b", "c"]);
+    refused.journal_mode = "write-back".into();
+    assert!(mgr.create_volume(refused, false).is_err());
     mgr.create_volume(VolumeDecl::new("v", "raid5", &["a", "b", "c"]), false)
         .unwrap();
     assert!(mgr.get_volume("v").unwrap().progress.is_none());
@@ -164,6 +169,72 @@ fn a_bitmap_volume_on_old_data_is_synchronised_across_a_restart() {
     assert!(settle(&mgr, "v").is_some_and(|m| m > 0));
     mgr.start_scrub("v", false).unwrap();
     assert_eq!(settle(&mgr, "v"), Some(0));
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}
+
+/// RAM devices start blank at every start: their volumes are made again
+/// from the state file, with no sync.
+#[test]
+fn a_ram_volume_restarts_without_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    for round in 0..2 {
+        let reactors = Reactors::start(ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let mgr = Manager::new(reactors.set(), Some(state.clone()));
+        if round == 0 {
+            for n in ["a", "b", "c"] {
+                mgr.attach_device(DeviceDecl {
+                    name: n.into(),
+                    spec: "ram:16M".into(),
+                    block_size: 4096,
+                })
+                .unwrap();
+            }
+            mgr.create_volume(VolumeDecl::new("v", "raid5", &["a", "b", "c"]), false)
+                .unwrap();
+        } else {
+            let c = appliance::config::Config::load(&state).unwrap();
+            mgr.restore(&c, false).unwrap();
+        }
+        assert!(mgr.get_volume("v").unwrap().progress.is_none(), "{round}");
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
+    }
+}
+
+/// From review: the initial sync stopped by the operator and a repair
+/// run instead left the bitmap frozen with every region marked (only a
+/// resync driven by the bitmap thawed it): a crash resynced everything
+/// until a clean restart. A whole repair that succeeds thaws it.
+#[test]
+fn a_repair_that_takes_over_a_stopped_initial_sync_lets_the_bitmap_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mgr, reactors) = manager();
+    let members = ["x0", "x1", "x2"];
+    attach(&mgr, dir.path(), &members, true);
+    let mut decl = VolumeDecl::new("v", "raid5", &members);
+    decl.bitmap = true;
+    decl.max_rebuild_bytes_per_sec = 1 << 20;
+    decl.min_rebuild_bytes_per_sec = 1 << 20;
+    mgr.create_volume(decl, false).unwrap();
+    mgr.stop_background("v").unwrap();
+    settle(&mgr, "v");
+    mgr.set_rebuild_rate("v", 0, 0).unwrap();
+    mgr.start_scrub("v", true).unwrap();
+    assert!(settle(&mgr, "v").is_some_and(|m| m > 0));
+    // The bitmap daemon clears idle regions every few seconds, once let.
+    let t = Instant::now();
+    while mgr.get_volume("v").unwrap().bitmap.unwrap().2 > 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the bits stay set");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     mgr.shutdown();
     drop(mgr);
     let _ = reactors.shutdown();

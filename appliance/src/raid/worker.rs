@@ -386,6 +386,7 @@ pub fn spawn(
             let q = p.clone();
             let parity = device.parity_geometry();
             let flag = members.scrubbing.clone();
+            let thaw = members.bitmap.clone();
             (
                 p,
                 Box::new(move || {
@@ -394,8 +395,10 @@ pub fn spawn(
                         s = s.clearing_when_done(flag);
                     }
                     let mut s = s.watching(activity);
-                    if let Some(b) = dirty {
-                        s = s.only_dirty(b);
+                    match (dirty, &thaw) {
+                        (Some(b), _) => s = s.only_dirty(b),
+                        (None, Some(b)) if repair => s = s.thawing_when_done(b.clone()),
+                        _ => {}
                     }
                     Walker::Scrub(s)
                 }),

@@ -20,6 +20,9 @@ pub struct Scrubber {
     /// A resync of the regions a write-intent bitmap marks: the bits (as
     /// words) and rows per bit. The bitmap is thawed when it succeeds.
     only: Option<(Vec<u64>, u64, Arc<crate::raid::bitmap::Bitmap>)>,
+    /// A repair of every row: the volume's bitmap, thawed when it
+    /// succeeds (it covered whatever the bitmap kept marked).
+    thaw: Option<Arc<crate::raid::bitmap::Bitmap>>,
     /// Mismatches found in the row being walked, counted once it is done
     /// (a row read again after a refused repair write counted twice).
     row_bad: u64,
@@ -41,6 +44,7 @@ impl Scrubber {
             all: Vec::new(),
             repair,
             only: None,
+            thaw: None,
             row_bad: 0,
         }
     }
@@ -57,6 +61,15 @@ impl Scrubber {
         self.walk.retarget(members, &read, None, events)?;
         self.all = read;
         Ok(())
+    }
+
+    /// A whole repair: thaw `bitmap` when it succeeds. (A repair the
+    /// operator starts is taken as the resync owed after a crash or a
+    /// creation; without this, the bitmap it left frozen kept every
+    /// region marked until a clean restart.)
+    pub fn thawing_when_done(mut self, bitmap: Arc<crate::raid::bitmap::Bitmap>) -> Scrubber {
+        self.thaw = Some(bitmap);
+        self
     }
 
     /// Walk only the regions `bitmap` marks dirty now, and let it clear
@@ -185,8 +198,11 @@ impl Scrubber {
                             f.store(false, Ordering::SeqCst);
                         }
                     }
-                    if let (Some((_, _, b)), None) = (&self.only, self.walk.progress.error()) {
-                        b.thaw();
+                    if self.walk.progress.error().is_none() {
+                        let only = self.only.as_ref().map(|(_, _, b)| b);
+                        if let Some(b) = only.or(self.thaw.as_ref()) {
+                            b.thaw();
+                        }
                     }
                     self.walk.progress.finished.store(true, Ordering::SeqCst);
                     return PollState::Done;
