@@ -34,34 +34,26 @@ impl StripeLocks {
     }
 
     /// Take the locks of stripes `first..=last`, all or none. Stripes of
-    /// one range can share a bucket (with this hash, ones 46,368 apart
-    /// often do), and a bucket taken twice failed the second time, every
-    /// time: a discard that large never went through, and the writes
-    /// queued behind it waited for ever (audit). Each bucket is taken once.
+    /// a long range share buckets, and a bucket taken twice failed the
+    /// second time, every time: a discard that long never went through,
+    /// and the writes queued behind it waited for ever (audit). A long
+    /// range takes each of its buckets once.
     pub fn try_lock_range(&self, first: u64, last: u64) -> bool {
-        const FEW: usize = 16;
-        let n = last.saturating_sub(first).saturating_add(1);
-        if n <= FEW as u64 {
-            let mut taken = [(0usize, 0u64); FEW];
-            let mut k = 0;
+        if last.saturating_sub(first) < MIN_SHARED {
+            // No two of them share a bucket (see `MIN_SHARED`).
             for s in first..=last {
-                let slot = self.slot(s);
-                if taken[..k].contains(&slot) {
-                    continue;
-                }
                 if !self.try_lock(s) {
-                    for &(w, bit) in &taken[..k] {
-                        self.words[w].fetch_and(!bit, Ordering::Release);
+                    for taken in first..s {
+                        self.unlock(taken);
                     }
                     return false;
                 }
-                taken[k] = slot;
-                k += 1;
             }
             return true;
         }
-        // A long range (a large discard): its buckets as a mask, taken a
-        // word at a time.
+        // Its buckets as a mask, taken a word at a time. A word that is
+        // partly held elsewhere gives back the bits this call set in it,
+        // and the words before.
         let want = self.buckets(first, last);
         for (i, &m) in want.iter().enumerate() {
             if m == 0 {
@@ -81,9 +73,7 @@ impl StripeLocks {
 
     /// Release what [`try_lock_range`](Self::try_lock_range) took.
     pub fn unlock_range(&self, first: u64, last: u64) {
-        if last.saturating_sub(first) < self.words.len() as u64 {
-            // Fewer stripes than words: one at a time (a bucket shared
-            // twice is cleared twice, harmlessly).
+        if last.saturating_sub(first) < MIN_SHARED {
             for s in first..=last {
                 self.unlock(s);
             }
@@ -96,8 +86,7 @@ impl StripeLocks {
 
     /// The buckets of stripes `first..=last`, as words of the table.
     fn buckets(&self, first: u64, last: u64) -> Vec<u64> {
-        let all = self.words.len() as u64 * 64;
-        if last.saturating_sub(first) >= all {
+        if last.saturating_sub(first) >= self.words.len() as u64 * 64 {
             // At least one stripe per bucket: every bucket, conservatively.
             return vec![u64::MAX; self.words.len()];
         }
@@ -116,9 +105,27 @@ impl Default for StripeLocks {
     }
 }
 
+/// The shortest distance between two stripes of one bucket: the golden
+/// ratio hash spreads nearer ones over different buckets (a Fibonacci
+/// number; a test checks every distance below it). Ranges shorter than
+/// this take their stripes' locks one by one.
+const MIN_SHARED: u64 = 46_368;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No two stripes nearer than `MIN_SHARED` share a bucket, wherever
+    /// they start: their hashes differ by at least a bucket's width.
+    #[test]
+    fn stripes_nearer_than_min_shared_never_share_a_bucket() {
+        for d in 1..MIN_SHARED {
+            let apart = d.wrapping_mul(0x9E37_79B9_7F4A_7C15) as i64;
+            assert!(apart.unsigned_abs() >= 1 << 48, "{d}");
+        }
+        let l = StripeLocks::new();
+        assert!((0..100).any(|x| l.slot(x) == l.slot(x + MIN_SHARED)));
+    }
 
     /// Ranges whose stripes share buckets are taken (once each) and given
     /// back whole; a stripe held elsewhere keeps the range out, all of it.
