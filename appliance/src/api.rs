@@ -235,6 +235,7 @@ fn export_to_pb(e: ExportView) -> pb::Export {
         live_migration: e.decl.live_migration,
         dirty_logging: e.dirty_log.is_some(),
         dirty_pages_logged: e.dirty_log.unwrap_or(0),
+        volume_unavailable: false,
     }
 }
 
@@ -837,7 +838,15 @@ impl pb::appliance_server::Appliance for Service {
     ) -> Result<Response<pb::ListExportsResponse>, Status> {
         self.run(|m| {
             Ok(pb::ListExportsResponse {
-                exports: m.list_exports().into_iter().map(export_to_pb).collect(),
+                exports: m
+                    .list_exports()
+                    .into_iter()
+                    .map(export_to_pb)
+                    .chain(m.kept_exports().0.into_iter().map(|e| pb::Export {
+                        volume_unavailable: true,
+                        ..export_to_pb(e)
+                    }))
+                    .collect(),
             })
         })
         .await
@@ -875,6 +884,10 @@ impl pb::appliance_server::Appliance for Service {
                     .list_nvmf_exports()
                     .into_iter()
                     .map(nvmf_pb::to_pb)
+                    .chain(m.kept_exports().1.into_iter().map(|e| pb::NvmfExport {
+                        volume_unavailable: true,
+                        ..nvmf_pb::to_pb(e)
+                    }))
                     .collect(),
             })
         })

@@ -598,6 +598,14 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     assert_eq!(v["state"], "VOLUME_STATE_UNAVAILABLE", "{json}");
     assert_eq!(v["journal"], "d3", "{json}");
     assert_eq!(v["members"].as_array().map(Vec::len), Some(3), "{json}");
+    // Its export is kept, and listed as such.
+    let exports = ok(&applctl(&api, &["export", "list"]));
+    assert!(
+        exports
+            .lines()
+            .any(|l| l.starts_with("vm") && l.contains("volume did not start")),
+        "{exports}"
+    );
     unsafe { libc::kill(left_out.id() as i32, libc::SIGTERM) };
     assert!(left_out.wait().unwrap().success());
     let wrong = restart(&["--drop-journal", "nope"])

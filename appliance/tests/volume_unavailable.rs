@@ -125,6 +125,13 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
     assert_eq!(listed[0].decl.members, ["a", "b"]);
     assert_eq!(listed[0].exports, ["eb"]);
     assert!(listed[0].reason.contains("checksum"), "{listed:?}");
+    let (kept, _) = d.mgr.kept_exports();
+    assert_eq!(
+        kept.iter()
+            .map(|e| e.decl.name.as_str())
+            .collect::<Vec<_>>(),
+        ["eb"]
+    );
     let h = d.mgr.health();
     assert_eq!(h.status, "degraded");
     assert!(

@@ -39,5 +39,6 @@ pub fn to_pb(v: NvmfExportView) -> pb::NvmfExport {
                 host_nqn,
             })
             .collect(),
+        volume_unavailable: false,
     }
 }

@@ -11,7 +11,7 @@ use crate::config::{ExportDecl, NvmfExportDecl, VolumeDecl};
 use crate::raid::monitor::Role;
 
 use super::inventory::Inventory;
-use super::{Manager, MgmtError};
+use super::{ExportView, Manager, MgmtError, NvmfExportView};
 
 /// A volume that could not start, and what the state file says of it.
 #[derive(Debug, Clone)]
@@ -194,6 +194,35 @@ impl Manager {
                 exports: u.exports.iter().map(|e| e.name.clone()).collect(),
             })
             .collect()
+    }
+
+    /// The exports kept for volumes that did not start (vhost-user,
+    /// NVMe/TCP), as declared: they serve nothing until their volume
+    /// starts, but their names, sockets and NQNs are taken, and an
+    /// operator looking for them in the export list found nothing.
+    pub fn kept_exports(&self) -> (Vec<ExportView>, Vec<NvmfExportView>) {
+        let inv = self.inv();
+        let vhost = inv.unavailable.values().flat_map(|u| &u.exports);
+        let nvmf = inv.unavailable.values().flat_map(|u| &u.nvmf);
+        (
+            vhost
+                .map(|decl| ExportView {
+                    decl: decl.clone(),
+                    connected: false,
+                    connections: 0,
+                    dirty_log: None,
+                })
+                .collect(),
+            nvmf.map(|decl| NvmfExportView {
+                decl: decl.clone(),
+                connections: 0,
+                controllers: Vec::new(),
+                commands: [0; 2],
+                bytes: [0; 2],
+                errors: 0,
+            })
+            .collect(),
+        )
     }
 
     /// Volumes that did not start, with why.

@@ -69,7 +69,11 @@ fn show(es: &[pb::NvmfExport]) -> String {
                     } else {
                         e.hosts.join(",")
                     },
-                    e.connections.to_string(),
+                    if e.volume_unavailable {
+                        "- (volume did not start)".into()
+                    } else {
+                        e.connections.to_string()
+                    },
                     e.controllers
                         .iter()
                         .map(|c| format!("{}:{}", c.cntlid, c.host_nqn))

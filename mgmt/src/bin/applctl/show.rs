@@ -250,7 +250,14 @@ pub fn exports(es: &[pb::Export]) -> String {
                             .join(",")
                     },
                     if e.read_only { "yes" } else { "no" }.into(),
-                    if e.connected { "yes" } else { "no" }.into(),
+                    if e.volume_unavailable {
+                        "no (volume did not start)"
+                    } else if e.connected {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                    .into(),
                     if e.dirty_logging {
                         format!("on, {} pages", e.dirty_pages_logged)
                     } else {
