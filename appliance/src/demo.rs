@@ -350,9 +350,18 @@ fn setup(mgr: &Manager, opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoR
     // terminal, a line per tenth otherwise.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut shown = -1i64;
+    let mut seen = false;
     loop {
         let v = mgr.get_volume("demo").map_err(e)?;
-        if let Some(p) = v.progress.as_ref().filter(|p| p.kind == "rebuild") {
+        let rebuild = v.progress.as_ref().filter(|p| p.kind == "rebuild");
+        if rebuild.is_none() && seen && v.state == "optimal" {
+            // Done, and followed at once by the resync the member's
+            // failure interrupted (members that held old data are
+            // synchronised first).
+            break;
+        }
+        if let Some(p) = rebuild {
+            seen = true;
             let f = p.fraction;
             let bar = "#".repeat((f * 40.0) as usize);
             let eta = if p.eta_seconds >= 0.0 {
