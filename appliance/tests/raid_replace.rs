@@ -589,3 +589,38 @@ fn a_spare_that_a_takeover_made_unfit_is_not_used() {
     monitor.close().unwrap();
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: nothing but failing the member being copied (the volume
+/// degraded) or deleting the volume stopped a replacement. Failing its new
+/// device gives it up, as md's --fail of the replacement does: the copy
+/// stops, the slot keeps its member, the volume stays whole.
+#[test]
+fn failing_the_replacement_device_gives_the_replacement_up() {
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..3).map(|i| ram(&format!("m{i}"))).collect();
+    let (reactors, _volume, monitor) = started(devs, Level::Raid5);
+    // Too slow to finish meanwhile.
+    monitor.set_rate(1 << 20, 1 << 20).unwrap();
+    let p = monitor.replace_member("m1", ram("n1")).unwrap();
+    monitor.fail_member("n1").unwrap();
+    assert!(monitor.snapshot().replacing.is_none());
+    let t = Instant::now();
+    while !p.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the copy goes on");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        monitor.member_devices()[1].info().name,
+        "m1",
+        "the slot keeps its member"
+    );
+    assert!(monitor
+        .member_states()
+        .iter()
+        .all(|&s| s == MemberState::InSync));
+    // A new replacement can start.
+    monitor.set_rate(0, 0).unwrap();
+    let p = monitor.replace_member("m1", ram("n2")).unwrap();
+    settle(&monitor, &p);
+    assert_eq!(monitor.member_devices()[1].info().name, "n2");
+    reactors.shutdown().unwrap();
+}

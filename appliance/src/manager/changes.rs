@@ -49,7 +49,8 @@ impl Manager {
         Ok(self.view(&v))
     }
 
-    /// Fail a member (md's --fail).
+    /// Fail a member (md's --fail); failing the device a replacement
+    /// copies to gives the replacement up.
     pub fn fail_member(&self, volume: &str, device: &str) -> Result<VolumeView, MgmtError> {
         self.device("device", device)?;
         self.change(volume, |m| m.fail_member(device))
@@ -208,9 +209,16 @@ impl Manager {
             None => Err(MgmtError::FailedPrecondition(format!(
                 "volume {volume} has no scrub running"
             ))),
-            Some(p) if p.slot != usize::MAX => Err(MgmtError::FailedPrecondition(format!(
-                "volume {volume} is rebuilding; a rebuild is not stopped (it would leave the volume degraded)"
-            ))),
+            Some(p) if p.slot != usize::MAX => Err(MgmtError::FailedPrecondition(
+                match &snap.replacing {
+                    Some((_, with)) => format!(
+                        "volume {volume} is copying a member to {with}; fail {with} to give the replacement up"
+                    ),
+                    None => format!(
+                        "volume {volume} is rebuilding; a rebuild is not stopped (it would leave the volume degraded)"
+                    ),
+                },
+            )),
             Some(p) => {
                 p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
                 crate::raid::worker::wake(&self.shared.set);

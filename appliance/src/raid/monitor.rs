@@ -525,6 +525,28 @@ impl Monitor {
     /// losing it would lose data.
     pub fn fail_member(&self, name: &str) -> Result<(), OpError> {
         let mut s = self.inner.change_lock()?;
+        // The device a replacement copies to (md's --fail of it): the copy
+        // stops and the device goes free; the slot keeps its member. Before,
+        // nothing but failing that member (the volume degraded) or deleting
+        // the volume stopped a replacement (audit).
+        let replacing = s.current.member_set().replacing.clone();
+        if let Some(r) = replacing.filter(|r| r.dev.info().name == name) {
+            if let Some(p) = s
+                .rebuild
+                .as_ref()
+                .filter(|p| Arc::ptr_eq(&p.cursor, &r.cursor))
+            {
+                // Cancelled, the copy reports nothing: the change below
+                // says it.
+                p.cancel.store(true, Ordering::SeqCst);
+                super::worker::wake(&self.inner.set);
+            }
+            let run = super::members::Run::of(&r.cursor);
+            return self.inner.apply(
+                &mut s,
+                Change::ReplaceAborted(run, "failed by the operator".into()),
+            );
+        }
         let members = s.current.member_set().members.clone();
         let Some(slot) = members
             .iter()
