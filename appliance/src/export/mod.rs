@@ -259,7 +259,7 @@ fn limits_for(volume: &Volume, opts: &ExportOptions) -> Limits {
         // NVMe member's 1 MiB gave seg_max 1 before, and a Linux guest one
         // page per request).
         max_transfer: SEG_MAX * SIZE_MAX,
-        part_max: info.max_transfer.max(info.block_size),
+        part_max: request::part_max(&info),
         size_max: SIZE_MAX,
         seg_max: SEG_MAX,
         // Also the write-zeroes limit; a RAID5 writes zeroes like data, so

@@ -260,7 +260,7 @@ fn sized_limits(limits: &Arc<Limits>, vol: &VolumeConfig) -> Arc<Limits> {
     let info = vol.device.info();
     let sectors = info.size_bytes() / super::request::SECTOR;
     // A new member set may take less at once (pieces follow the device).
-    let part_max = info.max_transfer.max(info.block_size);
+    let part_max = super::request::part_max(info);
     if sectors == limits.capacity_sectors && part_max == limits.part_max {
         return limits.clone();
     }

@@ -57,6 +57,12 @@ pub struct Limits {
     pub serial: [u8; ID_BYTES],
 }
 
+/// The largest piece the device `info` describes takes at once
+/// (`Limits::part_max`): at least a block.
+pub fn part_max(info: &bdev::DeviceInfo) -> u32 {
+    info.max_transfer.max(info.block_size)
+}
+
 /// A parsed request, ready to hand to the device.
 #[derive(Debug)]
 pub enum Parsed {
