@@ -259,3 +259,45 @@ fn a_volume_that_did_not_start_keeps_its_devices_and_exports() {
     assert_eq!(d.mgr.health().status, "ok");
     stop(d);
 }
+
+/// From an audit: a volume whose superblocks give it another name (an md
+/// array imported under a name of the operator's) that could not start
+/// said "no superblock of volume ... on its devices": its own problem,
+/// named by the array's name, was taken for another volume's and left
+/// out. It says what is wrong now.
+#[test]
+fn a_volume_known_by_another_array_name_says_why_it_did_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let path = |n: &str| dir.path().join(n);
+    let d = start(&state);
+    for n in ["a", "b", "c"] {
+        d.mgr
+            .attach_device(DeviceDecl {
+                name: n.into(),
+                spec: format!("file:{}:16M", path(n).display()),
+                block_size: 4096,
+            })
+            .unwrap();
+    }
+    d.mgr
+        .create_volume(VolumeDecl::new("md0", "raid5", &["a", "b", "c"]), false)
+        .unwrap();
+    stop(d);
+    // Known as "data" to the operator, "md0" to its superblocks; two of
+    // its three members gone.
+    let mut c = Config::load(&state).unwrap();
+    c.volumes[0].array = "md0".into();
+    c.volumes[0].name = "data".into();
+    c.save(&state).unwrap();
+    std::fs::remove_file(path("b")).unwrap();
+    std::fs::remove_file(path("c")).unwrap();
+    let d = start(&state);
+    match d.mgr.get_volume("data") {
+        Err(MgmtError::FailedPrecondition(m)) => {
+            assert!(m.contains("missing") && !m.contains("no superblock"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    stop(d);
+}

@@ -95,7 +95,10 @@ impl Manager {
         // (A problem names a device, or a volume as a whole.)
         let devices: Vec<String> = ours.iter().map(|d| d.info().name.clone()).collect();
         report.problems.retain(|(what, why)| {
-            let other = *what != decl.name && !devices.contains(what);
+            // A volume's own problem is named as its superblocks name it
+            // (md's array name, for one imported under another name).
+            let other =
+                *what != decl.name && *what != decl.array_name() && !devices.contains(what);
             if other {
                 tracing::warn!(volume = decl.name, other = %what, reason = %why, "a device of another volume left out");
             }
