@@ -1434,3 +1434,45 @@ fn an_export_whose_address_went_away_is_removed_without_hanging() {
     drop(volume);
     drop(reactors);
 }
+
+/// From an audit: each connection could hold 4 MiB of output (and as
+/// much of data buffers, and of buffers kept for reuse) however many
+/// there were, so one host with a thousand connections could make the
+/// daemon hold 12 GiB and be killed for it. The target's connections
+/// share a bounded amount now: 200 that never read hold about 1.3 MiB of
+/// output each (4 MiB each before: 800 MiB).
+#[test]
+fn many_connections_that_never_read_share_a_bounded_memory() {
+    let r = rig(&[HOST_A]);
+    let before = rss();
+    const LEN: usize = 256 << 10;
+    let mut queues = Vec::new();
+    for i in 0..200u32 {
+        let cfg = host(
+            &format!("nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-0000-0000-{i:012}"),
+            Digests::default(),
+        );
+        let mut q = Queue::open(r.addr, &cfg).unwrap();
+        q.connect(0, 31, 0xffff, capsule::DISCOVERY_NQN, &cfg)
+            .unwrap();
+        // 8 MiB of answers asked for, none read.
+        for _ in 0..32 {
+            let mut s = Sqe::new(capsule::admin::GET_LOG_PAGE, 0);
+            let numd = (LEN / 4 - 1) as u32;
+            s.cdw[0] = 0x70 | (numd & 0xffff) << 16;
+            s.cdw[1] = numd >> 16;
+            capsule::set_data_pointer(&mut s, false, LEN as u32);
+            q.send(s, &[], 0).unwrap();
+        }
+        q.flush().unwrap();
+        queues.push(q);
+    }
+    let t = Instant::now();
+    let mut most = 0;
+    while t.elapsed() < Duration::from_secs(3) {
+        most = most.max(rss().saturating_sub(before));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(most < 480 << 20, "the target held {} MiB", most >> 20);
+    drop(queues);
+}

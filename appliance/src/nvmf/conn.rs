@@ -44,8 +44,6 @@ const READ_BUDGET: usize = 1 << 20;
 const RX_SIZE: usize = 1 << 18;
 /// A new connection's receive buffer.
 const RX_START: usize = 16 << 10;
-/// Output held before the connection stops taking new commands.
-const TX_HIGH: usize = 4 << 20;
 /// How long a discovery controller without a keep-alive may sit idle:
 /// `nvme discover` asks and leaves within a second, `connect-all` keeps
 /// it while it connects to the subsystems it found, and a persistent one
@@ -101,6 +99,7 @@ pub(super) fn start(
         waiting: VecDeque::new(),
         deferred: VecDeque::new(),
         committed: 0,
+        reported: [0; 2],
         submitting: VecDeque::new(),
         io: None,
         comps: Vec::new(),
@@ -219,8 +218,10 @@ struct Conn {
     /// is made (and, for a write, its R2T sent), in arrival order.
     deferred: VecDeque<u16>,
     /// Bytes of data buffers that commands in progress hold (at most
-    /// `DATA_BUDGET`, or one command's).
+    /// 4 MiB, or one command's; see `TargetShared::may_hold`).
     committed: usize,
+    /// What it last told the target it holds, of each kind (`Held`).
+    reported: [usize; 2],
     /// Admitted commands with device requests left to submit.
     submitting: VecDeque<u16>,
     io: Option<IoPath>,
@@ -254,12 +255,23 @@ fn whole_read(cid: u16, len: usize) -> DataHeader {
     }
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // What it held is the target's again.
+        for kind in [super::Held::Output, super::Held::Data] {
+            self.shared
+                .report(kind, &mut self.reported[kind as usize], 0);
+        }
+    }
+}
+
 impl Conn {
     fn poll(&mut self, ctx: &mut Ctx) -> PollState {
         let now = ctx.now();
+        self.out.set_spare_limit(self.shared.spare_share());
         let mut work = self.reap();
         self.check_liveness(now);
-        if self.closing.is_none() && self.tx_pending() < TX_HIGH {
+        if self.closing.is_none() && self.output_room() {
             work |= self.receive(ctx);
         }
         // A closing connection admits nothing new: a write its host has
@@ -268,7 +280,7 @@ impl Conn {
             // A read gives its budget back once its data is queued for
             // sending, not once sent: started while the host reads
             // nothing, deferred reads would fill the output without end.
-            if self.tx_pending() < TX_HIGH {
+            if self.output_room() {
                 work |= self.start_deferred();
             }
             work |= self.start_waiting(ctx);
@@ -298,6 +310,16 @@ impl Conn {
 
     fn tx_pending(&self) -> usize {
         self.out.pending()
+    }
+
+    /// Whether the output may take more answers (see
+    /// `TargetShared::may_hold`); tells the target what it holds.
+    fn output_room(&mut self) -> bool {
+        let own = self.tx_pending();
+        let kind = super::Held::Output;
+        self.shared
+            .report(kind, &mut self.reported[kind as usize], own);
+        self.shared.may_hold(kind, own, 1)
     }
 
     fn close(&mut self, why: &str) {
@@ -438,7 +460,7 @@ impl Conn {
             self.handle_pdus(ctx);
             work = self.rx_len != before;
         }
-        while got < READ_BUDGET && self.closing.is_none() && self.tx_pending() < TX_HIGH {
+        while got < READ_BUDGET && self.closing.is_none() && self.output_room() {
             if self.rx_len == self.rx.len() {
                 if self.rx.len() >= RX_SIZE {
                     break;
@@ -487,8 +509,8 @@ impl Conn {
         let end = self.rx_len;
         let mut at = 0;
         // One answer can be a 256 KiB log page: the output stays within
-        // TX_HIGH and one answer, however many commands the input holds.
-        while self.closing.is_none() && self.tx_pending() < TX_HIGH {
+        // its room and one answer, however many commands the input holds.
+        while self.closing.is_none() && self.output_room() {
             let r = self.receiver();
             match pdu::parse(&rx[at..end], &r) {
                 Ok(None) => break,
@@ -513,7 +535,7 @@ impl Conn {
                 }
             }
         }
-        self.rx_held = at < end && self.tx_pending() >= TX_HIGH;
+        self.rx_held = at < end && !self.output_room();
         let mut rx = rx;
         // What is left is the start of the next PDU (the limits keep a
         // whole one inside the buffer).

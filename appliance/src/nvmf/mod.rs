@@ -178,12 +178,72 @@ pub(crate) struct TargetShared {
     /// Connections a listener keeps open at most: more are closed as
     /// they come (each holds buffers; peers are not trusted).
     max_connections: AtomicUsize,
+    /// Connections open now, on every listener.
+    live: AtomicUsize,
+    /// What the connections hold, of each kind (see [`Held`]), as they
+    /// last said (each within `REPORT_STEP`).
+    held: [AtomicUsize; 2],
 }
+
+/// What a connection holds that its peer decides the size of.
+#[derive(Clone, Copy)]
+pub(crate) enum Held {
+    /// Output waiting for the peer to read it.
+    Output = 0,
+    /// Data buffers of commands in progress.
+    Data = 1,
+}
+
+/// What the target's connections may hold of each kind (output, data
+/// buffers, buffers kept for reuse) all together ...
+const MEMORY: usize = 256 << 20;
+/// ... and one connection at most ...
+pub(crate) const SHARE_MAX: usize = 4 << 20;
+/// ... and at least, of buffers kept for reuse: two of the largest
+/// transfers.
+const SHARE_MIN: usize = 2 * identify::MAX_TRANSFER as usize;
+/// A connection tells the target what it holds when it moved by this
+/// much (an atomic shared by every reactor, not one per command).
+const REPORT_STEP: usize = 64 << 10;
 
 impl TargetShared {
     fn cntlid(&self) -> u16 {
         let n = self.next_cntlid.fetch_add(1, Ordering::SeqCst);
         (n % 0xffef) as u16 + 1
+    }
+
+    /// The bytes of buffers kept for reuse a connection may hold now:
+    /// 4 MiB while there are few connections, less as more connect.
+    pub(crate) fn spare_share(&self) -> usize {
+        (MEMORY / self.live.load(Ordering::Relaxed).max(1)).clamp(SHARE_MIN, SHARE_MAX)
+    }
+
+    /// Whether a connection that holds `own` bytes of `kind` (and said
+    /// `reported`) may take `more`: always while it holds nothing (so
+    /// none waits for ever), else up to 4 MiB and while the target's
+    /// connections hold less than `MEMORY` together. Each could hold
+    /// 4 MiB of output and 4 MiB of data whatever their number, so one
+    /// allowed host with a thousand connections could make the daemon
+    /// hold gigabytes and be killed for it (audit).
+    pub(crate) fn may_hold(&self, kind: Held, own: usize, more: usize) -> bool {
+        own == 0
+            || (own + more <= SHARE_MAX
+                && self.held[kind as usize].load(Ordering::Relaxed) + more <= MEMORY)
+    }
+
+    /// A connection that said it held `*reported` bytes of `kind` holds
+    /// `now`: told when it moved by `REPORT_STEP` or went to zero.
+    pub(crate) fn report(&self, kind: Held, reported: &mut usize, now: usize) {
+        if now.abs_diff(*reported) < REPORT_STEP && (now != 0 || *reported == 0) {
+            return;
+        }
+        let total = &self.held[kind as usize];
+        if now > *reported {
+            total.fetch_add(now - *reported, Ordering::Relaxed);
+        } else {
+            total.fetch_sub(*reported - now, Ordering::Relaxed);
+        }
+        *reported = now;
     }
 }
 
@@ -202,6 +262,8 @@ impl Target {
                 next_core: AtomicUsize::new(0),
                 next_cntlid: AtomicUsize::new(0),
                 max_connections: AtomicUsize::new(MAX_CONNECTIONS),
+                live: AtomicUsize::new(0),
+                held: Default::default(),
             }),
             listeners: Mutex::new(HashMap::new()),
         }
@@ -435,21 +497,23 @@ pub fn stable_nguid(key: &str) -> [u8; 16] {
 
 /// One connection counted against its listener's limit until dropped
 /// (with the connection, or with the message that was to start it).
-pub(super) struct LiveSlot(Arc<Port>);
+pub(super) struct LiveSlot(Arc<Port>, Arc<TargetShared>);
 
 impl LiveSlot {
-    fn take(port: &Arc<Port>, max: usize) -> Option<LiveSlot> {
+    fn take(port: &Arc<Port>, shared: &Arc<TargetShared>, max: usize) -> Option<LiveSlot> {
         if port.live.fetch_add(1, Ordering::SeqCst) >= max {
             port.live.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(LiveSlot(port.clone()))
+        shared.live.fetch_add(1, Ordering::SeqCst);
+        Some(LiveSlot(port.clone(), shared.clone()))
     }
 }
 
 impl Drop for LiveSlot {
     fn drop(&mut self) {
         self.0.live.fetch_sub(1, Ordering::SeqCst);
+        self.1.live.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -470,7 +534,7 @@ fn accept_loop(socket: TcpListener, port: Arc<Port>, set: ReactorSet, shared: Ar
         let max = shared.max_connections.load(Ordering::SeqCst);
         // Counted here, not when its reactor takes it: a burst of
         // connections all passed the check before any was counted.
-        let Some(live) = LiveSlot::take(&port, max) else {
+        let Some(live) = LiveSlot::take(&port, &shared, max) else {
             tracing::warn!(?peer, listen = %port.addr, "nvme/tcp: too many connections; this one is closed");
             drop(stream);
             continue;

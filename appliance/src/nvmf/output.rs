@@ -7,12 +7,11 @@ use std::io::{IoSlice, Write};
 
 /// Slices handed to one `writev` at most.
 const IOV_MAX: usize = 64;
-/// Data buffers kept for reuse at most, and their bytes at most.
+/// Data buffers kept for reuse at most (their bytes: see
+/// [`Output::set_spare_limit`]).
 const SPARE_MAX: usize = 64;
-const SPARE_BYTES: usize = 4 << 20;
 
 /// Bytes and data buffers waiting for the socket, in order.
-#[derive(Default)]
 pub struct Output {
     bytes: Vec<u8>,
     /// Data to send before `bytes[position..]`, in order.
@@ -25,6 +24,22 @@ pub struct Output {
     spare: Vec<Vec<u8>>,
     /// Their capacity in bytes.
     spare_bytes: usize,
+    /// What they may hold at most.
+    spare_limit: usize,
+}
+
+impl Default for Output {
+    fn default() -> Output {
+        Output {
+            bytes: Vec::new(),
+            inserts: VecDeque::new(),
+            pos: 0,
+            skip: 0,
+            spare: Vec::new(),
+            spare_bytes: 0,
+            spare_limit: 4 << 20,
+        }
+    }
 }
 
 impl Output {
@@ -53,11 +68,23 @@ impl Output {
         Some(b)
     }
 
+    /// Keep at most `bytes` of buffers for reuse (the connection's share
+    /// of the target's): those beyond are freed now.
+    pub fn set_spare_limit(&mut self, bytes: usize) {
+        self.spare_limit = bytes;
+        while self.spare_bytes > bytes {
+            let Some(b) = self.spare.pop() else {
+                break;
+            };
+            self.spare_bytes -= b.capacity();
+        }
+    }
+
     /// Keep `buf` for reuse if the pool has room (else it is freed).
     pub fn recycle(&mut self, mut buf: Vec<u8>) {
         if buf.capacity() > 0
             && self.spare.len() < SPARE_MAX
-            && self.spare_bytes + buf.capacity() <= SPARE_BYTES
+            && self.spare_bytes + buf.capacity() <= self.spare_limit
         {
             buf.clear();
             self.spare_bytes += buf.capacity();

@@ -15,12 +15,6 @@ use super::{whole_read, Conn, Phase, SlotState};
 use crate::nvmf::io;
 use crate::qos::QueueQos;
 
-/// Bytes of data buffers one connection's commands in progress may hold
-/// (reads being filled and sent, writes being received and written): 32
-/// transfers of 128 KiB, or 1,024 of 4 KiB. Commands beyond it wait
-/// inside the target, which the host cannot tell from a slow device.
-const DATA_BUDGET: usize = 4 << 20;
-
 /// How soon a queue asks again for a channel the volume's devices had no
 /// room for.
 const CHANNEL_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
@@ -112,9 +106,19 @@ impl Conn {
     }
 
     /// Whether a command's `bytes` of data fit the budget now (one command
-    /// always does, so a queue with nothing in progress never waits).
-    fn budget_has_room(&self, bytes: usize) -> bool {
-        self.committed == 0 || self.committed + bytes <= DATA_BUDGET
+    /// always does, so a queue with nothing in progress never waits). The
+    /// budget is the data buffers the connection's commands in progress
+    /// may hold (reads being filled and sent, writes being received and
+    /// written): up to 4 MiB (32 transfers of 128 KiB, or 1,024 of 4 KiB)
+    /// while the target's connections hold less than they may together.
+    /// Commands beyond it wait inside the target, which the host cannot
+    /// tell from a slow device.
+    fn budget_has_room(&mut self, bytes: usize) -> bool {
+        let kind = super::super::Held::Data;
+        let own = self.committed;
+        self.shared
+            .report(kind, &mut self.reported[kind as usize], own);
+        self.shared.may_hold(kind, own, bytes)
     }
 
     /// Start deferred commands, in order, while the budget has room.
