@@ -624,3 +624,42 @@ fn failing_the_replacement_device_gives_the_replacement_up() {
     assert_eq!(monitor.member_devices()[1].info().name, "n2");
     reactors.shutdown().unwrap();
 }
+
+/// From an audit: a rebuild's checkpoint flush that failed was only
+/// logged. A device that tells a lost write-back once (a file's writeback
+/// error goes to one fsync) then took its later flushes, and the rebuilt
+/// member was trusted in sync without the rows it lost. The target fails.
+#[test]
+fn a_rebuild_target_whose_checkpoint_flush_fails_is_failed() {
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..2).map(|i| ram(&format!("m{i}"))).collect();
+    let (reactors, _volume, monitor) = started(devs, Level::Raid1);
+    // Slow enough for a checkpoint (one a second) before it ends.
+    monitor.set_rate(4 << 20, 4 << 20).unwrap();
+    let spare = Arc::new(FaultDevice::new(ram("spare")));
+    monitor.add_spare(spare.clone()).unwrap();
+    monitor.fail_member("m1").unwrap();
+    // The rebuild onto it runs (its superblock written); the next flush
+    // is the checkpoint's.
+    assert!(monitor.rebuild().is_some_and(|p| !p.is_finished()));
+    spare.control().fail_flushes(1);
+    let t = Instant::now();
+    while !monitor.snapshot().settled() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the rebuild never ended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let names: Vec<String> = monitor
+        .member_devices()
+        .iter()
+        .map(|d| d.info().name.clone())
+        .collect();
+    let states = monitor.member_states();
+    assert!(
+        !(names[1] == "spare" && states[1] == MemberState::InSync),
+        "{names:?} {states:?}: the target that lost rows is in sync"
+    );
+    assert_eq!(states[0], MemberState::InSync);
+    reactors.shutdown().unwrap();
+}

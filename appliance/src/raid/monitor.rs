@@ -264,8 +264,7 @@ impl Inner {
             let target = s.current.member_set().members[p.slot].dev.clone();
             (p.clone(), cursor, target)
         };
-        crate::raid::metaio::sync(target.as_ref(), bdev::IoOp::Flush, 0, &mut [])
-            .map_err(|e| format!("flushing the rebuild's target before its checkpoint: {e}"))?;
+        let flushed = crate::raid::metaio::sync(target.as_ref(), bdev::IoOp::Flush, 0, &mut []);
         let s = lock(&self.state);
         // Still that rebuild, on that target (a change may have come).
         let same = s
@@ -280,6 +279,21 @@ impl Inner {
                 .is_some_and(|m| Arc::ptr_eq(&m.dev, &target));
         if !same {
             return Ok(());
+        }
+        if let Err(e) = flushed {
+            // Rows it took into its cache may be lost, and a later flush
+            // need not say so again (a file's writeback error is told
+            // once): the target fails, as every other flush's caller
+            // fails its device, instead of being trusted in sync (audit).
+            let set = s.current.member_set();
+            set.failures.report(
+                progress.slot,
+                &set.members[progress.slot],
+                bdev::IoError::DeviceFailed,
+            );
+            return Err(format!(
+                "flushing the rebuild's target before its checkpoint: {e}"
+            ));
         }
         let mut rec = lock(&self.meta);
         let Some(r) = rec.as_mut() else {
@@ -876,6 +890,24 @@ impl Monitor {
             && s.resync
                 .as_ref()
                 .is_none_or(|p| p.is_finished() && p.error().is_none());
+        // What the members hold in their caches is on their media before
+        // any superblock says "clean" (md flushes first too): a power cut
+        // between two members' records left one a step behind, taken as
+        // current, and a stripe written before the stop with its parity
+        // still in a cache was trusted clean (audit). A member that cannot
+        // flush leaves the volume dirty: the next start resyncs.
+        let flushed = s
+            .current
+            .member_set()
+            .members
+            .iter()
+            .filter(|m| m.recorded_state() != MemberState::Failed)
+            .all(|m| {
+                crate::raid::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])
+                    .inspect_err(|e| tracing::warn!(volume = self.inner.volume.name(), device = %m.dev.info().name, error = %e, "flush before a clean stop"))
+                    .is_ok()
+            });
+        let resync_done = resync_done && flushed;
         let mut rec = lock(&self.inner.meta);
         if let Some(r) = rec.as_mut() {
             // md's resync_offset: the rows the resync got through are in

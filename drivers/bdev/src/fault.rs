@@ -36,6 +36,9 @@ pub struct FaultControl {
     /// [`FaultControl::busy`]), and how many were.
     busy: AtomicBool,
     busy_refusals: AtomicU64,
+    /// Flushes to fail, from the next one on (see
+    /// [`FaultControl::fail_flushes`]).
+    flush_fail: AtomicU64,
 }
 
 /// Which requests are held, and how many are held now.
@@ -122,6 +125,13 @@ impl FaultControl {
         self.busy_refusals.load(Ordering::SeqCst)
     }
 
+    /// Fail the next `n` flushes, then let them through again: a device
+    /// that reports a lost write-back once, as Linux tells an fsync of a
+    /// file's writeback error once.
+    pub fn fail_flushes(&self, n: u64) {
+        self.flush_fail.store(n, Ordering::SeqCst);
+    }
+
     /// Clear every fault.
     pub fn heal(&self) {
         self.refuse_channels(false);
@@ -129,6 +139,7 @@ impl FaultControl {
         self.pulled.store(false, Ordering::SeqCst);
         self.fail_reads(0, 0);
         self.fail_writes(0, 0);
+        self.fail_flushes(0);
         self.set_latency(Duration::ZERO);
     }
 
@@ -202,7 +213,15 @@ impl FaultControl {
         let range = match req.op {
             IoOp::Read => &self.read_fail,
             IoOp::Write | IoOp::Discard | IoOp::WriteZeroes => &self.write_fail,
-            IoOp::Flush => return Ok(()),
+            IoOp::Flush => {
+                let failing =
+                    self.flush_fail
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                return match failing {
+                    Ok(_) => Err(IoError::DeviceFailed),
+                    Err(_) => Ok(()),
+                };
+            }
         };
         let (first, end) = (
             range.0.load(Ordering::Relaxed),
