@@ -278,6 +278,14 @@ fn remote_namespace(
     Ok(Arc::new(dev))
 }
 
+/// The file `spec` would make (`file:PATH:SIZE` whose PATH is not there).
+pub fn file_to_make(spec: &str) -> Option<&Path> {
+    let (path, size) = file_path(spec.strip_prefix("file:")?);
+    let path = Path::new(path);
+    (size.is_some() && !path.as_os_str().is_empty() && path.symlink_metadata().is_err())
+        .then_some(path)
+}
+
 /// Whether `spec` names something that is not there (a file or its
 /// directory, a PCI device): the manager answers NotFound for those rather
 /// than InvalidArgument.

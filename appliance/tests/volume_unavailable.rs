@@ -301,3 +301,47 @@ fn a_volume_known_by_another_array_name_says_why_it_did_not_start() {
     }
     stop(d);
 }
+
+/// From an audit: a file the saved state names that was not there at a
+/// restart (its filesystem not mounted, a tmpfs after a reboot) was made
+/// again, blank, and a single device's volume started on it: its VM found
+/// an empty disk. It is missing now, the volume unavailable, nothing made;
+/// once the file is back, a restart starts the volume on it.
+#[test]
+fn a_file_gone_at_a_restart_is_missing_not_made_again_blank() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let file = dir.path().join("f");
+    let d = start(&state);
+    d.mgr
+        .attach_device(DeviceDecl {
+            name: "f".into(),
+            spec: format!("file:{}:16M", file.display()),
+            block_size: 4096,
+        })
+        .unwrap();
+    d.mgr
+        .create_volume(VolumeDecl::new("s", "single", &["f"]), false)
+        .unwrap();
+    stop(d);
+    let away = dir.path().join("away");
+    std::fs::rename(&file, &away).unwrap();
+
+    let d = start(&state);
+    assert!(d.mgr.get_volume("s").is_err());
+    assert!(!file.exists(), "made again, blank");
+    assert!(
+        d.mgr
+            .health()
+            .problems
+            .iter()
+            .any(|p| p.contains("volume s did not start")),
+        "{:?}",
+        d.mgr.health().problems
+    );
+    stop(d);
+    std::fs::rename(&away, &file).unwrap();
+    let d = start(&state);
+    assert!(d.mgr.get_volume("s").is_ok());
+    stop(d);
+}

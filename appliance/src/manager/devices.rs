@@ -55,6 +55,23 @@ impl Manager {
         self.attach_device_wrapped(decl, |d| d)
     }
 
+    /// Attach a device the saved state names: as
+    /// [`attach_device`](Self::attach_device), but a file it names that
+    /// is not there is missing, not made again. Made blank at a restart
+    /// (its filesystem not mounted, a tmpfs after a reboot), a single
+    /// device's volume started on it and its VM found an empty disk
+    /// (audit).
+    pub(super) fn attach_saved(&self, decl: DeviceDecl) -> Result<DeviceView, MgmtError> {
+        if let Some(path) = crate::devspec::file_to_make(&decl.spec) {
+            return Err(MgmtError::NotFound(format!(
+                "device {}: {} is not there, and a device the saved state names is not made again (a filesystem not mounted?); mend it and reload, or detach the device and attach it anew",
+                decl.name,
+                path.display()
+            )));
+        }
+        self.attach_device(decl)
+    }
+
     /// Attach a device as `wrap` returns it once opened (the demo wraps
     /// its members in fault injectors, to pull one).
     pub fn attach_device_wrapped(

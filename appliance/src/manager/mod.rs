@@ -676,7 +676,12 @@ impl Manager {
     fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
         let failed = |part: String| move |source| RestoreError { part, source };
         for d in &config.devices {
-            match self.attach_device(d.clone()) {
+            let attached = if initial {
+                self.attach_device(d.clone())
+            } else {
+                self.attach_saved(d.clone())
+            };
+            match attached {
                 Ok(_) => {}
                 // Saved state: a device that cannot be opened now is
                 // missing, as md starts an array with a member gone; one

@@ -291,8 +291,14 @@ impl Manager {
         }
         for w in &config.devices {
             if !devices.iter().any(|d| d.name == w.name) {
-                let r = self.attach_device(w.clone()).map(|_| ());
-                let still_missing = missing.iter().any(|d| d.name == w.name && d.spec == w.spec)
+                let was_missing = missing.iter().any(|d| d.name == w.name && d.spec == w.spec);
+                let r = if was_missing {
+                    self.attach_saved(w.clone())
+                } else {
+                    self.attach_device(w.clone())
+                }
+                .map(|_| ());
+                let still_missing = was_missing
                     && matches!(r, Err(MgmtError::NotFound(_) | MgmtError::Unavailable(_)));
                 if still_missing {
                     tracing::info!(device = w.name, "reload: the device is still missing");
