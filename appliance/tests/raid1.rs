@@ -794,3 +794,37 @@ fn a_discard_across_regions_sharing_a_lock_goes_through() {
     let mut buf = vec![0x5au8; 4096];
     run_one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut buf, 2)).unwrap();
 }
+
+/// From an audit: a disk whose driver cannot zero a range answers a
+/// discard "not supported", and that failed the member; fstrim or mkfs
+/// failed both mirrors, and the volume with them. As md does, a discard's
+/// error fails no member.
+#[test]
+fn a_discard_the_members_refuse_fails_no_member() {
+    let (fa, fb) = (
+        Arc::new(FaultDevice::new(ram("a", 4096))),
+        Arc::new(FaultDevice::new(ram("b", 4096))),
+    );
+    let (tx, rx) = mpsc::channel();
+    let r = Raid1Device::new(
+        "r1",
+        vec![member(fa.clone()), member(fb.clone())],
+        8,
+        FailureSink::new(tx),
+    )
+    .unwrap();
+    for f in [&fa, &fb] {
+        f.control().fail_writes(0, 64);
+    }
+    let mut ch = r.open_channel().unwrap();
+    run_one(ch.as_mut(), bdev::IoRequest::range(IoOp::Discard, 0, 32, 1)).unwrap();
+    assert!(rx.try_recv().is_err(), "a member was failed");
+    for f in [&fa, &fb] {
+        f.control().heal();
+    }
+    let mut buf = vec![0x5au8; 4096];
+    run_one(ch.as_mut(), rw(IoOp::Write, 0, 1, &mut buf, 2)).unwrap();
+    let mut got = vec![0u8; 4096];
+    run_one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut got, 3)).unwrap();
+    assert_eq!(got, buf);
+}

@@ -688,6 +688,16 @@ impl Raid1Channel {
             // cursor and is failed with the rebuild if it ends up alone.
             Ok(()) if Some(m) != self.rebuild_target => p.took |= 1 << m,
             Ok(()) => {}
+            // A discard is a hint the member may not take (a disk without
+            // the zeroing its driver asks for answers "not supported"):
+            // its error fails no member, as md ignores discard errors;
+            // fstrim or mkfs failed every mirror, and the volume with them
+            // (audit). The mirror keeps its data, as a discard allows.
+            Err(_) if p.op == IoOp::Discard => {
+                if Some(m) != self.rebuild_target {
+                    p.took |= 1 << m;
+                }
+            }
             Err(e) => {
                 p.error = Some(e);
                 let is_read = p.op == IoOp::Read;
