@@ -288,6 +288,9 @@ impl Conn {
         work |= self.submit();
         self.refresh_generation(ctx);
         work |= self.send();
+        // What it holds now, for the target's count (a connection gone
+        // idle after a burst kept counting its last figure).
+        self.report_held();
         if let Some(since) = self.closing {
             let drained =
                 self.tx_pending() == 0 || now.saturating_duration_since(since) > CLOSE_LINGER;
@@ -310,6 +313,15 @@ impl Conn {
 
     fn tx_pending(&self) -> usize {
         self.out.pending()
+    }
+
+    /// Tell the target what it holds of each kind now.
+    fn report_held(&mut self) {
+        let now = [self.tx_pending(), self.committed];
+        for kind in [super::Held::Output, super::Held::Data] {
+            let k = kind as usize;
+            self.shared.report(kind, &mut self.reported[k], now[k]);
+        }
     }
 
     /// Whether the output may take more answers (see

@@ -10,6 +10,8 @@ const IOV_MAX: usize = 64;
 /// Data buffers kept for reuse at most (their bytes: see
 /// [`Output::set_spare_limit`]).
 const SPARE_MAX: usize = 64;
+/// Bytes of header space an emptied output keeps.
+const KEEP: usize = 64 << 10;
 
 /// Bytes and data buffers waiting for the socket, in order.
 pub struct Output {
@@ -37,7 +39,7 @@ impl Default for Output {
             skip: 0,
             spare: Vec::new(),
             spare_bytes: 0,
-            spare_limit: 4 << 20,
+            spare_limit: super::SHARE_MAX,
         }
     }
 }
@@ -161,6 +163,10 @@ impl Output {
         }
         if self.inserts.is_empty() && self.pos == self.bytes.len() {
             self.bytes.clear();
+            // Not kept at its peak: a connection's output is bounded by
+            // what it has pending (see `TargetShared::may_hold`), and a
+            // thousand that once held 4 MiB each kept it all.
+            self.bytes.shrink_to(KEEP);
             self.pos = 0;
         } else if self.pos > 1 << 20 {
             self.bytes.drain(..self.pos);
