@@ -814,7 +814,7 @@ fn a_discard_the_members_refuse_fails_no_member() {
     )
     .unwrap();
     for f in [&fa, &fb] {
-        f.control().fail_writes(0, 64);
+        f.control().refuse_discards(true);
     }
     let mut ch = r.open_channel().unwrap();
     run_one(ch.as_mut(), bdev::IoRequest::range(IoOp::Discard, 0, 32, 1)).unwrap();
@@ -827,4 +827,18 @@ fn a_discard_the_members_refuse_fails_no_member() {
     let mut got = vec![0u8; 4096];
     run_one(ch.as_mut(), rw(IoOp::Read, 0, 1, &mut got, 3)).unwrap();
     assert_eq!(got, buf);
+    // A member that fails a discard otherwise (a medium error) is failed,
+    // as for any write.
+    fb.control().fail_writes(0, 64);
+    ch.submit(bdev::IoRequest::range(IoOp::Discard, 0, 32, 4))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut out = Vec::new();
+    while rx.try_recv().is_err() {
+        ch.poll(&mut out);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the failing member is kept"
+        );
+    }
 }

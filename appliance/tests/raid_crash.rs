@@ -691,3 +691,53 @@ fn a_power_cut_during_a_clean_stop_leaves_no_stripe_torn() {
     drop(volume);
     reactors.shutdown().unwrap();
 }
+
+/// From review: a member that could not flush at a clean stop left the
+/// volume dirty, but recorded the finished resync's end as where the next
+/// one goes on: nothing was resynchronised. It goes on from the start.
+#[test]
+fn a_clean_stop_whose_flush_fails_owes_a_whole_resync() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<bdev::FaultDevice>> = (0..3)
+        .map(|i| {
+            let d = Arc::new(RamDevice::new(&format!("m{i}"), 4096, 2 + 48).unwrap());
+            Arc::new(bdev::FaultDevice::new(d))
+        })
+        .collect();
+    let members: Vec<Arc<dyn BlockDevice>> = faults
+        .iter()
+        .map(|f| f.clone() as Arc<dyn BlockDevice>)
+        .collect();
+    let spec = VolumeSpec {
+        data_offset: 2,
+        chunk_bytes: 4096,
+        // Owes its initial sync: a resync runs, and ends, in this run.
+        zeroed: false,
+        ..VolumeSpec::new("stop", Level::Raid5, members.clone())
+    };
+    let (tx, rx) = mpsc::channel();
+    let (dev, meta) = assembly::create(&spec, FailureSink::new(tx), false).unwrap();
+    let volume = Volume::new(reactors.set(), "stop", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev.clone(), rx, vec![]);
+    monitor.set_meta(meta);
+    let resync = monitor.open(false).unwrap().expect("the initial sync");
+    let t = Instant::now();
+    while !resync.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    faults[2].control().fail_flushes(1);
+    monitor.close().unwrap();
+    let mut report = assembly::assemble(&members, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let v = report.volumes.remove(0);
+    assert!(!v.was_clean);
+    assert_eq!(v.meta.template.resync_from, 0);
+    drop(monitor);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

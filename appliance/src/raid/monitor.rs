@@ -896,24 +896,34 @@ impl Monitor {
         // current, and a stripe written before the stop with its parity
         // still in a cache was trusted clean (audit). A member that cannot
         // flush leaves the volume dirty: the next start resyncs.
-        let flushed = s
-            .current
-            .member_set()
-            .members
-            .iter()
-            .filter(|m| m.recorded_state() != MemberState::Failed)
-            .all(|m| {
-                crate::raid::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])
-                    .inspect_err(|e| tracing::warn!(volume = self.inner.volume.name(), device = %m.dev.info().name, error = %e, "flush before a clean stop"))
-                    .is_ok()
-            });
+        let mut flushed = true;
+        let set = s.current.member_set();
+        for m in set.members.iter() {
+            if m.recorded_state() == MemberState::Failed {
+                continue;
+            }
+            if let Err(e) = crate::raid::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])
+            {
+                tracing::warn!(volume = self.inner.volume.name(), device = %m.dev.info().name, error = %e, "flush before a clean stop: the next start resyncs the whole volume");
+                flushed = false;
+            }
+        }
+        if !flushed {
+            // Whatever a cache lost may lie anywhere, below a resync's
+            // cursor or in a region the bitmap cleared: all of it is owed.
+            if let Some(b) = &set.bitmap {
+                b.load(&b.all_dirty());
+                b.freeze();
+                b.rewrite();
+            }
+        }
         let resync_done = resync_done && flushed;
         let mut rec = lock(&self.inner.meta);
         if let Some(r) = rec.as_mut() {
             // md's resync_offset: the rows the resync got through are in
             // sync, and stay so with no IO after this.
             r.meta.template.resync_from = match (&s.resync, resync_done) {
-                (Some(p), false) => p.cursor.load(Ordering::SeqCst),
+                (Some(p), false) if flushed => p.cursor.load(Ordering::SeqCst),
                 _ => 0,
             };
             r.meta

@@ -693,7 +693,7 @@ impl Raid1Channel {
             // its error fails no member, as md ignores discard errors;
             // fstrim or mkfs failed every mirror, and the volume with them
             // (audit). The mirror keeps its data, as a discard allows.
-            Err(_) if p.op == IoOp::Discard => {
+            Err(e) if p.op == IoOp::Discard && unsupported(e) => {
                 if Some(m) != self.rebuild_target {
                     p.took |= 1 << m;
                 }
@@ -716,6 +716,18 @@ impl Raid1Channel {
             self.finish(pi);
         }
     }
+}
+
+/// Whether `e` says the device does not do the request (a discard its
+/// driver cannot carry out), rather than that the device failed.
+fn unsupported(e: IoError) -> bool {
+    // NVMe generic status: invalid opcode, invalid field.
+    matches!(
+        e,
+        IoError::Unsupported(_)
+            | IoError::Os(libc::EOPNOTSUPP | libc::EINVAL)
+            | IoError::Device(0x0001 | 0x0002)
+    )
 }
 
 impl IoChannel for Raid1Channel {

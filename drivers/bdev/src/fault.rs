@@ -39,6 +39,9 @@ pub struct FaultControl {
     /// Flushes to fail, from the next one on (see
     /// [`FaultControl::fail_flushes`]).
     flush_fail: AtomicU64,
+    /// Discards are answered "not supported" (EOPNOTSUPP), as a disk
+    /// whose driver cannot zero a range answers them.
+    no_discard: AtomicBool,
 }
 
 /// Which requests are held, and how many are held now.
@@ -132,6 +135,11 @@ impl FaultControl {
         self.flush_fail.store(n, Ordering::SeqCst);
     }
 
+    /// Answer every discard "not supported" (or, `false`, no more).
+    pub fn refuse_discards(&self, on: bool) {
+        self.no_discard.store(on, Ordering::SeqCst);
+    }
+
     /// Clear every fault.
     pub fn heal(&self) {
         self.refuse_channels(false);
@@ -140,6 +148,7 @@ impl FaultControl {
         self.fail_reads(0, 0);
         self.fail_writes(0, 0);
         self.fail_flushes(0);
+        self.refuse_discards(false);
         self.set_latency(Duration::ZERO);
     }
 
@@ -209,6 +218,9 @@ impl FaultControl {
     fn check(&self, req: &IoRequest) -> Result<(), IoError> {
         if self.pulled.load(Ordering::Relaxed) {
             return Err(IoError::DeviceFailed);
+        }
+        if req.op == IoOp::Discard && self.no_discard.load(Ordering::Relaxed) {
+            return Err(IoError::Os(libc::EOPNOTSUPP));
         }
         let range = match req.op {
             IoOp::Read => &self.read_fail,
