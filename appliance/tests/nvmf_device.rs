@@ -34,12 +34,16 @@ struct Side {
 }
 
 fn side(blocks: u64) -> Side {
+    side_on(Arc::new(RamDevice::new("r", 4096, blocks).unwrap()))
+}
+
+/// A side whose volume is `dev`.
+fn side_on(dev: Arc<dyn BlockDevice>) -> Side {
     let reactors = Reactors::start(ReactorConfig {
         count: 1,
         ..Default::default()
     })
     .unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("r", 4096, blocks).unwrap());
     let volume = Volume::new(reactors.set(), "remote", dev);
     let target = Target::new(reactors.set());
     let addr = export(&target, &volume, "127.0.0.1:0".parse().unwrap());
@@ -633,4 +637,38 @@ fn a_channel_past_the_granted_queues_is_exhausted() {
     assert!(matches!(err, bdev::BdevError::Exhausted(_)), "{err:?}");
     drop(open);
     assert!(dev.open_channel().is_ok(), "room again once one closes");
+}
+
+/// From an audit: a target with a volatile write cache that lost power
+/// shows as nothing but a new association; writes it had taken and not
+/// flushed were gone, the next flush succeeded, and a mirror kept the
+/// member in sync without them. That flush fails now (once), so the
+/// volume fails the member and resynchronises it; with every write
+/// flushed before the target went, nothing is at risk and nothing fails.
+#[test]
+fn a_flush_after_the_target_came_back_with_writes_unflushed_fails_once() {
+    let s = side_on(Arc::new(
+        RamDevice::with_volatile_cache("r", 4096, 4096).unwrap(),
+    ));
+    let dev = NvmfDevice::connect("remote", remote(s.addr), options(LONG)).unwrap();
+    assert!(dev.info().flush, "the target has a volatile cache");
+    let mut ch = dev.open_channel().unwrap();
+    let mut a = vec![0xa1u8; 8192];
+    let flush = |tag| IoRequest::flush(tag);
+    let bounce = |s: &Side| {
+        s.target.remove(NQN).unwrap();
+        export(&s.target, &s.volume, s.addr);
+    };
+    // Flushed, then the target goes and comes back: nothing at risk.
+    run(ch.as_mut(), rw(IoOp::Write, 10, &mut a, 1)).unwrap();
+    run(ch.as_mut(), flush(2)).unwrap();
+    bounce(&s);
+    assert_eq!(run(ch.as_mut(), rw(IoOp::Read, 10, &mut a, 3)), Ok(()));
+    assert_eq!(run(ch.as_mut(), flush(4)), Ok(()));
+    // Written, not flushed: the next flush fails, the one after succeeds.
+    run(ch.as_mut(), rw(IoOp::Write, 10, &mut a, 5)).unwrap();
+    bounce(&s);
+    assert_eq!(run(ch.as_mut(), rw(IoOp::Read, 10, &mut a, 6)), Ok(()));
+    assert_eq!(run(ch.as_mut(), flush(7)), Err(IoError::DeviceFailed));
+    assert_eq!(run(ch.as_mut(), flush(8)), Ok(()));
 }

@@ -138,6 +138,17 @@ struct Assoc {
     identity: (u64, u8, [u8; 16]),
     /// Largest command (the target's MDTS).
     max_transfer: u32,
+    /// The controller has a volatile write cache (VWC).
+    volatile: bool,
+    /// Writes (and discards) completed so far, and the most of them that
+    /// a completed flush covers (those completed before it was sent).
+    written: AtomicU64,
+    flushed: AtomicU64,
+    /// A new association came while writes were not covered by a flush:
+    /// the target's cache may have lost them (a power cycle shows as
+    /// nothing but a new association). The next flush fails, so the
+    /// volume above fails the member and resynchronises it.
+    cache_lost: AtomicBool,
 }
 
 impl Assoc {
@@ -246,6 +257,10 @@ impl NvmfDevice {
             in_capsule,
             identity: (nsze, lbads, nguid),
             max_transfer: max_command,
+            volatile: id[525] & 1 != 0,
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            cache_lost: AtomicBool::new(false),
         });
         let a = assoc.clone();
         let control = std::thread::Builder::new()
@@ -328,6 +343,14 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                 Ok((c, _)) => {
                     tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
                     a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
+                    // Before the channels see the new association: a flush
+                    // they send on it must know.
+                    if a.volatile
+                        && a.written.load(Ordering::SeqCst) > a.flushed.load(Ordering::SeqCst)
+                    {
+                        tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, "nvme/tcp: writes the target took before it came back may be lost with its volatile cache; the next flush fails");
+                        a.cache_lost.store(true, Ordering::SeqCst);
+                    }
                     a.epoch.fetch_add(1, Ordering::SeqCst);
                     *a.lost_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     ctrl = Some(c);
@@ -397,6 +420,8 @@ struct Sent {
     req: IoRequest,
     received: usize,
     at: Instant,
+    /// A flush: the writes completed when it was sent (it covers them).
+    covers: u64,
 }
 
 struct NvmfChannel {
@@ -457,6 +482,27 @@ fn error_of(req: &IoRequest, st: Status) -> IoError {
 }
 
 impl NvmfChannel {
+    /// Count what `s`'s completion (`r`) makes durable or at risk; a
+    /// flush after the target may have lost its cache fails (once).
+    fn account(&self, s: &Sent, r: Result<(), IoError>) -> Result<(), IoError> {
+        let a = &self.assoc;
+        match (s.req.op, r) {
+            (IoOp::Write | IoOp::Discard, Ok(())) => {
+                a.written.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            (IoOp::Flush, Ok(())) if a.cache_lost.swap(false, Ordering::SeqCst) => {
+                tracing::warn!(nqn = %a.remote.nqn, "nvme/tcp: a flush after the target came back fails: writes it had taken may be lost");
+                Err(IoError::DeviceFailed)
+            }
+            (IoOp::Flush, Ok(())) => {
+                a.flushed.fetch_max(s.covers, Ordering::SeqCst);
+                Ok(())
+            }
+            (_, r) => r,
+        }
+    }
+
     fn finish(&mut self, tag: u64, result: Result<(), IoError>) {
         if let Some((left, err)) = self.parts.get_mut(&tag) {
             *left -= 1;
@@ -640,6 +686,7 @@ impl NvmfChannel {
             self.sent.insert(
                 cid,
                 Sent {
+                    covers: self.assoc.written.load(Ordering::SeqCst),
                     req,
                     received: sent_data,
                     at: came,
@@ -761,6 +808,7 @@ impl NvmfChannel {
                 } else {
                     Ok(())
                 };
+                let r = self.account(&s, r);
                 self.finish(s.req.tag, r);
             }
             Pdu::C2hData(h, data) => {
