@@ -843,6 +843,16 @@ fn one_host_cannot_take_every_connection_of_a_listener() {
     drop(held);
 }
 
+/// A Get Log Page of the discovery log, `len` bytes of answer.
+fn discovery_log(len: usize) -> Sqe {
+    let mut s = Sqe::new(capsule::admin::GET_LOG_PAGE, 0);
+    let numd = (len / 4 - 1) as u32;
+    s.cdw[0] = 0x70 | (numd & 0xffff) << 16;
+    s.cdw[1] = numd >> 16;
+    capsule::set_data_pointer(&mut s, false, len as u32);
+    s
+}
+
 /// The process's resident memory, in bytes.
 fn rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -875,14 +885,9 @@ fn a_host_that_never_reads_cannot_make_the_target_buffer_without_bound() {
     // 2,000 commands, 500 MiB of answers; none read.
     const LEN: usize = 256 << 10;
     for _ in 0..2000 {
-        let mut s = Sqe::new(capsule::admin::GET_LOG_PAGE, 0);
-        let numd = (LEN / 4 - 1) as u32;
-        s.cdw[0] = 0x70 | (numd & 0xffff) << 16;
-        s.cdw[1] = numd >> 16;
-        // The data pointer set here, and no buffer for the answer on our
-        // side (500 MiB of them would count in the same process's RSS).
-        capsule::set_data_pointer(&mut s, false, LEN as u32);
-        q.send(s, &[], 0).unwrap();
+        // No buffer for the answer on our side (500 MiB of them would
+        // count in the same process's RSS).
+        q.send(discovery_log(LEN), &[], 0).unwrap();
     }
     q.flush().unwrap();
     // The target answers what fits in its output and the socket, then
@@ -1457,12 +1462,7 @@ fn many_connections_that_never_read_share_a_bounded_memory() {
             .unwrap();
         // 8 MiB of answers asked for, none read.
         for _ in 0..32 {
-            let mut s = Sqe::new(capsule::admin::GET_LOG_PAGE, 0);
-            let numd = (LEN / 4 - 1) as u32;
-            s.cdw[0] = 0x70 | (numd & 0xffff) << 16;
-            s.cdw[1] = numd >> 16;
-            capsule::set_data_pointer(&mut s, false, LEN as u32);
-            q.send(s, &[], 0).unwrap();
+            q.send(discovery_log(LEN), &[], 0).unwrap();
         }
         q.flush().unwrap();
         queues.push(q);

@@ -18,13 +18,29 @@ use poller::{ReactorConfig, Reactors};
 
 const MIB: u64 = 1 << 20;
 
-fn manager() -> (Manager, Reactors) {
+/// A manager saving to `state` (if any), started from it if it exists.
+fn manager_on(state: Option<&Path>) -> (Manager, Reactors) {
     let reactors = Reactors::start(ReactorConfig {
         count: 1,
         ..Default::default()
     })
     .unwrap();
-    (Manager::new(reactors.set(), None), reactors)
+    let mgr = Manager::new(reactors.set(), state.map(Path::to_path_buf));
+    if let Some(state) = state.filter(|s| s.exists()) {
+        let c = appliance::config::Config::load(state).unwrap();
+        mgr.restore(&c, false).unwrap();
+    }
+    (mgr, reactors)
+}
+
+fn manager() -> (Manager, Reactors) {
+    manager_on(None)
+}
+
+fn stop((mgr, reactors): (Manager, Reactors)) {
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
 }
 
 /// Attach `names` as files in `dir`: filled with random bytes first (old
@@ -101,9 +117,7 @@ fn a_raid5_on_members_with_old_data_is_synchronised_and_survives_a_member_failur
         );
     }
     drop(disk);
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    stop((mgr, reactors));
 }
 
 #[test]
@@ -124,9 +138,7 @@ fn volumes_on_members_known_to_hold_only_zeros_start_without_a_sync() {
     mgr.create_volume(VolumeDecl::new("w", "raid1", &["a", "b", "c"]), true)
         .unwrap();
     assert!(settle(&mgr, "w").is_some());
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    stop((mgr, reactors));
 }
 
 /// With a write-intent bitmap the sync is driven by it: every region
@@ -136,20 +148,7 @@ fn volumes_on_members_known_to_hold_only_zeros_start_without_a_sync() {
 fn a_bitmap_volume_on_old_data_is_synchronised_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.toml");
-    let start = || {
-        let reactors = Reactors::start(ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let mgr = Manager::new(reactors.set(), Some(state.clone()));
-        if state.exists() {
-            let c = appliance::config::Config::load(&state).unwrap();
-            mgr.restore(&c, false).unwrap();
-        }
-        (mgr, reactors)
-    };
-    let (mgr, reactors) = start();
+    let (mgr, reactors) = manager_on(Some(&state));
     let members = ["x0", "x1", "x2"];
     attach(&mgr, dir.path(), &members, true);
     let mut decl = VolumeDecl::new("v", "raid5", &members);
@@ -160,18 +159,14 @@ fn a_bitmap_volume_on_old_data_is_synchronised_across_a_restart() {
     mgr.create_volume(decl, false).unwrap();
     let (_, regions, dirty) = mgr.get_volume("v").unwrap().bitmap.unwrap();
     assert_eq!(dirty, regions, "every region owed the sync");
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    stop((mgr, reactors));
 
-    let (mgr, reactors) = start();
+    let (mgr, reactors) = manager_on(Some(&state));
     mgr.set_rebuild_rate("v", 0, 0).unwrap();
     assert!(settle(&mgr, "v").is_some_and(|m| m > 0));
     mgr.start_scrub("v", false).unwrap();
     assert_eq!(settle(&mgr, "v"), Some(0));
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    stop((mgr, reactors));
 }
 
 /// RAM devices start blank at every start: their volumes are made again
@@ -181,12 +176,7 @@ fn a_ram_volume_restarts_without_a_sync() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.toml");
     for round in 0..2 {
-        let reactors = Reactors::start(ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let mgr = Manager::new(reactors.set(), Some(state.clone()));
+        let (mgr, reactors) = manager_on(Some(&state));
         if round == 0 {
             for n in ["a", "b", "c"] {
                 mgr.attach_device(DeviceDecl {
@@ -198,14 +188,9 @@ fn a_ram_volume_restarts_without_a_sync() {
             }
             mgr.create_volume(VolumeDecl::new("v", "raid5", &["a", "b", "c"]), false)
                 .unwrap();
-        } else {
-            let c = appliance::config::Config::load(&state).unwrap();
-            mgr.restore(&c, false).unwrap();
         }
         assert!(mgr.get_volume("v").unwrap().progress.is_none(), "{round}");
-        mgr.shutdown();
-        drop(mgr);
-        let _ = reactors.shutdown();
+        stop((mgr, reactors));
     }
 }
 
@@ -235,7 +220,5 @@ fn a_repair_that_takes_over_a_stopped_initial_sync_lets_the_bitmap_clear() {
         assert!(t.elapsed() < Duration::from_secs(60), "the bits stay set");
         std::thread::sleep(Duration::from_millis(100));
     }
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    stop((mgr, reactors));
 }
