@@ -505,12 +505,12 @@ impl pb::appliance_server::Appliance for Service {
         _: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         self.run(|m| {
+            let (running, unavailable) = m.volume_listing();
             Ok(pb::ListVolumesResponse {
-                volumes: m
-                    .list_volumes()
+                volumes: running
                     .into_iter()
                     .map(volume_to_pb)
-                    .chain(m.unavailable_views().into_iter().map(unavailable_to_pb))
+                    .chain(unavailable.into_iter().map(unavailable_to_pb))
                     .collect(),
             })
         })
@@ -837,12 +837,12 @@ impl pb::appliance_server::Appliance for Service {
         _: Request<pb::ListExportsRequest>,
     ) -> Result<Response<pb::ListExportsResponse>, Status> {
         self.run(|m| {
+            let (running, kept) = m.export_listing();
             Ok(pb::ListExportsResponse {
-                exports: m
-                    .list_exports()
+                exports: running
                     .into_iter()
                     .map(export_to_pb)
-                    .chain(m.kept_exports().0.into_iter().map(|e| pb::Export {
+                    .chain(kept.into_iter().map(|e| pb::Export {
                         volume_unavailable: true,
                         ..export_to_pb(e)
                     }))
@@ -879,12 +879,12 @@ impl pb::appliance_server::Appliance for Service {
         _: Request<pb::ListNvmfExportsRequest>,
     ) -> Result<Response<pb::ListNvmfExportsResponse>, Status> {
         self.run(|m| {
+            let (running, kept) = m.nvmf_listing();
             Ok(pb::ListNvmfExportsResponse {
-                exports: m
-                    .list_nvmf_exports()
+                exports: running
                     .into_iter()
                     .map(nvmf_pb::to_pb)
-                    .chain(m.kept_exports().1.into_iter().map(|e| pb::NvmfExport {
+                    .chain(kept.into_iter().map(|e| pb::NvmfExport {
                         volume_unavailable: true,
                         ..nvmf_pb::to_pb(e)
                     }))

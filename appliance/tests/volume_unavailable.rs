@@ -119,7 +119,7 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
         other => panic!("{other:?}"),
     }
     // Listed beside the running volumes, as declared, with why.
-    let listed = d.mgr.unavailable_views();
+    let listed = d.mgr.volume_listing().1;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].decl.name, "bad");
     assert_eq!(listed[0].decl.members, ["a", "b"]);

@@ -194,16 +194,7 @@ impl Manager {
 
     /// Every export.
     pub fn list_exports(&self) -> Vec<ExportView> {
-        self.inv()
-            .exports
-            .values()
-            .map(|e| ExportView {
-                decl: e.decl(),
-                connected: e.export.is_connected(),
-                connections: e.export.connections(),
-                dirty_log: e.export.dirty_log(),
-            })
-            .collect()
+        export_views(&self.inv())
     }
 
     /// Every export's name, volume and IO counters.
@@ -275,4 +266,17 @@ fn socket_key(path: &std::path::Path) -> std::path::PathBuf {
         }
         _ => path.to_path_buf(),
     }
+}
+
+/// The running exports of `inv`.
+pub(super) fn export_views(inv: &super::inventory::Inventory) -> Vec<ExportView> {
+    inv.exports
+        .values()
+        .map(|e| ExportView {
+            decl: e.decl(),
+            connected: e.export.is_connected(),
+            connections: e.export.connections(),
+            dirty_log: e.export.dirty_log(),
+        })
+        .collect()
 }

@@ -172,7 +172,7 @@ impl Manager {
 
     /// Every NVMe/TCP export.
     pub fn list_nvmf_exports(&self) -> Vec<NvmfExportView> {
-        self.inv().nvmf.values().map(view).collect()
+        nvmf_views(&self.inv())
     }
 
     /// Controllers live on export `nqn` now (0 if there is no such
@@ -209,4 +209,9 @@ impl Manager {
         self.save()?;
         removed
     }
+}
+
+/// The running NVMe/TCP exports of `inv`.
+pub(super) fn nvmf_views(inv: &super::inventory::Inventory) -> Vec<NvmfExportView> {
+    inv.nvmf.values().map(view).collect()
 }

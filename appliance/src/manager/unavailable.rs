@@ -181,48 +181,43 @@ impl Manager {
         Ok(u)
     }
 
-    /// Volumes that did not start, as the state file declares them, for
-    /// the volume list (an operator looks there first, as in
-    /// /proc/mdstat's inactive arrays).
-    pub fn unavailable_views(&self) -> Vec<UnavailableView> {
-        self.inv()
-            .unavailable
-            .values()
-            .map(|u| UnavailableView {
-                decl: u.decl.clone(),
-                reason: u.reason.clone(),
-                exports: u.exports.iter().map(|e| e.name.clone()).collect(),
-            })
-            .collect()
+    /// Every volume as described, and those that did not start, from
+    /// one look at the inventory: from two, a volume a reload started in
+    /// between was in neither list.
+    pub fn volume_listing(&self) -> (Vec<super::VolumeView>, Vec<UnavailableView>) {
+        let (running, unavailable) = {
+            let inv = self.inv();
+            let running: Vec<_> = inv.volumes.values().cloned().collect();
+            let unavailable = inv
+                .unavailable
+                .values()
+                .map(|u| UnavailableView {
+                    decl: u.decl.clone(),
+                    reason: u.reason.clone(),
+                    exports: u.exports.iter().map(|e| e.name.clone()).collect(),
+                })
+                .collect();
+            (running, unavailable)
+        };
+        (running.iter().map(|v| self.view(v)).collect(), unavailable)
     }
 
-    /// The exports kept for volumes that did not start (vhost-user,
-    /// NVMe/TCP), as declared: they serve nothing until their volume
-    /// starts, but their names, sockets and NQNs are taken, and an
-    /// operator looking for them in the export list found nothing.
-    pub fn kept_exports(&self) -> (Vec<ExportView>, Vec<NvmfExportView>) {
+    /// The running exports and those kept for volumes that did not start
+    /// (vhost-user), from one look at the inventory.
+    pub fn export_listing(&self) -> (Vec<ExportView>, Vec<ExportView>) {
         let inv = self.inv();
-        let vhost = inv.unavailable.values().flat_map(|u| &u.exports);
-        let nvmf = inv.unavailable.values().flat_map(|u| &u.nvmf);
-        (
-            vhost
-                .map(|decl| ExportView {
-                    decl: decl.clone(),
-                    connected: false,
-                    connections: 0,
-                    dirty_log: None,
-                })
-                .collect(),
-            nvmf.map(|decl| NvmfExportView {
-                decl: decl.clone(),
-                connections: 0,
-                controllers: Vec::new(),
-                commands: [0; 2],
-                bytes: [0; 2],
-                errors: 0,
-            })
-            .collect(),
-        )
+        (super::exports::export_views(&inv), kept(&inv).0)
+    }
+
+    /// As [`export_listing`](Self::export_listing), for NVMe/TCP.
+    pub fn nvmf_listing(&self) -> (Vec<NvmfExportView>, Vec<NvmfExportView>) {
+        let inv = self.inv();
+        (super::nvmf::nvmf_views(&inv), kept(&inv).1)
+    }
+
+    /// The exports kept for volumes that did not start.
+    pub fn kept_exports(&self) -> (Vec<ExportView>, Vec<NvmfExportView>) {
+        kept(&self.inv())
     }
 
     /// Volumes that did not start, with why.
@@ -233,4 +228,32 @@ impl Manager {
             .map(|u| (u.decl.name.clone(), u.reason.clone()))
             .collect()
     }
+}
+
+/// The exports `inv` keeps for volumes that did not start (vhost-user,
+/// NVMe/TCP), as declared: they serve nothing until their volume starts,
+/// but their names, sockets and NQNs are taken, and an operator looking
+/// for them in the export list found nothing.
+fn kept(inv: &Inventory) -> (Vec<ExportView>, Vec<NvmfExportView>) {
+    let vhost = inv.unavailable.values().flat_map(|u| &u.exports);
+    let nvmf = inv.unavailable.values().flat_map(|u| &u.nvmf);
+    (
+        vhost
+            .map(|decl| ExportView {
+                decl: decl.clone(),
+                connected: false,
+                connections: 0,
+                dirty_log: None,
+            })
+            .collect(),
+        nvmf.map(|decl| NvmfExportView {
+            decl: decl.clone(),
+            connections: 0,
+            controllers: Vec::new(),
+            commands: [0; 2],
+            bytes: [0; 2],
+            errors: 0,
+        })
+        .collect(),
+    )
 }

@@ -840,7 +840,7 @@ impl Monitor {
                 volume = self.inner.volume.name(),
                 regions = dirty,
                 of = b.bits(),
-                "unclean shutdown: resynchronising the regions the write-intent bitmap marks"
+                "not recorded clean (an unclean shutdown, or a new volume on members that may hold old data): resynchronising the regions the write-intent bitmap marks"
             );
             // Its bits stay (frozen at assembly) until the resync has
             // covered them.
@@ -848,7 +848,7 @@ impl Monitor {
             tracing::warn!(
                 volume = self.inner.volume.name(),
                 from_row = from,
-                "unclean shutdown: resynchronising parity"
+                "not recorded clean (an unclean shutdown, or a new volume on members that may hold old data): resynchronising parity"
             );
         }
         if from > 0 {
