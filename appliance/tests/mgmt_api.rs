@@ -1750,6 +1750,7 @@ fn a_write_intent_bitmap_is_set_refused_and_restored_through_the_api() {
         (set("v", true, 0), Code::FailedPrecondition),
         (set("v", false, 128), Code::InvalidArgument),
         (set("v", true, 32), Code::InvalidArgument),
+        (set("v", true, 4 << 20), Code::InvalidArgument),
         (set("one", true, 0), Code::FailedPrecondition),
     ] {
         let e = call!(d, c, set_bitmap, req.clone()).unwrap_err();

@@ -198,10 +198,12 @@ fn check_write_behind(limit: u32) -> Result<(), MgmtError> {
 /// A bitmap region size in KiB: 0 (the default) or a power of two from
 /// 64 KiB to 4 GiB.
 fn check_bitmap_chunk(kib: u32) -> Result<(), MgmtError> {
-    if kib != 0 && (!kib.is_power_of_two() || !(64..=4 << 20).contains(&kib)) {
+    // md's bitmap chunk is a 32-bit byte count: 2 GiB is the largest
+    // power of two (4 GiB was taken, used as 2 GiB, and kept as asked).
+    if kib != 0 && (!kib.is_power_of_two() || !(64..=2 << 20).contains(&kib)) {
         return Err(invalid(
             "bitmap_chunk_kib",
-            format!("{kib} is not a power of two from 64 (64 KiB) to 4194304 (4 GiB)"),
+            format!("{kib} is not a power of two from 64 (64 KiB) to 2097152 (2 GiB)"),
         ));
     }
     Ok(())

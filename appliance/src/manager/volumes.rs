@@ -206,7 +206,10 @@ impl Manager {
                 "a volume with a journal needs no bitmap: the journal closes the write hole (choose one)",
             ));
         }
-        check_bitmap_chunk(decl.bitmap_chunk_kib)?;
+        // A state file of an older version may say 4 GiB (used as 2).
+        if !(restoring && decl.bitmap_chunk_kib == 4 << 20) {
+            check_bitmap_chunk(decl.bitmap_chunk_kib)?;
+        }
         // At a restart the superblocks decide (a bitmap may be gone).
         if decl.write_behind > 0 && !restoring {
             check_write_behind(decl.write_behind)?;
