@@ -740,6 +740,12 @@ fn a_clean_stop_whose_flush_fails_owes_a_whole_resync() {
     let v = report.volumes.remove(0);
     assert!(!v.was_clean);
     assert_eq!(v.meta.template.resync_from, 0);
+    // And the member that could not flush is not taken for in sync (nor
+    // as the reference a resync copies).
+    assert_ne!(
+        v.device.member_states()[2],
+        appliance::raid::members::MemberState::InSync
+    );
     drop(monitor);
     drop(volume);
     reactors.shutdown().unwrap();

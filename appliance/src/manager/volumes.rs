@@ -206,10 +206,7 @@ impl Manager {
                 "a volume with a journal needs no bitmap: the journal closes the write hole (choose one)",
             ));
         }
-        // A state file of an older version may say 4 GiB (used as 2).
-        if !(restoring && decl.bitmap_chunk_kib == 4 << 20) {
-            check_bitmap_chunk(decl.bitmap_chunk_kib)?;
-        }
+        check_bitmap_chunk(decl.bitmap_chunk_kib)?;
         // At a restart the superblocks decide (a bitmap may be gone).
         if decl.write_behind > 0 && !restoring {
             check_write_behind(decl.write_behind)?;
@@ -715,6 +712,11 @@ impl Manager {
     pub(super) fn restore_volume(&self, decl: &VolumeDecl, initial: bool) -> Result<(), MgmtError> {
         // A device named twice (a state file of an older version) counts once.
         let mut decl = decl.clone();
+        // A state file of an older version may say 4 GiB regions, which
+        // were used as 2 GiB (md's limit): what they were.
+        if decl.bitmap_chunk_kib == 4 << 20 {
+            decl.bitmap_chunk_kib = 2 << 20;
+        }
         let mut seen: Vec<String> = Vec::new();
         decl.members.retain(|m| {
             let first = !seen.contains(m);

@@ -898,13 +898,18 @@ impl Monitor {
         // flush leaves the volume dirty: the next start resyncs.
         let mut flushed = true;
         let set = s.current.member_set();
-        for m in set.members.iter() {
+        for (slot, m) in set.members.iter().enumerate() {
             if m.recorded_state() == MemberState::Failed {
                 continue;
             }
             if let Err(e) = crate::raid::metaio::sync(m.dev.as_ref(), bdev::IoOp::Flush, 0, &mut [])
             {
-                tracing::warn!(volume = self.inner.volume.name(), device = %m.dev.info().name, error = %e, "flush before a clean stop: the next start resyncs the whole volume");
+                tracing::warn!(volume = self.inner.volume.name(), device = %m.dev.info().name, error = %e, "flush before a clean stop: the member is failed, the next start resyncs the whole volume");
+                // Failed, as every other flush's caller fails its device
+                // (recorded below): what its cache lost must not be taken
+                // for in sync, nor be the reference a resync copies
+                // (review). The last one holding data is kept.
+                set.failures.report(slot, m, bdev::IoError::DeviceFailed);
                 flushed = false;
             }
         }

@@ -345,13 +345,22 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
                     // Before the channels see the new association: a flush
                     // they send on it must know.
-                    if a.volatile
-                        && a.written.load(Ordering::SeqCst) > a.flushed.load(Ordering::SeqCst)
-                    {
-                        tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, "nvme/tcp: writes the target took before it came back may be lost with its volatile cache; the next flush fails");
+                    let written = a.written.load(Ordering::SeqCst);
+                    let at_risk = written > a.flushed.load(Ordering::SeqCst);
+                    if a.volatile && at_risk {
                         a.cache_lost.store(true, Ordering::SeqCst);
                     }
                     a.epoch.fetch_add(1, Ordering::SeqCst);
+                    // A write the old association completed between the
+                    // look above and the new epoch (a channel still
+                    // reading its old connection) is at risk too; later
+                    // ones see the new epoch (`account`).
+                    if a.volatile && a.written.load(Ordering::SeqCst) > written {
+                        a.cache_lost.store(true, Ordering::SeqCst);
+                    }
+                    if a.cache_lost.load(Ordering::SeqCst) {
+                        tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, "nvme/tcp: writes the target took before it came back may be lost with its volatile cache; the next flush fails");
+                    }
                     *a.lost_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     ctrl = Some(c);
                 }
@@ -489,6 +498,12 @@ impl NvmfChannel {
         match (s.req.op, r) {
             (IoOp::Write | IoOp::Discard, Ok(())) => {
                 a.written.fetch_add(1, Ordering::SeqCst);
+                // Completed by an association that is gone already: its
+                // target may have lost it with its cache.
+                let epoch = a.epoch.load(Ordering::SeqCst);
+                if a.volatile && self.conn.as_ref().is_some_and(|c| c.epoch != epoch) {
+                    a.cache_lost.store(true, Ordering::SeqCst);
+                }
                 Ok(())
             }
             (IoOp::Flush, Ok(())) if a.cache_lost.swap(false, Ordering::SeqCst) => {
