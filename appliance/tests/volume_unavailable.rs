@@ -125,7 +125,7 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
     assert_eq!(listed[0].decl.members, ["a", "b"]);
     assert_eq!(listed[0].exports, ["eb"]);
     assert!(listed[0].reason.contains("checksum"), "{listed:?}");
-    let (kept, _) = d.mgr.kept_exports();
+    let (_, kept) = d.mgr.export_listing();
     assert_eq!(
         kept.iter()
             .map(|e| e.decl.name.as_str())

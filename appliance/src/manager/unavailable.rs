@@ -215,11 +215,6 @@ impl Manager {
         (super::nvmf::nvmf_views(&inv), kept(&inv).1)
     }
 
-    /// The exports kept for volumes that did not start.
-    pub fn kept_exports(&self) -> (Vec<ExportView>, Vec<NvmfExportView>) {
-        kept(&self.inv())
-    }
-
     /// Volumes that did not start, with why.
     pub fn unavailable_volumes(&self) -> Vec<(String, String)> {
         self.inv()

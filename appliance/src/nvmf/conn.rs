@@ -258,10 +258,7 @@ fn whole_read(cid: u16, len: usize) -> DataHeader {
 impl Drop for Conn {
     fn drop(&mut self) {
         // What it held is the target's again.
-        for kind in [super::Held::Output, super::Held::Data] {
-            self.shared
-                .report(kind, &mut self.reported[kind as usize], 0);
-        }
+        self.report_all([0, 0]);
     }
 }
 
@@ -317,21 +314,28 @@ impl Conn {
 
     /// Tell the target what it holds of each kind now.
     fn report_held(&mut self) {
-        let now = [self.tx_pending(), self.committed];
+        self.report_all([self.tx_pending(), self.committed]);
+    }
+
+    /// Tell the target it holds `now` of each kind (by `Held`).
+    fn report_all(&mut self, now: [usize; 2]) {
         for kind in [super::Held::Output, super::Held::Data] {
             let k = kind as usize;
             self.shared.report(kind, &mut self.reported[k], now[k]);
         }
     }
 
-    /// Whether the output may take more answers (see
-    /// `TargetShared::may_hold`); tells the target what it holds.
-    fn output_room(&mut self) -> bool {
-        let own = self.tx_pending();
-        let kind = super::Held::Output;
+    /// Whether it may take `more` of `kind`, holding `own` (see
+    /// `TargetShared::may_hold`); tells the target what it holds first.
+    fn may_hold(&mut self, kind: super::Held, own: usize, more: usize) -> bool {
         self.shared
             .report(kind, &mut self.reported[kind as usize], own);
-        self.shared.may_hold(kind, own, 1)
+        self.shared.may_hold(kind, own, more)
+    }
+
+    /// Whether the output may take more answers.
+    fn output_room(&mut self) -> bool {
+        self.may_hold(super::Held::Output, self.tx_pending(), 1)
     }
 
     fn close(&mut self, why: &str) {

@@ -114,11 +114,7 @@ impl Conn {
     /// Commands beyond it wait inside the target, which the host cannot
     /// tell from a slow device.
     fn budget_has_room(&mut self, bytes: usize) -> bool {
-        let kind = super::super::Held::Data;
-        let own = self.committed;
-        self.shared
-            .report(kind, &mut self.reported[kind as usize], own);
-        self.shared.may_hold(kind, own, bytes)
+        self.may_hold(super::super::Held::Data, self.committed, bytes)
     }
 
     /// Start deferred commands, in order, while the budget has room.
