@@ -13,7 +13,9 @@ case "${1:-test}" in
   # mount (losetup) and e2fsprogs: the host-safety test claims loop devices;
   # systemd: systemd-analyze checks the unit file.
   # nvme-cli: copied into the guest for the NVMe/TCP test (Linux's host).
-  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils mount systemd nvme-cli) ;;
+  # iproute2: `ip` gives an NVMe/TCP test's own network namespace an
+  # address, then takes it away.
+  test) want=(qemu-system-x86 fio kmod e2fsprogs make xz-utils mount systemd nvme-cli iproute2) ;;
   # python3-matplotlib: the lab's plots (bench/lab/lab.py).
   bench) want=(fio valgrind python3-matplotlib) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
