@@ -14,8 +14,11 @@ use appliance::raid::monitor::Monitor;
 use appliance::raid::superblock::Level;
 use appliance::volume::Volume;
 use bdev::conformance::{run_one, rw};
-use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+use bdev::{BlockDevice, IoOp, RamDevice};
 use poller::{ReactorConfig, Reactors};
+
+mod common;
+use common::behind_faults;
 
 fn rams(n: usize) -> Vec<Arc<dyn BlockDevice>> {
     (0..n)
@@ -28,22 +31,6 @@ fn rams(n: usize) -> Vec<Arc<dyn BlockDevice>> {
 
 fn spec(members: Vec<Arc<dyn BlockDevice>>, level: Level) -> VolumeSpec {
     VolumeSpec::new("vol0", level, members)
-}
-
-/// Each device behind a fault injector: the injectors, and the same as
-/// members.
-fn behind_faults(
-    raw: &[Arc<dyn BlockDevice>],
-) -> (Vec<Arc<FaultDevice>>, Vec<Arc<dyn BlockDevice>>) {
-    let faults: Vec<Arc<FaultDevice>> = raw
-        .iter()
-        .map(|d| Arc::new(FaultDevice::new(d.clone())))
-        .collect();
-    let members = faults
-        .iter()
-        .map(|f| f.clone() as Arc<dyn BlockDevice>)
-        .collect();
-    (faults, members)
 }
 
 /// `n` RAM devices holding a new RAID5 volume.

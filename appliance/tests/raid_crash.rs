@@ -595,22 +595,6 @@ fn a_power_cut_during_a_healthy_replay_then_a_degraded_one_loses_nothing() {
     assert_eq!(bad, 0, "every acknowledged write kept after a cut replay");
 }
 
-/// `devs` each behind a fault injector: the injectors, and them as
-/// devices.
-fn behind_faults(
-    devs: &[Arc<dyn BlockDevice>],
-) -> (Vec<Arc<bdev::FaultDevice>>, Vec<Arc<dyn BlockDevice>>) {
-    let faults: Vec<Arc<bdev::FaultDevice>> = devs
-        .iter()
-        .map(|d| Arc::new(bdev::FaultDevice::new(d.clone())))
-        .collect();
-    let members = faults
-        .iter()
-        .map(|f| f.clone() as Arc<dyn BlockDevice>)
-        .collect();
-    (faults, members)
-}
-
 /// From an audit: a clean stop recorded "clean" member by member (each
 /// superblock then that member's flush) without flushing the members
 /// first. A power cut between two records left a member a step behind,
@@ -630,7 +614,7 @@ fn a_power_cut_during_a_clean_stop_leaves_no_stripe_torn() {
                 as Arc<dyn BlockDevice>
         })
         .collect();
-    let (faults, members) = behind_faults(&raw);
+    let (faults, members) = common::behind_faults(&raw);
     let spec = VolumeSpec {
         data_offset: 2,
         chunk_bytes: 4096,
@@ -714,7 +698,7 @@ fn a_clean_stop_whose_flush_fails_owes_a_whole_resync() {
     let raw: Vec<Arc<dyn BlockDevice>> = (0..3)
         .map(|i| Arc::new(RamDevice::new(&format!("m{i}"), 4096, 2 + 48).unwrap()) as _)
         .collect();
-    let (faults, members) = behind_faults(&raw);
+    let (faults, members) = common::behind_faults(&raw);
     let spec = VolumeSpec {
         data_offset: 2,
         chunk_bytes: 4096,

@@ -394,3 +394,23 @@ impl bdev::IoChannel for SmallChannel {
         self.refused.len() + self.inner.inflight()
     }
 }
+
+/// Each device behind a fault injector: the injectors, and the same as
+/// the devices a volume is given.
+#[allow(clippy::type_complexity)]
+pub fn behind_faults(
+    devs: &[std::sync::Arc<dyn bdev::BlockDevice>],
+) -> (
+    Vec<std::sync::Arc<bdev::FaultDevice>>,
+    Vec<std::sync::Arc<dyn bdev::BlockDevice>>,
+) {
+    let faults: Vec<std::sync::Arc<bdev::FaultDevice>> = devs
+        .iter()
+        .map(|d| std::sync::Arc::new(bdev::FaultDevice::new(d.clone())))
+        .collect();
+    let members = faults
+        .iter()
+        .map(|f| f.clone() as std::sync::Arc<dyn bdev::BlockDevice>)
+        .collect();
+    (faults, members)
+}
