@@ -1256,55 +1256,9 @@ fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
     let r = rig(&[HOST_A]);
     let cfg = host(HOST_A, Digests::default());
     let c = connect(r.addr, &cfg, 1);
-    let q = c.io_queue(1, 1024).unwrap();
-    let (mut s, digests, cpda, _) = q.into_parts();
+    let mut q = RawQueue::new(c.io_queue(1, 1024).unwrap());
     let before = rss();
-    let mut out = Vec::new();
-    for cid in 0..WRITES {
-        let mut sqe = rw(cmd::WRITE, (cid as u64 % 500) * 32, 32);
-        sqe.set_cid(cid);
-        capsule::set_data_pointer(&mut sqe, false, LEN as u32);
-        pdu::encode_command(&capsule::sqe_bytes(&sqe), &[], digests, cpda, &mut out);
-    }
-    // A flush after them: its answer comes once every write before it was
-    // taken in (asked for its data or put to wait).
-    let mut flush = Sqe::new(cmd::FLUSH, 1);
-    flush.set_cid(WRITES);
-    pdu::encode_command(&capsule::sqe_bytes(&flush), &[], digests, cpda, &mut out);
-    s.write_all(&out).unwrap();
-    // PDUs as they come (read_pdu drops what follows the first).
-    let rx = Receiver {
-        controller: false,
-        digests,
-        max_data: 1 << 20,
-    };
-    let mut inbox: Vec<u8> = Vec::new();
-    // An R2T, or a response's status.
-    let mut next = |s: &mut TcpStream| -> Result<pdu::R2t, Status> {
-        loop {
-            let got = pdu::parse(&inbox, &rx).unwrap().map(|(p, n)| {
-                let got = match p {
-                    Pdu::R2t(t) => Ok(t),
-                    Pdu::Response(c) => Err(capsule::cqe_from(&c).code()),
-                    other => panic!("{other:?}"),
-                };
-                (got, n)
-            });
-            if let Some((got, n)) = got {
-                inbox.drain(..n);
-                return got;
-            }
-            let mut chunk = [0u8; 65536];
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "closed");
-            inbox.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let mut asked = Vec::new();
-    // Up to the flush's answer.
-    while let Ok(t) = next(&mut s) {
-        asked.push(t);
-    }
+    let asked = q.writes_without_data(WRITES, LEN);
     let grown = rss().saturating_sub(before);
     assert!(
         asked.len() <= 64,
@@ -1314,28 +1268,10 @@ fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
     assert!(grown < 48 << 20, "the target holds {} MiB", grown >> 20);
     // The data of one asked-for write comes: it completes, and the next
     // waiting write is asked for.
-    let t = asked[0];
-    let data = pattern(7, LEN);
-    let mut h2c = Vec::new();
-    pdu::encode_data(
-        true,
-        &pdu::DataHeader {
-            cccid: t.cccid,
-            ttag: t.ttag,
-            offset: 0,
-            length: LEN as u32,
-            last: true,
-            success: false,
-        },
-        &data,
-        digests,
-        cpda,
-        &mut h2c,
-    );
-    s.write_all(&h2c).unwrap();
+    q.send_data(asked[0], &pattern(7, LEN));
     let (mut completed, mut more) = (false, 0);
     while !(completed && more > 0) {
-        match next(&mut s) {
+        match q.next() {
             Ok(_) => more += 1,
             Err(st) => {
                 assert_eq!(st, Status::SUCCESS);
@@ -1343,8 +1279,139 @@ fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
             }
         }
     }
-    drop(s);
+    drop(q);
     drop(c);
+}
+
+/// An IO queue driven PDU by PDU: commands written raw, R2Ts and
+/// responses read as they come.
+struct RawQueue {
+    s: TcpStream,
+    digests: Digests,
+    cpda: u8,
+    /// Received, not yet parsed.
+    inbox: Vec<u8>,
+}
+
+impl RawQueue {
+    fn new(q: Queue) -> RawQueue {
+        let (s, digests, cpda, _) = q.into_parts();
+        RawQueue {
+            s,
+            digests,
+            cpda,
+            inbox: Vec::new(),
+        }
+    }
+
+    /// The next R2T, or the next response's status.
+    fn next(&mut self) -> Result<pdu::R2t, Status> {
+        let rx = Receiver {
+            controller: false,
+            digests: self.digests,
+            max_data: 1 << 20,
+        };
+        loop {
+            let got = pdu::parse(&self.inbox, &rx).unwrap().map(|(p, n)| {
+                let got = match p {
+                    Pdu::R2t(t) => Ok(t),
+                    Pdu::Response(c) => Err(capsule::cqe_from(&c).code()),
+                    other => panic!("{other:?}"),
+                };
+                (got, n)
+            });
+            if let Some((got, n)) = got {
+                self.inbox.drain(..n);
+                return got;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            self.inbox.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Send `n` writes of `len` bytes (command IDs `0..n`) and no data,
+    /// then a flush: the R2Ts that came before the flush's answer, which
+    /// comes once every write before it was taken in (asked for its data
+    /// or put to wait for room).
+    fn writes_without_data(&mut self, n: u16, len: usize) -> Vec<pdu::R2t> {
+        let mut out = Vec::new();
+        let blocks = (len as u64 / BS) as u32;
+        for cid in 0..n {
+            let mut sqe = rw(cmd::WRITE, (cid as u64 % 500) * blocks as u64, blocks);
+            sqe.set_cid(cid);
+            capsule::set_data_pointer(&mut sqe, false, len as u32);
+            let sqe = capsule::sqe_bytes(&sqe);
+            pdu::encode_command(&sqe, &[], self.digests, self.cpda, &mut out);
+        }
+        let mut flush = Sqe::new(cmd::FLUSH, 1);
+        flush.set_cid(n);
+        let flush = capsule::sqe_bytes(&flush);
+        pdu::encode_command(&flush, &[], self.digests, self.cpda, &mut out);
+        self.s.write_all(&out).unwrap();
+        let mut asked = Vec::new();
+        while let Ok(t) = self.next() {
+            asked.push(t);
+        }
+        asked
+    }
+
+    /// The data an R2T asked for, in one H2CData PDU.
+    fn send_data(&mut self, t: pdu::R2t, data: &[u8]) {
+        let mut h2c = Vec::new();
+        let h = pdu::DataHeader {
+            cccid: t.cccid,
+            ttag: t.ttag,
+            offset: 0,
+            length: data.len() as u32,
+            last: true,
+            success: false,
+        };
+        pdu::encode_data(true, &h, data, self.digests, self.cpda, &mut h2c);
+        self.s.write_all(&h2c).unwrap();
+    }
+}
+
+/// From review: the target's connections shared one bound of memory, so
+/// one host whose connections held all they might (writes whose data it
+/// never sends) left every other host's connections one command at a
+/// time. A host holds at most three quarters of it now: another host's
+/// queue is still asked for the data of several writes at once.
+#[test]
+fn a_host_whose_writes_hold_all_they_may_leaves_room_for_another_host() {
+    const LEN: usize = 128 << 10;
+    let r = rig(&[HOST_A, HOST_B]);
+    // Host A: 80 queues of 32 writes of 128 KiB with no data, 320 MiB
+    // asked for, more than the whole target's 256 MiB.
+    let cfg_a = host(HOST_A, Digests::default());
+    let ctrls: Vec<Controller> = (0..2).map(|_| connect(r.addr, &cfg_a, 40)).collect();
+    let mut hog = Vec::new();
+    let mut asked_a = 0;
+    for c in &ctrls {
+        for qid in 1..=40 {
+            let mut q = RawQueue::new(c.io_queue(qid, 64).unwrap());
+            asked_a += q.writes_without_data(32, LEN).len();
+            hog.push(q);
+        }
+    }
+    assert!(
+        asked_a * LEN <= (192 << 20) + 80 * LEN,
+        "host A holds {} MiB",
+        (asked_a * LEN) >> 20
+    );
+    // Host B, from another address: two writes, both asked for.
+    let cfg_b = host(HOST_B, Digests::default());
+    let c = connect(r.addr, &cfg_b, 1);
+    let from_b = common::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), r.addr);
+    let mut q = RawQueue::new(c.io_queue_over(from_b, 1, 64).unwrap());
+    let asked = q.writes_without_data(2, LEN);
+    assert_eq!(asked.len(), 2, "host B asked for {:?}", asked);
+    for t in asked {
+        q.send_data(t, &pattern(9, LEN));
+        assert_eq!(q.next().err(), Some(Status::SUCCESS));
+    }
+    drop((q, c, hog, ctrls));
 }
 
 /// From review: the listener's limit was checked against connections

@@ -77,6 +77,7 @@ pub(super) fn start(
 ) {
     let fd = sock.as_raw_fd();
     ctx.watch_fd(fd);
+    let account = shared.memory.account(sock.peer_addr().ok().map(|a| a.ip()));
     let mut c = Conn {
         sock,
         fd,
@@ -99,7 +100,7 @@ pub(super) fn start(
         waiting: VecDeque::new(),
         deferred: VecDeque::new(),
         committed: 0,
-        reported: [0; 2],
+        account,
         submitting: VecDeque::new(),
         io: None,
         comps: Vec::new(),
@@ -218,10 +219,10 @@ struct Conn {
     /// is made (and, for a write, its R2T sent), in arrival order.
     deferred: VecDeque<u16>,
     /// Bytes of data buffers that commands in progress hold (at most
-    /// 4 MiB, or one command's; see `TargetShared::may_hold`).
+    /// 4 MiB, or one command's; see `memory::Account::may_hold`).
     committed: usize,
-    /// What it last told the target it holds, of each kind (`Held`).
-    reported: [usize; 2],
+    /// What it told the target it holds (given back when dropped).
+    account: super::memory::Account,
     /// Admitted commands with device requests left to submit.
     submitting: VecDeque<u16>,
     io: Option<IoPath>,
@@ -252,13 +253,6 @@ fn whole_read(cid: u16, len: usize) -> DataHeader {
         length: len as u32,
         last: true,
         success: false,
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // What it held is the target's again.
-        self.report_all([0, 0]);
     }
 }
 
@@ -314,23 +308,14 @@ impl Conn {
 
     /// Tell the target what it holds of each kind now.
     fn report_held(&mut self) {
-        self.report_all([self.tx_pending(), self.committed]);
-    }
-
-    /// Tell the target it holds `now` of each kind (by `Held`).
-    fn report_all(&mut self, now: [usize; 2]) {
-        for kind in [super::Held::Output, super::Held::Data] {
-            let k = kind as usize;
-            self.shared.report(kind, &mut self.reported[k], now[k]);
-        }
+        self.account.report(super::Held::Output, self.tx_pending());
+        self.account.report(super::Held::Data, self.committed);
     }
 
     /// Whether it may take `more` of `kind`, holding `own` (see
-    /// `TargetShared::may_hold`); tells the target what it holds first.
+    /// `memory::Account::may_hold`).
     fn may_hold(&mut self, kind: super::Held, own: usize, more: usize) -> bool {
-        self.shared
-            .report(kind, &mut self.reported[kind as usize], own);
-        self.shared.may_hold(kind, own, more)
+        self.account.may_hold(kind, own, more)
     }
 
     /// Whether the output may take more answers.

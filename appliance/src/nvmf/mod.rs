@@ -18,7 +18,10 @@ mod conn;
 mod controller;
 mod identify;
 mod io;
+mod memory;
 mod output;
+
+pub(crate) use memory::{Held, MEMORY, SHARE_MAX};
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -180,31 +183,13 @@ pub(crate) struct TargetShared {
     max_connections: AtomicUsize,
     /// Connections open now, on every listener.
     live: AtomicUsize,
-    /// What the connections hold, of each kind (see [`Held`]), as they
-    /// last said (each within `REPORT_STEP`).
-    held: [AtomicUsize; 2],
+    /// What the connections hold that their peers decide the size of.
+    memory: Arc<memory::Memory>,
 }
 
-/// What a connection holds that its peer decides the size of.
-#[derive(Clone, Copy)]
-pub(crate) enum Held {
-    /// Output waiting for the peer to read it.
-    Output = 0,
-    /// Data buffers of commands in progress.
-    Data = 1,
-}
-
-/// What the target's connections may hold of each kind (output, data
-/// buffers, buffers kept for reuse) all together ...
-const MEMORY: usize = 256 << 20;
-/// ... and one connection at most ...
-pub(crate) const SHARE_MAX: usize = 4 << 20;
-/// ... and at least, of buffers kept for reuse: two of the largest
-/// transfers.
+/// Buffers kept for reuse a connection may hold at least (see
+/// `memory` for the most): two of the largest transfers.
 const SHARE_MIN: usize = 2 * identify::MAX_TRANSFER as usize;
-/// A connection tells the target what it holds when it moved by this
-/// much (an atomic shared by every reactor, not one per command).
-const REPORT_STEP: usize = 64 << 10;
 
 impl TargetShared {
     fn cntlid(&self) -> u16 {
@@ -216,34 +201,6 @@ impl TargetShared {
     /// 4 MiB while there are few connections, less as more connect.
     pub(crate) fn spare_share(&self) -> usize {
         (MEMORY / self.live.load(Ordering::Relaxed).max(1)).clamp(SHARE_MIN, SHARE_MAX)
-    }
-
-    /// Whether a connection that holds `own` bytes of `kind` (and said
-    /// `reported`) may take `more`: always while it holds nothing (so
-    /// none waits for ever), else up to 4 MiB and while the target's
-    /// connections hold less than `MEMORY` together. Each could hold
-    /// 4 MiB of output and 4 MiB of data whatever their number, so one
-    /// allowed host with a thousand connections could make the daemon
-    /// hold gigabytes and be killed for it (audit).
-    pub(crate) fn may_hold(&self, kind: Held, own: usize, more: usize) -> bool {
-        own == 0
-            || (own + more <= SHARE_MAX
-                && self.held[kind as usize].load(Ordering::Relaxed) + more <= MEMORY)
-    }
-
-    /// A connection that said it held `*reported` bytes of `kind` holds
-    /// `now`: told when it moved by `REPORT_STEP` or went to zero.
-    pub(crate) fn report(&self, kind: Held, reported: &mut usize, now: usize) {
-        if now.abs_diff(*reported) < REPORT_STEP && (now != 0 || *reported == 0) {
-            return;
-        }
-        let total = &self.held[kind as usize];
-        if now > *reported {
-            total.fetch_add(now - *reported, Ordering::Relaxed);
-        } else {
-            total.fetch_sub(*reported - now, Ordering::Relaxed);
-        }
-        *reported = now;
     }
 }
 
@@ -263,7 +220,7 @@ impl Target {
                 next_cntlid: AtomicUsize::new(0),
                 max_connections: AtomicUsize::new(MAX_CONNECTIONS),
                 live: AtomicUsize::new(0),
-                held: Default::default(),
+                memory: Default::default(),
             }),
             listeners: Mutex::new(HashMap::new()),
         }

@@ -164,7 +164,7 @@ impl Output {
         if self.inserts.is_empty() && self.pos == self.bytes.len() {
             self.bytes.clear();
             // Not kept at its peak: a connection's output is bounded by
-            // what it has pending (see `TargetShared::may_hold`), and a
+            // what it has pending (see `memory::Account::may_hold`), and a
             // thousand that once held 4 MiB each kept it all.
             self.bytes.shrink_to(KEEP);
             self.pos = 0;

@@ -122,7 +122,12 @@ pub struct Queue {
 impl Queue {
     /// Open a TCP connection to `addr` and exchange ICReq/ICResp.
     pub fn open(addr: SocketAddr, cfg: &HostConfig) -> Result<Queue, HostError> {
-        let stream = TcpStream::connect_timeout(&addr, cfg.timeout)?;
+        Queue::over(TcpStream::connect_timeout(&addr, cfg.timeout)?, cfg)
+    }
+
+    /// Exchange ICReq/ICResp over `stream`, a connection made by the
+    /// caller (from a source address of its choice, say).
+    pub fn over(stream: TcpStream, cfg: &HostConfig) -> Result<Queue, HostError> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(cfg.timeout))?;
         let mut q = Queue {
@@ -598,7 +603,22 @@ impl Controller {
 
     /// Open IO queue `qid` with `entries` entries on its own connection.
     pub fn io_queue(&self, qid: u16, entries: u16) -> Result<Queue, HostError> {
-        let mut q = Queue::open(self.addr, &self.cfg)?;
+        self.io_queue_over(
+            TcpStream::connect_timeout(&self.addr, self.cfg.timeout)?,
+            qid,
+            entries,
+        )
+    }
+
+    /// IO queue `qid` over `stream`, a connection to the controller's
+    /// address made by the caller.
+    pub fn io_queue_over(
+        &self,
+        stream: TcpStream,
+        qid: u16,
+        entries: u16,
+    ) -> Result<Queue, HostError> {
+        let mut q = Queue::over(stream, &self.cfg)?;
         q.connect(
             qid,
             entries.saturating_sub(1).max(1),
