@@ -204,6 +204,35 @@ fn a_volume_that_cannot_start_is_left_out_and_the_others_start() {
 /// Its devices stay its own even when missing at the start and attached
 /// later (a free device there could be taken by another volume); its
 /// kept export's socket is its own, and the export can be deleted.
+/// From an audit: a member whose superblock could not be used (here its
+/// checksum fails) refused the whole volume, while a dead member only
+/// degraded it: a mirror one good member could serve stayed down. The
+/// member is missing now, its superblock left as it was.
+#[test]
+fn a_member_with_a_damaged_superblock_leaves_its_volume_degraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let path = |n: &str| dir.path().join(n);
+    two_volumes(dir.path(), &state);
+    damage(&path("a"));
+    let damaged = std::fs::read(path("a")).unwrap();
+
+    let d = start(&state);
+    let v = d.mgr.get_volume("bad").expect("the volume starts");
+    assert_eq!(v.state, "degraded");
+    assert!(
+        v.members.iter().any(|(n, _)| n == "b") && !v.members.iter().any(|(n, _)| n == "a"),
+        "{:?}",
+        v.members
+    );
+    assert!(d.mgr.list_exports().iter().any(|e| e.decl.name == "eb"));
+    stop(d);
+    assert!(
+        std::fs::read(path("a")).unwrap() == damaged,
+        "the damaged member was written"
+    );
+}
+
 #[test]
 fn a_volume_that_did_not_start_keeps_its_devices_and_exports() {
     let dir = tempfile::tempdir().unwrap();

@@ -104,26 +104,26 @@ impl Manager {
             }
             !other
         });
-        if !report.problems.is_empty() {
-            let list: Vec<String> = report
-                .problems
-                .iter()
-                .map(|(d, why)| format!("{d}: {why}"))
-                .collect();
-            return Err(MgmtError::FailedPrecondition(format!(
-                "refusing to assemble: {}",
-                list.join("; ")
-            )));
-        }
+        let list: Vec<String> = report
+            .problems
+            .iter()
+            .map(|(d, why)| format!("{d}: {why}"))
+            .collect();
         // The state file's UUID pins the volume: another of the same name
         // among the devices (disks moved in, an md array) is never it.
         let Some(i) = report.volumes.iter().position(|v| {
             if decl.uuid.is_empty() {
                 v.meta.template.name == decl.array_name()
             } else {
-                super::hex(&v.meta.template.volume_uuid) == decl.uuid
+                super::hex(&v.meta.template.volume_uuid).eq_ignore_ascii_case(&decl.uuid)
             }
         }) else {
+            if !list.is_empty() {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "refusing to assemble: {}",
+                    list.join("; ")
+                )));
+            }
             return Err(MgmtError::FailedPrecondition(if decl.uuid.is_empty() {
                 format!(
                     "no superblock of volume {} (array {:?}) on its devices",
@@ -137,6 +137,14 @@ impl Manager {
                 )
             }));
         };
+        // It starts without a member whose superblock cannot be used (a
+        // checksum that fails, a data area past its device): that member
+        // is missing, as a dead one is, and stays untouched. Refusing the
+        // whole volume for it took a mirror offline that one good member
+        // could serve (audit).
+        if !list.is_empty() {
+            tracing::warn!(volume = decl.name, problems = %list.join("; "), "members left out");
+        }
         let mut v = report.volumes.remove(i);
         // The superblocks say what the volume is: a takeover or bitmap
         // change recorded there just before a crash may not have reached
@@ -221,7 +229,7 @@ impl Manager {
                     .then(|| crate::raid::journal::journal_id(jdev.as_ref()).ok())
                     .flatten();
                 if let Some(id) = pinned {
-                    if id != decl.journal_id {
+                    if !id.eq_ignore_ascii_case(&decl.journal_id) {
                         return Err(MgmtError::FailedPrecondition(format!(
                             "volume {}: journal device {} holds journal {id}, not this volume's ({}): refusing to replay another volume's journal (name the right device in the state file, or start with --drop-journal {} to go on without it)",
                             decl.name,
