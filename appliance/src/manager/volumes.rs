@@ -841,6 +841,10 @@ impl Manager {
             v
         };
         let _busy = lock(&v.busy);
+        if let Err(e) = drain_before_delete(name, &v) {
+            v.deleting.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
         // No IO can reach it after this; only then is it recorded clean.
         let removed = v.volume.quiesce().remove(self.shared.timeout());
         lock(&v.held).take();
@@ -874,6 +878,41 @@ impl Manager {
         }
         Ok(v)
     }
+}
+
+/// A write-back journal's cache goes to the members before its volume
+/// is deleted. The member superblocks do not name the journal, so members
+/// taken up again without it (`volume import`, md) said clean without the
+/// acknowledged writes only the log held (audit); a restart from the
+/// state file replays the log, a deletion forgets it. Refused, write-back
+/// again as it was, if the members do not take the cache within the
+/// change timeout. (A failed journal's cache lives only in memory and
+/// drains on its own; nothing later could read it back.)
+fn drain_before_delete(name: &str, v: &Vol) -> Result<(), MgmtError> {
+    let Some(m) = &v.monitor else {
+        return Ok(());
+    };
+    let Some(j) = m.journal().filter(|j| !j.has_failed()) else {
+        return Ok(());
+    };
+    if j.cache().is_empty() {
+        return Ok(());
+    }
+    let was = j.mode();
+    m.set_journal_mode(JournalMode::WriteThrough)
+        .map_err(|e| from_op(name, e))?;
+    if j.cache().is_empty() {
+        return Ok(());
+    }
+    if was == JournalMode::WriteBack {
+        if let Err(e) = m.set_journal_mode(JournalMode::WriteBack) {
+            tracing::warn!(volume = name, error = %e, "switching the journal back to write-back after a refused delete");
+        }
+    }
+    Err(MgmtError::FailedPrecondition(format!(
+        "volume {name}: {} acknowledged blocks are only in its write-back journal and did not reach the members in time; not deleted (the members would say clean without them)",
+        j.cache().len()
+    )))
 }
 
 #[cfg(test)]
