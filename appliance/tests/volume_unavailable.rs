@@ -233,6 +233,62 @@ fn a_member_with_a_damaged_superblock_leaves_its_volume_degraded() {
     );
 }
 
+/// From an audit: a reload's retry of a volume that did not start, with
+/// every device blank (RAM), took it out of the list to create it anew;
+/// when that creation failed too, the volume was taken for deleted
+/// meanwhile, and the state file forgot it with its exports.
+#[test]
+fn a_retry_that_fails_again_keeps_the_volume_and_its_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = start(&state);
+    for n in ["r0", "r1"] {
+        d.mgr
+            .attach_device(DeviceDecl {
+                name: n.into(),
+                spec: "ram:16M".into(),
+                block_size: 4096,
+            })
+            .unwrap();
+    }
+    d.mgr
+        .create_volume(VolumeDecl::new("m", "raid1", &["r0", "r1"]), false)
+        .unwrap();
+    d.mgr
+        .create_export(ExportDecl {
+            name: "em".into(),
+            volume: "m".into(),
+            socket: dir.path().join("em.sock"),
+            ..Default::default()
+        })
+        .unwrap();
+    // Saved with one member: a mirror of one cannot be created again.
+    d.mgr.fail_member("m", "r1").unwrap();
+    d.mgr.remove_member("m", "r1").unwrap();
+    stop(d);
+
+    let d = start(&state);
+    assert!(d.mgr.get_volume("m").is_err());
+    let listed = |d: &Daemon| {
+        d.mgr
+            .volume_listing()
+            .1
+            .iter()
+            .map(|u| u.decl.name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(&d), ["m"]);
+    let rep = d.mgr.reload_file(&state).unwrap();
+    assert!(!rep.refused.is_empty(), "{rep:?}");
+    assert_eq!(listed(&d), ["m"], "the retry dropped it");
+    assert!(d.mgr.detach_device("r0").is_err(), "its device went free");
+    assert_eq!(
+        names(&Config::load(&state).unwrap()),
+        (vec!["m".to_string()], vec!["em".to_string()])
+    );
+    stop(d);
+}
+
 #[test]
 fn a_volume_that_did_not_start_keeps_its_devices_and_exports() {
     let dir = tempfile::tempdir().unwrap();

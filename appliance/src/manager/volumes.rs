@@ -772,21 +772,31 @@ impl Manager {
             Some(started) => self.insert_volume(fixed, started),
             // Every member blank: a new volume.
             None => {
-                {
-                    // The name `with_claims` reserved goes back; a reload's
-                    // retry of one that did not start is a creation now.
-                    // (Its devices went free when assembly found them all
-                    // blank, until the creation claims them again.)
+                // The name `with_claims` reserved goes back; a reload's
+                // retry of one that did not start is a creation now.
+                // (Its devices went free when assembly found them all
+                // blank, until the creation claims them again.)
+                let kept = {
                     let mut inv = self.inv();
                     inv.creating.remove(&decl.name);
-                    inv.unavailable.remove(&decl.name);
-                }
+                    inv.unavailable.remove(&decl.name)
+                };
                 tracing::info!(
                     volume = decl.name,
                     "every member is blank: creating the volume"
                 );
-                self.create_volume_on(decl.clone(), false, zeroed)
-                    .map(|_| ())
+                let created = self.create_volume_on(decl.clone(), false, zeroed);
+                if let (Err(_), Some(kept)) = (&created, kept) {
+                    // Still unavailable, with its kept exports: taken out
+                    // for good, the retry's failure read as a deletion
+                    // meanwhile, and the state file forgot the volume
+                    // (audit).
+                    let mut inv = self.inv();
+                    if !inv.volumes.contains_key(&decl.name) && !inv.creating.contains(&decl.name) {
+                        inv.unavailable.insert(decl.name.clone(), kept);
+                    }
+                }
+                created.map(|_| ())
             }
         }
     }
