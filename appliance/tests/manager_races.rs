@@ -155,6 +155,58 @@ fn a_setting_that_hits_the_deadline_changes_neither_memory_nor_the_state_file() 
     rig.stop();
 }
 
+/// Whether thread `tid` of this process sleeps (waits for a lock).
+fn sleeping(tid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // "tid (comm) S ...": the state follows the command's closing paren.
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+}
+
+/// From an audit: set_bitmap wrote the region size into the volume's
+/// declaration before its transaction, and another transaction of the
+/// volume recorded in between (no bitmap yet) put it back to 0: the state
+/// file said the default size while the bitmap used the one asked for.
+#[test]
+fn a_bitmap_size_asked_for_while_another_change_waits_is_the_one_saved() {
+    let mut rig = Rig::new(true);
+    rig.attach("d0", "ram:16M");
+    rig.attach("d1", "ram:16M");
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "raid1", &["d0", "d1"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    let stuck = rig.stuck_flush(&sock, "d0");
+    // One change waits in its suspend for the held flush ...
+    let mgr = rig.mgr.clone();
+    let first = std::thread::spawn(move || mgr.set_write_mostly("v", "d1", true));
+    eventually("the first change waits for the volume's IO", || {
+        rig.mgr.get_volume("v").unwrap().quiescing
+    });
+    // ... and set_bitmap behind it, asleep on the volume's lock.
+    let mgr = rig.mgr.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let second = std::thread::spawn(move || {
+        // SAFETY: gettid(2) has no arguments and cannot fail.
+        let _ = tx.send(unsafe { libc::gettid() });
+        mgr.set_bitmap("v", true, 128)
+    });
+    let tid = rx.recv().unwrap();
+    eventually("set_bitmap waits for the first change", || sleeping(tid));
+    rig.fault("d0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    first.join().unwrap().unwrap();
+    second.join().unwrap().unwrap();
+    let v = &rig.state().volumes[0];
+    assert!(v.bitmap, "{v:?}");
+    assert_eq!(v.bitmap_chunk_kib, 128, "{v:?}");
+    // Taken away: the state file says no bitmap, and no size.
+    rig.mgr.set_bitmap("v", false, 0).unwrap();
+    let v = &rig.state().volumes[0];
+    assert_eq!((v.bitmap, v.bitmap_chunk_kib), (false, 0), "{v:?}");
+    rig.stop();
+}
+
 /// Finding 9: a volume that cannot quiesce holds up its own change only:
 /// reads of every volume and changes of another answer meanwhile.
 #[test]

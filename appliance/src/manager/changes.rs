@@ -433,16 +433,22 @@ impl Manager {
         check_bitmap_chunk(chunk_kib)?;
         let v = self.raid(volume)?;
         let _one = lock(&v.bitmap_calls);
-        // The region size asked for is what the state file keeps.
+        // The region size asked for is what the state file keeps (written
+        // by the transaction's own record, so set before it; nothing else
+        // changes it, see `persist`).
         let before = lock(&v.decl).bitmap_chunk_kib;
-        lock(&v.decl).bitmap_chunk_kib = if enabled { chunk_kib } else { 0 };
+        if enabled {
+            lock(&v.decl).bitmap_chunk_kib = chunk_kib;
+        }
         let r = self.apply(volume, |m| {
             m.set_bitmap(enabled.then(|| bitmap_chunk_bytes(chunk_kib)))
         });
         // Put back only if the volume refused it: a change made whose
         // save failed keeps what it asked for (the bitmap is there).
-        if r.is_err() {
-            lock(&v.decl).bitmap_chunk_kib = before;
+        match &r {
+            Err(_) => lock(&v.decl).bitmap_chunk_kib = before,
+            Ok(_) if !enabled => lock(&v.decl).bitmap_chunk_kib = 0,
+            Ok(_) => {}
         }
         let view = r?;
         self.save()?;

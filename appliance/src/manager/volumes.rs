@@ -126,11 +126,11 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
             .filter(|j| !j.given_up())
             .map_or(String::new(), |j| j.mode().name().to_string()),
         bitmap: view.bitmap.is_some(),
-        bitmap_chunk_kib: if view.bitmap.is_some() {
-            old.bitmap_chunk_kib
-        } else {
-            0
-        },
+        // As `set_bitmap` wrote it (asked for before its transaction):
+        // another transaction of the volume that ran in between, seeing no
+        // bitmap yet, reset it to 0, and the state file said the default
+        // size while the bitmap used the one asked for (audit).
+        bitmap_chunk_kib: old.bitmap_chunk_kib,
         serialize: view.serialize,
         write_behind: view.write_behind.0 as u32,
         uuid: old.uuid.clone(),
