@@ -21,7 +21,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::dirtylog::DirtyLog;
+use super::dirtylog::{DirtyLog, LogSwitch};
 use super::eventfd::Signaller;
 use super::inflight::InflightRegion;
 use super::memory::{Declared, GuestMemory, MAX_REGIONS};
@@ -34,6 +34,10 @@ mod vring;
 pub const MAX_QUEUE_SIZE: u32 = 1024;
 /// How long a queue's start waits for its reactor.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a dirty log switch waits for each reactor to finish the poll
+/// it is in (reactors never block: this is far more than one takes).
+const LOG_SWITCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Virtio features offered for an export.
 pub fn offered_features(shared: &ExportShared) -> u64 {
@@ -130,6 +134,8 @@ pub struct Handler {
     inflight: Option<Arc<InflightRegion>>,
     /// The dirty log SET_LOG_BASE gave (used while VHOST_F_LOG_ALL is on).
     log: Option<Arc<DirtyLog>>,
+    /// What the queues mark in: `log` while VHOST_F_LOG_ALL is on.
+    switch: Arc<LogSwitch>,
     /// The message being handled asked for a reply (NEED_REPLY).
     asks_reply: bool,
     /// Its frontend went away: nothing starts a ring on it any more.
@@ -208,6 +214,7 @@ impl Handler {
             protocol: 0,
             memory: GuestMemory::default(),
             log: None,
+            switch: Arc::default(),
             asks_reply: false,
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
@@ -253,11 +260,31 @@ impl Handler {
         }
     }
 
-    /// Logging went on or off, or the log changed: the queues drain and
-    /// pick it up with the memory map (one epoch of the memory object).
-    fn republish_log(&mut self) -> VuResult<()> {
-        let memory = self.memory.clone();
-        self.publish_memory(memory)
+    /// Logging went on or off, or the log changed: the queues mark in the
+    /// log SET_LOG_BASE gave while logging is on, else in none. They pick
+    /// it up at their next poll, requests in flight included (no drain:
+    /// see `LogSwitch`); this returns once every reactor has finished the
+    /// polls that began before, so a write the frontend is told about
+    /// after it is marked. Refused, nothing switched, if the log does not
+    /// cover guest memory.
+    fn switch_log(&mut self) -> VuResult<()> {
+        let log = self.log.clone().filter(|_| self.logging());
+        if let Some(l) = &log {
+            let covered = l.pages().saturating_mul(super::dirtylog::LOG_PAGE);
+            if covered < self.memory.end() {
+                return Err(invalid(format!(
+                    "guest memory up to {:#x} while the dirty log covers {covered:#x}",
+                    self.memory.end()
+                )));
+            }
+        }
+        self.switch.set(log);
+        for core in 0..self.set.len() {
+            self.set
+                .call(core, LOG_SWITCH_WAIT, |_| ())
+                .map_err(|e| invalid(format!("switching the dirty log: {e}")))?;
+        }
+        Ok(())
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -281,7 +308,7 @@ impl Handler {
             }
         }
         let mut snapshot = memory.snapshot().map_err(invalid)?;
-        snapshot.log = self.logging().then(|| self.log.clone()).flatten();
+        snapshot.log = self.switch.clone();
         self.export
             .memory
             .reconfigure(self.drain_timeout(), |_| Ok::<_, String>((snapshot, ())))
@@ -385,7 +412,6 @@ impl VhostUserBackendReqHandlerMut for Handler {
             ));
         }
         let before = std::mem::replace(&mut self.features, features);
-        let log_before = self.log.clone();
         if log_changed {
             let on = self.logging();
             tracing::info!(on, "vhost-user dirty logging");
@@ -396,23 +422,21 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 // be checked against memory grown since.
                 self.log = None;
             }
-            if let Err(e) = self.republish_log() {
+            if let Err(e) = self.switch_log() {
                 if !on {
-                    // Logging goes on into a log the frontend let go of:
-                    // harmless (QEMU does not wait for this answer). Rings
-                    // that waited for a log start (unlogged is what the
-                    // frontend asks for now).
-                    tracing::warn!(error = %e, "dirty logging could not be switched off yet");
+                    // Marks may go on into a log the frontend let go of:
+                    // harmless (QEMU does not wait for this answer).
+                    tracing::warn!(error = %e, "dirty logging could not be switched off everywhere yet");
                     self.start_waiting("dirty logging is off");
                     return Ok(());
                 }
-                // The queues go on as before (the map was not switched):
-                // the features say so too. A frontend that cannot hear the
-                // failure (no REPLY_ACK, or this message did not ask for a
-                // reply) would migrate believing writes logged that are
-                // not: its connection ends.
+                // Not logging, as before: the features say so too. A
+                // frontend that cannot hear the failure (no REPLY_ACK, or
+                // this message did not ask for a reply) would migrate
+                // believing writes logged that are not: its connection
+                // ends.
                 self.features = before;
-                self.log = log_before;
+                self.switch.set(None);
                 if !(self.reply_ack() && self.asks_reply) {
                     tracing::error!(error = %e, "dirty logging could not be switched on: the frontend's connection is dropped");
                     self.export.fault().raise();
@@ -811,7 +835,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         self.log = Some(Arc::new(map));
         if self.logging() {
-            self.republish_log()?;
+            self.switch_log()?;
             self.start_waiting("the dirty log came");
         }
         Ok(())

@@ -19,6 +19,36 @@ pub const LOG_PAGE: u64 = 4096;
 /// Largest log we map: one bit per 4 KiB page of 16 TiB of guest memory.
 const MAX_LOG_BYTES: u64 = (16 << 40) / LOG_PAGE / 8;
 
+/// The log a connection's queues mark in: the one SET_LOG_BASE gave
+/// while VHOST_F_LOG_ALL is on, else none. Switched without draining the
+/// queues (each picks it up at the start of its next poll, see
+/// `version`): a switch that waited for a device to give back its
+/// requests could time out, and QEMU (to 9.0 at least) aborts the whole VM
+/// when a backend refuses to start logging (audit).
+#[derive(Default)]
+pub struct LogSwitch {
+    version: AtomicU64,
+    log: std::sync::Mutex<Option<Arc<DirtyLog>>>,
+}
+
+impl LogSwitch {
+    /// Bumped by every switch: a queue that saw another takes `get` again.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The log to mark in now.
+    pub fn get(&self) -> Option<Arc<DirtyLog>> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Mark in `log` from now on (once each queue has looked).
+    pub fn set(&self, log: Option<Arc<DirtyLog>>) {
+        *self.log.lock().unwrap_or_else(|e| e.into_inner()) = log;
+        self.version.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// A mapped dirty log.
 pub struct DirtyLog {
     /// Dropped before `map`: the SIGBUS table never names an unmapped range.

@@ -116,9 +116,10 @@ pub struct GuestMemory {
 pub struct GuestMap {
     mem: GuestMemoryMmap,
     _owners: Vec<Arc<Mapping>>,
-    /// The frontend's dirty log while it logs (live migration): every
-    /// guest page the queues write is marked in it.
-    pub log: Option<Arc<super::dirtylog::DirtyLog>>,
+    /// The connection's dirty log while its frontend logs (live
+    /// migration): every guest page the queues write is marked in it.
+    /// One switch for every map of a connection, flipped without a new map.
+    pub log: Arc<super::dirtylog::LogSwitch>,
 }
 
 #[cfg(test)]
@@ -128,7 +129,7 @@ impl GuestMap {
         GuestMap {
             mem,
             _owners: Vec::new(),
-            log: None,
+            log: Default::default(),
         }
     }
 }
@@ -425,7 +426,7 @@ impl GuestMemory {
         Ok(GuestMap {
             mem,
             _owners: self.regions.iter().map(|r| r.owner.clone()).collect(),
-            log: None,
+            log: Default::default(),
         })
     }
 }

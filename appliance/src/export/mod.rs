@@ -393,7 +393,7 @@ impl Export {
     /// is copying the guest): the page bits set in its log so far.
     pub fn dirty_log(&self) -> Option<u64> {
         let (_, map) = self.shared.memory.config();
-        map.log.as_ref().map(|l| l.counts().0)
+        map.log.get().map(|l| l.counts().0)
     }
 
     /// Connections accepted so far.

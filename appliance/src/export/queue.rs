@@ -15,6 +15,7 @@ use poller::{Ctx, LocalGate, PollState, QuiesceObject};
 use virtio_queue::{Queue, QueueT};
 
 use super::chain::{Desc, RegionCache};
+use super::dirtylog::DirtyLog;
 use super::eventfd::Signaller;
 use super::fault::FaultSignal;
 use super::inflight::InflightQueue;
@@ -179,10 +180,14 @@ struct Runner {
     mem_gate: LocalGate<GuestMap>,
     mem_gen: u64,
     mem: Arc<GuestMap>,
-    /// While `mem` has a dirty log (live migration), by slot: what the
-    /// request's completion marks (the
-    /// status byte's guest address, the bytes a read fills). Kept out of
-    /// `slots` so that requests cost nothing more when nobody logs.
+    /// The dirty log it marks in (live migration), as `mem.log` said at
+    /// `log_version`: looked at once per poll.
+    log: Option<Arc<DirtyLog>>,
+    log_version: u64,
+    /// While it has a dirty log, by slot: what the request's completion
+    /// marks (the status byte's guest address, the bytes a read fills).
+    /// Kept out of `slots` so that requests cost nothing more when nobody
+    /// logs.
     logged: Vec<(u64, Vec<(u64, u64)>)>,
     vol_gate: LocalGate<VolumeConfig>,
     vol_gen: u64,
@@ -308,6 +313,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         shared: setup.shared,
         mem_gate,
         mem_gen,
+        log: None,
+        log_version: u64::MAX,
         logged: (0..size).map(|_| (0, Vec::new())).collect(),
         mem,
         vol_gate,
@@ -364,6 +371,9 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         }
         runner.resubmit = heads.into();
     }
+    // Its first writes to the ring are logged as any (a start during a
+    // migration).
+    runner.adopt_log();
     // Requests may already be waiting from before a reconnect.
     runner.ring.disable_notification();
     ctx.watch_fd(fd);
@@ -380,6 +390,9 @@ impl Runner {
         let mut work = false;
         self.now = ctx.now();
         self.now_ns = self.now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        if self.mem.log.version() != self.log_version {
+            self.adopt_log();
+        }
         let call_gen = self.shared.call_gen.load(Ordering::Relaxed);
         if call_gen != self.call_gen {
             self.call_gen = call_gen;
@@ -554,6 +567,30 @@ impl Runner {
         }
     }
 
+    /// Mark in the log `mem.log` holds now (dirty logging went on or off
+    /// or the log changed). Requests taken before logging went on noted
+    /// nothing to mark: their chains are read again (their buffers are
+    /// the guest's until they complete).
+    fn adopt_log(&mut self) {
+        self.log_version = self.mem.log.version();
+        let log = self.mem.log.get();
+        let newly = log.is_some() && self.log.is_none();
+        self.ring.set_log(log.clone());
+        self.log = log;
+        if newly {
+            for slot in 0..self.slots.len() {
+                let Some((head, op)) = self.slots[slot].as_ref().map(|r| (r.head, r.op)) else {
+                    continue;
+                };
+                self.walk(head);
+                let status_gpa = self.descs.last().map_or(0, |d| {
+                    d.addr.saturating_add(u64::from(d.len.saturating_sub(1)))
+                });
+                self.note_fills(slot, status_gpa, op);
+            }
+        }
+    }
+
     /// Pick up a new guest memory map or volume configuration. Only with
     /// nothing in flight: in-flight requests point into the old ones.
     /// Pick up a new guest memory map (with none of our requests in
@@ -566,6 +603,8 @@ impl Runner {
             self.mem_gen = g;
             self.mem = m;
             self.regions.reset();
+            // Another connection's switch, perhaps.
+            self.adopt_log();
             match self.ring.remap(&self.mem) {
                 Ok(()) if self.ring_lost => {
                     tracing::info!(

@@ -42,7 +42,7 @@ pub struct Ring {
     next_used: u16,
     /// The used index at the last notification decision (EVENT_IDX).
     signalled_used: Option<u16>,
-    /// The memory map's dirty log while the frontend logs (live
+    /// The connection's dirty log while the frontend logs (live
     /// migration): every write to the used ring is marked in it.
     log: Option<Arc<DirtyLog>>,
 }
@@ -118,7 +118,6 @@ impl Ring {
         self.desc = std::ptr::null();
         // Read the guest's index again through the new map.
         self.avail_idx = self.next_avail;
-        self.log = mem.log.clone();
         let n = self.size as u64;
         let avail = host(mem, self.avail_gpa, 6 + 2 * n, 2).ok_or_else(|| {
             FrontendError::Invalid(format!(
@@ -248,6 +247,12 @@ impl Ring {
         self.u16_at(self.used, 2)
             .store(self.next_used, Ordering::Release);
         self.mark_used();
+    }
+
+    /// Mark the used ring in `log` from now on (the runner's, see
+    /// `LogSwitch`).
+    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>) {
+        self.log = log;
     }
 
     /// Mark the used ring (flags, index, entries, avail event) in the

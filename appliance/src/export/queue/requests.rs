@@ -47,7 +47,7 @@ impl Runner {
     fn refuse(&mut self, head: u16, req: &Request, status: u8) {
         // SAFETY: `status` was translated inside guest memory.
         unsafe { std::ptr::write_volatile(req.status, status) };
-        if let Some(log) = &self.mem.log {
+        if let Some(log) = &self.log {
             log.mark(req.status_gpa, 1);
         }
         self.stats.refused();
@@ -70,7 +70,7 @@ impl Runner {
             Ok(Parsed::Done { written }) => {
                 // SAFETY: as above.
                 unsafe { std::ptr::write_volatile(req.status, S_OK) };
-                if let Some(log) = &self.mem.log {
+                if let Some(log) = &self.log {
                     // GET_ID: the serial, at the front of the writable
                     // buffers, and the status. Only the bytes written: a
                     // guest may offer gigabytes, and each page is an
@@ -113,7 +113,7 @@ impl Runner {
                         return Dispatch::Throttled(op, bytes);
                     }
                 }
-                if self.mem.log.is_some() {
+                if self.log.is_some() {
                     self.note_fills(slot as usize, req.status_gpa, op);
                 }
                 self.slots[slot as usize] = Some(Inflight {
@@ -241,7 +241,7 @@ impl Runner {
         // SAFETY: the status byte is inside guest memory, which cannot be
         // unmapped while this request is in flight (memory gate).
         unsafe { std::ptr::write_volatile(req.status, status) };
-        if let Some(log) = &self.mem.log {
+        if let Some(log) = &self.log {
             // After the device wrote them, before the used index shows
             // the request: a log sync in between copies them again.
             if let Some((status, fills)) = self.logged.get(index) {
