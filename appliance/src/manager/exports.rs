@@ -25,8 +25,14 @@ impl Manager {
         if decl.num_queues == 0 {
             decl.num_queues = 1;
         }
+        // The volume's name by default, as over NVMe/TCP: a migration's
+        // destination is another export of the same volume, and with the
+        // export's name the guest's disk changed serial under it
+        // (/dev/disk/by-id, LVM filters and fstab entries that name it)
+        // (audit). Kept in the state file as made, so exports made before
+        // keep theirs.
         if decl.serial.is_empty() {
-            decl.serial = decl.name.chars().take(20).collect();
+            decl.serial = decl.volume.chars().take(20).collect();
         }
         let reactors = self.shared.set.len();
         if let Some(&c) = decl.queue_cores.iter().find(|&&c| c >= reactors) {

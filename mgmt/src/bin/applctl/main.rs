@@ -189,7 +189,7 @@ enum ExportCmd {
         /// Refuse writes.
         #[arg(long)]
         read_only: bool,
-        /// Serial the guest sees (default: the export's name).
+        /// Serial the guest sees (default: the volume's name).
         #[arg(long, default_value = "")]
         serial: String,
         /// The reactor that polls each queue, comma-separated, repeated
