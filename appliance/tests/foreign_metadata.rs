@@ -132,6 +132,30 @@ fn a_device_of_another_volume_is_no_spare_or_replacement_unless_forced() {
     assert!(!appliance::raid::journal::holds_journal(&j));
 }
 
+/// From an audit: a single-device volume took any device, one holding a
+/// stopped volume's superblock too, and its guest's first writes
+/// destroyed that member. Refused unless forced, as for a RAID member;
+/// forced, the device is passed through untouched.
+#[test]
+fn a_device_of_another_volume_is_no_single_volume_unless_forced() {
+    let rig = rig();
+    rig.attach(&["x0", "x1", "blank"]);
+    rig.raid1("other", &["x0", "x1"]);
+    rig.mgr.delete_volume("other").unwrap();
+    let single = |dev: &str, force: bool| {
+        rig.mgr.create_volume(
+            VolumeDecl::new(&format!("s-{dev}"), "single", &[dev]),
+            force,
+        )
+    };
+    refused(single("x0", false), "\"other\"");
+    single("blank", false).unwrap();
+    single("x0", true).unwrap();
+    rig.mgr.delete_volume("s-x0").unwrap();
+    rig.detach(&["x0"]);
+    assert_eq!(superblock(&rig.path("x0")).unwrap(), "other");
+}
+
 #[test]
 fn a_damaged_superblock_is_not_a_blank_device() {
     let rig = rig();

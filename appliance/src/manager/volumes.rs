@@ -639,6 +639,14 @@ impl Manager {
         zeroed: bool,
     ) -> Result<Started, MgmtError> {
         if level == Level::Single {
+            // A device holding a volume's superblock or a journal (a
+            // stopped volume's member, say) is refused unless forced, as
+            // a RAID member is: its guest's first writes would destroy
+            // it (audit). Forced, it is passed through as it is (a guest
+            // may assemble it with md), never erased.
+            if !force {
+                Self::check_blank(&members[0], None, false)?;
+            }
             return Ok((
                 Volume::new(&self.shared.set, &decl.name, members[0].clone()),
                 None,
