@@ -598,6 +598,41 @@ impl bdev::BlockDevice for NotOnReactor1 {
     }
 }
 
+/// From an audit: deleting an export without force checked for a
+/// connected frontend and tore the export down in two steps, and a VM that
+/// connected in between was cut off. Once the export refuses connections
+/// (the first step), a frontend that comes is let go at once; with one
+/// connected, the refusal is the delete's and the export serves on.
+#[test]
+fn an_export_being_deleted_without_force_lets_a_new_frontend_go() {
+    use std::io::Read;
+    let (reactors, _fault, volume, export, _dir, sock) =
+        fault_export(1, Duration::from_millis(300));
+    let g = Guest::new(&sock, 1);
+    assert!(
+        export.refuse_connections().is_err(),
+        "a frontend is connected"
+    );
+    g.frontend.get_features().expect("it is served on");
+    drop(g);
+    let t = Instant::now();
+    while export.is_connected() {
+        assert!(t.elapsed() < Duration::from_secs(30), "it never went");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    export.refuse_connections().unwrap();
+    let mut late = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(late.read(&mut b).unwrap(), 0, "the connection was kept");
+    assert!(!export.is_connected());
+    export.delete(true).unwrap();
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}
+
 /// From an audit: a queue moved to a reactor where it could not start
 /// stayed stopped (the API said only that the move failed), and the
 /// guest's IO on it hung for good: the frontend never starts a ring it

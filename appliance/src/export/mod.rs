@@ -120,6 +120,9 @@ pub struct ExportShared {
     /// Guest memory of the current connection, changed only quiesced.
     memory: QuiesceObject<memory::GuestMap>,
     connected: AtomicBool,
+    /// Being deleted without force: a frontend that connects now is let
+    /// go at once (see `refuse_connections`).
+    closing: AtomicBool,
     connections: AtomicU64,
     /// The connected frontend's backend request channel, if it set one up.
     frontend: Mutex<Option<frontend::FrontendChannel>>,
@@ -320,6 +323,7 @@ impl Export {
             options: opts,
             volume: volume.clone(),
             connected: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             frontend: Mutex::new(None),
             notifying: Mutex::new(()),
@@ -489,10 +493,25 @@ impl Export {
     /// `force`; forced, in-flight IO drains and the frontend is
     /// disconnected. After a refusal the export goes on serving.
     pub fn delete(&self, force: bool) -> Result<(), ExportError> {
-        if self.is_connected() && !force {
-            return Err(ExportError::Connected(self.name.clone()));
+        if !force {
+            self.refuse_connections()?;
         }
         self.shutdown_thread();
+        Ok(())
+    }
+
+    /// Let no frontend connect from now on, unless one is connected
+    /// already (refused then, the export serving on): a delete without
+    /// force checked and tore down in two steps, and a VM that connected
+    /// in between was cut off (audit). A frontend connecting meanwhile is
+    /// either seen here or let go at once (each side stores its flag,
+    /// then reads the other's).
+    pub fn refuse_connections(&self) -> Result<(), ExportError> {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        if self.is_connected() {
+            self.shared.closing.store(false, Ordering::SeqCst);
+            return Err(ExportError::Connected(self.name.clone()));
+        }
         Ok(())
     }
 
@@ -679,6 +698,14 @@ fn serve_connection(
         current.clone()
     };
     shared.connected.store(true, Ordering::SeqCst);
+    if shared.closing.load(Ordering::SeqCst) {
+        // The export is being deleted without force (see
+        // `refuse_connections`): this frontend is let go.
+        *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        shared.connected.store(false, Ordering::SeqCst);
+        tracing::info!(socket = %shared.options.socket.display(), "a frontend connected to an export being deleted: let go");
+        return false;
+    }
     // The protocol's log lines name their socket: two frontends of one
     // volume (a live migration) interleave. (Reactor threads log without
     // it.)

@@ -235,10 +235,8 @@ impl Manager {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| MgmtError::NotFound(format!("export {name} does not exist")))?;
-            if e.export.is_connected() && !force {
-                return Err(from_export(crate::export::ExportError::Connected(
-                    e.export.name().to_string(),
-                )));
+            if !force {
+                e.export.refuse_connections().map_err(from_export)?;
             }
             inv.exports.remove(name);
             e
