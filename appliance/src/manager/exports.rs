@@ -241,8 +241,11 @@ impl Manager {
             inv.exports.remove(name);
             e
         };
-        self.save()?;
-        e.export.delete(true).map_err(from_export)
+        // Gone from the inventory, it goes whatever the save does (kept
+        // running, it served on unlisted, refusing every new frontend).
+        let saved = self.save();
+        e.export.delete(true).map_err(from_export)?;
+        saved
     }
 }
 
