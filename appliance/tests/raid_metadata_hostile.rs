@@ -202,3 +202,42 @@ fn an_event_count_that_would_wrap_is_refused() {
         report.problems
     );
 }
+
+/// From an audit: two mirrors that each ran with the other failed (a
+/// start with only one readable, then one with only the other) hold
+/// different writes; assembly took one by device order and said nothing,
+/// and the other's writes were rebuilt over unremarked. The newest is
+/// still the volume (as md's assembly takes it), and the other is named.
+#[test]
+fn members_that_each_ran_without_the_other_are_named() {
+    let devs = rams(2);
+    create(
+        &VolumeSpec::new("vol0", Level::Raid1, devs.clone()),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    for (me, other) in [(0, 1), (1, 0)] {
+        edit(devs[me].as_ref(), |sb| {
+            sb.events += 2;
+            sb.slot_states[other] = MemberState::Failed.code();
+        });
+    }
+    for order in [[0, 1], [1, 0]] {
+        let given: Vec<_> = order.iter().map(|&i| devs[i].clone()).collect();
+        let report = assemble(&given, |_| FailureSink::none());
+        assert_eq!(report.volumes.len(), 1, "{:?}", report.problems);
+        let taken = order[0];
+        let left = &report.problems;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].0, format!("m{}", order[1]));
+        assert!(
+            left[0].1.contains("split brain") && left[0].1.contains(&format!("m{taken}")),
+            "{left:?}"
+        );
+        assert_eq!(
+            report.volumes[0].device.member_states()[order[1]],
+            MemberState::Failed
+        );
+    }
+}

@@ -550,9 +550,10 @@ pub fn assemble(
         let Some(newest) = found.iter().map(|(_, sb)| sb.events).max() else {
             continue;
         };
-        let Some((_, auth)) = found.iter().find(|(_, sb)| sb.events == newest) else {
+        let Some((auth_dev, auth)) = found.iter().find(|(_, sb)| sb.events == newest) else {
             continue;
         };
+        split_brain(auth_dev, auth, &found, &mut report.problems);
         let mut auth = auth.clone();
         let n = auth.members as usize;
         let mut slots: Vec<Option<Arc<dyn BlockDevice>>> = vec![None; n];
@@ -878,4 +879,43 @@ pub fn open_or_create(
         was_clean: v.was_clean,
         summary,
     })
+}
+
+/// Members that each ran with the other failed (each one's superblock
+/// says the other's slot failed: a start with only one of them readable,
+/// then another with only the other) hold different writes since. The
+/// newest (the first found at a tie) is the volume, as md's assembly
+/// takes it; the other's writes since are not in it. Said for each such
+/// member, as mdadm says "ignoring X as it reports Y as failed": it was
+/// silent, and a later rebuild over the other member lost its writes
+/// unremarked (audit).
+fn split_brain(
+    auth_dev: &Arc<dyn BlockDevice>,
+    auth: &Superblock,
+    found: &[(Arc<dyn BlockDevice>, Superblock)],
+    problems: &mut Vec<(String, String)>,
+) {
+    let failed = |sb: &Superblock, slot: u32| {
+        sb.slot_states
+            .get(slot as usize)
+            .is_some_and(|c| c & !WRITE_MOSTLY == MemberState::Failed.code())
+    };
+    for (dev, sb) in found {
+        if Arc::ptr_eq(dev, auth_dev) || sb.legacy || sb.slot == auth.slot {
+            continue;
+        }
+        if failed(sb, auth.slot) && failed(auth, sb.slot) {
+            problems.push((
+                dev.info().name.clone(),
+                format!(
+                    "it and {} each ran with the other failed (split brain): {} ({} events) is the volume; what {} ({} events) took since is not in it",
+                    auth_dev.info().name,
+                    auth_dev.info().name,
+                    auth.events,
+                    dev.info().name,
+                    sb.events
+                ),
+            ));
+        }
+    }
 }
