@@ -109,6 +109,27 @@ impl Manager {
             .iter()
             .map(|(d, why)| format!("{d}: {why}"))
             .collect();
+        // A problem of one of its devices refuses the volume even when the
+        // others would start it: a member whose superblock cannot be used
+        // (a checksum that fails, a data area past its device) may be the
+        // one with the newest state, which the others' superblocks cannot
+        // tell (review: started without it, a stale member's data was
+        // served), and members that each ran without the other hold
+        // different writes. The operator chooses, as with md's --run.
+        let mine: Vec<&String> = report
+            .problems
+            .iter()
+            .filter(|(what, _)| devices.contains(what))
+            .map(|(what, _)| what)
+            .collect();
+        if !mine.is_empty() {
+            let names: Vec<&str> = mine.iter().map(|s| s.as_str()).collect();
+            return Err(MgmtError::FailedPrecondition(format!(
+                "refusing to assemble: {} (to start without {}, name only the other devices in the volume's declaration and reload)",
+                list.join("; "),
+                names.join(", ")
+            )));
+        }
         // The state file's UUID pins the volume: another of the same name
         // among the devices (disks moved in, an md array) is never it.
         let Some(i) = report.volumes.iter().position(|v| {
@@ -137,13 +158,11 @@ impl Manager {
                 )
             }));
         };
-        // It starts without a member whose superblock cannot be used (a
-        // checksum that fails, a data area past its device): that member
-        // is missing, as a dead one is, and stays untouched. Refusing the
-        // whole volume for it took a mirror offline that one good member
-        // could serve (audit).
+        // What is left is another group's of the same name (disks moved
+        // in): not this volume's, whose UUID the state file pins (it
+        // refused this one with a misleading reason).
         if !list.is_empty() {
-            tracing::warn!(volume = decl.name, problems = %list.join("; "), "members left out");
+            tracing::warn!(volume = decl.name, problems = %list.join("; "), "another volume of this name on its devices: left out");
         }
         let mut v = report.volumes.remove(i);
         // The superblocks say what the volume is: a takeover or bitmap
