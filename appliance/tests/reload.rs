@@ -388,6 +388,62 @@ fn an_export_whose_hosts_are_listed_in_another_order_is_left_alone() {
     rig.stop();
 }
 
+/// From review: an export a reload made again for another reason (here
+/// its queue count) with no serial in the file got the default one, and
+/// its guest's disk changed serial (the default is no longer the export's
+/// name). It keeps the serial it was made with, as its NVMe/TCP
+/// namespace keeps its serial and NGUID.
+#[test]
+fn an_export_made_again_by_a_reload_keeps_its_serial() {
+    let rig = rig();
+    rig.mgr.attach_device(rig.ram("d")).unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
+        .unwrap();
+    rig.mgr
+        .create_export(ExportDecl {
+            name: "e".into(),
+            volume: "v".into(),
+            socket: rig.dir.path().join("e.sock"),
+            serial: "made-before".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    rig.mgr
+        .create_nvmf_export(NvmfExportDecl {
+            nqn: "nqn.2026-12.io.example:v".into(),
+            volume: "v".into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            serial: "nvme-before".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let nguid = rig.state().nvmf_exports[0].nguid.clone();
+    let mut file = rig.state();
+    file.exports[0].serial.clear();
+    file.exports[0].num_queues = 2;
+    file.nvmf_exports[0].serial.clear();
+    file.nvmf_exports[0].nguid.clear();
+    file.nvmf_exports[0].read_only = true;
+    let path = rig.dir.path().join("edited.toml");
+    file.save(&path).unwrap();
+    let rep = rig.mgr.reload_file(&path).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    let e = &rig.mgr.list_exports()[0];
+    assert_eq!(
+        (e.decl.num_queues, e.decl.serial.as_str()),
+        (2, "made-before")
+    );
+    let n = &rig.state().nvmf_exports[0];
+    assert!(n.read_only);
+    assert_eq!(
+        (n.serial.as_str(), n.nguid.as_str()),
+        ("nvme-before", nguid.as_str())
+    );
+    rig.stop();
+}
+
 /// From an audit: a reload of a state file cut short (the NVMe/TCP
 /// exports come last in it) or emptied by mistake deleted every NVMe/TCP
 /// export with its hosts connected, then the volumes behind them, and

@@ -32,7 +32,7 @@ impl Manager {
         // (audit). Kept in the state file as made, so exports made before
         // keep theirs.
         if decl.serial.is_empty() {
-            decl.serial = decl.volume.chars().take(20).collect();
+            decl.serial = super::default_serial(&decl.volume);
         }
         let reactors = self.shared.set.len();
         if let Some(&c) = decl.queue_cores.iter().find(|&&c| c >= reactors) {

@@ -224,6 +224,21 @@ fn hex(g: &[u8; 16]) -> String {
 }
 
 /// Names of devices, volumes and exports: safe in paths, logs and tables.
+/// The serial a disk shows when none is given: its volume's name, the same
+/// through every export of it; a name longer than the 20 bytes a serial
+/// holds is its first 12 and a hash of the whole (cut to 20, two volumes
+/// whose names shared those were one serial in one guest: review).
+fn default_serial(volume: &str) -> String {
+    if volume.len() <= 20 {
+        return volume.to_string();
+    }
+    let head: String = volume.chars().take(12).collect();
+    format!(
+        "{head}-{:07x}",
+        crc32c::crc32c(volume.as_bytes()) & 0x0fff_ffff
+    )
+}
+
 fn check_name(field: &'static str, name: &str) -> Result<(), MgmtError> {
     if name.is_empty() || name.len() > 32 {
         return Err(invalid(field, format!("{name:?} must be 1..=32 bytes")));
@@ -834,5 +849,25 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_serial;
+
+    #[test]
+    fn a_default_serial_fits_20_bytes_and_long_names_stay_apart() {
+        assert_eq!(default_serial("vol0"), "vol0");
+        assert_eq!(
+            default_serial("exactly-twenty-bytes"),
+            "exactly-twenty-bytes"
+        );
+        let a = default_serial("customer-a-database-data");
+        let b = default_serial("customer-a-database-logs");
+        assert!(a.len() <= 20 && b.len() <= 20, "{a} {b}");
+        assert!(a.starts_with("customer-a-d"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, default_serial("customer-a-database-data"), "stable");
     }
 }

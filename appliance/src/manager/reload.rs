@@ -338,8 +338,18 @@ impl Manager {
                 None if kept.contains(&w.name) => {}
                 None if self.keep_export_of_unavailable(w) => {}
                 None => {
-                    let r = self.create_export(w.clone()).map(|_| ());
                     let old = remade.iter().find(|e| e.name == w.name).cloned();
+                    let mut made = w.clone();
+                    // No serial in the file is "whatever it was made with":
+                    // an export made again for another reason keeps the one
+                    // its guest saw (the default is not what it was).
+                    if let Some(o) = old
+                        .as_ref()
+                        .filter(|o| made.serial.is_empty() && o.volume == made.volume)
+                    {
+                        made.serial = o.serial.clone();
+                    }
+                    let r = self.create_export(made).map(|_| ());
                     let again = old.map(|old| || self.create_export(old).map(|_| ()));
                     rep.made_or_again(format!("create export {}", w.name), r, again);
                 }
@@ -366,8 +376,19 @@ impl Manager {
                 && !self.inv().nvmf.contains_key(&w.nqn)
                 && !self.keep_nvmf_of_unavailable(w)
             {
-                let r = self.create_nvmf_export(w.clone()).map(|_| ());
                 let old = remade_nvmf.iter().find(|e| e.nqn == w.nqn).cloned();
+                let mut made = w.clone();
+                // As for vhost-user exports: what the file leaves empty is
+                // what the namespace was made with.
+                if let Some(o) = old.as_ref().filter(|o| o.volume == made.volume) {
+                    if made.serial.is_empty() {
+                        made.serial = o.serial.clone();
+                    }
+                    if made.nguid.is_empty() {
+                        made.nguid = o.nguid.clone();
+                    }
+                }
+                let r = self.create_nvmf_export(made).map(|_| ());
                 let again = old.map(|old| || self.create_nvmf_export(old).map(|_| ()));
                 rep.made_or_again(format!("create nvme/tcp export {}", w.nqn), r, again);
             }
