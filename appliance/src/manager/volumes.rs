@@ -859,15 +859,21 @@ impl Manager {
             v
         };
         let _busy = lock(&v.busy);
-        if let Err(e) = drain_before_delete(name, &v) {
-            v.deleting.store(false, Ordering::SeqCst);
-            return Err(e);
-        }
+        let switched = match drain_before_delete(name, &v, self.shared.timeout()) {
+            Ok(switched) => switched,
+            Err(e) => {
+                v.deleting.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         // No IO can reach it after this; only then is it recorded clean.
         let removed = v.volume.quiesce().remove(self.shared.timeout());
         lock(&v.held).take();
         if let Err(e) = removed {
             v.deleting.store(false, Ordering::SeqCst);
+            if switched {
+                write_back_again(name, &v);
+            }
             return Err(super::from_quiesce(name, e));
         }
         if let Some(m) = &v.monitor {
@@ -902,35 +908,54 @@ impl Manager {
 /// is deleted. The member superblocks do not name the journal, so members
 /// taken up again without it (`volume import`, md) said clean without the
 /// acknowledged writes only the log held (audit); a restart from the
-/// state file replays the log, a deletion forgets it. Refused, write-back
-/// again as it was, if the members do not take the cache within the
-/// change timeout. (A failed journal's cache lives only in memory and
-/// drains on its own; nothing later could read it back.)
-fn drain_before_delete(name: &str, v: &Vol) -> Result<(), MgmtError> {
+/// state file replays the log, a deletion forgets it. A failed journal's
+/// cache (it drains on its own, through writes and the checkpointer the
+/// deletion stops) is waited for too (review). Refused, write-back again
+/// as it was, if the members do not take the cache within `timeout`.
+/// True if it switched the journal to write-through.
+fn drain_before_delete(
+    name: &str,
+    v: &Vol,
+    timeout: std::time::Duration,
+) -> Result<bool, MgmtError> {
     let Some(m) = &v.monitor else {
-        return Ok(());
+        return Ok(false);
     };
-    let Some(j) = m.journal().filter(|j| !j.has_failed()) else {
-        return Ok(());
+    let Some(j) = m.journal() else {
+        return Ok(false);
     };
     if j.cache().is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    let was = j.mode();
-    m.set_journal_mode(JournalMode::WriteThrough)
-        .map_err(|e| from_op(name, e))?;
+    let switched = !j.has_failed() && j.mode() == JournalMode::WriteBack;
+    if j.has_failed() {
+        if let Err(e) = j.drain(&v.volume, timeout) {
+            tracing::warn!(volume = name, error = %e, "draining a failed journal's cache before a delete");
+        }
+    } else {
+        m.set_journal_mode(JournalMode::WriteThrough)
+            .map_err(|e| from_op(name, e))?;
+    }
     if j.cache().is_empty() {
-        return Ok(());
+        return Ok(switched);
     }
-    if was == JournalMode::WriteBack {
+    if switched {
+        write_back_again(name, v);
+    }
+    Err(MgmtError::FailedPrecondition(format!(
+        "volume {name}: {} acknowledged blocks are only in its journal's cache and did not reach the members in time; not deleted (the members would say clean without them)",
+        j.cache().len()
+    )))
+}
+
+/// A delete that drained the write-back cache was refused: the journal is
+/// write-back again, as the operator left it.
+fn write_back_again(name: &str, v: &Vol) {
+    if let Some(m) = &v.monitor {
         if let Err(e) = m.set_journal_mode(JournalMode::WriteBack) {
             tracing::warn!(volume = name, error = %e, "switching the journal back to write-back after a refused delete");
         }
     }
-    Err(MgmtError::FailedPrecondition(format!(
-        "volume {name}: {} acknowledged blocks are only in its write-back journal and did not reach the members in time; not deleted (the members would say clean without them)",
-        j.cache().len()
-    )))
 }
 
 #[cfg(test)]
