@@ -241,3 +241,44 @@ fn members_that_each_ran_without_the_other_are_named() {
         );
     }
 }
+
+/// From review: a three-way mirror lost slot 0, then slot 1 (its last
+/// superblock says slot 0 failed); a new disk rebuilds slot 0 while the
+/// failed one waits as a spare, and the machine crashes. The rebuilding
+/// member was taken as the reference (first of the newest), and with it
+/// the waiting spare looked like a split brain, which refuses the volume.
+/// An in-sync member is the reference: nothing is named, the rebuild
+/// resumes.
+#[test]
+fn a_member_being_rebuilt_is_not_the_reference_when_an_in_sync_one_is_as_new() {
+    let devs = rams(3);
+    create(
+        &VolumeSpec::new("vol0", Level::Raid1, devs.clone()),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    let (rebuilding, failed, in_sync) = (
+        MemberState::Rebuilding.code(),
+        MemberState::Failed.code(),
+        MemberState::InSync.code(),
+    );
+    // Slot 1 failed second: it recorded slot 0 failed, then nothing.
+    edit(devs[1].as_ref(), |sb| {
+        sb.events += 1;
+        sb.slot_states = vec![failed, in_sync, in_sync];
+    });
+    // Slots 0 (being rebuilt) and 2 recorded everything since.
+    for d in [&devs[0], &devs[2]] {
+        edit(d.as_ref(), |sb| {
+            sb.events += 3;
+            sb.slot_states = vec![rebuilding, failed, in_sync];
+        });
+    }
+    let report = assemble(&devs, |_| FailureSink::none());
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.volumes.len(), 1);
+    let states = report.volumes[0].device.member_states();
+    assert_eq!(states[2], MemberState::InSync, "{states:?}");
+    assert_eq!(states[1], MemberState::Failed, "{states:?}");
+}

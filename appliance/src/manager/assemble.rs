@@ -102,7 +102,14 @@ impl Manager {
             if other {
                 tracing::warn!(volume = decl.name, other = %what, reason = %why, "a device of another volume left out");
             }
-            !other
+            // A declared spare holds nothing the volume needs: one named
+            // here is only said (it is not taken as a spare unless its
+            // superblock is this volume's, see below).
+            let spare = declared_spares.contains(what);
+            if spare {
+                tracing::warn!(volume = decl.name, spare = %what, reason = %why, "a declared spare's superblock says something is wrong");
+            }
+            !other && !spare
         });
         let list: Vec<String> = report
             .problems
@@ -160,7 +167,15 @@ impl Manager {
         };
         // What is left is another group's of the same name (disks moved
         // in): not this volume's, whose UUID the state file pins (it
-        // refused this one with a misleading reason).
+        // refused this one with a misleading reason). Without a UUID (an
+        // older state file, a first `--config`) the name chose the group,
+        // and a problem of that name may be this volume's own: refused.
+        if !list.is_empty() && decl.uuid.is_empty() {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "refusing to assemble: {}",
+                list.join("; ")
+            )));
+        }
         if !list.is_empty() {
             tracing::warn!(volume = decl.name, problems = %list.join("; "), "another volume of this name on its devices: left out");
         }

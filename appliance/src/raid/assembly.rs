@@ -550,7 +550,20 @@ pub fn assemble(
         let Some(newest) = found.iter().map(|(_, sb)| sb.events).max() else {
             continue;
         };
-        let Some((auth_dev, auth)) = found.iter().find(|(_, sb)| sb.events == newest) else {
+        // The reference is an in-sync member's superblock where one is among
+        // the newest (a member being rebuilt records the same events, and
+        // it named a stale spare that had failed before it a split brain:
+        // review), else the first of them.
+        let own_in_sync = |sb: &Superblock| {
+            sb.slot_states
+                .get(sb.slot as usize)
+                .is_some_and(|c| c & !WRITE_MOSTLY == MemberState::InSync.code())
+        };
+        let Some((auth_dev, auth)) = found
+            .iter()
+            .find(|(_, sb)| sb.events == newest && own_in_sync(sb))
+            .or_else(|| found.iter().find(|(_, sb)| sb.events == newest))
+        else {
             continue;
         };
         split_brain(auth_dev, auth, &found, &mut report.problems);
