@@ -121,8 +121,9 @@ pub struct ExportShared {
     memory: QuiesceObject<memory::GuestMap>,
     connected: AtomicBool,
     /// Being deleted without force: a frontend that connects now is let
-    /// go at once (see `refuse_connections`).
-    closing: AtomicBool,
+    /// go at once (see `refuse_connections`). Held while `connected` is
+    /// set, so the two decide one after the other.
+    closing: Mutex<bool>,
     connections: AtomicU64,
     /// The connected frontend's backend request channel, if it set one up.
     frontend: Mutex<Option<frontend::FrontendChannel>>,
@@ -323,7 +324,7 @@ impl Export {
             options: opts,
             volume: volume.clone(),
             connected: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
+            closing: Mutex::new(false),
             connections: AtomicU64::new(0),
             frontend: Mutex::new(None),
             notifying: Mutex::new(()),
@@ -504,14 +505,17 @@ impl Export {
     /// already (refused then, the export serving on): a delete without
     /// force checked and tore down in two steps, and a VM that connected
     /// in between was cut off (audit). A frontend connecting meanwhile is
-    /// either seen here or let go at once (each side stores its flag,
-    /// then reads the other's).
+    /// either seen here or let go at once, never both (one lock).
     pub fn refuse_connections(&self) -> Result<(), ExportError> {
-        self.shared.closing.store(true, Ordering::SeqCst);
+        let mut closing = self
+            .shared
+            .closing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if self.is_connected() {
-            self.shared.closing.store(false, Ordering::SeqCst);
             return Err(ExportError::Connected(self.name.clone()));
         }
+        *closing = true;
         Ok(())
     }
 
@@ -697,14 +701,17 @@ fn serve_connection(
         }
         current.clone()
     };
-    shared.connected.store(true, Ordering::SeqCst);
-    if shared.closing.load(Ordering::SeqCst) {
-        // The export is being deleted without force (see
-        // `refuse_connections`): this frontend is let go.
-        *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        shared.connected.store(false, Ordering::SeqCst);
-        tracing::info!(socket = %shared.options.socket.display(), "a frontend connected to an export being deleted: let go");
-        return false;
+    {
+        let closing = shared.closing.lock().unwrap_or_else(|e| e.into_inner());
+        if *closing {
+            // The export is being deleted without force (see
+            // `refuse_connections`): this frontend is let go.
+            drop(closing);
+            *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            tracing::info!(socket = %shared.options.socket.display(), "a frontend connected to an export being deleted: let go");
+            return false;
+        }
+        shared.connected.store(true, Ordering::SeqCst);
     }
     // The protocol's log lines name their socket: two frontends of one
     // volume (a live migration) interleave. (Reactor threads log without
