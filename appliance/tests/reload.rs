@@ -444,6 +444,44 @@ fn an_export_made_again_by_a_reload_keeps_its_serial() {
     rig.stop();
 }
 
+/// From review: a new export of a volume with no serial got the default
+/// one even when the volume was exported already with another (made
+/// before the default changed), and a migration's destination showed the
+/// guest another disk. It takes the serial the volume shows already.
+#[test]
+fn a_new_export_takes_the_serial_its_volume_shows_already() {
+    let rig = rig();
+    rig.mgr.attach_device(rig.ram("d")).unwrap();
+    let long = "customer-a-database-data";
+    rig.mgr
+        .create_volume(VolumeDecl::new(long, "single", &["d"]), false)
+        .unwrap();
+    rig.mgr
+        .create_nvmf_export(NvmfExportDecl {
+            nqn: "nqn.2026-12.io.example:v".into(),
+            volume: long.into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            serial: long[..20].into(),
+            ..Default::default()
+        })
+        .unwrap();
+    for name in ["a", "b"] {
+        rig.mgr
+            .create_export(ExportDecl {
+                name: name.into(),
+                volume: long.into(),
+                socket: rig.dir.path().join(format!("{name}.sock")),
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    for e in rig.mgr.list_exports() {
+        assert_eq!(e.decl.serial, long[..20], "{}", e.decl.name);
+    }
+    rig.stop();
+}
+
 /// From an audit: a reload of a state file cut short (the NVMe/TCP
 /// exports come last in it) or emptied by mistake deleted every NVMe/TCP
 /// export with its hosts connected, then the volumes behind them, and

@@ -32,7 +32,7 @@ impl Manager {
         // (audit). Kept in the state file as made, so exports made before
         // keep theirs.
         if decl.serial.is_empty() {
-            decl.serial = super::default_serial(&decl.volume);
+            decl.serial = self.serial_for(&decl.volume);
         }
         let reactors = self.shared.set.len();
         if let Some(&c) = decl.queue_cores.iter().find(|&&c| c >= reactors) {
@@ -57,6 +57,28 @@ impl Manager {
             decl.socket_group.as_deref(),
         )
         .map_err(from_export)
+    }
+
+    /// The serial an export of `volume` gets when none is given: that of
+    /// an export of it already made (of either kind; an NVMe/TCP one made
+    /// before long names were hashed kept their first 20 bytes: review),
+    /// else `default_serial`.
+    pub(super) fn serial_for(&self, volume: &str) -> String {
+        let inv = self.inv();
+        inv.exports
+            .values()
+            .map(|e| &e.decl)
+            .filter(|d| d.volume == volume)
+            .map(|d| d.serial.clone())
+            .chain(
+                inv.nvmf
+                    .values()
+                    .map(|e| &e.decl)
+                    .filter(|d| d.volume == volume)
+                    .map(|d| d.serial.clone()),
+            )
+            .next()
+            .unwrap_or_else(|| super::default_serial(volume))
     }
 
     /// Export a volume over vhost-user-blk.

@@ -113,7 +113,7 @@ impl Manager {
         // Random once, then kept in the state file.
         let nguid = nguid.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());
         if decl.serial.is_empty() {
-            decl.serial = super::default_serial(&decl.volume);
+            decl.serial = self.serial_for(&decl.volume);
         }
         // Under the inventory's lock: the NQN and the volume (not being
         // deleted) are checked and taken in one step.

@@ -224,7 +224,9 @@ impl Manager {
                 continue;
             }
             let r = self.delete_nvmf_export(&e.nqn);
-            if r.is_ok() && wanted.is_some() {
+            // Gone even when the save after it failed (review): made again
+            // as the one that ran, if the file's cannot be.
+            if !self.inv().nvmf.contains_key(&e.nqn) && wanted.is_some() {
                 remade_nvmf.push(e.clone());
             }
             rep.did(format!("delete nvme/tcp export {}", e.nqn), r);
@@ -248,7 +250,8 @@ impl Manager {
                 continue;
             }
             let r = self.delete_export(&e.name, false);
-            if r.is_ok() && wanted.is_some() {
+            // Gone even when the save after it failed (review).
+            if !self.inv().exports.contains_key(&e.name) && wanted.is_some() {
                 remade.push(e.clone());
             }
             rep.did(format!("delete export {}", e.name), r);
