@@ -356,21 +356,24 @@ impl Manager {
     /// RAID metadata, a damaged superblock, a journal (perhaps with writes
     /// not yet on its volume's members). Refused, unless `erase` (the
     /// caller's force) has what it holds erased first.
+    /// What `dev` holds that is not volume `own`'s: another volume's
+    /// superblock, md's metadata, a journal.
+    fn holder(dev: &Arc<dyn BlockDevice>, own: Option<[u8; 16]>) -> Option<String> {
+        assembly::foreign_holder(dev.as_ref(), own).or_else(|| {
+            crate::raid::journal::holds_journal(dev.as_ref()).then(|| {
+                "holds a write journal (of a stopped volume, its writes may not be on the members yet)"
+                    .to_string()
+            })
+        })
+    }
+
     pub(super) fn check_blank(
         dev: &Arc<dyn BlockDevice>,
         own: Option<[u8; 16]>,
         erase: bool,
     ) -> Result<(), MgmtError> {
         let name = &dev.info().name;
-        let held = match assembly::foreign_holder(dev.as_ref(), own) {
-            Some(held) => Some(held),
-            None if crate::raid::journal::holds_journal(dev.as_ref()) => Some(
-                "holds a write journal (of a stopped volume, its writes may not be on the members yet)"
-                    .to_string(),
-            ),
-            None => None,
-        };
-        let Some(held) = held else {
+        let Some(held) = Self::holder(dev, own) else {
             return Ok(());
         };
         if !erase {
@@ -644,8 +647,11 @@ impl Manager {
             // a RAID member is: its guest's first writes would destroy
             // it (audit). Forced, it is passed through as it is (a guest
             // may assemble it with md), never erased.
-            if !force {
-                Self::check_blank(&members[0], None, false)?;
+            if let Some(held) = Self::holder(&members[0], None).filter(|_| !force) {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "{} {held}; a single-device volume's guest would write over it: refused without force (forced, the device is given as it is)",
+                    members[0].info().name
+                )));
             }
             return Ok((
                 Volume::new(&self.shared.set, &decl.name, members[0].clone()),
@@ -871,10 +877,13 @@ impl Manager {
         lock(&v.held).take();
         if let Err(e) = removed {
             v.deleting.store(false, Ordering::SeqCst);
-            if switched {
-                write_back_again(name, &v);
-            }
-            return Err(super::from_quiesce(name, e));
+            let e = super::from_quiesce(name, e);
+            return Err(
+                match switched.then(|| write_back_again(name, &v)).flatten() {
+                    Some(left) => MgmtError::FailedPrecondition(format!("{e}; {left}")),
+                    None => e,
+                },
+            );
         }
         if let Some(m) = &v.monitor {
             if let Err(e) = m.close() {
@@ -939,23 +948,24 @@ fn drain_before_delete(
     if j.cache().is_empty() {
         return Ok(switched);
     }
-    if switched {
-        write_back_again(name, v);
-    }
+    let left = switched.then(|| write_back_again(name, v)).flatten();
     Err(MgmtError::FailedPrecondition(format!(
-        "volume {name}: {} acknowledged blocks are only in its journal's cache and did not reach the members in time; not deleted (the members would say clean without them)",
-        j.cache().len()
+        "volume {name}: {} acknowledged blocks are only in its journal's cache and did not reach the members in time; not deleted (the members would say clean without them){}",
+        j.cache().len(),
+        left.map_or(String::new(), |l| format!("; {l}"))
     )))
 }
 
 /// A delete that drained the write-back cache was refused: the journal is
-/// write-back again, as the operator left it.
-fn write_back_again(name: &str, v: &Vol) {
-    if let Some(m) = &v.monitor {
-        if let Err(e) = m.set_journal_mode(JournalMode::WriteBack) {
-            tracing::warn!(volume = name, error = %e, "switching the journal back to write-back after a refused delete");
-        }
-    }
+/// write-back again, as the operator left it. What the caller must say if
+/// it could not be.
+fn write_back_again(name: &str, v: &Vol) -> Option<String> {
+    let m = v.monitor.as_ref()?;
+    let e = m.set_journal_mode(JournalMode::WriteBack).err()?;
+    tracing::warn!(volume = name, error = %e, "switching the journal back to write-back after a refused delete");
+    Some(format!(
+        "its journal was left write-through (switching it back failed: {e}; set it again with journal-mode)"
+    ))
 }
 
 #[cfg(test)]
