@@ -301,6 +301,47 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     assert_eq!(superblock(&rig.path("s")).unwrap(), "other");
 }
 
+/// From an audit: a declared spare holding md's spare mark was taken
+/// whatever array the mark named; one of another array (its disk moved
+/// there while the daemon was down) then had this volume's mark written
+/// over it at the clean stop, and could be rebuilt over. Only a mark of
+/// this volume's is its spare.
+#[test]
+fn a_declared_spare_marked_for_another_array_is_left_alone() {
+    use appliance::raid::assembly::{create, write_spare_superblocks, VolumeSpec};
+    use appliance::raid::members::FailureSink;
+    use appliance::raid::superblock::Level;
+    let rig = rig();
+    let config = mirror_with_spare(&rig);
+    let file = |n: &str| -> std::sync::Arc<dyn BlockDevice> {
+        std::sync::Arc::new(FileDevice::create(&rig.path(n), 4096, 16 << 20).unwrap())
+    };
+    let (x0, x1) = (file("x0"), file("x1"));
+    create(
+        &VolumeSpec::new("other", Level::Raid1, vec![x0.clone(), x1]),
+        FailureSink::none(),
+        false,
+    )
+    .unwrap();
+    let other = read_superblock(x0.as_ref()).unwrap().unwrap();
+    let s: std::sync::Arc<dyn BlockDevice> =
+        std::sync::Arc::new(FileDevice::open(&rig.path("s"), 4096).unwrap());
+    write_spare_superblocks(&other, &[s.clone()]);
+    let before = std::fs::read(rig.path("s")).unwrap();
+    drop(s);
+
+    let (mgr, reactors) = restore(&config, None).unwrap();
+    let v = mgr.get_volume("v").unwrap();
+    assert!(v.spares.is_empty(), "{:?}", v.spares);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    assert!(
+        std::fs::read(rig.path("s")).unwrap() == before,
+        "the other array's spare was written over"
+    );
+}
+
 /// A declared spare whose metadata cannot be used (a damaged superblock
 /// at the spare's mark) refused the whole volume at a restart, and with
 /// it the daemon's start: a spare is not needed to start, so it is left

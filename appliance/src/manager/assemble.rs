@@ -35,6 +35,8 @@ impl Manager {
         let all: Vec<Arc<dyn BlockDevice>> = members.iter().chain(&spares).cloned().collect();
         let mut blank = Vec::new();
         let mut readable = Vec::new();
+        // Declared spares with md's spare mark: of this array, or another's.
+        let mut md_spares: Vec<Arc<dyn BlockDevice>> = Vec::new();
         for d in &all {
             let spare = declared_spares.contains(&d.info().name);
             match assembly::read_superblock(d.as_ref()) {
@@ -43,10 +45,12 @@ impl Manager {
                     readable.push(d.clone());
                 }
                 // md's spare (of an imported array) is a spare here too:
-                // spares carry no superblock of their own.
+                // spares carry no superblock of their own. Its mark must
+                // name this array, though (see the spares below).
                 Ok(Err(SuperblockError::MdSpare { .. })) if spare => {
                     blank.push(d.clone());
                     readable.push(d.clone());
+                    md_spares.push(d.clone());
                 }
                 // A spare is not needed to start: one whose metadata
                 // cannot be used (damaged, md's of another version, not
@@ -226,7 +230,8 @@ impl Manager {
             .iter()
             .filter(|d| !in_volume.contains(&d.info().name))
             .filter(|d| {
-                blank.iter().any(|b| Arc::ptr_eq(b, d))
+                let marked = md_spares.iter().any(|b| Arc::ptr_eq(b, d));
+                (blank.iter().any(|b| Arc::ptr_eq(b, d)) && !marked)
                     || (declared_spares.contains(&d.info().name)
                         && match assembly::foreign_holder(d.as_ref(), Some(uuid)) {
                             None => true,
