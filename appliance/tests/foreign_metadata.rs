@@ -326,7 +326,7 @@ fn a_declared_spare_marked_for_another_array_is_left_alone() {
     let other = read_superblock(x0.as_ref()).unwrap().unwrap();
     let s: std::sync::Arc<dyn BlockDevice> =
         std::sync::Arc::new(FileDevice::open(&rig.path("s"), 4096).unwrap());
-    write_spare_superblocks(&other, &[s.clone()]);
+    write_spare_superblocks(&other, std::slice::from_ref(&s));
     let before = std::fs::read(rig.path("s")).unwrap();
     drop(s);
 
