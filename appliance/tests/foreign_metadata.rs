@@ -292,12 +292,7 @@ fn a_declared_spare_that_belongs_to_another_volume_now_is_left_alone() {
     )
     .unwrap();
 
-    let (mgr, reactors) = restore(&config, None).unwrap();
-    let v = mgr.get_volume("v").unwrap();
-    assert!(v.spares.is_empty(), "{:?}", v.spares);
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    assert_eq!(restored_spares(&config), Vec::<String>::new());
     assert_eq!(superblock(&rig.path("s")).unwrap(), "other");
 }
 
@@ -330,12 +325,7 @@ fn a_declared_spare_marked_for_another_array_is_left_alone() {
     let before = std::fs::read(rig.path("s")).unwrap();
     drop(s);
 
-    let (mgr, reactors) = restore(&config, None).unwrap();
-    let v = mgr.get_volume("v").unwrap();
-    assert!(v.spares.is_empty(), "{:?}", v.spares);
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    assert_eq!(restored_spares(&config), Vec::<String>::new());
     assert!(
         std::fs::read(rig.path("s")).unwrap() == before,
         "the other array's spare was written over"
@@ -365,19 +355,25 @@ fn a_spare_with_a_damaged_superblock_is_left_out_not_a_refusal() {
         "the damage is seen as a superblock that cannot be used"
     );
 
-    let (mgr, reactors) = restore(&config, None).unwrap();
-    let v = mgr.get_volume("v").unwrap();
-    assert!(v.spares.is_empty(), "{:?}", v.spares);
-    assert_eq!(v.members.len(), 2);
-    mgr.shutdown();
-    drop(mgr);
-    let _ = reactors.shutdown();
+    assert_eq!(restored_spares(&config), Vec::<String>::new());
     let mut after = [0u8; 4096];
     std::fs::File::open(rig.path("s"))
         .unwrap()
         .read_exact_at(&mut after, 4096)
         .unwrap();
     assert!(after == sb, "the spare's device was written to");
+}
+
+/// The spares of volume v restored from `config` (its two members
+/// checked), the manager stopped again.
+fn restored_spares(config: &appliance::config::Config) -> Vec<String> {
+    let (mgr, reactors) = restore(config, None).unwrap();
+    let v = mgr.get_volume("v").unwrap();
+    assert_eq!(v.members.len(), 2, "{:?}", v.members);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+    v.spares
 }
 
 /// A mirror v over a and b with spare s, made and stopped; the state file

@@ -45,6 +45,14 @@ impl Rig {
         }
     }
 
+    /// A RAM device "d" holding the single-device volume `name`.
+    fn single(&self, name: &str) {
+        self.mgr.attach_device(self.ram("d")).unwrap();
+        self.mgr
+            .create_volume(VolumeDecl::new(name, "single", &["d"]), false)
+            .unwrap();
+    }
+
     fn stop(self) {
         self.mgr.shutdown();
         drop(self.mgr);
@@ -55,10 +63,7 @@ impl Rig {
 #[test]
 fn a_mistake_in_a_changed_export_keeps_the_running_one() {
     let rig = rig();
-    rig.mgr.attach_device(rig.ram("d")).unwrap();
-    rig.mgr
-        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
-        .unwrap();
+    rig.single("v");
     rig.mgr
         .create_export(ExportDecl {
             name: "e".into(),
@@ -365,10 +370,7 @@ fn a_spare_takes_a_slot_whose_device_is_missing_at_a_restart() {
 #[test]
 fn an_export_whose_hosts_are_listed_in_another_order_is_left_alone() {
     let rig = rig();
-    rig.mgr.attach_device(rig.ram("d")).unwrap();
-    rig.mgr
-        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
-        .unwrap();
+    rig.single("v");
     let a = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-000000000001";
     let b = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-000000000002";
     rig.mgr
@@ -396,10 +398,7 @@ fn an_export_whose_hosts_are_listed_in_another_order_is_left_alone() {
 #[test]
 fn an_export_made_again_by_a_reload_keeps_its_serial() {
     let rig = rig();
-    rig.mgr.attach_device(rig.ram("d")).unwrap();
-    rig.mgr
-        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
-        .unwrap();
+    rig.single("v");
     rig.mgr
         .create_export(ExportDecl {
             name: "e".into(),
@@ -451,11 +450,8 @@ fn an_export_made_again_by_a_reload_keeps_its_serial() {
 #[test]
 fn a_new_export_takes_the_serial_its_volume_shows_already() {
     let rig = rig();
-    rig.mgr.attach_device(rig.ram("d")).unwrap();
     let long = "customer-a-database-data";
-    rig.mgr
-        .create_volume(VolumeDecl::new(long, "single", &["d"]), false)
-        .unwrap();
+    rig.single(long);
     rig.mgr
         .create_nvmf_export(NvmfExportDecl {
             nqn: "nqn.2026-12.io.example:v".into(),
@@ -491,10 +487,7 @@ fn a_new_export_takes_the_serial_its_volume_shows_already() {
 fn a_reload_keeps_an_nvmf_export_whose_hosts_are_connected() {
     use nvmf::host::{Controller, HostConfig};
     let rig = rig();
-    rig.mgr.attach_device(rig.ram("d")).unwrap();
-    rig.mgr
-        .create_volume(VolumeDecl::new("v", "single", &["d"]), false)
-        .unwrap();
+    rig.single("v");
     let nqn = "nqn.2026-12.io.example:v";
     rig.mgr
         .create_nvmf_export(NvmfExportDecl {
