@@ -350,12 +350,6 @@ impl Manager {
         Ok((volume, Some(monitor)))
     }
 
-    /// A device that takes a new role (a spare, a replacement, a journal)
-    /// must not hold what belongs to something else: a RAID superblock
-    /// (but volume `own`'s: a former member coming back), md's or other
-    /// RAID metadata, a damaged superblock, a journal (perhaps with writes
-    /// not yet on its volume's members). Refused, unless `erase` (the
-    /// caller's force) has what it holds erased first.
     /// What `dev` holds that is not volume `own`'s: another volume's
     /// superblock, md's metadata, a journal.
     fn holder(dev: &Arc<dyn BlockDevice>, own: Option<[u8; 16]>) -> Option<String> {
@@ -367,6 +361,12 @@ impl Manager {
         })
     }
 
+    /// A device that takes a new role (a spare, a replacement, a journal)
+    /// must not hold what belongs to something else: a RAID superblock
+    /// (but volume `own`'s: a former member coming back), md's or other
+    /// RAID metadata, a damaged superblock, a journal (perhaps with writes
+    /// not yet on its volume's members). Refused, unless `erase` (the
+    /// caller's force) has what it holds erased first.
     pub(super) fn check_blank(
         dev: &Arc<dyn BlockDevice>,
         own: Option<[u8; 16]>,

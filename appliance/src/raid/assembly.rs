@@ -897,11 +897,11 @@ pub fn open_or_create(
 /// Members that each ran with the other failed (each one's superblock
 /// says the other's slot failed: a start with only one of them readable,
 /// then another with only the other) hold different writes since. The
-/// newest (the first found at a tie) is the volume, as md's assembly
-/// takes it; the other's writes since are not in it. Said for each such
-/// member, as mdadm says "ignoring X as it reports Y as failed": it was
-/// silent, and a later rebuild over the other member lost its writes
-/// unremarked (audit).
+/// reference (`auth`, the newest) is the volume, as md's assembly takes
+/// it; the other's writes since are not in it. Said for each such member,
+/// as mdadm says "ignoring X as it reports Y as failed": it was silent,
+/// and a later rebuild over the other member lost its writes unremarked
+/// (audit). The manager refuses the volume on it.
 fn split_brain(
     auth_dev: &Arc<dyn BlockDevice>,
     auth: &Superblock,
