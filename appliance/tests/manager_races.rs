@@ -781,6 +781,61 @@ fn a_stop_lets_a_failed_journal_drain_first() {
     let _ = rig.reactors.shutdown();
 }
 
+/// From an audit: a reload read its file once, then made every export
+/// the file names that did not run when it got there; one an operator
+/// deleted while the reload waited (here for a volume change it applies)
+/// was made again from the file read before that delete (a SIGHUP of the
+/// state file undid the delete). It is left deleted, and the reload says
+/// so.
+#[test]
+fn an_export_deleted_while_a_reload_runs_stays_deleted() {
+    let mut rig = Rig::new(true);
+    for d in ["a0", "a1", "b0"] {
+        rig.attach(d, "ram:16M");
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("a", "raid1", &["a0", "a1"]), true)
+        .unwrap();
+    rig.mgr
+        .create_volume(VolumeDecl::new("b", "single", &["b0"]), true)
+        .unwrap();
+    let sock = rig.export("a");
+    rig.export("b");
+    // The file asks for a setting of a, which waits for a's held flush.
+    let mut config = rig.state();
+    config
+        .volumes
+        .iter_mut()
+        .find(|v| v.name == "a")
+        .unwrap()
+        .serialize = true;
+    let path = rig.dir.path().join("edited.toml");
+    config.save(&path).unwrap();
+    let stuck = rig.stuck_flush(&sock, "a0");
+    let mgr = rig.mgr.clone();
+    let reload = std::thread::spawn(move || mgr.reload_file(&path));
+    eventually("the reload waits for a's IO", || {
+        rig.mgr.get_volume("a").unwrap().quiescing
+    });
+    rig.mgr.delete_export("b", false).unwrap();
+    rig.fault("a0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    let rep = reload.join().unwrap().unwrap();
+    assert!(rig.mgr.get_volume("a").unwrap().serialize, "{rep:?}");
+    assert!(
+        !rig.mgr.list_exports().iter().any(|e| e.decl.name == "b"),
+        "made again: {rep:?}"
+    );
+    assert!(
+        rep.refused
+            .iter()
+            .any(|r| r.contains("deleted while the reload ran")),
+        "{rep:?}"
+    );
+    assert!(!rig.state().exports.iter().any(|e| e.name == "b"));
+    rig.stop();
+}
+
 /// From review: add_journal claimed and formatted its device outside the
 /// volume's busy lock, so a delete_volume meanwhile freed the device under
 /// the format; another volume took it as its journal, and the first call's

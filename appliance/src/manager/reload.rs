@@ -337,9 +337,18 @@ impl Manager {
                 .exports
                 .get(&w.name)
                 .map(|e| (e.decl.clone(), e.export.queue_cores()));
+            // Running when the reload began and gone now, not by its doing:
+            // an operator deleted it meanwhile (from a file read before
+            // that delete, a SIGHUP of the state file made it again: audit).
+            let deleted_meanwhile = exports.iter().any(|(e, _)| e.name == w.name)
+                && !remade.iter().any(|e| e.name == w.name);
             match running {
                 None if kept.contains(&w.name) => {}
                 None if self.keep_export_of_unavailable(w) => {}
+                None if deleted_meanwhile => rep.refused.push(format!(
+                    "export {}: deleted while the reload ran; not made again",
+                    w.name
+                )),
                 None => {
                     let old = remade.iter().find(|e| e.name == w.name).cloned();
                     let mut made = w.clone();
@@ -375,6 +384,18 @@ impl Manager {
             }
         }
         for w in &config.nvmf_exports {
+            let deleted_meanwhile =
+                nvmf.iter().any(|e| e.nqn == w.nqn) && !remade_nvmf.iter().any(|e| e.nqn == w.nqn);
+            if !kept_nvmf.contains(&w.nqn)
+                && !self.inv().nvmf.contains_key(&w.nqn)
+                && deleted_meanwhile
+            {
+                rep.refused.push(format!(
+                    "nvme/tcp export {}: deleted while the reload ran; not made again",
+                    w.nqn
+                ));
+                continue;
+            }
             if !kept_nvmf.contains(&w.nqn)
                 && !self.inv().nvmf.contains_key(&w.nqn)
                 && !self.keep_nvmf_of_unavailable(w)
