@@ -98,6 +98,9 @@ impl Manager {
         // reason to refuse this one.
         // (A problem names a device, or a volume as a whole.)
         let devices: Vec<String> = ours.iter().map(|d| d.info().name.clone()).collect();
+        // Said only if the volume then does not start (review: its cause
+        // was hidden behind "no superblock").
+        let mut of_spares: Vec<String> = Vec::new();
         report.problems.retain(|(what, why)| {
             // A volume's own problem is named as its superblocks name it
             // (md's array name, for one imported under another name).
@@ -112,6 +115,7 @@ impl Manager {
             let spare = declared_spares.contains(what);
             if spare {
                 tracing::warn!(volume = decl.name, spare = %what, reason = %why, "a declared spare's superblock says something is wrong");
+                of_spares.push(format!("{what}: {why}"));
             }
             !other && !spare
         });
@@ -150,10 +154,11 @@ impl Manager {
                 super::hex(&v.meta.template.volume_uuid).eq_ignore_ascii_case(&decl.uuid)
             }
         }) else {
-            if !list.is_empty() {
+            if !list.is_empty() || !of_spares.is_empty() {
+                let all: Vec<&str> = list.iter().chain(&of_spares).map(String::as_str).collect();
                 return Err(MgmtError::FailedPrecondition(format!(
                     "refusing to assemble: {}",
-                    list.join("; ")
+                    all.join("; ")
                 )));
             }
             return Err(MgmtError::FailedPrecondition(if decl.uuid.is_empty() {
