@@ -878,9 +878,10 @@ impl Manager {
         if let Err(e) = removed {
             v.deleting.store(false, Ordering::SeqCst);
             let e = super::from_quiesce(name, e);
+            // (Its kind kept: clients retry on it.)
             return Err(
                 match switched.then(|| write_back_again(name, &v)).flatten() {
-                    Some(left) => MgmtError::FailedPrecondition(format!("{e}; {left}")),
+                    Some(left) => e.after(&left),
                     None => e,
                 },
             );
