@@ -836,6 +836,60 @@ fn an_export_deleted_while_a_reload_runs_stays_deleted() {
     rig.stop();
 }
 
+/// From an audit: add_journal checked for a bitmap, then erased and
+/// formatted its (forced) device, then asked the volume; a set_bitmap
+/// that committed in between made the volume refuse the journal, and the
+/// device's old journal was lost for nothing. The two calls take one
+/// lock: add_journal sees the bitmap and refuses before it touches the
+/// device.
+#[test]
+fn add_journal_racing_set_bitmap_leaves_its_device_alone_when_refused() {
+    let mut rig = Rig::new(true);
+    let dir = rig.dir.path().to_path_buf();
+    for d in ["d0", "d1", "d2", "e0", "e1", "e2", "j"] {
+        rig.attach(d, &format!("file:{}:16M", dir.join(d).display()));
+    }
+    // j holds the journal of a stopped volume.
+    let mut w = VolumeDecl::new("w", "raid5", &["e0", "e1", "e2"]);
+    w.journal = Some("j".into());
+    rig.mgr.create_volume(w, false).unwrap();
+    rig.mgr.delete_volume("w").unwrap();
+    let journal_id = || {
+        let dev = bdev::FileDevice::open(&dir.join("j"), 4096).unwrap();
+        appliance::raid::journal::journal_id(&dev).ok()
+    };
+    let id = journal_id();
+    assert!(id.is_some(), "j holds w's journal");
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]), false)
+        .unwrap();
+    let sock = rig.export("v");
+    let stuck = rig.stuck_flush(&sock, "d0");
+    let mgr = rig.mgr.clone();
+    let bitmap = std::thread::spawn(move || mgr.set_bitmap("v", true, 0));
+    eventually("set_bitmap waits for v's IO", || {
+        rig.mgr.get_volume("v").unwrap().quiescing
+    });
+    let mgr = rig.mgr.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let journal = std::thread::spawn(move || {
+        // SAFETY: gettid(2) has no arguments and cannot fail.
+        let _ = tx.send(unsafe { libc::gettid() });
+        mgr.add_journal("v", "j", "", true)
+    });
+    let tid = rx.recv().unwrap();
+    eventually("add_journal waits", || sleeping(tid));
+    rig.fault("d0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    bitmap.join().unwrap().unwrap();
+    match journal.join().unwrap() {
+        Err(MgmtError::FailedPrecondition(m)) => assert!(m.contains("bitmap"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(journal_id(), id, "the device's old journal was erased");
+    rig.stop();
+}
+
 /// From review: add_journal claimed and formatted its device outside the
 /// volume's busy lock, so a delete_volume meanwhile freed the device under
 /// the format; another volume took it as its journal, and the first call's

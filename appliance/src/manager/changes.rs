@@ -478,7 +478,12 @@ impl Manager {
         // volume's transaction takes it, and a deletion meanwhile would
         // free the claim (`release_volume`) under the format; another
         // volume could take the device and have its journal overwritten
-        // or erased by this call.
+        // or erased by this call. set_bitmap's lock first (it holds that
+        // one, not `busy`, while its transaction waits): a bitmap set while
+        // this call erased and formatted its device made the volume refuse
+        // the journal, the device's old journal lost for nothing (audit);
+        // the check below now sees it.
+        let _bitmap = lock(&v.bitmap_calls);
         let _busy = lock(&v.busy);
         not_deleting(&v, volume)?;
         if let Some(j) = monitor(&v)?.journal() {
