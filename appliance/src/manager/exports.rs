@@ -238,6 +238,19 @@ impl Manager {
     /// `force`. The export leaves the inventory first, so its shutdown
     /// (waiting for its connection to end) holds up no other call.
     pub fn delete_export(&self, name: &str, force: bool) -> Result<(), MgmtError> {
+        self.take_export(name, force, &mut false)
+    }
+
+    /// [`delete_export`](Self::delete_export); `removed` is set once this
+    /// call took the running export out of the inventory (a reload makes
+    /// again only what it took away, not what an operator deleted
+    /// meanwhile: review).
+    pub(super) fn take_export(
+        &self,
+        name: &str,
+        force: bool,
+        removed: &mut bool,
+    ) -> Result<(), MgmtError> {
         check_name("name", name)?;
         self.check_open()?;
         let e = {
@@ -261,6 +274,7 @@ impl Manager {
                 e.export.refuse_connections().map_err(from_export)?;
             }
             inv.exports.remove(name);
+            *removed = true;
             e
         };
         // Gone from the inventory, it goes whatever the save does (kept

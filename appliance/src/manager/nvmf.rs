@@ -188,6 +188,12 @@ impl Manager {
     /// started and close (hosts see the controller go away and reconnect
     /// until their loss timeout).
     pub fn delete_nvmf_export(&self, nqn: &str) -> Result<(), MgmtError> {
+        self.take_nvmf_export(nqn, &mut false)
+    }
+
+    /// [`delete_nvmf_export`](Self::delete_nvmf_export); `removed` as for
+    /// `take_export`.
+    pub(super) fn take_nvmf_export(&self, nqn: &str, removed: &mut bool) -> Result<(), MgmtError> {
         self.check_open()?;
         // One kept for a volume that did not start: the state file names
         // it no more.
@@ -202,6 +208,7 @@ impl Manager {
             self.inv().nvmf.remove(nqn).ok_or_else(|| {
                 MgmtError::NotFound(format!("nvme/tcp export {nqn} does not exist"))
             })?;
+        *removed = true;
         // Stopped first: a save that fails returns early, and the
         // subsystem (held by the target's port, not by `e`) went on
         // serving hosts while the API said it was gone.

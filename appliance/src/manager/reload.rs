@@ -50,12 +50,6 @@ impl ReloadReport {
     }
 }
 
-/// Whether a delete's result says it took the export away (a save that
-/// failed after it did included), not that it was gone already.
-fn taken_away(r: &Result<(), MgmtError>) -> bool {
-    !matches!(r, Err(MgmtError::NotFound(_)))
-}
-
 /// Whether two export declarations serve the same thing the same way
 /// (the queues' reactors may differ: those move in place). Anything else
 /// that differs (the socket's owner and mode too) makes the export again,
@@ -229,12 +223,12 @@ impl Manager {
                 kept_nvmf.push(e.nqn.clone());
                 continue;
             }
-            let r = self.delete_nvmf_export(&e.nqn);
-            // Gone by this call even when the save after it failed
-            // (review): made again as the one that ran, if the file's
-            // cannot be. Gone before it (NotFound): an operator deleted it
-            // meanwhile, and it stays deleted.
-            if taken_away(&r) && !self.inv().nvmf.contains_key(&e.nqn) && wanted.is_some() {
+            // Taken away by this call (even when the save after it failed:
+            // review), it is made again as the one that ran if the file's
+            // cannot be; one an operator deleted meanwhile stays deleted.
+            let mut removed = false;
+            let r = self.take_nvmf_export(&e.nqn, &mut removed);
+            if removed && wanted.is_some() {
                 remade_nvmf.push(e.clone());
             }
             rep.did(format!("delete nvme/tcp export {}", e.nqn), r);
@@ -257,9 +251,10 @@ impl Manager {
                 kept.push(e.name.clone());
                 continue;
             }
-            let r = self.delete_export(&e.name, false);
             // As above.
-            if taken_away(&r) && !self.inv().exports.contains_key(&e.name) && wanted.is_some() {
+            let mut removed = false;
+            let r = self.take_export(&e.name, false, &mut removed);
+            if removed && wanted.is_some() {
                 remade.push(e.clone());
             }
             rep.did(format!("delete export {}", e.name), r);
