@@ -37,6 +37,9 @@ impl Manager {
         let mut readable = Vec::new();
         // Declared spares with md's spare mark: of this array, or another's.
         let mut md_spares: Vec<Arc<dyn BlockDevice>> = Vec::new();
+        // What is wrong with declared spares: said with the reason if the
+        // volume does not start (review: hidden behind "no superblock").
+        let mut of_spares: Vec<String> = Vec::new();
         for d in &all {
             let spare = declared_spares.contains(&d.info().name);
             match assembly::read_superblock(d.as_ref()) {
@@ -57,10 +60,15 @@ impl Manager {
                 // fitting its device) is left out, untouched, instead of
                 // refusing the volume (and with it the daemon's start).
                 Ok(Err(e)) if spare => {
-                    tracing::warn!(volume = decl.name, device = %d.info().name, error = %e, "a declared spare's superblock cannot be used; left out")
+                    tracing::warn!(volume = decl.name, device = %d.info().name, error = %e, "a declared spare's superblock cannot be used; left out");
+                    of_spares.push(format!("{}: {e}", d.info().name));
                 }
                 Ok(Ok(sb)) if spare && assembly::fits_device(d.as_ref(), &sb).is_err() => {
-                    tracing::warn!(volume = decl.name, device = %d.info().name, "a declared spare's superblock does not fit its device; left out")
+                    tracing::warn!(volume = decl.name, device = %d.info().name, "a declared spare's superblock does not fit its device; left out");
+                    of_spares.push(format!(
+                        "{}: its superblock does not fit the device",
+                        d.info().name
+                    ));
                 }
                 Ok(_) => readable.push(d.clone()),
                 // A dead device is a missing member: assembly decides
@@ -76,8 +84,13 @@ impl Manager {
         // volume over it unasked.
         if !all.is_empty() && blank.len() == all.len() && !volatile && !initial {
             return Err(MgmtError::FailedPrecondition(format!(
-                "no superblock of volume {} on its devices; refusing to create it over them (create it again by hand, with force, if that is intended)",
-                decl.name
+                "no superblock of volume {} on its devices; refusing to create it over them (create it again by hand, with force, if that is intended){}",
+                decl.name,
+                if of_spares.is_empty() {
+                    String::new()
+                } else {
+                    format!("; declared spares: {}", of_spares.join("; "))
+                }
             )));
         }
         if !all.is_empty() && blank.len() == all.len() {
@@ -98,9 +111,6 @@ impl Manager {
         // reason to refuse this one.
         // (A problem names a device, or a volume as a whole.)
         let devices: Vec<String> = ours.iter().map(|d| d.info().name.clone()).collect();
-        // Said only if the volume then does not start (review: its cause
-        // was hidden behind "no superblock").
-        let mut of_spares: Vec<String> = Vec::new();
         report.problems.retain(|(what, why)| {
             // A volume's own problem is named as its superblocks name it
             // (md's array name, for one imported under another name).
@@ -154,14 +164,9 @@ impl Manager {
                 super::hex(&v.meta.template.volume_uuid).eq_ignore_ascii_case(&decl.uuid)
             }
         }) else {
-            if !list.is_empty() || !of_spares.is_empty() {
-                let all: Vec<&str> = list.iter().chain(&of_spares).map(String::as_str).collect();
-                return Err(MgmtError::FailedPrecondition(format!(
-                    "refusing to assemble: {}",
-                    all.join("; ")
-                )));
-            }
-            return Err(MgmtError::FailedPrecondition(if decl.uuid.is_empty() {
+            let why = if !list.is_empty() {
+                format!("refusing to assemble: {}", list.join("; "))
+            } else if decl.uuid.is_empty() {
                 format!(
                     "no superblock of volume {} (array {:?}) on its devices",
                     decl.name,
@@ -172,6 +177,11 @@ impl Manager {
                     "no superblock of volume {} (UUID {}) on its devices",
                     decl.name, decl.uuid
                 )
+            };
+            return Err(MgmtError::FailedPrecondition(if of_spares.is_empty() {
+                why
+            } else {
+                format!("{why}; declared spares: {}", of_spares.join("; "))
             }));
         };
         // What is left is another group's of the same name (disks moved
