@@ -93,7 +93,16 @@ impl MgmtError {
     /// The same error, its message after `what` (what was done before
     /// the step that failed).
     pub(crate) fn after(self, what: &str) -> MgmtError {
-        let with = |m: String| format!("{what}; {m}");
+        self.reworded(|m| format!("{what}; {m}"))
+    }
+
+    /// The same error, `also` (what else came of it) after its message.
+    pub(crate) fn also(self, also: &str) -> MgmtError {
+        self.reworded(|m| format!("{m}; {also}"))
+    }
+
+    /// The same kind of error, its message `with(message)`.
+    fn reworded(self, with: impl FnOnce(String) -> String) -> MgmtError {
         match self {
             MgmtError::InvalidArgument { field, reason } => MgmtError::InvalidArgument {
                 field,

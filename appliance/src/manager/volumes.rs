@@ -881,7 +881,7 @@ impl Manager {
             // (Its kind kept: clients retry on it.)
             return Err(
                 match switched.then(|| write_back_again(name, &v)).flatten() {
-                    Some(left) => e.after(&left),
+                    Some(left) => e.also(&left),
                     None => e,
                 },
             );
