@@ -155,9 +155,26 @@ fn a_setting_that_hits_the_deadline_changes_neither_memory_nor_the_state_file() 
     rig.stop();
 }
 
+/// `f` on a thread of its own: its handle and its thread ID (for
+/// `sleeping`).
+fn spawn_noting_tid<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (std::thread::JoinHandle<T>, i32) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        // SAFETY: gettid(2) has no arguments and cannot fail.
+        let _ = tx.send(unsafe { libc::gettid() });
+        f()
+    });
+    (t, rx.recv().unwrap())
+}
+
 /// Whether thread `tid` of this process sleeps (waits for a lock).
 fn sleeping(tid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // (A thread gone already does not sleep: its join says why.)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return false;
+    };
     // "tid (comm) S ...": the state follows the command's closing paren.
     stat.rsplit_once(')')
         .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
@@ -185,13 +202,7 @@ fn a_bitmap_size_asked_for_while_another_change_waits_is_the_one_saved() {
     });
     // ... and set_bitmap behind it, asleep on the volume's lock.
     let mgr = rig.mgr.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let second = std::thread::spawn(move || {
-        // SAFETY: gettid(2) has no arguments and cannot fail.
-        let _ = tx.send(unsafe { libc::gettid() });
-        mgr.set_bitmap("v", true, 128)
-    });
-    let tid = rx.recv().unwrap();
+    let (second, tid) = spawn_noting_tid(move || mgr.set_bitmap("v", true, 128));
     eventually("set_bitmap waits for the first change", || sleeping(tid));
     rig.fault("d0").release();
     assert_eq!(stuck.join().unwrap(), 0);
@@ -871,13 +882,7 @@ fn add_journal_racing_set_bitmap_leaves_its_device_alone_when_refused() {
         rig.mgr.get_volume("v").unwrap().quiescing
     });
     let mgr = rig.mgr.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let journal = std::thread::spawn(move || {
-        // SAFETY: gettid(2) has no arguments and cannot fail.
-        let _ = tx.send(unsafe { libc::gettid() });
-        mgr.add_journal("v", "j", "", true)
-    });
-    let tid = rx.recv().unwrap();
+    let (journal, tid) = spawn_noting_tid(move || mgr.add_journal("v", "j", "", true));
     eventually("add_journal waits", || sleeping(tid));
     rig.fault("d0").release();
     assert_eq!(stuck.join().unwrap(), 0);
