@@ -13,6 +13,7 @@
 
 mod assemble;
 mod changes;
+mod delete;
 mod devices;
 mod exports;
 mod import;
@@ -232,7 +233,6 @@ fn hex(g: &[u8; 16]) -> String {
     g.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Names of devices, volumes and exports: safe in paths, logs and tables.
 /// The serial a disk shows when none is given: its volume's name, the same
 /// through every export of it; a name longer than the 20 bytes a serial
 /// holds is its first 12 and a hash of the whole (cut to 20, two volumes
@@ -248,6 +248,7 @@ fn default_serial(volume: &str) -> String {
     )
 }
 
+/// Names of devices, volumes and exports: safe in paths, logs and tables.
 fn check_name(field: &'static str, name: &str) -> Result<(), MgmtError> {
     if name.is_empty() || name.len() > 32 {
         return Err(invalid(field, format!("{name:?} must be 1..=32 bytes")));
