@@ -312,15 +312,10 @@ impl Conn {
         self.account.report(super::Held::Data, self.committed);
     }
 
-    /// Whether it may take `more` of `kind`, holding `own` (see
-    /// `memory::Account::may_hold`).
-    fn may_hold(&mut self, kind: super::Held, own: usize, more: usize) -> bool {
-        self.account.may_hold(kind, own, more)
-    }
-
     /// Whether the output may take more answers.
     fn output_room(&mut self) -> bool {
-        self.may_hold(super::Held::Output, self.tx_pending(), 1)
+        let own = self.tx_pending();
+        self.account.may_hold(super::Held::Output, own, 1)
     }
 
     fn close(&mut self, why: &str) {

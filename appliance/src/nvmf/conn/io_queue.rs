@@ -114,7 +114,8 @@ impl Conn {
     /// Commands beyond it wait inside the target, which the host cannot
     /// tell from a slow device.
     fn budget_has_room(&mut self, bytes: usize) -> bool {
-        self.may_hold(super::super::Held::Data, self.committed, bytes)
+        self.account
+            .may_hold(super::super::Held::Data, self.committed, bytes)
     }
 
     /// Start deferred commands, in order, while the budget has room.
