@@ -7,9 +7,12 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use appliance::config::{Config, DeviceDecl, ExportDecl, VolumeDecl};
 use appliance::manager::{Manager, MgmtError};
+use bdev::{FaultControl, FaultDevice, IoOp};
 use poller::{ReactorConfig, Reactors};
 
 struct Daemon {
@@ -447,4 +450,84 @@ fn a_file_gone_at_a_restart_is_missing_not_made_again_blank() {
     let d = start(&state);
     assert!(d.mgr.get_volume("s").is_ok());
     stop(d);
+}
+
+/// From an audit: a reload's retry of a volume that did not start, every
+/// device blank, took it out of the list before creating it anew. A save
+/// by any other call in that moment wrote a state file without it (and a
+/// crash then, or a failed creation, forgot it). A write of the creation
+/// held in its device makes that moment last.
+#[test]
+fn a_save_while_a_retry_creates_the_volume_again_keeps_it_in_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let mut config = Config::default();
+    for n in ["a", "b"] {
+        let path = dir.path().join(n);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        config.devices.push(DeviceDecl {
+            name: n.into(),
+            spec: format!("file:{}", path.display()),
+            block_size: 4096,
+        });
+    }
+    config
+        .volumes
+        .push(VolumeDecl::new("m", "raid1", &["a", "b"]));
+    config.save(&state).unwrap();
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Arc::new(Manager::new(reactors.set(), Some(state.clone())));
+    let faults: Arc<Mutex<Vec<(String, Arc<FaultControl>)>>> = Default::default();
+    let seen = faults.clone();
+    mgr.set_device_wrapper(Arc::new(move |d| {
+        let f = Arc::new(FaultDevice::new(d.clone()));
+        seen.lock()
+            .unwrap()
+            .push((d.info().name.clone(), f.control()));
+        f
+    }));
+    // Blank files named by the state file: not created over at a start.
+    mgr.restore(&config, false).expect("the start goes on");
+    assert!(mgr.get_volume("m").is_err());
+    let saved = || names(&Config::load(&state).unwrap()).0;
+    assert_eq!(saved(), ["m"]);
+    // The operator's own file says to create it: a reload of that file
+    // does, and the first write of the creation waits in device a.
+    let a = faults
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(n, _)| n == "a")
+        .map(|(_, c)| c.clone())
+        .unwrap();
+    a.hold(Some(IoOp::Write), 0, u64::MAX, 1);
+    let setup = dir.path().join("setup.toml");
+    config.save(&setup).unwrap();
+    let reload = {
+        let mgr = mgr.clone();
+        std::thread::spawn(move || mgr.reload_file(&setup))
+    };
+    assert!(a.wait_held(1, Duration::from_secs(30)), "no write held");
+    // Any call that saves, meanwhile.
+    mgr.attach_device(DeviceDecl {
+        name: "x".into(),
+        spec: "ram:4M".into(),
+        block_size: 4096,
+    })
+    .unwrap();
+    assert_eq!(saved(), ["m"], "a save while it was created forgot it");
+    a.release();
+    let rep = reload.join().unwrap().unwrap();
+    assert!(mgr.get_volume("m").is_ok(), "{rep:?}");
+    assert_eq!(saved(), ["m"]);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
 }

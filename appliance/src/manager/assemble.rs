@@ -94,8 +94,9 @@ impl Manager {
             )));
         }
         if !all.is_empty() && blank.len() == all.len() {
-            // The caller creates it (and claims the devices again).
-            self.shared.roles.release_volume(&decl.name);
+            // The caller creates it. Its devices stay claimed by its name
+            // meanwhile (the creation claims them again in the same roles):
+            // let go, another call could take them first.
             return Ok((decl.clone(), None));
         }
         let (tx, rx) = std::sync::mpsc::channel();

@@ -144,6 +144,23 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
 /// A volume as started: its IO object and, for RAID, its monitor.
 pub(super) type Started = (Volume, Option<Monitor>);
 
+/// What a volume's name and devices are claimed for
+/// ([`Manager::with_claims`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// A new volume.
+    Create,
+    /// A volume started from its superblocks. A reload's retry of one that
+    /// did not start keeps its entry (name, devices, exports) until it runs.
+    Restore,
+    /// A new volume where a restore found every device blank, under the
+    /// name the restore reserved (its caller gives the name back if this
+    /// fails). One that did not start keeps its entry and devices until
+    /// this one runs, as for `Restore`: taken out first, a save by any
+    /// other call in between left it out of the state file (audit).
+    Recreate,
+}
+
 impl Manager {
     /// Check a volume declaration against the inventory: the level, member
     /// and spare counts, that every device is attached and distinct, and
@@ -152,17 +169,18 @@ impl Manager {
     fn check_volume(
         s: &Inventory,
         decl: &VolumeDecl,
-        restoring: bool,
+        claim: Claim,
     ) -> Result<(Level, Devices, Devices), MgmtError> {
+        let restoring = claim == Claim::Restore;
         check_name("name", &decl.name)?;
         decl.qos
             .check()
             .map_err(|(field, why)| invalid(field, why))?;
-        // A restore may be the retry of one that did not start: it keeps
-        // its entry (name, devices, exports) until it runs.
+        // A restore may be the retry of one that did not start (see
+        // `Claim`).
         if s.volumes.contains_key(&decl.name)
-            || s.creating.contains(&decl.name)
-            || (!restoring && s.unavailable.contains_key(&decl.name))
+            || (s.creating.contains(&decl.name) && claim != Claim::Recreate)
+            || (claim == Claim::Create && s.unavailable.contains_key(&decl.name))
         {
             return Err(MgmtError::AlreadyExists(format!(
                 "volume {} already exists",
@@ -454,7 +472,7 @@ impl Manager {
     fn with_claims<T>(
         &self,
         decl: &VolumeDecl,
-        restoring: bool,
+        claim: Claim,
         f: impl FnOnce(
             Level,
             Devices,
@@ -466,12 +484,12 @@ impl Manager {
         self.check_open()?;
         let (level, members, spares, jdev, roles, zeroed) = {
             let mut inv = self.inv();
-            let (level, members, spares) = Self::check_volume(&inv, decl, restoring)?;
+            let (level, members, spares) = Self::check_volume(&inv, decl, claim)?;
             let jdev = Self::check_journal(&inv, decl, level)?;
             // A new volume's slots are its members. (A restored one is not
             // refused here: its journal was taken under older rules, and a
             // record too large for it gives it up at run time.)
-            if let (Some(j), false) = (&jdev, restoring) {
+            if let (Some(j), false) = (&jdev, claim == Claim::Restore) {
                 Self::check_journal_room(j.as_ref(), decl.members.len() as u64, decl.chunk_kib)?;
             }
             let roles = Self::roles_of(&members, &spares, &jdev);
@@ -490,7 +508,10 @@ impl Manager {
             self.shared.roles.written(names);
         } else {
             let mut inv = self.inv();
-            inv.creating.remove(&decl.name);
+            // A recreation's caller gives the name back (see `Claim`).
+            if claim != Claim::Recreate {
+                inv.creating.remove(&decl.name);
+            }
             // One that did not start keeps its devices while it is tried.
             if !inv.unavailable.contains_key(&decl.name) {
                 self.shared.roles.release_volume(&decl.name);
@@ -594,21 +615,22 @@ impl Manager {
     /// Create a volume; RAID members get fresh superblocks (`force` to
     /// overwrite another volume's).
     pub fn create_volume(&self, decl: VolumeDecl, force: bool) -> Result<VolumeView, MgmtError> {
-        self.create_volume_on(decl, force, false)
+        self.create_volume_on(decl, force, Claim::Create, false)
     }
 
-    /// [`create_volume`](Self::create_volume); `zeroed`: its members are
-    /// known to hold only zeros even if the register no longer says so (a
-    /// restore found them blank, claimed and let them go).
+    /// [`create_volume`](Self::create_volume), for `claim` (`Create` or
+    /// `Recreate`); `zeroed`: its members are known to hold only zeros even
+    /// if the register no longer says so (a restore found them blank).
     fn create_volume_on(
         &self,
         decl: VolumeDecl,
         force: bool,
+        claim: Claim,
         zeroed: bool,
     ) -> Result<VolumeView, MgmtError> {
         let mode = JournalMode::parse(&decl.journal_mode)
             .map_err(|e| invalid("journal_mode", e.to_string()))?;
-        let started = self.with_claims(&decl, false, |level, members, spares, jdev, z| {
+        let started = self.with_claims(&decl, claim, |level, members, spares, jdev, z| {
             if jdev.is_none() && !decl.journal_mode.is_empty() {
                 return Err(invalid(
                     "journal_mode",
@@ -766,8 +788,10 @@ impl Manager {
             })
         };
         let decl_ref = &decl;
-        let (fixed, started, zeroed) =
-            self.with_claims(decl_ref, true, |level, members, spares, jdev, zeroed| {
+        let (fixed, started, zeroed) = self.with_claims(
+            decl_ref,
+            Claim::Restore,
+            |level, members, spares, jdev, zeroed| {
                 if level == Level::Single {
                     return Ok((
                         decl_ref.clone(),
@@ -780,33 +804,28 @@ impl Manager {
                 }
                 self.assemble_volume(decl_ref, level, members, spares, jdev, volatile, initial)
                     .map(|(fixed, started)| (fixed, started, zeroed))
-            })?;
+            },
+        )?;
         match started {
             Some(started) => self.insert_volume(fixed, started),
             // Every member blank: a new volume.
             None => {
-                // The name `with_claims` reserved goes back; a reload's
-                // retry of one that did not start is a creation now.
-                // (Its devices went free when assembly found them all
-                // blank, until the creation claims them again.)
-                let kept = {
-                    let mut inv = self.inv();
-                    inv.creating.remove(&decl.name);
-                    inv.unavailable.remove(&decl.name)
-                };
+                // A creation, under the name `with_claims` reserved and with
+                // the devices it claimed (in the roles the creation claims
+                // again). One that did not start keeps its entry meanwhile.
                 tracing::info!(
                     volume = decl.name,
                     "every member is blank: creating the volume"
                 );
-                let created = self.create_volume_on(decl.clone(), false, zeroed);
-                if let (Err(_), Some(kept)) = (&created, kept) {
-                    // Still unavailable, with its kept exports: taken out
-                    // for good, the retry's failure read as a deletion
-                    // meanwhile, and the state file forgot the volume
-                    // (audit).
+                let created = self.create_volume_on(decl.clone(), false, Claim::Recreate, zeroed);
+                if created.is_err() {
                     let mut inv = self.inv();
-                    if !inv.volumes.contains_key(&decl.name) && !inv.creating.contains(&decl.name) {
-                        inv.unavailable.insert(decl.name.clone(), kept);
+                    inv.creating.remove(&decl.name);
+                    // Held still by one that did not start; else let go.
+                    if !inv.unavailable.contains_key(&decl.name)
+                        && !inv.volumes.contains_key(&decl.name)
+                    {
+                        self.shared.roles.release_volume(&decl.name);
                     }
                 }
                 created.map(|_| ())
@@ -852,7 +871,7 @@ mod tests {
         }
         let first = VolumeDecl::new("x", "single", &["d0"]);
         // Built, not yet inserted (where `attach_hooks` may wait).
-        mgr.with_claims(&first, false, |_, _, _, _, _| Ok(()))
+        mgr.with_claims(&first, Claim::Create, |_, _, _, _, _| Ok(()))
             .unwrap();
         let second = mgr.create_volume(VolumeDecl::new("x", "single", &["d1"]), false);
         assert!(
