@@ -484,13 +484,14 @@ fn a_save_while_a_retry_creates_the_volume_again_keeps_it_in_the_state_file() {
     })
     .unwrap();
     let mgr = Arc::new(Manager::new(reactors.set(), Some(state.clone())));
-    let faults: Arc<Mutex<Vec<(String, Arc<FaultControl>)>>> = Default::default();
-    let seen = faults.clone();
+    // Device a's fault control, once the restore attaches it.
+    let a_control: Arc<Mutex<Option<Arc<FaultControl>>>> = Default::default();
+    let seen = a_control.clone();
     mgr.set_device_wrapper(Arc::new(move |d| {
         let f = Arc::new(FaultDevice::new(d.clone()));
-        seen.lock()
-            .unwrap()
-            .push((d.info().name.clone(), f.control()));
+        if d.info().name == "a" {
+            *seen.lock().unwrap() = Some(f.control());
+        }
         f
     }));
     // Blank files named by the state file: not created over at a start.
@@ -500,13 +501,7 @@ fn a_save_while_a_retry_creates_the_volume_again_keeps_it_in_the_state_file() {
     assert_eq!(saved(), ["m"]);
     // The operator's own file says to create it: a reload of that file
     // does, and the first write of the creation waits in device a.
-    let a = faults
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(n, _)| n == "a")
-        .map(|(_, c)| c.clone())
-        .unwrap();
+    let a = a_control.lock().unwrap().clone().unwrap();
     a.hold(Some(IoOp::Write), 0, u64::MAX, 1);
     let setup = dir.path().join("setup.toml");
     config.save(&setup).unwrap();
