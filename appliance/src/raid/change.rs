@@ -766,6 +766,23 @@ fn takeover(
     if busy(s) {
         return precondition(format!("{name}: a rebuild or scrub is running"));
     }
+    // A resync owed (an unclean start's, cut short) or a repair's reads
+    // pinned to the first member: the new level would read that member's
+    // blocks as another layout (a RAID5 of two keeps parity on it every
+    // other stripe), and the resync's cursor counts the old level's rows.
+    // As for a bitmap, md does not change level while it syncs either.
+    if s.resync_pending() || set.scrubbing.load(Ordering::SeqCst) {
+        return precondition(format!(
+            "{name}: a resync is still owed; let it finish (start a repair) before the takeover"
+        ));
+    }
+    // A copy finished, its taking the slot still to come: that step
+    // counts the copy in the old level's rows (it never came).
+    if set.replacing.is_some() {
+        return precondition(format!(
+            "{name}: a member is being replaced; take over once it has taken its slot"
+        ));
+    }
     if cur.journal().is_some() {
         return precondition(format!("{name}: remove the journal first"));
     }
