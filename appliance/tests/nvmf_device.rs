@@ -221,6 +221,34 @@ fn requests_ride_out_a_lost_connection_and_fail_only_after_the_loss_timeout() {
     assert!(dev.connected());
 }
 
+/// From an audit: the namespace grew while the connection was down (this
+/// appliance's own target grows an exported volume online), and every
+/// attempt to connect again was refused as another namespace: the device
+/// failed at the loss timeout (a RAID1 lost its mirror). A larger
+/// namespace with the same NGUID is the one it was; the device keeps its
+/// size.
+#[test]
+fn a_namespace_that_grew_while_the_connection_was_down_is_connected_again() {
+    let s = side(4096);
+    let dev = NvmfDevice::connect("remote", remote(s.addr), options(LONG)).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    s.target.remove(NQN).unwrap();
+    let mut b = vec![0xb2u8; 8192];
+    ch.submit(rw(IoOp::Write, 100, &mut b, 1)).unwrap();
+    let grown = Volume::new(
+        s._reactors.set(),
+        "remote",
+        Arc::new(RamDevice::new("r", 4096, 8192).unwrap()),
+    );
+    export(&s.target, &grown, s.addr);
+    wait(ch.as_mut(), 1).expect("the write waited for the target and went through");
+    assert!(dev.connected());
+    assert_eq!(dev.info().num_blocks, 4096);
+    let mut back = vec![0u8; 8192];
+    run(ch.as_mut(), rw(IoOp::Read, 100, &mut back, 2)).unwrap();
+    assert!(back == b);
+}
+
 /// Two appliances in one process: B serves a 64 MiB RAM volume over
 /// NVMe/TCP (`remote`); A mirrors a local RAM device onto it (write-mostly,
 /// `loss` seconds of loss timeout, a 1 MiB-region bitmap if `bitmap`) and

@@ -310,6 +310,8 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
     // KATO, and the target dropped the association (every channel then
     // reconnected and sent its IO again, over and over).
     let mut last_sent: Option<Instant> = None;
+    // Why the last attempt to connect again failed (logged when it changes).
+    let mut refused: Option<String> = None;
     while !a.stop.load(Ordering::SeqCst) {
         match &mut ctrl {
             Some(c) => {
@@ -332,15 +334,22 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                 let lbads = ns[128 + 4 * (ns[26] & 0xf) as usize + 2];
                 let mut nguid = [0u8; 16];
                 nguid.copy_from_slice(&ns[104..120]);
-                if (nsze, lbads, nguid) != a.identity {
+                // Grown is the same namespace (a target may grow a volume
+                // online, as this appliance's does); the device keeps the
+                // size it was opened with. Refused, a namespace grown
+                // while the connection was down failed the device at the
+                // loss timeout (audit).
+                let (size, block, id) = a.identity;
+                if nsze < size || (lbads, nguid) != (block, id) {
                     return Err(HostError::Protocol(format!(
-                        "namespace {} is not the one it was (size {nsze}, NGUID {nguid:02x?})",
+                        "namespace {} is not the one it was (size {nsze} blocks, was {size}; NGUID {nguid:02x?})",
                         a.remote.nsid
                     )));
                 }
                 Ok((c, q))
             }) {
                 Ok((c, _)) => {
+                    refused = None;
                     tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
                     a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
                     // Before the channels see the new association: a flush
@@ -365,7 +374,14 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     ctrl = Some(c);
                 }
                 Err(e) => {
-                    tracing::debug!(nqn = %a.remote.nqn, error = %e, "nvme/tcp: connecting again failed");
+                    // Said once per reason: a target that answers with
+                    // another namespace is the operator's to see, not a
+                    // debug line (it fails the device at the loss time-out).
+                    let why = e.to_string();
+                    if refused.as_ref() != Some(&why) {
+                        tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, error = %why, "nvme/tcp: connecting again failed; trying on");
+                        refused = Some(why);
+                    }
                     nap(&a, a.opts.reconnect_delay)
                 }
             },
