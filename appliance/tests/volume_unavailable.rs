@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use appliance::config::{Config, DeviceDecl, ExportDecl, VolumeDecl};
+use appliance::config::{Config, DeviceDecl, ExportDecl, NvmfExportDecl, VolumeDecl};
 use appliance::manager::{Manager, MgmtError};
 use bdev::{FaultControl, FaultDevice, IoOp};
 use poller::{ReactorConfig, Reactors};
@@ -525,4 +525,110 @@ fn a_save_while_a_retry_creates_the_volume_again_keeps_it_in_the_state_file() {
     mgr.shutdown();
     drop(mgr);
     let _ = reactors.shutdown();
+}
+
+/// From an audit: an export the saved state names that could not be made
+/// at the start (a listen address not up yet, a socket owner from a user
+/// directory that has not started) failed the whole start, and every VM on
+/// the host lost its disk. It is kept now: the rest starts, the health
+/// names it, the state file keeps it, and a create under its name makes it.
+#[test]
+fn an_export_that_cannot_be_made_at_a_restart_is_kept_and_the_rest_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let sock = |n: &str| dir.path().join(format!("{n}.sock"));
+    let d = start(&state);
+    d.mgr
+        .attach_device(DeviceDecl {
+            name: "r".into(),
+            spec: "ram:16M".into(),
+            block_size: 4096,
+        })
+        .unwrap();
+    d.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["r"]), false)
+        .unwrap();
+    d.mgr
+        .create_export(ExportDecl {
+            name: "good".into(),
+            volume: "v".into(),
+            socket: sock("good"),
+            ..Default::default()
+        })
+        .unwrap();
+    stop(d);
+    // Edited by hand (or made where the user and the address existed).
+    let owned = ExportDecl {
+        name: "owned".into(),
+        volume: "v".into(),
+        socket: sock("owned"),
+        socket_owner: Some("no-such-user-for-this-test".into()),
+        ..Default::default()
+    };
+    let nqn = "nqn.2026-12.io.appliance:later";
+    let mut c = Config::load(&state).unwrap();
+    c.exports.push(owned.clone());
+    c.nvmf_exports.push(NvmfExportDecl {
+        nqn: nqn.into(),
+        volume: "v".into(),
+        // TEST-NET-1: no address of this host.
+        listen: "192.0.2.1:4420".into(),
+        allow_any_host: true,
+        ..Default::default()
+    });
+    c.save(&state).unwrap();
+
+    let d = start(&state);
+    let served: Vec<String> = d
+        .mgr
+        .list_exports()
+        .into_iter()
+        .map(|e| e.decl.name)
+        .collect();
+    assert_eq!(served, ["good"]);
+    let problems = d.mgr.health().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("export owned")),
+        "{problems:?}"
+    );
+    assert!(problems.iter().any(|p| p.contains(nqn)), "{problems:?}");
+    let saved = Config::load(&state).unwrap();
+    assert_eq!(names(&saved).1, ["good", "owned"]);
+    assert_eq!(saved.nvmf_exports.len(), 1);
+    // A reload tries it again (still no such user: kept); one the file
+    // names no more goes.
+    let mut file = saved;
+    file.nvmf_exports.clear();
+    let edited = dir.path().join("edited.toml");
+    file.save(&edited).unwrap();
+    let rep = d.mgr.reload_file(&edited).unwrap();
+    assert!(rep.refused.iter().any(|r| r.contains("owned")), "{rep:?}");
+    let saved = Config::load(&state).unwrap();
+    assert_eq!(names(&saved).1, ["good", "owned"]);
+    assert!(saved.nvmf_exports.is_empty());
+    // Its socket stays its own, and its volume exported.
+    let other = d.mgr.create_export(ExportDecl {
+        name: "other".into(),
+        socket_owner: None,
+        ..owned.clone()
+    });
+    assert!(
+        matches!(other, Err(MgmtError::AlreadyExists(_))),
+        "{other:?}"
+    );
+    assert!(matches!(
+        d.mgr.delete_volume("v"),
+        Err(MgmtError::FailedPrecondition(_))
+    ));
+    // Under its name, the export is made and takes its place.
+    d.mgr
+        .create_export(ExportDecl {
+            socket_owner: None,
+            ..owned
+        })
+        .unwrap();
+    assert_eq!(d.mgr.list_exports().len(), 2);
+    assert_eq!(names(&Config::load(&state).unwrap()).1, ["good", "owned"]);
+    assert_eq!(d.mgr.health().problems, Vec::<String>::new());
+    stop(d);
 }

@@ -43,6 +43,21 @@ impl Manager {
                         .filter(|e| e.decl.volume == name)
                         .map(|e| e.decl.nqn.clone()),
                 )
+                // Kept for a reload to make (see `unserved`).
+                .chain(
+                    inv.unserved
+                        .exports
+                        .values()
+                        .filter(|(e, _)| e.volume == name)
+                        .map(|(e, _)| e.name.clone()),
+                )
+                .chain(
+                    inv.unserved
+                        .nvmf
+                        .values()
+                        .filter(|(e, _)| e.volume == name)
+                        .map(|(e, _)| e.nqn.clone()),
+                )
                 .collect();
             if !users.is_empty() {
                 return Err(MgmtError::FailedPrecondition(format!(

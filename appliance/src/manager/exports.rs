@@ -107,6 +107,19 @@ impl Manager {
                 "export {e} of volume {v} (which did not start) has that name or socket; delete it first"
             )));
         }
+        // One not made at the start keeps its socket; under its own name
+        // this is the one made again, and takes its place.
+        if let Some((e, _)) = inv
+            .unserved
+            .exports
+            .values()
+            .find(|(e, _)| e.name != decl.name && (e.socket == decl.socket || e.socket == key))
+        {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {} (not made at the start) has that socket; delete it first",
+                e.name
+            )));
+        }
         if inv.exports.contains_key(&decl.name) || inv.exports_creating.contains_key(&decl.name) {
             return Err(MgmtError::AlreadyExists(format!(
                 "export {} already exists",
@@ -181,6 +194,7 @@ impl Manager {
             connections: 0,
             dirty_log: None,
         };
+        inv.unserved.exports.remove(&decl.name);
         inv.exports.insert(
             decl.name.clone(),
             Arc::new(Exp {
@@ -261,7 +275,7 @@ impl Manager {
                 let at = u.exports.iter().position(|e| e.name == name)?;
                 Some(u.exports.remove(at))
             });
-            if kept.is_some() {
+            if kept.is_some() || inv.unserved.exports.remove(name).is_some() {
                 drop(inv);
                 return self.save();
             }

@@ -31,6 +31,8 @@ pub(super) struct Inventory {
     pub(super) missing: BTreeMap<String, DeviceDecl>,
     /// Volumes the saved state names that did not start, by name.
     pub(super) unavailable: BTreeMap<String, super::unavailable::Unavailable>,
+    /// Exports the saved state names that could not be made at the start.
+    pub(super) unserved: super::unserved::Unserved,
 }
 
 impl Inventory {
@@ -81,12 +83,14 @@ impl Inventory {
                 .values()
                 .map(|e| e.decl())
                 .chain(self.unavailable.values().flat_map(|u| u.exports.clone()))
+                .chain(self.unserved.exports.values().map(|(e, _)| e.clone()))
                 .collect(),
             nvmf_exports: self
                 .nvmf
                 .values()
                 .map(|e| e.decl.clone())
                 .chain(self.unavailable.values().flat_map(|u| u.nvmf.clone()))
+                .chain(self.unserved.nvmf.values().map(|(e, _)| e.clone()))
                 .collect(),
         }
     }

@@ -22,6 +22,7 @@ mod nvmf;
 mod reload;
 mod roles;
 mod unavailable;
+mod unserved;
 mod views;
 mod volumes;
 
@@ -731,16 +732,25 @@ impl Manager {
                 Err(e) => return Err(failed(format!("volume {}", v.name))(e)),
             }
         }
+        // Saved state: an export that cannot be made now is kept (see
+        // `unserved`), not a reason to keep every volume (and VM) down. An
+        // operator's first setup is refused whole instead.
         for e in &config.exports {
             if !self.keep_export_of_unavailable(e) {
-                self.create_export(e.clone())
-                    .map_err(failed(format!("export {}", e.name)))?;
+                match self.create_export(e.clone()) {
+                    Ok(_) => {}
+                    Err(err) if !initial => self.keep_unserved_export(e, err.to_string()),
+                    Err(err) => return Err(failed(format!("export {}", e.name))(err)),
+                }
             }
         }
         for e in &config.nvmf_exports {
             if !self.keep_nvmf_of_unavailable(e) {
-                self.create_nvmf_export(e.clone())
-                    .map_err(failed(format!("nvme/tcp export {}", e.nqn)))?;
+                match self.create_nvmf_export(e.clone()) {
+                    Ok(_) => {}
+                    Err(err) if !initial => self.keep_unserved_nvmf(e, err.to_string()),
+                    Err(err) => return Err(failed(format!("nvme/tcp export {}", e.nqn))(err)),
+                }
             }
         }
         Ok(())
@@ -760,6 +770,7 @@ impl Manager {
         for (v, why) in self.unavailable_volumes() {
             problems.push(format!("volume {v} did not start: {why}"));
         }
+        problems.extend(self.inv().unserved.problems());
         for v in self.list_volumes() {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));

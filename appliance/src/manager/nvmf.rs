@@ -164,6 +164,8 @@ impl Manager {
         }
         let e = NvmfExp { decl, sub };
         let v = view(&e);
+        // One not made at the start: this is it, made now.
+        inv.unserved.nvmf.remove(&e.decl.nqn);
         inv.nvmf.insert(e.decl.nqn.clone(), e);
         drop(inv);
         self.save()?;
@@ -197,11 +199,15 @@ impl Manager {
         self.check_open()?;
         // One kept for a volume that did not start: the state file names
         // it no more.
-        let kept = self.inv().unavailable.values_mut().find_map(|u| {
-            let at = u.nvmf.iter().position(|e| e.nqn == nqn)?;
-            Some(u.nvmf.remove(at))
-        });
-        if kept.is_some() {
+        let kept = {
+            let mut inv = self.inv();
+            let kept = inv.unavailable.values_mut().find_map(|u| {
+                let at = u.nvmf.iter().position(|e| e.nqn == nqn)?;
+                Some(u.nvmf.remove(at))
+            });
+            kept.is_some() || inv.unserved.nvmf.remove(nqn).is_some()
+        };
+        if kept {
             return self.save();
         }
         let e =

@@ -259,6 +259,27 @@ impl Manager {
             }
             rep.did(format!("delete export {}", e.name), r);
         }
+        // Exports not made at the start that the file names no more.
+        let unserved: (Vec<String>, Vec<String>) = {
+            let inv = self.inv();
+            (
+                inv.unserved.exports.keys().cloned().collect(),
+                inv.unserved.nvmf.keys().cloned().collect(),
+            )
+        };
+        for name in unserved.0.iter().filter(|n| wanted_export(n).is_none()) {
+            let r = self.delete_export(name, false);
+            rep.did(format!("delete export {name} (not made at the start)"), r);
+        }
+        for nqn in &unserved.1 {
+            if !config.nvmf_exports.iter().any(|w| &w.nqn == nqn) {
+                let r = self.delete_nvmf_export(nqn);
+                rep.did(
+                    format!("delete nvme/tcp export {nqn} (not made at the start)"),
+                    r,
+                );
+            }
+        }
         // Volumes that go (those that did not start too).
         let unavailable: Vec<String> = self.inv().unavailable.keys().cloned().collect();
         for v in volumes.iter().map(|v| &v.name).chain(&unavailable) {

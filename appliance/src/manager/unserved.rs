@@ -1,0 +1,68 @@
+//! Exports the saved state names that could not be made at the start: a
+//! listen address not up yet, a socket owner from a user directory that
+//! has not started, a socket directory on a mount still to come. One such
+//! export failed the whole start, and every VM on the host lost its disk
+//! with it (audit). It is kept instead, as a device missing at the start
+//! is: in the state file, named by the health, made by a reload or a
+//! create under its name, let go by a delete.
+
+use std::collections::BTreeMap;
+
+use crate::config::{ExportDecl, NvmfExportDecl};
+
+use super::Manager;
+
+/// Exports that could not be made at the start, with why.
+#[derive(Debug, Default)]
+pub(super) struct Unserved {
+    /// vhost-user exports by name.
+    pub(super) exports: BTreeMap<String, (ExportDecl, String)>,
+    /// NVMe/TCP exports by NQN.
+    pub(super) nvmf: BTreeMap<String, (NvmfExportDecl, String)>,
+}
+
+impl Unserved {
+    /// What the health says of them.
+    pub(super) fn problems(&self) -> impl Iterator<Item = String> + '_ {
+        let vhost = self.exports.iter().map(|(name, (_, why))| {
+            format!("export {name} could not be made at the start: {why}; a reload tries again")
+        });
+        let nvmf = self.nvmf.iter().map(|(nqn, (_, why))| {
+            format!(
+                "nvme/tcp export {nqn} could not be made at the start: {why}; a reload tries again"
+            )
+        });
+        vhost.chain(nvmf)
+    }
+}
+
+impl Manager {
+    /// Keep `decl`, which the start could not make because of `why`.
+    pub(super) fn keep_unserved_export(&self, decl: &ExportDecl, why: String) {
+        tracing::error!(
+            export = decl.name,
+            volume = decl.volume,
+            error = why,
+            "export not made at the start: kept for a reload to make"
+        );
+        self.inv()
+            .unserved
+            .exports
+            .insert(decl.name.clone(), (decl.clone(), why));
+    }
+
+    /// As [`keep_unserved_export`](Self::keep_unserved_export) for an
+    /// NVMe/TCP export.
+    pub(super) fn keep_unserved_nvmf(&self, decl: &NvmfExportDecl, why: String) {
+        tracing::error!(
+            nqn = decl.nqn,
+            volume = decl.volume,
+            error = why,
+            "nvme/tcp export not made at the start: kept for a reload to make"
+        );
+        self.inv()
+            .unserved
+            .nvmf
+            .insert(decl.nqn.clone(), (decl.clone(), why));
+    }
+}
