@@ -578,7 +578,7 @@ impl Shared {
         let _one = lock(&self.saving);
         if self.quiet.load(Ordering::SeqCst) {
             if now {
-                return Err(MgmtError::FailedPrecondition(
+                return Err(MgmtError::Unavailable(
                     "the daemon is starting or stopping: the state is saved at the end of that"
                         .into(),
                 ));
@@ -651,8 +651,6 @@ impl Manager {
         lock(&self.shared.inv)
     }
 
-    /// Refused once the daemon is stopping (a call that outlived the API's
-    /// shutdown must not act or save).
     /// The daemon's stop begins: the API is closed; a reload still
     /// running makes no further change (each of its steps is refused).
     pub fn begin_stop(&self) {
@@ -664,12 +662,14 @@ impl Manager {
         self.shared.stopping.load(Ordering::SeqCst)
     }
 
+    /// Refused once the daemon is stopping (a call that outlived the API's
+    /// shutdown must not act or save). Unavailable, as gRPC has it for a
+    /// state that passes: a script tells it from a refusal of the call
+    /// itself (FailedPrecondition), and tries again (audit).
     fn check_open(&self) -> Result<(), MgmtError> {
         if self.shared.closed.load(Ordering::SeqCst) || self.shared.stopping.load(Ordering::SeqCst)
         {
-            return Err(MgmtError::FailedPrecondition(
-                "the daemon is stopping".into(),
-            ));
+            return Err(MgmtError::Unavailable("the daemon is stopping".into()));
         }
         Ok(())
     }
@@ -875,7 +875,31 @@ impl Manager {
 
 #[cfg(test)]
 mod tests {
-    use super::default_serial;
+    use super::{default_serial, Manager, MgmtError};
+    use crate::config::DeviceDecl;
+
+    /// From an audit: a call refused because the daemon stops came back as
+    /// FailedPrecondition, the code of a refusal of the call itself; a
+    /// script could not tell that trying again after the restart works.
+    #[test]
+    fn a_call_during_the_stop_is_unavailable() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let mgr = Manager::new(reactors.set(), None);
+        mgr.begin_stop();
+        let r = mgr.attach_device(DeviceDecl {
+            name: "d".into(),
+            spec: "ram:4M".into(),
+            block_size: 4096,
+        });
+        assert!(matches!(r, Err(MgmtError::Unavailable(_))), "{r:?}");
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
+    }
 
     #[test]
     fn a_default_serial_fits_20_bytes_and_long_names_stay_apart() {
