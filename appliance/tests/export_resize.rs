@@ -222,6 +222,62 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: a resize whose state save failed returned before the
+/// frontends were told, so the guest kept the old capacity until it
+/// reconnected, and a retry of the same size told nobody either. The
+/// frontends are told whatever the save does; a retry saves again and
+/// tells them again.
+#[test]
+fn a_resize_whose_save_fails_still_tells_the_frontend_and_a_retry_saves_it() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let m = Manager::new(reactors.set(), Some(state.clone()));
+    let sock = dir.path().join("r.sock");
+    m.attach_device(DeviceDecl {
+        name: "d0".into(),
+        spec: "ram:1M".into(),
+        block_size: 4096,
+    })
+    .unwrap();
+    m.create_volume(VolumeDecl::new("v0", "single", &["d0"]), false)
+        .unwrap();
+    m.create_export(ExportDecl {
+        name: "e0".into(),
+        volume: "v0".into(),
+        socket: sock.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let (f, seen, on) = frontend_with_channel(&sock);
+    // The state file cannot be written: a directory holds its place.
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("in-the-way"), b"x").unwrap();
+    let err = m.resize_device("d0", 2 * MIB).unwrap_err();
+    assert!(matches!(err, MgmtError::Internal(_)), "{err:?}");
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(10)).unwrap(),
+        2 * MIB,
+        "the frontend was not told"
+    );
+    // Mended: the retry saves the new size and tells the frontend again.
+    std::fs::remove_dir_all(&state).unwrap();
+    let (_, told) = m.resize_device("d0", 2 * MIB).unwrap();
+    assert_eq!(told, vec!["e0".to_string()]);
+    assert_eq!(seen.recv_timeout(Duration::from_secs(10)).unwrap(), 2 * MIB);
+    let saved = appliance::config::Config::load(&state).unwrap();
+    assert_eq!(saved.devices[0].spec, format!("ram:{}", 2 * MIB));
+    on.frontend.lock().unwrap().take();
+    drop(f);
+    m.shutdown();
+    reactors.shutdown().unwrap();
+}
+
 #[test]
 fn a_raid_member_is_not_resized_under_its_array() {
     let reactors = Reactors::start(ReactorConfig {

@@ -357,11 +357,14 @@ impl Manager {
             }
         };
         if size_bytes == have {
-            return Ok((
-                self.device_view(name)
-                    .unwrap_or_else(|| self.bare_view(&decl, &old)),
-                vec![],
-            ));
+            // The retry of a resize whose save failed: saved now, and the
+            // frontends told again (a repeated CONFIG_CHANGE costs a read
+            // of the configuration space).
+            self.save()?;
+            let view = self
+                .device_view(name)
+                .unwrap_or_else(|| self.bare_view(&decl, &old));
+            return Ok((view, self.tell_frontends(volume.as_ref())));
         }
         if decl.spec.starts_with("ram:") {
             // The old and the new mapping are both there during the copy.
@@ -445,21 +448,33 @@ impl Manager {
                 d.decl.spec = spec;
             }
         }
-        self.save()?;
+        // The guests see the new size whatever the save does: it is
+        // served already (returning first, a failed save left them on the
+        // old size until they reconnected: audit).
+        let saved = self.save();
+        let notified = self.tell_frontends(volume.as_ref());
+        tracing::info!(device = name, size_bytes, volume = ?volume.as_ref().map(|v| v.volume.name().to_string()), notified = ?notified, "device resized");
+        saved?;
         let view = self
             .device_view(name)
             .unwrap_or_else(|| self.bare_view(&decl, &grown));
-        // The frontends answer in their own time: not under any lock.
-        let notifiers: Vec<(String, crate::export::Notifier)> = match &volume {
-            Some(v) => self
-                .inv()
-                .exports
-                .values()
-                .filter(|e| e.decl.volume == v.volume.name())
-                .map(|e| (e.decl.name.clone(), e.export.notifier()))
-                .collect(),
-            None => vec![],
+        Ok((view, notified))
+    }
+
+    /// Tell the frontends of `volume`'s exports that its capacity changed;
+    /// the exports whose frontend heard it.
+    fn tell_frontends(&self, volume: Option<&Arc<super::Vol>>) -> Vec<String> {
+        let Some(v) = volume else {
+            return vec![];
         };
+        // The frontends answer in their own time: not under any lock.
+        let notifiers: Vec<(String, crate::export::Notifier)> = self
+            .inv()
+            .exports
+            .values()
+            .filter(|e| e.decl.volume == v.volume.name())
+            .map(|e| (e.decl.name.clone(), e.export.notifier()))
+            .collect();
         let mut notified = Vec::new();
         for (export, n) in notifiers {
             match n.config_changed() {
@@ -471,8 +486,7 @@ impl Manager {
                 }
             }
         }
-        tracing::info!(device = name, size_bytes, volume = ?volume.as_ref().map(|v| v.volume.name().to_string()), notified = ?notified, "device resized");
-        Ok((view, notified))
+        notified
     }
 
     fn bare_view(&self, decl: &DeviceDecl, dev: &Arc<dyn BlockDevice>) -> DeviceView {
