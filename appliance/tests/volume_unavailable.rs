@@ -632,3 +632,63 @@ fn an_export_that_cannot_be_made_at_a_restart_is_kept_and_the_rest_starts() {
     assert_eq!(d.mgr.health().problems, Vec::<String>::new());
     stop(d);
 }
+
+/// From an audit: with the state file's disk full or read-only, a start
+/// from it assembled every volume and then failed on writing the file
+/// back: no VM got its disk, and systemd restarted it over and over. It
+/// serves now, and the health says the file is behind; a reload of that
+/// file writes it first rather than undo what changed since.
+#[test]
+fn a_state_file_that_cannot_be_written_at_a_restart_leaves_the_daemon_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let ram = |name: &str| DeviceDecl {
+        name: name.into(),
+        spec: "ram:4M".into(),
+        block_size: 4096,
+    };
+    let d = start(&state);
+    d.mgr.attach_device(ram("r")).unwrap();
+    d.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["r"]), false)
+        .unwrap();
+    stop(d);
+    let old = std::fs::read(&state).unwrap();
+    let config = Config::load(&state).unwrap();
+    // A directory in its place: no save works (root writes anything else).
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("in-the-way"), b"x").unwrap();
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    mgr.set_config_file(Some(state.clone()));
+    mgr.restore(&config, false).expect("it serves");
+    assert!(mgr.get_volume("v").is_ok());
+    let behind = |mgr: &Manager| {
+        mgr.health()
+            .problems
+            .iter()
+            .any(|p| p.contains("state file could not be written"))
+    };
+    assert!(behind(&mgr), "{:?}", mgr.health());
+    // A change made meanwhile (its save fails: it says so).
+    let r = mgr.attach_device(ram("x"));
+    assert!(matches!(r, Err(MgmtError::Internal(_))), "{r:?}");
+    // The file back as it was before that change (the disk has room
+    // again): the reload writes it first, and undoes nothing.
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::write(&state, old).unwrap();
+    let rep = mgr.reload_configured().unwrap();
+    assert!(rep.applied.is_empty() && rep.refused.is_empty(), "{rep:?}");
+    assert!(mgr.list_devices().iter().any(|d| d.decl.name == "x"));
+    let saved = Config::load(&state).unwrap();
+    assert!(saved.devices.iter().any(|d| d.name == "x"), "{saved:?}");
+    assert!(!behind(&mgr));
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

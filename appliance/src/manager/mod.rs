@@ -528,8 +528,9 @@ struct Shared {
     roles: RoleBook,
     state_file: Option<PathBuf>,
     /// One save at a time, each of the whole inventory as it is then, so
-    /// the file ends with the latest state.
-    saving: Mutex<()>,
+    /// the file ends with the latest state. Holds why the last save failed
+    /// (the health says so until one succeeds: the file is behind).
+    saving: Mutex<Option<String>>,
     /// Do not write the state file: while restoring (a half-restored state
     /// must never replace the full one) and once stopping.
     quiet: AtomicBool,
@@ -575,7 +576,7 @@ impl Shared {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
-        let _one = lock(&self.saving);
+        let mut last = lock(&self.saving);
         if self.quiet.load(Ordering::SeqCst) {
             if now {
                 return Err(MgmtError::Unavailable(
@@ -586,12 +587,19 @@ impl Shared {
             return Ok(());
         }
         let config = lock(&self.inv).config();
-        config.save(path).map_err(|e| {
+        let saved = config.save(path);
+        *last = saved.as_ref().err().map(|e| e.to_string());
+        saved.map_err(|e| {
             tracing::error!(error = %e, "saving the daemon state");
             MgmtError::Internal(format!(
                 "the change was made but saving the state failed: {e}"
             ))
         })
+    }
+
+    /// Why the state file is behind what runs, if it is.
+    fn unsaved(&self) -> Option<String> {
+        lock(&self.saving).clone()
     }
 
     fn timeout(&self) -> Duration {
@@ -614,7 +622,7 @@ impl Manager {
                 inv: Mutex::new(Inventory::default()),
                 roles: RoleBook::default(),
                 state_file,
-                saving: Mutex::new(()),
+                saving: Mutex::new(None),
                 quiet: Default::default(),
                 closed: Default::default(),
                 timeout: Mutex::new(QUIESCE_TIMEOUT),
@@ -695,10 +703,19 @@ impl Manager {
         let r = self.restore_all(config, initial);
         self.shared.quiet.store(false, Ordering::SeqCst);
         r?;
-        self.save().map_err(|source| RestoreError {
-            part: "state file".into(),
-            source,
-        })
+        match self.save() {
+            // From saved state, everything runs as the file says: a disk
+            // full or read-only now must not keep every VM down (the
+            // health says the file is behind until a save works).
+            Err(e) if !initial => {
+                tracing::error!(error = %e, "the state file could not be written after the start; serving anyway");
+                Ok(())
+            }
+            r => r.map_err(|source| RestoreError {
+                part: "state file".into(),
+                source,
+            }),
+        }
     }
 
     fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
@@ -771,6 +788,11 @@ impl Manager {
             problems.push(format!("volume {v} did not start: {why}"));
         }
         problems.extend(self.inv().unserved.problems());
+        if let Some(why) = self.shared.unsaved() {
+            problems.push(format!(
+                "the state file could not be written ({why}): it is behind what runs until a change saves it"
+            ));
+        }
         for v in self.list_volumes() {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));
