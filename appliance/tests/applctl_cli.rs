@@ -248,7 +248,27 @@ num_queues = 2
         .output()
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(7));
-    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("/nonexistent/api.sock"));
+    let said = String::from_utf8_lossy(&unreachable.stderr).to_string();
+    // Why, not only tonic's "transport error" (audit).
+    assert!(
+        said.contains("/nonexistent/api.sock") && said.contains("No such file"),
+        "{said}"
+    );
+    // A daemon that takes the connection and never answers: --deadline
+    // gives up (exit 6) rather than hang a script.
+    let mute = dir.path().join("mute.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    let hung = Command::new(applctl_path())
+        .args([
+            "--deadline",
+            "1",
+            "--api",
+            mute.to_str().unwrap(),
+            "version",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(hung.status.code(), Some(6), "{hung:?}");
     let help = ok(&Command::new(applctl_path()).arg("--help").output().unwrap());
     assert!(
         help.contains("Examples") && help.contains("Exit codes"),

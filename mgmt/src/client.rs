@@ -33,8 +33,9 @@ impl Interceptor for Token {
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The transport failed.
-    #[error("connecting to {target}: {source}")]
+    /// The transport failed (said with every cause under it: tonic's own
+    /// text is only "transport error", whatever the socket said).
+    #[error("connecting to {target}: {}", causes(source))]
     Transport {
         /// Socket path or URL.
         target: String,
@@ -45,6 +46,36 @@ pub enum ConnectError {
     /// The token cannot be sent as a header.
     #[error("the token must be printable ASCII")]
     BadToken,
+}
+
+/// `e` and the errors under it, joined.
+fn causes(e: &tonic::transport::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
+impl ConnectError {
+    /// What the socket said, if it was the operating system's error (not
+    /// allowed, not there, nobody listening).
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        let ConnectError::Transport { source, .. } = self else {
+            return None;
+        };
+        let mut next = std::error::Error::source(source);
+        while let Some(cause) = next {
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                return Some(io.kind());
+            }
+            next = cause.source();
+        }
+        None
+    }
 }
 
 /// A client of the daemon listening on the unix socket `path`.

@@ -2,7 +2,8 @@
 //!
 //! Exit codes: 0 done; 1 internal error or failed background work;
 //! 2 bad arguments; 3 not found; 4 already exists; 5 refused in this state
-//! (failed precondition); 6 deadline exceeded; 7 daemon unreachable;
+//! (failed precondition); 6 deadline exceeded (the daemon's, or
+//! --deadline's); 7 daemon unreachable;
 //! 8 not authorised; 9 not enough of a resource (memory for a RAM device);
 //! 10 `health` found the daemon degraded (as `mdadm --detail --test`
 //! says a degraded array in its exit code).
@@ -62,6 +63,11 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up after this many seconds without an answer (exit 6); by
+    /// default a call waits as long as the daemon takes (a change may wait
+    /// for a volume's IO to drain).
+    #[arg(long, global = true, value_name = "SECONDS")]
+    deadline: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -272,7 +278,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let limit = cli.deadline;
+    let work = run(cli);
+    let done = rt.block_on(async move {
+        match limit {
+            Some(secs) => tokio::time::timeout(std::time::Duration::from_secs(secs), work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure(
+                        6,
+                        format!("no answer from the daemon within {secs} s (--deadline)"),
+                    ))
+                }),
+            None => work.await,
+        }
+    });
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("error: {msg}");
@@ -284,7 +305,11 @@ fn main() -> ExitCode {
 type Client = mgmt::client::Client;
 
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
-    let unreachable = |e: mgmt::client::ConnectError| Failure(7, e.to_string());
+    // Not allowed on the socket is not authorised, not unreachable.
+    let unreachable = |e: mgmt::client::ConnectError| match e.io_kind() {
+        Some(std::io::ErrorKind::PermissionDenied) => Failure(8, e.to_string()),
+        _ => Failure(7, e.to_string()),
+    };
     if !cli.api.starts_with("https://") {
         if cli.api.starts_with("http://") {
             return Err(Failure(2, "--api: TCP needs TLS: use https://".into()));
