@@ -272,7 +272,10 @@ fn start_reloader(
         .name("reload".into())
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                if hup.swap(false, Ordering::SeqCst) {
+                // A SIGHUP during the start is done once it serves: its
+                // READY=1 before the API's told systemd the start was
+                // over before the API socket was there (audit).
+                if crate::service::started() && hup.swap(false, Ordering::SeqCst) {
                     crate::service::notify(&[crate::service::NotifyState::Reloading]);
                     let line = match mgr.reload_configured() {
                         Ok(r) => {

@@ -123,6 +123,15 @@ pub fn status(text: &str) {
 pub fn ready(text: &str) {
     let line = text.replace('\n', " ");
     notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+    READY_SENT.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`ready`] was said once (the start is over).
+static READY_SENT: AtomicBool = AtomicBool::new(false);
+
+/// Whether the start is over: READY=1 was sent.
+pub fn started() -> bool {
+    READY_SENT.load(Ordering::SeqCst)
 }
 
 /// The watchdog interval systemd asked for (WatchdogSec=), if it did and

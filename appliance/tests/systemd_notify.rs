@@ -211,6 +211,63 @@ fn the_stop_begins_while_a_call_is_held_up() {
     assert!(d.wait().unwrap().success());
 }
 
+/// From an audit: a SIGHUP during the start (a long restore) was
+/// answered by the reload thread, which started before the API: its
+/// READY=1 told systemd the start was over before the API socket was
+/// there. The reload comes once the daemon serves, after its READY=1.
+#[test]
+fn a_sighup_during_the_start_is_answered_once_the_daemon_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // A 1 GiB RAM device: its pages are touched at the attach, which
+    // keeps the restore going while the signal arrives.
+    let config = dir.path().join("init.toml");
+    std::fs::write(&config, "[[device]]\nname = \"d0\"\nspec = \"ram:1G\"\n").unwrap();
+    let api = dir.path().join("api.sock");
+    let mut d = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "1", "--api"])
+        .arg(&api)
+        .arg("--state")
+        .arg(dir.path().join("state.toml"))
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(d.id());
+    let mut lines = Vec::new();
+    collect(&sock, &mut lines, |l| {
+        l.iter().any(|l| l.starts_with("STATUS=restoring"))
+    });
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGHUP) };
+    collect(&sock, &mut lines, |l| {
+        has(l, "RELOADING=1") && count(l, "READY=1") >= 2
+    });
+    let first_ready = lines.iter().position(|l| l == "READY=1");
+    assert!(
+        first_ready < lines.iter().position(|l| l == "RELOADING=1"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[first_ready.unwrap_or(0)..]
+            .iter()
+            .take(2)
+            .any(|l| l.starts_with("STATUS=serving")),
+        "the first READY=1 is not the start's: {lines:?}"
+    );
+    ok(&applctl(&api, &["version"]));
+    // SAFETY: as above.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
+    assert!(d.wait().unwrap().success());
+}
+
 /// From review: NOTIFY_SOCKET may name an abstract socket (`@name`, as
 /// systemd gives services in some containers); it was taken for a path,
 /// READY=1 never arrived and systemd killed the start.
