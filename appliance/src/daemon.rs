@@ -163,10 +163,23 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     if let Some((cfg, first)) = &initial {
         crate::service::status("restoring devices, volumes and exports");
         let _longer = crate::service::extend_start(stop.clone());
-        if let Err(e) = mgr.restore(cfg, *first) {
+        let watch = StopDuringRestore::watch(stop.clone());
+        let restored = mgr.restore(cfg, *first);
+        drop(watch);
+        if let Err(e) = restored {
             mgr.shutdown_without_saving();
             let _ = reactors.shutdown();
             return Err(format!("restoring the configuration: {e}"));
+        }
+        // Asked to stop meanwhile: what was assembled is recorded clean,
+        // and nothing is served (it answered the API and sent READY=1
+        // first).
+        if stop.load(Ordering::SeqCst) {
+            crate::service::status("stopping: recording the restored volumes clean");
+            mgr.shutdown();
+            let stopped = reactors.shutdown().map_err(|e| e.to_string());
+            crate::service::status("stopped");
+            return stopped;
         }
     }
     let sampler_stop = Arc::new(AtomicBool::new(false));
@@ -259,6 +272,54 @@ fn begin_stop(mgr: &Manager, longer: &Mutex<Option<crate::service::StartExtensio
         NotifyState::Status("stopping: API closing"),
     ]);
     *longer = Some(crate::service::extend_stop());
+}
+
+/// A stop asked for while the restore runs: systemd hears STOPPING=1 at
+/// once and the stop's time-out is pushed back until the restore ends
+/// (each of its steps has a deadline; the start's extension ends with the
+/// stop request). Before, systemd killed the daemon mid-restore at
+/// TimeoutStopSec, and nothing assembled was recorded clean (audit).
+struct StopDuringRestore {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopDuringRestore {
+    fn watch(stop: Arc<AtomicBool>) -> StopDuringRestore {
+        let done = Arc::new(AtomicBool::new(false));
+        let over = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("restore-stop".into())
+            .spawn(move || {
+                let nap = || std::thread::sleep(Duration::from_millis(50));
+                while !over.load(Ordering::SeqCst) {
+                    if stop.load(Ordering::SeqCst) {
+                        use crate::service::{notify, NotifyState};
+                        notify(&[
+                            NotifyState::Stopping,
+                            NotifyState::Status("stopping: the restore ends first"),
+                        ]);
+                        let _longer = crate::service::extend_stop();
+                        while !over.load(Ordering::SeqCst) {
+                            nap();
+                        }
+                        return;
+                    }
+                    nap();
+                }
+            })
+            .ok();
+        StopDuringRestore { done, thread }
+    }
+}
+
+impl Drop for StopDuringRestore {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A thread that reloads the configuration on each SIGHUP (`hup`, set by

@@ -268,6 +268,51 @@ fn a_sighup_during_the_start_is_answered_once_the_daemon_serves() {
     assert!(d.wait().unwrap().success());
 }
 
+/// From an audit: a SIGTERM during a long restore was not acted on: the
+/// start's time-out extension ended with it, so systemd killed the daemon
+/// mid-restore, and a restore that ended in time still served (READY=1)
+/// before stopping. Now systemd hears STOPPING=1 at once, the stop's
+/// time-out is pushed back, and the daemon stops once the restore ends,
+/// never ready.
+#[test]
+fn a_sigterm_during_the_start_stops_it_without_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let config = dir.path().join("init.toml");
+    std::fs::write(&config, "[[device]]\nname = \"d0\"\nspec = \"ram:1G\"\n").unwrap();
+    let state = dir.path().join("state.toml");
+    let mut d = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "1", "--api"])
+        .arg(dir.path().join("api.sock"))
+        .arg("--state")
+        .arg(&state)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnPanic(d.id());
+    let mut lines = Vec::new();
+    collect(&sock, &mut lines, |l| {
+        l.iter().any(|l| l.starts_with("STATUS=restoring"))
+    });
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
+    assert!(d.wait().unwrap().success());
+    assert!(!has(&lines, "READY=1"), "{lines:?}");
+    let stopping = lines.iter().position(|l| l == "STOPPING=1");
+    assert!(stopping.is_some(), "{lines:?}");
+    // What was restored is in the state file for the next start.
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains("ram:1G"), "{saved}");
+}
+
 /// From review: NOTIFY_SOCKET may name an abstract socket (`@name`, as
 /// systemd gives services in some containers); it was taken for a path,
 /// READY=1 never arrived and systemd killed the start.
