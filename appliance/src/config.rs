@@ -378,8 +378,8 @@ impl Config {
         Config::parse(path, &text)
     }
 
-    /// Write to `path` atomically.
-    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Write to `path` atomically; the text written.
+    pub fn save(&self, path: &Path) -> Result<String, ConfigError> {
         let io = |source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
@@ -397,7 +397,7 @@ impl Config {
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-        tmp.write_all(b"# Written by the appliance daemon after every change.\n")
+        tmp.write_all(SAVED_HEADER.as_bytes())
             .and_then(|_| tmp.write_all(text.as_bytes()))
             .and_then(|_| tmp.as_file().sync_all())
             .map_err(io)?;
@@ -405,9 +405,12 @@ impl Config {
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;
-        Ok(())
+        Ok(format!("{SAVED_HEADER}{text}"))
     }
 }
+
+/// The first line of a file the daemon writes.
+const SAVED_HEADER: &str = "# Written by the appliance daemon after every change.\n";
 
 #[cfg(test)]
 mod tests {

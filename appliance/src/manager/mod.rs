@@ -21,6 +21,7 @@ mod inventory;
 mod nvmf;
 mod reload;
 mod roles;
+mod statefile;
 mod unavailable;
 mod unserved;
 mod views;
@@ -528,9 +529,8 @@ struct Shared {
     roles: RoleBook,
     state_file: Option<PathBuf>,
     /// One save at a time, each of the whole inventory as it is then, so
-    /// the file ends with the latest state. Holds why the last save failed
-    /// (the health says so until one succeeds: the file is behind).
-    saving: Mutex<Option<String>>,
+    /// the file ends with the latest state; what saves keep between them.
+    saving: Mutex<statefile::Saves>,
     /// Do not write the state file: while restoring (a half-restored state
     /// must never replace the full one) and once stopping.
     quiet: AtomicBool,
@@ -572,36 +572,6 @@ impl Shared {
         self.save_unless(true)
     }
 
-    fn save_unless(&self, now: bool) -> Result<(), MgmtError> {
-        let Some(path) = &self.state_file else {
-            return Ok(());
-        };
-        let mut last = lock(&self.saving);
-        if self.quiet.load(Ordering::SeqCst) {
-            if now {
-                return Err(MgmtError::Unavailable(
-                    "the daemon is starting or stopping: the state is saved at the end of that"
-                        .into(),
-                ));
-            }
-            return Ok(());
-        }
-        let config = lock(&self.inv).config();
-        let saved = config.save(path);
-        *last = saved.as_ref().err().map(|e| e.to_string());
-        saved.map_err(|e| {
-            tracing::error!(error = %e, "saving the daemon state");
-            MgmtError::Internal(format!(
-                "the change was made but saving the state failed: {e}"
-            ))
-        })
-    }
-
-    /// Why the state file is behind what runs, if it is.
-    fn unsaved(&self) -> Option<String> {
-        lock(&self.saving).clone()
-    }
-
     fn timeout(&self) -> Duration {
         *lock(&self.timeout)
     }
@@ -622,7 +592,7 @@ impl Manager {
                 inv: Mutex::new(Inventory::default()),
                 roles: RoleBook::default(),
                 state_file,
-                saving: Mutex::new(None),
+                saving: Mutex::new(Default::default()),
                 quiet: Default::default(),
                 closed: Default::default(),
                 timeout: Mutex::new(QUIESCE_TIMEOUT),
@@ -788,11 +758,7 @@ impl Manager {
             problems.push(format!("volume {v} did not start: {why}"));
         }
         problems.extend(self.inv().unserved.problems());
-        if let Some(why) = self.shared.unsaved() {
-            problems.push(format!(
-                "the state file could not be written ({why}): it is behind what runs until a change saves it"
-            ));
-        }
+        problems.extend(lock(&self.shared.saving).problems());
         for v in self.list_volumes() {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));

@@ -130,20 +130,13 @@ impl Manager {
         // superblocks, never created over blank devices (a wrong path), as
         // at a start from it.
         let from_state = self.shared.state_file.as_deref() == Some(path);
-        // Behind what runs (a save failed: a disk full, read-only): read
-        // as it is, it would undo every change since. Written first; the
-        // reload is refused while it cannot be.
-        if from_state && self.shared.unsaved().is_some() {
-            self.save().map_err(|e| {
-                MgmtError::FailedPrecondition(format!(
-                    "the state file is behind what runs and still cannot be written ({e}); reloading it would undo the changes since"
-                ))
-            })?;
-            tracing::info!("the state file was behind what runs; written before the reload");
-        }
-        let config = Config::load(path).map_err(|e| {
-            MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
-        })?;
+        let config = if from_state {
+            self.shared.read_own(path)?
+        } else {
+            Config::load(path).map_err(|e| {
+                MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
+            })?
+        };
         Ok(self.reload_as(&config, !from_state))
     }
 

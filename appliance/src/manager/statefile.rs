@@ -1,0 +1,132 @@
+//! Writing the state file: one save at a time, each of the whole
+//! inventory; a save that fails is said by the health until one works; an
+//! operator's edit that no reload applied is set aside, not overwritten.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use crate::config::Config;
+
+use super::{lock, MgmtError, Shared};
+
+/// What the state file's saves keep between them.
+#[derive(Debug, Default)]
+pub(super) struct Saves {
+    /// Why the last save failed: the file is behind what runs.
+    failed: Option<String>,
+    /// The file as the daemon last wrote or read it: anything else found
+    /// there at a save is an operator's edit that no reload applied.
+    known: Option<String>,
+    /// Where the last such edit was set aside.
+    edit_kept: Option<PathBuf>,
+}
+
+impl Saves {
+    /// `path` was read as the daemon's own record (a reload of it): what
+    /// it holds is applied, and an edit set aside before is dealt with.
+    fn read(&mut self, path: &Path) {
+        self.known = std::fs::read_to_string(path).ok();
+        self.edit_kept = None;
+    }
+
+    /// What the health says.
+    pub(super) fn problems(&self) -> impl Iterator<Item = String> + '_ {
+        let failed = self.failed.iter().map(|why| {
+            format!("the state file could not be written ({why}): it is behind what runs until a save works (a reload writes it first)")
+        });
+        let edit = self.edit_kept.iter().map(|p| {
+            format!(
+                "the state file was edited by hand and no reload applied it: the edit is kept in {} (edit, then `systemctl reload appliance`)",
+                p.display()
+            )
+        });
+        failed.chain(edit)
+    }
+
+    /// Before writing `path`: an edit found there that the daemon neither
+    /// wrote nor read is copied aside (a copy: `path` may be a link).
+    fn keep_edit(&mut self, path: &Path) {
+        let (Some(known), Ok(now)) = (&self.known, std::fs::read_to_string(path)) else {
+            return;
+        };
+        if now == *known {
+            return;
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(format!(".edited-{secs}"));
+        let aside = PathBuf::from(aside);
+        match std::fs::write(&aside, now) {
+            Ok(()) => {
+                tracing::error!(file = %path.display(), kept = %aside.display(), "the state file was edited by hand and not reloaded; the edit is set aside and the file rewritten from what runs");
+                self.edit_kept = Some(aside);
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "the state file was edited by hand and not reloaded; setting the edit aside failed, and it is overwritten");
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn save_unless(&self, now: bool) -> Result<(), MgmtError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let mut saves = lock(&self.saving);
+        if self.quiet.load(Ordering::SeqCst) {
+            if now {
+                return Err(MgmtError::Unavailable(
+                    "the daemon is starting or stopping: the state is saved at the end of that"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        self.write(path, &mut saves)
+    }
+
+    /// Write the inventory to `path` (the caller holds the saves' lock).
+    fn write(&self, path: &Path, saves: &mut Saves) -> Result<(), MgmtError> {
+        let config = lock(&self.inv).config();
+        saves.keep_edit(path);
+        match config.save(path) {
+            Ok(text) => {
+                saves.known = Some(text);
+                saves.failed = None;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "saving the daemon state");
+                saves.failed = Some(e.to_string());
+                Err(MgmtError::Internal(format!(
+                    "the change was made but saving the state failed: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Read the state file `path` for a reload. Behind what runs (a save
+    /// failed: a disk full, read-only), read as it is it would undo every
+    /// change since: written first, and the reload refused while it still
+    /// cannot be. Under the saves' lock, so no save fails in between
+    /// (review). What it holds is the daemon's record from then on.
+    pub(super) fn read_own(&self, path: &Path) -> Result<Config, MgmtError> {
+        let mut saves = lock(&self.saving);
+        if saves.failed.is_some() {
+            self.write(path, &mut saves).map_err(|e| {
+                MgmtError::FailedPrecondition(format!(
+                    "the state file is behind what runs and still cannot be written ({e}); reloading it would undo the changes since"
+                ))
+            })?;
+            tracing::info!("the state file was behind what runs; written before the reload");
+        }
+        let config = Config::load(path).map_err(|e| {
+            MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
+        })?;
+        saves.read(path);
+        Ok(config)
+    }
+}
