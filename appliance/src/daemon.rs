@@ -175,7 +175,15 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         // and nothing is served (it answered the API and sent READY=1
         // first).
         if stop.load(Ordering::SeqCst) {
-            crate::service::status("stopping: recording the restored volumes clean");
+            // Said again (a request just after the watch ended was not),
+            // and the time-out pushed back through the shutdown too: it
+            // may wait for a failed journal's drain (review).
+            use crate::service::{notify, NotifyState};
+            notify(&[
+                NotifyState::Stopping,
+                NotifyState::Status("stopping: recording the restored volumes clean"),
+            ]);
+            let _longer = crate::service::extend_stop();
             mgr.shutdown();
             let stopped = reactors.shutdown().map_err(|e| e.to_string());
             crate::service::status("stopped");

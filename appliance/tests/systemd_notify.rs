@@ -211,6 +211,37 @@ fn the_stop_begins_while_a_call_is_held_up() {
     assert!(d.wait().unwrap().success());
 }
 
+/// A daemon restoring a saved state whose one device is a remote namespace
+/// at `silent`, a listener the test holds: once the test has accepted the
+/// daemon's connection (returned), the restore waits in that attach until
+/// the test lets the connection and the listener go (the device is then
+/// missing, and the start goes on).
+fn start_held_in_the_restore(
+    dir: &std::path::Path,
+    notify: &std::path::Path,
+) -> (std::process::Child, std::net::TcpListener) {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std::fs::write(
+        dir.join("state.toml"),
+        format!(
+            "[[device]]\nname = \"r0\"\nspec = \"nvmf-tcp://{}/nqn.2026-12.io.test:silent\"\n",
+            silent.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let d = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "1", "--api"])
+        .arg(dir.join("api.sock"))
+        .arg("--state")
+        .arg(dir.join("state.toml"))
+        .env("NOTIFY_SOCKET", notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (d, silent)
+}
+
 /// From an audit: a SIGHUP during the start (a long restore) was
 /// answered by the reload thread, which started before the API: its
 /// READY=1 told systemd the start was over before the API socket was
@@ -222,30 +253,13 @@ fn a_sighup_during_the_start_is_answered_once_the_daemon_serves() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    // A 1 GiB RAM device: its pages are touched at the attach, which
-    // keeps the restore going while the signal arrives.
-    let config = dir.path().join("init.toml");
-    std::fs::write(&config, "[[device]]\nname = \"d0\"\nspec = \"ram:1G\"\n").unwrap();
-    let api = dir.path().join("api.sock");
-    let mut d = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["daemon", "--reactors", "1", "--api"])
-        .arg(&api)
-        .arg("--state")
-        .arg(dir.path().join("state.toml"))
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut d, silent) = start_held_in_the_restore(dir.path(), &notify);
     let _reap = KillOnPanic(d.id());
-    let mut lines = Vec::new();
-    collect(&sock, &mut lines, |l| {
-        l.iter().any(|l| l.starts_with("STATUS=restoring"))
-    });
+    let (held, _) = silent.accept().unwrap();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(d.id() as i32, libc::SIGHUP) };
+    drop((held, silent));
+    let mut lines = Vec::new();
     collect(&sock, &mut lines, |l| {
         has(l, "RELOADING=1") && count(l, "READY=1") >= 2
     });
@@ -261,7 +275,7 @@ fn a_sighup_during_the_start_is_answered_once_the_daemon_serves() {
             .any(|l| l.starts_with("STATUS=serving")),
         "the first READY=1 is not the start's: {lines:?}"
     );
-    ok(&applctl(&api, &["version"]));
+    ok(&applctl(&dir.path().join("api.sock"), &["version"]));
     // SAFETY: as above.
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
@@ -281,36 +295,29 @@ fn a_sigterm_during_the_start_stops_it_without_serving() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let config = dir.path().join("init.toml");
-    std::fs::write(&config, "[[device]]\nname = \"d0\"\nspec = \"ram:1G\"\n").unwrap();
-    let state = dir.path().join("state.toml");
-    let mut d = Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["daemon", "--reactors", "1", "--api"])
-        .arg(dir.path().join("api.sock"))
-        .arg("--state")
-        .arg(&state)
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut d, silent) = start_held_in_the_restore(dir.path(), &notify);
     let _reap = KillOnPanic(d.id());
-    let mut lines = Vec::new();
-    collect(&sock, &mut lines, |l| {
-        l.iter().any(|l| l.starts_with("STATUS=restoring"))
-    });
+    let (held, _) = silent.accept().unwrap();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let mut lines = Vec::new();
+    // Heard while the restore still waits.
+    collect(&sock, &mut lines, |l| has(l, "STOPPING=1"));
+    drop((held, silent));
     collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
     assert!(d.wait().unwrap().success());
     assert!(!has(&lines, "READY=1"), "{lines:?}");
     let stopping = lines.iter().position(|l| l == "STOPPING=1");
-    assert!(stopping.is_some(), "{lines:?}");
-    // What was restored is in the state file for the next start.
-    let saved = std::fs::read_to_string(&state).unwrap();
-    assert!(saved.contains("ram:1G"), "{saved}");
+    assert!(
+        lines
+            .iter()
+            .skip(stopping.unwrap_or(0))
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=30000000"),
+        "{lines:?}"
+    );
+    // The device missing at the start stays in the state file.
+    let saved = std::fs::read_to_string(dir.path().join("state.toml")).unwrap();
+    assert!(saved.contains("nqn.2026-12.io.test:silent"), "{saved}");
 }
 
 /// From review: NOTIFY_SOCKET may name an abstract socket (`@name`, as

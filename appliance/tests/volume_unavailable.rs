@@ -692,3 +692,40 @@ fn a_state_file_that_cannot_be_written_at_a_restart_leaves_the_daemon_serving() 
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From review: a volume that started on a reload's retry dropped the
+/// exports kept for it; the reload made them again only at its end, and
+/// one it could not make then (a socket owner not known yet) was gone
+/// from the state file. It waits, kept and named by the health.
+#[test]
+fn an_export_kept_for_a_volume_that_starts_stays_until_it_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let path = |n: &str| dir.path().join(n);
+    two_volumes(dir.path(), &state);
+    // bad's export with an owner this host does not know (yet).
+    let mut c = Config::load(&state).unwrap();
+    for e in c.exports.iter_mut().filter(|e| e.name == "eb") {
+        e.socket_owner = Some("no-such-user-for-this-test".into());
+    }
+    c.save(&state).unwrap();
+    let old = damage(&path("a"));
+    let old_b = damage(&path("b"));
+    let d = start(&state);
+    assert!(d.mgr.get_volume("bad").is_err());
+    mend(&path("a"), &old);
+    mend(&path("b"), &old_b);
+    let rep = d.mgr.reload_file(&state).unwrap();
+    assert_eq!(d.mgr.get_volume("bad").unwrap().state, "optimal");
+    assert!(rep.refused.iter().any(|r| r.contains("eb")), "{rep:?}");
+    let (volumes, mut exports) = names(&Config::load(&state).unwrap());
+    exports.sort();
+    assert_eq!(volumes, ["bad", "good"]);
+    assert_eq!(exports, ["eb", "eg"]);
+    let problems = d.mgr.health().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("export eb")),
+        "{problems:?}"
+    );
+    stop(d);
+}

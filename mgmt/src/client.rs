@@ -51,10 +51,16 @@ pub enum ConnectError {
 /// `e` and the errors under it, joined.
 fn causes(e: &tonic::transport::Error) -> String {
     let mut text = e.to_string();
+    let mut last = text.clone();
     let mut next = std::error::Error::source(e);
     while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        // (tonic's connection error shows its cause and names it too.)
+        let said = cause.to_string();
+        if !last.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        last = said;
         next = cause.source();
     }
     text

@@ -84,6 +84,20 @@ impl Manager {
     /// Export a volume over vhost-user-blk.
     pub fn create_export(&self, mut decl: ExportDecl) -> Result<ExportView, MgmtError> {
         self.check_open()?;
+        // Made under the name of one kept unmade, for the same volume: the
+        // serial it had, if the call names none (its guest knows its disk
+        // by it).
+        if decl.serial.is_empty() {
+            if let Some((kept, _)) = self
+                .inv()
+                .unserved
+                .exports
+                .get(&decl.name)
+                .filter(|(k, _)| k.volume == decl.volume)
+            {
+                decl.serial = kept.serial.clone();
+            }
+        }
         let access = self.check_export(&mut decl)?;
         // Under the inventory's lock: the name, the socket and the volume
         // (not being deleted) are checked and reserved in one step. The

@@ -109,6 +109,23 @@ impl Manager {
         mut decl: NvmfExportDecl,
     ) -> Result<NvmfExportView, MgmtError> {
         self.check_open()?;
+        // Made under the NQN of one kept unmade, of the same volume: what
+        // the file does not say is what it was made with (its hosts know
+        // the namespace by its NGUID and serial).
+        if let Some((kept, _)) = self
+            .inv()
+            .unserved
+            .nvmf
+            .get(&decl.nqn)
+            .filter(|(k, _)| k.volume == decl.volume)
+        {
+            if decl.nguid.is_empty() {
+                decl.nguid = kept.nguid.clone();
+            }
+            if decl.serial.is_empty() {
+                decl.serial = kept.serial.clone();
+            }
+        }
         let (listen, nguid) = check_nvmf(&decl)?;
         // Random once, then kept in the state file.
         let nguid = nguid.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());

@@ -368,8 +368,12 @@ impl Manager {
             // Running when the reload began and gone now, not by its doing:
             // an operator deleted it meanwhile (from a file read before
             // that delete, a SIGHUP of the state file made it again: audit).
-            let deleted_meanwhile = exports.iter().any(|(e, _)| e.name == w.name)
-                && !remade.iter().any(|e| e.name == w.name);
+            let deleted_meanwhile = (exports.iter().any(|(e, _)| e.name == w.name)
+                && !remade.iter().any(|e| e.name == w.name))
+                // Kept unmade when the reload looked, and gone since
+                // (review).
+                || (unserved.0.contains(&w.name)
+                    && !self.inv().unserved.exports.contains_key(&w.name));
             match running {
                 None if kept.contains(&w.name) => {}
                 None if self.keep_export_of_unavailable(w) => {}
@@ -412,8 +416,9 @@ impl Manager {
             }
         }
         for w in &config.nvmf_exports {
-            let deleted_meanwhile =
-                nvmf.iter().any(|e| e.nqn == w.nqn) && !remade_nvmf.iter().any(|e| e.nqn == w.nqn);
+            let deleted_meanwhile = (nvmf.iter().any(|e| e.nqn == w.nqn)
+                && !remade_nvmf.iter().any(|e| e.nqn == w.nqn))
+                || (unserved.1.contains(&w.nqn) && !self.inv().unserved.nvmf.contains_key(&w.nqn));
             if !kept_nvmf.contains(&w.nqn)
                 && !self.inv().nvmf.contains_key(&w.nqn)
                 && deleted_meanwhile

@@ -143,6 +143,8 @@ impl Manager {
         );
         u.exports.retain(|e| e.name != export.name);
         u.exports.push(export.clone());
+        // Kept here now, not twice in the state file.
+        inv.unserved.exports.remove(&export.name);
         true
     }
 
@@ -160,6 +162,7 @@ impl Manager {
         );
         u.nvmf.retain(|e| e.nqn != export.nqn);
         u.nvmf.push(export.clone());
+        inv.unserved.nvmf.remove(&export.nqn);
         true
     }
 

@@ -24,14 +24,14 @@ pub(super) struct Unserved {
 impl Unserved {
     /// What the health says of them.
     pub(super) fn problems(&self) -> impl Iterator<Item = String> + '_ {
-        let vhost = self.exports.iter().map(|(name, (_, why))| {
-            format!("export {name} could not be made at the start: {why}; a reload tries again")
-        });
-        let nvmf = self.nvmf.iter().map(|(nqn, (_, why))| {
-            format!(
-                "nvme/tcp export {nqn} could not be made at the start: {why}; a reload tries again"
-            )
-        });
+        let vhost = self
+            .exports
+            .iter()
+            .map(|(name, (_, why))| format!("export {name} is not served: {why}"));
+        let nvmf = self
+            .nvmf
+            .iter()
+            .map(|(nqn, (_, why))| format!("nvme/tcp export {nqn} is not served: {why}"));
         vhost.chain(nvmf)
     }
 }
@@ -45,6 +45,7 @@ impl Manager {
             error = why,
             "export not made at the start: kept for a reload to make"
         );
+        let why = format!("it could not be made at the start ({why}); a reload tries again");
         self.inv()
             .unserved
             .exports
@@ -60,6 +61,7 @@ impl Manager {
             error = why,
             "nvme/tcp export not made at the start: kept for a reload to make"
         );
+        let why = format!("it could not be made at the start ({why}); a reload tries again");
         self.inv()
             .unserved
             .nvmf

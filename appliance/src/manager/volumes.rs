@@ -596,7 +596,18 @@ impl Manager {
             )));
         }
         // One that did not start before (a reload's retry) is running now.
-        inv.unavailable.remove(&name);
+        // Its kept exports wait, still in the state file, for the reload
+        // to make them (in no list meanwhile, a save by another call left
+        // them out, and one the reload then failed to make was gone: review).
+        if let Some(u) = inv.unavailable.remove(&name) {
+            let why = || format!("its volume {name} started; the reload makes it");
+            for e in u.exports {
+                inv.unserved.exports.insert(e.name.clone(), (e, why()));
+            }
+            for e in u.nvmf {
+                inv.unserved.nvmf.insert(e.nqn.clone(), (e, why()));
+            }
+        }
         inv.volumes.insert(
             name,
             Arc::new(Vol {

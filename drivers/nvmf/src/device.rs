@@ -335,12 +335,14 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                 let mut nguid = [0u8; 16];
                 nguid.copy_from_slice(&ns[104..120]);
                 // Grown is the same namespace (a target may grow a volume
-                // online, as this appliance's does); the device keeps the
-                // size it was opened with. Refused, a namespace grown
-                // while the connection was down failed the device at the
-                // loss timeout (audit).
+                // online, as this appliance's does) when its NGUID says so;
+                // the device keeps the size it was opened with. Refused, a
+                // namespace grown while the connection was down failed the
+                // device at the loss timeout (audit). Without an NGUID the
+                // size is all that tells another disk apart: it must match.
                 let (size, block, id) = a.identity;
-                if nsze < size || (lbads, nguid) != (block, id) {
+                let grown_ok = id != [0u8; 16] && nsze > size;
+                if (nsze != size && !grown_ok) || (lbads, nguid) != (block, id) {
                     return Err(HostError::Protocol(format!(
                         "namespace {} is not the one it was (size {nsze} blocks, was {size}; NGUID {nguid:02x?})",
                         a.remote.nsid
