@@ -86,17 +86,42 @@ impl ConnectError {
 
 /// A client of the daemon listening on the unix socket `path`.
 pub async fn connect(path: &Path) -> Result<Client, ConnectError> {
-    let channel = channel(path).await?;
+    connect_within(path, None).await
+}
+
+/// [`connect`], each call (and the connection) given up after `deadline`
+/// without an answer (the call fails with `Cancelled`). A stream's answer
+/// is its first message: what follows may take as long as it takes.
+pub async fn connect_within(
+    path: &Path,
+    deadline: Option<std::time::Duration>,
+) -> Result<Client, ConnectError> {
+    let channel = channel_within(path, deadline).await?;
     Ok(ApplianceClient::with_interceptor(channel, Token::default()))
 }
 
 /// A channel to the daemon's unix socket `path`, for the other services it
 /// serves (grpc.health.v1, reflection).
 pub async fn channel(path: &Path) -> Result<Channel, ConnectError> {
+    channel_within(path, None).await
+}
+
+/// `endpoint` with `deadline` on its connection and on each call.
+fn within(endpoint: Endpoint, deadline: Option<std::time::Duration>) -> Endpoint {
+    match deadline {
+        Some(d) => endpoint.timeout(d).connect_timeout(d),
+        None => endpoint,
+    }
+}
+
+async fn channel_within(
+    path: &Path,
+    deadline: Option<std::time::Duration>,
+) -> Result<Channel, ConnectError> {
     let p: PathBuf = path.to_path_buf();
     // The URI is required by the API but unused: every connection goes to
     // the socket.
-    let channel = Endpoint::from_static("http://appliance.local")
+    let channel = within(Endpoint::from_static("http://appliance.local"), deadline)
         .connect_with_connector(tower::service_fn(move |_| {
             let p = p.clone();
             async move {
@@ -121,6 +146,17 @@ pub async fn connect_tls(
     domain: &str,
     token: Option<&str>,
 ) -> Result<Client, ConnectError> {
+    connect_tls_within(url, ca_pem, domain, token, None).await
+}
+
+/// [`connect_tls`] with a deadline, as [`connect_within`].
+pub async fn connect_tls_within(
+    url: &str,
+    ca_pem: &[u8],
+    domain: &str,
+    token: Option<&str>,
+    deadline: Option<std::time::Duration>,
+) -> Result<Client, ConnectError> {
     let transport = |source| ConnectError::Transport {
         target: url.to_string(),
         source,
@@ -136,12 +172,14 @@ pub async fn connect_tls(
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(domain);
-    let channel = Endpoint::from_shared(url.to_string())
-        .map_err(transport)?
-        .tls_config(tls)
-        .map_err(transport)?
-        .connect()
-        .await
-        .map_err(transport)?;
+    let channel = within(
+        Endpoint::from_shared(url.to_string()).map_err(transport)?,
+        deadline,
+    )
+    .tls_config(tls)
+    .map_err(transport)?
+    .connect()
+    .await
+    .map_err(transport)?;
     Ok(ApplianceClient::with_interceptor(channel, Token(token)))
 }

@@ -63,10 +63,12 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// Give up after this many seconds without an answer (exit 6); by
-    /// default a call waits as long as the daemon takes (a change may wait
-    /// for a volume's IO to drain).
-    #[arg(long, global = true, value_name = "SECONDS")]
+    /// Give up on a call after this many seconds without an answer (exit
+    /// 6); by default a call waits as long as the daemon takes (a change
+    /// may wait for a volume's IO to drain). A change given up on may
+    /// still be made: look before trying again. Streams (`volume wait`,
+    /// `--watch`) run on once answered.
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     deadline: Option<u64>,
     #[command(subcommand)]
     command: Command,
@@ -256,7 +258,8 @@ impl From<Status> for Failure {
             Code::NotFound => 3,
             Code::AlreadyExists => 4,
             Code::FailedPrecondition => 5,
-            Code::DeadlineExceeded => 6,
+            // (Cancelled: --deadline gave up on the call.)
+            Code::DeadlineExceeded | Code::Cancelled => 6,
             Code::Unavailable => 7,
             Code::Unauthenticated | Code::PermissionDenied => 8,
             Code::ResourceExhausted => 9,
@@ -278,22 +281,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let limit = cli.deadline;
-    let work = run(cli);
-    let done = rt.block_on(async move {
-        match limit {
-            Some(secs) => tokio::time::timeout(std::time::Duration::from_secs(secs), work)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Failure(
-                        6,
-                        format!("no answer from the daemon within {secs} s (--deadline)"),
-                    ))
-                }),
-            None => work.await,
-        }
-    });
-    match done {
+    match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("error: {msg}");
@@ -306,6 +294,7 @@ type Client = mgmt::client::Client;
 
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
     // Not allowed on the socket is not authorised, not unreachable.
+    let deadline = cli.deadline.map(std::time::Duration::from_secs);
     let unreachable = |e: mgmt::client::ConnectError| match e.io_kind() {
         Some(std::io::ErrorKind::PermissionDenied) => Failure(8, e.to_string()),
         _ => Failure(7, e.to_string()),
@@ -314,7 +303,7 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
         if cli.api.starts_with("http://") {
             return Err(Failure(2, "--api: TCP needs TLS: use https://".into()));
         }
-        return mgmt::client::connect(std::path::Path::new(&cli.api))
+        return mgmt::client::connect_within(std::path::Path::new(&cli.api), deadline)
             .await
             .map_err(unreachable);
     }
@@ -334,7 +323,7 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
         (None, Ok(t)) => Some(t),
         (None, Err(_)) => None,
     };
-    mgmt::client::connect_tls(&cli.api, &ca, &cli.tls_domain, token.as_deref())
+    mgmt::client::connect_tls_within(&cli.api, &ca, &cli.tls_domain, token.as_deref(), deadline)
         .await
         .map_err(unreachable)
 }
