@@ -586,6 +586,16 @@ fn an_export_that_cannot_be_made_at_a_restart_is_kept_and_the_rest_starts() {
         .map(|e| e.decl.name)
         .collect();
     assert_eq!(served, ["good"]);
+    // Listed as kept, not served (review: the list said nothing of it).
+    let kept: Vec<String> = d
+        .mgr
+        .export_listing()
+        .1
+        .into_iter()
+        .map(|e| e.decl.name)
+        .collect();
+    assert_eq!(kept, ["owned"]);
+    assert_eq!(d.mgr.nvmf_listing().1.len(), 1);
     let problems = d.mgr.health().problems;
     assert!(
         problems.iter().any(|p| p.contains("export owned")),

@@ -228,13 +228,21 @@ impl Manager {
     }
 }
 
-/// The exports `inv` keeps for volumes that did not start (vhost-user,
-/// NVMe/TCP), as declared: they serve nothing until their volume starts,
-/// but their names, sockets and NQNs are taken, and an operator looking
-/// for them in the export list found nothing.
+/// The exports `inv` keeps for volumes that did not start, and those not
+/// made yet (`unserved`), as declared (vhost-user, NVMe/TCP): they serve
+/// nothing, but their names, sockets and NQNs are taken, and an operator
+/// looking for them in the export list found nothing.
 fn kept(inv: &Inventory) -> (Vec<ExportView>, Vec<NvmfExportView>) {
-    let vhost = inv.unavailable.values().flat_map(|u| &u.exports);
-    let nvmf = inv.unavailable.values().flat_map(|u| &u.nvmf);
+    let vhost = inv
+        .unavailable
+        .values()
+        .flat_map(|u| &u.exports)
+        .chain(inv.unserved.exports.values().map(|(e, _)| e));
+    let nvmf = inv
+        .unavailable
+        .values()
+        .flat_map(|u| &u.nvmf)
+        .chain(inv.unserved.nvmf.values().map(|(e, _)| e));
     (
         vhost
             .map(|decl| ExportView {
