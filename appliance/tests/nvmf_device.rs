@@ -56,6 +56,11 @@ fn side_on(dev: Arc<dyn BlockDevice>) -> Side {
 }
 
 fn export(target: &Target, volume: &Volume, listen: SocketAddr) -> SocketAddr {
+    export_as(target, volume, listen, stable_nguid(NQN))
+}
+
+/// [`export`] with the namespace's NGUID `nguid` (all zeros: none).
+fn export_as(target: &Target, volume: &Volume, listen: SocketAddr, nguid: [u8; 16]) -> SocketAddr {
     target
         .add(
             volume,
@@ -65,7 +70,7 @@ fn export(target: &Target, volume: &Volume, listen: SocketAddr) -> SocketAddr {
                 hosts: vec![],
                 allow_any_host: true,
                 serial: "remote".into(),
-                nguid: stable_nguid(NQN),
+                nguid,
                 read_only: false,
             },
         )
@@ -247,6 +252,33 @@ fn a_namespace_that_grew_while_the_connection_was_down_is_connected_again() {
     let mut back = vec![0u8; 8192];
     run(ch.as_mut(), rw(IoOp::Read, 100, &mut back, 2)).unwrap();
     assert!(back == b);
+}
+
+/// From review: without an NGUID, the size is all that tells another
+/// disk apart; a larger namespace behind the same NQN is not taken for
+/// the one the device was (its reads would be another disk's data): the
+/// device fails at the loss timeout instead.
+#[test]
+fn a_larger_namespace_without_an_nguid_is_not_taken_for_the_one_it_was() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let target = Target::new(reactors.set());
+    let ram = |blocks| Arc::new(RamDevice::new("r", 4096, blocks).unwrap());
+    let first = Volume::new(reactors.set(), "remote", ram(4096));
+    let addr = export_as(&target, &first, "127.0.0.1:0".parse().unwrap(), [0; 16]);
+    let dev = NvmfDevice::connect("remote", remote(addr), options(Duration::from_secs(2))).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    let mut buf = vec![0u8; 4096];
+    run(ch.as_mut(), rw(IoOp::Read, 0, &mut buf, 1)).unwrap();
+    target.remove(NQN).unwrap();
+    let other = Volume::new(reactors.set(), "remote", ram(8192));
+    export_as(&target, &other, addr, [0; 16]);
+    let r = run(ch.as_mut(), rw(IoOp::Read, 0, &mut buf, 2));
+    assert_eq!(r, Err(IoError::DeviceFailed));
+    assert!(!dev.connected());
 }
 
 /// Two appliances in one process: B serves a 64 MiB RAM volume over
