@@ -102,16 +102,8 @@ fn check(d: &mut Disk, seed: u64, offset: u64, len: usize) {
     );
 }
 
-#[test]
-fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let m = Manager::new(reactors.set(), None);
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("r.sock");
+/// Device d0 (1 MiB of RAM), its volume v0 and export e0 on `sock`.
+fn export_one_mib(m: &Manager, sock: &Path) {
     m.attach_device(DeviceDecl {
         name: "d0".into(),
         spec: "ram:1M".into(),
@@ -123,14 +115,24 @@ fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
     m.create_export(ExportDecl {
         name: "e0".into(),
         volume: "v0".into(),
-        socket: sock.clone(),
+        socket: sock.to_path_buf(),
         num_queues: 1,
-        read_only: false,
-        serial: String::new(),
-        queue_cores: vec![],
         ..Default::default()
     })
     .unwrap();
+}
+
+#[test]
+fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = Manager::new(reactors.set(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    export_one_mib(&m, &sock);
 
     // A connected client keeps its queue while the device grows under it.
     let mut d = Disk::connect(&sock).unwrap();
@@ -238,21 +240,7 @@ fn a_resize_whose_save_fails_still_tells_the_frontend_and_a_retry_saves_it() {
     let state = dir.path().join("state.toml");
     let m = Manager::new(reactors.set(), Some(state.clone()));
     let sock = dir.path().join("r.sock");
-    m.attach_device(DeviceDecl {
-        name: "d0".into(),
-        spec: "ram:1M".into(),
-        block_size: 4096,
-    })
-    .unwrap();
-    m.create_volume(VolumeDecl::new("v0", "single", &["d0"]), false)
-        .unwrap();
-    m.create_export(ExportDecl {
-        name: "e0".into(),
-        volume: "v0".into(),
-        socket: sock.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    export_one_mib(&m, &sock);
     let (f, seen, on) = frontend_with_channel(&sock);
     // The state file cannot be written: a directory holds its place.
     std::fs::remove_file(&state).unwrap();

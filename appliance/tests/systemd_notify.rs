@@ -211,18 +211,30 @@ fn the_stop_begins_while_a_call_is_held_up() {
     assert!(d.wait().unwrap().success());
 }
 
-/// A daemon restoring a saved state whose one device is a remote namespace
-/// at `silent`, a listener the test holds: once the test has accepted the
-/// daemon's connection (returned), the restore waits in that attach until
-/// the test lets the connection and the listener go (the device is then
-/// missing, and the start goes on).
-fn start_held_in_the_restore(
-    dir: &std::path::Path,
-    notify: &std::path::Path,
-) -> (std::process::Child, std::net::TcpListener) {
+/// A daemon held in its restore: it restores a saved state whose one
+/// device is a remote namespace at `silent`, a listener the test holds,
+/// and waits in that attach (its connection is `conn`, accepted) until
+/// the test lets `conn` and `silent` go (the device is then missing, and
+/// the start goes on).
+struct HeldStart {
+    dir: tempfile::TempDir,
+    sock: UnixDatagram,
+    d: std::process::Child,
+    conn: std::net::TcpStream,
+    silent: std::net::TcpListener,
+    _reap: KillOnPanic,
+}
+
+fn held_in_the_restore() -> HeldStart {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let state = dir.path().join("state.toml");
     std::fs::write(
-        dir.join("state.toml"),
+        &state,
         format!(
             "[[device]]\nname = \"r0\"\nspec = \"nvmf-tcp://{}/nqn.2026-12.io.test:silent\"\n",
             silent.local_addr().unwrap()
@@ -231,15 +243,24 @@ fn start_held_in_the_restore(
     .unwrap();
     let d = Command::new(env!("CARGO_BIN_EXE_appliance"))
         .args(["daemon", "--reactors", "1", "--api"])
-        .arg(dir.join("api.sock"))
+        .arg(dir.path().join("api.sock"))
         .arg("--state")
-        .arg(dir.join("state.toml"))
-        .env("NOTIFY_SOCKET", notify)
+        .arg(&state)
+        .env("NOTIFY_SOCKET", &notify)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    (d, silent)
+    let reap = KillOnPanic(d.id());
+    let (conn, _) = silent.accept().unwrap();
+    HeldStart {
+        dir,
+        sock,
+        d,
+        conn,
+        silent,
+        _reap: reap,
+    }
 }
 
 /// From an audit: a SIGHUP during the start (a long restore) was
@@ -248,17 +269,17 @@ fn start_held_in_the_restore(
 /// there. The reload comes once the daemon serves, after its READY=1.
 #[test]
 fn a_sighup_during_the_start_is_answered_once_the_daemon_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let notify = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&notify).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let (mut d, silent) = start_held_in_the_restore(dir.path(), &notify);
-    let _reap = KillOnPanic(d.id());
-    let (held, _) = silent.accept().unwrap();
+    let HeldStart {
+        dir,
+        sock,
+        mut d,
+        conn,
+        silent,
+        _reap,
+    } = held_in_the_restore();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(d.id() as i32, libc::SIGHUP) };
-    drop((held, silent));
+    drop((conn, silent));
     let mut lines = Vec::new();
     collect(&sock, &mut lines, |l| {
         has(l, "RELOADING=1") && count(l, "READY=1") >= 2
@@ -290,20 +311,20 @@ fn a_sighup_during_the_start_is_answered_once_the_daemon_serves() {
 /// never ready.
 #[test]
 fn a_sigterm_during_the_start_stops_it_without_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let notify = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&notify).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let (mut d, silent) = start_held_in_the_restore(dir.path(), &notify);
-    let _reap = KillOnPanic(d.id());
-    let (held, _) = silent.accept().unwrap();
+    let HeldStart {
+        dir,
+        sock,
+        mut d,
+        conn,
+        silent,
+        _reap,
+    } = held_in_the_restore();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     let mut lines = Vec::new();
     // Heard while the restore still waits.
     collect(&sock, &mut lines, |l| has(l, "STOPPING=1"));
-    drop((held, silent));
+    drop((conn, silent));
     collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
     assert!(d.wait().unwrap().success());
     assert!(!has(&lines, "READY=1"), "{lines:?}");
