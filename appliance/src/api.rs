@@ -236,6 +236,7 @@ fn export_to_pb(e: ExportView) -> pb::Export {
         dirty_logging: e.dirty_log.is_some(),
         dirty_pages_logged: e.dirty_log.unwrap_or(0),
         volume_unavailable: false,
+        not_served: String::new(),
     }
 }
 
@@ -837,13 +838,17 @@ impl pb::appliance_server::Appliance for Service {
         _: Request<pb::ListExportsRequest>,
     ) -> Result<Response<pb::ListExportsResponse>, Status> {
         self.run(|m| {
-            let (running, kept) = m.export_listing();
+            let (running, kept, unserved) = m.export_listing();
             Ok(pb::ListExportsResponse {
                 exports: running
                     .into_iter()
                     .map(export_to_pb)
                     .chain(kept.into_iter().map(|e| pb::Export {
                         volume_unavailable: true,
+                        ..export_to_pb(e)
+                    }))
+                    .chain(unserved.into_iter().map(|(e, why)| pb::Export {
+                        not_served: why,
                         ..export_to_pb(e)
                     }))
                     .collect(),
@@ -879,13 +884,17 @@ impl pb::appliance_server::Appliance for Service {
         _: Request<pb::ListNvmfExportsRequest>,
     ) -> Result<Response<pb::ListNvmfExportsResponse>, Status> {
         self.run(|m| {
-            let (running, kept) = m.nvmf_listing();
+            let (running, kept, unserved) = m.nvmf_listing();
             Ok(pb::ListNvmfExportsResponse {
                 exports: running
                     .into_iter()
                     .map(nvmf_pb::to_pb)
                     .chain(kept.into_iter().map(|e| pb::NvmfExport {
                         volume_unavailable: true,
+                        ..nvmf_pb::to_pb(e)
+                    }))
+                    .chain(unserved.into_iter().map(|(e, why)| pb::NvmfExport {
+                        not_served: why,
                         ..nvmf_pb::to_pb(e)
                     }))
                     .collect(),

@@ -192,7 +192,7 @@ fn the_stop_begins_while_a_call_is_held_up() {
         .unwrap();
     // The call is in the daemon once its connection arrives; it waits
     // for the target's answer (10 s) while the test holds it.
-    let (_held, _) = silent.accept().unwrap();
+    let _held = accept_from(&silent, &mut d);
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     let extended = |l: &[String]| {
@@ -225,6 +225,24 @@ struct HeldStart {
     _reap: KillOnPanic,
 }
 
+/// The connection `d` makes to `silent`; fails (not hangs) if `d` exits
+/// first or nothing comes in 30 s.
+fn accept_from(silent: &std::net::TcpListener, d: &mut std::process::Child) -> std::net::TcpStream {
+    silent.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match silent.accept() {
+            Ok((conn, _)) => return conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(d.try_wait().unwrap().is_none(), "the daemon exited");
+                assert!(Instant::now() < deadline, "the daemon never connected");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
 fn held_in_the_restore() -> HeldStart {
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");
@@ -252,7 +270,8 @@ fn held_in_the_restore() -> HeldStart {
         .spawn()
         .unwrap();
     let reap = KillOnPanic(d.id());
-    let (conn, _) = silent.accept().unwrap();
+    let mut d = d;
+    let conn = accept_from(&silent, &mut d);
     HeldStart {
         dir,
         sock,
@@ -328,6 +347,13 @@ fn a_sigterm_during_the_start_stops_it_without_serving() {
     collect(&sock, &mut lines, |l| has(l, "STATUS=stopped"));
     assert!(d.wait().unwrap().success());
     assert!(!has(&lines, "READY=1"), "{lines:?}");
+    assert!(
+        has(
+            &lines,
+            "STATUS=stopping: recording the restored volumes clean"
+        ),
+        "{lines:?}"
+    );
     let stopping = lines.iter().position(|l| l == "STOPPING=1");
     assert!(
         lines

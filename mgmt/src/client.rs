@@ -169,9 +169,13 @@ pub async fn connect_tls_within(
         ),
         None => None,
     };
-    let tls = ClientTlsConfig::new()
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(domain);
+    // The handshake too (the connect time-out ends at TCP's).
+    if let Some(d) = deadline {
+        tls = tls.timeout(d);
+    }
     let channel = within(
         Endpoint::from_shared(url.to_string()).map_err(transport)?,
         deadline,

@@ -40,5 +40,6 @@ pub fn to_pb(v: NvmfExportView) -> pb::NvmfExport {
             })
             .collect(),
         volume_unavailable: false,
+        not_served: String::new(),
     }
 }

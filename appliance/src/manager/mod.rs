@@ -669,6 +669,12 @@ impl Manager {
     /// created. Restoring saved state, a volume is only ever assembled from
     /// its superblocks (except on RAM devices, which start blank).
     pub fn restore(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
+        // From the state file: what it holds is the daemon's record (an
+        // edit made while the restore runs is set aside at its save, not
+        // overwritten: review).
+        if let (false, Some(path)) = (initial, &self.shared.state_file) {
+            lock(&self.shared.saving).read(path);
+        }
         self.shared.quiet.store(true, Ordering::SeqCst);
         let r = self.restore_all(config, initial);
         self.shared.quiet.store(false, Ordering::SeqCst);

@@ -170,6 +170,10 @@ impl Manager {
                     .collect::<Vec<_>>(),
             )
         };
+        // Exports kept (for a volume that did not start, or unmade) now:
+        // one gone from those lists by the time the reload would make it
+        // was deleted meanwhile (review).
+        let kept_at_start = self.kept_export_names();
         let nvmf: Vec<NvmfExportDecl> = self
             .list_nvmf_exports()
             .into_iter()
@@ -263,27 +267,6 @@ impl Manager {
             }
             rep.did(format!("delete export {}", e.name), r);
         }
-        // Exports not made at the start that the file names no more.
-        let unserved: (Vec<String>, Vec<String>) = {
-            let inv = self.inv();
-            (
-                inv.unserved.exports.keys().cloned().collect(),
-                inv.unserved.nvmf.keys().cloned().collect(),
-            )
-        };
-        for name in unserved.0.iter().filter(|n| wanted_export(n).is_none()) {
-            let r = self.delete_export(name, false);
-            rep.did(format!("delete export {name} (not made at the start)"), r);
-        }
-        for nqn in &unserved.1 {
-            if !config.nvmf_exports.iter().any(|w| &w.nqn == nqn) {
-                let r = self.delete_nvmf_export(nqn);
-                rep.did(
-                    format!("delete nvme/tcp export {nqn} (not made at the start)"),
-                    r,
-                );
-            }
-        }
         // Volumes that go (those that did not start too).
         let unavailable: Vec<String> = self.inv().unavailable.keys().cloned().collect();
         for v in volumes.iter().map(|v| &v.name).chain(&unavailable) {
@@ -358,6 +341,28 @@ impl Manager {
                 Some(v) => self.reload_volume(v, w, &mut rep),
             }
         }
+        // Exports kept unmade that the file names no more (those of a
+        // volume this reload started included: review).
+        let unserved: (Vec<String>, Vec<String>) = {
+            let inv = self.inv();
+            (
+                inv.unserved.exports.keys().cloned().collect(),
+                inv.unserved.nvmf.keys().cloned().collect(),
+            )
+        };
+        for name in unserved.0.iter().filter(|n| wanted_export(n).is_none()) {
+            let r = self.delete_export(name, false);
+            rep.did(format!("delete export {name} (not made at the start)"), r);
+        }
+        for nqn in &unserved.1 {
+            if !config.nvmf_exports.iter().any(|w| &w.nqn == nqn) {
+                let r = self.delete_nvmf_export(nqn);
+                rep.did(
+                    format!("delete nvme/tcp export {nqn} (not made at the start)"),
+                    r,
+                );
+            }
+        }
         // Exports that come back or are new; queues that move.
         for w in &config.exports {
             let running = self
@@ -370,10 +375,8 @@ impl Manager {
             // that delete, a SIGHUP of the state file made it again: audit).
             let deleted_meanwhile = (exports.iter().any(|(e, _)| e.name == w.name)
                 && !remade.iter().any(|e| e.name == w.name))
-                // Kept unmade when the reload looked, and gone since
-                // (review).
-                || (unserved.0.contains(&w.name)
-                    && !self.inv().unserved.exports.contains_key(&w.name));
+                || ((kept_at_start.0.contains(&w.name) || unserved.0.contains(&w.name))
+                    && !self.kept_export_names().0.contains(&w.name));
             match running {
                 None if kept.contains(&w.name) => {}
                 None if self.keep_export_of_unavailable(w) => {}
@@ -394,6 +397,9 @@ impl Manager {
                         made.serial = o.serial.clone();
                     }
                     let r = self.create_export(made).map(|_| ());
+                    if let Err(e) = &r {
+                        self.still_unserved(&w.name, e);
+                    }
                     let again = old.map(|old| || self.create_export(old).map(|_| ()));
                     rep.made_or_again(format!("create export {}", w.name), r, again);
                 }
@@ -418,7 +424,8 @@ impl Manager {
         for w in &config.nvmf_exports {
             let deleted_meanwhile = (nvmf.iter().any(|e| e.nqn == w.nqn)
                 && !remade_nvmf.iter().any(|e| e.nqn == w.nqn))
-                || (unserved.1.contains(&w.nqn) && !self.inv().unserved.nvmf.contains_key(&w.nqn));
+                || ((kept_at_start.1.contains(&w.nqn) || unserved.1.contains(&w.nqn))
+                    && !self.kept_export_names().1.contains(&w.nqn));
             if !kept_nvmf.contains(&w.nqn)
                 && !self.inv().nvmf.contains_key(&w.nqn)
                 && deleted_meanwhile
@@ -446,6 +453,9 @@ impl Manager {
                     }
                 }
                 let r = self.create_nvmf_export(made).map(|_| ());
+                if let Err(e) = &r {
+                    self.still_unserved_nvmf(&w.nqn, e);
+                }
                 let again = old.map(|old| || self.create_nvmf_export(old).map(|_| ()));
                 rep.made_or_again(format!("create nvme/tcp export {}", w.nqn), r, again);
             }

@@ -16,16 +16,17 @@ pub(super) struct Saves {
     failed: Option<String>,
     /// The file as the daemon last wrote or read it: anything else found
     /// there at a save is an operator's edit that no reload applied.
-    known: Option<String>,
+    known: Option<Vec<u8>>,
     /// Where the last such edit was set aside.
     edit_kept: Option<PathBuf>,
 }
 
 impl Saves {
-    /// `path` was read as the daemon's own record (a reload of it): what
-    /// it holds is applied, and an edit set aside before is dealt with.
-    fn read(&mut self, path: &Path) {
-        self.known = std::fs::read_to_string(path).ok();
+    /// `path` was read as the daemon's own record (a start or a reload
+    /// from it): what it holds is applied, and an edit set aside before
+    /// is dealt with.
+    pub(super) fn read(&mut self, path: &Path) {
+        self.known = std::fs::read(path).ok();
         self.edit_kept = None;
     }
 
@@ -46,19 +47,30 @@ impl Saves {
     /// Before writing `path`: an edit found there that the daemon neither
     /// wrote nor read is copied aside (a copy: `path` may be a link).
     fn keep_edit(&mut self, path: &Path) {
-        let (Some(known), Ok(now)) = (&self.known, std::fs::read_to_string(path)) else {
+        let (Some(known), Ok(now)) = (&self.known, std::fs::read(path)) else {
             return;
         };
         if now == *known {
             return;
         }
-        let secs = std::time::SystemTime::now()
+        let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .unwrap_or_default();
         let mut aside = path.as_os_str().to_owned();
-        aside.push(format!(".edited-{secs}"));
+        aside.push(format!(".edited-{}.{:09}", at.as_secs(), at.subsec_nanos()));
         let aside = PathBuf::from(aside);
-        match std::fs::write(&aside, now) {
+        // New, and as private as the state file.
+        let kept = {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&aside)
+                .and_then(|mut f| f.write_all(&now).and_then(|()| f.sync_all()))
+        };
+        match kept {
             Ok(()) => {
                 tracing::error!(file = %path.display(), kept = %aside.display(), "the state file was edited by hand and not reloaded; the edit is set aside and the file rewritten from what runs");
                 self.edit_kept = Some(aside);
@@ -94,13 +106,17 @@ impl Shared {
         saves.keep_edit(path);
         match config.save(path) {
             Ok(text) => {
-                saves.known = Some(text);
+                saves.known = Some(text.into_bytes());
                 saves.failed = None;
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(error = %e, "saving the daemon state");
                 saves.failed = Some(e.to_string());
+                // Whatever is there now is ours: the new text if the save
+                // failed after the rename (syncing the directory), else the
+                // old one, or an edit `keep_edit` has just set aside.
+                saves.known = std::fs::read(path).ok();
                 Err(MgmtError::Internal(format!(
                     "the change was made but saving the state failed: {e}"
                 )))
@@ -115,6 +131,14 @@ impl Shared {
     /// (review). What it holds is the daemon's record from then on.
     pub(super) fn read_own(&self, path: &Path) -> Result<Config, MgmtError> {
         let mut saves = lock(&self.saving);
+        if self.quiet.load(Ordering::SeqCst) {
+            return Err(MgmtError::Unavailable(
+                "the daemon is starting or stopping".into(),
+            ));
+        }
+        // An edit the write below sets aside is not applied: the health
+        // keeps saying where it is.
+        let aside_before = saves.edit_kept.clone();
         if saves.failed.is_some() {
             self.write(path, &mut saves).map_err(|e| {
                 MgmtError::FailedPrecondition(format!(
@@ -126,7 +150,11 @@ impl Shared {
         let config = Config::load(path).map_err(|e| {
             MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
         })?;
+        let aside_now = saves.edit_kept.clone();
         saves.read(path);
+        if aside_now != aside_before {
+            saves.edit_kept = aside_now;
+        }
         Ok(config)
     }
 }

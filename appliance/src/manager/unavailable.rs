@@ -205,17 +205,36 @@ impl Manager {
         (running.iter().map(|v| self.view(v)).collect(), unavailable)
     }
 
-    /// The running exports and those kept for volumes that did not start
-    /// (vhost-user), from one look at the inventory.
-    pub fn export_listing(&self) -> (Vec<ExportView>, Vec<ExportView>) {
+    /// The running exports, those kept for volumes that did not start,
+    /// and those kept unmade with why (vhost-user), from one look at the
+    /// inventory.
+    pub fn export_listing(&self) -> (Vec<ExportView>, Vec<ExportView>, Vec<(ExportView, String)>) {
         let inv = self.inv();
-        (super::exports::export_views(&inv), kept(&inv).0)
+        let unserved = inv
+            .unserved
+            .exports
+            .values()
+            .map(|(decl, why)| (kept_view(decl), why.clone()))
+            .collect();
+        (super::exports::export_views(&inv), kept(&inv).0, unserved)
     }
 
     /// As [`export_listing`](Self::export_listing), for NVMe/TCP.
-    pub fn nvmf_listing(&self) -> (Vec<NvmfExportView>, Vec<NvmfExportView>) {
+    pub fn nvmf_listing(
+        &self,
+    ) -> (
+        Vec<NvmfExportView>,
+        Vec<NvmfExportView>,
+        Vec<(NvmfExportView, String)>,
+    ) {
         let inv = self.inv();
-        (super::nvmf::nvmf_views(&inv), kept(&inv).1)
+        let unserved = inv
+            .unserved
+            .nvmf
+            .values()
+            .map(|(decl, why)| (kept_nvmf_view(decl), why.clone()))
+            .collect();
+        (super::nvmf::nvmf_views(&inv), kept(&inv).1, unserved)
     }
 
     /// Volumes that did not start, with why.
@@ -228,38 +247,37 @@ impl Manager {
     }
 }
 
-/// The exports `inv` keeps for volumes that did not start, and those not
-/// made yet (`unserved`), as declared (vhost-user, NVMe/TCP): they serve
-/// nothing, but their names, sockets and NQNs are taken, and an operator
-/// looking for them in the export list found nothing.
+/// The exports `inv` keeps for volumes that did not start (vhost-user,
+/// NVMe/TCP), as declared: they serve nothing until their volume starts,
+/// but their names, sockets and NQNs are taken, and an operator looking
+/// for them in the export list found nothing.
 fn kept(inv: &Inventory) -> (Vec<ExportView>, Vec<NvmfExportView>) {
-    let vhost = inv
-        .unavailable
-        .values()
-        .flat_map(|u| &u.exports)
-        .chain(inv.unserved.exports.values().map(|(e, _)| e));
-    let nvmf = inv
-        .unavailable
-        .values()
-        .flat_map(|u| &u.nvmf)
-        .chain(inv.unserved.nvmf.values().map(|(e, _)| e));
+    let vhost = inv.unavailable.values().flat_map(|u| &u.exports);
+    let nvmf = inv.unavailable.values().flat_map(|u| &u.nvmf);
     (
-        vhost
-            .map(|decl| ExportView {
-                decl: decl.clone(),
-                connected: false,
-                connections: 0,
-                dirty_log: None,
-            })
-            .collect(),
-        nvmf.map(|decl| NvmfExportView {
-            decl: decl.clone(),
-            connections: 0,
-            controllers: Vec::new(),
-            commands: [0; 2],
-            bytes: [0; 2],
-            errors: 0,
-        })
-        .collect(),
+        vhost.map(kept_view).collect(),
+        nvmf.map(kept_nvmf_view).collect(),
     )
+}
+
+/// An export that serves nothing, as declared.
+fn kept_view(decl: &ExportDecl) -> ExportView {
+    ExportView {
+        decl: decl.clone(),
+        connected: false,
+        connections: 0,
+        dirty_log: None,
+    }
+}
+
+/// As [`kept_view`], for NVMe/TCP.
+fn kept_nvmf_view(decl: &NvmfExportDecl) -> NvmfExportView {
+    NvmfExportView {
+        decl: decl.clone(),
+        connections: 0,
+        controllers: Vec::new(),
+        commands: [0; 2],
+        bytes: [0; 2],
+        errors: 0,
+    }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use crate::config::{ExportDecl, NvmfExportDecl};
 
-use super::Manager;
+use super::{Manager, MgmtError};
 
 /// Exports that could not be made at the start, with why.
 #[derive(Debug, Default)]
@@ -37,6 +37,40 @@ impl Unserved {
 }
 
 impl Manager {
+    /// Names of the exports kept now, for volumes that did not start or
+    /// unmade: (vhost-user names, NVMe/TCP NQNs).
+    pub(super) fn kept_export_names(&self) -> (Vec<String>, Vec<String>) {
+        let inv = self.inv();
+        let vhost = inv
+            .unavailable
+            .values()
+            .flat_map(|u| u.exports.iter().map(|e| e.name.clone()))
+            .chain(inv.unserved.exports.keys().cloned())
+            .collect();
+        let nvmf = inv
+            .unavailable
+            .values()
+            .flat_map(|u| u.nvmf.iter().map(|e| e.nqn.clone()))
+            .chain(inv.unserved.nvmf.keys().cloned())
+            .collect();
+        (vhost, nvmf)
+    }
+
+    /// A reload could not make `name`, kept unmade: the health says why
+    /// now (not what the start or an earlier step said).
+    pub(super) fn still_unserved(&self, name: &str, e: &MgmtError) {
+        if let Some((_, why)) = self.inv().unserved.exports.get_mut(name) {
+            *why = format!("a reload could not make it ({e}); a reload tries again");
+        }
+    }
+
+    /// As [`still_unserved`](Self::still_unserved), for NVMe/TCP.
+    pub(super) fn still_unserved_nvmf(&self, nqn: &str, e: &MgmtError) {
+        if let Some((_, why)) = self.inv().unserved.nvmf.get_mut(nqn) {
+            *why = format!("a reload could not make it ({e}); a reload tries again");
+        }
+    }
+
     /// Keep `decl`, which the start could not make because of `why`.
     pub(super) fn keep_unserved_export(&self, decl: &ExportDecl, why: String) {
         tracing::error!(

@@ -281,7 +281,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let deadline = cli.deadline;
+    let done = rt.block_on(run(cli)).map_err(|Failure(code, msg)| {
+        // Cancelled is --deadline giving up on a call; without one, it is
+        // nothing of ours to name.
+        match (code, msg.starts_with("Cancelled"), deadline) {
+            (6, true, Some(secs)) => {
+                Failure(6, format!("{msg} (no answer within {secs} s: --deadline)"))
+            }
+            (6, true, None) => Failure(1, msg),
+            _ => Failure(code, msg),
+        }
+    });
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("error: {msg}");

@@ -71,6 +71,8 @@ fn show(es: &[pb::NvmfExport]) -> String {
                     },
                     if e.volume_unavailable {
                         "- (volume did not start)".into()
+                    } else if !e.not_served.is_empty() {
+                        "- (not made yet: see health)".into()
                     } else {
                         e.connections.to_string()
                     },

@@ -252,6 +252,8 @@ pub fn exports(es: &[pb::Export]) -> String {
                     if e.read_only { "yes" } else { "no" }.into(),
                     if e.volume_unavailable {
                         "no (volume did not start)"
+                    } else if !e.not_served.is_empty() {
+                        "no (not made yet: see health)"
                     } else if e.connected {
                         "yes"
                     } else {
