@@ -766,3 +766,49 @@ fn an_export_the_file_drops_does_not_come_back_when_its_volume_starts() {
     assert!(kept.is_empty() && unserved.is_empty(), "{unserved:?}");
     stop(d);
 }
+
+/// From review: a reload whose file drops a volume together with its
+/// export kept unmade refused the volume's delete (the export still named
+/// it) and wrote the volume back; the export goes first now.
+#[test]
+fn a_reload_drops_a_volume_with_its_unmade_export_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = start(&state);
+    d.mgr
+        .attach_device(DeviceDecl {
+            name: "r".into(),
+            spec: "ram:4M".into(),
+            block_size: 4096,
+        })
+        .unwrap();
+    d.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["r"]), false)
+        .unwrap();
+    stop(d);
+    let mut c = Config::load(&state).unwrap();
+    c.exports.push(ExportDecl {
+        name: "owned".into(),
+        volume: "v".into(),
+        socket: dir.path().join("owned.sock"),
+        socket_owner: Some("no-such-user-for-this-test".into()),
+        ..Default::default()
+    });
+    c.save(&state).unwrap();
+    let d = start(&state);
+    assert_eq!(d.mgr.export_listing().2.len(), 1);
+    let mut file = Config::load(&state).unwrap();
+    file.exports.clear();
+    file.volumes.clear();
+    let edited = dir.path().join("edited.toml");
+    file.save(&edited).unwrap();
+    let rep = d.mgr.reload_file(&edited).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    assert!(d.mgr.get_volume("v").is_err());
+    let saved = Config::load(&state).unwrap();
+    assert!(
+        saved.volumes.is_empty() && saved.exports.is_empty(),
+        "{saved:?}"
+    );
+    stop(d);
+}

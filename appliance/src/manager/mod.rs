@@ -673,7 +673,7 @@ impl Manager {
         // edit made while the restore runs is set aside at its save, not
         // overwritten: review).
         if let (false, Some(path)) = (initial, &self.shared.state_file) {
-            lock(&self.shared.saving).read(path);
+            lock(&self.shared.saving).restoring(path, config);
         }
         self.shared.quiet.store(true, Ordering::SeqCst);
         let r = self.restore_all(config, initial);

@@ -24,7 +24,7 @@ pub struct ReloadReport {
 }
 
 impl ReloadReport {
-    fn did(&mut self, what: String, r: Result<(), MgmtError>) {
+    pub(super) fn did(&mut self, what: String, r: Result<(), MgmtError>) {
         match r {
             Ok(()) => self.applied.push(what),
             Err(e) => self.refused.push(format!("{what}: {e}")),
@@ -267,6 +267,11 @@ impl Manager {
             }
             rep.did(format!("delete export {}", e.name), r);
         }
+        // Kept exports the file names no more, or for another volume: let
+        // go (their volume's delete below would refuse while one of them
+        // names it: review). What the reload itself lets go is no
+        // operator's delete meanwhile.
+        let mut dropped = self.drop_kept_not_in(config, &mut rep);
         // Volumes that go (those that did not start too).
         let unavailable: Vec<String> = self.inv().unavailable.keys().cloned().collect();
         for v in volumes.iter().map(|v| &v.name).chain(&unavailable) {
@@ -341,28 +346,9 @@ impl Manager {
                 Some(v) => self.reload_volume(v, w, &mut rep),
             }
         }
-        // Exports kept unmade that the file names no more (those of a
-        // volume this reload started included: review).
-        let unserved: (Vec<String>, Vec<String>) = {
-            let inv = self.inv();
-            (
-                inv.unserved.exports.keys().cloned().collect(),
-                inv.unserved.nvmf.keys().cloned().collect(),
-            )
-        };
-        for name in unserved.0.iter().filter(|n| wanted_export(n).is_none()) {
-            let r = self.delete_export(name, false);
-            rep.did(format!("delete export {name} (not made at the start)"), r);
-        }
-        for nqn in &unserved.1 {
-            if !config.nvmf_exports.iter().any(|w| &w.nqn == nqn) {
-                let r = self.delete_nvmf_export(nqn);
-                rep.did(
-                    format!("delete nvme/tcp export {nqn} (not made at the start)"),
-                    r,
-                );
-            }
-        }
+        // Again for those a volume this reload started left waiting.
+        dropped.extend(self.drop_kept_not_in(config, &mut rep));
+        let unserved = self.kept_export_names();
         // Exports that come back or are new; queues that move.
         for w in &config.exports {
             let running = self
@@ -376,14 +362,16 @@ impl Manager {
             let deleted_meanwhile = (exports.iter().any(|(e, _)| e.name == w.name)
                 && !remade.iter().any(|e| e.name == w.name))
                 || ((kept_at_start.0.contains(&w.name) || unserved.0.contains(&w.name))
+                    && !dropped.contains(&w.name)
                     && !self.kept_export_names().0.contains(&w.name));
             match running {
                 None if kept.contains(&w.name) => {}
-                None if self.keep_export_of_unavailable(w) => {}
+                // Before it is kept again for a volume that did not start.
                 None if deleted_meanwhile => rep.refused.push(format!(
                     "export {}: deleted while the reload ran; not made again",
                     w.name
                 )),
+                None if self.keep_export_of_unavailable(w) => {}
                 None => {
                     let old = remade.iter().find(|e| e.name == w.name).cloned();
                     let mut made = w.clone();
@@ -425,6 +413,7 @@ impl Manager {
             let deleted_meanwhile = (nvmf.iter().any(|e| e.nqn == w.nqn)
                 && !remade_nvmf.iter().any(|e| e.nqn == w.nqn))
                 || ((kept_at_start.1.contains(&w.nqn) || unserved.1.contains(&w.nqn))
+                    && !dropped.contains(&w.nqn)
                     && !self.kept_export_names().1.contains(&w.nqn));
             if !kept_nvmf.contains(&w.nqn)
                 && !self.inv().nvmf.contains_key(&w.nqn)

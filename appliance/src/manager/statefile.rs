@@ -46,12 +46,13 @@ impl Saves {
 
     /// Before writing `path`: an edit found there that the daemon neither
     /// wrote nor read is copied aside (a copy: `path` may be a link).
-    fn keep_edit(&mut self, path: &Path) {
+    /// Whether what is there is accounted for (no edit, or set aside).
+    fn keep_edit(&mut self, path: &Path) -> bool {
         let (Some(known), Ok(now)) = (&self.known, std::fs::read(path)) else {
-            return;
+            return true;
         };
         if now == *known {
-            return;
+            return true;
         }
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -74,11 +75,28 @@ impl Saves {
             Ok(()) => {
                 tracing::error!(file = %path.display(), kept = %aside.display(), "the state file was edited by hand and not reloaded; the edit is set aside and the file rewritten from what runs");
                 self.edit_kept = Some(aside);
+                true
             }
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "the state file was edited by hand and not reloaded; setting the edit aside failed, and it is overwritten");
+                false
             }
         }
+    }
+
+    /// A restore from `path` applies `config`: what the file holds is the
+    /// daemon's record if it still says that (an edit made while the
+    /// restore runs is then set aside at its save: review). If it does not
+    /// (an edit before the restore read it, or the daemon's own changes
+    /// to what it read, such as `--drop-journal`), nothing is known.
+    pub(super) fn restoring(&mut self, path: &Path, config: &Config) {
+        self.edit_kept = None;
+        self.known = std::fs::read(path).ok().filter(|bytes| {
+            std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|text| Config::parse(path, text).ok())
+                .is_some_and(|c| c == *config)
+        });
     }
 }
 
@@ -103,7 +121,7 @@ impl Shared {
     /// Write the inventory to `path` (the caller holds the saves' lock).
     fn write(&self, path: &Path, saves: &mut Saves) -> Result<(), MgmtError> {
         let config = lock(&self.inv).config();
-        saves.keep_edit(path);
+        let accounted = saves.keep_edit(path);
         match config.save(path) {
             Ok(text) => {
                 saves.known = Some(text.into_bytes());
@@ -115,8 +133,11 @@ impl Shared {
                 saves.failed = Some(e.to_string());
                 // Whatever is there now is ours: the new text if the save
                 // failed after the rename (syncing the directory), else the
-                // old one, or an edit `keep_edit` has just set aside.
-                saves.known = std::fs::read(path).ok();
+                // old one, or an edit `keep_edit` has just set aside. (One
+                // it could not set aside stays an edit: review.)
+                if accounted {
+                    saves.known = std::fs::read(path).ok();
+                }
                 Err(MgmtError::Internal(format!(
                     "the change was made but saving the state failed: {e}"
                 )))

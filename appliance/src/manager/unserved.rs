@@ -56,6 +56,60 @@ impl Manager {
         (vhost, nvmf)
     }
 
+    /// Let go of the exports kept (unmade, or for a volume that did not
+    /// start) that `config` names no more or names for another volume
+    /// (each save wrote them back, and one named for another volume was
+    /// refused its name); the names and NQNs let go.
+    pub(super) fn drop_kept_not_in(
+        &self,
+        config: &crate::config::Config,
+        rep: &mut super::ReloadReport,
+    ) -> Vec<String> {
+        // (name or NQN, volume) of each.
+        type Kept = Vec<(String, String)>;
+        let (vhost, nvmf): (Kept, Kept) = {
+            let inv = self.inv();
+            (
+                inv.unavailable
+                    .values()
+                    .flat_map(|u| &u.exports)
+                    .chain(inv.unserved.exports.values().map(|(e, _)| e))
+                    .map(|e| (e.name.clone(), e.volume.clone()))
+                    .collect(),
+                inv.unavailable
+                    .values()
+                    .flat_map(|u| &u.nvmf)
+                    .chain(inv.unserved.nvmf.values().map(|(e, _)| e))
+                    .map(|e| (e.nqn.clone(), e.volume.clone()))
+                    .collect(),
+            )
+        };
+        let mut dropped = Vec::new();
+        for (name, volume) in vhost {
+            if !config
+                .exports
+                .iter()
+                .any(|w| w.name == name && w.volume == volume)
+            {
+                let r = self.delete_export(&name, false);
+                rep.did(format!("delete kept export {name}"), r);
+                dropped.push(name);
+            }
+        }
+        for (nqn, volume) in nvmf {
+            if !config
+                .nvmf_exports
+                .iter()
+                .any(|w| w.nqn == nqn && w.volume == volume)
+            {
+                let r = self.delete_nvmf_export(&nqn);
+                rep.did(format!("delete kept nvme/tcp export {nqn}"), r);
+                dropped.push(nqn);
+            }
+        }
+        dropped
+    }
+
     /// A reload could not make `name`, kept unmade: the health says why
     /// now (not what the start or an earlier step said).
     pub(super) fn still_unserved(&self, name: &str, e: &MgmtError) {

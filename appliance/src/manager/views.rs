@@ -12,13 +12,18 @@ impl Manager {
     pub(super) fn view(&self, v: &Vol) -> VolumeView {
         let name = v.volume.name().to_string();
         let info = v.volume.info();
-        let exports = self
-            .inv()
-            .exports
-            .values()
-            .filter(|e| e.decl.volume == name)
-            .map(|e| e.decl.name.clone())
-            .collect();
+        // Those kept unmade too: they hold the volume (its delete is
+        // refused while one names it).
+        let exports = {
+            let inv = self.inv();
+            inv.exports
+                .values()
+                .map(|e| &e.decl)
+                .chain(inv.unserved.exports.values().map(|(e, _)| e))
+                .filter(|e| e.volume == name)
+                .map(|e| e.name.clone())
+                .collect()
+        };
         let decl = lock(&v.decl).clone();
         let level = Level::parse(&decl.level).unwrap_or(Level::Single);
         // One consistent look at the members and background work.
