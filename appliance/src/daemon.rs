@@ -71,11 +71,36 @@ fn tcp_access(t: &TcpOptions) -> Result<mgmt::server::TcpAccess, String> {
     })
 }
 
+/// Why the daemon did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// What the operator gave it cannot be used (a state or configuration
+    /// file that does not load, an option naming what is not there):
+    /// starting again changes nothing (exit 78, EX_CONFIG; the unit does
+    /// not restart on it).
+    #[error("{0}")]
+    Config(String),
+    /// Anything else.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for RunError {
+    fn from(m: String) -> RunError {
+        RunError::Failed(m)
+    }
+}
+
 /// Run until `stop` is set (SIGINT/SIGTERM) or the reactors stop.
-pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
+pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), RunError> {
     // Read the configuration before anything starts: a broken file must
     // stop the daemon before it touches a device.
-    let tcp = opts.tcp.as_ref().map(tcp_access).transpose()?;
+    let tcp = opts
+        .tcp
+        .as_ref()
+        .map(tcp_access)
+        .transpose()
+        .map_err(RunError::Config)?;
     // SIGHUP's default action ends the process: a reload asked for during
     // a long restore is remembered, and done once the daemon serves.
     let hup = Arc::new(AtomicBool::new(false));
@@ -91,23 +116,33 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     ];
     // Saved state wins; the initial setup applies only before there is any.
     let state_saved = match &opts.state_file {
-        Some(state) => state_exists(state)?,
+        Some(state) => state_exists(state).map_err(RunError::Config)?,
         None => false,
     };
     let mut initial = match (&opts.state_file, &opts.config) {
-        (Some(state), _) if state_saved => {
-            Some((Config::load(state).map_err(|e| e.to_string())?, false))
-        }
-        (_, Some(cfg)) => Some((Config::load(cfg).map_err(|e| e.to_string())?, true)),
+        (Some(state), _) if state_saved => Some((
+            Config::load(state).map_err(|e| RunError::Config(e.to_string()))?,
+            false,
+        )),
+        (_, Some(cfg)) => Some((
+            Config::load(cfg).map_err(|e| RunError::Config(e.to_string()))?,
+            true,
+        )),
         _ => None,
     };
     for name in &opts.drop_journals {
         let v = initial
             .as_mut()
             .and_then(|(cfg, _)| cfg.volumes.iter_mut().find(|v| &v.name == name))
-            .ok_or_else(|| format!("--drop-journal {name}: no such volume in the configuration"))?;
+            .ok_or_else(|| {
+                RunError::Config(format!(
+                    "--drop-journal {name}: no such volume in the configuration"
+                ))
+            })?;
         let Some(j) = v.journal.take() else {
-            return Err(format!("--drop-journal {name}: the volume has no journal"));
+            return Err(RunError::Config(format!(
+                "--drop-journal {name}: the volume has no journal"
+            )));
         };
         tracing::warn!(
             volume = name,
@@ -169,7 +204,9 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         if let Err(e) = restored {
             mgr.shutdown_without_saving();
             let _ = reactors.shutdown();
-            return Err(format!("restoring the configuration: {e}"));
+            return Err(RunError::Failed(format!(
+                "restoring the configuration: {e}"
+            )));
         }
         // Asked to stop meanwhile: what was assembled is recorded clean,
         // and nothing is served (it answered the API and sent READY=1
@@ -187,7 +224,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
             mgr.shutdown();
             let stopped = reactors.shutdown().map_err(|e| e.to_string());
             crate::service::status("stopped");
-            return stopped;
+            return stopped.map_err(RunError::Failed);
         }
     }
     let sampler_stop = Arc::new(AtomicBool::new(false));
@@ -197,7 +234,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
             Err(e) => {
                 mgr.shutdown();
                 let _ = reactors.shutdown();
-                return Err(e);
+                return Err(RunError::Failed(e));
             }
         },
         None => None,
@@ -207,7 +244,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
         Err(e) => {
             mgr.shutdown();
             let _ = reactors.shutdown();
-            return Err(e);
+            return Err(RunError::Failed(e));
         }
     };
     let watchdog =
@@ -217,7 +254,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
                 sampler_stop.store(true, Ordering::SeqCst);
                 mgr.shutdown();
                 let _ = reactors.shutdown();
-                return Err(e);
+                return Err(RunError::Failed(e));
             }
         };
     // The stop begins when it is asked for, before the API's calls in
@@ -260,7 +297,7 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
     status("stopping: reactors");
     let stopped = reactors.shutdown().map_err(|e| e.to_string());
     status("stopped");
-    served.and(stopped)
+    served.and(stopped).map_err(RunError::Failed)
 }
 
 /// The stop's first steps, once: no further step for a reload or a

@@ -268,7 +268,12 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    ExitCode::FAILURE
+                    match e {
+                        // EX_CONFIG: systemd does not restart on it (see the
+                        // unit), where every 2 s changed nothing.
+                        appliance::daemon::RunError::Config(_) => ExitCode::from(78),
+                        appliance::daemon::RunError::Failed(_) => ExitCode::FAILURE,
+                    }
                 }
             }
         }

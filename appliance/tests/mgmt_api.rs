@@ -5,12 +5,20 @@
 
 mod common;
 
+/// The daemon, its error as text.
+fn run(
+    opts: &DaemonOptions,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), String> {
+    appliance::daemon::run(opts, stop).map_err(|e| e.to_string())
+}
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use appliance::daemon::{run, DaemonOptions};
+use appliance::daemon::{DaemonOptions, RunError};
 use common::{pattern, Disk};
 use mgmt::pb;
 use tonic::Code;
@@ -912,8 +920,12 @@ fn the_state_is_restored_after_a_restart_and_a_broken_state_file_is_refused() {
         drop_journals: vec![],
         allow_paths: vec![],
     };
-    let e = run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
-    assert!(e.contains(&format!("line {line}")), "{e}");
+    let e = appliance::daemon::run(&opts, Arc::new(AtomicBool::new(false))).unwrap_err();
+    // A configuration error (exit 78: systemd does not restart on it).
+    assert!(
+        matches!(&e, RunError::Config(m) if m.contains(&format!("line {line}"))),
+        "{e}"
+    );
     assert!(!opts.api_socket.exists());
     assert_eq!(
         std::fs::read_to_string(&state).unwrap(),

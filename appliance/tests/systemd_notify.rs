@@ -478,3 +478,27 @@ fn host_setup_persists_vfio_bindings_as_a_unit() {
     }
     assert_verifies(&unit);
 }
+
+/// From an audit: every failed start exited 1, so `Restart=on-failure`
+/// started a daemon again every 2 s over a state file that could never
+/// load. That exits 78 (EX_CONFIG) now, which the unit does not restart.
+#[test]
+fn a_state_file_that_does_not_load_exits_78_and_is_not_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    std::fs::write(&state, "[[device]\nname = \"d0\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["daemon", "--reactors", "1", "--api"])
+        .arg(dir.path().join("api.sock"))
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/appliance.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("RestartPreventExitStatus=78"), "{unit}");
+}
