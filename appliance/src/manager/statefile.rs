@@ -22,10 +22,9 @@ pub(super) struct Saves {
 }
 
 impl Saves {
-    /// `path` was read as the daemon's own record (a start or a reload
-    /// from it): what it holds is applied, and an edit set aside before
-    /// is dealt with.
-    pub(super) fn read(&mut self, path: &Path) {
+    /// `path` was read as the daemon's own record (a reload of it): what
+    /// it holds is applied, and an edit set aside before is dealt with.
+    fn read(&mut self, path: &Path) {
         self.known = std::fs::read(path).ok();
         self.edit_kept = None;
     }

@@ -12,6 +12,9 @@ use crate::config::{ExportDecl, NvmfExportDecl};
 
 use super::{Manager, MgmtError};
 
+/// (name or NQN, volume) pairs.
+type Kept = Vec<(String, String)>;
+
 /// Exports that could not be made at the start, with why.
 #[derive(Debug, Default)]
 pub(super) struct Unserved {
@@ -37,23 +40,32 @@ impl Unserved {
 }
 
 impl Manager {
-    /// Names of the exports kept now, for volumes that did not start or
-    /// unmade: (vhost-user names, NVMe/TCP NQNs).
-    pub(super) fn kept_export_names(&self) -> (Vec<String>, Vec<String>) {
+    /// The exports kept now (for volumes that did not start, or unmade):
+    /// (name, volume) of each vhost-user one, (NQN, volume) of each
+    /// NVMe/TCP one.
+    fn kept_exports(&self) -> (Kept, Kept) {
         let inv = self.inv();
-        let vhost = inv
-            .unavailable
-            .values()
-            .flat_map(|u| u.exports.iter().map(|e| e.name.clone()))
-            .chain(inv.unserved.exports.keys().cloned())
-            .collect();
-        let nvmf = inv
-            .unavailable
-            .values()
-            .flat_map(|u| u.nvmf.iter().map(|e| e.nqn.clone()))
-            .chain(inv.unserved.nvmf.keys().cloned())
-            .collect();
-        (vhost, nvmf)
+        (
+            inv.unavailable
+                .values()
+                .flat_map(|u| &u.exports)
+                .chain(inv.unserved.exports.values().map(|(e, _)| e))
+                .map(|e| (e.name.clone(), e.volume.clone()))
+                .collect(),
+            inv.unavailable
+                .values()
+                .flat_map(|u| &u.nvmf)
+                .chain(inv.unserved.nvmf.values().map(|(e, _)| e))
+                .map(|e| (e.nqn.clone(), e.volume.clone()))
+                .collect(),
+        )
+    }
+
+    /// Names of the exports kept now: (vhost-user names, NVMe/TCP NQNs).
+    pub(super) fn kept_export_names(&self) -> (Vec<String>, Vec<String>) {
+        let (vhost, nvmf) = self.kept_exports();
+        let names = |kept: Kept| kept.into_iter().map(|(name, _)| name).collect();
+        (names(vhost), names(nvmf))
     }
 
     /// Let go of the exports kept (unmade, or for a volume that did not
@@ -65,25 +77,7 @@ impl Manager {
         config: &crate::config::Config,
         rep: &mut super::ReloadReport,
     ) -> Vec<String> {
-        // (name or NQN, volume) of each.
-        type Kept = Vec<(String, String)>;
-        let (vhost, nvmf): (Kept, Kept) = {
-            let inv = self.inv();
-            (
-                inv.unavailable
-                    .values()
-                    .flat_map(|u| &u.exports)
-                    .chain(inv.unserved.exports.values().map(|(e, _)| e))
-                    .map(|e| (e.name.clone(), e.volume.clone()))
-                    .collect(),
-                inv.unavailable
-                    .values()
-                    .flat_map(|u| &u.nvmf)
-                    .chain(inv.unserved.nvmf.values().map(|(e, _)| e))
-                    .map(|e| (e.nqn.clone(), e.volume.clone()))
-                    .collect(),
-            )
-        };
+        let (vhost, nvmf) = self.kept_exports();
         let mut dropped = Vec::new();
         for (name, volume) in vhost {
             if !config
