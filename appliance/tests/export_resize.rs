@@ -37,6 +37,8 @@ struct OnChange {
     /// connection open.
     frontend: Mutex<Option<Frontend>>,
     seen: mpsc::Sender<u64>,
+    /// The status it answers with (0: applied).
+    status: std::sync::atomic::AtomicU64,
 }
 
 impl VhostUserFrontendReqHandler for OnChange {
@@ -44,7 +46,7 @@ impl VhostUserFrontendReqHandler for OnChange {
         let mut f = self.frontend.lock().unwrap();
         let cap = capacity_bytes(f.as_mut().ok_or(std::io::ErrorKind::NotConnected)?);
         self.seen.send(cap).unwrap();
-        Ok(0)
+        Ok(self.status.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 
@@ -67,6 +69,7 @@ fn frontend_with_channel(sock: &Path) -> (Frontend, mpsc::Receiver<u64>, Arc<OnC
     let on = Arc::new(OnChange {
         frontend: Mutex::new(Some(f.clone())),
         seen: tx,
+        status: Default::default(),
     });
     let mut handler = FrontendReqHandler::new(on.clone()).unwrap();
     handler.set_reply_ack_flag(true);
@@ -346,6 +349,55 @@ fn notifications_at_the_same_moment_all_reach_the_frontend() {
         let cap = seen.recv_timeout(Duration::from_secs(10));
         assert_eq!(cap, Ok(MIB), "message {i}");
     }
+    on.frontend.lock().unwrap().take();
+    drop(f);
+    export.delete(true).unwrap();
+    reactors.shutdown().unwrap();
+}
+
+/// From an audit: a notification that failed (here the frontend answers
+/// that it could not apply it) drops the channel for the rest of the
+/// connection, as its answers may be out of step. Every later notification
+/// on that connection was then taken for a frontend without a channel:
+/// Ok(false), nothing logged, and a resize said no frontend was told. It
+/// is refused now, saying why; a new connection's channel works again.
+#[test]
+fn a_channel_that_failed_once_is_reported_on_every_later_notification() {
+    let (reactors, export, _dir, sock) = ram_export();
+    let (mut f, seen, on) = frontend_with_channel(&sock);
+    assert_eq!(capacity_bytes(&mut f), MIB);
+    on.status.store(1, std::sync::atomic::Ordering::SeqCst);
+    let first = export.notifier().config_changed();
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("status 1")),
+        "{first:?}"
+    );
+    assert_eq!(seen.recv_timeout(Duration::from_secs(10)), Ok(MIB));
+    for _ in 0..2 {
+        let later = export.notifier().config_changed();
+        assert!(
+            later
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("failed earlier on this connection")),
+            "{later:?}"
+        );
+    }
+    on.frontend.lock().unwrap().take();
+    drop(f);
+    // A new connection (served once the old one is gone) with a channel
+    // of its own is told again.
+    let (mut f, seen, on) = frontend_with_channel(&sock);
+    assert_eq!(capacity_bytes(&mut f), MIB);
+    assert_eq!(
+        export
+            .notifier()
+            .config_changed()
+            .map_err(|e| e.to_string()),
+        Ok(true)
+    );
+    assert_eq!(seen.recv_timeout(Duration::from_secs(10)), Ok(MIB));
     on.frontend.lock().unwrap().take();
     drop(f);
     export.delete(true).unwrap();

@@ -75,6 +75,10 @@ pub enum FrontendError {
     /// It closed its backend request channel.
     #[error("the frontend closed the channel")]
     Closed,
+    /// An earlier notification on this connection failed: its channel is
+    /// out of step and no longer used.
+    #[error("the backend request channel failed earlier on this connection; the guest sees the new configuration after a reconnect")]
+    ChannelFailed,
 }
 
 impl FrontendError {

@@ -131,6 +131,10 @@ pub struct ExportShared {
     /// `frontend` meanwhile, and a second notification must wait for it,
     /// not find it gone and skip its message.
     notifying: Mutex<()>,
+    /// The connection (by `connections`) whose backend request channel
+    /// failed a notification and was dropped: later notifications on it
+    /// are refused, not taken for a frontend without a channel.
+    channel_failed: AtomicU64,
     /// Per queue index; they outlive connections, so counts accumulate.
     stats: Vec<Arc<stats::IoStats>>,
     /// The reactor of each queue (moved at runtime by `move_queue`).
@@ -201,6 +205,12 @@ impl Notifier {
             (self.shared.connections.load(Ordering::SeqCst), ch.take())
         };
         let Some(mut c) = taken else {
+            if self.shared.channel_failed.load(Ordering::SeqCst) == connection {
+                return Err(ExportError::Frontend {
+                    export: self.name.clone(),
+                    source: FrontendError::ChannelFailed,
+                });
+            }
             return Ok(false);
         };
         match c.config_changed() {
@@ -219,11 +229,17 @@ impl Notifier {
                 }
                 Ok(true)
             }
-            // A channel out of step (a late answer) is not used again.
-            Err(source) => Err(ExportError::Frontend {
-                export: self.name.clone(),
-                source,
-            }),
+            // A channel out of step (a late answer) is not used again, and
+            // the notifications after it say so.
+            Err(source) => {
+                self.shared
+                    .channel_failed
+                    .store(connection, Ordering::SeqCst);
+                Err(ExportError::Frontend {
+                    export: self.name.clone(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -328,6 +344,7 @@ impl Export {
             connections: AtomicU64::new(0),
             frontend: Mutex::new(None),
             notifying: Mutex::new(()),
+            channel_failed: AtomicU64::new(0),
             stats: (0..opts_queues)
                 .map(|_| Arc::new(stats::IoStats::default()))
                 .collect(),
