@@ -80,3 +80,49 @@ fn an_edit_no_reload_applied_is_set_aside_not_overwritten() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From review: setting an edit aside can itself fail (a disk full; here
+/// a file name too long for the copy's suffix). The save then overwrote
+/// the edit, said only in the log. The edit is kept now: the save fails,
+/// the health says why, and a reload is refused rather than undo the
+/// change the file is behind on. Once the operator moves the edit away,
+/// the next save writes what runs.
+#[test]
+fn an_edit_that_cannot_be_set_aside_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    // 240 bytes: the file and a save's temporary name fit in NAME_MAX
+    // (255), the name with ".edited-SECONDS.NANOS" does not.
+    let state = dir.path().join(format!("{}.toml", "s".repeat(235)));
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    mgr.attach_device(ram("a")).unwrap();
+    let mut edited = std::fs::read_to_string(&state).unwrap();
+    edited.push_str("\n[[device]]\nname = \"b\"\nspec = \"ram:4M\"\n");
+    std::fs::write(&state, &edited).unwrap();
+    let err = mgr.attach_device(ram("c")).unwrap_err().to_string();
+    assert!(
+        err.contains("change was made") && err.contains("not overwritten"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), edited);
+    let problems = mgr.health().problems;
+    assert!(
+        problems.iter().any(|p| p.contains("not overwritten")),
+        "{problems:?}"
+    );
+    let refused = mgr.reload_file(&state).unwrap_err().to_string();
+    assert!(refused.contains("still cannot be written"), "{refused}");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), edited);
+    // The operator keeps the edit elsewhere; what runs is written again.
+    std::fs::rename(&state, dir.path().join("edit.toml")).unwrap();
+    mgr.attach_device(ram("d")).unwrap();
+    assert_eq!(devices(&Config::load(&state).unwrap()), ["a", "c", "d"]);
+    assert!(mgr.health().problems.is_empty(), "{:?}", mgr.health());
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

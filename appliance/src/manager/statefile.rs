@@ -45,13 +45,13 @@ impl Saves {
 
     /// Before writing `path`: an edit found there that the daemon neither
     /// wrote nor read is copied aside (a copy: `path` may be a link).
-    /// Whether what is there is accounted for (no edit, or set aside).
-    fn keep_edit(&mut self, path: &Path) -> bool {
+    /// Refused, saying why, if it cannot be: the edit is not overwritten.
+    fn keep_edit(&mut self, path: &Path) -> Result<(), String> {
         let (Some(known), Ok(now)) = (&self.known, std::fs::read(path)) else {
-            return true;
+            return Ok(());
         };
         if now == *known {
-            return true;
+            return Ok(());
         }
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -74,12 +74,14 @@ impl Saves {
             Ok(()) => {
                 tracing::error!(file = %path.display(), kept = %aside.display(), "the state file was edited by hand and not reloaded; the edit is set aside and the file rewritten from what runs");
                 self.edit_kept = Some(aside);
-                true
+                Ok(())
             }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "the state file was edited by hand and not reloaded; setting the edit aside failed, and it is overwritten");
-                false
-            }
+            // Not overwritten unseen (a disk full fails the save anyway):
+            // the save fails, and the health says why.
+            Err(e) => Err(format!(
+                "it holds an edit by hand that no reload applied, and setting the edit aside in {} failed ({e}), so it is not overwritten",
+                aside.display()
+            )),
         }
     }
 
@@ -120,7 +122,13 @@ impl Shared {
     /// Write the inventory to `path` (the caller holds the saves' lock).
     fn write(&self, path: &Path, saves: &mut Saves) -> Result<(), MgmtError> {
         let config = lock(&self.inv).config();
-        let accounted = saves.keep_edit(path);
+        if let Err(why) = saves.keep_edit(path) {
+            tracing::error!(file = %path.display(), "saving the daemon state: the state file {why}");
+            saves.failed = Some(why.clone());
+            return Err(MgmtError::Internal(format!(
+                "the change was made but saving the state failed: the state file {why}"
+            )));
+        }
         match config.save(path) {
             Ok(text) => {
                 saves.known = Some(text.into_bytes());
@@ -132,11 +140,8 @@ impl Shared {
                 saves.failed = Some(e.to_string());
                 // Whatever is there now is ours: the new text if the save
                 // failed after the rename (syncing the directory), else the
-                // old one, or an edit `keep_edit` has just set aside. (One
-                // it could not set aside stays an edit: review.)
-                if accounted {
-                    saves.known = std::fs::read(path).ok();
-                }
+                // old one, or an edit `keep_edit` has just set aside.
+                saves.known = std::fs::read(path).ok();
                 Err(MgmtError::Internal(format!(
                     "the change was made but saving the state failed: {e}"
                 )))
