@@ -280,3 +280,77 @@ fn a_replay_whose_second_superblock_copy_fails_starts_without_the_journal() {
         Journal::replay(dev, &[Some(m.clone()), Some(m)], Some(&geo)).expect("the volume starts");
     assert!(j.has_failed());
 }
+
+/// From an audit: replay holds every write-back block it places, and its
+/// parity, in memory until it has logged them (so a crash in the middle
+/// cannot leave rows half new). Nothing bounded how many: a crafted log
+/// of valid write-back records, each naming other blocks, made a start
+/// take memory in proportion to the journal (a 64 GiB journal, some 128
+/// GiB), and the allocation failure took the whole daemon. An honest log
+/// names at most what the cache holds; a log naming more than twice that
+/// is refused with a clear error, before any member is written.
+#[test]
+fn a_log_of_more_write_back_blocks_than_the_cache_holds_is_refused() {
+    use appliance::raid::geometry::{Layout, Raid5Geometry};
+    let dir = tempfile::tempdir().unwrap();
+    // 4 MiB: a log of about 1,020 blocks and a cache of a sixteenth, 63.
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&dir.path().join("j.img"), BS as u32, 4 << 20).unwrap());
+    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
+        .map(|i| {
+            let path = dir.path().join(format!("m{i}.img"));
+            let d = FileDevice::create(&path, BS as u32, 512 * BS as u64).unwrap();
+            (Arc::new(d) as Arc<dyn BlockDevice>, path)
+        })
+        .collect();
+    let devs: Vec<Option<Arc<dyn BlockDevice>>> =
+        members.iter().map(|(d, _)| Some(d.clone())).collect();
+    // Three members, 16 KiB chunks (4 blocks), data from block 8.
+    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 512).unwrap();
+    // `chunks` write-back records of one whole chunk each, every one on
+    // a data member of another stripe.
+    let log = |chunks: u64| {
+        let j = Journal::format(dev.clone()).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("j.img"))
+            .unwrap();
+        for stripe in 0..chunks {
+            let member = (geo.parity_member(stripe) + 1) % 3;
+            let block = geo.data_offset() + stripe * geo.chunk_blocks();
+            let mut r = Vec::new();
+            j.record_header(
+                &mut r,
+                &[Entry {
+                    member,
+                    count: 4,
+                    block,
+                }],
+                4,
+                true,
+            );
+            r[BS..].fill(0x5a);
+            let (at, _) = j.reserve(&mut r, false).unwrap();
+            f.write_all_at(&r, at * BS as u64).unwrap();
+        }
+        f.sync_all().unwrap();
+    };
+    // 20 chunks, 80 blocks: within what the cache may hold, replayed.
+    log(20);
+    let (_, rep) = Journal::replay(dev.clone(), &devs, Some(&geo)).unwrap();
+    assert_eq!(rep.records, 20);
+    // 40 chunks, 160 blocks: more than twice the cache, refused.
+    log(40);
+    let last = geo.data_offset() + 39 * geo.chunk_blocks();
+    let holder = (geo.parity_member(39) + 1) % 3;
+    let err = Journal::replay(dev, &devs, Some(&geo))
+        .err()
+        .expect("a log naming 160 write-back blocks for a 63-block cache was replayed");
+    assert!(err.to_string().contains("more than its cache"), "{err}");
+    assert!(
+        block_of(&members[holder as usize].1, last)
+            .iter()
+            .all(|&x| x == 0),
+        "a member was written"
+    );
+}

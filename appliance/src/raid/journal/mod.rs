@@ -179,6 +179,12 @@ pub fn fuzz_write(dev: &dyn BlockDevice, image: &[u8]) {
 /// size (a sixteenth of a large NVMe journal would be gigabytes).
 const CACHE_MAX_BYTES: u64 = 256 << 20;
 
+/// Blocks the write-back cache of the journal `s` (of `bs`-byte blocks)
+/// holds at most.
+fn cache_limit(s: &Super, bs: u32) -> u64 {
+    (s.log_blocks / 16).min(CACHE_MAX_BYTES / u64::from(bs.max(1)))
+}
+
 /// Whether `dev` holds a journal (of a volume running or stopped: its log
 /// may hold writes not yet on that volume's members).
 pub fn holds_journal(dev: &dyn BlockDevice) -> bool {
@@ -236,7 +242,7 @@ impl Journal {
     }
 
     fn with(dev: Arc<dyn BlockDevice>, s: &Super) -> Arc<Journal> {
-        let cache_blocks = (s.log_blocks / 16).min(CACHE_MAX_BYTES / dev.info().block_size as u64);
+        let cache_blocks = cache_limit(s, dev.info().block_size);
         Arc::new(Journal {
             bs: dev.info().block_size as usize,
             dev,

@@ -161,8 +161,9 @@ impl Journal {
     ///
     /// Memory stays bounded whatever the journal's size: the log is
     /// scanned a window at a time, and each record is read again, a piece
-    /// at a time, when it is replayed. Every length in it is checked
-    /// against the log before it is used.
+    /// at a time, when it is replayed; the write-back blocks replay holds
+    /// are at most twice what the cache holds. Every length in it is
+    /// checked against the log before it is used.
     pub fn replay(
         dev: Arc<dyn BlockDevice>,
         members: &[Option<Arc<dyn BlockDevice>>],
@@ -191,7 +192,7 @@ impl Journal {
         // (only needed when there is write-back data to compare with).
         // Pass 2: write-back data still newer than that, in order, with
         // parity brought along (members never saw it before a reclaim).
-        let any_volume = found.iter().any(|f| f.volume);
+        let written_back = written_back(&mut log, &s, &found, bs)?;
         let mut newest: std::collections::HashMap<(usize, u64), u64> = Default::default();
         // Write-back data needs its rows' parity brought along: a crash in
         // the middle of writing them leaves rows whose data is new and
@@ -248,8 +249,8 @@ impl Journal {
                         }
                     }
                     if !f.volume {
-                        if any_volume {
-                            for b in block..block + count as u64 {
+                        for b in block..block + count as u64 {
+                            if written_back.contains(&(member, b)) {
                                 newest.insert((member, b), seq);
                             }
                         }
@@ -345,6 +346,46 @@ impl Journal {
         }
         Ok((j, report))
     }
+}
+
+/// Every (member, block) the write-back records in `found` name. Replay
+/// holds each of them, and its parity, in memory (see `Overlay`), so
+/// their number is bounded: an honest log names at most what the cache
+/// holds (a block leaves the cache through a write-through record that
+/// supersedes it), and one that names more than twice that is crafted or
+/// damaged. Refused then, rather than take the daemon's memory.
+fn written_back(
+    log: &mut LogReader,
+    s: &Super,
+    found: &[Found],
+    bs: usize,
+) -> Result<std::collections::HashSet<(usize, u64)>, RaidError> {
+    let limit = 2 * super::cache_limit(s, bs as u32);
+    let mut blocks = std::collections::HashSet::new();
+    let mut h = vec![0u8; bs];
+    for f in found.iter().filter(|f| f.volume) {
+        log.read(f.at, &mut h)?;
+        for k in 0..f.entries {
+            let e = 32 + k * 16;
+            let (member, count, block) = (
+                u32_at(&h, e) as usize,
+                u32_at(&h, e + 4) as u64,
+                u64_at(&h, e + 8),
+            );
+            // Lengths are checked when the record is replayed: here only
+            // what the record can hold is counted.
+            for b in block..block.saturating_add(count.min(f.blocks as u64)) {
+                blocks.insert((member, b));
+            }
+            if blocks.len() as u64 > limit {
+                return Err(RaidError::Invalid(format!(
+                    "journal {}: its log holds write-back data for more than {limit} blocks, more than its cache ever holds (crafted or damaged); start without it (--drop-journal) to use the volume",
+                    log.dev.info().name
+                )));
+            }
+        }
+    }
+    Ok(blocks)
 }
 
 /// Put write-back data `new` for `member` at member block `block` (one
