@@ -784,3 +784,35 @@ fn a_late_replacement_abort_leaves_a_newer_replacement_alone() {
     assert_eq!(rig.read(0, 512), vec![0x6b; 512 * BS]);
     rig.stop();
 }
+
+/// From an audit: failing a replacement's new device cancelled its copy
+/// before the change that gives the replacement up. When that change ran
+/// out of time (a flush stuck on a member), the call said nothing changed,
+/// but the copy had stopped for good: the replacement stayed recorded,
+/// writes kept going to the new device, and a new replacement or a scrub
+/// was refused as "a replacement is already running". The copy goes on
+/// now, and ends in its slot.
+#[test]
+fn failing_the_replacement_device_past_the_deadline_leaves_the_copy_going() {
+    let rig = Rig::new(Level::Raid5, 3, 0, false);
+    rig.write(0, 64, 0x44).unwrap();
+    // Slow enough not to end before the call below.
+    rig.monitor.set_rate(1 << 20, 1 << 20).unwrap();
+    let p = rig.monitor.replace_member("m1", ram("n1")).unwrap();
+    let stuck = rig.stuck_flush(0);
+    rig.monitor.set_timeout(Duration::from_millis(200));
+    let r = rig.monitor.fail_member("n1");
+    assert!(matches!(r, Err(OpError::DeadlineExceeded(_))), "{r:?}");
+    assert!(rig.monitor.snapshot().replacing.is_some());
+    rig.faults[0].control().release();
+    stuck.join().unwrap().unwrap();
+    rig.monitor.set_timeout(LONG);
+    rig.monitor.set_rate(0, 0).unwrap();
+    eventually("the copy ends in its slot", || {
+        rig.member_names()[1] == "n1"
+    });
+    assert!(p.is_finished());
+    assert!(p.error().is_none(), "{:?}", p.error());
+    assert_eq!(rig.read(0, 64), vec![0x44; 64 * BS]);
+    rig.stop();
+}

@@ -546,21 +546,24 @@ impl Monitor {
         // the volume stopped a replacement (audit).
         let replacing = s.current.member_set().replacing.clone();
         if let Some(r) = replacing.filter(|r| r.dev.info().name == name) {
+            let run = super::members::Run::of(&r.cursor);
+            self.inner.apply(
+                &mut s,
+                Change::ReplaceAborted(run, "failed by the operator".into()),
+            )?;
+            // Only once the change is made (one that ran out of time leaves
+            // the copy going: audit): the copy would stop at its next row
+            // anyway, finding the replacement gone; cancelled, it reports
+            // nothing, and the change above says it.
             if let Some(p) = s
                 .rebuild
                 .as_ref()
                 .filter(|p| Arc::ptr_eq(&p.cursor, &r.cursor))
             {
-                // Cancelled, the copy reports nothing: the change below
-                // says it.
                 p.cancel.store(true, Ordering::SeqCst);
                 super::worker::wake(&self.inner.set);
             }
-            let run = super::members::Run::of(&r.cursor);
-            return self.inner.apply(
-                &mut s,
-                Change::ReplaceAborted(run, "failed by the operator".into()),
-            );
+            return Ok(());
         }
         let members = s.current.member_set().members.clone();
         let Some(slot) = members
