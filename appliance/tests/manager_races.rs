@@ -1014,3 +1014,47 @@ fn one_socket_file_serves_one_export_however_its_path_is_spelled() {
     );
     rig.stop();
 }
+
+/// From an audit: a forced add_journal erased what its device held and
+/// formatted it before the volume's change, and when that change ran out
+/// of time (a flush stuck on a member) it erased the device again: a call
+/// that changed nothing in the volume had destroyed the journal of
+/// another volume on the device. The device is now put back as it was.
+#[test]
+fn a_forced_add_journal_past_the_deadline_leaves_its_device_as_it_was() {
+    use appliance::raid::journal::Journal;
+    use bdev::{BlockDevice, FileDevice};
+    let mut rig = Rig::new(false);
+    for d in ["d0", "d1", "d2"] {
+        rig.attach(d, "ram:16M");
+    }
+    // (A volume takes the time-out in force when it is made.)
+    rig.mgr.set_change_timeout(Duration::from_millis(200));
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "raid5", &["d0", "d1", "d2"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    // j0 holds another volume's journal.
+    let path = rig.dir.path().join("j0.img");
+    {
+        let dev: Arc<dyn BlockDevice> =
+            Arc::new(FileDevice::create(&path, 4096, 16 << 20).unwrap());
+        drop(Journal::format(dev).unwrap());
+    }
+    let before = std::fs::read(&path).unwrap();
+    rig.attach("j0", &format!("file:{}", path.display()));
+    let stuck = rig.stuck_flush(&sock, "d0");
+    let r = rig.mgr.add_journal("v", "j0", "write-through", true);
+    assert!(matches!(r, Err(MgmtError::DeadlineExceeded(_))), "{r:?}");
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "the device is not as it was"
+    );
+    rig.fault("d0").release();
+    assert_eq!(stuck.join().unwrap(), 0);
+    // Still another volume's journal: refused without force.
+    let r = rig.mgr.add_journal("v", "j0", "write-through", false);
+    assert!(matches!(r, Err(MgmtError::FailedPrecondition(_))), "{r:?}");
+    assert!(rig.mgr.get_volume("v").unwrap().journal.is_none());
+    rig.stop();
+}

@@ -522,6 +522,14 @@ impl Manager {
             .roles
             .claim(&jdev, volume, Role::Journal, None)
             .map_err(|e| from_op(volume, e))?;
+        // What a forced erase and the format overwrite, put back if the
+        // volume refuses the journal (its change ran out of time, say).
+        let before = crate::raid::assembly::MetadataPlaces::read(jdev.as_ref()).map_err(|e| {
+            self.shared.roles.set(device, volume, None);
+            MgmtError::Internal(format!(
+                "volume {volume}: reading journal device {device}: {e}"
+            ))
+        })?;
         if let Err(e) = Self::check_blank(&jdev, None, force) {
             self.shared.roles.set(device, volume, None);
             return Err(e);
@@ -539,11 +547,12 @@ impl Manager {
                     .map_err(|e| from_op(volume, e))
             });
         if let Err(e) = result {
-            // The volume refused it (a bitmap, say) after the format: the
-            // device goes back blank, still held, so the next try does not
-            // take it for another volume's journal.
-            if let Err(x) = crate::raid::journal::erase(jdev.as_ref()) {
-                tracing::warn!(volume, device, error = %x, "erasing a journal the volume refused");
+            // The volume refused it (a bitmap set meanwhile, its change
+            // out of time) after the format: the device goes back as it
+            // was (blank, or what a forced call overwrote), still held, so
+            // the next try does not take it for another volume's journal.
+            if let Err(x) = before.restore(jdev.as_ref()) {
+                tracing::warn!(volume, device, error = %x, "putting back what a journal the volume refused overwrote");
             }
             self.shared.roles.set(device, volume, None);
             return Err(e);

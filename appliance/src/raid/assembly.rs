@@ -17,6 +17,7 @@ use super::level::RaidDevice;
 use super::md;
 pub use super::member_meta::{
     erase_superblock, foreign_holder, read_superblock, write_spare_superblocks, write_superblock,
+    MetadataPlaces,
 };
 use super::members::{FailureSink, Member, MemberSet, MemberState, WRITE_MOSTLY};
 use super::raid1::Raid1Device;

@@ -211,6 +211,48 @@ pub fn erase_superblock(dev: &dyn BlockDevice) -> Result<(), AssemblyError> {
     Ok(())
 }
 
+/// The places [`erase_superblock`] and a journal's format write, as they
+/// were read: a forced call that writes them and is then refused (its
+/// change ran out of time) puts them back, leaving the device as it was.
+pub struct MetadataPlaces {
+    head: Vec<u8>,
+    tail_at: u64,
+    tail: Vec<u8>,
+}
+
+impl MetadataPlaces {
+    /// The first 8 KiB (both formats' superblocks, a journal's first
+    /// copy) and the last 128 KiB (md 1.0's and 0.90's superblocks, other
+    /// RAID formats' anchors, a journal's second copy) of `dev`.
+    pub fn read(dev: &dyn BlockDevice) -> Result<MetadataPlaces, RaidError> {
+        let bs = u64::from(dev.info().block_size.max(1));
+        let bytes = dev.info().num_blocks * bs;
+        let head_len = (2 * SUPERBLOCK_BYTES as u64).div_ceil(bs) * bs;
+        let head_len = head_len.min(bytes);
+        let tail_at = (bytes.saturating_sub(128 << 10) / bs * bs).max(head_len);
+        let mut head = vec![0u8; head_len as usize];
+        let mut tail = vec![0u8; (bytes - tail_at) as usize];
+        sync_io(dev, IoOp::Read, 0, &mut head)?;
+        if !tail.is_empty() {
+            sync_io(dev, IoOp::Read, tail_at, &mut tail)?;
+        }
+        Ok(MetadataPlaces {
+            head,
+            tail_at,
+            tail,
+        })
+    }
+
+    /// Write them back as they were read.
+    pub fn restore(&self, dev: &dyn BlockDevice) -> Result<(), RaidError> {
+        sync_io(dev, IoOp::Write, 0, &mut self.head.clone())?;
+        if !self.tail.is_empty() {
+            sync_io(dev, IoOp::Write, self.tail_at, &mut self.tail.clone())?;
+        }
+        Ok(())
+    }
+}
+
 /// What `dev` holds that is not ours to overwrite, said as "{device}
 /// ...": another volume's superblock (ours or md's), md's or other RAID
 /// metadata, or a superblock that cannot be used (damaged, or of a newer
