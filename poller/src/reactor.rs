@@ -601,7 +601,8 @@ pub struct Ctx {
     pollers: Vec<PollerFn>,
     timers: BinaryHeap<Timer>,
     timer_seq: u64,
-    fds: Vec<RawFd>,
+    /// Watched fds and the events that wake the sleep for each.
+    fds: Vec<(RawFd, libc::c_short)>,
     seen_attention: u64,
     now: Instant,
     pub(crate) gates: Vec<Rc<dyn GateHook>>,
@@ -664,14 +665,28 @@ impl Ctx {
     /// Make readability of `fd` wake this reactor from its idle sleep. The
     /// poller that owns the fd still does the reading.
     pub fn watch_fd(&mut self, fd: RawFd) {
-        if !self.fds.contains(&fd) {
-            self.fds.push(fd);
+        if !self.fds.iter().any(|&(f, _)| f == fd) {
+            self.fds.push((fd, libc::POLLIN));
+        }
+    }
+
+    /// Whether writability of the watched `fd` wakes this reactor too: on
+    /// while its poller has output the peer has no room for (it may then
+    /// say Idle rather than retry on every loop), off once it has room
+    /// (a writable socket would end every sleep at once).
+    pub fn watch_writable(&mut self, fd: RawFd, on: bool) {
+        if let Some((_, events)) = self.fds.iter_mut().find(|(f, _)| *f == fd) {
+            *events = if on {
+                libc::POLLIN | libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
         }
     }
 
     /// Stop waking on `fd`.
     pub fn unwatch_fd(&mut self, fd: RawFd) {
-        self.fds.retain(|&f| f != fd);
+        self.fds.retain(|&(f, _)| f != fd);
     }
 
     fn push_timer(&mut self, due: Instant, f: TimerFn) {
@@ -724,9 +739,9 @@ impl Ctx {
             events: libc::POLLIN,
             revents: 0,
         });
-        pfds.extend(self.fds.iter().map(|&fd| libc::pollfd {
+        pfds.extend(self.fds.iter().map(|&(fd, events)| libc::pollfd {
             fd,
-            events: libc::POLLIN,
+            events,
             revents: 0,
         }));
         // SAFETY: pfds is a valid array of pollfd of the given length.

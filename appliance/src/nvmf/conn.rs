@@ -81,6 +81,8 @@ pub(super) fn start(
     let mut c = Conn {
         sock,
         fd,
+        out_blocked: false,
+        waits_for_room: false,
         port,
         shared,
         // Grown to RX_SIZE only when a PDU needs it: an idle or
@@ -192,6 +194,10 @@ struct Conn {
     _live: super::LiveSlot,
     sock: TcpStream,
     fd: RawFd,
+    /// The last send stopped with output left that the socket had no room
+    /// for, and the reactor's sleep is told to wake on room for it.
+    out_blocked: bool,
+    waits_for_room: bool,
     port: Arc<Port>,
     shared: Arc<TargetShared>,
     /// Whole PDUs may be waiting in `rx`: the last pass stopped at a full
@@ -291,7 +297,16 @@ impl Conn {
             }
             return PollState::Busy;
         }
-        if work || self.inflight() > 0 || self.tx_pending() > 0 {
+        // Output the host has no room for, and nothing else to do: the
+        // reactor may sleep until the socket takes more, rather than try
+        // again on every loop (a host that stopped reading kept a core
+        // busy for as long as it stayed connected: audit).
+        let waits = self.out_blocked && !work && self.inflight() == 0;
+        if waits != self.waits_for_room {
+            ctx.watch_writable(self.fd, waits);
+            self.waits_for_room = waits;
+        }
+        if work || self.inflight() > 0 || (self.tx_pending() > 0 && !waits) {
             PollState::Busy
         } else {
             PollState::Idle
@@ -853,6 +868,7 @@ impl Conn {
     /// Write what is queued for the host.
     fn send(&mut self) -> bool {
         let mut work = false;
+        self.out_blocked = false;
         while self.tx_pending() > 0 {
             match self.out.send(&mut self.sock) {
                 Ok(0) => {
@@ -861,7 +877,10 @@ impl Conn {
                     break;
                 }
                 Ok(_) => work = true,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.out_blocked = true;
+                    break;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     // The peer is gone: nothing more can be sent.
