@@ -19,24 +19,60 @@ use crate::manager::{
 #[derive(Clone)]
 pub struct Service {
     mgr: Arc<Manager>,
+    /// Calls of this service that may run at once (the rest wait their
+    /// turn without a thread); none: as many as the runtime has threads.
+    calls: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Service {
     /// Serve `mgr`.
     pub fn new(mgr: Arc<Manager>) -> Service {
-        Service { mgr }
+        Service { mgr, calls: None }
+    }
+
+    /// The same, running at most `calls` calls at once: the API on TCP
+    /// leaves the rest of the runtime's threads to the unix socket (the
+    /// operator) and the health probe. Before, callers on TCP holding
+    /// calls that wait (a change on a volume that cannot quiesce, an
+    /// attach of a silent remote device) took every thread, and the
+    /// operator's calls queued behind them (audit).
+    pub fn limited(&self, calls: usize) -> Service {
+        Service {
+            mgr: self.mgr.clone(),
+            calls: Some(Arc::new(tokio::sync::Semaphore::new(calls))),
+        }
+    }
+
+    /// Run `f` on a blocking thread, once this service may run one more.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Manager) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        // Held until the thread is done (a caller that goes away does not
+        // end the call).
+        let turn = match &self.calls {
+            Some(c) => Some(
+                c.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Status::unavailable("the API is stopping"))?,
+            ),
+            None => None,
+        };
+        let mgr = self.mgr.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            f(&mgr)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the call failed: {e}")))
     }
 
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Manager) -> Result<T, MgmtError> + Send + 'static,
     ) -> Result<Response<T>, Status> {
-        let mgr = self.mgr.clone();
-        tokio::task::spawn_blocking(move || f(&mgr))
-            .await
-            .map_err(|e| Status::internal(format!("the call failed: {e}")))?
-            .map(Response::new)
-            .map_err(status)
+        self.blocking(f).await?.map(Response::new).map_err(status)
     }
 }
 
@@ -274,7 +310,7 @@ impl pb::appliance_server::Appliance for Service {
         let name = r.volume.clone();
         let first = self.run(move |m| m.get_volume(&name)).await?.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let mgr = self.mgr.clone();
+        let svc = self.clone();
         tokio::spawn(async move {
             let mut v = first;
             loop {
@@ -288,17 +324,15 @@ impl pb::appliance_server::Appliance for Service {
                     _ = tokio::time::sleep(every) => {}
                     _ = tx.closed() => return,
                 }
-                let (m, name) = (mgr.clone(), r.volume.clone());
-                v = match tokio::task::spawn_blocking(move || m.get_volume(&name)).await {
+                let name = r.volume.clone();
+                v = match svc.blocking(move |m| m.get_volume(&name)).await {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
                         let _ = tx.send(Err(status(e))).await;
                         return;
                     }
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("the call failed: {e}"))))
-                            .await;
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };

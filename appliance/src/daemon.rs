@@ -414,6 +414,13 @@ fn start_reloader(
 /// by default), and a stop refuses every further step.
 const CALLS_AT_STOP: Duration = Duration::from_secs(35);
 
+/// Threads the API's calls run on.
+const API_THREADS: usize = 64;
+/// Of those, what calls over TCP may take at once: the rest stay for the
+/// unix socket (the operator) and the health probe, whatever callers on
+/// TCP hold.
+const TCP_CALLS: usize = 48;
+
 /// Serve the API of `mgr` on the unix socket `socket` (and on TCP with TLS,
 /// if given) until `stop` is set or the reactors stop; `on_stop` runs
 /// then, before calls in progress are waited for.
@@ -429,7 +436,7 @@ pub fn serve(
         .enable_all()
         // Calls run on blocking threads: a bound, so that callers opening
         // many calls at once queue instead of making hundreds of threads.
-        .max_blocking_threads(64)
+        .max_blocking_threads(API_THREADS)
         .build()
         .map_err(|e| format!("starting the API runtime: {e}"))?;
     let served = rt.block_on(async {
@@ -509,6 +516,7 @@ pub fn serve(
                 // A TCP server that ends with an error is said at once;
                 // the unix socket (and the daemon) go on.
                 let tcp = async {
+                    let svc = svc.limited(TCP_CALLS);
                     if let Err(e) =
                         mgmt::server::serve_tcp(svc, listening, &health, stopped()).await
                     {

@@ -1288,6 +1288,103 @@ fn tcp_access_needs_tls_and_the_token() {
     assert!(e.contains("at least 16"), "{e}");
 }
 
+/// From an audit: every call ran on one pool of 64 threads, whatever it
+/// came over. Callers on TCP holding calls that wait (here attaches of a
+/// remote namespace that never answers; a change on a volume that cannot
+/// quiesce waits so too) took every thread, and the operator's calls on
+/// the unix socket queued behind them. Calls over TCP now take at most 48.
+#[test]
+fn calls_held_over_tcp_leave_threads_for_the_unix_socket() {
+    use std::sync::atomic::AtomicUsize;
+    let dir = tempfile::tempdir().unwrap();
+    let TcpRig { ck, port, opts, .. } = tcp_rig(dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (o, s) = (opts.clone(), stop.clone());
+    let daemon = std::thread::spawn(move || run(&o, s));
+    // A listener that takes connections and never answers: an attach of
+    // a namespace there holds its call until the test lets them go.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = silent.local_addr().unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let (held, let_go) = (
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let acceptor = {
+        let (held, let_go) = (held.clone(), let_go.clone());
+        std::thread::spawn(move || {
+            while !let_go.load(Ordering::SeqCst) {
+                match silent.accept() {
+                    Ok((c, _)) => held.lock().unwrap().push(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let ca = ck.cert.pem().into_bytes();
+    let token = Some("s3cret-token-0123456789");
+    let finished = Arc::new(AtomicUsize::new(0));
+    rt.block_on(async {
+        let t = Instant::now();
+        let mut callers = Vec::new();
+        while callers.len() < 3 {
+            match mgmt::client::connect_tls(&url, &ca, "localhost", token).await {
+                Ok(c) => callers.push(c),
+                Err(e) => {
+                    assert!(t.elapsed() < Duration::from_secs(30), "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        // 72 calls that wait, over three connections: more than the
+        // threads there are.
+        let mut calls = Vec::new();
+        for (k, c) in callers.iter().enumerate() {
+            for i in 0..24 {
+                let mut c = c.clone();
+                let spec = format!("nvmf-tcp://{at}/nqn.2026-12.io.test:silent{k}x{i}");
+                let finished = finished.clone();
+                calls.push(tokio::spawn(async move {
+                    let r = c.attach_device(attach(&format!("r{k}x{i}"), &spec)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    r
+                }));
+            }
+        }
+        // Every thread TCP may take is held.
+        let t = Instant::now();
+        while held.lock().unwrap().len() < 48 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the attaches never came"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The operator's call is answered while they are all still held.
+        let mut local = mgmt::client::connect(&opts.api_socket).await.unwrap();
+        local.list_devices(pb::ListDevicesRequest {}).await.unwrap();
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            0,
+            "the call on the unix socket waited for calls over TCP"
+        );
+        // Let them go: every attach fails (no namespace there).
+        let_go.store(true, Ordering::SeqCst);
+        held.lock().unwrap().clear();
+        for c in calls {
+            assert!(c.await.unwrap().is_err());
+        }
+    });
+    acceptor.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(daemon.join().unwrap(), Ok(()));
+}
+
 #[test]
 fn a_degraded_volume_survives_restarts_and_blank_files_are_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();
