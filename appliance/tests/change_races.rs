@@ -816,3 +816,25 @@ fn failing_the_replacement_device_past_the_deadline_leaves_the_copy_going() {
     assert_eq!(rig.read(0, 64), vec![0x44; 64 * BS]);
     rig.stop();
 }
+
+/// From an audit: a new spare was first read (to erase what it held)
+/// after the volume was suspended, so one that did not answer held every
+/// guest IO for the metadata IO's time-out (30 s; a replacement the same).
+/// It is read first now, while guest IO goes on.
+#[test]
+fn a_new_spare_that_does_not_answer_does_not_hold_guest_io() {
+    let rig = Rig::new(Level::Raid1, 2, 0, false);
+    let spare = Arc::new(FaultDevice::new(ram("n0")));
+    spare.control().hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    std::thread::scope(|s| {
+        let adding = s.spawn(|| rig.monitor.add_spare(spare.clone()));
+        assert!(spare.control().wait_held(1, LONG));
+        // Guest IO goes on while the spare's first read is held.
+        rig.write(0, 16, 0x55).unwrap();
+        assert_eq!(rig.read(0, 16), vec![0x55; 16 * BS]);
+        spare.control().release();
+        adding.join().unwrap().unwrap();
+    });
+    assert!(rig.monitor.snapshot().spares.iter().any(|d| d == "n0"));
+    rig.stop();
+}

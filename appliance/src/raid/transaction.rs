@@ -84,6 +84,18 @@ impl Inner {
         if !plan.quiesce {
             return Ok(plan.follow);
         }
+        // A device the change erases (a new spare or replacement) is read
+        // first, while guest IO goes on: one that does not answer is
+        // refused now, not after holding the suspended volume for the
+        // metadata IO's time-out (audit). The erase reads it again.
+        for d in &plan.erase {
+            if let Err(e) = super::assembly::read_superblock(d.as_ref()) {
+                return Err(OpError::FailedPrecondition(format!(
+                    "{} cannot take the role: {e}",
+                    d.info().name
+                )));
+            }
+        }
         let timeout = self.timeout();
         // The suspend waits for writes still going to write-mostly members
         // in the background too: they are IO of this generation.
