@@ -18,6 +18,7 @@ mod devices;
 mod exports;
 mod import;
 mod inventory;
+mod lifecycle;
 mod nvmf;
 mod reload;
 mod roles;
@@ -30,12 +31,12 @@ mod volumes;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bdev::BlockDevice;
 use poller::{QuiesceError, ReactorSet, SuspendGuard};
 
-use crate::config::{Config, DeviceDecl, ExportDecl, VolumeDecl};
+use crate::config::{DeviceDecl, ExportDecl, VolumeDecl};
 use crate::export::{Export, ExportError};
 use crate::raid::members::MemberState;
 use crate::raid::monitor::{Monitor, OpError};
@@ -49,9 +50,6 @@ pub use unavailable::UnavailableView;
 
 /// How long a change waits for a volume's IO to drain, by default.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a stop waits for failed journals to drain (see
-/// `Manager::settle_failed_journals`).
-const JOURNAL_DRAIN_AT_STOP: Duration = Duration::from_secs(30);
 
 /// Why a change was refused; nothing changed. The variants are the gRPC
 /// status codes they become.
@@ -659,211 +657,6 @@ impl Manager {
     /// The reactors.
     pub fn reactors(&self) -> &ReactorSet {
         &self.shared.set
-    }
-
-    /// Bring up everything `config` declares, in order; the first error
-    /// stops it (the caller should refuse to start).
-    ///
-    /// `initial` says the configuration is the operator's initial setup
-    /// (`--config`, no state yet): RAID volumes on blank devices are then
-    /// created. Restoring saved state, a volume is only ever assembled from
-    /// its superblocks (except on RAM devices, which start blank).
-    pub fn restore(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
-        // From the state file: what it holds is the daemon's record (an
-        // edit made while the restore runs is set aside at its save, not
-        // overwritten: review).
-        if let (false, Some(path)) = (initial, &self.shared.state_file) {
-            lock(&self.shared.saving).restoring(path, config);
-        }
-        self.shared.quiet.store(true, Ordering::SeqCst);
-        let r = self.restore_all(config, initial);
-        self.shared.quiet.store(false, Ordering::SeqCst);
-        r?;
-        match self.save() {
-            // From saved state, everything runs as the file says: a disk
-            // full or read-only now must not keep every VM down (the
-            // health says the file is behind until a save works).
-            Err(e) if !initial => {
-                tracing::error!(error = %e, "the state file could not be written after the start; serving anyway");
-                Ok(())
-            }
-            r => r.map_err(|source| RestoreError {
-                part: "state file".into(),
-                source,
-            }),
-        }
-    }
-
-    fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
-        let failed = |part: String| move |source| RestoreError { part, source };
-        for d in &config.devices {
-            let attached = if initial {
-                self.attach_device(d.clone())
-            } else {
-                self.attach_saved(d.clone())
-            };
-            match attached {
-                Ok(_) => {}
-                // Saved state: a device that cannot be opened now is
-                // missing, as md starts an array with a member gone; one
-                // missing device must not keep every volume (and VM) down.
-                // An operator's first setup is refused whole instead.
-                Err(e) if !initial && !matches!(e, MgmtError::AlreadyExists(_)) => {
-                    tracing::error!(device = d.name, spec = d.spec, error = %e, "device missing at the start: its volumes start without it where they can");
-                    self.inv().missing.insert(d.name.clone(), d.clone());
-                }
-                Err(e) => return Err(failed(format!("device {}", d.name))(e)),
-            }
-        }
-        for v in &config.volumes {
-            match self.restore_volume(v, initial) {
-                Ok(()) => {}
-                // Saved state: a volume that cannot start is left out, not
-                // a reason to keep every other one (and VM) down. An
-                // operator's first setup is refused whole instead.
-                Err(e) if !initial => self.set_unavailable(v, e.to_string()),
-                Err(e) => return Err(failed(format!("volume {}", v.name))(e)),
-            }
-        }
-        // Saved state: an export that cannot be made now is kept (see
-        // `unserved`), not a reason to keep every volume (and VM) down. An
-        // operator's first setup is refused whole instead.
-        for e in &config.exports {
-            if !self.keep_export_of_unavailable(e) {
-                match self.create_export(e.clone()) {
-                    Ok(_) => {}
-                    Err(err) if !initial => self.keep_unserved_export(e, err.to_string()),
-                    Err(err) => return Err(failed(format!("export {}", e.name))(err)),
-                }
-            }
-        }
-        for e in &config.nvmf_exports {
-            if !self.keep_nvmf_of_unavailable(e) {
-                match self.create_nvmf_export(e.clone()) {
-                    Ok(_) => {}
-                    Err(err) if !initial => self.keep_unserved_nvmf(e, err.to_string()),
-                    Err(err) => return Err(failed(format!("nvme/tcp export {}", e.nqn))(err)),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    // ---- daemon ----
-
-    /// Health of every volume.
-    pub fn health(&self) -> Health {
-        let mut problems = Vec::new();
-        if self.shared.set.is_stopped() {
-            problems.push("the reactors have stopped".to_string());
-        }
-        for d in self.inv().missing.keys() {
-            problems.push(format!("device {d} could not be opened at the start"));
-        }
-        for (v, why) in self.unavailable_volumes() {
-            problems.push(format!("volume {v} did not start: {why}"));
-        }
-        problems.extend(self.inv().unserved.problems());
-        problems.extend(lock(&self.shared.saving).problems());
-        for v in self.list_volumes() {
-            if v.state != "optimal" {
-                problems.push(format!("volume {} is {}", v.name, v.state));
-            }
-            match v.journal_state {
-                Some(j) if j.failed && j.given_up => problems.push(format!(
-                    "volume {}: its journal device failed; writes go on without write-hole protection",
-                    v.name
-                )),
-                Some(j) if j.failed => problems.push(format!(
-                    "volume {}: its journal device failed and is not given up yet ({} cached blocks to drain, or the state file cannot be written): writes made since wait",
-                    v.name, j.cached_blocks
-                )),
-                _ => {}
-            }
-            if v.pending_changes > 0 {
-                problems.push(format!(
-                    "volume {}: {} change(s) waiting for its IO to drain",
-                    v.name, v.pending_changes
-                ));
-            }
-        }
-        Health {
-            status: if problems.is_empty() {
-                "ok"
-            } else {
-                "degraded"
-            },
-            problems,
-        }
-    }
-
-    /// Stop serving: a failed journal still draining gets up to 30 s to
-    /// finish first, exports disconnect (in-flight IO drains), volumes are
-    /// recorded clean. The state file keeps them for the next start.
-    pub fn shutdown(&self) {
-        if !self.shared.closed.load(Ordering::SeqCst) {
-            self.settle_failed_journals(JOURNAL_DRAIN_AT_STOP);
-            let _ = self.save();
-        }
-        self.shutdown_without_saving();
-    }
-
-    /// A journal that failed and still drains its write-back cache gets up
-    /// to `limit` to finish and be given up before the daemon stops: the
-    /// blocks it holds exist nowhere else but in its failed log, which the
-    /// next start may not be able to read (and the writes made without it
-    /// since are answered only once it is given up).
-    fn settle_failed_journals(&self, limit: Duration) {
-        let journals: Vec<(String, Arc<crate::raid::journal::Journal>)> = self
-            .inv()
-            .volumes
-            .iter()
-            .filter_map(|(name, v)| {
-                let j = v.monitor.as_ref()?.journal()?;
-                (j.has_failed() && !j.given_up_recorded()).then(|| (name.clone(), j))
-            })
-            .collect();
-        let deadline = Instant::now() + limit;
-        for (name, j) in journals {
-            while !j.given_up_recorded() {
-                if Instant::now() >= deadline {
-                    tracing::warn!(volume = name, cached = j.cache().len(), "stopping with a failed journal not yet drained; its log is replayed at the next start if it can be read");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-
-    /// Stop everything, leaving the state file as it is (after a failed
-    /// restore, so the file still says what should run).
-    pub fn shutdown_without_saving(&self) {
-        self.shared.quiet.store(true, Ordering::SeqCst);
-        self.shared.closed.store(true, Ordering::SeqCst);
-        let (exports, volumes) = {
-            let mut inv = self.inv();
-            inv.nvmf.clear();
-            (
-                std::mem::take(&mut inv.exports),
-                std::mem::take(&mut inv.volumes),
-            )
-        };
-        // Hosts' connections finish their commands and close.
-        self.shared.target.shutdown();
-        for (name, e) in exports {
-            if let Err(err) = e.export.delete(true) {
-                tracing::error!(export = name, error = %err, "deleting the export at shutdown");
-            }
-        }
-        for (name, v) in volumes {
-            // An operator's suspend ends with the daemon.
-            lock(&v.held).take();
-            if let Some(m) = &v.monitor {
-                if let Err(err) = m.close() {
-                    tracing::error!(volume = name, error = %err, "recording a clean shutdown");
-                }
-            }
-        }
     }
 }
 
