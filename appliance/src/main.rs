@@ -389,7 +389,7 @@ fn serve(a: ServeArgs) -> ExitCode {
     } else {
         let sink = appliance::raid::members::FailureSink::new(tx);
         let opened =
-            match appliance::raid::assembly::open_or_create("vol0", &raid_members, zeroed, sink) {
+            match appliance::raid::open::open_or_create("vol0", &raid_members, zeroed, sink) {
                 Ok(o) => o,
                 Err(e) => {
                     eprintln!("error: {e}");

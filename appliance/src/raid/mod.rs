@@ -16,6 +16,7 @@ mod member_meta;
 pub mod members;
 pub(crate) mod metaio;
 pub mod monitor;
+pub mod open;
 pub mod parity;
 pub mod raid1;
 pub mod raid5;
