@@ -188,12 +188,10 @@ impl Journal {
         let mut report = ReplayReport::default();
         let mut max_seq = s.checkpoint_seq;
         // Pass 1: write-through records (data and parity, as they went to
-        // the members), in order; remember the newest record of each block
-        // (only needed when there is write-back data to compare with).
-        // Pass 2: write-back data still newer than that, in order, with
+        // the members), in order.
+        // Pass 2: the write-back data no later record replaced, with
         // parity brought along (members never saw it before a reclaim).
-        let written_back = written_back(&mut log, &s, &found, bs)?;
-        let mut newest: std::collections::HashMap<(usize, u64), u64> = Default::default();
+        let live = live_write_back(&mut log, &s, &found, bs)?;
         // Write-back data needs its rows' parity brought along: a crash in
         // the middle of writing them leaves rows whose data is new and
         // parity old, which a second replay with a member missing would
@@ -249,11 +247,6 @@ impl Journal {
                         }
                     }
                     if !f.volume {
-                        for b in block..block + count as u64 {
-                            if written_back.contains(&(member, b)) {
-                                newest.insert((member, b), seq);
-                            }
-                        }
                         if let Some(Some(m)) = members.get(member) {
                             for k0 in (0..count).step_by(piece_blocks) {
                                 let n = piece_blocks.min(count - k0);
@@ -268,15 +261,11 @@ impl Journal {
                     let geo = geo.ok_or_else(|| {
                         RaidError::Invalid(format!("journal record {seq} holds write-back data, which needs a RAID5 volume's geometry"))
                     })?;
-                    // Sub-runs of blocks no later write-through record
-                    // wrote, a piece at a time.
+                    // Sub-runs of blocks no later record wrote, a piece
+                    // at a time.
                     let mut k0 = 0;
                     while k0 < count {
-                        let fresh = |k: usize| {
-                            newest
-                                .get(&(member, block + k as u64))
-                                .is_none_or(|&w| w < seq)
-                        };
+                        let fresh = |k: usize| live.get(&(member, block + k as u64)) == Some(&seq);
                         if !fresh(k0) {
                             k0 += 1;
                             continue;
@@ -348,44 +337,62 @@ impl Journal {
     }
 }
 
-/// Every (member, block) the write-back records in `found` name. Replay
-/// holds each of them, and its parity, in memory (see `Overlay`), so
-/// their number is bounded: an honest log names at most what the cache
-/// holds (a block leaves the cache through a write-through record that
-/// supersedes it), and one that names more than twice that is crafted or
-/// damaged. Refused then, rather than take the daemon's memory.
-fn written_back(
+/// The write-back blocks no later record replaced, each with the
+/// sequence of its newest write-back record, from the records in `found`
+/// in sequence order. Replay holds each of them, and its parity, in memory
+/// (see `Overlay`), so their number is bounded: they are what the cache
+/// held when the log ended (a block leaves the cache through a
+/// write-through record that names it: a reclaim, or a write that went
+/// to the members over it), and a log leaving more than twice that is
+/// crafted or damaged. Refused then, rather than take the daemon's memory.
+fn live_write_back(
     log: &mut LogReader,
     s: &Super,
     found: &[Found],
     bs: usize,
-) -> Result<std::collections::HashSet<(usize, u64)>, RaidError> {
+) -> Result<std::collections::HashMap<(usize, u64), u64>, RaidError> {
     let limit = 2 * super::cache_limit(s, bs as u32);
-    let mut blocks = std::collections::HashSet::new();
+    let mut live = std::collections::HashMap::new();
+    if !found.iter().any(|f| f.volume) {
+        return Ok(live);
+    }
     let mut h = vec![0u8; bs];
-    for f in found.iter().filter(|f| f.volume) {
+    for f in found {
         log.read(f.at, &mut h)?;
+        // The entries' runs share the record's data blocks: their sum is
+        // checked as the replay checks it, so a crafted record costs at
+        // most its size.
+        let mut left = f.blocks - 1;
         for k in 0..f.entries {
             let e = 32 + k * 16;
             let (member, count, block) = (
                 u32_at(&h, e) as usize,
-                u32_at(&h, e + 4) as u64,
+                u32_at(&h, e + 4) as usize,
                 u64_at(&h, e + 8),
             );
-            // Lengths are checked when the record is replayed: here only
-            // what the record can hold is counted.
-            for b in block..block.saturating_add(count.min(f.blocks as u64)) {
-                blocks.insert((member, b));
-            }
-            if blocks.len() as u64 > limit {
+            if count > left || block.checked_add(count as u64).is_none() {
                 return Err(RaidError::Invalid(format!(
-                    "journal {}: its log holds write-back data for more than {limit} blocks, more than its cache ever holds (crafted or damaged); start without it (--drop-journal) to use the volume",
+                    "journal record {} is inconsistent",
+                    f.seq
+                )));
+            }
+            left -= count;
+            for b in block..block + count as u64 {
+                if f.volume {
+                    live.insert((member, b), f.seq);
+                } else {
+                    live.remove(&(member, b));
+                }
+            }
+            if live.len() as u64 > limit {
+                return Err(RaidError::Invalid(format!(
+                    "journal {}: its log leaves write-back data for more than {limit} blocks, more than its cache ever holds (crafted or damaged); start without it (--drop-journal) to use the volume",
                     log.dev.info().name
                 )));
             }
         }
     }
-    Ok(blocks)
+    Ok(live)
 }
 
 /// Put write-back data `new` for `member` at member block `block` (one
