@@ -670,17 +670,15 @@ impl Ctx {
         }
     }
 
-    /// Whether writability of the watched `fd` wakes this reactor too: on
-    /// while its poller has output the peer has no room for (it may then
-    /// say Idle rather than retry on every loop), off once it has room
-    /// (a writable socket would end every sleep at once).
+    /// Whether the watched `fd` wakes this reactor on room to write rather
+    /// than on something to read: on while its poller has output the peer
+    /// has no room for and reads nothing meanwhile (it may then say Idle
+    /// rather than retry on every loop; input it leaves unread would end
+    /// every sleep at once), off once it has room (so would a writable
+    /// socket). Errors and hang-ups wake it either way.
     pub fn watch_writable(&mut self, fd: RawFd, on: bool) {
         if let Some((_, events)) = self.fds.iter_mut().find(|(f, _)| *f == fd) {
-            *events = if on {
-                libc::POLLIN | libc::POLLOUT
-            } else {
-                libc::POLLIN
-            };
+            *events = if on { libc::POLLOUT } else { libc::POLLIN };
         }
     }
 

@@ -195,8 +195,10 @@ struct Conn {
     sock: TcpStream,
     fd: RawFd,
     /// The last send stopped with output left that the socket had no room
-    /// for, and the reactor's sleep is told to wake on room for it.
+    /// for.
     out_blocked: bool,
+    /// The reactor's sleep wakes on room in the socket, not on input
+    /// (see `poll`).
     waits_for_room: bool,
     port: Arc<Port>,
     shared: Arc<TargetShared>,
@@ -300,7 +302,9 @@ impl Conn {
         // Output the host has no room for, and nothing else to do: the
         // reactor may sleep until the socket takes more, rather than try
         // again on every loop (a host that stopped reading kept a core
-        // busy for as long as it stayed connected: audit).
+        // busy for as long as it stayed connected: audit). Input waits
+        // meanwhile: it is read once there is room to answer it (a host
+        // sending on while it reads nothing must not wake every sleep).
         let waits = self.out_blocked && !work && self.inflight() == 0;
         if waits != self.waits_for_room {
             ctx.watch_writable(self.fd, waits);
