@@ -55,7 +55,8 @@ impl Service {
                 c.clone()
                     .acquire_owned()
                     .await
-                    .map_err(|_| Status::unavailable("the API is stopping"))?,
+                    // (Never closed: the error cannot come.)
+                    .map_err(|_| Status::unavailable("the API takes no more calls"))?,
             ),
             None => None,
         };
@@ -325,7 +326,12 @@ impl pb::appliance_server::Appliance for Service {
                     _ = tx.closed() => return,
                 }
                 let name = r.volume.clone();
-                v = match svc.blocking(move |m| m.get_volume(&name)).await {
+                // (Its turn may wait: a watcher gone meanwhile ends it.)
+                let next = tokio::select! {
+                    next = svc.blocking(move |m| m.get_volume(&name)) => next,
+                    _ = tx.closed() => return,
+                };
+                v = match next {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
                         let _ = tx.send(Err(status(e))).await;

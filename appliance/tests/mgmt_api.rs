@@ -1302,7 +1302,8 @@ fn calls_held_over_tcp_leave_threads_for_the_unix_socket() {
     let (o, s) = (opts.clone(), stop.clone());
     let daemon = std::thread::spawn(move || run(&o, s));
     // A listener that takes connections and never answers: an attach of
-    // a namespace there holds its call until the test lets them go.
+    // a namespace there holds its call until the test lets them go, or the
+    // initiator gives up waiting for an answer (10 s).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = silent.local_addr().unwrap();
     silent.set_nonblocking(true).unwrap();
@@ -1365,9 +1366,18 @@ fn calls_held_over_tcp_leave_threads_for_the_unix_socket() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The operator's call is answered while they are all still held.
+        // The operator's call is answered while they are all still held
+        // (the old code answered it once some had given up, after 10 s).
         let mut local = mgmt::client::connect(&opts.api_socket).await.unwrap();
-        local.list_devices(pb::ListDevicesRequest {}).await.unwrap();
+        let listed = tokio::time::timeout(
+            Duration::from_secs(8),
+            local.list_devices(pb::ListDevicesRequest {}),
+        )
+        .await;
+        assert!(
+            listed.is_ok_and(|r| r.is_ok()),
+            "the call on the unix socket was not answered"
+        );
         assert_eq!(
             finished.load(Ordering::SeqCst),
             0,

@@ -549,10 +549,14 @@ impl Manager {
         if let Err(e) = result {
             // The volume refused it (a bitmap set meanwhile, its change
             // out of time) after the format: the device goes back as it
-            // was (blank, or what a forced call overwrote), still held, so
-            // the next try does not take it for another volume's journal.
+            // was (blank, or what a forced call overwrote) before it is let
+            // go. If that cannot be written, it is erased at least: a
+            // journal of no volume must not be taken for one.
             if let Err(x) = before.restore(jdev.as_ref()) {
-                tracing::warn!(volume, device, error = %x, "putting back what a journal the volume refused overwrote");
+                tracing::warn!(volume, device, error = %x, "putting back what a journal the volume refused overwrote; erasing it");
+                if let Err(x) = crate::raid::journal::erase(jdev.as_ref()) {
+                    tracing::warn!(volume, device, error = %x, "erasing a journal the volume refused");
+                }
             }
             self.shared.roles.set(device, volume, None);
             return Err(e);

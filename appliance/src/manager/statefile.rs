@@ -32,7 +32,7 @@ impl Saves {
     /// What the health says.
     pub(super) fn problems(&self) -> impl Iterator<Item = String> + '_ {
         let failed = self.failed.iter().map(|why| {
-            format!("the state file could not be written ({why}): it is behind what runs until a save works (a reload writes it first)")
+            format!("the state file could not be written ({why}): it is behind what runs until a save works (a reload writes it first, and is refused while it cannot)")
         });
         let edit = self.edit_kept.iter().map(|p| {
             format!(
@@ -68,7 +68,13 @@ impl Saves {
                 .create_new(true)
                 .mode(0o600)
                 .open(&aside)
-                .and_then(|mut f| f.write_all(&now).and_then(|()| f.sync_all()))
+                .and_then(|mut f| {
+                    // A copy begun is not left half written (each later
+                    // save tries again under a new name).
+                    f.write_all(&now)
+                        .and_then(|()| f.sync_all())
+                        .inspect_err(|_| drop(std::fs::remove_file(&aside)))
+                })
         };
         match kept {
             Ok(()) => {
@@ -78,10 +84,12 @@ impl Saves {
             }
             // Not overwritten unseen (a disk full fails the save anyway):
             // the save fails, and the health says why.
-            Err(e) => Err(format!(
-                "it holds an edit by hand that no reload applied, and setting the edit aside in {} failed ({e}), so it is not overwritten",
-                aside.display()
-            )),
+            Err(e) => {
+                Err(format!(
+                    "holds an edit by hand that no reload applied, and setting the edit aside in {} failed ({e}), so it is not overwritten",
+                    aside.display()
+                ))
+            }
         }
     }
 
@@ -124,7 +132,7 @@ impl Shared {
         let config = lock(&self.inv).config();
         if let Err(why) = saves.keep_edit(path) {
             tracing::error!(file = %path.display(), "saving the daemon state: the state file {why}");
-            saves.failed = Some(why.clone());
+            saves.failed = Some(format!("the file {why}"));
             return Err(MgmtError::Internal(format!(
                 "the change was made but saving the state failed: the state file {why}"
             )));

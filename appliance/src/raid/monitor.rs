@@ -546,6 +546,12 @@ impl Monitor {
         // the volume stopped a replacement (audit).
         let replacing = s.current.member_set().replacing.clone();
         if let Some(r) = replacing.filter(|r| r.dev.info().name == name) {
+            // Taken before the change: a spare it puts to work replaces
+            // `s.rebuild` (review).
+            let copy = s
+                .rebuild
+                .clone()
+                .filter(|p| Arc::ptr_eq(&p.cursor, &r.cursor));
             let run = super::members::Run::of(&r.cursor);
             self.inner.apply(
                 &mut s,
@@ -555,11 +561,7 @@ impl Monitor {
             // the copy going: audit): the copy would stop at its next row
             // anyway, finding the replacement gone; cancelled, it reports
             // nothing, and the change above says it.
-            if let Some(p) = s
-                .rebuild
-                .as_ref()
-                .filter(|p| Arc::ptr_eq(&p.cursor, &r.cursor))
-            {
+            if let Some(p) = copy {
                 p.cancel.store(true, Ordering::SeqCst);
                 super::worker::wake(&self.inner.set);
             }
