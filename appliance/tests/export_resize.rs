@@ -425,6 +425,18 @@ fn the_whole_config_space_a_frontend_may_read_is_answered() {
         .get_config(60, 36, VhostUserConfigFlags::WRITABLE, &[0u8; 36])
         .expect("a newer field");
     assert_eq!(tail, vec![0u8; 36]);
+    // From an audit: the rust-vmm frontends (cloud-hypervisor, Firecracker)
+    // read the space at VHOST_USER_CONFIG_OFFSET; that was refused, and
+    // such a VM never got its disk.
+    let (_, at_0x100) = f
+        .get_config(
+            vhost::vhost_user::message::VHOST_USER_CONFIG_OFFSET,
+            60,
+            VhostUserConfigFlags::WRITABLE,
+            &[0u8; 60],
+        )
+        .expect("cloud-hypervisor's read");
+    assert_eq!(at_0x100[..], cfg[..60]);
     // The connection still serves.
     assert_eq!(capacity_bytes(&mut f), MIB);
     on.frontend.lock().unwrap().take();

@@ -11,7 +11,7 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
     VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserVringAddrFlags, VhostUserVringState, VHOST_USER_CONFIG_OFFSET,
 };
 use vhost::vhost_user::{
     Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
@@ -666,6 +666,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
         let mut c = self.config_space();
+        // The rust-vmm frontends (cloud-hypervisor, Firecracker, dragonball)
+        // ask at VHOST_USER_CONFIG_OFFSET (0x100) for the device's byte 0;
+        // QEMU and SPDK ask at 0. No frontend reads our space past 0xff
+        // from 0, so the two cannot be confused. (Refused before: such a
+        // VM never got its disk: audit.)
+        let offset = offset
+            .checked_sub(VHOST_USER_CONFIG_OFFSET)
+            .unwrap_or(offset);
         let (start, end) = (offset as usize, offset as usize + size as usize);
         if end > CONFIG_SPACE_MAX {
             return Err(invalid(format!(
