@@ -785,6 +785,9 @@ impl Conn {
             ctrl.state().connected.remove(&c.qid);
             return self.respond(cid, invalid, in_data(capsule::CONNECT_SUBNQN_AT));
         }
+        // No room for another channel on the volume's devices (a drive's
+        // queue pairs all taken) is for now: the host may try again.
+        let mut busy = false;
         let opened = sub
             .volume
             .quiesce()
@@ -792,7 +795,10 @@ impl Conn {
             .map_err(|e| e.to_string())
             .and_then(|gate| {
                 let (gen, v) = gate.config();
-                let ch = v.device.open_channel().map_err(|e| e.to_string())?;
+                let ch = v.device.open_channel().map_err(|e| {
+                    busy = matches!(e, bdev::BdevError::Exhausted(_));
+                    e.to_string()
+                })?;
                 Ok(IoPath {
                     qos: sub.volume.qos().map(QueueQos::new),
                     qos_timer: None,
@@ -811,7 +817,14 @@ impl Conn {
                 tracing::error!(error = %e, nqn = %sub.opts.nqn, "nvme/tcp: opening the volume for an IO queue failed");
                 self.uncount();
                 ctrl.state().connected.remove(&c.qid);
-                return self.respond(cid, status::INTERNAL, 0);
+                // Internal Error carries DNR: a Linux host then gives up
+                // reconnecting for good (audit).
+                let why = if busy {
+                    status::CONNECT_BUSY
+                } else {
+                    status::INTERNAL
+                };
+                return self.respond(cid, why, 0);
             }
         }
         self.slots = (0..entries)

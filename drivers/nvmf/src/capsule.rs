@@ -154,10 +154,13 @@ pub fn cqe_bytes(c: &Cqe) -> [u8; 16] {
 /// A completion for command `cid` of queue `qid` whose head is `sqhd`:
 /// result dwords 0 and 1 and `status`. Over a fabric there is no phase
 /// and the host decides about retries itself, so DNR is set only for
-/// errors a retry cannot fix.
+/// errors a retry cannot fix (not for a controller busy for now: Linux
+/// never reconnects after a Connect that failed with DNR).
 pub fn completion(cid: u16, qid: u16, sqhd: u16, result: u64, status: Status) -> Cqe {
-    let dnr =
-        !status.ok() && status != self::status::TRANSPORT && status != self::status::NS_NOT_READY;
+    let dnr = !status.ok()
+        && status != self::status::TRANSPORT
+        && status != self::status::NS_NOT_READY
+        && status != self::status::CONNECT_BUSY;
     Cqe {
         result: result as u32,
         rsvd: (result >> 32) as u32,
@@ -391,6 +394,20 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.cid(), 0x1234);
         assert_eq!(back.code(), Status::INVALID_FIELD);
+    }
+
+    /// DNR only on errors a retry cannot fix: Linux never reconnects after
+    /// a Connect that failed with it, so a controller busy for now must
+    /// not carry it (audit).
+    #[test]
+    fn do_not_retry_is_set_only_where_a_retry_cannot_help() {
+        let dnr = |s: Status| completion(1, 0, 0, 0, s).status >> 31 == 1;
+        assert!(dnr(Status::INVALID_FIELD));
+        assert!(dnr(status::INTERNAL));
+        assert!(!dnr(status::CONNECT_BUSY));
+        assert!(!dnr(status::TRANSPORT));
+        assert!(!dnr(status::NS_NOT_READY));
+        assert!(!dnr(Status::SUCCESS));
     }
 
     #[test]
