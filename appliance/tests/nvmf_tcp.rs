@@ -441,6 +441,28 @@ fn discovery_lists_only_what_the_host_may_use_and_others_are_refused() {
     assert_eq!(d.log_page(0x70, 1024, 0).unwrap()[..16], head[..16]);
 }
 
+/// From an audit: a discovery controller took the asynchronous event
+/// configuration and said it holds four requests, then refused every
+/// request at once; SPDK's host sends a refused one again at once, for as
+/// long as it stays connected. It is held, as on an IO controller.
+#[test]
+fn a_discovery_controller_holds_asynchronous_event_requests() {
+    let r = rig(&[HOST_A]);
+    let mut d = Controller::connect(
+        r.addr,
+        capsule::DISCOVERY_NQN,
+        &host(HOST_A, Digests::default()),
+    )
+    .unwrap();
+    d.set_features(0x0b, 1 << 31).unwrap();
+    let aer = d.admin.send(Sqe::new(0x0c, 0), &[], 0).unwrap();
+    // Commands are taken in order: the next answer is the keep-alive's.
+    let ka = d.admin.send(Sqe::new(0x18, 0), &[], 0).unwrap();
+    let reply = d.admin.recv().unwrap();
+    assert_eq!(reply.cqe.cid(), ka, "the event request {aer} was answered");
+    assert_eq!(reply.status(), Status::SUCCESS);
+}
+
 #[test]
 fn a_wildcard_listener_names_the_address_the_host_reached() {
     let r = rig(&[HOST_A]);

@@ -626,7 +626,11 @@ impl Conn {
                         fctype::CONNECT => Answer::err(Status::COMMAND_SEQUENCE),
                         _ => Answer::err(Status::INVALID_FIELD),
                     }
-                } else if s.opcode() == opc::ASYNC_EVENT && !c.is_discovery() {
+                } else if s.opcode() == opc::ASYNC_EVENT {
+                    // Held on a discovery controller too (it has no event
+                    // to send): it takes the configuration and says AERL,
+                    // and SPDK's host sent them again at once, without
+                    // end, when they were refused (audit).
                     if self.aers.len() >= AER_LIMIT {
                         Answer::err(status::AER_LIMIT)
                     } else {
