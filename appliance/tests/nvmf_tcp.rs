@@ -495,6 +495,38 @@ fn a_wildcard_listener_names_the_address_the_host_reached() {
         .trim_end_matches('\0')
         .to_string();
     assert_eq!(traddr, "127.0.0.1");
+    // From an audit: through a dual-stack listener ([::]) an IPv4 host was
+    // told the IPv6 family and "::ffff:127.0.0.1".
+    let Ok(dual) = r.target.add(
+        &r.volume,
+        options(
+            "nqn.2026-12.io.appliance:dual",
+            "[::]:0".parse().unwrap(),
+            &[HOST_A],
+        ),
+    ) else {
+        // (A machine without IPv6 has no such listener.)
+        return;
+    };
+    let reach: SocketAddr = format!("127.0.0.1:{}", dual.opts.listen.port())
+        .parse()
+        .unwrap();
+    let mut d = Controller::connect(
+        reach,
+        capsule::DISCOVERY_NQN,
+        &host(HOST_A, Digests::default()),
+    )
+    .unwrap();
+    let log = d.log_page(0x70, 1024 * 4, 0).unwrap();
+    let numrec = u64::from_le_bytes(log[8..16].try_into().unwrap()) as usize;
+    for k in 1..=numrec {
+        let e = &log[1024 * k..1024 * (k + 1)];
+        let traddr = String::from_utf8_lossy(&e[512..768])
+            .trim()
+            .trim_end_matches('\0')
+            .to_string();
+        assert_eq!((e[1], traddr.as_str()), (1, "127.0.0.1"), "entry {k}");
+    }
 }
 
 #[test]

@@ -209,13 +209,17 @@ pub fn discovery(
         .iter()
         .filter(|s| !s.is_removed() && s.allows(hostnqn))
         .collect();
+    // An IPv4 host reached through a dual-stack listener sees its own
+    // family, not "::ffff:a.b.c.d" (audit: its host then needed IPv6 and
+    // connected to the same subsystem twice).
+    let ip = addr.ip().to_canonical();
     let mut b = vec![0u8; 1024 * (1 + visible.len())];
     put(&mut b, 0, &generation.to_le_bytes()); // GENCTR
     put(&mut b, 8, &(visible.len() as u64).to_le_bytes()); // NUMREC
     for (i, s) in visible.iter().enumerate() {
         let e = 1024 * (i + 1);
         b[e] = 3; // TRTYPE: TCP
-        b[e + 1] = if addr.is_ipv4() { 1 } else { 2 }; // ADRFAM
+        b[e + 1] = if ip.is_ipv4() { 1 } else { 2 }; // ADRFAM
         b[e + 2] = 2; // SUBTYPE: NVMe subsystem
                       // TREQ 0 (not specified): older libnvme adds a TLS option the
                       // 6.1 kernel refuses when it says "not required".
@@ -224,8 +228,8 @@ pub fn discovery(
         put(&mut b, e + 8, &32u16.to_le_bytes()); // ASQSZ
         ascii(&mut b, e + 32, 32, &addr.port().to_string()); // TRSVCID
         string(&mut b, e + 256, 256, &s.opts.nqn); // SUBNQN
-        ascii(&mut b, e + 512, 256, &addr.ip().to_string()); // TRADDR
-                                                             // TSAS: no security.
+        ascii(&mut b, e + 512, 256, &ip.to_string()); // TRADDR
+                                                      // TSAS: no security.
     }
     b
 }
