@@ -180,6 +180,32 @@ fn a_call_or_kick_fd_that_is_not_an_eventfd_is_refused() {
     g.good_read(0);
 }
 
+/// From an audit: SET_VRING_KICK with the invalid-FD flag (polling, no
+/// kicks) was taken, the ring stopped and never started again: the
+/// frontend's guest waited for ever on that queue. It is refused (said in
+/// the answer when one is asked for), and the ring goes on as it was.
+#[test]
+fn a_kick_without_a_file_descriptor_is_refused() {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut g = Guest::new(&r.socks[0], 1);
+    let mut other = Guest::new(&r.socks[1], 1);
+    g.good_read(0);
+    // Queue 0, bit 8: no file descriptor.
+    let mut msg = header(SET_VRING_KICK, 8).to_vec();
+    msg.extend_from_slice(&(1u64 << 8).to_le_bytes());
+    // SAFETY: the frontend's socket, borrowed for one write and not closed.
+    let mut sock = std::mem::ManuallyDrop::new(unsafe {
+        std::os::unix::net::UnixStream::from_raw_fd(g.frontend.as_raw_fd())
+    });
+    sock.write_all(&msg).unwrap();
+    // Messages are taken in order: once this is answered, that was too.
+    g.frontend.get_features().unwrap();
+    g.good_read(0);
+    other.good_read(0);
+}
+
 /// A vhost-user message header: request, flags (version 1), payload size.
 fn header(request: u32, size: u32) -> [u8; 12] {
     let mut h = [0u8; 12];
@@ -190,6 +216,7 @@ fn header(request: u32, size: u32) -> [u8; 12] {
 }
 const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
+const SET_VRING_KICK: u32 = 12;
 
 /// Point 4: a frontend that sends a header and never the payload it
 /// announces held the export's control thread in a blocking read for good,

@@ -575,6 +575,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         tracing::debug!(index, fd = fd.is_some(), "vhost-user SET_VRING_KICK");
+        // The invalid-FD flag asks for polling without kicks, which the
+        // queues do not do: refused, so the frontend hears it, rather than
+        // taken and the ring never started (audit).
+        if fd.is_none() {
+            return Err(invalid(format!(
+                "vring {index}: polling without a kick fd is not supported"
+            )));
+        }
         check_eventfd(&fd, "kick", index)?;
         let acked = self.protocol_features_acked();
         if self.vring(index as u32)?.running.is_some() {
