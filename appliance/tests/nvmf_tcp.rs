@@ -205,9 +205,6 @@ fn identify_describes_the_volume_and_is_stable() {
     assert_eq!(id[111], 1, "an IO controller");
     assert_ne!(u16::from_le_bytes([id[320], id[321]]), 0, "KAS");
     assert_eq!(u16::from_le_bytes([id[1800], id[1801]]), 0, "ICDOFF");
-    // A RAM volume has no volatile cache, but a member that joins later
-    // may: hosts read VWC once (audit).
-    assert_eq!(id[525] & 1, 1, "VWC");
     let subnqn = String::from_utf8_lossy(&id[768..768 + NQN.len()]);
     assert_eq!(subnqn, NQN);
     let ns = c.identify(0x00, 1).unwrap();

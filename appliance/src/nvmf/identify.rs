@@ -106,11 +106,7 @@ pub fn controller(c: &Controller) -> Vec<u8> {
                                                // ONCS: Dataset Management, Write Zeroes, as the volume does them.
         let oncs = (info.discard as u16) << 2 | (info.write_zeroes as u16) << 3;
         put(&mut b, 520, &oncs.to_le_bytes());
-        // VWC, whatever the volume's devices are now: a host reads it
-        // once, and a member with a volatile cache may join later (a host
-        // told "none" never flushes: audit). A flush costs a device
-        // without one nothing.
-        b[525] = 1;
+        b[525] = info.flush as u8; // VWC
     }
     // SGLS: supported, offsets in data block descriptors.
     put(&mut b, 536, &(1u32 | 1 << 20).to_le_bytes());
