@@ -219,12 +219,7 @@ impl Journal {
                 let mut data = f.at + 1;
                 let end = f.at + f.blocks;
                 for k in 0..entries {
-                    let e = 32 + k * 16;
-                    let (member, count, block) = (
-                        u32_at(&h, e) as usize,
-                        u32_at(&h, e + 4) as usize,
-                        u64_at(&h, e + 8),
-                    );
+                    let (member, count, block) = entry_at(&h, k);
                     if count > end - data || block.checked_add(count as u64).is_none() {
                         return Err(RaidError::Invalid(format!(
                             "journal record {seq} is inconsistent"
@@ -337,6 +332,16 @@ impl Journal {
     }
 }
 
+/// Entry `k` of the record header `h`: member, blocks, first block.
+fn entry_at(h: &[u8], k: usize) -> (usize, usize, u64) {
+    let e = 32 + k * 16;
+    (
+        u32_at(h, e) as usize,
+        u32_at(h, e + 4) as usize,
+        u64_at(h, e + 8),
+    )
+}
+
 /// The write-back blocks no later record replaced, each with the
 /// sequence of its newest write-back record, from the records in `found`
 /// in sequence order. Replay holds each of them, and its parity, in memory
@@ -364,12 +369,7 @@ fn live_write_back(
         // most its size.
         let mut left = f.blocks - 1;
         for k in 0..f.entries {
-            let e = 32 + k * 16;
-            let (member, count, block) = (
-                u32_at(&h, e) as usize,
-                u32_at(&h, e + 4) as usize,
-                u64_at(&h, e + 8),
-            );
+            let (member, count, block) = entry_at(&h, k);
             if count > left || block.checked_add(count as u64).is_none() {
                 return Err(RaidError::Invalid(format!(
                     "journal record {} is inconsistent",
