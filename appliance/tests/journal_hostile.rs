@@ -281,6 +281,39 @@ fn a_replay_whose_second_superblock_copy_fails_starts_without_the_journal() {
     assert!(j.has_failed());
 }
 
+/// A journal and a RAID5's members, in files of `dir`.
+struct Raid5Rig {
+    /// The journal, j.img: 4 MiB, a log of about 1,020 blocks and a cache
+    /// of a sixteenth, 63.
+    dev: Arc<dyn BlockDevice>,
+    /// Three members of 512 blocks, m0.img.., and their files.
+    members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)>,
+    devs: Vec<Option<Arc<dyn BlockDevice>>>,
+    /// 16 KiB chunks (4 blocks), data from block 8.
+    geo: appliance::raid::geometry::Raid5Geometry,
+}
+
+fn raid5_rig(dir: &std::path::Path) -> Raid5Rig {
+    use appliance::raid::geometry::{Layout, Raid5Geometry};
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&dir.join("j.img"), BS as u32, 4 << 20).unwrap());
+    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
+        .map(|i| {
+            let path = dir.join(format!("m{i}.img"));
+            let d = FileDevice::create(&path, BS as u32, 512 * BS as u64).unwrap();
+            (Arc::new(d) as Arc<dyn BlockDevice>, path)
+        })
+        .collect();
+    let devs = members.iter().map(|(d, _)| Some(d.clone())).collect();
+    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 512).unwrap();
+    Raid5Rig {
+        dev,
+        members,
+        devs,
+        geo,
+    }
+}
+
 /// From an audit: replay holds every write-back block it places, and its
 /// parity, in memory until it has logged them (so a crash in the middle
 /// cannot leave rows half new). Nothing bounded how many: a crafted log
@@ -294,22 +327,13 @@ fn a_replay_whose_second_superblock_copy_fails_starts_without_the_journal() {
 /// replayed (review: the first bound counted every block ever written back).
 #[test]
 fn a_log_of_more_write_back_blocks_than_the_cache_holds_is_refused() {
-    use appliance::raid::geometry::{Layout, Raid5Geometry};
     let dir = tempfile::tempdir().unwrap();
-    // 4 MiB: a log of about 1,020 blocks and a cache of a sixteenth, 63.
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::create(&dir.path().join("j.img"), BS as u32, 4 << 20).unwrap());
-    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
-        .map(|i| {
-            let path = dir.path().join(format!("m{i}.img"));
-            let d = FileDevice::create(&path, BS as u32, 512 * BS as u64).unwrap();
-            (Arc::new(d) as Arc<dyn BlockDevice>, path)
-        })
-        .collect();
-    let devs: Vec<Option<Arc<dyn BlockDevice>>> =
-        members.iter().map(|(d, _)| Some(d.clone())).collect();
-    // Three members, 16 KiB chunks (4 blocks), data from block 8.
-    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 512).unwrap();
+    let Raid5Rig {
+        dev,
+        members,
+        devs,
+        geo,
+    } = raid5_rig(dir.path());
     // `chunks` write-back records of one whole chunk each, every one on
     // a data member of another stripe; `reclaimed`: each followed by the
     // write-through record of its reclaim.
@@ -383,21 +407,14 @@ fn a_log_of_more_write_back_blocks_than_the_cache_holds_is_refused() {
 /// record after a write-through one of the same block is placed.
 #[test]
 fn replay_places_each_blocks_newest_live_write_back_data() {
-    use appliance::raid::geometry::{Layout, Raid5Geometry};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j.img");
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::create(&path, BS as u32, 4 << 20).unwrap());
-    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
-        .map(|i| {
-            let p = dir.path().join(format!("m{i}.img"));
-            let d = FileDevice::create(&p, BS as u32, 512 * BS as u64).unwrap();
-            (Arc::new(d) as Arc<dyn BlockDevice>, p)
-        })
-        .collect();
-    let devs: Vec<Option<Arc<dyn BlockDevice>>> =
-        members.iter().map(|(d, _)| Some(d.clone())).collect();
-    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 512).unwrap();
+    let Raid5Rig {
+        dev,
+        members,
+        devs,
+        geo,
+    } = raid5_rig(dir.path());
     // Where stripe `s`'s chunk on its first data member lies.
     let at = |s: u64| {
         (
