@@ -462,3 +462,74 @@ fn replay_places_each_blocks_newest_live_write_back_data() {
         }
     }
 }
+
+/// From review: a degraded replay logs what it computed (new data and the
+/// parity brought along) before it writes the members, in records of up
+/// to 256 blocks. They were cut by member: a row's new data could be in a
+/// record that reached the log and its parity in one that did not. After
+/// a crash there, the next replay took the data as written and never
+/// brought its parity along, and the missing member's blocks in those
+/// rows read back wrong. Records hold whole rows now.
+#[test]
+fn a_crash_while_a_degraded_replay_logs_leaves_every_row_whole() {
+    use appliance::raid::geometry::{Layout, Raid5Geometry};
+    use bdev::FaultDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.img");
+    // 16 MiB: a cache of 255 blocks, room for 280 live ones.
+    let file: Arc<dyn BlockDevice> =
+        Arc::new(FileDevice::create(&path, BS as u32, 16 << 20).unwrap());
+    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("m{i}.img"));
+            let d = FileDevice::create(&p, BS as u32, 1024 * BS as u64).unwrap();
+            (Arc::new(d) as Arc<dyn BlockDevice>, p)
+        })
+        .collect();
+    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 1024).unwrap();
+    // 70 chunks on member 0 of stripes whose parity is on member 2: with
+    // member 1 missing, each row's new data and parity go to the log.
+    let stripes: Vec<u64> = (0..geo.stripes())
+        .filter(|&s| geo.parity_member(s) == 2)
+        .take(70)
+        .collect();
+    assert_eq!(stripes.len(), 70);
+    let j = Journal::format(file.clone()).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for &s in &stripes {
+        let entry = Entry {
+            member: 0,
+            count: 4,
+            block: geo.data_offset() + s * geo.chunk_blocks(),
+        };
+        let mut r = Vec::new();
+        j.record_header(&mut r, &[entry], 4, true);
+        r[BS..].fill(0x6b);
+        let (at, _) = j.reserve(&mut r, false).unwrap();
+        f.write_all_at(&r, at * BS as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(j);
+    let degraded = vec![Some(members[0].0.clone()), None, Some(members[2].0.clone())];
+    // The crash: the first of the replay's own records reaches the log
+    // (after the 70 records of 5 blocks, at device block 351, 257 blocks
+    // long), nothing after it does.
+    let faulty = Arc::new(FaultDevice::new(file.clone()));
+    faulty.control().fail_writes(1 + 350 + 257, u64::MAX);
+    let first = Journal::replay(faulty.clone(), &degraded, Some(&geo));
+    assert!(first.is_err(), "the replay's own records were all written");
+    // The next start replays again; member 1 must read back as it was
+    // (zeros) from member 0's data and the parity on member 2.
+    Journal::replay(file, &degraded, Some(&geo)).unwrap();
+    for &s in &stripes {
+        let b0 = geo.data_offset() + s * geo.chunk_blocks();
+        for b in b0..b0 + 4 {
+            let (d, p) = (block_of(&members[0].1, b), block_of(&members[2].1, b));
+            assert!(d.iter().all(|&x| x == 0x6b), "stripe {s} block {b} data");
+            assert!(
+                d.iter().zip(&p).all(|(x, y)| x ^ y == 0),
+                "stripe {s} block {b}: member 1 reads back wrong"
+            );
+        }
+    }
+}

@@ -535,50 +535,64 @@ fn log_overlay(
 ) -> Result<u64, RaidError> {
     let bs = overlay.bs;
     let total = s.log_blocks as usize;
-    // Runs of consecutive blocks per member, then records of at most
-    // MAX_ENTRIES runs and 256 blocks.
-    let mut runs: Vec<(usize, u64, Vec<&[u8]>)> = Vec::new();
+    // Records of whole rows (every member's block at one block number),
+    // at most 256 blocks and MAX_ENTRIES runs each: a crash between two
+    // records leaves a row's new data and its parity both logged or both
+    // not. Cut by member first, a row's data could be logged and its
+    // parity not, and the next replay took the data as written and never
+    // brought the parity along (review).
+    let mut rows: std::collections::BTreeMap<u64, Vec<(usize, &[u8])>> = Default::default();
     for (&(m, b), data) in &overlay.blocks {
-        match runs.last_mut() {
-            Some((rm, rb, v)) if *rm == m && *rb + v.len() as u64 == b && v.len() < 256 => {
-                v.push(data)
-            }
-            _ => runs.push((m, b, vec![data])),
-        }
+        rows.entry(b).or_default().push((m, data));
     }
     let mut records: Vec<Vec<u8>> = Vec::new();
-    let mut batch: Vec<&(usize, u64, Vec<&[u8]>)> = Vec::new();
-    let flush_batch = |batch: &mut Vec<&(usize, u64, Vec<&[u8]>)>, records: &mut Vec<Vec<u8>>| {
-        if batch.is_empty() {
-            return;
+    let record = |group: &mut Vec<(usize, u64, &[u8])>| {
+        // Entries are runs of consecutive blocks of one member.
+        group.sort_unstable_by_key(|&(m, b, _)| (m, b));
+        let mut entries: Vec<Entry> = Vec::new();
+        for &(m, b, _) in group.iter() {
+            match entries.last_mut() {
+                Some(e) if e.member as usize == m && e.block + e.count as u64 == b => e.count += 1,
+                _ => entries.push(Entry {
+                    member: m as u32,
+                    count: 1,
+                    block: b,
+                }),
+            }
         }
-        let blocks: usize = batch.iter().map(|r| r.2.len()).sum();
-        let entries: Vec<Entry> = batch
-            .iter()
-            .map(|(m, b, data)| Entry {
-                member: *m as u32,
-                count: data.len() as u32,
-                block: *b,
-            })
-            .collect();
         let mut r = Vec::new();
-        write_header(&mut r, bs, s.nonce, &entries, blocks, false);
-        for (k, d) in batch.iter().flat_map(|run| run.2.iter()).enumerate() {
+        write_header(&mut r, bs, s.nonce, &entries, group.len(), false);
+        for (k, (_, _, d)) in group.iter().enumerate() {
             r[(1 + k) * bs..(2 + k) * bs].copy_from_slice(d);
         }
-        records.push(r);
-        batch.clear();
+        group.clear();
+        r
     };
-    let mut in_batch = 0;
-    for run in &runs {
-        if batch.len() == MAX_ENTRIES || in_batch + run.2.len() > 256 {
-            flush_batch(&mut batch, &mut records);
-            in_batch = 0;
+    let mut group: Vec<(usize, u64, &[u8])> = Vec::new();
+    // Each member's last block in the group, and the runs so far.
+    let mut last: std::collections::HashMap<usize, u64> = Default::default();
+    let mut runs = 0;
+    for (&b, row) in &rows {
+        let new_runs = row
+            .iter()
+            .filter(|(m, _)| b.checked_sub(1) != last.get(m).copied())
+            .count();
+        if group.len() + row.len() > 256 || runs + new_runs > MAX_ENTRIES {
+            records.push(record(&mut group));
+            last.clear();
+            runs = 0;
         }
-        in_batch += run.2.len();
-        batch.push(run);
+        for &(m, d) in row {
+            if b.checked_sub(1) != last.get(&m).copied() {
+                runs += 1;
+            }
+            last.insert(m, b);
+            group.push((m, b, d));
+        }
     }
-    flush_batch(&mut batch, &mut records);
+    if !group.is_empty() {
+        records.push(record(&mut group));
+    }
     // The free space runs from the end of the newest live record to the
     // start of the oldest, around the ring; a record never wraps.
     let newest = found.iter().max_by_key(|r| r.seq);
