@@ -572,18 +572,20 @@ fn log_overlay(
     // Each member's last block in the group, and the runs so far.
     let mut last: std::collections::HashMap<usize, u64> = Default::default();
     let mut runs = 0;
+    // Whether member `m`'s block `b` starts a run (block 0 always does:
+    // review).
+    let starts = |last: &std::collections::HashMap<usize, u64>, m: usize, b: u64| {
+        last.get(&m).map(|l| l + 1) != Some(b)
+    };
     for (&b, row) in &rows {
-        let new_runs = row
-            .iter()
-            .filter(|(m, _)| b.checked_sub(1) != last.get(m).copied())
-            .count();
+        let new_runs = row.iter().filter(|(m, _)| starts(&last, *m, b)).count();
         if group.len() + row.len() > 256 || runs + new_runs > MAX_ENTRIES {
             records.push(record(&mut group));
             last.clear();
             runs = 0;
         }
         for &(m, d) in row {
-            if b.checked_sub(1) != last.get(&m).copied() {
+            if starts(&last, m, b) {
                 runs += 1;
             }
             last.insert(m, b);
