@@ -294,23 +294,83 @@ struct Raid5Rig {
 }
 
 fn raid5_rig(dir: &std::path::Path) -> Raid5Rig {
+    raid5_rig_of(dir, 4 << 20, 512, 8)
+}
+
+/// [`raid5_rig`] with a journal of `journal_bytes`, members of
+/// `member_blocks` and data from block `data_offset`.
+fn raid5_rig_of(
+    dir: &std::path::Path,
+    journal_bytes: u64,
+    member_blocks: u64,
+    data_offset: u64,
+) -> Raid5Rig {
     use appliance::raid::geometry::{Layout, Raid5Geometry};
     let dev: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::create(&dir.join("j.img"), BS as u32, 4 << 20).unwrap());
+        Arc::new(FileDevice::create(&dir.join("j.img"), BS as u32, journal_bytes).unwrap());
     let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
         .map(|i| {
             let path = dir.join(format!("m{i}.img"));
-            let d = FileDevice::create(&path, BS as u32, 512 * BS as u64).unwrap();
+            let d = FileDevice::create(&path, BS as u32, member_blocks * BS as u64).unwrap();
             (Arc::new(d) as Arc<dyn BlockDevice>, path)
         })
         .collect();
     let devs = members.iter().map(|(d, _)| Some(d.clone())).collect();
-    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 512).unwrap();
+    let geo = Raid5Geometry::new(
+        3,
+        BS as u32,
+        16384,
+        Layout::LeftSymmetric,
+        data_offset,
+        member_blocks,
+    )
+    .unwrap();
     Raid5Rig {
         dev,
         members,
         devs,
         geo,
+    }
+}
+
+/// Format the journal in `dir` (j.img, `dev`) and log, at each (member,
+/// block, blocks), write-back data of `byte`.
+fn log_write_back(
+    dir: &std::path::Path,
+    dev: &Arc<dyn BlockDevice>,
+    runs: &[(u32, u64, u32)],
+    byte: u8,
+) {
+    let j = Journal::format(dev.clone()).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("j.img"))
+        .unwrap();
+    for &(member, block, count) in runs {
+        let entry = Entry {
+            member,
+            count,
+            block,
+        };
+        let mut r = Vec::new();
+        j.record_header(&mut r, &[entry], count as usize, true);
+        r[BS..].fill(byte);
+        let (at, _) = j.reserve(&mut r, false).unwrap();
+        f.write_all_at(&r, at * BS as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Member 0 holds `byte` at each of `blocks`, and member 1 (missing)
+/// reads back as it was, zeros, from it and the parity on member 2.
+fn rows_whole(members: &[(Arc<dyn BlockDevice>, std::path::PathBuf)], blocks: &[u64], byte: u8) {
+    for &b in blocks {
+        let (d, p) = (block_of(&members[0].1, b), block_of(&members[2].1, b));
+        assert!(d.iter().all(|&x| x == byte), "block {b} data");
+        assert!(
+            d.iter().zip(&p).all(|(x, y)| x ^ y == 0),
+            "block {b}: member 1 reads back wrong"
+        );
     }
 }
 
@@ -472,66 +532,33 @@ fn replay_places_each_blocks_newest_live_write_back_data() {
 /// rows read back wrong. Records hold whole rows now.
 #[test]
 fn a_crash_while_a_degraded_replay_logs_leaves_every_row_whole() {
-    use appliance::raid::geometry::{Layout, Raid5Geometry};
     use bdev::FaultDevice;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j.img");
     // 16 MiB: a cache of 255 blocks, room for 280 live ones.
-    let file: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::create(&path, BS as u32, 16 << 20).unwrap());
-    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
-        .map(|i| {
-            let p = dir.path().join(format!("m{i}.img"));
-            let d = FileDevice::create(&p, BS as u32, 1024 * BS as u64).unwrap();
-            (Arc::new(d) as Arc<dyn BlockDevice>, p)
-        })
-        .collect();
-    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 8, 1024).unwrap();
+    let Raid5Rig {
+        dev, members, geo, ..
+    } = raid5_rig_of(dir.path(), 16 << 20, 1024, 8);
     // 70 chunks on member 0 of stripes whose parity is on member 2: with
     // member 1 missing, each row's new data and parity go to the log.
-    let stripes: Vec<u64> = (0..geo.stripes())
+    let runs: Vec<(u32, u64, u32)> = (0..geo.stripes())
         .filter(|&s| geo.parity_member(s) == 2)
         .take(70)
+        .map(|s| (0, geo.data_offset() + s * geo.chunk_blocks(), 4))
         .collect();
-    assert_eq!(stripes.len(), 70);
-    let j = Journal::format(file.clone()).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    for &s in &stripes {
-        let entry = Entry {
-            member: 0,
-            count: 4,
-            block: geo.data_offset() + s * geo.chunk_blocks(),
-        };
-        let mut r = Vec::new();
-        j.record_header(&mut r, &[entry], 4, true);
-        r[BS..].fill(0x6b);
-        let (at, _) = j.reserve(&mut r, false).unwrap();
-        f.write_all_at(&r, at * BS as u64).unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(j);
+    assert_eq!(runs.len(), 70);
+    log_write_back(dir.path(), &dev, &runs, 0x6b);
     let degraded = vec![Some(members[0].0.clone()), None, Some(members[2].0.clone())];
     // The crash: the first of the replay's own records reaches the log
     // (after the 70 records of 5 blocks, at device block 351, 257 blocks
     // long), nothing after it does.
-    let faulty = Arc::new(FaultDevice::new(file.clone()));
+    let faulty = Arc::new(FaultDevice::new(dev.clone()));
     faulty.control().fail_writes(1 + 350 + 257, u64::MAX);
     let first = Journal::replay(faulty.clone(), &degraded, Some(&geo));
     assert!(first.is_err(), "the replay's own records were all written");
-    // The next start replays again; member 1 must read back as it was
-    // (zeros) from member 0's data and the parity on member 2.
-    Journal::replay(file, &degraded, Some(&geo)).unwrap();
-    for &s in &stripes {
-        let b0 = geo.data_offset() + s * geo.chunk_blocks();
-        for b in b0..b0 + 4 {
-            let (d, p) = (block_of(&members[0].1, b), block_of(&members[2].1, b));
-            assert!(d.iter().all(|&x| x == 0x6b), "stripe {s} block {b} data");
-            assert!(
-                d.iter().zip(&p).all(|(x, y)| x ^ y == 0),
-                "stripe {s} block {b}: member 1 reads back wrong"
-            );
-        }
-    }
+    // The next start replays again.
+    Journal::replay(dev, &degraded, Some(&geo)).unwrap();
+    let blocks: Vec<u64> = runs.iter().flat_map(|&(_, b, _)| b..b + 4).collect();
+    rows_whole(&members, &blocks, 0x6b);
 }
 
 /// From review: the runs of blocks of member block 0 were not counted
@@ -542,21 +569,11 @@ fn a_crash_while_a_degraded_replay_logs_leaves_every_row_whole() {
 /// writes the members.
 #[test]
 fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
-    use appliance::raid::geometry::{Layout, Raid5Geometry};
     use bdev::FaultDevice;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j.img");
-    let file: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::create(&path, BS as u32, 16 << 20).unwrap());
-    let members: Vec<(Arc<dyn BlockDevice>, std::path::PathBuf)> = (0..3)
-        .map(|i| {
-            let p = dir.path().join(format!("m{i}.img"));
-            let d = FileDevice::create(&p, BS as u32, 1024 * BS as u64).unwrap();
-            (Arc::new(d) as Arc<dyn BlockDevice>, p)
-        })
-        .collect();
-    // Data from block 0.
-    let geo = Raid5Geometry::new(3, BS as u32, 16384, Layout::LeftSymmetric, 0, 1024).unwrap();
+    let Raid5Rig {
+        dev, members, geo, ..
+    } = raid5_rig_of(dir.path(), 16 << 20, 1024, 0);
     // Blocks 0 and 2 of the chunk on member 0 of 60 stripes whose parity
     // is on member 2: 120 rows of two runs each.
     let blocks: Vec<u64> = (0..geo.stripes())
@@ -564,22 +581,8 @@ fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
         .take(60)
         .flat_map(|s| [s * geo.chunk_blocks(), s * geo.chunk_blocks() + 2])
         .collect();
-    let j = Journal::format(file.clone()).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    for &block in &blocks {
-        let entry = Entry {
-            member: 0,
-            count: 1,
-            block,
-        };
-        let mut r = Vec::new();
-        j.record_header(&mut r, &[entry], 1, true);
-        r[BS..].fill(0x7c);
-        let (at, _) = j.reserve(&mut r, false).unwrap();
-        f.write_all_at(&r, at * BS as u64).unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(j);
+    let runs: Vec<(u32, u64, u32)> = blocks.iter().map(|&b| (0, b, 1)).collect();
+    log_write_back(dir.path(), &dev, &runs, 0x7c);
     // The crash: the replay's records are logged, member 0 takes its new
     // data, member 2's parity writes fail.
     let parity = Arc::new(FaultDevice::new(members[2].0.clone()));
@@ -589,15 +592,8 @@ fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
         None,
         Some(parity.clone() as Arc<dyn BlockDevice>),
     ];
-    assert!(Journal::replay(file.clone(), &degraded, Some(&geo)).is_err());
+    assert!(Journal::replay(dev.clone(), &degraded, Some(&geo)).is_err());
     let degraded = vec![Some(members[0].0.clone()), None, Some(members[2].0.clone())];
-    Journal::replay(file, &degraded, Some(&geo)).unwrap();
-    for &b in &blocks {
-        let (d, p) = (block_of(&members[0].1, b), block_of(&members[2].1, b));
-        assert!(d.iter().all(|&x| x == 0x7c), "block {b} data");
-        assert!(
-            d.iter().zip(&p).all(|(x, y)| x ^ y == 0),
-            "block {b}: member 1 reads back wrong"
-        );
-    }
+    Journal::replay(dev, &degraded, Some(&geo)).unwrap();
+    rows_whole(&members, &blocks, 0x7c);
 }
