@@ -19,6 +19,23 @@ fn devices(c: &Config) -> Vec<String> {
     c.devices.iter().map(|d| d.name.clone()).collect()
 }
 
+/// A manager saving to `state` after attaching device a, and the file
+/// then edited by hand to add device b (no reload): the reactors, the
+/// manager and the edited text.
+fn edited_after_a_save(state: &std::path::Path) -> (Reactors, Manager, String) {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(state.to_path_buf()));
+    mgr.attach_device(ram("a")).unwrap();
+    let mut edited = std::fs::read_to_string(state).unwrap();
+    edited.push_str("\n[[device]]\nname = \"b\"\nspec = \"ram:4M\"\n");
+    std::fs::write(state, &edited).unwrap();
+    (reactors, mgr, edited)
+}
+
 /// From an audit: an edit of the state file that no reload applied was
 /// overwritten by the next save (a change, a rebuild's end, the stop's
 /// save at `systemctl restart`), and the operator's edit was gone without
@@ -27,17 +44,8 @@ fn devices(c: &Config) -> Vec<String> {
 fn an_edit_no_reload_applied_is_set_aside_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.toml");
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let mgr = Manager::new(reactors.set(), Some(state.clone()));
-    mgr.attach_device(ram("a")).unwrap();
     // Edited, and the reload forgotten.
-    let mut edited = std::fs::read_to_string(&state).unwrap();
-    edited.push_str("\n[[device]]\nname = \"b\"\nspec = \"ram:4M\"\n");
-    std::fs::write(&state, &edited).unwrap();
+    let (reactors, mgr, edited) = edited_after_a_save(&state);
     // The next change writes what runs; the edit is set aside.
     mgr.attach_device(ram("c")).unwrap();
     assert_eq!(devices(&Config::load(&state).unwrap()), ["a", "c"]);
@@ -93,16 +101,7 @@ fn an_edit_that_cannot_be_set_aside_is_not_overwritten() {
     // 240 bytes: the file and a save's temporary name fit in NAME_MAX
     // (255), the name with ".edited-SECONDS.NANOS" does not.
     let state = dir.path().join(format!("{}.toml", "s".repeat(235)));
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let mgr = Manager::new(reactors.set(), Some(state.clone()));
-    mgr.attach_device(ram("a")).unwrap();
-    let mut edited = std::fs::read_to_string(&state).unwrap();
-    edited.push_str("\n[[device]]\nname = \"b\"\nspec = \"ram:4M\"\n");
-    std::fs::write(&state, &edited).unwrap();
+    let (reactors, mgr, edited) = edited_after_a_save(&state);
     let err = mgr.attach_device(ram("c")).unwrap_err().to_string();
     assert!(
         err.contains("change was made") && err.contains("not overwritten"),
