@@ -60,36 +60,25 @@ fn with_write_behind_writes_go_on_while_the_remote_mirror_is_away() {
 }
 
 fn remote_mirror(write_behind: bool) {
-    let dir_b = tempfile::tempdir().unwrap();
-    let dir_a = tempfile::tempdir().unwrap();
-    let (port_a, port_b) = (free_port(), free_port());
-    let cfg_b = dir_b.path().join("b.toml");
-    std::fs::write(
-        &cfg_b,
+    let (dir_b, mut b, api_b, port_b) = start_on_a_free_port(|dir, port_b| {
         format!(
             "[[device]]\nname = \"bf\"\nspec = \"file:{}:64M\"\n\n[[volume]]\nname = \"bv\"\nlevel = \"single\"\nmembers = [\"bf\"]\n\n[[nvmf_export]]\nnqn = \"{REMOTE}\"\nvolume = \"bv\"\nlisten = \"127.0.0.1:{port_b}\"\nallow_any_host = true\n",
-            dir_b.path().join("b.img").display()
-        ),
-    )
-    .unwrap();
-    let (mut b, api_b) = start(dir_b.path(), &cfg_b, &format!("127.0.0.1:{}", free_port()));
+            dir.join("b.img").display()
+        )
+    });
     let mut reap_b = KillOnPanic(b.id());
 
-    let cfg_a = dir_a.path().join("a.toml");
-    std::fs::write(
-        &cfg_a,
+    let (_dir_a, mut a, api_a, port_a) = start_on_a_free_port(|dir, port_a| {
         format!(
             "[[device]]\nname = \"near\"\nspec = \"file:{}:64M\"\n\n[[device]]\nname = \"far\"\nspec = \"nvmf-tcp://127.0.0.1:{port_b}/{REMOTE}?loss-timeout=60\"\n\n[[volume]]\nname = \"mirror\"\nlevel = \"raid1\"\nmembers = [\"near\", \"far\"]\n{}\n[[nvmf_export]]\nnqn = \"{MIRROR}\"\nvolume = \"mirror\"\nlisten = \"127.0.0.1:{port_a}\"\nallow_any_host = true\n",
-            dir_a.path().join("a.img").display(),
+            dir.join("a.img").display(),
             if write_behind {
                 "bitmap = true\nwrite_behind = 256\n"
             } else {
                 ""
             }
-        ),
-    )
-    .unwrap();
-    let (mut a, api_a) = start(dir_a.path(), &cfg_a, &format!("127.0.0.1:{}", free_port()));
+        )
+    });
     let _reap_a = KillOnPanic(a.id());
     ok(&applctl(
         &api_a,

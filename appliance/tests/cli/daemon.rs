@@ -101,30 +101,72 @@ pub fn volume_members(api: &Path, volume: &str) -> Vec<String> {
         .collect()
 }
 
-/// GET /metrics from the daemon's Prometheus listener.
+/// The daemon on `config` in `dir`, its metrics on `metrics`, once its
+/// API answers.
 pub fn start(dir: &Path, config: &Path, metrics: &str) -> (Child, PathBuf) {
+    try_start(dir, config, metrics).unwrap_or_else(|log| panic!("{log}"))
+}
+
+/// As `start`, but a daemon that stops before its API answers is the
+/// caller's to judge: the error holds why, and its log.
+pub fn try_start(dir: &Path, config: &Path, metrics: &str) -> Result<(Child, PathBuf), String> {
     let api = dir.join("api.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+    let log = dir.join("daemon.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_appliance"))
         .args(["daemon", "--reactors", "2", "--metrics", metrics, "--api"])
         .arg(&api)
         .arg("--state")
         .arg(dir.join("state.toml"))
         .arg("--config")
         .arg(config)
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let _reap = KillOnPanic(child.id());
     let t = Instant::now();
     while applctl(&api, &["version"]).status.code() != Some(0) {
+        // Why it did not come up is in its log: a test that fails here
+        // says so (one CI run only said that it had not).
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("the daemon stopped ({status}):\n{}", log_of(&log)));
+        }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "the daemon did not come up"
+            "the daemon did not come up:\n{}",
+            log_of(&log)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (child, api)
+    Ok((child, api))
+}
+
+/// A daemon whose setup (written by `setup` for a directory and a port)
+/// listens on a TCP port picked free. Another test may bind that port
+/// before the daemon does; the daemon then stops, and it is started
+/// again on another port, in a new directory (so that nothing of the
+/// try before is restored).
+pub fn start_on_a_free_port(
+    setup: impl Fn(&Path, u16) -> String,
+) -> (tempfile::TempDir, Child, PathBuf, u16) {
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("setup.toml");
+        std::fs::write(&config, setup(dir.path(), port)).unwrap();
+        match try_start(dir.path(), &config, "127.0.0.1:0") {
+            Ok((child, api)) => return (dir, child, api, port),
+            Err(log) if log.contains("Address already in use") => continue,
+            Err(log) => panic!("{log}"),
+        }
+    }
+    panic!("five ports picked free were taken before the daemon bound them")
+}
+
+/// The daemon's log, as far as it was written.
+fn log_of(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_else(|e| format!("({}: {e})", log.display()))
 }
 
 /// The daemon again on the state in `dir` (no --config), with `extra`
