@@ -3,12 +3,16 @@
 //! stayed down with it. It is left out now, as mdadm leaves an array it
 //! cannot assemble: said with why, kept in the state file with its
 //! exports, its devices held, until a reload starts it once mended, or the
-//! operator deletes it.
+//! operator deletes it. A volume that starts with a member missing keeps
+//! its guest's disk.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+#[path = "hostile/guest.rs"]
+mod guest;
 
 use appliance::config::{Config, DeviceDecl, ExportDecl, NvmfExportDecl, VolumeDecl};
 use appliance::manager::{Manager, MgmtError};
@@ -810,5 +814,132 @@ fn a_reload_drops_a_volume_with_its_unmade_export_at_once() {
         saved.volumes.is_empty() && saved.exports.is_empty(),
         "{saved:?}"
     );
+    stop(d);
+}
+
+/// From an audit: a RAID1 started with a member missing does neither
+/// discard nor write zeroes (it cannot know what the missing one does), so
+/// its export no longer offers them. A frontend reconnecting after the
+/// restart sets the features its guest took before (QEMU sends the
+/// guest's own): that was refused, and the guest lost its disk. It is
+/// taken now; such requests are answered "unsupported", and reads and
+/// writes go on.
+#[test]
+fn a_guest_keeps_its_disk_when_its_raid1_restarts_with_a_member_missing() {
+    use guest::*;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    const DISCARD: u64 = 1 << 13;
+    const WRITE_ZEROES: u64 = 1 << 14;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let path = |n: &str| dir.path().join(n);
+    let sock = path("e.sock");
+    let d = start(&state);
+    for n in ["a", "b"] {
+        d.mgr
+            .attach_device(DeviceDecl {
+                name: n.into(),
+                spec: format!("file:{}:16M", path(n).display()),
+                block_size: 4096,
+            })
+            .unwrap();
+    }
+    d.mgr
+        .create_volume(VolumeDecl::new("m", "raid1", &["a", "b"]), false)
+        .unwrap();
+    d.mgr
+        .create_export(ExportDecl {
+            name: "e".into(),
+            volume: "m".into(),
+            socket: sock.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    // One 4 KiB request of `kind` at sector 8 from guest address 0x40000.
+    let request = |g: &mut Guest, kind: u32| {
+        let (h, s) = (0x20000, 0x60000);
+        exchange(
+            g,
+            |g, t| {
+                g.header(h, kind, 8);
+                g.desc(t, 0, h, 16, NEXT, 1);
+                let flags = if kind == IN { NEXT | WRITE } else { NEXT };
+                g.desc(t, 1, 0x40000, 4096, flags, 2);
+                g.desc(t, 2, s, 1, WRITE, 0);
+            },
+            s,
+        )
+        .1
+    };
+    // A discard or write zeroes of sectors 64..72 (one segment).
+    let range = |g: &mut Guest, kind: u32| {
+        let (h, seg, s) = (0x20000, 0x30000, 0x60000);
+        exchange(
+            g,
+            |g, t| {
+                g.header(h, kind, 0);
+                g.write(seg, 64u64);
+                g.write(seg + 8, 8u32);
+                g.write(seg + 12, 0u32);
+                g.desc(t, 0, h, 16, NEXT, 1);
+                g.desc(t, 1, seg, 16, NEXT, 2);
+                g.desc(t, 2, s, 1, WRITE, 0);
+            },
+            s,
+        )
+        .1
+    };
+    const T_DISCARD: u32 = 11;
+    const T_WRITE_ZEROES: u32 = 13;
+    let setup = Setup {
+        features: DISCARD | WRITE_ZEROES,
+        ..Default::default()
+    };
+    let mut g = Guest::setup(&sock, setup);
+    g.write(0x40000, [0x5au8; 4096]);
+    assert_eq!(request(&mut g, OUT), S_OK);
+    assert_eq!(range(&mut g, T_DISCARD), S_OK);
+    drop(g);
+    stop(d);
+
+    std::fs::rename(path("b"), path("b.away")).unwrap();
+    let d = start(&state);
+    let v = d.mgr.get_volume("m").unwrap();
+    assert_eq!(v.state, "degraded", "{:?}", v.members);
+    // (Replies are asked for, so a refusal is an error here. QEMU asks for
+    // none: the refused features left the connection with none taken,
+    // and the queue's enable was refused, which here fails the set-up.)
+    let setup = Setup {
+        features: DISCARD | WRITE_ZEROES,
+        protocol: VhostUserProtocolFeatures::REPLY_ACK,
+        ..Default::default()
+    };
+    let mut g = Guest::setup(&sock, setup);
+    g.write(0x40000, [0u8; 4096]);
+    assert_eq!(request(&mut g, IN), S_OK);
+    assert_eq!(g.read::<[u8; 4096]>(0x40000), [0x5au8; 4096]);
+    assert_eq!(range(&mut g, T_DISCARD), S_UNSUPP);
+    assert_eq!(range(&mut g, T_WRITE_ZEROES), S_UNSUPP);
+    g.write(0x40000, [0xa5u8; 4096]);
+    assert_eq!(request(&mut g, OUT), S_OK);
+    drop(g);
+    // A feature the export never offers is still refused (read-only).
+    use vhost::vhost_user::message::VhostUserHeaderFlag;
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    let mut f = vhost::vhost_user::Frontend::connect(&sock, 1).unwrap();
+    f.set_owner().unwrap();
+    let base = (1 << 32) | (1 << 30);
+    assert_eq!(f.get_features().unwrap() & (DISCARD | WRITE_ZEROES), 0);
+    f.set_features(base).unwrap();
+    assert!(f
+        .get_protocol_features()
+        .unwrap()
+        .contains(VhostUserProtocolFeatures::REPLY_ACK));
+    f.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    f.set_features(base | DISCARD).unwrap();
+    assert!(f.set_features(base | 1 << 5).is_err());
     stop(d);
 }

@@ -68,6 +68,16 @@ pub fn offered_features(shared: &ExportShared) -> u64 {
     f
 }
 
+/// Features offered as the volume's devices do them. A frontend that
+/// reconnects after the daemon restarts sets again the features its guest
+/// took (QEMU sends the guest's own), and the guest cannot take them back
+/// without a reset. The volume may have come up without them meanwhile: a
+/// RAID1 assembled with a member missing does neither, as it cannot know
+/// what the missing one does. Refusing the frontend took the guest's disk;
+/// it is taken, and such requests are answered "unsupported" (as to a
+/// guest that never took them); its reads and writes go on.
+const VOLUME_DECIDES: u64 = 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+
 /// Protocol features offered.
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
@@ -386,11 +396,18 @@ impl VhostUserBackendReqHandlerMut for Handler {
             "vhost-user SET_FEATURES"
         );
         let offered = offered_features(&self.export);
-        if features & !offered != 0 {
+        let not_offered = features & !offered;
+        if not_offered & !VOLUME_DECIDES != 0 {
             return Err(invalid(format!(
-                "features {:#x} were not offered",
-                features & !offered
+                "features {not_offered:#x} were not offered"
             )));
+        }
+        if not_offered != 0 {
+            tracing::warn!(
+                export = %self.export.options.socket.display(),
+                features = format_args!("{not_offered:#x}"),
+                "vhost-user: the frontend keeps discard or write zeroes, which its guest took before and the volume no longer does: such requests are answered \"unsupported\""
+            );
         }
         let log_changed = (self.features ^ features) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         let log_on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;

@@ -60,6 +60,9 @@ pub struct Setup<'a> {
     pub event_idx: bool,
     /// The memfd's name (it shows in /proc/PID/maps).
     pub name: &'a std::ffi::CStr,
+    /// Virtio features asked for besides VERSION_1, PROTOCOL_FEATURES and
+    /// INDIRECT_DESC (and EVENT_IDX), offered or not.
+    pub features: u64,
     /// Protocol features asked for besides CONFIG and MQ.
     pub protocol: VhostUserProtocolFeatures,
     /// The call "eventfd" of each queue (a test may pass anything).
@@ -76,6 +79,7 @@ impl Default for Setup<'_> {
             queues: 1,
             event_idx: false,
             name: c"guest",
+            features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             call: &|_| EventFd::new(0).unwrap(),
             call_taken: true,
@@ -147,7 +151,7 @@ impl Guest {
         // VERSION_1 | PROTOCOL_FEATURES | INDIRECT_DESC (+ EVENT_IDX).
         let want = (1u64 << 32) | (1 << 30) | (1 << 28) | (u64::from(s.event_idx) << EVENT_IDX);
         assert_eq!(features & want, want);
-        f.set_features(want).unwrap();
+        f.set_features(want | s.features).unwrap();
         let pf = f.get_protocol_features().unwrap();
         f.set_protocol_features(
             pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | s.protocol),
