@@ -779,10 +779,9 @@ pub fn assemble(
     report
 }
 
-/// A stand-in for a missing member, shaped like the volume's devices (it
-/// is marked failed, so no IO reaches it).
-/// A missing member's stand-in, sized like a current one (a stale device
-/// may be of another geometry).
+/// A stand-in for a missing member, sized like a current one (a stale
+/// device may be of another geometry). It is marked failed, so no IO
+/// reaches it.
 fn placeholder(slots: &[Option<Arc<dyn BlockDevice>>], found: &[Found]) -> Arc<dyn BlockDevice> {
     let like = slots.iter().flatten().next().unwrap_or(&found[0].0);
     super::members::MissingDevice::like(like.as_ref())
