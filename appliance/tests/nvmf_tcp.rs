@@ -384,13 +384,17 @@ fn discovery_lists_only_what_the_host_may_use_and_others_are_refused() {
             options("nqn.2026-12.io.appliance:other", listen, &[HOST_B]),
         )
         .unwrap();
-    let mut d = Controller::connect(
-        r.addr,
-        capsule::DISCOVERY_NQN,
-        &host(HOST_A, Digests::default()),
-    )
-    .unwrap();
+    // A keep-alive of 10 minutes asked for is held to 2, and Get Features
+    // says so.
+    let cfg = HostConfig {
+        kato_ms: 600_000,
+        ..host(HOST_A, Digests::default())
+    };
+    let mut d = Controller::connect(r.addr, capsule::DISCOVERY_NQN, &cfg).unwrap();
     assert_eq!(d.id[111], 2, "a discovery controller");
+    let mut get = Sqe::new(0x0a, 0);
+    get.cdw[0] = 0x0f;
+    assert_eq!(d.admin.exec(get, &[], 0).unwrap().cqe.result, 120_000);
     let head = d.log_page(0x70, 1024, 0).unwrap();
     let numrec = u64::from_le_bytes(head[8..16].try_into().unwrap());
     assert_eq!(numrec, 1);

@@ -49,12 +49,6 @@ const RX_START: usize = 16 << 10;
 /// it while it connects to the subsystems it found, and a persistent one
 /// sets a keep-alive (ours takes no event requests).
 const DISCOVERY_IDLE: Duration = Duration::from_secs(30);
-/// The longest keep-alive a discovery controller is held to: open to any
-/// host, one that asked for days (KATO is the host's to set, up to 49
-/// days) and went quiet held its connection slot that long, and a few
-/// hundred of them every slot of the port. Linux sends a persistent
-/// discovery controller's keep-alive every few seconds.
-const DISCOVERY_KATO_MAX: Duration = Duration::from_secs(120);
 /// How often an admin queue looks at keep-alive and namespace changes.
 const TICK: Duration = Duration::from_millis(100);
 /// How long a new connection may take to send ICReq and Connect.
@@ -413,9 +407,7 @@ impl Conn {
                 let c = c.clone();
                 let expired = {
                     let st = c.state();
-                    let limit = if st.kato_ms > 0 && c.is_discovery() {
-                        Some(Duration::from_millis(st.kato_ms as u64).min(DISCOVERY_KATO_MAX))
-                    } else if st.kato_ms > 0 {
+                    let limit = if st.kato_ms > 0 {
                         Some(Duration::from_millis(st.kato_ms as u64))
                     } else if c.is_discovery() {
                         // Open to every host, without a keep-alive: idle

@@ -74,6 +74,13 @@ pub struct Controller {
     flushing: AtomicBool,
 }
 
+/// The longest keep-alive a discovery controller is held to: open to any
+/// host, one that asked for days (KATO is the host's to set, up to 49
+/// days) and went quiet held its connection slot that long, and a few
+/// hundred of them every slot of the port. Linux sends a persistent
+/// discovery controller's keep-alive every few seconds.
+const DISCOVERY_KATO_MAX_MS: u32 = 120_000;
+
 impl Controller {
     pub(super) fn new(
         cntlid: u16,
@@ -84,6 +91,12 @@ impl Controller {
         local: std::net::SocketAddr,
         kato_ms: u32,
     ) -> Controller {
+        // What Get Features then says: a host that reads the time-out back
+        // learns the one it is held to (it said what was asked for).
+        let kato_ms = match subsystem {
+            None => kato_ms.min(DISCOVERY_KATO_MAX_MS),
+            Some(_) => kato_ms,
+        };
         Controller {
             cntlid,
             hostnqn,
