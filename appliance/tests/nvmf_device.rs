@@ -21,7 +21,7 @@ use poller::{ReactorConfig, Reactors};
 
 #[path = "hostile/nvmf_target.rs"]
 mod proxy;
-use proxy::{r2t_repeating_proxy, tiny_r2t_proxy};
+use proxy::{r2t_repeating_proxy, tiny_r2t_proxy, trickling_proxy};
 
 const NQN: &str = "nqn.2026-12.io.appliance:remote";
 const LONG: Duration = Duration::from_secs(30);
@@ -624,6 +624,64 @@ fn a_target_repeating_r2ts_gets_the_data_once_per_connection() {
     );
     drop(ch);
     drop(dev);
+}
+
+/// From an audit: each PDU of a reply had a time-out of its own, so a
+/// target sending Identify's 4 KiB in 1-byte pieces, each just within it,
+/// held one attach (and the daemon's start, which attaches devices one
+/// after another) for hours. A reply has one time-out now, whatever
+/// number of PDUs brings it.
+#[test]
+fn a_target_trickling_a_reply_is_given_up_after_one_time_out() {
+    let s = side(4096);
+    // Identify in 64 pieces, 100 ms apart: 6.4 s, each piece well within
+    // the 2 s time-out.
+    let proxy = trickling_proxy(s.addr, 64, Duration::from_millis(100));
+    let mut opts = options(LONG);
+    opts.host.timeout = Duration::from_secs(2);
+    // (No keep-alive, which the target would find missed meanwhile.)
+    opts.host.kato_ms = 0;
+    let t = Instant::now();
+    let got = NvmfDevice::connect("remote", remote(proxy), opts);
+    let Err(e) = got else {
+        panic!("attached through a trickling target in {:?}", t.elapsed())
+    };
+    assert!(e.to_string().contains("no answer in 2s"), "{e}");
+}
+
+/// From an audit: a PDU other than ICResp in its place was written into
+/// the error whole ({:?} of its data), so a target sending 16 MiB of
+/// C2HData instead made an error (and a log line, once a second while the
+/// device reconnected) of some 80 MB. The error names the PDU's kind.
+#[test]
+fn a_pdu_in_place_of_icresp_is_named_not_written_out() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut icreq = [0u8; 128];
+        s.read_exact(&mut icreq).unwrap();
+        let h = nvmf::pdu::DataHeader {
+            cccid: 0,
+            ttag: 0,
+            offset: 0,
+            length: 1 << 20,
+            last: true,
+            success: false,
+        };
+        let mut out = Vec::new();
+        let data = vec![0x41u8; 1 << 20];
+        nvmf::pdu::encode_data(false, &h, &data, Default::default(), 0, &mut out);
+        let _ = s.write_all(&out);
+    });
+    let Err(e) = nvmf::host::Queue::open(addr, &HostConfig::default()) else {
+        panic!("a connection without ICResp")
+    };
+    let text = e.to_string();
+    assert!(text.contains("C2HData"), "{}", &text[..text.len().min(200)]);
+    assert!(text.len() < 200, "an error of {} bytes", text.len());
+    target.join().unwrap();
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.

@@ -124,6 +124,47 @@ pub fn tiny_r2t_proxy(target: SocketAddr) -> SocketAddr {
     })
 }
 
+/// A TCP proxy to `target` that sends each C2HData PDU on as PDUs of
+/// `piece` bytes, `gap` apart: a target that trickles a reply's data,
+/// each PDU well within a time-out of its own.
+pub fn trickling_proxy(target: SocketAddr, piece: usize, gap: Duration) -> SocketAddr {
+    use nvmf::pdu::{self, Pdu};
+    use std::io::Write;
+    proxy(target, move |mut host, up| {
+        let (mut host_r, mut up_w) = (host.try_clone().unwrap(), up.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut host_r, &mut up_w);
+            let _ = up_w.shutdown(std::net::Shutdown::Both);
+        });
+        std::thread::spawn(move || {
+            each_target_pdu(up, |p, bytes, digests| {
+                let Pdu::C2hData(h, data) = p else {
+                    let _ = host.write_all(bytes);
+                    return;
+                };
+                for (i, part) in data.chunks(piece).enumerate() {
+                    let at = i * piece;
+                    let end = at + part.len() == data.len();
+                    let one = pdu::DataHeader {
+                        offset: h.offset + at as u32,
+                        length: part.len() as u32,
+                        last: end && h.last,
+                        success: end && h.success,
+                        ..*h
+                    };
+                    let mut out = Vec::new();
+                    pdu::encode_data(false, &one, part, digests, 0, &mut out);
+                    std::thread::sleep(gap);
+                    if host.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+            let _ = host.shutdown(std::net::Shutdown::Both);
+        });
+    })
+}
+
 /// Read the PDUs a target sends on `up` until it closes, and hand each,
 /// with its bytes and the digests the connection negotiated, to `f`.
 fn each_target_pdu(

@@ -155,10 +155,12 @@ impl Queue {
             &mut b,
         );
         q.stream.write_all(&b)?;
-        let resp = q.next_pdu(true, |p| match p {
+        let deadline = Instant::now() + cfg.timeout;
+        let resp = q.next_pdu(Some(deadline), |p| match p {
             Pdu::IcResp(r) => Ok(r),
             other => Err(HostError::Protocol(format!(
-                "expected ICResp, got {other:?}"
+                "expected ICResp, got {}",
+                other.kind()
             ))),
         })?;
         match resp.ok_or(HostError::Timeout(cfg.timeout))? {
@@ -280,8 +282,12 @@ impl Queue {
 
     fn reply(&mut self, block: bool) -> Result<Option<Reply>, HostError> {
         self.flush()?;
+        // One time-out for the whole reply, however many PDUs bring it: a
+        // target that sends its data a byte at a time, each just within
+        // a time-out of its own, held one Identify for hours.
+        let deadline = block.then(|| Instant::now() + self.timeout);
         loop {
-            let Some(step) = self.next_pdu(block, |p| Ok(Step::from(p)))? else {
+            let Some(step) = self.next_pdu(deadline, |p| Ok(Step::from(p)))? else {
                 return Ok(None);
             };
             match step {
@@ -406,11 +412,12 @@ impl Queue {
         Ok(r)
     }
 
-    /// Read until one whole PDU is buffered (or, unless `block`, take
-    /// only what is buffered already), give it to `f`, drop it.
+    /// Read until one whole PDU is buffered, until `deadline` (or,
+    /// without one, take only what is buffered already), give it to `f`,
+    /// drop it.
     fn next_pdu<T>(
         &mut self,
-        block: bool,
+        deadline: Option<Instant>,
         f: impl FnOnce(Pdu<'_>) -> Result<T, HostError>,
     ) -> Result<Option<T>, HostError> {
         let r = Receiver {
@@ -418,7 +425,6 @@ impl Queue {
             digests: self.digests,
             max_data: 1 << 24,
         };
-        let deadline = Instant::now() + self.timeout;
         loop {
             if let Some((p, n)) = pdu::parse(&self.rx[self.rx_at..], &r)? {
                 let out = f(p);
@@ -429,9 +435,9 @@ impl Queue {
                 }
                 return out.map(Some);
             }
-            if !block {
+            let Some(deadline) = deadline else {
                 return Ok(None);
-            }
+            };
             let now = Instant::now();
             if now >= deadline {
                 return Err(HostError::Timeout(self.timeout));

@@ -196,6 +196,26 @@ pub enum Pdu<'a> {
     R2t(R2t),
 }
 
+impl Pdu<'_> {
+    /// The PDU's kind, for messages (never its bytes: a peer's PDU may
+    /// carry megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Pdu::IcReq(_) => "ICReq",
+            Pdu::IcResp(_) => "ICResp",
+            Pdu::Term {
+                from_host: true, ..
+            } => "H2CTermReq",
+            Pdu::Term { .. } => "C2HTermReq",
+            Pdu::Command { .. } => "CapsuleCmd",
+            Pdu::Response(_) => "CapsuleResp",
+            Pdu::H2cData(..) => "H2CData",
+            Pdu::C2hData(..) => "C2HData",
+            Pdu::R2t(_) => "R2T",
+        }
+    }
+}
+
 /// Why bytes are not a PDU. All but `DataDigest` end the connection
 /// with a termination request carrying [`fes`](Self::fes) and
 /// [`fei`](Self::fei).
