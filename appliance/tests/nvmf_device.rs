@@ -21,7 +21,7 @@ use poller::{ReactorConfig, Reactors};
 
 #[path = "hostile/nvmf_target.rs"]
 mod proxy;
-use proxy::{r2t_repeating_proxy, tiny_r2t_proxy, trickling_proxy};
+use proxy::{editing_proxy, r2t_repeating_proxy, tiny_r2t_proxy, trickling_proxy};
 
 const NQN: &str = "nqn.2026-12.io.appliance:remote";
 const LONG: Duration = Duration::from_secs(30);
@@ -277,6 +277,42 @@ fn a_larger_namespace_without_an_nguid_is_not_taken_for_the_one_it_was() {
     let other = Volume::new(reactors.set(), "remote", ram(8192));
     export_as(&target, &other, addr, [0; 16]);
     let r = run(ch.as_mut(), rw(IoOp::Read, 0, &mut buf, 2));
+    assert_eq!(r, Err(IoError::DeviceFailed));
+    assert!(!dev.connected());
+}
+
+/// From an audit: a target that said no volatile write cache when the
+/// device was attached, and says one after a reconnect, was taken: the
+/// device had told the volume above it has no cache, so nothing flushed
+/// it, and writes it acknowledged could go with the target's power. Such
+/// an association is refused, and the device fails at the loss timeout.
+#[test]
+fn a_target_that_comes_back_with_a_volatile_cache_is_not_taken() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let target = Target::new(reactors.set());
+    let first = Volume::new(
+        reactors.set(),
+        "remote",
+        Arc::new(RamDevice::new("r", 4096, 4096).unwrap()),
+    );
+    let addr = export(&target, &first, "127.0.0.1:0".parse().unwrap());
+    let dev = NvmfDevice::connect("remote", remote(addr), options(Duration::from_secs(2))).unwrap();
+    assert!(!dev.info().flush);
+    let mut ch = dev.open_channel().unwrap();
+    let mut buf = vec![0u8; 4096];
+    run(ch.as_mut(), rw(IoOp::Read, 0, &mut buf, 1)).unwrap();
+    target.remove(NQN).unwrap();
+    let cached = Volume::new(
+        reactors.set(),
+        "remote",
+        Arc::new(RamDevice::with_volatile_cache("r", 4096, 4096).unwrap()),
+    );
+    export(&target, &cached, addr);
+    let r = run(ch.as_mut(), rw(IoOp::Write, 0, &mut buf, 2));
     assert_eq!(r, Err(IoError::DeviceFailed));
     assert!(!dev.connected());
 }
@@ -647,6 +683,52 @@ fn a_target_trickling_a_reply_is_given_up_after_one_time_out() {
         panic!("attached through a trickling target in {:?}", t.elapsed())
     };
     assert!(e.to_string().contains("no answer in 2s"), "{e}");
+}
+
+/// From an audit: the LBA format in use was read from FLBAS bits 3:0
+/// only; past the 16th format (bits 6:5 hold the index's high bits) the
+/// device took another format's block size, and so a wrong capacity.
+#[test]
+fn a_namespace_using_its_seventeenth_lba_format_is_read_right() {
+    let s = side(4096);
+    // The target's Identify Namespace says format 16 (4 KiB blocks, as
+    // the namespace has) is in use, and format 0 is of 512-byte blocks.
+    let proxy = editing_proxy(s.addr, |d| {
+        let nsze = 4096u64.to_le_bytes();
+        if d.len() == 4096 && d[..8] == nsze && d[26] == 0 && d[130] == 12 {
+            d[25] = 16; // NLBAF: 17 formats
+            d[26] = 0x20; // FLBAS: format 16
+            d[128 + 64 + 2] = 12;
+            d[130] = 9;
+        }
+    });
+    let dev = NvmfDevice::connect("remote", remote(proxy), options(LONG)).unwrap();
+    assert_eq!(dev.info().block_size, 4096);
+    assert_eq!(dev.info().num_blocks, 4096);
+}
+
+/// From an audit: a write went in its command capsule whenever the
+/// target's IOCCSZ allowed, and capsules join the send buffer without
+/// waiting for room: a target saying it takes 1 MiB capsules, and reading
+/// nothing, had 127 MiB a queue piled up. Capsules carry at most 16 KiB
+/// now; a larger write waits to be asked for. (Here the target says
+/// 1 MiB but takes 8 KiB: a 64 KiB write sent in its capsule failed.)
+#[test]
+fn a_target_saying_it_takes_huge_capsules_gets_large_writes_when_it_asks() {
+    let s = side(4096);
+    let proxy = editing_proxy(s.addr, |d| {
+        if d.len() == 4096 && d[24..40] == *b"appliance volume" {
+            let ioccsz = ((1u32 << 20) + 64) / 16;
+            d[1792..1796].copy_from_slice(&ioccsz.to_le_bytes());
+        }
+    });
+    let dev = NvmfDevice::connect("remote", remote(proxy), options(LONG)).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    let mut buf = vec![0x3cu8; 64 << 10];
+    run(ch.as_mut(), rw(IoOp::Write, 8, &mut buf, 1)).unwrap();
+    let mut back = vec![0u8; 64 << 10];
+    run(ch.as_mut(), rw(IoOp::Read, 8, &mut back, 2)).unwrap();
+    assert_eq!(back, buf);
 }
 
 /// From an audit: a PDU other than ICResp in its place was written into

@@ -128,7 +128,49 @@ pub fn tiny_r2t_proxy(target: SocketAddr) -> SocketAddr {
 /// `piece` bytes, `gap` apart: a target that trickles a reply's data,
 /// each PDU well within a time-out of its own.
 pub fn trickling_proxy(target: SocketAddr, piece: usize, gap: Duration) -> SocketAddr {
-    use nvmf::pdu::{self, Pdu};
+    c2h_proxy(target, move |h, data, digests, out| {
+        for (i, part) in data.chunks(piece).enumerate() {
+            let at = i * piece;
+            let end = at + part.len() == data.len();
+            let one = nvmf::pdu::DataHeader {
+                offset: h.offset + at as u32,
+                length: part.len() as u32,
+                last: end && h.last,
+                success: end && h.success,
+                ..*h
+            };
+            nvmf::pdu::encode_data(false, &one, part, digests, 0, out);
+        }
+        gap
+    })
+}
+
+/// A TCP proxy to `target` that lets `edit` change the data of each
+/// C2HData PDU (its length kept): a target that says other things.
+pub fn editing_proxy(
+    target: SocketAddr,
+    edit: impl Fn(&mut [u8]) + Clone + Send + 'static,
+) -> SocketAddr {
+    c2h_proxy(target, move |h, data, digests, out| {
+        let mut data = data.to_vec();
+        edit(&mut data);
+        nvmf::pdu::encode_data(false, h, &data, digests, 0, out);
+        Duration::ZERO
+    })
+}
+
+/// A TCP proxy to `target` that passes the host's bytes on as they are
+/// and, for each C2HData PDU the target sends, the PDUs `each` encodes
+/// instead (sent one by one, the returned gap before each); every other
+/// PDU as it is.
+fn c2h_proxy(
+    target: SocketAddr,
+    each: impl Fn(&nvmf::pdu::DataHeader, &[u8], nvmf::pdu::Digests, &mut Vec<u8>) -> Duration
+        + Clone
+        + Send
+        + 'static,
+) -> SocketAddr {
+    use nvmf::pdu::{self, Pdu, Receiver};
     use std::io::Write;
     proxy(target, move |mut host, up| {
         let (mut host_r, mut up_w) = (host.try_clone().unwrap(), up.try_clone().unwrap());
@@ -136,28 +178,28 @@ pub fn trickling_proxy(target: SocketAddr, piece: usize, gap: Duration) -> Socke
             let _ = std::io::copy(&mut host_r, &mut up_w);
             let _ = up_w.shutdown(std::net::Shutdown::Both);
         });
+        let each = each.clone();
         std::thread::spawn(move || {
             each_target_pdu(up, |p, bytes, digests| {
                 let Pdu::C2hData(h, data) = p else {
                     let _ = host.write_all(bytes);
                     return;
                 };
-                for (i, part) in data.chunks(piece).enumerate() {
-                    let at = i * piece;
-                    let end = at + part.len() == data.len();
-                    let one = pdu::DataHeader {
-                        offset: h.offset + at as u32,
-                        length: part.len() as u32,
-                        last: end && h.last,
-                        success: end && h.success,
-                        ..*h
-                    };
-                    let mut out = Vec::new();
-                    pdu::encode_data(false, &one, part, digests, 0, &mut out);
+                let mut out = Vec::new();
+                let gap = each(h, data, digests, &mut out);
+                // One PDU at a time, each after the gap.
+                let r = Receiver {
+                    controller: false,
+                    digests,
+                    max_data: 4 << 20,
+                };
+                let mut at = 0;
+                while let Ok(Some((_, n))) = pdu::parse(&out[at..], &r) {
                     std::thread::sleep(gap);
-                    if host.write_all(&out).is_err() {
+                    if host.write_all(&out[at..at + n]).is_err() {
                         return;
                     }
+                    at += n;
                 }
             });
             let _ = host.shutdown(std::net::Shutdown::Both);

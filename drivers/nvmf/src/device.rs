@@ -118,6 +118,12 @@ const QUEUE_ENTRIES: u16 = 128;
 /// send buffer, and a target that asks in 1-byte R2Ts while it reads
 /// nothing would grow it without end.
 const TX_HIGH: usize = 4 << 20;
+/// The most write data a command capsule carries, whatever the target's
+/// IOCCSZ allows: capsules are put in the send buffer without waiting for
+/// room (unlike data a target asks for), so a target saying it takes
+/// 1 MiB capsules while reading nothing had 127 MiB a queue piled up.
+/// Writes of a few blocks still ride in the capsule.
+const IN_CAPSULE_MAX: usize = 16 << 10;
 
 /// What the control thread and the channels share.
 struct Assoc {
@@ -202,8 +208,7 @@ impl NvmfDevice {
         let (mut c, queues) = associate(&remote, &opts.host).map_err(fail)?;
         let ns = c.identify(0x00, remote.nsid).map_err(fail)?;
         let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or([0; 8]));
-        let flbas = (ns[26] & 0xf) as usize;
-        let lbaf = 128 + 4 * flbas;
+        let lbaf = lba_format(&ns);
         let (ms, lbads) = (u16::from_le_bytes([ns[lbaf], ns[lbaf + 1]]), ns[lbaf + 2]);
         // A size in bytes beyond 2^63 is no real namespace, and would
         // overflow every byte count made of it.
@@ -228,7 +233,7 @@ impl NvmfDevice {
         let oncs = u16::from_le_bytes([id[520], id[521]]);
         let ioccsz = u32::from_le_bytes([id[1792], id[1793], id[1794], id[1795]]) as usize;
         // Bytes of data a command capsule may carry on an IO queue.
-        let in_capsule = (ioccsz * 16).saturating_sub(64);
+        let in_capsule = (ioccsz * 16).saturating_sub(64).min(IN_CAPSULE_MAX);
         let info = DeviceInfo {
             name: name.to_string(),
             block_size: 1 << lbads,
@@ -331,7 +336,7 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
             None => match associate(&a.remote, &a.opts.host).and_then(|(mut c, q)| {
                 let ns = c.identify(0x00, a.remote.nsid)?;
                 let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or([0; 8]));
-                let lbads = ns[128 + 4 * (ns[26] & 0xf) as usize + 2];
+                let lbads = ns[lba_format(&ns) + 2];
                 let mut nguid = [0u8; 16];
                 nguid.copy_from_slice(&ns[104..120]);
                 // Grown is the same namespace (a target may grow a volume
@@ -347,6 +352,14 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                         "namespace {} is not the one it was (size {nsze} blocks, was {size}; NGUID {nguid:02x?})",
                         a.remote.nsid
                     )));
+                }
+                // The device said no cache when attached, so nothing above
+                // flushes it: writes it acknowledged into a cache now would
+                // be lost with the target's power (audit).
+                if !a.volatile && c.id[525] & 1 != 0 {
+                    return Err(HostError::Protocol(
+                        "the controller says a volatile write cache now, which it did not when the device was attached: its writes would never be flushed".into(),
+                    ));
                 }
                 Ok((c, q))
             }) {
@@ -508,18 +521,30 @@ fn error_of(req: &IoRequest, st: Status) -> IoError {
     }
 }
 
+/// Where Identify Namespace `ns` holds the LBA format in use. FLBAS
+/// bits 3:0 are the index's low bits, and bits 6:5 its high ones when the
+/// namespace has more than 16 formats: read without them, a format past
+/// the 16th was taken for another (its block size, and so its capacity,
+/// wrong).
+fn lba_format(ns: &[u8]) -> usize {
+    let flbas = ns[26] as usize;
+    128 + 4 * ((flbas & 0xf) | (flbas >> 5 & 3) << 4)
+}
+
 impl NvmfChannel {
-    /// Count what `s`'s completion (`r`) makes durable or at risk; a
-    /// flush after the target may have lost its cache fails (once).
-    fn account(&self, s: &Sent, r: Result<(), IoError>) -> Result<(), IoError> {
+    /// Count what `s`'s completion (`r`), read from a connection of
+    /// association `epoch`, makes durable or at risk; a flush after the
+    /// target may have lost its cache fails (once).
+    fn account(&self, epoch: u64, s: &Sent, r: Result<(), IoError>) -> Result<(), IoError> {
         let a = &self.assoc;
         match (s.req.op, r) {
             (IoOp::Write | IoOp::Discard, Ok(())) => {
                 a.written.fetch_add(1, Ordering::SeqCst);
                 // Completed by an association that is gone already: its
-                // target may have lost it with its cache.
-                let epoch = a.epoch.load(Ordering::SeqCst);
-                if a.volatile && self.conn.as_ref().is_some_and(|c| c.epoch != epoch) {
+                // target may have lost it with its cache. (The connection
+                // is the caller's to name: it is out of `self.conn` while
+                // its PDUs are handled, and this was never true.)
+                if a.volatile && epoch != a.epoch.load(Ordering::SeqCst) {
                     a.cache_lost.store(true, Ordering::SeqCst);
                 }
                 Ok(())
@@ -841,7 +866,7 @@ impl NvmfChannel {
                 } else {
                     Ok(())
                 };
-                let r = self.account(&s, r);
+                let r = self.account(c.epoch, &s, r);
                 self.finish(s.req.tag, r);
             }
             Pdu::C2hData(h, data) => {
