@@ -19,6 +19,8 @@ use appliance::workload::{Workload, WorkloadParams};
 use bdev::{BlockDevice, FaultDevice, RamDevice};
 use poller::{ReactorConfig, Reactors};
 
+mod common;
+
 fn ram(name: &str) -> Arc<dyn BlockDevice> {
     Arc::new(RamDevice::new(name, 4096, 256 + 8192).unwrap())
 }
@@ -498,11 +500,11 @@ fn limited(
 }
 
 /// A mirror passes guest requests on whole, so a spare or replacement
-/// that refuses some the volume takes (1 MiB transfers where it promised
-/// 128, no discard, no write zeroes) would be failed by the first such
-/// request, healthy as it is: it is refused up front, and the volume is
-/// left as it was. RAID5 sends members chunk pieces and writes zeroes as
-/// data, so there such a device is fine.
+/// that refuses some the volume takes (no discard, no write zeroes, less
+/// than one of the rows its rebuild copies whole) would be failed by the
+/// first such request, healthy as it is: it is refused up front, and the
+/// volume is left as it was. RAID5 sends members chunk pieces and writes
+/// zeroes as data, so there such a device is fine.
 #[test]
 fn a_device_that_takes_less_than_the_members_is_refused_as_spare_or_replacement() {
     let reactors = Reactors::start(ReactorConfig {
@@ -520,7 +522,7 @@ fn a_device_that_takes_less_than_the_members_is_refused_as_spare_or_replacement(
         monitor.set_meta(meta);
         monitor.open(true).unwrap();
         for (i, (transfer, discard, zeroes)) in [
-            (1 << 20, true, true),
+            (512 << 10, true, true),
             (128 << 20, false, true),
             (128 << 20, true, false),
         ]
@@ -661,5 +663,40 @@ fn a_rebuild_target_whose_checkpoint_flush_fails_is_failed() {
         "{names:?} {states:?}: the target that lost rows is in sync"
     );
     assert_eq!(states[0], MemberState::InSync);
+    reactors.shutdown().unwrap();
+}
+
+/// From an audit: a mirror took at once what its members did when it was
+/// made, and refused any device that took less. A RAID1 started with its
+/// 8 MiB remote leg missing took what the local one did (128 MiB: the
+/// missing leg's stand-in is shaped like a present member), and refused
+/// the leg back for good. A mirror now takes a device that takes at least
+/// one of its rows, and then takes at once what that device does: larger
+/// requests are refused by the volume (exports split by its limit),
+/// never failed by the member.
+#[test]
+fn a_mirror_takes_a_device_that_takes_less_at_once_and_says_so() {
+    use bdev::IoOp;
+    let (reactors, volume, monitor) = started(vec![ram("m0"), ram("m1")], Level::Raid1);
+    assert!(volume.info().max_transfer >= 128 << 20);
+    let p = monitor
+        .replace_member("m1", common::Small::device(ram("n1"), 8 << 20))
+        .unwrap();
+    settle(&monitor, &p);
+    assert!(p.error().is_none(), "{:?}", p.error());
+    assert_eq!(volume.info().max_transfer, 8 << 20);
+    let t = Duration::from_secs(10);
+    volume.io(IoOp::Write, 0, vec![0x11; 8 << 20], t).unwrap();
+    assert!(volume.io(IoOp::Write, 0, vec![0x22; 16 << 20], t).is_err());
+    let back = volume.io(IoOp::Read, 0, vec![0; 8 << 20], t).unwrap();
+    assert!(back.iter().all(|&b| b == 0x11));
+    let snap = monitor.snapshot();
+    assert!(
+        snap.states.iter().all(|s| *s == MemberState::InSync),
+        "{:?} {:?}",
+        snap.members,
+        snap.states
+    );
+    monitor.close().unwrap();
     reactors.shutdown().unwrap();
 }

@@ -137,10 +137,13 @@ fn busy(s: &MonitorState) -> bool {
 /// Whether `dev` can take a member's place: every request the volume
 /// sends its members. The volume's limits were worked out from the members
 /// it was made of, and an export told its guest so; a device that refuses
-/// a request within them (a larger transfer, a discard) would be failed by
-/// the first such guest request, though healthy, and with it perhaps the
+/// a request within them (a discard, write zeroes) would be failed by the
+/// first such guest request, though healthy, and with it perhaps the
 /// volume. RAID5 sends its members pieces of a chunk at most, and writes
-/// zeroes as data; a mirror passes requests on as they are.
+/// zeroes as data. A mirror passes requests on as they are, but takes at
+/// once only what its devices do (exports split by it, generation by
+/// generation): a device must take one of its rows, which its rebuild
+/// copies whole.
 fn check_capable(cur: &dyn RaidDevice, dev: &dyn BlockDevice) -> Result<(), OpError> {
     let (v, d) = (cur.info(), dev.info());
     let (transfer, discard, zeroes) = match cur.parity_geometry() {
@@ -148,7 +151,14 @@ fn check_capable(cur: &dyn RaidDevice, dev: &dyn BlockDevice) -> Result<(), OpEr
             let chunk = g.chunk_blocks().saturating_mul(u64::from(v.block_size));
             (u64::from(v.max_transfer).min(chunk), false, false)
         }
-        None => (u64::from(v.max_transfer), v.discard, v.write_zeroes),
+        None => {
+            let row = cur.rows().blocks.saturating_mul(u64::from(v.block_size));
+            (
+                u64::from(v.max_transfer).min(row),
+                v.discard,
+                v.write_zeroes,
+            )
+        }
     };
     let mut lacks = Vec::new();
     if u64::from(d.max_transfer) < transfer {

@@ -15,7 +15,7 @@ use bdev::{
 
 use super::level::RaidDevice;
 use super::locks::StripeLocks;
-use super::members::{FailureSink, Member, MemberSet, MemberState};
+use super::members::{FailureSink, Member, MemberSet, MemberState, MissingDevice};
 use super::rebuild::Rows;
 
 /// Blocks per rebuild region (the unit the rebuild copies and locks).
@@ -91,8 +91,26 @@ impl RaidDevice for Raid1Device {
     }
 
     fn with_member_set(&self, set: MemberSet) -> Arc<dyn RaidDevice> {
+        // A mirror passes requests on whole, so it takes at once what its
+        // devices all take: a member (or a hot replacement) that takes
+        // less lowers it, and exports split by the generation's limit. A
+        // stand-in for a missing member says what the device it copied
+        // does, not the missing one (audit: a RAID1 started with its
+        // 8 MiB remote leg missing said 128 MiB, and refused the leg back).
+        let mut info = self.info.clone();
+        let present = set
+            .members
+            .iter()
+            .map(|m| &m.dev)
+            .chain(set.replacing.as_ref().map(|r| &r.dev))
+            .filter(|d| !MissingDevice::is(d.as_ref()))
+            .map(|d| d.info().max_transfer)
+            .min();
+        if let Some(most) = present {
+            info.max_transfer = most;
+        }
         Arc::new(Raid1Device {
-            info: self.info.clone(),
+            info,
             data_offset: self.data_offset,
             set,
         })
