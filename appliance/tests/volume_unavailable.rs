@@ -26,8 +26,13 @@ struct Daemon {
 
 /// A manager saving to `state`, started from it if it exists.
 fn start(state: &Path) -> Daemon {
+    start_on(state, 1)
+}
+
+/// [`start`] with `count` reactors.
+fn start_on(state: &Path, count: usize) -> Daemon {
     let reactors = Reactors::start(ReactorConfig {
-        count: 1,
+        count,
         ..Default::default()
     })
     .unwrap();
@@ -941,5 +946,48 @@ fn a_guest_keeps_its_disk_when_its_raid1_restarts_with_a_member_missing() {
     f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     f.set_features(base | DISCARD).unwrap();
     assert!(f.set_features(base | 1 << 5).is_err());
+    stop(d);
+}
+
+/// From an audit: an export whose queues the operator had moved to a
+/// reactor a restart does not have (it runs fewer) was refused at the
+/// start ("reactor 1 does not exist"): no socket, and the guest's disk
+/// gone until the state file was edited. Its queues go to the reactors
+/// there are.
+#[test]
+fn an_export_whose_queues_were_on_a_reactor_a_restart_lacks_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let d = start_on(&state, 2);
+    d.mgr
+        .attach_device(DeviceDecl {
+            name: "f".into(),
+            spec: format!("file:{}:16M", dir.path().join("f").display()),
+            block_size: 4096,
+        })
+        .unwrap();
+    d.mgr
+        .create_volume(VolumeDecl::new("s", "single", &["f"]), false)
+        .unwrap();
+    d.mgr
+        .create_export(ExportDecl {
+            name: "e".into(),
+            volume: "s".into(),
+            socket: dir.path().join("e.sock"),
+            num_queues: 2,
+            queue_cores: vec![1, 1],
+            ..Default::default()
+        })
+        .unwrap();
+    stop(d);
+
+    let d = start_on(&state, 1);
+    let exports = d.mgr.list_exports();
+    assert_eq!(exports.len(), 1, "{:?}", d.mgr.health().problems);
+    assert_eq!(exports[0].decl.queue_cores, vec![0, 0]);
+    let mut g = guest::Guest::new(&dir.path().join("e.sock"), 2);
+    g.good_read(0);
+    g.good_read(1);
+    drop(g);
     stop(d);
 }
