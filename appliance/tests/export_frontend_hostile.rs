@@ -361,6 +361,75 @@ fn an_inflight_area_with_a_counter_at_its_limit_is_served() {
     assert!(!r.reactors.set().is_stopped());
 }
 
+/// From an audit: a request the daemon completed (its used-ring entry
+/// written) just before it died may never have been signalled, and at
+/// the restart nothing signalled it either: a guest waiting for that
+/// interrupt waited for good. A queue that picks up an inflight area
+/// tells its guest once.
+#[test]
+fn a_queue_picking_up_after_a_restart_signals_its_guest_once() {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserInflight;
+    let r = rig_of(1, Duration::from_micros(50), 1);
+    let prepare = |f: &mut vhost::vhost_user::Frontend, base: *mut u8| {
+        // Before the restart, descriptor 3 was offered and completed:
+        // avail idx 1 (avail ring at 0x2000), used idx 1 with {3, 1}
+        // (used ring at 0x3000).
+        // SAFETY: inside guest memory.
+        unsafe {
+            std::ptr::write_volatile(base.add(0x2000 + 4) as *mut u16, 3);
+            std::ptr::write_volatile(base.add(0x2000 + 2) as *mut u16, 1);
+            std::ptr::write_volatile(base.add(0x3000 + 4) as *mut u32, 3);
+            std::ptr::write_volatile(base.add(0x3000 + 8) as *mut u32, 1);
+            std::ptr::write_volatile(base.add(0x3000 + 2) as *mut u16, 1);
+        }
+        let ask = VhostUserInflight {
+            num_queues: 1,
+            queue_size: QSIZE,
+            ..Default::default()
+        };
+        let (info, file) = f.get_inflight_fd(&ask).unwrap();
+        // SAFETY: a fresh shared mapping of the area the daemon gave us.
+        let area = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                info.mmap_size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                info.mmap_offset as libc::off_t,
+            )
+        } as *mut u8;
+        assert_ne!(area as isize, -1);
+        // The area as the daemon left it: in use (version 1), its last
+        // completion (head 3) at used index 1, nothing in flight.
+        // SAFETY: inside the mapping.
+        unsafe {
+            std::ptr::write_volatile(area.add(8) as *mut u16, 1);
+            std::ptr::write_volatile(area.add(12) as *mut u16, 3);
+            std::ptr::write_volatile(area.add(14) as *mut u16, 1);
+            libc::munmap(area.cast(), info.mmap_size as usize);
+        }
+        f.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+    };
+    let g = Guest::setup(
+        &r.socks[0],
+        Setup {
+            protocol: VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            prepare: Some(&prepare),
+            ..Default::default()
+        },
+    );
+    let mut fd = libc::pollfd {
+        fd: g.queues[0].call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; waits at most 20 s.
+    let n = unsafe { libc::poll(&mut fd, 1, 20_000) };
+    assert_eq!(n, 1, "the guest was never signalled");
+}
+
 fn refused<T: std::fmt::Debug>(r: Result<T, vhost::Error>, what: &str) {
     assert!(r.is_err(), "{what} was accepted: {r:?}");
 }

@@ -109,6 +109,11 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
             );
         }
         runner.resubmit = heads.into();
+        // A completion put in the used ring just before the daemon died
+        // may never have been signalled, and a guest waiting for it (with
+        // EVENT_IDX, for that one) would wait for good. It is told once; a
+        // spurious interrupt costs it a look at the ring (audit).
+        runner.signal_now();
     }
     // Its first writes to the ring are logged as any (a start during a
     // migration).
