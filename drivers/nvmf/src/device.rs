@@ -363,9 +363,16 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                 }
                 Ok((c, q))
             }) {
-                Ok((c, _)) => {
+                Ok((c, granted)) => {
                     refused = None;
                     tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
+                    // Channels keep the queue numbers they had: one past
+                    // the new grant cannot connect, and its requests fail
+                    // at the loss timeout. Said, so that is not a mystery.
+                    let had = a.qids.lock().unwrap_or_else(|e| e.into_inner()).len();
+                    if (granted as usize) < had {
+                        tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, granted, had, "nvme/tcp: the target grants fewer IO queues than before; channels on the others cannot connect again");
+                    }
                     a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
                     // Before the channels see the new association: a flush
                     // they send on it must know.
