@@ -705,6 +705,17 @@ fn a_namespace_using_its_seventeenth_lba_format_is_read_right() {
     let dev = NvmfDevice::connect("remote", remote(proxy), options(LONG)).unwrap();
     assert_eq!(dev.info().block_size, 4096);
     assert_eq!(dev.info().num_blocks, 4096);
+    // A format past the table (NLBAF) holds whatever the target left
+    // there: refused.
+    let past = editing_proxy(s.addr, |d| {
+        let nsze = 4096u64.to_le_bytes();
+        if d.len() == 4096 && d[..8] == nsze && d[26] == 0 && d[130] == 12 {
+            d[26] = 0x20;
+            d[128 + 64 + 2] = 12;
+        }
+    });
+    let got = NvmfDevice::connect("remote", remote(past), options(LONG));
+    assert!(got.is_err(), "format 16 of a table of one was taken");
 }
 
 /// From an audit: a write went in its command capsule whenever the

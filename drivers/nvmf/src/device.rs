@@ -215,7 +215,10 @@ impl NvmfDevice {
         let too_big = nsze
             .checked_shl(lbads as u32)
             .is_none_or(|b| b >> lbads != nsze || b > i64::MAX as u64);
-        if nsze == 0 || ms != 0 || !(9..=12).contains(&lbads) || too_big {
+        // A format past the table (NLBAF) has whatever the target left in
+        // its entry.
+        let past_table = format_index(&ns) > ns[25] as usize;
+        if nsze == 0 || ms != 0 || !(9..=12).contains(&lbads) || too_big || past_table {
             return Err(BdevError::Unsupported(format!(
                 "{name}: namespace {} of {} is not usable (size {nsze}, block 2^{lbads}, metadata {ms})",
                 remote.nsid, remote.nqn
@@ -534,8 +537,14 @@ fn error_of(req: &IoRequest, st: Status) -> IoError {
 /// the 16th was taken for another (its block size, and so its capacity,
 /// wrong).
 fn lba_format(ns: &[u8]) -> usize {
+    128 + 4 * format_index(ns)
+}
+
+/// The index of the LBA format in use (FLBAS bits 3:0, and 6:5 above
+/// them).
+fn format_index(ns: &[u8]) -> usize {
     let flbas = ns[26] as usize;
-    128 + 4 * ((flbas & 0xf) | (flbas >> 5 & 3) << 4)
+    (flbas & 0xf) | (flbas >> 5 & 3) << 4
 }
 
 impl NvmfChannel {
