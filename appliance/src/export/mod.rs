@@ -426,7 +426,8 @@ impl Export {
     /// Tell the connected frontend that the configuration space changed
     /// (the volume was resized), so it reads it again and the guest sees
     /// the new capacity. Ok(false): no frontend, or one without a backend
-    /// request channel; it reads the new size when it next connects.
+    /// request channel; a frontend that starts anew reads the new size,
+    /// but QEMU reconnecting does not read the configuration again.
     /// Call it from a control thread other than the export's (the
     /// frontend asks the export for the new configuration before it
     /// answers).
