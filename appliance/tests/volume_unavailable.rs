@@ -959,35 +959,61 @@ fn an_export_whose_queues_were_on_a_reactor_a_restart_lacks_is_made() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.toml");
     let d = start_on(&state, 2);
-    d.mgr
-        .attach_device(DeviceDecl {
-            name: "f".into(),
-            spec: format!("file:{}:16M", dir.path().join("f").display()),
-            block_size: 4096,
-        })
-        .unwrap();
-    d.mgr
-        .create_volume(VolumeDecl::new("s", "single", &["f"]), false)
-        .unwrap();
-    d.mgr
-        .create_export(ExportDecl {
-            name: "e".into(),
-            volume: "s".into(),
-            socket: dir.path().join("e.sock"),
-            num_queues: 2,
-            queue_cores: vec![1, 1],
-            ..Default::default()
-        })
-        .unwrap();
+    // Volume s, and volume u whose file is away at the restart (its
+    // export kept unmade until a reload finds the file back).
+    for (file, vol, export) in [("f", "s", "e"), ("g", "u", "eu")] {
+        d.mgr
+            .attach_device(DeviceDecl {
+                name: file.into(),
+                spec: format!("file:{}:16M", dir.path().join(file).display()),
+                block_size: 4096,
+            })
+            .unwrap();
+        d.mgr
+            .create_volume(VolumeDecl::new(vol, "single", &[file]), false)
+            .unwrap();
+        d.mgr
+            .create_export(ExportDecl {
+                name: export.into(),
+                volume: vol.into(),
+                socket: dir.path().join(format!("{export}.sock")),
+                num_queues: 2,
+                queue_cores: vec![1, 1],
+                ..Default::default()
+            })
+            .unwrap();
+    }
     stop(d);
+    let g_file = dir.path().join("g");
+    std::fs::rename(&g_file, dir.path().join("g.away")).unwrap();
 
     let d = start_on(&state, 1);
-    let exports = d.mgr.list_exports();
-    assert_eq!(exports.len(), 1, "{:?}", d.mgr.health().problems);
-    assert_eq!(exports[0].decl.queue_cores, vec![0, 0]);
+    let cores = |d: &Daemon, name: &str| {
+        d.mgr
+            .list_exports()
+            .into_iter()
+            .find(|e| e.decl.name == name)
+            .map(|e| e.decl.queue_cores)
+    };
+    assert_eq!(
+        cores(&d, "e"),
+        Some(vec![0, 0]),
+        "{:?}",
+        d.mgr.health().problems
+    );
     let mut g = guest::Guest::new(&dir.path().join("e.sock"), 2);
     g.good_read(0);
     g.good_read(1);
     drop(g);
+    assert_eq!(cores(&d, "eu"), None);
+    std::fs::rename(dir.path().join("g.away"), &g_file).unwrap();
+    let rep = d.mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{:?}", rep.refused);
+    assert_eq!(
+        cores(&d, "eu"),
+        Some(vec![0, 0]),
+        "{:?}",
+        d.mgr.health().problems
+    );
     stop(d);
 }

@@ -10,6 +10,19 @@ use crate::config::ExportDecl;
 use crate::export::{Export, ExportOptions};
 
 impl Manager {
+    /// Saved queues moved to a reactor this run does not have (it runs
+    /// fewer): on one it has, said in the log. Refused, the export was
+    /// left unmade and the guest without its disk until the operator
+    /// edited the state (audit).
+    pub(super) fn queues_on_reactors_there_are(&self, decl: &mut ExportDecl) {
+        let reactors = self.shared.set.len().max(1);
+        if decl.queue_cores.iter().any(|&c| c >= reactors) {
+            let wrapped: Vec<usize> = decl.queue_cores.iter().map(|c| c % reactors).collect();
+            tracing::warn!(export = decl.name, was = ?decl.queue_cores, now = ?wrapped, reactors, "the export's queues were on reactors this run does not have: moved");
+            decl.queue_cores = wrapped;
+        }
+    }
+
     /// Check a declaration as [`create_export`](Self::create_export)
     /// does before it looks at what runs (reload checks a replacement
     /// before it takes the running export away); the defaults filled in.

@@ -82,18 +82,12 @@ impl Manager {
         // Saved state: an export that cannot be made now is kept (see
         // `unserved`), not a reason to keep every volume (and VM) down. An
         // operator's first setup is refused whole instead.
-        let reactors = self.shared.set.len();
         for e in &config.exports {
-            if !self.keep_export_of_unavailable(e) {
-                let mut e = e.clone();
-                // Queues moved to a reactor this start does not have (it
-                // runs fewer): on one it has, rather than no disk for the
-                // guest until the operator edits the state (audit).
-                if !initial && e.queue_cores.iter().any(|&c| c >= reactors) {
-                    let wrapped: Vec<usize> = e.queue_cores.iter().map(|c| c % reactors).collect();
-                    tracing::warn!(export = e.name, was = ?e.queue_cores, now = ?wrapped, reactors, "the export's queues were on reactors this start does not have: moved");
-                    e.queue_cores = wrapped;
-                }
+            let mut e = e.clone();
+            if !initial {
+                self.queues_on_reactors_there_are(&mut e);
+            }
+            if !self.keep_export_of_unavailable(&e) {
                 match self.create_export(e.clone()) {
                     Ok(_) => {}
                     Err(err) if !initial => self.keep_unserved_export(&e, err.to_string()),

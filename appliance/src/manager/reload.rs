@@ -375,6 +375,9 @@ impl Manager {
                 None => {
                     let old = remade.iter().find(|e| e.name == w.name).cloned();
                     let mut made = w.clone();
+                    if !initial {
+                        self.queues_on_reactors_there_are(&mut made);
+                    }
                     // No serial in the file is "whatever it was made with":
                     // an export made again for another reason keeps the one
                     // its guest saw (the default is not what it was).
