@@ -206,6 +206,9 @@ struct Runner {
     idle_polls: u32,
     notify_enabled: bool,
     signal_pending: bool,
+    /// An interrupt is owed whatever the guest asked for (see `start`),
+    /// sent once there is a call fd to send it on.
+    owe_signal: bool,
     /// The frontend broke the ring (its connection is being dropped).
     broken: bool,
     /// The guest memory map no longer holds the rings (a memory change
@@ -305,7 +308,8 @@ impl Runner {
             // notifier once, when it unmasks): that interrupt would be
             // lost, and a guest waiting for it never kicks again. The new
             // fd is told once; a spurious interrupt costs the guest a look.
-            if had {
+            if (had || self.owe_signal) && self.call.is_some() {
+                self.owe_signal = false;
                 self.signal_now();
             }
         }
