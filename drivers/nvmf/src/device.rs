@@ -369,14 +369,20 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                 Ok((c, granted)) => {
                     refused = None;
                     tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
-                    // Channels keep the queue numbers they had: one past
-                    // the new grant cannot connect, and its requests fail
-                    // at the loss timeout. Said, so that is not a mystery.
-                    let had = a.qids.lock().unwrap_or_else(|e| e.into_inner()).len();
-                    if (granted as usize) < had {
-                        tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, granted, had, "nvme/tcp: the target grants fewer IO queues than before; channels on the others cannot connect again");
+                    // Fewer IO queues granted: the others are not handed
+                    // out again (never more: a channel may still hold one).
+                    // A channel that keeps one past the grant cannot
+                    // connect, and its requests fail at the loss timeout:
+                    // said, so that is not a mystery.
+                    let mut q = a.qids.lock().unwrap_or_else(|e| e.into_inner());
+                    if (granted as usize) < q.len() {
+                        let stranded = q[granted as usize..].iter().filter(|t| **t).count();
+                        q.truncate(granted as usize);
+                        if stranded > 0 {
+                            tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, granted, stranded, "nvme/tcp: the target grants fewer IO queues than before; channels on the others cannot connect again");
+                        }
                     }
-                    a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
+                    drop(q);
                     // Before the channels see the new association: a flush
                     // they send on it must know.
                     let written = a.written.load(Ordering::SeqCst);
@@ -392,6 +398,11 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     if a.volatile && a.written.load(Ordering::SeqCst) > written {
                         a.cache_lost.store(true, Ordering::SeqCst);
                     }
+                    // Its controller ID last, after the epoch: a channel
+                    // that reads this ID reads the new epoch after it, and
+                    // never dials the new association as the old one
+                    // (its writes would count as the old one's, at risk).
+                    a.cntlid.store(c.cntlid as u64, Ordering::SeqCst);
                     if a.cache_lost.load(Ordering::SeqCst) {
                         tracing::warn!(nqn = %a.remote.nqn, addr = %a.remote.addr, "nvme/tcp: writes the target took before it came back may be lost with its volatile cache; the next flush fails");
                     }
@@ -673,6 +684,9 @@ impl NvmfChannel {
         if cntlid == u64::MAX {
             return;
         }
+        // After the controller ID (which the control thread stores after
+        // the epoch): the epoch of that association or a later one.
+        let epoch = self.assoc.epoch.load(Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
         let a = self.assoc.clone();
         let qid = self.qid;
