@@ -317,6 +317,38 @@ fn a_target_that_comes_back_with_a_volatile_cache_is_not_taken() {
     assert!(!dev.connected());
 }
 
+/// From review: a reconnect looked at the namespace's identity and the
+/// cache, not at what the controller takes: a target that came back
+/// taking no data in command capsules (or smaller commands) was taken,
+/// and every small write sent in a capsule failed, and with it a mirror's
+/// healthy leg. Such an association is refused like another namespace.
+#[test]
+fn a_target_that_comes_back_taking_less_is_not_taken() {
+    let s = side(4096);
+    let less = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let now_less = less.clone();
+    let proxy = editing_proxy(s.addr, move |d| {
+        if now_less.load(std::sync::atomic::Ordering::SeqCst)
+            && d.len() == 4096
+            && d[24..40] == *b"appliance volume"
+        {
+            // IOCCSZ 4: the capsule holds the command alone.
+            d[1792..1796].copy_from_slice(&4u32.to_le_bytes());
+        }
+    });
+    let dev =
+        NvmfDevice::connect("remote", remote(proxy), options(Duration::from_secs(2))).unwrap();
+    let mut ch = dev.open_channel().unwrap();
+    let mut buf = vec![0x5au8; 4096];
+    run(ch.as_mut(), rw(IoOp::Write, 0, &mut buf, 1)).unwrap();
+    less.store(true, std::sync::atomic::Ordering::SeqCst);
+    s.target.remove(NQN).unwrap();
+    export(&s.target, &s.volume, s.addr);
+    let r = run(ch.as_mut(), rw(IoOp::Write, 0, &mut buf, 2));
+    assert_eq!(r, Err(IoError::DeviceFailed));
+    assert!(!dev.connected());
+}
+
 /// Two appliances in one process: B serves a 64 MiB RAM volume over
 /// NVMe/TCP (`remote`); A mirrors a local RAM device onto it (write-mostly,
 /// `loss` seconds of loss timeout, a 1 MiB-region bitmap if `bitmap`) and

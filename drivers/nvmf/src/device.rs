@@ -27,6 +27,7 @@ use bdev::{
 use nvme::spec::{io as cmd, Sqe, Status};
 
 use crate::capsule;
+use crate::examine::Examined;
 use crate::host::{Controller, HostConfig, HostError, Queue};
 use crate::pdu::{self, DataHeader, Digests, Pdu, Receiver};
 
@@ -118,12 +119,6 @@ const QUEUE_ENTRIES: u16 = 128;
 /// send buffer, and a target that asks in 1-byte R2Ts while it reads
 /// nothing would grow it without end.
 const TX_HIGH: usize = 4 << 20;
-/// The most write data a command capsule carries, whatever the target's
-/// IOCCSZ allows: capsules are put in the send buffer without waiting for
-/// room (unlike data a target asks for), so a target saying it takes
-/// 1 MiB capsules while reading nothing had 127 MiB a queue piled up.
-/// Writes of a few blocks still ride in the capsule.
-const IN_CAPSULE_MAX: usize = 16 << 10;
 
 /// What the control thread and the channels share.
 struct Assoc {
@@ -138,14 +133,9 @@ struct Assoc {
     qids: Mutex<Vec<bool>>,
     /// Since when the association is lost (`None`: it is up).
     lost_since: Mutex<Option<Instant>>,
-    in_capsule: usize,
-    /// What the namespace was at the first connect (size, block size
-    /// shift, NGUID): a later association must find the same.
-    identity: (u64, u8, [u8; 16]),
-    /// Largest command (the target's MDTS).
-    max_transfer: u32,
-    /// The controller has a volatile write cache (VWC).
-    volatile: bool,
+    /// What the controller and namespace were at the first connect: a
+    /// later association must find the same namespace, taking as much.
+    attached: Examined,
     /// Writes (and discards) completed so far, and the most of them that
     /// a completed flush covers (those completed before it was sent).
     written: AtomicU64,
@@ -207,51 +197,23 @@ impl NvmfDevice {
         };
         let (mut c, queues) = associate(&remote, &opts.host).map_err(fail)?;
         let ns = c.identify(0x00, remote.nsid).map_err(fail)?;
-        let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or([0; 8]));
-        let lbaf = lba_format(&ns);
-        let (ms, lbads) = (u16::from_le_bytes([ns[lbaf], ns[lbaf + 1]]), ns[lbaf + 2]);
-        // A size in bytes beyond 2^63 is no real namespace, and would
-        // overflow every byte count made of it.
-        let too_big = nsze
-            .checked_shl(lbads as u32)
-            .is_none_or(|b| b >> lbads != nsze || b > i64::MAX as u64);
-        // A format past the table (NLBAF) has whatever the target left in
-        // its entry.
-        let past_table = format_index(&ns) > ns[25] as usize;
-        if nsze == 0 || ms != 0 || !(9..=12).contains(&lbads) || too_big || past_table {
-            return Err(BdevError::Unsupported(format!(
-                "{name}: namespace {} of {} is not usable (size {nsze}, block 2^{lbads}, metadata {ms})",
+        let n = Examined::of(&c.id, &ns).map_err(|why| {
+            BdevError::Unsupported(format!(
+                "{name}: namespace {} of {} is not usable ({why})",
                 remote.nsid, remote.nqn
-            )));
-        }
-        let mut nguid = [0u8; 16];
-        nguid.copy_from_slice(&ns[104..120]);
-        let id = &c.id;
-        let mdts = id[77];
-        let max_command = if mdts == 0 {
-            1 << 20
-        } else {
-            (4096u32 << mdts.min(8)).min(1 << 20)
-        };
-        let oncs = u16::from_le_bytes([id[520], id[521]]);
-        let ioccsz = u32::from_le_bytes([id[1792], id[1793], id[1794], id[1795]]) as usize;
-        // Bytes of data a command capsule may carry on an IO queue.
-        let in_capsule = (ioccsz * 16).saturating_sub(64).min(IN_CAPSULE_MAX);
+            ))
+        })?;
         let info = DeviceInfo {
             name: name.to_string(),
-            block_size: 1 << lbads,
-            num_blocks: nsze,
+            block_size: 1 << n.lbads,
+            num_blocks: n.nsze,
             // Larger requests (a mirror's 1 MiB rebuild rows) are split
             // into commands of `max_command` here.
             max_transfer: MAX_REQUEST,
             optimal_io_boundary: 0,
             min_io_blocks: 1,
-            flush: id[525] & 1 != 0,
-            // Its 16-byte range rides in the command capsule: a target
-            // that takes no in-capsule data on IO queues (IOCCSZ 4; SPDK
-            // with -c 0, Linux with inline_data_size 0) would fail every
-            // discard, and a mirror its member. Not offered there.
-            discard: oncs & (1 << 2) != 0 && in_capsule >= 16,
+            flush: n.volatile,
+            discard: n.discard,
             write_zeroes: false,
         };
         let assoc = Arc::new(Assoc {
@@ -262,10 +224,7 @@ impl NvmfDevice {
             epoch: AtomicU64::new(1),
             qids: Mutex::new(vec![false; queues as usize]),
             lost_since: Mutex::new(None),
-            in_capsule,
-            identity: (nsze, lbads, nguid),
-            max_transfer: max_command,
-            volatile: id[525] & 1 != 0,
+            attached: n,
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             cache_lost: AtomicBool::new(false),
@@ -338,33 +297,19 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
             }
             None => match associate(&a.remote, &a.opts.host).and_then(|(mut c, q)| {
                 let ns = c.identify(0x00, a.remote.nsid)?;
-                let nsze = u64::from_le_bytes(ns[0..8].try_into().unwrap_or([0; 8]));
-                let lbads = ns[lba_format(&ns) + 2];
-                let mut nguid = [0u8; 16];
-                nguid.copy_from_slice(&ns[104..120]);
-                // Grown is the same namespace (a target may grow a volume
-                // online, as this appliance's does) when its NGUID says so;
-                // the device keeps the size it was opened with. Refused, a
-                // namespace grown while the connection was down failed the
-                // device at the loss timeout (audit). Without an NGUID the
-                // size is all that tells another disk apart: it must match.
-                let (size, block, id) = a.identity;
-                let grown_ok = id != [0u8; 16] && nsze > size;
-                if (nsze != size && !grown_ok) || (lbads, nguid) != (block, id) {
-                    return Err(HostError::Protocol(format!(
-                        "namespace {} is not the one it was (size {nsze} blocks, was {size}; NGUID {nguid:02x?})",
+                let now = Examined::of(&c.id, &ns).map_err(|why| {
+                    HostError::Protocol(format!(
+                        "namespace {} is not usable now ({why})",
                         a.remote.nsid
-                    )));
+                    ))
+                })?;
+                match a.attached.still(&now) {
+                    Ok(()) => Ok((c, q)),
+                    Err(why) => Err(HostError::Protocol(format!(
+                        "namespace {}: {why}",
+                        a.remote.nsid
+                    ))),
                 }
-                // The device said no cache when attached, so nothing above
-                // flushes it: writes it acknowledged into a cache now would
-                // be lost with the target's power (audit).
-                if !a.volatile && c.id[525] & 1 != 0 {
-                    return Err(HostError::Protocol(
-                        "the controller says a volatile write cache now, which it did not when the device was attached: its writes would never be flushed".into(),
-                    ));
-                }
-                Ok((c, q))
             }) {
                 Ok((c, granted)) => {
                     refused = None;
@@ -387,7 +332,7 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     // they send on it must know.
                     let written = a.written.load(Ordering::SeqCst);
                     let at_risk = written > a.flushed.load(Ordering::SeqCst);
-                    if a.volatile && at_risk {
+                    if a.attached.volatile && at_risk {
                         a.cache_lost.store(true, Ordering::SeqCst);
                     }
                     a.epoch.fetch_add(1, Ordering::SeqCst);
@@ -395,7 +340,7 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     // look above and the new epoch (a channel still
                     // reading its old connection) is at risk too; later
                     // ones see the new epoch (`account`).
-                    if a.volatile && a.written.load(Ordering::SeqCst) > written {
+                    if a.attached.volatile && a.written.load(Ordering::SeqCst) > written {
                         a.cache_lost.store(true, Ordering::SeqCst);
                     }
                     // Its controller ID last, after the epoch: a channel
@@ -523,7 +468,7 @@ fn dial(a: &Assoc, qid: u16, cntlid: u16, epoch: u64) -> Result<Conn, HostError>
     Ok(Conn {
         stream,
         // Room for the largest PDU a read can bring.
-        rx: vec![0u8; a.max_transfer as usize + (64 << 10)],
+        rx: vec![0u8; a.attached.max_command as usize + (64 << 10)],
         rx_len: 0,
         tx: Vec::with_capacity(1 << 16),
         tx_at: 0,
@@ -542,22 +487,6 @@ fn error_of(req: &IoRequest, st: Status) -> IoError {
     }
 }
 
-/// Where Identify Namespace `ns` holds the LBA format in use. FLBAS
-/// bits 3:0 are the index's low bits, and bits 6:5 its high ones when the
-/// namespace has more than 16 formats: read without them, a format past
-/// the 16th was taken for another (its block size, and so its capacity,
-/// wrong).
-fn lba_format(ns: &[u8]) -> usize {
-    128 + 4 * format_index(ns)
-}
-
-/// The index of the LBA format in use (FLBAS bits 3:0, and 6:5 above
-/// them).
-fn format_index(ns: &[u8]) -> usize {
-    let flbas = ns[26] as usize;
-    (flbas & 0xf) | (flbas >> 5 & 3) << 4
-}
-
 impl NvmfChannel {
     /// Count what `s`'s completion (`r`), read from a connection of
     /// association `epoch`, makes durable or at risk; a flush after the
@@ -571,7 +500,7 @@ impl NvmfChannel {
                 // target may have lost it with its cache. (The connection
                 // is the caller's to name: it is out of `self.conn` while
                 // its PDUs are handled, and this was never true.)
-                if a.volatile && epoch != a.epoch.load(Ordering::SeqCst) {
+                if a.attached.volatile && epoch != a.epoch.load(Ordering::SeqCst) {
                     a.cache_lost.store(true, Ordering::SeqCst);
                 }
                 Ok(())
@@ -720,7 +649,7 @@ impl NvmfChannel {
             let bs = self.info.block_size as u64;
             let bytes = (req.num_blocks * bs) as usize;
             let nsid = self.assoc.remote.nsid;
-            let in_capsule = self.assoc.in_capsule;
+            let in_capsule = self.assoc.attached.in_capsule;
             let Some(c) = self.conn.as_mut() else { break };
             let mut s;
             let mut inline = Vec::new();
@@ -840,7 +769,7 @@ impl NvmfChannel {
             digests: c.digests,
             // More than a read can bring is an error, never a PDU that
             // cannot fit the buffer and would wedge the queue.
-            max_data: self.assoc.max_transfer,
+            max_data: self.assoc.attached.max_command,
         };
         let rx = std::mem::take(&mut c.rx);
         let mut at = 0;
@@ -979,7 +908,7 @@ impl IoChannel for NvmfChannel {
             return Err(SubmitError::Busy(req));
         }
         let now = Instant::now();
-        let max = (self.assoc.max_transfer / self.info.block_size) as u64;
+        let max = (self.assoc.attached.max_command / self.info.block_size) as u64;
         if matches!(req.op, IoOp::Read | IoOp::Write) && req.num_blocks > max {
             // Commands of the target's MDTS, the request completing with
             // its last part.

@@ -10,6 +10,7 @@
 
 pub mod capsule;
 pub mod device;
+mod examine;
 pub mod host;
 pub mod pdu;
 
