@@ -679,13 +679,26 @@ fn a_mirror_takes_a_device_that_takes_less_at_once_and_says_so() {
     use bdev::IoOp;
     let (reactors, volume, monitor) = started(vec![ram("m0"), ram("m1")], Level::Raid1);
     assert!(volume.info().max_transfer >= 128 << 20);
+    let n1 = Arc::new(FaultDevice::new(ram("n1")));
+    let fault = n1.control();
+    // The copy's first write to the new device waits, so the replacement
+    // is under way while the volume is used (review).
+    fault.hold(Some(IoOp::Write), 0, u64::MAX, 1);
     let p = monitor
-        .replace_member("m1", common::Small::device(ram("n1"), 8 << 20))
+        .replace_member("m1", common::Small::device(n1, 8 << 20))
         .unwrap();
+    assert!(fault.wait_held(1, Duration::from_secs(30)));
+    assert_eq!(volume.info().max_transfer, 8 << 20);
+    let t = Duration::from_secs(10);
+    // A write larger than the new device takes is the volume's to refuse:
+    // sent on to the replacement, it failed the replacement.
+    assert!(volume
+        .io(IoOp::Write, 2048, vec![0x33; 16 << 20], t)
+        .is_err());
+    fault.release();
     settle(&monitor, &p);
     assert!(p.error().is_none(), "{:?}", p.error());
     assert_eq!(volume.info().max_transfer, 8 << 20);
-    let t = Duration::from_secs(10);
     volume.io(IoOp::Write, 0, vec![0x11; 8 << 20], t).unwrap();
     assert!(volume.io(IoOp::Write, 0, vec![0x22; 16 << 20], t).is_err());
     let back = volume.io(IoOp::Read, 0, vec![0; 8 << 20], t).unwrap();

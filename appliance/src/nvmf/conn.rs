@@ -740,7 +740,7 @@ impl Conn {
                 self.ns_blocks = sub.volume.info().num_blocks;
                 self.count(sub);
             }
-            tracing::info!(cntlid, host = %d.hostnqn, nqn = %d.subnqn, kato_ms = c.kato, header_digest = self.digests.header, data_digest = self.digests.data, "nvme/tcp: controller connected");
+            tracing::info!(cntlid, host = %d.hostnqn, nqn = %d.subnqn, kato_ms = ctrl.state().kato_ms, header_digest = self.digests.header, data_digest = self.digests.data, "nvme/tcp: controller connected");
             // A timer wakes the reactor for keep-alive and events even
             // when it idles.
             let alive = Rc::new(Cell::new(true));

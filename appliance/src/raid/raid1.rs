@@ -18,11 +18,11 @@ use super::locks::StripeLocks;
 use super::members::{FailureSink, Member, MemberSet, MemberState, MissingDevice};
 use super::rebuild::Rows;
 
-/// Blocks per rebuild region (the unit the rebuild copies and locks).
 mod behind;
 
 use behind::BehindIo;
 
+/// Blocks per rebuild region (the unit the rebuild copies and locks).
 const REGION: u64 = 256;
 
 /// A RAID1 device for one configuration generation.
@@ -66,11 +66,14 @@ impl Raid1Device {
             name: name.to_string(),
             block_size: bs,
             num_blocks: smallest - data_offset,
-            max_transfer: members
-                .iter()
-                .map(|m| m.dev.info().max_transfer)
-                .min()
-                .unwrap_or(0),
+            // (Every member missing: what their stand-ins copied.)
+            max_transfer: mirror_max_transfer(&set).unwrap_or_else(|| {
+                members
+                    .iter()
+                    .map(|m| m.dev.info().max_transfer)
+                    .min()
+                    .unwrap_or(0)
+            }),
             optimal_io_boundary: 0,
             min_io_blocks: 1,
             flush: true,
@@ -85,28 +88,31 @@ impl Raid1Device {
     }
 }
 
+/// What a mirror over `set` takes at once: it passes requests on whole,
+/// so what its devices all take. A member (or a hot replacement) that
+/// takes less lowers it, and exports split by each generation's limit. A
+/// stand-in for a missing member says what the device it copied does, not
+/// the missing one, and does not count (audit: a RAID1 started with its
+/// 8 MiB remote leg missing said 128 MiB, and refused the leg back).
+/// `None`: no device is present.
+fn mirror_max_transfer(set: &MemberSet) -> Option<u32> {
+    set.members
+        .iter()
+        .map(|m| &m.dev)
+        .chain(set.replacing.as_ref().map(|r| &r.dev))
+        .filter(|d| !MissingDevice::is(d.as_ref()))
+        .map(|d| d.info().max_transfer)
+        .min()
+}
+
 impl RaidDevice for Raid1Device {
     fn member_set(&self) -> &MemberSet {
         &self.set
     }
 
     fn with_member_set(&self, set: MemberSet) -> Arc<dyn RaidDevice> {
-        // A mirror passes requests on whole, so it takes at once what its
-        // devices all take: a member (or a hot replacement) that takes
-        // less lowers it, and exports split by the generation's limit. A
-        // stand-in for a missing member says what the device it copied
-        // does, not the missing one (audit: a RAID1 started with its
-        // 8 MiB remote leg missing said 128 MiB, and refused the leg back).
         let mut info = self.info.clone();
-        let present = set
-            .members
-            .iter()
-            .map(|m| &m.dev)
-            .chain(set.replacing.as_ref().map(|r| &r.dev))
-            .filter(|d| !MissingDevice::is(d.as_ref()))
-            .map(|d| d.info().max_transfer)
-            .min();
-        if let Some(most) = present {
+        if let Some(most) = mirror_max_transfer(&set) {
             info.max_transfer = most;
         }
         Arc::new(Raid1Device {
