@@ -11,7 +11,6 @@ mod daemon;
 use daemon::*;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use nvme::spec::{io as cmd, Sqe};
@@ -125,9 +124,25 @@ fn remote_mirror(write_behind: bool) {
         // with B away none can have finished.
         assert!(!writer.is_finished(), "writes completed without the mirror");
     }
-    b = restart(dir_b.path(), &api_b, &[], Stdio::null());
+    let log_b = dir_b.path().join("restart.log");
+    b = restart(
+        dir_b.path(),
+        &api_b,
+        &[],
+        std::fs::File::create(&log_b).unwrap().into(),
+    );
     reap_b.0 = b.id();
     wait_up(&api_b, &mut b);
+    // Its port may have been taken while it was down (then its export is
+    // kept unserved, and A waits for nothing): said with its log.
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&applctl(&api_b, &["--json", "nvmf", "list"]))).unwrap();
+    assert_eq!(
+        listed["exports"][0]["not_served"],
+        "",
+        "{listed}\n{}",
+        std::fs::read_to_string(&log_b).unwrap_or_default()
+    );
     let mut q = writer.join().unwrap();
 
     // Every write reads back through A, and A's mirror never failed.
