@@ -206,8 +206,8 @@ struct Runner {
     idle_polls: u32,
     notify_enabled: bool,
     signal_pending: bool,
-    /// An interrupt is owed whatever the guest asked for (see `start`),
-    /// sent once there is a call fd to send it on.
+    /// An interrupt asked for while there was no call fd, sent once one
+    /// comes.
     owe_signal: bool,
     /// The frontend broke the ring (its connection is being dropped).
     broken: bool,
@@ -723,10 +723,13 @@ impl Runner {
         }
     }
 
-    /// Interrupt the guest, whatever it asked for.
-    fn signal_now(&self) {
-        if let Some(call) = &self.call {
-            call.signal();
+    /// Interrupt the guest, whatever it asked for; without a call fd yet,
+    /// once one comes (a frontend may give it after the ring starts, and
+    /// a completion made meanwhile would never be signalled: review).
+    fn signal_now(&mut self) {
+        match &self.call {
+            Some(call) => call.signal(),
+            None => self.owe_signal = true,
         }
     }
 

@@ -113,13 +113,8 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         // A completion put in the used ring just before the daemon died
         // may never have been signalled, and a guest waiting for it (with
         // EVENT_IDX, for that one) would wait for good. It is told once; a
-        // spurious interrupt costs it a look at the ring (audit). (A
-        // frontend may give the call fd only later: it is told then.)
-        if runner.call.is_some() {
-            runner.signal_now();
-        } else {
-            runner.owe_signal = true;
-        }
+        // spurious interrupt costs it a look at the ring (audit).
+        runner.signal_now();
     }
     // Its first writes to the ring are logged as any (a start during a
     // migration).
