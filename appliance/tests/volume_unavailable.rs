@@ -1015,5 +1015,19 @@ fn an_export_whose_queues_were_on_a_reactor_a_restart_lacks_is_made() {
         "{:?}",
         d.mgr.health().problems
     );
+    // A reload of a state file that names reactor 1 (an export added by
+    // hand, as the daemon with two reactors would have saved it) makes it
+    // on the reactors there are too (review).
+    let mut saved = Config::load(&state).unwrap();
+    let mut more = saved.exports[0].clone();
+    more.name = "e2".into();
+    more.socket = dir.path().join("e2.sock");
+    more.serial.clear();
+    more.queue_cores = vec![1, 1];
+    saved.exports.push(more);
+    saved.save(&state).unwrap();
+    let rep = d.mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{:?}", rep.refused);
+    assert_eq!(cores(&d, "e2"), Some(vec![0, 0]));
     stop(d);
 }

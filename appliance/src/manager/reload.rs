@@ -351,6 +351,13 @@ impl Manager {
         let unserved = self.kept_export_names();
         // Exports that come back or are new; queues that move.
         for w in &config.exports {
+            // The state file's queues on the reactors there are, before it
+            // is made or kept (see `queues_on_reactors_there_are`).
+            let mut wrapped = w.clone();
+            if !initial {
+                self.queues_on_reactors_there_are(&mut wrapped);
+            }
+            let w = &wrapped;
             let running = self
                 .inv()
                 .exports
@@ -375,9 +382,6 @@ impl Manager {
                 None => {
                     let old = remade.iter().find(|e| e.name == w.name).cloned();
                     let mut made = w.clone();
-                    if !initial {
-                        self.queues_on_reactors_there_are(&mut made);
-                    }
                     // No serial in the file is "whatever it was made with":
                     // an export made again for another reason keeps the one
                     // its guest saw (the default is not what it was).
