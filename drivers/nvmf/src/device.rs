@@ -315,7 +315,9 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
                     refused = None;
                     tracing::info!(nqn = %a.remote.nqn, addr = %a.remote.addr, cntlid = c.cntlid, "nvme/tcp: connected to the target again");
                     // Fewer IO queues granted: the others are not handed
-                    // out again (never more: a channel may still hold one).
+                    // out again, not even after a later grant of more (a
+                    // channel may still hold one); the device takes fewer
+                    // channels until it is attached anew.
                     // A channel that keeps one past the grant cannot
                     // connect, and its requests fail at the loss timeout:
                     // said, so that is not a mystery.
@@ -614,8 +616,13 @@ impl NvmfChannel {
             return;
         }
         // After the controller ID (which the control thread stores after
-        // the epoch): the epoch of that association or a later one.
+        // the epoch): the epoch of that association or a later one. A
+        // later one (a whole reconnect between the two loads) would label
+        // the old ID as new: looked at again (review).
         let epoch = self.assoc.epoch.load(Ordering::SeqCst);
+        if self.assoc.cntlid.load(Ordering::SeqCst) != cntlid {
+            return;
+        }
         let (tx, rx) = mpsc::channel();
         let a = self.assoc.clone();
         let qid = self.qid;

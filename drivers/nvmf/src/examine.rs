@@ -30,12 +30,10 @@ impl Examined {
     /// `id` and `ns` (each 4 KiB, as a successful Identify brings them),
     /// or why the namespace is not usable.
     pub fn of(id: &[u8], ns: &[u8]) -> Result<Examined, String> {
-        let ns: &[u8; 4096] = ns
-            .try_into()
-            .map_err(|_| "short Identify data".to_string())?;
-        if id.len() < 4096 {
-            return Err("short Identify data".into());
-        }
+        let short = |_| "short Identify data".to_string();
+        let ns: &[u8; 4096] = ns.try_into().map_err(short)?;
+        let id: &[u8; 4096] = id.try_into().map_err(short)?;
+        let c = nvme::spec::IdentifyController::parse(id);
         // FLBAS bits 6:5 included: a format past the 16th was taken for
         // another (audit).
         let f = nvme::spec::IdentifyNamespace::parse(ns);
@@ -57,13 +55,12 @@ impl Examined {
         }
         let mut nguid = [0u8; 16];
         nguid.copy_from_slice(&ns[104..120]);
-        let mdts = id[77];
-        let max_command = if mdts == 0 {
+        let max_command = if c.mdts == 0 {
             1 << 20
         } else {
-            (4096u32 << mdts.min(8)).min(1 << 20)
+            (4096u32 << c.mdts.min(8)).min(1 << 20)
         };
-        let oncs = u16::from_le_bytes([id[520], id[521]]);
+        // (IOCCSZ is a fabrics field, not in the NVMe driver's parse.)
         let ioccsz = u32::from_le_bytes([id[1792], id[1793], id[1794], id[1795]]) as usize;
         let in_capsule = (ioccsz * 16).saturating_sub(64).min(IN_CAPSULE_MAX);
         Ok(Examined {
@@ -76,8 +73,8 @@ impl Examined {
             // that takes no in-capsule data on IO queues (IOCCSZ 4; SPDK
             // with -c 0, Linux with inline_data_size 0) would fail every
             // discard, and a mirror its member. Not offered there.
-            discard: oncs & (1 << 2) != 0 && in_capsule >= 16,
-            volatile: id[525] & 1 != 0,
+            discard: c.dsm() && in_capsule >= 16,
+            volatile: c.vwc,
         })
     }
 
@@ -117,5 +114,84 @@ impl Examined {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Edit = fn(&mut [u8], &mut [u8]);
+
+    /// What a target of 1,000 4 KiB blocks with an NGUID says (MDTS 5,
+    /// discard, no cache, 8 KiB of capsule data), as `edit` changes it.
+    fn examined(edit: Edit) -> Result<Examined, String> {
+        let mut id = vec![0u8; 4096];
+        id[77] = 5;
+        id[520] = 1 << 2;
+        id[1792..1796].copy_from_slice(&((8192u32 + 64) / 16).to_le_bytes());
+        let mut ns = vec![0u8; 4096];
+        ns[0..8].copy_from_slice(&1000u64.to_le_bytes());
+        ns[104..120].fill(7);
+        ns[130] = 12;
+        edit(&mut id, &mut ns);
+        Examined::of(&id, &ns)
+    }
+
+    fn size(ns: &mut [u8], blocks: u64) {
+        ns[0..8].copy_from_slice(&blocks.to_le_bytes());
+    }
+
+    #[test]
+    fn a_namespace_it_cannot_use_is_refused() {
+        let n = examined(|_, _| {}).unwrap();
+        assert_eq!((n.nsze, n.lbads, n.max_command), (1000, 12, 128 << 10));
+        assert_eq!((n.in_capsule, n.discard, n.volatile), (8192, true, false));
+        let refused: [(&str, Edit); 5] = [
+            ("no blocks", |_, ns| size(ns, 0)),
+            ("metadata", |_, ns| ns[128] = 8),
+            ("8 KiB blocks", |_, ns| ns[130] = 13),
+            ("2^64 bytes", |_, ns| size(ns, 1 << 52)),
+            ("format 16 of a table of 1", |_, ns| {
+                ns[26] = 0x20;
+                ns[128 + 64 + 2] = 12;
+            }),
+        ];
+        for (what, edit) in refused {
+            assert!(examined(edit).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_reconnect_must_find_the_same_namespace_taking_as_much() {
+        let at = examined(|_, _| {}).unwrap();
+        let cases: [(&str, Edit, bool); 8] = [
+            ("the same", |_, _| {}, true),
+            ("grown, with its NGUID", |_, ns| size(ns, 2000), true),
+            ("shrunk", |_, ns| size(ns, 500), false),
+            ("another NGUID", |_, ns| ns[104] = 8, false),
+            ("a volatile cache now", |id, _| id[525] = 1, false),
+            ("smaller commands", |id, _| id[77] = 4, false),
+            (
+                "no capsule data",
+                |id, _| id[1792..1796].copy_from_slice(&4u32.to_le_bytes()),
+                false,
+            ),
+            ("no discard", |id, _| id[520] = 0, false),
+        ];
+        for (what, edit, same) in cases {
+            assert_eq!(at.still(&examined(edit).unwrap()).is_ok(), same, "{what}");
+        }
+        // Without an NGUID, grown is another disk; a cache gone is fine
+        // (flushes still go).
+        let plain = examined(|_, ns| ns[104..120].fill(0)).unwrap();
+        let grown = examined(|_, ns| {
+            ns[104..120].fill(0);
+            size(ns, 2000);
+        })
+        .unwrap();
+        assert!(plain.still(&grown).is_err());
+        let cached = examined(|id, _| id[525] = 1).unwrap();
+        assert!(cached.still(&at).is_ok());
     }
 }
