@@ -303,8 +303,6 @@ fn a_frontend_that_never_reads_its_answers_is_dropped() {
 /// overflow on the reactor (a panic in debug builds).
 #[test]
 fn an_inflight_area_with_a_counter_at_its_limit_is_served() {
-    use std::os::fd::AsRawFd;
-    use vhost::vhost_user::message::VhostUserInflight;
     let r = rig_of(1, Duration::from_micros(50), 2);
     let mut other = Guest::new(&r.socks[1], 1);
     let prepare = |f: &mut vhost::vhost_user::Frontend, base: *mut u8| {
@@ -315,34 +313,17 @@ fn an_inflight_area_with_a_counter_at_its_limit_is_served() {
             std::ptr::write_volatile(base.add(0x2000 + 4) as *mut u16, 3);
             std::ptr::write_volatile(base.add(0x2000 + 2) as *mut u16, 1);
         }
-        let ask = VhostUserInflight {
-            num_queues: 1,
-            queue_size: QSIZE,
-            ..Default::default()
-        };
-        let (info, file) = f.get_inflight_fd(&ask).unwrap();
-        // SAFETY: a fresh shared mapping of the area the daemon gave us.
-        let area = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                info.mmap_size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                info.mmap_offset as libc::off_t,
-            )
-        } as *mut u8;
-        assert_ne!(area as isize, -1);
-        // Descriptor 3 in flight (the split layout: a 16-byte queue header,
-        // then 16 bytes per descriptor: inflight, padding, next, counter).
-        // SAFETY: inside the mapping.
-        unsafe {
-            let e = area.add(16 + 16 * 3);
-            std::ptr::write_volatile(e, 1u8);
-            std::ptr::write_volatile(e.add(8) as *mut u64, u64::MAX);
-            libc::munmap(area.cast(), info.mmap_size as usize);
-        }
-        f.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+        inflight_area(f, |area| {
+            // Descriptor 3 in flight (the split layout: a 16-byte queue
+            // header, then 16 bytes per descriptor: inflight, padding,
+            // next, counter).
+            // SAFETY: inside the area.
+            unsafe {
+                let e = area.add(16 + 16 * 3);
+                std::ptr::write_volatile(e, 1u8);
+                std::ptr::write_volatile(e.add(8) as *mut u64, u64::MAX);
+            }
+        });
     };
     let mut g = Guest::setup(
         &r.socks[0],
@@ -374,7 +355,6 @@ fn a_queue_picking_up_after_a_restart_signals_its_guest_once() {
 
 fn restart_signal(late_call: bool) {
     use std::os::fd::AsRawFd;
-    use vhost::vhost_user::message::VhostUserInflight;
     let r = rig_of(1, Duration::from_micros(50), 1);
     let prepare = |f: &mut vhost::vhost_user::Frontend, base: *mut u8| {
         // Before the restart, descriptor 3 was offered and completed:
@@ -388,34 +368,16 @@ fn restart_signal(late_call: bool) {
             std::ptr::write_volatile(base.add(0x3000 + 8) as *mut u32, 1);
             std::ptr::write_volatile(base.add(0x3000 + 2) as *mut u16, 1);
         }
-        let ask = VhostUserInflight {
-            num_queues: 1,
-            queue_size: QSIZE,
-            ..Default::default()
-        };
-        let (info, file) = f.get_inflight_fd(&ask).unwrap();
-        // SAFETY: a fresh shared mapping of the area the daemon gave us.
-        let area = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                info.mmap_size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                info.mmap_offset as libc::off_t,
-            )
-        } as *mut u8;
-        assert_ne!(area as isize, -1);
-        // The area as the daemon left it: in use (version 1), its last
-        // completion (head 3) at used index 1, nothing in flight.
-        // SAFETY: inside the mapping.
-        unsafe {
-            std::ptr::write_volatile(area.add(8) as *mut u16, 1);
-            std::ptr::write_volatile(area.add(12) as *mut u16, 3);
-            std::ptr::write_volatile(area.add(14) as *mut u16, 1);
-            libc::munmap(area.cast(), info.mmap_size as usize);
-        }
-        f.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+        inflight_area(f, |area| {
+            // The area as the daemon left it: in use (version 1), its last
+            // completion (head 3) at used index 1, nothing in flight.
+            // SAFETY: inside the area.
+            unsafe {
+                std::ptr::write_volatile(area.add(8) as *mut u16, 1);
+                std::ptr::write_volatile(area.add(12) as *mut u16, 3);
+                std::ptr::write_volatile(area.add(14) as *mut u16, 1);
+            }
+        });
     };
     // Late: the first call fd (a pipe) is refused, and the ring starts
     // without one; the guest's comes after.
@@ -455,6 +417,35 @@ fn restart_signal(late_call: bool) {
         n, 1,
         "the guest was never signalled (late call fd: {late_call})"
     );
+}
+
+/// Ask the daemon for an inflight area of one queue, let `fill` write it
+/// (as a restarted frontend finds it), and hand it back.
+fn inflight_area(f: &mut vhost::vhost_user::Frontend, fill: impl FnOnce(*mut u8)) {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserInflight;
+    let ask = VhostUserInflight {
+        num_queues: 1,
+        queue_size: QSIZE,
+        ..Default::default()
+    };
+    let (info, file) = f.get_inflight_fd(&ask).unwrap();
+    // SAFETY: a fresh shared mapping of the area the daemon gave us.
+    let area = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            info.mmap_size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            info.mmap_offset as libc::off_t,
+        )
+    } as *mut u8;
+    assert_ne!(area as isize, -1);
+    fill(area);
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(area.cast(), info.mmap_size as usize) };
+    f.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
 }
 
 fn refused<T: std::fmt::Debug>(r: Result<T, vhost::Error>, what: &str) {

@@ -44,6 +44,19 @@ fn start_on(state: &Path, count: usize) -> Daemon {
     Daemon { mgr, reactors }
 }
 
+/// Attach a 16 MiB file device for each name, its file `dir`/name.
+fn attach_files(d: &Daemon, dir: &Path, names: &[&str]) {
+    for n in names {
+        d.mgr
+            .attach_device(DeviceDecl {
+                name: n.to_string(),
+                spec: format!("file:{}:16M", dir.join(n).display()),
+                block_size: 4096,
+            })
+            .unwrap();
+    }
+}
+
 fn stop(d: Daemon) {
     d.mgr.shutdown();
     drop(d.mgr);
@@ -87,15 +100,7 @@ fn names(c: &Config) -> (Vec<String>, Vec<String>) {
 fn two_volumes(dir: &Path, state: &Path) {
     let path = |n: &str| dir.join(n);
     let d = start(state);
-    for n in ["a", "b", "c", "e"] {
-        d.mgr
-            .attach_device(DeviceDecl {
-                name: n.into(),
-                spec: format!("file:{}:16M", path(n).display()),
-                block_size: 4096,
-            })
-            .unwrap();
-    }
+    attach_files(&d, dir, &["a", "b", "c", "e"]);
     for (v, m, e) in [("bad", ["a", "b"], "eb"), ("good", ["c", "e"], "eg")] {
         d.mgr
             .create_volume(VolumeDecl::new(v, "raid1", &m), false)
@@ -386,15 +391,7 @@ fn a_volume_known_by_another_array_name_says_why_it_did_not_start() {
     let state = dir.path().join("state.toml");
     let path = |n: &str| dir.path().join(n);
     let d = start(&state);
-    for n in ["a", "b", "c"] {
-        d.mgr
-            .attach_device(DeviceDecl {
-                name: n.into(),
-                spec: format!("file:{}:16M", path(n).display()),
-                block_size: 4096,
-            })
-            .unwrap();
-    }
+    attach_files(&d, dir.path(), &["a", "b", "c"]);
     d.mgr
         .create_volume(VolumeDecl::new("md0", "raid5", &["a", "b", "c"]), false)
         .unwrap();
@@ -428,13 +425,7 @@ fn a_file_gone_at_a_restart_is_missing_not_made_again_blank() {
     let state = dir.path().join("state.toml");
     let file = dir.path().join("f");
     let d = start(&state);
-    d.mgr
-        .attach_device(DeviceDecl {
-            name: "f".into(),
-            spec: format!("file:{}:16M", file.display()),
-            block_size: 4096,
-        })
-        .unwrap();
+    attach_files(&d, dir.path(), &["f"]);
     d.mgr
         .create_volume(VolumeDecl::new("s", "single", &["f"]), false)
         .unwrap();
@@ -840,15 +831,7 @@ fn a_guest_keeps_its_disk_when_its_raid1_restarts_with_a_member_missing() {
     let path = |n: &str| dir.path().join(n);
     let sock = path("e.sock");
     let d = start(&state);
-    for n in ["a", "b"] {
-        d.mgr
-            .attach_device(DeviceDecl {
-                name: n.into(),
-                spec: format!("file:{}:16M", path(n).display()),
-                block_size: 4096,
-            })
-            .unwrap();
-    }
+    attach_files(&d, dir.path(), &["a", "b"]);
     d.mgr
         .create_volume(VolumeDecl::new("m", "raid1", &["a", "b"]), false)
         .unwrap();
@@ -962,13 +945,7 @@ fn an_export_whose_queues_were_on_a_reactor_a_restart_lacks_is_made() {
     // Volume s, and volume u whose file is away at the restart (its
     // export kept unmade until a reload finds the file back).
     for (file, vol, export) in [("f", "s", "e"), ("g", "u", "eu")] {
-        d.mgr
-            .attach_device(DeviceDecl {
-                name: file.into(),
-                spec: format!("file:{}:16M", dir.path().join(file).display()),
-                block_size: 4096,
-            })
-            .unwrap();
+        attach_files(&d, dir.path(), &[file]);
         d.mgr
             .create_volume(VolumeDecl::new(vol, "single", &[file]), false)
             .unwrap();
