@@ -1006,5 +1006,14 @@ fn an_export_whose_queues_were_on_a_reactor_a_restart_lacks_is_made() {
     let rep = d.mgr.reload_file(&state).unwrap();
     assert!(rep.refused.is_empty(), "{:?}", rep.refused);
     assert_eq!(cores(&d, "e2"), Some(vec![0, 0]));
+    // So does one that runs and is made again for another setting.
+    let mut saved = Config::load(&state).unwrap();
+    let e = saved.exports.iter_mut().find(|e| e.name == "e").unwrap();
+    e.queue_cores = vec![1, 1];
+    e.memory_limit_mib = 4096;
+    saved.save(&state).unwrap();
+    let rep = d.mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{:?}", rep.refused);
+    assert_eq!(cores(&d, "e"), Some(vec![0, 0]));
     stop(d);
 }

@@ -250,7 +250,13 @@ impl Manager {
                 continue;
             }
             let check = wanted.map_or(Ok(()), |w| {
-                self.check_export(&mut w.clone())
+                // Checked as it will be made (the state file's queues on
+                // the reactors there are: review).
+                let mut w = w.clone();
+                if !initial {
+                    self.queues_on_reactors_there_are(&mut w);
+                }
+                self.check_export(&mut w)
                     .and_then(|_| volume_known(&w.volume))
             });
             if let Err(err) = check {
