@@ -311,6 +311,9 @@ impl Runner {
             if (had || self.owe_signal) && self.call.is_some() {
                 self.owe_signal = false;
                 self.signal_now();
+            } else if had {
+                // Taken away: the next fd is told once (review).
+                self.owe_signal = true;
             }
         }
         // The channel may have work of its own after our requests are done
