@@ -523,6 +523,23 @@ fn replay_places_each_blocks_newest_live_write_back_data() {
     }
 }
 
+/// The first `n` stripes whose parity is on member 2.
+fn parity_on_member_2(
+    geo: &appliance::raid::geometry::Raid5Geometry,
+    n: usize,
+) -> impl Iterator<Item = u64> + '_ {
+    (0..geo.stripes())
+        .filter(|&s| geo.parity_member(s) == 2)
+        .take(n)
+}
+
+/// The rig's members with member 1 missing.
+fn member_1_missing(devs: &[Option<Arc<dyn BlockDevice>>]) -> Vec<Option<Arc<dyn BlockDevice>>> {
+    let mut d = devs.to_vec();
+    d[1] = None;
+    d
+}
+
 /// From review: a degraded replay logs what it computed (new data and the
 /// parity brought along) before it writes the members, in records of up
 /// to 256 blocks. They were cut by member: a row's new data could be in a
@@ -536,18 +553,19 @@ fn a_crash_while_a_degraded_replay_logs_leaves_every_row_whole() {
     let dir = tempfile::tempdir().unwrap();
     // 16 MiB: a cache of 255 blocks, room for 280 live ones.
     let Raid5Rig {
-        dev, members, geo, ..
+        dev,
+        members,
+        devs,
+        geo,
     } = raid5_rig_of(dir.path(), 16 << 20, 1024, 8);
     // 70 chunks on member 0 of stripes whose parity is on member 2: with
     // member 1 missing, each row's new data and parity go to the log.
-    let runs: Vec<(u32, u64, u32)> = (0..geo.stripes())
-        .filter(|&s| geo.parity_member(s) == 2)
-        .take(70)
+    let runs: Vec<(u32, u64, u32)> = parity_on_member_2(&geo, 70)
         .map(|s| (0, geo.data_offset() + s * geo.chunk_blocks(), 4))
         .collect();
     assert_eq!(runs.len(), 70);
     log_write_back(dir.path(), &dev, &runs, 0x6b);
-    let degraded = vec![Some(members[0].0.clone()), None, Some(members[2].0.clone())];
+    let degraded = member_1_missing(&devs);
     // The crash: the first of the replay's own records reaches the log
     // (after the 70 records of 5 blocks, at device block 351, 257 blocks
     // long), nothing after it does.
@@ -572,13 +590,14 @@ fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
     use bdev::FaultDevice;
     let dir = tempfile::tempdir().unwrap();
     let Raid5Rig {
-        dev, members, geo, ..
+        dev,
+        members,
+        devs,
+        geo,
     } = raid5_rig_of(dir.path(), 16 << 20, 1024, 0);
     // Blocks 0 and 2 of the chunk on member 0 of 60 stripes whose parity
     // is on member 2: 120 rows of two runs each.
-    let blocks: Vec<u64> = (0..geo.stripes())
-        .filter(|&s| geo.parity_member(s) == 2)
-        .take(60)
+    let blocks: Vec<u64> = parity_on_member_2(&geo, 60)
         .flat_map(|s| [s * geo.chunk_blocks(), s * geo.chunk_blocks() + 2])
         .collect();
     let runs: Vec<(u32, u64, u32)> = blocks.iter().map(|&b| (0, b, 1)).collect();
@@ -587,13 +606,10 @@ fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
     // data, member 2's parity writes fail.
     let parity = Arc::new(FaultDevice::new(members[2].0.clone()));
     parity.control().fail_writes(0, u64::MAX);
-    let degraded = vec![
-        Some(members[0].0.clone()),
-        None,
-        Some(parity.clone() as Arc<dyn BlockDevice>),
-    ];
+    let mut degraded = member_1_missing(&devs);
+    degraded[2] = Some(parity.clone() as Arc<dyn BlockDevice>);
     assert!(Journal::replay(dev.clone(), &degraded, Some(&geo)).is_err());
-    let degraded = vec![Some(members[0].0.clone()), None, Some(members[2].0.clone())];
+    let degraded = member_1_missing(&devs);
     Journal::replay(dev, &degraded, Some(&geo)).unwrap();
     rows_whole(&members, &blocks, 0x7c);
 }
