@@ -526,6 +526,7 @@ impl pb::appliance_server::Appliance for Service {
             array: String::new(),
             uuid: String::new(),
             journal_id: String::new(),
+            device_id: String::new(),
         };
         let force = r.force;
         self.run(move |m| m.create_volume(decl, force).map(volume_to_pb))

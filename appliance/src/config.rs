@@ -100,6 +100,14 @@ pub struct VolumeDecl {
     /// checked.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub journal_id: String,
+    /// A single-device volume's disk as the disk names itself (an NVMe
+    /// namespace's NGUID or EUI-64, else its controller's vendor, serial
+    /// and model with the namespace ID), kept by the daemon: a restart
+    /// gives the guest that disk, never another that took its PCI address
+    /// or its target's address. Empty: not checked (a file or RAM device
+    /// has no such name), and taken from the device at the next start.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device_id: String,
 }
 
 impl VolumeDecl {
@@ -134,6 +142,7 @@ impl VolumeDecl {
             array: String::new(),
             uuid: String::new(),
             journal_id: String::new(),
+            device_id: String::new(),
         }
     }
 }

@@ -138,7 +138,36 @@ fn decl_from(view: &Snapshot, old: &VolumeDecl) -> VolumeDecl {
             .as_ref()
             .filter(|j| !j.given_up())
             .map_or(String::new(), |j| j.id()),
+        device_id: String::new(),
     }
+}
+
+/// A single-device volume's declaration with its disk's identity
+/// recorded ([`VolumeDecl::device_id`]); refused when it recorded another
+/// disk. Its device is claimed, and nothing has read it yet: a disk
+/// swapped in at the same address (a drive replaced in the same slot, a
+/// remote target serving another namespace under the same name) would
+/// have given its data to the guest, and taken the guest's writes over
+/// it.
+fn single_on(decl: &VolumeDecl, dev: &Arc<dyn BlockDevice>) -> Result<VolumeDecl, MgmtError> {
+    let now = dev.identity().unwrap_or_default();
+    if !decl.device_id.is_empty() && !decl.device_id.eq_ignore_ascii_case(&now) {
+        let is = if now.is_empty() {
+            "has no name of its own".to_string()
+        } else {
+            format!("is {now}")
+        };
+        return Err(MgmtError::FailedPrecondition(format!(
+            "volume {}: device {} {is}, not the disk the volume is on ({}): refusing to give its guest another disk (name the right device in the state file; to take this disk for the volume, set its device_id to {now:?} and reload)",
+            decl.name,
+            dev.info().name,
+            decl.device_id
+        )));
+    }
+    Ok(VolumeDecl {
+        device_id: now,
+        ..decl.clone()
+    })
 }
 
 /// A volume as started: its IO object and, for RAID, its monitor.
@@ -641,6 +670,7 @@ impl Manager {
     ) -> Result<VolumeView, MgmtError> {
         let mode = JournalMode::parse(&decl.journal_mode)
             .map_err(|e| invalid("journal_mode", e.to_string()))?;
+        let mut recorded = None;
         let started = self.with_claims(&decl, claim, |level, members, spares, jdev, z| {
             if jdev.is_none() && !decl.journal_mode.is_empty() {
                 return Err(invalid(
@@ -648,10 +678,14 @@ impl Manager {
                     "a journal mode needs a journal device",
                 ));
             }
+            if level == Level::Single {
+                recorded = Some(single_on(&decl, &members[0])?);
+            }
             // Write-back only once the state file names the journal (see
             // `add_journal`).
             self.build_volume(&decl, (level, members, spares, jdev), force, zeroed || z)
         })?;
+        let decl = recorded.unwrap_or(decl);
         self.insert_volume(decl.clone(), started)?;
         self.save()?;
         if mode == JournalMode::WriteBack {
@@ -805,7 +839,7 @@ impl Manager {
             |level, members, spares, jdev, zeroed| {
                 if level == Level::Single {
                     return Ok((
-                        decl_ref.clone(),
+                        single_on(decl_ref, &members[0])?,
                         Some((
                             Volume::new(&self.shared.set, &decl_ref.name, members[0].clone()),
                             None,

@@ -204,6 +204,16 @@ pub trait BlockDevice: Send + Sync {
         )))
     }
 
+    /// What names this storage wherever it is attached (an NVMe
+    /// namespace's NGUID, say), when it has such a name: a volume on one
+    /// device checks it at every start, so that a disk swapped in at the
+    /// same address is never taken for the one it was made on. `None`:
+    /// the device is known only by where it is (a file) or holds nothing
+    /// across a start (RAM).
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
     /// Its error counters (devices that cannot fail report zeros).
     fn error_counts(&self) -> ErrorCounts {
         ErrorCounts::default()

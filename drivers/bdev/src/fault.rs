@@ -282,6 +282,10 @@ impl BlockDevice for FaultDevice {
         &self.info
     }
 
+    fn identity(&self) -> Option<String> {
+        self.inner.identity()
+    }
+
     /// The wrapped device's counts, plus the failures injected here.
     fn error_counts(&self) -> crate::ErrorCounts {
         let mut c = self.inner.error_counts();

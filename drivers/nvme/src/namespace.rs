@@ -61,6 +61,8 @@ pub struct Namespace {
     io_errors: Arc<std::sync::atomic::AtomicU64>,
     info: DeviceInfo,
     cmd_bytes: usize,
+    /// See [`nvme::spec::namespace_identity`](crate::spec::namespace_identity).
+    identity: String,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -121,6 +123,7 @@ impl Namespace {
         }
         let id = ctrl.identity();
         Ok(Namespace {
+            identity: crate::spec::namespace_identity(id, &ns, nsid),
             ctrl: ctrl.clone(),
             nsid,
             io_errors: Arc::default(),
@@ -148,6 +151,10 @@ impl Namespace {
 impl BlockDevice for Namespace {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(self.identity.clone())
     }
 
     /// Its own IO errors; time-outs, aborts and resets are the

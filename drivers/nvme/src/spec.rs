@@ -425,6 +425,10 @@ pub struct IdentifyNamespace {
     pub format: u8,
     /// The highest LBA format index the table holds (NLBAF).
     pub nlbaf: u8,
+    /// Namespace Globally Unique Identifier (all zeros: none).
+    pub nguid: [u8; 16],
+    /// IEEE Extended Unique Identifier (all zeros: none).
+    pub eui64: [u8; 8],
 }
 
 impl IdentifyNamespace {
@@ -444,6 +448,8 @@ impl IdentifyNamespace {
             ms: lbaf as u16,
             format,
             nlbaf: b[25],
+            nguid: b[104..120].try_into().unwrap_or_default(),
+            eui64: b[120..128].try_into().unwrap_or_default(),
         }
     }
 
@@ -458,6 +464,24 @@ impl IdentifyNamespace {
         b[at..at + 4].copy_from_slice(&lbaf.to_le_bytes());
         b[25] = self.nlbaf;
         b[26] = (self.format & 0xf) | (self.format >> 4 & 3) << 5;
+        b[104..120].copy_from_slice(&self.nguid);
+        b[120..128].copy_from_slice(&self.eui64);
+    }
+}
+
+/// A name for namespace `nsid` that stays with its storage wherever it is
+/// attached (another PCI address, another target address), as Linux's
+/// `wwid` is: its NGUID, else its EUI-64, else the controller's vendor,
+/// serial and model with the namespace ID. Its size is no part of it: a
+/// namespace may grow.
+pub fn namespace_identity(c: &IdentifyController, ns: &IdentifyNamespace, nsid: u32) -> String {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    if ns.nguid != [0; 16] {
+        format!("nguid.{}", hex(&ns.nguid))
+    } else if ns.eui64 != [0; 8] {
+        format!("eui.{}", hex(&ns.eui64))
+    } else {
+        format!("nvme.{:04x}-{}-{}-{nsid}", c.vid, c.serial, c.model)
     }
 }
 
@@ -475,6 +499,8 @@ mod tests {
             ms: 0,
             format: 17,
             nlbaf: 20,
+            nguid: [3; 16],
+            eui64: [4; 8],
         };
         let mut b = [0u8; 4096];
         ns.write(&mut b);
@@ -533,8 +559,33 @@ mod tests {
             ms: 0,
             format: 0,
             nlbaf: 0,
+            nguid: [0; 16],
+            eui64: [0; 8],
         };
         ns.write(&mut b);
         assert_eq!(IdentifyNamespace::parse(&b), ns);
+    }
+
+    /// A namespace is known by its NGUID, else its EUI-64, else its
+    /// controller's vendor, serial and model and its ID; never by size.
+    #[test]
+    fn a_namespace_is_named_by_its_identifiers() {
+        let c = IdentifyController::parse(&[0u8; 4096]);
+        let c = IdentifyController {
+            vid: 0x1b36,
+            serial: "S1".into(),
+            model: "M".into(),
+            ..c
+        };
+        let mut ns = IdentifyNamespace::parse(&[0u8; 4096]);
+        assert_eq!(namespace_identity(&c, &ns, 2), "nvme.1b36-S1-M-2");
+        ns.eui64 = [0xab; 8];
+        assert_eq!(namespace_identity(&c, &ns, 2), "eui.abababababababab");
+        ns.nguid[15] = 1;
+        ns.nsze = 7;
+        assert_eq!(
+            namespace_identity(&c, &ns, 2),
+            "nguid.00000000000000000000000000000001"
+        );
     }
 }

@@ -159,6 +159,8 @@ impl Assoc {
 /// A remote namespace.
 pub struct NvmfDevice {
     info: DeviceInfo,
+    /// See [`Examined::identity`]; a reconnect finds the same NGUID.
+    identity: Option<String>,
     assoc: Arc<Assoc>,
     control: Option<JoinHandle<()>>,
 }
@@ -203,6 +205,7 @@ impl NvmfDevice {
                 remote.nsid, remote.nqn
             ))
         })?;
+        let identity = Examined::identity(&c.id, &ns, remote.nsid);
         let info = DeviceInfo {
             name: name.to_string(),
             block_size: 1 << n.lbads,
@@ -239,6 +242,7 @@ impl NvmfDevice {
             })?;
         Ok(NvmfDevice {
             info,
+            identity,
             assoc,
             control: Some(control),
         })
@@ -375,6 +379,10 @@ fn control(a: Arc<Assoc>, mut ctrl: Option<Controller>) {
 impl BlockDevice for NvmfDevice {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.identity.clone()
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {

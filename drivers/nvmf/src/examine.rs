@@ -78,6 +78,19 @@ impl Examined {
         })
     }
 
+    /// Namespace `nsid`'s name wherever it is served
+    /// ([`nvme::spec::namespace_identity`]), from the Identify data
+    /// [`Examined::of`] took.
+    pub fn identity(id: &[u8], ns: &[u8], nsid: u32) -> Option<String> {
+        let id: &[u8; 4096] = id.try_into().ok()?;
+        let ns: &[u8; 4096] = ns.try_into().ok()?;
+        Some(nvme::spec::namespace_identity(
+            &nvme::spec::IdentifyController::parse(id),
+            &nvme::spec::IdentifyNamespace::parse(ns),
+            nsid,
+        ))
+    }
+
     /// Whether `now` (a new association) is the namespace attached, and
     /// takes what the device was told it takes.
     pub fn still(&self, now: &Examined) -> Result<(), String> {

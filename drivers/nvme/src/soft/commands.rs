@@ -44,6 +44,8 @@ impl Device {
                             ms: 0,
                             format: 0,
                             nlbaf: 0,
+                            nguid: [0; 16],
+                            eui64: [0; 8],
                         }
                         .write(&mut page)
                     }
