@@ -208,6 +208,17 @@ pub fn file_path(rest: &str) -> (&str, Option<u64>) {
     }
 }
 
+/// This machine's ID (/etc/machine-id, 32 hex digits), if it has one.
+pub fn machine_id() -> Option<String> {
+    let id = std::fs::read_to_string("/etc/machine-id").ok()?;
+    let id: String = id
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    (id.len() == 32).then_some(id)
+}
+
 /// This host's NQN: the one Linux's NVMe tools use (/etc/nvme/hostnqn), or
 /// one made from the machine ID, so a target's allowed-hosts list can name
 /// the appliance.
@@ -218,13 +229,7 @@ pub fn host_nqn() -> String {
             return s.to_string();
         }
     }
-    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-    let id: String = id
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_hexdigit())
-        .collect();
-    if id.len() == 32 {
+    if let Some(id) = machine_id() {
         format!(
             "nqn.2014-08.org.nvmexpress:uuid:{}-{}-{}-{}-{}",
             &id[..8],
