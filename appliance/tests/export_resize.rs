@@ -21,6 +21,10 @@ use vhost::VhostBackend;
 mod common;
 use common::{pattern, Disk};
 
+#[path = "hostile/guest.rs"]
+mod guest;
+use guest::{Guest, Setup};
+
 const MIB: u64 = 1 << 20;
 
 fn capacity_bytes(f: &mut Frontend) -> u64 {
@@ -65,6 +69,13 @@ fn frontend_with_channel(sock: &Path) -> (Frontend, mpsc::Receiver<u64>, Arc<OnC
         | VhostUserProtocolFeatures::BACKEND_REQ;
     assert!(pf.contains(need), "offered {pf:?}");
     f.set_protocol_features(need).unwrap();
+    let (rx, on) = backend_channel(&mut f);
+    (f, rx, on)
+}
+
+/// Set up `f`'s backend request channel, answered as [`OnChange`] does on
+/// a thread of its own; the capacities it reads.
+fn backend_channel(f: &mut Frontend) -> (mpsc::Receiver<u64>, Arc<OnChange>) {
     let (tx, rx) = mpsc::channel();
     let on = Arc::new(OnChange {
         frontend: Mutex::new(Some(f.clone())),
@@ -78,7 +89,7 @@ fn frontend_with_channel(sock: &Path) -> (Frontend, mpsc::Receiver<u64>, Arc<OnC
     let tx = unsafe { std::os::fd::BorrowedFd::borrow_raw(handler.get_tx_raw_fd()) };
     f.set_backend_request_fd(&tx).unwrap();
     std::thread::spawn(move || while handler.handle_request().is_ok() {});
-    (f, rx, on)
+    (rx, on)
 }
 
 /// A blkio client, once the export takes a connection again (it does after
@@ -443,4 +454,52 @@ fn the_whole_config_space_a_frontend_may_read_is_answered() {
     drop(f);
     export.delete(true).unwrap();
     reactors.shutdown().unwrap();
+}
+
+/// QEMU reads the configuration space when it starts, and on a
+/// notification only: reconnecting, it does not. A frontend away during a
+/// resize (or across a restart of the daemon) kept the old size, and its
+/// guest with it, until the VM restarted. It is told once its ring runs.
+#[test]
+fn a_frontend_back_after_a_resize_it_missed_is_told_once_its_ring_runs() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = Manager::new(reactors.set(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    export_one_mib(&m, &sock);
+    // Its start: it reads the configuration, and its ring runs.
+    let first = Guest::setup(
+        &sock,
+        Setup {
+            prepare: Some(&|f, _| assert_eq!(capacity_bytes(f), MIB)),
+            ..Default::default()
+        },
+    );
+    drop(first);
+    let (_, told) = m.resize_device("d0", 2 * MIB).unwrap();
+    assert!(told.is_empty(), "nobody to tell: {told:?}");
+    // Back, as QEMU reconnecting: the backend channel set up, the
+    // configuration not read.
+    // (A prepare step outlives the test: it is 'static.)
+    type Channel = Mutex<Option<(mpsc::Receiver<u64>, Arc<OnChange>)>>;
+    static CHANNEL: Channel = Mutex::new(None);
+    let _back = Guest::setup(
+        &sock,
+        Setup {
+            protocol: VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::BACKEND_REQ,
+            prepare: Some(&|f, _| *CHANNEL.lock().unwrap() = Some(backend_channel(f))),
+            ..Default::default()
+        },
+    );
+    let (seen, _on) = CHANNEL.lock().unwrap().take().unwrap();
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(30)),
+        Ok(2 * MIB),
+        "told of the capacity it missed"
+    );
+    m.shutdown();
 }

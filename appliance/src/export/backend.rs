@@ -338,13 +338,18 @@ impl Handler {
 
     /// The virtio-blk configuration space we fill (up to
     /// write_zeroes_may_unmap and its padding).
+    /// The volume's size now in sectors, not at export creation: it may
+    /// have grown.
+    fn capacity(&self) -> u64 {
+        self.export.volume.info().size_bytes() / super::request::SECTOR
+    }
+
     fn config_space(&self) -> Vec<u8> {
         let l = &self.export.limits;
         let info = self.export.volume.info();
         let mut c = vec![0u8; 60];
         let bs = l.block_size;
-        // The volume's size now, not at export creation: it may have grown.
-        c[0..8].copy_from_slice(&(info.size_bytes() / super::request::SECTOR).to_le_bytes());
+        c[0..8].copy_from_slice(&self.capacity().to_le_bytes());
         c[8..12].copy_from_slice(&l.size_max.to_le_bytes());
         c[12..16].copy_from_slice(&l.seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&bs.to_le_bytes());
@@ -711,6 +716,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
         // struct than ours. An error here would be a zero-size reply, which
         // such a frontend takes for a failed device.
         c.resize(CONFIG_SPACE_MAX, 0);
+        if start == 0 && end >= 8 {
+            self.export.read_capacity(u64::from_le_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]));
+        }
         Ok(c[start..end].to_vec())
     }
 

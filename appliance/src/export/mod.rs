@@ -135,6 +135,13 @@ pub struct ExportShared {
     /// failed a notification and was dropped: later notifications on it
     /// are refused, not taken for a frontend without a channel.
     channel_failed: AtomicU64,
+    /// The capacity (in sectors) a frontend of this export last read from
+    /// the configuration space; `u64::MAX`: none since the export was made.
+    told: AtomicU64,
+    /// The last connection [`ExportShared::tell_if_behind`] told, and
+    /// whether it is telling one now.
+    caught_up: AtomicU64,
+    catching_up: AtomicBool,
     /// Per queue index; they outlive connections, so counts accumulate.
     stats: Vec<Arc<stats::IoStats>>,
     /// The reactor of each queue (moved at runtime by `move_queue`).
@@ -164,6 +171,50 @@ impl ExportShared {
     /// The current connection's fault signal.
     pub(crate) fn fault(&self) -> Arc<fault::FaultSignal> {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A frontend read `capacity` (sectors) from the configuration space.
+    pub(crate) fn read_capacity(&self, capacity: u64) {
+        self.told.store(capacity, Ordering::SeqCst);
+    }
+
+    /// Tell the connected frontend of a capacity it has not read, once per
+    /// connection, when its ring runs: it read the configuration before
+    /// a resize it was not told of (it was away then, or the daemon has
+    /// restarted since), and QEMU reconnecting does not read it again, so
+    /// its guest kept the old size until the VM restarted. (QEMU reads it
+    /// and tells its guest only if the capacity changed.) On a thread of
+    /// its own: the frontend reads the configuration from this export's
+    /// thread before it answers.
+    pub(crate) fn tell_if_behind(self: &Arc<Self>, capacity: u64) {
+        let connection = self.connections.load(Ordering::SeqCst);
+        if self.told.load(Ordering::SeqCst) == capacity
+            || self.caught_up.load(Ordering::SeqCst) == connection
+            // One at a time: a frontend reconnecting in a loop costs one
+            // thread, not one per connection.
+            || self.catching_up.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        self.caught_up.store(connection, Ordering::SeqCst);
+        let n = Notifier {
+            name: format!("export:{}", self.options.socket.display()),
+            shared: self.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vhost-told".into())
+            .spawn(move || {
+                match n.config_changed() {
+                    Ok(true) => tracing::info!(export = n.name, "frontend told of the capacity it had not read"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(export = n.name, error = %e, "telling the frontend of the capacity it had not read failed; its guest sees it once the frontend reads the configuration again"),
+                }
+                n.shared.catching_up.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the thread that tells a frontend of the capacity");
+            self.catching_up.store(false, Ordering::SeqCst);
+        }
     }
 
     /// The reactor queue `index` runs on.
@@ -345,6 +396,9 @@ impl Export {
             frontend: Mutex::new(None),
             notifying: Mutex::new(()),
             channel_failed: AtomicU64::new(0),
+            told: AtomicU64::new(u64::MAX),
+            caught_up: AtomicU64::new(0),
+            catching_up: AtomicBool::new(false),
             stats: (0..opts_queues)
                 .map(|_| Arc::new(stats::IoStats::default()))
                 .collect(),
@@ -427,7 +481,8 @@ impl Export {
     /// (the volume was resized), so it reads it again and the guest sees
     /// the new capacity. Ok(false): no frontend, or one without a backend
     /// request channel; a frontend that starts anew reads the new size,
-    /// but QEMU reconnecting does not read the configuration again.
+    /// and one that comes back with a channel is told once its ring runs
+    /// ([`ExportShared::tell_if_behind`]).
     /// Call it from a control thread other than the export's (the
     /// frontend asks the export for the new configuration before it
     /// answers).

@@ -479,11 +479,11 @@ impl Manager {
         for (export, n) in notifiers {
             match n.config_changed() {
                 Ok(true) => notified.push(export),
-                // No frontend: one that starts anew reads the new size (a
-                // QEMU reconnecting keeps the size it read at its start).
+                // No frontend: one that starts anew reads the new size, and
+                // one that comes back is told once its ring runs.
                 Ok(false) => {}
                 Err(err) => {
-                    tracing::warn!(export = %export, error = %err, "telling the frontend about the new capacity failed; the guest sees it once its frontend reads the configuration again (QEMU: when it starts anew, not at a reconnect)")
+                    tracing::warn!(export = %export, error = %err, "telling the frontend about the new capacity failed; the guest sees it once its frontend reads the configuration again (QEMU: when it starts anew, or is told at its next connection)")
                 }
             }
         }

@@ -185,6 +185,9 @@ impl Handler {
             shared,
             kick: kick_again,
         });
+        if self.backend_req() {
+            self.export.tell_if_behind(self.capacity());
+        }
         tracing::debug!(
             vring = index,
             core,
