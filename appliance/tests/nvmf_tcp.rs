@@ -192,8 +192,13 @@ fn two_hosts_with_two_queues_each_read_back_what_they_wrote() {
         "host A's first block is not zero"
     );
     let smart = c.log_page(0x02, 512, 0).unwrap();
-    let reads = u128::from_le_bytes(smart[64..80].try_into().unwrap());
-    assert!(reads >= 1, "SMART host read commands {reads}");
+    let field = |at: usize| u128::from_le_bytes(smart[at..at + 16].try_into().unwrap());
+    assert!(field(64) >= 1, "SMART host read commands {}", field(64));
+    // Data units (thousands of 512-byte units), rounded up: both hosts
+    // wrote, and this one read a block.
+    assert!(field(32) >= 1, "SMART data units read {}", field(32));
+    assert!(field(48) >= 1, "SMART data units written {}", field(48));
+    assert!(field(80) >= 1, "SMART host write commands {}", field(80));
 }
 
 #[test]

@@ -169,10 +169,15 @@ pub fn smart(s: Option<&Subsystem>) -> Vec<u8> {
     b[3] = 100; // available spare
     b[4] = 10; // threshold
     if let Some(s) = s {
-        let reads = s.reads.load(std::sync::atomic::Ordering::Relaxed) as u128;
-        let writes = s.writes.load(std::sync::atomic::Ordering::Relaxed) as u128;
-        put(&mut b, 64, &reads.to_le_bytes()); // host read commands
-        put(&mut b, 80, &writes.to_le_bytes()); // host write commands
+        let n =
+            |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as u128;
+        // Data units: thousands of 512-byte units, rounded up (what
+        // `nvme smart-log` shows as data read and written).
+        let units = |bytes: u128| bytes.div_ceil(512 * 1000);
+        put(&mut b, 32, &units(n(&s.read_bytes)).to_le_bytes());
+        put(&mut b, 48, &units(n(&s.write_bytes)).to_le_bytes());
+        put(&mut b, 64, &n(&s.reads).to_le_bytes()); // host read commands
+        put(&mut b, 80, &n(&s.writes).to_le_bytes()); // host write commands
     }
     b
 }
