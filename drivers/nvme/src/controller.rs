@@ -567,25 +567,29 @@ impl Controller {
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(controller = %self.name(), reason = why, "NVMe controller failed");
             *lock(&self.failure) = why.to_string();
-            if !self.removed() {
-                // Until the device confirms it stopped, no IO address is
-                // used again (its queues' memory, freed as channels go
-                // during the wait below, included). Failed for good, the
-                // controller needs none back.
-                self.transport.retire_all();
-                self.bar.write32(spec::REG_CC, 0);
-                if wait_ready(&self.bar, self.cap, false, self.transport.name()).is_err() {
-                    let regions = std::mem::take(
-                        &mut *self
-                            .registry
-                            .regions
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner()),
-                    );
-                    self.registry.generation.fetch_add(1, Ordering::Release);
-                    for r in regions {
-                        self.transport.unmap_retired(r.iova, r.len);
-                    }
+            // Until the device confirms it stopped, no IO address is used
+            // again (its queues' memory, freed as channels go during the
+            // wait below, included). Failed for good, the controller needs
+            // none back.
+            self.transport.retire_all();
+            self.bar.write32(spec::REG_CC, 0);
+            // Registers that read all ones say the device is gone, or only
+            // that its register reads are lost (a PCIe error with the link
+            // up): it cannot confirm a stop, and may still write memory.
+            // It was left mapped, with its addresses in use (audit).
+            let stopped = !self.removed()
+                && wait_ready(&self.bar, self.cap, false, self.transport.name()).is_ok();
+            if !stopped {
+                let regions = std::mem::take(
+                    &mut *self
+                        .registry
+                        .regions
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                self.registry.generation.fetch_add(1, Ordering::Release);
+                for r in regions {
+                    self.transport.unmap_retired(r.iova, r.len);
                 }
             }
         }

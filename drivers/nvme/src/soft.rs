@@ -111,6 +111,9 @@ struct Shared {
     hold_admin: AtomicBool,
     /// CC.EN = 0 is not obeyed (a hung device that keeps its queues).
     ignore_disable: AtomicBool,
+    /// CSTS reads all ones and CC.EN = 0 is not obeyed, while the device
+    /// keeps its queues (register reads lost, the link up).
+    status_lost: AtomicBool,
     /// The driver said the device did not stop: addresses are not reused.
     retired: AtomicBool,
     /// How many admin commands wait there while held.
@@ -205,6 +208,7 @@ impl SoftController {
             stop: AtomicBool::new(false),
             hold_admin: AtomicBool::new(false),
             ignore_disable: AtomicBool::new(false),
+            status_lost: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             admin_waiting: AtomicU32::new(0),
             stats: Mutex::new(SoftStats::default()),
@@ -322,6 +326,15 @@ impl SoftController {
     /// queues and may still write to them.
     pub fn ignore_disable(&self, on: bool) {
         self.shared.ignore_disable.store(on, Ordering::Release);
+    }
+
+    /// Lose the status register: it reads all ones, as a removed device's
+    /// do, but the device keeps its queues and does not obey a disable
+    /// (a PCIe error that lost register reads, the link still up).
+    /// Returns once it reads so.
+    pub fn lose_status(&self) {
+        self.shared.status_lost.store(true, Ordering::Release);
+        self.wait_status(|csts| csts == u32::MAX);
     }
 
     /// Raise controller fatal status; the controller stops until reset.
@@ -458,9 +471,13 @@ impl Device {
                 vec![0u8; bs as usize * n as usize]
             });
         }
+        let lost = self.shared.status_lost.load(Ordering::Acquire);
+        if lost {
+            self.bar.write32(spec::REG_CSTS, u32::MAX);
+        }
         let cc = self.bar.read32(spec::REG_CC);
         if cc & spec::CC_EN == 0 {
-            if self.shared.ignore_disable.load(Ordering::Acquire) {
+            if self.shared.ignore_disable.load(Ordering::Acquire) || lost {
                 return false;
             }
             if self.enabled || self.bar.read32(spec::REG_CSTS) != 0 {

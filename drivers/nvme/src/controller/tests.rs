@@ -31,3 +31,29 @@ fn a_second_failure_waits_until_the_device_stopped_or_lost_its_memory() {
     );
     first.join().expect("first caller");
 }
+
+/// A device whose registers read all ones may only have lost its register
+/// reads (a PCIe error with the link up) and still write memory. A failure
+/// took that for a device gone from the bus: its memory stayed mapped,
+/// and its addresses were used again (audit).
+#[test]
+fn a_device_whose_registers_read_all_ones_loses_its_memory_when_failed() {
+    let soft = SoftController::start("soft-lost", SoftConfig::default()).expect("soft controller");
+    let ctrl = Controller::new(soft.transport(), Options::default()).expect("bring up");
+    soft.lose_status();
+    let unmapped_before = ctrl.registry.generation.load(Ordering::Acquire);
+    ctrl.fail("its registers read all ones");
+    assert!(
+        ctrl.registry.generation.load(Ordering::Acquire) > unmapped_before,
+        "a device that cannot say it stopped kept its memory"
+    );
+    let t = soft.transport();
+    let mut a = vec![0u8; 8192];
+    let page = (a.as_mut_ptr() as usize).next_multiple_of(4096) as *mut u8;
+    // SAFETY: `a` outlives both mappings.
+    let at = unsafe { t.map(page, 4096) }.unwrap();
+    t.unmap(at, 4096);
+    let again = unsafe { t.map(page, 4096) }.unwrap();
+    assert_ne!(at, again, "an address of the device was used again");
+    t.unmap(again, 4096);
+}
