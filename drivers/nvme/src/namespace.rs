@@ -3,6 +3,7 @@
 //! split at MDTS, bounced when memory is not registered or not PRP-shaped),
 //! polled completions, time-outs, and recovery after a controller reset.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -245,7 +246,10 @@ struct Channel {
     q: QueuePair,
     generation: u64,
     slots: Vec<Slot>,
-    free_slots: Vec<u16>,
+    /// Free slots, taken from the front and given back at the back: a
+    /// slot's identifier comes back only after every other slot's
+    /// (`next_cid`).
+    free_slots: VecDeque<u16>,
     prp: DmaMem,
     bounce: DmaMem,
     free_bounce: Vec<u16>,
@@ -325,7 +329,7 @@ impl Channel {
                 })
                 .collect(),
             bounced: (0..nslots).map(|_| None).collect(),
-            free_slots: (0..nslots as u16).rev().collect(),
+            free_slots: (0..nslots as u16).collect(),
             delayed: Vec::new(),
             prp,
             bounce,
@@ -434,7 +438,7 @@ impl Channel {
     /// Build and queue the next command of the cursor. False when it must
     /// wait (no bounce pages).
     fn issue(&mut self, c: &mut Cursor) -> bool {
-        let Some(&slot) = self.free_slots.last() else {
+        let Some(&slot) = self.free_slots.front() else {
             return false;
         };
         // SAFETY: the slot is free.
@@ -514,7 +518,7 @@ impl Channel {
                 sqe.cdw[1] = io::DSM_AD;
             }
         }
-        self.free_slots.pop();
+        self.free_slots.pop_front();
         let s = &mut self.slots[slot as usize];
         s.cid = next_cid(s.cid, slot);
         sqe.set_cid(s.cid);
@@ -580,7 +584,7 @@ impl Channel {
         } else {
             None
         };
-        self.free_slots.push(cid as u16);
+        self.free_slots.push_back(cid as u16);
         if let Some(b) = bounce {
             if let (true, Some(to)) = (status.ok(), &b.to) {
                 self.copy_bounce(&b.pages, to, false);
@@ -629,7 +633,7 @@ impl Channel {
         if req.sg.len() != 1 || req.num_blocks > self.cmd_blocks || self.cursor.is_some() {
             return false;
         }
-        let Some(&slot) = self.free_slots.last() else {
+        let Some(&slot) = self.free_slots.front() else {
             return false;
         };
         let v = req.sg[0];
@@ -669,11 +673,11 @@ impl Channel {
         true
     }
 
-    /// Queue the command in free `slot` (the last of `free_slots`) as a
+    /// Queue the command in free `slot` (the first of `free_slots`) as a
     /// whole request, and ring.
     #[inline]
     fn queue_alone(&mut self, slot: u16, sqe: &mut Sqe, tag: u64) {
-        self.free_slots.pop();
+        self.free_slots.pop_front();
         let s = &mut self.slots[slot as usize];
         s.cid = next_cid(s.cid, slot);
         sqe.set_cid(s.cid);
@@ -757,7 +761,7 @@ impl Channel {
         if let Some(b) = self.bounced[cid].take() {
             self.free_bounce.extend_from_slice(&b.pages);
         }
-        self.free_slots.push(cid as u16);
+        self.free_slots.push_back(cid as u16);
         self.settle(parent, tag, Err(err));
     }
 

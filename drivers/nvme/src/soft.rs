@@ -97,6 +97,8 @@ struct Faults {
     refuse_identify: HashSet<u32>,
     /// Identify of the active namespace list fails (NVMe 1.0 has none).
     no_active_list: bool,
+    /// The identifiers of IO commands, in the order executed, once asked.
+    cids: Option<Vec<u16>>,
 }
 
 struct Shared {
@@ -303,6 +305,16 @@ impl SoftController {
     /// controller does.
     pub fn no_active_list(&self) {
         lock(&self.shared.faults).no_active_list = true;
+    }
+
+    /// Record the identifier of every IO command from now on.
+    pub fn record_cids(&self) {
+        lock(&self.shared.faults).cids = Some(Vec::new());
+    }
+
+    /// The identifiers recorded, in the order the commands were executed.
+    pub fn cids(&self) -> Vec<u16> {
+        lock(&self.shared.faults).cids.clone().unwrap_or_default()
     }
 
     /// Leave admin commands in the admin queue, unexecuted, until

@@ -952,3 +952,26 @@ fn a_device_that_does_not_stop_never_gets_its_addresses_reused() {
     );
     t.unmap(again, 4096);
 }
+
+/// An abort names its command by queue and identifier only, and a
+/// completion is matched by identifier. Free slots were taken last-freed
+/// first, so at queue depth 1 every command had the same slot, and its
+/// identifier (4 bits of reuse count above the slot) came back within 16
+/// commands: an abort of a command that had just completed could cancel
+/// an innocent one, and a device's duplicate completion finish it (audit).
+/// A freed slot is taken again last now.
+#[test]
+fn an_identifier_comes_back_only_after_every_slot_was_used() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    soft.record_cids();
+    let mut b = vec![0u8; 4096];
+    for i in 0..40 {
+        one(ch.as_mut(), rw(IoOp::Read, i, 1, &mut b, i)).expect("read");
+    }
+    let cids = soft.cids();
+    let distinct: std::collections::HashSet<u16> = cids.iter().copied().collect();
+    assert_eq!(cids.len(), 40);
+    assert_eq!(distinct.len(), 40, "identifiers used again: {cids:?}");
+}

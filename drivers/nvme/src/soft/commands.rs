@@ -180,6 +180,9 @@ impl Device {
         };
         {
             let mut f = lock(&self.shared.faults);
+            if let Some(seen) = &mut f.cids {
+                seen.push(sqe.cid());
+            }
             if f.not_ready > 0 {
                 f.not_ready -= 1;
                 return (Status::NAMESPACE_NOT_READY, 0);
