@@ -1070,6 +1070,65 @@ fn removing_a_write_back_journal_leaves_nothing_only_in_member_caches() {
     reactors.shutdown().unwrap();
 }
 
+/// A switch to write-through whose drain ran out of time (a member slow to
+/// flush) drained only as the volume wrote: an idle volume kept its cache,
+/// a removal of the journal was refused for as long as it held blocks, and
+/// the superblock kept saying write-back, so a restart came back
+/// write-back (audit). The drain is carried on in the background.
+#[test]
+fn a_drain_left_unfinished_goes_on_while_the_volume_is_idle() {
+    use appliance::raid::journal::{stored_mode, Journal, JournalMode};
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<FaultDevice>> = (0..3)
+        .map(|i| Arc::new(FaultDevice::new(ram(&format!("m{i}"), 1024 + 8))))
+        .collect();
+    let devs = as_devs(&faults);
+    let jdev = ram("j", 4097);
+    let journal = Journal::format_with(jdev.clone(), JournalMode::WriteBack).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let dev = Arc::new(r5(&devs, 8, FailureSink::new(tx)).with_journal(journal));
+    let volume = Volume::new(reactors.set(), "r5", dev.clone());
+    let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
+    monitor.set_timeout(Duration::from_secs(1));
+    let mut model = vec![0u8; 64 * 4096];
+    for (i, lba) in [3u64, 17, 30, 41, 58].into_iter().enumerate() {
+        let data = vec![0x40 + i as u8; 4096];
+        model[lba as usize * 4096..(lba as usize + 1) * 4096].copy_from_slice(&data);
+        volume
+            .io(IoOp::Write, lba, data, Duration::from_secs(10))
+            .unwrap();
+    }
+    assert!(!monitor.journal().unwrap().cache().is_empty());
+    // The drain's flushes are held at one member until its call gave up.
+    faults[0].control().hold(Some(IoOp::Flush), 0, 0, u64::MAX);
+    monitor.set_journal_mode(JournalMode::WriteThrough).unwrap();
+    assert_eq!(stored_mode(jdev.as_ref()).unwrap(), JournalMode::WriteBack);
+    faults[0].control().hold(None, 0, 0, 0);
+    faults[0].control().release();
+    // No more IO: the drain ends, and is recorded, all the same.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stored_mode(jdev.as_ref()).unwrap() != JournalMode::WriteThrough {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drain stopped with {} blocks cached",
+            monitor.journal().unwrap().cache().len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(monitor.journal().unwrap().cache().is_empty());
+    monitor.set_journal(None).unwrap();
+    let mut got = vec![0u8; 64 * 4096];
+    let mut ch = r5(&devs, 8, FailureSink::none()).open_channel().unwrap();
+    run_one(ch.as_mut(), rw(IoOp::Read, 0, 64, &mut got, 1)).unwrap();
+    assert!(got == model, "what the cache held is on the members");
+    drop(ch);
+    reactors.shutdown().unwrap();
+}
+
 /// A journal whose log is too small for this volume's largest record (a
 /// whole stripe of four members with 64 KiB chunks: 49 blocks with its
 /// header, and parity for write-through; the log holds 66, and a record

@@ -604,9 +604,19 @@ impl Monitor {
         let mut switched = false;
         if journal.is_none() {
             let j = lock(&self.inner.published).device.journal();
-            if j.is_some_and(|j| j.mode() == JournalMode::WriteBack && !j.has_failed()) {
-                self.set_journal_mode(JournalMode::WriteThrough)?;
-                switched = true;
+            match j {
+                Some(j) if j.mode() == JournalMode::WriteBack && !j.has_failed() => {
+                    self.set_journal_mode(JournalMode::WriteThrough)?;
+                    switched = true;
+                }
+                // A switch to write-through whose drain its call left
+                // unfinished: the removal is refused while the cache holds
+                // blocks, so it drains them first (its own error is the
+                // refusal's to say).
+                Some(j) if !j.has_failed() && !j.cache().is_empty() => {
+                    let _ = j.drain(&self.inner.volume, self.inner.timeout());
+                }
+                _ => {}
             }
         }
         let r = self.change(Change::SetJournal(journal));

@@ -42,6 +42,16 @@ impl Checkpointer {
                         }
                         continue;
                     }
+                    match journal.carry_drain(&volume) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(RaidError::Volume(crate::volume::VolumeError::Removed(_))) => break,
+                        Err(e) => {
+                            tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a journal switched to write-through");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    }
                     let usage = journal.usage();
                     // Half full, or a record was refused room (which can
                     // happen well below: the cache's reserve, a record

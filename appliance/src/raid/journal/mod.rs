@@ -197,6 +197,11 @@ pub fn journal_id(dev: &dyn BlockDevice) -> Result<String, RaidError> {
     Ok(id_of(superblock::load(dev)?.nonce))
 }
 
+/// The mode the journal on `dev` says on disk: the one a restart takes.
+pub fn stored_mode(dev: &dyn BlockDevice) -> Result<JournalMode, RaidError> {
+    Ok(superblock::load(dev)?.mode)
+}
+
 /// A journal's identity as the state file keeps it.
 fn id_of(nonce: u64) -> String {
     format!("{nonce:016x}")

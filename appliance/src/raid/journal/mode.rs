@@ -68,6 +68,32 @@ impl Journal {
         self.store_super(&mut stored, mode)
     }
 
+    /// Carry on a switch to write-through whose drain its call left
+    /// unfinished (the checkpointer's work): a flush through the volume's
+    /// gate carries the reclaim, and once the cache is empty the
+    /// superblock says write-through. Reclaim rode only on the volume's
+    /// writes and flushes, so an idle volume kept its cache for good: a
+    /// removal of the journal was refused every time, and a restart came
+    /// back write-back (audit). False when there is nothing to carry on.
+    pub(crate) fn carry_drain(&self, volume: &crate::volume::Volume) -> Result<bool, RaidError> {
+        if !self.draining.load(Ordering::SeqCst)
+            || self.has_failed()
+            || self.mode() == JournalMode::WriteBack
+        {
+            return Ok(false);
+        }
+        if !self.cache.is_empty() || self.cache.pending() > 0 {
+            volume.flush_helping_drain(Duration::from_secs(30))?;
+            return Ok(true);
+        }
+        let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.drained(&stored) {
+            return Ok(false);
+        }
+        self.record_drained(&mut stored)?;
+        Ok(true)
+    }
+
     /// Whether a switch to write-through has drained the cache with no
     /// switch since, so its superblock is due.
     fn drained(&self, stored: &StoredMode) -> bool {
