@@ -613,3 +613,54 @@ fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
     Journal::replay(dev, &degraded, Some(&geo)).unwrap();
     rows_whole(&members, &blocks, 0x7c);
 }
+
+/// A member whose IO failed the replay refused the whole volume, and the
+/// way out the refusal named (`--drop-journal`) lost the write-back data
+/// only the journal held (audit). The member is failed (recorded before
+/// anything is replayed around it), and the journal replayed without it;
+/// a volume already missing a member cannot lose a second, and is refused.
+#[test]
+fn a_member_that_fails_the_replay_is_failed_and_replayed_around() {
+    use bdev::FaultDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let Raid5Rig {
+        dev,
+        members,
+        devs,
+        geo,
+    } = raid5_rig(dir.path());
+    // Whole chunks on member 0 of stripes whose parity is on member 2.
+    let chunks: Vec<u64> = parity_on_member_2(&geo, 8)
+        .map(|s| geo.data_offset() + s * geo.chunk_blocks())
+        .collect();
+    let runs: Vec<(u32, u64, u32)> = chunks.iter().map(|&b| (0, b, 4)).collect();
+    log_write_back(dir.path(), &dev, &runs, 0x5d);
+    let broken = Arc::new(FaultDevice::new(members[0].0.clone()));
+    broken.control().fail_writes(0, u64::MAX);
+    let mut slots = devs.clone();
+    slots[0] = Some(broken.clone() as Arc<dyn BlockDevice>);
+
+    let mut degraded = slots.clone();
+    degraded[1] = None;
+    let mut failed = Vec::new();
+    let refused = Journal::replay_around(dev.clone(), &degraded, &geo, |k| {
+        failed.push(k);
+        Ok(())
+    });
+    assert!(refused.is_err(), "a second member lost");
+    assert!(failed.is_empty(), "{failed:?}");
+
+    let (_, _, around) = Journal::replay_around(dev, &slots, &geo, |k| {
+        failed.push(k);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((around, failed), (Some(0), vec![0]));
+    // Member 0's new data is in the parity (member 1 holds zeros).
+    for b in chunks.iter().flat_map(|&c| c..c + 4) {
+        assert!(
+            block_of(&members[2].1, b).iter().all(|&x| x == 0x5d),
+            "block {b}: member 0 reads back wrong without it"
+        );
+    }
+}

@@ -16,6 +16,7 @@ use crate::raid::journal::Journal;
 use crate::raid::members::{FailureSink, MemberState, MissingDevice};
 use crate::raid::monitor::Role;
 use crate::raid::superblock::{Level as SbLevel, SuperblockError};
+use crate::raid::RaidError;
 
 impl Manager {
     /// Assemble a RAID volume from its claimed devices' superblocks; `None`
@@ -339,7 +340,22 @@ impl Manager {
                     .iter()
                     .map(|m| (m.state == MemberState::InSync).then(|| m.dev.clone()))
                     .collect();
-                let (j, rep) = Journal::replay(jdev, &slots, Some(&geo)).map_err(|e| {
+                // A member that fails the replay is failed on disk first,
+                // then replayed around; the monitor fails it in the running
+                // volume when it starts.
+                let meta = &mut v.meta;
+                let device = v.device.as_ref();
+                let (j, rep, _) = Journal::replay_around(jdev, &slots, &geo, |k| {
+                    let mut codes: Vec<u8> = set.members.iter().map(|m| m.code()).collect();
+                    codes[k] = MemberState::Failed.code();
+                    meta.record_codes(device, codes, false).map_err(|e| {
+                        RaidError::Invalid(format!("recording member {k} failed: {e}"))
+                    })?;
+                    set.failures
+                        .report(k, &set.members[k], bdev::IoError::DeviceFailed);
+                    Ok(())
+                })
+                .map_err(|e| {
                     MgmtError::FailedPrecondition(format!(
                         "journal of volume {0}: {e}; refusing to start the volume without it (`appliance daemon --drop-journal {0}` starts it without the journal, losing write-back data only the journal held)",
                         decl.name

@@ -153,6 +153,45 @@ fn scan(log: &mut LogReader, s: &Super, largest: usize) -> Result<Vec<Found>, Ra
 }
 
 impl Journal {
+    /// [`replay`](Self::replay), going on around a member whose IO fails
+    /// it, as md runs an array without a member that fails: `fail(slot)`
+    /// records that member failed (durably: nothing is replayed around it
+    /// before), and the replay starts again without it (what it had
+    /// logged of its own is replayed too). Only while the volume can lose
+    /// it (no member missing yet); a failure of the journal device, or of
+    /// a second member, is the replay's error. Refused, the volume did not
+    /// start, and the way out it named (`--drop-journal`) lost the
+    /// write-back data only the journal held (audit). Returns the slot it
+    /// went around, if any.
+    pub fn replay_around(
+        dev: Arc<dyn BlockDevice>,
+        members: &[Option<Arc<dyn BlockDevice>>],
+        geo: &Raid5Geometry,
+        mut fail: impl FnMut(usize) -> Result<(), RaidError>,
+    ) -> Result<(Arc<Journal>, ReplayReport, Option<usize>), RaidError> {
+        let mut slots = members.to_vec();
+        let mut around = None;
+        loop {
+            let e = match Journal::replay(dev.clone(), &slots, Some(geo)) {
+                Ok((j, report)) => return Ok((j, report, around)),
+                Err(e) => e,
+            };
+            let failed = match &e {
+                RaidError::Io { device, .. } | RaidError::Timeout { device, .. } => slots
+                    .iter()
+                    .position(|m| m.as_ref().is_some_and(|d| d.info().name == *device)),
+                _ => None,
+            };
+            let Some(k) = failed.filter(|_| slots.iter().all(|m| m.is_some())) else {
+                return Err(e);
+            };
+            fail(k)?;
+            tracing::warn!(member = k, error = %e, "a member failed the journal's replay: it is failed, and the journal replayed around it");
+            slots[k] = None;
+            around = Some(k);
+        }
+    }
+
     /// Open the journal on `dev` after a start: write every record since
     /// the last checkpoint to `members` (by slot; `None` for a missing
     /// member, whose blocks are skipped: it is rebuilt later), flush them,
