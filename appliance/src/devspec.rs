@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bdev::{BlockDevice, FileDevice, NullDevice, RamDevice};
-use std::collections::HashMap;
-use std::sync::{Mutex, Weak};
+
+mod bringup;
 
 /// Why a specification names no device.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,7 @@ fn opening(spec: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) 
 
 /// Controllers already brought up, by PCI address: a second namespace of
 /// the same controller must not reset it under the first.
-static CONTROLLERS: Mutex<Option<HashMap<String, Weak<nvme::Controller>>>> = Mutex::new(None);
+static CONTROLLERS: bringup::Shared<nvme::Controller> = bringup::Shared::new();
 
 /// What a specification's storage is, for telling whether two name the
 /// same one however they are spelled: a file by its device and inode (a
@@ -171,21 +171,12 @@ fn nvme_namespace(
 ) -> Result<Arc<dyn BlockDevice>, SpecError> {
     let spec = format!("nvme:{rest}");
     let (bdf, nsid) = nvme_address(rest)?;
-    let ctrl = {
-        let mut map = CONTROLLERS.lock().unwrap_or_else(|p| p.into_inner());
-        let map = map.get_or_insert_with(HashMap::new);
-        match map.get(&bdf).and_then(Weak::upgrade) {
-            Some(c) => c,
-            None => {
-                let transport =
-                    nvme::vfio::VfioTransport::open(&bdf).map_err(|e| opening(&spec)(e.into()))?;
-                let c = nvme::Controller::new(transport, nvme::Options::default())
-                    .map_err(|e| opening(&spec)(e.into()))?;
-                map.insert(bdf.clone(), Arc::downgrade(&c));
-                c
-            }
-        }
-    };
+    let ctrl = CONTROLLERS.get_or_bring_up(&bdf, || {
+        let transport =
+            nvme::vfio::VfioTransport::open(&bdf).map_err(|e| opening(&spec)(e.into()))?;
+        nvme::Controller::new(transport, nvme::Options::default())
+            .map_err(|e| opening(&spec)(e.into()))
+    })?;
     let ns = nvme::Namespace::new(&ctrl, nsid, name).map_err(|e| opening(&spec)(e.into()))?;
     if ns.info().block_size != block_size {
         return Err(SpecError::Invalid(format!(

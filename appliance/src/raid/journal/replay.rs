@@ -201,8 +201,10 @@ impl Journal {
     /// Memory stays bounded whatever the journal's size: the log is
     /// scanned a window at a time, and each record is read again, a piece
     /// at a time, when it is replayed; the write-back blocks replay holds
-    /// are at most twice what the cache holds. Every length in it is
-    /// checked against the log before it is used.
+    /// are at most twice what the cache holds, and with their parity and
+    /// the records that log them (a degraded replay) come to about four
+    /// times what it holds at most (1 GiB for a full 256 MiB cache: audit).
+    /// Every length in it is checked against the log before it is used.
     pub fn replay(
         dev: Arc<dyn BlockDevice>,
         members: &[Option<Arc<dyn BlockDevice>>],
