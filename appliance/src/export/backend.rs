@@ -336,14 +336,14 @@ impl Handler {
         }
     }
 
-    /// The virtio-blk configuration space we fill (up to
-    /// write_zeroes_may_unmap and its padding).
     /// The volume's size now in sectors, not at export creation: it may
     /// have grown.
     fn capacity(&self) -> u64 {
         self.export.volume.info().size_bytes() / super::request::SECTOR
     }
 
+    /// The virtio-blk configuration space we fill (up to
+    /// write_zeroes_may_unmap and its padding).
     fn config_space(&self) -> Vec<u8> {
         let l = &self.export.limits;
         let info = self.export.volume.info();

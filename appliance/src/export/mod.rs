@@ -178,38 +178,69 @@ impl ExportShared {
         self.told.store(capacity, Ordering::SeqCst);
     }
 
+    /// Whether the connected frontend, with a backend channel, has read
+    /// another capacity than the volume's now, and was not told of it on
+    /// this connection.
+    fn behind(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+            && self.told.load(Ordering::SeqCst) != self.volume.info().size_bytes() / request::SECTOR
+            && self.caught_up.load(Ordering::SeqCst) != self.connections.load(Ordering::SeqCst)
+            && self
+                .frontend
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
     /// Tell the connected frontend of a capacity it has not read, once per
     /// connection, when its ring runs: it read the configuration before
     /// a resize it was not told of (it was away then, or the daemon has
     /// restarted since), and QEMU reconnecting does not read it again, so
     /// its guest kept the old size until the VM restarted. (QEMU reads it
-    /// and tells its guest only if the capacity changed.) On a thread of
-    /// its own: the frontend reads the configuration from this export's
-    /// thread before it answers.
-    pub(crate) fn tell_if_behind(self: &Arc<Self>, capacity: u64) {
-        let connection = self.connections.load(Ordering::SeqCst);
-        if self.told.load(Ordering::SeqCst) == capacity
-            || self.caught_up.load(Ordering::SeqCst) == connection
-            // One at a time: a frontend reconnecting in a loop costs one
-            // thread, not one per connection.
-            || self.catching_up.swap(true, Ordering::SeqCst)
-        {
+    /// again; some versions tell the guest only of a changed capacity,
+    /// newer ones always, so a guest may see one needless configuration
+    /// interrupt after a restart of the daemon.) On a thread of its own:
+    /// the frontend reads the configuration from this export's thread
+    /// before it answers. One at a time: a frontend reconnecting in a loop
+    /// costs one thread, which looks again for a connection that came
+    /// while it was at work.
+    pub(crate) fn tell_if_behind(self: &Arc<Self>) {
+        if !self.behind() || self.catching_up.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.caught_up.store(connection, Ordering::SeqCst);
-        let n = Notifier {
-            name: format!("export:{}", self.options.socket.display()),
-            shared: self.clone(),
-        };
+        // Not kept alive by the thread but while it talks: a deleted
+        // export lets go of its volume and devices.
+        let weak = Arc::downgrade(self);
+        let name = format!("export:{}", self.options.socket.display());
         let spawned = std::thread::Builder::new()
             .name("vhost-told".into())
-            .spawn(move || {
-                match n.config_changed() {
-                    Ok(true) => tracing::info!(export = n.name, "frontend told of the capacity it had not read"),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(export = n.name, error = %e, "telling the frontend of the capacity it had not read failed; its guest sees it once the frontend reads the configuration again"),
+            .spawn(move || loop {
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                if shared.behind() {
+                    let connection = shared.connections.load(Ordering::SeqCst);
+                    let n = Notifier {
+                        name: name.clone(),
+                        shared: shared.clone(),
+                    };
+                    match n.config_changed() {
+                        Ok(true) => tracing::info!(export = name, "frontend told of the capacity it had not read"),
+                        // Its channel went meanwhile: the notification
+                        // that took it tells the frontend.
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(export = name, error = %e, "telling the frontend of the capacity it had not read failed; its guest sees it once the frontend reads the configuration again"),
+                    }
+                    // Once per connection, whatever came of it: a frontend
+                    // that does not read it again would be told at every
+                    // ring start.
+                    shared.caught_up.store(connection, Ordering::SeqCst);
                 }
-                n.shared.catching_up.store(false, Ordering::SeqCst);
+                shared.catching_up.store(false, Ordering::SeqCst);
+                // A ring that started meanwhile found this thread at work.
+                if !shared.behind() || shared.catching_up.swap(true, Ordering::SeqCst) {
+                    return;
+                }
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start the thread that tells a frontend of the capacity");

@@ -186,7 +186,7 @@ impl Handler {
             kick: kick_again,
         });
         if self.backend_req() {
-            self.export.tell_if_behind(self.capacity());
+            self.export.tell_if_behind();
         }
         tracing::debug!(
             vring = index,
