@@ -106,6 +106,8 @@ pub struct VolumeDecl {
     /// gives the guest that disk, never another that took its PCI address
     /// or its target's address. Empty: not checked (a file or RAM device
     /// has no such name), and taken from the device at the next start.
+    /// Only a daemon that keeps a state file keeps it: with `--config`
+    /// alone, each start takes the disk it finds (or the one named here).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub device_id: String,
 }

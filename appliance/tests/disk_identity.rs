@@ -5,14 +5,11 @@
 //! next start, and the guest's writes went over another disk's data. The
 //! disk's own name (its NGUID here) is recorded now, and a start on
 //! another disk leaves the volume out, saying why.
-//!
-//! The other side of it: the name this appliance's NVMe/TCP exports give
-//! their namespaces stays the same across its restarts.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
-use appliance::config::{Config, DeviceDecl, NvmfExportDecl, VolumeDecl};
+use appliance::config::{Config, DeviceDecl, VolumeDecl};
 use appliance::manager::{Manager, MgmtError};
 use appliance::nvmf::{SubsystemOptions, Target};
 use appliance::volume::Volume;
@@ -171,42 +168,4 @@ fn a_single_volume_saved_without_its_disk_records_the_one_it_starts_on() {
     app.0.get_volume("v").expect("started");
     assert_eq!(device_id(&state), format!("nguid.{}", "07".repeat(16)));
     stop(app);
-}
-
-/// A daemon that keeps no state file (`--config` alone) makes its exports
-/// again at every start. Their NGUIDs were random each time: to every host
-/// (an NVMe/TCP initiator, ours too) the namespace was another disk after
-/// each restart of the appliance.
-#[test]
-fn an_export_keeps_its_nguid_across_starts_without_a_state_file() {
-    assert!(
-        appliance::devspec::machine_id().is_some(),
-        "the machine has an ID (/etc/machine-id)"
-    );
-    let nguid = || {
-        let r = reactors();
-        let mgr = Manager::new(r.set(), None);
-        mgr.attach_device(DeviceDecl {
-            name: "d".into(),
-            spec: "ram:4M".into(),
-            block_size: 4096,
-        })
-        .unwrap();
-        mgr.create_volume(VolumeDecl::new("v", "single", &["d"]), false)
-            .unwrap();
-        let made = mgr
-            .create_nvmf_export(NvmfExportDecl {
-                nqn: NQN.into(),
-                volume: "v".into(),
-                listen: "127.0.0.1:0".into(),
-                allow_any_host: true,
-                ..Default::default()
-            })
-            .unwrap();
-        stop((mgr, r));
-        made.decl.nguid
-    };
-    let first = nguid();
-    assert_eq!(first.len(), 32, "{first}");
-    assert_eq!(nguid(), first);
 }

@@ -103,23 +103,6 @@ pub(super) fn check_nvmf(
 }
 
 impl Manager {
-    /// The NGUID of an export that asks for none. Random once, then kept
-    /// in the state file. A daemon that keeps none (`--config` alone) makes
-    /// the export at every start: a random one then was another namespace
-    /// to every host after each restart (an NVMe/TCP initiator, ours too,
-    /// refuses to take it back as the one it had), so it is made from the
-    /// machine's ID, the NQN and the volume. Random still on a machine
-    /// without an ID: the same made-up one on every such machine would
-    /// have a multipathing host take two appliances' namespaces for one.
-    fn nguid_for(&self, decl: &NvmfExportDecl) -> [u8; 16] {
-        match (&self.shared.state_file, crate::devspec::machine_id()) {
-            (None, Some(id)) => {
-                crate::nvmf::stable_nguid(&format!("{id}/{}/{}", decl.nqn, decl.volume))
-            }
-            _ => *uuid::Uuid::new_v4().as_bytes(),
-        }
-    }
-
     /// Export a volume over NVMe/TCP as the subsystem `decl.nqn`.
     pub fn create_nvmf_export(
         &self,
@@ -144,7 +127,8 @@ impl Manager {
             }
         }
         let (listen, nguid) = check_nvmf(&decl)?;
-        let nguid = nguid.unwrap_or_else(|| self.nguid_for(&decl));
+        // Random once, then kept in the state file.
+        let nguid = nguid.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());
         if decl.serial.is_empty() {
             decl.serial = self.serial_for(&decl.volume);
         }

@@ -158,7 +158,7 @@ fn single_on(decl: &VolumeDecl, dev: &Arc<dyn BlockDevice>) -> Result<VolumeDecl
             format!("is {now}")
         };
         return Err(MgmtError::FailedPrecondition(format!(
-            "volume {}: device {} {is}, not the disk the volume is on ({}): refusing to give its guest another disk (name the right device in the state file; to take this disk for the volume, set its device_id to {now:?} and reload)",
+            "volume {}: device {} {is}, not the disk the volume is on ({}): refusing to give its guest another disk (name the right device in the state file; to take this disk for the volume, set its device_id to \"{now}\" and reload)",
             decl.name,
             dev.info().name,
             decl.device_id

@@ -469,20 +469,35 @@ impl IdentifyNamespace {
     }
 }
 
-/// A name for namespace `nsid` that stays with its storage wherever it is
-/// attached (another PCI address, another target address), as Linux's
-/// `wwid` is: its NGUID, else its EUI-64, else the controller's vendor,
-/// serial and model with the namespace ID. Its size is no part of it: a
-/// namespace may grow.
-pub fn namespace_identity(c: &IdentifyController, ns: &IdentifyNamespace, nsid: u32) -> String {
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+/// What a namespace says it is, when it says: its NGUID, else its EUI-64
+/// (`None` when both are zeros).
+pub fn namespace_ids(ns: &IdentifyNamespace) -> Option<String> {
     if ns.nguid != [0; 16] {
-        format!("nguid.{}", hex(&ns.nguid))
+        Some(format!("nguid.{}", hex(&ns.nguid)))
     } else if ns.eui64 != [0; 8] {
-        format!("eui.{}", hex(&ns.eui64))
+        Some(format!("eui.{}", hex(&ns.eui64)))
     } else {
-        format!("nvme.{:04x}-{}-{}-{nsid}", c.vid, c.serial, c.model)
+        None
     }
+}
+
+/// A name for namespace `nsid` of a drive that stays with its storage
+/// wherever the drive is plugged: [`namespace_ids`], else (after Linux's
+/// `wwid`) the controller's vendor, serial and model, in hex, with the
+/// namespace ID. Its size is no part of it: a namespace may grow.
+pub fn namespace_identity(c: &IdentifyController, ns: &IdentifyNamespace, nsid: u32) -> String {
+    namespace_ids(ns).unwrap_or_else(|| {
+        format!(
+            "nvme.{:04x}-{}-{}-{nsid:08x}",
+            c.vid,
+            hex(c.serial.as_bytes()),
+            hex(c.model.as_bytes())
+        )
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -578,7 +593,8 @@ mod tests {
             ..c
         };
         let mut ns = IdentifyNamespace::parse(&[0u8; 4096]);
-        assert_eq!(namespace_identity(&c, &ns, 2), "nvme.1b36-S1-M-2");
+        assert_eq!(namespace_identity(&c, &ns, 2), "nvme.1b36-5331-4d-00000002");
+        assert_eq!(namespace_ids(&ns), None);
         ns.eui64 = [0xab; 8];
         assert_eq!(namespace_identity(&c, &ns, 2), "eui.abababababababab");
         ns.nguid[15] = 1;

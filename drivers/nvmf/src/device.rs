@@ -159,8 +159,6 @@ impl Assoc {
 /// A remote namespace.
 pub struct NvmfDevice {
     info: DeviceInfo,
-    /// See [`Examined::identity`]; a reconnect finds the same NGUID.
-    identity: Option<String>,
     assoc: Arc<Assoc>,
     control: Option<JoinHandle<()>>,
 }
@@ -205,7 +203,6 @@ impl NvmfDevice {
                 remote.nsid, remote.nqn
             ))
         })?;
-        let identity = Examined::identity(&c.id, &ns, remote.nsid);
         let info = DeviceInfo {
             name: name.to_string(),
             block_size: 1 << n.lbads,
@@ -242,7 +239,6 @@ impl NvmfDevice {
             })?;
         Ok(NvmfDevice {
             info,
-            identity,
             assoc,
             control: Some(control),
         })
@@ -381,8 +377,9 @@ impl BlockDevice for NvmfDevice {
         &self.info
     }
 
+    /// A reconnect finds the same NGUID ([`Examined::still`]).
     fn identity(&self) -> Option<String> {
-        self.identity.clone()
+        self.assoc.attached.identity.clone()
     }
 
     fn open_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {

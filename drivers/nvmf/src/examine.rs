@@ -10,7 +10,7 @@
 const IN_CAPSULE_MAX: usize = 16 << 10;
 
 /// What the device uses of Identify Controller and Identify Namespace.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Examined {
     /// Size in blocks, block size shift, NGUID (all zeros: none).
     pub nsze: u64,
@@ -24,6 +24,11 @@ pub(crate) struct Examined {
     pub discard: bool,
     /// The controller has a volatile write cache (VWC).
     pub volatile: bool,
+    /// The namespace's NGUID or EUI-64 ([`nvme::spec::namespace_ids`]).
+    /// Not the serial-based name a drive gets without them: a target's
+    /// serial may be made anew with its subsystem (Linux's nvmet), and a
+    /// restart then took the same namespace for another disk (review).
+    pub identity: Option<String>,
 }
 
 impl Examined {
@@ -53,8 +58,7 @@ impl Examined {
                 f.nlbaf as u32 + 1
             ));
         }
-        let mut nguid = [0u8; 16];
-        nguid.copy_from_slice(&ns[104..120]);
+        let nguid = f.nguid;
         let max_command = if c.mdts == 0 {
             1 << 20
         } else {
@@ -75,20 +79,8 @@ impl Examined {
             // discard, and a mirror its member. Not offered there.
             discard: c.dsm() && in_capsule >= 16,
             volatile: c.vwc,
+            identity: nvme::spec::namespace_ids(&f),
         })
-    }
-
-    /// Namespace `nsid`'s name wherever it is served
-    /// ([`nvme::spec::namespace_identity`]), from the Identify data
-    /// [`Examined::of`] took.
-    pub fn identity(id: &[u8], ns: &[u8], nsid: u32) -> Option<String> {
-        let id: &[u8; 4096] = id.try_into().ok()?;
-        let ns: &[u8; 4096] = ns.try_into().ok()?;
-        Some(nvme::spec::namespace_identity(
-            &nvme::spec::IdentifyController::parse(id),
-            &nvme::spec::IdentifyNamespace::parse(ns),
-            nsid,
-        ))
     }
 
     /// Whether `now` (a new association) is the namespace attached, and
