@@ -622,35 +622,39 @@ fn a_degraded_replay_from_block_0_logs_records_the_next_replay_finds() {
 #[test]
 fn a_member_that_fails_the_replay_is_failed_and_replayed_around() {
     use bdev::FaultDevice;
-    let dir = tempfile::tempdir().unwrap();
-    let Raid5Rig {
-        dev,
-        members,
-        devs,
-        geo,
-    } = raid5_rig(dir.path());
-    // Whole chunks on member 0 of stripes whose parity is on member 2.
-    let chunks: Vec<u64> = parity_on_member_2(&geo, 8)
-        .map(|s| geo.data_offset() + s * geo.chunk_blocks())
-        .collect();
-    let runs: Vec<(u32, u64, u32)> = chunks.iter().map(|&b| (0, b, 4)).collect();
-    log_write_back(dir.path(), &dev, &runs, 0x5d);
-    let broken = Arc::new(FaultDevice::new(members[0].0.clone()));
-    broken.control().fail_writes(0, u64::MAX);
-    let mut slots = devs.clone();
-    slots[0] = Some(broken.clone() as Arc<dyn BlockDevice>);
-
-    let mut degraded = slots.clone();
-    degraded[1] = None;
+    // A rig whose log holds write-back chunks on member 0 of stripes whose
+    // parity is on member 2, member 0 refusing writes: its slots (member 1
+    // missing if `degraded`), the chunks, and the rig.
+    let rig = |dir: &std::path::Path, degraded: bool| {
+        let r = raid5_rig(dir);
+        let chunks: Vec<u64> = parity_on_member_2(&r.geo, 8)
+            .map(|s| r.geo.data_offset() + s * r.geo.chunk_blocks())
+            .collect();
+        let runs: Vec<(u32, u64, u32)> = chunks.iter().map(|&b| (0, b, 4)).collect();
+        log_write_back(dir, &r.dev, &runs, 0x5d);
+        let broken = Arc::new(FaultDevice::new(r.members[0].0.clone()));
+        broken.control().fail_writes(0, u64::MAX);
+        let mut slots = r.devs.clone();
+        slots[0] = Some(broken as Arc<dyn BlockDevice>);
+        if degraded {
+            slots[1] = None;
+        }
+        (slots, chunks, r)
+    };
     let mut failed = Vec::new();
-    let refused = Journal::replay_around(dev.clone(), &degraded, &geo, |k| {
+
+    let dir = tempfile::tempdir().unwrap();
+    let (slots, _, r) = rig(dir.path(), true);
+    let refused = Journal::replay_around(r.dev, &slots, &r.geo, |k| {
         failed.push(k);
         Ok(())
     });
     assert!(refused.is_err(), "a second member lost");
     assert!(failed.is_empty(), "{failed:?}");
 
-    let (_, _, around) = Journal::replay_around(dev, &slots, &geo, |k| {
+    let dir = tempfile::tempdir().unwrap();
+    let (slots, chunks, r) = rig(dir.path(), false);
+    let (_, _, around) = Journal::replay_around(r.dev, &slots, &r.geo, |k| {
         failed.push(k);
         Ok(())
     })
@@ -659,7 +663,7 @@ fn a_member_that_fails_the_replay_is_failed_and_replayed_around() {
     // Member 0's new data is in the parity (member 1 holds zeros).
     for b in chunks.iter().flat_map(|&c| c..c + 4) {
         assert!(
-            block_of(&members[2].1, b).iter().all(|&x| x == 0x5d),
+            block_of(&r.members[2].1, b).iter().all(|&x| x == 0x5d),
             "block {b}: member 0 reads back wrong without it"
         );
     }

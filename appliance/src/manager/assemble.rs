@@ -353,6 +353,20 @@ impl Manager {
                     })?;
                     set.failures
                         .report(k, &set.members[k], bdev::IoError::DeviceFailed);
+                    // A member whose superblock could not take the record
+                    // is gone too: two are more than the volume can lose
+                    // (review).
+                    if let Some((_, m)) = set
+                        .members
+                        .iter()
+                        .enumerate()
+                        .find(|(i, m)| *i != k && m.is_gone())
+                    {
+                        return Err(RaidError::Invalid(format!(
+                            "member {} failed too, recording member {k} failed",
+                            m.dev.info().name
+                        )));
+                    }
                     Ok(())
                 })
                 .map_err(|e| {

@@ -45,7 +45,11 @@ pub(crate) fn sync(
         reason,
     };
     let bs = dev.info().block_size as usize;
-    let mut ch = open(dev).map_err(|e| io(e.to_string()))?;
+    let mut ch = open(dev).map_err(|e| RaidError::Io {
+        device: name.clone(),
+        what: format!("opening a channel for {op:?}"),
+        reason: e.to_string(),
+    })?;
     let mut own = buf.to_vec();
     // In requests the device takes (a replay's record, a bitmap may be
     // larger than one NVMe command), all on this one channel.

@@ -613,7 +613,9 @@ impl Monitor {
                 // unfinished: the removal is refused while the cache holds
                 // blocks, so it drains them first (its own error is the
                 // refusal's to say).
-                Some(j) if !j.has_failed() && !j.cache().is_empty() => {
+                Some(j)
+                    if !j.has_failed() && (!j.cache().is_empty() || j.cache().pending() > 0) =>
+                {
                     let _ = j.drain(&self.inner.volume, self.inner.timeout());
                 }
                 _ => {}

@@ -6,7 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::mode::DrainLeft;
 use super::Journal;
+
+/// Pauses between flushes that drain nothing.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Checkpoints a volume's journal when its log is half full. Stops when
 /// dropped.
@@ -25,6 +30,7 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name(format!("journal-{}", volume.name()))
             .spawn(move || {
+                let mut backoff = MIN_BACKOFF;
                 while !s.load(Ordering::SeqCst) {
                     if journal.has_failed() {
                         // Nothing to checkpoint on a dead device: drain the
@@ -42,15 +48,33 @@ impl Checkpointer {
                         }
                         continue;
                     }
-                    match journal.carry_drain(&volume) {
-                        Ok(true) => continue,
-                        Ok(false) => {}
-                        Err(RaidError::Volume(crate::volume::VolumeError::Removed(_))) => break,
-                        Err(e) => {
-                            tracing::warn!(volume = volume.name(), error = %e, "draining the cache of a journal switched to write-through");
-                            std::thread::sleep(Duration::from_millis(100));
-                            continue;
+                    // A drain a switch left: flushes carry it, backing off
+                    // while they bring nothing (a reclaim that keeps
+                    // failing); the checkpoint below still runs (review).
+                    match journal.drain_left() {
+                        DrainLeft::Flush => {
+                            let before = journal.cache().len();
+                            let r = volume.flush_helping_drain(Duration::from_secs(30));
+                            if matches!(r, Err(crate::volume::VolumeError::Removed(_))) {
+                                break;
+                            }
+                            if journal.cache().len() < before {
+                                backoff = MIN_BACKOFF;
+                            } else {
+                                if backoff == MAX_BACKOFF {
+                                    tracing::warn!(volume = volume.name(), blocks = before, error = ?r.err(), "the cache of a journal switched to write-through does not drain");
+                                }
+                                std::thread::sleep(backoff);
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                            }
                         }
+                        DrainLeft::Record => {
+                            if !matches!(checkpoint_now(&journal, &volume), Ok(true)) {
+                                std::thread::sleep(backoff);
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                            }
+                        }
+                        DrainLeft::Nothing => {}
                     }
                     let usage = journal.usage();
                     // Half full, or a record was refused room (which can

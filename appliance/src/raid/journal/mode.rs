@@ -42,6 +42,17 @@ impl JournalMode {
     }
 }
 
+/// See [`Journal::drain_left`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DrainLeft {
+    Nothing,
+    /// Blocks to drain: a flush through the volume's gate carries them.
+    Flush,
+    /// Drained: a checkpoint records write-through (and fails the journal
+    /// if its superblock cannot take it, as any checkpoint does).
+    Record,
+}
+
 /// The mode the superblock says, and how many switches wrote it.
 pub(super) struct StoredMode {
     pub(super) mode: JournalMode,
@@ -68,30 +79,27 @@ impl Journal {
         self.store_super(&mut stored, mode)
     }
 
-    /// Carry on a switch to write-through whose drain its call left
-    /// unfinished (the checkpointer's work): a flush through the volume's
-    /// gate carries the reclaim, and once the cache is empty the
-    /// superblock says write-through. Reclaim rode only on the volume's
-    /// writes and flushes, so an idle volume kept its cache for good: a
-    /// removal of the journal was refused every time, and a restart came
-    /// back write-back (audit). False when there is nothing to carry on.
-    pub(crate) fn carry_drain(&self, volume: &crate::volume::Volume) -> Result<bool, RaidError> {
+    /// What is left of a switch to write-through whose drain its call
+    /// left unfinished (the checkpointer carries it on). Reclaim rode only
+    /// on the volume's writes and flushes, so an idle volume kept its cache
+    /// for good: a removal of the journal was refused every time, and a
+    /// restart came back write-back (audit).
+    pub(crate) fn drain_left(&self) -> DrainLeft {
         if !self.draining.load(Ordering::SeqCst)
             || self.has_failed()
             || self.mode() == JournalMode::WriteBack
         {
-            return Ok(false);
+            return DrainLeft::Nothing;
         }
         if !self.cache.is_empty() || self.cache.pending() > 0 {
-            volume.flush_helping_drain(Duration::from_secs(30))?;
-            return Ok(true);
+            return DrainLeft::Flush;
         }
-        let mut stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.drained(&stored) {
-            return Ok(false);
+        let stored = self.super_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.drained(&stored) {
+            DrainLeft::Record
+        } else {
+            DrainLeft::Nothing
         }
-        self.record_drained(&mut stored)?;
-        Ok(true)
     }
 
     /// Whether a switch to write-through has drained the cache with no

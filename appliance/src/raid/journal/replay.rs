@@ -158,8 +158,9 @@ impl Journal {
     /// records that member failed (durably: nothing is replayed around it
     /// before), and the replay starts again without it (what it had
     /// logged of its own is replayed too). Only while the volume can lose
-    /// it (no member missing yet); a failure of the journal device, or of
-    /// a second member, is the replay's error. Refused, the volume did not
+    /// it (no member missing yet), and only for a write or flush it
+    /// refused; a failure of the journal device, of a second member, or
+    /// one that may pass (a time-out, a read) is the replay's error. Refused, the volume did not
     /// start, and the way out it named (`--drop-journal`) lost the
     /// write-back data only the journal held (audit). Returns the slot it
     /// went around, if any.
@@ -176,8 +177,13 @@ impl Journal {
                 Ok((j, report)) => return Ok((j, report, around)),
                 Err(e) => e,
             };
+            // Only a write or flush the member refused: a time-out, a
+            // channel it had no room for, or a block it could not read may
+            // pass, and failing the member for them costs a whole rebuild
+            // with a member short (review); the start is refused then, and
+            // can be tried again.
             let failed = match &e {
-                RaidError::Io { device, .. } | RaidError::Timeout { device, .. } => slots
+                RaidError::Io { device, what, .. } if what == "Write" || what == "Flush" => slots
                     .iter()
                     .position(|m| m.as_ref().is_some_and(|d| d.info().name == *device)),
                 _ => None,
