@@ -3,7 +3,6 @@
 //! split at MDTS, bounced when memory is not registered or not PRP-shaped),
 //! polled completions, time-outs, and recovery after a controller reset.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +21,9 @@ use crate::spec::{io, Cqe, Sqe, Status, PAGE};
 use crate::transport::DmaMem;
 
 mod data;
+mod free;
+
+use free::FreeSlots;
 
 /// Largest request a channel takes; bigger commands than MDTS are split.
 const MAX_TRANSFER: usize = 1 << 20;
@@ -246,10 +248,9 @@ struct Channel {
     q: QueuePair,
     generation: u64,
     slots: Vec<Slot>,
-    /// Free slots, taken from the front and given back at the back: a
-    /// slot's identifier comes back only after every other slot's
-    /// (`next_cid`).
-    free_slots: VecDeque<u16>,
+    /// Taken from the front and given back at the back: a slot's
+    /// identifier comes back only after every other slot's (`next_cid`).
+    free_slots: FreeSlots,
     prp: DmaMem,
     bounce: DmaMem,
     free_bounce: Vec<u16>,
@@ -329,7 +330,7 @@ impl Channel {
                 })
                 .collect(),
             bounced: (0..nslots).map(|_| None).collect(),
-            free_slots: (0..nslots as u16).collect(),
+            free_slots: FreeSlots::new(nslots),
             delayed: Vec::new(),
             prp,
             bounce,
