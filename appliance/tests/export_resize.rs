@@ -116,6 +116,21 @@ fn check(d: &mut Disk, seed: u64, offset: u64, len: usize) {
     );
 }
 
+/// A manager on `count` reactors, without a state file, exporting
+/// [`export_one_mib`] on a socket in a directory of its own.
+fn one_mib_export(count: usize) -> (Reactors, Manager, tempfile::TempDir, std::path::PathBuf) {
+    let reactors = Reactors::start(ReactorConfig {
+        count,
+        ..Default::default()
+    })
+    .unwrap();
+    let m = Manager::new(reactors.set(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    export_one_mib(&m, &sock);
+    (reactors, m, dir, sock)
+}
+
 /// Device d0 (1 MiB of RAM), its volume v0 and export e0 on `sock`.
 fn export_one_mib(m: &Manager, sock: &Path) {
     m.attach_device(DeviceDecl {
@@ -138,15 +153,7 @@ fn export_one_mib(m: &Manager, sock: &Path) {
 
 #[test]
 fn a_grown_device_grows_its_volume_and_the_frontend_is_told() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let m = Manager::new(reactors.set(), None);
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("r.sock");
-    export_one_mib(&m, &sock);
+    let (reactors, m, _dir, sock) = one_mib_export(2);
 
     // A connected client keeps its queue while the device grows under it.
     let mut d = Disk::connect(&sock).unwrap();
@@ -462,15 +469,7 @@ fn the_whole_config_space_a_frontend_may_read_is_answered() {
 /// guest with it, until the VM restarted. It is told once its ring runs.
 #[test]
 fn a_frontend_back_after_a_resize_it_missed_is_told_once_its_ring_runs() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let m = Manager::new(reactors.set(), None);
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("r.sock");
-    export_one_mib(&m, &sock);
+    let (reactors, m, _dir, sock) = one_mib_export(1);
     // Its start: it reads the configuration, and its ring runs.
     let first = Guest::setup(
         &sock,
@@ -502,4 +501,5 @@ fn a_frontend_back_after_a_resize_it_missed_is_told_once_its_ring_runs() {
         "told of the capacity it missed"
     );
     m.shutdown();
+    reactors.shutdown().unwrap();
 }
