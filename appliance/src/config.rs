@@ -101,8 +101,9 @@ pub struct VolumeDecl {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub journal_id: String,
     /// A single-device volume's disk as the disk names itself (an NVMe
-    /// namespace's NGUID or EUI-64, else its controller's vendor, serial
-    /// and model with the namespace ID), kept by the daemon: a restart
+    /// namespace's NGUID or EUI-64; a local drive's without them, its
+    /// controller's vendor, serial and model with the namespace ID), kept
+    /// by the daemon: a restart
     /// gives the guest that disk, never another that took its PCI address
     /// or its target's address. Empty: not checked (a file or RAM device
     /// has no such name), and taken from the device at the next start.

@@ -160,10 +160,10 @@ impl Journal {
     /// logged of its own is replayed too). Only while the volume can lose
     /// it (no member missing yet), and only for a write or flush it
     /// refused; a failure of the journal device, of a second member, or
-    /// one that may pass (a time-out, a read) is the replay's error. Refused, the volume did not
-    /// start, and the way out it named (`--drop-journal`) lost the
-    /// write-back data only the journal held (audit). Returns the slot it
-    /// went around, if any.
+    /// one that may pass (a time-out, a read) is the replay's error.
+    /// Refused, the volume did not start, and the way out it named
+    /// (`--drop-journal`) lost the write-back data only the journal held
+    /// (audit). Returns the slot it went around, if any.
     pub fn replay_around(
         dev: Arc<dyn BlockDevice>,
         members: &[Option<Arc<dyn BlockDevice>>],
