@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::NvmeError;
-use crate::queue::QueuePair;
+use crate::queue::{QueuePair, QueueShape};
 use crate::spec::{self, admin, Cap, IdentifyController, IdentifyNamespace, Sqe, Status};
 use crate::transport::{Bar, DmaMem, Transport};
 
@@ -406,7 +406,7 @@ impl Controller {
     /// Create IO queue pair `qid` on the controller. Returns the reset
     /// generation it was created in (read under the admin lock, so no reset
     /// can fall between the two).
-    pub(crate) fn create_io_queue(&self, q: &QueuePair) -> Result<u64, NvmeError> {
+    pub(crate) fn create_io_queue(&self, q: &QueueShape) -> Result<u64, NvmeError> {
         self.alive()?;
         let mut a = lock(&self.admin);
         // Again with the lock: a reset that held it may have failed the
@@ -424,7 +424,7 @@ impl Controller {
         };
         let size = (q.depth as u32 - 1) << 16 | q.qid as u32;
         let mut cq = Sqe::new(admin::CREATE_CQ, 0);
-        cq.prp1 = q.cq_iova();
+        cq.prp1 = q.cq_iova;
         cq.cdw[0] = size;
         cq.cdw[1] = 1; // physically contiguous, no interrupts: we poll
         if let Err(e) = self.run_admin(
@@ -439,7 +439,7 @@ impl Controller {
             return Err(e);
         }
         let mut sq = Sqe::new(admin::CREATE_SQ, 0);
-        sq.prp1 = q.sq_iova();
+        sq.prp1 = q.sq_iova;
         sq.cdw[0] = size;
         sq.cdw[1] = (q.qid as u32) << 16 | 1;
         if let Err(e) = self.run_admin(

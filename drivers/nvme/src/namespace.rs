@@ -22,8 +22,10 @@ use crate::transport::DmaMem;
 
 mod data;
 mod free;
+mod remake;
 
 use free::FreeSlots;
+use remake::{remake, Remake};
 
 /// Largest request a channel takes; bigger commands than MDTS are split.
 const MAX_TRANSFER: usize = 1 << 20;
@@ -271,6 +273,8 @@ struct Channel {
     /// The timed-out command the recovery thread is working on: one at a
     /// time per channel (its abort or reset deals with the others too).
     recovery: Option<Arc<Recovery>>,
+    /// The queue being made again after a reset, on a thread of its own.
+    remaking: Option<Arc<Remake>>,
 }
 
 impl Channel {
@@ -294,7 +298,7 @@ impl Channel {
         let qid = ctrl.alloc_qid()?;
         let made = (|| {
             let q = QueuePair::new(&ctrl.transport, qid, depth, ctrl.stride)?;
-            let generation = ctrl.create_io_queue(&q)?;
+            let generation = ctrl.create_io_queue(&q.shape())?;
             Ok::<_, NvmeError>((q, generation))
         })();
         let (q, generation) = match made {
@@ -351,6 +355,7 @@ impl Channel {
             now: Instant::now(),
             polls: 0,
             recovery: None,
+            remaking: None,
         };
         ch.refresh_regions();
         Ok(ch)
@@ -766,10 +771,18 @@ impl Channel {
         self.settle(parent, tag, Err(err));
     }
 
-    /// After a reset (ours or another channel's): recreate the queue on the
-    /// controller and resubmit what was in flight; reads and writes are
-    /// safe to repeat. A failed controller fails everything instead.
+    /// After a reset (ours or another channel's): make the queue again on
+    /// the controller, then resubmit what was in flight; reads and writes
+    /// are safe to repeat. A failed controller fails everything instead.
+    /// The making is admin commands (seconds each at worst, and a reset
+    /// when one times out, up to twice CAP.TO): on a thread of its own,
+    /// while this channel takes nothing new. Made here, it held the reactor
+    /// and every device and export on it for as long (audit).
     fn recover(&mut self) {
+        if self.remaking.is_some() {
+            self.remade();
+            return;
+        }
         self.generation = self.ctrl.generation.load(Ordering::Acquire);
         if self.ctrl.is_failed() {
             self.fail_all(IoError::DeviceFailed);
@@ -777,31 +790,39 @@ impl Channel {
         }
         // The reset that bumped the generation has finished (it bumps last,
         // under the admin lock): the controller no longer has this queue.
-        // What waited to be sent again goes with the rest, below.
+        // What waited to be sent again goes with the rest, in `remade`.
         self.q.reset();
         self.delayed.clear();
-        // A creation that timed out resets the controller; when that reset
-        // worked, the queue is made again on the controller it left,
-        // instead of failing every namespace on it for one slow command.
-        // A few times: one that never answers fails it (IO on other
-        // queues would keep the reset counter down for ever, this reactor
-        // in here).
-        let mut tries = 0;
-        let created = loop {
-            tries += 1;
-            match self.ctrl.create_io_queue(&self.q) {
-                Err(NvmeError::Timeout(_))
-                    if tries <= CREATE_TRIES
-                        && !self.ctrl.is_failed()
-                        && self.ctrl.generation.load(Ordering::Acquire) != self.generation =>
-                {
-                    self.generation = self.ctrl.generation.load(Ordering::Acquire);
-                    self.q.reset();
-                }
-                other => break other,
-            }
+        let job = Arc::new(Remake::default());
+        let (ctrl, shape, generation, done) = (
+            self.ctrl.clone(),
+            self.q.shape(),
+            self.generation,
+            job.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("nvme-remake-{}", shape.qid))
+            .spawn(move || {
+                let r = remake(&ctrl, &shape, generation);
+                *done.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+        if spawned.is_err() {
+            // No thread to spare: made here, as before.
+            let r = remake(&self.ctrl, &self.q.shape(), self.generation);
+            *job.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        }
+        self.remaking = Some(job);
+        self.remade();
+    }
+
+    /// The rest of [`recover`](Self::recover), once the queue is made
+    /// again (nothing while it is not).
+    fn remade(&mut self) {
+        let Some(result) = self.remaking.as_ref().and_then(|j| j.take()) else {
+            return;
         };
-        match created {
+        self.remaking = None;
+        match result {
             Ok(g) => self.generation = g,
             Err(e) => {
                 self.ctrl.fail(&format!(
@@ -812,6 +833,11 @@ impl Channel {
                 self.fail_all(IoError::DeviceFailed);
                 return;
             }
+        }
+        // Another reset since it was made: made again.
+        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+            self.recover();
+            return;
         }
         self.now = Instant::now();
         let limit = self.ctrl.opts.io_timeout;
@@ -894,9 +920,15 @@ impl IoChannel for Channel {
         }
         // A reset since the last poll took this queue off the device: it
         // is made again before a doorbell of a queue the controller does
-        // not have is rung (some raise an error, or fatal status, for it).
-        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+        // not have is rung (some raise an error, or fatal status, for it),
+        // and the request waits meanwhile.
+        if self.remaking.is_some()
+            || self.ctrl.generation.load(Ordering::Acquire) != self.generation
+        {
             self.recover();
+            if self.remaking.is_some() {
+                return Err(SubmitError::Busy(req));
+            }
         }
         let result = if self.ctrl.is_failed() {
             Err(IoError::DeviceFailed)
@@ -945,8 +977,16 @@ impl IoChannel for Channel {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
-        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+        if self.remaking.is_some()
+            || self.ctrl.generation.load(Ordering::Acquire) != self.generation
+        {
             self.recover();
+            if self.remaking.is_some() {
+                // Nothing of the queue's until it is there again.
+                let n = self.done.len();
+                out.append(&mut self.done);
+                return n;
+            }
         }
         self.reap();
         if !self.delayed.is_empty() {
@@ -974,6 +1014,19 @@ impl Drop for Channel {
     fn drop(&mut self) {
         if let Some(r) = self.recovery.take() {
             r.settle();
+        }
+        // A queue being made again is waited for: made, the device would
+        // write into its rings, freed next (it is deleted below).
+        if let Some(job) = self.remaking.take() {
+            let made = loop {
+                if let Some(r) = job.take() {
+                    break r;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            };
+            if let Ok(g) = made {
+                self.generation = g;
+            }
         }
         if !self.ctrl.is_failed() {
             if let Err(e) = self.ctrl.delete_io_queue(self.q.qid, self.generation) {

@@ -9,6 +9,17 @@ use crate::error::NvmeError;
 use crate::spec::{cq_doorbell, sq_doorbell, Cqe, Sqe};
 use crate::transport::{Bar, DmaMem, Transport};
 
+/// What the controller is told of a queue pair when it is made (Create
+/// I/O Completion and Submission Queue): plain values, so a control thread
+/// can make it while the pair's owner goes on polling.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueShape {
+    pub qid: u16,
+    pub depth: u16,
+    pub sq_iova: u64,
+    pub cq_iova: u64,
+}
+
 pub(crate) struct QueuePair {
     pub qid: u16,
     pub depth: u16,
@@ -45,6 +56,15 @@ impl QueuePair {
 
     pub fn sq_iova(&self) -> u64 {
         self.sq.iova()
+    }
+
+    pub fn shape(&self) -> QueueShape {
+        QueueShape {
+            qid: self.qid,
+            depth: self.depth,
+            sq_iova: self.sq.iova(),
+            cq_iova: self.cq.iova(),
+        }
     }
 
     pub fn cq_iova(&self) -> u64 {

@@ -975,3 +975,43 @@ fn an_identifier_comes_back_only_after_every_slot_was_used() {
     assert_eq!(cids.len(), 40);
     assert_eq!(distinct.len(), 40, "identifiers used again: {cids:?}");
 }
+
+/// Making a queue again after a reset is admin work: seconds when the
+/// device is slow, and a reset more when a creation times out. It ran
+/// inside the channel's poll, and held the polling thread (a reactor, and
+/// every device and export on it) for as long (audit). It runs on a thread
+/// of its own now: the channel's calls return at once meanwhile, and the
+/// request goes on once the queue is there.
+#[test]
+fn a_queue_made_again_after_a_reset_does_not_hold_the_polling_thread() {
+    let opts = quick();
+    let (soft, ctrl) = setup(SoftConfig::default(), opts.clone());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    // The creation after the reset is lost: it times out (the admin
+    // time-out), the controller is reset again, and the queue made then.
+    soft.lose_admin_opcode(nvme::spec::admin::CREATE_CQ, 1);
+    soft.make_fatal();
+    let mut data = vec![9u8; 4096];
+    let mut longest = Duration::ZERO;
+    let mut req = Some(rw(IoOp::Write, 5, 1, &mut data, 1));
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.is_empty() {
+        assert!(Instant::now() < deadline, "the write never completed");
+        let t = Instant::now();
+        if let Some(r) = req.take() {
+            if let Err(bdev::SubmitError::Busy(r)) = ch.submit(r) {
+                req = Some(r);
+            }
+        }
+        ch.poll(&mut out);
+        longest = longest.max(t.elapsed());
+    }
+    assert_eq!(out[0].result, Ok(()), "the write survives both resets");
+    assert!(soft.stats().enables >= 3, "{:?}", soft.stats());
+    assert!(
+        longest < opts.admin_timeout,
+        "a call held the polling thread for {longest:?}"
+    );
+}
