@@ -25,7 +25,7 @@ mod free;
 mod remake;
 
 use free::FreeSlots;
-use remake::{remake, Remake};
+use remake::{fail_after, remake, Remake};
 
 /// Largest request a channel takes; bigger commands than MDTS are split.
 const MAX_TRANSFER: usize = 1 << 20;
@@ -274,7 +274,7 @@ struct Channel {
     /// time per channel (its abort or reset deals with the others too).
     recovery: Option<Arc<Recovery>>,
     /// The queue being made again after a reset, on a thread of its own.
-    remaking: Option<Arc<Remake>>,
+    remaking: Option<Remake>,
 }
 
 impl Channel {
@@ -793,42 +793,38 @@ impl Channel {
         // What waited to be sent again goes with the rest, in `remade`.
         self.q.reset();
         self.delayed.clear();
-        let job = Arc::new(Remake::default());
-        let (ctrl, shape, generation, done) = (
-            self.ctrl.clone(),
-            self.q.shape(),
-            self.generation,
-            job.clone(),
-        );
-        let spawned = std::thread::Builder::new()
-            .name(format!("nvme-remake-{}", shape.qid))
-            .spawn(move || {
-                let r = remake(&ctrl, &shape, generation);
-                *done.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-            });
-        if spawned.is_err() {
-            // No thread to spare: made here, as before.
-            let r = remake(&self.ctrl, &self.q.shape(), self.generation);
-            *job.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        match Remake::start(&self.ctrl, self.q.shape(), self.generation) {
+            Some(r) => {
+                self.remaking = Some(r);
+                self.remade();
+            }
+            None => {
+                // No thread to spare: made here, as before.
+                let made = remake(&self.ctrl, &self.q.shape(), self.generation);
+                if let Err(e) = &made {
+                    fail_after(&self.ctrl, self.q.qid, e);
+                }
+                self.remade_with(made);
+            }
         }
-        self.remaking = Some(job);
-        self.remade();
     }
 
     /// The rest of [`recover`](Self::recover), once the queue is made
     /// again (nothing while it is not).
     fn remade(&mut self) {
-        let Some(result) = self.remaking.as_ref().and_then(|j| j.take()) else {
+        if !self.remaking.as_ref().is_some_and(|r| r.done()) {
             return;
-        };
-        self.remaking = None;
-        match result {
-            Ok(g) => self.generation = g,
-            Err(e) => {
-                self.ctrl.fail(&format!(
-                    "recreating IO queue {} after reset: {e}",
-                    self.q.qid
-                ));
+        }
+        if let Some(r) = self.remaking.take() {
+            self.remade_with(r.join());
+        }
+    }
+
+    fn remade_with(&mut self, made: Result<u64, NvmeError>) {
+        match made {
+            Ok(g) if !self.ctrl.is_failed() => self.generation = g,
+            // The controller is failed (by the remake, or since).
+            _ => {
                 self.generation = self.ctrl.generation.load(Ordering::Acquire);
                 self.fail_all(IoError::DeviceFailed);
                 return;
@@ -1005,8 +1001,11 @@ impl IoChannel for Channel {
         n
     }
 
+    /// A queue being made again counts as one: its owner must not take
+    /// the channel for idle and drop it, which waits for the making
+    /// (review).
     fn inflight(&self) -> usize {
-        self.inflight + self.done.len()
+        self.inflight + self.done.len() + usize::from(self.remaking.is_some())
     }
 }
 
@@ -1016,19 +1015,17 @@ impl Drop for Channel {
             r.settle();
         }
         // A queue being made again is waited for: made, the device would
-        // write into its rings, freed next (it is deleted below).
-        if let Some(job) = self.remaking.take() {
-            let made = loop {
-                if let Some(r) = job.take() {
-                    break r;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            };
-            if let Ok(g) = made {
-                self.generation = g;
+        // write into its rings, freed next (it is deleted below). Not made,
+        // the device has no such queue: deleting it anyway could reset the
+        // controller under every other channel (review).
+        let mut on_device = true;
+        if let Some(r) = self.remaking.take() {
+            match r.join() {
+                Ok(g) => self.generation = g,
+                Err(_) => on_device = false,
             }
         }
-        if !self.ctrl.is_failed() {
+        if on_device && !self.ctrl.is_failed() {
             if let Err(e) = self.ctrl.delete_io_queue(self.q.qid, self.generation) {
                 tracing::warn!(device = %self.info.name, qid = self.q.qid, error = %e, "deleting IO queue");
             }

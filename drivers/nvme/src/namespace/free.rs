@@ -9,6 +9,8 @@ pub(super) struct FreeSlots {
     ring: Box<[u16]>,
     head: usize,
     len: usize,
+    /// The slots there are.
+    slots: usize,
 }
 
 impl FreeSlots {
@@ -22,6 +24,7 @@ impl FreeSlots {
             ring,
             head: 0,
             len: n,
+            slots: n,
         }
     }
 
@@ -45,10 +48,11 @@ impl FreeSlots {
         }
     }
 
-    /// Give `slot` back, to be taken after every slot free now. (Never
-    /// more than the slots there are: each is given back once.)
+    /// Give `slot` back, to be taken after every slot free now. Each is
+    /// given back once: a second would hand one slot to two commands.
     #[inline]
     pub(super) fn push_back(&mut self, slot: u16) {
+        debug_assert!(self.len < self.slots, "slot {slot} given back twice");
         let mask = self.ring.len() - 1;
         if self.len <= mask {
             self.ring[(self.head + self.len) & mask] = slot;

@@ -3,21 +3,60 @@
 //! thread must not wait for.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use super::CREATE_TRIES;
 use crate::controller::Controller;
 use crate::error::NvmeError;
+use crate::queue::QueueShape;
 
-/// The making of a channel's queue again after a reset: its outcome, the
-/// generation the queue was made in, once there.
-#[derive(Default)]
+/// A channel's queue being made again: the thread at it.
 pub(super) struct Remake {
-    pub(super) result: std::sync::Mutex<Option<Result<u64, NvmeError>>>,
+    thread: JoinHandle<Result<u64, NvmeError>>,
 }
 
 impl Remake {
-    pub(super) fn take(&self) -> Option<Result<u64, NvmeError>> {
-        self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// Start making `q` again on `ctrl` after the reset of `generation`;
+    /// `None` when no thread can be had (the caller makes it itself). The
+    /// thread holds the controller only while it works (review), and a
+    /// failure fails the controller there, not on the polling thread
+    /// (`fail` waits for the device to stop: review).
+    pub(super) fn start(ctrl: &Arc<Controller>, q: QueueShape, generation: u64) -> Option<Remake> {
+        let weak = Arc::downgrade(ctrl);
+        std::thread::Builder::new()
+            .name(format!("nvme-remake-{}", q.qid))
+            .spawn(move || {
+                let Some(ctrl) = weak.upgrade() else {
+                    return Err(NvmeError::Failed(
+                        format!("queue {}", q.qid),
+                        "the controller is gone".into(),
+                    ));
+                };
+                let made = remake(&ctrl, &q, generation);
+                if let Err(e) = &made {
+                    fail_after(&ctrl, q.qid, e);
+                }
+                made
+            })
+            .ok()
+            .map(|thread| Remake { thread })
+    }
+
+    /// Whether the outcome is there ([`join`](Self::join) waits no more).
+    pub(super) fn done(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// The generation the queue was made in, or why it was not (then the
+    /// device has no such queue, and the controller is failed).
+    pub(super) fn join(self) -> Result<u64, NvmeError> {
+        self.thread.join().unwrap_or_else(|_| {
+            Err(NvmeError::Failed(
+                "queue".into(),
+                "the thread making it again panicked".into(),
+            ))
+        })
     }
 }
 
@@ -29,7 +68,7 @@ impl Remake {
 /// counter down for ever).
 pub(super) fn remake(
     ctrl: &Controller,
-    q: &crate::queue::QueueShape,
+    q: &QueueShape,
     mut generation: u64,
 ) -> Result<u64, NvmeError> {
     let mut tries = 0;
@@ -45,5 +84,12 @@ pub(super) fn remake(
             }
             other => return other,
         }
+    }
+}
+
+/// A queue that could not be made again fails its controller.
+pub(super) fn fail_after(ctrl: &Controller, qid: u16, e: &NvmeError) {
+    if !ctrl.is_failed() {
+        ctrl.fail(&format!("recreating IO queue {qid} after reset: {e}"));
     }
 }
