@@ -25,7 +25,7 @@ mod free;
 mod remake;
 
 use free::FreeSlots;
-use remake::{fail_after, remake, Remake};
+use remake::Remake;
 
 /// Largest request a channel takes; bigger commands than MDTS are split.
 const MAX_TRANSFER: usize = 1 << 20;
@@ -769,104 +769,6 @@ impl Channel {
         }
         self.free_slots.push_back(cid as u16);
         self.settle(parent, tag, Err(err));
-    }
-
-    /// After a reset (ours or another channel's): make the queue again on
-    /// the controller, then resubmit what was in flight; reads and writes
-    /// are safe to repeat. A failed controller fails everything instead.
-    /// The making is admin commands (seconds each at worst, and a reset
-    /// when one times out, up to twice CAP.TO): on a thread of its own,
-    /// while this channel takes nothing new. Made here, it held the reactor
-    /// and every device and export on it for as long (audit).
-    fn recover(&mut self) {
-        if self.remaking.is_some() {
-            self.remade();
-            return;
-        }
-        self.generation = self.ctrl.generation.load(Ordering::Acquire);
-        if self.ctrl.is_failed() {
-            self.fail_all(IoError::DeviceFailed);
-            return;
-        }
-        // The reset that bumped the generation has finished (it bumps last,
-        // under the admin lock): the controller no longer has this queue.
-        // What waited to be sent again goes with the rest, in `remade`.
-        self.q.reset();
-        self.delayed.clear();
-        match Remake::start(&self.ctrl, self.q.shape(), self.generation) {
-            Some(r) => {
-                self.remaking = Some(r);
-                self.remade();
-            }
-            None => {
-                // No thread to spare: made here, as before.
-                let made = remake(&self.ctrl, &self.q.shape(), self.generation);
-                if let Err(e) = &made {
-                    fail_after(&self.ctrl, self.q.qid, e);
-                }
-                self.remade_with(made);
-            }
-        }
-    }
-
-    /// The rest of [`recover`](Self::recover), once the queue is made
-    /// again (nothing while it is not).
-    fn remade(&mut self) {
-        if !self.remaking.as_ref().is_some_and(|r| r.done()) {
-            return;
-        }
-        if let Some(r) = self.remaking.take() {
-            self.remade_with(r.join());
-        }
-    }
-
-    fn remade_with(&mut self, made: Result<u64, NvmeError>) {
-        match made {
-            Ok(g) if !self.ctrl.is_failed() => self.generation = g,
-            // The controller is failed (by the remake, or since).
-            _ => {
-                self.generation = self.ctrl.generation.load(Ordering::Acquire);
-                self.fail_all(IoError::DeviceFailed);
-                return;
-            }
-        }
-        // Another reset since it was made: made again.
-        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
-            self.recover();
-            return;
-        }
-        self.now = Instant::now();
-        let limit = self.ctrl.opts.io_timeout;
-        let mut any = false;
-        let mut given_up: SmallVec<[usize; 4]> = SmallVec::new();
-        for (cid, s) in self.slots.iter_mut().enumerate().filter(|(_, s)| s.busy) {
-            // A command the device neither completes nor aborts would be
-            // resubmitted at every reset for good (each good completion
-            // meanwhile clears the fruitless-reset count), and its request
-            // never answered: after a few, it fails, so RAID above can go
-            // to another member.
-            if self.now.saturating_duration_since(s.started) > limit {
-                s.overdue = s.overdue.saturating_add(1);
-                if s.overdue >= MAX_OVERDUE_RESETS {
-                    given_up.push(cid);
-                    continue;
-                }
-            }
-            s.started = self.now;
-            self.q.push(&s.sqe);
-            any = true;
-        }
-        if any {
-            self.q.ring();
-        }
-        for cid in given_up {
-            tracing::error!(
-                controller = %self.ctrl.name(),
-                qid = self.q.qid,
-                "a command outstanding through {MAX_OVERDUE_RESETS} resets is failed"
-            );
-            self.fail_slot(cid, IoError::TimedOut);
-        }
     }
 
     /// A command has been outstanding past the time-out: report it to the

@@ -1,12 +1,16 @@
-//! A channel's queue made again after a reset, on a thread of its own:
-//! admin commands (and a reset more when one times out) that the polling
-//! thread must not wait for.
+//! A channel after a reset: its queue made again on a thread of its own
+//! (admin commands, and a reset more when one times out, that the polling
+//! thread must not wait for), then what was in flight sent again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use super::CREATE_TRIES;
+use bdev::IoError;
+use smallvec::SmallVec;
+
+use super::{Channel, CREATE_TRIES, MAX_OVERDUE_RESETS};
 use crate::controller::Controller;
 use crate::error::NvmeError;
 use crate::queue::QueueShape;
@@ -22,7 +26,7 @@ impl Remake {
     /// thread holds the controller only while it works (review), and a
     /// failure fails the controller there, not on the polling thread
     /// (`fail` waits for the device to stop: review).
-    pub(super) fn start(ctrl: &Arc<Controller>, q: QueueShape, generation: u64) -> Option<Remake> {
+    fn start(ctrl: &Arc<Controller>, q: QueueShape, generation: u64) -> Option<Remake> {
         let weak = Arc::downgrade(ctrl);
         std::thread::Builder::new()
             .name(format!("nvme-remake-{}", q.qid))
@@ -33,18 +37,14 @@ impl Remake {
                         "the controller is gone".into(),
                     ));
                 };
-                let made = remake(&ctrl, &q, generation);
-                if let Err(e) = &made {
-                    fail_after(&ctrl, q.qid, e);
-                }
-                made
+                remake(&ctrl, &q, generation)
             })
             .ok()
             .map(|thread| Remake { thread })
     }
 
     /// Whether the outcome is there ([`join`](Self::join) waits no more).
-    pub(super) fn done(&self) -> bool {
+    fn done(&self) -> bool {
         self.thread.is_finished()
     }
 
@@ -65,12 +65,8 @@ impl Remake {
 /// the queue is made again on the controller it left, instead of failing
 /// every namespace on it for one slow command. A few times: one that
 /// never answers fails it (IO on other queues would keep the reset
-/// counter down for ever).
-pub(super) fn remake(
-    ctrl: &Controller,
-    q: &QueueShape,
-    mut generation: u64,
-) -> Result<u64, NvmeError> {
+/// counter down for ever), as does any other failure to make it.
+fn remake(ctrl: &Controller, q: &QueueShape, mut generation: u64) -> Result<u64, NvmeError> {
     let mut tries = 0;
     loop {
         tries += 1;
@@ -82,14 +78,107 @@ pub(super) fn remake(
             {
                 generation = ctrl.generation.load(Ordering::Acquire);
             }
-            other => return other,
+            Err(e) => {
+                if !ctrl.is_failed() {
+                    ctrl.fail(&format!("recreating IO queue {} after reset: {e}", q.qid));
+                }
+                return Err(e);
+            }
+            made => return made,
         }
     }
 }
 
-/// A queue that could not be made again fails its controller.
-pub(super) fn fail_after(ctrl: &Controller, qid: u16, e: &NvmeError) {
-    if !ctrl.is_failed() {
-        ctrl.fail(&format!("recreating IO queue {qid} after reset: {e}"));
+impl Channel {
+    /// After a reset (ours or another channel's): make the queue again on
+    /// the controller, then resubmit what was in flight; reads and writes
+    /// are safe to repeat. A failed controller fails everything instead.
+    /// The making is admin commands (seconds each at worst, and a reset
+    /// when one times out, up to twice CAP.TO): on a thread of its own,
+    /// while this channel takes nothing new. Made here, it held the reactor
+    /// and every device and export on it for as long (audit).
+    pub(super) fn recover(&mut self) {
+        if self.remaking.is_some() {
+            self.remade();
+            return;
+        }
+        self.generation = self.ctrl.generation.load(Ordering::Acquire);
+        if self.ctrl.is_failed() {
+            self.fail_all(IoError::DeviceFailed);
+            return;
+        }
+        // The reset that bumped the generation has finished (it bumps last,
+        // under the admin lock): the controller no longer has this queue.
+        // What waited to be sent again goes with the rest, in `remade`.
+        self.q.reset();
+        self.delayed.clear();
+        match Remake::start(&self.ctrl, self.q.shape(), self.generation) {
+            Some(r) => {
+                self.remaking = Some(r);
+                self.remade();
+            }
+            // No thread to spare: made here, as before.
+            None => self.remade_with(remake(&self.ctrl, &self.q.shape(), self.generation)),
+        }
+    }
+
+    /// The rest of [`recover`](Self::recover), once the queue is made
+    /// again (nothing while it is not).
+    fn remade(&mut self) {
+        if !self.remaking.as_ref().is_some_and(|r| r.done()) {
+            return;
+        }
+        if let Some(r) = self.remaking.take() {
+            self.remade_with(r.join());
+        }
+    }
+
+    fn remade_with(&mut self, made: Result<u64, NvmeError>) {
+        match made {
+            Ok(g) if !self.ctrl.is_failed() => self.generation = g,
+            // The controller is failed (by the remake, or since).
+            _ => {
+                self.generation = self.ctrl.generation.load(Ordering::Acquire);
+                self.fail_all(IoError::DeviceFailed);
+                return;
+            }
+        }
+        // Another reset since it was made: made again.
+        if self.ctrl.generation.load(Ordering::Acquire) != self.generation {
+            self.recover();
+            return;
+        }
+        self.now = Instant::now();
+        let limit = self.ctrl.opts.io_timeout;
+        let mut any = false;
+        let mut given_up: SmallVec<[usize; 4]> = SmallVec::new();
+        for (cid, s) in self.slots.iter_mut().enumerate().filter(|(_, s)| s.busy) {
+            // A command the device neither completes nor aborts would be
+            // resubmitted at every reset for good (each good completion
+            // meanwhile clears the fruitless-reset count), and its request
+            // never answered: after a few, it fails, so RAID above can go
+            // to another member.
+            if self.now.saturating_duration_since(s.started) > limit {
+                s.overdue = s.overdue.saturating_add(1);
+                if s.overdue >= MAX_OVERDUE_RESETS {
+                    given_up.push(cid);
+                    continue;
+                }
+            }
+            s.started = self.now;
+            self.q.push(&s.sqe);
+            any = true;
+        }
+        if any {
+            self.q.ring();
+        }
+        for cid in given_up {
+            tracing::error!(
+                controller = %self.ctrl.name(),
+                qid = self.q.qid,
+                "a command outstanding through {MAX_OVERDUE_RESETS} resets is failed"
+            );
+            self.fail_slot(cid, IoError::TimedOut);
+        }
     }
 }
