@@ -48,33 +48,8 @@ impl Checkpointer {
                         }
                         continue;
                     }
-                    // A drain a switch left: flushes carry it, backing off
-                    // while they bring nothing (a reclaim that keeps
-                    // failing); the checkpoint below still runs (review).
-                    match journal.drain_left() {
-                        DrainLeft::Flush => {
-                            let before = journal.cache().len();
-                            let r = volume.flush_helping_drain(Duration::from_secs(30));
-                            if matches!(r, Err(crate::volume::VolumeError::Removed(_))) {
-                                break;
-                            }
-                            if journal.cache().len() < before {
-                                backoff = MIN_BACKOFF;
-                            } else {
-                                if backoff == MAX_BACKOFF {
-                                    tracing::warn!(volume = volume.name(), blocks = before, error = ?r.err(), "the cache of a journal switched to write-through does not drain");
-                                }
-                                std::thread::sleep(backoff);
-                                backoff = (backoff * 2).min(MAX_BACKOFF);
-                            }
-                        }
-                        DrainLeft::Record => {
-                            if !matches!(checkpoint_now(&journal, &volume), Ok(true)) {
-                                std::thread::sleep(backoff);
-                                backoff = (backoff * 2).min(MAX_BACKOFF);
-                            }
-                        }
-                        DrainLeft::Nothing => {}
+                    if !carry_drain(&journal, &volume, &mut backoff) {
+                        break;
                     }
                     let usage = journal.usage();
                     // Half full, or a record was refused room (which can
@@ -121,6 +96,43 @@ impl Checkpointer {
     pub fn journal(&self) -> &Arc<Journal> {
         &self.journal
     }
+}
+
+/// One step of a drain a switch to write-through left: flushes carry it,
+/// backing off while they bring nothing (a reclaim that keeps failing),
+/// and a checkpoint records it once the cache is empty. The checkpoint
+/// after it still runs (review). False once the volume is gone.
+fn carry_drain(journal: &Journal, volume: &crate::volume::Volume, backoff: &mut Duration) -> bool {
+    match journal.drain_left() {
+        DrainLeft::Flush => {
+            let before = journal.cache().len();
+            let r = volume.flush_helping_drain(Duration::from_secs(30));
+            if matches!(r, Err(crate::volume::VolumeError::Removed(_))) {
+                return false;
+            }
+            if journal.cache().len() < before {
+                *backoff = MIN_BACKOFF;
+            } else {
+                if *backoff == MAX_BACKOFF {
+                    tracing::warn!(volume = volume.name(), blocks = before, error = ?r.err(), "the cache of a journal switched to write-through does not drain");
+                }
+                back_off(backoff);
+            }
+        }
+        DrainLeft::Record => {
+            if !matches!(checkpoint_now(journal, volume), Ok(true)) {
+                back_off(backoff);
+            }
+        }
+        DrainLeft::Nothing => {}
+    }
+    true
+}
+
+/// Pause `backoff`, and twice as long next time (up to a second).
+fn back_off(backoff: &mut Duration) {
+    std::thread::sleep(*backoff);
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
 }
 
 /// One checkpoint of `journal`; the members are flushed by a flush of
