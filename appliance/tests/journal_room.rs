@@ -4,15 +4,16 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use appliance::raid::geometry::Layout;
 use appliance::raid::journal::{Checkpointer, Entry, Journal, JournalMode};
-use appliance::raid::members::{FailureSink, Member, MemberState};
+use appliance::raid::members::{FailureSink, Member, MemberSet, MemberState};
 use appliance::raid::raid5::Raid5Device;
-use appliance::volume::Volume;
+use appliance::volume::{Volume, VolumeError};
 use bdev::{BlockDevice, IoOp, RamDevice};
 use poller::{ReactorConfig, Reactors};
 
@@ -135,5 +136,90 @@ fn reclaiming_runs_across_chunks_fits_the_room_left_for_it() {
         assert!(got.iter().all(|&b| b == s as u8 + 1), "stripe {s}");
     }
     drop(_checkpointer);
+    reactors.shutdown().unwrap();
+}
+
+/// From an audit: a guest write waiting for room in the log waited for
+/// good once a second member failed while a rebuild was under way. Room
+/// comes only from a checkpoint, and a checkpoint flushes the members,
+/// which fails on a volume that lost data; so the write never completed,
+/// and every suspend of the volume (a delete included) waited for it. It
+/// fails now, though its own stripe (below the rebuild's cursor) is
+/// still served.
+#[test]
+fn a_write_waiting_for_room_fails_once_the_volume_loses_data() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let journal = Journal::format_with(ram("j", 132), JournalMode::WriteBack).unwrap();
+    // Member 2 is being rebuilt and has reached stripe 128 of 256.
+    let members: Vec<Member> = (0..3)
+        .map(|i| {
+            let state = if i == 2 {
+                MemberState::Rebuilding
+            } else {
+                MemberState::InSync
+            };
+            Member::new(ram(&format!("m{i}"), 4096), state)
+        })
+        .collect();
+    let gone0 = members[0].gone.clone();
+    let (tx, _rx) = mpsc::channel();
+    let mut set = MemberSet::new(members, FailureSink::new(tx));
+    set.rebuilding = Some((2, Arc::new(AtomicU64::new(128))));
+    let dev = Raid5Device::over("r5", set, 65536, Layout::LeftSymmetric, 0)
+        .unwrap()
+        .with_journal(journal.clone());
+    assert_eq!(dev.geometry().stripes(), 256);
+    let volume = Volume::new(reactors.set(), "r5", Arc::new(dev));
+    let t = Duration::from_secs(20);
+    volume.io(IoOp::Write, 0, vec![0x5a; BS], t).unwrap();
+    // Fill the log (records reserved and done, never written), with no
+    // checkpointer to free it.
+    loop {
+        let mut r = journal.record(
+            &[Entry {
+                member: 0,
+                count: 1,
+                block: 0,
+            }],
+            &[&[0u8; BS][..]],
+        );
+        match journal.reserve(&mut r, true) {
+            Some((_, epoch)) => journal.done(epoch),
+            None => break,
+        }
+    }
+    journal.take_room_wanted();
+    let (done_tx, done_rx) = mpsc::channel();
+    let v = volume.clone();
+    let writer = std::thread::spawn(move || {
+        let _ = done_tx.send(v.io(IoOp::Write, 1, vec![0xa5; BS], t));
+    });
+    // The write is refused room.
+    let since = std::time::Instant::now();
+    while !journal.take_room_wanted() {
+        assert!(since.elapsed() < t, "the write was never refused room");
+        assert!(done_rx.try_recv().is_err(), "the write found room");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Member 0 fails: every stripe from 128 on has two members down.
+    gone0.store(true, Ordering::SeqCst);
+    let got = done_rx
+        .recv_timeout(t + Duration::from_secs(10))
+        .expect("the write never answered");
+    writer.join().unwrap();
+    match got {
+        Err(VolumeError::Io { .. }) => {}
+        other => panic!("the waiting write should fail at once, got {other:?}"),
+    }
+    // Below the rebuild's cursor the volume still reads, from members 1
+    // and 2.
+    assert_eq!(
+        volume.io(IoOp::Read, 0, vec![0u8; BS], t).unwrap(),
+        vec![0x5a; BS]
+    );
     reactors.shutdown().unwrap();
 }

@@ -37,6 +37,25 @@ impl Raid5Channel {
             .count()
     }
 
+    /// Whether the volume has lost data: more than one member down at its
+    /// last stripe (a member being rebuilt is down there until its
+    /// rebuild has passed it). Its flushes fail then, and so does every
+    /// journal checkpoint, whose flush of the members is one of them.
+    pub(super) fn lost_data(&self) -> bool {
+        self.down_count(self.geo.stripes().saturating_sub(1)) > 1
+    }
+
+    /// Fail piece `pi` before any member IO: its stripe, or the volume,
+    /// has lost data.
+    pub(super) fn fail_unwritten(&mut self, pi: usize) {
+        if let Some(p) = self.pieces[pi].as_mut() {
+            p.error = Some(IoError::DeviceFailed);
+            p.pending = 0;
+            p.stage = Stage::Writing;
+        }
+        self.maybe_done(pi);
+    }
+
     pub(super) fn first_down(&self, stripe: u64) -> Option<usize> {
         (0..self.failed.len()).find(|&m| self.down(m, stripe))
     }
@@ -284,14 +303,7 @@ impl Raid5Channel {
         // acknowledged is on the others, flushed (md and RAID1 answer
         // such a flush with success too; an error made guests abort
         // their filesystem over a failure the volume survives).
-        // (A member being rebuilt counts as down while its cursor has not
-        // passed the last stripe: past it, it holds nothing yet.)
-        let last = self.geo.stripes().saturating_sub(1);
-        let flush_failed = p.kind == Kind::Flush
-            && (0..self.failed.len())
-                .filter(|&m| self.down(m, last))
-                .count()
-                > 1;
+        let flush_failed = p.kind == Kind::Flush && self.lost_data();
         let Some(parent) = self.parents.get_mut(p.parent).and_then(|x| x.as_mut()) else {
             return;
         };

@@ -498,6 +498,7 @@ impl Raid5Channel {
                     }
                 }
             }
+            let lost = !self.jwait.is_empty() && self.lost_data();
             for _ in 0..self.jwait.len() {
                 let Some(pi) = self.jwait.pop_front() else {
                     break;
@@ -518,7 +519,17 @@ impl Raid5Channel {
                     continue;
                 }
                 if !j.has_room(p.jneed, p.reclaim.is_none()) {
-                    self.jwait.push_back(pi);
+                    // Room comes only from a checkpoint, and none succeeds
+                    // on a volume that lost data (its flush of the members
+                    // fails): a guest write fails, as it would if its own
+                    // stripe had lost data, rather than waiting for good
+                    // and holding every suspend (a delete included).
+                    // Reclaim always finds room.
+                    if lost && p.reclaim.is_none() {
+                        self.fail_unwritten(pi);
+                    } else {
+                        self.jwait.push_back(pi);
+                    }
                     continue;
                 }
                 if unlocked {

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::rows_of;
-use bdev::{Completion, IoError, IoOp, IoRequest, SgList, SubmitError};
+use bdev::{Completion, IoOp, IoRequest, SgList, SubmitError};
 
 use super::{Child, Kind, LogPhase, Plan, Raid5Channel, Stage, Writes};
 use crate::raid::journal::{Entry, JournalMode};
@@ -28,7 +28,15 @@ impl Raid5Channel {
             // without one puts on the members (an older record's parity
             // beside this write's data: the write hole again). Guest
             // writes wait for the record, unlocked (the drain's reclaim
-            // needs the stripes); the drain's own writes go on.
+            // needs the stripes); the drain's own writes go on. On a
+            // volume that lost data the drain never ends (reclaim cannot
+            // write a stripe with two members down): they fail instead.
+            if self.lost_data() {
+                return self.fail_unwritten(pi);
+            }
+            let Some(p) = self.pieces[pi].as_mut() else {
+                return;
+            };
             p.stage = Stage::WaitLock;
             p.jneed = 0;
             self.jwait.push_back(pi);
@@ -209,11 +217,7 @@ impl Raid5Channel {
         };
         p.read_failed = false;
         if failed_count > 1 {
-            p.error = Some(IoError::DeviceFailed);
-            p.pending = 0;
-            p.stage = Stage::Writing;
-            self.maybe_done(pi);
-            return;
+            return self.fail_unwritten(pi);
         }
         if p.reclaim.is_some() && !self.refresh_reclaim(pi) {
             // Its blocks left the cache meanwhile (a newer write went to
