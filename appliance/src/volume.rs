@@ -377,15 +377,20 @@ impl Volume {
                             tag: 1,
                         }
                     };
-                    let submitted =
-                        device
-                            .open_channel()
-                            .map_err(|e| e.to_string())
-                            .and_then(|mut c| {
-                                c.submit(req)
-                                    .map_err(|_| "the volume's queue is full".to_string())?;
-                                Ok(c)
-                            });
+                    // The channel the last such request on this core left
+                    // for the generation (a journal's checkpoints flush
+                    // often: opening one each time made NVMe members create
+                    // and delete a queue pair on the reactor every time,
+                    // and each open could be refused).
+                    let kept = gate.take_kept::<Box<dyn IoChannel>>().map(|c| *c);
+                    let submitted = kept
+                        .map_or_else(|| device.open_channel(), Ok)
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut c| {
+                            c.submit(req)
+                                .map_err(|_| "the volume's queue is full".to_string())?;
+                            Ok(c)
+                        });
                     match submitted {
                         Ok(c) => ch = Some(c),
                         Err(e) => {
@@ -400,6 +405,11 @@ impl Volume {
                 let Some(done) = out.pop() else {
                     return PollState::Busy;
                 };
+                // Kept for the next request, before the end: a suspend
+                // waiting for this request drops it with the generation.
+                if let Some(c) = ch.take().filter(|c| c.inflight() == 0) {
+                    gate.keep(Box::new(c));
+                }
                 gate.end();
                 let reply = match done.result {
                     Ok(()) => Ok(std::mem::take(&mut data)),

@@ -1220,7 +1220,10 @@ fn a_journal_device_that_refuses_a_channel_for_a_moment_keeps_its_journal() {
         journal.counts().records > records,
         "the write went without a record"
     );
-    // Refused for good: the journal is failed, the write goes on.
+    // Refused for good when the volume's queue opens again (after a
+    // suspend: the volume's own requests keep their channel until then):
+    // the journal is failed, the write goes on.
+    drop(volume.quiesce().suspend(Duration::from_secs(60)).unwrap());
     jfault.control().refuse_channels(true);
     write(0x22).join().unwrap().unwrap();
     assert!(journal.has_failed());

@@ -73,3 +73,63 @@ fn a_raid5_flush_survives_one_member_failing_it() {
     assert!(volume.io(IoOp::Flush, 0, Vec::new(), LONG).is_err());
     reactors.shutdown().unwrap();
 }
+
+/// A journal's checkpointer flushes the volume through
+/// `Volume::flush_helping_drain`, often. Each flush opened a channel of
+/// its own, and so one to every member: on NVMe a queue pair made and
+/// deleted by admin commands on the reactor each time, and each open
+/// could be refused. The channel is now kept on its core for the
+/// generation, and dropped when the core sees a suspend (a change may
+/// need its queue pairs) or the removal.
+#[test]
+fn the_volumes_own_flushes_keep_one_channel_until_a_suspend() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let faults: Vec<Arc<FaultDevice>> = (0..3)
+        .map(|i| {
+            let ram: Arc<dyn BlockDevice> =
+                Arc::new(RamDevice::new(&format!("m{i}"), 4096, 1024).unwrap());
+            Arc::new(FaultDevice::new(ram))
+        })
+        .collect();
+    let members = faults
+        .iter()
+        .map(|f| Member::new(f.clone() as Arc<dyn BlockDevice>, MemberState::InSync))
+        .collect();
+    let (tx, _rx) = mpsc::channel();
+    let dev = Raid5Device::new(
+        "r5",
+        members,
+        16384,
+        Layout::LeftSymmetric,
+        0,
+        FailureSink::new(tx),
+    )
+    .unwrap();
+    let volume = Volume::new(reactors.set(), "r5", Arc::new(dev));
+    let c = faults[1].control();
+    for _ in 0..10 {
+        volume.flush_helping_drain(LONG).unwrap();
+    }
+    volume.io(IoOp::Write, 3, vec![0x11; 4096], LONG).unwrap();
+    assert_eq!(c.opened(), 1, "one channel served every request");
+    assert_eq!(c.open_channels(), 1, "kept open between them");
+    // A suspend drops it before the core acknowledges.
+    let guard = volume.quiesce().suspend(LONG).unwrap();
+    assert_eq!(c.open_channels(), 0, "held through a suspend");
+    drop(guard);
+    volume.flush_helping_drain(LONG).unwrap();
+    assert_eq!((c.opened(), c.open_channels()), (2, 1));
+    // And so does the removal, once the core sees it.
+    volume.quiesce().remove(LONG).unwrap();
+    let t = std::time::Instant::now();
+    while c.open_channels() > 0 {
+        assert!(t.elapsed() < LONG, "a removed volume's channel stays open");
+        // Any message makes the reactor look at its gates.
+        reactors.set().call(0, LONG, |_| ()).unwrap();
+    }
+    reactors.shutdown().unwrap();
+}

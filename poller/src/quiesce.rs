@@ -467,6 +467,7 @@ impl<C: Send + Sync + 'static> QuiesceObject<C> {
                 config,
                 generation,
                 removed: false,
+                kept: None,
             }),
         });
         if state & SUSPENDED != 0 {
@@ -514,6 +515,10 @@ struct GateState<C> {
     config: Arc<C>,
     generation: u64,
     removed: bool,
+    /// What the IO path keeps on this core for the generation in force
+    /// ([`LocalGate::keep`]); dropped when this core sees a suspend, so
+    /// nothing of the old generation is held while it changes.
+    kept: Option<Box<dyn Any>>,
 }
 
 struct GateCell<C> {
@@ -530,11 +535,12 @@ impl<C: Send + Sync + 'static> GateHook for GateCell<C> {
     fn refresh(&self, ctx: &mut Ctx) -> bool {
         let control = &self.shared.control;
         if control.removed.load(Ordering::SeqCst) {
-            let parked = {
+            let (parked, kept) = {
                 let mut s = self.st.borrow_mut();
                 s.removed = true;
-                std::mem::take(&mut s.parked)
+                (std::mem::take(&mut s.parked), s.kept.take())
             };
+            drop(kept);
             for f in parked {
                 f(ctx, Admission::Removed);
             }
@@ -543,6 +549,9 @@ impl<C: Send + Sync + 'static> GateHook for GateCell<C> {
         let state = control.state.load(Ordering::SeqCst);
         let epoch = state >> 1;
         if state & SUSPENDED != 0 {
+            // Dropped outside the borrow: its drop may be anything.
+            let kept = self.st.borrow_mut().kept.take();
+            drop(kept);
             let ack = {
                 let mut s = self.st.borrow_mut();
                 s.suspended = true;
@@ -695,6 +704,39 @@ impl<C: Send + Sync + 'static> LocalGate<C> {
     #[inline]
     pub fn is_removed(&self) -> bool {
         self.0.st.borrow().removed || self.0.shared.control.removed.load(Ordering::SeqCst)
+    }
+
+    /// Keep `value` on this core for the generation in force, for
+    /// [`take_kept`](Self::take_kept) to hand back (a channel the next
+    /// request can use instead of opening one). It is dropped, before the
+    /// core acknowledges, when the core sees a suspend or the removal; one
+    /// given while the core is suspended is dropped at once, and one kept
+    /// already is replaced. Call it before [`end`](Self::end) of the IO that
+    /// used it, so that a suspend waiting for that IO finds it gone.
+    pub fn keep(&self, value: Box<dyn Any>) {
+        let old = {
+            let mut s = self.0.st.borrow_mut();
+            if s.suspended || s.removed {
+                Some(value)
+            } else {
+                s.kept.replace(value)
+            }
+        };
+        drop(old);
+    }
+
+    /// Take back what [`keep`](Self::keep) kept, if it is a `T` (anything
+    /// else stays kept).
+    pub fn take_kept<T: 'static>(&self) -> Option<Box<T>> {
+        let mut s = self.0.st.borrow_mut();
+        let value = s.kept.take()?;
+        match value.downcast::<T>() {
+            Ok(v) => Some(v),
+            Err(other) => {
+                s.kept = Some(other);
+                None
+            }
+        }
     }
 
     /// IO of this object in flight on this core.

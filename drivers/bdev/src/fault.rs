@@ -25,6 +25,8 @@ pub struct FaultControl {
     /// controller's queue pairs.
     open_channels: Arc<AtomicU64>,
     channel_limit: AtomicU64,
+    /// Channels opened so far.
+    opened: AtomicU64,
     /// Holding requests (see [`FaultControl::hold`]): the fast check.
     holding: AtomicBool,
     hold: Mutex<Hold>,
@@ -109,6 +111,11 @@ impl FaultControl {
     /// Channels open now.
     pub fn open_channels(&self) -> u64 {
         self.open_channels.load(Ordering::SeqCst)
+    }
+
+    /// Channels opened so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::SeqCst)
     }
 
     /// Channels refused so far (a test waits for one, not for time).
@@ -314,6 +321,7 @@ impl BlockDevice for FaultDevice {
         let inner = self.inner.open_channel().inspect_err(|_| {
             open.fetch_sub(1, Ordering::SeqCst);
         })?;
+        self.control.opened.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(FaultChannel {
             inner,
             open: open.clone(),
