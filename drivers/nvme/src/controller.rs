@@ -121,6 +121,8 @@ pub struct Controller {
 pub(crate) struct Counts {
     pub(crate) timeouts: AtomicU64,
     pub(crate) aborts: AtomicU64,
+    /// Aborts answered "not aborted": the command had most often completed.
+    pub(crate) aborts_not_found: AtomicU64,
     pub(crate) resets: AtomicU64,
 }
 
@@ -606,6 +608,12 @@ impl Controller {
             aborts: c.aborts.load(Ordering::Relaxed),
             resets: c.resets.load(Ordering::Relaxed),
         }
+    }
+
+    /// Aborts the controller answered "not aborted" so far (the command
+    /// had most often completed, its entry not yet polled).
+    pub fn aborts_not_found(&self) -> u64 {
+        self.counts.aborts_not_found.load(Ordering::Relaxed)
     }
 
     /// Whether the controller has failed for good.

@@ -154,9 +154,17 @@ impl Controller {
             let _ = self.reset(&format!("admin command timed out ({m})"), r.seen);
             return;
         }
-        if aborted.is_ok_and(|dw0| dw0 & 1 == 0) {
-            // The aborted command completes with "abort requested" on its
-            // queue, which its channel polls.
+        if aborted.as_ref().is_ok_and(|dw0| dw0 & 1 != 0) {
+            self.counts.aborts_not_found.fetch_add(1, Ordering::Relaxed);
+        }
+        if aborted.is_ok() {
+            // Aborted (bit 0 of the answer clear): the command completes
+            // with "abort requested" on its queue, which its channel
+            // polls. Not aborted: most often it completed as the abort
+            // came and its entry waits for its channel's next poll (or the
+            // controller declined). It gets the same time before a reset,
+            // which would take back every command of the controller, as
+            // Linux re-arms the timer of a command its abort did not find.
             let deadline = Instant::now() + self.opts.admin_timeout;
             while !r.settled.load(Ordering::Acquire) && !stale() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));

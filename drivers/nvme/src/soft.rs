@@ -87,6 +87,8 @@ struct Faults {
     hung_blocks: HashSet<(u32, u64)>,
     latency: Duration,
     lose: u32,
+    /// IO commands whose completion waits until an abort names them.
+    late_until_abort: u32,
     lose_admin: u32,
     /// (opcode, how many): admin commands of one kind done but never
     /// completed.
@@ -279,6 +281,14 @@ impl SoftController {
         lock(&self.shared.faults).lose = n;
     }
 
+    /// Hold the completion of the next `n` IO commands until an abort
+    /// names one: then it is posted as it was, and the abort answered
+    /// "not aborted" (a command that completed as its abort came, whose
+    /// entry waits for the driver's next poll).
+    pub fn complete_at_abort(&self, n: u32) {
+        lock(&self.shared.faults).late_until_abort = n;
+    }
+
     /// Never complete the next `n` admin commands.
     pub fn lose_admin_completions(&self, n: u32) {
         lock(&self.shared.faults).lose_admin = n;
@@ -418,6 +428,8 @@ struct Device {
     cqs: BTreeMap<u16, Cq>,
     pending: VecDeque<Pending>,
     lost: Vec<(u16, u16)>,
+    /// Completions held until an abort names them.
+    late: Vec<Pending>,
 }
 
 const STRIDE: usize = 4;
@@ -445,6 +457,7 @@ impl Device {
             cqs: BTreeMap::new(),
             pending: VecDeque::new(),
             lost: Vec::new(),
+            late: Vec::new(),
         }
     }
 
@@ -498,6 +511,7 @@ impl Device {
                 self.cqs.clear();
                 self.pending.clear();
                 self.lost.clear();
+                self.late.clear();
                 self.shared.fatal.store(false, Ordering::Release);
                 for off in (spec::REG_DOORBELLS..self.bar.len()).step_by(4) {
                     self.bar.write32(off, 0);
@@ -609,6 +623,18 @@ impl Device {
             if f.lose > 0 {
                 f.lose -= 1;
                 self.lost.push((sqid, cid));
+                return;
+            }
+            if f.late_until_abort > 0 {
+                f.late_until_abort -= 1;
+                self.late.push(Pending {
+                    due: Instant::now(),
+                    sqid,
+                    cqid,
+                    cid,
+                    status,
+                    result,
+                });
                 return;
             }
             if !f.latency.is_zero() {

@@ -460,6 +460,56 @@ fn a_slow_command_is_aborted_and_fails_without_a_reset() {
     assert_eq!(soft.stats().enables, 1, "no reset was needed");
 }
 
+/// From an audit: an abort answered "not aborted" reset the controller at
+/// once, though the command had most often just completed, its entry not
+/// yet polled; the reset took back every command of every queue. It now
+/// gets the time an aborted command gets to come back.
+#[test]
+fn a_command_that_completes_as_it_is_aborted_costs_no_reset() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    let dev = ns(&ctrl, 1);
+    let mut ch = dev.open_channel().expect("channel");
+    let mut b = vec![7u8; 4096];
+    soft.complete_at_abort(1);
+    ch.submit(rw(IoOp::Write, 5, 1, &mut b, 1))
+        .map_err(|_| "busy")
+        .expect("submit");
+    // Polled until its time-out is reported and the abort sent, then not
+    // until the abort's answer is in (a busy reactor): its completion is on
+    // the queue, not yet seen, when the recovery decides.
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctrl.error_counts().aborts == 0 {
+        assert!(Instant::now() < deadline, "no abort was sent");
+        ch.poll(&mut out);
+        assert!(out.is_empty(), "completed before its abort");
+    }
+    while ctrl.aborts_not_found() == 0 {
+        assert!(Instant::now() < deadline, "no abort was answered");
+        std::thread::yield_now();
+    }
+    while out.is_empty() {
+        assert!(Instant::now() < deadline, "the write never completed");
+        ch.poll(&mut out);
+    }
+    assert_eq!(out[0].result, Ok(()));
+    // A second command that times out: one thread recovers commands in
+    // turn, so its abort comes once the first's recovery is over.
+    soft.set_latency(Duration::from_secs(10));
+    let mut got = vec![0u8; 4096];
+    assert_eq!(
+        one(ch.as_mut(), rw(IoOp::Read, 5, 1, &mut got, 2)),
+        Err(IoError::TimedOut)
+    );
+    soft.set_latency(Duration::ZERO);
+    assert_eq!(soft.stats().aborted, 1, "only the second was aborted");
+    assert_eq!(ctrl.error_counts().resets, 0, "the controller was reset");
+    assert_eq!(soft.stats().enables, 1);
+    assert!(!ctrl.is_failed());
+    one(ch.as_mut(), rw(IoOp::Read, 5, 1, &mut got, 3)).expect("read");
+    assert!(got == b);
+}
+
 #[test]
 fn controller_fatal_status_resets_and_in_flight_io_completes() {
     let (soft, ctrl) = setup(SoftConfig::default(), quick());

@@ -125,6 +125,7 @@ impl Device {
                 }
                 self.pending.retain(|p| p.sqid != qid);
                 self.lost.retain(|l| l.0 != qid);
+                self.late.retain(|l| l.sqid != qid);
                 (Status::SUCCESS, 0)
             }
             admin::DELETE_CQ => {
@@ -150,6 +151,15 @@ impl Device {
                         lock(&self.shared.stats).aborted += 1;
                         return (Status::SUCCESS, 0);
                     }
+                }
+                if let Some(i) = self
+                    .late
+                    .iter()
+                    .position(|l| l.sqid == sqid && l.cid == cid)
+                {
+                    // It completes before the abort's answer.
+                    let l = self.late.remove(i);
+                    self.post(l.sqid, l.cqid, l.cid, l.status, l.result);
                 }
                 (Status::SUCCESS, 1)
             }
