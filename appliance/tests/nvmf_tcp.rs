@@ -1226,6 +1226,39 @@ fn a_shutdown_whose_flush_failed_is_not_complete() {
     assert_eq!(csts & 0x2, 0x2, "not fatal: {csts:#x}");
 }
 
+/// From review: a failed command's whole buffer was counted into the
+/// bytes read and written (metrics, and the SMART log's data units).
+#[test]
+fn failed_commands_move_no_bytes_in_the_counters() {
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", BS as u32, BLOCKS).unwrap());
+    let dev = Arc::new(bdev::FaultDevice::new(ram));
+    let ctl = dev.control();
+    let r = rig_on(&[HOST_A], dev);
+    let mut c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 8).unwrap();
+    ctl.fail_reads(0, BLOCKS);
+    ctl.fail_writes(0, BLOCKS);
+    // 64 KiB each way, failed: one data unit each if counted.
+    let blocks = 16;
+    let len = 16 * BS as usize;
+    let read = q.exec(rw(cmd::READ, 0, blocks), &[], len).unwrap_err();
+    assert!(
+        matches!(read, nvmf::host::HostError::Status { status, .. } if status.sct == 2),
+        "a media error: {read:?}"
+    );
+    let write = q
+        .exec(rw(cmd::WRITE, 0, blocks), &vec![1u8; len], 0)
+        .unwrap_err();
+    assert!(
+        matches!(write, nvmf::host::HostError::Status { status, .. } if status.sct == 2),
+        "a media error: {write:?}"
+    );
+    let smart = c.log_page(0x02, 512, 0).unwrap();
+    let field = |at: usize| u128::from_le_bytes(smart[at..at + 16].try_into().unwrap());
+    assert_eq!((field(32), field(48)), (0, 0), "data units read, written");
+    assert_eq!((field(64), field(80)), (1, 1), "commands completed");
+}
+
 /// From review: every IO queue a host connects opens a channel to each
 /// member, and a member that refused one because its queue pairs were
 /// all in use (a Linux host asks for a queue per CPU; an NVMe drive has

@@ -98,9 +98,9 @@ pub struct Subsystem {
     pub reads: AtomicU64,
     /// Write commands completed.
     pub writes: AtomicU64,
-    /// Bytes read.
+    /// Bytes read, by commands that succeeded.
     pub read_bytes: AtomicU64,
-    /// Bytes written.
+    /// Bytes written, by commands that succeeded.
     pub write_bytes: AtomicU64,
     /// IO commands that completed with an error status.
     pub errors: AtomicU64,

@@ -370,7 +370,9 @@ impl Conn {
         }
         slot.state = SlotState::Free;
         self.committed -= std::mem::take(&mut slot.held);
-        let bytes = buf.len() as u64;
+        // What moved: a failed command's buffer carried nothing (the SMART
+        // log counts data read and written, not asked for).
+        let bytes = if st.ok() { buf.len() as u64 } else { 0 };
         if let Phase::Io { sub, .. } = &self.phase {
             match op {
                 IoOp::Read => {
