@@ -192,6 +192,35 @@ fn a_replacement_that_fails_a_write_is_given_up_and_the_volume_stays_whole() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: a discard the new device of a mirror's replacement
+/// answered "not supported" (a disk that cannot deallocate the range)
+/// gave the replacement up, though on a member such an answer fails
+/// nothing: one fstrim threw away the copying.
+#[test]
+fn a_discard_the_replacement_cannot_take_does_not_end_it() {
+    let devs: Vec<Arc<dyn BlockDevice>> = (0..2).map(|i| ram(&format!("m{i}"))).collect();
+    let (reactors, volume, monitor) = started(devs, Level::Raid1);
+    let new = Arc::new(FaultDevice::new(ram("n1")));
+    // The copy stops in the second half, with the first copied.
+    new.control()
+        .hold(Some(bdev::IoOp::Write), 256 + 4096, u64::MAX, u64::MAX);
+    new.control().refuse_discards(true);
+    let p = monitor.replace_member("m1", new.clone()).unwrap();
+    assert!(new.control().wait_held(1, Duration::from_secs(30)));
+    let t = Duration::from_secs(30);
+    volume
+        .io(bdev::IoOp::Discard, 0, vec![0u8; 8 * 4096], t)
+        .expect("the discard");
+    new.control().hold(None, 0, 0, 0);
+    new.control().release();
+    settle(&monitor, &p);
+    assert_eq!(p.error(), None, "the replacement was given up");
+    assert_eq!(monitor.snapshot().members[1], "n1");
+    monitor.close().unwrap();
+    drop(volume);
+    reactors.shutdown().unwrap();
+}
+
 /// From an audit: a spare added to a degraded volume while one of its
 /// members was being replaced started a rebuild beside the copy; the
 /// rebuild's progress took the replacement's place, so a stop, the view

@@ -685,14 +685,18 @@ impl Raid1Channel {
         let pi = (c.tag >> MEMBER_BITS) as usize;
         let m = (c.tag & ((1 << MEMBER_BITS) - 1)) as usize;
         if m == REPLACE {
-            // Never the write's outcome: a failing new device ends the
-            // replacement; the members have the data.
-            if let (Err(e), Some(r)) = (c.result, self.replace.as_mut()) {
-                r.fail(&self.failures, self.members.len(), e);
-            }
             let Some(p) = self.parents.get_mut(pi).and_then(|p| p.as_mut()) else {
                 return;
             };
+            // Never the write's outcome: a failing new device ends the
+            // replacement; the members have the data. A discard it cannot
+            // take is no failure, as on a member (audit: one fstrim range
+            // threw away a replacement's copying).
+            match (c.result, self.replace.as_mut()) {
+                (Err(e), _) if p.op == IoOp::Discard && unsupported(e) => {}
+                (Err(e), Some(r)) => r.fail(&self.failures, self.members.len(), e),
+                _ => {}
+            }
             p.pending -= 1;
             if p.pending == 0 {
                 self.finish(pi);

@@ -123,7 +123,15 @@ impl Raid1Channel {
             self.outstanding[m] = self.outstanding[m].saturating_sub(1);
             self.behind_out[m] = self.behind_out[m].saturating_sub(1);
         }
-        if let Err(e) = c.result {
+        let discard = matches!(self.behind_ios.get(bi), Some(Some(io)) if io.op == IoOp::Discard);
+        let result = match c.result {
+            // A discard the member cannot take fails no member, as in the
+            // foreground (`on_child`): fstrim failed a healthy mirror
+            // (audit).
+            Err(e) if discard && super::unsupported(e) => Ok(()),
+            r => r,
+        };
+        if let Err(e) = result {
             // The write was acknowledged (the other members have it) or
             // waits for this outcome: a member without it is failed, the
             // last one in sync too (it would serve the old data).
@@ -132,7 +140,7 @@ impl Raid1Channel {
         let Some(Some(io)) = self.behind_ios.get_mut(bi) else {
             return;
         };
-        if c.result.is_ok() {
+        if result.is_ok() {
             io.took |= 1 << m;
         }
         io.pending = io.pending.saturating_sub(1);
