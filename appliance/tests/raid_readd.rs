@@ -203,28 +203,22 @@ fn a_bitmap_made_after_the_failure_does_not_shorten_the_rebuild() {
 }
 
 /// From an audit: a member dead but unnoticed (nothing touched it while
-/// the volume was idle) failed its write of a bitmap being turned on. The
-/// bitmap went on with it still in sync, and its failure, recorded in
-/// that generation, made it re-addable from a bitmap whose starting
-/// point it never had: anything it lost before was marked nowhere. The
-/// change is refused, naming it; its failure is recorded without the
-/// bitmap, and it is rebuilt in full.
+/// the volume was idle) failed its write of a bitmap being turned on. It
+/// is failed and the bitmap goes on the others, as md does; but its
+/// failure, recorded in the generation with the bitmap, made it
+/// re-addable from a bitmap whose starting point it never had: anything
+/// it lost before was marked nowhere. It is rebuilt in full.
 #[test]
 fn a_member_that_cannot_take_a_new_bitmap_is_rebuilt_in_full() {
     let mut r = rig(false);
     let mut want = r.fill(0x40);
     r.fault.fail_writes(0, u64::MAX);
-    let e = r
-        .mgr
-        .set_bitmap("m", true, 1024)
-        .expect_err("a bitmap b never took");
-    assert!(e.to_string().contains("b could not take the bitmap"), "{e}");
+    r.mgr.set_bitmap("m", true, 1024).unwrap();
     let t = Instant::now();
     while r.mgr.get_volume("m").unwrap().members[1].1 != "failed" {
         assert!(t.elapsed() < LONG, "b was never failed");
         std::thread::sleep(Duration::from_millis(10));
     }
-    r.mgr.set_bitmap("m", true, 1024).unwrap();
     r.fault.heal();
     want[7] = 0xf7;
     r.write(7, want[7]);

@@ -381,14 +381,12 @@ pub fn bitmap_in_memory(
 /// initial sync) to `device`'s members that are not failed, and
 /// hand it those that took it. A member that cannot take it is reported
 /// failed, as one whose superblock cannot be written (md faults a member
-/// whose bitmap write fails), and named in the answer; an error only if
-/// none took it.
-pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<Vec<String>, RaidError> {
+/// whose bitmap write fails); an error only if none took it.
+pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), RaidError> {
     let set = device.member_set();
     let bits = b.snapshot();
     let mut took = Vec::new();
     let mut errors = Vec::new();
-    let mut missed = Vec::new();
     for (slot, m) in set.members.iter().enumerate() {
         if m.recorded_state() == MemberState::Failed {
             continue;
@@ -399,7 +397,6 @@ pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<Vec<Stri
         } else {
             tracing::error!(device = %m.dev.info().name, errors = ?e, "bitmap not written; the member is failed");
             set.failures.report(slot, m, bdev::IoError::DeviceFailed);
-            missed.push(m.dev.info().name.clone());
             errors.extend(e);
         }
     }
@@ -411,7 +408,7 @@ pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<Vec<Stri
     }
     b.set_members(took);
     b.hold_for(&set.members, &set.failures);
-    Ok(missed)
+    Ok(())
 }
 
 /// The devices of `device`'s members that are not failed.

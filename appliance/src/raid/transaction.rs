@@ -155,25 +155,9 @@ impl Inner {
             }
         }
         if let Some(b) = &plan.new_bitmap {
-            match super::assembly::write_bitmap(device.as_ref(), b) {
-                Err(e) => {
-                    undo(&claimed);
-                    return Err(OpError::Internal(e.to_string()));
-                }
-                // A member that could not take the new bitmap never had
-                // the point it starts from (everything written before it
-                // on the member): failed in a generation with the bitmap,
-                // it would be re-added from it, missing what it lost
-                // unnoticed before (audit). Its failure is recorded
-                // without the bitmap first.
-                Ok(missed) if !missed.is_empty() => {
-                    undo(&claimed);
-                    return Err(OpError::FailedPrecondition(format!(
-                        "{} could not take the bitmap and is failed; set the bitmap again once that is recorded",
-                        missed.join(", ")
-                    )));
-                }
-                Ok(_) => {}
+            if let Err(e) = super::assembly::write_bitmap(device.as_ref(), b) {
+                undo(&claimed);
+                return Err(OpError::Internal(e.to_string()));
             }
         }
         for d in &plan.flush_first {
