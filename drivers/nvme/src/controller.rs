@@ -204,7 +204,9 @@ impl Controller {
             )));
         }
         let stride = cap.doorbell_stride();
-        let max_qid = opts.max_io_queues as usize;
+        // Queue 1 at least is asked for whatever the option says
+        // (`set_queue_count`), and its doorbells must be inside the BAR.
+        let max_qid = opts.max_io_queues.max(1) as usize;
         if spec::cq_doorbell(max_qid as u16, stride) + 4 > bar.len() {
             return Err(NvmeError::InvalidArgument(format!(
                 "{name}: BAR0 of {} bytes has no room for {max_qid} queue doorbells",
