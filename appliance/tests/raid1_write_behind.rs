@@ -294,7 +294,7 @@ fn mirror() -> Mirror {
     .unwrap();
     let raw: Vec<Arc<dyn BlockDevice>> = (0..2)
         .map(|i| {
-            Arc::new(RamDevice::new(&format!("m{i}"), 4096, OFFSET + 4096).unwrap())
+            Arc::new(RamDevice::new(&format!("m{i}"), 4096, OFFSET + 8192).unwrap())
                 as Arc<dyn BlockDevice>
         })
         .collect();
@@ -528,6 +528,69 @@ fn a_discard_the_write_mostly_member_cannot_take_fails_no_member() {
         vec![MemberState::InSync, MemberState::InSync],
         "the write-mostly member was failed"
     );
+    drop(monitor);
+    reactors.shutdown().unwrap();
+}
+
+/// From an audit: a write too long for block keys (over 4,096 blocks: a
+/// discard of a large range, mkfs) waits until nothing is in the
+/// background, but writes from other cores kept going there meanwhile: a
+/// steady stream of them kept it waiting for as long as the stream
+/// lasted, and every write queued after it on its core with it. While it
+/// waits, later writes stay out of the background (they wait for the
+/// write-mostly member, as plain mirror writes do), as md's barrier.
+#[test]
+fn a_long_write_waiting_for_the_background_keeps_new_writes_out_of_it() {
+    let Mirror {
+        reactors,
+        raw: _,
+        m0: _,
+        m1: _,
+        open,
+        volume,
+        monitor,
+    } = mirror();
+    let dev = volume.info_device();
+    let mut a = dev.open_channel().unwrap();
+    let mut b = dev.open_channel().unwrap();
+    // Every 1 MiB region the writes below touch has its bitmap bit set
+    // on every member before m1 turns slow.
+    for r in 0..20u64 {
+        let mut warm = pattern(r as u8);
+        run_one(a.as_mut(), rw(IoOp::Write, r * 256, 1, &mut warm, 100 + r)).unwrap();
+    }
+    open.store(false, Ordering::SeqCst);
+    let mut w1 = pattern(1);
+    a.submit(rw(IoOp::Write, 0, 1, &mut w1, 1)).unwrap();
+    assert_eq!(wait_for(a.as_mut(), 1).result, Ok(()));
+    assert_eq!(monitor.snapshot().write_behind, (4, 1));
+    a.submit(bdev::IoRequest::range(IoOp::Discard, 0, 4100, 2))
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        a.poll(&mut out);
+    }
+    assert!(out.is_empty(), "the long discard did not wait: {out:?}");
+    // Another core's short write: not into the background now.
+    let mut w2 = pattern(2);
+    b.submit(rw(IoOp::Write, 5000, 1, &mut w2, 3)).unwrap();
+    for _ in 0..1000 {
+        b.poll(&mut out);
+        a.poll(&mut out);
+    }
+    assert_eq!(
+        monitor.snapshot().write_behind,
+        (4, 1),
+        "a write went into the background ahead of the waiting discard"
+    );
+    assert!(out.is_empty(), "answered before m1 had it: {out:?}");
+    open.store(true, Ordering::SeqCst);
+    assert_eq!(wait_for(a.as_mut(), 2).result, Ok(()));
+    assert_eq!(wait_for(b.as_mut(), 3).result, Ok(()));
+    let mut got = vec![0u8; 4096];
+    run_one(b.as_mut(), rw(IoOp::Read, 5000, 1, &mut got, 4)).unwrap();
+    assert_eq!(got, pattern(2));
+    drop((a, b));
     drop(monitor);
     reactors.shutdown().unwrap();
 }

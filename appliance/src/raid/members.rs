@@ -384,6 +384,10 @@ pub struct WriteBehind {
     /// a write waits for an overlapping one still in the background, so
     /// the write-mostly members get overlapping writes in order.
     blocks: StripeLocks,
+    /// Writes too long for keys waiting for nothing to be in the
+    /// background: while any does, no new write goes there (md's
+    /// barrier), or a steady stream of short ones would keep it waiting.
+    barriers: AtomicU64,
 }
 
 /// Writes longer than this take no block keys; they wait until nothing is
@@ -406,14 +410,28 @@ impl WriteBehind {
         self.inflight.load(Ordering::SeqCst)
     }
 
-    /// Take a background slot if one is free.
+    /// Take a background slot if one is free and no long write waits for
+    /// them all to be free.
     pub fn try_take(&self) -> bool {
+        if self.barriers.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
         let limit = self.limit();
         self.inflight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < limit).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// A long write waits for nothing to be in the background.
+    pub fn raise_barrier(&self) {
+        self.barriers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// That write no longer waits (admitted, or answered).
+    pub fn lower_barrier(&self) {
+        self.barriers.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Give a slot back.

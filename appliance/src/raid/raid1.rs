@@ -217,6 +217,9 @@ struct Parent {
     in_bitmap: Option<(u64, u64)>,
     /// Block keys it holds while write-behind is on.
     keys: Option<(u64, u64)>,
+    /// Too long for keys, it holds a barrier up while it waits for
+    /// nothing to be in the background (`WriteBehind::raise_barrier`).
+    barrier: bool,
     /// Its copies to write-mostly members in the background, while they
     /// run: should every foreground member fail it, its outcome waits for
     /// theirs (md acknowledges early only a write some member took).
@@ -574,6 +577,9 @@ impl Raid1Channel {
         if let Some((first, n)) = p.keys {
             self.behind.unlock_blocks(first, n);
         }
+        if p.barrier {
+            self.behind.lower_barrier();
+        }
     }
 
     /// Whether write `pi` may go to the members now: its bitmap bits are
@@ -604,8 +610,21 @@ impl Raid1Channel {
                 }
                 p.keys = Some((p.offset, p.blocks));
             } else if self.behind.inflight() > 0 {
+                // New writes stay out of the background meanwhile (they
+                // go to every member at once), or a stream of short ones
+                // from other cores kept it, and every write queued behind
+                // it on this core, waiting for as long as it lasted
+                // (audit).
+                if !p.barrier {
+                    p.barrier = true;
+                    self.behind.raise_barrier();
+                }
                 return false;
             }
+        }
+        if p.barrier {
+            p.barrier = false;
+            self.behind.lower_barrier();
         }
         !p.needs_lock || p.locked.is_some() || self.lock_regions(pi)
     }
@@ -790,6 +809,7 @@ impl IoChannel for Raid1Channel {
             needs_lock: false,
             in_bitmap: None,
             keys: None,
+            barrier: false,
             behind: None,
         });
         let write_like = matches!(req.op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes);

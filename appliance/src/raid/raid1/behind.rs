@@ -182,6 +182,13 @@ impl Drop for Raid1Channel {
     /// (a volume's reconfiguration drained them already; this covers a
     /// consumer that drops its channel right after its own requests).
     fn drop(&mut self) {
+        // A write dropped while it waited must not keep every later one
+        // out of the background.
+        for p in self.parents.iter_mut().flatten() {
+            if std::mem::take(&mut p.barrier) {
+                self.behind.lower_barrier();
+            }
+        }
         let t = std::time::Instant::now();
         let mut scratch = Vec::new();
         while self.behind_count > 0 && t.elapsed() < BEHIND_DRAIN {
