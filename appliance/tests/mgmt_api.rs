@@ -2790,17 +2790,18 @@ fn a_file_attached_under_a_second_name_is_refused() {
 
 /// From review: a state file written before one storage was refused as
 /// two devices may hold such a pair; the restore stopped at it and the
-/// daemon would not start (Restart= looping). It starts, with both, and
-/// says so in its log.
+/// daemon would not start (Restart= looping). It starts, the second name
+/// left out as missing (audit: two volumes on the pair served two VMs
+/// one disk), and says why in its health.
 #[test]
 fn a_state_file_with_one_file_under_two_names_still_starts() {
     let dir = tempfile::tempdir().unwrap();
     let m0 = dir.path().join("m0");
     std::fs::write(&m0, vec![0u8; 1 << 20]).unwrap();
     std::fs::hard_link(&m0, dir.path().join("m0b")).unwrap();
-    let config = dir.path().join("init.toml");
+    let state = dir.path().join("state.toml");
     std::fs::write(
-        &config,
+        &state,
         format!(
             "[[device]]\nname = \"d0\"\nspec = \"file:{}\"\n\n[[device]]\nname = \"d1\"\nspec = \"file:{}\"\n",
             m0.display(),
@@ -2808,10 +2809,16 @@ fn a_state_file_with_one_file_under_two_names_still_starts() {
         ),
     )
     .unwrap();
-    let d = Daemon::start(dir.path(), None, Some(config));
+    let d = Daemon::start(dir.path(), Some(state), None);
     let mut c = d.client();
     let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
     assert_eq!(devs.devices.len(), 2, "{devs:?}");
+    assert_eq!(devs.devices[1].name, "d1");
+    assert_eq!(
+        devs.devices[1].health,
+        pb::DeviceHealth::Missing as i32,
+        "{devs:?}"
+    );
 }
 
 /// From review: the TCP listener was bound (and its TLS identity read)

@@ -122,7 +122,7 @@ impl Manager {
             )));
         }
         if let Some(by) = attached_as(&inv, &keys, true) {
-            self.same_storage(&decl, &by)?;
+            self.same_storage(&mut inv, &decl, &by)?;
         }
         if let (Some(rest), Some(allowed)) = (
             decl.spec.strip_prefix("file:"),
@@ -184,7 +184,7 @@ impl Manager {
                 .map(|d| d.decl.name.clone())
         });
         if let Some(by) = attached_as(&inv, &keys, false).or(same_storage) {
-            self.same_storage(&decl, &by)?;
+            self.same_storage(&mut inv, &decl, &by)?;
         }
         let wrapper = lock(&self.shared.wrapper).clone();
         let dev = match wrapper {
@@ -205,6 +205,7 @@ impl Manager {
             self.shared.roles.set(&decl.name, &v, Some(role));
         }
         inv.missing.remove(&decl.name);
+        inv.left_out.remove(&decl.name);
         inv.devices.insert(
             decl.name.clone(),
             Dev {
@@ -254,6 +255,7 @@ impl Manager {
             }
         }
         if inv.missing.remove(name).is_some() {
+            inv.left_out.remove(name);
             drop(inv);
             return self.save();
         }
@@ -559,18 +561,28 @@ fn resized_spec(spec: &str, size: u64) -> Option<String> {
 }
 
 impl Manager {
-    /// `decl` names the storage device `by` is on: refused, but for a
-    /// restore. A state file from before the check may hold such a pair,
-    /// and a daemon that would not start is worse: kept, and said.
-    fn same_storage(&self, decl: &DeviceDecl, by: &str) -> Result<(), MgmtError> {
+    /// `decl` names the storage device `by` is on: refused. A state file
+    /// from before the check (or edited by hand) may hold such a pair,
+    /// and a daemon that would not start is worse: at a restore from it
+    /// the second is left out as a missing device (kept in the state
+    /// file, its volumes started without it where they can), so that two
+    /// volumes, and two VMs, never share one disk (audit: two single
+    /// volumes on one image file each served a VM). An operator's first
+    /// configuration with such a pair is refused, as any error there.
+    fn same_storage(
+        &self,
+        inv: &mut Inventory,
+        decl: &DeviceDecl,
+        by: &str,
+    ) -> Result<(), MgmtError> {
         if self.shared.quiet.load(std::sync::atomic::Ordering::SeqCst) {
-            tracing::warn!(
-                device = decl.name,
-                spec = decl.spec,
-                same_as = by,
-                "restored as the state file says, but it is the storage of device {by} too: detach one of them"
+            let why = format!(
+                "its storage ({}) is device {by}'s too, and two volumes on it would share one disk: it is left out; detach one of the names",
+                decl.spec
             );
-            return Ok(());
+            tracing::error!(device = decl.name, "{why}");
+            inv.left_out.insert(decl.name.clone(), why.clone());
+            return Err(MgmtError::FailedPrecondition(why));
         }
         Err(MgmtError::AlreadyExists(format!(
             "{} is already attached as device {by}",

@@ -29,6 +29,11 @@ pub(super) struct Inventory {
     /// next start, a reload or an attach under the name tries again), and
     /// their volumes started without them where the level allows.
     pub(super) missing: BTreeMap<String, DeviceDecl>,
+    /// Why a device of the saved state was left out at the start though
+    /// it could be opened (its storage is another device's too), or why
+    /// an entry of the file was skipped (a name declared twice): for the
+    /// health.
+    pub(super) left_out: BTreeMap<String, String>,
     /// Volumes the saved state names that did not start, by name.
     pub(super) unavailable: BTreeMap<String, super::unavailable::Unavailable>,
     /// Exports the saved state names that could not be made at the start.

@@ -50,7 +50,21 @@ impl Manager {
 
     fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
         let failed = |part: String| move |source| RestoreError { part, source };
+        let mut seen = std::collections::BTreeMap::new();
         for d in &config.devices {
+            // A name declared twice (a block copied by hand): the first
+            // is the device. Refused, the daemon exited and systemd
+            // restarted it for good, no VM served (audit).
+            if let (false, Some(first)) = (initial, seen.insert(d.name.clone(), d.spec.clone())) {
+                let why = format!(
+                    "declared twice in the state file ({first}, then {}): the second is left out, and goes with the next save",
+                    d.spec
+                );
+                tracing::error!(device = d.name, "{why}");
+                seen.insert(d.name.clone(), first);
+                self.inv().left_out.insert(d.name.clone(), why);
+                continue;
+            }
             let attached = if initial {
                 self.attach_device(d.clone())
             } else {
@@ -113,8 +127,16 @@ impl Manager {
         if self.shared.set.is_stopped() {
             problems.push("the reactors have stopped".to_string());
         }
-        for d in self.inv().missing.keys() {
-            problems.push(format!("device {d} could not be opened at the start"));
+        {
+            let inv = self.inv();
+            for d in inv.missing.keys() {
+                if !inv.left_out.contains_key(d) {
+                    problems.push(format!("device {d} could not be opened at the start"));
+                }
+            }
+            for (d, why) in &inv.left_out {
+                problems.push(format!("device {d}: {why}"));
+            }
         }
         for (v, why) in self.unavailable_volumes() {
             problems.push(format!("volume {v} did not start: {why}"));
