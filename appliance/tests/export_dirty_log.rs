@@ -371,6 +371,66 @@ fn dirty_logging_switched_on_while_the_device_holds_a_read_marks_it_once_done() 
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: requests in flight when logging goes on have their
+/// chains walked again, and the guest may have rewritten them meanwhile.
+/// A writable descriptor claiming 4 GiB held the reactor marking pages,
+/// and a zero-length status descriptor underflowed (a panic of the
+/// reactor in a debug build, the whole log marked in a release one). The
+/// data marked is the read's, its length at most.
+#[test]
+fn a_chain_rewritten_while_in_flight_marks_no_more_than_its_read() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::volume::Volume;
+    use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+    use std::sync::Arc;
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
+    let fault = Arc::new(FaultDevice::new(ram));
+    let control = fault.control();
+    let volume = Volume::new(reactors.set(), "v", fault);
+    let sock = dir.path().join("h.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            serial: "h".into(),
+            ..ExportOptions::new(sock.clone(), 1)
+        },
+    )
+    .unwrap();
+    let mut g = logging_guest(&sock);
+    let used_page = g.queues[0].used / 4096;
+    let log = memfd(4096);
+    g.frontend
+        .set_log_base(0, region(&log, LOG_BYTES, 0))
+        .unwrap();
+    control.hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    g.offer_read(0);
+    assert!(control.wait_held(1, std::time::Duration::from_secs(10)));
+    // Taken and held: the guest rewrites its chain (data at 0x40000 now
+    // claims 4 GiB, the status descriptor nothing).
+    let t = g.queues[0].desc;
+    g.desc(t, 1, 0x40000, u32::MAX, NEXT | WRITE, 2);
+    g.desc(t, 2, 0x60000, 0, WRITE, 0);
+    g.frontend
+        .set_features(BASE | LOG_ALL)
+        .expect("logging goes on");
+    control.release();
+    assert_eq!(g.used(0), (0, 4097));
+    take_exactly(&log, &[0x40, 0x60, used_page]);
+    // The export serves on.
+    g.good_read(0);
+    drop(g);
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}
+
 /// Stop ring 0, switch logging on with no log, enable the ring again and
 /// offer a read: the ring waits for the log (the read is not served).
 /// Returns the read's status byte's address.

@@ -483,14 +483,16 @@ impl Runner {
         self.log = log;
         if newly {
             for slot in 0..self.slots.len() {
-                let Some((head, op)) = self.slots[slot].as_ref().map(|r| (r.head, r.op)) else {
+                let Some((head, op, bytes)) =
+                    self.slots[slot].as_ref().map(|r| (r.head, r.op, r.bytes))
+                else {
                     continue;
                 };
                 self.walk(head);
                 let status_gpa = self.descs.last().map_or(0, |d| {
                     d.addr.saturating_add(u64::from(d.len.saturating_sub(1)))
                 });
-                self.note_fills(slot, status_gpa, op);
+                self.note_fills(slot, status_gpa, op, bytes);
             }
         }
     }

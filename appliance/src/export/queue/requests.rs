@@ -114,7 +114,7 @@ impl Runner {
                     }
                 }
                 if self.log.is_some() {
-                    self.note_fills(slot as usize, req.status_gpa, op);
+                    self.note_fills(slot as usize, req.status_gpa, op, bytes);
                 }
                 self.slots[slot as usize] = Some(Inflight {
                     head,
@@ -168,8 +168,12 @@ impl Runner {
 
     /// Keep what the completion of the request in `slot` (the chain in
     /// `self.descs`) marks: its status byte, and for a read the
-    /// device-writable buffers but the status byte.
-    pub(super) fn note_fills(&mut self, slot: usize, status_gpa: u64, op: IoOp) {
+    /// device-writable buffers but the status byte, `bytes` at most (the
+    /// read's data: a chain walked again when logging goes on is the
+    /// guest's to rewrite meanwhile, and claimed lengths of gigabytes held
+    /// its reactor marking pages, a zero-length status descriptor
+    /// underflowed: audit).
+    pub(super) fn note_fills(&mut self, slot: usize, status_gpa: u64, op: IoOp, bytes: u64) {
         let Some((status, fills)) = self.logged.get_mut(slot) else {
             return;
         };
@@ -177,14 +181,16 @@ impl Runner {
         fills.clear();
         if op == IoOp::Read {
             let n = self.descs.len();
-            fills.extend(
-                self.descs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, d)| d.write)
-                    .map(|(i, d)| (d.addr, d.len as u64 - u64::from(i + 1 == n)))
-                    .filter(|r| r.1 > 0),
-            );
+            let mut left = bytes;
+            for (i, d) in self.descs.iter().enumerate().filter(|(_, d)| d.write) {
+                let len = (d.len as u64)
+                    .saturating_sub(u64::from(i + 1 == n))
+                    .min(left);
+                if len > 0 {
+                    fills.push((d.addr, len));
+                    left -= len;
+                }
+            }
         }
     }
 
