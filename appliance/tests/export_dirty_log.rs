@@ -512,3 +512,104 @@ fn memory_past_the_dirty_log_is_refused_while_logging() {
     assert_eq!(request(&mut g, IN, 0x40000), S_OK);
     assert!(marked(&log).contains(&0x40));
 }
+
+/// Offer a 4 KiB request of `kind` at `sector` as chain `head` (three
+/// descriptors from `head`), its header, data and status at `gpa` plus
+/// 0, 0x1000 and 0x2000; returns the status byte's address.
+fn offer_at(g: &mut Guest, head: u16, kind: u32, sector: u64, gpa: u64) -> u64 {
+    let (h, data, s) = (gpa, gpa + 0x1000, gpa + 0x2000);
+    g.write(s, UNTOUCHED);
+    g.header(h, kind, sector);
+    let t = g.queues[0].desc;
+    let flags = if kind == IN { NEXT | WRITE } else { NEXT };
+    g.desc(t, head, h, 16, NEXT, head + 1);
+    g.desc(t, head + 1, data, 4096, flags, head + 2);
+    g.desc(t, head + 2, s, 1, WRITE, 0);
+    g.offer(0, head);
+    s
+}
+
+/// From an audit: a stop left to linger (its device held a read past the
+/// drain time-out) ended, once the read came back, without the requests
+/// it had taken from the ring and never sent: a write parked for a
+/// suspended range, released as the range resumed and then held back by
+/// the volume's limits. The index GET_VRING_BASE gave counted it, so a
+/// migration's destination started past it and the guest waited for it
+/// for good. It is answered (with an error) before the index is given.
+#[test]
+fn a_lingering_stop_answers_what_it_took_and_never_sent() {
+    use appliance::export::{Export, ExportOptions};
+    use appliance::qos::QosLimits;
+    use appliance::volume::Volume;
+    use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let reactors = poller::Reactors::start(poller::ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
+    let fault = Arc::new(FaultDevice::new(ram));
+    let control = fault.control();
+    let volume = Volume::new(reactors.set(), "v", fault);
+    volume.init_qos(QosLimits {
+        write_iops: 1,
+        ..Default::default()
+    });
+    let sock = dir.path().join("h.sock");
+    let export = Export::create(
+        reactors.set(),
+        &volume,
+        ExportOptions {
+            serial: "h".into(),
+            drain_timeout: Some(Duration::from_millis(200)),
+            ..ExportOptions::new(sock.clone(), 1)
+        },
+    )
+    .unwrap();
+    // With REPLY_ACK: the stop answers whether it stopped.
+    let mut g = logging_guest(&sock);
+    // A write takes the second's worth of writes.
+    let first = offer_at(&mut g, 6, OUT, 800, 0x27000);
+    assert_eq!(g.used(0), (6, 1));
+    assert_eq!(g.read::<u8>(first), S_OK);
+    volume.suspend_range(0, 64, Duration::from_secs(5)).unwrap();
+    let parked = offer_at(&mut g, 3, OUT, 8, 0x21000);
+    let t0 = std::time::Instant::now();
+    while export.parked_writes() != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not held");
+        std::thread::yield_now();
+    }
+    control.hold(Some(IoOp::Read), 0, u64::MAX, 1);
+    offer_at(&mut g, 0, IN, 0, 0x24000);
+    assert!(control.wait_held(1, Duration::from_secs(10)));
+    // The parked write goes again, and waits for the limit.
+    volume.resume_range();
+    assert!(
+        g.frontend.set_vring_enable(0, false).is_err(),
+        "the ring stopped with a read held"
+    );
+    assert_eq!(export.lingering_queues(), 1);
+    control.release();
+    // The read comes back, and the runner stops (a GET_VRING_BASE before
+    // would be refused, and the connection with it).
+    let t0 = std::time::Instant::now();
+    while export.lingering_queues() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never stopped");
+        std::thread::yield_now();
+    }
+    let base = g.frontend.get_vring_base(0).unwrap();
+    // SAFETY: the guest's used index, in memory the test keeps mapped.
+    let used = unsafe {
+        std::ptr::read_volatile((g.base as usize + g.queues[0].used as usize + 2) as *const u16)
+    };
+    assert_eq!(base, 3);
+    assert_eq!(used, 3, "the index handed over counts an unanswered write");
+    assert_ne!(g.read::<u8>(parked), UNTOUCHED);
+    drop(g);
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

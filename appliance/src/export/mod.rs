@@ -548,6 +548,19 @@ impl Export {
         })
     }
 
+    /// Queues whose stop was left to linger (their device held requests
+    /// past the drain time-out) and whose runner has not stopped yet: no
+    /// ring index can be given for them before.
+    pub fn lingering_queues(&self) -> usize {
+        self.shared
+            .lingering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| r.wait_stopped(Duration::ZERO).is_none())
+            .count()
+    }
+
     /// Whether a queue was moved at runtime.
     pub fn queues_moved(&self) -> bool {
         self.shared.moved.load(Ordering::SeqCst)

@@ -359,11 +359,31 @@ impl Runner {
                     }
                 }
             }
+            let unsent = !self.parked.is_empty() || !self.resubmit.is_empty();
+            if held == Held::Leave && unsent && self.inflight() == 0 && !channel_busy {
+                // A stop left to linger (its device held requests past
+                // the drain time-out) ends once they are answered; what it
+                // took from the ring and never sent (parked for a
+                // suspended range, then refused by the volume's limits)
+                // is answered with an error, not dropped: the ring's index
+                // the frontend gets counts it, and its guest would wait
+                // for it for good (audit).
+                self.refresh_generations(channel_busy);
+                let current = self.vol_gate.generation() == self.vol_gen
+                    && self.mem_gate.generation() == self.mem_gen;
+                if current && !self.broken && !self.ring_lost {
+                    let unsent: Vec<u16> = self.resubmit.drain(..).collect();
+                    self.parked.extend(unsent);
+                    self.fail_parked();
+                }
+            }
             self.signal();
             // The channel is dropped with the runner: let it finish its
             // own work here rather than block the reactor in its drop.
-            let parked_ok =
-                held == Held::Leave || (self.parked.is_empty() && self.resubmit.is_empty());
+            // (Requests a lost ring or a broken queue cannot be answered
+            // into are let go.)
+            let parked_ok = (self.parked.is_empty() && self.resubmit.is_empty())
+                || (held == Held::Leave && (self.broken || self.ring_lost));
             if self.inflight() == 0 && !channel_busy && parked_ok && self.finish(ctx) {
                 return PollState::Done;
             }
