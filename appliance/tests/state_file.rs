@@ -125,3 +125,43 @@ fn an_edit_that_cannot_be_set_aside_is_not_overwritten() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From an audit: the state file's own reads (to tell an edit by hand
+/// from the daemon's last save) opened it as any file: a FIFO put where
+/// it was blocked the read, inside the save lock, so every later call that
+/// saves (RAID changes save inside their volume's suspend) waited for
+/// good. It is read as a configuration is, without blocking; the save
+/// goes on, and writes a regular file in its place.
+#[test]
+fn a_fifo_where_the_state_file_was_holds_no_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = std::sync::Arc::new(Manager::new(reactors.set(), Some(state.clone())));
+    mgr.attach_device(ram("a")).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    let c = std::ffi::CString::new(state.to_str().unwrap()).unwrap();
+    // SAFETY: a plain syscall on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m = mgr.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(m.attach_device(ram("b")).map(|_| ()));
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(30));
+    if got.is_err() {
+        // Let the old code's blocked read go, so the test can end.
+        let _ = std::fs::OpenOptions::new().write(true).open(&state);
+    }
+    got.expect("the save waited on the FIFO")
+        .expect("the attach and its save");
+    assert!(std::fs::metadata(&state).unwrap().is_file());
+    assert_eq!(devices(&Config::load(&state).unwrap()), ["a", "b"]);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

@@ -21,11 +21,19 @@ pub(super) struct Saves {
     edit_kept: Option<PathBuf>,
 }
 
+/// The state file's bytes, read as a configuration is: a regular file of
+/// bounded size, opened without blocking (a FIFO put there held every
+/// save for good, inside a volume's suspend: audit). `None` if it cannot
+/// be read so.
+fn read_state(path: &Path) -> Option<Vec<u8>> {
+    crate::config::read_bounded(path).ok()
+}
+
 impl Saves {
     /// `path` was read as the daemon's own record (a reload of it): what
     /// it holds is applied, and an edit set aside before is dealt with.
     fn read(&mut self, path: &Path) {
-        self.known = std::fs::read(path).ok();
+        self.known = read_state(path);
         self.edit_kept = None;
     }
 
@@ -47,7 +55,7 @@ impl Saves {
     /// wrote nor read is copied aside (a copy: `path` may be a link).
     /// Refused, saying why, if it cannot be: the edit is not overwritten.
     fn keep_edit(&mut self, path: &Path) -> Result<(), String> {
-        let (Some(known), Ok(now)) = (&self.known, std::fs::read(path)) else {
+        let (Some(known), Some(now)) = (&self.known, read_state(path)) else {
             return Ok(());
         };
         if now == *known {
@@ -100,7 +108,7 @@ impl Saves {
     /// to what it read, such as `--drop-journal`), nothing is known.
     pub(super) fn restoring(&mut self, path: &Path, config: &Config) {
         self.edit_kept = None;
-        self.known = std::fs::read(path).ok().filter(|bytes| {
+        self.known = read_state(path).filter(|bytes| {
             std::str::from_utf8(bytes)
                 .ok()
                 .and_then(|text| Config::parse(path, text).ok())
@@ -149,7 +157,7 @@ impl Shared {
                 // Whatever is there now is ours: the new text if the save
                 // failed after the rename (syncing the directory), else the
                 // old one, or an edit `keep_edit` has just set aside.
-                saves.known = std::fs::read(path).ok();
+                saves.known = read_state(path);
                 Err(MgmtError::Internal(format!(
                     "the change was made but saving the state failed: {e}"
                 )))
