@@ -358,10 +358,35 @@ impl Config {
     /// waits for it) for good, and /dev/zero grew the read until the
     /// process died.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = String::from_utf8(read_bounded(path)?).map_err(|e| ConfigError::Io {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| ConfigError::Io {
             path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })?;
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(io(std::io::Error::other("not a regular file")));
+        }
+        if meta.len() > MAX_FILE {
+            return Err(io(std::io::Error::other(format!(
+                "{} bytes; a configuration holds at most {MAX_FILE}",
+                meta.len()
+            ))));
+        }
+        let mut text = String::new();
+        // (A file growing while it is read stops at the limit too.)
+        file.take(MAX_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(io(std::io::Error::other("grew past the limit while read")));
+        }
         Config::parse(path, &text)
     }
 
@@ -398,41 +423,6 @@ impl Config {
 
 /// The first line of a file the daemon writes.
 const SAVED_HEADER: &str = "# Written by the appliance daemon after every change.\n";
-
-/// The bytes of `path`: a regular file of at most `MAX_FILE` bytes,
-/// opened without blocking and checked before it is read (see
-/// [`Config::load`]). The state file's own reads use it too: a FIFO there
-/// held every save, inside a volume's suspend, for good (audit).
-pub fn read_bounded(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(io(std::io::Error::other("not a regular file")));
-    }
-    if meta.len() > MAX_FILE {
-        return Err(io(std::io::Error::other(format!(
-            "{} bytes; a configuration holds at most {MAX_FILE}",
-            meta.len()
-        ))));
-    }
-    let mut text = Vec::new();
-    // (A file growing while it is read stops at the limit too.)
-    file.take(MAX_FILE + 1).read_to_end(&mut text).map_err(io)?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(io(std::io::Error::other("grew past the limit while read")));
-    }
-    Ok(text)
-}
 
 #[cfg(test)]
 mod tests {

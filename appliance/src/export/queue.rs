@@ -56,6 +56,11 @@ pub enum Held {
     /// its whole time-out: the index it gets back counts them as taken,
     /// and a migration's destination would never see them).
     Fail = 2,
+    /// A frontend's stop left to linger (its device held requests past the
+    /// time-out): it ends once they are answered, and answers with an I/O
+    /// error what it took from the ring and never sent, for the same
+    /// reason as `Fail`.
+    Linger = 3,
 }
 
 /// What the control thread and the runner share.
@@ -91,6 +96,7 @@ impl QueueShared {
         match self.held.load(Ordering::Acquire) {
             1 => Held::Keep,
             2 => Held::Fail,
+            3 => Held::Linger,
             _ => Held::Leave,
         }
     }
@@ -335,7 +341,7 @@ impl Runner {
         // before it.
         if self.shared.stop.load(Ordering::Acquire) {
             let held = self.shared.held();
-            if held != Held::Leave {
+            if !matches!(held, Held::Leave | Held::Linger) {
                 // The stop waits for the writes held for a suspended
                 // range: they go once the range moves, nothing new is
                 // taken from the ring meanwhile; with `Fail`, those still
@@ -360,7 +366,7 @@ impl Runner {
                 }
             }
             let unsent = !self.parked.is_empty() || !self.resubmit.is_empty();
-            if held == Held::Leave && unsent && self.inflight() == 0 && !channel_busy {
+            if held == Held::Linger && unsent && self.inflight() == 0 && !channel_busy {
                 // A stop left to linger (its device held requests past
                 // the drain time-out) ends once they are answered; what it
                 // took from the ring and never sent (parked for a
@@ -380,10 +386,16 @@ impl Runner {
             self.signal();
             // The channel is dropped with the runner: let it finish its
             // own work here rather than block the reactor in its drop.
-            // (Requests a lost ring or a broken queue cannot be answered
-            // into are let go.)
-            let parked_ok = (self.parked.is_empty() && self.resubmit.is_empty())
-                || (held == Held::Leave && (self.broken || self.ring_lost));
+            // (A lingering stop lets go of what cannot be answered: into a
+            // lost ring or a broken queue, or through gates removed with
+            // the volume or the memory; review.)
+            let parked_ok = held == Held::Leave
+                || (self.parked.is_empty() && self.resubmit.is_empty())
+                || (held == Held::Linger
+                    && (self.broken
+                        || self.ring_lost
+                        || self.vol_gate.is_removed()
+                        || self.mem_gate.is_removed()));
             if self.inflight() == 0 && !channel_busy && parked_ok && self.finish(ctx) {
                 return PollState::Done;
             }

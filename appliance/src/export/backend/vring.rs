@@ -374,7 +374,14 @@ impl Handler {
                 // ring starts again by itself once the runner has stopped
                 // (a frontend told nothing, or not listening, would not
                 // ask again).
-                r.shared.request_stop(Held::Leave);
+                // A disconnect's stop leaves what it holds to the
+                // inflight area, which a reconnecting frontend resubmits;
+                // a frontend's stop answers it (`Held::Linger`; review).
+                r.shared.request_stop(if held == Held::Leave {
+                    Held::Leave
+                } else {
+                    Held::Linger
+                });
                 export
                     .lingering
                     .lock()
