@@ -455,6 +455,19 @@ impl WriteCache {
         self.insert_record(stripe, &[block], data.to_vec(), data.len(), epoch);
     }
 
+    /// Whether some stripe with cached blocks is one `f` picks (a scan of
+    /// every cached stripe: for rare states, not the IO path).
+    pub fn any_stripe(&self, mut f: impl FnMut(u64) -> bool) -> bool {
+        !self.is_empty()
+            && self.shards.iter().any(|s| {
+                s.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stripes
+                    .keys()
+                    .any(|&stripe| f(stripe))
+            })
+    }
+
     /// Whether `stripe` has cached blocks.
     pub fn has_stripe(&self, stripe: u64) -> bool {
         !self.is_empty() && self.shard(stripe).stripes.contains_key(&stripe)

@@ -45,6 +45,17 @@ impl Raid5Channel {
         self.down_count(self.geo.stripes().saturating_sub(1)) > 1
     }
 
+    /// Whether the write-back cache holds a stripe with two members down,
+    /// which no reclaim can write to the members: a drain of it never
+    /// ends. A scan of the cache, only once the volume has lost data.
+    pub(super) fn drain_blocked(&self) -> bool {
+        self.lost_data()
+            && self
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.cache().any_stripe(|s| self.down_count(s) > 1))
+    }
+
     /// Fail piece `pi` before any member IO: its stripe, or the volume,
     /// has lost data.
     pub(super) fn fail_unwritten(&mut self, pi: usize) {

@@ -28,10 +28,12 @@ impl Raid5Channel {
             // without one puts on the members (an older record's parity
             // beside this write's data: the write hole again). Guest
             // writes wait for the record, unlocked (the drain's reclaim
-            // needs the stripes); the drain's own writes go on. On a
-            // volume that lost data the drain never ends (reclaim cannot
-            // write a stripe with two members down): they fail instead.
-            if self.lost_data() {
+            // needs the stripes); the drain's own writes go on. The drain
+            // never ends while the cache holds a stripe with two members
+            // down (reclaim cannot write it): they fail instead. (Only
+            // then: a cache that can drain is given up in moments, and
+            // the writes go on; review.)
+            if self.drain_blocked() {
                 return self.fail_unwritten(pi);
             }
             let Some(p) = self.pieces[pi].as_mut() else {
