@@ -387,6 +387,7 @@ pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), Raid
     let bits = b.snapshot();
     let mut took = Vec::new();
     let mut errors = Vec::new();
+    let mut missed = Vec::new();
     for (slot, m) in set.members.iter().enumerate() {
         if m.recorded_state() == MemberState::Failed {
             continue;
@@ -397,6 +398,7 @@ pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), Raid
         } else {
             tracing::error!(device = %m.dev.info().name, errors = ?e, "bitmap not written; the member is failed");
             set.failures.report(slot, m, bdev::IoError::DeviceFailed);
+            missed.push(super::members::device_id(&m.dev));
             errors.extend(e);
         }
     }
@@ -407,6 +409,7 @@ pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), Raid
         )));
     }
     b.set_members(took);
+    b.set_missed_first(missed);
     b.hold_for(&set.members, &set.failures);
     Ok(())
 }

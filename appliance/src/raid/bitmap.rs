@@ -103,6 +103,8 @@ pub struct Bitmap {
     touched: Box<[AtomicU64]>,
     /// The members the bitmap is written to (every one not failed).
     members: Mutex<Vec<Arc<dyn BlockDevice>>>,
+    /// See [`Bitmap::set_missed_first`].
+    missed_first: Mutex<Vec<usize>>,
     /// Held by each batch of bitmap writes and by a change of members: a
     /// member taken out of the set gets no write once `set_members`
     /// returns.
@@ -166,6 +168,7 @@ impl Bitmap {
             wanted: zeros(n),
             touched: zeros(n),
             members: Mutex::new(Vec::new()),
+            missed_first: Mutex::new(Vec::new()),
             batch: Mutex::new(()),
             wake: Mutex::new(false),
             cond: Condvar::new(),
@@ -307,6 +310,22 @@ impl Bitmap {
     pub fn set_clear_every(&self, d: Duration) {
         self.clear_every_ms
             .store(d.as_millis().max(1) as u64, Ordering::SeqCst);
+    }
+
+    /// Devices (`members::device_id`) that did not take the bitmap's first
+    /// write: none of them may be re-added from it. (Kept for the bitmap's
+    /// life: such a device rebuilt in full and failed again is rebuilt in
+    /// full again, which loses nothing.)
+    pub fn set_missed_first(&self, ids: Vec<usize>) {
+        *self.missed_first.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+    }
+
+    /// Whether device `id` did not take the bitmap's first write.
+    pub fn missed_first(&self, id: usize) -> bool {
+        self.missed_first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
     }
 
     /// The members the bitmap is written to.

@@ -666,16 +666,13 @@ impl MemberSet {
             )));
         }
         let mut members = (*self.members).clone();
-        // Only a member the bitmap is written to had the point it starts
-        // from: one that failed its first write (a bitmap turned on with
-        // the member dead but unnoticed) would be re-added from it,
-        // missing whatever it lost before, marked nowhere (audit).
+        // A member that missed the bitmap's first write (a bitmap turned
+        // on with the member dead but unnoticed) never had the point it
+        // starts from: re-added from it, it would miss whatever it lost
+        // before, marked nowhere (audit).
         let id = device_id(&members[slot].dev);
         members[slot].readd = members[slot].state == MemberState::InSync
-            && self
-                .bitmap
-                .as_ref()
-                .is_some_and(|b| b.members().iter().any(|d| device_id(d) == id));
+            && self.bitmap.as_ref().is_some_and(|b| !b.missed_first(id));
         members[slot].state = MemberState::Failed;
         let rebuilding = self.rebuilding.clone().filter(|(r, _)| *r != slot);
         // A replacement stops when any member fails: the spare logic takes
