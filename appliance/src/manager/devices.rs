@@ -577,7 +577,7 @@ impl Manager {
     ) -> Result<(), MgmtError> {
         if self.shared.quiet.load(std::sync::atomic::Ordering::SeqCst) {
             let why = format!(
-                "its storage ({}) is device {by}'s too, and two volumes on it would share one disk: it is left out; detach one of the names",
+                "its storage ({}) is device {by}'s too, and two volumes on it would share one disk; name it once",
                 decl.spec
             );
             tracing::error!(device = decl.name, "{why}");

@@ -30,8 +30,7 @@ pub(super) struct Inventory {
     /// their volumes started without them where the level allows.
     pub(super) missing: BTreeMap<String, DeviceDecl>,
     /// Why a device of the saved state was left out at the start though
-    /// it could be opened (its storage is another device's too), or why
-    /// an entry of the file was skipped (a name declared twice): for the
+    /// it could be opened (its storage is another device's too), for the
     /// health.
     pub(super) left_out: BTreeMap<String, String>,
     /// Volumes the saved state names that did not start, by name.

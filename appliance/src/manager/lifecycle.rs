@@ -53,16 +53,18 @@ impl Manager {
         let mut seen = std::collections::BTreeMap::new();
         for d in &config.devices {
             // A name declared twice (a block copied by hand): the first
-            // is the device. Refused, the daemon exited and systemd
+            // is the device, and the second goes with the restore's own
+            // save (said in the log; nothing is left for the health to
+            // say, review). Refused, the daemon exited and systemd
             // restarted it for good, no VM served (audit).
             if let (false, Some(first)) = (initial, seen.insert(d.name.clone(), d.spec.clone())) {
-                let why = format!(
-                    "declared twice in the state file ({first}, then {}): the second is left out, and goes with the next save",
-                    d.spec
+                tracing::error!(
+                    device = d.name,
+                    first = first,
+                    second = d.spec,
+                    "a device declared twice in the state file: the second is left out, and the state file rewritten without it"
                 );
-                tracing::error!(device = d.name, "{why}");
                 seen.insert(d.name.clone(), first);
-                self.inv().left_out.insert(d.name.clone(), why);
                 continue;
             }
             let attached = if initial {
@@ -135,7 +137,7 @@ impl Manager {
                 }
             }
             for (d, why) in &inv.left_out {
-                problems.push(format!("device {d}: {why}"));
+                problems.push(format!("device {d} was left out at the start: {why}"));
             }
         }
         for (v, why) in self.unavailable_volumes() {

@@ -323,8 +323,14 @@ impl Manager {
                     self.attach_device(w.clone())
                 }
                 .map(|_| ());
+                // (Left out for sharing another device's storage, and
+                // still sharing it: missing as before, not a refusal at
+                // every reload; review.)
+                let shares = matches!(r, Err(MgmtError::AlreadyExists(_)))
+                    && self.inv().left_out.contains_key(&w.name);
                 let still_missing = was_missing
-                    && matches!(r, Err(MgmtError::NotFound(_) | MgmtError::Unavailable(_)));
+                    && (shares
+                        || matches!(r, Err(MgmtError::NotFound(_) | MgmtError::Unavailable(_))));
                 if still_missing {
                     tracing::info!(device = w.name, "reload: the device is still missing");
                     continue;

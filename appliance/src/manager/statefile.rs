@@ -21,12 +21,24 @@ pub(super) struct Saves {
     edit_kept: Option<PathBuf>,
 }
 
-/// The state file's bytes, read as a configuration is: a regular file of
-/// bounded size, opened without blocking (a FIFO put there held every
-/// save for good, inside a volume's suspend: audit). `None` if it cannot
-/// be read so.
+/// The state file's bytes: only a regular file's, opened without
+/// blocking (a FIFO put there held every save for good, inside a volume's
+/// suspend: audit). `None` if it cannot be read so. Whatever its size:
+/// an edit too large to load is still set aside (review).
 fn read_state(path: &Path) -> Option<Vec<u8>> {
-    crate::config::read_bounded(path).ok()
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 impl Saves {
