@@ -50,23 +50,48 @@ impl Manager {
 
     fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
         let failed = |part: String| move |source| RestoreError { part, source };
-        let mut seen = std::collections::BTreeMap::new();
-        for d in &config.devices {
-            // A name declared twice (a block copied by hand): the first
-            // is the device, and the second goes with the restore's own
-            // save (said in the log; nothing is left for the health to
-            // say, review). Refused, the daemon exited and systemd
-            // restarted it for good, no VM served (audit).
-            if let (false, Some(first)) = (initial, seen.insert(d.name.clone(), d.spec.clone())) {
-                tracing::error!(
-                    device = d.name,
-                    first = first,
-                    second = d.spec,
-                    "a device declared twice in the state file: the second is left out, and the state file rewritten without it"
-                );
-                seen.insert(d.name.clone(), first);
-                continue;
-            }
+        // A name declared twice in saved state (a block copied by hand):
+        // the first is the one, and the second goes with the restore's own
+        // save, said in the log. A device's made the restore fail, and
+        // systemd restarted the daemon for good with no VM served; a
+        // volume's marked the running one unavailable, an export's was
+        // kept unserved for good (audit, review). An operator's first
+        // configuration is refused whole instead, as for any error.
+        let once = |kind: &str, names: Vec<&str>| -> Vec<bool> {
+            let mut seen = std::collections::BTreeSet::new();
+            names
+                .into_iter()
+                .map(|n| {
+                    let first = seen.insert(n) || initial;
+                    if !first {
+                        tracing::error!(name = n, "{kind} declared twice in the state file: the second is left out, and the file written again without it");
+                    }
+                    first
+                })
+                .collect()
+        };
+        let devices = once(
+            "a device",
+            config.devices.iter().map(|d| d.name.as_str()).collect(),
+        );
+        let volumes = once(
+            "a volume",
+            config.volumes.iter().map(|v| v.name.as_str()).collect(),
+        );
+        let exports = once(
+            "an export",
+            config.exports.iter().map(|e| e.name.as_str()).collect(),
+        );
+        let nvmf = once(
+            "an NVMe/TCP export",
+            config.nvmf_exports.iter().map(|e| e.nqn.as_str()).collect(),
+        );
+        for d in config
+            .devices
+            .iter()
+            .zip(devices)
+            .filter_map(|(d, one)| one.then_some(d))
+        {
             let attached = if initial {
                 self.attach_device(d.clone())
             } else {
@@ -85,7 +110,12 @@ impl Manager {
                 Err(e) => return Err(failed(format!("device {}", d.name))(e)),
             }
         }
-        for v in &config.volumes {
+        for v in config
+            .volumes
+            .iter()
+            .zip(volumes)
+            .filter_map(|(v, one)| one.then_some(v))
+        {
             match self.restore_volume(v, initial) {
                 Ok(()) => {}
                 // Saved state: a volume that cannot start is left out, not
@@ -98,7 +128,12 @@ impl Manager {
         // Saved state: an export that cannot be made now is kept (see
         // `unserved`), not a reason to keep every volume (and VM) down. An
         // operator's first setup is refused whole instead.
-        for e in &config.exports {
+        for e in config
+            .exports
+            .iter()
+            .zip(exports)
+            .filter_map(|(e, one)| one.then_some(e))
+        {
             let mut e = e.clone();
             if !initial {
                 self.queues_on_reactors_there_are(&mut e);
@@ -111,7 +146,12 @@ impl Manager {
                 }
             }
         }
-        for e in &config.nvmf_exports {
+        for e in config
+            .nvmf_exports
+            .iter()
+            .zip(nvmf)
+            .filter_map(|(e, one)| one.then_some(e))
+        {
             if !self.keep_nvmf_of_unavailable(e) {
                 match self.create_nvmf_export(e.clone()) {
                     Ok(_) => {}
