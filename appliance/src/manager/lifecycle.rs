@@ -53,10 +53,10 @@ impl Manager {
         // A name declared twice in saved state (a block copied by hand):
         // the first is the one, and the second goes with the restore's own
         // save, said in the log. A device's made the restore fail, and
-        // systemd restarted the daemon for good with no VM served; a
-        // volume's marked the running one unavailable, an export's was
-        // kept unserved for good (audit, review). An operator's first
-        // configuration is refused whole instead, as for any error.
+        // systemd restarted the daemon for good with no VM served; an
+        // export's was kept unserved for good, the health degraded
+        // (audit, review). An operator's first configuration is refused
+        // whole instead, as for any error.
         let once = |kind: &str, names: Vec<&str>| -> Vec<bool> {
             let mut seen = std::collections::BTreeSet::new();
             names
