@@ -21,23 +21,32 @@ pub(super) struct Saves {
     edit_kept: Option<PathBuf>,
 }
 
-/// The state file's bytes: only a regular file's, opened without
-/// blocking (a FIFO put there held every save for good, inside a volume's
-/// suspend: audit). `None` if it cannot be read so. Whatever its size:
-/// an edit too large to load is still set aside (review).
-fn read_state(path: &Path) -> Option<Vec<u8>> {
-    use std::io::Read;
+/// The state file opened, if it is a regular file (opened without
+/// blocking: a FIFO put there held every save for good, inside a volume's
+/// suspend: audit), and its length.
+fn open_state(path: &Path) -> Option<(std::fs::File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .ok()?;
-    if !f.metadata().ok()?.is_file() {
+    let meta = f.metadata().ok()?;
+    meta.is_file().then_some((f, meta.len()))
+}
+
+/// The state file's bytes, if it is a regular file no larger than a
+/// configuration may be.
+fn read_state(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let (f, len) = open_state(path)?;
+    if len > crate::config::MAX_FILE {
         return None;
     }
     let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).ok()?;
+    f.take(crate::config::MAX_FILE)
+        .read_to_end(&mut bytes)
+        .ok()?;
     Some(bytes)
 }
 
@@ -67,11 +76,25 @@ impl Saves {
     /// wrote nor read is copied aside (a copy: `path` may be a link).
     /// Refused, saying why, if it cannot be: the edit is not overwritten.
     fn keep_edit(&mut self, path: &Path) -> Result<(), String> {
-        let (Some(known), Some(now)) = (&self.known, read_state(path)) else {
+        use std::io::{Read, Seek};
+        let (Some(known), Some((mut now, len))) = (&self.known, open_state(path)) else {
             return Ok(());
         };
-        if now == *known {
-            return Ok(());
+        // Read only when it may be what we know: a file of another size
+        // is an edit, copied aside as a stream whatever its size (review:
+        // a large one was read whole, inside a volume's suspend).
+        if len == known.len() as u64 {
+            let mut bytes = Vec::new();
+            let same = (&mut now)
+                .take(len)
+                .read_to_end(&mut bytes)
+                .is_ok_and(|_| bytes == *known);
+            if same {
+                return Ok(());
+            }
+            now.rewind().map_err(|e| {
+                format!("holds an edit by hand that no reload applied, which could not be read again to set it aside ({e}), so it is not overwritten")
+            })?;
         }
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -91,7 +114,8 @@ impl Saves {
                 .and_then(|mut f| {
                     // A copy begun is not left half written (each later
                     // save tries again under a new name).
-                    f.write_all(&now)
+                    std::io::copy(&mut now, &mut f)
+                        .and_then(|_| f.flush())
                         .and_then(|()| f.sync_all())
                         .inspect_err(|_| drop(std::fs::remove_file(&aside)))
                 })
