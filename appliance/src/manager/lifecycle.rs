@@ -57,14 +57,16 @@ impl Manager {
         // export's was kept unserved for good, the health degraded
         // (audit, review). An operator's first configuration is refused
         // whole instead, as for any error.
-        let once = |kind: &str, names: Vec<&str>| -> Vec<bool> {
+        // (What is dropped is logged whole: an edit made in the copy is
+        // not lost without a trace; review.)
+        let once = |kind: &str, names: Vec<(&str, String)>| -> Vec<bool> {
             let mut seen = std::collections::BTreeSet::new();
             names
                 .into_iter()
-                .map(|n| {
+                .map(|(n, whole)| {
                     let first = seen.insert(n) || initial;
                     if !first {
-                        tracing::error!(name = n, "{kind} declared twice in the state file: the second is left out, and the file written again without it");
+                        tracing::error!(name = n, dropped = whole, "{kind} declared twice in the state file: the second is left out, and the file written again without it");
                     }
                     first
                 })
@@ -72,19 +74,35 @@ impl Manager {
         };
         let devices = once(
             "a device",
-            config.devices.iter().map(|d| d.name.as_str()).collect(),
+            config
+                .devices
+                .iter()
+                .map(|d| (d.name.as_str(), format!("{d:?}")))
+                .collect(),
         );
         let volumes = once(
             "a volume",
-            config.volumes.iter().map(|v| v.name.as_str()).collect(),
+            config
+                .volumes
+                .iter()
+                .map(|v| (v.name.as_str(), format!("{v:?}")))
+                .collect(),
         );
         let exports = once(
             "an export",
-            config.exports.iter().map(|e| e.name.as_str()).collect(),
+            config
+                .exports
+                .iter()
+                .map(|e| (e.name.as_str(), format!("{e:?}")))
+                .collect(),
         );
         let nvmf = once(
             "an NVMe/TCP export",
-            config.nvmf_exports.iter().map(|e| e.nqn.as_str()).collect(),
+            config
+                .nvmf_exports
+                .iter()
+                .map(|e| (e.nqn.as_str(), format!("{e:?}")))
+                .collect(),
         );
         for d in config
             .devices
