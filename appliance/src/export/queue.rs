@@ -56,10 +56,11 @@ pub enum Held {
     /// its whole time-out: the index it gets back counts them as taken,
     /// and a migration's destination would never see them).
     Fail = 2,
-    /// A frontend's stop left to linger (its device held requests past the
-    /// time-out): it ends once they are answered, and answers with an I/O
-    /// error what it took from the ring and never sent, for the same
-    /// reason as `Fail`.
+    /// A frontend's stop, or a move to another reactor, left to linger
+    /// (its device held requests past the time-out): it ends once they are
+    /// answered, and answers with an I/O error what it took from the ring
+    /// and never sent, for the same reason as `Fail` (the ring goes on
+    /// from its index, counting them).
     Linger = 3,
 }
 
@@ -387,15 +388,12 @@ impl Runner {
             // The channel is dropped with the runner: let it finish its
             // own work here rather than block the reactor in its drop.
             // (A lingering stop lets go of what cannot be answered: into a
-            // lost ring or a broken queue, or through gates removed with
-            // the volume or the memory; review.)
+            // lost ring or a broken queue, or through a volume gate removed
+            // with the volume; review.)
             let parked_ok = held == Held::Leave
                 || (self.parked.is_empty() && self.resubmit.is_empty())
                 || (held == Held::Linger
-                    && (self.broken
-                        || self.ring_lost
-                        || self.vol_gate.is_removed()
-                        || self.mem_gate.is_removed()));
+                    && (self.broken || self.ring_lost || self.vol_gate.is_removed()));
             if self.inflight() == 0 && !channel_busy && parked_ok && self.finish(ctx) {
                 return PollState::Done;
             }

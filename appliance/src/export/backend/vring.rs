@@ -376,7 +376,8 @@ impl Handler {
                 // ask again).
                 // A disconnect's stop leaves what it holds to the
                 // inflight area, which a reconnecting frontend resubmits;
-                // a frontend's stop answers it (`Held::Linger`; review).
+                // a frontend's stop, or a move to another reactor, answers
+                // it (`Held::Linger`; review).
                 r.shared.request_stop(if held == Held::Leave {
                     Held::Leave
                 } else {
@@ -411,6 +412,11 @@ impl Handler {
             if let Some(r) = &v.running {
                 r.shared.request_stop(Held::Leave);
                 let _ = self.set.send(r.core, Box::new(|_| {}));
+            }
+            // One a frontend's stop left lingering leaves what it holds to
+            // the inflight area too, from now on (review).
+            if let Some(l) = &v.lingering {
+                l.request_stop(Held::Leave);
             }
         }
         let deadline = std::time::Instant::now() + self.drain_timeout();
