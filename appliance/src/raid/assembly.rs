@@ -398,7 +398,7 @@ pub fn write_bitmap(device: &dyn RaidDevice, b: &Arc<Bitmap>) -> Result<(), Raid
         } else {
             tracing::error!(device = %m.dev.info().name, errors = ?e, "bitmap not written; the member is failed");
             set.failures.report(slot, m, bdev::IoError::DeviceFailed);
-            missed.push(super::members::device_id(&m.dev));
+            missed.push(Arc::downgrade(&m.dev));
             errors.extend(e);
         }
     }

@@ -104,7 +104,7 @@ pub struct Bitmap {
     /// The members the bitmap is written to (every one not failed).
     members: Mutex<Vec<Arc<dyn BlockDevice>>>,
     /// See [`Bitmap::set_missed_first`].
-    missed_first: Mutex<Vec<usize>>,
+    missed_first: Mutex<Vec<std::sync::Weak<dyn BlockDevice>>>,
     /// Held by each batch of bitmap writes and by a change of members: a
     /// member taken out of the set gets no write once `set_members`
     /// returns.
@@ -312,20 +312,23 @@ impl Bitmap {
             .store(d.as_millis().max(1) as u64, Ordering::SeqCst);
     }
 
-    /// Devices (`members::device_id`) that did not take the bitmap's first
-    /// write: none of them may be re-added from it. (Kept for the bitmap's
-    /// life: such a device rebuilt in full and failed again is rebuilt in
-    /// full again, which loses nothing.)
-    pub fn set_missed_first(&self, ids: Vec<usize>) {
-        *self.missed_first.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+    /// Devices that did not take the bitmap's first write: none of them
+    /// may be re-added from it. (Kept for the bitmap's life: such a device
+    /// rebuilt in full and failed again is rebuilt in full again, which
+    /// loses nothing. Held weakly, which keeps their addresses from being
+    /// reused by another device: review.)
+    pub fn set_missed_first(&self, devs: Vec<std::sync::Weak<dyn BlockDevice>>) {
+        *self.missed_first.lock().unwrap_or_else(|e| e.into_inner()) = devs;
     }
 
-    /// Whether device `id` did not take the bitmap's first write.
+    /// Whether device `id` (`members::device_id`) did not take the
+    /// bitmap's first write.
     pub fn missed_first(&self, id: usize) -> bool {
         self.missed_first
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
+            .iter()
+            .any(|w| w.as_ptr() as *const () as usize == id)
     }
 
     /// The members the bitmap is written to.

@@ -47,13 +47,19 @@ impl Raid5Channel {
 
     /// Whether the write-back cache holds a stripe with two members down,
     /// which no reclaim can write to the members: a drain of it never
-    /// ends. A scan of the cache, only once the volume has lost data.
+    /// ends. A scan of the cache, only once the volume has lost data, and
+    /// once per poll (`pump_log` forgets it; review).
     pub(super) fn drain_blocked(&self) -> bool {
-        self.lost_data()
+        if let Some(b) = self.blocked_seen.get() {
+            return b;
+        }
+        let b = self.lost_data()
             && self
                 .journal
                 .as_ref()
-                .is_some_and(|j| j.cache().any_stripe(|s| self.down_count(s) > 1))
+                .is_some_and(|j| j.cache().any_stripe(|s| self.down_count(s) > 1));
+        self.blocked_seen.set(Some(b));
+        b
     }
 
     /// Fail piece `pi` before any member IO: its stripe, or the volume,

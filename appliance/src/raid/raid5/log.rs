@@ -487,6 +487,7 @@ impl Raid5Channel {
     /// Pieces waiting for room in the log (a checkpoint made some), and
     /// journal requests waiting for room in the journal device's queue.
     pub(super) fn pump_log(&mut self) {
+        self.blocked_seen.set(None);
         if let Some(j) = self.journal.clone() {
             if let Some(&first) = self.jwait.front() {
                 // Nothing else may bring reclaim along: take it here.

@@ -213,6 +213,7 @@ impl BlockDevice for Raid5Device {
             slots: self.set.members.clone(),
             held: Default::default(),
             jheld: Vec::new(),
+            blocked_seen: Default::default(),
             rebuilding: self.set.rebuilding.clone(),
             info: self.info.clone(),
             geo: self.geo,
@@ -392,6 +393,9 @@ struct Raid5Channel {
     /// Children waiting for room in a member's queue.
     deferred: VecDeque<(usize, IoRequest)>,
     rebuilding: Option<(usize, Arc<AtomicU64>)>,
+    /// `drain_blocked` as found in this poll (a scan of the cache; what it
+    /// finds cannot change while the volume's members do not).
+    blocked_seen: std::cell::Cell<Option<bool>>,
     inflight: usize,
     journal: Option<Arc<Journal>>,
     /// This core's channel to the journal device.
