@@ -13,7 +13,12 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
+use appliance::export::{Export, ExportOptions};
+use appliance::qos::QosLimits;
+use appliance::volume::Volume;
+use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
 use guest::*;
+use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
@@ -317,17 +322,18 @@ fn a_write_held_past_the_stops_time_out_is_answered_with_an_error() {
     rig.volumes[0].resume_range();
 }
 
-/// From an audit: turning dirty logging on drained the queues first, so a
-/// request the device held past the drain time-out made the switch fail,
-/// and QEMU (to 9.0 at least) aborts the whole VM when a backend refuses
-/// to start logging. The switch waits for no device now: the read held
-/// across it has its pages marked when it completes.
-#[test]
-fn dirty_logging_switched_on_while_the_device_holds_a_read_marks_it_once_done() {
-    use appliance::export::{Export, ExportOptions};
-    use appliance::volume::Volume;
-    use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
-    use std::sync::Arc;
+/// An export of a 1 MiB RAM volume behind a fault injector, with `qos`
+/// as its limits and a drain time-out of 200 ms, on two reactors.
+struct FaultRig {
+    control: Arc<bdev::FaultControl>,
+    volume: Volume,
+    export: Export,
+    sock: std::path::PathBuf,
+    reactors: poller::Reactors,
+    _dir: tempfile::TempDir,
+}
+
+fn fault_rig(qos: QosLimits) -> FaultRig {
     let reactors = poller::Reactors::start(poller::ReactorConfig {
         count: 2,
         ..Default::default()
@@ -338,6 +344,7 @@ fn dirty_logging_switched_on_while_the_device_holds_a_read_marks_it_once_done() 
     let fault = Arc::new(FaultDevice::new(ram));
     let control = fault.control();
     let volume = Volume::new(reactors.set(), "v", fault);
+    volume.init_qos(qos);
     let sock = dir.path().join("h.sock");
     let export = Export::create(
         reactors.set(),
@@ -349,6 +356,31 @@ fn dirty_logging_switched_on_while_the_device_holds_a_read_marks_it_once_done() 
         },
     )
     .unwrap();
+    FaultRig {
+        control,
+        volume,
+        export,
+        sock,
+        reactors,
+        _dir: dir,
+    }
+}
+
+/// From an audit: turning dirty logging on drained the queues first, so a
+/// request the device held past the drain time-out made the switch fail,
+/// and QEMU (to 9.0 at least) aborts the whole VM when a backend refuses
+/// to start logging. The switch waits for no device now: the read held
+/// across it has its pages marked when it completes.
+#[test]
+fn dirty_logging_switched_on_while_the_device_holds_a_read_marks_it_once_done() {
+    let FaultRig {
+        control,
+        volume,
+        export,
+        sock,
+        reactors,
+        _dir,
+    } = fault_rig(QosLimits::default());
     let mut g = logging_guest(&sock);
     let used_page = g.queues[0].used / 4096;
     let log = memfd(4096);
@@ -379,30 +411,14 @@ fn dirty_logging_switched_on_while_the_device_holds_a_read_marks_it_once_done() 
 /// data marked is the read's, its length at most.
 #[test]
 fn a_chain_rewritten_while_in_flight_marks_no_more_than_its_read() {
-    use appliance::export::{Export, ExportOptions};
-    use appliance::volume::Volume;
-    use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
-    use std::sync::Arc;
-    let reactors = poller::Reactors::start(poller::ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
-    let fault = Arc::new(FaultDevice::new(ram));
-    let control = fault.control();
-    let volume = Volume::new(reactors.set(), "v", fault);
-    let sock = dir.path().join("h.sock");
-    let export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            serial: "h".into(),
-            ..ExportOptions::new(sock.clone(), 1)
-        },
-    )
-    .unwrap();
+    let FaultRig {
+        control,
+        volume,
+        export,
+        sock,
+        reactors,
+        _dir,
+    } = fault_rig(QosLimits::default());
     let mut g = logging_guest(&sock);
     let used_page = g.queues[0].used / 4096;
     let log = memfd(4096);
@@ -538,39 +554,20 @@ fn offer_at(g: &mut Guest, head: u16, kind: u32, sector: u64, gpa: u64) -> u64 {
 /// for good. It is answered (with an error) before the index is given.
 #[test]
 fn a_lingering_stop_answers_what_it_took_and_never_sent() {
-    use appliance::export::{Export, ExportOptions};
-    use appliance::qos::QosLimits;
-    use appliance::volume::Volume;
-    use bdev::{BlockDevice, FaultDevice, IoOp, RamDevice};
-    use std::sync::Arc;
     use std::time::Duration;
-    let reactors = poller::Reactors::start(poller::ReactorConfig {
-        count: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("ram", 4096, 256).unwrap());
-    let fault = Arc::new(FaultDevice::new(ram));
-    let control = fault.control();
-    let volume = Volume::new(reactors.set(), "v", fault);
     // One byte a second (below what an operator may set): the first
     // write's 4 KiB hold every later one back for an hour.
-    volume.init_qos(QosLimits {
+    let FaultRig {
+        control,
+        volume,
+        export,
+        sock,
+        reactors,
+        _dir,
+    } = fault_rig(QosLimits {
         write_bytes: 1,
         ..Default::default()
     });
-    let sock = dir.path().join("h.sock");
-    let export = Export::create(
-        reactors.set(),
-        &volume,
-        ExportOptions {
-            serial: "h".into(),
-            drain_timeout: Some(Duration::from_millis(200)),
-            ..ExportOptions::new(sock.clone(), 1)
-        },
-    )
-    .unwrap();
     // With REPLY_ACK: the stop answers whether it stopped.
     let mut g = logging_guest(&sock);
     // A write takes the limit's allowance.

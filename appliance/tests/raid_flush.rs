@@ -18,14 +18,10 @@ use poller::{ReactorConfig, Reactors};
 
 const LONG: Duration = Duration::from_secs(30);
 
-#[test]
-fn a_raid5_flush_survives_one_member_failing_it() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let faults: Vec<Arc<FaultDevice>> = (0..4)
+/// A RAID5 in 16 KiB chunks of `n` 4 MiB RAM members, each behind a fault
+/// injector.
+fn raid5_of_faults(n: usize, failures: FailureSink) -> (Vec<Arc<FaultDevice>>, Raid5Device) {
+    let faults: Vec<Arc<FaultDevice>> = (0..n)
         .map(|i| {
             let ram: Arc<dyn BlockDevice> =
                 Arc::new(RamDevice::new(&format!("m{i}"), 4096, 1024).unwrap());
@@ -36,18 +32,20 @@ fn a_raid5_flush_survives_one_member_failing_it() {
         .iter()
         .map(|f| Member::new(f.clone() as Arc<dyn BlockDevice>, MemberState::InSync))
         .collect();
+    let dev = Raid5Device::new("r5", members, 16384, Layout::LeftSymmetric, 0, failures).unwrap();
+    (faults, dev)
+}
+
+#[test]
+fn a_raid5_flush_survives_one_member_failing_it() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
     let (tx, rx) = mpsc::channel();
-    let dev = Arc::new(
-        Raid5Device::new(
-            "r5",
-            members,
-            16384,
-            Layout::LeftSymmetric,
-            0,
-            FailureSink::new(tx),
-        )
-        .unwrap(),
-    );
+    let (faults, dev) = raid5_of_faults(4, FailureSink::new(tx));
+    let dev = Arc::new(dev);
     let volume = Volume::new(reactors.set(), "r5", dev.clone());
     let monitor = Monitor::start(reactors.set(), volume.clone(), dev, rx, vec![]);
     let block = vec![0x5au8; 4096];
@@ -88,27 +86,8 @@ fn the_volumes_own_flushes_keep_one_channel_until_a_suspend() {
         ..Default::default()
     })
     .unwrap();
-    let faults: Vec<Arc<FaultDevice>> = (0..3)
-        .map(|i| {
-            let ram: Arc<dyn BlockDevice> =
-                Arc::new(RamDevice::new(&format!("m{i}"), 4096, 1024).unwrap());
-            Arc::new(FaultDevice::new(ram))
-        })
-        .collect();
-    let members = faults
-        .iter()
-        .map(|f| Member::new(f.clone() as Arc<dyn BlockDevice>, MemberState::InSync))
-        .collect();
     let (tx, _rx) = mpsc::channel();
-    let dev = Raid5Device::new(
-        "r5",
-        members,
-        16384,
-        Layout::LeftSymmetric,
-        0,
-        FailureSink::new(tx),
-    )
-    .unwrap();
+    let (faults, dev) = raid5_of_faults(3, FailureSink::new(tx));
     let volume = Volume::new(reactors.set(), "r5", Arc::new(dev));
     let c = faults[1].control();
     for _ in 0..10 {
