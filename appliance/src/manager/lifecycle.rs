@@ -52,64 +52,9 @@ impl Manager {
         let failed = |part: String| move |source| RestoreError { part, source };
         // A name declared twice in saved state (a block copied by hand):
         // the first is the one, and the second goes with the restore's own
-        // save, said in the log. A device's made the restore fail, and
-        // systemd restarted the daemon for good with no VM served; an
-        // export's was kept unserved for good, the health degraded
-        // (audit, review). An operator's first configuration is refused
-        // whole instead, as for any error.
-        // (What is dropped is logged whole: an edit made in the copy is
-        // not lost without a trace; review.)
-        let once = |kind: &str, names: Vec<(&str, String)>| -> Vec<bool> {
-            let mut seen = std::collections::BTreeSet::new();
-            names
-                .into_iter()
-                .map(|(n, whole)| {
-                    let first = seen.insert(n) || initial;
-                    if !first {
-                        tracing::error!(name = n, dropped = whole, "{kind} declared twice in the state file: the second is left out, and the file written again without it");
-                    }
-                    first
-                })
-                .collect()
-        };
-        let devices = once(
-            "a device",
-            config
-                .devices
-                .iter()
-                .map(|d| (d.name.as_str(), format!("{d:?}")))
-                .collect(),
-        );
-        let volumes = once(
-            "a volume",
-            config
-                .volumes
-                .iter()
-                .map(|v| (v.name.as_str(), format!("{v:?}")))
-                .collect(),
-        );
-        let exports = once(
-            "an export",
-            config
-                .exports
-                .iter()
-                .map(|e| (e.name.as_str(), format!("{e:?}")))
-                .collect(),
-        );
-        let nvmf = once(
-            "an NVMe/TCP export",
-            config
-                .nvmf_exports
-                .iter()
-                .map(|e| (e.nqn.as_str(), format!("{e:?}")))
-                .collect(),
-        );
-        for d in config
-            .devices
-            .iter()
-            .zip(devices)
-            .filter_map(|(d, one)| one.then_some(d))
-        {
+        // save (see `first_of_each`). An operator's first configuration is
+        // refused whole instead, as for any error.
+        for d in first_of_each(&config.devices, |d| &d.name, "a device", initial) {
             let attached = if initial {
                 self.attach_device(d.clone())
             } else {
@@ -128,12 +73,7 @@ impl Manager {
                 Err(e) => return Err(failed(format!("device {}", d.name))(e)),
             }
         }
-        for v in config
-            .volumes
-            .iter()
-            .zip(volumes)
-            .filter_map(|(v, one)| one.then_some(v))
-        {
+        for v in first_of_each(&config.volumes, |v| &v.name, "a volume", initial) {
             match self.restore_volume(v, initial) {
                 Ok(()) => {}
                 // Saved state: a volume that cannot start is left out, not
@@ -146,12 +86,7 @@ impl Manager {
         // Saved state: an export that cannot be made now is kept (see
         // `unserved`), not a reason to keep every volume (and VM) down. An
         // operator's first setup is refused whole instead.
-        for e in config
-            .exports
-            .iter()
-            .zip(exports)
-            .filter_map(|(e, one)| one.then_some(e))
-        {
+        for e in first_of_each(&config.exports, |e| &e.name, "an export", initial) {
             let mut e = e.clone();
             if !initial {
                 self.queues_on_reactors_there_are(&mut e);
@@ -164,12 +99,12 @@ impl Manager {
                 }
             }
         }
-        for e in config
-            .nvmf_exports
-            .iter()
-            .zip(nvmf)
-            .filter_map(|(e, one)| one.then_some(e))
-        {
+        for e in first_of_each(
+            &config.nvmf_exports,
+            |e| &e.nqn,
+            "an NVMe/TCP export",
+            initial,
+        ) {
             if !self.keep_nvmf_of_unavailable(e) {
                 match self.create_nvmf_export(e.clone()) {
                     Ok(_) => {}
@@ -303,4 +238,29 @@ impl Manager {
             }
         }
     }
+}
+
+/// Of saved declarations, the first of each name (all of them for an
+/// operator's `initial` configuration, which is refused whole on a second).
+/// A second declaration made the restore fail (a device: systemd restarted
+/// the daemon for good with no VM served) or was kept unserved for good (an
+/// export) (audit, review); it is dropped by the restore's own save, and
+/// logged whole, so that an edit made in the copy leaves a trace.
+fn first_of_each<'a, T: std::fmt::Debug>(
+    items: &'a [T],
+    name: impl Fn(&T) -> &String,
+    kind: &str,
+    initial: bool,
+) -> Vec<&'a T> {
+    let mut seen = std::collections::BTreeSet::new();
+    items
+        .iter()
+        .filter(|item| {
+            let first = seen.insert(name(item).as_str()) || initial;
+            if !first {
+                tracing::error!(name = name(item), dropped = ?item, "{kind} declared twice in the state file: the second is left out, and the file written again without it");
+            }
+            first
+        })
+        .collect()
 }
