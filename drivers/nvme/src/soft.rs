@@ -428,7 +428,7 @@ struct Device {
     cqs: BTreeMap<u16, Cq>,
     pending: VecDeque<Pending>,
     lost: Vec<(u16, u16)>,
-    /// Completions held until an abort names them.
+    /// Completions held until an abort names them (`due` unused).
     late: Vec<Pending>,
 }
 
@@ -625,27 +625,21 @@ impl Device {
                 self.lost.push((sqid, cid));
                 return;
             }
+            let held = Pending {
+                due: Instant::now() + f.latency,
+                sqid,
+                cqid,
+                cid,
+                status,
+                result,
+            };
             if f.late_until_abort > 0 {
                 f.late_until_abort -= 1;
-                self.late.push(Pending {
-                    due: Instant::now(),
-                    sqid,
-                    cqid,
-                    cid,
-                    status,
-                    result,
-                });
+                self.late.push(held);
                 return;
             }
             if !f.latency.is_zero() {
-                self.pending.push_back(Pending {
-                    due: Instant::now() + f.latency,
-                    sqid,
-                    cqid,
-                    cid,
-                    status,
-                    result,
-                });
+                self.pending.push_back(held);
                 return;
             }
         }
