@@ -324,6 +324,80 @@ fn a_member_that_cannot_take_the_bitmap_is_failed() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: bitmap updates still went to a member reported gone,
+/// until the change recording its failure published. A device that
+/// failed a write and then hung held the bitmap's batch, every write
+/// waiting for its bit, and so the failure's own suspend, for the metadata
+/// IO's bound (30 s). A member reported gone is skipped now.
+#[test]
+fn bitmap_updates_skip_a_member_reported_gone() {
+    use appliance::raid::members::MemberState;
+    let bitmap_block = bitmap::BYTE_OFFSET / BS;
+    let (reactors, faults, volume, monitor) = fault_mirror(256 << 10);
+    assert!(monitor.open(true).unwrap().is_none());
+    let t = Duration::from_secs(60);
+    let dev = monitor.device();
+    // Region 0's bit on both members, kept there (a region is 256 rows of
+    // one block here, 1 MiB).
+    let b = dev.member_set().bitmap.clone().expect("a bitmap");
+    b.set_clear_every(Duration::from_secs(3600));
+    volume
+        .io(IoOp::Write, 0, vec![0x11; BS as usize], t)
+        .expect("first write");
+    // The daemon's next batch (for a write to region 1) waits on m0.
+    faults[0]
+        .control()
+        .hold(Some(IoOp::Write), bitmap_block, bitmap_block + 1, 1);
+    let waiting = {
+        let volume = volume.clone();
+        std::thread::spawn(move || volume.io(IoOp::Write, 256, vec![0x22; BS as usize], t))
+    };
+    assert!(faults[0].control().wait_held(1, t), "no bitmap batch began");
+    // m1 fails a write to region 0 (its bit is on disk: no batch), and is
+    // reported gone; from now on it hangs on its bitmap block. The write
+    // goes through a channel of its own: on the reactor's it would queue
+    // behind the one waiting for its bit.
+    faults[1]
+        .control()
+        .fail_writes(MIRROR_OFFSET, MIRROR_OFFSET + 64);
+    let mut ch = dev.open_channel().unwrap();
+    let mut data = vec![0x33u8; BS as usize];
+    ch.submit(bdev::conformance::rw(IoOp::Write, 0, 1, &mut data, 7))
+        .unwrap();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while !dev.member_set().members[1].is_gone() {
+        assert!(start.elapsed() < t, "m1 was not reported gone");
+        ch.poll(&mut out);
+    }
+    faults[1]
+        .control()
+        .hold(Some(IoOp::Write), bitmap_block, bitmap_block + 1, 100);
+    faults[0].control().release();
+    waiting
+        .join()
+        .unwrap()
+        .expect("the write waiting for its bit goes on");
+    while out.is_empty() {
+        assert!(start.elapsed() < t, "the failing write was not answered");
+        ch.poll(&mut out);
+    }
+    assert!(out[0].result.is_ok(), "m0 took the write: {:?}", out[0]);
+    assert_eq!(
+        faults[1].control().held(),
+        0,
+        "a bitmap update went to the member reported gone"
+    );
+    let start = Instant::now();
+    while monitor.member_states()[1] != MemberState::Failed {
+        assert!(start.elapsed() < t, "m1's failure was not recorded");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(monitor.member_states()[0], MemberState::InSync);
+    faults[1].control().release();
+    reactors.shutdown().unwrap();
+}
+
 /// From an audit: a bitmap added while a resync was owed (an unclean
 /// start's, here cut short by the operator) narrowed it to the regions
 /// marked since, which do not mark what the crash tore; the volume was

@@ -285,6 +285,23 @@ impl Bitmap {
         }
     }
 
+    /// Whether `dev` is a member reported gone. Its failure is being
+    /// recorded, which takes it out of the bitmap's members, so what it
+    /// holds no longer counts; and a device failing by hanging would hold
+    /// each batch, and every writer waiting for its bits, for the metadata
+    /// IO's bound (30 s) until that change publishes (audit).
+    fn is_gone(&self, dev: &Arc<dyn BlockDevice>) -> bool {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|(members, _)| {
+                members
+                    .iter()
+                    .any(|m| Arc::ptr_eq(&m.dev, dev) && m.is_gone())
+            })
+    }
+
     /// Whether row `row` may differ on a member that missed writes since
     /// the bits were held: its region's bit is set, or a write to it has
     /// begun (a writer counts itself before its bit is set).
@@ -564,14 +581,18 @@ impl Bitmap {
         BYTE_OFFSET / self.block_size as u64
     }
 
-    /// Write bit words `bits` to `members` (each flushed). Returns how
-    /// many took it, and the errors of the others.
+    /// Write bit words `bits` to `members` (each flushed), skipping those
+    /// reported gone. Returns how many took it, and the errors of the
+    /// others.
     pub fn write_to(&self, members: &[Arc<dyn BlockDevice>], bits: &[u64]) -> (usize, Vec<String>) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(bits.to_vec());
         let block = self.encode(bits);
         let mut ok = 0;
         let mut errors = Vec::new();
         for dev in members {
+            if self.is_gone(dev) {
+                continue;
+            }
             let mut buf = block.clone();
             let res = super::metaio::sync(dev.as_ref(), IoOp::Write, self.first_block(), &mut buf)
                 .and_then(|_| super::metaio::sync(dev.as_ref(), IoOp::Flush, 0, &mut []));
