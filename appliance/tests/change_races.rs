@@ -371,6 +371,101 @@ fn a_rebuild_that_cannot_start_leaves_no_slot_rebuilding() {
     rig.stop();
 }
 
+/// Make device `f` refuse channels from the end of the next superblock
+/// record that writes it on (its last IO there, the check of block 0 for
+/// a first-format leftover, is held until then): gone after the change
+/// wrote it, before background work reopens its channels.
+fn refuse_after_its_record(f: &FaultDevice, record: impl FnOnce() + Send) {
+    f.control().hold(Some(IoOp::Read), 0, 1, 1);
+    std::thread::scope(|s| {
+        let change = s.spawn(record);
+        assert!(f.control().wait_held(1, LONG));
+        f.control().refuse_channels(true);
+        f.control().release();
+        change.join().unwrap();
+    });
+}
+
+/// From an audit: a spare whose device refuses channels (gone before any
+/// IO noticed) stopped its rebuild, which failed the slot again with no
+/// event handing it the next spare: the volume stayed degraded beside a
+/// hot spare until a restart. The refusing spare is failed as a member
+/// failing an IO is, and the next spare takes the slot.
+#[test]
+fn a_spare_that_refuses_a_channel_hands_the_slot_to_the_next_spare() {
+    let rig = Rig::new(Level::Raid1, 2, 2, false);
+    rig.write(0, 64, 0x5a).unwrap();
+    // s0 takes the slot, and goes after the change recorded it.
+    refuse_after_its_record(&rig.faults[2], || {
+        rig.monitor.fail_member("m1").unwrap();
+        eventually("s0 takes the slot", || rig.member_names()[1] == "s0");
+    });
+    // No guest IO from here on: only the rebuild opens the spare.
+    eventually("the second spare is in sync", || {
+        rig.monitor.snapshot().settled()
+            && rig.states() == vec![MemberState::InSync, MemberState::InSync]
+    });
+    assert_eq!(rig.member_names(), vec!["m0", "s1"]);
+    assert_eq!(rig.monitor.spares(), 0);
+    assert_eq!(rig.read(0, 64), vec![0x5a; 64 * BS]);
+    assert_eq!(rig.raw[3].info().name, "s1");
+    let mut copy = vec![0u8; 64 * BS];
+    let mut ch = rig.raw[3].open_channel().unwrap();
+    bdev::conformance::run_one(
+        ch.as_mut(),
+        bdev::conformance::rw(IoOp::Read, DATA, 64, &mut copy, 1),
+    )
+    .unwrap();
+    assert_eq!(copy, vec![0x5a; 64 * BS], "s1 was rebuilt");
+    rig.stop();
+}
+
+/// From an audit: a rebuild source whose device refuses a channel when a
+/// new generation opens them stopped the rebuild and failed its target
+/// (the partly rebuilt spare used up), while the source that broke stayed
+/// in sync. The source is failed and the rebuild goes on from the mirror
+/// left.
+#[test]
+fn a_rebuild_source_that_refuses_a_channel_is_failed_not_the_target() {
+    let rig = Rig::new(Level::Raid1, 3, 1, false);
+    rig.write(0, 512, 0x6b).unwrap();
+    // Hold the rebuild in its second row, writing the spare.
+    rig.faults[3]
+        .control()
+        .hold(Some(IoOp::Write), DATA + 256, u64::MAX, 1);
+    rig.monitor.fail_member("m2").unwrap();
+    assert!(rig.faults[3].control().wait_held(1, LONG));
+    let p = rig.monitor.rebuild().unwrap();
+    // A change's new generation (m1 write-mostly: m0 stays the source)
+    // makes the rebuild reopen its channels (the suspend waits for the
+    // held row); m0 goes after the change recorded it.
+    refuse_after_its_record(&rig.faults[0], || {
+        std::thread::scope(|s| {
+            let change = s.spawn(|| rig.monitor.set_write_mostly("m1", true));
+            eventually("the change suspends the volume", || {
+                rig.volume.quiesce().is_suspended()
+            });
+            rig.faults[3].control().release();
+            change.join().unwrap().unwrap();
+        })
+    });
+    eventually("the rebuild ends", || {
+        rig.monitor.snapshot().settled() && !rig.states().contains(&MemberState::Rebuilding)
+    });
+    assert_eq!(p.error(), None, "it went on");
+    assert_eq!(
+        rig.states(),
+        vec![
+            MemberState::Failed,
+            MemberState::InSync,
+            MemberState::InSync
+        ]
+    );
+    assert_eq!(rig.member_names(), vec!["m0", "m1", "s0"]);
+    assert_eq!(rig.read(0, 512), vec![0x6b; 512 * BS]);
+    rig.stop();
+}
+
 /// Background work follows the member set: a rebuild of a three-way
 /// mirror whose source fails goes on from its cursor with the mirror left
 /// (md's MD_RECOVERY_INTR), and the result is consistent.

@@ -299,11 +299,27 @@ impl RowWalk {
                 }
             })
         };
+        // A member that refuses a channel for good (its device went before
+        // any IO noticed) is failed as a request failing on it would fail
+        // it, and the walk waits for the generation without it: a source
+        // refusing stopped the rebuild and failed its target instead, and
+        // a target refusing failed its slot with no event that hands the
+        // slot the next spare (audit). Only the replacement's new device
+        // refusing ends the work: the slot keeps its own.
+        let mut refused = false;
         for &m in used {
             let Some(member) = members.get(m) else {
                 return Err(format!("no member in slot {m}").into());
             };
-            channels[m] = Some(open(&member.dev)?);
+            match open(&member.dev) {
+                Ok(ch) => channels[m] = Some(ch),
+                Err(Retarget::Stop(why)) => {
+                    tracing::warn!(member = m, reason = %why, "background work: a member refused a channel; it is failed");
+                    events.report(m, member, IoError::DeviceFailed);
+                    refused = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
         if let Some(d) = extra {
             channels[n - 1] = Some(open(d)?);
@@ -319,7 +335,7 @@ impl RowWalk {
         self.channels = channels;
         self.members = members;
         self.events = events;
-        self.blocked = false;
+        self.blocked = refused;
         Ok(())
     }
 
