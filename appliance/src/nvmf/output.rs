@@ -22,6 +22,10 @@ pub struct Output {
     pos: usize,
     /// Bytes of the front insert sent.
     skip: usize,
+    /// Bytes of `inserts` not sent: kept, not summed, as `pending` is asked
+    /// once per PDU received (a host that queued thousands of reads and
+    /// streamed tiny PDUs made each a scan of them all: audit).
+    inserted: usize,
     /// Data buffers sent, to be used again.
     spare: Vec<Vec<u8>>,
     /// Their capacity in bytes.
@@ -37,6 +41,7 @@ impl Default for Output {
             inserts: VecDeque::new(),
             pos: 0,
             skip: 0,
+            inserted: 0,
             spare: Vec::new(),
             spare_bytes: 0,
             spare_limit: super::SHARE_MAX,
@@ -53,14 +58,14 @@ impl Output {
     /// Send `data` after everything appended so far.
     pub fn data(&mut self, data: Vec<u8>) {
         if !data.is_empty() {
+            self.inserted += data.len();
             self.inserts.push_back((self.bytes.len(), data));
         }
     }
 
     /// Bytes not sent yet.
     pub fn pending(&self) -> usize {
-        self.bytes.len() - self.pos + self.inserts.iter().map(|(_, d)| d.len()).sum::<usize>()
-            - self.skip
+        self.bytes.len() - self.pos + self.inserted
     }
 
     /// A data buffer that was sent, for reuse.
@@ -100,6 +105,7 @@ impl Output {
         self.inserts.clear();
         self.pos = 0;
         self.skip = 0;
+        self.inserted = 0;
     }
 
     /// One `writev` of what is pending; the bytes it took.
@@ -138,9 +144,11 @@ impl Output {
                     let left = d.len() - self.skip;
                     if n < left {
                         self.skip += n;
+                        self.inserted -= n;
                         return;
                     }
                     n -= left;
+                    self.inserted -= left;
                     self.skip = 0;
                     if let Some((_, d)) = self.inserts.pop_front() {
                         self.recycle(d);
@@ -182,6 +190,11 @@ impl Output {
 mod tests {
     use super::*;
 
+    /// What `Output::pending` counts, summed over the inserts.
+    fn recount(o: &Output) -> usize {
+        o.bytes.len() - o.pos + o.inserts.iter().map(|(_, d)| d.len()).sum::<usize>() - o.skip
+    }
+
     /// A writer that takes at most `cap` bytes per call.
     struct Trickle {
         got: Vec<u8>,
@@ -220,9 +233,43 @@ mod tests {
             };
             while o.pending() > 0 {
                 o.send(&mut w).unwrap();
+                assert_eq!(o.pending(), recount(&o), "cap {cap}");
             }
             assert_eq!(w.got, want, "cap {cap}");
             assert!(o.take_spare().is_some());
+        }
+    }
+
+    /// The kept count of unsent insert bytes against a recount, with
+    /// appends, partial sends and a clear interleaved.
+    #[test]
+    fn the_pending_count_follows_appends_sends_and_clears() {
+        let mut o = Output::default();
+        let mut seed = 0x9e37_79b9_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: 1,
+        };
+        for step in 0..5_000 {
+            match next() % 8 {
+                0..=2 => o
+                    .bytes()
+                    .extend_from_slice(&[1; 24][..(next() % 24) as usize]),
+                3..=4 => o.data(vec![2; (next() % 5000) as usize]),
+                5..=6 => {
+                    w.cap = (next() % 9000) as usize + 1;
+                    o.send(&mut w).unwrap();
+                }
+                _ if step % 1000 == 7 => o.clear(),
+                _ => {}
+            }
+            assert_eq!(o.pending(), recount(&o), "step {step}");
         }
     }
 }
