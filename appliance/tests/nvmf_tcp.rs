@@ -472,6 +472,69 @@ fn a_discovery_controller_holds_asynchronous_event_requests() {
     assert_eq!(reply.status(), Status::SUCCESS);
 }
 
+/// From an audit: a refused Connect left its connection waiting for
+/// another, so a peer with no allowed host NQN sent thousands in one
+/// write, each a warning written out by the reactor. The connection ends
+/// with the first refusal now.
+#[test]
+fn a_refused_connect_ends_its_connection() {
+    let r = rig(&[HOST_A]);
+    let mut s = raw(r.addr, true);
+    let mut b = Vec::new();
+    for cid in 0..100u16 {
+        let mut sqe = capsule::fabrics_sqe(capsule::fctype::CONNECT);
+        sqe.set_cid(cid);
+        capsule::Connect {
+            recfmt: 0,
+            qid: 0,
+            sqsize: 31,
+            cattr: 0,
+            kato: 0,
+        }
+        .to_sqe(&mut sqe);
+        let data = capsule::ConnectData {
+            host_id: [7; 16],
+            cntlid: 0xffff,
+            subnqn: NQN.into(),
+            hostnqn: HOST_B.into(),
+        }
+        .encode();
+        capsule::set_data_pointer(&mut sqe, true, data.len() as u32);
+        pdu::encode_command(
+            &capsule::sqe_bytes(&sqe),
+            &data,
+            Digests::default(),
+            0,
+            &mut b,
+        );
+    }
+    s.write_all(&b).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let rx = Receiver {
+        controller: false,
+        digests: Digests::default(),
+        max_data: 1 << 20,
+    };
+    let mut answers = Vec::new();
+    let mut at = 0;
+    while let Some((p, n)) = pdu::parse(&got[at..], &rx).unwrap() {
+        match p {
+            Pdu::Response(c) => answers.push(capsule::cqe_from(&c).code()),
+            other => panic!("{other:?}"),
+        }
+        at += n;
+    }
+    assert_eq!(at, got.len());
+    assert_eq!(
+        answers,
+        vec![status::CONNECT_HOST],
+        "one answer, then the close"
+    );
+    // The host that may connect still does.
+    connect(r.addr, &host(HOST_A, Digests::default()), 1);
+}
+
 #[test]
 fn a_wildcard_listener_names_the_address_the_host_reached() {
     let r = rig(&[HOST_A]);

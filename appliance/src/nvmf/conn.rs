@@ -602,6 +602,14 @@ impl Conn {
             Phase::Connecting => {
                 if fabrics && ft == fctype::CONNECT {
                     self.connect(ctx, s, data);
+                    if matches!(self.phase, Phase::Connecting) {
+                        // Refused: the queue is not made, and a host
+                        // connects again on a new connection (Linux tears
+                        // this one down). Kept, a peer sent refused
+                        // Connects without end, each a warning the
+                        // reactor wrote out (audit).
+                        self.close("connect refused");
+                    }
                 } else {
                     self.respond(cid, Status::COMMAND_SEQUENCE, 0);
                 }
