@@ -1168,6 +1168,48 @@ fn a_host_that_stops_reading_does_not_keep_its_reactor_busy() {
     drop(q);
 }
 
+/// From an audit: a connection closing with output its peer took no
+/// more of (here a discovery controller whose keep-alive expired while
+/// its host read nothing) asked to be polled on every loop until its
+/// linger (5 s) ended: a core busy for that long, for each such
+/// connection. It sleeps until the socket has room or the linger ends.
+#[test]
+fn a_closing_connection_whose_peer_reads_nothing_does_not_keep_its_reactor_busy() {
+    let r = rig(&[HOST_A]);
+    let mut cfg = host(
+        "nqn.2014-08.org.nvmexpress:uuid:eeeeeeee-0000-0000-0000-000000000005",
+        Digests::default(),
+    );
+    cfg.kato_ms = 1000;
+    let mut q = Queue::open(r.addr, &cfg).unwrap();
+    q.connect(0, 31, 0xffff, capsule::DISCOVERY_NQN, &cfg)
+        .unwrap();
+    // More answers than the socket buffers and the output take; none
+    // read, and no keep-alive sent: the controller expires after 1 s.
+    for _ in 0..31 {
+        q.send(discovery_log(256 << 10), &[], 0).unwrap();
+    }
+    q.flush().unwrap();
+    let opened = Instant::now();
+    // From the expiry to the linger's end, no window in which the
+    // reactors ran most of the time (the old code ran all of each, or
+    // as much as the machine gave it).
+    const WINDOW: Duration = Duration::from_millis(500);
+    std::thread::sleep(Duration::from_millis(1500));
+    while opened.elapsed() < Duration::from_millis(6500) {
+        let before = reactors_on_cpu();
+        std::thread::sleep(WINDOW);
+        let ran = reactors_on_cpu() - before;
+        assert!(
+            ran < WINDOW * 2 / 3,
+            "the reactors stay on the CPU: {ran:?} of {WINDOW:?}"
+        );
+    }
+    // The linger over, the connection is gone.
+    let (mut s, ..) = q.into_parts();
+    until_closed(&mut s);
+}
+
 /// From review: a discovery controller (open to every host) with no
 /// keep-alive never expired, so 1,024 idle ones held every connection of
 /// the port for good. Idle without a keep-alive, one closes after 30 s.

@@ -285,13 +285,30 @@ impl Conn {
         // idle after a burst kept counting its last figure).
         self.report_held();
         if let Some(since) = self.closing {
-            let drained =
-                self.tx_pending() == 0 || now.saturating_duration_since(since) > CLOSE_LINGER;
+            let lingered = now.saturating_duration_since(since);
+            let drained = self.tx_pending() == 0 || lingered > CLOSE_LINGER;
             if self.inflight() == 0 && drained {
                 self.finish(ctx);
                 return PollState::Done;
             }
-            return PollState::Busy;
+            // Only output the peer takes no more of is left: sleep until
+            // the socket has room or the linger ends, as an open one does
+            // (a closing peer that read nothing kept a core busy for the
+            // whole linger, and one such connection every 5 s for good:
+            // audit).
+            let waits = self.out_blocked && !work && self.inflight() == 0;
+            if waits != self.waits_for_room {
+                ctx.watch_writable(self.fd, waits);
+                self.waits_for_room = waits;
+                if waits {
+                    ctx.after(CLOSE_LINGER.saturating_sub(lingered) + TICK, |_| {});
+                }
+            }
+            return if waits {
+                PollState::Idle
+            } else {
+                PollState::Busy
+            };
         }
         // Output the host has no room for, and nothing else to do: the
         // reactor may sleep until the socket takes more, rather than try
