@@ -50,6 +50,43 @@ impl ReloadReport {
     }
 }
 
+/// What a reload applies of its file. Of the daemon's own state file, only
+/// the operator's edit: what differs between the file and the daemon's
+/// last record of it (`base`). What runs and is in neither was made since
+/// (a create whose save waited for the reload's read of the file, or came
+/// after it); what both name alike and no longer runs was deleted since.
+/// Compared with what runs instead, the reload undid such changes, which
+/// their callers had been told were made, and saved that (audit). Of an
+/// operator's configuration file (no base), everything.
+struct Edit<'a> {
+    file: &'a Config,
+    base: Option<&'a Config>,
+}
+
+impl Edit<'_> {
+    /// Whether the edit touches the declaration `find` picks out of a
+    /// configuration (the file's against the base's).
+    fn touches<T: PartialEq>(&self, find: impl Fn(&Config) -> Option<&T>) -> bool {
+        self.base.is_none_or(|b| find(b) != find(self.file))
+    }
+
+    fn device(&self, name: &str) -> bool {
+        self.touches(|c| c.devices.iter().find(|d| d.name == name))
+    }
+
+    fn volume(&self, name: &str) -> bool {
+        self.touches(|c| c.volumes.iter().find(|v| v.name == name))
+    }
+
+    fn export(&self, name: &str) -> bool {
+        self.touches(|c| c.exports.iter().find(|e| e.name == name))
+    }
+
+    fn nvmf(&self, nqn: &str) -> bool {
+        self.touches(|c| c.nvmf_exports.iter().find(|e| e.nqn == nqn))
+    }
+}
+
 /// Whether two export declarations serve the same thing the same way
 /// (the queues' reactors may differ: those move in place). Anything else
 /// that differs (the socket's owner and mode too) makes the export again,
@@ -130,28 +167,38 @@ impl Manager {
         // superblocks, never created over blank devices (a wrong path), as
         // at a start from it.
         let from_state = self.shared.state_file.as_deref() == Some(path);
-        let config = if from_state {
+        let (config, base) = if from_state {
             self.shared.read_own(path)?
         } else {
-            Config::load(path).map_err(|e| {
+            let config = Config::load(path).map_err(|e| {
                 MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
-            })?
+            })?;
+            (config, None)
         };
-        Ok(self.reload_as(&config, !from_state))
+        let edit = Edit {
+            file: &config,
+            base: base.as_ref(),
+        };
+        Ok(self.reload_as(&edit, !from_state))
     }
 
     /// Apply the difference between the running setup and `config`, an
     /// operator's setup: a RAID volume it adds over blank devices is made.
     pub fn reload(&self, config: &Config) -> ReloadReport {
         let _one = lock(&self.shared.reloading);
-        self.reload_as(config, true)
+        let edit = Edit {
+            file: config,
+            base: None,
+        };
+        self.reload_as(&edit, true)
     }
 
-    /// Apply the difference between the running setup and `config` (the
-    /// caller holds the reload lock); with `initial` (see
-    /// [`restore`](Self::restore)) a volume added over blank devices is
-    /// created.
-    fn reload_as(&self, config: &Config, initial: bool) -> ReloadReport {
+    /// Apply the difference between the running setup and the file of
+    /// `edit`, in what the edit touches (the caller holds the reload
+    /// lock); with `initial` (see [`restore`](Self::restore)) a volume
+    /// added over blank devices is created.
+    fn reload_as(&self, edit: &Edit<'_>, initial: bool) -> ReloadReport {
+        let config = edit.file;
         let mut rep = ReloadReport::default();
         let (devices, volumes, exports) = {
             let inv = self.inv();
@@ -203,7 +250,7 @@ impl Manager {
         let mut remade: Vec<ExportDecl> = Vec::new();
         for e in &nvmf {
             let wanted = config.nvmf_exports.iter().find(|w| w.nqn == e.nqn);
-            if wanted.is_some_and(|w| same_nvmf(e, w)) {
+            if wanted.is_some_and(|w| same_nvmf(e, w)) || !edit.nvmf(&e.nqn) {
                 continue;
             }
             // As an export a VM is connected to (`delete_export` without
@@ -246,7 +293,7 @@ impl Manager {
         let mut kept = Vec::new();
         for (e, _) in &exports {
             let wanted = wanted_export(&e.name);
-            if wanted.is_some_and(|w| same_export(e, w)) {
+            if wanted.is_some_and(|w| same_export(e, w)) || !edit.export(&e.name) {
                 continue;
             }
             let check = wanted.map_or(Ok(()), |w| {
@@ -281,13 +328,13 @@ impl Manager {
         // Volumes that go (those that did not start too).
         let unavailable: Vec<String> = self.inv().unavailable.keys().cloned().collect();
         for v in volumes.iter().map(|v| &v.name).chain(&unavailable) {
-            if !config.volumes.iter().any(|w| &w.name == v) {
+            if !config.volumes.iter().any(|w| &w.name == v) && edit.volume(v) {
                 let r = self.delete_volume(v);
                 rep.did(format!("delete volume {v}"), r);
             }
         }
         // Devices that go, and devices that come.
-        for d in &devices {
+        for d in devices.iter().filter(|d| edit.device(&d.name)) {
             match config.devices.iter().find(|w| w.name == d.name) {
                 None => {
                     let r = self.detach_device(&d.name);
@@ -309,7 +356,7 @@ impl Manager {
         // `systemctl reload`, failed while a disk was dead).
         let missing: Vec<DeviceDecl> = self.inv().missing.values().cloned().collect();
         for d in &missing {
-            if !config.devices.iter().any(|w| w.name == d.name) {
+            if !config.devices.iter().any(|w| w.name == d.name) && edit.device(&d.name) {
                 let r = self.detach_device(&d.name);
                 rep.did(format!("let go of missing device {}", d.name), r);
             }
@@ -317,6 +364,10 @@ impl Manager {
         for w in &config.devices {
             if !devices.iter().any(|d| d.name == w.name) {
                 let was_missing = missing.iter().any(|d| d.name == w.name && d.spec == w.spec);
+                if !was_missing && !edit.device(&w.name) {
+                    // Detached since the record the file still matches.
+                    continue;
+                }
                 let r = if was_missing {
                     self.attach_saved(w.clone())
                 } else {
@@ -351,6 +402,9 @@ impl Manager {
                     }
                     rep.did(format!("start volume {}", w.name), r);
                 }
+                // Deleted, or changed, since the record the file still
+                // matches.
+                _ if !edit.volume(&w.name) => {}
                 None => {
                     let r = self.restore_volume(w, initial);
                     rep.did(format!("create volume {}", w.name), r);
@@ -378,13 +432,18 @@ impl Manager {
             // Running when the reload began and gone now, not by its doing:
             // an operator deleted it meanwhile (from a file read before
             // that delete, a SIGHUP of the state file made it again: audit).
+            let unmade = kept_at_start.0.contains(&w.name) || unserved.0.contains(&w.name);
             let deleted_meanwhile = (exports.iter().any(|(e, _)| e.name == w.name)
                 && !remade.iter().any(|e| e.name == w.name))
-                || ((kept_at_start.0.contains(&w.name) || unserved.0.contains(&w.name))
+                || (unmade
                     && !dropped.contains(&w.name)
                     && !self.kept_export_names().0.contains(&w.name));
             match running {
                 None if kept.contains(&w.name) => {}
+                // Deleted, or its queues moved, since the record the file
+                // still matches.
+                None if !unmade && !edit.export(&w.name) => {}
+                Some(_) if !edit.export(&w.name) => {}
                 // Before it is kept again for a volume that did not start.
                 None if deleted_meanwhile => rep.refused.push(format!(
                     "export {}: deleted while the reload ran; not made again",
@@ -429,9 +488,10 @@ impl Manager {
             }
         }
         for w in &config.nvmf_exports {
+            let unmade = kept_at_start.1.contains(&w.nqn) || unserved.1.contains(&w.nqn);
             let deleted_meanwhile = (nvmf.iter().any(|e| e.nqn == w.nqn)
                 && !remade_nvmf.iter().any(|e| e.nqn == w.nqn))
-                || ((kept_at_start.1.contains(&w.nqn) || unserved.1.contains(&w.nqn))
+                || (unmade
                     && !dropped.contains(&w.nqn)
                     && !self.kept_export_names().1.contains(&w.nqn));
             if !kept_nvmf.contains(&w.nqn)
@@ -442,6 +502,11 @@ impl Manager {
                     "nvme/tcp export {}: deleted while the reload ran; not made again",
                     w.nqn
                 ));
+                continue;
+            }
+            // Deleted, or running as it says, since the record the file
+            // still matches.
+            if !unmade && !edit.nvmf(&w.nqn) {
                 continue;
             }
             if !kept_nvmf.contains(&w.nqn)
@@ -572,5 +637,71 @@ impl Manager {
                 .map(|_| ());
             rep.did(format!("rebuild rate of {name}"), r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lock, Edit, Manager};
+    use crate::config::{DeviceDecl, VolumeDecl};
+
+    fn ram(name: &str) -> DeviceDecl {
+        DeviceDecl {
+            name: name.into(),
+            spec: "ram:4M".into(),
+            block_size: 4096,
+        }
+    }
+
+    /// From an audit: a reload of the state file undid every change that
+    /// ran but was not in the file when it read it (a create whose save
+    /// waited for that read, or came just after it): the device detached,
+    /// the volume deleted, each caller told it was made, and the file then
+    /// agreed. Only the operator's edit is applied: what differs between
+    /// the file and the daemon's last record of it.
+    #[test]
+    fn a_reload_of_the_state_file_keeps_changes_made_since_it_read_the_file() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.toml");
+        let mgr = Manager::new(reactors.set(), Some(state.clone()));
+        mgr.attach_device(ram("a")).unwrap();
+        mgr.attach_device(ram("gone")).unwrap();
+        // An operator's edit: "gone" taken out of the file.
+        let mut edited = crate::config::Config::load(&state).unwrap();
+        edited.devices.retain(|d| d.name != "gone");
+        edited.save(&state).unwrap();
+        let rep = {
+            let _one = lock(&mgr.shared.reloading);
+            let (config, base) = mgr.shared.read_own(&state).unwrap();
+            // Changes made (and saved) after the reload read the file.
+            mgr.attach_device(ram("b")).unwrap();
+            mgr.create_volume(VolumeDecl::new("v", "single", &["a"]), true)
+                .unwrap();
+            let edit = Edit {
+                file: &config,
+                base: base.as_ref(),
+            };
+            mgr.reload_as(&edit, false)
+        };
+        let devices: Vec<String> = mgr
+            .list_devices()
+            .into_iter()
+            .map(|d| d.decl.name)
+            .collect();
+        assert!(devices.contains(&"b".to_string()), "{devices:?} {rep:?}");
+        assert!(
+            !devices.contains(&"gone".to_string()),
+            "the edit applied: {rep:?}"
+        );
+        assert_eq!(mgr.list_volumes().len(), 1, "{rep:?}");
+        assert_eq!(rep.applied, vec!["detach device gone".to_string()]);
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
     }
 }

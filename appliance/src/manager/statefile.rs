@@ -206,7 +206,9 @@ impl Shared {
     /// change since: written first, and the reload refused while it still
     /// cannot be. Under the saves' lock, so no save fails in between
     /// (review). What it holds is the daemon's record from then on.
-    pub(super) fn read_own(&self, path: &Path) -> Result<Config, MgmtError> {
+    /// Returned with the file as the daemon last wrote or read it (if it
+    /// knows): what differs between the two is the operator's edit.
+    pub(super) fn read_own(&self, path: &Path) -> Result<(Config, Option<Config>), MgmtError> {
         let mut saves = lock(&self.saving);
         if self.quiet.load(Ordering::SeqCst) {
             return Err(MgmtError::Unavailable(
@@ -227,11 +229,16 @@ impl Shared {
         let config = Config::load(path).map_err(|e| {
             MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
         })?;
+        let base = saves
+            .known
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|text| Config::parse(path, text).ok());
         let aside_now = saves.edit_kept.clone();
         saves.read(path);
         if aside_now != aside_before {
             saves.edit_kept = aside_now;
         }
-        Ok(config)
+        Ok((config, base))
     }
 }
