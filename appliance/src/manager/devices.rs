@@ -96,6 +96,17 @@ impl Manager {
         // Missing devices only ever leave the list after the start.
         let id = crate::devspec::identity(&decl.spec);
         let keys = crate::devspec::storage_keys(&decl.spec);
+        // So is the allow-list's check (a stat and a resolve of the path):
+        // under the lock, a path on a mount that stopped answering hung
+        // the daemon's stop too, behind a metrics scrape (audit).
+        // (Said after the checks below, as before.)
+        let allowed = lock(&self.shared.allowed).clone();
+        let allowed = match (decl.spec.strip_prefix("file:"), allowed) {
+            (Some(rest), Some(allowed)) => allowed
+                .check(std::path::Path::new(crate::devspec::file_path(rest).0))
+                .map_err(MgmtError::PermissionDenied),
+            _ => Ok(()),
+        };
         let missing: Vec<(String, String)> = self
             .inv()
             .missing
@@ -124,15 +135,7 @@ impl Manager {
         if let Some(by) = attached_as(&inv, &keys, true) {
             self.same_storage(&mut inv, &decl, &by)?;
         }
-        if let (Some(rest), Some(allowed)) = (
-            decl.spec.strip_prefix("file:"),
-            lock(&self.shared.allowed).as_ref(),
-        ) {
-            let (path, _) = crate::devspec::file_path(rest);
-            allowed
-                .check(std::path::Path::new(path))
-                .map_err(MgmtError::PermissionDenied)?;
-        }
+        allowed?;
         if let Some(size) = decl
             .spec
             .strip_prefix("ram:")
