@@ -1552,6 +1552,139 @@ fn writes_whose_data_never_comes_hold_a_bounded_amount_of_memory() {
     drop(c);
 }
 
+/// A device that answers every write only once let go, counting those
+/// it was given (a device that holds requests at an exact point: no
+/// sleep decides it).
+#[derive(Default)]
+struct Parking {
+    writes: std::sync::atomic::AtomicU64,
+    let_go: std::sync::atomic::AtomicBool,
+}
+
+struct Parked(bdev::DeviceInfo, Arc<Parking>);
+
+struct ParkedChannel(Arc<Parking>, Vec<(u64, bool)>);
+
+impl BlockDevice for Parked {
+    fn info(&self) -> &bdev::DeviceInfo {
+        &self.0
+    }
+    fn open_channel(&self) -> Result<Box<dyn bdev::IoChannel>, bdev::BdevError> {
+        Ok(Box::new(ParkedChannel(self.1.clone(), Vec::new())))
+    }
+}
+
+impl bdev::IoChannel for ParkedChannel {
+    fn submit(&mut self, req: bdev::IoRequest) -> Result<(), bdev::SubmitError> {
+        let write = req.op == bdev::IoOp::Write;
+        if write {
+            self.0
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.1.push((req.tag, write));
+        Ok(())
+    }
+    fn poll(&mut self, out: &mut Vec<bdev::Completion>) -> usize {
+        let go = self.0.let_go.load(std::sync::atomic::Ordering::SeqCst);
+        let before = out.len();
+        self.1.retain(|&(tag, write)| {
+            let answer = go || !write;
+            if answer {
+                out.push(bdev::Completion {
+                    tag,
+                    result: Ok(()),
+                });
+            }
+            !answer
+        });
+        out.len() - before
+    }
+    fn inflight(&self) -> usize {
+        self.1.len()
+    }
+}
+
+/// From an audit: a write whose data came in its capsule was taken in at
+/// once, its data held against the connection's budget but never waiting
+/// for room: behind a device (or the volume's limits) that held them, one
+/// queue held 8 MiB where its share is 4, and the sum over connections
+/// put every other host's transfers one at a time. Such a command now
+/// stays in the socket while the budget has no room.
+#[test]
+fn in_capsule_writes_wait_in_the_socket_for_room_in_the_data_budget() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let info = RamDevice::new("d", BS as u32, BLOCKS)
+        .unwrap()
+        .info()
+        .clone();
+    let parking = Arc::new(Parking::default());
+    let r = rig_on(&[HOST_A], Arc::new(Parked(info, parking.clone())));
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 1024).unwrap();
+    const N: u64 = 1000;
+    const LEN: usize = 8192;
+    // (Sent from a thread: the socket fills once the target stops reading.)
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            q.send(rw(cmd::WRITE, i * 2, 2), &pattern(i, LEN), 0)
+                .unwrap();
+        }
+        q.flush().unwrap();
+        q
+    });
+    // A connection's share of the data budget, 4 MiB, is 512 of them.
+    let share = ((4 << 20) / LEN) as u64;
+    let t = Instant::now();
+    while parking.writes.load(SeqCst) < share {
+        assert!(
+            t.elapsed() < LONG,
+            "{} writes taken in",
+            parking.writes.load(SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The bound holds however long one looks; a second is long enough for
+    // the old code to take in all 1,000.
+    std::thread::sleep(Duration::from_secs(1));
+    let taken = parking.writes.load(SeqCst);
+    assert!(taken <= share, "{taken} writes of 8 KiB taken in");
+    parking.let_go.store(true, SeqCst);
+    let mut q = sender.join().unwrap();
+    for _ in 0..N {
+        assert_eq!(q.recv().unwrap().status(), Status::SUCCESS);
+    }
+    assert_eq!(parking.writes.load(SeqCst), N);
+}
+
+/// The other side of the rule above: writes whose data the host was
+/// asked for may fill the budget, and their data comes behind commands
+/// the host sent first. An in-capsule write among those is taken even
+/// then (left unread, it would keep that data out for good).
+#[test]
+fn an_in_capsule_write_behind_writes_awaiting_their_data_is_taken() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = c.io_queue(1, 128).unwrap();
+    const BIG: usize = 128 << 10;
+    // 4 MiB asked for by R2T (the whole share), then 8 KiB in a capsule,
+    // all sent before any data.
+    for i in 0..32u64 {
+        q.send(rw(cmd::WRITE, i * 32, 32), &pattern(i, BIG), 0)
+            .unwrap();
+    }
+    q.send(rw(cmd::WRITE, 2048, 2), &pattern(99, 8192), 0)
+        .unwrap();
+    q.flush().unwrap();
+    for _ in 0..33 {
+        assert_eq!(q.recv().unwrap().status(), Status::SUCCESS);
+    }
+    let got = q.exec(rw(cmd::READ, 2048, 2), &[], 8192).unwrap().data;
+    assert!(got == pattern(99, 8192));
+    let got = q.exec(rw(cmd::READ, 31 * 32, 32), &[], BIG).unwrap().data;
+    assert!(got == pattern(31, BIG));
+}
+
 /// An IO queue driven PDU by PDU: commands written raw, R2Ts and
 /// responses read as they come.
 struct RawQueue {

@@ -23,5 +23,5 @@ pub use quiesce::{
     SuspendGuard,
 };
 pub use reactor::{
-    current_reactor, Ctx, PollState, ReactorConfig, ReactorSet, ReactorStats, Reactors,
+    current_reactor, Ctx, FdWake, PollState, ReactorConfig, ReactorSet, ReactorStats, Reactors,
 };

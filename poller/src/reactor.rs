@@ -593,6 +593,22 @@ impl Ord for Timer {
     }
 }
 
+/// What of a watched fd wakes its reactor from the idle sleep; errors
+/// and hang-ups wake it whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FdWake {
+    /// Something to read.
+    #[default]
+    Input,
+    /// Room to write: its poller has output the peer has no room for and
+    /// reads nothing meanwhile (it may then say Idle rather than retry on
+    /// every loop; input it leaves unread would end every sleep at once).
+    Room,
+    /// Neither: its poller leaves input unread until something else (a
+    /// timer, a completion it polls for) lets it go on.
+    Neither,
+}
+
 /// A reactor's own state, handed to every poller, message and timer it runs.
 /// It never leaves its thread.
 pub struct Ctx {
@@ -670,15 +686,14 @@ impl Ctx {
         }
     }
 
-    /// Whether the watched `fd` wakes this reactor on room to write rather
-    /// than on something to read: on while its poller has output the peer
-    /// has no room for and reads nothing meanwhile (it may then say Idle
-    /// rather than retry on every loop; input it leaves unread would end
-    /// every sleep at once), off once it has room (so would a writable
-    /// socket). Errors and hang-ups wake it either way.
-    pub fn watch_writable(&mut self, fd: RawFd, on: bool) {
+    /// What of the watched `fd` wakes this reactor (see [`FdWake`]).
+    pub fn watch_as(&mut self, fd: RawFd, wake: FdWake) {
         if let Some((_, events)) = self.fds.iter_mut().find(|(f, _)| *f == fd) {
-            *events = if on { libc::POLLOUT } else { libc::POLLIN };
+            *events = match wake {
+                FdWake::Input => libc::POLLIN,
+                FdWake::Room => libc::POLLOUT,
+                FdWake::Neither => 0,
+            };
         }
     }
 

@@ -22,7 +22,7 @@ use bdev::{Completion, DeviceInfo, IoChannel, IoOp};
 use nvme::spec::{Sqe, Status};
 use nvmf::capsule::{self, admin as opc, fctype, status, Connect, ConnectData};
 use nvmf::pdu::{self, fes, DataHeader, Digests, IcResp, Pdu, PduError, Receiver};
-use poller::{Ctx, LocalGate, PollState};
+use poller::{Ctx, FdWake, LocalGate, PollState};
 
 use super::admin::{self, Answer};
 use super::controller::Controller;
@@ -76,7 +76,9 @@ pub(super) fn start(
         sock,
         fd,
         out_blocked: false,
-        waits_for_room: false,
+        watching: FdWake::Input,
+        data_held: false,
+        awaiting_data: 0,
         port,
         shared,
         // Grown to RX_SIZE only when a PDU needs it: an idle or
@@ -191,9 +193,14 @@ struct Conn {
     /// The last send stopped with output left that the socket had no room
     /// for.
     out_blocked: bool,
-    /// The reactor's sleep wakes on room in the socket, not on input
-    /// (see `poll`).
-    waits_for_room: bool,
+    /// What of the socket wakes the reactor's sleep (see `poll`).
+    watching: FdWake,
+    /// The last pass over `rx` stopped at a command whose in-capsule data
+    /// the data budget had no room for.
+    data_held: bool,
+    /// Writes whose data the host was asked for (R2T) and has not all
+    /// sent.
+    awaiting_data: usize,
     port: Arc<Port>,
     shared: Arc<TargetShared>,
     /// Whole PDUs may be waiting in `rx`: the last pass stopped at a full
@@ -297,13 +304,10 @@ impl Conn {
             // whole linger, and one such connection every 5 s for good:
             // audit).
             let waits = self.out_blocked && !work && self.inflight() == 0;
-            if waits != self.waits_for_room {
-                ctx.watch_writable(self.fd, waits);
-                self.waits_for_room = waits;
-                if waits {
-                    ctx.after(CLOSE_LINGER.saturating_sub(lingered) + TICK, |_| {});
-                }
+            if waits && self.watching != FdWake::Room {
+                ctx.after(CLOSE_LINGER.saturating_sub(lingered) + TICK, |_| {});
             }
+            self.watch(ctx, if waits { FdWake::Room } else { FdWake::Input });
             return if waits {
                 PollState::Idle
             } else {
@@ -317,14 +321,31 @@ impl Conn {
         // meanwhile: it is read once there is room to answer it (a host
         // sending on while it reads nothing must not wake every sleep).
         let waits = self.out_blocked && !work && self.inflight() == 0;
-        if waits != self.waits_for_room {
-            ctx.watch_writable(self.fd, waits);
-            self.waits_for_room = waits;
-        }
+        // Likewise input left unread for room in the data budget: what
+        // holds the budget is let go by a timer (the volume's limits) or
+        // a resume, which wake the reactor; unread input would end every
+        // sleep at once.
+        let held = self.data_held && !work && self.inflight() == 0;
+        let wake = if waits {
+            FdWake::Room
+        } else if held {
+            FdWake::Neither
+        } else {
+            FdWake::Input
+        };
+        self.watch(ctx, wake);
         if work || self.inflight() > 0 || (self.tx_pending() > 0 && !waits) {
             PollState::Busy
         } else {
             PollState::Idle
+        }
+    }
+
+    /// Make `wake` what of the socket wakes the reactor's sleep.
+    fn watch(&mut self, ctx: &mut Ctx, wake: FdWake) {
+        if wake != self.watching {
+            ctx.watch_as(self.fd, wake);
+            self.watching = wake;
         }
     }
 
@@ -484,7 +505,7 @@ impl Conn {
             self.handle_pdus(ctx);
             work = self.rx_len != before;
         }
-        while got < READ_BUDGET && self.closing.is_none() && self.output_room() {
+        while got < READ_BUDGET && self.closing.is_none() && !self.data_held && self.output_room() {
             if self.rx_len == self.rx.len() {
                 if self.rx.len() >= RX_SIZE {
                     break;
@@ -532,6 +553,7 @@ impl Conn {
         let rx = std::mem::take(&mut self.rx);
         let end = self.rx_len;
         let mut at = 0;
+        self.data_held = false;
         // One answer can be a 256 KiB log page: the output stays within
         // its room and one answer, however many commands the input holds.
         while self.closing.is_none() && self.output_room() {
@@ -539,6 +561,12 @@ impl Conn {
             match pdu::parse(&rx[at..end], &r) {
                 Ok(None) => break,
                 Ok(Some((p, n))) => {
+                    if let Pdu::Command { data, .. } = &p {
+                        if !self.may_take_in_capsule(data.len()) {
+                            self.data_held = true;
+                            break;
+                        }
+                    }
                     self.handle(ctx, p, &rx[at..at + pdu::CH_LEN]);
                     at += n;
                 }
@@ -559,7 +587,7 @@ impl Conn {
                 }
             }
         }
-        self.rx_held = at < end && !self.output_room();
+        self.rx_held = at < end && (self.data_held || !self.output_room());
         let mut rx = rx;
         // What is left is the start of the next PDU (the limits keep a
         // whole one inside the buffer).

@@ -118,6 +118,21 @@ impl Conn {
             .may_hold(super::super::Held::Data, self.committed, bytes)
     }
 
+    /// Whether a command that carries `bytes` of data in its capsule may
+    /// be taken now. Its data is held against the budget as an R2T's is,
+    /// so while the budget has no room the command stays unread, and TCP's
+    /// flow control holds the host back: taken at once, in-capsule writes
+    /// held 8 MiB per queue behind the volume's limits, and their sum over
+    /// connections put every other host's transfers one at a time
+    /// (audit). Not while a write waits for its data, which may come behind
+    /// the command: only reading on lets it in.
+    pub(super) fn may_take_in_capsule(&mut self, bytes: usize) -> bool {
+        bytes == 0
+            || !matches!(self.phase, Phase::Io { .. })
+            || self.awaiting_data > 0
+            || self.budget_has_room(bytes)
+    }
+
     /// Start deferred commands, in order, while the budget has room.
     pub(super) fn start_deferred(&mut self) -> bool {
         let mut work = false;
@@ -157,6 +172,7 @@ impl Conn {
             return self.ready(i);
         }
         slot.state = SlotState::AwaitData;
+        self.awaiting_data += 1;
         let r = R2t {
             cccid: slot.cid,
             ttag: i,
@@ -171,6 +187,10 @@ impl Conn {
     pub(super) fn ready(&mut self, i: u16) {
         let num_blocks = self.io.as_ref().map_or(0, |io| io.info.num_blocks);
         let slot = &mut self.slots[i as usize];
+        if slot.state == SlotState::AwaitData {
+            self.awaiting_data -= 1;
+            slot.state = SlotState::Ready;
+        }
         if slot.corrupt {
             return self.done(i, status::TRANSPORT);
         }
@@ -365,8 +385,10 @@ impl Conn {
         let slot = &mut self.slots[i as usize];
         let (cid, op) = (slot.cid, slot.plan.op);
         let buf = std::mem::take(&mut slot.buf);
-        if slot.state == SlotState::Running {
-            self.running -= 1;
+        match slot.state {
+            SlotState::Running => self.running -= 1,
+            SlotState::AwaitData => self.awaiting_data -= 1,
+            _ => {}
         }
         slot.state = SlotState::Free;
         self.committed -= std::mem::take(&mut slot.held);
