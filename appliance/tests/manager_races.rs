@@ -847,6 +847,34 @@ fn an_export_deleted_while_a_reload_runs_stays_deleted() {
     rig.stop();
 }
 
+/// From an audit: a change racing a volume's delete, while the delete
+/// recorded the volume clean (its members' flushes), was refused as
+/// "stopped" (FailedPrecondition, a refusal of the call itself); a moment
+/// later it got NotFound. It gets NotFound throughout.
+#[test]
+fn a_change_racing_a_volume_delete_is_told_the_volume_is_gone() {
+    let mut rig = Rig::new(false);
+    for d in ["a0", "a1", "s0"] {
+        rig.attach(d, "ram:16M");
+    }
+    rig.mgr
+        .create_volume(VolumeDecl::new("a", "raid1", &["a0", "a1"]), true)
+        .unwrap();
+    // The delete's clean record waits for a0's flush.
+    let f = rig.fault("a0");
+    f.hold(Some(IoOp::Flush), 0, 1, 1);
+    let mgr = rig.mgr.clone();
+    let delete = std::thread::spawn(move || mgr.delete_volume("a"));
+    assert!(f.wait_held(1, LONG));
+    let r = rig.mgr.add_spare("a", "s0", false);
+    assert!(matches!(r, Err(MgmtError::NotFound(_))), "{r:?}");
+    f.release();
+    delete.join().unwrap().unwrap();
+    let r = rig.mgr.add_spare("a", "s0", false);
+    assert!(matches!(r, Err(MgmtError::NotFound(_))), "{r:?}");
+    rig.stop();
+}
+
 /// From an audit: add_journal checked for a bitmap, then erased and
 /// formatted its (forced) device, then asked the volume; a set_bitmap
 /// that committed in between made the volume refuse the journal, and the

@@ -95,7 +95,7 @@ impl Manager {
             );
         }
         if let Some(m) = &v.monitor {
-            if let Err(e) = m.close() {
+            if let Err(e) = m.close_deleted() {
                 tracing::error!(volume = name, error = %e, "recording a clean stop");
             }
         }

@@ -130,6 +130,9 @@ pub(crate) struct Inner {
     /// An owner's hooks are on their way (`Monitor::start_awaiting_hooks`):
     /// until they come, nothing can be recorded for good.
     hooks_awaited: AtomicBool,
+    /// The volume is being deleted: a change is told it is gone (at once:
+    /// the delete's clean stop holds the change lock while it flushes).
+    pub(crate) deleted: AtomicBool,
 }
 
 /// The default wait for a volume's IO to drain.
@@ -169,6 +172,12 @@ impl Inner {
 
     /// The change lock, for a change: refused once the volume is closed.
     fn change_lock(&self) -> Result<MutexGuard<'_, MonitorState>, OpError> {
+        if self.deleted.load(Ordering::SeqCst) {
+            // NotFound to the caller, as for a change racing the delete a
+            // moment later (audit: "stopped", after waiting for the
+            // delete's flushes).
+            return Err(OpError::Gone("the volume is being deleted".into()));
+        }
         let s = lock(&self.state);
         if s.closed {
             return Err(OpError::FailedPrecondition("the volume is stopped".into()));
@@ -442,6 +451,7 @@ impl Monitor {
             timeout: Mutex::new(CHANGE_TIMEOUT),
             pending: Mutex::new(VecDeque::new()),
             quit: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
             deferred: Default::default(),
             received: Default::default(),
             hooks_awaited: AtomicBool::new(awaiting_hooks),

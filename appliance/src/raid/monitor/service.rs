@@ -142,6 +142,19 @@ impl Monitor {
     /// superblocks. Call with no IO running (after the exports are gone).
     /// No change is made afterwards.
     pub fn close(&self) -> Result<(), OpError> {
+        self.close_as(false)
+    }
+
+    /// [`close`](Self::close) for the volume's delete: changes asked for
+    /// meanwhile are told it is gone.
+    pub fn close_deleted(&self) -> Result<(), OpError> {
+        self.close_as(true)
+    }
+
+    fn close_as(&self, deleted: bool) -> Result<(), OpError> {
+        if deleted {
+            self.inner.deleted.store(true, Ordering::SeqCst);
+        }
         let mut s = lock(&self.inner.state);
         if s.closed {
             return Ok(());
