@@ -98,7 +98,9 @@ impl Scrubber {
             {
                 break;
             }
-            w.row = ((r + 1) * rpb).min(w.rows.count);
+            let next = ((r + 1) * rpb).min(w.rows.count);
+            w.progress.skip_rows(next - w.row);
+            w.row = next;
         }
         w.progress.cursor.store(w.row, Ordering::SeqCst);
     }
