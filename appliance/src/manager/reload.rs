@@ -704,4 +704,36 @@ mod tests {
         drop(mgr);
         let _ = reactors.shutdown();
     }
+
+    /// From review: what a reload could not apply (a device whose
+    /// directory is not there yet) is still the operator's edit at the
+    /// next reload, which tries it again.
+    #[test]
+    fn what_a_reload_could_not_apply_is_tried_again_at_the_next() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.toml");
+        let mgr = Manager::new(reactors.set(), Some(state.clone()));
+        mgr.attach_device(ram("a")).unwrap();
+        let image = dir.path().join("later").join("d.img");
+        let mut edited = crate::config::Config::load(&state).unwrap();
+        edited.devices.push(DeviceDecl {
+            name: "d".into(),
+            spec: format!("file:{}:4M", image.display()),
+            block_size: 4096,
+        });
+        edited.save(&state).unwrap();
+        let rep = mgr.reload_file(&state).unwrap();
+        assert_eq!(rep.refused.len(), 1, "{rep:?}");
+        std::fs::create_dir(dir.path().join("later")).unwrap();
+        let rep = mgr.reload_file(&state).unwrap();
+        assert_eq!(rep.applied, vec!["attach device d".to_string()], "{rep:?}");
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
+    }
 }

@@ -17,6 +17,12 @@ pub(super) struct Saves {
     /// The file as the daemon last wrote or read it: anything else found
     /// there at a save is an operator's edit that no reload applied.
     known: Option<Vec<u8>>,
+    /// The file as the daemon last wrote it (or started from): the record
+    /// of what runs, against which a reload finds the operator's edit. Not
+    /// moved on by a reload's read: what a reload could not apply (a
+    /// device not there yet) stays an edit, tried again at the next one
+    /// (review).
+    written: Option<Vec<u8>>,
     /// Where the last such edit was set aside.
     edit_kept: Option<PathBuf>,
 }
@@ -150,6 +156,7 @@ impl Saves {
                 .and_then(|text| Config::parse(path, text).ok())
                 .is_some_and(|c| c == *config)
         });
+        self.written = self.known.clone();
     }
 }
 
@@ -184,6 +191,7 @@ impl Shared {
         match config.save(path) {
             Ok(text) => {
                 saves.known = Some(text.into_bytes());
+                saves.written = saves.known.clone();
                 saves.failed = None;
                 Ok(())
             }
@@ -206,8 +214,8 @@ impl Shared {
     /// change since: written first, and the reload refused while it still
     /// cannot be. Under the saves' lock, so no save fails in between
     /// (review). What it holds is the daemon's record from then on.
-    /// Returned with the file as the daemon last wrote or read it (if it
-    /// knows): what differs between the two is the operator's edit.
+    /// Returned with the file as the daemon last wrote it (if it knows):
+    /// what differs between the two is the operator's edit.
     pub(super) fn read_own(&self, path: &Path) -> Result<(Config, Option<Config>), MgmtError> {
         let mut saves = lock(&self.saving);
         if self.quiet.load(Ordering::SeqCst) {
@@ -230,7 +238,7 @@ impl Shared {
             MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
         })?;
         let base = saves
-            .known
+            .written
             .as_deref()
             .and_then(|b| std::str::from_utf8(b).ok())
             .and_then(|text| Config::parse(path, text).ok());
