@@ -1210,6 +1210,63 @@ fn a_closing_connection_whose_peer_reads_nothing_does_not_keep_its_reactor_busy(
     until_closed(&mut s);
 }
 
+/// From review: a connection that ran out of its handshake time while
+/// already waiting for its peer to read (it answered commands sent
+/// before any Connect and read nothing) closed without a timer for the
+/// linger's end, and nothing else woke its reactor: it held its place in
+/// the listener for good.
+#[test]
+fn a_handshake_that_ran_out_while_its_output_waited_ends_after_the_linger() {
+    let r = rig(&[HOST_A]);
+    r.target.set_max_connections(1);
+    let mut s = raw(r.addr, true);
+    // A small receive buffer, so that the target's output fills soon.
+    let small: libc::c_int = 4096;
+    // SAFETY: a valid socket and option of the given size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &small as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    // Commands before any Connect, each answered, none read: the writes
+    // stop once the target stops reading for want of output room.
+    let mut b = Vec::new();
+    for cid in 0..4096u16 {
+        let mut sqe = Sqe::new(cmd::FLUSH, 1);
+        sqe.set_cid(cid);
+        pdu::encode_command(
+            &capsule::sqe_bytes(&sqe),
+            &[],
+            Digests::default(),
+            0,
+            &mut b,
+        );
+    }
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let t = Instant::now();
+    while s.write_all(&b).is_ok() {
+        assert!(t.elapsed() < LONG, "the target read on without end");
+    }
+    // The handshake limit (10 s) and then the linger (5 s) end it: its
+    // place is free again.
+    let deadline = Instant::now() + 2 * LONG;
+    loop {
+        let mut next = TcpStream::connect(r.addr).unwrap();
+        next.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = next.write_all(&ic_req(Digests::default()));
+        if read_pdu(&mut next, Digests::default()).is_some_and(|p| p[0] == pdu::kind::IC_RESP) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "its place was never freed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(s);
+}
+
 /// From review: a discovery controller (open to every host) with no
 /// keep-alive never expired, so 1,024 idle ones held every connection of
 /// the port for good. Idle without a keep-alive, one closes after 30 s.

@@ -79,6 +79,7 @@ pub(super) fn start(
         watching: FdWake::Input,
         data_held: false,
         awaiting_data: 0,
+        linger_armed: false,
         port,
         shared,
         // Grown to RX_SIZE only when a PDU needs it: an idle or
@@ -201,6 +202,8 @@ struct Conn {
     /// Writes whose data the host was asked for (R2T) and has not all
     /// sent.
     awaiting_data: usize,
+    /// A timer wakes the reactor at the end of the closing linger.
+    linger_armed: bool,
     port: Arc<Port>,
     shared: Arc<TargetShared>,
     /// Whole PDUs may be waiting in `rx`: the last pass stopped at a full
@@ -304,8 +307,13 @@ impl Conn {
             // whole linger, and one such connection every 5 s for good:
             // audit).
             let waits = self.out_blocked && !work && self.inflight() == 0;
-            if waits && self.watching != FdWake::Room {
+            if !self.linger_armed {
+                // Whatever the socket does: one already waiting for room
+                // when it began to close (a handshake that ran out, with
+                // nothing else to wake its reactor) slept for good
+                // (review).
                 ctx.after(CLOSE_LINGER.saturating_sub(lingered) + TICK, |_| {});
+                self.linger_armed = true;
             }
             self.watch(ctx, if waits { FdWake::Room } else { FdWake::Input });
             return if waits {
