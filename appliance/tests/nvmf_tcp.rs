@@ -1742,6 +1742,22 @@ fn an_in_capsule_write_behind_writes_awaiting_their_data_is_taken() {
     assert!(got == pattern(31, BIG));
 }
 
+/// From review: one write whose data the host never sends (its R2T left
+/// unanswered) let in-capsule writes past the data budget for good. Such
+/// a connection is closed after 30 s.
+#[test]
+fn a_write_whose_data_never_comes_ends_its_connection() {
+    let r = rig(&[HOST_A]);
+    let c = connect(r.addr, &host(HOST_A, Digests::default()), 1);
+    let mut q = RawQueue::new(c.io_queue(1, 16).unwrap());
+    let asked = q.writes_without_data(1, 128 << 10);
+    assert_eq!(asked.len(), 1);
+    let t = Instant::now();
+    until_closed(&mut q.s);
+    assert!(t.elapsed() >= Duration::from_secs(20), "{:?}", t.elapsed());
+    drop(c);
+}
+
 /// An IO queue driven PDU by PDU: commands written raw, R2Ts and
 /// responses read as they come.
 struct RawQueue {

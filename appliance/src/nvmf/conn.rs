@@ -59,6 +59,13 @@ const IO_LIVENESS: Duration = Duration::from_millis(500);
 /// How long a closing connection waits for its peer to take what is
 /// left to send.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// How long a host may leave a write's data unsent after the target asked
+/// for it (R2T) before its connection is closed: a write waiting for its
+/// data lets in-capsule writes past the data budget (their data may come
+/// behind them), so one left unanswered for good held that open for good
+/// (review). A Linux host has given the command up by then (its IO
+/// time-out is 30 s).
+const R2T_WAIT: Duration = Duration::from_secs(30);
 
 /// Admit the connection on this reactor.
 pub(super) fn start(
@@ -164,6 +171,8 @@ struct Slot {
     flushed: bool,
     /// Bytes of data buffer it holds against the connection's budget.
     held: usize,
+    /// When its data was asked for (R2T).
+    asked: Instant,
 }
 
 /// The volume as an IO queue sees it.
@@ -439,6 +448,18 @@ impl Conn {
                     self.close("controller or export gone");
                 } else if self.io.as_ref().is_some_and(|io| io.gate.is_removed()) {
                     self.close("volume removed");
+                } else if self.awaiting_data > 0
+                    && now.saturating_duration_since(self.last_tick) >= TICK
+                {
+                    self.last_tick = now;
+                    let unanswered = self.slots.iter().any(|s| {
+                        s.state == SlotState::AwaitData
+                            && now.saturating_duration_since(s.asked) > R2T_WAIT
+                    });
+                    if unanswered {
+                        tracing::warn!("nvme/tcp: a write's data was asked for and not sent within {R2T_WAIT:?}; the connection is closed");
+                        self.close("write data not sent");
+                    }
                 }
             }
             Phase::Admin(c) => {
@@ -897,6 +918,7 @@ impl Conn {
                 corrupt: false,
                 flushed: false,
                 held: 0,
+                asked: Instant::now(),
             })
             .collect();
         self.free = (0..entries as u16).rev().collect();

@@ -172,6 +172,7 @@ impl Conn {
             return self.ready(i);
         }
         slot.state = SlotState::AwaitData;
+        slot.asked = std::time::Instant::now();
         self.awaiting_data += 1;
         let r = R2t {
             cccid: slot.cid,
