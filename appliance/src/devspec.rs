@@ -141,6 +141,14 @@ pub fn resolved_identity(spec: &str) -> Option<String> {
     identity(spec)
 }
 
+/// The address and subsystem an `nvmf-tcp:` specification names (its
+/// host looked up).
+pub fn remote_subsystem(spec: &str) -> Option<(std::net::SocketAddr, String)> {
+    let rest = spec.strip_prefix("nvmf-tcp:")?;
+    let r = nvmf::device::Remote::parse(remote_target(rest)).ok()?;
+    Some((r.addr, r.nqn))
+}
+
 /// An nvmf-tcp specification's target, without its `?options`.
 fn remote_target(rest: &str) -> &str {
     rest.split_once('?').map_or(rest, |(t, _)| t)

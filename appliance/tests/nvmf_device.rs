@@ -915,3 +915,58 @@ fn a_flush_after_the_target_came_back_with_writes_unflushed_fails_once() {
     assert_eq!(run(ch.as_mut(), flush(7)), Err(IoError::DeviceFailed));
     assert_eq!(run(ch.as_mut(), flush(8)), Ok(()));
 }
+
+/// From an audit: one of the daemon's own NVMe/TCP exports was taken as a
+/// device, so as a spare or member of the volume behind it that volume
+/// wrote into itself (a replacement's superblock waited for the volume's
+/// own suspend, then landed on the guest's first blocks). It is refused;
+/// another daemon's export of the same name is not.
+#[test]
+fn the_daemons_own_export_is_refused_as_a_device() {
+    let r = Reactors::start(ReactorConfig::default()).unwrap();
+    let m = Manager::new(r.set(), None);
+    m.attach_device(DeviceDecl {
+        name: "r".into(),
+        spec: "ram:64M".into(),
+        block_size: 4096,
+    })
+    .unwrap();
+    m.create_volume(VolumeDecl::new("v", "single", &["r"]), false)
+        .unwrap();
+    let x = m
+        .create_nvmf_export(NvmfExportDecl {
+            nqn: NQN.into(),
+            volume: "v".into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let e = m.attach_device(DeviceDecl {
+        name: "itself".into(),
+        spec: format!("nvmf-tcp://{}/{NQN}", x.decl.listen),
+        block_size: 4096,
+    });
+    assert!(
+        matches!(e, Err(appliance::manager::MgmtError::FailedPrecondition(_))),
+        "{:?}",
+        e.map(|_| ())
+    );
+    assert!(!m.list_devices().iter().any(|d| d.decl.name == "itself"));
+    // The same name served by another daemon is another disk.
+    let r2 = Reactors::start(ReactorConfig::default()).unwrap();
+    let other = Manager::new(r2.set(), None);
+    other
+        .attach_device(DeviceDecl {
+            name: "far".into(),
+            spec: format!("nvmf-tcp://{}/{NQN}", x.decl.listen),
+            block_size: 4096,
+        })
+        .unwrap();
+    other.shutdown();
+    drop(other);
+    m.shutdown();
+    drop(m);
+    let _ = r2.shutdown();
+    let _ = r.shutdown();
+}

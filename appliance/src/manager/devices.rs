@@ -107,6 +107,17 @@ impl Manager {
                 .map_err(MgmtError::PermissionDenied),
             _ => Ok(()),
         };
+        // One of this daemon's own exports is its volume again: as a member
+        // or spare of that volume it writes into itself (a replacement's
+        // superblock waited for its own suspend, then landed on the
+        // guest's first blocks: audit), and under any other role the same
+        // storage holds two.
+        if let Some(volume) = self.own_export_behind(&decl.spec) {
+            return Err(MgmtError::FailedPrecondition(format!(
+                "{} is this daemon's own NVMe/TCP export of volume {volume}: attach its volume's devices instead",
+                decl.spec
+            )));
+        }
         let missing: Vec<(String, String)> = self
             .inv()
             .missing

@@ -103,6 +103,16 @@ pub(super) fn check_nvmf(
 }
 
 impl Manager {
+    /// The volume behind `spec` if it names one of this daemon's own
+    /// NVMe/TCP exports: its NQN, at a port the export listens on, at an
+    /// address of this machine (one a socket can be bound to).
+    pub(super) fn own_export_behind(&self, spec: &str) -> Option<String> {
+        let (addr, nqn) = crate::devspec::remote_subsystem(spec)?;
+        let sub = self.shared.target.get(&nqn)?;
+        let local = std::net::UdpSocket::bind(std::net::SocketAddr::new(addr.ip(), 0)).is_ok();
+        (sub.opts.listen.port() == addr.port() && local).then(|| sub.volume.name().to_string())
+    }
+
     /// Export a volume over NVMe/TCP as the subsystem `decl.nqn`.
     pub fn create_nvmf_export(
         &self,
