@@ -645,6 +645,24 @@ mod tests {
     use super::{lock, Edit, Manager};
     use crate::config::{DeviceDecl, VolumeDecl};
 
+    /// A manager that saves to `state.toml` in the directory returned.
+    fn with_state_file() -> (poller::Reactors, tempfile::TempDir, Manager) {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
+        (reactors, dir, mgr)
+    }
+
+    fn stop(reactors: poller::Reactors, mgr: Manager) {
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
+    }
+
     fn ram(name: &str) -> DeviceDecl {
         DeviceDecl {
             name: name.into(),
@@ -661,14 +679,8 @@ mod tests {
     /// the file and the daemon's last record of it.
     #[test]
     fn a_reload_of_the_state_file_keeps_changes_made_since_it_read_the_file() {
-        let reactors = poller::Reactors::start(poller::ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        let (reactors, dir, mgr) = with_state_file();
         let state = dir.path().join("state.toml");
-        let mgr = Manager::new(reactors.set(), Some(state.clone()));
         mgr.attach_device(ram("a")).unwrap();
         mgr.attach_device(ram("gone")).unwrap();
         // An operator's edit: "gone" taken out of the file.
@@ -700,9 +712,7 @@ mod tests {
         );
         assert_eq!(mgr.list_volumes().len(), 1, "{rep:?}");
         assert_eq!(rep.applied, vec!["detach device gone".to_string()]);
-        mgr.shutdown();
-        drop(mgr);
-        let _ = reactors.shutdown();
+        stop(reactors, mgr);
     }
 
     /// From review: what a reload could not apply (a device whose
@@ -710,14 +720,8 @@ mod tests {
     /// next reload, which tries it again.
     #[test]
     fn what_a_reload_could_not_apply_is_tried_again_at_the_next() {
-        let reactors = poller::Reactors::start(poller::ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        let (reactors, dir, mgr) = with_state_file();
         let state = dir.path().join("state.toml");
-        let mgr = Manager::new(reactors.set(), Some(state.clone()));
         mgr.attach_device(ram("a")).unwrap();
         let image = dir.path().join("later").join("d.img");
         let mut edited = crate::config::Config::load(&state).unwrap();
@@ -732,8 +736,6 @@ mod tests {
         std::fs::create_dir(dir.path().join("later")).unwrap();
         let rep = mgr.reload_file(&state).unwrap();
         assert_eq!(rep.applied, vec!["attach device d".to_string()], "{rep:?}");
-        mgr.shutdown();
-        drop(mgr);
-        let _ = reactors.shutdown();
+        stop(reactors, mgr);
     }
 }
