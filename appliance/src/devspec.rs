@@ -63,6 +63,13 @@ pub fn unreachable(e: &SpecError) -> bool {
     }
 }
 
+/// Whether `e` says the machine has no room for the device now (a RAM
+/// device larger than the memory available).
+pub fn no_room(e: &SpecError) -> bool {
+    matches!(e, SpecError::Open { source, .. }
+        if matches!(source.downcast_ref::<bdev::BdevError>(), Some(bdev::BdevError::Exhausted(_))))
+}
+
 fn opening(spec: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SpecError + '_ {
     move |source| SpecError::Open {
         spec: spec.to_string(),

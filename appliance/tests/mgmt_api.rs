@@ -2292,6 +2292,13 @@ fn members_are_removed_and_added_back_through_the_api() {
     // From review: beside a RAM device, a size near 2^64 wrapped the sum
     // past the check (release builds; debug ones panicked).
     call!(d, c, attach_device, attach("small", "ram:16M")).unwrap();
+    // From an audit: within the machine but beyond what it has available
+    // now is no room, not a bad size (it said InvalidArgument). Refused
+    // before anything is allocated.
+    let total = appliance::host::memory_total().unwrap();
+    let big = format!("ram:{}", (total - (96 << 20)) & !((1 << 20) - 1));
+    let e = call!(d, c, attach_device, attach("big", &big)).unwrap_err();
+    assert_eq!(e.0, Code::ResourceExhausted, "{e:?}");
     let e = call!(
         d,
         c,

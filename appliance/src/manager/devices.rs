@@ -182,6 +182,8 @@ impl Manager {
                 MgmtError::FailedPrecondition(e.to_string())
             } else if crate::devspec::unreachable(&e) {
                 MgmtError::Unavailable(e.to_string())
+            } else if crate::devspec::no_room(&e) {
+                MgmtError::ResourceExhausted(e.to_string())
             } else if crate::devspec::names_missing(&decl.spec) {
                 MgmtError::NotFound(e.to_string())
             } else {
@@ -391,6 +393,7 @@ impl Manager {
             dev.resized(blocks).map_err(|e| match e {
                 bdev::BdevError::Unsupported(m) => MgmtError::FailedPrecondition(m),
                 bdev::BdevError::InvalidArgument(m) => invalid("size_bytes", m),
+                bdev::BdevError::Exhausted(m) => MgmtError::ResourceExhausted(m),
                 // The file system says the size is too large for it, or
                 // out of room: the caller's number or the disk, not a bug.
                 bdev::BdevError::Os { ref source, .. }

@@ -195,7 +195,9 @@ fn check_memory(name: &str, len: u64) -> Result<(), BdevError> {
     if let Some(avail) = mem_available() {
         let keep = headroom(avail);
         if len.saturating_add(keep) > avail {
-            return Err(BdevError::InvalidArgument(format!(
+            // No room now, not a bad size: the caller says "resource
+            // exhausted" (audit: it said "invalid argument").
+            return Err(BdevError::Exhausted(format!(
                 "{name}: {} MiB of RAM asked for, but the host has {} MiB available \
                  (and keeps {} MiB for itself)",
                 len >> 20,
