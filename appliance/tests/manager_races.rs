@@ -875,6 +875,59 @@ fn a_change_racing_a_volume_delete_is_told_the_volume_is_gone() {
     rig.stop();
 }
 
+/// From an audit: an export deleted left the lists before its connections
+/// finished, and a delete of its volume meanwhile went through: the volume
+/// was removed under a connection still serving it. The volume stays in
+/// use until the export is gone.
+#[test]
+fn a_volume_is_in_use_until_its_deleted_export_has_gone() {
+    const NQN: &str = "nqn.2026-12.io.appliance:taking-down";
+    let mut rig = Rig::new(false);
+    rig.attach("a0", "ram:16M");
+    rig.mgr
+        .create_volume(VolumeDecl::new("a", "single", &["a0"]), true)
+        .unwrap();
+    let x = rig
+        .mgr
+        .create_nvmf_export(appliance::config::NvmfExportDecl {
+            nqn: NQN.into(),
+            volume: "a".into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let host = nvmf::host::HostConfig {
+        timeout: LONG,
+        ..Default::default()
+    };
+    let addr: std::net::SocketAddr = x.decl.listen.parse().unwrap();
+    let mut c = nvmf::host::Controller::connect(addr, NQN, &host).unwrap();
+    c.set_features(0x07, 0).unwrap();
+    let mut q = c.io_queue(1, 16).unwrap();
+    // A write held in the device: the export's connection lives on.
+    let f = rig.fault("a0");
+    f.hold(Some(IoOp::Write), 0, u64::MAX, 1);
+    let mut w = nvme::spec::Sqe::new(nvme::spec::io::WRITE, 1);
+    w.set_range(0, 1);
+    q.send(w, &[7u8; 4096], 0).unwrap();
+    q.flush().unwrap();
+    assert!(f.wait_held(1, LONG));
+    let mgr = rig.mgr.clone();
+    let delete = std::thread::spawn(move || mgr.delete_nvmf_export(NQN));
+    eventually("the export leaves the list", || {
+        rig.mgr.list_nvmf_exports().is_empty()
+    });
+    let r = rig.mgr.delete_volume("a");
+    assert!(matches!(r, Err(MgmtError::FailedPrecondition(_))), "{r:?}");
+    f.release();
+    delete.join().unwrap().unwrap();
+    drop(q);
+    drop(c);
+    rig.mgr.delete_volume("a").unwrap();
+    rig.stop();
+}
+
 /// From an audit: add_journal checked for a bitmap, then erased and
 /// formatted its (forced) device, then asked the volume; a set_bitmap
 /// that committed in between made the volume refuse the journal, and the

@@ -38,6 +38,12 @@ impl Manager {
                         .map(|(e, _)| e.clone()),
                 )
                 .chain(
+                    inv.exports_deleting
+                        .iter()
+                        .filter(|(_, v)| *v == name)
+                        .map(|(e, _)| format!("{e} (being deleted)")),
+                )
+                .chain(
                     inv.nvmf
                         .values()
                         .filter(|e| e.decl.volume == name)

@@ -294,7 +294,7 @@ impl Manager {
     ) -> Result<(), MgmtError> {
         check_name("name", name)?;
         self.check_open()?;
-        let e = {
+        let (e, _down) = {
             let mut inv = self.inv();
             // One kept for a volume that did not start: the state file
             // names it no more.
@@ -316,13 +316,39 @@ impl Manager {
             }
             inv.exports.remove(name);
             *removed = true;
-            e
+            let down = TakingDown::new(self, &mut inv, name, &e.decl.volume);
+            (e, down)
         };
         // Gone from the inventory, it goes whatever the save does (kept
         // running, it served on unlisted, refusing every new frontend).
         let saved = self.save();
         e.export.delete(true).map_err(from_export)?;
         saved
+    }
+}
+
+/// An export out of the lists and still being taken down: its volume's
+/// delete is refused meanwhile (audit: it went through, and the volume
+/// was removed under connections still serving). Let go when dropped.
+pub(super) struct TakingDown<'a>(&'a Manager, String);
+
+impl<'a> TakingDown<'a> {
+    /// Under the inventory's lock `inv`, as the export leaves its list.
+    pub(super) fn new(
+        m: &'a Manager,
+        inv: &mut super::inventory::Inventory,
+        name: &str,
+        volume: &str,
+    ) -> TakingDown<'a> {
+        inv.exports_deleting
+            .insert(name.to_string(), volume.to_string());
+        TakingDown(m, name.to_string())
+    }
+}
+
+impl Drop for TakingDown<'_> {
+    fn drop(&mut self) {
+        self.0.inv().exports_deleting.remove(&self.1);
     }
 }
 

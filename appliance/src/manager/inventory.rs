@@ -22,6 +22,10 @@ pub(super) struct Inventory {
     /// meanwhile, which may take until its deadline): name -> (volume,
     /// socket key).
     pub(super) exports_creating: BTreeMap<String, (String, std::path::PathBuf)>,
+    /// Exports (by name or NQN) out of the lists and still being taken
+    /// down (their connections finishing): name -> volume. Their volume
+    /// is still in use until they are gone.
+    pub(super) exports_deleting: BTreeMap<String, String>,
     /// NVMe/TCP exports by NQN.
     pub(super) nvmf: BTreeMap<String, nvmf::NvmfExp>,
     /// Devices the saved state names that could not be opened at the start

@@ -237,10 +237,14 @@ impl Manager {
         if kept {
             return self.save();
         }
-        let e =
-            self.inv().nvmf.remove(nqn).ok_or_else(|| {
+        let (e, _down) = {
+            let mut inv = self.inv();
+            let e = inv.nvmf.remove(nqn).ok_or_else(|| {
                 MgmtError::NotFound(format!("nvme/tcp export {nqn} does not exist"))
             })?;
+            let down = super::exports::TakingDown::new(self, &mut inv, nqn, &e.decl.volume);
+            (e, down)
+        };
         *removed = true;
         // Stopped first: a save that fails returns early, and the
         // subsystem (held by the target's port, not by `e`) went on
