@@ -148,12 +148,12 @@ pub fn resolved_identity(spec: &str) -> Option<String> {
     identity(spec)
 }
 
-/// The address and subsystem an `nvmf-tcp:` specification names (its
-/// host looked up).
-pub fn remote_subsystem(spec: &str) -> Option<(std::net::SocketAddr, String)> {
+/// The `HOST:PORT` and subsystem an `nvmf-tcp:` specification names, as
+/// written (nothing looked up).
+pub fn remote_subsystem(spec: &str) -> Option<(&str, &str)> {
     let rest = spec.strip_prefix("nvmf-tcp:")?;
-    let r = nvmf::device::Remote::parse(remote_target(rest)).ok()?;
-    Some((r.addr, r.nqn))
+    let (host, nqn, _) = nvmf::device::Remote::split(remote_target(rest)).ok()?;
+    Some((host, nqn))
 }
 
 /// An nvmf-tcp specification's target, without its `?options`.

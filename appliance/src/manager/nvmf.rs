@@ -104,13 +104,25 @@ pub(super) fn check_nvmf(
 
 impl Manager {
     /// The volume behind `spec` if it names one of this daemon's own
-    /// NVMe/TCP exports: its NQN, at a port the export listens on, at an
-    /// address of this machine (one a socket can be bound to).
+    /// NVMe/TCP exports: its NQN, at the port the export listens on, at an
+    /// address of this machine's interfaces. (Only a name this daemon
+    /// serves is looked up: every remote device's attach paid a lookup.
+    /// By the interfaces, not by binding: a host that may bind any
+    /// address, as keepalived's do, took a peer's export for its own:
+    /// review.)
     pub(super) fn own_export_behind(&self, spec: &str) -> Option<String> {
-        let (addr, nqn) = crate::devspec::remote_subsystem(spec)?;
-        let sub = self.shared.target.get(&nqn)?;
-        let local = std::net::UdpSocket::bind(std::net::SocketAddr::new(addr.ip(), 0)).is_ok();
-        (sub.opts.listen.port() == addr.port() && local).then(|| sub.volume.name().to_string())
+        use std::net::ToSocketAddrs;
+        let (host, nqn) = crate::devspec::remote_subsystem(spec)?;
+        let sub = self.shared.target.get(nqn)?;
+        let port = sub.opts.listen.port();
+        let local = crate::host::local_addresses();
+        host.to_socket_addrs()
+            .ok()?
+            .any(|a| {
+                a.port() == port
+                    && (a.ip().is_loopback() || a.ip().is_unspecified() || local.contains(&a.ip()))
+            })
+            .then(|| sub.volume.name().to_string())
     }
 
     /// Export a volume over NVMe/TCP as the subsystem `decl.nqn`.
