@@ -180,6 +180,10 @@ impl Inner {
         }
         let s = lock(&self.state);
         if s.closed {
+            // (A change that waited for the lock while the delete flushed.)
+            if self.deleted.load(Ordering::SeqCst) {
+                return Err(OpError::Gone("the volume is being deleted".into()));
+            }
             return Err(OpError::FailedPrecondition("the volume is stopped".into()));
         }
         Ok(s)
