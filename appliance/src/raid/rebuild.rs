@@ -116,10 +116,13 @@ impl RebuildProgress {
     /// had skipped its first 90 % was nearly done (audit). At most, then:
     /// the rows left may be clean too.
     pub fn eta(&self) -> Option<Duration> {
-        let cursor = self.cursor.load(Ordering::Relaxed).min(self.total);
+        // Skipped rows are counted after the cursor passes them: read
+        // first, they are never more than the cursor says (review).
+        let skipped = self.skipped.load(Ordering::SeqCst);
+        let cursor = self.cursor.load(Ordering::SeqCst).min(self.total);
         let done = cursor
             .checked_sub(self.from)?
-            .checked_sub(self.skipped.load(Ordering::Relaxed))
+            .checked_sub(skipped)
             .filter(|&d| d > 0)?;
         let spent = self.started.elapsed().as_secs_f64();
         Some(Duration::from_secs_f64(
@@ -129,7 +132,7 @@ impl RebuildProgress {
 
     /// `n` rows passed over as clean.
     pub(crate) fn skip_rows(&self, n: u64) {
-        self.skipped.fetch_add(n, Ordering::Relaxed);
+        self.skipped.fetch_add(n, Ordering::SeqCst);
     }
 
     /// Whether it ended (successfully or not).
@@ -565,9 +568,9 @@ impl RowWalk {
     /// Move past the current row (locked) without copying it: its copy on
     /// the target is known good.
     fn skip(&mut self) {
-        self.progress.skip_rows(1);
         self.row += 1;
         self.progress.cursor.store(self.row, Ordering::SeqCst);
+        self.progress.skip_rows(1);
         self.locks.unlock(self.row - 1);
         self.step = Step::Lock;
     }

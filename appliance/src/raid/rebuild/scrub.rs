@@ -90,6 +90,7 @@ impl Scrubber {
             return;
         };
         let w = &mut self.walk;
+        let from = w.row;
         while !w.done() {
             let r = w.row / rpb;
             if bits
@@ -98,11 +99,10 @@ impl Scrubber {
             {
                 break;
             }
-            let next = ((r + 1) * rpb).min(w.rows.count);
-            w.progress.skip_rows(next - w.row);
-            w.row = next;
+            w.row = ((r + 1) * rpb).min(w.rows.count);
         }
         w.progress.cursor.store(w.row, Ordering::SeqCst);
+        w.progress.skip_rows(w.row - from);
     }
 
     /// Yield to the guest IO `activity` counts (see `may_go`).
