@@ -171,7 +171,7 @@ struct Slot {
     flushed: bool,
     /// Bytes of data buffer it holds against the connection's budget.
     held: usize,
-    /// When its data was asked for (R2T), or last came.
+    /// When its data was asked for (R2T).
     asked: Instant,
 }
 

@@ -236,9 +236,6 @@ impl Conn {
             slot.buf[at..at + len].copy_from_slice(data);
         }
         slot.received += len;
-        // Data coming is a host at work (a slow link), not one that left
-        // the R2T unanswered (review).
-        slot.asked = std::time::Instant::now();
         let full = slot.received == slot.buf.len();
         if full != h.last {
             return self.fatal(fes::SEQUENCE, 1, header);
