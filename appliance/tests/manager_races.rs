@@ -920,6 +920,23 @@ fn a_volume_is_in_use_until_its_deleted_export_has_gone() {
     });
     let r = rig.mgr.delete_volume("a");
     assert!(matches!(r, Err(MgmtError::FailedPrecondition(_))), "{r:?}");
+    // Nor is its name taken by another meanwhile (review: that one's end
+    // let a's delete through).
+    rig.attach("b0", "ram:16M");
+    rig.mgr
+        .create_volume(VolumeDecl::new("b", "single", &["b0"]), true)
+        .unwrap();
+    let r = rig
+        .mgr
+        .create_nvmf_export(appliance::config::NvmfExportDecl {
+            nqn: NQN.into(),
+            volume: "b".into(),
+            listen: "127.0.0.1:0".into(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .map(|_| ());
+    assert!(matches!(r, Err(MgmtError::AlreadyExists(_))), "{r:?}");
     f.release();
     delete.join().unwrap().unwrap();
     drop(q);

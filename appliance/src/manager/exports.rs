@@ -153,6 +153,15 @@ impl Manager {
                 decl.name
             )));
         }
+        // One name, one teardown at a time: a second under the name took
+        // the first's place in the list, and its end let the first's
+        // volume be deleted under it (review).
+        if inv.exports_deleting.contains_key(&decl.name) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "export {} is still being deleted",
+                decl.name
+            )));
+        }
         let vol = inv.volume(&decl.volume)?;
         if vol.deleting.load(Ordering::SeqCst) {
             return Err(MgmtError::FailedPrecondition(format!(

@@ -119,8 +119,9 @@ impl Manager {
         host.to_socket_addrs()
             .ok()?
             .any(|a| {
-                a.port() == port
-                    && (a.ip().is_loopback() || a.ip().is_unspecified() || local.contains(&a.ip()))
+                // (An IPv4 address written as IPv6 is the IPv4 one.)
+                let ip = a.ip().to_canonical();
+                a.port() == port && (ip.is_loopback() || ip.is_unspecified() || local.contains(&ip))
             })
             .then(|| sub.volume.name().to_string())
     }
@@ -170,6 +171,13 @@ impl Manager {
         if inv.nvmf.contains_key(&decl.nqn) {
             return Err(MgmtError::AlreadyExists(format!(
                 "nvme/tcp export {} already exists",
+                decl.nqn
+            )));
+        }
+        // As for vhost-user exports (see `exports_deleting`).
+        if inv.exports_deleting.contains_key(&decl.nqn) {
+            return Err(MgmtError::AlreadyExists(format!(
+                "nvme/tcp export {} is still being deleted",
                 decl.nqn
             )));
         }
