@@ -882,21 +882,19 @@ fn a_change_racing_a_volume_delete_is_told_the_volume_is_gone() {
 #[test]
 fn a_volume_is_in_use_until_its_deleted_export_has_gone() {
     const NQN: &str = "nqn.2026-12.io.appliance:taking-down";
+    let exported = |volume: &str| appliance::config::NvmfExportDecl {
+        nqn: NQN.into(),
+        volume: volume.into(),
+        listen: "127.0.0.1:0".into(),
+        allow_any_host: true,
+        ..Default::default()
+    };
     let mut rig = Rig::new(false);
     rig.attach("a0", "ram:16M");
     rig.mgr
         .create_volume(VolumeDecl::new("a", "single", &["a0"]), true)
         .unwrap();
-    let x = rig
-        .mgr
-        .create_nvmf_export(appliance::config::NvmfExportDecl {
-            nqn: NQN.into(),
-            volume: "a".into(),
-            listen: "127.0.0.1:0".into(),
-            allow_any_host: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let x = rig.mgr.create_nvmf_export(exported("a")).unwrap();
     let host = nvmf::host::HostConfig {
         timeout: LONG,
         ..Default::default()
@@ -926,16 +924,7 @@ fn a_volume_is_in_use_until_its_deleted_export_has_gone() {
     rig.mgr
         .create_volume(VolumeDecl::new("b", "single", &["b0"]), true)
         .unwrap();
-    let r = rig
-        .mgr
-        .create_nvmf_export(appliance::config::NvmfExportDecl {
-            nqn: NQN.into(),
-            volume: "b".into(),
-            listen: "127.0.0.1:0".into(),
-            allow_any_host: true,
-            ..Default::default()
-        })
-        .map(|_| ());
+    let r = rig.mgr.create_nvmf_export(exported("b")).map(|_| ());
     assert!(matches!(r, Err(MgmtError::AlreadyExists(_))), "{r:?}");
     f.release();
     delete.join().unwrap().unwrap();
