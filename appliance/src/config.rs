@@ -332,6 +332,21 @@ pub fn follow_links(path: &Path) -> std::io::Result<PathBuf> {
 /// their exports take well under 1 MiB).
 pub const MAX_FILE: u64 = 16 << 20;
 
+/// `path` opened for reading, if it is a regular file, and its length.
+/// Opened without blocking: a FIFO put there held its reader for good.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
 impl Config {
     /// Parse `text` (read from `path`, named in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -359,24 +374,14 @@ impl Config {
     /// process died.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
         let io = |source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if !meta.is_file() {
-            return Err(io(std::io::Error::other("not a regular file")));
-        }
-        if meta.len() > MAX_FILE {
+        let (file, len) = open_regular(path).map_err(io)?;
+        if len > MAX_FILE {
             return Err(io(std::io::Error::other(format!(
-                "{} bytes; a configuration holds at most {MAX_FILE}",
-                meta.len()
+                "{len} bytes; a configuration holds at most {MAX_FILE}"
             ))));
         }
         let mut text = String::new();

@@ -31,14 +31,7 @@ pub(super) struct Saves {
 /// blocking: a FIFO put there held every save for good, inside a volume's
 /// suspend: audit), and its length.
 fn open_state(path: &Path) -> Option<(std::fs::File, u64)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    let meta = f.metadata().ok()?;
-    meta.is_file().then_some((f, meta.len()))
+    crate::config::open_regular(path).ok()
 }
 
 /// The state file's bytes, if it is a regular file no larger than a
