@@ -86,7 +86,33 @@ pub enum BdevError {
     Busy(String),
     /// No room for another channel now (an NVMe controller's IO queue
     /// pairs are all in use): the device itself is fine, and a channel let
-    /// go makes room. Whoever asked for the channel fails, not the device.
+    /// go makes room (or, when the host is short of memory or file
+    /// descriptors, memory freed). Whoever asked for the channel fails, not the device.
     #[error("{0}")]
     Exhausted(String),
+}
+
+impl BdevError {
+    /// The OS refused `what`. Refused for want of memory, locked memory,
+    /// file descriptors or IO address space, it is the host that has no
+    /// room now, not the device that is broken: [`BdevError::Exhausted`],
+    /// so a RAID member is not failed for it (a volume's channel open
+    /// fails instead, and is asked again).
+    pub fn os(what: String, source: std::io::Error) -> BdevError {
+        if host_short(&source) {
+            BdevError::Exhausted(format!("{what}: {source} (the host has no room now)"))
+        } else {
+            BdevError::Os { what, source }
+        }
+    }
+}
+
+/// Whether the OS refused for want of a host resource (memory, locked
+/// memory, file descriptors, IOMMU mappings) rather than because of the
+/// device.
+pub fn host_short(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC | libc::EAGAIN)
+    )
 }

@@ -323,12 +323,14 @@ impl BlockDevice for FileDevice {
         let taskrun_flag = coop.is_ok();
         let ring = coop
             .or_else(|_| IoUring::new(RING_DEPTH))
-            .map_err(|source| BdevError::Os {
-                what: format!(
-                    "{}: setting up an io_uring of {RING_DEPTH} entries",
-                    self.inner.info.name
-                ),
-                source,
+            .map_err(|source| {
+                BdevError::os(
+                    format!(
+                        "{}: setting up an io_uring of {RING_DEPTH} entries",
+                        self.inner.info.name
+                    ),
+                    source,
+                )
             })?;
         let slots = (0..RING_DEPTH).map(|_| Slot::default()).collect();
         Ok(Box::new(FileChannel {

@@ -30,7 +30,7 @@ pub use device::{
 };
 pub use dma::{DmaBuf, DmaPool};
 pub use dmamap::{add_dma_mapper, register_dma_memory, DmaMapper, DmaRegistration};
-pub use error::{BdevError, IoError};
+pub use error::{host_short, BdevError, IoError};
 pub use fault::{FaultControl, FaultDevice};
 pub use file::FileDevice;
 pub use null::{FailingChannel, NullDevice};

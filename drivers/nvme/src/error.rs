@@ -15,6 +15,10 @@ pub enum NvmeError {
     /// Every IO queue pair the controller granted is in use.
     #[error("{0}")]
     NoQueue(String),
+    /// The host has no room now (IO address space, IOMMU mappings, locked
+    /// memory): the controller is fine.
+    #[error("{0}")]
+    NoRoom(String),
     /// The controller did not answer in time.
     #[error("{0}: timed out")]
     Timeout(String),

@@ -176,8 +176,13 @@ impl BlockDevice for Namespace {
             .map(|c| Box::new(c) as Box<dyn IoChannel>)
             .map_err(|e| {
                 let what = format!("{}: opening an IO queue: {e}", self.info.name);
+                // The controller or the host out of room is not the
+                // device broken: the member is not failed for it.
                 match e {
-                    NvmeError::NoQueue(_) => BdevError::Exhausted(what),
+                    NvmeError::NoQueue(_) | NvmeError::NoRoom(_) => BdevError::Exhausted(what),
+                    NvmeError::Os(_, ref source) if bdev::host_short(source) => {
+                        BdevError::Exhausted(what)
+                    }
                     _ => BdevError::Unsupported(what),
                 }
             })

@@ -447,7 +447,7 @@ impl Transport for VfioTransport {
             }
         };
         let iova = self.iova.alloc(len as u64).ok_or_else(|| {
-            NvmeError::Vfio(format!(
+            NvmeError::NoRoom(format!(
                 "{}: no IO address range of {len} bytes is free",
                 self.name
             ))
@@ -456,10 +456,18 @@ impl Transport for VfioTransport {
         // unmap; it is touched by the device only by DMA.
         unsafe { container.vfio_dma_map(iova, len, vaddr) }.map_err(|e| {
             self.iova.free(iova, len as u64);
-            NvmeError::Vfio(format!(
-                "{}: IOMMU map of {len} bytes at {vaddr:p}: {e}",
-                self.name
-            ))
+            let what = format!("{}: IOMMU map of {len} bytes at {vaddr:p}: {e}", self.name);
+            // Past the locked-memory limit (ENOMEM) or the IOMMU's
+            // mapping limit (ENOSPC): the host has no room, the
+            // controller is fine.
+            match e {
+                vfio_ioctls::VfioError::IommuDmaMap(ref s)
+                    if matches!(s.errno(), libc::ENOMEM | libc::ENOSPC) =>
+                {
+                    NvmeError::NoRoom(what)
+                }
+                _ => NvmeError::Vfio(what),
+            }
         })?;
         Ok(iova)
     }
