@@ -11,6 +11,7 @@ use crate::config::{Config, DeviceDecl, ExportDecl, NvmfExportDecl, VolumeDecl};
 use crate::raid::geometry::Layout;
 use crate::raid::journal::JournalMode;
 
+use super::statefile::OwnRead;
 use super::{lock, Manager, MgmtError};
 
 /// What a reload did.
@@ -167,19 +168,31 @@ impl Manager {
         // superblocks, never created over blank devices (a wrong path), as
         // at a start from it.
         let from_state = self.shared.state_file.as_deref() == Some(path);
-        let (config, base) = if from_state {
+        let read = if from_state {
             self.shared.read_own(path)?
         } else {
             let config = Config::load(path).map_err(|e| {
                 MgmtError::FailedPrecondition(format!("configuration file {}: {e}", path.display()))
             })?;
-            (config, None)
+            OwnRead {
+                config,
+                base: None,
+                bytes: None,
+            }
         };
         let edit = Edit {
-            file: &config,
-            base: base.as_ref(),
+            file: &read.config,
+            base: read.base.as_ref(),
         };
-        Ok(self.reload_as(&edit, !from_state))
+        let rep = self.reload_as(&edit, !from_state);
+        // What it refused of the daemon's own file would be lost at the
+        // next save, which writes what runs: kept aside, and said.
+        if from_state && !rep.refused.is_empty() && read.base.as_ref() != Some(&read.config) {
+            if let Some(bytes) = &read.bytes {
+                self.shared.keep_refused_edit(path, bytes);
+            }
+        }
+        Ok(rep)
     }
 
     /// Apply the difference between the running setup and `config`, an
@@ -689,14 +702,14 @@ mod tests {
         edited.save(&state).unwrap();
         let rep = {
             let _one = lock(&mgr.shared.reloading);
-            let (config, base) = mgr.shared.read_own(&state).unwrap();
+            let read = mgr.shared.read_own(&state).unwrap();
             // Changes made (and saved) after the reload read the file.
             mgr.attach_device(ram("b")).unwrap();
             mgr.create_volume(VolumeDecl::new("v", "single", &["a"]), true)
                 .unwrap();
             let edit = Edit {
-                file: &config,
-                base: base.as_ref(),
+                file: &read.config,
+                base: read.base.as_ref(),
             };
             mgr.reload_as(&edit, false)
         };
@@ -736,6 +749,49 @@ mod tests {
         std::fs::create_dir(dir.path().join("later")).unwrap();
         let rep = mgr.reload_file(&state).unwrap();
         assert_eq!(rep.applied, vec!["attach device d".to_string()], "{rep:?}");
+        stop(reactors, mgr);
+    }
+
+    /// From the last closing note: what a reload refused of the state
+    /// file's edit was lost unseen at the next save (the reload's own
+    /// saves included, when it applied another part), which writes what
+    /// runs. The file as edited is kept beside it, and the health says
+    /// where.
+    #[test]
+    fn what_a_reload_refused_is_kept_when_a_save_rewrites_the_file() {
+        let (reactors, dir, mgr) = with_state_file();
+        let state = dir.path().join("state.toml");
+        mgr.attach_device(ram("a")).unwrap();
+        let image = dir.path().join("later").join("d.img");
+        let mut edited = crate::config::Config::load(&state).unwrap();
+        edited.devices.push(ram("b"));
+        edited.devices.push(DeviceDecl {
+            name: "d".into(),
+            spec: format!("file:{}:4M", image.display()),
+            block_size: 4096,
+        });
+        edited.save(&state).unwrap();
+        let edited_text = std::fs::read_to_string(&state).unwrap();
+        let rep = mgr.reload_file(&state).unwrap();
+        assert_eq!(rep.applied, vec!["attach device b".to_string()], "{rep:?}");
+        assert_eq!(rep.refused.len(), 1, "{rep:?}");
+        // The reload's save wrote what runs: "d" is not in the file.
+        let now = crate::config::Config::load(&state).unwrap();
+        assert!(now.devices.iter().all(|d| d.name != "d"), "{now:?}");
+        let health = mgr.health();
+        let kept: Vec<&String> = health
+            .problems
+            .iter()
+            .filter(|p| p.contains("could not apply all of the state file's edit"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{health:?}");
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().contains("state.toml.edited-"))
+            .expect("the edit kept");
+        assert!(kept[0].contains(&*aside.to_string_lossy()), "{kept:?}");
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), edited_text);
         stop(reactors, mgr);
     }
 }

@@ -23,8 +23,9 @@ pub(super) struct Saves {
     /// device not there yet) stays an edit, tried again at the next one
     /// (review).
     written: Option<Vec<u8>>,
-    /// Where the last such edit was set aside.
-    edit_kept: Option<PathBuf>,
+    /// Where the last such edit was set aside, and whether a reload had
+    /// refused part of it (else no reload read it).
+    edit_kept: Option<(PathBuf, bool)>,
 }
 
 /// The state file opened, if it is a regular file (opened without
@@ -49,6 +50,36 @@ fn read_state(path: &Path) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
+/// Copy `from` to a new file beside `path`, named for now: where an edit of
+/// the state file that would be lost is kept. Its name is returned, with
+/// why if the copy failed.
+fn set_aside(path: &Path, from: &mut impl std::io::Read) -> Result<PathBuf, (PathBuf, String)> {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".edited-{}.{:09}", at.as_secs(), at.subsec_nanos()));
+    let aside = PathBuf::from(aside);
+    // New, and as private as the state file.
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .and_then(|mut f| {
+            // A copy begun is not left half written (each later save
+            // tries again under a new name).
+            std::io::copy(from, &mut f)
+                .and_then(|_| f.flush())
+                .and_then(|()| f.sync_all())
+                .inspect_err(|_| drop(std::fs::remove_file(&aside)))
+        })
+        .map(|()| aside.clone())
+        .map_err(|e| (aside, e.to_string()))
+}
+
 impl Saves {
     /// `path` was read as the daemon's own record (a reload of it): what
     /// it holds is applied, and an edit set aside before is dealt with.
@@ -62,11 +93,18 @@ impl Saves {
         let failed = self.failed.iter().map(|why| {
             format!("the state file could not be written ({why}): it is behind what runs until a save works (a reload writes it first, and is refused while it cannot)")
         });
-        let edit = self.edit_kept.iter().map(|p| {
-            format!(
-                "the state file was edited by hand and no reload applied it: the edit is kept in {} (edit, then `systemctl reload appliance`)",
-                p.display()
-            )
+        let edit = self.edit_kept.iter().map(|(p, refused)| {
+            if *refused {
+                format!(
+                    "a reload could not apply all of the state file's edit (its report says what it refused): the file as edited is kept in {}, and the state file says what runs from the next change on (edit it again, then `systemctl reload appliance`)",
+                    p.display()
+                )
+            } else {
+                format!(
+                    "the state file was edited by hand and no reload applied it: the edit is kept in {} (edit, then `systemctl reload appliance`)",
+                    p.display()
+                )
+            }
         });
         failed.chain(edit)
     }
@@ -95,39 +133,15 @@ impl Saves {
                 format!("holds an edit by hand that no reload applied, which could not be read again to set it aside ({e}), so it is not overwritten")
             })?;
         }
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut aside = path.as_os_str().to_owned();
-        aside.push(format!(".edited-{}.{:09}", at.as_secs(), at.subsec_nanos()));
-        let aside = PathBuf::from(aside);
-        // New, and as private as the state file.
-        let kept = {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&aside)
-                .and_then(|mut f| {
-                    // A copy begun is not left half written (each later
-                    // save tries again under a new name).
-                    std::io::copy(&mut now, &mut f)
-                        .and_then(|_| f.flush())
-                        .and_then(|()| f.sync_all())
-                        .inspect_err(|_| drop(std::fs::remove_file(&aside)))
-                })
-        };
-        match kept {
-            Ok(()) => {
+        match set_aside(path, &mut now) {
+            Ok(aside) => {
                 tracing::error!(file = %path.display(), kept = %aside.display(), "the state file was edited by hand and not reloaded; the edit is set aside and the file rewritten from what runs");
-                self.edit_kept = Some(aside);
+                self.edit_kept = Some((aside, false));
                 Ok(())
             }
             // Not overwritten unseen (a disk full fails the save anyway):
             // the save fails, and the health says why.
-            Err(e) => {
+            Err((aside, e)) => {
                 Err(format!(
                     "holds an edit by hand that no reload applied, and setting the edit aside in {} failed ({e}), so it is not overwritten",
                     aside.display()
@@ -209,7 +223,7 @@ impl Shared {
     /// (review). What it holds is the daemon's record from then on.
     /// Returned with the file as the daemon last wrote it (if it knows):
     /// what differs between the two is the operator's edit.
-    pub(super) fn read_own(&self, path: &Path) -> Result<(Config, Option<Config>), MgmtError> {
+    pub(super) fn read_own(&self, path: &Path) -> Result<OwnRead, MgmtError> {
         let mut saves = lock(&self.saving);
         if self.quiet.load(Ordering::SeqCst) {
             return Err(MgmtError::Unavailable(
@@ -240,6 +254,39 @@ impl Shared {
         if aside_now != aside_before {
             saves.edit_kept = aside_now;
         }
-        Ok((config, base))
+        Ok(OwnRead {
+            config,
+            base,
+            bytes: saves.known.clone(),
+        })
     }
+
+    /// A reload of the state file `path` refused part of the operator's
+    /// edit, whose file was `edited`. Every save rewrites the file from
+    /// what runs, so that part would be lost unseen at the next change
+    /// (the reload's own saves included): the file as edited is kept
+    /// beside it, and the health says where.
+    pub(super) fn keep_refused_edit(&self, path: &Path, mut edited: &[u8]) {
+        let mut saves = lock(&self.saving);
+        match set_aside(path, &mut edited) {
+            Ok(aside) => {
+                tracing::warn!(file = %path.display(), kept = %aside.display(), "a reload could not apply all of the state file's edit; the file as edited is kept");
+                saves.edit_kept = Some((aside, true));
+            }
+            Err((aside, e)) => {
+                tracing::error!(file = %path.display(), kept = %aside.display(), error = %e, "a reload could not apply all of the state file's edit, and keeping the file as edited failed");
+            }
+        }
+    }
+}
+
+/// The state file read for a reload.
+pub(super) struct OwnRead {
+    /// What it declares.
+    pub config: Config,
+    /// What the daemon last wrote there, if it knows: what differs between
+    /// the two is the operator's edit.
+    pub base: Option<Config>,
+    /// Its bytes.
+    pub bytes: Option<Vec<u8>>,
 }
