@@ -1145,3 +1145,32 @@ fn a_forced_add_journal_past_the_deadline_leaves_its_device_as_it_was() {
     assert!(rig.mgr.get_volume("v").unwrap().journal.is_none());
     rig.stop();
 }
+
+/// From an audit: a queue move racing the export's delete moved the queue
+/// of an export going down and answered OK, with a view of an export no
+/// longer there. It is told the export is gone.
+#[test]
+fn a_queue_move_racing_the_exports_delete_is_told_it_is_gone() {
+    let mut rig = Rig::new(false);
+    rig.attach("d0", "ram:16M");
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["d0"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    // A flush in flight: the move waits for the queue to drain.
+    let flush = rig.stuck_flush(&sock, "d0");
+    let mgr = rig.mgr.clone();
+    let (mv, tid) = spawn_noting_tid(move || mgr.move_queue("v", 0, 1));
+    eventually("the move waits for the queue", || sleeping(tid));
+    let mgr = rig.mgr.clone();
+    let delete = std::thread::spawn(move || mgr.delete_export("v", true));
+    eventually("the export leaves the list", || {
+        rig.mgr.list_exports().is_empty()
+    });
+    rig.fault("d0").release();
+    let r = mv.join().unwrap().map(|_| ());
+    assert!(matches!(r, Err(MgmtError::NotFound(_))), "{r:?}");
+    delete.join().unwrap().unwrap();
+    let _ = flush.join();
+    rig.stop();
+}

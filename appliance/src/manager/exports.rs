@@ -260,6 +260,18 @@ impl Manager {
         e.export
             .move_queue(queue, core, reactors)
             .map_err(from_export)?;
+        // A delete that took the export away meanwhile: the move was made
+        // on an export going down, and is no change to report (audit).
+        if !self
+            .inv()
+            .exports
+            .get(name)
+            .is_some_and(|now| Arc::ptr_eq(now, &e))
+        {
+            return Err(MgmtError::NotFound(format!(
+                "export {name} was deleted while its queue moved"
+            )));
+        }
         let view = ExportView {
             decl: e.decl(),
             connected: e.export.is_connected(),
