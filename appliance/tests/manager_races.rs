@@ -868,7 +868,14 @@ fn a_change_racing_a_volume_delete_is_told_the_volume_is_gone() {
     assert!(f.wait_held(1, LONG));
     let r = rig.mgr.add_spare("a", "s0", false);
     assert!(matches!(r, Err(MgmtError::NotFound(_))), "{r:?}");
+    // One that waits for the delete's lock (the journal calls) is told
+    // the same once it has it (it said "stopped": review).
+    let mgr = rig.mgr.clone();
+    let (journal, tid) = spawn_noting_tid(move || mgr.remove_journal("a").map(|_| ()));
+    eventually("remove_journal waits for the delete", || sleeping(tid));
     f.release();
+    let r = journal.join().unwrap();
+    assert!(matches!(r, Err(MgmtError::NotFound(_))), "{r:?}");
     delete.join().unwrap().unwrap();
     let r = rig.mgr.add_spare("a", "s0", false);
     assert!(matches!(r, Err(MgmtError::NotFound(_))), "{r:?}");

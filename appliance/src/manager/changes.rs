@@ -659,10 +659,12 @@ impl Manager {
 }
 
 /// Refuse a change to a volume being deleted (checked with its busy lock
-/// held: a deletion that set the flag waits for that lock).
+/// held: a deletion that set the flag waits for that lock), as gone, as
+/// the monitor's changes are told: "stopped" (FailedPrecondition) is a
+/// refusal of the call itself, which a client does not retry elsewhere.
 fn not_deleting(v: &Vol, volume: &str) -> Result<(), MgmtError> {
     if v.deleting.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(MgmtError::FailedPrecondition(format!(
+        return Err(MgmtError::NotFound(format!(
             "volume {volume} is being deleted"
         )));
     }
