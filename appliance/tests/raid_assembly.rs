@@ -721,6 +721,25 @@ fn a_first_format_superblock_beside_another_arrays_md_superblock_is_not_taken() 
         report.problems
     );
     assert_eq!(read(d, 1, 4096), before, "md's superblock written over");
+    // Nor one this reader refuses though md would take it (a feature it
+    // does not know, its checksum sound): the old volume was taken then
+    // (audit).
+    md.feature_map |= 1 << 13;
+    write(d, 1, &md.encode());
+    match read_superblock(d).unwrap() {
+        Err(SuperblockError::Md(why)) => assert!(why.contains("cannot be told"), "{why}"),
+        other => panic!("taken: {other:?}"),
+    }
+    // A conversion of the old volume cut short in its md write (its own
+    // UUID, the checksum failing) still leaves the first format in charge.
+    let mut torn = md.encode();
+    torn[16..32].copy_from_slice(&sb.volume_uuid);
+    torn[8] ^= 0x55;
+    write(d, 1, &torn);
+    assert_eq!(
+        read_superblock(d).unwrap().map(|s| s.volume_uuid),
+        Ok(sb.volume_uuid)
+    );
 }
 
 /// Members that grew (a file extended, a disk replaced by a larger one)

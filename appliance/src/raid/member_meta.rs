@@ -68,9 +68,24 @@ pub fn read_superblock(
                 ))));
             }
             Ok(m) => m,
-            // An unreadable md superblock over a valid first-format one
-            // is a leftover too.
-            Err(_) if legacy.is_ok() => return Ok(legacy),
+            // A conversion of this volume cut short in its md write (a
+            // checksum that fails, the volume's own UUID) leaves the first
+            // format in charge. Anything else beside a first-format block
+            // is another array's md superblock md would still take (one
+            // with a feature or size this reader refuses, its checksum
+            // sound): taking the old volume's wrote over it (audit).
+            Err(MdSuperblockError::Corrupt { .. })
+                if legacy.as_ref().is_ok_and(|l| {
+                    head[SUPERBLOCK_BYTES + 16..SUPERBLOCK_BYTES + 32] == l.volume_uuid
+                }) =>
+            {
+                return Ok(legacy)
+            }
+            Err(e) if legacy.is_ok() => {
+                return Ok(Err(SuperblockError::Md(format!(
+                    "two superblocks: the appliance's first format at 0 and an md superblock at 4 KiB this appliance cannot read ({e}); which is newer cannot be told: wipe the stale one (md's with `wipefs -a -t linux_raid_member`, the appliance's is its first 4 KiB)"
+                ))))
+            }
             Err(MdSuperblockError::Corrupt { stored, computed }) => {
                 return Ok(Err(SuperblockError::Corrupt { stored, computed }))
             }
