@@ -117,7 +117,7 @@ fn scan(log: &mut LogReader, s: &Super, largest: usize) -> Result<Vec<Found>, Ra
         let candidate = u64_at(&h, 0) == REC_MAGIC
             && u64_at(&h, 8) == s.nonce
             && seq > s.checkpoint_seq
-            && seq < super::codec::SEQ_LIMIT
+            && seq < super::codec::SEQ_READ_LIMIT
             && blocks >= 1
             && blocks <= total - i
             && blocks <= largest
