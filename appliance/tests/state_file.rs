@@ -89,6 +89,40 @@ fn an_edit_no_reload_applied_is_set_aside_not_overwritten() {
     let _ = reactors.shutdown();
 }
 
+/// From an audit: a state file grown to a huge (sparse) size was copied
+/// aside whole, inside the suspend of the volume whose change saved: its
+/// IO held for the copy, and the disk filled. No configuration is larger
+/// than `MAX_FILE`: no more is copied.
+#[test]
+fn a_huge_state_file_is_not_copied_aside_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let (reactors, mgr, _) = edited_after_a_save(&state);
+    let huge = 4 * appliance::config::MAX_FILE;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(huge)
+        .unwrap();
+    mgr.attach_device(ram("c")).unwrap();
+    let kept: Vec<u64> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.toml.edited-")
+        })
+        .map(|e| e.metadata().unwrap().len())
+        .collect();
+    assert_eq!(kept, [appliance::config::MAX_FILE]);
+    assert_eq!(devices(&Config::load(&state).unwrap()), ["a", "c"]);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}
+
 /// From review: setting an edit aside can itself fail (a disk full; here
 /// a file name too long for the copy's suffix). The save then overwrote
 /// the edit, said only in the log. The edit is kept now: the save fails,

@@ -52,8 +52,11 @@ fn read_state(path: &Path) -> Option<Vec<u8>> {
 
 /// Copy `from` to a new file beside `path`, named for now: where an edit of
 /// the state file that would be lost is kept. Its name is returned, with
-/// why if the copy failed.
-fn set_aside(path: &Path, from: &mut impl std::io::Read) -> Result<PathBuf, (PathBuf, String)> {
+/// why if the copy failed. At most a configuration's largest size is
+/// copied: no larger file is one, and the copy runs inside a volume's
+/// suspend (a sparse 500 GB file put there held the volume's IO for the
+/// whole copy and filled the disk: audit).
+fn set_aside(path: &Path, from: impl std::io::Read) -> Result<PathBuf, (PathBuf, String)> {
     let at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -71,7 +74,7 @@ fn set_aside(path: &Path, from: &mut impl std::io::Read) -> Result<PathBuf, (Pat
         .and_then(|mut f| {
             // A copy begun is not left half written (each later save
             // tries again under a new name).
-            std::io::copy(from, &mut f)
+            std::io::copy(&mut from.take(crate::config::MAX_FILE), &mut f)
                 .and_then(|_| f.flush())
                 .and_then(|()| f.sync_all())
                 .inspect_err(|_| drop(std::fs::remove_file(&aside)))
@@ -266,9 +269,9 @@ impl Shared {
     /// what runs, so that part would be lost unseen at the next change
     /// (the reload's own saves included): the file as edited is kept
     /// beside it, and the health says where.
-    pub(super) fn keep_refused_edit(&self, path: &Path, mut edited: &[u8]) {
+    pub(super) fn keep_refused_edit(&self, path: &Path, edited: &[u8]) {
         let mut saves = lock(&self.saving);
-        match set_aside(path, &mut edited) {
+        match set_aside(path, edited) {
             Ok(aside) => {
                 tracing::warn!(file = %path.display(), kept = %aside.display(), "a reload could not apply all of the state file's edit; the file as edited is kept");
                 saves.edit_kept = Some((aside, true));
