@@ -154,6 +154,10 @@ fn writes_reach_a_write_mostly_member_in_the_background_up_to_the_limit() {
     monitor.set_meta(meta);
     assert!(monitor.open(true).unwrap().is_none());
     monitor.set_write_mostly("m1", true).unwrap();
+    // Past md's limit, whoever asks (a state file's value came in
+    // unchecked at a restart: audit).
+    assert!(monitor.set_write_behind(16384).is_err());
+    assert_eq!(monitor.snapshot().write_behind.0, 0);
     monitor.set_write_behind(4).unwrap();
     let mut ch = volume.info_device().open_channel().unwrap();
     // The region's bitmap bit goes to every member, m1 too (as md writes

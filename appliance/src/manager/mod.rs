@@ -196,10 +196,11 @@ fn check_storable(field: &'static str, v: u64) -> Result<(), MgmtError> {
 
 /// md's write-behind limit: 1..=16383 (md's COUNTER_MAX / 2).
 fn check_write_behind(limit: u32) -> Result<(), MgmtError> {
-    if !(1..=16383).contains(&limit) {
+    let most = crate::raid::md::bitmap::MAX_WRITE_BEHIND;
+    if !(1..=most).contains(&limit) {
         return Err(invalid(
             "write_behind",
-            format!("{limit} is not in 1..=16383 (0 turns it off)"),
+            format!("{limit} is not in 1..={most} (0 turns it off)"),
         ));
     }
     Ok(())

@@ -674,6 +674,15 @@ pub(crate) fn plan(
             if cur.parity_geometry().is_some() {
                 return precondition("write-behind applies to the write-mostly members of a RAID1");
             }
+            // Checked here, not only by the API: a state file's value
+            // reached the volume unchecked at a restart, and each
+            // background write holds a copy of its data (audit).
+            if limit > u64::from(super::md::bitmap::MAX_WRITE_BEHIND) {
+                return precondition(format!(
+                    "a write-behind limit of {limit} is past md's {}",
+                    super::md::bitmap::MAX_WRITE_BEHIND
+                ));
+            }
             if limit > 0 && set.bitmap.is_none() {
                 return precondition(
                     "write-behind needs a write-intent bitmap (a crash must leave the regions of background writes marked); add one first",
