@@ -383,6 +383,12 @@ impl Controller {
                 return Ok(cqe.result);
             }
             if self.bar.read32(spec::REG_CSTS) == u32::MAX {
+                // Gone, or only its register reads lost with the link up:
+                // the command may still run and write the admin buffer
+                // the next command copies out. It was left so, the
+                // controller alive (audit): failed, as the recovery
+                // thread fails it on the same reading.
+                self.fail("registers read all ones: the device was removed");
                 return Err(NvmeError::Failed(name.into(), "device removed".into()));
             }
             let now = Instant::now();

@@ -1004,6 +1004,24 @@ fn a_device_that_does_not_stop_never_gets_its_addresses_reused() {
     t.unmap(again, 4096);
 }
 
+/// From an audit: an admin command that saw the registers read all ones
+/// gave up with "device removed" and left the controller alive, the
+/// command still queued: a device that had only lost its register reads
+/// could still run it, and write the admin buffer the next command
+/// copies out. The controller is failed, as the recovery thread fails it.
+#[test]
+fn an_admin_command_that_finds_the_device_gone_fails_the_controller() {
+    let (soft, ctrl) = setup(SoftConfig::default(), quick());
+    soft.hold_admin();
+    soft.lose_status();
+    // A namespace not known yet: its Identify goes to the admin queue.
+    let err = Namespace::new(&ctrl, 9, "x")
+        .map(|_| ())
+        .expect_err("identify");
+    assert!(err.to_string().contains("removed"), "{err}");
+    assert!(ctrl.is_failed());
+}
+
 /// An abort names its command by queue and identifier only, and a
 /// completion is matched by identifier. Free slots were taken last-freed
 /// first, so at queue depth 1 every command had the same slot, and its
