@@ -33,36 +33,60 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above; nothing is mutated through &Mapping.
 unsafe impl Sync for Mapping {}
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // The last holder may be a reactor (its gate let go of the map
-        // after a change): undoing the DMA mapping (an IOMMU unmap that
-        // unpins every page) and the unmap of a large guest took it from
-        // every queue of every VM on it for milliseconds to seconds. A
-        // thread of its own does that.
-        if poller::current_reactor().is_some() {
-            let m = Mapping {
-                ptr: self.ptr,
-                len: std::mem::take(&mut self.len),
-                dma: self.dma.take(),
-                sigbus: self.sigbus.take(),
-            };
-            // (No thread, or gone: `m` unmaps here after all.)
-            if let Some(tx) = unmapper() {
-                let _ = tx.send(m);
-            }
-            return;
-        }
+impl Mapping {
+    /// Let go of it on this thread: its registrations first, then the
+    /// memory. Empty afterwards (its drop does nothing).
+    fn release(&mut self) {
         self.dma.take();
         self.sigbus.take();
-        if self.len == 0 {
+        let len = std::mem::take(&mut self.len);
+        if len == 0 {
             return;
         }
         #[cfg(test)]
         tests::unmapped_on(std::thread::current().name());
         // SAFETY: our own mapping, used by nobody once the last map that
         // holds it is gone.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { libc::munmap(self.ptr.cast(), len) };
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0 && self.dma.is_none() && self.sigbus.is_none()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.is_empty() {
+            return;
+        }
+        // The last holder may be a reactor (its gate let go of the map
+        // after a change): undoing the DMA mapping (an IOMMU unmap that
+        // unpins every page) and the unmap of a large guest took it from
+        // every queue of every VM on it for milliseconds to seconds. A
+        // thread of its own does that.
+        if poller::current_reactor().is_some() {
+            if let Some(tx) = unmapper() {
+                let m = Mapping {
+                    ptr: self.ptr,
+                    len: std::mem::take(&mut self.len),
+                    dma: self.dma.take(),
+                    sigbus: self.sigbus.take(),
+                };
+                match tx.send(m) {
+                    Ok(()) => return,
+                    // The thread is gone: here after all. (Dropped as it
+                    // was, it came back here and recursed until the stack
+                    // overflowed: audit.)
+                    Err(std::sync::mpsc::SendError(mut m)) => {
+                        m.release();
+                        return;
+                    }
+                }
+            }
+            // No thread: here after all (it was left mapped: audit).
+        }
+        self.release();
     }
 }
 
@@ -70,6 +94,10 @@ impl Drop for Mapping {
 /// with the first mapping; none if it could not start: then the reactor
 /// does it, as before).
 fn unmapper() -> Option<&'static std::sync::mpsc::Sender<Mapping>> {
+    #[cfg(test)]
+    if tests::NO_UNMAPPER.load(std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
     static TX: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Mapping>>> =
         std::sync::OnceLock::new();
     TX.get_or_init(|| {
@@ -437,6 +465,9 @@ mod tests {
     use std::os::fd::FromRawFd;
 
     static UNMAPPED_ON: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    /// As if the unmapping thread could not start.
+    pub(super) static NO_UNMAPPER: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 
     pub(super) fn unmapped_on(thread: Option<&str>) {
         UNMAPPED_ON
@@ -483,6 +514,38 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        reactors.shutdown().unwrap();
+    }
+
+    /// From an audit: with no unmapping thread (it could not start), guest
+    /// memory dropped on a reactor was left mapped; with the thread gone,
+    /// the drop recursed until the stack overflowed. The reactor unmaps it
+    /// then. (Each nextest test is a process of its own: the switch
+    /// touches no other test.)
+    #[test]
+    fn guest_memory_dropped_on_a_reactor_without_the_thread_is_unmapped_there() {
+        NO_UNMAPPER.store(true, std::sync::atomic::Ordering::SeqCst);
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let fault = Arc::new(FaultSignal::new().unwrap());
+        let file = memfd(0);
+        let whole = Declared {
+            gpa: 0,
+            size: 4 << 20,
+            user_addr: 0,
+            mmap_offset: 0,
+        };
+        let mut memory = GuestMemory::default();
+        memory.add(GuestMemory::map_region(whole, &file, &fault).unwrap());
+        reactors
+            .set()
+            .call(0, std::time::Duration::from_secs(10), move |_| drop(memory))
+            .unwrap();
+        let on = UNMAPPED_ON.lock().unwrap().clone();
+        assert!(on.iter().any(|t| t.starts_with("reactor")), "{on:?}");
         reactors.shutdown().unwrap();
     }
 
