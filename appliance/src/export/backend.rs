@@ -793,7 +793,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         )
         .map_err(invalid)?;
         let mut region = region;
-        region.protect(&self.export.fault());
+        region.protect(&self.export.fault()).map_err(invalid)?;
         self.inflight = Some(Arc::new(region));
         Ok(())
     }

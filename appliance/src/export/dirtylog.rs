@@ -115,7 +115,7 @@ impl DirtyLog {
             .map_err(|e| format!("mapping the dirty log: {e}"))?;
         // The frontend may still shrink the file under the mapping: a mark
         // there then costs its connection, not the daemon (sigbus.rs).
-        let sigbus = super::sigbus::register(map.as_mut_ptr(), map.len(), fault);
+        let sigbus = super::sigbus::register(map.as_mut_ptr(), map.len(), fault)?;
         Ok(DirtyLog {
             _sigbus: sigbus,
             map,

@@ -193,12 +193,16 @@ impl InflightRegion {
 
     /// A frontend that shrinks the area's file under our mapping costs its
     /// connection, not the process (see `super::sigbus`).
-    pub fn protect(&mut self, fault: &std::sync::Arc<super::fault::FaultSignal>) {
+    pub fn protect(
+        &mut self,
+        fault: &std::sync::Arc<super::fault::FaultSignal>,
+    ) -> Result<(), String> {
         self.sigbus = Some(super::sigbus::register(
             self.map.as_mut_ptr(),
             self.map.len(),
             fault,
-        ));
+        )?);
+        Ok(())
     }
 
     fn queue_base(&self, q: u16) -> *mut u8 {

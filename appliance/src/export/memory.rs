@@ -384,7 +384,7 @@ impl GuestMemory {
             dma: None,
             sigbus: None,
         };
-        owner.sigbus = Some(sigbus::register(ptr, len, fault));
+        owner.sigbus = Some(sigbus::register(ptr, len, fault).map_err(invalid)?);
         // SAFETY: the mapping is ours and lives as long as `owner`, which
         // every holder of the vm-memory region also holds.
         let mmap = unsafe { MmapRegion::build_raw(ptr, len, prot, flags) }

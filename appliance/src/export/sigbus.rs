@@ -100,9 +100,15 @@ impl Drop for Registration {
     }
 }
 
-/// Register `len` bytes of frontend memory at `ptr` for `fault`. With the
-/// table full (4096 mappings) the mapping works unprotected, and says so.
-pub fn register(ptr: *mut u8, len: usize, fault: &Arc<FaultSignal>) -> Registration {
+/// Register `len` bytes of frontend memory at `ptr` for `fault`. Refused
+/// with the table full (4096 mappings): the mapping is not used then (it
+/// was, unprotected, and a frontend's truncate then killed the daemon:
+/// audit).
+pub fn register(
+    ptr: *mut u8,
+    len: usize,
+    fault: &Arc<FaultSignal>,
+) -> Result<Registration, String> {
     install();
     // Whole pages: the handler's replacement mmap needs a page-aligned
     // start (MAP_FIXED), or it fails and the fault kills the process. A
@@ -118,25 +124,23 @@ pub fn register(ptr: *mut u8, len: usize, fault: &Arc<FaultSignal>) -> Registrat
             .compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
     });
-    match slot {
-        Some(i) => {
-            let s = &TABLE[i];
-            s.gen.fetch_add(1, Ordering::AcqRel);
-            s.start.store(ptr as usize, Ordering::Release);
-            s.len.store(len, Ordering::Release);
-            s.fault
-                .store(Arc::as_ptr(fault) as *mut FaultSignal, Ordering::Release);
-            s.state.store(LIVE, Ordering::Release);
-            s.gen.fetch_add(1, Ordering::AcqRel);
-        }
-        None => tracing::error!(
-            "more than {SLOTS} guest memory mappings: this one is not protected from SIGBUS"
-        ),
-    }
-    Registration {
-        slot,
+    let Some(i) = slot else {
+        return Err(format!(
+            "the daemon holds {SLOTS} mappings of frontend memory already (each needs its SIGBUS guard)"
+        ));
+    };
+    let s = &TABLE[i];
+    s.gen.fetch_add(1, Ordering::AcqRel);
+    s.start.store(ptr as usize, Ordering::Release);
+    s.len.store(len, Ordering::Release);
+    s.fault
+        .store(Arc::as_ptr(fault) as *mut FaultSignal, Ordering::Release);
+    s.state.store(LIVE, Ordering::Release);
+    s.gen.fetch_add(1, Ordering::AcqRel);
+    Ok(Registration {
+        slot: Some(i),
         _fault: fault.clone(),
-    }
+    })
 }
 
 fn install() {
@@ -240,7 +244,7 @@ mod tests {
             let at = (base as *mut u8).add(64);
             at.write_volatile(7);
             let fault = Arc::new(FaultSignal::new().unwrap());
-            let reg = register(at, page, &fault);
+            let reg = register(at, page, &fault).unwrap();
             assert_eq!(libc::ftruncate(fd, 0), 0);
             assert_eq!(
                 at.read_volatile(),
@@ -252,5 +256,23 @@ mod tests {
             libc::munmap(base, 2 * page);
             libc::close(fd);
         }
+    }
+
+    /// From an audit: with the table full, a mapping was used unprotected,
+    /// and a frontend's truncate then killed the daemon. It is refused.
+    #[test]
+    fn a_mapping_with_no_room_left_in_the_table_is_refused() {
+        let fault = Arc::new(FaultSignal::new().unwrap());
+        let mut page = vec![0u8; 2 * super::super::memory::page_size()];
+        let at = page.as_mut_ptr();
+        // (Each nextest test is a process of its own: the table is this
+        // test's.)
+        let mut held: Vec<Registration> = (0..SLOTS)
+            .map(|_| register(at, 64, &fault).unwrap())
+            .collect();
+        let refused = register(at, 64, &fault).map(|_| ());
+        assert!(refused.is_err_and(|why| why.contains("4096")));
+        held.pop();
+        assert!(register(at, 64, &fault).is_ok());
     }
 }
