@@ -204,6 +204,24 @@ fn hostile_chains_get_a_status_and_touch_nothing_outside() {
     }
     d.push(status(100));
     expect_status(parse(&d, &m, &l), S_IOERR);
+    // Too many pieces of guest memory: one segment over tiny regions
+    // side by side (a frontend's memory table) is split at each.
+    let tiny: Vec<(GuestAddress, usize)> = std::iter::once((GuestAddress(0), 4096))
+        .chain((0..20).map(|i| (GuestAddress(4096 + i * 512), 512)))
+        .collect();
+    let tm = GuestMemoryMmap::from_ranges(&tiny).unwrap();
+    let over = |regions: u64| {
+        [
+            header(&tm, 0, VIRTIO_BLK_T_IN, 0),
+            data(4096, regions as u32 * 512, true),
+            status(100),
+        ]
+    };
+    assert!(parse(&over(2 * l.seg_max as u64), &tm, &l)
+        .unwrap()
+        .action
+        .is_ok());
+    expect_status(parse(&over(2 * l.seg_max as u64 + 1), &tm, &l), S_IOERR);
     // Too large.
     let mut big = l.clone();
     big.max_transfer = 4096;
