@@ -682,3 +682,52 @@ fn a_driver_that_asks_for_no_interrupts_gets_none() {
         std::thread::yield_now();
     }
 }
+
+/// From an audit: a ring whose guest address is misaligned for its part
+/// (a region whose user address is 8 bytes off its guest address: the
+/// user address the frontend gives is aligned, the descriptor table's
+/// guest address is not) was replaced by virtio-queue with address 0 when
+/// the ring started, with a log line, and the ring ran there. It is
+/// refused when given (which costs the connection, as a refused message
+/// does).
+#[test]
+fn a_misaligned_ring_address_is_refused() {
+    use std::os::fd::AsRawFd;
+    let r = rig_of(1, Duration::from_micros(50), 1);
+    let (file, base) = guest_memory(c"misaligned");
+    let mut f = vhost::vhost_user::Frontend::connect(&r.socks[0], 1).unwrap();
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    f.set_features(features & ((1 << 32) | (1 << 30))).unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    f.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let user = base as u64 + 8;
+    f.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: user,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    }])
+    .unwrap();
+    f.set_vring_num(0, QSIZE).unwrap();
+    let given = f.set_vring_addr(
+        0,
+        &vhost::VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: user + 0x5008,
+            avail_ring_addr: user + 0x6000,
+            used_ring_addr: user + 0x7000,
+            log_addr: None,
+        },
+    );
+    assert!(given.is_err(), "a descriptor table at guest 0x5008 taken");
+    drop(f);
+    eventually("the connection ends", || !r.exports[0].is_connected());
+    // The export serves the next frontend.
+    Guest::new(&r.socks[0], 1).good_read(0);
+}

@@ -545,6 +545,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 "vring {index} addresses are outside guest memory"
             )));
         };
+        // virtio's alignments (split ring): a misaligned part was replaced
+        // by address 0 when the ring started, and the ring ran there
+        // (audit).
+        if d % 16 != 0 || a % 2 != 0 || u % 4 != 0 {
+            return Err(invalid(format!(
+                "vring {index} addresses {d:#x}/{a:#x}/{u:#x} are misaligned (descriptors on 16 bytes, available ring on 2, used ring on 4)"
+            )));
+        }
         let v = self.vring(index)?;
         if v.running.is_some() {
             // A frontend turning dirty logging on or off for a running
