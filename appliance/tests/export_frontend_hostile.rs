@@ -695,14 +695,7 @@ fn a_misaligned_ring_address_is_refused() {
     use std::os::fd::AsRawFd;
     let r = rig_of(1, Duration::from_micros(50), 1);
     let (file, base) = guest_memory(c"misaligned");
-    let mut f = vhost::vhost_user::Frontend::connect(&r.socks[0], 1).unwrap();
-    f.set_owner().unwrap();
-    let features = f.get_features().unwrap();
-    f.set_features(features & ((1 << 32) | (1 << 30))).unwrap();
-    let pf = f.get_protocol_features().unwrap();
-    f.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
-        .unwrap();
-    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let f = bare_frontend(&r.socks[0]);
     let user = base as u64 + 8;
     f.set_mem_table(&[VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
@@ -730,4 +723,81 @@ fn a_misaligned_ring_address_is_refused() {
     eventually("the connection ends", || !r.exports[0].is_connected());
     // The export serves the next frontend.
     Guest::new(&r.socks[0], 1).good_read(0);
+}
+
+/// A frontend connected to `sock` with its features set, every message
+/// waiting for the daemon's answer, and no memory yet.
+fn bare_frontend(sock: &std::path::Path) -> vhost::vhost_user::Frontend {
+    let mut f = vhost::vhost_user::Frontend::connect(sock, 1).unwrap();
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    f.set_features(features & ((1 << 32) | (1 << 30))).unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    f.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    f
+}
+
+/// A mapper that maps nothing: its presence says guest memory is pinned.
+struct Pins;
+
+impl bdev::DmaMapper for Pins {
+    unsafe fn dma_map(&self, _ptr: *mut u8, _len: usize) -> Result<(), String> {
+        Ok(())
+    }
+    fn dma_unmap(&self, _ptr: *mut u8) {}
+}
+
+/// From an audit: with a device that pins guest memory for DMA (an
+/// IOMMU), each export's limit defaulted to the host's memory, so two
+/// frontends with sparse files of most of it pinned more than the host
+/// has, and the OOM killer took the daemon. Every connection's tables
+/// together stay within the host's memory less a reserve.
+#[test]
+fn guest_memory_pinned_for_dma_is_held_within_the_host_daemon_wide() {
+    use std::os::fd::AsRawFd;
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let pins: std::sync::Arc<dyn bdev::DmaMapper> = std::sync::Arc::new(Pins);
+    bdev::add_dma_mapper(&pins);
+    let total = appliance::host::memory_total().unwrap();
+    // Each within its export's limit; both together over the host.
+    let size = (total * 3 / 5) & !0xfff;
+    let table = |name: &std::ffi::CStr| {
+        // SAFETY: a plain syscall; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(size).unwrap();
+        file
+    };
+    let region = |file: &std::fs::File| VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: 0x7000_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    let (a, b) = (table(c"pinned-a"), table(c"pinned-b"));
+    let first = bare_frontend(&r.socks[0]);
+    first.set_mem_table(&[region(&a)]).unwrap();
+    let second = bare_frontend(&r.socks[1]);
+    let refused = second.set_mem_table(&[region(&b)]);
+    assert!(refused.is_err(), "both pinned");
+    drop(second);
+    // Once the first has gone, the second's is taken.
+    drop(first);
+    eventually("the first connection ends", || !r.exports[0].is_connected());
+    let mut second = bare_frontend(&r.socks[1]);
+    let mut taken = second.set_mem_table(&[region(&b)]);
+    // (The first connection's handler may outlive its socket a moment.)
+    let t = Instant::now();
+    while taken.is_err() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+        second = bare_frontend(&r.socks[1]);
+        taken = second.set_mem_table(&[region(&b)]);
+    }
+    assert!(taken.is_ok(), "{taken:?}");
+    drop(pins);
 }

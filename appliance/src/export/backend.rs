@@ -140,6 +140,8 @@ pub struct Handler {
     features: u64,
     protocol: u64,
     memory: GuestMemory,
+    /// `memory`'s share of what the daemon's connections hold.
+    share: super::budget::TableShare,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightRegion>>,
     /// The dirty log SET_LOG_BASE gave (used while VHOST_F_LOG_ALL is on).
@@ -223,6 +225,7 @@ impl Handler {
             features: 0,
             protocol: 0,
             memory: GuestMemory::default(),
+            share: Default::default(),
             log: None,
             switch: Arc::default(),
             asks_reply: false,
@@ -299,6 +302,22 @@ impl Handler {
 
     fn protocol_features_acked(&self) -> bool {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Run `change`, a new memory table of `bytes`, with the connection's
+    /// share of the daemon's guest memory taken first (before anything is
+    /// mapped and perhaps pinned), and given back if the change fails.
+    fn with_share(
+        &mut self,
+        bytes: u64,
+        change: impl FnOnce(&mut Self) -> VuResult<()>,
+    ) -> VuResult<()> {
+        let before = self.share.resize(bytes, true).map_err(invalid)?;
+        let r = change(self);
+        if r.is_err() {
+            let _ = self.share.resize(before, false);
+        }
+        r
     }
 
     /// Publish a new guest memory map: the export's queues drain and pick
@@ -506,11 +525,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         GuestMemory::default()
             .check_table(&declared, self.memory_limit())
             .map_err(invalid)?;
-        let mut memory = GuestMemory::default();
-        for (d, f) in declared.into_iter().zip(&files) {
-            memory.add(GuestMemory::map_region(d, f, &self.export.fault()).map_err(invalid)?);
-        }
-        self.publish_memory(memory)?;
+        let bytes = declared.iter().map(|d| d.size).fold(0, u64::saturating_add);
+        self.with_share(bytes, |h| {
+            let mut memory = GuestMemory::default();
+            for (d, f) in declared.into_iter().zip(&files) {
+                memory.add(GuestMemory::map_region(d, f, &h.export.fault()).map_err(invalid)?);
+            }
+            h.publish_memory(memory)
+        })?;
         Ok(None)
     }
 
@@ -826,10 +848,13 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.memory
             .check_table(&[d], self.memory_limit())
             .map_err(invalid)?;
-        let r = GuestMemory::map_region(d, &fd, &self.export.fault()).map_err(invalid)?;
-        let mut memory = self.memory.clone();
-        memory.add(r);
-        self.publish_memory(memory)?;
+        let bytes = self.memory.bytes().saturating_add(d.size);
+        self.with_share(bytes, |h| {
+            let r = GuestMemory::map_region(d, &fd, &h.export.fault()).map_err(invalid)?;
+            let mut memory = h.memory.clone();
+            memory.add(r);
+            h.publish_memory(memory)
+        })?;
         Ok(None)
     }
 
@@ -838,7 +863,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
         memory
             .remove(region.guest_phys_addr, region.memory_size)
             .map_err(invalid)?;
-        self.publish_memory(memory)
+        let bytes = memory.bytes();
+        self.publish_memory(memory)?;
+        let _ = self.share.resize(bytes, false);
+        Ok(())
     }
 
     fn set_device_state_fd(

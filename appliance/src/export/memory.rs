@@ -434,6 +434,14 @@ impl GuestMemory {
             .map(|r| r.gpa + (va - r.user_addr))
     }
 
+    /// Bytes of guest memory the table holds.
+    pub fn bytes(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.size)
+            .fold(0, u64::saturating_add)
+    }
+
     /// One past the highest guest address of the table (0 when empty).
     pub fn end(&self) -> u64 {
         self.regions

@@ -2,6 +2,7 @@
 //! control thread, the virtqueues on the reactors.
 
 mod backend;
+mod budget;
 pub mod chain;
 mod dirtylog;
 mod error;

@@ -93,6 +93,12 @@ fn refused(len: usize, e: &str) {
     }
 }
 
+/// Whether a driver maps memory for its device now (an IOMMU): memory
+/// registered then is pinned.
+pub fn dma_mappers_present() -> bool {
+    registry().mappers.iter().any(|m| m.strong_count() > 0)
+}
+
 /// Subscribe `mapper`: it maps every region registered so far, and hears
 /// of later ones until it is dropped.
 pub fn add_dma_mapper(mapper: &Arc<dyn DmaMapper>) {

@@ -29,7 +29,9 @@ pub use device::{
     SgList, SubmitError,
 };
 pub use dma::{DmaBuf, DmaPool};
-pub use dmamap::{add_dma_mapper, register_dma_memory, DmaMapper, DmaRegistration};
+pub use dmamap::{
+    add_dma_mapper, dma_mappers_present, register_dma_memory, DmaMapper, DmaRegistration,
+};
 pub use error::{host_short, BdevError, IoError};
 pub use fault::{FaultControl, FaultDevice};
 pub use file::FileDevice;
