@@ -45,17 +45,64 @@ pub(crate) fn drain(fd: RawFd) -> u64 {
         NO_NOWAIT.store(true, Ordering::Relaxed);
     }
     // Older kernels: read only what poll says is there. A frontend that
-    // clears O_NONBLOCK and takes the count itself in between can still
-    // block this read until its next kick.
+    // clears O_NONBLOCK and takes the count itself in between blocks this
+    // read until its next kick, which it need never send: the read is
+    // watched, and the watchdog frees it with a count of one (a spurious
+    // kick) if it makes no progress between two looks (audit).
     if !ready(fd, libc::POLLIN) {
         return 0;
     }
+    #[cfg(test)]
+    tests::between_poll_and_read(fd);
+    let reading = Reading::start(fd);
     // SAFETY: reading 8 bytes into our own u64.
     let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    drop(reading);
     if n == 8 {
         v
     } else {
         0
+    }
+}
+
+/// Reads in progress on the fallback path: their descriptor, and whether
+/// the watchdog saw them at its last look.
+static READING: Mutex<Vec<(u64, RawFd, bool)>> = Mutex::new(Vec::new());
+
+/// A read of the fallback path, listed while it runs.
+struct Reading(u64);
+
+impl Reading {
+    fn start(fd: RawFd) -> Reading {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // The watchdog's thread runs from now on.
+        let _ = watched();
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        lock_reading().push((id, fd, false));
+        Reading(id)
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        lock_reading().retain(|r| r.0 != self.0);
+    }
+}
+
+fn lock_reading() -> std::sync::MutexGuard<'static, Vec<(u64, RawFd, bool)>> {
+    READING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One look at the fallback's reads: one seen at the last look too is
+/// blocked (the frontend took the count it was going to read), and is
+/// freed with a count of one. (Its descriptor is open: the read's caller
+/// holds it until the read has returned and left the list.)
+fn free_blocked_reads() {
+    for (_, fd, seen) in lock_reading().iter_mut() {
+        if *seen {
+            write_one(*fd);
+        }
+        *seen = true;
     }
 }
 
@@ -149,6 +196,7 @@ fn watched() -> Option<&'static Watched> {
                 .name("eventfd-watch".into())
                 .spawn(|| loop {
                     std::thread::sleep(WATCH_EVERY);
+                    free_blocked_reads();
                     if let Some(w) = watched() {
                         free_blocked(w);
                     }
@@ -167,25 +215,44 @@ fn watched() -> Option<&'static Watched> {
 /// One look: take the counter of every signaller whose write has been
 /// blocked since the last look on a full counter.
 fn free_blocked(watched: &Watched) {
-    let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
-    w.retain(|(n, _)| n.strong_count() > 0);
-    for (n, last) in w.iter_mut() {
-        let Some(n) = n.upgrade() else {
-            continue;
-        };
-        let finished = n.finished.load(Ordering::Relaxed);
-        let started = n.started.load(Ordering::Relaxed);
-        let stuck = started != finished && finished == *last;
-        *last = finished;
-        // A counter with room means the writer is only slow (descheduled):
-        // its count is the frontend's, and is left alone.
-        if stuck && !ready(n.file.as_raw_fd(), libc::POLLOUT) {
-            n.hostile.store(true, Ordering::Relaxed);
+    let mut stuck = Vec::new();
+    {
+        let mut w = watched.lock().unwrap_or_else(|e| e.into_inner());
+        w.retain(|(n, _)| n.strong_count() > 0);
+        for (n, last) in w.iter_mut() {
+            let Some(n) = n.upgrade() else {
+                continue;
+            };
+            let finished = n.finished.load(Ordering::Relaxed);
+            let started = n.started.load(Ordering::Relaxed);
+            let blocked = started != finished && finished == *last;
+            *last = finished;
+            // A counter with room means the writer is only slow
+            // (descheduled): its count is the frontend's, and is left
+            // alone.
+            if blocked && !ready(n.file.as_raw_fd(), libc::POLLOUT) {
+                stuck.push(n);
+            }
+        }
+    }
+    // Taken without the list's lock: on the fallback path the frontend may
+    // take the count first and block this read too, until a look frees it
+    // (a thread of its own then: this one does the looking).
+    for n in stuck {
+        n.hostile.store(true, Ordering::Relaxed);
+        let take = move || {
             let took = drain(n.file.as_raw_fd());
             tracing::warn!(
                 count = took,
                 "a frontend filled an eventfd we write to and made it blocking; its counter was taken to free the write, and it is written to no more"
             );
+        };
+        if NO_NOWAIT.load(Ordering::Relaxed) {
+            let _ = std::thread::Builder::new()
+                .name("eventfd-take".into())
+                .spawn(take);
+        } else {
+            take();
         }
     }
 }
@@ -194,6 +261,40 @@ fn free_blocked(watched: &Watched) {
 mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
+
+    /// Whether the next fallback read has its count taken first, as a
+    /// frontend racing it would.
+    static RACE: AtomicBool = AtomicBool::new(false);
+
+    pub(super) fn between_poll_and_read(fd: RawFd) {
+        if RACE.swap(false, Ordering::SeqCst) {
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes into our own u64.
+            unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+
+    /// From an audit: on kernels without RWF_NOWAIT for eventfds, a
+    /// frontend that cleared O_NONBLOCK and took the count between our
+    /// poll and our read blocked the read, and the reactor with every
+    /// queue on it, until its next kick, which it need never send. The
+    /// watchdog frees such a read. (Each nextest test is a process of its
+    /// own: forcing the fallback touches no other test.)
+    #[test]
+    fn a_fallback_read_the_frontend_made_block_is_freed() {
+        NO_NOWAIT.store(true, Ordering::SeqCst);
+        let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        fd.write(1).unwrap();
+        RACE.store(true, Ordering::SeqCst);
+        let raw = fd.as_raw_fd();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(drain(raw));
+        });
+        // Freed with a spurious kick of one.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(1));
+        assert_eq!(drain(fd.as_raw_fd()), 0);
+    }
 
     /// A second handle of `fd`, as a frontend's descriptor is ours.
     fn file_of(fd: &vmm_sys_util::eventfd::EventFd) -> File {
