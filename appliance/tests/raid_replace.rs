@@ -253,6 +253,10 @@ fn no_replacement_starts_on_a_degraded_volume() {
     assert_eq!(p.error(), None);
     assert_eq!(monitor.snapshot().members, ["n0", "m1", "s0"]);
     monitor.close().unwrap();
+    // A change that reaches it closed (the daemon's stop) may be made
+    // again once the daemon serves: not refused for what it asked.
+    let r = monitor.replace_member("n0", ram("n1")).map(|_| ());
+    assert!(matches!(r, Err(OpError::Stopped(_))), "{r:?}");
     reactors.shutdown().unwrap();
 }
 

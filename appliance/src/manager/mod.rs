@@ -163,6 +163,11 @@ fn from_op(volume: &str, e: OpError) -> MgmtError {
         OpError::Gone(m) => {
             MgmtError::NotFound(format!("volume {volume} was deleted meanwhile: {m}"))
         }
+        // A call that reached the volume as the daemon's stop closed it
+        // (audit: it said FailedPrecondition, a refusal of the call).
+        OpError::Stopped(m) => {
+            MgmtError::Unavailable(format!("{volume}: {m} (the daemon is stopping)"))
+        }
     }
 }
 

@@ -67,6 +67,10 @@ pub enum OpError {
     /// told so, not of an internal error.
     #[error("{0}")]
     Gone(String),
+    /// The volume is closed (the daemon's stop): the call may be made
+    /// again once the daemon serves, not refused for what it asked.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 /// What the volume's owner (the daemon's inventory) is told inside a
@@ -184,7 +188,7 @@ impl Inner {
             if self.deleted.load(Ordering::SeqCst) {
                 return Err(OpError::Gone("the volume is being deleted".into()));
             }
-            return Err(OpError::FailedPrecondition("the volume is stopped".into()));
+            return Err(OpError::Stopped("the volume is stopped".into()));
         }
         Ok(s)
     }
