@@ -1181,3 +1181,35 @@ fn a_queue_move_racing_the_exports_delete_is_told_it_is_gone() {
     let _ = flush.join();
     rig.stop();
 }
+
+/// From an audit: a RAM resize checked the memory and then copied with
+/// nothing held, so two at once both passed the check, each with the
+/// other's memory not yet counted. The size asked for is held until the
+/// resize ends.
+#[test]
+fn a_ram_resize_holds_its_memory_while_it_copies() {
+    let mut rig = Rig::new(false);
+    rig.attach("a", "ram:16M");
+    rig.attach("b", "ram:16M");
+    rig.mgr
+        .create_volume(VolumeDecl::new("v", "single", &["a"]), true)
+        .unwrap();
+    let sock = rig.export("v");
+    // IO in flight: a's resize waits for the volume to drain.
+    let flush = rig.stuck_flush(&sock, "a");
+    let total = appliance::host::memory_total().unwrap();
+    // Within the check with what is attached, but more than the host has
+    // available: the resize itself is refused once it runs, unallocated.
+    let most = (total - (64 << 20)) & !4095;
+    let mgr = rig.mgr.clone();
+    let (first, tid) = spawn_noting_tid(move || mgr.resize_device("a", most).map(|_| ()));
+    eventually("the first resize waits for the volume", || sleeping(tid));
+    let r = rig.mgr.resize_device("b", 64 << 20).map(|_| ());
+    assert!(matches!(r, Err(MgmtError::ResourceExhausted(_))), "{r:?}");
+    rig.fault("a").release();
+    let r = first.join().unwrap();
+    assert!(matches!(r, Err(MgmtError::ResourceExhausted(_))), "{r:?}");
+    let _ = flush.join();
+    rig.mgr.resize_device("b", 64 << 20).unwrap();
+    rig.stop();
+}

@@ -21,6 +21,7 @@ impl Inventory {
             .values()
             .filter_map(|(spec, _)| spec.strip_prefix("ram:"))
             .filter_map(|z| crate::devspec::parse_size(z).ok())
+            .chain(self.ram_resizing.values().copied())
             .fold(0u64, u64::saturating_add);
         let taken = self
             .devices
@@ -38,6 +39,15 @@ impl Inventory {
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+/// A RAM resize's hold on the memory check, let go when the call ends.
+struct RamHeld<'a>(&'a Manager, &'a str);
+
+impl Drop for RamHeld<'_> {
+    fn drop(&mut self) {
+        self.0.inv().ram_resizing.remove(self.1);
     }
 }
 
@@ -384,10 +394,22 @@ impl Manager {
                 .unwrap_or_else(|| self.bare_view(&decl, &old));
             return Ok((view, self.tell_frontends(volume.as_ref())));
         }
-        if decl.spec.starts_with("ram:") {
-            // The old and the new mapping are both there during the copy.
-            self.inv().check_ram(name, 0, size_bytes)?;
-        }
+        // The old and the new mapping are both there during the copy: the
+        // new size is held until the end of the call (audit: two resizes
+        // at once both passed the check).
+        let _held = if decl.spec.starts_with("ram:") {
+            let mut inv = self.inv();
+            if inv.ram_resizing.contains_key(name) {
+                return Err(MgmtError::FailedPrecondition(format!(
+                    "device {name} is being resized already"
+                )));
+            }
+            inv.check_ram(name, 0, size_bytes)?;
+            inv.ram_resizing.insert(name.to_string(), size_bytes);
+            Some(RamHeld(self, name))
+        } else {
+            None
+        };
         let blocks = size_bytes / bs;
         let resize = |dev: &Arc<dyn BlockDevice>| {
             dev.resized(blocks).map_err(|e| match e {
@@ -451,6 +473,12 @@ impl Manager {
             None => {
                 let grown = resize(&old)?;
                 if !self.shared.roles.replace(&old, &grown, None) {
+                    // Claimed meanwhile: a file goes back to the size it
+                    // had (a volume may use it now, at that size), as
+                    // the call says nothing changed (audit).
+                    if let Err(e) = old.resized(have / bs) {
+                        tracing::warn!(device = name, error = %e, "a resize that lost to a claim could not put the file back to its size");
+                    }
                     return Err(changed());
                 }
                 grown

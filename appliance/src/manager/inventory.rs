@@ -17,6 +17,10 @@ pub(super) struct Inventory {
     /// and touched, which takes seconds for a large one): name -> (spec,
     /// its storage keys).
     pub(super) attaching: BTreeMap<String, (String, Vec<String>)>,
+    /// RAM devices being resized: name -> the new size, held while the
+    /// copy runs (the old and the new memory are both there), so that
+    /// two at once cannot both pass the memory check.
+    pub(super) ram_resizing: BTreeMap<String, u64>,
     pub(super) exports: BTreeMap<String, Arc<Exp>>,
     /// Exports being created outside the lock (the volume is quiesced
     /// meanwhile, which may take until its deadline): name -> (volume,
