@@ -1213,3 +1213,58 @@ fn a_ram_resize_holds_its_memory_while_it_copies() {
     rig.mgr.resize_device("b", 64 << 20).unwrap();
     rig.stop();
 }
+
+/// From an audit: a journal superblock whose checkpoint is just below the
+/// end of the sequence numbers (a CRC anyone can recompute is its only
+/// guard) was taken, and the next records' numbers reached the end: a
+/// replay took them for no records, and acknowledged writes were lost
+/// without a word. The journal is given up before it hands out such a
+/// number; the volume goes on without it, and the state says so.
+#[test]
+fn a_journal_whose_sequence_numbers_are_spent_is_given_up() {
+    use std::os::unix::fs::FileExt;
+    let (rig, dir, names) = journalled_raid5("write-through");
+    rig.export("v");
+    // (Copied as a crash leaves them: the rig's directory goes with it.)
+    let cut = tempfile::tempdir().unwrap();
+    let config = crash_copy(&dir, &names, cut.path());
+    rig.stop();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cut.path().join("j"))
+        .unwrap();
+    let blocks = file.metadata().unwrap().len() / 4096;
+    let mut sb = vec![0u8; 4096];
+    file.read_exact_at(&mut sb, 0).unwrap();
+    sb[24..32].copy_from_slice(&((1u64 << 62) - 2).to_le_bytes());
+    let crc = crc32c::crc32c(&sb[..4092]);
+    sb[4092..].copy_from_slice(&crc.to_le_bytes());
+    for at in [0, blocks - 1] {
+        file.write_all_at(&sb, at * 4096).unwrap();
+    }
+    file.sync_all().unwrap();
+    let reactors = Reactors::start(ReactorConfig {
+        count: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let state = cut.path().join("state.toml");
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    mgr.restore(&config, false).unwrap();
+    let mut disk = Disk::connect(&cut.path().join("v.sock")).unwrap();
+    let data = common::pattern(3, 0, 4096);
+    disk.buf()[..4096].copy_from_slice(&data);
+    assert_eq!(disk.write(0, 4096), 0);
+    assert_eq!(
+        Config::load(&state).unwrap().volumes[0].journal,
+        None,
+        "a record was numbered past the end"
+    );
+    assert_eq!(disk.read(0, 4096), 0);
+    assert!(disk.buf()[..4096] == data[..]);
+    drop(disk);
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

@@ -184,6 +184,15 @@ impl VolumeMeta {
         codes: Vec<u8>,
         clean: bool,
     ) -> Result<(), AssemblyError> {
+        // A count that would reach the limit is never written: every
+        // member would be refused at the next start (a crafted count just
+        // below it: audit). The change is refused instead, loudly.
+        if self.template.events + 1 >= super::superblock::EVENTS_LIMIT {
+            return Err(AssemblyError::Invalid(format!(
+                "the volume's event count ({}) is at its limit: no change can be recorded",
+                self.template.events
+            )));
+        }
         let before = (
             self.template.events,
             self.template.clean,

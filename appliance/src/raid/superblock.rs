@@ -63,12 +63,6 @@ pub enum SuperblockError {
 /// count would look older than stale ones). md's never gets near it.
 pub const EVENTS_LIMIT: u64 = 1 << 62;
 
-/// An event count read from a superblock is below this: half the limit,
-/// so the changes counted on from it never reach the limit (a crafted
-/// count just below it was taken, and after one change every member's
-/// was refused at the next start: audit).
-pub const EVENTS_READ_LIMIT: u64 = EVENTS_LIMIT / 2;
-
 /// RAID level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -235,7 +229,7 @@ impl Superblock {
         let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(32);
         let name = String::from_utf8(name_bytes[..end].to_vec()).map_err(|_| invalid("name", 0))?;
         let events = u64_at(120);
-        if events >= EVENTS_READ_LIMIT {
+        if events >= EVENTS_LIMIT {
             return Err(invalid("events", events));
         }
         let mut volume_uuid = [0u8; 16];

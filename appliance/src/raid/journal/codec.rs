@@ -191,13 +191,13 @@ pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
 /// later record from replay).
 pub(super) const SEQ_LIMIT: u64 = 1 << 62;
 
-/// A sequence number read from the log (a checkpoint, a record) is below
-/// this: half the limit, so counting on from any value taken leaves room
-/// for more records than an honest journal writes. Taken up to the limit
-/// itself, a crafted checkpoint just below it made the next records' own
-/// numbers reach it, and a replay then dropped them: acknowledged writes
-/// lost without a word (audit).
-pub(super) const SEQ_READ_LIMIT: u64 = SEQ_LIMIT / 2;
+/// The writer hands out no number this close to [`SEQ_LIMIT`]: the
+/// journal is given up instead (as when a record can never fit). A
+/// crafted checkpoint just below the limit made the next records' numbers
+/// reach it, and a replay then dropped them: acknowledged writes lost
+/// without a word (audit). The slack covers reservers racing the check
+/// and the records a degraded replay logs.
+pub(crate) const SEQ_SLACK: u64 = 1 << 20;
 
 pub(super) fn decode_super(b: &[u8]) -> Result<Super, RaidError> {
     let bs = b.len();
@@ -211,7 +211,7 @@ pub(super) fn decode_super(b: &[u8]) -> Result<Super, RaidError> {
             "journal superblock checksum mismatch".into(),
         ));
     }
-    if u64_at(b, 24) >= SEQ_READ_LIMIT {
+    if u64_at(b, 24) >= SEQ_LIMIT {
         return Err(RaidError::Invalid(format!(
             "journal superblock's checkpoint sequence {} is out of range",
             u64_at(b, 24)

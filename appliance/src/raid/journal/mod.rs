@@ -326,6 +326,12 @@ impl Journal {
         &self.dev
     }
 
+    /// Whether its sequence numbers are all but spent: no record may be
+    /// given one (see [`codec::SEQ_SLACK`]).
+    pub fn numbers_spent(&self) -> bool {
+        self.seq.load(Ordering::SeqCst) >= codec::SEQ_LIMIT - codec::SEQ_SLACK
+    }
+
     /// Whether journal IO has failed.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)

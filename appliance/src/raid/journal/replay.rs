@@ -117,7 +117,7 @@ fn scan(log: &mut LogReader, s: &Super, largest: usize) -> Result<Vec<Found>, Ra
         let candidate = u64_at(&h, 0) == REC_MAGIC
             && u64_at(&h, 8) == s.nonce
             && seq > s.checkpoint_seq
-            && seq < super::codec::SEQ_READ_LIMIT
+            && seq < super::codec::SEQ_LIMIT
             && blocks >= 1
             && blocks <= total - i
             && blocks <= largest
@@ -667,6 +667,12 @@ fn log_overlay(
             )));
         }
         seq += 1;
+        // (Past the limit, a later replay would not see it.)
+        if seq >= super::codec::SEQ_LIMIT {
+            return Err(RaidError::Invalid(
+                "the journal's sequence numbers are spent: it cannot log the replay of a degraded volume".into(),
+            ));
+        }
         seal(r, bs, seq);
         sync(dev.as_ref(), IoOp::Write, 1 + (pos % total) as u64, r)?;
         pos += blocks;

@@ -395,7 +395,7 @@ impl MdSuperblock {
                 "unknown feature bits",
             );
         }
-        if self.events >= crate::raid::superblock::EVENTS_READ_LIMIT {
+        if self.events >= crate::raid::superblock::EVENTS_LIMIT {
             return invalid("events", self.events, "past what a change count can reach");
         }
         if self.super_offset != at {

@@ -206,6 +206,13 @@ impl Raid5Channel {
             self.journal_failed();
             return self.without_journal(pi);
         }
+        if j.numbers_spent() {
+            // A record numbered past the limit is not replayed (a crafted
+            // superblock's checkpoint just below it): given up likewise.
+            tracing::error!(volume = %self.info.name, "the journal's sequence numbers are spent: the journal is given up");
+            self.journal_failed();
+            return self.without_journal(pi);
+        }
         let reserved = if p.jdata.is_empty() {
             j.reserve(&mut p.jrec, guest)
         } else {
