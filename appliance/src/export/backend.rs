@@ -309,10 +309,10 @@ impl Handler {
     /// mapped and perhaps pinned), and given back if the change fails.
     fn with_share(
         &mut self,
-        bytes: u64,
+        backing: super::budget::Files,
         change: impl FnOnce(&mut Self) -> VuResult<()>,
     ) -> VuResult<()> {
-        let before = self.share.resize(bytes, true).map_err(invalid)?;
+        let before = self.share.resize(backing, true).map_err(invalid)?;
         let r = change(self);
         if r.is_err() {
             let _ = self.share.resize(before, false);
@@ -525,8 +525,14 @@ impl VhostUserBackendReqHandlerMut for Handler {
         GuestMemory::default()
             .check_table(&declared, self.memory_limit())
             .map_err(invalid)?;
-        let bytes = declared.iter().map(|d| d.size).fold(0, u64::saturating_add);
-        self.with_share(bytes, |h| {
+        let mut backing = super::budget::Files::new();
+        for (d, f) in declared.iter().zip(&files) {
+            let n = backing
+                .entry(super::budget::key_of(f).map_err(invalid)?)
+                .or_default();
+            *n = n.saturating_add(d.size);
+        }
+        self.with_share(backing, |h| {
             let mut memory = GuestMemory::default();
             for (d, f) in declared.into_iter().zip(&files) {
                 memory.add(GuestMemory::map_region(d, f, &h.export.fault()).map_err(invalid)?);
@@ -848,8 +854,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
         self.memory
             .check_table(&[d], self.memory_limit())
             .map_err(invalid)?;
-        let bytes = self.memory.bytes().saturating_add(d.size);
-        self.with_share(bytes, |h| {
+        let mut backing = self.memory.files();
+        let n = backing
+            .entry(super::budget::key_of(&fd).map_err(invalid)?)
+            .or_default();
+        *n = n.saturating_add(d.size);
+        self.with_share(backing, |h| {
             let r = GuestMemory::map_region(d, &fd, &h.export.fault()).map_err(invalid)?;
             let mut memory = h.memory.clone();
             memory.add(r);
@@ -863,9 +873,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
         memory
             .remove(region.guest_phys_addr, region.memory_size)
             .map_err(invalid)?;
-        let bytes = memory.bytes();
+        let backing = memory.files();
         self.publish_memory(memory)?;
-        let _ = self.share.resize(bytes, false);
+        let _ = self.share.resize(backing, false);
         Ok(())
     }
 

@@ -6,48 +6,100 @@
 //! OOM killer took the daemon and every VM's disk with it (audit). Their
 //! sum is held within a budget then.
 //!
-//! Only each connection's current table counts: a table being replaced
-//! stays mapped while requests still use it, but it is the same memory
-//! (the frontend's files) the new one maps again.
+//! Memory is counted by the file that backs it: the disks of one VM each
+//! map the same guest memory, and pinning the same pages twice takes no
+//! more (review: counting each connection whole refused a VM's second
+//! disk). A file counts with the most any one connection maps of it. Only
+//! each connection's current table counts: a table being replaced stays
+//! mapped while requests still use it, but it is the same files the new
+//! one maps again.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::FrontendError;
 
-/// Bytes of every connection's current table.
-static TABLES: Mutex<u64> = Mutex::new(0);
+/// A backing file: its device and inode.
+pub type FileKey = (u64, u64);
 
-/// One connection's share of the daemon-wide total: the bytes of its
-/// current table, given back when dropped.
-#[derive(Debug, Default)]
-pub struct TableShare(u64);
+/// The file `f` is.
+pub fn key_of(f: &File) -> Result<FileKey, FrontendError> {
+    let m = f
+        .metadata()
+        .map_err(|e| FrontendError::os("looking at a guest memory file", e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Bytes of guest memory by file, in one table.
+pub type Files = HashMap<FileKey, u64>;
+
+/// Every connection's files: file -> connection -> bytes.
+static TABLES: Mutex<Option<HashMap<FileKey, HashMap<u64, u64>>>> = Mutex::new(None);
+
+/// The daemon-wide total: each file with the most one connection maps.
+fn total(all: &HashMap<FileKey, HashMap<u64, u64>>) -> u64 {
+    all.values()
+        .map(|by| by.values().copied().max().unwrap_or(0))
+        .fold(0, u64::saturating_add)
+}
+
+/// One connection's share of the daemon-wide total, given back when
+/// dropped.
+#[derive(Debug)]
+pub struct TableShare {
+    id: u64,
+    files: Files,
+}
+
+impl Default for TableShare {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        TableShare {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            files: Files::new(),
+        }
+    }
+}
 
 impl TableShare {
-    /// Make this connection's share `bytes`, and say what it was. Growing
-    /// it is refused when memory is pinned for DMA and every connection's
-    /// tables would pass [`pin_budget`]; `checked` false (putting back a
-    /// share a failed change took) never refuses.
-    pub fn resize(&mut self, bytes: u64, checked: bool) -> Result<u64, FrontendError> {
-        let mut all = TABLES.lock().unwrap_or_else(|e| e.into_inner());
-        let others = all.saturating_sub(self.0);
-        if checked && bytes > self.0 && bdev::dma_mappers_present() {
+    /// Make this connection's share `files`, and hand back what it was.
+    /// Refused when memory is pinned for DMA and the daemon-wide total
+    /// would grow past [`pin_budget`]; `checked` false (putting back a
+    /// share a failed change took, or letting go) never refuses.
+    pub fn resize(&mut self, files: Files, checked: bool) -> Result<Files, FrontendError> {
+        let mut guard = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+        let all = guard.get_or_insert_with(HashMap::new);
+        let before = total(all);
+        let mut after = all.clone();
+        for key in self.files.keys() {
+            if let Some(by) = after.get_mut(key) {
+                by.remove(&self.id);
+            }
+        }
+        for (&key, &bytes) in &files {
+            after.entry(key).or_default().insert(self.id, bytes);
+        }
+        after.retain(|_, by| !by.is_empty());
+        let sum = total(&after);
+        if checked && sum > before && bdev::dma_mappers_present() {
             let budget = pin_budget();
-            let sum = others.saturating_add(bytes);
             if sum > budget {
                 return Err(FrontendError::Invalid(format!(
-                    "guest memory of {bytes} bytes would make the daemon's connections hold {sum} bytes, over the {budget} bytes it may pin for DMA (the host's memory less a reserve)"
+                    "this guest memory would make the daemon's connections hold {sum} bytes, over the {budget} bytes it may pin for DMA (the host's memory less a reserve)"
                 )));
             }
         }
-        *all = others.saturating_add(bytes);
-        Ok(std::mem::replace(&mut self.0, bytes))
+        *all = after;
+        Ok(std::mem::replace(&mut self.files, files))
     }
 }
 
 impl Drop for TableShare {
     fn drop(&mut self) {
-        let mut all = TABLES.lock().unwrap_or_else(|e| e.into_inner());
-        *all = all.saturating_sub(self.0);
+        let _ = self.resize(Files::new(), false);
     }
 }
 

@@ -128,6 +128,8 @@ pub struct Region {
     pub size: u64,
     /// The frontend's virtual address (vring addresses are given in it).
     pub user_addr: u64,
+    /// The file behind it (what the daemon-wide count goes by).
+    file: super::budget::FileKey,
     mapping: Arc<GuestRegionMmap>,
     owner: Arc<Mapping>,
 }
@@ -403,6 +405,7 @@ impl GuestMemory {
             gpa: d.gpa,
             size: d.size,
             user_addr: d.user_addr,
+            file: super::budget::key_of(file)?,
             mapping: Arc::new(mapping),
             owner: Arc::new(owner),
         })
@@ -434,12 +437,14 @@ impl GuestMemory {
             .map(|r| r.gpa + (va - r.user_addr))
     }
 
-    /// Bytes of guest memory the table holds.
-    pub fn bytes(&self) -> u64 {
-        self.regions
-            .iter()
-            .map(|r| r.size)
-            .fold(0, u64::saturating_add)
+    /// Bytes of guest memory the table holds, by the file behind them.
+    pub fn files(&self) -> super::budget::Files {
+        let mut files = super::budget::Files::new();
+        for r in &self.regions {
+            let n = files.entry(r.file).or_default();
+            *n = n.saturating_add(r.size);
+        }
+        files
     }
 
     /// One past the highest guest address of the table (0 when empty).
