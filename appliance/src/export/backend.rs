@@ -642,6 +642,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             )));
         }
         check_eventfd(&fd, "kick", index)?;
+        super::eventfd::start_watchdog();
         let acked = self.protocol_features_acked();
         if self.vring(index as u32)?.running.is_some() {
             // A new kick fd for a running ring (libvhost-user takes it

@@ -65,6 +65,13 @@ pub(crate) fn drain(fd: RawFd) -> u64 {
     }
 }
 
+/// Start the watchdog's thread, on a control thread (started by a reactor
+/// it would inherit that reactor's pinning to its core): before a kick fd
+/// is read, as it frees reads as well as writes.
+pub(crate) fn start_watchdog() {
+    let _ = watched();
+}
+
 /// Reads in progress on the fallback path: their descriptor, and whether
 /// the watchdog saw them at its last look.
 static READING: Mutex<Vec<(u64, RawFd, bool)>> = Mutex::new(Vec::new());
@@ -75,8 +82,6 @@ struct Reading(u64);
 impl Reading {
     fn start(fd: RawFd) -> Reading {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        // The watchdog's thread runs from now on.
-        let _ = watched();
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         lock_reading().push((id, fd, false));
         Reading(id)
@@ -240,19 +245,25 @@ fn free_blocked(watched: &Watched) {
     // (a thread of its own then: this one does the looking).
     for n in stuck {
         n.hostile.store(true, Ordering::Relaxed);
-        let take = move || {
+        let take = |n: &Signaller| {
             let took = drain(n.file.as_raw_fd());
             tracing::warn!(
                 count = took,
                 "a frontend filled an eventfd we write to and made it blocking; its counter was taken to free the write, and it is written to no more"
             );
         };
-        if NO_NOWAIT.load(Ordering::Relaxed) {
-            let _ = std::thread::Builder::new()
-                .name("eventfd-take".into())
-                .spawn(take);
-        } else {
-            take();
+        if !NO_NOWAIT.load(Ordering::Relaxed) {
+            take(&n);
+            continue;
+        }
+        let on = n.clone();
+        let spawned = std::thread::Builder::new()
+            .name("eventfd-take".into())
+            .spawn(move || take(&on));
+        if spawned.is_err() {
+            // No thread: here after all (a read that blocks is freed by
+            // nobody then, but the write stays blocked otherwise).
+            take(&n);
         }
     }
 }
@@ -262,12 +273,15 @@ mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
 
-    /// Whether the next fallback read has its count taken first, as a
-    /// frontend racing it would.
-    static RACE: AtomicBool = AtomicBool::new(false);
+    /// The descriptor whose next fallback read has its count taken first,
+    /// as a frontend racing it would (-1: none).
+    static RACE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
     pub(super) fn between_poll_and_read(fd: RawFd) {
-        if RACE.swap(false, Ordering::SeqCst) {
+        if RACE_FD
+            .compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
             let mut v = 0u64;
             // SAFETY: reading 8 bytes into our own u64.
             unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
@@ -278,15 +292,16 @@ mod tests {
     /// frontend that cleared O_NONBLOCK and took the count between our
     /// poll and our read blocked the read, and the reactor with every
     /// queue on it, until its next kick, which it need never send. The
-    /// watchdog frees such a read. (Each nextest test is a process of its
-    /// own: forcing the fallback touches no other test.)
+    /// watchdog frees such a read. (Forcing the fallback leaves other
+    /// tests of the process on it, which serves them as well.)
     #[test]
     fn a_fallback_read_the_frontend_made_block_is_freed() {
         NO_NOWAIT.store(true, Ordering::SeqCst);
+        start_watchdog();
         let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
         fd.write(1).unwrap();
-        RACE.store(true, Ordering::SeqCst);
         let raw = fd.as_raw_fd();
+        RACE_FD.store(raw, Ordering::SeqCst);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(drain(raw));

@@ -44,7 +44,7 @@ impl Mapping {
             return;
         }
         #[cfg(test)]
-        tests::unmapped_on(std::thread::current().name());
+        tests::unmapped_on(std::thread::current().name(), self.ptr as usize);
         // SAFETY: our own mapping, used by nobody once the last map that
         // holds it is gone.
         unsafe { libc::munmap(self.ptr.cast(), len) };
@@ -95,7 +95,7 @@ impl Drop for Mapping {
 /// does it, as before).
 fn unmapper() -> Option<&'static std::sync::mpsc::Sender<Mapping>> {
     #[cfg(test)]
-    if tests::NO_UNMAPPER.load(std::sync::atomic::Ordering::SeqCst) {
+    if tests::NO_UNMAPPER.with(|n| n.get()) {
         return None;
     }
     static TX: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Mapping>>> =
@@ -477,16 +477,64 @@ mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
 
-    static UNMAPPED_ON: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    /// As if the unmapping thread could not start.
-    pub(super) static NO_UNMAPPER: std::sync::atomic::AtomicBool =
-        std::sync::atomic::AtomicBool::new(false);
+    /// Which thread unmapped which mapping.
+    static UNMAPPED_ON: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn unmapped_on(thread: Option<&str>) {
+    std::thread_local! {
+        /// As if the unmapping thread could not start (on the thread that
+        /// sets it: the tests of a process may run side by side).
+        pub(super) static NO_UNMAPPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    pub(super) fn unmapped_on(thread: Option<&str>, ptr: usize) {
         UNMAPPED_ON
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(thread.unwrap_or("").to_string());
+            .push((thread.unwrap_or("").to_string(), ptr));
+    }
+
+    /// Map 4 MiB of guest memory, drop it on a reactor (which has no
+    /// unmapping thread with `no_thread`), and say which thread unmapped
+    /// it once one has.
+    fn dropped_on_a_reactor(no_thread: bool) -> String {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let fault = Arc::new(FaultSignal::new().unwrap());
+        let file = memfd(0);
+        let whole = Declared {
+            gpa: 0,
+            size: 4 << 20,
+            user_addr: 0,
+            mmap_offset: 0,
+        };
+        let mut memory = GuestMemory::default();
+        memory.add(GuestMemory::map_region(whole, &file, &fault).unwrap());
+        let ptr = memory.regions[0].owner.ptr as usize;
+        reactors
+            .set()
+            .call(0, std::time::Duration::from_secs(10), move |_| {
+                NO_UNMAPPER.with(|n| n.set(no_thread));
+                drop(memory);
+                NO_UNMAPPER.with(|n| n.set(false));
+            })
+            .unwrap();
+        let t = std::time::Instant::now();
+        let on = loop {
+            let on = UNMAPPED_ON.lock().unwrap().clone();
+            if let Some((thread, _)) = on.into_iter().find(|(_, p)| *p == ptr) {
+                break thread;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "never unmapped"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        reactors.shutdown().unwrap();
+        on
     }
 
     /// From an audit: guest memory whose last holder was a reactor was
@@ -494,72 +542,17 @@ mod tests {
     /// on it. It is done on a thread of its own.
     #[test]
     fn guest_memory_dropped_on_a_reactor_is_unmapped_elsewhere() {
-        let reactors = poller::Reactors::start(poller::ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let fault = Arc::new(FaultSignal::new().unwrap());
-        let file = memfd(0);
-        let whole = Declared {
-            gpa: 0,
-            size: 4 << 20,
-            user_addr: 0,
-            mmap_offset: 0,
-        };
-        let mut memory = GuestMemory::default();
-        memory.add(GuestMemory::map_region(whole, &file, &fault).unwrap());
-        reactors
-            .set()
-            .call(0, std::time::Duration::from_secs(10), move |_| drop(memory))
-            .unwrap();
-        let t = std::time::Instant::now();
-        loop {
-            // (Other tests of this process unmap on their own threads.)
-            let on = UNMAPPED_ON.lock().unwrap().clone();
-            assert!(!on.iter().any(|t| t.starts_with("reactor")), "{on:?}");
-            if on.iter().any(|t| t == "guest-unmap") {
-                break;
-            }
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(10),
-                "never unmapped"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        reactors.shutdown().unwrap();
+        assert_eq!(dropped_on_a_reactor(false), "guest-unmap");
     }
 
     /// From an audit: with no unmapping thread (it could not start), guest
     /// memory dropped on a reactor was left mapped; with the thread gone,
     /// the drop recursed until the stack overflowed. The reactor unmaps it
-    /// then. (Each nextest test is a process of its own: the switch
-    /// touches no other test.)
+    /// then.
     #[test]
     fn guest_memory_dropped_on_a_reactor_without_the_thread_is_unmapped_there() {
-        NO_UNMAPPER.store(true, std::sync::atomic::Ordering::SeqCst);
-        let reactors = poller::Reactors::start(poller::ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let fault = Arc::new(FaultSignal::new().unwrap());
-        let file = memfd(0);
-        let whole = Declared {
-            gpa: 0,
-            size: 4 << 20,
-            user_addr: 0,
-            mmap_offset: 0,
-        };
-        let mut memory = GuestMemory::default();
-        memory.add(GuestMemory::map_region(whole, &file, &fault).unwrap());
-        reactors
-            .set()
-            .call(0, std::time::Duration::from_secs(10), move |_| drop(memory))
-            .unwrap();
-        let on = UNMAPPED_ON.lock().unwrap().clone();
-        assert!(on.iter().any(|t| t.starts_with("reactor")), "{on:?}");
-        reactors.shutdown().unwrap();
+        let on = dropped_on_a_reactor(true);
+        assert!(on.starts_with("reactor"), "{on}");
     }
 
     fn memfd(flags: libc::c_uint) -> File {

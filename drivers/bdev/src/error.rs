@@ -93,8 +93,8 @@ pub enum BdevError {
 }
 
 impl BdevError {
-    /// The OS refused `what`. Refused for want of memory, locked memory,
-    /// file descriptors or IO address space, it is the host that has no
+    /// The OS refused `what`. Refused for want of memory, locked memory
+    /// or file descriptors, it is the host that has no
     /// room now, not the device that is broken: [`BdevError::Exhausted`],
     /// so a RAID member is not failed for it (a volume's channel open
     /// fails instead, and is asked again).
@@ -108,11 +108,11 @@ impl BdevError {
 }
 
 /// Whether the OS refused for want of a host resource (memory, locked
-/// memory, file descriptors, IOMMU mappings) rather than because of the
-/// device.
+/// memory, file descriptors) rather than because of the device. (Not
+/// ENOSPC: on a write or a create that is a disk full.)
 pub fn host_short(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::ENOSPC | libc::EAGAIN)
+        Some(libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::EAGAIN)
     )
 }
