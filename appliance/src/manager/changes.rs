@@ -485,7 +485,7 @@ impl Manager {
         // the check below now sees it.
         let _bitmap = lock(&v.bitmap_calls);
         let _busy = lock(&v.busy);
-        not_deleting(&v, volume)?;
+        self.not_deleting(&v, volume)?;
         if let Some(j) = monitor(&v)?.journal() {
             return Err(MgmtError::FailedPrecondition(format!(
                 "volume {volume} already has a journal ({})",
@@ -587,7 +587,7 @@ impl Manager {
         // Held to the end, as in add_journal: the device is claimed again
         // and erased after the transaction.
         let _busy = lock(&v.busy);
-        not_deleting(&v, volume)?;
+        self.not_deleting(&v, volume)?;
         let Some(journal) = monitor(&v)?.journal() else {
             return Err(MgmtError::FailedPrecondition(format!(
                 "volume {volume} has no journal"
@@ -658,15 +658,25 @@ impl Manager {
     }
 }
 
-/// Refuse a change to a volume being deleted (checked with its busy lock
-/// held: a deletion that set the flag waits for that lock), as gone, as
-/// the monitor's changes are told: "stopped" (FailedPrecondition) is a
-/// refusal of the call itself, which a client does not retry elsewhere.
-fn not_deleting(v: &Vol, volume: &str) -> Result<(), MgmtError> {
-    if v.deleting.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(MgmtError::NotFound(format!(
-            "volume {volume} is being deleted"
-        )));
+impl Manager {
+    /// Refuse a change to a volume being deleted (checked with its busy
+    /// lock held: a deletion that set the flag waits for that lock). Gone
+    /// once the delete took it out of the inventory, as the monitor's
+    /// changes are told; until then the delete may still fail (its
+    /// deadline), and the volume stay (review).
+    fn not_deleting(&self, v: &std::sync::Arc<Vol>, volume: &str) -> Result<(), MgmtError> {
+        if !v.deleting.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let listed = self
+            .inv()
+            .volumes
+            .get(volume)
+            .is_some_and(|x| std::sync::Arc::ptr_eq(x, v));
+        Err(if listed {
+            MgmtError::FailedPrecondition(format!("volume {volume} is being deleted"))
+        } else {
+            MgmtError::NotFound(format!("volume {volume} was deleted"))
+        })
     }
-    Ok(())
 }
