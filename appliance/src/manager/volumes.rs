@@ -384,8 +384,15 @@ impl Manager {
             if decl.write_behind > 0 {
                 // The superblocks decide whether a bitmap came back;
                 // without one write-behind stays off rather than the
-                // volume.
-                if let Err(e) = monitor.set_write_behind(decl.write_behind as u64) {
+                // volume. A file's value past md's limit is brought to it
+                // (the volume refuses it, and the next save wrote 0 over
+                // the operator's setting: review).
+                let most = crate::raid::md::bitmap::MAX_WRITE_BEHIND;
+                if decl.write_behind > most {
+                    tracing::warn!(volume = %decl.name, asked = decl.write_behind, most, "write-behind past md's limit: brought to it");
+                }
+                let limit = decl.write_behind.min(most);
+                if let Err(e) = monitor.set_write_behind(u64::from(limit)) {
                     tracing::warn!(volume = %decl.name, error = %e, "write-behind not restored");
                 }
             }
