@@ -86,6 +86,36 @@ impl Edit<'_> {
     fn nvmf(&self, nqn: &str) -> bool {
         self.touches(|c| c.nvmf_exports.iter().find(|e| e.nqn == nqn))
     }
+
+    /// Whether something the edit adds or takes away is not so in `now`
+    /// (the daemon's record after the reload): a part of the edit that
+    /// was refused. (A change to a declaration kept is not looked at: the
+    /// daemon fills in fields the file leaves out.)
+    fn left_out(&self, now: &Config) -> bool {
+        fn names<'c>(c: &'c Config) -> [Vec<&'c str>; 4] {
+            [
+                c.devices.iter().map(|d| d.name.as_str()).collect(),
+                c.volumes.iter().map(|v| v.name.as_str()).collect(),
+                c.exports.iter().map(|e| e.name.as_str()).collect(),
+                c.nvmf_exports.iter().map(|e| e.nqn.as_str()).collect(),
+            ]
+        }
+        let (file, now) = (names(self.file), names(now));
+        let base = self.base.map(names).unwrap_or_default();
+        let touched = |kind: usize, name: &str| match kind {
+            0 => self.device(name),
+            1 => self.volume(name),
+            2 => self.export(name),
+            _ => self.nvmf(name),
+        };
+        (0..4).any(|k| {
+            file[k]
+                .iter()
+                .chain(&base[k])
+                .filter(|n| touched(k, n))
+                .any(|n| file[k].contains(n) != now[k].contains(n))
+        })
+    }
 }
 
 /// Whether two export declarations serve the same thing the same way
@@ -184,12 +214,19 @@ impl Manager {
             file: &read.config,
             base: read.base.as_ref(),
         };
-        let rep = self.reload_as(&edit, !from_state);
+        let mut rep = self.reload_as(&edit, !from_state);
         // What it refused of the daemon's own file would be lost at the
-        // next save, which writes what runs: kept aside, and said.
-        if from_state && !rep.refused.is_empty() && read.base.as_ref() != Some(&read.config) {
+        // next save, which writes what runs: kept aside, and said. Only
+        // what the edit asked for counts (review: a volume that still
+        // does not start is refused at every reload).
+        // (No edit: nothing to say of one kept before.)
+        if from_state && read.base.as_ref() != Some(&read.config) {
             if let Some(bytes) = &read.bytes {
-                self.shared.keep_refused_edit(path, bytes);
+                let now = self.inv().config();
+                let left = edit.left_out(&now);
+                if let Err(e) = self.shared.keep_refused_edit(path, bytes, left) {
+                    rep.refused.push(e);
+                }
             }
         }
         Ok(rep)
@@ -749,6 +786,8 @@ mod tests {
         std::fs::create_dir(dir.path().join("later")).unwrap();
         let rep = mgr.reload_file(&state).unwrap();
         assert_eq!(rep.applied, vec!["attach device d".to_string()], "{rep:?}");
+        // Applied whole: the copy kept of it is said no more.
+        assert!(mgr.health().problems.is_empty(), "{:?}", mgr.health());
         stop(reactors, mgr);
     }
 
@@ -792,6 +831,28 @@ mod tests {
             .expect("the edit kept");
         assert!(kept[0].contains(&*aside.to_string_lossy()), "{kept:?}");
         assert_eq!(std::fs::read_to_string(&aside).unwrap(), edited_text);
+        // A reload with no edit since keeps saying where it is, and makes
+        // no other copy.
+        let rep = mgr.reload_file(&state).unwrap();
+        assert!(rep.applied.is_empty() && rep.refused.is_empty(), "{rep:?}");
+        let problems = mgr.health().problems;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&*aside.to_string_lossy())),
+            "{problems:?}"
+        );
+        let copies = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".edited-")
+            })
+            .count();
+        assert_eq!(copies, 1);
         stop(reactors, mgr);
     }
 }

@@ -88,7 +88,12 @@ impl Saves {
     /// it holds is applied, and an edit set aside before is dealt with.
     fn read(&mut self, path: &Path) {
         self.known = read_state(path);
-        self.edit_kept = None;
+        // An edit a reload refused part of stays named until a reload
+        // applies all it asks (`keep_refused_edit`): the file no longer
+        // holds that part after the next save (review).
+        if self.edit_kept.as_ref().is_some_and(|(_, refused)| !refused) {
+            self.edit_kept = None;
+        }
     }
 
     /// What the health says.
@@ -269,15 +274,45 @@ impl Shared {
     /// what runs, so that part would be lost unseen at the next change
     /// (the reload's own saves included): the file as edited is kept
     /// beside it, and the health says where.
-    pub(super) fn keep_refused_edit(&self, path: &Path, edited: &[u8]) {
-        let mut saves = lock(&self.saving);
+    /// `left` says whether any of it was refused: if not, an edit kept
+    /// from an earlier reload is dealt with. The same edit refused again
+    /// (a reload that applied nothing leaves the file as it was) keeps its
+    /// copy (review: a new one at every reload). Returns why the copy
+    /// failed, for the reload's report.
+    pub(super) fn keep_refused_edit(
+        &self,
+        path: &Path,
+        edited: &[u8],
+        left: bool,
+    ) -> Result<(), String> {
+        let kept = lock(&self.saving).edit_kept.clone();
+        let refused_before = kept.filter(|(_, refused)| *refused).map(|(p, _)| p);
+        if !left {
+            if refused_before.is_some() {
+                lock(&self.saving).edit_kept = None;
+            }
+            return Ok(());
+        }
+        if refused_before
+            .as_ref()
+            .is_some_and(|p| std::fs::read(p).is_ok_and(|b| b == edited))
+        {
+            return Ok(());
+        }
+        // The copy without the saves' lock: saves run inside volumes'
+        // suspends, and the health takes it too.
         match set_aside(path, edited) {
             Ok(aside) => {
                 tracing::warn!(file = %path.display(), kept = %aside.display(), "a reload could not apply all of the state file's edit; the file as edited is kept");
-                saves.edit_kept = Some((aside, true));
+                lock(&self.saving).edit_kept = Some((aside, true));
+                Ok(())
             }
             Err((aside, e)) => {
                 tracing::error!(file = %path.display(), kept = %aside.display(), error = %e, "a reload could not apply all of the state file's edit, and keeping the file as edited failed");
+                Err(format!(
+                    "keeping the state file as edited in {} failed ({e}): what this reload refused of it is in no file now",
+                    aside.display()
+                ))
             }
         }
     }
