@@ -92,7 +92,7 @@ impl Edit<'_> {
     /// was refused. (A change to a declaration kept is not looked at: the
     /// daemon fills in fields the file leaves out.)
     fn left_out(&self, now: &Config) -> bool {
-        fn names<'c>(c: &'c Config) -> [Vec<&'c str>; 4] {
+        fn names(c: &Config) -> [Vec<&str>; 4] {
             [
                 c.devices.iter().map(|d| d.name.as_str()).collect(),
                 c.volumes.iter().map(|v| v.name.as_str()).collect(),
