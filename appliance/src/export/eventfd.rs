@@ -25,6 +25,13 @@ static NO_NOWAIT: AtomicBool = AtomicBool::new(false);
 
 /// Take the counter of eventfd `fd` (0 if it was 0), never waiting.
 pub(crate) fn drain(fd: RawFd) -> u64 {
+    drain_watched(fd).0
+}
+
+/// [`drain`], and whether the watchdog had to free the read: the frontend
+/// made it block (on kernels without RWF_NOWAIT for eventfds), which only
+/// one that means harm does, and may do again at every kick.
+pub(crate) fn drain_watched(fd: RawFd) -> (u64, bool) {
     let mut v = 0u64;
     let iov = libc::iovec {
         iov_base: (&mut v as *mut u64).cast(),
@@ -35,11 +42,11 @@ pub(crate) fn drain(fd: RawFd) -> u64 {
         // file's position, as an eventfd wants.
         let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
         if n == 8 {
-            return v;
+            return (v, false);
         }
         let e = std::io::Error::last_os_error().raw_os_error();
         if n >= 0 || matches!(e, Some(libc::EAGAIN) | Some(libc::EINTR)) {
-            return 0;
+            return (0, false);
         }
         // Refused (an older kernel, a seccomp filter): never again.
         NO_NOWAIT.store(true, Ordering::Relaxed);
@@ -50,19 +57,15 @@ pub(crate) fn drain(fd: RawFd) -> u64 {
     // watched, and the watchdog frees it with a count of one (a spurious
     // kick) if it makes no progress between two looks (audit).
     if !ready(fd, libc::POLLIN) {
-        return 0;
+        return (0, false);
     }
     #[cfg(test)]
     tests::between_poll_and_read(fd);
     let reading = Reading::start(fd);
     // SAFETY: reading 8 bytes into our own u64.
     let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
-    drop(reading);
-    if n == 8 {
-        v
-    } else {
-        0
-    }
+    let freed = reading.finish();
+    (if n == 8 { v } else { 0 }, freed)
 }
 
 /// Start the watchdog's thread, on a control thread (started by a reactor
@@ -72,9 +75,9 @@ pub(crate) fn start_watchdog() {
     let _ = watched();
 }
 
-/// Reads in progress on the fallback path: their descriptor, and whether
-/// the watchdog saw them at its last look.
-static READING: Mutex<Vec<(u64, RawFd, bool)>> = Mutex::new(Vec::new());
+/// Reads in progress on the fallback path: their descriptor, whether the
+/// watchdog saw them at its last look, and whether it freed them.
+static READING: Mutex<Vec<(u64, RawFd, bool, bool)>> = Mutex::new(Vec::new());
 
 /// A read of the fallback path, listed while it runs.
 struct Reading(u64);
@@ -83,18 +86,20 @@ impl Reading {
     fn start(fd: RawFd) -> Reading {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        lock_reading().push((id, fd, false));
+        lock_reading().push((id, fd, false, false));
         Reading(id)
     }
-}
 
-impl Drop for Reading {
-    fn drop(&mut self) {
-        lock_reading().retain(|r| r.0 != self.0);
+    /// The read has returned: off the list, and whether it was freed.
+    fn finish(self) -> bool {
+        let mut list = lock_reading();
+        let freed = list.iter().any(|r| r.0 == self.0 && r.3);
+        list.retain(|r| r.0 != self.0);
+        freed
     }
 }
 
-fn lock_reading() -> std::sync::MutexGuard<'static, Vec<(u64, RawFd, bool)>> {
+fn lock_reading() -> std::sync::MutexGuard<'static, Vec<(u64, RawFd, bool, bool)>> {
     READING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -103,9 +108,10 @@ fn lock_reading() -> std::sync::MutexGuard<'static, Vec<(u64, RawFd, bool)>> {
 /// freed with a count of one. (Its descriptor is open: the read's caller
 /// holds it until the read has returned and left the list.)
 fn free_blocked_reads() {
-    for (_, fd, seen) in lock_reading().iter_mut() {
-        if *seen {
+    for (_, fd, seen, freed) in lock_reading().iter_mut() {
+        if *seen && !*freed {
             write_one(*fd);
+            *freed = true;
         }
         *seen = true;
     }
@@ -304,10 +310,10 @@ mod tests {
         RACE_FD.store(raw, Ordering::SeqCst);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(drain(raw));
+            let _ = tx.send(drain_watched(raw));
         });
-        // Freed with a spurious kick of one.
-        assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(1));
+        // Freed with a spurious kick of one, and said.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok((1, true)));
         assert_eq!(drain(fd.as_raw_fd()), 0);
     }
 

@@ -769,7 +769,16 @@ impl Runner {
     }
 
     fn drain_kick(&self) {
-        super::eventfd::drain(self.kick.as_raw_fd());
+        // A read the frontend made block (kernels before 5.12) is freed by
+        // the watchdog; it could do so at every kick, each time stalling
+        // this reactor: its connection goes (review).
+        if super::eventfd::drain_watched(self.kick.as_raw_fd()).1 {
+            tracing::warn!(
+                queue = self.index,
+                "the frontend made a read of its kick fd block; dropping it"
+            );
+            self.fault.raise();
+        }
     }
 
     /// Stop, if the stop was not taken back meanwhile (`cancel_stop`).
