@@ -527,10 +527,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
             .map_err(invalid)?;
         let mut backing = super::budget::Files::new();
         for (d, f) in declared.iter().zip(&files) {
-            let n = backing
-                .entry(super::budget::key_of(f).map_err(invalid)?)
-                .or_default();
-            *n = n.saturating_add(d.size);
+            let of = super::budget::file_of(f).map_err(invalid)?;
+            super::budget::count(&mut backing, of, d.size);
         }
         self.with_share(backing, |h| {
             let mut memory = GuestMemory::default();
@@ -856,10 +854,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
             .check_table(&[d], self.memory_limit())
             .map_err(invalid)?;
         let mut backing = self.memory.files();
-        let n = backing
-            .entry(super::budget::key_of(&fd).map_err(invalid)?)
-            .or_default();
-        *n = n.saturating_add(d.size);
+        let of = super::budget::file_of(&fd).map_err(invalid)?;
+        super::budget::count(&mut backing, of, d.size);
         self.with_share(backing, |h| {
             let r = GuestMemory::map_region(d, &fd, &h.export.fault()).map_err(invalid)?;
             let mut memory = h.memory.clone();

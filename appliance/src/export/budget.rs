@@ -9,7 +9,9 @@
 //! Memory is counted by the file that backs it: the disks of one VM each
 //! map the same guest memory, and pinning the same pages twice takes no
 //! more (review: counting each connection whole refused a VM's second
-//! disk). A file counts with the most any one connection maps of it. Only
+//! disk). A file counts with what all connections map of it, but no more
+//! than its length (counting only the most one connection maps let two
+//! map different halves of one file: review). Only
 //! each connection's current table counts: a table being replaced stays
 //! mapped while requests still use it, but it is the same files the new
 //! one maps again.
@@ -25,24 +27,46 @@ use super::FrontendError;
 /// A backing file: its device and inode.
 pub type FileKey = (u64, u64);
 
-/// The file `f` is.
-pub fn key_of(f: &File) -> Result<FileKey, FrontendError> {
+/// A file behind guest memory: which it is, and its length.
+pub type FileOf = (FileKey, u64);
+
+/// The file `f` is, and its length now.
+pub fn file_of(f: &File) -> Result<FileOf, FrontendError> {
     let m = f
         .metadata()
         .map_err(|e| FrontendError::os("looking at a guest memory file", e))?;
-    Ok((m.dev(), m.ino()))
+    Ok(((m.dev(), m.ino()), m.len()))
 }
 
-/// Bytes of guest memory by file, in one table.
-pub type Files = HashMap<FileKey, u64>;
+/// What one table maps of one file: bytes, and the file's length.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Use {
+    bytes: u64,
+    len: u64,
+}
 
-/// Every connection's files: file -> connection -> bytes.
-static TABLES: Mutex<Option<HashMap<FileKey, HashMap<u64, u64>>>> = Mutex::new(None);
+/// Guest memory by file, in one table.
+pub type Files = HashMap<FileKey, Use>;
 
-/// The daemon-wide total: each file with the most one connection maps.
-fn total(all: &HashMap<FileKey, HashMap<u64, u64>>) -> u64 {
+/// Count `bytes` of file `of` in `files`.
+pub fn count(files: &mut Files, of: FileOf, bytes: u64) {
+    let u = files.entry(of.0).or_default();
+    u.bytes = u.bytes.saturating_add(bytes);
+    u.len = u.len.max(of.1);
+}
+
+/// Every connection's files: file -> connection -> use.
+static TABLES: Mutex<Option<HashMap<FileKey, HashMap<u64, Use>>>> = Mutex::new(None);
+
+/// The daemon-wide total: each file with what every connection maps of
+/// it, at most its length.
+fn total(all: &HashMap<FileKey, HashMap<u64, Use>>) -> u64 {
     all.values()
-        .map(|by| by.values().copied().max().unwrap_or(0))
+        .map(|by| {
+            let mapped = by.values().map(|u| u.bytes).fold(0, u64::saturating_add);
+            let len = by.values().map(|u| u.len).max().unwrap_or(0);
+            mapped.min(len)
+        })
         .fold(0, u64::saturating_add)
 }
 
@@ -79,8 +103,8 @@ impl TableShare {
                 by.remove(&self.id);
             }
         }
-        for (&key, &bytes) in &files {
-            after.entry(key).or_default().insert(self.id, bytes);
+        for (&key, &u) in &files {
+            after.entry(key).or_default().insert(self.id, u);
         }
         after.retain(|_, by| !by.is_empty());
         let sum = total(&after);
@@ -104,9 +128,10 @@ impl Drop for TableShare {
 }
 
 /// Guest memory the daemon may pin, all connections together: the host's
-/// memory less an eighth of it (at least 1 GiB) for the host itself and
-/// the daemon's own memory.
+/// memory less an eighth of it, at least 1 GiB but at most a quarter, for
+/// the host itself and the daemon's own memory. (A flat 1 GiB left a
+/// small host, a 512 MiB test guest, no budget at all: CI.)
 pub fn pin_budget() -> u64 {
     let total = crate::host::memory_total().unwrap_or(u64::MAX);
-    total.saturating_sub((total / 8).max(1 << 30))
+    total.saturating_sub((total / 8).max(1 << 30).min(total / 4))
 }

@@ -129,7 +129,7 @@ pub struct Region {
     /// The frontend's virtual address (vring addresses are given in it).
     pub user_addr: u64,
     /// The file behind it (what the daemon-wide count goes by).
-    file: super::budget::FileKey,
+    file: super::budget::FileOf,
     mapping: Arc<GuestRegionMmap>,
     owner: Arc<Mapping>,
 }
@@ -405,7 +405,7 @@ impl GuestMemory {
             gpa: d.gpa,
             size: d.size,
             user_addr: d.user_addr,
-            file: super::budget::key_of(file)?,
+            file: super::budget::file_of(file)?,
             mapping: Arc::new(mapping),
             owner: Arc::new(owner),
         })
@@ -441,8 +441,7 @@ impl GuestMemory {
     pub fn files(&self) -> super::budget::Files {
         let mut files = super::budget::Files::new();
         for r in &self.regions {
-            let n = files.entry(r.file).or_default();
-            *n = n.saturating_add(r.size);
+            super::budget::count(&mut files, r.file, r.size);
         }
         files
     }
