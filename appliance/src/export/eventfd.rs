@@ -75,9 +75,20 @@ pub(crate) fn start_watchdog() {
     let _ = watched();
 }
 
-/// Reads in progress on the fallback path: their descriptor, whether the
-/// watchdog saw them at its last look, and whether it freed them.
-static READING: Mutex<Vec<(u64, RawFd, bool, bool)>> = Mutex::new(Vec::new());
+/// A read in progress on the fallback path.
+struct Listed {
+    id: u64,
+    fd: RawFd,
+    /// Its thread.
+    tid: libc::pid_t,
+    /// The watchdog saw it at its last look.
+    seen: bool,
+    /// The watchdog freed it.
+    freed: bool,
+}
+
+/// Reads in progress on the fallback path.
+static READING: Mutex<Vec<Listed>> = Mutex::new(Vec::new());
 
 /// A read of the fallback path, listed while it runs.
 struct Reading(u64);
@@ -86,35 +97,56 @@ impl Reading {
     fn start(fd: RawFd) -> Reading {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        lock_reading().push((id, fd, false, false));
+        // SAFETY: gettid(2) has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        lock_reading().push(Listed {
+            id,
+            fd,
+            tid,
+            seen: false,
+            freed: false,
+        });
         Reading(id)
     }
 
     /// The read has returned: off the list, and whether it was freed.
     fn finish(self) -> bool {
         let mut list = lock_reading();
-        let freed = list.iter().any(|r| r.0 == self.0 && r.3);
-        list.retain(|r| r.0 != self.0);
+        let freed = list.iter().any(|r| r.id == self.0 && r.freed);
+        list.retain(|r| r.id != self.0);
         freed
     }
 }
 
-fn lock_reading() -> std::sync::MutexGuard<'static, Vec<(u64, RawFd, bool, bool)>> {
+fn lock_reading() -> std::sync::MutexGuard<'static, Vec<Listed>> {
     READING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One look at the fallback's reads: one seen at the last look too is
-/// blocked (the frontend took the count it was going to read), and is
-/// freed with a count of one. (Its descriptor is open: the read's caller
-/// holds it until the read has returned and left the list.)
+/// One look at the fallback's reads: one seen at the last look too, whose
+/// counter is empty and whose thread sleeps, is blocked (the frontend took
+/// the count it was going to read), and is freed with a count of one. A
+/// read whose thread was only descheduled (a loaded machine) is not: its
+/// frontend would lose its connection for it (review). (Its descriptor is
+/// open: the read's caller holds it until the read has returned and left
+/// the list.)
 fn free_blocked_reads() {
-    for (_, fd, seen, freed) in lock_reading().iter_mut() {
-        if *seen && !*freed {
-            write_one(*fd);
-            *freed = true;
+    for r in lock_reading().iter_mut() {
+        if r.seen && !r.freed && !ready(r.fd, libc::POLLIN) && asleep(r.tid) {
+            write_one(r.fd);
+            r.freed = true;
         }
-        *seen = true;
+        r.seen = true;
     }
+}
+
+/// Whether thread `tid` of this process sleeps (in a system call).
+fn asleep(tid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).is_ok_and(|stat| {
+        // "tid (comm) S ...": the state follows the command's closing
+        // paren.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+    })
 }
 
 /// Whether `fd` is ready for `events` now.
