@@ -63,6 +63,14 @@ pub enum SuperblockError {
 /// count would look older than stale ones). md's never gets near it.
 pub const EVENTS_LIMIT: u64 = 1 << 62;
 
+/// Counts read from disk are below [`EVENTS_LIMIT`] less this: a volume
+/// started from one has this many changes left before its count would
+/// reach the limit (where a change is refused). Taken up to the limit
+/// itself, a crafted count just below it let the volume start and then
+/// refused every record, a member failure included, and writes waiting
+/// for it hung (review).
+pub const EVENTS_SLACK: u64 = 1 << 20;
+
 /// RAID level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -229,7 +237,7 @@ impl Superblock {
         let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(32);
         let name = String::from_utf8(name_bytes[..end].to_vec()).map_err(|_| invalid("name", 0))?;
         let events = u64_at(120);
-        if events >= EVENTS_LIMIT {
+        if events >= EVENTS_LIMIT - EVENTS_SLACK {
             return Err(invalid("events", events));
         }
         let mut volume_uuid = [0u8; 16];

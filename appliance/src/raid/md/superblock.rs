@@ -395,7 +395,9 @@ impl MdSuperblock {
                 "unknown feature bits",
             );
         }
-        if self.events >= crate::raid::superblock::EVENTS_LIMIT {
+        if self.events
+            >= crate::raid::superblock::EVENTS_LIMIT - crate::raid::superblock::EVENTS_SLACK
+        {
             return invalid("events", self.events, "past what a change count can reach");
         }
         if self.super_offset != at {
