@@ -70,13 +70,19 @@ pub fn read_superblock(
             Ok(m) => m,
             // A conversion of this volume cut short in its md write (the
             // volume's own UUID, the rest torn: a checksum that fails, or
-            // a version or field read before it: review) leaves the first
-            // format in charge. Anything else beside a first-format block
+            // the version or size read before it: review) leaves the
+            // first format in charge. One that reads whole but is refused
+            // (md changed the array since) is not torn. Anything else beside a first-format block
             // is another array's md superblock md would still take (one
             // with a feature or size this reader refuses, its checksum
             // sound): taking the old volume's wrote over it (audit).
-            Err(_)
-                if legacy.as_ref().is_ok_and(|l| {
+            Err(
+                MdSuperblockError::Corrupt { .. }
+                | MdSuperblockError::MajorVersion(_)
+                | MdSuperblockError::Invalid {
+                    field: "max_dev", ..
+                },
+            ) if legacy.as_ref().is_ok_and(|l| {
                     head[SUPERBLOCK_BYTES + 16..SUPERBLOCK_BYTES + 32] == l.volume_uuid
                 }) =>
             {
