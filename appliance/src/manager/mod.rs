@@ -144,7 +144,7 @@ fn from_quiesce(what: &str, e: QuiesceError) -> MgmtError {
         e if e.is_deadline() => MgmtError::DeadlineExceeded(format!("{what}: {e}")),
         // Its volume was deleted meanwhile, or the daemon is stopping.
         QuiesceError::NotFound(_) => MgmtError::NotFound(format!("{what}: {e}")),
-        QuiesceError::Stopped(_) => MgmtError::FailedPrecondition(format!("{what}: {e}")),
+        QuiesceError::Stopped(_) => MgmtError::Unavailable(format!("{what}: {e}")),
         e => MgmtError::Internal(format!("{what}: {e}")),
     }
 }

@@ -655,6 +655,7 @@ impl Monitor {
                     OpError::FailedPrecondition(m) => OpError::FailedPrecondition(with(m)),
                     OpError::DeadlineExceeded(m) => OpError::DeadlineExceeded(with(m)),
                     OpError::Internal(m) => OpError::Internal(with(m)),
+                    OpError::Stopped(m) => OpError::Stopped(with(m)),
                     e => e,
                 })
             }

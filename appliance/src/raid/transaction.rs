@@ -35,7 +35,7 @@ fn quiesce_error(e: poller::QuiesceError) -> OpError {
         e if e.is_deadline() => OpError::DeadlineExceeded(e.to_string()),
         poller::QuiesceError::NotFound(_) => OpError::Gone(e.to_string()),
         // The daemon is stopping: the volume is still there.
-        poller::QuiesceError::Stopped(_) => OpError::FailedPrecondition(e.to_string()),
+        poller::QuiesceError::Stopped(_) => OpError::Stopped(e.to_string()),
         e => OpError::Internal(e.to_string()),
     }
 }
