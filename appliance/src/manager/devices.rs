@@ -21,7 +21,7 @@ impl Inventory {
             .values()
             .filter_map(|(spec, _)| spec.strip_prefix("ram:"))
             .filter_map(|z| crate::devspec::parse_size(z).ok())
-            .chain(self.ram_resizing.values().copied())
+            .chain(self.resizing.values().copied())
             .fold(0u64, u64::saturating_add);
         let taken = self
             .devices
@@ -42,12 +42,13 @@ impl Inventory {
     }
 }
 
-/// A RAM resize's hold on the memory check, let go when the call ends.
-struct RamHeld<'a>(&'a Manager, &'a str);
+/// A resize's hold on its device (and a RAM device's on the memory
+/// check), let go when the call ends.
+struct ResizeHeld<'a>(&'a Manager, &'a str);
 
-impl Drop for RamHeld<'_> {
+impl Drop for ResizeHeld<'_> {
     fn drop(&mut self) {
-        self.0.inv().ram_resizing.remove(self.1);
+        self.0.inv().resizing.remove(self.1);
     }
 }
 
@@ -394,21 +395,24 @@ impl Manager {
                 .unwrap_or_else(|| self.bare_view(&decl, &old));
             return Ok((view, self.tell_frontends(volume.as_ref())));
         }
-        // The old and the new mapping are both there during the copy: the
-        // new size is held until the end of the call (audit: two resizes
-        // at once both passed the check).
-        let _held = if decl.spec.starts_with("ram:") {
+        // One resize of a device at a time; a RAM device's old and new
+        // mappings are both there during the copy: the new size is held
+        // until the end of the call (audit: two resizes at once both
+        // passed the check).
+        let _held = {
             let mut inv = self.inv();
-            if inv.ram_resizing.contains_key(name) {
+            if inv.resizing.contains_key(name) {
                 return Err(MgmtError::FailedPrecondition(format!(
                     "device {name} is being resized already"
                 )));
             }
-            inv.check_ram(name, 0, size_bytes)?;
-            inv.ram_resizing.insert(name.to_string(), size_bytes);
-            Some(RamHeld(self, name))
-        } else {
-            None
+            let ram = decl.spec.starts_with("ram:");
+            if ram {
+                inv.check_ram(name, 0, size_bytes)?;
+            }
+            inv.resizing
+                .insert(name.to_string(), if ram { size_bytes } else { 0 });
+            ResizeHeld(self, name)
         };
         let blocks = size_bytes / bs;
         let resize = |dev: &Arc<dyn BlockDevice>| {
@@ -473,11 +477,15 @@ impl Manager {
             None => {
                 let grown = resize(&old)?;
                 if !self.shared.roles.replace(&old, &grown, None) {
-                    // Claimed meanwhile: a file goes back to the size it
-                    // had (a volume may use it now, at that size), as
-                    // the call says nothing changed (audit).
-                    if let Err(e) = old.resized(have / bs) {
-                        tracing::warn!(device = name, error = %e, "a resize that lost to a claim could not put the file back to its size");
+                    // Claimed meanwhile (resizes of a device are one at a
+                    // time): a file goes back to the size it had (a
+                    // volume may use it now, at that size), as the call
+                    // says nothing changed (audit). A RAM device's copy
+                    // is only dropped.
+                    if decl.spec.starts_with("file:") {
+                        if let Err(e) = old.resized(have / bs) {
+                            tracing::warn!(device = name, error = %e, "a resize that lost to a claim could not put the file back to its size");
+                        }
                     }
                     return Err(changed());
                 }

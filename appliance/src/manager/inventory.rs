@@ -17,10 +17,11 @@ pub(super) struct Inventory {
     /// and touched, which takes seconds for a large one): name -> (spec,
     /// its storage keys).
     pub(super) attaching: BTreeMap<String, (String, Vec<String>)>,
-    /// RAM devices being resized: name -> the new size, held while the
-    /// copy runs (the old and the new memory are both there), so that
-    /// two at once cannot both pass the memory check.
-    pub(super) ram_resizing: BTreeMap<String, u64>,
+    /// Devices being resized: name -> the new size of a RAM device (0 for
+    /// others), held while the resize runs: one at a time per device, and
+    /// a RAM device's copy (the old and the new memory are both there)
+    /// counted in the memory check, so that two cannot both pass it.
+    pub(super) resizing: BTreeMap<String, u64>,
     pub(super) exports: BTreeMap<String, Arc<Exp>>,
     /// Exports being created outside the lock (the volume is quiesced
     /// meanwhile, which may take until its deadline): name -> (volume,
