@@ -87,11 +87,13 @@ impl Edit<'_> {
         self.touches(|c| c.nvmf_exports.iter().find(|e| e.nqn == nqn))
     }
 
-    /// Whether something the edit adds or takes away is not so in `now`
-    /// (the daemon's record after the reload): a part of the edit that
-    /// was refused. (A change to a declaration kept is not looked at: the
-    /// daemon fills in fields the file leaves out.)
-    fn left_out(&self, now: &Config) -> bool {
+    /// Whether a part of the edit was refused: something it adds or takes
+    /// away is not so in `now` (the daemon's record after the reload), or
+    /// one of `refused` names something it touches (a change to a
+    /// declaration kept: the declarations are not compared, the daemon
+    /// fills in fields the file leaves out). A refusal that names nothing
+    /// the edit touches (a volume that still does not start) is not its.
+    fn left_out(&self, now: &Config, refused: &[String]) -> bool {
         fn names(c: &Config) -> [Vec<&str>; 4] {
             [
                 c.devices.iter().map(|d| d.name.as_str()).collect(),
@@ -108,12 +110,18 @@ impl Edit<'_> {
             2 => self.export(name),
             _ => self.nvmf(name),
         };
+        let named = |n: &str| {
+            refused.iter().any(|r| {
+                r.split(|c: char| c.is_whitespace() || matches!(c, ',' | '(' | ')'))
+                    .any(|w| w.trim_end_matches(':') == n)
+            })
+        };
         (0..4).any(|k| {
             file[k]
                 .iter()
                 .chain(&base[k])
                 .filter(|n| touched(k, n))
-                .any(|n| file[k].contains(n) != now[k].contains(n))
+                .any(|n| file[k].contains(n) != now[k].contains(n) || named(n))
         })
     }
 }
@@ -223,7 +231,7 @@ impl Manager {
         if from_state && read.base.as_ref() != Some(&read.config) {
             if let Some(bytes) = &read.bytes {
                 let now = self.inv().config();
-                let left = edit.left_out(&now);
+                let left = edit.left_out(&now, &rep.refused);
                 if let Err(e) = self.shared.keep_refused_edit(path, bytes, left) {
                     rep.refused.push(e);
                 }
@@ -853,6 +861,36 @@ mod tests {
             })
             .count();
         assert_eq!(copies, 1);
+        stop(reactors, mgr);
+    }
+
+    /// From review: a refused change to a declaration that stays (here a
+    /// volume's level) left no copy of the edit, and the next save wrote
+    /// what runs over it.
+    #[test]
+    fn a_refused_change_to_a_declaration_kept_is_kept_aside() {
+        let (reactors, dir, mgr) = with_state_file();
+        let state = dir.path().join("state.toml");
+        mgr.attach_device(ram("a")).unwrap();
+        mgr.attach_device(ram("b")).unwrap();
+        mgr.create_volume(VolumeDecl::new("v", "single", &["a"]), true)
+            .unwrap();
+        let mut edited = crate::config::Config::load(&state).unwrap();
+        edited.volumes[0].level = "raid1".into();
+        edited.volumes[0].members = vec!["a".into(), "b".into()];
+        edited.save(&state).unwrap();
+        let rep = mgr.reload_file(&state).unwrap();
+        assert!(
+            rep.refused.iter().any(|r| r.starts_with("volume v:")),
+            "{rep:?}"
+        );
+        let problems = mgr.health().problems;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("could not apply all of the state file's edit")),
+            "{problems:?}"
+        );
         stop(reactors, mgr);
     }
 }

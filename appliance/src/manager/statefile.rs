@@ -293,10 +293,7 @@ impl Shared {
             }
             return Ok(());
         }
-        if refused_before
-            .as_ref()
-            .is_some_and(|p| std::fs::read(p).is_ok_and(|b| b == edited))
-        {
+        if refused_before.as_ref().is_some_and(|p| holds(p, edited)) {
             return Ok(());
         }
         // The copy without the saves' lock: saves run inside volumes'
@@ -316,6 +313,17 @@ impl Shared {
             }
         }
     }
+}
+
+/// Whether the file at `path` holds `bytes` (opened without blocking, a
+/// regular file only, read no further than their length: review).
+fn holds(path: &Path, bytes: &[u8]) -> bool {
+    use std::io::Read;
+    let Ok((f, len)) = crate::config::open_regular(path) else {
+        return false;
+    };
+    let mut now = Vec::new();
+    len == bytes.len() as u64 && f.take(len).read_to_end(&mut now).is_ok() && now == bytes
 }
 
 /// The state file read for a reload.
