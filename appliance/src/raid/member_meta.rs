@@ -71,11 +71,11 @@ pub fn read_superblock(
             // A conversion of this volume cut short in its md write (the
             // volume's own UUID, the rest torn: a checksum that fails, or
             // the version or size read before it: review) leaves the
-            // first format in charge. One that reads whole but is refused
-            // (md changed the array since) is not torn. Anything else beside a first-format block
-            // is another array's md superblock md would still take (one
-            // with a feature or size this reader refuses, its checksum
-            // sound): taking the old volume's wrote over it (audit).
+            // first format in charge. Anything else beside a first-format
+            // block is an md superblock md would still take: another
+            // array's, or this one's read whole but refused (md changed
+            // the array since), one with a feature or size this reader
+            // refuses: taking the old volume's wrote over it (audit).
             Err(
                 MdSuperblockError::Corrupt { .. }
                 | MdSuperblockError::MajorVersion(_)
