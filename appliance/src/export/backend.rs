@@ -304,7 +304,7 @@ impl Handler {
         self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
-    /// Run `change`, a new memory table of `bytes`, with the connection's
+    /// Run `change`, a new memory table of `backing`, with the connection's
     /// share of the daemon's guest memory taken first (before anything is
     /// mapped and perhaps pinned), and given back if the change fails.
     fn with_share(
@@ -342,6 +342,10 @@ impl Handler {
             .memory
             .reconfigure(self.drain_timeout(), |_| Ok::<_, String>((snapshot, ())))
             .map_err(|e| invalid(format!("switching guest memory: {e}")))?;
+        // The connection's share of the daemon's guest memory follows the
+        // table it now has (a table that grows took its share first:
+        // `with_share`; one that shrinks gives it back here).
+        let _ = self.share.resize(memory.files(), false);
         self.memory = memory;
         Ok(())
     }
@@ -870,10 +874,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         memory
             .remove(region.guest_phys_addr, region.memory_size)
             .map_err(invalid)?;
-        let backing = memory.files();
-        self.publish_memory(memory)?;
-        let _ = self.share.resize(backing, false);
-        Ok(())
+        self.publish_memory(memory)
     }
 
     fn set_device_state_fd(

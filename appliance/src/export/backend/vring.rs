@@ -434,13 +434,11 @@ impl Handler {
     pub fn disconnect(&mut self) {
         self.gone = true;
         self.stop_all();
-        match self.publish_memory(GuestMemory::default()) {
-            // Let go of at once, not when the handler is dropped (after
-            // the export says it is free for the next frontend: review).
-            Ok(()) => drop(self.share.resize(Default::default(), false)),
-            Err(e) => {
-                tracing::warn!(error = %e, "releasing the guest memory of a disconnected frontend")
-            }
+        // (Its share of the daemon's guest memory goes with it, at once,
+        // not when the handler is dropped after the export says it is free
+        // for the next frontend: review.)
+        if let Err(e) = self.publish_memory(GuestMemory::default()) {
+            tracing::warn!(error = %e, "releasing the guest memory of a disconnected frontend");
         }
     }
 }
