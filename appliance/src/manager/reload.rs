@@ -832,11 +832,16 @@ mod tests {
             .filter(|p| p.contains("could not apply all of the state file's edit"))
             .collect();
         assert_eq!(kept.len(), 1, "{health:?}");
-        let aside = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.to_string_lossy().contains("state.toml.edited-"))
-            .expect("the edit kept");
+        let kept_copies = || -> Vec<std::path::PathBuf> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().contains("state.toml.edited-"))
+                .collect()
+        };
+        let copies = kept_copies();
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        let aside = copies[0].clone();
         assert!(kept[0].contains(&*aside.to_string_lossy()), "{kept:?}");
         assert_eq!(std::fs::read_to_string(&aside).unwrap(), edited_text);
         // A reload with no edit since keeps saying where it is, and makes
@@ -850,17 +855,7 @@ mod tests {
                 .any(|p| p.contains(&*aside.to_string_lossy())),
             "{problems:?}"
         );
-        let copies = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".edited-")
-            })
-            .count();
-        assert_eq!(copies, 1);
+        assert_eq!(kept_copies(), [aside]);
         stop(reactors, mgr);
     }
 
