@@ -195,6 +195,15 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), RunError> 
         );
     }
     mgr.set_allowed_paths(allowed);
+    // The metrics address is bound before the restore: a port in use
+    // stops the daemon before it assembles (and records) anything.
+    let metrics = match opts.metrics.map(crate::metrics::Bound::bind).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = reactors.shutdown();
+            return Err(RunError::Failed(e));
+        }
+    };
     if let Some((cfg, first)) = &initial {
         crate::service::status("restoring devices, volumes and exports");
         let _longer = crate::service::extend_start(stop.clone());
@@ -228,8 +237,8 @@ pub fn run(opts: &DaemonOptions, stop: Arc<AtomicBool>) -> Result<(), RunError> 
         }
     }
     let sampler_stop = Arc::new(AtomicBool::new(false));
-    let sampler = match opts.metrics {
-        Some(addr) => match crate::metrics::start(addr, mgr.clone(), sampler_stop.clone()) {
+    let sampler = match metrics {
+        Some(bound) => match crate::metrics::start(bound, mgr.clone(), sampler_stop.clone()) {
             Ok(t) => Some(t),
             Err(e) => {
                 mgr.shutdown();

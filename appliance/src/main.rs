@@ -97,7 +97,8 @@ enum Command {
         /// Comma-separated cores to pin the reactors to.
         #[arg(long, value_delimiter = ',')]
         cores: Option<Vec<usize>>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187).
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187;
+        /// bound before the restore; port 0 takes a free one, which the log names).
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
         /// Also serve the API on TCP at ADDR; needs --tls-cert, --tls-key and --token-file.

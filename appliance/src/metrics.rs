@@ -22,7 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::manager::Manager;
 
 mod server;
-pub use server::start;
+pub use server::{start, Bound};
 
 /// The content type of a scrape.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

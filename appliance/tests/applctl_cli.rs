@@ -109,8 +109,8 @@ num_queues = 2
         ),
     )
     .unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
+    let metrics = metrics_addr(dir.path());
     let _reap = KillOnPanic(daemon.id());
 
     // Metrics move under IO.
@@ -329,8 +329,7 @@ fn a_journalled_raid5_comes_back_from_sigkill_with_its_data() {
         "32M",
         "journal = \"d3\"\njournal_mode = \"write-back\"\n",
     );
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let _reap = KillOnPanic(daemon.id());
     let mut disk = common::Disk::connect(&sock).unwrap();
     for i in 0..12u64 {
@@ -455,8 +454,8 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
         "64M",
         "bitmap = true\nbitmap_chunk_kib = 1024\n",
     );
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
+    let metrics = metrics_addr(dir.path());
     let _reap = KillOnPanic(daemon.id());
     let show = ok(&applctl(&api, &["volume", "show", "vol0"]));
     assert!(show.contains("consistency policy: bitmap ("), "{show}");
@@ -565,8 +564,7 @@ fn a_bitmap_narrows_the_resync_after_sigkill_and_is_switched_online() {
 fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let (config, sock) = raid5_config(dir.path(), 4, "32M", "journal = \"d3\"\n");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let _reap = KillOnPanic(daemon.id());
     let mut disk = common::Disk::connect(&sock).unwrap();
     for i in 0..4u64 {
@@ -674,8 +672,7 @@ fn a_dead_journal_is_dropped_at_start_only_when_the_operator_says_so() {
 fn suspend_move_queue_and_reload_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _sock) = raid5_config(dir.path(), 4, "16M", "");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let _reap = KillOnPanic(daemon.id());
     let show = |api: &Path| ok(&applctl(api, &["volume", "show", "vol0"]));
     ok(&applctl(&api, &["volume", "suspend", "vol0"]));

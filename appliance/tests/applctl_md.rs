@@ -119,8 +119,7 @@ fn volume_examine_shows_md_and_appliance_metadata() {
         ),
     )
     .unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let _reap = KillOnPanic(daemon.id());
 
     let md = ok(&applctl(&api, &["volume", "examine", "md12"]));
@@ -207,8 +206,7 @@ fn volume_import_takes_an_md_array_by_its_devices() {
         );
     }
     std::fs::write(&config, toml).unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let _reap = KillOnPanic(daemon.id());
     let refused = |devices: &str, why: &str| {
         let out = applctl(&api, &["volume", "import", "bad", "--devices", devices]);

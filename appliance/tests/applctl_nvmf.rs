@@ -40,8 +40,8 @@ fn nvmf_exports_are_made_used_kept_and_deleted_through_applctl() {
         "[[device]]\nname = \"d0\"\nspec = \"ram:64M\"\n\n[[volume]]\nname = \"v0\"\nlevel = \"single\"\nmembers = [\"d0\"]\n",
     )
     .unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
+    let metrics = metrics_addr(dir.path());
     let _reap = KillOnPanic(daemon.id());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");

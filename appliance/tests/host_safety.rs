@@ -310,3 +310,49 @@ fn devices_are_limited_to_allowed_paths_and_block_devices_to_unused_ones() {
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     assert!(d.wait().unwrap().success());
 }
+
+/// A metrics port already taken stops the daemon before its restore: it
+/// assembles nothing and records nothing (it bound the port only after
+/// the restore, which had written the state file and the devices by
+/// then), and its log names the address. Port 0 takes a free port, which
+/// the log names.
+#[test]
+fn a_metrics_port_in_use_stops_the_daemon_before_it_restores_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d0.img");
+    let config = dir.path().join("init.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"d0\"\nspec = \"file:{}:16M\"\n\n[[volume]]\nname = \"vol0\"\nlevel = \"single\"\nmembers = [\"d0\"]\n",
+            image.display()
+        ),
+    )
+    .unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let Err(log) = try_start(dir.path(), &config, &addr) else {
+        panic!("the daemon started on a metrics port in use");
+    };
+    assert!(
+        log.contains(&format!("metrics listener on {addr}")) && log.contains("in use"),
+        "{log}"
+    );
+    assert!(!dir.path().join("state.toml").exists(), "{log}");
+    assert!(!image.exists(), "{log}");
+
+    drop(taken);
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
+    let _reap = KillOnPanic(daemon.id());
+    let metrics = metrics_addr(dir.path());
+    let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+    assert!(body.contains(" 200 OK"), "{body}");
+    assert!(body.contains("appliance_volume"), "{body}");
+    drop(api);
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+}

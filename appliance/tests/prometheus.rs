@@ -177,35 +177,35 @@ fn a_scrape_follows_prometheus_conventions_and_has_what_the_dashboard_uses() {
     // From review: a `"` or `\` in an NQN (any printable ASCII is one)
     // went into a label unescaped and made the whole scrape invalid.
     const NQN: &str = "nqn.2026-12.io.test:a\"b\\c";
-    let dir = tempfile::tempdir().unwrap();
+    // The NVMe/TCP port is picked free, and picked again should another
+    // test take it first.
+    let (dir, mut daemon, api, _) = start_on_a_free_port(|dir, port| {
+        let mut toml = String::new();
+        for i in 0..3 {
+            toml += &format!(
+                "[[device]]\nname = \"m{i}\"\nspec = \"file:{}:32M\"\n\n",
+                dir.join(format!("m{i}.img")).display()
+            );
+        }
+        toml += &format!(
+            "[[device]]\nname = \"j\"\nspec = \"ram:32M\"\n\n\
+             [[device]]\nname = \"r0\"\nspec = \"ram:64M\"\n\n\
+             [[device]]\nname = \"r1\"\nspec = \"ram:64M\"\n\n\
+             [[volume]]\nname = \"vol1\"\nlevel = \"raid1\"\nmembers = [\"r0\", \"r1\"]\n\
+             bitmap = true\nmax_rebuild_bytes_per_sec = 1048576\n\
+             [volume.qos]\ntotal_iops = 1000000\n\n\
+             [[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\n\
+             journal = \"j\"\nchunk_kib = 64\n\n\
+             [[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n\n\
+             [[nvmf_export]]\nnqn = {NQN:?}\nvolume = \"vol1\"\nlisten = \"127.0.0.1:{port}\"\n\
+             allow_any_host = true\n",
+            dir.join("vm.sock").display(),
+        );
+        toml
+    });
     let sock = dir.path().join("vm.sock");
     let member = |i: usize| dir.path().join(format!("m{i}.img"));
-    let config = dir.path().join("appliance.toml");
-    let mut toml = String::new();
-    for i in 0..3 {
-        toml += &format!(
-            "[[device]]\nname = \"m{i}\"\nspec = \"file:{}:32M\"\n\n",
-            member(i).display()
-        );
-    }
-    toml += &format!(
-        "[[device]]\nname = \"j\"\nspec = \"ram:32M\"\n\n\
-         [[device]]\nname = \"r0\"\nspec = \"ram:64M\"\n\n\
-         [[device]]\nname = \"r1\"\nspec = \"ram:64M\"\n\n\
-         [[volume]]\nname = \"vol1\"\nlevel = \"raid1\"\nmembers = [\"r0\", \"r1\"]\n\
-         bitmap = true\nmax_rebuild_bytes_per_sec = 1048576\n\
-         [volume.qos]\ntotal_iops = 1000000\n\n\
-         [[volume]]\nname = \"vol0\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\n\
-         journal = \"j\"\nchunk_kib = 64\n\n\
-         [[export]]\nname = \"vm\"\nvolume = \"vol0\"\nsocket = \"{}\"\n\n\
-         [[nvmf_export]]\nnqn = {NQN:?}\nvolume = \"vol1\"\nlisten = \"127.0.0.1:{}\"\n\
-         allow_any_host = true\n",
-        sock.display(),
-        free_port()
-    );
-    std::fs::write(&config, toml).unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    let metrics = metrics_addr(dir.path());
     let _reap = KillOnPanic(daemon.id());
 
     // Verified writes and reads, then member 1's file loses its data
@@ -414,12 +414,10 @@ fn one_peer_cannot_take_every_metrics_connection() {
     })
     .unwrap();
     let mgr = std::sync::Arc::new(appliance::manager::Manager::new(reactors.set(), None));
-    // A free port (the probe's listener closes at once).
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
+    let bound = appliance::metrics::Bound::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = bound.addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = appliance::metrics::start(addr, mgr.clone(), stop.clone()).unwrap();
+    let server = appliance::metrics::start(bound, mgr.clone(), stop.clone()).unwrap();
     let held: Vec<std::net::TcpStream> = (0..48)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(addr).unwrap();

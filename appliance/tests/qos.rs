@@ -67,7 +67,7 @@ fn io_limits_hold_within_5_percent_and_leave_an_unlimited_neighbour_alone() {
         );
     }
     std::fs::write(&config, toml).unwrap();
-    let (mut daemon, api) = start(dir.path(), &config, &format!("127.0.0.1:{}", free_port()));
+    let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let _reap = KillOnPanic(daemon.id());
 
     // The unlimited volume alone, for reference.

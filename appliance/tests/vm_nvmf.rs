@@ -21,56 +21,39 @@ const R5: &str = "nqn.2026-12.io.appliance:r5";
 const ONE: &str = "nqn.2026-12.io.appliance:one";
 const HIDDEN: &str = "nqn.2026-12.io.appliance:hidden";
 
-struct Files(Vec<std::path::PathBuf>);
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
-
 #[test]
 fn a_linux_host_uses_volumes_over_nvme_tcp_through_failure_resize_and_restart() {
     let guest = guest();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    // Files beside the state (the daemon allows device files there).
-    let files = Files(
-        ["m0", "m1", "m2", "s0"]
-            .iter()
-            .map(|n| dir.path().join(format!("{n}.img")))
-            .collect(),
-    );
-    let mut toml = String::new();
-    for (n, f) in ["m0", "m1", "m2", "s0"].iter().zip(&files.0) {
-        toml += &format!(
-            "[[device]]\nname = \"{n}\"\nspec = \"file:{}:128M\"\n\n",
-            f.display()
-        );
-    }
-    toml += "[[device]]\nname = \"d4\"\nspec = \"ram:64M\"\n\n[[device]]\nname = \"d5\"\nspec = \"ram:16M\"\n\n";
-    toml += "[[volume]]\nname = \"r5\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\nspares = [\"s0\"]\n\n";
-    toml += "[[volume]]\nname = \"one\"\nlevel = \"single\"\nmembers = [\"d4\"]\n\n";
-    toml += "[[volume]]\nname = \"hid\"\nlevel = \"single\"\nmembers = [\"d5\"]\n\n";
-    for (nqn, vol, host) in [
-        (R5, "r5", HOSTNQN),
-        (ONE, "one", HOSTNQN),
-        (
-            HIDDEN,
-            "hid",
-            "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000beef",
-        ),
-    ] {
-        toml += &format!(
-            "[[nvmf_export]]\nnqn = \"{nqn}\"\nvolume = \"{vol}\"\nlisten = \"127.0.0.1:{port}\"\nhosts = [\"{host}\"]\n\n"
-        );
-    }
-    let config = dir.path().join("init.toml");
-    std::fs::write(&config, toml).unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let (mut daemon, api) = start(dir.path(), &config, &metrics);
+    // The NVMe/TCP port is picked free, and picked again should another
+    // test take it first. Device files are beside the state (the daemon
+    // allows them there).
+    let (dir, mut daemon, api, port) = start_on_a_free_port(|dir, port| {
+        let mut toml = String::new();
+        for n in ["m0", "m1", "m2", "s0"] {
+            toml += &format!(
+                "[[device]]\nname = \"{n}\"\nspec = \"file:{}:128M\"\n\n",
+                dir.join(format!("{n}.img")).display()
+            );
+        }
+        toml += "[[device]]\nname = \"d4\"\nspec = \"ram:64M\"\n\n[[device]]\nname = \"d5\"\nspec = \"ram:16M\"\n\n";
+        toml += "[[volume]]\nname = \"r5\"\nlevel = \"raid5\"\nmembers = [\"m0\", \"m1\", \"m2\"]\nspares = [\"s0\"]\n\n";
+        toml += "[[volume]]\nname = \"one\"\nlevel = \"single\"\nmembers = [\"d4\"]\n\n";
+        toml += "[[volume]]\nname = \"hid\"\nlevel = \"single\"\nmembers = [\"d5\"]\n\n";
+        for (nqn, vol, host) in [
+            (R5, "r5", HOSTNQN),
+            (ONE, "one", HOSTNQN),
+            (
+                HIDDEN,
+                "hid",
+                "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000beef",
+            ),
+        ] {
+            toml += &format!(
+                "[[nvmf_export]]\nnqn = \"{nqn}\"\nvolume = \"{vol}\"\nlisten = \"127.0.0.1:{port}\"\nhosts = [\"{host}\"]\n\n"
+            );
+        }
+        toml
+    });
     let mut reap = KillOnPanic(daemon.id());
 
     let params = dir.path().join("params");

@@ -12,17 +12,42 @@ use prometheus_client::registry::Registry;
 use super::{registry, CONTENT_TYPE};
 use crate::manager::Manager;
 
-/// Start the HTTP listener on `addr` (GET /metrics) on a thread of its
-/// own; it stops when `stop` is set. The address is bound before this
-/// returns, so a port in use is reported at start-up.
-pub fn start(
+/// The metrics address, bound and not served yet: the daemon binds it
+/// before its restore, so a port in use stops it before it touches a
+/// device, and serves it once the restore is done.
+pub struct Bound {
+    listener: std::net::TcpListener,
     addr: SocketAddr,
+}
+
+impl Bound {
+    /// Bind `addr`; port 0 takes a free one, which the log names (and
+    /// `addr` returns), so that nothing has to guess a free port first.
+    pub fn bind(addr: SocketAddr) -> Result<Bound, String> {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+        tracing::info!(%addr, "metrics: listening");
+        Ok(Bound { listener, addr })
+    }
+
+    /// The address bound (the port chosen, when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Serve GET /metrics on `bound` on a thread of its own; it stops when
+/// `stop` is set.
+pub fn start(
+    bound: Bound,
     mgr: Arc<Manager>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    let listener = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+    let listener = bound.listener;
     let registry = Arc::new(registry(mgr));
     std::thread::Builder::new()
         .name("metrics".into())

@@ -60,7 +60,10 @@ pub fn applctl_path() -> PathBuf {
         .clone()
 }
 
-/// A TCP port free on the loopback now (for the metrics listener).
+/// A TCP port free on the loopback now. Another test may take it before
+/// it is bound: a daemon listening on it is started with
+/// `start_on_a_free_port`, and the metrics listener takes port 0 (see
+/// `metrics_addr`).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -162,6 +165,20 @@ pub fn start_on_a_free_port(
         }
     }
     panic!("five ports picked free were taken before the daemon bound them")
+}
+
+/// The address the daemon started in `dir` by `start` with metrics on
+/// port 0 bound for them, as its log says (it binds them before its API
+/// answers).
+pub fn metrics_addr(dir: &Path) -> String {
+    let log = log_of(&dir.join("daemon.log"));
+    log.lines()
+        .find_map(|l| {
+            let rest = &l[l.find("metrics: listening")?..];
+            let addr = &rest[rest.find("addr=")? + "addr=".len()..];
+            Some(addr.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .unwrap_or_else(|| panic!("no metrics address in the daemon's log:\n{log}"))
 }
 
 /// The daemon's log, as far as it was written.
