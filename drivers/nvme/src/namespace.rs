@@ -3,9 +3,10 @@
 //! split at MDTS, bounced when memory is not registered or not PRP-shaped),
 //! polled completions, time-outs, and recovery after a controller reset.
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bdev::{
     validate, BdevError, BlockDevice, Completion, DeviceInfo, IoChannel, IoError, IoOp, IoRequest,
@@ -23,9 +24,11 @@ use crate::transport::DmaMem;
 mod data;
 mod free;
 mod remake;
+mod retire;
 
 use free::FreeSlots;
 use remake::Remake;
+use retire::Retired;
 
 /// Largest request a channel takes; bigger commands than MDTS are split.
 const MAX_TRANSFER: usize = 1 << 20;
@@ -55,6 +58,13 @@ const CREATE_TRIES: u32 = 3;
 const MAX_OVERDUE_RESETS: u8 = 4;
 /// PRP entries in one list page.
 const PRP_PER_PAGE: usize = PAGE / 8;
+/// How long a channel's opening or drop waits, on its caller's thread
+/// (a reactor), for the admin commands that make or delete its queue on
+/// a thread of their own: a controller that answers in time behaves as
+/// if they ran here (an open that fails says so, a queue ID dropped is
+/// free again); one that does not costs the reactor no more than this
+/// (it cost up to twice CAP.TO, minutes: audit).
+const ADMIN_WAIT: Duration = Duration::from_millis(20);
 
 /// One namespace of a controller.
 pub struct Namespace {
@@ -252,14 +262,18 @@ struct Channel {
     cmd_blocks: u64,
     /// The controller takes SGLs (`Some(true)`: dword-aligned only).
     sgl: Option<bool>,
-    q: QueuePair,
+    /// The queue, its PRP lists and its bounce pages: the device reaches
+    /// them by DMA, so they are freed only after its queue is deleted,
+    /// which a dropped channel leaves to a thread (`retire`); taken out
+    /// in `drop` only.
+    q: ManuallyDrop<QueuePair>,
     generation: u64,
     slots: Vec<Slot>,
     /// Taken from the front and given back at the back: a slot's
     /// identifier comes back only after every other slot's (`next_cid`).
     free_slots: FreeSlots,
-    prp: DmaMem,
-    bounce: DmaMem,
+    prp: ManuallyDrop<DmaMem>,
+    bounce: ManuallyDrop<DmaMem>,
     free_bounce: Vec<u16>,
     /// The bounce pages of the command in each slot that has any (its
     /// `bounced` says so): beside the slots, so the registered path never
@@ -278,8 +292,12 @@ struct Channel {
     /// The timed-out command the recovery thread is working on: one at a
     /// time per channel (its abort or reset deals with the others too).
     recovery: Option<Arc<Recovery>>,
-    /// The queue being made again after a reset, on a thread of its own.
+    /// The queue being made (opening, or again after a reset), on a
+    /// thread of its own.
     remaking: Option<Remake>,
+    /// The device has no queue of this channel's (it was refused, or the
+    /// controller failed making it again): requests fail.
+    unmade: bool,
 }
 
 impl Channel {
@@ -301,18 +319,14 @@ impl Channel {
         let prp = DmaMem::new(&ctrl.transport, nslots * PAGE)?;
         let bounce = DmaMem::new(&ctrl.transport, BOUNCE_PAGES * PAGE)?;
         let qid = ctrl.alloc_qid()?;
-        let made = (|| {
-            let q = QueuePair::new(&ctrl.transport, qid, depth, ctrl.stride)?;
-            let generation = ctrl.create_io_queue(&q.shape())?;
-            Ok::<_, NvmeError>((q, generation))
-        })();
-        let (q, generation) = match made {
-            Ok(v) => v,
+        let q = match QueuePair::new(&ctrl.transport, qid, depth, ctrl.stride) {
+            Ok(q) => q,
             Err(e) => {
                 ctrl.free_qid(qid);
                 return Err(e);
             }
         };
+        let generation = ctrl.generation.load(Ordering::Acquire);
         let mut ch = Channel {
             ctrl: ctrl.clone(),
             nsid: ns.nsid,
@@ -323,7 +337,7 @@ impl Channel {
             block_shift: ns.info.block_size.trailing_zeros(),
             cmd_blocks: (ns.cmd_bytes / ns.info.block_size as usize) as u64,
             sgl: ctrl.ident.sgl(),
-            q,
+            q: ManuallyDrop::new(q),
             generation,
             slots: (0..nslots)
                 .map(|_| Slot {
@@ -341,8 +355,8 @@ impl Channel {
             bounced: (0..nslots).map(|_| None).collect(),
             free_slots: FreeSlots::new(nslots),
             delayed: Vec::new(),
-            prp,
-            bounce,
+            prp: ManuallyDrop::new(prp),
+            bounce: ManuallyDrop::new(bounce),
             free_bounce: (0..BOUNCE_PAGES as u16).rev().collect(),
             parents: (0..nslots)
                 .map(|_| Parent {
@@ -361,9 +375,36 @@ impl Channel {
             polls: 0,
             recovery: None,
             remaking: None,
+            unmade: false,
         };
         ch.refresh_regions();
-        Ok(ch)
+        // The queue is made on a thread (admin commands the reactor must
+        // not wait on for long). Made in time, the channel is as if it
+        // had been made here (a refusal is this open's error); not, it
+        // takes nothing (Busy) until it is, and fails its requests if it
+        // is not.
+        let shape = ch.q.shape();
+        let made = match Remake::start(ctrl, shape, generation, true) {
+            Some(mut r) => {
+                if !r.wait(ADMIN_WAIT) {
+                    ch.remaking = Some(r);
+                    return Ok(ch);
+                }
+                r.join()
+            }
+            // No thread to spare: made here, as before.
+            None => remake::make(ctrl, &shape, generation, true),
+        };
+        match made {
+            Ok(g) => {
+                ch.generation = g;
+                Ok(ch)
+            }
+            Err(e) => {
+                ch.unmade = true;
+                Err(e)
+            }
+        }
     }
 
     /// Pick up memory (un)registered since the last look: one atomic load
@@ -921,22 +962,24 @@ impl Drop for Channel {
         if let Some(r) = self.recovery.take() {
             r.settle();
         }
-        // A queue being made again is waited for: made, the device would
-        // write into its rings, freed next (it is deleted below). Not made,
-        // the device has no such queue: deleting it anyway could reset the
-        // controller under every other channel (review).
-        let mut on_device = true;
-        if let Some(r) = self.remaking.take() {
-            match r.join() {
-                Ok(g) => self.generation = g,
-                Err(_) => on_device = false,
-            }
+        // SAFETY: taken here only, once, and `self` is not used after.
+        let (q, prp, bounce) = unsafe {
+            (
+                ManuallyDrop::take(&mut self.q),
+                ManuallyDrop::take(&mut self.prp),
+                ManuallyDrop::take(&mut self.bounce),
+            )
+        };
+        Retired {
+            ctrl: self.ctrl.clone(),
+            name: self.info.name.clone(),
+            generation: self.generation,
+            remaking: self.remaking.take(),
+            on_device: !self.unmade,
+            q,
+            prp,
+            bounce,
         }
-        if on_device && !self.ctrl.is_failed() {
-            if let Err(e) = self.ctrl.delete_io_queue(self.q.qid, self.generation) {
-                tracing::warn!(device = %self.info.name, qid = self.q.qid, error = %e, "deleting IO queue");
-            }
-        }
-        self.ctrl.free_qid(self.q.qid);
+        .retire(ADMIN_WAIT);
     }
 }

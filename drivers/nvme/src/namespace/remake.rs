@@ -1,11 +1,12 @@
-//! A channel after a reset: its queue made again on a thread of its own
-//! (admin commands, and a reset more when one times out, that the polling
-//! thread must not wait for), then what was in flight sent again.
+//! A channel's queue made on a thread of its own, when the channel opens
+//! and again after a reset (admin commands, and a reset more when one
+//! times out, that the polling thread must not wait for), then what was
+//! in flight sent again.
 
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bdev::IoError;
 use smallvec::SmallVec;
@@ -15,58 +16,91 @@ use crate::controller::Controller;
 use crate::error::NvmeError;
 use crate::queue::QueueShape;
 
-/// A channel's queue being made again: the thread at it.
+/// A channel's queue being made: the outcome from the thread at it.
 pub(super) struct Remake {
-    thread: JoinHandle<Result<u64, NvmeError>>,
+    rx: mpsc::Receiver<Result<u64, NvmeError>>,
+    outcome: Option<Result<u64, NvmeError>>,
 }
 
 impl Remake {
-    /// Start making `q` again on `ctrl` after the reset of `generation`;
+    /// Start making `q` on `ctrl` in `generation` (`first`: the channel
+    /// is opening; else it is made again after that generation's reset);
     /// `None` when no thread can be had (the caller makes it itself). The
     /// thread holds the controller only while it works (review), and a
-    /// failure fails the controller there, not on the polling thread
-    /// (`fail` waits for the device to stop: review).
-    fn start(ctrl: &Arc<Controller>, q: QueueShape, generation: u64) -> Option<Remake> {
+    /// failure of a queue made again fails the controller there, not on
+    /// the polling thread (`fail` waits for the device to stop: review).
+    pub(super) fn start(
+        ctrl: &Arc<Controller>,
+        q: QueueShape,
+        generation: u64,
+        first: bool,
+    ) -> Option<Remake> {
         let weak = Arc::downgrade(ctrl);
+        let (tx, rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
-            .name(format!("nvme-remake-{}", q.qid))
+            .name(format!("nvme-queue-{}", q.qid))
             .spawn(move || {
-                let Some(ctrl) = weak.upgrade() else {
-                    return Err(NvmeError::Failed(
+                let made = match weak.upgrade() {
+                    Some(ctrl) => make(&ctrl, &q, generation, first),
+                    None => Err(NvmeError::Failed(
                         format!("queue {}", q.qid),
                         "the controller is gone".into(),
-                    ));
+                    )),
                 };
-                remake(&ctrl, &q, generation)
+                let _ = tx.send(made);
             })
             .ok()
-            .map(|thread| Remake { thread })
+            .map(|_| Remake { rx, outcome: None })
     }
 
-    /// Whether the outcome is there ([`join`](Self::join) waits no more).
-    fn done(&self) -> bool {
-        self.thread.is_finished()
+    /// Wait up to `d` for the outcome; whether it is there ([`join`]
+    /// waits no more then).
+    ///
+    /// [`join`]: Self::join
+    pub(super) fn wait(&mut self, d: Duration) -> bool {
+        if self.outcome.is_none() {
+            self.outcome = match self.rx.recv_timeout(d) {
+                Ok(made) => Some(made),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(panicked())),
+            };
+        }
+        self.outcome.is_some()
+    }
+
+    /// Whether the outcome is there, without waiting.
+    fn done(&mut self) -> bool {
+        self.wait(Duration::ZERO)
     }
 
     /// The generation the queue was made in, or why it was not (then the
-    /// device has no such queue, and the controller is failed).
-    pub(super) fn join(self) -> Result<u64, NvmeError> {
-        self.thread.join().unwrap_or_else(|_| {
-            Err(NvmeError::Failed(
-                "queue".into(),
-                "the thread making it again panicked".into(),
-            ))
-        })
+    /// device has no such queue; one made again failed the controller).
+    pub(super) fn join(mut self) -> Result<u64, NvmeError> {
+        match self.outcome.take() {
+            Some(made) => made,
+            None => self.rx.recv().unwrap_or_else(|_| Err(panicked())),
+        }
     }
 }
 
-/// Make queue `q` again on `ctrl` after the reset of `generation`. A
-/// creation that timed out resets the controller; when that reset worked,
-/// the queue is made again on the controller it left, instead of failing
-/// every namespace on it for one slow command. A few times: one that
-/// never answers fails it (IO on other queues would keep the reset
-/// counter down for ever), as does any other failure to make it.
-fn remake(ctrl: &Controller, q: &QueueShape, mut generation: u64) -> Result<u64, NvmeError> {
+fn panicked() -> NvmeError {
+    NvmeError::Failed("queue".into(), "the thread making it panicked".into())
+}
+
+/// Make queue `q` on `ctrl` in `generation`. A creation that timed out
+/// resets the controller; when that reset worked, the queue is made again
+/// on the controller it left, instead of failing every namespace on it
+/// for one slow command. A few times: one that never answers fails it
+/// (IO on other queues would keep the reset counter down for ever), as
+/// does any other failure to make a queue again after a reset. A queue
+/// refused at a channel's opening fails only that channel (the
+/// controller may have no room for it), as an open that fails.
+pub(super) fn make(
+    ctrl: &Controller,
+    q: &QueueShape,
+    mut generation: u64,
+    first: bool,
+) -> Result<u64, NvmeError> {
     let mut tries = 0;
     loop {
         tries += 1;
@@ -79,7 +113,9 @@ fn remake(ctrl: &Controller, q: &QueueShape, mut generation: u64) -> Result<u64,
                 generation = ctrl.generation.load(Ordering::Acquire);
             }
             Err(e) => {
-                if !ctrl.is_failed() {
+                if first {
+                    tracing::warn!(controller = %ctrl.name(), qid = q.qid, error = %e, "a new channel's IO queue could not be made; the channel fails its requests");
+                } else if !ctrl.is_failed() {
                     ctrl.fail(&format!("recreating IO queue {} after reset: {e}", q.qid));
                 }
                 return Err(e);
@@ -103,7 +139,7 @@ impl Channel {
             return;
         }
         self.generation = self.ctrl.generation.load(Ordering::Acquire);
-        if self.ctrl.is_failed() {
+        if self.ctrl.is_failed() || self.unmade {
             self.fail_all(IoError::DeviceFailed);
             return;
         }
@@ -112,20 +148,20 @@ impl Channel {
         // What waited to be sent again goes with the rest, in `remade`.
         self.q.reset();
         self.delayed.clear();
-        match Remake::start(&self.ctrl, self.q.shape(), self.generation) {
+        match Remake::start(&self.ctrl, self.q.shape(), self.generation, false) {
             Some(r) => {
                 self.remaking = Some(r);
                 self.remade();
             }
             // No thread to spare: made here, as before.
-            None => self.remade_with(remake(&self.ctrl, &self.q.shape(), self.generation)),
+            None => self.remade_with(make(&self.ctrl, &self.q.shape(), self.generation, false)),
         }
     }
 
     /// The rest of [`recover`](Self::recover), once the queue is made
     /// again (nothing while it is not).
     fn remade(&mut self) {
-        if !self.remaking.as_ref().is_some_and(|r| r.done()) {
+        if !self.remaking.as_mut().is_some_and(|r| r.done()) {
             return;
         }
         if let Some(r) = self.remaking.take() {
@@ -136,9 +172,12 @@ impl Channel {
     fn remade_with(&mut self, made: Result<u64, NvmeError>) {
         match made {
             Ok(g) if !self.ctrl.is_failed() => self.generation = g,
-            // The controller is failed (by the remake, or since).
+            // The controller is failed (by the remake, or since), or the
+            // opening channel's queue was refused: the device has no
+            // queue of this channel's, which fails what it is given.
             _ => {
                 self.generation = self.ctrl.generation.load(Ordering::Acquire);
+                self.unmade = true;
                 self.fail_all(IoError::DeviceFailed);
                 return;
             }
