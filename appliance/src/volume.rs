@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bdev::{BlockDevice, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList};
+use bdev::{BlockDevice, DeviceInfo, IoChannel, IoOp, IoRequest, IoVec, SgList, SubmitError};
 use poller::{Ctx, Helping, PollState, QuiesceError, QuiesceObject, ReactorSet, SuspendGuard};
 
 use crate::raid::level::RaidDevice;
@@ -335,6 +335,10 @@ impl Volume {
             };
             let mut data = data;
             let mut ch: Option<Box<dyn IoChannel>> = None;
+            // The request while its channel takes nothing yet (Busy: a
+            // new NVMe channel whose queue is being made, a member's
+            // queue made again); sent again at each poll.
+            let mut pending: Option<IoRequest> = None;
             let mut out = Vec::new();
             ctx.add_poller(move |_| {
                 let Some(c) = ch.as_mut() else {
@@ -383,24 +387,24 @@ impl Volume {
                     // and delete a queue pair on the reactor every time,
                     // and each open could be refused).
                     let kept = gate.take_kept::<Box<dyn IoChannel>>().map(|c| *c);
-                    let submitted = kept
-                        .map_or_else(|| device.open_channel(), Ok)
-                        .map_err(|e| e.to_string())
-                        .and_then(|mut c| {
-                            c.submit(req)
-                                .map_err(|_| "the volume's queue is full".to_string())?;
-                            Ok(c)
-                        });
-                    match submitted {
-                        Ok(c) => ch = Some(c),
+                    match kept.map_or_else(|| device.open_channel(), Ok) {
+                        Ok(c) => {
+                            ch = Some(c);
+                            pending = Some(req);
+                        }
                         Err(e) => {
                             gate.end();
-                            let _ = tx.send(Reply::Done(Err(io_error(&name, e))));
+                            let _ = tx.send(Reply::Done(Err(io_error(&name, e.to_string()))));
                             return PollState::Done;
                         }
                     }
                     return PollState::Busy;
                 };
+                if let Some(req) = pending.take() {
+                    if let Err(SubmitError::Busy(req)) = c.submit(req) {
+                        pending = Some(req);
+                    }
+                }
                 c.poll(&mut out);
                 let Some(done) = out.pop() else {
                     return PollState::Busy;

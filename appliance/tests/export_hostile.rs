@@ -820,3 +820,33 @@ fn writes_of_a_driver_without_flush_are_stable_when_answered() {
     export.delete(true).unwrap();
     reactors.shutdown().unwrap();
 }
+
+/// From review: a queue starting while its device had no room for a
+/// channel (an NVMe queue pair of a channel just dropped, given back only
+/// once the device deleted it: the queue's own when it moves) failed to
+/// start, and the guest's IO on it hung. It starts taking nothing and asks
+/// again, as after a change, and serves once there is room.
+#[test]
+fn a_queue_that_starts_while_its_device_has_no_room_serves_once_there_is() {
+    let (reactors, fault, volume, export, _dir, sock) = fault_export(1, Duration::from_secs(10));
+    let c = fault.control();
+    let taken = bdev::BlockDevice::open_channel(&*fault).unwrap();
+    c.limit_channels(c.open_channels());
+    let refused = c.refused();
+    let mut g = Guest::new(&sock, 1);
+    let t = std::time::Instant::now();
+    while c.refused() == refused {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the queue never asked for a channel"
+        );
+        std::thread::yield_now();
+    }
+    drop(taken);
+    c.limit_channels(0);
+    g.good_read(0);
+    drop(g);
+    drop(export);
+    drop(volume);
+    reactors.shutdown().unwrap();
+}

@@ -112,3 +112,39 @@ fn the_volumes_own_flushes_keep_one_channel_until_a_suspend() {
     }
     reactors.shutdown().unwrap();
 }
+
+/// From review: a volume's own request (a journal checkpoint's flush, a
+/// control call's IO) whose new channel took nothing yet (Busy: a new
+/// NVMe channel's queue still being made, a member's queue made again)
+/// failed at once with "the volume's queue is full". It waits for the
+/// channel, as guest IO does.
+#[test]
+fn a_volumes_own_request_waits_for_a_busy_new_channel() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let ram: Arc<dyn BlockDevice> = Arc::new(RamDevice::new("d", 4096, 1024).unwrap());
+    let fault = Arc::new(FaultDevice::new(ram));
+    let c = fault.control();
+    let volume = Volume::new(reactors.set(), "v", fault.clone());
+    c.busy(true);
+    let writer = {
+        let volume = volume.clone();
+        std::thread::spawn(move || volume.io(IoOp::Write, 5, vec![0x5a; 4096], LONG))
+    };
+    let t = std::time::Instant::now();
+    while c.busy_refusals() == 0 {
+        assert!(t.elapsed() < LONG, "the write never reached the device");
+        std::thread::yield_now();
+    }
+    c.busy(false);
+    writer
+        .join()
+        .unwrap()
+        .expect("the write, once the channel takes it");
+    let got = volume.io(IoOp::Read, 5, vec![0; 4096], LONG).unwrap();
+    assert!(got.iter().all(|&b| b == 0x5a));
+    reactors.shutdown().unwrap();
+}

@@ -156,6 +156,10 @@ pub struct QueueSetup {
     /// the spec has a completed write be stable (each one is flushed
     /// before it is answered).
     pub write_through: bool,
+    /// A device with no room for a channel yet: the queue starts taking
+    /// nothing and asks again (else the start fails: a queue moved goes
+    /// back where it was).
+    pub wait_for_room: bool,
 }
 
 struct Inflight {

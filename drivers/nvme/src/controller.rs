@@ -8,7 +8,7 @@
 //! are recovered on the controller's recovery thread (recovery.rs).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::NvmeError;
@@ -96,6 +96,10 @@ pub struct Controller {
     namespaces: Mutex<Vec<(u32, IdentifyNamespace)>>,
     io_queues: u16,
     qids: Mutex<Vec<bool>>,
+    /// Told when a queue ID is given back.
+    qid_freed: Condvar,
+    /// Queue IDs of dropped channels whose queues are being deleted.
+    pub(crate) retiring: AtomicU32,
     /// Bumped by every reset; a channel that sees a new value recreates its
     /// queue and resubmits what was in flight.
     pub(crate) generation: AtomicU64,
@@ -241,6 +245,8 @@ impl Controller {
             namespaces: Mutex::new(Vec::new()),
             io_queues: 0,
             qids: Mutex::new(Vec::new()),
+            qid_freed: Condvar::new(),
+            retiring: AtomicU32::new(0),
             generation: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             stopping: Mutex::new(()),
@@ -643,23 +649,38 @@ impl Controller {
         self.bar.read32(spec::REG_CSTS) & spec::CSTS_CFS != 0
     }
 
-    pub(crate) fn alloc_qid(&self) -> Result<u16, NvmeError> {
+    /// A free IO queue ID. None free while dropped channels' queues are
+    /// being deleted: one of theirs is waited for, up to `wait` (a channel
+    /// dropped to make room for a new one gives its ID back on a thread).
+    pub(crate) fn alloc_qid(&self, wait: Duration) -> Result<u16, NvmeError> {
+        let deadline = Instant::now() + wait;
         let mut q = lock(&self.qids);
-        let id = (1..q.len()).find(|&i| !q[i]).ok_or_else(|| {
-            NvmeError::NoQueue(format!(
-                "{}: all {} IO queues are in use",
-                self.name(),
-                self.io_queues
-            ))
-        })?;
-        q[id] = true;
-        Ok(id as u16)
+        loop {
+            if let Some(id) = (1..q.len()).find(|&i| !q[i]) {
+                q[id] = true;
+                return Ok(id as u16);
+            }
+            let retiring = self.retiring.load(Ordering::Acquire);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if retiring == 0 || left.is_zero() {
+                return Err(NvmeError::NoQueue(format!(
+                    "{}: all {} IO queues are in use ({retiring} being deleted)",
+                    self.name(),
+                    self.io_queues
+                )));
+            }
+            q = match self.qid_freed.wait_timeout(q, left) {
+                Ok((q, _)) => q,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     pub(crate) fn free_qid(&self, qid: u16) {
         if let Some(used) = lock(&self.qids).get_mut(qid as usize) {
             *used = false;
         }
+        self.qid_freed.notify_all();
     }
 
     /// Name (PCI address for VFIO).
@@ -915,9 +936,15 @@ impl Drop for Controller {
     /// a clean shutdown notification, then disable.
     fn drop(&mut self) {
         self.shutdown();
-        if !self.removed() {
+        let stopped = !self.removed() && {
             self.bar.write32(spec::REG_CC, 0);
-            let _ = wait_ready(&self.bar, self.cap, false, self.transport.name());
+            wait_ready(&self.bar, self.cap, false, self.transport.name()).is_ok()
+        };
+        // One that does not confirm it stopped keeps its addresses from
+        // being handed out again and loses bus mastering, before its
+        // queues' memory is freed (the fields, after this).
+        if !stopped {
+            self.transport.retire_all();
         }
     }
 }

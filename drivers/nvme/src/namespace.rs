@@ -318,7 +318,7 @@ impl Channel {
         // would leave it there pointing at freed rings.
         let prp = DmaMem::new(&ctrl.transport, nslots * PAGE)?;
         let bounce = DmaMem::new(&ctrl.transport, BOUNCE_PAGES * PAGE)?;
-        let qid = ctrl.alloc_qid()?;
+        let qid = ctrl.alloc_qid(ADMIN_WAIT)?;
         let q = match QueuePair::new(&ctrl.transport, qid, depth, ctrl.stride) {
             Ok(q) => q,
             Err(e) => {
@@ -874,7 +874,7 @@ impl IoChannel for Channel {
                 return Err(SubmitError::Busy(req));
             }
         }
-        let result = if self.ctrl.is_failed() {
+        let result = if self.ctrl.is_failed() || self.unmade {
             Err(IoError::DeviceFailed)
         } else {
             validate(&self.info, &req)
@@ -949,14 +949,16 @@ impl IoChannel for Channel {
         n
     }
 
-    /// A queue being made again counts as one: its owner must not take
-    /// the channel for idle and drop it, which waits for the making
-    /// (review).
+    /// A queue being made counts as one: its owner must not take the
+    /// channel for idle (its requests are refused Busy until then).
     fn inflight(&self) -> usize {
         self.inflight + self.done.len() + usize::from(self.remaking.is_some())
     }
 }
 
+/// Dropped idle (as every owner does, `inflight` 0): the device may
+/// still run a command of one dropped busy until its queue is deleted,
+/// which no longer happens before the drop returns.
 impl Drop for Channel {
     fn drop(&mut self) {
         if let Some(r) = self.recovery.take() {

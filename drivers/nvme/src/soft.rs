@@ -79,6 +79,8 @@ pub struct SoftStats {
     /// had more commands outstanding than the queue holds, or did not
     /// ring the head doorbell); they wait until there is room.
     pub cq_full: u64,
+    /// DMA the device tried with bus mastering off (refused).
+    pub dma_refused: u64,
 }
 
 #[derive(Default)]
@@ -120,6 +122,9 @@ struct Shared {
     status_lost: AtomicBool,
     /// The driver said the device did not stop: addresses are not reused.
     retired: AtomicBool,
+    /// PCI Bus Master Enable: cleared, the device reaches no memory (its
+    /// DMA is refused, counted in [`SoftStats::dma_refused`]).
+    bus_master: AtomicBool,
     /// How many admin commands wait there while held.
     admin_waiting: AtomicU32,
     stats: Mutex<SoftStats>,
@@ -138,6 +143,16 @@ impl Shared {
         // SAFETY: the mapping lives as long as Shared, which every Bar user
         // keeps alive through the transport.
         unsafe { Bar::new(self.regs.as_ptr() as *mut u8, self.regs.len()) }
+    }
+
+    /// The IOMMU's map, for one DMA of the device; none while bus
+    /// mastering is off (a device that obeys it reaches no memory).
+    fn dma(&self) -> Option<std::sync::RwLockReadGuard<'_, BTreeMap<u64, (usize, usize)>>> {
+        if !self.bus_master.load(Ordering::Acquire) {
+            lock(&self.stats).dma_refused += 1;
+            return None;
+        }
+        Some(self.iommu.read().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -177,6 +192,7 @@ impl Transport for SoftTransport {
 
     fn retire_all(&self) {
         self.shared.retired.store(true, Ordering::Release);
+        self.shared.bus_master.store(false, Ordering::Release);
     }
 
     fn unmap_retired(&self, iova: u64, _len: usize) {
@@ -214,6 +230,7 @@ impl SoftController {
             ignore_disable: AtomicBool::new(false),
             status_lost: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            bus_master: AtomicBool::new(true),
             admin_waiting: AtomicU32::new(0),
             stats: Mutex::new(SoftStats::default()),
             name: name.to_string(),
@@ -337,6 +354,12 @@ impl SoftController {
     /// Execute held admin commands and the ones that follow.
     pub fn release_admin(&self) {
         self.shared.hold_admin.store(false, Ordering::Release);
+    }
+
+    /// Whether PCI bus mastering is on (the driver clears it for a device
+    /// that did not stop).
+    pub fn bus_master(&self) -> bool {
+        self.shared.bus_master.load(Ordering::Acquire)
     }
 
     /// Admin commands submitted and held, not executed.
@@ -676,7 +699,9 @@ impl Device {
             cq.tail = 0;
             cq.phase = !cq.phase;
         }
-        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let Some(iommu) = self.shared.dma() else {
+            return;
+        };
         let Some(p) = lookup(&iommu, at, 16) else {
             lock(&self.shared.stats).iommu_faults += 1;
             return;
@@ -693,7 +718,7 @@ impl Device {
     }
 
     fn read_obj<T: Copy>(&self, iova: u64) -> Option<T> {
-        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let iommu = self.shared.dma()?;
         let p = lookup(&iommu, iova, std::mem::size_of::<T>())?;
         // SAFETY: mapped by the driver for at least size_of::<T>() bytes.
         Some(unsafe { (p as *const T).read_unaligned() })

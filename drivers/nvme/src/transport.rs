@@ -116,8 +116,11 @@ pub trait Transport: Send + Sync {
         self.unmap(iova, len);
     }
 
-    /// The device did not stop when told to: every unmap from now on is
-    /// [`unmap_retired`](Self::unmap_retired) (its queues' memory too).
+    /// The device did not stop when told to, or is failed for good: every
+    /// unmap from now on is [`unmap_retired`](Self::unmap_retired) (its
+    /// queues' memory too), and bus mastering is turned off where the
+    /// transport can (a device that obeys reaches no memory at all, the
+    /// only guard without an IOMMU).
     fn retire_all(&self) {}
 
     /// Like `map`, for memory the controller may see in several pieces:

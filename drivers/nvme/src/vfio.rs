@@ -58,13 +58,15 @@ enum Access {
     /// Through the IOMMU: IO virtual addresses mapped per range.
     Iommu {
         container: Arc<VfioContainer>,
-        _device: VfioDevice,
+        device: VfioDevice,
     },
     /// No IOMMU: physical addresses.
     Physical {
         pagemap: File,
+        /// Where the PCI configuration space is in the device fd.
+        config: u64,
         // Closed in this order: device, group, container.
-        _device: File,
+        device: File,
         _group: File,
         _container: File,
     },
@@ -192,10 +194,7 @@ impl VfioTransport {
         Ok(Arc::new(VfioTransport {
             name: bdf,
             bar,
-            access: Access::Iommu {
-                container,
-                _device: device,
-            },
+            access: Access::Iommu { container, device },
             iova: IovaSpace::new(IOVA_BASE, IOVA_END),
             retired: Default::default(),
         }))
@@ -307,7 +306,8 @@ impl VfioTransport {
             bar,
             access: Access::Physical {
                 pagemap,
-                _device: device,
+                config: config.offset,
+                device,
                 _group: group,
                 _container: container,
             },
@@ -406,6 +406,51 @@ fn hugepages_only(start: usize, end: usize) -> bool {
 }
 
 impl VfioTransport {
+    /// The PCI command register; all ones when it cannot be read (a
+    /// device gone from the bus reads so too).
+    fn command(&self) -> u16 {
+        let mut cmd = [0xffu8; 2];
+        match &self.access {
+            Access::Iommu { device, .. } => {
+                device.region_read(CONFIG_REGION, &mut cmd, PCI_COMMAND)
+            }
+            Access::Physical { device, config, .. } => {
+                if device
+                    .read_exact_at(&mut cmd, config + PCI_COMMAND)
+                    .is_err()
+                {
+                    cmd = [0xff; 2];
+                }
+            }
+        }
+        u16::from_le_bytes(cmd)
+    }
+
+    fn set_command(&self, v: u16) {
+        match &self.access {
+            Access::Iommu { device, .. } => {
+                device.region_write(CONFIG_REGION, &v.to_le_bytes(), PCI_COMMAND)
+            }
+            Access::Physical { device, config, .. } => {
+                let _ = device.write_all_at(&v.to_le_bytes(), config + PCI_COMMAND);
+            }
+        }
+    }
+
+    /// Clear Bus Master Enable: a device that obeys it reaches no memory
+    /// any more, which without an IOMMU is the only guard of memory freed
+    /// and used again (its addresses are physical). Whether a read back
+    /// confirms it.
+    fn clear_bus_master(&self) -> bool {
+        let cmd = self.command();
+        if cmd == u16::MAX {
+            return false;
+        }
+        self.set_command(cmd & !COMMAND_BUS_MASTER);
+        let now = self.command();
+        now != u16::MAX && now & COMMAND_BUS_MASTER == 0
+    }
+
     /// Take an IOMMU mapping away; whether it is gone (its addresses may
     /// be used again). A failed unmap leaves them out of the free space:
     /// the IOMMU may still map them.
@@ -484,8 +529,15 @@ impl Transport for VfioTransport {
     }
 
     fn retire_all(&self) {
-        self.retired
-            .store(true, std::sync::atomic::Ordering::Release);
+        let before = self.retired.swap(true, std::sync::atomic::Ordering::AcqRel);
+        if before {
+            return;
+        }
+        if self.clear_bus_master() {
+            tracing::warn!(device = %self.name, "bus mastering turned off: the device reaches no memory until it is opened again");
+        } else {
+            tracing::error!(device = %self.name, physical = self.physical(), "bus mastering could not be turned off (the device does not answer): without an IOMMU, memory freed from now on may still be written by it");
+        }
     }
 
     unsafe fn map_pieces(

@@ -34,6 +34,18 @@ fn until_held(soft: &SoftController, what: &str) {
     }
 }
 
+/// `f`, which must return while the controller holds its admin commands
+/// (one waited for keeps it for the minute of the admin time-out).
+fn returns<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let v = f();
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "{what} waited for the held admin command"
+    );
+    v
+}
+
 fn setup(config: SoftConfig) -> (SoftController, Arc<Namespace>) {
     let soft = SoftController::start("soft-admin", config).expect("start soft controller");
     let ctrl = Controller::new(soft.transport(), patient()).expect("bring up");
@@ -48,7 +60,7 @@ fn setup(config: SoftConfig) -> (SoftController, Arc<Namespace>) {
 fn a_channel_opens_without_waiting_for_its_queue_to_be_made() {
     let (soft, dev) = setup(SoftConfig::default());
     soft.hold_admin();
-    let mut ch = dev.open_channel().expect("the channel opens");
+    let mut ch = returns("the open", || dev.open_channel()).expect("the channel opens");
     until_held(&soft, "the queue's creation");
     let mut data = vec![0x5au8; 4096];
     let req = rw(IoOp::Write, 3, 1, &mut data, 1);
@@ -79,7 +91,7 @@ fn a_channel_is_dropped_without_waiting_for_its_queue_to_be_deleted() {
     let mut data = vec![0xa5u8; 4096];
     run_one(ch.as_mut(), rw(IoOp::Write, 9, 1, &mut data, 1)).expect("write");
     soft.hold_admin();
-    drop(ch);
+    returns("the drop", || drop(ch));
     until_held(&soft, "the queue's deletion");
     match dev.open_channel() {
         Err(BdevError::Exhausted(m)) => assert!(m.contains("in use"), "{m}"),

@@ -90,7 +90,15 @@ impl Handler {
         }
     }
 
+    /// Start ring `index` if it is ready to; one whose device has no
+    /// room for a channel yet starts taking nothing until there is.
     pub(super) fn try_start(&mut self, index: u32) -> VuResult<()> {
+        self.start_ring(index, true)
+    }
+
+    /// [`try_start`](Self::try_start); `wait_for_room` false: a device
+    /// with no room for a channel fails the start.
+    fn start_ring(&mut self, index: u32, wait_for_room: bool) -> VuResult<()> {
         let _own = super::super::watchdog::own_work(&self.export);
         let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let cores = self.set.len();
@@ -162,6 +170,7 @@ impl Handler {
             stats: export.stats[index as usize].clone(),
             fault: export.fault(),
             write_through: self.features & (1 << VIRTIO_BLK_F_FLUSH) == 0,
+            wait_for_room,
         };
         let started = match self
             .set
@@ -251,9 +260,10 @@ impl Handler {
         if v.kick.is_none() {
             v.kick = kick;
         }
-        if let Err(e) = self.try_start(index) {
+        if let Err(e) = self.start_ring(index, false) {
             // Not there (its device had no channel for that reactor, the
-            // reactor was late): back where it ran. It stayed stopped, and
+            // reactor was late): back where it ran (where it waits for
+            // room, should its old channel's not be back yet: review). It stayed stopped, and
             // the guest's IO on it hung, for the frontend never starts a
             // ring it believes running.
             self.export.cores.lock().unwrap_or_else(|e| e.into_inner())[index as usize] = old;

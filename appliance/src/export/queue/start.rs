@@ -25,13 +25,25 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         queue: setup.index,
         source,
     })?;
-    let ch = vol
-        .device
-        .open_channel()
-        .map_err(|source| QueueError::Device {
-            volume: setup.volume.name().to_string(),
-            source,
-        })?;
+    // No room for a channel yet (an NVMe queue pair of a channel just
+    // dropped, the queue's own on the core a move left, is given back
+    // once the device deleted it): unless the caller would rather know,
+    // the queue starts stale, taking nothing from its ring, and asks
+    // again at its first poll, as after a change.
+    let (ch, vol_gen, vol_retry) = match vol.device.open_channel() {
+        Ok(ch) => (ch, vol_gen, None),
+        Err(bdev::BdevError::Exhausted(e)) if setup.wait_for_room => {
+            tracing::warn!(queue = setup.index, error = %e, "no room for the volume's channel yet; trying again every 20 ms");
+            let none: Box<dyn bdev::IoChannel> = Box::new(bdev::FailingChannel::default());
+            (none, vol_gen.wrapping_sub(1), Some(ctx.now()))
+        }
+        Err(source) => {
+            return Err(QueueError::Device {
+                volume: setup.volume.name().to_string(),
+                source,
+            })
+        }
+    };
     // Non-blocking already: the handler checked it is an eventfd and set it so.
     let fd = setup.kick.as_raw_fd();
     let size = setup.queue.size() as usize;
@@ -58,7 +70,7 @@ pub fn start(ctx: &mut Ctx, setup: QueueSetup) -> Result<(), QueueError> {
         mem,
         vol_gate,
         vol_gen,
-        vol_retry: None,
+        vol_retry,
         vol_retry_said: None,
         ch,
         limits: sized_limits(&setup.limits, &vol),

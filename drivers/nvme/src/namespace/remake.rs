@@ -88,13 +88,15 @@ fn panicked() -> NvmeError {
 }
 
 /// Make queue `q` on `ctrl` in `generation`. A creation that timed out
-/// resets the controller; when that reset worked, the queue is made again
-/// on the controller it left, instead of failing every namespace on it
-/// for one slow command. A few times: one that never answers fails it
-/// (IO on other queues would keep the reset counter down for ever), as
-/// does any other failure to make a queue again after a reset. A queue
-/// refused at a channel's opening fails only that channel (the
-/// controller may have no room for it), as an open that fails.
+/// resets the controller; when that reset worked, a queue made again
+/// after a reset is made again on the controller it left, instead of
+/// failing every namespace on it for one slow command. A few times: one
+/// that never answers fails it (IO on other queues would keep the reset
+/// counter down for ever), as does any other failure to make a queue
+/// again. A new channel's queue is tried once (each time-out costs a
+/// reset, and a few on an idle controller fail it: review); refused, it
+/// fails only that channel (the controller may have no room for it), as
+/// an open that fails did.
 pub(super) fn make(
     ctrl: &Controller,
     q: &QueueShape,
@@ -106,7 +108,8 @@ pub(super) fn make(
         tries += 1;
         match ctrl.create_io_queue(q) {
             Err(NvmeError::Timeout(_))
-                if tries <= CREATE_TRIES
+                if !first
+                    && tries <= CREATE_TRIES
                     && !ctrl.is_failed()
                     && ctrl.generation.load(Ordering::Acquire) != generation =>
             {

@@ -37,6 +37,11 @@ impl Retired {
     /// Nothing asked of the device (its queue never made, or the
     /// controller failed): done here.
     pub(super) fn retire(self, wait: Duration) {
+        // Counted until its queue ID is back: an open finding none free
+        // waits for it a little (`Controller::alloc_qid`).
+        self.ctrl
+            .retiring
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if self.remaking.is_none() && (!self.on_device || self.ctrl.is_failed()) {
             self.run();
             return;
@@ -86,6 +91,9 @@ impl Retired {
             }
         }
         self.ctrl.free_qid(self.q.qid);
+        self.ctrl
+            .retiring
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         // The device has no queue pointing at them now.
         let Retired { q, prp, bounce, .. } = self;
         drop((q, prp, bounce));

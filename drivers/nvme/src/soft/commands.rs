@@ -232,7 +232,9 @@ impl Device {
                     st.largest_transfer = st.largest_transfer.max(bytes as u64);
                 }
                 if self.config.null_data {
-                    let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+                    let Some(iommu) = self.shared.dma() else {
+                        return (Status::DATA_TRANSFER, 0);
+                    };
                     return match self.prp_segments(&iommu, sqe, bytes) {
                         Some(_) => (Status::SUCCESS, 0),
                         None => (Status::DATA_TRANSFER, 0),
@@ -388,7 +390,9 @@ impl Device {
 
     /// Fill the command's memory (device to host).
     fn transfer(&self, sqe: &Sqe, bytes: usize, fill: impl FnOnce(&mut [u8])) -> bool {
-        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let Some(iommu) = self.shared.dma() else {
+            return false;
+        };
         let Some(segs) = self.prp_segments(&iommu, sqe, bytes) else {
             lock(&self.shared.stats).iommu_faults += 1;
             return false;
@@ -407,7 +411,9 @@ impl Device {
 
     /// Read the command's memory (host to device).
     fn transfer_from(&self, sqe: &Sqe, dst: &mut [u8]) -> bool {
-        let iommu = self.shared.iommu.read().unwrap_or_else(|p| p.into_inner());
+        let Some(iommu) = self.shared.dma() else {
+            return false;
+        };
         let Some(segs) = self.prp_segments(&iommu, sqe, dst.len()) else {
             lock(&self.shared.stats).iommu_faults += 1;
             return false;
