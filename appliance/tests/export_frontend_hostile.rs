@@ -820,3 +820,29 @@ fn guest_memory_pinned_for_dma_is_held_within_the_host_daemon_wide() {
     assert!(refused.is_err(), "both halves pinned");
     drop(pins);
 }
+
+/// From an audit: a frontend that made one of our eventfd writes block
+/// (the watchdog frees such a write in ~100 ms of a reactor) was marked
+/// for its connection only: reconnecting gave it a fresh mark, and the
+/// same cost every time. Its export refuses connections for a while now
+/// (the watchdog's strike is tested beside it, in eventfd.rs): a frontend
+/// that connects then is let go at once, and another export serves on.
+#[test]
+fn an_export_whose_frontend_made_a_write_block_refuses_connections_for_a_while() {
+    use std::io::Read;
+    let r = rig_of(1, Duration::from_micros(50), 2);
+    let mut g = Guest::new(&r.socks[0], 1);
+    g.good_read(0);
+    r.exports[0].strike_for_test();
+    drop(g);
+    eventually("the connection ends", || !r.exports[0].is_connected());
+    let mut s = std::os::unix::net::UnixStream::connect(&r.socks[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        other => panic!("expected the connection let go, got {other:?}"),
+    }
+    assert!(!r.exports[0].is_connected());
+    Guest::new(&r.socks[1], 1).good_read(0);
+}

@@ -22,7 +22,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::dirtylog::{DirtyLog, LogSwitch};
-use super::eventfd::Signaller;
+use super::eventfd::{Hostility, Signaller};
 use super::inflight::InflightRegion;
 use super::memory::{Declared, GuestMemory, MAX_REGIONS};
 use super::queue::{self, QueueShared};
@@ -155,7 +155,7 @@ pub struct Handler {
     /// Its frontend made one of our eventfd writes block (see
     /// `eventfd::Signaller`): none of its eventfds is written again, new
     /// ones included.
-    hostile: Arc<std::sync::atomic::AtomicBool>,
+    hostile: Arc<Hostility>,
 }
 
 /// A kick or call descriptor must be an eventfd: the reactor reads and
@@ -219,6 +219,7 @@ impl Handler {
     /// A fresh connection's state.
     pub fn new(set: ReactorSet, export: Arc<ExportShared>) -> Handler {
         let n = export.options.num_queues as usize;
+        let hostile = Hostility::of(export.cooldown.clone());
         Handler {
             set,
             export,
@@ -232,7 +233,7 @@ impl Handler {
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
             gone: false,
-            hostile: Arc::default(),
+            hostile,
         }
     }
 

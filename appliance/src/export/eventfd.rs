@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// RWF_NOWAIT was refused once (an older kernel): use the fallback.
 static NO_NOWAIT: AtomicBool = AtomicBool::new(false);
@@ -176,10 +176,79 @@ pub(crate) struct Signaller {
     /// blocked.
     started: AtomicU64,
     finished: AtomicU64,
-    /// The watchdog had to free a write of this connection's: the
-    /// frontend means harm, and none of its eventfds is written to again
-    /// (a new call fd would let it block the reactor again and again).
-    hostile: Arc<AtomicBool>,
+    /// Whether the watchdog had to free a write of this connection's.
+    hostile: Arc<Hostility>,
+}
+
+/// A connection's mark, set when the watchdog had to free one of our
+/// writes to its frontend's eventfds (the frontend means harm), and its
+/// export's cooldown, which outlives the connection.
+#[derive(Default)]
+pub(crate) struct Hostility {
+    /// None of the connection's eventfds is written to again: a new call
+    /// fd would let it block the reactor again and again.
+    connection: AtomicBool,
+    /// A frontend that reconnects would get a fresh mark, and the same
+    /// ~100 ms of a reactor each time (audit): its export refuses
+    /// connections for a while.
+    export: Arc<Cooldown>,
+}
+
+impl Hostility {
+    /// A new connection's, of the export whose cooldown is `export`.
+    pub(crate) fn of(export: Arc<Cooldown>) -> Arc<Hostility> {
+        Arc::new(Hostility {
+            connection: AtomicBool::new(false),
+            export,
+        })
+    }
+
+    fn marked(&self) -> bool {
+        self.connection.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self) {
+        if !self.connection.swap(true, Ordering::Relaxed) {
+            self.export.strike();
+        }
+    }
+}
+
+/// How long an export refuses connections after a frontend of its made
+/// one of our writes block: 10 s the first time, twice as long each time
+/// after, up to 10 minutes. A frontend that does it again on each
+/// connection then costs a reactor ~100 ms per cooldown, not per
+/// reconnect. No real frontend fills a counter (it reads it long before).
+#[derive(Default)]
+pub(crate) struct Cooldown {
+    /// Until when, how many times so far, and whether a refusal in this
+    /// cooldown was logged (once each).
+    state: Mutex<(Option<Instant>, u32, bool)>,
+}
+
+const COOLDOWN_FIRST: Duration = Duration::from_secs(10);
+const COOLDOWN_MAX: Duration = Duration::from_secs(600);
+
+impl Cooldown {
+    /// Start (or lengthen) the cooldown.
+    pub(crate) fn strike(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = s.1.saturating_add(1);
+        let d = COOLDOWN_FIRST
+            .saturating_mul(1 << (s.1 - 1).min(6))
+            .min(COOLDOWN_MAX);
+        s.0 = Some(Instant::now() + d);
+        s.2 = false;
+    }
+
+    /// What is left of the cooldown, if any, and whether this is the
+    /// first refusal of it (to be logged).
+    pub(crate) fn refuse(&self) -> Option<(Duration, bool)> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let left = s.0?.checked_duration_since(Instant::now())?;
+        let first = !std::mem::replace(&mut s.2, true);
+        Some((left, first))
+    }
 }
 
 /// How often the watchdog looks: a blocked write waits at most about
@@ -189,7 +258,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(50);
 impl Signaller {
     /// Watch `file` (an eventfd of the connection whose flag is
     /// `hostile`) from now until the last handle goes.
-    pub(crate) fn new(file: File, hostile: Arc<AtomicBool>) -> Arc<Signaller> {
+    pub(crate) fn new(file: File, hostile: Arc<Hostility>) -> Arc<Signaller> {
         let s = Arc::new(Signaller {
             file,
             started: AtomicU64::new(0),
@@ -211,7 +280,7 @@ impl Signaller {
     /// in between makes it wait until the watchdog frees it.
     #[inline]
     pub(crate) fn signal(&self) {
-        if self.hostile.load(Ordering::Relaxed) {
+        if self.hostile.marked() {
             return;
         }
         if ready(self.file.as_raw_fd(), libc::POLLOUT) {
@@ -282,7 +351,7 @@ fn free_blocked(watched: &Watched) {
     // take the count first and block this read too, until a look frees it
     // (a thread of its own then: this one does the looking).
     for n in stuck {
-        n.hostile.store(true, Ordering::Relaxed);
+        n.hostile.mark();
         let take = |n: &Signaller| {
             let took = drain(n.file.as_raw_fd());
             tracing::warn!(
@@ -365,7 +434,7 @@ mod tests {
         assert_eq!(drain(fd.as_raw_fd()), 3);
         assert_eq!(drain(fd.as_raw_fd()), 0);
         // A full counter takes no signal, and does not wait either.
-        let n = Signaller::new(file_of(&fd), Arc::default());
+        let n = Signaller::new(file_of(&fd), Default::default());
         fd.write(u64::MAX - 1).unwrap();
         n.signal();
         assert_eq!(drain(fd.as_raw_fd()), u64::MAX - 1);
@@ -375,11 +444,14 @@ mod tests {
 
     /// The write a look cannot keep from blocking (the frontend filled the
     /// counter and cleared O_NONBLOCK after it) ends: the watchdog takes
-    /// the counter, and the frontend's connection gets no more writes.
+    /// the counter, the frontend's connection gets no more writes, and its
+    /// export refuses connections for a while.
     #[test]
     fn a_write_the_frontend_made_block_is_freed() {
         let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        let connection = Arc::new(AtomicBool::new(false));
+        let export = Arc::new(Cooldown::default());
+        assert!(export.refuse().is_none());
+        let connection = Hostility::of(export.clone());
         let n = Signaller::new(file_of(&fd), connection.clone());
         fd.write(u64::MAX - 1).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -405,7 +477,30 @@ mod tests {
         Signaller::new(file_of(&other), connection).signal();
         assert_eq!(drain(other.as_raw_fd()), 0);
         // Another connection's is.
-        Signaller::new(file_of(&other), Arc::default()).signal();
+        Signaller::new(file_of(&other), Hostility::of(export.clone())).signal();
         assert_eq!(drain(other.as_raw_fd()), 1);
+        // The export's cooldown runs, said once.
+        let (left, first) = export.refuse().expect("a cooldown");
+        assert!(first && left <= COOLDOWN_FIRST, "{left:?}");
+        assert!(!export.refuse().expect("still").1);
+    }
+
+    /// Each strike doubles the cooldown, up to ten minutes.
+    #[test]
+    fn a_cooldown_doubles_up_to_its_bound() {
+        let c = Cooldown::default();
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            c.strike();
+            let (left, first) = c.refuse().expect("a cooldown");
+            assert!(first);
+            assert!(left <= COOLDOWN_MAX, "{left:?}");
+            assert!(
+                left + Duration::from_secs(1) >= last.min(COOLDOWN_MAX),
+                "{left:?} after {last:?}"
+            );
+            last = left * 2;
+        }
+        assert!(last / 2 > COOLDOWN_MAX - Duration::from_secs(5));
     }
 }

@@ -166,6 +166,9 @@ pub struct ExportShared {
     /// answers into the guest's rings when its requests end, so its queue
     /// does not start again, on any connection, until it has stopped.
     lingering: Mutex<Vec<(u32, Arc<queue::QueueShared>)>>,
+    /// A frontend of this export made one of our eventfd writes block:
+    /// connections are refused for a while (see `eventfd::Cooldown`).
+    cooldown: Arc<eventfd::Cooldown>,
 }
 
 impl ExportShared {
@@ -445,6 +448,7 @@ impl Export {
             conn: Mutex::new(None),
             io_clock: watchdog::IoClock::default(),
             lingering: Mutex::new(Vec::new()),
+            cooldown: Arc::default(),
         });
         watchdog::watch(&shared);
         let shutdown = Arc::new(eventfd()?);
@@ -475,6 +479,13 @@ impl Export {
             self.shared.connections.fetch_add(1, Ordering::SeqCst);
         }
         let _ = serve_connection(stream, set, &self.shared, &self.shutdown);
+    }
+
+    /// For tests: as if a frontend of this export had made one of our
+    /// eventfd writes block (the watchdog's part is tested on its own).
+    #[doc(hidden)]
+    pub fn strike_for_test(&self) {
+        self.shared.cooldown.strike();
     }
 
     /// IO counters summed over the queues.
@@ -827,6 +838,14 @@ fn serve_connection(
             drop(closing);
             *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::info!(socket = %shared.options.socket.display(), "a frontend connected to an export being deleted: let go");
+            return false;
+        }
+        if let Some((left, first)) = shared.cooldown.refuse() {
+            drop(closing);
+            *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if first {
+                tracing::warn!(socket = %shared.options.socket.display(), refused_for_s = left.as_secs(), "a frontend of this export made our writes to its eventfds block: its connections are refused for a while");
+            }
             return false;
         }
         shared.connected.store(true, Ordering::SeqCst);
