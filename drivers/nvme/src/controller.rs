@@ -336,9 +336,11 @@ impl Controller {
         // time-out for that reset's and left the command behind.
         let seen = self.generation.load(Ordering::Acquire);
         let result = self.run_admin(&mut a, sqe, what, out);
-        drop(a);
+        // Reset without letting go of the admin queue: another command
+        // run in between would copy out a late completion's data from
+        // the shared buffer as its own (audit).
         if let Err(NvmeError::Timeout(m)) = &result {
-            let _ = self.reset(&format!("admin command timed out ({m})"), seen);
+            let _ = self.reset_locked(a, &format!("admin command timed out ({m})"), seen);
         }
         result
     }
@@ -434,9 +436,8 @@ impl Controller {
         // time-out, a cleanup refused) would have it write into memory
         // freed when this returns, whose IO addresses are handed out again:
         // a reset takes every queue off the device first.
-        let reset = |a: std::sync::MutexGuard<'_, _>, why: String| {
-            drop(a);
-            let _ = self.reset(&why, seen);
+        let reset = |a: std::sync::MutexGuard<'_, Admin>, why: String| {
+            let _ = self.reset_locked(a, &why, seen);
         };
         let size = (q.depth as u32 - 1) << 16 | q.qid as u32;
         let mut cq = Sqe::new(admin::CREATE_CQ, 0);
@@ -506,9 +507,8 @@ impl Controller {
                     None,
                 )
             });
-        drop(a);
         if let Err(e) = &result {
-            let _ = self.reset(&format!("deleting queue {qid} failed: {e}"), seen);
+            let _ = self.reset_locked(a, &format!("deleting queue {qid} failed: {e}"), seen);
         }
         result.map(|_| ())
     }
@@ -523,8 +523,19 @@ impl Controller {
     /// again (its hang is gone with that reset). Marks the controller failed
     /// when the reset does not work.
     pub(crate) fn reset(&self, why: &str, seen: u64) -> Result<(), NvmeError> {
+        self.reset_locked(lock(&self.admin), why, seen)
+    }
+
+    /// [`reset`](Self::reset) with the admin queue already locked, by a
+    /// caller whose command timed out there: no other command runs on
+    /// the admin queue before the reset takes the timed-out one back.
+    pub(crate) fn reset_locked(
+        &self,
+        mut a: std::sync::MutexGuard<'_, Admin>,
+        why: &str,
+        seen: u64,
+    ) -> Result<(), NvmeError> {
         let name = self.name().to_string();
-        let mut a = lock(&self.admin);
         if self.generation.load(Ordering::Acquire) != seen {
             return Ok(());
         }

@@ -147,13 +147,15 @@ impl Controller {
             sqe.cdw[0] = (r.cid as u32) << 16 | r.qid as u32;
             let what = format!("Abort (queue {}, command {})", r.qid, r.cid);
             self.counts.aborts.fetch_add(1, Ordering::Relaxed);
-            self.run_admin(&mut a, sqe, &what, None)
+            let aborted = self.run_admin(&mut a, sqe, &what, None);
+            if let Err(NvmeError::Timeout(m)) = &aborted {
+                // Left on the admin queue: only a reset takes it back,
+                // before any other command runs there.
+                let _ = self.reset_locked(a, &format!("admin command timed out ({m})"), r.seen);
+                return;
+            }
+            aborted
         };
-        if let Err(NvmeError::Timeout(m)) = &aborted {
-            // Left on the admin queue: only a reset takes it back.
-            let _ = self.reset(&format!("admin command timed out ({m})"), r.seen);
-            return;
-        }
         if aborted.as_ref().is_ok_and(|dw0| dw0 & 1 != 0) {
             self.counts.aborts_not_found.fetch_add(1, Ordering::Relaxed);
         }
