@@ -746,6 +746,36 @@ fn an_operator_fail_is_checked_again_after_the_drain() {
     rig.stop();
 }
 
+/// From an audit: a replacement was checked against a degraded volume
+/// before the suspend only; a member that failed in the IO path while
+/// the volume drained was not seen, and the copy started on a degraded
+/// volume (md rebuilds first). It is checked again inside the suspend.
+#[test]
+fn a_replacement_is_checked_again_after_the_drain() {
+    let rig = Rig::new(Level::Raid5, 3, 0, false);
+    rig.write(0, 64, 0x31).unwrap();
+    let stuck = rig.stuck_flush(1);
+    let started = std::thread::scope(|s| {
+        let replace = s.spawn(|| rig.monitor.replace_member("m0", ram("n0")));
+        eventually("the replacement's suspend waits for the flush", || {
+            rig.volume.quiesce().is_suspended()
+        });
+        rig.faults[1].control().pull();
+        rig.faults[1].control().release();
+        replace.join().unwrap()
+    });
+    let _ = stuck.join().unwrap();
+    match started {
+        Err(OpError::FailedPrecondition(why)) => assert!(why.contains("degraded"), "{why}"),
+        Err(e) => panic!("refused, but not as degraded: {e:?}"),
+        Ok(_) => panic!("a replacement started on a degraded volume"),
+    }
+    eventually("m1 is failed", || rig.states()[1] == MemberState::Failed);
+    assert!(rig.monitor.snapshot().replacing.is_none());
+    assert_eq!(rig.read(0, 64), vec![0x31; 64 * BS], "served degraded");
+    rig.stop();
+}
+
 /// From review: a bitmap turned on while a member's failure was not yet
 /// published (here, put off by a drain that cannot finish) did not mark
 /// what that member missed before it, yet the published failure then

@@ -660,6 +660,38 @@ fn failing_the_replacement_device_gives_the_replacement_up() {
     reactors.shutdown().unwrap();
 }
 
+/// From an audit: a replacement whose copy had reached its end, its new
+/// device then failing its flush, was given up and still said finished
+/// with no error: a caller that waited for its end saw success, the old
+/// device still in the slot. It says why it was given up now.
+#[test]
+fn a_replacement_given_up_after_its_copy_ended_says_why() {
+    use bdev::IoOp;
+    let (reactors, _volume, monitor) = started(vec![ram("m0"), ram("m1")], Level::Raid1);
+    let n1 = Arc::new(FaultDevice::new(ram("n1")));
+    let fault = n1.control();
+    // The copy's first write waits until the flush is set to fail: the
+    // replacement's own start has flushed by then.
+    fault.hold(Some(IoOp::Write), 0, u64::MAX, 1);
+    let p = monitor.replace_member("m1", n1.clone()).unwrap();
+    assert!(fault.wait_held(1, Duration::from_secs(30)));
+    fault.fail_flushes(1);
+    fault.release();
+    settle(&monitor, &p);
+    assert_eq!(
+        monitor.member_devices()[1].info().name,
+        "m1",
+        "the slot keeps its member"
+    );
+    let why = p.error().expect("the given-up replacement says why");
+    assert!(why.contains("flush"), "{why}");
+    assert!(monitor
+        .member_states()
+        .iter()
+        .all(|&s| s == MemberState::InSync));
+    reactors.shutdown().unwrap();
+}
+
 /// From an audit: a rebuild's checkpoint flush that failed was only
 /// logged. A device that tells a lost write-back once (a file's writeback
 /// error goes to one fsync) then took its later flushes, and the rebuilt

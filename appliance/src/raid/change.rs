@@ -81,6 +81,8 @@ pub(crate) enum After {
     ThawBitmap,
     StartCheckpointer(Arc<Journal>),
     StopCheckpointer,
+    /// The run (a replacement's copy) was given up: its progress says why.
+    GiveUp(Run, String),
 }
 
 /// An edit of the superblock template a change records.
@@ -436,12 +438,15 @@ pub(crate) fn plan(
                 p.follow.push(Change::UseSpare);
             }
         }
-        Change::ReplaceAborted(run, _) => {
+        Change::ReplaceAborted(run, why) => {
             // A second report of the same abort may find a newer
             // replacement, which it must leave alone.
             let Some(r) = run.replacement(set).cloned() else {
                 return Ok(Plan::default());
             };
+            // A copy that had reached its end said "finished" with no
+            // error, its new device given up after (audit).
+            p.after.push(After::GiveUp(run.clone(), why.clone()));
             p.next = Some(cur.with_member_set(set.replacement_over(false)));
             p.roles_after.push((r.dev.info().name.clone(), None));
             if !s.spares.is_empty() {

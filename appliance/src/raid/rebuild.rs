@@ -146,6 +146,16 @@ impl RebuildProgress {
         self.finished.store(true, Ordering::SeqCst);
     }
 
+    /// The run was given up after it had ended (a replacement whose new
+    /// device failed its last flush) or while it ran: it says why, unless
+    /// it said so already.
+    pub(crate) fn give_up(&self, why: &str) {
+        self.error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| why.to_string());
+    }
+
     /// Why it stopped, if it failed.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -271,6 +271,11 @@ impl Inner {
                         Some(super::journal::Checkpointer::start(j, self.volume.clone()))
                 }
                 After::StopCheckpointer => s.checkpointer = None,
+                After::GiveUp(run, why) => {
+                    if let Some(p) = s.rebuild.as_ref().filter(|p| run.is(&p.cursor)) {
+                        p.give_up(&why);
+                    }
+                }
             }
         }
         for (dev, role) in &plan.roles_after {
@@ -361,6 +366,15 @@ fn revalidate(s: &MonitorState, change: &Change) -> Result<bool, OpError> {
         Change::JournalMode(_) if s.current.journal().is_some_and(|j| j.has_failed()) => {
             return Err(OpError::FailedPrecondition(
                 "the journal device has failed".into(),
+            ));
+        }
+        // A member may have failed in the IO path while the volume drained:
+        // md rebuilds first (see the plan), and the copy would start on a
+        // degraded volume (audit).
+        Change::ReplaceStart(..) if super::change::failing_unrecorded(s.current.member_set()) => {
+            return Err(OpError::FailedPrecondition(
+                "the volume is degraded: rebuild it first (add a spare), then replace members"
+                    .into(),
             ));
         }
         // A member may have gone while the volume drained.
