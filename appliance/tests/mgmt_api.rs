@@ -452,6 +452,18 @@ fn every_call_answers_with_the_right_status_and_a_refused_call_changes_nothing()
             "socket",
         ),
         (export("e0", "nope", s, 1), Code::NotFound, "nope"),
+        // From an audit: Internal (the bind's OS error), though the
+        // caller named a directory that is not there.
+        (
+            export(
+                "e0",
+                "vol0",
+                &format!("{}/none/e0.sock", dir.path().display()),
+                1,
+            ),
+            Code::FailedPrecondition,
+            "none",
+        ),
         (
             export("e0", "vol0", s, 100),
             Code::InvalidArgument,
@@ -1541,6 +1553,16 @@ fn a_deleted_write_back_volume_leaves_every_acknowledged_write_on_its_members() 
     call!(d, c, delete_export, del).unwrap();
     let del = pb::DeleteVolumeRequest { name: "jv".into() };
     call!(d, c, delete_volume, del).unwrap();
+    // From an audit: a device named twice (each read its superblock
+    // again: a list of thousands read one device thousands of times) is
+    // refused before any is read.
+    let twice = pb::ImportVolumeRequest {
+        name: "back".into(),
+        devices: vec!["d0".into(), "d1".into(), "d2".into(), "d1".into()],
+    };
+    let e = call!(d, c, import_volume, twice).unwrap_err();
+    assert_eq!(e.0, Code::InvalidArgument, "{e:?}");
+    assert!(e.1.contains("named twice"), "{e:?}");
     let import = pb::ImportVolumeRequest {
         name: "back".into(),
         devices: vec!["d0".into(), "d1".into(), "d2".into()],
@@ -2693,6 +2715,27 @@ fn a_volume_beyond_2_63_bytes_is_refused_and_the_daemon_goes_on() {
         devs.devices.iter().all(|d| d.used_by.is_empty()),
         "{devs:?}"
     );
+}
+
+/// From an audit: a request was decoded up to tonic's default of 4 MiB,
+/// as many at once as a connection's streams, and a device spec of that
+/// size was kept in the state file. A request over 64 KiB is refused
+/// before it is decoded; the connection and the daemon go on.
+#[test]
+fn a_request_past_64_kib_is_refused_and_the_daemon_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), None, None);
+    let mut c = d.client();
+    let long = format!("file:{}/{}", dir.path().display(), "x".repeat(70 << 10));
+    let e = call!(d, c, attach_device, attach("long", &long)).unwrap_err();
+    assert!(
+        matches!(e.0, Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    let devs = call!(d, c, list_devices, pb::ListDevicesRequest {}).unwrap();
+    assert!(devs.devices.is_empty(), "{devs:?}");
+    // One of a real size, on the same connection.
+    call!(d, c, attach_device, attach("r", "ram:4M")).unwrap();
 }
 
 /// From review: a journal device was formatted before the volume said

@@ -199,3 +199,72 @@ fn a_fifo_where_the_state_file_was_holds_no_save() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From an audit: calls could grow the state file past the largest the
+/// daemon reads back (`MAX_FILE`), and the daemon then did not start
+/// again. A declaration that would take the file past a limit under it
+/// (1 MiB under it by default; 4 KiB here) is refused before anything
+/// changes, and the daemon starts again from the file it kept. One
+/// declaration larger than any real one is refused too.
+#[test]
+fn a_change_the_state_file_could_not_hold_is_refused_before_it_is_made() {
+    const LIMIT: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.toml");
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    mgr.set_state_file_limit(LIMIT);
+    let mut made = Vec::new();
+    let refused = loop {
+        let name = format!("d{}", made.len());
+        assert!(made.len() < 1000, "never refused");
+        match mgr.attach_device(ram(&name)) {
+            Ok(_) => made.push(name),
+            Err(e) => break (name, e),
+        }
+    };
+    assert!(
+        matches!(
+            refused.1,
+            appliance::manager::MgmtError::ResourceExhausted(_)
+        ),
+        "{refused:?}"
+    );
+    assert!(made.len() > 10, "{made:?}");
+    let mut listed: Vec<String> = mgr
+        .list_devices()
+        .into_iter()
+        .map(|d| d.decl.name)
+        .collect();
+    listed.sort();
+    made.sort();
+    assert_eq!(listed, made);
+    let len = std::fs::metadata(&state).unwrap().len() as usize;
+    assert!(len <= LIMIT, "{len}");
+    mgr.shutdown();
+    drop(mgr);
+    // The next start, with the same limit, takes the whole file.
+    let mgr = Manager::new(reactors.set(), Some(state.clone()));
+    mgr.set_state_file_limit(LIMIT);
+    mgr.restore(&Config::load(&state).unwrap(), false).unwrap();
+    assert_eq!(mgr.list_devices().len(), made.len());
+    assert!(mgr.health().problems.is_empty(), "{:?}", mgr.health());
+    // One declaration larger than any real one, on any file.
+    let long = DeviceDecl {
+        name: "long".into(),
+        spec: format!("file:{}/{}", dir.path().display(), "x".repeat(70 << 10)),
+        block_size: 4096,
+    };
+    let e = mgr.attach_device(long).unwrap_err();
+    assert!(
+        matches!(e, appliance::manager::MgmtError::InvalidArgument { .. }),
+        "{e:?}"
+    );
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

@@ -47,6 +47,12 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::from_std(l)
 }
 
+/// Largest request a call may send: the largest real one (an NVMe/TCP
+/// export naming 256 hosts) is under 64 KiB. tonic's default, 4 MiB, let
+/// each of a connection's calls at once hold that much of the daemon's
+/// memory while it decoded (audit).
+pub const MAX_REQUEST: usize = 64 << 10;
+
 /// How long calls in progress may finish after shutdown is asked for.
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -81,6 +87,7 @@ fn health_service(
     tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(health.clone()),
     )
+    .max_decoding_message_size(MAX_REQUEST)
 }
 
 /// Server reflection (v1) for the appliance's API and the health service,
@@ -97,6 +104,7 @@ fn reflection_service() -> Option<
         .build_v1()
         .map_err(|e| eprintln!("appliance API: no server reflection: {e}"))
         .ok()
+        .map(|r| r.max_decoding_message_size(MAX_REQUEST))
 }
 
 /// Serve `svc` on `listener` until `shutdown` resolves, with the health
@@ -110,7 +118,11 @@ pub async fn serve<S: Appliance>(
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
     let notified = stopping.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(ApplianceServer::new(svc))
+        // As many calls at once as on TCP, a connection's (the socket is
+        // the daemon's user's only, but a stuck client of its own held
+        // the daemon's memory too).
+        .max_concurrent_streams(Some(32))
+        .add_service(ApplianceServer::new(svc).max_decoding_message_size(MAX_REQUEST))
         .add_service(health_service(health))
         .add_optional_service(reflection_service())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
@@ -211,7 +223,10 @@ pub async fn serve_tcp<S: Appliance>(
         // A peer gone without a word is found out.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .add_service(ApplianceServer::with_interceptor(svc, check.clone()))
+        .add_service(InterceptedService::new(
+            ApplianceServer::new(svc).max_decoding_message_size(MAX_REQUEST),
+            check.clone(),
+        ))
         .add_service(InterceptedService::new(
             health_service(health),
             check.clone(),

@@ -26,6 +26,19 @@ impl Manager {
         if devices.is_empty() {
             return Err(super::invalid("devices", "name the array's devices"));
         }
+        // Every name attached and named once before any device is read: a
+        // list naming one device thousands of times read its superblock
+        // each time (audit), and a device named twice would be two slots.
+        let mut seen = std::collections::BTreeSet::new();
+        for d in devices {
+            self.device("devices", d)?;
+            if !seen.insert(d.as_str()) {
+                return Err(super::invalid(
+                    "devices",
+                    format!("device {d} is named twice"),
+                ));
+            }
+        }
         let mut members: Vec<(u32, String)> = Vec::new();
         let mut spares: Vec<([u8; 16], String)> = Vec::new();
         let mut newest: Option<Superblock> = None;

@@ -180,7 +180,25 @@ fn from_export(e: ExportError) -> MgmtError {
             MgmtError::FailedPrecondition(e.to_string())
         }
         ExportError::Quiesce(q) => from_quiesce("export", q),
-        ExportError::Os { .. } => MgmtError::Internal(e.to_string()),
+        ExportError::Os { ref source, .. } => {
+            // Mostly the socket path the caller named: its error is the
+            // caller's to mend, not the daemon's (audit: all Internal).
+            let m = e.to_string();
+            match source.raw_os_error() {
+                Some(libc::EACCES | libc::EPERM) => MgmtError::PermissionDenied(m),
+                Some(libc::ENAMETOOLONG | libc::EINVAL) => MgmtError::InvalidArgument {
+                    field: "socket",
+                    reason: m,
+                },
+                Some(libc::ENOENT | libc::ENOTDIR | libc::EROFS | libc::ELOOP) => {
+                    MgmtError::FailedPrecondition(m)
+                }
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOSPC) => {
+                    MgmtError::ResourceExhausted(m)
+                }
+                _ => MgmtError::Internal(m),
+            }
+        }
     }
 }
 
@@ -557,6 +575,9 @@ struct Shared {
     allowed: Mutex<Option<crate::devpaths::AllowedPaths>>,
     /// The NVMe/TCP target (its listeners start with the first export).
     target: crate::nvmf::Target,
+    /// The largest state file a new declaration may make (see
+    /// `check_room`).
+    state_limit: std::sync::atomic::AtomicUsize,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -606,6 +627,7 @@ impl Manager {
                 stopping: AtomicBool::new(false),
                 allowed: Mutex::new(None),
                 target: crate::nvmf::Target::new(set),
+                state_limit: statefile::STATE_LIMIT.into(),
             }),
         }
     }
@@ -627,6 +649,13 @@ impl Manager {
     /// applies to volumes created afterwards.
     pub fn set_change_timeout(&self, timeout: Duration) {
         *lock(&self.shared.timeout) = timeout;
+    }
+
+    /// The largest state file a new device, volume or export may make
+    /// (1 MiB under the largest the daemon reads back, by default); a
+    /// declaration past it is refused.
+    pub fn set_state_file_limit(&self, bytes: usize) {
+        self.shared.state_limit.store(bytes, Ordering::Relaxed);
     }
 
     fn inv(&self) -> MutexGuard<'_, Inventory> {

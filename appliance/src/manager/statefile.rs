@@ -175,7 +175,64 @@ impl Saves {
     }
 }
 
+/// Most one declaration takes in the state file: no real one comes near
+/// (a device path is at most 4 KiB, an NVMe/TCP export's hosts are NQNs
+/// of at most 223 bytes).
+pub(super) const MAX_DECL: usize = 64 << 10;
+
+/// The largest state file a new declaration may make: 1 MiB under the
+/// largest read back ([`MAX_FILE`](crate::config::MAX_FILE)), room for
+/// declarations checked at the same time, each without the others.
+pub(super) const STATE_LIMIT: usize = crate::config::MAX_FILE as usize - (1 << 20);
+
 impl Shared {
+    /// Refuse a new declaration `decl` (a `what`) that the state file
+    /// could not hold: a state file past the largest the daemon reads back
+    /// kept it from starting again (audit). Checked before anything
+    /// changes; one declaration's size also without a state file, not
+    /// in a restore.
+    pub(super) fn check_room(
+        &self,
+        what: &'static str,
+        decl: &impl serde::Serialize,
+    ) -> Result<(), MgmtError> {
+        // A restore makes what a file read back holds (one an earlier
+        // version wrote included): nothing of it is refused for its size.
+        if self.quiet.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let size = |t: Result<String, toml::ser::Error>| {
+            t.map(|t| t.len()).map_err(|e| MgmtError::InvalidArgument {
+                field: what,
+                reason: format!("cannot be kept in the state file: {e}"),
+            })
+        };
+        let one = size(toml::to_string(decl))?;
+        if one > MAX_DECL {
+            return Err(MgmtError::InvalidArgument {
+                field: what,
+                reason: format!(
+                    "{one} bytes in the state file; one declaration takes at most {MAX_DECL}"
+                ),
+            });
+        }
+        if self.state_file.is_none() {
+            return Ok(());
+        }
+        // The file as last written, not the inventory serialised again
+        // at each call (the margin covers a save that failed since).
+        let all = lock(&self.saving).written.as_ref().map_or(0, Vec::len);
+        let most = self.state_limit.load(Ordering::Relaxed);
+        if all + one > most {
+            return Err(MgmtError::ResourceExhausted(format!(
+                "the state file would take {} bytes, past the {most} the daemon keeps (it reads back at most {}): delete something first",
+                all + one,
+                crate::config::MAX_FILE
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn save_unless(&self, now: bool) -> Result<(), MgmtError> {
         let Some(path) = &self.state_file else {
             return Ok(());
