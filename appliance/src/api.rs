@@ -66,7 +66,12 @@ impl Service {
             f(&mgr)
         })
         .await
-        .map_err(|e| Status::internal(format!("the call failed: {e}")))
+        .map_err(|e| {
+            // A panic's message is the daemon's, for its log: a caller
+            // (on TCP, perhaps another host) gets no look inside (audit).
+            tracing::error!(error = %e, "an API call ended in a panic");
+            Status::internal("the call failed inside the daemon (its log says why)")
+        })
     }
 
     async fn run<T: Send + 'static>(

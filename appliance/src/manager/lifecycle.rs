@@ -137,7 +137,7 @@ impl Manager {
             problems.push(format!("volume {v} did not start: {why}"));
         }
         problems.extend(self.inv().unserved.problems());
-        problems.extend(lock(&self.shared.saving).problems());
+        problems.extend(self.shared.save_problems());
         for v in self.list_volumes() {
             if v.state != "optimal" {
                 problems.push(format!("volume {} is {}", v.name, v.state));

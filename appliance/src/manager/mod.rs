@@ -578,6 +578,9 @@ struct Shared {
     /// The largest state file a new declaration may make (see
     /// `check_room`).
     state_limit: std::sync::atomic::AtomicUsize,
+    /// The state file's problems as the health last saw them (see
+    /// `save_problems`).
+    save_problems: Mutex<Vec<String>>,
 }
 
 /// What [`Manager::set_device_wrapper`] takes.
@@ -628,6 +631,7 @@ impl Manager {
                 allowed: Mutex::new(None),
                 target: crate::nvmf::Target::new(set),
                 state_limit: statefile::STATE_LIMIT.into(),
+                save_problems: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -718,6 +722,35 @@ mod tests {
             block_size: 4096,
         });
         assert!(matches!(r, Err(MgmtError::Unavailable(_))), "{r:?}");
+        mgr.shutdown();
+        drop(mgr);
+        let _ = reactors.shutdown();
+    }
+
+    /// From an audit: the health waited for a save under way, and a save
+    /// held by a disk or mount that stopped answering held every health
+    /// call (the gRPC health, the metrics' scrape) with it. It says what
+    /// it saw last instead.
+    #[test]
+    fn the_health_does_not_wait_for_a_save() {
+        let reactors = poller::Reactors::start(poller::ReactorConfig {
+            count: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
+        assert!(mgr.health().problems.is_empty());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            // A save that does not end until the health has answered.
+            let held = super::lock(&mgr.shared.saving);
+            s.spawn(|| tx.send(mgr.health()).unwrap());
+            let h = rx.recv_timeout(std::time::Duration::from_secs(60));
+            drop(held);
+            let h = h.expect("the health waited for the save");
+            assert!(h.problems.is_empty(), "{h:?}");
+        });
         mgr.shutdown();
         drop(mgr);
         let _ = reactors.shutdown();

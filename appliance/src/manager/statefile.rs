@@ -233,6 +233,22 @@ impl Shared {
         Ok(())
     }
 
+    /// The state file's problems, for the health, without waiting for a
+    /// save under way (a disk or mount that stopped answering holds it,
+    /// and every health call and metrics scrape with it: audit): what
+    /// was seen last is said then.
+    pub(super) fn save_problems(&self) -> Vec<String> {
+        let mut seen = lock(&self.save_problems);
+        match self.saving.try_lock() {
+            Ok(s) => *seen = s.problems().collect(),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                *seen = p.into_inner().problems().collect()
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        seen.clone()
+    }
+
     pub(super) fn save_unless(&self, now: bool) -> Result<(), MgmtError> {
         let Some(path) = &self.state_file else {
             return Ok(());
