@@ -268,3 +268,36 @@ fn a_change_the_state_file_could_not_hold_is_refused_before_it_is_made() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From an audit: nothing bounded how many devices, volumes or exports
+/// a caller's loop could make, each with its threads, descriptors or
+/// listeners. A daemon takes at most 1024 of a kind; one more is refused
+/// (ResourceExhausted), and deleting one makes room.
+#[test]
+fn a_daemon_takes_at_most_1024_of_a_kind() {
+    let reactors = Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let mgr = Manager::new(reactors.set(), None);
+    let null = |i: usize| DeviceDecl {
+        name: format!("n{i}"),
+        spec: "null:1M".into(),
+        block_size: 4096,
+    };
+    for i in 0..1024 {
+        mgr.attach_device(null(i)).unwrap();
+    }
+    let e = mgr.attach_device(null(1024)).unwrap_err();
+    assert!(
+        matches!(e, appliance::manager::MgmtError::ResourceExhausted(_)),
+        "{e:?}"
+    );
+    assert_eq!(mgr.list_devices().len(), 1024);
+    mgr.detach_device("n0").unwrap();
+    mgr.attach_device(null(1024)).unwrap();
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

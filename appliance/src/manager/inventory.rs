@@ -48,7 +48,27 @@ pub(super) struct Inventory {
     pub(super) unserved: super::unserved::Unserved,
 }
 
+/// Most of each kind a daemon holds (devices, volumes, vhost-user
+/// exports, NVMe/TCP exports): each costs threads, descriptors or
+/// listeners, and no caller's loop may run the daemon out of them
+/// (audit). Far more than a two-core appliance serves.
+pub(super) const MAX_OF_A_KIND: usize = 1024;
+
 impl Inventory {
+    /// How many of `kind` ("device", "volume", "export" or
+    /// "nvmf_export") the daemon holds, being made included.
+    pub(super) fn count(&self, kind: &str) -> usize {
+        match kind {
+            "device" => self.devices.len() + self.attaching.len() + self.missing.len(),
+            "volume" => self.volumes.len() + self.creating.len() + self.unavailable.len(),
+            "export" => {
+                self.exports.len() + self.exports_creating.len() + self.unserved.exports.len()
+            }
+            "nvmf_export" => self.nvmf.len() + self.unserved.nvmf.len(),
+            _ => 0,
+        }
+    }
+
     pub(super) fn device(&self, field: &'static str, name: &str) -> Result<&Dev, MgmtError> {
         check_name(field, name)?;
         self.devices

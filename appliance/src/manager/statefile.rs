@@ -186,9 +186,10 @@ pub(super) const MAX_DECL: usize = 64 << 10;
 pub(super) const STATE_LIMIT: usize = crate::config::MAX_FILE as usize - (1 << 20);
 
 impl Shared {
-    /// Refuse a new declaration `decl` (a `what`) that the state file
-    /// could not hold: a state file past the largest the daemon reads back
-    /// kept it from starting again (audit). Checked before anything
+    /// Refuse a new declaration `decl` (a `what`) past the most of its
+    /// kind the daemon takes, or that the state file could not hold: a
+    /// state file past the largest the daemon reads back kept it from
+    /// starting again (audit). Checked before anything
     /// changes; one declaration's size also without a state file, not
     /// in a restore.
     pub(super) fn check_room(
@@ -207,6 +208,13 @@ impl Shared {
                 reason: format!("cannot be kept in the state file: {e}"),
             })
         };
+        let held = lock(&self.inv).count(what);
+        let most = super::inventory::MAX_OF_A_KIND;
+        if held >= most {
+            return Err(MgmtError::ResourceExhausted(format!(
+                "the daemon holds {held} {what}s, the most it takes: delete one first"
+            )));
+        }
         let one = size(toml::to_string(decl))?;
         if one > MAX_DECL {
             return Err(MgmtError::InvalidArgument {

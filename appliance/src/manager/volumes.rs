@@ -677,7 +677,10 @@ impl Manager {
     ) -> Result<VolumeView, MgmtError> {
         let mode = JournalMode::parse(&decl.journal_mode)
             .map_err(|e| invalid("journal_mode", e.to_string()))?;
-        self.shared.check_room("volume", &decl)?;
+        // (A volume made again, its name held already, adds nothing.)
+        if claim == Claim::Create {
+            self.shared.check_room("volume", &decl)?;
+        }
         let mut recorded = None;
         let started = self.with_claims(&decl, claim, |level, members, spares, jdev, z| {
             if jdev.is_none() && !decl.journal_mode.is_empty() {
