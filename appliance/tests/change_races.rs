@@ -746,6 +746,54 @@ fn an_operator_fail_is_checked_again_after_the_drain() {
     rig.stop();
 }
 
+/// From an audit: a mirror repair copies from the first mirror that is not
+/// write-mostly, and reads of what the mirrors may still hold differently
+/// go there; a write-mostly change during the repair moved both to the
+/// other mirror, so a block read before the change read differently after
+/// it, with no write. The reference is pinned for the repair's life.
+#[test]
+fn a_write_mostly_change_during_a_repair_keeps_what_reads_return() {
+    let rig = Rig::new(Level::Raid1, 2, 0, false);
+    rig.write(0, 4096, 0x6c).unwrap();
+    // m1 silently differs in row 10 (a torn write at a crash, say).
+    let mut junk = vec![0xa5u8; 4 * BS];
+    let mut ch = rig.raw[1].open_channel().unwrap();
+    bdev::conformance::run_one(
+        ch.as_mut(),
+        bdev::conformance::rw(IoOp::Write, DATA + 10 * 256, 4, &mut junk, 1),
+    )
+    .unwrap();
+    drop(ch);
+    // The repair is held in row 5, before it.
+    rig.faults[1]
+        .control()
+        .hold(Some(IoOp::Read), DATA + 5 * 256, u64::MAX, 1);
+    let p = rig.monitor.scrub(true).unwrap();
+    assert!(rig.faults[1].control().wait_held(1, LONG));
+    let before = rig.read(10 * 256, 4);
+    assert_eq!(before, vec![0x6c; 4 * BS], "the reference mirror, m0");
+    std::thread::scope(|s| {
+        let change = s.spawn(|| rig.monitor.set_write_mostly("m0", true));
+        eventually("the change suspends the volume", || {
+            rig.volume.quiesce().is_suspended()
+        });
+        rig.faults[1].control().release();
+        change.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        rig.read(10 * 256, 4),
+        before,
+        "read again during the repair"
+    );
+    eventually("the repair ends", || {
+        p.is_finished() && rig.monitor.snapshot().settled()
+    });
+    assert_eq!(p.error(), None);
+    assert_eq!(rig.read(10 * 256, 4), before, "read after the repair");
+    assert_eq!(rig.read(0, 4096), vec![0x6c; 4096 * BS]);
+    rig.stop();
+}
+
 /// From an audit: a replacement was checked against a degraded volume
 /// before the suspend only; a member that failed in the IO path while
 /// the volume drained was not seen, and the copy started on a degraded

@@ -111,9 +111,17 @@ pub trait RaidDevice: BlockDevice {
         let mut in_sync: Vec<usize> = (0..set.members.len())
             .filter(|&i| set.members[i].recorded_state() == MemberState::InSync)
             .collect();
-        // The first is a mirror repair's reference: not a write-mostly one
-        // if another is in sync (with write-behind it may lag).
+        // The first is a mirror repair's reference: the one pinned while
+        // a scrub runs, else not a write-mostly one if another is in sync
+        // (with write-behind it may lag).
         in_sync.sort_by_key(|&i| set.members[i].write_mostly);
+        if let Some(at) = set
+            .reference(|m| in_sync.contains(&m))
+            .and_then(|r| in_sync.iter().position(|&m| m == r))
+        {
+            let r = in_sync.remove(at);
+            in_sync.insert(0, r);
+        }
         let mirror = self.parity_geometry().is_none();
         let rebuilding = set
             .members

@@ -347,6 +347,14 @@ pub struct MemberSet {
     pub locks: Arc<StripeLocks>,
     /// Set while a scrub runs.
     pub scrubbing: Arc<AtomicBool>,
+    /// The mirror a repair copies from, and reads of what may still differ
+    /// go to, while `scrubbing` (see [`reference`](Self::reference)):
+    /// pinned when the scrub starts, across generations. Taken from the
+    /// members' write-mostly flags at each generation, a change of them
+    /// during a repair moved reads to another mirror where the mirrors
+    /// still differed: what a guest read changed with no write (audit).
+    /// `usize::MAX`: none pinned.
+    pub pinned: Arc<std::sync::atomic::AtomicUsize>,
     /// Where channels report failures.
     pub failures: FailureSink,
     /// The write-intent bitmap, if the volume keeps one.
@@ -527,6 +535,33 @@ pub struct Replacement {
 }
 
 impl MemberSet {
+    /// The mirror a repair copies from and reads of what may differ go
+    /// to, of those `usable`: the one pinned while a scrub runs if it is
+    /// usable, else the first that is not write-mostly (the lowest slot
+    /// among equals), as md reads the first mirror past its resync point.
+    pub fn reference(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        let pinned = self.pinned.load(Ordering::SeqCst);
+        if self.scrubbing.load(Ordering::SeqCst) && pinned < self.members.len() && usable(pinned) {
+            return Some(pinned);
+        }
+        (0..self.members.len())
+            .filter(|&m| usable(m))
+            .min_by_key(|&m| (self.members[m].write_mostly, m))
+    }
+
+    /// Pin the reference among the in-sync members for a scrub that
+    /// starts (or a resync owed), unless one cut short pinned it already.
+    pub fn pin_reference(&self, keep: bool) {
+        if keep && self.pinned.load(Ordering::SeqCst) < self.members.len() {
+            return;
+        }
+        self.pinned.store(usize::MAX, Ordering::SeqCst);
+        let r = self
+            .reference(|m| self.members[m].recorded_state() == MemberState::InSync)
+            .unwrap_or(usize::MAX);
+        self.pinned.store(r, Ordering::SeqCst);
+    }
+
     /// A first generation.
     pub fn new(members: Vec<Member>, failures: FailureSink) -> MemberSet {
         MemberSet {
@@ -534,6 +569,7 @@ impl MemberSet {
             rebuilding: None,
             locks: Arc::new(StripeLocks::new()),
             scrubbing: Arc::new(AtomicBool::new(false)),
+            pinned: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
             failures,
             bitmap: None,
             replacing: None,

@@ -179,6 +179,7 @@ impl BlockDevice for Raid1Device {
             rebuild_target: self.set.rebuilding.as_ref().map(|(r, _)| *r),
             kept_said: 0,
             scrubbing: self.set.scrubbing.clone(),
+            pinned: self.set.pinned.clone(),
             locks: self.set.locks.clone(),
             waiting: VecDeque::new(),
             stalled: VecDeque::new(),
@@ -242,6 +243,9 @@ struct Raid1Channel {
     /// Members whose kept bad block was logged (bit per slot).
     kept_said: u64,
     scrubbing: Arc<std::sync::atomic::AtomicBool>,
+    /// The reference mirror pinned while a scrub runs (see
+    /// `MemberSet::pinned`).
+    pinned: Arc<std::sync::atomic::AtomicUsize>,
     locks: Arc<StripeLocks>,
     /// Writes waiting for rebuild regions or bitmap bits, in arrival order.
     waiting: VecDeque<usize>,
@@ -321,9 +325,16 @@ impl Raid1Channel {
         let p = self.parents[pi].as_ref()?;
         let usable = |m: usize| !self.is_failed(m) && Some(m) != self.rebuild_target;
         if self.scrubbing.load(Ordering::Relaxed) && self.may_differ(p.offset, p.blocks) {
-            let reference = (0..self.members.len())
-                .filter(|&m| usable(m))
-                .min_by_key(|&m| (self.write_mostly[m], m));
+            // Pinned when the scrub started (a write-mostly change since
+            // must not move it), as `MemberSet::reference` says.
+            let pinned = self.pinned.load(Ordering::Relaxed);
+            let reference = if pinned < self.members.len() && usable(pinned) {
+                Some(pinned)
+            } else {
+                (0..self.members.len())
+                    .filter(|&m| usable(m))
+                    .min_by_key(|&m| (self.write_mostly[m], m))
+            };
             if let Some(r) = reference.filter(|&r| p.tried & (1 << r) == 0) {
                 return Some(r);
             }

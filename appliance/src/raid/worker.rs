@@ -381,7 +381,9 @@ pub fn spawn(
             ));
             // Set already: a repair cut short left mirrors that may
             // differ, and only a repair that finishes clears it (a check
-            // that cleared it sent reads to whichever mirror again).
+            // that cleared it sent reads to whichever mirror again). Its
+            // reference stays then too.
+            members.pin_reference(scrub_owed);
             members.scrubbing.store(true, Ordering::SeqCst);
             let q = p.clone();
             let parity = device.parity_geometry();

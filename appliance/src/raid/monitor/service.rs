@@ -240,9 +240,8 @@ impl Monitor {
 /// guest had read (audit).
 fn owe_resync(s: &MonitorState) {
     if s.resync_owed {
-        s.current
-            .member_set()
-            .scrubbing
-            .store(true, Ordering::SeqCst);
+        let set = s.current.member_set();
+        set.pin_reference(false);
+        set.scrubbing.store(true, Ordering::SeqCst);
     }
 }
