@@ -43,8 +43,9 @@ fn nvmf_exports_are_made_used_kept_and_deleted_through_applctl() {
     let (mut daemon, api) = start(dir.path(), &config, "127.0.0.1:0");
     let metrics = metrics_addr(dir.path());
     let _reap = KillOnPanic(daemon.id());
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    // Port 0: the export binds one and says which (a port picked free
+    // here could be taken by another test before the daemon bound it).
+    let listen = "127.0.0.1:0".to_string();
 
     let refused = |args: &[&str], code: i32, why: &str| {
         let out = applctl(&api, args);
@@ -111,6 +112,8 @@ fn nvmf_exports_are_made_used_kept_and_deleted_through_applctl() {
     .unwrap();
     let nguid = e["nguid"].as_str().unwrap().to_string();
     assert_eq!(nguid.len(), 32, "{e}");
+    let listen = e["listen"].as_str().unwrap().to_string();
+    assert!(!listen.ends_with(":0"), "{e}");
     refused(
         &[
             "nvmf", "create", NQN, "--volume", "v0", "--listen", &listen, "--host", HOST,
@@ -197,11 +200,10 @@ fn nvmf_exports_follow_a_reload() {
         ..Default::default()
     };
     assert!(m.reload(&config).refused.is_empty());
-    let port = free_port();
     config.nvmf_exports.push(NvmfExportDecl {
         nqn: NQN.into(),
         volume: "v".into(),
-        listen: format!("127.0.0.1:{port}"),
+        listen: "127.0.0.1:0".into(),
         hosts: vec![HOST.into()],
         ..Default::default()
     });
@@ -211,7 +213,10 @@ fn nvmf_exports_follow_a_reload() {
         vec![format!("create nvme/tcp export {NQN}")],
         "{rep:?}"
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The port it bound is what the state says from now on.
+    let listen = m.list_nvmf_exports()[0].decl.listen.clone();
+    config.nvmf_exports[0].listen = listen.clone();
+    let addr: SocketAddr = listen.parse().unwrap();
     assert!(Controller::connect(addr, NQN, &host()).is_ok());
     // Nothing changed: nothing done (the NGUID made at creation stays).
     assert_eq!(m.reload(&config), Default::default());
