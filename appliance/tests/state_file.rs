@@ -15,6 +15,14 @@ fn ram(name: &str) -> DeviceDecl {
     }
 }
 
+fn one_reactor() -> Reactors {
+    Reactors::start(ReactorConfig {
+        count: 1,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 fn devices(c: &Config) -> Vec<String> {
     c.devices.iter().map(|d| d.name.clone()).collect()
 }
@@ -23,11 +31,7 @@ fn devices(c: &Config) -> Vec<String> {
 /// then edited by hand to add device b (no reload): the reactors, the
 /// manager and the edited text.
 fn edited_after_a_save(state: &std::path::Path) -> (Reactors, Manager, String) {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
+    let reactors = one_reactor();
     let mgr = Manager::new(reactors.set(), Some(state.to_path_buf()));
     mgr.attach_device(ram("a")).unwrap();
     let mut edited = std::fs::read_to_string(state).unwrap();
@@ -170,11 +174,7 @@ fn an_edit_that_cannot_be_set_aside_is_not_overwritten() {
 fn a_fifo_where_the_state_file_was_holds_no_save() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.toml");
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
+    let reactors = one_reactor();
     let mgr = std::sync::Arc::new(Manager::new(reactors.set(), Some(state.clone())));
     mgr.attach_device(ram("a")).unwrap();
     std::fs::remove_file(&state).unwrap();
@@ -211,11 +211,7 @@ fn a_change_the_state_file_could_not_hold_is_refused_before_it_is_made() {
     const LIMIT: usize = 4096;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.toml");
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
+    let reactors = one_reactor();
     let mgr = Manager::new(reactors.set(), Some(state.clone()));
     mgr.set_state_file_limit(LIMIT);
     let mut made = Vec::new();
@@ -275,11 +271,7 @@ fn a_change_the_state_file_could_not_hold_is_refused_before_it_is_made() {
 /// (ResourceExhausted), and deleting one makes room.
 #[test]
 fn a_daemon_takes_at_most_1024_of_a_kind() {
-    let reactors = Reactors::start(ReactorConfig {
-        count: 1,
-        ..Default::default()
-    })
-    .unwrap();
+    let reactors = one_reactor();
     let mgr = Manager::new(reactors.set(), None);
     let null = |i: usize| DeviceDecl {
         name: format!("n{i}"),
