@@ -100,6 +100,8 @@ pub struct Controller {
     qid_freed: Condvar,
     /// Queue IDs of dropped channels whose queues are being deleted.
     pub(crate) retiring: AtomicU32,
+    /// When the latest of those began (see `retire_began`).
+    last_retire: Mutex<Option<Instant>>,
     /// Bumped by every reset; a channel that sees a new value recreates its
     /// queue and resubmits what was in flight.
     pub(crate) generation: AtomicU64,
@@ -247,6 +249,7 @@ impl Controller {
             qids: Mutex::new(Vec::new()),
             qid_freed: Condvar::new(),
             retiring: AtomicU32::new(0),
+            last_retire: Mutex::new(None),
             generation: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             stopping: Mutex::new(()),
@@ -660,11 +663,22 @@ impl Controller {
         self.bar.read32(spec::REG_CSTS) & spec::CSTS_CFS != 0
     }
 
+    /// A dropped channel's queue deletion begins (counted in `retiring`).
+    pub(crate) fn retire_began(&self) {
+        self.retiring.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.last_retire) = Some(Instant::now());
+    }
+
     /// A free IO queue ID. None free while dropped channels' queues are
     /// being deleted: one of theirs is waited for, up to `wait` (a channel
-    /// dropped to make room for a new one gives its ID back on a thread).
+    /// dropped to make room for a new one gives its ID back on a thread),
+    /// if one began within `wait`: an older one is stuck on a hung admin
+    /// queue, and each retry of an open waited for it in full, on a
+    /// reactor (review).
     pub(crate) fn alloc_qid(&self, wait: Duration) -> Result<u16, NvmeError> {
-        let deadline = Instant::now() + wait;
+        let now = Instant::now();
+        let recent = lock(&self.last_retire).is_some_and(|t| now.duration_since(t) < wait);
+        let deadline = now + if recent { wait } else { Duration::ZERO };
         let mut q = lock(&self.qids);
         loop {
             if let Some(id) = (1..q.len()).find(|&i| !q[i]) {

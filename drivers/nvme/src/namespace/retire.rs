@@ -39,9 +39,7 @@ impl Retired {
     pub(super) fn retire(self, wait: Duration) {
         // Counted until its queue ID is back: an open finding none free
         // waits for it a little (`Controller::alloc_qid`).
-        self.ctrl
-            .retiring
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.ctrl.retire_began();
         if self.remaking.is_none() && (!self.on_device || self.ctrl.is_failed()) {
             self.run();
             return;
