@@ -293,3 +293,56 @@ fn a_daemon_takes_at_most_1024_of_a_kind() {
     drop(mgr);
     let _ = reactors.shutdown();
 }
+
+/// From review: the room was measured on the file as last written. With
+/// its saves failing (here an edit by hand that cannot be set aside),
+/// changes go on, and the file they would make outgrew the limit unseen.
+/// A failed save measures what it would have written. A name declared
+/// already is refused as existing, not for room, and a reload (a file
+/// the operator wrote, which the daemon reads at most `MAX_FILE` of) is
+/// not refused for room.
+#[test]
+fn the_room_counts_what_failed_saves_did_not_write() {
+    use appliance::manager::MgmtError;
+    const LIMIT: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    // As in `an_edit_that_cannot_be_set_aside_is_not_overwritten`.
+    let state = dir.path().join(format!("{}.toml", "s".repeat(235)));
+    let (reactors, mgr, _) = edited_after_a_save(&state);
+    mgr.set_state_file_limit(LIMIT);
+    let mut made = 0;
+    loop {
+        assert!(made < 1000, "never refused");
+        match mgr.attach_device(ram(&format!("x{made}"))) {
+            Ok(_) => panic!("saved over an edit that cannot be set aside"),
+            Err(MgmtError::ResourceExhausted(_)) => break,
+            Err(e) => {
+                assert!(e.to_string().contains("change was made"), "{e}");
+                made += 1;
+            }
+        }
+    }
+    assert!(made > 10, "{made}");
+    assert!(matches!(
+        mgr.attach_device(ram("a")),
+        Err(MgmtError::AlreadyExists(_))
+    ));
+    // The operator moves the edit away: what runs is written, and fits.
+    std::fs::rename(&state, dir.path().join("edit.toml")).unwrap();
+    mgr.detach_device("x0").unwrap();
+    let len = std::fs::metadata(&state).unwrap().len() as usize;
+    assert!(len <= LIMIT, "{len}");
+    // A reload's device is not refused for room.
+    let mut c = Config::load(&state).unwrap();
+    c.devices.push(ram("by-reload"));
+    c.save(&state).unwrap();
+    let rep = mgr.reload_file(&state).unwrap();
+    assert!(rep.refused.is_empty(), "{rep:?}");
+    assert!(mgr
+        .list_devices()
+        .iter()
+        .any(|d| d.decl.name == "by-reload"));
+    mgr.shutdown();
+    drop(mgr);
+    let _ = reactors.shutdown();
+}

@@ -56,16 +56,50 @@ pub(super) const MAX_OF_A_KIND: usize = 1024;
 
 impl Inventory {
     /// How many of `kind` ("device", "volume", "export" or
-    /// "nvmf_export") the daemon holds, being made included.
+    /// "nvmf_export") the daemon holds: being made, kept unmade or still
+    /// being taken down included.
     pub(super) fn count(&self, kind: &str) -> usize {
+        let kept = |f: fn(&super::unavailable::Unavailable) -> usize| {
+            self.unavailable.values().map(f).sum::<usize>()
+        };
         match kind {
             "device" => self.devices.len() + self.attaching.len() + self.missing.len(),
             "volume" => self.volumes.len() + self.creating.len() + self.unavailable.len(),
             "export" => {
-                self.exports.len() + self.exports_creating.len() + self.unserved.exports.len()
+                self.exports.len()
+                    + self.exports_creating.len()
+                    + self.unserved.exports.len()
+                    + self.exports_deleting.len()
+                    + kept(|u| u.exports.len())
             }
-            "nvmf_export" => self.nvmf.len() + self.unserved.nvmf.len(),
+            "nvmf_export" => self.nvmf.len() + self.unserved.nvmf.len() + kept(|u| u.nvmf.len()),
             _ => 0,
+        }
+    }
+
+    /// Whether `name` of `kind` is declared already in some form: a call
+    /// making it either is refused (it exists) or makes what the state
+    /// file holds (one kept unmade, a device missing at the start), and
+    /// adds nothing.
+    pub(super) fn declared(&self, kind: &str, name: &str) -> bool {
+        match kind {
+            "device" => {
+                self.devices.contains_key(name)
+                    || self.attaching.contains_key(name)
+                    || self.missing.contains_key(name)
+            }
+            "volume" => {
+                self.volumes.contains_key(name)
+                    || self.creating.contains(name)
+                    || self.unavailable.contains_key(name)
+            }
+            "export" => {
+                self.exports.contains_key(name)
+                    || self.exports_creating.contains_key(name)
+                    || self.unserved.exports.contains_key(name)
+            }
+            "nvmf_export" => self.nvmf.contains_key(name) || self.unserved.nvmf.contains_key(name),
+            _ => false,
         }
     }
 

@@ -49,6 +49,7 @@ impl Manager {
     }
 
     fn restore_all(&self, config: &Config, initial: bool) -> Result<(), RestoreError> {
+        let _file = super::ApplyingFile::begin();
         let failed = |part: String| move |source| RestoreError { part, source };
         // A name declared twice in saved state (a block copied by hand):
         // the first is the one, and the second goes with the restore's own

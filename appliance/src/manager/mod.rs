@@ -605,6 +605,33 @@ impl Shared {
     }
 }
 
+thread_local! {
+    /// This thread applies a configuration file: a restore's or a
+    /// reload's (see [`ApplyingFile`]).
+    static APPLYING_FILE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While it lives, this thread applies a configuration file the daemon
+/// read (at most `MAX_FILE`), not a caller's declarations one by one:
+/// what it makes is not refused for room (`check_room`).
+struct ApplyingFile(bool);
+
+impl ApplyingFile {
+    fn begin() -> ApplyingFile {
+        ApplyingFile(APPLYING_FILE.with(|a| a.replace(true)))
+    }
+}
+
+impl Drop for ApplyingFile {
+    fn drop(&mut self) {
+        APPLYING_FILE.with(|a| a.set(self.0));
+    }
+}
+
+fn applying_file() -> bool {
+    APPLYING_FILE.with(std::cell::Cell::get)
+}
+
 /// The inventory and its changes.
 pub struct Manager {
     shared: Arc<Shared>,
@@ -656,7 +683,7 @@ impl Manager {
     }
 
     /// The largest state file a new device, volume or export may make
-    /// (1 MiB under the largest the daemon reads back, by default); a
+    /// (5 MiB under the largest the daemon reads back, by default); a
     /// declaration past it is refused.
     pub fn set_state_file_limit(&self, bytes: usize) {
         self.shared.state_limit.store(bytes, Ordering::Relaxed);

@@ -256,6 +256,7 @@ impl Manager {
     /// lock); with `initial` (see [`restore`](Self::restore)) a volume
     /// added over blank devices is created.
     fn reload_as(&self, edit: &Edit<'_>, initial: bool) -> ReloadReport {
+        let _file = super::ApplyingFile::begin();
         let config = edit.file;
         let mut rep = ReloadReport::default();
         let (devices, volumes, exports) = {

@@ -26,6 +26,9 @@ pub(super) struct Saves {
     /// Where the last such edit was set aside, and whether a reload had
     /// refused part of it (else no reload read it).
     edit_kept: Option<(PathBuf, bool)>,
+    /// The length of what the last save failed to write: the file is
+    /// behind, and what is declared since counts against its room.
+    unsaved_len: Option<usize>,
 }
 
 /// The state file opened, if it is a regular file (opened without
@@ -180,10 +183,11 @@ impl Saves {
 /// of at most 223 bytes).
 pub(super) const MAX_DECL: usize = 64 << 10;
 
-/// The largest state file a new declaration may make: 1 MiB under the
+/// The largest state file a new declaration may make: 5 MiB under the
 /// largest read back ([`MAX_FILE`](crate::config::MAX_FILE)), room for
-/// declarations checked at the same time, each without the others.
-pub(super) const STATE_LIMIT: usize = crate::config::MAX_FILE as usize - (1 << 20);
+/// declarations checked at the same time, each without the others (at
+/// most `API_THREADS` = 64 calls at once, each at most `MAX_DECL`).
+pub(super) const STATE_LIMIT: usize = crate::config::MAX_FILE as usize - (5 << 20);
 
 impl Shared {
     /// Refuse a new declaration `decl` (a `what`) past the most of its
@@ -195,11 +199,20 @@ impl Shared {
     pub(super) fn check_room(
         &self,
         what: &'static str,
+        name: &str,
         decl: &impl serde::Serialize,
     ) -> Result<(), MgmtError> {
-        // A restore makes what a file read back holds (one an earlier
-        // version wrote included): nothing of it is refused for its size.
-        if self.quiet.load(Ordering::SeqCst) {
+        // A restore or a reload makes what a file read holds (at most
+        // `MAX_FILE`; one an earlier version wrote included): nothing of
+        // it is refused for room. A reload that takes an export down to
+        // make it anew, and puts it back if that fails, must not find
+        // the cap in its way (review).
+        if self.quiet.load(Ordering::SeqCst) || super::applying_file() {
+            return Ok(());
+        }
+        // Declared already: refused as existing, or made as the state file
+        // holds it (one kept unmade, a device missing at the start).
+        if lock(&self.inv).declared(what, name) {
             return Ok(());
         }
         let size = |t: Result<String, toml::ser::Error>| {
@@ -215,7 +228,8 @@ impl Shared {
                 "the daemon holds {held} {what}s, the most it takes: delete one first"
             )));
         }
-        let one = size(toml::to_string(decl))?;
+        // (With its table's header.)
+        let one = size(toml::to_string(decl))? + 32;
         if one > MAX_DECL {
             return Err(MgmtError::InvalidArgument {
                 field: what,
@@ -229,7 +243,11 @@ impl Shared {
         }
         // The file as last written, not the inventory serialised again
         // at each call (the margin covers a save that failed since).
-        let all = lock(&self.saving).written.as_ref().map_or(0, Vec::len);
+        let all = {
+            let saves = lock(&self.saving);
+            let written = saves.written.as_ref().map_or(0, Vec::len);
+            written.max(saves.unsaved_len.unwrap_or(0))
+        };
         let most = self.state_limit.load(Ordering::Relaxed);
         if all + one > most {
             return Err(MgmtError::ResourceExhausted(format!(
@@ -280,6 +298,7 @@ impl Shared {
         if let Err(why) = saves.keep_edit(path) {
             tracing::error!(file = %path.display(), "saving the daemon state: the state file {why}");
             saves.failed = Some(format!("the file {why}"));
+            saves.unsaved_len = toml::to_string_pretty(&config).ok().map(|t| t.len());
             return Err(MgmtError::Internal(format!(
                 "the change was made but saving the state failed: the state file {why}"
             )));
@@ -289,11 +308,16 @@ impl Shared {
                 saves.known = Some(text.into_bytes());
                 saves.written = saves.known.clone();
                 saves.failed = None;
+                saves.unsaved_len = None;
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(error = %e, "saving the daemon state");
                 saves.failed = Some(e.to_string());
+                // What the file would hold: creates go on meanwhile, and
+                // the file as last written no longer measures them
+                // (review). Only when a save fails.
+                saves.unsaved_len = toml::to_string_pretty(&config).ok().map(|t| t.len());
                 // Whatever is there now is ours: the new text if the save
                 // failed after the rename (syncing the directory), else the
                 // old one, or an edit `keep_edit` has just set aside.
