@@ -402,6 +402,15 @@ impl Config {
             source,
         };
         let text = toml::to_string_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
+        // Never a file the daemon would not read back (a reload of a hand
+        // edit near the limit grows a little as saved: review): the save
+        // fails, and the old file stays.
+        let len = SAVED_HEADER.len() + text.len();
+        if len as u64 > MAX_FILE {
+            return Err(io(std::io::Error::other(format!(
+                "{len} bytes, past the {MAX_FILE} a configuration may hold: not written"
+            ))));
+        }
         // Through a symbolic link to the file it names (an operator's
         // state file kept elsewhere): renamed over the link, the new state
         // went beside it and the file the link names was left behind.
@@ -456,6 +465,29 @@ mod tests {
             .unwrap();
         let e = Config::load(&big).unwrap_err().to_string();
         assert!(e.contains("at most"), "{e}");
+    }
+
+    /// From review: nothing kept a save from writing a file larger than
+    /// the daemon reads back (a reload of a hand edit near the limit
+    /// grows a little as saved), and the next start failed on it. Such a
+    /// save fails; the file before it stays.
+    #[test]
+    fn a_save_past_the_largest_file_read_back_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.toml");
+        let mut c = Config::default();
+        c.save(&path).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        c.devices = (0..MAX_FILE / 4096 + 1)
+            .map(|i| DeviceDecl {
+                name: format!("d{i}"),
+                spec: format!("file:/{}", "x".repeat(4096)),
+                block_size: 4096,
+            })
+            .collect();
+        let e = c.save(&path).unwrap_err().to_string();
+        assert!(e.contains("not written"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     /// From review: a save renamed the new file over a state path that is

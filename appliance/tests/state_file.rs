@@ -225,8 +225,8 @@ fn a_change_the_state_file_could_not_hold_is_refused_before_it_is_made() {
     };
     assert!(
         matches!(
-            refused.1,
-            appliance::manager::MgmtError::ResourceExhausted(_)
+            &refused.1,
+            appliance::manager::MgmtError::ResourceExhausted(m) if m.contains("state file")
         ),
         "{refused:?}"
     );
@@ -315,7 +315,10 @@ fn the_room_counts_what_failed_saves_did_not_write() {
         assert!(made < 1000, "never refused");
         match mgr.attach_device(ram(&format!("x{made}"))) {
             Ok(_) => panic!("saved over an edit that cannot be set aside"),
-            Err(MgmtError::ResourceExhausted(_)) => break,
+            Err(MgmtError::ResourceExhausted(m)) => {
+                assert!(m.contains("state file"), "{m}");
+                break;
+            }
             Err(e) => {
                 assert!(e.to_string().contains("change was made"), "{e}");
                 made += 1;

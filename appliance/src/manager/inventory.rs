@@ -62,6 +62,14 @@ impl Inventory {
         let kept = |f: fn(&super::unavailable::Unavailable) -> usize| {
             self.unavailable.values().map(f).sum::<usize>()
         };
+        // Being taken down, by name or NQN: a name holds no ':' (see
+        // `check_name`), an NQN does.
+        let deleting = |nqn: bool| {
+            self.exports_deleting
+                .keys()
+                .filter(|k| k.contains(':') == nqn)
+                .count()
+        };
         match kind {
             "device" => self.devices.len() + self.attaching.len() + self.missing.len(),
             "volume" => self.volumes.len() + self.creating.len() + self.unavailable.len(),
@@ -69,25 +77,21 @@ impl Inventory {
                 self.exports.len()
                     + self.exports_creating.len()
                     + self.unserved.exports.len()
-                    + self.exports_deleting.len()
+                    + deleting(false)
                     + kept(|u| u.exports.len())
             }
-            "nvmf_export" => self.nvmf.len() + self.unserved.nvmf.len() + kept(|u| u.nvmf.len()),
+            "nvmf_export" => {
+                self.nvmf.len() + self.unserved.nvmf.len() + deleting(true) + kept(|u| u.nvmf.len())
+            }
             _ => 0,
         }
     }
 
-    /// Whether `name` of `kind` is declared already in some form: a call
-    /// making it either is refused (it exists) or makes what the state
-    /// file holds (one kept unmade, a device missing at the start), and
-    /// adds nothing.
-    pub(super) fn declared(&self, kind: &str, name: &str) -> bool {
+    /// Whether `name` of `kind` runs, is being made or is being taken
+    /// down: a call making it is refused as existing.
+    pub(super) fn exists(&self, kind: &str, name: &str) -> bool {
         match kind {
-            "device" => {
-                self.devices.contains_key(name)
-                    || self.attaching.contains_key(name)
-                    || self.missing.contains_key(name)
-            }
+            "device" => self.devices.contains_key(name) || self.attaching.contains_key(name),
             "volume" => {
                 self.volumes.contains_key(name)
                     || self.creating.contains(name)
@@ -96,9 +100,36 @@ impl Inventory {
             "export" => {
                 self.exports.contains_key(name)
                     || self.exports_creating.contains_key(name)
-                    || self.unserved.exports.contains_key(name)
+                    || self.exports_deleting.contains_key(name)
             }
-            "nvmf_export" => self.nvmf.contains_key(name) || self.unserved.nvmf.contains_key(name),
+            "nvmf_export" => {
+                self.nvmf.contains_key(name) || self.exports_deleting.contains_key(name)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the state file holds `name` of `kind` unmade (a device
+    /// missing at the start, an export kept unmade or kept for a volume
+    /// that did not start): a call making it makes it in place of that,
+    /// not one more of its kind.
+    pub(super) fn kept(&self, kind: &str, name: &str) -> bool {
+        match kind {
+            "device" => self.missing.contains_key(name),
+            "export" => {
+                self.unserved.exports.contains_key(name)
+                    || self
+                        .unavailable
+                        .values()
+                        .any(|u| u.exports.iter().any(|e| e.name == name))
+            }
+            "nvmf_export" => {
+                self.unserved.nvmf.contains_key(name)
+                    || self
+                        .unavailable
+                        .values()
+                        .any(|u| u.nvmf.iter().any(|e| e.nqn == name))
+            }
             _ => false,
         }
     }

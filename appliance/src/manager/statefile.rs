@@ -210,10 +210,23 @@ impl Shared {
         if self.quiet.load(Ordering::SeqCst) || super::applying_file() {
             return Ok(());
         }
-        // Declared already: refused as existing, or made as the state file
-        // holds it (one kept unmade, a device missing at the start).
-        if lock(&self.inv).declared(what, name) {
-            return Ok(());
+        // One that exists is refused as existing, by the call. One the
+        // state file holds unmade (a device missing at the start, an
+        // export kept unmade) is made in its place, not one more of its
+        // kind; its size is checked still (a new declaration replaces the
+        // old one: review).
+        let (kept, held) = {
+            let inv = lock(&self.inv);
+            if inv.exists(what, name) {
+                return Ok(());
+            }
+            (inv.kept(what, name), inv.count(what))
+        };
+        let most = super::inventory::MAX_OF_A_KIND;
+        if !kept && held >= most {
+            return Err(MgmtError::ResourceExhausted(format!(
+                "the daemon holds {held} {what}s, the most it takes: delete one first"
+            )));
         }
         let size = |t: Result<String, toml::ser::Error>| {
             t.map(|t| t.len()).map_err(|e| MgmtError::InvalidArgument {
@@ -221,15 +234,8 @@ impl Shared {
                 reason: format!("cannot be kept in the state file: {e}"),
             })
         };
-        let held = lock(&self.inv).count(what);
-        let most = super::inventory::MAX_OF_A_KIND;
-        if held >= most {
-            return Err(MgmtError::ResourceExhausted(format!(
-                "the daemon holds {held} {what}s, the most it takes: delete one first"
-            )));
-        }
-        // (With its table's header.)
-        let one = size(toml::to_string(decl))? + 32;
+        // As the state file writes it, with its table's header.
+        let one = size(toml::to_string_pretty(decl))? + 32;
         if one > MAX_DECL {
             return Err(MgmtError::InvalidArgument {
                 field: what,
@@ -246,7 +252,8 @@ impl Shared {
         let all = {
             let saves = lock(&self.saving);
             let written = saves.written.as_ref().map_or(0, Vec::len);
-            written.max(saves.unsaved_len.unwrap_or(0))
+            // (The file's own header with what a failed save measured.)
+            written.max(saves.unsaved_len.map_or(0, |n| n + 64))
         };
         let most = self.state_limit.load(Ordering::Relaxed);
         if all + one > most {

@@ -663,22 +663,28 @@ impl Controller {
         self.bar.read32(spec::REG_CSTS) & spec::CSTS_CFS != 0
     }
 
-    /// A dropped channel's queue deletion begins (counted in `retiring`).
-    pub(crate) fn retire_began(&self) {
+    /// A dropped channel's queue deletion begins (counted in `retiring`);
+    /// `on_device`: it asks the device, on a thread of its own.
+    pub(crate) fn retire_began(&self, on_device: bool) {
         self.retiring.fetch_add(1, Ordering::AcqRel);
-        *lock(&self.last_retire) = Some(Instant::now());
+        if on_device {
+            *lock(&self.last_retire) = Some(Instant::now());
+        }
     }
 
     /// A free IO queue ID. None free while dropped channels' queues are
-    /// being deleted: one of theirs is waited for, up to `wait` (a channel
-    /// dropped to make room for a new one gives its ID back on a thread),
-    /// if one began within `wait`: an older one is stuck on a hung admin
-    /// queue, and each retry of an open waited for it in full, on a
-    /// reactor (review).
+    /// being deleted: one of theirs is waited for (a channel dropped to
+    /// make room for a new one gives its ID back on a thread), up to
+    /// `wait`, and no later than twice `wait` after the latest deletion
+    /// began (its drop waited `wait` for it already): one older than
+    /// that is stuck on a hung admin queue, and each retry of an open
+    /// waited for it in full, on a reactor (review).
     pub(crate) fn alloc_qid(&self, wait: Duration) -> Result<u16, NvmeError> {
         let now = Instant::now();
-        let recent = lock(&self.last_retire).is_some_and(|t| now.duration_since(t) < wait);
-        let deadline = now + if recent { wait } else { Duration::ZERO };
+        let deadline = match *lock(&self.last_retire) {
+            Some(t) => (now + wait).min(t + 2 * wait).max(now),
+            None => now,
+        };
         let mut q = lock(&self.qids);
         loop {
             if let Some(id) = (1..q.len()).find(|&i| !q[i]) {

@@ -39,8 +39,10 @@ impl Retired {
     pub(super) fn retire(self, wait: Duration) {
         // Counted until its queue ID is back: an open finding none free
         // waits for it a little (`Controller::alloc_qid`).
-        self.ctrl.retire_began();
-        if self.remaking.is_none() && (!self.on_device || self.ctrl.is_failed()) {
+        let here = self.remaking.is_none() && (!self.on_device || self.ctrl.is_failed());
+        // (Done here at once: no open need wait for it.)
+        self.ctrl.retire_began(!here);
+        if here {
             self.run();
             return;
         }
