@@ -395,6 +395,11 @@ impl Config {
         Config::parse(path, &text)
     }
 
+    /// How many bytes [`save`](Self::save) would write.
+    pub fn saved_len(&self) -> Result<usize, toml::ser::Error> {
+        Ok(SAVED_HEADER.len() + toml::to_string_pretty(self)?.len())
+    }
+
     /// Write to `path` atomically; the text written.
     pub fn save(&self, path: &Path) -> Result<String, ConfigError> {
         let io = |source| ConfigError::Io {

@@ -101,7 +101,8 @@ impl Manager {
             ));
         }
         self.check_open()?;
-        self.shared.check_room("device", &decl.name, &decl)?;
+        self.shared
+            .check_room(super::inventory::Kind::Device, &decl.name, &decl)?;
         // Identities (a stat of a path, perhaps on a mount that stopped
         // answering) are worked out without the inventory's lock: under
         // it, one slow path hung every call and every metrics scrape.

@@ -112,7 +112,8 @@ impl Manager {
             }
         }
         let access = self.check_export(&mut decl)?;
-        self.shared.check_room("export", &decl.name, &decl)?;
+        self.shared
+            .check_room(super::inventory::Kind::Export, &decl.name, &decl)?;
         // Under the inventory's lock: the name, the socket and the volume
         // (not being deleted) are checked and reserved in one step. The
         // export is made outside it: it quiesces the volume, which takes

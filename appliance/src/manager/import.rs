@@ -112,7 +112,8 @@ impl Manager {
             uuid: super::hex(&sb.volume_uuid),
             ..VolumeDecl::new(name, if raid5 { "raid5" } else { "raid1" }, &[])
         };
-        self.shared.check_room("volume", name, &decl)?;
+        self.shared
+            .check_room(super::inventory::Kind::Volume, name, &decl)?;
         self.restore_volume(&decl, false)?;
         self.save()?;
         tracing::info!(volume = name, array = sb.name, "md array imported");

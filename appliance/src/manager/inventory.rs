@@ -54,11 +54,31 @@ pub(super) struct Inventory {
 /// (audit). Far more than a two-core appliance serves.
 pub(super) const MAX_OF_A_KIND: usize = 1024;
 
+/// What the daemon holds at most [`MAX_OF_A_KIND`] of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Device,
+    Volume,
+    Export,
+    NvmfExport,
+}
+
+impl Kind {
+    /// Its name in requests and errors.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kind::Device => "device",
+            Kind::Volume => "volume",
+            Kind::Export => "export",
+            Kind::NvmfExport => "nvmf_export",
+        }
+    }
+}
+
 impl Inventory {
-    /// How many of `kind` ("device", "volume", "export" or
-    /// "nvmf_export") the daemon holds: being made, kept unmade or still
-    /// being taken down included.
-    pub(super) fn count(&self, kind: &str) -> usize {
+    /// How many of `kind` the daemon holds: being made, kept unmade or
+    /// still being taken down included.
+    pub(super) fn count(&self, kind: Kind) -> usize {
         let kept = |f: fn(&super::unavailable::Unavailable) -> usize| {
             self.unavailable.values().map(f).sum::<usize>()
         };
@@ -71,41 +91,39 @@ impl Inventory {
                 .count()
         };
         match kind {
-            "device" => self.devices.len() + self.attaching.len() + self.missing.len(),
-            "volume" => self.volumes.len() + self.creating.len() + self.unavailable.len(),
-            "export" => {
+            Kind::Device => self.devices.len() + self.attaching.len() + self.missing.len(),
+            Kind::Volume => self.volumes.len() + self.creating.len() + self.unavailable.len(),
+            Kind::Export => {
                 self.exports.len()
                     + self.exports_creating.len()
                     + self.unserved.exports.len()
                     + deleting(false)
                     + kept(|u| u.exports.len())
             }
-            "nvmf_export" => {
+            Kind::NvmfExport => {
                 self.nvmf.len() + self.unserved.nvmf.len() + deleting(true) + kept(|u| u.nvmf.len())
             }
-            _ => 0,
         }
     }
 
     /// Whether `name` of `kind` runs, is being made or is being taken
     /// down: a call making it is refused as existing.
-    pub(super) fn exists(&self, kind: &str, name: &str) -> bool {
+    pub(super) fn exists(&self, kind: Kind, name: &str) -> bool {
         match kind {
-            "device" => self.devices.contains_key(name) || self.attaching.contains_key(name),
-            "volume" => {
+            Kind::Device => self.devices.contains_key(name) || self.attaching.contains_key(name),
+            Kind::Volume => {
                 self.volumes.contains_key(name)
                     || self.creating.contains(name)
                     || self.unavailable.contains_key(name)
             }
-            "export" => {
+            Kind::Export => {
                 self.exports.contains_key(name)
                     || self.exports_creating.contains_key(name)
                     || self.exports_deleting.contains_key(name)
             }
-            "nvmf_export" => {
+            Kind::NvmfExport => {
                 self.nvmf.contains_key(name) || self.exports_deleting.contains_key(name)
             }
-            _ => false,
         }
     }
 
@@ -113,24 +131,25 @@ impl Inventory {
     /// missing at the start, an export kept unmade or kept for a volume
     /// that did not start): a call making it makes it in place of that,
     /// not one more of its kind.
-    pub(super) fn kept(&self, kind: &str, name: &str) -> bool {
+    pub(super) fn kept(&self, kind: Kind, name: &str) -> bool {
         match kind {
-            "device" => self.missing.contains_key(name),
-            "export" => {
+            Kind::Device => self.missing.contains_key(name),
+            // (One that did not start is one that exists.)
+            Kind::Volume => false,
+            Kind::Export => {
                 self.unserved.exports.contains_key(name)
                     || self
                         .unavailable
                         .values()
                         .any(|u| u.exports.iter().any(|e| e.name == name))
             }
-            "nvmf_export" => {
+            Kind::NvmfExport => {
                 self.unserved.nvmf.contains_key(name)
                     || self
                         .unavailable
                         .values()
                         .any(|u| u.nvmf.iter().any(|e| e.nqn == name))
             }
-            _ => false,
         }
     }
 

@@ -760,13 +760,7 @@ mod tests {
     /// it saw last instead.
     #[test]
     fn the_health_does_not_wait_for_a_save() {
-        let reactors = poller::Reactors::start(poller::ReactorConfig {
-            count: 1,
-            ..Default::default()
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mgr = Manager::new(reactors.set(), Some(dir.path().join("state.toml")));
+        let (reactors, _dir, mgr) = super::reload::tests::with_state_file();
         assert!(mgr.health().problems.is_empty());
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
@@ -778,9 +772,7 @@ mod tests {
             let h = h.expect("the health waited for the save");
             assert!(h.problems.is_empty(), "{h:?}");
         });
-        mgr.shutdown();
-        drop(mgr);
-        let _ = reactors.shutdown();
+        super::reload::tests::stop(reactors, mgr);
     }
 
     #[test]

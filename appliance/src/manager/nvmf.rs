@@ -150,7 +150,8 @@ impl Manager {
             }
         }
         let (listen, nguid) = check_nvmf(&decl)?;
-        self.shared.check_room("nvmf_export", &decl.nqn, &decl)?;
+        self.shared
+            .check_room(super::inventory::Kind::NvmfExport, &decl.nqn, &decl)?;
         // Random once, then kept in the state file.
         let nguid = nguid.unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());
         if decl.serial.is_empty() {

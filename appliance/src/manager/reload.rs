@@ -700,12 +700,12 @@ impl Manager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::{lock, Edit, Manager};
     use crate::config::{DeviceDecl, VolumeDecl};
 
     /// A manager that saves to `state.toml` in the directory returned.
-    fn with_state_file() -> (poller::Reactors, tempfile::TempDir, Manager) {
+    pub(in crate::manager) fn with_state_file() -> (poller::Reactors, tempfile::TempDir, Manager) {
         let reactors = poller::Reactors::start(poller::ReactorConfig {
             count: 1,
             ..Default::default()
@@ -716,7 +716,7 @@ mod tests {
         (reactors, dir, mgr)
     }
 
-    fn stop(reactors: poller::Reactors, mgr: Manager) {
+    pub(in crate::manager) fn stop(reactors: poller::Reactors, mgr: Manager) {
         mgr.shutdown();
         drop(mgr);
         let _ = reactors.shutdown();

@@ -190,7 +190,7 @@ pub(super) const MAX_DECL: usize = 64 << 10;
 pub(super) const STATE_LIMIT: usize = crate::config::MAX_FILE as usize - (5 << 20);
 
 impl Shared {
-    /// Refuse a new declaration `decl` (a `what`) past the most of its
+    /// Refuse a new declaration `decl` (of `kind`) past the most of its
     /// kind the daemon takes, or that the state file could not hold: a
     /// state file past the largest the daemon reads back kept it from
     /// starting again (audit). Checked before anything
@@ -198,7 +198,7 @@ impl Shared {
     /// in a restore.
     pub(super) fn check_room(
         &self,
-        what: &'static str,
+        kind: super::inventory::Kind,
         name: &str,
         decl: &impl serde::Serialize,
     ) -> Result<(), MgmtError> {
@@ -217,11 +217,12 @@ impl Shared {
         // old one: review).
         let (kept, held) = {
             let inv = lock(&self.inv);
-            if inv.exists(what, name) {
+            if inv.exists(kind, name) {
                 return Ok(());
             }
-            (inv.kept(what, name), inv.count(what))
+            (inv.kept(kind, name), inv.count(kind))
         };
+        let what = kind.name();
         let most = super::inventory::MAX_OF_A_KIND;
         if !kept && held >= most {
             return Err(MgmtError::ResourceExhausted(format!(
@@ -252,8 +253,7 @@ impl Shared {
         let all = {
             let saves = lock(&self.saving);
             let written = saves.written.as_ref().map_or(0, Vec::len);
-            // (The file's own header with what a failed save measured.)
-            written.max(saves.unsaved_len.map_or(0, |n| n + 64))
+            written.max(saves.unsaved_len.unwrap_or(0))
         };
         let most = self.state_limit.load(Ordering::Relaxed);
         if all + one > most {
@@ -305,7 +305,7 @@ impl Shared {
         if let Err(why) = saves.keep_edit(path) {
             tracing::error!(file = %path.display(), "saving the daemon state: the state file {why}");
             saves.failed = Some(format!("the file {why}"));
-            saves.unsaved_len = toml::to_string_pretty(&config).ok().map(|t| t.len());
+            saves.unsaved_len = config.saved_len().ok();
             return Err(MgmtError::Internal(format!(
                 "the change was made but saving the state failed: the state file {why}"
             )));
@@ -324,7 +324,7 @@ impl Shared {
                 // What the file would hold: creates go on meanwhile, and
                 // the file as last written no longer measures them
                 // (review). Only when a save fails.
-                saves.unsaved_len = toml::to_string_pretty(&config).ok().map(|t| t.len());
+                saves.unsaved_len = config.saved_len().ok();
                 // Whatever is there now is ours: the new text if the save
                 // failed after the rename (syncing the directory), else the
                 // old one, or an edit `keep_edit` has just set aside.

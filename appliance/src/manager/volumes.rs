@@ -679,7 +679,8 @@ impl Manager {
             .map_err(|e| invalid("journal_mode", e.to_string()))?;
         // (A volume made again, its name held already, adds nothing.)
         if claim == Claim::Create {
-            self.shared.check_room("volume", &decl.name, &decl)?;
+            self.shared
+                .check_room(super::inventory::Kind::Volume, &decl.name, &decl)?;
         }
         let mut recorded = None;
         let started = self.with_claims(&decl, claim, |level, members, spares, jdev, z| {

@@ -534,19 +534,37 @@ pub struct Replacement {
     pub failed: Arc<AtomicBool>,
 }
 
+/// The mirror a repair copies from and reads of what may differ go to,
+/// of the `n` members those `usable`: `pinned` (see `MemberSet::pinned`)
+/// if it is usable, else the first that is not write-mostly (the lowest
+/// slot among equals), as md reads the first mirror past its resync
+/// point.
+pub fn reference(
+    pinned: usize,
+    n: usize,
+    usable: impl Fn(usize) -> bool,
+    write_mostly: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    if pinned < n && usable(pinned) {
+        return Some(pinned);
+    }
+    (0..n)
+        .filter(|&m| usable(m))
+        .min_by_key(|&m| (write_mostly(m), m))
+}
+
 impl MemberSet {
-    /// The mirror a repair copies from and reads of what may differ go
-    /// to, of those `usable`: the one pinned while a scrub runs if it is
-    /// usable, else the first that is not write-mostly (the lowest slot
-    /// among equals), as md reads the first mirror past its resync point.
+    /// The reference (see [`reference`]) of those `usable`, the pinned
+    /// one while a scrub runs.
     pub fn reference(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
-        let pinned = self.pinned.load(Ordering::SeqCst);
-        if self.scrubbing.load(Ordering::SeqCst) && pinned < self.members.len() && usable(pinned) {
-            return Some(pinned);
-        }
-        (0..self.members.len())
-            .filter(|&m| usable(m))
-            .min_by_key(|&m| (self.members[m].write_mostly, m))
+        let pinned = if self.scrubbing.load(Ordering::SeqCst) {
+            self.pinned.load(Ordering::SeqCst)
+        } else {
+            usize::MAX
+        };
+        reference(pinned, self.members.len(), usable, |m| {
+            self.members[m].write_mostly
+        })
     }
 
     /// Pin the reference among the in-sync members for a scrub that
@@ -555,11 +573,13 @@ impl MemberSet {
         if keep && self.pinned.load(Ordering::SeqCst) < self.members.len() {
             return;
         }
-        self.pinned.store(usize::MAX, Ordering::SeqCst);
-        let r = self
-            .reference(|m| self.members[m].recorded_state() == MemberState::InSync)
-            .unwrap_or(usize::MAX);
-        self.pinned.store(r, Ordering::SeqCst);
+        let r = reference(
+            usize::MAX,
+            self.members.len(),
+            |m| self.members[m].recorded_state() == MemberState::InSync,
+            |m| self.members[m].write_mostly,
+        );
+        self.pinned.store(r.unwrap_or(usize::MAX), Ordering::SeqCst);
     }
 
     /// A first generation.

@@ -326,15 +326,13 @@ impl Raid1Channel {
         let usable = |m: usize| !self.is_failed(m) && Some(m) != self.rebuild_target;
         if self.scrubbing.load(Ordering::Relaxed) && self.may_differ(p.offset, p.blocks) {
             // Pinned when the scrub started (a write-mostly change since
-            // must not move it), as `MemberSet::reference` says.
-            let pinned = self.pinned.load(Ordering::Relaxed);
-            let reference = if pinned < self.members.len() && usable(pinned) {
-                Some(pinned)
-            } else {
-                (0..self.members.len())
-                    .filter(|&m| usable(m))
-                    .min_by_key(|&m| (self.write_mostly[m], m))
-            };
+            // must not move it).
+            let reference = super::members::reference(
+                self.pinned.load(Ordering::Relaxed),
+                self.members.len(),
+                usable,
+                |m| self.write_mostly[m],
+            );
             if let Some(r) = reference.filter(|&r| p.tried & (1 << r) == 0) {
                 return Some(r);
             }
